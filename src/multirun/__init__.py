@@ -1,0 +1,55 @@
+"""multirun: observe and govern AI agents with OpenTelemetry.
+
+    from multirun import run, agent, step
+    from multirun.models import Budget, StepKind
+
+    @step(kind=StepKind.LLM_CALL)
+    def ask(prompt: str) -> str:
+        multirun.report_usage("gpt-4o-mini", input_tokens=12, output_tokens=40)
+        return "..."
+
+    @run(budget=Budget(max_cost_usd=1.0))
+    def main() -> str:
+        return ask("hello")
+"""
+
+from multirun.client import MultiRunClient, get_client, init, init_local
+from multirun.context import report_usage
+from multirun.decorators import agent, checkpoint, run, step
+from multirun.errors import (
+    BudgetExceededError,
+    CheckpointError,
+    ConfigurationError,
+    DeterminismError,
+    MultiRunError,
+    PolicyViolation,
+    ReplayError,
+    StepError,
+)
+from multirun.pricing import Price
+from multirun.usage import TokenUsage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetExceededError",
+    "CheckpointError",
+    "ConfigurationError",
+    "DeterminismError",
+    "MultiRunClient",
+    "MultiRunError",
+    "PolicyViolation",
+    "Price",
+    "ReplayError",
+    "StepError",
+    "TokenUsage",
+    "__version__",
+    "agent",
+    "checkpoint",
+    "get_client",
+    "init",
+    "init_local",
+    "report_usage",
+    "run",
+    "step",
+]

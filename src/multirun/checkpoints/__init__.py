@@ -1,0 +1,1 @@
+"""Checkpoints: serialization, blob exporters, the checkpoint store and the replay cache."""

@@ -1,0 +1,41 @@
+"""A step's input hash: the same for the same arguments in any process.
+
+The hash is SHA-256 over a canonical JSON text of the arguments (keys sorted,
+pydantic models and dataclasses as their fields), so it does not depend on
+dict order, PYTHONHASHSEED or object addresses. Arguments with no faithful JSON
+form give no hash, and such a step is simply never served from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic_core import to_jsonable_python
+
+
+def input_hash(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The hex SHA-256 of the call's arguments, or None when they cannot be hashed stably."""
+    try:
+        text = json.dumps(
+            [args, kwargs],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,  # lone surrogates such as "\ud800" stay encodable
+            default=_canonical,
+            allow_nan=True,
+        )
+    except (TypeError, ValueError):
+        return None
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    return to_jsonable_python(value, fallback=_refuse)
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"no stable form for {type(value).__name__}")

@@ -1,0 +1,171 @@
+"""CheckpointStore: turns run state into verified blobs and back.
+
+A checkpoint holds the run's state (``set_state``), the replay cache of
+completed idempotent steps, and what the run had spent, serialized as JSON
+(pydantic models and dataclasses become plain data), sealed in an envelope
+(see ``envelope``) and handed to a blob exporter under
+``checkpoints/<run id>/<checkpoint id>.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from pydantic_core import to_jsonable_python
+
+from multirun.checkpoints.envelope import open_blob, seal
+from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError
+from multirun.errors import CheckpointError, ReplayError
+from multirun.models._base import new_id
+from multirun.models.checkpoint import Checkpoint, CheckpointMeta
+
+if TYPE_CHECKING:
+    from multirun.context import RunContext
+
+_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+DEFAULT_MAX_BLOB_BYTES = 1 << 30
+
+
+def validate_id(value: str, what: str) -> str:
+    """Refuse ids that could escape a key: ``../x``, ``/abs``, NUL, over 128 characters."""
+    if not isinstance(value, str) or not _ID.match(value) or ".." in value:
+        raise CheckpointError(
+            f"invalid {what} {value!r}: use 1 to 128 letters, digits, '_', '-' or '.', no '..'"
+        )
+    return value
+
+
+@dataclass
+class RestoredCheckpoint:
+    checkpoint: Checkpoint
+    state: dict[str, Any]
+    replay_cache: dict[tuple[str, str], Any]
+    ledger: dict[str, int]
+    uri: str
+
+
+class CheckpointStore:
+    """Saves and loads checkpoints through one blob exporter."""
+
+    def __init__(self, exporter: BlobExporter, *, max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> None:
+        self.exporter = exporter
+        self.max_blob_bytes = max_blob_bytes
+
+    @staticmethod
+    def key(run_id: str, checkpoint_id: str) -> str:
+        return f"checkpoints/{validate_id(run_id, 'run id')}/{validate_id(checkpoint_id, 'checkpoint id')}.ckpt"
+
+    def save(
+        self,
+        run: RunContext,
+        *,
+        name: str,
+        extra_state: dict[str, Any] | None = None,
+        agent_id: str = "",
+        step_id: str = "",
+    ) -> CheckpointMeta:
+        """Serialize ``run``'s state and replay cache and store them; returns the metadata."""
+        state = dict(run.state)
+        if extra_state:
+            state.update(extra_state)
+        checkpoint_id = new_id()
+        created = datetime.now(timezone.utc)
+        ledger = run.ledger
+        document = {
+            "checkpoint": {
+                "id": checkpoint_id,
+                "run_id": run.run.id,
+                "run_name": run.run.name,
+                "agent_id": agent_id,
+                "step_id": step_id,
+                "name": name,
+                "created_at": created.isoformat(),
+                "environment": _environment(),
+            },
+            "state": state,
+            "replay": [[n, h, r] for (n, h), r in run.replay_cache.items()],
+            "ledger": {"tokens": ledger.tokens, "cost_units": ledger.cost_units,
+                       "steps": ledger.steps},
+        }
+        try:
+            payload = json.dumps(
+                to_jsonable_python(document, fallback=_unserializable), separators=(",", ":")
+            ).encode("utf-8", "surrogatepass")
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {name!r}: state is not JSON-serializable: {exc}") from None
+        blob, digest = seal(payload, "json")
+        uri = self.exporter.put(self.key(run.run.id, checkpoint_id), blob)
+        return CheckpointMeta(
+            id=checkpoint_id,
+            run_id=run.run.id,
+            agent_id=agent_id,
+            step_id=step_id,
+            name=name,
+            created_at=created,
+            size_bytes=len(blob),
+            uri=uri,
+            digest=digest,
+            serializer="json",
+        )
+
+    def find(self, checkpoint_id: str) -> str:
+        """The key of checkpoint ``checkpoint_id``; CheckpointError if there is none."""
+        validate_id(checkpoint_id, "checkpoint id")
+        suffix = f"/{checkpoint_id}.ckpt"
+        for key in self.exporter.list("checkpoints/"):
+            if key.endswith(suffix):
+                return key
+        raise CheckpointError(f"no checkpoint {checkpoint_id!r} in the store")
+
+    def load(self, checkpoint_id: str) -> RestoredCheckpoint:
+        """Read, verify and deserialize a checkpoint."""
+        key = self.find(checkpoint_id)
+        try:
+            blob = self.exporter.get(key)
+        except BlobNotFoundError as exc:
+            raise CheckpointError(str(exc)) from None
+        header, payload = open_blob(blob, max_bytes=self.max_blob_bytes)
+        if header["serializer"] != "json":
+            raise ReplayError(f"checkpoint {checkpoint_id!r} uses serializer {header['serializer']!r}")
+        try:
+            document = json.loads(payload.decode("utf-8", "surrogatepass"))
+            meta = document["checkpoint"]
+            checkpoint = Checkpoint(
+                id=meta["id"],
+                run_id=meta["run_id"],
+                agent_id=meta.get("agent_id", ""),
+                step_id=meta.get("step_id", ""),
+                name=meta.get("name", ""),
+                state_data=payload,
+                state_format="json",
+                context={"run_name": meta.get("run_name", "")},
+                environment=meta.get("environment", {}),
+                created_at=meta["created_at"],
+                size_bytes=len(blob),
+            )
+            replay = {(str(n), str(h)): r for n, h, r in document.get("replay", [])}
+            ledger = {k: int(v) for k, v in document.get("ledger", {}).items()}
+            state = dict(document.get("state", {}))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ReplayError(f"checkpoint {checkpoint_id!r} cannot be replayed: {exc}") from None
+        return RestoredCheckpoint(checkpoint, state, replay, ledger, key)
+
+    def list(self, run_id: str | None = None) -> list[str]:
+        """Keys of the stored checkpoints, of one run or all."""
+        prefix = "checkpoints/" if run_id is None else f"checkpoints/{validate_id(run_id, 'run id')}/"
+        return self.exporter.list(prefix)
+
+
+def _environment() -> dict[str, Any]:
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "pid": os.getpid()}
+
+
+def _unserializable(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} has no JSON form")

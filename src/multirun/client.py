@@ -1,0 +1,347 @@
+"""MultiRunClient and ``init``: the tracer, price book, checkpoint store and settings of runs.
+
+``multirun.init()`` configures once for the process. It never replaces a
+TracerProvider the application already set (its own, Logfire's, Traceloop's):
+it adds its span processor to it. With no provider set, it creates one that
+exports over OTLP when an endpoint is configured (argument or the standard
+``OTEL_EXPORTER_OTLP_*`` variables) and otherwise writes OTLP JSON files under
+``./.multirun/`` (the embedded default). ``@run`` calls ``init()`` itself if
+nobody did.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
+from multirun.checkpoints.store import CheckpointStore
+from multirun.clock import Clock
+from multirun.enforcement.ledger import RunLedger
+from multirun.enforcement.processor import TRACER_NAME, UsageSpanProcessor
+from multirun.errors import ConfigurationError
+from multirun.pricing import COST_UNITS_PER_USD, Price, PriceBook
+from multirun.telemetry.local_files import LocalFileSpanExporter
+from multirun.usage import TokenUsage
+
+if TYPE_CHECKING:
+    from multirun.context import RunContext
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_DIR = ".multirun"
+DEFAULT_CONTENT_LIMIT = 4096
+DEFAULT_STEP_HISTORY = 100
+_CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+_TRUE = {"1", "true", "yes", "on"}
+_VERSION = "0.1.0"
+
+
+class MultiRunClient:
+    """Owns what every run needs: tracer, prices, checkpoint store, clock and settings."""
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        capture_content: bool | None = None,
+        content_limit: int | None = None,
+        checkpoint_store: CheckpointStore | BlobExporter | str | None = None,
+        prices: Mapping[str, Price | Mapping[str, float]] | None = None,
+        step_history: int = DEFAULT_STEP_HISTORY,
+        record_replay: bool = False,
+        clock: Clock | None = None,
+        propagate_threads: bool = True,
+    ) -> None:
+        if capture_content is None:
+            capture_content = os.environ.get(_CAPTURE_ENV, "").strip().lower() in _TRUE
+        if not isinstance(capture_content, bool):
+            raise ConfigurationError(f"capture_content must be True or False, got {capture_content!r}")
+        if content_limit is None:
+            content_limit = _env_int("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", DEFAULT_CONTENT_LIMIT)
+        if isinstance(content_limit, bool) or not isinstance(content_limit, int) or content_limit < 16:
+            raise ConfigurationError(f"content_limit must be an int >= 16, got {content_limit!r}")
+        if isinstance(step_history, bool) or not isinstance(step_history, int) or step_history < 0:
+            raise ConfigurationError(f"step_history must be an int >= 0, got {step_history!r}")
+        if not isinstance(record_replay, bool):
+            raise ConfigurationError(f"record_replay must be True or False, got {record_replay!r}")
+        self.tracer_provider = tracer_provider or trace.get_tracer_provider()
+        self.tracer = self.tracer_provider.get_tracer(TRACER_NAME, _VERSION)
+        self.capture_content = capture_content
+        self.content_limit = content_limit
+        self.step_history = step_history
+        self.record_replay = record_replay
+        self.clock = clock or Clock()
+        self.prices = PriceBook(prices)
+        self.checkpoints = _checkpoint_store(checkpoint_store)
+        _install_usage_processor(self.tracer_provider)
+        if propagate_threads:
+            _propagate_context_to_threads()
+
+    def new_ledger(self, parent: RunLedger | None) -> RunLedger:
+        return RunLedger(parent, self.clock.monotonic)
+
+    def price(self, usage: TokenUsage) -> tuple[int, int, bool]:
+        """(tokens, cost in integer units, unpriced) of one usage report."""
+        cost = usage.cost_usd
+        if cost is None:
+            cost = self.prices.cost_usd(
+                usage.model,
+                provider=usage.provider,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cache_read_tokens=usage.cache_read_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
+            )
+        if cost is None:
+            return usage.total_tokens, 0, usage.total_tokens > 0
+        return usage.total_tokens, round(cost * COST_UNITS_PER_USD), False
+
+    def on_run_finished(self, run: RunContext) -> None:
+        """Called once when a run completes or fails."""
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        flush = getattr(self.tracer_provider, "force_flush", None)
+        return bool(flush(timeout_millis)) if flush is not None else True
+
+
+# ---------------------------------------------------------------------------
+# process-wide configuration
+
+_configured: MultiRunClient | None = None
+_configure_lock = threading.Lock()
+_owned_provider: TracerProvider | None = None
+
+
+def configured_client() -> MultiRunClient | None:
+    """The client ``init`` set up, or None."""
+    return _configured
+
+
+def get_client() -> MultiRunClient:
+    """The configured client, creating the default one (``init()``) on first use."""
+    client = _configured
+    if client is None:
+        with _configure_lock:
+            if _configured is None:
+                _init_locked()
+            client = _configured
+    assert client is not None
+    return client
+
+
+def init(
+    *,
+    service_name: str | None = None,
+    endpoint: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+    span_exporter: SpanExporter | None = None,
+    local_dir: str | os.PathLike[str] | None = None,
+    capture_content: bool | None = None,
+    content_limit: int | None = None,
+    checkpoint_uri: str | None = None,
+    blob_exporter: BlobExporter | None = None,
+    prices: Mapping[str, Price | Mapping[str, float]] | None = None,
+    step_history: int = DEFAULT_STEP_HISTORY,
+    record_replay: bool = False,
+    propagate_threads: bool = True,
+) -> MultiRunClient:
+    """Configure multirun for this process and return the client.
+
+    Args:
+        service_name: ``service.name`` of a provider created here (default
+            ``OTEL_SERVICE_NAME``, else ``multirun``).
+        endpoint: OTLP/HTTP endpoint, e.g. ``http://localhost:4318``. Without
+            it, ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is honoured; with
+            neither, traces go to files under ``local_dir``.
+        tracer_provider: use this provider instead of the global one.
+        span_exporter: export to this exporter (batched) instead.
+        local_dir: folder of the embedded default (``MULTIRUN_DIR``, else ``./.multirun``).
+        capture_content: record step inputs and outputs (default from
+            ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``).
+        content_limit: longest recorded content, in characters.
+        checkpoint_uri: blob store of checkpoints (``file://``, ``memory://``, a path).
+        prices: per-model price overrides, ``{"model": Price(...)}``.
+        step_history: how many finished steps a run keeps for ``Run.steps``.
+        record_replay: hash step inputs and keep results for replay after restore.
+    """
+    global _configured
+    with _configure_lock:
+        _configured = _init_locked(
+            service_name=service_name,
+            endpoint=endpoint,
+            headers=headers,
+            tracer_provider=tracer_provider,
+            span_exporter=span_exporter,
+            local_dir=local_dir,
+            capture_content=capture_content,
+            content_limit=content_limit,
+            checkpoint_uri=checkpoint_uri,
+            blob_exporter=blob_exporter,
+            prices=prices,
+            step_history=step_history,
+            record_replay=record_replay,
+            propagate_threads=propagate_threads,
+        )
+        return _configured
+
+
+def init_local(
+    path: str | os.PathLike[str] = DEFAULT_DIR, **options: Any
+) -> MultiRunClient:
+    """Configure the embedded default: traces and checkpoints as files under ``path``."""
+    root = Path(path)
+    return init(
+        local_dir=root,
+        span_exporter=LocalFileSpanExporter(root / "traces"),
+        checkpoint_uri=options.pop("checkpoint_uri", None) or str(root / "blobs"),
+        **options,
+    )
+
+
+def _init_locked(
+    *,
+    service_name: str | None = None,
+    endpoint: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+    span_exporter: SpanExporter | None = None,
+    local_dir: str | os.PathLike[str] | None = None,
+    checkpoint_uri: str | None = None,
+    blob_exporter: BlobExporter | None = None,
+    **client_options: Any,
+) -> MultiRunClient:
+    global _configured, _owned_provider
+    for name, value in (("service_name", service_name), ("endpoint", endpoint)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+    root = Path(local_dir or os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR)
+    exporter = span_exporter or _exporter_for(endpoint, headers, root)
+    provider = tracer_provider
+    if provider is None:
+        current = trace.get_tracer_provider()
+        if isinstance(current, TracerProvider):
+            provider = current  # the application's own provider: add to it, never replace it
+            if span_exporter is not None or endpoint is not None:
+                current.add_span_processor(BatchSpanProcessor(exporter))
+        elif _owned_provider is not None:
+            provider = _owned_provider
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+        elif _is_unset(current):
+            resource = Resource.create(
+                {SERVICE_NAME: service_name}
+                if service_name
+                else ({} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: "multirun"})
+            )
+            owned = TracerProvider(resource=resource)
+            owned.add_span_processor(BatchSpanProcessor(exporter))
+            trace.set_tracer_provider(owned)
+            _owned_provider = owned
+            provider = owned
+        else:
+            _logger.warning(
+                "multirun: the global TracerProvider is a %s, not the OpenTelemetry SDK's; "
+                "spans go to it, but usage of other instrumentations is not charged",
+                type(current).__name__,
+            )
+            provider = current
+    elif span_exporter is not None or endpoint is not None:
+        add = getattr(provider, "add_span_processor", None)
+        if add is not None:
+            add(BatchSpanProcessor(exporter))
+    store: CheckpointStore | BlobExporter | str = (
+        blob_exporter
+        or checkpoint_uri
+        or os.environ.get("MULTIRUN_CHECKPOINT_URI")
+        or str(root / "blobs")
+    )
+    client = MultiRunClient(tracer_provider=provider, checkpoint_store=store, **client_options)
+    _configured = client
+    return client
+
+
+def _exporter_for(
+    endpoint: str | None, headers: Mapping[str, str] | None, root: Path
+) -> SpanExporter:
+    env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if endpoint is None and not env_endpoint:
+        return LocalFileSpanExporter(root / "traces")
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    if endpoint is not None:
+        url = endpoint.rstrip("/")
+        if not url.endswith("/v1/traces"):
+            url += "/v1/traces"
+        return OTLPSpanExporter(endpoint=url, headers=dict(headers or {}))
+    return OTLPSpanExporter(headers=dict(headers) if headers else None)
+
+
+def _is_unset(provider: trace.TracerProvider) -> bool:
+    return isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)) and not (
+        os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true"
+    )
+
+
+def _checkpoint_store(store: CheckpointStore | BlobExporter | str | None) -> CheckpointStore:
+    if store is None:
+        store = "memory://default"
+    if isinstance(store, CheckpointStore):
+        return store
+    if isinstance(store, str):
+        return CheckpointStore(exporter_from_uri(store))
+    if isinstance(store, BlobExporter):
+        return CheckpointStore(store)
+    raise ConfigurationError(
+        f"checkpoint_store must be a CheckpointStore, a BlobExporter or a URI, got {store!r}"
+    )
+
+
+def _install_usage_processor(provider: trace.TracerProvider) -> None:
+    """Add the usage processor to ``provider`` once, whoever created it."""
+    add = getattr(provider, "add_span_processor", None)
+    if add is None or getattr(provider, "_multirun_usage_processor", None) is not None:
+        return
+    processor = UsageSpanProcessor()
+    add(processor)
+    provider._multirun_usage_processor = processor  # type: ignore[attr-defined]
+
+
+_threads_instrumented = False
+
+
+def _propagate_context_to_threads() -> None:
+    """Carry the OpenTelemetry context (and so the run) into threads and thread pools."""
+    global _threads_instrumented
+    if _threads_instrumented:
+        return
+    _threads_instrumented = True
+    try:
+        from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+
+        instrumentor = ThreadingInstrumentor()
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument()
+    except Exception:  # pragma: no cover - a broken optional dependency must not break runs
+        _logger.warning("multirun: cannot propagate context into threads", exc_info=True)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None

@@ -1,0 +1,1058 @@
+"""RunContext, AgentContext and StepContext: where a run is, and what it has spent.
+
+The current run, agent and step live in the OpenTelemetry context, next to
+the current span, so whatever carries OpenTelemetry context (asyncio tasks,
+``contextvars.copy_context``, the threading instrumentation, W3C propagation
+in-process) carries them too.
+
+The lifecycle methods the reference documents as coroutines (``complete``,
+``fail``, ``checkpoint``, ...) do their work at once and return an object that
+may be awaited, so the same call works in sync and async code::
+
+    step_ctx.complete(result, tokens_used=500)          # sync step
+    await step_ctx.complete(result, tokens_used=500)    # async step
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Generator
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Status, StatusCode
+
+from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY
+from multirun.checkpoints.hashing import input_hash
+from multirun.errors import BudgetExceededError, ConfigurationError
+from multirun.models.agent import Agent, AgentStatus
+from multirun.models.budget import BudgetStatus
+from multirun.models.checkpoint import CheckpointMeta
+from multirun.models.run import Run, RunStatus
+from multirun.models.step import Step, StepKind, StepStatus
+from multirun.pricing import COST_UNITS_PER_USD
+from multirun.telemetry import attributes as attr
+from multirun.telemetry import spans
+from multirun.telemetry.content import render, render_call
+from multirun.usage import TokenUsage
+
+if TYPE_CHECKING:
+    from multirun.client import MultiRunClient
+    from multirun.enforcement.ledger import RunLedger
+
+_logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_RUN_KEY = RUN_KEY
+_AGENT_KEY = AGENT_KEY
+_STEP_KEY = STEP_KEY
+
+
+class Done(Generic[T]):
+    """The result of a lifecycle call that already happened; awaiting it returns ``value``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.value
+        yield  # pragma: no cover - makes this a generator
+
+    def __repr__(self) -> str:
+        return f"Done({self.value!r})"
+
+
+# ---------------------------------------------------------------------------
+# accessors
+
+
+def get_current_run_context() -> RunContext:
+    """The RunContext of the enclosing run; RuntimeError outside a run."""
+    ctx = otel_context.get_current().get(_RUN_KEY)
+    if ctx is None:
+        raise RuntimeError("no active run: call this inside a function decorated with @run")
+    return ctx  # type: ignore[no-any-return]
+
+
+def get_current_agent_context() -> AgentContext:
+    """The AgentContext of the enclosing agent (the run's default agent if none was started)."""
+    current = otel_context.get_current()
+    agent = current.get(_AGENT_KEY)
+    if agent is not None:
+        return agent  # type: ignore[no-any-return]
+    run = current.get(_RUN_KEY)
+    if run is None:
+        raise RuntimeError("no active agent: call this inside a run (@run) or an agent (@agent)")
+    return run.default_agent  # type: ignore[no-any-return]
+
+
+def get_current_step_context() -> StepContext:
+    """The StepContext of the enclosing step; RuntimeError outside a step."""
+    step = otel_context.get_current().get(_STEP_KEY)
+    if step is None:
+        raise RuntimeError("no active step: call this inside a function decorated with @step")
+    return step  # type: ignore[no-any-return]
+
+
+def get_current_client() -> MultiRunClient:
+    """The client of the current run, else the one ``multirun.init`` configured."""
+    run = otel_context.get_current().get(_RUN_KEY)
+    if run is not None:
+        return run.client  # type: ignore[no-any-return]
+    from multirun.client import configured_client
+
+    client = configured_client()
+    if client is None:
+        raise RuntimeError("no active client: call multirun.init() or run inside @run")
+    return client
+
+
+def has_active_run() -> bool:
+    return otel_context.get_current().get(_RUN_KEY) is not None
+
+
+def has_active_agent() -> bool:
+    """True inside a run: every run has an agent, the default one if no @agent was started."""
+    return has_active_run()
+
+
+def has_active_step() -> bool:
+    return otel_context.get_current().get(_STEP_KEY) is not None
+
+
+def has_active_client() -> bool:
+    if has_active_run():
+        return True
+    from multirun.client import configured_client
+
+    return configured_client() is not None
+
+
+def report_usage(
+    model: str | None = None,
+    *,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    cached_input_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    reasoning_tokens: int = 0,
+    provider: str | None = None,
+    cost_usd: float | None = None,
+) -> None:
+    """Charge one model call to the current step (or agent, or run).
+
+    ``input_tokens`` includes ``cached_input_tokens``, as in the GenAI
+    conventions. Without ``cost_usd`` the cost comes from the price book; a
+    model with no known price is flagged unpriced. Outside a run it does
+    nothing.
+    """
+    usage = TokenUsage(
+        model=model,
+        provider=provider,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cache_read_tokens=cached_input_tokens,
+        cache_write_tokens=cache_write_tokens,
+        reasoning_tokens=reasoning_tokens,
+        cost_usd=cost_usd,
+    )
+    current = otel_context.get_current()
+    step: StepContext | None = current.get(_STEP_KEY)  # type: ignore[assignment]
+    if step is not None:
+        step.report_usage(usage)
+        return
+    run: RunContext | None = current.get(_RUN_KEY)  # type: ignore[assignment]
+    if run is not None:
+        get_current_agent_context().report_usage(usage)
+
+
+# ---------------------------------------------------------------------------
+# run
+
+
+class RunContext:
+    """Top-level context of one run: its model, state, agents and ledger."""
+
+    def __init__(
+        self,
+        client: MultiRunClient | None = None,
+        run: Run | None = None,
+        *,
+        is_replaying: bool = False,
+        checkpoint_on_error: bool = False,
+    ) -> None:
+        if client is None:
+            from multirun.client import get_client
+
+            client = get_client()
+        self.client = client
+        self.run = run if run is not None else Run()
+        self.is_replaying = is_replaying
+        self.checkpoint_on_error = checkpoint_on_error
+        self.agents: list[AgentContext] = []
+        self._state: dict[str, Any] = {}
+        self._lock = threading.RLock()
+        self._default_agent: AgentContext | None = None
+        self._history: deque[StepContext] = deque(maxlen=client.step_history)
+        self._replay_cache: dict[tuple[str, str], Any] = {}
+        self._span: Span | None = None
+        self._otel_ctx: Context | None = None
+        self._tokens: list[object] = []
+        self._finished = False
+        self.parent: RunContext | None = None
+        self.ledger: RunLedger = client.new_ledger(None)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _start(self, parent_ctx: Context | None = None) -> None:
+        if self._otel_ctx is not None:
+            return
+        if parent_ctx is None:
+            parent_ctx = otel_context.get_current()
+        parent = parent_ctx.get(_RUN_KEY)
+        run = self.run
+        if parent is not None and parent is not self:
+            self.parent = parent  # type: ignore[assignment]
+            if run.parent_id is None:
+                run.parent_id = parent.run.id
+            self.ledger = self.client.new_ledger(parent.ledger)
+        run.status = RunStatus.RUNNING
+        run.started_at = datetime.now(timezone.utc)
+        attrs: dict[str, Any] = {
+            attr.GEN_AI_OPERATION_NAME: attr.OP_INVOKE_WORKFLOW,
+            attr.GEN_AI_WORKFLOW_NAME: run.name,
+            attr.RUN_ID: run.id,
+        }
+        if run.parent_id:
+            attrs[attr.RUN_PARENT_ID] = run.parent_id
+        if self.is_replaying:
+            attrs[attr.RUN_REPLAYING] = True
+        if run.budget is not None:
+            for limit, value in run.budget.limits().items():
+                attrs[attr.BUDGET_PREFIX + limit] = value
+        self._span = self.client.tracer.start_span(
+            spans.run_span_name(run.name), context=parent_ctx, attributes=attrs
+        )
+        ctx = trace.set_span_in_context(self._span, parent_ctx)
+        ctx = otel_context.set_value(_RUN_KEY, self, ctx)
+        ctx = otel_context.set_value(_AGENT_KEY, None, ctx)
+        self._otel_ctx = otel_context.set_value(_STEP_KEY, None, ctx)
+
+    @property
+    def otel_context(self) -> Context:
+        """The OpenTelemetry context in which this run's work runs."""
+        self._start()
+        assert self._otel_ctx is not None
+        return self._otel_ctx
+
+    @property
+    def span(self) -> Span:
+        self._start()
+        assert self._span is not None
+        return self._span
+
+    def __enter__(self) -> RunContext:
+        self._tokens.append(otel_context.attach(self.otel_context))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc is not None:
+                self._fail_with_checkpoint(exc)
+            else:
+                self.complete(None)
+        finally:
+            otel_context.detach(self._tokens.pop())  # type: ignore[arg-type]
+
+    async def __aenter__(self) -> RunContext:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def _fail_with_checkpoint(self, exc: BaseException) -> None:
+        if self.checkpoint_on_error and not isinstance(exc, BudgetExceededError):
+            self._try_checkpoint(f"on_error_{type(exc).__name__}")
+        self.fail(exc)
+
+    def complete(self, result: Any = None) -> Done[None]:
+        """Complete every agent still running and mark the run completed."""
+        self._finish(RunStatus.COMPLETED, result=result)
+        return Done(None)
+
+    def fail(self, error: BaseException | str) -> Done[None]:
+        """Fail every agent still running and mark the run failed."""
+        self._finish(RunStatus.FAILED, error=error)
+        return Done(None)
+
+    def _finish(
+        self,
+        status: RunStatus,
+        *,
+        result: Any = None,
+        error: BaseException | str | None = None,
+    ) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        for agent in list(self.agents):
+            if agent.agent.status is AgentStatus.RUNNING:
+                if status is RunStatus.COMPLETED:
+                    agent.complete(None)
+                else:
+                    agent.fail(error if error is not None else "run failed")
+        if self._default_agent is not None and self._default_agent not in self.agents:
+            self._default_agent._finish_default(status)
+        run = self.run
+        ledger = self.ledger
+        run.status = status
+        run.completed_at = datetime.now(timezone.utc)
+        run.tokens_used = ledger.tokens
+        run.cost_usd = ledger.cost_usd
+        run.steps = [s.step for s in self._history]
+        if status is RunStatus.COMPLETED and result is not None:
+            run.result = _serialize_result(result)
+        span = self.span
+        end_attrs: dict[str, Any] = {
+            attr.RUN_STATUS: status.value,
+            attr.TOKENS_USED: ledger.tokens,
+            attr.COST_USD: ledger.cost_usd,
+            attr.STEPS_USED: ledger.steps,
+        }
+        if ledger.unpriced_reports:
+            end_attrs[attr.UNPRICED] = True
+        if isinstance(error, BudgetExceededError):
+            end_attrs[attr.BUDGET_EXCEEDED_LIMIT] = error.limit
+        if error is not None:
+            run.error = str(error) if str(error) else type(error).__name__
+            _record_error(span, error, end_attrs)
+        span.set_attributes(end_attrs)
+        span.end()
+        self.client.on_run_finished(self)
+
+    # -- agents --------------------------------------------------------------
+
+    def start_agent(
+        self,
+        name: str,
+        agent_config_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> AgentContext:
+        """Start a named agent; use it as ``with``/``async with`` to scope steps to it."""
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"start_agent: name must be a non-empty string, got {name!r}")
+        agent = Agent(
+            run_id=self.run.id,
+            name=name,
+            agent_config_id=agent_config_id,
+            metadata=metadata,
+            status=AgentStatus.RUNNING,
+            started_at=datetime.now(timezone.utc),
+        )
+        ctx = AgentContext(self, agent, is_default=False)
+        with self._lock:
+            self.agents.append(ctx)
+        self.ledger.count_sub_agent()
+        ctx._start(otel_context.get_current())
+        return ctx
+
+    @property
+    def default_agent(self) -> AgentContext:
+        """The implicit agent of steps that run outside any @agent."""
+        agent = self._default_agent
+        if agent is None:
+            with self._lock:
+                if self._default_agent is None:
+                    model = Agent(
+                        run_id=self.run.id,
+                        name=self.run.name or "default",
+                        status=AgentStatus.RUNNING,
+                        started_at=self.run.started_at,
+                    )
+                    self._default_agent = AgentContext(self, model, is_default=True)
+                agent = self._default_agent
+        return agent
+
+    # -- state ---------------------------------------------------------------
+
+    def set_state(self, key: str, value: Any) -> None:
+        """Keep ``value`` under ``key``; state is included in every checkpoint."""
+        self._state[key] = value
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        return self._state.get(key, default)
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self._state
+
+    # -- usage ---------------------------------------------------------------
+
+    @property
+    def tokens_used(self) -> int:
+        return self.ledger.tokens
+
+    @property
+    def cost_usd(self) -> float:
+        return self.ledger.cost_usd
+
+    def budget_status(self) -> BudgetStatus:
+        """What the run has spent so far against its budget."""
+        return self.ledger.status(self.run.budget)
+
+    def _charge(self, tokens: int, cost_units: int, unpriced: bool) -> None:
+        self.ledger.charge(tokens, cost_units, unpriced)
+        self.run.tokens_used = self.ledger.tokens
+        self.run.cost_usd = self.ledger.cost_usd
+
+    # -- checkpoints and replay ------------------------------------------------
+
+    def checkpoint(
+        self,
+        name: str | None = None,
+        extra_state: dict[str, Any] | None = None,
+        *,
+        agent_id: str = "",
+        step_id: str = "",
+    ) -> Done[CheckpointMeta]:
+        """Write the run's state and replay cache to the blob store."""
+        return Done(self._checkpoint(name or "checkpoint", extra_state, agent_id, step_id))
+
+    def _checkpoint(
+        self, name: str, extra_state: dict[str, Any] | None, agent_id: str, step_id: str
+    ) -> CheckpointMeta:
+        meta = self.client.checkpoints.save(
+            self, name=name, extra_state=extra_state, agent_id=agent_id, step_id=step_id
+        )
+        with self._lock:
+            self.run.checkpoints.append(meta)
+            self.run.latest_checkpoint_id = meta.id
+        return meta
+
+    def _try_checkpoint(
+        self, name: str, extra_state: dict[str, Any] | None = None, step_id: str = ""
+    ) -> CheckpointMeta | None:
+        """Checkpoint, turning any failure into a warning: a checkpoint never fails the run."""
+        try:
+            return self._checkpoint(name, extra_state, "", step_id)
+        except Exception as exc:
+            _logger.warning("multirun: checkpoint %r of run %s failed: %s", name, self.run.id, exc)
+            return None
+
+    def restore_from_checkpoint(self, checkpoint_id: str) -> Done[None]:
+        """Load a checkpoint's state and replay cache into this run; ``is_replaying`` becomes True.
+
+        Raises CheckpointError if it cannot be read or verified, ReplayError if
+        its contents cannot be deserialized.
+        """
+        restored = self.client.checkpoints.load(checkpoint_id)
+        self._state.update(restored.state)
+        self._replay_cache.update(restored.replay_cache)
+        self.is_replaying = True
+        if self._span is not None:
+            self._span.set_attribute(attr.RUN_REPLAYING, True)
+        return Done(None)
+
+    @property
+    def records_replay(self) -> bool:
+        return self.client.record_replay or self.is_replaying
+
+    def _replay_lookup(self, name: str, digest: str | None) -> tuple[bool, Any]:
+        if digest is None:
+            return False, None
+        key = (name, digest)
+        if key in self._replay_cache:
+            return True, self._replay_cache[key]
+        return False, None
+
+    def _replay_record(self, name: str, digest: str | None, result: Any) -> None:
+        if digest is not None:
+            self._replay_cache[(name, digest)] = result
+
+    @property
+    def replay_cache(self) -> dict[tuple[str, str], Any]:
+        return self._replay_cache
+
+    @property
+    def history(self) -> list[StepContext]:
+        """The most recent steps (``step_history`` of them at most)."""
+        return list(self._history)
+
+
+# ---------------------------------------------------------------------------
+# agent
+
+
+class AgentContext:
+    """A running agent within a run, and the steps scoped to it."""
+
+    def __init__(self, run_context: RunContext, agent: Agent, *, is_default: bool) -> None:
+        self.run_context = run_context
+        self.agent = agent
+        self.is_default = is_default
+        self._state: dict[str, Any] = {}
+        self._span: Span | None = None
+        self._otel_ctx: Context | None = None
+        self._tokens: list[object] = []
+        self._cost_units = 0
+        self._unpriced = False
+        self.parent_step: StepContext | None = None
+        self._finished = False
+
+    def _start(self, parent_ctx: Context) -> None:
+        self.parent_step = parent_ctx.get(_STEP_KEY)  # type: ignore[assignment]
+        agent = self.agent
+        attrs: dict[str, Any] = {
+            attr.GEN_AI_OPERATION_NAME: attr.OP_INVOKE_AGENT,
+            attr.GEN_AI_AGENT_NAME: agent.name,
+            attr.GEN_AI_AGENT_ID: agent.id,
+        }
+        if agent.agent_config_id:
+            attrs[attr.AGENT_CONFIG_ID] = agent.agent_config_id
+        tracer = self.run_context.client.tracer
+        self._span = tracer.start_span(
+            spans.agent_span_name(agent.name), context=parent_ctx, attributes=attrs
+        )
+        ctx = trace.set_span_in_context(self._span, parent_ctx)
+        self._otel_ctx = otel_context.set_value(_AGENT_KEY, self, ctx)
+
+    @property
+    def otel_context(self) -> Context:
+        if self._otel_ctx is None:  # the default agent runs in the run's own context
+            self._otel_ctx = otel_context.set_value(
+                _AGENT_KEY, self, self.run_context.otel_context
+            )
+        return self._otel_ctx
+
+    @property
+    def is_replaying(self) -> bool:
+        return self.run_context.is_replaying
+
+    @property
+    def steps(self) -> list[Step]:
+        """This agent's most recent steps (bounded by the client's ``step_history``)."""
+        return [s.step for s in self.run_context._history if s.agent_context is self]
+
+    def __await__(self) -> Generator[Any, None, AgentContext]:
+        return self
+        yield  # pragma: no cover
+
+    def __enter__(self) -> AgentContext:
+        self._tokens.append(otel_context.attach(self.otel_context))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if not self.is_default:
+                if exc is not None:
+                    self.fail(exc)
+                else:
+                    self.complete(None)
+        finally:
+            otel_context.detach(self._tokens.pop())  # type: ignore[arg-type]
+
+    async def __aenter__(self) -> AgentContext:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    # -- steps ---------------------------------------------------------------
+
+    def start_step(
+        self,
+        name: str,
+        kind: StepKind = StepKind.FUNCTION,
+        input_args: tuple[Any, ...] = (),
+        input_kwargs: dict[str, Any] | None = None,
+        *,
+        model: str | None = None,
+    ) -> StepContext:
+        """Start a step by hand; finish it with ``complete`` or ``fail``."""
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"start_step: name must be a non-empty string, got {name!r}")
+        kind = StepKind(kind)
+        parent_ctx = otel_context.get_current()
+        if parent_ctx.get(_AGENT_KEY) is not self:
+            parent_ctx = otel_context.set_value(_AGENT_KEY, self, parent_ctx)
+        step = StepContext(self, name, kind, parent_ctx.get(_STEP_KEY), managed=False)  # type: ignore[arg-type]
+        step.model = model
+        kwargs = input_kwargs or {}
+        if self.run_context.records_replay:
+            step.input_hash = input_hash(input_args, kwargs)
+        step._open(parent_ctx, spans.step_start_attributes(kind, name, model), input_args, kwargs)
+        return step
+
+    def get_step_result(
+        self, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Done[tuple[bool, Any]]:
+        """``(True, result)`` if the replay cache holds this step with these inputs."""
+        digest = input_hash(args, kwargs or {})
+        return Done(self.run_context._replay_lookup(name, digest))
+
+    # -- state, checkpoints --------------------------------------------------
+
+    def set_state(self, key: str, value: Any) -> None:
+        self._state[key] = value
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        return self._state.get(key, default)
+
+    def checkpoint(
+        self, name: str | None = None, extra_state: dict[str, Any] | None = None
+    ) -> Done[CheckpointMeta]:
+        extra = {f"agent:{self.agent.name}": dict(self._state)}
+        if extra_state:
+            extra.update(extra_state)
+        return self.run_context.checkpoint(name, extra, agent_id=self.agent.id)
+
+    # -- usage, lifecycle ----------------------------------------------------
+
+    def report_usage(self, usage: TokenUsage) -> None:
+        """Charge a usage report made at agent level (outside any step)."""
+        tokens, units, unpriced = self.run_context.client.price(usage)
+        _charge_chain(self.run_context, None, self, tokens, units, unpriced)
+
+    def charge_child_usage(self, usage: TokenUsage) -> None:
+        """Charge usage that a span of another instrumentation reported under this agent."""
+        tokens, units, unpriced = self.run_context.client.price(usage)
+        _charge_chain(self.run_context, None, self, tokens, units, unpriced)
+
+    def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
+        self.agent.tokens_used += tokens
+        self._cost_units += cost_units
+        self.agent.cost_usd = self._cost_units / COST_UNITS_PER_USD
+        self._unpriced = self._unpriced or unpriced
+
+    def complete(self, result: Any = None) -> Done[None]:
+        """Mark the agent completed; its span carries its token and cost totals."""
+        self._finish(AgentStatus.COMPLETED, None)
+        return Done(None)
+
+    def fail(self, error: BaseException | str) -> Done[None]:
+        self._finish(AgentStatus.FAILED, error)
+        return Done(None)
+
+    def _finish(self, status: AgentStatus, error: BaseException | str | None) -> None:
+        with self.run_context._lock:
+            if self._finished:
+                return
+            self._finished = True
+        agent = self.agent
+        agent.status = status
+        agent.completed_at = datetime.now(timezone.utc)
+        if error is not None:
+            agent.error = str(error) or type(error).__name__
+        if self._span is None:
+            return
+        end_attrs: dict[str, Any] = {
+            attr.AGENT_STATUS: status.value,
+            attr.TOKENS_USED: agent.tokens_used,
+            attr.COST_USD: agent.cost_usd,
+        }
+        if self._unpriced:
+            end_attrs[attr.UNPRICED] = True
+        if error is not None:
+            _record_error(self._span, error, end_attrs)
+        self._span.set_attributes(end_attrs)
+        self._span.end()
+
+    def _finish_default(self, status: RunStatus) -> None:
+        agent_status = AgentStatus.COMPLETED if status is RunStatus.COMPLETED else AgentStatus.FAILED
+        self._finish(agent_status, None)
+
+
+# ---------------------------------------------------------------------------
+# step
+
+
+class StepContext:
+    """One execution of a step. Plain slots, not a pydantic model: it is on the hot path."""
+
+    __slots__ = (
+        "_cost_units",
+        "_done",
+        "_own_usage",
+        "_span",
+        "agent_context",
+        "attempt",
+        "child_usage_reported",
+        "error",
+        "finished",
+        "input_hash",
+        "kind",
+        "managed",
+        "model",
+        "name",
+        "otel_context",
+        "parent",
+        "policy_decision",
+        "result",
+        "run_context",
+        "started_at_ns",
+        "started_monotonic",
+        "status",
+        "tokens_used",
+        "unpriced",
+        "ended_monotonic",
+    )
+
+    def __init__(
+        self,
+        agent_context: AgentContext,
+        name: str,
+        kind: StepKind,
+        parent: StepContext | None,
+        *,
+        managed: bool,
+    ) -> None:
+        self.agent_context = agent_context
+        self.run_context = agent_context.run_context
+        self.name = name
+        self.kind = kind
+        self.parent = parent
+        self.managed = managed
+        self.status = StepStatus.RUNNING
+        self.attempt = 1
+        self.tokens_used = 0
+        self._cost_units = 0
+        self.unpriced = False
+        self.child_usage_reported = False
+        self._own_usage: list[tuple[TokenUsage, int, bool]] | None = None
+        self.model: str | None = None
+        self.input_hash: str | None = None
+        self.policy_decision: str | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self._done = False
+        self._span: Span | None = None
+        self.otel_context: Context | None = None
+        self.ended_monotonic = 0.0
+
+    # -- the parts the decorators call ---------------------------------------
+
+    def _open(
+        self,
+        parent_ctx: Context,
+        start_attrs: dict[str, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        run = self.run_context
+        client = run.client
+        run.ledger.count_step()
+        if self.input_hash is not None or client.capture_content:
+            start_attrs = dict(start_attrs)
+            if self.input_hash is not None:
+                start_attrs[attr.STEP_INPUT_HASH] = self.input_hash
+            if client.capture_content:
+                start_attrs[attr.STEP_INPUT] = render_call(args, kwargs, client.content_limit)
+        name = self.name
+        if self.kind is StepKind.LLM_CALL:
+            name = spans.step_span_name(self.kind, name, self.model)
+            if self.model and attr.GEN_AI_REQUEST_MODEL not in start_attrs:
+                start_attrs = {**start_attrs, attr.GEN_AI_REQUEST_MODEL: self.model}
+        else:
+            name = spans.step_span_name(self.kind, name, None)
+        self.started_at_ns = time.time_ns()
+        self.started_monotonic = client.clock.monotonic()
+        span = client.tracer.start_span(name, context=parent_ctx, attributes=start_attrs)
+        self._span = span
+        ctx = trace.set_span_in_context(span, parent_ctx)
+        self.otel_context = otel_context.set_value(_STEP_KEY, self, ctx)
+
+    @property
+    def span(self) -> Span:
+        assert self._span is not None
+        return self._span
+
+    @property
+    def id(self) -> str:
+        """The step id: the hex span id of its span."""
+        if self._span is None:
+            return ""
+        return format(self._span.get_span_context().span_id, "016x")
+
+    def _record_attempt_failure(self, exc: BaseException, delay: float) -> None:
+        """A failed attempt that will be retried: visible as an event with its error and delay."""
+        self.span.record_exception(
+            exc,
+            attributes={
+                attr.STEP_ATTEMPT: self.attempt,
+                attr.STEP_RETRY_DELAY: delay,
+                attr.ERROR_TYPE: _error_type(exc),
+            },
+        )
+        self.attempt += 1
+
+    def _close(
+        self,
+        status: StepStatus,
+        result: Any = None,
+        error: BaseException | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if not self._done:
+            self.status = status
+            self.result = result
+            self.error = error
+        run = self.run_context
+        client = run.client
+        self.ended_monotonic = client.clock.monotonic()
+        span = self._span
+        assert span is not None
+        end_attrs: dict[str, Any] = {
+            attr.STEP_ID: format(span.get_span_context().span_id, "016x"),
+            attr.STEP_STATUS: self.status.value,
+            attr.STEP_ATTEMPT: self.attempt,
+        }
+        if self.tokens_used or self._cost_units or self.unpriced:
+            end_attrs[attr.TOKENS_USED] = self.tokens_used
+            end_attrs[attr.COST_USD] = self._cost_units / COST_UNITS_PER_USD
+            if self.unpriced:
+                end_attrs[attr.UNPRICED] = True
+        if self._own_usage:
+            _usage_attributes(self._own_usage, end_attrs)
+            model = self._own_usage[-1][0].model
+            if model and self.kind is StepKind.LLM_CALL and not self.model:
+                span.update_name(spans.step_span_name(self.kind, self.name, model))
+        if self.policy_decision is not None:
+            end_attrs[attr.POLICY_DECISION] = self.policy_decision
+        if extra:
+            end_attrs.update(extra)
+        if client.capture_content and self.status is StepStatus.COMPLETED:
+            end_attrs[attr.STEP_OUTPUT] = render(self.result, client.content_limit)
+        if self.error is not None:
+            _record_error(span, self.error, end_attrs)
+        span.set_attributes(end_attrs)
+        span.end()
+        if not client.capture_content:
+            self.result = None  # the history must not keep large results alive
+        run._history.append(self)
+
+    # -- the documented API ----------------------------------------------------
+
+    def __await__(self) -> Generator[Any, None, StepContext]:
+        return self
+        yield  # pragma: no cover
+
+    def report_usage(self, usage: TokenUsage) -> None:
+        """Charge one model call to this step, its parents, its agent and its run."""
+        tokens, units, unpriced = self.run_context.client.price(usage)
+        report = (usage, units, unpriced)
+        if self._own_usage is None:
+            self._own_usage = [report]
+        else:
+            self._own_usage.append(report)
+        _charge_chain(self.run_context, self, self.agent_context, tokens, units, unpriced)
+
+    def charge_child_usage(self, usage: TokenUsage) -> None:
+        """Charge usage that a span of another instrumentation reported inside this step.
+
+        It counts in the roll-ups (``multirun.tokens_used``) but not as this
+        step's own ``gen_ai.usage.*``, so no backend adds it twice.
+        """
+        tokens, units, unpriced = self.run_context.client.price(usage)
+        self.child_usage_reported = True
+        _charge_chain(self.run_context, self, self.agent_context, tokens, units, unpriced)
+
+    def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
+        self.tokens_used += tokens
+        self._cost_units += cost_units
+        self.unpriced = self.unpriced or unpriced
+
+    @property
+    def cost_usd(self) -> float:
+        return self._cost_units / COST_UNITS_PER_USD
+
+    def complete(
+        self,
+        result: Any = None,
+        tokens_used: int | None = None,
+        cost_usd: float | None = None,
+    ) -> Done[None]:
+        """Record the step's result and usage. ``tokens_used`` with no ``cost_usd`` is unpriced."""
+        if tokens_used is not None or cost_usd is not None:
+            if tokens_used is not None and (
+                isinstance(tokens_used, bool) or not isinstance(tokens_used, int) or tokens_used < 0
+            ):
+                raise ConfigurationError(f"tokens_used must be an int >= 0, got {tokens_used!r}")
+            usage = TokenUsage(
+                model=self.model,
+                output_tokens=tokens_used or 0,
+                cost_usd=cost_usd,
+            )
+            self.report_usage(usage)
+        self.status = StepStatus.COMPLETED
+        self.result = result
+        self._done = True
+        if not self.managed:
+            self._close(StepStatus.COMPLETED, result)
+        return Done(None)
+
+    def fail(self, error: BaseException | str) -> Done[None]:
+        exc = error if isinstance(error, BaseException) else RuntimeError(str(error))
+        self.status = StepStatus.FAILED
+        self.error = exc
+        self._done = True
+        if not self.managed:
+            self._close(StepStatus.FAILED, error=exc)
+        return Done(None)
+
+    @property
+    def latency_ms(self) -> int:
+        if not self.finished:
+            return 0
+        return int((self.ended_monotonic - self.started_monotonic) * 1000)
+
+    @property
+    def step(self) -> Step:
+        """This step as a ``Step`` model (built on demand)."""
+        started = datetime.fromtimestamp(self.started_at_ns / 1e9, timezone.utc)
+        completed = None
+        if self.finished:
+            completed = datetime.fromtimestamp(
+                (self.started_at_ns / 1e9) + (self.ended_monotonic - self.started_monotonic),
+                timezone.utc,
+            )
+        parent = self.parent
+        return Step(
+            id=self.id,
+            run_id=self.run_context.run.id,
+            agent_id=self.agent_context.agent.id,
+            name=self.name,
+            kind=self.kind,
+            status=self.status,
+            parent_step_id=parent.id if parent is not None else None,
+            input_hash=self.input_hash or "",
+            policy_decision=self.policy_decision,
+            tokens_used=self.tokens_used,
+            cost_usd=self.cost_usd,
+            latency_ms=self.latency_ms,
+            started_at=started,
+            completed_at=completed,
+            error=None if self.error is None else (str(self.error) or type(self.error).__name__),
+            attempt=self.attempt,
+        )
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _charge_chain(
+    run: RunContext,
+    step: StepContext | None,
+    agent: AgentContext,
+    tokens: int,
+    cost_units: int,
+    unpriced: bool,
+) -> None:
+    """Add one usage report to the step, every enclosing step and agent, and the run."""
+    with run._lock:
+        seen: AgentContext | None = None
+        if step is None:
+            agent._add(tokens, cost_units, unpriced)
+            seen = agent
+            step = agent.parent_step
+        while step is not None:
+            step._add(tokens, cost_units, unpriced)
+            if step.agent_context is not seen:
+                seen = step.agent_context
+                seen._add(tokens, cost_units, unpriced)
+            step = step.parent
+        run._charge(tokens, cost_units, unpriced)
+
+
+def _usage_attributes(reports: list[tuple[TokenUsage, int, bool]], out: dict[str, Any]) -> None:
+    """GenAI usage attributes of the step's own model calls (summed when it made several)."""
+    last = reports[-1][0]
+    input_tokens = output_tokens = cache_read = reasoning = cost_units = 0
+    unpriced = False
+    from_provider = False
+    for usage, units, no_price in reports:
+        input_tokens += usage.input_tokens
+        output_tokens += usage.output_tokens
+        cache_read += usage.cache_read_tokens
+        reasoning += usage.reasoning_tokens
+        cost_units += units
+        unpriced = unpriced or no_price
+        from_provider = from_provider or usage.cost_usd is not None
+    if last.model:
+        out[attr.GEN_AI_RESPONSE_MODEL] = last.model
+    if last.provider:
+        out[attr.GEN_AI_PROVIDER_NAME] = last.provider
+    if input_tokens or output_tokens:
+        out[attr.GEN_AI_USAGE_INPUT_TOKENS] = input_tokens
+        out[attr.GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
+    if cache_read:
+        out[attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = cache_read
+    if reasoning:
+        out[attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = reasoning
+    if unpriced:
+        return  # no cost attribute at all rather than a wrong one; multirun.cost.unpriced says so
+    out[attr.GEN_AI_USAGE_COST_AMOUNT] = cost_units / COST_UNITS_PER_USD
+    out[attr.GEN_AI_USAGE_COST_CURRENCY] = "USD"
+    out[attr.GEN_AI_USAGE_COST_SOURCE] = "provider" if from_provider else "local"
+
+
+def _error_type(error: BaseException) -> str:
+    cls = type(error)
+    if cls.__module__ in ("builtins", "__main__"):
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _record_error(span: Span, error: BaseException | str, out: dict[str, Any]) -> None:
+    if isinstance(error, BaseException):
+        out[attr.ERROR_TYPE] = _error_type(error)
+        span.record_exception(error, escaped=True)
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    else:
+        out[attr.ERROR_TYPE] = "_OTHER"
+        span.set_status(Status(StatusCode.ERROR, error))
+
+
+def _serialize_result(result: Any) -> bytes | None:
+    from pydantic_core import to_json
+
+    try:
+        return to_json(result)
+    except Exception:
+        return None
+

@@ -1,0 +1,801 @@
+"""The decorators ``@run``, ``@agent``, ``@step`` and ``@checkpoint``.
+
+Each decorator knows how to *open a call* (find the run, check the budget,
+start the span) and gives back an object with three methods: ``_retry_delay``
+(should a failed attempt be retried, after how long), ``_succeed`` and
+``_failed``. One wrapper builder, ``_wrap``, turns that into a wrapper for a
+plain function, a coroutine function, a generator function or an async
+generator function, so retries, context handling and streaming are written
+once for all four decorators.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, overload
+
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+
+from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY
+from multirun.checkpoints.hashing import input_hash
+from multirun.clock import Clock
+from multirun.context import AgentContext, RunContext, StepContext
+from multirun.errors import BudgetExceededError, ConfigurationError, PolicyViolation, StepError
+from multirun.models.budget import Budget
+from multirun.models.policy import BackoffStrategy, Policy
+from multirun.models.run import Run
+from multirun.models.step import StepKind, StepStatus
+from multirun.telemetry import attributes as attr
+from multirun.telemetry import spans
+
+_logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_NEVER_RETRIED = (BudgetExceededError, PolicyViolation)
+
+
+class _Call(Protocol):
+    """One decorated call in flight: what ``_wrap`` needs from each decorator."""
+
+    otel_context: Context | None
+
+    def _clock(self) -> Clock: ...
+    def _retry_delay(self, error: BaseException) -> float | None: ...
+    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None: ...
+    def _failed(self, error: BaseException) -> BaseException: ...
+
+
+class _Replayed:
+    """A step served from the replay cache: its value is returned without running it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+Opener = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+
+
+# ---------------------------------------------------------------------------
+# @step
+
+
+class StepSpec:
+    """What ``@step(...)`` was given, validated once at decoration time."""
+
+    __slots__ = (
+        "check_budget",
+        "checkpoint",
+        "idempotent",
+        "kind",
+        "model",
+        "name",
+        "replayable",
+        "retry",
+        "retry_delay",
+        "retry_max_delay",
+        "retry_on",
+        "retry_strategy",
+        "start_attrs",
+    )
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        *,
+        name: str | None,
+        kind: StepKind | str,
+        retry: int,
+        retry_delay: float,
+        retry_max_delay: float,
+        retry_strategy: BackoffStrategy | str,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None,
+        checkpoint: bool,
+        idempotent: bool,
+        check_budget: bool,
+        model: str | None,
+    ) -> None:
+        self.name = _validate_name("step", name, func)
+        self.kind = _enum("step", "kind", StepKind, kind)
+        self.retry = _non_negative_int("step", "retry", retry)
+        self.retry_delay = _non_negative_number("step", "retry_delay", retry_delay)
+        self.retry_max_delay = _non_negative_number("step", "retry_max_delay", retry_max_delay)
+        self.retry_strategy = _enum("step", "retry_strategy", BackoffStrategy, retry_strategy)
+        self.retry_on = _exception_types("step", "retry_on", retry_on)
+        self.checkpoint = _bool("step", "checkpoint", checkpoint)
+        self.idempotent = _bool("step", "idempotent", idempotent)
+        self.check_budget = _bool("step", "check_budget", check_budget)
+        if model is not None and (not isinstance(model, str) or not model):
+            raise ConfigurationError(f"@step(model=...) must be a non-empty string, got {model!r}")
+        self.model = model
+        self.replayable = not (inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func))
+        self.start_attrs = spans.step_start_attributes(self.kind, self.name, model)
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before attempt ``attempt + 1``: constant, linear or exponential, capped."""
+        base = self.retry_delay
+        if self.retry_strategy is BackoffStrategy.LINEAR:
+            delay = base * attempt
+        elif self.retry_strategy is BackoffStrategy.EXPONENTIAL:
+            delay = base * (2 ** (attempt - 1))
+        else:
+            delay = base
+        return min(delay, self.retry_max_delay)
+
+
+class _StepCall(StepContext):
+    """A StepContext driven by ``@step``: the decorator owns its span."""
+
+    __slots__ = ("spec",)
+
+    def _clock(self) -> Clock:
+        return self.run_context.client.clock
+
+    def _retry_delay(self, error: BaseException) -> float | None:
+        spec = self.spec
+        if self.attempt > spec.retry or not isinstance(error, Exception):
+            return None
+        if isinstance(error, _NEVER_RETRIED):
+            return None
+        if spec.retry_on is not None and not isinstance(error, spec.retry_on):
+            return None
+        delay = spec.backoff(self.attempt)
+        self._record_attempt_failure(error, delay)
+        return delay
+
+    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
+        spec = self.spec
+        run = self.run_context
+        if self.input_hash is not None and spec.replayable:
+            run._replay_record(spec.name, self.input_hash, result)
+        if spec.checkpoint:
+            run._try_checkpoint(f"after_{spec.name}", step_id=self.id)
+        self._close(StepStatus.COMPLETED, result, extra=extra)
+
+    def _failed(self, error: BaseException) -> BaseException:
+        self._close(StepStatus.FAILED, error=error)
+        if self.spec.retry > 0 and isinstance(error, Exception) and not isinstance(
+            error, _NEVER_RETRIED
+        ):
+            return StepError(self.spec.name, self.attempt, error)
+        return error
+
+
+def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    current = otel_context.get_current()
+    run: RunContext | None = current.get(RUN_KEY)  # type: ignore[assignment]
+    if run is None:
+        return None
+    agent: AgentContext = current.get(AGENT_KEY) or run.default_agent  # type: ignore[assignment]
+    digest = None
+    if spec.idempotent and spec.replayable and run.records_replay:
+        digest = input_hash(args, kwargs)
+        if run.is_replaying:
+            found, value = run._replay_lookup(spec.name, digest)
+            if found:
+                _record_replayed(spec, run, agent, current, digest)
+                return _Replayed(value)
+    if spec.check_budget:
+        _check_budget(run)
+    step = _StepCall(agent, spec.name, spec.kind, current.get(STEP_KEY), managed=True)  # type: ignore[arg-type]
+    step.spec = spec
+    step.model = spec.model
+    step.input_hash = digest
+    step._open(current, spec.start_attrs, args, kwargs)
+    return step
+
+
+def _check_budget(run: RunContext) -> None:
+    """Raise BudgetExceededError if this run or an ancestor has reached a limit."""
+    current: RunContext | None = run
+    while current is not None:
+        budget = current.run.budget
+        if budget is not None:
+            hit = current.ledger.exceeded(budget, next_step=True)
+            if hit is not None:
+                limit, used, maximum = hit
+                raise BudgetExceededError(limit, used, maximum, run_id=current.run.id)
+        current = current.parent
+
+
+def _record_replayed(
+    spec: StepSpec, run: RunContext, agent: AgentContext, current: Context, digest: str | None
+) -> None:
+    step = StepContext(agent, spec.name, spec.kind, current.get(STEP_KEY), managed=True)  # type: ignore[arg-type]
+    step.input_hash = digest
+    step._open(current, spec.start_attrs, (), {})
+    step._close(StepStatus.SKIPPED)
+
+
+@overload
+def step(func: F) -> F: ...
+@overload
+def step(
+    func: None = None,
+    *,
+    name: str | None = None,
+    kind: StepKind | str = StepKind.FUNCTION,
+    retry: int = 0,
+    retry_delay: float = 1.0,
+    retry_max_delay: float = 60.0,
+    retry_strategy: BackoffStrategy | str = BackoffStrategy.EXPONENTIAL,
+    retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+    checkpoint: bool = False,
+    idempotent: bool = True,
+    check_budget: bool = True,
+    model: str | None = None,
+) -> Callable[[F], F]: ...
+def step(
+    func: F | None = None,
+    *,
+    name: str | None = None,
+    kind: StepKind | str = StepKind.FUNCTION,
+    retry: int = 0,
+    retry_delay: float = 1.0,
+    retry_max_delay: float = 60.0,
+    retry_strategy: BackoffStrategy | str = BackoffStrategy.EXPONENTIAL,
+    retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+    checkpoint: bool = False,
+    idempotent: bool = True,
+    check_budget: bool = True,
+    model: str | None = None,
+) -> F | Callable[[F], F]:
+    """Trace a function as a step of the current run, with retries and a budget check.
+
+    Outside a run the function just runs. ``model`` names the model an LLM
+    step asks for (``gen_ai.request.model``); the step reports what it used
+    with ``multirun.report_usage``.
+    """
+
+    def decorate(fn: F) -> F:
+        spec = StepSpec(
+            _callable("step", fn),
+            name=name,
+            kind=kind,
+            retry=retry,
+            retry_delay=retry_delay,
+            retry_max_delay=retry_max_delay,
+            retry_strategy=retry_strategy,
+            retry_on=retry_on,
+            checkpoint=checkpoint,
+            idempotent=idempotent,
+            check_budget=check_budget,
+            model=model,
+        )
+        return _wrap(fn, functools.partial(_open_step, spec))
+
+    return decorate(func) if func is not None else decorate
+
+
+# ---------------------------------------------------------------------------
+# @run
+
+
+class _RunCall:
+    __slots__ = ("ctx", "otel_context")
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.otel_context = ctx.otel_context
+
+    def _clock(self) -> Clock:
+        return self.ctx.client.clock
+
+    def _retry_delay(self, error: BaseException) -> float | None:
+        return None
+
+    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
+        self.ctx.complete(result)
+
+    def _failed(self, error: BaseException) -> BaseException:
+        self.ctx._fail_with_checkpoint(error)
+        return error
+
+
+@overload
+def run(func: F) -> F: ...
+@overload
+def run(
+    func: None = None,
+    *,
+    name: str | None = None,
+    budget: Budget | dict[str, Any] | None = None,
+    policy: Policy | dict[str, Any] | None = None,
+    checkpoint_on_error: bool = True,
+    metadata: dict[str, Any] | None = None,
+) -> Callable[[F], F]: ...
+def run(
+    func: F | None = None,
+    *,
+    name: str | None = None,
+    budget: Budget | dict[str, Any] | None = None,
+    policy: Policy | dict[str, Any] | None = None,
+    checkpoint_on_error: bool = True,
+    metadata: dict[str, Any] | None = None,
+) -> F | Callable[[F], F]:
+    """Trace a function as a run, with its budget and policy enforced before each step.
+
+    Called inside another run, it is a sub-run: its spend counts in the parent.
+    """
+    budget_model = _model("run", "budget", Budget, budget)
+    policy_model = _model("run", "policy", Policy, policy)
+    _bool("run", "checkpoint_on_error", checkpoint_on_error)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ConfigurationError(f"@run(metadata=...) must be a dict, got {metadata!r}")
+
+    def decorate(fn: F) -> F:
+        run_name = _validate_name("run", name, _callable("run", fn))
+
+        def open_run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _RunCall:
+            from multirun.client import get_client
+
+            model = Run(
+                name=run_name,
+                budget=budget_model,
+                policy=policy_model,
+                metadata=dict(metadata or {}),
+            )
+            ctx = RunContext(get_client(), model, checkpoint_on_error=checkpoint_on_error)
+            return _RunCall(ctx)
+
+        return _wrap(fn, open_run)
+
+    return decorate(func) if func is not None else decorate
+
+
+# ---------------------------------------------------------------------------
+# @agent
+
+
+class _AgentCall:
+    __slots__ = ("agent", "otel_context", "owned_run")
+
+    def __init__(self, agent: AgentContext, owned_run: RunContext | None) -> None:
+        self.agent = agent
+        self.owned_run = owned_run
+        self.otel_context = agent.otel_context
+
+    def _clock(self) -> Clock:
+        return self.agent.run_context.client.clock
+
+    def _retry_delay(self, error: BaseException) -> float | None:
+        return None
+
+    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
+        self.agent.complete(result)
+        if self.owned_run is not None:
+            self.owned_run.complete(result)
+
+    def _failed(self, error: BaseException) -> BaseException:
+        self.agent.fail(error)
+        if self.owned_run is not None:
+            self.owned_run._fail_with_checkpoint(error)
+        return error
+
+
+@overload
+def agent(func: F) -> F: ...
+@overload
+def agent(
+    func: None = None,
+    *,
+    name: str | None = None,
+    agent_config_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Callable[[F], F]: ...
+def agent(
+    func: F | None = None,
+    *,
+    name: str | None = None,
+    agent_config_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> F | Callable[[F], F]:
+    """Trace a function as a named agent; the steps it calls are scoped to it.
+
+    Called outside any run, it starts a run of the same name around itself.
+    """
+    if agent_config_id is not None and not isinstance(agent_config_id, str):
+        raise ConfigurationError(f"@agent(agent_config_id=...) must be a string, got {agent_config_id!r}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ConfigurationError(f"@agent(metadata=...) must be a dict, got {metadata!r}")
+
+    def decorate(fn: F) -> F:
+        agent_name = _validate_name("agent", name, _callable("agent", fn))
+
+        def open_agent(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _AgentCall:
+            current = otel_context.get_current()
+            run_ctx: RunContext | None = current.get(RUN_KEY)  # type: ignore[assignment]
+            owned = None
+            if run_ctx is None:
+                from multirun.client import get_client
+
+                owned = RunContext(get_client(), Run(name=agent_name), checkpoint_on_error=False)
+                run_ctx = owned
+                current = owned.otel_context
+            token = otel_context.attach(current)
+            try:
+                ctx = run_ctx.start_agent(agent_name, agent_config_id, metadata)
+            finally:
+                otel_context.detach(token)
+            return _AgentCall(ctx, owned)
+
+        return _wrap(fn, open_agent)
+
+    return decorate(func) if func is not None else decorate
+
+
+# ---------------------------------------------------------------------------
+# @checkpoint
+
+
+class _CheckpointCall:
+    __slots__ = ("extra_state", "name", "otel_context", "result_key", "run", "capture_result")
+
+    def __init__(
+        self,
+        run: RunContext,
+        name: str,
+        capture_result: bool,
+        result_key: str,
+        extra_state: dict[str, Any] | None,
+    ) -> None:
+        self.run = run
+        self.name = name
+        self.capture_result = capture_result
+        self.result_key = result_key
+        self.extra_state = extra_state
+        self.otel_context = None  # runs in the caller's context
+
+    def _clock(self) -> Clock:
+        return self.run.client.clock
+
+    def _retry_delay(self, error: BaseException) -> float | None:
+        return None
+
+    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
+        state = dict(self.extra_state or {})
+        if self.capture_result:
+            state[self.result_key] = result
+        self.run._try_checkpoint(self.name, state)
+
+    def _failed(self, error: BaseException) -> BaseException:
+        return error
+
+
+@overload
+def checkpoint(func: F) -> F: ...
+@overload
+def checkpoint(
+    func: None = None,
+    *,
+    name: str | None = None,
+    capture_result: bool = True,
+    result_key: str = "result",
+    extra_state: dict[str, Any] | None = None,
+) -> Callable[[F], F]: ...
+def checkpoint(
+    func: F | None = None,
+    *,
+    name: str | None = None,
+    capture_result: bool = True,
+    result_key: str = "result",
+    extra_state: dict[str, Any] | None = None,
+) -> F | Callable[[F], F]:
+    """Run the function, then checkpoint the run's state (and its result).
+
+    Outside a run nothing is checkpointed; a failed checkpoint is a warning,
+    never an error of the function.
+    """
+    _bool("checkpoint", "capture_result", capture_result)
+    if not isinstance(result_key, str) or not result_key:
+        raise ConfigurationError(f"@checkpoint(result_key=...) must be a non-empty string, got {result_key!r}")
+    if extra_state is not None and not isinstance(extra_state, dict):
+        raise ConfigurationError(f"@checkpoint(extra_state=...) must be a dict, got {extra_state!r}")
+
+    def decorate(fn: F) -> F:
+        func_name = _callable("checkpoint", fn).__name__
+        checkpoint_name = _validate_name("checkpoint", name, fn) if name is not None else f"after_{func_name}"
+
+        def open_checkpoint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _CheckpointCall | None:
+            run_ctx: RunContext | None = otel_context.get_current().get(RUN_KEY)  # type: ignore[assignment]
+            if run_ctx is None:
+                return None
+            return _CheckpointCall(run_ctx, checkpoint_name, capture_result, result_key, extra_state)
+
+        return _wrap(fn, open_checkpoint)
+
+    return decorate(func) if func is not None else decorate
+
+
+# ---------------------------------------------------------------------------
+# the one wrapper builder
+
+
+def _wrap(func: F, open_call: Opener) -> F:
+    """A wrapper of ``func`` (plain, async, generator or async generator) around ``open_call``."""
+    if inspect.isasyncgenfunction(func):
+        wrapper: Callable[..., Any] = _async_gen_wrapper(func, open_call)
+    elif inspect.iscoroutinefunction(func):
+        wrapper = _async_wrapper(func, open_call)
+    elif inspect.isgeneratorfunction(func):
+        wrapper = _gen_wrapper(func, open_call)
+    else:
+        wrapper = _sync_wrapper(func, open_call)
+    return functools.wraps(func)(wrapper)  # type: ignore[return-value]
+
+
+def _attach(call: _Call) -> object | None:
+    ctx = call.otel_context
+    return None if ctx is None else otel_context.attach(ctx)
+
+
+def _detach(token: object | None) -> None:
+    if token is not None:
+        otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def _raise_failed(call: _Call, error: BaseException) -> None:
+    final = call._failed(error)
+    if final is error:
+        raise error
+    raise final from error
+
+
+def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        call = open_call(args, kwargs)
+        if call is None:
+            return func(*args, **kwargs)
+        if type(call) is _Replayed:
+            return call.value
+        token = _attach(call)
+        try:
+            while True:
+                try:
+                    result = func(*args, **kwargs)
+                except BaseException as error:
+                    delay = call._retry_delay(error)
+                    if delay is None:
+                        _raise_failed(call, error)
+                    if delay:
+                        call._clock().sleep(delay)
+                    continue
+                call._succeed(result)
+                return result
+        finally:
+            _detach(token)
+
+    return wrapper
+
+
+def _async_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., Any]:
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        call = open_call(args, kwargs)
+        if call is None:
+            return await func(*args, **kwargs)
+        if type(call) is _Replayed:
+            return call.value
+        token = _attach(call)
+        try:
+            while True:
+                try:
+                    result = await func(*args, **kwargs)
+                except BaseException as error:
+                    delay = call._retry_delay(error)
+                    if delay is None:
+                        _raise_failed(call, error)
+                    if delay:
+                        await call._clock().async_sleep(delay)
+                    continue
+                call._succeed(result)
+                return result
+        finally:
+            _detach(token)
+
+    return wrapper
+
+
+def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., Any]:
+    """Streams the generator; the step's context is current only while its body runs.
+
+    A generator that fails before its first item is retried like a function;
+    once items were handed out, a failure ends the step.
+    """
+
+    def resume(call: _Call, how: Callable[[Any], Any], value: Any) -> tuple[bool, Any]:
+        token = _attach(call)
+        try:
+            return False, how(value)
+        except StopIteration as stop:
+            return True, stop.value
+        finally:
+            _detach(token)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        call = open_call(args, kwargs)
+        if call is None:
+            return (yield from func(*args, **kwargs))
+        while True:
+            gen = func(*args, **kwargs)
+            try:
+                done, item = resume(call, gen.send, None)
+            except BaseException as error:
+                delay = call._retry_delay(error)
+                if delay is None:
+                    _raise_failed(call, error)
+                if delay:
+                    call._clock().sleep(delay)
+                continue
+            break
+        count = 0
+        while not done:
+            count += 1
+            try:
+                sent = yield item
+            except GeneratorExit:
+                token = _attach(call)
+                try:
+                    gen.close()
+                finally:
+                    _detach(token)
+                call._succeed(None, {attr.STEP_STREAM_ITEMS: count - 1})
+                raise
+            except BaseException as thrown:
+                how, value = gen.throw, thrown
+            else:
+                how, value = gen.send, sent
+            try:
+                done, item = resume(call, how, value)
+            except BaseException as error:
+                _raise_failed(call, error)
+        call._succeed(item, {attr.STEP_STREAM_ITEMS: count})
+        return item
+
+    return wrapper
+
+
+def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., Any]:
+    """The async twin of ``_gen_wrapper``."""
+
+    async def resume(call: _Call, how: Callable[[Any], Any], value: Any) -> tuple[bool, Any]:
+        token = _attach(call)
+        try:
+            return False, await how(value)
+        except StopAsyncIteration:
+            return True, None
+        finally:
+            _detach(token)
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        call = open_call(args, kwargs)
+        if call is None:
+            async for item in func(*args, **kwargs):
+                yield item
+            return
+        while True:
+            agen = func(*args, **kwargs)
+            try:
+                done, item = await resume(call, agen.asend, None)
+            except BaseException as error:
+                delay = call._retry_delay(error)
+                if delay is None:
+                    _raise_failed(call, error)
+                if delay:
+                    await call._clock().async_sleep(delay)
+                continue
+            break
+        count = 0
+        while not done:
+            count += 1
+            try:
+                sent = yield item
+            except GeneratorExit:
+                token = _attach(call)
+                try:
+                    await agen.aclose()
+                finally:
+                    _detach(token)
+                call._succeed(None, {attr.STEP_STREAM_ITEMS: count - 1})
+                raise
+            except BaseException as thrown:
+                how, value = agen.athrow, thrown
+            else:
+                how, value = agen.asend, sent
+            try:
+                done, item = await resume(call, how, value)
+            except BaseException as error:
+                _raise_failed(call, error)
+        call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------
+# validation: clear errors at decoration time, naming the parameter
+
+
+def _callable(decorator: str, fn: Any) -> Callable[..., Any]:
+    if not callable(fn):
+        raise ConfigurationError(
+            f"@{decorator} decorates a function or method, got {type(fn).__name__} {fn!r}"
+        )
+    return fn  # type: ignore[no-any-return]
+
+
+def _validate_name(decorator: str, name: str | None, fn: Any) -> str:
+    if name is None:
+        fn_name = getattr(fn, "__name__", None)
+        if not fn_name or fn_name == "<lambda>":
+            raise ConfigurationError(f"@{decorator}: pass name=... for a callable without a name")
+        return str(fn_name)
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError(f"@{decorator}(name=...) must be a non-empty string, got {name!r}")
+    if len(name) > 256 or "\x00" in name:
+        raise ConfigurationError(f"@{decorator}(name=...) must be at most 256 characters, no NUL")
+    return name
+
+
+def _enum(decorator: str, param: str, enum: Any, value: Any) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum)
+        raise ConfigurationError(
+            f"@{decorator}({param}=...) must be one of {allowed}, got {value!r}"
+        ) from None
+
+
+def _bool(decorator: str, param: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"@{decorator}({param}=...) must be True or False, got {value!r}")
+    return value
+
+
+def _non_negative_int(decorator: str, param: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"@{decorator}({param}=...) must be an int >= 0, got {value!r}")
+    return value
+
+
+def _non_negative_number(decorator: str, param: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigurationError(f"@{decorator}({param}=...) must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _exception_types(
+    decorator: str, param: str, value: Any
+) -> tuple[type[BaseException], ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, tuple) or not value or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in value
+    ):
+        raise ConfigurationError(
+            f"@{decorator}({param}=...) must be a tuple of exception classes, got {value!r}"
+        )
+    return value
+
+
+def _model(decorator: str, param: str, cls: Any, value: Any) -> Any:
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        from pydantic import ValidationError
+
+        try:
+            return cls.model_validate(value)
+        except ValidationError as exc:
+            raise ConfigurationError(f"@{decorator}({param}=...): {exc}") from None
+    raise ConfigurationError(
+        f"@{decorator}({param}=...) must be a {cls.__name__} or a dict, got {type(value).__name__}"
+    )
+

@@ -1,0 +1,1 @@
+"""Usage ledgers, the span processor that charges them, and the budget checks."""

@@ -1,0 +1,141 @@
+"""RunLedger: what one run has spent, kept exact under threads and asyncio tasks.
+
+Totals are integers (tokens, cost in nano-dollars, steps, sub-agents) updated
+under one lock, so concurrent steps never lose an update and sums never drift
+the way float additions do. A sub-run's ledger passes every charge on to its
+parent, so the parent's limits hold across all of its sub-runs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from multirun.models.budget import Budget, BudgetStatus, first_exceeded
+from multirun.pricing import COST_UNITS_PER_USD
+
+
+class RunLedger:
+    __slots__ = (
+        "_clock",
+        "_lock",
+        "cost_units",
+        "parent",
+        "started",
+        "steps",
+        "sub_agents",
+        "tokens",
+        "unpriced_reports",
+    )
+
+    def __init__(
+        self,
+        parent: RunLedger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.parent = parent
+        self.started = clock()
+        self.tokens = 0
+        self.cost_units = 0
+        self.steps = 0
+        self.sub_agents = 0
+        self.unpriced_reports = 0
+
+    @property
+    def cost_usd(self) -> float:
+        return self.cost_units / COST_UNITS_PER_USD
+
+    def elapsed(self) -> float:
+        """Seconds since the run started, on the monotonic clock."""
+        return self._clock() - self.started
+
+    def charge(self, tokens: int, cost_units: int, unpriced: bool = False) -> None:
+        """Add one usage report, here and in every ancestor run."""
+        ledger: RunLedger | None = self
+        while ledger is not None:
+            with ledger._lock:
+                ledger.tokens += tokens
+                ledger.cost_units += cost_units
+                if unpriced:
+                    ledger.unpriced_reports += 1
+            ledger = ledger.parent
+
+    def count_step(self) -> None:
+        ledger: RunLedger | None = self
+        while ledger is not None:
+            with ledger._lock:
+                ledger.steps += 1
+            ledger = ledger.parent
+
+    def count_sub_agent(self) -> None:
+        ledger: RunLedger | None = self
+        while ledger is not None:
+            with ledger._lock:
+                ledger.sub_agents += 1
+            ledger = ledger.parent
+
+    def restore(self, tokens: int, cost_units: int, steps: int) -> None:
+        """Start from what an earlier attempt of this run already spent."""
+        with self._lock:
+            self.tokens += tokens
+            self.cost_units += cost_units
+            self.steps += steps
+
+    def exceeded(self, budget: Budget, *, next_step: bool = False) -> tuple[str, float, float] | None:
+        """The first limit of ``budget`` reached, as (limit, used, maximum), or None.
+
+        With ``next_step`` the step about to start is counted, so ``max_steps=3``
+        lets exactly three steps run.
+        """
+        return first_exceeded(
+            budget,
+            tokens=self.tokens,
+            cost_usd=self.cost_units / COST_UNITS_PER_USD,
+            steps=self.steps + (1 if next_step else 0),
+            duration_seconds=self.elapsed(),
+            sub_agents=self.sub_agents,
+        )
+
+    def status(self, budget: Budget | None) -> BudgetStatus:
+        """A snapshot of spend against ``budget`` (percentages of the tightest limit)."""
+        with self._lock:
+            tokens, cost_units, steps = self.tokens, self.cost_units, self.steps
+            sub_agents = self.sub_agents
+        cost = cost_units / COST_UNITS_PER_USD
+        elapsed = self.elapsed()
+        if budget is None:
+            return BudgetStatus(
+                tokens_used=tokens,
+                cost_used_usd=cost,
+                steps_used=steps,
+                duration_seconds=elapsed,
+                sub_agents_used=sub_agents,
+            )
+        shares = []
+        if budget.max_tokens is not None:
+            shares.append(tokens / budget.max_tokens)
+        if budget.max_cost_usd is not None:
+            shares.append(cost / budget.max_cost_usd)
+        if budget.max_steps is not None:
+            shares.append(steps / budget.max_steps)
+        if budget.max_duration_seconds is not None:
+            shares.append(elapsed / budget.max_duration_seconds)
+        if budget.max_sub_agents:
+            shares.append(sub_agents / budget.max_sub_agents)
+        return BudgetStatus(
+            tokens_used=tokens,
+            tokens_remaining=None if budget.max_tokens is None else max(budget.max_tokens - tokens, 0),
+            cost_used_usd=cost,
+            cost_remaining_usd=(
+                None if budget.max_cost_usd is None else max(budget.max_cost_usd - cost, 0.0)
+            ),
+            steps_used=steps,
+            steps_remaining=None if budget.max_steps is None else max(budget.max_steps - steps, 0),
+            duration_seconds=elapsed,
+            sub_agents_used=sub_agents,
+            percentage_used=round(100.0 * max(shares, default=0.0), 4),
+            is_exceeded=self.exceeded(budget) is not None,
+        )

@@ -1,0 +1,113 @@
+"""UsageSpanProcessor: charges the run for usage that other instrumentations report.
+
+A step that calls an LLM SDK instrumented by opentelemetry-instrumentation-openai-v2,
+OpenLLMetry or OpenInference gets a GenAI client span inside it, carrying
+``gen_ai.usage.*`` (or ``llm.token_count.*``) attributes. This processor notes,
+when such a span starts, which run, agent and step it started in, and charges
+that usage when it ends. A span whose own child already reported usage is not
+charged again, so wrappers that copy their children's totals are not counted
+twice. The package's own spans are skipped: their usage is charged when it is
+reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY
+from multirun.telemetry import attributes as a
+from multirun.usage import TokenUsage
+
+_logger = logging.getLogger(__name__)
+
+TRACER_NAME = "multirun"
+
+
+class UsageSpanProcessor(SpanProcessor):
+    """Charges usage from spans of other instrumentations to the enclosing run."""
+
+    def __init__(self) -> None:
+        # span id -> [owner (step or agent), reported-by-a-child flag]; holds only spans in flight
+        self._open: dict[int, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        scope = span.instrumentation_scope
+        if scope is not None and scope.name == TRACER_NAME:
+            return
+        ctx = parent_context if parent_context is not None else otel_context.get_current()
+        run = ctx.get(RUN_KEY)
+        if run is None:
+            return
+        owner = ctx.get(STEP_KEY) or ctx.get(AGENT_KEY) or run.default_agent  # type: ignore[attr-defined]
+        span_id = span.get_span_context().span_id
+        with self._lock:
+            self._open[span_id] = [owner, False]
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.get_span_context()
+        if context is None:
+            return
+        with self._lock:
+            entry = self._open.pop(context.span_id, None)
+            if entry is None:
+                return
+            usage = usage_from_attributes(span.attributes or {})
+            if usage is None:
+                return
+            parent = span.parent
+            parent_entry = self._open.get(parent.span_id) if parent is not None else None
+            if parent_entry is not None:
+                parent_entry[1] = True  # the foreign parent must not charge this again
+            if entry[1]:
+                return
+        try:
+            entry[0].charge_child_usage(usage)
+        except Exception:  # never let accounting break the span pipeline
+            _logger.warning("multirun: could not charge usage of span %r", span.name, exc_info=True)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._open.clear()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def usage_from_attributes(attributes: Any) -> TokenUsage | None:
+    """A TokenUsage from GenAI (or OpenInference) span attributes, or None if it has none."""
+    get = attributes.get
+    input_tokens = get(a.GEN_AI_USAGE_INPUT_TOKENS)
+    if input_tokens is None:
+        input_tokens = get(a.GEN_AI_USAGE_PROMPT_TOKENS)
+    if input_tokens is None:
+        input_tokens = get(a.LLM_TOKEN_COUNT_PROMPT)
+    output_tokens = get(a.GEN_AI_USAGE_OUTPUT_TOKENS)
+    if output_tokens is None:
+        output_tokens = get(a.GEN_AI_USAGE_COMPLETION_TOKENS)
+    if output_tokens is None:
+        output_tokens = get(a.LLM_TOKEN_COUNT_COMPLETION)
+    if input_tokens is None and output_tokens is None:
+        return None
+    model = get(a.GEN_AI_RESPONSE_MODEL) or get(a.GEN_AI_REQUEST_MODEL) or get(a.LLM_MODEL_NAME)
+    provider = get(a.GEN_AI_PROVIDER_NAME) or get(a.GEN_AI_SYSTEM)
+    cost = get(a.GEN_AI_USAGE_COST_AMOUNT)
+    try:
+        return TokenUsage(
+            model=str(model) if model else None,
+            provider=str(provider) if provider else None,
+            input_tokens=int(input_tokens or 0),
+            output_tokens=int(output_tokens or 0),
+            cache_read_tokens=int(get(a.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS) or 0),
+            cache_write_tokens=int(get(a.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS) or 0),
+            reasoning_tokens=int(get(a.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS) or 0),
+            cost_usd=float(cost) if cost is not None else None,
+        )
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,66 @@
+"""Exceptions raised by multirun.
+
+Every error a user can see derives from :class:`MultiRunError`. Errors about
+bad configuration are also :class:`ValueError` or :class:`TypeError`, so code
+that already catches those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class MultiRunError(Exception):
+    """Base class of every multirun error."""
+
+
+class ConfigurationError(MultiRunError, ValueError):
+    """A decorator or ``init`` argument is invalid; the message names it."""
+
+
+class BudgetExceededError(MultiRunError):
+    """A run went over one of its budget limits; raised before the next step runs."""
+
+    def __init__(self, limit: str, used: float, maximum: float, run_id: str = "") -> None:
+        self.limit = limit
+        self.used = used
+        self.maximum = maximum
+        self.run_id = run_id
+        super().__init__(f"budget exceeded: {limit} used {_fmt(used)} of {_fmt(maximum)}")
+
+
+class PolicyViolation(MultiRunError):
+    """A policy rule decided to abort the step (open circuit, rate limit that cannot wait)."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        self.rule = rule
+        super().__init__(f"{rule}: {message}")
+
+
+class StepError(MultiRunError):
+    """A step with retries failed on its last attempt; ``__cause__`` is the last error."""
+
+    def __init__(self, step_name: str, attempts: int, last_error: BaseException) -> None:
+        self.step_name = step_name
+        self.attempts = attempts
+        self.last_error = last_error
+        super().__init__(
+            f"step {step_name!r} failed after {attempts} attempts: "
+            f"{type(last_error).__name__}: {last_error}"
+        )
+
+
+class CheckpointError(MultiRunError):
+    """A checkpoint could not be written, found, or verified."""
+
+
+class ReplayError(MultiRunError):
+    """A checkpoint was read but its contents cannot be replayed."""
+
+
+class DeterminismError(ReplayError):
+    """A replayed run asked for steps in another order or under other names than it recorded."""
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.6g}"
+    return str(int(value))

@@ -1,0 +1,69 @@
+"""Policy: the rules that decide, before each step, to proceed, wait, fall back or abort."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import Field
+
+from multirun.models._base import Model
+
+
+class PolicyDecision(str, Enum):
+    PROCEED = "proceed"
+    WAIT = "wait"
+    FALLBACK = "fallback"
+    ABORT = "abort"
+
+
+class BackoffStrategy(str, Enum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    EXPONENTIAL = "exponential"
+
+
+class DegradationTrigger(str, Enum):
+    """What makes a GracefulDegradationRule switch to its fallback model."""
+
+    BUDGET_PERCENTAGE = "budget_percentage"  # share of the tightest budget limit used, 0-100
+    COST_PERCENTAGE = "cost_percentage"  # share of max_cost_usd used, 0-100
+    TOKEN_PERCENTAGE = "token_percentage"  # share of max_tokens used, 0-100
+    CONSECUTIVE_FAILURES = "consecutive_failures"  # failed LLM steps in a row
+
+
+class BudgetRule(Model):
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+
+
+class RateLimitRule(Model):
+    requests_per_minute: float = Field(gt=0)
+    model: str | None = None
+
+
+class RetryRule(Model):
+    max_attempts: int = Field(default=3, ge=1)
+    backoff: BackoffStrategy = BackoffStrategy.EXPONENTIAL
+    base_delay_seconds: float = Field(default=1.0, ge=0)
+    max_delay_seconds: float = Field(default=60.0, ge=0)
+
+
+class CircuitBreakerRule(Model):
+    failure_threshold: int = Field(default=5, ge=1)
+    recovery_time_seconds: float = Field(default=60.0, ge=0)
+
+
+class GracefulDegradationRule(Model):
+    fallback_model: str = Field(min_length=1)
+    trigger: DegradationTrigger = DegradationTrigger.BUDGET_PERCENTAGE
+    threshold: float = Field(default=80.0, ge=0)
+
+
+class Policy(Model):
+    """A collection of rules; every field is optional."""
+
+    budget: BudgetRule | None = None
+    rate_limit: RateLimitRule | None = None
+    retry: RetryRule | None = None
+    circuit_breaker: CircuitBreakerRule | None = None
+    graceful_degradation: GracefulDegradationRule | None = None

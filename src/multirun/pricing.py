@@ -1,0 +1,144 @@
+"""The cost of a usage report, from the genai-prices package or the user's own prices.
+
+genai-prices knows the published prices of most providers' models. Looking a
+model up there takes about 100 microseconds, so each (provider, model, usage)
+is computed once and remembered; a model it does not know is *unpriced*
+(``None``), never a silent $0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+from multirun.errors import ConfigurationError
+
+_logger = logging.getLogger(__name__)
+
+#: Costs are kept as integers of this many units per US dollar, so that sums are exact.
+COST_UNITS_PER_USD = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Price:
+    """A user's price for a model, in US dollars per million tokens."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+    cache_read_per_mtok: float | None = None
+    cache_write_per_mtok: float | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok",
+                      "cache_write_per_mtok"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise ConfigurationError(f"Price.{field} must be a number >= 0, got {value!r}")
+
+    def cost(self, input_tokens: int, output_tokens: int, cache_read: int, cache_write: int) -> float:
+        uncached = max(input_tokens - cache_read - cache_write, 0)
+        read_price = self.input_per_mtok if self.cache_read_per_mtok is None else self.cache_read_per_mtok
+        write_price = (
+            self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
+        )
+        total = (
+            uncached * self.input_per_mtok
+            + cache_read * read_price
+            + cache_write * write_price
+            + output_tokens * self.output_per_mtok
+        )
+        return total / 1_000_000
+
+
+class PriceBook:
+    """Prices models: the user's overrides first, then genai-prices."""
+
+    def __init__(self, overrides: Mapping[str, Price | Mapping[str, float]] | None = None) -> None:
+        self._overrides: dict[str, Price] = {}
+        self._lock = threading.Lock()
+        for model, price in (overrides or {}).items():
+            self.set_price(model, price)
+
+    def set_price(self, model: str, price: Price | Mapping[str, float]) -> None:
+        """Use ``price`` for ``model`` (exact name), ahead of genai-prices."""
+        if not isinstance(model, str) or not model:
+            raise ConfigurationError(f"prices: a model name must be a non-empty string, got {model!r}")
+        if isinstance(price, Mapping):
+            try:
+                price = Price(**price)
+            except TypeError as exc:
+                raise ConfigurationError(
+                    f"prices[{model!r}]: {exc}; expected input_per_mtok, output_per_mtok, "
+                    "cache_read_per_mtok, cache_write_per_mtok"
+                ) from None
+        if not isinstance(price, Price):
+            raise ConfigurationError(f"prices[{model!r}] must be a Price or a dict, got {price!r}")
+        with self._lock:
+            self._overrides[model] = price
+
+    def cost_usd(
+        self,
+        model: str | None,
+        *,
+        provider: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+    ) -> float | None:
+        """The cost in USD, or None when the model has no known price."""
+        if not model:
+            return None
+        override = self._overrides.get(model)
+        if override is not None:
+            return override.cost(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+        return _published_cost(
+            model, provider, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens
+        )
+
+
+# genai-prices names providers by id; map the GenAI semantic convention names that differ.
+_PROVIDER_IDS = {
+    "azure.ai.openai": "azure",
+    "gcp.gemini": "google",
+    "gcp.vertex_ai": "google",
+    "gcp.gen_ai": "google",
+    "aws.bedrock": "aws",
+    "x_ai": "x-ai",
+}
+
+
+@lru_cache(maxsize=8192)
+def _published_cost(
+    model: str,
+    provider: str | None,
+    input_tokens: int,
+    output_tokens: int,
+    cache_read_tokens: int,
+    cache_write_tokens: int,
+) -> float | None:
+    import genai_prices  # imported on first use: it loads a large price table
+
+    usage = genai_prices.Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cache_read_tokens=cache_read_tokens or None,
+        cache_write_tokens=cache_write_tokens or None,
+    )
+    provider_id = _PROVIDER_IDS.get(provider, provider) if provider else None
+    try:
+        result = genai_prices.calc_price(usage, model, provider_id=provider_id)
+    except LookupError:
+        if provider_id is None:
+            return None
+        try:  # the provider name may be one genai-prices does not use; try by model alone
+            result = genai_prices.calc_price(usage, model)
+        except LookupError:
+            return None
+    except Exception:  # a price table problem must not break the agent
+        _logger.warning("genai-prices could not price model %r", model, exc_info=True)
+        return None
+    return float(result.total_price)

@@ -1,0 +1,1 @@
+"""Attribute names, span naming, the local OTLP JSON exporter and metric instruments."""

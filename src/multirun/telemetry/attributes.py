@@ -1,0 +1,93 @@
+"""Every span and metric attribute name the package writes, in one place.
+
+Names come from the OpenTelemetry GenAI semantic conventions where those have
+one; the rest live under ``multirun.``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# GenAI semantic conventions
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
+GEN_AI_SYSTEM: Final = "gen_ai.system"  # older name of provider, read from other instrumentations
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
+GEN_AI_WORKFLOW_NAME: Final = "gen_ai.workflow.name"
+GEN_AI_AGENT_NAME: Final = "gen_ai.agent.name"
+GEN_AI_AGENT_ID: Final = "gen_ai.agent.id"
+GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: Final = "gen_ai.usage.cache_read.input_tokens"
+GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: Final = "gen_ai.usage.cache_creation.input_tokens"
+GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tokens"
+# older names still written by some instrumentations
+GEN_AI_USAGE_PROMPT_TOKENS: Final = "gen_ai.usage.prompt_tokens"
+GEN_AI_USAGE_COMPLETION_TOKENS: Final = "gen_ai.usage.completion_tokens"
+# the open GenAI cost proposal
+GEN_AI_USAGE_COST_AMOUNT: Final = "gen_ai.usage.cost.amount"
+GEN_AI_USAGE_COST_CURRENCY: Final = "gen_ai.usage.cost.currency"
+GEN_AI_USAGE_COST_SOURCE: Final = "gen_ai.usage.cost.source"
+GEN_AI_TOKEN_TYPE: Final = "gen_ai.token.type"
+
+# OpenInference (Arize) usage names, read from spans of other instrumentations
+LLM_TOKEN_COUNT_PROMPT: Final = "llm.token_count.prompt"
+LLM_TOKEN_COUNT_COMPLETION: Final = "llm.token_count.completion"
+LLM_MODEL_NAME: Final = "llm.model_name"
+
+# General semantic conventions
+ERROR_TYPE: Final = "error.type"
+
+# Operation names
+OP_INVOKE_WORKFLOW: Final = "invoke_workflow"
+OP_INVOKE_AGENT: Final = "invoke_agent"
+OP_CHAT: Final = "chat"
+OP_EXECUTE_TOOL: Final = "execute_tool"
+
+# multirun: runs
+RUN_ID: Final = "multirun.run.id"
+RUN_NAME: Final = "multirun.run.name"
+RUN_STATUS: Final = "multirun.run.status"
+RUN_PARENT_ID: Final = "multirun.run.parent_id"
+RUN_REPLAYING: Final = "multirun.run.replaying"
+RUN_ERROR: Final = "multirun.run.error"
+BUDGET_PREFIX: Final = "multirun.budget."  # + max_tokens, max_cost_usd, ...
+BUDGET_EXCEEDED_LIMIT: Final = "multirun.budget.exceeded_limit"
+
+# multirun: agents
+AGENT_STATUS: Final = "multirun.agent.status"
+AGENT_CONFIG_ID: Final = "multirun.agent.config_id"
+
+# multirun: steps
+STEP_ID: Final = "multirun.step.id"
+STEP_NAME: Final = "multirun.step.name"
+STEP_KIND: Final = "multirun.step.kind"
+STEP_STATUS: Final = "multirun.step.status"
+STEP_ATTEMPT: Final = "multirun.step.attempt"
+STEP_INPUT_HASH: Final = "multirun.step.input_hash"
+STEP_INPUT: Final = "multirun.step.input"
+STEP_OUTPUT: Final = "multirun.step.output"
+STEP_RETRY_DELAY: Final = "multirun.step.retry_delay_seconds"
+STEP_STREAM_ITEMS: Final = "multirun.step.stream_items"
+POLICY_DECISION: Final = "multirun.policy.decision"
+POLICY_RULE: Final = "multirun.policy.rule"
+
+# multirun: roll-ups (the sum over everything below, so backends never add twice)
+TOKENS_USED: Final = "multirun.tokens_used"
+COST_USD: Final = "multirun.cost_usd"
+STEPS_USED: Final = "multirun.steps_used"
+UNPRICED: Final = "multirun.cost.unpriced"  # some usage had no known price
+
+# multirun: checkpoints
+CHECKPOINT_ID: Final = "multirun.checkpoint.id"
+CHECKPOINT_NAME: Final = "multirun.checkpoint.name"
+CHECKPOINT_URI: Final = "multirun.checkpoint.uri"
+CHECKPOINT_SIZE: Final = "multirun.checkpoint.size_bytes"
+CHECKPOINT_DIGEST: Final = "multirun.checkpoint.digest"
+CHECKPOINT_SERIALIZER: Final = "multirun.checkpoint.serializer"
+
+# Event names
+EVENT_RETRY: Final = "multirun.step.retry"
+EVENT_CHECKPOINT: Final = "multirun.checkpoint"

@@ -1,0 +1,60 @@
+"""Turning step inputs and outputs into bounded span attribute strings.
+
+Content is only recorded when the user opts in. A value is rendered at most
+``limit`` characters long, and a huge string is cut *before* it is copied, so
+that a 10 MB prompt never costs 10 MB of telemetry.
+"""
+
+from __future__ import annotations
+
+import json
+import reprlib
+from typing import Any
+
+_SUFFIX = "...[truncated]"
+
+
+def render(value: Any, limit: int) -> str:
+    """A JSON-ish text of ``value``, truncated to ``limit`` characters."""
+    if isinstance(value, str):
+        text = value if len(value) <= limit else value[:limit]
+        cut = len(value) > limit
+    elif isinstance(value, (bytes, bytearray)):
+        text, cut = f"<{len(value)} bytes>", False
+    else:
+        text, cut = _json_or_repr(value, limit)
+    if cut or len(text) > limit:
+        keep = max(limit - len(_SUFFIX), 0)
+        return text[:keep] + _SUFFIX
+    return text
+
+
+def render_call(args: tuple[Any, ...], kwargs: dict[str, Any], limit: int) -> str:
+    """The arguments of a call as one bounded text."""
+    if not kwargs:
+        return render(list(args) if len(args) != 1 else args[0], limit)
+    return render({"args": list(args), "kwargs": kwargs}, limit)
+
+
+def _json_or_repr(value: Any, limit: int) -> tuple[str, bool]:
+    limited = reprlib.Repr()
+    limited.maxstring = limit
+    limited.maxother = limit
+    limited.maxlong = limit
+    if _small(value):
+        try:
+            return json.dumps(value, default=str, ensure_ascii=False), False
+        except (TypeError, ValueError):
+            pass
+    return limited.repr(value), False
+
+
+def _small(value: Any, budget: int = 64) -> bool:
+    """True when ``value`` is a flat enough structure to dump whole without blowing up."""
+    if isinstance(value, (str, bytes)):
+        return len(value) < 65_536
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return len(value) <= budget and all(_small(v, budget // 4) for v in value)
+    if isinstance(value, dict):
+        return len(value) <= budget and all(_small(v, budget // 4) for v in value.values())
+    return True

@@ -1,0 +1,42 @@
+"""TokenUsage: one report of what an LLM call consumed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from multirun.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Tokens of one model call. ``input_tokens`` includes cached input, as in the GenAI conventions."""
+
+    model: str | None = None
+    provider: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                      "reasoning_tokens"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigurationError(f"{field} must be an int >= 0, got {value!r}")
+        if self.cost_usd is not None and (
+            isinstance(self.cost_usd, bool)
+            or not isinstance(self.cost_usd, (int, float))
+            or self.cost_usd < 0
+        ):
+            raise ConfigurationError(f"cost_usd must be a number >= 0, got {self.cost_usd!r}")
+        for field in ("model", "provider"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(f"{field} must be a string, got {value!r}")
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
