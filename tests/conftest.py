@@ -1,0 +1,80 @@
+"""Shared fixtures: a client whose spans land in an in-memory exporter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import multirun
+from multirun import client as client_module
+from multirun.clock import Clock
+
+
+class FakeClock(Clock):
+    """A clock that only moves when told to; sleeps advance it instantly."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    async def async_sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@dataclass
+class Traced:
+    """A configured client and the spans it exported."""
+
+    client: multirun.MultiRunClient
+    exporter: InMemorySpanExporter
+    provider: TracerProvider
+    clock: FakeClock = field(default_factory=FakeClock)
+
+    def spans(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+    def span(self, name: str) -> ReadableSpan:
+        found = [s for s in self.spans() if s.name == name]
+        assert len(found) == 1, f"expected one span {name!r}, got {[s.name for s in self.spans()]}"
+        return found[0]
+
+    def named(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.spans() if s.name == name]
+
+    def parent_of(self, span: ReadableSpan) -> ReadableSpan | None:
+        if span.parent is None:
+            return None
+        for candidate in self.spans():
+            if candidate.context.span_id == span.parent.span_id:
+                return candidate
+        return None
+
+
+@pytest.fixture
+def traced(tmp_path) -> Iterator[Traced]:  # type: ignore[no-untyped-def]
+    """multirun configured with an in-memory span exporter, a fake clock and a file blob store."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    clock = FakeClock()
+    client = multirun.init(
+        tracer_provider=provider,
+        checkpoint_uri=str(tmp_path / "blobs"),
+    )
+    client.clock = clock
+    yield Traced(client=client, exporter=exporter, provider=provider, clock=clock)
+    client_module._configured = None
+    provider.shutdown()
