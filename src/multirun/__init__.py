@@ -1,16 +1,16 @@
 """multirun: observe and govern AI agents with OpenTelemetry.
 
-    from multirun import run, agent, step
-    from multirun.models import Budget, StepKind
+from multirun import run, agent, step
+from multirun.models import Budget, StepKind
 
-    @step(kind=StepKind.LLM_CALL)
-    def ask(prompt: str) -> str:
-        multirun.report_usage("gpt-4o-mini", input_tokens=12, output_tokens=40)
-        return "..."
+@step(kind=StepKind.LLM_CALL)
+def ask(prompt: str) -> str:
+    multirun.report_usage("gpt-4o-mini", input_tokens=12, output_tokens=40)
+    return "..."
 
-    @run(budget=Budget(max_cost_usd=1.0))
-    def main() -> str:
-        return ask("hello")
+@run(budget=Budget(max_cost_usd=1.0))
+def main() -> str:
+    return ask("hello")
 """
 
 from multirun.client import MultiRunClient, get_client, init, init_local

@@ -196,9 +196,7 @@ def init(
         return _configured
 
 
-def init_local(
-    path: str | os.PathLike[str] = DEFAULT_DIR, **options: Any
-) -> MultiRunClient:
+def init_local(path: str | os.PathLike[str] = DEFAULT_DIR, **options: Any) -> MultiRunClient:
     """Configure the embedded default: traces and checkpoints as files under ``path``."""
     root = Path(path)
     return init(
@@ -260,19 +258,14 @@ def _init_locked(
         if add is not None:
             add(BatchSpanProcessor(exporter))
     store: CheckpointStore | BlobExporter | str = (
-        blob_exporter
-        or checkpoint_uri
-        or os.environ.get("MULTIRUN_CHECKPOINT_URI")
-        or str(root / "blobs")
+        blob_exporter or checkpoint_uri or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(root / "blobs")
     )
     client = MultiRunClient(tracer_provider=provider, checkpoint_store=store, **client_options)
     _configured = client
     return client
 
 
-def _exporter_for(
-    endpoint: str | None, headers: Mapping[str, str] | None, root: Path
-) -> SpanExporter:
+def _exporter_for(endpoint: str | None, headers: Mapping[str, str] | None, root: Path) -> SpanExporter:
     env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     )
@@ -289,9 +282,9 @@ def _exporter_for(
 
 
 def _is_unset(provider: trace.TracerProvider) -> bool:
-    return isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)) and not (
-        os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true"
-    )
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    return isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
 def _checkpoint_store(store: CheckpointStore | BlobExporter | str | None) -> CheckpointStore:

@@ -29,7 +29,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
-from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY
+from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
 from multirun.errors import BudgetExceededError, ConfigurationError
 from multirun.models.agent import Agent, AgentStatus
@@ -51,9 +51,6 @@ _logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_RUN_KEY = RUN_KEY
-_AGENT_KEY = AGENT_KEY
-_STEP_KEY = STEP_KEY
 
 
 class Done(Generic[T]):
@@ -78,37 +75,37 @@ class Done(Generic[T]):
 
 def get_current_run_context() -> RunContext:
     """The RunContext of the enclosing run; RuntimeError outside a run."""
-    ctx = otel_context.get_current().get(_RUN_KEY)
+    ctx = run_in(otel_context.get_current())
     if ctx is None:
         raise RuntimeError("no active run: call this inside a function decorated with @run")
-    return ctx  # type: ignore[no-any-return]
+    return ctx
 
 
 def get_current_agent_context() -> AgentContext:
     """The AgentContext of the enclosing agent (the run's default agent if none was started)."""
     current = otel_context.get_current()
-    agent = current.get(_AGENT_KEY)
+    agent = agent_in(current)
     if agent is not None:
-        return agent  # type: ignore[no-any-return]
-    run = current.get(_RUN_KEY)
+        return agent
+    run = run_in(current)
     if run is None:
         raise RuntimeError("no active agent: call this inside a run (@run) or an agent (@agent)")
-    return run.default_agent  # type: ignore[no-any-return]
+    return run.default_agent
 
 
 def get_current_step_context() -> StepContext:
     """The StepContext of the enclosing step; RuntimeError outside a step."""
-    step = otel_context.get_current().get(_STEP_KEY)
+    step = step_in(otel_context.get_current())
     if step is None:
         raise RuntimeError("no active step: call this inside a function decorated with @step")
-    return step  # type: ignore[no-any-return]
+    return step
 
 
 def get_current_client() -> MultiRunClient:
     """The client of the current run, else the one ``multirun.init`` configured."""
-    run = otel_context.get_current().get(_RUN_KEY)
+    run = run_in(otel_context.get_current())
     if run is not None:
-        return run.client  # type: ignore[no-any-return]
+        return run.client
     from multirun.client import configured_client
 
     client = configured_client()
@@ -118,7 +115,7 @@ def get_current_client() -> MultiRunClient:
 
 
 def has_active_run() -> bool:
-    return otel_context.get_current().get(_RUN_KEY) is not None
+    return run_in(otel_context.get_current()) is not None
 
 
 def has_active_agent() -> bool:
@@ -127,7 +124,7 @@ def has_active_agent() -> bool:
 
 
 def has_active_step() -> bool:
-    return otel_context.get_current().get(_STEP_KEY) is not None
+    return step_in(otel_context.get_current()) is not None
 
 
 def has_active_client() -> bool:
@@ -167,11 +164,11 @@ def report_usage(
         cost_usd=cost_usd,
     )
     current = otel_context.get_current()
-    step: StepContext | None = current.get(_STEP_KEY)  # type: ignore[assignment]
+    step: StepContext | None = step_in(current)
     if step is not None:
         step.report_usage(usage)
         return
-    run: RunContext | None = current.get(_RUN_KEY)  # type: ignore[assignment]
+    run: RunContext | None = run_in(current)
     if run is not None:
         get_current_agent_context().report_usage(usage)
 
@@ -219,10 +216,10 @@ class RunContext:
             return
         if parent_ctx is None:
             parent_ctx = otel_context.get_current()
-        parent = parent_ctx.get(_RUN_KEY)
+        parent = run_in(parent_ctx)
         run = self.run
         if parent is not None and parent is not self:
-            self.parent = parent  # type: ignore[assignment]
+            self.parent = parent
             if run.parent_id is None:
                 run.parent_id = parent.run.id
             self.ledger = self.client.new_ledger(parent.ledger)
@@ -244,9 +241,9 @@ class RunContext:
             spans.run_span_name(run.name), context=parent_ctx, attributes=attrs
         )
         ctx = trace.set_span_in_context(self._span, parent_ctx)
-        ctx = otel_context.set_value(_RUN_KEY, self, ctx)
-        ctx = otel_context.set_value(_AGENT_KEY, None, ctx)
-        self._otel_ctx = otel_context.set_value(_STEP_KEY, None, ctx)
+        ctx = otel_context.set_value(RUN_KEY, self, ctx)
+        ctx = otel_context.set_value(AGENT_KEY, None, ctx)
+        self._otel_ctx = otel_context.set_value(STEP_KEY, None, ctx)
 
     @property
     def otel_context(self) -> Context:
@@ -521,7 +518,7 @@ class AgentContext:
         self._finished = False
 
     def _start(self, parent_ctx: Context) -> None:
-        self.parent_step = parent_ctx.get(_STEP_KEY)  # type: ignore[assignment]
+        self.parent_step = step_in(parent_ctx)
         agent = self.agent
         attrs: dict[str, Any] = {
             attr.GEN_AI_OPERATION_NAME: attr.OP_INVOKE_AGENT,
@@ -535,14 +532,12 @@ class AgentContext:
             spans.agent_span_name(agent.name), context=parent_ctx, attributes=attrs
         )
         ctx = trace.set_span_in_context(self._span, parent_ctx)
-        self._otel_ctx = otel_context.set_value(_AGENT_KEY, self, ctx)
+        self._otel_ctx = otel_context.set_value(AGENT_KEY, self, ctx)
 
     @property
     def otel_context(self) -> Context:
         if self._otel_ctx is None:  # the default agent runs in the run's own context
-            self._otel_ctx = otel_context.set_value(
-                _AGENT_KEY, self, self.run_context.otel_context
-            )
+            self._otel_ctx = otel_context.set_value(AGENT_KEY, self, self.run_context.otel_context)
         return self._otel_ctx
 
     @property
@@ -604,9 +599,9 @@ class AgentContext:
             raise ConfigurationError(f"start_step: name must be a non-empty string, got {name!r}")
         kind = StepKind(kind)
         parent_ctx = otel_context.get_current()
-        if parent_ctx.get(_AGENT_KEY) is not self:
-            parent_ctx = otel_context.set_value(_AGENT_KEY, self, parent_ctx)
-        step = StepContext(self, name, kind, parent_ctx.get(_STEP_KEY), managed=False)  # type: ignore[arg-type]
+        if agent_in(parent_ctx) is not self:
+            parent_ctx = otel_context.set_value(AGENT_KEY, self, parent_ctx)
+        step = StepContext(self, name, kind, step_in(parent_ctx), managed=False)
         step.model = model
         kwargs = input_kwargs or {}
         if self.run_context.records_replay:
@@ -708,6 +703,7 @@ class StepContext:
         "agent_context",
         "attempt",
         "child_usage_reported",
+        "ended_monotonic",
         "error",
         "finished",
         "input_hash",
@@ -725,7 +721,6 @@ class StepContext:
         "status",
         "tokens_used",
         "unpriced",
-        "ended_monotonic",
     )
 
     def __init__(
@@ -791,7 +786,7 @@ class StepContext:
         span = client.tracer.start_span(name, context=parent_ctx, attributes=start_attrs)
         self._span = span
         ctx = trace.set_span_in_context(span, parent_ctx)
-        self.otel_context = otel_context.set_value(_STEP_KEY, self, ctx)
+        self.otel_context = otel_context.set_value(STEP_KEY, self, ctx)
 
     @property
     def span(self) -> Span:
@@ -1055,4 +1050,3 @@ def _serialize_result(result: Any) -> bytes | None:
         return to_json(result)
     except Exception:
         return None
-

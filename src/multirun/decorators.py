@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar, overload
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY
+from multirun._keys import agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
 from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext
@@ -133,6 +133,7 @@ class _StepCall(StepContext):
     """A StepContext driven by ``@step``: the decorator owns its span."""
 
     __slots__ = ("spec",)
+    spec: StepSpec
 
     def _clock(self) -> Clock:
         return self.run_context.client.clock
@@ -160,19 +161,17 @@ class _StepCall(StepContext):
 
     def _failed(self, error: BaseException) -> BaseException:
         self._close(StepStatus.FAILED, error=error)
-        if self.spec.retry > 0 and isinstance(error, Exception) and not isinstance(
-            error, _NEVER_RETRIED
-        ):
+        if self.spec.retry > 0 and isinstance(error, Exception) and not isinstance(error, _NEVER_RETRIED):
             return StepError(self.spec.name, self.attempt, error)
         return error
 
 
 def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     current = otel_context.get_current()
-    run: RunContext | None = current.get(RUN_KEY)  # type: ignore[assignment]
+    run: RunContext | None = run_in(current)
     if run is None:
         return None
-    agent: AgentContext = current.get(AGENT_KEY) or run.default_agent  # type: ignore[assignment]
+    agent: AgentContext = agent_in(current) or run.default_agent
     digest = None
     if spec.idempotent and spec.replayable and run.records_replay:
         digest = input_hash(args, kwargs)
@@ -183,7 +182,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
                 return _Replayed(value)
     if spec.check_budget:
         _check_budget(run)
-    step = _StepCall(agent, spec.name, spec.kind, current.get(STEP_KEY), managed=True)  # type: ignore[arg-type]
+    step = _StepCall(agent, spec.name, spec.kind, step_in(current), managed=True)
     step.spec = spec
     step.model = spec.model
     step.input_hash = digest
@@ -207,7 +206,7 @@ def _check_budget(run: RunContext) -> None:
 def _record_replayed(
     spec: StepSpec, run: RunContext, agent: AgentContext, current: Context, digest: str | None
 ) -> None:
-    step = StepContext(agent, spec.name, spec.kind, current.get(STEP_KEY), managed=True)  # type: ignore[arg-type]
+    step = StepContext(agent, spec.name, spec.kind, step_in(current), managed=True)
     step.input_hash = digest
     step._open(current, spec.start_attrs, (), {})
     step._close(StepStatus.SKIPPED)
@@ -410,7 +409,7 @@ def agent(
 
         def open_agent(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _AgentCall:
             current = otel_context.get_current()
-            run_ctx: RunContext | None = current.get(RUN_KEY)  # type: ignore[assignment]
+            run_ctx: RunContext | None = run_in(current)
             owned = None
             if run_ctx is None:
                 from multirun.client import get_client
@@ -435,7 +434,7 @@ def agent(
 
 
 class _CheckpointCall:
-    __slots__ = ("extra_state", "name", "otel_context", "result_key", "run", "capture_result")
+    __slots__ = ("capture_result", "extra_state", "name", "otel_context", "result_key", "run")
 
     def __init__(
         self,
@@ -494,7 +493,9 @@ def checkpoint(
     """
     _bool("checkpoint", "capture_result", capture_result)
     if not isinstance(result_key, str) or not result_key:
-        raise ConfigurationError(f"@checkpoint(result_key=...) must be a non-empty string, got {result_key!r}")
+        raise ConfigurationError(
+            f"@checkpoint(result_key=...) must be a non-empty string, got {result_key!r}"
+        )
     if extra_state is not None and not isinstance(extra_state, dict):
         raise ConfigurationError(f"@checkpoint(extra_state=...) must be a dict, got {extra_state!r}")
 
@@ -503,7 +504,7 @@ def checkpoint(
         checkpoint_name = _validate_name("checkpoint", name, fn) if name is not None else f"after_{func_name}"
 
         def open_checkpoint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _CheckpointCall | None:
-            run_ctx: RunContext | None = otel_context.get_current().get(RUN_KEY)  # type: ignore[assignment]
+            run_ctx: RunContext | None = run_in(otel_context.get_current())
             if run_ctx is None:
                 return None
             return _CheckpointCall(run_ctx, checkpoint_name, capture_result, result_key, extra_state)
@@ -769,15 +770,15 @@ def _non_negative_number(decorator: str, param: str, value: Any) -> float:
     return float(value)
 
 
-def _exception_types(
-    decorator: str, param: str, value: Any
-) -> tuple[type[BaseException], ...] | None:
+def _exception_types(decorator: str, param: str, value: Any) -> tuple[type[BaseException], ...] | None:
     if value is None:
         return None
     if isinstance(value, type):
         value = (value,)
-    if not isinstance(value, tuple) or not value or not all(
-        isinstance(t, type) and issubclass(t, BaseException) for t in value
+    if (
+        not isinstance(value, tuple)
+        or not value
+        or not all(isinstance(t, type) and issubclass(t, BaseException) for t in value)
     ):
         raise ConfigurationError(
             f"@{decorator}({param}=...) must be a tuple of exception classes, got {value!r}"
@@ -798,4 +799,3 @@ def _model(decorator: str, param: str, cls: Any, value: Any) -> Any:
     raise ConfigurationError(
         f"@{decorator}({param}=...) must be a {cls.__name__} or a dict, got {type(value).__name__}"
     )
-

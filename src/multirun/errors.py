@@ -43,8 +43,7 @@ class StepError(MultiRunError):
         self.attempts = attempts
         self.last_error = last_error
         super().__init__(
-            f"step {step_name!r} failed after {attempts} attempts: "
-            f"{type(last_error).__name__}: {last_error}"
+            f"step {step_name!r} failed after {attempts} attempts: {type(last_error).__name__}: {last_error}"
         )
 
 

@@ -32,8 +32,7 @@ class Price:
     cache_write_per_mtok: float | None = None
 
     def __post_init__(self) -> None:
-        for field in ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok",
-                      "cache_write_per_mtok"):
+        for field in ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, (int, float)) or value < 0):
                 raise ConfigurationError(f"Price.{field} must be a number >= 0, got {value!r}")
@@ -41,9 +40,7 @@ class Price:
     def cost(self, input_tokens: int, output_tokens: int, cache_read: int, cache_write: int) -> float:
         uncached = max(input_tokens - cache_read - cache_write, 0)
         read_price = self.input_per_mtok if self.cache_read_per_mtok is None else self.cache_read_per_mtok
-        write_price = (
-            self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
-        )
+        write_price = self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
         total = (
             uncached * self.input_per_mtok
             + cache_read * read_price

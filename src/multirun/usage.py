@@ -21,8 +21,13 @@ class TokenUsage:
     cost_usd: float | None = None
 
     def __post_init__(self) -> None:
-        for field in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-                      "reasoning_tokens"):
+        for field in (
+            "input_tokens",
+            "output_tokens",
+            "cache_read_tokens",
+            "cache_write_tokens",
+            "reasoning_tokens",
+        ):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigurationError(f"{field} must be an int >= 0, got {value!r}")

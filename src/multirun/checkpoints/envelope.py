@@ -25,8 +25,7 @@ MAX_HEADER_BYTES = 4096
 def seal(payload: bytes, serializer: str) -> tuple[bytes, str]:
     """The blob for ``payload`` and its digest (``sha256:<hex>``)."""
     digest = "sha256:" + hashlib.sha256(payload).hexdigest()
-    header = {"version": FORMAT_VERSION, "serializer": serializer, "size": len(payload),
-              "digest": digest}
+    header = {"version": FORMAT_VERSION, "serializer": serializer, "size": len(payload), "digest": digest}
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("ascii")
     return MAGIC + head + b"\n" + payload, digest
 
@@ -41,7 +40,7 @@ def open_blob(blob: bytes, *, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     if end < 0:
         raise CheckpointError("checkpoint header is missing or too long")
     try:
-        header = json.loads(blob[len(MAGIC):end])
+        header = json.loads(blob[len(MAGIC) : end])
         size = int(header["size"])
         digest = str(header["digest"])
         version = int(header["version"])
@@ -53,7 +52,7 @@ def open_blob(blob: bytes, *, max_bytes: int) -> tuple[dict[str, Any], bytes]:
             f"checkpoint format version {version} is newer than this multirun reads "
             f"({FORMAT_VERSION}); upgrade multirun-otel"
         )
-    payload = blob[end + 1:]
+    payload = blob[end + 1 :]
     if len(payload) != size:
         raise CheckpointError(
             f"checkpoint is truncated or padded: payload is {len(payload)} bytes, header says {size}"

@@ -10,6 +10,7 @@ Exporters are chosen by URI: ``memory://``, ``file:///path`` (or a plain path).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -75,7 +76,7 @@ class MemoryBlobExporter:
 
     def _key(self, uri: str) -> str:
         prefix = f"memory://{self.name}/"
-        return uri[len(prefix):] if uri.startswith(prefix) else uri
+        return uri[len(prefix) :] if uri.startswith(prefix) else uri
 
     def put(self, key: str, data: bytes) -> str:
         validate_key(key)
@@ -160,10 +161,8 @@ class FileBlobExporter:
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self._path(self._key(key)).unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _fsync_dir(directory: Path) -> None:

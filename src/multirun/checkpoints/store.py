@@ -60,7 +60,9 @@ class CheckpointStore:
 
     @staticmethod
     def key(run_id: str, checkpoint_id: str) -> str:
-        return f"checkpoints/{validate_id(run_id, 'run id')}/{validate_id(checkpoint_id, 'checkpoint id')}.ckpt"
+        return (
+            f"checkpoints/{validate_id(run_id, 'run id')}/{validate_id(checkpoint_id, 'checkpoint id')}.ckpt"
+        )
 
     def save(
         self,
@@ -91,8 +93,7 @@ class CheckpointStore:
             },
             "state": state,
             "replay": [[n, h, r] for (n, h), r in run.replay_cache.items()],
-            "ledger": {"tokens": ledger.tokens, "cost_units": ledger.cost_units,
-                       "steps": ledger.steps},
+            "ledger": {"tokens": ledger.tokens, "cost_units": ledger.cost_units, "steps": ledger.steps},
         }
         try:
             payload = json.dumps(

@@ -20,7 +20,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
-from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY
+from multirun._keys import agent_in, run_in, step_in
 from multirun.telemetry import attributes as a
 from multirun.usage import TokenUsage
 
@@ -42,10 +42,10 @@ class UsageSpanProcessor(SpanProcessor):
         if scope is not None and scope.name == TRACER_NAME:
             return
         ctx = parent_context if parent_context is not None else otel_context.get_current()
-        run = ctx.get(RUN_KEY)
+        run = run_in(ctx)
         if run is None:
             return
-        owner = ctx.get(STEP_KEY) or ctx.get(AGENT_KEY) or run.default_agent  # type: ignore[attr-defined]
+        owner = step_in(ctx) or agent_in(ctx) or run.default_agent
         span_id = span.get_span_context().span_id
         with self._lock:
             self._open[span_id] = [owner, False]

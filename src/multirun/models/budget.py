@@ -76,9 +76,8 @@ def first_exceeded(
         and duration_seconds >= budget.max_duration_seconds
     ):
         return "max_duration_seconds", duration_seconds, budget.max_duration_seconds
-    if budget.max_sub_agents is not None and sub_agents is not None:
-        if sub_agents > budget.max_sub_agents:
-            return "max_sub_agents", sub_agents, budget.max_sub_agents
+    if budget.max_sub_agents is not None and sub_agents is not None and sub_agents > budget.max_sub_agents:
+        return "max_sub_agents", sub_agents, budget.max_sub_agents
     return None
 
 
@@ -113,4 +112,3 @@ class BudgetStatus(Model):
             "cost_usd": self.cost_remaining_usd,
             "steps": self.steps_remaining,
         }
-
