@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, cast
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
+# The API's own key of the current span: a step builds its context in one copy with it.
+from opentelemetry.trace.propagation import _SPAN_KEY as SPAN_KEY
+
 if TYPE_CHECKING:
     from multirun.context import AgentContext, RunContext, StepContext
 
@@ -28,3 +31,6 @@ def agent_in(ctx: Context) -> AgentContext | None:
 def step_in(ctx: Context) -> StepContext | None:
     """The step current in ``ctx``, if any."""
     return cast("StepContext | None", ctx.get(STEP_KEY))
+
+
+__all__ = ["AGENT_KEY", "RUN_KEY", "SPAN_KEY", "STEP_KEY", "agent_in", "run_in", "step_in"]

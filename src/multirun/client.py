@@ -29,6 +29,7 @@ from multirun.clock import Clock
 from multirun.enforcement.ledger import RunLedger
 from multirun.enforcement.processor import TRACER_NAME, UsageSpanProcessor
 from multirun.errors import ConfigurationError
+from multirun.models.budget import Budget
 from multirun.pricing import COST_UNITS_PER_USD, Price, PriceBook
 from multirun.telemetry.local_files import LocalFileSpanExporter
 from multirun.usage import TokenUsage
@@ -87,8 +88,10 @@ class MultiRunClient:
         if propagate_threads:
             _propagate_context_to_threads()
 
-    def new_ledger(self, parent: RunLedger | None) -> RunLedger:
-        return RunLedger(parent, self.clock.monotonic)
+    def new_ledger(
+        self, parent: RunLedger | None, budget: Budget | None = None, run_id: str = ""
+    ) -> RunLedger:
+        return RunLedger(parent, self.clock.monotonic, budget=budget, run_id=run_id)
 
     def price(self, usage: TokenUsage) -> tuple[int, int, bool]:
         """(tokens, cost in integer units, unpriced) of one usage report."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Generator
 from datetime import datetime, timezone
@@ -29,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
-from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, agent_in, run_in, step_in
+from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
 from multirun.errors import BudgetExceededError, ConfigurationError
 from multirun.models.agent import Agent, AgentStatus
@@ -50,7 +49,6 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
 
 
 class Done(Generic[T]):
@@ -218,11 +216,13 @@ class RunContext:
             parent_ctx = otel_context.get_current()
         parent = run_in(parent_ctx)
         run = self.run
+        parent_ledger = None
         if parent is not None and parent is not self:
             self.parent = parent
             if run.parent_id is None:
                 run.parent_id = parent.run.id
-            self.ledger = self.client.new_ledger(parent.ledger)
+            parent_ledger = parent.ledger
+        self.ledger = self.client.new_ledger(parent_ledger, run.budget, run.id)
         run.status = RunStatus.RUNNING
         run.started_at = datetime.now(timezone.utc)
         attrs: dict[str, Any] = {
@@ -601,6 +601,7 @@ class AgentContext:
         parent_ctx = otel_context.get_current()
         if agent_in(parent_ctx) is not self:
             parent_ctx = otel_context.set_value(AGENT_KEY, self, parent_ctx)
+        self.run_context.ledger.begin_step()
         step = StepContext(self, name, kind, step_in(parent_ctx), managed=False)
         step.model = model
         kwargs = input_kwargs or {}
@@ -693,35 +694,30 @@ class AgentContext:
 
 
 class StepContext:
-    """One execution of a step. Plain slots, not a pydantic model: it is on the hot path."""
+    """One execution of a step.
 
-    __slots__ = (
-        "_cost_units",
-        "_done",
-        "_own_usage",
-        "_span",
-        "agent_context",
-        "attempt",
-        "child_usage_reported",
-        "ended_monotonic",
-        "error",
-        "finished",
-        "input_hash",
-        "kind",
-        "managed",
-        "model",
-        "name",
-        "otel_context",
-        "parent",
-        "policy_decision",
-        "result",
-        "run_context",
-        "started_at_ns",
-        "started_monotonic",
-        "status",
-        "tokens_used",
-        "unpriced",
-    )
+    A plain object, not a pydantic model, because one is made for every step:
+    only the fields set on every step are assigned in ``__init__``, the rest
+    fall back to the class-level defaults until they are needed.
+    """
+
+    # defaults of the fields that most steps never change
+    attempt = 1
+    tokens_used = 0
+    _cost_units = 0
+    unpriced = False
+    child_usage_reported = False
+    _own_usage: list[tuple[TokenUsage, int, bool]] | None = None
+    model: str | None = None
+    input_hash: str | None = None
+    policy_decision: str | None = None
+    policy_rule: str | None = None
+    result: Any = None
+    error: BaseException | None = None
+    finished = False
+    _done = False
+    _span: Span | None = None
+    otel_context: Context | None = None
 
     def __init__(
         self,
@@ -739,22 +735,6 @@ class StepContext:
         self.parent = parent
         self.managed = managed
         self.status = StepStatus.RUNNING
-        self.attempt = 1
-        self.tokens_used = 0
-        self._cost_units = 0
-        self.unpriced = False
-        self.child_usage_reported = False
-        self._own_usage: list[tuple[TokenUsage, int, bool]] | None = None
-        self.model: str | None = None
-        self.input_hash: str | None = None
-        self.policy_decision: str | None = None
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.finished = False
-        self._done = False
-        self._span: Span | None = None
-        self.otel_context: Context | None = None
-        self.ended_monotonic = 0.0
 
     # -- the parts the decorators call ---------------------------------------
 
@@ -765,28 +745,27 @@ class StepContext:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        run = self.run_context
-        client = run.client
-        run.ledger.count_step()
+        client = self.run_context.client
         if self.input_hash is not None or client.capture_content:
             start_attrs = dict(start_attrs)
             if self.input_hash is not None:
                 start_attrs[attr.STEP_INPUT_HASH] = self.input_hash
             if client.capture_content:
                 start_attrs[attr.STEP_INPUT] = render_call(args, kwargs, client.content_limit)
-        name = self.name
-        if self.kind is StepKind.LLM_CALL:
-            name = spans.step_span_name(self.kind, name, self.model)
+        kind = self.kind
+        if kind is StepKind.LLM_CALL:
+            name = spans.step_span_name(kind, self.name, self.model)
             if self.model and attr.GEN_AI_REQUEST_MODEL not in start_attrs:
                 start_attrs = {**start_attrs, attr.GEN_AI_REQUEST_MODEL: self.model}
         else:
-            name = spans.step_span_name(self.kind, name, None)
-        self.started_at_ns = time.time_ns()
-        self.started_monotonic = client.clock.monotonic()
+            name = spans.step_span_name(kind, self.name, None)
         span = client.tracer.start_span(name, context=parent_ctx, attributes=start_attrs)
         self._span = span
-        ctx = trace.set_span_in_context(span, parent_ctx)
-        self.otel_context = otel_context.set_value(STEP_KEY, self, ctx)
+        # one copy of the context instead of two (set_span_in_context, then set_value)
+        ctx = Context(parent_ctx)
+        dict.__setitem__(ctx, SPAN_KEY, span)
+        dict.__setitem__(ctx, STEP_KEY, self)
+        self.otel_context = ctx
 
     @property
     def span(self) -> Span:
@@ -795,7 +774,7 @@ class StepContext:
 
     @property
     def id(self) -> str:
-        """The step id: the hex span id of its span."""
+        """The step id: the hex span id of its span (so a step is found by its span)."""
         if self._span is None:
             return ""
         return format(self._span.get_span_context().span_id, "016x")
@@ -828,11 +807,10 @@ class StepContext:
             self.error = error
         run = self.run_context
         client = run.client
-        self.ended_monotonic = client.clock.monotonic()
         span = self._span
         assert span is not None
         end_attrs: dict[str, Any] = {
-            attr.STEP_ID: format(span.get_span_context().span_id, "016x"),
+            attr.STEP_ID: f"{span.get_span_context().span_id:016x}",
             attr.STEP_STATUS: self.status.value,
             attr.STEP_ATTEMPT: self.attempt,
         }
@@ -848,6 +826,8 @@ class StepContext:
                 span.update_name(spans.step_span_name(self.kind, self.name, model))
         if self.policy_decision is not None:
             end_attrs[attr.POLICY_DECISION] = self.policy_decision
+            if self.policy_rule is not None:
+                end_attrs[attr.POLICY_RULE] = self.policy_rule
         if extra:
             end_attrs.update(extra)
         if client.capture_content and self.status is StepStatus.COMPLETED:
@@ -929,22 +909,21 @@ class StepContext:
             self._close(StepStatus.FAILED, error=exc)
         return Done(None)
 
+    def _times(self) -> tuple[int | None, int | None]:
+        span = self._span
+        return getattr(span, "start_time", None), getattr(span, "end_time", None)
+
     @property
     def latency_ms(self) -> int:
-        if not self.finished:
+        start, end = self._times()
+        if start is None or end is None:
             return 0
-        return int((self.ended_monotonic - self.started_monotonic) * 1000)
+        return (end - start) // 1_000_000
 
     @property
     def step(self) -> Step:
         """This step as a ``Step`` model (built on demand)."""
-        started = datetime.fromtimestamp(self.started_at_ns / 1e9, timezone.utc)
-        completed = None
-        if self.finished:
-            completed = datetime.fromtimestamp(
-                (self.started_at_ns / 1e9) + (self.ended_monotonic - self.started_monotonic),
-                timezone.utc,
-            )
+        start, end = self._times()
         parent = self.parent
         return Step(
             id=self.id,
@@ -959,8 +938,8 @@ class StepContext:
             tokens_used=self.tokens_used,
             cost_usd=self.cost_usd,
             latency_ms=self.latency_ms,
-            started_at=started,
-            completed_at=completed,
+            started_at=None if start is None else datetime.fromtimestamp(start / 1e9, timezone.utc),
+            completed_at=None if end is None else datetime.fromtimestamp(end / 1e9, timezone.utc),
             error=None if self.error is None else (str(self.error) or type(self.error).__name__),
             attempt=self.attempt,
         )

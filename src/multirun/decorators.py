@@ -180,27 +180,13 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             if found:
                 _record_replayed(spec, run, agent, current, digest)
                 return _Replayed(value)
-    if spec.check_budget:
-        _check_budget(run)
+    run.ledger.begin_step(spec.check_budget)
     step = _StepCall(agent, spec.name, spec.kind, step_in(current), managed=True)
     step.spec = spec
     step.model = spec.model
     step.input_hash = digest
     step._open(current, spec.start_attrs, args, kwargs)
     return step
-
-
-def _check_budget(run: RunContext) -> None:
-    """Raise BudgetExceededError if this run or an ancestor has reached a limit."""
-    current: RunContext | None = run
-    while current is not None:
-        budget = current.run.budget
-        if budget is not None:
-            hit = current.ledger.exceeded(budget, next_step=True)
-            if hit is not None:
-                limit, used, maximum = hit
-                raise BudgetExceededError(limit, used, maximum, run_id=current.run.id)
-        current = current.parent
 
 
 def _record_replayed(

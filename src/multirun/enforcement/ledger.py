@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from multirun.errors import BudgetExceededError
 from multirun.models.budget import Budget, BudgetStatus, first_exceeded
 from multirun.pricing import COST_UNITS_PER_USD
 
@@ -19,9 +20,16 @@ from multirun.pricing import COST_UNITS_PER_USD
 class RunLedger:
     __slots__ = (
         "_clock",
+        "_deadline",
         "_lock",
+        "_max_cost_units",
+        "_max_steps",
+        "_max_sub_agents",
+        "_max_tokens",
+        "budget",
         "cost_units",
         "parent",
+        "run_id",
         "started",
         "steps",
         "sub_agents",
@@ -33,8 +41,12 @@ class RunLedger:
         self,
         parent: RunLedger | None = None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        budget: Budget | None = None,
+        run_id: str = "",
     ) -> None:
         self._lock = threading.Lock()
+        self.run_id = run_id
         self._clock = clock
         self.parent = parent
         self.started = clock()
@@ -43,6 +55,58 @@ class RunLedger:
         self.steps = 0
         self.sub_agents = 0
         self.unpriced_reports = 0
+        self.set_budget(budget)
+
+    def set_budget(self, budget: Budget | None) -> None:
+        """Enforce ``budget``; its limits are kept as plain numbers for the per-step check."""
+        inf = float("inf")
+        self.budget = budget
+        b = budget or Budget()
+        self._max_tokens = inf if b.max_tokens is None else b.max_tokens
+        self._max_cost_units = inf if b.max_cost_usd is None else b.max_cost_usd * COST_UNITS_PER_USD
+        self._max_steps = inf if b.max_steps is None else b.max_steps
+        self._max_sub_agents = inf if b.max_sub_agents is None else b.max_sub_agents
+        duration = b.max_duration_seconds
+        self._deadline = inf if duration is None else self.started + duration
+
+    def begin_step(self, check: bool = True) -> None:
+        """Count one more step in this run and its ancestors.
+
+        With ``check``, first raise BudgetExceededError if any of them has
+        reached a limit (the step about to start counts towards max_steps).
+        """
+        if self.parent is None:  # the common case: one lock, one pass
+            with self._lock:
+                if check:
+                    self._raise_if_exceeded()
+                self.steps += 1
+            return
+        ledger: RunLedger | None
+        if check:
+            ledger = self
+            while ledger is not None:
+                with ledger._lock:
+                    ledger._raise_if_exceeded()
+                ledger = ledger.parent
+        ledger = self
+        while ledger is not None:
+            with ledger._lock:
+                ledger.steps += 1
+            ledger = ledger.parent
+
+    def _raise_if_exceeded(self) -> None:
+        if self.budget is None:
+            return
+        if (
+            self.tokens >= self._max_tokens
+            or self.cost_units >= self._max_cost_units
+            or self.steps >= self._max_steps
+            or self.sub_agents > self._max_sub_agents
+            or self._clock() >= self._deadline
+        ):
+            hit = self.exceeded(self.budget, next_step=True)
+            if hit is not None:
+                raise BudgetExceededError(*hit, run_id=self.run_id)
 
     @property
     def cost_usd(self) -> float:
@@ -61,13 +125,6 @@ class RunLedger:
                 ledger.cost_units += cost_units
                 if unpriced:
                     ledger.unpriced_reports += 1
-            ledger = ledger.parent
-
-    def count_step(self) -> None:
-        ledger: RunLedger | None = self
-        while ledger is not None:
-            with ledger._lock:
-                ledger.steps += 1
             ledger = ledger.parent
 
     def count_sub_agent(self) -> None:

@@ -61,7 +61,7 @@ AGENT_STATUS: Final = "multirun.agent.status"
 AGENT_CONFIG_ID: Final = "multirun.agent.config_id"
 
 # multirun: steps
-STEP_ID: Final = "multirun.step.id"
+STEP_ID: Final = "multirun.step.id"  # the hex span id of the step's span
 STEP_NAME: Final = "multirun.step.name"
 STEP_KIND: Final = "multirun.step.kind"
 STEP_STATUS: Final = "multirun.step.status"
