@@ -78,3 +78,29 @@ def traced(tmp_path) -> Iterator[Traced]:  # type: ignore[no-untyped-def]
     yield Traced(client=client, exporter=exporter, provider=provider, clock=clock)
     client_module._configured = None
     provider.shutdown()
+
+
+@pytest.fixture
+def global_otel(monkeypatch) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """Let init() install the global provider, and put the old globals back afterwards."""
+    from opentelemetry import trace
+    from opentelemetry.util._once import Once
+
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", Once())
+    monkeypatch.setattr(client_module, "_owned_provider", None)
+    monkeypatch.setattr(client_module, "_owned_exporter", client_module._SwappableExportProcessor())
+    monkeypatch.setattr(client_module, "_configured", None)
+    for name in (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_PYTHON_TRACER_PROVIDER",
+        "OTEL_SDK_DISABLED",
+        "MULTIRUN_DIR",
+        "MULTIRUN_CHECKPOINT_URI",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    owned = client_module._owned_provider
+    if owned is not None:
+        owned.shutdown()

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
@@ -57,24 +58,18 @@ class MultiRunClient:
         capture_content: bool | None = None,
         content_limit: int | None = None,
         checkpoint_store: CheckpointStore | BlobExporter | str | None = None,
-        prices: Mapping[str, Price | Mapping[str, float]] | None = None,
+        prices: PriceBook | Mapping[str, Price | Mapping[str, float]] | None = None,
         step_history: int = DEFAULT_STEP_HISTORY,
         record_replay: bool = False,
         clock: Clock | None = None,
         propagate_threads: bool = True,
     ) -> None:
-        if capture_content is None:
-            capture_content = os.environ.get(_CAPTURE_ENV, "").strip().lower() in _TRUE
-        if not isinstance(capture_content, bool):
-            raise ConfigurationError(f"capture_content must be True or False, got {capture_content!r}")
-        if content_limit is None:
-            content_limit = _env_int("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", DEFAULT_CONTENT_LIMIT)
-        if isinstance(content_limit, bool) or not isinstance(content_limit, int) or content_limit < 16:
-            raise ConfigurationError(f"content_limit must be an int >= 16, got {content_limit!r}")
-        if isinstance(step_history, bool) or not isinstance(step_history, int) or step_history < 0:
-            raise ConfigurationError(f"step_history must be an int >= 0, got {step_history!r}")
-        if not isinstance(record_replay, bool):
-            raise ConfigurationError(f"record_replay must be True or False, got {record_replay!r}")
+        capture_content, content_limit = _validate_options(
+            capture_content=capture_content,
+            content_limit=content_limit,
+            step_history=step_history,
+            record_replay=record_replay,
+        )
         self.tracer_provider = tracer_provider or trace.get_tracer_provider()
         self.tracer = self.tracer_provider.get_tracer(TRACER_NAME, _VERSION)
         self.capture_content = capture_content
@@ -82,7 +77,7 @@ class MultiRunClient:
         self.step_history = step_history
         self.record_replay = record_replay
         self.clock = clock or Clock()
-        self.prices = PriceBook(prices)
+        self.prices = prices if isinstance(prices, PriceBook) else PriceBook(prices)
         self.checkpoints = _checkpoint_store(checkpoint_store)
         _install_usage_processor(self.tracer_provider)
         if propagate_threads:
@@ -123,6 +118,43 @@ class MultiRunClient:
 _configured: MultiRunClient | None = None
 _configure_lock = threading.Lock()
 _owned_provider: TracerProvider | None = None
+
+
+class _SwappableExportProcessor(SpanProcessor):
+    """The export pipeline of the provider ``init`` created: a later ``init`` swaps its exporter
+    (flushing the old one) instead of adding a second pipeline that keeps the old destination."""
+
+    def __init__(self) -> None:
+        self._current: BatchSpanProcessor | None = None
+        self._lock = threading.Lock()
+
+    def replace(self, exporter: SpanExporter) -> None:
+        with self._lock:
+            old, self._current = self._current, BatchSpanProcessor(exporter)
+        if old is not None:
+            old.shutdown()  # type: ignore[no-untyped-call]
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        current = self._current
+        if current is not None:
+            current.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        current = self._current
+        if current is not None:
+            current.on_end(span)
+
+    def shutdown(self) -> None:
+        current = self._current
+        if current is not None:
+            current.shutdown()  # type: ignore[no-untyped-call]
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        current = self._current
+        return current.force_flush(timeout_millis) if current is not None else True
+
+
+_owned_exporter = _SwappableExportProcessor()
 
 
 def configured_client() -> MultiRunClient | None:
@@ -226,18 +258,25 @@ def _init_locked(
     for name, value in (("service_name", service_name), ("endpoint", endpoint)):
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+    # everything that can be refused is checked before anything global changes
+    _validate_options(**client_options)
+    price_book = PriceBook(client_options.pop("prices", None))
     root = Path(local_dir or os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR)
+    checkpoint_store = _checkpoint_store(
+        blob_exporter or checkpoint_uri or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(root / "blobs")
+    )
     exporter = span_exporter or _exporter_for(endpoint, headers, root)
     provider = tracer_provider
     if provider is None:
         current = trace.get_tracer_provider()
-        if isinstance(current, TracerProvider):
+        if _owned_provider is not None and current is _owned_provider:
+            # our own provider from an earlier init(): send from now on where this call says
+            provider = current
+            _owned_exporter.replace(exporter)
+        elif isinstance(current, TracerProvider):
             provider = current  # the application's own provider: add to it, never replace it
             if span_exporter is not None or endpoint is not None:
                 current.add_span_processor(BatchSpanProcessor(exporter))
-        elif _owned_provider is not None:
-            provider = _owned_provider
-            provider.add_span_processor(BatchSpanProcessor(exporter))
         elif _is_unset(current):
             resource = Resource.create(
                 {SERVICE_NAME: service_name}
@@ -245,7 +284,8 @@ def _init_locked(
                 else ({} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: "multirun"})
             )
             owned = TracerProvider(resource=resource)
-            owned.add_span_processor(BatchSpanProcessor(exporter))
+            _owned_exporter.replace(exporter)
+            owned.add_span_processor(_owned_exporter)
             trace.set_tracer_provider(owned)
             _owned_provider = owned
             provider = owned
@@ -260,12 +300,38 @@ def _init_locked(
         add = getattr(provider, "add_span_processor", None)
         if add is not None:
             add(BatchSpanProcessor(exporter))
-    store: CheckpointStore | BlobExporter | str = (
-        blob_exporter or checkpoint_uri or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(root / "blobs")
+    client = MultiRunClient(
+        tracer_provider=provider, checkpoint_store=checkpoint_store, prices=price_book, **client_options
     )
-    client = MultiRunClient(tracer_provider=provider, checkpoint_store=store, **client_options)
     _configured = client
     return client
+
+
+def _validate_options(
+    *,
+    capture_content: bool | None = None,
+    content_limit: int | None = None,
+    step_history: int = DEFAULT_STEP_HISTORY,
+    record_replay: bool = False,
+    **_others: Any,
+) -> tuple[bool, int]:
+    """Check the client's settings, naming the one that is wrong.
+
+    Returns the resolved ``capture_content`` and ``content_limit``.
+    """
+    if capture_content is None:
+        capture_content = os.environ.get(_CAPTURE_ENV, "").strip().lower() in _TRUE
+    if not isinstance(capture_content, bool):
+        raise ConfigurationError(f"capture_content must be True or False, got {capture_content!r}")
+    if content_limit is None:
+        content_limit = _env_int("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", DEFAULT_CONTENT_LIMIT)
+    if isinstance(content_limit, bool) or not isinstance(content_limit, int) or content_limit < 16:
+        raise ConfigurationError(f"content_limit must be an int >= 16, got {content_limit!r}")
+    if isinstance(step_history, bool) or not isinstance(step_history, int) or step_history < 0:
+        raise ConfigurationError(f"step_history must be an int >= 0, got {step_history!r}")
+    if not isinstance(record_replay, bool):
+        raise ConfigurationError(f"record_replay must be True or False, got {record_replay!r}")
+    return capture_content, content_limit
 
 
 def _exporter_for(endpoint: str | None, headers: Mapping[str, str] | None, root: Path) -> SpanExporter:

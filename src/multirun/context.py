@@ -205,6 +205,8 @@ class RunContext:
         self._tokens: list[object] = []
         self._finished = False
         self.parent: RunContext | None = None
+        self.parent_step: StepContext | None = None  # the step of the parent run that called this sub-run
+        self.parent_agent: AgentContext | None = None
         self.ledger: RunLedger = client.new_ledger(None)
 
     # -- lifecycle -----------------------------------------------------------
@@ -219,6 +221,8 @@ class RunContext:
         parent_ledger = None
         if parent is not None and parent is not self:
             self.parent = parent
+            self.parent_step = step_in(parent_ctx)
+            self.parent_agent = agent_in(parent_ctx) or parent.default_agent
             if run.parent_id is None:
                 run.parent_id = parent.run.id
             parent_ledger = parent.ledger
@@ -418,11 +422,6 @@ class RunContext:
         """What the run has spent so far against its budget."""
         return self.ledger.status(self.run.budget)
 
-    def _charge(self, tokens: int, cost_units: int, unpriced: bool) -> None:
-        self.ledger.charge(tokens, cost_units, unpriced)
-        self.run.tokens_used = self.ledger.tokens
-        self.run.cost_usd = self.ledger.cost_usd
-
     # -- checkpoints and replay ------------------------------------------------
 
     def checkpoint(
@@ -445,6 +444,20 @@ class RunContext:
         with self._lock:
             self.run.checkpoints.append(meta)
             self.run.latest_checkpoint_id = meta.id
+        span = trace.get_current_span()
+        if not span.is_recording():
+            span = self.span
+        span.add_event(
+            attr.EVENT_CHECKPOINT,
+            {
+                attr.CHECKPOINT_ID: meta.id,
+                attr.CHECKPOINT_NAME: meta.name,
+                attr.CHECKPOINT_URI: meta.uri,
+                attr.CHECKPOINT_SIZE: meta.size_bytes,
+                attr.CHECKPOINT_DIGEST: meta.digest,
+                attr.CHECKPOINT_SERIALIZER: meta.serializer,
+            },
+        )
         return meta
 
     def _try_checkpoint(
@@ -952,25 +965,35 @@ class StepContext:
 def _charge_chain(
     run: RunContext,
     step: StepContext | None,
-    agent: AgentContext,
+    agent: AgentContext | None,
     tokens: int,
     cost_units: int,
     unpriced: bool,
 ) -> None:
-    """Add one usage report to the step, every enclosing step and agent, and the run."""
-    with run._lock:
-        seen: AgentContext | None = None
-        if step is None:
-            agent._add(tokens, cost_units, unpriced)
-            seen = agent
-            step = agent.parent_step
-        while step is not None:
-            step._add(tokens, cost_units, unpriced)
-            if step.agent_context is not seen:
-                seen = step.agent_context
-                seen._add(tokens, cost_units, unpriced)
-            step = step.parent
-        run._charge(tokens, cost_units, unpriced)
+    """Add one usage report to the step, every enclosing step and agent, and the run.
+
+    For a sub-run the walk goes on in the parent run, from the step (or
+    agent) that called it, so every span above the spend rolls it up.
+    """
+    run.ledger.charge(tokens, cost_units, unpriced)  # this run and every ancestor run
+    current: RunContext | None = run
+    while current is not None:
+        with current._lock:
+            seen: AgentContext | None = None
+            if step is None and agent is not None:
+                agent._add(tokens, cost_units, unpriced)
+                seen = agent
+                step = agent.parent_step
+            while step is not None:
+                step._add(tokens, cost_units, unpriced)
+                if step.agent_context is not seen:
+                    seen = step.agent_context
+                    seen._add(tokens, cost_units, unpriced)
+                step = step.parent
+            current.run.tokens_used = current.ledger.tokens
+            current.run.cost_usd = current.ledger.cost_usd
+        step, agent = current.parent_step, current.parent_agent
+        current = current.parent
 
 
 def _usage_attributes(reports: list[tuple[TokenUsage, int, bool]], out: dict[str, Any]) -> None:

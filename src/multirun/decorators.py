@@ -631,7 +631,7 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
                     gen.close()
                 finally:
                     _detach(token)
-                call._succeed(None, {attr.STEP_STREAM_ITEMS: count - 1})
+                call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
                 raise
             except BaseException as thrown:
                 how, value = gen.throw, thrown
@@ -688,7 +688,7 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
                     await agen.aclose()
                 finally:
                     _detach(token)
-                call._succeed(None, {attr.STEP_STREAM_ITEMS: count - 1})
+                call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
                 raise
             except BaseException as thrown:
                 how, value = agen.athrow, thrown

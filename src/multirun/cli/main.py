@@ -1,7 +1,329 @@
-"""The ``multirun`` command."""
+"""The ``multirun`` command.
+
+    multirun demo [--dir DIR] [--endpoint URL]    run the bundled example crew, offline
+    multirun runs [--dir DIR] [--limit N]         list the runs under DIR/traces
+    multirun runs show RUN_ID [--dir DIR]         one run as a tree of its spans
+
+DIR defaults to ``$MULTIRUN_DIR``, else ``./.multirun`` (where ``multirun.init_local``
+and the embedded default write).
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
-def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("not yet")
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+
+from multirun import __version__
+from multirun.cli import render, runs
+from multirun.cli.runs import RunsError
+from multirun.client import DEFAULT_DIR, MultiRunClient
+
+COLLECTOR_HINT = "OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 multirun demo"
+NO_RUNS_HINT = (
+    "Run `multirun demo` to make one, or decorate your code with @multirun.run "
+    "and call multirun.init_local()."
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 0
+    _log_warnings_to_stderr()
+    try:
+        return handler(args)
+    except RunsError as exc:
+        _error(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `multirun runs | head`
+        _silence_stdout()
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multirun",
+        description="Observe and govern AI agents with OpenTelemetry.",
+    )
+    parser.add_argument("--version", action="version", version=f"multirun {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run the bundled example agents offline and show the run")
+    _add_dir(demo, argparse.SUPPRESS)
+    demo.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="send the traces to this OTLP/HTTP collector (e.g. http://localhost:4318) "
+        "instead of files; OTEL_EXPORTER_OTLP_ENDPOINT does the same",
+    )
+    demo.set_defaults(handler=cmd_demo)
+
+    runs_parser = commands.add_parser("runs", help="list runs, or show one with `runs show ID`")
+    _add_dir(runs_parser, None)
+    runs_parser.add_argument(
+        "--limit", type=_positive_int, default=20, metavar="N", help="show the N newest (20)"
+    )
+    runs_parser.add_argument("--json", action="store_true", help="print JSON")
+    runs_parser.set_defaults(handler=cmd_runs)
+    show_commands = runs_parser.add_subparsers(title="commands", metavar="COMMAND")
+    show = show_commands.add_parser("show", help="show one run as a tree of its spans")
+    show.add_argument("run_id", metavar="RUN_ID", help="the run id, or any unique prefix of it")
+    _add_dir(show, argparse.SUPPRESS)
+    show.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    show.set_defaults(handler=cmd_show)
+    return parser
+
+
+def _add_dir(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--dir",
+        default=default,
+        metavar="DIR",
+        help=f"the multirun folder (default: $MULTIRUN_DIR or ./{DEFAULT_DIR})",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _directory(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The folder to use, and whether the user named it."""
+    given = getattr(args, "dir", None)
+    if given:
+        return Path(given), True
+    return Path(os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR), False
+
+
+# ---------------------------------------------------------------------------
+# runs, runs show
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List runs, newest first."""
+    directory, named = _directory(args)
+    if not named and not directory.exists():
+        found: list[runs.RunSummary] = []
+    else:
+        found = runs.find_runs(runs.load_spans(directory))
+    shown = found[: args.limit]
+    if args.json:
+        _print_json(render.runs_json(shown))
+        return 0
+    if not found:
+        print(f"No runs in {runs.traces_dir(directory)}.")
+        print(NO_RUNS_HINT)
+        return 0
+    lines = render.render_runs(shown, _style())
+    if len(found) > len(shown):
+        lines.append(f"... and {len(found) - len(shown)} older (use --limit)")
+    _print_lines(lines)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """One run as a tree of its spans."""
+    directory, _ = _directory(args)
+    spans = runs.load_spans(directory)
+    run = runs.resolve(runs.find_runs(spans), args.run_id)
+    tree = runs.build_tree(spans, run.span)
+    if getattr(args, "json", False):
+        _print_json(render.tree_json(tree))
+    else:
+        _print_run(run, tree)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# demo
+
+
+class _Recorder(SpanProcessor):
+    """Keeps the spans that end while it is active (to show a run sent to a collector)."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+        self.active = True
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.active:
+            self.spans.append(span)
+
+    @classmethod
+    def attach(cls, client: MultiRunClient) -> _Recorder:
+        """A recorder on the client's provider (it stays empty if spans cannot be watched)."""
+        recorder = cls()
+        add = getattr(client.tracer_provider, "add_span_processor", None)
+        if add is not None:
+            add(recorder)
+        return recorder
+
+
+class _ExportErrors(logging.Handler):
+    """Collects the errors OpenTelemetry logs while it is attached (an unreachable collector).
+
+    While attached, it also keeps the exporter's retry warnings off the screen:
+    the command sums them up in one line instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[_ExportErrors]:
+        """Attached to the ``opentelemetry`` logger for the duration of the block."""
+        logger = logging.getLogger("opentelemetry")
+        logger.addHandler(self)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the example crew, then show its run and where it went."""
+    from multirun import demo
+
+    directory, _ = _directory(args)
+    if directory.exists() and not directory.is_dir():
+        raise RunsError(f"not a directory: {directory}")
+    endpoint: str | None = args.endpoint or demo.endpoint_from_environment()
+    client = demo.configure(directory, args.endpoint)
+    recorder = _Recorder.attach(client) if endpoint else _Recorder()
+    with _ExportErrors().watching() as errors:
+        try:
+            result = demo.run_demo()
+        except Exception as exc:
+            raise RunsError(f"the demo run failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            client.force_flush()
+            recorder.active = False
+    print("Ran the demo crew offline: a fake model, real model names and prices.")
+    if endpoint:
+        return _show_sent(recorder, result.run_id, endpoint, errors.messages)
+    return _show_written(directory, result.run_id)
+
+
+def _show_written(directory: Path, run_id: str) -> int:
+    """Read the run back from the files, print it, and say where the files are."""
+    spans = runs.load_spans(directory)
+    found = [r for r in runs.find_runs(spans) if r.run_id == run_id]
+    if not found:
+        raise RunsError(f"run {run_id} was not found in {runs.traces_dir(directory)}")
+    _print_run(found[0], runs.build_tree(spans, found[0].span))
+    print()
+    print(f"Traces:      {runs.traces_dir(directory)}/*.jsonl (OTLP JSON, one request per line)")
+    for path in sorted((directory / "blobs" / "checkpoints" / run_id).glob("*.ckpt")):
+        print(f"Checkpoint:  {path}")
+    dir_option = "" if str(directory) == DEFAULT_DIR else f" --dir {directory}"
+    print(f"Again:       multirun runs show {run_id[:12]}{dir_option}")
+    print(f"Collector:   {COLLECTOR_HINT}")
+    print(f"The code:    {_demo_source()}")
+    return 0
+
+
+def _print_run(run: runs.RunSummary, tree: runs.Node) -> None:
+    style = _style()
+    print(render.run_heading(run, style))
+    print()
+    _print_lines(render.render_tree(tree, style))
+
+
+def _show_sent(recorder: _Recorder, run_id: str, endpoint: str, errors: list[str]) -> int:
+    """Print the run as recorded in process, and whether the collector took it."""
+    records = [runs.record_from_span(span) for span in recorder.spans]
+    found = [r for r in runs.find_runs(records) if r.run_id == run_id]
+    if found:
+        _print_run(found[0], runs.build_tree(records, found[0].span))
+        print()
+    if errors:
+        _error(f"could not send the spans to {endpoint}: {errors[-1]}")
+        print("Is a collector listening there? Without an endpoint the demo writes files.", file=sys.stderr)
+        return 1
+    print(f"Sent:        run {run_id} to {endpoint} (OTLP/HTTP, service.name multirun-demo)")
+    print(f"The code:    {_demo_source()}")
+    return 0
+
+
+def _demo_source() -> str:
+    from multirun import demo
+
+    return str(Path(demo.__file__ or "demo.py"))
+
+
+# ---------------------------------------------------------------------------
+# output
+
+
+def _style() -> render.Style:
+    """Colours only on a terminal, and never when NO_COLOR is set."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    tty = bool(isatty and isatty())
+    return render.Style(color=tty and not os.environ.get("NO_COLOR"))
+
+
+def _print_lines(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(line)
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _error(message: str) -> None:
+    print(f"multirun: error: {message}", file=sys.stderr)
+
+
+class _StderrHandler(logging.Handler):
+    """``multirun: warning: ...`` on whatever ``sys.stderr`` is now."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage().removeprefix("multirun: ")
+        print(f"multirun: {record.levelname.lower()}: {message}", file=sys.stderr)
+
+
+def _log_warnings_to_stderr() -> None:
+    logger = logging.getLogger("multirun")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler(logging.WARNING))
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

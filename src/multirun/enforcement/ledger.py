@@ -147,7 +147,7 @@ class RunLedger:
         With ``next_step`` the step about to start is counted, so ``max_steps=3``
         lets exactly three steps run.
         """
-        return first_exceeded(
+        hit = first_exceeded(
             budget,
             tokens=self.tokens,
             cost_usd=self.cost_units / COST_UNITS_PER_USD,
@@ -155,6 +155,9 @@ class RunLedger:
             duration_seconds=self.elapsed(),
             sub_agents=self.sub_agents,
         )
+        if hit is not None and hit[0] == "max_steps":
+            return "max_steps", self.steps, hit[2]  # report the steps that ran, not the one refused
+        return hit
 
     def status(self, budget: Budget | None) -> BudgetStatus:
         """A snapshot of spend against ``budget`` (percentages of the tightest limit)."""

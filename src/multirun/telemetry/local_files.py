@@ -120,15 +120,23 @@ def read_spans(directory: str | os.PathLike[str]) -> Iterator[SpanRecord]:
     if not folder.is_dir():
         return
     for path in sorted(folder.glob("*.jsonl")):
-        with open(path, encoding="utf-8", errors="replace") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    request = json.loads(line)
-                    yield from _records(request)
-                except (ValueError, KeyError, TypeError) as exc:
-                    _logger.warning("skipping damaged line %d of %s: %s", number, path, exc)
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as exc:
+            _logger.warning("skipping unreadable file %s: %s", path, exc)
+            continue
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise TypeError(f"a line must be a JSON object, not {type(request).__name__}")
+                records = list(_records(request))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                _logger.warning("skipping damaged line %d of %s: %s", number, path, exc)
+                continue
+            yield from records
 
 
 def _records(request: dict[str, Any]) -> Iterator[SpanRecord]:

@@ -1,0 +1,281 @@
+"""Text and JSON views of runs: the ``runs`` table and the tree of one run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from multirun.cli import runs
+from multirun.cli.runs import Node, RunSummary
+from multirun.telemetry import attributes as attr
+from multirun.telemetry.local_files import SpanRecord
+
+_CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
+_STATUS_COLOR = {
+    "completed": "green",
+    "ok": "green",
+    "failed": "red",
+    "error": "red",
+    "skipped": "yellow",
+    "running": "yellow",
+}
+
+
+@dataclass(frozen=True)
+class Style:
+    """ANSI colours, or none at all."""
+
+    color: bool = False
+
+    def paint(self, text: str, *styles: str) -> str:
+        if not self.color or not text or not styles:
+            return text
+        codes = ";".join(_CODES[s] for s in styles)
+        return f"\x1b[{codes}m{text}\x1b[0m"
+
+    def status(self, text: str) -> str:
+        color = _STATUS_COLOR.get(text.strip())
+        return self.paint(text, color) if color else text
+
+
+# ---------------------------------------------------------------------------
+# small formats
+
+
+def format_duration(seconds: float) -> str:
+    """``850ms``, ``1.25s``, ``2m05s``."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    minutes, rest = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{rest:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def format_cost(cost: float | None, unpriced: bool = False) -> str:
+    """``$0.000123``; ``unpriced`` when some usage had no known price; blank if none."""
+    if unpriced:
+        return "unpriced"
+    if cost is None:
+        return ""
+    return f"${cost:.6f}"
+
+
+def format_tokens(count: int | None) -> str:
+    return "" if count is None else f"{count:,}"
+
+
+def format_time(ns: int) -> str:
+    """A span start as local time, to the second."""
+    return _datetime(ns).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _datetime(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
+
+
+def _duration(span: SpanRecord) -> str:
+    return format_duration(span.duration_s)
+
+
+# ---------------------------------------------------------------------------
+# tables
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int], style: Style) -> list[str]:
+    """Aligned columns (two spaces apart); ``right`` holds the indexes of right-aligned ones.
+
+    Colour is applied after padding, so escape codes never break the alignment.
+    """
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [_join(header, widths, right, lambda i, text: style.paint(text, "bold"))]
+    for row in rows:
+        lines.append(_join(row, widths, right, lambda i, text: _cell_style(header[i], text, style)))
+    return lines
+
+
+def _join(row: Sequence[str], widths: list[int], right: set[int], paint: Callable[[int, str], str]) -> str:
+    cells = []
+    last = len(row) - 1
+    for i, text in enumerate(row):
+        if i in right:
+            text = text.rjust(widths[i])
+        elif i < last:  # the last column is not padded: no trailing blanks
+            text = text.ljust(widths[i])
+        cells.append(paint(i, text))
+    return "  ".join(cells).rstrip()
+
+
+def _cell_style(column: str, text: str, style: Style) -> str:
+    if column == "STATUS":
+        return style.status(text)
+    if column == "NOTES" and "error" in text:
+        return style.paint(text, "red")
+    if column == "RUN ID":
+        return style.paint(text, "cyan")
+    return text
+
+
+# ---------------------------------------------------------------------------
+# the runs table
+
+
+RUNS_HEADER = ("RUN ID", "NAME", "STATUS", "STARTED", "DURATION", "TOKENS", "COST")
+
+
+def render_runs(found: Sequence[RunSummary], style: Style, id_width: int = 12) -> list[str]:
+    """One line per run, newest first, under a header."""
+    rows = [
+        (
+            run.run_id[:id_width],
+            run.name,
+            run.status,
+            format_time(run.span.start_ns),
+            _duration(run.span),
+            format_tokens(run.tokens),
+            format_cost(run.cost_usd, run.unpriced),
+        )
+        for run in found
+    ]
+    return table(RUNS_HEADER, rows, {4, 5, 6}, style)
+
+
+def runs_json(found: Sequence[RunSummary]) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_id": run.run_id,
+            "name": run.name,
+            "status": run.status,
+            "started_at": _datetime(run.span.start_ns).isoformat(),
+            "duration_s": run.span.duration_s,
+            "tokens": run.tokens,
+            "cost_usd": run.cost_usd,
+            "unpriced": run.unpriced,
+            "steps": run.steps,
+            "trace_id": run.span.trace_id,
+        }
+        for run in found
+    ]
+
+
+# ---------------------------------------------------------------------------
+# the tree of one run
+
+
+def run_heading(run: RunSummary, style: Style) -> str:
+    """One line naming the run, when it started, and its trace (to find it in a backend)."""
+    return (
+        f"Run {style.paint(run.run_id, 'cyan')} ({run.name}), "
+        f"started {format_time(run.span.start_ns)}, trace {run.span.trace_id}"
+    )
+
+
+TREE_HEADER = ("SPAN", "STATUS", "DURATION", "TOKENS", "COST", "NOTES")
+
+
+def render_tree(root: Node, style: Style) -> list[str]:
+    """The run's spans as a tree, one aligned line each, then a totals line."""
+    rows = [_tree_row(node, prefix) for node, prefix in _with_prefixes(root)]
+    lines = table(TREE_HEADER, rows, {2, 3, 4}, style)
+    lines = [_dim_glyphs(line, style) for line in lines]
+    return [*lines, "", totals_line(root, style)]
+
+
+def _with_prefixes(root: Node) -> list[tuple[Node, str]]:
+    """Each node with its glyphs: ``├─ `` and ``└─ `` before it, ``│  `` for open branches."""
+    out: list[tuple[Node, str]] = [(root, "")]
+
+    def visit(node: Node, indent: str) -> None:
+        for i, child in enumerate(node.children):
+            last = i == len(node.children) - 1
+            out.append((child, indent + ("└─ " if last else "├─ ")))
+            visit(child, indent + ("   " if last else "│  "))
+
+    visit(root, "")
+    return out
+
+
+def _dim_glyphs(line: str, style: Style) -> str:
+    if not style.color:
+        return line
+    stripped = line.lstrip("│├└─ ")
+    return style.paint(line[: len(line) - len(stripped)], "dim") + stripped
+
+
+def _tree_row(node: Node, prefix: str) -> tuple[str, ...]:
+    span = node.span
+    return (
+        prefix + label(span),
+        runs.span_status(span),
+        _duration(span),
+        format_tokens(runs.tokens(span)),
+        format_cost(runs.cost_usd(span), runs.unpriced(span)),
+        notes(span),
+    )
+
+
+def label(span: SpanRecord) -> str:
+    """The span name, with the step's own name when the span name does not show it."""
+    step_name = span.attributes.get(attr.STEP_NAME)
+    if step_name and str(step_name) not in span.name:
+        return f"{span.name} ({step_name})"
+    return span.name
+
+
+def notes(span: SpanRecord) -> str:
+    """Attempts, retried errors, the error of a failure, streamed chunks, checkpoints."""
+    parts = []
+    count = runs.attempts(span)
+    if count > 1:
+        retried = ", ".join(dict.fromkeys(runs.retried_errors(span)))
+        parts.append(f"attempt {count}" + (f" (retried after {retried})" if retried else ""))
+    failure = runs.error_type(span)
+    if failure and runs.span_status(span) in ("failed", "error"):
+        parts.append(f"error: {failure}")
+    streamed = span.attributes.get(attr.STEP_STREAM_ITEMS)
+    if isinstance(streamed, int):
+        parts.append(f"streamed {streamed} chunks")
+    for event in span.events:
+        if event.get("name") == attr.EVENT_CHECKPOINT:
+            name = event.get("attributes", {}).get(attr.CHECKPOINT_NAME)
+            parts.append(f"checkpoint {name}" if name else "checkpoint")
+    return "; ".join(parts)
+
+
+def totals_line(root: Node, style: Style) -> str:
+    """Tokens, cost, steps and duration of the whole run (the roll-ups on its span)."""
+    span = root.span
+    steps = runs.steps(span)
+    parts = [
+        f"{format_tokens(runs.tokens(span) or 0)} tokens",
+        format_cost(runs.cost_usd(span) or 0.0, runs.unpriced(span)),
+        f"{'?' if steps is None else steps} steps",
+        _duration(span),
+    ]
+    return style.paint("total", "bold") + "  " + "  ·  ".join(parts)
+
+
+def tree_json(node: Node) -> dict[str, Any]:
+    """The tree as plain data: every span with its attributes and children."""
+    span = node.span
+    return {
+        "name": span.name,
+        "trace_id": span.trace_id,
+        "span_id": span.span_id,
+        "parent_span_id": span.parent_span_id,
+        "status": runs.span_status(span),
+        "started_at": _datetime(span.start_ns).isoformat(),
+        "duration_s": span.duration_s,
+        "tokens": runs.tokens(span),
+        "cost_usd": runs.cost_usd(span),
+        "unpriced": runs.unpriced(span),
+        "attempts": runs.attempts(span),
+        "error_type": runs.error_type(span) or None,
+        "attributes": span.attributes,
+        "children": [tree_json(child) for child in node.children],
+    }

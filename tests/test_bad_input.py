@@ -1,0 +1,335 @@
+"""Bad input is refused early with an error that names it; broken telemetry never breaks a run.
+
+Reference 000 (decorator parameters), 001 (Budget fields), DESIGN.md
+("errors with messages that say what to do"; "Telemetry never breaks the
+agent: an exporter that fails ... costs at most bounded memory and a log line").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pydantic
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+
+import multirun
+from multirun import agent, checkpoint, run, step
+from multirun import client as client_module
+from multirun.context import get_current_run_context
+from multirun.errors import ConfigurationError
+from multirun.models import Budget, Run, RunStatus, StepKind
+
+# ---------------------------------------------------------------------------
+# bad input, refused at decoration time
+
+
+def test_budget_with_negative_max_tokens_is_refused() -> None:
+    with pytest.raises((pydantic.ValidationError, ConfigurationError), match="max_tokens"):
+        Budget(max_tokens=-1)
+
+
+def test_budget_with_zero_max_cost_is_refused() -> None:
+    with pytest.raises((pydantic.ValidationError, ConfigurationError), match="max_cost_usd"):
+        Budget(max_cost_usd=0)
+
+
+def test_run_with_string_budget_is_refused_naming_budget() -> None:
+    with pytest.raises(ConfigurationError, match="budget"):
+
+        @run(budget="x")  # type: ignore[arg-type]
+        def main() -> None:
+            return None
+
+
+def test_run_with_invalid_budget_dict_is_refused_naming_budget() -> None:
+    with pytest.raises(ConfigurationError, match="budget") as info:
+
+        @run(budget={"max_tokens": -1})
+        def main() -> None:
+            return None
+
+    assert "max_tokens" in str(info.value)
+
+
+def test_run_with_non_bool_checkpoint_on_error_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="checkpoint_on_error"):
+
+        @run(checkpoint_on_error="yes")  # type: ignore[arg-type]
+        def main() -> None:
+            return None
+
+
+def test_step_with_negative_retry_is_refused_naming_retry() -> None:
+    with pytest.raises(ConfigurationError, match="retry"):
+
+        @step(retry=-1)
+        def work() -> None:
+            return None
+
+
+def test_step_with_non_integer_retry_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="retry"):
+
+        @step(retry="3")  # type: ignore[arg-type]
+        def work() -> None:
+            return None
+
+
+def test_step_with_negative_retry_delay_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="retry_delay"):
+
+        @step(retry=1, retry_delay=-0.5)
+        def work() -> None:
+            return None
+
+
+def test_step_with_unknown_retry_strategy_lists_allowed_values() -> None:
+    with pytest.raises(ConfigurationError, match="retry_strategy") as info:
+
+        @step(retry_strategy="fibonacci")  # type: ignore[arg-type]
+        def work() -> None:
+            return None
+
+    message = str(info.value)
+    assert "fibonacci" in message
+    for allowed in ("constant", "linear", "exponential"):
+        assert allowed in message
+
+
+def test_step_with_unknown_kind_lists_allowed_values() -> None:
+    with pytest.raises(ConfigurationError, match="kind") as info:
+
+        @step(kind="llm")  # type: ignore[arg-type]
+        def work() -> None:
+            return None
+
+    assert "llm_call" in str(info.value)
+    assert "tool_call" in str(info.value)
+
+
+def test_step_with_empty_name_is_refused_naming_name() -> None:
+    with pytest.raises(ConfigurationError, match="name"):
+
+        @step(name="")
+        def work() -> None:
+            return None
+
+
+def test_step_applied_to_non_callable_is_refused() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        step(42)  # type: ignore[call-overload]
+    assert "42" in str(info.value)
+
+
+def test_run_applied_to_non_callable_is_refused() -> None:
+    with pytest.raises(ConfigurationError):
+        run("not a function")  # type: ignore[call-overload]
+
+
+def test_step_with_non_exception_retry_on_is_refused_naming_retry_on() -> None:
+    with pytest.raises(ConfigurationError, match="retry_on"):
+
+        @step(retry=1, retry_on=(int,))  # type: ignore[arg-type]
+        def work() -> None:
+            return None
+
+
+def test_step_with_empty_model_is_refused_naming_model() -> None:
+    with pytest.raises(ConfigurationError, match="model"):
+
+        @step(kind=StepKind.LLM_CALL, model="")
+        def work() -> None:
+            return None
+
+
+def test_agent_with_non_dict_metadata_is_refused_naming_metadata() -> None:
+    with pytest.raises(ConfigurationError, match="metadata"):
+
+        @agent(metadata=["a"])  # type: ignore[arg-type]
+        def worker() -> None:
+            return None
+
+
+def test_checkpoint_with_empty_result_key_is_refused_naming_result_key() -> None:
+    with pytest.raises(ConfigurationError, match="result_key"):
+
+        @checkpoint(result_key="")
+        def work() -> None:
+            return None
+
+
+def test_configuration_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+
+        @step(retry=-1)
+        def work() -> None:
+            return None
+
+
+def test_init_with_negative_content_limit_is_refused_naming_content_limit(traced) -> None:
+    with pytest.raises(ConfigurationError, match="content_limit"):
+        multirun.init(tracer_provider=traced.provider, content_limit=-5)
+
+
+def test_init_with_non_bool_capture_content_is_refused(traced) -> None:
+    with pytest.raises(ConfigurationError, match="capture_content"):
+        multirun.init(tracer_provider=traced.provider, capture_content="yes")  # type: ignore[arg-type]
+
+
+def test_price_with_negative_value_is_refused_naming_field() -> None:
+    with pytest.raises(ConfigurationError, match="input_per_mtok"):
+        multirun.Price(input_per_mtok=-1, output_per_mtok=1)
+
+
+def test_report_usage_with_negative_tokens_is_refused_naming_field(traced) -> None:
+    with pytest.raises(ConfigurationError, match="input_tokens"):
+        multirun.report_usage("gpt-4o-mini", input_tokens=-3)
+
+
+# ---------------------------------------------------------------------------
+# a fresh global TracerProvider, for init() without a provider of its own
+
+
+def test_failed_init_does_not_install_a_global_provider(global_otel, tmp_path) -> None:
+    with pytest.raises(ConfigurationError, match="content_limit"):
+        multirun.init(local_dir=tmp_path / "mr", content_limit=-5)
+
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+    assert client_module._owned_provider is None
+    assert client_module._configured is None
+
+
+# ---------------------------------------------------------------------------
+# telemetry never breaks the function
+
+
+class RaisingExporter(SpanExporter):
+    """An exporter that raises on every export; counts the attempts."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.calls += 1
+        raise ConnectionError("collector is down")
+
+    def shutdown(self) -> None:
+        return None
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+@pytest.fixture
+def configured_reset() -> Iterator[None]:
+    yield
+    client_module._configured = None
+
+
+def agent_program() -> Any:
+    @step(kind=StepKind.LLM_CALL)
+    def ask(q: str) -> str:
+        multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=5)
+        return q.upper()
+
+    @step(retry=1, retry_delay=0.0)
+    def tool(q: str) -> str:
+        return q[::-1]
+
+    @agent
+    def worker(q: str) -> str:
+        return ask(q) + tool(q)
+
+    @run(budget=Budget(max_tokens=10_000))
+    def main(q: str) -> str:
+        return worker(q)
+
+    return main
+
+
+@pytest.mark.parametrize("processor_class", [BatchSpanProcessor, SimpleSpanProcessor])
+def test_exporter_that_raises_does_not_change_result(configured_reset, processor_class, caplog) -> None:
+    exporter = RaisingExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(processor_class(exporter))
+    multirun.init(tracer_provider=provider)
+    main = agent_program()
+
+    with caplog.at_level(logging.CRITICAL):
+        assert main("abc") == "ABCcba"
+        provider.force_flush()
+    provider.shutdown()
+
+    assert exporter.calls >= 1
+
+
+async def test_exporter_that_raises_does_not_break_async_run(configured_reset) -> None:
+    exporter = RaisingExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    multirun.init(tracer_provider=provider)
+
+    @step
+    async def work() -> int:
+        return 41
+
+    @run
+    async def main() -> int:
+        return await work() + 1
+
+    assert await main() == 42
+    provider.shutdown()
+    assert exporter.calls == 2
+
+
+def test_unwritable_local_dir_still_completes_the_run(global_otel, tmp_path, caplog) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    local_dir = blocker / "multirun"
+    client = multirun.init(local_dir=local_dir)
+    runs: list[Run] = []
+
+    @step(checkpoint=True)
+    def work() -> str:
+        return "done"
+
+    @checkpoint(name="after_all")
+    def finish(x: str) -> str:
+        return x + "!"
+
+    @run
+    def main() -> str:
+        runs.append(get_current_run_context().run)
+        return finish(work())
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert main() == "done!"
+        client.force_flush(5_000)
+
+    assert runs[0].status is RunStatus.COMPLETED
+    assert not local_dir.exists()
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("multirun")]
+    assert any("cannot write traces" in m for m in warnings), warnings
+
+
+def test_unwritable_local_dir_keeps_the_runs_own_error(global_otel, tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    multirun.init(local_dir=blocker / "multirun")
+
+    @run(checkpoint_on_error=True)
+    def main() -> None:
+        raise KeyError("the real error")
+
+    with pytest.raises(KeyError, match="the real error"):
+        main()

@@ -1,0 +1,523 @@
+"""The ``multirun`` command: the demo, ``runs`` and ``runs show``, read back from span files."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import Status, StatusCode
+
+from multirun import client as client_module
+from multirun.cli import main, render, runs
+from multirun.telemetry import attributes as attr
+from multirun.telemetry.local_files import LocalFileSpanExporter, SpanRecord, read_spans
+
+MULTIRUN = shutil.which("multirun", path=str(Path(sys.executable).parent))
+
+
+# ---------------------------------------------------------------------------
+# fixtures and helpers
+
+
+@dataclass
+class DemoRun:
+    """One ``multirun demo --dir DIR`` run in this process, and what it printed."""
+
+    directory: Path
+    output: str
+    exit_code: int
+
+    def spans(self) -> list[SpanRecord]:
+        return list(read_spans(self.directory / "traces"))
+
+    @property
+    def run_span(self) -> SpanRecord:
+        found = [s for s in self.spans() if s.attributes.get(attr.RUN_ID) and s.trace_id]
+        found = [s for s in found if s.attributes[attr.RUN_ID][:12] in self.output]
+        assert len(found) == 1
+        return found[0]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.run_span.attributes[attr.RUN_ID])
+
+    def run_spans(self) -> list[SpanRecord]:
+        """The spans of the demo's trace (the folder may hold spans of other runs)."""
+        trace_id = self.run_span.trace_id
+        return [s for s in self.spans() if s.trace_id == trace_id]
+
+
+@pytest.fixture(autouse=True)
+def _reset_client() -> Iterator[None]:
+    """``multirun.init`` configures the process; start and leave every test unconfigured."""
+    client_module._configured = None
+    yield
+    client_module._configured = None
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    """The demo, run once for the module (it takes about half a second)."""
+    directory = tmp_path_factory.mktemp("demo") / ".multirun"
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(["demo", "--dir", str(directory)])
+    finally:
+        client_module._configured = None
+    yield DemoRun(directory, out.getvalue(), code)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def tree_lines(output: str) -> list[str]:
+    """The lines of the tree table: from its header to the first blank line."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("SPAN"))
+    end = lines.index("", start)
+    return lines[start:end]
+
+
+def write_spans(directory: Path, build: Any) -> None:
+    """Write spans made by ``build(tracer)`` to ``directory/traces``, as the exporter does."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(LocalFileSpanExporter(directory / "traces")))
+    build(provider.get_tracer("test"))
+    provider.shutdown()
+
+
+def run_attrs(run_id: str, **extra: Any) -> dict[str, Any]:
+    return {attr.RUN_ID: run_id, attr.GEN_AI_WORKFLOW_NAME: "synthetic", **extra}
+
+
+# ---------------------------------------------------------------------------
+# multirun demo
+
+
+def test_demo_prints_the_run_as_a_tree(demo: DemoRun) -> None:
+    assert demo.exit_code == 0
+    for name in (
+        "invoke_workflow research_crew",
+        "├─ invoke_agent planner",
+        "├─ invoke_agent researcher",
+        "└─ invoke_agent writer",
+        "chat gpt-4o-mini (plan_questions)",
+        "chat claude-3-5-haiku (summarize)",
+        "execute_tool web_search",
+        "execute_tool fetch_page",
+        "chat gpt-4o-mini (stream_report)",
+        "step add_sources",
+    ):
+        assert name in demo.output, name
+    assert "streamed" in demo.output
+    assert "Traceback" not in demo.output
+    assert "\x1b[" not in demo.output  # not a terminal: no colours
+
+
+def test_demo_totals_are_the_sums_of_its_spans(demo: DemoRun) -> None:
+    spans = demo.run_spans()
+    run = demo.run_span
+    llm_steps = [s for s in spans if s.attributes.get(attr.STEP_KIND) == "llm_call"]
+    agents = [s for s in spans if s.attributes.get(attr.AGENT_STATUS)]
+    steps = [s for s in spans if attr.STEP_KIND in s.attributes]
+    tokens = run.attributes[attr.TOKENS_USED]
+    cost = run.attributes[attr.COST_USD]
+
+    assert len(llm_steps) == 5
+    assert tokens > 0 and cost > 0 and not run.attributes.get(attr.UNPRICED)
+    assert sum(s.attributes[attr.TOKENS_USED] for s in llm_steps) == tokens
+    assert sum(s.attributes[attr.TOKENS_USED] for s in agents) == tokens
+    assert sum(s.attributes[attr.COST_USD] for s in llm_steps) == pytest.approx(cost)
+    assert run.attributes[attr.STEPS_USED] == len(steps) == 12
+    total = next(line for line in demo.output.splitlines() if line.startswith("total"))
+    assert f"{tokens:,} tokens" in total
+    assert render.format_cost(cost) in total
+    assert "12 steps" in total
+
+
+def test_demo_runs_parallel_steps_under_the_researcher(demo: DemoRun) -> None:
+    spans = demo.run_spans()
+    researcher = next(s for s in spans if s.name == "invoke_agent researcher")
+    searches = [s for s in spans if s.name == "execute_tool web_search"]
+    assert len(searches) == 3
+    assert {s.parent_span_id for s in searches} == {researcher.span_id}
+    first_end = min(s.end_ns for s in searches)
+    assert all(s.start_ns < first_end for s in searches)  # they overlap: asyncio.gather
+
+
+def test_demo_shows_the_retry(demo: DemoRun) -> None:
+    fetches = [s for s in demo.run_spans() if s.name == "execute_tool fetch_page"]
+    retried = [s for s in fetches if s.attributes[attr.STEP_ATTEMPT] == 2]
+    assert len(retried) == 1
+    assert retried[0].attributes[attr.STEP_STATUS] == "completed"
+    assert any(e["attributes"].get(attr.ERROR_TYPE) == "ConnectionError" for e in retried[0].events)
+    line = next(line for line in demo.output.splitlines() if "attempt 2" in line)
+    assert "execute_tool fetch_page" in line and "ConnectionError" in line
+
+
+def test_demo_writes_a_checkpoint_and_records_its_budget(demo: DemoRun) -> None:
+    checkpoints = list((demo.directory / "blobs" / "checkpoints" / demo.run_id).glob("*.ckpt"))
+    assert len(checkpoints) == 1
+    assert str(checkpoints[0]) in demo.output
+    assert demo.run_span.attributes[attr.BUDGET_PREFIX + "max_cost_usd"] == 0.5
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 multirun demo" in demo.output
+
+
+def test_demo_refuses_a_file_as_its_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "a-file"
+    path.write_text("")
+    code, _, err = run_cli(capsys, "demo", "--dir", str(path))
+    assert code == 1
+    assert "not a directory" in err
+
+
+# ---------------------------------------------------------------------------
+# multirun runs
+
+
+def test_runs_lists_the_demo_run(demo: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(demo.directory))
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["RUN", "ID", "NAME", "STATUS", "STARTED", "DURATION", "TOKENS", "COST"]
+    row = next(r for r in rows if r.startswith(demo.run_id[:12]))
+    assert "research_crew" in row and "completed" in row
+    assert f"{demo.run_span.attributes[attr.TOKENS_USED]:,}" in row
+
+
+def test_runs_json(demo: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(demo.directory), "--json")
+    assert code == 0
+    found = {r["run_id"]: r for r in json.loads(out)}
+    assert found[demo.run_id]["tokens"] == demo.run_span.attributes[attr.TOKENS_USED]
+    assert found[demo.run_id]["status"] == "completed"
+
+
+def test_runs_newest_first_and_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def build(tracer: Any) -> None:
+        for number in range(3):
+            with tracer.start_as_current_span(f"run {number}", attributes=run_attrs(f"{number}" * 32)):
+                pass
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(tmp_path), "--limit", "2")
+    assert code == 0
+    rows = out.splitlines()[1:]
+    assert [r[:1] for r in rows[:2]] == ["2", "1"]
+    assert "1 older" in rows[2]
+
+
+def test_runs_in_an_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0
+    assert "No runs" in out and "multirun demo" in out
+    assert err == ""
+
+
+def test_runs_with_no_folder_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MULTIRUN_DIR", raising=False)
+    code, out, _ = run_cli(capsys, "runs")
+    assert code == 0
+    assert "multirun demo" in out
+
+
+def test_runs_in_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "runs", "--dir", str(tmp_path / "missing"))
+    assert code == 1
+    assert out == ""
+    assert err.strip() == f"multirun: error: no such directory: {tmp_path / 'missing'}"
+
+
+def test_damaged_lines_are_skipped(demo: DemoRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(demo.directory / "traces", copy / "traces")
+    damaged = copy / "traces" / "damaged.jsonl"
+    damaged.write_bytes(b'{"resourceSpans": [{"scopeSpans": [{"spans": [{}]}]}]}\n{not json\n\xff\n')
+    code, out, err = run_cli(capsys, "runs", "--dir", str(copy))
+    assert code == 0
+    assert demo.run_id[:12] in out
+    assert "skipping damaged line 1" in err and "skipping damaged line 2" in err
+    assert "Traceback" not in err
+
+
+def test_a_line_that_is_not_an_object_is_skipped(
+    demo: DemoRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(demo.directory / "traces", tmp_path / "traces")
+    (tmp_path / "traces" / "damaged.jsonl").write_text("[1, 2]\n")
+    code, out, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert "Traceback" not in err
+    assert code == 0 and demo.run_id[:12] in out
+
+
+def test_an_unreadable_file_is_skipped_with_a_warning(
+    demo: DemoRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(demo.directory / "traces", tmp_path / "traces")
+    (tmp_path / "traces" / "spans.jsonl").mkdir()  # open() fails: a folder
+    code, out, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0 and demo.run_id[:12] in out
+    assert "skipping unreadable file" in err and "spans.jsonl" in err
+    assert "Traceback" not in err
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "runs", "--limit", "0")
+    assert code == 2
+    assert "--limit" in err
+
+
+# ---------------------------------------------------------------------------
+# multirun runs show
+
+
+def test_show_by_prefix_prints_the_tree(demo: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "runs", "show", demo.run_id[:6], "--dir", str(demo.directory))
+    assert code == 0
+    assert demo.run_id in out.splitlines()[0]
+    lines = tree_lines(out)
+    assert lines[1].startswith("invoke_workflow research_crew")
+    assert len(lines) == 1 + len(demo.run_spans())
+    assert out.splitlines()[-1].startswith("total")
+    # the same tree as the demo printed
+    assert lines == tree_lines(demo.output)
+
+
+def test_show_accepts_dir_before_the_subcommand(demo: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(demo.directory), "show", demo.run_id)
+    assert code == 0
+    assert "invoke_agent writer" in out
+
+
+def test_show_json(demo: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "runs", "show", demo.run_id, "--dir", str(demo.directory), "--json")
+    assert code == 0
+    tree = json.loads(out)
+    assert tree["attributes"][attr.RUN_ID] == demo.run_id
+    assert [c["name"] for c in tree["children"]] == [
+        "invoke_agent planner",
+        "invoke_agent researcher",
+        "invoke_agent writer",
+    ]
+
+
+def test_show_unknown_id(demo: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "runs", "show", "nope", "--dir", str(demo.directory))
+    assert code == 1
+    assert out == ""
+    assert err.splitlines() == ["multirun: error: no run with id 'nope' (see `multirun runs`)"]
+
+
+def test_show_ambiguous_prefix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def build(tracer: Any) -> None:
+        for run_id in ("abc1" + "0" * 28, "abc2" + "0" * 28):
+            with tracer.start_as_current_span("run", attributes=run_attrs(run_id)):
+                pass
+
+    write_spans(tmp_path, build)
+    code, _, err = run_cli(capsys, "runs", "show", "abc", "--dir", str(tmp_path))
+    assert code == 1
+    assert "ambiguous" in err and "'abc'" in err
+    code, out, _ = run_cli(capsys, "runs", "show", "abc2", "--dir", str(tmp_path))
+    assert code == 0 and "abc2" in out
+
+
+def test_show_failures_skips_unpriced_and_foreign_spans(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("invoke_workflow synthetic", attributes=run_attrs("f" * 32)):
+            with tracer.start_as_current_span(
+                "step parse",
+                attributes={
+                    attr.STEP_KIND: "function",
+                    attr.STEP_STATUS: "failed",
+                    attr.STEP_ATTEMPT: 3,
+                    attr.ERROR_TYPE: "ValueError",
+                },
+            ):
+                pass
+            with tracer.start_as_current_span(
+                "chat my-model",
+                attributes={
+                    attr.STEP_KIND: "llm_call",
+                    attr.STEP_STATUS: "skipped",
+                    attr.TOKENS_USED: 1200,
+                    attr.UNPRICED: True,
+                },
+            ):
+                pass
+            with tracer.start_as_current_span("POST /v1/chat", record_exception=False) as span:
+                span.set_status(Status(StatusCode.ERROR, "boom"))
+                span.record_exception(TimeoutError("slow"))
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "show", "ff", "--dir", str(tmp_path))
+    assert code == 0
+    header, _root, failed, skipped, foreign = tree_lines(out)
+    assert "failed" in failed and "attempt 3" in failed and "error: ValueError" in failed
+    assert "skipped" in skipped and "1,200" in skipped and "unpriced" in skipped
+    assert foreign.startswith("└─ POST /v1/chat")
+    assert "error: TimeoutError" in foreign
+    # aligned: every column starts where its header does
+    for column, lines, values in (
+        ("STATUS", [failed, skipped, foreign], ["failed", "skipped", "error"]),
+        ("NOTES", [failed], ["attempt 3"]),
+    ):
+        at = header.index(column)
+        for line, value in zip(lines, values, strict=True):
+            assert line[at:].startswith(value), (column, line)
+
+
+def test_children_are_ordered_by_start_time() -> None:
+    def record(name: str, span_id: str, parent: str, start: int, trace: str = "t") -> SpanRecord:
+        return SpanRecord(name, trace, span_id, parent, start, start + 10, {})
+
+    root = record("root", "r", "", 0)
+    spans = [
+        record("late", "b", "r", 50),
+        record("early", "a", "r", 10),
+        record("deep", "c", "a", 20),
+        record("other trace", "x", "r", 5, trace="u"),
+        record("not below the run", "y", "", 1),
+    ]
+    tree = runs.build_tree([root, *spans], root)
+    assert [n.span.name for n in tree.walk()] == ["root", "early", "deep", "late"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0.0123, "12ms"), (1.5, "1.50s"), (125, "2m05s"), (7300, "2h01m")]
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert render.format_duration(seconds) == text
+
+
+def test_format_cost() -> None:
+    assert render.format_cost(0.000123) == "$0.000123"
+    assert render.format_cost(0.5, unpriced=True) == "unpriced"
+    assert render.format_cost(None) == ""
+
+
+# ---------------------------------------------------------------------------
+# colours
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_colours_on_a_terminal_unless_no_color(demo: DemoRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    for no_color, coloured in ((None, True), ("1", False)):
+        if no_color:
+            monkeypatch.setenv("NO_COLOR", no_color)
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stdout", terminal)
+        assert main(["runs", "show", demo.run_id, "--dir", str(demo.directory)]) == 0
+        assert ("\x1b[32mcompleted\x1b[0m" in terminal.getvalue()) is coloured
+
+
+# ---------------------------------------------------------------------------
+# the installed console script, in a fresh process
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.skipif(MULTIRUN is None, reason="the multirun console script is not installed")
+def test_console_script_demo_uses_the_default_folder(tmp_path: Path) -> None:
+    assert MULTIRUN is not None
+    done = subprocess.run(
+        [MULTIRUN, "demo"], cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "invoke_workflow research_crew" in done.stdout
+    assert list((tmp_path / ".multirun" / "traces").glob("*.jsonl"))
+    assert list((tmp_path / ".multirun" / "blobs" / "checkpoints").glob("*/*.ckpt"))
+    assert "Again:       multirun runs show " in done.stdout  # no --dir: the default folder
+
+    listed = subprocess.run(
+        [MULTIRUN, "runs"], cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0 and "research_crew" in listed.stdout
+
+
+class _Collector(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver that accepts everything and remembers the paths."""
+
+    paths: list[str] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.paths.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.skipif(MULTIRUN is None, reason="the multirun console script is not installed")
+def test_console_script_demo_sends_to_a_collector(tmp_path: Path) -> None:
+    assert MULTIRUN is not None
+    server = HTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        done = subprocess.run(
+            [MULTIRUN, "demo", "--dir", str(tmp_path)],
+            env=_clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=url),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert "/v1/traces" in _Collector.paths
+    assert "invoke_workflow research_crew" in done.stdout
+    assert f"to {url}" in done.stdout
+    assert not (tmp_path / "traces").exists()  # the collector got them, not files
+
+
+@pytest.mark.skipif(MULTIRUN is None, reason="the multirun console script is not installed")
+def test_console_script_demo_says_when_the_collector_is_unreachable(tmp_path: Path) -> None:
+    assert MULTIRUN is not None
+    done = subprocess.run(
+        [MULTIRUN, "demo", "--dir", str(tmp_path), "--endpoint", "http://127.0.0.1:9"],
+        env=_clean_env(OTEL_EXPORTER_OTLP_TIMEOUT="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "could not send the spans to http://127.0.0.1:9" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,91 @@
+"""How multirun.init fits into the process's OpenTelemetry setup, and the embedded default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import multirun
+from multirun import checkpoint, run, step
+from multirun.telemetry import attributes as attr
+from multirun.telemetry.local_files import read_spans
+
+
+def run_ids(folder: Path) -> set[str]:
+    return {s.attributes[attr.RUN_ID] for s in read_spans(folder) if attr.RUN_ID in s.attributes}
+
+
+def test_init_local_twice_sends_later_runs_to_the_new_folder_only(global_otel, tmp_path) -> None:
+    @run
+    def job() -> str:
+        return multirun.context.get_current_run_context().run.id
+
+    client = multirun.init_local(tmp_path / "a")
+    first = job()
+    client.force_flush()
+    client = multirun.init_local(tmp_path / "b")
+    second = job()
+    client.force_flush()
+
+    assert run_ids(tmp_path / "a" / "traces") == {first}
+    assert run_ids(tmp_path / "b" / "traces") == {second}
+
+
+def test_run_without_init_writes_otlp_json_files_under_multirun_dir(
+    global_otel, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
+
+    @step
+    def hello() -> str:
+        return "hi"
+
+    @run
+    def job() -> str:
+        return hello()
+
+    assert job() == "hi"
+    multirun.get_client().force_flush()
+    names = sorted(s.name for s in read_spans(tmp_path / "mr" / "traces"))
+    assert names == ["invoke_workflow job", "step hello"]
+
+
+def test_an_application_provider_is_kept_and_receives_the_spans(global_otel) -> None:
+    exporter = InMemorySpanExporter()
+    app_provider = TracerProvider()
+    app_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(app_provider)
+
+    multirun.init()
+
+    @run
+    def job() -> int:
+        return 1
+
+    job()
+    assert trace.get_tracer_provider() is app_provider
+    assert [s.name for s in exporter.get_finished_spans()] == ["invoke_workflow job"]
+
+
+def test_checkpoint_is_visible_on_the_trace_with_uri_size_and_digest(traced) -> None:
+    @checkpoint(name="after_search")
+    def search() -> list[str]:
+        return ["a", "b"]
+
+    @run
+    def job() -> None:
+        search()
+
+    job()
+    events = [e for e in traced.span("invoke_workflow job").events if e.name == attr.EVENT_CHECKPOINT]
+    assert len(events) == 1
+    found = dict(events[0].attributes or {})
+    assert found[attr.CHECKPOINT_NAME] == "after_search"
+    assert str(found[attr.CHECKPOINT_URI]).startswith("file://")
+    assert int(found[attr.CHECKPOINT_SIZE]) > 0
+    assert str(found[attr.CHECKPOINT_DIGEST]).startswith("sha256:")
+    assert found[attr.CHECKPOINT_SERIALIZER] == "json"

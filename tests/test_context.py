@@ -1,0 +1,628 @@
+"""The context API of reference 002: accessors, RunContext, AgentContext, StepContext."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from opentelemetry.trace import StatusCode
+
+import multirun
+from multirun import agent, run, step
+from multirun import client as client_module
+from multirun.context import (
+    AgentContext,
+    RunContext,
+    StepContext,
+    get_current_agent_context,
+    get_current_client,
+    get_current_run_context,
+    get_current_step_context,
+    has_active_agent,
+    has_active_client,
+    has_active_run,
+)
+from multirun.models import AgentStatus, Budget, Run, RunStatus, StepKind, StepStatus
+
+
+def attrs(span: Any) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+def is_child(child: Any, parent: Any) -> bool:
+    return child.parent is not None and child.parent.span_id == parent.context.span_id
+
+
+# ---------------------------------------------------------------------------
+# accessors
+
+
+def test_context_accessors_import_as_reference_writes_them() -> None:
+    import multirun.context as context
+
+    assert context.get_current_run_context is get_current_run_context
+    assert context.get_current_agent_context is get_current_agent_context
+    assert context.get_current_client is get_current_client
+    assert context.has_active_run is has_active_run
+    assert context.has_active_agent is has_active_agent
+    assert context.has_active_client is has_active_client
+
+
+def test_has_active_run_and_agent_are_false_outside_a_run(traced) -> None:
+    assert has_active_run() is False
+    assert has_active_agent() is False
+
+
+def test_has_active_client_is_false_when_nothing_configured(monkeypatch) -> None:
+    monkeypatch.setattr(client_module, "_configured", None)
+    assert has_active_client() is False
+
+
+def test_has_active_client_is_true_after_init_outside_a_run(traced) -> None:
+    assert has_active_client() is True
+
+
+def test_has_active_run_agent_and_client_are_true_inside_a_run(traced) -> None:
+    seen: list[tuple[bool, bool, bool]] = []
+
+    @run
+    def main() -> None:
+        seen.append((has_active_run(), has_active_agent(), has_active_client()))
+
+    main()
+    assert seen == [(True, True, True)]
+
+
+def test_has_active_agent_is_true_inside_an_agent(traced) -> None:
+    seen: list[bool] = []
+
+    @agent
+    def worker() -> None:
+        seen.append(has_active_agent())
+
+    @run
+    def main() -> None:
+        worker()
+
+    main()
+    assert seen == [True]
+
+
+def test_get_current_run_context_raises_runtime_error_outside_a_run(traced) -> None:
+    with pytest.raises(RuntimeError):
+        get_current_run_context()
+
+
+def test_get_current_agent_context_raises_runtime_error_outside_a_run(traced) -> None:
+    with pytest.raises(RuntimeError):
+        get_current_agent_context()
+
+
+def test_get_current_client_raises_runtime_error_when_nothing_configured(monkeypatch) -> None:
+    monkeypatch.setattr(client_module, "_configured", None)
+    with pytest.raises(RuntimeError):
+        get_current_client()
+
+
+def test_get_current_step_context_raises_runtime_error_outside_a_step(traced) -> None:
+    seen: list[str] = []
+
+    @run
+    def main() -> None:
+        try:
+            get_current_step_context()
+        except RuntimeError:
+            seen.append("raised")
+
+    main()
+    assert seen == ["raised"]
+
+
+def test_accessors_inside_run_return_the_run_its_agent_and_client(traced) -> None:
+    seen: dict[str, Any] = {}
+
+    @agent(name="worker")
+    def worker() -> None:
+        seen["agent"] = get_current_agent_context()
+        seen["run_in_agent"] = get_current_run_context()
+
+    @run(name="accessors")
+    def main() -> None:
+        seen["run"] = get_current_run_context()
+        seen["client"] = get_current_client()
+        seen["default_agent"] = get_current_agent_context()
+        worker()
+
+    main()
+
+    assert isinstance(seen["run"], RunContext)
+    assert seen["run"].run.name == "accessors"
+    assert seen["run_in_agent"] is seen["run"]
+    assert seen["client"] is traced.client
+    assert isinstance(seen["agent"], AgentContext)
+    assert seen["agent"].agent.name == "worker"
+    assert seen["agent"].is_default is False
+    assert seen["agent"].run_context is seen["run"]
+    assert seen["default_agent"].is_default is True
+
+
+def test_get_current_step_context_inside_step_is_that_step(traced) -> None:
+    seen: list[StepContext] = []
+
+    @step(kind=StepKind.TOOL_CALL)
+    def tool() -> None:
+        seen.append(get_current_step_context())
+
+    @run
+    def main() -> None:
+        tool()
+
+    main()
+    assert seen[0].step.name == "tool"
+    assert seen[0].step.kind is StepKind.TOOL_CALL
+
+
+async def test_accessors_are_isolated_between_concurrent_runs(traced) -> None:
+    import asyncio
+
+    seen: list[tuple[str, str]] = []
+
+    def make(name: str) -> Any:
+        @run(name=name)
+        async def body() -> None:
+            await asyncio.sleep(0)
+            seen.append((name, get_current_run_context().run.name))
+            await asyncio.sleep(0)
+            seen.append((name, get_current_run_context().run.name))
+
+        return body
+
+    await asyncio.gather(make("a")(), make("b")())
+    assert sorted(seen) == [("a", "a"), ("a", "a"), ("b", "b"), ("b", "b")]
+
+
+# ---------------------------------------------------------------------------
+# state
+
+
+def test_set_state_then_get_state_returns_value(traced) -> None:
+    seen: list[Any] = []
+
+    @run
+    def main() -> None:
+        ctx = get_current_run_context()
+        ctx.set_state("results", [1, 2])
+        ctx.set_state("iteration", 5)
+        seen.append((ctx.get_state("results"), ctx.get_state("iteration")))
+
+    main()
+    assert seen == [([1, 2], 5)]
+
+
+def test_get_state_returns_default_for_missing_key(traced) -> None:
+    seen: list[Any] = []
+
+    @run
+    def main() -> None:
+        ctx = get_current_run_context()
+        seen.append((ctx.get_state("iteration", default=0), ctx.get_state("nothing")))
+
+    main()
+    assert seen == [(0, None)]
+
+
+def test_state_set_in_one_step_is_seen_in_the_next(traced) -> None:
+    @step
+    def write() -> None:
+        get_current_run_context().set_state("k", "v")
+
+    @step
+    def read() -> str:
+        return get_current_run_context().get_state("k")
+
+    @run
+    def main() -> str:
+        write()
+        return read()
+
+    assert main() == "v"
+
+
+def test_agent_state_is_separate_from_run_state(traced) -> None:
+    seen: list[Any] = []
+
+    @agent
+    def worker() -> None:
+        ctx = get_current_agent_context()
+        ctx.set_state("key", "agent value")
+        seen.append(ctx.get_state("key"))
+        seen.append(get_current_run_context().get_state("key", default="none"))
+
+    @run
+    def main() -> None:
+        worker()
+
+    main()
+    assert seen == ["agent value", "none"]
+
+
+# ---------------------------------------------------------------------------
+# RunContext used by hand
+
+
+async def test_run_context_async_with_exports_completed_run_span(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        assert get_current_run_context() is ctx
+        assert has_active_run() is True
+
+    assert has_active_run() is False
+    a = attrs(traced.span("invoke_workflow x"))
+    assert a["multirun.run.status"] == "completed"
+    assert a["multirun.run.id"] == ctx.run.id
+    assert ctx.run.status is RunStatus.COMPLETED
+
+
+def test_run_context_sync_with_exports_completed_run_span(traced) -> None:
+    with RunContext(client=traced.client, run=Run(name="y")) as ctx:
+        assert get_current_run_context() is ctx
+
+    assert has_active_run() is False
+    assert attrs(traced.span("invoke_workflow y"))["multirun.run.status"] == "completed"
+    assert ctx.run.status is RunStatus.COMPLETED
+
+
+def test_run_context_with_exits_failed_on_exception(traced) -> None:
+    with pytest.raises(ValueError), RunContext(client=traced.client, run=Run(name="z")) as ctx:
+        raise ValueError("inside")
+
+    span = traced.span("invoke_workflow z")
+    assert attrs(span)["multirun.run.status"] == "failed"
+    assert span.status.status_code is StatusCode.ERROR
+    assert ctx.run.status is RunStatus.FAILED
+    assert ctx.run.error == "inside"
+
+
+async def test_decorated_steps_inside_manual_run_context_are_traced(traced) -> None:
+    @step
+    async def work() -> int:
+        return 7
+
+    async with RunContext(client=traced.client, run=Run(name="manual")):
+        assert await work() == 7
+
+    assert is_child(traced.span("step work"), traced.span("invoke_workflow manual"))
+
+
+async def test_start_agent_and_async_with_scopes_agent_span(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        agent_ctx = await ctx.start_agent(
+            name="researcher", agent_config_id="ac_123", metadata={"model": "gpt-4"}
+        )
+        async with agent_ctx:
+            assert get_current_agent_context() is agent_ctx
+
+    agent_span = traced.span("invoke_agent researcher")
+    assert is_child(agent_span, traced.span("invoke_workflow x"))
+    assert attrs(agent_span)["gen_ai.agent.id"] == agent_ctx.agent.id
+    assert attrs(agent_span)["multirun.agent.status"] == "completed"
+    assert agent_ctx.agent.status is AgentStatus.COMPLETED
+    assert agent_ctx.agent.agent_config_id == "ac_123"
+    assert agent_ctx.agent.metadata == {"model": "gpt-4"}
+    assert agent_ctx.agent.run_id == ctx.run.id
+    assert ctx.agents == [agent_ctx]
+
+
+async def test_start_step_then_complete_exports_step_span_under_agent(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        agent_ctx = await ctx.start_agent(name="researcher")
+        async with agent_ctx:
+            step_ctx = await agent_ctx.start_step(
+                name="call_llm",
+                kind=StepKind.LLM_CALL,
+                input_args=("prompt",),
+                input_kwargs={},
+            )
+            await step_ctx.complete("result", tokens_used=500, cost_usd=0.01)
+
+    step_spans = [s for s in traced.spans() if attrs(s).get("multirun.step.name") == "call_llm"]
+    assert len(step_spans) == 1
+    span = step_spans[0]
+    assert is_child(span, traced.span("invoke_agent researcher"))
+    assert attrs(span)["multirun.step.status"] == "completed"
+    assert attrs(span)["multirun.tokens_used"] == 500
+    assert attrs(span)["multirun.cost_usd"] == pytest.approx(0.01)
+    assert step_ctx.step.status is StepStatus.COMPLETED
+    assert step_ctx.step.tokens_used == 500
+    assert step_ctx.step.cost_usd == pytest.approx(0.01)
+
+
+async def test_step_complete_updates_agent_and_run_totals(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        agent_ctx = await ctx.start_agent(name="researcher")
+        async with agent_ctx:
+            for _ in range(2):
+                step_ctx = await agent_ctx.start_step(name="call_llm", kind=StepKind.LLM_CALL)
+                await step_ctx.complete("r", tokens_used=500, cost_usd=0.01)
+
+    assert agent_ctx.agent.tokens_used == 1000
+    assert agent_ctx.agent.cost_usd == pytest.approx(0.02)
+    assert ctx.run.tokens_used == 1000
+    assert ctx.run.cost_usd == pytest.approx(0.02)
+    assert attrs(traced.span("invoke_agent researcher"))["multirun.tokens_used"] == 1000
+    assert attrs(traced.span("invoke_workflow x"))["multirun.tokens_used"] == 1000
+    assert [s.name for s in agent_ctx.steps] == ["call_llm", "call_llm"]
+
+
+async def test_step_fail_marks_step_failed_with_error(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        agent_ctx = await ctx.start_agent(name="a")
+        async with agent_ctx:
+            step_ctx = await agent_ctx.start_step(name="flaky")
+            await step_ctx.fail(TimeoutError("slow"))
+
+    span = traced.span("step flaky")
+    assert attrs(span)["multirun.step.status"] == "failed"
+    assert attrs(span)["error.type"] == "TimeoutError"
+    assert span.status.status_code is StatusCode.ERROR
+    assert step_ctx.step.status is StepStatus.FAILED
+    assert step_ctx.step.error == "slow"
+
+
+async def test_run_complete_completes_agents_and_run(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        agent_ctx = await ctx.start_agent(name="a")
+        await ctx.complete({"answer": 42})
+
+    assert ctx.run.status is RunStatus.COMPLETED
+    assert agent_ctx.agent.status is AgentStatus.COMPLETED
+    assert json.loads(ctx.run.result) == {"answer": 42}
+    assert attrs(traced.span("invoke_workflow x"))["multirun.run.status"] == "completed"
+    assert attrs(traced.span("invoke_agent a"))["multirun.agent.status"] == "completed"
+
+
+async def test_run_fail_fails_active_agents_and_run(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        done_agent = await ctx.start_agent(name="done")
+        async with done_agent:
+            pass
+        active_agent = await ctx.start_agent(name="active")
+        await ctx.fail(RuntimeError("gave up"))
+
+    assert ctx.run.status is RunStatus.FAILED
+    assert ctx.run.error == "gave up"
+    assert active_agent.agent.status is AgentStatus.FAILED
+    assert done_agent.agent.status is AgentStatus.COMPLETED
+    run_span = traced.span("invoke_workflow x")
+    assert attrs(run_span)["multirun.run.status"] == "failed"
+    assert attrs(run_span)["error.type"] == "RuntimeError"
+    assert run_span.status.status_code is StatusCode.ERROR
+    assert attrs(traced.span("invoke_agent active"))["multirun.agent.status"] == "failed"
+
+
+async def test_agent_async_with_exits_failed_on_exception(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        agent_ctx = await ctx.start_agent(name="a")
+        with pytest.raises(LookupError):
+            async with agent_ctx:
+                raise LookupError("nope")
+
+    assert agent_ctx.agent.status is AgentStatus.FAILED
+    assert agent_ctx.agent.error == "nope"
+    assert attrs(traced.span("invoke_agent a"))["multirun.agent.status"] == "failed"
+
+
+def test_decorated_run_model_is_completed_with_timestamps(traced) -> None:
+    runs: list[Run] = []
+
+    @run
+    def main() -> str:
+        runs.append(get_current_run_context().run)
+        assert runs[0].status is RunStatus.RUNNING
+        return "r"
+
+    main()
+
+    model = runs[0]
+    assert model.status is RunStatus.COMPLETED
+    assert model.started_at is not None
+    assert model.completed_at is not None
+    assert model.completed_at >= model.started_at
+    assert json.loads(model.result) == "r"
+
+
+# ---------------------------------------------------------------------------
+# budget_status
+
+
+def test_budget_status_reports_used_remaining_and_percentage(traced) -> None:
+    seen: list[Any] = []
+
+    @step(kind=StepKind.LLM_CALL)
+    def ask() -> None:
+        multirun.report_usage("no-such-model-x", input_tokens=250, cost_usd=0.1)
+
+    @run(budget=Budget(max_tokens=1000, max_cost_usd=1.0, max_steps=10))
+    def main() -> None:
+        ask()
+        seen.append(get_current_run_context().budget_status())
+
+    main()
+
+    status = seen[0]
+    assert status.tokens_used == 250
+    assert status.tokens_remaining == 750
+    assert status.cost_used_usd == pytest.approx(0.1)
+    assert status.cost_remaining_usd == pytest.approx(0.9)
+    assert status.steps_used == 1
+    assert status.steps_remaining == 9
+    assert status.percentage_used == pytest.approx(25.0)
+    assert status.is_exceeded is False
+
+
+def test_budget_status_without_budget_has_no_remaining(traced) -> None:
+    seen: list[Any] = []
+
+    @step
+    def work() -> None:
+        return None
+
+    @run
+    def main() -> None:
+        work()
+        seen.append(get_current_run_context().budget_status())
+
+    main()
+
+    status = seen[0]
+    assert status.steps_used == 1
+    assert status.tokens_remaining is None
+    assert status.cost_remaining_usd is None
+    assert status.steps_remaining is None
+    assert status.is_exceeded is False
+
+
+def test_budget_status_is_exceeded_when_tokens_reach_limit(traced) -> None:
+    seen: list[Any] = []
+
+    @step(kind=StepKind.LLM_CALL)
+    def ask() -> None:
+        multirun.report_usage("no-such-model-x", input_tokens=120, cost_usd=0.0)
+
+    @run(budget=Budget(max_tokens=100))
+    def main() -> None:
+        ask()
+        seen.append(get_current_run_context().budget_status())
+
+    main()
+
+    assert seen[0].is_exceeded is True
+    assert seen[0].tokens_remaining == 0
+    assert seen[0].percentage_used == pytest.approx(120.0)
+
+
+# ---------------------------------------------------------------------------
+# Run.steps
+
+
+def test_run_steps_are_filled_after_the_run(traced) -> None:
+    runs: list[Run] = []
+
+    @step(kind=StepKind.TOOL_CALL)
+    def first() -> None:
+        return None
+
+    @step
+    def second() -> None:
+        raise ValueError("boom")
+
+    @run
+    def main() -> None:
+        runs.append(get_current_run_context().run)
+        first()
+        with contextlib.suppress(ValueError):
+            second()
+
+    main()
+
+    steps = runs[0].steps
+    assert [(s.name, s.kind, s.status) for s in steps] == [
+        ("first", StepKind.TOOL_CALL, StepStatus.COMPLETED),
+        ("second", StepKind.FUNCTION, StepStatus.FAILED),
+    ]
+    assert all(s.run_id == runs[0].id for s in steps)
+    assert steps[1].error == "boom"
+    span_ids = {format(s.context.span_id, "016x") for s in traced.spans()}
+    assert {s.id for s in steps} <= span_ids
+
+
+def test_run_steps_are_bounded_by_step_history(traced) -> None:
+    client = multirun.init(tracer_provider=traced.provider, step_history=3)
+    client.clock = traced.clock
+    runs: list[Run] = []
+
+    def work(i: int) -> int:
+        return i
+
+    @run
+    def main() -> None:
+        runs.append(get_current_run_context().run)
+        for i in range(5):
+            step(name=f"s{i}")(work)(i)
+
+    main()
+
+    assert [s.name for s in runs[0].steps] == ["s2", "s3", "s4"]
+    assert attrs(traced.span("invoke_workflow main"))["multirun.steps_used"] == 5
+
+
+def test_nested_step_model_has_parent_step_id(traced) -> None:
+    runs: list[Run] = []
+
+    @step
+    def inner() -> None:
+        return None
+
+    @step
+    def outer() -> None:
+        inner()
+
+    @run
+    def main() -> None:
+        runs.append(get_current_run_context().run)
+        outer()
+
+    main()
+
+    by_name = {s.name: s for s in runs[0].steps}
+    assert by_name["inner"].parent_step_id == by_name["outer"].id
+    assert by_name["outer"].parent_step_id is None
+
+
+def test_step_model_agent_id_is_the_agent_it_ran_in(traced) -> None:
+    runs: list[Run] = []
+    agents: list[str] = []
+
+    @step
+    def work() -> None:
+        return None
+
+    @agent
+    def worker() -> None:
+        agents.append(get_current_agent_context().agent.id)
+        work()
+
+    @run
+    def main() -> None:
+        runs.append(get_current_run_context().run)
+        worker()
+
+    main()
+    assert runs[0].steps[0].agent_id == agents[0]
+
+
+def test_budget_on_run_model_is_checked_with_is_exceeded(traced) -> None:
+    runs: list[Run] = []
+
+    @step(kind=StepKind.LLM_CALL)
+    def ask() -> None:
+        multirun.report_usage("no-such-model-x", input_tokens=150, cost_usd=0.0)
+
+    @run(budget=Budget(max_tokens=1000))
+    def main() -> None:
+        runs.append(get_current_run_context().run)
+        ask()
+
+    main()
+
+    model = runs[0]
+    assert model.budget is not None
+    assert model.budget.is_exceeded(model) is False
+    assert model.budget.get_exceeded_reason(model) is None
+    assert Budget(max_tokens=100).is_exceeded(model) is True
+    reason = Budget(max_tokens=100).get_exceeded_reason(model)
+    assert reason is not None
+    assert "max_tokens" in reason
+    assert "150" in reason
+    assert "100" in reason

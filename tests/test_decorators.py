@@ -1,0 +1,923 @@
+"""Behaviour of @run, @agent, @step and @checkpoint, checked on the spans they export.
+
+Reference 000 (decorators) and DESIGN.md (span names and attributes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from opentelemetry.trace import StatusCode
+
+import multirun
+from multirun import agent, checkpoint, run, step
+from multirun.context import get_current_agent_context, get_current_run_context
+from multirun.errors import StepError
+from multirun.models import Budget, StepKind
+from multirun.models.policy import BackoffStrategy
+
+KINDS = ["function", "coroutine", "generator", "async_generator"]
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def attrs(span: Any) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+def hex_id(span: Any) -> str:
+    return format(span.context.span_id, "016x")
+
+
+def parent_span_id(span: Any) -> int | None:
+    return None if span.parent is None else span.parent.span_id
+
+
+def build(kind: str, decorate: Any) -> Any:
+    """A function of ``kind`` that gives back [x, x + 1], decorated with ``decorate``."""
+    if kind == "function":
+
+        def work(x: int) -> list[int]:
+            return [x, x + 1]
+
+    elif kind == "coroutine":
+
+        async def work(x: int) -> list[int]:  # type: ignore[misc]
+            await asyncio.sleep(0)
+            return [x, x + 1]
+
+    elif kind == "generator":
+
+        def work(x: int):  # type: ignore[no-untyped-def,misc]
+            yield x
+            yield x + 1
+
+    else:
+
+        async def work(x: int):  # type: ignore[no-untyped-def,misc]
+            yield x
+            await asyncio.sleep(0)
+            yield x + 1
+
+    return decorate(work)
+
+
+async def call(kind: str, fn: Any, *args: Any) -> Any:
+    """Call ``fn`` the way a function of ``kind`` is called and collect what it gives."""
+    if kind == "function":
+        return fn(*args)
+    if kind == "coroutine":
+        return await fn(*args)
+    if kind == "generator":
+        return list(fn(*args))
+    return [item async for item in fn(*args)]
+
+
+def reinit(traced: Any, **options: Any) -> multirun.MultiRunClient:
+    """Configure multirun again on the fixture's provider and clock, with other options."""
+    client = multirun.init(tracer_provider=traced.provider, **options)
+    client.clock = traced.clock
+    return client
+
+
+# ---------------------------------------------------------------------------
+# imports exactly as the reference writes them
+
+
+def test_decorators_import_from_multirun_package() -> None:
+    import multirun.decorators as decorators
+
+    assert (run, step, checkpoint, agent) == (
+        decorators.run,
+        decorators.step,
+        decorators.checkpoint,
+        decorators.agent,
+    )
+
+
+# ---------------------------------------------------------------------------
+# bare and parameterized, on every kind of function
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_bare_run_exports_one_workflow_span_and_returns_result(traced, kind) -> None:
+    fn = build(kind, run)
+
+    assert await call(kind, fn, 3) == [3, 4]
+
+    spans = traced.spans()
+    assert [s.name for s in spans] == ["invoke_workflow work"]
+    assert spans[0].parent is None
+    assert attrs(spans[0])["multirun.run.status"] == "completed"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_run_with_parameters_uses_given_name_and_budget(traced, kind) -> None:
+    fn = build(kind, run(name="pipeline", budget=Budget(max_steps=7)))
+
+    assert await call(kind, fn, 10) == [10, 11]
+
+    span = traced.span("invoke_workflow pipeline")
+    assert attrs(span)["gen_ai.workflow.name"] == "pipeline"
+    assert attrs(span)["multirun.budget.max_steps"] == 7
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_bare_step_inside_run_exports_one_child_span(traced, kind) -> None:
+    inner = build(kind, step)
+
+    @run
+    async def main() -> Any:
+        return await call(kind, inner, 5)
+
+    assert await main() == [5, 6]
+
+    step_span = traced.span("step work")
+    run_span = traced.span("invoke_workflow main")
+    assert parent_span_id(step_span) == run_span.context.span_id
+    assert step_span.context.trace_id == run_span.context.trace_id
+    assert attrs(step_span)["multirun.step.status"] == "completed"
+    assert len(traced.spans()) == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_step_with_parameters_uses_given_name_and_kind(traced, kind) -> None:
+    inner = build(kind, step(name="lookup", kind=StepKind.TOOL_CALL))
+
+    @run
+    async def main() -> Any:
+        return await call(kind, inner, 1)
+
+    assert await main() == [1, 2]
+
+    span = traced.span("execute_tool lookup")
+    assert attrs(span)["multirun.step.name"] == "lookup"
+    assert attrs(span)["multirun.step.kind"] == "tool_call"
+    assert parent_span_id(span) == traced.span("invoke_workflow main").context.span_id
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_bare_agent_inside_run_exports_agent_span_under_run(traced, kind) -> None:
+    fn = build(kind, agent)
+
+    @run
+    async def main() -> Any:
+        return await call(kind, fn, 2)
+
+    assert await main() == [2, 3]
+
+    agent_span = traced.span("invoke_agent work")
+    assert parent_span_id(agent_span) == traced.span("invoke_workflow main").context.span_id
+    assert attrs(agent_span)["multirun.agent.status"] == "completed"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_agent_with_parameters_uses_given_name(traced, kind) -> None:
+    fn = build(kind, agent(name="researcher", agent_config_id="ac_123", metadata={"m": 1}))
+
+    @run
+    async def main() -> Any:
+        return await call(kind, fn, 8)
+
+    assert await main() == [8, 9]
+
+    span = traced.span("invoke_agent researcher")
+    assert attrs(span)["gen_ai.agent.name"] == "researcher"
+    assert attrs(span)["multirun.agent.config_id"] == "ac_123"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_checkpoint_bare_and_with_parameters_return_result(traced, kind) -> None:
+    bare = build(kind, checkpoint)
+    named = build(kind, checkpoint(name="search_complete"))
+    seen: list[list[str]] = []
+
+    @run
+    async def main() -> Any:
+        first = await call(kind, bare, 1)
+        second = await call(kind, named, 2)
+        seen.append([c.name for c in get_current_run_context().run.checkpoints])
+        return first + second
+
+    assert await main() == [1, 2, 2, 3]
+    assert seen == [["after_work", "search_complete"]]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_step_outside_run_returns_same_result_and_exports_no_span(traced, kind) -> None:
+    fn = build(kind, step(retry=2, kind=StepKind.LLM_CALL))
+
+    assert await call(kind, fn, 4) == [4, 5]
+    assert traced.spans() == []
+
+
+def test_decorated_function_keeps_name_and_docstring(traced) -> None:
+    @step
+    def documented() -> None:
+        """The docstring."""
+
+    assert documented.__name__ == "documented"
+    assert documented.__doc__ == "The docstring."
+
+
+def test_generator_step_records_number_of_items_streamed(traced) -> None:
+    @step
+    def stream():  # type: ignore[no-untyped-def]
+        yield from range(4)
+
+    @run
+    def main() -> list[int]:
+        return list(stream())
+
+    assert main() == [0, 1, 2, 3]
+    assert attrs(traced.span("step stream"))["multirun.step.stream_items"] == 4
+
+
+async def test_async_generator_step_records_number_of_items_streamed(traced) -> None:
+    @step
+    async def stream():  # type: ignore[no-untyped-def]
+        for i in range(3):
+            yield i
+
+    @run
+    async def main() -> list[int]:
+        return [i async for i in stream()]
+
+    assert await main() == [0, 1, 2]
+    assert attrs(traced.span("step stream"))["multirun.step.stream_items"] == 3
+
+
+def test_generator_step_closed_early_records_items_handed_out(traced) -> None:
+    @step
+    def stream():  # type: ignore[no-untyped-def]
+        yield from range(5)
+
+    @run
+    def main() -> list[int]:
+        taken = []
+        for item in stream():
+            taken.append(item)
+            if len(taken) == 2:
+                break
+        return taken
+
+    assert main() == [0, 1]
+    a = attrs(traced.span("step stream"))
+    assert a["multirun.step.status"] == "completed"
+    assert a["multirun.step.stream_items"] == 2
+
+
+async def test_async_generator_step_closed_early_records_items_handed_out(traced) -> None:
+    @step
+    async def stream():  # type: ignore[no-untyped-def]
+        for i in range(5):
+            yield i
+
+    @run
+    async def main() -> list[int]:
+        taken = []
+        items = stream()
+        async for item in items:
+            taken.append(item)
+            if len(taken) == 2:
+                break
+        await items.aclose()
+        return taken
+
+    assert await main() == [0, 1]
+    a = attrs(traced.span("step stream"))
+    assert a["multirun.step.status"] == "completed"
+    assert a["multirun.step.stream_items"] == 2
+
+
+def test_checkpoint_outside_run_just_runs(traced) -> None:
+    @checkpoint(name="alone")
+    def work() -> int:
+        return 5
+
+    assert work() == 5
+    assert traced.spans() == []
+
+
+# ---------------------------------------------------------------------------
+# @agent outside any run
+
+
+def test_agent_outside_run_starts_run_of_same_name(traced) -> None:
+    @agent(name="solo")
+    def work() -> str:
+        return "done"
+
+    assert work() == "done"
+
+    run_span = traced.span("invoke_workflow solo")
+    agent_span = traced.span("invoke_agent solo")
+    assert parent_span_id(agent_span) == run_span.context.span_id
+    assert attrs(run_span)["gen_ai.workflow.name"] == "solo"
+    assert attrs(run_span)["multirun.run.status"] == "completed"
+    assert attrs(agent_span)["multirun.agent.status"] == "completed"
+
+
+async def test_async_agent_outside_run_failure_fails_its_run(traced) -> None:
+    @agent
+    async def broken() -> None:
+        raise KeyError("k")
+
+    with pytest.raises(KeyError):
+        await broken()
+
+    run_span = traced.span("invoke_workflow broken")
+    assert attrs(run_span)["multirun.run.status"] == "failed"
+    assert run_span.status.status_code is StatusCode.ERROR
+    assert attrs(traced.span("invoke_agent broken"))["multirun.agent.status"] == "failed"
+
+
+# ---------------------------------------------------------------------------
+# span names and attributes (DESIGN.md, attribute conventions)
+
+
+def test_run_span_has_workflow_attributes_and_run_id(traced) -> None:
+    ids: list[str] = []
+
+    @run(name="wf")
+    def main() -> int:
+        ids.append(get_current_run_context().run.id)
+        return 1
+
+    main()
+
+    a = attrs(traced.span("invoke_workflow wf"))
+    assert a["gen_ai.operation.name"] == "invoke_workflow"
+    assert a["gen_ai.workflow.name"] == "wf"
+    assert a["multirun.run.id"] == ids[0]
+    assert a["multirun.run.status"] == "completed"
+
+
+def test_run_span_carries_budget_limits_that_are_set(traced) -> None:
+    @run(budget=Budget(max_tokens=100_000, max_cost_usd=1.5, max_steps=50))
+    def main() -> None:
+        return None
+
+    main()
+
+    a = attrs(traced.span("invoke_workflow main"))
+    budget_attrs = {k: v for k, v in a.items() if k.startswith("multirun.budget.")}
+    assert budget_attrs == {
+        "multirun.budget.max_tokens": 100_000,
+        "multirun.budget.max_cost_usd": 1.5,
+        "multirun.budget.max_steps": 50,
+    }
+
+
+def test_agent_span_has_agent_name_and_id_of_agent_model(traced) -> None:
+    ids: list[str] = []
+
+    @agent(name="planner")
+    def plan() -> None:
+        ids.append(get_current_agent_context().agent.id)
+
+    @run
+    def main() -> None:
+        plan()
+
+    main()
+
+    a = attrs(traced.span("invoke_agent planner"))
+    assert a["gen_ai.operation.name"] == "invoke_agent"
+    assert a["gen_ai.agent.name"] == "planner"
+    assert a["gen_ai.agent.id"] == ids[0]
+
+
+def test_llm_step_span_is_named_after_model_reported_by_report_usage(traced) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def ask() -> str:
+        multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=5, provider="openai")
+        return "answer"
+
+    @run
+    def main() -> str:
+        return ask()
+
+    assert main() == "answer"
+
+    a = attrs(traced.span("chat gpt-4o-mini"))
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.response.model"] == "gpt-4o-mini"
+    assert a["gen_ai.provider.name"] == "openai"
+    assert a["multirun.step.kind"] == "llm_call"
+    assert a["multirun.step.name"] == "ask"
+
+
+def test_llm_step_span_is_named_after_model_given_to_step(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def ask() -> str:
+        return "answer"
+
+    @run
+    def main() -> str:
+        return ask()
+
+    main()
+
+    a = attrs(traced.span("chat gpt-4o"))
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.request.model"] == "gpt-4o"
+
+
+def test_llm_step_keeps_request_model_name_and_records_reported_response_model(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def ask() -> str:
+        multirun.report_usage("gpt-4o-2024-08-06", input_tokens=3, output_tokens=4)
+        return "answer"
+
+    @run
+    def main() -> str:
+        return ask()
+
+    main()
+
+    a = attrs(traced.span("chat gpt-4o"))
+    assert a["gen_ai.request.model"] == "gpt-4o"
+    assert a["gen_ai.response.model"] == "gpt-4o-2024-08-06"
+
+
+def test_tool_step_span_is_execute_tool_with_tool_name(traced) -> None:
+    @step(kind=StepKind.TOOL_CALL)
+    def web_search(q: str) -> str:
+        return q.upper()
+
+    @run
+    def main() -> str:
+        return web_search("x")
+
+    assert main() == "X"
+
+    a = attrs(traced.span("execute_tool web_search"))
+    assert a["gen_ai.operation.name"] == "execute_tool"
+    assert a["gen_ai.tool.name"] == "web_search"
+    assert a["multirun.step.kind"] == "tool_call"
+
+
+def test_other_step_span_is_step_name_with_kind(traced) -> None:
+    @step(kind=StepKind.DECISION)
+    def choose() -> int:
+        return 2
+
+    @run
+    def main() -> int:
+        return choose()
+
+    main()
+
+    a = attrs(traced.span("step choose"))
+    assert a["multirun.step.kind"] == "decision"
+    assert a["multirun.step.name"] == "choose"
+
+
+def test_every_step_span_has_id_name_kind_status_and_attempt(traced) -> None:
+    @step
+    def parse() -> int:
+        return 1
+
+    @run
+    def main() -> int:
+        return parse()
+
+    main()
+
+    span = traced.span("step parse")
+    a = attrs(span)
+    assert a["multirun.step.id"] == hex_id(span)
+    assert a["multirun.step.name"] == "parse"
+    assert a["multirun.step.kind"] == "function"
+    assert a["multirun.step.status"] == "completed"
+    assert a["multirun.step.attempt"] == 1
+
+
+def test_failed_step_records_error_type_and_error_status(traced) -> None:
+    @step
+    def explode() -> None:
+        raise ValueError("bad value")
+
+    @run
+    def main() -> None:
+        explode()
+
+    with pytest.raises(ValueError, match="bad value"):
+        main()
+
+    span = traced.span("step explode")
+    assert attrs(span)["multirun.step.status"] == "failed"
+    assert attrs(span)["error.type"] == "ValueError"
+    assert span.status.status_code is StatusCode.ERROR
+    assert [e.name for e in span.events] == ["exception"]
+
+
+def test_failed_run_records_status_failed_error_type_and_error_status(traced) -> None:
+    runs: list[Any] = []
+
+    @run
+    def main() -> None:
+        runs.append(get_current_run_context().run)
+        raise TypeError("wrong")
+
+    with pytest.raises(TypeError, match="wrong"):
+        main()
+
+    span = traced.span("invoke_workflow main")
+    assert attrs(span)["multirun.run.status"] == "failed"
+    assert attrs(span)["error.type"] == "TypeError"
+    assert span.status.status_code is StatusCode.ERROR
+    assert runs[0].status.value == "failed"
+    assert runs[0].error == "wrong"
+
+
+def test_failed_agent_inside_run_is_marked_failed_and_reraises(traced) -> None:
+    @agent
+    def worker() -> None:
+        raise RuntimeError("agent broke")
+
+    @run
+    def main() -> None:
+        worker()
+
+    with pytest.raises(RuntimeError, match="agent broke"):
+        main()
+
+    a = attrs(traced.span("invoke_agent worker"))
+    assert a["multirun.agent.status"] == "failed"
+    assert a["error.type"] == "RuntimeError"
+
+
+# ---------------------------------------------------------------------------
+# retries
+
+
+def flaky(failures: int, error: type[Exception] = ConnectionError) -> Any:
+    """A callable that raises ``error`` ``failures`` times, then returns "ok"; counts calls."""
+    calls = {"n": 0}
+
+    def body() -> str:
+        calls["n"] += 1
+        if calls["n"] <= failures:
+            raise error(f"failure {calls['n']}")
+        return "ok"
+
+    body.calls = calls  # type: ignore[attr-defined]
+    return body
+
+
+@pytest.mark.parametrize(
+    ("strategy", "delay", "expected"),
+    [
+        (BackoffStrategy.CONSTANT, 0.5, [0.5, 0.5, 0.5]),
+        (BackoffStrategy.LINEAR, 2.0, [2.0, 4.0, 6.0]),
+        (BackoffStrategy.EXPONENTIAL, 1.0, [1.0, 2.0, 4.0]),
+    ],
+)
+def test_retry_sleeps_follow_backoff_strategy(traced, strategy, delay, expected) -> None:
+    body = flaky(3)
+
+    @step(retry=3, retry_delay=delay, retry_strategy=strategy)
+    def fetch() -> str:
+        return body()
+
+    @run
+    def main() -> str:
+        return fetch()
+
+    assert main() == "ok"
+    assert traced.clock.sleeps == expected
+    assert body.calls["n"] == 4
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ("linear", [3.0, 6.0, 7.0, 7.0]),
+        ("exponential", [3.0, 6.0, 7.0, 7.0]),
+        ("constant", [3.0, 3.0, 3.0, 3.0]),
+    ],
+)
+def test_retry_delay_is_capped_by_retry_max_delay(traced, strategy, expected) -> None:
+    body = flaky(4)
+
+    @step(retry=4, retry_delay=3.0, retry_max_delay=7.0, retry_strategy=strategy)
+    def fetch() -> str:
+        return body()
+
+    @run
+    def main() -> str:
+        return fetch()
+
+    assert main() == "ok"
+    assert traced.clock.sleeps == expected
+
+
+async def test_async_step_retries_with_async_sleeps(traced) -> None:
+    body = flaky(2)
+
+    @step(retry=2, retry_delay=0.25)
+    async def fetch() -> str:
+        return body()
+
+    @run
+    async def main() -> str:
+        return await fetch()
+
+    assert await main() == "ok"
+    assert traced.clock.sleeps == [0.25, 0.5]
+
+
+def test_generator_step_failing_before_first_item_is_retried(traced) -> None:
+    body = flaky(1)
+
+    @step(retry=1, retry_delay=1.0)
+    def stream():  # type: ignore[no-untyped-def]
+        yield body()
+        yield "more"
+
+    @run
+    def main() -> list[str]:
+        return list(stream())
+
+    assert main() == ["ok", "more"]
+    assert traced.clock.sleeps == [1.0]
+    assert attrs(traced.span("step stream"))["multirun.step.attempt"] == 2
+
+
+def test_retry_on_retries_listed_exception_types(traced) -> None:
+    body = flaky(2, TimeoutError)
+
+    @step(retry=2, retry_delay=1.0, retry_on=(ConnectionError, TimeoutError))
+    def fetch() -> str:
+        return body()
+
+    @run
+    def main() -> str:
+        return fetch()
+
+    assert main() == "ok"
+    assert body.calls["n"] == 3
+
+
+def test_retry_on_does_not_retry_other_exception_types(traced) -> None:
+    body = flaky(5, ValueError)
+
+    @step(retry=3, retry_delay=1.0, retry_on=(ConnectionError,))
+    def fetch() -> str:
+        return body()
+
+    @run
+    def main() -> str:
+        return fetch()
+
+    with pytest.raises((StepError, ValueError)) as info:
+        main()
+
+    assert body.calls["n"] == 1
+    assert traced.clock.sleeps == []
+    assert attrs(traced.span("step fetch"))["multirun.step.attempt"] == 1
+    error = info.value
+    original = error.__cause__ if isinstance(error, StepError) else error
+    assert isinstance(original, ValueError)
+    assert str(original) == "failure 1"
+
+
+def test_step_error_after_last_attempt_has_last_error_as_cause(traced) -> None:
+    errors: list[Exception] = []
+
+    @step(retry=3, retry_delay=1.0)
+    def fetch() -> None:
+        error = ConnectionError(f"attempt {len(errors) + 1}")
+        errors.append(error)
+        raise error
+
+    @run
+    def main() -> None:
+        fetch()
+
+    with pytest.raises(StepError) as info:
+        main()
+
+    assert len(errors) == 4
+    assert info.value.__cause__ is errors[-1]
+    assert info.value.attempts == 4
+    assert info.value.step_name == "fetch"
+
+
+def test_each_failed_attempt_is_an_exception_event_with_attempt_and_delay(traced) -> None:
+    body = flaky(10)
+
+    @step(retry=3, retry_delay=1.0)
+    def fetch() -> str:
+        return body()
+
+    @run
+    def main() -> str:
+        return fetch()
+
+    with pytest.raises(StepError):
+        main()
+
+    span = traced.span("step fetch")
+    events = [e for e in span.events if e.name == "exception"]
+    assert len(events) == 4
+    retried = [
+        (e.attributes["multirun.step.attempt"], e.attributes["multirun.step.retry_delay_seconds"])
+        for e in events[:3]
+    ]
+    assert retried == [(1, 1.0), (2, 2.0), (3, 4.0)]
+    assert [e.attributes["exception.message"] for e in events] == [
+        "failure 1",
+        "failure 2",
+        "failure 3",
+        "failure 4",
+    ]
+
+
+def test_span_of_retried_step_records_final_attempt_number(traced) -> None:
+    body = flaky(2)
+
+    @step(retry=5, retry_delay=1.0)
+    def fetch() -> str:
+        return body()
+
+    @run
+    def main() -> str:
+        return fetch()
+
+    main()
+
+    a = attrs(traced.span("step fetch"))
+    assert a["multirun.step.attempt"] == 3
+    assert a["multirun.step.status"] == "completed"
+
+
+def test_span_of_step_failing_all_attempts_is_failed_with_error_type(traced) -> None:
+    body = flaky(10)
+
+    @step(retry=2, retry_delay=1.0)
+    def fetch() -> str:
+        return body()
+
+    @run
+    def main() -> str:
+        return fetch()
+
+    with pytest.raises(StepError):
+        main()
+
+    span = traced.span("step fetch")
+    assert attrs(span)["multirun.step.attempt"] == 3
+    assert attrs(span)["multirun.step.status"] == "failed"
+    assert attrs(span)["error.type"] == "ConnectionError"
+    assert span.status.status_code is StatusCode.ERROR
+
+
+def test_retry_zero_reraises_original_exception_unchanged(traced) -> None:
+    original = ConnectionError("down")
+
+    @step
+    def fetch() -> None:
+        raise original
+
+    @run
+    def main() -> None:
+        fetch()
+
+    with pytest.raises(ConnectionError) as info:
+        main()
+
+    assert info.value is original
+    assert traced.clock.sleeps == []
+
+
+async def test_async_retry_zero_reraises_original_exception_unchanged(traced) -> None:
+    original = KeyError("missing")
+
+    @step(retry=0)
+    async def fetch() -> None:
+        raise original
+
+    @run
+    async def main() -> None:
+        await fetch()
+
+    with pytest.raises(KeyError) as info:
+        await main()
+
+    assert info.value is original
+
+
+def test_step_outside_run_is_not_retried(traced) -> None:
+    body = flaky(1)
+
+    @step(retry=3)
+    def fetch() -> str:
+        return body()
+
+    with pytest.raises(ConnectionError):
+        fetch()
+    assert body.calls["n"] == 1
+
+
+# ---------------------------------------------------------------------------
+# content capture
+
+
+def test_content_is_not_captured_by_default(traced, monkeypatch) -> None:
+    monkeypatch.delenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", raising=False)
+    reinit(traced)
+
+    @step
+    def shout(text: str) -> str:
+        return text.upper()
+
+    @run
+    def main() -> str:
+        return shout("hello")
+
+    assert main() == "HELLO"
+
+    a = attrs(traced.span("step shout"))
+    assert "multirun.step.input" not in a
+    assert "multirun.step.output" not in a
+
+
+def test_content_is_captured_with_init_capture_content(traced) -> None:
+    reinit(traced, capture_content=True)
+
+    @step
+    def shout(text: str) -> str:
+        return text.upper()
+
+    @run
+    def main() -> str:
+        return shout("hello")
+
+    main()
+
+    a = attrs(traced.span("step shout"))
+    assert a["multirun.step.input"] == "hello"
+    assert a["multirun.step.output"] == "HELLO"
+
+
+def test_content_is_captured_with_genai_capture_environment_variable(traced, monkeypatch) -> None:
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
+    reinit(traced)
+
+    @step
+    def shout(text: str) -> str:
+        return text.upper()
+
+    @run
+    def main() -> str:
+        return shout("hello")
+
+    main()
+
+    a = attrs(traced.span("step shout"))
+    assert a["multirun.step.input"] == "hello"
+    assert a["multirun.step.output"] == "HELLO"
+
+
+def test_captured_ten_megabyte_argument_is_truncated_to_content_limit(traced) -> None:
+    reinit(traced, capture_content=True, content_limit=1000)
+    huge = "x" * (10 * 1024 * 1024)
+
+    @step
+    def measure(text: str) -> int:
+        return len(text)
+
+    @run
+    def main() -> int:
+        return measure(huge)
+
+    assert main() == 10 * 1024 * 1024
+
+    recorded = attrs(traced.span("step measure"))["multirun.step.input"]
+    assert len(recorded) <= 1000
+    assert recorded[:900] == "x" * 900
+
+
+def test_captured_output_is_truncated_to_content_limit(traced) -> None:
+    reinit(traced, capture_content=True, content_limit=100)
+
+    @step
+    def grow() -> str:
+        return "y" * 5000
+
+    @run
+    def main() -> str:
+        return grow()
+
+    assert len(main()) == 5000
+
+    recorded = attrs(traced.span("step grow"))["multirun.step.output"]
+    assert len(recorded) <= 100
+    assert recorded[:50] == "y" * 50

@@ -1,0 +1,399 @@
+"""The pydantic models of reference 001: fields, defaults, enums and Budget checks."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pydantic
+
+from multirun.models import Agent, AgentConfig, Budget, Checkpoint, Policy, Run, Step
+from multirun.models.policy import CircuitBreakerRule, RateLimitRule, RetryRule
+
+
+def test_models_import_as_reference_writes_them() -> None:
+    for cls in (Run, Step, Budget, Checkpoint, Policy, Agent, AgentConfig):
+        assert issubclass(cls, pydantic.BaseModel), cls
+
+
+def test_policy_rules_import_as_reference_writes_them() -> None:
+    for cls in (RetryRule, RateLimitRule, CircuitBreakerRule):
+        assert issubclass(cls, pydantic.BaseModel), cls
+
+
+# ---------------------------------------------------------------------------
+# enums
+
+
+def test_run_status_values() -> None:
+    from multirun.models import RunStatus
+
+    assert {s.name: s.value for s in RunStatus} == {
+        "PENDING": "pending",
+        "RUNNING": "running",
+        "COMPLETED": "completed",
+        "FAILED": "failed",
+        "CANCELLED": "cancelled",
+        "PAUSED": "paused",
+    }
+    assert isinstance(RunStatus.PENDING, str)
+
+
+def test_step_kind_values() -> None:
+    from multirun.models import StepKind
+
+    assert {s.name: s.value for s in StepKind} == {
+        "FUNCTION": "function",
+        "LLM_CALL": "llm_call",
+        "TOOL_CALL": "tool_call",
+        "SUB_AGENT": "sub_agent",
+        "DECISION": "decision",
+        "CHECKPOINT": "checkpoint",
+    }
+
+
+def test_step_status_values() -> None:
+    from multirun.models import StepStatus
+
+    assert {s.name: s.value for s in StepStatus} == {
+        "PENDING": "pending",
+        "RUNNING": "running",
+        "COMPLETED": "completed",
+        "FAILED": "failed",
+        "SKIPPED": "skipped",
+    }
+
+
+def test_policy_decision_values() -> None:
+    from multirun.models import PolicyDecision
+
+    assert [d.value for d in PolicyDecision] == ["proceed", "wait", "fallback", "abort"]
+
+
+def test_backoff_strategy_values() -> None:
+    from multirun.models import BackoffStrategy
+
+    assert [b.value for b in BackoffStrategy] == ["constant", "linear", "exponential"]
+
+
+def test_agent_status_values() -> None:
+    from multirun.models import AgentStatus
+
+    assert [s.value for s in AgentStatus] == [
+        "pending",
+        "running",
+        "completed",
+        "failed",
+        "cancelled",
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Run, Step
+
+
+def test_run_defaults_match_reference() -> None:
+    from multirun.models import RunStatus
+
+    run = Run()
+    assert run.name == ""
+    assert run.status is RunStatus.PENDING
+    assert run.parent_id is None
+    assert run.steps == []
+    assert run.current_step_id is None
+    assert run.checkpoints == []
+    assert run.latest_checkpoint_id is None
+    assert run.budget is None
+    assert run.tokens_used == 0
+    assert run.cost_usd == 0.0
+    assert run.policy is None
+    assert run.metadata == {}
+    assert run.started_at is None
+    assert run.completed_at is None
+    assert run.result is None
+    assert run.error is None
+
+
+def test_run_id_is_a_fresh_uuid() -> None:
+    first, second = Run(), Run()
+    uuid.UUID(first.id)
+    assert first.id != second.id
+
+
+def test_run_created_at_is_now_in_utc() -> None:
+    before = datetime.now(timezone.utc)
+    run = Run()
+    after = datetime.now(timezone.utc)
+    assert run.created_at.utcoffset() == timedelta(0)
+    assert before <= run.created_at <= after
+
+
+def test_run_patch_applies_only_fields_that_are_set() -> None:
+    from multirun.models import RunPatch, RunStatus
+
+    run = Run(name="r", tokens_used=10, error=None)
+    patched = RunPatch(status=RunStatus.COMPLETED, tokens_used=5000).apply(run)
+    assert patched.status is RunStatus.COMPLETED
+    assert patched.tokens_used == 5000
+    assert patched.name == "r"
+    assert patched.id == run.id
+
+
+def test_step_defaults_match_reference() -> None:
+    from multirun.models import StepKind, StepStatus
+
+    step = Step()
+    uuid.UUID(step.id)
+    assert step.run_id == ""
+    assert step.agent_id == ""
+    assert step.name == ""
+    assert step.kind is StepKind.FUNCTION
+    assert step.status is StepStatus.PENDING
+    assert step.parent_step_id is None
+    assert step.input_hash == ""
+    assert step.input_data is None
+    assert step.output_data is None
+    assert step.policy_decision is None
+    assert step.tokens_used == 0
+    assert step.cost_usd == 0.0
+    assert step.latency_ms == 0
+    assert step.started_at is None
+    assert step.completed_at is None
+    assert step.error is None
+    assert step.attempt == 1
+
+
+def test_step_kind_accepts_enum_value_string() -> None:
+    from multirun.models import StepKind
+
+    assert Step(kind="llm_call").kind is StepKind.LLM_CALL
+
+
+# ---------------------------------------------------------------------------
+# Budget
+
+
+def test_budget_fields_are_all_optional() -> None:
+    budget = Budget()
+    assert (
+        budget.max_tokens,
+        budget.max_cost_usd,
+        budget.max_steps,
+        budget.max_duration_seconds,
+        budget.max_sub_agents,
+    ) == (None, None, None, None, None)
+
+
+def test_budget_accepts_reference_example() -> None:
+    budget = Budget(
+        max_tokens=100_000,
+        max_cost_usd=1.0,
+        max_steps=50,
+        max_duration_seconds=300,
+        max_sub_agents=5,
+    )
+    assert budget.max_tokens == 100_000
+    assert budget.max_cost_usd == 1.0
+    assert budget.max_steps == 50
+    assert budget.max_duration_seconds == 300
+    assert budget.max_sub_agents == 5
+
+
+def test_budget_without_limits_is_never_exceeded() -> None:
+    run = Run(tokens_used=10**9, cost_usd=10**6)
+    assert Budget().is_exceeded(run) is False
+    assert Budget().get_exceeded_reason(run) is None
+
+
+def test_budget_is_exceeded_by_tokens_used_on_run() -> None:
+    run = Run(tokens_used=150)
+    assert Budget(max_tokens=100).is_exceeded(run) is True
+    assert Budget(max_tokens=200).is_exceeded(run) is False
+
+
+def test_budget_exceeded_reason_names_limit_used_and_maximum() -> None:
+    reason = Budget(max_tokens=100).get_exceeded_reason(Run(tokens_used=150))
+    assert reason is not None
+    assert "max_tokens" in reason
+    assert "150" in reason
+    assert "100" in reason
+
+
+def test_budget_is_exceeded_by_cost_on_run() -> None:
+    run = Run(cost_usd=2.5)
+    budget = Budget(max_cost_usd=1.0)
+    assert budget.is_exceeded(run) is True
+    reason = budget.get_exceeded_reason(run)
+    assert reason is not None
+    assert "max_cost_usd" in reason
+    assert "2.5" in reason
+
+
+def test_budget_is_exceeded_by_steps_over_the_limit() -> None:
+    three = Run(steps=[Step(name=str(i)) for i in range(3)])
+    assert Budget(max_steps=2).is_exceeded(three) is True
+    assert Budget(max_steps=3).is_exceeded(three) is False
+    reason = Budget(max_steps=2).get_exceeded_reason(three)
+    assert reason is not None
+    assert "max_steps" in reason
+
+
+def test_budget_is_exceeded_by_duration_of_finished_run() -> None:
+    start = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    run = Run(started_at=start, completed_at=start + timedelta(seconds=400))
+    assert Budget(max_duration_seconds=300).is_exceeded(run) is True
+    assert Budget(max_duration_seconds=500).is_exceeded(run) is False
+
+
+def test_budget_status_fields_match_reference() -> None:
+    from multirun.models import BudgetStatus
+
+    status = BudgetStatus(
+        tokens_used=10,
+        tokens_remaining=90,
+        cost_used_usd=0.5,
+        cost_remaining_usd=0.5,
+        steps_used=1,
+        steps_remaining=None,
+        percentage_used=50.0,
+        is_exceeded=False,
+    )
+    assert status.tokens_remaining == 90
+    assert status.cost_remaining_usd == 0.5
+    assert status.steps_remaining is None
+    assert status.percentage_used == 50.0
+    assert status.is_exceeded is False
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint, Policy, Agent
+
+
+def test_checkpoint_fields_match_reference() -> None:
+    ckpt = Checkpoint(
+        run_id="r1",
+        agent_id="a1",
+        step_id="s1",
+        name="after_search",
+        state_data=b"{}",
+        state_format="json",
+        context={"k": 1},
+        environment={"python": "3"},
+        size_bytes=2,
+    )
+    assert ckpt.id
+    assert (ckpt.run_id, ckpt.agent_id, ckpt.step_id, ckpt.name) == ("r1", "a1", "s1", "after_search")
+    assert ckpt.state_data == b"{}"
+    assert ckpt.state_format == "json"
+    assert ckpt.context == {"k": 1}
+    assert ckpt.environment == {"python": "3"}
+    assert ckpt.size_bytes == 2
+    assert ckpt.created_at.utcoffset() == timedelta(0)
+
+
+def test_checkpoint_meta_is_listed_on_run() -> None:
+    from multirun.models import CheckpointMeta
+
+    meta = CheckpointMeta(id="c1", run_id="r1", name="n", size_bytes=3)
+    run = Run(checkpoints=[meta], latest_checkpoint_id="c1")
+    assert run.checkpoints[0].size_bytes == 3
+    assert run.checkpoints[0].created_at is None
+
+
+def test_policy_accepts_reference_example() -> None:
+    from multirun.models import BackoffStrategy
+
+    policy = Policy(
+        retry=RetryRule(max_attempts=3, backoff=BackoffStrategy.EXPONENTIAL),
+        rate_limit=RateLimitRule(requests_per_minute=60),
+        circuit_breaker=CircuitBreakerRule(failure_threshold=5, recovery_time_seconds=60),
+    )
+    assert policy.retry is not None
+    assert policy.retry.max_attempts == 3
+    assert policy.retry.backoff is BackoffStrategy.EXPONENTIAL
+    assert policy.rate_limit is not None
+    assert policy.rate_limit.requests_per_minute == 60
+    assert policy.circuit_breaker is not None
+    assert policy.circuit_breaker.failure_threshold == 5
+    assert policy.budget is None
+    assert policy.graceful_degradation is None
+
+
+def test_policy_fields_are_all_optional() -> None:
+    policy = Policy()
+    assert (
+        policy.budget,
+        policy.rate_limit,
+        policy.retry,
+        policy.circuit_breaker,
+        policy.graceful_degradation,
+    ) == (None, None, None, None, None)
+
+
+def test_retry_rule_has_reference_fields() -> None:
+    from multirun.models import BackoffStrategy
+
+    rule = RetryRule(
+        max_attempts=4,
+        backoff=BackoffStrategy.LINEAR,
+        base_delay_seconds=0.5,
+        max_delay_seconds=10,
+    )
+    assert (rule.max_attempts, rule.backoff, rule.base_delay_seconds, rule.max_delay_seconds) == (
+        4,
+        BackoffStrategy.LINEAR,
+        0.5,
+        10,
+    )
+
+
+def test_graceful_degradation_rule_has_reference_fields() -> None:
+    from multirun.models import DegradationTrigger, GracefulDegradationRule
+
+    rule = GracefulDegradationRule(
+        fallback_model="gpt-4o-mini", trigger=DegradationTrigger.COST_PERCENTAGE, threshold=75
+    )
+    assert rule.fallback_model == "gpt-4o-mini"
+    assert rule.trigger is DegradationTrigger.COST_PERCENTAGE
+    assert rule.threshold == 75
+
+
+def test_agent_fields_match_reference() -> None:
+    from multirun.models import AgentStatus
+
+    agent = Agent(run_id="r1", name="researcher", agent_config_id="ac_123")
+    assert agent.id
+    assert agent.run_id == "r1"
+    assert agent.name == "researcher"
+    assert agent.agent_config_id == "ac_123"
+    assert agent.status is AgentStatus.PENDING
+    assert agent.tokens_used == 0
+    assert agent.cost_usd == 0.0
+    assert agent.started_at is None
+    assert agent.completed_at is None
+    assert agent.error is None
+    assert agent.metadata is None
+
+
+def test_agent_config_fields_match_reference() -> None:
+    config = AgentConfig(
+        workspace_id="ws",
+        name="planner",
+        description="plans",
+        config={"model": "gpt-4o"},
+        default_budget=Budget(max_tokens=10),
+    )
+    assert config.id
+    assert config.workspace_id == "ws"
+    assert config.name == "planner"
+    assert config.description == "plans"
+    assert config.config == {"model": "gpt-4o"}
+    assert config.default_budget == Budget(max_tokens=10)
+    assert config.created_at.utcoffset() == timedelta(0)
+    assert config.updated_at.utcoffset() == timedelta(0)
+
+
+def test_run_round_trips_through_json() -> None:
+    run = Run(name="r", budget=Budget(max_tokens=5), metadata={"k": "v"}, tokens_used=3)
+    again = Run.model_validate_json(run.model_dump_json())
+    assert again == run
