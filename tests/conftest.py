@@ -21,17 +21,21 @@ class FakeClock(Clock):
     def __init__(self) -> None:
         self.now = 1000.0
         self.sleeps: list[float] = []
+        # concurrent sleepers would move time for each other; tests of concurrency turn this off
+        self.advance_on_sleep = True
 
     def monotonic(self) -> float:
         return self.now
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.now += seconds
+        if self.advance_on_sleep:
+            self.now += seconds
 
     async def async_sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.now += seconds
+        if self.advance_on_sleep:
+            self.now += seconds
 
 
 @dataclass

@@ -23,7 +23,7 @@ from multirun.context import (
     get_current_run_context,
     get_current_step_context,
 )
-from multirun.errors import BudgetExceededError
+from multirun.errors import BudgetExceededError, StepError
 from multirun.models import Agent, Budget, Run, StepKind
 
 UNKNOWN_MODEL = "no-such-model-anywhere-7f3a"
@@ -545,7 +545,13 @@ def test_max_steps_stops_third_step_before_its_body_runs(traced) -> None:
         main()
 
     assert bodies == [0, 1]
-    assert len(traced.named("step work")) == 2
+    spans = sorted(traced.named("step work"), key=lambda s: s.start_time or 0)
+    assert [s.attributes["multirun.step.status"] for s in spans] == ["completed", "completed", "failed"]
+    refused = spans[2].attributes
+    assert refused["multirun.policy.decision"] == "abort"
+    assert refused["multirun.policy.rule"] == "budget"
+    assert refused["multirun.budget.exceeded_limit"] == "max_steps"
+    assert refused["error.type"] == "multirun.errors.BudgetExceededError"
 
 
 def test_max_steps_error_names_limit_used_and_maximum(traced) -> None:
@@ -652,14 +658,11 @@ def test_max_cost_stops_next_step_after_cost_crosses_it(traced) -> None:
 
 
 def test_max_duration_stops_next_step_once_clock_passes_it(traced) -> None:
-    body = {"n": 0}
     bodies: list[str] = []
 
-    @step(retry=3, retry_delay=1.0)
+    @step
     def slow() -> str:
-        body["n"] += 1
-        if body["n"] <= 3:
-            raise ConnectionError("again")
+        traced.clock.now += 6  # the step takes six seconds of the run's five
         return "ok"
 
     @step
@@ -674,10 +677,29 @@ def test_max_duration_stops_next_step_once_clock_passes_it(traced) -> None:
     with pytest.raises(BudgetExceededError) as info:
         main()
 
-    assert traced.clock.sleeps == [1.0, 2.0, 4.0]
     assert bodies == []
     assert info.value.limit == "max_duration_seconds"
     assert info.value.maximum == 5
+
+
+def test_retry_backoff_never_sleeps_past_the_run_deadline(traced) -> None:
+    calls = {"n": 0}
+
+    @step(retry=3, retry_delay=1.0)
+    def flaky() -> str:
+        calls["n"] += 1
+        raise ConnectionError("again")
+
+    @run(budget=Budget(max_duration_seconds=5))
+    def main() -> None:
+        flaky()
+
+    with pytest.raises(StepError):
+        main()
+
+    # after sleeping 1 s and 2 s, the next 4 s backoff would end past the 5 s deadline
+    assert traced.clock.sleeps == [1.0, 2.0]
+    assert calls["n"] == 3
 
 
 def test_sub_run_steps_count_against_parent_max_steps(traced) -> None:

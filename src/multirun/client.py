@@ -28,6 +28,7 @@ from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
 from multirun.checkpoints.store import CheckpointStore
 from multirun.clock import Clock
 from multirun.enforcement.ledger import RunLedger
+from multirun.enforcement.policy import PolicyState
 from multirun.enforcement.processor import TRACER_NAME, UsageSpanProcessor
 from multirun.errors import ConfigurationError
 from multirun.models.budget import Budget
@@ -78,6 +79,7 @@ class MultiRunClient:
         self.record_replay = record_replay
         self.clock = clock or Clock()
         self.prices = prices if isinstance(prices, PriceBook) else PriceBook(prices)
+        self.policy_state = PolicyState()
         self.checkpoints = _checkpoint_store(checkpoint_store)
         _install_usage_processor(self.tracer_provider)
         if propagate_threads:

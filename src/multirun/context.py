@@ -30,9 +30,10 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
+from multirun.enforcement.policy import PolicyEngine
 from multirun.errors import BudgetExceededError, ConfigurationError
 from multirun.models.agent import Agent, AgentStatus
-from multirun.models.budget import BudgetStatus
+from multirun.models.budget import Budget, BudgetStatus
 from multirun.models.checkpoint import CheckpointMeta
 from multirun.models.run import Run, RunStatus
 from multirun.models.step import Step, StepKind, StepStatus
@@ -205,6 +206,7 @@ class RunContext:
         self._tokens: list[object] = []
         self._finished = False
         self.parent: RunContext | None = None
+        self.policy_engine: PolicyEngine | None = None
         self.parent_step: StepContext | None = None  # the step of the parent run that called this sub-run
         self.parent_agent: AgentContext | None = None
         self.ledger: RunLedger = client.new_ledger(None)
@@ -226,7 +228,11 @@ class RunContext:
             if run.parent_id is None:
                 run.parent_id = parent.run.id
             parent_ledger = parent.ledger
-        self.ledger = self.client.new_ledger(parent_ledger, run.budget, run.id)
+        self.ledger = self.client.new_ledger(parent_ledger, _effective_budget(run), run.id)
+        if run.policy is not None:
+            self.policy_engine = PolicyEngine(
+                run.policy, self.client.policy_state, self.client.clock.monotonic
+            )
         run.status = RunStatus.RUNNING
         run.started_at = datetime.now(timezone.utc)
         attrs: dict[str, Any] = {
@@ -768,7 +774,7 @@ class StepContext:
         kind = self.kind
         if kind is StepKind.LLM_CALL:
             name = spans.step_span_name(kind, self.name, self.model)
-            if self.model and attr.GEN_AI_REQUEST_MODEL not in start_attrs:
+            if self.model and start_attrs.get(attr.GEN_AI_REQUEST_MODEL) != self.model:
                 start_attrs = {**start_attrs, attr.GEN_AI_REQUEST_MODEL: self.model}
         else:
             name = spans.step_span_name(kind, self.name, None)
@@ -841,6 +847,9 @@ class StepContext:
             end_attrs[attr.POLICY_DECISION] = self.policy_decision
             if self.policy_rule is not None:
                 end_attrs[attr.POLICY_RULE] = self.policy_rule
+            wait = getattr(self, "wait_before", 0.0)
+            if wait:
+                end_attrs[attr.POLICY_WAIT_SECONDS] = wait
         if extra:
             end_attrs.update(extra)
         if client.capture_content and self.status is StepStatus.COMPLETED:
@@ -994,6 +1003,19 @@ def _charge_chain(
             current.run.cost_usd = current.ledger.cost_usd
         step, agent = current.parent_step, current.parent_agent
         current = current.parent
+
+
+def _effective_budget(run: Run) -> Budget | None:
+    """The run's budget, tightened by its policy's BudgetRule if it has one."""
+    rule = run.policy.budget if run.policy is not None else None
+    if rule is None:
+        return run.budget
+    limits = run.budget.model_dump() if run.budget is not None else {}
+    for name in ("max_tokens", "max_cost_usd"):
+        value = getattr(rule, name)
+        if value is not None and (limits.get(name) is None or value < limits[name]):
+            limits[name] = value
+    return Budget(**limits)
 
 
 def _usage_attributes(reports: list[tuple[TokenUsage, int, bool]], out: dict[str, Any]) -> None:

@@ -24,9 +24,10 @@ from multirun._keys import agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
 from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext
+from multirun.enforcement.policy import PROCEED
 from multirun.errors import BudgetExceededError, ConfigurationError, PolicyViolation, StepError
 from multirun.models.budget import Budget
-from multirun.models.policy import BackoffStrategy, Policy
+from multirun.models.policy import BackoffStrategy, Policy, PolicyDecision
 from multirun.models.run import Run
 from multirun.models.step import StepKind, StepStatus
 from multirun.telemetry import attributes as attr
@@ -43,6 +44,7 @@ class _Call(Protocol):
     """One decorated call in flight: what ``_wrap`` needs from each decorator."""
 
     otel_context: Context | None
+    wait_before: float
 
     def _clock(self) -> Clock: ...
     def _retry_delay(self, error: BaseException) -> float | None: ...
@@ -119,34 +121,38 @@ class StepSpec:
 
     def backoff(self, attempt: int) -> float:
         """Delay before attempt ``attempt + 1``: constant, linear or exponential, capped."""
-        base = self.retry_delay
-        if self.retry_strategy is BackoffStrategy.LINEAR:
-            delay = base * attempt
-        elif self.retry_strategy is BackoffStrategy.EXPONENTIAL:
-            delay = base * (2 ** (attempt - 1))
-        else:
-            delay = base
-        return min(delay, self.retry_max_delay)
+        return backoff_delay(self.retry_strategy, self.retry_delay, self.retry_max_delay, attempt)
 
 
 class _StepCall(StepContext):
     """A StepContext driven by ``@step``: the decorator owns its span."""
 
-    __slots__ = ("spec",)
     spec: StepSpec
+    wait_before = 0.0  # seconds a rate limit asked the step to wait before its first attempt
 
     def _clock(self) -> Clock:
         return self.run_context.client.clock
 
     def _retry_delay(self, error: BaseException) -> float | None:
         spec = self.spec
-        if self.attempt > spec.retry or not isinstance(error, Exception):
-            return None
-        if isinstance(error, _NEVER_RETRIED):
+        retries, strategy = spec.retry, spec.retry_strategy
+        base, cap = spec.retry_delay, spec.retry_max_delay
+        run = self.run_context
+        policy = run.run.policy
+        if retries == 0 and policy is not None and policy.retry is not None:
+            rule = policy.retry  # the run's default for steps that set no retry of their own
+            retries, strategy = rule.max_attempts - 1, rule.backoff
+            base, cap = rule.base_delay_seconds, rule.max_delay_seconds
+        if self.attempt > retries or not isinstance(error, Exception) or _is_permanent(error):
             return None
         if spec.retry_on is not None and not isinstance(error, spec.retry_on):
             return None
-        delay = spec.backoff(self.attempt)
+        delay = backoff_delay(strategy, base, cap, self.attempt)
+        ledger = run.ledger
+        if ledger.budget is not None and ledger.exceeded(ledger.budget) is not None:
+            return None  # another attempt would spend past the budget
+        if self._clock().monotonic() + delay > ledger.deadline:
+            return None  # never sleep past the run's deadline
         self._record_attempt_failure(error, delay)
         return delay
 
@@ -155,15 +161,44 @@ class _StepCall(StepContext):
         run = self.run_context
         if self.input_hash is not None and spec.replayable:
             run._replay_record(spec.name, self.input_hash, result)
+        if run.policy_engine is not None:
+            run.policy_engine.after_step(spec.name, spec.kind, None)
         if spec.checkpoint:
             run._try_checkpoint(f"after_{spec.name}", step_id=self.id)
         self._close(StepStatus.COMPLETED, result, extra=extra)
 
     def _failed(self, error: BaseException) -> BaseException:
+        run = self.run_context
+        if run.policy_engine is not None:
+            run.policy_engine.after_step(self.spec.name, self.spec.kind, error)
         self._close(StepStatus.FAILED, error=error)
-        if self.spec.retry > 0 and isinstance(error, Exception) and not isinstance(error, _NEVER_RETRIED):
+        if self.spec.retry > 0 and isinstance(error, Exception) and not _is_permanent(error):
             return StepError(self.spec.name, self.attempt, error)
         return error
+
+
+def backoff_delay(strategy: BackoffStrategy, base: float, cap: float, attempt: int) -> float:
+    """Delay after failed attempt ``attempt``: constant, linear or exponential, at most ``cap``."""
+    if strategy is BackoffStrategy.LINEAR:
+        delay = base * attempt
+    elif strategy is BackoffStrategy.EXPONENTIAL:
+        delay = base * (2 ** (attempt - 1))
+    else:
+        delay = base
+    return min(delay, cap)
+
+
+_AUTH_ERROR_NAMES = ("AuthenticationError", "PermissionDeniedError")
+
+
+def _is_permanent(error: BaseException) -> bool:
+    """Errors another attempt cannot fix: budget and policy aborts, authentication failures."""
+    if isinstance(error, _NEVER_RETRIED):
+        return True
+    if type(error).__name__ in _AUTH_ERROR_NAMES:
+        return True
+    status = getattr(error, "status_code", None) or getattr(error, "status", None)
+    return status in (401, 403)
 
 
 def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -178,24 +213,57 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         if run.is_replaying:
             found, value = run._replay_lookup(spec.name, digest)
             if found:
-                _record_replayed(spec, run, agent, current, digest)
+                _record_step_not_run(spec, agent, current, digest=digest)
                 return _Replayed(value)
-    run.ledger.begin_step(spec.check_budget)
+    engine = run.policy_engine
+    decision = None
+    try:
+        if engine is not None:
+            decision = engine.before_step(spec.name, spec.kind, spec.model, run.ledger)
+        run.ledger.begin_step(spec.check_budget)
+    except (BudgetExceededError, PolicyViolation) as refused:
+        if engine is not None and decision is not None:
+            engine.after_step(spec.name, spec.kind, refused)  # gives back a claimed probe
+        _record_step_not_run(spec, agent, current, refused=refused)
+        raise
     step = _StepCall(agent, spec.name, spec.kind, step_in(current), managed=True)
     step.spec = spec
     step.model = spec.model
     step.input_hash = digest
+    if decision is not None and decision is not PROCEED:
+        step.policy_decision = decision.decision.value
+        step.policy_rule = decision.rule
+        if decision.model is not None:
+            step.model = decision.model
+        step.wait_before = decision.wait_seconds
     step._open(current, spec.start_attrs, args, kwargs)
     return step
 
 
-def _record_replayed(
-    spec: StepSpec, run: RunContext, agent: AgentContext, current: Context, digest: str | None
+def _record_step_not_run(
+    spec: StepSpec,
+    agent: AgentContext,
+    current: Context,
+    *,
+    digest: str | None = None,
+    refused: BudgetExceededError | PolicyViolation | None = None,
 ) -> None:
+    """A span for a step that did not run: served from the replay cache, or refused."""
     step = StepContext(agent, spec.name, spec.kind, step_in(current), managed=True)
     step.input_hash = digest
+    step.model = spec.model
     step._open(current, spec.start_attrs, (), {})
-    step._close(StepStatus.SKIPPED)
+    if refused is None:
+        step._close(StepStatus.SKIPPED)
+        return
+    step.policy_decision = PolicyDecision.ABORT.value
+    extra: dict[str, Any] = {}
+    if isinstance(refused, BudgetExceededError):
+        step.policy_rule = "budget"
+        extra[attr.BUDGET_EXCEEDED_LIMIT] = refused.limit
+    else:
+        step.policy_rule = refused.rule
+    step._close(StepStatus.FAILED, error=refused, extra=extra)
 
 
 @overload
@@ -264,6 +332,7 @@ def step(
 
 class _RunCall:
     __slots__ = ("ctx", "otel_context")
+    wait_before = 0.0
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -340,6 +409,7 @@ def run(
 
 class _AgentCall:
     __slots__ = ("agent", "otel_context", "owned_run")
+    wait_before = 0.0
 
     def __init__(self, agent: AgentContext, owned_run: RunContext | None) -> None:
         self.agent = agent
@@ -421,6 +491,7 @@ def agent(
 
 class _CheckpointCall:
     __slots__ = ("capture_result", "extra_state", "name", "otel_context", "result_key", "run")
+    wait_before = 0.0
 
     def __init__(
         self,
@@ -543,6 +614,8 @@ def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., 
             return call.value
         token = _attach(call)
         try:
+            if call.wait_before:
+                call._clock().sleep(call.wait_before)
             while True:
                 try:
                     result = func(*args, **kwargs)
@@ -570,6 +643,8 @@ def _async_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[...,
             return call.value
         token = _attach(call)
         try:
+            if call.wait_before:
+                await call._clock().async_sleep(call.wait_before)
             while True:
                 try:
                     result = await func(*args, **kwargs)
@@ -608,6 +683,8 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
         call = open_call(args, kwargs)
         if call is None:
             return (yield from func(*args, **kwargs))
+        if call.wait_before:
+            call._clock().sleep(call.wait_before)
         while True:
             gen = func(*args, **kwargs)
             try:
@@ -665,6 +742,8 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
             async for item in func(*args, **kwargs):
                 yield item
             return
+        if call.wait_before:
+            await call._clock().async_sleep(call.wait_before)
         while True:
             agen = func(*args, **kwargs)
             try:

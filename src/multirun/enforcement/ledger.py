@@ -141,6 +141,26 @@ class RunLedger:
             self.cost_units += cost_units
             self.steps += steps
 
+    @property
+    def deadline(self) -> float:
+        """The monotonic time at which max_duration_seconds runs out (infinity without one)."""
+        return self._deadline
+
+    def shares(self, budget: Budget) -> dict[str, float]:
+        """How much of each limit that is set is used, as a ratio (1.0 = all of it)."""
+        found: dict[str, float] = {}
+        if budget.max_tokens is not None:
+            found["max_tokens"] = self.tokens / budget.max_tokens
+        if budget.max_cost_usd is not None:
+            found["max_cost_usd"] = self.cost_units / COST_UNITS_PER_USD / budget.max_cost_usd
+        if budget.max_steps is not None:
+            found["max_steps"] = self.steps / budget.max_steps
+        if budget.max_duration_seconds is not None:
+            found["max_duration_seconds"] = self.elapsed() / budget.max_duration_seconds
+        if budget.max_sub_agents:
+            found["max_sub_agents"] = self.sub_agents / budget.max_sub_agents
+        return found
+
     def exceeded(self, budget: Budget, *, next_step: bool = False) -> tuple[str, float, float] | None:
         """The first limit of ``budget`` reached, as (limit, used, maximum), or None.
 
@@ -174,17 +194,7 @@ class RunLedger:
                 duration_seconds=elapsed,
                 sub_agents_used=sub_agents,
             )
-        shares = []
-        if budget.max_tokens is not None:
-            shares.append(tokens / budget.max_tokens)
-        if budget.max_cost_usd is not None:
-            shares.append(cost / budget.max_cost_usd)
-        if budget.max_steps is not None:
-            shares.append(steps / budget.max_steps)
-        if budget.max_duration_seconds is not None:
-            shares.append(elapsed / budget.max_duration_seconds)
-        if budget.max_sub_agents:
-            shares.append(sub_agents / budget.max_sub_agents)
+        shares = self.shares(budget)
         return BudgetStatus(
             tokens_used=tokens,
             tokens_remaining=None if budget.max_tokens is None else max(budget.max_tokens - tokens, 0),
@@ -196,6 +206,6 @@ class RunLedger:
             steps_remaining=None if budget.max_steps is None else max(budget.max_steps - steps, 0),
             duration_seconds=elapsed,
             sub_agents_used=sub_agents,
-            percentage_used=round(100.0 * max(shares, default=0.0), 4),
+            percentage_used=round(100.0 * max(shares.values(), default=0.0), 4),
             is_exceeded=self.exceeded(budget) is not None,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from multirun.models._base import Model
 
@@ -49,8 +49,17 @@ class RetryRule(Model):
 
 
 class CircuitBreakerRule(Model):
+    """Open the circuit of a step after ``failure_threshold`` failures in a row.
+
+    ``excluded_errors`` are exception classes that do not count as failures
+    (budget and policy aborts never count).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
     failure_threshold: int = Field(default=5, ge=1)
     recovery_time_seconds: float = Field(default=60.0, ge=0)
+    excluded_errors: tuple[type[BaseException], ...] = ()
 
 
 class GracefulDegradationRule(Model):

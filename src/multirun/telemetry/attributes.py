@@ -73,6 +73,7 @@ STEP_RETRY_DELAY: Final = "multirun.step.retry_delay_seconds"
 STEP_STREAM_ITEMS: Final = "multirun.step.stream_items"
 POLICY_DECISION: Final = "multirun.policy.decision"
 POLICY_RULE: Final = "multirun.policy.rule"
+POLICY_WAIT_SECONDS: Final = "multirun.policy.wait_seconds"
 
 # multirun: roll-ups (the sum over everything below, so backends never add twice)
 TOKENS_USED: Final = "multirun.tokens_used"

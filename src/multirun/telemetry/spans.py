@@ -35,7 +35,8 @@ def step_span_name(kind: StepKind, name: str, model: str | None) -> str:
 
 def step_start_attributes(kind: StepKind, name: str, model: str | None) -> dict[str, Any]:
     """The attributes every span of this step starts with; built once per decorated function."""
-    attrs: dict[str, Any] = {a.STEP_NAME: name, a.STEP_KIND: kind.value}
+    # decision "proceed" is the default; a step the policy treats otherwise overwrites it at its end
+    attrs: dict[str, Any] = {a.STEP_NAME: name, a.STEP_KIND: kind.value, a.POLICY_DECISION: "proceed"}
     operation = _OPERATION.get(kind)
     if operation is not None:
         attrs[a.GEN_AI_OPERATION_NAME] = operation

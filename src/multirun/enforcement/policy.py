@@ -1,0 +1,246 @@
+"""PolicyEngine: the decision before each step (proceed, wait, fall back, abort).
+
+    engine = PolicyEngine(policy, shared_state, clock)
+    decision = engine.before_step("ask", StepKind.LLM_CALL, "gpt-4o", ledger)
+    ...  # run the step, honouring decision.wait_seconds and decision.model
+    engine.after_step("ask", StepKind.LLM_CALL, error=None)
+
+The rules are written here rather than taken from a resilience library
+(tenacity, pybreaker, aiolimiter) because each of those covers one rule, for
+sync *or* async code, and none knows about the run: the rate limiter must not
+wait past the run's deadline, the breaker must ignore budget aborts, the
+degradation rule reads the run's budget, and every decision has to land on
+the step's span. Each rule is a few lines of arithmetic under one lock.
+
+State that protects a dependency (rate limits, circuits) is shared by every
+run of the process through ``PolicyState``; state about one run (whether it
+has degraded to its fallback model) lives in that run's engine.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from multirun.errors import BudgetExceededError, PolicyViolation
+from multirun.models.policy import (
+    CircuitBreakerRule,
+    DegradationTrigger,
+    GracefulDegradationRule,
+    Policy,
+    PolicyDecision,
+    RateLimitRule,
+)
+from multirun.models.step import StepKind
+
+if TYPE_CHECKING:
+    from multirun.enforcement.ledger import RunLedger
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the engine decided for one step."""
+
+    decision: PolicyDecision
+    rule: str | None = None
+    wait_seconds: float = 0.0
+    model: str | None = None  # the model an LLM step should use (set on fallback)
+    reason: str = ""
+
+
+PROCEED = Decision(PolicyDecision.PROCEED)
+
+
+class RateLimiter:
+    """Paces requests evenly: one slot every ``60 / requests_per_minute`` seconds.
+
+    A caller reserves the next free slot under the lock and is told how long
+    to wait for it; the wait itself happens outside the lock (``time.sleep``
+    or ``asyncio.sleep``, by the caller), so threads and tasks share one pace.
+    """
+
+    def __init__(self, requests_per_minute: float) -> None:
+        self.interval = 60.0 / requests_per_minute
+        self._next_free = float("-inf")
+        self._lock = threading.Lock()
+
+    def reserve(self, now: float, latest_start: float) -> float | None:
+        """Seconds to wait for the next slot, or None if that slot starts after ``latest_start``."""
+        with self._lock:
+            slot = max(now, self._next_free)
+            if slot > latest_start:
+                return None
+            self._next_free = slot + self.interval
+            return slot - now
+
+
+class CircuitBreaker:
+    """Closed until ``failure_threshold`` failures in a row; then open (fail fast) for
+    ``recovery_time_seconds``; then half-open, when exactly one probe goes through.
+    The probe's success closes the circuit, its failure opens it again."""
+
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+    def __init__(self, rule: CircuitBreakerRule) -> None:
+        self.rule = rule
+        self.state = self.CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self.probe_in_flight = False
+        self._lock = threading.Lock()
+
+    def allow(self, now: float) -> bool:
+        """True if a call may go ahead now (claiming the probe when half-open)."""
+        with self._lock:
+            if self.state == self.CLOSED:
+                return True
+            if self.state == self.OPEN:
+                if now - self.opened_at < self.rule.recovery_time_seconds:
+                    return False
+                self.state = self.HALF_OPEN
+            if self.probe_in_flight:
+                return False
+            self.probe_in_flight = True
+            return True
+
+    def record(self, ok: bool, now: float) -> None:
+        with self._lock:
+            if ok:
+                self.state, self.failures, self.probe_in_flight = self.CLOSED, 0, False
+                return
+            self.failures += 1
+            if self.state == self.HALF_OPEN or self.failures >= self.rule.failure_threshold:
+                self.state, self.opened_at, self.probe_in_flight = self.OPEN, now, False
+
+    def release_probe(self) -> None:
+        """The probe did not run (aborted for another reason): let another caller probe."""
+        with self._lock:
+            self.probe_in_flight = False
+
+
+class PolicyState:
+    """Rate limiters and circuit breakers shared by all runs of one client."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._limiters: dict[tuple[float, str | None], RateLimiter] = {}
+        self._breakers: dict[tuple[str, int, float], CircuitBreaker] = {}
+
+    def limiter(self, rule: RateLimitRule) -> RateLimiter:
+        key = (rule.requests_per_minute, rule.model)
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            with self._lock:
+                limiter = self._limiters.setdefault(key, RateLimiter(rule.requests_per_minute))
+        return limiter
+
+    def breaker(self, step_name: str, rule: CircuitBreakerRule) -> CircuitBreaker:
+        key = (step_name, rule.failure_threshold, rule.recovery_time_seconds)
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            with self._lock:
+                breaker = self._breakers.setdefault(key, CircuitBreaker(rule))
+        return breaker
+
+
+class PolicyEngine:
+    """Applies one run's Policy before and after each of its steps."""
+
+    def __init__(self, policy: Policy, state: PolicyState, clock: Callable[[], float]) -> None:
+        self.policy = policy
+        self.state = state
+        self.clock = clock
+        self.degraded = False
+        self._llm_failures_in_a_row = 0
+        self._lock = threading.Lock()
+
+    def before_step(self, name: str, kind: StepKind, model: str | None, ledger: RunLedger) -> Decision:
+        """The decision for a step about to start; PolicyViolation when it must not run."""
+        policy = self.policy
+        decision = PROCEED
+        breaker_rule = policy.circuit_breaker
+        breaker = None
+        if breaker_rule is not None:
+            breaker = self.state.breaker(name, breaker_rule)
+            if not breaker.allow(self.clock()):
+                raise PolicyViolation(
+                    "circuit_breaker",
+                    f"circuit of step {name!r} is open after {breaker.failures} failures; "
+                    f"retry after {breaker_rule.recovery_time_seconds:g}s",
+                )
+        try:
+            if kind is StepKind.LLM_CALL:
+                if policy.graceful_degradation is not None:
+                    fallback = self._fallback(policy.graceful_degradation, ledger)
+                    if fallback is not None:
+                        model = fallback
+                        decision = Decision(PolicyDecision.FALLBACK, "graceful_degradation", model=fallback)
+                limit = policy.rate_limit
+                if limit is not None and (limit.model is None or limit.model == model):
+                    wait = self._rate_limit_wait(limit, ledger)
+                    if wait > 0:
+                        decision = Decision(
+                            PolicyDecision.WAIT,
+                            "rate_limit",
+                            wait_seconds=wait,
+                            model=decision.model,
+                        )
+        except BaseException:
+            if breaker is not None:
+                breaker.release_probe()
+            raise
+        return decision
+
+    def after_step(self, name: str, kind: StepKind, error: BaseException | None) -> None:
+        """Feed the step's outcome to the circuit breaker and the degradation trigger."""
+        if error is not None and isinstance(error, (BudgetExceededError, PolicyViolation)):
+            return  # not a failure of the dependency
+        rule = self.policy.circuit_breaker
+        if rule is not None:
+            breaker = self.state.breaker(name, rule)
+            if error is None or not isinstance(error, rule.excluded_errors):
+                breaker.record(error is None, self.clock())
+            else:
+                breaker.release_probe()
+        if kind is StepKind.LLM_CALL:
+            with self._lock:
+                self._llm_failures_in_a_row = 0 if error is None else self._llm_failures_in_a_row + 1
+
+    # -- rules ---------------------------------------------------------------
+
+    def _rate_limit_wait(self, rule: RateLimitRule, ledger: RunLedger) -> float:
+        now = self.clock()
+        deadline = ledger.deadline
+        wait = self.state.limiter(rule).reserve(now, deadline)
+        if wait is None:
+            raise PolicyViolation(
+                "rate_limit",
+                f"the next free slot at {rule.requests_per_minute:g} requests per minute "
+                "starts after the run's max_duration_seconds",
+            )
+        return wait
+
+    def _fallback(self, rule: GracefulDegradationRule, ledger: RunLedger) -> str | None:
+        """The fallback model once the trigger has fired; it stays fired for the run."""
+        if not self.degraded and self._triggered(rule, ledger):
+            with self._lock:
+                self.degraded = True
+        return rule.fallback_model if self.degraded else None
+
+    def _triggered(self, rule: GracefulDegradationRule, ledger: RunLedger) -> bool:
+        trigger = rule.trigger
+        if trigger is DegradationTrigger.CONSECUTIVE_FAILURES:
+            return self._llm_failures_in_a_row >= rule.threshold
+        budget = ledger.budget
+        if budget is None:
+            return False
+        shares = ledger.shares(budget)
+        if trigger is DegradationTrigger.COST_PERCENTAGE:
+            share = shares.get("max_cost_usd")
+        elif trigger is DegradationTrigger.TOKEN_PERCENTAGE:
+            share = shares.get("max_tokens")
+        else:
+            share = max(shares.values(), default=None)
+        return share is not None and 100.0 * share >= rule.threshold

@@ -1,0 +1,394 @@
+"""The policy rules: rate limit, circuit breaker, graceful degradation, retry defaults."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import multirun
+from multirun import run, step
+from multirun.context import get_current_step_context
+from multirun.errors import BudgetExceededError, PolicyViolation, StepError
+from multirun.models import Budget, Policy, StepKind
+from multirun.models.policy import (
+    BackoffStrategy,
+    CircuitBreakerRule,
+    DegradationTrigger,
+    GracefulDegradationRule,
+    RateLimitRule,
+    RetryRule,
+)
+from multirun.telemetry import attributes as attr
+
+
+def attrs_of(traced, name: str) -> list[dict]:
+    spans = sorted(traced.named(name), key=lambda s: s.start_time or 0)
+    return [dict(s.attributes or {}) for s in spans]
+
+
+# ---------------------------------------------------------------------------
+# rate limit
+
+
+def test_rate_limit_paces_llm_steps_and_shows_the_wait_on_the_span(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def ask() -> None:
+        pass
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    def main() -> None:
+        for _ in range(3):
+            ask()
+
+    main()
+    assert traced.clock.sleeps == [1.0, 1.0]
+    found = attrs_of(traced, "chat gpt-4o-mini")
+    assert [a[attr.POLICY_DECISION] for a in found] == ["proceed", "wait", "wait"]
+    assert [a.get(attr.POLICY_WAIT_SECONDS) for a in found] == [None, 1.0, 1.0]
+    assert found[1][attr.POLICY_RULE] == "rate_limit"
+
+
+def test_rate_limit_for_one_model_leaves_other_models_alone(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def big() -> None:
+        pass
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def small() -> None:
+        pass
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=30, model="gpt-4o")))
+    def main() -> None:
+        for _ in range(3):
+            small()
+        big()
+        big()
+
+    main()
+    assert traced.clock.sleeps == [2.0]
+
+
+def test_rate_limit_is_shared_by_threads(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="m")
+    def ask() -> None:
+        pass
+
+    traced.clock.advance_on_sleep = False
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=120)))
+    def main() -> None:
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    main()
+    # four reservations half a second apart: waits of 0, 0.5, 1.0 and 1.5 seconds (any order)
+    assert sorted(traced.clock.sleeps) == [0.5, 1.0, 1.5]
+
+
+async def test_rate_limit_waits_with_asyncio_sleep_in_async_steps(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="m")
+    async def ask() -> None:
+        await asyncio.sleep(0)
+
+    traced.clock.advance_on_sleep = False
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    async def main() -> None:
+        await asyncio.gather(ask(), ask(), ask())
+
+    await main()
+    assert sorted(traced.clock.sleeps) == [1.0, 2.0]
+
+
+def test_rate_limit_that_would_wait_past_the_deadline_aborts(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="m")
+    def ask() -> None:
+        pass
+
+    @run(
+        budget=Budget(max_duration_seconds=10),
+        policy=Policy(rate_limit=RateLimitRule(requests_per_minute=4)),
+    )
+    def main() -> None:
+        ask()
+        ask()  # the next slot is 15 s away, past the 10 s deadline
+
+    with pytest.raises(PolicyViolation, match="rate_limit"):
+        main()
+    refused = attrs_of(traced, "chat m")[1]
+    assert refused[attr.POLICY_DECISION] == "abort"
+    assert refused[attr.STEP_STATUS] == "failed"
+
+
+# ---------------------------------------------------------------------------
+# circuit breaker
+
+
+def breaker_policy(**kwargs) -> Policy:
+    return Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=2, recovery_time_seconds=30, **kwargs))
+
+
+def test_circuit_opens_after_threshold_and_fails_fast(traced) -> None:
+    calls = {"n": 0}
+
+    @step
+    def fetch() -> None:
+        calls["n"] += 1
+        raise ConnectionError("down")
+
+    @run(policy=breaker_policy())
+    def main() -> list[str]:
+        outcomes = []
+        for _ in range(4):
+            try:
+                fetch()
+            except ConnectionError:
+                outcomes.append("error")
+            except PolicyViolation as exc:
+                outcomes.append(f"open:{exc.rule}")
+        return outcomes
+
+    assert main() == ["error", "error", "open:circuit_breaker", "open:circuit_breaker"]
+    assert calls["n"] == 2
+    refused = attrs_of(traced, "step fetch")[2]
+    assert refused[attr.POLICY_DECISION] == "abort"
+    assert refused[attr.POLICY_RULE] == "circuit_breaker"
+
+
+def test_half_open_circuit_lets_exactly_one_probe_through(traced) -> None:
+    fail = {"on": True}
+    entered = threading.Event()
+    release = threading.Event()
+    calls = {"n": 0}
+
+    @step
+    def fetch() -> str:
+        calls["n"] += 1
+        if fail["on"]:
+            raise ConnectionError("down")
+        entered.set()
+        release.wait(5)
+        return "ok"
+
+    @run(policy=breaker_policy())
+    def main() -> list[str]:
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                fetch()
+        traced.clock.now += 31  # past recovery_time_seconds: half-open
+        fail["on"] = False
+        results: list[str] = []
+
+        def probe() -> None:
+            try:
+                results.append(fetch())
+            except PolicyViolation:
+                results.append("refused")
+
+        first = threading.Thread(target=probe)
+        first.start()
+        assert entered.wait(5)
+        others = [threading.Thread(target=probe) for _ in range(3)]
+        for t in others:
+            t.start()
+        for t in others:
+            t.join()
+        release.set()
+        first.join()
+        results.append(fetch())  # closed again after the probe succeeded
+        return results
+
+    assert main() == ["refused", "refused", "refused", "ok", "ok"]
+    assert calls["n"] == 4
+
+
+def test_failed_probe_opens_the_circuit_again(traced) -> None:
+    @step
+    def fetch() -> None:
+        raise ConnectionError("still down")
+
+    @run(policy=breaker_policy())
+    def main() -> list[str]:
+        seen = []
+        for advance in (0, 0, 31, 0):
+            traced.clock.now += advance
+            try:
+                fetch()
+            except ConnectionError:
+                seen.append("error")
+            except PolicyViolation:
+                seen.append("open")
+        return seen
+
+    assert main() == ["error", "error", "error", "open"]
+
+
+def test_excluded_errors_do_not_count_towards_the_threshold(traced) -> None:
+    @step
+    def parse() -> None:
+        raise ValueError("bad input, not an outage")
+
+    @run(policy=breaker_policy(excluded_errors=(ValueError,)))
+    def main() -> int:
+        errors = 0
+        for _ in range(5):
+            with pytest.raises(ValueError):
+                parse()
+            errors += 1
+        return errors
+
+    assert main() == 5
+
+
+# ---------------------------------------------------------------------------
+# graceful degradation
+
+
+def test_degradation_switches_llm_steps_to_the_fallback_model_once_over_threshold(traced) -> None:
+    seen_models: list[str | None] = []
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def ask() -> None:
+        model = get_current_step_context().model
+        seen_models.append(model)
+        multirun.report_usage(model, input_tokens=300, output_tokens=0, cost_usd=0.0)
+
+    @run(
+        budget=Budget(max_tokens=1000),
+        policy=Policy(
+            graceful_degradation=GracefulDegradationRule(
+                fallback_model="gpt-4o-mini", trigger=DegradationTrigger.TOKEN_PERCENTAGE, threshold=50
+            )
+        ),
+    )
+    def main() -> None:
+        for _ in range(3):
+            ask()
+
+    main()
+    assert seen_models == ["gpt-4o", "gpt-4o", "gpt-4o-mini"]
+    spans = attrs_of(traced, "chat gpt-4o") + attrs_of(traced, "chat gpt-4o-mini")
+    assert [a[attr.GEN_AI_REQUEST_MODEL] for a in spans] == ["gpt-4o", "gpt-4o", "gpt-4o-mini"]
+    assert spans[2][attr.POLICY_DECISION] == "fallback"
+    assert spans[2][attr.POLICY_RULE] == "graceful_degradation"
+
+
+def test_degradation_does_not_flap_when_the_fallback_model_fails_too(traced) -> None:
+    seen_models: list[str | None] = []
+
+    @step(kind=StepKind.LLM_CALL, model="primary")
+    def ask() -> None:
+        seen_models.append(get_current_step_context().model)
+        raise TimeoutError("model overloaded")
+
+    @run(
+        policy=Policy(
+            graceful_degradation=GracefulDegradationRule(
+                fallback_model="fallback", trigger=DegradationTrigger.CONSECUTIVE_FAILURES, threshold=2
+            )
+        )
+    )
+    def main() -> None:
+        for _ in range(5):
+            with pytest.raises(TimeoutError):
+                ask()
+
+    main()
+    assert seen_models == ["primary", "primary", "fallback", "fallback", "fallback"]
+
+
+# ---------------------------------------------------------------------------
+# retry rule and errors that are never retried
+
+
+def test_policy_retry_rule_is_the_default_for_steps_without_retry(traced) -> None:
+    calls = {"n": 0}
+
+    @step
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise ConnectionError("blip")
+        return "ok"
+
+    policy = Policy(retry=RetryRule(max_attempts=3, backoff=BackoffStrategy.LINEAR, base_delay_seconds=2))
+
+    @run(policy=policy)
+    def main() -> str:
+        return flaky()
+
+    assert main() == "ok"
+    assert traced.clock.sleeps == [2.0, 4.0]
+
+
+def test_budget_exceeded_inside_a_step_is_not_retried(traced) -> None:
+    calls = {"n": 0}
+
+    @step
+    def inner() -> None:
+        pass
+
+    @step(retry=3, retry_delay=0)
+    def outer() -> None:
+        calls["n"] += 1
+        inner()
+
+    @run(budget=Budget(max_steps=1))
+    def main() -> None:
+        outer()
+
+    with pytest.raises(BudgetExceededError):
+        main()
+    assert calls["n"] == 1
+
+
+class AuthenticationError(Exception):
+    """Shaped like the OpenAI and Anthropic SDKs' error of a bad API key."""
+
+
+def test_authentication_errors_are_not_retried(traced) -> None:
+    calls = {"n": 0}
+
+    @step(retry=3, retry_delay=0)
+    def call_api() -> None:
+        calls["n"] += 1
+        raise AuthenticationError("invalid api key")
+
+    @run
+    def main() -> None:
+        call_api()
+
+    with pytest.raises(AuthenticationError):
+        main()
+    assert calls["n"] == 1
+
+
+def test_steps_without_a_policy_record_the_proceed_decision(traced) -> None:
+    @step
+    def work() -> None:
+        pass
+
+    @run
+    def main() -> None:
+        work()
+
+    main()
+    assert attrs_of(traced, "step work")[0][attr.POLICY_DECISION] == "proceed"
+
+
+def test_step_error_still_wraps_retryable_failures(traced) -> None:
+    @step(retry=1, retry_delay=0)
+    def flaky() -> None:
+        raise ConnectionError("x")
+
+    @run
+    def main() -> None:
+        flaky()
+
+    with pytest.raises(StepError):
+        main()
