@@ -59,13 +59,16 @@ class UsageSpanProcessor(SpanProcessor):
             if entry is None:
                 return
             usage = usage_from_attributes(span.attributes or {})
-            if usage is None:
+            reported_below = entry[1]
+            if usage is None and not reported_below:
                 return
+            # tell the foreign ancestors that usage below them is charged, even through
+            # spans that carry none of their own, so a wrapper copying totals is not charged again
             parent = span.parent
             parent_entry = self._open.get(parent.span_id) if parent is not None else None
             if parent_entry is not None:
-                parent_entry[1] = True  # the foreign parent must not charge this again
-            if entry[1]:
+                parent_entry[1] = True
+            if usage is None or reported_below:
                 return
         try:
             entry[0].charge_child_usage(usage)
