@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -34,10 +35,11 @@ from multirun.errors import ConfigurationError
 from multirun.models.budget import Budget
 from multirun.pricing import COST_UNITS_PER_USD, Price, PriceBook
 from multirun.telemetry.local_files import LocalFileSpanExporter
+from multirun.telemetry.metrics import NO_METRICS, Metrics
 from multirun.usage import TokenUsage
 
 if TYPE_CHECKING:
-    from multirun.context import RunContext
+    pass
 
 _logger = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class MultiRunClient:
         record_replay: bool = False,
         clock: Clock | None = None,
         propagate_threads: bool = True,
+        meter_provider: otel_metrics.MeterProvider | None = None,
+        metrics: bool = True,
     ) -> None:
         capture_content, content_limit = _validate_options(
             capture_content=capture_content,
@@ -80,6 +84,12 @@ class MultiRunClient:
         self.clock = clock or Clock()
         self.prices = prices if isinstance(prices, PriceBook) else PriceBook(prices)
         self.policy_state = PolicyState()
+        if not isinstance(metrics, bool):
+            raise ConfigurationError(f"metrics must be True or False, got {metrics!r}")
+        self.metrics: Metrics = NO_METRICS
+        if metrics:
+            provider = meter_provider or otel_metrics.get_meter_provider()
+            self.metrics = Metrics(provider.get_meter(TRACER_NAME, _VERSION))
         self.checkpoints = _checkpoint_store(checkpoint_store)
         _install_usage_processor(self.tracer_provider)
         if propagate_threads:
@@ -105,9 +115,6 @@ class MultiRunClient:
         if cost is None:
             return usage.total_tokens, 0, usage.total_tokens > 0
         return usage.total_tokens, round(cost * COST_UNITS_PER_USD), False
-
-    def on_run_finished(self, run: RunContext) -> None:
-        """Called once when a run completes or fails."""
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         flush = getattr(self.tracer_provider, "force_flush", None)
@@ -192,6 +199,8 @@ def init(
     step_history: int = DEFAULT_STEP_HISTORY,
     record_replay: bool = False,
     propagate_threads: bool = True,
+    meter_provider: otel_metrics.MeterProvider | None = None,
+    metrics: bool = True,
 ) -> MultiRunClient:
     """Configure multirun for this process and return the client.
 
@@ -211,6 +220,9 @@ def init(
         prices: per-model price overrides, ``{"model": Price(...)}``.
         step_history: how many finished steps a run keeps for ``Run.steps``.
         record_replay: hash step inputs and keep results for replay after restore.
+        meter_provider: record metrics with this provider (default: the global one;
+            with an OTLP endpoint and no global provider, one exporting there is created).
+        metrics: False to record no metrics at all.
     """
     global _configured
     with _configure_lock:
@@ -229,6 +241,8 @@ def init(
             step_history=step_history,
             record_replay=record_replay,
             propagate_threads=propagate_threads,
+            meter_provider=meter_provider,
+            metrics=metrics,
         )
         return _configured
 
@@ -280,11 +294,7 @@ def _init_locked(
             if span_exporter is not None or endpoint is not None:
                 current.add_span_processor(BatchSpanProcessor(exporter))
         elif _is_unset(current):
-            resource = Resource.create(
-                {SERVICE_NAME: service_name}
-                if service_name
-                else ({} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: "multirun"})
-            )
+            resource = _resource(service_name)
             owned = TracerProvider(resource=resource)
             _owned_exporter.replace(exporter)
             owned.add_span_processor(_owned_exporter)
@@ -302,6 +312,8 @@ def _init_locked(
         add = getattr(provider, "add_span_processor", None)
         if add is not None:
             add(BatchSpanProcessor(exporter))
+    if client_options.get("meter_provider") is None and client_options.get("metrics", True):
+        _ensure_meter_provider(endpoint, headers, service_name)
     client = MultiRunClient(
         tracer_provider=provider, checkpoint_store=checkpoint_store, prices=price_book, **client_options
     )
@@ -350,6 +362,51 @@ def _exporter_for(endpoint: str | None, headers: Mapping[str, str] | None, root:
             url += "/v1/traces"
         return OTLPSpanExporter(endpoint=url, headers=dict(headers or {}))
     return OTLPSpanExporter(headers=dict(headers) if headers else None)
+
+
+_owned_meter_provider: Any = None
+
+
+def _resource(service_name: str | None) -> Resource:
+    """The resource of providers created here: ``service.name`` from the argument,
+    else ``OTEL_SERVICE_NAME``, else ``multirun``."""
+    if service_name:
+        return Resource.create({SERVICE_NAME: service_name})
+    return Resource.create({} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: "multirun"})
+
+
+def _ensure_meter_provider(
+    endpoint: str | None, headers: Mapping[str, str] | None, service_name: str | None
+) -> None:
+    """With an OTLP endpoint and no global MeterProvider, create one that exports there.
+
+    Without an endpoint, metrics go wherever the application's MeterProvider
+    sends them (nowhere if it has none): the embedded default keeps traces only.
+    """
+    global _owned_meter_provider
+    env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if _owned_meter_provider is not None or (endpoint is None and not env_endpoint):
+        return
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    if isinstance(otel_metrics.get_meter_provider(), MeterProvider):
+        return  # the application has one
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    if endpoint is not None:
+        url = endpoint.rstrip("/")
+        exporter = OTLPMetricExporter(
+            endpoint=url if url.endswith("/v1/metrics") else url + "/v1/metrics", headers=dict(headers or {})
+        )
+    else:
+        exporter = OTLPMetricExporter(headers=dict(headers) if headers else None)
+    interval = _env_int("OTEL_METRIC_EXPORT_INTERVAL", 10_000)
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
+    _owned_meter_provider = MeterProvider(metric_readers=[reader], resource=_resource(service_name))
+    otel_metrics.set_meter_provider(_owned_meter_provider)
 
 
 def _is_unset(provider: trace.TracerProvider) -> bool:

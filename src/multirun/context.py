@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Generator
 from datetime import datetime, timezone
@@ -254,6 +255,7 @@ class RunContext:
         ctx = otel_context.set_value(RUN_KEY, self, ctx)
         ctx = otel_context.set_value(AGENT_KEY, None, ctx)
         self._otel_ctx = otel_context.set_value(STEP_KEY, None, ctx)
+        self.client.metrics.run_started(run.name, self._otel_ctx)
 
     @property
     def otel_context(self) -> Context:
@@ -356,7 +358,10 @@ class RunContext:
             _record_error(span, error, end_attrs)
         span.set_attributes(end_attrs)
         span.end()
-        self.client.on_run_finished(self)
+        budget = ledger.budget
+        self.client.metrics.run_finished(
+            run.name, status.value, ledger.shares(budget) if budget is not None else None, self._otel_ctx
+        )
 
     # -- agents --------------------------------------------------------------
 
@@ -444,9 +449,11 @@ class RunContext:
     def _checkpoint(
         self, name: str, extra_state: dict[str, Any] | None, agent_id: str, step_id: str
     ) -> CheckpointMeta:
+        started = time.perf_counter()
         meta = self.client.checkpoints.save(
             self, name=name, extra_state=extra_state, agent_id=agent_id, step_id=step_id
         )
+        self.client.metrics.checkpoint_saved(self.run.name, meta.size_bytes, time.perf_counter() - started)
         with self._lock:
             self.run.checkpoints.append(meta)
             self.run.latest_checkpoint_id = meta.id
@@ -656,13 +663,11 @@ class AgentContext:
 
     def report_usage(self, usage: TokenUsage) -> None:
         """Charge a usage report made at agent level (outside any step)."""
-        tokens, units, unpriced = self.run_context.client.price(usage)
-        _charge_chain(self.run_context, None, self, tokens, units, unpriced)
+        _charge_usage(self.run_context, None, self, usage, own=True)
 
     def charge_child_usage(self, usage: TokenUsage) -> None:
         """Charge usage that a span of another instrumentation reported under this agent."""
-        tokens, units, unpriced = self.run_context.client.price(usage)
-        _charge_chain(self.run_context, None, self, tokens, units, unpriced)
+        _charge_usage(self.run_context, None, self, usage, own=False)
 
     def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
         self.agent.tokens_used += tokens
@@ -858,6 +863,7 @@ class StepContext:
             _record_error(span, self.error, end_attrs)
         span.set_attributes(end_attrs)
         span.end()
+        _step_metrics(self, span, end_attrs.get(attr.ERROR_TYPE))
         if not client.capture_content:
             self.result = None  # the history must not keep large results alive
         run._history.append(self)
@@ -870,13 +876,12 @@ class StepContext:
 
     def report_usage(self, usage: TokenUsage) -> None:
         """Charge one model call to this step, its parents, its agent and its run."""
-        tokens, units, unpriced = self.run_context.client.price(usage)
+        units, unpriced = _charge_usage(self.run_context, self, self.agent_context, usage, own=True)
         report = (usage, units, unpriced)
         if self._own_usage is None:
             self._own_usage = [report]
         else:
             self._own_usage.append(report)
-        _charge_chain(self.run_context, self, self.agent_context, tokens, units, unpriced)
 
     def charge_child_usage(self, usage: TokenUsage) -> None:
         """Charge usage that a span of another instrumentation reported inside this step.
@@ -884,9 +889,8 @@ class StepContext:
         It counts in the roll-ups (``multirun.tokens_used``) but not as this
         step's own ``gen_ai.usage.*``, so no backend adds it twice.
         """
-        tokens, units, unpriced = self.run_context.client.price(usage)
         self.child_usage_reported = True
-        _charge_chain(self.run_context, self, self.agent_context, tokens, units, unpriced)
+        _charge_usage(self.run_context, self, self.agent_context, usage, own=False)
 
     def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
         self.tokens_used += tokens
@@ -969,6 +973,63 @@ class StepContext:
 
 # ---------------------------------------------------------------------------
 # helpers
+
+
+def _step_metrics(step: StepContext, span: Span, error_type: str | None) -> None:
+    """Count the finished step; an LLM step that made the call itself also times the call."""
+    start, end = getattr(span, "start_time", None), getattr(span, "end_time", None)
+    duration = (end - start) / 1e9 if start is not None and end is not None else 0.0
+    run = step.run_context
+    metrics = run.client.metrics
+    metrics.step_finished(
+        run.run.name, step.agent_context.agent.name, step.kind.value, step.status.value, duration, error_type
+    )
+    if (
+        step.kind is StepKind.LLM_CALL
+        and not step.child_usage_reported
+        and step.status is not StepStatus.SKIPPED
+    ):
+        usage = step._own_usage[-1][0] if step._own_usage else None
+        metrics.llm_call_finished(
+            attr.OP_CHAT,
+            usage.provider if usage is not None else None,
+            step.model or (usage.model if usage is not None else None),
+            usage.model if usage is not None else None,
+            duration,
+            error_type,
+        )
+
+
+def _charge_usage(
+    run: RunContext,
+    step: StepContext | None,
+    agent: AgentContext,
+    usage: TokenUsage,
+    *,
+    own: bool,
+) -> tuple[int, bool]:
+    """Price one usage report, charge it up the chain and count it in the metrics.
+
+    ``own`` is False for usage another instrumentation reported on its own span
+    (it already recorded ``gen_ai.client.token.usage`` for it).
+    Returns the cost in integer units and whether it was unpriced.
+    """
+    client = run.client
+    tokens, units, unpriced = client.price(usage)
+    _charge_chain(run, step, agent, tokens, units, unpriced)
+    client.metrics.usage_reported(
+        run_name=run.run.name,
+        agent_name=agent.agent.name,
+        operation=attr.OP_CHAT,
+        provider=usage.provider,
+        request_model=(step.model if step is not None else None) or usage.model,
+        response_model=usage.model,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cost_usd=None if unpriced else units / COST_UNITS_PER_USD,
+        genai=own,
+    )
+    return units, unpriced
 
 
 def _charge_chain(

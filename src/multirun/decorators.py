@@ -226,6 +226,8 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             engine.after_step(spec.name, spec.kind, refused)  # gives back a claimed probe
         _record_step_not_run(spec, agent, current, refused=refused)
         raise
+    if decision is not None:
+        run.client.metrics.policy_decision(run.run.name, decision.decision.value, decision.rule)
     step = _StepCall(agent, spec.name, spec.kind, step_in(current), managed=True)
     step.spec = spec
     step.model = spec.model
@@ -258,11 +260,15 @@ def _record_step_not_run(
         return
     step.policy_decision = PolicyDecision.ABORT.value
     extra: dict[str, Any] = {}
+    metrics = agent.run_context.client.metrics
+    run_name = agent.run_context.run.name
     if isinstance(refused, BudgetExceededError):
         step.policy_rule = "budget"
         extra[attr.BUDGET_EXCEEDED_LIMIT] = refused.limit
+        metrics.budget_exceeded(run_name, refused.limit, step.otel_context)
     else:
         step.policy_rule = refused.rule
+    metrics.policy_decision(run_name, PolicyDecision.ABORT.value, step.policy_rule)
     step._close(StepStatus.FAILED, error=refused, extra=extra)
 
 

@@ -31,6 +31,9 @@ GEN_AI_USAGE_COST_AMOUNT: Final = "gen_ai.usage.cost.amount"
 GEN_AI_USAGE_COST_CURRENCY: Final = "gen_ai.usage.cost.currency"
 GEN_AI_USAGE_COST_SOURCE: Final = "gen_ai.usage.cost.source"
 GEN_AI_TOKEN_TYPE: Final = "gen_ai.token.type"
+TOKEN_TYPE_INPUT: Final = "input"  # values of gen_ai.token.type
+TOKEN_TYPE_OUTPUT: Final = "output"
+OTEL_METRIC_OVERFLOW: Final = "otel.metric.overflow"  # the SDK's name of a metric's overflow series
 
 # OpenInference (Arize) usage names, read from spans of other instrumentations
 LLM_TOKEN_COUNT_PROMPT: Final = "llm.token_count.prompt"
@@ -55,6 +58,7 @@ RUN_REPLAYING: Final = "multirun.run.replaying"
 RUN_ERROR: Final = "multirun.run.error"
 BUDGET_PREFIX: Final = "multirun.budget."  # + max_tokens, max_cost_usd, ...
 BUDGET_EXCEEDED_LIMIT: Final = "multirun.budget.exceeded_limit"
+BUDGET_LIMIT: Final = "multirun.budget.limit"  # metric attribute: max_tokens, max_cost_usd, ...
 
 # multirun: agents
 AGENT_STATUS: Final = "multirun.agent.status"

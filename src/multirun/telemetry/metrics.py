@@ -1,0 +1,567 @@
+"""Metrics of runs, steps, tokens, cost, budgets, policy and checkpoints, through the OTel metrics API.
+
+Usage::
+
+    from opentelemetry import metrics as otel_metrics
+    from multirun.telemetry.metrics import Metrics
+
+    metrics = Metrics(otel_metrics.get_meter("multirun"))  # the application's MeterProvider
+
+    metrics.run_started("research")
+    metrics.step_finished("research", "planner", "function", "completed", 0.002)
+    metrics.llm_call_finished("chat", "openai", "gpt-4o", "gpt-4o-2024-08-06", 1.7)
+    metrics.usage_reported(
+        run_name="research", agent_name="planner", operation="chat", provider="openai",
+        request_model="gpt-4o", response_model="gpt-4o-2024-08-06",
+        input_tokens=1200, output_tokens=300, cost_usd=0.006,
+    )
+    metrics.run_finished("research", "completed", {"max_cost_usd": 0.42})
+
+Every event is one method call. ``NoMetrics()`` has the same methods and does nothing.
+
+Instruments: name, kind, unit, and the Prometheus name (translation below):
+
+- ``gen_ai.client.token.usage``: Histogram, ``{token}``: ``gen_ai_client_token_usage``
+- ``gen_ai.client.operation.duration``: Histogram, ``s``: ``gen_ai_client_operation_duration_seconds``
+- ``multirun.cost``: Counter, ``usd``: ``multirun_cost_usd_total``
+- ``multirun.tokens``: Counter, ``{token}``: ``multirun_tokens_total``
+- ``multirun.runs``: Counter, ``{run}``: ``multirun_runs_total``
+- ``multirun.runs.active``: UpDownCounter, ``{run}``: ``multirun_runs_active``
+- ``multirun.steps``: ObservableCounter, ``{step}``: ``multirun_steps_total``
+- ``multirun.step.duration``: Histogram, ``s``: ``multirun_step_duration_seconds``
+- ``multirun.budget.exceeded``: Counter, ``{event}``: ``multirun_budget_exceeded_total``
+- ``multirun.budget.utilization``: Histogram, ``1``: ``multirun_budget_utilization``
+- ``multirun.policy.decisions``: ObservableCounter, ``{decision}``: ``multirun_policy_decisions_total``
+- ``multirun.checkpoint.size``: Histogram, ``By``: ``multirun_checkpoint_size_bytes``
+- ``multirun.checkpoint.duration``: Histogram, ``s``: ``multirun_checkpoint_duration_seconds``
+
+(a histogram is the ``_bucket``, ``_sum`` and ``_count`` series of that name).
+
+The Prometheus translation (OpenTelemetry's Prometheus compatibility spec, as
+implemented by the Collector's exporters, Prometheus' OTLP receiver with the
+default ``UnderscoreEscapingWithSuffixes``, and the Python Prometheus exporter):
+dots become underscores; the unit is appended unless it is an annotation in
+braces (``{token}`` is dropped) or ``1`` (dropped, ``_ratio`` only for
+gauges); known UCUM units are spelled out (``s`` -> ``seconds``, ``By`` ->
+``bytes``) and unknown ones are kept as written, so ``usd`` stays ``usd``;
+monotonic sums (counters) get ``_total``. Hence ``multirun.cost`` with unit
+``usd`` is ``multirun_cost_usd_total`` (``multirun.cost_usd_total`` where
+Prometheus is set to keep UTF-8 names, ``NoUTF8EscapingWithSuffixes``).
+
+Attributes are low-cardinality only: run name (``gen_ai.workflow.name``),
+agent name, provider, models, step kind, status, budget limit, policy decision
+and rule, error type. Never a run id or step id. A ``None`` value leaves the
+attribute out.
+
+Cost of a call. A synchronous SDK ``add``/``record`` costs 5-14 microseconds
+(attribute hashing, locks, exemplar sampling), more than the whole per-step
+budget of the package. So the events of EVERY step are counted locally, in
+dicts keyed by the attribute values and updated under a lock (a fraction of a
+microsecond), and exported by ``ObservableCounter`` callbacks as cumulative
+totals: ``step_finished`` (``multirun.steps``) and ``policy_decision``
+(``multirun.policy.decisions``). Rare events use synchronous instruments, so
+that the SDK's trace-based exemplar filter links each measurement to the span
+current when it was recorded (or to ``context=`` when given): usage reports,
+LLM call durations, run start and end, budget exceeded, checkpoints.
+
+``multirun.step.duration`` is recorded synchronously only for LLM-call,
+tool-call and sub-agent steps (not when served from the replay cache,
+``skipped``), and for failed steps of any kind. These are the steps whose
+latency matters and varies (a remote call, another agent, a timeout), they are
+slow or rare (milliseconds to minutes, so 10 microseconds is noise), and their
+exemplars lead from a slow bucket, or a failure, straight to its trace. Plain
+function steps that succeed are counted, not timed: they can run hundreds of
+thousands of times a second, their latency is the caller's own code, and
+timing them would cost more than the rest of the step. Their latency is on
+their spans.
+
+Policy decisions are all counted locally, non-proceed ones included: one
+metric must hold every decision (so ``abort / all`` is a PromQL ratio), and the
+SDK cannot export a synchronous and an observable instrument under one name.
+The trace of an abort is reachable through the exemplar of
+``multirun.budget.exceeded`` and the span attribute ``multirun.policy.decision``.
+
+Budget utilization is used/limit per limit at run end; it can exceed 1 by the
+bounded overshoot of steps already in flight, and is recorded as it is.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from enum import Enum
+from typing import Any, Final
+
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.util.types import AttributeValue
+
+from multirun.telemetry import attributes as attr
+
+BUDGET_LIMIT = attr.BUDGET_LIMIT
+OTEL_METRIC_OVERFLOW = attr.OTEL_METRIC_OVERFLOW
+TOKEN_TYPE_INPUT = attr.TOKEN_TYPE_INPUT
+TOKEN_TYPE_OUTPUT = attr.TOKEN_TYPE_OUTPUT
+
+# Metric names
+GEN_AI_CLIENT_TOKEN_USAGE: Final = "gen_ai.client.token.usage"
+GEN_AI_CLIENT_OPERATION_DURATION: Final = "gen_ai.client.operation.duration"
+COST: Final = "multirun.cost"
+TOKENS: Final = "multirun.tokens"
+RUNS: Final = "multirun.runs"
+RUNS_ACTIVE: Final = "multirun.runs.active"
+STEPS: Final = "multirun.steps"
+STEP_DURATION: Final = "multirun.step.duration"
+BUDGET_EXCEEDED: Final = "multirun.budget.exceeded"
+BUDGET_UTILIZATION: Final = "multirun.budget.utilization"
+POLICY_DECISIONS: Final = "multirun.policy.decisions"
+CHECKPOINT_SIZE: Final = "multirun.checkpoint.size"
+CHECKPOINT_DURATION: Final = "multirun.checkpoint.duration"
+
+# Bucket boundaries. The two GenAI ones are those the semantic conventions prescribe.
+TOKEN_USAGE_BUCKETS: Final[Sequence[float]] = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)  # fmt: skip
+OPERATION_DURATION_BUCKETS: Final[Sequence[float]] = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+STEP_DURATION_BUCKETS: Final[Sequence[float]] = (
+    0.001, 0.005, *OPERATION_DURATION_BUCKETS, 163.84, 327.68, 655.36,
+)  # fmt: skip
+CHECKPOINT_DURATION_BUCKETS: Final[Sequence[float]] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+)  # fmt: skip
+CHECKPOINT_SIZE_BUCKETS: Final[Sequence[float]] = tuple(float(4**n) for n in range(4, 15))  # 256 B .. 256 MiB
+UTILIZATION_BUCKETS: Final[Sequence[float]] = (
+    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.1, 1.25, 1.5, 2.0,
+)  # fmt: skip
+
+# Steps of these kinds are timed (multirun.step.duration) unless skipped; so is every failed step.
+TIMED_STEP_KINDS: Final = frozenset({"llm_call", "tool_call", "sub_agent"})
+_FAILED: Final = "failed"
+_SKIPPED: Final = "skipped"
+
+DEFAULT_SERIES_LIMIT: Final = 2000
+"""Distinct attribute sets a locally counted metric keeps; more fold into one overflow series."""
+
+_Attributes = dict[str, AttributeValue]
+
+
+class _Tally:
+    """Cumulative counts by attribute values, updated under a lock, read by an observable counter.
+
+    The counts are nested dicts, one level per attribute
+    (``root[run][agent][kind][status]``): the hot path then hashes strings,
+    whose hashes are cached, instead of building and hashing a tuple, which
+    halves the cost of the lookup. ``Metrics.step_finished`` and ``policy_decision``
+    increment a leaf inline; a combination not seen before raises KeyError
+    and goes through ``first``, which applies the series limit and builds the
+    attribute dict once.
+    """
+
+    __slots__ = ("limit", "lock", "names", "overflow", "root", "series")
+
+    def __init__(self, names: tuple[str, ...], limit: int) -> None:
+        self.names = names
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.root: dict[Any, Any] = {}
+        # per series: its attributes, the innermost dict holding its count, and the key there
+        self.series: list[tuple[_Attributes, dict[Any, int], object]] = []
+        self.overflow = 0  # counts of combinations beyond the limit
+
+    def first(self, values: tuple[object, ...]) -> None:
+        """Count a combination not seen before. Call with ``lock`` held."""
+        if len(self.series) >= self.limit:
+            self.overflow += 1
+            return
+        node = self.root
+        for value in values[:-1]:
+            node = node.setdefault(value, {})
+        last = values[-1]
+        node[last] = node.get(last, 0) + 1
+        if node[last] == 1:
+            self.series.append((_attributes(self.names, values), node, last))
+
+    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        """The cumulative count of every series (the callback of the observable counter)."""
+        with self.lock:
+            snapshot = [(attributes, node[last]) for attributes, node, last in self.series]
+            if self.overflow:
+                snapshot.append(({OTEL_METRIC_OVERFLOW: True}, self.overflow))
+        return [Observation(value, attributes) for attributes, value in snapshot]
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(node[last] for _, node, last in self.series) + self.overflow
+
+
+class _Tallies:
+    """The locally counted metrics of one meter, shared by every ``Metrics`` built on it.
+
+    The SDK returns the existing instrument when an observable counter is
+    created twice on a meter, and drops the second one's callbacks; sharing
+    the tallies keeps the counts of a second ``Metrics`` (a second ``init``)
+    in the series that are exported.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.steps = _Tally(
+            (attr.GEN_AI_WORKFLOW_NAME, attr.GEN_AI_AGENT_NAME, attr.STEP_KIND, attr.STEP_STATUS), limit
+        )
+        self.decisions = _Tally((attr.GEN_AI_WORKFLOW_NAME, attr.POLICY_DECISION, attr.POLICY_RULE), limit)
+
+
+_tallies_by_meter: weakref.WeakKeyDictionary[Meter, _Tallies] = weakref.WeakKeyDictionary()
+_tallies_lock = threading.Lock()
+
+
+def _tallies_of(meter: Meter, limit: int) -> tuple[_Tallies, bool]:
+    """The tallies of ``meter`` and whether they were created by this call."""
+    with _tallies_lock:
+        try:
+            found = _tallies_by_meter.get(meter)
+            if found is not None:
+                return found, False
+            tallies = _tallies_by_meter[meter] = _Tallies(limit)
+        except TypeError:  # a meter that cannot be weakly referenced: its counts are not shared
+            tallies = _Tallies(limit)
+        return tallies, True
+
+
+class Metrics:
+    """The instruments of multirun on one ``Meter``; one method per event.
+
+    Args:
+        meter: from the application's MeterProvider, e.g.
+            ``provider.get_meter("multirun", version)``.
+        series_limit: distinct attribute sets kept per locally counted metric;
+            beyond it, new sets are counted under ``otel.metric.overflow=true``.
+
+    Every ``Metrics`` on the same meter counts steps and decisions into the
+    same tallies (the first one's ``series_limit`` applies), since the SDK
+    keeps only the first callback of an observable instrument.
+    """
+
+    def __init__(self, meter: Meter, *, series_limit: int = DEFAULT_SERIES_LIMIT) -> None:
+        if isinstance(series_limit, bool) or not isinstance(series_limit, int) or series_limit < 1:
+            raise ValueError(f"series_limit must be an int >= 1, got {series_limit!r}")
+        tallies, created = _tallies_of(meter, series_limit)
+        self._steps = tallies.steps
+        self._decisions = tallies.decisions
+        if created:
+            meter.create_observable_counter(
+                STEPS,
+                [tallies.steps.observe],
+                unit="{step}",
+                description="Steps finished, by kind and status.",
+            )
+            meter.create_observable_counter(
+                POLICY_DECISIONS,
+                [tallies.decisions.observe],
+                unit="{decision}",
+                description="Policy decisions taken before steps, by decision and rule.",
+            )
+        self._token_usage = meter.create_histogram(
+            GEN_AI_CLIENT_TOKEN_USAGE,
+            unit="{token}",
+            description="Number of input and output tokens used.",
+            explicit_bucket_boundaries_advisory=TOKEN_USAGE_BUCKETS,
+        )
+        self._operation_duration = meter.create_histogram(
+            GEN_AI_CLIENT_OPERATION_DURATION,
+            unit="s",
+            description="GenAI operation duration.",
+            explicit_bucket_boundaries_advisory=OPERATION_DURATION_BUCKETS,
+        )
+        self._cost = meter.create_counter(COST, unit="usd", description="Cost of model calls, in US dollars.")
+        self._tokens = meter.create_counter(
+            TOKENS, unit="{token}", description="Tokens of model calls, by token type."
+        )
+        self._runs = meter.create_counter(RUNS, unit="{run}", description="Runs finished, by status.")
+        self._runs_active = meter.create_up_down_counter(
+            RUNS_ACTIVE, unit="{run}", description="Runs in progress."
+        )
+        self._step_duration = meter.create_histogram(
+            STEP_DURATION,
+            unit="s",
+            description="Duration of LLM-call, tool-call and sub-agent steps, and of failed steps.",
+            explicit_bucket_boundaries_advisory=STEP_DURATION_BUCKETS,
+        )
+        self._budget_exceeded = meter.create_counter(
+            BUDGET_EXCEEDED, unit="{event}", description="Budget limits exceeded, by limit."
+        )
+        self._budget_utilization = meter.create_histogram(
+            BUDGET_UTILIZATION,
+            unit="1",
+            description="Share of each budget limit a run used (used / limit), at run end.",
+            explicit_bucket_boundaries_advisory=UTILIZATION_BUCKETS,
+        )
+        self._checkpoint_size = meter.create_histogram(
+            CHECKPOINT_SIZE,
+            unit="By",
+            description="Size of checkpoints written.",
+            explicit_bucket_boundaries_advisory=CHECKPOINT_SIZE_BUCKETS,
+        )
+        self._checkpoint_duration = meter.create_histogram(
+            CHECKPOINT_DURATION,
+            unit="s",
+            description="Time to serialize and store a checkpoint.",
+            explicit_bucket_boundaries_advisory=CHECKPOINT_DURATION_BUCKETS,
+        )
+
+    # -- every step: counted locally ------------------------------------------------
+
+    def step_finished(
+        self,
+        run_name: str | None,
+        agent_name: str | None,
+        kind: str,
+        status: str,
+        duration_s: float,
+        error_type: str | None = None,
+        context: Context | None = None,
+    ) -> None:
+        """A step ended. Counted locally; timed (synchronously) if LLM/tool/sub-agent or failed.
+
+        ``kind`` and ``status`` may be the enums (``StepKind``, ``StepStatus``);
+        their values become the attributes. ``context`` is that of the step's
+        span, for the exemplar of a timed step (default: the current context).
+        """
+        steps = self._steps
+        lock = steps.lock
+        lock.acquire()  # acquire/release: cheaper than ``with`` on CPython 3.12
+        try:
+            try:
+                steps.root[run_name][agent_name][kind][status] += 1
+            except KeyError:
+                steps.first((run_name, agent_name, kind, status))
+        finally:
+            lock.release()
+        if (kind in TIMED_STEP_KINDS and status != _SKIPPED) or status == _FAILED:
+            attributes = _attributes(steps.names, (run_name, agent_name, kind, status))
+            if error_type is not None:
+                attributes[attr.ERROR_TYPE] = error_type
+            self._step_duration.record(duration_s, attributes, context)
+
+    def policy_decision(self, run_name: str | None, decision: str, rule: str | None = None) -> None:
+        """The enforcer decided before a step (``proceed``, ``wait``, ``fallback``, ``abort``)."""
+        decisions = self._decisions
+        lock = decisions.lock
+        lock.acquire()
+        try:
+            try:
+                decisions.root[run_name][decision][rule] += 1
+            except KeyError:
+                decisions.first((run_name, decision, rule))
+        finally:
+            lock.release()
+
+    # -- rare events: synchronous instruments, with exemplars -------------------------
+
+    def usage_reported(
+        self,
+        *,
+        run_name: str | None,
+        agent_name: str | None,
+        operation: str | None,
+        provider: str | None,
+        request_model: str | None,
+        response_model: str | None,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        cost_usd: float | None,
+        genai: bool = True,
+        context: Context | None = None,
+    ) -> None:
+        """One model call's usage: ``gen_ai.client.token.usage``, ``multirun.tokens``, ``multirun.cost``.
+
+        ``None`` tokens were not reported (nothing is recorded for them);
+        ``cost_usd=None`` is unpriced (no cost is recorded, never $0). Pass
+        ``genai=False`` when another instrumentation (openai-v2, OpenLLMetry)
+        already recorded ``gen_ai.client.token.usage`` for this call.
+        """
+        models: _Attributes = {}
+        _put(models, attr.GEN_AI_PROVIDER_NAME, provider)
+        _put(models, attr.GEN_AI_REQUEST_MODEL, request_model)
+        _put(models, attr.GEN_AI_RESPONSE_MODEL, response_model)
+        ours = dict(models)
+        _put(ours, attr.GEN_AI_WORKFLOW_NAME, run_name)
+        _put(ours, attr.GEN_AI_AGENT_NAME, agent_name)
+        genai_attributes = dict(models)
+        _put(genai_attributes, attr.GEN_AI_OPERATION_NAME, operation)
+        for token_type, tokens in ((TOKEN_TYPE_INPUT, input_tokens), (TOKEN_TYPE_OUTPUT, output_tokens)):
+            if tokens is None:
+                continue
+            if genai:
+                self._token_usage.record(
+                    tokens, {**genai_attributes, attr.GEN_AI_TOKEN_TYPE: token_type}, context
+                )
+            if tokens:
+                self._tokens.add(tokens, {**ours, attr.GEN_AI_TOKEN_TYPE: token_type}, context)
+        if cost_usd:
+            self._cost.add(cost_usd, ours, context)
+
+    def llm_call_finished(
+        self,
+        operation: str,
+        provider: str | None,
+        request_model: str | None,
+        response_model: str | None,
+        duration_s: float,
+        error_type: str | None = None,
+        context: Context | None = None,
+    ) -> None:
+        """A model call ended: ``gen_ai.client.operation.duration`` (``error_type`` if it failed)."""
+        attributes: _Attributes = {attr.GEN_AI_OPERATION_NAME: operation}
+        _put(attributes, attr.GEN_AI_PROVIDER_NAME, provider)
+        _put(attributes, attr.GEN_AI_REQUEST_MODEL, request_model)
+        _put(attributes, attr.GEN_AI_RESPONSE_MODEL, response_model)
+        _put(attributes, attr.ERROR_TYPE, error_type)
+        self._operation_duration.record(duration_s, attributes, context)
+
+    def run_started(self, run_name: str | None, context: Context | None = None) -> None:
+        """A run began: one more in ``multirun.runs.active``."""
+        self._runs_active.add(1, _run(run_name), context)
+
+    def run_finished(
+        self,
+        run_name: str | None,
+        status: str,
+        utilization: Mapping[str, float] | None = None,
+        context: Context | None = None,
+    ) -> None:
+        """A run ended (call once per ``run_started``).
+
+        Args:
+            status: the run's final status (``completed``, ``failed``, ...).
+            utilization: used / limit of each budget limit of the run, by limit
+                name (``{"max_cost_usd": 0.42}``).
+        """
+        run = _run(run_name)
+        self._runs_active.add(-1, run, context)
+        self._runs.add(1, {**run, attr.RUN_STATUS: _value(status)}, context)
+        for limit, ratio in (utilization or {}).items():
+            self._budget_utilization.record(ratio, {**run, BUDGET_LIMIT: limit}, context)
+
+    def budget_exceeded(self, run_name: str | None, limit: str, context: Context | None = None) -> None:
+        """A budget limit was hit (``max_tokens``, ``max_cost_usd``, ``max_steps``, ...)."""
+        self._budget_exceeded.add(1, {**_run(run_name), BUDGET_LIMIT: limit}, context)
+
+    def checkpoint_saved(
+        self, run_name: str | None, size_bytes: int, duration_s: float, context: Context | None = None
+    ) -> None:
+        """A checkpoint was written: its size and how long serializing and storing took."""
+        run = _run(run_name)
+        self._checkpoint_size.record(size_bytes, run, context)
+        self._checkpoint_duration.record(duration_s, run, context)
+
+    # -- for tests and diagnostics ----------------------------------------------------
+
+    def local_totals(self) -> dict[str, int]:
+        """Sums of the locally counted metrics, as the next collection will see them."""
+        return {STEPS: self._steps.total(), POLICY_DECISIONS: self._decisions.total()}
+
+
+class NoMetrics(Metrics):
+    """Metrics that records nothing and costs one method call (no meter, no instruments)."""
+
+    def __init__(self) -> None:  # no meter, no instruments
+        pass
+
+    def step_finished(
+        self,
+        run_name: str | None,
+        agent_name: str | None,
+        kind: str,
+        status: str,
+        duration_s: float,
+        error_type: str | None = None,
+        context: Context | None = None,
+    ) -> None:
+        pass
+
+    def policy_decision(self, run_name: str | None, decision: str, rule: str | None = None) -> None:
+        pass
+
+    def usage_reported(
+        self,
+        *,
+        run_name: str | None,
+        agent_name: str | None,
+        operation: str | None,
+        provider: str | None,
+        request_model: str | None,
+        response_model: str | None,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        cost_usd: float | None,
+        genai: bool = True,
+        context: Context | None = None,
+    ) -> None:
+        pass
+
+    def llm_call_finished(
+        self,
+        operation: str,
+        provider: str | None,
+        request_model: str | None,
+        response_model: str | None,
+        duration_s: float,
+        error_type: str | None = None,
+        context: Context | None = None,
+    ) -> None:
+        pass
+
+    def run_started(self, run_name: str | None, context: Context | None = None) -> None:
+        pass
+
+    def run_finished(
+        self,
+        run_name: str | None,
+        status: str,
+        utilization: Mapping[str, float] | None = None,
+        context: Context | None = None,
+    ) -> None:
+        pass
+
+    def budget_exceeded(self, run_name: str | None, limit: str, context: Context | None = None) -> None:
+        pass
+
+    def checkpoint_saved(
+        self, run_name: str | None, size_bytes: int, duration_s: float, context: Context | None = None
+    ) -> None:
+        pass
+
+    def local_totals(self) -> dict[str, int]:
+        return {STEPS: 0, POLICY_DECISIONS: 0}
+
+
+NO_METRICS: Final = NoMetrics()
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _value(value: object) -> AttributeValue:
+    """An attribute value: an Enum becomes its value (``StepKind.LLM_CALL`` -> ``llm_call``)."""
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    return str(value)
+
+
+def _attributes(names: tuple[str, ...], values: tuple[object, ...]) -> _Attributes:
+    return {name: _value(value) for name, value in zip(names, values, strict=True) if value is not None}
+
+
+def _put(attributes: _Attributes, name: str, value: str | None) -> None:
+    if value is not None:
+        attributes[name] = _value(value)
+
+
+def _run(run_name: str | None) -> _Attributes:
+    return {} if run_name is None else {attr.GEN_AI_WORKFLOW_NAME: _value(run_name)}

@@ -1,0 +1,94 @@
+"""The metrics a run actually produces, read back from the SDK's in-memory reader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import multirun
+from multirun import run, step
+from multirun.errors import BudgetExceededError
+from multirun.models import Budget, Policy, StepKind
+from multirun.models.policy import RateLimitRule
+
+
+@pytest.fixture
+def reader(traced) -> Iterator[InMemoryMetricReader]:
+    metric_reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[metric_reader])
+    client = multirun.init(tracer_provider=traced.provider, meter_provider=provider)
+    client.clock = traced.clock
+    yield metric_reader
+    provider.shutdown()
+
+
+def points(reader: InMemoryMetricReader, name: str) -> list[tuple[dict[str, Any], Any]]:
+    data = reader.get_metrics_data()
+    found = []
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    found += [(dict(p.attributes or {}), p) for p in metric.data.data_points]
+    return found
+
+
+def test_steps_runs_usage_and_cost_are_counted(reader) -> None:
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def ask() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=1000, output_tokens=200, provider="openai")
+
+    @step
+    def tidy() -> None:
+        pass
+
+    @run
+    def research() -> None:
+        ask()
+        ask()
+        tidy()
+
+    research()
+    steps = {
+        (a["multirun.step.kind"], a["multirun.step.status"]): p.value
+        for a, p in points(reader, "multirun.steps")
+    }
+    assert steps == {("llm_call", "completed"): 2, ("function", "completed"): 1}
+    runs = points(reader, "multirun.runs")
+    assert [(a["gen_ai.workflow.name"], a["multirun.run.status"], p.value) for a, p in runs] == [
+        ("research", "completed", 1)
+    ]
+    usage = {a["gen_ai.token.type"]: p for a, p in points(reader, "gen_ai.client.token.usage")}
+    assert usage["input"].sum == 2000 and usage["output"].sum == 400
+    assert usage["input"].count == 2
+    [(cost_attrs, cost)] = points(reader, "multirun.cost")
+    assert cost.value == pytest.approx(2 * (1000 * 0.15 + 200 * 0.6) / 1e6)
+    assert "multirun.run.id" not in cost_attrs
+    [(_, duration)] = points(reader, "gen_ai.client.operation.duration")
+    assert duration.count == 2
+
+
+def test_budget_exceeded_and_policy_decisions_are_counted(reader, traced) -> None:
+    traced.clock.advance_on_sleep = True
+
+    @step(kind=StepKind.LLM_CALL, model="m")
+    def ask() -> None:
+        pass
+
+    @run(budget=Budget(max_steps=2), policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    def main() -> None:
+        for _ in range(3):
+            ask()
+
+    with pytest.raises(BudgetExceededError):
+        main()
+    exceeded = points(reader, "multirun.budget.exceeded")
+    assert [(a["multirun.budget.limit"], p.value) for a, p in exceeded] == [("max_steps", 1)]
+    decisions = {
+        a["multirun.policy.decision"]: p.value for a, p in points(reader, "multirun.policy.decisions")
+    }
+    assert decisions == {"proceed": 1, "wait": 2, "abort": 1}
