@@ -21,12 +21,14 @@ from multirun.errors import (
     CheckpointError,
     ConfigurationError,
     DeterminismError,
+    LedgerUnavailableError,
     MultiRunError,
     PolicyViolation,
     ReplayError,
     StepError,
 )
 from multirun.pricing import Price
+from multirun.propagation import continue_run, inject
 from multirun.usage import TokenUsage
 
 __version__ = "0.1.0"
@@ -36,6 +38,7 @@ __all__ = [
     "CheckpointError",
     "ConfigurationError",
     "DeterminismError",
+    "LedgerUnavailableError",
     "MultiRunClient",
     "MultiRunError",
     "PolicyViolation",
@@ -46,9 +49,11 @@ __all__ = [
     "__version__",
     "agent",
     "checkpoint",
+    "continue_run",
     "get_client",
     "init",
     "init_local",
+    "inject",
     "report_usage",
     "run",
     "step",

@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
 from multirun.checkpoints.store import CheckpointStore
 from multirun.clock import Clock
-from multirun.enforcement.ledger import RunLedger
+from multirun.enforcement.ledger import Ledger, RunLedger
 from multirun.enforcement.policy import PolicyState
 from multirun.enforcement.processor import TRACER_NAME, UsageSpanProcessor
 from multirun.errors import ConfigurationError
@@ -39,7 +39,7 @@ from multirun.telemetry.metrics import NO_METRICS, Metrics
 from multirun.usage import TokenUsage
 
 if TYPE_CHECKING:
-    pass
+    from multirun.enforcement.redis_ledger import RedisLedgerFactory
 
 _logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class MultiRunClient:
         propagate_threads: bool = True,
         meter_provider: otel_metrics.MeterProvider | None = None,
         metrics: bool = True,
+        ledger_uri: str | None = None,
     ) -> None:
         capture_content, content_limit = _validate_options(
             capture_content=capture_content,
@@ -84,6 +85,12 @@ class MultiRunClient:
         self.clock = clock or Clock()
         self.prices = prices if isinstance(prices, PriceBook) else PriceBook(prices)
         self.policy_state = PolicyState()
+        self.ledger_uri = ledger_uri or os.environ.get("MULTIRUN_LEDGER_URI") or None
+        self._ledgers: RedisLedgerFactory | None = None
+        if self.ledger_uri is not None:
+            from multirun.enforcement.redis_ledger import RedisLedgerFactory
+
+            self._ledgers = RedisLedgerFactory.from_uri(self.ledger_uri, clock=self._monotonic)
         if not isinstance(metrics, bool):
             raise ConfigurationError(f"metrics must be True or False, got {metrics!r}")
         self.metrics: Metrics = NO_METRICS
@@ -95,10 +102,15 @@ class MultiRunClient:
         if propagate_threads:
             _propagate_context_to_threads()
 
-    def new_ledger(
-        self, parent: RunLedger | None, budget: Budget | None = None, run_id: str = ""
-    ) -> RunLedger:
-        return RunLedger(parent, self.clock.monotonic, budget=budget, run_id=run_id)
+    def _monotonic(self) -> float:
+        return self.clock.monotonic()
+
+    def new_ledger(self, parent: Ledger | None, budget: Budget | None = None, run_id: str = "") -> Ledger:
+        """The ledger of a run: in this process, or in Redis when a ``ledger_uri`` is configured."""
+        if self._ledgers is not None:
+            return self._ledgers.new_ledger(parent, budget, run_id)  # type: ignore[arg-type]
+        local_parent = parent if isinstance(parent, RunLedger) else None  # always so without Redis
+        return RunLedger(local_parent, self.clock.monotonic, budget=budget, run_id=run_id)
 
     def price(self, usage: TokenUsage) -> tuple[int, int, bool]:
         """(tokens, cost in integer units, unpriced) of one usage report."""
@@ -201,6 +213,7 @@ def init(
     propagate_threads: bool = True,
     meter_provider: otel_metrics.MeterProvider | None = None,
     metrics: bool = True,
+    ledger_uri: str | None = None,
 ) -> MultiRunClient:
     """Configure multirun for this process and return the client.
 
@@ -223,6 +236,8 @@ def init(
         meter_provider: record metrics with this provider (default: the global one;
             with an OTLP endpoint and no global provider, one exporting there is created).
         metrics: False to record no metrics at all.
+        ledger_uri: ``redis://host:port/db`` to keep every run's spend in Redis, shared by
+            all processes that run its steps (default ``MULTIRUN_LEDGER_URI``; none: in process).
     """
     global _configured
     with _configure_lock:
@@ -243,6 +258,7 @@ def init(
             propagate_threads=propagate_threads,
             meter_provider=meter_provider,
             metrics=metrics,
+            ledger_uri=ledger_uri,
         )
         return _configured
 

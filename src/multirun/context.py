@@ -46,7 +46,7 @@ from multirun.usage import TokenUsage
 
 if TYPE_CHECKING:
     from multirun.client import MultiRunClient
-    from multirun.enforcement.ledger import RunLedger
+    from multirun.enforcement.ledger import Ledger
 
 _logger = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ class RunContext:
         *,
         is_replaying: bool = False,
         checkpoint_on_error: bool = False,
+        remote: bool = False,
     ) -> None:
         if client is None:
             from multirun.client import get_client
@@ -196,6 +197,9 @@ class RunContext:
         self.run = run if run is not None else Run()
         self.is_replaying = is_replaying
         self.checkpoint_on_error = checkpoint_on_error
+        # a run continued in this process from another one (multirun.continue_run): it has
+        # no span of its own, and the process that started it reports its end
+        self.remote = remote
         self.agents: list[AgentContext] = []
         self._state: dict[str, Any] = {}
         self._lock = threading.RLock()
@@ -210,7 +214,7 @@ class RunContext:
         self.policy_engine: PolicyEngine | None = None
         self.parent_step: StepContext | None = None  # the step of the parent run that called this sub-run
         self.parent_agent: AgentContext | None = None
-        self.ledger: RunLedger = client.new_ledger(None)
+        self.ledger: Ledger = client.new_ledger(None)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -219,6 +223,9 @@ class RunContext:
             return
         if parent_ctx is None:
             parent_ctx = otel_context.get_current()
+        if self.remote:
+            self._start_remote(parent_ctx)
+            return
         parent = run_in(parent_ctx)
         run = self.run
         parent_ledger = None
@@ -256,6 +263,17 @@ class RunContext:
         ctx = otel_context.set_value(AGENT_KEY, None, ctx)
         self._otel_ctx = otel_context.set_value(STEP_KEY, None, ctx)
         self.client.metrics.run_started(run.name, self._otel_ctx)
+
+    def _start_remote(self, parent_ctx: Context) -> None:
+        run = self.run
+        run.status = RunStatus.RUNNING
+        run.started_at = datetime.now(timezone.utc)
+        # budget None: the process that started the run set the limits in the shared ledger
+        self.ledger = self.client.new_ledger(None, None, run.id)
+        self._span = trace.get_current_span(parent_ctx)  # the remote parent: events go nowhere
+        ctx = otel_context.set_value(RUN_KEY, self, parent_ctx)
+        ctx = otel_context.set_value(AGENT_KEY, None, ctx)
+        self._otel_ctx = otel_context.set_value(STEP_KEY, None, ctx)
 
     @property
     def otel_context(self) -> Context:
@@ -335,6 +353,7 @@ class RunContext:
             self._default_agent._finish_default(status)
         run = self.run
         ledger = self.ledger
+        _refresh(ledger)
         run.status = status
         run.completed_at = datetime.now(timezone.utc)
         run.tokens_used = ledger.tokens
@@ -342,6 +361,10 @@ class RunContext:
         run.steps = [s.step for s in self._history]
         if status is RunStatus.COMPLETED and result is not None:
             run.result = _serialize_result(result)
+        if error is not None:
+            run.error = str(error) if str(error) else type(error).__name__
+        if self.remote:
+            return
         span = self.span
         end_attrs: dict[str, Any] = {
             attr.RUN_STATUS: status.value,
@@ -354,7 +377,6 @@ class RunContext:
         if isinstance(error, BudgetExceededError):
             end_attrs[attr.BUDGET_EXCEEDED_LIMIT] = error.limit
         if error is not None:
-            run.error = str(error) if str(error) else type(error).__name__
             _record_error(span, error, end_attrs)
         span.set_attributes(end_attrs)
         span.end()
@@ -973,6 +995,17 @@ class StepContext:
 
 # ---------------------------------------------------------------------------
 # helpers
+
+
+def _refresh(ledger: Ledger) -> None:
+    """Fetch a shared ledger's final totals (other processes spent too); a warning if it cannot."""
+    refresh = getattr(ledger, "refresh", None)
+    if refresh is None:
+        return
+    try:
+        refresh()
+    except Exception as exc:
+        _logger.warning("multirun: could not read the final totals of run %s: %s", ledger.run_id, exc)
 
 
 def _step_metrics(step: StepContext, span: Span, error_type: str | None) -> None:

@@ -47,6 +47,24 @@ class StepError(MultiRunError):
         )
 
 
+class LedgerUnavailableError(MultiRunError):
+    """The shared ledger in Redis could not be reached or did not answer in time.
+
+    Raised instead of starting (or recording) a step, so that no budget is
+    overspent while the ledger cannot be read; ``__cause__`` is redis-py's error.
+    """
+
+    def __init__(self, url: str, run_id: str, action: str, error: BaseException) -> None:
+        self.url = url
+        self.run_id = run_id
+        super().__init__(
+            f"the shared budget ledger at {url} is unavailable ({type(error).__name__}: {error}); "
+            f"run {run_id!r} could not {action}. The ledger fails closed so that no budget is "
+            "overspent; to go on counting in this process while Redis is down, pass fail_open=True "
+            "to RedisLedger, or add fail_open=true to the ledger URL."
+        )
+
+
 class CheckpointError(MultiRunError):
     """A checkpoint could not be written, found, or verified."""
 

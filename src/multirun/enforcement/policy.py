@@ -36,7 +36,7 @@ from multirun.models.policy import (
 from multirun.models.step import StepKind
 
 if TYPE_CHECKING:
-    from multirun.enforcement.ledger import RunLedger
+    from multirun.enforcement.ledger import Ledger
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class PolicyEngine:
         self._llm_failures_in_a_row = 0
         self._lock = threading.Lock()
 
-    def before_step(self, name: str, kind: StepKind, model: str | None, ledger: RunLedger) -> Decision:
+    def before_step(self, name: str, kind: StepKind, model: str | None, ledger: Ledger) -> Decision:
         """The decision for a step about to start; PolicyViolation when it must not run."""
         policy = self.policy
         decision = PROCEED
@@ -210,7 +210,7 @@ class PolicyEngine:
 
     # -- rules ---------------------------------------------------------------
 
-    def _rate_limit_wait(self, rule: RateLimitRule, ledger: RunLedger) -> float:
+    def _rate_limit_wait(self, rule: RateLimitRule, ledger: Ledger) -> float:
         now = self.clock()
         deadline = ledger.deadline
         wait = self.state.limiter(rule).reserve(now, deadline)
@@ -222,14 +222,14 @@ class PolicyEngine:
             )
         return wait
 
-    def _fallback(self, rule: GracefulDegradationRule, ledger: RunLedger) -> str | None:
+    def _fallback(self, rule: GracefulDegradationRule, ledger: Ledger) -> str | None:
         """The fallback model once the trigger has fired; it stays fired for the run."""
         if not self.degraded and self._triggered(rule, ledger):
             with self._lock:
                 self.degraded = True
         return rule.fallback_model if self.degraded else None
 
-    def _triggered(self, rule: GracefulDegradationRule, ledger: RunLedger) -> bool:
+    def _triggered(self, rule: GracefulDegradationRule, ledger: Ledger) -> bool:
         trigger = rule.trigger
         if trigger is DegradationTrigger.CONSECUTIVE_FAILURES:
             return self._llm_failures_in_a_row >= rule.threshold

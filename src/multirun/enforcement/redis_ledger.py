@@ -1,0 +1,766 @@
+"""RedisLedger: one run's ledger kept in Redis, shared by every process that runs its steps.
+
+A :class:`~multirun.enforcement.ledger.RunLedger` counts what a run spends in
+one process. When the steps of a run execute in several processes (workers of
+a queue, a pool of agents), each process builds a RedisLedger for the same run
+id and they all count into one Redis hash, with exact integer totals::
+
+    from multirun.enforcement.redis_ledger import RedisLedgerFactory
+    from multirun.models.budget import Budget
+
+    ledgers = RedisLedgerFactory.from_uri("redis://127.0.0.1:6379/0?timeout=0.5")
+    ledger = ledgers.ledger("run-42", Budget(max_steps=1000, max_cost_usd=5.0))
+    ledger.begin_step()             # one EVALSHA: checks every limit, counts the step
+    ledger.charge(1200, 3_600_000)  # one EVALSHA: tokens and cost (nano-dollars)
+    sub = ledgers.ledger("run-42.a", Budget(max_tokens=10_000), ancestor_ids=["run-42"])
+
+How it keeps the totals right:
+
+* Each run is a hash at ``key_prefix + run_id``: the counters ``tokens``,
+  ``cost_units`` (integer units of 1/COST_UNITS_PER_USD dollar), ``steps``,
+  ``sub_agents`` and ``unpriced``; the limits; ``started_us`` and
+  ``deadline_us`` on the Redis server's clock. The first process to create the
+  hash sets its limits and start time; later ones adopt them, so every process
+  enforces the same budget and measures duration on the same clock.
+* :meth:`RedisLedger.begin_step` is one EVALSHA of a Lua script. Redis runs a
+  script atomically, so the check of every limit (the run's and each
+  ancestor's) and the increment of ``steps`` on all of them cannot interleave
+  with another process's: ``max_steps=1000`` lets exactly 1000 steps run
+  however many processes race. The script returns the totals, so the local
+  properties are refreshed without another round trip.
+* :meth:`RedisLedger.charge` and :meth:`RedisLedger.count_sub_agent` are one
+  EVALSHA each that add to the run and every ancestor with HINCRBY.
+* Every write refreshes the keys' expiry (``ttl_seconds``, a week by default).
+
+When Redis cannot be reached, or does not answer within the socket timeout,
+the ledger fails closed: :class:`LedgerUnavailableError` is raised and the
+step does not start. With ``fail_open=True`` it logs one warning and goes on
+counting in this process alone (see :class:`RedisLedger`). A command that timed
+out may still run when the server answers again: a step can then be counted
+that never ran, but one that ran is never left uncounted.
+
+Needs the ``redis`` package (redis-py) and Redis 5 or newer. The keys of a
+run and its ancestors are used by one script, so on Redis Cluster they must
+hash to one slot (put a hash tag such as ``{tenant}`` in ``key_prefix``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+from multirun.enforcement.ledger import Ledger, RunLedger
+from multirun.errors import BudgetExceededError, ConfigurationError, LedgerUnavailableError
+from multirun.models.budget import Budget, BudgetStatus, first_exceeded
+from multirun.pricing import COST_UNITS_PER_USD
+
+if TYPE_CHECKING:
+    import redis
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_KEY_PREFIX = "multirun:ledger:"
+DEFAULT_TTL_SECONDS = 7 * 24 * 3600
+DEFAULT_TIMEOUT_SECONDS = 0.5
+_US_PER_SECOND = 1_000_000
+
+
+# -- Lua scripts -----------------------------------------------------------------
+#
+# Every script replies [status, now_us, n, then for each of its n keys: tokens,
+# cost_units, steps, sub_agents, unpriced, started_us, deadline_us (-1 if
+# unset)]; a refused begin_step appends [key index, limit, used, maximum].
+# Limits come as 7 ARGV values from position p ("" = no limit): max_tokens,
+# max_cost_units, max_cost_usd, max_steps, max_sub_agents, max_duration_us,
+# max_duration_seconds. The *_usd and *_seconds values are the budget's own
+# numbers, kept only to report them; the integer ones are what is checked.
+
+_PRELUDE = """
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local LIMITS = {'max_tokens', 'max_cost_units', 'max_cost_usd', 'max_steps',
+                'max_sub_agents', 'max_duration_us', 'max_duration_seconds'}
+
+-- store the limits given from ARGV[p], replacing any earlier ones
+local function set_limits(key, p, started)
+  for i, name in ipairs(LIMITS) do
+    local value = ARGV[p + i - 1]
+    if value == '' then redis.call('HDEL', key, name) else redis.call('HSET', key, name, value) end
+  end
+  local duration = ARGV[p + 5]
+  if duration == '' then
+    redis.call('HDEL', key, 'deadline_us')
+  else
+    redis.call('HSET', key, 'deadline_us', started + tonumber(duration))
+  end
+end
+
+-- the first creation of a run's hash sets its start time and limits; later ones change nothing
+local function create(key, p, now)
+  if redis.call('HSETNX', key, 'started_us', now) == 1 then set_limits(key, p, now) end
+end
+
+local function totals(status, now)
+  local reply = {status, now, #KEYS}
+  for _, key in ipairs(KEYS) do
+    local v = redis.call('HMGET', key, 'tokens', 'cost_units', 'steps', 'sub_agents', 'unpriced',
+                         'started_us', 'deadline_us')
+    for j = 1, 5 do reply[#reply + 1] = tonumber(v[j] or 0) end
+    reply[#reply + 1] = tonumber(v[6] or -1)
+    reply[#reply + 1] = tonumber(v[7] or -1)
+  end
+  return reply
+end
+"""
+
+# KEYS[1]: the run. ARGV: ttl_ms, replace (1 = set_budget, 0 = create), limits from 3.
+_INIT = """
+local key, now = KEYS[1], now_us()
+if ARGV[2] == '1' then
+  redis.call('HSETNX', key, 'started_us', now)
+  set_limits(key, 3, tonumber(redis.call('HGET', key, 'started_us')))
+else
+  create(key, 3, now)
+end
+redis.call('PEXPIRE', key, ARGV[1])
+local reply = totals(1, now)
+local stored = redis.call('HMGET', key, 'max_tokens', 'max_cost_usd', 'max_steps', 'max_sub_agents',
+                          'max_duration_seconds')
+for i = 1, 5 do reply[#reply + 1] = stored[i] or '' end
+return reply
+"""
+
+# KEYS: the run, then its ancestors, nearest first. ARGV: check (1/0), ttl_ms, the run's limits
+# from 3 (to re-create its hash if it expired or the server lost it).
+_BEGIN_STEP = """
+local now = now_us()
+create(KEYS[1], 3, now)
+if ARGV[1] == '1' then
+  for i, key in ipairs(KEYS) do
+    local v = redis.call('HMGET', key, 'tokens', 'cost_units', 'steps', 'sub_agents', 'started_us',
+                         'max_tokens', 'max_cost_units', 'max_cost_usd', 'max_steps', 'max_sub_agents',
+                         'deadline_us', 'max_duration_seconds')
+    local tokens, cost, steps, subs = tonumber(v[1] or 0), tonumber(v[2] or 0), tonumber(v[3] or 0),
+                                      tonumber(v[4] or 0)
+    local hit, used, maximum
+    -- the same order and comparisons as first_exceeded(); the step about to start counts
+    if v[6] and tokens >= tonumber(v[6]) then hit, used, maximum = 'max_tokens', tokens, v[6]
+    elseif v[7] and cost >= tonumber(v[7]) then hit, used, maximum = 'max_cost_usd', cost, v[8]
+    elseif v[9] and steps >= tonumber(v[9]) then hit, used, maximum = 'max_steps', steps, v[9]
+    elseif v[11] and now >= tonumber(v[11]) then
+      hit, used, maximum = 'max_duration_seconds', now - tonumber(v[5] or now), v[12]
+    elseif v[10] and subs > tonumber(v[10]) then hit, used, maximum = 'max_sub_agents', subs, v[10]
+    end
+    if hit then
+      redis.call('PEXPIRE', KEYS[1], ARGV[2])
+      local reply = totals(0, now)
+      reply[#reply + 1] = i
+      reply[#reply + 1] = hit
+      reply[#reply + 1] = used
+      reply[#reply + 1] = maximum or ''
+      return reply
+    end
+  end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, 'steps', 1)
+  redis.call('PEXPIRE', key, ARGV[2])
+end
+return totals(1, now)
+"""
+
+# KEYS: the run, then its ancestors. ARGV: ttl_ms, tokens, cost_units, unpriced, sub_agents.
+_ADD = """
+local fields = {'tokens', 'cost_units', 'unpriced', 'sub_agents'}
+for _, key in ipairs(KEYS) do
+  for i, name in ipairs(fields) do
+    if ARGV[i + 1] ~= '0' then redis.call('HINCRBY', key, name, ARGV[i + 1]) end
+  end
+  redis.call('PEXPIRE', key, ARGV[1])
+end
+return totals(1, now_us())
+"""
+
+# KEYS[1]: the run. ARGV: ttl_ms, tokens, cost_units, steps: each total becomes at least that.
+_RESTORE = """
+for i, name in ipairs({'tokens', 'cost_units', 'steps'}) do
+  if tonumber(redis.call('HGET', KEYS[1], name) or 0) < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], name, ARGV[i + 1])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return totals(1, now_us())
+"""
+
+# KEYS: the run, then its ancestors. Reads only.
+_READ = """
+return totals(1, now_us())
+"""
+
+
+@dataclass(frozen=True)
+class _Script:
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, name: str, body: str) -> _Script:
+        source = _PRELUDE + body
+        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+_SCRIPTS = {
+    name: _Script.of(name, body)
+    for name, body in (
+        ("init", _INIT),
+        ("begin_step", _BEGIN_STEP),
+        ("add", _ADD),
+        ("restore", _RESTORE),
+        ("read", _READ),
+    )
+}
+_FIELDS_PER_KEY = 7
+
+
+@dataclass
+class _ClientState:
+    """What the ledgers of one redis client share in this process."""
+
+    url: str
+    errors: tuple[type[BaseException], ...]
+    no_script: type[BaseException]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    loaded: bool = False
+    local: bool = False  # fail-open mode after Redis failed: count in this process only
+    live: weakref.WeakValueDictionary[str, RedisLedger] = field(default_factory=weakref.WeakValueDictionary)
+
+
+_client_states: weakref.WeakKeyDictionary[Any, _ClientState] = weakref.WeakKeyDictionary()
+_client_states_lock = threading.Lock()
+
+
+def _state_of(client: redis.Redis) -> _ClientState:
+    with _client_states_lock:
+        state = _client_states.get(client)
+        if state is None:
+            import redis.exceptions
+
+            state = _ClientState(
+                url=_client_url(client),
+                errors=(redis.exceptions.RedisError, OSError),
+                no_script=redis.exceptions.NoScriptError,
+            )
+            _client_states[client] = state
+        return state
+
+
+def _client_url(client: redis.Redis) -> str:
+    """The client's server as a URL for messages, without its password."""
+    kwargs = client.connection_pool.connection_kwargs
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    scheme = "rediss" if client.connection_pool.connection_class.__name__.startswith("SSL") else "redis"
+    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _limit_args(budget: Budget | None) -> list[str]:
+    """The budget as the 7 limit values the scripts take ("" = no limit)."""
+    if budget is None:
+        return [""] * 7
+    cost, duration = budget.max_cost_usd, budget.max_duration_seconds
+    return [
+        "" if budget.max_tokens is None else str(budget.max_tokens),
+        # integer units: cost_units >= ceil(x) exactly when cost_units >= x, as RunLedger compares
+        "" if cost is None else str(math.ceil(cost * COST_UNITS_PER_USD)),
+        "" if cost is None else repr(float(cost)),
+        "" if budget.max_steps is None else str(budget.max_steps),
+        "" if budget.max_sub_agents is None else str(budget.max_sub_agents),
+        "" if duration is None else str(math.ceil(duration * _US_PER_SECOND)),
+        "" if duration is None else repr(float(duration)),
+    ]
+
+
+def _budget_from(stored: Sequence[Any]) -> Budget | None:
+    """The Budget stored in a run's hash (max_tokens, max_cost_usd, max_steps, max_sub_agents, duration)."""
+    tokens, cost, steps, sub_agents, duration = (_text(v) for v in stored)
+    if not any((tokens, cost, steps, sub_agents, duration)):
+        return None
+    return Budget(
+        max_tokens=int(tokens) if tokens else None,
+        max_cost_usd=float(cost) if cost else None,
+        max_steps=int(steps) if steps else None,
+        max_sub_agents=int(sub_agents) if sub_agents else None,
+        max_duration_seconds=float(duration) if duration else None,
+    )
+
+
+class RedisLedger:
+    """One run's ledger in Redis; a drop-in for RunLedger when steps run in several processes.
+
+    ``ancestor_ids`` are the enclosing runs' ids, nearest first: every step
+    and charge also counts in their hashes, and their limits stop this run.
+    ``budget`` is stored when this call creates the run's hash; if another
+    process created it first, its budget is adopted (see :attr:`budget`).
+
+    The counters (:attr:`tokens`, :attr:`steps`, ...) are the run's totals in
+    Redis as of this process's last round trip; :meth:`status` fetches fresh
+    ones. With ``fail_open=True``, a Redis failure logs one warning and every
+    fail-open ledger on the same client goes on counting in this process only,
+    checking its own budget and those of its ancestors' ledgers in this process.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        run_id: str,
+        budget: Budget | None = None,
+        ancestor_ids: Iterable[str] = (),
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        ttl_seconds: float = DEFAULT_TTL_SECONDS,
+        fail_open: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        ancestors = tuple(ancestor_ids)
+        ids = (run_id, *ancestors)
+        if not all(isinstance(i, str) and i for i in ids):
+            raise ConfigurationError(
+                f"RedisLedger: run and ancestor ids must be non-empty strings, got {ids!r}"
+            )
+        if len(set(ids)) != len(ids):
+            raise ConfigurationError(f"RedisLedger: a run id appears twice in run and ancestor ids {ids!r}")
+        if not ttl_seconds > 0:
+            raise ConfigurationError(f"RedisLedger: ttl_seconds must be > 0, got {ttl_seconds!r}")
+        self.run_id = run_id
+        self.ancestor_ids = ancestors
+        self.key = key_prefix + run_id
+        self._keys = [self.key, *(key_prefix + a for a in ancestors)]
+        self._client: Any = redis_client  # Any: redis-py 5 leaves some methods untyped
+        self._shared = _state_of(redis_client)
+        self._ttl_ms = str(max(1, int(ttl_seconds * 1000)))
+        self._fail_open = fail_open
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.tokens = 0
+        self.cost_units = 0
+        self.steps = 0
+        self.sub_agents = 0
+        self.unpriced_reports = 0
+        self.budget = budget
+        self._limits = _limit_args(budget)
+        # The server clock at the last reply, and this process's clock when it came:
+        # elapsed() measures from the run's start on the server without a round trip.
+        self._started_us = 0
+        self._server_now_us = 0
+        self._at = clock()
+        self._shared.live[self.key] = self
+        reply = self._run("init", [self.key], [self._ttl_ms, "0", *self._limits], "be created")
+        if reply is not None:
+            self.budget = _budget_from(reply[-5:])
+            self._limits = _limit_args(self.budget)
+
+    # -- the interface of RunLedger ---------------------------------------------
+
+    parent: None = None
+    """Always None: the enclosing runs are named by ``ancestor_ids``."""
+
+    @property
+    def url(self) -> str:
+        """The Redis server, as a URL without password."""
+        return self._shared.url
+
+    @property
+    def cost_usd(self) -> float:
+        return self.cost_units / COST_UNITS_PER_USD
+
+    @property
+    def started(self) -> float:
+        """When the run started (first created in Redis), on this process's clock."""
+        with self._lock:
+            return self._at - (self._server_now_us - self._started_us) / _US_PER_SECOND
+
+    @property
+    def deadline(self) -> float:
+        """When max_duration_seconds runs out, on this process's clock (infinity without one)."""
+        budget = self.budget
+        if budget is None or budget.max_duration_seconds is None:
+            return float("inf")
+        return self.started + budget.max_duration_seconds
+
+    def elapsed(self) -> float:
+        """Seconds since the run started, measured on the Redis server's clock."""
+        return self._clock() - self.started
+
+    def set_budget(self, budget: Budget | None) -> None:
+        """Enforce ``budget`` from now on, in every process (it replaces the stored limits)."""
+        self.budget = budget
+        self._limits = _limit_args(budget)
+        self._run("init", [self.key], [self._ttl_ms, "1", *self._limits], "set its budget")
+
+    def begin_step(self, check: bool = True) -> None:
+        """Count one more step in this run and its ancestors: one round trip to Redis.
+
+        With ``check``, first raise BudgetExceededError if any of them has
+        reached a limit (the step about to start counts towards max_steps).
+        """
+        args = ["1" if check else "0", self._ttl_ms, *self._limits]
+        reply = self._run("begin_step", self._keys, args, "start a step")
+        if reply is None:
+            self._begin_step_locally(check)
+        elif reply[0] == 0:
+            index, limit, used, maximum = reply[-4:]
+            raise _refusal(_text(limit), int(used), _text(maximum), self._ids()[int(index) - 1])
+
+    def charge(self, tokens: int, cost_units: int, unpriced: bool = False) -> None:
+        """Add one usage report, here and in every ancestor run: one round trip to Redis."""
+        args = [self._ttl_ms, str(int(tokens)), str(int(cost_units)), "1" if unpriced else "0", "0"]
+        if self._run("add", self._keys, args, "record its usage") is None:
+            for ledger in self._local_chain():
+                with ledger._lock:
+                    ledger.tokens += tokens
+                    ledger.cost_units += cost_units
+                    ledger.unpriced_reports += 1 if unpriced else 0
+
+    def count_sub_agent(self) -> None:
+        """Count one more sub-agent, here and in every ancestor run."""
+        if self._run("add", self._keys, [self._ttl_ms, "0", "0", "0", "1"], "count a sub-agent") is None:
+            for ledger in self._local_chain():
+                with ledger._lock:
+                    ledger.sub_agents += 1
+
+    def restore(self, tokens: int, cost_units: int, steps: int) -> None:
+        """Start from what an earlier attempt of this run already spent.
+
+        Each total becomes at least the given one (RunLedger adds them to its
+        zero totals): when several processes resume the run, or the run's hash
+        still holds the earlier attempt's totals, nothing is counted twice.
+        """
+        args = [self._ttl_ms, str(int(tokens)), str(int(cost_units)), str(int(steps))]
+        if self._run("restore", [self.key], args, "restore its spend") is None:
+            with self._lock:
+                self.tokens = max(self.tokens, tokens)
+                self.cost_units = max(self.cost_units, cost_units)
+                self.steps = max(self.steps, steps)
+
+    def refresh(self) -> None:
+        """Fetch the run's current totals from Redis (one round trip)."""
+        self._run("read", self._keys, [], "read its totals")
+
+    def shares(self, budget: Budget) -> dict[str, float]:
+        """How much of each limit that is set is used, as a ratio (1.0 = all of it)."""
+        found: dict[str, float] = {}
+        if budget.max_tokens is not None:
+            found["max_tokens"] = self.tokens / budget.max_tokens
+        if budget.max_cost_usd is not None:
+            found["max_cost_usd"] = self.cost_units / COST_UNITS_PER_USD / budget.max_cost_usd
+        if budget.max_steps is not None:
+            found["max_steps"] = self.steps / budget.max_steps
+        if budget.max_duration_seconds is not None:
+            found["max_duration_seconds"] = self.elapsed() / budget.max_duration_seconds
+        if budget.max_sub_agents:
+            found["max_sub_agents"] = self.sub_agents / budget.max_sub_agents
+        return found
+
+    def exceeded(self, budget: Budget, *, next_step: bool = False) -> tuple[str, float, float] | None:
+        """The first limit of ``budget`` reached by the last known totals, as (limit, used, maximum)."""
+        hit = first_exceeded(
+            budget,
+            tokens=self.tokens,
+            cost_usd=self.cost_units / COST_UNITS_PER_USD,
+            steps=self.steps + (1 if next_step else 0),
+            duration_seconds=self.elapsed(),
+            sub_agents=self.sub_agents,
+        )
+        if hit is not None and hit[0] == "max_steps":
+            return "max_steps", self.steps, hit[2]  # report the steps that ran, not the one refused
+        return hit
+
+    def status(self, budget: Budget | None) -> BudgetStatus:
+        """A snapshot of spend against ``budget``, with totals fetched from Redis."""
+        self.refresh()
+        with self._lock:
+            tokens, cost_units, steps, sub_agents = self.tokens, self.cost_units, self.steps, self.sub_agents
+        cost = cost_units / COST_UNITS_PER_USD
+        elapsed = self.elapsed()
+        if budget is None:
+            return BudgetStatus(
+                tokens_used=tokens,
+                cost_used_usd=cost,
+                steps_used=steps,
+                duration_seconds=elapsed,
+                sub_agents_used=sub_agents,
+            )
+        shares = self.shares(budget)
+        return BudgetStatus(
+            tokens_used=tokens,
+            tokens_remaining=None if budget.max_tokens is None else max(budget.max_tokens - tokens, 0),
+            cost_used_usd=cost,
+            cost_remaining_usd=(
+                None if budget.max_cost_usd is None else max(budget.max_cost_usd - cost, 0.0)
+            ),
+            steps_used=steps,
+            steps_remaining=None if budget.max_steps is None else max(budget.max_steps - steps, 0),
+            duration_seconds=elapsed,
+            sub_agents_used=sub_agents,
+            percentage_used=round(100.0 * max(shares.values(), default=0.0), 4),
+            is_exceeded=self.exceeded(budget) is not None,
+        )
+
+    # -- Redis ----------------------------------------------------------------
+
+    def _ids(self) -> tuple[str, ...]:
+        return (self.run_id, *self.ancestor_ids)
+
+    def _run(self, name: str, keys: list[str], args: list[str], action: str) -> list[Any] | None:
+        """Run a script and take in its totals; None when failing open (count locally instead)."""
+        shared = self._shared
+        if shared.local and self._fail_open:
+            return None
+        script = _SCRIPTS[name]
+        try:
+            if not shared.loaded:
+                self._load_scripts()
+            try:
+                reply = self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except shared.no_script:  # the server restarted or ran SCRIPT FLUSH
+                self._load_scripts()
+                reply = self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except shared.errors as exc:
+            if not self._fail_open:
+                raise LedgerUnavailableError(shared.url, self.run_id, action, exc) from exc
+            with shared.lock:
+                first = not shared.local
+                shared.local = True
+            if first:
+                _logger.warning(
+                    "multirun: the shared budget ledger at %s is unavailable (%s: %s); failing open: "
+                    "each process now counts its own steps and spend, so the budget is no longer "
+                    "enforced across processes",
+                    shared.url,
+                    type(exc).__name__,
+                    exc,
+                )
+            return None
+        reply = list(reply)
+        self._take_totals(reply, keys)
+        return reply
+
+    def _load_scripts(self) -> None:
+        """SCRIPT LOAD every script, in one round trip."""
+        pipe = self._client.pipeline(transaction=False)
+        for script in _SCRIPTS.values():
+            pipe.script_load(script.source)
+        shas = [_text(sha) for sha in pipe.execute()]
+        if shas != [s.sha for s in _SCRIPTS.values()]:  # pragma: no cover - a server that hashes otherwise
+            raise RuntimeError(f"Redis returned unexpected script hashes {shas}")
+        self._shared.loaded = True
+
+    def _take_totals(self, reply: list[Any], keys: list[str]) -> None:
+        """Update this ledger, and the ancestors' ledgers in this process, from a script's reply."""
+        at = self._clock()
+        now_us = int(reply[1])
+        for i, key in enumerate(keys):
+            ledger = self if i == 0 else self._shared.live.get(key)
+            if ledger is not None:
+                start = 3 + i * _FIELDS_PER_KEY
+                ledger._update([int(v) for v in reply[start : start + _FIELDS_PER_KEY]], now_us, at)
+
+    def _update(self, values: list[int], now_us: int, at: float) -> None:
+        tokens, cost_units, steps, sub_agents, unpriced, started_us, _deadline_us = values
+        with self._lock:
+            # replies of concurrent calls may arrive out of order; totals only grow
+            self.tokens = max(self.tokens, tokens)
+            self.cost_units = max(self.cost_units, cost_units)
+            self.steps = max(self.steps, steps)
+            self.sub_agents = max(self.sub_agents, sub_agents)
+            self.unpriced_reports = max(self.unpriced_reports, unpriced)
+            if started_us >= 0 and now_us >= self._server_now_us:
+                self._started_us, self._server_now_us, self._at = started_us, now_us, at
+
+    # -- failing open -----------------------------------------------------------
+
+    def _local_chain(self) -> list[RedisLedger]:
+        """This ledger and its ancestors' ledgers that live in this process."""
+        chain: list[RedisLedger] = [self]
+        for key in self._keys[1:]:
+            ledger = self._shared.live.get(key)
+            if ledger is not None:
+                chain.append(ledger)
+        return chain
+
+    def _begin_step_locally(self, check: bool) -> None:
+        chain = self._local_chain()
+        if check:
+            for ledger in chain:
+                budget = ledger.budget
+                hit = None if budget is None else ledger.exceeded(budget, next_step=True)
+                if hit is not None:
+                    raise BudgetExceededError(*hit, run_id=ledger.run_id)
+        for ledger in chain:
+            with ledger._lock:
+                ledger.steps += 1
+
+
+def _refusal(limit: str, used: int, maximum: str, run_id: str) -> BudgetExceededError:
+    """The BudgetExceededError RunLedger raises for the same limit, from a script's refusal."""
+    top = float(maximum) if maximum else math.nan  # nan only if someone edited the hash by hand
+    if limit == "max_cost_usd":
+        return BudgetExceededError(limit, used / COST_UNITS_PER_USD, top, run_id=run_id)
+    if limit == "max_duration_seconds":
+        return BudgetExceededError(limit, used / _US_PER_SECOND, top, run_id=run_id)
+    return BudgetExceededError(limit, used, int(top) if maximum else top, run_id=run_id)
+
+
+class RedisLedgerFactory:
+    """Makes the RedisLedgers of many runs over one redis client (one connection pool).
+
+    ``new_ledger`` has the signature of ``MultiRunClient.new_ledger``, so a
+    client can hand ledger creation to a factory.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        ttl_seconds: float = DEFAULT_TTL_SECONDS,
+        fail_open: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = redis_client
+        self.key_prefix = key_prefix
+        self.ttl_seconds = ttl_seconds
+        self.fail_open = fail_open
+        self.clock = clock
+
+    @classmethod
+    def from_uri(cls, uri: str, *, clock: Callable[[], float] = time.monotonic) -> RedisLedgerFactory:
+        """A factory for ``redis://[user:password@]host:port/db?timeout=0.5&fail_open=false``.
+
+        Besides redis-py's own URL parameters (``rediss://`` and ``unix://``
+        URLs work too) it takes ``timeout`` (seconds to connect and to wait for
+        an answer, default 0.5), ``fail_open`` (default false), ``key_prefix``
+        and ``ttl_seconds``. The client does not retry: a step fails (or fails
+        open) within the timeout rather than risk counting a command twice.
+        """
+        try:
+            import redis.backoff
+            import redis.retry
+        except ImportError:
+            raise ConfigurationError(
+                "a redis:// ledger needs the redis package: pip install 'multirun-otel[redis]'"
+            ) from None
+        parts = urlsplit(uri)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ConfigurationError(f"ledger URL must be redis://, rediss:// or unix://, got {uri!r}")
+        ours = {"timeout": str(DEFAULT_TIMEOUT_SECONDS), "fail_open": "false"}
+        theirs = []
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if name in ("timeout", "fail_open", "key_prefix", "ttl_seconds"):
+                ours[name] = value
+            else:
+                theirs.append((name, value))
+        timeout = _positive(ours["timeout"], "timeout", uri)
+        redis_py: Any = redis  # Any: redis-py 5 leaves from_url and Retry untyped
+        client: redis.Redis = redis_py.Redis.from_url(
+            urlunsplit(parts._replace(query=urlencode(theirs))),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=redis_py.retry.Retry(redis_py.backoff.NoBackoff(), 0),
+            health_check_interval=30,  # a PING before reusing a connection idle that long
+        )
+        return cls(
+            client,
+            key_prefix=ours.get("key_prefix", DEFAULT_KEY_PREFIX),
+            ttl_seconds=_positive(ours.get("ttl_seconds", str(DEFAULT_TTL_SECONDS)), "ttl_seconds", uri),
+            fail_open=_boolean(ours["fail_open"], uri),
+            clock=clock,
+        )
+
+    def ledger(
+        self, run_id: str, budget: Budget | None = None, ancestor_ids: Iterable[str] = ()
+    ) -> RedisLedger:
+        """The ledger of ``run_id``; ``ancestor_ids`` are the enclosing runs, nearest first."""
+        return RedisLedger(
+            self.client,
+            run_id,
+            budget,
+            ancestor_ids,
+            key_prefix=self.key_prefix,
+            ttl_seconds=self.ttl_seconds,
+            fail_open=self.fail_open,
+            clock=self.clock,
+        )
+
+    def new_ledger(
+        self, parent: RunLedger | RedisLedger | None, budget: Budget | None = None, run_id: str = ""
+    ) -> RunLedger | RedisLedger:
+        """Like ``MultiRunClient.new_ledger``; without a run id (a placeholder) it is a RunLedger."""
+        if not run_id:
+            return RunLedger(None, self.clock, budget=budget)
+        ancestors: list[str] = []
+        if isinstance(parent, RedisLedger):
+            ancestors = [parent.run_id, *parent.ancestor_ids]
+        else:
+            while parent is not None:
+                if parent.run_id:
+                    ancestors.append(parent.run_id)
+                parent = parent.parent
+        return self.ledger(run_id, budget, ancestors)
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        client: Any = self.client  # Any: redis-py 5 leaves close untyped
+        client.close()
+
+
+def redact(uri: str) -> str:
+    """``uri`` with its password replaced by ``***``."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    user = quote(unquote(parts.username or ""), safe="")
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _positive(value: str, name: str, uri: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0 or math.isinf(number):
+        raise ConfigurationError(f"ledger URL {redact(uri)!r}: {name} must be a number > 0, got {value!r}")
+    return number
+
+
+def _boolean(value: str, uri: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigurationError(f"ledger URL {redact(uri)!r}: fail_open must be true or false, got {value!r}")
+
+
+if TYPE_CHECKING:  # mypy checks that both ledgers provide the Ledger interface
+
+    def _both_are_ledgers(local: RunLedger, shared: RedisLedger) -> tuple[Ledger, Ledger]:
+        return local, shared

@@ -1,0 +1,75 @@
+"""Carrying a run into another process: W3C trace context plus baggage.
+
+    # in the process that runs the agent, inside a step:
+    carrier = multirun.inject()            # {"traceparent": ..., "baggage": "multirun.run.id=..."}
+    queue.put((task, carrier))
+
+    # in the worker process:
+    with multirun.continue_run(carrier):
+        summarize(task)                    # @agent / @step functions join the same trace
+
+The worker's spans become children of the step that sent the task. With a
+shared ledger (``init(ledger_uri="redis://...")`` in both processes) the
+worker's spend is charged to the same run, and the run's budget stops the
+worker too; without one, the worker's spend is counted in the worker only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+
+from opentelemetry import baggage, propagate
+from opentelemetry import context as otel_context
+
+from multirun._keys import run_in
+from multirun.context import RunContext
+from multirun.errors import ConfigurationError
+from multirun.models.run import Run
+
+_logger = logging.getLogger(__name__)
+
+RUN_ID_BAGGAGE = "multirun.run.id"
+RUN_NAME_BAGGAGE = "multirun.run.name"
+
+
+def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
+    """Write the current trace context and run into ``carrier`` (a new dict by default)."""
+    carrier = {} if carrier is None else carrier
+    ctx = otel_context.get_current()
+    run = run_in(ctx)
+    if run is not None:
+        ctx = baggage.set_baggage(RUN_ID_BAGGAGE, run.run.id, ctx)
+        ctx = baggage.set_baggage(RUN_NAME_BAGGAGE, run.run.name, ctx)
+    propagate.inject(carrier, context=ctx)
+    return carrier
+
+
+@contextmanager
+def continue_run(carrier: MutableMapping[str, str]) -> Iterator[RunContext]:
+    """Continue, in this process, the run that ``inject`` wrote into ``carrier``."""
+    from multirun.client import get_client
+
+    ctx = propagate.extract(carrier)
+    run_id = baggage.get_baggage(RUN_ID_BAGGAGE, ctx)
+    if not run_id:
+        raise ConfigurationError(
+            "continue_run: the carrier holds no multirun run id; call multirun.inject() inside the run "
+            "and pass what it returns (check that OTEL_PROPAGATORS includes baggage)"
+        )
+    client = get_client()
+    if client.ledger_uri is None:
+        _logger.warning(
+            "multirun: continuing run %s without a shared ledger: its spend here is not charged to "
+            "the run's budget; configure init(ledger_uri='redis://...') in both processes",
+            run_id,
+        )
+    name = baggage.get_baggage(RUN_NAME_BAGGAGE, ctx)
+    run_ctx = RunContext(client, Run(id=str(run_id), name=str(name or "")), remote=True)
+    token = otel_context.attach(ctx)
+    try:
+        with run_ctx:
+            yield run_ctx
+    finally:
+        otel_context.detach(token)

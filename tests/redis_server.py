@@ -1,0 +1,155 @@
+"""A real redis-server for the tests: started on a free 127.0.0.1 port, stopped afterwards.
+
+Load this module as a plugin (``pytest_plugins = ["redis_server"]`` in a test
+module or the root conftest) for two fixtures: ``redis_server``, one server for
+the whole session, and ``fresh_redis_server``, a server of the test's own that
+it may freeze or stop. The binary comes from
+Debian's ``redis-server`` package (``scripts/services.sh``: ensure_redis_server);
+when it is missing the fixture fails, never skips, so CI cannot pass without it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+INSTALL_HINT = (
+    "the Redis ledger tests need a real server, and no redis-server binary was found "
+    "(on PATH, or at $MULTIRUN_REDIS_SERVER). Install it with "
+    "`apt-get update && apt-get install -y redis-server` (scripts/services.sh: ensure_redis_server), "
+    "or set MULTIRUN_REDIS_SERVER to the binary's path."
+)
+
+
+def redis_server_binary() -> str:
+    """The redis-server binary to run; fails the test with how to install it when there is none."""
+    binary = os.environ.get("MULTIRUN_REDIS_SERVER") or shutil.which("redis-server")
+    if not binary or not os.access(binary, os.X_OK):
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ping(port: int, timeout: float = 0.5) -> bool:
+    """True if a Redis server answers PING on 127.0.0.1:port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Have Linux send SIGTERM to the server if the test process dies without stopping it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class RedisServer:
+    """One redis-server process without persistence, on 127.0.0.1."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, workdir: Path) -> None:
+        self.process = process
+        self.port = port
+        self.workdir = workdir
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @classmethod
+    def start(cls, timeout: float = 10.0) -> RedisServer:
+        """Start a server on a free port and wait until it answers PING."""
+        binary = redis_server_binary()
+        last_error = ""
+        for _ in range(3):  # the free port may be taken between choosing it and binding it
+            port = free_port()
+            workdir = Path(tempfile.mkdtemp(prefix="multirun-redis-"))
+            log = workdir / "redis.log"
+            with log.open("wb") as out:
+                process = subprocess.Popen(
+                    [
+                        binary,
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--dir",
+                        str(workdir),
+                        "--daemonize",
+                        "no",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,
+                )
+            server = cls(process, port, workdir)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and process.poll() is None:
+                if ping(port):
+                    return server
+                time.sleep(0.02)
+            server.stop()
+            last_error = log.read_text(errors="replace")[-2000:]
+        pytest.fail(f"redis-server did not start and answer PING:\n{last_error}", pytrace=False)
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and remove its folder."""
+        if self.process.poll() is None:
+            self.thaw()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def freeze(self) -> None:
+        """Stop the process answering (SIGSTOP): clients see time-outs, not refused connections."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server shared by the session's tests; stopped at the end even when tests fail."""
+    server = RedisServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which the test may freeze or stop."""
+    server = RedisServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,569 @@
+"""RedisLedger against a real redis-server: limits, exact totals across processes, failures."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+from redis.connection import Connection
+
+from multirun.enforcement.ledger import RunLedger
+from multirun.enforcement.redis_ledger import (
+    LedgerUnavailableError,
+    RedisLedger,
+    RedisLedgerFactory,
+    redact,
+)
+from multirun.errors import BudgetExceededError, ConfigurationError, MultiRunError
+from multirun.models.budget import Budget
+from multirun.pricing import COST_UNITS_PER_USD
+
+if TYPE_CHECKING:
+    from redis_server import RedisServer
+
+pytest_plugins = ["redis_server"]  # the session fixture redis_server: a real redis-server
+
+LOGGER = "multirun.enforcement.redis_ledger"
+
+
+def new_id() -> str:
+    return f"run-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def factory(redis_server: RedisServer) -> Iterator[RedisLedgerFactory]:
+    made = RedisLedgerFactory.from_uri(redis_server.url)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain client, to look at and change the hashes behind the ledgers' backs."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def refusal(error: BudgetExceededError) -> tuple[str, float, float, str, str]:
+    return error.limit, error.used, error.maximum, error.run_id, str(error)
+
+
+# -- limits: the same errors as RunLedger ----------------------------------------
+
+
+def scenario_tokens(ledger: Any) -> None:
+    ledger.begin_step()
+    ledger.charge(60, 0)
+    ledger.begin_step()
+    ledger.charge(40, 0)
+    ledger.begin_step()
+
+
+def scenario_cost(ledger: Any) -> None:
+    for _ in range(3):
+        ledger.begin_step()
+        ledger.charge(1, COST_UNITS_PER_USD // 10)  # $0.10
+    ledger.begin_step()
+
+
+def scenario_steps(ledger: Any) -> None:
+    for _ in range(4):
+        ledger.begin_step()
+
+
+def scenario_sub_agents(ledger: Any) -> None:
+    ledger.begin_step()
+    ledger.count_sub_agent()
+    ledger.begin_step()
+    ledger.count_sub_agent()
+    ledger.begin_step()
+
+
+@pytest.mark.parametrize(
+    ("budget", "scenario", "limit"),
+    [
+        (Budget(max_tokens=100), scenario_tokens, "max_tokens"),
+        (Budget(max_cost_usd=0.3), scenario_cost, "max_cost_usd"),
+        (Budget(max_steps=3), scenario_steps, "max_steps"),
+        (Budget(max_sub_agents=1), scenario_sub_agents, "max_sub_agents"),
+    ],
+    ids=["tokens", "cost", "steps", "sub_agents"],
+)
+def test_each_limit_stops_the_run_like_run_ledger(
+    factory: RedisLedgerFactory, budget: Budget, scenario: Callable[[Any], None], limit: str
+) -> None:
+    run_id = new_id()
+    local = RunLedger(budget=budget, run_id=run_id)
+    with pytest.raises(BudgetExceededError) as expected:
+        scenario(local)
+    shared = factory.ledger(run_id, budget)
+    with pytest.raises(BudgetExceededError) as got:
+        scenario(shared)
+    assert got.value.limit == limit
+    assert refusal(got.value) == refusal(expected.value)
+    assert (shared.tokens, shared.cost_units, shared.steps, shared.sub_agents) == (
+        local.tokens,
+        local.cost_units,
+        local.steps,
+        local.sub_agents,
+    )
+    assert shared.exceeded(budget) == local.exceeded(budget)
+
+
+def test_check_false_counts_the_step_without_checking(factory: RedisLedgerFactory) -> None:
+    ledger = factory.ledger(new_id(), Budget(max_steps=1))
+    ledger.begin_step()
+    ledger.begin_step(check=False)
+    assert ledger.steps == 2
+    with pytest.raises(BudgetExceededError):
+        ledger.begin_step()
+
+
+def test_duration_runs_out_on_the_server_clock(factory: RedisLedgerFactory) -> None:
+    ledger = factory.ledger(new_id(), Budget(max_duration_seconds=0.3))
+    ledger.begin_step()
+    time.sleep(0.35)
+    with pytest.raises(BudgetExceededError) as got:
+        ledger.begin_step()
+    assert got.value.limit == "max_duration_seconds"
+    assert got.value.maximum == 0.3
+    assert 0.3 <= got.value.used < 5
+    assert ledger.steps == 1
+    assert 0.3 <= ledger.elapsed() < 5
+
+
+def test_duration_uses_the_stored_deadline(factory: RedisLedgerFactory, raw: redis.Redis) -> None:
+    ledger = factory.ledger(new_id(), Budget(max_duration_seconds=3600))
+    ledger.begin_step()
+    started = int(raw.hget(ledger.key, "started_us") or 0)
+    assert int(raw.hget(ledger.key, "deadline_us") or 0) == started + 3600 * 1_000_000
+    raw.hset(ledger.key, "deadline_us", started + 1)  # as if the hour had passed
+    with pytest.raises(BudgetExceededError) as got:
+        ledger.begin_step()
+    assert got.value.limit == "max_duration_seconds"
+    assert got.value.maximum == 3600.0
+    assert got.value.run_id == ledger.run_id
+
+
+def test_status_and_elapsed(factory: RedisLedgerFactory) -> None:
+    budget = Budget(max_tokens=1000, max_cost_usd=2.0, max_steps=10)
+    ledger = factory.ledger(new_id(), budget)
+    other = factory.ledger(ledger.run_id)  # another process's view of the same run
+    other.begin_step()
+    other.charge(250, COST_UNITS_PER_USD // 2)
+    status = ledger.status(budget)  # fetches the totals from Redis
+    assert status.tokens_used == 250
+    assert status.tokens_remaining == 750
+    assert status.cost_used_usd == 0.5
+    assert status.cost_remaining_usd == 1.5
+    assert status.steps_used == 1
+    assert status.percentage_used == 25.0
+    assert not status.is_exceeded
+    assert ledger.shares(budget) == {"max_tokens": 0.25, "max_cost_usd": 0.25, "max_steps": 0.1}
+    assert 0 <= ledger.elapsed() < 5
+    assert ledger.deadline == float("inf")
+
+
+# -- exact totals ------------------------------------------------------------------
+
+
+def test_cost_is_an_exact_integer_sum(factory: RedisLedgerFactory, raw: redis.Redis) -> None:
+    ledger = factory.ledger(new_id())
+    for _ in range(10):
+        ledger.charge(7, 100_000_000, unpriced=True)  # 10 x $0.1, which floats would not sum to 1.0
+    assert ledger.cost_units == COST_UNITS_PER_USD
+    assert ledger.cost_usd == 1.0
+    assert ledger.tokens == 70
+    assert ledger.unpriced_reports == 10
+    assert raw.hget(ledger.key, "cost_units") == str(COST_UNITS_PER_USD)
+
+
+def test_threads_in_one_process_lose_no_update(factory: RedisLedgerFactory) -> None:
+    ledger = factory.ledger(new_id())
+
+    def work() -> None:
+        for _ in range(250):
+            ledger.begin_step()
+            ledger.charge(2, 3)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (ledger.steps, ledger.tokens, ledger.cost_units) == (1000, 2000, 3000)
+
+
+PROCESSES = 8
+STEPS_EACH = 500
+
+
+@pytest.fixture(scope="module")
+def processes() -> Iterator[Any]:
+    """8 worker processes (spawned: each has its own interpreter, client and ledger)."""
+    with multiprocessing.get_context("spawn").Pool(PROCESSES) as pool:
+        yield pool
+
+
+def steps_worker(url: str, run_id: str, steps: int) -> tuple[int, int, int]:
+    """One process: begin_step + charge ``steps`` times, once all the workers are ready.
+
+    Returns (pid, steps done, steps refused).
+    """
+    factory = RedisLedgerFactory.from_uri(url)
+    ledger = factory.ledger(run_id)  # the budget, if any, comes from Redis
+    ready = f"test:ready:{run_id}"
+    factory.client.incr(ready)  # a barrier in Redis: start together
+    deadline = time.monotonic() + 60
+    while int(factory.client.get(ready) or 0) < PROCESSES and time.monotonic() < deadline:
+        time.sleep(0.001)
+    done = refused = 0
+    for _ in range(steps):
+        try:
+            ledger.begin_step()
+        except BudgetExceededError:
+            refused += 1
+            continue
+        ledger.charge(3, 7)
+        done += 1
+    factory.close()
+    return os.getpid(), done, refused
+
+
+def race(pool: Any, url: str, run_id: str, steps: int) -> list[tuple[int, int]]:
+    """Run one steps_worker in each of the 8 processes; their (done, refused) counts."""
+    found = pool.starmap(steps_worker, [(url, run_id, steps)] * PROCESSES, chunksize=1)
+    assert len({pid for pid, _, _ in found}) == PROCESSES  # all 8 ran at once
+    return [(done, refused) for _, done, refused in found]
+
+
+def test_eight_processes_count_exact_totals(
+    factory: RedisLedgerFactory,
+    raw: redis.Redis,
+    processes: Any,
+    redis_server: RedisServer,
+) -> None:
+    ledger = factory.ledger(new_id())
+    found = race(processes, redis_server.url, ledger.run_id, STEPS_EACH)
+    assert found == [(STEPS_EACH, 0)] * PROCESSES
+    total = PROCESSES * STEPS_EACH
+    assert raw.hmget(ledger.key, "steps", "tokens", "cost_units") == [
+        str(total),
+        str(3 * total),
+        str(7 * total),
+    ]
+    ledger.refresh()
+    assert (ledger.steps, ledger.tokens, ledger.cost_units) == (4000, 12000, 28000)
+
+
+def test_racing_processes_never_overshoot_max_steps(
+    factory: RedisLedgerFactory,
+    raw: redis.Redis,
+    processes: Any,
+    redis_server: RedisServer,
+) -> None:
+    ledger = factory.ledger(new_id(), Budget(max_steps=1000))
+    found = race(processes, redis_server.url, ledger.run_id, STEPS_EACH)  # 4000 tries for 1000 steps
+    assert sum(done for done, _ in found) == 1000
+    assert sum(refused for _, refused in found) == PROCESSES * STEPS_EACH - 1000
+    assert raw.hget(ledger.key, "steps") == "1000"
+    assert raw.hget(ledger.key, "tokens") == "3000"
+    with pytest.raises(BudgetExceededError) as got:
+        ledger.begin_step()
+    assert (got.value.limit, got.value.used, got.value.maximum) == ("max_steps", 1000, 1000)
+
+
+# -- one budget for every process, ancestors ------------------------------------------
+
+
+def test_the_first_creation_sets_the_limits_for_every_process(
+    factory: RedisLedgerFactory, raw: redis.Redis
+) -> None:
+    run_id = new_id()
+    first = factory.ledger(run_id, Budget(max_steps=2, max_cost_usd=0.25))
+    second = factory.ledger(run_id, Budget(max_steps=100))  # too late: adopts the stored budget
+    joiner = factory.ledger(run_id)  # no budget of its own
+    assert second.budget == joiner.budget == Budget(max_steps=2, max_cost_usd=0.25)
+    assert raw.hget(first.key, "max_cost_units") == str(COST_UNITS_PER_USD // 4)
+    first.begin_step()
+    second.begin_step()
+    with pytest.raises(BudgetExceededError):
+        joiner.begin_step()
+    joiner.set_budget(Budget(max_steps=3))  # an explicit change applies everywhere
+    first.begin_step()
+    with pytest.raises(BudgetExceededError) as got:
+        second.begin_step()
+    assert (got.value.limit, got.value.used, got.value.maximum) == ("max_steps", 3, 3)
+    assert raw.hget(first.key, "max_cost_units") is None
+
+
+def test_sub_run_rolls_up_and_the_parents_limit_stops_it(
+    factory: RedisLedgerFactory, raw: redis.Redis
+) -> None:
+    root = factory.ledger(new_id(), Budget(max_tokens=100))
+    parent = factory.ledger(new_id(), Budget(max_steps=50), ancestor_ids=[root.run_id])
+    child = factory.ledger(new_id(), ancestor_ids=[parent.run_id, root.run_id])
+    child.begin_step()
+    child.charge(60, 5)
+    child.count_sub_agent()
+    for key in (child.key, parent.key, root.key):
+        assert raw.hmget(key, "steps", "tokens", "cost_units", "sub_agents") == ["1", "60", "5", "1"]
+    # the reply carried every key's totals: the ancestors' ledgers in this process are up to date
+    assert (parent.steps, parent.tokens, root.tokens, root.sub_agents) == (1, 60, 60, 1)
+    parent.begin_step()
+    parent.charge(40, 0)
+    with pytest.raises(BudgetExceededError) as got:
+        child.begin_step()
+    assert (got.value.limit, got.value.used, got.value.maximum) == ("max_tokens", 100, 100)
+    assert got.value.run_id == root.run_id
+    assert raw.hget(child.key, "steps") == "1"  # a refused step counts nowhere
+    assert raw.hget(root.key, "steps") == "2"
+
+
+def test_factory_new_ledger_takes_the_ancestors_from_the_parent(factory: RedisLedgerFactory) -> None:
+    placeholder = factory.new_ledger(None)
+    assert isinstance(placeholder, RunLedger)
+    root = factory.new_ledger(None, Budget(max_steps=1), run_id=new_id())
+    child = factory.new_ledger(root, run_id=new_id())
+    grandchild = factory.new_ledger(child, run_id=new_id())
+    assert isinstance(grandchild, RedisLedger)
+    assert grandchild.ancestor_ids == (child.run_id, root.run_id)
+    assert grandchild.parent is None
+    grandchild.begin_step()
+    with pytest.raises(BudgetExceededError) as got:
+        child.begin_step()
+    assert got.value.run_id == root.run_id
+
+
+def test_keys_expire_and_writes_refresh_the_expiry(redis_server: RedisServer, raw: redis.Redis) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    parent = RedisLedger(client, new_id(), key_prefix="test:ttl:", ttl_seconds=60)
+    child = RedisLedger(
+        client, new_id(), ancestor_ids=[parent.run_id], key_prefix="test:ttl:", ttl_seconds=60
+    )
+    raw.pexpire(parent.key, 1000)
+    child.begin_step()
+    for key in (child.key, parent.key):
+        assert 59_000 < raw.pttl(key) <= 60_000
+    client.close()
+
+
+def test_a_lost_hash_is_created_again_with_its_limits(factory: RedisLedgerFactory, raw: redis.Redis) -> None:
+    ledger = factory.ledger(new_id(), Budget(max_steps=2))
+    ledger.begin_step()
+    raw.delete(ledger.key)  # expired, or the server restarted without persistence
+    ledger.begin_step()
+    ledger.begin_step()
+    with pytest.raises(BudgetExceededError):
+        ledger.begin_step()
+
+
+def test_restore_counts_an_earlier_attempt_once(factory: RedisLedgerFactory, raw: redis.Redis) -> None:
+    run_id = new_id()
+    first, second = factory.ledger(run_id), factory.ledger(run_id)
+    first.restore(100, 2_000, 3)
+    second.restore(100, 2_000, 3)  # another process resuming the same run
+    assert (second.tokens, second.cost_units, second.steps) == (100, 2_000, 3)
+    second.begin_step()
+    first.restore(100, 2_000, 3)  # the hash already holds more: nothing changes
+    assert raw.hmget(first.key, "tokens", "cost_units", "steps") == ["100", "2000", "4"]
+
+
+def test_a_client_that_decodes_responses_works(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    ledger = RedisLedger(client, new_id(), Budget(max_cost_usd=0.5))
+    ledger.begin_step()
+    ledger.charge(1, COST_UNITS_PER_USD // 2)
+    with pytest.raises(BudgetExceededError) as got:
+        ledger.begin_step()
+    assert (got.value.limit, got.value.used, got.value.maximum) == ("max_cost_usd", 0.5, 0.5)
+    client.close()
+
+
+# -- one round trip per step, scripts ---------------------------------------------------
+
+
+class CountingConnection(Connection):
+    """Counts what goes over the socket: writes (packed commands) and the command names."""
+
+    writes = 0
+    commands: list[str] = []
+
+    def send_command(self, *args: Any, **kwargs: Any) -> None:
+        CountingConnection.commands.append(str(args[0]))
+        super().send_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.writes += 1
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+
+def test_begin_step_and_charge_are_one_round_trip_each(redis_server: RedisServer, raw: redis.Redis) -> None:
+    pool = redis.ConnectionPool(connection_class=CountingConnection, host="127.0.0.1", port=redis_server.port)
+    client = redis.Redis(connection_pool=pool)
+    root = RedisLedger(client, new_id(), Budget(max_steps=100))
+    ledger = RedisLedger(client, new_id(), Budget(max_tokens=10_000), ancestor_ids=[root.run_id])
+    ledger.begin_step()  # the connection is set up and the scripts loaded by now
+    CountingConnection.writes, CountingConnection.commands = 0, []
+    raw.config_resetstat()
+    for _ in range(20):
+        ledger.begin_step()
+        ledger.charge(10, 10)
+    assert CountingConnection.writes == 40
+    assert CountingConnection.commands == ["EVALSHA"] * 40
+    stats = raw.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 40
+    assert "cmdstat_script|load" not in stats
+    assert ledger.steps == 21
+    assert root.steps == 21  # refreshed from the same replies
+    client.close()
+
+
+def test_scripts_are_loaded_again_after_script_flush(factory: RedisLedgerFactory, raw: redis.Redis) -> None:
+    ledger = factory.ledger(new_id(), Budget(max_steps=3))
+    ledger.begin_step()
+    raw.script_flush()
+    ledger.begin_step()  # NOSCRIPT: loads the scripts and runs this one again
+    ledger.charge(5, 5)
+    assert (ledger.steps, ledger.tokens) == (2, 5)
+    assert raw.hget(ledger.key, "steps") == "2"
+    ledger.begin_step()
+    with pytest.raises(BudgetExceededError):
+        ledger.begin_step()
+
+
+# -- Redis unavailable ------------------------------------------------------------------
+
+
+def test_fails_closed_when_the_server_stops_mid_run(fresh_redis_server: RedisServer) -> None:
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url)
+    ledger = factory.ledger(new_id(), Budget(max_steps=100))
+    ledger.begin_step()
+    fresh_redis_server.stop()
+    started = time.monotonic()
+    with pytest.raises(LedgerUnavailableError) as got:
+        ledger.begin_step()
+    assert time.monotonic() - started < 1.0
+    assert isinstance(got.value, MultiRunError)
+    assert fresh_redis_server.url in str(got.value)
+    assert "fail_open" in str(got.value)
+    assert isinstance(got.value.__cause__, redis.ConnectionError)
+    with pytest.raises(LedgerUnavailableError):  # and the next attempt, on a fresh connection
+        ledger.charge(1, 1)
+    assert ledger.steps == 1
+
+
+def test_fails_closed_within_the_timeout_when_the_server_hangs(fresh_redis_server: RedisServer) -> None:
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?timeout=0.3")
+    ledger = factory.ledger(new_id())
+    ledger.begin_step()
+    fresh_redis_server.freeze()
+    try:
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailableError) as got:
+            ledger.begin_step()
+        waited = time.monotonic() - started
+    finally:
+        fresh_redis_server.thaw()
+    assert 0.25 < waited < 1.0
+    assert isinstance(got.value.__cause__, redis.TimeoutError)
+    ledger.begin_step()  # the server answers again: so does the ledger, on a new connection
+    # the step that timed out may still have run once the server woke (never lost, at worst counted)
+    assert ledger.steps in (2, 3)
+    factory.close()
+
+
+def test_creating_a_ledger_without_a_server_fails_closed(fresh_redis_server: RedisServer) -> None:
+    fresh_redis_server.stop()  # nothing listens on its port now
+    with pytest.raises(LedgerUnavailableError, match=fresh_redis_server.url):
+        RedisLedgerFactory.from_uri(fresh_redis_server.url).ledger(new_id())
+
+
+def test_fail_open_warns_once_and_counts_locally(
+    fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true")
+    parent = factory.ledger(new_id(), Budget(max_tokens=1_000))
+    ledger = factory.ledger(new_id(), Budget(max_steps=10), ancestor_ids=[parent.run_id])
+    for _ in range(3):
+        ledger.begin_step()
+        ledger.charge(10, 10)
+    fresh_redis_server.stop()
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    started = time.monotonic()
+    for _ in range(7):
+        ledger.begin_step()
+        ledger.charge(10, 10)
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(BudgetExceededError) as got:  # the local count still enforces the budget
+        ledger.begin_step()
+    assert (got.value.limit, got.value.used, got.value.maximum) == ("max_steps", 10, 10)
+    assert (ledger.steps, ledger.tokens, ledger.cost_units) == (10, 100, 100)
+    assert (parent.steps, parent.tokens) == (10, 100)  # ancestors in this process count too
+    late = factory.ledger(new_id())  # created while Redis is down
+    late.begin_step()
+    late.status(None)
+    warnings = [r for r in caplog.records if r.name == LOGGER]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
+    assert fresh_redis_server.url in warnings[0].getMessage()
+    assert "failing open" in warnings[0].getMessage()
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def test_from_uri_reads_its_parameters(redis_server: RedisServer) -> None:
+    uri = f"{redis_server.url}?timeout=0.25&fail_open=true&key_prefix=app:&ttl_seconds=90&client_name=ledger"
+    factory = RedisLedgerFactory.from_uri(uri)
+    kwargs = factory.client.connection_pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.25, 0.25)
+    assert kwargs["client_name"] == "ledger"
+    assert (factory.fail_open, factory.key_prefix, factory.ttl_seconds) == (True, "app:", 90.0)
+    assert factory.ledger(new_id()).key.startswith("app:")
+    default = RedisLedgerFactory.from_uri(redis_server.url)
+    assert default.client.connection_pool.connection_kwargs["socket_timeout"] == 0.5
+    assert default.fail_open is False
+    factory.close()
+    default.close()
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://127.0.0.1:6379/0",
+        "redis://127.0.0.1:6379/0?timeout=0",
+        "redis://127.0.0.1:6379/0?timeout=soon",
+        "redis://127.0.0.1:6379/0?fail_open=maybe",
+    ],
+)
+def test_from_uri_refuses_bad_parameters(uri: str) -> None:
+    with pytest.raises(ConfigurationError):
+        RedisLedgerFactory.from_uri(uri)
+
+
+def test_bad_arguments_are_refused(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    with pytest.raises(ConfigurationError):
+        RedisLedger(client, "")
+    with pytest.raises(ConfigurationError):
+        RedisLedger(client, "a", ancestor_ids=["a"])
+    with pytest.raises(ConfigurationError):
+        RedisLedger(client, "a", ancestor_ids=["b", "b"])
+    with pytest.raises(ConfigurationError):
+        RedisLedger(client, "a", ttl_seconds=0)
+    client.close()
+
+
+def test_redact_hides_the_password() -> None:
+    assert redact("redis://user:s3cret@host:6380/1?timeout=1") == "redis://user:***@host:6380/1?timeout=1"
+    assert redact("redis://host:6379/0") == "redis://host:6379/0"
