@@ -91,6 +91,5 @@ def test_workers_in_other_processes_spend_one_shared_ledger(traced, redis_server
 
 
 def test_continue_run_without_a_run_in_the_carrier_says_what_to_do(traced) -> None:
-    with pytest.raises(multirun.ConfigurationError, match=r"multirun.inject\(\)"):
-        with multirun.continue_run({}):
-            pass
+    with pytest.raises(multirun.ConfigurationError, match=r"multirun.inject\(\)"), multirun.continue_run({}):
+        pass
