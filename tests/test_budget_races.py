@@ -1,0 +1,153 @@
+"""Budgets under concurrency: exact totals, and overshoot bounded by the steps in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import multirun
+from multirun import agent, run, step
+from multirun.context import get_current_run_context
+from multirun.errors import BudgetExceededError
+from multirun.models import Budget
+
+THREADS = 8
+ATTEMPTS_PER_WORKER = 200
+
+
+def race_threads(body, *, barrier_parties: int = THREADS) -> list[int]:
+    """Run ``body`` in THREADS threads started together; each returns how many steps it completed."""
+    barrier = threading.Barrier(barrier_parties)
+
+    def worker() -> int:
+        barrier.wait()
+        return body()
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        return list(pool.map(lambda _: worker(), range(THREADS)))
+
+
+def spend_until_refused(fn) -> int:
+    done = 0
+    for _ in range(ATTEMPTS_PER_WORKER):
+        try:
+            fn()
+        except BudgetExceededError:
+            break
+        done += 1
+    return done
+
+
+@pytest.mark.parametrize(
+    ("budget", "tokens_per_step", "cost_per_step", "limit_steps"),
+    [
+        (Budget(max_steps=500), 0, 0.0, 500),
+        (Budget(max_tokens=10_000), 7, 0.0, None),
+        (Budget(max_cost_usd=0.05), 0, 0.0001, None),
+    ],
+    ids=["max_steps", "max_tokens", "max_cost_usd"],
+)
+def test_threads_racing_a_limit_leave_exact_totals_and_bounded_overshoot(
+    traced, budget, tokens_per_step, cost_per_step, limit_steps
+) -> None:
+    @step
+    def spend() -> None:
+        if tokens_per_step or cost_per_step:
+            multirun.report_usage("m", output_tokens=tokens_per_step, cost_usd=cost_per_step)
+
+    @run(budget=budget)
+    def main() -> tuple[list[int], int, int, float]:
+        done = race_threads(lambda: spend_until_refused(spend))
+        ctx = get_current_run_context()
+        return done, ctx.ledger.steps, ctx.tokens_used, ctx.cost_usd
+
+    done, steps, tokens, cost = main()
+    total = sum(done)
+    assert steps == total  # every started step counted once, refused ones not at all
+    assert tokens == total * tokens_per_step
+    assert cost == pytest.approx(total * cost_per_step, abs=1e-12)
+    if limit_steps is not None:
+        assert total == limit_steps  # the step count is checked and taken under one lock: exact
+    elif tokens_per_step:
+        crossed_at = -(-budget.max_tokens // tokens_per_step)  # ceil
+        assert crossed_at <= total <= crossed_at + THREADS - 1
+    else:
+        crossed_at = round(budget.max_cost_usd / cost_per_step)
+        assert crossed_at <= total <= crossed_at + THREADS - 1
+
+
+async def test_asyncio_tasks_racing_max_tokens_leave_exact_totals(traced) -> None:
+    @step
+    async def spend() -> None:
+        await asyncio.sleep(0)  # let other tasks start their step between check and charge
+        multirun.report_usage("m", output_tokens=10, cost_usd=0.0)
+
+    @run(budget=Budget(max_tokens=1_000))
+    async def main() -> tuple[int, int]:
+        async def worker() -> int:
+            done = 0
+            for _ in range(100):
+                try:
+                    await spend()
+                except BudgetExceededError:
+                    break
+                done += 1
+            return done
+
+        done = await asyncio.gather(*(worker() for _ in range(50)))
+        return sum(done), get_current_run_context().tokens_used
+
+    total, tokens = await main()
+    assert tokens == total * 10
+    # up to one step per task may be in flight when the limit is crossed
+    assert 100 <= total <= 100 + 50 - 1
+
+
+def test_max_sub_agents_refuses_the_steps_of_one_agent_too_many(traced) -> None:
+    @step
+    def work() -> None:
+        pass
+
+    @agent(name="helper")
+    def helper() -> None:
+        work()
+
+    @run(budget=Budget(max_sub_agents=3))
+    def main() -> int:
+        started = 0
+        for _ in range(5):
+            try:
+                helper()
+            except BudgetExceededError as exc:
+                assert exc.limit == "max_sub_agents"
+                break
+            started += 1
+        return started
+
+    assert main() == 3
+
+
+def test_duration_limit_uses_the_monotonic_clock_not_the_wall_clock(traced, monkeypatch) -> None:
+    import time as time_module
+
+    @step
+    def work() -> None:
+        pass
+
+    @run(budget=Budget(max_duration_seconds=60))
+    def main() -> None:
+        work()
+        # the system clock jumps a day ahead: the run is not over
+        real_time = time_module.time
+        monkeypatch.setattr(time_module, "time", lambda: real_time() + 86_400)
+        work()
+        traced.clock.now += 61  # the monotonic clock passes the limit: it is
+        work()
+
+    with pytest.raises(BudgetExceededError, match="max_duration_seconds"):
+        main()
+    statuses = [s.attributes["multirun.step.status"] for s in traced.named("step work")]
+    assert sorted(statuses) == ["completed", "completed", "failed"]
