@@ -397,3 +397,19 @@ def test_run_round_trips_through_json() -> None:
     run = Run(name="r", budget=Budget(max_tokens=5), metadata={"k": "v"}, tokens_used=3)
     again = Run.model_validate_json(run.model_dump_json())
     assert again == run
+
+
+def test_ids_are_drawn_without_os_urandom(monkeypatch) -> None:
+    """os.urandom drops and retakes the GIL so quickly that the span export thread starves
+    and drops spans when many runs start (benchmarks/results/export_starvation.md)."""
+    import os
+
+    from multirun.models import Agent, Run
+
+    def no_urandom(n: int) -> bytes:
+        raise AssertionError("os.urandom called")
+
+    monkeypatch.setattr(os, "urandom", no_urandom)
+    ids = {Run().id for _ in range(100)} | {Agent().id for _ in range(100)}
+    assert len(ids) == 200
+    assert all(len(i) == 32 and i[12] == "4" for i in ids)  # UUID4 layout, hex

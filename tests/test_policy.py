@@ -392,3 +392,37 @@ def test_step_error_still_wraps_retryable_failures(traced) -> None:
 
     with pytest.raises(StepError):
         main()
+
+
+def test_a_probe_refused_by_the_budget_does_not_keep_the_circuit_half_open(traced) -> None:
+    fail = {"on": True}
+
+    @step
+    def fetch() -> str:
+        if fail["on"]:
+            raise ConnectionError("down")
+        return "ok"
+
+    @step
+    def other() -> None:
+        pass
+
+    @run(budget=Budget(max_steps=3), policy=breaker_policy())
+    def first_run() -> None:
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                fetch()
+        other()
+        traced.clock.now += 31  # half-open: the next fetch claims the probe, then the budget refuses it
+        fetch()
+
+    with pytest.raises(BudgetExceededError):
+        first_run()
+
+    fail["on"] = False
+
+    @run(policy=breaker_policy())
+    def second_run() -> str:
+        return fetch()  # the probe was given back: this call may probe, and closes the circuit
+
+    assert second_run() == "ok"

@@ -521,6 +521,7 @@ class RunContext:
 
     @property
     def records_replay(self) -> bool:
+        """Whether step inputs are hashed and results kept, for a replay after a restore."""
         return self.client.record_replay or self.is_replaying
 
     def _replay_lookup(self, name: str, digest: str | None) -> tuple[bool, Any]:
@@ -790,6 +791,7 @@ class StepContext:
         start_attrs: dict[str, Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        span_name: str | None = None,
     ) -> None:
         client = self.run_context.client
         if self.input_hash is not None or client.capture_content:
@@ -804,8 +806,8 @@ class StepContext:
             if self.model and start_attrs.get(attr.GEN_AI_REQUEST_MODEL) != self.model:
                 start_attrs = {**start_attrs, attr.GEN_AI_REQUEST_MODEL: self.model}
         else:
-            name = spans.step_span_name(kind, self.name, None)
-        span = client.tracer.start_span(name, context=parent_ctx, attributes=start_attrs)
+            name = span_name or spans.step_span_name(kind, self.name, None)
+        span = client.tracer.start_span(name, context=parent_ctx, attributes=start_attrs or None)
         self._span = span
         # one copy of the context instead of two (set_span_in_context, then set_value)
         ctx = Context(parent_ctx)
@@ -856,9 +858,12 @@ class StepContext:
         span = self._span
         assert span is not None
         end_attrs: dict[str, Any] = {
+            attr.STEP_NAME: self.name,
+            attr.STEP_KIND: _KIND_VALUES[self.kind],
             attr.STEP_ID: f"{span.get_span_context().span_id:016x}",
-            attr.STEP_STATUS: self.status.value,
+            attr.STEP_STATUS: _STATUS_VALUES[self.status],
             attr.STEP_ATTEMPT: self.attempt,
+            attr.POLICY_DECISION: self.policy_decision or "proceed",
         }
         if self.tokens_used or self._cost_units or self.unpriced:
             end_attrs[attr.TOKENS_USED] = self.tokens_used
@@ -871,7 +876,6 @@ class StepContext:
             if model and self.kind is StepKind.LLM_CALL and not self.model:
                 span.update_name(spans.step_span_name(self.kind, self.name, model))
         if self.policy_decision is not None:
-            end_attrs[attr.POLICY_DECISION] = self.policy_decision
             if self.policy_rule is not None:
                 end_attrs[attr.POLICY_RULE] = self.policy_rule
             wait = getattr(self, "wait_before", 0.0)
@@ -883,7 +887,7 @@ class StepContext:
             end_attrs[attr.STEP_OUTPUT] = render(self.result, client.content_limit)
         if self.error is not None:
             _record_error(span, self.error, end_attrs)
-        span.set_attributes(end_attrs)
+        spans.set_end_attributes(span, end_attrs)
         span.end()
         _step_metrics(self, span, end_attrs.get(attr.ERROR_TYPE))
         if not client.capture_content:
@@ -997,6 +1001,10 @@ class StepContext:
 # helpers
 
 
+_STATUS_VALUES = {status: status.value for status in StepStatus}  # Enum.value is a slow property
+_KIND_VALUES = {kind: kind.value for kind in StepKind}
+
+
 def _refresh(ledger: Ledger) -> None:
     """Fetch a shared ledger's final totals (other processes spent too); a warning if it cannot."""
     refresh = getattr(ledger, "refresh", None)
@@ -1015,7 +1023,7 @@ def _step_metrics(step: StepContext, span: Span, error_type: str | None) -> None
     run = step.run_context
     metrics = run.client.metrics
     metrics.step_finished(
-        run.run.name, step.agent_context.agent.name, step.kind.value, step.status.value, duration, error_type
+        run.run.name, step.agent_context.agent.name, step.kind, step.status, duration, error_type
     )
     if (
         step.kind is StepKind.LLM_CALL

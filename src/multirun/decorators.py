@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar, overload
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from multirun._keys import agent_in, run_in, step_in
+from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
 from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext
@@ -84,6 +84,7 @@ class StepSpec:
         "retry_max_delay",
         "retry_on",
         "retry_strategy",
+        "span_name",
         "start_attrs",
     )
 
@@ -116,8 +117,12 @@ class StepSpec:
         if model is not None and (not isinstance(model, str) or not model):
             raise ConfigurationError(f"@step(model=...) must be a non-empty string, got {model!r}")
         self.model = model
-        self.replayable = not (inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func))
+        # served from the replay cache on restore: idempotent steps that return a value
+        self.replayable = self.idempotent and not (
+            inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
+        )
         self.start_attrs = spans.step_start_attributes(self.kind, self.name, model)
+        self.span_name = spans.step_span_name(self.kind, self.name, model)
 
     def backoff(self, attempt: int) -> float:
         """Delay before attempt ``attempt + 1``: constant, linear or exponential, capped."""
@@ -202,13 +207,14 @@ def _is_permanent(error: BaseException) -> bool:
 
 
 def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # Runs before every decorated call: plain dict look-ups rather than the typed helpers.
     current = otel_context.get_current()
-    run: RunContext | None = run_in(current)
+    run: RunContext | None = current.get(RUN_KEY)  # type: ignore[assignment]
     if run is None:
         return None
-    agent: AgentContext = agent_in(current) or run.default_agent
+    agent: AgentContext = current.get(AGENT_KEY) or run.default_agent  # type: ignore[assignment]
     digest = None
-    if spec.idempotent and spec.replayable and run.records_replay:
+    if spec.replayable and run.records_replay:
         digest = input_hash(args, kwargs)
         if run.is_replaying:
             found, value = run._replay_lookup(spec.name, digest)
@@ -222,23 +228,25 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             decision = engine.before_step(spec.name, spec.kind, spec.model, run.ledger)
         run.ledger.begin_step(spec.check_budget)
     except (BudgetExceededError, PolicyViolation) as refused:
-        if engine is not None and decision is not None:
-            engine.after_step(spec.name, spec.kind, refused)  # gives back a claimed probe
+        if decision is not None:
+            engine.after_step(spec.name, spec.kind, refused)  # type: ignore[union-attr]  # gives back a probe
         _record_step_not_run(spec, agent, current, refused=refused)
         raise
-    if decision is not None:
-        run.client.metrics.policy_decision(run.run.name, decision.decision.value, decision.rule)
-    step = _StepCall(agent, spec.name, spec.kind, step_in(current), managed=True)
+    step = _StepCall(agent, spec.name, spec.kind, current.get(STEP_KEY), managed=True)  # type: ignore[arg-type]
     step.spec = spec
-    step.model = spec.model
-    step.input_hash = digest
-    if decision is not None and decision is not PROCEED:
-        step.policy_decision = decision.decision.value
-        step.policy_rule = decision.rule
-        if decision.model is not None:
-            step.model = decision.model
-        step.wait_before = decision.wait_seconds
-    step._open(current, spec.start_attrs, args, kwargs)
+    if spec.model is not None:
+        step.model = spec.model
+    if digest is not None:
+        step.input_hash = digest
+    if decision is not None:
+        run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
+        if decision is not PROCEED:
+            step.policy_decision = decision.decision.value
+            step.policy_rule = decision.rule
+            if decision.model is not None:
+                step.model = decision.model
+            step.wait_before = decision.wait_seconds
+    step._open(current, spec.start_attrs, args, kwargs, spec.span_name)
     return step
 
 

@@ -17,6 +17,8 @@ from multirun.errors import BudgetExceededError
 from multirun.models.budget import Budget, BudgetStatus, first_exceeded
 from multirun.pricing import COST_UNITS_PER_USD
 
+_INFINITY = float("inf")
+
 
 class RunLedger:
     __slots__ = (
@@ -103,7 +105,7 @@ class RunLedger:
             or self.cost_units >= self._max_cost_units
             or self.steps >= self._max_steps
             or self.sub_agents > self._max_sub_agents
-            or self._clock() >= self._deadline
+            or (self._deadline != _INFINITY and self._clock() >= self._deadline)
         ):
             hit = self.exceeded(self.budget, next_step=True)
             if hit is not None:

@@ -93,6 +93,8 @@ class CircuitBreaker:
 
     def allow(self, now: float) -> bool:
         """True if a call may go ahead now (claiming the probe when half-open)."""
+        if self.state == self.CLOSED:  # the common case, without the lock: one attribute read
+            return True
         with self._lock:
             if self.state == self.CLOSED:
                 return True
@@ -106,6 +108,8 @@ class CircuitBreaker:
             return True
 
     def record(self, ok: bool, now: float) -> None:
+        if ok and self.failures == 0 and self.state == self.CLOSED:
+            return  # nothing to change
         with self._lock:
             if ok:
                 self.state, self.failures, self.probe_in_flight = self.CLOSED, 0, False
@@ -155,6 +159,7 @@ class PolicyEngine:
         self.degraded = False
         self._llm_failures_in_a_row = 0
         self._lock = threading.Lock()
+        self._breakers: dict[str, CircuitBreaker] = {}  # this run's view of the shared breakers
 
     def before_step(self, name: str, kind: StepKind, model: str | None, ledger: Ledger) -> Decision:
         """The decision for a step about to start; PolicyViolation when it must not run."""
@@ -163,8 +168,8 @@ class PolicyEngine:
         breaker_rule = policy.circuit_breaker
         breaker = None
         if breaker_rule is not None:
-            breaker = self.state.breaker(name, breaker_rule)
-            if not breaker.allow(self.clock()):
+            breaker = self._breaker(name, breaker_rule)
+            if breaker.state != CircuitBreaker.CLOSED and not breaker.allow(self.clock()):
                 raise PolicyViolation(
                     "circuit_breaker",
                     f"circuit of step {name!r} is open after {breaker.failures} failures; "
@@ -195,20 +200,30 @@ class PolicyEngine:
 
     def after_step(self, name: str, kind: StepKind, error: BaseException | None) -> None:
         """Feed the step's outcome to the circuit breaker and the degradation trigger."""
-        if error is not None and isinstance(error, (BudgetExceededError, PolicyViolation)):
-            return  # not a failure of the dependency
         rule = self.policy.circuit_breaker
+        if error is not None and isinstance(error, (BudgetExceededError, PolicyViolation)):
+            if rule is not None:  # not a failure of the dependency; a probe it claimed is free again
+                self._breaker(name, rule).release_probe()
+            return
         if rule is not None:
-            breaker = self.state.breaker(name, rule)
-            if error is None or not isinstance(error, rule.excluded_errors):
-                breaker.record(error is None, self.clock())
+            breaker = self._breaker(name, rule)
+            if error is None:
+                breaker.record(True, 0.0)
+            elif not isinstance(error, rule.excluded_errors):
+                breaker.record(False, self.clock())
             else:
                 breaker.release_probe()
-        if kind is StepKind.LLM_CALL:
+        if kind is StepKind.LLM_CALL and self.policy.graceful_degradation is not None:
             with self._lock:
                 self._llm_failures_in_a_row = 0 if error is None else self._llm_failures_in_a_row + 1
 
     # -- rules ---------------------------------------------------------------
+
+    def _breaker(self, name: str, rule: CircuitBreakerRule) -> CircuitBreaker:
+        breaker = self._breakers.get(name)
+        if breaker is None:
+            breaker = self._breakers[name] = self.state.breaker(name, rule)
+        return breaker
 
     def _rate_limit_wait(self, rule: RateLimitRule, ledger: Ledger) -> float:
         now = self.clock()

@@ -13,7 +13,6 @@ reported.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -33,9 +32,10 @@ class UsageSpanProcessor(SpanProcessor):
     """Charges usage from spans of other instrumentations to the enclosing run."""
 
     def __init__(self) -> None:
-        # span id -> [owner (step or agent), reported-by-a-child flag]; holds only spans in flight
+        # span id -> [owner (step or agent), usage-below-is-charged flag]; only spans in flight.
+        # Each access is one dict or list operation, atomic without a lock: a span's entry is
+        # written at its start, and read at its end, by the thread that ends it.
         self._open: dict[int, list[Any]] = {}
-        self._lock = threading.Lock()
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         scope = span.instrumentation_scope
@@ -46,45 +46,58 @@ class UsageSpanProcessor(SpanProcessor):
         if run is None:
             return
         owner = step_in(ctx) or agent_in(ctx) or run.default_agent
-        span_id = span.get_span_context().span_id
-        with self._lock:
-            self._open[span_id] = [owner, False]
+        self._open[span.get_span_context().span_id] = [owner, False]
 
     def on_end(self, span: ReadableSpan) -> None:
+        scope = span.instrumentation_scope
+        if scope is not None and scope.name == TRACER_NAME:
+            return  # our own spans were never recorded in on_start
         context = span.get_span_context()
         if context is None:
             return
-        with self._lock:
-            entry = self._open.pop(context.span_id, None)
-            if entry is None:
-                return
-            usage = usage_from_attributes(span.attributes or {})
-            reported_below = entry[1]
-            if usage is None and not reported_below:
-                return
-            # tell the foreign ancestors that usage below them is charged, even through
-            # spans that carry none of their own, so a wrapper copying totals is not charged again
-            parent = span.parent
-            parent_entry = self._open.get(parent.span_id) if parent is not None else None
-            if parent_entry is not None:
-                parent_entry[1] = True
-            if usage is None or reported_below:
-                return
+        entry = self._open.pop(context.span_id, None)
+        if entry is None:
+            return
+        usage = usage_from_attributes(span.attributes or {})
+        reported_below = entry[1]
+        if usage is None and not reported_below:
+            return
+        # tell the foreign ancestors that usage below them is charged, even through
+        # spans that carry none of their own, so a wrapper copying totals is not charged again
+        parent = span.parent
+        parent_entry = self._open.get(parent.span_id) if parent is not None else None
+        if parent_entry is not None:
+            parent_entry[1] = True
+        if usage is None or reported_below:
+            return
         try:
             entry[0].charge_child_usage(usage)
         except Exception:  # never let accounting break the span pipeline
             _logger.warning("multirun: could not charge usage of span %r", span.name, exc_info=True)
 
     def shutdown(self) -> None:
-        with self._lock:
-            self._open.clear()
+        self._open.clear()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
 
 
+_USAGE_KEYS = frozenset(
+    {
+        a.GEN_AI_USAGE_INPUT_TOKENS,
+        a.GEN_AI_USAGE_PROMPT_TOKENS,
+        a.LLM_TOKEN_COUNT_PROMPT,
+        a.GEN_AI_USAGE_OUTPUT_TOKENS,
+        a.GEN_AI_USAGE_COMPLETION_TOKENS,
+        a.LLM_TOKEN_COUNT_COMPLETION,
+    }
+)
+
+
 def usage_from_attributes(attributes: Any) -> TokenUsage | None:
     """A TokenUsage from GenAI (or OpenInference) span attributes, or None if it has none."""
+    if _USAGE_KEYS.isdisjoint(attributes):  # most spans: one cheap test, no lookups
+        return None
     get = attributes.get
     input_tokens = get(a.GEN_AI_USAGE_INPUT_TOKENS)
     if input_tokens is None:

@@ -1,0 +1,88 @@
+"""Run every benchmark and regenerate ``benchmarks/results/*.md``.
+
+Usage (from the project root)::
+
+    .venv/bin/python benchmarks/run.py            # the full set, a few minutes
+    .venv/bin/python benchmarks/run.py --quick    # shorter, for a smoke test
+    .venv/bin/python benchmarks/run.py --only memory --only starvation
+
+Each benchmark runs in its own fresh interpreter, one after the other (never
+in parallel: they would disturb each other's timings on a small machine):
+
+- ``bench_overhead.py`` -> ``results/overhead.md``: per-call cost of ``@step``
+  against a plain call and a bare OpenTelemetry span, interleaved rounds;
+- ``bench_memory.py``   -> ``results/memory.md``: RSS over 1,000,000 steps in
+  one run, and over 10,000 runs of 10 steps;
+- ``profile_step.py``   -> ``results/profile.md``: where the time of a sync
+  ``@step`` goes (cProfile, own time, multirun and OpenTelemetry functions);
+- ``repro_export_starvation.py`` -> ``results/export_starvation.md``: why the
+  BatchSpanProcessor drops spans when many runs are created.
+
+``psutil`` is used for RSS when installed (``.venv/bin/pip install psutil``),
+else ``/proc/self/statm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+FULL: list[list[str]] = [
+    ["bench_overhead.py"],
+    ["bench_memory.py"],
+    ["profile_step.py"],
+    ["repro_export_starvation.py"],
+]
+SCRIPTS = {
+    "overhead": "bench_overhead.py",
+    "memory": "bench_memory.py",
+    "profile": "profile_step.py",
+    "starvation": "repro_export_starvation.py",
+}
+QUICK: list[list[str]] = [
+    ["bench_overhead.py", "--rounds", "8", "--batch", "500"],
+    ["bench_memory.py", "--steps", "100000", "--runs", "1000"],
+    ["profile_step.py", "--calls", "20000", "--rounds", "6"],
+    ["repro_export_starvation.py", "--repeats", "1"],
+]
+
+
+def run_one(script_and_args: list[str]) -> int:
+    """Run one benchmark in a new interpreter from the project root; its exit code."""
+    script, *args = script_and_args
+    command = [sys.executable, str(HERE / script), *args]
+    print(f"\n=== {script} {' '.join(args)}".rstrip(), flush=True)
+    start = time.perf_counter()
+    code = subprocess.call(command, cwd=HERE.parent)
+    print(f"=== {script}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test)")
+    parser.add_argument(
+        "--only",
+        choices=["overhead", "memory", "profile", "starvation"],
+        action="append",
+        help="run only this benchmark (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.only:
+        plan = [p for p in plan if any(SCRIPTS[o] == p[0] for o in args.only)]
+    failures = [p[0] for p in plan if run_one(p) != 0]
+    if failures:
+        print(f"failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    print(f"\nresults in {HERE / 'results'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
