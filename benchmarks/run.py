@@ -16,7 +16,11 @@ in parallel: they would disturb each other's timings on a small machine):
 - ``profile_step.py``   -> ``results/profile.md``: where the time of a sync
   ``@step`` goes (cProfile, own time, multirun and OpenTelemetry functions);
 - ``repro_export_starvation.py`` -> ``results/export_starvation.md``: why the
-  BatchSpanProcessor drops spans when many runs are created.
+  BatchSpanProcessor drops spans when many runs are created;
+- ``bench_ledger.py``   -> ``results/ledger.md``: the budget check and ledger
+  update per step, in process and against a real redis-server;
+- ``bench_metrics.py``  -> printed: the per-step metrics path against a raw SDK
+  instrument.
 
 ``psutil`` is used for RSS when installed (``.venv/bin/pip install psutil``),
 else ``/proc/self/statm``.
@@ -37,18 +41,24 @@ FULL: list[list[str]] = [
     ["bench_memory.py"],
     ["profile_step.py"],
     ["repro_export_starvation.py"],
+    ["bench_ledger.py"],
+    ["bench_metrics.py"],
 ]
 SCRIPTS = {
     "overhead": "bench_overhead.py",
     "memory": "bench_memory.py",
     "profile": "profile_step.py",
     "starvation": "repro_export_starvation.py",
+    "ledger": "bench_ledger.py",
+    "metrics": "bench_metrics.py",
 }
 QUICK: list[list[str]] = [
     ["bench_overhead.py", "--rounds", "8", "--batch", "500"],
     ["bench_memory.py", "--steps", "100000", "--runs", "1000"],
     ["profile_step.py", "--calls", "20000", "--rounds", "6"],
     ["repro_export_starvation.py", "--repeats", "1"],
+    ["bench_ledger.py", "--rounds", "6", "--batch", "2000"],
+    ["bench_metrics.py", "--rounds", "6"],
 ]
 
 
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test)")
     parser.add_argument(
         "--only",
-        choices=["overhead", "memory", "profile", "starvation"],
+        choices=sorted(SCRIPTS),
         action="append",
         help="run only this benchmark (repeatable)",
     )

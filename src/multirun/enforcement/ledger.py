@@ -78,10 +78,20 @@ class RunLedger:
         With ``check``, first raise BudgetExceededError if any of them has
         reached a limit (the step about to start counts towards max_steps).
         """
-        if self.parent is None:  # the common case: one lock, one pass
+        if self.parent is None:  # the common case: one lock, one pass, the limits inline
             with self._lock:
-                if check:
-                    self._raise_if_exceeded()
+                if (
+                    check
+                    and self.budget is not None
+                    and (
+                        self.tokens >= self._max_tokens
+                        or self.cost_units >= self._max_cost_units
+                        or self.steps >= self._max_steps
+                        or self.sub_agents > self._max_sub_agents
+                        or (self._deadline != _INFINITY and self._clock() >= self._deadline)
+                    )
+                ):
+                    self._raise_exceeded()
                 self.steps += 1
             return
         ledger: RunLedger | None
@@ -107,9 +117,13 @@ class RunLedger:
             or self.sub_agents > self._max_sub_agents
             or (self._deadline != _INFINITY and self._clock() >= self._deadline)
         ):
-            hit = self.exceeded(self.budget, next_step=True)
-            if hit is not None:
-                raise BudgetExceededError(*hit, run_id=self.run_id)
+            self._raise_exceeded()
+
+    def _raise_exceeded(self) -> None:
+        assert self.budget is not None
+        hit = self.exceeded(self.budget, next_step=True)
+        if hit is not None:
+            raise BudgetExceededError(*hit, run_id=self.run_id)
 
     @property
     def cost_usd(self) -> float:
