@@ -1,0 +1,86 @@
+"""Usage reported on spans of other instrumentations (OpenLLMetry, OpenInference) inside a step."""
+
+from __future__ import annotations
+
+import pytest
+
+from multirun import run, step
+from multirun.errors import BudgetExceededError
+from multirun.models import Budget
+
+
+def foreign_span(traced, name: str, attributes: dict) -> None:
+    """A span as another instrumentation would open it inside the current step."""
+    tracer = traced.provider.get_tracer("some.other.instrumentation")
+    with tracer.start_as_current_span(name, attributes=attributes):
+        pass
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {
+            "gen_ai.usage.input_tokens": 120,
+            "gen_ai.usage.output_tokens": 30,
+            "gen_ai.request.model": "gpt-4o",
+        },
+        # OpenLLMetry's older names
+        {"gen_ai.usage.prompt_tokens": 120, "gen_ai.usage.completion_tokens": 30, "gen_ai.system": "openai"},
+        # OpenInference
+        {"llm.token_count.prompt": 120, "llm.token_count.completion": 30, "llm.model_name": "gpt-4o"},
+    ],
+    ids=["genai", "openllmetry", "openinference"],
+)
+def test_usage_on_foreign_spans_is_charged_to_the_enclosing_step(traced, attributes) -> None:
+    @step
+    def call_model() -> None:
+        foreign_span(traced, "llm call", attributes)
+
+    @run
+    def main() -> None:
+        call_model()
+        call_model()
+
+    main()
+    step_span = traced.named("step call_model")[0]
+    assert step_span.attributes["multirun.tokens_used"] == 150
+    assert "gen_ai.usage.input_tokens" not in step_span.attributes  # the foreign span carries it
+    assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 300
+
+
+def test_a_known_model_on_a_foreign_span_is_priced(traced) -> None:
+    @step
+    def call_model() -> None:
+        foreign_span(
+            traced, "chat", {"gen_ai.usage.input_tokens": 1_000_000, "gen_ai.request.model": "gpt-4o-mini"}
+        )
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    assert traced.span("invoke_workflow main").attributes["multirun.cost_usd"] == pytest.approx(0.15)
+
+
+def test_foreign_usage_counts_against_the_budget(traced) -> None:
+    calls = {"n": 0}
+
+    @step
+    def call_model() -> None:
+        calls["n"] += 1
+        foreign_span(traced, "chat", {"llm.token_count.prompt": 400, "llm.token_count.completion": 100})
+
+    @run(budget=Budget(max_tokens=1_200))
+    def main() -> None:
+        for _ in range(5):
+            call_model()
+
+    with pytest.raises(BudgetExceededError, match="max_tokens"):
+        main()
+    assert calls["n"] == 3  # 500, 1000, 1500: the fourth step is refused
+
+
+def test_foreign_spans_outside_any_run_are_left_alone(traced) -> None:
+    foreign_span(traced, "chat", {"gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 5})
+    assert [s.name for s in traced.spans()] == ["chat"]
