@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
+from multirun.checkpoints.replay import DEFAULT_LIMIT as DEFAULT_REPLAY_LIMIT
 from multirun.checkpoints.store import CheckpointStore
 from multirun.clock import Clock
 from multirun.enforcement.ledger import Ledger, RunLedger
@@ -63,7 +64,8 @@ class MultiRunClient:
         checkpoint_store: CheckpointStore | BlobExporter | str | None = None,
         prices: PriceBook | Mapping[str, Price | Mapping[str, float]] | None = None,
         step_history: int = DEFAULT_STEP_HISTORY,
-        record_replay: bool = False,
+        record_replay: bool = True,
+        replay_limit: int = DEFAULT_REPLAY_LIMIT,
         clock: Clock | None = None,
         propagate_threads: bool = True,
         meter_provider: otel_metrics.MeterProvider | None = None,
@@ -82,6 +84,9 @@ class MultiRunClient:
         self.content_limit = content_limit
         self.step_history = step_history
         self.record_replay = record_replay
+        if isinstance(replay_limit, bool) or not isinstance(replay_limit, int) or replay_limit < 0:
+            raise ConfigurationError(f"replay_limit must be an int >= 0, got {replay_limit!r}")
+        self.replay_limit = replay_limit
         self.clock = clock or Clock()
         self.prices = prices if isinstance(prices, PriceBook) else PriceBook(prices)
         self.policy_state = PolicyState()
@@ -209,7 +214,8 @@ def init(
     blob_exporter: BlobExporter | None = None,
     prices: Mapping[str, Price | Mapping[str, float]] | None = None,
     step_history: int = DEFAULT_STEP_HISTORY,
-    record_replay: bool = False,
+    record_replay: bool = True,
+    replay_limit: int = DEFAULT_REPLAY_LIMIT,
     propagate_threads: bool = True,
     meter_provider: otel_metrics.MeterProvider | None = None,
     metrics: bool = True,
@@ -232,7 +238,9 @@ def init(
         checkpoint_uri: blob store of checkpoints (``file://``, ``memory://``, a path).
         prices: per-model price overrides, ``{"model": Price(...)}``.
         step_history: how many finished steps a run keeps for ``Run.steps``.
-        record_replay: hash step inputs and keep results for replay after restore.
+        record_replay: hash the inputs of idempotent steps and keep their results, so
+            that a run restored from a checkpoint does not run them again (default True).
+        replay_limit: the most steps a run keeps for replay (their results stay in memory).
         meter_provider: record metrics with this provider (default: the global one;
             with an OTLP endpoint and no global provider, one exporting there is created).
         metrics: False to record no metrics at all.
@@ -255,6 +263,7 @@ def init(
             prices=prices,
             step_history=step_history,
             record_replay=record_replay,
+            replay_limit=replay_limit,
             propagate_threads=propagate_threads,
             meter_provider=meter_provider,
             metrics=metrics,
@@ -342,7 +351,7 @@ def _validate_options(
     capture_content: bool | None = None,
     content_limit: int | None = None,
     step_history: int = DEFAULT_STEP_HISTORY,
-    record_replay: bool = False,
+    record_replay: bool = True,
     **_others: Any,
 ) -> tuple[bool, int]:
     """Check the client's settings, naming the one that is wrong.

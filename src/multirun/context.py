@@ -31,6 +31,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
+from multirun.checkpoints.replay import ReplayLog
 from multirun.enforcement.policy import PolicyEngine
 from multirun.errors import BudgetExceededError, ConfigurationError
 from multirun.models.agent import Agent, AgentStatus
@@ -45,6 +46,7 @@ from multirun.telemetry.content import render, render_call
 from multirun.usage import TokenUsage
 
 if TYPE_CHECKING:
+    from multirun.checkpoints.store import RestoredCheckpoint
     from multirun.client import MultiRunClient
     from multirun.enforcement.ledger import Ledger
 
@@ -205,7 +207,7 @@ class RunContext:
         self._lock = threading.RLock()
         self._default_agent: AgentContext | None = None
         self._history: deque[StepContext] = deque(maxlen=client.step_history)
-        self._replay_cache: dict[tuple[str, str], Any] = {}
+        self.replay_log = ReplayLog(client.replay_limit)
         self._span: Span | None = None
         self._otel_ctx: Context | None = None
         self._tokens: list[object] = []
@@ -506,39 +508,30 @@ class RunContext:
             return None
 
     def restore_from_checkpoint(self, checkpoint_id: str) -> Done[None]:
-        """Load a checkpoint's state and replay cache into this run; ``is_replaying`` becomes True.
+        """Load a checkpoint's state and replay log into this run; ``is_replaying`` becomes True.
 
-        Raises CheckpointError if it cannot be read or verified, ReplayError if
-        its contents cannot be deserialized.
+        The run's spend becomes at least what it was at the checkpoint (a
+        restored run never gets its budget back). Raises CheckpointError if the
+        checkpoint cannot be read or verified, ReplayError if its contents
+        cannot be deserialized.
         """
         restored = self.client.checkpoints.load(checkpoint_id)
+        self._restore(restored)
+        return Done(None)
+
+    def _restore(self, restored: RestoredCheckpoint) -> None:
         self._state.update(restored.state)
-        self._replay_cache.update(restored.replay_cache)
+        self.replay_log.load(restored.replay)
+        ledger = restored.ledger
+        self.ledger.restore(ledger.get("tokens", 0), ledger.get("cost_units", 0), ledger.get("steps", 0))
         self.is_replaying = True
         if self._span is not None:
             self._span.set_attribute(attr.RUN_REPLAYING, True)
-        return Done(None)
 
     @property
     def records_replay(self) -> bool:
         """Whether step inputs are hashed and results kept, for a replay after a restore."""
         return self.client.record_replay or self.is_replaying
-
-    def _replay_lookup(self, name: str, digest: str | None) -> tuple[bool, Any]:
-        if digest is None:
-            return False, None
-        key = (name, digest)
-        if key in self._replay_cache:
-            return True, self._replay_cache[key]
-        return False, None
-
-    def _replay_record(self, name: str, digest: str | None, result: Any) -> None:
-        if digest is not None:
-            self._replay_cache[(name, digest)] = result
-
-    @property
-    def replay_cache(self) -> dict[tuple[str, str], Any]:
-        return self._replay_cache
 
     @property
     def history(self) -> list[StepContext]:
@@ -664,7 +657,9 @@ class AgentContext:
     ) -> Done[tuple[bool, Any]]:
         """``(True, result)`` if the replay cache holds this step with these inputs."""
         digest = input_hash(args, kwargs or {})
-        return Done(self.run_context._replay_lookup(name, digest))
+        if digest is None:
+            return Done((False, None))
+        return Done(self.run_context.replay_log.peek(name, digest))
 
     # -- state, checkpoints --------------------------------------------------
 
@@ -757,6 +752,7 @@ class StepContext:
     _own_usage: list[tuple[TokenUsage, int, bool]] | None = None
     model: str | None = None
     input_hash: str | None = None
+    replay_index: int | None = None  # this call's entry in the run's replay log
     policy_decision: str | None = None
     policy_rule: str | None = None
     result: Any = None

@@ -164,8 +164,8 @@ class _StepCall(StepContext):
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         spec = self.spec
         run = self.run_context
-        if self.input_hash is not None and spec.replayable:
-            run._replay_record(spec.name, self.input_hash, result)
+        if self.replay_index is not None:
+            run.replay_log.complete(self.replay_index, result)
         if run.policy_engine is not None:
             run.policy_engine.after_step(spec.name, spec.kind, None)
         if spec.checkpoint:
@@ -174,6 +174,8 @@ class _StepCall(StepContext):
 
     def _failed(self, error: BaseException) -> BaseException:
         run = self.run_context
+        if self.replay_index is not None:
+            run.replay_log.fail(self.replay_index)
         if run.policy_engine is not None:
             run.policy_engine.after_step(self.spec.name, self.spec.kind, error)
         self._close(StepStatus.FAILED, error=error)
@@ -213,12 +215,17 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     if run is None:
         return None
     agent: AgentContext = current.get(AGENT_KEY) or run.default_agent  # type: ignore[assignment]
-    digest = None
+    digest = replay_index = None
     if spec.replayable and run.records_replay:
         digest = input_hash(args, kwargs)
-        if run.is_replaying:
-            found, value = run._replay_lookup(spec.name, digest)
-            if found:
+        if digest is not None:
+            parent = current.get(STEP_KEY)
+            replay_index, hit, value = run.replay_log.call(
+                spec.name,
+                digest,
+                parent.replay_index if parent is not None else None,  # type: ignore[attr-defined]
+            )
+            if hit:
                 _record_step_not_run(spec, agent, current, digest=digest)
                 return _Replayed(value)
     engine = run.policy_engine
@@ -238,6 +245,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         step.model = spec.model
     if digest is not None:
         step.input_hash = digest
+        step.replay_index = replay_index
     if decision is not None:
         run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
         if decision is not PROCEED:

@@ -14,9 +14,13 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
+_NO_ARGUMENTS = hashlib.sha256(b"[[],{}]").hexdigest()
+
 
 def input_hash(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """The hex SHA-256 of the call's arguments, or None when they cannot be hashed stably."""
+    if not args and not kwargs:
+        return _NO_ARGUMENTS
     try:
         text = json.dumps(
             [args, kwargs],

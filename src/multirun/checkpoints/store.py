@@ -44,11 +44,14 @@ def validate_id(value: str, what: str) -> str:
 
 @dataclass
 class RestoredCheckpoint:
+    """A checkpoint read back and verified: what a run needs to go on from it."""
+
     checkpoint: Checkpoint
     state: dict[str, Any]
-    replay_cache: dict[tuple[str, str], Any]
+    replay: list[dict[str, Any]]  # ReplayLog records
     ledger: dict[str, int]
     uri: str
+    trace: dict[str, str]  # trace_id and span_id (hex) of the run that took it
 
 
 class CheckpointStore:
@@ -92,7 +95,8 @@ class CheckpointStore:
                 "environment": _environment(),
             },
             "state": state,
-            "replay": [[n, h, r] for (n, h), r in run.replay_cache.items()],
+            "replay": _replay_records(run.replay_log.to_records()),
+            "trace": _trace_of(run),
             "ledger": {"tokens": ledger.tokens, "cost_units": ledger.cost_units, "steps": ledger.steps},
         }
         try:
@@ -151,17 +155,41 @@ class CheckpointStore:
                 created_at=meta["created_at"],
                 size_bytes=len(blob),
             )
-            replay = {(str(n), str(h)): r for n, h, r in document.get("replay", [])}
+            replay = [dict(record) for record in document.get("replay", [])]
+            for record in replay:
+                str(record["name"]), str(record["digest"]), int(record["occurrence"])
             ledger = {k: int(v) for k, v in document.get("ledger", {}).items()}
             state = dict(document.get("state", {}))
+            trace = {k: str(v) for k, v in document.get("trace", {}).items()}
         except (ValueError, KeyError, TypeError) as exc:
             raise ReplayError(f"checkpoint {checkpoint_id!r} cannot be replayed: {exc}") from None
-        return RestoredCheckpoint(checkpoint, state, replay, ledger, key)
+        return RestoredCheckpoint(checkpoint, state, replay, ledger, key, trace)
 
     def list(self, run_id: str | None = None) -> list[str]:
         """Keys of the stored checkpoints, of one run or all."""
         prefix = "checkpoints/" if run_id is None else f"checkpoints/{validate_id(run_id, 'run id')}/"
         return self.exporter.list(prefix)
+
+
+def _replay_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The replay log in JSON form; a result with no JSON form is left out, so that step
+    runs again after a restore instead of failing the whole checkpoint."""
+    out = []
+    for record in records:
+        if "result" in record:
+            try:
+                record["result"] = to_jsonable_python(record["result"], fallback=_unserializable)
+            except (TypeError, ValueError):
+                del record["result"]
+        out.append(record)
+    return out
+
+
+def _trace_of(run: RunContext) -> dict[str, str]:
+    context = run.span.get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
 
 
 def _environment() -> dict[str, Any]:

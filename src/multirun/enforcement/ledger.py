@@ -152,11 +152,12 @@ class RunLedger:
             ledger = ledger.parent
 
     def restore(self, tokens: int, cost_units: int, steps: int) -> None:
-        """Start from what an earlier attempt of this run already spent."""
+        """Count at least what the run had spent at a checkpoint (never less: no budget back,
+        and restoring twice, or into the run that took the checkpoint, counts nothing twice)."""
         with self._lock:
-            self.tokens += tokens
-            self.cost_units += cost_units
-            self.steps += steps
+            self.tokens = max(self.tokens, tokens)
+            self.cost_units = max(self.cost_units, cost_units)
+            self.steps = max(self.steps, steps)
 
     @property
     def deadline(self) -> float:

@@ -447,9 +447,9 @@ class RedisLedger:
     def restore(self, tokens: int, cost_units: int, steps: int) -> None:
         """Start from what an earlier attempt of this run already spent.
 
-        Each total becomes at least the given one (RunLedger adds them to its
-        zero totals): when several processes resume the run, or the run's hash
-        still holds the earlier attempt's totals, nothing is counted twice.
+        Each total becomes at least the given one, as in RunLedger: when several
+        processes resume the run, or the run's hash still holds the earlier
+        attempt's totals, nothing is counted twice.
         """
         args = [self._ttl_ms, str(int(tokens)), str(int(cost_units)), str(int(steps))]
         if self._run("restore", [self.key], args, "restore its spend") is None:
