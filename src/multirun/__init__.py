@@ -13,6 +13,7 @@ def main() -> str:
     return ask("hello")
 """
 
+from multirun.checkpoints.resume import resume
 from multirun.client import MultiRunClient, get_client, init, init_local
 from multirun.context import report_usage
 from multirun.decorators import agent, checkpoint, run, step
@@ -55,6 +56,7 @@ __all__ = [
     "init_local",
     "inject",
     "report_usage",
+    "resume",
     "run",
     "step",
 ]

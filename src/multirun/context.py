@@ -214,6 +214,7 @@ class RunContext:
         self._finished = False
         self.parent: RunContext | None = None
         self.policy_engine: PolicyEngine | None = None
+        self.resumed_from: RestoredCheckpoint | None = None  # set before the run starts
         self.parent_step: StepContext | None = None  # the step of the parent run that called this sub-run
         self.parent_agent: AgentContext | None = None
         self.ledger: Ledger = client.new_ledger(None)
@@ -257,8 +258,16 @@ class RunContext:
         if run.budget is not None:
             for limit, value in run.budget.limits().items():
                 attrs[attr.BUDGET_PREFIX + limit] = value
+        links: list[trace.Link] = []
+        resumed = self.resumed_from
+        if resumed is not None:
+            attrs[attr.RUN_RESUMED_FROM] = resumed.checkpoint.run_id
+            attrs[attr.CHECKPOINT_ID] = resumed.checkpoint.id
+            original = _span_context(resumed.trace)
+            if original is not None:
+                links.append(trace.Link(original, {attr.RUN_ID: resumed.checkpoint.run_id}))
         self._span = self.client.tracer.start_span(
-            spans.run_span_name(run.name), context=parent_ctx, attributes=attrs
+            spans.run_span_name(run.name), context=parent_ctx, attributes=attrs, links=links
         )
         ctx = trace.set_span_in_context(self._span, parent_ctx)
         ctx = otel_context.set_value(RUN_KEY, self, ctx)
@@ -790,12 +799,8 @@ class StepContext:
         span_name: str | None = None,
     ) -> None:
         client = self.run_context.client
-        if self.input_hash is not None or client.capture_content:
-            start_attrs = dict(start_attrs)
-            if self.input_hash is not None:
-                start_attrs[attr.STEP_INPUT_HASH] = self.input_hash
-            if client.capture_content:
-                start_attrs[attr.STEP_INPUT] = render_call(args, kwargs, client.content_limit)
+        if client.capture_content:
+            start_attrs = {**start_attrs, attr.STEP_INPUT: render_call(args, kwargs, client.content_limit)}
         kind = self.kind
         if kind is StepKind.LLM_CALL:
             name = spans.step_span_name(kind, self.name, self.model)
@@ -861,6 +866,8 @@ class StepContext:
             attr.STEP_ATTEMPT: self.attempt,
             attr.POLICY_DECISION: self.policy_decision or "proceed",
         }
+        if self.input_hash is not None:
+            end_attrs[attr.STEP_INPUT_HASH] = self.input_hash
         if self.tokens_used or self._cost_units or self.unpriced:
             end_attrs[attr.TOKENS_USED] = self.tokens_used
             end_attrs[attr.COST_USD] = self._cost_units / COST_UNITS_PER_USD
@@ -999,6 +1006,17 @@ class StepContext:
 
 _STATUS_VALUES = {status: status.value for status in StepStatus}  # Enum.value is a slow property
 _KIND_VALUES = {kind: kind.value for kind in StepKind}
+
+
+def _span_context(ids: dict[str, str]) -> trace.SpanContext | None:
+    """The span context of the run a checkpoint came from, for a link; None if unknown."""
+    try:
+        context = trace.SpanContext(
+            int(ids["trace_id"], 16), int(ids["span_id"], 16), is_remote=True, trace_flags=trace.TraceFlags(1)
+        )
+    except (KeyError, ValueError):
+        return None
+    return context if context.is_valid else None
 
 
 def _refresh(ledger: Ledger) -> None:

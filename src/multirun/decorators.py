@@ -22,6 +22,8 @@ from opentelemetry.context import Context
 
 from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
+from multirun.checkpoints.resume import take_pending_resume
+from multirun.checkpoints.store import RestoredCheckpoint
 from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.enforcement.policy import PROCEED
@@ -356,8 +358,9 @@ class _RunCall:
     __slots__ = ("ctx", "otel_context")
     wait_before = 0.0
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: RunContext, resumed: RestoredCheckpoint | None = None) -> None:
         self.ctx = ctx
+        ctx.resumed_from = resumed
         self.otel_context = ctx.otel_context
 
     def _clock(self) -> Clock:
@@ -417,8 +420,13 @@ def run(
                 policy=policy_model,
                 metadata=dict(metadata or {}),
             )
-            ctx = RunContext(get_client(), model, checkpoint_on_error=checkpoint_on_error)
-            return _RunCall(ctx)
+            client = get_client()
+            ctx = RunContext(client, model, checkpoint_on_error=checkpoint_on_error)
+            restored = take_pending_resume(client)
+            call = _RunCall(ctx, restored)
+            if restored is not None:
+                ctx._restore(restored)
+            return call
 
         return _wrap(fn, open_run)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 from multirun.errors import DeterminismError
@@ -38,16 +37,38 @@ DEFAULT_LIMIT = 10_000
 _NO_RESULT = object()
 
 
-@dataclass
 class ReplayEntry:
-    name: str
-    digest: str
-    occurrence: int
-    parent: int | None  # index of the recorded step it ran inside, if any
-    result: Any = _NO_RESULT  # set once the step returned
-    concurrent: bool = False  # ran while a sibling was running
-    served: bool = False  # replayed (or re-run) since the restore
-    running_children: int = field(default=0, repr=False)
+    """One recorded call. A plain slotted object: one is made for every step."""
+
+    __slots__ = (
+        "concurrent",
+        "digest",
+        "name",
+        "occurrence",
+        "parent",
+        "result",
+        "running_children",
+        "served",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        digest: str,
+        occurrence: int,
+        parent: int | None,  # index of the recorded step it ran inside, if any
+        result: Any = _NO_RESULT,  # set once the step returned
+        concurrent: bool = False,  # ran while a sibling was running
+        served: bool = True,  # replayed (or re-run) since the restore; True for new calls
+    ) -> None:
+        self.name = name
+        self.digest = digest
+        self.occurrence = occurrence
+        self.parent = parent
+        self.result = result
+        self.concurrent = concurrent
+        self.served = served
+        self.running_children = 0
 
     @property
     def has_result(self) -> bool:
@@ -82,23 +103,15 @@ class ReplayLog:
         Raises DeterminismError when replaying and the call does not match the recording.
         """
         with self._lock:
-            key2 = (name, digest)
-            occurrence = self._occurrences.get(key2, 0) + 1
-            self._occurrences[key2] = occurrence
-            index = self._by_key.get((name, digest, occurrence))
+            key = (name, digest)
+            occurrence = self._occurrences.get(key, 0) + 1
+            self._occurrences[key] = occurrence
             if self._replaying:
-                self._check_order(name, index)
-            if index is not None:
-                entry = self.entries[index]
-                if not entry.served:
-                    entry.served = True
-                    self._advance()
-                    if entry.has_result:
-                        self._serve_descendants(index)
-                        return index, True, entry.result
-                    self._start(entry)  # recorded but never finished: run it again
-                    return index, False, None
-            if len(self.entries) >= self.limit:
+                served = self._serve(name, digest, occurrence)
+                if served is not None:
+                    return served
+            entries = self.entries
+            if len(entries) >= self.limit:
                 if not self._full_warned:
                     self._full_warned = True
                     _logger.warning(
@@ -107,12 +120,27 @@ class ReplayLog:
                         self.limit,
                     )
                 return None, False, None
-            entry = ReplayEntry(name, digest, occurrence, parent, served=True)
-            index = len(self.entries)
-            self.entries.append(entry)
-            self._by_key[(name, digest, occurrence)] = index
+            entry = ReplayEntry(name, digest, occurrence, parent)
+            entries.append(entry)
             self._start(entry)
-            return index, False, None
+            return len(entries) - 1, False, None
+
+    def _serve(self, name: str, digest: str, occurrence: int) -> tuple[int | None, bool, Any] | None:
+        """During a replay: serve the recorded call, re-run an unfinished one, or None for a new call."""
+        index = self._by_key.get((name, digest, occurrence))
+        self._check_order(name, index)
+        if index is None:
+            return None
+        entry = self.entries[index]
+        if entry.served:
+            return None  # served already (inside a replayed parent): this is a new execution
+        entry.served = True
+        self._advance()
+        if entry.has_result:
+            self._serve_descendants(index)
+            return index, True, entry.result
+        self._start(entry)  # recorded but never finished: run it again
+        return index, False, None
 
     def complete(self, index: int | None, result: Any) -> None:
         """The step returned ``result``."""
@@ -174,6 +202,7 @@ class ReplayLog:
                     parent=None if record.get("parent") is None else int(record["parent"]),
                     result=record.get("result", _NO_RESULT),
                     concurrent=bool(record.get("concurrent", False)),
+                    served=False,
                 )
                 self._by_key[(entry.name, entry.digest, entry.occurrence)] = len(self.entries)
                 self.entries.append(entry)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import re
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -23,7 +25,6 @@ from pydantic_core import to_jsonable_python
 from multirun.checkpoints.envelope import open_blob, seal
 from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError
 from multirun.errors import CheckpointError, ReplayError
-from multirun.models._base import new_id
 from multirun.models.checkpoint import Checkpoint, CheckpointMeta
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
 
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 DEFAULT_MAX_BLOB_BYTES = 1 << 30
+
+
+def new_checkpoint_id() -> str:
+    """A new checkpoint id: 16 hex digits of time, then 16 random, so ids sort by creation."""
+    return f"{time.time_ns():016x}{random.getrandbits(64):016x}"
 
 
 def validate_id(value: str, what: str) -> str:
@@ -80,7 +86,7 @@ class CheckpointStore:
         state = dict(run.state)
         if extra_state:
             state.update(extra_state)
-        checkpoint_id = new_id()
+        checkpoint_id = new_checkpoint_id()
         created = datetime.now(timezone.utc)
         ledger = run.ledger
         document = {
@@ -164,6 +170,13 @@ class CheckpointStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise ReplayError(f"checkpoint {checkpoint_id!r} cannot be replayed: {exc}") from None
         return RestoredCheckpoint(checkpoint, state, replay, ledger, key, trace)
+
+    def latest(self, run_id: str) -> str:
+        """The id of the newest checkpoint of ``run_id``; CheckpointError if it has none."""
+        keys = self.list(run_id)
+        if not keys:
+            raise CheckpointError(f"run {run_id!r} has no checkpoint in the store")
+        return keys[-1].rsplit("/", 1)[-1].removesuffix(".ckpt")
 
     def list(self, run_id: str | None = None) -> list[str]:
         """Keys of the stored checkpoints, of one run or all."""

@@ -3,6 +3,8 @@
     multirun demo [--dir DIR] [--endpoint URL]    run the bundled example crew, offline
     multirun runs [--dir DIR] [--limit N]         list the runs under DIR/traces
     multirun runs show RUN_ID [--dir DIR]         one run as a tree of its spans
+    multirun checkpoints [--run RUN_ID] | show ID | verify [ID ...]
+    multirun resume ID -- COMMAND ...             COMMAND's first @run continues run ID
 
 DIR defaults to ``$MULTIRUN_DIR``, else ``./.multirun`` (where ``multirun.init_local``
 and the embedded default write).
@@ -23,7 +25,7 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from multirun import __version__
-from multirun.cli import render, runs
+from multirun.cli import checkpoints, render, runs
 from multirun.cli.runs import RunsError
 from multirun.client import DEFAULT_DIR, MultiRunClient
 
@@ -48,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log_warnings_to_stderr()
     try:
         return handler(args)
-    except RunsError as exc:
+    except (RunsError, checkpoints.CommandError) as exc:
         _error(str(exc))
         return 1
     except KeyboardInterrupt:
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dir(show, argparse.SUPPRESS)
     show.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     show.set_defaults(handler=cmd_show)
+    checkpoints.add_commands(commands, _add_dir)
     return parser
 
 

@@ -55,6 +55,7 @@ RUN_NAME: Final = "multirun.run.name"
 RUN_STATUS: Final = "multirun.run.status"
 RUN_PARENT_ID: Final = "multirun.run.parent_id"
 RUN_REPLAYING: Final = "multirun.run.replaying"
+RUN_RESUMED_FROM: Final = "multirun.run.resumed_from"  # id of the run whose checkpoint this one continues
 RUN_ERROR: Final = "multirun.run.error"
 BUDGET_PREFIX: Final = "multirun.budget."  # + max_tokens, max_cost_usd, ...
 BUDGET_EXCEEDED_LIMIT: Final = "multirun.budget.exceeded_limit"

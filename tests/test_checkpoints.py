@@ -1,0 +1,263 @@
+"""Checkpoints, restore and replay: a failed run resumes without paying twice."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import multirun
+from multirun import checkpoint, run, step
+from multirun.checkpoints.exporters import FileBlobExporter
+from multirun.checkpoints.store import CheckpointStore
+from multirun.context import get_current_run_context
+from multirun.errors import CheckpointError, DeterminismError
+from multirun.models import Budget, StepKind
+from multirun.telemetry import attributes as attr
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def __call__(self, name: str) -> None:
+        self.log.append(name)
+
+
+def crew_program(calls: Calls, *, fail_at_end: bool):
+    """search -> summarize (LLM) -> checkpoint -> publish; publish fails the first time."""
+
+    @step(kind=StepKind.TOOL_CALL)
+    def search(topic: str) -> list[str]:
+        calls("search")
+        return [f"{topic} 1", f"{topic} 2"]
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def summarize(sources: list[str]) -> str:
+        calls("summarize")
+        multirun.report_usage("gpt-4o-mini", input_tokens=1000, output_tokens=100)
+        return " / ".join(sources)
+
+    @checkpoint(name="summarized")
+    def note(summary: str) -> str:
+        get_current_run_context().set_state("summary", summary)
+        return summary
+
+    @step(idempotent=False)
+    def publish(summary: str) -> str:
+        calls("publish")
+        if fail_at_end:
+            raise ConnectionError("publisher down")
+        return f"published: {summary}"
+
+    @run(name="crew", budget=Budget(max_tokens=5_000))
+    def crew(topic: str) -> str:
+        summary = note(summarize(search(topic)))
+        return publish(summary)
+
+    return crew
+
+
+def test_a_resumed_run_serves_completed_steps_from_the_checkpoint(traced) -> None:
+    calls = Calls()
+    with pytest.raises(ConnectionError):
+        crew_program(calls, fail_at_end=True)("otel")
+    first = traced.span("invoke_workflow crew")
+    first_run_id = first.attributes[attr.RUN_ID]
+    assert calls.log == ["search", "summarize", "publish"]
+
+    calls.log.clear()
+    traced.exporter.clear()
+    with multirun.resume(run_id=first_run_id):
+        result = crew_program(calls, fail_at_end=False)("otel")
+
+    assert result == "published: otel 1 / otel 2"
+    assert calls.log == ["publish"]  # search and summarize were served, publish is not idempotent
+    resumed = traced.span("invoke_workflow crew")
+    assert resumed.attributes[attr.RUN_ID] != first_run_id
+    assert resumed.attributes[attr.RUN_RESUMED_FROM] == first_run_id
+    assert resumed.attributes[attr.RUN_REPLAYING] is True
+    assert [link.context.trace_id for link in resumed.links] == [first.context.trace_id]
+    assert resumed.attributes[attr.TOKENS_USED] == 1100  # the spend carried over, nothing spent twice
+    skipped = {s.name: s.attributes[attr.STEP_STATUS] for s in traced.spans() if s.name != resumed.name}
+    assert skipped["execute_tool search"] == "skipped"
+    assert skipped["chat gpt-4o-mini"] == "skipped"
+
+
+def test_resume_by_checkpoint_id_restores_state(traced) -> None:
+    calls = Calls()
+    with pytest.raises(ConnectionError):
+        crew_program(calls, fail_at_end=True)("otel")
+    run_id = traced.span("invoke_workflow crew").attributes[attr.RUN_ID]
+    checkpoint_id = traced.client.checkpoints.latest(run_id)
+
+    @run
+    def inspect_state() -> object:
+        return get_current_run_context().get_state("summary")
+
+    with multirun.resume(checkpoint_id=checkpoint_id) as restored:
+        assert restored.checkpoint.run_id == run_id
+        assert inspect_state() == "otel 1 / otel 2"
+
+
+def test_a_resumed_run_never_gets_its_budget_back(traced) -> None:
+    calls = Calls()
+    with pytest.raises(ConnectionError):
+        crew_program(calls, fail_at_end=True)("otel")
+    run_id = traced.span("invoke_workflow crew").attributes[attr.RUN_ID]
+
+    @step(kind=StepKind.LLM_CALL, idempotent=False)  # not in the recorded run: never replayed
+    def expensive() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=3_000, output_tokens=900)
+
+    @run(budget=Budget(max_tokens=5_000))
+    def more() -> None:
+        expensive()  # 1,100 restored + 3,900 = 5,000: the limit is reached
+        expensive()
+
+    with multirun.resume(run_id=run_id), pytest.raises(multirun.BudgetExceededError):
+        more()
+
+
+def test_a_renamed_step_raises_a_determinism_error_instead_of_a_wrong_value(traced) -> None:
+    @step
+    def fetch(n: int) -> int:
+        return n * 10
+
+    @step
+    def fail() -> None:
+        raise RuntimeError("crash")
+
+    @run
+    def job() -> None:
+        fetch(1)
+        fetch(2)
+        get_current_run_context().checkpoint(name="mid")
+        fail()
+
+    with pytest.raises(RuntimeError):
+        job()
+    run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
+
+    @step
+    def fetch_renamed(n: int) -> int:
+        return n * 10
+
+    @run
+    def job_changed() -> None:
+        fetch_renamed(1)
+
+    with multirun.resume(run_id=run_id), pytest.raises(DeterminismError, match="fetch_renamed"):
+        job_changed()
+
+
+def test_steps_replayed_out_of_order_raise_a_determinism_error(traced) -> None:
+    @step
+    def fetch(n: int) -> int:
+        return n * 10
+
+    @run
+    def job() -> None:
+        fetch(1)
+        fetch(2)
+        get_current_run_context().checkpoint(name="mid")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        job()
+    run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
+
+    @run
+    def job_reordered() -> None:
+        fetch(2)
+        fetch(1)
+
+    with multirun.resume(run_id=run_id), pytest.raises(DeterminismError, match="other way round"):
+        job_reordered()
+
+
+def test_repeated_calls_with_the_same_inputs_are_replayed_call_by_call(traced) -> None:
+    pages = iter(["page 1", "page 2", "page 3"])
+
+    @step
+    def next_page() -> str:
+        return next(pages)
+
+    @run
+    def job() -> list[str]:
+        next_page()
+        next_page()
+        get_current_run_context().checkpoint(name="two pages")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        job()
+    run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
+
+    @run
+    def job_again() -> list[str]:
+        return [next_page(), next_page(), next_page()]
+
+    with multirun.resume(run_id=run_id):
+        assert job_again() == ["page 1", "page 2", "page 3"]
+
+
+def test_step_checkpoint_true_writes_a_checkpoint_after_success(traced) -> None:
+    @step(checkpoint=True)
+    def stage() -> int:
+        return 7
+
+    @run
+    def job() -> object:
+        stage()
+        return get_current_run_context().run.latest_checkpoint_id
+
+    checkpoint_id = job()
+    assert checkpoint_id is not None
+    meta = get_meta(traced, checkpoint_id)
+    assert meta.checkpoint.name == "after_stage"
+
+
+def get_meta(traced, checkpoint_id):
+    return traced.client.checkpoints.load(checkpoint_id)
+
+
+def test_a_failing_checkpoint_is_a_warning_and_the_function_still_returns(traced, caplog, tmp_path) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the blob store's folder should be")
+    traced.client.checkpoints = CheckpointStore(FileBlobExporter(blocked / "blobs"))
+
+    @checkpoint(name="x")
+    def stage() -> int:
+        return 3
+
+    @run
+    def job() -> int:
+        return stage()
+
+    with caplog.at_level(logging.WARNING):
+        assert job() == 3
+    assert any("checkpoint 'x'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_damaged_checkpoint_is_refused_and_the_previous_one_still_loads(traced) -> None:
+    @run
+    def job() -> tuple[str, str]:
+        ctx = get_current_run_context()
+        ctx.set_state("n", 1)
+        first = ctx.checkpoint(name="one").value
+        ctx.set_state("n", 2)
+        second = ctx.checkpoint(name="two").value
+        return first.id, second.id
+
+    first_id, second_id = job()
+    store = traced.client.checkpoints
+    key = store.find(second_id)
+    path = store.exporter.directory / key  # type: ignore[attr-defined]
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(CheckpointError):
+        store.load(second_id)
+    assert store.load(first_id).state == {"n": 1}

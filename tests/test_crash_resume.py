@@ -1,0 +1,100 @@
+"""A process killed with SIGKILL mid-run, resumed in a new process: no second side effect
+for the steps completed before the checkpoint; the step that was running runs again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROGRAM = """
+import os, signal, sys
+import multirun
+from multirun import run, step, checkpoint
+from multirun.context import get_current_run_context
+
+multirun.init_local(sys.argv[1])
+effects = open(sys.argv[2], "a")
+
+def side_effect(name):
+    effects.write(name + "\\n")
+    effects.flush()
+    os.fsync(effects.fileno())
+
+@step
+def fetch(n: int) -> int:
+    side_effect(f"fetch {n}")
+    multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=10)
+    return n * 10
+
+@checkpoint(name="fetched")
+def fetched(values):
+    return values
+
+@step
+def write_report(values) -> str:
+    side_effect("write_report")
+    if os.environ.get("CRASH") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)  # after the side effect, before any checkpoint
+    return f"report of {sum(values)}"
+
+@run(name="nightly")
+def nightly() -> str:
+    print("RUN", get_current_run_context().run.id, flush=True)
+    values = fetched([fetch(1), fetch(2)])
+    return write_report(values)
+
+print("RESULT", nightly(), flush=True)
+multirun.get_client().force_flush()
+"""
+
+
+def run_program(
+    tmp_path: Path, *, crash: bool, resume: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "nightly.py"
+    script.write_text(PROGRAM)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["CRASH"] = "1" if crash else "0"
+    if resume is not None:
+        env["MULTIRUN_RESUME"] = resume
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "mr"), str(tmp_path / "effects.txt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_resume_after_sigkill_does_not_repeat_completed_steps(tmp_path: Path) -> None:
+    crashed = run_program(tmp_path, crash=True)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    run_id = crashed.stdout.split("RUN ", 1)[1].split()[0]
+
+    resumed = run_program(tmp_path, crash=False, resume=run_id)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "RESULT report of 30" in resumed.stdout
+
+    effects = (tmp_path / "effects.txt").read_text().splitlines()
+    # fetch 1 and 2 completed before the checkpoint: once each. write_report was running when
+    # the process died: it runs again (at-least-once), as documented.
+    assert effects == ["fetch 1", "fetch 2", "write_report", "write_report"]
+
+
+def test_resume_of_an_unknown_run_fails_clearly(tmp_path: Path) -> None:
+    result = run_program(tmp_path, crash=False, resume="no-such-run")
+    assert result.returncode != 0
+    assert "no checkpoint" in result.stderr
+    assert not (tmp_path / "effects.txt").exists() or (tmp_path / "effects.txt").read_text() == ""
+
+
+@pytest.mark.parametrize("crash", [False])
+def test_the_program_runs_normally_without_resume(tmp_path: Path, crash: bool) -> None:
+    result = run_program(tmp_path, crash=crash)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "effects.txt").read_text().splitlines() == ["fetch 1", "fetch 2", "write_report"]
