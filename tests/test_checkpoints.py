@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pydantic
 import pytest
 
 import multirun
@@ -261,3 +262,68 @@ def test_a_damaged_checkpoint_is_refused_and_the_previous_one_still_loads(traced
     with pytest.raises(CheckpointError):
         store.load(second_id)
     assert store.load(first_id).state == {"n": 1}
+
+
+class Report(pydantic.BaseModel):
+    title: str
+    pages: int
+
+
+def test_with_a_signed_pickle_store_replayed_results_keep_their_type(traced, tmp_path) -> None:
+    client = multirun.init(
+        tracer_provider=traced.provider,
+        checkpoint_uri=str(tmp_path / "pickled"),
+        checkpoint_serializer="pickle",
+        checkpoint_hmac_key="a test key of at least sixteen bytes",
+    )
+    calls = Calls()
+
+    @step
+    def draft(title: str) -> Report:
+        calls("draft")
+        return Report(title=title, pages=3)
+
+    @run
+    def job() -> Report:
+        draft("otel")
+        get_current_run_context().checkpoint(name="drafted")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        job()
+    run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
+
+    @run
+    def job_again() -> Report:
+        return draft("otel")
+
+    with multirun.resume(run_id=run_id):
+        assert job_again() == Report(title="otel", pages=3)
+    assert calls.log == ["draft"]
+    assert client.checkpoints.load(client.checkpoints.latest(run_id)).checkpoint.state_format == "pickle"
+
+
+def test_a_pickle_checkpoint_is_refused_by_a_reader_without_the_key(traced, tmp_path) -> None:
+    signed = CheckpointStore(
+        FileBlobExporter(tmp_path / "shared"),
+        serializer="pickle",
+        hmac_key="a test key of at least sixteen bytes",
+    )
+    traced.client.checkpoints = signed
+
+    @run
+    def job() -> str:
+        ctx = get_current_run_context()
+        ctx.set_state("x", {1, 2})
+        return ctx.checkpoint(name="c").value.id
+
+    checkpoint_id = job()
+    reader = CheckpointStore(FileBlobExporter(tmp_path / "shared"))  # json only, no key
+    with pytest.raises(CheckpointError, match="pickle"):
+        reader.load(checkpoint_id)
+    other_key = CheckpointStore(
+        FileBlobExporter(tmp_path / "shared"), serializer="pickle", hmac_key="another key, sixteen bytes long"
+    )
+    with pytest.raises(CheckpointError, match="HMAC"):
+        other_key.load(checkpoint_id)
+    assert signed.load(checkpoint_id).state == {"x": {1, 2}}

@@ -212,6 +212,8 @@ def init(
     content_limit: int | None = None,
     checkpoint_uri: str | None = None,
     blob_exporter: BlobExporter | None = None,
+    checkpoint_serializer: str | None = None,
+    checkpoint_hmac_key: bytes | str | None = None,
     prices: Mapping[str, Price | Mapping[str, float]] | None = None,
     step_history: int = DEFAULT_STEP_HISTORY,
     record_replay: bool = True,
@@ -235,7 +237,11 @@ def init(
         capture_content: record step inputs and outputs (default from
             ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``).
         content_limit: longest recorded content, in characters.
-        checkpoint_uri: blob store of checkpoints (``file://``, ``memory://``, a path).
+        checkpoint_uri: blob store of checkpoints (``file://``, ``memory://``, ``s3://``, a path).
+        checkpoint_serializer: ``json`` (default, ``MULTIRUN_CHECKPOINT_SERIALIZER``), or
+            ``pickle``/``cloudpickle`` to keep objects as they are; those need an HMAC key.
+        checkpoint_hmac_key: the key that signs and verifies checkpoints (default
+            ``MULTIRUN_CHECKPOINT_HMAC_KEY``; hex, or text of at least 16 bytes).
         prices: per-model price overrides, ``{"model": Price(...)}``.
         step_history: how many finished steps a run keeps for ``Run.steps``.
         record_replay: hash the inputs of idempotent steps and keep their results, so
@@ -260,6 +266,8 @@ def init(
             content_limit=content_limit,
             checkpoint_uri=checkpoint_uri,
             blob_exporter=blob_exporter,
+            checkpoint_serializer=checkpoint_serializer,
+            checkpoint_hmac_key=checkpoint_hmac_key,
             prices=prices,
             step_history=step_history,
             record_replay=record_replay,
@@ -293,6 +301,8 @@ def _init_locked(
     local_dir: str | os.PathLike[str] | None = None,
     checkpoint_uri: str | None = None,
     blob_exporter: BlobExporter | None = None,
+    checkpoint_serializer: str | None = None,
+    checkpoint_hmac_key: bytes | str | None = None,
     **client_options: Any,
 ) -> MultiRunClient:
     global _configured, _owned_provider
@@ -304,7 +314,9 @@ def _init_locked(
     price_book = PriceBook(client_options.pop("prices", None))
     root = Path(local_dir or os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR)
     checkpoint_store = _checkpoint_store(
-        blob_exporter or checkpoint_uri or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(root / "blobs")
+        blob_exporter or checkpoint_uri or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(root / "blobs"),
+        checkpoint_serializer,
+        checkpoint_hmac_key,
     )
     exporter = span_exporter or _exporter_for(endpoint, headers, root)
     provider = tracer_provider
@@ -440,15 +452,20 @@ def _is_unset(provider: trace.TracerProvider) -> bool:
     return isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
-def _checkpoint_store(store: CheckpointStore | BlobExporter | str | None) -> CheckpointStore:
+def _checkpoint_store(
+    store: CheckpointStore | BlobExporter | str | None,
+    serializer: str | None = None,
+    hmac_key: bytes | str | None = None,
+) -> CheckpointStore:
     if store is None:
         store = "memory://default"
     if isinstance(store, CheckpointStore):
         return store
+    serializer = serializer or os.environ.get("MULTIRUN_CHECKPOINT_SERIALIZER") or "json"
     if isinstance(store, str):
-        return CheckpointStore(exporter_from_uri(store))
+        return CheckpointStore(exporter_from_uri(store), serializer=serializer, hmac_key=hmac_key)
     if isinstance(store, BlobExporter):
-        return CheckpointStore(store)
+        return CheckpointStore(store, serializer=serializer, hmac_key=hmac_key)
     raise ConfigurationError(
         f"checkpoint_store must be a CheckpointStore, a BlobExporter or a URI, got {store!r}"
     )

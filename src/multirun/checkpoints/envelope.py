@@ -1,63 +1,307 @@
 """The checkpoint blob format: a small verified header, then the payload.
 
     MRCK1\\n
-    {"serializer": "json", "size": 1234, "digest": "sha256:..."}\\n
+    <header: one line of JSON>\\n
     <payload: ``size`` bytes>
 
-The header is read first and the payload's size and digest are checked
-before a single byte of it is deserialized, so a truncated, bit-flipped or
-padded blob is refused with CheckpointError.
+for example (the header wrapped here, one line in a blob)::
+
+    {"compression":"none","digest":"sha256:<64 hex>","hmac":"<64 hex>",
+     "serializer":"pickle","size":1234,"version":2}
+
+The header is one line of ASCII JSON (compact, keys sorted, at most 4096
+bytes). Its fields:
+
+- ``version``: the format version, 2. Version 1 blobs (multirun-otel 0.1.0)
+  are still read: they have no ``compression`` and no ``hmac``.
+- ``serializer``: the name of the serializer that made the payload
+  (``json``, ``pickle``, ``cloudpickle``; see ``serializers``).
+- ``size``: the payload's length in bytes, as stored (after compression).
+- ``digest``: ``sha256:`` and the hex SHA-256 of the stored payload.
+- ``compression``: ``none`` or ``zlib``.
+- ``hmac`` (optional): hex HMAC-SHA256, with the checkpoint key, of
+  ``MRCK/v<version>/<serializer>/<compression>\\n`` followed by the stored
+  payload. The prefix binds the MAC to how the payload will be decoded, so a
+  signed payload cannot be relabelled as another serializer.
+
+``open_blob`` checks everything before it returns a single payload byte, so
+nothing is ever deserialized unless it passed: the blob's size against
+``max_bytes`` (before reading the payload), the magic bytes, the header, that
+the reader allows the serializer, that a serializer that can run code
+(anything but ``json``) has an HMAC and the reader a key, the payload's
+size, its digest, the HMAC (constant-time), and, last, a decompression
+bounded by ``max_bytes``. Any failure raises CheckpointError saying what to
+do. A JSON blob's HMAC is checked whenever the reader has a key; a reader
+without one checks its digest only, since JSON cannot run code.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
-from typing import Any
+import re
+import zlib
+from collections.abc import Collection
+from typing import Any, BinaryIO, Literal
 
-from multirun.errors import CheckpointError
+from multirun.errors import CheckpointError, ConfigurationError
 
 MAGIC = b"MRCK1\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_HEADER_BYTES = 4096
+HMAC_KEY_ENV = "MULTIRUN_CHECKPOINT_HMAC_KEY"
+
+#: Serializers whose decoding cannot run code. Every other one needs a verified HMAC.
+SAFE_SERIALIZERS = frozenset({"json"})
+#: What a reader accepts unless configured otherwise.
+DEFAULT_ALLOWED_SERIALIZERS: tuple[str, ...] = ("json",)
+
+Compression = Literal["none", "zlib"]
+COMPRESSIONS: tuple[Compression, ...] = ("none", "zlib")
+
+_REQUIRED = {
+    1: frozenset({"version", "serializer", "size", "digest"}),
+    2: frozenset({"version", "serializer", "size", "digest", "compression"}),
+}
+_OPTIONAL = {1: frozenset[str](), 2: frozenset({"hmac"})}
+_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
+_HEX_MAC = re.compile(r"[0-9a-f]{64}\Z")
+
+Blob = bytes | bytearray | memoryview
 
 
-def seal(payload: bytes, serializer: str) -> tuple[bytes, str]:
-    """The blob for ``payload`` and its digest (``sha256:<hex>``)."""
-    digest = "sha256:" + hashlib.sha256(payload).hexdigest()
-    header = {"version": FORMAT_VERSION, "serializer": serializer, "size": len(payload), "digest": digest}
+def needs_hmac(serializer: str) -> bool:
+    """Whether blobs of ``serializer`` must carry a verified HMAC (anything but JSON can run code)."""
+    return serializer not in SAFE_SERIALIZERS
+
+
+def seal(
+    payload: bytes,
+    serializer: str,
+    hmac_key: bytes | None = None,
+    *,
+    compression: Compression = "none",
+) -> tuple[bytes, str]:
+    """The blob for ``payload`` and its digest (``sha256:<hex>`` of the stored payload).
+
+    With ``hmac_key`` the header gets an ``hmac``; a serializer other than
+    ``json`` cannot be sealed without one (ConfigurationError).
+    """
+    if not _NAME.match(serializer):
+        raise ConfigurationError(f"invalid serializer name {serializer!r}: use lowercase letters and digits")
+    if needs_hmac(serializer) and not hmac_key:
+        raise ConfigurationError(
+            f"serializer {serializer!r} can run code when a checkpoint is loaded, so its checkpoints "
+            f"must be signed: set {HMAC_KEY_ENV} or pass hmac_key"
+        )
+    if compression == "zlib":
+        stored = zlib.compress(payload, 6)
+    elif compression == "none":
+        stored = bytes(payload)
+    else:
+        raise ConfigurationError(f"invalid compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
+    digest = _digest(stored)
+    header: dict[str, Any] = {
+        "version": FORMAT_VERSION,
+        "serializer": serializer,
+        "size": len(stored),
+        "digest": digest,
+        "compression": compression,
+    }
+    if hmac_key:
+        header["hmac"] = _mac(hmac_key, header, stored)
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("ascii")
-    return MAGIC + head + b"\n" + payload, digest
+    return MAGIC + head + b"\n" + stored, digest
 
 
-def open_blob(blob: bytes, *, max_bytes: int) -> tuple[dict[str, Any], bytes]:
-    """The header and the verified payload of ``blob``; CheckpointError if anything is off."""
-    if len(blob) > max_bytes:
-        raise CheckpointError(f"checkpoint blob is {len(blob)} bytes, over the {max_bytes} limit")
-    if not blob.startswith(MAGIC):
+def open_blob(
+    blob: Blob | BinaryIO,
+    *,
+    max_bytes: int,
+    hmac_key: bytes | None = None,
+    allowed_serializers: Collection[str] = DEFAULT_ALLOWED_SERIALIZERS,
+) -> tuple[dict[str, Any], bytes]:
+    """The header and the verified (and decompressed) payload of ``blob``.
+
+    ``blob`` is the blob's bytes or a binary stream positioned at its start;
+    a stream is read no further than the header until the declared size is
+    known to fit in ``max_bytes``. The header comes back with
+    ``compression`` filled in for version 1. Anything off raises
+    CheckpointError, and then no payload byte was returned.
+    """
+    if isinstance(blob, (bytes, bytearray, memoryview)):
+        view = memoryview(blob).cast("B")
+        if view.nbytes > max_bytes:
+            raise CheckpointError(
+                f"checkpoint blob is {view.nbytes} bytes, over the {max_bytes}-byte limit (max_bytes); "
+                "raise the limit if the checkpoint is trusted"
+            )
+        header, start = _read_header(bytes(view[: len(MAGIC) + MAX_HEADER_BYTES + 1]))
+        _check_policy(header, hmac_key, allowed_serializers)
+        _check_fits(header, start, max_bytes)
+        stored = bytes(view[start:])
+    else:
+        head = _read_up_to(blob, len(MAGIC) + MAX_HEADER_BYTES + 1)
+        header, start = _read_header(head)
+        _check_policy(header, hmac_key, allowed_serializers)
+        _check_fits(header, start, max_bytes)
+        # one byte more than declared, to notice padding
+        stored = head[start:] + _read_up_to(blob, max(0, header["size"] - (len(head) - start)) + 1)
+    if len(stored) != header["size"]:
+        raise CheckpointError(
+            f"checkpoint is truncated or padded: payload is {len(stored)} bytes, header says {header['size']}"
+        )
+    if not hmac.compare_digest(_digest(stored), header["digest"]):
+        raise CheckpointError("checkpoint digest does not match: the blob was altered or damaged")
+    if (
+        "hmac" in header
+        and hmac_key is not None
+        and not hmac.compare_digest(_mac(hmac_key, header, stored), header["hmac"])
+    ):
+        raise CheckpointError(
+            "checkpoint HMAC does not match: the blob was altered, or it was signed with another key "
+            f"than the one configured ({HMAC_KEY_ENV} or hmac_key)"
+        )
+    if header["compression"] == "zlib":
+        stored = _inflate(stored, max_bytes)
+    return header, stored
+
+
+def _read_up_to(stream: BinaryIO, size: int) -> bytes:
+    """``size`` bytes from ``stream``, or fewer at its end (short reads are read on)."""
+    chunks: list[bytes] = []
+    left = size
+    while left > 0:
+        chunk = stream.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_header(head: bytes) -> tuple[dict[str, Any], int]:
+    """The validated header in the first bytes of a blob, and where its payload starts."""
+    if not head:
+        raise CheckpointError("checkpoint blob is empty")
+    if not head.startswith(MAGIC):
+        if MAGIC.startswith(head):
+            raise CheckpointError("checkpoint blob is truncated: it ends inside the magic bytes")
         raise CheckpointError("not a multirun checkpoint (bad magic bytes)")
-    end = blob.find(b"\n", len(MAGIC), len(MAGIC) + MAX_HEADER_BYTES)
+    end = head.find(b"\n", len(MAGIC))
     if end < 0:
-        raise CheckpointError("checkpoint header is missing or too long")
+        raise CheckpointError(
+            f"checkpoint header is truncated, damaged or longer than {MAX_HEADER_BYTES} bytes"
+        )
     try:
-        header = json.loads(blob[len(MAGIC) : end])
-        size = int(header["size"])
-        digest = str(header["digest"])
-        version = int(header["version"])
-        str(header["serializer"])
-    except (ValueError, KeyError, TypeError) as exc:
+        header = json.loads(head[len(MAGIC) : end].decode("ascii"))
+    except ValueError as exc:
         raise CheckpointError(f"checkpoint header is damaged: {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError("checkpoint header is damaged: not a JSON object")
+    version = header.get("version")
+    if type(version) is not int:
+        raise CheckpointError(f"checkpoint header is damaged: version is {version!r}")
     if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint format version {version} is newer than this multirun reads "
-            f"({FORMAT_VERSION}); upgrade multirun-otel"
+            f"checkpoint format version {version} is newer than this multirun-otel reads "
+            f"({FORMAT_VERSION}); upgrade multirun-otel to read it"
         )
-    payload = blob[end + 1 :]
-    if len(payload) != size:
+    if version not in _REQUIRED:
+        raise CheckpointError(f"checkpoint header is damaged: unknown format version {version}")
+    keys = set(header)
+    missing = _REQUIRED[version] - keys
+    unknown = keys - _REQUIRED[version] - _OPTIONAL[version]
+    if missing or unknown:
         raise CheckpointError(
-            f"checkpoint is truncated or padded: payload is {len(payload)} bytes, header says {size}"
+            f"checkpoint header is damaged: missing {sorted(missing)}, unexpected {sorted(unknown)}"
         )
-    actual = "sha256:" + hashlib.sha256(payload).hexdigest()
-    if actual != digest:
-        raise CheckpointError("checkpoint digest does not match: the blob was altered or damaged")
-    return header, payload
+    header.setdefault("compression", "none")
+    problems = [
+        name
+        for name, ok in (
+            ("serializer", isinstance(header["serializer"], str) and _NAME.match(header["serializer"])),
+            ("size", type(header["size"]) is int and header["size"] >= 0),
+            ("digest", isinstance(header["digest"], str) and _DIGEST.match(header["digest"])),
+            ("compression", header["compression"] in COMPRESSIONS),
+            (
+                "hmac",
+                "hmac" not in header or (isinstance(header["hmac"], str) and _HEX_MAC.match(header["hmac"])),
+            ),
+        )
+        if not ok
+    ]
+    if problems:
+        raise CheckpointError(f"checkpoint header is damaged: invalid {', '.join(problems)}")
+    return header, end + 1
+
+
+def _check_policy(header: dict[str, Any], hmac_key: bytes | None, allowed: Collection[str]) -> None:
+    """Refuse a serializer the reader does not allow, and unsigned or unverifiable code-running blobs."""
+    name = header["serializer"]
+    risky = needs_hmac(name)
+    if name not in allowed:
+        advice = (
+            f"it can run code when loaded: to read a checkpoint you trust, add {name!r} to "
+            f"allowed_serializers and set the HMAC key it was signed with ({HMAC_KEY_ENV})"
+            if risky
+            else f"add {name!r} to allowed_serializers to read it"
+        )
+        raise CheckpointError(
+            f"checkpoint was written with the {name!r} serializer, which this reader does not allow "
+            f"(allowed: {', '.join(sorted(allowed)) or 'none'}); {advice}"
+        )
+    if not risky:
+        return
+    if hmac_key is None:
+        raise CheckpointError(
+            f"checkpoint uses the {name!r} serializer, which can run code when loaded, and no HMAC key "
+            f"is configured to verify it: set {HMAC_KEY_ENV} (or pass hmac_key) to the key it was signed with"
+        )
+    if "hmac" not in header:
+        raise CheckpointError(
+            f"checkpoint uses the {name!r} serializer but carries no HMAC, so it is not loaded: "
+            "re-create it with an HMAC key set, or with the json serializer"
+        )
+
+
+def _check_fits(header: dict[str, Any], start: int, max_bytes: int) -> None:
+    if start + header["size"] > max_bytes:
+        raise CheckpointError(
+            f"checkpoint blob declares {start + header['size']} bytes, over the {max_bytes}-byte limit "
+            "(max_bytes); raise the limit if the checkpoint is trusted"
+        )
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _mac(key: bytes, header: dict[str, Any], stored: bytes) -> str:
+    """HMAC-SHA256 over what decides decoding (version, serializer, compression) and the payload."""
+    label = f"MRCK/v{header['version']}/{header['serializer']}/{header['compression']}\n"
+    mac = hmac.new(key, label.encode("ascii"), hashlib.sha256)
+    mac.update(stored)
+    return mac.hexdigest()
+
+
+def _inflate(stored: bytes, max_bytes: int) -> bytes:
+    """Decompress a zlib payload, refusing to produce more than ``max_bytes`` (decompression bombs)."""
+    limit = max(1, max_bytes)
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(stored, limit)
+    except zlib.error as exc:
+        raise CheckpointError(f"checkpoint payload does not decompress: {exc}") from None
+    if not inflater.eof:
+        if inflater.unconsumed_tail or len(data) >= limit:
+            raise CheckpointError(
+                f"checkpoint payload decompresses to more than the {max_bytes}-byte limit (max_bytes); "
+                "raise the limit if the checkpoint is trusted"
+            )
+        raise CheckpointError("checkpoint payload is a truncated zlib stream")
+    if inflater.unused_data:
+        raise CheckpointError("checkpoint payload has bytes after its zlib stream")
+    return data

@@ -9,7 +9,6 @@ completed idempotent steps, and what the run had spent, serialized as JSON
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random
@@ -18,12 +17,10 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic_core import to_jsonable_python
-
-from multirun.checkpoints.envelope import open_blob, seal
 from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError
+from multirun.checkpoints.serializers import dump_blob, get_serializer, load_blob, resolve_hmac_key
 from multirun.errors import CheckpointError, ReplayError
 from multirun.models.checkpoint import Checkpoint, CheckpointMeta
 
@@ -63,9 +60,24 @@ class RestoredCheckpoint:
 class CheckpointStore:
     """Saves and loads checkpoints through one blob exporter."""
 
-    def __init__(self, exporter: BlobExporter, *, max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> None:
+    def __init__(
+        self,
+        exporter: BlobExporter,
+        *,
+        serializer: str = "json",
+        hmac_key: bytes | str | None = None,
+        compression: Literal["none", "zlib"] = "none",
+        max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+    ) -> None:
+        """``serializer`` is ``json`` (default), or ``pickle``/``cloudpickle``, which need an
+        HMAC key (``hmac_key`` or MULTIRUN_CHECKPOINT_HMAC_KEY): blobs are signed, and a reader
+        refuses any pickle it cannot verify."""
         self.exporter = exporter
         self.max_blob_bytes = max_blob_bytes
+        self.compression: Literal["none", "zlib"] = compression
+        self._hmac_key = resolve_hmac_key(hmac_key)
+        self._serializer = get_serializer(serializer, hmac_key=self._hmac_key)
+        self._allowed = tuple(dict.fromkeys(("json", self._serializer.name)))
 
     @staticmethod
     def key(run_id: str, checkpoint_id: str) -> str:
@@ -101,17 +113,11 @@ class CheckpointStore:
                 "environment": _environment(),
             },
             "state": state,
-            "replay": _replay_records(run.replay_log.to_records()),
+            "replay": run.replay_log.to_records(),
             "trace": _trace_of(run),
             "ledger": {"tokens": ledger.tokens, "cost_units": ledger.cost_units, "steps": ledger.steps},
         }
-        try:
-            payload = json.dumps(
-                to_jsonable_python(document, fallback=_unserializable), separators=(",", ":")
-            ).encode("utf-8", "surrogatepass")
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {name!r}: state is not JSON-serializable: {exc}") from None
-        blob, digest = seal(payload, "json")
+        blob, digest = self._dump(document, name)
         uri = self.exporter.put(self.key(run.run.id, checkpoint_id), blob)
         return CheckpointMeta(
             id=checkpoint_id,
@@ -123,8 +129,29 @@ class CheckpointStore:
             size_bytes=len(blob),
             uri=uri,
             digest=digest,
-            serializer="json",
+            serializer=self._serializer.name,
         )
+
+    def _dump(self, document: dict[str, Any], name: str) -> tuple[bytes, str]:
+        try:
+            return dump_blob(document, self._serializer, compression=self.compression)
+        except CheckpointError:
+            pass
+        # some step result has no form in this serializer: leave those results out (the steps
+        # run again after a restore) rather than lose the whole checkpoint
+        document["replay"] = [self._serializable(record) for record in document["replay"]]
+        try:
+            return dump_blob(document, self._serializer, compression=self.compression)
+        except CheckpointError as exc:
+            raise CheckpointError(f"checkpoint {name!r}: {exc}") from None
+
+    def _serializable(self, record: dict[str, Any]) -> dict[str, Any]:
+        if "result" in record:
+            try:
+                self._serializer.dumps(record["result"])
+            except CheckpointError:
+                record = {k: v for k, v in record.items() if k != "result"}
+        return record
 
     def find(self, checkpoint_id: str) -> str:
         """The key of checkpoint ``checkpoint_id``; CheckpointError if there is none."""
@@ -142,11 +169,10 @@ class CheckpointStore:
             blob = self.exporter.get(key)
         except BlobNotFoundError as exc:
             raise CheckpointError(str(exc)) from None
-        header, payload = open_blob(blob, max_bytes=self.max_blob_bytes)
-        if header["serializer"] != "json":
-            raise ReplayError(f"checkpoint {checkpoint_id!r} uses serializer {header['serializer']!r}")
+        header, document = load_blob(
+            blob, max_bytes=self.max_blob_bytes, hmac_key=self._hmac_key, allowed_serializers=self._allowed
+        )
         try:
-            document = json.loads(payload.decode("utf-8", "surrogatepass"))
             meta = document["checkpoint"]
             checkpoint = Checkpoint(
                 id=meta["id"],
@@ -154,8 +180,8 @@ class CheckpointStore:
                 agent_id=meta.get("agent_id", ""),
                 step_id=meta.get("step_id", ""),
                 name=meta.get("name", ""),
-                state_data=payload,
-                state_format="json",
+                state_data=blob,
+                state_format=header["serializer"],
                 context={"run_name": meta.get("run_name", "")},
                 environment=meta.get("environment", {}),
                 created_at=meta["created_at"],
@@ -184,20 +210,6 @@ class CheckpointStore:
         return self.exporter.list(prefix)
 
 
-def _replay_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The replay log in JSON form; a result with no JSON form is left out, so that step
-    runs again after a restore instead of failing the whole checkpoint."""
-    out = []
-    for record in records:
-        if "result" in record:
-            try:
-                record["result"] = to_jsonable_python(record["result"], fallback=_unserializable)
-            except (TypeError, ValueError):
-                del record["result"]
-        out.append(record)
-    return out
-
-
 def _trace_of(run: RunContext) -> dict[str, str]:
     context = run.span.get_span_context()
     if not context.is_valid:
@@ -207,7 +219,3 @@ def _trace_of(run: RunContext) -> dict[str, str]:
 
 def _environment() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "pid": os.getpid()}
-
-
-def _unserializable(value: Any) -> Any:
-    raise TypeError(f"{type(value).__name__} has no JSON form")

@@ -1,0 +1,193 @@
+"""Regenerate the golden checkpoint files in this folder.
+
+    .venv/bin/python tests/golden/make_golden.py          # rewrite them
+    .venv/bin/python tests/golden/make_golden.py --check  # exit 1 if any would change
+
+The files are committed. ``tests/test_serialization.py`` loads each one and
+checks its exact content, so a release that can no longer read checkpoints
+written by an earlier one fails the suite. Do not regenerate a file to make
+that test pass: a format change gets a new format version and a new golden
+file beside the old ones.
+
+- ``checkpoint-v1-json.ckpt``: format version 1, as multirun-otel 0.1.0
+  wrote it. Version 1 is no longer written, so the writer below is a frozen
+  copy of 0.1.0's ``seal`` and of its store's JSON encoding.
+- ``checkpoint-v2-json.ckpt``: format version 2, JSON serializer, no HMAC.
+- ``checkpoint-v2-json-zlib.ckpt``: the same, zlib-compressed.
+- ``checkpoint-v2-pickle.ckpt``: format version 2, pickle serializer,
+  signed with ``TEST_HMAC_KEY`` below. That key is public and only for
+  these tests: never use it for real checkpoints.
+
+Every value is fixed (no clock, no pid, sets sorted), so a run rewrites the
+same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+from multirun.checkpoints.serializers import HMAC_KEY_ENV, dump_blob, get_serializer
+
+GOLDEN_DIR = Path(__file__).resolve().parent
+
+#: Public, test-only key that signs ``checkpoint-v2-pickle.ckpt``. Not a secret.
+TEST_HMAC_KEY = b"multirun golden files: test-only key, not a secret"
+
+UTC = timezone.utc
+WHEN = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+class Color(Enum):
+    RED = "red"
+
+
+@dataclass
+class Point:
+    x: int
+    y: float
+
+
+class Reply(BaseModel):
+    text: str
+    at: datetime
+    raw: bytes
+
+
+def _v1_document() -> dict[str, Any]:
+    """A checkpoint document shaped like the one multirun-otel 0.1.0's store saved."""
+    return {
+        "checkpoint": {
+            "id": "ckpt-golden-v1",
+            "run_id": "run-golden",
+            "run_name": "golden",
+            "agent_id": "agent-1",
+            "step_id": "step-3",
+            "name": "after_fetch",
+            "created_at": WHEN.isoformat(),
+            "environment": {"python": "3.12.1", "platform": "Linux-x86_64", "pid": 4242},
+        },
+        "state": {
+            "text": "héllo wörld 😀",
+            "nul": "a\x00b",
+            "lone_surrogate": "\ud800",
+            "big": 2**100,
+            "negative": -7,
+            "pi": 3.14159,
+            "nan": float("nan"),
+            "inf": float("inf"),
+            "minus_inf": float("-inf"),
+            "flag": True,
+            "nothing": None,
+            "when": WHEN,
+            "amount": Decimal("12.50"),
+            "tags": ("a", "b"),
+            "raw": b"plain bytes",
+            "color": Color.RED,
+            "point": Point(1, 2.5),
+            "reply": Reply(text="hi", at=WHEN, raw=b"ok"),
+            "looks_tagged": {"__multirun_bytes__": "aGk="},
+        },
+        "replay": [["fetch", "ab" * 32, {"status": 200, "body": "ok"}]],
+        "ledger": {"tokens": 1234, "cost_units": 56789, "steps": 3},
+    }
+
+
+def _v1_refuse(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} has no JSON form")
+
+
+def _v1_blob() -> bytes:
+    """Frozen copy of multirun-otel 0.1.0: ``CheckpointStore.save``'s encoding, then ``seal``."""
+    payload = json.dumps(
+        to_jsonable_python(_v1_document(), fallback=_v1_refuse), separators=(",", ":")
+    ).encode("utf-8", "surrogatepass")
+    digest = "sha256:" + hashlib.sha256(payload).hexdigest()
+    header = {"version": 1, "serializer": "json", "size": len(payload), "digest": digest}
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("ascii")
+    return b"MRCK1\n" + head + b"\n" + payload
+
+
+def v2_json_document() -> dict[str, Any]:
+    """What the version 2 JSON golden files hold, as Python values before serialization."""
+    return {
+        "text": "héllo wörld 😀",
+        "nul": "a\x00b",
+        "lone_surrogate": "\ud800",
+        "surrogate_pair_as_two": "\ud83d\ude00",
+        "big": 2**100,
+        "pi": 3.14159,
+        "minus_zero": -0.0,
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "flag": False,
+        "nothing": None,
+        "raw": b"\x00\xff binary",
+        "when": WHEN,
+        "naive": datetime(2025, 1, 2, 3, 4, 5),
+        "day": date(2025, 1, 2),
+        "took": timedelta(seconds=1, milliseconds=500),
+        "amount": Decimal("12.50"),
+        "tags": ("b", "a"),
+        "unique": {"b", "a", "c"},
+        "color": Color.RED,
+        "point": Point(1, 2.5),
+        "reply": Reply(text="hi", at=WHEN, raw=b"ok"),
+    }
+
+
+def v2_pickle_document() -> dict[str, Any]:
+    """What ``checkpoint-v2-pickle.ckpt`` holds: standard-library types only, so it loads anywhere."""
+    return {
+        "text": "héllo \ud800 😀",
+        "big": 2**100,
+        "raw": b"\x00\xff",
+        "when": WHEN,
+        "amount": Decimal("12.50"),
+        "tags": ("b", "a"),
+        "unique": frozenset({1, 2, 3}),
+        "nested": [{"k": (1, 2.5, None, True)}],
+    }
+
+
+def golden_files() -> dict[str, bytes]:
+    """File name -> the bytes it must hold."""
+    json_serializer = get_serializer("json", hmac_key=None)
+    pickle_serializer = get_serializer("pickle", hmac_key=TEST_HMAC_KEY)
+    return {
+        "checkpoint-v1-json.ckpt": _v1_blob(),
+        "checkpoint-v2-json.ckpt": dump_blob(v2_json_document(), json_serializer)[0],
+        "checkpoint-v2-json-zlib.ckpt": dump_blob(v2_json_document(), json_serializer, compression="zlib")[0],
+        "checkpoint-v2-pickle.ckpt": dump_blob(v2_pickle_document(), pickle_serializer)[0],
+    }
+
+
+def main(argv: list[str]) -> int:
+    os.environ.pop(HMAC_KEY_ENV, None)  # the JSON files are unsigned whatever the shell has set
+    check = "--check" in argv
+    changed = []
+    for name, data in golden_files().items():
+        path = GOLDEN_DIR / name
+        if path.exists() and path.read_bytes() == data:
+            continue
+        changed.append(name)
+        if not check:
+            path.write_bytes(data)
+    verb = "differ" if check else "written"
+    print(f"{verb}: {', '.join(changed)}" if changed else "golden files are up to date")
+    return 1 if check and changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

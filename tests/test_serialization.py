@@ -1,0 +1,1012 @@
+"""Checkpoint serializers and the blob envelope: round trips, refusals, golden files.
+
+What the JSON serializer gives back for each type is the table in
+``multirun.checkpoints.serializers``; these tests hold it to that, exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import json
+import math
+import os
+import pickle
+import sys
+import tracemalloc
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
+from enum import Enum, IntEnum
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, Field
+
+from multirun.checkpoints import envelope
+from multirun.checkpoints.envelope import FORMAT_VERSION, MAGIC, open_blob, seal
+from multirun.checkpoints.serializers import (
+    BYTES_TAG,
+    HMAC_KEY_ENV,
+    CloudpickleSerializer,
+    JsonSerializer,
+    PickleSerializer,
+    Serializer,
+    dump_blob,
+    get_serializer,
+    load_blob,
+    resolve_hmac_key,
+    serializer_names,
+)
+from multirun.errors import CheckpointError, ConfigurationError
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+GOLDEN = Path(__file__).parent / "golden"
+GOLDEN_KEY = b"multirun golden files: test-only key, not a secret"  # public, see tests/golden/README.md
+LIMIT = 1 << 20
+UTC = timezone.utc
+
+
+@pytest.fixture(autouse=True)
+def _no_key_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(HMAC_KEY_ENV, raising=False)
+
+
+def json_serializer() -> Serializer:
+    return get_serializer("json", hmac_key=None)
+
+
+def json_round_trip(value: Any) -> Any:
+    serializer = json_serializer()
+    return serializer.loads(serializer.dumps(value))
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, with the same types all the way down; nan equals nan, -0.0 differs from 0.0."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+# --- strategies ------------------------------------------------------------------------------------
+
+SPECIAL_STRINGS = [
+    "\ud800",
+    "\udfff",
+    "\ud83d\ude00",
+    "\ude00\ud83d",
+    "\x00",
+    "a\x00b",
+    "😀",
+    "é",
+    "\u2028",
+    "",
+]
+SPECIAL_CHARS = ["\ud800", "\udfff", "\ud83d", "\ude00", "\x00", "😀", "é", "\u2028"]
+texts = (
+    st.text(st.characters(exclude_categories=()))  # every code point, surrogates included
+    | st.text(st.characters(categories=["Cs"]) | st.sampled_from(SPECIAL_CHARS))
+    | st.lists(st.sampled_from(SPECIAL_STRINGS), max_size=4).map("".join)
+)
+keys = texts.filter(lambda k: k != BYTES_TAG)
+ints = st.integers() | st.integers(min_value=-(10**1000), max_value=10**1000)
+floats = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+    [math.nan, math.inf, -math.inf, -0.0]
+)
+json_leaves = st.none() | st.booleans() | ints | floats | texts | st.binary(max_size=64)
+json_data = st.recursive(
+    json_leaves,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(keys, children, max_size=5),
+    max_leaves=30,
+)
+offsets = st.integers(min_value=-23 * 60 + 1, max_value=23 * 60 - 1).map(
+    lambda m: timezone(timedelta(minutes=m))
+)
+datetimes = st.datetimes(timezones=st.none() | st.just(UTC) | offsets)
+
+
+class Color(Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Level(IntEnum):
+    LOW = 1
+
+
+@dataclass
+class Point:
+    x: int
+    y: float
+    label: str = ""
+
+
+class Reply(BaseModel):
+    text: str
+    at: datetime
+    raw: bytes = b""
+    tags: set[str] = Field(default_factory=set)
+    point: Point | None = None
+
+
+class Aliased(BaseModel):
+    value: int = Field(alias="Value")
+
+
+# --- the JSON serializer: what comes back -------------------------------------------------------
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(json_data)
+def test_json_round_trips_plain_data_exactly(value: Any) -> None:
+    """str (surrogates, NUL, emoji), big ints, every float, bool, None, bytes, lists, dicts: all exact."""
+    assert same(json_round_trip(value), value)
+
+
+@given(json_data)
+def test_json_round_trips_through_a_blob(value: Any) -> None:
+    blob, digest = dump_blob(value, json_serializer())
+    header, loaded = load_blob(blob, max_bytes=LIMIT)
+    assert same(loaded, value)
+    assert header["serializer"] == "json" and header["digest"] == digest
+
+
+@given(st.text(st.characters(categories=["Cs"]), min_size=1))
+def test_lone_surrogates_come_back_as_the_same_code_points(value: str) -> None:
+    back = json_round_trip({value: [value]})
+    assert list(back) == [value] and back[value] == [value]
+    assert [ord(c) for c in back[value][0]] == [ord(c) for c in value]
+
+
+def test_two_surrogates_that_would_make_a_pair_stay_two_code_points() -> None:
+    assert len(json_round_trip("\ud83d\ude00")) == 2
+    assert json_round_trip("\ud83d\ude00") == "\ud83d\ude00" != "😀"
+    assert json_round_trip("😀") == "😀"
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, -0.0, 5e-324, 1.7976931348623157e308])
+def test_special_floats_come_back_exactly(value: float) -> None:
+    assert same(json_round_trip([value]), [value])
+
+
+def test_big_ints_come_back_exactly_and_giant_ones_are_refused() -> None:
+    big = 7**4000  # 3381 digits
+    assert json_round_trip(big) == big
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    if limit:
+        with pytest.raises(CheckpointError, match="not JSON-serializable"):
+            json_serializer().dumps(10 ** (limit + 10))
+
+
+EXPECTED: list[tuple[Any, Any]] = [
+    ("text", "text"),
+    (True, True),
+    (None, None),
+    (12, 12),
+    (b"\x00\xffraw", b"\x00\xffraw"),
+    (bytearray(b"ba"), b"ba"),
+    (memoryview(b"mv"), b"mv"),
+    ((1, "a"), [1, "a"]),
+    ([(1, 2)], [[1, 2]]),
+    (deque([1, 2]), [1, 2]),
+    ({"b", "a", "c"}, ["a", "b", "c"]),
+    (frozenset({10, 9, 100}), [10, 100, 9]),  # sorted by JSON text
+    ({1: "int", 2.5: "float", Color.RED: "enum"}, {"1": "int", "2.5": "float", "red": "enum"}),
+    (Color.BLUE, "blue"),
+    (Level.LOW, 1),
+    (Decimal("12.50"), "12.50"),
+    (Decimal("1E-10"), "1E-10"),
+    (UUID(int=1), "00000000-0000-0000-0000-000000000001"),
+    (Path("/tmp/x"), "/tmp/x"),
+    (datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), "2025-01-02T03:04:05.678901Z"),
+    (datetime(2025, 1, 2, 3, 4, 5), "2025-01-02T03:04:05"),
+    (datetime(2025, 1, 2, tzinfo=timezone(timedelta(hours=5, minutes=30))), "2025-01-02T00:00:00+05:30"),
+    (
+        datetime(2025, 1, 2, tzinfo=timezone(timedelta(hours=5, minutes=30, seconds=15))),
+        "2025-01-02T00:00:00+05:30:15",
+    ),
+    (date(2025, 1, 2), "2025-01-02"),
+    (time(1, 2, 3, 500000), "01:02:03.500000"),
+    (timedelta(seconds=1.5), "PT1.5S"),
+    (timedelta(days=-1, seconds=5), "-PT23H59M55S"),
+    (Point(1, 2.5), {"x": 1, "y": 2.5, "label": ""}),
+    (
+        Reply(
+            text="hi", at=datetime(2025, 1, 2, tzinfo=UTC), raw=b"ok", tags={"b", "a"}, point=Point(0, 1.0)
+        ),
+        {
+            "text": "hi",
+            "at": "2025-01-02T00:00:00Z",
+            "raw": b"ok",
+            "tags": ["a", "b"],
+            "point": {"x": 0, "y": 1.0, "label": ""},
+        },
+    ),
+    (Aliased(Value=3), {"Value": 3}),
+    ({"nested": [{"t": (b"x", Color.RED)}]}, {"nested": [{"t": [b"x", "red"]}]}),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), EXPECTED, ids=[repr(v)[:40] for v, _ in EXPECTED])
+def test_json_gives_back_the_documented_plain_data(value: Any, expected: Any) -> None:
+    assert same(json_round_trip(value), expected)
+
+
+@given(datetimes)
+def test_datetimes_come_back_as_iso_text_of_the_same_instant_and_offset(value: datetime) -> None:
+    text = json_round_trip(value)
+    assert isinstance(text, str)
+    parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    assert parsed == value and parsed.utcoffset() == value.utcoffset()
+
+
+@given(st.lists(ints | texts, max_size=8).map(set))
+def test_sets_come_back_as_lists_sorted_by_json_text(value: set[Any]) -> None:
+    back = json_round_trip(value)
+    expected = sorted(value, key=lambda v: json.dumps(v, ensure_ascii=False))
+    assert same(back, expected)
+
+
+@given(st.builds(Point, ints, floats, texts), st.builds(Reply, text=texts, at=datetimes, raw=st.binary()))
+def test_dataclasses_and_models_come_back_as_dicts_of_their_fields(point: Point, reply: Reply) -> None:
+    back = json_round_trip({"point": point, "reply": reply})
+    assert same(back["point"], {"x": point.x, "y": point.y, "label": point.label})
+    assert list(back["reply"]) == ["text", "at", "raw", "tags", "point"]
+    assert back["reply"]["text"] == reply.text and back["reply"]["raw"] == reply.raw
+    assert back["reply"]["at"] == json_round_trip(reply.at)
+    assert back["reply"]["tags"] == [] and back["reply"]["point"] is None
+
+
+def test_the_payload_is_compact_utf8_json_with_tagged_bytes() -> None:
+    payload = json_serializer().dumps({"a": b"hi", "é": [1.5, None, math.nan]})
+    assert payload == b'{"a":{"__multirun_bytes__":"aGk="},"\xc3\xa9":[1.5,null,NaN]}'
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (Opaque(), "Opaque has no JSON form"),
+        ({"a": [1, {"b": Opaque()}]}, r"\['a'\]\[1\]\['b'\]: Opaque has no JSON form"),
+        (lambda: 1, "function has no JSON form"),
+        ({BYTES_TAG: "aGk="}, "reserved for bytes"),
+        ({"x": {BYTES_TAG: 1, "other": 2}}, "reserved for bytes"),
+        ({1: "int", "1": "str"}, "two keys both become '1'"),
+        ({Opaque(): 1}, "dict key .* has no JSON form"),
+    ],
+)
+def test_json_refuses_what_it_cannot_write_faithfully(value: Any, message: str) -> None:
+    with pytest.raises(CheckpointError, match=message):
+        json_serializer().dumps(value)
+
+
+def test_json_refuses_cycles_and_absurd_nesting() -> None:
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    with pytest.raises(CheckpointError, match="nested too deeply or contains a reference cycle"):
+        json_serializer().dumps(cycle)
+    deep: Any = 0
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        json_serializer().dumps(deep)
+
+
+def test_json_never_falls_back_to_pickle() -> None:
+    with pytest.raises(CheckpointError, match="has no JSON form"):
+        dump_blob({"f": Opaque()}, json_serializer())
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"{",
+        b"\xff",
+        b'{"__multirun_bytes__": 1}',
+        b'{"__multirun_bytes__": "aGk=", "x": 1}',
+        b'{"__multirun_bytes__": "not base64!"}',
+        b"[" * 100_000 + b"]" * 100_000,
+    ],
+)
+def test_json_refuses_payloads_it_did_not_write(payload: bytes) -> None:
+    with pytest.raises(CheckpointError, match="cannot be decoded"):
+        json_serializer().loads(payload)
+
+
+# --- registry and HMAC key configuration ---------------------------------------------------------
+
+
+def test_registry_names_and_unknown_serializer() -> None:
+    assert serializer_names() == ["json", "pickle", "cloudpickle"]
+    with pytest.raises(
+        ConfigurationError, match=r"unknown checkpoint serializer 'yaml'.*json, pickle, cloudpickle"
+    ):
+        get_serializer("yaml", hmac_key=None)
+    for name in serializer_names():
+        serializer = get_serializer(name, hmac_key=KEY)
+        assert isinstance(serializer, Serializer) and serializer.name == name
+
+
+@pytest.mark.parametrize("name", ["pickle", "cloudpickle"])
+def test_pickle_serializers_refuse_to_exist_without_a_key(name: str) -> None:
+    with pytest.raises(ConfigurationError, match=HMAC_KEY_ENV):
+        get_serializer(name, hmac_key=None)
+    with pytest.raises(ConfigurationError, match=HMAC_KEY_ENV):
+        {"pickle": PickleSerializer, "cloudpickle": CloudpickleSerializer}[name]()
+
+
+def test_json_needs_no_key_but_signs_with_one() -> None:
+    assert json_serializer().hmac_key is None
+    header, _ = open_blob(dump_blob([1], get_serializer("json", hmac_key=KEY))[0], max_bytes=LIMIT)
+    assert "hmac" in header
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("00112233445566778899aabbccddeeff", bytes.fromhex("00112233445566778899aabbccddeeff")),
+        ("hex:00112233445566778899AABBCCDDEEFF", bytes.fromhex("00112233445566778899aabbccddeeff")),
+        ("raw:00112233445566778899aabbccddeeff", b"00112233445566778899aabbccddeeff"),
+        ("  a passphrase of some length  ", b"a passphrase of some length"),
+        ("0011223344556677889", b"0011223344556677889"),  # odd number of digits: not hex
+    ],
+)
+def test_hmac_key_from_the_environment_is_hex_or_raw(
+    monkeypatch: pytest.MonkeyPatch, text: str, key: bytes
+) -> None:
+    monkeypatch.setenv(HMAC_KEY_ENV, text)
+    assert resolve_hmac_key() == key
+    assert resolve_hmac_key(text) == key
+    assert get_serializer("pickle", hmac_key=None).hmac_key == key
+
+
+def test_an_argument_key_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(HMAC_KEY_ENV, OTHER_KEY.hex())
+    assert resolve_hmac_key(KEY) == KEY
+    assert resolve_hmac_key(environ={}) is None
+    assert resolve_hmac_key(environ={HMAC_KEY_ENV: "   "}) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("short", "hmac_key is 5 bytes; an HMAC key needs at least 16"),
+        (b"", "hmac_key is 0 bytes"),
+        ("hex:zz", "starts with 'hex:' but is not hex digits"),
+        (12345, "hmac_key must be bytes or str, not int"),
+    ],
+)
+def test_bad_hmac_keys_are_refused_naming_the_setting(value: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        resolve_hmac_key(value)
+
+
+def test_a_bad_key_in_the_environment_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(HMAC_KEY_ENV, "abcd")
+    with pytest.raises(ConfigurationError, match=f"{HMAC_KEY_ENV} is 2 bytes"):
+        get_serializer("json", hmac_key=None)
+
+
+# --- pickle and cloudpickle ------------------------------------------------------------------------
+
+rich_values = st.recursive(
+    json_leaves
+    | datetimes
+    | st.decimals(allow_nan=False)
+    | st.builds(Point, ints, st.floats(allow_nan=False), texts),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=4).map(tuple)
+        | st.frozensets(st.integers() | st.text(), max_size=4)
+        | st.dictionaries(texts, children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@pytest.mark.parametrize("name", ["pickle", "cloudpickle"])
+@given(value=rich_values)
+def test_pickle_serializers_round_trip_python_objects_with_a_key(name: str, value: Any) -> None:
+    serializer = get_serializer(name, hmac_key=KEY)
+    blob, _ = dump_blob(value, serializer)
+    header, loaded = load_blob(blob, max_bytes=LIMIT, hmac_key=KEY, allowed_serializers=[name])
+    assert header["serializer"] == name and "hmac" in header
+    assert same(loaded, value)
+
+
+def test_cloudpickle_round_trips_lambdas_closures_and_local_classes() -> None:
+    offset = 41
+
+    class Local:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+    serializer = get_serializer("cloudpickle", hmac_key=KEY)
+    blob, _ = dump_blob({"add": lambda x: x + offset, "obj": Local(3)}, serializer)
+    _, loaded = load_blob(blob, max_bytes=LIMIT, hmac_key=KEY, allowed_serializers=["cloudpickle"])
+    assert loaded["add"](1) == 42 and loaded["obj"].n == 3
+
+
+def test_unpicklable_state_is_a_checkpoint_error() -> None:
+    with pytest.raises(CheckpointError, match="cannot be serialized with pickle"):
+        get_serializer("pickle", hmac_key=KEY).dumps(lambda: 1)
+
+
+# --- the envelope -------------------------------------------------------------------------------
+
+
+def raw_blob(header: dict[str, Any], payload: bytes) -> bytes:
+    """A blob with exactly this header: for forging and tampering."""
+    return MAGIC + json.dumps(header, separators=(",", ":"), sort_keys=True).encode() + b"\n" + payload
+
+
+def header_of(blob: bytes) -> dict[str, Any]:
+    head: dict[str, Any] = json.loads(blob[len(MAGIC) : blob.index(b"\n", len(MAGIC))])
+    return head
+
+
+def payload_of(blob: bytes) -> bytes:
+    return blob[blob.index(b"\n", len(MAGIC)) + 1 :]
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def documented_mac(key: bytes, version: int, serializer: str, compression: str, stored: bytes) -> str:
+    label = f"MRCK/v{version}/{serializer}/{compression}\n".encode()
+    return hmac.new(key, label + stored, hashlib.sha256).hexdigest()
+
+
+def test_seal_writes_the_documented_header() -> None:
+    payload = b'{"a":1}'
+    blob, digest = seal(payload, "json")
+    assert (
+        blob
+        == MAGIC
+        + (
+            b'{"compression":"none","digest":"'
+            + digest.encode()
+            + b'","serializer":"json","size":7,"version":2}\n'
+        )
+        + payload
+    )
+    assert digest == sha(payload) and FORMAT_VERSION == 2
+    signed, _ = seal(payload, "pickle", KEY, compression="zlib")
+    header = header_of(signed)
+    assert list(header) == ["compression", "digest", "hmac", "serializer", "size", "version"]
+    stored = payload_of(signed)
+    assert zlib.decompress(stored) == payload and header["digest"] == sha(stored)
+    assert header["hmac"] == documented_mac(KEY, 2, "pickle", "zlib", stored)
+
+
+def test_seal_refuses_an_unsigned_pickle_and_bad_arguments() -> None:
+    with pytest.raises(ConfigurationError, match=HMAC_KEY_ENV):
+        seal(b"x", "pickle")
+    with pytest.raises(ConfigurationError, match="invalid serializer name"):
+        seal(b"x", "JSON\n")
+    with pytest.raises(ConfigurationError, match="invalid compression"):
+        seal(b"x", "json", compression="lzma")  # type: ignore[arg-type]
+
+
+def small_blobs() -> dict[str, tuple[bytes, dict[str, Any]]]:
+    """Small blobs of each kind, with the reader arguments that accept them."""
+    value = {"a": [1, 2.5, "é\ud800", b"\x00\x01", None, True]}
+    return {
+        "json": (dump_blob(value, json_serializer())[0], {}),
+        "json-signed": (dump_blob(value, get_serializer("json", hmac_key=KEY))[0], {"hmac_key": KEY}),
+        "json-zlib": (dump_blob(value, json_serializer(), compression="zlib")[0], {}),
+        "pickle": (
+            dump_blob(value, get_serializer("pickle", hmac_key=KEY))[0],
+            {"hmac_key": KEY, "allowed_serializers": ["pickle"]},
+        ),
+        "v1-json": (
+            raw_blob(
+                {"version": 1, "serializer": "json", "size": 8, "digest": sha(b'{"a":[]}')}, b'{"a":[]}'
+            ),
+            {},
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", list(small_blobs()))
+def test_every_truncation_is_refused(kind: str) -> None:
+    blob, reader = small_blobs()[kind]
+    load_blob(blob, max_bytes=LIMIT, **reader)  # the whole blob loads
+    for length in range(len(blob)):
+        with pytest.raises(CheckpointError):
+            load_blob(blob[:length], max_bytes=LIMIT, **reader)
+        with pytest.raises(CheckpointError):
+            load_blob(io.BytesIO(blob[:length]), max_bytes=LIMIT, **reader)
+
+
+def test_an_empty_blob_is_refused() -> None:
+    with pytest.raises(CheckpointError, match="empty"):
+        open_blob(b"", max_bytes=LIMIT)
+    with pytest.raises(CheckpointError, match="empty"):
+        open_blob(io.BytesIO(b""), max_bytes=LIMIT)
+
+
+@pytest.mark.parametrize("kind", list(small_blobs()))
+def test_every_bit_flip_is_refused(kind: str) -> None:
+    blob, reader = small_blobs()[kind]
+    returned = []
+    for position in range(len(blob)):
+        for bit in range(8):
+            damaged = bytearray(blob)
+            damaged[position] ^= 1 << bit
+            try:
+                load_blob(bytes(damaged), max_bytes=LIMIT, **reader)
+            except CheckpointError:
+                continue
+            returned.append((position, bit))
+    assert returned == []
+
+
+def test_padding_is_refused() -> None:
+    blob, _ = small_blobs()["json"]
+    for extra in (b"\n", b"x" * 100):
+        with pytest.raises(CheckpointError, match="truncated or padded"):
+            open_blob(blob + extra, max_bytes=LIMIT)
+        with pytest.raises(CheckpointError, match="truncated or padded"):
+            open_blob(io.BytesIO(blob + extra), max_bytes=LIMIT)
+
+
+def test_a_stream_is_read_like_bytes() -> None:
+    for blob, reader in small_blobs().values():
+        expected = load_blob(blob, max_bytes=LIMIT, **reader)
+        assert same(load_blob(io.BytesIO(blob), max_bytes=LIMIT, **reader), expected)
+        short_reads = CountingStream(blob)
+        assert same(load_blob(short_reads, max_bytes=LIMIT, **reader), expected)  # type: ignore[arg-type]
+
+
+def tampered(blob: bytes, payload: bytes | None = None, **changes: Any) -> bytes:
+    """``blob`` with header fields changed (None removes one) and maybe another payload."""
+    header = header_of(blob)
+    header.update(changes)
+    return raw_blob(
+        {k: v for k, v in header.items() if v is not None}, payload_of(blob) if payload is None else payload
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"size": 1}, "truncated or padded"),
+        ({"size": -1}, "invalid size"),
+        ({"size": True}, "invalid size"),
+        ({"size": "12"}, "invalid size"),
+        ({"digest": sha(b"other")}, "digest does not match"),
+        ({"digest": "md5:abc"}, "invalid digest"),
+        ({"serializer": "yaml"}, "'yaml' serializer, which this reader does not allow"),
+        ({"serializer": "pickle"}, "'pickle' serializer, which this reader does not allow"),
+        ({"serializer": None}, "missing \\['serializer'\\]"),
+        ({"compression": "zlib"}, "does not decompress"),
+        ({"compression": "lzma"}, "invalid compression"),
+        ({"hmac": "zz"}, "invalid hmac"),
+        ({"extra": 1}, "unexpected \\['extra'\\]"),
+        ({"version": 1}, "unexpected \\['compression'\\]"),
+        ({"version": 0}, "unknown format version 0"),
+        ({"version": "2"}, "version is '2'"),
+        ({"version": True}, "version is True"),
+        ({"version": FORMAT_VERSION + 1}, "newer than this multirun-otel reads.*upgrade multirun-otel"),
+    ],
+)
+def test_a_tampered_header_is_refused(changes: dict[str, Any], message: str) -> None:
+    blob, _ = small_blobs()["json"]
+    with pytest.raises(CheckpointError, match=message):
+        load_blob(tampered(blob, **changes), max_bytes=LIMIT)
+
+
+def test_a_future_version_asks_for_an_upgrade_whatever_else_it_changed() -> None:
+    future = raw_blob({"version": 3, "new_field": [1], "serializer": "zstd-json"}, b"anything")
+    with pytest.raises(CheckpointError, match=r"format version 3 is newer .*upgrade multirun-otel"):
+        load_blob(future, max_bytes=LIMIT)
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [
+        (b"MRCK", "ends inside the magic bytes"),
+        (b"PK\x03\x04 a zip", "bad magic bytes"),
+        (MAGIC + b"[1, 2]\n", "not a JSON object"),
+        (MAGIC + b"{not json}\n", "header is damaged"),
+        (MAGIC + b'{"version": 2}', "header is truncated, damaged or longer than 4096"),
+        (MAGIC + b'{"pad": "' + b"x" * 5000 + b'"}\n', "longer than 4096"),
+        (MAGIC + b'{"version": "\xff"}\n', "header is damaged"),
+    ],
+)
+def test_a_blob_that_is_not_a_checkpoint_is_refused(blob: bytes, message: str) -> None:
+    with pytest.raises(CheckpointError, match=message):
+        open_blob(blob, max_bytes=LIMIT)
+
+
+def test_a_serializer_the_reader_does_not_allow_is_refused_with_advice() -> None:
+    json_blob, _ = small_blobs()["json"]
+    with pytest.raises(
+        CheckpointError, match=r"'json' serializer, which this reader does not allow .*add 'json'"
+    ):
+        load_blob(json_blob, max_bytes=LIMIT, allowed_serializers=["pickle"], hmac_key=KEY)
+    pickle_blob, _ = small_blobs()["pickle"]
+    with pytest.raises(
+        CheckpointError, match="can run code when loaded.*allowed_serializers.*" + HMAC_KEY_ENV
+    ):
+        load_blob(pickle_blob, max_bytes=LIMIT, hmac_key=KEY)
+    with pytest.raises(CheckpointError, match="no HMAC key is configured.*" + HMAC_KEY_ENV):
+        load_blob(pickle_blob, max_bytes=LIMIT, allowed_serializers=["pickle"])
+
+
+def test_the_reader_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    pickle_blob, _ = small_blobs()["pickle"]
+    monkeypatch.setenv(HMAC_KEY_ENV, KEY.hex())
+    _, value = load_blob(pickle_blob, max_bytes=LIMIT, allowed_serializers=["pickle"])
+    assert value["a"][2] == "é\ud800"
+
+
+PICKLE_READER: dict[str, Any] = {"hmac_key": KEY, "allowed_serializers": ["json", "pickle", "cloudpickle"]}
+
+
+def resealed(blob: bytes, payload: bytes, **changes: Any) -> bytes:
+    """``blob`` with another payload and a correct size and digest: what anyone can make."""
+    return tampered(blob, payload, size=len(payload), digest=sha(payload), **changes)
+
+
+def test_a_payload_swapped_with_a_recomputed_digest_needs_a_valid_hmac() -> None:
+    blob, _ = small_blobs()["pickle"]
+    other = pickle.dumps({"a": "forged"}, protocol=5)
+    for forged in (
+        resealed(blob, other),  # stale HMAC of the old payload
+        resealed(blob, other, hmac=None),  # no HMAC
+        resealed(blob, other, hmac=documented_mac(OTHER_KEY, 2, "pickle", "none", other)),  # wrong key
+        resealed(blob, other, hmac=documented_mac(KEY, 2, "cloudpickle", "none", other)),  # wrong label
+    ):
+        with pytest.raises(CheckpointError, match=r"HMAC|carries no HMAC"):
+            load_blob(forged, max_bytes=LIMIT, **PICKLE_READER)
+    genuine = resealed(blob, other, hmac=documented_mac(KEY, 2, "pickle", "none", other))
+    assert load_blob(genuine, max_bytes=LIMIT, **PICKLE_READER)[1] == {"a": "forged"}
+
+
+def test_a_signed_blob_cannot_be_relabelled() -> None:
+    blob, _ = small_blobs()["pickle"]
+    for name in ("cloudpickle", "json"):
+        with pytest.raises(CheckpointError, match="HMAC does not match"):
+            load_blob(tampered(blob, serializer=name), max_bytes=LIMIT, **PICKLE_READER)
+    signed_json, _ = small_blobs()["json-signed"]
+    with pytest.raises(CheckpointError, match="HMAC does not match"):
+        load_blob(tampered(signed_json, serializer="pickle"), max_bytes=LIMIT, **PICKLE_READER)
+
+
+def test_a_signed_json_blob_is_verified_when_the_reader_has_a_key() -> None:
+    blob, _ = small_blobs()["json-signed"]
+    other = b'{"a":"forged"}'
+    forged = resealed(blob, other)
+    with pytest.raises(CheckpointError, match="HMAC does not match"):
+        load_blob(forged, max_bytes=LIMIT, hmac_key=KEY)
+    with pytest.raises(CheckpointError, match="signed with another key"):
+        load_blob(blob, max_bytes=LIMIT, hmac_key=OTHER_KEY)
+    # Without a key the reader checks the digest only: JSON cannot run code.
+    assert load_blob(forged, max_bytes=LIMIT)[1] == {"a": "forged"}
+
+
+class Boom:
+    """A pickle that creates ``path`` (a directory) when it is loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (str(self.path),))
+
+
+def test_a_malicious_pickle_is_never_executed_unless_its_hmac_verifies(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(Boom(marker), protocol=5)
+
+    def forge(serializer: str, mac: str | None) -> bytes:
+        header: dict[str, Any] = {
+            "version": 2,
+            "serializer": serializer,
+            "size": len(evil),
+            "digest": sha(evil),
+            "compression": "none",
+        }
+        if mac is not None:
+            header["hmac"] = mac
+        return raw_blob(header, evil)
+
+    attempts: list[tuple[bytes, dict[str, Any]]] = [
+        (forge("pickle", None), {}),  # the default reader allows json only
+        (forge("pickle", None), {"hmac_key": KEY}),
+        (forge("pickle", None), {"allowed_serializers": ["pickle"]}),  # no key
+        (forge("pickle", None), PICKLE_READER),  # unsigned
+        (forge("cloudpickle", None), PICKLE_READER),
+        (forge("pickle", "0" * 64), PICKLE_READER),
+        (forge("pickle", documented_mac(OTHER_KEY, 2, "pickle", "none", evil)), PICKLE_READER),
+        (forge("pickle", documented_mac(KEY, 1, "pickle", "none", evil)), PICKLE_READER),
+        (forge("json", None), PICKLE_READER),  # relabelled: JSON does not unpickle
+        (forge("json", documented_mac(KEY, 2, "pickle", "none", evil)), PICKLE_READER),
+    ]
+    for blob, reader in attempts:
+        with pytest.raises(CheckpointError):
+            load_blob(blob, max_bytes=LIMIT, **reader)
+        assert not marker.exists()
+    # The control: signed with the reader's key, it is trusted, and so it runs.
+    load_blob(
+        forge("pickle", documented_mac(KEY, 2, "pickle", "none", evil)), max_bytes=LIMIT, **PICKLE_READER
+    )
+    assert marker.is_dir()
+
+
+class CountingStream(io.RawIOBase):
+    """A stream that counts what was read from it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.inner = io.BytesIO(data)
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.inner.read(min(size, 7) if size > 0 else size)  # short reads, as raw streams may do
+        self.bytes_read += len(data)
+        return data
+
+
+def test_an_oversized_blob_is_refused_before_its_payload_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    blob, _ = dump_blob({"big": "x" * 200_000}, json_serializer())
+    stream = CountingStream(blob)
+    with pytest.raises(CheckpointError, match=r"declares .* over the 100000-byte limit"):
+        open_blob(stream, max_bytes=100_000)  # type: ignore[arg-type]
+    assert stream.bytes_read <= len(MAGIC) + envelope.MAX_HEADER_BYTES + 1
+
+    def no_hashing(*args: Any) -> Any:
+        raise AssertionError("the payload was hashed")
+
+    monkeypatch.setattr(envelope.hashlib, "sha256", no_hashing)
+    with pytest.raises(CheckpointError, match="over the 100000-byte limit"):
+        open_blob(blob, max_bytes=100_000)
+
+
+def test_a_declared_size_beyond_the_limit_is_refused_before_reading() -> None:
+    lie = raw_blob(
+        {"version": 2, "serializer": "json", "size": 10**12, "digest": sha(b""), "compression": "none"}, b""
+    )
+    stream = CountingStream(lie + b"x" * 100_000)
+    with pytest.raises(CheckpointError, match="declares"):
+        open_blob(stream, max_bytes=LIMIT)  # type: ignore[arg-type]
+    assert stream.bytes_read <= len(MAGIC) + envelope.MAX_HEADER_BYTES + 1
+
+
+def test_zlib_round_trip_and_damage() -> None:
+    value = {"text": "abc" * 10_000, "raw": bytes(1000)}
+    blob, _ = dump_blob(value, json_serializer(), compression="zlib")
+    assert len(blob) < 1000
+    header, loaded = load_blob(blob, max_bytes=LIMIT)
+    assert header["compression"] == "zlib" and loaded == value
+    inner = json_serializer().dumps(value)
+    stream = zlib.compress(inner)
+    for payload, message in (
+        (stream[:-5], "truncated zlib stream"),
+        (stream + b"trailing", "bytes after its zlib stream"),
+        (b"not zlib at all", "does not decompress"),
+    ):
+        forged = raw_blob(
+            {
+                "version": 2,
+                "serializer": "json",
+                "size": len(payload),
+                "digest": sha(payload),
+                "compression": "zlib",
+            },
+            payload,
+        )
+        with pytest.raises(CheckpointError, match=message):
+            load_blob(forged, max_bytes=LIMIT)
+
+
+def zlib_bomb(megabytes: int) -> bytes:
+    """A small zlib stream of ``megabytes`` MiB of zeros, built without holding them."""
+    compressor = zlib.compressobj(9)
+    chunk = bytes(1 << 20)
+    parts = [compressor.compress(chunk) for _ in range(megabytes)]
+    return b"".join(parts) + compressor.flush()
+
+
+def test_a_decompression_bomb_is_refused_in_bounded_memory() -> None:
+    bomb = zlib_bomb(200)
+    assert len(bomb) < 300_000
+    blob = raw_blob(
+        {"version": 2, "serializer": "json", "size": len(bomb), "digest": sha(bomb), "compression": "zlib"},
+        bomb,
+    )
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="decompresses to more than the 1048576-byte limit"):
+            open_blob(blob, max_bytes=LIMIT)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * LIMIT
+
+
+def test_a_payload_that_decompresses_to_exactly_the_limit_is_read() -> None:
+    data = bytes(1000)
+    stored = zlib.compress(data)
+    blob = raw_blob(
+        {
+            "version": 2,
+            "serializer": "json",
+            "size": len(stored),
+            "digest": sha(stored),
+            "compression": "zlib",
+        },
+        stored,
+    )
+    assert open_blob(blob, max_bytes=1000)[1] == data
+    with pytest.raises(CheckpointError, match="decompresses to more than the 999-byte limit"):
+        open_blob(blob, max_bytes=999)
+
+
+# --- golden files: what earlier releases wrote must stay readable ------------------------------------
+
+
+def golden(name: str) -> bytes:
+    return (GOLDEN / name).read_bytes()
+
+
+def test_golden_v1_json_checkpoint_reads_exactly() -> None:
+    header, document = load_blob(golden("checkpoint-v1-json.ckpt"), max_bytes=LIMIT)
+    assert header == {
+        "version": 1,
+        "serializer": "json",
+        "size": 907,
+        "digest": "sha256:75405f9bbd9e03a9853495de806e3360cab72da73c6a9cd636195d5fad953ba4",
+        "compression": "none",
+    }
+    state = document["state"]
+    assert math.isnan(state.pop("nan"))
+    assert document == {
+        "checkpoint": {
+            "id": "ckpt-golden-v1",
+            "run_id": "run-golden",
+            "run_name": "golden",
+            "agent_id": "agent-1",
+            "step_id": "step-3",
+            "name": "after_fetch",
+            "created_at": "2025-01-02T03:04:05.678901+00:00",
+            "environment": {"python": "3.12.1", "platform": "Linux-x86_64", "pid": 4242},
+        },
+        "state": {
+            "text": "héllo wörld 😀",
+            "nul": "a\x00b",
+            "lone_surrogate": "\ud800",
+            "big": 2**100,
+            "negative": -7,
+            "pi": 3.14159,
+            "inf": math.inf,
+            "minus_inf": -math.inf,
+            "flag": True,
+            "nothing": None,
+            "when": "2025-01-02T03:04:05.678901Z",
+            "amount": "12.50",
+            "tags": ["a", "b"],
+            "raw": "plain bytes",  # version 1 wrote bytes as UTF-8 text
+            "color": "red",
+            "point": {"x": 1, "y": 2.5},
+            "reply": {"text": "hi", "at": "2025-01-02T03:04:05.678901Z", "raw": "ok"},
+            "looks_tagged": {BYTES_TAG: "aGk="},  # version 1 had no tags: a plain dict
+        },
+        "replay": [["fetch", "ab" * 32, {"status": 200, "body": "ok"}]],
+        "ledger": {"tokens": 1234, "cost_units": 56789, "steps": 3},
+    }
+
+
+GOLDEN_V2_JSON: dict[str, Any] = {
+    "text": "héllo wörld 😀",
+    "nul": "a\x00b",
+    "lone_surrogate": "\ud800",
+    "surrogate_pair_as_two": "\ud83d\ude00",
+    "big": 2**100,
+    "pi": 3.14159,
+    "minus_zero": -0.0,
+    "nan": math.nan,
+    "inf": math.inf,
+    "flag": False,
+    "nothing": None,
+    "raw": b"\x00\xff binary",
+    "when": "2025-01-02T03:04:05.678901Z",
+    "naive": "2025-01-02T03:04:05",
+    "day": "2025-01-02",
+    "took": "PT1.5S",
+    "amount": "12.50",
+    "tags": ["b", "a"],
+    "unique": ["a", "b", "c"],
+    "color": "red",
+    "point": {"x": 1, "y": 2.5},
+    "reply": {"text": "hi", "at": "2025-01-02T03:04:05.678901Z", "raw": b"ok"},
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "compression", "digest"),
+    [
+        (
+            "checkpoint-v2-json.ckpt",
+            "none",
+            "sha256:54f377b1f61774f184747b1bac0fa2e3b79c33e1cb4ecee95a1326e15001bd66",
+        ),
+        (
+            "checkpoint-v2-json-zlib.ckpt",
+            "zlib",
+            "sha256:b88bda1b688d93af11b86287b827061c73a546078d52f134fe3ce7a17e4baf77",
+        ),
+    ],
+)
+def test_golden_v2_json_checkpoints_read_exactly(name: str, compression: str, digest: str) -> None:
+    header, value = load_blob(golden(name), max_bytes=LIMIT)
+    assert header["version"] == 2 and header["serializer"] == "json"
+    assert header["compression"] == compression and header["digest"] == digest and "hmac" not in header
+    assert same(value, GOLDEN_V2_JSON)
+
+
+def test_golden_v2_pickle_checkpoint_reads_exactly_with_the_test_key() -> None:
+    blob = golden("checkpoint-v2-pickle.ckpt")
+    header, value = load_blob(blob, max_bytes=LIMIT, hmac_key=GOLDEN_KEY, allowed_serializers=["pickle"])
+    assert header["serializer"] == "pickle"
+    assert header["hmac"] == documented_mac(GOLDEN_KEY, 2, "pickle", "none", payload_of(blob))
+    assert same(
+        value,
+        {
+            "text": "héllo \ud800 😀",
+            "big": 2**100,
+            "raw": b"\x00\xff",
+            "when": datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+            "amount": Decimal("12.50"),
+            "tags": ("b", "a"),
+            "unique": frozenset({1, 2, 3}),
+            "nested": [{"k": (1, 2.5, None, True)}],
+        },
+    )
+    with pytest.raises(CheckpointError, match="does not allow"):
+        load_blob(blob, max_bytes=LIMIT, hmac_key=GOLDEN_KEY)
+    with pytest.raises(CheckpointError, match="HMAC does not match"):
+        load_blob(blob, max_bytes=LIMIT, hmac_key=KEY, allowed_serializers=["pickle"])
+
+
+def test_golden_files_are_all_tested() -> None:
+    assert sorted(p.name for p in GOLDEN.glob("*.ckpt")) == [
+        "checkpoint-v1-json.ckpt",
+        "checkpoint-v2-json-zlib.ckpt",
+        "checkpoint-v2-json.ckpt",
+        "checkpoint-v2-pickle.ckpt",
+    ]
+
+
+def test_the_version_1_reader_leaves_tag_like_dicts_alone() -> None:
+    payload = b'{"__multirun_bytes__":"aGk="}'
+    assert JsonSerializer(decode_bytes_tags=False).loads(payload) == {BYTES_TAG: "aGk="}
+    assert JsonSerializer().loads(payload) == b"hi"
+
+
+def test_base64_tag_is_standard_base64() -> None:
+    payload = json_serializer().dumps(b"\xfb\xff")
+    assert json.loads(payload) == {BYTES_TAG: base64.b64encode(b"\xfb\xff").decode()}
