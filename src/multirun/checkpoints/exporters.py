@@ -1,25 +1,53 @@
 """Blob exporters: where checkpoint bytes go.
 
 A blob exporter is as small as OpenTelemetry's SpanExporter: ``put`` bytes
-under a key and get back a URI, ``get`` by URI, ``list`` keys under a prefix,
-``delete``. Puts are write-once and atomic: a reader never sees part of a
-blob, and a second put to the same key raises BlobExistsError.
+under a key and get back a URI, ``get`` by URI (or key), ``list`` keys under a
+prefix, ``delete``. Puts are write-once and atomic: a reader never sees part
+of a blob, and a second put to the same key raises BlobExistsError.
 
-Exporters are chosen by URI: ``memory://``, ``file:///path`` (or a plain path).
+Exporters are chosen by URI scheme, the way OpenTelemetry picks exporters by
+name: ``memory://name``, ``file:///path`` (or a plain path), ``s3://bucket/prefix``
+(see ``multirun.checkpoints.s3``), or any scheme a third-party package registers
+as an entry point in the ``multirun.blob_exporters`` group::
+
+    from multirun.checkpoints.exporters import exporter_from_uri, exporter_from_name
+
+    exporter = exporter_from_uri("file:///var/lib/multirun/blobs")
+    uri = exporter.put("checkpoints/run-1/c1.ckpt", b"...")   # 'file:///var/lib/.../c1.ckpt'
+    assert exporter.get(uri) == b"..."
+    exporter = exporter_from_name("memory", name="tests")
+
+A third-party exporter is a factory ``factory(uri: str | None = None, **options)``
+returning a BlobExporter, registered under its URI scheme in the package's
+``pyproject.toml``::
+
+    [project.entry-points."multirun.blob_exporters"]
+    gcs = "my_package.blobs:gcs_exporter"
+
+``exporter_from_uri("gcs://bucket/x")`` then calls ``gcs_exporter("gcs://bucket/x")``
+and ``exporter_from_name("gcs", bucket="b")`` calls ``gcs_exporter(bucket="b")``.
+The built-ins are registered the same way by multirun-otel itself; another
+distribution registering a built-in's name replaces it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 from multirun.errors import CheckpointError, ConfigurationError
+
+ENTRY_POINT_GROUP = "multirun.blob_exporters"
+_DISTRIBUTION = "multirun-otel"
 
 
 class BlobExistsError(CheckpointError):
@@ -28,6 +56,14 @@ class BlobExistsError(CheckpointError):
 
 class BlobNotFoundError(CheckpointError):
     """No blob at that URI or key."""
+
+
+class BlobStoreUnavailableError(CheckpointError):
+    """The store could not be reached or did not answer in time (after bounded retries)."""
+
+
+class BlobAccessDeniedError(CheckpointError):
+    """The store refused the credentials, or they lack the permission for the operation."""
 
 
 @runtime_checkable
@@ -51,19 +87,39 @@ class BlobExporter(Protocol):
         ...
 
 
+BlobExporterFactory = Callable[..., BlobExporter]
+"""``factory(uri: str | None = None, **options) -> BlobExporter``: what an entry point names."""
+
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.\-/]*$")
+MAX_KEY_LENGTH = 512
 
 
 def validate_key(key: str) -> str:
     """Refuse keys that could leave the store: ``..``, absolute paths, NUL, control characters."""
-    if not isinstance(key, str) or not key or len(key) > 512:
-        raise CheckpointError(f"invalid blob key {key!r}: must be 1 to 512 characters")
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        shown = key if not isinstance(key, str) or len(key) <= 80 else key[:80] + "..."
+        raise CheckpointError(f"invalid blob key {shown!r}: must be 1 to {MAX_KEY_LENGTH} characters")
     if not _KEY.match(key) or any(part in (".", "..") for part in key.split("/")):
         raise CheckpointError(
             f"invalid blob key {key!r}: use letters, digits, '_', '-', '.' and '/' separators, "
             "no '..' and no leading '/'"
         )
     return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """Refuse list prefixes no valid key could start with: ``..``, a leading ``/``, NUL."""
+    if (
+        not isinstance(prefix, str)
+        or len(prefix) > MAX_KEY_LENGTH
+        or not _PREFIX.match(prefix)
+        or prefix.startswith("/")
+        or "//" in prefix
+        or any(part in (".", "..") for part in prefix.split("/")[:-1])
+    ):
+        raise CheckpointError(f"invalid blob key prefix {prefix!r}")
+    return prefix
 
 
 class MemoryBlobExporter:
@@ -76,7 +132,7 @@ class MemoryBlobExporter:
 
     def _key(self, uri: str) -> str:
         prefix = f"memory://{self.name}/"
-        return uri[len(prefix) :] if uri.startswith(prefix) else uri
+        return validate_key(uri[len(prefix) :] if uri.startswith(prefix) else uri)
 
     def put(self, key: str, data: bytes) -> str:
         validate_key(key)
@@ -95,12 +151,14 @@ class MemoryBlobExporter:
                 raise BlobNotFoundError(f"no blob at {uri}") from None
 
     def list(self, prefix: str = "") -> list[str]:
+        validate_prefix(prefix)
         with self._lock:
             return sorted(k for k in self._blobs if k.startswith(prefix))
 
     def delete(self, key: str) -> None:
+        key = self._key(key)
         with self._lock:
-            self._blobs.pop(self._key(key), None)
+            self._blobs.pop(key, None)
 
 
 class FileBlobExporter:
@@ -123,8 +181,11 @@ class FileBlobExporter:
 
     def put(self, key: str, data: bytes) -> str:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        except OSError as exc:
+            raise CheckpointError(f"cannot write blob {key!r} under {self.directory}: {exc}") from exc
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
@@ -135,6 +196,8 @@ class FileBlobExporter:
                 os.link(tmp, path)
             except FileExistsError:
                 raise BlobExistsError(f"a blob already exists under {key!r}") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot write blob {key!r} under {self.directory}: {exc}") from exc
         finally:
             os.unlink(tmp)
         _fsync_dir(path.parent)
@@ -144,10 +207,13 @@ class FileBlobExporter:
         path = self._path(self._key(uri))
         try:
             return path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise BlobNotFoundError(f"no blob at {uri}") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot read blob {uri}: {exc}") from exc
 
     def list(self, prefix: str = "") -> list[str]:
+        validate_prefix(prefix)
         if not self.directory.is_dir():
             return []
         keys = []
@@ -161,7 +227,7 @@ class FileBlobExporter:
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self._path(self._key(key)).unlink()
 
 
@@ -178,17 +244,109 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def exporter_from_uri(uri: str) -> BlobExporter:
-    """The blob exporter for ``uri``: ``memory://name``, ``file:///path`` or a plain path."""
+def memory_exporter(uri: str | None = None, *, name: str | None = None) -> MemoryBlobExporter:
+    """Factory of ``memory://name``: a new, empty in-memory store."""
+    return MemoryBlobExporter(name or (urlparse(uri).netloc if uri else "") or "default")
+
+
+def file_exporter(
+    uri: str | None = None, *, directory: str | os.PathLike[str] | None = None
+) -> FileBlobExporter:
+    """Factory of ``file:///path`` (or a plain path, or ``directory=``): blobs as files."""
+    if directory is None and uri:
+        parsed = urlparse(uri)
+        if parsed.scheme != "file":
+            directory = uri
+        elif parsed.netloc not in ("", "localhost"):
+            raise ConfigurationError(
+                f"checkpoint_uri {uri!r}: a file URI has an absolute path, "
+                f"file:///{parsed.netloc}{parsed.path} (three slashes)"
+            )
+        else:
+            directory = unquote(parsed.path)
+    if not directory:
+        raise ConfigurationError("the file blob exporter needs a directory: file:///path or directory=")
+    return FileBlobExporter(directory)
+
+
+def _s3_exporter(uri: str | None = None, **options: Any) -> BlobExporter:
+    from multirun.checkpoints.s3 import s3_exporter  # imports boto3 only when used
+
+    return s3_exporter(uri, **options)
+
+
+BUILTIN_EXPORTERS: dict[str, BlobExporterFactory] = {
+    "memory": memory_exporter,
+    "file": file_exporter,
+    "s3": _s3_exporter,
+}
+"""The fallback when multirun-otel's own entry points are not installed (running from a source tree)."""
+
+
+def _entry_points(name: str | None = None) -> list[EntryPoint]:
+    found = entry_points(group=ENTRY_POINT_GROUP)
+    chosen = [ep for ep in found if name is None or ep.name == name]
+    # another distribution's registration comes first, so it can replace a built-in on purpose
+    return sorted(chosen, key=lambda ep: ep.dist is not None and ep.dist.name == _DISTRIBUTION)
+
+
+def available_exporters() -> list[str]:
+    """The names (URI schemes) of every blob exporter: built-in and registered."""
+    return sorted({*BUILTIN_EXPORTERS, *(ep.name for ep in _entry_points())})
+
+
+def exporter_factory(name: str, *, what: str = "blob exporter named") -> BlobExporterFactory:
+    """The factory registered under ``name`` in ``multirun.blob_exporters``, else the built-in one."""
+    for ep in _entry_points(name):
+        try:
+            factory = ep.load()
+        except Exception as exc:
+            raise ConfigurationError(
+                f"blob exporter {name!r}: entry point {ep.value!r} failed to load: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if not callable(factory):
+            raise ConfigurationError(f"blob exporter {name!r}: entry point {ep.value!r} is not callable")
+        return factory  # type: ignore[no-any-return]
+    if name in BUILTIN_EXPORTERS:
+        return BUILTIN_EXPORTERS[name]
+    raise ConfigurationError(
+        f"no {what} {name!r}; available: {', '.join(available_exporters())}. "
+        f"A third-party exporter registers an entry point in the {ENTRY_POINT_GROUP!r} group."
+    )
+
+
+def _create(name: str, factory: BlobExporterFactory, /, *args: Any, **options: Any) -> BlobExporter:
+    try:
+        inspect.signature(factory).bind(*args, **options)
+    except TypeError as exc:
+        raise ConfigurationError(f"blob exporter {name!r} does not take these options: {exc}") from None
+    except ValueError:  # no signature to check (a builtin): let the call decide
+        pass
+    exporter = factory(*args, **options)
+    if not isinstance(exporter, BlobExporter):
+        raise ConfigurationError(
+            f"blob exporter {name!r} returned {type(exporter).__name__}, which has no put/get/list/delete"
+        )
+    return exporter
+
+
+def exporter_from_uri(uri: str, **options: Any) -> BlobExporter:
+    """The blob exporter for ``uri``, found by its scheme: ``memory://``, ``file://``, ``s3://``, a path...
+
+    ``options`` go to the exporter's factory along with the URI.
+    """
     if not isinstance(uri, str) or not uri:
         raise ConfigurationError(f"checkpoint_uri must be a non-empty string, got {uri!r}")
-    parsed = urlparse(uri)
-    if parsed.scheme == "memory":
-        return MemoryBlobExporter(parsed.netloc or "default")
-    if parsed.scheme == "file":
-        return FileBlobExporter(unquote(parsed.path))
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
-        return FileBlobExporter(uri)
-    raise ConfigurationError(
-        f"checkpoint_uri {uri!r}: unknown scheme {parsed.scheme!r}; use memory://, file:// or a path"
-    )
+    scheme = urlparse(uri).scheme.lower()
+    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):
+        return file_exporter(uri, **options)
+    factory = exporter_factory(scheme, what="blob exporter for the checkpoint_uri scheme")
+    return _create(scheme, factory, uri, **options)
+
+
+def exporter_from_name(name: str, /, **options: Any) -> BlobExporter:
+    """The blob exporter registered as ``name``, made from keyword ``options`` (``uri=`` among them)."""
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"blob exporter name must be a non-empty string, got {name!r}")
+    return _create(name, exporter_factory(name), **options)
