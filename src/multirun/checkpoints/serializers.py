@@ -158,7 +158,10 @@ class JsonSerializer:
     def loads(self, data: bytes) -> Any:
         """The plain data of a JSON payload (bytes tags turned back into bytes)."""
         try:
-            return json.loads(bytes(data).decode("utf-8", "surrogatepass"), object_hook=self._hook)
+            text = bytes(data).decode("utf-8", "surrogatepass")
+            # the hook runs for every object: skip it when no bytes tag can be in the payload
+            hook = self._hook if self._hook is not None and BYTES_TAG in text else None
+            return json.loads(text, object_hook=hook)
         except (ValueError, RecursionError) as exc:
             raise CheckpointError(f"JSON checkpoint payload cannot be decoded: {exc}") from None
 
