@@ -31,7 +31,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
-from multirun.checkpoints.replay import ReplayLog
+from multirun.checkpoints.replay import Call, ReplayLog
 from multirun.enforcement.policy import PolicyEngine
 from multirun.errors import BudgetExceededError, ConfigurationError
 from multirun.models.agent import Agent, AgentStatus
@@ -761,7 +761,7 @@ class StepContext:
     _own_usage: list[tuple[TokenUsage, int, bool]] | None = None
     model: str | None = None
     input_hash: str | None = None
-    replay_index: int | None = None  # this call's entry in the run's replay log
+    replay_call: Call | None = None  # this call as the run's replay log saw it start
     policy_decision: str | None = None
     policy_rule: str | None = None
     result: Any = None

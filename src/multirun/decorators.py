@@ -22,6 +22,7 @@ from opentelemetry.context import Context
 
 from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
+from multirun.checkpoints.replay import MISS, SEQ
 from multirun.checkpoints.resume import take_pending_resume
 from multirun.checkpoints.store import RestoredCheckpoint
 from multirun.clock import Clock
@@ -166,8 +167,8 @@ class _StepCall(StepContext):
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         spec = self.spec
         run = self.run_context
-        if self.replay_index is not None:
-            run.replay_log.complete(self.replay_index, result)
+        if self.replay_call is not None:
+            run.replay_log.record(self.replay_call, result)
         if run.policy_engine is not None:
             run.policy_engine.after_step(spec.name, spec.kind, None)
         if spec.checkpoint:
@@ -176,8 +177,8 @@ class _StepCall(StepContext):
 
     def _failed(self, error: BaseException) -> BaseException:
         run = self.run_context
-        if self.replay_index is not None:
-            run.replay_log.fail(self.replay_index)
+        if self.replay_call is not None:
+            run.replay_log.fail(self.replay_call)
         if run.policy_engine is not None:
             run.policy_engine.after_step(self.spec.name, self.spec.kind, error)
         self._close(StepStatus.FAILED, error=error)
@@ -217,19 +218,18 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     if run is None:
         return None
     agent: AgentContext = current.get(AGENT_KEY) or run.default_agent  # type: ignore[assignment]
-    digest = replay_index = None
+    digest = replay_call = None
     if spec.replayable and run.records_replay:
         digest = input_hash(args, kwargs)
         if digest is not None:
             parent = current.get(STEP_KEY)
-            replay_index, hit, value = run.replay_log.call(
-                spec.name,
-                digest,
-                parent.replay_index if parent is not None else None,  # type: ignore[attr-defined]
+            parent_call = parent.replay_call if parent is not None else None  # type: ignore[attr-defined]
+            replay_call, served = run.replay_log.begin(
+                spec.name, digest, parent_call[SEQ] if parent_call is not None else None
             )
-            if hit:
+            if served is not MISS:
                 _record_step_not_run(spec, agent, current, digest=digest)
-                return _Replayed(value)
+                return _Replayed(served)
     engine = run.policy_engine
     decision = None
     try:
@@ -247,7 +247,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         step.model = spec.model
     if digest is not None:
         step.input_hash = digest
-        step.replay_index = replay_index
+        step.replay_call = replay_call
     if decision is not None:
         run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
         if decision is not PROCEED:

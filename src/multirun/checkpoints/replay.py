@@ -1,78 +1,54 @@
 """ReplayLog: what a run's idempotent steps returned, and serving it again after a restore.
 
     log = ReplayLog()
-    index, hit, value = log.call("search", digest, parent=None)   # before the step runs
-    ...                                                           # run it unless hit
-    log.complete(index, result)                                   # after it returned
+    call, value = log.begin("search", digest, parent=None)   # before the step runs
+    if value is not MISS: return value                       # served from the log after a restore
+    ...                                                      # run the step
+    log.record(call, result)                                 # after it returned
 
-An entry is keyed by (step name, input hash, occurrence): the third call of
+A call is keyed by (step name, input hash, occurrence): the third call of
 ``search("x")`` in a run is a different entry from the first, so a step that
 returns something new each time (``next_page()``) is replayed call by call.
+Each call also gets a sequence number when it starts and when it ends, so a
+restore knows which steps ran inside which (``parent``) and which ran side by
+side (overlapping siblings).
 
 After a restore (``load``), calls are served from the log in the order they
 were recorded. A call the log does not know, while recorded calls remain
 unserved, means the code or its inputs changed since the checkpoint: that
 raises DeterminismError instead of serving a value that belongs to another
 call. Steps that ran side by side (threads, ``asyncio.gather``) may come back
-in another order; steps that ran one after another may not. Once every
-recorded call is served, the run goes on normally, and keeps recording.
+in another order; steps that ran one after another may not. A step served
+from the log also serves the steps it ran inside. Once every recorded call is
+served, the run goes on normally, and keeps recording.
 
-Entries hold the step's result in memory until the run ends, so the log is
-bounded (``limit`` entries); steps past the limit are not recorded and will
-run again after a restore (at-least-once, as for a step that had not
-finished when the checkpoint was taken).
+Recording is on the hot path of every step, so it is two small operations: a
+counter and an occurrence number when a step starts, one tuple appended when
+it returns. The log keeps at most ``limit`` results in memory; steps past
+the limit are not recorded and run again after a restore (at-least-once, as
+for a step that had not finished when the checkpoint was taken).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-from typing import Any
+from typing import Any, Final
 
 from multirun.errors import DeterminismError
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 10_000
-_NO_RESULT = object()
 
 
-class ReplayEntry:
-    """One recorded call. A plain slotted object: one is made for every step."""
+# A call as the log saw it start: (name, digest, occurrence, parent seq, seq). A plain tuple:
+# one is made for every step, and a tuple costs a tenth of a NamedTuple or a slotted object.
+Call = tuple[str, str, int, "int | None", int]
+SEQ: Final = 4  # the position of a call's sequence number
 
-    __slots__ = (
-        "concurrent",
-        "digest",
-        "name",
-        "occurrence",
-        "parent",
-        "result",
-        "running_children",
-        "served",
-    )
-
-    def __init__(
-        self,
-        name: str,
-        digest: str,
-        occurrence: int,
-        parent: int | None,  # index of the recorded step it ran inside, if any
-        result: Any = _NO_RESULT,  # set once the step returned
-        concurrent: bool = False,  # ran while a sibling was running
-        served: bool = True,  # replayed (or re-run) since the restore; True for new calls
-    ) -> None:
-        self.name = name
-        self.digest = digest
-        self.occurrence = occurrence
-        self.parent = parent
-        self.result = result
-        self.concurrent = concurrent
-        self.served = served
-        self.running_children = 0
-
-    @property
-    def has_result(self) -> bool:
-        return self.result is not _NO_RESULT
+MISS: Any = object()  # ``begin``'s value when the step must run
 
 
 class ReplayLog:
@@ -80,200 +56,200 @@ class ReplayLog:
 
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self.limit = limit
-        self.entries: list[ReplayEntry] = []
-        self._by_key: dict[tuple[str, str, int], int] = {}
+        self._recorded: list[tuple[Call, int, Any]] = []  # (call, end seq, result), as they returned
+        self._running: dict[int, Call] = {}  # calls started and not returned, by sequence number
         self._occurrences: dict[tuple[str, str], int] = {}
-        self._top_running = 0
-        self._next_unserved = 0  # the first recorded entry not yet served (replay only)
-        self._replaying = False
-        self._full_warned = False
+        self._seq = itertools.count()
         self._lock = threading.Lock()
+        self._full_warned = False
+        self._replay: _Replay | None = None
 
     @property
     def replaying(self) -> bool:
         """True from ``load`` until every recorded call has been served."""
-        return self._replaying
+        return self._replay is not None and not self._replay.done
 
-    # -- recording and replaying ------------------------------------------------
+    def begin(self, name: str, digest: str, parent: int | None) -> tuple[Call, Any]:
+        """Before a step runs: its call, and the value to serve instead of running it (or MISS).
 
-    def call(self, name: str, digest: str, parent: int | None) -> tuple[int | None, bool, Any]:
-        """Before a step runs: ``(index, True, value)`` to serve it from the log, else
-        ``(index, False, None)`` (index None when it is not recorded: the log is full).
-
-        Raises DeterminismError when replaying and the call does not match the recording.
+        Raises DeterminismError when a replay does not match the recording.
         """
+        key = (name, digest)
         with self._lock:
-            key = (name, digest)
             occurrence = self._occurrences.get(key, 0) + 1
             self._occurrences[key] = occurrence
-            if self._replaying:
-                served = self._serve(name, digest, occurrence)
-                if served is not None:
-                    return served
-            entries = self.entries
-            if len(entries) >= self.limit:
-                if not self._full_warned:
-                    self._full_warned = True
-                    _logger.warning(
-                        "multirun: the replay log is full (%d steps): later steps of this run "
-                        "will run again after a restore",
-                        self.limit,
-                    )
-                return None, False, None
-            entry = ReplayEntry(name, digest, occurrence, parent)
-            entries.append(entry)
-            self._start(entry)
-            return len(entries) - 1, False, None
+            seq = next(self._seq)
+            call = (name, digest, occurrence, parent, seq)
+            replay = self._replay
+            if replay is not None and not replay.done:
+                found = replay.serve(name, digest, occurrence)
+                if found is not None:
+                    return call, found.result
+            self._running[seq] = call
+        return call, MISS
 
-    def _serve(self, name: str, digest: str, occurrence: int) -> tuple[int | None, bool, Any] | None:
-        """During a replay: serve the recorded call, re-run an unfinished one, or None for a new call."""
-        index = self._by_key.get((name, digest, occurrence))
-        self._check_order(name, index)
-        if index is None:
-            return None
-        entry = self.entries[index]
-        if entry.served:
-            return None  # served already (inside a replayed parent): this is a new execution
-        entry.served = True
-        self._advance()
-        if entry.has_result:
-            self._serve_descendants(index)
-            return index, True, entry.result
-        self._start(entry)  # recorded but never finished: run it again
-        return index, False, None
-
-    def complete(self, index: int | None, result: Any) -> None:
-        """The step returned ``result``."""
-        if index is None:
+    def record(self, call: Call, result: Any) -> None:
+        """The step of ``call`` returned ``result``."""
+        self._running.pop(call[SEQ], None)
+        recorded = self._recorded
+        if len(recorded) >= self.limit:
+            if not self._full_warned:
+                self._full_warned = True
+                _logger.warning(
+                    "multirun: the replay log is full (%d steps): later steps of this run "
+                    "will run again after a restore",
+                    self.limit,
+                )
             return
-        with self._lock:
-            entry = self.entries[index]
-            entry.result = result
-            self._finish(entry)
+        recorded.append((call, next(self._seq), result))  # one atomic append
 
-    def fail(self, index: int | None) -> None:
-        """The step failed: it has no result to replay."""
-        if index is None:
-            return
-        with self._lock:
-            entry = self.entries[index]
-            entry.result = _NO_RESULT
-            self._finish(entry)
+    def fail(self, call: Call) -> None:
+        """The step of ``call`` failed: nothing to replay."""
+        self._running.pop(call[SEQ], None)
 
     def peek(self, name: str, digest: str) -> tuple[bool, Any]:
         """``(True, result)`` if the next call of ``name`` with these inputs would be served."""
         with self._lock:
-            occurrence = self._occurrences.get((name, digest), 0) + 1
-            index = self._by_key.get((name, digest, occurrence))
-            if index is None or not self.entries[index].has_result or self.entries[index].served:
+            replay = self._replay
+            if replay is None or replay.done:
                 return False, None
-            return True, self.entries[index].result
+            occurrence = self._occurrences.get((name, digest), 0) + 1
+            entry = replay.find(name, digest, occurrence)
+            return (True, entry.result) if entry is not None and not entry.served else (False, None)
 
     # -- checkpoints -------------------------------------------------------------
 
     def to_records(self) -> list[dict[str, Any]]:
-        """The entries as plain records for a checkpoint (results as they are)."""
+        """Every recorded call (restored ones first) as plain records for a checkpoint."""
         with self._lock:
-            records = []
-            for entry in self.entries:
-                record: dict[str, Any] = {
-                    "name": entry.name,
-                    "digest": entry.digest,
-                    "occurrence": entry.occurrence,
-                    "parent": entry.parent,
-                    "concurrent": entry.concurrent,
-                }
-                if entry.has_result:
-                    record["result"] = entry.result
-                records.append(record)
-            return records
+            restored = self._replay.records if self._replay is not None else []
+            finished = sorted(self._recorded, key=lambda r: r[0][SEQ])
+            running = sorted(self._running.values(), key=lambda c: c[SEQ])
+        records = [_record(call, end, result) for call, end, result in finished]
+        # a step still running (the one that took the checkpoint, say) is recorded without a
+        # result: after a restore it runs again, and the steps it had finished are served
+        records += [_record(call, None) for call in running]
+        return [*restored, *records]
 
     def load(self, records: list[dict[str, Any]]) -> None:
         """Replace the log with a checkpoint's records and start replaying them."""
+        replay = _Replay([dict(record) for record in records])
         with self._lock:
-            self.entries = []
-            self._by_key = {}
+            self._recorded = []
             self._occurrences = {}
-            for record in records:
-                entry = ReplayEntry(
-                    name=str(record["name"]),
-                    digest=str(record["digest"]),
-                    occurrence=int(record["occurrence"]),
-                    parent=None if record.get("parent") is None else int(record["parent"]),
-                    result=record.get("result", _NO_RESULT),
-                    concurrent=bool(record.get("concurrent", False)),
-                    served=False,
-                )
-                self._by_key[(entry.name, entry.digest, entry.occurrence)] = len(self.entries)
-                self.entries.append(entry)
-            self._next_unserved = 0
-            self._replaying = bool(self.entries)
+            self._replay = replay
+            self._seq = itertools.count(replay.next_seq)
 
-    # -- internals (called with the lock held) -------------------------------------
 
-    def _check_order(self, name: str, index: int | None) -> None:
-        expected_index = self._next_unserved
-        if expected_index >= len(self.entries):
-            self._replaying = False
-            return
-        expected = self.entries[expected_index]
-        if index is None:
+def _record(call: Call, end: int | None, result: Any = MISS) -> dict[str, Any]:
+    name, digest, occurrence, parent, seq = call
+    record = {"name": name, "digest": digest, "occurrence": occurrence, "parent": parent, "seq": seq}
+    record["end"] = end
+    if result is not MISS:
+        record["result"] = result
+    return record
+
+
+class _Entry:
+    __slots__ = ("concurrent", "end", "has_result", "index", "name", "parent", "result", "seq", "served")
+
+    def __init__(self, index: int, record: dict[str, Any]) -> None:
+        self.index = index
+        self.name = str(record["name"])
+        self.seq = int(record["seq"])
+        unfinished = record.get("end") is None
+        self.end = _STILL_RUNNING if unfinished else int(record["end"])
+        self.parent = None if record.get("parent") is None else int(record["parent"])
+        # no result: it was running at the checkpoint, or its result had no form in the serializer
+        self.has_result = "result" in record
+        self.result = record.get("result")
+        self.concurrent = False
+        self.served = False
+
+
+_STILL_RUNNING = 2**62
+
+
+class _Replay:
+    """A checkpoint's calls, served in their recorded order."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+        ordered = sorted(records, key=lambda r: int(r["seq"]))
+        self.entries = [_Entry(i, r) for i, r in enumerate(ordered)]
+        self.by_key = {
+            (str(r["name"]), str(r["digest"]), int(r["occurrence"])): e
+            for r, e in zip(ordered, self.entries, strict=True)
+        }
+        self.children: dict[int, list[_Entry]] = {}
+        for entry in self.entries:
+            if entry.parent is not None:
+                self.children.setdefault(entry.parent, []).append(entry)
+        self._mark_side_by_side()
+        self.next_seq = 1 + max(
+            (max(e.seq, e.end if e.end != _STILL_RUNNING else e.seq) for e in self.entries), default=-1
+        )
+        self.position = 0  # the first entry, in recorded order, not served yet
+        self.done = not self.entries
+
+    def find(self, name: str, digest: str, occurrence: int) -> _Entry | None:
+        return self.by_key.get((name, digest, occurrence))
+
+    def serve(self, name: str, digest: str, occurrence: int) -> _Entry | None:
+        """The entry to serve for this call, or None to run it (a new call once all are served)."""
+        entry = self.by_key.get((name, digest, occurrence))
+        expected = self.entries[self.position]
+        if entry is None:
             raise DeterminismError(
                 f"replay: step {name!r} was not recorded at this point; the recorded run called "
-                f"{expected.name!r} here (recorded call #{expected_index + 1}). The code or the inputs "
+                f"{expected.name!r} here (recorded call #{expected.index + 1}). The code or the inputs "
                 "of a step changed since the checkpoint. Restore from an earlier checkpoint, start a "
                 "new run, or mark steps whose inputs legitimately change idempotent=False."
             )
-        entry = self.entries[index]
-        if index == expected_index or entry.served:
-            return
-        side_by_side = entry.concurrent or expected.concurrent
-        if not (side_by_side and entry.parent == expected.parent):
+        if entry.served:
+            return None  # served already, inside a replayed parent: this is a new execution
+        if entry is not expected and not (
+            entry.parent == expected.parent and (entry.concurrent or expected.concurrent)
+        ):
             raise DeterminismError(
                 f"replay: step {name!r} came before {expected.name!r}, but the recorded run called "
-                f"them the other way round (recorded calls #{expected_index + 1} and #{index + 1}). "
+                f"them the other way round (recorded calls #{expected.index + 1} and #{entry.index + 1}). "
                 "Steps that ran one after another must be replayed in the same order."
             )
+        if not entry.has_result:
+            entry.served = True  # it runs again; the steps it had finished are served as it calls them
+            self._advance()
+            return None
+        self._serve(entry)
+        return entry
+
+    def _serve(self, entry: _Entry) -> None:
+        """Mark ``entry`` and every step it ran inside as served, and move on."""
+        stack = [entry]
+        while stack:
+            current = stack.pop()
+            current.served = True
+            stack.extend(self.children.get(current.seq, ()))
+        self._advance()
 
     def _advance(self) -> None:
         entries = self.entries
-        position = self._next_unserved
-        while position < len(entries) and entries[position].served:
-            position += 1
-        self._next_unserved = position
-        if position >= len(entries):
-            self._replaying = False
+        while self.position < len(entries) and entries[self.position].served:
+            self.position += 1
+        if self.position >= len(entries):
+            self.done = True
 
-    def _serve_descendants(self, index: int) -> None:
-        """A step served from the log did not run: the steps it ran inside are served too."""
-        parents = {index}
-        for position in range(index + 1, len(self.entries)):
-            entry = self.entries[position]
-            if entry.parent in parents:
-                entry.served = True
-                parents.add(position)
-        self._advance()
-
-    def _start(self, entry: ReplayEntry) -> None:
-        if entry.parent is None:
-            running = self._top_running
-            self._top_running += 1
-        else:
-            parent = self.entries[entry.parent]
-            running = parent.running_children
-            parent.running_children += 1
-        if running:
-            entry.concurrent = True
-            self._mark_running_siblings(entry)
-
-    def _mark_running_siblings(self, entry: ReplayEntry) -> None:
-        for other in reversed(self.entries[-256:]):  # siblings still running started recently
-            if other is not entry and other.parent == entry.parent and not other.has_result:
-                other.concurrent = True
-
-    def _finish(self, entry: ReplayEntry) -> None:
-        if entry.parent is None:
-            self._top_running = max(self._top_running - 1, 0)
-        else:
-            parent = self.entries[entry.parent]
-            parent.running_children = max(parent.running_children - 1, 0)
+    def _mark_side_by_side(self) -> None:
+        """Siblings whose [start, end] overlap ran side by side (threads, gather)."""
+        siblings: dict[int | None, list[_Entry]] = {}
+        for entry in self.entries:
+            siblings.setdefault(entry.parent, []).append(entry)
+        for group in siblings.values():
+            latest_end = -1
+            previous: _Entry | None = None
+            for entry in group:  # ordered by start
+                if previous is not None and entry.seq < latest_end:
+                    entry.concurrent = True
+                    previous.concurrent = True
+                if entry.end > latest_end:
+                    latest_end, previous = entry.end, entry
