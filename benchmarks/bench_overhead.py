@@ -119,6 +119,11 @@ def step_governed() -> None:
 
 
 @multirun.step
+def step_unrecorded() -> None:
+    """The same no-op, in a run whose client keeps no replay log (record_replay=False)."""
+
+
+@multirun.step
 def step_outside() -> None:
     """The same no-op, called outside any run (the decorator's fast path)."""
 
@@ -221,8 +226,11 @@ def build(batch: int) -> Setup:
             ),
         ),
     )
+    unrecorded_client = multirun.MultiRunClient(tracer_provider=provider, record_replay=False)
+    run_unrecorded = RunContext(unrecorded_client, Run(name="bench-unrecorded"))
     empty = Context()
     in_run = run_plain.otel_context
+    unrecorded = run_unrecorded.otel_context
     governed = run_governed.otel_context
 
     loop = asyncio.new_event_loop()
@@ -243,6 +251,13 @@ def build(batch: int) -> Setup:
         ),
         Variant("step_outside", "@step, no active run", "bare", sync_batch(step_outside, empty), None),
         Variant("step", "@step sync", "bare", sync_batch(step_sync, in_run), "step step_sync"),
+        Variant(
+            "step_unrecorded",
+            "@step sync, record_replay=False",
+            "bare",
+            sync_batch(step_unrecorded, unrecorded),
+            "step step_unrecorded",
+        ),
         Variant(
             "step_governed",
             "@step sync, Budget + Policy",
@@ -286,7 +301,7 @@ def build(batch: int) -> Setup:
             f"{attr.OP_CHAT} {LLM_MODEL}",
         ),
     ]
-    return Setup(variants, [run_plain, run_governed], provider, exporter, loop)
+    return Setup(variants, [run_plain, run_governed, run_unrecorded], provider, exporter, loop)
 
 
 # ---------------------------------------------------------------------------
