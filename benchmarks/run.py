@@ -20,7 +20,9 @@ in parallel: they would disturb each other's timings on a small machine):
 - ``bench_ledger.py``   -> ``results/ledger.md``: the budget check and ledger
   update per step, in process and against a real redis-server;
 - ``bench_metrics.py``  -> printed: the per-step metrics path against a raw SDK
-  instrument.
+  instrument;
+- ``bench_checkpoint.py`` -> ``results/checkpoint.md``: save and load of a 10 MB
+  state against the raw serializer plus a plain file write.
 
 ``psutil`` is used for RSS when installed (``.venv/bin/pip install psutil``),
 else ``/proc/self/statm``.
@@ -43,6 +45,7 @@ FULL: list[list[str]] = [
     ["repro_export_starvation.py"],
     ["bench_ledger.py"],
     ["bench_metrics.py"],
+    ["bench_checkpoint.py"],
 ]
 SCRIPTS = {
     "overhead": "bench_overhead.py",
@@ -51,6 +54,7 @@ SCRIPTS = {
     "starvation": "repro_export_starvation.py",
     "ledger": "bench_ledger.py",
     "metrics": "bench_metrics.py",
+    "checkpoint": "bench_checkpoint.py",
 }
 QUICK: list[list[str]] = [
     ["bench_overhead.py", "--rounds", "8", "--batch", "500"],
@@ -59,6 +63,7 @@ QUICK: list[list[str]] = [
     ["repro_export_starvation.py", "--repeats", "1"],
     ["bench_ledger.py", "--rounds", "6", "--batch", "2000"],
     ["bench_metrics.py", "--rounds", "6"],
+    ["bench_checkpoint.py", "--mb", "2", "--rounds", "3"],
 ]
 
 

@@ -208,6 +208,8 @@ class RunContext:
         self._default_agent: AgentContext | None = None
         self._history: deque[StepContext] = deque(maxlen=client.step_history)
         self.replay_log = ReplayLog(client.replay_limit)
+        # whether step inputs are hashed and results kept, for a replay after a restore
+        self.records_replay = client.record_replay or is_replaying
         self._span: Span | None = None
         self._otel_ctx: Context | None = None
         self._tokens: list[object] = []
@@ -531,16 +533,12 @@ class RunContext:
     def _restore(self, restored: RestoredCheckpoint) -> None:
         self._state.update(restored.state)
         self.replay_log.load(restored.replay)
+        self.records_replay = True
         ledger = restored.ledger
         self.ledger.restore(ledger.get("tokens", 0), ledger.get("cost_units", 0), ledger.get("steps", 0))
         self.is_replaying = True
         if self._span is not None:
             self._span.set_attribute(attr.RUN_REPLAYING, True)
-
-    @property
-    def records_replay(self) -> bool:
-        """Whether step inputs are hashed and results kept, for a replay after a restore."""
-        return self.client.record_replay or self.is_replaying
 
     @property
     def history(self) -> list[StepContext]:

@@ -170,7 +170,7 @@ class _StepCall(StepContext):
         if self.replay_call is not None:
             run.replay_log.record(self.replay_call, result)
         if run.policy_engine is not None:
-            run.policy_engine.after_step(spec.name, spec.kind, None)
+            run.policy_engine.after_success(spec.name, spec.kind)
         if spec.checkpoint:
             run._try_checkpoint(f"after_{spec.name}", step_id=self.id)
         self._close(StepStatus.COMPLETED, result, extra=extra)
@@ -248,14 +248,14 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     if digest is not None:
         step.input_hash = digest
         step.replay_call = replay_call
-    if decision is not None:
+    if decision is not None and decision is not PROCEED:
+        # "proceed" is not counted: it is every step that was not waited, switched or refused
         run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
-        if decision is not PROCEED:
-            step.policy_decision = decision.decision.value
-            step.policy_rule = decision.rule
-            if decision.model is not None:
-                step.model = decision.model
-            step.wait_before = decision.wait_seconds
+        step.policy_decision = decision.decision.value
+        step.policy_rule = decision.rule
+        if decision.model is not None:
+            step.model = decision.model
+        step.wait_before = decision.wait_seconds
     step._open(current, spec.start_attrs, args, kwargs, spec.span_name)
     return step
 

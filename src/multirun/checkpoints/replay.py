@@ -58,7 +58,7 @@ class ReplayLog:
         self.limit = limit
         self._recorded: list[tuple[Call, int, Any]] = []  # (call, end seq, result), as they returned
         self._running: dict[int, Call] = {}  # calls started and not returned, by sequence number
-        self._occurrences: dict[tuple[str, str], int] = {}
+        self._occurrences: dict[tuple[str, str], itertools.count[int]] = {}
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._full_warned = False
@@ -75,17 +75,25 @@ class ReplayLog:
         Raises DeterminismError when a replay does not match the recording.
         """
         key = (name, digest)
+        replay = self._replay
+        if replay is None or replay.done:
+            # recording only: no lock, each operation below is atomic (next() on a count)
+            counter = self._occurrences.get(key)
+            if counter is None:
+                with self._lock:
+                    counter = self._occurrences.setdefault(key, itertools.count(1))
+            call = (name, digest, next(counter), parent, next(self._seq))
+            self._running[call[SEQ]] = call
+            return call, MISS
         with self._lock:
-            occurrence = self._occurrences.get(key, 0) + 1
-            self._occurrences[key] = occurrence
-            seq = next(self._seq)
-            call = (name, digest, occurrence, parent, seq)
-            replay = self._replay
-            if replay is not None and not replay.done:
+            counter = self._occurrences.setdefault(key, itertools.count(1))
+            occurrence = next(counter)
+            call = (name, digest, occurrence, parent, next(self._seq))
+            if not replay.done:
                 found = replay.serve(name, digest, occurrence)
                 if found is not None:
                     return call, found.result
-            self._running[seq] = call
+            self._running[call[SEQ]] = call
         return call, MISS
 
     def record(self, call: Call, result: Any) -> None:
@@ -113,7 +121,8 @@ class ReplayLog:
             replay = self._replay
             if replay is None or replay.done:
                 return False, None
-            occurrence = self._occurrences.get((name, digest), 0) + 1
+            counter = self._occurrences.get((name, digest))
+            occurrence = 1 if counter is None else _peek_next(counter)
             entry = replay.find(name, digest, occurrence)
             return (True, entry.result) if entry is not None and not entry.served else (False, None)
 
@@ -139,6 +148,12 @@ class ReplayLog:
             self._occurrences = {}
             self._replay = replay
             self._seq = itertools.count(replay.next_seq)
+
+
+def _peek_next(counter: itertools.count[int]) -> int:
+    """The number ``next(counter)`` would give, without taking it."""
+    state: tuple[Any, tuple[int]] = counter.__reduce__()  # type: ignore[assignment]
+    return state[1][0]
 
 
 def _record(call: Call, end: int | None, result: Any = MISS) -> dict[str, Any]:

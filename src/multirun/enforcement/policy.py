@@ -198,8 +198,20 @@ class PolicyEngine:
             raise
         return decision
 
+    def after_success(self, name: str, kind: StepKind) -> None:
+        """A step succeeded: the common case, with nothing to change when the circuit is healthy."""
+        breaker = self._breakers.get(name)
+        if breaker is not None and (breaker.failures or breaker.state != CircuitBreaker.CLOSED):
+            breaker.record(True, 0.0)
+        if kind is StepKind.LLM_CALL and self._llm_failures_in_a_row:
+            with self._lock:
+                self._llm_failures_in_a_row = 0
+
     def after_step(self, name: str, kind: StepKind, error: BaseException | None) -> None:
         """Feed the step's outcome to the circuit breaker and the degradation trigger."""
+        if error is None:
+            self.after_success(name, kind)
+            return
         rule = self.policy.circuit_breaker
         if error is not None and isinstance(error, (BudgetExceededError, PolicyViolation)):
             if rule is not None:  # not a failure of the dependency; a probe it claimed is free again
@@ -207,15 +219,13 @@ class PolicyEngine:
             return
         if rule is not None:
             breaker = self._breaker(name, rule)
-            if error is None:
-                breaker.record(True, 0.0)
-            elif not isinstance(error, rule.excluded_errors):
+            if not isinstance(error, rule.excluded_errors):
                 breaker.record(False, self.clock())
             else:
                 breaker.release_probe()
         if kind is StepKind.LLM_CALL and self.policy.graceful_degradation is not None:
             with self._lock:
-                self._llm_failures_in_a_row = 0 if error is None else self._llm_failures_in_a_row + 1
+                self._llm_failures_in_a_row += 1
 
     # -- rules ---------------------------------------------------------------
 
