@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,48 +66,27 @@ def against_redis(rounds: int, batch: int) -> list[list[str]] | str:
         return "redis-server is not installed (scripts/services.sh ensure_redis_server installs it)"
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from multirun.enforcement.redis_ledger import RedisLedgerFactory
-    from redis_server import free_port, ping  # the tests' own helpers
+    from redis_server import RedisServer  # the tests' own server helper
 
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="multirun-bench-redis-")
-    server = subprocess.Popen(
-        [
-            binary,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = RedisServer.start()
     try:
-        while not ping(port):
-            time.sleep(0.02)
-        factory = RedisLedgerFactory.from_uri(f"redis://127.0.0.1:{port}/0")
+        factory = RedisLedgerFactory.from_uri(server.url)
         ledger = factory.ledger("bench", BUDGET)
         calls_before = _round_trips(factory)
+        rounds_here, batch_here = max(rounds // 3, 3), max(batch // 20, 200)
         medians = interleaved(
             {
                 "begin_step (one EVALSHA)": ledger.begin_step,
                 "charge (one EVALSHA)": lambda: ledger.charge(15, 2_250),
             },
-            max(rounds // 3, 3),
-            max(batch // 20, 200),
+            rounds_here,
+            batch_here,
         )
         commands = _round_trips(factory) - calls_before
-        calls = 2 * max(rounds // 3, 3) * max(batch // 20, 200)
+        calls = 2 * rounds_here * batch_here
         factory.close()
     finally:
-        server.terminate()
-        server.wait(timeout=5)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
     rows = [[name, f"{value:.1f}", "1 round trip"] for name, value in medians.items()]
     rows.append(
         ["commands sent to the server per call (EVALSHA, EVAL, SCRIPT)", f"{commands / calls:.2f}", ""]

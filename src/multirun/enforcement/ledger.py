@@ -20,7 +20,89 @@ from multirun.pricing import COST_UNITS_PER_USD
 _INFINITY = float("inf")
 
 
-class RunLedger:
+class LedgerReadings:
+    """What a ledger says about its totals against a budget; shared by RunLedger and RedisLedger.
+
+    Subclasses provide ``tokens``, ``cost_units``, ``steps``, ``sub_agents``,
+    ``elapsed()`` and ``_lock``.
+    """
+
+    __slots__ = ()
+    tokens: int
+    cost_units: int
+    steps: int
+    sub_agents: int
+    _lock: threading.Lock
+
+    def elapsed(self) -> float:
+        raise NotImplementedError
+
+    def shares(self, budget: Budget) -> dict[str, float]:
+        """How much of each limit that is set is used, as a ratio (1.0 = all of it)."""
+        found: dict[str, float] = {}
+        if budget.max_tokens is not None:
+            found["max_tokens"] = self.tokens / budget.max_tokens
+        if budget.max_cost_usd is not None:
+            found["max_cost_usd"] = self.cost_units / COST_UNITS_PER_USD / budget.max_cost_usd
+        if budget.max_steps is not None:
+            found["max_steps"] = self.steps / budget.max_steps
+        if budget.max_duration_seconds is not None:
+            found["max_duration_seconds"] = self.elapsed() / budget.max_duration_seconds
+        if budget.max_sub_agents:
+            found["max_sub_agents"] = self.sub_agents / budget.max_sub_agents
+        return found
+
+    def exceeded(self, budget: Budget, *, next_step: bool = False) -> tuple[str, float, float] | None:
+        """The first limit of ``budget`` reached, as (limit, used, maximum), or None.
+
+        With ``next_step`` the step about to start is counted, so ``max_steps=3``
+        lets exactly three steps run.
+        """
+        hit = first_exceeded(
+            budget,
+            tokens=self.tokens,
+            cost_usd=self.cost_units / COST_UNITS_PER_USD,
+            steps=self.steps + (1 if next_step else 0),
+            duration_seconds=self.elapsed(),
+            sub_agents=self.sub_agents,
+        )
+        if hit is not None and hit[0] == "max_steps":
+            return "max_steps", self.steps, hit[2]  # report the steps that ran, not the one refused
+        return hit
+
+    def status(self, budget: Budget | None) -> BudgetStatus:
+        """A snapshot of spend against ``budget`` (percentages of the tightest limit)."""
+        with self._lock:
+            tokens, cost_units, steps = self.tokens, self.cost_units, self.steps
+            sub_agents = self.sub_agents
+        cost = cost_units / COST_UNITS_PER_USD
+        elapsed = self.elapsed()
+        if budget is None:
+            return BudgetStatus(
+                tokens_used=tokens,
+                cost_used_usd=cost,
+                steps_used=steps,
+                duration_seconds=elapsed,
+                sub_agents_used=sub_agents,
+            )
+        shares = self.shares(budget)
+        return BudgetStatus(
+            tokens_used=tokens,
+            tokens_remaining=None if budget.max_tokens is None else max(budget.max_tokens - tokens, 0),
+            cost_used_usd=cost,
+            cost_remaining_usd=(
+                None if budget.max_cost_usd is None else max(budget.max_cost_usd - cost, 0.0)
+            ),
+            steps_used=steps,
+            steps_remaining=None if budget.max_steps is None else max(budget.max_steps - steps, 0),
+            duration_seconds=elapsed,
+            sub_agents_used=sub_agents,
+            percentage_used=round(100.0 * max(shares.values(), default=0.0), 4),
+            is_exceeded=self.exceeded(budget) is not None,
+        )
+
+
+class RunLedger(LedgerReadings):
     __slots__ = (
         "_clock",
         "_deadline",
@@ -163,70 +245,6 @@ class RunLedger:
     def deadline(self) -> float:
         """The monotonic time at which max_duration_seconds runs out (infinity without one)."""
         return self._deadline
-
-    def shares(self, budget: Budget) -> dict[str, float]:
-        """How much of each limit that is set is used, as a ratio (1.0 = all of it)."""
-        found: dict[str, float] = {}
-        if budget.max_tokens is not None:
-            found["max_tokens"] = self.tokens / budget.max_tokens
-        if budget.max_cost_usd is not None:
-            found["max_cost_usd"] = self.cost_units / COST_UNITS_PER_USD / budget.max_cost_usd
-        if budget.max_steps is not None:
-            found["max_steps"] = self.steps / budget.max_steps
-        if budget.max_duration_seconds is not None:
-            found["max_duration_seconds"] = self.elapsed() / budget.max_duration_seconds
-        if budget.max_sub_agents:
-            found["max_sub_agents"] = self.sub_agents / budget.max_sub_agents
-        return found
-
-    def exceeded(self, budget: Budget, *, next_step: bool = False) -> tuple[str, float, float] | None:
-        """The first limit of ``budget`` reached, as (limit, used, maximum), or None.
-
-        With ``next_step`` the step about to start is counted, so ``max_steps=3``
-        lets exactly three steps run.
-        """
-        hit = first_exceeded(
-            budget,
-            tokens=self.tokens,
-            cost_usd=self.cost_units / COST_UNITS_PER_USD,
-            steps=self.steps + (1 if next_step else 0),
-            duration_seconds=self.elapsed(),
-            sub_agents=self.sub_agents,
-        )
-        if hit is not None and hit[0] == "max_steps":
-            return "max_steps", self.steps, hit[2]  # report the steps that ran, not the one refused
-        return hit
-
-    def status(self, budget: Budget | None) -> BudgetStatus:
-        """A snapshot of spend against ``budget`` (percentages of the tightest limit)."""
-        with self._lock:
-            tokens, cost_units, steps = self.tokens, self.cost_units, self.steps
-            sub_agents = self.sub_agents
-        cost = cost_units / COST_UNITS_PER_USD
-        elapsed = self.elapsed()
-        if budget is None:
-            return BudgetStatus(
-                tokens_used=tokens,
-                cost_used_usd=cost,
-                steps_used=steps,
-                duration_seconds=elapsed,
-                sub_agents_used=sub_agents,
-            )
-        shares = self.shares(budget)
-        return BudgetStatus(
-            tokens_used=tokens,
-            tokens_remaining=None if budget.max_tokens is None else max(budget.max_tokens - tokens, 0),
-            cost_used_usd=cost,
-            cost_remaining_usd=(
-                None if budget.max_cost_usd is None else max(budget.max_cost_usd - cost, 0.0)
-            ),
-            steps_used=steps,
-            steps_remaining=None if budget.max_steps is None else max(budget.max_steps - steps, 0),
-            duration_seconds=elapsed,
-            sub_agents_used=sub_agents,
-            percentage_used=round(100.0 * max(shares.values(), default=0.0), 4),
-            is_exceeded=self.exceeded(budget) is not None,
-        )
 
 
 class Ledger(Protocol):

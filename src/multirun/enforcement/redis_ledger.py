@@ -57,9 +57,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-from multirun.enforcement.ledger import Ledger, RunLedger
+from multirun.enforcement.ledger import Ledger, LedgerReadings, RunLedger
 from multirun.errors import BudgetExceededError, ConfigurationError, LedgerUnavailableError
-from multirun.models.budget import Budget, BudgetStatus, first_exceeded
+from multirun.models.budget import Budget, BudgetStatus
 from multirun.pricing import COST_UNITS_PER_USD
 
 if TYPE_CHECKING:
@@ -310,7 +310,7 @@ def _budget_from(stored: Sequence[Any]) -> Budget | None:
     )
 
 
-class RedisLedger:
+class RedisLedger(LedgerReadings):
     """One run's ledger in Redis; a drop-in for RunLedger when steps run in several processes.
 
     ``ancestor_ids`` are the enclosing runs' ids, nearest first: every step
@@ -462,65 +462,10 @@ class RedisLedger:
         """Fetch the run's current totals from Redis (one round trip)."""
         self._run("read", self._keys, [], "read its totals")
 
-    def shares(self, budget: Budget) -> dict[str, float]:
-        """How much of each limit that is set is used, as a ratio (1.0 = all of it)."""
-        found: dict[str, float] = {}
-        if budget.max_tokens is not None:
-            found["max_tokens"] = self.tokens / budget.max_tokens
-        if budget.max_cost_usd is not None:
-            found["max_cost_usd"] = self.cost_units / COST_UNITS_PER_USD / budget.max_cost_usd
-        if budget.max_steps is not None:
-            found["max_steps"] = self.steps / budget.max_steps
-        if budget.max_duration_seconds is not None:
-            found["max_duration_seconds"] = self.elapsed() / budget.max_duration_seconds
-        if budget.max_sub_agents:
-            found["max_sub_agents"] = self.sub_agents / budget.max_sub_agents
-        return found
-
-    def exceeded(self, budget: Budget, *, next_step: bool = False) -> tuple[str, float, float] | None:
-        """The first limit of ``budget`` reached by the last known totals, as (limit, used, maximum)."""
-        hit = first_exceeded(
-            budget,
-            tokens=self.tokens,
-            cost_usd=self.cost_units / COST_UNITS_PER_USD,
-            steps=self.steps + (1 if next_step else 0),
-            duration_seconds=self.elapsed(),
-            sub_agents=self.sub_agents,
-        )
-        if hit is not None and hit[0] == "max_steps":
-            return "max_steps", self.steps, hit[2]  # report the steps that ran, not the one refused
-        return hit
-
     def status(self, budget: Budget | None) -> BudgetStatus:
         """A snapshot of spend against ``budget``, with totals fetched from Redis."""
         self.refresh()
-        with self._lock:
-            tokens, cost_units, steps, sub_agents = self.tokens, self.cost_units, self.steps, self.sub_agents
-        cost = cost_units / COST_UNITS_PER_USD
-        elapsed = self.elapsed()
-        if budget is None:
-            return BudgetStatus(
-                tokens_used=tokens,
-                cost_used_usd=cost,
-                steps_used=steps,
-                duration_seconds=elapsed,
-                sub_agents_used=sub_agents,
-            )
-        shares = self.shares(budget)
-        return BudgetStatus(
-            tokens_used=tokens,
-            tokens_remaining=None if budget.max_tokens is None else max(budget.max_tokens - tokens, 0),
-            cost_used_usd=cost,
-            cost_remaining_usd=(
-                None if budget.max_cost_usd is None else max(budget.max_cost_usd - cost, 0.0)
-            ),
-            steps_used=steps,
-            steps_remaining=None if budget.max_steps is None else max(budget.max_steps - steps, 0),
-            duration_seconds=elapsed,
-            sub_agents_used=sub_agents,
-            percentage_used=round(100.0 * max(shares.values(), default=0.0), 4),
-            is_exceeded=self.exceeded(budget) is not None,
-        )
+        return super().status(budget)
 
     # -- Redis ----------------------------------------------------------------
 
