@@ -757,17 +757,9 @@ class StepContext:
     unpriced = False
     child_usage_reported = False
     _own_usage: list[tuple[TokenUsage, int, bool]] | None = None
-    model: str | None = None
-    input_hash: str | None = None
-    replay_call: Call | None = None  # this call as the run's replay log saw it start
     policy_decision: str | None = None
     policy_rule: str | None = None
-    result: Any = None
-    error: BaseException | None = None
-    finished = False
     _done = False
-    _span: Span | None = None
-    otel_context: Context | None = None
 
     def __init__(
         self,
@@ -785,6 +777,17 @@ class StepContext:
         self.parent = parent
         self.managed = managed
         self.status = StepStatus.RUNNING
+        # Every field the common path writes later, assigned here first and always in this order:
+        # instances then share one attribute layout; a field first written later, or in another
+        # order, makes CPython give that instance a dict of its own (about 2 us per step).
+        self._span: Span | None = None
+        self.otel_context: Context | None = None
+        self.model: str | None = None
+        self.input_hash: str | None = None
+        self.replay_call: Call | None = None
+        self.finished = False
+        self.result: Any = None
+        self.error: BaseException | None = None
 
     # -- the parts the decorators call ---------------------------------------
 
