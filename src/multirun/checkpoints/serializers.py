@@ -140,7 +140,8 @@ class JsonSerializer:
     def dumps(self, obj: Any) -> bytes:
         """Compact JSON, UTF-8 with lone surrogates kept; CheckpointError names what has no JSON form."""
         try:
-            text = json.dumps(_plain(obj), ensure_ascii=False, allow_nan=True, separators=(",", ":"))
+            plain = obj if _already_plain(obj) else _plain(obj)
+            text = json.dumps(plain, ensure_ascii=False, allow_nan=True, separators=(",", ":"))
         except _NoJsonForm as exc:
             where = "".join(f"[{key}]" for key in reversed(exc.path)) or "the value"
             raise CheckpointError(
@@ -325,6 +326,45 @@ class _NoJsonForm(Exception):
         super().__init__(reason)
         self.reason = reason
         self.path: list[str] = []
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _already_plain(value: Any) -> bool:
+    """True if ``value`` is JSON data already (dicts with str keys, lists, exact scalars), so it
+    can go to ``json.dumps`` as it is. A type check per item: cheaper than ``_plain``'s copy."""
+    scalars = _SCALARS
+    if type(value) in scalars:
+        return True
+    stack = [value]
+    seen: set[int] = set()  # a container met twice (shared, or a cycle): let _plain decide
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            if BYTES_TAG in item:
+                return False
+            for key in item:
+                if type(key) is not str:
+                    return False
+            values: Any = item.values()
+        elif kind is list:
+            values = item
+        else:
+            return False
+        if id(item) in seen:
+            return False
+        seen.add(id(item))
+        for member in values:
+            member_kind = type(member)
+            if member_kind in scalars:
+                continue
+            if member_kind is dict or member_kind is list:
+                stack.append(member)
+            else:
+                return False
+    return True
 
 
 def _plain(value: Any) -> Any:
