@@ -127,10 +127,6 @@ class StepSpec:
         self.start_attrs = spans.step_start_attributes(self.kind, self.name, model)
         self.span_name = spans.step_span_name(self.kind, self.name, model)
 
-    def backoff(self, attempt: int) -> float:
-        """Delay before attempt ``attempt + 1``: constant, linear or exponential, capped."""
-        return backoff_delay(self.retry_strategy, self.retry_delay, self.retry_max_delay, attempt)
-
 
 class _StepCall(StepContext):
     """A StepContext driven by ``@step``: the decorator owns its span."""
