@@ -22,7 +22,7 @@ from opentelemetry.context import Context
 
 from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
-from multirun.checkpoints.replay import MISS, SEQ
+from multirun.checkpoints.replay import SEQ, Served
 from multirun.checkpoints.resume import take_pending_resume
 from multirun.checkpoints.store import RestoredCheckpoint
 from multirun.clock import Clock
@@ -220,12 +220,13 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         if digest is not None:
             parent = current.get(STEP_KEY)
             parent_call = parent.replay_call if parent is not None else None  # type: ignore[attr-defined]
-            replay_call, served = run.replay_log.begin(
+            began = run.replay_log.begin(
                 spec.name, digest, parent_call[SEQ] if parent_call is not None else None
             )
-            if served is not MISS:
+            if isinstance(began, Served):
                 _record_step_not_run(spec, agent, current, digest=digest)
-                return _Replayed(served)
+                return _Replayed(began.value)
+            replay_call = began
     engine = run.policy_engine
     decision = None
     try:

@@ -1,10 +1,10 @@
 """ReplayLog: what a run's idempotent steps returned, and serving it again after a restore.
 
     log = ReplayLog()
-    call, value = log.begin("search", digest, parent=None)   # before the step runs
-    if value is not MISS: return value                       # served from the log after a restore
-    ...                                                      # run the step
-    log.record(call, result)                                 # after it returned
+    call = log.begin("search", digest, parent=None)    # before the step runs
+    if isinstance(call, Served): return call.value     # served from the log after a restore
+    ...                                                # run the step
+    log.record(call, result)                           # after it returned
 
 A call is keyed by (step name, input hash, occurrence): the third call of
 ``search("x")`` in a run is a different entry from the first, so a step that
@@ -48,7 +48,14 @@ DEFAULT_LIMIT = 10_000
 Call = tuple[str, str, int, "int | None", int]
 SEQ: Final = 4  # the position of a call's sequence number
 
-MISS: Any = object()  # ``begin``'s value when the step must run
+
+class Served:
+    """``begin``'s answer when a restored run's step is served from the log instead of run."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 class ReplayLog:
@@ -58,7 +65,7 @@ class ReplayLog:
         self.limit = limit
         self._recorded: list[tuple[Call, int, Any]] = []  # (call, end seq, result), as they returned
         self._running: dict[int, Call] = {}  # calls started and not returned, by sequence number
-        self._occurrences: dict[tuple[str, str], itertools.count[int]] = {}
+        self._occurrences: dict[str, dict[str, itertools.count[int]]] = {}  # name -> digest -> count
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._full_warned = False
@@ -69,32 +76,33 @@ class ReplayLog:
         """True from ``load`` until every recorded call has been served."""
         return self._replay is not None and not self._replay.done
 
-    def begin(self, name: str, digest: str, parent: int | None) -> tuple[Call, Any]:
-        """Before a step runs: its call, and the value to serve instead of running it (or MISS).
+    def begin(self, name: str, digest: str, parent: int | None) -> Call | Served:
+        """Before a step runs: its call, or ``Served(value)`` to serve instead of running it.
 
         Raises DeterminismError when a replay does not match the recording.
         """
-        key = (name, digest)
         replay = self._replay
         if replay is None or replay.done:
-            # recording only: no lock, each operation below is atomic (next() on a count)
-            counter = self._occurrences.get(key)
+            # recording only: no lock, each operation below is atomic (next() on a count);
+            # no tuple but the call itself is made, as every allocation here is paid per step
+            by_digest = self._occurrences.get(name)
+            counter = None if by_digest is None else by_digest.get(digest)
             if counter is None:
                 with self._lock:
-                    counter = self._occurrences.setdefault(key, itertools.count(1))
+                    counter = self._occurrences.setdefault(name, {}).setdefault(digest, itertools.count(1))
             call = (name, digest, next(counter), parent, next(self._seq))
             self._running[call[SEQ]] = call
-            return call, MISS
+            return call
         with self._lock:
-            counter = self._occurrences.setdefault(key, itertools.count(1))
+            counter = self._occurrences.setdefault(name, {}).setdefault(digest, itertools.count(1))
             occurrence = next(counter)
             call = (name, digest, occurrence, parent, next(self._seq))
             if not replay.done:
                 found = replay.serve(name, digest, occurrence)
                 if found is not None:
-                    return call, found.result
+                    return Served(found.result)
             self._running[call[SEQ]] = call
-        return call, MISS
+        return call
 
     def record(self, call: Call, result: Any) -> None:
         """The step of ``call`` returned ``result``."""
@@ -121,7 +129,7 @@ class ReplayLog:
             replay = self._replay
             if replay is None or replay.done:
                 return False, None
-            counter = self._occurrences.get((name, digest))
+            counter = self._occurrences.get(name, {}).get(digest)
             occurrence = 1 if counter is None else _peek_next(counter)
             entry = replay.find(name, digest, occurrence)
             return (True, entry.result) if entry is not None and not entry.served else (False, None)
@@ -156,11 +164,14 @@ def _peek_next(counter: itertools.count[int]) -> int:
     return state[1][0]
 
 
-def _record(call: Call, end: int | None, result: Any = MISS) -> dict[str, Any]:
+_NO_RESULT: Any = object()
+
+
+def _record(call: Call, end: int | None, result: Any = _NO_RESULT) -> dict[str, Any]:
     name, digest, occurrence, parent, seq = call
     record = {"name": name, "digest": digest, "occurrence": occurrence, "parent": parent, "seq": seq}
     record["end"] = end
-    if result is not MISS:
+    if result is not _NO_RESULT:
         record["result"] = result
     return record
 
