@@ -659,3 +659,14 @@ def test_metrics_on_the_api_no_op_meter_costs_nothing_visible() -> None:
     metrics = Metrics(NoOpMeter("multirun"))
     every_event(metrics)
     assert metrics.local_totals()[m.STEPS] == 3
+
+
+def test_no_metrics_replaces_every_recording_method_of_metrics() -> None:
+    recording = {
+        name
+        for name, member in vars(Metrics).items()
+        if callable(member) and not name.startswith("_") and name != "local_totals"
+    }
+    assert recording  # the check below means something
+    for name in recording:
+        assert getattr(NoMetrics, name) is not getattr(Metrics, name), f"NoMetrics.{name} records"

@@ -465,77 +465,34 @@ class Metrics:
 
 
 class NoMetrics(Metrics):
-    """Metrics that records nothing and costs one method call (no meter, no instruments)."""
+    """Metrics that records nothing and costs one method call (no meter, no instruments).
+
+    Every recording method is the same no-op (set below the class), so the
+    signatures are those of Metrics and live in one place.
+    """
 
     def __init__(self) -> None:  # no meter, no instruments
         pass
 
-    def step_finished(
-        self,
-        run_name: str | None,
-        agent_name: str | None,
-        kind: str,
-        status: str,
-        duration_s: float,
-        error_type: str | None = None,
-        context: Context | None = None,
-    ) -> None:
-        pass
-
-    def policy_decision(self, run_name: str | None, decision: str, rule: str | None = None) -> None:
-        pass
-
-    def usage_reported(
-        self,
-        *,
-        run_name: str | None,
-        agent_name: str | None,
-        operation: str | None,
-        provider: str | None,
-        request_model: str | None,
-        response_model: str | None,
-        input_tokens: int | None,
-        output_tokens: int | None,
-        cost_usd: float | None,
-        genai: bool = True,
-        context: Context | None = None,
-    ) -> None:
-        pass
-
-    def llm_call_finished(
-        self,
-        operation: str,
-        provider: str | None,
-        request_model: str | None,
-        response_model: str | None,
-        duration_s: float,
-        error_type: str | None = None,
-        context: Context | None = None,
-    ) -> None:
-        pass
-
-    def run_started(self, run_name: str | None, context: Context | None = None) -> None:
-        pass
-
-    def run_finished(
-        self,
-        run_name: str | None,
-        status: str,
-        utilization: Mapping[str, float] | None = None,
-        context: Context | None = None,
-    ) -> None:
-        pass
-
-    def budget_exceeded(self, run_name: str | None, limit: str, context: Context | None = None) -> None:
-        pass
-
-    def checkpoint_saved(
-        self, run_name: str | None, size_bytes: int, duration_s: float, context: Context | None = None
-    ) -> None:
-        pass
-
     def local_totals(self) -> dict[str, int]:
         return {STEPS: 0, POLICY_DECISIONS: 0}
+
+
+def _record_nothing(self: Metrics, *args: Any, **kwargs: Any) -> None:
+    return None
+
+
+for _method in (
+    "step_finished",
+    "policy_decision",
+    "usage_reported",
+    "llm_call_finished",
+    "run_started",
+    "run_finished",
+    "budget_exceeded",
+    "checkpoint_saved",
+):
+    setattr(NoMetrics, _method, _record_nothing)
 
 
 NO_METRICS: Final = NoMetrics()
