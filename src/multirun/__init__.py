@@ -31,6 +31,7 @@ from multirun.errors import (
 from multirun.pricing import Price
 from multirun.propagation import continue_run, inject
 from multirun.usage import TokenUsage
+from multirun.vocabulary import act, observe, synthesize, think
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "StepError",
     "TokenUsage",
     "__version__",
+    "act",
     "agent",
     "checkpoint",
     "continue_run",
@@ -55,8 +57,11 @@ __all__ = [
     "init",
     "init_local",
     "inject",
+    "observe",
     "report_usage",
     "resume",
     "run",
     "step",
+    "synthesize",
+    "think",
 ]

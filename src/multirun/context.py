@@ -1138,13 +1138,14 @@ def _effective_budget(run: Run) -> Budget | None:
 def _usage_attributes(reports: list[tuple[TokenUsage, int, bool]], out: dict[str, Any]) -> None:
     """GenAI usage attributes of the step's own model calls (summed when it made several)."""
     last = reports[-1][0]
-    input_tokens = output_tokens = cache_read = reasoning = cost_units = 0
+    input_tokens = output_tokens = cache_read = cache_write = reasoning = cost_units = 0
     unpriced = False
     from_provider = False
     for usage, units, no_price in reports:
         input_tokens += usage.input_tokens
         output_tokens += usage.output_tokens
         cache_read += usage.cache_read_tokens
+        cache_write += usage.cache_write_tokens
         reasoning += usage.reasoning_tokens
         cost_units += units
         unpriced = unpriced or no_price
@@ -1158,6 +1159,8 @@ def _usage_attributes(reports: list[tuple[TokenUsage, int, bool]], out: dict[str
         out[attr.GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
     if cache_read:
         out[attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = cache_read
+    if cache_write:
+        out[attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] = cache_write
     if reasoning:
         out[attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = reasoning
     if unpriced:

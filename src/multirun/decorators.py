@@ -33,6 +33,7 @@ from multirun.models.budget import Budget
 from multirun.models.policy import BackoffStrategy, Policy, PolicyDecision
 from multirun.models.run import Run
 from multirun.models.step import StepKind, StepStatus
+from multirun.sdk_usage import StreamUsage, is_sdk_object, usage_of_result
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 
@@ -133,6 +134,7 @@ class _StepCall(StepContext):
 
     spec: StepSpec
     wait_before = 0.0  # seconds a rate limit asked the step to wait before its first attempt
+    _stream: StreamUsage | None = None  # usage of the LLM SDK chunks a generator step yielded
 
     def _clock(self) -> Clock:
         return self.run_context.client.clock
@@ -169,12 +171,39 @@ class _StepCall(StepContext):
             run.policy_engine.after_success(spec.name, spec.kind)
         if spec.checkpoint:
             run._try_checkpoint(f"after_{spec.name}", step_id=self.id)
+        self._charge_sdk_usage(result)
         self._close(StepStatus.COMPLETED, result, extra=extra)
+
+    def _observe(self, item: Any) -> None:
+        """Look at one item a generator step yielded, for LLM SDK stream chunks with usage."""
+        if is_sdk_object(item):
+            if self._stream is None:
+                self._stream = StreamUsage()
+            self._stream.observe(item)
+
+    def _charge_sdk_usage(self, result: Any) -> None:
+        """Charge the usage of an LLM SDK response the step returned or streamed.
+
+        Only when nobody else reported it: neither the step itself nor a GenAI
+        instrumentation's span inside it, so no call is counted twice.
+        """
+        if self._own_usage is not None or self.child_usage_reported:
+            return
+        stream = self._stream
+        if stream is not None:
+            for streamed in stream.results():
+                self.report_usage(streamed)
+            return
+        usage = usage_of_result(result)
+        if usage is not None:
+            self.report_usage(usage)
 
     def _failed(self, error: BaseException) -> BaseException:
         run = self.run_context
         if self.replay_call is not None:
             run.replay_log.fail(self.replay_call)
+        if self._stream is not None:
+            self._charge_sdk_usage(None)  # the chunks that arrived before the failure were paid for
         if run.policy_engine is not None:
             run.policy_engine.after_step(self.spec.name, self.spec.kind, error)
         self._close(StepStatus.FAILED, error=error)
@@ -725,8 +754,11 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
                 continue
             break
         count = 0
+        observe = getattr(call, "_observe", None)  # only steps look at what they stream
         while not done:
             count += 1
+            if observe is not None:
+                observe(item)
             try:
                 sent = yield item
             except GeneratorExit:
@@ -784,8 +816,11 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
                 continue
             break
         count = 0
+        observe = getattr(call, "_observe", None)  # only steps look at what they stream
         while not done:
             count += 1
+            if observe is not None:
+                observe(item)
             try:
                 sent = yield item
             except GeneratorExit:

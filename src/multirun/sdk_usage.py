@@ -1,0 +1,174 @@
+"""Usage read from the response objects of LLM SDKs that a step returns or streams.
+
+A ``@step`` that returns an OpenAI chat completion or Responses API response,
+or an Anthropic message, has its model and tokens charged without the user
+reporting anything; a generator step that yields the SDK's stream chunks or
+events has them charged when the stream ends. The SDKs are never imported:
+objects are recognised by the module and name of their class (or of a base
+class, so ``ParsedChatCompletion`` counts), and the verdict is cached per
+class, so a step that returns anything else pays one dict lookup.
+
+Mapping the usage fields to token kinds is genai-prices' job (its
+per-provider extractors know, for instance, that Anthropic's
+``input_tokens`` leaves out cached input); this module only finds the usage
+and the model on the object.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from genai_prices import data_snapshot
+
+from multirun.usage import TokenUsage
+
+_logger = logging.getLogger(__name__)
+
+# how each known class carries its usage
+_FULL = "full"  # .model and .usage: one whole response
+_CHAT_CHUNK = "chat_chunk"  # OpenAI stream chunk: .usage only on the last one (with include_usage)
+_RESPONSE_EVENT = "response_event"  # OpenAI Responses stream event: .response on "completed"
+_HAS_MESSAGE = "has_message"  # Anthropic stream: .message carries the model and the usage so far
+_MESSAGE_DELTA = "message_delta"  # Anthropic stream: .usage carries the running output tokens
+
+# (class module prefix, class name) -> (kind, provider id, genai-prices api flavor)
+_KNOWN: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("openai.types", "ChatCompletion"): (_FULL, "openai", "chat"),
+    ("openai.types", "ChatCompletionChunk"): (_CHAT_CHUNK, "openai", "chat"),
+    ("openai.types", "Response"): (_FULL, "openai", "responses"),
+    ("openai.types", "ResponseCompletedEvent"): (_RESPONSE_EVENT, "openai", "responses"),
+    ("anthropic.types", "Message"): (_FULL, "anthropic", "default"),
+    ("anthropic.types", "BetaMessage"): (_FULL, "anthropic", "default"),
+    ("anthropic.types", "RawMessageStartEvent"): (_HAS_MESSAGE, "anthropic", "default"),
+    ("anthropic.types", "BetaRawMessageStartEvent"): (_HAS_MESSAGE, "anthropic", "default"),
+    # the SDK's MessageStream helper ends with this event, holding the whole message
+    ("anthropic.lib.streaming", "MessageStopEvent"): (_HAS_MESSAGE, "anthropic", "default"),
+    ("anthropic.lib.streaming", "BetaMessageStopEvent"): (_HAS_MESSAGE, "anthropic", "default"),
+    ("anthropic.types", "RawMessageDeltaEvent"): (_MESSAGE_DELTA, "anthropic", "default"),
+    ("anthropic.types", "BetaRawMessageDeltaEvent"): (_MESSAGE_DELTA, "anthropic", "default"),
+}
+
+_recognised: dict[type, tuple[str, str, str] | None] = {}
+_warned: set[str] = set()
+
+
+def _recognise(cls: type) -> tuple[str, str, str] | None:
+    for klass in cls.__mro__:
+        module = klass.__module__
+        for (prefix, name), how in _KNOWN.items():
+            if klass.__name__ == name and module.startswith(prefix):
+                return how
+    return None
+
+
+def _how(value: Any) -> tuple[str, str, str] | None:
+    cls = type(value)
+    try:
+        return _recognised[cls]
+    except KeyError:
+        how = _recognised[cls] = _recognise(cls)
+        return how
+
+
+def usage_of_result(value: Any) -> TokenUsage | None:
+    """The usage of a whole SDK response returned by a step, or None for anything else."""
+    how = _how(value)
+    if how is None or how[0] != _FULL:
+        return None
+    return _extract(how, getattr(value, "model", None), getattr(value, "usage", None))
+
+
+class StreamUsage:
+    """The usage of what a generator step yields: SDK stream chunks or events, or whole responses.
+
+    Chunks and events of one stream carry running totals, so a later one
+    replaces what an earlier one said; whole responses are one call each.
+    """
+
+    def __init__(self) -> None:
+        self._how: tuple[str, str, str] | None = None
+        self._model: str | None = None
+        self._usage: dict[str, Any] = {}
+        self._whole: list[TokenUsage] = []
+
+    def observe(self, item: Any) -> None:
+        how = _how(item)
+        if how is None:
+            return
+        kind = how[0]
+        try:
+            if kind == _CHAT_CHUNK:
+                self._model = item.model or self._model
+                if item.usage is not None:
+                    self._set(how, item.usage)
+            elif kind == _RESPONSE_EVENT:
+                self._model = item.response.model
+                self._set(how, item.response.usage)
+            elif kind == _HAS_MESSAGE:
+                self._model = item.message.model
+                self._set(how, item.message.usage)
+            elif kind == _MESSAGE_DELTA:
+                # running totals: later deltas replace earlier ones, field by field
+                delta = _as_dict(item.usage)
+                self._usage.update({k: v for k, v in delta.items() if v is not None})
+            elif kind == _FULL:  # a generator that yields whole responses
+                usage = _extract(how, item.model, item.usage)
+                if usage is not None:
+                    self._whole.append(usage)
+        except Exception:
+            _warn_once(type(item).__name__)
+
+    def _set(self, how: tuple[str, str, str], usage: Any) -> None:
+        self._how = how
+        self._usage = _as_dict(usage)
+
+    def results(self) -> list[TokenUsage]:
+        """One usage per model call seen: the streamed one (if a chunk carried usage) and each whole one."""
+        found = list(self._whole)
+        if self._how is not None and self._usage:
+            streamed = _extract(self._how, self._model, self._usage)
+            if streamed is not None:
+                found.append(streamed)
+        return found
+
+
+def _as_dict(usage: Any) -> dict[str, Any]:
+    if usage is None:
+        return {}
+    if isinstance(usage, dict):
+        return usage
+    dump = getattr(usage, "model_dump", None)
+    return dict(dump()) if dump is not None else dict(vars(usage))
+
+
+def _extract(how: tuple[str, str, str], model: Any, usage: Any) -> TokenUsage | None:
+    if usage is None:
+        return None
+    _, provider_id, flavor = how
+    try:
+        provider = data_snapshot.get_snapshot().find_provider(None, provider_id, None)
+        _, found = provider.extract_usage({"usage": _as_dict(usage)}, api_flavor=flavor)
+        return TokenUsage(
+            model=model if isinstance(model, str) and model else None,
+            provider=provider_id,
+            input_tokens=int(found.input_tokens or 0),
+            output_tokens=int(found.output_tokens or 0),
+            cache_read_tokens=int(found.cache_read_tokens or 0),
+            cache_write_tokens=int(found.cache_write_tokens or 0),
+            reasoning_tokens=int(found.output_reasoning_tokens or 0),
+        )
+    except Exception:  # an SDK shape genai-prices does not know: say so once, never fail the step
+        _warn_once(f"{provider_id}/{flavor}")
+        return None
+
+
+def _warn_once(what: str) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        _logger.warning("multirun: could not read the token usage of a %s response", what, exc_info=True)
+
+
+def is_sdk_object(value: Any) -> bool:
+    """Whether ``value`` is an LLM SDK response, chunk or event whose usage this module reads."""
+    return _how(value) is not None

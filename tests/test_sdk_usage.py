@@ -1,0 +1,410 @@
+"""A step that returns or streams an LLM SDK response is charged its usage without reporting it.
+
+The responses are the SDKs' own types: built by the real ``openai`` client
+from a local server's answer, or validated from the SDKs' documented JSON
+(``model_validate``) where the local server does not speak that API. Prices
+are genai-prices' own, computed here independently of the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import genai_prices
+import pytest
+from anthropic.types import Message, RawMessageDeltaEvent, RawMessageStartEvent
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response
+
+import multirun
+from multirun import run, step
+from multirun.errors import BudgetExceededError
+from multirun.models import Budget
+from test_openai_usage import (  # the local OpenAI-compatible server and its fixtures
+    CANNED,
+    RESPONSE_MODEL,
+    client,
+    instrumented,
+    llm,
+)
+
+__all__ = ["client", "instrumented", "llm"]  # fixtures, imported for pytest
+
+
+def attrs(span: Any) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+def step_span(traced: Any, name: str) -> Any:
+    (found,) = [s for s in traced.spans() if attrs(s).get("multirun.step.name") == name]
+    return found
+
+
+def price(model: str, provider: str, **tokens: int) -> float:
+    usage = genai_prices.Usage(**{k: v or None for k, v in tokens.items()})  # type: ignore[arg-type]
+    return float(genai_prices.calc_price(usage, model, provider_id=provider).total_price)
+
+
+def chat_completion(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> ChatCompletion:
+    return ChatCompletion.model_validate(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1_730_000_000,
+            "model": "gpt-4o-2024-08-06",
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+            ],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached},
+                "completion_tokens_details": {"reasoning_tokens": reasoning},
+            },
+        }
+    )
+
+
+def chunk(text: str, usage: dict[str, Any] | None = None) -> ChatCompletionChunk:
+    return ChatCompletionChunk.model_validate(
+        {
+            "id": "chatcmpl-s",
+            "object": "chat.completion.chunk",
+            "created": 1_730_000_000,
+            "model": "gpt-4o-mini-2024-07-18",
+            "choices": [] if usage else [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+            "usage": usage,
+        }
+    )
+
+
+ANTHROPIC_MODEL = "claude-3-5-sonnet-20241022"
+
+
+def anthropic_message(input_tokens: int, output_tokens: int, cache_read: int, cache_write: int) -> Message:
+    return Message.model_validate(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": ANTHROPIC_MODEL,
+            "content": [{"type": "text", "text": "ok"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "cache_read_input_tokens": cache_read,
+                "cache_creation_input_tokens": cache_write,
+            },
+        }
+    )
+
+
+# ---------------------------------------------------------------------------
+# whole responses
+
+
+def test_chat_completion_from_the_real_client_is_charged_to_step_and_run(traced, llm, client) -> None:
+    @step(name="ask")
+    def ask(prompt: str) -> Any:
+        return client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+        )
+
+    @run(name="main")
+    def main() -> int:
+        return ask("a").usage.total_tokens + ask("b").usage.total_tokens
+
+    assert main() == CANNED[0].tokens + CANNED[1].tokens
+    first, _ = [s for s in traced.spans() if attrs(s).get("multirun.step.name") == "ask"]
+    assert attrs(first)["gen_ai.usage.input_tokens"] == CANNED[0].prompt
+    assert attrs(first)["gen_ai.usage.output_tokens"] == CANNED[0].completion
+    assert attrs(first)["gen_ai.usage.cache_read.input_tokens"] == CANNED[0].cached
+    assert attrs(first)["gen_ai.response.model"] == RESPONSE_MODEL
+    assert attrs(first)["gen_ai.provider.name"] == "openai"
+    run_attrs = attrs(traced.span("invoke_workflow main"))
+    assert run_attrs["multirun.tokens_used"] == CANNED[0].tokens + CANNED[1].tokens
+    expected = sum(
+        price(
+            RESPONSE_MODEL,
+            "openai",
+            input_tokens=c.prompt,
+            output_tokens=c.completion,
+            cache_read_tokens=c.cached,
+        )
+        for c in CANNED[:2]
+    )
+    assert run_attrs["multirun.cost_usd"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_with_the_openai_instrumentation_on_the_call_is_counted_once(instrumented, llm, client) -> None:
+    @step(name="ask")
+    def ask() -> Any:
+        return client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+
+    @run(name="main")
+    def main() -> None:
+        ask()
+
+    main()
+    step_span = next(s for s in instrumented.spans() if attrs(s).get("multirun.step.name") == "ask")
+    # the instrumentation's chat span is the source: the step carries no usage of its own
+    assert "gen_ai.usage.input_tokens" not in attrs(step_span)
+    assert attrs(step_span)["multirun.tokens_used"] == CANNED[0].tokens
+    assert attrs(instrumented.span("invoke_workflow main"))["multirun.tokens_used"] == CANNED[0].tokens
+
+
+def test_reasoning_tokens_of_a_chat_completion_are_recorded(traced) -> None:
+    @step
+    def think() -> ChatCompletion:
+        return chat_completion(prompt=1000, completion=400, cached=200, reasoning=300)
+
+    @run(name="main")
+    def main() -> None:
+        think()
+
+    main()
+    span = step_span(traced, "think")
+    assert attrs(span)["gen_ai.usage.reasoning.output_tokens"] == 300
+    assert attrs(span)["multirun.tokens_used"] == 1400
+
+
+def test_responses_api_response_is_charged(traced) -> None:
+    response = Response.model_validate(
+        {
+            "id": "resp_1",
+            "object": "response",
+            "created_at": 1_730_000_000,
+            "model": "gpt-4o-2024-08-06",
+            "output": [],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": {
+                "input_tokens": 900,
+                "output_tokens": 100,
+                "total_tokens": 1000,
+                "input_tokens_details": {"cached_tokens": 512, "cache_write_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 64},
+            },
+        }
+    )
+
+    @step
+    async def respond() -> Response:
+        return response
+
+    @run(name="main")
+    async def main() -> None:
+        await respond()
+
+    import asyncio
+
+    asyncio.run(main())
+    span = step_span(traced, "respond")
+    assert attrs(span)["gen_ai.usage.input_tokens"] == 900
+    assert attrs(span)["gen_ai.usage.output_tokens"] == 100
+    assert attrs(span)["gen_ai.usage.cache_read.input_tokens"] == 512
+    assert attrs(span)["gen_ai.usage.reasoning.output_tokens"] == 64
+    expected = price(
+        "gpt-4o-2024-08-06", "openai", input_tokens=900, output_tokens=100, cache_read_tokens=512
+    )
+    assert attrs(traced.span("invoke_workflow main"))["multirun.cost_usd"] == pytest.approx(
+        expected, rel=1e-9
+    )
+
+
+def test_anthropic_message_counts_cached_input_as_input(traced) -> None:
+    @step
+    def answer() -> Message:
+        return anthropic_message(input_tokens=10, output_tokens=30, cache_read=700, cache_write=200)
+
+    @run(name="main")
+    def main() -> None:
+        answer()
+
+    main()
+    span = step_span(traced, "answer")
+    # Anthropic's input_tokens leaves cached input out; the GenAI convention counts it in
+    assert attrs(span)["gen_ai.usage.input_tokens"] == 910
+    assert attrs(span)["gen_ai.usage.output_tokens"] == 30
+    assert attrs(span)["gen_ai.usage.cache_read.input_tokens"] == 700
+    assert attrs(span)["gen_ai.usage.cache_creation.input_tokens"] == 200
+    assert attrs(span)["gen_ai.provider.name"] == "anthropic"
+    expected = price(
+        ANTHROPIC_MODEL,
+        "anthropic",
+        input_tokens=910,
+        output_tokens=30,
+        cache_read_tokens=700,
+        cache_write_tokens=200,
+    )
+    assert attrs(span)["multirun.cost_usd"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_usage_the_step_reported_itself_is_not_counted_again(traced) -> None:
+    @step
+    def ask() -> ChatCompletion:
+        response = chat_completion(prompt=100, completion=10)
+        multirun.report_usage("gpt-4o", input_tokens=100, output_tokens=10)
+        return response
+
+    @run(name="main")
+    def main() -> None:
+        ask()
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 110
+
+
+def test_budget_stops_the_run_after_a_response_spent_it(traced) -> None:
+    calls: list[int] = []
+
+    @step
+    def ask(i: int) -> ChatCompletion:
+        calls.append(i)
+        return chat_completion(prompt=600, completion=100)
+
+    @run(name="main", budget=Budget(max_tokens=1000))
+    def main() -> None:
+        for i in range(5):
+            ask(i)
+
+    with pytest.raises(BudgetExceededError, match="max_tokens"):
+        main()
+    assert calls == [0, 1]  # the second response crossed the limit; the third never started
+
+
+# ---------------------------------------------------------------------------
+# streams
+
+
+def test_generator_step_yielding_openai_chunks_is_charged_when_the_stream_ends(traced) -> None:
+    final_usage = {
+        "prompt_tokens": 50,
+        "completion_tokens": 3,
+        "total_tokens": 53,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+
+    @step
+    def stream() -> Iterator[ChatCompletionChunk]:
+        yield chunk("a")
+        yield chunk("b")
+        yield chunk("c")
+        yield chunk("", usage=final_usage)
+
+    @run(name="main")
+    def main() -> str:
+        return "".join(c.choices[0].delta.content or "" for c in stream() if c.choices)
+
+    assert main() == "abc"
+    span = step_span(traced, "stream")
+    assert attrs(span)["gen_ai.usage.input_tokens"] == 50
+    assert attrs(span)["gen_ai.usage.output_tokens"] == 3
+    assert attrs(span)["gen_ai.response.model"] == "gpt-4o-mini-2024-07-18"
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 53
+
+
+async def test_async_generator_of_anthropic_events_is_charged_from_its_running_totals(traced) -> None:
+    start = RawMessageStartEvent.model_validate(
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": ANTHROPIC_MODEL,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 25, "output_tokens": 1, "cache_read_input_tokens": 100},
+            },
+        }
+    )
+
+    def delta(output_tokens: int) -> RawMessageDeltaEvent:
+        return RawMessageDeltaEvent.model_validate(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": None, "stop_sequence": None},
+                "usage": {"output_tokens": output_tokens},
+            }
+        )
+
+    @step
+    async def stream() -> AsyncIterator[Any]:
+        yield start
+        yield delta(7)
+        yield delta(15)  # running total, not an increment
+
+    @run(name="main")
+    async def main() -> int:
+        return len([event async for event in stream()])
+
+    assert await main() == 3
+    span = step_span(traced, "stream")
+    assert attrs(span)["gen_ai.usage.input_tokens"] == 125
+    assert attrs(span)["gen_ai.usage.output_tokens"] == 15
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 140
+
+
+def test_a_stream_that_fails_midway_is_charged_for_what_arrived(traced) -> None:
+    @step
+    def stream() -> Iterator[Any]:
+        yield chunk("a", usage={"prompt_tokens": 40, "completion_tokens": 2, "total_tokens": 42})
+        raise ConnectionError("stream cut")
+
+    @run(name="main")
+    def main() -> None:
+        list(stream())
+
+    with pytest.raises(ConnectionError):
+        main()
+    assert attrs(step_span(traced, "stream"))["gen_ai.usage.input_tokens"] == 40
+
+
+# ---------------------------------------------------------------------------
+# everything else is left alone
+
+
+def test_results_that_are_not_sdk_responses_are_not_read(traced) -> None:
+    class ChatCompletion:  # the user's own class, with the same name and fields
+        model = "gpt-4o"
+        usage = {"prompt_tokens": 5, "completion_tokens": 5}
+
+    @step
+    def mine() -> Any:
+        return ChatCompletion()
+
+    @step
+    def plain() -> dict[str, Any]:
+        return {"usage": {"prompt_tokens": 5}}
+
+    @run(name="main")
+    def main() -> None:
+        mine()
+        plain()
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 0
+
+
+def test_a_response_without_usage_is_no_error(traced) -> None:
+    response = chat_completion(prompt=1, completion=1).model_copy(update={"usage": None})
+
+    @step
+    def ask() -> ChatCompletion:
+        return response
+
+    @run(name="main")
+    def main() -> ChatCompletion:
+        return ask()
+
+    assert main() is response
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 0
