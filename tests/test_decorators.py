@@ -921,3 +921,42 @@ def test_captured_output_is_truncated_to_content_limit(traced) -> None:
     recorded = attrs(traced.span("step grow"))["multirun.step.output"]
     assert len(recorded) <= 100
     assert recorded[:50] == "y" * 50
+
+
+def test_finished_steps_leave_no_reference_cycles_for_the_garbage_collector(traced) -> None:
+    """A step is freed by reference counting: cycles would make every step cost a GC pass."""
+    import gc
+
+    @step
+    def work() -> int:
+        return 1
+
+    @step
+    async def work_async() -> int:
+        return 2
+
+    @step
+    def stream() -> Any:
+        yield 1
+
+    cyclic: list[object] = []
+
+    @run(name="main")
+    async def main() -> None:
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(50):
+                work()
+                await work_async()
+                list(stream())
+            gc.collect()  # the run is alive: only what the steps left in cycles is found
+            cyclic.extend(o for o in gc.garbage if isinstance(o, multirun.context.StepContext))
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+
+    asyncio.run(main())
+    assert cyclic == []

@@ -894,6 +894,9 @@ class StepContext:
         spans.set_end_attributes(span, end_attrs)
         span.end()
         _step_metrics(self, span, end_attrs.get(attr.ERROR_TYPE))
+        # The step's context holds the step: dropping it breaks that cycle, so a finished step
+        # is freed by reference counting instead of waiting for (and feeding) the cyclic GC.
+        self.otel_context = None
         if not client.capture_content:
             self.result = None  # the history must not keep large results alive
         run._history.append(self)
