@@ -171,7 +171,8 @@ class _StepCall(StepContext):
             run.policy_engine.after_success(spec.name, spec.kind)
         if spec.checkpoint:
             run._try_checkpoint(f"after_{spec.name}", step_id=self.id)
-        self._charge_sdk_usage(result)
+        if result is not None or self._stream is not None:
+            self._charge_sdk_usage(result)
         self._close(StepStatus.COMPLETED, result, extra=extra)
 
     def _observe(self, item: Any) -> None:
