@@ -148,6 +148,7 @@ EXPECTED = {
     m.POLICY_DECISIONS: (Sum, True, "{decision}"),
     m.CHECKPOINT_SIZE: (Histogram, None, "By"),
     m.CHECKPOINT_DURATION: (Histogram, None, "s"),
+    m.DROPPED_SPANS: (Sum, True, "{span}"),
 }
 
 
@@ -578,7 +579,7 @@ def test_checkpoint_size_and_duration(env: Env) -> None:
 # exemplars and cardinality
 
 
-SYNCHRONOUS = set(EXPECTED) - {m.STEPS, m.POLICY_DECISIONS}
+SYNCHRONOUS = set(EXPECTED) - {m.STEPS, m.POLICY_DECISIONS, m.DROPPED_SPANS}
 
 
 def test_exemplars_carry_the_trace_of_the_current_span(env: Env) -> None:

@@ -23,7 +23,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
 from multirun.checkpoints.replay import DEFAULT_LIMIT as DEFAULT_REPLAY_LIMIT
@@ -35,6 +35,7 @@ from multirun.enforcement.processor import TRACER_NAME, UsageSpanProcessor
 from multirun.errors import ConfigurationError
 from multirun.models.budget import Budget
 from multirun.pricing import COST_UNITS_PER_USD, Price, PriceBook
+from multirun.telemetry.export import ExportProcessor
 from multirun.telemetry.local_files import LocalFileSpanExporter
 from multirun.telemetry.metrics import NO_METRICS, Metrics
 from multirun.usage import TokenUsage
@@ -71,6 +72,7 @@ class MultiRunClient:
         meter_provider: otel_metrics.MeterProvider | None = None,
         metrics: bool = True,
         ledger_uri: str | None = None,
+        unpriced: str | None = None,
     ) -> None:
         capture_content, content_limit = _validate_options(
             capture_content=capture_content,
@@ -78,6 +80,8 @@ class MultiRunClient:
             step_history=step_history,
             record_replay=record_replay,
         )
+        self.unpriced = _unpriced_mode(unpriced)
+        self.fail_unpriced = self.unpriced == "fail"
         self.tracer_provider = tracer_provider or trace.get_tracer_provider()
         self.tracer = self.tracer_provider.get_tracer(TRACER_NAME, _VERSION)
         self.capture_content = capture_content
@@ -151,14 +155,14 @@ class _SwappableExportProcessor(SpanProcessor):
     (flushing the old one) instead of adding a second pipeline that keeps the old destination."""
 
     def __init__(self) -> None:
-        self._current: BatchSpanProcessor | None = None
+        self._current: ExportProcessor | None = None
         self._lock = threading.Lock()
 
     def replace(self, exporter: SpanExporter) -> None:
         with self._lock:
-            old, self._current = self._current, BatchSpanProcessor(exporter)
+            old, self._current = self._current, ExportProcessor(exporter)
         if old is not None:
-            old.shutdown()  # type: ignore[no-untyped-call]
+            old.shutdown()
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         current = self._current
@@ -173,7 +177,7 @@ class _SwappableExportProcessor(SpanProcessor):
     def shutdown(self) -> None:
         current = self._current
         if current is not None:
-            current.shutdown()  # type: ignore[no-untyped-call]
+            current.shutdown()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         current = self._current
@@ -222,6 +226,7 @@ def init(
     meter_provider: otel_metrics.MeterProvider | None = None,
     metrics: bool = True,
     ledger_uri: str | None = None,
+    unpriced: str | None = None,
 ) -> MultiRunClient:
     """Configure multirun for this process and return the client.
 
@@ -252,6 +257,10 @@ def init(
         metrics: False to record no metrics at all.
         ledger_uri: ``redis://host:port/db`` to keep every run's spend in Redis, shared by
             all processes that run its steps (default ``MULTIRUN_LEDGER_URI``; none: in process).
+        unpriced: what a usage report of a model with no known price does: ``flag`` (default,
+            ``MULTIRUN_UNPRICED``) counts its tokens and marks the run ``multirun.cost.unpriced``;
+            ``fail`` also counts and marks it, then raises PolicyViolation (rule ``unpriced``) from
+            ``report_usage``, so that no run spends money its budget cannot see.
     """
     global _configured
     with _configure_lock:
@@ -276,12 +285,15 @@ def init(
             meter_provider=meter_provider,
             metrics=metrics,
             ledger_uri=ledger_uri,
+            unpriced=unpriced,
         )
         return _configured
 
 
 def init_local(path: str | os.PathLike[str] = DEFAULT_DIR, **options: Any) -> MultiRunClient:
     """Configure the embedded default: traces and checkpoints as files under ``path``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigurationError(f"init_local: path must be a str or os.PathLike, got {path!r}")
     root = Path(path)
     return init(
         local_dir=root,
@@ -306,10 +318,21 @@ def _init_locked(
     **client_options: Any,
 ) -> MultiRunClient:
     global _configured, _owned_provider
-    for name, value in (("service_name", service_name), ("endpoint", endpoint)):
+    for name, value in (
+        ("service_name", service_name),
+        ("endpoint", endpoint),
+        ("checkpoint_uri", checkpoint_uri),
+    ):
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
     # everything that can be refused is checked before anything global changes
+    _validate_objects(
+        headers=headers,
+        tracer_provider=tracer_provider,
+        span_exporter=span_exporter,
+        local_dir=local_dir,
+        blob_exporter=blob_exporter,
+    )
     _validate_options(**client_options)
     price_book = PriceBook(client_options.pop("prices", None))
     root = Path(local_dir or os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR)
@@ -329,7 +352,7 @@ def _init_locked(
         elif isinstance(current, TracerProvider):
             provider = current  # the application's own provider: add to it, never replace it
             if span_exporter is not None or endpoint is not None:
-                current.add_span_processor(BatchSpanProcessor(exporter))
+                current.add_span_processor(ExportProcessor(exporter))
         elif _is_unset(current):
             resource = _resource(service_name)
             owned = TracerProvider(resource=resource)
@@ -348,7 +371,7 @@ def _init_locked(
     elif span_exporter is not None or endpoint is not None:
         add = getattr(provider, "add_span_processor", None)
         if add is not None:
-            add(BatchSpanProcessor(exporter))
+            add(ExportProcessor(exporter))
     if client_options.get("meter_provider") is None and client_options.get("metrics", True):
         _ensure_meter_provider(endpoint, headers, service_name)
     client = MultiRunClient(
@@ -382,7 +405,84 @@ def _validate_options(
         raise ConfigurationError(f"step_history must be an int >= 0, got {step_history!r}")
     if not isinstance(record_replay, bool):
         raise ConfigurationError(f"record_replay must be True or False, got {record_replay!r}")
+    _unpriced_mode(_others.get("unpriced"))
+    replay_limit = _others.get("replay_limit", DEFAULT_REPLAY_LIMIT)
+    if isinstance(replay_limit, bool) or not isinstance(replay_limit, int) or replay_limit < 0:
+        raise ConfigurationError(f"replay_limit must be an int >= 0, got {replay_limit!r}")
+    for flag in ("metrics", "propagate_threads"):
+        if not isinstance(_others.get(flag, True), bool):
+            raise ConfigurationError(f"{flag} must be True or False, got {_others[flag]!r}")
+    meter_provider = _others.get("meter_provider")
+    if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
+        raise ConfigurationError(
+            f"meter_provider must be an OpenTelemetry MeterProvider (with get_meter), got {meter_provider!r}"
+        )
+    _validate_ledger_uri(_others.get("ledger_uri"))
     return capture_content, content_limit
+
+
+def _validate_objects(
+    *,
+    headers: Any,
+    tracer_provider: Any,
+    span_exporter: Any,
+    local_dir: Any,
+    blob_exporter: Any,
+) -> None:
+    """Refuse arguments of ``init`` that are not what they claim to be, naming them."""
+    if headers is not None and (
+        not isinstance(headers, Mapping)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+    ):
+        raise ConfigurationError(f"headers must be a mapping of str to str, got {headers!r}")
+    if tracer_provider is not None and not callable(getattr(tracer_provider, "get_tracer", None)):
+        raise ConfigurationError(
+            "tracer_provider must be an OpenTelemetry TracerProvider (with get_tracer), "
+            f"got {tracer_provider!r}"
+        )
+    if span_exporter is not None and not all(
+        callable(getattr(span_exporter, method, None)) for method in ("export", "shutdown")
+    ):
+        raise ConfigurationError(
+            f"span_exporter must be an OpenTelemetry SpanExporter (export, shutdown), got {span_exporter!r}"
+        )
+    if local_dir is not None and not isinstance(local_dir, (str, os.PathLike)):
+        raise ConfigurationError(f"local_dir must be a path (str or os.PathLike), got {local_dir!r}")
+    if blob_exporter is not None and not isinstance(blob_exporter, BlobExporter):
+        raise ConfigurationError(
+            "blob_exporter must be a BlobExporter (put, get, list, delete); for a URI use checkpoint_uri, "
+            f"got {blob_exporter!r}"
+        )
+
+
+def _validate_ledger_uri(ledger_uri: Any) -> None:
+    """Parse the ledger URI (argument or ``MULTIRUN_LEDGER_URI``) without connecting to it."""
+    name = "ledger_uri"
+    if ledger_uri is None:
+        ledger_uri, name = os.environ.get("MULTIRUN_LEDGER_URI") or None, "MULTIRUN_LEDGER_URI"
+        if ledger_uri is None:
+            return
+    if not isinstance(ledger_uri, str) or not ledger_uri:
+        raise ConfigurationError(f"{name} must be a redis:// URL, got {ledger_uri!r}")
+    from multirun.enforcement.redis_ledger import RedisLedgerFactory
+
+    try:
+        RedisLedgerFactory.from_uri(ledger_uri).close()
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{name}: {exc}") from None
+
+
+UNPRICED_MODES = ("flag", "fail")
+
+
+def _unpriced_mode(value: str | None) -> str:
+    """``flag`` or ``fail``: from the argument, else ``MULTIRUN_UNPRICED``, else ``flag``."""
+    name = "unpriced"
+    if value is None:
+        value, name = os.environ.get("MULTIRUN_UNPRICED") or "flag", "MULTIRUN_UNPRICED"
+    if value not in UNPRICED_MODES:
+        raise ConfigurationError(f"{name} must be one of {', '.join(UNPRICED_MODES)}, got {value!r}")
+    return value
 
 
 def _exporter_for(endpoint: str | None, headers: Mapping[str, str] | None, root: Path) -> SpanExporter:

@@ -33,7 +33,7 @@ from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run
 from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.replay import Call, ReplayLog
 from multirun.enforcement.policy import PolicyEngine
-from multirun.errors import BudgetExceededError, ConfigurationError
+from multirun.errors import BudgetExceededError, ConfigurationError, PolicyViolation
 from multirun.models.agent import Agent, AgentStatus
 from multirun.models.budget import Budget, BudgetStatus
 from multirun.models.checkpoint import CheckpointMeta
@@ -688,7 +688,9 @@ class AgentContext:
 
     def report_usage(self, usage: TokenUsage) -> None:
         """Charge a usage report made at agent level (outside any step)."""
-        _charge_usage(self.run_context, None, self, usage, own=True)
+        _units, unpriced = _charge_usage(self.run_context, None, self, usage, own=True)
+        if unpriced and self.run_context.client.fail_unpriced:
+            raise _refuse_unpriced(usage)
 
     def charge_child_usage(self, usage: TokenUsage) -> None:
         """Charge usage that a span of another instrumentation reported under this agent."""
@@ -915,6 +917,8 @@ class StepContext:
             self._own_usage = [report]
         else:
             self._own_usage.append(report)
+        if unpriced and self.run_context.client.fail_unpriced:
+            raise _refuse_unpriced(usage)
 
     def charge_child_usage(self, usage: TokenUsage) -> None:
         """Charge usage that a span of another instrumentation reported inside this step.
@@ -1089,6 +1093,15 @@ def _charge_usage(
         genai=own,
     )
     return units, unpriced
+
+
+def _refuse_unpriced(usage: TokenUsage) -> PolicyViolation:
+    """The error of ``init(unpriced="fail")`` for a report already counted and flagged."""
+    return PolicyViolation(
+        "unpriced",
+        f"model {usage.model!r} has no known price and init(unpriced='fail') is set; give its price "
+        f"with init(prices={{{usage.model!r}: multirun.Price(input_per_mtok=..., output_per_mtok=...)}})",
+    )
 
 
 def _charge_chain(

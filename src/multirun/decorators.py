@@ -28,7 +28,13 @@ from multirun.checkpoints.store import RestoredCheckpoint
 from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.enforcement.policy import PROCEED
-from multirun.errors import BudgetExceededError, ConfigurationError, PolicyViolation, StepError
+from multirun.errors import (
+    BudgetExceededError,
+    ConfigurationError,
+    LedgerUnavailableError,
+    PolicyViolation,
+    StepError,
+)
 from multirun.models.budget import Budget
 from multirun.models.policy import BackoffStrategy, Policy, PolicyDecision
 from multirun.models.run import Run
@@ -41,7 +47,8 @@ _logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_NEVER_RETRIED = (BudgetExceededError, PolicyViolation)
+# a ledger that cannot be reached is not retried either: another attempt would spend without a decision
+_NEVER_RETRIED = (BudgetExceededError, PolicyViolation, LedgerUnavailableError)
 
 
 class _Call(Protocol):
@@ -263,10 +270,11 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         if engine is not None:
             decision = engine.before_step(spec.name, spec.kind, spec.model, run.ledger)
         run.ledger.begin_step(spec.check_budget)
-    except (BudgetExceededError, PolicyViolation) as refused:
+    except _NEVER_RETRIED as refused:  # refused, or the ledger could not decide (fail closed)
         if decision is not None:
             engine.after_step(spec.name, spec.kind, refused)  # type: ignore[union-attr]  # gives back a probe
-        _record_step_not_run(spec, agent, current, refused=refused)
+        if not isinstance(refused, LedgerUnavailableError):
+            _record_step_not_run(spec, agent, current, refused=refused)
         raise
     step = _StepCall(agent, spec.name, spec.kind, current.get(STEP_KEY), managed=True)  # type: ignore[arg-type]
     step.spec = spec

@@ -56,6 +56,10 @@ class PriceBook:
     def __init__(self, overrides: Mapping[str, Price | Mapping[str, float]] | None = None) -> None:
         self._overrides: dict[str, Price] = {}
         self._lock = threading.Lock()
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise ConfigurationError(
+                f"prices must be a mapping of model name to multirun.Price, got {overrides!r}"
+            )
         for model, price in (overrides or {}).items():
             self.set_price(model, price)
 

@@ -17,7 +17,7 @@ worker too; without one, the worker's spend is counted in the worker only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 
 from opentelemetry import baggage, propagate
@@ -51,6 +51,10 @@ def continue_run(carrier: MutableMapping[str, str]) -> Iterator[RunContext]:
     """Continue, in this process, the run that ``inject`` wrote into ``carrier``."""
     from multirun.client import get_client
 
+    if not isinstance(carrier, Mapping):
+        raise ConfigurationError(
+            f"continue_run: carrier must be the mapping multirun.inject() returned, got {carrier!r}"
+        )
     ctx = propagate.extract(carrier)
     run_id = baggage.get_baggage(RUN_ID_BAGGAGE, ctx)
     if not run_id:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from multirun.errors import ConfigurationError
 
+# report_usage's names of the fields that TokenUsage names otherwise, for its error messages
+_REPORT_USAGE_NAMES = {"cache_read_tokens": "cache_read_tokens (cached_input_tokens)"}
+
 
 @dataclass(frozen=True)
 class TokenUsage:
@@ -30,7 +33,8 @@ class TokenUsage:
         ):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigurationError(f"{field} must be an int >= 0, got {value!r}")
+                shown = _REPORT_USAGE_NAMES.get(field, field)
+                raise ConfigurationError(f"{shown} must be an int >= 0, got {value!r}")
         if self.cost_usd is not None and (
             isinstance(self.cost_usd, bool)
             or not isinstance(self.cost_usd, (int, float))

@@ -17,6 +17,10 @@ as an entry point in the ``multirun.blob_exporters`` group::
     assert exporter.get(uri) == b"..."
     exporter = exporter_from_name("memory", name="tests")
 
+An exporter may also offer ``size(uri) -> int``, the blob's length read without
+fetching it (the built-ins do): a checkpoint over the reader's limit is then
+refused before a byte of it is read.
+
 A third-party exporter is a factory ``factory(uri: str | None = None, **options)``
 returning a BlobExporter, registered under its URI scheme in the package's
 ``pyproject.toml``::
@@ -90,8 +94,9 @@ class BlobExporter(Protocol):
 BlobExporterFactory = Callable[..., BlobExporter]
 """``factory(uri: str | None = None, **options) -> BlobExporter``: what an entry point names."""
 
-_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
-_PREFIX = re.compile(r"^[A-Za-z0-9_.\-/]*$")
+# \Z, not $: "$" also matches before a final newline, which would let "key\n" through
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*\Z")
+_PREFIX = re.compile(r"[A-Za-z0-9_.\-/]*\Z")
 MAX_KEY_LENGTH = 512
 
 
@@ -149,6 +154,9 @@ class MemoryBlobExporter:
                 return self._blobs[key]
             except KeyError:
                 raise BlobNotFoundError(f"no blob at {uri}") from None
+
+    def size(self, uri: str) -> int:
+        return len(self.get(uri))
 
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
@@ -208,6 +216,16 @@ class FileBlobExporter:
         try:
             return path.read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise BlobNotFoundError(f"no blob at {uri}") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot read blob {uri}: {exc}") from exc
+
+    def size(self, uri: str) -> int:
+        """The blob's length in bytes, from the file system (nothing is read)."""
+        path = self._path(self._key(uri))
+        try:
+            return path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
             raise BlobNotFoundError(f"no blob at {uri}") from None
         except OSError as exc:
             raise CheckpointError(f"cannot read blob {uri}: {exc}") from exc

@@ -76,7 +76,10 @@ def resume(
     from multirun.client import get_client
 
     if (run_id is None) == (checkpoint_id is None):
-        raise ConfigurationError("resume: pass run_id=... or checkpoint_id=..., not both")
+        raise ConfigurationError("resume: pass exactly one of run_id=... or checkpoint_id=...")
+    for name, value in (("run_id", run_id), ("checkpoint_id", checkpoint_id)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigurationError(f"resume: {name} must be a string, got {value!r}")
     store = (client or get_client()).checkpoints
     restored = load_for_resume(store, checkpoint_id or run_id or "")
     token = otel_context.attach(otel_context.set_value(_PENDING_KEY, _Pending(restored)))

@@ -329,6 +329,16 @@ class S3BlobExporter:
                 raise BlobNotFoundError(f"no blob at {self._where(full)}") from None
             raise self._error(exc, "read", full) from exc
 
+    def size(self, uri: str) -> int:
+        """The length in bytes of the object at ``uri`` (or key), read without fetching it."""
+        full = self._full(self._key(uri))
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
+        except self._errors as exc:
+            if _status(exc)[0] in _NOT_FOUND:
+                raise BlobNotFoundError(f"no blob at {self._where(full)}") from None
+            raise self._error(exc, "read", full) from exc
+
     def list(self, prefix: str = "") -> list[str]:
         """The keys under ``prefix``, sorted, across as many pages as the store returns."""
         full = self._full(validate_prefix(prefix)) if self.prefix else validate_prefix(prefix)

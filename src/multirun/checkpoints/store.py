@@ -14,10 +14,13 @@ import platform
 import random
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
+
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError
 from multirun.checkpoints.serializers import dump_blob, get_serializer, load_blob, resolve_hmac_key
@@ -27,13 +30,24 @@ from multirun.models.checkpoint import Checkpoint, CheckpointMeta
 if TYPE_CHECKING:
     from multirun.context import RunContext
 
-_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")  # \Z: "$" would let a final newline in
 DEFAULT_MAX_BLOB_BYTES = 1 << 30
 
 
+_last_id_ns = 0
+_id_lock = threading.Lock()
+
+
 def new_checkpoint_id() -> str:
-    """A new checkpoint id: 16 hex digits of time, then 16 random, so ids sort by creation."""
-    return f"{time.time_ns():016x}{random.getrandbits(64):016x}"
+    """A new checkpoint id: 16 hex digits of time, then 16 random, so ids sort by creation.
+
+    The time never goes back within a process, even when the wall clock is set
+    back, so the newest checkpoint of a run is always the one ``latest`` finds.
+    """
+    global _last_id_ns
+    with _id_lock:
+        _last_id_ns = now = max(time.time_ns(), _last_id_ns + 1)
+    return f"{now:016x}{random.getrandbits(64):016x}"
 
 
 def validate_id(value: str, what: str) -> str:
@@ -43,6 +57,14 @@ def validate_id(value: str, what: str) -> str:
             f"invalid {what} {value!r}: use 1 to 128 letters, digits, '_', '-' or '.', no '..'"
         )
     return value
+
+
+def validate_name(name: str) -> str:
+    """Refuse checkpoint names that are empty, over 256 characters or hold NUL (as decorators do)."""
+    if not isinstance(name, str) or not name.strip() or len(name) > 256 or "\x00" in name:
+        shown = name if not isinstance(name, str) or len(name) <= 80 else name[:80] + "..."
+        raise CheckpointError(f"invalid checkpoint name {shown!r}: use 1 to 256 characters, no NUL")
+    return name
 
 
 @dataclass
@@ -95,6 +117,7 @@ class CheckpointStore:
         step_id: str = "",
     ) -> CheckpointMeta:
         """Serialize ``run``'s state and replay cache and store them; returns the metadata."""
+        validate_name(name)
         state = dict(run.state)
         if extra_state:
             state.update(extra_state)
@@ -118,7 +141,8 @@ class CheckpointStore:
             "ledger": {"tokens": ledger.tokens, "cost_units": ledger.cost_units, "steps": ledger.steps},
         }
         blob, digest = self._dump(document, name)
-        uri = self.exporter.put(self.key(run.run.id, checkpoint_id), blob)
+        with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace
+            uri = self.exporter.put(self.key(run.run.id, checkpoint_id), blob)
         return CheckpointMeta(
             id=checkpoint_id,
             run_id=run.run.id,
@@ -157,7 +181,7 @@ class CheckpointStore:
         """The key of checkpoint ``checkpoint_id``; CheckpointError if there is none."""
         validate_id(checkpoint_id, "checkpoint id")
         suffix = f"/{checkpoint_id}.ckpt"
-        for key in self.exporter.list("checkpoints/"):
+        for key in self.list():
             if key.endswith(suffix):
                 return key
         raise CheckpointError(f"no checkpoint {checkpoint_id!r} in the store")
@@ -165,8 +189,16 @@ class CheckpointStore:
     def load(self, checkpoint_id: str) -> RestoredCheckpoint:
         """Read, verify and deserialize a checkpoint."""
         key = self.find(checkpoint_id)
+        size_of = getattr(self.exporter, "size", None)
         try:
-            blob = self.exporter.get(key)
+            with suppress_instrumentation():
+                size = size_of(key) if size_of is not None else None
+                if size is not None and size > self.max_blob_bytes:  # refused before it is read
+                    raise CheckpointError(
+                        f"checkpoint {checkpoint_id!r} is {size} bytes, over the {self.max_blob_bytes}-byte "
+                        "limit (max_blob_bytes); raise the limit if the checkpoint is trusted"
+                    )
+                blob = self.exporter.get(key)
         except BlobNotFoundError as exc:
             raise CheckpointError(str(exc)) from None
         header, document = load_blob(
@@ -207,7 +239,8 @@ class CheckpointStore:
     def list(self, run_id: str | None = None) -> list[str]:
         """Keys of the stored checkpoints, of one run or all."""
         prefix = "checkpoints/" if run_id is None else f"checkpoints/{validate_id(run_id, 'run id')}/"
-        return self.exporter.list(prefix)
+        with suppress_instrumentation():
+            return self.exporter.list(prefix)
 
 
 def _trace_of(run: RunContext) -> dict[str, str]:

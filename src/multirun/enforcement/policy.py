@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from multirun.errors import BudgetExceededError, PolicyViolation
+from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation
 from multirun.models.policy import (
     CircuitBreakerRule,
     DegradationTrigger,
@@ -51,6 +51,9 @@ class Decision:
 
 
 PROCEED = Decision(PolicyDecision.PROCEED)
+
+# errors of multirun itself: they say nothing of the step's dependency, so no circuit counts them
+_NOT_THE_DEPENDENCY = (BudgetExceededError, PolicyViolation, LedgerUnavailableError)
 
 
 class RateLimiter:
@@ -213,7 +216,7 @@ class PolicyEngine:
             self.after_success(name, kind)
             return
         rule = self.policy.circuit_breaker
-        if error is not None and isinstance(error, (BudgetExceededError, PolicyViolation)):
+        if error is not None and isinstance(error, _NOT_THE_DEPENDENCY):
             if rule is not None:  # not a failure of the dependency; a probe it claimed is free again
                 self._breaker(name, rule).release_probe()
             return

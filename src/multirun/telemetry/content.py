@@ -7,9 +7,12 @@ that a 10 MB prompt never costs 10 MB of telemetry.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import reprlib
 from typing import Any
+
+from pydantic import BaseModel
 
 _SUFFIX = "...[truncated]"
 
@@ -37,24 +40,57 @@ def render_call(args: tuple[Any, ...], kwargs: dict[str, Any], limit: int) -> st
 
 
 def _json_or_repr(value: Any, limit: int) -> tuple[str, bool]:
-    limited = reprlib.Repr()
+    if _small(value):
+        try:
+            return json.dumps(value, default=_default, ensure_ascii=False), False
+        except (TypeError, ValueError):
+            pass
+    limited = _BoundedRepr()
     limited.maxstring = limit
     limited.maxother = limit
     limited.maxlong = limit
-    if _small(value):
-        try:
-            return json.dumps(value, default=str, ensure_ascii=False), False
-        except (TypeError, ValueError):
-            pass
     return limited.repr(value), False
+
+
+def _fields(value: Any) -> dict[str, Any] | None:
+    """The fields of a pydantic model or a dataclass, as a shallow dict (nothing is copied)."""
+    if isinstance(value, BaseModel):
+        return dict(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return None
+
+
+def _default(value: Any) -> Any:
+    fields = _fields(value)
+    return fields if fields is not None else str(value)
 
 
 def _small(value: Any, budget: int = 64) -> bool:
     """True when ``value`` is a flat enough structure to dump whole without blowing up."""
-    if isinstance(value, (str, bytes)):
+    if isinstance(value, (str, bytes, bytearray)):
         return len(value) < 65_536
     if isinstance(value, (list, tuple, set, frozenset)):
         return len(value) <= budget and all(_small(v, budget // 4) for v in value)
     if isinstance(value, dict):
         return len(value) <= budget and all(_small(v, budget // 4) for v in value.values())
+    fields = _fields(value)
+    if fields is not None:
+        return _small(fields, budget)
     return True
+
+
+class _BoundedRepr(reprlib.Repr):
+    """reprlib's bounded repr, which also bounds bytes, pydantic models and dataclasses
+    (its fallback would call ``repr`` on them whole: 40 MB of text for 10 MB of bytes)."""
+
+    def repr_bytes(self, value: bytes, level: int) -> str:
+        return f"<{len(value)} bytes>"
+
+    repr_bytearray = repr_bytes
+
+    def repr_instance(self, value: Any, level: int) -> str:
+        fields = _fields(value)
+        if fields is not None:
+            return f"{type(value).__name__}({self.repr1(fields, level - 1)})"
+        return super().repr_instance(value, level)

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,19 @@ class LocalFileSpanExporter(SpanExporter):
         self._lock = threading.Lock()
         self._warned = False
         self._shutdown = False
+        if hasattr(os, "register_at_fork"):
+            # a forked child writes its own file; the lock may have been held by a thread it lost
+            reinit = weakref.WeakMethod(self._at_fork_reinit)
+
+            def after_in_child() -> None:
+                method = reinit()
+                if method is not None:
+                    method()
+
+            os.register_at_fork(after_in_child=after_in_child)
+
+    def _at_fork_reinit(self) -> None:
+        self._lock = threading.Lock()
 
     @property
     def path(self) -> Path:

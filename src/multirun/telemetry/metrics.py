@@ -34,6 +34,8 @@ Instruments: name, kind, unit, and the Prometheus name (translation below):
 - ``multirun.policy.decisions``: ObservableCounter, ``{decision}``: ``multirun_policy_decisions_total``
 - ``multirun.checkpoint.size``: Histogram, ``By``: ``multirun_checkpoint_size_bytes``
 - ``multirun.checkpoint.duration``: Histogram, ``s``: ``multirun_checkpoint_duration_seconds``
+- ``multirun.spans.dropped``: ObservableCounter, ``{span}``: ``multirun_spans_dropped_total``, by
+  ``error.type`` (``queue_full``, ``export_failed``, ``shutdown``; see ``multirun.telemetry.export``)
 
 (a histogram is the ``_bucket``, ``_sum`` and ``_count`` series of that name).
 
@@ -98,6 +100,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.util.types import AttributeValue
 
 from multirun.telemetry import attributes as attr
+from multirun.telemetry.export import DROPPED, DROPPED_SPANS
 
 BUDGET_LIMIT = attr.BUDGET_LIMIT
 OTEL_METRIC_OVERFLOW = attr.OTEL_METRIC_OVERFLOW
@@ -262,6 +265,12 @@ class Metrics:
                 [tallies.decisions.observe],
                 unit="{decision}",
                 description="Policy decisions taken before steps, by decision and rule.",
+            )
+            meter.create_observable_counter(
+                DROPPED_SPANS,
+                [DROPPED.observe],
+                unit="{span}",
+                description="Spans the export pipeline dropped, by error.type.",
             )
         self._token_usage = meter.create_histogram(
             GEN_AI_CLIENT_TOKEN_USAGE,

@@ -1,0 +1,295 @@
+"""ExportProcessor: multirun's span export pipeline, which never blocks, throws or grows.
+
+    from multirun.telemetry.export import ExportProcessor
+
+    provider.add_span_processor(ExportProcessor(OTLPSpanExporter(endpoint=...)))
+
+It is the SDK's BatchSpanProcessor (one worker thread, batches, exports with
+instrumentation suppressed, a fresh worker in the child after ``os.fork``)
+plus what the OpenTelemetry specification asks of a processor and the SDK
+leaves out:
+
+- The queue is bounded (``max_queue_size``, ``OTEL_BSP_MAX_QUEUE_SIZE``,
+  2048) and every span it cannot take is counted, never dropped silently:
+  ``multirun.spans.dropped`` with ``error.type`` ``queue_full`` (the exporter
+  is stalled or slow), ``export_failed`` (it raised or reported a failure) or
+  ``shutdown`` (the span ended after shutdown). ``dropped`` holds the same
+  counts per processor.
+- An exporter that raises costs one warning per outage (logged again only
+  after an export succeeded), and a full queue one warning for the life of
+  the processor, never a log line per batch or per span; the exception never
+  reaches the application.
+- ``force_flush`` and ``shutdown`` return within their ``timeout_millis``
+  even when the exporter hangs (the SDK's ignore the timeout while an export
+  is stuck). The hung export goes on in a daemon thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final
+
+from opentelemetry.context import Context
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.environment_variables import OTEL_BSP_MAX_QUEUE_SIZE
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from multirun.errors import ConfigurationError
+
+_logger = logging.getLogger(__name__)
+
+DROPPED_SPANS: Final = "multirun.spans.dropped"
+QUEUE_FULL: Final = "queue_full"
+EXPORT_FAILED: Final = "export_failed"
+AFTER_SHUTDOWN: Final = "shutdown"
+_ERROR_TYPE: Final = "error.type"
+DEFAULT_MAX_QUEUE_SIZE: Final = 2048
+DEFAULT_TIMEOUT_MILLIS: Final = 30_000
+
+
+class DropCounts:
+    """Spans dropped, by reason; thread-safe. ``DROPPED`` holds the process's totals."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def add(self, reason: str, count: int = 1) -> None:
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + count
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        """The callback of the ``multirun.spans.dropped`` observable counter (zeros included,
+        so that a rate is defined before the first drop)."""
+        counts = dict.fromkeys((QUEUE_FULL, EXPORT_FAILED, AFTER_SHUTDOWN), 0) | self.snapshot()
+        return [Observation(n, {_ERROR_TYPE: reason}) for reason, n in counts.items()]
+
+    def _at_fork_reinit(self) -> None:
+        self._lock = threading.Lock()  # another thread may have held it when the process forked
+
+
+DROPPED: Final = DropCounts()
+"""What every ExportProcessor of this process dropped, for the ``multirun.spans.dropped`` metric."""
+
+
+class ExportProcessor(SpanProcessor):
+    """Batches ended spans to ``exporter``; counts what it drops; bounded flush and shutdown."""
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        *,
+        max_queue_size: int | None = None,
+        schedule_delay_millis: float | None = None,
+        max_export_batch_size: int | None = None,
+    ) -> None:
+        if max_queue_size is None:
+            max_queue_size = _env_int(OTEL_BSP_MAX_QUEUE_SIZE, DEFAULT_MAX_QUEUE_SIZE)
+        if isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int) or max_queue_size < 1:
+            raise ConfigurationError(f"max_queue_size must be an int >= 1, got {max_queue_size!r}")
+        self.exporter = exporter
+        self.max_queue_size = max_queue_size
+        self.dropped = DropCounts()
+        self._lock = threading.Lock()
+        self._queued = 0  # spans handed to the batch processor that its worker has not taken yet
+        self._shutdown = False
+        self._warned: set[str] = set()
+        self._waiter: tuple[threading.Thread, threading.Event] | None = None
+        if max_export_batch_size is not None:
+            max_export_batch_size = min(max_export_batch_size, max_queue_size)
+        elif max_queue_size < 512:
+            max_export_batch_size = max_queue_size
+        self._batch = BatchSpanProcessor(
+            _GuardedExporter(exporter, self),
+            max_queue_size=max_queue_size,
+            schedule_delay_millis=schedule_delay_millis,
+            max_export_batch_size=max_export_batch_size,
+        )
+        if hasattr(os, "register_at_fork"):
+            reinit = weakref.WeakMethod(self._at_fork_reinit)
+
+            def after_in_child() -> None:
+                method = reinit()
+                if method is not None:
+                    method()
+
+            os.register_at_fork(after_in_child=after_in_child)
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        return None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is None or not context.trace_flags.sampled:
+            return  # the batch processor would not export it either
+        if self._shutdown:
+            self._drop(AFTER_SHUTDOWN, 1)
+            return
+        with self._lock:
+            full = self._queued >= self.max_queue_size
+            if not full:
+                self._queued += 1
+        if full:
+            self._drop(QUEUE_FULL, 1)
+            self._warn_once(
+                QUEUE_FULL,
+                "multirun: the span export queue is full (%d spans): %s is not keeping up, so spans "
+                "are dropped and counted in %s",
+                self.max_queue_size,
+                type(self.exporter).__name__,
+                DROPPED_SPANS,
+            )
+            return
+        self._batch.on_end(span)
+
+    def force_flush(self, timeout_millis: int = DEFAULT_TIMEOUT_MILLIS) -> bool:
+        """Export what is queued; False if that did not finish within ``timeout_millis``."""
+        if self._shutdown:
+            return False
+        return self._bounded(self._batch.force_flush, timeout_millis, join_stuck=True)
+
+    def shutdown(self, timeout_millis: int = DEFAULT_TIMEOUT_MILLIS) -> None:
+        """Export what is queued and shut the exporter down, waiting ``timeout_millis`` at most."""
+        with self._lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+        self._bounded(self._batch.shutdown, timeout_millis, join_stuck=False)
+
+    # -- for the guarded exporter ------------------------------------------------
+
+    def _taken(self, count: int) -> None:
+        """The worker took ``count`` spans off the queue to export them."""
+        with self._lock:
+            self._queued = max(self._queued - count, 0)
+
+    def _export_failed(self, count: int, error: BaseException | None) -> None:
+        self._drop(EXPORT_FAILED, count)
+        if error is not None:
+            self._warn_once(
+                EXPORT_FAILED,
+                "multirun: the span exporter %s failed (%s: %s); its spans are dropped and counted "
+                "in %s. Not logged again until an export succeeds.",
+                type(self.exporter).__name__,
+                type(error).__name__,
+                error,
+                DROPPED_SPANS,
+            )
+
+    def _export_succeeded(self) -> None:
+        if EXPORT_FAILED in self._warned:  # the outage is over: warn about the next one
+            self._warned.discard(EXPORT_FAILED)
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _drop(self, reason: str, count: int) -> None:
+        self.dropped.add(reason, count)
+        DROPPED.add(reason, count)
+
+    def _warn_once(self, kind: str, message: str, *args: object) -> None:
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        _logger.warning(message, *args)
+
+    def _bounded(self, action: Callable[[], object], timeout_millis: float, *, join_stuck: bool) -> bool:
+        """Run ``action`` in a daemon thread and wait for it at most ``timeout_millis``.
+
+        With ``join_stuck``, while an earlier flush is still stuck (a hung exporter)
+        wait for that one instead of starting another: at most one flush thread
+        is ever blocked. True if the action finished in time.
+        """
+        run_here = None
+        with self._lock:
+            waiter = self._waiter if join_stuck else None
+            if waiter is None or waiter[1].is_set():
+                done = threading.Event()
+
+                def target() -> None:
+                    try:
+                        action()
+                    except Exception:
+                        _logger.warning("multirun: flushing the span exporter failed", exc_info=True)
+                    finally:
+                        done.set()
+
+                thread = threading.Thread(target=target, name="multirun-span-export", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # at interpreter exit no thread can start: run it here
+                    run_here = target
+                else:
+                    waiter = (thread, done)
+                    if join_stuck:
+                        self._waiter = waiter
+        if run_here is not None:
+            # outside the lock: the export it runs calls back into _taken, which takes the lock
+            run_here()
+            return True
+        assert waiter is not None
+        return waiter[1].wait(max(timeout_millis, 0) / 1000)
+
+    def _at_fork_reinit(self) -> None:
+        # the child's batch processor starts with an empty queue and a worker of its own
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._waiter = None
+
+
+class _GuardedExporter(SpanExporter):
+    """The exporter as the batch worker sees it: never raises, reports what it takes and drops."""
+
+    def __init__(self, exporter: SpanExporter, processor: ExportProcessor) -> None:
+        self._exporter = exporter
+        self._processor = processor
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        processor = self._processor
+        processor._taken(len(spans))
+        try:
+            with suppress_instrumentation():  # the exporter's own HTTP calls are not traced
+                result = self._exporter.export(spans)
+        except Exception as exc:
+            processor._export_failed(len(spans), exc)
+            return SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            processor._export_succeeded()
+        else:
+            processor._export_failed(len(spans), None)  # the exporter logs its own reason
+        return result
+
+    def shutdown(self) -> None:
+        try:
+            self._exporter.shutdown()
+        except Exception:
+            _logger.warning("multirun: shutting down %s failed", type(self._exporter).__name__, exc_info=True)
+
+    def force_flush(self, timeout_millis: int = DEFAULT_TIMEOUT_MILLIS) -> bool:
+        try:
+            return self._exporter.force_flush(timeout_millis)
+        except Exception:
+            return False
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=DROPPED._at_fork_reinit)

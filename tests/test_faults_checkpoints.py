@@ -1,0 +1,464 @@
+"""Checkpoints and replay under faults (issue 8, cases 15-23), end to end through the store.
+
+The envelope's own refusals (every truncation, every bit flip, forged and
+unsigned pickles, bombs) are tested byte by byte in test_serialization.py,
+the exporters' write-once races in test_blob_exporters.py; here the same
+faults go through CheckpointStore, ``multirun.resume`` and real processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tracemalloc
+import uuid
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+import multirun
+from multirun import checkpoint, run, step
+from multirun.checkpoints.envelope import MAGIC
+from multirun.checkpoints.exporters import (
+    FileBlobExporter,
+    MemoryBlobExporter,
+    exporter_from_uri,
+    validate_key,
+    validate_prefix,
+)
+from multirun.checkpoints.hashing import input_hash
+from multirun.checkpoints.store import CheckpointStore, new_checkpoint_id
+from multirun.context import get_current_run_context
+from multirun.errors import CheckpointError, ConfigurationError
+
+if TYPE_CHECKING:
+    from s3_server import S3Server
+
+pytest_plugins = ["s3_server"]
+
+HMAC_KEY = "a test key of at least sixteen bytes"
+
+
+def saved_checkpoint(traced: Any, state: Any = "v1") -> tuple[str, str]:
+    """(run id, checkpoint id) of a run that set ``state`` and checkpointed."""
+
+    @run
+    def job() -> tuple[str, str]:
+        ctx = get_current_run_context()
+        ctx.set_state("s", state)
+        return ctx.run.id, ctx.checkpoint(name="c").value.id
+
+    return job()
+
+
+# ---------------------------------------------------------------------------
+# 15, 16. a process killed with SIGKILL around a checkpoint
+
+ORDER_PROGRAM = """
+import os, signal, sys
+import multirun
+from multirun import run, step
+from multirun.context import get_current_run_context
+
+multirun.init_local(sys.argv[1])
+effects = open(sys.argv[2], "a")
+crash_at = os.environ.get("CRASH", "")
+
+def side_effect(name):
+    effects.write(name + "\\n")
+    effects.flush()
+    os.fsync(effects.fileno())
+
+@step(checkpoint=True)
+def charge_card(n: int) -> str:
+    side_effect(f"charge {n}")
+    if crash_at == f"in charge {n}":
+        os.kill(os.getpid(), signal.SIGKILL)  # after its side effect, before its checkpoint
+    return f"receipt {n}"
+
+@step(checkpoint=True)
+def ship(receipts: list) -> str:
+    side_effect("ship")
+    return "shipped " + ",".join(receipts)
+
+@run(name="order")
+def order() -> str:
+    print("RUN", get_current_run_context().run.id, flush=True)
+    first = charge_card(1)
+    if crash_at == "after checkpoint 1":
+        os.kill(os.getpid(), signal.SIGKILL)  # right after the checkpoint of charge_card(1)
+    second = charge_card(2)
+    return ship([first, second])
+
+print("RESULT", order(), flush=True)
+multirun.get_client().force_flush()
+"""
+
+
+def order_process(
+    tmp_path: Path, crash: str = "", resume: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "order.py"
+    script.write_text(ORDER_PROGRAM)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["CRASH"] = crash
+    if resume is not None:
+        env["MULTIRUN_RESUME"] = resume
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "mr"), str(tmp_path / "effects.txt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("crash", "effects"),
+    [
+        # 15: killed after charge 2's side effect, before its checkpoint: it runs again (at-least-once)
+        ("in charge 2", ["charge 1", "charge 2", "charge 2", "ship"]),
+        # 16: killed right after charge 1's checkpoint: nothing runs twice
+        ("after checkpoint 1", ["charge 1", "charge 2", "ship"]),
+    ],
+    ids=["sigkill-before-checkpoint", "sigkill-right-after-checkpoint"],
+)
+def test_15_16_resume_after_sigkill_repeats_only_the_step_that_had_not_been_checkpointed(
+    tmp_path: Path, crash: str, effects: list[str]
+) -> None:
+    crashed = order_process(tmp_path, crash=crash)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    run_id = crashed.stdout.split("RUN ", 1)[1].split()[0]
+
+    resumed = order_process(tmp_path, resume=run_id)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "RESULT shipped receipt 1,receipt 2" in resumed.stdout
+    assert (tmp_path / "effects.txt").read_text().splitlines() == effects
+
+
+# ---------------------------------------------------------------------------
+# 17. truncated, empty, bit-flipped blobs
+
+
+def damage(blob: bytes, how: str, position: int, value: int) -> bytes:
+    position %= max(len(blob), 1)
+    if how == "truncate":
+        return blob[:position]
+    if how == "empty":
+        return b""
+    if how == "flip":
+        return blob[:position] + bytes([blob[position] ^ (1 << (value % 8))]) + blob[position + 1 :]
+    if how == "replace":
+        return blob[:position] + bytes([value]) + blob[position + 1 :]
+    if how == "append":
+        return blob + bytes([value])
+    return blob[:position] + blob[position + 1 :]  # "delete"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    how=st.sampled_from(["truncate", "empty", "flip", "replace", "append", "delete"]),
+    position=st.integers(min_value=0),
+    value=st.integers(min_value=0, max_value=255),
+)
+def test_17_any_damaged_checkpoint_is_refused_and_the_intact_one_still_loads(
+    traced: Any, how: str, position: int, value: int
+) -> None:
+    store = CheckpointStore(MemoryBlobExporter("damage"), hmac_key=HMAC_KEY)
+    traced.client.checkpoints = store
+    run_id, good = saved_checkpoint(traced, {"n": [1, 2, 3], "text": "état"})
+    blob = store.exporter.get(store.key(run_id, good))
+    damaged = damage(blob, how, position, value)
+    assume(damaged != blob)
+    bad = new_checkpoint_id()
+    store.exporter.put(store.key(run_id, bad), damaged)  # written later: the newest of the run
+
+    with pytest.raises(CheckpointError):
+        store.load(bad)
+    with pytest.raises(CheckpointError), multirun.resume(run_id=run_id):
+        pass
+    assert store.load(good).state == {"s": {"n": [1, 2, 3], "text": "état"}}
+    with multirun.resume(checkpoint_id=good) as restored:
+        assert restored.state["s"]["text"] == "état"
+
+
+# ---------------------------------------------------------------------------
+# 18. a malicious pickle in the store
+
+
+class Boom:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (self.path,))
+
+
+def planted_pickle(marker: Path, *, key: bytes | None = None) -> bytes:
+    evil = pickle.dumps({"checkpoint": Boom(str(marker))})
+    header: dict[str, Any] = {
+        "compression": "none",
+        "digest": "sha256:" + hashlib.sha256(evil).hexdigest(),
+        "serializer": "pickle",
+        "size": len(evil),
+        "version": 2,
+    }
+    if key is not None:
+        import hmac
+
+        header["hmac"] = hmac.new(key, b"MRCK/v2/pickle/none\n" + evil, hashlib.sha256).hexdigest()
+    return MAGIC + json.dumps(header, separators=(",", ":"), sort_keys=True).encode() + b"\n" + evil
+
+
+@pytest.mark.parametrize("reader", ["json-default", "pickle-with-key"])
+@pytest.mark.parametrize(
+    "signed_with", [None, b"an attacker's own key, 32 bytes"], ids=["unsigned", "wrong-key"]
+)
+def test_18_a_planted_pickle_never_runs_on_resume(
+    traced: Any, tmp_path: Path, reader: str, signed_with: bytes | None
+) -> None:
+    marker = tmp_path / "pwned"
+    exporter = FileBlobExporter(tmp_path / "blobs")
+    if reader == "json-default":
+        store = CheckpointStore(exporter)
+    else:
+        store = CheckpointStore(exporter, serializer="pickle", hmac_key=HMAC_KEY)
+    traced.client.checkpoints = store
+    exporter.put(store.key("victim", new_checkpoint_id()), planted_pickle(marker, key=signed_with))
+
+    with pytest.raises(CheckpointError), multirun.resume(run_id="victim"):
+        pass
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------
+# 19. oversized blobs and decompression bombs
+
+
+def peak_memory(action: Any) -> int:
+    tracemalloc.start()
+    try:
+        action()
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak
+
+
+def test_19_an_oversized_file_checkpoint_is_refused_without_being_read(traced: Any, tmp_path: Path) -> None:
+    store = CheckpointStore(FileBlobExporter(tmp_path / "blobs"), max_blob_bytes=1 << 20)
+    checkpoint_id = new_checkpoint_id()
+    path = tmp_path / "blobs" / store.key("run-1", checkpoint_id)
+    path.parent.mkdir(parents=True)
+    with path.open("wb") as out:  # 64 MiB, as a runaway state or an attacker would leave it
+        out.truncate(64 << 20)
+
+    def load() -> None:
+        with pytest.raises(CheckpointError, match="over the 1048576-byte limit"):
+            store.load(checkpoint_id)
+
+    assert peak_memory(load) < 1 << 20
+
+
+def test_19_an_oversized_s3_checkpoint_is_refused_without_being_downloaded(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    exporter = exporter_from_uri(s3_server.uri(f"big-{uuid.uuid4().hex[:8]}"))
+    store = CheckpointStore(exporter, max_blob_bytes=1 << 20)
+    checkpoint_id = new_checkpoint_id()
+    exporter.put(store.key("run-1", checkpoint_id), bytes(16 << 20))
+
+    def load() -> None:
+        with pytest.raises(CheckpointError, match="over the 1048576-byte limit"):
+            store.load(checkpoint_id)
+
+    assert peak_memory(load) < 4 << 20
+
+
+def test_19_a_decompression_bomb_in_the_store_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    packer = zlib.compressobj(9)
+    chunk = b"\x00" * (1 << 20)
+    stored = b"".join(packer.compress(chunk) for _ in range(256)) + packer.flush()  # 256 MiB of zeros
+    assert len(stored) < 1 << 20
+    header = {
+        "compression": "zlib",
+        "digest": "sha256:" + hashlib.sha256(stored).hexdigest(),
+        "serializer": "json",
+        "size": len(stored),
+        "version": 2,
+    }
+    blob = MAGIC + json.dumps(header, separators=(",", ":"), sort_keys=True).encode() + b"\n" + stored
+    store = CheckpointStore(FileBlobExporter(tmp_path / "blobs"), max_blob_bytes=4 << 20)
+    checkpoint_id = new_checkpoint_id()
+    store.exporter.put(store.key("run-1", checkpoint_id), blob)
+
+    def load() -> None:
+        with pytest.raises(CheckpointError, match="decompresses to more than"):
+            store.load(checkpoint_id)
+
+    assert peak_memory(load) < 16 << 20  # the limit and the compressed blob, never the 256 MiB
+
+
+# ---------------------------------------------------------------------------
+# 20. ids and names that would escape the store
+
+
+@settings(max_examples=300, deadline=None)
+@given(run_id=st.text(max_size=300), checkpoint_id=st.text(max_size=40))
+@example(run_id="0", checkpoint_id="0\n")  # found by hypothesis: "$" in the id pattern let "\n" through
+@example(run_id="run\n", checkpoint_id="0")
+def test_20_any_id_is_refused_or_stays_inside_the_store(run_id: str, checkpoint_id: str) -> None:
+    root = Path("/srv/multirun-blobs")
+    exporter = FileBlobExporter(root)
+    try:
+        key = CheckpointStore.key(run_id, checkpoint_id)
+    except CheckpointError:
+        return
+    path = exporter._path(key).resolve()
+    assert path.is_relative_to(root)
+    assert "\x00" not in key and ".." not in key.split("/")
+    assert len(run_id) <= 128 and len(checkpoint_id) <= 128
+
+
+@pytest.mark.parametrize("bad", ["key\n", "checkpoints/x/y.ckpt\n", "a/\n"])
+def test_20_blob_keys_and_prefixes_with_a_final_newline_are_refused(bad: str) -> None:
+    with pytest.raises(CheckpointError):
+        validate_key(bad)
+    with pytest.raises(CheckpointError):
+        validate_prefix(bad)
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "/etc/passwd", "a\x00b", "x" * 300, "..", "a/b", ""])
+def test_20_resume_refuses_ids_that_would_escape(traced: Any, bad: str) -> None:
+    with pytest.raises(CheckpointError), multirun.resume(run_id=bad):
+        pass
+    with pytest.raises(CheckpointError), multirun.resume(checkpoint_id=bad):
+        pass
+
+
+@pytest.mark.parametrize("bad", ["x" * 257, "a\x00b", "", "   "])
+def test_20_names_that_are_too_long_or_hold_nul_are_refused(traced: Any, bad: str) -> None:
+    for decorator in (run, step, checkpoint):
+        with pytest.raises(ConfigurationError, match="name"):
+            decorator(name=bad)(lambda: None)
+
+    if not bad:
+        return  # ctx.checkpoint(name="") is the default name, "checkpoint"
+
+    @run
+    def job() -> None:
+        get_current_run_context().checkpoint(name=bad)
+
+    with pytest.raises(CheckpointError, match="checkpoint name"):
+        job()
+
+
+# ---------------------------------------------------------------------------
+# 22. input hashes: stable everywhere, surrogates handled
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.dictionaries(st.text(max_size=10), json_like, max_size=6))
+def test_22_dict_order_never_changes_the_hash(value: dict[str, Any]) -> None:
+    reordered = dict(reversed(list(value.items())))
+    assert input_hash((value,), {}) == input_hash((reordered,), {})
+    assert input_hash((), value) == input_hash((), reordered)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec=None), max_size=50))
+def test_22_any_text_with_lone_surrogates_hashes(text: str) -> None:
+    digest = input_hash((text,), {})
+    assert digest is not None and digest != input_hash((text + "x",), {})
+
+
+HASH_IN_A_PROCESS = r"""
+import pickle, sys, json
+from multirun.checkpoints.hashing import input_hash
+values = pickle.loads(sys.stdin.buffer.read())
+print(json.dumps([input_hash((v,), {}) for v in values]))
+"""
+
+
+@settings(max_examples=3, deadline=None)
+@given(values=st.lists(json_like, min_size=20, max_size=20))
+def test_22_the_hash_of_any_value_is_the_same_in_another_process_and_hash_seed(values: list[Any]) -> None:
+    here = [input_hash((v,), {}) for v in values]
+    for seed in ("0", "4242"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        done = subprocess.run(
+            [sys.executable, "-c", HASH_IN_A_PROCESS],
+            input=pickle.dumps(values),
+            capture_output=True,
+            env=env,
+            check=True,
+            timeout=60,
+        )
+        assert json.loads(done.stdout) == here
+
+
+def test_22_a_surrogate_in_a_replayed_result_comes_back_as_it_was(traced: Any) -> None:
+    calls: list[str] = []
+
+    @step
+    def echo(text: str) -> str:
+        calls.append(text)
+        return text + "\udfff"
+
+    @run
+    def job() -> str:
+        echo("\ud800 lone")
+        get_current_run_context().checkpoint(name="after")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        job()
+    run_id = traced.named("invoke_workflow job")[0].attributes["multirun.run.id"]
+
+    @run
+    def again() -> str:
+        return echo("\ud800 lone")
+
+    with multirun.resume(run_id=run_id):
+        assert again() == "\ud800 lone\udfff"
+    assert calls == ["\ud800 lone"]
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", "s3"])
+def test_19_every_built_in_exporter_tells_a_blobs_size_without_reading_it(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multirun.checkpoints.exporters import BlobNotFoundError
+
+    if kind == "memory":
+        exporter: Any = MemoryBlobExporter("sizes")
+    elif kind == "file":
+        exporter = FileBlobExporter(tmp_path / "blobs")
+    else:
+        server = request.getfixturevalue("s3_server")
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        exporter = exporter_from_uri(server.uri(f"size-{uuid.uuid4().hex[:8]}"))
+    uri = exporter.put("a/b.ckpt", b"x" * 1234)
+    assert exporter.size(uri) == exporter.size("a/b.ckpt") == 1234
+    with pytest.raises(BlobNotFoundError):
+        exporter.size("a/missing.ckpt")

@@ -1,0 +1,764 @@
+"""Telemetry faults (issue 8, cases 1-8): an exporter, a blob store or the ledger failing never
+breaks, stalls or bloats the agent.
+
+The faults are real: exporters of this module that raise or hang (the fault
+itself), a real OTLP exporter against a local HTTP collector with the real
+requests and urllib3 instrumentations active, a real fork, a real
+redis-server stopped or frozen mid-run, a real S3 server.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanContext, TraceFlags
+
+import multirun
+from multirun import agent, run, step
+from multirun import client as client_module
+from multirun.checkpoints.exporters import BlobExporter, MemoryBlobExporter
+from multirun.checkpoints.store import CheckpointStore
+from multirun.context import get_current_run_context
+from multirun.enforcement.redis_ledger import LedgerUnavailableError
+from multirun.models import Budget, StepKind
+from multirun.telemetry.export import DROPPED_SPANS, ExportProcessor
+from multirun.telemetry.local_files import read_spans
+
+if TYPE_CHECKING:
+    from redis_server import RedisServer
+    from s3_server import S3Server
+
+pytest_plugins = ["redis_server", "s3_server"]
+
+T = TypeVar("T")
+GENEROUS = 30.0  # seconds: a bound far above any normal duration, far below the faults' hangs
+
+
+def finishes(action: Callable[[], T], within: float = GENEROUS) -> T:
+    """``action()`` run in a thread; fails the test if it has not returned ``within`` seconds."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(("ok", action()))
+        except BaseException as exc:
+            outcome.append(("error", exc))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(within)
+    assert not thread.is_alive(), f"still blocked after {within:g}s"
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------
+# exporters that are the fault
+
+
+class RaisingExporter(SpanExporter):
+    """Raises on every export while ``failing``; counts the spans it received otherwise."""
+
+    def __init__(self) -> None:
+        self.failing = True
+        self.calls = 0
+        self.exported = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.calls += 1
+        if self.failing:
+            raise ConnectionError("collector is down")
+        self.exported += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+class HangingExporter(SpanExporter):
+    """Each export blocks until ``release`` is set (a minute at most), then succeeds."""
+
+    def __init__(self, hang_seconds: float = 60.0) -> None:
+        self.hang_seconds = hang_seconds
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.exported = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.entered.set()
+        self.release.wait(self.hang_seconds)
+        self.exported += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+@dataclass
+class Pipeline:
+    client: multirun.MultiRunClient
+    provider: TracerProvider
+    reader: InMemoryMetricReader
+
+    def dropped(self) -> dict[str, int]:
+        """The ``multirun.spans.dropped`` counter as exported, by error.type."""
+        data = self.reader.get_metrics_data()
+        assert data is not None
+        for resource_metrics in data.resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    if metric.name == DROPPED_SPANS:
+                        return {
+                            str(p.attributes["error.type"]): int(p.value)  # type: ignore[index]
+                            for p in metric.data.data_points
+                        }
+        raise AssertionError(f"{DROPPED_SPANS} was not exported")
+
+
+@pytest.fixture
+def pipeline() -> Iterator[Callable[..., Pipeline]]:
+    """multirun configured on a fresh provider, exporting to the test's exporter through init()."""
+    made: list[Pipeline] = []
+
+    def make(exporter: SpanExporter | None = None, **options: Any) -> Pipeline:
+        reader = InMemoryMetricReader()
+        provider = TracerProvider()
+        client = multirun.init(
+            tracer_provider=provider,
+            span_exporter=exporter,
+            meter_provider=MeterProvider(metric_readers=[reader]),
+            **options,
+        )
+        made.append(Pipeline(client, provider, reader))
+        return made[-1]
+
+    yield make
+    client_module._configured = None
+
+
+def agent_program() -> Callable[[str], str]:
+    """A run of four spans: run, agent, an LLM step, a tool step with a retry setting."""
+
+    @step(kind=StepKind.LLM_CALL)
+    def ask(q: str) -> str:
+        multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=5)
+        return q.upper()
+
+    @step(retry=1, retry_delay=0.0)
+    def tool(q: str) -> str:
+        return q[::-1]
+
+    @agent
+    def worker(q: str) -> str:
+        return ask(q) + tool(q)
+
+    @run(budget=Budget(max_tokens=1_000_000))
+    def main(q: str) -> str:
+        return worker(q)
+
+    return main
+
+
+SPANS_PER_RUN = 4
+
+
+# ---------------------------------------------------------------------------
+# 1. an exporter that raises on every call
+
+
+def test_1_an_exporter_that_always_raises_costs_one_warning_and_never_the_result(
+    pipeline: Callable[..., Pipeline], caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = RaisingExporter()
+    p = pipeline(exporter)
+    main = agent_program()
+    before = p.dropped().get("export_failed", 0)
+
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(5):
+            assert main("abc") == "ABCcba"
+            p.client.force_flush(10_000)  # one export per run
+
+    assert exporter.calls >= 5
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(noisy) == 1, [r.getMessage() for r in noisy]
+    message = noisy[0].getMessage()
+    assert noisy[0].levelno == logging.WARNING
+    assert "RaisingExporter" in message and "ConnectionError" in message and DROPPED_SPANS in message
+    assert p.dropped()["export_failed"] - before == 5 * SPANS_PER_RUN
+
+
+def test_1_a_new_outage_after_a_recovery_is_warned_about_again(
+    pipeline: Callable[..., Pipeline], caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = RaisingExporter()
+    p = pipeline(exporter)
+    main = agent_program()
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        for failing in (True, True, False, False, True, True):
+            exporter.failing = failing
+            main("x")
+            p.client.force_flush(10_000)
+    assert exporter.exported == 2 * SPANS_PER_RUN
+    assert [r.levelno for r in caplog.records if r.name.startswith("multirun")] == [logging.WARNING] * 2
+
+
+# ---------------------------------------------------------------------------
+# 2. an exporter that hangs for a minute
+
+
+def test_2_a_hung_exporter_blocks_no_span_end_and_flush_and_shutdown_keep_their_timeouts(
+    pipeline: Callable[..., Pipeline],
+) -> None:
+    exporter = HangingExporter()
+    p = pipeline()
+    processor = ExportProcessor(exporter, max_queue_size=64, schedule_delay_millis=10)
+    p.provider.add_span_processor(processor)
+    main = agent_program()
+    try:
+        # 50 runs of 4 spans while the first export hangs: no span end waits for it
+        results = finishes(lambda: [main("abc") for _ in range(50)])
+        assert results == ["ABCcba"] * 50
+        assert exporter.entered.wait(GENEROUS)  # the worker is stuck inside export
+        assert finishes(lambda: processor.force_flush(timeout_millis=100)) is False
+        assert finishes(lambda: p.client.force_flush(timeout_millis=100)) is False
+        finishes(lambda: processor.shutdown(timeout_millis=100))
+        assert finishes(lambda: main("after")) == "AFTERretfa"  # spans ending after shutdown
+        assert processor.dropped.snapshot()["queue_full"] > 0
+        assert processor.dropped.snapshot()["shutdown"] == SPANS_PER_RUN
+    finally:
+        exporter.release.set()
+
+
+def test_2_flush_returns_true_once_a_slow_exporter_catches_up(pipeline: Callable[..., Pipeline]) -> None:
+    exporter = HangingExporter()
+    p = pipeline()
+    processor = ExportProcessor(exporter)
+    p.provider.add_span_processor(processor)
+    main = agent_program()
+    main("abc")
+    try:
+        assert finishes(lambda: processor.force_flush(timeout_millis=50)) is False
+        exporter.release.set()
+        assert finishes(lambda: processor.force_flush(timeout_millis=int(GENEROUS * 1000))) is True
+        assert exporter.exported == SPANS_PER_RUN
+    finally:
+        exporter.release.set()
+
+
+# ---------------------------------------------------------------------------
+# 3. a stalled exporter while a million spans end
+
+
+class CountedSpan(ReadableSpan):
+    """A finished span that counts how many of its kind are alive."""
+
+    _lock = threading.RLock()  # reentrant: the collector may free one while another is counted
+    live = 0
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        with CountedSpan._lock:
+            CountedSpan.live += 1
+
+    def __del__(self) -> None:
+        with CountedSpan._lock:
+            CountedSpan.live -= 1
+
+
+def test_3_a_million_spans_against_a_stalled_exporter_keep_memory_bounded_and_count_every_drop(
+    pipeline: Callable[..., Pipeline],
+) -> None:
+    produced = 1_000_000
+    queue = 2048
+    exporter = HangingExporter()
+    p = pipeline()  # for the metric reader: the counter is the process's
+    processor = ExportProcessor(exporter, max_queue_size=queue, max_export_batch_size=512)
+    before = p.dropped()
+    baseline = CountedSpan.live
+    flags = TraceFlags(TraceFlags.SAMPLED)
+    resource = Resource({})
+    try:
+        for n in range(1, produced + 1):
+            span = CountedSpan(name="s", context=SpanContext(1, n, False, flags), resource=resource)
+            processor.on_end(span)
+        del span
+        held = CountedSpan.live - baseline
+        # the queue, plus the batch stuck in the exporter: nothing else is kept
+        assert held <= queue + 512
+        dropped = p.dropped()["queue_full"] - before["queue_full"]
+        assert dropped == processor.dropped.snapshot()["queue_full"]
+        assert dropped >= produced - queue - 512
+        exporter.release.set()
+        assert finishes(lambda: processor.force_flush(timeout_millis=int(GENEROUS * 1000)))
+        assert exporter.exported + dropped == produced  # every span exported or counted
+    finally:
+        exporter.release.set()
+        processor.shutdown()
+
+
+def test_3_runs_against_a_stalled_exporter_complete_and_their_drops_are_in_the_metric(
+    pipeline: Callable[..., Pipeline], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "32")
+    exporter = HangingExporter()
+    p = pipeline(exporter)
+    main = agent_program()
+    before = p.dropped()["queue_full"]
+    try:
+        assert finishes(lambda: [main("q") for _ in range(500)]) == ["Qq"] * 500
+        assert p.dropped()["queue_full"] - before >= 500 * SPANS_PER_RUN - 32 - 32
+    finally:
+        exporter.release.set()
+        p.provider.shutdown()
+
+
+# ---------------------------------------------------------------------------
+# 4. shutdown twice, spans after shutdown
+
+
+def test_4_shutdown_twice_then_more_runs_raise_nothing(
+    pipeline: Callable[..., Pipeline], caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = InMemorySpanExporter()
+    p = pipeline(exporter)
+    main = agent_program()
+    assert main("a") == "Aa"
+    p.provider.shutdown()
+    p.provider.shutdown()
+    with caplog.at_level(logging.WARNING):
+        assert main("b") == "Bb"
+        assert main("c") == "Cc"
+        p.client.force_flush(1_000)
+        p.provider.shutdown()
+    assert len(exporter.get_finished_spans()) == SPANS_PER_RUN  # the first run only
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_4_the_embedded_default_survives_shutdown_twice(global_otel: None, tmp_path: Path) -> None:
+    client = multirun.init_local(tmp_path / "mr")
+    main = agent_program()
+    assert main("a") == "Aa"
+    provider = client.tracer_provider
+    provider.shutdown()  # type: ignore[attr-defined]
+    provider.shutdown()  # type: ignore[attr-defined]
+    assert main("b") == "Bb"
+    client.force_flush(1_000)
+    names = [s.name for s in read_spans(tmp_path / "mr" / "traces")]
+    assert names.count("invoke_workflow main") == 1
+
+
+# ---------------------------------------------------------------------------
+# 5. os.fork() after init
+
+FORK_PROGRAM = r"""
+import json, os, signal, sys, threading
+import multirun
+from multirun import run, step
+from multirun.telemetry.local_files import LocalFileSpanExporter
+
+folder = sys.argv[1]
+files = LocalFileSpanExporter(folder)
+parent_pid = os.getpid()
+stalled = threading.Event()
+
+class StalledInParent(LocalFileSpanExporter):
+    # the parent's collector is stuck: its queue is full when the process forks
+    def export(self, spans):
+        if os.getpid() == parent_pid:
+            stalled.set()
+            threading.Event().wait(60)
+        return files.export(spans)
+
+client = multirun.init(span_exporter=StalledInParent(folder), checkpoint_uri="memory://fork")
+
+@step
+def double(x):
+    return 2 * x
+
+@run(name="job")
+def job(x):
+    return double(x)
+
+for n in range(20):  # 40 spans: the queue of 8 is full, and the worker is stuck in export
+    job(n)
+assert stalled.wait(30)
+
+# and some thread holds the file exporter's lock at the moment of the fork
+held, release = threading.Event(), threading.Event()
+def hold():
+    with files._lock:
+        held.set()
+        release.wait()
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
+
+pid = os.fork()
+if pid == 0:
+    signal.alarm(60)  # a child that hangs must not outlive the test
+    ok = job(21) == 42 and client.force_flush(20_000)
+    os._exit(0 if ok else 3)
+release.set()
+_, status = os.waitpid(pid, 0)
+print(json.dumps({"child": pid, "code": os.waitstatus_to_exitcode(status)}))
+sys.stdout.flush()
+os._exit(0)  # the parent's exporter is still stuck: do not wait for it at exit
+"""
+
+
+def test_5_a_forked_child_traces_and_exports_through_its_own_worker(tmp_path: Path) -> None:
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_PROGRAM)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["OTEL_BSP_MAX_QUEUE_SIZE"] = "8"
+    env["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"] = "8"
+    env["OTEL_BSP_SCHEDULE_DELAY"] = "10"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "traces")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["code"] == 0, done.stderr
+    (child_file,) = (tmp_path / "traces").glob(f"*-{found['child']}.jsonl")
+    only_child = tmp_path / "child"
+    only_child.mkdir()
+    (only_child / child_file.name).write_bytes(child_file.read_bytes())
+    names = sorted(s.name for s in read_spans(only_child))
+    assert names == ["invoke_workflow job", "step double"]  # the child's own run, exported by the child
+
+
+# ---------------------------------------------------------------------------
+# 6. the exporter's own HTTP calls are not traced
+
+
+class Collector(http.server.ThreadingHTTPServer):
+    """A local OTLP/HTTP endpoint that keeps the names of the spans it receives."""
+
+    def __init__(self) -> None:
+        self.span_names: list[str] = []
+        self.requests = 0
+        super().__init__(("127.0.0.1", 0), _CollectorHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _CollectorHandler(http.server.BaseHTTPRequestHandler):
+    server: Collector
+
+    def do_POST(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.requests += 1
+        if self.path == "/v1/traces":
+            request = ExportTraceServiceRequest.FromString(body)
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    self.server.span_names.extend(s.name for s in scope_spans.spans)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    server = Collector()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def http_instrumented() -> Iterator[Callable[[TracerProvider | None], None]]:
+    """Turns on the real requests and urllib3 instrumentations, for the whole process."""
+    from opentelemetry.instrumentation.requests import RequestsInstrumentor
+    from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
+
+    def instrument(provider: TracerProvider | None = None) -> None:
+        RequestsInstrumentor().instrument(tracer_provider=provider)
+        URLLib3Instrumentor().instrument(tracer_provider=provider)
+
+    yield instrument
+    RequestsInstrumentor().uninstrument()
+    URLLib3Instrumentor().uninstrument()
+
+
+def test_6_the_otlp_exporters_own_http_calls_are_not_traced(
+    collector: Collector, http_instrumented: Callable[[TracerProvider | None], None], global_otel: None
+) -> None:
+    import requests
+
+    seen = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(seen))  # every span that ends, whatever its fate
+    from opentelemetry import trace
+
+    trace.set_tracer_provider(provider)
+    http_instrumented(provider)
+    client = multirun.init(endpoint=collector.url, checkpoint_uri="memory://otlp", metrics=False)
+
+    @step(kind=StepKind.TOOL_CALL)
+    def fetch() -> int:
+        return requests.get(collector.url + "/app", timeout=10).status_code  # the app's own call
+
+    @run
+    def job() -> int:
+        return fetch()
+
+    for _ in range(3):
+        assert job() == 501  # GET is not handled: the app's call went out
+        assert client.force_flush(10_000)
+    http_spans = [s.name for s in seen.get_finished_spans() if s.name.startswith(("GET", "POST"))]
+    assert http_spans == ["GET"] * 3  # the app's calls are traced; the exports are not
+    assert collector.span_names.count("invoke_workflow job") == 3
+    assert "POST" not in collector.span_names
+    provider.shutdown()
+
+
+def test_6_checkpoints_to_s3_are_not_traced_either(
+    s3_server: S3Server,
+    http_instrumented: Callable[[TracerProvider | None], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    seen = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(seen))
+    http_instrumented(provider)
+    multirun.init(tracer_provider=provider, checkpoint_uri=s3_server.uri(f"faults-{uuid.uuid4().hex[:8]}"))
+    try:
+
+        @step(checkpoint=True)
+        def work() -> int:
+            s3_server.client().list_buckets()  # the app's own S3 call
+            return 7
+
+        @run
+        def job() -> str | None:
+            work()
+            return get_current_run_context().run.latest_checkpoint_id
+
+        assert job() is not None  # the checkpoint went to S3 over urllib3
+        names = sorted(s.name for s in seen.get_finished_spans())
+        assert names == ["GET", "invoke_workflow job", "step work"]  # the app's call only
+    finally:
+        client_module._configured = None
+        provider.shutdown()
+
+
+# ---------------------------------------------------------------------------
+# 7. blob store down or full during a checkpoint
+
+
+class FullStore:
+    """A blob store that is full for its first ``failures`` puts (ENOSPC), then has room again."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.inner = MemoryBlobExporter("full")
+
+    def put(self, key: str, data: bytes) -> str:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError(28, "No space left on device")
+        return self.inner.put(key, data)
+
+    def get(self, uri: str) -> bytes:
+        return self.inner.get(uri)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+
+def test_7_a_full_store_is_a_warning_the_run_goes_on_and_the_next_checkpoint_is_written(
+    traced: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FullStore(failures=1)
+    assert isinstance(store, BlobExporter)
+    traced.client.checkpoints = CheckpointStore(store)
+    calls: list[str] = []
+
+    @step(checkpoint=True)
+    def stage(n: int) -> int:
+        calls.append(f"stage {n}")
+        return n
+
+    @run
+    def job() -> list[str]:
+        stage(1)  # its checkpoint hits the full store
+        stage(2)
+        stage(3)
+        return [c.name for c in get_current_run_context().run.checkpoints]
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert job() == ["after_stage", "after_stage"]
+    assert calls == ["stage 1", "stage 2", "stage 3"]
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("multirun")]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert len(store.inner.list("checkpoints/")) == 2
+
+
+def test_7_an_unreachable_s3_store_is_a_warning_within_its_timeouts(
+    traced: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKFAKE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret")
+    multirun.init(tracer_provider=traced.provider, checkpoint_uri=f"s3://bkt/p?endpoint_url={closed}&region=x")
+
+    @step(checkpoint=True)
+    def stage() -> str:
+        return "done"
+
+    @run
+    def job() -> str:
+        return stage()
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert finishes(job) == "done"
+    assert any("checkpoint 'after_stage'" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------
+# 8. the Redis ledger becomes unreachable mid-run
+
+
+@pytest.fixture
+def ledger_client(traced: Any) -> Callable[[str], multirun.MultiRunClient]:
+    def make(uri: str) -> multirun.MultiRunClient:
+        return multirun.init(tracer_provider=traced.provider, ledger_uri=uri)
+
+    return make
+
+
+def test_8_redis_stopped_mid_run_fails_closed_before_the_next_step_runs(
+    fresh_redis_server: RedisServer, ledger_client: Callable[[str], Any]
+) -> None:
+    ledger_client(fresh_redis_server.url)
+    ran: list[int] = []
+
+    @step
+    def work(n: int) -> int:
+        ran.append(n)
+        return n
+
+    @run(budget=Budget(max_steps=100))
+    def job() -> None:
+        work(1)
+        fresh_redis_server.stop()
+        work(2)  # no budget decision can be made: it must not run
+
+    with pytest.raises(LedgerUnavailableError, match="fail_open") as info:
+        finishes(job)
+    assert ran == [1]
+    assert fresh_redis_server.url in str(info.value)
+
+
+def test_8_a_frozen_redis_fails_closed_within_the_timeout(
+    fresh_redis_server: RedisServer, ledger_client: Callable[[str], Any]
+) -> None:
+    ledger_client(fresh_redis_server.url + "?timeout=0.3")
+    ran: list[int] = []
+
+    @step
+    def work(n: int) -> int:
+        ran.append(n)
+        return n
+
+    @run
+    def job() -> None:
+        work(1)
+        fresh_redis_server.freeze()
+        work(2)
+
+    try:
+        with pytest.raises(LedgerUnavailableError):
+            finishes(job, within=10)
+    finally:
+        fresh_redis_server.thaw()
+    assert ran == [1]
+
+
+def test_8_usage_that_cannot_be_charged_fails_the_step_without_a_retry(
+    fresh_redis_server: RedisServer, ledger_client: Callable[[str], Any]
+) -> None:
+    ledger_client(fresh_redis_server.url)
+    calls: list[str] = []
+
+    @step(kind=StepKind.LLM_CALL, retry=3, retry_delay=0.0)
+    def ask() -> str:
+        calls.append("model called")  # a paid call: retrying it while the ledger is down spends blind
+        fresh_redis_server.stop()
+        multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=5)
+        return "answer"
+
+    @run
+    def job() -> str:
+        return ask()
+
+    with pytest.raises(LedgerUnavailableError):
+        finishes(job)
+    assert calls == ["model called"]
+
+
+def test_8_fail_open_goes_on_counting_in_process(
+    fresh_redis_server: RedisServer, ledger_client: Callable[[str], Any]
+) -> None:
+    ledger_client(fresh_redis_server.url + "?fail_open=true")
+    ran: list[int] = []
+
+    @step
+    def work(n: int) -> int:
+        ran.append(n)
+        return n
+
+    @run(budget=Budget(max_steps=3))
+    def job() -> int:
+        work(1)
+        fresh_redis_server.stop()
+        work(2)
+        work(3)
+        return get_current_run_context().ledger.steps
+
+    assert finishes(job) == 3
+    assert ran == [1, 2, 3]
