@@ -564,10 +564,13 @@ class AgentContext:
         self._cost_units = 0
         self._unpriced = False
         self.parent_step: StepContext | None = None
+        self.parent_agent: AgentContext | None = None  # the agent it was started in, if any
         self._finished = False
 
     def _start(self, parent_ctx: Context) -> None:
         self.parent_step = step_in(parent_ctx)
+        outer = agent_in(parent_ctx)
+        self.parent_agent = outer if outer is not self else None
         agent = self.agent
         attrs: dict[str, Any] = {
             attr.GEN_AI_OPERATION_NAME: attr.OP_INVOKE_AGENT,
@@ -1126,12 +1129,19 @@ def _charge_chain(
                 agent._add(tokens, cost_units, unpriced)
                 seen = agent
                 step = agent.parent_step
-            while step is not None:
-                step._add(tokens, cost_units, unpriced)
-                if step.agent_context is not seen:
-                    seen = step.agent_context
-                    seen._add(tokens, cost_units, unpriced)
-                step = step.parent
+            while True:
+                while step is not None:
+                    step._add(tokens, cost_units, unpriced)
+                    if step.agent_context is not seen:
+                        seen = step.agent_context
+                        seen._add(tokens, cost_units, unpriced)
+                    step = step.parent
+                # an agent started directly in another agent (no step between) rolls up into it
+                outer = seen.parent_agent if seen is not None and seen.parent_step is None else None
+                if outer is None:
+                    break
+                outer._add(tokens, cost_units, unpriced)
+                seen, step = outer, outer.parent_step
             current.run.tokens_used = current.ledger.tokens
             current.run.cost_usd = current.ledger.cost_usd
         step, agent = current.parent_step, current.parent_agent

@@ -94,6 +94,11 @@ CHECKPOINT_SIZE: Final = "multirun.checkpoint.size_bytes"
 CHECKPOINT_DIGEST: Final = "multirun.checkpoint.digest"
 CHECKPOINT_SERIALIZER: Final = "multirun.checkpoint.serializer"
 
+# multirun: the Motus integration
+MOTUS_TASK_ID: Final = "multirun.motus.task.id"
+MOTUS_TASK_TYPE: Final = "multirun.motus.task.type"
+MOTUS_DEPENDS_ON: Final = "multirun.motus.task.depends_on"  # the upstream tasks' names
+
 # Event names
 EVENT_RETRY: Final = "multirun.step.retry"
 EVENT_CHECKPOINT: Final = "multirun.checkpoint"

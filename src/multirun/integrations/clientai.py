@@ -1,0 +1,770 @@
+"""ClientAI agents as multirun runs, agents and steps, without touching their code.
+
+Usage::
+
+    from multirun.integrations.clientai import ClientAIInstrumentor
+
+    ClientAIInstrumentor().instrument()
+    agent.run("What changed in OpenTelemetry this year?")
+
+or, with no code change at all, ``opentelemetry-instrument python app.py`` (the
+``clientai`` entry point of the ``opentelemetry_instrumentor`` group).
+
+What becomes what:
+
+- ``Agent.run``: an agent span ``invoke_agent {class name}``, inside the current
+  multirun run, or inside a new run of the same name when none is active (with
+  the ``budget`` and ``policy`` given to ``instrument``, if any).
+- each ``@think``/``@act``/``@observe``/``@synthesize`` step
+  (``StepExecutionEngine.execute_step``): a step; think and synthesize are LLM
+  calls, act an LLM call (a tool call when it does not send to the LLM),
+  observe a function. ClientAI's own retries (``_execute_single_call`` again)
+  are the step's attempts.
+- ``ClientAI.generate_text`` / ``ClientAI.chat``: an LLM call ``chat {model}``
+  with the tokens of the provider's full response. For OpenAI-shaped providers
+  (ClientAI's ``openai`` and ``groq``) the full response is asked for and the
+  text the caller expects is taken from it, as the provider itself does, and an
+  OpenAI stream is asked for its final usage chunk; for other providers tokens
+  are read when the caller asks for the full response.
+- ``ToolSelector.select_tools``: a tool step ``select_tools`` (its LLM call
+  inside); ``Tool.__call__``: a tool step ``execute_tool {tool name}``.
+
+Every one of these is a step of the run: the budget and the policy decide
+before it starts, and a ClientAI agent over budget stops with
+``BudgetExceededError`` (unwrapped from the errors ClientAI wraps it in).
+Streams keep their spans open until they are consumed. Telemetry never breaks
+the agent: an instrumentation error costs a log line, and the call goes on
+untraced.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+import wrapt
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from opentelemetry.instrumentation.utils import unwrap
+
+from multirun._keys import RUN_KEY, run_in, step_in
+from multirun.context import AgentContext, RunContext, StepContext
+from multirun.decorators import StepSpec, _open_step, _StepCall
+from multirun.errors import BudgetExceededError, ConfigurationError, LedgerUnavailableError, PolicyViolation
+from multirun.models.budget import Budget
+from multirun.models.policy import BackoffStrategy, Policy
+from multirun.models.run import Run
+from multirun.models.step import StepKind
+from multirun.telemetry import attributes as attr
+from multirun.usage import TokenUsage
+
+__all__ = ["ClientAIInstrumentor"]
+
+_logger = logging.getLogger(__name__)
+
+_INSTRUMENTS = ("clientai >= 0.5",)
+
+# multirun's own decisions: they pass through the instrumentation, never swallowed by it
+_REFUSALS = (BudgetExceededError, PolicyViolation, LedgerUnavailableError)
+
+# (module, attribute path, wrapper factory name); patched by module path string
+_PATCHES: tuple[tuple[str, str, str], ...] = (
+    ("clientai.agent.core.agent", "Agent.run", "_agent_run"),
+    ("clientai.agent.core.execution", "StepExecutionEngine.execute_step", "_execute_step"),
+    ("clientai.agent.core.execution", "StepExecutionEngine._execute_single_call", "_single_call"),
+    ("clientai.client_ai", "ClientAI.generate_text", "_generate_text"),
+    ("clientai.client_ai", "ClientAI.chat", "_chat"),
+    ("clientai.agent.tools.selection.selector", "ToolSelector.select_tools", "_select_tools"),
+    ("clientai.agent.tools.base", "Tool.__call__", "_tool_call"),
+)
+
+Wrapped = Callable[..., Any]
+
+
+class ClientAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Traces ClientAI agents, steps, LLM calls and tools as multirun agents and steps.
+
+    ``instrument()`` takes, besides the usual ``tracer_provider`` (used when
+    multirun is not configured yet), ``budget`` and ``policy``: the limits and
+    rules of the runs the instrumentation starts for agents run outside any run.
+    """
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _INSTRUMENTS
+
+    def _instrument(self, **kwargs: Any) -> None:
+        # opentelemetry-instrument skips the dependency check of each instrumentor: do it here
+        conflict = get_dependency_conflicts(_INSTRUMENTS)
+        if conflict is not None:
+            # ClientAI not installed is the common case of opentelemetry-instrument: no warning
+            log = _logger.debug if getattr(conflict, "found", None) is None else _logger.warning
+            log("multirun: ClientAI not instrumented: %s", conflict)
+            return
+        budget = _valid(kwargs.get("budget"), Budget, "budget")
+        policy = _valid(kwargs.get("policy"), Policy, "policy")
+        tracer_provider = kwargs.get("tracer_provider")
+        if tracer_provider is not None:
+            from multirun.client import configured_client, init
+
+            if configured_client() is None:
+                init(tracer_provider=tracer_provider)
+            else:
+                _logger.debug("multirun: already configured; ClientAI spans go to its tracer provider")
+        _settings.budget, _settings.policy = budget, policy
+        wrappers = globals()
+        try:
+            _settings.client_ai_error = importlib.import_module("clientai.exceptions").ClientAIError
+            for module, path, wrapper in _PATCHES:
+                wrapt.wrap_function_wrapper(module, path, wrappers[wrapper])
+                _settings.patched.append((module, path))
+        except Exception:
+            # a ClientAI whose insides moved: never fail the application's start for it
+            _logger.warning("multirun: cannot instrument this version of ClientAI", exc_info=True)
+            self._uninstrument()
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        for module_name, path in reversed(_settings.patched):
+            owner_path, name = path.rsplit(".", 1)
+            module = sys.modules.get(module_name)
+            if module is not None:
+                unwrap(getattr(module, owner_path), name)
+        _settings.patched.clear()
+        _settings.budget = _settings.policy = None
+
+
+class _Settings:
+    """What ``instrument`` was given; one set per process, as the instrumentor is a singleton."""
+
+    def __init__(self) -> None:
+        self.patched: list[tuple[str, str]] = []  # (module, attribute path) wrapped, in order
+        self.budget: Budget | None = None
+        self.policy: Policy | None = None
+        self.client_ai_error: type[BaseException] = Exception
+
+
+_settings = _Settings()
+
+
+def _valid(value: Any, model: Any, name: str) -> Any:
+    """A Budget or Policy given to ``instrument``; ConfigurationError, naming it, if it is not one."""
+    if value is None or isinstance(value, model):
+        return value
+    where = f"ClientAIInstrumentor().instrument({name}=...)"
+    if isinstance(value, dict):
+        from pydantic import ValidationError
+
+        try:
+            return model.model_validate(value)
+        except ValidationError as exc:
+            raise ConfigurationError(f"{where}: {exc}") from None
+    raise ConfigurationError(f"{where} must be a {model.__name__} or a dict, got {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------
+# failures of the instrumentation itself: a log line, never the agent
+
+_warned: set[str] = set()
+
+
+def _broken(where: str) -> None:
+    """Log (once per place at warning level) that the instrumentation failed; the call goes on."""
+    if where in _warned:
+        _logger.debug("multirun: ClientAI instrumentation failed in %s", where, exc_info=True)
+        return
+    _warned.add(where)
+    _logger.warning(
+        "multirun: ClientAI instrumentation failed in %s; the call goes on untraced", where, exc_info=True
+    )
+
+
+# ---------------------------------------------------------------------------
+# steps: multirun's own step machinery (policy, budget, spans, metrics)
+
+
+def _body() -> None:
+    """Stands for the ClientAI callable a StepSpec describes (only its name is read)."""
+
+
+_specs: dict[tuple[str, StepKind, str | None], StepSpec] = {}
+
+
+def _spec(name: str, kind: StepKind, model: str | None) -> StepSpec:
+    key = (name, kind, model)
+    spec = _specs.get(key)
+    if spec is None:
+        if len(_specs) >= 4096:  # step names and models are few; never grow without bound
+            _specs.clear()
+        spec = _specs[key] = StepSpec(
+            _body,
+            name=name,
+            kind=kind,
+            retry=0,
+            retry_delay=0.0,
+            retry_max_delay=0.0,
+            retry_strategy=BackoffStrategy.CONSTANT,
+            retry_on=None,
+            checkpoint=False,
+            idempotent=False,  # ClientAI keeps state of its own: a replayed step would skip it
+            check_budget=True,
+            model=model,
+        )
+    return spec
+
+
+def _open(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _StepCall | None:
+    """Start a step in the current run: None if the instrumentation failed (logged).
+
+    The budget's and the policy's refusals are raised, after their short failed span.
+    """
+    try:
+        call = _open_step(spec, args, kwargs)
+    except _REFUSALS:
+        raise
+    except Exception:
+        _broken(f"starting step {spec.name!r}")
+        return None
+    return call if isinstance(call, _StepCall) else None
+
+
+def _succeeded(call: _StepCall, result: Any, extra: dict[str, Any] | None = None) -> None:
+    try:
+        call._succeed(result, extra)
+    except Exception:
+        _broken(f"ending step {call.name!r}")
+
+
+def _failed(call: _StepCall, error: BaseException) -> None:
+    try:
+        call._failed(error)
+    except Exception:
+        _broken(f"ending step {call.name!r}")
+
+
+def _run_step(call: _StepCall, wrapped: Wrapped, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Call ``wrapped`` as the body of ``call``; a returned iterator keeps the step open until consumed."""
+    if call.wait_before:  # a rate limit asked to wait
+        call._clock().sleep(call.wait_before)
+    ctx = call.otel_context or otel_context.get_current()
+    token = otel_context.attach(ctx)
+    try:
+        result = wrapped(*args, **kwargs)
+    except BaseException as error:
+        _failed(call, error)
+        raise
+    finally:
+        otel_context.detach(token)
+    if type(result) is not str and isinstance(result, Iterator):  # str first: the ABC check is slow
+        return _Follow(result, ctx, lambda error, items: _end_stream(call, error, items))
+    try:
+        call._succeed(result)
+    except Exception:
+        _broken(f"ending step {call.name!r}")
+    return result
+
+
+def _ctx(call: StepContext) -> Context:
+    """The context in which the step's body runs (set when its span started)."""
+    ctx = call.otel_context
+    return ctx if ctx is not None else otel_context.get_current()
+
+
+def _end_stream(call: _StepCall, error: BaseException | None, items: int) -> None:
+    if error is None:
+        _succeeded(call, None, {attr.STEP_STREAM_ITEMS: items})
+    else:
+        _failed(call, error)
+
+
+class _Follow(Iterator[Any]):
+    """Hands out ``inner``'s items, with ``ctx`` current while it makes each; ``finish`` once at the end.
+
+    The end is the inner iterator's end or error, or the consumer stopping
+    early: ``close()``, or dropping the iterator, even before its first item.
+    Stopping early ends it as completed with the items handed out so far, as
+    ``@step`` generators do. (A class, not a generator: a generator dropped
+    before it started would never run its ``finally``, and its spans never end.)
+    """
+
+    __slots__ = ("_ctx", "_done", "_finish", "_inner", "_items")
+
+    def __init__(
+        self, inner: Iterator[Any], ctx: Context, finish: Callable[[BaseException | None, int], None]
+    ) -> None:
+        self._inner = inner
+        self._ctx = ctx
+        self._finish = finish
+        self._items = 0
+        self._done = False
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        token = otel_context.attach(self._ctx)
+        try:
+            item = next(self._inner)
+        except StopIteration:
+            self._end(None)
+            raise
+        except BaseException as error:
+            self._end(error)
+            raise
+        finally:
+            otel_context.detach(token)
+        self._items += 1
+        return item
+
+    def close(self) -> None:
+        """Stop early: close the inner iterator and end as completed."""
+        if self._done:
+            return
+        close = getattr(self._inner, "close", None)
+        token = otel_context.attach(self._ctx)
+        try:
+            if close is not None:
+                close()
+        except Exception as error:
+            self._end(error)
+            raise
+        finally:
+            otel_context.detach(token)
+        self._end(None)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_done", True):
+            try:
+                self.close()
+            except Exception:
+                _broken("closing a dropped stream")
+
+    def _end(self, error: BaseException | None) -> None:
+        if not self._done:
+            self._done = True
+            self._finish(error, self._items)
+
+
+def _mark_usage_below(call: StepContext) -> None:
+    """Tell the steps above an LLM call that reported usage that it is charged.
+
+    Each of them then counts it only in its roll-up: none charges a returned
+    SDK response again, and none times the call as an LLM call of its own.
+    """
+    parent = call.parent
+    while parent is not None:
+        parent.child_usage_reported = True
+        parent = parent.parent
+
+
+# ---------------------------------------------------------------------------
+# Agent.run
+
+
+class _AgentScope:
+    """One ``Agent.run``: its agent, and the run started for it when none was active."""
+
+    __slots__ = ("agent", "owned")
+
+    def __init__(self, name: str) -> None:
+        current = otel_context.get_current()
+        run: RunContext | None = run_in(current)
+        owned = None
+        if run is None:
+            from multirun.client import get_client
+
+            owned = RunContext(
+                get_client(),
+                Run(name=name, budget=_settings.budget, policy=_settings.policy),
+                checkpoint_on_error=False,
+            )
+            run, current = owned, owned.otel_context
+        token = otel_context.attach(current)
+        try:
+            self.agent: AgentContext = run.start_agent(name)
+        except BaseException as error:
+            if owned is not None:
+                owned.fail(error)
+            raise
+        finally:
+            otel_context.detach(token)
+        self.owned = owned
+
+    def finish(self, error: BaseException | None, result: Any = None) -> None:
+        try:
+            if error is None:
+                self.agent.complete(result)
+                if self.owned is not None:
+                    self.owned.complete(result)
+            else:
+                self.agent.fail(error)
+                if self.owned is not None:
+                    self.owned.fail(error)
+        except Exception:
+            _broken(f"ending agent {self.agent.agent.name!r}")
+
+
+def _agent_run(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        scope = _AgentScope(type(instance).__name__)
+    except _REFUSALS:
+        raise
+    except Exception:
+        _broken("starting an agent")
+        return wrapped(*args, **kwargs)
+    token = otel_context.attach(scope.agent.otel_context)
+    try:
+        result = wrapped(*args, **kwargs)
+    except BaseException as error:
+        refused = _refusal_in(error)
+        scope.finish(refused or error)
+        if refused is not None:
+            raise refused from None  # ClientAI wrapped it in StepError and WorkflowError
+        raise
+    finally:
+        otel_context.detach(token)
+    if type(result) is not str and isinstance(result, Iterator):
+        return _Follow(result, scope.agent.otel_context, lambda error, _: scope.finish(error))
+    scope.finish(None, result)
+    return result
+
+
+def _refusal_in(error: BaseException) -> BaseException | None:
+    """A budget or policy refusal that ``error`` was raised because of, if any."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, _REFUSALS):
+            return current
+        todo += [current.__context__, current.__cause__]
+    return None
+
+
+# ---------------------------------------------------------------------------
+# the steps of an agent
+
+
+_STEP_KINDS = {"THINK": StepKind.LLM_CALL, "SYNTHESIZE": StepKind.LLM_CALL, "ACT": StepKind.LLM_CALL}
+
+
+def _step_kind(step: Any) -> StepKind:
+    """think/synthesize: LLM call; act: LLM call, or tool call when it does not send to the LLM;
+    observe: function. A think or synthesize step that does not send to the LLM is a function."""
+    step_type = step.step_type.name
+    if step.send_to_llm:
+        return _STEP_KINDS.get(step_type, StepKind.FUNCTION)
+    return StepKind.TOOL_CALL if step_type == "ACT" else StepKind.FUNCTION
+
+
+def _model_name(config: Any) -> str | None:
+    if isinstance(config, str):
+        return config or None
+    name = getattr(config, "name", None)
+    return name if isinstance(name, str) and name else None
+
+
+# id(ClientAI step) -> (the step, the engine's default model, its StepSpec): steps are frozen
+# class-level objects, so what they become is worked out once per step and default model
+_step_specs: dict[int, tuple[Any, Any, StepSpec]] = {}
+
+
+def _step_spec(step: Any, default_model: Any) -> StepSpec:
+    entry = _step_specs.get(id(step))
+    if entry is not None and entry[0] is step and entry[1] is default_model:
+        return entry[2]
+    kind = _step_kind(step)
+    model = _model_name(step.llm_config or default_model) if kind is StepKind.LLM_CALL else None
+    spec = _spec(step.name, kind, model)
+    if len(_step_specs) >= 4096:
+        _step_specs.clear()
+    _step_specs[id(step)] = (step, default_model, spec)
+    return spec
+
+
+def _execute_step(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # outside any run _open gives None: the step runs untouched
+    try:
+        step = args[0] if args else kwargs["step"]
+        if not step.config.enabled:
+            return wrapped(*args, **kwargs)  # ClientAI skips it: no step
+        spec = _step_spec(step, getattr(instance, "_default_model", None))
+    except Exception:
+        _broken("reading a ClientAI step")
+        return wrapped(*args, **kwargs)
+    call = _open(spec, args[1:], {})
+    if call is None:
+        return wrapped(*args, **kwargs)
+    return _run_step(call, wrapped, args, kwargs)
+
+
+def _single_call(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """One attempt of a step's LLM call: a failure ClientAI retries is an attempt of the step."""
+    try:
+        return wrapped(*args, **kwargs)
+    except Exception as error:
+        try:
+            _note_attempt(args[0] if args else kwargs["step"], error)
+        except Exception:
+            _broken("recording an attempt")
+        raise
+
+
+def _note_attempt(step: Any, error: Exception) -> None:
+    call = step_in(otel_context.get_current())
+    if not isinstance(call, _StepCall) or call.name != step.name:
+        return
+    config = step.config
+    # ClientAI's _execute_with_retry: ClientAIError, retried while attempts <= retry_count
+    if (
+        config.use_internal_retry
+        and isinstance(error, _settings.client_ai_error)
+        and call.attempt <= config.retry_count
+    ):
+        call._record_attempt_failure(error, 0.0)
+
+
+def _select_tools(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if otel_context.get_current().get(RUN_KEY) is None:  # outside any run: untouched
+        return wrapped(*args, **kwargs)
+    call = _open(_spec("select_tools", StepKind.TOOL_CALL, None), args[:1], {})
+    if call is None:
+        return wrapped(*args, **kwargs)
+    return _run_step(call, wrapped, args, kwargs)
+
+
+def _tool_call(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if otel_context.get_current().get(RUN_KEY) is None:  # outside any run: untouched
+        return wrapped(*args, **kwargs)
+    try:
+        spec = _spec(str(instance.name), StepKind.TOOL_CALL, None)
+    except Exception:
+        _broken("reading a tool")
+        return wrapped(*args, **kwargs)
+    call = _open(spec, args, kwargs)
+    if call is None:
+        return wrapped(*args, **kwargs)
+    return _run_step(call, wrapped, args, kwargs)
+
+
+# ---------------------------------------------------------------------------
+# LLM calls: ClientAI.generate_text and ClientAI.chat
+
+
+class _Provider:
+    """What the instrumentation knows of a ClientAI provider class."""
+
+    __slots__ = ("include_usage", "name", "openai_shaped")
+
+    def __init__(self, cls: type) -> None:
+        name = None
+        for klass in cls.__mro__:  # ClientAI's providers live in clientai.<name>.provider
+            parts = klass.__module__.split(".")
+            if len(parts) == 3 and parts[0] == "clientai" and parts[2] == "provider":
+                name = parts[1]
+                break
+        self.name = name  # gen_ai.provider.name
+        # full responses are chat completions: the text is choices[0].message.content
+        self.openai_shaped = name in ("openai", "groq")
+        # the OpenAI API sends a stream's usage in a last chunk, when asked to
+        self.include_usage = name == "openai"
+
+
+_providers: dict[type, _Provider] = {}
+
+
+def _provider_of(client: Any) -> _Provider:
+    cls = type(getattr(client, "provider", None))
+    info = _providers.get(cls)
+    if info is None:
+        info = _providers[cls] = _Provider(cls)
+    return info
+
+
+def _generate_text(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return _llm_call("generate_text", wrapped, instance, args, kwargs)
+
+
+def _chat(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return _llm_call("chat", wrapped, instance, args, kwargs)
+
+
+def _llm_call(
+    method: str, wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    if otel_context.get_current().get(RUN_KEY) is None:  # outside any run: untouched
+        return wrapped(*args, **kwargs)
+    try:
+        if len(args) > 2:  # options given by position: traced, passed on as they are
+            first, model, call_args, call_kwargs = args[0], args[1], args, dict(kwargs)
+            adjustable = False
+        else:
+            first = args[0] if args else kwargs.get("prompt" if method == "generate_text" else "messages")
+            model = args[1] if len(args) > 1 else kwargs.get("model")
+            call_args, call_kwargs = args[:1], dict(kwargs)
+            if len(args) > 1:
+                call_kwargs["model"] = model
+            adjustable = "model" in call_kwargs
+        provider = _provider_of(instance)
+        requested = model if isinstance(model, str) else None
+        spec = _spec(method, StepKind.LLM_CALL, requested)
+    except Exception:
+        _broken(f"reading a {method} call")
+        return wrapped(*args, **kwargs)
+    call = _open(spec, (first,), {})
+    if call is None:
+        return wrapped(*args, **kwargs)
+    stream = bool(call_kwargs.get("stream", False))
+    reduce = False
+    try:
+        if adjustable:
+            if call.model and call.model != requested:  # the policy fell back to a cheaper model
+                call_kwargs["model"] = call.model
+            # ask an OpenAI-shaped provider for the full response, and give back what was asked for
+            reduce = provider.openai_shaped and not call_kwargs.get("return_full_response", False)
+            if reduce:
+                call_kwargs["return_full_response"] = True
+                if stream and provider.include_usage and "stream_options" not in call_kwargs:
+                    call_kwargs["stream_options"] = {"include_usage": True}
+    except Exception:
+        _broken(f"preparing a {method} call")
+    if call.wait_before:
+        call._clock().sleep(call.wait_before)
+    ctx = _ctx(call)
+    token = otel_context.attach(ctx)
+    try:
+        response = wrapped(*call_args, **call_kwargs)
+        if stream and isinstance(response, Iterator):
+            seen = _StreamUsage(provider.name, call.model or requested)
+            chunks = _text_chunks(response, seen) if reduce else _watch_chunks(response, seen)
+            return _Follow(chunks, ctx, lambda error, items: _end_llm_stream(call, seen, error, items))
+        result = _text_of(instance, response) if reduce else response
+    except BaseException as error:
+        _failed(call, error)
+        raise
+    finally:
+        otel_context.detach(token)
+    _report(call, _usage_of(response, provider.name, call.model or requested))
+    _succeeded(call, result)
+    return result
+
+
+def _report(call: _StepCall, usage: TokenUsage | None) -> None:
+    if usage is None:
+        return
+    try:
+        call.report_usage(usage)
+        _mark_usage_below(call)
+    except Exception:
+        _broken("charging an LLM call")
+
+
+def _text_of(client: Any, response: Any) -> Any:
+    """The text of a chat completion, as ClientAI's OpenAI and Groq providers take it."""
+    try:
+        return response.choices[0].message.content
+    except Exception as error:
+        mapper = getattr(client.provider, "_map_exception_to_clientai_error", None)
+        if mapper is None:
+            raise
+        raise mapper(error) from error
+
+
+def _text_chunks(chunks: Iterator[Any], seen: _StreamUsage) -> Iterator[Any]:
+    """The text of each chunk, as the providers stream it; usage is read on the way."""
+    try:
+        for chunk in chunks:
+            seen.observe(chunk)
+            choices = chunk.choices
+            if not choices:  # the usage chunk of include_usage
+                continue
+            content = choices[0].delta.content
+            if content:
+                yield content
+    finally:
+        _close(chunks)
+
+
+def _watch_chunks(chunks: Iterator[Any], seen: _StreamUsage) -> Iterator[Any]:
+    """The chunks as they are; usage is read on the way."""
+    try:
+        for chunk in chunks:
+            seen.observe(chunk)
+            yield chunk
+    finally:
+        _close(chunks)
+
+
+def _close(chunks: Iterator[Any]) -> None:
+    """Close the provider's stream now, as closing it directly would, rather than when it is collected."""
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
+def _end_llm_stream(call: _StepCall, seen: _StreamUsage, error: BaseException | None, items: int) -> None:
+    _report(call, seen.usage)  # what arrived before a failure was paid for too
+    _end_stream(call, error, items)
+
+
+class _StreamUsage:
+    """The usage a stream's chunks carry; a later chunk's totals replace an earlier one's."""
+
+    __slots__ = ("model", "provider", "usage")
+
+    def __init__(self, provider: str | None, model: str | None) -> None:
+        self.provider = provider
+        self.model = model
+        self.usage: TokenUsage | None = None
+
+    def observe(self, chunk: Any) -> None:
+        found = _usage_of(chunk, self.provider, self.model)
+        if found is not None:
+            self.usage = found
+
+
+def _get(obj: Any, key: str) -> Any:
+    """``obj[key]`` of a dict, ``obj.key`` of anything else (SDK objects); None if absent."""
+    if isinstance(obj, dict):  # not the Mapping ABC: its check costs a microsecond per call
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def _usage_of(response: Any, provider: str | None, requested: str | None) -> TokenUsage | None:
+    """Model and tokens of a full response or chunk of any ClientAI provider, None if it has none.
+
+    OpenAI and Groq (``usage``, or ``x_groq.usage`` on Groq's last chunk) and
+    Ollama (``prompt_eval_count``, ``eval_count``), as objects or dicts.
+    """
+    try:
+        usage = _get(response, "usage")
+        if usage is None:
+            usage = _get(_get(response, "x_groq"), "usage")
+        if usage is not None:
+            input_tokens = _get(usage, "prompt_tokens")
+            output_tokens = _get(usage, "completion_tokens")
+            cached = _get(_get(usage, "prompt_tokens_details"), "cached_tokens")
+            reasoning = _get(_get(usage, "completion_tokens_details"), "reasoning_tokens")
+        else:
+            input_tokens = _get(response, "prompt_eval_count")
+            output_tokens = _get(response, "eval_count")
+            cached = reasoning = None
+        if input_tokens is None and output_tokens is None:
+            return None
+        model = _get(response, "model")
+        return TokenUsage(
+            model=model if isinstance(model, str) and model else requested,
+            provider=provider,
+            input_tokens=int(input_tokens or 0),
+            output_tokens=int(output_tokens or 0),
+            cache_read_tokens=int(cached or 0),
+            reasoning_tokens=int(reasoning or 0),
+        )
+    except Exception:
+        _broken("reading the usage of a response")
+        return None

@@ -1,0 +1,939 @@
+"""Motus (``lithosai-motus``) programs as multirun runs, agents and steps, without touching their code.
+
+Usage::
+
+    from multirun.integrations.motus import MotusInstrumentor
+
+    MotusInstrumentor().instrument()
+    print(resolve(research_crew("OpenTelemetry for agents")))   # unchanged Motus code
+
+or, with no code change at all, ``opentelemetry-instrument python app.py`` (the
+``motus`` entry point of the ``opentelemetry_instrumentor`` group). Motus needs
+Python 3.12 or newer; instrumenting does not import it: the patches are applied
+when the program imports Motus (at once if it already did).
+
+What becomes what: every ``@agent_task`` call is a step of the run current
+where the task was *registered* (a new run named after the task when none is),
+however late and on whichever thread Motus's scheduler runs it:
+
+- ``model_call`` tasks are LLM steps ``chat {model}``, with the model, tokens
+  and cost of the ``ChatCompletion`` they return (charged once, to the step);
+  ``tool_call`` tasks are tool steps ``execute_tool {tool name}``;
+  ``agent_call`` tasks (``ReActAgent`` runs) are agents ``invoke_agent {name}``
+  whose tasks are their steps; other tasks are steps ``step {name}``.
+- the span starts when Motus dispatches the task (its inputs are ready) and
+  ends when its result is settled, so parallel tasks are overlapping siblings;
+  the tasks whose results a task was given are span links (and
+  ``multirun.motus.task.depends_on`` names them).
+- each failed attempt that Motus retries, a timeout included, is an
+  ``exception`` event with its attempt number and retry delay; a cancelled
+  task (or one cancelled because an input was) is marked ``cancelled``; a task
+  that never ran because an input failed has a short failed span.
+- the run's budget and policy decide before each task starts: a task over
+  budget does not run, and its future (and those of the tasks waiting for it)
+  raises ``BudgetExceededError``. A retry over budget is not attempted.
+
+How: the caller's OpenTelemetry context is captured in
+``motus.runtime.agent_task.register_agent_task``, on the caller's thread, and
+travels with the task on the creation stack Motus keeps for its error messages.
+``GraphScheduler._execute_task`` opens the step in that context and makes it
+current for the task (asyncio copies it into the task, and into the worker
+thread of a sync task); ``GraphScheduler._resolve_task``, the one place where
+results and errors are settled, ends it before the futures are resolved.
+Telemetry never breaks the program: an instrumentation error costs a log line
+and the task runs untraced.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Collection
+from functools import lru_cache
+from typing import Any
+
+import wrapt
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import Span, SpanContext
+
+from multirun._keys import agent_in, run_in, step_in
+from multirun.context import AgentContext, RunContext, StepContext
+from multirun.decorators import StepSpec, _open_step, _record_step_not_run, _StepCall
+from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation
+from multirun.models.agent import AgentStatus
+from multirun.models.budget import Budget
+from multirun.models.policy import BackoffStrategy, Policy
+from multirun.models.run import Run, RunStatus
+from multirun.models.step import StepKind, StepStatus
+from multirun.telemetry import attributes as attr
+from multirun.telemetry import spans
+from multirun.usage import TokenUsage
+
+__all__ = ["MotusInstrumentor"]
+
+_logger = logging.getLogger(__name__)
+
+_INSTRUMENTS = ("lithosai-motus >= 0.4",)
+
+# multirun's own decisions: delivered through the task's future, never swallowed
+_REFUSALS = (BudgetExceededError, PolicyViolation, LedgerUnavailableError)
+
+# StepStatus keeps the reference's values, which have no "cancelled": a cancelled task closes as
+# failed (so step metrics count it there) with this value in its span's status attribute
+_CANCELLED = "cancelled"
+_CANCELLED_STATUS = StepStatus.FAILED
+
+_AGENT = "agent"  # the kind of agent_call tasks: an agent, not a step
+_KINDS: dict[str, StepKind | str] = {
+    "model_call": StepKind.LLM_CALL,
+    "tool_call": StepKind.TOOL_CALL,
+    "agent_call": _AGENT,
+    "normal_task": StepKind.FUNCTION,
+}
+_MAGIC = "magic_task"  # Motus's own nodes for ``future + 1``, ``future.attr``: no span of their own
+
+# Motus's chat clients, by class name, as GenAI provider names (the subclasses come first)
+_PROVIDERS = {
+    "OpenRouterChatClient": "openrouter",
+    "OpenAIChatClient": "openai",
+    "AnthropicChatClient": "anthropic",
+    "GeminiChatClient": "gcp.gemini",
+    "VolcEngineChatClient": "volcengine",
+}
+
+# register_agent_task's own parameters: not task inputs
+_REGISTER_PARAMS = frozenset(
+    ("policy", "num_returns", "creation_stack", "on_start", "on_end", "on_error", "parent_stack", "task_type")
+)
+
+_REGISTRATION = "_multirun_task"  # attribute of the creation stack that carries a _Registration
+_PRODUCERS = "_multirun_producers"  # attribute of an AgentFuture: the spans that produce its value
+
+# (module, attribute path, wrapper); patched by module path string: ``motus.runtime`` re-exports
+# ``agent_task`` and friends under the names of its submodules, so only sys.modules finds these
+_PATCHES: tuple[tuple[str, str, str], ...] = (
+    ("motus.runtime.agent_task", "register_agent_task", "_register_agent_task"),
+    ("motus.runtime.agent_runtime", "GraphScheduler._execute_task", "_execute_task"),
+    ("motus.runtime.agent_runtime", "GraphScheduler._resolve_task", "_resolve_task"),
+    ("motus.runtime.agent_runtime", "GraphScheduler.shutdown", "_shutdown"),
+)
+_HOOK_MODULE = "motus.runtime.agent_task"  # imported after agent_runtime: both are there when it is
+
+
+class MotusInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Traces Motus tasks as multirun steps and agents, with budgets and policy enforced.
+
+    ``instrument()`` takes, besides the usual ``tracer_provider`` (used when
+    multirun is not configured yet), ``budget`` and ``policy``: the limits and
+    rules of the runs the instrumentation starts for tasks registered outside
+    any run.
+    """
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _INSTRUMENTS
+
+    def _instrument(self, **kwargs: Any) -> None:
+        # opentelemetry-instrument skips the dependency check of each instrumentor: do it here
+        conflict = get_dependency_conflicts(_INSTRUMENTS)
+        if conflict is not None:
+            # Motus not installed (always so before Python 3.12) is the common case: no warning
+            log = _logger.debug if getattr(conflict, "found", None) is None else _logger.warning
+            log("multirun: Motus not instrumented: %s", conflict)
+            return
+        _settings.budget = _valid(kwargs.get("budget"), Budget, "budget")
+        _settings.policy = _valid(kwargs.get("policy"), Policy, "policy")
+        tracer_provider = kwargs.get("tracer_provider")
+        if tracer_provider is not None:
+            from multirun.client import configured_client, init
+
+            if configured_client() is None:
+                init(tracer_provider=tracer_provider)
+            else:
+                _logger.debug("multirun: already configured; Motus spans go to its tracer provider")
+        _settings.active = True
+        if _HOOK_MODULE in sys.modules:
+            _patch()
+        elif not _settings.hook_registered:
+            _settings.hook_registered = True  # wrapt keeps hooks for good: register one, once
+            wrapt.register_post_import_hook(_on_motus_import, _HOOK_MODULE)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        _settings.active = False
+        _settings.budget = _settings.policy = None
+        _unpatch()
+
+
+class _Settings:
+    """What ``instrument`` was given; one set per process, as the instrumentor is a singleton."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.patched = False
+        self.hook_registered = False
+        self.budget: Budget | None = None
+        self.policy: Policy | None = None
+        # the scheduled tasks being traced, by id() of their list of result futures (shared with
+        # the RESOLVE task that takes over a result holding futures); only the loop thread writes
+        self.live: dict[int, _TaskTrace] = {}
+
+
+_settings = _Settings()
+
+
+class _Motus:
+    """The few Motus names the wrappers need, looked up when Motus is patched (never imported here)."""
+
+    agent_future: Any = None
+    scanned: tuple[type, ...] = ()  # AgentFuture and the containers Motus looks for futures in
+    agent_task_definition: Any = None
+    base_chat_client: Any = None
+    task_cancelled_error: type[BaseException] = Exception
+    compute: Any = None  # TaskKind.COMPUTE
+    not_started: tuple[Any, ...] = ()  # TaskStatus.PENDING, READY
+
+
+def _valid(value: Any, model: Any, name: str) -> Any:
+    if value is None or isinstance(value, model):
+        return value
+    if isinstance(value, dict):
+        return model.model_validate(value)
+    raise TypeError(f"MotusInstrumentor().instrument({name}=...) must be a {model.__name__} or a dict")
+
+
+def _on_motus_import(module: Any) -> None:
+    """Post-import hook: Motus's runtime was just imported."""
+    if _settings.active:
+        try:
+            _patch()
+        except Exception:
+            _broken("patching Motus")
+
+
+def _patch() -> None:
+    if _settings.patched:
+        return
+    instance = importlib.import_module("motus.runtime.task_instance")
+    _Motus.agent_future = importlib.import_module("motus.runtime.agent_future").AgentFuture
+    _Motus.scanned = (_Motus.agent_future, list, tuple, dict)
+    _Motus.agent_task_definition = importlib.import_module("motus.runtime.agent_task").AgentTaskDefinition
+    _Motus.base_chat_client = importlib.import_module("motus.models.base").BaseChatClient
+    _Motus.task_cancelled_error = instance.TaskCancelledError
+    _Motus.compute = instance.TaskKind.COMPUTE
+    _Motus.not_started = (instance.TaskStatus.PENDING, instance.TaskStatus.READY)
+    original = sys.modules[_HOOK_MODULE].register_agent_task
+    wrappers = globals()
+    for module, path, wrapper in _PATCHES:
+        wrapt.wrap_function_wrapper(module, path, wrappers[wrapper])
+    # the package's re-export, when it was bound before the patch
+    package = sys.modules.get("motus.runtime")
+    if package is not None and getattr(package, "register_agent_task", None) is original:
+        wrapt.wrap_function_wrapper(package, "register_agent_task", _register_agent_task)
+    _settings.patched = True
+
+
+def _unpatch() -> None:
+    if not _settings.patched:
+        return
+    for module_name, path, _ in _PATCHES:
+        owner: Any = sys.modules.get(module_name)
+        *owner_path, name = path.split(".")
+        for part in owner_path:
+            owner = getattr(owner, part)
+        unwrap(owner, name)
+    package = sys.modules.get("motus.runtime")
+    if package is not None:
+        unwrap(package, "register_agent_task")
+    _settings.patched = False
+    for key in list(_settings.live):  # spans still open: end them rather than lose them
+        trace = _settings.live.pop(key, None)
+        if trace is not None:
+            trace.finish(None, RuntimeError("Motus instrumentation removed while the task ran"))
+
+
+# ---------------------------------------------------------------------------
+# failures of the instrumentation itself: a log line, never the program
+
+_warned: set[str] = set()
+
+
+def _broken(where: str) -> None:
+    """Log (once per place at warning level) that the instrumentation failed; the task goes on."""
+    if where in _warned:
+        _logger.debug("multirun: Motus instrumentation failed in %s", where, exc_info=True)
+        return
+    _warned.add(where)
+    _logger.warning(
+        "multirun: Motus instrumentation failed in %s; the task goes on untraced", where, exc_info=True
+    )
+
+
+# ---------------------------------------------------------------------------
+# registration: on the caller's thread
+
+
+class _Registration:
+    """What the caller's thread knew when it registered a task: its context and the task's inputs."""
+
+    __slots__ = ("context", "recorded", "upstream")
+
+    def __init__(self, context: Context, upstream: list[Any]) -> None:
+        self.context = context
+        self.upstream = upstream  # the AgentFutures among the inputs, resolved or not
+        self.recorded = False  # the task has a span already (or must not get one)
+
+
+def _register_agent_task(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    if _settings.active:
+        try:
+            stack = kwargs.get("creation_stack")
+            if stack is None:
+                # an empty stack adds nothing to Motus's error messages, as None does
+                stack = kwargs["creation_stack"] = traceback.StackSummary()
+            upstream: list[Any] = []
+            scanned = _Motus.scanned
+            for value in args[1:]:
+                if isinstance(value, scanned):
+                    _futures_in(value, scanned[0], upstream)
+            for key, value in kwargs.items():
+                if isinstance(value, scanned) and key not in _REGISTER_PARAMS:
+                    _futures_in(value, scanned[0], upstream)
+            setattr(stack, _REGISTRATION, _Registration(otel_context.get_current(), upstream))
+        except Exception:
+            _broken("registering a task")
+    return wrapped(*args, **kwargs)
+
+
+def _futures_in(value: Any, future: type, out: list[Any]) -> None:
+    """The AgentFutures in ``value``, looked for where Motus looks (lists, tuples, dict values)."""
+    if isinstance(value, future):
+        out.append(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _futures_in(item, future, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _futures_in(item, future, out)
+
+
+def _registration(task: Any) -> _Registration | None:
+    found = getattr(task.creation_stack, _REGISTRATION, None)
+    return found if isinstance(found, _Registration) else None
+
+
+# ---------------------------------------------------------------------------
+# dispatch: on Motus's event-loop thread
+
+
+def _execute_task(wrapped: Callable[..., Any], scheduler: Any, args: Any, kwargs: Any) -> Any:
+    if not _settings.active:
+        return wrapped(*args, **kwargs)
+    task = args[0] if args else kwargs.get("task")
+    try:
+        reg = _registration(task) if task.kind is _Motus.compute else None
+        if reg is None or reg.recorded:
+            return wrapped(*args, **kwargs)
+        if task.task_type == _MAGIC:
+            _set_producers(task, _producers(reg.upstream))
+            return wrapped(*args, **kwargs)
+        reg.recorded = True
+        trace = _TaskTrace.open(scheduler, task, reg)
+    except _REFUSALS as refused:
+        # not run: its future (and those of the tasks waiting for it) raise the refusal
+        scheduler._resolve_task(task, error=refused)
+        return None
+    except Exception:
+        _broken("starting a task")
+        return wrapped(*args, **kwargs)
+    original = task.func
+    token = None
+    try:
+        attempts = trace.attempts(original)
+        if attempts is not None:
+            task.func = attempts
+        token = otel_context.attach(trace.otel_context)  # asyncio copies it into the task
+    except Exception:
+        _broken("starting a task")
+    try:
+        return wrapped(*args, **kwargs)
+    except BaseException as error:
+        # Motus failed to start it (an input that had failed already raises here, to the caller)
+        if _settings.live.pop(id(trace.futures), None) is not None:
+            trace.finish(None, error)
+        raise
+    finally:
+        task.func = original
+        if token is not None:
+            otel_context.detach(token)
+
+
+def _resolve_task(wrapped: Callable[..., Any], scheduler: Any, args: Any, kwargs: Any) -> Any:
+    # the span ends first: whoever waits on the future sees the task's span finished
+    if _settings.active:
+        refused = None
+        try:
+            refused = _on_resolve(*args, **kwargs)
+        except Exception:
+            _broken("ending a task")
+        if refused is not None:
+            return wrapped(args[0] if args else kwargs["task"], error=refused)
+    return wrapped(*args, **kwargs)
+
+
+def _on_resolve(
+    task: Any, results: list[Any] | None = None, error: Exception | None = None
+) -> BaseException | None:
+    """End the task's span; a refusal of its result by the policy, to settle the task with."""
+    trace = _settings.live.pop(id(task.result_futures), None)
+    if trace is not None:
+        return trace.finish(results, error)
+    if error is None or task.kind is not _Motus.compute or task.status not in _Motus.not_started:
+        return None
+    reg = _registration(task)
+    if reg is None or reg.recorded or task.task_type == _MAGIC:
+        return None
+    reg.recorded = True
+    _record_not_started(task, reg, error)
+    return None
+
+
+def _shutdown(wrapped: Callable[..., Any], scheduler: Any, args: Any, kwargs: Any) -> Any:
+    try:
+        error = RuntimeError("Motus runtime is shutting down")
+        for key, trace in list(_settings.live.items()):
+            if trace.scheduler is scheduler:
+                _settings.live.pop(key, None)
+                trace.finish(None, error)
+    except Exception:
+        _broken("shutting Motus down")
+    return wrapped(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# one task
+
+
+class _TaskTrace:
+    """The step (or agent) of one scheduled task, from dispatch to settlement, and its attempts."""
+
+    __slots__ = (
+        "agent",
+        "extra",
+        "failures",
+        "futures",
+        "kind",
+        "lock",
+        "name",
+        "owned_run",
+        "provider",
+        "scheduler",
+        "started",
+        "step",
+        "task",
+    )
+
+    def __init__(self, scheduler: Any, task: Any, name: str, kind: StepKind | str) -> None:
+        self.scheduler = scheduler
+        self.task = task
+        self.futures = task.result_futures  # keeps the key of _settings.live alive
+        self.name = name
+        self.kind = kind
+        self.step: _StepCall | None = None
+        self.agent: AgentContext | None = None
+        self.owned_run: RunContext | None = None
+        self.provider: str | None = None
+        self.extra: dict[str, Any] = {attr.MOTUS_TASK_ID: task.id.id, attr.MOTUS_TASK_TYPE: task.task_type}
+        self.lock: threading.Lock | None = None  # only when attempts are followed (see attempts)
+        self.started = 0  # attempts started
+        self.failures = 0  # failed attempts recorded as retried
+
+    @classmethod
+    def open(cls, scheduler: Any, task: Any, reg: _Registration) -> _TaskTrace:
+        """Open the task's step (or agent) in the context it was registered in.
+
+        Raises the budget's or the policy's refusal after recording it.
+        """
+        name = _task_name(task)
+        kind = _KINDS.get(task.task_type, StepKind.FUNCTION)
+        trace = cls(scheduler, task, name, kind)
+        ctx, trace.owned_run = _run_context(reg.context, name)
+        try:
+            token = otel_context.attach(ctx)
+            try:
+                if kind is _AGENT:
+                    trace.agent = _start_agent(name, ctx)
+                else:
+                    assert isinstance(kind, StepKind)
+                    model = None
+                    if kind is StepKind.LLM_CALL:
+                        model, trace.provider = _model_call_inputs(task)
+                    client = run_in(ctx).client  # type: ignore[union-attr]
+                    args, kwargs = task.unwrap_args() if client.capture_content else ((), {})
+                    step = _open_step(_spec(name, kind, model), args, kwargs)
+                    assert isinstance(step, _StepCall)
+                    trace.step = step
+                    if model is not None and step.model and step.model != model:
+                        _switch_model(task, step.model)  # the policy fell back to a cheaper model
+            finally:
+                otel_context.detach(token)
+        except BaseException as error:
+            if trace.owned_run is not None:
+                trace.owned_run.fail(error)
+            raise
+        _settings.live[id(trace.futures)] = trace  # from here on, settling the task ends the span
+        try:
+            trace._link(reg)
+        except Exception:
+            _broken("linking a task to its inputs")
+        return trace
+
+    def _link(self, reg: _Registration) -> None:
+        """Links to the spans of the tasks whose results this one was given; its own for its results."""
+        span = self.span
+        producers = _producers(reg.upstream)
+        if producers:
+            names: list[str] = []
+            for context, upstream_name in producers:
+                span.add_link(context, {attr.STEP_NAME: upstream_name})
+                if upstream_name not in names:
+                    names.append(upstream_name)
+            self.extra[attr.MOTUS_DEPENDS_ON] = tuple(names)
+        _set_producers(self.task, ((span.get_span_context(), self.name),))
+
+    @property
+    def span(self) -> Span:
+        if self.step is not None:
+            return self.step.span
+        assert self.agent is not None and self.agent._span is not None
+        return self.agent._span
+
+    @property
+    def otel_context(self) -> Context:
+        if self.step is not None:
+            assert self.step.otel_context is not None
+            return self.step.otel_context
+        assert self.agent is not None
+        return self.agent.otel_context
+
+    # -- attempts: the task's function, called by Motus once per attempt --------
+
+    def attempts(self, func: Callable[..., Any]) -> Callable[..., Any] | None:
+        """``func`` wrapped to report each attempt; a coroutine function if ``func`` is one.
+
+        None when there is nothing to follow (no retries, no wait): the task's
+        one attempt ends with the task, and its error is the task's error.
+        """
+        wait = self.step.wait_before if self.step is not None else 0.0
+        if not wait and not self.task.policy.retries:
+            return None
+        trace = self
+        self.lock = threading.Lock()
+        clock = self._run().client.clock
+        if inspect.iscoroutinefunction(func):
+
+            async def attempt_async(*args: Any, **kwargs: Any) -> Any:
+                number = trace.begin_attempt()
+                if number == 1 and wait:
+                    await clock.async_sleep(wait)  # a rate limit asked to wait
+                try:
+                    return await func(*args, **kwargs)
+                except BaseException as error:
+                    trace.attempt_failed(number, error)
+                    raise
+
+            wrapper: Callable[..., Any] = attempt_async
+        else:
+
+            def attempt(*args: Any, **kwargs: Any) -> Any:
+                number = trace.begin_attempt()
+                if number == 1 and wait:
+                    clock.sleep(wait)
+                try:
+                    return func(*args, **kwargs)
+                except BaseException as error:
+                    trace.attempt_failed(number, error)
+                    raise
+
+            wrapper = attempt
+        # Motus names hooks and log lines after the function
+        wrapper.__name__ = getattr(func, "__name__", wrapper.__name__)
+        wrapper.__qualname__ = getattr(func, "__qualname__", wrapper.__qualname__)
+        wrapper.__wrapped__ = func  # type: ignore[attr-defined]
+        return wrapper
+
+    def begin_attempt(self) -> int:
+        """Number the attempt that starts; an earlier one that ended unseen timed out.
+
+        A retry is not attempted once the run is over budget: Motus's retries
+        are used up and the refusal is the task's error.
+        """
+        try:
+            with self.lock:  # type: ignore[union-attr]  # set with the wrapper that calls this
+                if self.started < 0:
+                    return 0  # the task was settled already (cancelled)
+                if self.started and self.started > self.failures:
+                    # the last attempt ended without an outcome seen here: Motus's timeout stopped it
+                    self._record_failure(self._unseen_failure(self.started), self.task.policy.retry_delay)
+                if self.started:
+                    self._check_retry_budget()
+                self.started += 1
+                return self.started
+        except _REFUSALS:
+            raise
+        except Exception:
+            _broken("starting an attempt")
+            return 0
+
+    def attempt_failed(self, number: int, error: BaseException) -> None:
+        """An attempt raised: recorded now if Motus will retry it, else when the task settles."""
+        try:
+            if not isinstance(error, Exception) or isinstance(error, _Motus.task_cancelled_error):
+                return  # cancelled: by a timeout (seen at the next attempt) or by the user
+            task = self.task
+            with self.lock:  # type: ignore[union-attr]
+                if number != self.started or self.failures >= number:
+                    return  # an attempt that timed out long ago, finishing late in its thread
+                if task.retry_count < task.policy.retries:  # what Motus decides next
+                    self._record_failure(error, task.policy.retry_delay)
+        except Exception:
+            _broken("recording a failed attempt")
+
+    def _record_failure(self, error: BaseException, delay: float) -> None:
+        self.failures += 1
+        if self.step is not None:
+            self.step._record_attempt_failure(error, delay)
+            return
+        self.span.record_exception(
+            error,
+            attributes={
+                attr.STEP_ATTEMPT: self.failures,
+                attr.STEP_RETRY_DELAY: delay,
+                attr.ERROR_TYPE: _error_type(error),
+            },
+        )
+
+    def _unseen_failure(self, number: int) -> Exception:
+        timeout = self.task.policy.timeout
+        if timeout is not None:
+            return TimeoutError(
+                f"attempt {number} of task {self.name!r} exceeded its timeout of {timeout:g}s"
+            )
+        return RuntimeError(f"attempt {number} of task {self.name!r} ended without a result")
+
+    def _check_retry_budget(self) -> None:
+        ledger = self._run().ledger
+        budget = ledger.budget
+        hit = ledger.exceeded(budget, next_step=False) if budget is not None else None
+        if hit is not None:
+            self.task.retry_count = self.task.policy.retries  # no further retry either
+            raise BudgetExceededError(*hit, run_id=ledger.run_id)
+
+    def _run(self) -> RunContext:
+        holder: StepContext | AgentContext | None = self.step if self.step is not None else self.agent
+        assert holder is not None
+        return holder.run_context
+
+    # -- settlement ----------------------------------------------------------------
+
+    def finish(self, results: list[Any] | None, error: BaseException | None) -> BaseException | None:
+        """End the span (and the run started for the task) with the task's outcome.
+
+        Called once: by whoever took the trace out of ``_settings.live``.
+        Returns the policy's refusal of a result (its usage has no price and
+        ``init(unpriced="fail")`` is set): the task's error instead.
+        """
+        lock = self.lock
+        if lock is None:
+            self.started = -1
+        else:
+            with lock:
+                self.started = -1  # late attempts of a sync task that timed out are ignored from now
+        try:
+            if error is None:
+                result = None
+                if results:
+                    result = results[0] if len(results) == 1 else tuple(results)
+                return self._complete(result)
+            if isinstance(error, _Motus.task_cancelled_error):
+                self._cancel()
+            else:
+                self._fail(error)
+        except Exception:
+            _broken(f"ending task {self.name!r}")
+        return None
+
+    def _complete(self, result: Any) -> BaseException | None:
+        step, agent, run = self.step, self.agent, self.owned_run
+        if step is not None:
+            if self.kind is StepKind.LLM_CALL:
+                usage = _usage_of(result, self.provider)
+                if usage is not None:
+                    try:
+                        step.report_usage(usage)  # charged (and counted) even when refused
+                    except _REFUSALS as refused:
+                        self._fail(refused)
+                        return refused
+            step._succeed(result, self.extra)
+        elif agent is not None:
+            self.span.set_attributes(self.extra)
+            agent.complete(result)
+        if run is not None:
+            run.complete(result)
+        return None
+
+    def _fail(self, error: BaseException) -> None:
+        self.span.set_attributes(self.extra)
+        if self.step is not None:
+            self.step._failed(error)
+        elif self.agent is not None:
+            self.agent.fail(error)
+        if self.owned_run is not None:
+            self.owned_run.fail(error)
+
+    def _cancel(self) -> None:
+        if self.step is not None:
+            self.step._close(_CANCELLED_STATUS, extra={**self.extra, attr.STEP_STATUS: _CANCELLED})
+        elif self.agent is not None:
+            self.span.set_attributes(self.extra)
+            self.agent._finish(AgentStatus.CANCELLED, None)
+        if self.owned_run is not None:
+            self.owned_run._finish(RunStatus.CANCELLED)
+
+
+# ---------------------------------------------------------------------------
+# runs, agents and steps
+
+
+def _run_context(ctx: Context, name: str) -> tuple[Context, RunContext | None]:
+    """``ctx`` if it is inside a run; else the context of a new run named ``name``, and that run."""
+    if run_in(ctx) is not None:
+        return ctx, None
+    from multirun.client import get_client
+
+    run = RunContext(
+        get_client(),
+        Run(name=name, budget=_settings.budget, policy=_settings.policy),
+        checkpoint_on_error=False,
+    )
+    run._start(ctx)
+    return run.otel_context, run
+
+
+def _start_agent(name: str, ctx: Context) -> AgentContext:
+    """An agent of the run current in ``ctx`` (the current context); refused over budget."""
+    run = run_in(ctx)
+    assert run is not None
+    ledger = run.ledger
+    budget = ledger.budget
+    hit = ledger.exceeded(budget, next_step=True) if budget is not None else None
+    if hit is not None:
+        refused = BudgetExceededError(*hit, run_id=ledger.run_id)
+        _record_step_not_run(
+            _spec(name, StepKind.SUB_AGENT, None), agent_in(ctx) or run.default_agent, ctx, refused=refused
+        )
+        raise refused
+    return run.start_agent(name)
+
+
+def _record_not_started(task: Any, reg: _Registration, error: BaseException) -> None:
+    """A short span for a task that never ran: cancelled, or an input failed."""
+    name = _task_name(task)
+    kind = _KINDS.get(task.task_type, StepKind.FUNCTION)
+    step_kind = StepKind.SUB_AGENT if kind is _AGENT else kind
+    assert isinstance(step_kind, StepKind)
+    ctx, owned = _run_context(reg.context, name)
+    run = run_in(ctx)
+    assert run is not None
+    step = StepContext(agent_in(ctx) or run.default_agent, name, step_kind, step_in(ctx), managed=True)
+    model = _model_call_inputs(task)[0] if step_kind is StepKind.LLM_CALL else None
+    step.model = model
+    step._open(
+        ctx,
+        spans.step_start_attributes(step_kind, name, model),
+        (),
+        {},
+        spans.step_span_name(step_kind, name, model),
+    )
+    extra: dict[str, Any] = {attr.MOTUS_TASK_ID: task.id.id, attr.MOTUS_TASK_TYPE: task.task_type}
+    if isinstance(error, _Motus.task_cancelled_error):
+        extra[attr.STEP_STATUS] = _CANCELLED
+        step._close(_CANCELLED_STATUS, extra=extra)
+        if owned is not None:
+            owned._finish(RunStatus.CANCELLED)
+        return
+    step._close(StepStatus.FAILED, error=error, extra=extra)
+    if owned is not None:
+        owned.fail(error)
+
+
+def _body() -> None:
+    """Stands for the Motus function a StepSpec describes (only its name is read)."""
+
+
+_specs: dict[tuple[str, StepKind, str | None], StepSpec] = {}
+
+
+def _spec(name: str, kind: StepKind, model: str | None) -> StepSpec:
+    key = (name, kind, model)
+    spec = _specs.get(key)
+    if spec is None:
+        if len(_specs) >= 4096:  # task names and models are few; never grow without bound
+            _specs.clear()
+        spec = _specs[key] = StepSpec(
+            _body,
+            name=_step_name(name),
+            kind=kind,
+            retry=0,  # Motus retries; the attempts are reported to the step
+            retry_delay=0.0,
+            retry_max_delay=0.0,
+            retry_strategy=BackoffStrategy.CONSTANT,
+            retry_on=None,
+            checkpoint=False,
+            idempotent=False,  # Motus tasks take clients, agents and futures: nothing to replay
+            check_budget=True,
+            model=model,
+        )
+    return spec
+
+
+def _step_name(name: str) -> str:
+    name = name.replace("\x00", "")[:256]
+    return name if name.strip() else "task"
+
+
+def _task_name(task: Any) -> str:
+    """The task's function name; for a method of a named object (a tool, an agent), that name."""
+    func = task.func
+    args = task.args
+    if args:
+        owner = args[0]
+        definition = getattr(type(owner), getattr(func, "__name__", ""), None)
+        if isinstance(definition, _Motus.agent_task_definition) and definition.unwrap_task() is func:
+            label = getattr(owner, "name", None)
+            return label if isinstance(label, str) and label else f"{type(owner).__name__}.{task.name}"
+    return str(task.name)
+
+
+# ---------------------------------------------------------------------------
+# dependencies: which spans produce the value of a future
+
+
+def _producers(upstream: list[Any]) -> list[tuple[SpanContext, str]]:
+    found: list[tuple[SpanContext, str]] = []
+    seen: set[int] = set()
+    for future in upstream:
+        for context, name in vars(future).get(_PRODUCERS, ()):  # never getattr: Motus defers it
+            if context.span_id not in seen:
+                seen.add(context.span_id)
+                found.append((context, name))
+    return found
+
+
+def _set_producers(task: Any, producers: Collection[tuple[SpanContext, str]]) -> None:
+    value = tuple(producers)
+    for future in task.result_futures:
+        vars(future)[_PRODUCERS] = value
+
+
+# ---------------------------------------------------------------------------
+# model calls
+
+
+def _model_call_inputs(task: Any) -> tuple[str | None, str | None]:
+    """The model a model_call task asks for, and the provider of its chat client."""
+    kwargs = task.kwargs
+    model = kwargs.get("model")
+    if model is None:
+        position = _model_position(task.func)
+        if position is not None and position < len(task.args):
+            model = task.args[position]
+    if isinstance(model, _Motus.agent_future):
+        model = model.af_result() if model.af_done() else None
+    provider = None
+    for value in (*task.args, *kwargs.values()):
+        if isinstance(value, _Motus.base_chat_client):
+            provider = _provider(type(value))
+            break
+    return (model if isinstance(model, str) and model else None), provider
+
+
+def _switch_model(task: Any, model: str) -> None:
+    """Make a model_call task ask for ``model`` (its arguments are read after this, at dispatch)."""
+    if "model" in task.kwargs:
+        task.kwargs["model"] = model
+        return
+    position = _model_position(task.func)
+    if position is not None and position < len(task.args):
+        args = list(task.args)
+        args[position] = model
+        task.args = tuple(args)
+
+
+@lru_cache(maxsize=256)
+def _model_position(func: Callable[..., Any]) -> int | None:
+    try:
+        parameters = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+    return parameters.index("model") if "model" in parameters else None
+
+
+_provider_of: dict[type, str | None] = {}
+
+
+def _provider(cls: type) -> str | None:
+    """The GenAI provider name of a Motus chat client class (None for one of its own)."""
+    if cls in _provider_of:
+        return _provider_of[cls]
+    provider = None
+    for klass in cls.__mro__:
+        provider = _PROVIDERS.get(klass.__name__)
+        if provider is not None:
+            break
+    if len(_provider_of) < 256:
+        _provider_of[cls] = provider
+    return provider
+
+
+def _usage_of(result: Any, provider: str | None) -> TokenUsage | None:
+    """The usage of a Motus ``ChatCompletion`` (its ``prompt_tokens`` exclude cached input)."""
+    usage = getattr(result, "usage", None)
+    if not isinstance(usage, dict) or not usage:
+        return None
+    prompt = _count(usage.get("prompt_tokens"))
+    cache_read = _count(usage.get("cache_read_input_tokens"))
+    cache_write = _count(usage.get("cache_creation_input_tokens"))
+    details = usage.get("completion_tokens_details")
+    reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+    cost = usage.get("cost")
+    if not isinstance(cost, (int, float)) or isinstance(cost, bool) or cost < 0:
+        cost = None
+    model = getattr(result, "model", None)
+    return TokenUsage(
+        model=model if isinstance(model, str) and model else None,
+        provider=provider,
+        input_tokens=prompt + cache_read + cache_write,
+        output_tokens=_count(usage.get("completion_tokens")),
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=reasoning,
+        cost_usd=None if cost is None else float(cost),
+    )
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _error_type(error: BaseException) -> str:
+    cls = type(error)
+    if cls.__module__ in ("builtins", "__main__"):
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"

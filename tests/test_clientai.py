@@ -1,0 +1,664 @@
+"""ClientAI agents traced and governed by ClientAIInstrumentor, without a change to their code.
+
+No mock of ClientAI: the real package runs, with its real OpenAI provider,
+whose SDK client is a scripted fake of the OpenAI API (tests/clientai_programs/
+fake_openai.py) answering with real ``openai`` ChatCompletion objects and
+stream chunks with usage. The research agent of tests/clientai_programs/
+research_agent.py is plain ClientAI code (think -> act with a tool selection
+and a tool call -> observe -> synthesize); every token count is fixed by the
+script, so every total below is known.
+
+What is proved: the exact span trees (names, kinds, parents, statuses, token
+roll-ups) for a multi-step agent, a streamed answer, a retry that succeeds on
+the second attempt and a failing step; tokens read from the provider's full
+response and charged exactly once; a budget stops the agent before its next
+step with BudgetExceededError; the policy's fallback model reaches the API;
+a failure of the instrumentation costs a log line, not the agent; the same
+unchanged program run under ``opentelemetry-instrument`` gives the same tree.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import wrapt
+from clientai.agent import Agent, StepConfig, think
+from clientai.agent.core.agent import Agent as CoreAgent
+from clientai.agent.exceptions import WorkflowError
+from clientai.exceptions import InvalidRequestError
+from opentelemetry.trace import StatusCode
+
+import multirun
+from clientai_programs import research_agent
+from clientai_programs.fake_openai import APIFailure, Reply, ScriptedModel, offline_client
+from clientai_programs.research_agent import MODEL, TOPIC
+from multirun.cli.runs import SpanRecord, build_tree, find_runs, load_spans, record_from_span
+from multirun.errors import BudgetExceededError, ConfigurationError
+from multirun.integrations import clientai as integration
+from multirun.integrations.clientai import ClientAIInstrumentor
+from multirun.models import Budget, Policy, StepKind
+from multirun.models.policy import DegradationTrigger, GracefulDegradationRule
+from multirun.telemetry import attributes as attr
+
+TESTS = Path(__file__).resolve().parent
+
+# The tree of one research agent run outside any run: the instrumentation starts a run for it.
+RESEARCH_TREE = [
+    "invoke_workflow ResearchAgent completed tokens=296",
+    "  invoke_agent ResearchAgent completed tokens=296",
+    "    chat gpt-4o-mini [analyze llm_call] completed tokens=28",
+    "      chat gpt-4o-mini [generate_text llm_call] completed tokens=28 in=20 out=8",
+    "    chat gpt-4o-mini [gather llm_call] completed tokens=226",
+    "      execute_tool select_tools [select_tools tool_call] completed tokens=180",
+    "        chat gpt-4o-mini [generate_text llm_call] completed tokens=180 in=150 out=30",
+    "      execute_tool search [search tool_call] completed",
+    "      chat gpt-4o-mini [generate_text llm_call] completed tokens=46 in=40 out=6",
+    "    step note [note function] completed",
+    "    chat gpt-4o-mini [report llm_call] completed tokens=42",
+    "      chat gpt-4o-mini [generate_text llm_call] completed tokens=42 in=30 out=12",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def instrumented() -> Iterator[ClientAIInstrumentor]:
+    instrumentor = ClientAIInstrumentor()
+    instrumentor.instrument()
+    yield instrumentor
+    instrumentor.uninstrument()
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def records(traced: Any) -> list[SpanRecord]:
+    return [record_from_span(s) for s in traced.spans()]
+
+
+def run_roots(spans: list[SpanRecord]) -> list[SpanRecord]:
+    """The run spans, oldest first."""
+    return [r.span for r in reversed(find_runs(spans))]
+
+
+def tree(spans: list[SpanRecord], root: SpanRecord | None = None) -> list[str]:
+    """One line per span, indented by depth: name, [step name and kind], status, tokens."""
+    if root is None:
+        (root,) = run_roots(spans)
+    lines: list[str] = []
+
+    def walk(node: Any, depth: int) -> None:
+        a = node.span.attributes
+        parts = [node.span.name]
+        if attr.STEP_NAME in a:
+            parts.append(f"[{a[attr.STEP_NAME]} {a[attr.STEP_KIND]}]")
+        parts.append(str(a.get(attr.STEP_STATUS) or a.get(attr.AGENT_STATUS) or a.get(attr.RUN_STATUS)))
+        if attr.TOKENS_USED in a:
+            parts.append(f"tokens={a[attr.TOKENS_USED]}")
+        if attr.GEN_AI_USAGE_INPUT_TOKENS in a:
+            parts.append(f"in={a[attr.GEN_AI_USAGE_INPUT_TOKENS]} out={a[attr.GEN_AI_USAGE_OUTPUT_TOKENS]}")
+        lines.append("  " * depth + " ".join(parts))
+        for child in node.children:
+            walk(child, depth + 1)
+
+    walk(build_tree(spans, root), 0)
+    return lines
+
+
+def named(spans: list[SpanRecord], step_name: str) -> list[SpanRecord]:
+    return [s for s in spans if s.attributes.get(attr.STEP_NAME) == step_name]
+
+
+def one(spans: list[SpanRecord], step_name: str) -> SpanRecord:
+    (found,) = named(spans, step_name)
+    return found
+
+
+# ---------------------------------------------------------------------------
+# the multi-step agent
+
+
+def test_multi_step_agent_becomes_a_run_with_one_span_per_step_call_and_tool(traced: Any) -> None:
+    agent, model = research_agent.build()
+
+    answer = agent.run(TOPIC)
+
+    assert answer == research_agent.REPORT.text  # the caller gets text, as without instrumentation
+    spans = records(traced)
+    assert tree(spans) == RESEARCH_TREE
+    (run_span,) = run_roots(spans)
+    assert run_span.attributes[attr.STEPS_USED] == 10  # every step, LLM call and tool span is a step
+    # the tool was called with the arguments the model chose
+    assert one(spans, "search").attributes[attr.GEN_AI_TOOL_NAME] == "search"
+    assert model.prompts()[2].startswith("GATHER facts")
+    assert "3 results for OpenTelemetry adoption 2025" in model.prompts()[2]
+
+
+def test_llm_calls_carry_model_provider_and_usage_and_the_run_their_cost(traced: Any) -> None:
+    agent, _ = research_agent.build()
+    agent.run(TOPIC)
+
+    spans = records(traced)
+    calls = named(spans, "generate_text")
+    assert len(calls) == 4
+    for call in calls:
+        a = call.attributes
+        assert a[attr.GEN_AI_OPERATION_NAME] == "chat"
+        assert a[attr.GEN_AI_REQUEST_MODEL] == MODEL
+        assert a[attr.GEN_AI_RESPONSE_MODEL] == MODEL
+        assert a[attr.GEN_AI_PROVIDER_NAME] == "openai"
+        assert a[attr.GEN_AI_USAGE_COST_CURRENCY] == "USD"
+        assert attr.UNPRICED not in a
+    gather_call = [c for c in calls if c.attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] == 40]
+    assert gather_call[0].attributes[attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == 10
+    # gen_ai.usage.* only on the calls themselves: a backend summing them counts each call once
+    for span in spans:
+        if span.attributes.get(attr.STEP_NAME) != "generate_text":
+            assert attr.GEN_AI_USAGE_INPUT_TOKENS not in span.attributes, span.name
+    (run_span,) = run_roots(spans)
+    cost = sum(c.attributes[attr.GEN_AI_USAGE_COST_AMOUNT] for c in calls)
+    assert cost > 0
+    assert run_span.attributes[attr.COST_USD] == pytest.approx(cost)
+    assert one(spans, "gather").attributes[attr.COST_USD] == pytest.approx(
+        sum(c.attributes[attr.GEN_AI_USAGE_COST_AMOUNT] for c in calls[1:3])
+    )
+
+
+def test_agents_inside_an_active_run_are_its_agents(traced: Any) -> None:
+    first, _ = research_agent.build()
+    second, _ = research_agent.build()
+
+    @multirun.run(name="crew")
+    def crew() -> list[str]:
+        return [first.run(TOPIC), second.run(TOPIC)]
+
+    crew()
+
+    spans = records(traced)
+    lines = tree(spans)
+    assert lines[0] == "invoke_workflow crew completed tokens=592"
+    assert lines[1:] == RESEARCH_TREE[1:] * 2  # two agents of the run, each with its steps
+
+
+def test_streamed_answer_keeps_its_spans_open_until_consumed(traced: Any) -> None:
+    agent, model = research_agent.build(stream=True)
+
+    stream = agent.run(TOPIC, stream=True)
+
+    assert isinstance(stream, Iterator)
+    assert not [s for s in traced.spans() if s.name.startswith("invoke_agent")]  # not consumed yet
+    chunks = list(stream)
+    assert "".join(chunks) == research_agent.REPORT.text
+    assert len(chunks) == 8
+    spans = records(traced)
+    assert tree(spans) == RESEARCH_TREE  # the same tree and tokens as without streaming
+    report_call = named(spans, "generate_text")[-1]
+    assert report_call.attributes[attr.STEP_STREAM_ITEMS] == 8
+    assert one(spans, "report").attributes[attr.STEP_STREAM_ITEMS] == 8
+    # the usage came from the stream's last chunk, which the instrumentation asked for
+    assert model.calls[-1]["stream"] is True
+    assert model.calls[-1]["stream_options"] == {"include_usage": True}
+
+
+def test_stream_closed_early_ends_its_spans_with_what_was_handed_out(traced: Any) -> None:
+    agent, _ = research_agent.build(stream=True)
+
+    stream = agent.run(TOPIC, stream=True)
+    assert [next(stream), next(stream)] == ["OpenTelemetry", " adoption"]
+    stream.close()  # type: ignore[attr-defined]
+
+    spans = records(traced)
+    report_call = named(spans, "generate_text")[-1]
+    assert report_call.attributes[attr.STEP_STATUS] == "completed"
+    assert report_call.attributes[attr.STEP_STREAM_ITEMS] == 2
+    assert attr.GEN_AI_USAGE_INPUT_TOKENS not in report_call.attributes  # the usage chunk never came
+    (run_span,) = run_roots(spans)
+    assert run_span.attributes[attr.RUN_STATUS] == "completed"
+    assert run_span.attributes[attr.TOKENS_USED] == 296 - 42
+
+
+def test_stream_dropped_unread_still_ends_its_agent_and_run(traced: Any) -> None:
+    agent, model = research_agent.build(stream=True)
+
+    stream = agent.run(TOPIC, stream=True)
+    del stream
+    gc.collect()
+
+    spans = records(traced)
+    (run_span,) = run_roots(spans)
+    assert run_span.attributes[attr.RUN_STATUS] == "completed"
+    assert named(spans, "generate_text")[-1].attributes[attr.STEP_STREAM_ITEMS] == 0
+    assert len(model.calls) == 4  # the request was sent: the run shows the call, with no tokens
+
+
+# ---------------------------------------------------------------------------
+# retries and errors
+
+
+class FlakyAgent(Agent):
+    @think("draft", step_config=StepConfig(retry_count=2))
+    def draft(self, topic: str) -> str:
+        return f"DRAFT a summary of {topic}"
+
+
+class BrokenAgent(Agent):
+    @think("draft")
+    def draft(self, topic: str) -> str:
+        return f"DRAFT a summary of {topic}"
+
+    @think("polish")
+    def polish(self, draft: str) -> str:
+        return f"POLISH {draft}"
+
+
+def test_a_retry_that_succeeds_is_a_second_attempt_of_the_step(traced: Any) -> None:
+    model = ScriptedModel(
+        {"DRAFT": [APIFailure("Error code: 503 - upstream overloaded"), Reply("A short summary.", 12, 4)]}
+    )
+    agent = FlakyAgent(client=offline_client(model), default_model=MODEL)
+
+    assert agent.run(TOPIC) == "A short summary."
+
+    spans = records(traced)
+    assert tree(spans) == [
+        "invoke_workflow FlakyAgent completed tokens=16",
+        "  invoke_agent FlakyAgent completed tokens=16",
+        "    chat gpt-4o-mini [draft llm_call] completed tokens=16",
+        "      chat gpt-4o-mini [generate_text llm_call] failed",
+        "      chat gpt-4o-mini [generate_text llm_call] completed tokens=16 in=12 out=4",
+    ]
+    draft = one(spans, "draft")
+    assert draft.attributes[attr.STEP_ATTEMPT] == 2
+    (event,) = draft.events
+    assert event["name"] == "exception"
+    assert event["attributes"][attr.STEP_ATTEMPT] == 1
+    assert event["attributes"][attr.ERROR_TYPE] == "clientai.exceptions.APIError"
+    failed_call = named(spans, "generate_text")[0]
+    assert failed_call.attributes[attr.ERROR_TYPE] == "clientai.exceptions.APIError"
+    assert failed_call.status_code == StatusCode.ERROR.value
+    assert len(model.calls) == 2
+
+
+def test_retries_that_run_out_leave_every_attempt_on_the_failed_step(traced: Any) -> None:
+    model = ScriptedModel({"DRAFT": [APIFailure("Error code: 503 - upstream overloaded")]})
+    agent = FlakyAgent(client=offline_client(model), default_model=MODEL)
+
+    with pytest.raises(WorkflowError):  # ClientAI's own error reaches the caller unchanged
+        agent.run(TOPIC)
+
+    spans = records(traced)
+    draft = one(spans, "draft")
+    assert draft.attributes[attr.STEP_STATUS] == "failed"
+    assert draft.attributes[attr.STEP_ATTEMPT] == 3
+    retried = [
+        e["attributes"][attr.STEP_ATTEMPT] for e in draft.events if attr.STEP_ATTEMPT in e["attributes"]
+    ]
+    assert retried == [1, 2]
+    assert draft.attributes[attr.ERROR_TYPE] == "clientai.exceptions.APIError"
+    assert len(named(spans, "generate_text")) == 3 == len(model.calls)
+
+
+def test_a_failing_step_fails_its_agent_and_run_and_nothing_after_it_runs(traced: Any) -> None:
+    model = ScriptedModel(
+        {
+            "DRAFT": [APIFailure("Error code: 400 - invalid request: context too long")],
+            "POLISH": [Reply("never asked", 1, 1)],
+        }
+    )
+    agent = BrokenAgent(client=offline_client(model), default_model=MODEL)
+
+    with pytest.raises(WorkflowError) as raised:
+        agent.run(TOPIC)
+
+    spans = records(traced)
+    assert tree(spans) == [
+        "invoke_workflow BrokenAgent failed tokens=0",
+        "  invoke_agent BrokenAgent failed tokens=0",
+        "    chat gpt-4o-mini [draft llm_call] failed",
+        "      chat gpt-4o-mini [generate_text llm_call] failed",
+    ]
+    draft = one(spans, "draft")
+    assert draft.attributes[attr.ERROR_TYPE] == "clientai.exceptions.InvalidRequestError"
+    assert draft.status_code == StatusCode.ERROR.value
+    assert draft.attributes[attr.STEP_ATTEMPT] == 1
+    (agent_span,) = [s for s in spans if s.name == "invoke_agent BrokenAgent"]
+    assert agent_span.attributes[attr.ERROR_TYPE] == "clientai.agent.exceptions.WorkflowError"
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert isinstance(raised.value.__cause__.__context__.__cause__, InvalidRequestError)  # type: ignore[union-attr]
+    assert len(model.calls) == 1
+
+
+def test_a_failing_tool_is_a_failed_tool_span_and_the_agent_goes_on(traced: Any) -> None:
+    def search(query: str) -> str:
+        """Search the offline index and return what it found."""
+        raise ConnectionError(f"index offline while looking for {query}")
+
+    agent, model = research_agent.build(tool=search)
+
+    assert agent.run(TOPIC) == research_agent.REPORT.text  # ClientAI keeps the error for the prompt
+
+    spans = records(traced)
+    tool = one(spans, "search")
+    assert tool.attributes[attr.STEP_STATUS] == "failed"
+    assert tool.attributes[attr.ERROR_TYPE] == "ConnectionError"
+    assert tool.status_code == StatusCode.ERROR.value
+    assert one(spans, "gather").attributes[attr.STEP_STATUS] == "completed"
+    assert "index offline" in model.prompts()[2]
+
+
+# ---------------------------------------------------------------------------
+# budgets and policy
+
+
+def test_a_budget_stops_the_agent_before_its_next_step(traced: Any) -> None:
+    agent, model = research_agent.build()
+
+    @multirun.run(name="capped", budget=Budget(max_tokens=250))
+    def capped() -> str:
+        return str(agent.run(TOPIC))
+
+    with pytest.raises(BudgetExceededError) as raised:
+        capped()
+
+    assert raised.value.limit == "max_tokens"
+    spans = records(traced)
+    assert tree(spans) == [
+        "invoke_workflow capped failed tokens=254",
+        "  invoke_agent ResearchAgent failed tokens=254",
+        "    chat gpt-4o-mini [analyze llm_call] completed tokens=28",
+        "      chat gpt-4o-mini [generate_text llm_call] completed tokens=28 in=20 out=8",
+        "    chat gpt-4o-mini [gather llm_call] completed tokens=226",
+        "      execute_tool select_tools [select_tools tool_call] completed tokens=180",
+        "        chat gpt-4o-mini [generate_text llm_call] completed tokens=180 in=150 out=30",
+        "      execute_tool search [search tool_call] completed",
+        "      chat gpt-4o-mini [generate_text llm_call] completed tokens=46 in=40 out=6",
+        "    step note [note function] failed",
+    ]
+    refused = one(spans, "note")
+    assert refused.attributes[attr.POLICY_DECISION] == "abort"
+    assert refused.attributes[attr.BUDGET_EXCEEDED_LIMIT] == "max_tokens"
+    (agent_span,) = [s for s in spans if s.name == "invoke_agent ResearchAgent"]
+    assert agent_span.attributes[attr.ERROR_TYPE] == "multirun.errors.BudgetExceededError"
+    assert not [p for p in model.prompts() if p.startswith("REPORT")]  # the model was never asked
+
+
+def test_runs_started_for_agents_take_the_budget_given_to_instrument(
+    traced: Any, instrumented: ClientAIInstrumentor
+) -> None:
+    instrumented.uninstrument()
+    instrumented.instrument(budget=Budget(max_tokens=100))
+    try:
+        agent, model = research_agent.build()
+        with pytest.raises(BudgetExceededError):
+            agent.run(TOPIC)
+    finally:
+        instrumented.uninstrument()
+        instrumented.instrument()
+
+    spans = records(traced)
+    (run_span,) = run_roots(spans)
+    assert run_span.attributes["multirun.budget.max_tokens"] == 100
+    assert run_span.attributes[attr.RUN_STATUS] == "failed"
+    # the tool selection crossed the limit: its tool was refused (ClientAI swallows tool errors),
+    # then the step's own LLM call was refused, so the model saw two requests only
+    assert len(model.calls) == 2
+    assert "uses tools to solve problems" in model.prompts()[1]
+    assert one(spans, "search").attributes[attr.POLICY_DECISION] == "abort"
+    assert named(spans, "generate_text")[-1].attributes[attr.POLICY_DECISION] == "abort"
+
+
+def test_the_policy_fallback_model_is_the_model_the_api_is_asked_for(traced: Any) -> None:
+    agent, model = research_agent.build(default_model="gpt-4o")
+    degrade = GracefulDegradationRule(
+        fallback_model="gpt-4o-mini", trigger=DegradationTrigger.TOKEN_PERCENTAGE, threshold=10
+    )
+
+    @multirun.run(name="frugal", budget=Budget(max_tokens=2000), policy=Policy(graceful_degradation=degrade))
+    def frugal() -> str:
+        return str(agent.run(TOPIC))
+
+    assert frugal() == research_agent.REPORT.text
+    # 28 tokens (1.4%) after analyze, 208 (10.4%) after the tool selection: gather and report fall back
+    assert [call["model"] for call in model.calls] == ["gpt-4o", "gpt-4o", "gpt-4o-mini", "gpt-4o-mini"]
+    calls = named(records(traced), "generate_text")
+    assert [c.name for c in calls] == ["chat gpt-4o", "chat gpt-4o", "chat gpt-4o-mini", "chat gpt-4o-mini"]
+    assert [c.attributes[attr.POLICY_DECISION] for c in calls] == [
+        "proceed",
+        "proceed",
+        "fallback",
+        "fallback",
+    ]
+
+
+# ---------------------------------------------------------------------------
+# ClientAI used directly, and exactly-once charging
+
+
+def test_llm_calls_outside_any_run_are_left_alone(traced: Any) -> None:
+    model = ScriptedModel(research_agent.script())
+    client = offline_client(model)
+
+    assert client.generate_text("ANALYZE this", model=MODEL) == research_agent.ANALYZE.text
+    assert client.chat([{"role": "user", "content": "REPORT now"}], model=MODEL) == research_agent.REPORT.text
+    assert "".join(client.generate_text("REPORT now", model=MODEL, stream=True)) == research_agent.REPORT.text
+
+    assert traced.spans() == []
+    assert "stream_options" not in model.calls[-1]  # the request is exactly the caller's
+
+
+def test_a_full_response_returned_by_a_step_is_charged_once(traced: Any) -> None:
+    client = offline_client(ScriptedModel(research_agent.script()))
+
+    @multirun.step(kind=StepKind.LLM_CALL)
+    def ask() -> Any:
+        return client.chat(
+            [{"role": "user", "content": "ANALYZE it"}], model=MODEL, return_full_response=True
+        )
+
+    @multirun.run(name="direct")
+    def direct() -> Any:
+        return ask()
+
+    response = direct()
+
+    assert response.choices[0].message.content == research_agent.ANALYZE.text  # untouched
+    spans = records(traced)
+    assert tree(spans) == [
+        "invoke_workflow direct completed tokens=28",
+        "  chat [ask llm_call] completed tokens=28",
+        "    chat gpt-4o-mini [chat llm_call] completed tokens=28 in=20 out=8",
+    ]
+
+
+def test_content_is_recorded_only_when_asked_for(traced: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, _ = research_agent.build()
+    agent.run(TOPIC)
+    assert not [s for s in records(traced) if attr.STEP_INPUT in s.attributes]
+
+    traced.exporter.clear()
+    monkeypatch.setattr(traced.client, "capture_content", True)
+    agent.run(TOPIC)
+
+    spans = records(traced)
+    analyze_call = named(spans, "generate_text")[0]
+    assert "ANALYZE the research question: OpenTelemetry adoption" in analyze_call.attributes[attr.STEP_INPUT]
+    assert analyze_call.attributes[attr.STEP_OUTPUT] == research_agent.ANALYZE.text
+    assert TOPIC in one(spans, "analyze").attributes[attr.STEP_INPUT]
+    assert "3 results" in one(spans, "search").attributes[attr.STEP_OUTPUT]
+
+
+def test_instrument_with_a_tracer_provider_configures_multirun_when_nothing_else_did(
+    global_otel: None, instrumented: ClientAIInstrumentor
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumented.uninstrument()
+    instrumented.instrument(tracer_provider=provider)
+    try:
+        agent, _ = research_agent.build()
+        agent.run(TOPIC)
+    finally:
+        instrumented.uninstrument()
+        instrumented.instrument()
+        provider.shutdown()
+
+    spans = [record_from_span(s) for s in exporter.get_finished_spans()]
+    assert tree(spans) == RESEARCH_TREE
+
+
+# ---------------------------------------------------------------------------
+# telemetry never breaks the agent
+
+
+def test_a_failing_instrumentation_costs_a_log_line_not_the_agent(
+    traced: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("telemetry bug")
+
+    monkeypatch.setattr(integration, "_open_step", broken)
+    monkeypatch.setattr(integration, "_warned", set())
+    agent, _ = research_agent.build()
+
+    with caplog.at_level(logging.WARNING, logger="multirun.integrations.clientai"):
+        assert agent.run(TOPIC) == research_agent.REPORT.text
+
+    assert "ClientAI instrumentation failed in starting step 'analyze'" in caplog.text
+    assert [s.name for s in traced.spans()] == ["invoke_agent ResearchAgent", "invoke_workflow ResearchAgent"]
+
+
+def test_usage_is_read_from_the_shapes_of_every_clientai_provider() -> None:
+    ollama = {"model": "llama3", "response": "hi", "prompt_eval_count": 7, "eval_count": 3, "done": True}
+    groq_last_chunk = {
+        "model": "llama-3.1-8b",
+        "choices": [],
+        "x_groq": {"usage": {"prompt_tokens": 5, "completion_tokens": 2}},
+    }
+    openai_dict = {
+        "model": "gpt-4o",
+        "usage": {
+            "prompt_tokens": 9,
+            "completion_tokens": 4,
+            "prompt_tokens_details": {"cached_tokens": 8},
+            "completion_tokens_details": {"reasoning_tokens": 3},
+        },
+    }
+
+    got = [
+        integration._usage_of(r, p, None)
+        for r, p in ((ollama, "ollama"), (groq_last_chunk, "groq"), (openai_dict, "openai"))
+    ]
+
+    assert [(u.model, u.provider, u.input_tokens, u.output_tokens) for u in got if u] == [
+        ("llama3", "ollama", 7, 3),
+        ("llama-3.1-8b", "groq", 5, 2),
+        ("gpt-4o", "openai", 9, 4),
+    ]
+    assert (got[2].cache_read_tokens, got[2].reasoning_tokens) == (8, 3)  # type: ignore[union-attr]
+    assert integration._usage_of({"model": "x", "response": "no usage"}, "ollama", None) is None
+
+
+# ---------------------------------------------------------------------------
+# instrumenting and uninstrumenting
+
+
+def test_uninstrument_restores_clientai_and_instrument_patches_it_again(
+    traced: Any, instrumented: ClientAIInstrumentor
+) -> None:
+    assert isinstance(CoreAgent.__dict__["run"], wrapt.FunctionWrapper)
+    instrumented.uninstrument()
+    try:
+        assert not isinstance(CoreAgent.__dict__["run"], wrapt.FunctionWrapper)
+        agent, _ = research_agent.build()
+        assert agent.run(TOPIC) == research_agent.REPORT.text
+        assert traced.spans() == []
+    finally:
+        instrumented.instrument()
+    assert isinstance(CoreAgent.__dict__["run"], wrapt.FunctionWrapper)
+
+
+def test_a_bad_budget_is_refused_before_anything_is_patched(instrumented: ClientAIInstrumentor) -> None:
+    instrumented.uninstrument()
+    try:
+        with pytest.raises(ConfigurationError, match=r"instrument\(budget=\.\.\.\)"):
+            instrumented.instrument(budget={"max_tokens": -1})
+        assert not isinstance(CoreAgent.__dict__["run"], wrapt.FunctionWrapper)
+    finally:
+        instrumented.uninstrument()
+        instrumented.instrument()
+
+
+def test_a_clientai_whose_insides_moved_is_left_alone_with_a_warning(
+    instrumented: ClientAIInstrumentor, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    moved = (*integration._PATCHES, ("clientai.client_ai", "ClientAI.generate_stream", "_chat"))
+    instrumented.uninstrument()
+    monkeypatch.setattr(integration, "_PATCHES", moved)
+    try:
+        with caplog.at_level(logging.WARNING, logger="multirun.integrations.clientai"):
+            instrumented.instrument()  # never raises into the application's start
+        assert "cannot instrument this version of ClientAI" in caplog.text
+        assert not isinstance(CoreAgent.__dict__["run"], wrapt.FunctionWrapper)  # rolled back
+    finally:
+        instrumented.uninstrument()
+        monkeypatch.undo()
+        instrumented.instrument()
+    assert isinstance(CoreAgent.__dict__["run"], wrapt.FunctionWrapper)
+
+
+def test_the_instrumentor_is_an_opentelemetry_instrumentor_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="opentelemetry_instrumentor") if e.name == "clientai"]
+    assert entry.load() is ClientAIInstrumentor
+    assert list(ClientAIInstrumentor().instrumentation_dependencies()) == ["clientai >= 0.5"]
+
+
+def test_importing_multirun_imports_no_clientai() -> None:
+    code = (
+        "import sys, multirun, multirun.integrations.clientai; "
+        "sys.exit(1 if any(m == 'clientai' or m.startswith('clientai.') for m in sys.modules) else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ---------------------------------------------------------------------------
+# zero code: the same program under opentelemetry-instrument
+
+
+@pytest.mark.parametrize("args", [[], ["--stream"]], ids=["plain", "streamed"])
+def test_opentelemetry_instrument_gives_the_same_tree_without_a_code_change(
+    traced: Any, instrumented: ClientAIInstrumentor, tmp_path: Path, args: list[str]
+) -> None:
+    research_agent.main(args)  # in this process, instrumented by the fixture
+    here = tree(records(traced))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["MULTIRUN_DIR"] = str(tmp_path / "multirun")
+    instrument = Path(sys.executable).parent / "opentelemetry-instrument"
+    done = subprocess.run(
+        [str(instrument), sys.executable, "-m", "clientai_programs.research_agent", *args],
+        cwd=TESTS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == research_agent.REPORT.text
+
+    there = tree(load_spans(tmp_path / "multirun"))
+    assert there == here == RESEARCH_TREE

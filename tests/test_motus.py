@@ -1,0 +1,699 @@
+"""Real Motus programs under MotusInstrumentor, offline.
+
+No mock of Motus: its real runtime (background event loop, thread pool,
+retries, timeouts, cancellation, ReActAgent, tools) runs programs of these
+tests against a fake model, a subclass of Motus's ``BaseChatClient`` that
+returns ``ChatCompletion`` objects with usage. ``motus_programs/research_crew.py``
+knows nothing of multirun: the same file is run in process (spans to the
+``traced`` fixture's in-memory exporter) and as a subprocess under
+``opentelemetry-instrument`` (spans to multirun's local files), and both
+give the same span tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.needs_py312
+if sys.version_info < (3, 12):
+    pytest.skip("Motus needs Python 3.12 or newer", allow_module_level=True)
+
+import motus.runtime  # noqa: E402  (after the version check: Motus does not import before 3.12)
+import wrapt  # noqa: E402
+from motus.models import BaseChatClient, ChatCompletion  # noqa: E402
+from motus.runtime import agent_task, resolve  # noqa: E402
+from opentelemetry.trace import StatusCode  # noqa: E402
+
+import multirun  # noqa: E402
+from multirun.cli.runs import Node, build_tree, find_runs, load_spans, record_from_span  # noqa: E402
+from multirun.errors import BudgetExceededError, PolicyViolation  # noqa: E402
+from multirun.integrations import motus as integration  # noqa: E402
+from multirun.integrations.motus import MotusInstrumentor  # noqa: E402
+from multirun.models import Budget, Policy  # noqa: E402
+from multirun.models.policy import (  # noqa: E402
+    CircuitBreakerRule,
+    GracefulDegradationRule,
+    RateLimitRule,
+)
+from multirun.telemetry import attributes as attr  # noqa: E402
+from multirun.telemetry.local_files import SpanRecord  # noqa: E402
+
+PROGRAMS = Path(__file__).parent / "motus_programs"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_program(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"motus_programs_{name}", PROGRAMS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def instrumented() -> Iterator[MotusInstrumentor]:
+    instrumentor = MotusInstrumentor()
+    instrumentor.instrument()
+    yield instrumentor
+    instrumentor.uninstrument()
+
+
+@pytest.fixture
+def runtime(instrumented: MotusInstrumentor) -> Iterator[None]:
+    """A fresh Motus runtime per test (its own loop thread), shut down afterwards."""
+    motus.runtime.shutdown()
+    yield
+    motus.runtime.shutdown()
+
+
+@pytest.fixture(scope="module")
+def crew() -> ModuleType:
+    return _load_program("research_crew")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _records(traced: Any) -> list[SpanRecord]:
+    return [record_from_span(s) for s in traced.spans()]
+
+
+def _status(span: SpanRecord) -> str:
+    for key in (attr.STEP_STATUS, attr.AGENT_STATUS, attr.RUN_STATUS):
+        if key in span.attributes:
+            return str(span.attributes[key])
+    return "?"
+
+
+def _shape(node: Node) -> tuple[Any, ...]:
+    """A span tree as (name, status, sorted children): parallel siblings start in any order."""
+    return (node.span.name, _status(node.span), tuple(sorted(_shape(child) for child in node.children)))
+
+
+def _tree(spans: list[SpanRecord]) -> tuple[Any, ...]:
+    runs = find_runs(spans)
+    assert len(runs) == 1, [r.name for r in runs]
+    return _shape(build_tree(spans, runs[0].span))
+
+
+def _leaf(name: str, status: str = "completed") -> tuple[Any, ...]:
+    return (name, status, ())
+
+
+CHAT = "chat gpt-4o-mini"
+CREW_TREE = (
+    "invoke_workflow research_crew",
+    "completed",
+    (
+        (
+            "invoke_agent research_crew",
+            "completed",
+            tuple(
+                sorted(
+                    [
+                        (
+                            "invoke_agent researcher",
+                            "completed",
+                            tuple(sorted([_leaf(CHAT), _leaf(CHAT), _leaf("execute_tool web_search")])),
+                        ),
+                        ("invoke_agent writer", "completed", (_leaf(CHAT),)),
+                        _leaf("step build_prompt"),
+                        _leaf("step fetch_source"),
+                        _leaf("step fetch_source"),
+                        _leaf("step flaky_fetch"),
+                        _leaf("step slow_extra", "cancelled"),
+                        _leaf("step slow_lookup"),
+                    ]
+                )
+            ),
+        ),
+    ),
+)
+
+
+def _one(spans: list[SpanRecord], name: str) -> SpanRecord:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, f"{name}: {[s.name for s in spans]}"
+    return found[0]
+
+
+def _exceptions(span: SpanRecord) -> list[dict[str, Any]]:
+    return [e["attributes"] for e in span.events if e["name"] == "exception"]
+
+
+# ---------------------------------------------------------------------------
+# the research crew, in process
+
+
+@pytest.fixture
+def crew_spans(traced: Any, runtime: None, crew: ModuleType) -> list[SpanRecord]:
+    report = crew.main()
+    assert report.startswith("[gpt-4o-mini]")
+    return _records(traced)
+
+
+def test_crew_span_tree(crew_spans: list[SpanRecord]) -> None:
+    assert _tree(crew_spans) == CREW_TREE
+    assert len(crew_spans) == 14  # nothing else: no span for Motus's internal RESOLVE node
+
+
+def test_kinds_and_parents_follow_the_task_types(crew_spans: list[SpanRecord]) -> None:
+    by_id = {s.span_id: s for s in crew_spans}
+    crew_agent = _one(crew_spans, "invoke_agent research_crew")
+    researcher = _one(crew_spans, "invoke_agent researcher")
+    assert crew_agent.attributes[attr.GEN_AI_AGENT_NAME] == "research_crew"
+    assert by_id[crew_agent.parent_span_id].name == "invoke_workflow research_crew"
+    assert by_id[researcher.parent_span_id] is crew_agent
+    for chat in (s for s in crew_spans if s.name == CHAT):
+        assert chat.attributes[attr.STEP_KIND] == "llm_call"
+        assert chat.attributes[attr.GEN_AI_REQUEST_MODEL] == "gpt-4o-mini"
+        assert chat.attributes[attr.STEP_NAME] == "model_serve_task"
+        assert chat.attributes[attr.MOTUS_TASK_TYPE] == "model_call"
+    tool = _one(crew_spans, "execute_tool web_search")
+    assert tool.attributes[attr.STEP_KIND] == "tool_call"
+    assert tool.attributes[attr.GEN_AI_TOOL_NAME] == "web_search"
+    assert by_id[tool.parent_span_id] is researcher
+    fetches = [s for s in crew_spans if s.name == "step fetch_source"]
+    assert {s.attributes[attr.STEP_KIND] for s in fetches} == {"function"}
+    assert all(by_id[s.parent_span_id] is crew_agent for s in fetches)
+    assert len({s.trace_id for s in crew_spans}) == 1
+
+
+def test_parallel_tasks_are_overlapping_siblings(crew_spans: list[SpanRecord]) -> None:
+    first, second = sorted((s for s in crew_spans if s.name == "step fetch_source"), key=lambda s: s.start_ns)
+    assert first.parent_span_id == second.parent_span_id
+    assert second.start_ns < first.end_ns and first.start_ns < second.end_ns  # they overlap
+    # both sleep 150 ms in Motus's thread pool: together they took far less than 300 ms
+    assert max(first.end_ns, second.end_ns) - first.start_ns < 280_000_000
+
+
+def test_dependencies_are_links_to_the_upstream_tasks(crew_spans: list[SpanRecord], traced: Any) -> None:
+    prompt = traced.span("step build_prompt")
+    upstream = {
+        s.context.span_id: s.name
+        for s in traced.spans()
+        if s.name in ("step fetch_source", "step flaky_fetch", "step slow_lookup")
+    }
+    assert len(upstream) == 4
+    assert {link.context.span_id for link in prompt.links} == set(upstream)
+    assert {link.attributes[attr.STEP_NAME] for link in prompt.links} == {
+        "fetch_source",
+        "flaky_fetch",
+        "slow_lookup",
+    }
+    assert sorted(prompt.attributes[attr.MOTUS_DEPENDS_ON]) == [
+        "fetch_source",
+        "flaky_fetch",
+        "slow_lookup",
+    ]
+    researcher = traced.span("invoke_agent researcher")
+    assert [link.context.span_id for link in researcher.links] == [prompt.context.span_id]
+    writer = traced.span("invoke_agent writer")
+    assert [link.context.span_id for link in writer.links] == [researcher.context.span_id]
+    assert list(writer.attributes[attr.MOTUS_DEPENDS_ON]) == ["researcher"]
+    # a dependency finished before its dependent started
+    assert all(s.end_time <= prompt.start_time for s in traced.spans() if s.context.span_id in upstream)
+
+
+def test_each_retried_attempt_is_visible_with_its_error(crew_spans: list[SpanRecord]) -> None:
+    flaky = _one(crew_spans, "step flaky_fetch")
+    assert flaky.attributes[attr.STEP_ATTEMPT] == 2
+    assert flaky.status_code == StatusCode.UNSET.value
+    [retried] = _exceptions(flaky)
+    assert retried["exception.type"] == "ConnectionError"
+    assert retried["exception.message"] == "connection reset by peer"
+    assert retried[attr.STEP_ATTEMPT] == 1
+    assert retried[attr.STEP_RETRY_DELAY] == pytest.approx(0.01)
+
+    lookup = _one(crew_spans, "step slow_lookup")
+    assert lookup.attributes[attr.STEP_ATTEMPT] == 2
+    [timed_out] = _exceptions(lookup)
+    assert timed_out["exception.type"] == "TimeoutError"
+    assert "exceeded its timeout of 0.3s" in timed_out["exception.message"]
+    assert timed_out[attr.STEP_ATTEMPT] == 1
+    assert lookup.duration_s >= 0.3  # the timed-out attempt is inside the span
+
+
+def test_cancelled_task_is_marked_cancelled(crew_spans: list[SpanRecord]) -> None:
+    extra = _one(crew_spans, "step slow_extra")
+    assert extra.attributes[attr.STEP_STATUS] == "cancelled"
+    assert extra.status_code != StatusCode.ERROR.value  # cancelling is not a failure
+    assert extra.duration_s < 1  # ended when cancelled, not when its 30 s sleep would have
+
+
+def test_tokens_and_cost_of_model_calls_roll_up(crew_spans: list[SpanRecord], crew: ModuleType) -> None:
+    chats = [s for s in crew_spans if s.name == CHAT]
+    tool_turn = [c for c in chats if c.attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == 18]
+    answers = [c for c in chats if c.attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == 40]
+    assert len(tool_turn) == 1 and len(answers) == 2
+    # Motus's prompt_tokens exclude cached input; the GenAI input_tokens include it
+    assert tool_turn[0].attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] == 120
+    assert tool_turn[0].attributes[attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == 20
+    assert all(c.attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] == 200 for c in answers)
+    assert all(c.attributes[attr.GEN_AI_RESPONSE_MODEL] == "gpt-4o-mini" for c in chats)
+    assert all(c.attributes[attr.GEN_AI_USAGE_COST_AMOUNT] > 0 for c in chats)
+
+    def tokens(name: str) -> int:
+        return int(_one(crew_spans, name).attributes[attr.TOKENS_USED])
+
+    assert tokens("invoke_agent researcher") == 138 + 240
+    assert tokens("invoke_agent writer") == 240
+    assert tokens("invoke_agent research_crew") == 138 + 240 + 240
+    assert tokens("invoke_workflow research_crew") == 618
+    run = _one(crew_spans, "invoke_workflow research_crew")
+    assert run.attributes[attr.COST_USD] == pytest.approx(
+        sum(c.attributes[attr.GEN_AI_USAGE_COST_AMOUNT] for c in chats)
+    )
+    assert run.attributes[attr.STEPS_USED] == 10  # every task but the two agents is a step
+
+
+# ---------------------------------------------------------------------------
+# budgets and policy
+
+
+class CountingClient(BaseChatClient):
+    """A fake model that answers every call with 240 tokens and remembers the models asked for."""
+
+    def __init__(self) -> None:
+        self.models: list[str] = []
+
+    async def create(self, model, messages, tools=None, reasoning=None, **kwargs) -> ChatCompletion:  # type: ignore[no-untyped-def]
+        self.models.append(model)
+        await asyncio.sleep(0.05)  # the program registers all its tasks before the first answer
+        return ChatCompletion(
+            id=f"chatcmpl-{len(self.models)}",
+            model=model,
+            content=f"answer {len(self.models)}",
+            usage={"prompt_tokens": 200, "completion_tokens": 40, "total_tokens": 240},
+        )
+
+    async def parse(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+@agent_task(task_type="model_call")
+async def ask(client: BaseChatClient, model: str, previous: Any) -> ChatCompletion:
+    """A model call of the program itself: its model is a positional argument."""
+    from motus.models import ChatMessage
+
+    text = previous.content if isinstance(previous, ChatCompletion) else str(previous)
+    return await client.create(model, [ChatMessage.user_message(f"go on from: {text}")])
+
+
+@agent_task
+def publish(answer: ChatCompletion) -> str:
+    return str(answer.content)
+
+
+def _chain(client: CountingClient, model: str, calls: int) -> Any:
+    future: Any = "start"
+    for _ in range(calls):
+        future = ask(client, model, future)
+    return publish(future)
+
+
+def test_budget_stops_the_program_before_the_next_task(traced: Any, runtime: None) -> None:
+    client = CountingClient()
+
+    @multirun.run(budget=Budget(max_tokens=400))
+    def pipeline() -> str:
+        return resolve(_chain(client, "gpt-4o-mini", 4))
+
+    with pytest.raises(BudgetExceededError) as raised:
+        pipeline()
+    assert raised.value.limit == "max_tokens"
+    assert len(client.models) == 2  # 240, then 480 >= 400: the third call never reached the model
+
+    chats = traced.named("chat gpt-4o-mini")
+    assert [c.attributes[attr.STEP_STATUS] for c in chats] == ["completed", "completed", "failed", "failed"]
+    refused, waiting_chat = chats[2], chats[3]
+    assert refused.attributes[attr.POLICY_DECISION] == "abort"
+    assert refused.attributes[attr.BUDGET_EXCEEDED_LIMIT] == "max_tokens"
+    # the tasks waiting for the refused one never ran either: short failed spans, same error
+    waiting = [s for s in traced.spans() if s.attributes.get(attr.STEP_STATUS) == "failed"]
+    assert {s.name for s in waiting} == {"chat gpt-4o-mini", "step publish"}
+    assert all(s.attributes[attr.ERROR_TYPE].endswith("BudgetExceededError") for s in waiting)
+    assert attr.BUDGET_EXCEEDED_LIMIT not in waiting_chat.attributes  # it was not refused: its input was
+    run = traced.span("invoke_workflow pipeline")
+    assert run.attributes[attr.RUN_STATUS] == "failed"
+    assert run.attributes[attr.TOKENS_USED] == 480
+    assert all(s.parent is not None for s in chats)
+    assert {traced.parent_of(s).name for s in chats} == {"invoke_workflow pipeline"}
+
+
+CHARGES: list[int] = []
+
+
+@agent_task(retries=5)
+def costly_flaky() -> str:
+    """Charges 300 tokens to its step, then fails: each retry costs."""
+    CHARGES.append(300)
+    multirun.report_usage("gpt-4o-mini", input_tokens=250, output_tokens=50)
+    raise ConnectionError("upstream down")
+
+
+def test_no_retry_over_budget(traced: Any, runtime: None) -> None:
+    CHARGES.clear()
+
+    @multirun.run(budget=Budget(max_tokens=500))
+    def job() -> str:
+        return resolve(costly_flaky())
+
+    with pytest.raises(BudgetExceededError):
+        job()
+    assert len(CHARGES) == 2  # 300 < 500: retried once; 600: the third attempt is refused
+    step = traced.span("step costly_flaky")
+    events = [dict(e.attributes or {}) for e in step.events if e.name == "exception"]
+    assert [e.get(attr.STEP_ATTEMPT) for e in events[:2]] == [1, 2]  # the two attempts that ran
+    assert events[2]["exception.type"].endswith("BudgetExceededError")  # then the refusal
+    assert step.attributes[attr.TOKENS_USED] == 600  # charged once per report, to the step
+    assert step.attributes[attr.ERROR_TYPE].endswith("BudgetExceededError")
+    assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == 600
+
+
+FAILURES: list[str] = []
+
+
+@agent_task
+def fragile() -> str:
+    FAILURES.append("called")
+    raise ConnectionError("refused")
+
+
+def test_open_circuit_refuses_the_task_through_its_future(traced: Any, runtime: None) -> None:
+    FAILURES.clear()
+
+    @multirun.run(policy=Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=2)))
+    def job() -> list[str]:
+        outcomes = []
+        for _ in range(3):
+            try:
+                resolve(fragile())
+            except (ConnectionError, PolicyViolation) as error:
+                outcomes.append(type(error).__name__)
+        return outcomes
+
+    assert job() == ["ConnectionError", "ConnectionError", "PolicyViolation"]
+    assert len(FAILURES) == 2  # the third call never ran
+    refused = traced.named("step fragile")[2]
+    assert refused.attributes[attr.POLICY_DECISION] == "abort"
+    assert refused.attributes[attr.POLICY_RULE] == "circuit_breaker"
+
+
+def test_graceful_degradation_switches_the_model_motus_asks_for(traced: Any, runtime: None) -> None:
+    client = CountingClient()
+    policy = Policy(graceful_degradation=GracefulDegradationRule(fallback_model="gpt-4o-mini", threshold=40))
+
+    @multirun.run(budget=Budget(max_tokens=1000), policy=policy)
+    def job() -> str:
+        return resolve(_chain(client, "gpt-4o", 4))
+
+    job()
+    assert client.models == ["gpt-4o", "gpt-4o", "gpt-4o-mini", "gpt-4o-mini"]  # from 48% of the budget
+    chats = [s for s in traced.spans() if s.attributes.get(attr.STEP_KIND) == "llm_call"]
+    assert [c.name for c in chats] == ["chat gpt-4o", "chat gpt-4o", "chat gpt-4o-mini", "chat gpt-4o-mini"]
+    assert [c.attributes[attr.POLICY_DECISION] for c in chats][2:] == ["fallback", "fallback"]
+
+
+def test_rate_limit_waits_before_the_model_call(traced: Any, runtime: None) -> None:
+    client = CountingClient()
+
+    @multirun.run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    def job() -> str:
+        return resolve(_chain(client, "gpt-4o-mini", 3))
+
+    job()
+    chats = traced.named("chat gpt-4o-mini")
+    assert [c.attributes[attr.POLICY_DECISION] for c in chats] == ["proceed", "wait", "wait"]
+    assert [c.attributes[attr.POLICY_WAIT_SECONDS] for c in chats[1:]] == [pytest.approx(1.0)] * 2
+    assert traced.clock.sleeps == [pytest.approx(1.0)] * 2  # on the run's clock, inside the step
+
+
+def test_budget_of_instrument_applies_to_the_runs_it_starts(
+    traced: Any, runtime: None, instrumented: MotusInstrumentor, crew: ModuleType
+) -> None:
+    from motus.agent import ReActAgent
+
+    instrumented.uninstrument()
+    instrumented.instrument(budget=Budget(max_tokens=100))
+    try:
+        solo = ReActAgent(
+            client=crew.FakeChatClient(), model_name="gpt-4o-mini", name="solo", tools=[crew.web_search]
+        )
+        with pytest.raises(BudgetExceededError):
+            resolve(solo("What is OpenTelemetry?"))
+    finally:
+        instrumented.uninstrument()
+        instrumented.instrument()
+    run = traced.span("invoke_workflow solo")
+    assert run.attributes[attr.RUN_STATUS] == "failed"
+    assert run.attributes["multirun.budget.max_tokens"] == 100
+    assert traced.span("invoke_agent solo").attributes[attr.AGENT_STATUS] == "failed"
+    assert traced.span("chat gpt-4o-mini").attributes[attr.STEP_STATUS] == "completed"  # 138 tokens
+    tool = traced.span("execute_tool web_search")  # the next task: refused before it ran
+    assert tool.attributes[attr.POLICY_DECISION] == "abort"
+    assert tool.attributes[attr.BUDGET_EXCEEDED_LIMIT] == "max_tokens"
+
+
+def test_a_refused_usage_report_fails_the_task_through_its_future(traced: Any, runtime: None) -> None:
+    """With ``init(unpriced="fail")`` a model call of a model with no known price is refused."""
+    traced.client.fail_unpriced = True
+    client = CountingClient()
+
+    @multirun.run
+    def job() -> str:
+        return resolve(_chain(client, "house-model-without-a-price", 1))
+
+    with pytest.raises(PolicyViolation, match="no known price"):
+        job()
+    chat = traced.span("chat house-model-without-a-price")
+    assert chat.attributes[attr.STEP_STATUS] == "failed"
+    assert chat.attributes[attr.UNPRICED] is True
+    assert chat.attributes[attr.TOKENS_USED] == 240  # counted all the same
+    assert traced.span("step publish").attributes[attr.STEP_STATUS] == "failed"  # never ran
+
+
+# ---------------------------------------------------------------------------
+# failures
+
+
+@agent_task
+def broken_source() -> str:
+    raise ValueError("bad data")
+
+
+@agent_task
+def consume(value: str) -> str:
+    return value.upper()
+
+
+def test_a_task_whose_input_failed_has_a_short_failed_span(traced: Any, runtime: None) -> None:
+    @multirun.run
+    def job() -> str:
+        return resolve(consume(broken_source()))
+
+    with pytest.raises(ValueError, match="bad data"):
+        job()
+    source = traced.span("step broken_source")
+    waiting = traced.span("step consume")
+    for span in (source, waiting):
+        assert span.attributes[attr.STEP_STATUS] == "failed"
+        assert span.attributes[attr.ERROR_TYPE] == "ValueError"
+        assert span.status.status_code is StatusCode.ERROR
+    assert waiting.start_time >= source.end_time
+    assert traced.parent_of(waiting).name == "invoke_workflow job"
+
+
+SLOW_SYNC: list[float] = []
+
+
+@agent_task(timeout=0.2, retries=1)
+def slow_sync() -> str:
+    """A blocking task: its first attempt outlives Motus's timeout (its thread cannot be stopped)."""
+    SLOW_SYNC.append(time.monotonic())
+    if len(SLOW_SYNC) == 1:
+        time.sleep(0.6)
+        return "late"
+    return "in time"
+
+
+def test_a_sync_attempt_that_timed_out_is_retried_and_its_late_end_ignored(
+    traced: Any, runtime: None
+) -> None:
+    SLOW_SYNC.clear()
+
+    @multirun.run
+    def job() -> str:
+        return resolve(slow_sync())
+
+    assert job() == "in time"
+    time.sleep(0.6)  # the first attempt's thread ends now, after the step
+    step = traced.span("step slow_sync")
+    assert step.attributes[attr.STEP_STATUS] == "completed"
+    assert step.attributes[attr.STEP_ATTEMPT] == 2
+    [timed_out] = [e for e in step.events if e.name == "exception"]
+    assert timed_out.attributes["exception.type"] == "TimeoutError"
+    assert len(traced.spans()) == 2
+
+
+@agent_task
+async def endless() -> str:
+    await asyncio.sleep(30)
+    return "never"
+
+
+def test_shutting_motus_down_ends_the_spans_of_running_tasks(traced: Any, runtime: None) -> None:
+    future = endless()
+    time.sleep(0.1)
+    motus.runtime.shutdown()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        resolve(future)
+    step = traced.span("step endless")
+    assert step.attributes[attr.STEP_STATUS] == "failed"
+    assert step.attributes[attr.ERROR_TYPE] == "RuntimeError"
+    assert traced.span("invoke_workflow endless").attributes[attr.RUN_STATUS] == "failed"
+
+
+async def test_on_the_callers_event_loop_too(traced: Any, runtime: None) -> None:
+    """Inside a running event loop Motus runs its tasks on that loop (its single-loop mode)."""
+
+    @multirun.run
+    async def job() -> list[str]:
+        first, second = consume("a"), consume("b")
+        return [await first, await second, await consume(first)]
+
+    assert await job() == ["A", "B", "A"]
+    assert motus.runtime.get_runtime()._owns_loop is False
+    run = traced.span("invoke_workflow job")
+    steps = sorted(traced.named("step consume"), key=lambda s: s.attributes[attr.MOTUS_TASK_ID])
+    assert len(steps) == 3
+    assert all(traced.parent_of(s) is run for s in steps)
+    first, _, third = steps
+    assert [link.context.span_id for link in third.links] == [first.context.span_id]
+
+
+def test_tasks_registered_outside_any_run_start_their_own(traced: Any, runtime: None) -> None:
+    assert resolve(consume("hello")) == "HELLO"
+    run = traced.span("invoke_workflow consume")
+    step = traced.span("step consume")
+    assert traced.parent_of(step) is run
+    assert run.attributes[attr.RUN_STATUS] == "completed"
+    assert run.attributes[attr.STEPS_USED] == 1
+
+
+def test_an_instrumentation_failure_costs_a_log_line_not_the_task(
+    traced: Any, runtime: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("instrumentation bug")
+
+    monkeypatch.setattr(integration._TaskTrace, "open", broken)
+    monkeypatch.setattr(integration, "_warned", set())
+    assert resolve(consume(consume("ok"))) == "OK"
+    assert not [s for s in traced.spans() if s.name == "step consume"]
+    assert any("the task goes on untraced" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------
+# instrument, uninstrument, import
+
+
+def test_uninstrument_restores_motus(traced: Any, runtime: None, instrumented: MotusInstrumentor) -> None:
+    from motus.runtime import agent_runtime
+
+    agent_task_module = sys.modules["motus.runtime.agent_task"]
+    instrumented.uninstrument()
+    try:
+        assert not isinstance(agent_task_module.register_agent_task, wrapt.BaseObjectProxy)
+        assert not isinstance(motus.runtime.register_agent_task, wrapt.BaseObjectProxy)
+        assert not isinstance(agent_runtime.GraphScheduler.__dict__["_execute_task"], wrapt.BaseObjectProxy)
+        assert resolve(consume("plain")) == "PLAIN"
+        assert traced.spans() == []
+    finally:
+        instrumented.instrument()
+    assert isinstance(agent_runtime.GraphScheduler.__dict__["_execute_task"], wrapt.BaseObjectProxy)
+    assert resolve(consume("traced")) == "TRACED"
+    assert [s.name for s in traced.spans()] == ["step consume", "invoke_workflow consume"]
+
+
+def _python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def test_instrumenting_does_not_import_motus_and_patches_it_on_import() -> None:
+    code = """
+import sys
+import wrapt
+import multirun
+from multirun.integrations.motus import MotusInstrumentor
+MotusInstrumentor().instrument()
+assert not [m for m in sys.modules if m.split(".")[0] == "motus"], "motus imported too early"
+import motus.runtime
+from motus.runtime import agent_runtime
+assert isinstance(sys.modules["motus.runtime.agent_task"].register_agent_task, wrapt.BaseObjectProxy)
+assert isinstance(motus.runtime.register_agent_task, wrapt.BaseObjectProxy)
+assert isinstance(agent_runtime.GraphScheduler.__dict__["_resolve_task"], wrapt.BaseObjectProxy)
+print("ok")
+"""
+    done = _python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------------------
+# zero code: the same program under opentelemetry-instrument
+
+
+def test_zero_code_run_gives_the_same_tree(tmp_path: Path, crew_spans: list[SpanRecord]) -> None:
+    in_process = _tree(crew_spans)
+    assert in_process == CREW_TREE
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))},
+        "MULTIRUN_DIR": str(tmp_path / ".multirun"),
+        "MOTUS_LOG_LEVEL": "WARNING",
+        # Motus's token estimate tries to download tiktoken's tables: offline, that makes HTTP
+        # spans of the requests instrumentation that depend on the machine's cache, not on Motus
+        "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "requests,urllib3",
+    }
+    instrument = Path(sys.executable).with_name("opentelemetry-instrument")
+    done = subprocess.run(
+        [str(instrument), sys.executable, str(PROGRAMS / "research_crew.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("[gpt-4o-mini]")
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    spans = load_spans(tmp_path / ".multirun")
+    assert _tree(spans) == in_process
+    # the same attributes where they do not depend on time or ids
+    for name in (CHAT, "step flaky_fetch", "step slow_extra", "invoke_workflow research_crew"):
+        ours = sorted(_one(crew_spans, name).attributes) if name != CHAT else None
+        theirs = [s for s in spans if s.name == name]
+        assert theirs, name
+        if ours is not None:
+            assert sorted(theirs[0].attributes) == ours
+    run = _one(spans, "invoke_workflow research_crew")
+    assert run.attributes[attr.TOKENS_USED] == 618
