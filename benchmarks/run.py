@@ -2,7 +2,7 @@
 
 Usage (from the project root)::
 
-    .venv/bin/python benchmarks/run.py            # the full set, a few minutes
+    .venv/bin/python benchmarks/run.py            # the full set, about 15 minutes (peer venvs: +10 once)
     .venv/bin/python benchmarks/run.py --quick    # shorter, for a smoke test
     .venv/bin/python benchmarks/run.py --only memory --only starvation
 
@@ -22,7 +22,21 @@ in parallel: they would disturb each other's timings on a small machine):
 - ``bench_metrics.py``  -> printed: the per-step metrics path against a raw SDK
   instrument;
 - ``bench_checkpoint.py`` -> ``results/checkpoint.md``: save and load of a 10 MB
-  state against the raw serializer plus a plain file write.
+  state against the raw serializer plus a plain file write;
+- ``bench_scaling.py``  -> ``results/scaling.md`` (+ ``scaling.json``): per-step
+  cost against run length, concurrent runs (asyncio tasks, threads), checkpoint
+  size, and processes sharing a Redis ledger;
+- ``bench_motus.py``    -> ``results/motus.md``: per-task cost of the Motus
+  instrumentation against a bare span per task (Python 3.12+);
+- ``bench_clientai.py`` -> ``results/clientai.md``: per-step cost of the ClientAI
+  instrumentation against bare spans;
+- ``peers/bench_peers.py`` -> ``results/peers.md`` (+ ``peers.json``): ``@step``
+  side by side with Traceloop, Langfuse, Logfire, OpenLIT and AgentOps, each in
+  its own virtual environment (built on the first run, a few minutes; reused after).
+
+Then ``readme_table.py`` writes ``results/README-table.md``, the README's
+performance table, from whatever results there are (``--update-readme``: also
+between the markers of README.md, when it has them).
 
 ``psutil`` is used for RSS when installed (``.venv/bin/pip install psutil``),
 else ``/proc/self/statm``.
@@ -46,6 +60,10 @@ FULL: list[list[str]] = [
     ["bench_ledger.py"],
     ["bench_metrics.py"],
     ["bench_checkpoint.py"],
+    ["bench_scaling.py"],
+    ["bench_motus.py"],
+    ["bench_clientai.py"],
+    ["peers/bench_peers.py"],
 ]
 SCRIPTS = {
     "overhead": "bench_overhead.py",
@@ -55,6 +73,10 @@ SCRIPTS = {
     "ledger": "bench_ledger.py",
     "metrics": "bench_metrics.py",
     "checkpoint": "bench_checkpoint.py",
+    "scaling": "bench_scaling.py",
+    "motus": "bench_motus.py",
+    "clientai": "bench_clientai.py",
+    "peers": "peers/bench_peers.py",
 }
 QUICK: list[list[str]] = [
     ["bench_overhead.py", "--rounds", "8", "--batch", "500"],
@@ -64,6 +86,10 @@ QUICK: list[list[str]] = [
     ["bench_ledger.py", "--rounds", "6", "--batch", "2000"],
     ["bench_metrics.py", "--rounds", "6"],
     ["bench_checkpoint.py", "--mb", "2", "--rounds", "3"],
+    ["bench_scaling.py", "--quick"],
+    ["bench_motus.py", "--rounds", "5", "--batch", "200", "--warmup", "1"],
+    ["bench_clientai.py", "--rounds", "6", "--batch", "300"],
+    ["peers/bench_peers.py", "--rounds", "4", "--warmup", "1", "--batch", "200"],
 ]
 
 
@@ -87,11 +113,19 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="run only this benchmark (repeatable)",
     )
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also write the table into README.md between its benchmarks markers",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.only:
         plan = [p for p in plan if any(SCRIPTS[o] == p[0] for o in args.only)]
     failures = [p[0] for p in plan if run_one(p) != 0]
+    table = ["readme_table.py", *(["--update-readme"] if args.update_readme else [])]
+    if run_one(table) != 0:
+        failures.append("readme_table.py")
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
         return 1
