@@ -25,6 +25,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from multirun._process import env_int
 from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
 from multirun.checkpoints.replay import DEFAULT_LIMIT as DEFAULT_REPLAY_LIMIT
 from multirun.checkpoints.store import CheckpointStore
@@ -398,7 +399,7 @@ def _validate_options(
     if not isinstance(capture_content, bool):
         raise ConfigurationError(f"capture_content must be True or False, got {capture_content!r}")
     if content_limit is None:
-        content_limit = _env_int("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", DEFAULT_CONTENT_LIMIT)
+        content_limit = env_int("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", DEFAULT_CONTENT_LIMIT)
     if isinstance(content_limit, bool) or not isinstance(content_limit, int) or content_limit < 16:
         raise ConfigurationError(f"content_limit must be an int >= 16, got {content_limit!r}")
     if isinstance(step_history, bool) or not isinstance(step_history, int) or step_history < 0:
@@ -540,7 +541,7 @@ def _ensure_meter_provider(
         )
     else:
         exporter = OTLPMetricExporter(headers=dict(headers) if headers else None)
-    interval = _env_int("OTEL_METRIC_EXPORT_INTERVAL", 10_000)
+    interval = env_int("OTEL_METRIC_EXPORT_INTERVAL", 10_000)
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
     _owned_meter_provider = MeterProvider(metric_readers=[reader], resource=_resource(service_name))
     otel_metrics.set_meter_provider(_owned_meter_provider)
@@ -598,13 +599,3 @@ def _propagate_context_to_threads() -> None:
             instrumentor.instrument()
     except Exception:  # pragma: no cover - a broken optional dependency must not break runs
         _logger.warning("multirun: cannot propagate context into threads", exc_info=True)
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None

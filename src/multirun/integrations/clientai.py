@@ -56,8 +56,9 @@ from multirun._keys import RUN_KEY, run_in, step_in
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _StepCall
 from multirun.errors import BudgetExceededError, ConfigurationError, LedgerUnavailableError, PolicyViolation
+from multirun.integrations._specs import framework_step_spec
 from multirun.models.budget import Budget
-from multirun.models.policy import BackoffStrategy, Policy
+from multirun.models.policy import Policy
 from multirun.models.run import Run
 from multirun.models.step import StepKind
 from multirun.telemetry import attributes as attr
@@ -186,34 +187,7 @@ def _broken(where: str) -> None:
 # steps: multirun's own step machinery (policy, budget, spans, metrics)
 
 
-def _body() -> None:
-    """Stands for the ClientAI callable a StepSpec describes (only its name is read)."""
-
-
-_specs: dict[tuple[str, StepKind, str | None], StepSpec] = {}
-
-
-def _spec(name: str, kind: StepKind, model: str | None) -> StepSpec:
-    key = (name, kind, model)
-    spec = _specs.get(key)
-    if spec is None:
-        if len(_specs) >= 4096:  # step names and models are few; never grow without bound
-            _specs.clear()
-        spec = _specs[key] = StepSpec(
-            _body,
-            name=name,
-            kind=kind,
-            retry=0,
-            retry_delay=0.0,
-            retry_max_delay=0.0,
-            retry_strategy=BackoffStrategy.CONSTANT,
-            retry_on=None,
-            checkpoint=False,
-            idempotent=False,  # ClientAI keeps state of its own: a replayed step would skip it
-            check_budget=True,
-            model=model,
-        )
-    return spec
+_spec = framework_step_spec
 
 
 def _open(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _StepCall | None:

@@ -68,9 +68,10 @@ from multirun._keys import agent_in, run_in, step_in
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _record_step_not_run, _StepCall
 from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation
+from multirun.integrations._specs import framework_step_spec
 from multirun.models.agent import AgentStatus
 from multirun.models.budget import Budget
-from multirun.models.policy import BackoffStrategy, Policy
+from multirun.models.policy import Policy
 from multirun.models.run import Run, RunStatus
 from multirun.models.step import StepKind, StepStatus
 from multirun.telemetry import attributes as attr
@@ -773,34 +774,8 @@ def _record_not_started(task: Any, reg: _Registration, error: BaseException) -> 
         owned.fail(error)
 
 
-def _body() -> None:
-    """Stands for the Motus function a StepSpec describes (only its name is read)."""
-
-
-_specs: dict[tuple[str, StepKind, str | None], StepSpec] = {}
-
-
 def _spec(name: str, kind: StepKind, model: str | None) -> StepSpec:
-    key = (name, kind, model)
-    spec = _specs.get(key)
-    if spec is None:
-        if len(_specs) >= 4096:  # task names and models are few; never grow without bound
-            _specs.clear()
-        spec = _specs[key] = StepSpec(
-            _body,
-            name=_step_name(name),
-            kind=kind,
-            retry=0,  # Motus retries; the attempts are reported to the step
-            retry_delay=0.0,
-            retry_max_delay=0.0,
-            retry_strategy=BackoffStrategy.CONSTANT,
-            retry_on=None,
-            checkpoint=False,
-            idempotent=False,  # Motus tasks take clients, agents and futures: nothing to replay
-            check_budget=True,
-            model=model,
-        )
-    return spec
+    return framework_step_spec(_step_name(name), kind, model)
 
 
 def _step_name(name: str) -> str:

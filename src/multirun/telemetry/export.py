@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
@@ -40,6 +39,7 @@ from opentelemetry.sdk.environment_variables import OTEL_BSP_MAX_QUEUE_SIZE
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
+from multirun._process import env_int, reinit_after_fork
 from multirun.errors import ConfigurationError
 
 _logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class ExportProcessor(SpanProcessor):
         max_export_batch_size: int | None = None,
     ) -> None:
         if max_queue_size is None:
-            max_queue_size = _env_int(OTEL_BSP_MAX_QUEUE_SIZE, DEFAULT_MAX_QUEUE_SIZE)
+            max_queue_size = env_int(OTEL_BSP_MAX_QUEUE_SIZE, DEFAULT_MAX_QUEUE_SIZE)
         if isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int) or max_queue_size < 1:
             raise ConfigurationError(f"max_queue_size must be an int >= 1, got {max_queue_size!r}")
         self.exporter = exporter
@@ -115,15 +115,7 @@ class ExportProcessor(SpanProcessor):
             schedule_delay_millis=schedule_delay_millis,
             max_export_batch_size=max_export_batch_size,
         )
-        if hasattr(os, "register_at_fork"):
-            reinit = weakref.WeakMethod(self._at_fork_reinit)
-
-            def after_in_child() -> None:
-                method = reinit()
-                if method is not None:
-                    method()
-
-            os.register_at_fork(after_in_child=after_in_child)
+        reinit_after_fork(self._at_fork_reinit)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         return None
@@ -279,16 +271,6 @@ class _GuardedExporter(SpanExporter):
             return self._exporter.force_flush(timeout_millis)
         except Exception:
             return False
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
 
 
 if hasattr(os, "register_at_fork"):

@@ -19,7 +19,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from multirun._process import reinit_after_fork
 
 _logger = logging.getLogger(__name__)
 
@@ -39,16 +40,8 @@ class LocalFileSpanExporter(SpanExporter):
         self._lock = threading.Lock()
         self._warned = False
         self._shutdown = False
-        if hasattr(os, "register_at_fork"):
-            # a forked child writes its own file; the lock may have been held by a thread it lost
-            reinit = weakref.WeakMethod(self._at_fork_reinit)
-
-            def after_in_child() -> None:
-                method = reinit()
-                if method is not None:
-                    method()
-
-            os.register_at_fork(after_in_child=after_in_child)
+        # a forked child writes its own file; the lock may have been held by a thread it lost
+        reinit_after_fork(self._at_fork_reinit)
 
     def _at_fork_reinit(self) -> None:
         self._lock = threading.Lock()
