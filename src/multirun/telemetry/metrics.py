@@ -77,6 +77,10 @@ thousands of times a second, their latency is the caller's own code, and
 timing them would cost more than the rest of the step. Their latency is on
 their spans.
 
+``multirun.tokens`` is counted locally too: an LLM step records seven
+measurements, and each costs ~30 us in the SDK; its exemplars would repeat
+those of ``multirun.cost``, which stays synchronous and carries them.
+
 Policy decisions are all counted locally, non-proceed ones included: one
 metric must hold every decision (so ``abort / all`` is a PromQL ratio), and the
 SDK cannot export a synchronous and an observable instrument under one name.
@@ -174,18 +178,30 @@ class _Tally:
         self.series: list[tuple[_Attributes, dict[Any, int], object]] = []
         self.overflow = 0  # counts of combinations beyond the limit
 
-    def first(self, values: tuple[object, ...]) -> None:
+    def first(self, values: tuple[object, ...], amount: int = 1) -> None:
         """Count a combination not seen before. Call with ``lock`` held."""
         if len(self.series) >= self.limit:
-            self.overflow += 1
+            self.overflow += amount
             return
         node = self.root
         for value in values[:-1]:
             node = node.setdefault(value, {})
         last = values[-1]
-        node[last] = node.get(last, 0) + 1
-        if node[last] == 1:
+        new = last not in node
+        node[last] = node.get(last, 0) + amount
+        if new:
             self.series.append((_attributes(self.names, values), node, last))
+
+    def add(self, values: tuple[object, ...], amount: int) -> None:
+        """Add ``amount`` to the series of ``values`` (for the hot paths that do not inline it)."""
+        with self.lock:
+            node = self.root
+            try:
+                for value in values[:-1]:
+                    node = node[value]
+                node[values[-1]] += amount
+            except KeyError:
+                self.first(values, amount)
 
     def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
         """The cumulative count of every series (the callback of the observable counter)."""
@@ -214,6 +230,17 @@ class _Tallies:
             (attr.GEN_AI_WORKFLOW_NAME, attr.GEN_AI_AGENT_NAME, attr.STEP_KIND, attr.STEP_STATUS), limit
         )
         self.decisions = _Tally((attr.GEN_AI_WORKFLOW_NAME, attr.POLICY_DECISION, attr.POLICY_RULE), limit)
+        self.tokens = _Tally(
+            (
+                attr.GEN_AI_WORKFLOW_NAME,
+                attr.GEN_AI_AGENT_NAME,
+                attr.GEN_AI_PROVIDER_NAME,
+                attr.GEN_AI_REQUEST_MODEL,
+                attr.GEN_AI_RESPONSE_MODEL,
+                attr.GEN_AI_TOKEN_TYPE,
+            ),
+            limit,
+        )
 
 
 _tallies_by_meter: weakref.WeakKeyDictionary[Meter, _Tallies] = weakref.WeakKeyDictionary()
@@ -253,6 +280,7 @@ class Metrics:
         tallies, created = _tallies_of(meter, series_limit)
         self._steps = tallies.steps
         self._decisions = tallies.decisions
+        self._tokens = tallies.tokens
         if created:
             meter.create_observable_counter(
                 STEPS,
@@ -265,6 +293,12 @@ class Metrics:
                 [tallies.decisions.observe],
                 unit="{decision}",
                 description="Policy decisions taken before steps, by decision and rule.",
+            )
+            meter.create_observable_counter(
+                TOKENS,
+                [tallies.tokens.observe],
+                unit="{token}",
+                description="Tokens of model calls, by token type.",
             )
             meter.create_observable_counter(
                 DROPPED_SPANS,
@@ -285,9 +319,6 @@ class Metrics:
             explicit_bucket_boundaries_advisory=OPERATION_DURATION_BUCKETS,
         )
         self._cost = meter.create_counter(COST, unit="usd", description="Cost of model calls, in US dollars.")
-        self._tokens = meter.create_counter(
-            TOKENS, unit="{token}", description="Tokens of model calls, by token type."
-        )
         self._runs = meter.create_counter(RUNS, unit="{run}", description="Runs finished, by status.")
         self._runs_active = meter.create_up_down_counter(
             RUNS_ACTIVE, unit="{run}", description="Runs in progress."
@@ -408,7 +439,9 @@ class Metrics:
                     tokens, {**genai_attributes, attr.GEN_AI_TOKEN_TYPE: token_type}, context
                 )
             if tokens:
-                self._tokens.add(tokens, {**ours, attr.GEN_AI_TOKEN_TYPE: token_type}, context)
+                self._tokens.add(
+                    (run_name, agent_name, provider, request_model, response_model, token_type), tokens
+                )
         if cost_usd:
             self._cost.add(cost_usd, ours, context)
 
