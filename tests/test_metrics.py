@@ -580,7 +580,7 @@ def test_checkpoint_size_and_duration(env: Env) -> None:
 
 
 # counted locally, exported by observable counters: no exemplars
-SYNCHRONOUS = set(EXPECTED) - {m.STEPS, m.POLICY_DECISIONS, m.DROPPED_SPANS, m.TOKENS}
+SYNCHRONOUS = set(EXPECTED) - {m.STEPS, m.POLICY_DECISIONS, m.DROPPED_SPANS, m.TOKENS, m.RUNS, m.RUNS_ACTIVE}
 
 
 def test_exemplars_carry_the_trace_of_the_current_span(env: Env) -> None:

@@ -77,8 +77,9 @@ thousands of times a second, their latency is the caller's own code, and
 timing them would cost more than the rest of the step. Their latency is on
 their spans.
 
-``multirun.tokens`` is counted locally too: an LLM step records seven
-measurements, and each costs ~30 us in the SDK; its exemplars would repeat
+``multirun.tokens``, ``multirun.runs`` and ``multirun.runs.active`` are
+counted locally too: each synchronous measurement costs ~30 us in the SDK (an
+LLM step made seven, a run three); the token counts' exemplars would repeat
 those of ``multirun.cost``, which stays synchronous and carries them.
 
 Policy decisions are all counted locally, non-proceed ones included: one
@@ -230,6 +231,8 @@ class _Tallies:
             (attr.GEN_AI_WORKFLOW_NAME, attr.GEN_AI_AGENT_NAME, attr.STEP_KIND, attr.STEP_STATUS), limit
         )
         self.decisions = _Tally((attr.GEN_AI_WORKFLOW_NAME, attr.POLICY_DECISION, attr.POLICY_RULE), limit)
+        self.runs = _Tally((attr.GEN_AI_WORKFLOW_NAME, attr.RUN_STATUS), limit)
+        self.runs_active = _Tally((attr.GEN_AI_WORKFLOW_NAME,), limit)
         self.tokens = _Tally(
             (
                 attr.GEN_AI_WORKFLOW_NAME,
@@ -281,6 +284,8 @@ class Metrics:
         self._steps = tallies.steps
         self._decisions = tallies.decisions
         self._tokens = tallies.tokens
+        self._runs = tallies.runs
+        self._runs_active = tallies.runs_active
         if created:
             meter.create_observable_counter(
                 STEPS,
@@ -293,6 +298,12 @@ class Metrics:
                 [tallies.decisions.observe],
                 unit="{decision}",
                 description="Policy decisions taken before steps, by decision and rule.",
+            )
+            meter.create_observable_counter(
+                RUNS, [tallies.runs.observe], unit="{run}", description="Runs finished, by status."
+            )
+            meter.create_observable_up_down_counter(
+                RUNS_ACTIVE, [tallies.runs_active.observe], unit="{run}", description="Runs in progress."
             )
             meter.create_observable_counter(
                 TOKENS,
@@ -319,10 +330,6 @@ class Metrics:
             explicit_bucket_boundaries_advisory=OPERATION_DURATION_BUCKETS,
         )
         self._cost = meter.create_counter(COST, unit="usd", description="Cost of model calls, in US dollars.")
-        self._runs = meter.create_counter(RUNS, unit="{run}", description="Runs finished, by status.")
-        self._runs_active = meter.create_up_down_counter(
-            RUNS_ACTIVE, unit="{run}", description="Runs in progress."
-        )
         self._step_duration = meter.create_histogram(
             STEP_DURATION,
             unit="s",
@@ -465,7 +472,7 @@ class Metrics:
 
     def run_started(self, run_name: str | None, context: Context | None = None) -> None:
         """A run began: one more in ``multirun.runs.active``."""
-        self._runs_active.add(1, _run(run_name), context)
+        self._runs_active.add((run_name,), 1)
 
     def run_finished(
         self,
@@ -481,11 +488,12 @@ class Metrics:
             utilization: used / limit of each budget limit of the run, by limit
                 name (``{"max_cost_usd": 0.42}``).
         """
-        run = _run(run_name)
-        self._runs_active.add(-1, run, context)
-        self._runs.add(1, {**run, attr.RUN_STATUS: _value(status)}, context)
-        for limit, ratio in (utilization or {}).items():
-            self._budget_utilization.record(ratio, {**run, BUDGET_LIMIT: limit}, context)
+        self._runs_active.add((run_name,), -1)
+        self._runs.add((run_name, status), 1)
+        if utilization:
+            run = _run(run_name)
+            for limit, ratio in utilization.items():
+                self._budget_utilization.record(ratio, {**run, BUDGET_LIMIT: limit}, context)
 
     def budget_exceeded(self, run_name: str | None, limit: str, context: Context | None = None) -> None:
         """A budget limit was hit (``max_tokens``, ``max_cost_usd``, ``max_steps``, ...)."""
