@@ -719,9 +719,10 @@ def test_8_a_frozen_redis_fails_closed_within_the_timeout(
     assert ran == [1]
 
 
-def test_8_usage_that_cannot_be_charged_fails_the_step_without_a_retry(
+def test_8_usage_charged_while_the_ledger_is_down_never_lets_another_step_run(
     fresh_redis_server: RedisServer, ledger_client: Callable[[str], Any]
 ) -> None:
+    """The paid call's answer is kept; the next step fails closed before calling the model."""
     ledger_client(fresh_redis_server.url)
     calls: list[str] = []
 
@@ -729,12 +730,14 @@ def test_8_usage_that_cannot_be_charged_fails_the_step_without_a_retry(
     def ask() -> str:
         calls.append("model called")  # a paid call: retrying it while the ledger is down spends blind
         fresh_redis_server.stop()
-        multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=5)
+        multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=5)  # goes with the next check
         return "answer"
 
     @run
     def job() -> str:
-        return ask()
+        answer = ask()
+        ask()  # no budget decision can be made: refused, never retried
+        return answer
 
     with pytest.raises(LedgerUnavailableError):
         finishes(job)

@@ -160,6 +160,8 @@ def test_status_and_elapsed(factory: RedisLedgerFactory) -> None:
     other = factory.ledger(ledger.run_id)  # another process's view of the same run
     other.begin_step()
     other.charge(250, COST_UNITS_PER_USD // 2)
+    assert ledger.status(budget).tokens_used == 0  # the charge travels with other's next round trip
+    other.flush()
     status = ledger.status(budget)  # fetches the totals from Redis
     assert status.tokens_used == 250
     assert status.tokens_remaining == 750
@@ -184,7 +186,10 @@ def test_cost_is_an_exact_integer_sum(factory: RedisLedgerFactory, raw: redis.Re
     assert ledger.cost_usd == 1.0
     assert ledger.tokens == 70
     assert ledger.unpriced_reports == 10
+    assert raw.hget(ledger.key, "cost_units") is None  # counted here, not sent yet
+    ledger.flush()
     assert raw.hget(ledger.key, "cost_units") == str(COST_UNITS_PER_USD)
+    assert raw.hget(ledger.key, "unpriced") == "10"
 
 
 def test_threads_in_one_process_lose_no_update(factory: RedisLedgerFactory) -> None:
@@ -235,7 +240,7 @@ def steps_worker(url: str, run_id: str, steps: int) -> tuple[int, int, int]:
             continue
         ledger.charge(3, 7)
         done += 1
-    factory.close()
+    factory.close()  # sends the last step's charge
     return os.getpid(), done, refused
 
 
@@ -407,7 +412,7 @@ class CountingConnection(Connection):
         super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
 
 
-def test_begin_step_and_charge_are_one_round_trip_each(redis_server: RedisServer, raw: redis.Redis) -> None:
+def test_a_step_that_spends_is_one_round_trip(redis_server: RedisServer, raw: redis.Redis) -> None:
     pool = redis.ConnectionPool(connection_class=CountingConnection, host="127.0.0.1", port=redis_server.port)
     client = redis.Redis(connection_pool=pool)
     root = RedisLedger(client, new_id(), Budget(max_steps=100))
@@ -416,15 +421,19 @@ def test_begin_step_and_charge_are_one_round_trip_each(redis_server: RedisServer
     CountingConnection.writes, CountingConnection.commands = 0, []
     raw.config_resetstat()
     for _ in range(20):
-        ledger.begin_step()
+        ledger.begin_step()  # also sends the previous step's charge
         ledger.charge(10, 10)
-    assert CountingConnection.writes == 40
-    assert CountingConnection.commands == ["EVALSHA"] * 40
+    assert CountingConnection.writes == 20
+    assert CountingConnection.commands == ["EVALSHA"] * 20
     stats = raw.info("commandstats")
-    assert stats["cmdstat_evalsha"]["calls"] == 40
+    assert stats["cmdstat_evalsha"]["calls"] == 20
     assert "cmdstat_script|load" not in stats
     assert ledger.steps == 21
     assert root.steps == 21  # refreshed from the same replies
+    assert (ledger.tokens, root.tokens) == (200, 200)  # counted here at once
+    assert raw.hget(root.key, "tokens") == "190"  # the last charge is still pending
+    ledger.refresh()  # as the run's end does
+    assert raw.hget(root.key, "tokens") == raw.hget(ledger.key, "tokens") == "200"
     client.close()
 
 
@@ -457,9 +466,13 @@ def test_fails_closed_when_the_server_stops_mid_run(fresh_redis_server: RedisSer
     assert fresh_redis_server.url in str(got.value)
     assert "fail_open" in str(got.value)
     assert isinstance(got.value.__cause__, redis.ConnectionError)
+    ledger.charge(1, 1)  # counted here; it would have gone with the next step
     with pytest.raises(LedgerUnavailableError):  # and the next attempt, on a fresh connection
-        ledger.charge(1, 1)
+        ledger.begin_step()
     assert ledger.steps == 1
+    assert ledger._pending == [1, 1, 0]  # kept for when the ledger answers again
+    with pytest.raises(LedgerUnavailableError):
+        ledger.refresh()
 
 
 def test_fails_closed_within_the_timeout_when_the_server_hangs(fresh_redis_server: RedisServer) -> None:

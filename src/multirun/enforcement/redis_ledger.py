@@ -11,7 +11,7 @@ id and they all count into one Redis hash, with exact integer totals::
     ledgers = RedisLedgerFactory.from_uri("redis://127.0.0.1:6379/0?timeout=0.5")
     ledger = ledgers.ledger("run-42", Budget(max_steps=1000, max_cost_usd=5.0))
     ledger.begin_step()             # one EVALSHA: checks every limit, counts the step
-    ledger.charge(1200, 3_600_000)  # one EVALSHA: tokens and cost (nano-dollars)
+    ledger.charge(1200, 3_600_000)  # no round trip: sent with the next begin_step (nano-dollars)
     sub = ledgers.ledger("run-42.a", Budget(max_tokens=10_000), ancestor_ids=["run-42"])
 
 How it keeps the totals right:
@@ -28,8 +28,14 @@ How it keeps the totals right:
   with another process's: ``max_steps=1000`` lets exactly 1000 steps run
   however many processes race. The script returns the totals, so the local
   properties are refreshed without another round trip.
-* :meth:`RedisLedger.charge` and :meth:`RedisLedger.count_sub_agent` are one
-  EVALSHA each that add to the run and every ancestor with HINCRBY.
+* :meth:`RedisLedger.charge` counts in this process at once and leaves the
+  usage pending; the next :meth:`~RedisLedger.begin_step` adds it (to the run
+  and every ancestor, with HINCRBY) in the same script, *before* it checks the
+  limits, so a step that spends costs one round trip, not two, and this
+  process's own next step always sees it. :meth:`~RedisLedger.refresh` (run
+  end, ``status``) and :meth:`~RedisLedger.count_sub_agent` send what is
+  pending too. Other processes see a charge once it is sent: at most one step
+  later, which the bounded overshoot already allows for.
 * Every write refreshes the keys' expiry (``ttl_seconds``, a week by default).
 
 When Redis cannot be reached, or does not answer within the socket timeout,
@@ -141,11 +147,19 @@ for i = 1, 5 do reply[#reply + 1] = stored[i] or '' end
 return reply
 """
 
-# KEYS: the run, then its ancestors, nearest first. ARGV: check (1/0), ttl_ms, the run's limits
-# from 3 (to re-create its hash if it expired or the server lost it).
+# KEYS: the run, then its ancestors, nearest first. ARGV: check (1/0), ttl_ms, then for each key
+# the pending usage to add to it first (tokens, cost_units, unpriced), then the run's limits (to
+# re-create its hash if it expired or the server lost it).
 _BEGIN_STEP = """
 local now = now_us()
-create(KEYS[1], 3, now)
+create(KEYS[1], 3 + 3 * #KEYS, now)
+local pending = {'tokens', 'cost_units', 'unpriced'}
+for k, key in ipairs(KEYS) do
+  for i, name in ipairs(pending) do
+    local amount = ARGV[2 + 3 * (k - 1) + i]
+    if amount ~= '0' then redis.call('HINCRBY', key, name, amount) end
+  end
+end
 if ARGV[1] == '1' then
   for i, key in ipairs(KEYS) do
     local v = redis.call('HMGET', key, 'tokens', 'cost_units', 'steps', 'sub_agents', 'started_us',
@@ -232,6 +246,7 @@ _SCRIPTS = {
     )
 }
 _FIELDS_PER_KEY = 7
+_NOTHING_PENDING = ("0", "0", "0")
 
 
 @dataclass
@@ -362,6 +377,8 @@ class RedisLedger(LedgerReadings):
         self.steps = 0
         self.sub_agents = 0
         self.unpriced_reports = 0
+        # tokens, cost units and unpriced reports charged here and not yet sent to Redis
+        self._pending = [0, 0, 0]
         self.budget = budget
         self._limits = _limit_args(budget)
         # The server clock at the last reply, and this process's clock when it came:
@@ -414,35 +431,92 @@ class RedisLedger(LedgerReadings):
         self._run("init", [self.key], [self._ttl_ms, "1", *self._limits], "set its budget")
 
     def begin_step(self, check: bool = True) -> None:
-        """Count one more step in this run and its ancestors: one round trip to Redis.
+        """Send the pending usage, then count one more step in this run and its ancestors.
 
-        With ``check``, first raise BudgetExceededError if any of them has
-        reached a limit (the step about to start counts towards max_steps).
+        One round trip to Redis. With ``check``, raise BudgetExceededError
+        instead of counting the step if any of them has reached a limit (the
+        step about to start counts towards max_steps).
         """
-        args = ["1" if check else "0", self._ttl_ms, *self._limits]
-        reply = self._run("begin_step", self._keys, args, "start a step")
-        if reply is None:
+        # this run's pending usage goes to every key; an ancestor's (in this process) to it and above
+        chain = [self if i == 0 else self._shared.live.get(key) for i, key in enumerate(self._keys)]
+        taken = [_NOTHING_PENDING if ledger is None else ledger._take_pending() for ledger in chain]
+        per_key: list[str] = []
+        totals = [0, 0, 0]
+        for pending in taken:
+            for i in range(3):
+                totals[i] += int(pending[i])
+            per_key.extend(str(total) for total in totals)
+        args = ["1" if check else "0", self._ttl_ms, *per_key, *self._limits]
+        try:
+            reply = self._run("begin_step", self._keys, args, "start a step")
+        except BaseException:
+            for ledger, pending in zip(chain, taken, strict=True):
+                if ledger is not None:
+                    ledger._give_back(pending)
+            raise
+        if reply is None:  # failing open: the pending usage was counted here already
             self._begin_step_locally(check)
         elif reply[0] == 0:
             index, limit, used, maximum = reply[-4:]
             raise _refusal(_text(limit), int(used), _text(maximum), self._ids()[int(index) - 1])
 
     def charge(self, tokens: int, cost_units: int, unpriced: bool = False) -> None:
-        """Add one usage report, here and in every ancestor run: one round trip to Redis."""
-        args = [self._ttl_ms, str(int(tokens)), str(int(cost_units)), "1" if unpriced else "0", "0"]
-        if self._run("add", self._keys, args, "record its usage") is None:
-            for ledger in self._local_chain():
-                with ledger._lock:
-                    ledger.tokens += tokens
-                    ledger.cost_units += cost_units
-                    ledger.unpriced_reports += 1 if unpriced else 0
+        """Add one usage report, here and in every ancestor run.
+
+        Counted in this process at once; sent to Redis with the next
+        ``begin_step``, ``count_sub_agent`` or ``refresh`` (no round trip of its own).
+        """
+        for ledger in self._local_chain():
+            with ledger._lock:
+                ledger.tokens += tokens
+                ledger.cost_units += cost_units
+                ledger.unpriced_reports += 1 if unpriced else 0
+        with self._lock:
+            pending = self._pending
+            pending[0] += int(tokens)
+            pending[1] += int(cost_units)
+            pending[2] += 1 if unpriced else 0
 
     def count_sub_agent(self) -> None:
-        """Count one more sub-agent, here and in every ancestor run."""
-        if self._run("add", self._keys, [self._ttl_ms, "0", "0", "0", "1"], "count a sub-agent") is None:
+        """Count one more sub-agent, here and in every ancestor run (and send the pending usage)."""
+        pending = self._take_pending()
+        try:
+            reply = self._run("add", self._keys, [self._ttl_ms, *pending, "1"], "count a sub-agent")
+        except BaseException:
+            self._give_back(pending)
+            raise
+        if reply is None:
             for ledger in self._local_chain():
                 with ledger._lock:
                     ledger.sub_agents += 1
+
+    def flush(self) -> None:
+        """Send the usage charged since the last round trip (nothing to do if there is none)."""
+        pending = self._take_pending()
+        if pending == _NOTHING_PENDING:
+            return
+        try:
+            self._run("add", self._keys, [self._ttl_ms, *pending, "0"], "record its usage")
+        except BaseException:
+            self._give_back(pending)
+            raise
+
+    def _take_pending(self) -> tuple[str, str, str]:
+        """The usage not yet sent, as script arguments; it is no longer pending."""
+        with self._lock:
+            pending = self._pending
+            if not (pending[0] or pending[1] or pending[2]):
+                return _NOTHING_PENDING
+            self._pending = [0, 0, 0]
+        return str(pending[0]), str(pending[1]), str(pending[2])
+
+    def _give_back(self, pending: tuple[str, str, str]) -> None:
+        """A round trip that carried ``pending`` failed: keep it for the next one."""
+        if pending == _NOTHING_PENDING:
+            return
+        with self._lock:
+            for i, value in enumerate(pending):
+                self._pending[i] += int(value)
 
     def restore(self, tokens: int, cost_units: int, steps: int) -> None:
         """Start from what an earlier attempt of this run already spent.
@@ -459,8 +533,11 @@ class RedisLedger(LedgerReadings):
                 self.steps = max(self.steps, steps)
 
     def refresh(self) -> None:
-        """Fetch the run's current totals from Redis (one round trip)."""
-        self._run("read", self._keys, [], "read its totals")
+        """Send the pending usage and fetch the run's current totals from Redis (one round trip)."""
+        if self._pending != [0, 0, 0]:
+            self.flush()
+        else:
+            self._run("read", self._keys, [], "read its totals")
 
     def status(self, budget: Budget | None) -> BudgetStatus:
         """A snapshot of spend against ``budget``, with totals fetched from Redis."""
@@ -670,7 +747,12 @@ class RedisLedgerFactory:
         return self.ledger(run_id, budget, ancestors)
 
     def close(self) -> None:
-        """Close the client's connections."""
+        """Send what the ledgers of this client still have pending, then close its connections."""
+        for ledger in list(_state_of(self.client).live.values()):
+            try:
+                ledger.flush()
+            except LedgerUnavailableError as exc:
+                _logger.warning("multirun: usage of run %s not sent to the ledger: %s", ledger.run_id, exc)
         client: Any = self.client  # Any: redis-py 5 leaves close untyped
         client.close()
 
