@@ -48,14 +48,14 @@ from typing import Any
 import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
 
 from multirun._keys import RUN_KEY, run_in, step_in
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _StepCall
-from multirun.errors import BudgetExceededError, ConfigurationError, LedgerUnavailableError, PolicyViolation
+from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation
+from multirun.integrations._options import configure_tracer_provider, framework_installed, model_option
 from multirun.integrations._specs import framework_step_spec
 from multirun.models.budget import Budget
 from multirun.models.policy import Policy
@@ -99,23 +99,11 @@ class ClientAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return _INSTRUMENTS
 
     def _instrument(self, **kwargs: Any) -> None:
-        # opentelemetry-instrument skips the dependency check of each instrumentor: do it here
-        conflict = get_dependency_conflicts(_INSTRUMENTS)
-        if conflict is not None:
-            # ClientAI not installed is the common case of opentelemetry-instrument: no warning
-            log = _logger.debug if getattr(conflict, "found", None) is None else _logger.warning
-            log("multirun: ClientAI not instrumented: %s", conflict)
+        if not framework_installed(_INSTRUMENTS, "ClientAI"):
             return
-        budget = _valid(kwargs.get("budget"), Budget, "budget")
-        policy = _valid(kwargs.get("policy"), Policy, "policy")
-        tracer_provider = kwargs.get("tracer_provider")
-        if tracer_provider is not None:
-            from multirun.client import configured_client, init
-
-            if configured_client() is None:
-                init(tracer_provider=tracer_provider)
-            else:
-                _logger.debug("multirun: already configured; ClientAI spans go to its tracer provider")
+        budget = model_option("ClientAIInstrumentor", "budget", kwargs.get("budget"), Budget)
+        policy = model_option("ClientAIInstrumentor", "policy", kwargs.get("policy"), Policy)
+        configure_tracer_provider(kwargs.get("tracer_provider"), "ClientAI")
         _settings.budget, _settings.policy = budget, policy
         wrappers = globals()
         try:
@@ -149,21 +137,6 @@ class _Settings:
 
 
 _settings = _Settings()
-
-
-def _valid(value: Any, model: Any, name: str) -> Any:
-    """A Budget or Policy given to ``instrument``; ConfigurationError, naming it, if it is not one."""
-    if value is None or isinstance(value, model):
-        return value
-    where = f"ClientAIInstrumentor().instrument({name}=...)"
-    if isinstance(value, dict):
-        from pydantic import ValidationError
-
-        try:
-            return model.model_validate(value)
-        except ValidationError as exc:
-            raise ConfigurationError(f"{where}: {exc}") from None
-    raise ConfigurationError(f"{where} must be a {model.__name__} or a dict, got {type(value).__name__}")
 
 
 # ---------------------------------------------------------------------------

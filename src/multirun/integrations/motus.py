@@ -59,7 +59,6 @@ from typing import Any
 import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import Span, SpanContext
@@ -68,6 +67,7 @@ from multirun._keys import agent_in, run_in, step_in
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _record_step_not_run, _StepCall
 from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation
+from multirun.integrations._options import configure_tracer_provider, framework_installed, model_option
 from multirun.integrations._specs import framework_step_spec
 from multirun.models.agent import AgentStatus
 from multirun.models.budget import Budget
@@ -142,23 +142,11 @@ class MotusInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return _INSTRUMENTS
 
     def _instrument(self, **kwargs: Any) -> None:
-        # opentelemetry-instrument skips the dependency check of each instrumentor: do it here
-        conflict = get_dependency_conflicts(_INSTRUMENTS)
-        if conflict is not None:
-            # Motus not installed (always so before Python 3.12) is the common case: no warning
-            log = _logger.debug if getattr(conflict, "found", None) is None else _logger.warning
-            log("multirun: Motus not instrumented: %s", conflict)
+        if not framework_installed(_INSTRUMENTS, "Motus"):  # always so before Python 3.12
             return
-        _settings.budget = _valid(kwargs.get("budget"), Budget, "budget")
-        _settings.policy = _valid(kwargs.get("policy"), Policy, "policy")
-        tracer_provider = kwargs.get("tracer_provider")
-        if tracer_provider is not None:
-            from multirun.client import configured_client, init
-
-            if configured_client() is None:
-                init(tracer_provider=tracer_provider)
-            else:
-                _logger.debug("multirun: already configured; Motus spans go to its tracer provider")
+        _settings.budget = model_option("MotusInstrumentor", "budget", kwargs.get("budget"), Budget)
+        _settings.policy = model_option("MotusInstrumentor", "policy", kwargs.get("policy"), Policy)
+        configure_tracer_provider(kwargs.get("tracer_provider"), "Motus")
         _settings.active = True
         if _HOOK_MODULE in sys.modules:
             _patch()
@@ -199,14 +187,6 @@ class _Motus:
     task_cancelled_error: type[BaseException] = Exception
     compute: Any = None  # TaskKind.COMPUTE
     not_started: tuple[Any, ...] = ()  # TaskStatus.PENDING, READY
-
-
-def _valid(value: Any, model: Any, name: str) -> Any:
-    if value is None or isinstance(value, model):
-        return value
-    if isinstance(value, dict):
-        return model.model_validate(value)
-    raise TypeError(f"MotusInstrumentor().instrument({name}=...) must be a {model.__name__} or a dict")
 
 
 def _on_motus_import(module: Any) -> None:

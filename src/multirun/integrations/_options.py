@@ -1,0 +1,62 @@
+"""What every instrumentor of this package does before it patches: check, validate, configure.
+
+``opentelemetry-instrument`` skips each instrumentor's dependency check, so
+``instrument()`` checks for its framework itself; ``budget`` and ``policy``
+(for the runs an instrumentation starts) are validated the way ``@run``
+validates them; a ``tracer_provider`` configures multirun unless the
+application already did.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Any, TypeVar
+
+from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
+from pydantic import BaseModel, ValidationError
+
+from multirun.errors import ConfigurationError
+
+_logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def framework_installed(instruments: Collection[str], framework: str) -> bool:
+    """Whether the framework's package is installed in a version the instrumentor supports.
+
+    Not installed is the common case under ``opentelemetry-instrument`` (a debug
+    line); a version out of range is a warning.
+    """
+    conflict = get_dependency_conflicts(instruments)
+    if conflict is None:
+        return True
+    log = _logger.debug if getattr(conflict, "found", None) is None else _logger.warning
+    log("multirun: %s not instrumented: %s", framework, conflict)
+    return False
+
+
+def model_option(instrumentor: str, name: str, value: Any, model: type[M]) -> M | None:
+    """``value`` of ``instrument(name=...)`` as a ``model`` (or a dict of its fields); None if unset."""
+    if value is None or isinstance(value, model):
+        return value
+    where = f"{instrumentor}().instrument({name}=...)"
+    if isinstance(value, dict):
+        try:
+            return model.model_validate(value)
+        except ValidationError as exc:
+            raise ConfigurationError(f"{where}: {exc}") from None
+    raise ConfigurationError(f"{where} must be a {model.__name__} or a dict, got {type(value).__name__}")
+
+
+def configure_tracer_provider(tracer_provider: Any, framework: str) -> None:
+    """``multirun.init(tracer_provider=...)`` unless multirun is configured already."""
+    if tracer_provider is None:
+        return
+    from multirun.client import configured_client, init
+
+    if configured_client() is None:
+        init(tracer_provider=tracer_provider)
+    else:
+        _logger.debug("multirun: already configured; %s spans go to its tracer provider", framework)
