@@ -42,6 +42,7 @@ from clientai_programs.fake_openai import APIFailure, Reply, ScriptedModel, offl
 from clientai_programs.research_agent import MODEL, TOPIC
 from multirun.cli.runs import SpanRecord, build_tree, find_runs, load_spans, record_from_span
 from multirun.errors import BudgetExceededError, ConfigurationError
+from multirun.integrations import _options as integration_options
 from multirun.integrations import clientai as integration
 from multirun.integrations.clientai import ClientAIInstrumentor
 from multirun.models import Budget, Policy, StepKind
@@ -529,7 +530,7 @@ def test_a_failing_instrumentation_costs_a_log_line_not_the_agent(
         raise RuntimeError("telemetry bug")
 
     monkeypatch.setattr(integration, "_open_step", broken)
-    monkeypatch.setattr(integration, "_warned", set())
+    monkeypatch.setattr(integration_options, "_warned", set())
     agent, _ = research_agent.build()
 
     with caplog.at_level(logging.WARNING, logger="multirun.integrations.clientai"):

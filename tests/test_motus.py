@@ -38,6 +38,7 @@ from opentelemetry.trace import StatusCode  # noqa: E402
 import multirun  # noqa: E402
 from multirun.cli.runs import Node, build_tree, find_runs, load_spans, record_from_span  # noqa: E402
 from multirun.errors import BudgetExceededError, PolicyViolation  # noqa: E402
+from multirun.integrations import _options as integration_options  # noqa: E402
 from multirun.integrations import motus as integration  # noqa: E402
 from multirun.integrations.motus import MotusInstrumentor  # noqa: E402
 from multirun.models import Budget, Policy  # noqa: E402
@@ -600,7 +601,7 @@ def test_an_instrumentation_failure_costs_a_log_line_not_the_task(
         raise RuntimeError("instrumentation bug")
 
     monkeypatch.setattr(integration._TaskTrace, "open", broken)
-    monkeypatch.setattr(integration, "_warned", set())
+    monkeypatch.setattr(integration_options, "_warned", set())
     assert resolve(consume(consume("ok"))) == "OK"
     assert not [s for s in traced.spans() if s.name == "step consume"]
     assert any("the task goes on untraced" in r.getMessage() for r in caplog.records)

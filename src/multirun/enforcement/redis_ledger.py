@@ -479,24 +479,21 @@ class RedisLedger(LedgerReadings):
 
     def count_sub_agent(self) -> None:
         """Count one more sub-agent, here and in every ancestor run (and send the pending usage)."""
-        pending = self._take_pending()
-        try:
-            reply = self._run("add", self._keys, [self._ttl_ms, *pending, "1"], "count a sub-agent")
-        except BaseException:
-            self._give_back(pending)
-            raise
-        if reply is None:
+        if self._add_pending("1", "count a sub-agent") is None:
             for ledger in self._local_chain():
                 with ledger._lock:
                     ledger.sub_agents += 1
 
     def flush(self) -> None:
         """Send the usage charged since the last round trip (nothing to do if there is none)."""
+        if any(self._pending):
+            self._add_pending("0", "record its usage")
+
+    def _add_pending(self, sub_agents: str, action: str) -> list[Any] | None:
+        """One "add" round trip with the pending usage and ``sub_agents``; still pending if it fails."""
         pending = self._take_pending()
-        if pending == _NOTHING_PENDING:
-            return
         try:
-            self._run("add", self._keys, [self._ttl_ms, *pending, "0"], "record its usage")
+            return self._run("add", self._keys, [self._ttl_ms, *pending, sub_agents], action)
         except BaseException:
             self._give_back(pending)
             raise
@@ -534,8 +531,8 @@ class RedisLedger(LedgerReadings):
 
     def refresh(self) -> None:
         """Send the pending usage and fetch the run's current totals from Redis (one round trip)."""
-        if self._pending != [0, 0, 0]:
-            self.flush()
+        if any(self._pending):
+            self._add_pending("0", "record its usage")
         else:
             self._run("read", self._keys, [], "read its totals")
 

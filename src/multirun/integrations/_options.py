@@ -1,4 +1,5 @@
-"""What every instrumentor of this package does before it patches: check, validate, configure.
+"""What every instrumentor of this package shares: check, validate and configure before it
+patches, and report its own failures.
 
 ``opentelemetry-instrument`` skips each instrumentor's dependency check, so
 ``instrument()`` checks for its framework itself; ``budget`` and ``policy``
@@ -60,3 +61,22 @@ def configure_tracer_provider(tracer_provider: Any, framework: str) -> None:
         init(tracer_provider=tracer_provider)
     else:
         _logger.debug("multirun: already configured; %s spans go to its tracer provider", framework)
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def instrumentation_failed(framework: str, where: str, what_goes_on: str) -> None:
+    """Log that the instrumentation failed in ``where``: a warning once per place, then debug lines.
+
+    Called from an ``except`` block (the traceback is logged); ``what_goes_on``
+    says what the user's program does instead ("the task goes on untraced").
+    """
+    key = (framework, where)
+    if key in _warned:
+        _logger.debug("multirun: %s instrumentation failed in %s", framework, where, exc_info=True)
+        return
+    _warned.add(key)
+    _logger.warning(
+        "multirun: %s instrumentation failed in %s; %s", framework, where, what_goes_on, exc_info=True
+    )

@@ -55,7 +55,12 @@ from multirun._keys import RUN_KEY, run_in, step_in
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _StepCall
 from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation
-from multirun.integrations._options import configure_tracer_provider, framework_installed, model_option
+from multirun.integrations._options import (
+    configure_tracer_provider,
+    framework_installed,
+    instrumentation_failed,
+    model_option,
+)
 from multirun.integrations._specs import framework_step_spec
 from multirun.models.budget import Budget
 from multirun.models.policy import Policy
@@ -142,18 +147,10 @@ _settings = _Settings()
 # ---------------------------------------------------------------------------
 # failures of the instrumentation itself: a log line, never the agent
 
-_warned: set[str] = set()
-
 
 def _broken(where: str) -> None:
     """Log (once per place at warning level) that the instrumentation failed; the call goes on."""
-    if where in _warned:
-        _logger.debug("multirun: ClientAI instrumentation failed in %s", where, exc_info=True)
-        return
-    _warned.add(where)
-    _logger.warning(
-        "multirun: ClientAI instrumentation failed in %s; the call goes on untraced", where, exc_info=True
-    )
+    instrumentation_failed("ClientAI", where, "the call goes on untraced")
 
 
 # ---------------------------------------------------------------------------

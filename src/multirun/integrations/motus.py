@@ -67,7 +67,12 @@ from multirun._keys import agent_in, run_in, step_in
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _record_step_not_run, _StepCall
 from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation
-from multirun.integrations._options import configure_tracer_provider, framework_installed, model_option
+from multirun.integrations._options import (
+    configure_tracer_provider,
+    framework_installed,
+    instrumentation_failed,
+    model_option,
+)
 from multirun.integrations._specs import framework_step_spec
 from multirun.models.agent import AgentStatus
 from multirun.models.budget import Budget
@@ -242,18 +247,10 @@ def _unpatch() -> None:
 # ---------------------------------------------------------------------------
 # failures of the instrumentation itself: a log line, never the program
 
-_warned: set[str] = set()
-
 
 def _broken(where: str) -> None:
     """Log (once per place at warning level) that the instrumentation failed; the task goes on."""
-    if where in _warned:
-        _logger.debug("multirun: Motus instrumentation failed in %s", where, exc_info=True)
-        return
-    _warned.add(where)
-    _logger.warning(
-        "multirun: Motus instrumentation failed in %s; the task goes on untraced", where, exc_info=True
-    )
+    instrumentation_failed("Motus", where, "the task goes on untraced")
 
 
 # ---------------------------------------------------------------------------
