@@ -32,8 +32,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, TraceFlags
 
 import multirun
-from multirun import agent, run, step
 from multirun import client as client_module
+from multirun import run, step
 from multirun.checkpoints.exporters import BlobExporter, MemoryBlobExporter
 from multirun.checkpoints.store import CheckpointStore
 from multirun.context import get_current_run_context
@@ -41,6 +41,7 @@ from multirun.enforcement.redis_ledger import LedgerUnavailableError
 from multirun.models import Budget, StepKind
 from multirun.telemetry.export import DROPPED_SPANS, ExportProcessor
 from multirun.telemetry.local_files import read_spans
+from test_bad_input import agent_program  # the same four-span agent run
 
 if TYPE_CHECKING:
     from redis_server import RedisServer
@@ -156,30 +157,7 @@ def pipeline() -> Iterator[Callable[..., Pipeline]]:
     client_module._configured = None
 
 
-def agent_program() -> Callable[[str], str]:
-    """A run of four spans: run, agent, an LLM step, a tool step with a retry setting."""
-
-    @step(kind=StepKind.LLM_CALL)
-    def ask(q: str) -> str:
-        multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=5)
-        return q.upper()
-
-    @step(retry=1, retry_delay=0.0)
-    def tool(q: str) -> str:
-        return q[::-1]
-
-    @agent
-    def worker(q: str) -> str:
-        return ask(q) + tool(q)
-
-    @run(budget=Budget(max_tokens=1_000_000))
-    def main(q: str) -> str:
-        return worker(q)
-
-    return main
-
-
-SPANS_PER_RUN = 4
+SPANS_PER_RUN = 4  # agent_program (of test_bad_input): run, agent, an LLM step, a tool step
 
 
 # ---------------------------------------------------------------------------
