@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pydantic
+import pytest
 
 from multirun.models import Agent, AgentConfig, Budget, Checkpoint, Policy, Run, Step
 from multirun.models.policy import CircuitBreakerRule, RateLimitRule, RetryRule
@@ -356,6 +357,20 @@ def test_graceful_degradation_rule_has_reference_fields() -> None:
     assert rule.fallback_model == "gpt-4o-mini"
     assert rule.trigger is DegradationTrigger.COST_PERCENTAGE
     assert rule.threshold == 75
+
+
+def test_graceful_degradation_percentage_over_100_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from multirun.models import DegradationTrigger, GracefulDegradationRule
+
+    with pytest.raises(ValidationError, match="0 to 100, got 150"):
+        GracefulDegradationRule(fallback_model="gpt-4o-mini", threshold=150)
+    # a count of failures is not a percentage
+    rule = GracefulDegradationRule(
+        fallback_model="gpt-4o-mini", trigger=DegradationTrigger.CONSECUTIVE_FAILURES, threshold=150
+    )
+    assert rule.threshold == 150
 
 
 def test_agent_fields_match_reference() -> None:

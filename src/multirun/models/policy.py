@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from multirun.models._base import Model
 
@@ -66,6 +66,16 @@ class GracefulDegradationRule(Model):
     fallback_model: str = Field(min_length=1)
     trigger: DegradationTrigger = DegradationTrigger.BUDGET_PERCENTAGE
     threshold: float = Field(default=80.0, ge=0)
+
+    @model_validator(mode="after")
+    def _percentage_in_range(self) -> GracefulDegradationRule:
+        # a percentage over 100 could never trigger: the budget refuses steps at 100
+        if self.trigger is not DegradationTrigger.CONSECUTIVE_FAILURES and self.threshold > 100:
+            raise ValueError(
+                f"threshold is a percentage for trigger {self.trigger.value!r}: "
+                f"0 to 100, got {self.threshold:g}"
+            )
+        return self
 
 
 class Policy(Model):
