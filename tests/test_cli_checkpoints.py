@@ -7,10 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+import multirun
 from multirun import run
 from multirun.cli.main import main
 from multirun.context import get_current_run_context
+from multirun.errors import CheckpointError
+from multirun.telemetry import attributes as attr
+from multirun.telemetry.local_files import LocalFileSpanExporter
 
 
 @pytest.fixture
@@ -32,12 +38,33 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def run_ids(store_dir: Path) -> list[str]:
+    return sorted(path.name for path in (store_dir / "blobs" / "checkpoints").iterdir() if path.is_dir())
+
+
+def checkpoint_ids(store_dir: Path, run_id: str) -> list[str]:
+    """Oldest first."""
+    return sorted(path.stem for path in (store_dir / "blobs" / "checkpoints" / run_id).glob("*.ckpt"))
+
+
+def write_run_span(directory: Path, run_id: str) -> None:
+    """A run's span in DIR/traces, as the embedded default writes it (a run known to the traces)."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(LocalFileSpanExporter(directory / "traces")))
+    with provider.get_tracer("test").start_as_current_span(
+        "invoke_workflow other", attributes={attr.RUN_ID: run_id}
+    ):
+        pass
+    provider.shutdown()
+
+
 def test_checkpoints_lists_show_and_verify(store_dir, capsys) -> None:
     code, out, _ = run_cli(capsys, "checkpoints", "--dir", str(store_dir))
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["RUN", "CHECKPOINT"] and len(lines) == 3
+    assert lines[0].split() == ["RUN", "ID", "CHECKPOINT", "CREATED", "NAME"] and len(lines) == 3
     newest = lines[-1].split()[1]
+    assert newest == checkpoint_ids(store_dir, run_ids(store_dir)[0])[-1]
 
     code, out, _ = run_cli(capsys, "checkpoints", "show", newest, "--dir", str(store_dir))
     assert code == 0
@@ -61,6 +88,151 @@ def test_show_of_an_unknown_checkpoint_is_one_line_and_exit_1(store_dir, capsys)
     assert err.strip() == "multirun: error: no checkpoint 'nope' in the store"
 
 
+# ---------------------------------------------------------------------------
+# stray files in the store
+
+
+@pytest.fixture
+def strays(store_dir: Path) -> list[Path]:
+    checkpoints = store_dir / "blobs" / "checkpoints"
+    found = [checkpoints / "junk.txt", checkpoints / run_ids(store_dir)[0] / "notes.txt"]
+    for path in found:
+        path.write_text("hi\n")
+    return found
+
+
+def warnings_naming(strays: list[Path]) -> list[str]:
+    return sorted(f"multirun: warning: skipping {path}: not a checkpoint" for path in strays)
+
+
+def test_a_stray_file_in_the_store_is_skipped_by_the_listing(store_dir, strays, capsys) -> None:
+    code, out, err = run_cli(capsys, "checkpoints", "--dir", str(store_dir))
+    assert code == 0
+    assert len(out.splitlines()) == 3  # the header, the two checkpoints
+    assert sorted(err.splitlines()) == warnings_naming(strays)
+
+
+def test_a_stray_file_in_the_store_is_not_verified(store_dir, strays, capsys) -> None:
+    code, out, err = run_cli(capsys, "checkpoints", "verify", "--dir", str(store_dir))
+    assert code == 0 and out.splitlines()[-1] == "2 ok, 0 failed"
+    assert sorted(err.splitlines()) == warnings_naming(strays)
+
+
+def test_a_stray_file_in_a_run_folder_is_not_its_newest_checkpoint(store_dir, strays, capfd) -> None:
+    run_id = run_ids(store_dir)[0]
+    printer = [sys.executable, "-c", "import os; print('RESUME=' + os.environ['MULTIRUN_RESUME'])"]
+    assert main(["resume", "--dir", str(store_dir), run_id, "--", *printer]) == 0
+    assert f"RESUME={checkpoint_ids(store_dir, run_id)[-1]}" in capfd.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# a folder that does not exist
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["checkpoints"],
+        ["checkpoints", "show", "abc"],
+        ["checkpoints", "verify"],
+        ["resume", "abc", "--", "true"],
+    ],
+)
+def test_a_missing_folder_is_an_error(tmp_path: Path, capsys, argv: list[str]) -> None:
+    missing = tmp_path / "missing"
+    code, out, err = run_cli(capsys, argv[0], "--dir", str(missing), *argv[1:])
+    assert code == 1 and out == ""
+    assert err.splitlines() == [f"multirun: error: no such directory: {missing}"]
+
+
+def test_a_missing_store_folder_is_an_error(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(capsys, "checkpoints", "--store", str(tmp_path / "missing"))
+    assert code == 1
+    assert err.splitlines() == [f"multirun: error: no such directory: {tmp_path / 'missing'}"]
+
+
+def test_no_folder_yet_is_no_checkpoints(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("MULTIRUN_DIR", "MULTIRUN_CHECKPOINT_URI"):
+        monkeypatch.delenv(name, raising=False)
+    code, out, _ = run_cli(capsys, "checkpoints")
+    assert code == 0 and out == "No checkpoints.\n"
+
+
+# ---------------------------------------------------------------------------
+# id prefixes
+
+
+def test_checkpoints_of_a_run_by_prefix(store_dir, capsys) -> None:
+    run_id = run_ids(store_dir)[0]
+    code, out, _ = run_cli(capsys, "checkpoints", "--run", run_id[:5], "--dir", str(store_dir))
+    assert code == 0
+    assert [line.split()[1] for line in out.splitlines()[1:]] == checkpoint_ids(store_dir, run_id)
+
+
+def test_checkpoints_of_an_unknown_run_is_an_error(store_dir, capsys) -> None:
+    code, out, err = run_cli(capsys, "checkpoints", "--run", "nope", "--dir", str(store_dir))
+    assert code == 1 and out == ""
+    assert err.splitlines() == ["multirun: error: no run with id 'nope' (see `multirun runs`)"]
+
+
+def test_checkpoints_of_a_run_with_none(store_dir, capsys) -> None:
+    other = "0123456789abcdef" * 2
+    write_run_span(store_dir, other)  # known to the traces, never checkpointed
+    code, out, err = run_cli(capsys, "checkpoints", "--run", other[:6], "--dir", str(store_dir))
+    assert code == 0 and err == ""
+    assert out == f"No checkpoints of run {other}.\n"
+
+
+def test_show_and_verify_by_prefix(store_dir, capsys) -> None:
+    first, second = checkpoint_ids(store_dir, run_ids(store_dir)[0])
+    unique = next(n for n in range(1, 33) if first[:n] != second[:n])
+    code, out, _ = run_cli(capsys, "checkpoints", "show", second[:unique], "--dir", str(store_dir))
+    assert code == 0 and out.splitlines()[0].split() == ["checkpoint", second]
+    code, out, _ = run_cli(capsys, "checkpoints", "verify", first[:unique], "--dir", str(store_dir))
+    assert code == 0 and out.splitlines() == [f"ok      {first}", "1 ok, 0 failed"]
+
+
+def test_an_ambiguous_checkpoint_prefix_is_an_error(store_dir, capsys) -> None:
+    first, second = checkpoint_ids(store_dir, run_ids(store_dir)[0])
+    code, _, err = run_cli(capsys, "checkpoints", "show", first[:4], "--dir", str(store_dir))
+    assert code == 1
+    [line] = err.splitlines()
+    assert line.startswith(f"multirun: error: checkpoint id '{first[:4]}' is ambiguous: it matches ")
+    assert line.endswith("; give more characters")
+    shown = line.split("it matches ", 1)[1].split(";")[0].split(", ")
+    assert len(shown) == 2 and first.startswith(shown[0]) and second.startswith(shown[1])
+    assert shown[0] != shown[1]  # long enough to tell them apart
+
+
+def test_the_python_api_takes_prefixes(store_dir, traced) -> None:
+    run_id = run_ids(store_dir)[0]
+    first, second = checkpoint_ids(store_dir, run_id)
+    with multirun.resume(run_id=run_id[:4]) as restored:
+        assert restored.checkpoint.id == second  # the newest of the run
+    unique = next(n for n in range(1, 33) if first[:n] != second[:n])
+    with multirun.resume(checkpoint_id=first[:unique]) as restored:
+        assert restored.checkpoint.id == first
+    with pytest.raises(CheckpointError, match="is ambiguous"), multirun.resume(checkpoint_id=first[:4]):
+        pass
+    unknown = pytest.raises(CheckpointError, match="no checkpoint of run 'nope' in the store")
+    with unknown, multirun.resume(run_id="nope"):
+        pass
+    # a checkpoint id is not a run id
+    with pytest.raises(CheckpointError, match="no checkpoint of run"), multirun.resume(run_id=first):
+        pass
+
+
+def test_the_python_api_refuses_an_ambiguous_run_prefix(store_dir, traced) -> None:
+    store = traced.client.checkpoints
+    key = store.list()[0]
+    for run_id in ("abc1" + "0" * 28, "abc2" + "0" * 28):
+        store.exporter.put(store.key(run_id, "c1"), store.exporter.get(key))
+    ambiguous = pytest.raises(CheckpointError, match="run id 'abc' is ambiguous: it matches abc1")
+    with ambiguous, multirun.resume(run_id="abc"):
+        pass
+
+
 def test_resume_runs_the_command_with_the_checkpoint_to_continue(store_dir, capfd) -> None:
     run_id = sorted((store_dir / "blobs" / "checkpoints").iterdir())[0].name
     printer = [sys.executable, "-c", "import os; print('RESUME=' + os.environ['MULTIRUN_RESUME'])"]
@@ -76,6 +248,55 @@ def test_resume_without_a_command_says_how(store_dir, capsys) -> None:
     run_id = sorted((store_dir / "blobs" / "checkpoints").iterdir())[0].name
     code, _, err = run_cli(capsys, "resume", "--dir", str(store_dir), run_id)
     assert code == 1 and "after --" in err
+
+
+def test_resume_of_a_command_without_the_dashes_says_how(store_dir, capsys) -> None:
+    code, _, err = run_cli(capsys, "resume", "--dir", str(store_dir), "abc", "python", "agent.py")
+    assert code == 1
+    assert err.splitlines() == [
+        "multirun: error: resume: put the program to run after --, e.g. multirun resume ID -- python agent.py"
+    ]
+
+
+ENV_PRINTER = [
+    sys.executable,
+    "-c",
+    "import os\nfor name in ('MULTIRUN_RESUME', 'MULTIRUN_DIR', 'MULTIRUN_CHECKPOINT_URI'):\n"
+    "    print(name + '=' + os.environ.get(name, '-'))",
+]
+
+
+def child_env(out: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in out.splitlines() if line.startswith("MULTIRUN_"))
+
+
+@pytest.mark.parametrize("order", ["options first", "options after the id"])
+def test_resume_tells_the_child_the_folder(store_dir, capfd, monkeypatch, order: str) -> None:
+    monkeypatch.chdir(store_dir.parent)
+    for name in ("MULTIRUN_DIR", "MULTIRUN_CHECKPOINT_URI"):
+        monkeypatch.delenv(name, raising=False)
+    run_id = run_ids(store_dir)[0]
+    options = ["--dir", store_dir.name]  # relative to the working folder
+    words = [*options, run_id] if order == "options first" else [run_id, *options]
+    assert main(["resume", *words, "--", *ENV_PRINTER]) == 0
+    assert child_env(capfd.readouterr().out) == {
+        "MULTIRUN_RESUME": checkpoint_ids(store_dir, run_id)[-1],
+        "MULTIRUN_DIR": str(store_dir),  # absolute: the child may change folder
+        "MULTIRUN_CHECKPOINT_URI": "-",
+    }
+
+
+def test_resume_tells_the_child_the_store(store_dir, capfd, monkeypatch) -> None:
+    for name in ("MULTIRUN_DIR", "MULTIRUN_CHECKPOINT_URI"):
+        monkeypatch.delenv(name, raising=False)
+    run_id = run_ids(store_dir)[0]
+    store = str(store_dir / "blobs")
+    assert main(["resume", run_id, "--store", store, "--", *ENV_PRINTER]) == 0
+    assert child_env(capfd.readouterr().out) == {
+        "MULTIRUN_RESUME": checkpoint_ids(store_dir, run_id)[-1],
+        "MULTIRUN_DIR": "-",
+        "MULTIRUN_CHECKPOINT_URI": store,
+    }
 
 
 def test_resume_command_line_end_to_end(tmp_path) -> None:
@@ -94,4 +315,4 @@ def test_resume_command_line_end_to_end(tmp_path) -> None:
         text=True,
     )
     assert result.returncode == 1
-    assert "no checkpoint 'nope'" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == ["multirun: error: no run or checkpoint with id 'nope' in the store"]

@@ -53,30 +53,34 @@ multirun.get_client().force_flush()
 """
 
 
+MULTIRUN = Path(sys.executable).parent / "multirun"
+
+
 def run_program(
-    tmp_path: Path, *, crash: bool, resume: str | None = None
+    tmp_path: Path, *, crash: bool, resume: str | None = None, through_cli: bool = False
 ) -> subprocess.CompletedProcess[str]:
+    """The program; resuming ``resume`` through MULTIRUN_RESUME, or with ``multirun resume``."""
     script = tmp_path / "nightly.py"
     script.write_text(PROGRAM)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
     env["CRASH"] = "1" if crash else "0"
-    if resume is not None:
+    command = [sys.executable, str(script), str(tmp_path / "mr"), str(tmp_path / "effects.txt")]
+    if resume is not None and through_cli:
+        command = [str(MULTIRUN), "resume", resume, "--dir", str(tmp_path / "mr"), "--", *command]
+    elif resume is not None:
         env["MULTIRUN_RESUME"] = resume
-    return subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "mr"), str(tmp_path / "effects.txt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_resume_after_sigkill_does_not_repeat_completed_steps(tmp_path: Path) -> None:
+@pytest.mark.parametrize("through_cli", [False, True], ids=["MULTIRUN_RESUME", "multirun resume PREFIX"])
+def test_resume_after_sigkill_does_not_repeat_completed_steps(tmp_path: Path, through_cli: bool) -> None:
     crashed = run_program(tmp_path, crash=True)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     run_id = crashed.stdout.split("RUN ", 1)[1].split()[0]
 
-    resumed = run_program(tmp_path, crash=False, resume=run_id)
+    resumed = run_program(
+        tmp_path, crash=False, resume=run_id[:6] if through_cli else run_id, through_cli=through_cli
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "RESULT report of 30" in resumed.stdout
 
@@ -89,7 +93,7 @@ def test_resume_after_sigkill_does_not_repeat_completed_steps(tmp_path: Path) ->
 def test_resume_of_an_unknown_run_fails_clearly(tmp_path: Path) -> None:
     result = run_program(tmp_path, crash=False, resume="no-such-run")
     assert result.returncode != 0
-    assert "no checkpoint" in result.stderr
+    assert "no run or checkpoint with id 'no-such-run' in the store" in result.stderr
     assert not (tmp_path / "effects.txt").exists() or (tmp_path / "effects.txt").read_text() == ""
 
 

@@ -7,6 +7,9 @@ or, with no change to the program, from the command line::
 
     multirun resume 4f0c... -- python my_agent.py
 
+Any unique prefix of a run or checkpoint id will do, as everywhere an id is
+accepted (``match_id``).
+
 The resumed run is a new run (new id, new trace) that links to the one it
 continues (a span link, ``multirun.run.resumed_from``). It starts with the
 checkpoint's state, counts the spend the original run had made (a resumed
@@ -20,13 +23,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from opentelemetry import context as otel_context
 
-from multirun.errors import ConfigurationError
+from multirun.checkpoints.store import validate_id
+from multirun.errors import CheckpointError, ConfigurationError
 
 if TYPE_CHECKING:
     from multirun.checkpoints.store import CheckpointStore, RestoredCheckpoint
@@ -54,18 +58,94 @@ _environment_read = False
 _environment_lock = threading.Lock()
 
 
-def load_for_resume(store: CheckpointStore, identifier: str) -> RestoredCheckpoint:
-    """The checkpoint ``identifier`` names: a checkpoint id, or a run id (its newest checkpoint)."""
-    from multirun.errors import CheckpointError
+IdKind = Literal["run", "checkpoint", "either"]
+_KIND_WHAT = {"run": "run", "checkpoint": "checkpoint", "either": "run or checkpoint"}
+_KIND_MISSING = {
+    "run": "no checkpoint of run {prefix!r} in the store",
+    "checkpoint": "no checkpoint {prefix!r} in the store",
+    "either": "no run or checkpoint with id {prefix!r} in the store",
+}
 
+
+class StoredCheckpoint(NamedTuple):
+    """A checkpoint in the store, as its key names it: ``checkpoints/<run id>/<checkpoint id>.ckpt``."""
+
+    run_id: str
+    checkpoint_id: str
+
+
+def parse_checkpoint_key(key: str) -> StoredCheckpoint | None:
+    """The run and checkpoint ids of a checkpoint's key; None for any other key (a stray file)."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != "checkpoints" or not parts[2].endswith(".ckpt"):
+        return None
+    run_id, checkpoint_id = parts[1], parts[2].removesuffix(".ckpt")
     try:
-        return store.load(identifier)
-    except CheckpointError as by_checkpoint:
-        try:
-            latest = store.latest(identifier)
-        except CheckpointError:
-            raise by_checkpoint from None
-        return store.load(latest)
+        validate_id(run_id, "run id")
+        validate_id(checkpoint_id, "checkpoint id")
+    except CheckpointError:
+        return None
+    return StoredCheckpoint(run_id, checkpoint_id)
+
+
+def stored_checkpoints(keys: Iterable[str]) -> list[StoredCheckpoint]:
+    """The checkpoints among blob ``keys``, by run, oldest first (ids sort by creation)."""
+    return sorted(found for found in map(parse_checkpoint_key, keys) if found is not None)
+
+
+def match_id(prefix: str, ids: Iterable[str], what: str, missing: str = "") -> str:
+    """The one id of ``ids`` equal to ``prefix``, else the one starting with it.
+
+    CheckpointError if none does (``missing``, default ``no <what> with id '<prefix>'``)
+    or several do. The one matcher behind every id the command line and ``resume`` accept.
+    """
+    wanted = prefix.strip()
+    if not wanted:
+        raise CheckpointError(f"empty {what} id")
+    unique = list(dict.fromkeys(ids))
+    if wanted in unique:
+        return wanted
+    matches = [found for found in unique if found.lower().startswith(wanted.lower())]
+    if not matches:
+        raise CheckpointError(missing or f"no {what} with id {prefix!r}")
+    if len(matches) > 1:
+        raise CheckpointError(
+            f"{what} id {prefix!r} is ambiguous: it matches {_shown(matches)}; give more characters"
+        )
+    return matches[0]
+
+
+def _shown(ids: Sequence[str], most: int = 5) -> str:
+    """A few ids, long enough to tell apart (checkpoint ids share their leading time digits)."""
+    shared = 0  # the length of the prefix they all share
+    while all(len(found) > shared and found[shared] == ids[0][shared] for found in ids):
+        shared += 1
+    width = max(12, shared + 4)
+    listed = ", ".join(found[:width] for found in ids[:most])
+    return listed + (f" and {len(ids) - most} more" if len(ids) > most else "")
+
+
+def resolve_checkpoint(stored: Iterable[StoredCheckpoint], identifier: str, kind: IdKind = "either") -> str:
+    """The id of the checkpoint ``identifier`` names among ``stored``.
+
+    ``kind`` says what the identifier may be: a run id (its newest checkpoint), a
+    checkpoint id, or either; any unique prefix of one.
+    """
+    validate_id(identifier, f"{_KIND_WHAT[kind]} id")  # refuses "../x" and the like up front
+    named: dict[str, str] = {}
+    for found in sorted(stored):  # oldest first: a run id ends up naming its newest checkpoint
+        if kind != "checkpoint":
+            named[found.run_id] = found.checkpoint_id
+        if kind != "run":
+            named[found.checkpoint_id] = found.checkpoint_id
+    missing = _KIND_MISSING[kind].format(prefix=identifier)
+    return named[match_id(identifier, named, _KIND_WHAT[kind], missing)]
+
+
+def load_for_resume(store: CheckpointStore, identifier: str, kind: IdKind = "either") -> RestoredCheckpoint:
+    """The checkpoint ``identifier`` names (see ``resolve_checkpoint``), read and verified."""
+    checkpoint_id = resolve_checkpoint(stored_checkpoints(store.list()), identifier, kind)
+    return store.load(checkpoint_id)
 
 
 @contextmanager
@@ -81,7 +161,10 @@ def resume(
         if value is not None and not isinstance(value, str):
             raise ConfigurationError(f"resume: {name} must be a string, got {value!r}")
     store = (client or get_client()).checkpoints
-    restored = load_for_resume(store, checkpoint_id or run_id or "")
+    if run_id is not None:
+        restored = load_for_resume(store, run_id, "run")
+    else:
+        restored = load_for_resume(store, checkpoint_id or "", "checkpoint")
     token = otel_context.attach(otel_context.set_value(_PENDING_KEY, _Pending(restored)))
     try:
         yield restored

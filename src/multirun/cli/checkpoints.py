@@ -5,55 +5,88 @@
     multirun checkpoints verify [ID ...]     read and verify digests (all when no ID is given)
     multirun resume [--dir DIR] RUN_OR_CHECKPOINT_ID -- python my_agent.py ...
 
-Options of ``resume`` come before the id: everything after the id is the command.
+Any unique prefix of an id will do. Options of ``resume`` go anywhere before
+``--``: everything after it is the command, which is told (through the
+environment) the checkpoint to resume and the store to read it from.
 
 The store is ``--store URI``, else ``$MULTIRUN_CHECKPOINT_URI``, else DIR/blobs.
+A key of the store that is not a checkpoint (a stray file) is skipped with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from multirun.checkpoints.exporters import exporter_from_uri
-from multirun.checkpoints.resume import RESUME_ENV, load_for_resume
+from multirun.checkpoints.exporters import FileBlobExporter, exporter_from_uri
+from multirun.checkpoints.resume import (
+    RESUME_ENV,
+    StoredCheckpoint,
+    match_id,
+    parse_checkpoint_key,
+    resolve_checkpoint,
+)
 from multirun.checkpoints.store import CheckpointStore
-from multirun.client import DEFAULT_DIR
+from multirun.cli import render, runs
 from multirun.errors import CheckpointError, MultiRunError, ReplayError
+from multirun.telemetry.local_files import SpanRecord
+
+_logger = logging.getLogger(__name__)
 
 
 def add_commands(commands: Any, add_dir: Any) -> None:
     """Register ``checkpoints`` and ``resume`` on the top-level sub-parsers."""
     listing = commands.add_parser("checkpoints", help="list, show or verify checkpoints")
     _add_store(listing, add_dir)
-    listing.add_argument("--run", dest="run_id", metavar="RUN_ID", help="only this run's checkpoints")
+    listing.add_argument(
+        "--run", dest="run_id", metavar="RUN_ID", help="only this run's checkpoints (a unique prefix will do)"
+    )
     listing.set_defaults(handler=cmd_list)
     sub = listing.add_subparsers(title="commands", metavar="COMMAND")
     show = sub.add_parser("show", help="one checkpoint: run, name, size, state keys, replay log")
-    show.add_argument("checkpoint_id", metavar="ID")
+    show.add_argument("checkpoint_id", metavar="ID", help="a checkpoint id, or a unique prefix of one")
     _add_store(show, add_dir, argparse.SUPPRESS)
     show.set_defaults(handler=cmd_show)
     verify = sub.add_parser("verify", help="read every checkpoint (or the ones named) and check it")
-    verify.add_argument("checkpoint_ids", nargs="*", metavar="ID")
+    verify.add_argument("checkpoint_ids", nargs="*", metavar="ID", help="checkpoint ids, or unique prefixes")
     _add_store(verify, add_dir, argparse.SUPPRESS)
     verify.set_defaults(handler=cmd_verify)
 
     resume = commands.add_parser(
         "resume",
+        usage="multirun resume [--dir DIR] [--store URI] ID -- COMMAND ...",
         help="run a command whose first @run continues a run from its last checkpoint",
         description="Run COMMAND with MULTIRUN_RESUME set: its first @run continues the run "
-        "(or checkpoint) ID, serving the steps it had completed from the checkpoint.",
+        "(or checkpoint) ID, serving the steps it had completed from the checkpoint. "
+        "COMMAND comes after --; the options may go before or after ID.",
     )
     _add_store(resume, add_dir)
     resume.add_argument(
-        "identifier", metavar="ID", help="a run id (its newest checkpoint) or a checkpoint id"
+        "identifier",
+        metavar="ID",
+        help="a run id (its newest checkpoint) or a checkpoint id, or a unique prefix of one",
     )
-    resume.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the program to run")
-    resume.set_defaults(handler=cmd_resume)
+    resume.add_argument("stray", nargs="*", help=argparse.SUPPRESS)  # a command given without --
+    resume.set_defaults(handler=cmd_resume, command=None)
+
+
+def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """``multirun resume ... -- COMMAND``: the words before ``--``, and COMMAND.
+
+    Only ``resume`` takes a command; any other command line comes back as it is, with None.
+    """
+    words = list(argv)
+    if words[:1] != ["resume"] or "--" not in words:
+        return words, None
+    at = words.index("--")
+    return words[:at], words[at + 1 :]
 
 
 def _add_store(parser: argparse.ArgumentParser, add_dir: Any, default: Any = None) -> None:
@@ -66,52 +99,130 @@ def _add_store(parser: argparse.ArgumentParser, add_dir: Any, default: Any = Non
     )
 
 
-def _store(args: argparse.Namespace) -> CheckpointStore:
-    uri = getattr(args, "store", None) or os.environ.get("MULTIRUN_CHECKPOINT_URI")
-    if not uri:
-        directory = getattr(args, "dir", None) or os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR
-        uri = str(Path(directory) / "blobs")
-    try:
-        return CheckpointStore(exporter_from_uri(uri))
-    except MultiRunError as exc:
-        raise CommandError(str(exc)) from None
-
-
 class CommandError(Exception):
     """A message for the user; the command exits 1."""
 
 
+# ---------------------------------------------------------------------------
+# the store, and the traces that name its checkpoints
+
+
+def _store(args: argparse.Namespace) -> CheckpointStore:
+    """The store the options name; RunsError/CommandError for a folder named that does not exist."""
+    directory, named = runs.chosen_directory(args)
+    if named:
+        runs.check_directory(directory)
+    given = getattr(args, "store", None)
+    uri = given or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(directory / "blobs")
+    try:
+        exporter = exporter_from_uri(uri)
+    except MultiRunError as exc:
+        raise CommandError(str(exc)) from None
+    if given and isinstance(exporter, FileBlobExporter):
+        runs.check_directory(exporter.directory)
+    return CheckpointStore(exporter)
+
+
+def _stored(store: CheckpointStore) -> list[StoredCheckpoint]:
+    """The checkpoints in ``store``; any other key is skipped with a warning naming it."""
+    found = []
+    for key in _call(store.list):
+        parsed = parse_checkpoint_key(key)
+        if parsed is None:
+            _logger.warning("skipping %s: not a checkpoint", _where(store, key))
+        else:
+            found.append(parsed)
+    return sorted(found)
+
+
+def _where(store: CheckpointStore, key: str) -> str:
+    """A key as the user finds it: a file's path in a file store, else the key."""
+    if isinstance(store.exporter, FileBlobExporter):
+        return str(store.exporter.directory.joinpath(*key.split("/")))
+    return f"{key} in the store"
+
+
+def _spans(args: argparse.Namespace) -> list[SpanRecord]:
+    """The spans under DIR/traces, if there are any (they name the checkpoints)."""
+    directory, _ = runs.chosen_directory(args)
+    return runs.load_spans(directory) if directory.is_dir() else []
+
+
+def _call(function: Any, *args: Any) -> Any:
+    try:
+        return function(*args)
+    except (CheckpointError, ReplayError) as exc:
+        raise CommandError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------
+# checkpoints, show, verify
+
+
+LIST_HEADER = ("RUN ID", "CHECKPOINT", "CREATED", "NAME")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    """One line per checkpoint, newest last: run, checkpoint id, when, and its name."""
     store = _store(args)
-    keys = _call(store.list, args.run_id)
-    if not keys:
-        print("No checkpoints" + (f" of run {args.run_id}" if args.run_id else "") + ".")
+    stored = _stored(store)
+    spans = _spans(args)
+    run_id = _match_run(args.run_id, stored, spans) if args.run_id else None
+    if run_id is not None:
+        stored = [found for found in stored if found.run_id == run_id]
+    if not stored:
+        print("No checkpoints" + (f" of run {run_id}" if run_id else "") + ".")
         return 0
-    rows = []
-    for key in keys:
-        _, run_id, name = key.split("/", 2)
-        rows.append((run_id, name.removesuffix(".ckpt")))
-    width = max(len(run) for run, _ in rows)
-    print(f"{'RUN':<{width}}  CHECKPOINT")
-    for run_id, checkpoint_id in rows:
-        print(f"{run_id:<{width}}  {checkpoint_id}")
+    names = runs.checkpoint_names(spans)
+    rows = [
+        (
+            found.run_id[:12],
+            found.checkpoint_id,
+            _created(found.checkpoint_id),
+            names.get(found.checkpoint_id, ""),
+        )
+        for found in sorted(stored, key=lambda found: found.checkpoint_id)
+    ]
+    for line in render.table(LIST_HEADER, rows, set(), render.terminal_style()):
+        print(line)
     return 0
 
 
+def _match_run(prefix: str, stored: list[StoredCheckpoint], spans: list[SpanRecord]) -> str:
+    """The run id ``prefix`` names, among the runs of the store and those of the traces."""
+    ids = [found.run_id for found in stored] + [run.run_id for run in runs.find_runs(spans)]
+    return str(_call(match_id, prefix, ids, "run", f"no run with id {prefix!r}{runs.RUNS_HINT}"))
+
+
+_GENERATED_ID = re.compile(r"[0-9a-f]{32}\Z")
+_PLAUSIBLE_NS = (946_684_800 * 10**9, 7_258_118_400 * 10**9)  # years 2000 to 2200
+
+
+def _created(checkpoint_id: str) -> str:
+    """When the checkpoint was taken, read from its id (16 hex digits of time, then 16 random)."""
+    if not _GENERATED_ID.match(checkpoint_id):
+        return ""
+    ns = int(checkpoint_id[:16], 16)
+    return render.format_time(ns) if _PLAUSIBLE_NS[0] <= ns < _PLAUSIBLE_NS[1] else ""
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    restored = _call(_store(args).load, args.checkpoint_id)
+    store = _store(args)
+    checkpoint_id = _call(resolve_checkpoint, _stored(store), args.checkpoint_id, "checkpoint")
+    restored = _call(store.load, checkpoint_id)
     meta = restored.checkpoint
     cached = sum(1 for record in restored.replay if "result" in record)
+    tokens, steps = restored.ledger.get("tokens", 0), restored.ledger.get("steps", 0)
     lines = [
         ("checkpoint", meta.id),
         ("run", f"{meta.run_id} ({meta.context.get('run_name', '')})"),
         ("name", meta.name),
         ("created", meta.created_at.isoformat()),
-        ("size", f"{meta.size_bytes} bytes"),
+        ("size", render.plural(meta.size_bytes, "byte")),
         ("key", restored.uri),
         ("state keys", ", ".join(sorted(restored.state)) or "(none)"),
-        ("replay log", f"{len(restored.replay)} steps, {cached} with a result to serve"),
-        ("spend", f"{restored.ledger.get('tokens', 0)} tokens, {restored.ledger.get('steps', 0)} steps"),
+        ("replay log", f"{render.plural(len(restored.replay), 'step')}, {cached} with a result to serve"),
+        ("spend", f"{render.plural(tokens, 'token')}, {render.plural(steps, 'step')}"),
         ("trace", restored.trace.get("trace_id", "(unknown)")),
     ]
     for label, value in lines:
@@ -121,46 +232,53 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args)
-    ids = args.checkpoint_ids or [key.rsplit("/", 1)[-1].removesuffix(".ckpt") for key in _call(store.list)]
+    stored = _stored(store)
+    ids = args.checkpoint_ids or [found.checkpoint_id for found in stored]
     failed = 0
-    for checkpoint_id in ids:
+    for given in ids:
         try:
+            checkpoint_id = resolve_checkpoint(stored, given, "checkpoint")
             store.load(checkpoint_id)
         except (CheckpointError, ReplayError) as exc:
             failed += 1
-            print(f"FAILED  {checkpoint_id}: {exc}")
+            print(f"FAILED  {given}: {exc}")
         else:
             print(f"ok      {checkpoint_id}")
     print(f"{len(ids) - failed} ok, {failed} failed")
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------------------
+# resume
+
+
+RESUME_EXAMPLE = "e.g. multirun resume ID -- python agent.py"
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    """Run the command with the checkpoint to continue, and the store it is in, in its environment."""
+    if args.stray:
+        raise CommandError(f"resume: put the program to run after --, {RESUME_EXAMPLE}")
+    command: list[str] = args.command or []
     if not command:
-        raise CommandError(
-            "resume: give the program to run after --, e.g. multirun resume ID -- python agent.py"
-        )
+        raise CommandError(f"resume: give the program to run after --, {RESUME_EXAMPLE}")
     store = _store(args)
-    restored = _call(load_for_resume, store, args.identifier)
-    env = dict(os.environ, **{RESUME_ENV: restored.checkpoint.id})
-    if getattr(args, "store", None):
-        env["MULTIRUN_CHECKPOINT_URI"] = args.store
-    print(
-        f"resuming run {restored.checkpoint.run_id} from checkpoint {restored.checkpoint.id} "
-        f"({restored.checkpoint.name})",
-        file=sys.stderr,
-    )
+    checkpoint_id = _call(resolve_checkpoint, _stored(store), args.identifier, "either")
+    restored = _call(store.load, checkpoint_id)
+    meta = restored.checkpoint
+    print(f"resuming run {meta.run_id} from checkpoint {meta.id} ({meta.name})", file=sys.stderr)
     try:
-        return subprocess.call(command, env=env)
+        return subprocess.call(command, env=child_environment(args, meta.id))
     except OSError as exc:
         raise CommandError(f"resume: cannot run {command[0]!r}: {exc}") from None
 
 
-def _call(function: Any, *args: Any) -> Any:
-    try:
-        return function(*args)
-    except (CheckpointError, ReplayError) as exc:
-        raise CommandError(str(exc)) from None
+def child_environment(args: argparse.Namespace, checkpoint_id: str) -> dict[str, str]:
+    """This environment, plus what makes the child's default client resume ``checkpoint_id``
+    from the store the options named: MULTIRUN_RESUME, MULTIRUN_DIR, MULTIRUN_CHECKPOINT_URI."""
+    env = dict(os.environ, **{RESUME_ENV: checkpoint_id})
+    if getattr(args, "dir", None):
+        env["MULTIRUN_DIR"] = str(Path(args.dir).absolute())
+    if getattr(args, "store", None):
+        env["MULTIRUN_CHECKPOINT_URI"] = args.store
+    return env

@@ -7,7 +7,7 @@
     multirun resume ID -- COMMAND ...             COMMAND's first @run continues run ID
 
 DIR defaults to ``$MULTIRUN_DIR``, else ``./.multirun`` (where ``multirun.init_local``
-and the embedded default write).
+and the embedded default write). Any unique prefix of a run or checkpoint id will do.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from multirun import __version__
 from multirun.cli import checkpoints, render, runs
 from multirun.cli.runs import RunsError
 from multirun.client import DEFAULT_DIR, MultiRunClient
+from multirun.errors import MultiRunError
 
 COLLECTOR_HINT = "OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 multirun demo"
 NO_RUNS_HINT = (
@@ -39,10 +40,13 @@ NO_RUNS_HINT = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
+    words, command = checkpoints.split_command(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
+    if command is not None:
+        args.command = command
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
@@ -50,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log_warnings_to_stderr()
     try:
         return handler(args)
-    except (RunsError, checkpoints.CommandError) as exc:
+    except (RunsError, checkpoints.CommandError, MultiRunError) as exc:
         _error(str(exc))
         return 1
     except KeyboardInterrupt:
@@ -118,21 +122,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _directory(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The folder to use, and whether the user named it."""
-    given = getattr(args, "dir", None)
-    if given:
-        return Path(given), True
-    return Path(os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR), False
-
-
 # ---------------------------------------------------------------------------
 # runs, runs show
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """List runs, newest first."""
-    directory, named = _directory(args)
+    directory, named = runs.chosen_directory(args)
     if not named and not directory.exists():
         found: list[runs.RunSummary] = []
     else:
@@ -145,7 +141,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"No runs in {runs.traces_dir(directory)}.")
         print(NO_RUNS_HINT)
         return 0
-    lines = render.render_runs(shown, _style())
+    lines = render.render_runs(shown, render.terminal_style())
     if len(found) > len(shown):
         lines.append(f"... and {len(found) - len(shown)} older (use --limit)")
     _print_lines(lines)
@@ -154,7 +150,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """One run as a tree of its spans."""
-    directory, _ = _directory(args)
+    directory, _ = runs.chosen_directory(args)
     spans = runs.load_spans(directory)
     run = runs.resolve(runs.find_runs(spans), args.run_id)
     tree = runs.build_tree(spans, run.span)
@@ -219,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the example crew, then show its run and where it went."""
     from multirun import demo
 
-    directory, _ = _directory(args)
+    directory, _ = runs.chosen_directory(args)
     if directory.exists() and not directory.is_dir():
         raise RunsError(f"not a directory: {directory}")
     endpoint: str | None = args.endpoint or demo.endpoint_from_environment()
@@ -258,8 +254,8 @@ def _show_written(directory: Path, run_id: str) -> int:
 
 
 def _print_run(run: runs.RunSummary, tree: runs.Node) -> None:
-    style = _style()
-    print(render.run_heading(run, style))
+    style = render.terminal_style()
+    _print_lines(render.run_heading(run, style))
     print()
     _print_lines(render.render_tree(tree, style))
 
@@ -288,13 +284,6 @@ def _demo_source() -> str:
 
 # ---------------------------------------------------------------------------
 # output
-
-
-def _style() -> render.Style:
-    """Colours only on a terminal, and never when NO_COLOR is set."""
-    isatty = getattr(sys.stdout, "isatty", None)
-    tty = bool(isatty and isatty())
-    return render.Style(color=tty and not os.environ.get("NO_COLOR"))
 
 
 def _print_lines(lines: Sequence[str]) -> None:

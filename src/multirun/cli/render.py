@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,6 +42,13 @@ class Style:
         return self.paint(text, color) if color else text
 
 
+def terminal_style() -> Style:
+    """Colours only on a terminal, and never when NO_COLOR is set."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    tty = bool(isatty and isatty())
+    return Style(color=tty and not os.environ.get("NO_COLOR"))
+
+
 # ---------------------------------------------------------------------------
 # small formats
 
@@ -58,12 +67,17 @@ def format_duration(seconds: float) -> str:
 
 
 def format_cost(cost: float | None, unpriced: bool = False) -> str:
-    """``$0.000123``; ``unpriced`` when some usage had no known price; blank if none."""
+    """``$0.000123``; ``$0.000123 + unpriced`` when some usage had no known price
+    (``unpriced`` if none had one); blank if there was no cost at all."""
+    priced = f"${cost:.6f}" if cost else ""
     if unpriced:
-        return "unpriced"
-    if cost is None:
-        return ""
-    return f"${cost:.6f}"
+        return f"{priced} + unpriced" if priced else "unpriced"
+    return "" if cost is None else f"${cost:.6f}"
+
+
+def plural(count: int, noun: str, shown: str | None = None) -> str:
+    """``1 step``, ``2 steps``; ``shown`` is how to print the count (e.g. ``1,200``)."""
+    return f"{count if shown is None else shown} {noun}{'' if count == 1 else 's'}"
 
 
 def format_tokens(count: int | None) -> str:
@@ -167,12 +181,18 @@ def runs_json(found: Sequence[RunSummary]) -> list[dict[str, Any]]:
 # the tree of one run
 
 
-def run_heading(run: RunSummary, style: Style) -> str:
-    """One line naming the run, when it started, and its trace (to find it in a backend)."""
-    return (
+def run_heading(run: RunSummary, style: Style) -> list[str]:
+    """A line naming the run, when it started, and its trace (to find it in a backend);
+    a second one for a resumed run: where it was resumed from."""
+    lines = [
         f"Run {style.paint(run.run_id, 'cyan')} ({run.name}), "
         f"started {format_time(run.span.start_ns)}, trace {run.span.trace_id}"
-    )
+    ]
+    resumed = runs.resumed_from(run.span)
+    if resumed is not None:
+        original, checkpoint_id = resumed
+        lines.append(f"Resumed from checkpoint {checkpoint_id or '(unknown)'} of run {original}")
+    return lines
 
 
 TREE_HEADER = ("SPAN", "STATUS", "DURATION", "TOKENS", "COST", "NOTES")
@@ -236,10 +256,11 @@ def notes(span: SpanRecord) -> str:
         parts.append(f"attempt {count}" + (f" (retried after {retried})" if retried else ""))
     failure = runs.error_type(span)
     if failure and runs.span_status(span) in ("failed", "error"):
-        parts.append(f"error: {failure}")
+        message = _one_line(runs.error_message(span))
+        parts.append(f"error: {failure}: {message}" if message else f"error: {failure}")
     streamed = span.attributes.get(attr.STEP_STREAM_ITEMS)
     if isinstance(streamed, int):
-        parts.append(f"streamed {streamed} chunks")
+        parts.append(f"streamed {plural(streamed, 'chunk')}")
     for event in span.events:
         if event.get("name") == attr.EVENT_CHECKPOINT:
             name = event.get("attributes", {}).get(attr.CHECKPOINT_NAME)
@@ -247,17 +268,27 @@ def notes(span: SpanRecord) -> str:
     return "; ".join(parts)
 
 
+def _one_line(text: str, limit: int = 80) -> str:
+    """The first line of ``text``, cut to ``limit`` characters."""
+    first = text.strip().split("\n", 1)[0].strip()
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 def totals_line(root: Node, style: Style) -> str:
     """Tokens, cost, steps and duration of the whole run (the roll-ups on its span)."""
     span = root.span
-    steps = runs.steps(span)
+    tokens, steps = runs.tokens(span) or 0, runs.steps(span)
     parts = [
-        f"{format_tokens(runs.tokens(span) or 0)} tokens",
+        plural(tokens, "token", format_tokens(tokens)),
         format_cost(runs.cost_usd(span) or 0.0, runs.unpriced(span)),
-        f"{'?' if steps is None else steps} steps",
+        "? steps" if steps is None else plural(steps, "step"),
         _duration(span),
     ]
-    return style.paint("total", "bold") + "  " + "  ·  ".join(parts)
+    line = style.paint("total", "bold") + "  " + "  ·  ".join(parts)
+    resumed = runs.resumed_from(span)
+    if resumed is not None:
+        line += f"  (includes the spend carried over from run {resumed[0][:12]})"
+    return line
 
 
 def tree_json(node: Node) -> dict[str, Any]:
@@ -276,6 +307,8 @@ def tree_json(node: Node) -> dict[str, Any]:
         "unpriced": runs.unpriced(span),
         "attempts": runs.attempts(span),
         "error_type": runs.error_type(span) or None,
+        "error_message": (runs.error_message(span) or None) if runs.error_type(span) else None,
         "attributes": span.attributes,
+        "events": span.events,
         "children": [tree_json(child) for child in node.children],
     }

@@ -7,16 +7,26 @@ instrumentations inside them.
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 
+from multirun.checkpoints.resume import match_id
+from multirun.client import DEFAULT_DIR
+from multirun.errors import CheckpointError
 from multirun.telemetry import attributes as attr
-from multirun.telemetry.local_files import SpanRecord, read_spans
+from multirun.telemetry.local_files import SpanRecord
+from multirun.telemetry.local_files import _records as records_of_request
+
+_logger = logging.getLogger(__name__)
 
 
 class RunsError(Exception):
@@ -77,6 +87,23 @@ class Node:
 # reading
 
 
+def chosen_directory(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The multirun folder a command uses (``--dir``, ``$MULTIRUN_DIR``, ``./.multirun``),
+    and whether the user named it with ``--dir``."""
+    given = getattr(args, "dir", None)
+    if given:
+        return Path(given), True
+    return Path(os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR), False
+
+
+def check_directory(directory: Path) -> None:
+    """RunsError unless ``directory`` exists and is a folder."""
+    if not directory.exists():
+        raise RunsError(f"no such directory: {directory}")
+    if not directory.is_dir():
+        raise RunsError(f"not a directory: {directory}")
+
+
 def traces_dir(directory: str | os.PathLike[str]) -> Path:
     """The folder of span files under a multirun folder (``DIR/traces``)."""
     return Path(directory) / "traces"
@@ -85,21 +112,72 @@ def traces_dir(directory: str | os.PathLike[str]) -> Path:
 def load_spans(directory: str | os.PathLike[str]) -> list[SpanRecord]:
     """Every span under ``directory/traces``, each once.
 
-    Raises RunsError if ``directory`` is missing or a file cannot be read;
-    damaged lines are skipped with a warning (logged by ``read_spans``).
+    Raises RunsError if ``directory`` is missing; an unreadable file is skipped
+    with a warning, and a file with damaged lines gets one warning that sums them up.
     """
     root = Path(directory)
-    if not root.exists():
-        raise RunsError(f"no such directory: {root}")
-    if not root.is_dir():
-        raise RunsError(f"not a directory: {root}")
+    check_directory(root)
+    return dedupe(read_span_files(traces_dir(root)))
+
+
+def read_span_files(folder: Path) -> Iterator[SpanRecord]:
+    """The spans of every ``.jsonl`` file in ``folder`` (none if there is no such folder)."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.jsonl")):
+        yield from _read_span_file(path)
+
+
+class DamagedLine(ValueError):
+    """A line of a span file that is not an OTLP JSON request; the message says why."""
+
+
+def _read_span_file(path: Path) -> list[SpanRecord]:
     try:
-        return dedupe(read_spans(traces_dir(root)))
+        text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
-        where = exc.filename or traces_dir(root)
-        raise RunsError(f"cannot read {where}: {exc.strerror or exc}") from None
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise RunsError(f"cannot read the span files in {traces_dir(root)}: a damaged line ({exc})") from None
+        _logger.warning("skipping unreadable file %s: %s", path, exc.strerror or exc)
+        return []
+    found: list[SpanRecord] = []
+    damaged: list[tuple[int, str]] = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is not a line end
+        if line.strip():
+            try:
+                found.extend(parse_span_line(line))
+            except DamagedLine as exc:
+                damaged.append((number, str(exc)))
+    if damaged:
+        _warn_damaged(path, damaged)
+    return found
+
+
+def parse_span_line(line: str) -> list[SpanRecord]:
+    """The spans of one line of a span file; DamagedLine, saying why in words, if it has none to give."""
+    try:
+        request = json.loads(line)
+    except RecursionError:
+        raise DamagedLine("JSON nested too deeply") from None
+    except ValueError:
+        raise DamagedLine("not JSON") from None
+    if not isinstance(request, dict):
+        raise DamagedLine("not a JSON object")
+    try:
+        return list(records_of_request(request))
+    except KeyError as exc:
+        raise DamagedLine(f"missing field {exc.args[0]}") from None
+    except (AttributeError, TypeError, ValueError):
+        raise DamagedLine("not the OTLP JSON layout of spans") from None
+
+
+def _warn_damaged(path: Path, damaged: Sequence[tuple[int, str]]) -> None:
+    """One warning for all the damaged lines of a file, with the first one's reason."""
+    number, reason = damaged[0]
+    if len(damaged) == 1:
+        _logger.warning("skipped 1 damaged line in %s (line %d: %s)", path, number, reason)
+    else:
+        _logger.warning(
+            "skipped %d damaged lines in %s (first at line %d: %s)", len(damaged), path, number, reason
+        )
 
 
 def dedupe(spans: Iterable[SpanRecord]) -> list[SpanRecord]:
@@ -143,18 +221,16 @@ def find_runs(spans: Iterable[SpanRecord]) -> list[RunSummary]:
     return runs
 
 
+RUNS_HINT = " (see `multirun runs`)"
+
+
 def resolve(runs: Sequence[RunSummary], prefix: str) -> RunSummary:
-    """The one run whose id starts with ``prefix``; RunsError if none or several."""
-    wanted = prefix.strip().lower()
-    if not wanted:
-        raise RunsError("empty run id")
-    matches = [r for r in runs if r.run_id.lower().startswith(wanted)]
-    if not matches:
-        raise RunsError(f"no run with id {prefix!r} (see `multirun runs`)")
-    if len(matches) > 1:
-        ids = ", ".join(r.run_id[:12] for r in matches[:5])
-        raise RunsError(f"run id {prefix!r} is ambiguous: it matches {ids}; give more characters")
-    return matches[0]
+    """The one run whose id is ``prefix``, or starts with it; RunsError if none or several."""
+    try:
+        run_id = match_id(prefix, (r.run_id for r in runs), "run", f"no run with id {prefix!r}{RUNS_HINT}")
+    except CheckpointError as exc:
+        raise RunsError(str(exc)) from None
+    return next(r for r in runs if r.run_id == run_id)
 
 
 def build_tree(spans: Iterable[SpanRecord], root: SpanRecord) -> Node:
@@ -201,6 +277,38 @@ def error_type(span: SpanRecord) -> str:
         if found:
             return str(found)
     return "error"
+
+
+def error_message(span: SpanRecord) -> str:
+    """The message of a failed span's exception (its exception event), else its status description."""
+    for event in reversed(span.events):
+        attributes = event.get("attributes", {})
+        if event.get("name") == "exception" and attributes.get("exception.message"):
+            return str(attributes["exception.message"])
+    description = span.status_message
+    failure = error_type(span)
+    if failure and description.startswith(f"{failure}: "):  # "RuntimeError: boom"
+        return description[len(failure) + 2 :]
+    return description
+
+
+def resumed_from(span: SpanRecord) -> tuple[str, str] | None:
+    """The run id and checkpoint id a resumed run continues, or None if it is not one."""
+    run_id = span.attributes.get(attr.RUN_RESUMED_FROM)
+    if not run_id:
+        return None
+    return str(run_id), str(span.attributes.get(attr.CHECKPOINT_ID, ""))
+
+
+def checkpoint_names(spans: Iterable[SpanRecord]) -> dict[str, str]:
+    """Checkpoint id to checkpoint name, from the ``multirun.checkpoint`` events of ``spans``."""
+    names: dict[str, str] = {}
+    for span in spans:
+        for event in span.events:
+            attributes: dict[str, Any] = event.get("attributes", {})
+            if event.get("name") == attr.EVENT_CHECKPOINT and attributes.get(attr.CHECKPOINT_ID):
+                names[str(attributes[attr.CHECKPOINT_ID])] = str(attributes.get(attr.CHECKPOINT_NAME, ""))
+    return names
 
 
 def retried_errors(span: SpanRecord) -> list[str]:
