@@ -18,8 +18,11 @@ pick_python() {
 
 make_venv() {
   # $1: folder, $2: interpreter, $3: pip install arguments
-  local venv="$1" python="$2" spec="$3" stamp
-  stamp="$venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
+  # One stamp per pyproject.toml and install spec: a venv the demo made with "." gets the test
+  # extras when scripts/test asks for ".[test]"; an edited pyproject.toml reinstalls.
+  local venv="$1" python="$2" spec="$3" project stamp old
+  project=$(sha1sum < pyproject.toml | cut -c1-12)
+  stamp="$venv/.installed-$project-$(printf '%s' "$spec" | sha1sum | cut -c1-12)"
   if [[ ! -x "$venv/bin/python" ]]; then
     echo "==> creating $venv with $("$python" --version)"
     "$python" -m venv "$venv"
@@ -28,7 +31,9 @@ make_venv() {
     echo "==> installing $spec into $venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet -e "$spec"
-    rm -f "$venv"/.installed-*
+    for old in "$venv"/.installed-*; do
+      [[ "$old" == "$venv/.installed-$project-"* ]] || rm -f "$old"  # stamps of an older pyproject.toml
+    done
     touch "$stamp"
   fi
 }

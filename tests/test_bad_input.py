@@ -8,7 +8,9 @@ agent: an exporter that fails ... costs at most bounded memory and a log line").
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -21,6 +23,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import multirun
 from multirun import agent, checkpoint, run, step
@@ -59,6 +62,18 @@ def test_run_with_invalid_budget_dict_is_refused_naming_budget() -> None:
             return None
 
     assert "max_tokens" in str(info.value)
+
+
+def test_a_model_dict_refused_by_pydantic_is_one_line_naming_the_field() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        run(budget={"max_tokens": -1, "max_stepz": 3})
+    assert str(info.value) == (
+        "@run(budget=...): max_tokens: Input should be greater than 0, got -1; "
+        "max_stepz is not a field of Budget "
+        "(use max_tokens, max_cost_usd, max_steps, max_duration_seconds, max_sub_agents)"
+    )
+    with pytest.raises(ConfigurationError, match=r"^@run\(policy=\.\.\.\): retry\.max_attempts: "):
+        run(policy={"retry": {"max_attempts": 0}})
 
 
 def test_run_with_non_bool_checkpoint_on_error_is_refused() -> None:
@@ -292,11 +307,16 @@ async def test_exporter_that_raises_does_not_break_async_run(configured_reset) -
     assert exporter.calls == 2
 
 
+def folder_that_becomes_a_file(path: Path) -> None:
+    """Make a folder that init accepted unusable: from now on a file stands where it was."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.write_text("not a folder any more")
+
+
 def test_unwritable_local_dir_still_completes_the_run(global_otel, tmp_path, caplog) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    local_dir = blocker / "multirun"
+    local_dir = tmp_path / "multirun"
     client = multirun.init(local_dir=local_dir)
+    folder_that_becomes_a_file(local_dir)
     runs: list[Run] = []
 
     @step(checkpoint=True)
@@ -317,15 +337,16 @@ def test_unwritable_local_dir_still_completes_the_run(global_otel, tmp_path, cap
         client.force_flush(5_000)
 
     assert runs[0].status is RunStatus.COMPLETED
-    assert not local_dir.exists()
+    assert local_dir.is_file()
     warnings = [r.getMessage() for r in caplog.records if r.name.startswith("multirun")]
     assert any("cannot write traces" in m for m in warnings), warnings
+    assert any("checkpoint 'after_all'" in m for m in warnings), warnings
 
 
 def test_unwritable_local_dir_keeps_the_runs_own_error(global_otel, tmp_path) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    multirun.init(local_dir=blocker / "multirun")
+    local_dir = tmp_path / "multirun"
+    multirun.init(local_dir=local_dir)
+    folder_that_becomes_a_file(local_dir)
 
     @run(checkpoint_on_error=True)
     def main() -> None:
@@ -333,3 +354,97 @@ def test_unwritable_local_dir_keeps_the_runs_own_error(global_otel, tmp_path) ->
 
     with pytest.raises(KeyError, match="the real error"):
         main()
+
+
+# ---------------------------------------------------------------------------
+# configuration that cannot work is refused by init, not lost at exit
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["notaurl", "localhost:4318", "ftp://collector:4318", "http://", "http:///v1/traces", "http://h:port"],
+)
+def test_init_refuses_an_endpoint_that_is_not_an_http_url(global_otel, tmp_path, endpoint: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"^endpoint must be an http\(s\) URL") as info:
+        multirun.init(endpoint=endpoint, local_dir=tmp_path / "mr")
+    assert repr(endpoint) in str(info.value)
+    assert "\n" not in str(info.value)
+    assert client_module._configured is None
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+
+
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
+def test_init_refuses_an_otlp_endpoint_variable_that_is_not_an_http_url(
+    global_otel, tmp_path, monkeypatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "notaurl")
+    with pytest.raises(ConfigurationError, match=f"^{variable} must be an http"):
+        multirun.init(local_dir=tmp_path / "mr")
+    assert client_module._configured is None
+
+
+def test_init_refuses_a_bad_metrics_endpoint_variable_it_would_export_to(
+    global_otel, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "collector:4318")
+    with pytest.raises(ConfigurationError, match=r"^OTEL_EXPORTER_OTLP_METRICS_ENDPOINT must be"):
+        multirun.init(local_dir=tmp_path / "mr", span_exporter=InMemorySpanExporter())
+    multirun.init(local_dir=tmp_path / "mr", span_exporter=InMemorySpanExporter(), metrics=False)
+
+
+def test_endpoint_variables_of_the_applications_own_provider_are_its_business(
+    global_otel, tmp_path, monkeypatch
+) -> None:
+    # a gRPC exporter of the application's own accepts host:port; init exports nothing there
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "collector:4317")
+    app_provider = TracerProvider()
+    trace.set_tracer_provider(app_provider)
+    client = multirun.init(local_dir=tmp_path / "mr", metrics=False)
+    assert client.tracer_provider is app_provider
+    app_provider.shutdown()
+
+
+def test_init_accepts_http_and_https_endpoints(global_otel, tmp_path, monkeypatch) -> None:
+    multirun.init(endpoint="https://otlp.example.com/otlp", local_dir=tmp_path / "mr", metrics=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://[::1]:4318")
+    multirun.init(local_dir=tmp_path / "mr", metrics=False)
+
+
+def test_init_refuses_a_local_dir_that_cannot_be_created(global_otel, tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for local_dir in (blocker, blocker / "multirun"):
+        with pytest.raises(ConfigurationError, match=r"^local_dir must be a folder") as info:
+            multirun.init(local_dir=local_dir)
+        assert repr(str(local_dir)) in str(info.value)
+    assert client_module._configured is None
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_init_refuses_a_local_dir_under_proc(global_otel) -> None:
+    with pytest.raises(ConfigurationError, match=r"^local_dir must be a folder .*'/proc/nope'"):
+        multirun.init(local_dir="/proc/nope")
+    with pytest.raises(ConfigurationError, match=r"^local_dir must be a folder .*'/proc/nope'"):
+        multirun.init_local("/proc/nope")
+
+
+def test_init_refuses_a_multirun_dir_that_cannot_be_created_naming_the_variable(
+    global_otel, tmp_path, monkeypatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MULTIRUN_DIR", str(blocker / "multirun"))
+    with pytest.raises(ConfigurationError, match=r"^MULTIRUN_DIR must be a folder"):
+        multirun.init()
+
+
+def test_init_creates_the_local_dir_it_is_given(global_otel, tmp_path) -> None:
+    multirun.init(local_dir=tmp_path / "new" / "mr")
+    assert (tmp_path / "new" / "mr").is_dir()
+
+
+def test_a_refused_init_creates_no_local_dir(global_otel, tmp_path) -> None:
+    with pytest.raises(ConfigurationError, match="content_limit"):
+        multirun.init(local_dir=tmp_path / "mr", content_limit=-5)
+    assert not (tmp_path / "mr").exists()

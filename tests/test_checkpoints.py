@@ -152,6 +152,90 @@ def test_a_renamed_step_raises_a_determinism_error_instead_of_a_wrong_value(trac
         job_changed()
 
 
+def crashed_run_of_fetches(traced) -> str:
+    """A run that called fetch(1), fetch(2), checkpointed and crashed: its run id."""
+
+    @step
+    def fetch(n: int) -> int:
+        return n * 10
+
+    @run
+    def job() -> None:
+        fetch(1)
+        fetch(2)
+        get_current_run_context().checkpoint(name="mid")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        job()
+    return str(traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID])
+
+
+def test_a_step_resumed_with_other_inputs_says_so_naming_the_step(traced) -> None:
+    run_id = crashed_run_of_fetches(traced)
+
+    @step
+    def fetch(n: int) -> int:
+        return n * 10
+
+    @run
+    def job_other_inputs() -> None:
+        fetch(1)
+        fetch(3)
+
+    with multirun.resume(run_id=run_id), pytest.raises(DeterminismError) as info:
+        job_other_inputs()
+    message = str(info.value)
+    assert message.startswith(
+        "replay: step 'fetch' was called with different inputs than the recorded run's call of 'fetch' "
+        "at this point (recorded call #2)."
+    ), message
+    assert "was not recorded" not in message
+
+
+def test_another_step_where_the_recording_has_one_names_both(traced) -> None:
+    run_id = crashed_run_of_fetches(traced)
+
+    @step
+    def fetch(n: int) -> int:
+        return n * 10
+
+    @step
+    def gather(n: int) -> int:
+        return n
+
+    @run
+    def job_other_step() -> None:
+        fetch(1)
+        gather(2)
+
+    with multirun.resume(run_id=run_id), pytest.raises(DeterminismError) as info:
+        job_other_step()
+    assert str(info.value).startswith(
+        "replay: step 'gather' was called where the recorded run called 'fetch' (recorded call #2)."
+    ), str(info.value)
+
+
+def test_a_step_called_more_often_with_the_same_inputs_says_so(traced) -> None:
+    run_id = crashed_run_of_fetches(traced)
+
+    @step
+    def fetch(n: int) -> int:
+        return n * 10
+
+    @run
+    def job_repeats() -> None:
+        fetch(1)
+        fetch(1)
+
+    with multirun.resume(run_id=run_id), pytest.raises(DeterminismError) as info:
+        job_repeats()
+    assert str(info.value).startswith(
+        "replay: step 'fetch' was called with the same inputs more often than recorded (call 2 with "
+        "them); the recorded run called 'fetch' here (recorded call #2)."
+    ), str(info.value)
+
+
 def test_steps_replayed_out_of_order_raise_a_determinism_error(traced) -> None:
     @step
     def fetch(n: int) -> int:

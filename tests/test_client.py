@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -11,6 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import multirun
 from multirun import checkpoint, run, step
+from multirun.errors import ConfigurationError
 from multirun.telemetry import attributes as attr
 from multirun.telemetry.local_files import read_spans
 
@@ -89,3 +92,61 @@ def test_checkpoint_is_visible_on_the_trace_with_uri_size_and_digest(traced) -> 
     assert int(found[attr.CHECKPOINT_SIZE]) > 0
     assert str(found[attr.CHECKPOINT_DIGEST]).startswith("sha256:")
     assert found[attr.CHECKPOINT_SERIALIZER] == "json"
+
+
+# ---------------------------------------------------------------------------
+# a second init replaces the first, and says so
+
+
+def init_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("multirun") and r.levelno == logging.WARNING and "init()" in r.getMessage()
+    ]
+
+
+def test_a_second_init_warns_once_naming_what_changed(global_otel, tmp_path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        multirun.init(local_dir=tmp_path / "a")
+        assert init_warnings(caplog) == []
+        multirun.init(local_dir=tmp_path / "b", capture_content=True)
+
+    assert init_warnings(caplog) == [
+        "multirun: init() was called again and replaces the earlier configuration "
+        "(changed: local_dir, capture_content)"
+    ]
+    assert multirun.get_client().capture_content is True  # replaced, not refused
+
+
+def test_a_second_init_with_the_same_arguments_still_warns(global_otel, tmp_path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        multirun.init(local_dir=tmp_path / "a")
+        multirun.init(local_dir=tmp_path / "a")
+    assert init_warnings(caplog) == [
+        "multirun: init() was called again and replaces the earlier configuration (same arguments)"
+    ]
+
+
+def test_init_after_a_run_set_up_the_defaults_warns(global_otel, tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    @run
+    def job() -> None:
+        return None
+
+    job()  # configures the defaults itself
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        multirun.init(service_name="svc")
+    assert init_warnings(caplog) == [
+        "multirun: init() replaces the default configuration that an earlier run set up "
+        "(changed: service_name)"
+    ]
+
+
+def test_a_refused_second_init_keeps_the_first_and_does_not_warn(global_otel, tmp_path, caplog) -> None:
+    first = multirun.init(local_dir=tmp_path / "a")
+    with caplog.at_level(logging.WARNING, logger="multirun"), pytest.raises(ConfigurationError):
+        multirun.init(local_dir=tmp_path / "b", content_limit=-1)
+    assert init_warnings(caplog) == []
+    assert multirun.get_client() is first

@@ -195,9 +195,9 @@ def test_kinds_and_parents_follow_the_task_types(crew_spans: list[SpanRecord]) -
 def test_parallel_tasks_are_overlapping_siblings(crew_spans: list[SpanRecord]) -> None:
     first, second = sorted((s for s in crew_spans if s.name == "step fetch_source"), key=lambda s: s.start_ns)
     assert first.parent_span_id == second.parent_span_id
-    assert second.start_ns < first.end_ns and first.start_ns < second.end_ns  # they overlap
-    # both sleep 150 ms in Motus's thread pool: together they took far less than 300 ms
-    assert max(first.end_ns, second.end_ns) - first.start_ns < 280_000_000
+    # they overlap: the second started before the first ended (no wall-clock bound, which a
+    # loaded machine can break)
+    assert second.start_ns < first.end_ns and first.start_ns < second.end_ns
 
 
 def test_dependencies_are_links_to_the_upstream_tasks(crew_spans: list[SpanRecord], traced: Any) -> None:

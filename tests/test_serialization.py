@@ -18,6 +18,7 @@ import sys
 import tracemalloc
 import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -31,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
+import multirun
 from multirun.checkpoints import envelope
 from multirun.checkpoints.envelope import FORMAT_VERSION, MAGIC, open_blob, seal
 from multirun.checkpoints.serializers import (
@@ -403,6 +405,39 @@ def test_a_bad_key_in_the_environment_is_refused_naming_the_variable(monkeypatch
     monkeypatch.setenv(HMAC_KEY_ENV, "abcd")
     with pytest.raises(ConfigurationError, match=f"{HMAC_KEY_ENV} is 2 bytes"):
         get_serializer("json", hmac_key=None)
+
+
+def key_advice_of(call: Callable[[], Any]) -> str:
+    """The message of the CheckpointError or ConfigurationError that ``call`` raises."""
+    with pytest.raises((CheckpointError, ConfigurationError)) as info:
+        call()
+    return str(info.value)
+
+
+def test_every_message_about_a_missing_or_wrong_key_names_every_way_to_give_one() -> None:
+    pickle_blob, _ = small_blobs()["pickle"]
+    reader: dict[str, Any] = {"max_bytes": LIMIT, "allowed_serializers": ["pickle"]}
+    messages = [
+        key_advice_of(lambda: get_serializer("pickle", hmac_key=None)),
+        key_advice_of(lambda: seal(b"x", "pickle")),
+        key_advice_of(lambda: load_blob(pickle_blob, max_bytes=LIMIT, hmac_key=KEY)),
+        key_advice_of(lambda: load_blob(pickle_blob, **reader)),
+        key_advice_of(lambda: load_blob(pickle_blob, **reader, hmac_key=OTHER_KEY)),
+    ]
+    for message in messages:
+        assert HMAC_KEY_ENV in message, message
+        assert "multirun.init(checkpoint_hmac_key=...)" in message, message
+        assert "hmac_key=... for a CheckpointStore or serializer built directly" in message, message
+        assert "or pass hmac_key" not in message, message
+        assert "\n" not in message, message
+
+
+def test_a_bad_key_given_to_init_is_refused_naming_checkpoint_hmac_key(global_otel: None) -> None:
+    with pytest.raises(ConfigurationError, match=r"^checkpoint_hmac_key is 5 bytes"):
+        multirun.init(checkpoint_hmac_key="short")
+    with pytest.raises(ConfigurationError, match=r"^checkpoint_hmac_key must be bytes or str, not int"):
+        multirun.init(checkpoint_hmac_key=5)  # type: ignore[arg-type]
+    assert resolve_hmac_key("short" * 4, name="checkpoint_hmac_key") == b"short" * 4
 
 
 # --- pickle and cloudpickle ------------------------------------------------------------------------

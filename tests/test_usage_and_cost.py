@@ -572,7 +572,7 @@ def test_max_steps_error_names_limit_used_and_maximum(traced) -> None:
     assert error.maximum == 2
     assert error.used == 2  # two steps ran; the third never did
     assert "max_steps" in str(error)
-    assert str(error) == "budget exceeded: max_steps used 2 of 2"
+    assert str(error) == "budget exceeded: max_steps (2 of 2 steps used; step 3 refused)"
 
 
 def test_budget_exceeded_fails_the_run(traced) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from multirun import act, observe, run, synthesize, think
+from multirun import act, observe, run, step, synthesize, think
 from multirun.errors import ConfigurationError
 
 
@@ -67,3 +67,28 @@ def test_parameters_are_checked_like_steps() -> None:
 
         @synthesize(retry=-1)
         def write() -> None: ...
+
+
+@pytest.mark.parametrize("word", [think, act, observe, synthesize], ids=lambda w: w.__name__)
+def test_errors_name_the_decorator_that_was_used(word: Any) -> None:
+    at = f"@{word.__name__}"
+    with pytest.raises(ConfigurationError, match=rf"^{at}\(name=\.\.\.\) must be a non-empty string"):
+        word("")(lambda: None)
+    with pytest.raises(ConfigurationError, match=rf"^{at}\(retry=\.\.\.\) must be an int >= 0"):
+
+        @word(retry=-1)
+        def bad_retry() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=rf"^{at}\(model=\.\.\.\)"):
+        word("x", model="")(lambda: None)
+    with pytest.raises(ConfigurationError, match=rf"^{at}: pass name=\.\.\. for a callable without a name"):
+        word(lambda: None)
+    with pytest.raises(ConfigurationError, match=rf"^{at} decorates a function or method"):
+        word("x")(42)
+    with pytest.raises(TypeError, match=rf"^{at} got an unexpected keyword argument 'retyr'"):
+        word(retyr=1)
+
+
+def test_step_itself_still_names_step() -> None:
+    with pytest.raises(ConfigurationError, match=r"^@step\(name=\.\.\.\) must be a non-empty string"):
+        step(name="")(lambda: None)

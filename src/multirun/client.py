@@ -11,12 +11,14 @@ nobody did.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
@@ -28,6 +30,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from multirun._process import env_int
 from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
 from multirun.checkpoints.replay import DEFAULT_LIMIT as DEFAULT_REPLAY_LIMIT
+from multirun.checkpoints.serializers import resolve_hmac_key
 from multirun.checkpoints.store import CheckpointStore
 from multirun.clock import Clock
 from multirun.enforcement.ledger import Ledger, RunLedger
@@ -147,6 +150,7 @@ class MultiRunClient:
 # process-wide configuration
 
 _configured: MultiRunClient | None = None
+_configured_with: dict[str, Any] | None = None  # the arguments of the init() that made it (None: a run did)
 _configure_lock = threading.Lock()
 _owned_provider: TracerProvider | None = None
 
@@ -195,11 +199,13 @@ def configured_client() -> MultiRunClient | None:
 
 def get_client() -> MultiRunClient:
     """The configured client, creating the default one (``init()``) on first use."""
+    global _configured_with
     client = _configured
     if client is None:
         with _configure_lock:
             if _configured is None:
                 _init_locked()
+                _configured_with = None
             client = _configured
     assert client is not None
     return client
@@ -237,13 +243,16 @@ def init(
         endpoint: OTLP/HTTP endpoint, e.g. ``http://localhost:4318``. Without
             it, ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is honoured; with
             neither, traces go to files under ``local_dir``.
+        headers: HTTP headers sent with every OTLP export (e.g. ``Authorization``).
         tracer_provider: use this provider instead of the global one.
         span_exporter: export to this exporter (batched) instead.
-        local_dir: folder of the embedded default (``MULTIRUN_DIR``, else ``./.multirun``).
+        local_dir: folder of the embedded default (``MULTIRUN_DIR``, else ``./.multirun``);
+            one given here or in ``MULTIRUN_DIR`` is created now, and refused if it cannot be.
         capture_content: record step inputs and outputs (default from
             ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``).
         content_limit: longest recorded content, in characters.
         checkpoint_uri: blob store of checkpoints (``file://``, ``memory://``, ``s3://``, a path).
+        blob_exporter: a BlobExporter object to keep checkpoints in, instead of a URI.
         checkpoint_serializer: ``json`` (default, ``MULTIRUN_CHECKPOINT_SERIALIZER``), or
             ``pickle``/``cloudpickle`` to keep objects as they are; those need an HMAC key.
         checkpoint_hmac_key: the key that signs and verifies checkpoints (default
@@ -253,6 +262,7 @@ def init(
         record_replay: hash the inputs of idempotent steps and keep their results, so
             that a run restored from a checkpoint does not run them again (default True).
         replay_limit: the most steps a run keeps for replay (their results stay in memory).
+        propagate_threads: carry the current run into threads and thread pools (default True).
         meter_provider: record metrics with this provider (default: the global one;
             with an OTLP endpoint and no global provider, one exporting there is created).
         metrics: False to record no metrics at all.
@@ -262,33 +272,69 @@ def init(
             ``MULTIRUN_UNPRICED``) counts its tokens and marks the run ``multirun.cost.unpriced``;
             ``fail`` also counts and marks it, then raises PolicyViolation (rule ``unpriced``) from
             ``report_usage``, so that no run spends money its budget cannot see.
+
+    Calling it again replaces the earlier configuration, with a warning.
     """
-    global _configured
+    global _configured_with
+    arguments: dict[str, Any] = {
+        "service_name": service_name,
+        "endpoint": endpoint,
+        "headers": headers,
+        "tracer_provider": tracer_provider,
+        "span_exporter": span_exporter,
+        "local_dir": local_dir,
+        "capture_content": capture_content,
+        "content_limit": content_limit,
+        "checkpoint_uri": checkpoint_uri,
+        "blob_exporter": blob_exporter,
+        "checkpoint_serializer": checkpoint_serializer,
+        "checkpoint_hmac_key": checkpoint_hmac_key,
+        "prices": prices,
+        "step_history": step_history,
+        "record_replay": record_replay,
+        "replay_limit": replay_limit,
+        "propagate_threads": propagate_threads,
+        "meter_provider": meter_provider,
+        "metrics": metrics,
+        "ledger_uri": ledger_uri,
+        "unpriced": unpriced,
+    }
     with _configure_lock:
-        _configured = _init_locked(
-            service_name=service_name,
-            endpoint=endpoint,
-            headers=headers,
-            tracer_provider=tracer_provider,
-            span_exporter=span_exporter,
-            local_dir=local_dir,
-            capture_content=capture_content,
-            content_limit=content_limit,
-            checkpoint_uri=checkpoint_uri,
-            blob_exporter=blob_exporter,
-            checkpoint_serializer=checkpoint_serializer,
-            checkpoint_hmac_key=checkpoint_hmac_key,
-            prices=prices,
-            step_history=step_history,
-            record_replay=record_replay,
-            replay_limit=replay_limit,
-            propagate_threads=propagate_threads,
-            meter_provider=meter_provider,
-            metrics=metrics,
-            ledger_uri=ledger_uri,
-            unpriced=unpriced,
-        )
-        return _configured
+        earlier, earlier_arguments = _configured, _configured_with
+        client = _init_locked(**arguments)
+        _configured_with = arguments
+    if earlier is not None:
+        _warn_replaced(earlier_arguments, arguments)
+    return client
+
+
+def _warn_replaced(earlier: Mapping[str, Any] | None, now: Mapping[str, Any]) -> None:
+    """One warning that ``init`` replaced the configuration, naming the arguments that changed.
+
+    ``earlier`` is None when the configuration replaced is the default one a run set up.
+    """
+    before = _INIT_DEFAULTS if earlier is None else earlier
+    changed = [name for name, value in now.items() if not _same(before[name], value)]
+    _logger.warning(
+        "multirun: init() %s (%s)",
+        "replaces the default configuration that an earlier run set up"
+        if earlier is None
+        else "was called again and replaces the earlier configuration",
+        "changed: " + ", ".join(changed) if changed else "same arguments",
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two values of an ``init`` argument are the same (objects: the same object)."""
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # an object whose == cannot be asked
+        return False
+
+
+_INIT_DEFAULTS: dict[str, Any] = {name: p.default for name, p in inspect.signature(init).parameters.items()}
 
 
 def init_local(path: str | os.PathLike[str] = DEFAULT_DIR, **options: Any) -> MultiRunClient:
@@ -335,13 +381,15 @@ def _init_locked(
         blob_exporter=blob_exporter,
     )
     _validate_options(**client_options)
+    _validate_endpoints(endpoint, span_exporter, tracer_provider, client_options)
     price_book = PriceBook(client_options.pop("prices", None))
     root = Path(local_dir or os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR)
     checkpoint_store = _checkpoint_store(
         blob_exporter or checkpoint_uri or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(root / "blobs"),
         checkpoint_serializer,
-        checkpoint_hmac_key,
+        resolve_hmac_key(checkpoint_hmac_key, name="checkpoint_hmac_key"),
     )
+    _ensure_local_dir(local_dir)  # last: a refused init creates no folder
     exporter = span_exporter or _exporter_for(endpoint, headers, root)
     provider = tracer_provider
     if provider is None:
@@ -456,6 +504,98 @@ def _validate_objects(
         )
 
 
+def _ensure_local_dir(local_dir: str | os.PathLike[str] | None) -> None:
+    """Create the folder ``local_dir`` (or ``MULTIRUN_DIR``) names; refuse one that cannot be written.
+
+    The implicit ``./.multirun`` is not checked: nobody chose it, and a run started without
+    ``init`` must not fail because the working directory is read-only (writing warns instead).
+    """
+    name = "local_dir"
+    if local_dir is None:
+        local_dir, name = os.environ.get("MULTIRUN_DIR") or None, "MULTIRUN_DIR"
+        if local_dir is None:
+            return
+    path = Path(local_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "a file of that name exists" if isinstance(exc, FileExistsError) else exc.strerror or exc
+        raise ConfigurationError(
+            f"{name} must be a folder that exists or can be created, got {str(path)!r} ({reason})"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"{name} must be a folder multirun can write to, got {str(path)!r}")
+
+
+# the environment variables of the OTLP endpoint of each signal, the specific one first
+_ENDPOINT_ENV = {
+    "traces": ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    "metrics": ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+}
+
+
+def _env_endpoint(signal: str) -> tuple[str, str] | None:
+    """``(variable, URL)`` of the OTLP endpoint the environment sets for ``signal``, or None."""
+    for variable in _ENDPOINT_ENV[signal]:
+        url = os.environ.get(variable)
+        if url:
+            return variable, url
+    return None
+
+
+def _check_endpoint(name: str, url: str) -> None:
+    """Refuse an OTLP/HTTP endpoint that is not an http(s) URL with a host."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"{name} must be an http(s) URL such as http://localhost:4318, got {url!r} ({exc})"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(
+            f"{name} must be an http(s) URL with a host, such as http://localhost:4318, got {url!r}"
+        )
+
+
+def _validate_endpoints(
+    endpoint: str | None,
+    span_exporter: SpanExporter | None,
+    tracer_provider: trace.TracerProvider | None,
+    options: Mapping[str, Any],
+) -> None:
+    """Check ``endpoint``, or the ``OTEL_EXPORTER_OTLP_*ENDPOINT`` variables ``init`` will export to.
+
+    A variable only the application's own pipeline reads (it has a provider) is its business.
+    """
+    if endpoint is not None:
+        _check_endpoint("endpoint", endpoint)
+        return
+    signals = []
+    if span_exporter is None and tracer_provider is None and _provider_is_ours(trace.get_tracer_provider()):
+        signals.append("traces")
+    if options.get("metrics", True) and options.get("meter_provider") is None and _meters_are_ours():
+        signals.append("metrics")
+    for signal in signals:
+        found = _env_endpoint(signal)
+        if found is not None:
+            _check_endpoint(*found)
+
+
+def _provider_is_ours(current: trace.TracerProvider) -> bool:
+    """Whether ``init`` exports through its own provider: it made ``current``, or will make one."""
+    if _owned_provider is not None and current is _owned_provider:
+        return True
+    return not isinstance(current, TracerProvider) and _is_unset(current)
+
+
+def _meters_are_ours() -> bool:
+    """Whether ``init`` may create the MeterProvider (the application set none)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    return _owned_meter_provider is None and not isinstance(otel_metrics.get_meter_provider(), MeterProvider)
+
+
 def _validate_ledger_uri(ledger_uri: Any) -> None:
     """Parse the ledger URI (argument or ``MULTIRUN_LEDGER_URI``) without connecting to it."""
     name = "ledger_uri"
@@ -487,10 +627,7 @@ def _unpriced_mode(value: str | None) -> str:
 
 
 def _exporter_for(endpoint: str | None, headers: Mapping[str, str] | None, root: Path) -> SpanExporter:
-    env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
-    if endpoint is None and not env_endpoint:
+    if endpoint is None and _env_endpoint("traces") is None:
         return LocalFileSpanExporter(root / "traces")
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -522,10 +659,7 @@ def _ensure_meter_provider(
     sends them (nowhere if it has none): the embedded default keeps traces only.
     """
     global _owned_meter_provider
-    env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
-    if _owned_meter_provider is not None or (endpoint is None and not env_endpoint):
+    if _owned_meter_provider is not None or (endpoint is None and _env_endpoint("metrics") is None):
         return
     from opentelemetry.sdk.metrics import MeterProvider
 

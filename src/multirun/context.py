@@ -152,8 +152,8 @@ def report_usage(
 
     ``input_tokens`` includes ``cached_input_tokens``, as in the GenAI
     conventions. Without ``cost_usd`` the cost comes from the price book; a
-    model with no known price is flagged unpriced. Outside a run it does
-    nothing.
+    model with no known price is flagged unpriced. Outside a run it charges
+    nothing, and the first such call of the process logs a warning.
     """
     usage = TokenUsage(
         model=model,
@@ -173,6 +173,26 @@ def report_usage(
     run: RunContext | None = run_in(current)
     if run is not None:
         get_current_agent_context().report_usage(usage)
+        return
+    _warn_usage_outside_run(model)
+
+
+_outside_run_warned = False
+_outside_run_lock = threading.Lock()
+
+
+def _warn_usage_outside_run(model: str | None) -> None:
+    """Say once per process that usage reported outside any run is charged nowhere."""
+    global _outside_run_warned
+    with _outside_run_lock:
+        if _outside_run_warned:
+            return
+        _outside_run_warned = True
+    _logger.warning(
+        "multirun: report_usage(%r) was called outside any run, so its usage is not charged "
+        "anywhere; call it inside a @run (or a step of one). This warning is logged once per process.",
+        model,
+    )
 
 
 # ---------------------------------------------------------------------------

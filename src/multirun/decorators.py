@@ -15,7 +15,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
@@ -42,6 +42,10 @@ from multirun.models.step import StepKind, StepStatus
 from multirun.sdk_usage import StreamUsage, is_sdk_object, usage_of_result
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
+    from pydantic_core import ErrorDetails
 
 _logger = logging.getLogger(__name__)
 
@@ -114,19 +118,21 @@ class StepSpec:
         idempotent: bool,
         check_budget: bool,
         model: str | None,
+        decorator: str = "step",
     ) -> None:
-        self.name = _validate_name("step", name, func)
-        self.kind = _enum("step", "kind", StepKind, kind)
-        self.retry = _non_negative_int("step", "retry", retry)
-        self.retry_delay = _non_negative_number("step", "retry_delay", retry_delay)
-        self.retry_max_delay = _non_negative_number("step", "retry_max_delay", retry_max_delay)
-        self.retry_strategy = _enum("step", "retry_strategy", BackoffStrategy, retry_strategy)
-        self.retry_on = _exception_types("step", "retry_on", retry_on)
-        self.checkpoint = _bool("step", "checkpoint", checkpoint)
-        self.idempotent = _bool("step", "idempotent", idempotent)
-        self.check_budget = _bool("step", "check_budget", check_budget)
+        """Validate the options; errors name ``@{decorator}`` (``@think`` for ``@think``)."""
+        self.name = _validate_name(decorator, name, func)
+        self.kind = _enum(decorator, "kind", StepKind, kind)
+        self.retry = _non_negative_int(decorator, "retry", retry)
+        self.retry_delay = _non_negative_number(decorator, "retry_delay", retry_delay)
+        self.retry_max_delay = _non_negative_number(decorator, "retry_max_delay", retry_max_delay)
+        self.retry_strategy = _enum(decorator, "retry_strategy", BackoffStrategy, retry_strategy)
+        self.retry_on = _exception_types(decorator, "retry_on", retry_on)
+        self.checkpoint = _bool(decorator, "checkpoint", checkpoint)
+        self.idempotent = _bool(decorator, "idempotent", idempotent)
+        self.check_budget = _bool(decorator, "check_budget", check_budget)
         if model is not None and (not isinstance(model, str) or not model):
-            raise ConfigurationError(f"@step(model=...) must be a non-empty string, got {model!r}")
+            raise ConfigurationError(f"@{decorator}(model=...) must be a non-empty string, got {model!r}")
         self.model = model
         # served from the replay cache on restore: idempotent steps that return a value
         self.replayable = self.idempotent and not (
@@ -364,22 +370,38 @@ def step(
     step asks for (``gen_ai.request.model``); the step reports what it used
     with ``multirun.report_usage``.
     """
+    return step_as(
+        "step",
+        func,
+        name=name,
+        kind=kind,
+        retry=retry,
+        retry_delay=retry_delay,
+        retry_max_delay=retry_max_delay,
+        retry_strategy=retry_strategy,
+        retry_on=retry_on,
+        checkpoint=checkpoint,
+        idempotent=idempotent,
+        check_budget=check_budget,
+        model=model,
+    )
+
+
+# the parameters of @step and their defaults, for decorators that are @step under another name
+_STEP_DEFAULTS: dict[str, Any] = {
+    name: param.default for name, param in inspect.signature(step).parameters.items() if name != "func"
+}
+
+
+def step_as(decorator: str, func: F | None = None, **options: Any) -> F | Callable[[F], F]:
+    """``@step(**options)`` under another name (``@think``, ...): its errors name ``@{decorator}``."""
+    unknown = sorted(options.keys() - _STEP_DEFAULTS.keys())
+    if unknown:
+        raise TypeError(f"@{decorator} got an unexpected keyword argument {unknown[0]!r}")
+    settings = {**_STEP_DEFAULTS, **options}
 
     def decorate(fn: F) -> F:
-        spec = StepSpec(
-            _callable("step", fn),
-            name=name,
-            kind=kind,
-            retry=retry,
-            retry_delay=retry_delay,
-            retry_max_delay=retry_max_delay,
-            retry_strategy=retry_strategy,
-            retry_on=retry_on,
-            checkpoint=checkpoint,
-            idempotent=idempotent,
-            check_budget=check_budget,
-            model=model,
-        )
+        spec = StepSpec(_callable(decorator, fn), decorator=decorator, **settings)
         return _wrap(fn, functools.partial(_open_step, spec))
 
     return decorate(func) if func is not None else decorate
@@ -931,7 +953,20 @@ def _model(decorator: str, param: str, cls: Any, value: Any) -> Any:
         try:
             return cls.model_validate(value)
         except ValidationError as exc:
-            raise ConfigurationError(f"@{decorator}({param}=...): {exc}") from None
+            raise ConfigurationError(f"@{decorator}({param}=...): {_one_line(exc, cls)}") from None
     raise ConfigurationError(
         f"@{decorator}({param}=...) must be a {cls.__name__} or a dict, got {type(value).__name__}"
     )
+
+
+def _one_line(error: ValidationError, model: type[BaseModel]) -> str:
+    """A pydantic ValidationError as one line: ``max_tokens: Input should be ..., got -1``."""
+    return "; ".join(_problem(problem, model) for problem in error.errors())
+
+
+def _problem(problem: ErrorDetails, model: type[BaseModel]) -> str:
+    """One problem pydantic found; a misspelt field of ``model`` lists the fields it has."""
+    where = ".".join(map(str, problem["loc"])) or "value"
+    if problem["type"] == "extra_forbidden" and len(problem["loc"]) == 1:
+        return f"{where} is not a field of {model.__name__} (use {', '.join(model.model_fields)})"
+    return f"{where}: {problem['msg']}, got {problem['input']!r:.80}"

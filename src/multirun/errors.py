@@ -24,7 +24,7 @@ class BudgetExceededError(MultiRunError):
         self.used = used
         self.maximum = maximum
         self.run_id = run_id
-        super().__init__(f"budget exceeded: {limit} used {_fmt(used)} of {_fmt(maximum)}")
+        super().__init__(f"budget exceeded: {limit} ({_spent(limit, used, maximum)})")
 
 
 class PolicyViolation(MultiRunError):
@@ -75,6 +75,25 @@ class ReplayError(MultiRunError):
 
 class DeterminismError(ReplayError):
     """A replayed run asked for steps in another order or under other names than it recorded."""
+
+
+# what the amount of each limit counts (cost is written in dollars)
+_COUNTED = {
+    "max_tokens": "tokens used",
+    "max_steps": "steps used",
+    "max_duration_seconds": "seconds elapsed",
+    "max_sub_agents": "sub-agents started",
+}
+
+
+def _spent(limit: str, used: float, maximum: float) -> str:
+    """What was used of ``limit``, e.g. ``2 of 2 steps used; step 3 refused``."""
+    if limit == "max_cost_usd":
+        return f"${_fmt(used)} of ${_fmt(maximum)} spent"
+    text = f"{_fmt(used)} of {_fmt(maximum)} {_COUNTED.get(limit, 'used')}"
+    if limit == "max_steps" and float(used).is_integer():
+        text += f"; step {int(used) + 1} refused"
+    return text
 
 
 def _fmt(value: float) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from multirun.decorators import step
+from multirun.decorators import step_as
 from multirun.errors import ConfigurationError
 from multirun.models.step import StepKind
 
@@ -37,7 +37,7 @@ class _PresetStep:
                 f"@{self._word} is a {self._kind.value} step: it takes no kind (use @step(kind=...))"
             )
         if callable(func_or_name):
-            return step(func_or_name, kind=self._kind, **options)
+            return step_as(self._word, func_or_name, kind=self._kind, **options)
         if func_or_name is not None:
             if not isinstance(func_or_name, str):
                 raise ConfigurationError(
@@ -46,7 +46,7 @@ class _PresetStep:
             if "name" in options:
                 raise ConfigurationError(f"@{self._word}: give the name once, positionally or as name=")
             options["name"] = func_or_name
-        return step(kind=self._kind, **options)
+        return step_as(self._word, kind=self._kind, **options)
 
     def __repr__(self) -> str:
         return f"<multirun.{self._word}: @step(kind={self._kind.value!r})>"

@@ -51,6 +51,11 @@ MAGIC = b"MRCK1\n"
 FORMAT_VERSION = 2
 MAX_HEADER_BYTES = 4096
 HMAC_KEY_ENV = "MULTIRUN_CHECKPOINT_HMAC_KEY"
+#: Where the HMAC key is set, for messages: the environment, ``init``, or the low-level API.
+HMAC_KEY_SETTINGS = (
+    f"{HMAC_KEY_ENV} or multirun.init(checkpoint_hmac_key=...); "
+    "hmac_key=... for a CheckpointStore or serializer built directly"
+)
 
 #: Serializers whose decoding cannot run code. Every other one needs a verified HMAC.
 SAFE_SERIALIZERS = frozenset({"json"})
@@ -94,7 +99,7 @@ def seal(
     if needs_hmac(serializer) and not hmac_key:
         raise ConfigurationError(
             f"serializer {serializer!r} can run code when a checkpoint is loaded, so its checkpoints "
-            f"must be signed: set {HMAC_KEY_ENV} or pass hmac_key"
+            f"must be signed: set an HMAC key ({HMAC_KEY_SETTINGS})"
         )
     if compression == "zlib":
         stored = zlib.compress(payload, 6)
@@ -162,7 +167,7 @@ def open_blob(
     ):
         raise CheckpointError(
             "checkpoint HMAC does not match: the blob was altered, or it was signed with another key "
-            f"than the one configured ({HMAC_KEY_ENV} or hmac_key)"
+            f"than the one configured ({HMAC_KEY_SETTINGS})"
         )
     if header["compression"] == "zlib":
         stored = _inflate(stored, max_bytes)
@@ -245,7 +250,7 @@ def _check_policy(header: dict[str, Any], hmac_key: bytes | None, allowed: Colle
     if name not in allowed:
         advice = (
             f"it can run code when loaded: to read a checkpoint you trust, add {name!r} to "
-            f"allowed_serializers and set the HMAC key it was signed with ({HMAC_KEY_ENV})"
+            f"allowed_serializers and set the HMAC key it was signed with ({HMAC_KEY_SETTINGS})"
             if risky
             else f"add {name!r} to allowed_serializers to read it"
         )
@@ -258,7 +263,7 @@ def _check_policy(header: dict[str, Any], hmac_key: bytes | None, allowed: Colle
     if hmac_key is None:
         raise CheckpointError(
             f"checkpoint uses the {name!r} serializer, which can run code when loaded, and no HMAC key "
-            f"is configured to verify it: set {HMAC_KEY_ENV} (or pass hmac_key) to the key it was signed with"
+            f"is configured to verify it: set the key it was signed with ({HMAC_KEY_SETTINGS})"
         )
     if "hmac" not in header:
         raise CheckpointError(

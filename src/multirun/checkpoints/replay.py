@@ -227,8 +227,7 @@ class _Replay:
         expected = self.entries[self.position]
         if entry is None:
             raise DeterminismError(
-                f"replay: step {name!r} was not recorded at this point; the recorded run called "
-                f"{expected.name!r} here (recorded call #{expected.index + 1}). The code or the inputs "
+                f"replay: {self._mismatch(name, digest, occurrence, expected)}. The code or the inputs "
                 "of a step changed since the checkpoint. Restore from an earlier checkpoint, start a "
                 "new run, or mark steps whose inputs legitimately change idempotent=False."
             )
@@ -248,6 +247,21 @@ class _Replay:
             return None
         self._serve(entry)
         return entry
+
+    def _mismatch(self, name: str, digest: str, occurrence: int, expected: _Entry) -> str:
+        """How a call the recording does not have differs from the recorded call due here."""
+        recorded = f"recorded call #{expected.index + 1}"
+        if occurrence > 1 and self.find(name, digest, 1) is not None:
+            return (
+                f"step {name!r} was called with the same inputs more often than recorded (call "
+                f"{occurrence} with them); the recorded run called {expected.name!r} here ({recorded})"
+            )
+        if expected.name == name:
+            return (
+                f"step {name!r} was called with different inputs than the recorded run's call of "
+                f"{name!r} at this point ({recorded})"
+            )
+        return f"step {name!r} was called where the recorded run called {expected.name!r} ({recorded})"
 
     def _serve(self, entry: _Entry) -> None:
         """Mark ``entry`` and every step it ran inside as served, and move on."""

@@ -76,6 +76,7 @@ from pydantic_core import PydanticSerializationError, to_jsonable_python
 from multirun.checkpoints.envelope import (
     DEFAULT_ALLOWED_SERIALIZERS,
     HMAC_KEY_ENV,
+    HMAC_KEY_SETTINGS,
     Blob,
     Compression,
     open_blob,
@@ -177,8 +178,8 @@ class PickleSerializer:
         if key is None:
             raise ConfigurationError(
                 f"the {self.name!r} checkpoint serializer can run arbitrary code when a checkpoint is "
-                f"loaded, so it needs an HMAC key: set {HMAC_KEY_ENV} (e.g. to the output of "
-                '`python -c "import secrets; print(secrets.token_hex(32))"`) or pass hmac_key'
+                f"loaded, so it needs an HMAC key ({HMAC_KEY_SETTINGS}), e.g. the output of "
+                '`python -c "import secrets; print(secrets.token_hex(32))"`'
             )
         self.hmac_key: bytes = key
 
@@ -251,10 +252,16 @@ def get_serializer(name: str = "json", *, hmac_key: bytes | str | None) -> Seria
 
 
 def resolve_hmac_key(
-    hmac_key: bytes | str | None = None, *, environ: Mapping[str, str] | None = None
+    hmac_key: bytes | str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    name: str = "hmac_key",
 ) -> bytes | None:
-    """The HMAC key from the argument, else from ``MULTIRUN_CHECKPOINT_HMAC_KEY``, else None."""
-    setting = "hmac_key"
+    """The HMAC key from the argument, else from ``MULTIRUN_CHECKPOINT_HMAC_KEY``, else None.
+
+    ``name`` is what errors call the argument (``multirun.init`` says ``checkpoint_hmac_key``).
+    """
+    setting = name
     if hmac_key is None:
         text = (os.environ if environ is None else environ).get(HMAC_KEY_ENV, "").strip()
         if not text:
