@@ -11,9 +11,9 @@ import multirun
 from multirun import checkpoint, run, step
 from multirun.checkpoints.exporters import FileBlobExporter
 from multirun.checkpoints.store import CheckpointStore
-from multirun.context import get_current_run_context
+from multirun.context import RunContext, get_current_run_context
 from multirun.errors import CheckpointError, DeterminismError
-from multirun.models import Budget, StepKind
+from multirun.models import Budget, Run, StepKind
 from multirun.telemetry import attributes as attr
 
 
@@ -411,3 +411,32 @@ def test_a_pickle_checkpoint_is_refused_by_a_reader_without_the_key(traced, tmp_
     with pytest.raises(CheckpointError, match="HMAC"):
         other_key.load(checkpoint_id)
     assert signed.load(checkpoint_id).state == {"x": {1, 2}}
+
+
+def test_latest_checkpoint_ignores_a_stray_file_in_the_run_folder(tmp_path) -> None:
+    exporter = FileBlobExporter(tmp_path)
+    store = CheckpointStore(exporter)
+    client = multirun.MultiRunClient(checkpoint_store=store, metrics=False)
+    with RunContext(client, Run(name="work")) as ctx:
+        checkpoint_id = ctx.checkpoint("only").value.id
+        run_id = ctx.run.id
+    exporter.put(f"checkpoints/{run_id}/zz-notes.txt", b"not a checkpoint")  # sorts after the real one
+    assert store.latest(run_id) == checkpoint_id
+
+
+def test_a_resumed_run_stays_unpriced_when_its_earlier_spend_was(traced) -> None:
+    @run
+    def first() -> str:
+        multirun.report_usage("a-model-nobody-prices", input_tokens=10, output_tokens=5)
+        return get_current_run_context().checkpoint("spent").value.id
+
+    checkpoint_id = first()
+
+    @run
+    def second() -> None:
+        get_current_run_context().restore_from_checkpoint(checkpoint_id)
+
+    second()
+    resumed = traced.span("invoke_workflow second")
+    assert resumed.attributes[attr.TOKENS_USED] == 15
+    assert resumed.attributes[attr.UNPRICED] is True  # never a silent $0 for the carried-over spend

@@ -38,6 +38,20 @@ def test_init_local_twice_sends_later_runs_to_the_new_folder_only(global_otel, t
     assert run_ids(tmp_path / "b" / "traces") == {second}
 
 
+def test_init_local_without_a_path_uses_multirun_dir(global_otel, tmp_path, monkeypatch) -> None:
+    # what `multirun resume --dir DIR -- program` tells the program it starts
+    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "given"))
+
+    @run
+    def job() -> str:
+        return multirun.context.get_current_run_context().run.id
+
+    client = multirun.init_local()
+    ran = job()
+    client.force_flush()
+    assert run_ids(tmp_path / "given" / "traces") == {ran}
+
+
 def test_run_without_init_writes_otlp_json_files_under_multirun_dir(
     global_otel, tmp_path, monkeypatch
 ) -> None:

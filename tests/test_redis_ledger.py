@@ -375,12 +375,12 @@ def test_a_lost_hash_is_created_again_with_its_limits(factory: RedisLedgerFactor
 def test_restore_counts_an_earlier_attempt_once(factory: RedisLedgerFactory, raw: redis.Redis) -> None:
     run_id = new_id()
     first, second = factory.ledger(run_id), factory.ledger(run_id)
-    first.restore(100, 2_000, 3)
-    second.restore(100, 2_000, 3)  # another process resuming the same run
-    assert (second.tokens, second.cost_units, second.steps) == (100, 2_000, 3)
+    first.restore(100, 2_000, 3, 1)
+    second.restore(100, 2_000, 3, 1)  # another process resuming the same run
+    assert (second.tokens, second.cost_units, second.steps, second.unpriced_reports) == (100, 2_000, 3, 1)
     second.begin_step()
-    first.restore(100, 2_000, 3)  # the hash already holds more: nothing changes
-    assert raw.hmget(first.key, "tokens", "cost_units", "steps") == ["100", "2000", "4"]
+    first.restore(100, 2_000, 3, 1)  # the hash already holds more: nothing changes
+    assert raw.hmget(first.key, "tokens", "cost_units", "steps", "unpriced") == ["100", "2000", "4", "1"]
 
 
 def test_a_client_that_decodes_responses_works(redis_server: RedisServer) -> None:

@@ -337,8 +337,11 @@ def _same(a: Any, b: Any) -> bool:
 _INIT_DEFAULTS: dict[str, Any] = {name: p.default for name, p in inspect.signature(init).parameters.items()}
 
 
-def init_local(path: str | os.PathLike[str] = DEFAULT_DIR, **options: Any) -> MultiRunClient:
-    """Configure the embedded default: traces and checkpoints as files under ``path``."""
+def init_local(path: str | os.PathLike[str] | None = None, **options: Any) -> MultiRunClient:
+    """Configure the embedded default: traces and checkpoints as files under ``path``
+    (default: ``MULTIRUN_DIR``, else ``./.multirun``, as ``multirun resume --dir`` expects)."""
+    if path is None:
+        path = os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR
     if not isinstance(path, (str, os.PathLike)):
         raise ConfigurationError(f"init_local: path must be a str or os.PathLike, got {path!r}")
     root = Path(path)

@@ -555,7 +555,12 @@ class RunContext:
         self.replay_log.load(restored.replay)
         self.records_replay = True
         ledger = restored.ledger
-        self.ledger.restore(ledger.get("tokens", 0), ledger.get("cost_units", 0), ledger.get("steps", 0))
+        self.ledger.restore(
+            ledger.get("tokens", 0),
+            ledger.get("cost_units", 0),
+            ledger.get("steps", 0),
+            ledger.get("unpriced_reports", 0),  # absent from older checkpoints
+        )
         self.is_replaying = True
         if self._span is not None:
             self._span.set_attribute(attr.RUN_REPLAYING, True)

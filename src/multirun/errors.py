@@ -24,7 +24,10 @@ class BudgetExceededError(MultiRunError):
         self.used = used
         self.maximum = maximum
         self.run_id = run_id
-        super().__init__(f"budget exceeded: {limit} ({_spent(limit, used, maximum)})")
+        spent = spent_text(limit, used, maximum)
+        if limit == "max_steps" and float(used).is_integer():
+            spent += f"; step {int(used) + 1} refused"
+        super().__init__(f"budget exceeded: {limit} ({spent})")
 
 
 class PolicyViolation(MultiRunError):
@@ -86,14 +89,11 @@ _COUNTED = {
 }
 
 
-def _spent(limit: str, used: float, maximum: float) -> str:
-    """What was used of ``limit``, e.g. ``2 of 2 steps used; step 3 refused``."""
+def spent_text(limit: str, used: float, maximum: float) -> str:
+    """What was used of budget limit ``limit``, e.g. ``2 of 2 steps used`` or ``$0.5 of $1 spent``."""
     if limit == "max_cost_usd":
         return f"${_fmt(used)} of ${_fmt(maximum)} spent"
-    text = f"{_fmt(used)} of {_fmt(maximum)} {_COUNTED.get(limit, 'used')}"
-    if limit == "max_steps" and float(used).is_integer():
-        text += f"; step {int(used) + 1} refused"
-    return text
+    return f"{_fmt(used)} of {_fmt(maximum)} {_COUNTED.get(limit, 'used')}"
 
 
 def _fmt(value: float) -> str:

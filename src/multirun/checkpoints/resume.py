@@ -25,11 +25,11 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal
 
 from opentelemetry import context as otel_context
 
-from multirun.checkpoints.store import validate_id
+from multirun.checkpoints.store import StoredCheckpoint, parse_checkpoint_key, validate_id
 from multirun.errors import CheckpointError, ConfigurationError
 
 if TYPE_CHECKING:
@@ -65,27 +65,6 @@ _KIND_MISSING = {
     "checkpoint": "no checkpoint {prefix!r} in the store",
     "either": "no run or checkpoint with id {prefix!r} in the store",
 }
-
-
-class StoredCheckpoint(NamedTuple):
-    """A checkpoint in the store, as its key names it: ``checkpoints/<run id>/<checkpoint id>.ckpt``."""
-
-    run_id: str
-    checkpoint_id: str
-
-
-def parse_checkpoint_key(key: str) -> StoredCheckpoint | None:
-    """The run and checkpoint ids of a checkpoint's key; None for any other key (a stray file)."""
-    parts = key.split("/")
-    if len(parts) != 3 or parts[0] != "checkpoints" or not parts[2].endswith(".ckpt"):
-        return None
-    run_id, checkpoint_id = parts[1], parts[2].removesuffix(".ckpt")
-    try:
-        validate_id(run_id, "run id")
-        validate_id(checkpoint_id, "checkpoint id")
-    except CheckpointError:
-        return None
-    return StoredCheckpoint(run_id, checkpoint_id)
 
 
 def stored_checkpoints(keys: Iterable[str]) -> list[StoredCheckpoint]:

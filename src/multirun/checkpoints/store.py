@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
@@ -77,6 +77,27 @@ class RestoredCheckpoint:
     ledger: dict[str, int]
     uri: str
     trace: dict[str, str]  # trace_id and span_id (hex) of the run that took it
+
+
+class StoredCheckpoint(NamedTuple):
+    """A checkpoint in the store, as its key names it: ``checkpoints/<run id>/<checkpoint id>.ckpt``."""
+
+    run_id: str
+    checkpoint_id: str
+
+
+def parse_checkpoint_key(key: str) -> StoredCheckpoint | None:
+    """The run and checkpoint ids of a checkpoint's key; None for any other key (a stray file)."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != "checkpoints" or not parts[2].endswith(".ckpt"):
+        return None
+    run_id, checkpoint_id = parts[1], parts[2].removesuffix(".ckpt")
+    try:
+        validate_id(run_id, "run id")
+        validate_id(checkpoint_id, "checkpoint id")
+    except CheckpointError:
+        return None
+    return StoredCheckpoint(run_id, checkpoint_id)
 
 
 class CheckpointStore:
@@ -138,7 +159,12 @@ class CheckpointStore:
             "state": state,
             "replay": run.replay_log.to_records(),
             "trace": _trace_of(run),
-            "ledger": {"tokens": ledger.tokens, "cost_units": ledger.cost_units, "steps": ledger.steps},
+            "ledger": {
+                "tokens": ledger.tokens,
+                "cost_units": ledger.cost_units,
+                "steps": ledger.steps,
+                "unpriced_reports": ledger.unpriced_reports,
+            },
         }
         blob, digest = self._dump(document, name)
         with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace
@@ -231,10 +257,10 @@ class CheckpointStore:
 
     def latest(self, run_id: str) -> str:
         """The id of the newest checkpoint of ``run_id``; CheckpointError if it has none."""
-        keys = self.list(run_id)
-        if not keys:
+        found = [parsed for parsed in map(parse_checkpoint_key, self.list(run_id)) if parsed is not None]
+        if not found:
             raise CheckpointError(f"run {run_id!r} has no checkpoint in the store")
-        return keys[-1].rsplit("/", 1)[-1].removesuffix(".ckpt")
+        return max(found).checkpoint_id  # ids sort by creation; stray files are not checkpoints
 
     def list(self, run_id: str | None = None) -> list[str]:
         """Keys of the stored checkpoints, of one run or all."""

@@ -26,14 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from multirun.checkpoints.exporters import FileBlobExporter, exporter_from_uri
-from multirun.checkpoints.resume import (
-    RESUME_ENV,
-    StoredCheckpoint,
-    match_id,
-    parse_checkpoint_key,
-    resolve_checkpoint,
-)
-from multirun.checkpoints.store import CheckpointStore
+from multirun.checkpoints.resume import RESUME_ENV, match_id, resolve_checkpoint
+from multirun.checkpoints.store import CheckpointStore, StoredCheckpoint, parse_checkpoint_key
 from multirun.cli import render, runs
 from multirun.errors import CheckpointError, MultiRunError, ReplayError
 from multirun.telemetry.local_files import SpanRecord

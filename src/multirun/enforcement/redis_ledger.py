@@ -208,7 +208,7 @@ return totals(1, now_us())
 
 # KEYS[1]: the run. ARGV: ttl_ms, tokens, cost_units, steps: each total becomes at least that.
 _RESTORE = """
-for i, name in ipairs({'tokens', 'cost_units', 'steps'}) do
+for i, name in ipairs({'tokens', 'cost_units', 'steps', 'unpriced'}) do
   if tonumber(redis.call('HGET', KEYS[1], name) or 0) < tonumber(ARGV[i + 1]) then
     redis.call('HSET', KEYS[1], name, ARGV[i + 1])
   end
@@ -515,19 +515,21 @@ class RedisLedger(LedgerReadings):
             for i, value in enumerate(pending):
                 self._pending[i] += int(value)
 
-    def restore(self, tokens: int, cost_units: int, steps: int) -> None:
+    def restore(self, tokens: int, cost_units: int, steps: int, unpriced_reports: int = 0) -> None:
         """Start from what an earlier attempt of this run already spent.
 
         Each total becomes at least the given one, as in RunLedger: when several
         processes resume the run, or the run's hash still holds the earlier
         attempt's totals, nothing is counted twice.
         """
-        args = [self._ttl_ms, str(int(tokens)), str(int(cost_units)), str(int(steps))]
+        totals = (tokens, cost_units, steps, unpriced_reports)
+        args = [self._ttl_ms, *(str(int(total)) for total in totals)]
         if self._run("restore", [self.key], args, "restore its spend") is None:
             with self._lock:
                 self.tokens = max(self.tokens, tokens)
                 self.cost_units = max(self.cost_units, cost_units)
                 self.steps = max(self.steps, steps)
+                self.unpriced_reports = max(self.unpriced_reports, unpriced_reports)
 
     def refresh(self) -> None:
         """Send the pending usage and fetch the run's current totals from Redis (one round trip)."""

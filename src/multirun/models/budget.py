@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from multirun.errors import spent_text
 from multirun.models._base import Model, utcnow
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class Budget(Model):
         if found is None:
             return None
         limit, used, maximum = found
-        return f"{limit} used {used:g} of {maximum:g}"
+        return f"{limit} ({spent_text(limit, used, maximum)})"
 
     def limits(self) -> dict[str, float]:
         """The limits that are set, by field name."""
