@@ -237,20 +237,11 @@ def test_a_step_called_more_often_with_the_same_inputs_says_so(traced) -> None:
 
 
 def test_steps_replayed_out_of_order_raise_a_determinism_error(traced) -> None:
+    run_id = crashed_run_of_fetches(traced)
+
     @step
     def fetch(n: int) -> int:
         return n * 10
-
-    @run
-    def job() -> None:
-        fetch(1)
-        fetch(2)
-        get_current_run_context().checkpoint(name="mid")
-        raise RuntimeError("crash")
-
-    with pytest.raises(RuntimeError):
-        job()
-    run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
 
     @run
     def job_reordered() -> None:
