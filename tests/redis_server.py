@@ -10,19 +10,19 @@ when it is missing the fixture fails, never skips, so CI cannot pass without it.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from child_processes import die_with_parent, free_port, stop_process
 
 INSTALL_HINT = (
     "the Redis ledger tests need a real server, and no redis-server binary was found "
@@ -40,12 +40,6 @@ def redis_server_binary() -> str:
     return binary
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def ping(port: int, timeout: float = 0.5) -> bool:
     """True if a Redis server answers PING on 127.0.0.1:port."""
     try:
@@ -54,12 +48,6 @@ def ping(port: int, timeout: float = 0.5) -> bool:
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Have Linux send SIGTERM to the server if the test process dies without stopping it."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class RedisServer:
@@ -103,7 +91,7 @@ class RedisServer:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             server = cls(process, port, workdir)
             deadline = time.monotonic() + timeout
@@ -118,13 +106,8 @@ class RedisServer:
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and remove its folder."""
         if self.process.poll() is None:
-            self.thaw()
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+            self.thaw()  # a stopped process would not act on SIGTERM
+        stop_process(self.process, grace=5)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def freeze(self) -> None:

@@ -14,13 +14,11 @@ process dies without stopping it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from child_processes import die_with_parent, stop_process
 
 INSTALL_HINT = (
     "the S3 blob exporter tests need a real SeaweedFS server, and no `weed` binary was found "
@@ -101,12 +101,6 @@ def _answers_http(port: int, timeout: float = 0.5) -> bool:
         return True
     except (OSError, ValueError):
         return False
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Have Linux send SIGTERM to the server if the test process dies without stopping it."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class S3Server:
@@ -240,7 +234,7 @@ class S3Server:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     cwd=workdir,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             server = cls(process, ports, workdir, credentials, command)
             deadline = time.monotonic() + timeout
@@ -266,13 +260,7 @@ class S3Server:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and remove its folder and sockets."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         shutil.rmtree(self.workdir, ignore_errors=True)
         # weed puts its gRPC sockets in /tmp whatever TMPDIR says; a killed server leaves them
         grpc_ports = [v for k, v in self.ports.items() if k.endswith("_grpc")] + [self.ports["admin"] + 10000]

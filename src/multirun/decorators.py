@@ -29,6 +29,7 @@ from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.enforcement.policy import PROCEED
 from multirun.errors import (
+    REFUSALS,
     BudgetExceededError,
     ConfigurationError,
     LedgerUnavailableError,
@@ -50,9 +51,6 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# a ledger that cannot be reached is not retried either: another attempt would spend without a decision
-_NEVER_RETRIED = (BudgetExceededError, PolicyViolation, LedgerUnavailableError)
 
 
 class _Call(Protocol):
@@ -242,7 +240,7 @@ _AUTH_ERROR_NAMES = ("AuthenticationError", "PermissionDeniedError")
 
 def _is_permanent(error: BaseException) -> bool:
     """Errors another attempt cannot fix: budget and policy aborts, authentication failures."""
-    if isinstance(error, _NEVER_RETRIED):
+    if isinstance(error, REFUSALS):
         return True
     if type(error).__name__ in _AUTH_ERROR_NAMES:
         return True
@@ -276,7 +274,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         if engine is not None:
             decision = engine.before_step(spec.name, spec.kind, spec.model, run.ledger)
         run.ledger.begin_step(spec.check_budget)
-    except _NEVER_RETRIED as refused:  # refused, or the ledger could not decide (fail closed)
+    except REFUSALS as refused:  # refused, or the ledger could not decide (fail closed)
         if decision is not None:
             engine.after_step(spec.name, spec.kind, refused)  # type: ignore[union-attr]  # gives back a probe
         if not isinstance(refused, LedgerUnavailableError):

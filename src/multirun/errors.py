@@ -80,6 +80,11 @@ class DeterminismError(ReplayError):
     """A replayed run asked for steps in another order or under other names than it recorded."""
 
 
+REFUSALS = (BudgetExceededError, PolicyViolation, LedgerUnavailableError)
+"""multirun's own decisions to stop a step: never retried (a ledger that cannot be reached
+neither: another attempt would spend without a decision), and never swallowed by an
+instrumentation (they reach the caller, or a framework's future, as they are)."""
+
 # what the amount of each limit counts (cost is written in dollars)
 _COUNTED = {
     "max_tokens": "tokens used",

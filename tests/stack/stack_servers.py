@@ -10,14 +10,11 @@ A missing binary fails the test with how to get it, never skips it.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +26,8 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 from stack_queries import Prometheus
+
+from child_processes import die_with_parent, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK_SH = ROOT / "scripts" / "stack.sh"
@@ -43,12 +42,6 @@ BUILD_HINT = (
     "(default ~/.cache/multirun-otel/bin) "
     "- 10 to 15 minutes the first time on 2 cores, cached afterwards"
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def built_binary(name: str, env_var: str) -> str:
@@ -77,12 +70,6 @@ def package_binary(name: str, package: str) -> str:
             pytrace=False,
         )
     return path
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Have Linux send SIGTERM to the server if the test process dies without stopping it."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Server:
@@ -143,7 +130,7 @@ class Server:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     env={**os.environ, **_expand(env or {}, ports)},
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             server = cls(name, process, ports, folder)
             deadline = time.monotonic() + timeout
@@ -163,13 +150,7 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 seconds; the folder stays for the log."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process)
 
     def check_running(self) -> None:
         """Fail with the server's log if it has exited."""

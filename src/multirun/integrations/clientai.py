@@ -54,7 +54,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from multirun._keys import RUN_KEY, run_in, step_in
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _StepCall
-from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation
+from multirun.errors import REFUSALS
 from multirun.integrations._options import (
     configure_tracer_provider,
     framework_installed,
@@ -75,8 +75,6 @@ _logger = logging.getLogger(__name__)
 
 _INSTRUMENTS = ("clientai >= 0.5",)
 
-# multirun's own decisions: they pass through the instrumentation, never swallowed by it
-_REFUSALS = (BudgetExceededError, PolicyViolation, LedgerUnavailableError)
 
 # (module, attribute path, wrapper factory name); patched by module path string
 _PATCHES: tuple[tuple[str, str, str], ...] = (
@@ -167,7 +165,7 @@ def _open(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Ste
     """
     try:
         call = _open_step(spec, args, kwargs)
-    except _REFUSALS:
+    except REFUSALS:
         raise
     except Exception:
         _broken(f"starting step {spec.name!r}")
@@ -353,7 +351,7 @@ class _AgentScope:
 def _agent_run(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     try:
         scope = _AgentScope(type(instance).__name__)
-    except _REFUSALS:
+    except REFUSALS:
         raise
     except Exception:
         _broken("starting an agent")
@@ -384,7 +382,7 @@ def _refusal_in(error: BaseException) -> BaseException | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, _REFUSALS):
+        if isinstance(current, REFUSALS):
             return current
         todo += [current.__context__, current.__cause__]
     return None

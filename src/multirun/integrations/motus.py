@@ -66,7 +66,7 @@ from opentelemetry.trace import Span, SpanContext
 from multirun._keys import agent_in, run_in, step_in
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _record_step_not_run, _StepCall
-from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation
+from multirun.errors import REFUSALS, BudgetExceededError
 from multirun.integrations._options import (
     configure_tracer_provider,
     framework_installed,
@@ -89,8 +89,6 @@ _logger = logging.getLogger(__name__)
 
 _INSTRUMENTS = ("lithosai-motus >= 0.4",)
 
-# multirun's own decisions: delivered through the task's future, never swallowed
-_REFUSALS = (BudgetExceededError, PolicyViolation, LedgerUnavailableError)
 
 # StepStatus keeps the reference's values, which have no "cancelled": a cancelled task closes as
 # failed (so step metrics count it there) with this value in its span's status attribute
@@ -323,7 +321,7 @@ def _execute_task(wrapped: Callable[..., Any], scheduler: Any, args: Any, kwargs
             return wrapped(*args, **kwargs)
         reg.recorded = True
         trace = _TaskTrace.open(scheduler, task, reg)
-    except _REFUSALS as refused:
+    except REFUSALS as refused:
         # not run: its future (and those of the tasks waiting for it) raise the refusal
         scheduler._resolve_task(task, error=refused)
         return None
@@ -563,7 +561,7 @@ class _TaskTrace:
                     self._check_retry_budget()
                 self.started += 1
                 return self.started
-        except _REFUSALS:
+        except REFUSALS:
             raise
         except Exception:
             _broken("starting an attempt")
@@ -655,7 +653,7 @@ class _TaskTrace:
                 if usage is not None:
                     try:
                         step.report_usage(usage)  # charged (and counted) even when refused
-                    except _REFUSALS as refused:
+                    except REFUSALS as refused:
                         self._fail(refused)
                         return refused
             step._succeed(result, self.extra)
