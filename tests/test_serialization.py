@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import sys
+import threading
 import tracemalloc
 import zlib
 from collections import deque
@@ -507,6 +508,10 @@ def sha(data: bytes) -> str:
 
 
 def documented_mac(key: bytes, version: int, serializer: str, compression: str, stored: bytes) -> str:
+    """The HMAC as the envelope's docstring defines it, for format ``version``."""
+    if version >= 3:
+        label = f"MRCK/v{version}/{serializer}/{compression}/{len(stored)}/{sha(stored)}\n".encode()
+        return hmac.new(key, label, hashlib.sha256).hexdigest()
     label = f"MRCK/v{version}/{serializer}/{compression}\n".encode()
     return hmac.new(key, label + stored, hashlib.sha256).hexdigest()
 
@@ -520,17 +525,17 @@ def test_seal_writes_the_documented_header() -> None:
         + (
             b'{"compression":"none","digest":"'
             + digest.encode()
-            + b'","serializer":"json","size":7,"version":2}\n'
+            + b'","serializer":"json","size":7,"version":3}\n'
         )
         + payload
     )
-    assert digest == sha(payload) and FORMAT_VERSION == 2
+    assert digest == sha(payload) and FORMAT_VERSION == 3
     signed, _ = seal(payload, "pickle", KEY, compression="zlib")
     header = header_of(signed)
     assert list(header) == ["compression", "digest", "hmac", "serializer", "size", "version"]
     stored = payload_of(signed)
     assert zlib.decompress(stored) == payload and header["digest"] == sha(stored)
-    assert header["hmac"] == documented_mac(KEY, 2, "pickle", "zlib", stored)
+    assert header["hmac"] == documented_mac(KEY, 3, "pickle", "zlib", stored)
 
 
 def test_seal_refuses_an_unsigned_pickle_and_bad_arguments() -> None:
@@ -583,17 +588,65 @@ def test_an_empty_blob_is_refused() -> None:
 @pytest.mark.parametrize("kind", list(small_blobs()))
 def test_every_bit_flip_is_refused(kind: str) -> None:
     blob, reader = small_blobs()[kind]
+    expected = load_blob(blob, max_bytes=LIMIT, **reader)[1]
     returned = []
     for position in range(len(blob)):
         for bit in range(8):
             damaged = bytearray(blob)
             damaged[position] ^= 1 << bit
             try:
-                load_blob(bytes(damaged), max_bytes=LIMIT, **reader)
+                value = load_blob(bytes(damaged), max_bytes=LIMIT, **reader)[1]
             except CheckpointError:
                 continue
-            returned.append((position, bit))
-    assert returned == []
+            returned.append((bytes(damaged[position : position + 1]), same(value, expected)))
+    # One flip is read, and harmlessly: an unsigned "version":3 that becomes 2, the same
+    # header and payload in the previous format, decoded the same way.
+    version_3_as_2 = [(b"2", True)] if kind in ("json", "json-zlib") else []
+    assert returned == version_3_as_2
+
+
+def large_json_blob() -> tuple[bytes, dict[str, Any]]:
+    """An unsigned JSON blob big enough to be decoded while its digest is computed."""
+    value = {"records": [{"id": i, "text": f"record {i} " + "x" * 100} for i in range(12_000)]}
+    blob, _ = dump_blob(value, json_serializer())
+    assert len(payload_of(blob)) >= envelope.PARALLEL_DIGEST_BYTES
+    return blob, value
+
+
+def damaged_large_json(how: str) -> bytes:
+    blob, _ = large_json_blob()
+    middle = len(blob) // 2
+    if how == "still valid JSON":
+        at = blob.index(b"x", middle)
+        return blob[:at] + b"y" + blob[at + 1 :]
+    at = blob.index(b'"', middle)
+    return blob[:at] + b"\x00" + blob[at + 1 :]
+
+
+def test_a_large_json_blob_round_trips_through_the_parallel_digest() -> None:
+    blob, value = large_json_blob()
+    assert load_blob(blob, max_bytes=4 * LIMIT)[1] == value
+    assert load_blob(io.BytesIO(blob), max_bytes=4 * LIMIT)[1] == value
+    signed, _ = dump_blob(value, get_serializer("json", hmac_key=KEY))
+    assert load_blob(signed, max_bytes=4 * LIMIT, hmac_key=KEY)[1] == value
+
+
+@pytest.mark.parametrize("how", ["still valid JSON", "invalid JSON"])
+def test_a_damaged_large_json_blob_is_refused_as_damaged(how: str) -> None:
+    # Decoding runs beside the digest: whether it succeeds or fails first, the answer is the digest's.
+    with pytest.raises(CheckpointError, match="digest does not match"):
+        load_blob(damaged_large_json(how), max_bytes=4 * LIMIT)
+
+
+def test_a_large_json_blob_loads_when_no_thread_can_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    blob, value = large_json_blob()
+    assert load_blob(blob, max_bytes=4 * LIMIT)[1] == value
+    with pytest.raises(CheckpointError, match="digest does not match"):
+        load_blob(damaged_large_json("still valid JSON"), max_bytes=4 * LIMIT)
 
 
 def test_padding_is_refused() -> None:
@@ -652,8 +705,8 @@ def test_a_tampered_header_is_refused(changes: dict[str, Any], message: str) -> 
 
 
 def test_a_future_version_asks_for_an_upgrade_whatever_else_it_changed() -> None:
-    future = raw_blob({"version": 3, "new_field": [1], "serializer": "zstd-json"}, b"anything")
-    with pytest.raises(CheckpointError, match=r"format version 3 is newer .*upgrade multirun-otel"):
+    future = raw_blob({"version": 4, "new_field": [1], "serializer": "zstd-json"}, b"anything")
+    with pytest.raises(CheckpointError, match=r"format version 4 is newer .*upgrade multirun-otel"):
         load_blob(future, max_bytes=LIMIT)
 
 
@@ -710,12 +763,13 @@ def test_a_payload_swapped_with_a_recomputed_digest_needs_a_valid_hmac() -> None
     for forged in (
         resealed(blob, other),  # stale HMAC of the old payload
         resealed(blob, other, hmac=None),  # no HMAC
-        resealed(blob, other, hmac=documented_mac(OTHER_KEY, 2, "pickle", "none", other)),  # wrong key
-        resealed(blob, other, hmac=documented_mac(KEY, 2, "cloudpickle", "none", other)),  # wrong label
+        resealed(blob, other, hmac=documented_mac(OTHER_KEY, 3, "pickle", "none", other)),  # wrong key
+        resealed(blob, other, hmac=documented_mac(KEY, 3, "cloudpickle", "none", other)),  # wrong label
+        resealed(blob, other, hmac=documented_mac(KEY, 2, "pickle", "none", other)),  # other version
     ):
         with pytest.raises(CheckpointError, match=r"HMAC|carries no HMAC"):
             load_blob(forged, max_bytes=LIMIT, **PICKLE_READER)
-    genuine = resealed(blob, other, hmac=documented_mac(KEY, 2, "pickle", "none", other))
+    genuine = resealed(blob, other, hmac=documented_mac(KEY, 3, "pickle", "none", other))
     assert load_blob(genuine, max_bytes=LIMIT, **PICKLE_READER)[1] == {"a": "forged"}
 
 
@@ -751,13 +805,14 @@ class Boom:
         return (os.mkdir, (str(self.path),))
 
 
-def test_a_malicious_pickle_is_never_executed_unless_its_hmac_verifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_malicious_pickle_is_never_executed_unless_its_hmac_verifies(tmp_path: Path, version: int) -> None:
     marker = tmp_path / "pwned"
     evil = pickle.dumps(Boom(marker), protocol=5)
 
     def forge(serializer: str, mac: str | None) -> bytes:
         header: dict[str, Any] = {
-            "version": 2,
+            "version": version,
             "serializer": serializer,
             "size": len(evil),
             "digest": sha(evil),
@@ -774,10 +829,14 @@ def test_a_malicious_pickle_is_never_executed_unless_its_hmac_verifies(tmp_path:
         (forge("pickle", None), PICKLE_READER),  # unsigned
         (forge("cloudpickle", None), PICKLE_READER),
         (forge("pickle", "0" * 64), PICKLE_READER),
-        (forge("pickle", documented_mac(OTHER_KEY, 2, "pickle", "none", evil)), PICKLE_READER),
+        (forge("pickle", documented_mac(OTHER_KEY, version, "pickle", "none", evil)), PICKLE_READER),
         (forge("pickle", documented_mac(KEY, 1, "pickle", "none", evil)), PICKLE_READER),
+        (
+            forge("pickle", documented_mac(KEY, 5 - version, "pickle", "none", evil)),
+            PICKLE_READER,
+        ),  # v2 MAC on v3
         (forge("json", None), PICKLE_READER),  # relabelled: JSON does not unpickle
-        (forge("json", documented_mac(KEY, 2, "pickle", "none", evil)), PICKLE_READER),
+        (forge("json", documented_mac(KEY, version, "pickle", "none", evil)), PICKLE_READER),
     ]
     for blob, reader in attempts:
         with pytest.raises(CheckpointError):
@@ -785,7 +844,9 @@ def test_a_malicious_pickle_is_never_executed_unless_its_hmac_verifies(tmp_path:
         assert not marker.exists()
     # The control: signed with the reader's key, it is trusted, and so it runs.
     load_blob(
-        forge("pickle", documented_mac(KEY, 2, "pickle", "none", evil)), max_bytes=LIMIT, **PICKLE_READER
+        forge("pickle", documented_mac(KEY, version, "pickle", "none", evil)),
+        max_bytes=LIMIT,
+        **PICKLE_READER,
     )
     assert marker.is_dir()
 
@@ -982,32 +1043,43 @@ GOLDEN_V2_JSON: dict[str, Any] = {
 
 
 @pytest.mark.parametrize(
-    ("name", "compression", "digest"),
+    ("name", "version", "compression", "digest"),
     [
         (
             "checkpoint-v2-json.ckpt",
+            2,
             "none",
             "sha256:54f377b1f61774f184747b1bac0fa2e3b79c33e1cb4ecee95a1326e15001bd66",
         ),
         (
             "checkpoint-v2-json-zlib.ckpt",
+            2,
             "zlib",
             "sha256:b88bda1b688d93af11b86287b827061c73a546078d52f134fe3ce7a17e4baf77",
         ),
+        (
+            "checkpoint-v3-json.ckpt",
+            3,
+            "none",
+            "sha256:54f377b1f61774f184747b1bac0fa2e3b79c33e1cb4ecee95a1326e15001bd66",
+        ),
     ],
 )
-def test_golden_v2_json_checkpoints_read_exactly(name: str, compression: str, digest: str) -> None:
+def test_golden_json_checkpoints_read_exactly(name: str, version: int, compression: str, digest: str) -> None:
     header, value = load_blob(golden(name), max_bytes=LIMIT)
-    assert header["version"] == 2 and header["serializer"] == "json"
+    assert header["version"] == version and header["serializer"] == "json"
     assert header["compression"] == compression and header["digest"] == digest and "hmac" not in header
     assert same(value, GOLDEN_V2_JSON)
 
 
-def test_golden_v2_pickle_checkpoint_reads_exactly_with_the_test_key() -> None:
-    blob = golden("checkpoint-v2-pickle.ckpt")
+@pytest.mark.parametrize(
+    ("name", "version"), [("checkpoint-v2-pickle.ckpt", 2), ("checkpoint-v3-pickle.ckpt", 3)]
+)
+def test_golden_pickle_checkpoints_read_exactly_with_the_test_key(name: str, version: int) -> None:
+    blob = golden(name)
     header, value = load_blob(blob, max_bytes=LIMIT, hmac_key=GOLDEN_KEY, allowed_serializers=["pickle"])
-    assert header["serializer"] == "pickle"
-    assert header["hmac"] == documented_mac(GOLDEN_KEY, 2, "pickle", "none", payload_of(blob))
+    assert header["serializer"] == "pickle" and header["version"] == version
+    assert header["hmac"] == documented_mac(GOLDEN_KEY, version, "pickle", "none", payload_of(blob))
     assert same(
         value,
         {
@@ -1033,6 +1105,8 @@ def test_golden_files_are_all_tested() -> None:
         "checkpoint-v2-json-zlib.ckpt",
         "checkpoint-v2-json.ckpt",
         "checkpoint-v2-pickle.ckpt",
+        "checkpoint-v3-json.ckpt",
+        "checkpoint-v3-pickle.ckpt",
     ]
 
 

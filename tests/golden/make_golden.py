@@ -16,7 +16,12 @@ file beside the old ones.
 - ``checkpoint-v2-json-zlib.ckpt``: the same, zlib-compressed.
 - ``checkpoint-v2-pickle.ckpt``: format version 2, pickle serializer,
   signed with ``TEST_HMAC_KEY`` below. That key is public and only for
-  these tests: never use it for real checkpoints.
+  these tests: never use it for real checkpoints. Version 2 is no longer
+  written: ``_v2_seal`` is a frozen copy of its ``seal`` (the payloads are
+  the serializers' own, unchanged since).
+- ``checkpoint-v3-json.ckpt``, ``checkpoint-v3-pickle.ckpt``: format
+  version 3 (the HMAC signs the header's size and digest), the same
+  documents; the pickle file signed with ``TEST_HMAC_KEY``.
 
 Every value is fixed (no clock, no pid, sets sorted), so a run rewrites the
 same bytes.
@@ -25,9 +30,11 @@ same bytes.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -119,6 +126,24 @@ def _v1_blob() -> bytes:
     return b"MRCK1\n" + head + b"\n" + payload
 
 
+def _v2_seal(payload: bytes, serializer: str, key: bytes | None = None, compression: str = "none") -> bytes:
+    """Frozen copy of the version 2 ``seal``: the HMAC covers a label and the whole payload."""
+    stored = zlib.compress(payload, 6) if compression == "zlib" else payload
+    header: dict[str, Any] = {
+        "version": 2,
+        "serializer": serializer,
+        "size": len(stored),
+        "digest": "sha256:" + hashlib.sha256(stored).hexdigest(),
+        "compression": compression,
+    }
+    if key:
+        mac = hmac.new(key, f"MRCK/v2/{serializer}/{compression}\n".encode("ascii"), hashlib.sha256)
+        mac.update(stored)
+        header["hmac"] = mac.hexdigest()
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("ascii")
+    return b"MRCK1\n" + head + b"\n" + stored
+
+
 def v2_json_document() -> dict[str, Any]:
     """What the version 2 JSON golden files hold, as Python values before serialization."""
     return {
@@ -167,9 +192,15 @@ def golden_files() -> dict[str, bytes]:
     pickle_serializer = get_serializer("pickle", hmac_key=TEST_HMAC_KEY)
     return {
         "checkpoint-v1-json.ckpt": _v1_blob(),
-        "checkpoint-v2-json.ckpt": dump_blob(v2_json_document(), json_serializer)[0],
-        "checkpoint-v2-json-zlib.ckpt": dump_blob(v2_json_document(), json_serializer, compression="zlib")[0],
-        "checkpoint-v2-pickle.ckpt": dump_blob(v2_pickle_document(), pickle_serializer)[0],
+        "checkpoint-v2-json.ckpt": _v2_seal(json_serializer.dumps(v2_json_document()), "json"),
+        "checkpoint-v2-json-zlib.ckpt": _v2_seal(
+            json_serializer.dumps(v2_json_document()), "json", compression="zlib"
+        ),
+        "checkpoint-v2-pickle.ckpt": _v2_seal(
+            pickle_serializer.dumps(v2_pickle_document()), "pickle", TEST_HMAC_KEY
+        ),
+        "checkpoint-v3-json.ckpt": dump_blob(v2_json_document(), json_serializer)[0],
+        "checkpoint-v3-pickle.ckpt": dump_blob(v2_pickle_document(), pickle_serializer)[0],
     }
 
 

@@ -7,32 +7,41 @@
 for example (the header wrapped here, one line in a blob)::
 
     {"compression":"none","digest":"sha256:<64 hex>","hmac":"<64 hex>",
-     "serializer":"pickle","size":1234,"version":2}
+     "serializer":"pickle","size":1234,"version":3}
 
 The header is one line of ASCII JSON (compact, keys sorted, at most 4096
 bytes). Its fields:
 
-- ``version``: the format version, 2. Version 1 blobs (multirun-otel 0.1.0)
-  are still read: they have no ``compression`` and no ``hmac``.
+- ``version``: the format version, 3. Versions 1 (multirun-otel 0.1.0) and 2
+  are still read: version 1 has no ``compression`` and no ``hmac``; version
+  2 signs the payload itself (see below).
 - ``serializer``: the name of the serializer that made the payload
   (``json``, ``pickle``, ``cloudpickle``; see ``serializers``).
 - ``size``: the payload's length in bytes, as stored (after compression).
 - ``digest``: ``sha256:`` and the hex SHA-256 of the stored payload.
 - ``compression``: ``none`` or ``zlib``.
 - ``hmac`` (optional): hex HMAC-SHA256, with the checkpoint key, of
-  ``MRCK/v<version>/<serializer>/<compression>\\n`` followed by the stored
-  payload. The prefix binds the MAC to how the payload will be decoded, so a
-  signed payload cannot be relabelled as another serializer.
+  ``MRCK/v3/<serializer>/<compression>/<size>/<digest>\\n``. The MAC binds
+  how the payload will be decoded (so a signed payload cannot be relabelled
+  as another serializer) and the payload's digest, which binds the payload:
+  one SHA-256 pass over the payload serves both the digest and the MAC.
+  Version 2 signed ``MRCK/v2/<serializer>/<compression>\\n`` followed by the
+  stored payload, a second pass.
 
 ``open_blob`` checks everything before it returns a single payload byte, so
 nothing is ever deserialized unless it passed: the blob's size against
 ``max_bytes`` (before reading the payload), the magic bytes, the header, that
 the reader allows the serializer, that a serializer that can run code
 (anything but ``json``) has an HMAC and the reader a key, the payload's
-size, its digest, the HMAC (constant-time), and, last, a decompression
+size, the HMAC (constant-time), the digest, and, last, a decompression
 bounded by ``max_bytes``. Any failure raises CheckpointError saying what to
 do. A JSON blob's HMAC is checked whenever the reader has a key; a reader
 without one checks its digest only, since JSON cannot run code.
+
+``decode_blob`` does the same and decodes the payload, with one difference
+for a large uncompressed JSON payload: it is decoded while its digest is
+computed on another thread (SHA-256 releases the GIL, JSON decoding runs no
+code), and the value is returned only if the digest matched.
 """
 
 from __future__ import annotations
@@ -41,14 +50,15 @@ import hashlib
 import hmac
 import json
 import re
+import threading
 import zlib
-from collections.abc import Collection
-from typing import Any, BinaryIO, Literal
+from collections.abc import Callable, Collection
+from typing import Any, BinaryIO, Literal, TypeVar
 
 from multirun.errors import CheckpointError, ConfigurationError
 
 MAGIC = b"MRCK1\n"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAX_HEADER_BYTES = 4096
 HMAC_KEY_ENV = "MULTIRUN_CHECKPOINT_HMAC_KEY"
 #: Where the HMAC key is set, for messages: the environment, ``init``, or the low-level API.
@@ -68,13 +78,20 @@ COMPRESSIONS: tuple[Compression, ...] = ("none", "zlib")
 _REQUIRED = {
     1: frozenset({"version", "serializer", "size", "digest"}),
     2: frozenset({"version", "serializer", "size", "digest", "compression"}),
+    3: frozenset({"version", "serializer", "size", "digest", "compression"}),
 }
-_OPTIONAL = {1: frozenset[str](), 2: frozenset({"hmac"})}
+_OPTIONAL = {1: frozenset[str](), 2: frozenset({"hmac"}), 3: frozenset({"hmac"})}
+#: From this payload size on, ``decode_blob`` decodes JSON while another thread computes the digest
+#: (below it, starting a thread costs more than it saves).
+PARALLEL_DIGEST_BYTES = 1 << 20
 _NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _HEX_MAC = re.compile(r"[0-9a-f]{64}\Z")
 
 Blob = bytes | bytearray | memoryview
+#: A payload as read: bytes, or a view into an immutable ``bytes`` blob (no copy of a large payload).
+Payload = bytes | memoryview
+T = TypeVar("T")
 
 
 def needs_hmac(serializer: str) -> bool:
@@ -116,7 +133,7 @@ def seal(
         "compression": compression,
     }
     if hmac_key:
-        header["hmac"] = _mac(hmac_key, header, stored)
+        header["hmac"] = _header_mac(hmac_key, header)
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("ascii")
     return MAGIC + head + b"\n" + stored, digest
 
@@ -136,6 +153,42 @@ def open_blob(
     ``compression`` filled in for version 1. Anything off raises
     CheckpointError, and then no payload byte was returned.
     """
+    header, stored = _read_checked(blob, max_bytes, hmac_key, allowed_serializers)
+    _check_payload(header, stored, hmac_key)
+    return header, bytes(_unpacked(header, stored, max_bytes))
+
+
+def decode_blob(
+    blob: Blob | BinaryIO,
+    decode: Callable[[dict[str, Any], Payload], T],
+    *,
+    max_bytes: int,
+    hmac_key: bytes | None = None,
+    allowed_serializers: Collection[str] = DEFAULT_ALLOWED_SERIALIZERS,
+) -> tuple[dict[str, Any], T]:
+    """``open_blob``, then ``decode(header, payload)``: the header and the decoded value.
+
+    A large uncompressed payload of a serializer that cannot run code (JSON)
+    is decoded while another thread computes its digest; the value comes
+    back only if the digest matched, and a damaged blob raises the digest's
+    CheckpointError even when decoding failed first.
+    """
+    header, stored = _read_checked(blob, max_bytes, hmac_key, allowed_serializers)
+    if (
+        header["serializer"] in SAFE_SERIALIZERS
+        and header["compression"] == "none"
+        and len(stored) >= PARALLEL_DIGEST_BYTES
+        and not ("hmac" in header and hmac_key is not None and header["version"] < 3)
+    ):
+        return header, _decode_while_digesting(header, stored, decode)
+    _check_payload(header, stored, hmac_key)
+    return header, decode(header, _unpacked(header, stored, max_bytes))
+
+
+def _read_checked(
+    blob: Blob | BinaryIO, max_bytes: int, hmac_key: bytes | None, allowed: Collection[str]
+) -> tuple[dict[str, Any], Payload]:
+    """The header and the stored payload, with everything but the payload's own passes checked."""
     if isinstance(blob, (bytes, bytearray, memoryview)):
         view = memoryview(blob).cast("B")
         if view.nbytes > max_bytes:
@@ -144,13 +197,14 @@ def open_blob(
                 "raise the limit if the checkpoint is trusted"
             )
         header, start = _read_header(bytes(view[: len(MAGIC) + MAX_HEADER_BYTES + 1]))
-        _check_policy(header, hmac_key, allowed_serializers)
+        _check_policy(header, hmac_key, allowed)
         _check_fits(header, start, max_bytes)
-        stored = bytes(view[start:])
+        # a view into bytes, which nobody can change meanwhile; anything else is copied
+        stored: Payload = view[start:] if isinstance(blob, bytes) else bytes(view[start:])
     else:
         head = _read_up_to(blob, len(MAGIC) + MAX_HEADER_BYTES + 1)
         header, start = _read_header(head)
-        _check_policy(header, hmac_key, allowed_serializers)
+        _check_policy(header, hmac_key, allowed)
         _check_fits(header, start, max_bytes)
         # one byte more than declared, to notice padding
         stored = head[start:] + _read_up_to(blob, max(0, header["size"] - (len(head) - start)) + 1)
@@ -158,20 +212,57 @@ def open_blob(
         raise CheckpointError(
             f"checkpoint is truncated or padded: payload is {len(stored)} bytes, header says {header['size']}"
         )
-    if not hmac.compare_digest(_digest(stored), header["digest"]):
+    if "hmac" in header and hmac_key is not None and header["version"] >= 3:
+        _check_mac(_header_mac(hmac_key, header), header)
+    return header, stored
+
+
+def _check_payload(header: dict[str, Any], stored: Payload, hmac_key: bytes | None) -> None:
+    """The digest, and a version 2 HMAC (which covers the payload itself)."""
+    _check_digest(_digest(stored), header)
+    if "hmac" in header and hmac_key is not None and header["version"] < 3:
+        _check_mac(_payload_mac(hmac_key, header, stored), header)
+
+
+def _check_digest(digest: str, header: dict[str, Any]) -> None:
+    if not hmac.compare_digest(digest, header["digest"]):
         raise CheckpointError("checkpoint digest does not match: the blob was altered or damaged")
-    if (
-        "hmac" in header
-        and hmac_key is not None
-        and not hmac.compare_digest(_mac(hmac_key, header, stored), header["hmac"])
-    ):
+
+
+def _check_mac(mac: str, header: dict[str, Any]) -> None:
+    if not hmac.compare_digest(mac, header["hmac"]):
         raise CheckpointError(
             "checkpoint HMAC does not match: the blob was altered, or it was signed with another key "
             f"than the one configured ({HMAC_KEY_SETTINGS})"
         )
-    if header["compression"] == "zlib":
-        stored = _inflate(stored, max_bytes)
-    return header, stored
+
+
+def _decode_while_digesting(
+    header: dict[str, Any], stored: Payload, decode: Callable[[dict[str, Any], Payload], T]
+) -> T:
+    digests: list[str] = []
+    worker = threading.Thread(
+        target=lambda: digests.append(_digest(stored)), name="multirun-checkpoint-digest", daemon=True
+    )
+    try:
+        worker.start()
+    except RuntimeError:  # no new threads, e.g. at interpreter shutdown: one after the other
+        _check_digest(_digest(stored), header)
+        return decode(header, stored)
+    try:
+        value = decode(header, stored)
+    except Exception:
+        worker.join()
+        if digests:
+            _check_digest(digests[0], header)  # a damaged blob is reported as damaged
+        raise
+    worker.join()
+    _check_digest(digests[0] if digests else _digest(stored), header)
+    return value
+
+
+def _unpacked(header: dict[str, Any], stored: Payload, max_bytes: int) -> Payload:
+    return _inflate(stored, max_bytes) if header["compression"] == "zlib" else stored
 
 
 def _read_up_to(stream: BinaryIO, size: int) -> bytes:
@@ -280,19 +371,28 @@ def _check_fits(header: dict[str, Any], start: int, max_bytes: int) -> None:
         )
 
 
-def _digest(data: bytes) -> str:
+def _digest(data: Payload) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _mac(key: bytes, header: dict[str, Any], stored: bytes) -> str:
-    """HMAC-SHA256 over what decides decoding (version, serializer, compression) and the payload."""
+def _header_mac(key: bytes, header: dict[str, Any]) -> str:
+    """Version 3: HMAC-SHA256 over what decides decoding and the payload's size and digest."""
+    label = (
+        f"MRCK/v{header['version']}/{header['serializer']}/{header['compression']}"
+        f"/{header['size']}/{header['digest']}\n"
+    )
+    return hmac.new(key, label.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def _payload_mac(key: bytes, header: dict[str, Any], stored: Payload) -> str:
+    """Version 2: HMAC-SHA256 over what decides decoding, then the payload itself."""
     label = f"MRCK/v{header['version']}/{header['serializer']}/{header['compression']}\n"
     mac = hmac.new(key, label.encode("ascii"), hashlib.sha256)
     mac.update(stored)
     return mac.hexdigest()
 
 
-def _inflate(stored: bytes, max_bytes: int) -> bytes:
+def _inflate(stored: Payload, max_bytes: int) -> bytes:
     """Decompress a zlib payload, refusing to produce more than ``max_bytes`` (decompression bombs)."""
     limit = max(1, max_bytes)
     inflater = zlib.decompressobj()

@@ -79,7 +79,8 @@ from multirun.checkpoints.envelope import (
     HMAC_KEY_SETTINGS,
     Blob,
     Compression,
-    open_blob,
+    Payload,
+    decode_blob,
     seal,
 )
 from multirun.errors import CheckpointError, ConfigurationError
@@ -123,8 +124,11 @@ class Serializer(Protocol):
         """The payload for ``obj``; CheckpointError if it cannot be serialized faithfully."""
         ...
 
-    def loads(self, data: bytes) -> Any:
-        """The value of a payload that ``open_blob`` verified; CheckpointError if it cannot be decoded."""
+    def loads(self, data: Payload) -> Any:
+        """The value of a payload; CheckpointError if it cannot be decoded.
+
+        ``decode_blob`` verified the payload first, or, for JSON, verifies it meanwhile.
+        """
         ...
 
 
@@ -157,10 +161,10 @@ class JsonSerializer:
             raise CheckpointError(f"checkpoint state is not JSON-serializable: {exc}") from None
         return text.encode("utf-8", "surrogatepass")
 
-    def loads(self, data: bytes) -> Any:
+    def loads(self, data: Payload) -> Any:
         """The plain data of a JSON payload (bytes tags turned back into bytes)."""
         try:
-            text = bytes(data).decode("utf-8", "surrogatepass")
+            text = str(data, "utf-8", "surrogatepass")
             # the hook runs for every object: skip it when no bytes tag can be in the payload
             hook = self._hook if self._hook is not None and BYTES_TAG in text else None
             return json.loads(text, object_hook=hook)
@@ -192,7 +196,7 @@ class PickleSerializer:
                 f"checkpoint state cannot be serialized with {self.name}: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def loads(self, data: bytes) -> Any:
+    def loads(self, data: Payload) -> Any:
         """Unpickle ``data``. Give it only a payload whose HMAC ``open_blob`` verified."""
         try:
             return pickle.loads(data)
@@ -306,21 +310,24 @@ def load_blob(
     hmac_key: bytes | str | None = None,
     allowed_serializers: Collection[str] = DEFAULT_ALLOWED_SERIALIZERS,
 ) -> tuple[dict[str, Any], Any]:
-    """Verify ``blob`` (see ``open_blob``), then deserialize it: the header and the value.
+    """Verify ``blob`` and deserialize it (see ``decode_blob``): the header and the value.
 
     ``hmac_key`` defaults to ``MULTIRUN_CHECKPOINT_HMAC_KEY``. Only serializers
     in ``allowed_serializers`` are read (``json`` unless told otherwise).
     """
     key = resolve_hmac_key(hmac_key)
-    header, payload = open_blob(
-        blob, max_bytes=max_bytes, hmac_key=key, allowed_serializers=allowed_serializers
+
+    def decode(header: dict[str, Any], payload: Payload) -> Any:
+        reader: Serializer
+        if header["serializer"] == "json":
+            reader = JsonSerializer(hmac_key=key, decode_bytes_tags=header["version"] >= 2)
+        else:
+            reader = get_serializer(header["serializer"], hmac_key=key)
+        return reader.loads(payload)
+
+    return decode_blob(
+        blob, decode, max_bytes=max_bytes, hmac_key=key, allowed_serializers=allowed_serializers
     )
-    reader: Serializer
-    if header["serializer"] == "json":
-        reader = JsonSerializer(hmac_key=key, decode_bytes_tags=header["version"] >= 2)
-    else:
-        reader = get_serializer(header["serializer"], hmac_key=key)
-    return header, reader.loads(payload)
 
 
 # --- JSON conversion ---------------------------------------------------------------------------
@@ -345,7 +352,9 @@ def _already_plain(value: Any) -> bool:
     if type(value) in scalars:
         return True
     stack = [value]
-    seen: set[int] = set()  # a container met twice (shared, or a cycle): let _plain decide
+    # Containers that hold containers, met twice (shared, or a cycle): let _plain decide. A leaf
+    # container cannot be part of a cycle, so it is not recorded (most containers are leaves).
+    seen: set[int] = set()
     while stack:
         item = stack.pop()
         kind = type(item)
@@ -360,9 +369,7 @@ def _already_plain(value: Any) -> bool:
             values = item
         else:
             return False
-        if id(item) in seen:
-            return False
-        seen.add(id(item))
+        pending = len(stack)
         for member in values:
             member_kind = type(member)
             if member_kind in scalars:
@@ -371,6 +378,10 @@ def _already_plain(value: Any) -> bool:
                 stack.append(member)
             else:
                 return False
+        if len(stack) != pending:
+            if id(item) in seen:
+                return False
+            seen.add(id(item))
     return True
 
 
