@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -301,6 +302,24 @@ def test_a_line_separator_inside_a_string_does_not_split_the_line(
     code, out, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
     assert code == 0 and err == ""
     assert "syn\u2028thetic" in out
+
+
+def test_read_spans_reads_like_the_command(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # the library call, not only the CLI: one warning per damaged file, U+2028 kept inside a string
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("run", attributes=run_attrs("d" * 32)):
+            pass
+
+    write_spans(tmp_path, build)
+    [path] = (tmp_path / "traces").glob("*.jsonl")
+    path.write_text(path.read_text().replace('"synthetic"', '"syn\u2028thetic"') + "{not json\n[1]\n")
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        spans = list(read_spans(tmp_path / "traces"))
+    assert [s.name for s in spans] == ["run"]
+    assert "syn\u2028thetic" in spans[0].attributes.values()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 2 damaged lines in {path} (first at line 2: not JSON)"
+    ]
 
 
 def test_a_binary_file_is_one_warning(

@@ -8,11 +8,10 @@ instrumentations inside them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,7 @@ from multirun.checkpoints.resume import match_id
 from multirun.client import DEFAULT_DIR
 from multirun.errors import CheckpointError
 from multirun.telemetry import attributes as attr
-from multirun.telemetry.local_files import SpanRecord
-from multirun.telemetry.local_files import _records as records_of_request
+from multirun.telemetry.local_files import SpanRecord, read_spans
 
 _logger = logging.getLogger(__name__)
 
@@ -117,67 +115,7 @@ def load_spans(directory: str | os.PathLike[str]) -> list[SpanRecord]:
     """
     root = Path(directory)
     check_directory(root)
-    return dedupe(read_span_files(traces_dir(root)))
-
-
-def read_span_files(folder: Path) -> Iterator[SpanRecord]:
-    """The spans of every ``.jsonl`` file in ``folder`` (none if there is no such folder)."""
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.glob("*.jsonl")):
-        yield from _read_span_file(path)
-
-
-class DamagedLine(ValueError):
-    """A line of a span file that is not an OTLP JSON request; the message says why."""
-
-
-def _read_span_file(path: Path) -> list[SpanRecord]:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        _logger.warning("skipping unreadable file %s: %s", path, exc.strerror or exc)
-        return []
-    found: list[SpanRecord] = []
-    damaged: list[tuple[int, str]] = []
-    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is not a line end
-        if line.strip():
-            try:
-                found.extend(parse_span_line(line))
-            except DamagedLine as exc:
-                damaged.append((number, str(exc)))
-    if damaged:
-        _warn_damaged(path, damaged)
-    return found
-
-
-def parse_span_line(line: str) -> list[SpanRecord]:
-    """The spans of one line of a span file; DamagedLine, saying why in words, if it has none to give."""
-    try:
-        request = json.loads(line)
-    except RecursionError:
-        raise DamagedLine("JSON nested too deeply") from None
-    except ValueError:
-        raise DamagedLine("not JSON") from None
-    if not isinstance(request, dict):
-        raise DamagedLine("not a JSON object")
-    try:
-        return list(records_of_request(request))
-    except KeyError as exc:
-        raise DamagedLine(f"missing field {exc.args[0]}") from None
-    except (AttributeError, TypeError, ValueError):
-        raise DamagedLine("not the OTLP JSON layout of spans") from None
-
-
-def _warn_damaged(path: Path, damaged: Sequence[tuple[int, str]]) -> None:
-    """One warning for all the damaged lines of a file, with the first one's reason."""
-    number, reason = damaged[0]
-    if len(damaged) == 1:
-        _logger.warning("skipped 1 damaged line in %s (line %d: %s)", path, number, reason)
-    else:
-        _logger.warning(
-            "skipped %d damaged lines in %s (first at line %d: %s)", len(damaged), path, number, reason
-        )
+    return dedupe(read_spans(traces_dir(root)))
 
 
 def dedupe(spans: Iterable[SpanRecord]) -> list[SpanRecord]:

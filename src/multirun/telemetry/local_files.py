@@ -122,28 +122,68 @@ class SpanRecord:
 
 
 def read_spans(directory: str | os.PathLike[str]) -> Iterator[SpanRecord]:
-    """Every span in the ``.jsonl`` files of ``directory``; damaged lines are skipped with a warning."""
+    """Every span in the ``.jsonl`` files of ``directory`` (none if there is no such folder).
+
+    An unreadable file is skipped with a warning; a file with damaged lines gets one warning
+    that sums them up, and its other lines are read.
+    """
     folder = Path(directory)
     if not folder.is_dir():
         return
     for path in sorted(folder.glob("*.jsonl")):
-        try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError as exc:
-            _logger.warning("skipping unreadable file %s: %s", path, exc)
-            continue
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        yield from _read_span_file(path)
+
+
+class DamagedLine(ValueError):
+    """A line of a span file that is not an OTLP JSON request; the message says why."""
+
+
+def _read_span_file(path: Path) -> list[SpanRecord]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        _logger.warning("skipping unreadable file %s: %s", path, exc.strerror or exc)
+        return []
+    found: list[SpanRecord] = []
+    damaged: list[tuple[int, str]] = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is not a line end
+        if line.strip():
             try:
-                request = json.loads(line)
-                if not isinstance(request, dict):
-                    raise TypeError(f"a line must be a JSON object, not {type(request).__name__}")
-                records = list(_records(request))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                _logger.warning("skipping damaged line %d of %s: %s", number, path, exc)
-                continue
-            yield from records
+                found.extend(parse_span_line(line))
+            except DamagedLine as exc:
+                damaged.append((number, str(exc)))
+    if damaged:
+        _warn_damaged(path, damaged)
+    return found
+
+
+def parse_span_line(line: str) -> list[SpanRecord]:
+    """The spans of one line of a span file; DamagedLine, saying why in words, if it has none to give."""
+    try:
+        request = json.loads(line)
+    except RecursionError:
+        raise DamagedLine("JSON nested too deeply") from None
+    except ValueError:
+        raise DamagedLine("not JSON") from None
+    if not isinstance(request, dict):
+        raise DamagedLine("not a JSON object")
+    try:
+        return list(_records(request))
+    except KeyError as exc:
+        raise DamagedLine(f"missing field {exc.args[0]}") from None
+    except (AttributeError, TypeError, ValueError):
+        raise DamagedLine("not the OTLP JSON layout of spans") from None
+
+
+def _warn_damaged(path: Path, damaged: Sequence[tuple[int, str]]) -> None:
+    """One warning for all the damaged lines of a file, with the first one's reason."""
+    number, reason = damaged[0]
+    if len(damaged) == 1:
+        _logger.warning("skipped 1 damaged line in %s (line %d: %s)", path, number, reason)
+    else:
+        _logger.warning(
+            "skipped %d damaged lines in %s (first at line %d: %s)", len(damaged), path, number, reason
+        )
 
 
 def _records(request: dict[str, Any]) -> Iterator[SpanRecord]:
