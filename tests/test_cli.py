@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -25,7 +26,13 @@ from opentelemetry.trace import Status, StatusCode
 from multirun import client as client_module
 from multirun.cli import main, render, runs
 from multirun.telemetry import attributes as attr
-from multirun.telemetry.local_files import LocalFileSpanExporter, SpanRecord, read_spans
+from multirun.telemetry.local_files import (
+    DamagedLine,
+    LocalFileSpanExporter,
+    SpanRecord,
+    parse_span_line,
+    read_spans,
+)
 
 MULTIRUN = shutil.which("multirun", path=str(Path(sys.executable).parent))
 
@@ -320,6 +327,22 @@ def test_read_spans_reads_like_the_command(tmp_path: Path, caplog: pytest.LogCap
     assert [r.getMessage() for r in caplog.records] == [
         f"skipped 2 damaged lines in {path} (first at line 2: not JSON)"
     ]
+
+
+def test_attribute_values_nested_deeper_than_python_recurses_are_a_damaged_line() -> None:
+    nested = '{"arrayValue":{"values":[' * 300 + '{"stringValue":"x"}' + "]}}" * 300
+    line = (
+        '{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"a","spanId":"b",'
+        f'"attributes":[{{"key":"k","value":{nested}}}]}}]}}]}}]}}'
+    )
+    json.loads(line)  # within the JSON parser's own limit
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + 150)  # below the nesting, as a deeper caller would be
+    try:
+        with pytest.raises(DamagedLine, match="nested too deeply"):
+            parse_span_line(line)
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def test_a_binary_file_is_one_warning(

@@ -9,6 +9,7 @@ faults go through CheckpointStore, ``multirun.resume`` and real processes.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import pickle
@@ -38,7 +39,7 @@ from multirun.checkpoints.exporters import (
 from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.store import CheckpointStore, new_checkpoint_id
 from multirun.context import get_current_run_context
-from multirun.errors import CheckpointError, ConfigurationError
+from multirun.errors import CheckpointError, ConfigurationError, ReplayError
 
 if TYPE_CHECKING:
     from s3_server import S3Server
@@ -203,28 +204,32 @@ class Boom:
         return (os.mkdir, (self.path,))
 
 
-def planted_pickle(marker: Path, *, key: bytes | None = None) -> bytes:
+def planted_pickle(marker: Path, *, key: bytes | None = None, version: int = 3) -> bytes:
     evil = pickle.dumps({"checkpoint": Boom(str(marker))})
+    digest = "sha256:" + hashlib.sha256(evil).hexdigest()
     header: dict[str, Any] = {
         "compression": "none",
-        "digest": "sha256:" + hashlib.sha256(evil).hexdigest(),
+        "digest": digest,
         "serializer": "pickle",
         "size": len(evil),
-        "version": 2,
+        "version": version,
     }
     if key is not None:
-        import hmac
-
-        header["hmac"] = hmac.new(key, b"MRCK/v2/pickle/none\n" + evil, hashlib.sha256).hexdigest()
+        if version >= 3:
+            label = f"MRCK/v3/pickle/none/{len(evil)}/{digest}\n".encode()
+        else:
+            label = b"MRCK/v2/pickle/none\n" + evil
+        header["hmac"] = hmac.new(key, label, hashlib.sha256).hexdigest()
     return MAGIC + json.dumps(header, separators=(",", ":"), sort_keys=True).encode() + b"\n" + evil
 
 
+@pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("reader", ["json-default", "pickle-with-key"])
 @pytest.mark.parametrize(
     "signed_with", [None, b"an attacker's own key, 32 bytes"], ids=["unsigned", "wrong-key"]
 )
 def test_18_a_planted_pickle_never_runs_on_resume(
-    traced: Any, tmp_path: Path, reader: str, signed_with: bytes | None
+    traced: Any, tmp_path: Path, reader: str, signed_with: bytes | None, version: int
 ) -> None:
     marker = tmp_path / "pwned"
     exporter = FileBlobExporter(tmp_path / "blobs")
@@ -233,11 +238,27 @@ def test_18_a_planted_pickle_never_runs_on_resume(
     else:
         store = CheckpointStore(exporter, serializer="pickle", hmac_key=HMAC_KEY)
     traced.client.checkpoints = store
-    exporter.put(store.key("victim", new_checkpoint_id()), planted_pickle(marker, key=signed_with))
+    exporter.put(
+        store.key("victim", new_checkpoint_id()), planted_pickle(marker, key=signed_with, version=version)
+    )
 
     with pytest.raises(CheckpointError), multirun.resume(run_id="victim"):
         pass
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_18_the_planted_pickle_runs_when_signed_with_the_readers_key(tmp_path: Path, version: int) -> None:
+    # The control for the test above: the forged blob is a real one, refused there by the checks.
+    marker = tmp_path / "pwned"
+    exporter = FileBlobExporter(tmp_path / "blobs")
+    store = CheckpointStore(exporter, serializer="pickle", hmac_key=HMAC_KEY)
+    checkpoint_id = new_checkpoint_id()
+    blob = planted_pickle(marker, key=HMAC_KEY.encode(), version=version)
+    exporter.put(store.key("victim", checkpoint_id), blob)
+    with pytest.raises(ReplayError):  # it ran, and then is no checkpoint document
+        store.load(checkpoint_id)
+    assert marker.is_dir()
 
 
 # ---------------------------------------------------------------------------

@@ -301,11 +301,22 @@ def test_json_refuses_what_it_cannot_write_faithfully(value: Any, message: str) 
         json_serializer().dumps(value)
 
 
+def test_json_writes_a_shared_container_once_per_place() -> None:
+    leaf = [1, "a"]
+    shared = {"leaf": {"x": 1}}
+    for value in ([leaf, leaf], {"a": shared, "b": [shared, shared]}):
+        assert json.loads(json_serializer().dumps(value)) == json.loads(json.dumps(value))
+
+
 def test_json_refuses_cycles_and_absurd_nesting() -> None:
     cycle: list[Any] = []
     cycle.append(cycle)
     with pytest.raises(CheckpointError, match="nested too deeply or contains a reference cycle"):
         json_serializer().dumps(cycle)
+    through_a_dict: dict[str, Any] = {}
+    through_a_dict["list"] = [1, {"back": through_a_dict}]
+    with pytest.raises(CheckpointError, match="nested too deeply or contains a reference cycle"):
+        json_serializer().dumps(through_a_dict)
     deep: Any = 0
     for _ in range(100_000):
         deep = [deep]
@@ -636,6 +647,87 @@ def test_a_damaged_large_json_blob_is_refused_as_damaged(how: str) -> None:
     # Decoding runs beside the digest: whether it succeeds or fails first, the answer is the digest's.
     with pytest.raises(CheckpointError, match="digest does not match"):
         load_blob(damaged_large_json(how), max_bytes=4 * LIMIT)
+
+
+def test_a_large_json_payload_with_its_digest_intact_but_bad_json_is_a_decode_error() -> None:
+    payload = b"[" + b"1," * 600_000  # valid UTF-8, not valid JSON
+    blob = raw_blob(
+        {
+            "version": 3,
+            "serializer": "json",
+            "size": len(payload),
+            "digest": sha(payload),
+            "compression": "none",
+        },
+        payload,
+    )
+    with pytest.raises(CheckpointError, match="JSON checkpoint payload cannot be decoded"):
+        load_blob(blob, max_bytes=4 * LIMIT)
+
+
+def test_a_damaged_large_json_blob_raises_one_error_not_a_chain() -> None:
+    with pytest.raises(CheckpointError, match="digest does not match") as caught:
+        load_blob(damaged_large_json("invalid JSON"), max_bytes=4 * LIMIT)
+    assert caught.value.__context__ is None and caught.value.__cause__ is None
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_large_signed_json_blob_with_a_swapped_payload_needs_a_valid_hmac(version: int) -> None:
+    # the parallel digest must not skip the HMAC: version 2 signs the payload, version 3 the digest
+    blob, value = large_json_blob()
+    other = json_serializer().dumps({"records": [{"forged": True}] * 80_000})
+    assert len(other) >= envelope.PARALLEL_DIGEST_BYTES
+    old = payload_of(blob)
+    signed = resealed(blob, old, version=version, hmac=documented_mac(KEY, version, "json", "none", old))
+    assert load_blob(signed, max_bytes=4 * LIMIT, hmac_key=KEY)[1] == value
+    forged = resealed(signed, other)  # the genuine MAC of the old payload, a recomputed digest
+    with pytest.raises(CheckpointError, match="HMAC does not match"):
+        load_blob(forged, max_bytes=4 * LIMIT, hmac_key=KEY)
+
+
+def test_a_large_json_blob_is_checked_when_the_digest_thread_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    digest = envelope._digest
+
+    def fails_off_the_main_thread(data: Any) -> str:
+        if threading.current_thread() is not threading.main_thread():
+            raise MemoryError
+        return digest(data)
+
+    monkeypatch.setattr(envelope, "_digest", fails_off_the_main_thread)
+    blob, value = large_json_blob()
+    assert load_blob(blob, max_bytes=4 * LIMIT)[1] == value
+    for how in ("still valid JSON", "invalid JSON"):
+        with pytest.raises(CheckpointError, match="digest does not match"):
+            load_blob(damaged_large_json(how), max_bytes=4 * LIMIT)
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_blob_loads_from_any_bytes_like_object(kind: Callable[[bytes], Any], size: str) -> None:
+    if size == "large":
+        blob, value = large_json_blob()
+    else:
+        value = {"a": [1, "é"]}
+        blob = dump_blob(value, json_serializer())[0]
+    assert load_blob(kind(blob), max_bytes=4 * LIMIT)[1] == value
+    assert open_blob(kind(blob), max_bytes=4 * LIMIT)[1] == payload_of(blob)
+
+
+def test_a_version_3_hmac_is_checked_before_the_payload_is_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
+    blob, _ = small_blobs()["pickle"]
+    hashed: list[int] = []
+    digest = envelope._digest
+
+    def counting(data: Any) -> str:
+        hashed.append(len(data))
+        return digest(data)
+
+    monkeypatch.setattr(envelope, "_digest", counting)
+    with pytest.raises(CheckpointError, match="HMAC does not match"):
+        load_blob(tampered(blob, hmac="0" * 64), max_bytes=LIMIT, **PICKLE_READER)
+    assert hashed == []
+    load_blob(blob, max_bytes=LIMIT, **PICKLE_READER)
+    assert hashed == [len(payload_of(blob))]  # one pass over the payload, for digest and MAC
 
 
 def test_a_large_json_blob_loads_when_no_thread_can_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1063,6 +1155,12 @@ GOLDEN_V2_JSON: dict[str, Any] = {
             "none",
             "sha256:54f377b1f61774f184747b1bac0fa2e3b79c33e1cb4ecee95a1326e15001bd66",
         ),
+        (
+            "checkpoint-v3-json-zlib.ckpt",
+            3,
+            "zlib",
+            "sha256:b88bda1b688d93af11b86287b827061c73a546078d52f134fe3ce7a17e4baf77",
+        ),
     ],
 )
 def test_golden_json_checkpoints_read_exactly(name: str, version: int, compression: str, digest: str) -> None:
@@ -1099,12 +1197,25 @@ def test_golden_pickle_checkpoints_read_exactly_with_the_test_key(name: str, ver
         load_blob(blob, max_bytes=LIMIT, hmac_key=KEY, allowed_serializers=["pickle"])
 
 
+def test_golden_signed_v3_json_checkpoint_reads_exactly() -> None:
+    blob = golden("checkpoint-v3-json-signed.ckpt")
+    header, value = load_blob(blob, max_bytes=LIMIT, hmac_key=GOLDEN_KEY)
+    assert header["version"] == 3 and header["serializer"] == "json"
+    assert header["hmac"] == documented_mac(GOLDEN_KEY, 3, "json", "none", payload_of(blob))
+    assert same(value, GOLDEN_V2_JSON)
+    assert same(load_blob(blob, max_bytes=LIMIT)[1], GOLDEN_V2_JSON)  # JSON: no key, digest only
+    with pytest.raises(CheckpointError, match="HMAC does not match"):
+        load_blob(blob, max_bytes=LIMIT, hmac_key=KEY)
+
+
 def test_golden_files_are_all_tested() -> None:
     assert sorted(p.name for p in GOLDEN.glob("*.ckpt")) == [
         "checkpoint-v1-json.ckpt",
         "checkpoint-v2-json-zlib.ckpt",
         "checkpoint-v2-json.ckpt",
         "checkpoint-v2-pickle.ckpt",
+        "checkpoint-v3-json-signed.ckpt",
+        "checkpoint-v3-json-zlib.ckpt",
         "checkpoint-v3-json.ckpt",
         "checkpoint-v3-pickle.ckpt",
     ]

@@ -19,9 +19,11 @@ file beside the old ones.
   these tests: never use it for real checkpoints. Version 2 is no longer
   written: ``_v2_seal`` is a frozen copy of its ``seal`` (the payloads are
   the serializers' own, unchanged since).
-- ``checkpoint-v3-json.ckpt``, ``checkpoint-v3-pickle.ckpt``: format
-  version 3 (the HMAC signs the header's size and digest), the same
-  documents; the pickle file signed with ``TEST_HMAC_KEY``.
+- ``checkpoint-v3-*.ckpt``: format version 3 (the HMAC signs the header's
+  size and digest), the same documents: JSON plain, zlib-compressed and
+  signed, and pickle signed, with ``TEST_HMAC_KEY``. Version 3 is the
+  current format, written by the live ``dump_blob``: when version 4 comes,
+  freeze its writer here as was done for versions 1 and 2.
 
 Every value is fixed (no clock, no pid, sets sorted), so a run rewrites the
 same bytes.
@@ -190,6 +192,7 @@ def golden_files() -> dict[str, bytes]:
     """File name -> the bytes it must hold."""
     json_serializer = get_serializer("json", hmac_key=None)
     pickle_serializer = get_serializer("pickle", hmac_key=TEST_HMAC_KEY)
+    signed_json_serializer = get_serializer("json", hmac_key=TEST_HMAC_KEY)
     return {
         "checkpoint-v1-json.ckpt": _v1_blob(),
         "checkpoint-v2-json.ckpt": _v2_seal(json_serializer.dumps(v2_json_document()), "json"),
@@ -200,6 +203,8 @@ def golden_files() -> dict[str, bytes]:
             pickle_serializer.dumps(v2_pickle_document()), "pickle", TEST_HMAC_KEY
         ),
         "checkpoint-v3-json.ckpt": dump_blob(v2_json_document(), json_serializer)[0],
+        "checkpoint-v3-json-zlib.ckpt": dump_blob(v2_json_document(), json_serializer, compression="zlib")[0],
+        "checkpoint-v3-json-signed.ckpt": dump_blob(v2_json_document(), signed_json_serializer)[0],
         "checkpoint-v3-pickle.ckpt": dump_blob(v2_pickle_document(), pickle_serializer)[0],
     }
 

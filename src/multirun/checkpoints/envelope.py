@@ -33,19 +33,25 @@ nothing is ever deserialized unless it passed: the blob's size against
 ``max_bytes`` (before reading the payload), the magic bytes, the header, that
 the reader allows the serializer, that a serializer that can run code
 (anything but ``json``) has an HMAC and the reader a key, the payload's
-size, the HMAC (constant-time), the digest, and, last, a decompression
-bounded by ``max_bytes``. Any failure raises CheckpointError saying what to
-do. A JSON blob's HMAC is checked whenever the reader has a key; a reader
-without one checks its digest only, since JSON cannot run code.
+size, the HMAC (constant-time; version 3 before the payload is hashed,
+version 2 after the digest), the digest, and, last, a decompression bounded
+by ``max_bytes``. Any failure raises CheckpointError saying what to do.
+
+A JSON blob that carries an HMAC has it checked whenever the reader has a
+key; a reader without one checks its digest only. Unsigned JSON is accepted
+by every reader, since JSON cannot run code: the HMAC protects a JSON blob
+against being altered, not against its ``hmac`` being removed.
 
 ``decode_blob`` does the same and decodes the payload, with one difference
-for a large uncompressed JSON payload: it is decoded while its digest is
+for a large uncompressed JSON payload (except a version 2 one read with a
+key, whose HMAC needs the payload): it is decoded while its digest is
 computed on another thread (SHA-256 releases the GIL, JSON decoding runs no
 code), and the value is returned only if the digest matched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -171,7 +177,8 @@ def decode_blob(
     A large uncompressed payload of a serializer that cannot run code (JSON)
     is decoded while another thread computes its digest; the value comes
     back only if the digest matched, and a damaged blob raises the digest's
-    CheckpointError even when decoding failed first.
+    CheckpointError even when decoding failed first. ``decode`` may be given a
+    view into ``blob`` rather than a copy: it should not keep it.
     """
     header, stored = _read_checked(blob, max_bytes, hmac_key, allowed_serializers)
     if (
@@ -199,8 +206,9 @@ def _read_checked(
         header, start = _read_header(bytes(view[: len(MAGIC) + MAX_HEADER_BYTES + 1]))
         _check_policy(header, hmac_key, allowed)
         _check_fits(header, start, max_bytes)
-        # a view into bytes, which nobody can change meanwhile; anything else is copied
-        stored: Payload = view[start:] if isinstance(blob, bytes) else bytes(view[start:])
+        # a view into bytes, which nobody can change meanwhile; anything else (a subclass can
+        # export a writable buffer) is copied
+        stored: Payload = view[start:] if type(blob) is bytes else bytes(view[start:])
     else:
         head = _read_up_to(blob, len(MAGIC) + MAX_HEADER_BYTES + 1)
         header, start = _read_header(head)
@@ -241,23 +249,29 @@ def _decode_while_digesting(
     header: dict[str, Any], stored: Payload, decode: Callable[[dict[str, Any], Payload], T]
 ) -> T:
     digests: list[str] = []
-    worker = threading.Thread(
-        target=lambda: digests.append(_digest(stored)), name="multirun-checkpoint-digest", daemon=True
-    )
+
+    def digest_payload() -> None:
+        with contextlib.suppress(Exception):  # if it fails, the digest is computed again below
+            digests.append(_digest(stored))
+
+    worker = threading.Thread(target=digest_payload, name="multirun-checkpoint-digest", daemon=True)
     try:
         worker.start()
     except RuntimeError:  # no new threads, e.g. at interpreter shutdown: one after the other
         _check_digest(_digest(stored), header)
         return decode(header, stored)
+    # On a KeyboardInterrupt this returns at once; the daemon thread ends when its hash does.
     try:
         value = decode(header, stored)
-    except Exception:
-        worker.join()
-        if digests:
-            _check_digest(digests[0], header)  # a damaged blob is reported as damaged
-        raise
+    except Exception as exc:
+        failure: Exception | None = exc
+    else:
+        failure = None
     worker.join()
+    # a damaged blob is reported as damaged, whatever decoding made of it
     _check_digest(digests[0] if digests else _digest(stored), header)
+    if failure is not None:
+        raise failure
     return value
 
 

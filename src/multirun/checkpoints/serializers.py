@@ -197,7 +197,7 @@ class PickleSerializer:
             ) from exc
 
     def loads(self, data: Payload) -> Any:
-        """Unpickle ``data``. Give it only a payload whose HMAC ``open_blob`` verified."""
+        """Unpickle ``data``. Give it only a payload whose HMAC ``decode_blob`` verified."""
         try:
             return pickle.loads(data)
         except Exception as exc:

@@ -8,7 +8,6 @@ instrumentations inside them.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -23,8 +22,6 @@ from multirun.client import DEFAULT_DIR
 from multirun.errors import CheckpointError
 from multirun.telemetry import attributes as attr
 from multirun.telemetry.local_files import SpanRecord, read_spans
-
-_logger = logging.getLogger(__name__)
 
 
 class RunsError(Exception):

@@ -171,6 +171,8 @@ def parse_span_line(line: str) -> list[SpanRecord]:
         return list(_records(request))
     except KeyError as exc:
         raise DamagedLine(f"missing field {exc.args[0]}") from None
+    except RecursionError:
+        raise DamagedLine("attribute values nested too deeply") from None
     except (AttributeError, TypeError, ValueError):
         raise DamagedLine("not the OTLP JSON layout of spans") from None
 
