@@ -255,12 +255,12 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     if run is None:
         return None
     agent: AgentContext = current.get(AGENT_KEY) or run.default_agent  # type: ignore[assignment]
+    parent: StepContext | None = current.get(STEP_KEY)  # type: ignore[assignment]
     digest = replay_call = None
     if spec.replayable and run.records_replay:
         digest = input_hash(args, kwargs)
         if digest is not None:
-            parent = current.get(STEP_KEY)
-            parent_call = parent.replay_call if parent is not None else None  # type: ignore[attr-defined]
+            parent_call = parent.replay_call if parent is not None else None
             began = run.replay_log.begin(
                 spec.name, digest, parent_call[SEQ] if parent_call is not None else None
             )
@@ -280,7 +280,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         if not isinstance(refused, LedgerUnavailableError):
             _record_step_not_run(spec, agent, current, refused=refused)
         raise
-    step = _StepCall(agent, spec.name, spec.kind, current.get(STEP_KEY), managed=True)  # type: ignore[arg-type]
+    step = _StepCall(agent, spec.name, spec.kind, parent, managed=True)
     step.spec = spec
     if spec.model is not None:
         step.model = spec.model

@@ -185,7 +185,7 @@ def decode_blob(
         header["serializer"] in SAFE_SERIALIZERS
         and header["compression"] == "none"
         and len(stored) >= PARALLEL_DIGEST_BYTES
-        and not ("hmac" in header and hmac_key is not None and header["version"] < 3)
+        and not _mac_covers_payload(header, hmac_key)
     ):
         return header, _decode_while_digesting(header, stored, decode)
     _check_payload(header, stored, hmac_key)
@@ -220,7 +220,7 @@ def _read_checked(
         raise CheckpointError(
             f"checkpoint is truncated or padded: payload is {len(stored)} bytes, header says {header['size']}"
         )
-    if "hmac" in header and hmac_key is not None and header["version"] >= 3:
+    if hmac_key is not None and "hmac" in header and not _mac_covers_payload(header, hmac_key):
         _check_mac(_header_mac(hmac_key, header), header)
     return header, stored
 
@@ -228,8 +228,13 @@ def _read_checked(
 def _check_payload(header: dict[str, Any], stored: Payload, hmac_key: bytes | None) -> None:
     """The digest, and a version 2 HMAC (which covers the payload itself)."""
     _check_digest(_digest(stored), header)
-    if "hmac" in header and hmac_key is not None and header["version"] < 3:
+    if hmac_key is not None and _mac_covers_payload(header, hmac_key):
         _check_mac(_payload_mac(hmac_key, header, stored), header)
+
+
+def _mac_covers_payload(header: dict[str, Any], hmac_key: bytes | None) -> bool:
+    """Whether this reader must check a version 2 HMAC, which needs a pass over the payload."""
+    return hmac_key is not None and "hmac" in header and header["version"] < 3
 
 
 def _check_digest(digest: str, header: dict[str, Any]) -> None:
