@@ -2,7 +2,8 @@
 
 Two scenarios, each in this one process:
 
-1. one run of N ``@step`` no-op calls (default N = 1,000,000): RSS after a
+1. one run of N ``@step`` no-op calls, each with a different argument
+   (default N = 1,000,000): RSS after a
    warm-up of 10,000 steps, then at N/10, N/2 and N;
 2. R runs of 10 steps each (default R = 10,000), each run a ``@multirun.run``
    call: RSS after a warm-up, then at R/10, R/2 and R.
@@ -86,22 +87,26 @@ def sample(label: str, done: int, exporter: CountingExporter, provider: Any, sec
 
 
 @multirun.step
-def mem_step() -> None:
-    """The no-op step both scenarios call."""
+def mem_step(n: int) -> None:
+    """The no-op step both scenarios call, each time with another argument.
+
+    Different inputs each call, as real steps get: a step's input hash and its
+    replay bookkeeping must not pile up either.
+    """
 
 
 @multirun.run(name="mem-run")
 def mem_run() -> None:
     """A run of STEPS_PER_RUN no-op steps."""
-    for _ in range(STEPS_PER_RUN):
-        mem_step()
+    for n in range(STEPS_PER_RUN):
+        mem_step(n)
 
 
-def run_until(target: int, done: int, unit: Callable[[], None]) -> tuple[int, float]:
-    """Call ``unit`` until ``target`` calls were made in all; the count and the seconds taken."""
+def run_until(target: int, done: int, unit: Callable[[int], None]) -> tuple[int, float]:
+    """Call ``unit(n)`` for the calls ``done`` to ``target``; the count and the seconds taken."""
     start = time.perf_counter()
-    for _ in range(target - done):
-        unit()
+    for n in range(done, target):
+        unit(n)
     return target, time.perf_counter() - start
 
 
@@ -137,7 +142,7 @@ def many_runs(runs: int, exporter: CountingExporter, provider: Any) -> list[Samp
     samples = []
     done = 0
     for label, target in checkpoints(runs, min(100, max(runs // 10, 1))):
-        done, seconds = run_until(target, done, mem_run)
+        done, seconds = run_until(target, done, lambda _n: mem_run())
         samples.append(sample(label, done, exporter, provider, seconds))
         print(f"  many runs: {done:,} runs, RSS {samples[-1].rss / MIB:.1f} MiB", file=sys.stderr)
     return samples

@@ -278,6 +278,77 @@ def test_repeated_calls_with_the_same_inputs_are_replayed_call_by_call(traced) -
         assert job_again() == ["page 1", "page 2", "page 3"]
 
 
+def test_steps_past_the_replay_limit_run_again_after_a_restore(traced, tmp_path, caplog) -> None:
+    multirun.init(tracer_provider=traced.provider, checkpoint_uri=str(tmp_path / "blobs"), replay_limit=3)
+    executed: list[int] = []
+
+    @step
+    def fetch(n: int) -> int:
+        executed.append(n)
+        return n * 10
+
+    @run
+    def job() -> None:
+        for n in range(1, 6):
+            fetch(n)
+        get_current_run_context().checkpoint(name="five fetched")
+        raise RuntimeError("crash")
+
+    with caplog.at_level(logging.WARNING, logger="multirun"), pytest.raises(RuntimeError):
+        job()
+    full = [r for r in caplog.records if "replay log is full" in r.getMessage()]
+    assert len(full) == 1  # once per run, not once per step past the limit
+    run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
+
+    @run
+    def job_again() -> list[int]:
+        return [fetch(n) for n in range(1, 6)]
+
+    executed.clear()
+    with multirun.resume(run_id=run_id):
+        assert job_again() == [10, 20, 30, 40, 50]
+    assert executed == [4, 5]  # the first three were served from the log
+
+
+def test_a_long_run_whose_steps_get_different_inputs_keeps_flat_memory(traced) -> None:
+    import tracemalloc
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class Discard(SpanExporter):
+        def export(self, spans):  # type: ignore[no-untyped-def]
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(Discard()))
+    multirun.init(tracer_provider=provider, replay_limit=100, step_history=10)
+
+    @step
+    def work(n: int) -> None:
+        return None
+
+    grown: list[int] = []
+
+    @run
+    def long_run() -> None:
+        for n in range(2_000):  # fill the replay log, the history and every cache first
+            work(n)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(2_000, 22_000):
+                work(n)
+            grown.append(tracemalloc.get_traced_memory()[0] - before)
+        finally:
+            tracemalloc.stop()
+
+    long_run()
+    provider.shutdown()
+    # each step's inputs used to stay counted (~200 bytes a step: 4 MB here, 200 MB a million)
+    assert grown[0] < 256 * 1024, f"{grown[0]:,} bytes kept by 20,000 steps"
+
+
 def test_step_checkpoint_true_writes_a_checkpoint_after_success(traced) -> None:
     @step(checkpoint=True)
     def stage() -> int:

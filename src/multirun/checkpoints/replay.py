@@ -26,7 +26,10 @@ Recording is on the hot path of every step, so it is two small operations: a
 counter and an occurrence number when a step starts, one tuple appended when
 it returns. The log keeps at most ``limit`` results in memory; steps past
 the limit are not recorded and run again after a restore (at-least-once, as
-for a step that had not finished when the checkpoint was taken).
+for a step that had not finished when the checkpoint was taken). What it
+counts is bounded too: once the log is full, or ``limit`` different inputs
+of the steps were seen, a call with new inputs is not recorded, so a long
+run whose steps all get different arguments keeps flat memory.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class ReplayLog:
         self._recorded: list[tuple[Call, int, Any]] = []  # (call, end seq, result), as they returned
         self._running: dict[int, Call] = {}  # calls started and not returned, by sequence number
         self._occurrences: dict[str, dict[str, itertools.count[int]]] = {}  # name -> digest -> count
+        self._distinct = 0  # digests in _occurrences
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._full_warned = False
@@ -76,8 +80,9 @@ class ReplayLog:
         """True from ``load`` until every recorded call has been served."""
         return self._replay is not None and not self._replay.done
 
-    def begin(self, name: str, digest: str, parent: int | None) -> Call | Served:
-        """Before a step runs: its call, or ``Served(value)`` to serve instead of running it.
+    def begin(self, name: str, digest: str, parent: int | None) -> Call | Served | None:
+        """Before a step runs: its call, ``Served(value)`` to serve instead of running it, or
+        None when the log records no more calls (it is full).
 
         Raises DeterminismError when a replay does not match the recording.
         """
@@ -85,16 +90,24 @@ class ReplayLog:
         if replay is None or replay.done:
             # recording only: no lock, each operation below is atomic (next() on a count);
             # no tuple but the call itself is made, as every allocation here is paid per step
+            if len(self._recorded) >= self.limit:
+                self._warn_full()
+                return None
             by_digest = self._occurrences.get(name)
             counter = None if by_digest is None else by_digest.get(digest)
             if counter is None:
-                with self._lock:
-                    counter = self._occurrences.setdefault(name, {}).setdefault(digest, itertools.count(1))
+                counter = self._new_counter(name, digest)
+                if counter is None:
+                    return None
             call = (name, digest, next(counter), parent, next(self._seq))
             self._running[call[SEQ]] = call
             return call
         with self._lock:
-            counter = self._occurrences.setdefault(name, {}).setdefault(digest, itertools.count(1))
+            by_digest = self._occurrences.setdefault(name, {})
+            counter = by_digest.get(digest)
+            if counter is None:  # counted but never refused here: a replay must see every call
+                self._distinct += 1
+                counter = by_digest[digest] = itertools.count(1)
             occurrence = next(counter)
             call = (name, digest, occurrence, parent, next(self._seq))
             if not replay.done:
@@ -104,18 +117,34 @@ class ReplayLog:
             self._running[call[SEQ]] = call
         return call
 
+    def _new_counter(self, name: str, digest: str) -> itertools.count[int] | None:
+        """The occurrence counter of inputs not seen before; None past ``limit`` different ones."""
+        with self._lock:
+            by_digest = self._occurrences.setdefault(name, {})
+            counter = by_digest.get(digest)
+            if counter is None:
+                if self._distinct >= self.limit:
+                    self._warn_full()
+                    return None
+                self._distinct += 1
+                counter = by_digest[digest] = itertools.count(1)
+            return counter
+
+    def _warn_full(self) -> None:
+        if not self._full_warned:
+            self._full_warned = True
+            _logger.warning(
+                "multirun: the replay log is full (%d steps): later steps of this run "
+                "will run again after a restore",
+                self.limit,
+            )
+
     def record(self, call: Call, result: Any) -> None:
         """The step of ``call`` returned ``result``."""
         self._running.pop(call[SEQ], None)
         recorded = self._recorded
         if len(recorded) >= self.limit:
-            if not self._full_warned:
-                self._full_warned = True
-                _logger.warning(
-                    "multirun: the replay log is full (%d steps): later steps of this run "
-                    "will run again after a restore",
-                    self.limit,
-                )
+            self._warn_full()
             return
         recorded.append((call, next(self._seq), result))  # one atomic append
 
@@ -154,6 +183,7 @@ class ReplayLog:
         with self._lock:
             self._recorded = []
             self._occurrences = {}
+            self._distinct = 0
             self._replay = replay
             self._seq = itertools.count(replay.next_seq)
 
