@@ -411,7 +411,7 @@ class RunContext:
             end_attrs[attr.BUDGET_EXCEEDED_LIMIT] = error.limit
         if error is not None:
             _record_error(span, error, end_attrs)
-        span.set_attributes(end_attrs)
+        spans.set_end_attributes(span, end_attrs)
         span.end()
         budget = ledger.budget
         self.client.metrics.run_finished(
@@ -1015,25 +1015,36 @@ class StepContext:
     def step(self) -> Step:
         """This step as a ``Step`` model (built on demand)."""
         start, end = self._times()
-        parent = self.parent
-        return Step(
-            id=self.id,
-            run_id=self.run_context.run.id,
-            agent_id=self.agent_context.agent.id,
-            name=self.name,
-            kind=self.kind,
-            status=self.status,
-            parent_step_id=parent.id if parent is not None else None,
-            input_hash=self.input_hash or "",
-            policy_decision=self.policy_decision,
-            tokens_used=self.tokens_used,
-            cost_usd=self.cost_usd,
-            latency_ms=self.latency_ms,
-            started_at=None if start is None else datetime.fromtimestamp(start / 1e9, timezone.utc),
-            completed_at=None if end is None else datetime.fromtimestamp(end / 1e9, timezone.utc),
-            error=None if self.error is None else (str(self.error) or type(self.error).__name__),
-            attempt=self.attempt,
-        )
+        # Only the fields that differ from the model's defaults: a run builds one model per kept
+        # step as it ends, and each field given is one more to validate.
+        fields: dict[str, Any] = {
+            "id": self.id,
+            "run_id": self.run_context.run.id,
+            "agent_id": self.agent_context.agent.id,
+            "name": self.name,
+            "kind": self.kind,
+            "status": self.status,
+        }
+        if self.parent is not None:
+            fields["parent_step_id"] = self.parent.id
+        if self.input_hash:
+            fields["input_hash"] = self.input_hash
+        if self.policy_decision is not None:
+            fields["policy_decision"] = self.policy_decision
+        if self.tokens_used:
+            fields["tokens_used"] = self.tokens_used
+        if self._cost_units:
+            fields["cost_usd"] = self.cost_usd
+        if start is not None:
+            fields["started_at"] = datetime.fromtimestamp(start / 1e9, timezone.utc)
+            if end is not None:
+                fields["latency_ms"] = (end - start) // 1_000_000
+                fields["completed_at"] = datetime.fromtimestamp(end / 1e9, timezone.utc)
+        if self.error is not None:
+            fields["error"] = str(self.error) or type(self.error).__name__
+        if self.attempt != 1:
+            fields["attempt"] = self.attempt
+        return Step(**fields)
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from multirun.models.budget import Budget, BudgetStatus, first_exceeded
 from multirun.pricing import COST_UNITS_PER_USD
 
 _INFINITY = float("inf")
+_NO_LIMITS = Budget()  # read only: a run without a budget (building one per run costs ~5 us)
 
 
 class LedgerReadings:
@@ -144,9 +145,9 @@ class RunLedger(LedgerReadings):
 
     def set_budget(self, budget: Budget | None) -> None:
         """Enforce ``budget``; its limits are kept as plain numbers for the per-step check."""
-        inf = float("inf")
+        inf = _INFINITY
         self.budget = budget
-        b = budget or Budget()
+        b = budget if budget is not None else _NO_LIMITS
         self._max_tokens = inf if b.max_tokens is None else b.max_tokens
         self._max_cost_units = inf if b.max_cost_usd is None else b.max_cost_usd * COST_UNITS_PER_USD
         self._max_steps = inf if b.max_steps is None else b.max_steps
