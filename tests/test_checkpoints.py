@@ -310,6 +310,48 @@ def test_steps_past_the_replay_limit_run_again_after_a_restore(traced, tmp_path,
     assert executed == [4, 5]  # the first three were served from the log
 
 
+def test_a_step_the_policy_refused_is_not_replayed_as_a_call_in_flight(traced) -> None:
+    from multirun.errors import PolicyViolation
+    from multirun.models import Policy
+    from multirun.models.policy import CircuitBreakerRule
+
+    @step
+    def fetch(n: int) -> int:
+        return n * 10
+
+    @step(name="flaky_dependency")
+    def flaky() -> None:
+        raise ConnectionError("down")
+
+    policy = Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=3600))
+
+    def program() -> int:
+        value = fetch(1)
+        for _ in range(2):  # fails, then the open circuit refuses it
+            with pytest.raises((ConnectionError, PolicyViolation)):
+                flaky()
+        return value
+
+    @run(policy=policy)
+    def job() -> None:
+        program()
+        get_current_run_context().checkpoint(name="after the refusal")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        job()
+    run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
+
+    @run(policy=policy)
+    def job_again() -> int:
+        return program()
+
+    # the refused call used to stay in the log as a call in flight, so the restore expected a
+    # second call of flaky_dependency where the program makes its first: a DeterminismError
+    with multirun.resume(run_id=run_id):
+        assert job_again() == 10
+
+
 def test_a_long_run_whose_steps_get_different_inputs_keeps_flat_memory(traced) -> None:
     import tracemalloc
 

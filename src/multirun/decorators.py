@@ -275,6 +275,8 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             decision = engine.before_step(spec.name, spec.kind, spec.model, run.ledger)
         run.ledger.begin_step(spec.check_budget)
     except REFUSALS as refused:  # refused, or the ledger could not decide (fail closed)
+        if replay_call is not None:
+            run.replay_log.fail(replay_call)  # it never ran: not a call in flight
         if decision is not None:
             engine.after_step(spec.name, spec.kind, refused)  # type: ignore[union-attr]  # gives back a probe
         if not isinstance(refused, LedgerUnavailableError):

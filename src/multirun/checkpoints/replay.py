@@ -120,14 +120,15 @@ class ReplayLog:
     def _new_counter(self, name: str, digest: str) -> itertools.count[int] | None:
         """The occurrence counter of inputs not seen before; None past ``limit`` different ones."""
         with self._lock:
-            by_digest = self._occurrences.setdefault(name, {})
-            counter = by_digest.get(digest)
+            by_digest = self._occurrences.get(name)
+            counter = None if by_digest is None else by_digest.get(digest)
             if counter is None:
                 if self._distinct >= self.limit:
                     self._warn_full()
                     return None
                 self._distinct += 1
-                counter = by_digest[digest] = itertools.count(1)
+                counter = itertools.count(1)
+                self._occurrences.setdefault(name, {})[digest] = counter
             return counter
 
     def _warn_full(self) -> None:
