@@ -84,3 +84,58 @@ def test_foreign_usage_counts_against_the_budget(traced) -> None:
 def test_foreign_spans_outside_any_run_are_left_alone(traced) -> None:
     foreign_span(traced, "chat", {"gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 5})
     assert [s.name for s in traced.spans()] == ["chat"]
+
+
+def test_a_foreign_span_that_never_ends_does_not_keep_its_run_alive(traced) -> None:
+    import gc
+    import weakref
+
+    from multirun.context import get_current_run_context
+
+    runs: list[weakref.ref] = []
+
+    @step
+    def read_half_a_stream() -> None:
+        # an instrumented stream abandoned half-read: its span is started and never ended
+        traced.provider.get_tracer("some.other.instrumentation").start_span("chat gpt-4o")
+
+    @run
+    def main() -> None:
+        runs.append(weakref.ref(get_current_run_context()))
+        read_half_a_stream()
+
+    main()
+    gc.collect()
+    assert runs[0]() is None
+
+
+def test_spans_that_never_end_are_forgotten_past_a_bound_and_later_ones_still_charge(traced) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import multirun
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    multirun.init(tracer_provider=provider)
+    usage = provider._multirun_usage_processor  # the one init() installed
+    usage._max_open = 20  # instead of 100,000
+    other = provider.get_tracer("some.other.instrumentation")
+
+    @step
+    def call_model(finish: bool) -> None:
+        span = other.start_span("chat", attributes={"gen_ai.usage.input_tokens": 7})
+        if finish:
+            span.end()
+
+    @run
+    def main() -> None:
+        for _ in range(100):
+            call_model(False)
+        call_model(True)
+
+    main()
+    assert len(usage._open) <= 20
+    run_span = next(s for s in exporter.get_finished_spans() if s.name == "invoke_workflow main")
+    assert run_span.attributes["multirun.tokens_used"] == 7

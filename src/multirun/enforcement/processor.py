@@ -12,7 +12,10 @@ reported.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
+import weakref
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -27,15 +30,22 @@ _logger = logging.getLogger(__name__)
 
 TRACER_NAME = "multirun"
 
+# Foreign spans in flight at once, at most; past it the oldest are forgotten. Only spans that
+# never end (a stream abandoned half-read, say) pile up; each entry is ~100 bytes.
+MAX_OPEN_SPANS = 100_000
+
 
 class UsageSpanProcessor(SpanProcessor):
     """Charges usage from spans of other instrumentations to the enclosing run."""
 
-    def __init__(self) -> None:
-        # span id -> [owner (step or agent), usage-below-is-charged flag]; only spans in flight.
-        # Each access is one dict or list operation, atomic without a lock: a span's entry is
-        # written at its start, and read at its end, by the thread that ends it.
+    def __init__(self, max_open_spans: int = MAX_OPEN_SPANS) -> None:
+        # span id -> [weak reference to the owner (step or agent), usage-below-is-charged flag];
+        # only spans in flight. Each access is one dict or list operation, atomic without a lock:
+        # a span's entry is written at its start, and read at its end, by the thread that ends it.
+        # The owner is weak so that a span that never ends does not keep its run alive.
         self._open: dict[int, list[Any]] = {}
+        self._max_open = max_open_spans
+        self._evicting = threading.Lock()
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         scope = span.instrumentation_scope
@@ -46,7 +56,19 @@ class UsageSpanProcessor(SpanProcessor):
         if run is None:
             return
         owner = step_in(ctx) or agent_in(ctx) or run.default_agent
-        self._open[span.get_span_context().span_id] = [owner, False]
+        if len(self._open) >= self._max_open:
+            self._forget_oldest()
+        self._open[span.get_span_context().span_id] = [weakref.ref(owner), False]
+
+    def _forget_oldest(self) -> None:
+        """Drop the oldest tenth of the entries: spans that never ended, as far as we can tell."""
+        with self._evicting:
+            try:
+                oldest = list(itertools.islice(self._open, max(self._max_open // 10, 1)))
+            except RuntimeError:  # another thread changed the dict meanwhile: try at the next span
+                return
+            for span_id in oldest:
+                self._open.pop(span_id, None)
 
     def on_end(self, span: ReadableSpan) -> None:
         scope = span.instrumentation_scope
@@ -70,8 +92,11 @@ class UsageSpanProcessor(SpanProcessor):
             parent_entry[1] = True
         if usage is None or reported_below:
             return
+        owner = entry[0]()
+        if owner is None:  # its run is over and gone
+            return
         try:
-            entry[0].charge_child_usage(usage)
+            owner.charge_child_usage(usage)
         except Exception:  # never let accounting break the span pipeline
             _logger.warning("multirun: could not charge usage of span %r", span.name, exc_info=True)
 
