@@ -426,3 +426,44 @@ def test_a_probe_refused_by_the_budget_does_not_keep_the_circuit_half_open(trace
         return fetch()  # the probe was given back: this call may probe, and closes the circuit
 
     assert second_run() == "ok"
+
+
+def test_steps_named_per_call_do_not_pile_up_circuits_and_open_ones_are_kept(traced, monkeypatch) -> None:
+    from multirun.enforcement import policy as policy_module
+
+    monkeypatch.setattr(policy_module, "MAX_BREAKERS", 50)
+
+    @step
+    def fetch() -> None:
+        raise ConnectionError("down")
+
+    def lookup(i: int) -> int:
+        return i
+
+    @run(policy=breaker_policy())
+    def main() -> str:
+        for _ in range(2):  # its circuit opens
+            with pytest.raises(ConnectionError):
+                fetch()
+        for i in range(500):  # a tool step named after its argument
+            step(name=f"lookup:{i}")(lookup)(i)
+        try:
+            fetch()
+        except PolicyViolation as exc:
+            return exc.rule
+        return "ran"
+
+    engines = []
+
+    @run(policy=breaker_policy())
+    def long_run() -> None:
+        from multirun.context import get_current_run_context
+
+        engines.append(get_current_run_context().policy_engine)
+        for i in range(500):
+            step(name=f"lookup:{i}")(lookup)(i)
+
+    assert main() == "circuit_breaker"  # the open circuit was not forgotten
+    long_run()
+    assert len(traced.client.policy_state._breakers) <= 50  # the client's, across runs
+    assert len(engines[0]._breakers) <= 50  # and one run's view of them

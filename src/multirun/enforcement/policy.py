@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation
 from multirun.models.policy import (
@@ -127,6 +127,16 @@ class CircuitBreaker:
             self.probe_in_flight = False
 
 
+MAX_BREAKERS = 4096  # circuits kept (per client, and per run) before the healthy ones are dropped
+
+_Key = TypeVar("_Key")
+
+
+def _unhealthy(breakers: dict[_Key, CircuitBreaker]) -> dict[_Key, CircuitBreaker]:
+    """The circuits that are open or have counted failures: those a new breaker would not equal."""
+    return {key: b for key, b in breakers.items() if b.failures or b.state != CircuitBreaker.CLOSED}
+
+
 class PolicyState:
     """Rate limiters and circuit breakers shared by all runs of one client."""
 
@@ -148,8 +158,15 @@ class PolicyState:
         breaker = self._breakers.get(key)
         if breaker is None:
             with self._lock:
+                if len(self._breakers) >= MAX_BREAKERS:
+                    self._forget_healthy_breakers()
                 breaker = self._breakers.setdefault(key, CircuitBreaker(rule))
         return breaker
+
+    def _forget_healthy_breakers(self) -> None:
+        """Drop closed circuits with no failure: a new one is the same. Steps named per call
+        (``step(name=f"tool:{x}")``) would otherwise keep one breaker each for good."""
+        self._breakers = _unhealthy(self._breakers)
 
 
 class PolicyEngine:
@@ -235,6 +252,8 @@ class PolicyEngine:
     def _breaker(self, name: str, rule: CircuitBreakerRule) -> CircuitBreaker:
         breaker = self._breakers.get(name)
         if breaker is None:
+            if len(self._breakers) >= MAX_BREAKERS:
+                self._breakers = _unhealthy(self._breakers)
             breaker = self._breakers[name] = self.state.breaker(name, rule)
         return breaker
 
