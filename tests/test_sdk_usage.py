@@ -408,3 +408,28 @@ def test_a_response_without_usage_is_no_error(traced) -> None:
 
     assert main() is response
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 0
+
+
+def test_classes_made_at_run_time_that_steps_return_are_not_kept_alive(traced) -> None:
+    import gc
+    import weakref
+
+    import pydantic
+
+    classes: list[weakref.ref] = []
+
+    @step
+    def structured_answer(i: int) -> object:
+        model = pydantic.create_model(f"Answer{i}", text=(str, ...))  # a schema per request
+        classes.append(weakref.ref(model))
+        return model(text="ok")
+
+    @run
+    def main() -> None:
+        for i in range(3_000):
+            structured_answer(i)
+
+    main()
+    gc.collect()
+    alive = sum(ref() is not None for ref in classes)
+    assert alive <= 1_100, f"{alive} of 3,000 classes still alive"

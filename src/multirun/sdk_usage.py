@@ -50,6 +50,8 @@ _KNOWN: dict[tuple[str, str], tuple[str, str, str]] = {
 }
 
 _recognised: dict[type, tuple[str, str, str] | None] = {}
+# classes made at run time (a pydantic model per request, say) would pile up, each held alive
+_MAX_RECOGNISED = 1024
 _warned: set[str] = set()
 
 
@@ -67,6 +69,8 @@ def _how(value: Any) -> tuple[str, str, str] | None:
     try:
         return _recognised[cls]
     except KeyError:
+        if len(_recognised) >= _MAX_RECOGNISED:
+            _recognised.clear()
         how = _recognised[cls] = _recognise(cls)
         return how
 
