@@ -139,3 +139,25 @@ def test_spans_that_never_end_are_forgotten_past_a_bound_and_later_ones_still_ch
     assert len(usage._open) <= 20
     run_span = next(s for s in exporter.get_finished_spans() if s.name == "invoke_workflow main")
     assert run_span.attributes["multirun.tokens_used"] == 7
+
+
+def test_a_foreign_span_ending_after_its_step_returned_is_still_charged_to_the_run(traced) -> None:
+    import multirun
+
+    # no finished step kept: only the usage processor's entry ties the span to its step
+    multirun.init(tracer_provider=traced.provider, step_history=0)
+    other = traced.provider.get_tracer("some.other.instrumentation")
+
+    @step
+    def open_stream():  # type: ignore[no-untyped-def]
+        # returns the stream; its instrumentation ends the span when the caller has read it
+        return other.start_span("chat gpt-4o", attributes={"gen_ai.request.model": "gpt-4o"})
+
+    @run
+    def main() -> None:
+        stream = open_stream()
+        stream.set_attribute("gen_ai.usage.input_tokens", 40)
+        stream.end()
+
+    main()
+    assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 40

@@ -111,7 +111,7 @@ class MultiRunClient:
             provider = meter_provider or otel_metrics.get_meter_provider()
             self.metrics = Metrics(provider.get_meter(TRACER_NAME, _VERSION))
         self.checkpoints = _checkpoint_store(checkpoint_store)
-        _install_usage_processor(self.tracer_provider)
+        self.usage_processor = _install_usage_processor(self.tracer_provider)
         if propagate_threads:
             _propagate_context_to_threads()
 
@@ -709,14 +709,19 @@ def _checkpoint_store(
     )
 
 
-def _install_usage_processor(provider: trace.TracerProvider) -> None:
-    """Add the usage processor to ``provider`` once, whoever created it."""
+def _install_usage_processor(provider: trace.TracerProvider) -> UsageSpanProcessor | None:
+    """The usage processor of ``provider``, added once, whoever created the provider.
+
+    None if the provider takes no span processors (not an SDK provider).
+    """
+    installed: UsageSpanProcessor | None = getattr(provider, "_multirun_usage_processor", None)
     add = getattr(provider, "add_span_processor", None)
-    if add is None or getattr(provider, "_multirun_usage_processor", None) is not None:
-        return
+    if installed is not None or add is None:
+        return installed
     processor = UsageSpanProcessor()
     add(processor)
     provider._multirun_usage_processor = processor  # type: ignore[attr-defined]
+    return processor
 
 
 _threads_instrumented = False

@@ -396,6 +396,9 @@ class RunContext:
             run.result = _serialize_result(result)
         if error is not None:
             run.error = str(error) if str(error) else type(error).__name__
+        usage_processor = self.client.usage_processor
+        if usage_processor is not None:
+            usage_processor.forget_run(self)
         if self.remote:
             return
         span = self.span

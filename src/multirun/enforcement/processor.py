@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import weakref
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -31,7 +30,8 @@ _logger = logging.getLogger(__name__)
 TRACER_NAME = "multirun"
 
 # Foreign spans in flight at once, at most; past it the oldest are forgotten. Only spans that
-# never end (a stream abandoned half-read, say) pile up; each entry is ~100 bytes.
+# never end (a stream abandoned half-read, say) pile up, and a run drops its own when it ends:
+# this bounds those of runs that never end.
 MAX_OPEN_SPANS = 100_000
 
 
@@ -39,10 +39,9 @@ class UsageSpanProcessor(SpanProcessor):
     """Charges usage from spans of other instrumentations to the enclosing run."""
 
     def __init__(self, max_open_spans: int = MAX_OPEN_SPANS) -> None:
-        # span id -> [weak reference to the owner (step or agent), usage-below-is-charged flag];
-        # only spans in flight. Each access is one dict or list operation, atomic without a lock:
-        # a span's entry is written at its start, and read at its end, by the thread that ends it.
-        # The owner is weak so that a span that never ends does not keep its run alive.
+        # span id -> [owner (step or agent), usage-below-is-charged flag]; only spans in flight.
+        # Each access is one dict or list operation, atomic without a lock: a span's entry is
+        # written at its start, and read at its end, by the thread that ends it.
         self._open: dict[int, list[Any]] = {}
         self._max_open = max_open_spans
         self._evicting = threading.Lock()
@@ -58,7 +57,20 @@ class UsageSpanProcessor(SpanProcessor):
         owner = step_in(ctx) or agent_in(ctx) or run.default_agent
         if len(self._open) >= self._max_open:
             self._forget_oldest()
-        self._open[span.get_span_context().span_id] = [weakref.ref(owner), False]
+        self._open[span.get_span_context().span_id] = [owner, False]
+
+    def forget_run(self, run: object) -> None:
+        """``run`` ended: drop its foreign spans still in flight, whose entries would keep it alive.
+
+        Such a span never ends (an instrumented stream abandoned half-read) or ends too late
+        to count. Usually there is none, and this is one test of an empty dict.
+        """
+        open_spans = self._open
+        if not open_spans:
+            return
+        for span_id, entry in open_spans.copy().items():  # copy(): other threads add spans
+            if entry[0].run_context is run:
+                open_spans.pop(span_id, None)
 
     def _forget_oldest(self) -> None:
         """Drop the oldest tenth of the entries: spans that never ended, as far as we can tell."""
@@ -92,11 +104,8 @@ class UsageSpanProcessor(SpanProcessor):
             parent_entry[1] = True
         if usage is None or reported_below:
             return
-        owner = entry[0]()
-        if owner is None:  # its run is over and gone
-            return
         try:
-            owner.charge_child_usage(usage)
+            entry[0].charge_child_usage(usage)
         except Exception:  # never let accounting break the span pipeline
             _logger.warning("multirun: could not charge usage of span %r", span.name, exc_info=True)
 
