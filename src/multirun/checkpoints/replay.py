@@ -96,18 +96,16 @@ class ReplayLog:
             by_digest = self._occurrences.get(name)
             counter = None if by_digest is None else by_digest.get(digest)
             if counter is None:
-                counter = self._new_counter(name, digest)
+                with self._lock:
+                    counter = self._counter(name, digest, bounded=True)
                 if counter is None:
                     return None
             call = (name, digest, next(counter), parent, next(self._seq))
             self._running[call[SEQ]] = call
             return call
         with self._lock:
-            by_digest = self._occurrences.setdefault(name, {})
-            counter = by_digest.get(digest)
-            if counter is None:  # counted but never refused here: a replay must see every call
-                self._distinct += 1
-                counter = by_digest[digest] = itertools.count(1)
+            counter = self._counter(name, digest, bounded=False)  # a replay must see every call
+            assert counter is not None
             occurrence = next(counter)
             call = (name, digest, occurrence, parent, next(self._seq))
             if not replay.done:
@@ -117,19 +115,19 @@ class ReplayLog:
             self._running[call[SEQ]] = call
         return call
 
-    def _new_counter(self, name: str, digest: str) -> itertools.count[int] | None:
-        """The occurrence counter of inputs not seen before; None past ``limit`` different ones."""
-        with self._lock:
-            by_digest = self._occurrences.get(name)
-            counter = None if by_digest is None else by_digest.get(digest)
-            if counter is None:
-                if self._distinct >= self.limit:
-                    self._warn_full()
-                    return None
-                self._distinct += 1
-                counter = itertools.count(1)
-                self._occurrences.setdefault(name, {})[digest] = counter
-            return counter
+    def _counter(self, name: str, digest: str, *, bounded: bool) -> itertools.count[int] | None:
+        """The occurrence counter of these inputs, made if new (under the lock); None when
+        ``bounded`` and ``limit`` different inputs were seen already."""
+        by_digest = self._occurrences.get(name)
+        counter = None if by_digest is None else by_digest.get(digest)
+        if counter is None:
+            if bounded and self._distinct >= self.limit:
+                self._warn_full()
+                return None
+            self._distinct += 1
+            counter = itertools.count(1)
+            self._occurrences.setdefault(name, {})[digest] = counter
+        return counter
 
     def _warn_full(self) -> None:
         if not self._full_warned:

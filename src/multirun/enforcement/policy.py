@@ -132,8 +132,14 @@ MAX_BREAKERS = 4096  # circuits kept (per client, and per run) before the health
 _Key = TypeVar("_Key")
 
 
-def _unhealthy(breakers: dict[_Key, CircuitBreaker]) -> dict[_Key, CircuitBreaker]:
-    """The circuits that are open or have counted failures: those a new breaker would not equal."""
+def _pruned(breakers: dict[_Key, CircuitBreaker]) -> dict[_Key, CircuitBreaker]:
+    """``breakers``, or past MAX_BREAKERS only those open or with counted failures.
+
+    A closed circuit with no failure equals a new one; steps named per call
+    (``step(name=f"tool:{x}")``) would otherwise keep one breaker each for good.
+    """
+    if len(breakers) < MAX_BREAKERS:
+        return breakers
     return {key: b for key, b in breakers.items() if b.failures or b.state != CircuitBreaker.CLOSED}
 
 
@@ -158,15 +164,9 @@ class PolicyState:
         breaker = self._breakers.get(key)
         if breaker is None:
             with self._lock:
-                if len(self._breakers) >= MAX_BREAKERS:
-                    self._forget_healthy_breakers()
+                self._breakers = _pruned(self._breakers)
                 breaker = self._breakers.setdefault(key, CircuitBreaker(rule))
         return breaker
-
-    def _forget_healthy_breakers(self) -> None:
-        """Drop closed circuits with no failure: a new one is the same. Steps named per call
-        (``step(name=f"tool:{x}")``) would otherwise keep one breaker each for good."""
-        self._breakers = _unhealthy(self._breakers)
 
 
 class PolicyEngine:
@@ -252,8 +252,7 @@ class PolicyEngine:
     def _breaker(self, name: str, rule: CircuitBreakerRule) -> CircuitBreaker:
         breaker = self._breakers.get(name)
         if breaker is None:
-            if len(self._breakers) >= MAX_BREAKERS:
-                self._breakers = _unhealthy(self._breakers)
+            self._breakers = _pruned(self._breakers)
             breaker = self._breakers[name] = self.state.breaker(name, rule)
         return breaker
 
