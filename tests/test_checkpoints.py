@@ -25,6 +25,13 @@ class Calls:
         self.log.append(name)
 
 
+def run_id_after_crash(traced, job) -> str:  # type: ignore[no-untyped-def]
+    """Call ``job``, a run that raises RuntimeError after a checkpoint; its run id."""
+    with pytest.raises(RuntimeError):
+        job()
+    return traced.named(f"invoke_workflow {job.__name__}")[0].attributes[attr.RUN_ID]
+
+
 def crew_program(calls: Calls, *, fail_at_end: bool):
     """search -> summarize (LLM) -> checkpoint -> publish; publish fails the first time."""
 
@@ -136,9 +143,7 @@ def test_a_renamed_step_raises_a_determinism_error_instead_of_a_wrong_value(trac
         get_current_run_context().checkpoint(name="mid")
         fail()
 
-    with pytest.raises(RuntimeError):
-        job()
-    run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
+    run_id = run_id_after_crash(traced, job)
 
     @step
     def fetch_renamed(n: int) -> int:
@@ -266,9 +271,7 @@ def test_repeated_calls_with_the_same_inputs_are_replayed_call_by_call(traced) -
         get_current_run_context().checkpoint(name="two pages")
         raise RuntimeError("crash")
 
-    with pytest.raises(RuntimeError):
-        job()
-    run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
+    run_id = run_id_after_crash(traced, job)
 
     @run
     def job_again() -> list[str]:
@@ -338,9 +341,7 @@ def test_a_step_the_policy_refused_is_not_replayed_as_a_call_in_flight(traced) -
         get_current_run_context().checkpoint(name="after the refusal")
         raise RuntimeError("crash")
 
-    with pytest.raises(RuntimeError):
-        job()
-    run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
+    run_id = run_id_after_crash(traced, job)
 
     @run(policy=policy)
     def job_again() -> int:
@@ -477,9 +478,7 @@ def test_with_a_signed_pickle_store_replayed_results_keep_their_type(traced, tmp
         get_current_run_context().checkpoint(name="drafted")
         raise RuntimeError("crash")
 
-    with pytest.raises(RuntimeError):
-        job()
-    run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
+    run_id = run_id_after_crash(traced, job)
 
     @run
     def job_again() -> Report:
