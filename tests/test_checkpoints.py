@@ -29,7 +29,7 @@ def run_id_after_crash(traced, job) -> str:  # type: ignore[no-untyped-def]
     """Call ``job``, a run that raises RuntimeError after a checkpoint; its run id."""
     with pytest.raises(RuntimeError):
         job()
-    return traced.named(f"invoke_workflow {job.__name__}")[0].attributes[attr.RUN_ID]
+    return traced.named(f"invoke_workflow {job.__name__}")[-1].attributes[attr.RUN_ID]
 
 
 def crew_program(calls: Calls, *, fail_at_end: bool):
@@ -351,6 +351,165 @@ def test_a_step_the_policy_refused_is_not_replayed_as_a_call_in_flight(traced) -
     # second call of flaky_dependency where the program makes its first: a DeterminismError
     with multirun.resume(run_id=run_id):
         assert job_again() == 10
+
+
+class Flaky:
+    """A service that fails its first ``failures`` calls in each process, then answers."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def __call__(self, query: str) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError("service unavailable")
+        return f"answer to {query}"
+
+
+def test_a_step_the_program_retried_after_a_failure_is_served_on_resume(traced) -> None:
+    def program(service: Flaky, crash: bool):  # type: ignore[no-untyped-def]
+        @step
+        def ask(query: str) -> str:
+            return service(query)
+
+        @run
+        def job() -> str:
+            for _ in range(3):  # the program's own retry loop around the step
+                try:
+                    answer = ask("q")
+                    break
+                except ConnectionError:
+                    continue
+            get_current_run_context().checkpoint(name="answered")
+            if crash:
+                raise RuntimeError("crash")
+            return f"{answer} / {ask('follow-up')}"
+
+        return job
+
+    recorded = Flaky(failures=2)
+    run_id = run_id_after_crash(traced, program(recorded, crash=True))
+    assert recorded.calls == 3
+
+    # the failed calls used to take up the occurrence numbers of the step's inputs, so the restore
+    # found no recorded first call of ask("q"): a DeterminismError
+    resumed = Flaky(failures=0)
+    with multirun.resume(run_id=run_id):
+        assert program(resumed, crash=False)() == "answer to q / answer to follow-up"
+    assert resumed.calls == 1  # only the follow-up: the retried question is answered from the log
+    served = [s for s in traced.named("step ask") if s.attributes[attr.STEP_STATUS] == "skipped"]
+    assert len(served) == 1
+
+
+def fallback_program(primary: Flaky, calls: Calls, crash: bool):  # type: ignore[no-untyped-def]
+    """primary fails -> backup; then summarize(topic); checkpoint; crash."""
+
+    @step
+    def ask_primary(query: str) -> str:
+        calls("primary")
+        return primary(query)
+
+    @step
+    def ask_backup(query: str) -> str:
+        calls("backup")
+        return f"backup answer to {query}"
+
+    @step
+    def summarize(topic: str) -> str:
+        calls("summarize")
+        return f"summary of {topic}"
+
+    @run(checkpoint_on_error=False)
+    def job() -> str:
+        try:
+            answer = ask_primary("q")
+        except ConnectionError:
+            answer = ask_backup("q")
+        summary = summarize("topic")
+        get_current_run_context().checkpoint(name="summarized")
+        if crash:
+            raise RuntimeError("crash")
+        return f"{answer}; {summary}"
+
+    return job
+
+
+def test_a_step_whose_failure_the_program_handled_runs_again_on_resume(traced) -> None:
+    calls = Calls()
+    run_id = run_id_after_crash(traced, fallback_program(Flaky(failures=1), calls, crash=True))
+
+    calls.log.clear()
+    with multirun.resume(run_id=run_id):
+        result = fallback_program(Flaky(failures=1), calls, crash=False)()
+    # the failed call runs again (it has no result to serve) and fails again; what followed it
+    # in the recorded run is served
+    assert result == "backup answer to q; summary of topic"
+    assert calls.log == ["primary"]
+
+
+def test_a_failed_step_that_now_returns_ends_the_replay_instead_of_serving_the_other_path(
+    traced, caplog
+) -> None:
+    calls = Calls()
+    run_id = run_id_after_crash(traced, fallback_program(Flaky(failures=1), calls, crash=True))
+
+    calls.log.clear()
+    with multirun.resume(run_id=run_id), caplog.at_level(logging.INFO, logger="multirun"):
+        result = fallback_program(Flaky(failures=0), calls, crash=False)()
+    # the primary answers this time: the program does not call the backup, so the recording no
+    # longer describes it, and nothing after is served from it
+    assert result == "answer to q; summary of topic"
+    assert calls.log == ["primary", "summarize"]
+    assert "failed in the restored run returned this time" in caplog.text
+
+
+def test_a_resumed_run_that_crashes_can_be_resumed_again(traced) -> None:
+    calls = Calls()
+
+    def program(crash_at: int):  # type: ignore[no-untyped-def]
+        @step
+        def fetch(n: int) -> int:
+            calls("fetch")
+            return n + 1
+
+        @step
+        def plan(n: int) -> int:
+            calls("plan")
+            get_current_run_context().checkpoint(name="inside plan")  # plan is running in it
+            return n * 2
+
+        @step
+        def act(n: int) -> int:
+            calls("act")
+            return n * 10
+
+        @run(checkpoint_on_error=False)  # as if the process were killed
+        def job() -> int:
+            planned = plan(fetch(1))
+            if crash_at == 1:
+                raise RuntimeError("crash 1")
+            done = act(planned)
+            get_current_run_context().checkpoint(name="acted")
+            if crash_at == 2:
+                raise RuntimeError("crash 2")
+            return done + act(5)
+
+        return job
+
+    first = run_id_after_crash(traced, program(crash_at=1))
+    assert calls.log == ["fetch", "plan"]
+    calls.log.clear()
+    with multirun.resume(run_id=first):
+        second = run_id_after_crash(traced, program(crash_at=2))
+    assert calls.log == ["plan", "act"]  # plan was running at the checkpoint: it runs again
+
+    # the second checkpoint used to hold both plan calls, the one that was running and the one
+    # that returned, so the next restore expected the old one first: a DeterminismError
+    calls.log.clear()
+    with multirun.resume(run_id=second):
+        assert program(crash_at=0)() == 90
+    assert calls.log == ["act"]  # act(5): the only call not made before
 
 
 def test_a_long_run_whose_steps_get_different_inputs_keeps_flat_memory(traced) -> None:

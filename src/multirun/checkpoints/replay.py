@@ -13,6 +13,17 @@ Each call also gets a sequence number when it starts and when it ends, so a
 restore knows which steps ran inside which (``parent``) and which ran side by
 side (overlapping siblings).
 
+A call that raised is kept too, without a result. After a restore it runs
+again, unless the program called the step again with the same inputs right
+after it failed (a retry loop) and that call returned: then the failed call is
+answered with that result, and the retry is not made. A failed call that runs
+again and now returns takes the program down another path than the recorded
+one, so nothing after it is served: the rest of the run runs afresh.
+
+A call that runs again after a restore (it was running at the checkpoint, or
+it failed) keeps its recorded sequence number, and its new record replaces the
+old one in the next checkpoint, so a resumed run that dies can be resumed again.
+
 After a restore (``load``), calls are served from the log in the order they
 were recorded. A call the log does not know, while recorded calls remain
 unserved, means the code or its inputs changed since the checkpoint: that
@@ -66,7 +77,7 @@ class ReplayLog:
 
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self.limit = limit
-        self._recorded: list[tuple[Call, int, Any]] = []  # (call, end seq, result), as they returned
+        self._recorded: list[tuple[Call, int, Any]] = []  # (call, end seq, result or FAILED), as they ended
         self._running: dict[int, Call] = {}  # calls started and not returned, by sequence number
         self._occurrences: dict[str, dict[str, itertools.count[int]]] = {}  # name -> digest -> count
         self._distinct = 0  # digests in _occurrences
@@ -74,6 +85,7 @@ class ReplayLog:
         self._lock = threading.Lock()
         self._full_warned = False
         self._replay: _Replay | None = None
+        self._reruns: set[int] = set()  # sequence numbers of restored failed calls running again
 
     @property
     def replaying(self) -> bool:
@@ -107,11 +119,17 @@ class ReplayLog:
             counter = self._counter(name, digest, bounded=False)  # a replay must see every call
             assert counter is not None
             occurrence = next(counter)
-            call = (name, digest, occurrence, parent, next(self._seq))
-            if not replay.done:
-                found = replay.serve(name, digest, occurrence)
-                if found is not None:
-                    return Served(found.result)
+            found = None if replay.done else replay.serve(name, digest, occurrence)
+            if found is None:
+                call = (name, digest, occurrence, parent, next(self._seq))
+            elif found.has_result:
+                return Served(found.result)
+            else:
+                # it runs again, under its recorded sequence number: the steps it had finished
+                # keep it as their parent, and its new record replaces the recorded one
+                call = (name, digest, occurrence, parent, found.seq)
+                if found.failed:
+                    self._reruns.add(found.seq)
             self._running[call[SEQ]] = call
         return call
 
@@ -140,7 +158,10 @@ class ReplayLog:
 
     def record(self, call: Call, result: Any) -> None:
         """The step of ``call`` returned ``result``."""
-        self._running.pop(call[SEQ], None)
+        seq = call[SEQ]
+        self._running.pop(seq, None)
+        if self._reruns and seq in self._reruns:
+            self._rerun_returned(seq)
         recorded = self._recorded
         if len(recorded) >= self.limit:
             self._warn_full()
@@ -148,8 +169,27 @@ class ReplayLog:
         recorded.append((call, next(self._seq), result))  # one atomic append
 
     def fail(self, call: Call) -> None:
-        """The step of ``call`` failed: nothing to replay."""
-        self._running.pop(call[SEQ], None)
+        """The step of ``call`` raised (or was refused before it ran)."""
+        seq = call[SEQ]
+        self._running.pop(seq, None)
+        if self._reruns and seq in self._reruns:
+            self._reruns.discard(seq)
+            return  # it failed again: its recorded failure stands
+        if len(self._recorded) < self.limit:
+            self._recorded.append((call, next(self._seq), FAILED))
+
+    def _rerun_returned(self, seq: int) -> None:
+        """A call that failed when recorded returned this time: stop serving the recording."""
+        with self._lock:
+            self._reruns.discard(seq)
+            replay = self._replay
+            if replay is None or replay.done:
+                return
+            replay.stop()
+        _logger.info(
+            "multirun: a step that failed in the restored run returned this time; "
+            "the steps after it run again instead of being served from the checkpoint"
+        )
 
     def peek(self, name: str, digest: str) -> tuple[bool, Any]:
         """``(True, result)`` if the next call of ``name`` with these inputs would be served."""
@@ -160,17 +200,25 @@ class ReplayLog:
             counter = self._occurrences.get(name, {}).get(digest)
             occurrence = 1 if counter is None else _peek_next(counter)
             entry = replay.find(name, digest, occurrence)
-            return (True, entry.result) if entry is not None and not entry.served else (False, None)
+            if entry is None or entry.served:
+                return False, None
+            if entry.answer is not None:
+                return True, entry.answer.result
+            return (True, entry.result) if entry.has_result else (False, None)
 
     # -- checkpoints -------------------------------------------------------------
 
     def to_records(self) -> list[dict[str, Any]]:
         """Every recorded call (restored ones first) as plain records for a checkpoint."""
         with self._lock:
-            restored = self._replay.records if self._replay is not None else []
             finished = sorted(self._recorded, key=lambda r: r[0][SEQ])
             running = sorted(self._running.values(), key=lambda c: c[SEQ])
-        records = [_record(call, end, result) for call, end, result in finished]
+            rerun = {call[SEQ] for call, _, _ in finished}.union(self._running)
+            restored = self._replay.kept_records(rerun) if self._replay is not None else []
+        records = [
+            _record(call, end) | _FAILED_RECORD if result is FAILED else _record(call, end, result)
+            for call, end, result in finished
+        ]
         # a step still running (the one that took the checkpoint, say) is recorded without a
         # result: after a restore it runs again, and the steps it had finished are served
         records += [_record(call, None) for call in running]
@@ -184,6 +232,7 @@ class ReplayLog:
             self._occurrences = {}
             self._distinct = 0
             self._replay = replay
+            self._reruns = set()
             self._seq = itertools.count(replay.next_seq)
 
 
@@ -194,6 +243,8 @@ def _peek_next(counter: itertools.count[int]) -> int:
 
 
 _NO_RESULT: Any = object()
+FAILED: Any = object()  # the "result" of a call that raised
+_FAILED_RECORD = {"failed": True}
 
 
 def _record(call: Call, end: int | None, result: Any = _NO_RESULT) -> dict[str, Any]:
@@ -206,18 +257,36 @@ def _record(call: Call, end: int | None, result: Any = _NO_RESULT) -> dict[str, 
 
 
 class _Entry:
-    __slots__ = ("concurrent", "end", "has_result", "index", "name", "parent", "result", "seq", "served")
+    __slots__ = (
+        "answer",
+        "concurrent",
+        "digest",
+        "end",
+        "failed",
+        "has_result",
+        "index",
+        "name",
+        "parent",
+        "record",
+        "result",
+        "seq",
+        "served",
+    )
 
     def __init__(self, index: int, record: dict[str, Any]) -> None:
         self.index = index
+        self.record = record
         self.name = str(record["name"])
+        self.digest = str(record["digest"])
         self.seq = int(record["seq"])
         unfinished = record.get("end") is None
         self.end = _STILL_RUNNING if unfinished else int(record["end"])
         self.parent = None if record.get("parent") is None else int(record["parent"])
         # no result: it was running at the checkpoint, or its result had no form in the serializer
-        self.has_result = "result" in record
+        self.failed = record.get("failed") is True
+        self.has_result = "result" in record and not self.failed
         self.result = record.get("result")
+        self.answer: _Entry | None = None  # a failed call's retry that returned
         self.concurrent = False
         self.served = False
 
@@ -229,7 +298,6 @@ class _Replay:
     """A checkpoint's calls, served in their recorded order."""
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
-        self.records = records
         ordered = sorted(records, key=lambda r: int(r["seq"]))
         self.entries = [_Entry(i, r) for i, r in enumerate(ordered)]
         self.by_key = {
@@ -241,17 +309,20 @@ class _Replay:
             if entry.parent is not None:
                 self.children.setdefault(entry.parent, []).append(entry)
         self._mark_side_by_side()
+        self._link_retries()
         self.next_seq = 1 + max(
             (max(e.seq, e.end if e.end != _STILL_RUNNING else e.seq) for e in self.entries), default=-1
         )
         self.position = 0  # the first entry, in recorded order, not served yet
         self.done = not self.entries
+        self.stopped = False
 
     def find(self, name: str, digest: str, occurrence: int) -> _Entry | None:
         return self.by_key.get((name, digest, occurrence))
 
     def serve(self, name: str, digest: str, occurrence: int) -> _Entry | None:
-        """The entry to serve for this call, or None to run it (a new call once all are served)."""
+        """The entry that answers this call: one with a result to serve, one without to run
+        again, or None for a new call (the recorded one was served already)."""
         entry = self.by_key.get((name, digest, occurrence))
         expected = self.entries[self.position]
         if entry is None:
@@ -270,10 +341,19 @@ class _Replay:
                 f"them the other way round (recorded calls #{expected.index + 1} and #{entry.index + 1}). "
                 "Steps that ran one after another must be replayed in the same order."
             )
+        if entry.answer is not None:
+            # it failed, and was called again right away with the same inputs: the retry's result
+            # answers it, and the retries (the failed ones and the one that returned) are not made
+            answer = entry.answer
+            chain = [e for e in self.entries[entry.index : answer.index + 1] if e.parent == entry.parent]
+            self._serve(*chain)
+            return answer
         if not entry.has_result:
-            entry.served = True  # it runs again; the steps it had finished are served as it calls them
+            # still running at the checkpoint, or failed: it runs again, and the steps it had
+            # finished are served as it calls them
+            entry.served = True
             self._advance()
-            return None
+            return entry
         self._serve(entry)
         return entry
 
@@ -292,9 +372,9 @@ class _Replay:
             )
         return f"step {name!r} was called where the recorded run called {expected.name!r} ({recorded})"
 
-    def _serve(self, entry: _Entry) -> None:
-        """Mark ``entry`` and every step it ran inside as served, and move on."""
-        stack = [entry]
+    def _serve(self, *entries: _Entry) -> None:
+        """Mark ``entries`` and every step they ran inside as served, and move on."""
+        stack = list(entries)
         while stack:
             current = stack.pop()
             current.served = True
@@ -307,6 +387,38 @@ class _Replay:
             self.position += 1
         if self.position >= len(entries):
             self.done = True
+
+    def stop(self) -> None:
+        """Serve nothing more: the program left the recorded path."""
+        self.done = self.stopped = True
+
+    def kept_records(self, rerun: set[int]) -> list[dict[str, Any]]:
+        """The records a later checkpoint keeps: all but those of calls that ran again (their
+        new records replace them) and, once stopped, those never served."""
+        return [
+            entry.record
+            for entry in self.entries
+            if entry.seq not in rerun and (entry.served or not self.stopped)
+        ]
+
+    def _link_retries(self) -> None:
+        """Answer each failed call whose next sibling calls, with the same name and inputs,
+        failed too until one returned: a retry loop around the step."""
+        siblings: dict[int | None, list[_Entry]] = {}
+        for entry in self.entries:
+            siblings.setdefault(entry.parent, []).append(entry)
+        for group in siblings.values():
+            pending: list[_Entry] = []  # consecutive failed calls of one step with one input
+            for entry in group:
+                if pending and (entry.name, entry.digest) != (pending[0].name, pending[0].digest):
+                    pending = []
+                if entry.failed:
+                    pending.append(entry)
+                elif pending:
+                    if entry.has_result:
+                        for failed in pending:
+                            failed.answer = entry
+                    pending = []
 
     def _mark_side_by_side(self) -> None:
         """Siblings whose [start, end] overlap ran side by side (threads, gather)."""

@@ -1,0 +1,48 @@
+"""The replay log on its own: what a restored run is told about calls that did not return."""
+
+from __future__ import annotations
+
+from multirun.checkpoints.replay import ReplayLog, Served
+
+
+def restored(record_calls) -> ReplayLog:  # type: ignore[no-untyped-def]
+    """A log loaded from the records of another log that ``record_calls`` filled."""
+    recording = ReplayLog()
+    record_calls(recording)
+    log = ReplayLog()
+    log.load(recording.to_records())
+    return log
+
+
+def test_a_call_running_at_the_checkpoint_is_not_offered_as_a_cached_result() -> None:
+    log = restored(lambda rec: rec.begin("plan", "d1", parent=None))
+    # it used to answer (True, None): a cached None for a call that never returned
+    assert log.peek("plan", "d1") == (False, None)
+
+
+def test_a_failed_call_retried_until_it_returned_is_answered_with_the_retry_result() -> None:
+    def retried(rec: ReplayLog) -> None:
+        for _ in range(2):
+            rec.fail(rec.begin("ask", "d1", parent=None))  # type: ignore[arg-type]
+        rec.record(rec.begin("ask", "d1", parent=None), "answer")  # type: ignore[arg-type]
+
+    log = restored(retried)
+    assert log.peek("ask", "d1") == (True, "answer")
+    served = log.begin("ask", "d1", parent=None)
+    assert isinstance(served, Served) and served.value == "answer"
+    assert not log.replaying  # the retries are not expected any more
+
+
+def test_a_failed_call_followed_by_other_steps_is_not_answered() -> None:
+    def handled(rec: ReplayLog) -> None:
+        rec.fail(rec.begin("ask", "d1", parent=None))  # type: ignore[arg-type]
+        rec.record(rec.begin("backup", "d1", parent=None), "backup answer")  # type: ignore[arg-type]
+        rec.record(rec.begin("ask", "d1", parent=None), "late answer")  # type: ignore[arg-type]
+
+    log = restored(handled)
+    assert log.peek("ask", "d1") == (False, None)
+    call = log.begin("ask", "d1", parent=None)
+    assert not isinstance(call, Served)  # it runs again
+    log.fail(call)  # type: ignore[arg-type]
+    served = log.begin("backup", "d1", parent=None)
+    assert isinstance(served, Served) and served.value == "backup answer"
