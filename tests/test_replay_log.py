@@ -46,3 +46,14 @@ def test_a_failed_call_followed_by_other_steps_is_not_answered() -> None:
     log.fail(call)  # type: ignore[arg-type]
     served = log.begin("backup", "d1", parent=None)
     assert isinstance(served, Served) and served.value == "backup answer"
+
+
+def test_calls_after_the_replay_are_numbered_after_the_replayed_ones() -> None:
+    log = restored(lambda rec: rec.record(rec.begin("page", "d1", parent=None), "first"))  # type: ignore[arg-type]
+    assert isinstance(log.begin("page", "d1", parent=None), Served)
+    assert not log.replaying
+    log.record(log.begin("page", "d1", parent=None), "second")  # type: ignore[arg-type]
+    again = ReplayLog()
+    again.load(log.to_records())
+    served = [again.begin("page", "d1", parent=None) for _ in range(2)]
+    assert [s.value for s in served] == ["first", "second"]  # type: ignore[union-attr]

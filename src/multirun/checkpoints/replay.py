@@ -34,13 +34,12 @@ from the log also serves the steps it ran inside. Once every recorded call is
 served, the run goes on normally, and keeps recording.
 
 Recording is on the hot path of every step, so it is two small operations: a
-counter and an occurrence number when a step starts, one tuple appended when
-it returns. The log keeps at most ``limit`` results in memory; steps past
-the limit are not recorded and run again after a restore (at-least-once, as
-for a step that had not finished when the checkpoint was taken). What it
-counts is bounded too: once the log is full, or ``limit`` different inputs
-of the steps were seen, a call with new inputs is not recorded, so a long
-run whose steps all get different arguments keeps flat memory.
+tuple and a sequence number when a step starts, one tuple appended when it
+ends; occurrences are counted when a checkpoint is written. The log keeps at
+most ``limit`` calls in memory (plus those in flight when it filled); steps
+past the limit are not recorded and run again after a restore (at-least-once,
+as for a step that had not finished when the checkpoint was taken), so a run
+of millions of steps keeps flat memory.
 """
 
 from __future__ import annotations
@@ -59,6 +58,8 @@ DEFAULT_LIMIT = 10_000
 
 # A call as the log saw it start: (name, digest, occurrence, parent seq, seq). A plain tuple:
 # one is made for every step, and a tuple costs a tenth of a NamedTuple or a slotted object.
+# While recording, the occurrence is 0: it is counted when a checkpoint is written, as the
+# number of calls before it (by sequence number) with the same name and digest, plus one.
 Call = tuple[str, str, int, "int | None", int]
 SEQ: Final = 4  # the position of a call's sequence number
 
@@ -79,8 +80,7 @@ class ReplayLog:
         self.limit = limit
         self._recorded: list[tuple[Call, int, Any]] = []  # (call, end seq, result or FAILED), as they ended
         self._running: dict[int, Call] = {}  # calls started and not returned, by sequence number
-        self._occurrences: dict[str, dict[str, itertools.count[int]]] = {}  # name -> digest -> count
-        self._distinct = 0  # digests in _occurrences
+        self._replayed: dict[tuple[str, str], int] = {}  # (name, digest) -> calls while replaying
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._full_warned = False
@@ -105,20 +105,12 @@ class ReplayLog:
             if len(self._recorded) >= self.limit:
                 self._warn_full()
                 return None
-            by_digest = self._occurrences.get(name)
-            counter = None if by_digest is None else by_digest.get(digest)
-            if counter is None:
-                with self._lock:
-                    counter = self._counter(name, digest, bounded=True)
-                if counter is None:
-                    return None
-            call = (name, digest, next(counter), parent, next(self._seq))
+            call = (name, digest, 0, parent, next(self._seq))
             self._running[call[SEQ]] = call
             return call
         with self._lock:
-            counter = self._counter(name, digest, bounded=False)  # a replay must see every call
-            assert counter is not None
-            occurrence = next(counter)
+            occurrence = self._replayed.get((name, digest), 0) + 1
+            self._replayed[name, digest] = occurrence
             found = None if replay.done else replay.serve(name, digest, occurrence)
             if found is None:
                 call = (name, digest, occurrence, parent, next(self._seq))
@@ -132,20 +124,6 @@ class ReplayLog:
                     self._reruns.add(found.seq)
             self._running[call[SEQ]] = call
         return call
-
-    def _counter(self, name: str, digest: str, *, bounded: bool) -> itertools.count[int] | None:
-        """The occurrence counter of these inputs, made if new (under the lock); None when
-        ``bounded`` and ``limit`` different inputs were seen already."""
-        by_digest = self._occurrences.get(name)
-        counter = None if by_digest is None else by_digest.get(digest)
-        if counter is None:
-            if bounded and self._distinct >= self.limit:
-                self._warn_full()
-                return None
-            self._distinct += 1
-            counter = itertools.count(1)
-            self._occurrences.setdefault(name, {})[digest] = counter
-        return counter
 
     def _warn_full(self) -> None:
         if not self._full_warned:
@@ -162,11 +140,8 @@ class ReplayLog:
         self._running.pop(seq, None)
         if self._reruns and seq in self._reruns:
             self._rerun_returned(seq)
-        recorded = self._recorded
-        if len(recorded) >= self.limit:
-            self._warn_full()
-            return
-        recorded.append((call, next(self._seq), result))  # one atomic append
+        # begin() let it in while the log had room: past the limit by the calls in flight at most
+        self._recorded.append((call, next(self._seq), result))  # one atomic append
 
     def fail(self, call: Call) -> None:
         """The step of ``call`` raised (or was refused before it ran)."""
@@ -175,8 +150,7 @@ class ReplayLog:
         if self._reruns and seq in self._reruns:
             self._reruns.discard(seq)
             return  # it failed again: its recorded failure stands
-        if len(self._recorded) < self.limit:
-            self._recorded.append((call, next(self._seq), FAILED))
+        self._recorded.append((call, next(self._seq), FAILED))
 
     def _rerun_returned(self, seq: int) -> None:
         """A call that failed when recorded returned this time: stop serving the recording."""
@@ -197,8 +171,7 @@ class ReplayLog:
             replay = self._replay
             if replay is None or replay.done:
                 return False, None
-            counter = self._occurrences.get(name, {}).get(digest)
-            occurrence = 1 if counter is None else _peek_next(counter)
+            occurrence = self._replayed.get((name, digest), 0) + 1
             entry = replay.find(name, digest, occurrence)
             if entry is None or entry.served:
                 return False, None
@@ -211,17 +184,30 @@ class ReplayLog:
     def to_records(self) -> list[dict[str, Any]]:
         """Every recorded call (restored ones first) as plain records for a checkpoint."""
         with self._lock:
-            finished = sorted(self._recorded, key=lambda r: r[0][SEQ])
-            running = sorted(self._running.values(), key=lambda c: c[SEQ])
-            rerun = {call[SEQ] for call, _, _ in finished}.union(self._running)
-            restored = self._replay.kept_records(rerun) if self._replay is not None else []
-        records = [
-            _record(call, end) | _FAILED_RECORD if result is FAILED else _record(call, end, result)
-            for call, end, result in finished
-        ]
-        # a step still running (the one that took the checkpoint, say) is recorded without a
-        # result: after a restore it runs again, and the steps it had finished are served
-        records += [_record(call, None) for call in running]
+            # a step still running (the one that took the checkpoint, say) is recorded without a
+            # result: after a restore it runs again, and the steps it had finished are served
+            calls = [*self._recorded, *((call, None, _NO_RESULT) for call in self._running.values())]
+            counted = dict(self._replayed)
+            restored = self._replay.kept_records({c[SEQ] for c, _, _ in calls}) if self._replay else []
+        calls.sort(key=lambda c: c[0][SEQ])
+        records = []
+        for call, end, result in calls:
+            name, digest, occurrence, parent, seq = call
+            if not occurrence:
+                occurrence = counted[name, digest] = counted.get((name, digest), 0) + 1
+            record = {
+                "name": name,
+                "digest": digest,
+                "occurrence": occurrence,
+                "parent": parent,
+                "seq": seq,
+                "end": end,
+            }
+            if result is FAILED:
+                record["failed"] = True
+            elif result is not _NO_RESULT:
+                record["result"] = result
+            records.append(record)
         return [*restored, *records]
 
     def load(self, records: list[dict[str, Any]]) -> None:
@@ -229,31 +215,15 @@ class ReplayLog:
         replay = _Replay([dict(record) for record in records])
         with self._lock:
             self._recorded = []
-            self._occurrences = {}
-            self._distinct = 0
+            self._replayed = {}
             self._replay = replay
             self._reruns = set()
             self._seq = itertools.count(replay.next_seq)
 
 
-def _peek_next(counter: itertools.count[int]) -> int:
-    """The number ``next(counter)`` would give, without taking it."""
-    state: tuple[Any, tuple[int]] = counter.__reduce__()  # type: ignore[assignment]
-    return state[1][0]
-
-
-_NO_RESULT: Any = object()
+_NO_RESULT: Any = object()  # the "result" of a call still running
 FAILED: Any = object()  # the "result" of a call that raised
-_FAILED_RECORD = {"failed": True}
 
-
-def _record(call: Call, end: int | None, result: Any = _NO_RESULT) -> dict[str, Any]:
-    name, digest, occurrence, parent, seq = call
-    record = {"name": name, "digest": digest, "occurrence": occurrence, "parent": parent, "seq": seq}
-    record["end"] = end
-    if result is not _NO_RESULT:
-        record["result"] = result
-    return record
 
 
 class _Entry:
