@@ -93,7 +93,6 @@ def global_otel(monkeypatch) -> Iterator[None]:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
     monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", Once())
     monkeypatch.setattr(client_module, "_owned_provider", None)
-    monkeypatch.setattr(client_module, "_owned_exporter", client_module._SwappableExportProcessor())
     monkeypatch.setattr(client_module, "_configured", None)
     for name in (
         "OTEL_EXPORTER_OTLP_ENDPOINT",

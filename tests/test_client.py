@@ -38,6 +38,33 @@ def test_init_local_twice_sends_later_runs_to_the_new_folder_only(global_otel, t
     assert run_ids(tmp_path / "b" / "traces") == {second}
 
 
+@pytest.mark.parametrize("provider_is", ["global", "given"])
+def test_init_again_on_the_applications_provider_sends_each_span_once_to_the_new_exporter(
+    global_otel, caplog, provider_is: str
+) -> None:
+    app_provider = TracerProvider()  # the application's own provider, multirun exports beside it
+    if provider_is == "global":
+        trace.set_tracer_provider(app_provider)
+    given = {"tracer_provider": app_provider} if provider_is == "given" else {}
+
+    @run
+    def job() -> None:
+        pass
+
+    first, second = InMemorySpanExporter(), InMemorySpanExporter()
+    multirun.init(span_exporter=first, **given)
+    job()
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        client = multirun.init(span_exporter=second, **given)
+    job()
+    client.force_flush()
+    # the first exporter kept getting every span, and the second got the first's too: each
+    # init added an export pipeline to the application's provider
+    assert len(first.get_finished_spans()) == 1
+    assert len(second.get_finished_spans()) == 1
+    assert "replaces the earlier configuration" in caplog.text
+
+
 def test_init_local_without_a_path_uses_multirun_dir(global_otel, tmp_path, monkeypatch) -> None:
     # what `multirun resume --dir DIR -- program` tells the program it starts
     monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "given"))

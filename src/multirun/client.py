@@ -156,7 +156,7 @@ _owned_provider: TracerProvider | None = None
 
 
 class _SwappableExportProcessor(SpanProcessor):
-    """The export pipeline of the provider ``init`` created: a later ``init`` swaps its exporter
+    """The export pipeline ``init`` adds to a provider: a later ``init`` swaps its exporter
     (flushing the old one) instead of adding a second pipeline that keeps the old destination."""
 
     def __init__(self) -> None:
@@ -189,7 +189,17 @@ class _SwappableExportProcessor(SpanProcessor):
         return current.force_flush(timeout_millis) if current is not None else True
 
 
-_owned_exporter = _SwappableExportProcessor()
+def _export_to(provider: Any, exporter: SpanExporter) -> None:
+    """Send ``provider``'s spans to ``exporter`` through the one pipeline ``init`` adds to it."""
+    pipeline: _SwappableExportProcessor | None = getattr(provider, "_multirun_export_pipeline", None)
+    if pipeline is None:
+        add = getattr(provider, "add_span_processor", None)
+        if add is None:
+            return  # not an SDK provider: it exports as it was set up to
+        pipeline = _SwappableExportProcessor()
+        add(pipeline)
+        provider._multirun_export_pipeline = pipeline
+    pipeline.replace(exporter)
 
 
 def configured_client() -> MultiRunClient | None:
@@ -400,16 +410,15 @@ def _init_locked(
         if _owned_provider is not None and current is _owned_provider:
             # our own provider from an earlier init(): send from now on where this call says
             provider = current
-            _owned_exporter.replace(exporter)
+            _export_to(current, exporter)
         elif isinstance(current, TracerProvider):
             provider = current  # the application's own provider: add to it, never replace it
             if span_exporter is not None or endpoint is not None:
-                current.add_span_processor(ExportProcessor(exporter))
+                _export_to(current, exporter)
         elif _is_unset(current):
             resource = _resource(service_name)
             owned = TracerProvider(resource=resource)
-            _owned_exporter.replace(exporter)
-            owned.add_span_processor(_owned_exporter)
+            _export_to(owned, exporter)
             trace.set_tracer_provider(owned)
             _owned_provider = owned
             provider = owned
@@ -421,9 +430,7 @@ def _init_locked(
             )
             provider = current
     elif span_exporter is not None or endpoint is not None:
-        add = getattr(provider, "add_span_processor", None)
-        if add is not None:
-            add(ExportProcessor(exporter))
+        _export_to(provider, exporter)
     if client_options.get("meter_provider") is None and client_options.get("metrics", True):
         _ensure_meter_provider(endpoint, headers, service_name)
     client = MultiRunClient(
