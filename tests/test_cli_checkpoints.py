@@ -136,6 +136,7 @@ def test_a_stray_file_in_a_run_folder_is_not_its_newest_checkpoint(store_dir, st
         ["checkpoints", "show", "abc"],
         ["checkpoints", "verify"],
         ["resume", "abc", "--", "true"],
+        ["prune", "--older-than", "1"],
     ],
 )
 def test_a_missing_folder_is_an_error(tmp_path: Path, capsys, argv: list[str]) -> None:

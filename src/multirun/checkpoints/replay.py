@@ -225,7 +225,6 @@ _NO_RESULT: Any = object()  # the "result" of a call still running
 FAILED: Any = object()  # the "result" of a call that raised
 
 
-
 class _Entry:
     __slots__ = (
         "answer",

@@ -38,7 +38,7 @@ _logger = logging.getLogger(__name__)
 def add_commands(commands: Any, add_dir: Any) -> None:
     """Register ``checkpoints`` and ``resume`` on the top-level sub-parsers."""
     listing = commands.add_parser("checkpoints", help="list, show or verify checkpoints")
-    _add_store(listing, add_dir)
+    add_store_options(listing, add_dir)
     listing.add_argument(
         "--run", dest="run_id", metavar="RUN_ID", help="only this run's checkpoints (a unique prefix will do)"
     )
@@ -46,11 +46,11 @@ def add_commands(commands: Any, add_dir: Any) -> None:
     sub = listing.add_subparsers(title="commands", metavar="COMMAND")
     show = sub.add_parser("show", help="one checkpoint: run, name, size, state keys, replay log")
     show.add_argument("checkpoint_id", metavar="ID", help="a checkpoint id, or a unique prefix of one")
-    _add_store(show, add_dir, argparse.SUPPRESS)
+    add_store_options(show, add_dir, argparse.SUPPRESS)
     show.set_defaults(handler=cmd_show)
     verify = sub.add_parser("verify", help="read every checkpoint (or the ones named) and check it")
     verify.add_argument("checkpoint_ids", nargs="*", metavar="ID", help="checkpoint ids, or unique prefixes")
-    _add_store(verify, add_dir, argparse.SUPPRESS)
+    add_store_options(verify, add_dir, argparse.SUPPRESS)
     verify.set_defaults(handler=cmd_verify)
 
     resume = commands.add_parser(
@@ -61,7 +61,7 @@ def add_commands(commands: Any, add_dir: Any) -> None:
         "(or checkpoint) ID, serving the steps it had completed from the checkpoint. "
         "COMMAND comes after --; the options may go before or after ID.",
     )
-    _add_store(resume, add_dir)
+    add_store_options(resume, add_dir)
     resume.add_argument(
         "identifier",
         metavar="ID",
@@ -83,7 +83,7 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
     return words[:at], words[at + 1 :]
 
 
-def _add_store(parser: argparse.ArgumentParser, add_dir: Any, default: Any = None) -> None:
+def add_store_options(parser: argparse.ArgumentParser, add_dir: Any, default: Any = None) -> None:
     add_dir(parser, default)
     parser.add_argument(
         "--store",
@@ -101,7 +101,7 @@ class CommandError(Exception):
 # the store, and the traces that name its checkpoints
 
 
-def _store(args: argparse.Namespace) -> CheckpointStore:
+def open_store(args: argparse.Namespace) -> CheckpointStore:
     """The store the options name; RunsError/CommandError for a folder named that does not exist."""
     directory, named = runs.chosen_directory(args)
     if named:
@@ -117,7 +117,7 @@ def _store(args: argparse.Namespace) -> CheckpointStore:
     return CheckpointStore(exporter)
 
 
-def _stored(store: CheckpointStore) -> list[StoredCheckpoint]:
+def stored_checkpoints(store: CheckpointStore) -> list[StoredCheckpoint]:
     """The checkpoints in ``store``; any other key is skipped with a warning naming it."""
     found = []
     for key in _call(store.list):
@@ -158,8 +158,8 @@ LIST_HEADER = ("RUN ID", "CHECKPOINT", "CREATED", "NAME")
 
 def cmd_list(args: argparse.Namespace) -> int:
     """One line per checkpoint, newest last: run, checkpoint id, when, and its name."""
-    store = _store(args)
-    stored = _stored(store)
+    store = open_store(args)
+    stored = stored_checkpoints(store)
     spans = _spans(args)
     run_id = _match_run(args.run_id, stored, spans) if args.run_id else None
     if run_id is not None:
@@ -192,17 +192,23 @@ _GENERATED_ID = re.compile(r"[0-9a-f]{32}\Z")
 _PLAUSIBLE_NS = (946_684_800 * 10**9, 7_258_118_400 * 10**9)  # years 2000 to 2200
 
 
-def _created(checkpoint_id: str) -> str:
-    """When the checkpoint was taken, read from its id (16 hex digits of time, then 16 random)."""
+def created_ns(checkpoint_id: str) -> int | None:
+    """When the checkpoint was taken, read from its id (16 hex digits of time, then 16 random);
+    None for an id multirun did not make."""
     if not _GENERATED_ID.match(checkpoint_id):
-        return ""
+        return None
     ns = int(checkpoint_id[:16], 16)
-    return render.format_time(ns) if _PLAUSIBLE_NS[0] <= ns < _PLAUSIBLE_NS[1] else ""
+    return ns if _PLAUSIBLE_NS[0] <= ns < _PLAUSIBLE_NS[1] else None
+
+
+def _created(checkpoint_id: str) -> str:
+    ns = created_ns(checkpoint_id)
+    return "" if ns is None else render.format_time(ns)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    store = _store(args)
-    checkpoint_id = _call(resolve_checkpoint, _stored(store), args.checkpoint_id, "checkpoint")
+    store = open_store(args)
+    checkpoint_id = _call(resolve_checkpoint, stored_checkpoints(store), args.checkpoint_id, "checkpoint")
     restored = _call(store.load, checkpoint_id)
     meta = restored.checkpoint
     cached = sum(1 for record in restored.replay if "result" in record)
@@ -225,8 +231,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    store = _store(args)
-    stored = _stored(store)
+    store = open_store(args)
+    stored = stored_checkpoints(store)
     ids = args.checkpoint_ids or [found.checkpoint_id for found in stored]
     failed = 0
     for given in ids:
@@ -256,8 +262,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     command: list[str] = args.command or []
     if not command:
         raise CommandError(f"resume: give the program to run after --, {RESUME_EXAMPLE}")
-    store = _store(args)
-    checkpoint_id = _call(resolve_checkpoint, _stored(store), args.identifier, "either")
+    store = open_store(args)
+    checkpoint_id = _call(resolve_checkpoint, stored_checkpoints(store), args.identifier, "either")
     restored = _call(store.load, checkpoint_id)
     meta = restored.checkpoint
     print(f"resuming run {meta.run_id} from checkpoint {meta.id} ({meta.name})", file=sys.stderr)

@@ -5,6 +5,7 @@
     multirun runs show RUN_ID [--dir DIR]         one run as a tree of its spans
     multirun checkpoints [--run RUN_ID] | show ID | verify [ID ...]
     multirun resume ID -- COMMAND ...             COMMAND's first @run continues run ID
+    multirun prune --older-than DAYS [--dry-run]  remove old trace files and old runs' checkpoints
 
 DIR defaults to ``$MULTIRUN_DIR``, else ``./.multirun`` (where ``multirun.init_local``
 and the embedded default write). Any unique prefix of a run or checkpoint id will do.
@@ -25,7 +26,7 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from multirun import __version__
-from multirun.cli import checkpoints, render, runs
+from multirun.cli import checkpoints, prune, render, runs
 from multirun.cli.runs import RunsError
 from multirun.client import DEFAULT_DIR, MultiRunClient
 from multirun.errors import MultiRunError
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     show.set_defaults(handler=cmd_show)
     checkpoints.add_commands(commands, _add_dir)
+    prune.add_command(commands, _add_dir)
     return parser
 
 

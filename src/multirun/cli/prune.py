@@ -1,0 +1,158 @@
+"""``multirun prune``: remove old trace files and the checkpoints of old runs.
+
+    multirun prune --older-than DAYS [--dir DIR] [--store URI] [--dry-run]
+
+Nothing under the multirun folder is ever removed on its own; a process that
+runs for months with the embedded default fills it. This command removes:
+
+- trace files (``DIR/traces/*.jsonl``) last written more than DAYS ago;
+- every checkpoint of each run whose newest checkpoint is older than DAYS. A
+  run keeps all its checkpoints or loses all of them, so a run that could
+  still be resumed is never left with only some. A checkpoint whose id does not
+  say when it was taken (an id multirun did not make) is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from multirun.checkpoints.exporters import FileBlobExporter
+from multirun.checkpoints.store import CheckpointStore
+from multirun.cli import render, runs
+from multirun.cli.checkpoints import (
+    CommandError,
+    add_store_options,
+    created_ns,
+    open_store,
+    stored_checkpoints,
+)
+from multirun.errors import CheckpointError
+
+SECONDS_PER_DAY = 86_400
+
+
+def add_command(commands: Any, add_dir: Any) -> None:
+    """Register ``prune`` on the top-level sub-parsers."""
+    prune = commands.add_parser(
+        "prune",
+        help="remove trace files and checkpoints older than some days",
+        description="Remove trace files last written more than DAYS ago, and every checkpoint of "
+        "the runs whose newest checkpoint is older than DAYS.",
+    )
+    add_store_options(prune, add_dir)
+    prune.add_argument(
+        "--older-than",
+        dest="days",
+        type=_days,
+        required=True,
+        metavar="DAYS",
+        help="age in days (a fraction will do: 0.5 is twelve hours)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    prune.set_defaults(handler=cmd_prune)
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
+    if not math.isfinite(days) or days < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of days >= 0, got {text!r}")
+    return days
+
+
+@dataclass
+class Pruned:
+    """What one prune removed (or would remove)."""
+
+    trace_files: list[Path] = field(default_factory=list)
+    trace_bytes: int = 0
+    runs: dict[str, list[str]] = field(default_factory=dict)  # run id -> checkpoint keys
+    undated: int = 0  # checkpoints kept because their id does not say when they were taken
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    directory, named = runs.chosen_directory(args)
+    if named:
+        runs.check_directory(directory)
+    cutoff = time.time() - args.days * SECONDS_PER_DAY
+    store = open_store(args)
+    pruned = Pruned()
+    _old_trace_files(runs.traces_dir(directory), cutoff, pruned)
+    _old_runs(store, int(cutoff * 1e9), pruned)
+    verb = "Would remove" if args.dry_run else "Removed"
+    if args.dry_run:
+        for path in pruned.trace_files:
+            print(f"{verb} {path}")
+        for run_id, keys in pruned.runs.items():
+            print(f"{verb} run {run_id}: {render.plural(len(keys), 'checkpoint')}")
+    else:
+        _remove(store, pruned)
+    checkpoints = sum(len(keys) for keys in pruned.runs.values())
+    age = f"{args.days:g} day{'' if args.days == 1 else 's'}"
+    print(
+        f"{verb} {render.plural(len(pruned.trace_files), 'trace file')} "
+        f"({_size(pruned.trace_bytes)}) and {render.plural(checkpoints, 'checkpoint')} "
+        f"of {render.plural(len(pruned.runs), 'run')}, older than {age}."
+    )
+    if pruned.undated:
+        print(f"Kept {render.plural(pruned.undated, 'checkpoint')} whose id does not say when it was taken.")
+    return 0
+
+
+def _old_trace_files(folder: Path, cutoff: float, pruned: Pruned) -> None:
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.jsonl")):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue  # gone meanwhile
+        if stat.st_mtime < cutoff:
+            pruned.trace_files.append(path)
+            pruned.trace_bytes += stat.st_size
+
+
+def _old_runs(store: CheckpointStore, cutoff_ns: int, pruned: Pruned) -> None:
+    newest: dict[str, int] = {}
+    keys: defaultdict[str, list[str]] = defaultdict(list)
+    for found in stored_checkpoints(store):
+        keys[found.run_id].append(CheckpointStore.key(found.run_id, found.checkpoint_id))
+        created = created_ns(found.checkpoint_id)
+        if created is None:
+            pruned.undated += 1
+            newest[found.run_id] = 2**63  # never older than anything: the run is kept
+        else:
+            newest[found.run_id] = max(newest.get(found.run_id, 0), created)
+    pruned.runs = {run_id: keys[run_id] for run_id in sorted(keys) if newest[run_id] < cutoff_ns}
+
+
+def _remove(store: CheckpointStore, pruned: Pruned) -> None:
+    for path in pruned.trace_files:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    for run_id, keys in pruned.runs.items():
+        try:
+            for key in keys:
+                store.exporter.delete(key)
+        except CheckpointError as exc:
+            raise CommandError(f"prune: cannot remove the checkpoints of run {run_id}: {exc}") from None
+        if isinstance(store.exporter, FileBlobExporter):
+            with contextlib.suppress(OSError):  # the run's folder, now empty, unless a file came
+                (store.exporter.directory / "checkpoints" / run_id).rmdir()
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")

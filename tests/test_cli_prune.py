@@ -1,0 +1,79 @@
+"""``multirun prune``: old trace files and old runs' checkpoints go, recent ones stay whole."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from multirun.checkpoints.exporters import FileBlobExporter
+from multirun.cli.main import main
+
+DAY_NS = 86_400 * 10**9
+
+
+def checkpoint_id(days_ago: float) -> str:
+    """An id as multirun makes them: 16 hex digits of time, then 16 random."""
+    return f"{time.time_ns() - int(days_ago * DAY_NS):016x}{os.urandom(8).hex()}"
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Runs: 'old' (checkpoints 30 and 20 days old), 'mixed' (30 days and 1 hour), 'recent'
+    (1 hour); trace files last written 30 days ago and today."""
+    blobs = FileBlobExporter(tmp_path / "blobs")
+    for run_id, ages in {"old": [30, 20], "mixed": [30, 1 / 24], "recent": [1 / 24]}.items():
+        for age in ages:
+            blobs.put(f"checkpoints/{run_id}/{checkpoint_id(age)}.ckpt", b"checkpoint bytes")
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    for name, age in {"2026-10-23-100.jsonl": 30, "2026-11-22-200.jsonl": 0}.items():
+        (traces / name).write_text('{"resourceSpans":[]}\n')
+        written = time.time() - age * 86_400
+        os.utime(traces / name, (written, written))
+    return tmp_path
+
+
+def left(folder: Path) -> tuple[list[str], dict[str, int]]:
+    """The trace files, and the number of checkpoints of each run, still there."""
+    traces = sorted(path.name for path in (folder / "traces").iterdir())
+    runs = {path.name: len(list(path.iterdir())) for path in (folder / "blobs" / "checkpoints").iterdir()}
+    return traces, runs
+
+
+def test_prune_removes_old_trace_files_and_whole_old_runs(folder: Path, capsys) -> None:
+    assert main(["prune", "--older-than", "7", "--dir", str(folder)]) == 0
+    assert capsys.readouterr().out == (
+        "Removed 1 trace file (21 bytes) and 2 checkpoints of 1 run, older than 7 days.\n"
+    )
+    # 'mixed' keeps its 30-day-old checkpoint: a run that can still be resumed stays whole
+    assert left(folder) == (["2026-11-22-200.jsonl"], {"mixed": 2, "recent": 1})
+
+
+def test_a_dry_run_lists_what_would_go_and_removes_nothing(folder: Path, capsys) -> None:
+    before = left(folder)
+    assert main(["prune", "--older-than", "7", "--dir", str(folder), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"Would remove {folder / 'traces' / '2026-10-23-100.jsonl'}",
+        "Would remove run old: 2 checkpoints",
+        "Would remove 1 trace file (21 bytes) and 2 checkpoints of 1 run, older than 7 days.",
+    ]
+    assert left(folder) == before
+
+
+def test_a_checkpoint_whose_id_does_not_say_its_age_keeps_its_run(folder: Path, capsys) -> None:
+    FileBlobExporter(folder / "blobs").put("checkpoints/old/before-the-migration.ckpt", b"bytes")
+    assert main(["prune", "--older-than", "7", "--dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "0 checkpoints of 0 runs" in out
+    assert "Kept 1 checkpoint whose id does not say when it was taken." in out
+    assert left(folder)[1]["old"] == 3
+
+
+@pytest.mark.parametrize("days", ["-1", "soon", "nan"])
+def test_an_age_that_is_no_number_of_days_is_a_usage_error(folder: Path, capsys, days: str) -> None:
+    assert main(["prune", "--older-than", days, "--dir", str(folder)]) == 2
+    assert "--older-than" in capsys.readouterr().err
+    assert left(folder)[1] == {"old": 2, "mixed": 2, "recent": 1}
