@@ -521,6 +521,29 @@ def test_too_many_series_fold_into_the_overflow_series(env: Env) -> None:
     }
 
 
+def test_too_many_series_of_a_histogram_fold_into_the_overflow_series(env: Env) -> None:
+    # an agent named per request: the SDK itself would keep one series per name forever
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("x")
+    metrics = Metrics(meter, series_limit=3)
+    for agent in ("a", "b", "c", "d", "e", "a"):
+        metrics.step_finished("job", agent, "tool_call", "completed", 0.5)
+    again = Metrics(meter, series_limit=3)  # a second init on the same meter: the same limit
+    again.step_finished("job", "f", "tool_call", "completed", 0.5)
+    data = reader.get_metrics_data()
+    assert data is not None
+    (durations,) = [
+        metric
+        for metric in data.resource_metrics[0].scope_metrics[0].metrics
+        if metric.name == m.STEP_DURATION
+    ]
+    points = durations.data.data_points
+    counts = {p.attributes.get(attr.GEN_AI_AGENT_NAME, "overflow"): p.count for p in points}
+    assert counts == {"a": 2, "b": 1, "c": 1, "overflow": 3}
+    (overflow,) = [p for p in points if attr.GEN_AI_AGENT_NAME not in p.attributes]
+    assert dict(overflow.attributes) == {m.OTEL_METRIC_OVERFLOW: True}
+
+
 @pytest.mark.parametrize("limit", [0, -1, True, 1.5, "10"])
 def test_series_limit_must_be_a_positive_int(env: Env, limit: Any) -> None:
     with pytest.raises(ValueError, match="series_limit"):

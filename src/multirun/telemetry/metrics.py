@@ -101,7 +101,7 @@ from enum import Enum
 from typing import Any, Final
 
 from opentelemetry.context import Context
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
 from opentelemetry.util.types import AttributeValue
 
 from multirun.telemetry import attributes as attr
@@ -151,9 +151,10 @@ _FAILED: Final = "failed"
 _SKIPPED: Final = "skipped"
 
 DEFAULT_SERIES_LIMIT: Final = 2000
-"""Distinct attribute sets a locally counted metric keeps; more fold into one overflow series."""
+"""Distinct attribute sets a metric keeps; more fold into one overflow series."""
 
 _Attributes = dict[str, AttributeValue]
+_OVERFLOW: Final[_Attributes] = {OTEL_METRIC_OVERFLOW: True}
 
 
 class _Tally:
@@ -217,6 +218,40 @@ class _Tally:
             return sum(node[last] for _, node, last in self.series) + self.overflow
 
 
+class _Capped:
+    """A synchronous instrument whose attribute sets are capped at ``limit``.
+
+    The Python SDK keeps every attribute set it is given for the life of the
+    process (it has no cardinality limit), and agent, run and model names can be
+    made per request. Past the limit, new sets are recorded under
+    ``otel.metric.overflow=true``, as the metrics specification asks of SDKs
+    that have one. ``seen`` is shared by the ``Metrics`` of one meter.
+    """
+
+    __slots__ = ("_instrument", "_limit", "_seen")
+
+    def __init__(self, instrument: Histogram | Counter, seen: set[tuple[Any, ...]], limit: int) -> None:
+        self._instrument = instrument
+        self._seen = seen
+        self._limit = limit
+
+    def _capped(self, attributes: _Attributes) -> _Attributes:
+        key = tuple(attributes.items())
+        seen = self._seen
+        if key in seen:
+            return attributes
+        if len(seen) >= self._limit:
+            return _OVERFLOW
+        seen.add(key)  # two threads may both add the last free set: the limit is that, or one over
+        return attributes
+
+    def record(self, amount: float, attributes: _Attributes, context: Context | None = None) -> None:
+        self._instrument.record(amount, self._capped(attributes), context)  # type: ignore[union-attr]
+
+    def add(self, amount: float, attributes: _Attributes, context: Context | None = None) -> None:
+        self._instrument.add(amount, self._capped(attributes), context)  # type: ignore[union-attr]
+
+
 class _Tallies:
     """The locally counted metrics of one meter, shared by every ``Metrics`` built on it.
 
@@ -244,6 +279,13 @@ class _Tallies:
             ),
             limit,
         )
+        self.limit = limit
+        # the attribute sets of each synchronous instrument (the SDK gives a second Metrics on
+        # this meter the same instrument objects)
+        self.seen: dict[Histogram | Counter, set[tuple[Any, ...]]] = {}
+
+    def capped(self, instrument: Histogram | Counter) -> _Capped:
+        return _Capped(instrument, self.seen.setdefault(instrument, set()), self.limit)
 
 
 _tallies_by_meter: weakref.WeakKeyDictionary[Meter, _Tallies] = weakref.WeakKeyDictionary()
@@ -269,8 +311,8 @@ class Metrics:
     Args:
         meter: from the application's MeterProvider, e.g.
             ``provider.get_meter("multirun", version)``.
-        series_limit: distinct attribute sets kept per locally counted metric;
-            beyond it, new sets are counted under ``otel.metric.overflow=true``.
+        series_limit: distinct attribute sets kept per metric; beyond it, new
+            sets are recorded under ``otel.metric.overflow=true``.
 
     Every ``Metrics`` on the same meter counts steps and decisions into the
     same tallies (the first one's ``series_limit`` applies), since the SDK
@@ -317,45 +359,61 @@ class Metrics:
                 unit="{span}",
                 description="Spans the export pipeline dropped, by error.type.",
             )
-        self._token_usage = meter.create_histogram(
-            GEN_AI_CLIENT_TOKEN_USAGE,
-            unit="{token}",
-            description="Number of input and output tokens used.",
-            explicit_bucket_boundaries_advisory=TOKEN_USAGE_BUCKETS,
+        self._token_usage = tallies.capped(
+            meter.create_histogram(
+                GEN_AI_CLIENT_TOKEN_USAGE,
+                unit="{token}",
+                description="Number of input and output tokens used.",
+                explicit_bucket_boundaries_advisory=TOKEN_USAGE_BUCKETS,
+            )
         )
-        self._operation_duration = meter.create_histogram(
-            GEN_AI_CLIENT_OPERATION_DURATION,
-            unit="s",
-            description="GenAI operation duration.",
-            explicit_bucket_boundaries_advisory=OPERATION_DURATION_BUCKETS,
+        self._operation_duration = tallies.capped(
+            meter.create_histogram(
+                GEN_AI_CLIENT_OPERATION_DURATION,
+                unit="s",
+                description="GenAI operation duration.",
+                explicit_bucket_boundaries_advisory=OPERATION_DURATION_BUCKETS,
+            )
         )
-        self._cost = meter.create_counter(COST, unit="usd", description="Cost of model calls, in US dollars.")
-        self._step_duration = meter.create_histogram(
-            STEP_DURATION,
-            unit="s",
-            description="Duration of LLM-call, tool-call and sub-agent steps, and of failed steps.",
-            explicit_bucket_boundaries_advisory=STEP_DURATION_BUCKETS,
+        self._cost = tallies.capped(
+            meter.create_counter(COST, unit="usd", description="Cost of model calls, in US dollars.")
         )
-        self._budget_exceeded = meter.create_counter(
-            BUDGET_EXCEEDED, unit="{event}", description="Budget limits exceeded, by limit."
+        self._step_duration = tallies.capped(
+            meter.create_histogram(
+                STEP_DURATION,
+                unit="s",
+                description="Duration of LLM-call, tool-call and sub-agent steps, and of failed steps.",
+                explicit_bucket_boundaries_advisory=STEP_DURATION_BUCKETS,
+            )
         )
-        self._budget_utilization = meter.create_histogram(
-            BUDGET_UTILIZATION,
-            unit="1",
-            description="Share of each budget limit a run used (used / limit), at run end.",
-            explicit_bucket_boundaries_advisory=UTILIZATION_BUCKETS,
+        self._budget_exceeded = tallies.capped(
+            meter.create_counter(
+                BUDGET_EXCEEDED, unit="{event}", description="Budget limits exceeded, by limit."
+            )
         )
-        self._checkpoint_size = meter.create_histogram(
-            CHECKPOINT_SIZE,
-            unit="By",
-            description="Size of checkpoints written.",
-            explicit_bucket_boundaries_advisory=CHECKPOINT_SIZE_BUCKETS,
+        self._budget_utilization = tallies.capped(
+            meter.create_histogram(
+                BUDGET_UTILIZATION,
+                unit="1",
+                description="Share of each budget limit a run used (used / limit), at run end.",
+                explicit_bucket_boundaries_advisory=UTILIZATION_BUCKETS,
+            )
         )
-        self._checkpoint_duration = meter.create_histogram(
-            CHECKPOINT_DURATION,
-            unit="s",
-            description="Time to serialize and store a checkpoint.",
-            explicit_bucket_boundaries_advisory=CHECKPOINT_DURATION_BUCKETS,
+        self._checkpoint_size = tallies.capped(
+            meter.create_histogram(
+                CHECKPOINT_SIZE,
+                unit="By",
+                description="Size of checkpoints written.",
+                explicit_bucket_boundaries_advisory=CHECKPOINT_SIZE_BUCKETS,
+            )
+        )
+        self._checkpoint_duration = tallies.capped(
+            meter.create_histogram(
+                CHECKPOINT_DURATION,
+                unit="s",
+                description="Time to serialize and store a checkpoint.",
+                explicit_bucket_boundaries_advisory=CHECKPOINT_DURATION_BUCKETS,
+            )
         )
 
     # -- every step: counted locally ------------------------------------------------
