@@ -702,3 +702,169 @@ def test_a_resumed_run_stays_unpriced_when_its_earlier_spend_was(traced) -> None
     resumed = traced.span("invoke_workflow second")
     assert resumed.attributes[attr.TOKENS_USED] == 15
     assert resumed.attributes[attr.UNPRICED] is True  # never a silent $0 for the carried-over spend
+
+
+# ---------------------------------------------------------------------------
+# found by an adversarial review of replay (each failed before its fix)
+
+
+def test_a_step_served_inside_its_parent_still_counts_for_the_same_call_later(traced) -> None:
+    executed: list[int] = []
+    pages = iter(range(1, 10))
+
+    @step
+    def next_page() -> int:
+        executed.append(page := next(pages))
+        return page
+
+    @step
+    def first_page() -> int:
+        return next_page()
+
+    @run(checkpoint_on_error=False)
+    def job() -> list[int]:
+        first_page()
+        next_page()
+        get_current_run_context().checkpoint(name="two pages")
+        raise RuntimeError("crash")
+
+    run_id = run_id_after_crash(traced, job)
+    executed.clear()
+
+    @run
+    def job_again() -> list[int]:
+        return [first_page(), next_page(), next_page()]
+
+    # the second next_page() got number 1 (its first call was served inside first_page without
+    # being made), so it ran again, and the recorded page 2 went to the third call
+    with multirun.resume(run_id=run_id):
+        assert job_again() == [1, 2, 3]
+    assert executed == [3]
+
+
+def test_steps_nested_in_parallel_branches_replay_in_either_order(traced) -> None:
+    import asyncio
+
+    executed: list[int] = []
+
+    def program(crash: bool):  # type: ignore[no-untyped-def]
+        @step
+        async def fetch(n: int) -> int:
+            executed.append(n)
+            await asyncio.sleep(0)
+            return n * 10
+
+        @step
+        async def branch(n: int) -> int:
+            a = await fetch(n)
+            b = await fetch(n + 100)
+            await asyncio.sleep(0.02 if n == 1 else 0.01)
+            if n == 2:
+                get_current_run_context().checkpoint(name="branch 2 fetched")
+                if crash:
+                    raise RuntimeError("crash")
+            return a + b
+
+        @run(checkpoint_on_error=False)
+        async def job() -> list[int]:
+            return list(await asyncio.gather(branch(1), branch(2)))
+
+        return job
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(program(crash=True)())
+    run_id = traced.named("invoke_workflow job")[-1].attributes[attr.RUN_ID]
+    executed.clear()
+    # served children return at once, so one branch overtakes the recorded interleaving: that
+    # raised "fetch came before branch" although the two branches ran side by side
+    with multirun.resume(run_id=run_id):
+        assert asyncio.run(program(crash=False)()) == [1020, 1040]
+    assert executed == []
+
+
+def test_a_failed_step_running_again_at_a_later_checkpoint_is_still_one_that_failed(traced) -> None:
+    def program(primary_up: bool, die_in_primary: bool, die_at_end: bool):  # type: ignore[no-untyped-def]
+        @step
+        def primary(query: str) -> str:
+            get_current_run_context().checkpoint(name="calling primary")
+            if die_in_primary:
+                raise RuntimeError("process killed")
+            if not primary_up:
+                raise ConnectionError("primary down")
+            return "primary answer"
+
+        @step
+        def backup(query: str) -> str:
+            return "backup answer"
+
+        @step
+        def summarize(text: str) -> str:
+            return text.upper()
+
+        @run(checkpoint_on_error=False)
+        def job() -> str:
+            try:
+                answer = primary("q")
+            except ConnectionError:
+                answer = backup("q")
+            summary = summarize(answer)
+            get_current_run_context().checkpoint(name="summarized")
+            if die_at_end:
+                raise RuntimeError("process killed")
+            return summary
+
+        return job
+
+    first = run_id_after_crash(traced, program(False, False, True))
+    with multirun.resume(run_id=first):
+        second = run_id_after_crash(traced, program(True, True, False))
+    with multirun.resume(run_id=second):
+        assert program(True, False, False)() == "PRIMARY ANSWER"
+
+
+def test_a_result_the_program_changes_after_the_step_returned_is_replayed_as_returned(traced) -> None:
+    @step
+    def search(topic: str) -> list[str]:
+        return [f"{topic} 1", f"{topic} 2"]
+
+    @run(checkpoint_on_error=False)
+    def job() -> None:
+        sources = search("otel")
+        sources.append("my own note")  # the log used to hold this very list
+        get_current_run_context().checkpoint(name="searched")
+        raise RuntimeError("crash")
+
+    run_id = run_id_after_crash(traced, job)
+
+    @run
+    def job_again() -> list[str]:
+        return search("otel")
+
+    with multirun.resume(run_id=run_id):
+        assert job_again() == ["otel 1", "otel 2"]
+
+
+def test_an_agent_called_outside_any_run_resumes_like_a_run(traced) -> None:
+    from multirun import agent
+
+    executed: list[int] = []
+
+    @step(checkpoint=True)
+    def fetch(n: int) -> int:
+        executed.append(n)
+        return n
+
+    @agent
+    def researcher(crash: bool) -> int:
+        first = fetch(1)
+        if crash:
+            raise RuntimeError("crash")
+        return first + fetch(2)
+
+    with pytest.raises(RuntimeError):
+        researcher(True)
+    run_id = traced.named("invoke_workflow researcher")[-1].attributes[attr.RUN_ID]
+    executed.clear()
+    with multirun.resume(run_id=run_id):  # it used to be ignored: fetch(1) ran again
+        assert researcher(False) == 3
+    assert executed == [2]

@@ -557,7 +557,12 @@ def agent(
             if run_ctx is None:
                 from multirun.client import get_client
 
-                owned = RunContext(get_client(), Run(name=agent_name), checkpoint_on_error=False)
+                client = get_client()
+                owned = RunContext(client, Run(name=agent_name), checkpoint_on_error=False)
+                restored = take_pending_resume(client)  # `multirun resume` works on it as on a @run
+                if restored is not None:
+                    owned.resumed_from = restored
+                    owned._restore(restored)
                 run_ctx = owned
                 current = owned.otel_context
             token = otel_context.attach(current)

@@ -44,6 +44,7 @@ of millions of steps keeps flat memory.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import threading
@@ -80,7 +81,6 @@ class ReplayLog:
         self.limit = limit
         self._recorded: list[tuple[Call, int, Any]] = []  # (call, end seq, result or FAILED), as they ended
         self._running: dict[int, Call] = {}  # calls started and not returned, by sequence number
-        self._replayed: dict[tuple[str, str], int] = {}  # (name, digest) -> calls while replaying
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._full_warned = False
@@ -109,13 +109,12 @@ class ReplayLog:
             self._running[call[SEQ]] = call
             return call
         with self._lock:
-            occurrence = self._replayed.get((name, digest), 0) + 1
-            self._replayed[name, digest] = occurrence
+            occurrence = replay.next_occurrence(name, digest)
             found = None if replay.done else replay.serve(name, digest, occurrence)
             if found is None:
                 call = (name, digest, occurrence, parent, next(self._seq))
             elif found.has_result:
-                return Served(found.result)
+                return Served(_snapshot(found.result))
             else:
                 # it runs again, under its recorded sequence number: the steps it had finished
                 # keep it as their parent, and its new record replaces the recorded one
@@ -141,7 +140,7 @@ class ReplayLog:
         if self._reruns and seq in self._reruns:
             self._rerun_returned(seq)
         # begin() let it in while the log had room: past the limit by the calls in flight at most
-        self._recorded.append((call, next(self._seq), result))  # one atomic append
+        self._recorded.append((call, next(self._seq), _snapshot(result)))  # one atomic append
 
     def fail(self, call: Call) -> None:
         """The step of ``call`` raised (or was refused before it ran)."""
@@ -171,13 +170,13 @@ class ReplayLog:
             replay = self._replay
             if replay is None or replay.done:
                 return False, None
-            occurrence = self._replayed.get((name, digest), 0) + 1
+            occurrence = replay.counts.get((name, digest), 0) + 1
             entry = replay.find(name, digest, occurrence)
             if entry is None or entry.served:
                 return False, None
             if entry.answer is not None:
-                return True, entry.answer.result
-            return (True, entry.result) if entry.has_result else (False, None)
+                return True, _snapshot(entry.answer.result)
+            return (True, _snapshot(entry.result)) if entry.has_result else (False, None)
 
     # -- checkpoints -------------------------------------------------------------
 
@@ -186,9 +185,13 @@ class ReplayLog:
         with self._lock:
             # a step still running (the one that took the checkpoint, say) is recorded without a
             # result: after a restore it runs again, and the steps it had finished are served
-            calls = [*self._recorded, *((call, None, _NO_RESULT) for call in self._running.values())]
-            counted = dict(self._replayed)
-            restored = self._replay.kept_records({c[SEQ] for c, _, _ in calls}) if self._replay else []
+            # list(): a snapshot in one step, as other threads add and remove calls without the lock
+            running = list(self._running.values())
+            calls = [*self._recorded, *((call, None, _NO_RESULT) for call in running)]
+            replay = self._replay
+            counted = dict(replay.counts) if replay is not None else {}
+            restored = replay.kept_records({c[SEQ] for c, _, _ in calls}) if replay is not None else []
+            reruns = set(self._reruns)
         calls.sort(key=lambda c: c[0][SEQ])
         records = []
         for call, end, result in calls:
@@ -203,8 +206,8 @@ class ReplayLog:
                 "seq": seq,
                 "end": end,
             }
-            if result is FAILED:
-                record["failed"] = True
+            if result is FAILED or (result is _NO_RESULT and seq in reruns):
+                record["failed"] = True  # a failed call running again is still one that failed
             elif result is not _NO_RESULT:
                 record["result"] = result
             records.append(record)
@@ -215,10 +218,23 @@ class ReplayLog:
         replay = _Replay([dict(record) for record in records])
         with self._lock:
             self._recorded = []
-            self._replayed = {}
             self._replay = replay
             self._reruns = set()
             self._seq = itertools.count(replay.next_seq)
+
+
+_KEPT_AS_IS = frozenset({str, int, float, bool, type(None), bytes})
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of a step's result that the program cannot change afterwards (it appends to the
+    list the step returned, say), so the log serves what the step returned."""
+    if type(value) in _KEPT_AS_IS:
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # no copy can be made: the log keeps the object itself
+        return value
 
 
 _NO_RESULT: Any = object()  # the "result" of a call still running
@@ -235,6 +251,7 @@ class _Entry:
         "has_result",
         "index",
         "name",
+        "occurrence",
         "parent",
         "record",
         "result",
@@ -247,6 +264,7 @@ class _Entry:
         self.record = record
         self.name = str(record["name"])
         self.digest = str(record["digest"])
+        self.occurrence = int(record["occurrence"])
         self.seq = int(record["seq"])
         unfinished = record.get("end") is None
         self.end = _STILL_RUNNING if unfinished else int(record["end"])
@@ -269,10 +287,9 @@ class _Replay:
     def __init__(self, records: list[dict[str, Any]]) -> None:
         ordered = sorted(records, key=lambda r: int(r["seq"]))
         self.entries = [_Entry(i, r) for i, r in enumerate(ordered)]
-        self.by_key = {
-            (str(r["name"]), str(r["digest"]), int(r["occurrence"])): e
-            for r, e in zip(ordered, self.entries, strict=True)
-        }
+        self.by_key = {(e.name, e.digest, e.occurrence): e for e in self.entries}
+        self.by_seq = {e.seq: e for e in self.entries}
+        self.counts: dict[tuple[str, str], int] = {}  # (name, digest) -> calls numbered so far
         self.children: dict[int, list[_Entry]] = {}
         for entry in self.entries:
             if entry.parent is not None:
@@ -286,6 +303,11 @@ class _Replay:
         self.done = not self.entries
         self.stopped = False
 
+    def next_occurrence(self, name: str, digest: str) -> int:
+        """Number a call of ``name`` with these inputs (the first is 1)."""
+        occurrence = self.counts[name, digest] = self.counts.get((name, digest), 0) + 1
+        return occurrence
+
     def find(self, name: str, digest: str, occurrence: int) -> _Entry | None:
         return self.by_key.get((name, digest, occurrence))
 
@@ -297,14 +319,14 @@ class _Replay:
         if entry is None:
             raise DeterminismError(
                 f"replay: {self._mismatch(name, digest, occurrence, expected)}. The code or the inputs "
-                "of a step changed since the checkpoint. Restore from an earlier checkpoint, start a "
-                "new run, or mark steps whose inputs legitimately change idempotent=False."
+                "of a step changed since the checkpoint, or the program skipped recorded steps (a "
+                "resumed run serves recorded steps only when it calls them again, in order). Restore "
+                "from an earlier checkpoint, start a new run, or mark steps whose inputs "
+                "legitimately change idempotent=False."
             )
         if entry.served:
             return None  # served already, inside a replayed parent: this is a new execution
-        if entry is not expected and not (
-            entry.parent == expected.parent and (entry.concurrent or expected.concurrent)
-        ):
+        if entry is not expected and not self._side_by_side(entry, expected):
             raise DeterminismError(
                 f"replay: step {name!r} came before {expected.name!r}, but the recorded run called "
                 f"them the other way round (recorded calls #{expected.index + 1} and #{entry.index + 1}). "
@@ -326,6 +348,25 @@ class _Replay:
         self._serve(entry)
         return entry
 
+    def _side_by_side(self, a: _Entry, b: _Entry) -> bool:
+        """Whether ``a`` and ``b`` ran side by side: they, or the steps they ran inside that
+        share a parent, overlapped (threads, gather)."""
+        lineage_a = self._lineage(a)
+        parents_a = {entry.parent: entry for entry in lineage_a}
+        for entry in self._lineage(b):
+            other = parents_a.get(entry.parent)
+            if other is not None:
+                return other is not entry and (other.concurrent or entry.concurrent)
+        return False
+
+    def _lineage(self, entry: _Entry) -> list[_Entry]:
+        """``entry`` and the recorded steps it ran inside, innermost first."""
+        lineage = [entry]
+        while entry.parent is not None and entry.parent in self.by_seq:
+            entry = self.by_seq[entry.parent]
+            lineage.append(entry)
+        return lineage
+
     def _mismatch(self, name: str, digest: str, occurrence: int, expected: _Entry) -> str:
         """How a call the recording does not have differs from the recorded call due here."""
         recorded = f"recorded call #{expected.index + 1}"
@@ -344,9 +385,15 @@ class _Replay:
     def _serve(self, *entries: _Entry) -> None:
         """Mark ``entries`` and every step they ran inside as served, and move on."""
         stack = list(entries)
+        counts = self.counts
         while stack:
             current = stack.pop()
             current.served = True
+            # a call served without being made (inside a served step, or a retry answered for
+            # it) still takes its number: the next call with these inputs is the one after it
+            key = (current.name, current.digest)
+            if counts.get(key, 0) < current.occurrence:
+                counts[key] = current.occurrence
             stack.extend(self.children.get(current.seq, ()))
         self._advance()
 
