@@ -24,7 +24,6 @@ from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.replay import SEQ, Served
 from multirun.checkpoints.resume import take_pending_resume
-from multirun.checkpoints.store import RestoredCheckpoint
 from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.enforcement.policy import PROCEED
@@ -415,9 +414,8 @@ class _RunCall:
     __slots__ = ("ctx", "otel_context")
     wait_before = 0.0
 
-    def __init__(self, ctx: RunContext, resumed: RestoredCheckpoint | None = None) -> None:
+    def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
-        ctx.resumed_from = resumed
         self.otel_context = ctx.otel_context
 
     def _clock(self) -> Clock:
@@ -479,15 +477,22 @@ def run(
             )
             client = get_client()
             ctx = RunContext(client, model, checkpoint_on_error=checkpoint_on_error)
-            restored = take_pending_resume(client)
-            call = _RunCall(ctx, restored)
-            if restored is not None:
-                ctx._restore(restored)
-            return call
+            _resume_pending(ctx)
+            return _RunCall(ctx)
 
         return _wrap(fn, open_run)
 
     return decorate(func) if func is not None else decorate
+
+
+def _resume_pending(ctx: RunContext) -> None:
+    """Continue the checkpoint that ``multirun.resume`` (or ``multirun resume``) named, if
+    one is pending; call before anything else starts the run's span."""
+    restored = take_pending_resume(ctx.client)
+    if restored is not None:
+        ctx.resumed_from = restored  # the span starts linked to the run it continues
+        ctx._start()  # the span, and with it the ledger the restored spend goes to
+        ctx._restore(restored)
 
 
 # ---------------------------------------------------------------------------
@@ -557,12 +562,8 @@ def agent(
             if run_ctx is None:
                 from multirun.client import get_client
 
-                client = get_client()
-                owned = RunContext(client, Run(name=agent_name), checkpoint_on_error=False)
-                restored = take_pending_resume(client)  # `multirun resume` works on it as on a @run
-                if restored is not None:
-                    owned.resumed_from = restored
-                    owned._restore(restored)
+                owned = RunContext(get_client(), Run(name=agent_name), checkpoint_on_error=False)
+                _resume_pending(owned)  # an agent outside a run is its own run, resumable as one
                 run_ctx = owned
                 current = owned.otel_context
             token = otel_context.attach(current)

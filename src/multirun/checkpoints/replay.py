@@ -140,7 +140,9 @@ class ReplayLog:
         if self._reruns and seq in self._reruns:
             self._rerun_returned(seq)
         # begin() let it in while the log had room: past the limit by the calls in flight at most
-        self._recorded.append((call, next(self._seq), _snapshot(result)))  # one atomic append
+        if type(result) not in _KEPT_AS_IS:
+            result = _snapshot(result)
+        self._recorded.append((call, next(self._seq), result))  # one atomic append
 
     def fail(self, call: Call) -> None:
         """The step of ``call`` raised (or was refused before it ran)."""
@@ -229,7 +231,7 @@ _KEPT_AS_IS = frozenset({str, int, float, bool, type(None), bytes})
 def _snapshot(value: Any) -> Any:
     """A copy of a step's result that the program cannot change afterwards (it appends to the
     list the step returned, say), so the log serves what the step returned."""
-    if type(value) in _KEPT_AS_IS:
+    if type(value) in _KEPT_AS_IS:  # immutable: the object itself
         return value
     try:
         return copy.deepcopy(value)
@@ -290,10 +292,11 @@ class _Replay:
         self.by_key = {(e.name, e.digest, e.occurrence): e for e in self.entries}
         self.by_seq = {e.seq: e for e in self.entries}
         self.counts: dict[tuple[str, str], int] = {}  # (name, digest) -> calls numbered so far
-        self.children: dict[int, list[_Entry]] = {}
+        # the calls made inside each call, by its sequence number (None: at the run's top level),
+        # in the order they started
+        self.children: dict[int | None, list[_Entry]] = {}
         for entry in self.entries:
-            if entry.parent is not None:
-                self.children.setdefault(entry.parent, []).append(entry)
+            self.children.setdefault(entry.parent, []).append(entry)
         self._mark_side_by_side()
         self._link_retries()
         self.next_seq = 1 + max(
@@ -420,10 +423,7 @@ class _Replay:
     def _link_retries(self) -> None:
         """Answer each failed call whose next sibling calls, with the same name and inputs,
         failed too until one returned: a retry loop around the step."""
-        siblings: dict[int | None, list[_Entry]] = {}
-        for entry in self.entries:
-            siblings.setdefault(entry.parent, []).append(entry)
-        for group in siblings.values():
+        for group in self.children.values():
             pending: list[_Entry] = []  # consecutive failed calls of one step with one input
             for entry in group:
                 if pending and (entry.name, entry.digest) != (pending[0].name, pending[0].digest):
@@ -438,10 +438,7 @@ class _Replay:
 
     def _mark_side_by_side(self) -> None:
         """Siblings whose [start, end] overlap ran side by side (threads, gather)."""
-        siblings: dict[int | None, list[_Entry]] = {}
-        for entry in self.entries:
-            siblings.setdefault(entry.parent, []).append(entry)
-        for group in siblings.values():
+        for group in self.children.values():
             latest_end = -1
             previous: _Entry | None = None
             for entry in group:  # ordered by start

@@ -151,8 +151,12 @@ def _remove(store: CheckpointStore, pruned: Pruned) -> None:
 
 
 def _size(count: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
-            return f"{count} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
+    """``512 bytes``, ``18.3 KB``, ``1.2 MB``, ``3.4 GB``."""
+    if count < 1024:
+        return f"{count} bytes"
+    size, unit = count / 1024, "KB"
+    for bigger in ("MB", "GB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"

@@ -359,61 +359,47 @@ class Metrics:
                 unit="{span}",
                 description="Spans the export pipeline dropped, by error.type.",
             )
-        self._token_usage = tallies.capped(
-            meter.create_histogram(
-                GEN_AI_CLIENT_TOKEN_USAGE,
-                unit="{token}",
-                description="Number of input and output tokens used.",
-                explicit_bucket_boundaries_advisory=TOKEN_USAGE_BUCKETS,
+
+        def histogram(name: str, unit: str, description: str, buckets: Sequence[float]) -> _Capped:
+            made = meter.create_histogram(
+                name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
             )
+            return tallies.capped(made)
+
+        self._token_usage = histogram(
+            GEN_AI_CLIENT_TOKEN_USAGE,
+            "{token}",
+            "Number of input and output tokens used.",
+            TOKEN_USAGE_BUCKETS,
         )
-        self._operation_duration = tallies.capped(
-            meter.create_histogram(
-                GEN_AI_CLIENT_OPERATION_DURATION,
-                unit="s",
-                description="GenAI operation duration.",
-                explicit_bucket_boundaries_advisory=OPERATION_DURATION_BUCKETS,
-            )
+        self._operation_duration = histogram(
+            GEN_AI_CLIENT_OPERATION_DURATION, "s", "GenAI operation duration.", OPERATION_DURATION_BUCKETS
         )
         self._cost = tallies.capped(
             meter.create_counter(COST, unit="usd", description="Cost of model calls, in US dollars.")
         )
-        self._step_duration = tallies.capped(
-            meter.create_histogram(
-                STEP_DURATION,
-                unit="s",
-                description="Duration of LLM-call, tool-call and sub-agent steps, and of failed steps.",
-                explicit_bucket_boundaries_advisory=STEP_DURATION_BUCKETS,
-            )
+        self._step_duration = histogram(
+            STEP_DURATION,
+            "s",
+            "Duration of LLM-call, tool-call and sub-agent steps, and of failed steps.",
+            STEP_DURATION_BUCKETS,
         )
         self._budget_exceeded = tallies.capped(
             meter.create_counter(
                 BUDGET_EXCEEDED, unit="{event}", description="Budget limits exceeded, by limit."
             )
         )
-        self._budget_utilization = tallies.capped(
-            meter.create_histogram(
-                BUDGET_UTILIZATION,
-                unit="1",
-                description="Share of each budget limit a run used (used / limit), at run end.",
-                explicit_bucket_boundaries_advisory=UTILIZATION_BUCKETS,
-            )
+        self._budget_utilization = histogram(
+            BUDGET_UTILIZATION,
+            "1",
+            "Share of each budget limit a run used (used / limit), at run end.",
+            UTILIZATION_BUCKETS,
         )
-        self._checkpoint_size = tallies.capped(
-            meter.create_histogram(
-                CHECKPOINT_SIZE,
-                unit="By",
-                description="Size of checkpoints written.",
-                explicit_bucket_boundaries_advisory=CHECKPOINT_SIZE_BUCKETS,
-            )
+        self._checkpoint_size = histogram(
+            CHECKPOINT_SIZE, "By", "Size of checkpoints written.", CHECKPOINT_SIZE_BUCKETS
         )
-        self._checkpoint_duration = tallies.capped(
-            meter.create_histogram(
-                CHECKPOINT_DURATION,
-                unit="s",
-                description="Time to serialize and store a checkpoint.",
-                explicit_bucket_boundaries_advisory=CHECKPOINT_DURATION_BUCKETS,
-            )
+        self._checkpoint_duration = histogram(
+            CHECKPOINT_DURATION, "s", "Time to serialize and store a checkpoint.", CHECKPOINT_DURATION_BUCKETS
         )
 
     # -- every step: counted locally ------------------------------------------------
