@@ -31,7 +31,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
-from multirun.checkpoints.replay import Call, ReplayLog
+from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy
 from multirun.enforcement.policy import PolicyEngine
 from multirun.errors import BudgetExceededError, ConfigurationError, PolicyViolation
 from multirun.models.agent import Agent, AgentStatus
@@ -240,6 +240,11 @@ class RunContext:
         self.parent_step: StepContext | None = None  # the step of the parent run that called this sub-run
         self.parent_agent: AgentContext | None = None
         self.ledger: Ledger = client.new_ledger(None)
+        # the top run in this process whose replay log and checkpoints this run shares
+        self.root: RunContext = self
+        # a sub-run's call in its parent's log (the steps it runs are recorded under it)
+        self._run_call: tuple[ReplayLog, Call] | None = None
+        self.replay_parent: int | None = None  # its sequence number, the parent of its steps
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -262,6 +267,8 @@ class RunContext:
                 run.parent_id = parent.run.id
             parent_ledger = parent.ledger
         self.ledger = self.client.new_ledger(parent_ledger, _effective_budget(run), run.id)
+        if self.parent is not None:
+            self._join_replay_log(self.parent)
         if run.policy is not None:
             self.policy_engine = PolicyEngine(
                 run.policy, self.client.policy_state, self.client.clock.monotonic
@@ -296,6 +303,32 @@ class RunContext:
         ctx = otel_context.set_value(AGENT_KEY, None, ctx)
         self._otel_ctx = otel_context.set_value(STEP_KEY, None, ctx)
         self.client.metrics.run_started(run.name, self._otel_ctx)
+
+    def _join_replay_log(self, parent: RunContext) -> None:
+        """A sub-run records its steps in its parent's replay log, under a call of its own, so
+        the run's checkpoints hold them and resuming the run restores the sub-run with it
+        (its state and spend, and its completed steps served instead of run again)."""
+        self.root = parent.root
+        self.replay_log = log = parent.replay_log
+        self.records_replay = parent.records_replay
+        self.is_replaying = self.is_replaying or parent.is_replaying
+        step = self.parent_step
+        step_call = step.replay_call if step is not None else None
+        parent_seq = step_call[SEQ] if step_call is not None else parent.replay_parent
+        call, recorded = log.begin_run(self.run.name, parent_seq, self._replay_snapshot)
+        if call is None:
+            return  # the log is full: the sub-run's steps run again after a restore
+        self._run_call = (log, call)
+        self.replay_parent = call[SEQ]
+        if recorded is not None:
+            state = recorded.get("state")
+            if isinstance(state, dict):
+                self._state.update(state)
+            _restore_spend(self.ledger, recorded.get("ledger"))
+
+    def _replay_snapshot(self) -> dict[str, Any]:
+        """What a checkpoint keeps of a sub-run: its state and its spend."""
+        return {"state": dict(self._state), "ledger": self.ledger.totals()}
 
     def _start_remote(self, parent_ctx: Context) -> None:
         run = self.run
@@ -376,6 +409,10 @@ class RunContext:
             if self._finished:
                 return
             self._finished = True
+        if self._run_call is not None:
+            log, call = self._run_call
+            final = {"state": kept_copy(self._state), "ledger": self.ledger.totals()}
+            log.end_run(call, final, failed=status is RunStatus.FAILED)
         for agent in list(self.agents):
             if agent.agent.status is AgentStatus.RUNNING:
                 if status is RunStatus.COMPLETED:
@@ -512,9 +549,11 @@ class RunContext:
             self, name=name, extra_state=extra_state, agent_id=agent_id, step_id=step_id
         )
         self.client.metrics.checkpoint_saved(self.run.name, meta.size_bytes, time.perf_counter() - started)
-        with self._lock:
-            self.run.checkpoints.append(meta)
-            self.run.latest_checkpoint_id = meta.id
+        # a sub-run's checkpoint is its top run's too (the one to resume): both list it
+        for owner in (self,) if self.root is self else (self, self.root):
+            with owner._lock:
+                owner.run.checkpoints.append(meta)
+                owner.run.latest_checkpoint_id = meta.id
         span = trace.get_current_span()
         if not span.is_recording():
             span = self.span
@@ -550,6 +589,10 @@ class RunContext:
         cannot be deserialized.
         """
         restored = self.client.checkpoints.load(checkpoint_id)
+        if self.root is not self:
+            # a sub-run restored on its own continues that checkpoint in a log of its own
+            self.root, self.replay_parent = self, None
+            self.replay_log = ReplayLog(self.client.replay_limit)
         self._restore(restored)
         return Done(None)
 
@@ -557,13 +600,7 @@ class RunContext:
         self._state.update(restored.state)
         self.replay_log.load(restored.replay)
         self.records_replay = True
-        ledger = restored.ledger
-        self.ledger.restore(
-            ledger.get("tokens", 0),
-            ledger.get("cost_units", 0),
-            ledger.get("steps", 0),
-            ledger.get("unpriced_reports", 0),  # absent from older checkpoints
-        )
+        _restore_spend(self.ledger, restored.ledger)
         self.is_replaying = True
         if self._span is not None:
             self._span.set_attribute(attr.RUN_REPLAYING, True)
@@ -1185,6 +1222,15 @@ def _charge_chain(
             current.run.cost_usd = current.ledger.cost_usd
         step, agent = current.parent_step, current.parent_agent
         current = current.parent
+
+
+def _restore_spend(ledger: Ledger, spend: Any) -> None:
+    """Count at least the spend a checkpoint kept (older checkpoints lack some totals)."""
+    if isinstance(spend, dict):
+        names = ("tokens", "cost_units", "steps", "unpriced_reports")
+        totals = [spend.get(name, 0) for name in names]
+        if all(type(total) is int for total in totals):
+            ledger.restore(*totals)
 
 
 def _effective_budget(run: Run) -> Budget | None:

@@ -261,7 +261,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         if digest is not None:
             parent_call = parent.replay_call if parent is not None else None
             began = run.replay_log.begin(
-                spec.name, digest, parent_call[SEQ] if parent_call is not None else None
+                spec.name, digest, parent_call[SEQ] if parent_call is not None else run.replay_parent
             )
             if isinstance(began, Served):
                 _record_step_not_run(spec, agent, current, digest=digest)

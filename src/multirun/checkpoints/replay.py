@@ -20,6 +20,11 @@ answered with that result, and the retry is not made. A failed call that runs
 again and now returns takes the program down another path than the recorded
 one, so nothing after it is served: the rest of the run runs afresh.
 
+A run started inside another run (a sub-run) records its steps in its parent's
+log, under a call of its own (``begin_run``): that call is never served, so the
+sub-run always runs again after a restore, with the state and spend it had at
+the checkpoint, and its completed steps are served as it calls them.
+
 A call that runs again after a restore (it was running at the checkpoint, or
 it failed) keeps its recorded sequence number, and its new record replaces the
 old one in the next checkpoint, so a resumed run that dies can be resumed again.
@@ -48,6 +53,7 @@ import copy
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any, Final
 
 from multirun.errors import DeterminismError
@@ -63,6 +69,7 @@ DEFAULT_LIMIT = 10_000
 # number of calls before it (by sequence number) with the same name and digest, plus one.
 Call = tuple[str, str, int, "int | None", int]
 SEQ: Final = 4  # the position of a call's sequence number
+RUN_PREFIX: Final = "@run "  # a sub-run's call is named after the run, with this prefix
 
 
 class Served:
@@ -86,6 +93,9 @@ class ReplayLog:
         self._full_warned = False
         self._replay: _Replay | None = None
         self._reruns: set[int] = set()  # sequence numbers of restored failed calls running again
+        # sub-runs recorded here, by sequence number: a function giving a running sub-run's
+        # state and spend, or what it had when it ended
+        self._runs: dict[int, Callable[[], dict[str, Any]] | dict[str, Any]] = {}
 
     @property
     def replaying(self) -> bool:
@@ -114,7 +124,7 @@ class ReplayLog:
             if found is None:
                 call = (name, digest, occurrence, parent, next(self._seq))
             elif found.has_result:
-                return Served(_snapshot(found.result))
+                return Served(kept_copy(found.result))
             else:
                 # it runs again, under its recorded sequence number: the steps it had finished
                 # keep it as their parent, and its new record replaces the recorded one
@@ -123,6 +133,38 @@ class ReplayLog:
                     self._reruns.add(found.seq)
             self._running[call[SEQ]] = call
         return call
+
+    def begin_run(
+        self, name: str, parent: int | None, snapshot: Callable[[], dict[str, Any]]
+    ) -> tuple[Call | None, dict[str, Any] | None]:
+        """Before a sub-run of this log's run starts: its call, and, when a restore replays it,
+        what the recording kept of it (``snapshot()`` as it was at the checkpoint).
+
+        A sub-run is a call that is never served: its steps are recorded here, under it, so
+        after a restore it runs again and its completed steps are served as it calls them.
+        """
+        began = self.begin(RUN_PREFIX + name, "", parent)
+        if not isinstance(began, tuple):
+            return None, None  # the log is full (or a step recorded under this name was served)
+        self._runs[began[SEQ]] = snapshot
+        replay = self._replay
+        recorded = replay.by_seq.get(began[SEQ]) if replay is not None else None
+        if recorded is None or recorded.name != began[0]:
+            return began, None
+        kept = recorded.record.get("run")
+        return began, kept if isinstance(kept, dict) else None
+
+    def end_run(self, call: Call, snapshot: dict[str, Any], *, failed: bool) -> None:
+        """The sub-run of ``call`` ended, with ``snapshot`` as its final state and spend."""
+        self._runs[call[SEQ]] = snapshot
+        if failed:
+            self.fail(call)
+            return
+        seq = call[SEQ]
+        self._running.pop(seq, None)
+        if self._reruns and seq in self._reruns:
+            self._rerun_returned(seq)
+        self._recorded.append((call, next(self._seq), _NO_RESULT))
 
     def _warn_full(self) -> None:
         if not self._full_warned:
@@ -141,7 +183,7 @@ class ReplayLog:
             self._rerun_returned(seq)
         # begin() let it in while the log had room: past the limit by the calls in flight at most
         if type(result) not in _KEPT_AS_IS:
-            result = _snapshot(result)
+            result = kept_copy(result)
         self._recorded.append((call, next(self._seq), result))  # one atomic append
 
     def fail(self, call: Call) -> None:
@@ -177,13 +219,17 @@ class ReplayLog:
             if entry is None or entry.served:
                 return False, None
             if entry.answer is not None:
-                return True, _snapshot(entry.answer.result)
-            return (True, _snapshot(entry.result)) if entry.has_result else (False, None)
+                return True, kept_copy(entry.answer.result)
+            return (True, kept_copy(entry.result)) if entry.has_result else (False, None)
 
     # -- checkpoints -------------------------------------------------------------
 
-    def to_records(self) -> list[dict[str, Any]]:
-        """Every recorded call (restored ones first) as plain records for a checkpoint."""
+    def to_records(self, extra_state: tuple[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Every recorded call (restored ones first) as plain records for a checkpoint.
+
+        ``extra_state``: (sequence number of a sub-run, state to add to what it keeps), for a
+        checkpoint a sub-run takes with extra state.
+        """
         with self._lock:
             # a step still running (the one that took the checkpoint, say) is recorded without a
             # result: after a restore it runs again, and the steps it had finished are served
@@ -212,6 +258,12 @@ class ReplayLog:
                 record["failed"] = True  # a failed call running again is still one that failed
             elif result is not _NO_RESULT:
                 record["result"] = result
+            sub_run = self._runs.get(seq)
+            if sub_run is not None:
+                kept = sub_run() if callable(sub_run) else sub_run
+                if extra_state is not None and extra_state[0] == seq:
+                    kept = {**kept, "state": {**kept.get("state", {}), **extra_state[1]}}
+                record["run"] = kept
             records.append(record)
         return [*restored, *records]
 
@@ -222,13 +274,14 @@ class ReplayLog:
             self._recorded = []
             self._replay = replay
             self._reruns = set()
+            self._runs = {}
             self._seq = itertools.count(replay.next_seq)
 
 
 _KEPT_AS_IS = frozenset({str, int, float, bool, type(None), bytes})
 
 
-def _snapshot(value: Any) -> Any:
+def kept_copy(value: Any) -> Any:
     """A copy of a step's result that the program cannot change afterwards (it appends to the
     list the step returned, say), so the log serves what the step returned."""
     if type(value) in _KEPT_AS_IS:  # immutable: the object itself

@@ -137,14 +137,23 @@ class CheckpointStore:
         agent_id: str = "",
         step_id: str = "",
     ) -> CheckpointMeta:
-        """Serialize ``run``'s state and replay cache and store them; returns the metadata."""
+        """Serialize ``run``'s state and replay cache and store them; returns the metadata.
+
+        A sub-run's checkpoint is one of the run it belongs to (``run.root``, the top run in
+        this process): resuming that run restores the sub-run with it, from its record in the
+        replay log, which keeps the sub-run's state and spend.
+        """
         validate_name(name)
+        sub_run, run = run, run.root
         state = dict(run.state)
+        extra_for_sub_run = None
         if extra_state:
-            state.update(extra_state)
+            if sub_run is not run and sub_run.replay_parent is not None:
+                extra_for_sub_run = (sub_run.replay_parent, extra_state)
+            else:
+                state.update(extra_state)
         checkpoint_id = new_checkpoint_id()
         created = datetime.now(timezone.utc)
-        ledger = run.ledger
         document = {
             "checkpoint": {
                 "id": checkpoint_id,
@@ -157,14 +166,9 @@ class CheckpointStore:
                 "environment": _environment(),
             },
             "state": state,
-            "replay": run.replay_log.to_records(),
+            "replay": run.replay_log.to_records(extra_for_sub_run),
             "trace": _trace_of(run),
-            "ledger": {
-                "tokens": ledger.tokens,
-                "cost_units": ledger.cost_units,
-                "steps": ledger.steps,
-                "unpriced_reports": ledger.unpriced_reports,
-            },
+            "ledger": run.ledger.totals(),
         }
         blob, digest = self._dump(document, name)
         with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace

@@ -33,10 +33,20 @@ class LedgerReadings:
     cost_units: int
     steps: int
     sub_agents: int
+    unpriced_reports: int
     _lock: threading.Lock
 
     def elapsed(self) -> float:
         raise NotImplementedError
+
+    def totals(self) -> dict[str, int]:
+        """The spend a checkpoint keeps; ``restore`` takes it back (as keyword arguments)."""
+        return {
+            "tokens": self.tokens,
+            "cost_units": self.cost_units,
+            "steps": self.steps,
+            "unpriced_reports": self.unpriced_reports,
+        }
 
     def shares(self, budget: Budget) -> dict[str, float]:
         """How much of each limit that is set is used, as a ratio (1.0 = all of it)."""
@@ -274,6 +284,7 @@ class Ledger(Protocol):
     def charge(self, tokens: int, cost_units: int, unpriced: bool = False) -> None: ...
     def count_sub_agent(self) -> None: ...
     def restore(self, tokens: int, cost_units: int, steps: int, unpriced_reports: int = 0) -> None: ...
+    def totals(self) -> dict[str, int]: ...
     def set_budget(self, budget: Budget | None) -> None: ...
     def elapsed(self) -> float: ...
     def exceeded(self, budget: Budget, *, next_step: bool = False) -> tuple[str, float, float] | None: ...
