@@ -402,6 +402,61 @@ def test_a_step_the_program_retried_after_a_failure_is_served_on_resume(traced) 
     assert len(served) == 1
 
 
+def test_retry_loops_in_tasks_side_by_side_are_served_on_resume(traced) -> None:
+    import asyncio
+
+    calls = Calls()
+
+    def program(flaky: Flaky, crash: bool):  # type: ignore[no-untyped-def]
+        @step
+        async def ask(query: str) -> str:
+            calls(f"ask {query}")
+            await asyncio.sleep(0)
+            return flaky(query)
+
+        @step
+        async def note(text: str) -> str:
+            calls(f"note {text}")
+            return text
+
+        async def with_retries(query: str) -> str:
+            for _ in range(3):  # the program's own retry loop around the step
+                try:
+                    return await ask(query)
+                except ConnectionError:
+                    await asyncio.sleep(0.01)  # the other task's steps run meanwhile
+            raise RuntimeError("gave up")
+
+        async def notes() -> list[str]:
+            return [await note("a"), await note("b"), await note("c")]
+
+        @run(checkpoint_on_error=False)
+        async def job() -> str:
+            answer, written = await asyncio.gather(with_retries("q"), notes())
+            get_current_run_context().checkpoint(name="both done")
+            if crash:
+                raise RuntimeError("crash")
+            return f"{answer} {written}"
+
+        return job
+
+    recorded = Flaky(failures=1)
+    with pytest.raises(RuntimeError):
+        asyncio.run(program(recorded, crash=True)())
+    assert recorded.calls == 2
+    assert calls.log.index("note a") < calls.log.index("ask q", 1)  # the retry came after a note
+    run_id = traced.named("invoke_workflow job")[-1].attributes[attr.RUN_ID]
+
+    # another task's steps came between the failed call and its retry: the retry used to go
+    # unrecognised, so the failed call ran again (paid twice) instead of getting its answer
+    calls.log.clear()
+    resumed = Flaky(failures=0)
+    with multirun.resume(run_id=run_id):
+        assert asyncio.run(program(resumed, crash=False)()) == "answer to q ['a', 'b', 'c']"
+    assert calls.log == []
+    assert resumed.calls == 0
+
+
 def fallback_program(primary: Flaky, calls: Calls, crash: bool):  # type: ignore[no-untyped-def]
     """primary fails -> backup; then summarize(topic); checkpoint; crash."""
 

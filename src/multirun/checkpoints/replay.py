@@ -11,11 +11,13 @@ A call is keyed by (step name, input hash, occurrence): the third call of
 returns something new each time (``next_page()``) is replayed call by call.
 Each call also gets a sequence number when it starts and when it ends, so a
 restore knows which steps ran inside which (``parent``) and which ran side by
-side (overlapping siblings).
+side (siblings that overlapped, or ran in different asyncio tasks or threads:
+each call notes its "lane").
 
 A call that raised is kept too, without a result. After a restore it runs
 again, unless the program called the step again with the same inputs right
-after it failed (a retry loop) and that call returned: then the failed call is
+after it failed, in the same asyncio task or thread (a retry loop), and that
+call returned: then the failed call is
 answered with that result, and the retry is not made. A failed call that runs
 again and now returns takes the program down another path than the recorded
 one, so nothing after it is served: the rest of the run runs afresh.
@@ -53,6 +55,8 @@ import copy
 import itertools
 import logging
 import threading
+from _thread import get_ident
+from asyncio import _get_running_loop, current_task
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -63,11 +67,13 @@ _logger = logging.getLogger(__name__)
 DEFAULT_LIMIT = 10_000
 
 
-# A call as the log saw it start: (name, digest, occurrence, parent seq, seq). A plain tuple:
-# one is made for every step, and a tuple costs a tenth of a NamedTuple or a slotted object.
-# While recording, the occurrence is 0: it is counted when a checkpoint is written, as the
-# number of calls before it (by sequence number) with the same name and digest, plus one.
-Call = tuple[str, str, int, "int | None", int]
+# A call as the log saw it start: (name, digest, occurrence, parent seq, seq, lane). A plain
+# tuple: one is made for every step, and a tuple costs a tenth of a NamedTuple or a slotted
+# object. While recording, the occurrence is 0: it is counted when a checkpoint is written, as
+# the number of calls before it (by sequence number) with the same name and digest, plus one.
+# The lane is the asyncio task or thread that made the call: calls in one lane ran one after
+# another, calls in different lanes side by side.
+Call = tuple[str, str, int, "int | None", int, int]
 SEQ: Final = 4  # the position of a call's sequence number
 RUN_PREFIX: Final = "@run "  # a sub-run's call is named after the run, with this prefix
 
@@ -115,20 +121,20 @@ class ReplayLog:
             if len(self._recorded) >= self.limit:
                 self._warn_full()
                 return None
-            call = (name, digest, 0, parent, next(self._seq))
+            call = (name, digest, 0, parent, next(self._seq), _lane())
             self._running[call[SEQ]] = call
             return call
         with self._lock:
             occurrence = replay.next_occurrence(name, digest)
             found = None if replay.done else replay.serve(name, digest, occurrence)
             if found is None:
-                call = (name, digest, occurrence, parent, next(self._seq))
+                call = (name, digest, occurrence, parent, next(self._seq), _lane())
             elif found.has_result:
                 return Served(kept_copy(found.result))
             else:
                 # it runs again, under its recorded sequence number: the steps it had finished
                 # keep it as their parent, and its new record replaces the recorded one
-                call = (name, digest, occurrence, parent, found.seq)
+                call = (name, digest, occurrence, parent, found.seq, _lane())
                 if found.failed:
                     self._reruns.add(found.seq)
             self._running[call[SEQ]] = call
@@ -243,7 +249,7 @@ class ReplayLog:
         calls.sort(key=lambda c: c[0][SEQ])
         records = []
         for call, end, result in calls:
-            name, digest, occurrence, parent, seq = call
+            name, digest, occurrence, parent, seq, lane = call
             if not occurrence:
                 occurrence = counted[name, digest] = counted.get((name, digest), 0) + 1
             record = {
@@ -253,6 +259,7 @@ class ReplayLog:
                 "parent": parent,
                 "seq": seq,
                 "end": end,
+                "lane": lane,
             }
             if result is FAILED or (result is _NO_RESULT and seq in reruns):
                 record["failed"] = True  # a failed call running again is still one that failed
@@ -276,6 +283,13 @@ class ReplayLog:
             self._reruns = set()
             self._runs = {}
             self._seq = itertools.count(replay.next_seq)
+
+
+def _lane() -> int:
+    """The asyncio task, or else the thread, making a call (ids: distinct while both live)."""
+    loop = _get_running_loop()
+    task = current_task(loop) if loop is not None else None
+    return get_ident() if task is None else id(task)
 
 
 _KEPT_AS_IS = frozenset({str, int, float, bool, type(None), bytes})
@@ -305,6 +319,7 @@ class _Entry:
         "failed",
         "has_result",
         "index",
+        "lane",
         "name",
         "occurrence",
         "parent",
@@ -324,6 +339,7 @@ class _Entry:
         unfinished = record.get("end") is None
         self.end = _STILL_RUNNING if unfinished else int(record["end"])
         self.parent = None if record.get("parent") is None else int(record["parent"])
+        self.lane = int(record.get("lane", 0))  # older checkpoints: one lane
         # no result: it was running at the checkpoint, or its result had no form in the serializer
         self.failed = record.get("failed") is True
         self.has_result = "result" in record and not self.failed
@@ -392,7 +408,11 @@ class _Replay:
             # it failed, and was called again right away with the same inputs: the retry's result
             # answers it, and the retries (the failed ones and the one that returned) are not made
             answer = entry.answer
-            chain = [e for e in self.entries[entry.index : answer.index + 1] if e.parent == entry.parent]
+            chain = [
+                e
+                for e in self.entries[entry.index : answer.index + 1]
+                if e.parent == entry.parent and e.lane == entry.lane
+            ]
             self._serve(*chain)
             return answer
         if not entry.has_result:
@@ -406,13 +426,15 @@ class _Replay:
 
     def _side_by_side(self, a: _Entry, b: _Entry) -> bool:
         """Whether ``a`` and ``b`` ran side by side: they, or the steps they ran inside that
-        share a parent, overlapped (threads, gather)."""
+        share a parent, ran in different tasks or threads, or overlapped."""
         lineage_a = self._lineage(a)
         parents_a = {entry.parent: entry for entry in lineage_a}
         for entry in self._lineage(b):
             other = parents_a.get(entry.parent)
             if other is not None:
-                return other is not entry and (other.concurrent or entry.concurrent)
+                return other is not entry and (
+                    other.lane != entry.lane or other.concurrent or entry.concurrent
+                )
         return False
 
     def _lineage(self, entry: _Entry) -> list[_Entry]:
@@ -474,20 +496,25 @@ class _Replay:
         ]
 
     def _link_retries(self) -> None:
-        """Answer each failed call whose next sibling calls, with the same name and inputs,
-        failed too until one returned: a retry loop around the step."""
+        """Answer each failed call whose next sibling calls in its lane (task or thread), with
+        the same name and inputs, failed too until one returned: a retry loop around the step."""
         for group in self.children.values():
-            pending: list[_Entry] = []  # consecutive failed calls of one step with one input
+            # per lane, the consecutive failed calls of one step with one input
+            pending: dict[int, list[_Entry]] = {}
             for entry in group:
-                if pending and (entry.name, entry.digest) != (pending[0].name, pending[0].digest):
-                    pending = []
+                failed_before = pending.get(entry.lane)
+                if failed_before and (entry.name, entry.digest) != (
+                    failed_before[0].name,
+                    failed_before[0].digest,
+                ):
+                    failed_before = pending[entry.lane] = []
                 if entry.failed:
-                    pending.append(entry)
-                elif pending:
+                    pending.setdefault(entry.lane, []).append(entry)
+                elif failed_before:
                     if entry.has_result:
-                        for failed in pending:
+                        for failed in failed_before:
                             failed.answer = entry
-                    pending = []
+                    pending[entry.lane] = []
 
     def _mark_side_by_side(self) -> None:
         """Siblings whose [start, end] overlap ran side by side (threads, gather)."""
