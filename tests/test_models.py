@@ -117,7 +117,8 @@ def test_run_defaults_match_reference() -> None:
 
 def test_run_id_is_a_fresh_uuid() -> None:
     first, second = Run(), Run()
-    uuid.UUID(first.id)
+    parsed = uuid.UUID(first.id)
+    assert (parsed.version, parsed.variant, parsed.hex) == (4, uuid.RFC_4122, first.id)
     assert first.id != second.id
 
 
@@ -427,3 +428,24 @@ def test_ids_are_drawn_without_os_urandom(monkeypatch) -> None:
     ids = {Run().id for _ in range(100)} | {Agent().id for _ in range(100)}
     assert len(ids) == 200
     assert all(len(i) == 32 and i[12] == "4" for i in ids)  # UUID4 layout, hex
+
+
+def test_a_step_model_built_without_validation_is_the_validated_one() -> None:
+    from multirun.models import StepKind, StepStatus
+    from multirun.models._base import construct_trusted
+
+    now = datetime.now(timezone.utc)
+    fields = {
+        "id": "a" * 32,
+        "run_id": "b" * 32,
+        "name": "search",
+        "kind": StepKind.TOOL_CALL,
+        "status": StepStatus.COMPLETED,
+        "started_at": now,
+        "tokens_used": 12,
+    }
+    built, validated = construct_trusted(Step, fields), Step(**fields)
+    assert built == validated
+    assert built.model_dump_json() == validated.model_dump_json()  # same fields, same order
+    assert built.model_fields_set == validated.model_fields_set
+    assert Step.model_validate(built.model_dump()) == validated

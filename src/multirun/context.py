@@ -34,6 +34,7 @@ from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy
 from multirun.enforcement.policy import PolicyEngine
 from multirun.errors import BudgetExceededError, ConfigurationError, PolicyViolation
+from multirun.models._base import construct_trusted
 from multirun.models.agent import Agent, AgentStatus
 from multirun.models.budget import Budget, BudgetStatus
 from multirun.models.checkpoint import CheckpointMeta
@@ -1084,7 +1085,7 @@ class StepContext:
             fields["error"] = str(self.error) or type(self.error).__name__
         if self.attempt != 1:
             fields["attempt"] = self.attempt
-        return Step(**fields)
+        return construct_trusted(Step, fields)  # every value made here: no validation needed
 
 
 # ---------------------------------------------------------------------------

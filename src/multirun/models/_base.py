@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import random
-import uuid
 from datetime import datetime, timezone
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -16,7 +16,13 @@ def new_id() -> str:
     runs start (benchmarks/results/export_starvation.md). Ids need to be
     unique, not secret; ``random`` is reseeded in a forked child.
     """
-    return uuid.UUID(int=random.getrandbits(128), version=4).hex
+    # the version (4) and variant (RFC 4122) bits set as uuid.UUID(version=4) sets them,
+    # without building the UUID object (a sixth of the time)
+    return f"{random.getrandbits(128) & _RANDOM_BITS | _UUID4_BITS:032x}"
+
+
+_RANDOM_BITS = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID4_BITS = (0x4000 << 64) | (0x8000 << 48)
 
 
 def utcnow() -> datetime:
@@ -27,3 +33,25 @@ class Model(BaseModel):
     """Shared configuration: enums serialise as their values, extra fields are refused."""
 
     model_config = ConfigDict(use_enum_values=False, extra="forbid", validate_assignment=False)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+_DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {}
+
+
+def construct_trusted(model: type[ModelT], fields: dict[str, Any]) -> ModelT:
+    """``model`` from values that multirun made itself and knows valid, without validating them:
+    what ``model.model_construct`` does, in a fifth of the time (a run builds one Step model
+    per kept step when it ends). For models whose defaults are immutable values; a field with a
+    default factory must be given."""
+    defaults = _DEFAULTS.get(model)
+    if defaults is None:
+        defaults = _DEFAULTS[model] = {name: field.default for name, field in model.model_fields.items()}
+    values = defaults.copy()  # the fields' declared order, as validation would give
+    values.update(fields)
+    instance = model.__new__(model)
+    object.__setattr__(instance, "__dict__", values)
+    object.__setattr__(instance, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(instance, "__pydantic_extra__", None)
+    object.__setattr__(instance, "__pydantic_private__", None)
+    return instance
