@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -340,3 +341,213 @@ def test_a_sub_run_can_restore_a_checkpoint_of_its_own_choosing(traced) -> None:
     calls.log.clear()
     assert outer(traced.client.checkpoints.latest(saved)) == 15
     assert calls.log == ["work 8"]  # work(7) served in the sub-run; the top run's own step ran
+
+
+def test_a_sub_run_the_program_retried_is_answered_by_the_attempt_that_ended(traced) -> None:
+    calls = Calls()
+    failures = {"left": 1}
+
+    def program(crash: bool):  # type: ignore[no-untyped-def]
+        @step
+        def flaky() -> str:
+            calls("flaky")
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                raise ConnectionError("transient")
+            return "data"
+
+        @step
+        def expensive(text: str) -> str:
+            calls("expensive")
+            return text + "!"
+
+        @run(checkpoint_on_error=False)
+        def inner() -> str:
+            return flaky()
+
+        @run(checkpoint_on_error=False)
+        def outer() -> str:
+            for _ in range(3):  # the program's own retry loop around the sub-run
+                try:
+                    got = inner()
+                    break
+                except ConnectionError:
+                    continue
+            done = expensive(got)
+            get_current_run_context().checkpoint(name="done")
+            if crash:
+                raise RuntimeError("crash")
+            return done
+
+        return outer
+
+    first = crashed_run_id(traced, program(crash=True))
+    calls.log.clear()
+    with multirun.resume(run_id=first):
+        assert program(crash=False)() == "data!"
+    assert calls.log == []  # the failed attempt is answered by the one that ended: nothing paid again
+
+
+@pytest.mark.parametrize("per_attempt", ["asyncio.run", "create_task"])
+def test_a_retry_made_in_a_new_task_each_attempt_answers_the_failed_call(traced, per_attempt) -> None:
+    calls = Calls()
+    failures = {"left": 1}
+
+    def program(crash: bool):  # type: ignore[no-untyped-def]
+        @step
+        async def fetch(n: int) -> int:
+            calls("fetch")
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                raise ConnectionError("transient")
+            return n * 10
+
+        @step
+        def expensive(n: int) -> int:
+            calls("expensive")
+            return n + 1
+
+        async def in_a_task() -> int:
+            return await asyncio.create_task(fetch(1))
+
+        @run(checkpoint_on_error=False)
+        def outer() -> int:
+            errors = []  # kept: the failed task stays alive, so the next one gets another id
+            for _ in range(3):
+                try:
+                    value = asyncio.run(fetch(1) if per_attempt == "asyncio.run" else in_a_task())
+                    break
+                except ConnectionError as exc:
+                    errors.append(exc)
+            done = expensive(value)
+            get_current_run_context().checkpoint(name="done")
+            if crash:
+                raise RuntimeError("crash")
+            return done
+
+        return outer
+
+    first = crashed_run_id(traced, program(crash=True))
+    calls.log.clear()
+    with multirun.resume(run_id=first):
+        assert program(crash=False)() == 11
+    assert calls.log == []
+
+
+def test_a_sub_run_the_resumed_program_no_longer_starts_is_skipped(traced) -> None:
+    calls = Calls()
+
+    def program(crash: bool):  # type: ignore[no-untyped-def]
+        @step
+        def publish(notes: str) -> str:
+            calls("publish")
+            return notes
+
+        @run(checkpoint_on_error=False)
+        def research() -> str:
+            return "notes"
+
+        @run(checkpoint_on_error=False)
+        def crew() -> str:
+            ctx = get_current_run_context()
+            if not ctx.get_state("researched"):  # a phase the restored state says is done
+                ctx.set_state("notes", research())
+                ctx.set_state("researched", True)
+                ctx.checkpoint(name="researched")
+            if crash:
+                raise RuntimeError("crash")
+            return publish(ctx.get_state("notes"))
+
+        return crew
+
+    first = crashed_run_id(traced, program(crash=True))
+    with multirun.resume(run_id=first):
+        assert program(crash=False)() == "notes"  # used to be a DeterminismError
+    assert calls.log == ["publish"]
+
+
+def test_sub_runs_of_one_name_side_by_side_each_get_their_own_state_back(traced) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    from contextvars import copy_context
+
+    seen: dict[str, object] = {}
+
+    def program(crash: bool):  # type: ignore[no-untyped-def]
+        @run(checkpoint_on_error=False)
+        def inner(name: str) -> None:
+            ctx = get_current_run_context()
+            seen[name] = ctx.get_state("mine")
+            ctx.set_state("mine", name)
+
+        @run(checkpoint_on_error=False)
+        def outer() -> None:
+            with ThreadPoolExecutor(2) as pool:
+                for future in [pool.submit(copy_context().run, inner, n) for n in ("b", "a")]:
+                    future.result()
+            get_current_run_context().checkpoint(name="both")
+            if crash:
+                raise RuntimeError("crash")
+
+        return outer
+
+    first = crashed_run_id(traced, program(crash=True))
+    with multirun.resume(run_id=first):
+        program(crash=False)()
+    assert seen == {"a": "a", "b": "b"}
+
+
+def test_a_sub_run_whose_state_cannot_be_written_does_not_cost_the_top_run_its_checkpoint(
+    traced, caplog
+) -> None:
+    @run
+    def inner() -> None:
+        get_current_run_context().set_state("lock", threading.Lock())  # no JSON form
+
+    @run
+    def outer() -> None:
+        inner()
+        get_current_run_context().set_state("progress", 1)
+        get_current_run_context().checkpoint(name="after inner")
+
+    outer()
+    outer_id = traced.named("invoke_workflow outer")[-1].attributes[attr.RUN_ID]
+    restored = traced.client.checkpoints.load(traced.client.checkpoints.latest(outer_id))
+    assert restored.state == {"progress": 1}
+    assert "state of sub-run 'inner' has no json form" in caplog.text
+
+
+def test_a_run_continued_in_a_worker_keeps_its_sub_runs_checkpoints_apart(traced) -> None:
+    @run(checkpoint_on_error=False)
+    def orchestrator() -> dict[str, str]:
+        get_current_run_context().checkpoint(name="planned")
+        return multirun.inject()
+
+    @run
+    def worker_job() -> None:
+        raise ValueError("worker failed")  # checkpoint_on_error: a checkpoint of its own
+
+    carrier = orchestrator()
+    orchestrator_id = traced.named("invoke_workflow orchestrator")[-1].attributes[attr.RUN_ID]
+    planned = traced.client.checkpoints.latest(orchestrator_id)
+    with multirun.continue_run(carrier), pytest.raises(ValueError):
+        worker_job()
+    assert traced.client.checkpoints.latest(orchestrator_id) == planned
+
+
+def test_restoring_a_whole_run_into_a_sub_run_is_refused_clearly(traced) -> None:
+    from multirun.errors import CheckpointError
+
+    @run
+    def inner(checkpoint_id: str | None = None) -> str:
+        ctx = get_current_run_context()
+        if checkpoint_id:
+            ctx.restore_from_checkpoint(checkpoint_id)
+        return ctx.checkpoint(name="inner").value.id
+
+    @run
+    def outer(checkpoint_id: str | None = None) -> str:
+        return inner(checkpoint_id)
+
+    taken = outer()
+    with pytest.raises(CheckpointError, match="resume that run"):
+        outer(taken)

@@ -33,7 +33,7 @@ from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run
 from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy
 from multirun.enforcement.policy import PolicyEngine
-from multirun.errors import BudgetExceededError, ConfigurationError, PolicyViolation
+from multirun.errors import BudgetExceededError, CheckpointError, ConfigurationError, PolicyViolation
 from multirun.models._base import construct_trusted
 from multirun.models.agent import Agent, AgentStatus
 from multirun.models.budget import Budget, BudgetStatus
@@ -246,6 +246,7 @@ class RunContext:
         # a sub-run's call in its parent's log (the steps it runs are recorded under it)
         self._run_call: tuple[ReplayLog, Call] | None = None
         self.replay_parent: int | None = None  # its sequence number, the parent of its steps
+        self.inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # @run's arguments, until it starts
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -268,7 +269,7 @@ class RunContext:
                 run.parent_id = parent.run.id
             parent_ledger = parent.ledger
         self.ledger = self.client.new_ledger(parent_ledger, _effective_budget(run), run.id)
-        if self.parent is not None:
+        if self.parent is not None and self.parent.records_replay and not self.parent.remote:
             self._join_replay_log(self.parent)
         if run.policy is not None:
             self.policy_engine = PolicyEngine(
@@ -308,17 +309,25 @@ class RunContext:
     def _join_replay_log(self, parent: RunContext) -> None:
         """A sub-run records its steps in its parent's replay log, under a call of its own, so
         the run's checkpoints hold them and resuming the run restores the sub-run with it
-        (its state and spend, and its completed steps served instead of run again)."""
-        self.root = parent.root
-        self.replay_log = log = parent.replay_log
-        self.records_replay = parent.records_replay
-        self.is_replaying = self.is_replaying or parent.is_replaying
+        (its state and spend, and its completed steps served instead of run again).
+
+        Not when the parent records no replay (``record_replay=False``), when the parent's log
+        is full, or when the parent is a run continued from another process: the sub-run
+        keeps a log and checkpoints of its own, as a top run does.
+        """
+        log = parent.replay_log
+        digest = input_hash(*self.inputs) if self.inputs is not None else None
+        self.inputs = None
         step = self.parent_step
         step_call = step.replay_call if step is not None else None
         parent_seq = step_call[SEQ] if step_call is not None else parent.replay_parent
-        call, recorded = log.begin_run(self.run.name, parent_seq, self._replay_snapshot)
+        call, recorded = log.begin_run(self.run.name, digest or "", parent_seq, self._replay_snapshot)
         if call is None:
-            return  # the log is full: the sub-run's steps run again after a restore
+            return
+        self.root = parent.root
+        self.replay_log = log
+        self.records_replay = True
+        self.is_replaying = self.is_replaying or parent.is_replaying
         self._run_call = (log, call)
         self.replay_parent = call[SEQ]
         if recorded is not None:
@@ -410,10 +419,6 @@ class RunContext:
             if self._finished:
                 return
             self._finished = True
-        if self._run_call is not None:
-            log, call = self._run_call
-            final = {"state": kept_copy(self._state), "ledger": self.ledger.totals()}
-            log.end_run(call, final, failed=status is RunStatus.FAILED)
         for agent in list(self.agents):
             if agent.agent.status is AgentStatus.RUNNING:
                 if status is RunStatus.COMPLETED:
@@ -425,6 +430,10 @@ class RunContext:
         run = self.run
         ledger = self.ledger
         _refresh(ledger)
+        if self._run_call is not None:
+            log, call = self._run_call
+            final = {"state": kept_copy(self._state), "ledger": ledger.totals()}
+            log.end_run(call, final, failed=status is RunStatus.FAILED)
         run.status = status
         run.completed_at = datetime.now(timezone.utc)
         run.tokens_used = ledger.tokens
@@ -590,14 +599,21 @@ class RunContext:
         cannot be deserialized.
         """
         restored = self.client.checkpoints.load(checkpoint_id)
-        if self.root is not self:
-            # a sub-run restored on its own continues that checkpoint in a log of its own
-            self.root, self.replay_parent = self, None
-            self.replay_log = ReplayLog(self.client.replay_limit)
         self._restore(restored)
         return Done(None)
 
     def _restore(self, restored: RestoredCheckpoint) -> None:
+        if self.root is not self:
+            if restored.sub_run_id or restored.checkpoint.run_id == self.root.run.id:
+                raise CheckpointError(
+                    f"checkpoint {restored.checkpoint.id!r} holds the whole run "
+                    f"{restored.checkpoint.run_id} (a sub-run's checkpoints are its top run's): "
+                    "resume that run (multirun.resume(run_id=...)), which restores its sub-runs "
+                    "with it, rather than restoring it into a sub-run"
+                )
+            # a sub-run restored on its own continues that checkpoint in a log of its own
+            self.root, self.replay_parent = self, None
+            self.replay_log = ReplayLog(self.client.replay_limit)
         self._state.update(restored.state)
         self.replay_log.load(restored.replay)
         self.records_replay = True

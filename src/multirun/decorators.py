@@ -477,6 +477,7 @@ def run(
             )
             client = get_client()
             ctx = RunContext(client, model, checkpoint_on_error=checkpoint_on_error)
+            ctx.inputs = (args, kwargs)  # a sub-run's, told apart by them in its parent's replay log
             _resume_pending(ctx)
             return _RunCall(ctx)
 

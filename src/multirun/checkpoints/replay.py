@@ -134,14 +134,14 @@ class ReplayLog:
             else:
                 # it runs again, under its recorded sequence number: the steps it had finished
                 # keep it as their parent, and its new record replaces the recorded one
-                call = (name, digest, occurrence, parent, found.seq, _lane())
+                call = (name, digest, found.occurrence, parent, found.seq, _lane())
                 if found.failed:
                     self._reruns.add(found.seq)
             self._running[call[SEQ]] = call
         return call
 
     def begin_run(
-        self, name: str, parent: int | None, snapshot: Callable[[], dict[str, Any]]
+        self, name: str, digest: str, parent: int | None, snapshot: Callable[[], dict[str, Any]]
     ) -> tuple[Call | None, dict[str, Any] | None]:
         """Before a sub-run of this log's run starts: its call, and, when a restore replays it,
         what the recording kept of it (``snapshot()`` as it was at the checkpoint).
@@ -149,7 +149,7 @@ class ReplayLog:
         A sub-run is a call that is never served: its steps are recorded here, under it, so
         after a restore it runs again and its completed steps are served as it calls them.
         """
-        began = self.begin(RUN_PREFIX + name, "", parent)
+        began = self.begin(RUN_PREFIX + name, digest, parent)
         if not isinstance(began, tuple):
             return None, None  # the log is full (or a step recorded under this name was served)
         self._runs[began[SEQ]] = snapshot
@@ -167,10 +167,10 @@ class ReplayLog:
             self.fail(call)
             return
         seq = call[SEQ]
-        self._running.pop(seq, None)
         if self._reruns and seq in self._reruns:
             self._rerun_returned(seq)
         self._recorded.append((call, next(self._seq), _NO_RESULT))
+        self._running.pop(seq, None)  # after the append, as in record()
 
     def _warn_full(self) -> None:
         if not self._full_warned:
@@ -184,22 +184,25 @@ class ReplayLog:
     def record(self, call: Call, result: Any) -> None:
         """The step of ``call`` returned ``result``."""
         seq = call[SEQ]
-        self._running.pop(seq, None)
         if self._reruns and seq in self._reruns:
             self._rerun_returned(seq)
         # begin() let it in while the log had room: past the limit by the calls in flight at most
         if type(result) not in _KEPT_AS_IS:
             result = kept_copy(result)
         self._recorded.append((call, next(self._seq), result))  # one atomic append
+        # only then is it no longer running: a checkpoint taken meanwhile finds it in one of the
+        # two, or both (to_records keeps the ended one), never in neither
+        self._running.pop(seq, None)
 
     def fail(self, call: Call) -> None:
         """The step of ``call`` raised (or was refused before it ran)."""
         seq = call[SEQ]
-        self._running.pop(seq, None)
         if self._reruns and seq in self._reruns:
             self._reruns.discard(seq)
+            self._running.pop(seq, None)
             return  # it failed again: its recorded failure stands
         self._recorded.append((call, next(self._seq), FAILED))
+        self._running.pop(seq, None)  # after the append, as in record()
 
     def _rerun_returned(self, seq: int) -> None:
         """A call that failed when recorded returned this time: stop serving the recording."""
@@ -241,7 +244,9 @@ class ReplayLog:
             # result: after a restore it runs again, and the steps it had finished are served
             # list(): a snapshot in one step, as other threads add and remove calls without the lock
             running = list(self._running.values())
-            calls = [*self._recorded, *((call, None, _NO_RESULT) for call in running)]
+            ended = list(self._recorded)  # read after the running calls: see record()
+            done = {call[SEQ] for call, _, _ in ended}
+            calls = [*ended, *((call, None, _NO_RESULT) for call in running if call[SEQ] not in done)]
             replay = self._replay
             counted = dict(replay.counts) if replay is not None else {}
             restored = replay.kept_records({c[SEQ] for c, _, _ in calls}) if replay is not None else []
@@ -387,7 +392,20 @@ class _Replay:
         """The entry that answers this call: one with a result to serve, one without to run
         again, or None for a new call (the recorded one was served already)."""
         entry = self.by_key.get((name, digest, occurrence))
+        if entry is not None and entry.served:
+            return None  # served already, inside a replayed parent: this is a new execution
         expected = self.entries[self.position]
+        while (
+            expected is not entry
+            and expected.name.startswith(RUN_PREFIX)
+            and (entry is None or not self._side_by_side(entry, expected))
+        ):
+            # the program did not start this recorded sub-run again (a guard on restored state,
+            # say): nothing of it is served, and the replay goes on without it
+            self._serve(expected)
+            if self.done:
+                return None
+            expected = self.entries[self.position]
         if entry is None:
             raise DeterminismError(
                 f"replay: {self._mismatch(name, digest, occurrence, expected)}. The code or the inputs "
@@ -396,8 +414,6 @@ class _Replay:
                 "from an earlier checkpoint, start a new run, or mark steps whose inputs "
                 "legitimately change idempotent=False."
             )
-        if entry.served:
-            return None  # served already, inside a replayed parent: this is a new execution
         if entry is not expected and not self._side_by_side(entry, expected):
             raise DeterminismError(
                 f"replay: step {name!r} came before {expected.name!r}, but the recorded run called "
@@ -408,12 +424,21 @@ class _Replay:
             # it failed, and was called again right away with the same inputs: the retry's result
             # answers it, and the retries (the failed ones and the one that returned) are not made
             answer = entry.answer
+            key = (entry.name, entry.digest)
             chain = [
                 e
                 for e in self.entries[entry.index : answer.index + 1]
-                if e.parent == entry.parent and e.lane == entry.lane
+                if e.parent == entry.parent and (e.name, e.digest) == key
             ]
-            self._serve(*chain)
+            if answer.has_result:
+                self._serve(*chain)
+                return answer
+            # a sub-run the program retried until an attempt ended: this call runs as that
+            # attempt (under its sequence number), so the attempt's completed steps are served
+            self._serve(*chain[:-1])
+            answer.served = True
+            self.counts[key] = max(self.counts.get(key, 0), answer.occurrence)
+            self._advance()
             return answer
         if not entry.has_result:
             # still running at the checkpoint, or failed: it runs again, and the steps it had
@@ -496,25 +521,34 @@ class _Replay:
         ]
 
     def _link_retries(self) -> None:
-        """Answer each failed call whose next sibling calls in its lane (task or thread), with
-        the same name and inputs, failed too until one returned: a retry loop around the step."""
+        """Answer each failed call that the program called again, with the same name and
+        inputs, until a call returned (a retry loop around the step or sub-run): the failed
+        call gets that call's result. Another call in the failed call's own lane (task or
+        thread) in between means it was not retried; calls in other lanes may come between
+        (other tasks go on while one retries, and a retry may run in a task of its own)."""
         for group in self.children.values():
-            # per lane, the consecutive failed calls of one step with one input
-            pending: dict[int, list[_Entry]] = {}
+            pending: dict[tuple[str, str], list[_Entry]] = {}  # failed calls waiting, by step and inputs
+            waiting_in: dict[int, tuple[str, str]] = {}  # lane -> the key its failed calls wait for
             for entry in group:
-                failed_before = pending.get(entry.lane)
-                if failed_before and (entry.name, entry.digest) != (
-                    failed_before[0].name,
-                    failed_before[0].digest,
-                ):
-                    failed_before = pending[entry.lane] = []
+                key = (entry.name, entry.digest)
+                waited = waiting_in.get(entry.lane)
+                if waited is not None and waited != key:
+                    # another call in that lane: its failed calls were not retried
+                    pending[waited] = [e for e in pending.get(waited, ()) if e.lane != entry.lane]
+                    del waiting_in[entry.lane]
                 if entry.failed:
-                    pending.setdefault(entry.lane, []).append(entry)
-                elif failed_before:
-                    if entry.has_result:
-                        for failed in failed_before:
-                            failed.answer = entry
-                    pending[entry.lane] = []
+                    pending.setdefault(key, []).append(entry)
+                    waiting_in[entry.lane] = key
+                    continue
+                failed = pending.pop(key, None)
+                if not failed:
+                    continue
+                for lane in {e.lane for e in failed}:
+                    if waiting_in.get(lane) == key:
+                        del waiting_in[lane]
+                if entry.has_result or (entry.end != _STILL_RUNNING and entry.name.startswith(RUN_PREFIX)):
+                    for call in failed:
+                        call.answer = entry
 
     def _mark_side_by_side(self) -> None:
         """Siblings whose [start, end] overlap ran side by side (threads, gather)."""

@@ -9,6 +9,7 @@ completed idempotent steps, and what the run had spent, serialized as JSON
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import random
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError
+from multirun.checkpoints.replay import RUN_PREFIX
 from multirun.checkpoints.serializers import dump_blob, get_serializer, load_blob, resolve_hmac_key
 from multirun.errors import CheckpointError, ReplayError
 from multirun.models.checkpoint import Checkpoint, CheckpointMeta
@@ -59,6 +61,9 @@ def validate_id(value: str, what: str) -> str:
     return value
 
 
+_logger = logging.getLogger(__name__)
+
+
 def validate_name(name: str) -> str:
     """Refuse checkpoint names that are empty, over 256 characters or hold NUL (as decorators do)."""
     if not isinstance(name, str) or not name.strip() or len(name) > 256 or "\x00" in name:
@@ -77,6 +82,7 @@ class RestoredCheckpoint:
     ledger: dict[str, int]
     uri: str
     trace: dict[str, str]  # trace_id and span_id (hex) of the run that took it
+    sub_run_id: str = ""  # the sub-run that took it, when a sub-run did (the run is its top run)
 
 
 class StoredCheckpoint(NamedTuple):
@@ -159,6 +165,7 @@ class CheckpointStore:
                 "id": checkpoint_id,
                 "run_id": run.run.id,
                 "run_name": run.run.name,
+                "sub_run_id": sub_run.run.id if sub_run is not run else "",
                 "agent_id": agent_id,
                 "step_id": step_id,
                 "name": name,
@@ -205,6 +212,17 @@ class CheckpointStore:
                 self._serializer.dumps(record["result"])
             except CheckpointError:
                 record = {k: v for k, v in record.items() if k != "result"}
+        if "run" in record:  # a sub-run's: its state may hold what the serializer cannot write
+            try:
+                self._serializer.dumps(record["run"])
+            except CheckpointError:
+                kept = {k: v for k, v in record["run"].items() if k != "state"}
+                _logger.warning(
+                    "multirun: the state of sub-run %r has no %s form: it is left out of the checkpoint",
+                    record["name"].removeprefix(RUN_PREFIX),
+                    self._serializer.name,
+                )
+                record = {**record, "run": kept}
         return record
 
     def find(self, checkpoint_id: str) -> str:
@@ -257,7 +275,8 @@ class CheckpointStore:
             trace = {k: str(v) for k, v in document.get("trace", {}).items()}
         except (ValueError, KeyError, TypeError) as exc:
             raise ReplayError(f"checkpoint {checkpoint_id!r} cannot be replayed: {exc}") from None
-        return RestoredCheckpoint(checkpoint, state, replay, ledger, key, trace)
+        sub_run_id = str(meta.get("sub_run_id", ""))
+        return RestoredCheckpoint(checkpoint, state, replay, ledger, key, trace, sub_run_id)
 
     def latest(self, run_id: str) -> str:
         """The id of the newest checkpoint of ``run_id``; CheckpointError if it has none."""
