@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -32,6 +32,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy
+from multirun.enforcement.ledger import SPEND_TOTALS
 from multirun.enforcement.policy import PolicyEngine
 from multirun.errors import BudgetExceededError, CheckpointError, ConfigurationError, PolicyViolation
 from multirun.models._base import construct_trusted
@@ -269,8 +270,9 @@ class RunContext:
                 run.parent_id = parent.run.id
             parent_ledger = parent.ledger
         self.ledger = self.client.new_ledger(parent_ledger, _effective_budget(run), run.id)
+        inputs, self.inputs = self.inputs, None  # not kept past the start
         if self.parent is not None and self.parent.records_replay and not self.parent.remote:
-            self._join_replay_log(self.parent)
+            self._join_replay_log(self.parent, inputs)
         if run.policy is not None:
             self.policy_engine = PolicyEngine(
                 run.policy, self.client.policy_state, self.client.clock.monotonic
@@ -306,7 +308,9 @@ class RunContext:
         self._otel_ctx = otel_context.set_value(STEP_KEY, None, ctx)
         self.client.metrics.run_started(run.name, self._otel_ctx)
 
-    def _join_replay_log(self, parent: RunContext) -> None:
+    def _join_replay_log(
+        self, parent: RunContext, inputs: tuple[tuple[Any, ...], dict[str, Any]] | None
+    ) -> None:
         """A sub-run records its steps in its parent's replay log, under a call of its own, so
         the run's checkpoints hold them and resuming the run restores the sub-run with it
         (its state and spend, and its completed steps served instead of run again).
@@ -316,8 +320,7 @@ class RunContext:
         keeps a log and checkpoints of its own, as a top run does.
         """
         log = parent.replay_log
-        digest = input_hash(*self.inputs) if self.inputs is not None else None
-        self.inputs = None
+        digest = input_hash(*inputs) if inputs is not None else None
         step = self.parent_step
         step_call = step.replay_call if step is not None else None
         parent_seq = step_call[SEQ] if step_call is not None else parent.replay_parent
@@ -336,9 +339,12 @@ class RunContext:
                 self._state.update(state)
             _restore_spend(self.ledger, recorded.get("ledger"))
 
-    def _replay_snapshot(self) -> dict[str, Any]:
-        """What a checkpoint keeps of a sub-run: its state and its spend."""
-        return {"state": dict(self._state), "ledger": self.ledger.totals()}
+    def _replay_snapshot(
+        self, copy_state: Callable[[dict[str, Any]], dict[str, Any]] = dict
+    ) -> dict[str, Any]:
+        """What a checkpoint keeps of a sub-run: its state and its spend (taken as a checkpoint
+        is written; when the sub-run ends, with its state deep-copied, as it is kept)."""
+        return {"state": copy_state(self._state), "ledger": self.ledger.totals()}
 
     def _start_remote(self, parent_ctx: Context) -> None:
         run = self.run
@@ -432,8 +438,7 @@ class RunContext:
         _refresh(ledger)
         if self._run_call is not None:
             log, call = self._run_call
-            final = {"state": kept_copy(self._state), "ledger": ledger.totals()}
-            log.end_run(call, final, failed=status is RunStatus.FAILED)
+            log.end_run(call, self._replay_snapshot(kept_copy), failed=status is RunStatus.FAILED)
         run.status = status
         run.completed_at = datetime.now(timezone.utc)
         run.tokens_used = ledger.tokens
@@ -1244,8 +1249,7 @@ def _charge_chain(
 def _restore_spend(ledger: Ledger, spend: Any) -> None:
     """Count at least the spend a checkpoint kept (older checkpoints lack some totals)."""
     if isinstance(spend, dict):
-        names = ("tokens", "cost_units", "steps", "unpriced_reports")
-        totals = [spend.get(name, 0) for name in names]
+        totals = [spend.get(name, 0) for name in SPEND_TOTALS]
         if all(type(total) is int for total in totals):
             ledger.restore(*totals)
 

@@ -330,6 +330,7 @@ class _Entry:
         "parent",
         "record",
         "result",
+        "returned",
         "seq",
         "served",
     )
@@ -348,6 +349,10 @@ class _Entry:
         # no result: it was running at the checkpoint, or its result had no form in the serializer
         self.failed = record.get("failed") is True
         self.has_result = "result" in record and not self.failed
+        # it ended without raising: with a result, or as a sub-run (they have none)
+        self.returned = self.has_result or (
+            not self.failed and not unfinished and self.name.startswith(RUN_PREFIX)
+        )
         self.result = record.get("result")
         self.answer: _Entry | None = None  # a failed call's retry that returned
         self.concurrent = False
@@ -436,14 +441,13 @@ class _Replay:
             # a sub-run the program retried until an attempt ended: this call runs as that
             # attempt (under its sequence number), so the attempt's completed steps are served
             self._serve(*chain[:-1])
-            answer.served = True
-            self.counts[key] = max(self.counts.get(key, 0), answer.occurrence)
-            self._advance()
-            return answer
+            entry = answer
         if not entry.has_result:
-            # still running at the checkpoint, or failed: it runs again, and the steps it had
-            # finished are served as it calls them
+            # still running at the checkpoint, failed, or a sub-run: it runs again (taking its
+            # recorded number), and the steps it had finished are served as it calls them
             entry.served = True
+            key = (entry.name, entry.digest)
+            self.counts[key] = max(self.counts.get(key, 0), entry.occurrence)
             self._advance()
             return entry
         self._serve(entry)
@@ -546,7 +550,7 @@ class _Replay:
                 for lane in {e.lane for e in failed}:
                     if waiting_in.get(lane) == key:
                         del waiting_in[lane]
-                if entry.has_result or (entry.end != _STILL_RUNNING and entry.name.startswith(RUN_PREFIX)):
+                if entry.returned:
                     for call in failed:
                         call.answer = entry
 

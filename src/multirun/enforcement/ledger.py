@@ -21,6 +21,9 @@ _INFINITY = float("inf")
 _NO_LIMITS = Budget()  # read only: a run without a budget (building one per run costs ~5 us)
 
 
+SPEND_TOTALS = ("tokens", "cost_units", "steps", "unpriced_reports")  # what restore() takes
+
+
 class LedgerReadings:
     """What a ledger says about its totals against a budget; shared by RunLedger and RedisLedger.
 
@@ -40,13 +43,8 @@ class LedgerReadings:
         raise NotImplementedError
 
     def totals(self) -> dict[str, int]:
-        """The spend a checkpoint keeps; ``restore`` takes it back (as keyword arguments)."""
-        return {
-            "tokens": self.tokens,
-            "cost_units": self.cost_units,
-            "steps": self.steps,
-            "unpriced_reports": self.unpriced_reports,
-        }
+        """The spend a checkpoint keeps (``SPEND_TOTALS``, in ``restore``'s argument order)."""
+        return {name: getattr(self, name) for name in SPEND_TOTALS}
 
     def shares(self, budget: Budget) -> dict[str, float]:
         """How much of each limit that is set is used, as a ratio (1.0 = all of it)."""
