@@ -57,3 +57,29 @@ def test_calls_after_the_replay_are_numbered_after_the_replayed_ones() -> None:
     again.load(log.to_records())
     served = [again.begin("page", "d1", parent=None) for _ in range(2)]
     assert [s.value for s in served] == ["first", "second"]  # type: ignore[union-attr]
+
+
+def test_a_sub_runs_part_of_a_log_holds_the_calls_made_inside_it_at_any_depth() -> None:
+    from multirun.checkpoints.replay import sub_run_part
+
+    log = ReplayLog()
+    before = log.begin("before", "d0", None)
+    log.record(before, 0)
+    sub, _ = log.begin_run("research", "d1", None, lambda: {"state": {"topic": "otters"}, "ledger": {}})
+    assert sub is not None
+    outer = log.begin("search", "d2", sub[4])
+    inner = log.begin("fetch", "d3", outer[4])
+    log.record(inner, "page")
+    log.record(outer, ["page"])
+    after = log.begin("after", "d4", None)
+    log.record(after, 1)
+
+    kept, records = sub_run_part(log.to_records(), sub[4])
+
+    assert kept["state"] == {"topic": "otters"}
+    assert {r["name"]: r["parent"] for r in records} == {"search": None, "fetch": outer[4]}
+    replay = ReplayLog()
+    replay.load(records)
+    served = replay.begin("search", "d2", None)
+    assert isinstance(served, Served) and served.value == ["page"]
+    assert not replay.replaying

@@ -534,20 +534,96 @@ def test_a_run_continued_in_a_worker_keeps_its_sub_runs_checkpoints_apart(traced
     assert traced.client.checkpoints.latest(orchestrator_id) == planned
 
 
-def test_restoring_a_whole_run_into_a_sub_run_is_refused_clearly(traced) -> None:
-    from multirun.errors import CheckpointError
+def test_a_sub_run_restores_a_checkpoint_it_took_itself(traced) -> None:
+    calls = Calls()
+    attempts = iter([RuntimeError("rate limited"), None])
+
+    @step
+    def fetch(n: int) -> int:
+        calls(f"fetch {n}")
+        return n * 10
+
+    @step
+    def flaky() -> str:
+        calls("flaky")
+        multirun.report_usage("gpt-4o", input_tokens=100, cost_usd=0.5)
+        error = next(attempts)
+        if error is not None:
+            raise error
+        return "ok"
 
     @run
-    def inner(checkpoint_id: str | None = None) -> str:
+    def inner() -> tuple[int, str]:
+        ctx = get_current_run_context()
+        fetched = fetch(1)
+        ctx.set_state("fetched", fetched)
+        saved = ctx.checkpoint(name="fetched").value.id
+        ctx.set_state("fetched", "overwritten")
+        try:
+            return fetched, flaky()
+        except RuntimeError:
+            ctx.restore_from_checkpoint(saved)
+        assert ctx.is_replaying and ctx.get_state("fetched") == 10
+        assert ctx.tokens_used == 100  # the failed call's spend is not given back
+        result = fetch(1), flaky()  # fetch(1) is served from the checkpoint
+        assert ctx.tokens_used == 200
+        return result
+
+    @run
+    def outer() -> tuple[int, str]:
+        get_current_run_context().set_state("mine", "outer")
+        result = inner()
+        assert get_current_run_context().state == {"mine": "outer"}  # the sub-run's state stays its own
+        return result
+
+    assert outer() == (10, "ok")
+    assert calls.log == ["fetch 1", "flaky", "flaky"]
+
+
+def test_a_checkpoint_a_sub_run_took_restores_into_that_sub_run_in_a_later_run(traced) -> None:
+    calls = Calls()
+
+    @step
+    def draft(topic: str) -> str:
+        calls(f"draft {topic}")
+        return f"draft of {topic}"
+
+    @run
+    def writer(checkpoint_id: str | None = None) -> str:
         ctx = get_current_run_context()
         if checkpoint_id:
             ctx.restore_from_checkpoint(checkpoint_id)
-        return ctx.checkpoint(name="inner").value.id
+            assert ctx.get_state("topic") == "otters"
+        else:
+            ctx.set_state("topic", "otters")
+        text = draft("otters")
+        if not checkpoint_id:
+            ctx.checkpoint(name="drafted")
+        return text
 
     @run
-    def outer(checkpoint_id: str | None = None) -> str:
-        return inner(checkpoint_id)
+    def editor(checkpoint_id: str | None = None) -> str:
+        get_current_run_context().set_state("role", "editor")
+        return writer(checkpoint_id)
 
-    taken = outer()
+    editor()
+    first = traced.named("invoke_workflow editor")[-1].attributes[attr.RUN_ID]
+    taken = traced.client.checkpoints.latest(first)
+    calls.log.clear()
+    assert editor(taken) == "draft of otters"
+    assert calls.log == []  # the draft is served in the new sub-run
+
+
+def test_restoring_the_top_runs_whole_checkpoint_into_a_sub_run_is_refused_clearly(traced) -> None:
+    from multirun.errors import CheckpointError
+
+    @run
+    def inner(checkpoint_id: str) -> None:
+        get_current_run_context().restore_from_checkpoint(checkpoint_id)
+
+    @run
+    def outer() -> None:
+        inner(get_current_run_context().checkpoint(name="outer").value.id)
+
     with pytest.raises(CheckpointError, match="resume that run"):
-        outer(taken)
+        outer()

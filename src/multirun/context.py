@@ -31,7 +31,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
-from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy
+from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy, sub_run_part
 from multirun.enforcement.ledger import SPEND_TOTALS
 from multirun.enforcement.policy import PolicyEngine
 from multirun.errors import BudgetExceededError, CheckpointError, ConfigurationError, PolicyViolation
@@ -604,25 +604,31 @@ class RunContext:
         cannot be deserialized.
         """
         restored = self.client.checkpoints.load(checkpoint_id)
-        self._restore(restored)
+        checkpoint = restored.checkpoint
+        if restored.sub_run_id and checkpoint.run_id not in _run_ids(self):
+            # a checkpoint a sub-run took, restored into another run: that sub-run's part of it
+            self._restore(*_sub_run_part(restored))
+        elif self.root is not self and checkpoint.run_id in _run_ids(self.root):
+            raise CheckpointError(
+                f"checkpoint {checkpoint.id!r} holds the whole run {checkpoint.run_id}, this "
+                "sub-run's top run: resume that run (multirun.resume(run_id=...)), which restores "
+                "its sub-runs with it, rather than restoring it into a sub-run"
+            )
+        else:
+            self._restore(restored.state, restored.replay, restored.ledger)
         return Done(None)
 
-    def _restore(self, restored: RestoredCheckpoint) -> None:
+    def _restore(self, state: dict[str, Any], replay: list[dict[str, Any]], ledger: Any) -> None:
+        """Go on from a checkpoint (or a sub-run's part of one): its state, replay log and spend."""
         if self.root is not self:
-            if restored.sub_run_id or restored.checkpoint.run_id == self.root.run.id:
-                raise CheckpointError(
-                    f"checkpoint {restored.checkpoint.id!r} holds the whole run "
-                    f"{restored.checkpoint.run_id} (a sub-run's checkpoints are its top run's): "
-                    "resume that run (multirun.resume(run_id=...)), which restores its sub-runs "
-                    "with it, rather than restoring it into a sub-run"
-                )
-            # a sub-run restored on its own continues that checkpoint in a log of its own
+            # a sub-run that restores a checkpoint continues it in a log of its own (its call in
+            # the top run's log stays, and records how it ends)
             self.root, self.replay_parent = self, None
             self.replay_log = ReplayLog(self.client.replay_limit)
-        self._state.update(restored.state)
-        self.replay_log.load(restored.replay)
+        self._state.update(state)
+        self.replay_log.load(replay)
         self.records_replay = True
-        _restore_spend(self.ledger, restored.ledger)
+        _restore_spend(self.ledger, ledger)
         self.is_replaying = True
         if self._span is not None:
             self._span.set_attribute(attr.RUN_REPLAYING, True)
@@ -1244,6 +1250,30 @@ def _charge_chain(
             current.run.cost_usd = current.ledger.cost_usd
         step, agent = current.parent_step, current.parent_agent
         current = current.parent
+
+
+def _run_ids(run: RunContext) -> set[str]:
+    """The ids ``run`` goes by: its own, and that of the run it resumed."""
+    ids = {run.run.id}
+    if run.resumed_from is not None:
+        ids.add(run.resumed_from.checkpoint.run_id)
+    return ids
+
+
+def _sub_run_part(restored: RestoredCheckpoint) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
+    """The state, replay records and spend of the sub-run that took ``restored``."""
+    seq = restored.sub_run_seq
+    try:
+        if seq is None:
+            raise ValueError("it does not say where the sub-run's calls are")
+        kept, records = sub_run_part(restored.replay, seq)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {restored.checkpoint.id!r} was taken by sub-run {restored.sub_run_id}, whose "
+            f"part of it cannot be found ({exc}): resume its top run {restored.checkpoint.run_id} instead"
+        ) from None
+    state = kept.get("state")
+    return (state if isinstance(state, dict) else {}), records, kept.get("ledger")
 
 
 def _restore_spend(ledger: Ledger, spend: Any) -> None:

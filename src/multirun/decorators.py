@@ -493,7 +493,7 @@ def _resume_pending(ctx: RunContext) -> None:
     if restored is not None:
         ctx.resumed_from = restored  # the span starts linked to the run it continues
         ctx._start()  # the span, and with it the ledger the restored spend goes to
-        ctx._restore(restored)
+        ctx._restore(restored.state, restored.replay, restored.ledger)
 
 
 # ---------------------------------------------------------------------------

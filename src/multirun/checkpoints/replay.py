@@ -290,6 +290,29 @@ class ReplayLog:
             self._seq = itertools.count(replay.next_seq)
 
 
+def sub_run_part(records: list[dict[str, Any]], seq: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The part of a checkpoint's records that belongs to the sub-run recorded as call ``seq``:
+    what its record kept (state and spend), and the calls made inside it, those it made itself
+    moved to the top level, as a run of their own. ValueError if no sub-run was recorded there."""
+    kept: Any = None
+    inside: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        if int(record["seq"]) == seq:
+            kept = record.get("run")
+        parent = record.get("parent")
+        if parent is not None:
+            inside.setdefault(int(parent), []).append(record)
+    if not isinstance(kept, dict):
+        raise ValueError(f"no sub-run is recorded as call {seq}")
+    part = [{**record, "parent": None} for record in inside.get(seq, [])]
+    below = [int(record["seq"]) for record in part]
+    while below:
+        children = inside.get(below.pop(), [])
+        part.extend(children)
+        below.extend(int(record["seq"]) for record in children)
+    return kept, part
+
+
 def _lane() -> int:
     """The asyncio task, or else the thread, making a call (ids: distinct while both live)."""
     loop = _get_running_loop()

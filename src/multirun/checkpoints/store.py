@@ -83,6 +83,7 @@ class RestoredCheckpoint:
     uri: str
     trace: dict[str, str]  # trace_id and span_id (hex) of the run that took it
     sub_run_id: str = ""  # the sub-run that took it, when a sub-run did (the run is its top run)
+    sub_run_seq: int | None = None  # that sub-run's call in the replay records
 
 
 class StoredCheckpoint(NamedTuple):
@@ -166,6 +167,7 @@ class CheckpointStore:
                 "run_id": run.run.id,
                 "run_name": run.run.name,
                 "sub_run_id": sub_run.run.id if sub_run is not run else "",
+                "sub_run_seq": sub_run.replay_parent if sub_run is not run else None,
                 "agent_id": agent_id,
                 "step_id": step_id,
                 "name": name,
@@ -273,10 +275,12 @@ class CheckpointStore:
             ledger = {k: int(v) for k, v in document.get("ledger", {}).items()}
             state = dict(document.get("state", {}))
             trace = {k: str(v) for k, v in document.get("trace", {}).items()}
+            sub_run_id = str(meta.get("sub_run_id", ""))
+            seq = meta.get("sub_run_seq")
+            sub_run_seq = None if seq is None else int(seq)
         except (ValueError, KeyError, TypeError) as exc:
             raise ReplayError(f"checkpoint {checkpoint_id!r} cannot be replayed: {exc}") from None
-        sub_run_id = str(meta.get("sub_run_id", ""))
-        return RestoredCheckpoint(checkpoint, state, replay, ledger, key, trace, sub_run_id)
+        return RestoredCheckpoint(checkpoint, state, replay, ledger, key, trace, sub_run_id, sub_run_seq)
 
     def latest(self, run_id: str) -> str:
         """The id of the newest checkpoint of ``run_id``; CheckpointError if it has none."""
