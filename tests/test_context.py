@@ -537,6 +537,67 @@ def test_run_steps_are_filled_after_the_run(traced) -> None:
     assert {s.id for s in steps} <= span_ids
 
 
+def test_run_steps_read_any_way_after_the_run_are_the_same_steps(traced) -> None:
+    """Run.steps is built when first read; every way of reading a Run sees it."""
+    import copy
+    import pickle
+
+    runs: list[Run] = []
+
+    @step
+    def work(i: int) -> int:
+        return i
+
+    @run
+    def main() -> None:
+        runs.append(get_current_run_context().run)
+        work(1)
+        work(2)
+
+    for _ in range(8):
+        main()
+    names = ["work", "work"]
+    dumped, as_json, printed, copied, deep, pickled, iterated, first = runs
+    assert [s["name"] for s in dumped.model_dump()["steps"]] == names
+    assert list(dumped.model_dump()) == list(Run.model_fields)  # the declared field order
+    assert [s["name"] for s in json.loads(as_json.model_dump_json())["steps"]] == names
+    assert "steps=[Step(" in repr(printed)
+    assert [s.name for s in copy.copy(copied).steps] == names
+    assert [s.name for s in deep.model_copy(deep=True).steps] == names
+    assert [s.name for s in pickle.loads(pickle.dumps(pickled)).steps] == names
+    assert [s.name for s in dict(iterated)["steps"]] == names
+    assert first == first.model_copy() and first.steps is first.steps
+    assert Run.model_json_schema(mode="serialization") == Run.model_json_schema()
+
+
+def test_a_failed_step_kept_in_run_steps_does_not_keep_its_traceback_alive(traced) -> None:
+    import gc
+    import weakref
+
+    class Big:
+        pass
+
+    refs: list[weakref.ref[Big]] = []
+    runs: list[Run] = []
+
+    @step
+    def fails() -> None:
+        big = Big()
+        refs.append(weakref.ref(big))
+        raise ValueError("boom")
+
+    @run
+    def main() -> None:
+        runs.append(get_current_run_context().run)
+        with contextlib.suppress(ValueError):
+            fails()
+
+    main()
+    gc.collect()
+    assert refs[0]() is None  # the frame's locals are gone, the run being still held
+    assert runs[0].steps[0].error == "boom"
+
+
 def test_run_steps_are_bounded_by_step_history(traced) -> None:
     client = multirun.init(tracer_provider=traced.provider, step_history=3)
     client.clock = traced.clock

@@ -443,7 +443,9 @@ class RunContext:
         run.completed_at = datetime.now(timezone.utc)
         run.tokens_used = ledger.tokens
         run.cost_usd = ledger.cost_usd
-        run.steps = [s.step for s in self._history]
+        # a failed step's model now: its error would keep the frames of its traceback alive
+        kept = [step.step if step.error is not None else step for step in self._history]
+        run._fill_steps_later(lambda: [s if isinstance(s, Step) else s.step for s in kept])
         if status is RunStatus.COMPLETED and result is not None:
             run.result = _serialize_result(result)
         if error is not None:

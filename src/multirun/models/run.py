@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr, SerializerFunctionWrapHandler, model_serializer
 
 from multirun.models._base import Model, new_id, utcnow
 from multirun.models.budget import Budget
@@ -43,6 +44,70 @@ class Run(Model):
     completed_at: datetime | None = None
     result: bytes | None = None
     error: str | None = None
+
+    # Building a Step model costs about 3 us, and a run that ends would build one per kept step,
+    # mostly never read: ``steps`` is filled when first read (or serialized, compared, copied).
+    _steps_source: Callable[[], list[Step]] | None = PrivateAttr(default=None)
+
+    def _fill_steps_later(self, build: Callable[[], list[Step]]) -> None:
+        """Let ``steps`` be ``build()``, built the first time anything reads it."""
+        self._steps_source = build
+        self.__dict__.pop("steps", None)
+
+    def _fill_steps(self) -> None:
+        if "steps" not in self.__dict__:
+            build, self._steps_source = self._steps_source, None
+            values = self.__dict__
+            values["steps"] = build() if build is not None else []
+            # back in its declared place, for model_dump's order
+            for name in _FIELDS_AFTER_STEPS:
+                if name in values:
+                    values[name] = values.pop(name)
+
+    if not TYPE_CHECKING:  # for mypy, Run's attributes stay its fields
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "steps":
+                self._fill_steps()
+                return self.__dict__["steps"]
+            return super().__getattr__(name)
+
+    # no return annotation: pydantic then keeps Run's own JSON schema for serialization
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        self._fill_steps()
+        return handler(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._fill_steps()
+        if isinstance(other, Run):
+            other._fill_steps()
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]  # as a pydantic model's: mutable, not hashable
+
+    def __repr_args__(self) -> Any:
+        self._fill_steps()
+        return super().__repr_args__()
+
+    def __iter__(self) -> Any:
+        self._fill_steps()
+        return super().__iter__()
+
+    def __copy__(self) -> Run:
+        self._fill_steps()
+        return super().__copy__()
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Run:
+        self._fill_steps()
+        return super().__deepcopy__(memo)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        self._fill_steps()
+        return super().__getstate__()
+
+
+_FIELDS_AFTER_STEPS = tuple(list(Run.model_fields)[list(Run.model_fields).index("steps") + 1 :])
 
 
 class RunPatch(Model):
