@@ -324,6 +324,14 @@ def test_json_refuses_cycles_and_absurd_nesting() -> None:
         json_serializer().dumps(deep)
 
 
+def test_json_nested_deeper_than_the_fast_encoder_goes_still_round_trips() -> None:
+    """pydantic-core's encoder stops at a depth of about 250; the json module takes over."""
+    deep: Any = "leaf"
+    for _ in range(600):
+        deep = [deep]
+    assert json_round_trip(deep) == deep
+
+
 def test_json_never_falls_back_to_pickle() -> None:
     with pytest.raises(CheckpointError, match="has no JSON form"):
         dump_blob({"f": Opaque()}, json_serializer())
