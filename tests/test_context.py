@@ -24,7 +24,7 @@ from multirun.context import (
     has_active_client,
     has_active_run,
 )
-from multirun.models import AgentStatus, Budget, Run, RunStatus, StepKind, StepStatus
+from multirun.models import AgentStatus, Budget, Run, RunStatus, Step, StepKind, StepStatus
 
 
 def attrs(span: Any) -> dict[str, Any]:
@@ -596,6 +596,63 @@ def test_a_failed_step_kept_in_run_steps_does_not_keep_its_traceback_alive(trace
     gc.collect()
     assert refs[0]() is None  # the frame's locals are gone, the run being still held
     assert runs[0].steps[0].error == "boom"
+
+
+def test_a_finished_run_held_by_the_program_does_not_keep_its_state_alive(traced) -> None:
+    import gc
+    import weakref
+
+    class Big:
+        pass
+
+    refs: list[weakref.ref[Any]] = []
+    runs: list[Run] = []
+
+    @step
+    def work(i: int) -> int:
+        return i
+
+    @run
+    def main() -> None:
+        ctx = get_current_run_context()
+        big = Big()
+        refs.extend([weakref.ref(big), weakref.ref(ctx)])
+        ctx.set_state("big", big)
+        work(1)
+        runs.append(ctx.run)
+
+    main()
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
+    assert [s.name for s in runs[0].steps] == ["work"]
+
+
+def test_run_steps_are_the_same_for_threads_reading_them_at_once_and_stay_set() -> None:
+    import threading
+    import time
+
+    def slow_build() -> list[Step]:
+        time.sleep(0.05)
+        return [Step(name="a"), Step(name="b")]
+
+    finished = Run(name="x")
+    finished._fill_steps_later(slow_build)
+    seen: list[int] = []
+    readers = [threading.Thread(target=lambda: seen.append(len(finished.steps))) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert seen == [2, 2, 2, 2]
+    assert "steps" in finished.model_fields_set
+    assert [s["name"] for s in finished.model_dump(exclude_unset=True)["steps"]] == ["a", "b"]
+
+    replaced = Run(name="y")
+    replaced._fill_steps_later(slow_build)
+    replaced.steps = [Step(name="mine")]
+    assert [s.name for s in replaced.steps] == ["mine"]
+    assert list(replaced.model_dump()) == list(Run.model_fields)
+    assert replaced == Run.model_validate(replaced.model_dump())
 
 
 def test_run_steps_are_bounded_by_step_history(traced) -> None:

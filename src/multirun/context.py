@@ -443,9 +443,8 @@ class RunContext:
         run.completed_at = datetime.now(timezone.utc)
         run.tokens_used = ledger.tokens
         run.cost_usd = ledger.cost_usd
-        # a failed step's model now: its error would keep the frames of its traceback alive
-        kept = [step.step if step.error is not None else step for step in self._history]
-        run._fill_steps_later(lambda: [s if isinstance(s, Step) else s.step for s in kept])
+        kept = [step._facts() for step in self._history]  # plain values: nothing kept alive
+        run._fill_steps_later(lambda: [_step_model(facts) for facts in kept])
         if status is RunStatus.COMPLETED and result is not None:
             run.result = _serialize_result(result)
         if error is not None:
@@ -1084,37 +1083,85 @@ class StepContext:
     @property
     def step(self) -> Step:
         """This step as a ``Step`` model (built on demand)."""
-        start, end = self._times()
-        # Only the fields that differ from the model's defaults: a run builds one model per kept
-        # step as it ends, and each field given is one more to validate.
-        fields: dict[str, Any] = {
-            "id": self.id,
-            "run_id": self.run_context.run.id,
-            "agent_id": self.agent_context.agent.id,
-            "name": self.name,
-            "kind": self.kind,
-            "status": self.status,
-        }
+        return _step_model(self._facts())
+
+    def _facts(self) -> tuple[Any, ...]:
+        """What the ``Step`` model of this step is made of: plain values only, so keeping them
+        (a run's kept steps, until ``Run.steps`` is read) keeps no context, span or traceback."""
+        span = self._span
+        span_id = span.get_span_context().span_id if span is not None else None
+        parent_span_id: int | str | None = None  # no parent; "" for a parent without a span
         if self.parent is not None:
-            fields["parent_step_id"] = self.parent.id
-        if self.input_hash:
-            fields["input_hash"] = self.input_hash
-        if self.policy_decision is not None:
-            fields["policy_decision"] = self.policy_decision
-        if self.tokens_used:
-            fields["tokens_used"] = self.tokens_used
-        if self._cost_units:
-            fields["cost_usd"] = self.cost_usd
-        if start is not None:
-            fields["started_at"] = datetime.fromtimestamp(start / 1e9, timezone.utc)
-            if end is not None:
-                fields["latency_ms"] = (end - start) // 1_000_000
-                fields["completed_at"] = datetime.fromtimestamp(end / 1e9, timezone.utc)
-        if self.error is not None:
-            fields["error"] = str(self.error) or type(self.error).__name__
-        if self.attempt != 1:
-            fields["attempt"] = self.attempt
-        return construct_trusted(Step, fields)  # every value made here: no validation needed
+            parent_span = self.parent._span
+            parent_span_id = parent_span.get_span_context().span_id if parent_span is not None else ""
+        error = self.error
+        return (
+            span_id,
+            self.run_context.run.id,
+            self.agent_context.agent.id,
+            self.name,
+            self.kind,
+            self.status,
+            parent_span_id,
+            self.input_hash,
+            self.policy_decision,
+            self.tokens_used,
+            self._cost_units,
+            getattr(span, "start_time", None),
+            getattr(span, "end_time", None),
+            None if error is None else (str(error) or type(error).__name__),
+            self.attempt,
+        )
+
+
+def _step_model(facts: tuple[Any, ...]) -> Step:
+    """A ``Step`` model from ``StepContext._facts()``."""
+    (
+        span_id,
+        run_id,
+        agent_id,
+        name,
+        kind,
+        status,
+        parent_span_id,
+        input_hash,
+        policy_decision,
+        tokens_used,
+        cost_units,
+        start,
+        end,
+        error,
+        attempt,
+    ) = facts
+    # Only the fields that differ from the model's defaults: each field given is one more to set.
+    fields: dict[str, Any] = {
+        "id": "" if span_id is None else format(span_id, "016x"),
+        "run_id": run_id,
+        "agent_id": agent_id,
+        "name": name,
+        "kind": kind,
+        "status": status,
+    }
+    if parent_span_id is not None:
+        fields["parent_step_id"] = format(parent_span_id, "016x") if parent_span_id != "" else ""
+    if input_hash:
+        fields["input_hash"] = input_hash
+    if policy_decision is not None:
+        fields["policy_decision"] = policy_decision
+    if tokens_used:
+        fields["tokens_used"] = tokens_used
+    if cost_units:
+        fields["cost_usd"] = cost_units / COST_UNITS_PER_USD
+    if start is not None:
+        fields["started_at"] = datetime.fromtimestamp(start / 1e9, timezone.utc)
+        if end is not None:
+            fields["latency_ms"] = (end - start) // 1_000_000
+            fields["completed_at"] = datetime.fromtimestamp(end / 1e9, timezone.utc)
+    if error is not None:
+        fields["error"] = error
+    if attempt != 1:
+        fields["attempt"] = attempt
+    return construct_trusted(Step, fields)  # every value made here: no validation needed
 
 
 # ---------------------------------------------------------------------------

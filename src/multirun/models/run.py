@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from enum import Enum
@@ -51,18 +52,32 @@ class Run(Model):
 
     def _fill_steps_later(self, build: Callable[[], list[Step]]) -> None:
         """Let ``steps`` be ``build()``, built the first time anything reads it."""
-        self._steps_source = build
-        self.__dict__.pop("steps", None)
+        with _FILLING:
+            self._steps_source = build
+            self.__dict__.pop("steps", None)
+            self.__pydantic_fields_set__.add("steps")
 
     def _fill_steps(self) -> None:
-        if "steps" not in self.__dict__:
-            build, self._steps_source = self._steps_source, None
+        if "steps" in self.__dict__:
+            return
+        with _FILLING:  # one build, seen by every thread that reads meanwhile
+            if "steps" in self.__dict__:
+                return
+            build = self._steps_source
+            steps = build() if build is not None else []
             values = self.__dict__
-            values["steps"] = build() if build is not None else []
-            # back in its declared place, for model_dump's order
-            for name in _FIELDS_AFTER_STEPS:
-                if name in values:
-                    values[name] = values.pop(name)
+            # the declared field order (model_dump's), swapped in whole: a reader in another
+            # thread sees the old dict or the new one, never one with fields missing
+            ordered = {name: values[name] for name in _FIELDS_BEFORE_STEPS if name in values}
+            ordered["steps"] = steps
+            ordered.update((name, value) for name, value in values.items() if name not in ordered)
+            object.__setattr__(self, "__dict__", ordered)
+            self._steps_source = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "steps":
+            self._fill_steps()  # in its place, and the builder (and what it holds) let go
+        super().__setattr__(name, value)
 
     if not TYPE_CHECKING:  # for mypy, Run's attributes stay its fields
 
@@ -107,7 +122,8 @@ class Run(Model):
         return super().__getstate__()
 
 
-_FIELDS_AFTER_STEPS = tuple(list(Run.model_fields)[list(Run.model_fields).index("steps") + 1 :])
+_FILLING = threading.Lock()
+_FIELDS_BEFORE_STEPS = tuple(list(Run.model_fields)[: list(Run.model_fields).index("steps")])
 
 
 class RunPatch(Model):
