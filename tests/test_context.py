@@ -570,35 +570,7 @@ def test_run_steps_read_any_way_after_the_run_are_the_same_steps(traced) -> None
     assert Run.model_json_schema(mode="serialization") == Run.model_json_schema()
 
 
-def test_a_failed_step_kept_in_run_steps_does_not_keep_its_traceback_alive(traced) -> None:
-    import gc
-    import weakref
-
-    class Big:
-        pass
-
-    refs: list[weakref.ref[Big]] = []
-    runs: list[Run] = []
-
-    @step
-    def fails() -> None:
-        big = Big()
-        refs.append(weakref.ref(big))
-        raise ValueError("boom")
-
-    @run
-    def main() -> None:
-        runs.append(get_current_run_context().run)
-        with contextlib.suppress(ValueError):
-            fails()
-
-    main()
-    gc.collect()
-    assert refs[0]() is None  # the frame's locals are gone, the run being still held
-    assert runs[0].steps[0].error == "boom"
-
-
-def test_a_finished_run_held_by_the_program_does_not_keep_its_state_alive(traced) -> None:
+def test_a_finished_run_held_by_the_program_keeps_neither_its_state_nor_a_traceback_alive(traced) -> None:
     import gc
     import weakref
 
@@ -612,6 +584,12 @@ def test_a_finished_run_held_by_the_program_does_not_keep_its_state_alive(traced
     def work(i: int) -> int:
         return i
 
+    @step
+    def fails() -> None:
+        big = Big()
+        refs.append(weakref.ref(big))  # a local of the failed step's frame
+        raise ValueError("boom")
+
     @run
     def main() -> None:
         ctx = get_current_run_context()
@@ -619,12 +597,15 @@ def test_a_finished_run_held_by_the_program_does_not_keep_its_state_alive(traced
         refs.extend([weakref.ref(big), weakref.ref(ctx)])
         ctx.set_state("big", big)
         work(1)
+        with contextlib.suppress(ValueError):
+            fails()
         runs.append(ctx.run)
 
     main()
     gc.collect()
-    assert [ref() for ref in refs] == [None, None]
-    assert [s.name for s in runs[0].steps] == ["work"]
+    assert [ref() for ref in refs] == [None, None, None]
+    assert [s.name for s in runs[0].steps] == ["work", "fails"]
+    assert runs[0].steps[1].error == "boom"
 
 
 def test_run_steps_are_the_same_for_threads_reading_them_at_once_and_stay_set() -> None:

@@ -145,7 +145,8 @@ class JsonSerializer:
 
     def dumps(self, obj: Any) -> bytes:
         """Compact JSON, UTF-8 with lone surrogates kept; CheckpointError names what has no JSON form."""
-        if _already_plain(obj):
+        already_plain = _already_plain(obj)
+        if already_plain:
             # pydantic-core's encoder (Rust) writes the same JSON three to four times faster than
             # the json module; it refuses lone surrogates, which the json module below keeps
             try:
@@ -153,7 +154,7 @@ class JsonSerializer:
             except (PydanticSerializationError, ValueError, TypeError):
                 pass
         try:
-            plain = obj if _already_plain(obj) else _plain(obj)
+            plain = obj if already_plain else _plain(obj)
             text = json.dumps(plain, ensure_ascii=False, allow_nan=True, separators=(",", ":"))
         except _NoJsonForm as exc:
             where = "".join(f"[{key}]" for key in reversed(exc.path)) or "the value"
