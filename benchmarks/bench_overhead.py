@@ -9,12 +9,15 @@ Usage::
 
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 30] [--batch 2000]
 
-What is shared: ONE SDK TracerProvider, with one BatchSpanProcessor exporting
-to a counting no-op exporter, serves every variant; ``multirun.init`` is given
-that provider and adds its UsageSpanProcessor to it, so the bare-span
-variants go through exactly the same processor chain as the steps. Between
-batches (outside the timed region) the provider is flushed and the garbage
-collector run, so each batch starts with an empty export queue.
+Two SDK TracerProviders of the same configuration, each with one
+BatchSpanProcessor exporting to a counting no-op exporter: the steps' provider,
+which ``multirun.init`` is given (it adds its UsageSpanProcessor), and the
+bare spans' provider, which has nothing else on it: a bare span costs here
+what it costs in an application without multirun. Every function takes one
+small int and returns it, as in the side-by-side benchmark, so a step hashes
+an argument for its replay record. Between batches (outside the timed region)
+the providers are flushed and the garbage collector run, so each batch starts
+with an empty export queue.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Tracer
 
@@ -86,64 +90,73 @@ def bare_span_async(
     return decorate
 
 
-def bare_llm_span(tracer: Tracer, name: str) -> Callable[[], None]:
+def bare_llm_span(tracer: Tracer, name: str) -> Callable[[int], int]:
     """A hand-written LLM span: the attributes a GenAI instrumentation sets on a chat call."""
 
-    def llm_call() -> None:
+    def llm_call(x: int) -> int:
         with tracer.start_as_current_span(name) as span:
             span.set_attribute(attr.GEN_AI_OPERATION_NAME, attr.OP_CHAT)
             span.set_attribute(attr.GEN_AI_REQUEST_MODEL, LLM_MODEL)
             span.set_attribute(attr.GEN_AI_RESPONSE_MODEL, LLM_MODEL)
             span.set_attribute(attr.GEN_AI_USAGE_INPUT_TOKENS, 10)
             span.set_attribute(attr.GEN_AI_USAGE_OUTPUT_TOKENS, 5)
+        return x
 
     return llm_call
 
 
-def noop() -> None:
+def noop(x: int) -> int:
     """The body of every sync variant."""
+    return x
 
 
-async def noop_async() -> None:
+async def noop_async(x: int) -> int:
     """The body of every async variant."""
+    return x
 
 
 @multirun.step
-def step_sync() -> None:
+def step_sync(x: int) -> int:
     """A sync ``@step`` no-op."""
+    return x
 
 
 @multirun.step
-def step_governed() -> None:
+def step_governed(x: int) -> int:
     """The same no-op, called inside the run that has a Budget and a Policy."""
+    return x
 
 
 @multirun.step
-def step_unrecorded() -> None:
+def step_unrecorded(x: int) -> int:
     """The same no-op, in a run whose client keeps no replay log (record_replay=False)."""
+    return x
 
 
 @multirun.step
-def step_outside() -> None:
+def step_outside(x: int) -> int:
     """The same no-op, called outside any run (the decorator's fast path)."""
+    return x
 
 
 @multirun.step
-async def step_async() -> None:
+async def step_async(x: int) -> int:
     """An async ``@step`` no-op."""
+    return x
 
 
 @multirun.step(kind=StepKind.LLM_CALL)
-def step_llm() -> None:
+def step_llm(x: int) -> int:
     """An LLM step that reports usage, priced from the price book."""
     multirun.report_usage(LLM_MODEL, input_tokens=10, output_tokens=5)
+    return x
 
 
 # ---------------------------------------------------------------------------
 # batch runners
 
 
-def sync_batch(fn: Callable[[], Any], ctx: Context) -> BatchRunner:
+def sync_batch(fn: Callable[[int], Any], ctx: Context) -> BatchRunner:
     """Runs ``fn`` n times with ``ctx`` attached; only the loop is timed."""
 
     def run(n: int) -> int:
@@ -151,8 +164,8 @@ def sync_batch(fn: Callable[[], Any], ctx: Context) -> BatchRunner:
         try:
             clock = time.perf_counter_ns
             start = clock()
-            for _ in range(n):
-                fn()
+            for i in range(n):
+                fn(i)
             return clock() - start
         finally:
             otel_context.detach(token)
@@ -161,17 +174,17 @@ def sync_batch(fn: Callable[[], Any], ctx: Context) -> BatchRunner:
 
 
 def async_batch(
-    loop: asyncio.AbstractEventLoop, fn: Callable[[], Awaitable[Any]], ctx: Context
+    loop: asyncio.AbstractEventLoop, fn: Callable[[int], Awaitable[Any]], ctx: Context
 ) -> BatchRunner:
-    """Awaits ``fn()`` n times inside a task of a running event loop; only the loop is timed."""
+    """Awaits ``fn(i)`` n times inside a task of a running event loop; only the loop is timed."""
 
     async def body(n: int) -> int:
         token = otel_context.attach(ctx)
         try:
             clock = time.perf_counter_ns
             start = clock()
-            for _ in range(n):
-                await fn()
+            for i in range(n):
+                await fn(i)
             return clock() - start
         finally:
             otel_context.detach(token)
@@ -195,6 +208,8 @@ class Variant:
     baseline: str  # key of the bare-span variant it is compared with
     runner: BatchRunner
     span_name: str | None  # the name its spans are exported under (None: makes no span)
+    # a step is a child of its run's span: key of the bare span that is a child too, if any
+    child_baseline: str | None = None
     samples: list[float] = field(default_factory=list)  # microseconds per call, one per round
 
 
@@ -202,16 +217,25 @@ class Variant:
 class Setup:
     variants: list[Variant]
     runs: list[RunContext]
-    provider: Any
+    provider: Any  # the steps' (multirun is configured on it)
     exporter: Any
+    bare_provider: Any  # the bare spans' (nothing but the BatchSpanProcessor)
+    bare_exporter: Any
     loop: asyncio.AbstractEventLoop
+
+    def flush(self) -> None:
+        self.provider.force_flush()
+        self.bare_provider.force_flush()
 
 
 def build(batch: int) -> Setup:
-    """The provider, multirun, the two runs and every variant."""
+    """The two providers, multirun, the runs and every variant."""
     provider, exporter = make_provider(max_queue_size=max(2048, 2 * batch))
     client = init_multirun(provider)
-    tracer = provider.get_tracer("bench.bare")
+    bare_provider, bare_exporter = make_provider(max_queue_size=max(2048, 2 * batch))
+    tracer = bare_provider.get_tracer("bench.bare")
+    # a parent for the bare child spans, as a run's span is for its steps (it is never ended)
+    in_parent = trace.set_span_in_context(tracer.start_span("bare.parent"), Context())
 
     run_plain = RunContext(client, Run(name="bench"))
     run_governed = RunContext(
@@ -235,28 +259,38 @@ def build(batch: int) -> Setup:
 
     loop = asyncio.new_event_loop()
     bare = bare_span(tracer, "bare.sync")(noop)
-    bare_in_run = bare_span(tracer, "bare.sync.in_run")(noop)
+    bare_child = bare_span(tracer, "bare.sync.child")(noop)
+    bare_in_run = bare_span(provider.get_tracer("bench.bare"), "bare.sync.in_run")(noop)
     bare_async = bare_span_async(tracer, "bare.async")(noop_async)
+    bare_child_async = bare_span_async(tracer, "bare.async.child")(noop_async)
     bare_llm = bare_llm_span(tracer, "bare.llm")
 
     variants = [
         Variant("plain", "plain call (no tracing)", "bare", sync_batch(noop, empty), None),
         Variant("bare", "bare span", "bare", sync_batch(bare, empty), "bare.sync"),
         Variant(
+            "bare_child",
+            "bare span, inside a parent span",
+            "bare",
+            sync_batch(bare_child, in_parent),
+            "bare.sync.child",
+        ),
+        Variant(
             "bare_in_run",
-            "bare span, inside a run",
+            "bare span, inside a run (multirun's provider)",
             "bare",
             sync_batch(bare_in_run, in_run),
             "bare.sync.in_run",
         ),
         Variant("step_outside", "@step, no active run", "bare", sync_batch(step_outside, empty), None),
-        Variant("step", "@step sync", "bare", sync_batch(step_sync, in_run), "step step_sync"),
+        Variant("step", "@step sync", "bare", sync_batch(step_sync, in_run), "step step_sync", "bare_child"),
         Variant(
             "step_unrecorded",
             "@step sync, record_replay=False",
             "bare",
             sync_batch(step_unrecorded, unrecorded),
             "step step_unrecorded",
+            "bare_child",
         ),
         Variant(
             "step_governed",
@@ -264,6 +298,7 @@ def build(batch: int) -> Setup:
             "bare",
             sync_batch(step_governed, governed),
             "step step_governed",
+            "bare_child",
         ),
         Variant(
             "plain_async",
@@ -280,11 +315,19 @@ def build(batch: int) -> Setup:
             "bare.async",
         ),
         Variant(
+            "bare_child_async",
+            "bare span, async, inside a parent span",
+            "bare_async",
+            async_batch(loop, bare_child_async, in_parent),
+            "bare.async.child",
+        ),
+        Variant(
             "step_async",
             "@step async",
             "bare_async",
             async_batch(loop, step_async, in_run),
             "step step_async",
+            "bare_child_async",
         ),
         Variant(
             "bare_llm",
@@ -301,7 +344,15 @@ def build(batch: int) -> Setup:
             f"{attr.OP_CHAT} {LLM_MODEL}",
         ),
     ]
-    return Setup(variants, [run_plain, run_governed, run_unrecorded], provider, exporter, loop)
+    return Setup(
+        variants,
+        [run_plain, run_governed, run_unrecorded],
+        provider,
+        exporter,
+        bare_provider,
+        bare_exporter,
+        loop,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -314,7 +365,7 @@ def measure(setup: Setup, rounds: int, warmup: int, batch: int) -> None:
     gc.freeze()  # startup objects out of the collector's way: the per-batch collect stays cheap
     for round_no in range(warmup + rounds):
         for variant in setup.variants:
-            setup.provider.force_flush()
+            setup.flush()
             gc.collect()
             elapsed_ns = variant.runner(batch)
             if round_no >= warmup:
@@ -335,6 +386,11 @@ def report(setup: Setup, rounds: int, warmup: int, batch: int) -> str:
         base = by_key[v.baseline]
         ratios = [a / b for a, b in zip(v.samples, base.samples, strict=True)]
         extra = [a - b for a, b in zip(v.samples, base.samples, strict=True)]
+        child = "—"
+        if v.child_baseline is not None:
+            parent = by_key[v.child_baseline]
+            child_ratios = [a / b for a, b in zip(v.samples, parent.samples, strict=True)]
+            child = f"{statistics.median(child_ratios):.3g}x"
         rows.append(
             [
                 v.label,
@@ -344,6 +400,7 @@ def report(setup: Setup, rounds: int, warmup: int, batch: int) -> str:
                 base.label if v.key != v.baseline else "—",
                 f"{statistics.median(ratios):.3g}x",
                 f"{statistics.median(extra):+.2f}",
+                child,
             ]
         )
     timing = markdown_table(
@@ -355,38 +412,39 @@ def report(setup: Setup, rounds: int, warmup: int, batch: int) -> str:
             "compared with",
             "ratio (paired median)",
             "Δ µs vs that",
+            "ratio to the bare span inside a parent span",
         ],
         rows,
-        "lrrrlrr",
+        "lrrrlrrr",
     )
 
-    setup.provider.force_flush()
+    setup.flush()
     expected = batch * (rounds + warmup)
+    exported = {**setup.exporter.by_name, **setup.bare_exporter.by_name}
+    attributes = {**setup.exporter.attribute_counts, **setup.bare_exporter.attribute_counts}
     span_rows = []
     for v in setup.variants:
         if v.span_name is None:
             span_rows.append([v.label, "—", "0 expected", str(0)])
             continue
-        got = setup.exporter.by_name.get(v.span_name, 0)
         span_rows.append(
             [
                 v.label,
                 f"`{v.span_name}`",
-                f"{got:,} of {expected:,}",
-                str(setup.exporter.attribute_counts.get(v.span_name, 0)),
+                f"{exported.get(v.span_name, 0):,} of {expected:,}",
+                str(attributes.get(v.span_name, 0)),
             ]
         )
     spans = markdown_table(["variant", "span name", "exported", "attributes / span"], span_rows, "llrr")
     others = {
-        name: count
-        for name, count in setup.exporter.by_name.items()
-        if name not in {v.span_name for v in setup.variants}
+        name: count for name, count in exported.items() if name not in {v.span_name for v in setup.variants}
     }
-    total = setup.exporter.total
+    total = setup.exporter.total + setup.bare_exporter.total
 
     lines = [
         f"{batch:,} calls per batch, {rounds} timed rounds after {warmup} warm-up round(s); "
-        "every round runs one batch of each variant in the order of the table.",
+        "every round runs one batch of each variant in the order of the table. Every function "
+        "takes one small int and returns it.",
         "",
         timing,
         "",
@@ -395,28 +453,38 @@ def report(setup: Setup, rounds: int, warmup: int, batch: int) -> str:
         "- *ratio*: per round, this variant's time divided by the time of the variant in "
         "*compared with* in the same round; the median of those ratios. *Δ µs*: the same, "
         "as a difference.",
-        "- *bare span*: `with tracer.start_as_current_span(name): return fn(*args, **kwargs)`, "
-        "run outside any run. *inside a run*: the same decorator with a run's context "
-        "current, so multirun's UsageSpanProcessor books it as a foreign span.",
+        "- *bare span*: `with tracer.start_as_current_span(name): return fn(*args, **kwargs)` on "
+        "a provider of its own (one BatchSpanProcessor, nothing of multirun), run outside any "
+        "span: what a span costs in an application without multirun.",
+        "- *inside a parent span*: the same, with a span of that provider current, as a run's span "
+        "is for its steps. A child span costs the SDK more than a root span (its sampler and "
+        "`start_span` look the parent up, three `isinstance` checks against the `Span` ABC, and "
+        "read its trace state), so the last column compares each step with the bare span in the "
+        "same position; the target is stated against the root bare span.",
+        "- *inside a run (multirun's provider)*: a bare span of the provider multirun is configured "
+        "on, with a run's context current: what multirun's UsageSpanProcessor adds to spans of "
+        "other instrumentations.",
         "- *Budget + Policy*: `Budget(max_tokens=10**15, max_cost_usd=1e12, max_steps=10**15)` and "
         "`Policy(retry=RetryRule(), rate_limit=RateLimitRule(requests_per_minute=1e9), "
         "circuit_breaker=CircuitBreakerRule())` on the run. The budget is checked before each "
         "step; whatever policy enforcement exists at the time of the run is what is measured.",
         "- *bare span + 5 GenAI attributes*: `gen_ai.operation.name`, `gen_ai.request.model`, "
         "`gen_ai.response.model`, `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens` "
-        "set one by one. The LLM step prices the usage (`gpt-4o-mini`) and writes its "
-        "roll-ups, hence more attributes (see below).",
+        "set one by one. The LLM step prices the usage (`gpt-4o-mini`), writes its "
+        "roll-ups (hence more attributes, see below) and records the GenAI metrics on the "
+        "process's MeterProvider (the API's no-op one here).",
         "- async rows: each batch is one task on one event loop (`loop.run_until_complete`), "
         "awaiting the function n times.",
         "",
         "## Spans exported",
         "",
-        "One SDK `TracerProvider` is shared by every variant: a `BatchSpanProcessor` "
+        "Two SDK `TracerProvider`s of the same configuration, each with a `BatchSpanProcessor` "
         f"(max_queue_size={max(2048, 2 * batch)}, max_export_batch_size=512) to a counting "
-        "no-op exporter, plus the `UsageSpanProcessor` that `multirun.init(tracer_provider=...)` "
-        "adds. It is flushed before each batch (untimed), so the export work of a batch's "
-        "spans lands in that batch (the exporter thread wakes every 512 spans) and no span "
-        "is dropped. The counts below include the warm-up rounds.",
+        "no-op exporter: the steps' provider, with the `UsageSpanProcessor` that "
+        "`multirun.init(tracer_provider=...)` adds, and the bare spans' provider, with nothing else. "
+        "Both are flushed before each batch (untimed), so the export work of a batch's spans "
+        "lands in that batch (the exporter thread wakes every 512 spans) and no span is dropped. "
+        "The counts below include the warm-up rounds.",
         "",
         spans,
         "",
@@ -451,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         setup.loop.close()
         setup.provider.shutdown()
+        setup.bare_provider.shutdown()
     shown = [__file__, *(sys.argv[1:] if argv is None else argv)]
     text = "\n".join(environment_header("Overhead of @step per call", shown)) + "\n" + body
     print(text)
