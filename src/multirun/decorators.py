@@ -39,7 +39,7 @@ from multirun.models.budget import Budget
 from multirun.models.policy import BackoffStrategy, Policy, PolicyDecision
 from multirun.models.run import Run
 from multirun.models.step import StepKind, StepStatus
-from multirun.sdk_usage import StreamUsage, is_sdk_object, usage_of_result
+from multirun.sdk_usage import NOT_A_RESPONSE, StreamUsage, is_sdk_object, usage_of_result
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 
@@ -181,7 +181,7 @@ class _StepCall(StepContext):
             run.policy_engine.after_success(spec.name, spec.kind)
         if spec.checkpoint:
             run._try_checkpoint(f"after_{spec.name}", step_id=self.id)
-        if result is not None or self._stream is not None:
+        if self._stream is not None or type(result) not in NOT_A_RESPONSE:
             self._charge_sdk_usage(result)
         self._close(StepStatus.COMPLETED, result, extra=extra)
 

@@ -49,6 +49,9 @@ _KNOWN: dict[tuple[str, str], tuple[str, str, str]] = {
     ("anthropic.types", "BetaRawMessageDeltaEvent"): (_MESSAGE_DELTA, "anthropic", "default"),
 }
 
+# what most steps return: never an SDK object, known without a function call
+NOT_A_RESPONSE = frozenset({type(None), str, int, float, bool, bytes, list, dict, tuple})
+
 _recognised: dict[type, tuple[str, str, str] | None] = {}
 # classes made at run time (a pydantic model per request, say) would pile up, each held alive
 _MAX_RECOGNISED = 1024
