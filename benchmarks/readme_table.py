@@ -103,7 +103,7 @@ def peers_section(peers: dict[str, Any] | None, targets: list[list[str]]) -> lis
 
     def order(key: tuple[str, str]) -> tuple[int, float]:
         peer, kind = key
-        rank = {"plain": 0, "reference": 1}.get(kind, 2 if peer == "multirun" else 3)
+        rank = {"plain": 0, "reference": 1, "child": 2}.get(kind, 3 if peer == "multirun" else 4)
         sync = next((r for r in modes.get("sync", []) if (r["peer"], r["kind"]) == key), None)
         return rank, sync["median_us"] if sync else 1e9
 
@@ -114,6 +114,8 @@ def peers_section(peers: dict[str, Any] | None, targets: list[list[str]]) -> lis
             name = "plain call, no tracing"
         elif kind == "reference":
             name = "bare span (`start_as_current_span`, SDK + BatchSpanProcessor)"
+        elif kind == "child":
+            name = "bare span inside a parent span (as a step is inside its run)"
         elif peer == "multirun":
             name = "**multirun-otel** `@step` in a `@run` with Budget + Policy"
         else:

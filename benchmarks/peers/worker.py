@@ -18,8 +18,9 @@ to stderr, which the driver keeps in a log file):
 Variants, for each mode the peer supports (``sync``, ``async``, ``gen``):
 ``peer_<mode>`` (the peer's decorator), ``bare_<mode>`` (a bare
 ``start_as_current_span`` on a TracerProvider of this environment's SDK with
-a BatchSpanProcessor to a counting exporter, not the peer's provider), and
-``plain_<mode>`` (the undecorated function).
+a BatchSpanProcessor to a counting exporter, not the peer's provider),
+``child_<mode>`` (the same bare span with a parent span current, as a run's
+span is for multirun's steps), and ``plain_<mode>`` (the undecorated function).
 """
 
 from __future__ import annotations
@@ -159,6 +160,27 @@ class Variant:
             self.run = batch
 
 
+def in_parent_span(tracer: Any) -> Callable[[str, Any], Any]:
+    """A ``wrap`` that runs a batch with a span of ``tracer`` current (opened and ended untimed)."""
+
+    def wrap(mode: str, batch: Any) -> Any:
+        if mode == "async":
+
+            async def batch_async(n: int) -> Any:
+                with tracer.start_as_current_span("bare.parent"):
+                    return await batch(n)
+
+            return batch_async
+
+        def batch_sync(n: int) -> Any:
+            with tracer.start_as_current_span("bare.parent"):
+                return batch(n)
+
+        return batch_sync
+
+    return wrap
+
+
 class Worker:
     def __init__(self, peer_name: str) -> None:
         self.peer_name = peer_name
@@ -174,7 +196,9 @@ class Worker:
         self.bare_exporter = make_counting_exporter()
         self.bare_provider = TracerProvider()
         self.bare_provider.add_span_processor(BatchSpanProcessor(self.bare_exporter))
-        bare = bare_decorators(self.bare_provider.get_tracer("bench.bare"), work, work_async, work_gen)
+        bare_tracer = self.bare_provider.get_tracer("bench.bare")
+        bare = bare_decorators(bare_tracer, work, work_async, work_gen)
+        bare_in_parent = in_parent_span(bare_tracer)
 
         self.peer_exporter = make_counting_exporter()
         started = time.perf_counter()
@@ -197,6 +221,15 @@ class Worker:
                 self.bare_provider.force_flush,
                 self.bare_exporter,
                 None,
+                self.loop,
+            )
+            self.variants[f"child_{mode}"] = Variant(
+                f"child_{mode}",
+                mode,
+                bare[mode],
+                self.bare_provider.force_flush,
+                self.bare_exporter,
+                bare_in_parent,
                 self.loop,
             )
             self.variants[f"plain_{mode}"] = Variant(
