@@ -83,3 +83,50 @@ def test_a_sub_runs_part_of_a_log_holds_the_calls_made_inside_it_at_any_depth() 
     served = replay.begin("search", "d2", None)
     assert isinstance(served, Served) and served.value == ["page"]
     assert not replay.replaying
+
+
+class _HookedList(list):  # type: ignore[type-arg]
+    """The log's ended calls, running ``before_append`` just before each append."""
+
+    def __init__(self, before_append) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.before_append = before_append
+
+    def append(self, item) -> None:  # type: ignore[no-untyped-def]
+        self.before_append()
+        super().append(item)
+
+
+class _HookedRunning(dict):  # type: ignore[type-arg]
+    """The log's calls in flight, running ``before_read`` when a checkpoint reads them."""
+
+    def __init__(self, before_read) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.before_read = before_read
+
+    def values(self):  # type: ignore[no-untyped-def]
+        self.before_read()
+        return super().values()
+
+
+def test_a_checkpoint_taken_while_a_step_records_its_result_still_has_that_step() -> None:
+    # Another thread takes the checkpoint at the worst moment of record(): the call is about
+    # to move from the calls in flight to the ended ones. It must be in one of the two.
+    log = ReplayLog()
+    call = log.begin("fetch", "d1", parent=None)
+    seen: list[list[dict]] = []  # type: ignore[type-arg]
+    log._recorded = _HookedList(lambda: seen.append(log.to_records()))  # type: ignore[assignment]
+    log.record(call, "page")  # type: ignore[arg-type]
+    assert [r["name"] for r in seen[0]] == ["fetch"]
+    assert [(r["name"], r.get("result")) for r in log.to_records()] == [("fetch", "page")]
+
+
+def test_a_step_that_records_its_result_while_a_checkpoint_reads_the_log_is_in_it_once() -> None:
+    # The other way round: the step ends between the checkpoint's two reads.
+    log = ReplayLog()
+    call = log.begin("fetch", "d1", parent=None)
+    hooked = _HookedRunning(lambda: log.record(call, "page") if call[4] in hooked else None)  # type: ignore[index]
+    hooked.update(log._running)
+    log._running = hooked  # type: ignore[assignment]
+    records = log.to_records()
+    assert [(r["name"], r.get("result")) for r in records] == [("fetch", "page")]
