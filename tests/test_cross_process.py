@@ -93,3 +93,151 @@ def test_workers_in_other_processes_spend_one_shared_ledger(traced, redis_server
 def test_continue_run_without_a_run_in_the_carrier_says_what_to_do(traced) -> None:
     with pytest.raises(multirun.ConfigurationError, match=r"multirun.inject\(\)"), multirun.continue_run({}):
         pass
+
+
+def spend_in_worker(carrier: dict[str, str], ledger_uri: str) -> None:
+    """A worker process: continues the run of ``carrier`` and spends in it."""
+    multirun.init(tracer_provider=TracerProvider(), ledger_uri=ledger_uri, metrics=False)
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def summarize(i: int) -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=50)
+
+    with multirun.continue_run(carrier):
+        for i in range(CALLS_PER_WORKER):
+            summarize(i)
+
+
+def test_workers_of_a_sub_run_spend_its_parents_budget_too_and_a_resume_keeps_it(
+    traced, redis_server, tmp_path
+) -> None:
+    # The workers continue the sub-run, in other processes: their spend is the sub-run's and
+    # its parent's. Neither run's ledger object here saw it (it went straight to Redis), so
+    # the parent's checkpoint must read the totals afresh.
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url, checkpoint_uri=str(tmp_path))
+    crashing = [True]
+    dispatched: list[int] = []
+
+    @step
+    def dispatch() -> None:
+        dispatched.append(1)
+        carrier = multirun.inject()
+        with multiprocessing.get_context("spawn").Pool(2) as pool:
+            pool.starmap(spend_in_worker, [(carrier, redis_server.url)] * 2)
+
+    @run(checkpoint_on_error=False)
+    def research() -> str:
+        dispatch()
+        return "researched"
+
+    @run(checkpoint_on_error=False)
+    def crew() -> str:
+        research()
+        multirun.context.get_current_run_context().checkpoint(name="researched")
+        if crashing[0]:
+            raise RuntimeError("crash after the sub-run")
+        return "done"
+
+    with pytest.raises(RuntimeError):
+        crew()
+    first = traced.named("invoke_workflow crew")[-1].attributes["multirun.run.id"]
+    spent = 2 * CALLS_PER_WORKER * TOKENS_PER_CALL
+    assert traced.named("invoke_workflow research")[-1].attributes["multirun.tokens_used"] == spent
+    assert traced.named("invoke_workflow crew")[-1].attributes["multirun.tokens_used"] == spent
+
+    crashing[0] = False
+    with multirun.resume(run_id=first):
+        assert crew() == "done"
+    assert dispatched == [1]  # the sub-run was not run again
+    resumed_research = traced.named("invoke_workflow research")[-1]
+    assert resumed_research.attributes["multirun.tokens_used"] == spent
+    assert traced.named("invoke_workflow crew")[-1].attributes["multirun.tokens_used"] == spent
+
+
+def test_the_top_runs_budget_stops_workers_that_continue_its_sub_run(traced, redis_server) -> None:
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
+    done: list[int] = []
+
+    @step
+    def dispatch() -> None:
+        carriers = [multirun.inject() for _ in range(3)]
+        done.extend(r["done"] for r in run_workers(carriers, redis_server.url))
+
+    @run  # no budget of its own
+    def research() -> None:
+        dispatch()
+
+    @run(budget=Budget(max_tokens=4000))
+    def crew() -> None:
+        research()
+
+    crew()
+    # stopped at the step that took the top run's total to 4000 or more, give or take the
+    # steps in flight then (one per worker)
+    assert 4000 // TOKENS_PER_CALL <= sum(done) <= 4000 // TOKENS_PER_CALL + 3
+    crew_span = traced.named("invoke_workflow crew")[-1]
+    assert crew_span.attributes["multirun.tokens_used"] == sum(done) * TOKENS_PER_CALL
+
+
+def test_a_checkpoint_keeps_what_workers_spent_since_the_runs_last_step(
+    traced, redis_server, tmp_path
+) -> None:
+    # The workers' charges went straight to Redis, after the run's last step of its own: the
+    # totals the run's ledger object holds are stale, the checkpoint must read them afresh.
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url, checkpoint_uri=str(tmp_path))
+    first_attempt = [True]
+
+    @run(checkpoint_on_error=False)
+    def crew() -> str:
+        if first_attempt[0]:
+            carrier = multirun.inject()
+            with multiprocessing.get_context("spawn").Pool(2) as pool:
+                pool.starmap(spend_in_worker, [(carrier, redis_server.url)] * 2)
+            multirun.context.get_current_run_context().checkpoint(name="dispatched")
+            raise RuntimeError("crash after the workers")
+        return "done"
+
+    with pytest.raises(RuntimeError):
+        crew()
+    first = traced.named("invoke_workflow crew")[-1].attributes["multirun.run.id"]
+    first_attempt[0] = False
+    with multirun.resume(run_id=first):
+        assert crew() == "done"
+    resumed = traced.named("invoke_workflow crew")[-1]
+    # the spend was not given back
+    assert resumed.attributes["multirun.tokens_used"] == 2 * CALLS_PER_WORKER * TOKENS_PER_CALL
+
+
+def test_a_checkpoint_taken_inside_a_sub_run_keeps_what_its_workers_spent(
+    traced, redis_server, tmp_path
+) -> None:
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url, checkpoint_uri=str(tmp_path))
+    first_attempt = [True]
+
+    @step
+    def dispatch() -> None:
+        carrier = multirun.inject()
+        with multiprocessing.get_context("spawn").Pool(2) as pool:
+            pool.starmap(spend_in_worker, [(carrier, redis_server.url)] * 2)
+
+    @run(checkpoint_on_error=False)
+    def research() -> None:
+        dispatch()
+        multirun.context.get_current_run_context().checkpoint(name="dispatched")  # the top run's
+        if first_attempt[0]:
+            raise RuntimeError("crash in the sub-run")
+
+    @run(checkpoint_on_error=False)
+    def crew() -> str:
+        research()
+        return "done"
+
+    with pytest.raises(RuntimeError):
+        crew()
+    first = traced.named("invoke_workflow crew")[-1].attributes["multirun.run.id"]
+    first_attempt[0] = False
+    with multirun.resume(run_id=first):
+        assert crew() == "done"  # dispatch is served: no worker runs again
+    spent = 2 * CALLS_PER_WORKER * TOKENS_PER_CALL
+    assert traced.named("invoke_workflow research")[-1].attributes["multirun.tokens_used"] == spent
+    assert traced.named("invoke_workflow crew")[-1].attributes["multirun.tokens_used"] == spent

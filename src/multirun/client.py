@@ -15,7 +15,7 @@ import inspect
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -118,10 +118,20 @@ class MultiRunClient:
     def _monotonic(self) -> float:
         return self.clock.monotonic()
 
-    def new_ledger(self, parent: Ledger | None, budget: Budget | None = None, run_id: str = "") -> Ledger:
-        """The ledger of a run: in this process, or in Redis when a ``ledger_uri`` is configured."""
+    def new_ledger(
+        self,
+        parent: Ledger | None,
+        budget: Budget | None = None,
+        run_id: str = "",
+        ancestor_ids: Sequence[str] = (),
+    ) -> Ledger:
+        """The ledger of a run: in this process, or in Redis when a ``ledger_uri`` is configured.
+
+        ``ancestor_ids`` name the enclosing runs (nearest first) of a run with no ``parent``
+        here, one continued from another process: a shared ledger charges them too.
+        """
         if self._ledgers is not None:
-            return self._ledgers.new_ledger(parent, budget, run_id)  # type: ignore[arg-type]
+            return self._ledgers.new_ledger(parent, budget, run_id, ancestor_ids)  # type: ignore[arg-type]
         local_parent = parent if isinstance(parent, RunLedger) else None  # always so without Redis
         return RunLedger(local_parent, self.clock.monotonic, budget=budget, run_id=run_id)
 

@@ -224,6 +224,7 @@ class RunContext:
         # a run continued in this process from another one (multirun.continue_run): it has
         # no span of its own, and the process that started it reports its end
         self.remote = remote
+        self.remote_ancestor_ids: tuple[str, ...] = ()  # a continued run's enclosing runs, nearest first
         self.agents: list[AgentContext] = []
         self._state: dict[str, Any] = {}
         self._lock = threading.RLock()
@@ -324,7 +325,7 @@ class RunContext:
         step = self.parent_step
         step_call = step.replay_call if step is not None else None
         parent_seq = step_call[SEQ] if step_call is not None else parent.replay_parent
-        call, recorded = log.begin_run(self.run.name, digest or "", parent_seq, self._replay_snapshot)
+        call, recorded = log.begin_run(self.run.name, digest or "", parent_seq, self._checkpoint_snapshot)
         if call is None:
             return
         self.root = parent.root
@@ -346,16 +347,36 @@ class RunContext:
         is written; when the sub-run ends, with its state deep-copied, as it is kept)."""
         return {"state": copy_state(self._state), "ledger": self.ledger.totals()}
 
+    def _checkpoint_snapshot(self) -> dict[str, Any]:
+        """A running sub-run's part of a checkpoint, its spend read afresh from a shared ledger."""
+        _refresh(self.ledger)
+        return self._replay_snapshot()
+
     def _start_remote(self, parent_ctx: Context) -> None:
         run = self.run
         run.status = RunStatus.RUNNING
         run.started_at = datetime.now(timezone.utc)
         # budget None: the process that started the run set the limits in the shared ledger
-        self.ledger = self.client.new_ledger(None, None, run.id)
+        self.ledger = self.client.new_ledger(None, None, run.id, self.remote_ancestor_ids)
         self._span = trace.get_current_span(parent_ctx)  # the remote parent: events go nowhere
         ctx = otel_context.set_value(RUN_KEY, self, parent_ctx)
         ctx = otel_context.set_value(AGENT_KEY, None, ctx)
         self._otel_ctx = otel_context.set_value(STEP_KEY, None, ctx)
+
+    @property
+    def ancestor_ids(self) -> tuple[str, ...]:
+        """The ids of the runs this one rolls its spend up into, nearest first."""
+        ledger = self.ledger
+        shared = getattr(ledger, "ancestor_ids", None)  # a RedisLedger names them
+        if shared is not None:
+            return tuple(shared)
+        ids = []
+        parent = ledger.parent
+        while parent is not None:
+            if parent.run_id:
+                ids.append(parent.run_id)
+            parent = parent.parent
+        return tuple(ids)
 
     @property
     def otel_context(self) -> Context:
@@ -561,6 +582,8 @@ class RunContext:
         self, name: str, extra_state: dict[str, Any] | None, agent_id: str, step_id: str
     ) -> CheckpointMeta:
         started = time.perf_counter()
+        # a shared ledger's cached totals miss what sub-runs and other processes charged to it
+        _refresh(self.root.ledger)
         meta = self.client.checkpoints.save(
             self, name=name, extra_state=extra_state, agent_id=agent_id, step_id=step_id
         )

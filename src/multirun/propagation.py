@@ -10,8 +10,9 @@
 
 The worker's spans become children of the step that sent the task. With a
 shared ledger (``init(ledger_uri="redis://...")`` in both processes) the
-worker's spend is charged to the same run, and the run's budget stops the
-worker too; without one, the worker's spend is counted in the worker only.
+worker's spend is charged to the same run, and to the runs that run is a
+sub-run of, and their budgets stop the worker too; without one, the worker's
+spend is counted in the worker only.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _logger = logging.getLogger(__name__)
 
 RUN_ID_BAGGAGE = "multirun.run.id"
 RUN_NAME_BAGGAGE = "multirun.run.name"
+# the enclosing runs of a sub-run, nearest first, comma-separated: a shared ledger charges them too
+RUN_ANCESTORS_BAGGAGE = "multirun.run.ancestors"
 
 
 def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
@@ -42,6 +45,9 @@ def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[st
     if run is not None:
         ctx = baggage.set_baggage(RUN_ID_BAGGAGE, run.run.id, ctx)
         ctx = baggage.set_baggage(RUN_NAME_BAGGAGE, run.run.name, ctx)
+        ancestors = run.ancestor_ids
+        if ancestors:
+            ctx = baggage.set_baggage(RUN_ANCESTORS_BAGGAGE, ",".join(ancestors), ctx)
     propagate.inject(carrier, context=ctx)
     return carrier
 
@@ -71,6 +77,8 @@ def continue_run(carrier: MutableMapping[str, str]) -> Iterator[RunContext]:
         )
     name = baggage.get_baggage(RUN_NAME_BAGGAGE, ctx)
     run_ctx = RunContext(client, Run(id=str(run_id), name=str(name or "")), remote=True)
+    ancestors = baggage.get_baggage(RUN_ANCESTORS_BAGGAGE, ctx)
+    run_ctx.remote_ancestor_ids = tuple(i for i in str(ancestors or "").split(",") if i)
     token = otel_context.attach(ctx)
     try:
         with run_ctx:

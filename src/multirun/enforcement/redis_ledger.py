@@ -730,12 +730,16 @@ class RedisLedgerFactory:
         )
 
     def new_ledger(
-        self, parent: RunLedger | RedisLedger | None, budget: Budget | None = None, run_id: str = ""
+        self,
+        parent: RunLedger | RedisLedger | None,
+        budget: Budget | None = None,
+        run_id: str = "",
+        ancestor_ids: Iterable[str] = (),
     ) -> RunLedger | RedisLedger:
         """Like ``MultiRunClient.new_ledger``; without a run id (a placeholder) it is a RunLedger."""
         if not run_id:
             return RunLedger(None, self.clock, budget=budget)
-        ancestors: list[str] = []
+        ancestors: list[str] = list(ancestor_ids) if parent is None else []
         if isinstance(parent, RedisLedger):
             ancestors = [parent.run_id, *parent.ancestor_ids]
         else:
