@@ -241,3 +241,77 @@ def test_a_checkpoint_taken_inside_a_sub_run_keeps_what_its_workers_spent(
     spent = 2 * CALLS_PER_WORKER * TOKENS_PER_CALL
     assert traced.named("invoke_workflow research")[-1].attributes["multirun.tokens_used"] == spent
     assert traced.named("invoke_workflow crew")[-1].attributes["multirun.tokens_used"] == spent
+
+
+def test_a_top_run_sends_no_ancestors_it_got_with_the_incoming_baggage(traced, redis_server) -> None:
+    from opentelemetry import context as otel_context
+    from opentelemetry import propagate
+
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
+    headers: dict[str, str] = {}
+
+    @step
+    def call_service() -> None:
+        # a worker of the sub-run calls a service; its HTTP instrumentation sends the baggage on
+        with multirun.continue_run(multirun.inject()):
+            propagate.inject(headers)
+
+    @run
+    def research() -> None:
+        call_service()
+
+    @run(budget=Budget(max_steps=3))
+    def crew() -> None:
+        research()
+
+    crew()
+    assert "multirun.run.ancestors" in headers["baggage"]
+    # the service starts a run of its own and hands it to a worker: not crew's sub-run
+    token = otel_context.attach(propagate.extract(headers))
+    try:
+
+        @run
+        def other() -> dict[str, str]:
+            return dict(multirun.inject())
+
+        carrier = other()
+    finally:
+        otel_context.detach(token)
+    assert "multirun.run.ancestors" not in carrier["baggage"]
+    with multirun.continue_run(carrier) as worker:
+        assert worker.ancestor_ids == ()
+
+
+def test_continue_run_takes_a_carrier_of_bytes_and_refuses_other_values_clearly(traced) -> None:
+    @run
+    def crew() -> tuple[str, dict[str, str]]:
+        return multirun.context.get_current_run_context().run.id, dict(multirun.inject())
+
+    run_id, carrier = crew()
+    as_bytes = {key: value.encode() for key, value in carrier.items()}  # e.g. Kafka message headers
+    with multirun.continue_run(as_bytes) as worker:
+        assert worker.run.id == run_id
+    not_text = {**carrier, "traceparent": 7}
+    with (
+        pytest.raises(multirun.ConfigurationError, match=r"carrier\['traceparent'\] must be a string"),
+        multirun.continue_run(not_text),  # type: ignore[arg-type]
+    ):
+        pass
+
+
+def test_budget_status_in_a_worker_knows_the_runs_budget(traced, redis_server) -> None:
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
+    seen = []
+
+    @step
+    def spend() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=50)
+
+    @run(budget=Budget(max_tokens=1000))
+    def crew() -> None:
+        with multirun.continue_run(multirun.inject()) as worker:  # stands for a worker process
+            spend()
+            seen.append(worker.budget_status())
+
+    crew()
+    assert seen[0].tokens_remaining == 850

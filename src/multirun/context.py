@@ -358,6 +358,8 @@ class RunContext:
         run.started_at = datetime.now(timezone.utc)
         # budget None: the process that started the run set the limits in the shared ledger
         self.ledger = self.client.new_ledger(None, None, run.id, self.remote_ancestor_ids)
+        if run.budget is None:  # the budget the run was started with, as the shared ledger holds it
+            run.budget = self.ledger.budget
         self._span = trace.get_current_span(parent_ctx)  # the remote parent: events go nowhere
         ctx = otel_context.set_value(RUN_KEY, self, parent_ctx)
         ctx = otel_context.set_value(AGENT_KEY, None, ctx)
@@ -371,12 +373,11 @@ class RunContext:
         if shared is not None:
             return tuple(shared)
         ids = []
-        parent = ledger.parent
-        while parent is not None:
-            if parent.run_id:
-                ids.append(parent.run_id)
-            parent = parent.parent
-        return tuple(ids)
+        outermost = self
+        while outermost.parent is not None:
+            outermost = outermost.parent
+            ids.append(outermost.run.id)
+        return (*ids, *outermost.remote_ancestor_ids)
 
     @property
     def otel_context(self) -> Context:

@@ -48,12 +48,14 @@ def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[st
         ancestors = run.ancestor_ids
         if ancestors:
             ctx = baggage.set_baggage(RUN_ANCESTORS_BAGGAGE, ",".join(ancestors), ctx)
+        else:  # not the ancestors of a run whose baggage came in with the current context
+            ctx = baggage.remove_baggage(RUN_ANCESTORS_BAGGAGE, ctx)
     propagate.inject(carrier, context=ctx)
     return carrier
 
 
 @contextmanager
-def continue_run(carrier: MutableMapping[str, str]) -> Iterator[RunContext]:
+def continue_run(carrier: Mapping[str, str | bytes]) -> Iterator[RunContext]:
     """Continue, in this process, the run that ``inject`` wrote into ``carrier``."""
     from multirun.client import get_client
 
@@ -61,7 +63,7 @@ def continue_run(carrier: MutableMapping[str, str]) -> Iterator[RunContext]:
         raise ConfigurationError(
             f"continue_run: carrier must be the mapping multirun.inject() returned, got {carrier!r}"
         )
-    ctx = propagate.extract(carrier)
+    ctx = propagate.extract(_text_values(carrier))
     run_id = baggage.get_baggage(RUN_ID_BAGGAGE, ctx)
     if not run_id:
         raise ConfigurationError(
@@ -85,3 +87,21 @@ def continue_run(carrier: MutableMapping[str, str]) -> Iterator[RunContext]:
             yield run_ctx
     finally:
         otel_context.detach(token)
+
+
+def _text_values(carrier: Mapping[str, object]) -> dict[str, str]:
+    """The carrier with bytes values decoded (message headers often come back as bytes)."""
+    values: dict[str, str] = {}
+    for key, value in carrier.items():
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigurationError(f"continue_run: carrier[{key!r}] is not UTF-8 text") from None
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConfigurationError(
+                f"continue_run: carrier[{key!r}] must be a string (the value multirun.inject() wrote), "
+                f"got {type(value).__name__}"
+            )
+        values[key] = value
+    return values
