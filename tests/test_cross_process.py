@@ -315,3 +315,69 @@ def test_budget_status_in_a_worker_knows_the_runs_budget(traced, redis_server) -
 
     crew()
     assert seen[0].tokens_remaining == 850
+
+
+def lose_every_hash(redis_url: str) -> None:
+    """The Redis server restarts without persistence: every run's hash is gone."""
+    import redis
+
+    with redis.Redis.from_url(redis_url) as server:
+        server.flushall()
+
+
+def test_a_worker_that_starts_after_redis_lost_the_runs_hash_leaves_its_limits_to_the_run(
+    traced, redis_server
+) -> None:
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
+    done: list[int] = []
+
+    @step
+    def work(i: int) -> None:
+        pass
+
+    @run(budget=Budget(max_steps=5))
+    def crew() -> None:
+        work(0)
+        carrier = multirun.inject()
+        lose_every_hash(redis_server.url)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.starmap(spend_in_worker, [(carrier, redis_server.url)])
+        for i in range(1, 30):
+            try:
+                work(i)
+            except BudgetExceededError:
+                break
+            done.append(i)
+
+    crew()
+    # the worker's 20 steps count towards max_steps=5 once the run has re-created its hash: the
+    # run's own next step is refused (it used to run 29 more, the hash having lost its limits)
+    assert done == []
+
+
+def test_a_sub_runs_steps_re_create_the_top_runs_lost_hash_with_its_limits(traced, redis_server) -> None:
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
+    done: list[int] = []
+
+    @step
+    def spend(i: int) -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=50)
+
+    @run
+    def research() -> None:
+        for i in range(30):
+            if i == 2:
+                lose_every_hash(redis_server.url)
+            try:
+                spend(i)
+            except BudgetExceededError:
+                break
+            done.append(i)
+
+    @run(budget=Budget(max_tokens=1000))
+    def crew() -> None:
+        research()
+
+    crew()
+    # after the loss the top run's limit holds again: 2 steps before it, then what 1000 allows
+    assert len(done) <= 2 + 1000 // TOKENS_PER_CALL + 1

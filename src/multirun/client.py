@@ -124,14 +124,23 @@ class MultiRunClient:
         budget: Budget | None = None,
         run_id: str = "",
         ancestor_ids: Sequence[str] = (),
+        *,
+        adopt: bool = False,
     ) -> Ledger:
         """The ledger of a run: in this process, or in Redis when a ``ledger_uri`` is configured.
 
         ``ancestor_ids`` name the enclosing runs (nearest first) of a run with no ``parent``
-        here, one continued from another process: a shared ledger charges them too.
+        here, and ``adopt`` is true, for a run continued from another process: a shared ledger
+        charges the ancestors too, and leaves creating the run's record to its own process.
         """
         if self._ledgers is not None:
-            return self._ledgers.new_ledger(parent, budget, run_id, ancestor_ids)  # type: ignore[arg-type]
+            return self._ledgers.new_ledger(
+                parent,  # type: ignore[arg-type]  # a RunLedger or RedisLedger: both are made here
+                budget,
+                run_id,
+                ancestor_ids,
+                adopt=adopt,
+            )
         local_parent = parent if isinstance(parent, RunLedger) else None  # always so without Redis
         return RunLedger(local_parent, self.clock.monotonic, budget=budget, run_id=run_id)
 

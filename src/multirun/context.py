@@ -357,7 +357,7 @@ class RunContext:
         run.status = RunStatus.RUNNING
         run.started_at = datetime.now(timezone.utc)
         # budget None: the process that started the run set the limits in the shared ledger
-        self.ledger = self.client.new_ledger(None, None, run.id, self.remote_ancestor_ids)
+        self.ledger = self.client.new_ledger(None, None, run.id, self.remote_ancestor_ids, adopt=True)
         if run.budget is None:  # the budget the run was started with, as the shared ledger holds it
             run.budget = self.ledger.budget
         self._span = trace.get_current_span(parent_ctx)  # the remote parent: events go nowhere

@@ -21,7 +21,12 @@ How it keeps the totals right:
   ``sub_agents`` and ``unpriced``; the limits; ``started_us`` and
   ``deadline_us`` on the Redis server's clock. The first process to create the
   hash sets its limits and start time; later ones adopt them, so every process
-  enforces the same budget and measures duration on the same clock.
+  enforces the same budget and measures duration on the same clock. A process
+  that continues a run started elsewhere (``adopt``) never creates its hash.
+  If the server loses a hash (a restart without persistence), each step
+  re-creates the run's and its ancestors' hashes with the limits this process
+  knows (its own runs', and those it read when it joined), and starts their
+  clock again.
 * :meth:`RedisLedger.begin_step` is one EVALSHA of a Lua script. Redis runs a
   script atomically, so the check of every limit (the run's and each
   ancestor's) and the increment of ``steps`` on all of them cannot interleave
@@ -130,29 +135,40 @@ local function totals(status, now)
 end
 """
 
-# KEYS[1]: the run. ARGV: ttl_ms, replace (1 = set_budget, 0 = create), limits from 3.
+# KEYS: the run, then its ancestors. ARGV: ttl_ms, mode (1 = set_budget, 0 = create, 2 = adopt:
+# create nothing, for a run continued from another process), limits from 3. After the totals, for
+# each key: 1 if its hash exists (0 if not), and its stored max_tokens, max_cost_usd, max_steps,
+# max_sub_agents and max_duration_seconds.
 _INIT = """
 local key, now = KEYS[1], now_us()
 if ARGV[2] == '1' then
   redis.call('HSETNX', key, 'started_us', now)
   set_limits(key, 3, tonumber(redis.call('HGET', key, 'started_us')))
-else
+elseif ARGV[2] == '0' then
   create(key, 3, now)
 end
 redis.call('PEXPIRE', key, ARGV[1])
 local reply = totals(1, now)
-local stored = redis.call('HMGET', key, 'max_tokens', 'max_cost_usd', 'max_steps', 'max_sub_agents',
-                          'max_duration_seconds')
-for i = 1, 5 do reply[#reply + 1] = stored[i] or '' end
+for _, k in ipairs(KEYS) do
+  local stored = redis.call('HMGET', k, 'started_us', 'max_tokens', 'max_cost_usd', 'max_steps',
+                            'max_sub_agents', 'max_duration_seconds')
+  reply[#reply + 1] = stored[1] and 1 or 0
+  for i = 2, 6 do reply[#reply + 1] = stored[i] or '' end
+end
 return reply
 """
 
 # KEYS: the run, then its ancestors, nearest first. ARGV: check (1/0), ttl_ms, then for each key
-# the pending usage to add to it first (tokens, cost_units, unpriced), then the run's limits (to
-# re-create its hash if it expired or the server lost it).
+# the pending usage to add to it first (tokens, cost_units, unpriced), then for each key 1 and its
+# limits when this process knows them, to re-create its hash if it expired or the server lost it
+# (0 and 7 blanks when it does not: the process that does re-creates it).
 _BEGIN_STEP = """
 local now = now_us()
-create(KEYS[1], 3 + 3 * #KEYS, now)
+local limits_at = 3 + 3 * #KEYS
+for k, key in ipairs(KEYS) do
+  local p = limits_at + 8 * (k - 1)
+  if ARGV[p] == '1' then create(key, p + 1, now) end
+end
 local pending = {'tokens', 'cost_units', 'unpriced'}
 for k, key in ipairs(KEYS) do
   for i, name in ipairs(pending) do
@@ -311,6 +327,27 @@ def _limit_args(budget: Budget | None) -> list[str]:
     ]
 
 
+_UNKNOWN_LIMITS = ("0", *[""] * 7)
+
+
+def _stored_limits(reply: list[Any], keys: int) -> list[list[str] | None]:
+    """From the init script's reply: each key's limits as script arguments, None if it has no hash."""
+    tail = reply[len(reply) - 6 * keys :]
+    found: list[list[str] | None] = []
+    for k in range(keys):
+        exists, *stored = tail[6 * k : 6 * k + 6]
+        found.append(_limit_args(_budget_from(stored)) if int(exists) else None)
+    return found
+
+
+def _budget_from_args(limits: list[str] | None) -> Budget | None:
+    """The Budget of 7 limit arguments (``_limit_args``'s inverse); None for none or unknown."""
+    if limits is None:
+        return None
+    tokens, _units, cost, steps, sub_agents, _duration_us, duration = limits
+    return _budget_from([tokens, cost, steps, sub_agents, duration])
+
+
 def _budget_from(stored: Sequence[Any]) -> Budget | None:
     """The Budget stored in a run's hash (max_tokens, max_cost_usd, max_steps, max_sub_agents, duration)."""
     tokens, cost, steps, sub_agents, duration = (_text(v) for v in stored)
@@ -351,6 +388,7 @@ class RedisLedger(LedgerReadings):
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         fail_open: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        adopt: bool = False,
     ) -> None:
         ancestors = tuple(ancestor_ids)
         ids = (run_id, *ancestors)
@@ -380,17 +418,25 @@ class RedisLedger(LedgerReadings):
         # tokens, cost units and unpriced reports charged here and not yet sent to Redis
         self._pending = [0, 0, 0]
         self.budget = budget
-        self._limits = _limit_args(budget)
+        # The limits of this run and of each ancestor, to re-create a hash the server lost: this
+        # run's own, or those stored when this ledger was made (None: not known here).
+        limits = _limit_args(budget)
+        self._limits: list[str] | None = limits
+        self._ancestor_limits: list[list[str] | None] = [None] * len(ancestors)
         # The server clock at the last reply, and this process's clock when it came:
         # elapsed() measures from the run's start on the server without a round trip.
         self._started_us = 0
         self._server_now_us = 0
         self._at = clock()
         self._shared.live[self.key] = self
-        reply = self._run("init", [self.key], [self._ttl_ms, "0", *self._limits], "be created")
+        mode = "2" if adopt else "0"
+        reply = self._run("init", self._keys, [self._ttl_ms, mode, *limits], "be created")
         if reply is not None:
-            self.budget = _budget_from(reply[-5:])
-            self._limits = _limit_args(self.budget)
+            stored = _stored_limits(reply, len(self._keys))
+            self._limits, self._ancestor_limits = stored[0], stored[1:]
+            self.budget = _budget_from_args(self._limits)
+        elif adopt:
+            self._limits = None  # failing open: nothing adopted
 
     # -- the interface of RunLedger ---------------------------------------------
 
@@ -446,7 +492,10 @@ class RedisLedger(LedgerReadings):
             for i in range(3):
                 totals[i] += int(pending[i])
             per_key.extend(str(total) for total in totals)
-        args = ["1" if check else "0", self._ttl_ms, *per_key, *self._limits]
+        args = ["1" if check else "0", self._ttl_ms, *per_key]
+        for i, ledger in enumerate(chain):  # chain[0] is this ledger
+            limits = ledger._limits if ledger is not None else self._ancestor_limits[i - 1]
+            args.extend(_UNKNOWN_LIMITS if limits is None else ("1", *limits))
         try:
             reply = self._run("begin_step", self._keys, args, "start a step")
         except BaseException:
@@ -715,9 +764,18 @@ class RedisLedgerFactory:
         )
 
     def ledger(
-        self, run_id: str, budget: Budget | None = None, ancestor_ids: Iterable[str] = ()
+        self,
+        run_id: str,
+        budget: Budget | None = None,
+        ancestor_ids: Iterable[str] = (),
+        *,
+        adopt: bool = False,
     ) -> RedisLedger:
-        """The ledger of ``run_id``; ``ancestor_ids`` are the enclosing runs, nearest first."""
+        """The ledger of ``run_id``; ``ancestor_ids`` are the enclosing runs, nearest first.
+
+        ``adopt``: the run was started by another process (it is continued here), which
+        alone creates its hash, with its limits.
+        """
         return RedisLedger(
             self.client,
             run_id,
@@ -727,6 +785,7 @@ class RedisLedgerFactory:
             ttl_seconds=self.ttl_seconds,
             fail_open=self.fail_open,
             clock=self.clock,
+            adopt=adopt,
         )
 
     def new_ledger(
@@ -735,6 +794,8 @@ class RedisLedgerFactory:
         budget: Budget | None = None,
         run_id: str = "",
         ancestor_ids: Iterable[str] = (),
+        *,
+        adopt: bool = False,
     ) -> RunLedger | RedisLedger:
         """Like ``MultiRunClient.new_ledger``; without a run id (a placeholder) it is a RunLedger."""
         if not run_id:
@@ -747,7 +808,7 @@ class RedisLedgerFactory:
                 if parent.run_id:
                     ancestors.append(parent.run_id)
                 parent = parent.parent
-        return self.ledger(run_id, budget, ancestors)
+        return self.ledger(run_id, budget, ancestors, adopt=adopt)
 
     def close(self) -> None:
         """Send what the ledgers of this client still have pending, then close its connections."""
