@@ -291,6 +291,8 @@ def test_continue_run_takes_a_carrier_of_bytes_and_refuses_other_values_clearly(
     as_bytes = {key: value.encode() for key, value in carrier.items()}  # e.g. Kafka message headers
     with multirun.continue_run(as_bytes) as worker:
         assert worker.run.id == run_id
+    with multirun.continue_run({**as_bytes, "message-id": 7, "payload": b"\xff\xfe"}) as worker:  # type: ignore[dict-item]
+        assert worker.run.id == run_id  # the queue's own headers are not ours to refuse
     not_text = {**carrier, "traceparent": 7}
     with (
         pytest.raises(multirun.ConfigurationError, match=r"carrier\['traceparent'\] must be a string"),

@@ -90,15 +90,25 @@ def continue_run(carrier: Mapping[str, str | bytes]) -> Iterator[RunContext]:
 
 
 def _text_values(carrier: Mapping[str, object]) -> dict[str, str]:
-    """The carrier with bytes values decoded (message headers often come back as bytes)."""
+    """The carrier's propagation fields as text (message headers often come back as bytes).
+
+    Other entries are left out when they are not text: a queue's own headers (a message id
+    as an int, a binary payload) are not ours to refuse.
+    """
+    fields = {field.lower() for field in propagate.get_global_textmap().fields}
     values: dict[str, str] = {}
     for key, value in carrier.items():
+        ours = isinstance(key, str) and key.lower() in fields
         if isinstance(value, bytes):
             try:
                 value = value.decode("utf-8")
             except UnicodeDecodeError:
+                if not ours:
+                    continue
                 raise ConfigurationError(f"continue_run: carrier[{key!r}] is not UTF-8 text") from None
         if not isinstance(key, str) or not isinstance(value, str):
+            if not ours:
+                continue
             raise ConfigurationError(
                 f"continue_run: carrier[{key!r}] must be a string (the value multirun.inject() wrote), "
                 f"got {type(value).__name__}"
