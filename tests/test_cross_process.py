@@ -6,6 +6,7 @@ import multiprocessing
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -295,10 +296,33 @@ def test_continue_run_takes_a_carrier_of_bytes_and_refuses_other_values_clearly(
         assert worker.run.id == run_id  # the queue's own headers are not ours to refuse
     not_text = {**carrier, "traceparent": 7}
     with (
-        pytest.raises(multirun.ConfigurationError, match=r"carrier\['traceparent'\] must be a string"),
+        pytest.raises(multirun.ConfigurationError, match=r"carrier\['traceparent'\] must be UTF-8 text"),
         multirun.continue_run(not_text),  # type: ignore[arg-type]
     ):
         pass
+
+
+def test_continue_run_takes_the_carrier_shapes_http_and_queue_libraries_hand_back(traced) -> None:
+    """Title-Case or upper-case header names, multi-valued headers, bytes names, an absent optional header."""
+
+    @run
+    def crew() -> tuple[str, dict[str, str]]:
+        return multirun.context.get_current_run_context().run.id, dict(multirun.inject())
+
+    run_id, carrier = crew()
+    shapes = {
+        "title case": {key.title(): value for key, value in carrier.items()},
+        "upper case": {key.upper(): value for key, value in carrier.items()},
+        "multi-valued": {key: [value] for key, value in carrier.items()},
+        "multi-valued bytes": {key: (value.encode(),) for key, value in carrier.items()},
+        "bytes names": {key.encode(): value.encode() for key, value in carrier.items()},
+        "tracestate absent": {**carrier, "tracestate": None},
+    }
+    for shape, headers in shapes.items():
+        with multirun.continue_run(headers) as worker:
+            assert worker.run.id == run_id, shape
+            trace_id = trace.get_current_span().get_span_context().trace_id
+            assert f"{trace_id:032x}" == carrier["traceparent"].split("-")[1], shape
 
 
 def test_budget_status_in_a_worker_knows_the_runs_budget(traced, redis_server) -> None:

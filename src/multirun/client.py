@@ -131,7 +131,8 @@ class MultiRunClient:
 
         ``ancestor_ids`` name the enclosing runs (nearest first) of a run with no ``parent``
         here, and ``adopt`` is true, for a run continued from another process: a shared ledger
-        charges the ancestors too, and leaves creating the run's record to its own process.
+        charges the ancestors too, and leaves creating the run's record to its own process
+        (it is re-created from here only if the server loses it after this process joined).
         """
         if self._ledgers is not None:
             return self._ledgers.new_ledger(

@@ -1208,14 +1208,14 @@ def _span_context(ids: dict[str, str]) -> trace.SpanContext | None:
 
 
 def _refresh(ledger: Ledger) -> None:
-    """Fetch a shared ledger's final totals (other processes spent too); a warning if it cannot."""
+    """Fetch a shared ledger's totals (other processes spent too); a warning if it cannot."""
     refresh = getattr(ledger, "refresh", None)
     if refresh is None:
         return
     try:
         refresh()
     except Exception as exc:
-        _logger.warning("multirun: could not read the final totals of run %s: %s", ledger.run_id, exc)
+        _logger.warning("multirun: could not read the shared totals of run %s: %s", ledger.run_id, exc)
 
 
 def _step_metrics(step: StepContext, span: Span, error_type: str | None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
+from typing import Any
 
 from opentelemetry import baggage, propagate
 from opentelemetry import context as otel_context
@@ -55,8 +56,12 @@ def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[st
 
 
 @contextmanager
-def continue_run(carrier: Mapping[str, str | bytes]) -> Iterator[RunContext]:
-    """Continue, in this process, the run that ``inject`` wrote into ``carrier``."""
+def continue_run(carrier: Mapping[Any, Any]) -> Iterator[RunContext]:
+    """Continue, in this process, the run that ``inject`` wrote into ``carrier``.
+
+    ``carrier`` is what ``inject`` returned, or the headers it came back as: names in any case,
+    values as str, bytes or a list of either.
+    """
     from multirun.client import get_client
 
     if not isinstance(carrier, Mapping):
@@ -89,29 +94,48 @@ def continue_run(carrier: Mapping[str, str | bytes]) -> Iterator[RunContext]:
         otel_context.detach(token)
 
 
-def _text_values(carrier: Mapping[str, object]) -> dict[str, str]:
-    """The carrier's propagation fields as text (message headers often come back as bytes).
+def _text_values(carrier: Mapping[object, object]) -> dict[str, str | list[str]]:
+    """The carrier's propagation fields as text, under lower-case names, for the default getter.
 
-    Other entries are left out when they are not text: a queue's own headers (a message id
-    as an int, a binary payload) are not ours to refuse.
+    Message and HTTP libraries hand headers back in many shapes: bytes (Kafka), Title-Case names
+    (case-insensitive header maps), a list of values per name (multi-valued headers), None for an
+    absent header. All of those are accepted. Entries that are not propagation fields and not text
+    are left out: a queue's own headers (a message id as an int, a binary payload) are not ours
+    to refuse.
     """
     fields = {field.lower() for field in propagate.get_global_textmap().fields}
-    values: dict[str, str] = {}
-    for key, value in carrier.items():
-        ours = isinstance(key, str) and key.lower() in fields
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                if not ours:
-                    continue
-                raise ConfigurationError(f"continue_run: carrier[{key!r}] is not UTF-8 text") from None
-        if not isinstance(key, str) or not isinstance(value, str):
+    values: dict[str, str | list[str]] = {}
+    for raw_key, value in carrier.items():
+        key = _as_text(raw_key)
+        if key is None:
+            continue
+        ours = key.lower() in fields
+        if value is None:
+            continue
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        texts = [_as_text(item) for item in items]
+        if any(text is None for text in texts):
             if not ours:
                 continue
             raise ConfigurationError(
-                f"continue_run: carrier[{key!r}] must be a string (the value multirun.inject() wrote), "
-                f"got {type(value).__name__}"
+                f"continue_run: carrier[{key!r}] must be UTF-8 text (the value multirun.inject() wrote), "
+                f"got {value!r:.80}"
             )
-        values[key] = value
+        text_items = [text for text in texts if text is not None]
+        if ours:
+            values[key.lower()] = text_items if isinstance(value, (list, tuple)) else text_items[0]
+        elif not isinstance(value, (list, tuple)):
+            values[key] = text_items[0]
     return values
+
+
+def _as_text(value: object) -> str | None:
+    """``value`` as a str when it is text (bytes are decoded as UTF-8), else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None

@@ -22,11 +22,11 @@ How it keeps the totals right:
   ``deadline_us`` on the Redis server's clock. The first process to create the
   hash sets its limits and start time; later ones adopt them, so every process
   enforces the same budget and measures duration on the same clock. A process
-  that continues a run started elsewhere (``adopt``) never creates its hash.
-  If the server loses a hash (a restart without persistence), each step
-  re-creates the run's and its ancestors' hashes with the limits this process
-  knows (its own runs', and those it read when it joined), and starts their
-  clock again.
+  that continues a run started elsewhere (``adopt``) joins the hash its owner
+  created and does not create it when it joins. If the server loses a hash (a
+  restart without persistence), each step re-creates the run's and its
+  ancestors' hashes with the limits this process knows (its own runs', and
+  those it read when it joined), and starts their clock again.
 * :meth:`RedisLedger.begin_step` is one EVALSHA of a Lua script. Redis runs a
   script atomically, so the check of every limit (the run's and each
   ancestor's) and the increment of ``steps`` on all of them cannot interleave
@@ -774,7 +774,8 @@ class RedisLedgerFactory:
         """The ledger of ``run_id``; ``ancestor_ids`` are the enclosing runs, nearest first.
 
         ``adopt``: the run was started by another process (it is continued here), which
-        alone creates its hash, with its limits.
+        creates its hash with its limits; this one joins it, and re-creates it only if the
+        server lost it later (with the limits it read when it joined).
         """
         return RedisLedger(
             self.client,
