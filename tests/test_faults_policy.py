@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,35 @@ def test_9_threads_racing_any_limit_leave_exact_totals_and_overshoot_below_the_s
         assert total == steps_to_limit  # counted and checked under one lock: exact
     else:
         assert steps_to_limit <= total <= steps_to_limit + threads - 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(steps_to_limit=st.integers(min_value=1, max_value=60), threads=st.integers(min_value=2, max_value=8))
+def test_9_threads_stepping_in_sub_runs_hold_the_parents_max_steps_exactly(
+    steps_to_limit: int, threads: int
+) -> None:
+    parent = RunLedger(budget=Budget(max_steps=steps_to_limit))
+    children = [RunLedger(parent) for _ in range(2)]  # two sibling sub-runs share the parent's limit
+    barrier = threading.Barrier(threads)
+
+    def worker(i: int) -> int:
+        barrier.wait()
+        done = 0
+        while True:
+            try:
+                children[i % 2].begin_step()
+            except BudgetExceededError:
+                return done
+            done += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: between check and count too
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            total = sum(pool.map(worker, range(threads)))
+    finally:
+        sys.setswitchinterval(interval)
+    assert parent.steps == total == steps_to_limit
 
 
 def test_9_threads_each_running_asyncio_tasks_share_one_exact_budget(traced: Any) -> None:

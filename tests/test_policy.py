@@ -467,3 +467,322 @@ def test_steps_named_per_call_do_not_pile_up_circuits_and_open_ones_are_kept(tra
     long_run()
     assert len(traced.client.policy_state._breakers) <= 50  # the client's, across runs
     assert len(engines[0]._breakers) <= 50  # and one run's view of them
+
+
+# ---------------------------------------------------------------------------
+# a step interrupted while it waits; errors that say nothing of the dependency
+
+
+def test_a_probe_cancelled_while_it_waits_for_its_slot_gives_the_probe_back(traced) -> None:
+    down = {"on": True}
+
+    @step(kind=StepKind.LLM_CALL, model="m")
+    async def ask() -> str:
+        if down["on"]:
+            raise ConnectionError("down")
+        return "ok"
+
+    async def hang(seconds: float) -> None:
+        await asyncio.sleep(3600)  # a real wait, so that the cancellation lands in it
+
+    instant_sleep = traced.clock.async_sleep
+
+    @run(
+        policy=Policy(
+            circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30),
+            rate_limit=RateLimitRule(requests_per_minute=1),
+        )
+    )
+    async def main() -> str:
+        with pytest.raises(ConnectionError):
+            await ask()  # the circuit opens
+        traced.clock.now += 31  # half-open: the next call is the probe; its slot is 29 s away
+        traced.clock.async_sleep = hang  # type: ignore[method-assign]
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ask(), timeout=0.05)  # cancelled while it waits
+        traced.clock.async_sleep = instant_sleep  # type: ignore[method-assign]
+        down["on"] = False
+        return await ask()  # the probe was given back: this call probes, and closes the circuit
+
+    assert asyncio.run(main()) == "ok"
+    spans = attrs_of(traced, "chat m")
+    assert len(spans) == 3  # the cancelled call's span was ended too
+    assert spans[1][attr.STEP_STATUS] == "failed"
+    assert spans[1]["error.type"].endswith("CancelledError")
+
+
+def test_a_step_cancelled_in_its_backoff_ends_its_span(traced) -> None:
+    @step(retry=1, retry_delay=5)
+    async def fetch() -> None:
+        raise ConnectionError("down")
+
+    async def hang(seconds: float) -> None:
+        await asyncio.sleep(3600)
+
+    @run
+    async def main() -> None:
+        traced.clock.async_sleep = hang  # type: ignore[method-assign]
+        await asyncio.wait_for(fetch(), timeout=0.05)
+
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(main())
+    ended = dict(traced.span("step fetch").attributes or {})
+    assert ended[attr.STEP_STATUS] == "failed"
+    assert ended["error.type"].endswith("CancelledError")
+
+
+def test_an_interrupt_during_a_rate_limit_wait_ends_the_step_span(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="m")
+    def ask() -> None:
+        pass
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    def main() -> None:
+        ask()
+        traced.clock.sleep = interrupted  # type: ignore[method-assign]
+        ask()  # waits 1 s for its slot, and is interrupted there
+
+    with pytest.raises(KeyboardInterrupt):
+        main()
+    waited = attrs_of(traced, "chat m")[1]
+    assert waited[attr.POLICY_DECISION] == "wait"
+    assert waited[attr.STEP_STATUS] == "failed"
+    assert waited["error.type"] == "KeyboardInterrupt"
+
+
+def test_a_cancelled_call_does_not_count_as_a_failure_of_the_dependency(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="big")
+    async def ask(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "answer"
+
+    @run(
+        policy=Policy(
+            circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30),
+            graceful_degradation=GracefulDegradationRule(
+                trigger=DegradationTrigger.CONSECUTIVE_FAILURES, threshold=1, fallback_model="small"
+            ),
+        )
+    )
+    async def main() -> str:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ask(10), timeout=0.01)  # the caller gave up, the model did not fail
+        return await ask(0)
+
+    assert asyncio.run(main()) == "answer"
+    assert attrs_of(traced, "chat big")[1][attr.POLICY_DECISION] == "proceed"
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "TaskGroup"), reason="asyncio.TaskGroup is Python 3.11+")
+def test_a_budget_refusal_inside_an_exception_group_is_not_retried(traced) -> None:
+    calls = {"n": 0}
+
+    @step
+    async def leaf() -> None:
+        pass
+
+    @step(retry=3, retry_delay=1)
+    async def fan_out() -> None:
+        calls["n"] += 1
+        async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined]
+            group.create_task(leaf())
+            group.create_task(leaf())
+
+    @run(budget=Budget(max_steps=2))
+    async def main() -> None:
+        await fan_out()
+
+    with pytest.raises(BaseException) as raised:
+        asyncio.run(main())
+    assert not isinstance(raised.value, StepError)
+    assert raised.value.subgroup(BudgetExceededError) is not None  # type: ignore[attr-defined]
+    assert calls["n"] == 1
+    assert traced.clock.sleeps == []
+
+
+# ---------------------------------------------------------------------------
+# a sub-run waits and retries within its parent's limits
+
+
+def test_retries_in_a_sub_run_stop_at_the_parents_deadline(traced) -> None:
+    started: list[float] = []
+
+    @step(retry=3, retry_delay=8)
+    def flaky() -> None:
+        started.append(traced.clock.now)
+        raise ConnectionError("blip")
+
+    @run
+    def child() -> None:
+        flaky()
+
+    @run(budget=Budget(max_duration_seconds=10))
+    def parent() -> None:
+        child()
+
+    with pytest.raises(StepError):
+        parent()
+    assert [t - started[0] for t in started] == [0, 8]  # a third attempt would start at 16 s
+
+
+def test_a_rate_limit_wait_in_a_sub_run_past_the_parents_deadline_aborts(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="m")
+    def ask() -> None:
+        pass
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=4)))
+    def child() -> None:
+        ask()
+        ask()  # the next slot is 15 s away, past the parent's 10 s
+
+    @run(budget=Budget(max_duration_seconds=10))
+    def parent() -> None:
+        child()
+
+    with pytest.raises(PolicyViolation, match="rate_limit"):
+        parent()
+    assert traced.clock.sleeps == []
+
+
+def test_retries_in_a_sub_run_stop_once_the_parents_budget_is_spent(traced) -> None:
+    calls = {"n": 0}
+
+    @step(retry=3, retry_delay=1)
+    def expensive() -> None:
+        calls["n"] += 1
+        multirun.report_usage("m", input_tokens=150, cost_usd=0.0)
+        raise ConnectionError("blip")
+
+    @run
+    def child() -> None:
+        expensive()
+
+    @run(budget=Budget(max_tokens=100))
+    def parent() -> None:
+        child()
+
+    with pytest.raises(StepError):
+        parent()
+    assert calls["n"] == 1
+
+
+def test_a_retry_whose_backoff_ends_at_the_deadline_is_not_made(traced) -> None:
+    calls = {"n": 0}
+
+    @step(retry=1, retry_delay=10)
+    def flaky() -> None:
+        calls["n"] += 1
+        raise ConnectionError("blip")
+
+    @run(budget=Budget(max_duration_seconds=10))
+    def main() -> None:
+        flaky()
+
+    with pytest.raises(StepError):
+        main()
+    assert calls["n"] == 1  # at 10 of 10 seconds a new step would be refused too
+
+
+# ---------------------------------------------------------------------------
+# retry attempts ask the policy like any call
+
+
+def test_retry_attempts_of_an_llm_step_are_paced_by_the_rate_limit(traced) -> None:
+    calls: list[float] = []
+
+    @step(kind=StepKind.LLM_CALL, model="m", retry=2, retry_delay=0)
+    def ask() -> None:
+        calls.append(traced.clock.now)
+        if len(calls) < 3:
+            raise ConnectionError("blip")
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    def main() -> None:
+        ask()
+
+    main()
+    assert [t - calls[0] for t in calls] == [0, 1, 2]  # one request a second, retries included
+
+
+def test_a_half_open_probe_with_retries_sends_exactly_one_request(traced) -> None:
+    calls = {"n": 0}
+
+    @step(retry=5, retry_delay=0)
+    def fetch() -> None:
+        calls["n"] += 1
+        raise ConnectionError("down")
+
+    @run(policy=Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=2, recovery_time_seconds=30)))
+    def main() -> None:
+        with pytest.raises(PolicyViolation, match="circuit"):
+            fetch()  # two attempts open the circuit; the third is not sent
+        assert calls["n"] == 2
+        traced.clock.now += 31
+        with pytest.raises(PolicyViolation, match="circuit"):
+            fetch()  # the probe fails: open again, no retry behind it
+
+    main()
+    assert calls["n"] == 3
+
+
+def test_exponential_backoff_over_many_attempts_stays_at_its_cap() -> None:
+    from multirun.decorators import backoff_delay
+
+    assert backoff_delay(BackoffStrategy.EXPONENTIAL, 0.5, 1.0, 5000) == 1.0
+
+
+def test_a_rate_limit_for_an_empty_model_name_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="model"):
+        RateLimitRule(requests_per_minute=60, model="")
+
+
+def test_a_circuit_opened_after_the_shared_table_was_pruned_is_seen_by_other_runs(
+    traced, monkeypatch
+) -> None:
+    from multirun.enforcement import policy as policy_module
+
+    monkeypatch.setattr(policy_module, "MAX_BREAKERS", 50)
+    down = {"on": False}
+    calls: list[str] = []
+
+    @step
+    def fetch(who: str) -> None:
+        calls.append(who)
+        if down["on"]:
+            raise ConnectionError("down")
+
+    def lookup(i: int) -> int:
+        return i
+
+    policy = breaker_policy()
+
+    @run(policy=policy)
+    def tools_run() -> None:
+        for i in range(60):  # fills the shared table past MAX_BREAKERS: it is pruned
+            step(name=f"lookup:{i}")(lookup)(i)
+
+    @run(policy=policy)
+    def other_run() -> str:
+        try:
+            fetch("B")
+        except PolicyViolation:
+            return "refused"
+        return "called"
+
+    @run(policy=policy)
+    def long_run() -> str:
+        fetch("A")  # this run now knows the healthy circuit of fetch
+        tools_run()
+        down["on"] = True
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                fetch("A")  # opens the circuit
+        return other_run()
+
+    assert long_run() == "refused"
+    assert calls == ["A", "A", "A"]

@@ -952,17 +952,15 @@ class StepContext:
             return ""
         return format(self._span.get_span_context().span_id, "016x")
 
-    def _record_attempt_failure(self, exc: BaseException, delay: float) -> None:
-        """A failed attempt that will be retried: visible as an event with its error and delay."""
-        self.span.record_exception(
-            exc,
-            attributes={
-                attr.STEP_ATTEMPT: self.attempt,
-                attr.STEP_RETRY_DELAY: delay,
-                attr.ERROR_TYPE: _error_type(exc),
-            },
-        )
-        self.attempt += 1
+    def _record_attempt_failure(self, exc: BaseException, delay: float | None) -> None:
+        """A failed attempt: an event with its error, and the delay before the next attempt
+        (``None``: there is none, the policy refused it)."""
+        attributes: dict[str, Any] = {attr.STEP_ATTEMPT: self.attempt, attr.ERROR_TYPE: _error_type(exc)}
+        if delay is not None:
+            attributes[attr.STEP_RETRY_DELAY] = delay
+        self.span.record_exception(exc, attributes=attributes)
+        if delay is not None:
+            self.attempt += 1
 
     def _close(
         self,

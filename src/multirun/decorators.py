@@ -34,6 +34,7 @@ from multirun.errors import (
     LedgerUnavailableError,
     PolicyViolation,
     StepError,
+    leaf_errors,
 )
 from multirun.models.budget import Budget
 from multirun.models.policy import BackoffStrategy, Policy, PolicyDecision
@@ -144,6 +145,7 @@ class _StepCall(StepContext):
 
     spec: StepSpec
     wait_before = 0.0  # seconds a rate limit asked the step to wait before its first attempt
+    _retry_refused: PolicyViolation | None = None  # the policy's reason not to make another attempt
     _stream: StreamUsage | None = None  # usage of the LLM SDK chunks a generator step yielded
 
     def _clock(self) -> Clock:
@@ -165,10 +167,28 @@ class _StepCall(StepContext):
             return None
         delay = backoff_delay(strategy, base, cap, self.attempt)
         ledger = run.ledger
-        if ledger.budget is not None and ledger.exceeded(ledger.budget) is not None:
-            return None  # another attempt would spend past the budget
-        if self._clock().monotonic() + delay > ledger.deadline:
-            return None  # never sleep past the run's deadline
+        if ledger.used_up():
+            return None  # another attempt would spend past this run's budget or an enclosing run's
+        engine = run.policy_engine
+        if engine is not None:
+            # another attempt is another call to the dependency: the failed one counts towards the
+            # circuit, and the next one asks the policy (open circuit, rate limit) like any call
+            engine.after_step(spec.name, spec.kind, error)
+            try:
+                decision = engine.before_step(spec.name, spec.kind, self.model, ledger, not_before=delay)
+            except PolicyViolation as refused:
+                self._retry_refused = refused
+                self.policy_decision, self.policy_rule = PolicyDecision.ABORT.value, refused.rule
+                run.client.metrics.policy_decision(run.run.name, PolicyDecision.ABORT.value, refused.rule)
+                return None
+            if decision is not PROCEED:
+                run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
+                self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
+                if decision.model is not None:
+                    self.model = decision.model
+                delay = max(delay, decision.wait_seconds)
+        if self._clock().monotonic() + delay >= ledger.deadline:
+            return None  # the attempt would start when the run (or an enclosing run) is out of time
         self._record_attempt_failure(error, delay)
         return delay
 
@@ -215,7 +235,12 @@ class _StepCall(StepContext):
             run.replay_log.fail(self.replay_call)
         if self._stream is not None:
             self._charge_sdk_usage(None)  # the chunks that arrived before the failure were paid for
-        if run.policy_engine is not None:
+        refused = self._retry_refused
+        if refused is not None:  # the policy refused another attempt; the last one was counted then
+            self._record_attempt_failure(error, None)
+            refused.__cause__ = error
+            error = refused
+        elif run.policy_engine is not None:
             run.policy_engine.after_step(self.spec.name, self.spec.kind, error)
         self._close(StepStatus.FAILED, error=error)
         if self.spec.retry > 0 and isinstance(error, Exception) and not _is_permanent(error):
@@ -228,7 +253,7 @@ def backoff_delay(strategy: BackoffStrategy, base: float, cap: float, attempt: i
     if strategy is BackoffStrategy.LINEAR:
         delay = base * attempt
     elif strategy is BackoffStrategy.EXPONENTIAL:
-        delay = base * (2 ** (attempt - 1))
+        delay = base * 2.0 ** min(attempt - 1, 1000)  # capped exponent: a float, never an OverflowError
     else:
         delay = base
     return min(delay, cap)
@@ -238,7 +263,12 @@ _AUTH_ERROR_NAMES = ("AuthenticationError", "PermissionDeniedError")
 
 
 def _is_permanent(error: BaseException) -> bool:
-    """Errors another attempt cannot fix: budget and policy aborts, authentication failures."""
+    """Errors another attempt cannot fix: budget and policy aborts, authentication failures,
+    also inside an exception group (an ``asyncio.TaskGroup`` raises them in one)."""
+    return any(_cannot_be_fixed_by_retrying(leaf) for leaf in leaf_errors(error))
+
+
+def _cannot_be_fixed_by_retrying(error: BaseException) -> bool:
     if isinstance(error, REFUSALS):
         return True
     if type(error).__name__ in _AUTH_ERROR_NAMES:
@@ -699,6 +729,23 @@ def _raise_failed(call: _Call, error: BaseException) -> None:
     raise final from error
 
 
+def _pause(call: _Call, seconds: float) -> None:
+    """Wait before an attempt (rate limit, backoff). Cancelled or interrupted there, the call
+    ends as failed: its span is ended and a circuit probe it holds is given back."""
+    try:
+        call._clock().sleep(seconds)
+    except BaseException as error:
+        _raise_failed(call, error)
+
+
+async def _async_pause(call: _Call, seconds: float) -> None:
+    """The async twin of ``_pause``."""
+    try:
+        await call._clock().async_sleep(seconds)
+    except BaseException as error:
+        _raise_failed(call, error)
+
+
 def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = open_call(args, kwargs)
@@ -709,7 +756,7 @@ def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., 
         token = _attach(call)
         try:
             if call.wait_before:
-                call._clock().sleep(call.wait_before)
+                _pause(call, call.wait_before)
             while True:
                 try:
                     result = func(*args, **kwargs)
@@ -718,7 +765,7 @@ def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., 
                     if delay is None:
                         _raise_failed(call, error)
                     if delay:
-                        call._clock().sleep(delay)
+                        _pause(call, delay)
                     continue
                 call._succeed(result)
                 return result
@@ -738,7 +785,7 @@ def _async_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[...,
         token = _attach(call)
         try:
             if call.wait_before:
-                await call._clock().async_sleep(call.wait_before)
+                await _async_pause(call, call.wait_before)
             while True:
                 try:
                     result = await func(*args, **kwargs)
@@ -747,7 +794,7 @@ def _async_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[...,
                     if delay is None:
                         _raise_failed(call, error)
                     if delay:
-                        await call._clock().async_sleep(delay)
+                        await _async_pause(call, delay)
                     continue
                 call._succeed(result)
                 return result
@@ -778,7 +825,7 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
         if call is None:
             return (yield from func(*args, **kwargs))
         if call.wait_before:
-            call._clock().sleep(call.wait_before)
+            _pause(call, call.wait_before)
         while True:
             gen = func(*args, **kwargs)
             try:
@@ -788,7 +835,7 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
                 if delay is None:
                     _raise_failed(call, error)
                 if delay:
-                    call._clock().sleep(delay)
+                    _pause(call, delay)
                 continue
             break
         count = 0
@@ -840,7 +887,7 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
                 yield item
             return
         if call.wait_before:
-            await call._clock().async_sleep(call.wait_before)
+            await _async_pause(call, call.wait_before)
         while True:
             agen = func(*args, **kwargs)
             try:
@@ -850,7 +897,7 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
                 if delay is None:
                     _raise_failed(call, error)
                 if delay:
-                    await call._clock().async_sleep(delay)
+                    await _async_pause(call, delay)
                 continue
             break
         count = 0

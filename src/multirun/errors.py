@@ -7,6 +7,9 @@ that already catches those keeps working.
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Iterator
+
 
 class MultiRunError(Exception):
     """Base class of every multirun error."""
@@ -84,6 +87,25 @@ REFUSALS = (BudgetExceededError, PolicyViolation, LedgerUnavailableError)
 """multirun's own decisions to stop a step: never retried (a ledger that cannot be reached
 neither: another attempt would spend without a decision), and never swallowed by an
 instrumentation (they reach the caller, or a framework's future, as they are)."""
+
+
+# BaseExceptionGroup is new in Python 3.11; on 3.10 there are no groups to look into
+_EXCEPTION_GROUPS: tuple[type[BaseException], ...] = tuple(
+    group for group in (getattr(builtins, "BaseExceptionGroup", None),) if group is not None
+)
+
+
+def leaf_errors(error: BaseException) -> Iterator[BaseException]:
+    """``error`` itself, or the errors inside it when it is an exception group (TaskGroup, gather).
+
+    A refusal raised in a task of an ``asyncio.TaskGroup`` reaches the step inside one.
+    """
+    if isinstance(error, _EXCEPTION_GROUPS):
+        for inner in error.exceptions:  # type: ignore[attr-defined]
+            yield from leaf_errors(inner)
+    else:
+        yield error
+
 
 # what the amount of each limit counts (cost is written in dollars)
 _COUNTED = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from multirun.errors import BudgetExceededError
@@ -32,6 +32,7 @@ class LedgerReadings:
     """
 
     __slots__ = ()
+    budget: Budget | None
     tokens: int
     cost_units: int
     steps: int
@@ -41,6 +42,17 @@ class LedgerReadings:
 
     def elapsed(self) -> float:
         raise NotImplementedError
+
+    def chain(self) -> Sequence[LedgerReadings]:
+        """This ledger, then the ledgers of the runs that enclose it (those known here)."""
+        raise NotImplementedError
+
+    def used_up(self) -> bool:
+        """True if this run or a run that encloses it has reached a limit of its budget."""
+        return any(
+            ledger.budget is not None and ledger.exceeded(ledger.budget) is not None
+            for ledger in self.chain()
+        )
 
     def totals(self) -> dict[str, int]:
         """The spend a checkpoint keeps (``SPEND_TOTALS``, in ``restore``'s argument order)."""
@@ -185,18 +197,30 @@ class RunLedger(LedgerReadings):
                     self._raise_exceeded()
                 self.steps += 1
             return
-        ledger: RunLedger | None
-        if check:
-            ledger = self
-            while ledger is not None:
-                with ledger._lock:
+        # a sub-run: every ledger up to the root is checked and counted under its lock at once,
+        # so that max_steps is exact there too. Every caller takes the locks child first, root
+        # last, so sibling sub-runs cannot deadlock.
+        chain = self.chain()
+        for ledger in chain:
+            ledger._lock.acquire()
+        try:
+            if check:
+                for ledger in chain:
                     ledger._raise_if_exceeded()
-                ledger = ledger.parent
-        ledger = self
-        while ledger is not None:
-            with ledger._lock:
+            for ledger in chain:
                 ledger.steps += 1
-            ledger = ledger.parent
+        finally:
+            for ledger in reversed(chain):
+                ledger._lock.release()
+
+    def chain(self) -> list[RunLedger]:
+        """This ledger, then its parent's, up to the root run's."""
+        found = [self]
+        parent = self.parent
+        while parent is not None:
+            found.append(parent)
+            parent = parent.parent
+        return found
 
     def _raise_if_exceeded(self) -> None:
         if self.budget is None:
@@ -253,8 +277,9 @@ class RunLedger(LedgerReadings):
 
     @property
     def deadline(self) -> float:
-        """The monotonic time at which max_duration_seconds runs out (infinity without one)."""
-        return self._deadline
+        """The monotonic time at which the max_duration_seconds of this run or of a run that
+        encloses it runs out, whichever comes first (infinity without one)."""
+        return min(ledger._deadline for ledger in self.chain())
 
 
 class Ledger(Protocol):
@@ -285,6 +310,7 @@ class Ledger(Protocol):
     def totals(self) -> dict[str, int]: ...
     def set_budget(self, budget: Budget | None) -> None: ...
     def elapsed(self) -> float: ...
+    def used_up(self) -> bool: ...
     def exceeded(self, budget: Budget, *, next_step: bool = False) -> tuple[str, float, float] | None: ...
     def status(self, budget: Budget | None) -> BudgetStatus: ...
     def shares(self, budget: Budget) -> dict[str, float]: ...

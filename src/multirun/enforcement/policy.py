@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation
+from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation, leaf_errors
 from multirun.models.policy import (
     CircuitBreakerRule,
     DegradationTrigger,
@@ -56,6 +56,15 @@ PROCEED = Decision(PolicyDecision.PROCEED)
 _NOT_THE_DEPENDENCY = (BudgetExceededError, PolicyViolation, LedgerUnavailableError)
 
 
+def _says_nothing_of_the_dependency(error: BaseException) -> bool:
+    """multirun's own refusals, and a caller that stopped waiting (a cancelled task, Ctrl-C, a
+    generator closed early: not an ``Exception``), also when all of a group's errors are such."""
+    return all(
+        not isinstance(leaf, Exception) or isinstance(leaf, _NOT_THE_DEPENDENCY)
+        for leaf in leaf_errors(error)
+    )
+
+
 class RateLimiter:
     """Paces requests evenly: one slot every ``60 / requests_per_minute`` seconds.
 
@@ -73,7 +82,7 @@ class RateLimiter:
         """Seconds to wait for the next slot, or None if that slot starts after ``latest_start``."""
         with self._lock:
             slot = max(now, self._next_free)
-            if slot > latest_start:
+            if slot >= latest_start:
                 return None
             self._next_free = slot + self.interval
             return slot - now
@@ -150,6 +159,9 @@ class PolicyState:
         self._lock = threading.Lock()
         self._limiters: dict[tuple[float, str | None], RateLimiter] = {}
         self._breakers: dict[tuple[str, int, float], CircuitBreaker] = {}
+        # counts the prunings: a run that kept a breaker the table has since dropped must look
+        # it up again, or a circuit it opens would be seen by no other run
+        self.generation = 0
 
     def limiter(self, rule: RateLimitRule) -> RateLimiter:
         key = (rule.requests_per_minute, rule.model)
@@ -164,7 +176,9 @@ class PolicyState:
         breaker = self._breakers.get(key)
         if breaker is None:
             with self._lock:
-                self._breakers = _pruned(self._breakers)
+                kept = _pruned(self._breakers)
+                if kept is not self._breakers:
+                    self._breakers, self.generation = kept, self.generation + 1
                 breaker = self._breakers.setdefault(key, CircuitBreaker(rule))
         return breaker
 
@@ -180,9 +194,13 @@ class PolicyEngine:
         self._llm_failures_in_a_row = 0
         self._lock = threading.Lock()
         self._breakers: dict[str, CircuitBreaker] = {}  # this run's view of the shared breakers
+        self._generation = state.generation  # of the shared table when the view was taken
 
-    def before_step(self, name: str, kind: StepKind, model: str | None, ledger: Ledger) -> Decision:
-        """The decision for a step about to start; PolicyViolation when it must not run."""
+    def before_step(
+        self, name: str, kind: StepKind, model: str | None, ledger: Ledger, not_before: float = 0.0
+    ) -> Decision:
+        """The decision for a step about to start, at the earliest ``not_before`` seconds from
+        now (a retry's backoff); PolicyViolation when it must not run."""
         policy = self.policy
         decision = PROCEED
         breaker_rule = policy.circuit_breaker
@@ -204,8 +222,8 @@ class PolicyEngine:
                         decision = Decision(PolicyDecision.FALLBACK, "graceful_degradation", model=fallback)
                 limit = policy.rate_limit
                 if limit is not None and (limit.model is None or limit.model == model):
-                    wait = self._rate_limit_wait(limit, ledger)
-                    if wait > 0:
+                    wait = self._rate_limit_wait(limit, ledger, not_before)
+                    if wait > not_before:
                         decision = Decision(
                             PolicyDecision.WAIT,
                             "rate_limit",
@@ -220,6 +238,8 @@ class PolicyEngine:
 
     def after_success(self, name: str, kind: StepKind) -> None:
         """A step succeeded: the common case, with nothing to change when the circuit is healthy."""
+        if self._generation != self.state.generation:
+            self._forget_pruned()
         breaker = self._breakers.get(name)
         if breaker is not None and (breaker.failures or breaker.state != CircuitBreaker.CLOSED):
             breaker.record(True, 0.0)
@@ -233,7 +253,7 @@ class PolicyEngine:
             self.after_success(name, kind)
             return
         rule = self.policy.circuit_breaker
-        if error is not None and isinstance(error, _NOT_THE_DEPENDENCY):
+        if _says_nothing_of_the_dependency(error):
             if rule is not None:  # not a failure of the dependency; a probe it claimed is free again
                 self._breaker(name, rule).release_probe()
             return
@@ -250,23 +270,31 @@ class PolicyEngine:
     # -- rules ---------------------------------------------------------------
 
     def _breaker(self, name: str, rule: CircuitBreakerRule) -> CircuitBreaker:
+        if self._generation != self.state.generation:
+            self._forget_pruned()
         breaker = self._breakers.get(name)
         if breaker is None:
             self._breakers = _pruned(self._breakers)
             breaker = self._breakers[name] = self.state.breaker(name, rule)
         return breaker
 
-    def _rate_limit_wait(self, rule: RateLimitRule, ledger: Ledger) -> float:
-        now = self.clock()
-        deadline = ledger.deadline
-        wait = self.state.limiter(rule).reserve(now, deadline)
+    def _forget_pruned(self) -> None:
+        """Drop this run's view of the shared breakers: some of them are no longer shared."""
+        self._generation = self.state.generation
+        self._breakers = {}
+
+    def _rate_limit_wait(self, rule: RateLimitRule, ledger: Ledger, not_before: float) -> float:
+        """Seconds from now until the step's slot, which starts ``not_before`` seconds from now
+        at the earliest."""
+        start = self.clock() + not_before
+        wait = self.state.limiter(rule).reserve(start, ledger.deadline)
         if wait is None:
             raise PolicyViolation(
                 "rate_limit",
                 f"the next free slot at {rule.requests_per_minute:g} requests per minute "
                 "starts after the run's max_duration_seconds",
             )
-        return wait
+        return not_before + wait
 
     def _fallback(self, rule: GracefulDegradationRule, ledger: Ledger) -> str | None:
         """The fallback model once the trigger has fired; it stays fired for the run."""

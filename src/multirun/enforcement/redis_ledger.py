@@ -460,7 +460,11 @@ class RedisLedger(LedgerReadings):
 
     @property
     def deadline(self) -> float:
-        """When max_duration_seconds runs out, on this process's clock (infinity without one)."""
+        """When the max_duration_seconds of this run or of an enclosing run that lives in this
+        process runs out, whichever comes first, on this process's clock (infinity without one)."""
+        return min(ledger._own_deadline() for ledger in self._local_chain())
+
+    def _own_deadline(self) -> float:
         budget = self.budget
         if budget is None or budget.max_duration_seconds is None:
             return float("inf")
@@ -664,6 +668,10 @@ class RedisLedger(LedgerReadings):
                 self._started_us, self._server_now_us, self._at = started_us, now_us, at
 
     # -- failing open -----------------------------------------------------------
+
+    def chain(self) -> list[RedisLedger]:
+        """This ledger, then the ledgers of its enclosing runs that live in this process."""
+        return self._local_chain()
 
     def _local_chain(self) -> list[RedisLedger]:
         """This ledger and its ancestors' ledgers that live in this process."""

@@ -38,7 +38,7 @@ class BudgetRule(Model):
 
 class RateLimitRule(Model):
     requests_per_minute: float = Field(gt=0)
-    model: str | None = None
+    model: str | None = Field(default=None, min_length=1)  # "" would match no step: refused
 
 
 class RetryRule(Model):
