@@ -17,6 +17,7 @@ import base64
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -24,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, Status
 
 from multirun._process import reinit_after_fork
 
@@ -55,7 +59,7 @@ class LocalFileSpanExporter(SpanExporter):
         if self._shutdown:
             return SpanExportResult.FAILURE
         try:
-            line = json.dumps(encode_spans_json(spans), separators=(",", ":")) + "\n"
+            line = json.dumps(_encode_what_can_be(spans), separators=(",", ":")) + "\n"
             with self._lock:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "a", encoding="utf-8") as out:
@@ -74,12 +78,44 @@ class LocalFileSpanExporter(SpanExporter):
         return True
 
 
+def _encode_what_can_be(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
+    """The OTLP JSON of the batch; if it cannot be encoded whole, of every span that can be
+    on its own (one warning names how many were left out and why)."""
+    try:
+        return encode_spans_json(spans)
+    except Exception:
+        if len(spans) <= 1:
+            raise
+    good: list[ReadableSpan] = []
+    first_error: Exception | None = None
+    for span in spans:
+        try:
+            encode_spans_json([span])
+        except Exception as exc:
+            first_error = first_error or exc
+        else:
+            good.append(span)
+    left_out = len(spans) - len(good)
+    _logger.warning(
+        "multirun: could not write %d of %d spans (%s: %s)",
+        left_out,
+        len(spans),
+        type(first_error).__name__,
+        first_error,
+    )
+    return encode_spans_json(good)
+
+
 def encode_spans_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
-    """The OTLP JSON form of ``spans`` (one ExportTraceServiceRequest)."""
+    """The OTLP JSON form of ``spans`` (one ExportTraceServiceRequest).
+
+    Text that UTF-8 cannot hold (a lone surrogate, as ``os.fsdecode`` makes of a byte that is
+    not UTF-8) is escaped first: ``\\xff`` for such a byte, ``\\udXXX`` for another surrogate.
+    """
     from google.protobuf.json_format import MessageToDict
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
-    message = MessageToDict(encode_spans(spans), use_integers_for_enums=True)
+    message = MessageToDict(encode_spans([utf8_safe_span(s) for s in spans]), use_integers_for_enums=True)
     for resource_spans in message.get("resourceSpans", ()):
         for scope_spans in resource_spans.get("scopeSpans", ()):
             for span in scope_spans.get("spans", ()):
@@ -94,6 +130,134 @@ def _ids_to_hex(obj: dict[str, Any]) -> None:
         value = obj.get(key)
         if value:
             obj[key] = base64.b64decode(value).hex()
+
+
+# -- text that UTF-8 can hold ------------------------------------------------------
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_text(text: str) -> str:
+    """``text`` itself if UTF-8 can encode it, else with each lone surrogate escaped:
+    ``\\xff`` for a byte ``os.fsdecode`` could not decode, ``\\ud800`` for any other."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(_escape_surrogate, text)
+    return text
+
+
+def _needs_cleaning(text: str | None) -> bool:
+    return text is not None and utf8_text(text) is not text
+
+
+def _escape_surrogate(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
+
+
+def _clean_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return utf8_text(value)
+    if isinstance(value, (tuple, list)):
+        cleaned = [_clean_value(v) for v in value]
+        return tuple(cleaned) if any(c is not v for c, v in zip(cleaned, value, strict=True)) else value
+    return value
+
+
+def _clean_attributes(attributes: Any) -> Any:
+    """The same mapping if all its text is UTF-8, else a cleaned copy."""
+    if not attributes:
+        return attributes
+    cleaned = {utf8_text(k) if isinstance(k, str) else k: _clean_value(v) for k, v in attributes.items()}
+    same = all(a is b for a, b in zip(cleaned, attributes, strict=True)) and all(
+        cleaned[k] is v for k, v in zip(cleaned, attributes.values(), strict=True)
+    )
+    return attributes if same else cleaned
+
+
+def _clean_event(event: Event) -> Event:
+    name, attributes = utf8_text(event.name), _clean_attributes(event.attributes)
+    if name is event.name and attributes is event.attributes:
+        return event
+    return Event(name, attributes, event.timestamp)
+
+
+def _clean_link(link: Link) -> Link:
+    attributes = _clean_attributes(link.attributes)
+    return link if attributes is link.attributes else Link(link.context, attributes)
+
+
+class _CleanedSpan(ReadableSpan):
+    """A copy of a span with its text made UTF-8; it keeps the original's dropped counts."""
+
+    def __init__(self, original: ReadableSpan, **fields: Any) -> None:
+        super().__init__(**fields)
+        self._dropped = (original.dropped_attributes, original.dropped_events, original.dropped_links)
+
+    @property
+    def dropped_attributes(self) -> int:
+        return self._dropped[0]
+
+    @property
+    def dropped_events(self) -> int:
+        return self._dropped[1]
+
+    @property
+    def dropped_links(self) -> int:
+        return self._dropped[2]
+
+
+def utf8_safe_span(span: ReadableSpan) -> ReadableSpan:
+    """``span`` itself if all its text is UTF-8 (the usual case), else a copy whose text is.
+
+    The OTLP encoder fails on the whole batch for one such string in a name or status
+    message, and drops an attribute holding one with a logged traceback.
+    """
+    name = utf8_text(span.name)
+    attributes = _clean_attributes(span.attributes)
+    status = span.status
+    if _needs_cleaning(status.description):
+        status = Status(status.status_code, utf8_text(status.description or ""))
+    events = [_clean_event(e) for e in span.events]
+    links = [_clean_link(link) for link in span.links]
+    resource = span.resource
+    if _clean_attributes(resource.attributes) is not resource.attributes:
+        resource = Resource(_clean_attributes(resource.attributes), resource.schema_url)
+    scope = span.instrumentation_scope
+    if scope is not None and (_needs_cleaning(scope.name) or _needs_cleaning(scope.version)):
+        version = scope.version and utf8_text(scope.version)
+        scope = InstrumentationScope(utf8_text(scope.name), version, scope.schema_url)
+    unchanged = (
+        name is span.name
+        and attributes is span.attributes
+        and status is span.status
+        and all(a is b for a, b in zip(events, span.events, strict=True))
+        and all(a is b for a, b in zip(links, span.links, strict=True))
+        and resource is span.resource
+        and scope is span.instrumentation_scope
+    )
+    if unchanged:
+        return span
+    return _CleanedSpan(
+        span,
+        name=name,
+        context=span.context,
+        parent=span.parent,
+        resource=resource,
+        attributes=attributes,
+        events=events,
+        links=links,
+        kind=span.kind,
+        status=status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=scope,
+    )
 
 
 # -- reading back ------------------------------------------------------------------

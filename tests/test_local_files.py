@@ -1,0 +1,98 @@
+"""The embedded default's span files: every span that ends is written, and read back."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.trace import SpanContext, Status, StatusCode
+
+from multirun.telemetry import attributes as attr
+from multirun.telemetry.local_files import LocalFileSpanExporter, read_spans
+
+# a file name with a byte that is not UTF-8, as os.listdir and os.fsdecode give it back
+UNDECODABLE = os.fsdecode(b"report-\xff.txt")
+
+
+def write(directory: Path, build: Any, resource: Resource | None = None) -> None:
+    """Spans made by ``build(tracer)``, written one batch at the end as the embedded default does."""
+    finished: list[ReadableSpan] = []
+
+    class Keep(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            finished.append(span)
+
+    provider = TracerProvider(resource=resource) if resource else TracerProvider()
+    provider.add_span_processor(Keep())
+    build(provider.get_tracer("test"))
+    assert LocalFileSpanExporter(directory).export(finished) is SpanExportResult.SUCCESS
+
+
+# ---------------------------------------------------------------------------
+# text UTF-8 cannot hold
+
+
+def test_one_undecodable_file_name_loses_no_span(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("run", attributes={attr.RUN_ID: "r" * 32}):
+            with tracer.start_as_current_span("step good"):
+                pass
+            with tracer.start_as_current_span(f"step open {UNDECODABLE}") as bad:
+                bad.set_attribute("file.path", UNDECODABLE)
+                bad.set_attribute("file.paths", ["ok", UNDECODABLE])
+                bad.add_event("exception", {"exception.message": f"no such file: {UNDECODABLE}"})
+                bad.set_status(Status(StatusCode.ERROR, f"FileNotFoundError: no such file: {UNDECODABLE}"))
+            with tracer.start_as_current_span("step good again"):
+                pass
+
+    with caplog.at_level(logging.WARNING):
+        write(tmp_path, build)
+    assert caplog.records == []  # nor the encoder's "Failed to encode key" tracebacks
+    spans = {s.name: s for s in read_spans(tmp_path)}
+    assert set(spans) == {"run", "step good", "step open report-\\xff.txt", "step good again"}
+    bad = spans["step open report-\\xff.txt"]
+    assert bad.status_message == "FileNotFoundError: no such file: report-\\xff.txt"
+    assert bad.attributes["file.path"] == "report-\\xff.txt"
+    assert bad.attributes["file.paths"] == ["ok", "report-\\xff.txt"]
+    assert bad.events[0]["attributes"]["exception.message"] == "no such file: report-\\xff.txt"
+
+
+def test_other_lone_surrogates_and_the_resource_are_escaped_too(tmp_path: Path) -> None:
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("half an emoji \ud83d"):
+            pass
+
+    write(tmp_path, build, Resource.create({"service.name": f"svc-{UNDECODABLE}"}))
+    [span] = read_spans(tmp_path)
+    assert span.name == "half an emoji \\ud83d"
+    assert span.service_name == "svc-report-\\xff.txt"
+
+
+def test_text_that_is_fine_is_written_as_it_is(tmp_path: Path) -> None:
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("日本語 🚀 \\xff", attributes={"k": "é"}):
+            pass
+
+    write(tmp_path, build)
+    [span] = read_spans(tmp_path)
+    assert span.name == "日本語 🚀 \\xff" and span.attributes == {"k": "é"}
+
+
+def test_a_span_that_cannot_be_encoded_costs_only_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = ReadableSpan("good", SpanContext(1, 2, False), start_time=1, end_time=2)
+    broken = ReadableSpan("broken", SpanContext(1, 3, False), start_time=-1, end_time=2)
+    exporter = LocalFileSpanExporter(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert exporter.export([good, broken]) is SpanExportResult.SUCCESS
+    assert [s.name for s in read_spans(tmp_path)] == ["good"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "multirun: could not write 1 of 2 spans (ValueError: Value out of range: -1)"
+    ]
