@@ -96,3 +96,45 @@ def test_a_span_that_cannot_be_encoded_costs_only_itself(
     assert [r.getMessage() for r in caplog.records] == [
         "multirun: could not write 1 of 2 spans (ValueError: Value out of range: -1)"
     ]
+
+
+# ---------------------------------------------------------------------------
+# a process that died mid-write
+
+
+def one_span(tracer: Any, name: str) -> None:
+    with tracer.start_as_current_span(name, attributes={attr.RUN_ID: name * 4}):
+        pass
+
+
+def test_a_line_cut_short_by_a_killed_process_does_not_take_the_next_one_with_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the same pid writes the same file (PID 1 in a container, run after run); the last one was
+    # killed while writing its last line
+    write(tmp_path, lambda tracer: one_span(tracer, "first"))
+    [path] = tmp_path.glob("*.jsonl")
+    whole = path.read_bytes()
+    path.write_bytes(whole + whole[:50])
+    write(tmp_path, lambda tracer: one_span(tracer, "second"))
+    assert list(tmp_path.glob("*.jsonl")) == [path]
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert [s.name for s in read_spans(tmp_path)] == ["first", "second"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 1 damaged line in {path} (line 2: not JSON)"
+    ]
+
+
+def test_a_request_glued_to_a_fragment_by_an_older_writer_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(tmp_path, lambda tracer: one_span(tracer, "first"))
+    write(tmp_path, lambda tracer: one_span(tracer, "second"))
+    [path] = tmp_path.glob("*.jsonl")
+    first, second = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(first[:-30] + first[:40] + second)  # two fragments, then a whole request
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert [s.name for s in read_spans(tmp_path)] == ["second"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 1 damaged line in {path} (line 1: cut short; the request written after it was read)"
+    ]

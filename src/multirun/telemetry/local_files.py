@@ -62,8 +62,7 @@ class LocalFileSpanExporter(SpanExporter):
             line = json.dumps(_encode_what_can_be(spans), separators=(",", ":")) + "\n"
             with self._lock:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as out:
-                    out.write(line)
+                _append_line(self.path, line.encode("utf-8"))
         except Exception as exc:
             if not self._warned:  # one warning, not one per batch
                 self._warned = True
@@ -76,6 +75,32 @@ class LocalFileSpanExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    """Append ``line`` to ``path``, starting it on a line of its own.
+
+    Another process of the same pid (PID 1 in a container, run after run) writes the same
+    file, and one that died mid-write left a last line without its end: without a newline
+    first, this line would be glued to that fragment and lost with it.
+    """
+    flags = os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags | os.O_RDWR, 0o666)
+    except PermissionError:  # a file this process may write but not read: append as it is
+        fd = os.open(path, flags | os.O_WRONLY, 0o666)
+    else:
+        size = os.fstat(fd).st_size
+        if size:
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":
+                line = b"\n" + line
+    try:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _encode_what_can_be(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
@@ -289,7 +314,8 @@ def read_spans(directory: str | os.PathLike[str]) -> Iterator[SpanRecord]:
     """Every span in the ``.jsonl`` files of ``directory`` (none if there is no such folder).
 
     An unreadable file is skipped with a warning; a file with damaged lines gets one warning
-    that sums them up, and its other lines are read.
+    that sums them up, and its other lines are read. A whole request glued to the fragment
+    a killed writer left (as writers before this one did) is read too.
     """
     folder = Path(directory)
     if not folder.is_dir():
@@ -315,10 +341,31 @@ def _read_span_file(path: Path) -> list[SpanRecord]:
             try:
                 found.extend(parse_span_line(line))
             except DamagedLine as exc:
-                damaged.append((number, str(exc)))
+                after = _request_after_a_fragment(line)
+                if after is None:
+                    damaged.append((number, str(exc)))
+                else:  # an older writer glued its request to what a killed one left
+                    found.extend(after)
+                    damaged.append((number, "cut short; the request written after it was read"))
     if damaged:
         _warn_damaged(path, damaged)
     return found
+
+
+_REQUEST_START = re.compile(r'\{\s*"resourceSpans"\s*:')
+
+
+def _request_after_a_fragment(line: str) -> list[SpanRecord] | None:
+    """The spans of a whole request that follows the start of a cut-short one on ``line``, if any.
+
+    (The marker cannot occur inside a JSON string, where its quotes would be escaped.)
+    """
+    for match in _REQUEST_START.finditer(line, 1):
+        try:
+            return parse_span_line(line[match.start() :])
+        except DamagedLine:
+            continue
+    return None
 
 
 def parse_span_line(line: str) -> list[SpanRecord]:
