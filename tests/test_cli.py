@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
 from multirun import client as client_module
 from multirun.cli import main, render, runs
@@ -582,6 +583,117 @@ def test_show_of_a_resumed_run_says_from_where(tmp_path: Path, capsys: pytest.Ca
     assert "3 steps" in total and total.endswith(
         f"(includes the spend carried over from run {original[:12]})"
     )
+
+
+# ---------------------------------------------------------------------------
+# unfinished runs: the run span was never written
+
+CRASHING_PROGRAM = """
+import os, multirun
+from multirun import agent, run, step
+multirun.init_local()
+
+@step
+def ask():
+    multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=20)
+
+@step(checkpoint=True)
+def save():
+    pass
+
+@agent(name="worker")
+def worker():
+    ask()
+    save()
+    multirun.get_client().force_flush()
+    os._exit(1)  # killed before the agent and the run end
+
+@run(name="crashy")
+def crashy():
+    worker()
+
+crashy()
+"""
+
+
+def test_a_run_whose_process_died_is_listed_as_unfinished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = Path(client_module.__file__).parents[1]  # the package under test, not another install
+    env = _clean_env(PYTHONPATH=str(src))
+    done = subprocess.run(
+        [sys.executable, "-c", CRASHING_PROGRAM], cwd=tmp_path, env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    [run_dir] = (tmp_path / ".multirun" / "blobs" / "checkpoints").iterdir()
+    run_id = run_dir.name  # the run id its checkpoint was saved under
+    folder = str(tmp_path / ".multirun")
+
+    code, out, err = run_cli(capsys, "runs", "--dir", folder)
+    assert code == 0 and err == ""
+    _, row = out.splitlines()
+    assert row.split()[:3] == [run_id[:12], "(unknown)", "unfinished"]
+    assert row.split()[-2:] == ["30", "$0.000013"]  # what the steps that ended used
+
+    code, out, err = run_cli(capsys, "runs", "show", run_id[:8], "--dir", folder)
+    assert code == 0 and err == ""
+    assert out.splitlines()[0].startswith(f"Run {run_id} (name unknown)")
+    assert out.splitlines()[1].startswith("Unfinished: its own span was never written")
+    lines = tree_lines(out)
+    assert lines[1].split()[:3] == ["(unfinished", "run)", "unfinished"]
+    assert [line.split()[1:3] for line in lines[2:]] == [["step", "ask"], ["step", "save"]]
+
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", folder)
+    [listed] = json.loads(out)
+    assert listed["run_id"] == run_id and listed["status"] == "unfinished" and listed["name"] is None
+
+
+def test_an_unfinished_run_that_saved_no_checkpoint_goes_by_its_trace_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def build(tracer: Any) -> None:
+        never_ends = tracer.start_span("invoke_workflow synthetic", attributes=run_attrs("c" * 32))
+        step = {attr.STEP_STATUS: "completed"}
+        with (
+            trace.use_span(never_ends, end_on_exit=False),
+            tracer.start_as_current_span("step one", attributes=step),
+        ):
+            pass
+
+    write_spans(tmp_path, build)
+    [step] = read_spans(tmp_path / "traces")
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0
+    assert out.splitlines()[1].split()[:3] == [step.trace_id[:12], "(unknown)", "unfinished"]
+    code, out, _ = run_cli(capsys, "runs", "show", step.trace_id[:8], "--dir", str(tmp_path))
+    assert code == 0 and tree_lines(out)[2].startswith("└─ step one")
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", str(tmp_path))
+    assert json.loads(out)[0]["run_id"] is None and json.loads(out)[0]["trace_id"] == step.trace_id
+
+
+def test_spans_whose_parent_is_elsewhere_are_no_unfinished_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def parent(is_remote: bool) -> Any:
+        context = SpanContext(0xAB, 0xCD, is_remote=is_remote, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+        return trace.set_span_in_context(NonRecordingSpan(context))
+
+    def build(tracer: Any) -> None:
+        # a run continued from a message: its parent is in the sender's process
+        continued = run_attrs("d" * 32, **{attr.RUN_STATUS: "completed"})
+        with (
+            tracer.start_as_current_span("invoke_workflow continued", parent(True), attributes=continued),
+            tracer.start_as_current_span("step one", attributes={attr.STEP_STATUS: "completed"}),
+        ):
+            pass
+        # another instrumentation's span, under a span that is not in these files
+        with tracer.start_as_current_span("GET /health", parent(False)):
+            pass
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0
+    assert [line.split()[2] for line in out.splitlines()[1:]] == ["completed"]
 
 
 # ---------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _match_run(prefix: str, stored: list[StoredCheckpoint], spans: list[SpanRecord]) -> str:
     """The run id ``prefix`` names, among the runs of the store and those of the traces."""
-    ids = [found.run_id for found in stored] + [run.run_id for run in runs.find_runs(spans)]
+    ids = [found.run_id for found in stored] + [run.run_id for run in runs.find_runs(spans) if run.run_id]
     return str(_call(match_id, prefix, ids, "run", f"no run with id {prefix!r}{runs.RUNS_HINT}"))
 
 

@@ -155,7 +155,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     directory, _ = runs.chosen_directory(args)
     spans = runs.load_spans(directory)
     run = runs.resolve(runs.find_runs(spans), args.run_id)
-    tree = runs.build_tree(spans, run.span)
+    tree = runs.run_tree(spans, run)
     if getattr(args, "json", False):
         _print_json(render.tree_json(tree))
     else:

@@ -22,6 +22,7 @@ _STATUS_COLOR = {
     "error": "red",
     "skipped": "yellow",
     "running": "yellow",
+    "unfinished": "yellow",
 }
 
 
@@ -140,14 +141,15 @@ def _cell_style(column: str, text: str, style: Style) -> str:
 
 
 RUNS_HEADER = ("RUN ID", "NAME", "STATUS", "STARTED", "DURATION", "TOKENS", "COST")
+UNKNOWN_NAME = "(unknown)"  # an unfinished run's: only its span, never written, says it
 
 
 def render_runs(found: Sequence[RunSummary], style: Style, id_width: int = 12) -> list[str]:
     """One line per run, newest first, under a header."""
     rows = [
         (
-            run.run_id[:id_width],
-            run.name,
+            run.ref[:id_width],
+            run.name or UNKNOWN_NAME,
             run.status,
             format_time(run.span.start_ns),
             _duration(run.span),
@@ -162,8 +164,8 @@ def render_runs(found: Sequence[RunSummary], style: Style, id_width: int = 12) -
 def runs_json(found: Sequence[RunSummary]) -> list[dict[str, Any]]:
     return [
         {
-            "run_id": run.run_id,
-            "name": run.name,
+            "run_id": run.run_id or None,
+            "name": run.name or None,
             "status": run.status,
             "started_at": _datetime(run.span.start_ns).isoformat(),
             "duration_s": run.span.duration_s,
@@ -183,11 +185,17 @@ def runs_json(found: Sequence[RunSummary]) -> list[dict[str, Any]]:
 
 def run_heading(run: RunSummary, style: Style) -> list[str]:
     """A line naming the run, when it started, and its trace (to find it in a backend);
-    a second one for a resumed run: where it was resumed from."""
+    a second one for a resumed run: where it was resumed from; for an unfinished one, why
+    it looks the way it does."""
     lines = [
-        f"Run {style.paint(run.run_id, 'cyan')} ({run.name}), "
+        f"Run {style.paint(run.ref, 'cyan')} ({run.name or 'name unknown'}), "
         f"started {format_time(run.span.start_ns)}, trace {run.span.trace_id}"
     ]
+    if run.unfinished:
+        lines.append(
+            f"{style.paint('Unfinished', 'yellow')}: its own span was never written (its process "
+            "ended first, or it is still running); these are the spans that ended inside it."
+        )
     resumed = runs.resumed_from(run.span)
     if resumed is not None:
         original, checkpoint_id = resumed

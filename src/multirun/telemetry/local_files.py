@@ -301,6 +301,7 @@ class SpanRecord:
     attributes: dict[str, Any]
     status_code: int = 0
     status_message: str = ""
+    parent_is_remote: bool | None = None  # None: the file does not say
     events: list[dict[str, Any]] = field(default_factory=list)
     links: list[dict[str, Any]] = field(default_factory=list)
     service_name: str = ""
@@ -416,6 +417,7 @@ def _records(request: dict[str, Any]) -> Iterator[SpanRecord]:
                     attributes=_attributes(span.get("attributes", ())),
                     status_code=int(status.get("code", 0)),
                     status_message=status.get("message", ""),
+                    parent_is_remote=_parent_is_remote(int(span.get("flags", 0))),
                     events=[
                         {"name": e.get("name", ""), "attributes": _attributes(e.get("attributes", ()))}
                         for e in span.get("events", ())
@@ -423,6 +425,14 @@ def _records(request: dict[str, Any]) -> Iterator[SpanRecord]:
                     links=span.get("links", []),
                     service_name=service,
                 )
+
+
+_HAS_IS_REMOTE = 0x100  # SpanFlags: the next bit says whether the parent was remote
+_IS_REMOTE = 0x200
+
+
+def _parent_is_remote(flags: int) -> bool | None:
+    return bool(flags & _IS_REMOTE) if flags & _HAS_IS_REMOTE else None
 
 
 def _attributes(items: Any) -> dict[str, Any]:
