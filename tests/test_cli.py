@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -379,6 +379,32 @@ def test_an_unreadable_file_is_skipped_with_a_warning(
     assert err.splitlines() == [
         f"multirun: warning: skipping unreadable file {tmp_path / 'traces' / 'spans.jsonl'}: Is a directory"
     ]
+
+
+def test_an_unreadable_traces_folder_is_an_error_not_no_runs(
+    demo: DemoRun, tmp_path: Path, capsys: pytest.CaptureFixture[str], unreadable: Callable[[Path], None]
+) -> None:
+    shutil.copytree(demo.directory / "traces", tmp_path / "traces")
+    unreadable(tmp_path / "traces")
+    for argv in (["runs"], ["runs", "--json"], ["runs", "show", demo.run_id]):
+        code, out, err = run_cli(capsys, *argv, "--dir", str(tmp_path))
+        assert code == 1 and out == ""
+        assert err == f"multirun: error: cannot read {tmp_path / 'traces'}: Permission denied\n"
+    with pytest.raises(PermissionError):  # the library call too: its spans are not "none"
+        list(read_spans(tmp_path / "traces"))
+
+
+def test_checkpoints_are_listed_though_the_traces_cannot_be_read(
+    demo: DemoRun, capsys: pytest.CaptureFixture[str], unreadable: Callable[[Path], None]
+) -> None:
+    run_id = demo.run_id
+    unreadable(demo.directory / "traces")
+    code, out, err = run_cli(capsys, "checkpoints", "--dir", str(demo.directory))
+    assert code == 0 and run_id[:12] in out
+    assert err == (
+        f"multirun: warning: cannot read {demo.directory / 'traces'}: Permission denied; "
+        "checkpoints are listed without their names\n"
+    )
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,15 @@ def test_an_age_that_is_no_number_of_days_is_a_usage_error(folder: Path, capsys,
     assert main(["prune", "--older-than", days, "--dir", str(folder)]) == 2
     assert "--older-than" in capsys.readouterr().err
     assert left(folder)[1] == {"old": 2, "mixed": 2, "recent": 1}
+
+
+def test_an_unreadable_traces_folder_is_an_error_not_nothing_to_prune(
+    folder: Path, capsys, unreadable: Callable[[Path], None]
+) -> None:
+    unreadable(folder / "traces")
+    for dry_run in (["--dry-run"], []):
+        assert main(["prune", "--older-than", "7", "--dir", str(folder), *dry_run]) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err == f"multirun: error: prune: cannot read {folder / 'traces'}: Permission denied\n"
+    assert left(folder)[1] == {"old": 2, "mixed": 2, "recent": 1}  # nothing went

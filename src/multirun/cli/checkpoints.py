@@ -139,7 +139,13 @@ def _where(store: CheckpointStore, key: str) -> str:
 def _spans(args: argparse.Namespace) -> list[SpanRecord]:
     """The spans under DIR/traces, if there are any (they name the checkpoints)."""
     directory, _ = runs.chosen_directory(args)
-    return runs.load_spans(directory) if directory.is_dir() else []
+    if not directory.is_dir():
+        return []
+    try:
+        return runs.load_spans(directory)
+    except runs.RunsError as exc:  # the checkpoints are still there to list
+        _logger.warning("%s; checkpoints are listed without their names", exc)
+        return []
 
 
 def _call(function: Any, *args: Any) -> Any:

@@ -131,7 +131,7 @@ def _positive_int(text: str) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     """List runs, newest first."""
     directory, named = runs.chosen_directory(args)
-    if not named and not directory.exists():
+    if not named and not runs.exists(directory):
         found: list[runs.RunSummary] = []
     else:
         found = runs.find_runs(runs.load_spans(directory))

@@ -34,6 +34,7 @@ from multirun.cli.checkpoints import (
     stored_checkpoints,
 )
 from multirun.errors import CheckpointError
+from multirun.telemetry.local_files import span_files
 
 SECONDS_PER_DAY = 86_400
 
@@ -109,9 +110,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _old_trace_files(folder: Path, cutoff: float, pruned: Pruned) -> None:
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.glob("*.jsonl")):
+    try:
+        paths = span_files(folder)
+    except OSError as exc:  # not "nothing to prune"
+        raise CommandError(f"prune: cannot read {folder}: {exc.strerror or exc}") from None
+    for path in paths:
         try:
             stat = path.stat()
         except OSError:

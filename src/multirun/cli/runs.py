@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import stat
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -122,10 +123,22 @@ def chosen_directory(args: argparse.Namespace) -> tuple[Path, bool]:
 
 def check_directory(directory: Path) -> None:
     """RunsError unless ``directory`` exists and is a folder."""
-    if not directory.exists():
-        raise RunsError(f"no such directory: {directory}")
-    if not directory.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(directory.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        raise RunsError(f"no such directory: {directory}") from None
+    except OSError as exc:
+        raise RunsError(f"cannot read {directory}: {exc.strerror or exc}") from None
+    if not is_dir:
         raise RunsError(f"not a directory: {directory}")
+
+
+def exists(path: Path) -> bool:
+    """Whether ``path`` exists; True if that cannot be told (the error is for the reading to say)."""
+    try:
+        return path.exists()
+    except OSError:
+        return True
 
 
 def traces_dir(directory: str | os.PathLike[str]) -> Path:
@@ -136,12 +149,16 @@ def traces_dir(directory: str | os.PathLike[str]) -> Path:
 def load_spans(directory: str | os.PathLike[str]) -> list[SpanRecord]:
     """Every span under ``directory/traces``, each once.
 
-    Raises RunsError if ``directory`` is missing; an unreadable file is skipped
-    with a warning, and a file with damaged lines gets one warning that sums them up.
+    Raises RunsError if ``directory`` is missing, or its span folder cannot be read; an
+    unreadable file is skipped with a warning, and a file with damaged lines gets one warning
+    that sums them up.
     """
     root = Path(directory)
     check_directory(root)
-    return dedupe(read_spans(traces_dir(root)))
+    try:
+        return dedupe(read_spans(traces_dir(root)))
+    except OSError as exc:
+        raise RunsError(f"cannot read {traces_dir(root)}: {exc.strerror or exc}") from None
 
 
 def dedupe(spans: Iterable[SpanRecord]) -> list[SpanRecord]:

@@ -314,15 +314,24 @@ class SpanRecord:
 def read_spans(directory: str | os.PathLike[str]) -> Iterator[SpanRecord]:
     """Every span in the ``.jsonl`` files of ``directory`` (none if there is no such folder).
 
-    An unreadable file is skipped with a warning; a file with damaged lines gets one warning
-    that sums them up, and its other lines are read. A whole request glued to the fragment
-    a killed writer left (as writers before this one did) is read too.
+    OSError if the folder cannot be read (its spans are not "none"). An unreadable file is
+    skipped with a warning; a file with damaged lines gets one warning that sums them up, and
+    its other lines are read. A whole request glued to the fragment a killed writer left (as
+    writers before this one did) is read too.
     """
-    folder = Path(directory)
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.glob("*.jsonl")):
+    for path in span_files(directory):
         yield from _read_span_file(path)
+
+
+def span_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The ``.jsonl`` files of ``directory``, sorted; none if there is no such folder,
+    OSError if it cannot be read."""
+    folder = Path(directory)
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(folder / entry.name for entry in entries if entry.name.endswith(".jsonl"))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 class DamagedLine(ValueError):
