@@ -279,7 +279,7 @@ def test_damaged_lines_are_skipped(demo: DemoRun, tmp_path: Path, capsys: pytest
         (
             '{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "a", "spanId": "b", '
             '"startTimeUnixNano": "soon"}]}]}]}',
-            "not the OTLP JSON layout of spans",
+            "startTimeUnixNano 'soon' is not a whole number",
         ),
         ("[1, 2]", "not a JSON object"),
         ("{not json", "not JSON"),
@@ -294,6 +294,100 @@ def test_a_damaged_line_is_explained_in_words(
     code, _, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
     assert code == 0
     assert err.splitlines() == [f"multirun: warning: skipped 1 damaged line in {damaged} (line 2: {reason})"]
+
+
+def otlp_span(span_id: str, run_id: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A span as a line of a span file holds it."""
+    span: dict[str, Any] = {
+        "traceId": "ab" * 16,
+        "spanId": span_id,
+        "name": "invoke_workflow synthetic",
+        "startTimeUnixNano": "1763888000000000000",
+        "endTimeUnixNano": "1763888001000000000",
+        "attributes": [{"key": attr.RUN_ID, "value": {"stringValue": run_id}}] if run_id else [],
+    }
+    return span | fields
+
+
+def otlp_line(*spans: dict[str, Any]) -> str:
+    return json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": list(spans)}]}]})
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"name": 5}, "name is a number, not text"),
+        ({"name": ["a"]}, "name is a list, not text"),
+        (
+            {"startTimeUnixNano": "99999999999999999999999"},
+            "startTimeUnixNano 99999999999999999999999 is out of range",
+        ),
+        ({"endTimeUnixNano": -1}, "endTimeUnixNano -1 is out of range"),
+        ({"status": {"code": 2, "message": 7}}, "message is a number, not text"),
+        ({"status": {"code": 9}}, "status code 9 is none of 0, 1, 2"),
+        ({"spanId": None}, "missing field spanId"),
+        (
+            {"events": [{"name": "exception", "attributes": [{"key": "x", "value": {"intValue": "many"}}]}]},
+            "attribute x 'many' is not a whole number",
+        ),
+        (
+            {"attributes": [{"key": "b", "value": {"boolValue": "false"}}]},
+            "attribute b is text, not true or false",
+        ),
+    ],
+)
+def test_a_span_of_the_wrong_types_is_skipped_and_the_others_are_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict[str, Any], reason: str
+) -> None:
+    (tmp_path / "traces").mkdir()
+    spans = tmp_path / "traces" / "spans.jsonl"
+    bad = otlp_span("2" * 16, "b" * 32, **fields)
+    spans.write_text(
+        otlp_line(otlp_span("1" * 16, "a" * 32), bad) + "\n" + otlp_line(otlp_span("3" * 16, "c" * 32))
+    )
+    for argv in (["runs"], ["runs", "--json"], ["runs", "show", "aaaa"], ["runs", "show", "aaaa", "--json"]):
+        code, out, err = run_cli(capsys, *argv, "--dir", str(tmp_path))
+        assert code == 0, err
+        assert err.splitlines() == [
+            f"multirun: warning: skipped 1 damaged span in {spans} (line 1: {reason})"
+        ]
+        if argv == ["runs"]:
+            assert [line.split()[0] for line in out.splitlines()[1:]] == ["aaaaaaaaaaaa", "cccccccccccc"]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", 1e300])
+def test_numbers_no_count_can_be_are_left_blank_and_the_json_stays_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: Any
+) -> None:
+    # OTLP JSON has NaN and the infinities for a double attribute: valid spans, no counts
+    odd = [
+        {"key": key, "value": {"doubleValue": value}}
+        for key in (attr.TOKENS_USED, attr.COST_USD, attr.STEP_ATTEMPT, attr.STEPS_USED)
+    ]
+    run = otlp_span("1" * 16, "a" * 32)
+    run["attributes"] += odd
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "traces" / "spans.jsonl").write_text(
+        otlp_line(run, otlp_span("2" * 16, parentSpanId="1" * 16, attributes=odd))
+    )
+
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+    code, out, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0 and err == "" and "aaaaaaaaaaaa" in out
+    code, out, err = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    assert code == 0 and err == ""
+    assert ("total  0 tokens" in out) is isinstance(value, str)
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", str(tmp_path))
+    [listed] = strict(out)
+    if value == 1e300:
+        assert listed["tokens"] == int(1e300) and listed["cost_usd"] == 1e300
+    else:
+        assert listed["tokens"] is None and listed["cost_usd"] is None
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--json", "--dir", str(tmp_path))
+    tree = strict(out)
+    assert tree["attributes"][attr.COST_USD] == (value if isinstance(value, str) else 1e300)
 
 
 def test_a_line_separator_inside_a_string_does_not_split_the_line(

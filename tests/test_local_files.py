@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -137,4 +138,43 @@ def test_a_request_glued_to_a_fragment_by_an_older_writer_is_read(
         assert [s.name for s in read_spans(tmp_path)] == ["second"]
     assert [r.getMessage() for r in caplog.records] == [
         f"skipped 1 damaged line in {path} (line 1: cut short; the request written after it was read)"
+    ]
+
+
+# ---------------------------------------------------------------------------
+# reading what other writers, or damage, left
+
+
+def span_json(span_id: str, **fields: Any) -> dict[str, Any]:
+    return {"traceId": "ab" * 16, "spanId": span_id, "name": f"span {span_id}"} | fields
+
+
+def request_line(*spans: dict[str, Any]) -> str:
+    return json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": list(spans)}]}]})
+
+
+def test_null_is_a_fields_default_as_in_protobufs_json(tmp_path: Path) -> None:
+    nulls = {"name": None, "parentSpanId": None, "status": None, "attributes": None, "events": None}
+    (tmp_path / "spans.jsonl").write_text(request_line(span_json("1" * 16, **nulls)) + "\n")
+    [span] = read_spans(tmp_path)
+    assert (span.name, span.parent_span_id, span.status_code, span.attributes, span.events) == (
+        "",
+        "",
+        0,
+        {},
+        [],
+    )
+
+
+def test_damaged_lines_and_spans_of_a_file_are_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spans.jsonl"
+    good, bad = span_json("1" * 16), span_json("2" * 16, startTimeUnixNano="yesterday")
+    path.write_text("\n".join([request_line(good, bad, bad), "{not json", request_line(bad)]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert [s.span_id for s in read_spans(tmp_path)] == ["1" * 16]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 2 damaged lines and 2 damaged spans in {path} "
+        "(first at line 1: startTimeUnixNano 'yesterday' is not a whole number)"
     ]

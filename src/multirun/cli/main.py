@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -294,7 +295,19 @@ def _print_lines(lines: Sequence[str]) -> None:
 
 
 def _print_json(data: object) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(json.dumps(_json_safe(data), indent=2, default=str, allow_nan=False))
+
+
+def _json_safe(data: Any) -> Any:
+    """``data`` with NaN and the infinities as OTLP JSON writes them ("NaN", "Infinity",
+    "-Infinity"): JSON has no such numbers, and strict parsers refuse Python's."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return "NaN" if math.isnan(data) else ("Infinity" if data > 0 else "-Infinity")
+    if isinstance(data, dict):
+        return {key: _json_safe(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_json_safe(value) for value in data]
+    return data
 
 
 def _error(message: str) -> None:

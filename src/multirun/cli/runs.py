@@ -14,6 +14,7 @@ saved under, if they say so, else the trace id.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import stat
@@ -416,12 +417,19 @@ def steps(span: SpanRecord) -> int | None:
 
 
 def _int(value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return int(value)
+    number = _number(value)
+    return None if number is None else int(number)
 
 
 def _float(value: object) -> float | None:
+    number = _number(value)
+    return None if number is None else float(number)
+
+
+def _number(value: object) -> int | float | None:
+    """``value`` if it is a number (NaN and the infinities are none), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
