@@ -501,6 +501,22 @@ def test_checkpoints_are_listed_though_the_traces_cannot_be_read(
     )
 
 
+def test_runs_into_a_pipe_closed_early_is_no_error(
+    demo: DemoRun, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class ReaderLeaves(io.StringIO):  # `multirun runs show ID | head -1`
+        def write(self, text: str) -> int:
+            if "\n" in self.getvalue():
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+    pipe = ReaderLeaves()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    assert main(["runs", "show", demo.run_id, "--dir", str(demo.directory)]) == 0
+    assert pipe.getvalue().startswith(f"Run {demo.run_id}")
+    assert capsys.readouterr().err == ""
+
+
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(capsys, "runs", "--limit", "0")
     assert code == 2

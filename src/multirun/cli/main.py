@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
@@ -54,16 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     _log_warnings_to_stderr()
-    try:
-        return handler(args)
-    except (RunsError, checkpoints.CommandError, MultiRunError) as exc:
-        _error(str(exc))
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # e.g. `multirun runs | head`
-        _silence_stdout()
-        return 0
+    with _ReaderMayLeave.on_stdout():
+        try:
+            return handler(args)
+        except (RunsError, checkpoints.CommandError, MultiRunError) as exc:
+            _error(str(exc))
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:  # another pipe than stdout: what the command would say is lost
+            _silence_stdout()
+            return 141  # as a shell reports a command that SIGPIPE ended
 
 
 # ---------------------------------------------------------------------------
@@ -326,6 +328,60 @@ def _log_warnings_to_stderr() -> None:
     logger = logging.getLogger("multirun")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         logger.addHandler(_StderrHandler(logging.WARNING))
+
+
+class _ReaderMayLeave(io.TextIOBase):
+    """The command's stdout: once its reader is gone (``multirun checkpoints verify | head -1``),
+    the rest of the output goes nowhere and the command carries on, so that its exit status
+    is still its own (a corrupt checkpoint past the first line still fails the command)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self.gone = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def on_stdout(cls) -> Iterator[None]:
+        """``sys.stdout`` guarded for the duration of the block, flushed at its end."""
+        original = sys.stdout
+        guard = cls(original)
+        sys.stdout = guarded = cast(TextIO, guard)
+        try:
+            yield
+        finally:
+            guard.flush()  # now, not at exit, where Python would complain of the closed pipe
+            if sys.stdout is guarded:
+                sys.stdout = original
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._reader_left()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._reader_left()
+
+    def isatty(self) -> bool:
+        return not self.gone and self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.stream.encoding
+
+    def _reader_left(self) -> None:
+        self.gone = True
+        _silence_stdout()  # what is left in the buffer goes to /dev/null at exit
 
 
 def _silence_stdout() -> None:
