@@ -921,6 +921,25 @@ def test_console_script_demo_sends_to_a_collector(tmp_path: Path) -> None:
     assert not (tmp_path / "traces").exists()  # the collector got them, not files
 
 
+def test_demo_with_an_unreachable_collector_says_so_in_one_line_and_no_more(tmp_path: Path) -> None:
+    src = Path(client_module.__file__).parents[1]  # the package under test, in a fresh process
+    command = "import sys; from multirun.cli import main; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", command, "demo", "--dir", str(tmp_path), "--endpoint", "http://127.0.0.1:9"],
+        env=_clean_env(PYTHONPATH=str(src), OTEL_EXPORTER_OTLP_TIMEOUT="2"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    # the summary and the hint: no retry warnings of the span or the metric exporter after it
+    assert done.stderr.splitlines() == [
+        "multirun: error: could not send the spans to http://127.0.0.1:9: "
+        "Failed to export spans batch due to timeout, max retries or shutdown.",
+        "Is a collector listening there? Without an endpoint the demo writes files.",
+    ]
+
+
 @pytest.mark.skipif(MULTIRUN is None, reason="the multirun console script is not installed")
 def test_console_script_demo_says_when_the_collector_is_unreachable(tmp_path: Path) -> None:
     assert MULTIRUN is not None

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
@@ -28,6 +29,7 @@ from typing import Any, TextIO, cast
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from multirun import __version__
+from multirun import client as client_module
 from multirun.cli import checkpoints, prune, render, runs
 from multirun.cli.runs import RunsError
 from multirun.client import DEFAULT_DIR, MultiRunClient
@@ -232,12 +234,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise RunsError(f"the demo run failed: {type(exc).__name__}: {exc}") from None
         finally:
-            client.force_flush()
+            _send_now(client, metrics=endpoint is not None)
             recorder.active = False
     print("Ran the demo crew offline: a fake model, real model names and prices.")
     if endpoint:
         return _show_sent(recorder, result.run_id, endpoint, errors.messages)
     return _show_written(directory, result.run_id)
+
+
+def _send_now(client: MultiRunClient, metrics: bool) -> None:
+    """Export the spans, and with an endpoint the metrics, while export errors are watched.
+
+    The metrics would otherwise go at exit, their exporter's retry warnings after the
+    command's one-line summary. The two exports retry side by side, so an unreachable
+    collector costs the retries of one.
+    """
+    provider = client_module._owned_meter_provider if metrics else None
+    shutdown = getattr(provider, "shutdown", None)  # the provider multirun made for the endpoint
+    sending = (
+        threading.Thread(target=shutdown, name="multirun-demo-metrics", daemon=True) if shutdown else None
+    )
+    if sending is not None:
+        sending.start()  # a final export, and no second one at exit
+    client.force_flush()
+    if sending is not None:
+        sending.join()
 
 
 def _show_written(directory: Path, run_id: str) -> int:
@@ -273,7 +294,8 @@ def _show_sent(recorder: _Recorder, run_id: str, endpoint: str, errors: list[str
         _print_run(found[0], runs.build_tree(records, found[0].span))
         print()
     if errors:
-        _error(f"could not send the spans to {endpoint}: {errors[-1]}")
+        first = next((e for e in errors if "span" in e), errors[0])  # the metrics may fail as well
+        _error(f"could not send the spans to {endpoint}: {first}")
         print("Is a collector listening there? Without an endpoint the demo writes files.", file=sys.stderr)
         return 1
     print(f"Sent:        run {run_id} to {endpoint} (OTLP/HTTP, service.name multirun-demo)")
