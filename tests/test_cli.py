@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -188,6 +189,19 @@ def test_demo_writes_a_checkpoint_and_records_its_budget(demo: DemoRun) -> None:
     assert str(checkpoints[0]) in demo.output
     assert demo.run_span.attributes[attr.BUDGET_PREFIX + "max_cost_usd"] == 0.5
     assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 multirun demo" in demo.output
+
+
+def test_the_again_hint_works_when_pasted_into_a_shell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "my runs; $(rm -rf ~)"
+    code, out, _ = run_cli(capsys, "demo", "--dir", str(directory))
+    assert code == 0
+    [hint] = [line.removeprefix("Again:").strip() for line in out.splitlines() if line.startswith("Again:")]
+    words = shlex.split(hint)
+    assert words[:3] == ["multirun", "runs", "show"] and words[4:] == ["--dir", str(directory)]
+    code, out, _ = run_cli(capsys, *words[1:])
+    assert code == 0 and out.startswith(f"Run {words[3]}")
 
 
 def test_demo_refuses_a_file_as_its_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
