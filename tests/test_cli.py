@@ -736,6 +736,42 @@ def test_show_of_a_resumed_run_says_from_where(tmp_path: Path, capsys: pytest.Ca
 
 
 # ---------------------------------------------------------------------------
+# names and messages as the table shows them
+
+
+def test_control_characters_are_escaped_not_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span(
+            "invoke_workflow nightly\nreport",
+            attributes=run_attrs("a" * 32, **{attr.GEN_AI_WORKFLOW_NAME: "nightly\nreport"}),
+        ):
+            step = {attr.STEP_STATUS: "failed", attr.ERROR_TYPE: "RuntimeError"}
+            with tracer.start_as_current_span("step fetch\tpage\u202e", attributes=step) as span:
+                span.set_status(Status(StatusCode.ERROR, "RuntimeError: bad \x1b[31mred\x1b[0m\x07 thing"))
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0
+    _, row = out.splitlines()  # one line for the run
+    assert row.split()[:2] == ["aaaaaaaaaaaa", "nightly\\nreport"]
+
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    assert code == 0
+    assert "\x1b" not in out and "\x07" not in out and "\t" not in out and "\u202e" not in out
+    assert out.splitlines()[0].startswith("Run " + "a" * 32 + " (nightly\\nreport)")
+    header, root, step = tree_lines(out)
+    assert root.startswith("invoke_workflow nightly\\nreport ")
+    assert step.startswith("└─ step fetch\\tpage\\u202e ")
+    assert step.endswith("error: RuntimeError: bad \\x1b[31mred\\x1b[0m\\x07 thing")
+    assert step.index("failed") == header.index("STATUS")
+
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--json", "--dir", str(tmp_path))
+    assert json.loads(out)["name"] == "invoke_workflow nightly\nreport"  # JSON keeps them as they are
+
+
+# ---------------------------------------------------------------------------
 # unfinished runs: the run span was never written
 
 CRASHING_PROGRAM = """

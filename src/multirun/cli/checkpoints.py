@@ -232,7 +232,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("trace", restored.trace.get("trace_id", "(unknown)")),
     ]
     for label, value in lines:
-        print(f"{label:<11} {value}")
+        print(f"{label:<11} {render.printable(value)}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -99,14 +100,44 @@ def _duration(span: SpanRecord) -> str:
 
 
 # ---------------------------------------------------------------------------
+# text from the spans, made safe to print
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\t``, ``\\x1b``, ...).
+
+    A name or an error message may hold any of them: raw, a newline or a tab breaks a
+    table's rows, and an escape sequence reaches the terminal as a command. Direction
+    overrides and lone surrogates are escaped too (terminals break no line at U+2028).
+    """
+    if text.isprintable():
+        return text
+    return "".join(_escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if unicodedata.category(char) in ("Cc", "Cs") or char in _BIDI_CONTROLS:
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return char
+
+
+# ---------------------------------------------------------------------------
 # tables
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int], style: Style) -> list[str]:
     """Aligned columns (two spaces apart); ``right`` holds the indexes of right-aligned ones.
 
-    Colour is applied after padding, so escape codes never break the alignment.
+    Control characters in cells are escaped. Colour is applied after padding, so escape
+    codes never break the alignment.
     """
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [_join(header, widths, right, lambda i, text: style.paint(text, "bold"))]
     for row in rows:
@@ -188,8 +219,8 @@ def run_heading(run: RunSummary, style: Style) -> list[str]:
     a second one for a resumed run: where it was resumed from; for an unfinished one, why
     it looks the way it does."""
     lines = [
-        f"Run {style.paint(run.ref, 'cyan')} ({run.name or 'name unknown'}), "
-        f"started {format_time(run.span.start_ns)}, trace {run.span.trace_id}"
+        f"Run {style.paint(printable(run.ref), 'cyan')} ({printable(run.name) or 'name unknown'}), "
+        f"started {format_time(run.span.start_ns)}, trace {printable(run.span.trace_id)}"
     ]
     if run.unfinished:
         lines.append(
@@ -199,7 +230,9 @@ def run_heading(run: RunSummary, style: Style) -> list[str]:
     resumed = runs.resumed_from(run.span)
     if resumed is not None:
         original, checkpoint_id = resumed
-        lines.append(f"Resumed from checkpoint {checkpoint_id or '(unknown)'} of run {original}")
+        lines.append(
+            f"Resumed from checkpoint {printable(checkpoint_id) or '(unknown)'} of run {printable(original)}"
+        )
     return lines
 
 
@@ -295,7 +328,7 @@ def totals_line(root: Node, style: Style) -> str:
     line = style.paint("total", "bold") + "  " + "  ·  ".join(parts)
     resumed = runs.resumed_from(span)
     if resumed is not None:
-        line += f"  (includes the spend carried over from run {resumed[0][:12]})"
+        line += f"  (includes the spend carried over from run {printable(resumed[0][:12])})"
     return line
 
 
