@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -769,6 +770,45 @@ def test_control_characters_are_escaped_not_printed(
 
     code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--json", "--dir", str(tmp_path))
     assert json.loads(out)["name"] == "invoke_workflow nightly\nreport"  # JSON keeps them as they are
+
+
+def column_at(line: str, text: str) -> int:
+    """The terminal column where ``text`` starts on ``line`` (a CJK character takes two)."""
+    before = line[: line.index(text)]
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in before
+    )
+
+
+def test_wide_characters_keep_the_columns_aligned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    names = {"a": "日本語の実行 🚀", "b": "ascii_run", "c": "cafe\u0301"}  # wide, narrow, a combining mark
+
+    def build(tracer: Any) -> None:
+        for letter, name in names.items():
+            attributes = run_attrs(
+                letter * 32, **{attr.GEN_AI_WORKFLOW_NAME: name, attr.RUN_STATUS: "completed"}
+            )
+            with (
+                tracer.start_as_current_span(f"invoke_workflow {name}", attributes=attributes),
+                tracer.start_as_current_span("step 要約する", attributes={attr.STEP_STATUS: "completed"}),
+            ):
+                pass
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert len(rows) == 3
+    for row in rows:
+        assert column_at(row, "completed") == column_at(header, "STATUS"), row
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    header, root, step = tree_lines(out)
+    for line in (root, step):
+        assert column_at(line, "completed") == column_at(header, "STATUS"), line
+
+
+def test_display_width() -> None:
+    assert [render.display_width(t) for t in ("abc", "日本", "🚀", "e\u0301", "a\u200db")] == [3, 4, 2, 1, 2]
 
 
 # ---------------------------------------------------------------------------

@@ -127,6 +127,26 @@ def _escaped(char: str) -> str:
     return char
 
 
+def display_width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: two for a wide (CJK, emoji) character,
+    none for a combining mark or a zero-width one, one for the others."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(char) for char in text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _pad(text: str, width: int, right: bool = False) -> str:
+    """``text`` padded with spaces to ``width`` columns (as ljust and rjust do by characters)."""
+    fill = " " * max(width - display_width(text), 0)
+    return fill + text if right else text + fill
+
+
 # ---------------------------------------------------------------------------
 # tables
 
@@ -134,11 +154,12 @@ def _escaped(char: str) -> str:
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int], style: Style) -> list[str]:
     """Aligned columns (two spaces apart); ``right`` holds the indexes of right-aligned ones.
 
-    Control characters in cells are escaped. Colour is applied after padding, so escape
+    Control characters in cells are escaped, and cells are padded by the columns they take
+    on a terminal (a CJK character takes two). Colour is applied after padding, so escape
     codes never break the alignment.
     """
     rows = [[printable(cell) for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    widths = [max(display_width(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [_join(header, widths, right, lambda i, text: style.paint(text, "bold"))]
     for row in rows:
         lines.append(_join(row, widths, right, lambda i, text: _cell_style(header[i], text, style)))
@@ -150,9 +171,9 @@ def _join(row: Sequence[str], widths: list[int], right: set[int], paint: Callabl
     last = len(row) - 1
     for i, text in enumerate(row):
         if i in right:
-            text = text.rjust(widths[i])
+            text = _pad(text, widths[i], right=True)
         elif i < last:  # the last column is not padded: no trailing blanks
-            text = text.ljust(widths[i])
+            text = _pad(text, widths[i])
         cells.append(paint(i, text))
     return "  ".join(cells).rstrip()
 
