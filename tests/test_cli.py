@@ -811,6 +811,39 @@ def test_display_width() -> None:
     assert [render.display_width(t) for t in ("abc", "日本", "🚀", "e\u0301", "a\u200db")] == [3, 4, 2, 1, 2]
 
 
+def test_a_very_long_name_is_cut_short_in_the_table_and_kept_whole_in_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_name = "n" * 255 + "Z"  # the longest name @run takes
+
+    def build(tracer: Any) -> None:
+        for letter, name in (("a", long_name), ("b", "short")):
+            attributes = run_attrs(letter * 32, **{attr.GEN_AI_WORKFLOW_NAME: name})
+            with tracer.start_as_current_span(f"invoke_workflow {name}", attributes=attributes):
+                pass
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) < 130  # not 330: the other rows stay as they were
+    [cut] = [line.split()[1] for line in lines if line.startswith("aaaa")]
+    assert cut == "n" * (render.MAX_CELL_WIDTH - 1) + "…"
+
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    assert f"({long_name})" in out.splitlines()[0]  # the heading names it whole
+    assert tree_lines(out)[1].startswith("invoke_workflow " + "n" * (render.MAX_CELL_WIDTH - 17) + "… ")
+
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", str(tmp_path))
+    assert {run["name"] for run in json.loads(out)} == {long_name, "short"}
+
+
+def test_shorten_counts_columns() -> None:
+    assert render.shorten("abcdef", 6) == "abcdef"
+    assert render.shorten("abcdef", 4) == "abc…"
+    assert render.shorten("日本語の実行", 6) == "日本…"  # 2 + 2 + 1 columns; a third would make 7
+
+
 # ---------------------------------------------------------------------------
 # unfinished runs: the run span was never written
 

@@ -141,6 +141,19 @@ def _char_width(char: str) -> int:
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
+def shorten(text: str, width: int) -> str:
+    """``text`` if it takes at most ``width`` columns, else its start and an ellipsis that do."""
+    if display_width(text) <= width:
+        return text
+    kept, used = [], 1  # the ellipsis takes one
+    for char in text:
+        used += _char_width(char)
+        if used > width:
+            break
+        kept.append(char)
+    return "".join(kept) + "…"
+
+
 def _pad(text: str, width: int, right: bool = False) -> str:
     """``text`` padded with spaces to ``width`` columns (as ljust and rjust do by characters)."""
     fill = " " * max(width - display_width(text), 0)
@@ -151,14 +164,25 @@ def _pad(text: str, width: int, right: bool = False) -> str:
 # tables
 
 
+MAX_CELL_WIDTH = 48
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int], style: Style) -> list[str]:
     """Aligned columns (two spaces apart); ``right`` holds the indexes of right-aligned ones.
 
     Control characters in cells are escaped, and cells are padded by the columns they take
-    on a terminal (a CJK character takes two). Colour is applied after padding, so escape
-    codes never break the alignment.
+    on a terminal (a CJK character takes two). A cell of a padded column (all but the last)
+    longer than ``MAX_CELL_WIDTH`` is cut short with an ellipsis: one long name would widen
+    every line. Colour is applied after padding, so escape codes never break the alignment.
     """
-    rows = [[printable(cell) for cell in row] for row in rows]
+    last = len(header) - 1
+    rows = [
+        [
+            printable(cell) if i == last else shorten(printable(cell), MAX_CELL_WIDTH)
+            for i, cell in enumerate(row)
+        ]
+        for row in rows
+    ]
     widths = [max(display_width(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [_join(header, widths, right, lambda i, text: style.paint(text, "bold"))]
     for row in rows:
