@@ -165,17 +165,17 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def utf8_text(text: str) -> str:
     """``text`` itself if UTF-8 can encode it, else with each lone surrogate escaped:
     ``\\xff`` for a byte ``os.fsdecode`` could not decode, ``\\ud800`` for any other."""
-    if text.isascii():
-        return text
+    return text if _is_utf8(text) else _SURROGATE.sub(_escape_surrogate, text)
+
+
+def _is_utf8(text: str | None) -> bool:
+    if text is None or text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return _SURROGATE.sub(_escape_surrogate, text)
-    return text
-
-
-def _needs_cleaning(text: str | None) -> bool:
-    return text is not None and utf8_text(text) is not text
+        return False
+    return True
 
 
 def _escape_surrogate(match: re.Match[str]) -> str:
@@ -185,36 +185,30 @@ def _escape_surrogate(match: re.Match[str]) -> str:
     return f"\\u{code:04x}"
 
 
+def _value_is_utf8(value: Any) -> bool:
+    if isinstance(value, str):
+        return _is_utf8(value)
+    if isinstance(value, (tuple, list)):
+        return all(_value_is_utf8(v) for v in value)
+    return True
+
+
+def _attributes_are_utf8(attributes: Any) -> bool:
+    return not attributes or all(_is_utf8(k) and _value_is_utf8(v) for k, v in attributes.items())
+
+
 def _clean_value(value: Any) -> Any:
     if isinstance(value, str):
         return utf8_text(value)
     if isinstance(value, (tuple, list)):
-        cleaned = [_clean_value(v) for v in value]
-        return tuple(cleaned) if any(c is not v for c, v in zip(cleaned, value, strict=True)) else value
+        return tuple(_clean_value(v) for v in value)
     return value
 
 
 def _clean_attributes(attributes: Any) -> Any:
-    """The same mapping if all its text is UTF-8, else a cleaned copy."""
-    if not attributes:
+    if _attributes_are_utf8(attributes):
         return attributes
-    cleaned = {utf8_text(k) if isinstance(k, str) else k: _clean_value(v) for k, v in attributes.items()}
-    same = all(a is b for a, b in zip(cleaned, attributes, strict=True)) and all(
-        cleaned[k] is v for k, v in zip(cleaned, attributes.values(), strict=True)
-    )
-    return attributes if same else cleaned
-
-
-def _clean_event(event: Event) -> Event:
-    name, attributes = utf8_text(event.name), _clean_attributes(event.attributes)
-    if name is event.name and attributes is event.attributes:
-        return event
-    return Event(name, attributes, event.timestamp)
-
-
-def _clean_link(link: Link) -> Link:
-    attributes = _clean_attributes(link.attributes)
-    return link if attributes is link.attributes else Link(link.context, attributes)
+    return {utf8_text(k): _clean_value(v) for k, v in attributes.items()}
 
 
 class _CleanedSpan(ReadableSpan):
@@ -237,46 +231,46 @@ class _CleanedSpan(ReadableSpan):
         return self._dropped[2]
 
 
+def _span_is_utf8(span: ReadableSpan) -> bool:
+    scope = span.instrumentation_scope
+    return (
+        _is_utf8(span.name)
+        and _is_utf8(span.status.description)
+        and _attributes_are_utf8(span.attributes)
+        and all(_is_utf8(e.name) and _attributes_are_utf8(e.attributes) for e in span.events)
+        and all(_attributes_are_utf8(link.attributes) for link in span.links)
+        and _attributes_are_utf8(span.resource.attributes)
+        and (scope is None or (_is_utf8(scope.name) and _is_utf8(scope.version)))
+    )
+
+
 def utf8_safe_span(span: ReadableSpan) -> ReadableSpan:
     """``span`` itself if all its text is UTF-8 (the usual case), else a copy whose text is.
 
     The OTLP encoder fails on the whole batch for one such string in a name or status
     message, and drops an attribute holding one with a logged traceback.
     """
-    name = utf8_text(span.name)
-    attributes = _clean_attributes(span.attributes)
+    if _span_is_utf8(span):
+        return span
     status = span.status
-    if _needs_cleaning(status.description):
+    if not _is_utf8(status.description):
         status = Status(status.status_code, utf8_text(status.description or ""))
-    events = [_clean_event(e) for e in span.events]
-    links = [_clean_link(link) for link in span.links]
     resource = span.resource
-    if _clean_attributes(resource.attributes) is not resource.attributes:
+    if not _attributes_are_utf8(resource.attributes):
         resource = Resource(_clean_attributes(resource.attributes), resource.schema_url)
     scope = span.instrumentation_scope
-    if scope is not None and (_needs_cleaning(scope.name) or _needs_cleaning(scope.version)):
+    if scope is not None and not (_is_utf8(scope.name) and _is_utf8(scope.version)):
         version = scope.version and utf8_text(scope.version)
         scope = InstrumentationScope(utf8_text(scope.name), version, scope.schema_url)
-    unchanged = (
-        name is span.name
-        and attributes is span.attributes
-        and status is span.status
-        and all(a is b for a, b in zip(events, span.events, strict=True))
-        and all(a is b for a, b in zip(links, span.links, strict=True))
-        and resource is span.resource
-        and scope is span.instrumentation_scope
-    )
-    if unchanged:
-        return span
     return _CleanedSpan(
         span,
-        name=name,
+        name=utf8_text(span.name),
         context=span.context,
         parent=span.parent,
         resource=resource,
-        attributes=attributes,
-        events=events,
-        links=links,
+        attributes=_clean_attributes(span.attributes),
+        events=[Event(utf8_text(e.name), _clean_attributes(e.attributes), e.timestamp) for e in span.events],
+        links=[Link(link.context, _clean_attributes(link.attributes)) for link in span.links],
         kind=span.kind,
         status=status,
         start_time=span.start_time,
