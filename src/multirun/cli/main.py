@@ -368,6 +368,9 @@ class _ReaderMayLeave(io.TextIOBase):
     def on_stdout(cls) -> Iterator[None]:
         """``sys.stdout`` guarded for the duration of the block, flushed at its end."""
         original = sys.stdout
+        if original is None:  # no stdout at all (pythonw): print() writes nothing already
+            yield
+            return
         guard = cls(original)
         sys.stdout = guarded = cast(TextIO, guard)
         try:
