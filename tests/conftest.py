@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import errno
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -107,3 +111,25 @@ def global_otel(monkeypatch) -> Iterator[None]:  # type: ignore[no-untyped-def]
     owned = client_module._owned_provider
     if owned is not None:
         owned.shutdown()
+
+
+@pytest.fixture
+def unreadable(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], None]]:
+    """``unreadable(folder)``: mode 000, its listing refused as it is to a user who is not its
+    owner (root reads it anyway, so ``os.scandir`` refuses it here too); restored afterwards."""
+    folders: list[Path] = []
+    scandir = os.scandir
+
+    def refusing(path: Any = ".") -> Any:
+        if not isinstance(path, int) and os.path.realpath(path) in map(os.path.realpath, folders):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return scandir(path)
+
+    def make(folder: Path) -> None:
+        folders.append(folder)
+        folder.chmod(0)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    yield make
+    for folder in folders:
+        folder.chmod(0o755)

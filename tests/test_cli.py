@@ -8,20 +8,23 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import unicodedata
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
 from multirun import client as client_module
 from multirun.cli import main, render, runs
@@ -189,6 +192,19 @@ def test_demo_writes_a_checkpoint_and_records_its_budget(demo: DemoRun) -> None:
     assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 multirun demo" in demo.output
 
 
+def test_the_again_hint_works_when_pasted_into_a_shell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "my runs; $(rm -rf ~)"
+    code, out, _ = run_cli(capsys, "demo", "--dir", str(directory))
+    assert code == 0
+    [hint] = [line.removeprefix("Again:").strip() for line in out.splitlines() if line.startswith("Again:")]
+    words = shlex.split(hint)
+    assert words[:3] == ["multirun", "runs", "show"] and words[4:] == ["--dir", str(directory)]
+    code, out, _ = run_cli(capsys, *words[1:])
+    assert code == 0 and out.startswith(f"Run {words[3]}")
+
+
 def test_demo_refuses_a_file_as_its_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "a-file"
     path.write_text("")
@@ -278,7 +294,7 @@ def test_damaged_lines_are_skipped(demo: DemoRun, tmp_path: Path, capsys: pytest
         (
             '{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "a", "spanId": "b", '
             '"startTimeUnixNano": "soon"}]}]}]}',
-            "not the OTLP JSON layout of spans",
+            "startTimeUnixNano 'soon' is not a whole number",
         ),
         ("[1, 2]", "not a JSON object"),
         ("{not json", "not JSON"),
@@ -293,6 +309,100 @@ def test_a_damaged_line_is_explained_in_words(
     code, _, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
     assert code == 0
     assert err.splitlines() == [f"multirun: warning: skipped 1 damaged line in {damaged} (line 2: {reason})"]
+
+
+def otlp_span(span_id: str, run_id: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A span as a line of a span file holds it."""
+    span: dict[str, Any] = {
+        "traceId": "ab" * 16,
+        "spanId": span_id,
+        "name": "invoke_workflow synthetic",
+        "startTimeUnixNano": "1763888000000000000",
+        "endTimeUnixNano": "1763888001000000000",
+        "attributes": [{"key": attr.RUN_ID, "value": {"stringValue": run_id}}] if run_id else [],
+    }
+    return span | fields
+
+
+def otlp_line(*spans: dict[str, Any]) -> str:
+    return json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": list(spans)}]}]})
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"name": 5}, "name is a number, not text"),
+        ({"name": ["a"]}, "name is a list, not text"),
+        (
+            {"startTimeUnixNano": "99999999999999999999999"},
+            "startTimeUnixNano 99999999999999999999999 is out of range",
+        ),
+        ({"endTimeUnixNano": -1}, "endTimeUnixNano -1 is out of range"),
+        ({"status": {"code": 2, "message": 7}}, "message is a number, not text"),
+        ({"status": {"code": 9}}, "status code 9 is none of 0, 1, 2"),
+        ({"spanId": None}, "missing field spanId"),
+        (
+            {"events": [{"name": "exception", "attributes": [{"key": "x", "value": {"intValue": "many"}}]}]},
+            "attribute x 'many' is not a whole number",
+        ),
+        (
+            {"attributes": [{"key": "b", "value": {"boolValue": "false"}}]},
+            "attribute b is text, not true or false",
+        ),
+    ],
+)
+def test_a_span_of_the_wrong_types_is_skipped_and_the_others_are_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict[str, Any], reason: str
+) -> None:
+    (tmp_path / "traces").mkdir()
+    spans = tmp_path / "traces" / "spans.jsonl"
+    bad = otlp_span("2" * 16, "b" * 32, **fields)
+    spans.write_text(
+        otlp_line(otlp_span("1" * 16, "a" * 32), bad) + "\n" + otlp_line(otlp_span("3" * 16, "c" * 32))
+    )
+    for argv in (["runs"], ["runs", "--json"], ["runs", "show", "aaaa"], ["runs", "show", "aaaa", "--json"]):
+        code, out, err = run_cli(capsys, *argv, "--dir", str(tmp_path))
+        assert code == 0, err
+        assert err.splitlines() == [
+            f"multirun: warning: skipped 1 damaged span in {spans} (line 1: {reason})"
+        ]
+        if argv == ["runs"]:
+            assert [line.split()[0] for line in out.splitlines()[1:]] == ["aaaaaaaaaaaa", "cccccccccccc"]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", 1e300])
+def test_numbers_no_count_can_be_are_left_blank_and_the_json_stays_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: Any
+) -> None:
+    # OTLP JSON has NaN and the infinities for a double attribute: valid spans, no counts
+    odd = [
+        {"key": key, "value": {"doubleValue": value}}
+        for key in (attr.TOKENS_USED, attr.COST_USD, attr.STEP_ATTEMPT, attr.STEPS_USED)
+    ]
+    run = otlp_span("1" * 16, "a" * 32)
+    run["attributes"] += odd
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "traces" / "spans.jsonl").write_text(
+        otlp_line(run, otlp_span("2" * 16, parentSpanId="1" * 16, attributes=odd))
+    )
+
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+    code, out, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0 and err == "" and "aaaaaaaaaaaa" in out
+    code, out, err = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    assert code == 0 and err == ""
+    assert ("total  0 tokens" in out) is isinstance(value, str)
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", str(tmp_path))
+    [listed] = strict(out)
+    if value == 1e300:
+        assert listed["tokens"] == int(1e300) and listed["cost_usd"] == 1e300
+    else:
+        assert listed["tokens"] is None and listed["cost_usd"] is None
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--json", "--dir", str(tmp_path))
+    tree = strict(out)
+    assert tree["attributes"][attr.COST_USD] == (value if isinstance(value, str) else 1e300)
 
 
 def test_a_line_separator_inside_a_string_does_not_split_the_line(
@@ -378,6 +488,48 @@ def test_an_unreadable_file_is_skipped_with_a_warning(
     assert err.splitlines() == [
         f"multirun: warning: skipping unreadable file {tmp_path / 'traces' / 'spans.jsonl'}: Is a directory"
     ]
+
+
+def test_an_unreadable_traces_folder_is_an_error_not_no_runs(
+    demo: DemoRun, tmp_path: Path, capsys: pytest.CaptureFixture[str], unreadable: Callable[[Path], None]
+) -> None:
+    shutil.copytree(demo.directory / "traces", tmp_path / "traces")
+    unreadable(tmp_path / "traces")
+    for argv in (["runs"], ["runs", "--json"], ["runs", "show", demo.run_id]):
+        code, out, err = run_cli(capsys, *argv, "--dir", str(tmp_path))
+        assert code == 1 and out == ""
+        assert err == f"multirun: error: cannot read {tmp_path / 'traces'}: Permission denied\n"
+    with pytest.raises(PermissionError):  # the library call too: its spans are not "none"
+        list(read_spans(tmp_path / "traces"))
+
+
+def test_checkpoints_are_listed_though_the_traces_cannot_be_read(
+    demo: DemoRun, capsys: pytest.CaptureFixture[str], unreadable: Callable[[Path], None]
+) -> None:
+    run_id = demo.run_id
+    unreadable(demo.directory / "traces")
+    code, out, err = run_cli(capsys, "checkpoints", "--dir", str(demo.directory))
+    assert code == 0 and run_id[:12] in out
+    assert err == (
+        f"multirun: warning: cannot read {demo.directory / 'traces'}: Permission denied; "
+        "checkpoints are listed without their names\n"
+    )
+
+
+def test_runs_into_a_pipe_closed_early_is_no_error(
+    demo: DemoRun, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class ReaderLeaves(io.StringIO):  # `multirun runs show ID | head -1`
+        def write(self, text: str) -> int:
+            if "\n" in self.getvalue():
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+    pipe = ReaderLeaves()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    assert main(["runs", "show", demo.run_id, "--dir", str(demo.directory)]) == 0
+    assert pipe.getvalue().startswith(f"Run {demo.run_id}")
+    assert capsys.readouterr().err == ""
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -585,6 +737,225 @@ def test_show_of_a_resumed_run_says_from_where(tmp_path: Path, capsys: pytest.Ca
 
 
 # ---------------------------------------------------------------------------
+# names and messages as the table shows them
+
+
+def test_control_characters_are_escaped_not_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span(
+            "invoke_workflow nightly\nreport",
+            attributes=run_attrs("a" * 32, **{attr.GEN_AI_WORKFLOW_NAME: "nightly\nreport"}),
+        ):
+            step = {attr.STEP_STATUS: "failed", attr.ERROR_TYPE: "RuntimeError"}
+            with tracer.start_as_current_span("step fetch\tpage\u202e", attributes=step) as span:
+                span.set_status(Status(StatusCode.ERROR, "RuntimeError: bad \x1b[31mred\x1b[0m\x07 thing"))
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0
+    _, row = out.splitlines()  # one line for the run
+    assert row.split()[:2] == ["aaaaaaaaaaaa", "nightly\\nreport"]
+
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    assert code == 0
+    assert "\x1b" not in out and "\x07" not in out and "\t" not in out and "\u202e" not in out
+    assert out.splitlines()[0].startswith("Run " + "a" * 32 + " (nightly\\nreport)")
+    header, root, step = tree_lines(out)
+    assert root.startswith("invoke_workflow nightly\\nreport ")
+    assert step.startswith("└─ step fetch\\tpage\\u202e ")
+    assert step.endswith("error: RuntimeError: bad \\x1b[31mred\\x1b[0m\\x07 thing")
+    assert step.index("failed") == header.index("STATUS")
+
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--json", "--dir", str(tmp_path))
+    assert json.loads(out)["name"] == "invoke_workflow nightly\nreport"  # JSON keeps them as they are
+
+
+def column_at(line: str, text: str) -> int:
+    """The terminal column where ``text`` starts on ``line`` (a CJK character takes two)."""
+    before = line[: line.index(text)]
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in before
+    )
+
+
+def test_wide_characters_keep_the_columns_aligned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    names = {"a": "日本語の実行 🚀", "b": "ascii_run", "c": "cafe\u0301"}  # wide, narrow, a combining mark
+
+    def build(tracer: Any) -> None:
+        for letter, name in names.items():
+            attributes = run_attrs(
+                letter * 32, **{attr.GEN_AI_WORKFLOW_NAME: name, attr.RUN_STATUS: "completed"}
+            )
+            with (
+                tracer.start_as_current_span(f"invoke_workflow {name}", attributes=attributes),
+                tracer.start_as_current_span("step 要約する", attributes={attr.STEP_STATUS: "completed"}),
+            ):
+                pass
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert len(rows) == 3
+    for row in rows:
+        assert column_at(row, "completed") == column_at(header, "STATUS"), row
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    header, root, step = tree_lines(out)
+    for line in (root, step):
+        assert column_at(line, "completed") == column_at(header, "STATUS"), line
+
+
+def test_display_width() -> None:
+    assert [render.display_width(t) for t in ("abc", "日本", "🚀", "e\u0301", "a\u200db")] == [3, 4, 2, 1, 2]
+
+
+def test_a_very_long_name_is_cut_short_in_the_table_and_kept_whole_in_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_name = "n" * 255 + "Z"  # the longest name @run takes
+
+    def build(tracer: Any) -> None:
+        for letter, name in (("a", long_name), ("b", "short")):
+            attributes = run_attrs(letter * 32, **{attr.GEN_AI_WORKFLOW_NAME: name})
+            with tracer.start_as_current_span(f"invoke_workflow {name}", attributes=attributes):
+                pass
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) < 130  # not 330: the other rows stay as they were
+    [cut] = [line.split()[1] for line in lines if line.startswith("aaaa")]
+    assert cut == "n" * (render.MAX_CELL_WIDTH - 1) + "…"
+
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    assert f"({long_name})" in out.splitlines()[0]  # the heading names it whole
+    assert tree_lines(out)[1].startswith("invoke_workflow " + "n" * (render.MAX_CELL_WIDTH - 17) + "… ")
+
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", str(tmp_path))
+    assert {run["name"] for run in json.loads(out)} == {long_name, "short"}
+
+
+def test_shorten_counts_columns() -> None:
+    assert render.shorten("abcdef", 6) == "abcdef"
+    assert render.shorten("abcdef", 4) == "abc…"
+    assert render.shorten("日本語の実行", 6) == "日本…"  # 2 + 2 + 1 columns; a third would make 7
+
+
+# ---------------------------------------------------------------------------
+# unfinished runs: the run span was never written
+
+CRASHING_PROGRAM = """
+import os, multirun
+from multirun import agent, run, step
+multirun.init_local()
+
+@step
+def ask():
+    multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=20)
+
+@step(checkpoint=True)
+def save():
+    pass
+
+@agent(name="worker")
+def worker():
+    ask()
+    save()
+    multirun.get_client().force_flush()
+    os._exit(1)  # killed before the agent and the run end
+
+@run(name="crashy")
+def crashy():
+    worker()
+
+crashy()
+"""
+
+
+def test_a_run_whose_process_died_is_listed_as_unfinished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = Path(client_module.__file__).parents[1]  # the package under test, not another install
+    env = _clean_env(PYTHONPATH=str(src))
+    done = subprocess.run(
+        [sys.executable, "-c", CRASHING_PROGRAM], cwd=tmp_path, env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    [run_dir] = (tmp_path / ".multirun" / "blobs" / "checkpoints").iterdir()
+    run_id = run_dir.name  # the run id its checkpoint was saved under
+    folder = str(tmp_path / ".multirun")
+
+    code, out, err = run_cli(capsys, "runs", "--dir", folder)
+    assert code == 0 and err == ""
+    _, row = out.splitlines()
+    assert row.split()[:3] == [run_id[:12], "(unknown)", "unfinished"]
+    assert row.split()[-2:] == ["30", "$0.000013"]  # what the steps that ended used
+
+    code, out, err = run_cli(capsys, "runs", "show", run_id[:8], "--dir", folder)
+    assert code == 0 and err == ""
+    assert out.splitlines()[0].startswith(f"Run {run_id} (name unknown)")
+    assert out.splitlines()[1].startswith("Unfinished: its own span was never written")
+    lines = tree_lines(out)
+    assert lines[1].split()[:3] == ["(unfinished", "run)", "unfinished"]
+    assert [line.split()[1:3] for line in lines[2:]] == [["step", "ask"], ["step", "save"]]
+
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", folder)
+    [listed] = json.loads(out)
+    assert listed["run_id"] == run_id and listed["status"] == "unfinished" and listed["name"] is None
+
+
+def test_an_unfinished_run_that_saved_no_checkpoint_goes_by_its_trace_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def build(tracer: Any) -> None:
+        never_ends = tracer.start_span("invoke_workflow synthetic", attributes=run_attrs("c" * 32))
+        step = {attr.STEP_STATUS: "completed"}
+        with (
+            trace.use_span(never_ends, end_on_exit=False),
+            tracer.start_as_current_span("step one", attributes=step),
+        ):
+            pass
+
+    write_spans(tmp_path, build)
+    [step] = read_spans(tmp_path / "traces")
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0
+    assert out.splitlines()[1].split()[:3] == [step.trace_id[:12], "(unknown)", "unfinished"]
+    code, out, _ = run_cli(capsys, "runs", "show", step.trace_id[:8], "--dir", str(tmp_path))
+    assert code == 0 and tree_lines(out)[2].startswith("└─ step one")
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", str(tmp_path))
+    assert json.loads(out)[0]["run_id"] is None and json.loads(out)[0]["trace_id"] == step.trace_id
+
+
+def test_spans_whose_parent_is_elsewhere_are_no_unfinished_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def parent(is_remote: bool) -> Any:
+        context = SpanContext(0xAB, 0xCD, is_remote=is_remote, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+        return trace.set_span_in_context(NonRecordingSpan(context))
+
+    def build(tracer: Any) -> None:
+        # a run continued from a message: its parent is in the sender's process
+        continued = run_attrs("d" * 32, **{attr.RUN_STATUS: "completed"})
+        with (
+            tracer.start_as_current_span("invoke_workflow continued", parent(True), attributes=continued),
+            tracer.start_as_current_span("step one", attributes={attr.STEP_STATUS: "completed"}),
+        ):
+            pass
+        # another instrumentation's span, under a span that is not in these files
+        with tracer.start_as_current_span("GET /health", parent(False)):
+            pass
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0
+    assert [line.split()[2] for line in out.splitlines()[1:]] == ["completed"]
+
+
+# ---------------------------------------------------------------------------
 # colours
 
 
@@ -671,6 +1042,25 @@ def test_console_script_demo_sends_to_a_collector(tmp_path: Path) -> None:
     assert "invoke_workflow research_crew" in done.stdout
     assert f"to {url}" in done.stdout
     assert not (tmp_path / "traces").exists()  # the collector got them, not files
+
+
+def test_demo_with_an_unreachable_collector_says_so_in_one_line_and_no_more(tmp_path: Path) -> None:
+    src = Path(client_module.__file__).parents[1]  # the package under test, in a fresh process
+    command = "import sys; from multirun.cli import main; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", command, "demo", "--dir", str(tmp_path), "--endpoint", "http://127.0.0.1:9"],
+        env=_clean_env(PYTHONPATH=str(src), OTEL_EXPORTER_OTLP_TIMEOUT="2"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    # the summary and the hint: no retry warnings of the span or the metric exporter after it
+    assert done.stderr.splitlines() == [
+        "multirun: error: could not send the spans to http://127.0.0.1:9: "
+        "Failed to export spans batch due to timeout, max retries or shutdown.",
+        "Is a collector listening there? Without an endpoint the demo writes files.",
+    ]
 
 
 @pytest.mark.skipif(MULTIRUN is None, reason="the multirun console script is not installed")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +83,29 @@ def test_verify_reports_a_damaged_checkpoint(store_dir, capsys) -> None:
     code, out, _ = run_cli(capsys, "checkpoints", "verify", "--dir", str(store_dir))
     assert code == 1
     assert "FAILED" in out and out.splitlines()[-1] == "1 ok, 1 failed"
+
+
+class ReaderLeaves(io.StringIO):
+    """stdout piped to a reader that leaves after the first line (``| head -1``)."""
+
+    def write(self, text: str) -> int:
+        if "\n" in self.getvalue():
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+        return super().write(text)
+
+
+@pytest.mark.parametrize("damaged", [True, False])
+def test_verify_into_a_pipe_closed_early_still_fails_for_a_damaged_checkpoint(
+    store_dir, capsys, monkeypatch, damaged: bool
+) -> None:
+    if damaged:
+        blob = sorted((store_dir / "blobs").rglob("*.ckpt"))[-1]  # verified after the first line
+        blob.write_bytes(blob.read_bytes()[:-5])
+    pipe = ReaderLeaves()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    assert main(["checkpoints", "verify", "--dir", str(store_dir)]) == (1 if damaged else 0)
+    assert pipe.getvalue().startswith("ok ") and pipe.getvalue().count("\n") == 1
+    assert capsys.readouterr().err == ""
 
 
 def test_show_of_an_unknown_checkpoint_is_one_line_and_exit_1(store_dir, capsys) -> None:

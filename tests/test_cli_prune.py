@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,36 @@ def test_an_age_that_is_no_number_of_days_is_a_usage_error(folder: Path, capsys,
     assert main(["prune", "--older-than", days, "--dir", str(folder)]) == 2
     assert "--older-than" in capsys.readouterr().err
     assert left(folder)[1] == {"old": 2, "mixed": 2, "recent": 1}
+
+
+def test_an_unreadable_traces_folder_is_an_error_not_nothing_to_prune(
+    folder: Path, capsys, unreadable: Callable[[Path], None]
+) -> None:
+    unreadable(folder / "traces")
+    for dry_run in (["--dry-run"], []):
+        assert main(["prune", "--older-than", "7", "--dir", str(folder), *dry_run]) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err == f"multirun: error: prune: cannot read {folder / 'traces'}: Permission denied\n"
+    assert left(folder)[1] == {"old": 2, "mixed": 2, "recent": 1}  # nothing went
+
+
+@pytest.mark.parametrize("days", ["1e308", "1000001"])
+def test_an_age_beyond_any_file_is_a_usage_error_not_a_traceback(folder: Path, capsys, days: str) -> None:
+    assert main(["prune", "--older-than", days, "--dir", str(folder), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"--older-than: must be at most 1,000,000 days, got '{days}'" in err
+    assert "Traceback" not in err
+
+
+def test_a_folder_named_like_a_trace_file_is_left_alone(folder: Path, capsys) -> None:
+    archive = folder / "traces" / "archive.jsonl"
+    archive.mkdir()
+    (archive / "kept.txt").write_text("not a trace file")
+    long_ago = time.time() - 30 * 86_400
+    os.utime(archive, (long_ago, long_ago))
+    assert main(["prune", "--older-than", "7", "--dir", str(folder), "--dry-run"]) == 0
+    assert str(archive) not in capsys.readouterr().out
+    assert main(["prune", "--older-than", "7", "--dir", str(folder)]) == 0
+    assert capsys.readouterr().out.startswith("Removed 1 trace file (21 bytes)")
+    assert left(folder)[0] == ["2026-11-22-200.jsonl", "archive.jsonl"]

@@ -139,7 +139,13 @@ def _where(store: CheckpointStore, key: str) -> str:
 def _spans(args: argparse.Namespace) -> list[SpanRecord]:
     """The spans under DIR/traces, if there are any (they name the checkpoints)."""
     directory, _ = runs.chosen_directory(args)
-    return runs.load_spans(directory) if directory.is_dir() else []
+    if not directory.is_dir():
+        return []
+    try:
+        return runs.load_spans(directory)
+    except runs.RunsError as exc:  # the checkpoints are still there to list
+        _logger.warning("%s; checkpoints are listed without their names", exc)
+        return []
 
 
 def _call(function: Any, *args: Any) -> Any:
@@ -184,7 +190,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _match_run(prefix: str, stored: list[StoredCheckpoint], spans: list[SpanRecord]) -> str:
     """The run id ``prefix`` names, among the runs of the store and those of the traces."""
-    ids = [found.run_id for found in stored] + [run.run_id for run in runs.find_runs(spans)]
+    ids = [found.run_id for found in stored] + [run.run_id for run in runs.find_runs(spans) if run.run_id]
     return str(_call(match_id, prefix, ids, "run", f"no run with id {prefix!r}{runs.RUNS_HINT}"))
 
 
@@ -226,7 +232,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("trace", restored.trace.get("trace_id", "(unknown)")),
     ]
     for label, value in lines:
-        print(f"{label:<11} {value}")
+        print(f"{label:<11} {render.printable(value)}")
     return 0
 
 

@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
+import math
 import os
+import shlex
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from multirun import __version__
+from multirun import client as client_module
 from multirun.cli import checkpoints, prune, render, runs
 from multirun.cli.runs import RunsError
 from multirun.client import DEFAULT_DIR, MultiRunClient
@@ -53,16 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     _log_warnings_to_stderr()
-    try:
-        return handler(args)
-    except (RunsError, checkpoints.CommandError, MultiRunError) as exc:
-        _error(str(exc))
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # e.g. `multirun runs | head`
-        _silence_stdout()
-        return 0
+    with _ReaderMayLeave.on_stdout():
+        try:
+            return handler(args)
+        except (RunsError, checkpoints.CommandError, MultiRunError) as exc:
+            _error(str(exc))
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:  # another pipe than stdout: what the command would say is lost
+            _silence_stdout()
+            return 141  # as a shell reports a command that SIGPIPE ended
 
 
 # ---------------------------------------------------------------------------
@@ -131,7 +137,7 @@ def _positive_int(text: str) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     """List runs, newest first."""
     directory, named = runs.chosen_directory(args)
-    if not named and not directory.exists():
+    if not named and not runs.exists(directory):
         found: list[runs.RunSummary] = []
     else:
         found = runs.find_runs(runs.load_spans(directory))
@@ -155,7 +161,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     directory, _ = runs.chosen_directory(args)
     spans = runs.load_spans(directory)
     run = runs.resolve(runs.find_runs(spans), args.run_id)
-    tree = runs.build_tree(spans, run.span)
+    tree = runs.run_tree(spans, run)
     if getattr(args, "json", False):
         _print_json(render.tree_json(tree))
     else:
@@ -229,12 +235,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise RunsError(f"the demo run failed: {type(exc).__name__}: {exc}") from None
         finally:
-            client.force_flush()
+            _send_now(client, metrics=endpoint is not None)
             recorder.active = False
     print("Ran the demo crew offline: a fake model, real model names and prices.")
     if endpoint:
         return _show_sent(recorder, result.run_id, endpoint, errors.messages)
     return _show_written(directory, result.run_id)
+
+
+def _send_now(client: MultiRunClient, metrics: bool) -> None:
+    """Export the spans, and with an endpoint the metrics, while export errors are watched.
+
+    The metrics would otherwise go at exit, their exporter's retry warnings after the
+    command's one-line summary. The two exports retry side by side, so an unreachable
+    collector costs the retries of one.
+    """
+    provider = client_module._owned_meter_provider if metrics else None
+    shutdown = getattr(provider, "shutdown", None)  # the provider multirun made for the endpoint
+    sending = (
+        threading.Thread(target=shutdown, name="multirun-demo-metrics", daemon=True) if shutdown else None
+    )
+    if sending is not None:
+        sending.start()  # a final export, and no second one at exit
+    client.force_flush()
+    if sending is not None:
+        sending.join()
 
 
 def _show_written(directory: Path, run_id: str) -> int:
@@ -248,7 +273,7 @@ def _show_written(directory: Path, run_id: str) -> int:
     print(f"Traces:      {runs.traces_dir(directory)}/*.jsonl (OTLP JSON, one request per line)")
     for path in sorted((directory / "blobs" / "checkpoints" / run_id).glob("*.ckpt")):
         print(f"Checkpoint:  {path}")
-    dir_option = "" if str(directory) == DEFAULT_DIR else f" --dir {directory}"
+    dir_option = "" if str(directory) == DEFAULT_DIR else f" --dir {shlex.quote(str(directory))}"
     print(f"Again:       multirun runs show {run_id[:12]}{dir_option}")
     print(f"Collector:   {COLLECTOR_HINT}")
     print(f"The code:    {_demo_source()}")
@@ -270,7 +295,8 @@ def _show_sent(recorder: _Recorder, run_id: str, endpoint: str, errors: list[str
         _print_run(found[0], runs.build_tree(records, found[0].span))
         print()
     if errors:
-        _error(f"could not send the spans to {endpoint}: {errors[-1]}")
+        first = next((e for e in errors if "span" in e), errors[0])  # the metrics may fail as well
+        _error(f"could not send the spans to {endpoint}: {first}")
         print("Is a collector listening there? Without an endpoint the demo writes files.", file=sys.stderr)
         return 1
     print(f"Sent:        run {run_id} to {endpoint} (OTLP/HTTP, service.name multirun-demo)")
@@ -294,7 +320,19 @@ def _print_lines(lines: Sequence[str]) -> None:
 
 
 def _print_json(data: object) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(json.dumps(_json_safe(data), indent=2, default=str, allow_nan=False))
+
+
+def _json_safe(data: Any) -> Any:
+    """``data`` with NaN and the infinities as OTLP JSON writes them ("NaN", "Infinity",
+    "-Infinity"): JSON has no such numbers, and strict parsers refuse Python's."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return "NaN" if math.isnan(data) else ("Infinity" if data > 0 else "-Infinity")
+    if isinstance(data, dict):
+        return {key: _json_safe(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_json_safe(value) for value in data]
+    return data
 
 
 def _error(message: str) -> None:
@@ -313,6 +351,63 @@ def _log_warnings_to_stderr() -> None:
     logger = logging.getLogger("multirun")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         logger.addHandler(_StderrHandler(logging.WARNING))
+
+
+class _ReaderMayLeave(io.TextIOBase):
+    """The command's stdout: once its reader is gone (``multirun checkpoints verify | head -1``),
+    the rest of the output goes nowhere and the command carries on, so that its exit status
+    is still its own (a corrupt checkpoint past the first line still fails the command)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self.gone = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def on_stdout(cls) -> Iterator[None]:
+        """``sys.stdout`` guarded for the duration of the block, flushed at its end."""
+        original = sys.stdout
+        if original is None:  # no stdout at all (pythonw): print() writes nothing already
+            yield
+            return
+        guard = cls(original)
+        sys.stdout = guarded = cast(TextIO, guard)
+        try:
+            yield
+        finally:
+            guard.flush()  # now, not at exit, where Python would complain of the closed pipe
+            if sys.stdout is guarded:
+                sys.stdout = original
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._reader_left()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._reader_left()
+
+    def isatty(self) -> bool:
+        return not self.gone and self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.stream.encoding
+
+    def _reader_left(self) -> None:
+        self.gone = True
+        _silence_stdout()  # what is left in the buffer goes to /dev/null at exit
 
 
 def _silence_stdout() -> None:

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from multirun.checkpoints.exporters import FileBlobExporter
@@ -34,6 +35,7 @@ from multirun.cli.checkpoints import (
     stored_checkpoints,
 )
 from multirun.errors import CheckpointError
+from multirun.telemetry.local_files import span_files
 
 SECONDS_PER_DAY = 86_400
 
@@ -59,6 +61,9 @@ def add_command(commands: Any, add_dir: Any) -> None:
     prune.set_defaults(handler=cmd_prune)
 
 
+MAX_DAYS = 1_000_000  # some 2,700 years: older than any file
+
+
 def _days(text: str) -> float:
     try:
         days = float(text)
@@ -66,6 +71,8 @@ def _days(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
     if not math.isfinite(days) or days < 0:
         raise argparse.ArgumentTypeError(f"must be a number of days >= 0, got {text!r}")
+    if days > MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_DAYS:,} days, got {text!r}")
     return days
 
 
@@ -109,13 +116,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _old_trace_files(folder: Path, cutoff: float, pruned: Pruned) -> None:
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.glob("*.jsonl")):
+    try:
+        paths = span_files(folder)
+    except OSError as exc:  # not "nothing to prune"
+        raise CommandError(f"prune: cannot read {folder}: {exc.strerror or exc}") from None
+    for path in paths:
         try:
             stat = path.stat()
         except OSError:
             continue  # gone meanwhile
+        if not S_ISREG(stat.st_mode):
+            continue  # a folder named *.jsonl is no trace file
         if stat.st_mtime < cutoff:
             pruned.trace_files.append(path)
             pruned.trace_bytes += stat.st_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ _STATUS_COLOR = {
     "error": "red",
     "skipped": "yellow",
     "running": "yellow",
+    "unfinished": "yellow",
 }
 
 
@@ -98,15 +100,90 @@ def _duration(span: SpanRecord) -> str:
 
 
 # ---------------------------------------------------------------------------
+# text from the spans, made safe to print
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\t``, ``\\x1b``, ...).
+
+    A name or an error message may hold any of them: raw, a newline or a tab breaks a
+    table's rows, and an escape sequence reaches the terminal as a command. Direction
+    overrides and lone surrogates are escaped too (terminals break no line at U+2028).
+    """
+    if text.isprintable():
+        return text
+    return "".join(_escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if unicodedata.category(char) in ("Cc", "Cs") or char in _BIDI_CONTROLS:
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return char
+
+
+def display_width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: two for a wide (CJK, emoji) character,
+    none for a combining mark or a zero-width one, one for the others."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(char) for char in text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` if it takes at most ``width`` columns, else its start and an ellipsis that do."""
+    if display_width(text) <= width:
+        return text
+    kept, used = [], 1  # the ellipsis takes one
+    for char in text:
+        used += _char_width(char)
+        if used > width:
+            break
+        kept.append(char)
+    return "".join(kept) + "…"
+
+
+def _pad(text: str, width: int, right: bool = False) -> str:
+    """``text`` padded with spaces to ``width`` columns (as ljust and rjust do by characters)."""
+    fill = " " * max(width - display_width(text), 0)
+    return fill + text if right else text + fill
+
+
+# ---------------------------------------------------------------------------
 # tables
+
+
+MAX_CELL_WIDTH = 48
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int], style: Style) -> list[str]:
     """Aligned columns (two spaces apart); ``right`` holds the indexes of right-aligned ones.
 
-    Colour is applied after padding, so escape codes never break the alignment.
+    Control characters in cells are escaped, and cells are padded by the columns they take
+    on a terminal (a CJK character takes two). A cell of a padded column (all but the last)
+    longer than ``MAX_CELL_WIDTH`` is cut short with an ellipsis: one long name would widen
+    every line. Colour is applied after padding, so escape codes never break the alignment.
     """
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    last = len(header) - 1
+    rows = [
+        [
+            printable(cell) if i == last else shorten(printable(cell), MAX_CELL_WIDTH)
+            for i, cell in enumerate(row)
+        ]
+        for row in rows
+    ]
+    widths = [max(display_width(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [_join(header, widths, right, lambda i, text: style.paint(text, "bold"))]
     for row in rows:
         lines.append(_join(row, widths, right, lambda i, text: _cell_style(header[i], text, style)))
@@ -118,9 +195,9 @@ def _join(row: Sequence[str], widths: list[int], right: set[int], paint: Callabl
     last = len(row) - 1
     for i, text in enumerate(row):
         if i in right:
-            text = text.rjust(widths[i])
+            text = _pad(text, widths[i], right=True)
         elif i < last:  # the last column is not padded: no trailing blanks
-            text = text.ljust(widths[i])
+            text = _pad(text, widths[i])
         cells.append(paint(i, text))
     return "  ".join(cells).rstrip()
 
@@ -140,14 +217,15 @@ def _cell_style(column: str, text: str, style: Style) -> str:
 
 
 RUNS_HEADER = ("RUN ID", "NAME", "STATUS", "STARTED", "DURATION", "TOKENS", "COST")
+UNKNOWN_NAME = "(unknown)"  # an unfinished run's: only its span, never written, says it
 
 
 def render_runs(found: Sequence[RunSummary], style: Style, id_width: int = 12) -> list[str]:
     """One line per run, newest first, under a header."""
     rows = [
         (
-            run.run_id[:id_width],
-            run.name,
+            run.ref[:id_width],
+            run.name or UNKNOWN_NAME,
             run.status,
             format_time(run.span.start_ns),
             _duration(run.span),
@@ -162,8 +240,8 @@ def render_runs(found: Sequence[RunSummary], style: Style, id_width: int = 12) -
 def runs_json(found: Sequence[RunSummary]) -> list[dict[str, Any]]:
     return [
         {
-            "run_id": run.run_id,
-            "name": run.name,
+            "run_id": run.run_id or None,
+            "name": run.name or None,
             "status": run.status,
             "started_at": _datetime(run.span.start_ns).isoformat(),
             "duration_s": run.span.duration_s,
@@ -183,15 +261,23 @@ def runs_json(found: Sequence[RunSummary]) -> list[dict[str, Any]]:
 
 def run_heading(run: RunSummary, style: Style) -> list[str]:
     """A line naming the run, when it started, and its trace (to find it in a backend);
-    a second one for a resumed run: where it was resumed from."""
+    a second one for a resumed run: where it was resumed from; for an unfinished one, why
+    it looks the way it does."""
     lines = [
-        f"Run {style.paint(run.run_id, 'cyan')} ({run.name}), "
-        f"started {format_time(run.span.start_ns)}, trace {run.span.trace_id}"
+        f"Run {style.paint(printable(run.ref), 'cyan')} ({printable(run.name) or 'name unknown'}), "
+        f"started {format_time(run.span.start_ns)}, trace {printable(run.span.trace_id)}"
     ]
+    if run.unfinished:
+        lines.append(
+            f"{style.paint('Unfinished', 'yellow')}: its own span was never written (its process "
+            "ended first, or it is still running); these are the spans that ended inside it."
+        )
     resumed = runs.resumed_from(run.span)
     if resumed is not None:
         original, checkpoint_id = resumed
-        lines.append(f"Resumed from checkpoint {checkpoint_id or '(unknown)'} of run {original}")
+        lines.append(
+            f"Resumed from checkpoint {printable(checkpoint_id) or '(unknown)'} of run {printable(original)}"
+        )
     return lines
 
 
@@ -287,7 +373,7 @@ def totals_line(root: Node, style: Style) -> str:
     line = style.paint("total", "bold") + "  " + "  ·  ".join(parts)
     resumed = runs.resumed_from(span)
     if resumed is not None:
-        line += f"  (includes the spend carried over from run {resumed[0][:12]})"
+        line += f"  (includes the spend carried over from run {printable(resumed[0][:12])})"
     return line
 
 

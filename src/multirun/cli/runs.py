@@ -3,14 +3,23 @@
 A run is a span with a ``multirun.run.id`` attribute. Its tree is every span
 of its trace that descends from it: agents, steps, and the spans of other
 instrumentations inside them.
+
+A run's span is written when the run ends. Until then (or for ever, if its
+process died) only the spans that ended inside it are there, children of a
+span that was never written. Those of one trace, if multirun wrote any of
+them, make one *unfinished* run: its id is the run id its checkpoints were
+saved under, if they say so, else the trace id.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
+import stat
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,18 +37,40 @@ class RunsError(Exception):
     """A problem the command reports in one line (bad folder, unknown id, ...)."""
 
 
+UNFINISHED = "unfinished"
+
+
 @dataclass
 class RunSummary:
-    """One run, as the ``runs`` table shows it."""
+    """One run, as the ``runs`` table shows it.
+
+    For an unfinished run, ``span`` stands in for the run span that was never written
+    (no span id; its times, tokens and cost are those of the spans below it that were)
+    and ``tops`` holds those spans whose parent was never written.
+    """
 
     span: SpanRecord
+    tops: list[SpanRecord] | None = None
+
+    @property
+    def unfinished(self) -> bool:
+        return self.tops is not None
 
     @property
     def run_id(self) -> str:
+        """The run id ("" for an unfinished run whose checkpoints do not say it)."""
         return str(self.span.attributes.get(attr.RUN_ID, ""))
 
     @property
+    def ref(self) -> str:
+        """What ``runs show`` takes: the run id, else (an unfinished run) the trace id."""
+        return self.run_id or self.span.trace_id
+
+    @property
     def name(self) -> str:
+        """The run's name ("" for an unfinished run: only its span says it)."""
+        if self.unfinished:
+            return ""
         name = self.span.attributes.get(attr.GEN_AI_WORKFLOW_NAME)
         return str(name) if name else self.span.name
 
@@ -93,10 +124,22 @@ def chosen_directory(args: argparse.Namespace) -> tuple[Path, bool]:
 
 def check_directory(directory: Path) -> None:
     """RunsError unless ``directory`` exists and is a folder."""
-    if not directory.exists():
-        raise RunsError(f"no such directory: {directory}")
-    if not directory.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(directory.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        raise RunsError(f"no such directory: {directory}") from None
+    except OSError as exc:
+        raise RunsError(f"cannot read {directory}: {exc.strerror or exc}") from None
+    if not is_dir:
         raise RunsError(f"not a directory: {directory}")
+
+
+def exists(path: Path) -> bool:
+    """Whether ``path`` exists; True if that cannot be told (the error is for the reading to say)."""
+    try:
+        return path.exists()
+    except OSError:
+        return True
 
 
 def traces_dir(directory: str | os.PathLike[str]) -> Path:
@@ -107,12 +150,16 @@ def traces_dir(directory: str | os.PathLike[str]) -> Path:
 def load_spans(directory: str | os.PathLike[str]) -> list[SpanRecord]:
     """Every span under ``directory/traces``, each once.
 
-    Raises RunsError if ``directory`` is missing; an unreadable file is skipped
-    with a warning, and a file with damaged lines gets one warning that sums them up.
+    Raises RunsError if ``directory`` is missing, or its span folder cannot be read; an
+    unreadable file is skipped with a warning, and a file with damaged lines gets one warning
+    that sums them up.
     """
     root = Path(directory)
     check_directory(root)
-    return dedupe(read_spans(traces_dir(root)))
+    try:
+        return dedupe(read_spans(traces_dir(root)))
+    except OSError as exc:
+        raise RunsError(f"cannot read {traces_dir(root)}: {exc.strerror or exc}") from None
 
 
 def dedupe(spans: Iterable[SpanRecord]) -> list[SpanRecord]:
@@ -141,6 +188,7 @@ def record_from_span(span: ReadableSpan) -> SpanRecord:
         attributes=dict(span.attributes or {}),
         status_code=span.status.status_code.value,
         status_message=span.status.description or "",
+        parent_is_remote=span.parent.is_remote if span.parent else None,
         events=[{"name": e.name, "attributes": dict(e.attributes or {})} for e in span.events],
     )
 
@@ -150,31 +198,123 @@ def record_from_span(span: ReadableSpan) -> SpanRecord:
 
 
 def find_runs(spans: Iterable[SpanRecord]) -> list[RunSummary]:
-    """The runs among ``spans``, newest first."""
+    """The runs among ``spans``, unfinished ones included, newest first."""
+    spans = list(spans)
     runs = [RunSummary(s) for s in spans if s.attributes.get(attr.RUN_ID)]
+    runs += unfinished_runs(spans, {r.run_id for r in runs})
     runs.sort(key=lambda r: r.span.start_ns, reverse=True)
     return runs
+
+
+def unfinished_runs(spans: Sequence[SpanRecord], known_ids: Collection[str] = ()) -> list[RunSummary]:
+    """The unfinished runs among ``spans``: per trace, the spans whose parent, a span of the same
+    process, was never written, when multirun wrote at least one of them or of the spans below.
+
+    A span whose parent is in another process (a run continued from a message) is no orphan;
+    neither is a run span whose file does not say where its parent was.
+    """
+    by_trace: dict[str, dict[str, SpanRecord]] = defaultdict(dict)
+    for span in spans:
+        by_trace[span.trace_id].setdefault(span.span_id, span)
+    found = []
+    for trace_id, members in by_trace.items():
+        tops = [s for s in members.values() if _parent_never_written(s, members)]
+        if not tops:
+            continue
+        children: dict[str, list[SpanRecord]] = defaultdict(list)
+        for span in members.values():
+            children[span.parent_span_id].append(span)
+        below = [node.span for top in tops for node in _subtree(top, children, set()).walk()]
+        if not any(key.startswith("multirun.") for span in below for key in span.attributes):
+            continue  # another instrumentation's spans
+        found.append(RunSummary(_stand_in(trace_id, tops, below, known_ids), tops))
+    return found
+
+
+def _parent_never_written(span: SpanRecord, members: dict[str, SpanRecord]) -> bool:
+    if not span.parent_span_id or span.parent_span_id in members:
+        return False
+    if span.parent_is_remote is None:  # the file does not say where the parent was
+        return not span.attributes.get(attr.RUN_ID)  # a run's may well be in another process
+    return not span.parent_is_remote
+
+
+_CHECKPOINT_KEY = re.compile(r"checkpoints/([^/]+)/([^/]+)\.ckpt\Z")
+
+
+def _stand_in(
+    trace_id: str, tops: list[SpanRecord], below: list[SpanRecord], known_ids: Collection[str]
+) -> SpanRecord:
+    """A span in place of the run span that was never written."""
+    run_ids = set()
+    for span in below:
+        for event in span.events:
+            said = event.get("attributes", {})
+            key = _CHECKPOINT_KEY.search(str(said.get(attr.CHECKPOINT_URI, "")))
+            if (
+                event.get("name") == attr.EVENT_CHECKPOINT
+                and key
+                and key.group(2) == said.get(attr.CHECKPOINT_ID)
+            ):
+                run_ids.add(key.group(1))  # saved under checkpoints/<run id>/<checkpoint id>.ckpt
+    attributes: dict[str, Any] = {attr.RUN_STATUS: UNFINISHED}
+    if len(run_ids) == 1 and run_ids.isdisjoint(known_ids):
+        attributes[attr.RUN_ID] = run_ids.pop()
+    counted = [n for n in (tokens(top) for top in tops) if n is not None]
+    if counted:
+        attributes[attr.TOKENS_USED] = sum(counted)
+    costs = [c for c in (cost_usd(top) for top in tops) if c is not None]
+    if costs:
+        attributes[attr.COST_USD] = sum(costs)
+    if any(unpriced(top) for top in tops):
+        attributes[attr.UNPRICED] = True
+    return SpanRecord(
+        name="(unfinished run)",
+        trace_id=trace_id,
+        span_id="",
+        parent_span_id="",
+        start_ns=min(s.start_ns for s in below),
+        end_ns=max(s.end_ns for s in below),
+        attributes=attributes,
+        service_name=tops[0].service_name,
+    )
 
 
 RUNS_HINT = " (see `multirun runs`)"
 
 
 def resolve(runs: Sequence[RunSummary], prefix: str) -> RunSummary:
-    """The one run whose id is ``prefix``, or starts with it; RunsError if none or several."""
+    """The one run whose id (or, for an unfinished run of unknown id, trace id) is ``prefix``,
+    or starts with it; RunsError if none or several."""
     try:
-        run_id = match_id(prefix, (r.run_id for r in runs), "run", f"no run with id {prefix!r}{RUNS_HINT}")
+        ref = match_id(prefix, (r.ref for r in runs), "run", f"no run with id {prefix!r}{RUNS_HINT}")
     except CheckpointError as exc:
         raise RunsError(str(exc)) from None
-    return next(r for r in runs if r.run_id == run_id)
+    return next(r for r in runs if r.ref == ref)
+
+
+def run_tree(spans: Iterable[SpanRecord], run: RunSummary) -> Node:
+    """The tree of ``run``: its span and every span below it; for an unfinished run, the
+    stand-in of its span with the spans whose parent was never written below it."""
+    if run.tops is None:
+        return build_tree(spans, run.span)
+    children = _children(spans, run.span.trace_id, "")
+    seen: set[str] = set()
+    tops = sorted(run.tops, key=lambda s: (s.start_ns, s.end_ns))
+    return Node(run.span, [_subtree(top, children, seen) for top in tops])
 
 
 def build_tree(spans: Iterable[SpanRecord], root: SpanRecord) -> Node:
     """``root`` and every span of its trace below it, children ordered by start time."""
+    return _subtree(root, _children(spans, root.trace_id, root.span_id), set())
+
+
+def _children(spans: Iterable[SpanRecord], trace_id: str, root_id: str) -> dict[str, list[SpanRecord]]:
     children: dict[str, list[SpanRecord]] = defaultdict(list)
     for span in spans:
-        if span.trace_id == root.trace_id and span.span_id != root.span_id:
+        if span.trace_id == trace_id and span.span_id != root_id:
             children[span.parent_span_id].append(span)
-    return _subtree(root, children, set())
+    return children
 
 
 def _subtree(span: SpanRecord, children: dict[str, list[SpanRecord]], seen: set[str]) -> Node:
@@ -277,12 +417,19 @@ def steps(span: SpanRecord) -> int | None:
 
 
 def _int(value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return int(value)
+    number = _number(value)
+    return None if number is None else int(number)
 
 
 def _float(value: object) -> float | None:
+    number = _number(value)
+    return None if number is None else float(number)
+
+
+def _number(value: object) -> int | float | None:
+    """``value`` if it is a number (NaN and the infinities are none), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

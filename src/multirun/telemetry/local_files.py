@@ -17,6 +17,7 @@ import base64
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -24,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, Status
 
 from multirun._process import reinit_after_fork
 
@@ -55,11 +59,10 @@ class LocalFileSpanExporter(SpanExporter):
         if self._shutdown:
             return SpanExportResult.FAILURE
         try:
-            line = json.dumps(encode_spans_json(spans), separators=(",", ":")) + "\n"
+            line = json.dumps(_encode_what_can_be(spans), separators=(",", ":")) + "\n"
             with self._lock:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as out:
-                    out.write(line)
+                _append_line(self.path, line.encode("utf-8"))
         except Exception as exc:
             if not self._warned:  # one warning, not one per batch
                 self._warned = True
@@ -74,12 +77,70 @@ class LocalFileSpanExporter(SpanExporter):
         return True
 
 
+def _append_line(path: Path, line: bytes) -> None:
+    """Append ``line`` to ``path``, starting it on a line of its own.
+
+    Another process of the same pid (PID 1 in a container, run after run) writes the same
+    file, and one that died mid-write left a last line without its end: without a newline
+    first, this line would be glued to that fragment and lost with it.
+    """
+    flags = os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags | os.O_RDWR, 0o666)
+    except PermissionError:  # a file this process may write but not read: append as it is
+        fd = os.open(path, flags | os.O_WRONLY, 0o666)
+    else:
+        size = os.fstat(fd).st_size
+        if size:
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":
+                line = b"\n" + line
+    try:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def _encode_what_can_be(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
+    """The OTLP JSON of the batch; if it cannot be encoded whole, of every span that can be
+    on its own (one warning names how many were left out and why)."""
+    try:
+        return encode_spans_json(spans)
+    except Exception:
+        if len(spans) <= 1:
+            raise
+    good: list[ReadableSpan] = []
+    first_error: Exception | None = None
+    for span in spans:
+        try:
+            encode_spans_json([span])
+        except Exception as exc:
+            first_error = first_error or exc
+        else:
+            good.append(span)
+    left_out = len(spans) - len(good)
+    _logger.warning(
+        "multirun: could not write %d of %d spans (%s: %s)",
+        left_out,
+        len(spans),
+        type(first_error).__name__,
+        first_error,
+    )
+    return encode_spans_json(good)
+
+
 def encode_spans_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
-    """The OTLP JSON form of ``spans`` (one ExportTraceServiceRequest)."""
+    """The OTLP JSON form of ``spans`` (one ExportTraceServiceRequest).
+
+    Text that UTF-8 cannot hold (a lone surrogate, as ``os.fsdecode`` makes of a byte that is
+    not UTF-8) is escaped first: ``\\xff`` for such a byte, ``\\udXXX`` for another surrogate.
+    """
     from google.protobuf.json_format import MessageToDict
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
-    message = MessageToDict(encode_spans(spans), use_integers_for_enums=True)
+    message = MessageToDict(encode_spans([utf8_safe_span(s) for s in spans]), use_integers_for_enums=True)
     for resource_spans in message.get("resourceSpans", ()):
         for scope_spans in resource_spans.get("scopeSpans", ()):
             for span in scope_spans.get("spans", ()):
@@ -94,6 +155,128 @@ def _ids_to_hex(obj: dict[str, Any]) -> None:
         value = obj.get(key)
         if value:
             obj[key] = base64.b64decode(value).hex()
+
+
+# -- text that UTF-8 can hold ------------------------------------------------------
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_text(text: str) -> str:
+    """``text`` itself if UTF-8 can encode it, else with each lone surrogate escaped:
+    ``\\xff`` for a byte ``os.fsdecode`` could not decode, ``\\ud800`` for any other."""
+    return text if _is_utf8(text) else _SURROGATE.sub(_escape_surrogate, text)
+
+
+def _is_utf8(text: str | None) -> bool:
+    if text is None or text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escape_surrogate(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
+
+
+def _value_is_utf8(value: Any) -> bool:
+    if isinstance(value, str):
+        return _is_utf8(value)
+    if isinstance(value, (tuple, list)):
+        return all(_value_is_utf8(v) for v in value)
+    return True
+
+
+def _attributes_are_utf8(attributes: Any) -> bool:
+    return not attributes or all(_is_utf8(k) and _value_is_utf8(v) for k, v in attributes.items())
+
+
+def _clean_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return utf8_text(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_clean_value(v) for v in value)
+    return value
+
+
+def _clean_attributes(attributes: Any) -> Any:
+    if _attributes_are_utf8(attributes):
+        return attributes
+    return {utf8_text(k): _clean_value(v) for k, v in attributes.items()}
+
+
+class _CleanedSpan(ReadableSpan):
+    """A copy of a span with its text made UTF-8; it keeps the original's dropped counts."""
+
+    def __init__(self, original: ReadableSpan, **fields: Any) -> None:
+        super().__init__(**fields)
+        self._dropped = (original.dropped_attributes, original.dropped_events, original.dropped_links)
+
+    @property
+    def dropped_attributes(self) -> int:
+        return self._dropped[0]
+
+    @property
+    def dropped_events(self) -> int:
+        return self._dropped[1]
+
+    @property
+    def dropped_links(self) -> int:
+        return self._dropped[2]
+
+
+def _span_is_utf8(span: ReadableSpan) -> bool:
+    scope = span.instrumentation_scope
+    return (
+        _is_utf8(span.name)
+        and _is_utf8(span.status.description)
+        and _attributes_are_utf8(span.attributes)
+        and all(_is_utf8(e.name) and _attributes_are_utf8(e.attributes) for e in span.events)
+        and all(_attributes_are_utf8(link.attributes) for link in span.links)
+        and _attributes_are_utf8(span.resource.attributes)
+        and (scope is None or (_is_utf8(scope.name) and _is_utf8(scope.version)))
+    )
+
+
+def utf8_safe_span(span: ReadableSpan) -> ReadableSpan:
+    """``span`` itself if all its text is UTF-8 (the usual case), else a copy whose text is.
+
+    The OTLP encoder fails on the whole batch for one such string in a name or status
+    message, and drops an attribute holding one with a logged traceback.
+    """
+    if _span_is_utf8(span):
+        return span
+    status = span.status
+    if not _is_utf8(status.description):
+        status = Status(status.status_code, utf8_text(status.description or ""))
+    resource = span.resource
+    if not _attributes_are_utf8(resource.attributes):
+        resource = Resource(_clean_attributes(resource.attributes), resource.schema_url)
+    scope = span.instrumentation_scope
+    if scope is not None and not (_is_utf8(scope.name) and _is_utf8(scope.version)):
+        version = scope.version and utf8_text(scope.version)
+        scope = InstrumentationScope(utf8_text(scope.name), version, scope.schema_url)
+    return _CleanedSpan(
+        span,
+        name=utf8_text(span.name),
+        context=span.context,
+        parent=span.parent,
+        resource=resource,
+        attributes=_clean_attributes(span.attributes),
+        events=[Event(utf8_text(e.name), _clean_attributes(e.attributes), e.timestamp) for e in span.events],
+        links=[Link(link.context, _clean_attributes(link.attributes)) for link in span.links],
+        kind=span.kind,
+        status=status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=scope,
+    )
 
 
 # -- reading back ------------------------------------------------------------------
@@ -112,6 +295,7 @@ class SpanRecord:
     attributes: dict[str, Any]
     status_code: int = 0
     status_message: str = ""
+    parent_is_remote: bool | None = None  # None: the file does not say
     events: list[dict[str, Any]] = field(default_factory=list)
     links: list[dict[str, Any]] = field(default_factory=list)
     service_name: str = ""
@@ -124,14 +308,25 @@ class SpanRecord:
 def read_spans(directory: str | os.PathLike[str]) -> Iterator[SpanRecord]:
     """Every span in the ``.jsonl`` files of ``directory`` (none if there is no such folder).
 
-    An unreadable file is skipped with a warning; a file with damaged lines gets one warning
-    that sums them up, and its other lines are read.
+    OSError if the folder cannot be read (its spans are not "none"). An unreadable file is
+    skipped with a warning; a file with damaged lines, or spans (a field of the wrong type, a
+    time out of range), gets one warning that sums them up, and the rest is read. A whole
+    request glued to the fragment a killed writer left (as writers before this one did) is
+    read too.
     """
-    folder = Path(directory)
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.glob("*.jsonl")):
+    for path in span_files(directory):
         yield from _read_span_file(path)
+
+
+def span_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The ``.jsonl`` files of ``directory``, sorted; none if there is no such folder,
+    OSError if it cannot be read."""
+    folder = Path(directory)
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(folder / entry.name for entry in entries if entry.name.endswith(".jsonl"))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 class DamagedLine(ValueError):
@@ -146,19 +341,54 @@ def _read_span_file(path: Path) -> list[SpanRecord]:
         return []
     found: list[SpanRecord] = []
     damaged: list[tuple[int, str]] = []
+    bad_spans: list[tuple[int, str]] = []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is not a line end
         if line.strip():
             try:
-                found.extend(parse_span_line(line))
+                spans, reasons = _parse_line(line)
             except DamagedLine as exc:
-                damaged.append((number, str(exc)))
-    if damaged:
-        _warn_damaged(path, damaged)
+                after = _request_after_a_fragment(line)
+                if after is None:
+                    damaged.append((number, str(exc)))
+                else:  # an older writer glued its request to what a killed one left
+                    found.extend(after)
+                    damaged.append((number, "cut short; the request written after it was read"))
+            else:
+                found.extend(spans)
+                bad_spans.extend((number, reason) for reason in reasons)
+    if damaged or bad_spans:
+        _warn_damaged(path, damaged, bad_spans)
     return found
 
 
+_REQUEST_START = re.compile(r'\{\s*"resourceSpans"\s*:')
+
+
+def _request_after_a_fragment(line: str) -> list[SpanRecord] | None:
+    """The spans of a whole request that follows the start of a cut-short one on ``line``, if any.
+
+    (The marker cannot occur inside a JSON string, where its quotes would be escaped.)
+    """
+    for match in _REQUEST_START.finditer(line, 1):
+        try:
+            return parse_span_line(line[match.start() :])
+        except DamagedLine:
+            continue
+    return None
+
+
 def parse_span_line(line: str) -> list[SpanRecord]:
-    """The spans of one line of a span file; DamagedLine, saying why in words, if it has none to give."""
+    """The spans of one line of a span file; DamagedLine, saying why in words, if it has none to give.
+
+    A span that cannot be read (a field of the wrong type, a time out of range) is left out;
+    the file reader counts those.
+    """
+    return _parse_line(line)[0]
+
+
+def _parse_line(line: str) -> tuple[list[SpanRecord], list[str]]:
+    """The spans of one line, and why each span of it that cannot be read cannot; DamagedLine
+    if the line is no request, or none of its spans can be read."""
     try:
         request = json.loads(line)
     except RecursionError:
@@ -168,69 +398,205 @@ def parse_span_line(line: str) -> list[SpanRecord]:
     if not isinstance(request, dict):
         raise DamagedLine("not a JSON object")
     try:
-        return list(_records(request))
-    except KeyError as exc:
-        raise DamagedLine(f"missing field {exc.args[0]}") from None
+        found, damaged = _records(request)
+    except DamagedSpan:  # around the spans, not in one of them
+        raise DamagedLine(_LAYOUT) from None
     except RecursionError:
         raise DamagedLine("attribute values nested too deeply") from None
-    except (AttributeError, TypeError, ValueError):
-        raise DamagedLine("not the OTLP JSON layout of spans") from None
+    if damaged and not found:
+        raise DamagedLine(damaged[0])
+    return found, damaged
 
 
-def _warn_damaged(path: Path, damaged: Sequence[tuple[int, str]]) -> None:
-    """One warning for all the damaged lines of a file, with the first one's reason."""
-    number, reason = damaged[0]
-    if len(damaged) == 1:
-        _logger.warning("skipped 1 damaged line in %s (line %d: %s)", path, number, reason)
-    else:
-        _logger.warning(
-            "skipped %d damaged lines in %s (first at line %d: %s)", len(damaged), path, number, reason
-        )
+def _warn_damaged(path: Path, lines: Sequence[tuple[int, str]], spans: Sequence[tuple[int, str]]) -> None:
+    """One warning for all the damaged lines and spans of a file, with the first one's reason."""
+    number, reason = min([*lines, *spans], key=lambda found: found[0])
+    what = " and ".join(
+        f"{len(found)} damaged {noun}{'' if len(found) == 1 else 's'}"
+        for found, noun in ((lines, "line"), (spans, "span"))
+        if found
+    )
+    where = f"line {number}" if len(lines) + len(spans) == 1 else f"first at line {number}"
+    _logger.warning("skipped %s in %s (%s: %s)", what, path, where, reason)
 
 
-def _records(request: dict[str, Any]) -> Iterator[SpanRecord]:
-    for resource_spans in request.get("resourceSpans", ()):
-        resource = _attributes(resource_spans.get("resource", {}).get("attributes", ()))
-        service = str(resource.get("service.name", ""))
-        for scope_spans in resource_spans.get("scopeSpans", ()):
-            for span in scope_spans.get("spans", ()):
-                status = span.get("status", {})
-                yield SpanRecord(
-                    name=span.get("name", ""),
-                    trace_id=span["traceId"],
-                    span_id=span["spanId"],
-                    parent_span_id=span.get("parentSpanId", ""),
-                    start_ns=int(span.get("startTimeUnixNano", 0)),
-                    end_ns=int(span.get("endTimeUnixNano", 0)),
-                    attributes=_attributes(span.get("attributes", ())),
-                    status_code=int(status.get("code", 0)),
-                    status_message=status.get("message", ""),
-                    events=[
-                        {"name": e.get("name", ""), "attributes": _attributes(e.get("attributes", ()))}
-                        for e in span.get("events", ())
-                    ],
-                    links=span.get("links", []),
-                    service_name=service,
-                )
+class DamagedSpan(ValueError):
+    """A span that is not one in the OTLP JSON layout; the message says why."""
 
 
-def _attributes(items: Any) -> dict[str, Any]:
-    return {item["key"]: _value(item.get("value", {})) for item in items}
+_LAYOUT = "not the OTLP JSON layout of spans"
 
 
-def _value(value: dict[str, Any]) -> Any:
+def _records(request: dict[str, Any]) -> tuple[list[SpanRecord], list[str]]:
+    """The spans of one request, and the reasons the others could not be read."""
+    found: list[SpanRecord] = []
+    damaged: list[str] = []
+    for resource_spans in _objects(request, "resourceSpans"):
+        resource = _attributes(_field(_field(resource_spans, "resource", dict), "attributes", list))
+        service = resource.get("service.name", "")
+        for scope_spans in _objects(resource_spans, "scopeSpans"):
+            for span in _objects(scope_spans, "spans", damaged):
+                try:
+                    found.append(_record(span, str(service)))
+                except DamagedSpan as exc:
+                    damaged.append(str(exc))
+                except RecursionError:
+                    damaged.append("attribute values nested too deeply")
+    return found, damaged
+
+
+def _record(span: dict[str, Any], service: str) -> SpanRecord:
+    status = _field(span, "status", dict)
+    return SpanRecord(
+        name=_field(span, "name", str),
+        trace_id=_id(span, "traceId"),
+        span_id=_id(span, "spanId"),
+        parent_span_id=_field(span, "parentSpanId", str),
+        start_ns=_nanoseconds(span, "startTimeUnixNano"),
+        end_ns=_nanoseconds(span, "endTimeUnixNano"),
+        attributes=_attributes(_field(span, "attributes", list)),
+        status_code=_status_code(status.get("code")),
+        status_message=_field(status, "message", str),
+        parent_is_remote=_parent_is_remote(span.get("flags")),
+        events=[
+            {"name": _field(e, "name", str), "attributes": _attributes(_field(e, "attributes", list))}
+            for e in _objects(span, "events")
+        ],
+        links=list(_objects(span, "links")),
+        service_name=service,
+    )
+
+
+_DEFAULTS: dict[type, Any] = {str: "", dict: {}, list: []}
+
+
+def _field(obj: dict[str, Any], key: str, kind: type) -> Any:
+    """``obj[key]`` if it is a ``kind``; its default if absent or null (as in protobuf's JSON)."""
+    value = obj.get(key)
+    if value is None:
+        return type(_DEFAULTS[kind])()
+    if not isinstance(value, kind):
+        raise DamagedSpan(f"{key} is {_json_type(value)}, not {_json_type(_DEFAULTS[kind])}")
+    return value
+
+
+def _objects(obj: dict[str, Any], key: str, damaged: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """The objects of the list ``obj[key]``; a member that is no object is damage (of the span,
+    or, given ``damaged``, one more damaged span)."""
+    for item in _field(obj, key, list):
+        if isinstance(item, dict):
+            yield item
+        elif damaged is not None:
+            damaged.append(f"a member of {key} is {_json_type(item)}, not an object")
+        else:
+            raise DamagedSpan(f"a member of {key} is {_json_type(item)}, not an object")
+
+
+def _json_type(value: Any) -> str:
+    names = {str: "text", dict: "an object", list: "a list", bool: "true or false", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _id(span: dict[str, Any], key: str) -> str:
+    value = _field(span, key, str)
+    if not value:
+        raise DamagedSpan(f"missing field {key}")
+    return str(value)
+
+
+_UINT64 = 2**64
+
+
+def _nanoseconds(span: dict[str, Any], key: str) -> int:
+    """A fixed64 time: a whole number, or text of one, from 0 to 2**64 - 1 (the year 2554)."""
+    value = span.get(key)
+    if value is None:
+        return 0
+    number = _whole_number(value, key)
+    if not 0 <= number < _UINT64:
+        raise DamagedSpan(f"{key} {value} is out of range")
+    return number
+
+
+def _whole_number(value: Any, what: str) -> int:
+    """An int64 or fixed64 of protobuf's JSON: a number, or text of one, with no fraction."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise DamagedSpan(f"{what} {value!r} is not a whole number")
+    try:
+        return int(value)
+    except ValueError:
+        raise DamagedSpan(f"{what} {value!r} is not a whole number") from None
+
+
+_STATUS_CODES = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}
+
+
+def _status_code(value: Any) -> int:
+    """0, 1 or 2 (unset, ok, error); given as a number or by name."""
+    if value is None:
+        return 0
+    code = _STATUS_CODES.get(value) if isinstance(value, str) and not value.isdigit() else None
+    if code is None:
+        code = _whole_number(value, "status code")
+    if code not in (0, 1, 2):
+        raise DamagedSpan(f"status code {value!r} is none of 0, 1, 2")
+    return code
+
+
+_HAS_IS_REMOTE = 0x100  # SpanFlags: the next bit says whether the parent was remote
+_IS_REMOTE = 0x200
+
+
+def _parent_is_remote(flags: Any) -> bool | None:
+    """What the span's flags say of its parent (None: nothing; they are only a hint)."""
+    if isinstance(flags, bool) or not isinstance(flags, int) or not flags & _HAS_IS_REMOTE:
+        return None
+    return bool(flags & _IS_REMOTE)
+
+
+def _attributes(items: list[Any]) -> dict[str, Any]:
+    attributes = {}
+    for item in items:
+        if not isinstance(item, dict):
+            raise DamagedSpan(f"an attribute is {_json_type(item)}, not an object")
+        key = item.get("key")
+        if not isinstance(key, str):
+            raise DamagedSpan(f"an attribute key is {_json_type(key)}, not text")
+        attributes[key] = _value(_field(item, "value", dict), key)
+    return attributes
+
+
+def _value(value: dict[str, Any], key: str) -> Any:
+    """An AnyValue: text, a whole number, a number (NaN and infinities included, as OTLP has
+    them), true or false, bytes, or a list or map of those."""
     if "stringValue" in value:
-        return value["stringValue"]
+        return _field(value, "stringValue", str)
     if "intValue" in value:
-        return int(value["intValue"])
+        return _whole_number(value["intValue"], f"attribute {key}")
     if "doubleValue" in value:
-        return float(value["doubleValue"])
+        return _double(value["doubleValue"], key)
     if "boolValue" in value:
-        return bool(value["boolValue"])
+        if not isinstance(value["boolValue"], bool):
+            raise DamagedSpan(f"attribute {key} is {_json_type(value['boolValue'])}, not true or false")
+        return value["boolValue"]
     if "arrayValue" in value:
-        return [_value(v) for v in value["arrayValue"].get("values", ())]
+        return [_value(v, key) for v in _objects(_field(value, "arrayValue", dict), "values")]
     if "kvlistValue" in value:
-        return _attributes(value["kvlistValue"].get("values", ()))
+        return _attributes(_field(_field(value, "kvlistValue", dict), "values", list))
     if "bytesValue" in value:
-        return base64.b64decode(value["bytesValue"])
+        try:
+            return base64.b64decode(_field(value, "bytesValue", str), validate=True)
+        except ValueError:
+            raise DamagedSpan(f"attribute {key} is not base64") from None
     return None
+
+
+def _double(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DamagedSpan(f"attribute {key} is {_json_type(value)}, not a number")
+    try:
+        return float(value)  # "NaN", "Infinity", "-Infinity" too
+    except ValueError:
+        raise DamagedSpan(f"attribute {key} {value!r} is not a number") from None

@@ -1,0 +1,180 @@
+"""The embedded default's span files: every span that ends is written, and read back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.trace import SpanContext, Status, StatusCode
+
+from multirun.telemetry import attributes as attr
+from multirun.telemetry.local_files import LocalFileSpanExporter, read_spans
+
+# a file name with a byte that is not UTF-8, as os.listdir and os.fsdecode give it back
+UNDECODABLE = os.fsdecode(b"report-\xff.txt")
+
+
+def write(directory: Path, build: Any, resource: Resource | None = None) -> None:
+    """Spans made by ``build(tracer)``, written one batch at the end as the embedded default does."""
+    finished: list[ReadableSpan] = []
+
+    class Keep(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            finished.append(span)
+
+    provider = TracerProvider(resource=resource) if resource else TracerProvider()
+    provider.add_span_processor(Keep())
+    build(provider.get_tracer("test"))
+    assert LocalFileSpanExporter(directory).export(finished) is SpanExportResult.SUCCESS
+
+
+# ---------------------------------------------------------------------------
+# text UTF-8 cannot hold
+
+
+def test_one_undecodable_file_name_loses_no_span(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("run", attributes={attr.RUN_ID: "r" * 32}):
+            with tracer.start_as_current_span("step good"):
+                pass
+            with tracer.start_as_current_span(f"step open {UNDECODABLE}") as bad:
+                bad.set_attribute("file.path", UNDECODABLE)
+                bad.set_attribute("file.paths", ["ok", UNDECODABLE])
+                bad.add_event("exception", {"exception.message": f"no such file: {UNDECODABLE}"})
+                bad.set_status(Status(StatusCode.ERROR, f"FileNotFoundError: no such file: {UNDECODABLE}"))
+            with tracer.start_as_current_span("step good again"):
+                pass
+
+    with caplog.at_level(logging.WARNING):
+        write(tmp_path, build)
+    assert caplog.records == []  # nor the encoder's "Failed to encode key" tracebacks
+    spans = {s.name: s for s in read_spans(tmp_path)}
+    assert set(spans) == {"run", "step good", "step open report-\\xff.txt", "step good again"}
+    bad = spans["step open report-\\xff.txt"]
+    assert bad.status_message == "FileNotFoundError: no such file: report-\\xff.txt"
+    assert bad.attributes["file.path"] == "report-\\xff.txt"
+    assert bad.attributes["file.paths"] == ["ok", "report-\\xff.txt"]
+    assert bad.events[0]["attributes"]["exception.message"] == "no such file: report-\\xff.txt"
+
+
+def test_other_lone_surrogates_and_the_resource_are_escaped_too(tmp_path: Path) -> None:
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("half an emoji \ud83d"):
+            pass
+
+    write(tmp_path, build, Resource.create({"service.name": f"svc-{UNDECODABLE}"}))
+    [span] = read_spans(tmp_path)
+    assert span.name == "half an emoji \\ud83d"
+    assert span.service_name == "svc-report-\\xff.txt"
+
+
+def test_text_that_is_fine_is_written_as_it_is(tmp_path: Path) -> None:
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("日本語 🚀 \\xff", attributes={"k": "é"}):
+            pass
+
+    write(tmp_path, build)
+    [span] = read_spans(tmp_path)
+    assert span.name == "日本語 🚀 \\xff" and span.attributes == {"k": "é"}
+
+
+def test_a_span_that_cannot_be_encoded_costs_only_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = ReadableSpan("good", SpanContext(1, 2, False), start_time=1, end_time=2)
+    broken = ReadableSpan("broken", SpanContext(1, 3, False), start_time=-1, end_time=2)
+    exporter = LocalFileSpanExporter(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert exporter.export([good, broken]) is SpanExportResult.SUCCESS
+    assert [s.name for s in read_spans(tmp_path)] == ["good"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "multirun: could not write 1 of 2 spans (ValueError: Value out of range: -1)"
+    ]
+
+
+# ---------------------------------------------------------------------------
+# a process that died mid-write
+
+
+def one_span(tracer: Any, name: str) -> None:
+    with tracer.start_as_current_span(name, attributes={attr.RUN_ID: name * 4}):
+        pass
+
+
+def test_a_line_cut_short_by_a_killed_process_does_not_take_the_next_one_with_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the same pid writes the same file (PID 1 in a container, run after run); the last one was
+    # killed while writing its last line
+    write(tmp_path, lambda tracer: one_span(tracer, "first"))
+    [path] = tmp_path.glob("*.jsonl")
+    whole = path.read_bytes()
+    path.write_bytes(whole + whole[:50])
+    write(tmp_path, lambda tracer: one_span(tracer, "second"))
+    assert list(tmp_path.glob("*.jsonl")) == [path]
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert [s.name for s in read_spans(tmp_path)] == ["first", "second"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 1 damaged line in {path} (line 2: not JSON)"
+    ]
+
+
+def test_a_request_glued_to_a_fragment_by_an_older_writer_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(tmp_path, lambda tracer: one_span(tracer, "first"))
+    write(tmp_path, lambda tracer: one_span(tracer, "second"))
+    [path] = tmp_path.glob("*.jsonl")
+    first, second = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(first[:-30] + first[:40] + second)  # two fragments, then a whole request
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert [s.name for s in read_spans(tmp_path)] == ["second"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 1 damaged line in {path} (line 1: cut short; the request written after it was read)"
+    ]
+
+
+# ---------------------------------------------------------------------------
+# reading what other writers, or damage, left
+
+
+def span_json(span_id: str, **fields: Any) -> dict[str, Any]:
+    return {"traceId": "ab" * 16, "spanId": span_id, "name": f"span {span_id}"} | fields
+
+
+def request_line(*spans: dict[str, Any]) -> str:
+    return json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": list(spans)}]}]})
+
+
+def test_null_is_a_fields_default_as_in_protobufs_json(tmp_path: Path) -> None:
+    nulls = {"name": None, "parentSpanId": None, "status": None, "attributes": None, "events": None}
+    (tmp_path / "spans.jsonl").write_text(request_line(span_json("1" * 16, **nulls)) + "\n")
+    [span] = read_spans(tmp_path)
+    assert (span.name, span.parent_span_id, span.status_code, span.attributes, span.events) == (
+        "",
+        "",
+        0,
+        {},
+        [],
+    )
+
+
+def test_damaged_lines_and_spans_of_a_file_are_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spans.jsonl"
+    good, bad = span_json("1" * 16), span_json("2" * 16, startTimeUnixNano="yesterday")
+    path.write_text("\n".join([request_line(good, bad, bad), "{not json", request_line(bad)]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert [s.span_id for s in read_spans(tmp_path)] == ["1" * 16]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 2 damaged lines and 2 damaged spans in {path} "
+        "(first at line 1: startTimeUnixNano 'yesterday' is not a whole number)"
+    ]
