@@ -27,9 +27,16 @@ log, under a call of its own (``begin_run``): that call is never served, so the
 sub-run always runs again after a restore, with the state and spend it had at
 the checkpoint, and its completed steps are served as it calls them.
 
-A call that runs again after a restore (it was running at the checkpoint, or
-it failed) keeps its recorded sequence number, and its new record replaces the
-old one in the next checkpoint, so a resumed run that dies can be resumed again.
+A generator step (streamed output) is recorded once its stream was consumed to
+the end, its result being what it yielded, and what it returned (``stream_record``);
+after a restore the items are yielded again without running it. A stream its
+consumer stopped early, or drove with ``send``/``throw``, has nothing the log
+could serve (``abandon``): like a step that was running, it runs again.
+
+A call that runs again after a restore (it was running at the checkpoint, it
+failed, or it ended without a result to serve) keeps its recorded sequence
+number, and its new record replaces the old one in the next checkpoint, so a
+resumed run that dies can be resumed again.
 
 After a restore (``load``), calls are served from the log in the order they
 were recorded. A call the log does not know, while recorded calls remain
@@ -181,18 +188,27 @@ class ReplayLog:
                 self.limit,
             )
 
-    def record(self, call: Call, result: Any) -> None:
-        """The step of ``call`` returned ``result``."""
+    def record(self, call: Call, result: Any, *, copied: bool = False) -> None:
+        """The step of ``call`` returned ``result`` (``copied``: a copy the program cannot change)."""
         seq = call[SEQ]
         if self._reruns and seq in self._reruns:
             self._rerun_returned(seq)
         # begin() let it in while the log had room: past the limit by the calls in flight at most
-        if type(result) not in _KEPT_AS_IS:
+        if not copied and type(result) not in _KEPT_AS_IS:
             result = kept_copy(result)
         self._recorded.append((call, next(self._seq), result))  # one atomic append
         # only then is it no longer running: a checkpoint taken meanwhile finds it in one of the
         # two, or both (to_records keeps the ended one), never in neither
         self._running.pop(seq, None)
+
+    def abandon(self, call: Call) -> None:
+        """The step of ``call`` ended without a result the log can serve (a stream its consumer
+        stopped early): after a restore it runs again, as a step running at the checkpoint does."""
+        seq = call[SEQ]
+        if self._reruns and seq in self._reruns:
+            self._rerun_returned(seq)  # it did not raise this time: the program goes on
+        self._recorded.append((call, next(self._seq), _NO_RESULT))
+        self._running.pop(seq, None)  # after the append, as in record()
 
     def fail(self, call: Call) -> None:
         """The step of ``call`` raised (or was refused before it ran)."""
@@ -321,6 +337,26 @@ def _lane() -> int:
 
 
 _KEPT_AS_IS = frozenset({str, int, float, bool, type(None), bytes})
+
+STREAM_KEY: Final = "__multirun_stream__"
+
+
+def stream_record(items: list[Any], returned: Any) -> dict[str, Any]:
+    """The recorded result of a generator step: the items it yielded, and what it returned."""
+    return {STREAM_KEY: items, "returned": returned}
+
+
+def stream_of(name: str, result: Any) -> tuple[list[Any], Any]:
+    """The items and return value of a generator step's recorded result (``stream_record``).
+
+    DeterminismError if the recorded step was not a generator (the code changed since)."""
+    if isinstance(result, dict) and isinstance(result.get(STREAM_KEY), list):
+        return result[STREAM_KEY], result.get("returned")
+    raise DeterminismError(
+        f"replay: step {name!r} is a generator, but the recorded run's call of it returned a value "
+        "instead of streaming: the code changed since the checkpoint. Restore from an earlier "
+        "checkpoint, start a new run, or mark the step idempotent=False."
+    )
 
 
 def kept_copy(value: Any) -> Any:
