@@ -541,7 +541,7 @@ def _resume_pending(ctx: RunContext) -> None:
     if restored is not None:
         ctx.resumed_from = restored  # the span starts linked to the run it continues
         ctx._start()  # the span, and with it the ledger the restored spend goes to
-        ctx._restore(restored.state, restored.replay, restored.ledger)
+        ctx._restore(restored.state, restored.replay, restored.ledger, restored.agents)
 
 
 # ---------------------------------------------------------------------------

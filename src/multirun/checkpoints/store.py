@@ -1,6 +1,7 @@
 """CheckpointStore: turns run state into verified blobs and back.
 
-A checkpoint holds the run's state (``set_state``), the replay cache of
+A checkpoint holds the run's state (``set_state``), its agents' states (each
+agent's ``set_state``, by agent name and occurrence), the replay cache of
 completed idempotent steps, and what the run had spent, serialized as JSON
 (pydantic models and dataclasses become plain data), sealed in an envelope
 (see ``envelope``) and handed to a blob exporter under
@@ -17,7 +18,7 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -84,6 +85,8 @@ class RestoredCheckpoint:
     trace: dict[str, str]  # trace_id and span_id (hex) of the run that took it
     sub_run_id: str = ""  # the sub-run that took it, when a sub-run did (the run is its top run)
     sub_run_seq: int | None = None  # that sub-run's call in the replay records
+    # the run's agents' states: {"name", "occurrence", "state"} (RunContext.agent_states)
+    agents: list[dict[str, Any]] = field(default_factory=list)
 
 
 class StoredCheckpoint(NamedTuple):
@@ -175,6 +178,7 @@ class CheckpointStore:
                 "environment": _environment(),
             },
             "state": state,
+            "agents": run.agent_states(),
             "replay": run.replay_log.to_records(extra_for_sub_run),
             "trace": _trace_of(run),
             "ledger": run.ledger.totals(),
@@ -278,9 +282,12 @@ class CheckpointStore:
             sub_run_id = str(meta.get("sub_run_id", ""))
             seq = meta.get("sub_run_seq")
             sub_run_seq = None if seq is None else int(seq)
+            agents = _agent_states(document.get("agents"), state)
         except (ValueError, KeyError, TypeError) as exc:
             raise ReplayError(f"checkpoint {checkpoint_id!r} cannot be replayed: {exc}") from None
-        return RestoredCheckpoint(checkpoint, state, replay, ledger, key, trace, sub_run_id, sub_run_seq)
+        return RestoredCheckpoint(
+            checkpoint, state, replay, ledger, key, trace, sub_run_id, sub_run_seq, agents
+        )
 
     def latest(self, run_id: str) -> str:
         """The id of the newest checkpoint of ``run_id``; CheckpointError if it has none."""
@@ -294,6 +301,30 @@ class CheckpointStore:
         prefix = "checkpoints/" if run_id is None else f"checkpoints/{validate_id(run_id, 'run id')}/"
         with suppress_instrumentation():
             return self.exporter.list(prefix)
+
+
+def _agent_states(agents: Any, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """A checkpoint's agent states, checked; a checkpoint written before they were kept has
+    only those of ``AgentContext.checkpoint``, in the run's state as ``agent:<name>``."""
+    if agents is None:
+        return [
+            {"name": key.removeprefix("agent:"), "occurrence": 1, "state": value}
+            for key, value in state.items()
+            if key.startswith("agent:") and isinstance(value, dict)
+        ]
+    if not isinstance(agents, list):
+        raise TypeError(f"agents is a {type(agents).__name__}, not a list")
+    checked = []
+    for entry in agents:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("name"), str)
+            or type(entry.get("occurrence")) is not int
+            or not isinstance(entry.get("state"), dict)
+        ):
+            raise ValueError(f"malformed agent state {str(entry)[:80]!r}")
+        checked.append({"name": entry["name"], "occurrence": entry["occurrence"], "state": entry["state"]})
+    return checked
 
 
 def _trace_of(run: RunContext) -> dict[str, str]:
