@@ -6,6 +6,14 @@ completed idempotent steps, and what the run had spent, serialized as JSON
 (pydantic models and dataclasses become plain data), sealed in an envelope
 (see ``envelope``) and handed to a blob exporter under
 ``checkpoints/<run id>/<checkpoint id>.ckpt``.
+
+The exporter's ``put`` runs in a thread of its own, and a checkpoint waits for
+it at most ``put_timeout`` seconds (``init(checkpoint_timeout=...)``, 15 by
+default): a store that hangs or is slow then costs the program that wait and
+a CheckpointError (a warning, for the checkpoints multirun takes itself), never
+more. The write goes on in the background, and until it ends later checkpoints
+are refused at once, so a hung store holds one thread and one blob at most
+(per checkpoint taken side by side when it hung).
 """
 
 from __future__ import annotations
@@ -24,10 +32,10 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError
+from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError, BlobStoreUnavailableError
 from multirun.checkpoints.replay import RUN_PREFIX
 from multirun.checkpoints.serializers import dump_blob, get_serializer, load_blob, resolve_hmac_key
-from multirun.errors import CheckpointError, ReplayError
+from multirun.errors import CheckpointError, ConfigurationError, ReplayError
 from multirun.models.checkpoint import Checkpoint, CheckpointMeta
 
 if TYPE_CHECKING:
@@ -35,6 +43,8 @@ if TYPE_CHECKING:
 
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")  # \Z: "$" would let a final newline in
 DEFAULT_MAX_BLOB_BYTES = 1 << 30
+# above the S3 exporter's own bound (~12 s), so that its clearer error comes first
+DEFAULT_PUT_TIMEOUT = 15.0
 
 
 _last_id_ns = 0
@@ -121,10 +131,23 @@ class CheckpointStore:
         hmac_key: bytes | str | None = None,
         compression: Literal["none", "zlib"] = "none",
         max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+        put_timeout: float | None = DEFAULT_PUT_TIMEOUT,
     ) -> None:
         """``serializer`` is ``json`` (default), or ``pickle``/``cloudpickle``, which need an
         HMAC key (``hmac_key`` or MULTIRUN_CHECKPOINT_HMAC_KEY): blobs are signed, and a reader
-        refuses any pickle it cannot verify."""
+        refuses any pickle it cannot verify. ``put_timeout``: the longest a checkpoint waits for
+        the exporter's ``put`` (seconds; None: as long as it takes, in the caller's thread)."""
+        if put_timeout is not None and (
+            isinstance(put_timeout, bool)
+            or not isinstance(put_timeout, (int, float))
+            or not 0 < put_timeout < 1e9
+        ):
+            raise ConfigurationError(
+                f"checkpoint_timeout must be a number of seconds > 0, got {put_timeout!r}"
+            )
+        self.put_timeout = put_timeout
+        self._writes_lock = threading.Lock()
+        self._hung: set[_Write] = set()  # writes that outlived put_timeout and have not ended
         self.exporter = exporter
         self.max_blob_bytes = max_blob_bytes
         self.compression: Literal["none", "zlib"] = compression
@@ -184,8 +207,7 @@ class CheckpointStore:
             "ledger": run.ledger.totals(),
         }
         blob, digest = self._dump(document, name)
-        with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace
-            uri = self.exporter.put(self.key(run.run.id, checkpoint_id), blob)
+        uri = self._put(self.key(run.run.id, checkpoint_id), blob)
         return CheckpointMeta(
             id=checkpoint_id,
             run_id=run.run.id,
@@ -198,6 +220,41 @@ class CheckpointStore:
             digest=digest,
             serializer=self._serializer.name,
         )
+
+    def _put(self, key: str, blob: bytes) -> str:
+        """``exporter.put``, waited for at most ``put_timeout`` seconds (see the module)."""
+        if self.put_timeout is None:
+            with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace
+                return self.exporter.put(key, blob)
+        with self._writes_lock:
+            self._hung = {write for write in self._hung if not write.done.is_set()}
+            if self._hung:
+                oldest = min(self._hung, key=lambda write: write.started)
+                raise BlobStoreUnavailableError(
+                    f"checkpoint {key!r} is not written: the blob store has not finished writing "
+                    f"{oldest.key!r} after {time.monotonic() - oldest.started:.0f} s, and no checkpoint "
+                    "is written until it does"
+                )
+        write = _Write(key)
+        thread = threading.Thread(
+            target=write.run, args=(self.exporter, blob), name="multirun-checkpoint-put", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # at interpreter exit no thread can start: write it here
+            write.run(self.exporter, blob)
+        if not write.done.wait(self.put_timeout) and write.abandon():
+            with self._writes_lock:
+                self._hung.add(write)
+            raise BlobStoreUnavailableError(
+                f"the blob store did not write checkpoint {key!r} within {self.put_timeout:g} s "
+                "(checkpoint_timeout): the write goes on in the background, and later checkpoints are "
+                "not written until it ends"
+            )
+        if write.error is not None:
+            raise write.error
+        assert write.uri is not None
+        return write.uri
 
     def _dump(self, document: dict[str, Any], name: str) -> tuple[bytes, str]:
         try:
@@ -325,6 +382,54 @@ def _agent_states(agents: Any, state: dict[str, Any]) -> list[dict[str, Any]]:
             raise ValueError(f"malformed agent state {str(entry)[:80]!r}")
         checked.append({"name": entry["name"], "occurrence": entry["occurrence"], "state": entry["state"]})
     return checked
+
+
+class _Write:
+    """One ``put`` running in a thread of its own; it says when it ends after it was given up on."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.uri: str | None = None
+        self.error: BaseException | None = None
+        self._abandoned = False
+        self._lock = threading.Lock()
+
+    def run(self, exporter: BlobExporter, blob: bytes) -> None:
+        try:
+            with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace
+                self.uri = exporter.put(self.key, blob)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            with self._lock:
+                self.done.set()
+                abandoned = self._abandoned
+        if abandoned:
+            took = time.monotonic() - self.started
+            if self.error is None:
+                _logger.warning(
+                    "multirun: the blob store wrote checkpoint %r after all, %.0f s after it began; "
+                    "checkpoints are written again",
+                    self.key,
+                    took,
+                )
+            else:
+                _logger.warning(
+                    "multirun: writing checkpoint %r failed after %.0f s: %s; checkpoints are written again",
+                    self.key,
+                    took,
+                    self.error,
+                )
+
+    def abandon(self) -> bool:
+        """Stop waiting for it: True if it is still running (it logs when it ends)."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self._abandoned = True
+            return True
 
 
 def _trace_of(run: RunContext) -> dict[str, str]:
