@@ -421,6 +421,40 @@ class _Entry:
 _STILL_RUNNING = 2**62
 
 
+def records_from_v1(records: list[Any]) -> list[dict[str, Any]]:
+    """The replay records of a version 1 checkpoint (multirun-otel 0.1.0), as records of today.
+
+    Version 1 kept a cache, not a log: ``[name, input hash, result]`` for each step name and
+    inputs, the last result, with no order, occurrence or nesting, served to every call with
+    those inputs. Each becomes the first call of its step with those inputs, made side by
+    side with the others (a lane of its own), marked ``v1``: a replay of them serves the calls
+    it knows in any order, and runs the ones it does not (new calls, or calls whose input hash
+    is computed differently since: those whose arguments are all plain str, int, float, bool
+    or None) instead of raising DeterminismError. ValueError if one is not such a triple.
+    """
+    converted = []
+    for seq, record in enumerate(records):
+        if not isinstance(record, (list, tuple)) or len(record) != 3:
+            raise ValueError(f"version 1 replay record #{seq + 1} is not [name, input hash, result]")
+        name, digest, result = record
+        if not isinstance(name, str) or not isinstance(digest, str):
+            raise ValueError(f"version 1 replay record #{seq + 1} has no step name and input hash")
+        converted.append(
+            {
+                "name": name,
+                "digest": digest,
+                "occurrence": 1,
+                "parent": None,
+                "seq": seq,
+                "end": seq,
+                "lane": seq,
+                "result": result,
+                "v1": True,
+            }
+        )
+    return converted
+
+
 class _Replay:
     """A checkpoint's calls, served in their recorded order."""
 
@@ -443,6 +477,8 @@ class _Replay:
         self.position = 0  # the first entry, in recorded order, not served yet
         self.done = not self.entries
         self.stopped = False
+        # records of a version 1 checkpoint (records_from_v1): a call they do not know runs
+        self.lenient = any(entry.record.get("v1") is True for entry in self.entries)
 
     def next_occurrence(self, name: str, digest: str) -> int:
         """Number a call of ``name`` with these inputs (the first is 1)."""
@@ -470,6 +506,8 @@ class _Replay:
             if self.done:
                 return None
             expected = self.entries[self.position]
+        if entry is None and self.lenient:
+            return None  # version 1 kept no order, and hashed some inputs otherwise: a new call
         if entry is None:
             raise DeterminismError(
                 f"replay: {self._mismatch(name, digest, occurrence, expected)}. The code or the inputs "

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError, BlobStoreUnavailableError
-from multirun.checkpoints.replay import RUN_PREFIX
+from multirun.checkpoints.replay import RUN_PREFIX, records_from_v1
 from multirun.checkpoints.serializers import dump_blob, get_serializer, load_blob, resolve_hmac_key
 from multirun.errors import CheckpointError, ConfigurationError, ReplayError
 from multirun.models.checkpoint import Checkpoint, CheckpointMeta
@@ -330,7 +330,10 @@ class CheckpointStore:
                 created_at=meta["created_at"],
                 size_bytes=len(blob),
             )
-            replay = [dict(record) for record in document.get("replay", [])]
+            recorded = document.get("replay", [])
+            if header["version"] == 1:  # a cache of [name, input hash, result] triples then
+                recorded = records_from_v1(recorded)
+            replay = [dict(record) for record in recorded]
             for record in replay:
                 str(record["name"]), str(record["digest"]), int(record["occurrence"])
             ledger = {k: int(v) for k, v in document.get("ledger", {}).items()}
