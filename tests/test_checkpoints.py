@@ -923,3 +923,27 @@ def test_an_agent_called_outside_any_run_resumes_like_a_run(traced) -> None:
     with multirun.resume(run_id=run_id):  # it used to be ignored: fetch(1) ran again
         assert researcher(False) == 3
     assert executed == [2]
+
+
+def test_a_step_result_left_out_of_the_checkpoint_is_a_warning_naming_the_step_once(traced, caplog) -> None:
+    class Answer:  # no JSON form
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+    @step
+    def ask(question: str) -> Answer:
+        return Answer("42")
+
+    @run
+    def job() -> None:
+        ctx = get_current_run_context()
+        for question in ("a", "b", "c"):
+            ask(question)
+            ctx.checkpoint(name=f"after {question}")
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        job()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "'ask'" in warnings[0] and "runs (and is paid for) again" in warnings[0]
+    assert "Answer has no JSON form" in warnings[0]

@@ -148,6 +148,7 @@ class CheckpointStore:
         self.put_timeout = put_timeout
         self._writes_lock = threading.Lock()
         self._hung: set[_Write] = set()  # writes that outlived put_timeout and have not ended
+        self._unwritable_steps: set[str] = set()  # steps whose result was left out (warned once)
         self.exporter = exporter
         self.max_blob_bytes = max_blob_bytes
         self.compression: Literal["none", "zlib"] = compression
@@ -273,8 +274,9 @@ class CheckpointStore:
         if "result" in record:
             try:
                 self._serializer.dumps(record["result"])
-            except CheckpointError:
+            except CheckpointError as exc:
                 record = {k: v for k, v in record.items() if k != "result"}
+                self._warn_unwritable_result(str(record["name"]), exc)
         if "run" in record:  # a sub-run's: its state may hold what the serializer cannot write
             try:
                 self._serializer.dumps(record["run"])
@@ -287,6 +289,17 @@ class CheckpointStore:
                 )
                 record = {**record, "run": kept}
         return record
+
+    def _warn_unwritable_result(self, step_name: str, error: CheckpointError) -> None:
+        if step_name in self._unwritable_steps:
+            return
+        self._unwritable_steps.add(step_name)
+        _logger.warning(
+            "multirun: the result of step %r is left out of checkpoints, so after a restore the step "
+            "runs (and is paid for) again: %s (logged once per step name)",
+            step_name,
+            error,
+        )
 
     def find(self, checkpoint_id: str) -> str:
         """The key of checkpoint ``checkpoint_id``; CheckpointError if there is none."""
