@@ -421,6 +421,48 @@ class _Entry:
 _STILL_RUNNING = 2**62
 
 
+def check_records(records: list[Any]) -> None:
+    """Refuse replay records a replay could not follow, with a ValueError naming the record.
+
+    Each is a dict with a str ``name`` and ``digest``, an int ``occurrence`` (1 or more) and
+    ``seq``; ``parent`` is None or the ``seq`` of a call that started before it (so no call
+    runs inside itself), ``end`` None or an int not before ``seq``, ``lane`` an int, ``failed``
+    a bool, ``run`` a dict. The envelope's digest says the bytes are those written, not that
+    whoever wrote them wrote these.
+    """
+    for number, record in enumerate(records, 1):
+        problem = _problem(record)
+        if problem is not None:
+            shown = repr(record)
+            shown = shown if len(shown) <= 120 else shown[:120] + "..."
+            raise ValueError(f"replay record #{number} {problem}: {shown}")
+
+
+def _problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, not a JSON object"
+    for key in ("name", "digest"):
+        if not isinstance(record.get(key), str):
+            return f"has no text {key!r}" if key not in record else f"has a {key!r} that is not text"
+    for key, least in (("occurrence", 1), ("seq", 0)):
+        value = record.get(key)
+        if type(value) is not int or value < least:
+            return f"has no {key!r}" if key not in record else f"has {key!r} {value!r}, not an int >= {least}"
+    seq = record["seq"]
+    parent, end, lane = record.get("parent"), record.get("end"), record.get("lane", 0)
+    if parent is not None and (type(parent) is not int or not 0 <= parent < seq):
+        return f"has 'parent' {parent!r}, not the number of a call started before it ({seq})"
+    if end is not None and (type(end) is not int or end < seq):
+        return f"has 'end' {end!r}, not an int >= its 'seq' {seq}"
+    if type(lane) is not int:
+        return f"has 'lane' {lane!r}, not an int"
+    if not isinstance(record.get("failed", False), bool):
+        return f"has 'failed' {record['failed']!r}, not true or false"
+    if not isinstance(record.get("run", {}), dict):
+        return "has a 'run' that is not a JSON object"
+    return None
+
+
 def records_from_v1(records: list[Any]) -> list[dict[str, Any]]:
     """The replay records of a version 1 checkpoint (multirun-otel 0.1.0), as records of today.
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError, BlobStoreUnavailableError
-from multirun.checkpoints.replay import RUN_PREFIX, records_from_v1
+from multirun.checkpoints.replay import RUN_PREFIX, check_records, records_from_v1
 from multirun.checkpoints.serializers import dump_blob, get_serializer, load_blob, resolve_hmac_key
 from multirun.errors import CheckpointError, ConfigurationError, ReplayError
 from multirun.models.checkpoint import Checkpoint, CheckpointMeta
@@ -325,10 +325,19 @@ class CheckpointStore:
                 blob = self.exporter.get(key)
         except BlobNotFoundError as exc:
             raise CheckpointError(str(exc)) from None
-        header, document = load_blob(
-            blob, max_bytes=self.max_blob_bytes, hmac_key=self._hmac_key, allowed_serializers=self._allowed
-        )
         try:
+            header, document = load_blob(
+                blob,
+                max_bytes=self.max_blob_bytes,
+                hmac_key=self._hmac_key,
+                allowed_serializers=self._allowed,
+            )
+        except CheckpointError as exc:  # the same error, saying which checkpoint it is
+            exc.args = (f"checkpoint {checkpoint_id!r} ({key}) is refused: {exc}", *exc.args[1:])
+            raise
+        try:
+            if not isinstance(document, dict):
+                raise TypeError(f"it holds a {type(document).__name__}, not a JSON object")
             meta = document["checkpoint"]
             checkpoint = Checkpoint(
                 id=meta["id"],
@@ -344,11 +353,12 @@ class CheckpointStore:
                 size_bytes=len(blob),
             )
             recorded = document.get("replay", [])
+            if not isinstance(recorded, list):
+                raise TypeError(f"its replay log is a {type(recorded).__name__}, not a list")
             if header["version"] == 1:  # a cache of [name, input hash, result] triples then
                 recorded = records_from_v1(recorded)
+            check_records(recorded)
             replay = [dict(record) for record in recorded]
-            for record in replay:
-                str(record["name"]), str(record["digest"]), int(record["occurrence"])
             ledger = {k: int(v) for k, v in document.get("ledger", {}).items()}
             state = dict(document.get("state", {}))
             trace = {k: str(v) for k, v in document.get("trace", {}).items()}
@@ -356,7 +366,7 @@ class CheckpointStore:
             seq = meta.get("sub_run_seq")
             sub_run_seq = None if seq is None else int(seq)
             agents = _agent_states(document.get("agents"), state)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:  # Overflow: int(Infinity)
             raise ReplayError(f"checkpoint {checkpoint_id!r} cannot be replayed: {exc}") from None
         return RestoredCheckpoint(
             checkpoint, state, replay, ledger, key, trace, sub_run_id, sub_run_seq, agents
