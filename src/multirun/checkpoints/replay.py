@@ -20,7 +20,10 @@ after it failed, in the same asyncio task or thread (a retry loop), and that
 call returned: then the failed call is
 answered with that result, and the retry is not made. A failed call that runs
 again and now returns takes the program down another path than the recorded
-one, so nothing after it is served: the rest of the run runs afresh.
+one, so nothing after it is served: the rest of the run runs afresh. So does
+a call of the step that failed, made where it failed but with other inputs
+(the cause of the failure was fixed before the resume): the failed call has
+no result that could be served in its place.
 
 A run started inside another run (a sub-run) records its steps in its parent's
 log, under a call of its own (``begin_run``): that call is never served, so the
@@ -550,6 +553,18 @@ class _Replay:
             expected = self.entries[self.position]
         if entry is None and self.lenient:
             return None  # version 1 kept no order, and hashed some inputs otherwise: a new call
+        if entry is None and expected.failed and expected.name == name:
+            # the step failed here in the recorded run, and is called with other inputs now: no
+            # result is served in its place, the program leaves the recorded path (as when a
+            # failed call now returns), and the rest of the run runs afresh
+            self.stop()
+            _logger.info(
+                "multirun: step %r, which failed in the restored run, is called with other inputs "
+                "this time; it and the steps after it run again instead of being served from the "
+                "checkpoint",
+                name,
+            )
+            return None
         if entry is None:
             raise DeterminismError(
                 f"replay: {self._mismatch(name, digest, occurrence, expected)}. The code or the inputs "
