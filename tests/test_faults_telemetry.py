@@ -622,7 +622,9 @@ def test_7_an_unreachable_s3_store_is_a_warning_within_its_timeouts(
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKFAKE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret")
-    multirun.init(tracer_provider=traced.provider, checkpoint_uri=f"s3://bkt/p?endpoint_url={closed}&region=x")
+    multirun.init(
+        tracer_provider=traced.provider, checkpoint_uri=f"s3://bkt/p?endpoint_url={closed}&region=x"
+    )
 
     @step(checkpoint=True)
     def stage() -> str:

@@ -115,6 +115,7 @@ def test_spans_that_never_end_are_forgotten_past_a_bound_and_later_ones_still_ch
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     import multirun
+
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
