@@ -182,3 +182,49 @@ def test_a_sub_runs_agents_get_their_state_back_when_the_top_run_resumes(traced)
     with multirun.resume(run_id=run_id):
         top(False)
     assert seen == [None, "kept"]
+
+
+def test_an_agent_state_that_cannot_be_written_costs_a_warning_not_the_checkpoint(traced, caplog) -> None:
+    import logging
+
+    @agent(name="holder")
+    def holder() -> None:
+        get_current_agent_context().set_state("client", object())  # no JSON form
+
+    @run
+    def job() -> str:
+        holder()
+        get_current_run_context().set_state("kept", 1)
+        return get_current_run_context().checkpoint(name="c").value.id
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        checkpoint_id = job()
+    restored = traced.client.checkpoints.load(checkpoint_id)
+    assert restored.state == {"kept": 1} and restored.agents == []
+    assert "state of agent 'holder' is left out" in caplog.text
+
+
+def test_a_sub_runs_agent_state_that_cannot_be_written_costs_a_warning_not_the_checkpoint(
+    traced, caplog
+) -> None:
+    import logging
+
+    @agent(name="holder")
+    def holder() -> None:
+        get_current_agent_context().set_state("client", object())  # no JSON form
+
+    @run
+    def sub() -> None:
+        get_current_run_context().set_state("sub", "kept")
+        holder()
+
+    @run
+    def job() -> str:
+        sub()
+        return get_current_run_context().checkpoint(name="c").value.id
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        checkpoint_id = job()
+    sub_record = next(r for r in traced.client.checkpoints.load(checkpoint_id).replay if "run" in r)
+    assert sub_record["run"]["state"] == {"sub": "kept"} and sub_record["run"]["agents"] == []
+    assert "state of agent 'holder' is left out" in caplog.text

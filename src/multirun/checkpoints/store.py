@@ -263,8 +263,10 @@ class CheckpointStore:
         except CheckpointError:
             pass
         # some step result has no form in this serializer: leave those results out (the steps
-        # run again after a restore) rather than lose the whole checkpoint
+        # run again after a restore) rather than lose the whole checkpoint; the same for the
+        # state of an agent (agent states are kept in every checkpoint, without being asked for)
         document["replay"] = [self._serializable(record) for record in document["replay"]]
+        document["agents"] = self._writable_agents(document.get("agents", []))
         try:
             return dump_blob(document, self._serializer, compression=self.compression)
         except CheckpointError as exc:
@@ -277,18 +279,41 @@ class CheckpointStore:
             except CheckpointError as exc:
                 record = {k: v for k, v in record.items() if k != "result"}
                 self._warn_unwritable_result(str(record["name"]), exc)
-        if "run" in record:  # a sub-run's: its state may hold what the serializer cannot write
+        if "run" in record:  # a sub-run's: its state (or its agents') may hold what cannot be written
             try:
                 self._serializer.dumps(record["run"])
             except CheckpointError:
-                kept = {k: v for k, v in record["run"].items() if k != "state"}
-                _logger.warning(
-                    "multirun: the state of sub-run %r has no %s form: it is left out of the checkpoint",
-                    record["name"].removeprefix(RUN_PREFIX),
-                    self._serializer.name,
-                )
+                kept = dict(record["run"])
+                try:
+                    self._serializer.dumps(kept.get("state"))
+                except CheckpointError:
+                    del kept["state"]
+                    _logger.warning(
+                        "multirun: the state of sub-run %r has no %s form: it is left out of the checkpoint",
+                        record["name"].removeprefix(RUN_PREFIX),
+                        self._serializer.name,
+                    )
+                if isinstance(kept.get("agents"), list):
+                    kept["agents"] = self._writable_agents(kept["agents"])
                 record = {**record, "run": kept}
         return record
+
+    def _writable_agents(self, agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The agent states this serializer can write; a warning for each one left out."""
+        kept = []
+        for entry in agents:
+            try:
+                self._serializer.dumps(entry["state"])
+            except CheckpointError as exc:
+                _logger.warning(
+                    "multirun: the state of agent %r is left out of the checkpoint, so it does not "
+                    "come back after a restore: %s",
+                    entry["name"],
+                    exc,
+                )
+                continue
+            kept.append(entry)
+        return kept
 
     def _warn_unwritable_result(self, step_name: str, error: CheckpointError) -> None:
         if step_name in self._unwritable_steps:
