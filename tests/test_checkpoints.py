@@ -923,3 +923,57 @@ def test_an_agent_called_outside_any_run_resumes_like_a_run(traced) -> None:
     with multirun.resume(run_id=run_id):  # it used to be ignored: fetch(1) ran again
         assert researcher(False) == 3
     assert executed == [2]
+
+
+def test_a_step_result_left_out_of_the_checkpoint_is_a_warning_naming_the_step_once(traced, caplog) -> None:
+    class Answer:  # no JSON form
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+    @step
+    def ask(question: str) -> Answer:
+        return Answer("42")
+
+    @run
+    def job() -> None:
+        ctx = get_current_run_context()
+        for question in ("a", "b", "c"):
+            ask(question)
+            ctx.checkpoint(name=f"after {question}")
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        job()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "'ask'" in warnings[0] and "runs (and is paid for) again" in warnings[0]
+    assert "Answer has no JSON form" in warnings[0]
+
+
+def test_a_failed_step_resumed_with_fixed_inputs_runs_and_the_rest_runs_afresh(traced, caplog) -> None:
+    calls = Calls()
+
+    @step
+    def search(query: str) -> list[str]:
+        calls("search")
+        return ["d1", "d2"]
+
+    @step(kind=StepKind.LLM_CALL)
+    def summarize(docs: list[str], max_words: int) -> str:
+        calls("summarize")
+        if max_words < 10:
+            raise ValueError("max_words too small for the model")
+        return f"summary of {len(docs)} in {max_words} words"
+
+    @run
+    def job(max_words: int) -> str:
+        return summarize(search("q"), max_words=max_words)
+
+    with pytest.raises(ValueError):
+        job(5)
+    run_id = traced.named("invoke_workflow job")[-1].attributes[attr.RUN_ID]
+    calls.log.clear()
+    with multirun.resume(run_id=run_id), caplog.at_level(logging.INFO, logger="multirun"):
+        # the failed call has no result to serve in place of the fixed one: no DeterminismError
+        assert job(50) == "summary of 2 in 50 words"
+    assert calls.log == ["summarize"]  # search was served
+    assert "which failed in the restored run, is called with other inputs" in caplog.text

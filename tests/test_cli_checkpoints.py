@@ -343,3 +343,64 @@ def test_resume_command_line_end_to_end(tmp_path) -> None:
     )
     assert result.returncode == 1
     assert result.stderr.splitlines() == ["multirun: error: no run or checkpoint with id 'nope' in the store"]
+
+
+# ---------------------------------------------------------------------------
+# a store folder this user cannot read
+
+
+@pytest.fixture
+def unreadable(monkeypatch):  # type: ignore[no-untyped-def]
+    """Make a folder unreadable: chmod 000, and for root (whom chmod does not stop) a refusing scandir."""
+    import os
+
+    made: list[Path] = []
+    real_scandir = os.scandir
+
+    def refusing_scandir(path: object = ".") -> object:
+        if any(Path(str(path)) == folder for folder in made):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    if os.geteuid() == 0:
+        monkeypatch.setattr(os, "scandir", refusing_scandir)
+
+    def make(folder: Path) -> Path:
+        folder.chmod(0o000)
+        made.append(folder)
+        return folder
+
+    yield make
+    for folder in made:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("which", ["blobs", "a run's folder"])
+@pytest.mark.parametrize(
+    "argv", [["checkpoints"], ["checkpoints", "verify"], ["resume", "abc", "--", "true"]]
+)
+def test_an_unreadable_store_folder_is_an_error_not_no_checkpoints(
+    store_dir, capsys, unreadable, which, argv
+) -> None:
+    folder = store_dir / "blobs"
+    if which != "blobs":
+        folder = folder / "checkpoints" / run_ids(store_dir)[0]
+    unreadable(folder)
+    code, out, err = run_cli(capsys, argv[0], "--dir", str(store_dir), *argv[1:])
+    assert code == 1 and "No checkpoints" not in out
+    assert err.startswith(f"multirun: error: cannot list the blob store's folder {folder}: Permission denied")
+    assert "Traceback" not in err
+
+
+def test_resume_from_an_unreadable_store_says_so(traced, unreadable) -> None:
+    @run
+    def job() -> str:
+        return get_current_run_context().checkpoint(name="c").value.run_id
+
+    run_id = job()
+    unreadable(traced.client.checkpoints.exporter.directory)
+    with (
+        pytest.raises(CheckpointError, match="cannot list the blob store's folder"),
+        multirun.resume(run_id=run_id),
+    ):
+        pass

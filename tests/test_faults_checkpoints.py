@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import pickle
 import signal
 import subprocess
 import sys
+import threading
 import tracemalloc
 import uuid
 import zlib
@@ -483,3 +485,100 @@ def test_19_every_built_in_exporter_tells_a_blobs_size_without_reading_it(
     assert exporter.size(uri) == exporter.size("a/b.ckpt") == 1234
     with pytest.raises(BlobNotFoundError):
         exporter.size("a/missing.ckpt")
+
+
+# ---------------------------------------------------------------------------
+# 7. a blob store that hangs: the program waits checkpoint_timeout at most
+
+
+class HangingExporter(MemoryBlobExporter):
+    """A store whose put hangs until ``release`` is set (a store that stopped answering)."""
+
+    def __init__(self) -> None:
+        super().__init__("hanging")
+        self.release = threading.Event()
+        self.puts = 0
+
+    def put(self, key: str, data: bytes) -> str:
+        self.puts += 1
+        self.release.wait()
+        return super().put(key, data)
+
+
+def join_checkpoint_writes() -> None:
+    for thread in threading.enumerate():
+        if thread.name == "multirun-checkpoint-put":
+            thread.join()
+
+
+def test_7_a_hung_blob_store_costs_a_warning_and_holds_one_thread(traced: Any, caplog: Any) -> None:
+    exporter = HangingExporter()
+    traced.client.checkpoints = CheckpointStore(exporter, put_timeout=0.01)
+
+    @step(checkpoint=True)
+    def stage(x: int) -> int:
+        return x
+
+    @checkpoint(name="noted")
+    def note(x: int) -> int:
+        return x
+
+    @run
+    def failing() -> None:
+        stage(3)
+        raise RuntimeError("boom")  # and its on-error checkpoint
+
+    @run
+    def job() -> int:
+        return note(stage(1)) + stage(2)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="multirun"):
+            with pytest.raises(RuntimeError, match="boom"):
+                failing()
+            assert job() == 3  # every checkpoint failed, nothing else did
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert sum("did not write checkpoint" in w and "checkpoint_timeout" in w for w in warnings) == 1
+        # while the first write hangs, the others are refused at once: one put, one thread, one blob
+        assert sum("no checkpoint is written until it does" in w for w in warnings) == 4
+        assert exporter.puts == 1
+    finally:
+        exporter.release.set()
+        join_checkpoint_writes()
+    assert any("wrote checkpoint" in r.getMessage() and "after all" in r.getMessage() for r in caplog.records)
+    assert len(exporter.list("checkpoints/")) == 1  # the hung write completed in the background
+
+    # the store answers again: checkpoints are written as before
+    assert job() == 3
+    assert len(exporter.list("checkpoints/")) == 4
+
+
+def test_7_an_explicit_checkpoint_to_a_hung_store_raises_instead_of_hanging(traced: Any) -> None:
+    exporter = HangingExporter()
+    traced.client.checkpoints = CheckpointStore(exporter, put_timeout=0.01)
+
+    @run
+    def job() -> None:
+        get_current_run_context().checkpoint(name="explicit")
+
+    try:
+        with pytest.raises(CheckpointError, match="checkpoint_timeout"):
+            job()
+    finally:
+        exporter.release.set()
+        join_checkpoint_writes()
+
+
+def test_7_the_checkpoint_timeout_comes_from_init_or_its_variable(
+    traced: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    client = multirun.init(
+        tracer_provider=traced.provider, checkpoint_uri=str(tmp_path), checkpoint_timeout=2.5
+    )
+    assert client.checkpoints.put_timeout == 2.5
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_TIMEOUT", "0.5")
+    client = multirun.init(tracer_provider=traced.provider, checkpoint_uri=str(tmp_path))
+    assert client.checkpoints.put_timeout == 0.5
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_TIMEOUT", "soon")
+    with pytest.raises(ConfigurationError, match="MULTIRUN_CHECKPOINT_TIMEOUT"):
+        multirun.init(tracer_provider=traced.provider, checkpoint_uri=str(tmp_path))

@@ -31,7 +31,7 @@ from multirun._process import env_int
 from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
 from multirun.checkpoints.replay import DEFAULT_LIMIT as DEFAULT_REPLAY_LIMIT
 from multirun.checkpoints.serializers import resolve_hmac_key
-from multirun.checkpoints.store import CheckpointStore
+from multirun.checkpoints.store import DEFAULT_PUT_TIMEOUT, CheckpointStore
 from multirun.clock import Clock
 from multirun.enforcement.ledger import Ledger, RunLedger
 from multirun.enforcement.policy import PolicyState
@@ -255,6 +255,7 @@ def init(
     blob_exporter: BlobExporter | None = None,
     checkpoint_serializer: str | None = None,
     checkpoint_hmac_key: bytes | str | None = None,
+    checkpoint_timeout: float | None = None,
     prices: Mapping[str, Price | Mapping[str, float]] | None = None,
     step_history: int = DEFAULT_STEP_HISTORY,
     record_replay: bool = True,
@@ -287,6 +288,9 @@ def init(
             ``pickle``/``cloudpickle`` to keep objects as they are; those need an HMAC key.
         checkpoint_hmac_key: the key that signs and verifies checkpoints (default
             ``MULTIRUN_CHECKPOINT_HMAC_KEY``; hex, or text of at least 16 bytes).
+        checkpoint_timeout: the longest a checkpoint waits for the blob store to write it, in
+            seconds (default ``MULTIRUN_CHECKPOINT_TIMEOUT``, else 15): a store that hangs or is
+            slow costs that wait and a warning, and the write goes on in the background.
         prices: per-model price overrides, ``{"model": Price(...)}``.
         step_history: how many finished steps a run keeps for ``Run.steps``.
         record_replay: hash the inputs of idempotent steps and keep their results, so
@@ -319,6 +323,7 @@ def init(
         "blob_exporter": blob_exporter,
         "checkpoint_serializer": checkpoint_serializer,
         "checkpoint_hmac_key": checkpoint_hmac_key,
+        "checkpoint_timeout": checkpoint_timeout,
         "prices": prices,
         "step_history": step_history,
         "record_replay": record_replay,
@@ -395,6 +400,7 @@ def _init_locked(
     blob_exporter: BlobExporter | None = None,
     checkpoint_serializer: str | None = None,
     checkpoint_hmac_key: bytes | str | None = None,
+    checkpoint_timeout: float | None = None,
     **client_options: Any,
 ) -> MultiRunClient:
     global _configured, _owned_provider
@@ -421,6 +427,7 @@ def _init_locked(
         blob_exporter or checkpoint_uri or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(root / "blobs"),
         checkpoint_serializer,
         resolve_hmac_key(checkpoint_hmac_key, name="checkpoint_hmac_key"),
+        _checkpoint_timeout(checkpoint_timeout),
     )
     _ensure_local_dir(local_dir)  # last: a refused init creates no folder
     exporter = span_exporter or _exporter_for(endpoint, headers, root)
@@ -717,10 +724,26 @@ def _is_unset(provider: trace.TracerProvider) -> bool:
     return isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
+def _checkpoint_timeout(timeout: float | None) -> float:
+    """``init``'s checkpoint_timeout, else ``MULTIRUN_CHECKPOINT_TIMEOUT``, else the default."""
+    if timeout is not None:
+        return timeout  # checked by the CheckpointStore, which names it
+    raw = os.environ.get("MULTIRUN_CHECKPOINT_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_PUT_TIMEOUT
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"MULTIRUN_CHECKPOINT_TIMEOUT must be a number of seconds, got {raw!r}"
+        ) from None
+
+
 def _checkpoint_store(
     store: CheckpointStore | BlobExporter | str | None,
     serializer: str | None = None,
     hmac_key: bytes | str | None = None,
+    timeout: float = DEFAULT_PUT_TIMEOUT,
 ) -> CheckpointStore:
     if store is None:
         store = "memory://default"
@@ -728,9 +751,11 @@ def _checkpoint_store(
         return store
     serializer = serializer or os.environ.get("MULTIRUN_CHECKPOINT_SERIALIZER") or "json"
     if isinstance(store, str):
-        return CheckpointStore(exporter_from_uri(store), serializer=serializer, hmac_key=hmac_key)
+        return CheckpointStore(
+            exporter_from_uri(store), serializer=serializer, hmac_key=hmac_key, put_timeout=timeout
+        )
     if isinstance(store, BlobExporter):
-        return CheckpointStore(store, serializer=serializer, hmac_key=hmac_key)
+        return CheckpointStore(store, serializer=serializer, hmac_key=hmac_key, put_timeout=timeout)
     raise ConfigurationError(
         f"checkpoint_store must be a CheckpointStore, a BlobExporter or a URI, got {store!r}"
     )

@@ -227,6 +227,11 @@ class RunContext:
         self.remote_ancestor_ids: tuple[str, ...] = ()  # a continued run's enclosing runs, nearest first
         self.agents: list[AgentContext] = []
         self._state: dict[str, Any] = {}
+        # agents started so far, by name; and the states a restored checkpoint kept of agents
+        # that have not started again yet, by (name, occurrence): 0 for the default agent, n for
+        # the n-th agent of that name the run started
+        self._agent_starts: dict[str, int] = {}
+        self._restored_agents: dict[tuple[str, int], dict[str, Any]] = {}
         self._lock = threading.RLock()
         self._default_agent: AgentContext | None = None
         self._history: deque[StepContext] = deque(maxlen=client.step_history)
@@ -339,13 +344,18 @@ class RunContext:
             if isinstance(state, dict):
                 self._state.update(state)
             _restore_spend(self.ledger, recorded.get("ledger"))
+            self._restore_agents(recorded.get("agents"))
 
     def _replay_snapshot(
         self, copy_state: Callable[[dict[str, Any]], dict[str, Any]] = dict
     ) -> dict[str, Any]:
-        """What a checkpoint keeps of a sub-run: its state and its spend (taken as a checkpoint
-        is written; when the sub-run ends, with its state deep-copied, as it is kept)."""
-        return {"state": copy_state(self._state), "ledger": self.ledger.totals()}
+        """What a checkpoint keeps of a sub-run: its state, its agents' and its spend (taken as
+        a checkpoint is written; when the sub-run ends, with its state deep-copied, as it is kept)."""
+        snapshot: dict[str, Any] = {"state": copy_state(self._state), "ledger": self.ledger.totals()}
+        agents = self.agent_states(copy_state)
+        if agents:
+            snapshot["agents"] = agents
+        return snapshot
 
     def _checkpoint_snapshot(self) -> dict[str, Any]:
         """A running sub-run's part of a checkpoint, its spend read afresh from a shared ledger."""
@@ -518,6 +528,12 @@ class RunContext:
         ctx = AgentContext(self, agent, is_default=False)
         with self._lock:
             self.agents.append(ctx)
+            ctx.occurrence = self._agent_starts[name] = self._agent_starts.get(name, 0) + 1
+            restored = (
+                self._restored_agents.pop((name, ctx.occurrence), None) if self._restored_agents else None
+            )
+        if restored is not None:  # the state this agent had at the checkpoint the run resumed
+            ctx._state.update(restored)
         self.ledger.count_sub_agent()
         ctx._start(otel_context.get_current())
         return ctx
@@ -535,7 +551,11 @@ class RunContext:
                         status=AgentStatus.RUNNING,
                         started_at=self.run.started_at,
                     )
-                    self._default_agent = AgentContext(self, model, is_default=True)
+                    default = AgentContext(self, model, is_default=True)
+                    restored = self._restored_agents.pop((model.name, 0), None)
+                    if restored is not None:
+                        default._state.update(restored)
+                    self._default_agent = default
                 agent = self._default_agent
         return agent
 
@@ -551,6 +571,52 @@ class RunContext:
     @property
     def state(self) -> dict[str, Any]:
         return self._state
+
+    def agent_states(
+        self, copy_state: Callable[[dict[str, Any]], dict[str, Any]] = dict
+    ) -> list[dict[str, Any]]:
+        """The state of each agent of this run that has one, as a checkpoint keeps it:
+        ``{"name", "occurrence", "state"}``, occurrence 0 for the default agent and n for the
+        n-th agent of that name the run started. Restored states of agents that have not
+        started again yet are kept too, so a resumed run that dies keeps them."""
+        with self._lock:
+            agents = list(self.agents)
+            default = self._default_agent
+            pending = list(self._restored_agents.items())
+        if default is not None and default not in agents:
+            agents.insert(0, default)
+        states = [
+            {"name": agent.agent.name, "occurrence": agent.occurrence, "state": copy_state(agent._state)}
+            for agent in agents
+            if agent._state
+        ]
+        states.extend(
+            {"name": name, "occurrence": occurrence, "state": copy_state(state)}
+            for (name, occurrence), state in pending
+        )
+        return states
+
+    def _restore_agents(self, agents: Any) -> None:
+        """Give the agents of a checkpoint's ``agent_states`` their state back: those started
+        already now, the others when they start (by name and occurrence)."""
+        restored: dict[tuple[str, int], dict[str, Any]] = {}
+        for entry in agents if isinstance(agents, list) else ():
+            if not isinstance(entry, dict):
+                continue
+            name, occurrence, state = entry.get("name"), entry.get("occurrence"), entry.get("state")
+            if isinstance(name, str) and type(occurrence) is int and isinstance(state, dict):
+                restored[name, occurrence] = state
+        if not restored:
+            return
+        with self._lock:
+            started = list(self.agents)
+            if self._default_agent is not None:
+                started.append(self._default_agent)
+            for agent in started:
+                state = restored.pop((agent.agent.name, agent.occurrence), None)
+                if state is not None:
+                    agent._state.update(state)
+            self._restored_agents.update(restored)
 
     # -- usage ---------------------------------------------------------------
 
@@ -640,17 +706,21 @@ class RunContext:
                 "its sub-runs with it, rather than restoring it into a sub-run"
             )
         else:
-            self._restore(restored.state, restored.replay, restored.ledger)
+            self._restore(restored.state, restored.replay, restored.ledger, restored.agents)
         return Done(None)
 
-    def _restore(self, state: dict[str, Any], replay: list[dict[str, Any]], ledger: Any) -> None:
-        """Go on from a checkpoint (or a sub-run's part of one): its state, replay log and spend."""
+    def _restore(
+        self, state: dict[str, Any], replay: list[dict[str, Any]], ledger: Any, agents: Any = None
+    ) -> None:
+        """Go on from a checkpoint (or a sub-run's part of one): its state, replay log, spend,
+        and its agents' states (``agent_states``)."""
         if self.root is not self:
             # a sub-run that restores a checkpoint continues it in a log of its own (its call in
             # the top run's log stays, and records how it ends)
             self.root, self.replay_parent = self, None
             self.replay_log = ReplayLog(self.client.replay_limit)
         self._state.update(state)
+        self._restore_agents(agents)
         self.replay_log.load(replay)
         self.records_replay = True
         _restore_spend(self.ledger, ledger)
@@ -684,6 +754,7 @@ class AgentContext:
         self.parent_step: StepContext | None = None
         self.parent_agent: AgentContext | None = None  # the agent it was started in, if any
         self._finished = False
+        self.occurrence = 0  # n for the n-th agent of its name the run started; 0 for the default
 
     def _start(self, parent_ctx: Context) -> None:
         self.parent_step = step_in(parent_ctx)
@@ -800,10 +871,10 @@ class AgentContext:
     def checkpoint(
         self, name: str | None = None, extra_state: dict[str, Any] | None = None
     ) -> Done[CheckpointMeta]:
-        extra = {f"agent:{self.agent.name}": dict(self._state)}
-        if extra_state:
-            extra.update(extra_state)
-        return self.run_context.checkpoint(name, extra, agent_id=self.agent.id)
+        """Checkpoint the run, from this agent: every checkpoint of a run holds the state of
+        each of its agents, restored to the agent when it starts again in the resumed run;
+        ``extra_state`` goes to the run's state."""
+        return self.run_context.checkpoint(name, extra_state, agent_id=self.agent.id)
 
     # -- usage, lifecycle ----------------------------------------------------
 
@@ -1331,8 +1402,8 @@ def _run_ids(run: RunContext) -> set[str]:
     return ids
 
 
-def _sub_run_part(restored: RestoredCheckpoint) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
-    """The state, replay records and spend of the sub-run that took ``restored``."""
+def _sub_run_part(restored: RestoredCheckpoint) -> tuple[dict[str, Any], list[dict[str, Any]], Any, Any]:
+    """The state, replay records, spend and agent states of the sub-run that took ``restored``."""
     seq = restored.sub_run_seq
     try:
         if seq is None:
@@ -1344,7 +1415,7 @@ def _sub_run_part(restored: RestoredCheckpoint) -> tuple[dict[str, Any], list[di
             f"part of it cannot be found ({exc}): resume its top run {restored.checkpoint.run_id} instead"
         ) from None
     state = kept.get("state")
-    return (state if isinstance(state, dict) else {}), records, kept.get("ledger")
+    return (state if isinstance(state, dict) else {}), records, kept.get("ledger"), kept.get("agents")
 
 
 def _restore_spend(ledger: Ledger, spend: Any) -> None:

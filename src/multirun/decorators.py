@@ -22,7 +22,7 @@ from opentelemetry.context import Context
 
 from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
-from multirun.checkpoints.replay import SEQ, Served
+from multirun.checkpoints.replay import SEQ, Served, kept_copy, stream_of, stream_record
 from multirun.checkpoints.resume import take_pending_resume
 from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext
@@ -99,6 +99,7 @@ class StepSpec:
         "retry_strategy",
         "span_name",
         "start_attrs",
+        "streams",
     )
 
     def __init__(
@@ -132,10 +133,10 @@ class StepSpec:
         if model is not None and (not isinstance(model, str) or not model):
             raise ConfigurationError(f"@{decorator}(model=...) must be a non-empty string, got {model!r}")
         self.model = model
-        # served from the replay cache on restore: idempotent steps that return a value
-        self.replayable = self.idempotent and not (
-            inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
-        )
+        # served from the replay cache on restore: idempotent steps (a generator's stream is
+        # served as the items it yielded, when it was consumed to the end)
+        self.replayable = self.idempotent
+        self.streams = inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
         self.start_attrs = spans.step_start_attributes(self.kind, self.name, model)
         self.span_name = spans.step_span_name(self.kind, self.name, model)
 
@@ -147,6 +148,7 @@ class _StepCall(StepContext):
     wait_before = 0.0  # seconds a rate limit asked the step to wait before its first attempt
     _retry_refused: PolicyViolation | None = None  # the policy's reason not to make another attempt
     _stream: StreamUsage | None = None  # usage of the LLM SDK chunks a generator step yielded
+    _stream_items: list[Any] | None = None  # what a generator step yielded, for its replay record
 
     def _clock(self) -> Clock:
         return self.run_context.client.clock
@@ -196,7 +198,10 @@ class _StepCall(StepContext):
         spec = self.spec
         run = self.run_context
         if self.replay_call is not None:
-            run.replay_log.record(self.replay_call, result)
+            if spec.streams:
+                self._record_stream(result)
+            else:
+                run.replay_log.record(self.replay_call, result)
         if run.policy_engine is not None:
             run.policy_engine.after_success(spec.name, spec.kind)
         if spec.checkpoint:
@@ -206,11 +211,35 @@ class _StepCall(StepContext):
         self._close(StepStatus.COMPLETED, result, extra=extra)
 
     def _observe(self, item: Any) -> None:
-        """Look at one item a generator step yielded, for LLM SDK stream chunks with usage."""
+        """Look at one item a generator step yielded: kept for the replay log, and read for
+        the usage of LLM SDK stream chunks."""
+        items = self._stream_items
+        if items is not None:
+            if len(items) < STREAM_RECORD_LIMIT:
+                items.append(kept_copy(item))  # as yielded, whatever the consumer does with it
+            else:
+                self._stream_items = None
+                _warn_stream_not_recorded(self.spec.name)
         if is_sdk_object(item):
             if self._stream is None:
                 self._stream = StreamUsage()
             self._stream.observe(item)
+
+    def _stream_cut(self) -> None:
+        """The consumer stopped the stream early, or sent or threw something into it: what
+        it yielded is not all the step yields, or depends on more than its inputs, so it is
+        not served after a restore (it runs again)."""
+        self._stream_items = None
+
+    def _record_stream(self, returned: Any) -> None:
+        """Record a generator step that ended: its items, if its whole stream was read."""
+        assert self.replay_call is not None
+        items = self._stream_items
+        log = self.run_context.replay_log
+        if items is None:
+            log.abandon(self.replay_call)
+        else:
+            log.record(self.replay_call, stream_record(items, kept_copy(returned)), copied=True)
 
     def _charge_sdk_usage(self, result: Any) -> None:
         """Charge the usage of an LLM SDK response the step returned or streamed.
@@ -246,6 +275,21 @@ class _StepCall(StepContext):
         if self.spec.retry > 0 and isinstance(error, Exception) and not _is_permanent(error):
             return StepError(self.spec.name, self.attempt, error)
         return error
+
+
+STREAM_RECORD_LIMIT = 100_000  # items of one stream the replay log keeps at most
+_stream_warned: set[str] = set()
+
+
+def _warn_stream_not_recorded(name: str) -> None:
+    if name not in _stream_warned:
+        _stream_warned.add(name)
+        _logger.warning(
+            "multirun: generator step %r yielded more than %d items: its stream is not kept in "
+            "the replay log, and it runs again after a restore (logged once per step name)",
+            name,
+            STREAM_RECORD_LIMIT,
+        )
 
 
 def backoff_delay(strategy: BackoffStrategy, base: float, cap: float, attempt: int) -> float:
@@ -294,8 +338,10 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
                 spec.name, digest, parent_call[SEQ] if parent_call is not None else run.replay_parent
             )
             if isinstance(began, Served):
+                # a generator step's value: its items and return value (DeterminismError if none)
+                value = stream_of(spec.name, began.value) if spec.streams else began.value
                 _record_step_not_run(spec, agent, current, digest=digest)
-                return _Replayed(began.value)
+                return _Replayed(value)
             replay_call = began
     engine = run.policy_engine
     decision = None
@@ -318,6 +364,8 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     if digest is not None:
         step.input_hash = digest
         step.replay_call = replay_call
+        if replay_call is not None and spec.streams:
+            step._stream_items = []
     if decision is not None and decision is not PROCEED:
         # "proceed" is not counted: it is every step that was not waited, switched or refused
         run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
@@ -523,7 +571,7 @@ def _resume_pending(ctx: RunContext) -> None:
     if restored is not None:
         ctx.resumed_from = restored  # the span starts linked to the run it continues
         ctx._start()  # the span, and with it the ledger the restored spend goes to
-        ctx._restore(restored.state, restored.replay, restored.ledger)
+        ctx._restore(restored.state, restored.replay, restored.ledger, restored.agents)
 
 
 # ---------------------------------------------------------------------------
@@ -824,6 +872,9 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
         call = open_call(args, kwargs)
         if call is None:
             return (yield from func(*args, **kwargs))
+        if type(call) is _Replayed:  # served from the replay log: (items, return value)
+            yield from call.value[0]
+            return call.value[1]
         if call.wait_before:
             _pause(call, call.wait_before)
         while True:
@@ -840,6 +891,7 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
             break
         count = 0
         observe = getattr(call, "_observe", None)  # only steps look at what they stream
+        cut = getattr(call, "_stream_cut", None)
         while not done:
             count += 1
             if observe is not None:
@@ -847,6 +899,8 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
             try:
                 sent = yield item
             except GeneratorExit:
+                if cut is not None:
+                    cut()
                 token = _attach(call)
                 try:
                     gen.close()
@@ -855,8 +909,12 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
                 call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
                 raise
             except BaseException as thrown:
+                if cut is not None:
+                    cut()
                 how, value = gen.throw, thrown
             else:
+                if sent is not None and cut is not None:
+                    cut()
                 how, value = gen.send, sent
             try:
                 done, item = resume(call, how, value)
@@ -886,6 +944,10 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
             async for item in func(*args, **kwargs):
                 yield item
             return
+        if type(call) is _Replayed:  # served from the replay log: (items, return value)
+            for item in call.value[0]:
+                yield item
+            return
         if call.wait_before:
             await _async_pause(call, call.wait_before)
         while True:
@@ -902,6 +964,7 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
             break
         count = 0
         observe = getattr(call, "_observe", None)  # only steps look at what they stream
+        cut = getattr(call, "_stream_cut", None)
         while not done:
             count += 1
             if observe is not None:
@@ -909,6 +972,8 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
             try:
                 sent = yield item
             except GeneratorExit:
+                if cut is not None:
+                    cut()
                 token = _attach(call)
                 try:
                     await agen.aclose()
@@ -917,8 +982,12 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
                 call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
                 raise
             except BaseException as thrown:
+                if cut is not None:
+                    cut()
                 how, value = agen.athrow, thrown
             else:
+                if sent is not None and cut is not None:
+                    cut()
                 how, value = agen.asend, sent
             try:
                 done, item = await resume(call, how, value)

@@ -232,16 +232,28 @@ class FileBlobExporter:
 
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
-        if not self.directory.is_dir():
-            return []
+
+        def refuse(error: OSError) -> None:  # os.walk skips a folder it cannot read, silently
+            if not isinstance(error, (FileNotFoundError, NotADirectoryError)):  # gone meanwhile: fine
+                raise error
+
         keys = []
-        for root, _dirs, files in os.walk(self.directory):
-            for name in files:
-                if name.startswith(".tmp-"):
-                    continue
-                key = Path(root, name).relative_to(self.directory).as_posix()
-                if key.startswith(prefix):
-                    keys.append(key)
+        try:
+            if not self.directory.is_dir():
+                return []
+            for root, _dirs, files in os.walk(self.directory, onerror=refuse):
+                for name in files:
+                    if name.startswith(".tmp-"):
+                        continue
+                    key = Path(root, name).relative_to(self.directory).as_posix()
+                    if key.startswith(prefix):
+                        keys.append(key)
+        except OSError as exc:
+            where = exc.filename or self.directory
+            raise CheckpointError(
+                f"cannot list the blob store's folder {where}: {exc.strerror or exc}; "
+                "check that it is readable (and searchable) by this user"
+            ) from None
         return sorted(keys)
 
     def delete(self, key: str) -> None:

@@ -1,9 +1,15 @@
 """A step's input hash: the same for the same arguments in any process.
 
-The hash is SHA-256 over a canonical JSON text of the arguments (keys sorted,
-pydantic models and dataclasses as their fields), so it does not depend on
-dict order, PYTHONHASHSEED or object addresses. Arguments with no faithful JSON
-form give no hash, and such a step is simply never served from the cache.
+The hash is SHA-256 over a canonical JSON text of the arguments' JSON form (keys
+sorted, pydantic models and dataclasses as their fields, sets sorted), so it does
+not depend on dict order, set order, PYTHONHASHSEED or object addresses. The JSON
+form is the one the JSON checkpoint serializer writes (``serializers.json_form``),
+so a value hashes the same as what a restored checkpoint serves for it: an Enum, a
+datetime, a Decimal or a UUID that one step returns and the next step takes gives
+that step the same hash in the first run and after a restore, where the next step
+gets the value's JSON form (its value, an ISO string, a str). Arguments with no
+faithful JSON form give no hash, and such a step is simply never served from the
+cache.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import hashlib
 import json
 from typing import Any
 
-from pydantic_core import to_jsonable_python
+from multirun.checkpoints.serializers import json_form
 
 _NO_ARGUMENTS = hashlib.sha256(b"[[],{}]").hexdigest()
 _PLAIN = frozenset({str, int, float, bool, type(None)})
@@ -28,29 +34,31 @@ def input_hash(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         if not args:
             return _NO_ARGUMENTS
         if _PLAIN.issuperset(map(type, args)):
-            return "r" + _sha256(repr(args).encode("utf-8", "surrogatepass")).hexdigest()[1:]
+            return _repr_digest(args, kwargs)
     elif _PLAIN.issuperset(map(type, args)) and _PLAIN.issuperset(map(type, kwargs.values())):
-        text = repr((args, sorted(kwargs.items())))
-        return "r" + _sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[1:]
+        return _repr_digest(args, kwargs)
+    try:
+        plain_args, plain_kwargs = json_form([list(args), kwargs])
+    except (TypeError, ValueError, RecursionError):
+        return None
+    if _PLAIN.issuperset(map(type, plain_args)) and _PLAIN.issuperset(map(type, plain_kwargs.values())):
+        # every argument is a scalar in JSON (an Enum, a datetime, ...): hashed as that scalar
+        # is, whether it comes as itself or, served from a checkpoint, as its JSON form
+        return _repr_digest(tuple(plain_args), plain_kwargs)
     try:
         text = json.dumps(
-            [args, kwargs],
+            [plain_args, plain_kwargs],
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=True,  # lone surrogates such as "\ud800" stay encodable
-            default=_canonical,
             allow_nan=True,
         )
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def _canonical(value: Any) -> Any:
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
-    return to_jsonable_python(value, fallback=_refuse)
-
-
-def _refuse(value: Any) -> Any:
-    raise TypeError(f"no stable form for {type(value).__name__}")
+def _repr_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The digest of plain scalar arguments, from their repr (marked by a leading "r")."""
+    text = repr(args) if not kwargs else repr((args, sorted(kwargs.items())))
+    return "r" + _sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[1:]

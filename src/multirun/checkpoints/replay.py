@@ -20,16 +20,26 @@ after it failed, in the same asyncio task or thread (a retry loop), and that
 call returned: then the failed call is
 answered with that result, and the retry is not made. A failed call that runs
 again and now returns takes the program down another path than the recorded
-one, so nothing after it is served: the rest of the run runs afresh.
+one, so nothing after it is served: the rest of the run runs afresh. So does
+a call of the step that failed, made where it failed but with other inputs
+(the cause of the failure was fixed before the resume): the failed call has
+no result that could be served in its place.
 
 A run started inside another run (a sub-run) records its steps in its parent's
 log, under a call of its own (``begin_run``): that call is never served, so the
 sub-run always runs again after a restore, with the state and spend it had at
 the checkpoint, and its completed steps are served as it calls them.
 
-A call that runs again after a restore (it was running at the checkpoint, or
-it failed) keeps its recorded sequence number, and its new record replaces the
-old one in the next checkpoint, so a resumed run that dies can be resumed again.
+A generator step (streamed output) is recorded once its stream was consumed to
+the end, its result being what it yielded, and what it returned (``stream_record``);
+after a restore the items are yielded again without running it. A stream its
+consumer stopped early, or drove with ``send``/``throw``, has nothing the log
+could serve (``abandon``): like a step that was running, it runs again.
+
+A call that runs again after a restore (it was running at the checkpoint, it
+failed, or it ended without a result to serve) keeps its recorded sequence
+number, and its new record replaces the old one in the next checkpoint, so a
+resumed run that dies can be resumed again.
 
 After a restore (``load``), calls are served from the log in the order they
 were recorded. A call the log does not know, while recorded calls remain
@@ -181,18 +191,27 @@ class ReplayLog:
                 self.limit,
             )
 
-    def record(self, call: Call, result: Any) -> None:
-        """The step of ``call`` returned ``result``."""
+    def record(self, call: Call, result: Any, *, copied: bool = False) -> None:
+        """The step of ``call`` returned ``result`` (``copied``: a copy the program cannot change)."""
         seq = call[SEQ]
         if self._reruns and seq in self._reruns:
             self._rerun_returned(seq)
         # begin() let it in while the log had room: past the limit by the calls in flight at most
-        if type(result) not in _KEPT_AS_IS:
+        if not copied and type(result) not in _KEPT_AS_IS:
             result = kept_copy(result)
         self._recorded.append((call, next(self._seq), result))  # one atomic append
         # only then is it no longer running: a checkpoint taken meanwhile finds it in one of the
         # two, or both (to_records keeps the ended one), never in neither
         self._running.pop(seq, None)
+
+    def abandon(self, call: Call) -> None:
+        """The step of ``call`` ended without a result the log can serve (a stream its consumer
+        stopped early): after a restore it runs again, as a step running at the checkpoint does."""
+        seq = call[SEQ]
+        if self._reruns and seq in self._reruns:
+            self._rerun_returned(seq)  # it did not raise this time: the program goes on
+        self._recorded.append((call, next(self._seq), _NO_RESULT))
+        self._running.pop(seq, None)  # after the append, as in record()
 
     def fail(self, call: Call) -> None:
         """The step of ``call`` raised (or was refused before it ran)."""
@@ -322,6 +341,26 @@ def _lane() -> int:
 
 _KEPT_AS_IS = frozenset({str, int, float, bool, type(None), bytes})
 
+STREAM_KEY: Final = "__multirun_stream__"
+
+
+def stream_record(items: list[Any], returned: Any) -> dict[str, Any]:
+    """The recorded result of a generator step: the items it yielded, and what it returned."""
+    return {STREAM_KEY: items, "returned": returned}
+
+
+def stream_of(name: str, result: Any) -> tuple[list[Any], Any]:
+    """The items and return value of a generator step's recorded result (``stream_record``).
+
+    DeterminismError if the recorded step was not a generator (the code changed since)."""
+    if isinstance(result, dict) and isinstance(result.get(STREAM_KEY), list):
+        return result[STREAM_KEY], result.get("returned")
+    raise DeterminismError(
+        f"replay: step {name!r} is a generator, but the recorded run's call of it returned a value "
+        "instead of streaming: the code changed since the checkpoint. Restore from an earlier "
+        "checkpoint, start a new run, or mark the step idempotent=False."
+    )
+
 
 def kept_copy(value: Any) -> Any:
     """A copy of a step's result that the program cannot change afterwards (it appends to the
@@ -385,6 +424,82 @@ class _Entry:
 _STILL_RUNNING = 2**62
 
 
+def check_records(records: list[Any]) -> None:
+    """Refuse replay records a replay could not follow, with a ValueError naming the record.
+
+    Each is a dict with a str ``name`` and ``digest``, an int ``occurrence`` (1 or more) and
+    ``seq``; ``parent`` is None or the ``seq`` of a call that started before it (so no call
+    runs inside itself), ``end`` None or an int not before ``seq``, ``lane`` an int, ``failed``
+    a bool, ``run`` a dict. The envelope's digest says the bytes are those written, not that
+    whoever wrote them wrote these.
+    """
+    for number, record in enumerate(records, 1):
+        problem = _problem(record)
+        if problem is not None:
+            shown = repr(record)
+            shown = shown if len(shown) <= 120 else shown[:120] + "..."
+            raise ValueError(f"replay record #{number} {problem}: {shown}")
+
+
+def _problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, not a JSON object"
+    for key in ("name", "digest"):
+        if not isinstance(record.get(key), str):
+            return f"has no text {key!r}" if key not in record else f"has a {key!r} that is not text"
+    for key, least in (("occurrence", 1), ("seq", 0)):
+        value = record.get(key)
+        if type(value) is not int or value < least:
+            return f"has no {key!r}" if key not in record else f"has {key!r} {value!r}, not an int >= {least}"
+    seq = record["seq"]
+    parent, end, lane = record.get("parent"), record.get("end"), record.get("lane", 0)
+    if parent is not None and (type(parent) is not int or not 0 <= parent < seq):
+        return f"has 'parent' {parent!r}, not the number of a call started before it ({seq})"
+    if end is not None and (type(end) is not int or end < seq):
+        return f"has 'end' {end!r}, not an int >= its 'seq' {seq}"
+    if type(lane) is not int:
+        return f"has 'lane' {lane!r}, not an int"
+    if not isinstance(record.get("failed", False), bool):
+        return f"has 'failed' {record['failed']!r}, not true or false"
+    if not isinstance(record.get("run", {}), dict):
+        return "has a 'run' that is not a JSON object"
+    return None
+
+
+def records_from_v1(records: list[Any]) -> list[dict[str, Any]]:
+    """The replay records of a version 1 checkpoint (multirun-otel 0.1.0), as records of today.
+
+    Version 1 kept a cache, not a log: ``[name, input hash, result]`` for each step name and
+    inputs, the last result, with no order, occurrence or nesting, served to every call with
+    those inputs. Each becomes the first call of its step with those inputs, made side by
+    side with the others (a lane of its own), marked ``v1``: a replay of them serves the calls
+    it knows in any order, and runs the ones it does not (new calls, or calls whose input hash
+    is computed differently since: those whose arguments are all plain str, int, float, bool
+    or None) instead of raising DeterminismError. ValueError if one is not such a triple.
+    """
+    converted = []
+    for seq, record in enumerate(records):
+        if not isinstance(record, (list, tuple)) or len(record) != 3:
+            raise ValueError(f"version 1 replay record #{seq + 1} is not [name, input hash, result]")
+        name, digest, result = record
+        if not isinstance(name, str) or not isinstance(digest, str):
+            raise ValueError(f"version 1 replay record #{seq + 1} has no step name and input hash")
+        converted.append(
+            {
+                "name": name,
+                "digest": digest,
+                "occurrence": 1,
+                "parent": None,
+                "seq": seq,
+                "end": seq,
+                "lane": seq,
+                "result": result,
+                "v1": True,
+            }
+        )
+    return converted
+
+
 class _Replay:
     """A checkpoint's calls, served in their recorded order."""
 
@@ -407,6 +522,8 @@ class _Replay:
         self.position = 0  # the first entry, in recorded order, not served yet
         self.done = not self.entries
         self.stopped = False
+        # records of a version 1 checkpoint (records_from_v1): a call they do not know runs
+        self.lenient = any(entry.record.get("v1") is True for entry in self.entries)
 
     def next_occurrence(self, name: str, digest: str) -> int:
         """Number a call of ``name`` with these inputs (the first is 1)."""
@@ -434,6 +551,20 @@ class _Replay:
             if self.done:
                 return None
             expected = self.entries[self.position]
+        if entry is None and self.lenient:
+            return None  # version 1 kept no order, and hashed some inputs otherwise: a new call
+        if entry is None and expected.failed and expected.name == name:
+            # the step failed here in the recorded run, and is called with other inputs now: no
+            # result is served in its place, the program leaves the recorded path (as when a
+            # failed call now returns), and the rest of the run runs afresh
+            self.stop()
+            _logger.info(
+                "multirun: step %r, which failed in the restored run, is called with other inputs "
+                "this time; it and the steps after it run again instead of being served from the "
+                "checkpoint",
+                name,
+            )
+            return None
         if entry is None:
             raise DeterminismError(
                 f"replay: {self._mismatch(name, digest, occurrence, expected)}. The code or the inputs "

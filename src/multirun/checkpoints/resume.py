@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 from opentelemetry import context as otel_context
 
 from multirun.checkpoints.store import StoredCheckpoint, parse_checkpoint_key, validate_id
-from multirun.errors import CheckpointError, ConfigurationError
+from multirun.errors import CheckpointError, ConfigurationError, ReplayError
 
 if TYPE_CHECKING:
     from multirun.checkpoints.store import CheckpointStore, RestoredCheckpoint
@@ -122,9 +122,35 @@ def resolve_checkpoint(stored: Iterable[StoredCheckpoint], identifier: str, kind
 
 
 def load_for_resume(store: CheckpointStore, identifier: str, kind: IdKind = "either") -> RestoredCheckpoint:
-    """The checkpoint ``identifier`` names (see ``resolve_checkpoint``), read and verified."""
-    checkpoint_id = resolve_checkpoint(stored_checkpoints(store.list()), identifier, kind)
-    return store.load(checkpoint_id)
+    """The checkpoint ``identifier`` names (see ``resolve_checkpoint``), read and verified.
+
+    When it is refused (damaged, truncated), the error names the run's checkpoint before it,
+    if there is one, and how to resume from that one instead.
+    """
+    stored = stored_checkpoints(store.list())
+    checkpoint_id = resolve_checkpoint(stored, identifier, kind)
+    try:
+        return store.load(checkpoint_id)
+    except (CheckpointError, ReplayError) as exc:
+        earlier = _earlier_checkpoint(stored, checkpoint_id)
+        if earlier is not None:
+            exc.args = (
+                f"{exc}. The checkpoint of run {earlier.run_id} before it can be resumed instead: "
+                f"multirun.resume(checkpoint_id={earlier.checkpoint_id!r}), or "
+                f"`multirun resume {earlier.checkpoint_id} -- ...`",
+                *exc.args[1:],
+            )
+        raise
+
+
+def _earlier_checkpoint(stored: Sequence[StoredCheckpoint], checkpoint_id: str) -> StoredCheckpoint | None:
+    """The checkpoint taken before ``checkpoint_id`` in the same run, if any (``stored`` is sorted)."""
+    previous = None
+    for found in stored:
+        if found.checkpoint_id == checkpoint_id:
+            return previous if previous is not None and previous.run_id == found.run_id else None
+        previous = found
+    return None
 
 
 @contextmanager

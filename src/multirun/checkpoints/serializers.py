@@ -95,6 +95,7 @@ __all__ = [
     "Serializer",
     "dump_blob",
     "get_serializer",
+    "json_form",
     "load_blob",
     "resolve_hmac_key",
     "serializer_names",
@@ -406,6 +407,18 @@ def _already_plain(value: Any) -> bool:
     return True
 
 
+def json_form(value: Any) -> Any:
+    """``value`` as the JSON serializer writes it, which is also what a restored checkpoint gives
+    back for it (bytes excepted: they stay bytes, and are written as the same tag again).
+    TypeError if it has no JSON form."""
+    if _already_plain(value):
+        return value
+    try:
+        return _plain(value)
+    except _NoJsonForm as exc:
+        raise TypeError(exc.reason) from None
+
+
 def _plain(value: Any) -> Any:
     """``value`` as plain JSON data (dict, list, str, int, float, bool, None), per the module table."""
     if value is None or value is True or value is False:
@@ -413,6 +426,10 @@ def _plain(value: Any) -> Any:
     kind = type(value)
     if kind is str or kind is int or kind is float:
         return value
+    if kind is list or kind is tuple:  # the common containers first: isinstance(Mapping) is slow
+        return _plain_items(value)
+    if kind is dict:
+        return _plain_dict(value.items())
     if isinstance(value, Enum):
         return _plain(value.value)
     if isinstance(value, str):

@@ -1,10 +1,19 @@
 """CheckpointStore: turns run state into verified blobs and back.
 
-A checkpoint holds the run's state (``set_state``), the replay cache of
+A checkpoint holds the run's state (``set_state``), its agents' states (each
+agent's ``set_state``, by agent name and occurrence), the replay cache of
 completed idempotent steps, and what the run had spent, serialized as JSON
 (pydantic models and dataclasses become plain data), sealed in an envelope
 (see ``envelope``) and handed to a blob exporter under
 ``checkpoints/<run id>/<checkpoint id>.ckpt``.
+
+The exporter's ``put`` runs in a thread of its own, and a checkpoint waits for
+it at most ``put_timeout`` seconds (``init(checkpoint_timeout=...)``, 15 by
+default): a store that hangs or is slow then costs the program that wait and
+a CheckpointError (a warning, for the checkpoints multirun takes itself), never
+more. The write goes on in the background, and until it ends later checkpoints
+are refused at once, so a hung store holds one thread and one blob at most
+(per checkpoint taken side by side when it hung).
 """
 
 from __future__ import annotations
@@ -17,16 +26,16 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError
-from multirun.checkpoints.replay import RUN_PREFIX
+from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError, BlobStoreUnavailableError
+from multirun.checkpoints.replay import RUN_PREFIX, check_records, records_from_v1
 from multirun.checkpoints.serializers import dump_blob, get_serializer, load_blob, resolve_hmac_key
-from multirun.errors import CheckpointError, ReplayError
+from multirun.errors import CheckpointError, ConfigurationError, ReplayError
 from multirun.models.checkpoint import Checkpoint, CheckpointMeta
 
 if TYPE_CHECKING:
@@ -34,6 +43,8 @@ if TYPE_CHECKING:
 
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")  # \Z: "$" would let a final newline in
 DEFAULT_MAX_BLOB_BYTES = 1 << 30
+# above the S3 exporter's own bound (~12 s), so that its clearer error comes first
+DEFAULT_PUT_TIMEOUT = 15.0
 
 
 _last_id_ns = 0
@@ -84,6 +95,8 @@ class RestoredCheckpoint:
     trace: dict[str, str]  # trace_id and span_id (hex) of the run that took it
     sub_run_id: str = ""  # the sub-run that took it, when a sub-run did (the run is its top run)
     sub_run_seq: int | None = None  # that sub-run's call in the replay records
+    # the run's agents' states: {"name", "occurrence", "state"} (RunContext.agent_states)
+    agents: list[dict[str, Any]] = field(default_factory=list)
 
 
 class StoredCheckpoint(NamedTuple):
@@ -118,10 +131,24 @@ class CheckpointStore:
         hmac_key: bytes | str | None = None,
         compression: Literal["none", "zlib"] = "none",
         max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+        put_timeout: float | None = DEFAULT_PUT_TIMEOUT,
     ) -> None:
         """``serializer`` is ``json`` (default), or ``pickle``/``cloudpickle``, which need an
         HMAC key (``hmac_key`` or MULTIRUN_CHECKPOINT_HMAC_KEY): blobs are signed, and a reader
-        refuses any pickle it cannot verify."""
+        refuses any pickle it cannot verify. ``put_timeout``: the longest a checkpoint waits for
+        the exporter's ``put`` (seconds; None: as long as it takes, in the caller's thread)."""
+        if put_timeout is not None and (
+            isinstance(put_timeout, bool)
+            or not isinstance(put_timeout, (int, float))
+            or not 0 < put_timeout < 1e9
+        ):
+            raise ConfigurationError(
+                f"checkpoint_timeout must be a number of seconds > 0, got {put_timeout!r}"
+            )
+        self.put_timeout = put_timeout
+        self._writes_lock = threading.Lock()
+        self._hung: set[_Write] = set()  # writes that outlived put_timeout and have not ended
+        self._unwritable_steps: set[str] = set()  # steps whose result was left out (warned once)
         self.exporter = exporter
         self.max_blob_bytes = max_blob_bytes
         self.compression: Literal["none", "zlib"] = compression
@@ -175,13 +202,13 @@ class CheckpointStore:
                 "environment": _environment(),
             },
             "state": state,
+            "agents": run.agent_states(),
             "replay": run.replay_log.to_records(extra_for_sub_run),
             "trace": _trace_of(run),
             "ledger": run.ledger.totals(),
         }
         blob, digest = self._dump(document, name)
-        with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace
-            uri = self.exporter.put(self.key(run.run.id, checkpoint_id), blob)
+        uri = self._put(self.key(run.run.id, checkpoint_id), blob)
         return CheckpointMeta(
             id=checkpoint_id,
             run_id=run.run.id,
@@ -195,14 +222,51 @@ class CheckpointStore:
             serializer=self._serializer.name,
         )
 
+    def _put(self, key: str, blob: bytes) -> str:
+        """``exporter.put``, waited for at most ``put_timeout`` seconds (see the module)."""
+        if self.put_timeout is None:
+            with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace
+                return self.exporter.put(key, blob)
+        with self._writes_lock:
+            self._hung = {write for write in self._hung if not write.done.is_set()}
+            if self._hung:
+                oldest = min(self._hung, key=lambda write: write.started)
+                raise BlobStoreUnavailableError(
+                    f"checkpoint {key!r} is not written: the blob store has not finished writing "
+                    f"{oldest.key!r} after {time.monotonic() - oldest.started:.0f} s, and no checkpoint "
+                    "is written until it does"
+                )
+        write = _Write(key)
+        thread = threading.Thread(
+            target=write.run, args=(self.exporter, blob), name="multirun-checkpoint-put", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # at interpreter exit no thread can start: write it here
+            write.run(self.exporter, blob)
+        if not write.done.wait(self.put_timeout) and write.abandon():
+            with self._writes_lock:
+                self._hung.add(write)
+            raise BlobStoreUnavailableError(
+                f"the blob store did not write checkpoint {key!r} within {self.put_timeout:g} s "
+                "(checkpoint_timeout): the write goes on in the background, and later checkpoints are "
+                "not written until it ends"
+            )
+        if write.error is not None:
+            raise write.error
+        assert write.uri is not None
+        return write.uri
+
     def _dump(self, document: dict[str, Any], name: str) -> tuple[bytes, str]:
         try:
             return dump_blob(document, self._serializer, compression=self.compression)
         except CheckpointError:
             pass
         # some step result has no form in this serializer: leave those results out (the steps
-        # run again after a restore) rather than lose the whole checkpoint
+        # run again after a restore) rather than lose the whole checkpoint; the same for the
+        # state of an agent (agent states are kept in every checkpoint, without being asked for)
         document["replay"] = [self._serializable(record) for record in document["replay"]]
+        document["agents"] = self._writable_agents(document.get("agents", []))
         try:
             return dump_blob(document, self._serializer, compression=self.compression)
         except CheckpointError as exc:
@@ -212,20 +276,55 @@ class CheckpointStore:
         if "result" in record:
             try:
                 self._serializer.dumps(record["result"])
-            except CheckpointError:
+            except CheckpointError as exc:
                 record = {k: v for k, v in record.items() if k != "result"}
-        if "run" in record:  # a sub-run's: its state may hold what the serializer cannot write
+                self._warn_unwritable_result(str(record["name"]), exc)
+        if "run" in record:  # a sub-run's: its state (or its agents') may hold what cannot be written
             try:
                 self._serializer.dumps(record["run"])
             except CheckpointError:
-                kept = {k: v for k, v in record["run"].items() if k != "state"}
-                _logger.warning(
-                    "multirun: the state of sub-run %r has no %s form: it is left out of the checkpoint",
-                    record["name"].removeprefix(RUN_PREFIX),
-                    self._serializer.name,
-                )
+                kept = dict(record["run"])
+                try:
+                    self._serializer.dumps(kept.get("state"))
+                except CheckpointError:
+                    del kept["state"]
+                    _logger.warning(
+                        "multirun: the state of sub-run %r has no %s form: it is left out of the checkpoint",
+                        record["name"].removeprefix(RUN_PREFIX),
+                        self._serializer.name,
+                    )
+                if isinstance(kept.get("agents"), list):
+                    kept["agents"] = self._writable_agents(kept["agents"])
                 record = {**record, "run": kept}
         return record
+
+    def _writable_agents(self, agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The agent states this serializer can write; a warning for each one left out."""
+        kept = []
+        for entry in agents:
+            try:
+                self._serializer.dumps(entry["state"])
+            except CheckpointError as exc:
+                _logger.warning(
+                    "multirun: the state of agent %r is left out of the checkpoint, so it does not "
+                    "come back after a restore: %s",
+                    entry["name"],
+                    exc,
+                )
+                continue
+            kept.append(entry)
+        return kept
+
+    def _warn_unwritable_result(self, step_name: str, error: CheckpointError) -> None:
+        if step_name in self._unwritable_steps:
+            return
+        self._unwritable_steps.add(step_name)
+        _logger.warning(
+            "multirun: the result of step %r is left out of checkpoints, so after a restore the step "
+            "runs (and is paid for) again: %s (logged once per step name)",
+            step_name,
+            error,
+        )
 
     def find(self, checkpoint_id: str) -> str:
         """The key of checkpoint ``checkpoint_id``; CheckpointError if there is none."""
@@ -251,10 +350,19 @@ class CheckpointStore:
                 blob = self.exporter.get(key)
         except BlobNotFoundError as exc:
             raise CheckpointError(str(exc)) from None
-        header, document = load_blob(
-            blob, max_bytes=self.max_blob_bytes, hmac_key=self._hmac_key, allowed_serializers=self._allowed
-        )
         try:
+            header, document = load_blob(
+                blob,
+                max_bytes=self.max_blob_bytes,
+                hmac_key=self._hmac_key,
+                allowed_serializers=self._allowed,
+            )
+        except CheckpointError as exc:  # the same error, saying which checkpoint it is
+            exc.args = (f"checkpoint {checkpoint_id!r} ({key}) is refused: {exc}", *exc.args[1:])
+            raise
+        try:
+            if not isinstance(document, dict):
+                raise TypeError(f"it holds a {type(document).__name__}, not a JSON object")
             meta = document["checkpoint"]
             checkpoint = Checkpoint(
                 id=meta["id"],
@@ -269,18 +377,25 @@ class CheckpointStore:
                 created_at=meta["created_at"],
                 size_bytes=len(blob),
             )
-            replay = [dict(record) for record in document.get("replay", [])]
-            for record in replay:
-                str(record["name"]), str(record["digest"]), int(record["occurrence"])
+            recorded = document.get("replay", [])
+            if not isinstance(recorded, list):
+                raise TypeError(f"its replay log is a {type(recorded).__name__}, not a list")
+            if header["version"] == 1:  # a cache of [name, input hash, result] triples then
+                recorded = records_from_v1(recorded)
+            check_records(recorded)
+            replay = [dict(record) for record in recorded]
             ledger = {k: int(v) for k, v in document.get("ledger", {}).items()}
             state = dict(document.get("state", {}))
             trace = {k: str(v) for k, v in document.get("trace", {}).items()}
             sub_run_id = str(meta.get("sub_run_id", ""))
             seq = meta.get("sub_run_seq")
             sub_run_seq = None if seq is None else int(seq)
-        except (ValueError, KeyError, TypeError) as exc:
+            agents = _agent_states(document.get("agents"), state)
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:  # Overflow: int(Infinity)
             raise ReplayError(f"checkpoint {checkpoint_id!r} cannot be replayed: {exc}") from None
-        return RestoredCheckpoint(checkpoint, state, replay, ledger, key, trace, sub_run_id, sub_run_seq)
+        return RestoredCheckpoint(
+            checkpoint, state, replay, ledger, key, trace, sub_run_id, sub_run_seq, agents
+        )
 
     def latest(self, run_id: str) -> str:
         """The id of the newest checkpoint of ``run_id``; CheckpointError if it has none."""
@@ -294,6 +409,78 @@ class CheckpointStore:
         prefix = "checkpoints/" if run_id is None else f"checkpoints/{validate_id(run_id, 'run id')}/"
         with suppress_instrumentation():
             return self.exporter.list(prefix)
+
+
+def _agent_states(agents: Any, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """A checkpoint's agent states, checked; a checkpoint written before they were kept has
+    only those of ``AgentContext.checkpoint``, in the run's state as ``agent:<name>``."""
+    if agents is None:
+        return [
+            {"name": key.removeprefix("agent:"), "occurrence": 1, "state": value}
+            for key, value in state.items()
+            if key.startswith("agent:") and isinstance(value, dict)
+        ]
+    if not isinstance(agents, list):
+        raise TypeError(f"agents is a {type(agents).__name__}, not a list")
+    checked = []
+    for entry in agents:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("name"), str)
+            or type(entry.get("occurrence")) is not int
+            or not isinstance(entry.get("state"), dict)
+        ):
+            raise ValueError(f"malformed agent state {str(entry)[:80]!r}")
+        checked.append({"name": entry["name"], "occurrence": entry["occurrence"], "state": entry["state"]})
+    return checked
+
+
+class _Write:
+    """One ``put`` running in a thread of its own; it says when it ends after it was given up on."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.uri: str | None = None
+        self.error: BaseException | None = None
+        self._abandoned = False
+        self._lock = threading.Lock()
+
+    def run(self, exporter: BlobExporter, blob: bytes) -> None:
+        try:
+            with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace
+                self.uri = exporter.put(self.key, blob)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            with self._lock:
+                self.done.set()
+                abandoned = self._abandoned
+        if abandoned:
+            took = time.monotonic() - self.started
+            if self.error is None:
+                _logger.warning(
+                    "multirun: the blob store wrote checkpoint %r after all, %.0f s after it began; "
+                    "checkpoints are written again",
+                    self.key,
+                    took,
+                )
+            else:
+                _logger.warning(
+                    "multirun: writing checkpoint %r failed after %.0f s: %s; checkpoints are written again",
+                    self.key,
+                    took,
+                    self.error,
+                )
+
+    def abandon(self) -> bool:
+        """Stop waiting for it: True if it is still running (it logs when it ends)."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self._abandoned = True
+            return True
 
 
 def _trace_of(run: RunContext) -> dict[str, str]:

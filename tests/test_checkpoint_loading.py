@@ -1,0 +1,214 @@
+"""Loading checkpoints: older formats resume, malformed ones are refused with a clear error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import multirun
+from multirun import run, step
+from multirun.checkpoints.serializers import JsonSerializer, dump_blob
+from multirun.cli.main import main
+from multirun.context import get_current_run_context
+from multirun.errors import CheckpointError, ReplayError
+from multirun.telemetry import attributes as attr
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def v1_blob(document: dict[str, Any]) -> bytes:
+    """A version 1 blob, as multirun-otel 0.1.0 sealed one (see tests/golden/make_golden.py)."""
+    payload = json.dumps(document, separators=(",", ":")).encode("utf-8")
+    header = {
+        "version": 1,
+        "serializer": "json",
+        "size": len(payload),
+        "digest": "sha256:" + hashlib.sha256(payload).hexdigest(),
+    }
+    return b"MRCK1\n" + json.dumps(header, separators=(",", ":"), sort_keys=True).encode() + b"\n" + payload
+
+
+def v1_input_hash(*args: Any) -> str:
+    """A step's input hash as multirun-otel 0.1.0 computed it (JSON only)."""
+    text = json.dumps([args, {}], sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def test_the_golden_version_1_checkpoint_resumes_with_its_state_and_spend(traced) -> None:
+    folder = traced.client.checkpoints.exporter.directory / "checkpoints" / "run-golden"
+    folder.mkdir(parents=True)
+    shutil.copy(GOLDEN / "checkpoint-v1-json.ckpt", folder / "ckpt-golden-v1.ckpt")
+    calls: list[str] = []
+
+    @step
+    def plan(n: int) -> int:  # not in the checkpoint: it runs
+        calls.append("plan")
+        return n
+
+    @run
+    def golden() -> object:
+        plan(1)
+        return get_current_run_context().get_state("text")
+
+    with multirun.resume(run_id="run-golden") as restored:
+        assert golden() == "héllo wörld 😀"
+    assert restored.replay[0]["name"] == "fetch" and restored.replay[0]["result"] == {
+        "status": 200,
+        "body": "ok",
+    }
+    assert calls == ["plan"]
+    assert traced.named("invoke_workflow golden")[-1].attributes[attr.TOKENS_USED] == 1234
+
+
+def test_a_version_1_checkpoint_serves_the_steps_it_cached_in_any_order(traced) -> None:
+    document = {
+        "checkpoint": {
+            "id": "c-v1",
+            "run_id": "r-v1",
+            "run_name": "crew",
+            "name": "x",
+            "created_at": "2025-01-02T03:04:05+00:00",
+        },
+        "state": {},
+        "replay": [
+            ["fetch", v1_input_hash({"url": "a"}), {"status": 200}],
+            ["parse", v1_input_hash([1, 2]), "parsed"],
+        ],
+        "ledger": {"tokens": 10, "cost_units": 0, "steps": 2},
+    }
+    traced.client.checkpoints.exporter.put("checkpoints/r-v1/c-v1.ckpt", v1_blob(document))
+    calls: list[str] = []
+
+    @step
+    def fetch(request: dict[str, str]) -> dict[str, int]:
+        calls.append("fetch")
+        return {"status": 500}
+
+    @step
+    def parse(data: list[int]) -> str:
+        calls.append("parse")
+        return "parsed again"
+
+    @step
+    def new_step(data: list[int]) -> str:
+        calls.append("new_step")
+        return "new"
+
+    @run
+    def crew() -> list[object]:
+        return [parse([1, 2]), new_step([3]), fetch({"url": "a"}), fetch({"url": "b"})]
+
+    with multirun.resume(checkpoint_id="c-v1"):
+        assert crew() == ["parsed", "new", {"status": 200}, {"status": 500}]
+    assert calls == ["new_step", "fetch"]  # fetch({"url": "b"}) was never cached
+
+
+def test_checkpoints_show_and_verify_read_a_version_1_checkpoint(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "checkpoints" / "run-golden"
+    folder.mkdir(parents=True)
+    shutil.copy(GOLDEN / "checkpoint-v1-json.ckpt", folder / "ckpt-golden-v1.ckpt")
+
+    assert main(["checkpoints", "verify", "--store", str(tmp_path)]) == 0
+    assert "1 ok, 0 failed" in capsys.readouterr().out
+    assert main(["checkpoints", "show", "ckpt-golden-v1", "--store", str(tmp_path)]) == 0
+    assert "1 step, 1 with a result to serve" in capsys.readouterr().out
+
+
+def put_document(traced, checkpoint_id: str, **parts: Any) -> None:  # type: ignore[no-untyped-def]
+    """A checkpoint whose envelope verifies, holding what ``parts`` say."""
+    document = {
+        "checkpoint": {
+            "id": checkpoint_id,
+            "run_id": "r-bad",
+            "name": "x",
+            "created_at": "2025-01-01T00:00:00+00:00",
+        },
+        "state": {},
+        "replay": [],
+        "ledger": {},
+        **parts,
+    }
+    blob, _ = dump_blob(document, JsonSerializer())
+    traced.client.checkpoints.exporter.put(f"checkpoints/r-bad/{checkpoint_id}.ckpt", blob)
+
+
+GOOD_RECORD = {"name": "s", "digest": "d", "occurrence": 1, "seq": 0, "parent": None, "end": 1, "lane": 0}
+MALFORMED_RECORDS = [
+    ({k: v for k, v in GOOD_RECORD.items() if k != "seq"}, "has no 'seq'"),
+    ({**GOOD_RECORD, "lane": "x"}, "'lane' 'x'"),
+    ({**GOOD_RECORD, "parent": "p"}, "'parent' 'p'"),
+    ({**GOOD_RECORD, "seq": 3, "parent": 3}, "'parent' 3"),  # a call inside itself
+    ({**GOOD_RECORD, "occurrence": 1.5}, "'occurrence' 1.5"),
+    ({**GOOD_RECORD, "occurrence": math.inf}, "'occurrence' inf"),
+    ({**GOOD_RECORD, "end": -1}, "'end' -1"),
+    ({**GOOD_RECORD, "name": None}, "'name'"),
+    (["s", "d", 1], "is a list"),
+]
+
+
+@pytest.mark.parametrize(("record", "problem"), MALFORMED_RECORDS, ids=[p for _, p in MALFORMED_RECORDS])
+def test_a_malformed_replay_record_is_a_replay_error_naming_the_checkpoint(traced, record, problem) -> None:
+    put_document(traced, "c-bad", replay=[GOOD_RECORD, record])
+
+    @run
+    def job() -> None:
+        pass
+
+    with (
+        pytest.raises(ReplayError, match="checkpoint 'c-bad' cannot be replayed") as raised,
+        multirun.resume(checkpoint_id="c-bad"),
+    ):
+        job()
+    assert "record #2" in str(raised.value)
+    assert problem in str(raised.value)
+
+
+@pytest.mark.parametrize("where", ["ledger", "replay"])
+def test_show_and_verify_say_a_checkpoint_holding_infinity_is_damaged(traced, capsys, where) -> None:
+    if where == "ledger":
+        put_document(traced, "c-inf", ledger={"tokens": math.inf})
+    else:
+        put_document(traced, "c-inf", replay=[{**GOOD_RECORD, "seq": math.inf}])
+    store = str(traced.client.checkpoints.exporter.directory)
+
+    assert main(["checkpoints", "verify", "--store", store]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED  c-inf: checkpoint 'c-inf' cannot be replayed" in out
+    assert main(["checkpoints", "show", "c-inf", "--store", store]) == 1
+    assert "cannot be replayed" in capsys.readouterr().err
+
+
+def test_a_damaged_newest_checkpoint_names_itself_and_the_one_to_resume_instead(traced) -> None:
+    @step
+    def stage(i: int) -> int:
+        return i
+
+    @run
+    def job() -> tuple[str, str]:
+        ctx = get_current_run_context()
+        stage(1)
+        first = ctx.checkpoint(name="first").value.id
+        stage(2)
+        return first, ctx.checkpoint(name="second").value.id
+
+    first, second = job()
+    store = traced.client.checkpoints
+    path = store.exporter.directory / store.find(second)
+    data = path.read_bytes()
+    path.chmod(0o644)
+    path.write_bytes(data[: len(data) // 2])
+    run_id = store.load(first).checkpoint.run_id
+
+    with pytest.raises(CheckpointError) as raised, multirun.resume(run_id=run_id):
+        pass
+    message = str(raised.value)
+    assert f"checkpoint {second!r}" in message and "truncated" in message
+    assert f"multirun.resume(checkpoint_id={first!r})" in message
+    with multirun.resume(checkpoint_id=first) as restored:  # and that one loads
+        assert restored.checkpoint.id == first
