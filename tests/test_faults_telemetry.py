@@ -525,6 +525,37 @@ def test_6_the_otlp_exporters_own_http_calls_are_not_traced(
     provider.shutdown()
 
 
+def test_6_a_lone_surrogate_in_a_span_costs_its_batch_nothing_on_the_way_to_a_collector(
+    collector: Collector, global_otel: None
+) -> None:
+    """A file name os.listdir could not decode (``\\udcff``) in an error message still reaches the collector."""
+    client = multirun.init(endpoint=collector.url, checkpoint_uri="memory://otlp", metrics=False)
+
+    @step(kind=StepKind.TOOL_CALL)
+    def read_report(name: str) -> str:
+        raise FileNotFoundError(f"no such file: {name}")
+
+    @step(kind=StepKind.TOOL_CALL)
+    def fallback() -> str:
+        return "summary"
+
+    @run
+    def job() -> str:
+        try:
+            read_report("report-\udcff.txt")
+        except Exception:
+            return fallback()
+        return "never"
+
+    assert job() == "summary"
+    assert client.force_flush(10_000)
+    assert sorted(collector.span_names) == [
+        "execute_tool fallback",
+        "execute_tool read_report",
+        "invoke_workflow job",
+    ]
+
+
 def test_6_checkpoints_to_s3_are_not_traced_either(
     s3_server: S3Server,
     http_instrumented: Callable[[TracerProvider | None], None],

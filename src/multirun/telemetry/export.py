@@ -19,6 +19,8 @@ leaves out:
   after an export succeeded), and a full queue one warning for the life of
   the processor, never a log line per batch or per span; the exception never
   reaches the application.
+- Text the OTLP encoder would refuse (a lone surrogate from an undecodable file
+  name) is escaped before export, instead of costing the whole batch.
 - ``force_flush`` and ``shutdown`` return within their ``timeout_millis``
   even when the exporter hangs (the SDK's ignore the timeout while an export
   is stuck). The hung export goes on in a daemon thread.
@@ -41,6 +43,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from multirun._process import env_int, reinit_after_fork
 from multirun.errors import ConfigurationError
+from multirun.telemetry.utf8_spans import utf8_safe_span
 
 _logger = logging.getLogger(__name__)
 
@@ -250,7 +253,7 @@ class _GuardedExporter(SpanExporter):
         processor._taken(len(spans))
         try:
             with suppress_instrumentation():  # the exporter's own HTTP calls are not traced
-                result = self._exporter.export(spans)
+                result = self._exporter.export([utf8_safe_span(span) for span in spans])
         except Exception as exc:
             processor._export_failed(len(spans), exc)
             return SpanExportResult.FAILURE
