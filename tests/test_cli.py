@@ -1020,6 +1020,31 @@ class _Collector(BaseHTTPRequestHandler):
         pass
 
 
+class _Refusing(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver that refuses every export as malformed (not retried)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(400)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _RefusingCollector() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), _Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.skipif(MULTIRUN is None, reason="the multirun console script is not installed")
 def test_console_script_demo_sends_to_a_collector(tmp_path: Path) -> None:
     assert MULTIRUN is not None
@@ -1044,23 +1069,63 @@ def test_console_script_demo_sends_to_a_collector(tmp_path: Path) -> None:
     assert not (tmp_path / "traces").exists()  # the collector got them, not files
 
 
-def test_demo_with_an_unreachable_collector_says_so_in_one_line_and_no_more(tmp_path: Path) -> None:
+def test_demo_with_nothing_listening_at_the_endpoint_says_so_before_running_the_crew(tmp_path: Path) -> None:
+    """A refused connection is known at once: no crew run, no exporter retries, two lines."""
     src = Path(client_module.__file__).parents[1]  # the package under test, in a fresh process
     command = "import sys; from multirun.cli import main; sys.exit(main())"
     done = subprocess.run(
         [sys.executable, "-c", command, "demo", "--dir", str(tmp_path), "--endpoint", "http://127.0.0.1:9"],
-        env=_clean_env(PYTHONPATH=str(src), OTEL_EXPORTER_OTLP_TIMEOUT="2"),
+        env=_clean_env(PYTHONPATH=str(src)),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 1
-    # the summary and the hint: no retry warnings of the span or the metric exporter after it
+    assert done.stdout == ""
     assert done.stderr.splitlines() == [
-        "multirun: error: could not send the spans to http://127.0.0.1:9: "
-        "Failed to export spans batch due to timeout, max retries or shutdown.",
+        "multirun: error: cannot send the spans to http://127.0.0.1:9: "
+        "nothing accepts connections on 127.0.0.1:9 (Connection refused)",
         "Is a collector listening there? Without an endpoint the demo writes files.",
     ]
+    assert not (tmp_path / "traces").exists()
+
+
+def test_demo_names_the_endpoint_of_the_environment_when_nothing_listens_there(tmp_path: Path) -> None:
+    src = Path(client_module.__file__).parents[1]
+    command = "import sys; from multirun.cli import main; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", command, "demo", "--dir", str(tmp_path)],
+        env=_clean_env(
+            PYTHONPATH=str(src), OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="http://127.0.0.1:9/v1/traces"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert (
+        "cannot send the spans to http://127.0.0.1:9/v1/traces: nothing accepts connections on 127.0.0.1:9"
+        in (done.stderr)
+    )
+
+
+def test_demo_whose_collector_refuses_the_spans_says_so_in_one_line_and_no_more(tmp_path: Path) -> None:
+    """It listens, but the export fails: the exporter's reason, once, and no retry warnings after it."""
+    src = Path(client_module.__file__).parents[1]
+    command = "import sys; from multirun.cli import main; sys.exit(main())"
+    with _RefusingCollector() as url:
+        done = subprocess.run(
+            [sys.executable, "-c", command, "demo", "--dir", str(tmp_path), "--endpoint", url],
+            env=_clean_env(PYTHONPATH=str(src), OTEL_EXPORTER_OTLP_TIMEOUT="2"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert "invoke_workflow research_crew" in done.stdout  # the crew ran and is shown
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"multirun: error: could not send the spans to {url}: ")
+    assert lines[1] == "Is a collector listening there? Without an endpoint the demo writes files."
 
 
 @pytest.mark.skipif(MULTIRUN is None, reason="the multirun console script is not installed")
@@ -1074,5 +1139,5 @@ def test_console_script_demo_says_when_the_collector_is_unreachable(tmp_path: Pa
         timeout=60,
     )
     assert done.returncode == 1
-    assert "could not send the spans to http://127.0.0.1:9" in done.stderr
+    assert "send the spans to http://127.0.0.1:9: nothing accepts connections" in done.stderr
     assert "Traceback" not in done.stderr

@@ -528,7 +528,7 @@ def test_6_the_otlp_exporters_own_http_calls_are_not_traced(
 def test_6_a_lone_surrogate_in_a_span_costs_its_batch_nothing_on_the_way_to_a_collector(
     collector: Collector, global_otel: None
 ) -> None:
-    """A file name os.listdir could not decode (``\\udcff``) in an error message still reaches the collector."""
+    """An undecodable file name (``\\udcff``) in an error message: the batch still reaches the collector."""
     client = multirun.init(endpoint=collector.url, checkpoint_uri="memory://otlp", metrics=False)
 
     @step(kind=StepKind.TOOL_CALL)

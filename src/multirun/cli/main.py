@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shlex
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -227,6 +228,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if directory.exists() and not directory.is_dir():
         raise RunsError(f"not a directory: {directory}")
     endpoint: str | None = args.endpoint or demo.endpoint_from_environment()
+    if endpoint:
+        refused = _nothing_listens_at(endpoint)
+        if refused is not None:  # known at once; the exporter would retry for seconds first
+            _error(f"cannot send the spans to {endpoint}: {refused}")
+            print(_NO_COLLECTOR_HINT, file=sys.stderr)
+            return 1
     client = demo.configure(directory, args.endpoint)
     recorder = _Recorder.attach(client) if endpoint else _Recorder()
     with _ExportErrors().watching() as errors:
@@ -241,6 +248,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if endpoint:
         return _show_sent(recorder, result.run_id, endpoint, errors.messages)
     return _show_written(directory, result.run_id)
+
+
+_NO_COLLECTOR_HINT = "Is a collector listening there? Without an endpoint the demo writes files."
+
+
+def _nothing_listens_at(url: str) -> str | None:
+    """Why a TCP connection to ``url``'s host and port failed, or None if it opened (or
+    goes through a proxy, or ``url`` names no host: then the exporter says what is wrong)."""
+    import urllib.parse
+    import urllib.request  # here: it costs every other command its import time
+
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    host = parts.hostname
+    if not host or (urllib.request.getproxies() and not urllib.request.proxy_bypass(host)):
+        return None
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return f"nothing accepts connections on {host}:{port} ({reason})"
+    return None
 
 
 def _send_now(client: MultiRunClient, metrics: bool) -> None:
@@ -297,7 +329,7 @@ def _show_sent(recorder: _Recorder, run_id: str, endpoint: str, errors: list[str
     if errors:
         first = next((e for e in errors if "span" in e), errors[0])  # the metrics may fail as well
         _error(f"could not send the spans to {endpoint}: {first}")
-        print("Is a collector listening there? Without an endpoint the demo writes files.", file=sys.stderr)
+        print(_NO_COLLECTOR_HINT, file=sys.stderr)
         return 1
     print(f"Sent:        run {run_id} to {endpoint} (OTLP/HTTP, service.name multirun-demo)")
     print(f"The code:    {_demo_source()}")
