@@ -404,3 +404,39 @@ def test_resume_from_an_unreadable_store_says_so(traced, unreadable) -> None:
         multirun.resume(run_id=run_id),
     ):
         pass
+
+
+def test_show_lists_the_agents_whose_state_the_checkpoint_keeps(traced, tmp_path, capsys) -> None:
+    from multirun import agent
+    from multirun.context import get_current_agent_context
+
+    @agent
+    def planner() -> None:
+        get_current_agent_context().set_state("plan", ["a", "b"])
+
+    @agent
+    def idle() -> None:
+        pass
+
+    @run
+    def job() -> None:
+        planner()
+        planner()
+        idle()
+        get_current_run_context().checkpoint(name="after_agents")
+
+    job()
+    [run_id] = run_ids(tmp_path)
+    [checkpoint_id] = checkpoint_ids(tmp_path, run_id)
+    code, out, _ = run_cli(capsys, "checkpoints", "show", checkpoint_id, "--dir", str(tmp_path))
+    assert code == 0
+    [line] = [line for line in out.splitlines() if line.startswith("agents")]
+    assert line.split(None, 1)[1] == "planner (plan), planner #2 (plan)"  # idle has no state to keep
+
+
+def test_show_says_when_a_checkpoint_keeps_no_agent(store_dir, capsys) -> None:
+    newest = checkpoint_ids(store_dir, run_ids(store_dir)[0])[-1]
+    code, out, _ = run_cli(capsys, "checkpoints", "show", newest, "--dir", str(store_dir))
+    assert code == 0
+    [line] = [line for line in out.splitlines() if line.startswith("agents")]
+    assert line.split(None, 1)[1] == "(none)"

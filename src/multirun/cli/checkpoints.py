@@ -1,7 +1,7 @@
 """``multirun checkpoints`` and ``multirun resume``: the checkpoint store from the command line.
 
     multirun checkpoints [--run RUN_ID]      list checkpoints, newest last
-    multirun checkpoints show ID             one checkpoint: run, name, size, state keys, replay log
+    multirun checkpoints show ID             one checkpoint: run, name, size, state keys, agents, replay log
     multirun checkpoints verify [ID ...]     read and verify digests (all when no ID is given)
     multirun resume [--dir DIR] RUN_OR_CHECKPOINT_ID -- python my_agent.py ...
 
@@ -44,7 +44,7 @@ def add_commands(commands: Any, add_dir: Any) -> None:
     )
     listing.set_defaults(handler=cmd_list)
     sub = listing.add_subparsers(title="commands", metavar="COMMAND")
-    show = sub.add_parser("show", help="one checkpoint: run, name, size, state keys, replay log")
+    show = sub.add_parser("show", help="one checkpoint: run, name, size, state keys, agents, replay log")
     show.add_argument("checkpoint_id", metavar="ID", help="a checkpoint id, or a unique prefix of one")
     add_store_options(show, add_dir, argparse.SUPPRESS)
     show.set_defaults(handler=cmd_show)
@@ -227,6 +227,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("size", render.plural(meta.size_bytes, "byte")),
         ("key", restored.uri),
         ("state keys", ", ".join(sorted(restored.state)) or "(none)"),
+        ("agents", _agents(restored.agents)),
         ("replay log", f"{render.plural(len(restored.replay), 'step')}, {cached} with a result to serve"),
         ("spend", f"{render.plural(tokens, 'token')}, {render.plural(steps, 'step')}"),
         ("trace", restored.trace.get("trace_id", "(unknown)")),
@@ -234,6 +235,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     for label, value in lines:
         print(f"{label:<11} {render.printable(value)}")
     return 0
+
+
+def _agents(agents: list[dict[str, Any]]) -> str:
+    """The agents whose state a checkpoint keeps: ``name (its state keys)``, ``#n`` for the
+    n-th agent of that name in the run."""
+    shown = []
+    for entry in agents:
+        occurrence = f" #{entry['occurrence']}" if entry["occurrence"] > 1 else ""
+        shown.append(f"{entry['name']}{occurrence} ({', '.join(sorted(entry['state'])) or 'empty'})")
+    return ", ".join(shown) or "(none)"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
