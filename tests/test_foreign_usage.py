@@ -162,3 +162,18 @@ def test_a_foreign_span_ending_after_its_step_returned_is_still_charged_to_the_r
 
     main()
     assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 40
+
+
+def test_usage_under_the_llm_usage_names_is_charged(traced) -> None:
+    # OpenLLMetry's first names, still written by Traceloop-style SDKs and hand-made spans
+    @step
+    def call_model() -> None:
+        foreign_span(traced, "llm call", {"llm.usage.prompt_tokens": 120, "llm.usage.completion_tokens": 30})
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 150
+

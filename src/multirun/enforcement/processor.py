@@ -2,7 +2,7 @@
 
 A step that calls an LLM SDK instrumented by opentelemetry-instrumentation-openai-v2,
 OpenLLMetry or OpenInference gets a GenAI client span inside it, carrying
-``gen_ai.usage.*`` (or ``llm.token_count.*``) attributes. This processor notes,
+``gen_ai.usage.*`` (or ``llm.usage.*``, ``llm.token_count.*``) attributes. This processor notes,
 when such a span starts, which run, agent and step it started in, and charges
 that usage when it ends. A span whose own child already reported usage is not
 charged again, so wrappers that copy their children's totals are not counted
@@ -120,9 +120,11 @@ _USAGE_KEYS = frozenset(
     {
         a.GEN_AI_USAGE_INPUT_TOKENS,
         a.GEN_AI_USAGE_PROMPT_TOKENS,
+        a.LLM_USAGE_PROMPT_TOKENS,
         a.LLM_TOKEN_COUNT_PROMPT,
         a.GEN_AI_USAGE_OUTPUT_TOKENS,
         a.GEN_AI_USAGE_COMPLETION_TOKENS,
+        a.LLM_USAGE_COMPLETION_TOKENS,
         a.LLM_TOKEN_COUNT_COMPLETION,
     }
 )
@@ -137,10 +139,14 @@ def usage_from_attributes(attributes: Any) -> TokenUsage | None:
     if input_tokens is None:
         input_tokens = get(a.GEN_AI_USAGE_PROMPT_TOKENS)
     if input_tokens is None:
+        input_tokens = get(a.LLM_USAGE_PROMPT_TOKENS)
+    if input_tokens is None:
         input_tokens = get(a.LLM_TOKEN_COUNT_PROMPT)
     output_tokens = get(a.GEN_AI_USAGE_OUTPUT_TOKENS)
     if output_tokens is None:
         output_tokens = get(a.GEN_AI_USAGE_COMPLETION_TOKENS)
+    if output_tokens is None:
+        output_tokens = get(a.LLM_USAGE_COMPLETION_TOKENS)
     if output_tokens is None:
         output_tokens = get(a.LLM_TOKEN_COUNT_COMPLETION)
     if input_tokens is None and output_tokens is None:

@@ -26,6 +26,9 @@ GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tok
 # older names still written by some instrumentations
 GEN_AI_USAGE_PROMPT_TOKENS: Final = "gen_ai.usage.prompt_tokens"
 GEN_AI_USAGE_COMPLETION_TOKENS: Final = "gen_ai.usage.completion_tokens"
+# OpenLLMetry's first names (Traceloop SDKs and many hand-made spans still write them)
+LLM_USAGE_PROMPT_TOKENS: Final = "llm.usage.prompt_tokens"
+LLM_USAGE_COMPLETION_TOKENS: Final = "llm.usage.completion_tokens"
 # the open GenAI cost proposal
 GEN_AI_USAGE_COST_AMOUNT: Final = "gen_ai.usage.cost.amount"
 GEN_AI_USAGE_COST_CURRENCY: Final = "gen_ai.usage.cost.currency"
