@@ -177,3 +177,41 @@ def test_usage_under_the_llm_usage_names_is_charged(traced) -> None:
     main()
     assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 150
 
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        # OpenLLMetry: prompt tokens include the cached ones, as in the GenAI conventions
+        {
+            "gen_ai.usage.prompt_tokens": 10_000,
+            "gen_ai.usage.completion_tokens": 1000,
+            "gen_ai.usage.cache_read_input_tokens": 4000,
+            "gen_ai.request.model": "gpt-4o-mini",
+        },
+        # OpenInference
+        {
+            "llm.token_count.prompt": 10_000,
+            "llm.token_count.completion": 1000,
+            "llm.token_count.prompt_details.cache_read": 4000,
+            "llm.model_name": "gpt-4o-mini",
+        },
+    ],
+    ids=["openllmetry", "openinference"],
+)
+def test_cached_input_on_foreign_spans_is_priced_at_the_cache_read_price(traced, attributes) -> None:
+    import genai_prices
+
+    @step
+    def call_model() -> None:
+        foreign_span(traced, "llm call", attributes)
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    usage = genai_prices.Usage(input_tokens=10_000, output_tokens=1000, cache_read_tokens=4000)
+    expected = float(genai_prices.calc_price(usage, "gpt-4o-mini").total_price)
+    run_attributes = traced.span("invoke_workflow main").attributes
+    assert run_attributes["multirun.tokens_used"] == 11_000
+    assert run_attributes["multirun.cost_usd"] == pytest.approx(expected, rel=1e-9)

@@ -129,6 +129,34 @@ _USAGE_KEYS = frozenset(
     }
 )
 
+# The details, by the names of the GenAI conventions, OpenLLMetry and OpenInference (in that order).
+# All of them count cached input inside the prompt tokens, as the conventions do; missed, cached
+# input would be priced at the full input price.
+_CACHE_READ_KEYS = (
+    a.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
+    a.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS_OLD,
+    a.LLM_TOKEN_COUNT_CACHE_READ,
+)
+_CACHE_WRITE_KEYS = (
+    a.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS,
+    a.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS_OLD,
+    a.LLM_TOKEN_COUNT_CACHE_WRITE,
+)
+_REASONING_KEYS = (
+    a.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS,
+    a.GEN_AI_USAGE_REASONING_TOKENS_OLD,
+    a.LLM_TOKEN_COUNT_REASONING,
+)
+
+
+def _first(get: Any, keys: tuple[str, ...]) -> int:
+    """The first of ``keys`` that is set, as an int (0 if none is)."""
+    for key in keys:
+        value = get(key)
+        if value is not None:
+            return int(value)
+    return 0
+
 
 def usage_from_attributes(attributes: Any) -> TokenUsage | None:
     """A TokenUsage from GenAI (or OpenInference) span attributes, or None if it has none."""
@@ -160,9 +188,9 @@ def usage_from_attributes(attributes: Any) -> TokenUsage | None:
             provider=str(provider) if provider else None,
             input_tokens=int(input_tokens or 0),
             output_tokens=int(output_tokens or 0),
-            cache_read_tokens=int(get(a.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS) or 0),
-            cache_write_tokens=int(get(a.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS) or 0),
-            reasoning_tokens=int(get(a.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS) or 0),
+            cache_read_tokens=_first(get, _CACHE_READ_KEYS),
+            cache_write_tokens=_first(get, _CACHE_WRITE_KEYS),
+            reasoning_tokens=_first(get, _REASONING_KEYS),
             cost_usd=float(cost) if cost is not None else None,
         )
     except (TypeError, ValueError):
