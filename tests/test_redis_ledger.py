@@ -119,6 +119,21 @@ def test_each_limit_stops_the_run_like_run_ledger(
     assert shared.exceeded(budget) == local.exceeded(budget)
 
 
+@pytest.mark.parametrize("limit", [0.067, 0.534, 1.1])
+def test_spending_exactly_the_cost_limit_stops_the_next_step(
+    factory: RedisLedgerFactory, limit: float
+) -> None:
+    # limit * 10**9 is not an integer in floating point for 0.067 and 0.534 (67000000.00000001)
+    budget = Budget(max_cost_usd=limit)
+    for ledger in (RunLedger(budget=budget, run_id=new_id()), factory.ledger(new_id(), budget)):
+        ledger.begin_step()
+        ledger.charge(1, round(limit * COST_UNITS_PER_USD))
+        assert ledger.exceeded(budget) is not None
+        with pytest.raises(BudgetExceededError) as got:
+            ledger.begin_step()
+        assert got.value.limit == "max_cost_usd"
+
+
 def test_check_false_counts_the_step_without_checking(factory: RedisLedgerFactory) -> None:
     ledger = factory.ledger(new_id(), Budget(max_steps=1))
     ledger.begin_step()

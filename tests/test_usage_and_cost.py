@@ -657,6 +657,28 @@ def test_max_cost_stops_next_step_after_cost_crosses_it(traced) -> None:
     assert len(traced.named(f"chat {UNKNOWN_MODEL}")) == 2
 
 
+@pytest.mark.parametrize("limit", [0.067, 0.534, 1.1])
+def test_spending_exactly_the_cost_limit_stops_the_next_step(traced, limit: float) -> None:
+    # limit * 10**9 is not an integer in floating point for 0.067 and 0.534 (67000000.00000001)
+    calls = []
+
+    @step(kind=StepKind.LLM_CALL)
+    def ask() -> None:
+        calls.append(1)
+        multirun.report_usage(UNKNOWN_MODEL, input_tokens=1, cost_usd=limit)
+
+    @run(budget=Budget(max_cost_usd=limit))
+    def main() -> None:
+        ask()
+        assert multirun.context.get_current_run_context().budget_status().is_exceeded
+        ask()
+
+    with pytest.raises(BudgetExceededError) as info:
+        main()
+    assert info.value.limit == "max_cost_usd"
+    assert len(calls) == 1
+
+
 def test_max_duration_stops_next_step_once_clock_passes_it(traced) -> None:
     bodies: list[str] = []
 

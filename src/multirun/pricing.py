@@ -9,6 +9,7 @@ is computed once and remembered; a model it does not know is *unpriced*
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,16 @@ _logger = logging.getLogger(__name__)
 
 #: Costs are kept as integers of this many units per US dollar, so that sums are exact.
 COST_UNITS_PER_USD = 1_000_000_000
+
+
+def cost_limit_units(max_cost_usd: float) -> int:
+    """A cost limit in integer units: ``cost_units >= cost_limit_units(x)`` exactly when the
+    spend is at least ``x`` dollars.
+
+    ``x * COST_UNITS_PER_USD`` carries float noise (``0.067`` gives ``67000000.00000001``), which
+    would let a run that spent exactly its limit go on; it is rounded off before the ceiling.
+    """
+    return math.ceil(round(max_cost_usd * COST_UNITS_PER_USD, 3))
 
 
 @dataclass(frozen=True)

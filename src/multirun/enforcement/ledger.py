@@ -15,7 +15,7 @@ from typing import Protocol
 
 from multirun.errors import BudgetExceededError
 from multirun.models.budget import Budget, BudgetStatus, first_exceeded
-from multirun.pricing import COST_UNITS_PER_USD
+from multirun.pricing import COST_UNITS_PER_USD, cost_limit_units
 
 _INFINITY = float("inf")
 _NO_LIMITS = Budget()  # read only: a run without a budget (building one per run costs ~5 us)
@@ -169,7 +169,7 @@ class RunLedger(LedgerReadings):
         self.budget = budget
         b = budget if budget is not None else _NO_LIMITS
         self._max_tokens = inf if b.max_tokens is None else b.max_tokens
-        self._max_cost_units = inf if b.max_cost_usd is None else b.max_cost_usd * COST_UNITS_PER_USD
+        self._max_cost_units = inf if b.max_cost_usd is None else cost_limit_units(b.max_cost_usd)
         self._max_steps = inf if b.max_steps is None else b.max_steps
         self._max_sub_agents = inf if b.max_sub_agents is None else b.max_sub_agents
         duration = b.max_duration_seconds

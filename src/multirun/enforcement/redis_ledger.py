@@ -71,7 +71,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 from multirun.enforcement.ledger import Ledger, LedgerReadings, RunLedger
 from multirun.errors import BudgetExceededError, ConfigurationError, LedgerUnavailableError
 from multirun.models.budget import Budget, BudgetStatus
-from multirun.pricing import COST_UNITS_PER_USD
+from multirun.pricing import COST_UNITS_PER_USD, cost_limit_units
 
 if TYPE_CHECKING:
     import redis
@@ -317,8 +317,7 @@ def _limit_args(budget: Budget | None) -> list[str]:
     cost, duration = budget.max_cost_usd, budget.max_duration_seconds
     return [
         "" if budget.max_tokens is None else str(budget.max_tokens),
-        # integer units: cost_units >= ceil(x) exactly when cost_units >= x, as RunLedger compares
-        "" if cost is None else str(math.ceil(cost * COST_UNITS_PER_USD)),
+        "" if cost is None else str(cost_limit_units(cost)),  # as RunLedger compares
         "" if cost is None else repr(float(cost)),
         "" if budget.max_steps is None else str(budget.max_steps),
         "" if budget.max_sub_agents is None else str(budget.max_sub_agents),
