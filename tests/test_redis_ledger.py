@@ -377,6 +377,28 @@ def test_keys_expire_and_writes_refresh_the_expiry(redis_server: RedisServer, ra
     client.close()
 
 
+def test_hashes_written_by_a_refused_step_expire(redis_server: RedisServer, raw: redis.Redis) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    parent = RedisLedger(client, new_id(), Budget(max_steps=10), key_prefix="test:ttl:", ttl_seconds=60)
+    child = RedisLedger(
+        client,
+        new_id(),
+        Budget(max_tokens=5),
+        ancestor_ids=[parent.run_id],
+        key_prefix="test:ttl:",
+        ttl_seconds=60,
+    )
+    child.begin_step()
+    raw.delete(parent.key)  # the server lost it: the next step writes it again
+    child.charge(5, 0)
+    with pytest.raises(BudgetExceededError):
+        child.begin_step()  # refused by the child's limit, after re-creating the parent's hash
+    assert raw.hget(parent.key, "tokens") == "5"
+    for key in (child.key, parent.key):
+        assert 59_000 < raw.pttl(key) <= 60_000, key
+    client.close()
+
+
 def test_a_lost_hash_is_created_again_with_its_limits(factory: RedisLedgerFactory, raw: redis.Redis) -> None:
     ledger = factory.ledger(new_id(), Budget(max_steps=2))
     ledger.begin_step()

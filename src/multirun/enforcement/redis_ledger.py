@@ -193,7 +193,8 @@ if ARGV[1] == '1' then
     elseif v[10] and subs > tonumber(v[10]) then hit, used, maximum = 'max_sub_agents', subs, v[10]
     end
     if hit then
-      redis.call('PEXPIRE', KEYS[1], ARGV[2])
+      -- every key: the pending usage, or a lost hash re-created above, may have written any
+      for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ARGV[2]) end
       local reply = totals(0, now)
       reply[#reply + 1] = i
       reply[#reply + 1] = hit
