@@ -215,3 +215,28 @@ def test_cached_input_on_foreign_spans_is_priced_at_the_cache_read_price(traced,
     run_attributes = traced.span("invoke_workflow main").attributes
     assert run_attributes["multirun.tokens_used"] == 11_000
     assert run_attributes["multirun.cost_usd"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_foreign_span_ending_after_its_sub_run_ended_is_charged_to_the_parent_run(traced) -> None:
+    other = traced.provider.get_tracer("some.other.instrumentation")
+    streams = []
+
+    @run
+    def sub() -> None:
+        # a stream opened in the sub-run and read by the parent after the sub-run returned
+        streams.append(other.start_span("chat gpt-4o", attributes={"gen_ai.request.model": "gpt-4o"}))
+
+    @step
+    def consume() -> None:
+        sub()
+        streams[0].set_attribute("gen_ai.usage.input_tokens", 40)
+        streams[0].set_attribute("gen_ai.usage.output_tokens", 2)
+        streams[0].end()
+
+    @run
+    def main() -> None:
+        consume()
+
+    main()
+    assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 42
+    assert traced.span("step consume").attributes["multirun.tokens_used"] == 42

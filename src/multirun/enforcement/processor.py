@@ -59,18 +59,25 @@ class UsageSpanProcessor(SpanProcessor):
             self._forget_oldest()
         self._open[span.get_span_context().span_id] = [owner, False]
 
-    def forget_run(self, run: object) -> None:
-        """``run`` ended: drop its foreign spans still in flight, whose entries would keep it alive.
+    def forget_run(self, run: Any) -> None:
+        """``run`` ended: its foreign spans still in flight, whose entries would keep it alive,
+        go to the step (or agent) of the parent run that started it, or are dropped for a top run.
 
-        Such a span never ends (an instrumented stream abandoned half-read) or ends too late
-        to count. Usually there is none, and this is one test of an empty dict.
+        Such a span never ends (an instrumented stream abandoned half-read), or ends later
+        (a stream the sub-run returned, read by its caller): a parent still running pays for
+        it. Usually there is none, and this is one test of an empty dict.
         """
         open_spans = self._open
         if not open_spans:
             return
+        parent = run.parent
+        heir = parent is not None and not parent._finished and (run.parent_step or run.parent_agent)
         for span_id, entry in open_spans.copy().items():  # copy(): other threads add spans
             if entry[0].run_context is run:
-                open_spans.pop(span_id, None)
+                if not heir:
+                    open_spans.pop(span_id, None)
+                else:
+                    entry[0] = heir
 
     def _forget_oldest(self) -> None:
         """Drop the oldest tenth of the entries: spans that never ended, as far as we can tell."""
