@@ -93,3 +93,24 @@ def test_budget_exceeded_and_policy_decisions_are_counted(reader, traced) -> Non
     # the third step was refused by the budget: it counts as an abort, not as the wait it was given;
     # "proceed" is not counted (it is every other step)
     assert decisions == {"wait": 1, "abort": 1}
+
+
+def test_a_refused_llm_step_is_no_genai_operation(reader) -> None:
+    # the model was never called: gen_ai.client.operation.duration times calls made, and a
+    # BudgetExceededError there would read as a failing provider on dashboards
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def ask() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=2, provider="openai")
+
+    @run(budget=Budget(max_steps=1))
+    def main() -> None:
+        ask()
+        ask()
+
+    with pytest.raises(BudgetExceededError):
+        main()
+    [(attributes, duration)] = points(reader, "gen_ai.client.operation.duration")
+    assert duration.count == 1
+    assert "error.type" not in attributes
+    steps = {a["multirun.step.status"]: p.value for a, p in points(reader, "multirun.steps")}
+    assert steps == {"completed": 1, "failed": 1}  # the refusal is still a failed step

@@ -950,6 +950,7 @@ class StepContext:
     _cost_units = 0
     unpriced = False
     child_usage_reported = False
+    refused = False  # refused by the budget or policy before it ran: no model call was made
     _own_usage: list[tuple[TokenUsage, int, bool]] | None = None
     policy_decision: str | None = None
     policy_rule: str | None = None
@@ -1300,6 +1301,7 @@ def _step_metrics(step: StepContext, span: Span, error_type: str | None) -> None
         step.kind is StepKind.LLM_CALL
         and not step.child_usage_reported
         and step.status is not StepStatus.SKIPPED
+        and not step.refused
     ):
         usage = step._own_usage[-1][0] if step._own_usage else None
         metrics.llm_call_finished(

@@ -395,6 +395,7 @@ def _record_step_not_run(
         step._close(StepStatus.SKIPPED)
         return
     step.policy_decision = PolicyDecision.ABORT.value
+    step.refused = True
     extra: dict[str, Any] = {}
     metrics = agent.run_context.client.metrics
     run_name = agent.run_context.run.name
