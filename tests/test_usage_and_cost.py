@@ -147,6 +147,35 @@ def test_cost_of_cached_input_uses_genai_prices_cache_read_price(traced) -> None
     )
 
 
+def test_cached_input_larger_than_input_is_read_as_anthropic_style_uncached_input(traced) -> None:
+    # Anthropic's API (and instrumentations that copy it) gives input_tokens without the cached
+    # ones: 50 uncached + 10,000 cached cannot be "10,000 cached out of 50"
+    @step(kind=StepKind.LLM_CALL)
+    def ask() -> None:
+        multirun.report_usage(
+            "claude-3-5-haiku-latest",
+            provider="anthropic",
+            input_tokens=50,
+            output_tokens=100,
+            cached_input_tokens=10_000,
+        )
+
+    @run
+    def main() -> None:
+        ask()
+
+    main()
+
+    expected = published_price(
+        "claude-3-5-haiku-latest", input_tokens=10_050, output_tokens=100, cache_read_tokens=10_000
+    )
+    a = attrs(traced.span("chat claude-3-5-haiku-latest"))
+    assert "multirun.cost.unpriced" not in a
+    assert a["gen_ai.usage.input_tokens"] == 10_050
+    assert a["gen_ai.usage.cost.amount"] == pytest.approx(expected, rel=1e-9)
+    assert a["multirun.tokens_used"] == 10_150
+
+
 def test_cost_reported_by_provider_is_used_as_is(traced) -> None:
     @step(kind=StepKind.LLM_CALL)
     def ask() -> None:

@@ -41,6 +41,12 @@ class TokenUsage:
             or self.cost_usd < 0
         ):
             raise ConfigurationError(f"cost_usd must be a number >= 0, got {self.cost_usd!r}")
+        cached = self.cache_read_tokens + self.cache_write_tokens
+        if cached > self.input_tokens:
+            # cannot be a part of the input: the input was given without it, as Anthropic's API
+            # does. Counted in, so the tokens are all charged and the price lookup (which refuses
+            # cached > input, leaving the call unpriced) works.
+            object.__setattr__(self, "input_tokens", self.input_tokens + cached)
         for field in ("model", "provider"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, str):
