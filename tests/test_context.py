@@ -413,6 +413,44 @@ async def test_agent_async_with_exits_failed_on_exception(traced) -> None:
     assert attrs(traced.span("invoke_agent a"))["multirun.agent.status"] == "failed"
 
 
+async def test_start_agent_outside_the_run_context_is_still_under_the_run(traced) -> None:
+    # the run context held as an object, never entered: its agent and steps are still its own
+    ctx = RunContext(client=traced.client, run=Run(name="held"))
+    agent_ctx = await ctx.start_agent(name="a")
+    step_ctx = await agent_ctx.start_step(name="s")
+    await step_ctx.complete("r", tokens_used=5, cost_usd=0.01)
+    await agent_ctx.complete()
+    await ctx.complete()
+
+    assert is_child(traced.span("invoke_agent a"), traced.span("invoke_workflow held"))
+    assert is_child(traced.span("step s"), traced.span("invoke_agent a"))
+    assert ctx.run.tokens_used == 5
+
+
+async def test_start_step_on_an_agent_not_entered_is_under_that_agent(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        agent_ctx = await ctx.start_agent(name="a")
+        step_ctx = await agent_ctx.start_step(name="s")
+        await step_ctx.complete("r")
+        await agent_ctx.complete()
+
+    assert is_child(traced.span("step s"), traced.span("invoke_agent a"))
+
+
+def test_start_step_inside_a_decorated_step_is_nested_under_it(traced) -> None:
+    @step
+    def outer() -> None:
+        inner = get_current_agent_context().start_step(name="inner")
+        inner.complete(None)
+
+    @run
+    def main() -> None:
+        outer()
+
+    main()
+    assert is_child(traced.span("step inner"), traced.span("step outer"))
+
+
 def test_decorated_run_model_is_completed_with_timestamps(traced) -> None:
     runs: list[Run] = []
 

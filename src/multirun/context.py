@@ -535,7 +535,10 @@ class RunContext:
         if restored is not None:  # the state this agent had at the checkpoint the run resumed
             ctx._state.update(restored)
         self.ledger.count_sub_agent()
-        ctx._start(otel_context.get_current())
+        parent_ctx = otel_context.get_current()
+        if run_in(parent_ctx) is not self:  # called on a run held as an object: start under it
+            parent_ctx = self.otel_context
+        ctx._start(parent_ctx)
         return ctx
 
     @property
@@ -840,8 +843,11 @@ class AgentContext:
             raise ConfigurationError(f"start_step: name must be a non-empty string, got {name!r}")
         kind = StepKind(kind)
         parent_ctx = otel_context.get_current()
-        if agent_in(parent_ctx) is not self:
-            parent_ctx = otel_context.set_value(AGENT_KEY, self, parent_ctx)
+        current = agent_in(parent_ctx)
+        if current is not self and not (
+            self.is_default and current is None and run_in(parent_ctx) is self.run_context
+        ):  # called from outside this agent: the step goes under the agent's span
+            parent_ctx = self.otel_context
         self.run_context.ledger.begin_step()
         step = StepContext(self, name, kind, step_in(parent_ctx), managed=False)
         step.model = model
