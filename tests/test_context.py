@@ -451,6 +451,20 @@ def test_start_step_inside_a_decorated_step_is_nested_under_it(traced) -> None:
     assert is_child(traced.span("step inner"), traced.span("step outer"))
 
 
+async def test_completing_a_step_twice_is_refused_and_charges_once(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        step_ctx = await get_current_agent_context().start_step(name="s")
+        await step_ctx.complete("r", tokens_used=10, cost_usd=0.5)
+        with pytest.raises(RuntimeError, match=r"'s' .*already completed"):
+            await step_ctx.complete("r", tokens_used=10, cost_usd=0.5)
+        with pytest.raises(RuntimeError, match="already completed"):
+            await step_ctx.fail("late")
+
+    assert ctx.run.tokens_used == 10
+    assert ctx.run.cost_usd == pytest.approx(0.5)
+    assert step_ctx.step.status is StepStatus.COMPLETED
+
+
 def test_decorated_run_model_is_completed_with_timestamps(traced) -> None:
     runs: list[Run] = []
 

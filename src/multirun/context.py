@@ -1141,6 +1141,7 @@ class StepContext:
         cost_usd: float | None = None,
     ) -> Done[None]:
         """Record the step's result and usage. ``tokens_used`` with no ``cost_usd`` is unpriced."""
+        self._refuse_if_ended()
         if tokens_used is not None or cost_usd is not None:
             if tokens_used is not None and (
                 isinstance(tokens_used, bool) or not isinstance(tokens_used, int) or tokens_used < 0
@@ -1160,6 +1161,7 @@ class StepContext:
         return Done(None)
 
     def fail(self, error: BaseException | str) -> Done[None]:
+        self._refuse_if_ended()
         exc = error if isinstance(error, BaseException) else RuntimeError(str(error))
         self.status = StepStatus.FAILED
         self.error = exc
@@ -1167,6 +1169,13 @@ class StepContext:
         if not self.managed:
             self._close(StepStatus.FAILED, error=exc)
         return Done(None)
+
+    def _refuse_if_ended(self) -> None:
+        """A step is completed or failed once: a second call would charge its usage again."""
+        if self._done or self.finished:
+            raise RuntimeError(
+                f"step {self.name!r} is already {self.status.value}: complete() and fail() end a step once"
+            )
 
     def _times(self) -> tuple[int | None, int | None]:
         span = self._span
