@@ -465,6 +465,19 @@ async def test_completing_a_step_twice_is_refused_and_charges_once(traced) -> No
     assert step_ctx.step.status is StepStatus.COMPLETED
 
 
+@pytest.mark.parametrize("cost", [float("nan"), float("inf")])
+async def test_step_complete_refuses_a_cost_that_is_not_finite(traced, cost: float) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        step_ctx = await get_current_agent_context().start_step(name="s")
+        with pytest.raises(multirun.ConfigurationError, match="cost_usd must be a finite number >= 0"):
+            await step_ctx.complete("r", tokens_used=10, cost_usd=cost)
+        with pytest.raises(multirun.ConfigurationError, match="cost_usd"):
+            multirun.report_usage("gpt-4o", input_tokens=1, cost_usd=cost)
+        await step_ctx.complete("r")
+
+    assert ctx.run.tokens_used == 0
+
+
 def test_decorated_run_model_is_completed_with_timestamps(traced) -> None:
     runs: list[Run] = []
 
