@@ -923,6 +923,38 @@ def test_captured_output_is_truncated_to_content_limit(traced) -> None:
     assert recorded[:50] == "y" * 50
 
 
+class _Unprintable:
+    """An object of the program whose ``str`` and ``repr`` raise (a proxy, a half-built object)."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("str explodes")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr explodes")
+
+
+def test_captured_content_that_cannot_be_rendered_never_fails_the_step(traced) -> None:
+    reinit(traced, capture_content=True)
+
+    @step
+    def echo(value: Any) -> Any:
+        return value
+
+    @run
+    def main() -> Any:
+        return echo(_Unprintable()), echo([_Unprintable()]), echo({"k": _Unprintable()})
+
+    assert all(isinstance(v, (_Unprintable, list, dict)) for v in main())
+
+    spans = traced.named("step echo")
+    assert len(spans) == 3
+    for span in spans:
+        a = attrs(span)
+        assert a["multirun.step.status"] == "completed"
+        assert "_Unprintable" in a["multirun.step.input"]
+        assert "_Unprintable" in a["multirun.step.output"]
+
+
 def test_finished_steps_leave_no_reference_cycles_for_the_garbage_collector(traced) -> None:
     """A step is freed by reference counting: cycles would make every step cost a GC pass."""
     import gc
