@@ -923,6 +923,68 @@ def test_captured_output_is_truncated_to_content_limit(traced) -> None:
     assert recorded[:50] == "y" * 50
 
 
+def _tools() -> Any:
+    """A class with steps above ``@staticmethod`` and ``@classmethod`` (made at call time: the
+    decorators run when the test does)."""
+
+    class Tools:
+        @step
+        @staticmethod
+        def double(x: int) -> int:
+            return 2 * x
+
+        @step
+        @classmethod
+        def name_of(cls) -> str:
+            return cls.__name__
+
+        @step
+        @staticmethod
+        async def fetch(x: int) -> int:
+            await asyncio.sleep(0)
+            raise TimeoutError(f"slow {x}")
+
+    return Tools
+
+
+class _AsyncTool:
+    """A callable object whose ``__call__`` is a coroutine function."""
+
+    async def __call__(self, x: int) -> int:
+        await asyncio.sleep(0)
+        raise ConnectionError(f"down {x}")
+
+
+def test_step_above_staticmethod_and_classmethod_works_through_class_and_instance(traced) -> None:
+    tools = _tools()
+
+    @run
+    def main() -> tuple[int, int, str, str]:
+        return tools.double(2), tools().double(3), tools.name_of(), tools().name_of()
+
+    assert main() == (4, 6, "Tools", "Tools")
+    assert len(traced.named("step double")) == 2
+    assert len(traced.named("step name_of")) == 2
+
+
+async def test_async_staticmethod_and_async_callable_object_steps_are_awaited_in_their_span(traced) -> None:
+    tools = _tools()
+    tool = step(name="tool")(_AsyncTool())
+
+    @run
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await tools.fetch(1)
+        with pytest.raises(ConnectionError):
+            await tool(2)
+
+    await main()
+    for name, error in (("step fetch", "TimeoutError"), ("step tool", "ConnectionError")):
+        a = attrs(traced.span(name))
+        assert a["multirun.step.status"] == "failed"
+        assert a["error.type"] == error
+
+
 class _Unprintable:
     """An object of the program whose ``str`` and ``repr`` raise (a proxy, a half-built object)."""
 
