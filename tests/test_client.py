@@ -191,3 +191,26 @@ def test_a_refused_second_init_keeps_the_first_and_does_not_warn(global_otel, tm
         multirun.init(local_dir=tmp_path / "b", content_limit=-1)
     assert init_warnings(caplog) == []
     assert multirun.get_client() is first
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({}, "multirun"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=billing,team=ai"}, "billing"),
+        ({"OTEL_SERVICE_NAME": "checkout", "OTEL_RESOURCE_ATTRIBUTES": "service.name=billing"}, "checkout"),
+    ],
+)
+def test_service_name_of_the_provider_init_creates_follows_the_otel_variables(
+    global_otel, tmp_path, monkeypatch, variables: dict[str, str], expected: str
+) -> None:
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+    multirun.init_local(tmp_path)
+
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    assert provider.resource.attributes["service.name"] == expected

@@ -680,11 +680,14 @@ _owned_meter_provider: Any = None
 
 
 def _resource(service_name: str | None) -> Resource:
-    """The resource of providers created here: ``service.name`` from the argument,
-    else ``OTEL_SERVICE_NAME``, else ``multirun``."""
+    """The resource of providers created here: ``service.name`` from the argument, else
+    ``OTEL_SERVICE_NAME``, else ``OTEL_RESOURCE_ATTRIBUTES``, else ``multirun``."""
     if service_name:
         return Resource.create({SERVICE_NAME: service_name})
-    return Resource.create({} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: "multirun"})
+    resource = Resource.create({})  # OTEL_SERVICE_NAME, else service.name of OTEL_RESOURCE_ATTRIBUTES
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "multirun"}))
+    return resource
 
 
 def _ensure_meter_provider(
