@@ -710,6 +710,30 @@ def test_step_error_after_last_attempt_has_last_error_as_cause(traced) -> None:
     assert info.value.step_name == "fetch"
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        StepError("fetch", 3, ConnectionError("down")),
+        multirun.BudgetExceededError("max_steps", 2, 2, "run-1"),
+        multirun.PolicyViolation("circuit_breaker", "circuit open for 'fetch'"),
+        multirun.errors.LedgerUnavailableError("redis://h:6379/0", "run-1", "check", OSError("refused")),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_multirun_errors_survive_pickle_and_copy(error: Exception) -> None:
+    """A process pool, multiprocessing or a task queue pickles the error a worker raised, and
+    ``copy.copy`` rebuilds it: both must give the same error back, not a TypeError."""
+    import copy
+    import pickle
+
+    for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert type(again) is type(error)
+        assert str(again) == str(error)
+        assert vars(again).keys() == vars(error).keys()
+        for name, value in vars(error).items():
+            assert repr(getattr(again, name)) == repr(value)
+
+
 def test_each_failed_attempt_is_an_exception_event_with_attempt_and_delay(traced) -> None:
     body = flaky(10)
 
