@@ -191,3 +191,48 @@ def test_a_refused_second_init_keeps_the_first_and_does_not_warn(global_otel, tm
         multirun.init(local_dir=tmp_path / "b", content_limit=-1)
     assert init_warnings(caplog) == []
     assert multirun.get_client() is first
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({}, "multirun"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=billing,team=ai"}, "billing"),
+        ({"OTEL_SERVICE_NAME": "checkout", "OTEL_RESOURCE_ATTRIBUTES": "service.name=billing"}, "checkout"),
+    ],
+)
+def test_service_name_of_the_provider_init_creates_follows_the_otel_variables(
+    global_otel, tmp_path, monkeypatch, variables: dict[str, str], expected: str
+) -> None:
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+    multirun.init_local(tmp_path)
+
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    assert provider.resource.attributes["service.name"] == expected
+
+
+def test_a_short_otel_attribute_value_length_limit_does_not_stop_runs(
+    global_otel, tmp_path, monkeypatch
+) -> None:
+    # a limit the SDK accepts for every attribute; captured content is cut by the SDK to it
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "8")
+
+    @run
+    def job() -> int:
+        return 1
+
+    multirun.init_local(tmp_path)
+    assert job() == 1
+
+
+def test_an_otel_attribute_value_length_limit_that_is_no_number_is_refused_naming_it(
+    global_otel, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "-3")
+    with pytest.raises(ConfigurationError, match="OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"):
+        multirun.init_local(tmp_path)

@@ -413,6 +413,71 @@ async def test_agent_async_with_exits_failed_on_exception(traced) -> None:
     assert attrs(traced.span("invoke_agent a"))["multirun.agent.status"] == "failed"
 
 
+async def test_start_agent_outside_the_run_context_is_still_under_the_run(traced) -> None:
+    # the run context held as an object, never entered: its agent and steps are still its own
+    ctx = RunContext(client=traced.client, run=Run(name="held"))
+    agent_ctx = await ctx.start_agent(name="a")
+    step_ctx = await agent_ctx.start_step(name="s")
+    await step_ctx.complete("r", tokens_used=5, cost_usd=0.01)
+    await agent_ctx.complete()
+    await ctx.complete()
+
+    assert is_child(traced.span("invoke_agent a"), traced.span("invoke_workflow held"))
+    assert is_child(traced.span("step s"), traced.span("invoke_agent a"))
+    assert ctx.run.tokens_used == 5
+
+
+async def test_start_step_on_an_agent_not_entered_is_under_that_agent(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        agent_ctx = await ctx.start_agent(name="a")
+        step_ctx = await agent_ctx.start_step(name="s")
+        await step_ctx.complete("r")
+        await agent_ctx.complete()
+
+    assert is_child(traced.span("step s"), traced.span("invoke_agent a"))
+
+
+def test_start_step_inside_a_decorated_step_is_nested_under_it(traced) -> None:
+    @step
+    def outer() -> None:
+        inner = get_current_agent_context().start_step(name="inner")
+        inner.complete(None)
+
+    @run
+    def main() -> None:
+        outer()
+
+    main()
+    assert is_child(traced.span("step inner"), traced.span("step outer"))
+
+
+async def test_completing_a_step_twice_is_refused_and_charges_once(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        step_ctx = await get_current_agent_context().start_step(name="s")
+        await step_ctx.complete("r", tokens_used=10, cost_usd=0.5)
+        with pytest.raises(RuntimeError, match=r"'s' .*already completed"):
+            await step_ctx.complete("r", tokens_used=10, cost_usd=0.5)
+        with pytest.raises(RuntimeError, match="already completed"):
+            await step_ctx.fail("late")
+
+    assert ctx.run.tokens_used == 10
+    assert ctx.run.cost_usd == pytest.approx(0.5)
+    assert step_ctx.step.status is StepStatus.COMPLETED
+
+
+@pytest.mark.parametrize("cost", [float("nan"), float("inf")])
+async def test_step_complete_refuses_a_cost_that_is_not_finite(traced, cost: float) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        step_ctx = await get_current_agent_context().start_step(name="s")
+        with pytest.raises(multirun.ConfigurationError, match="cost_usd must be a finite number >= 0"):
+            await step_ctx.complete("r", tokens_used=10, cost_usd=cost)
+        with pytest.raises(multirun.ConfigurationError, match="cost_usd"):
+            multirun.report_usage("gpt-4o", input_tokens=1, cost_usd=cost)
+        await step_ctx.complete("r")
+
+    assert ctx.run.tokens_used == 0
+
+
 def test_decorated_run_model_is_completed_with_timestamps(traced) -> None:
     runs: list[Run] = []
 

@@ -710,6 +710,30 @@ def test_step_error_after_last_attempt_has_last_error_as_cause(traced) -> None:
     assert info.value.step_name == "fetch"
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        StepError("fetch", 3, ConnectionError("down")),
+        multirun.BudgetExceededError("max_steps", 2, 2, "run-1"),
+        multirun.PolicyViolation("circuit_breaker", "circuit open for 'fetch'"),
+        multirun.errors.LedgerUnavailableError("redis://h:6379/0", "run-1", "check", OSError("refused")),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_multirun_errors_survive_pickle_and_copy(error: Exception) -> None:
+    """A process pool, multiprocessing or a task queue pickles the error a worker raised, and
+    ``copy.copy`` rebuilds it: both must give the same error back, not a TypeError."""
+    import copy
+    import pickle
+
+    for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert type(again) is type(error)
+        assert str(again) == str(error)
+        assert vars(again).keys() == vars(error).keys()
+        for name, value in vars(error).items():
+            assert repr(getattr(again, name)) == repr(value)
+
+
 def test_each_failed_attempt_is_an_exception_event_with_attempt_and_delay(traced) -> None:
     body = flaky(10)
 
@@ -921,6 +945,100 @@ def test_captured_output_is_truncated_to_content_limit(traced) -> None:
     recorded = attrs(traced.span("step grow"))["multirun.step.output"]
     assert len(recorded) <= 100
     assert recorded[:50] == "y" * 50
+
+
+def _tools() -> Any:
+    """A class with steps above ``@staticmethod`` and ``@classmethod`` (made at call time: the
+    decorators run when the test does)."""
+
+    class Tools:
+        @step
+        @staticmethod
+        def double(x: int) -> int:
+            return 2 * x
+
+        @step
+        @classmethod
+        def name_of(cls) -> str:
+            return cls.__name__
+
+        @step
+        @staticmethod
+        async def fetch(x: int) -> int:
+            await asyncio.sleep(0)
+            raise TimeoutError(f"slow {x}")
+
+    return Tools
+
+
+class _AsyncTool:
+    """A callable object whose ``__call__`` is a coroutine function."""
+
+    async def __call__(self, x: int) -> int:
+        await asyncio.sleep(0)
+        raise ConnectionError(f"down {x}")
+
+
+def test_step_above_staticmethod_and_classmethod_works_through_class_and_instance(traced) -> None:
+    tools = _tools()
+
+    @run
+    def main() -> tuple[int, int, str, str]:
+        return tools.double(2), tools().double(3), tools.name_of(), tools().name_of()
+
+    assert main() == (4, 6, "Tools", "Tools")
+    assert len(traced.named("step double")) == 2
+    assert len(traced.named("step name_of")) == 2
+
+
+async def test_async_staticmethod_and_async_callable_object_steps_are_awaited_in_their_span(traced) -> None:
+    tools = _tools()
+    tool = step(name="tool")(_AsyncTool())
+
+    @run
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await tools.fetch(1)
+        with pytest.raises(ConnectionError):
+            await tool(2)
+
+    await main()
+    for name, error in (("step fetch", "TimeoutError"), ("step tool", "ConnectionError")):
+        a = attrs(traced.span(name))
+        assert a["multirun.step.status"] == "failed"
+        assert a["error.type"] == error
+
+
+class _Unprintable:
+    """An object of the program whose ``str`` and ``repr`` raise (a proxy, a half-built object)."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("str explodes")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr explodes")
+
+
+def test_captured_content_that_cannot_be_rendered_never_fails_the_step(traced) -> None:
+    reinit(traced, capture_content=True)
+
+    @step
+    def echo(value: Any) -> Any:
+        return value
+
+    @run
+    def main() -> Any:
+        return echo(_Unprintable()), echo([_Unprintable()]), echo({"k": _Unprintable()})
+
+    assert all(isinstance(v, (_Unprintable, list, dict)) for v in main())
+
+    spans = traced.named("step echo")
+    assert len(spans) == 3
+    for span in spans:
+        a = attrs(span)
+        assert a["multirun.step.status"] == "completed"
+        assert "_Unprintable" in a["multirun.step.input"]
+        assert "_Unprintable" in a["multirun.step.output"]
 
 
 def test_finished_steps_leave_no_reference_cycles_for_the_garbage_collector(traced) -> None:

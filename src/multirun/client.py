@@ -484,7 +484,13 @@ def _validate_options(
     if not isinstance(capture_content, bool):
         raise ConfigurationError(f"capture_content must be True or False, got {capture_content!r}")
     if content_limit is None:
-        content_limit = env_int("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", DEFAULT_CONTENT_LIMIT)
+        env_limit = env_int("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", DEFAULT_CONTENT_LIMIT)
+        if env_limit < 0:
+            raise ConfigurationError(
+                f"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT must be an int >= 0, got {env_limit}"
+            )
+        # the SDK's limit for every attribute: below 16 it, not multirun, cuts content shorter
+        content_limit = max(env_limit, 16)
     if isinstance(content_limit, bool) or not isinstance(content_limit, int) or content_limit < 16:
         raise ConfigurationError(f"content_limit must be an int >= 16, got {content_limit!r}")
     if isinstance(step_history, bool) or not isinstance(step_history, int) or step_history < 0:
@@ -680,11 +686,14 @@ _owned_meter_provider: Any = None
 
 
 def _resource(service_name: str | None) -> Resource:
-    """The resource of providers created here: ``service.name`` from the argument,
-    else ``OTEL_SERVICE_NAME``, else ``multirun``."""
+    """The resource of providers created here: ``service.name`` from the argument, else
+    ``OTEL_SERVICE_NAME``, else ``OTEL_RESOURCE_ATTRIBUTES``, else ``multirun``."""
     if service_name:
         return Resource.create({SERVICE_NAME: service_name})
-    return Resource.create({} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: "multirun"})
+    resource = Resource.create({})  # OTEL_SERVICE_NAME, else service.name of OTEL_RESOURCE_ATTRIBUTES
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "multirun"}))
+    return resource
 
 
 def _ensure_meter_provider(

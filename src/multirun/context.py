@@ -535,7 +535,10 @@ class RunContext:
         if restored is not None:  # the state this agent had at the checkpoint the run resumed
             ctx._state.update(restored)
         self.ledger.count_sub_agent()
-        ctx._start(otel_context.get_current())
+        parent_ctx = otel_context.get_current()
+        if run_in(parent_ctx) is not self:  # called on a run held as an object: start under it
+            parent_ctx = self.otel_context
+        ctx._start(parent_ctx)
         return ctx
 
     @property
@@ -840,8 +843,11 @@ class AgentContext:
             raise ConfigurationError(f"start_step: name must be a non-empty string, got {name!r}")
         kind = StepKind(kind)
         parent_ctx = otel_context.get_current()
-        if agent_in(parent_ctx) is not self:
-            parent_ctx = otel_context.set_value(AGENT_KEY, self, parent_ctx)
+        current = agent_in(parent_ctx)
+        if current is not self and not (
+            self.is_default and current is None and run_in(parent_ctx) is self.run_context
+        ):  # called from outside this agent: the step goes under the agent's span
+            parent_ctx = self.otel_context
         self.run_context.ledger.begin_step()
         step = StepContext(self, name, kind, step_in(parent_ctx), managed=False)
         step.model = model
@@ -1136,6 +1142,7 @@ class StepContext:
         cost_usd: float | None = None,
     ) -> Done[None]:
         """Record the step's result and usage. ``tokens_used`` with no ``cost_usd`` is unpriced."""
+        self._refuse_if_ended()
         if tokens_used is not None or cost_usd is not None:
             if tokens_used is not None and (
                 isinstance(tokens_used, bool) or not isinstance(tokens_used, int) or tokens_used < 0
@@ -1155,6 +1162,7 @@ class StepContext:
         return Done(None)
 
     def fail(self, error: BaseException | str) -> Done[None]:
+        self._refuse_if_ended()
         exc = error if isinstance(error, BaseException) else RuntimeError(str(error))
         self.status = StepStatus.FAILED
         self.error = exc
@@ -1162,6 +1170,13 @@ class StepContext:
         if not self.managed:
             self._close(StepStatus.FAILED, error=exc)
         return Done(None)
+
+    def _refuse_if_ended(self) -> None:
+        """A step is completed or failed once: a second call would charge its usage again."""
+        if self._done or self.finished:
+            raise RuntimeError(
+                f"step {self.name!r} is already {self.status.value}: complete() and fail() end a step once"
+            )
 
     def _times(self) -> tuple[int | None, int | None]:
         span = self._span

@@ -136,7 +136,8 @@ class StepSpec:
         # served from the replay cache on restore: idempotent steps (a generator's stream is
         # served as the items it yielded, when it was consumed to the end)
         self.replayable = self.idempotent
-        self.streams = inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
+        shape = _shape(func)
+        self.streams = inspect.isgeneratorfunction(shape) or inspect.isasyncgenfunction(shape)
         self.start_attrs = spans.step_start_attributes(self.kind, self.name, model)
         self.span_name = spans.step_span_name(self.kind, self.name, model)
 
@@ -750,15 +751,28 @@ def checkpoint(
 
 def _wrap(func: F, open_call: Opener) -> F:
     """A wrapper of ``func`` (plain, async, generator or async generator) around ``open_call``."""
-    if inspect.isasyncgenfunction(func):
+    if isinstance(func, (staticmethod, classmethod)):  # decorated above @staticmethod/@classmethod
+        return type(func)(_wrap(func.__func__, open_call))
+    shape = _shape(func)
+    if inspect.isasyncgenfunction(shape):
         wrapper: Callable[..., Any] = _async_gen_wrapper(func, open_call)
-    elif inspect.iscoroutinefunction(func):
+    elif inspect.iscoroutinefunction(shape):
         wrapper = _async_wrapper(func, open_call)
-    elif inspect.isgeneratorfunction(func):
+    elif inspect.isgeneratorfunction(shape):
         wrapper = _gen_wrapper(func, open_call)
     else:
         wrapper = _sync_wrapper(func, open_call)
     return functools.wraps(func)(wrapper)  # type: ignore[return-value]
+
+
+def _shape(func: Any) -> Any:
+    """What tells whether ``func`` is async or a generator: the function itself, the one a
+    staticmethod or classmethod holds, or the ``__call__`` of a callable object."""
+    if isinstance(func, (staticmethod, classmethod)):
+        func = func.__func__
+    if inspect.isroutine(func) or isinstance(func, functools.partial) or not callable(func):
+        return func
+    return type(func).__call__
 
 
 def _attach(call: _Call) -> object | None:
@@ -1004,7 +1018,7 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
 
 
 def _callable(decorator: str, fn: Any) -> Callable[..., Any]:
-    if not callable(fn):
+    if not callable(fn) and not isinstance(fn, (staticmethod, classmethod)):
         raise ConfigurationError(
             f"@{decorator} decorates a function or method, got {type(fn).__name__} {fn!r}"
         )

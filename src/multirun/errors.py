@@ -9,10 +9,23 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Iterator
+from typing import Any
 
 
 class MultiRunError(Exception):
     """Base class of every multirun error."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # rebuilt from its message and attributes, not by calling __init__ again with the
+        # message alone: pickle (process pools, task queues) and copy.copy need this
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[MultiRunError], args: tuple[Any, ...], state: dict[str, Any]) -> MultiRunError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigurationError(MultiRunError, ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from multirun.errors import ConfigurationError
@@ -38,9 +39,9 @@ class TokenUsage:
         if self.cost_usd is not None and (
             isinstance(self.cost_usd, bool)
             or not isinstance(self.cost_usd, (int, float))
-            or self.cost_usd < 0
+            or not 0 <= self.cost_usd < math.inf  # NaN too: it cannot be charged
         ):
-            raise ConfigurationError(f"cost_usd must be a number >= 0, got {self.cost_usd!r}")
+            raise ConfigurationError(f"cost_usd must be a finite number >= 0, got {self.cost_usd!r}")
         cached = self.cache_read_tokens + self.cache_write_tokens
         if cached > self.input_tokens:
             # cannot be a part of the input: the input was given without it, as Anthropic's API

@@ -18,7 +18,14 @@ _SUFFIX = "...[truncated]"
 
 
 def render(value: Any, limit: int) -> str:
-    """A JSON-ish text of ``value``, truncated to ``limit`` characters."""
+    """A JSON-ish text of ``value``, truncated to ``limit`` characters; never raises."""
+    try:
+        return _render(value, limit)
+    except Exception:  # the program's own __str__ or __eq__ failing must not fail its step
+        return _cut(_unrenderable(value), limit)
+
+
+def _render(value: Any, limit: int) -> str:
     if isinstance(value, str):
         text = value if len(value) <= limit else value[:limit]
         cut = len(value) > limit
@@ -26,10 +33,17 @@ def render(value: Any, limit: int) -> str:
         text, cut = f"<{len(value)} bytes>", False
     else:
         text, cut = _json_or_repr(value, limit)
-    if cut or len(text) > limit:
-        keep = max(limit - len(_SUFFIX), 0)
-        return text[:keep] + _SUFFIX
+    return text[: max(limit - len(_SUFFIX), 0)] + _SUFFIX if cut else _cut(text, limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) > limit:
+        return text[: max(limit - len(_SUFFIX), 0)] + _SUFFIX
     return text
+
+
+def _unrenderable(value: Any) -> str:
+    return f"<{type(value).__name__} object>"
 
 
 def render_call(args: tuple[Any, ...], kwargs: dict[str, Any], limit: int) -> str:
@@ -43,7 +57,7 @@ def _json_or_repr(value: Any, limit: int) -> tuple[str, bool]:
     if _small(value):
         try:
             return json.dumps(value, default=_default, ensure_ascii=False), False
-        except (TypeError, ValueError):
+        except Exception:  # not JSON (or its __str__ raised): the bounded repr below
             pass
     limited = _BoundedRepr()
     limited.maxstring = limit
@@ -63,7 +77,12 @@ def _fields(value: Any) -> dict[str, Any] | None:
 
 def _default(value: Any) -> Any:
     fields = _fields(value)
-    return fields if fields is not None else str(value)
+    if fields is not None:
+        return fields
+    try:
+        return str(value)
+    except Exception:
+        return _unrenderable(value)
 
 
 def _small(value: Any, budget: int = 64) -> bool:
