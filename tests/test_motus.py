@@ -49,6 +49,10 @@ from multirun.models.policy import (  # noqa: E402
 )
 from multirun.telemetry import attributes as attr  # noqa: E402
 from multirun.telemetry.local_files import SpanRecord  # noqa: E402
+from test_openai_usage import CANNED, llm  # noqa: E402
+from test_openai_usage import instrumented as openai_traced  # noqa: E402
+
+__all__ = ["llm", "openai_traced"]  # fixtures, imported for pytest
 
 PROGRAMS = Path(__file__).parent / "motus_programs"
 ROOT = Path(__file__).resolve().parent.parent
@@ -484,6 +488,52 @@ def test_a_refused_usage_report_fails_the_task_through_its_future(traced: Any, r
     assert chat.attributes[attr.UNPRICED] is True
     assert chat.attributes[attr.TOKENS_USED] == 240  # counted all the same
     assert traced.span("step publish").attributes[attr.STEP_STATUS] == "failed"  # never ran
+
+
+class SdkChatClient(BaseChatClient):
+    """A chat client on ``openai.AsyncOpenAI`` (one non-streamed request), usage as Motus's OpenAI
+    client reads it."""
+
+    def __init__(self, base_url: str) -> None:
+        import openai
+
+        self.sdk = openai.AsyncOpenAI(base_url=base_url, api_key="test", max_retries=0)
+
+    async def create(self, model, messages, tools=None, reasoning=None, **kwargs) -> ChatCompletion:  # type: ignore[no-untyped-def]
+        from motus.models import OpenAIChatClient
+
+        response = await self.sdk.chat.completions.create(
+            model=model, messages=[{"role": m.role, "content": m.content} for m in messages]
+        )
+        return ChatCompletion(
+            id=response.id,
+            model=model,
+            content=response.choices[0].message.content,
+            usage=OpenAIChatClient._extract_usage(response),
+        )
+
+    async def parse(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def test_a_model_call_the_openai_instrumentation_traced_too_is_charged_once(
+    openai_traced: Any, llm: Any, runtime: None
+) -> None:
+    """A Motus chat client on the real ``openai`` SDK under opentelemetry-instrumentation-openai-v2:
+    the SDK call's chat span charges the call, and the model_call step counts it in its roll-up,
+    not a second time."""
+    client = SdkChatClient(llm.url)
+
+    @multirun.run
+    def job() -> str:
+        return resolve(_chain(client, "gpt-4o-mini", 1))
+
+    assert job() == "re: go on from: start"
+    canned = CANNED[0].prompt + CANNED[0].completion
+    (step,) = [s for s in openai_traced.named("chat gpt-4o-mini") if attr.STEP_NAME in s.attributes]
+    assert step.attributes[attr.TOKENS_USED] == canned
+    assert attr.GEN_AI_USAGE_INPUT_TOKENS not in step.attributes  # the SDK span's, not its own
+    assert openai_traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == canned
 
 
 # ---------------------------------------------------------------------------

@@ -648,7 +648,8 @@ class _TaskTrace:
     def _complete(self, result: Any) -> BaseException | None:
         step, agent, run = self.step, self.agent, self.owned_run
         if step is not None:
-            if self.kind is StepKind.LLM_CALL:
+            # unless a GenAI instrumentation's span inside the task (openai-v2, say) charged it
+            if self.kind is StepKind.LLM_CALL and not step.child_usage_reported:
                 usage = _usage_of(result, self.provider)
                 if usage is not None:
                     try:
