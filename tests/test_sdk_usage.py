@@ -67,10 +67,10 @@ def chat_completion(prompt: int, completion: int, cached: int = 0, reasoning: in
     )
 
 
-def chunk(text: str, usage: dict[str, Any] | None = None) -> ChatCompletionChunk:
+def chunk(text: str, usage: dict[str, Any] | None = None, ident: str = "chatcmpl-s") -> ChatCompletionChunk:
     return ChatCompletionChunk.model_validate(
         {
-            "id": "chatcmpl-s",
+            "id": ident,
             "object": "chat.completion.chunk",
             "created": 1_730_000_000,
             "model": "gpt-4o-mini-2024-07-18",
@@ -352,6 +352,66 @@ async def test_async_generator_of_anthropic_events_is_charged_from_its_running_t
     assert attrs(span)["gen_ai.usage.input_tokens"] == 125
     assert attrs(span)["gen_ai.usage.output_tokens"] == 15
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 140
+
+
+def anthropic_start(ident: str, input_tokens: int) -> RawMessageStartEvent:
+    return RawMessageStartEvent.model_validate(
+        {
+            "type": "message_start",
+            "message": {
+                "id": ident,
+                "type": "message",
+                "role": "assistant",
+                "model": ANTHROPIC_MODEL,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+            },
+        }
+    )
+
+
+def anthropic_delta(output_tokens: int) -> RawMessageDeltaEvent:
+    return RawMessageDeltaEvent.model_validate(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": None, "stop_sequence": None},
+            "usage": {"output_tokens": output_tokens},
+        }
+    )
+
+
+def test_a_generator_step_that_streams_two_model_calls_is_charged_for_both(traced) -> None:
+    """A tool loop that streams one answer, calls a tool, then streams the next: two calls, two
+    streams of running totals, in one step; neither replaces the other."""
+
+    def usage(prompt: int, completion: int) -> dict[str, Any]:
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @step
+    def openai_loop() -> Iterator[Any]:
+        yield chunk("a", ident="chatcmpl-1")
+        yield chunk("", usage=usage(10, 2), ident="chatcmpl-1")
+        yield chunk("b", ident="chatcmpl-2")
+        yield chunk("", usage=usage(20, 3), ident="chatcmpl-2")
+
+    @step
+    def anthropic_loop() -> Iterator[Any]:
+        yield anthropic_start("msg_1", 30)
+        yield anthropic_delta(4)
+        yield anthropic_start("msg_2", 40)
+        yield anthropic_delta(5)
+
+    @run(name="main")
+    def main() -> None:
+        list(openai_loop())
+        list(anthropic_loop())
+
+    main()
+    assert attrs(step_span(traced, "openai_loop"))["multirun.tokens_used"] == 12 + 23
+    assert attrs(step_span(traced, "anthropic_loop"))["multirun.tokens_used"] == 34 + 45
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 35 + 79
 
 
 def test_a_stream_that_fails_midway_is_charged_for_what_arrived(traced) -> None:
