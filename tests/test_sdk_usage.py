@@ -414,6 +414,50 @@ def test_a_generator_step_that_streams_two_model_calls_is_charged_for_both(trace
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 35 + 79
 
 
+def test_a_responses_stream_that_ends_incomplete_is_charged(traced) -> None:
+    """A Responses stream cut by max_output_tokens ends with ``response.incomplete``, not
+    ``response.completed``: its tokens were billed all the same."""
+    from openai.types.responses import ResponseIncompleteEvent
+
+    event = ResponseIncompleteEvent.model_validate(
+        {
+            "type": "response.incomplete",
+            "sequence_number": 7,
+            "response": {
+                "id": "resp_2",
+                "object": "response",
+                "created_at": 1_730_000_000,
+                "model": "gpt-4o-2024-08-06",
+                "status": "incomplete",
+                "incomplete_details": {"reason": "max_output_tokens"},
+                "output": [],
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
+                "usage": {
+                    "input_tokens": 300,
+                    "output_tokens": 64,
+                    "total_tokens": 364,
+                    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                },
+            },
+        }
+    )
+
+    @step
+    def stream() -> Iterator[Any]:
+        yield event
+
+    @run(name="main")
+    def main() -> None:
+        list(stream())
+
+    main()
+    assert attrs(step_span(traced, "stream"))["gen_ai.usage.output_tokens"] == 64
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 364
+
+
 def test_a_stream_that_fails_midway_is_charged_for_what_arrived(traced) -> None:
     @step
     def stream() -> Iterator[Any]:

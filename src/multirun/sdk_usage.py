@@ -38,6 +38,9 @@ _KNOWN: dict[tuple[str, str], tuple[str, str, str]] = {
     ("openai.types", "ChatCompletionChunk"): (_CHAT_CHUNK, "openai", "chat"),
     ("openai.types", "Response"): (_FULL, "openai", "responses"),
     ("openai.types", "ResponseCompletedEvent"): (_RESPONSE_EVENT, "openai", "responses"),
+    # a stream cut by max_output_tokens, or failed, ends with these instead: billed all the same
+    ("openai.types", "ResponseIncompleteEvent"): (_RESPONSE_EVENT, "openai", "responses"),
+    ("openai.types", "ResponseFailedEvent"): (_RESPONSE_EVENT, "openai", "responses"),
     ("anthropic.types", "Message"): (_FULL, "anthropic", "default"),
     ("anthropic.types", "BetaMessage"): (_FULL, "anthropic", "default"),
     ("anthropic.types", "RawMessageStartEvent"): (_HAS_MESSAGE, "anthropic", "default"),
