@@ -514,6 +514,25 @@ def test_a_response_without_usage_is_no_error(traced) -> None:
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 0
 
 
+def test_a_response_with_a_null_token_count_is_charged_the_counts_it_has(traced) -> None:
+    """OpenAI-compatible servers send ``"completion_tokens": null`` at times (the SDK does not
+    validate responses): the prompt tokens were billed, and are charged."""
+    response = ChatCompletion.construct(**chat_completion(prompt=120, completion=0).__dict__)
+    response.usage = response.usage.model_copy(update={"completion_tokens": None})  # type: ignore[union-attr]
+
+    @step
+    def ask() -> ChatCompletion:
+        return response
+
+    @run(name="main")
+    def main() -> None:
+        ask()
+
+    main()
+    assert attrs(step_span(traced, "ask"))["gen_ai.usage.input_tokens"] == 120
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 120
+
+
 def test_classes_made_at_run_time_that_steps_return_are_not_kept_alive(traced) -> None:
     import gc
     import weakref

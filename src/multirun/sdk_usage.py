@@ -171,13 +171,32 @@ def _as_dict(usage: Any) -> dict[str, Any]:
     return dict(dump()) if dump is not None else dict(vars(usage))
 
 
+# the counts genai-prices requires of each api flavor's usage (it refuses the whole usage without one)
+_REQUIRED = {
+    "chat": ("prompt_tokens", "completion_tokens"),
+    "responses": ("input_tokens", "output_tokens"),
+    "default": ("input_tokens", "output_tokens"),
+}
+
+
+def _without_nulls(usage: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_nulls(v) if isinstance(v, dict) else v for k, v in usage.items() if v is not None}
+
+
 def _extract(how: tuple[str, str, str], model: Any, usage: Any) -> TokenUsage | None:
     if usage is None:
         return None
     _, provider_id, flavor = how
     try:
+        # the SDKs do not validate responses: a count an OpenAI-compatible server sent as null (or
+        # left out) is 0, and the counts it did send are still charged
+        counts = _without_nulls(_as_dict(usage))
+        required = _REQUIRED.get(flavor, ())
+        if not any(name in counts for name in required):
+            return None
+        counts = {name: 0 for name in required} | counts
         provider = data_snapshot.get_snapshot().find_provider(None, provider_id, None)
-        _, found = provider.extract_usage({"usage": _as_dict(usage)}, api_flavor=flavor)
+        _, found = provider.extract_usage({"usage": counts}, api_flavor=flavor)
         return TokenUsage(
             model=model if isinstance(model, str) and model else None,
             provider=provider_id,
