@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from multirun.errors import ConfigurationError
@@ -38,9 +39,10 @@ class TokenUsage:
         if self.cost_usd is not None and (
             isinstance(self.cost_usd, bool)
             or not isinstance(self.cost_usd, (int, float))
+            or not math.isfinite(self.cost_usd)  # NaN and infinity cannot be added to a run's cost
             or self.cost_usd < 0
         ):
-            raise ConfigurationError(f"cost_usd must be a number >= 0, got {self.cost_usd!r}")
+            raise ConfigurationError(f"cost_usd must be a finite number >= 0, got {self.cost_usd!r}")
         for field in ("model", "provider"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, str):
