@@ -536,6 +536,46 @@ def test_a_model_call_the_openai_instrumentation_traced_too_is_charged_once(
     assert openai_traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == canned
 
 
+class NanCostClient(BaseChatClient):
+    """A gateway that reports a cost it could not compute as NaN."""
+
+    async def create(self, model, messages, tools=None, reasoning=None, **kwargs) -> ChatCompletion:  # type: ignore[no-untyped-def]
+        usage = {"prompt_tokens": 200, "completion_tokens": 40, "total_tokens": 240, "cost": float("nan")}
+        return ChatCompletion(id="chatcmpl-nan", model=model, content="answer", usage=usage)
+
+    async def parse(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def test_a_cost_the_provider_could_not_compute_is_priced_here(traced: Any, runtime: None) -> None:
+    @multirun.run
+    def job() -> str:
+        return resolve(_chain(NanCostClient(), "gpt-4o-mini", 1))
+
+    assert job() == "answer"
+    chat = traced.span("chat gpt-4o-mini")  # ended, with its tokens
+    assert chat.attributes[attr.STEP_STATUS] == "completed"
+    assert chat.attributes[attr.TOKENS_USED] == 240
+    assert chat.attributes[attr.GEN_AI_USAGE_COST_AMOUNT] > 0  # genai-prices' price
+    assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == 240
+
+
+def test_a_failure_reading_the_usage_still_ends_the_model_call(
+    traced: Any, runtime: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("instrumentation bug")
+
+    monkeypatch.setattr(integration, "_usage_of", broken)
+
+    @multirun.run
+    def job() -> str:
+        return resolve(_chain(CountingClient(), "gpt-4o-mini", 1))
+
+    assert job() == "answer 1"
+    assert traced.span("chat gpt-4o-mini").attributes[attr.STEP_STATUS] == "completed"
+
+
 # ---------------------------------------------------------------------------
 # failures
 
