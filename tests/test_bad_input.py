@@ -211,6 +211,16 @@ def test_report_usage_with_negative_tokens_is_refused_naming_field(traced) -> No
         multirun.report_usage("gpt-4o-mini", input_tokens=-3)
 
 
+@pytest.mark.parametrize("cost", [float("nan"), float("inf")])
+def test_report_usage_with_a_cost_that_is_not_finite_is_refused_naming_cost(traced, cost: float) -> None:
+    @multirun.run
+    def main() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=3, cost_usd=cost)
+
+    with pytest.raises(ConfigurationError, match="cost_usd"):
+        main()
+
+
 # ---------------------------------------------------------------------------
 # a fresh global TracerProvider, for init() without a provider of its own
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import wrapt
+from clientai import ClientAI
 from clientai.agent import Agent, StepConfig, think
 from clientai.agent.core.agent import Agent as CoreAgent
 from clientai.agent.exceptions import WorkflowError
@@ -48,6 +49,10 @@ from multirun.integrations.clientai import ClientAIInstrumentor
 from multirun.models import Budget, Policy, StepKind
 from multirun.models.policy import DegradationTrigger, GracefulDegradationRule
 from multirun.telemetry import attributes as attr
+from test_openai_usage import CANNED, llm
+from test_openai_usage import instrumented as openai_traced
+
+__all__ = ["llm", "openai_traced"]  # fixtures, imported for pytest
 
 TESTS = Path(__file__).resolve().parent
 
@@ -476,6 +481,28 @@ def test_a_full_response_returned_by_a_step_is_charged_once(traced: Any) -> None
         "  chat [ask llm_call] completed tokens=28",
         "    chat gpt-4o-mini [chat llm_call] completed tokens=28 in=20 out=8",
     ]
+
+
+def test_a_call_the_openai_instrumentation_traced_too_is_charged_once(openai_traced: Any, llm: Any) -> None:
+    """With opentelemetry-instrumentation-openai-v2 on as well, its chat span charges the call: the
+    ClientAI step above it counts the call in its roll-up, not a second time as its own usage."""
+    import openai
+
+    client = ClientAI("openai", api_key="sk-offline")
+    client.provider.client = openai.OpenAI(base_url=llm.url, api_key="test", max_retries=0)
+
+    @multirun.run(name="direct")
+    def direct() -> str:
+        return client.generate_text("hello", model=MODEL)
+
+    assert direct() == "re: hello"
+    canned = CANNED[0].prompt + CANNED[0].completion
+    spans = records(openai_traced)
+    call = one(spans, "generate_text")
+    assert call.attributes[attr.TOKENS_USED] == canned
+    assert attr.GEN_AI_USAGE_INPUT_TOKENS not in call.attributes  # the child's usage, not its own
+    (run_span,) = run_roots(spans)
+    assert run_span.attributes[attr.TOKENS_USED] == canned
 
 
 def test_content_is_recorded_only_when_asked_for(traced: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -49,6 +49,10 @@ from multirun.models.policy import (  # noqa: E402
 )
 from multirun.telemetry import attributes as attr  # noqa: E402
 from multirun.telemetry.local_files import SpanRecord  # noqa: E402
+from test_openai_usage import CANNED, llm  # noqa: E402
+from test_openai_usage import instrumented as openai_traced  # noqa: E402
+
+__all__ = ["llm", "openai_traced"]  # fixtures, imported for pytest
 
 PROGRAMS = Path(__file__).parent / "motus_programs"
 ROOT = Path(__file__).resolve().parent.parent
@@ -484,6 +488,92 @@ def test_a_refused_usage_report_fails_the_task_through_its_future(traced: Any, r
     assert chat.attributes[attr.UNPRICED] is True
     assert chat.attributes[attr.TOKENS_USED] == 240  # counted all the same
     assert traced.span("step publish").attributes[attr.STEP_STATUS] == "failed"  # never ran
+
+
+class SdkChatClient(BaseChatClient):
+    """A chat client on ``openai.AsyncOpenAI`` (one non-streamed request), usage as Motus's OpenAI
+    client reads it."""
+
+    def __init__(self, base_url: str) -> None:
+        import openai
+
+        self.sdk = openai.AsyncOpenAI(base_url=base_url, api_key="test", max_retries=0)
+
+    async def create(self, model, messages, tools=None, reasoning=None, **kwargs) -> ChatCompletion:  # type: ignore[no-untyped-def]
+        from motus.models import OpenAIChatClient
+
+        response = await self.sdk.chat.completions.create(
+            model=model, messages=[{"role": m.role, "content": m.content} for m in messages]
+        )
+        return ChatCompletion(
+            id=response.id,
+            model=model,
+            content=response.choices[0].message.content,
+            usage=OpenAIChatClient._extract_usage(response),
+        )
+
+    async def parse(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def test_a_model_call_the_openai_instrumentation_traced_too_is_charged_once(
+    openai_traced: Any, llm: Any, runtime: None
+) -> None:
+    """A Motus chat client on the real ``openai`` SDK under opentelemetry-instrumentation-openai-v2:
+    the SDK call's chat span charges the call, and the model_call step counts it in its roll-up,
+    not a second time."""
+    client = SdkChatClient(llm.url)
+
+    @multirun.run
+    def job() -> str:
+        return resolve(_chain(client, "gpt-4o-mini", 1))
+
+    assert job() == "re: go on from: start"
+    canned = CANNED[0].prompt + CANNED[0].completion
+    (step,) = [s for s in openai_traced.named("chat gpt-4o-mini") if attr.STEP_NAME in s.attributes]
+    assert step.attributes[attr.TOKENS_USED] == canned
+    assert attr.GEN_AI_USAGE_INPUT_TOKENS not in step.attributes  # the SDK span's, not its own
+    assert openai_traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == canned
+
+
+class NanCostClient(BaseChatClient):
+    """A gateway that reports a cost it could not compute as NaN."""
+
+    async def create(self, model, messages, tools=None, reasoning=None, **kwargs) -> ChatCompletion:  # type: ignore[no-untyped-def]
+        usage = {"prompt_tokens": 200, "completion_tokens": 40, "total_tokens": 240, "cost": float("nan")}
+        return ChatCompletion(id="chatcmpl-nan", model=model, content="answer", usage=usage)
+
+    async def parse(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def test_a_cost_the_provider_could_not_compute_is_priced_here(traced: Any, runtime: None) -> None:
+    @multirun.run
+    def job() -> str:
+        return resolve(_chain(NanCostClient(), "gpt-4o-mini", 1))
+
+    assert job() == "answer"
+    chat = traced.span("chat gpt-4o-mini")  # ended, with its tokens
+    assert chat.attributes[attr.STEP_STATUS] == "completed"
+    assert chat.attributes[attr.TOKENS_USED] == 240
+    assert chat.attributes[attr.GEN_AI_USAGE_COST_AMOUNT] > 0  # genai-prices' price
+    assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == 240
+
+
+def test_a_failure_reading_the_usage_still_ends_the_model_call(
+    traced: Any, runtime: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("instrumentation bug")
+
+    monkeypatch.setattr(integration, "_usage_of", broken)
+
+    @multirun.run
+    def job() -> str:
+        return resolve(_chain(CountingClient(), "gpt-4o-mini", 1))
+
+    assert job() == "answer 1"
+    assert traced.span("chat gpt-4o-mini").attributes[attr.STEP_STATUS] == "completed"
 
 
 # ---------------------------------------------------------------------------

@@ -67,10 +67,10 @@ def chat_completion(prompt: int, completion: int, cached: int = 0, reasoning: in
     )
 
 
-def chunk(text: str, usage: dict[str, Any] | None = None) -> ChatCompletionChunk:
+def chunk(text: str, usage: dict[str, Any] | None = None, ident: str = "chatcmpl-s") -> ChatCompletionChunk:
     return ChatCompletionChunk.model_validate(
         {
-            "id": "chatcmpl-s",
+            "id": ident,
             "object": "chat.completion.chunk",
             "created": 1_730_000_000,
             "model": "gpt-4o-mini-2024-07-18",
@@ -354,6 +354,110 @@ async def test_async_generator_of_anthropic_events_is_charged_from_its_running_t
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 140
 
 
+def anthropic_start(ident: str, input_tokens: int) -> RawMessageStartEvent:
+    return RawMessageStartEvent.model_validate(
+        {
+            "type": "message_start",
+            "message": {
+                "id": ident,
+                "type": "message",
+                "role": "assistant",
+                "model": ANTHROPIC_MODEL,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+            },
+        }
+    )
+
+
+def anthropic_delta(output_tokens: int) -> RawMessageDeltaEvent:
+    return RawMessageDeltaEvent.model_validate(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": None, "stop_sequence": None},
+            "usage": {"output_tokens": output_tokens},
+        }
+    )
+
+
+def test_a_generator_step_that_streams_two_model_calls_is_charged_for_both(traced) -> None:
+    """A tool loop that streams one answer, calls a tool, then streams the next: two calls, two
+    streams of running totals, in one step; neither replaces the other."""
+
+    def usage(prompt: int, completion: int) -> dict[str, Any]:
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @step
+    def openai_loop() -> Iterator[Any]:
+        yield chunk("a", ident="chatcmpl-1")
+        yield chunk("", usage=usage(10, 2), ident="chatcmpl-1")
+        yield chunk("b", ident="chatcmpl-2")
+        yield chunk("", usage=usage(20, 3), ident="chatcmpl-2")
+
+    @step
+    def anthropic_loop() -> Iterator[Any]:
+        yield anthropic_start("msg_1", 30)
+        yield anthropic_delta(4)
+        yield anthropic_start("msg_2", 40)
+        yield anthropic_delta(5)
+
+    @run(name="main")
+    def main() -> None:
+        list(openai_loop())
+        list(anthropic_loop())
+
+    main()
+    assert attrs(step_span(traced, "openai_loop"))["multirun.tokens_used"] == 12 + 23
+    assert attrs(step_span(traced, "anthropic_loop"))["multirun.tokens_used"] == 34 + 45
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 35 + 79
+
+
+def test_a_responses_stream_that_ends_incomplete_is_charged(traced) -> None:
+    """A Responses stream cut by max_output_tokens ends with ``response.incomplete``, not
+    ``response.completed``: its tokens were billed all the same."""
+    from openai.types.responses import ResponseIncompleteEvent
+
+    event = ResponseIncompleteEvent.model_validate(
+        {
+            "type": "response.incomplete",
+            "sequence_number": 7,
+            "response": {
+                "id": "resp_2",
+                "object": "response",
+                "created_at": 1_730_000_000,
+                "model": "gpt-4o-2024-08-06",
+                "status": "incomplete",
+                "incomplete_details": {"reason": "max_output_tokens"},
+                "output": [],
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
+                "usage": {
+                    "input_tokens": 300,
+                    "output_tokens": 64,
+                    "total_tokens": 364,
+                    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                },
+            },
+        }
+    )
+
+    @step
+    def stream() -> Iterator[Any]:
+        yield event
+
+    @run(name="main")
+    def main() -> None:
+        list(stream())
+
+    main()
+    assert attrs(step_span(traced, "stream"))["gen_ai.usage.output_tokens"] == 64
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 364
+
+
 def test_a_stream_that_fails_midway_is_charged_for_what_arrived(traced) -> None:
     @step
     def stream() -> Iterator[Any]:
@@ -408,6 +512,25 @@ def test_a_response_without_usage_is_no_error(traced) -> None:
 
     assert main() is response
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 0
+
+
+def test_a_response_with_a_null_token_count_is_charged_the_counts_it_has(traced) -> None:
+    """OpenAI-compatible servers send ``"completion_tokens": null`` at times (the SDK does not
+    validate responses): the prompt tokens were billed, and are charged."""
+    response = ChatCompletion.construct(**chat_completion(prompt=120, completion=0).__dict__)
+    response.usage = response.usage.model_copy(update={"completion_tokens": None})  # type: ignore[union-attr]
+
+    @step
+    def ask() -> ChatCompletion:
+        return response
+
+    @run(name="main")
+    def main() -> None:
+        ask()
+
+    main()
+    assert attrs(step_span(traced, "ask"))["gen_ai.usage.input_tokens"] == 120
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 120
 
 
 def test_classes_made_at_run_time_that_steps_return_are_not_kept_alive(traced) -> None:

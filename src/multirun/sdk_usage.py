@@ -38,6 +38,9 @@ _KNOWN: dict[tuple[str, str], tuple[str, str, str]] = {
     ("openai.types", "ChatCompletionChunk"): (_CHAT_CHUNK, "openai", "chat"),
     ("openai.types", "Response"): (_FULL, "openai", "responses"),
     ("openai.types", "ResponseCompletedEvent"): (_RESPONSE_EVENT, "openai", "responses"),
+    # a stream cut by max_output_tokens, or failed, ends with these instead: billed all the same
+    ("openai.types", "ResponseIncompleteEvent"): (_RESPONSE_EVENT, "openai", "responses"),
+    ("openai.types", "ResponseFailedEvent"): (_RESPONSE_EVENT, "openai", "responses"),
     ("anthropic.types", "Message"): (_FULL, "anthropic", "default"),
     ("anthropic.types", "BetaMessage"): (_FULL, "anthropic", "default"),
     ("anthropic.types", "RawMessageStartEvent"): (_HAS_MESSAGE, "anthropic", "default"),
@@ -86,17 +89,28 @@ def usage_of_result(value: Any) -> TokenUsage | None:
     return _extract(how, getattr(value, "model", None), getattr(value, "usage", None))
 
 
+class _Stream:
+    """The running totals of one streamed call (one id), as its latest chunk or event gave them."""
+
+    __slots__ = ("how", "model", "usage")
+
+    def __init__(self, how: tuple[str, str, str]) -> None:
+        self.how = how
+        self.model: str | None = None
+        self.usage: dict[str, Any] = {}
+
+
 class StreamUsage:
     """The usage of what a generator step yields: SDK stream chunks or events, or whole responses.
 
-    Chunks and events of one stream carry running totals, so a later one
-    replaces what an earlier one said; whole responses are one call each.
+    Chunks and events of one stream (one call: one chunk, response or message
+    id) carry running totals, so a later one replaces what an earlier one said;
+    another id is another call, counted too. Whole responses are one call each.
     """
 
     def __init__(self) -> None:
-        self._how: tuple[str, str, str] | None = None
-        self._model: str | None = None
-        self._usage: dict[str, Any] = {}
+        self._streams: dict[tuple[str, Any], _Stream] = {}  # by kind and id, in order
+        self._message: _Stream | None = None  # the Anthropic message that deltas belong to
         self._whole: list[TokenUsage] = []
 
     def observe(self, item: Any) -> None:
@@ -106,19 +120,23 @@ class StreamUsage:
         kind = how[0]
         try:
             if kind == _CHAT_CHUNK:
-                self._model = item.model or self._model
+                stream = self._stream(how, item.id)
+                stream.model = item.model or stream.model
                 if item.usage is not None:
-                    self._set(how, item.usage)
+                    stream.usage = _as_dict(item.usage)
             elif kind == _RESPONSE_EVENT:
-                self._model = item.response.model
-                self._set(how, item.response.usage)
+                stream = self._stream(how, item.response.id)
+                stream.model = item.response.model
+                stream.usage = _as_dict(item.response.usage)
             elif kind == _HAS_MESSAGE:
-                self._model = item.message.model
-                self._set(how, item.message.usage)
+                stream = self._message = self._stream(how, item.message.id)
+                stream.model = item.message.model
+                stream.usage = _as_dict(item.message.usage)
             elif kind == _MESSAGE_DELTA:
-                # running totals: later deltas replace earlier ones, field by field
-                delta = _as_dict(item.usage)
-                self._usage.update({k: v for k, v in delta.items() if v is not None})
+                if self._message is not None:
+                    # running totals: later deltas replace earlier ones, field by field
+                    delta = _as_dict(item.usage)
+                    self._message.usage.update({k: v for k, v in delta.items() if v is not None})
             elif kind == _FULL:  # a generator that yields whole responses
                 usage = _extract(how, item.model, item.usage)
                 if usage is not None:
@@ -126,17 +144,21 @@ class StreamUsage:
         except Exception:
             _warn_once(type(item).__name__)
 
-    def _set(self, how: tuple[str, str, str], usage: Any) -> None:
-        self._how = how
-        self._usage = _as_dict(usage)
+    def _stream(self, how: tuple[str, str, str], ident: Any) -> _Stream:
+        key = (how[0], ident)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _Stream(how)
+        return stream
 
     def results(self) -> list[TokenUsage]:
-        """One usage per model call seen: the streamed one (if a chunk carried usage) and each whole one."""
+        """One usage per model call seen: each stream whose chunks carried usage, and each whole one."""
         found = list(self._whole)
-        if self._how is not None and self._usage:
-            streamed = _extract(self._how, self._model, self._usage)
-            if streamed is not None:
-                found.append(streamed)
+        for stream in self._streams.values():
+            if stream.usage:
+                streamed = _extract(stream.how, stream.model, stream.usage)
+                if streamed is not None:
+                    found.append(streamed)
         return found
 
 
@@ -149,13 +171,32 @@ def _as_dict(usage: Any) -> dict[str, Any]:
     return dict(dump()) if dump is not None else dict(vars(usage))
 
 
+# the counts genai-prices requires of each api flavor's usage (it refuses the whole usage without one)
+_REQUIRED = {
+    "chat": ("prompt_tokens", "completion_tokens"),
+    "responses": ("input_tokens", "output_tokens"),
+    "default": ("input_tokens", "output_tokens"),
+}
+
+
+def _without_nulls(usage: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_nulls(v) if isinstance(v, dict) else v for k, v in usage.items() if v is not None}
+
+
 def _extract(how: tuple[str, str, str], model: Any, usage: Any) -> TokenUsage | None:
     if usage is None:
         return None
     _, provider_id, flavor = how
     try:
+        # the SDKs do not validate responses: a count an OpenAI-compatible server sent as null (or
+        # left out) is 0, and the counts it did send are still charged
+        counts = _without_nulls(_as_dict(usage))
+        required = _REQUIRED.get(flavor, ())
+        if not any(name in counts for name in required):
+            return None
+        counts = {name: 0 for name in required} | counts
         provider = data_snapshot.get_snapshot().find_provider(None, provider_id, None)
-        _, found = provider.extract_usage({"usage": _as_dict(usage)}, api_flavor=flavor)
+        _, found = provider.extract_usage({"usage": counts}, api_flavor=flavor)
         return TokenUsage(
             model=model if isinstance(model, str) and model else None,
             provider=provider_id,

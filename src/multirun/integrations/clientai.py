@@ -597,7 +597,8 @@ def _llm_call(
 
 
 def _report(call: _StepCall, usage: TokenUsage | None) -> None:
-    if usage is None:
+    # a GenAI instrumentation's span inside the call (openai-v2, say) charged it already
+    if usage is None or call.child_usage_reported:
         return
     try:
         call.report_usage(usage)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 import sys
 import threading
 import traceback
@@ -648,14 +649,17 @@ class _TaskTrace:
     def _complete(self, result: Any) -> BaseException | None:
         step, agent, run = self.step, self.agent, self.owned_run
         if step is not None:
-            if self.kind is StepKind.LLM_CALL:
-                usage = _usage_of(result, self.provider)
-                if usage is not None:
-                    try:
+            # unless a GenAI instrumentation's span inside the task (openai-v2, say) charged it
+            if self.kind is StepKind.LLM_CALL and not step.child_usage_reported:
+                try:
+                    usage = _usage_of(result, self.provider)
+                    if usage is not None:
                         step.report_usage(usage)  # charged (and counted) even when refused
-                    except REFUSALS as refused:
-                        self._fail(refused)
-                        return refused
+                except REFUSALS as refused:
+                    self._fail(refused)
+                    return refused
+                except Exception:  # the step still ends, with the task's result
+                    _broken(f"charging task {self.name!r}")
             step._succeed(result, self.extra)
         elif agent is not None:
             self.span.set_attributes(self.extra)
@@ -862,8 +866,8 @@ def _usage_of(result: Any, provider: str | None) -> TokenUsage | None:
     cache_write = _count(usage.get("cache_creation_input_tokens"))
     details = usage.get("completion_tokens_details")
     reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
-    cost = usage.get("cost")
-    if not isinstance(cost, (int, float)) or isinstance(cost, bool) or cost < 0:
+    cost = usage.get("cost")  # a gateway's own price (OpenRouter); else genai-prices prices it
+    if not isinstance(cost, (int, float)) or isinstance(cost, bool) or not 0 <= cost < math.inf:
         cost = None
     model = getattr(result, "model", None)
     return TokenUsage(
