@@ -236,3 +236,34 @@ def test_an_otel_attribute_value_length_limit_that_is_no_number_is_refused_namin
     monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "-3")
     with pytest.raises(ConfigurationError, match="OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"):
         multirun.init_local(tmp_path)
+
+
+def test_with_the_sdk_disabled_init_says_so_and_budgets_still_hold(
+    global_otel, tmp_path, monkeypatch, caplog
+) -> None:
+    from multirun.errors import BudgetExceededError
+    from multirun.models import Budget
+
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    with caplog.at_level(logging.INFO, logger="multirun"):
+        multirun.init(local_dir=tmp_path)
+
+    @step
+    def work() -> None:
+        pass
+
+    @run(budget=Budget(max_steps=2))
+    def job() -> None:
+        for _ in range(3):
+            work()
+
+    with pytest.raises(BudgetExceededError):
+        job()
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("multirun")]
+    assert messages == [
+        (
+            logging.INFO,
+            "multirun: OTEL_SDK_DISABLED is true: no spans are recorded; budgets and policy still apply",
+        )
+    ]
+    assert not (tmp_path / "traces").exists()

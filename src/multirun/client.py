@@ -449,6 +449,11 @@ def _init_locked(
             trace.set_tracer_provider(owned)
             _owned_provider = owned
             provider = owned
+        elif _sdk_disabled():
+            _logger.info(
+                "multirun: OTEL_SDK_DISABLED is true: no spans are recorded; budgets and policy still apply"
+            )
+            provider = current
         else:
             _logger.warning(
                 "multirun: the global TracerProvider is a %s, not the OpenTelemetry SDK's; "
@@ -727,8 +732,12 @@ def _ensure_meter_provider(
     otel_metrics.set_meter_provider(_owned_meter_provider)
 
 
+def _sdk_disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
 def _is_unset(provider: trace.TracerProvider) -> bool:
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    if _sdk_disabled():
         return False
     return isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
