@@ -132,6 +132,12 @@ def test_step_with_unknown_kind_lists_allowed_values() -> None:
     assert "tool_call" in str(info.value)
 
 
+def test_a_bad_option_on_a_lambda_is_named_before_its_missing_name() -> None:
+    """The option the user got wrong is what the error names, whatever it decorates."""
+    with pytest.raises(ConfigurationError, match=r"^@step\(kind=\.\.\.\)"):
+        step(kind="llm")(lambda: None)  # type: ignore[call-overload]
+
+
 def test_step_with_empty_name_is_refused_naming_name() -> None:
     with pytest.raises(ConfigurationError, match="name"):
 

@@ -120,7 +120,6 @@ class StepSpec:
         decorator: str = "step",
     ) -> None:
         """Validate the options; errors name ``@{decorator}`` (``@think`` for ``@think``)."""
-        self.name = _validate_name(decorator, name, func)
         self.kind = _enum(decorator, "kind", StepKind, kind)
         self.retry = _non_negative_int(decorator, "retry", retry)
         self.retry_delay = _non_negative_number(decorator, "retry_delay", retry_delay)
@@ -133,6 +132,7 @@ class StepSpec:
         if model is not None and (not isinstance(model, str) or not model):
             raise ConfigurationError(f"@{decorator}(model=...) must be a non-empty string, got {model!r}")
         self.model = model
+        self.name = _validate_name(decorator, name, func)  # last: a bad option is named first
         # served from the replay cache on restore: idempotent steps (a generator's stream is
         # served as the items it yielded, when it was consumed to the end)
         self.replayable = self.idempotent
