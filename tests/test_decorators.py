@@ -1078,3 +1078,21 @@ def test_finished_steps_leave_no_reference_cycles_for_the_garbage_collector(trac
 
     asyncio.run(main())
     assert cyclic == []
+
+
+def test_a_step_error_after_one_attempt_says_attempt(traced) -> None:
+    """retry_on that does not match: no retry, and the message counts one attempt."""
+    from multirun.errors import StepError
+
+    @step(retry=2, retry_on=(KeyError,))
+    def parse() -> None:
+        raise ValueError("bad input")
+
+    @run
+    def job() -> None:
+        parse()
+
+    with pytest.raises(StepError) as info:
+        job()
+    assert str(info.value) == "step 'parse' failed after 1 attempt: ValueError: bad input"
+    assert isinstance(info.value.__cause__, ValueError)

@@ -62,7 +62,8 @@ class StepError(MultiRunError):
         self.attempts = attempts
         self.last_error = last_error
         super().__init__(
-            f"step {step_name!r} failed after {attempts} attempts: {type(last_error).__name__}: {last_error}"
+            f"step {step_name!r} failed after {attempts} attempt{'' if attempts == 1 else 's'}: "
+            f"{type(last_error).__name__}: {last_error}"
         )
 
 
