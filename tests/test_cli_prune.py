@@ -38,9 +38,13 @@ def folder(tmp_path: Path) -> Path:
 
 
 def left(folder: Path) -> tuple[list[str], dict[str, int]]:
-    """The trace files, and the number of checkpoints of each run, still there."""
-    traces = sorted(path.name for path in (folder / "traces").iterdir())
-    runs = {path.name: len(list(path.iterdir())) for path in (folder / "blobs" / "checkpoints").iterdir()}
+    """The trace files, and the number of checkpoints of each run, still there.
+
+    Listed with os.listdir, which the ``unreadable`` fixture leaves alone: it refuses
+    os.scandir, which Path.iterdir uses from Python 3.13 on."""
+    traces = sorted(os.listdir(folder / "traces"))
+    checkpoints = folder / "blobs" / "checkpoints"
+    runs = {name: len(os.listdir(checkpoints / name)) for name in os.listdir(checkpoints)}
     return traces, runs
 
 
