@@ -349,32 +349,6 @@ def test_resume_command_line_end_to_end(tmp_path) -> None:
 # a store folder this user cannot read
 
 
-@pytest.fixture
-def unreadable(monkeypatch):  # type: ignore[no-untyped-def]
-    """Make a folder unreadable: chmod 000, and for root (whom chmod does not stop) a refusing scandir."""
-    import os
-
-    made: list[Path] = []
-    real_scandir = os.scandir
-
-    def refusing_scandir(path: object = ".") -> object:
-        if any(Path(str(path)) == folder for folder in made):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path)  # type: ignore[arg-type]
-
-    if os.geteuid() == 0:
-        monkeypatch.setattr(os, "scandir", refusing_scandir)
-
-    def make(folder: Path) -> Path:
-        folder.chmod(0o000)
-        made.append(folder)
-        return folder
-
-    yield make
-    for folder in made:
-        folder.chmod(0o755)
-
-
 @pytest.mark.parametrize("which", ["blobs", "a run's folder"])
 @pytest.mark.parametrize(
     "argv", [["checkpoints"], ["checkpoints", "verify"], ["resume", "abc", "--", "true"]]

@@ -175,12 +175,8 @@ class ReplayLog:
         self._runs[call[SEQ]] = snapshot
         if failed:
             self.fail(call)
-            return
-        seq = call[SEQ]
-        if self._reruns and seq in self._reruns:
-            self._rerun_returned(seq)
-        self._recorded.append((call, next(self._seq), _NO_RESULT))
-        self._running.pop(seq, None)  # after the append, as in record()
+        else:
+            self.abandon(call)  # recorded with no result: a sub-run is never served, it runs again
 
     def _warn_full(self) -> None:
         if not self._full_warned:

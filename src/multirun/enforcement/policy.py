@@ -24,7 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from multirun.errors import BudgetExceededError, LedgerUnavailableError, PolicyViolation, leaf_errors
+from multirun.errors import (
+    REFUSALS,
+    PolicyViolation,
+    leaf_errors,
+)
 from multirun.models.policy import (
     CircuitBreakerRule,
     DegradationTrigger,
@@ -52,15 +56,12 @@ class Decision:
 
 PROCEED = Decision(PolicyDecision.PROCEED)
 
-# errors of multirun itself: they say nothing of the step's dependency, so no circuit counts them
-_NOT_THE_DEPENDENCY = (BudgetExceededError, PolicyViolation, LedgerUnavailableError)
-
 
 def _says_nothing_of_the_dependency(error: BaseException) -> bool:
     """multirun's own refusals, and a caller that stopped waiting (a cancelled task, Ctrl-C, a
     generator closed early: not an ``Exception``), also when all of a group's errors are such."""
     return all(
-        not isinstance(leaf, Exception) or isinstance(leaf, _NOT_THE_DEPENDENCY)
+        not isinstance(leaf, Exception) or isinstance(leaf, REFUSALS)  # multirun's own: not the dependency's
         for leaf in leaf_errors(error)
     )
 

@@ -343,16 +343,13 @@ def _record(span: dict[str, Any], service: str) -> SpanRecord:
     )
 
 
-_DEFAULTS: dict[type, Any] = {str: "", dict: {}, list: []}
-
-
 def _field(obj: dict[str, Any], key: str, kind: type) -> Any:
     """``obj[key]`` if it is a ``kind``; its default if absent or null (as in protobuf's JSON)."""
     value = obj.get(key)
     if value is None:
-        return type(_DEFAULTS[kind])()
+        return kind()
     if not isinstance(value, kind):
-        raise DamagedSpan(f"{key} is {_json_type(value)}, not {_json_type(_DEFAULTS[kind])}")
+        raise DamagedSpan(f"{key} is {_json_type(value)}, not {_json_type(kind())}")
     return value
 
 
