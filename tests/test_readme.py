@@ -1,0 +1,74 @@
+"""The README's examples work as written: its quick start runs, its command lines parse."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import multirun
+from multirun.cli.main import build_parser, main
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _quick_start() -> str:
+    heading = README.read_text(encoding="utf-8").split("## Quick start", 1)[1]
+    match = re.search(r"```python\n(.*?)```", heading, re.DOTALL)
+    assert match is not None, "the README's Quick start has no python block"
+    return match.group(1)
+
+
+def _fake_llm(model: str, prompt: str) -> tuple[str, Any]:
+    """The quick start's ``my_llm``: an answer, and usage as a client library returns it."""
+    return f"{model} on {prompt[:20]}", SimpleNamespace(input=len(prompt), output=7)
+
+
+def test_the_quick_start_runs_as_written_and_its_run_is_listed(
+    global_otel: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_quick_start(), str(README), "exec"), {"my_llm": _fake_llm})
+    multirun.get_client().force_flush()
+
+    assert main(["runs", "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in runs] == ["crew"]
+    assert runs[0]["status"] == "completed"
+    assert runs[0]["tokens"] > 0  # report_usage as the quick start calls it was charged
+    assert runs[0]["cost_usd"] > 0  # gpt-4o has a known price
+
+
+def _documented_command_lines() -> list[str]:
+    """Every ``multirun COMMAND ...`` synopsis in the README, options in brackets taken as given
+    (a bare ``multirun COMMAND`` in the prose is a mention, not a synopsis)."""
+    lines = re.findall(
+        r"`(multirun\s+(?:demo|runs|prune|resume|checkpoints)\s[^`]+)`", README.read_text("utf-8")
+    )
+    assert lines, "the README documents no multirun command"
+    return sorted(set(lines))
+
+
+_PLACEHOLDERS = {"DIR": "/tmp/x", "URL": "http://localhost:4318", "N": "5", "DAYS": "7", "URI": "/tmp/b"}
+
+
+def _as_argv(line: str) -> list[str]:
+    words = shlex.split(line.replace("<id>", "ID").replace("[", " ").replace("]", " ").replace("...", ""))[1:]
+    if "--" in words:  # `resume ID -- python crew.py`: the program is not the parser's
+        words = words[: words.index("--")]
+    return [_PLACEHOLDERS.get(word, word) for word in words]
+
+
+@pytest.mark.parametrize("line", _documented_command_lines())
+def test_each_command_line_the_readme_shows_is_one_the_command_accepts(line: str) -> None:
+    argv = _as_argv(line)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        pytest.fail(f"README shows `{line}`, which the command refuses (exit {exc.code}): {argv}")
+    assert getattr(args, "handler", None) is not None, f"`{line}` names no command"
