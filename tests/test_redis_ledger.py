@@ -134,6 +134,20 @@ def test_spending_exactly_the_cost_limit_stops_the_next_step(
         assert got.value.limit == "max_cost_usd"
 
 
+def test_a_cost_limit_below_one_unit_lets_a_run_start_and_stops_it_once_it_spends(
+    factory: RedisLedgerFactory,
+) -> None:
+    budget = Budget(max_cost_usd=1e-13)  # less than a unit: the first unit spent is over it
+    for ledger in (RunLedger(budget=budget, run_id=new_id()), factory.ledger(new_id(), budget)):
+        ledger.begin_step()
+        assert not ledger.status(budget).is_exceeded
+        ledger.charge(1, 1)
+        assert ledger.status(budget).is_exceeded
+        with pytest.raises(BudgetExceededError) as got:
+            ledger.begin_step()
+        assert got.value.limit == "max_cost_usd"
+
+
 def test_check_false_counts_the_step_without_checking(factory: RedisLedgerFactory) -> None:
     ledger = factory.ledger(new_id(), Budget(max_steps=1))
     ledger.begin_step()

@@ -29,8 +29,9 @@ def cost_limit_units(max_cost_usd: float) -> int:
 
     ``x * COST_UNITS_PER_USD`` carries float noise (``0.067`` gives ``67000000.00000001``), which
     would let a run that spent exactly its limit go on; it is rounded off before the ceiling.
+    A limit below one unit is one unit: nothing spent is under any limit ``x > 0``.
     """
-    return math.ceil(round(max_cost_usd * COST_UNITS_PER_USD, 3))
+    return max(math.ceil(round(max_cost_usd * COST_UNITS_PER_USD, 3)), 1)
 
 
 @dataclass(frozen=True)
