@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pydantic
 import pytest
 
+from multirun.enforcement.ledger import RunLedger
 from multirun.models import Agent, AgentConfig, Budget, Checkpoint, Policy, Run, Step
 from multirun.models.policy import CircuitBreakerRule, RateLimitRule, RetryRule
 
@@ -229,6 +230,15 @@ def test_budget_is_exceeded_by_cost_on_run() -> None:
     assert reason is not None
     assert "max_cost_usd" in reason
     assert "2.5" in reason
+
+
+def test_budget_is_exceeded_by_cost_as_the_run_ledger_compares_it() -> None:
+    # a limit with float noise; the run spent the whole of it, to the nano-dollar the ledger counts
+    budget = Budget(max_cost_usd=3.4575920550000916)
+    ledger = RunLedger(budget=budget)
+    ledger.charge(1, 3_457_592_055)
+    run = Run(cost_usd=ledger.cost_usd)
+    assert budget.is_exceeded(run) is ledger.status(budget).is_exceeded is True
 
 
 def test_budget_is_exceeded_by_steps_over_the_limit() -> None:

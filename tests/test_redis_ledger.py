@@ -119,16 +119,20 @@ def test_each_limit_stops_the_run_like_run_ledger(
     assert shared.exceeded(budget) == local.exceeded(budget)
 
 
-@pytest.mark.parametrize("limit", [0.067, 0.534, 1.1])
+@pytest.mark.parametrize("limit", [0.067, 0.534, 1.1, 3.4575920550000916])
 def test_spending_exactly_the_cost_limit_stops_the_next_step(
     factory: RedisLedgerFactory, limit: float
 ) -> None:
-    # limit * 10**9 is not an integer in floating point for 0.067 and 0.534 (67000000.00000001)
+    # limit * 10**9 is not an integer in floating point for 0.067 and 0.534 (67000000.00000001);
+    # the last is a sum of prices with float noise, a hair above the integer its cost rounds to
     budget = Budget(max_cost_usd=limit)
     for ledger in (RunLedger(budget=budget, run_id=new_id()), factory.ledger(new_id(), budget)):
         ledger.begin_step()
         ledger.charge(1, round(limit * COST_UNITS_PER_USD))
         assert ledger.exceeded(budget) is not None
+        status = ledger.status(budget)
+        assert (status.is_exceeded, status.percentage_used, status.cost_remaining_usd) == (True, 100, 0)
+        assert ledger.used_up()
         with pytest.raises(BudgetExceededError) as got:
             ledger.begin_step()
         assert got.value.limit == "max_cost_usd"

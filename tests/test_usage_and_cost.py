@@ -686,9 +686,13 @@ def test_max_cost_stops_next_step_after_cost_crosses_it(traced) -> None:
     assert len(traced.named(f"chat {UNKNOWN_MODEL}")) == 2
 
 
-@pytest.mark.parametrize("limit", [0.067, 0.534, 1.1])
+# limit * 10**9 is not an integer in floating point for 0.067 and 0.534 (67000000.00000001); the
+# last is a sum of prices with float noise, its units a hair above the integer its cost rounds to
+COST_LIMITS = [0.067, 0.534, 1.1, 3.4575920550000916]
+
+
+@pytest.mark.parametrize("limit", COST_LIMITS)
 def test_spending_exactly_the_cost_limit_stops_the_next_step(traced, limit: float) -> None:
-    # limit * 10**9 is not an integer in floating point for 0.067 and 0.534 (67000000.00000001)
     calls = []
 
     @step(kind=StepKind.LLM_CALL)
@@ -699,7 +703,8 @@ def test_spending_exactly_the_cost_limit_stops_the_next_step(traced, limit: floa
     @run(budget=Budget(max_cost_usd=limit))
     def main() -> None:
         ask()
-        assert multirun.context.get_current_run_context().budget_status().is_exceeded
+        status = multirun.context.get_current_run_context().budget_status()
+        assert (status.is_exceeded, status.percentage_used, status.cost_remaining_usd) == (True, 100, 0)
         ask()
 
     with pytest.raises(BudgetExceededError) as info:

@@ -64,7 +64,7 @@ class LedgerReadings:
         if budget.max_tokens is not None:
             found["max_tokens"] = self.tokens / budget.max_tokens
         if budget.max_cost_usd is not None:
-            found["max_cost_usd"] = self.cost_units / COST_UNITS_PER_USD / budget.max_cost_usd
+            found["max_cost_usd"] = self.cost_units / cost_limit_units(budget.max_cost_usd)
         if budget.max_steps is not None:
             found["max_steps"] = self.steps / budget.max_steps
         if budget.max_duration_seconds is not None:
@@ -82,7 +82,7 @@ class LedgerReadings:
         hit = first_exceeded(
             budget,
             tokens=self.tokens,
-            cost_usd=self.cost_units / COST_UNITS_PER_USD,
+            cost_units=self.cost_units,
             steps=self.steps + (1 if next_step else 0),
             duration_seconds=self.elapsed(),
             sub_agents=self.sub_agents,
@@ -112,7 +112,9 @@ class LedgerReadings:
             tokens_remaining=None if budget.max_tokens is None else max(budget.max_tokens - tokens, 0),
             cost_used_usd=cost,
             cost_remaining_usd=(
-                None if budget.max_cost_usd is None else max(budget.max_cost_usd - cost, 0.0)
+                None
+                if budget.max_cost_usd is None
+                else max(cost_limit_units(budget.max_cost_usd) - cost_units, 0) / COST_UNITS_PER_USD
             ),
             steps_used=steps,
             steps_remaining=None if budget.max_steps is None else max(budget.max_steps - steps, 0),

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from multirun.errors import spent_text
 from multirun.models._base import Model, utcnow
+from multirun.pricing import COST_UNITS_PER_USD, cost_limit_units
 
 if TYPE_CHECKING:
     from multirun.models.run import Run
@@ -35,7 +36,7 @@ class Budget(Model):
         found = first_exceeded(
             self,
             tokens=run.tokens_used,
-            cost_usd=run.cost_usd,
+            cost_units=round(run.cost_usd * COST_UNITS_PER_USD),
             steps=len(run.steps),
             duration_seconds=duration,
             sub_agents=None,
@@ -54,7 +55,7 @@ def first_exceeded(
     budget: Budget,
     *,
     tokens: int,
-    cost_usd: float,
+    cost_units: int,
     steps: int,
     duration_seconds: float | None,
     sub_agents: int | None,
@@ -63,12 +64,13 @@ def first_exceeded(
 
     A limit counts as reached when usage is at or over it for tokens, cost and
     duration (nothing more can be spent), and over it for steps and sub-agents
-    (the count includes the one about to start).
+    (the count includes the one about to start). Cost is compared in integer units, as the
+    ledgers compare it before each step, so float noise in the limit cannot make them disagree.
     """
     if budget.max_tokens is not None and tokens >= budget.max_tokens:
         return "max_tokens", tokens, budget.max_tokens
-    if budget.max_cost_usd is not None and cost_usd >= budget.max_cost_usd:
-        return "max_cost_usd", cost_usd, budget.max_cost_usd
+    if budget.max_cost_usd is not None and cost_units >= cost_limit_units(budget.max_cost_usd):
+        return "max_cost_usd", cost_units / COST_UNITS_PER_USD, budget.max_cost_usd
     if budget.max_steps is not None and steps > budget.max_steps:
         return "max_steps", steps, budget.max_steps
     if (
