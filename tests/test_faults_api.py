@@ -22,7 +22,13 @@ from multirun import agent, checkpoint, run, step
 from multirun import client as client_module
 from multirun.errors import ConfigurationError
 from multirun.models import Budget, Policy, StepKind
-from multirun.models.policy import CircuitBreakerRule, GracefulDegradationRule, RateLimitRule, RetryRule
+from multirun.models.policy import (
+    BudgetRule,
+    CircuitBreakerRule,
+    GracefulDegradationRule,
+    RateLimitRule,
+    RetryRule,
+)
 
 SAYS_WHAT_IS_ACCEPTED = re.compile(
     r"must|should|one of|use |expected|valid|accepts|available|needs|at least|set |pass ", re.IGNORECASE
@@ -180,6 +186,9 @@ MODEL_CASES: list[tuple[Callable[[], Any], str]] = [
     (lambda: Budget(max_steps=0), "max_steps"),
     (lambda: Budget(max_duration_seconds=-1), "max_duration_seconds"),
     (lambda: Budget(max_sub_agents=-1), "max_sub_agents"),
+    (lambda: Budget(max_cost_usd=float("inf")), "max_cost_usd"),
+    (lambda: Budget(max_duration_seconds=float("inf")), "max_duration_seconds"),
+    (lambda: BudgetRule(max_cost_usd=float("inf")), "max_cost_usd"),
     (lambda: Budget(max_tokns=5), "max_tokns"),
     (lambda: RetryRule(max_attempts=0), "max_attempts"),
     (lambda: RetryRule(backoff="fibonacci"), "backoff"),

@@ -18,9 +18,9 @@ class Budget(Model):
     """Limits of a run. Only the limits that are set are enforced."""
 
     max_tokens: int | None = Field(default=None, gt=0)
-    max_cost_usd: float | None = Field(default=None, gt=0)
+    max_cost_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     max_steps: int | None = Field(default=None, gt=0)
-    max_duration_seconds: float | None = Field(default=None, gt=0)
+    max_duration_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     max_sub_agents: int | None = Field(default=None, ge=0)
 
     def is_exceeded(self, run: Run) -> bool:

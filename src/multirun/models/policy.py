@@ -33,7 +33,7 @@ class DegradationTrigger(str, Enum):
 
 class BudgetRule(Model):
     max_tokens: int | None = Field(default=None, gt=0)
-    max_cost_usd: float | None = Field(default=None, gt=0)
+    max_cost_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class RateLimitRule(Model):
