@@ -203,6 +203,10 @@ MODEL_CASES: list[tuple[Callable[[], Any], str]] = [
     (lambda: Policy(retry="3"), "retry"),
     (lambda: multirun.Price(input_per_mtok=-1, output_per_mtok=1), "input_per_mtok"),
     (lambda: multirun.Price(input_per_mtok="1", output_per_mtok=1), "input_per_mtok"),
+    (lambda: multirun.Price(input_per_mtok=float("nan"), output_per_mtok=1), "input_per_mtok"),
+    (lambda: multirun.Price(input_per_mtok=1, output_per_mtok=float("inf")), "output_per_mtok"),
+    (lambda: multirun.Price(1, 1, cache_read_per_mtok=float("nan")), "cache_read_per_mtok"),
+    (lambda: multirun.Price(1, 1, cache_write_per_mtok=True), "cache_write_per_mtok"),
 ]
 
 

@@ -63,6 +63,45 @@ def test_a_known_model_on_a_foreign_span_is_priced(traced) -> None:
     assert traced.span("invoke_workflow main").attributes["multirun.cost_usd"] == pytest.approx(0.15)
 
 
+@pytest.mark.parametrize("cost", [float("nan"), float("inf"), -0.5, "free"])
+def test_a_bad_cost_on_a_foreign_span_is_ignored_and_its_tokens_priced_here(traced, cost) -> None:
+    @step
+    def call_model() -> None:
+        attributes = {
+            "gen_ai.usage.input_tokens": 1_000_000,
+            "gen_ai.request.model": "gpt-4o-mini",
+            "gen_ai.usage.cost.amount": cost,
+        }
+        foreign_span(traced, "chat", attributes)
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    run_span = traced.span("invoke_workflow main")
+    assert run_span.attributes["multirun.tokens_used"] == 1_000_000
+    assert run_span.attributes["multirun.cost_usd"] == pytest.approx(0.15)
+
+
+def test_a_cost_on_a_foreign_span_is_used_as_is(traced) -> None:
+    @step
+    def call_model() -> None:
+        attributes = {
+            "gen_ai.usage.input_tokens": 1_000_000,
+            "gen_ai.request.model": "gpt-4o-mini",
+            "gen_ai.usage.cost.amount": 0.02,
+        }
+        foreign_span(traced, "chat", attributes)
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    assert traced.span("invoke_workflow main").attributes["multirun.cost_usd"] == 0.02
+
+
 def test_foreign_usage_counts_against_the_budget(traced) -> None:
     calls = {"n": 0}
 

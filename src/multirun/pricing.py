@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from multirun.errors import ConfigurationError
+from multirun.usage import is_cost
 
 _logger = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ class Price:
     def __post_init__(self) -> None:
         for field in ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok"):
             value = getattr(self, field)
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
-                raise ConfigurationError(f"Price.{field} must be a number >= 0, got {value!r}")
+            if value is not None and not is_cost(value):
+                raise ConfigurationError(f"Price.{field} must be a finite number >= 0, got {value!r}")
 
     def cost(self, input_tokens: int, output_tokens: int, cache_read: int, cache_write: int) -> float:
         uncached = max(input_tokens - cache_read - cache_write, 0)

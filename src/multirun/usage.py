@@ -7,6 +7,16 @@ from dataclasses import dataclass
 
 from multirun.errors import ConfigurationError
 
+
+def is_cost(value: object) -> bool:
+    """True for an amount of money that can be charged: a finite int or float >= 0, not a bool."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and 0 <= value < math.inf  # NaN fails both comparisons
+    )
+
+
 # report_usage's names of the fields that TokenUsage names otherwise, for its error messages
 _REPORT_USAGE_NAMES = {"cache_read_tokens": "cache_read_tokens (cached_input_tokens)"}
 
@@ -36,11 +46,7 @@ class TokenUsage:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 shown = _REPORT_USAGE_NAMES.get(field, field)
                 raise ConfigurationError(f"{shown} must be an int >= 0, got {value!r}")
-        if self.cost_usd is not None and (
-            isinstance(self.cost_usd, bool)
-            or not isinstance(self.cost_usd, (int, float))
-            or not 0 <= self.cost_usd < math.inf  # NaN too: it cannot be charged
-        ):
+        if self.cost_usd is not None and not is_cost(self.cost_usd):
             raise ConfigurationError(f"cost_usd must be a finite number >= 0, got {self.cost_usd!r}")
         cached = self.cache_read_tokens + self.cache_write_tokens
         if cached > self.input_tokens:

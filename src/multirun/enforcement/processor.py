@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from multirun._keys import agent_in, run_in, step_in
 from multirun.telemetry import attributes as a
-from multirun.usage import TokenUsage
+from multirun.usage import TokenUsage, is_cost
 
 _logger = logging.getLogger(__name__)
 
@@ -189,6 +189,8 @@ def usage_from_attributes(attributes: Any) -> TokenUsage | None:
     model = get(a.GEN_AI_RESPONSE_MODEL) or get(a.GEN_AI_REQUEST_MODEL) or get(a.LLM_MODEL_NAME)
     provider = get(a.GEN_AI_PROVIDER_NAME) or get(a.GEN_AI_SYSTEM)
     cost = get(a.GEN_AI_USAGE_COST_AMOUNT)
+    if not is_cost(cost):  # NaN, a string, ...: the tokens are still charged, priced here
+        cost = None
     try:
         return TokenUsage(
             model=str(model) if model else None,

@@ -49,7 +49,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import math
 import sys
 import threading
 import traceback
@@ -82,7 +81,7 @@ from multirun.models.run import Run, RunStatus
 from multirun.models.step import StepKind, StepStatus
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
-from multirun.usage import TokenUsage
+from multirun.usage import TokenUsage, is_cost
 
 __all__ = ["MotusInstrumentor"]
 
@@ -867,7 +866,7 @@ def _usage_of(result: Any, provider: str | None) -> TokenUsage | None:
     details = usage.get("completion_tokens_details")
     reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
     cost = usage.get("cost")  # a gateway's own price (OpenRouter); else genai-prices prices it
-    if not isinstance(cost, (int, float)) or isinstance(cost, bool) or not 0 <= cost < math.inf:
+    if not is_cost(cost):
         cost = None
     model = getattr(result, "model", None)
     return TokenUsage(
