@@ -388,6 +388,60 @@ def test_no_retry_over_budget(traced: Any, runtime: None) -> None:
     assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == 600
 
 
+def test_no_retry_once_an_enclosing_runs_budget_is_spent(traced: Any, runtime: None) -> None:
+    CHARGES.clear()
+
+    @multirun.run(name="child")
+    def child() -> str:
+        return resolve(costly_flaky())
+
+    @multirun.run(name="parent", budget=Budget(max_tokens=500))
+    def parent() -> str:
+        return child()
+
+    with pytest.raises(BudgetExceededError) as raised:
+        parent()
+    assert len(CHARGES) == 2  # as when the budget is the task's own run's (test_no_retry_over_budget)
+    assert raised.value.limit == "max_tokens"
+    assert raised.value.run_id == traced.span("invoke_workflow parent").attributes[attr.RUN_ID]
+    assert traced.span("invoke_workflow child").attributes[attr.TOKENS_USED] == 600
+
+
+AGENTS_RUN: list[str] = []
+
+
+@agent_task(task_type="agent_call")
+def helper_agent() -> str:
+    AGENTS_RUN.append("helper")
+    return "done"
+
+
+@pytest.mark.parametrize("budget_of", ["own run", "enclosing run"])
+def test_an_agent_task_is_refused_once_a_budget_is_spent(traced: Any, runtime: None, budget_of: str) -> None:
+    AGENTS_RUN.clear()
+    spent = Budget(max_tokens=100)
+
+    @multirun.run(name="child", budget=spent if budget_of == "own run" else None)
+    def child() -> str:
+        if budget_of == "own run":
+            multirun.report_usage("gpt-4o-mini", input_tokens=150)
+        return resolve(helper_agent())
+
+    @multirun.run(name="parent", budget=spent if budget_of == "enclosing run" else None)
+    def parent() -> str:
+        if budget_of == "enclosing run":
+            multirun.report_usage("gpt-4o-mini", input_tokens=150)
+        return child()
+
+    with pytest.raises(BudgetExceededError) as raised:
+        parent()
+    assert AGENTS_RUN == []
+    spending = "child" if budget_of == "own run" else "parent"
+    assert raised.value.run_id == traced.span(f"invoke_workflow {spending}").attributes[attr.RUN_ID]
+    refused = traced.span("invoke_agent helper_agent")
+    assert refused.attributes[attr.BUDGET_EXCEEDED_LIMIT] == "max_tokens"
+
+
 FAILURES: list[str] = []
 
 

@@ -32,6 +32,7 @@ class LedgerReadings:
     """
 
     __slots__ = ()
+    run_id: str
     budget: Budget | None
     tokens: int
     cost_units: int
@@ -49,10 +50,17 @@ class LedgerReadings:
 
     def used_up(self) -> bool:
         """True if this run or a run that encloses it has reached a limit of its budget."""
-        return any(
-            ledger.budget is not None and ledger.exceeded(ledger.budget) is not None
-            for ledger in self.chain()
-        )
+        return self.over_budget() is not None
+
+    def over_budget(self, *, next_step: bool = False) -> BudgetExceededError | None:
+        """The refusal naming the first of this run and the runs enclosing it that has reached
+        a limit of its budget (counting the step about to start with ``next_step``), or None."""
+        for ledger in self.chain():
+            budget = ledger.budget
+            hit = None if budget is None else ledger.exceeded(budget, next_step=next_step)
+            if hit is not None:
+                return BudgetExceededError(*hit, run_id=ledger.run_id)
+        return None
 
     def totals(self) -> dict[str, int]:
         """The spend a checkpoint keeps (``SPEND_TOTALS``, in ``restore``'s argument order)."""
@@ -313,6 +321,7 @@ class Ledger(Protocol):
     def set_budget(self, budget: Budget | None) -> None: ...
     def elapsed(self) -> float: ...
     def used_up(self) -> bool: ...
+    def over_budget(self, *, next_step: bool = False) -> BudgetExceededError | None: ...
     def exceeded(self, budget: Budget, *, next_step: bool = False) -> tuple[str, float, float] | None: ...
     def status(self, budget: Budget | None) -> BudgetStatus: ...
     def shares(self, budget: Budget) -> dict[str, float]: ...

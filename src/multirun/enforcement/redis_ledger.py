@@ -683,14 +683,10 @@ class RedisLedger(LedgerReadings):
         return chain
 
     def _begin_step_locally(self, check: bool) -> None:
-        chain = self._local_chain()
-        if check:
-            for ledger in chain:
-                budget = ledger.budget
-                hit = None if budget is None else ledger.exceeded(budget, next_step=True)
-                if hit is not None:
-                    raise BudgetExceededError(*hit, run_id=ledger.run_id)
-        for ledger in chain:
+        refused = self.over_budget(next_step=True) if check else None
+        if refused is not None:
+            raise refused
+        for ledger in self._local_chain():
             with ledger._lock:
                 ledger.steps += 1
 

@@ -66,7 +66,7 @@ from opentelemetry.trace import Span, SpanContext
 from multirun._keys import agent_in, run_in, step_in
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _record_step_not_run, _StepCall
-from multirun.errors import REFUSALS, BudgetExceededError
+from multirun.errors import REFUSALS
 from multirun.integrations._options import (
     configure_tracer_provider,
     framework_installed,
@@ -604,12 +604,11 @@ class _TaskTrace:
         return RuntimeError(f"attempt {number} of task {self.name!r} ended without a result")
 
     def _check_retry_budget(self) -> None:
-        ledger = self._run().ledger
-        budget = ledger.budget
-        hit = ledger.exceeded(budget, next_step=False) if budget is not None else None
-        if hit is not None:
+        """Refuse the retry if the task's run or a run enclosing it has spent its budget."""
+        refused = self._run().ledger.over_budget()
+        if refused is not None:
             self.task.retry_count = self.task.policy.retries  # no further retry either
-            raise BudgetExceededError(*hit, run_id=ledger.run_id)
+            raise refused
 
     def _run(self) -> RunContext:
         holder: StepContext | AgentContext | None = self.step if self.step is not None else self.agent
@@ -706,14 +705,12 @@ def _run_context(ctx: Context, name: str) -> tuple[Context, RunContext | None]:
 
 
 def _start_agent(name: str, ctx: Context) -> AgentContext:
-    """An agent of the run current in ``ctx`` (the current context); refused over budget."""
+    """An agent of the run current in ``ctx`` (the current context); refused over the budget of
+    that run or of a run enclosing it."""
     run = run_in(ctx)
     assert run is not None
-    ledger = run.ledger
-    budget = ledger.budget
-    hit = ledger.exceeded(budget, next_step=True) if budget is not None else None
-    if hit is not None:
-        refused = BudgetExceededError(*hit, run_id=ledger.run_id)
+    refused = run.ledger.over_budget(next_step=True)
+    if refused is not None:
         _record_step_not_run(
             _spec(name, StepKind.SUB_AGENT, None), agent_in(ctx) or run.default_agent, ctx, refused=refused
         )
