@@ -95,8 +95,9 @@ def scenario_sub_agents(ledger: Any) -> None:
         (Budget(max_cost_usd=0.3), scenario_cost, "max_cost_usd"),
         (Budget(max_steps=3), scenario_steps, "max_steps"),
         (Budget(max_sub_agents=1), scenario_sub_agents, "max_sub_agents"),
+        (Budget(max_sub_agents=0), scenario_sub_agents, "max_sub_agents"),
     ],
-    ids=["tokens", "cost", "steps", "sub_agents"],
+    ids=["tokens", "cost", "steps", "sub_agents", "no_sub_agents"],
 )
 def test_each_limit_stops_the_run_like_run_ledger(
     factory: RedisLedgerFactory, budget: Budget, scenario: Callable[[Any], None], limit: str
@@ -117,6 +118,7 @@ def test_each_limit_stops_the_run_like_run_ledger(
         local.sub_agents,
     )
     assert shared.exceeded(budget) == local.exceeded(budget)
+    assert shared.shares(budget) == local.shares(budget)
 
 
 @pytest.mark.parametrize("limit", [0.067, 0.534, 1.1, 3.4575920550000916])

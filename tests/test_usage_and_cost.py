@@ -796,6 +796,33 @@ def test_step_with_check_budget_false_runs_past_the_limit(traced) -> None:
     assert bodies == [0, 1, 2]
 
 
+def test_max_sub_agents_zero_allows_none_and_its_status_says_so(traced) -> None:
+    bodies: list[str] = []
+    statuses = []
+
+    @step
+    def work() -> None:
+        bodies.append("work")
+
+    @agent(name="helper")
+    def helper() -> None:
+        work()
+
+    @run(budget=Budget(max_sub_agents=0))
+    def main() -> None:
+        statuses.append(get_current_run_context().budget_status())
+        with pytest.raises(BudgetExceededError) as info:
+            helper()
+        assert info.value.limit == "max_sub_agents"
+        statuses.append(get_current_run_context().budget_status())
+
+    main()
+    assert bodies == []
+    before, after = statuses
+    assert (before.is_exceeded, before.percentage_used) == (False, 0)
+    assert (after.is_exceeded, after.percentage_used) == (True, 100)
+
+
 def test_budget_exceeded_error_is_not_retried(traced) -> None:
     bodies: list[int] = []
 

@@ -77,8 +77,10 @@ class LedgerReadings:
             found["max_steps"] = self.steps / budget.max_steps
         if budget.max_duration_seconds is not None:
             found["max_duration_seconds"] = self.elapsed() / budget.max_duration_seconds
-        if budget.max_sub_agents:
-            found["max_sub_agents"] = self.sub_agents / budget.max_sub_agents
+        if budget.max_sub_agents is not None:
+            # max_sub_agents=0 allows none: n started is a share of n, not infinite (metrics and
+            # JSON take it), so the first one makes it 100%, exceeded
+            found["max_sub_agents"] = self.sub_agents / max(budget.max_sub_agents, 1)
         return found
 
     def exceeded(self, budget: Budget, *, next_step: bool = False) -> tuple[str, float, float] | None:

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 class Budget(Model):
-    """Limits of a run. Only the limits that are set are enforced."""
+    """Limits of a run. Only the limits that are set are enforced; ``max_sub_agents=0`` is set
+    (no sub-agent may start)."""
 
     max_tokens: int | None = Field(default=None, gt=0)
     max_cost_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
