@@ -14,6 +14,7 @@ from multirun.errors import BudgetExceededError, PolicyViolation, StepError
 from multirun.models import Budget, Policy, StepKind
 from multirun.models.policy import (
     BackoffStrategy,
+    BudgetRule,
     CircuitBreakerRule,
     DegradationTrigger,
     GracefulDegradationRule,
@@ -26,6 +27,33 @@ from multirun.telemetry import attributes as attr
 def attrs_of(traced, name: str) -> list[dict]:
     spans = sorted(traced.named(name), key=lambda s: s.start_time or 0)
     return [dict(s.attributes or {}) for s in spans]
+
+
+# ---------------------------------------------------------------------------
+# budget rule
+
+
+def test_a_budget_rule_tightens_the_runs_budget_and_its_status_reports_against_it(traced) -> None:
+    calls = []
+    statuses = []
+
+    @step(kind=StepKind.LLM_CALL)
+    def ask() -> None:
+        calls.append(1)
+        multirun.report_usage("gpt-4o-mini", input_tokens=150)
+
+    @run(budget=Budget(max_tokens=1000), policy=Policy(budget=BudgetRule(max_tokens=200)))
+    def main() -> None:
+        ask()
+        ask()
+        statuses.append(multirun.context.get_current_run_context().budget_status())
+        ask()
+
+    with pytest.raises(BudgetExceededError) as info:
+        main()
+    assert (info.value.limit, info.value.maximum, len(calls)) == ("max_tokens", 200, 2)
+    status = statuses[0]
+    assert (status.is_exceeded, status.tokens_remaining, status.percentage_used) == (True, 0, 150)
 
 
 # ---------------------------------------------------------------------------

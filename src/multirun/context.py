@@ -632,8 +632,10 @@ class RunContext:
         return self.ledger.cost_usd
 
     def budget_status(self) -> BudgetStatus:
-        """What the run has spent so far against its budget."""
-        return self.ledger.status(self.run.budget)
+        """What the run has spent so far against the budget its steps are checked against
+        (tightened by the policy's BudgetRule)."""
+        started = self._otel_ctx is not None  # before, the ledger is a placeholder without limits
+        return self.ledger.status(self.ledger.budget if started else _effective_budget(self.run))
 
     # -- checkpoints and replay ------------------------------------------------
 
