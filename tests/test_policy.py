@@ -56,6 +56,23 @@ def test_a_budget_rule_tightens_the_runs_budget_and_its_status_reports_against_i
     assert (status.is_exceeded, status.tokens_remaining, status.percentage_used) == (True, 0, 150)
 
 
+def test_the_run_span_shows_the_limits_a_budget_rule_tightened(traced) -> None:
+    policy = Policy(budget=BudgetRule(max_tokens=200, max_cost_usd=5.0))
+
+    @run(budget=Budget(max_tokens=1000, max_cost_usd=1.0, max_steps=10), policy=policy)
+    def main() -> None:
+        pass
+
+    main()
+    span = traced.span("invoke_workflow main").attributes
+    limits = {k: v for k, v in span.items() if k.startswith("multirun.budget.max_")}
+    assert limits == {
+        "multirun.budget.max_tokens": 200,
+        "multirun.budget.max_cost_usd": 1.0,
+        "multirun.budget.max_steps": 10,
+    }
+
+
 # ---------------------------------------------------------------------------
 # rate limit
 

@@ -294,8 +294,9 @@ class RunContext:
             attrs[attr.RUN_PARENT_ID] = run.parent_id
         if self.is_replaying:
             attrs[attr.RUN_REPLAYING] = True
-        if run.budget is not None:
-            for limit, value in run.budget.limits().items():
+        budget = self.ledger.budget  # the run's, tightened by its policy's BudgetRule
+        if budget is not None:
+            for limit, value in budget.limits().items():
                 attrs[attr.BUDGET_PREFIX + limit] = value
         links: list[trace.Link] = []
         resumed = self.resumed_from
