@@ -738,6 +738,33 @@ def test_max_duration_stops_next_step_once_clock_passes_it(traced) -> None:
     assert info.value.maximum == 5
 
 
+@pytest.mark.parametrize("limit", [0.3, 5.0])
+def test_a_step_taking_exactly_the_duration_limit_stops_the_next_step(traced, limit: float) -> None:
+    # started + 0.3 is 1000.3 on the fake clock, but 1000.3 - started is 0.2999999999999545
+    bodies: list[str] = []
+    statuses = []
+
+    @step
+    def slow() -> None:
+        traced.clock.now += limit
+
+    @step
+    def after() -> None:
+        bodies.append("after")
+
+    @run(budget=Budget(max_duration_seconds=limit))
+    def main() -> None:
+        slow()
+        statuses.append(get_current_run_context().budget_status())
+        after()
+
+    with pytest.raises(BudgetExceededError) as info:
+        main()
+    assert (info.value.limit, info.value.used, info.value.maximum) == ("max_duration_seconds", limit, limit)
+    assert bodies == []
+    assert (statuses[0].is_exceeded, statuses[0].percentage_used) == (True, 100)
+
+
 def test_retry_backoff_never_sleeps_past_the_run_deadline(traced) -> None:
     calls = {"n": 0}
 

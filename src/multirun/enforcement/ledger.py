@@ -28,7 +28,7 @@ class LedgerReadings:
     """What a ledger says about its totals against a budget; shared by RunLedger and RedisLedger.
 
     Subclasses provide ``tokens``, ``cost_units``, ``steps``, ``sub_agents``,
-    ``elapsed()`` and ``_lock``.
+    ``_now_and_start()`` and ``_lock``.
     """
 
     __slots__ = ()
@@ -41,8 +41,24 @@ class LedgerReadings:
     unpriced_reports: int
     _lock: threading.Lock
 
-    def elapsed(self) -> float:
+    def _now_and_start(self) -> tuple[float, float]:
+        """The time now and when the run started, on this process's clock."""
         raise NotImplementedError
+
+    def elapsed(self) -> float:
+        """Seconds since the run started."""
+        now, started = self._now_and_start()
+        return now - started
+
+    def _duration(self, budget: Budget) -> float:
+        """``elapsed()``, and at least max_duration_seconds once the deadline is reached:
+        begin_step and the policy compare the clock with start + limit, which can round
+        above start + elapsed (1000.0 + 0.3 is 1000.3, 1000.3 - 1000.0 is 0.29999...)."""
+        now, started = self._now_and_start()
+        limit = budget.max_duration_seconds
+        if limit is not None and now >= started + limit:
+            return max(now - started, limit)
+        return now - started
 
     def chain(self) -> Sequence[LedgerReadings]:
         """This ledger, then the ledgers of the runs that enclose it (those known here)."""
@@ -76,7 +92,7 @@ class LedgerReadings:
         if budget.max_steps is not None:
             found["max_steps"] = self.steps / budget.max_steps
         if budget.max_duration_seconds is not None:
-            found["max_duration_seconds"] = self.elapsed() / budget.max_duration_seconds
+            found["max_duration_seconds"] = self._duration(budget) / budget.max_duration_seconds
         if budget.max_sub_agents is not None:
             # max_sub_agents=0 allows none: n started is a share of n, not infinite (metrics and
             # JSON take it), so the first one makes it 100%, exceeded
@@ -94,7 +110,7 @@ class LedgerReadings:
             tokens=self.tokens,
             cost_units=self.cost_units,
             steps=self.steps + (1 if next_step else 0),
-            duration_seconds=self.elapsed(),
+            duration_seconds=self._duration(budget),
             sub_agents=self.sub_agents,
         )
         if hit is not None and hit[0] == "max_steps":
@@ -256,9 +272,8 @@ class RunLedger(LedgerReadings):
     def cost_usd(self) -> float:
         return self.cost_units / COST_UNITS_PER_USD
 
-    def elapsed(self) -> float:
-        """Seconds since the run started, on the monotonic clock."""
-        return self._clock() - self.started
+    def _now_and_start(self) -> tuple[float, float]:
+        return self._clock(), self.started
 
     def charge(self, tokens: int, cost_units: int, unpriced: bool = False) -> None:
         """Add one usage report, here and in every ancestor run."""

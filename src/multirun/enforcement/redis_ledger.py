@@ -464,15 +464,15 @@ class RedisLedger(LedgerReadings):
         process runs out, whichever comes first, on this process's clock (infinity without one)."""
         return min(ledger._own_deadline() for ledger in self._local_chain())
 
+    def _now_and_start(self) -> tuple[float, float]:
+        """The time now and when the run started on the Redis server, on this process's clock."""
+        return self._clock(), self.started
+
     def _own_deadline(self) -> float:
         budget = self.budget
         if budget is None or budget.max_duration_seconds is None:
             return float("inf")
         return self.started + budget.max_duration_seconds
-
-    def elapsed(self) -> float:
-        """Seconds since the run started, measured on the Redis server's clock."""
-        return self._clock() - self.started
 
     def set_budget(self, budget: Budget | None) -> None:
         """Enforce ``budget`` from now on, in every process (it replaces the stored limits)."""
