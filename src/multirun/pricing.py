@@ -24,6 +24,7 @@ _logger = logging.getLogger(__name__)
 COST_UNITS_PER_USD = 1_000_000_000
 
 
+@lru_cache(maxsize=256)  # round(x, 3) takes ~0.5 us; shares() asks before each step under a policy
 def cost_limit_units(max_cost_usd: float) -> int:
     """A cost limit in integer units: ``cost_units >= cost_limit_units(x)`` exactly when the
     spend is at least ``x`` dollars.
