@@ -637,3 +637,12 @@ def test_bad_arguments_are_refused(redis_server: RedisServer) -> None:
 def test_redact_hides_the_password() -> None:
     assert redact("redis://user:s3cret@host:6380/1?timeout=1") == "redis://user:***@host:6380/1?timeout=1"
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_a_huge_cost_limit_is_a_limit_never_reached(factory: RedisLedgerFactory) -> None:
+    budget = Budget(max_cost_usd=1e300)
+    shared = factory.ledger(new_id(), budget)
+    for _ in range(3):
+        shared.begin_step()
+        shared.charge(1, 1000 * COST_UNITS_PER_USD)
+    assert shared.exceeded(budget) is None

@@ -8,6 +8,7 @@ model with no known price is unpriced, never a silent $0).
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -910,3 +911,18 @@ def test_concurrent_threads_total_steps_hold_max_steps(traced) -> None:
 
     main()
     assert len(ran) == 10
+
+
+@pytest.mark.parametrize("limit", [1e300, sys.float_info.max])
+def test_a_huge_cost_limit_is_a_limit_never_reached(traced, limit: float) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def ask() -> None:
+        multirun.report_usage(UNKNOWN_MODEL, input_tokens=1, cost_usd=1000.0)
+
+    @run(budget=Budget(max_cost_usd=limit))
+    def main() -> float:
+        ask()
+        ask()
+        return multirun.context.get_current_run_context().budget_status().percentage_used
+
+    assert main() == 0.0

@@ -31,9 +31,14 @@ def cost_limit_units(max_cost_usd: float) -> int:
 
     ``x * COST_UNITS_PER_USD`` carries float noise (``0.067`` gives ``67000000.00000001``), which
     would let a run that spent exactly its limit go on; it is rounded off before the ceiling.
-    A limit below one unit is one unit: nothing spent is under any limit ``x > 0``.
+    A limit below one unit is one unit: nothing spent is under any limit ``x > 0``. A limit so
+    large that its units overflow a float (over ~1.8e299 dollars) is a whole number of dollars
+    already, converted exactly.
     """
-    return max(math.ceil(round(max_cost_usd * COST_UNITS_PER_USD, 3)), 1)
+    units = max_cost_usd * COST_UNITS_PER_USD
+    if math.isinf(units):
+        return int(max_cost_usd) * COST_UNITS_PER_USD
+    return max(math.ceil(round(units, 3)), 1)
 
 
 @dataclass(frozen=True)
