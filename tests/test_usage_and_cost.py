@@ -926,3 +926,24 @@ def test_a_huge_cost_limit_is_a_limit_never_reached(traced, limit: float) -> Non
         return multirun.context.get_current_run_context().budget_status().percentage_used
 
     assert main() == 0.0
+
+
+def test_budget_status_is_one_moment_even_when_a_charge_lands_while_it_is_taken() -> None:
+    from multirun.enforcement.ledger import RunLedger
+
+    ledgers: list[RunLedger] = []
+
+    def clock_of_a_busy_run() -> float:
+        # another thread's step charges its tokens while status() reads the clock
+        if ledgers and ledgers[0].tokens == 50:
+            ledgers[0].charge(60, 0)
+        return 1000.0
+
+    ledger = RunLedger(clock=clock_of_a_busy_run, budget=Budget(max_tokens=100))
+    ledgers.append(ledger)
+    ledger.charge(50, 0)
+    status = ledger.status(ledger.budget)
+    if status.tokens_used == 50:
+        assert (status.percentage_used, status.is_exceeded) == (50.0, False)
+    else:
+        assert (status.tokens_used, status.percentage_used, status.is_exceeded) == (110, 110.0, True)

@@ -118,21 +118,24 @@ class LedgerReadings:
         return hit
 
     def status(self, budget: Budget | None) -> BudgetStatus:
-        """A snapshot of spend against ``budget`` (percentages of the tightest limit)."""
-        with self._lock:
-            tokens, cost_units, steps = self.tokens, self.cost_units, self.steps
-            sub_agents = self.sub_agents
+        """A snapshot of spend against ``budget`` (percentages of the tightest limit).
+
+        Every figure is of one moment: a charge landing meanwhile (another thread's step)
+        is in all of them or in none.
+        """
+        now = self._snapshot()
+        tokens, cost_units, steps = now.tokens, now.cost_units, now.steps
         cost = cost_units / COST_UNITS_PER_USD
-        elapsed = self.elapsed()
+        elapsed = now.elapsed()
         if budget is None:
             return BudgetStatus(
                 tokens_used=tokens,
                 cost_used_usd=cost,
                 steps_used=steps,
                 duration_seconds=elapsed,
-                sub_agents_used=sub_agents,
+                sub_agents_used=now.sub_agents,
             )
-        shares = self.shares(budget)
+        shares = now.shares(budget)
         return BudgetStatus(
             tokens_used=tokens,
             tokens_remaining=None if budget.max_tokens is None else max(budget.max_tokens - tokens, 0),
@@ -145,10 +148,48 @@ class LedgerReadings:
             steps_used=steps,
             steps_remaining=None if budget.max_steps is None else max(budget.max_steps - steps, 0),
             duration_seconds=elapsed,
-            sub_agents_used=sub_agents,
+            sub_agents_used=now.sub_agents,
             percentage_used=round(100.0 * max(shares.values(), default=0.0), 4),
-            is_exceeded=self.exceeded(budget) is not None,
+            is_exceeded=now.exceeded(budget) is not None,
         )
+
+    def _snapshot(self) -> _Snapshot:
+        """The totals and the clock as they are now, read together."""
+        with self._lock:
+            totals = (self.tokens, self.cost_units, self.steps, self.sub_agents, self.unpriced_reports)
+        return _Snapshot(self.run_id, self.budget, totals, self._now_and_start())
+
+
+class _Snapshot(LedgerReadings):
+    """A ledger's readings frozen at one moment, for ``status``."""
+
+    __slots__ = (
+        "_times",
+        "budget",
+        "cost_units",
+        "run_id",
+        "steps",
+        "sub_agents",
+        "tokens",
+        "unpriced_reports",
+    )
+
+    def __init__(
+        self,
+        run_id: str,
+        budget: Budget | None,
+        totals: tuple[int, int, int, int, int],
+        times: tuple[float, float],
+    ) -> None:
+        self.run_id, self.budget = run_id, budget
+        self.tokens, self.cost_units, self.steps, self.sub_agents, self.unpriced_reports = totals
+        self._times = times
+
+    def _now_and_start(self) -> tuple[float, float]:
+        return self._times
+
+    def chain(self) -> Sequence[LedgerReadings]:
+        return (self,)
 
 
 class RunLedger(LedgerReadings):
