@@ -123,18 +123,21 @@ class UsageSpanProcessor(SpanProcessor):
         return True
 
 
-_USAGE_KEYS = frozenset(
-    {
-        a.GEN_AI_USAGE_INPUT_TOKENS,
-        a.GEN_AI_USAGE_PROMPT_TOKENS,
-        a.LLM_USAGE_PROMPT_TOKENS,
-        a.LLM_TOKEN_COUNT_PROMPT,
-        a.GEN_AI_USAGE_OUTPUT_TOKENS,
-        a.GEN_AI_USAGE_COMPLETION_TOKENS,
-        a.LLM_USAGE_COMPLETION_TOKENS,
-        a.LLM_TOKEN_COUNT_COMPLETION,
-    }
+# The input and the output tokens, by the names of the GenAI conventions (then their older
+# names), OpenLLMetry's first names and OpenInference: the first one set is read.
+_INPUT_KEYS = (
+    a.GEN_AI_USAGE_INPUT_TOKENS,
+    a.GEN_AI_USAGE_PROMPT_TOKENS,
+    a.LLM_USAGE_PROMPT_TOKENS,
+    a.LLM_TOKEN_COUNT_PROMPT,
 )
+_OUTPUT_KEYS = (
+    a.GEN_AI_USAGE_OUTPUT_TOKENS,
+    a.GEN_AI_USAGE_COMPLETION_TOKENS,
+    a.LLM_USAGE_COMPLETION_TOKENS,
+    a.LLM_TOKEN_COUNT_COMPLETION,
+)
+_USAGE_KEYS = frozenset((*_INPUT_KEYS, *_OUTPUT_KEYS))
 
 # The details, by the names of the GenAI conventions, OpenLLMetry and OpenInference (in that order).
 # All of them count cached input inside the prompt tokens, as the conventions do; missed, cached
@@ -156,13 +159,19 @@ _REASONING_KEYS = (
 )
 
 
-def _first(get: Any, keys: tuple[str, ...]) -> int:
-    """The first of ``keys`` that is set, as an int (0 if none is)."""
+def _first(get: Any, keys: tuple[str, ...]) -> Any:
+    """The value of the first of ``keys`` that is set, or None."""
     for key in keys:
         value = get(key)
         if value is not None:
-            return int(value)
-    return 0
+            return value
+    return None
+
+
+def _count(get: Any, keys: tuple[str, ...]) -> int:
+    """The first of ``keys`` that is set, as an int (0 if none is)."""
+    value = _first(get, keys)
+    return 0 if value is None else int(value)
 
 
 def usage_from_attributes(attributes: Any) -> TokenUsage | None:
@@ -170,20 +179,8 @@ def usage_from_attributes(attributes: Any) -> TokenUsage | None:
     if _USAGE_KEYS.isdisjoint(attributes):  # most spans: one cheap test, no lookups
         return None
     get = attributes.get
-    input_tokens = get(a.GEN_AI_USAGE_INPUT_TOKENS)
-    if input_tokens is None:
-        input_tokens = get(a.GEN_AI_USAGE_PROMPT_TOKENS)
-    if input_tokens is None:
-        input_tokens = get(a.LLM_USAGE_PROMPT_TOKENS)
-    if input_tokens is None:
-        input_tokens = get(a.LLM_TOKEN_COUNT_PROMPT)
-    output_tokens = get(a.GEN_AI_USAGE_OUTPUT_TOKENS)
-    if output_tokens is None:
-        output_tokens = get(a.GEN_AI_USAGE_COMPLETION_TOKENS)
-    if output_tokens is None:
-        output_tokens = get(a.LLM_USAGE_COMPLETION_TOKENS)
-    if output_tokens is None:
-        output_tokens = get(a.LLM_TOKEN_COUNT_COMPLETION)
+    input_tokens = _first(get, _INPUT_KEYS)
+    output_tokens = _first(get, _OUTPUT_KEYS)
     if input_tokens is None and output_tokens is None:
         return None
     model = get(a.GEN_AI_RESPONSE_MODEL) or get(a.GEN_AI_REQUEST_MODEL) or get(a.LLM_MODEL_NAME)
@@ -197,9 +194,9 @@ def usage_from_attributes(attributes: Any) -> TokenUsage | None:
             provider=str(provider) if provider else None,
             input_tokens=int(input_tokens or 0),
             output_tokens=int(output_tokens or 0),
-            cache_read_tokens=_first(get, _CACHE_READ_KEYS),
-            cache_write_tokens=_first(get, _CACHE_WRITE_KEYS),
-            reasoning_tokens=_first(get, _REASONING_KEYS),
+            cache_read_tokens=_count(get, _CACHE_READ_KEYS),
+            cache_write_tokens=_count(get, _CACHE_WRITE_KEYS),
+            reasoning_tokens=_count(get, _REASONING_KEYS),
             cost_usd=float(cost) if cost is not None else None,
         )
     except (TypeError, ValueError):
