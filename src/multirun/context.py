@@ -1120,6 +1120,16 @@ class StepContext:
         if unpriced and self.run_context.client.fail_unpriced:
             raise _refuse_unpriced(usage)
 
+    def _charge_response_usage(self, *usages: TokenUsage) -> bool:
+        """Charge the usage read from what the step's model call returned, unless the call is
+        charged already: reported by the step itself, or by a span of a GenAI instrumentation
+        inside it (openai-v2, say), so no call is counted twice. False if it was."""
+        if self._own_usage is not None or self.child_usage_reported:
+            return False
+        for usage in usages:
+            self.report_usage(usage)
+        return True
+
     def charge_child_usage(self, usage: TokenUsage) -> None:
         """Charge usage that a span of another instrumentation reported inside this step.
 

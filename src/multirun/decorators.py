@@ -243,21 +243,15 @@ class _StepCall(StepContext):
             log.record(self.replay_call, stream_record(items, kept_copy(returned)), copied=True)
 
     def _charge_sdk_usage(self, result: Any) -> None:
-        """Charge the usage of an LLM SDK response the step returned or streamed.
-
-        Only when nobody else reported it: neither the step itself nor a GenAI
-        instrumentation's span inside it, so no call is counted twice.
-        """
-        if self._own_usage is not None or self.child_usage_reported:
-            return
+        """Charge the usage of an LLM SDK response the step returned or streamed, unless
+        the call is charged already."""
         stream = self._stream
         if stream is not None:
-            for streamed in stream.results():
-                self.report_usage(streamed)
+            self._charge_response_usage(*stream.results())
             return
         usage = usage_of_result(result)
         if usage is not None:
-            self.report_usage(usage)
+            self._charge_response_usage(usage)
 
     def _failed(self, error: BaseException) -> BaseException:
         run = self.run_context

@@ -597,12 +597,11 @@ def _llm_call(
 
 
 def _report(call: _StepCall, usage: TokenUsage | None) -> None:
-    # a GenAI instrumentation's span inside the call (openai-v2, say) charged it already
-    if usage is None or call.child_usage_reported:
+    if usage is None:
         return
     try:
-        call.report_usage(usage)
-        _mark_usage_below(call)
+        if call._charge_response_usage(usage):
+            _mark_usage_below(call)
     except Exception:
         _broken("charging an LLM call")
 

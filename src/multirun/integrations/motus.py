@@ -647,12 +647,11 @@ class _TaskTrace:
     def _complete(self, result: Any) -> BaseException | None:
         step, agent, run = self.step, self.agent, self.owned_run
         if step is not None:
-            # unless a GenAI instrumentation's span inside the task (openai-v2, say) charged it
-            if self.kind is StepKind.LLM_CALL and not step.child_usage_reported:
+            if self.kind is StepKind.LLM_CALL:
                 try:
                     usage = _usage_of(result, self.provider)
                     if usage is not None:
-                        step.report_usage(usage)  # charged (and counted) even when refused
+                        step._charge_response_usage(usage)  # charged (and counted) even when refused
                 except REFUSALS as refused:
                     self._fail(refused)
                     return refused
