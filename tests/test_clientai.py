@@ -459,6 +459,27 @@ def test_llm_calls_outside_any_run_are_left_alone(traced: Any) -> None:
     assert "stream_options" not in model.calls[-1]  # the request is exactly the caller's
 
 
+@pytest.mark.parametrize("method", ["generate_text", "chat"])
+def test_a_stream_asked_for_by_position_is_followed_and_charged_like_one_asked_by_keyword(
+    traced: Any, method: str
+) -> None:
+    model = ScriptedModel(research_agent.script())
+    client = offline_client(model)
+    prompt: Any = "REPORT now" if method == "generate_text" else [{"role": "user", "content": "REPORT now"}]
+    # prompt, model, system_prompt, temperature, top_p, return_full_response, stream
+    call = getattr(client, method)
+
+    @multirun.run(name="direct")
+    def direct() -> str:
+        return "".join(call(prompt, MODEL, None, None, None, False, True))
+
+    assert direct() == research_agent.REPORT.text  # text, as ClientAI streams it
+    assert model.calls[-1]["stream_options"] == {"include_usage": True}
+    (call_span,) = named(records(traced), method)
+    assert call_span.attributes[attr.STEP_STREAM_ITEMS] == 8
+    assert call_span.attributes[attr.TOKENS_USED] == research_agent.REPORT.prompt_tokens + 12
+
+
 def test_a_full_response_returned_by_a_step_is_charged_once(traced: Any) -> None:
     client = offline_client(ScriptedModel(research_agent.script()))
 

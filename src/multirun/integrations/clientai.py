@@ -40,9 +40,11 @@ untraced.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import sys
 from collections.abc import Callable, Collection, Iterator
+from functools import lru_cache
 from typing import Any
 
 import wrapt
@@ -542,7 +544,10 @@ def _llm_call(
     if otel_context.get_current().get(RUN_KEY) is None:  # outside any run: untouched
         return wrapped(*args, **kwargs)
     try:
-        if len(args) > 2:  # options given by position: traced, passed on as they are
+        by_name = _by_name(wrapped, args, kwargs) if len(args) > 2 else None
+        if by_name is not None:  # options given by position (stream=True among them, say)
+            args, kwargs = (), by_name
+        if len(args) > 2:  # a call that does not fit the signature: traced, passed on as it is
             first, model, call_args, call_kwargs = args[0], args[1], args, dict(kwargs)
             adjustable = False
         else:
@@ -594,6 +599,31 @@ def _llm_call(
     _report(call, _usage_of(response, provider.name, call.model or requested))
     _succeeded(call, result)
     return result
+
+
+@lru_cache(maxsize=16)
+def _parameters(func: Callable[..., Any]) -> inspect.Signature:
+    """The signature of the method ``func`` without its ``self``."""
+    signature = inspect.signature(func)
+    return signature.replace(parameters=tuple(signature.parameters.values())[1:])
+
+
+def _by_name(wrapped: Wrapped, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The arguments of a call to the method ``wrapped``, all by name; None if they do not bind."""
+    try:
+        bound = _parameters(getattr(wrapped, "__func__", wrapped)).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    arguments: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL or kind is inspect.Parameter.POSITIONAL_ONLY:
+            return None
+        else:
+            arguments[name] = value
+    return arguments
 
 
 def _report(call: _StepCall, usage: TokenUsage | None) -> None:
