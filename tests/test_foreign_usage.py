@@ -279,3 +279,86 @@ def test_a_foreign_span_ending_after_its_sub_run_ended_is_charged_to_the_parent_
     main()
     assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 42
     assert traced.span("step consume").attributes["multirun.tokens_used"] == 42
+
+
+def wrapper_copying_totals(traced, name: str):  # type: ignore[no-untyped-def]
+    """An agent or workflow span of another instrumentation that sets its children's usage totals
+    on itself when it ends (OpenLLMetry's and OpenInference's agent spans do)."""
+    tracer = traced.provider.get_tracer("some.agent.framework")
+    return tracer.start_as_current_span(name)
+
+
+def test_a_wrapper_copying_the_usage_of_spans_inside_nested_steps_is_not_charged_again(traced) -> None:
+    @step
+    def call_model() -> None:
+        foreign_span(traced, "chat", {"gen_ai.usage.input_tokens": 100, "gen_ai.usage.output_tokens": 20})
+
+    @step
+    def plan() -> None:
+        call_model()
+
+    @run
+    def main() -> None:
+        with wrapper_copying_totals(traced, "agent researcher") as wrapper:
+            plan()
+            plan()
+            wrapper.set_attributes({"gen_ai.usage.input_tokens": 200, "gen_ai.usage.output_tokens": 40})
+
+    main()
+    assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 240
+
+
+def test_a_wrapper_copying_usage_a_step_reported_itself_is_not_charged_again(traced) -> None:
+    import multirun
+
+    @step
+    def call_model() -> None:
+        multirun.report_usage("gpt-4o", input_tokens=100, output_tokens=20)
+
+    @run
+    def main() -> None:
+        with wrapper_copying_totals(traced, "agent researcher") as wrapper:
+            call_model()
+            wrapper.set_attributes({"llm.token_count.prompt": 100, "llm.token_count.completion": 20})
+
+    main()
+    assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 120
+
+
+def test_a_wrapper_copying_the_usage_of_a_sub_run_inside_it_is_not_charged_again(traced) -> None:
+    @step
+    def call_model() -> None:
+        foreign_span(traced, "chat", {"gen_ai.usage.input_tokens": 100, "gen_ai.usage.output_tokens": 20})
+
+    @run
+    def sub() -> None:
+        call_model()
+
+    @step
+    def delegate() -> None:
+        with wrapper_copying_totals(traced, "agent researcher") as wrapper:
+            sub()
+            wrapper.set_attributes({"gen_ai.usage.input_tokens": 100, "gen_ai.usage.output_tokens": 20})
+
+    @run
+    def main() -> None:
+        delegate()
+
+    main()
+    assert traced.span("step delegate").attributes["multirun.tokens_used"] == 120
+    assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 120
+
+
+def test_a_wrapper_around_steps_that_charged_nothing_is_charged(traced) -> None:
+    @step
+    def think() -> None:
+        pass
+
+    @run
+    def main() -> None:
+        with wrapper_copying_totals(traced, "chat gpt-4o") as llm_call:
+            think()
+            llm_call.set_attributes({"gen_ai.usage.input_tokens": 100, "gen_ai.usage.output_tokens": 20})
+
+    main()
+    assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 120

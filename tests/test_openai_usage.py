@@ -759,3 +759,33 @@ def test_agent_span_copying_usage_of_an_openai_span_nested_deeper_is_not_charged
     assert tokens(usages) == CANNED[0].tokens
     assert attrs(step_span(t, "delegate"))["multirun.tokens_used"] == CANNED[0].tokens
     assert attrs(run_span(t))["multirun.tokens_used"] == CANNED[0].tokens
+
+
+def test_agent_span_copying_the_usage_of_openai_spans_inside_steps_is_not_charged_again(
+    instrumented, llm, client
+) -> None:
+    """invoke_agent (copies totals) -> @step -> openai chat span: the agent span's copy is not charged."""
+    handler = TelemetryHandler(tracer_provider=instrumented.provider)
+
+    @step
+    def research(prompt: str) -> Any:
+        return ask(client, prompt)
+
+    @run
+    def main() -> list[Any]:
+        agent = handler.start_invoke_local_agent(request_model=REQUEST_MODEL, agent_name="researcher")
+        usages = [research("one"), research("two")]
+        agent.input_tokens = sum(u.prompt_tokens for u in usages)
+        agent.output_tokens = sum(u.completion_tokens for u in usages)
+        agent.stop()
+        return usages
+
+    usages = main()
+    t = instrumented
+
+    expected = CANNED[0].tokens + CANNED[1].tokens
+    assert tokens(usages) == expected
+    first, second = (t.parent_of(s) for s in step_spans(t, "research"))
+    assert first is not None and first is second and first.name == "invoke_agent researcher"
+    assert attrs(first)["gen_ai.usage.input_tokens"] == CANNED[0].prompt + CANNED[1].prompt
+    assert attrs(run_span(t))["multirun.tokens_used"] == expected

@@ -897,6 +897,9 @@ class AgentContext:
         """Charge usage that a span of another instrumentation reported under this agent."""
         _charge_usage(self.run_context, None, self, usage, own=False)
 
+    def _enclosing_spans(self) -> list[Span]:
+        return _enclosing_spans(self)
+
     def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
         self.agent.tokens_used += tokens
         self._cost_units += cost_units
@@ -1139,6 +1142,9 @@ class StepContext:
         self.child_usage_reported = True
         _charge_usage(self.run_context, self, self.agent_context, usage, own=False)
 
+    def _enclosing_spans(self) -> list[Span]:
+        return _enclosing_spans(self)
+
     def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
         self.tokens_used += tokens
         self._cost_units += cost_units
@@ -1371,7 +1377,31 @@ def _charge_usage(
         cost_usd=None if unpriced else units / COST_UNITS_PER_USD,
         genai=own,
     )
+    processor = client.usage_processor
+    if own and processor is not None:  # another instrumentation's span tells the processor itself
+        processor.charged_inside(step if step is not None else agent)
     return units, unpriced
+
+
+def _enclosing_spans(holder: StepContext | AgentContext) -> list[Span]:
+    """The spans of ``holder`` and of every step, agent and run around it (in no order)."""
+    found: list[Span] = []
+    seen: set[int] = set()
+    todo: list[StepContext | AgentContext | RunContext | None] = [holder]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current._span is not None:
+            found.append(current._span)
+        if isinstance(current, StepContext):
+            todo += (current.parent, current.agent_context)
+        elif isinstance(current, AgentContext):
+            todo += (current.parent_step, current.parent_agent, current.run_context)
+        else:
+            todo += (current.parent_step, current.parent_agent, current.parent)
+    return found
 
 
 def _refuse_unpriced(usage: TokenUsage) -> PolicyViolation:

@@ -4,10 +4,10 @@ A step that calls an LLM SDK instrumented by opentelemetry-instrumentation-opena
 OpenLLMetry or OpenInference gets a GenAI client span inside it, carrying
 ``gen_ai.usage.*`` (or ``llm.usage.*``, ``llm.token_count.*``) attributes. This processor notes,
 when such a span starts, which run, agent and step it started in, and charges
-that usage when it ends. A span whose own child already reported usage is not
-charged again, so wrappers that copy their children's totals are not counted
-twice. The package's own spans are skipped: their usage is charged when it is
-reported.
+that usage when it ends. A span with usage charged below it (on a foreign span,
+or reported in a step, however deep) is not charged again, so wrappers that
+copy their children's totals are not counted twice. The package's own spans are
+skipped: their usage is charged when it is reported.
 """
 
 from __future__ import annotations
@@ -79,6 +79,18 @@ class UsageSpanProcessor(SpanProcessor):
                 else:
                     entry[0] = heir
 
+    def charged_inside(self, owner: Any) -> None:
+        """Usage was charged in ``owner`` (a step or an agent): the foreign spans around it that
+        are still open are told so, through the package's own spans, and charge no copy of it."""
+        open_spans = self._open
+        if not open_spans:  # the common case: no foreign span in flight
+            return
+        for span in owner._enclosing_spans():
+            parent = getattr(span, "parent", None)  # a run continued from elsewhere has a remote one
+            entry = open_spans.get(parent.span_id) if parent is not None else None
+            if entry is not None:
+                entry[1] = True
+
     def _forget_oldest(self) -> None:
         """Drop the oldest tenth of the entries: spans that never ended, as far as we can tell."""
         with self._evicting:
@@ -107,12 +119,13 @@ class UsageSpanProcessor(SpanProcessor):
         # spans that carry none of their own, so a wrapper copying totals is not charged again
         parent = span.parent
         parent_entry = self._open.get(parent.span_id) if parent is not None else None
-        if parent_entry is not None:
-            parent_entry[1] = True
-        if usage is None or reported_below:
-            return
         try:
-            entry[0].charge_child_usage(usage)
+            if parent_entry is not None:
+                parent_entry[1] = True  # it passes the word on when it ends
+            else:  # the parent is one of the package's spans: the foreign spans are further up
+                self.charged_inside(entry[0])
+            if usage is not None and not reported_below:
+                entry[0].charge_child_usage(usage)
         except Exception:  # never let accounting break the span pipeline
             _logger.warning("multirun: could not charge usage of span %r", span.name, exc_info=True)
 
