@@ -114,3 +114,68 @@ def test_a_refused_llm_step_is_no_genai_operation(reader) -> None:
     assert "error.type" not in attributes
     steps = {a["multirun.step.status"]: p.value for a, p in points(reader, "multirun.steps")}
     assert steps == {"completed": 1, "failed": 1}  # the refusal is still a failed step
+
+
+def _foreign_llm_span(traced, attributes: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    """An LLM span of another instrumentation, ended inside the current step."""
+    with traced.provider.get_tracer("some.other.instrumentation").start_as_current_span(
+        "chat", attributes=attributes
+    ):
+        pass
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"llm.token_count.prompt": 120, "llm.token_count.completion": 30, "llm.model_name": "gpt-4o"},
+        {"llm.usage.prompt_tokens": 120, "llm.usage.completion_tokens": 30, "gen_ai.request.model": "gpt-4o"},
+    ],
+    ids=["openinference", "llm-usage-names"],
+)
+def test_usage_on_spans_of_instrumentations_that_record_no_metrics_is_in_the_genai_histogram(
+    reader, traced, attributes
+) -> None:
+    # OpenInference (and whatever writes the llm.usage.* names) traces only: nobody else records
+    # gen_ai.client.token.usage for these calls
+    @step
+    def call_model() -> None:
+        _foreign_llm_span(traced, attributes)
+
+    @run
+    def main() -> None:
+        call_model()
+        call_model()
+
+    main()
+    usage = {a["gen_ai.token.type"]: (a, p) for a, p in points(reader, "gen_ai.client.token.usage")}
+    assert {token_type: p.sum for token_type, (_, p) in usage.items()} == {"input": 240, "output": 60}
+    assert usage["input"][1].count == 2
+    assert usage["input"][0]["gen_ai.response.model"] == "gpt-4o"
+    tokens = {a["gen_ai.token.type"]: p.value for a, p in points(reader, "multirun.tokens")}
+    assert tokens == {"input": 240, "output": 60}
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"gen_ai.usage.input_tokens": 120, "gen_ai.usage.output_tokens": 30, "gen_ai.request.model": "m"},
+        {"gen_ai.usage.prompt_tokens": 120, "gen_ai.usage.completion_tokens": 30, "gen_ai.system": "openai"},
+    ],
+    ids=["genai", "openllmetry"],
+)
+def test_usage_on_genai_convention_spans_is_left_to_their_instrumentation_in_the_genai_histogram(
+    reader, traced, attributes
+) -> None:
+    # openai-v2 and OpenLLMetry record gen_ai.client.token.usage themselves, next to their spans
+    @step
+    def call_model() -> None:
+        _foreign_llm_span(traced, attributes)
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    assert points(reader, "gen_ai.client.token.usage") == []
+    tokens = {a["gen_ai.token.type"]: p.value for a, p in points(reader, "multirun.tokens")}
+    assert tokens == {"input": 120, "output": 30}

@@ -789,3 +789,44 @@ def test_agent_span_copying_the_usage_of_openai_spans_inside_steps_is_not_charge
     assert first is not None and first is second and first.name == "invoke_agent researcher"
     assert attrs(first)["gen_ai.usage.input_tokens"] == CANNED[0].prompt + CANNED[1].prompt
     assert attrs(run_span(t))["multirun.tokens_used"] == expected
+
+
+def test_each_call_is_in_the_genai_token_histogram_once_when_openai_v2_records_it(
+    traced, llm, client
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    multirun.init(tracer_provider=traced.provider, meter_provider=meters)
+    instrumentor = OpenAIInstrumentor()
+    instrumentor.instrument(tracer_provider=traced.provider, meter_provider=meters)
+
+    @step
+    def research(prompt: str) -> Any:
+        return ask(client, prompt)
+
+    @run
+    def main() -> list[Any]:
+        return [research("one"), research("two")]
+
+    try:
+        usages = main()
+    finally:
+        instrumentor.uninstrument()
+    data = reader.get_metrics_data()
+    found = [
+        (dict(p.attributes or {}), p)
+        for resource in (data.resource_metrics if data else ())
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "gen_ai.client.token.usage"
+        for p in metric.data.data_points
+    ]
+    meters.shutdown()
+    by_type = {a["gen_ai.token.type"]: p for a, p in found}
+    assert len(found) == 2  # input and output, in one series each: openai-v2's
+    assert by_type["input"].count == 2
+    assert by_type["input"].sum == sum(u.prompt_tokens for u in usages)
+    assert by_type["output"].sum == sum(u.completion_tokens for u in usages)

@@ -893,9 +893,12 @@ class AgentContext:
         if unpriced and self.run_context.client.fail_unpriced:
             raise _refuse_unpriced(usage)
 
-    def charge_child_usage(self, usage: TokenUsage) -> None:
-        """Charge usage that a span of another instrumentation reported under this agent."""
-        _charge_usage(self.run_context, None, self, usage, own=False)
+    def charge_child_usage(self, usage: TokenUsage, *, metered: bool = True) -> None:
+        """Charge usage that a span of another instrumentation reported under this agent.
+
+        ``metered``: that instrumentation recorded ``gen_ai.client.token.usage`` for it.
+        """
+        _charge_usage(self.run_context, None, self, usage, own=False, genai=not metered)
 
     def _enclosing_spans(self) -> list[Span]:
         return _enclosing_spans(self)
@@ -1133,14 +1136,15 @@ class StepContext:
             self.report_usage(usage)
         return True
 
-    def charge_child_usage(self, usage: TokenUsage) -> None:
+    def charge_child_usage(self, usage: TokenUsage, *, metered: bool = True) -> None:
         """Charge usage that a span of another instrumentation reported inside this step.
 
         It counts in the roll-ups (``multirun.tokens_used``) but not as this
-        step's own ``gen_ai.usage.*``, so no backend adds it twice.
+        step's own ``gen_ai.usage.*``, so no backend adds it twice; nor in
+        ``gen_ai.client.token.usage`` when that instrumentation recorded it (``metered``).
         """
         self.child_usage_reported = True
-        _charge_usage(self.run_context, self, self.agent_context, usage, own=False)
+        _charge_usage(self.run_context, self, self.agent_context, usage, own=False, genai=not metered)
 
     def _enclosing_spans(self) -> list[Span]:
         return _enclosing_spans(self)
@@ -1355,11 +1359,12 @@ def _charge_usage(
     usage: TokenUsage,
     *,
     own: bool,
+    genai: bool = True,
 ) -> tuple[int, bool]:
     """Price one usage report, charge it up the chain and count it in the metrics.
 
-    ``own`` is False for usage another instrumentation reported on its own span
-    (it already recorded ``gen_ai.client.token.usage`` for it).
+    ``own`` is False for usage another instrumentation reported on its own span;
+    ``genai`` False when that instrumentation recorded ``gen_ai.client.token.usage``.
     Returns the cost in integer units and whether it was unpriced.
     """
     client = run.client
@@ -1375,7 +1380,7 @@ def _charge_usage(
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         cost_usd=None if unpriced else units / COST_UNITS_PER_USD,
-        genai=own,
+        genai=genai,
     )
     processor = client.usage_processor
     if own and processor is not None:  # another instrumentation's span tells the processor itself

@@ -111,7 +111,8 @@ class UsageSpanProcessor(SpanProcessor):
         entry = self._open.pop(context.span_id, None)
         if entry is None:
             return
-        usage = usage_from_attributes(span.attributes or {})
+        attributes = span.attributes or {}
+        usage = usage_from_attributes(attributes)
         reported_below = entry[1]
         if usage is None and not reported_below:
             return
@@ -125,7 +126,7 @@ class UsageSpanProcessor(SpanProcessor):
             else:  # the parent is one of the package's spans: the foreign spans are further up
                 self.charged_inside(entry[0])
             if usage is not None and not reported_below:
-                entry[0].charge_child_usage(usage)
+                entry[0].charge_child_usage(usage, metered=not _GENAI_USAGE_KEYS.isdisjoint(attributes))
         except Exception:  # never let accounting break the span pipeline
             _logger.warning("multirun: could not charge usage of span %r", span.name, exc_info=True)
 
@@ -151,6 +152,10 @@ _OUTPUT_KEYS = (
     a.LLM_TOKEN_COUNT_COMPLETION,
 )
 _USAGE_KEYS = frozenset((*_INPUT_KEYS, *_OUTPUT_KEYS))
+# The instrumentations that follow the GenAI conventions (openai-v2, OpenLLMetry) record the
+# gen_ai.client.token.usage metric next to their spans; OpenInference, and what writes the
+# llm.usage.* names, record none: the processor records it for those.
+_GENAI_USAGE_KEYS = frozenset(key for key in _USAGE_KEYS if key.startswith("gen_ai."))
 
 # The details, by the names of the GenAI conventions, OpenLLMetry and OpenInference (in that order).
 # All of them count cached input inside the prompt tokens, as the conventions do; missed, cached
