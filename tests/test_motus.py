@@ -17,6 +17,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -628,6 +629,62 @@ def test_a_failure_reading_the_usage_still_ends_the_model_call(
 
     assert job() == "answer 1"
     assert traced.span("chat gpt-4o-mini").attributes[attr.STEP_STATUS] == "completed"
+
+
+class GatedClient(BaseChatClient):
+    """A fake model that answers (240 tokens) only once the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    async def create(self, model, messages, tools=None, reasoning=None, **kwargs) -> ChatCompletion:  # type: ignore[no-untyped-def]
+        await asyncio.to_thread(self.gate.wait, 10)
+        usage = {"prompt_tokens": 200, "completion_tokens": 40, "total_tokens": 240}
+        return ChatCompletion(id="chatcmpl-late", model=model, content="late answer", usage=usage)
+
+    async def parse(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def test_a_model_call_ending_after_its_sub_run_is_charged_to_the_parent_run(
+    traced: Any, runtime: None
+) -> None:
+    client = GatedClient()
+    futures: list[Any] = []
+
+    @multirun.run
+    def sub() -> None:
+        futures.append(ask(client, "gpt-4o-mini", "start"))  # not resolved here
+
+    @multirun.run
+    def main() -> str:
+        sub()
+        client.gate.set()  # the sub-run has ended: now the model answers
+        return str(resolve(futures[0]).content)
+
+    assert main() == "late answer"
+    assert traced.span("invoke_workflow sub").attributes[attr.TOKENS_USED] == 0
+    assert traced.span("chat gpt-4o-mini").attributes[attr.TOKENS_USED] == 240
+    assert traced.span("invoke_workflow main").attributes[attr.TOKENS_USED] == 240
+
+
+def test_a_model_call_ending_after_every_run_around_it_ended_is_reported_in_a_warning(
+    traced: Any, runtime: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = GatedClient()
+    futures: list[Any] = []
+
+    @multirun.run
+    def job() -> None:
+        futures.append(ask(client, "gpt-4o-mini", "start"))  # not resolved here
+
+    job()
+    client.gate.set()
+    assert resolve(futures[0]).content == "late answer"  # never an error
+    assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == 0
+    assert traced.span("chat gpt-4o-mini").attributes[attr.TOKENS_USED] == 240
+    late = [r.getMessage() for r in caplog.records if "after" in r.getMessage()]
+    assert len(late) == 1 and "'job'" in late[0] and "240 tokens" in late[0]
 
 
 # ---------------------------------------------------------------------------

@@ -204,6 +204,8 @@ def _warn_usage_outside_run(model: str | None) -> None:
 class RunContext:
     """Top-level context of one run: its model, state, agents and ledger."""
 
+    _late_usage_warned = False  # usage reported after the run ended was logged
+
     def __init__(
         self,
         client: MultiRunClient | None = None,
@@ -1370,6 +1372,8 @@ def _charge_usage(
     client = run.client
     tokens, units, unpriced = client.price(usage)
     _charge_chain(run, step, agent, tokens, units, unpriced)
+    if run._finished:
+        _warn_usage_after_end(run, step, tokens)
     client.metrics.usage_reported(
         run_name=run.run.name,
         agent_name=agent.agent.name,
@@ -1407,6 +1411,29 @@ def _enclosing_spans(holder: StepContext | AgentContext) -> list[Span]:
         else:
             todo += (current.parent_step, current.parent_agent, current.parent)
     return found
+
+
+def _warn_usage_after_end(run: RunContext, step: StepContext | None, tokens: int) -> None:
+    """Say (once per run) that usage reported after ``run`` and every run around it ended
+    is in no run's total; a parent still running counts it, and nothing is said."""
+    outer = run.parent
+    while outer is not None:
+        if not outer._finished:
+            return
+        outer = outer.parent
+    with run._lock:
+        if run._late_usage_warned:
+            return
+        run._late_usage_warned = True
+    _logger.warning(
+        "multirun: %d tokens were reported%s after run %r (%s) ended: they are in no run's total, only "
+        "in the usage metrics and the step's span. Wait for the work a run starts (a Motus future, a "
+        "stream) before it returns. Logged once per run.",
+        tokens,
+        f" by step {step.name!r}" if step is not None else "",
+        run.run.name,
+        run.run.id,
+    )
 
 
 def _refuse_unpriced(usage: TokenUsage) -> PolicyViolation:
