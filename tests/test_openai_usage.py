@@ -830,3 +830,32 @@ def test_each_call_is_in_the_genai_token_histogram_once_when_openai_v2_records_i
     assert by_type["input"].count == 2
     assert by_type["input"].sum == sum(u.prompt_tokens for u in usages)
     assert by_type["output"].sum == sum(u.completion_tokens for u in usages)
+
+
+def test_a_step_returning_what_a_step_inside_it_returned_is_charged_once(instrumented, llm, client) -> None:
+    """@step answer -> @step ask -> openai chat span: the chat span charged the call; neither
+    step charges the ChatCompletion they both return again."""
+
+    @step
+    def ask_model(prompt: str) -> Any:
+        return client.chat.completions.create(
+            model=REQUEST_MODEL, messages=[{"role": "user", "content": prompt}]
+        )
+
+    @step
+    def answer(prompt: str) -> Any:
+        return ask_model(prompt)
+
+    @run
+    def main() -> list[Any]:
+        return [answer("one").usage, answer("two").usage]
+
+    usages = main()
+    t = instrumented
+
+    assert tokens(usages) == CANNED[0].tokens + CANNED[1].tokens
+    assert sorted(attrs(s)["multirun.tokens_used"] for s in step_spans(t, "answer")) == sorted(
+        [CANNED[0].tokens, CANNED[1].tokens]
+    )
+    assert attrs(run_span(t))["multirun.tokens_used"] == tokens(usages)
+    assert usage_sum_over_all_spans(t) == tokens(usages)

@@ -262,6 +262,46 @@ def test_usage_the_step_reported_itself_is_not_counted_again(traced) -> None:
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 110
 
 
+def test_a_step_returning_the_response_of_a_step_inside_it_is_not_charged_again(traced) -> None:
+    @step
+    def ask() -> ChatCompletion:
+        return chat_completion(prompt=100, completion=10)
+
+    @step
+    def answer() -> ChatCompletion:  # a wrapper step: its result is its inner step's
+        return ask()
+
+    @run(name="main")
+    def main() -> None:
+        answer()
+        answer()
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 220
+    assert [attrs(s)["multirun.tokens_used"] for s in traced.named("step answer")] == [110, 110]
+
+
+def test_a_step_returning_its_own_response_after_a_step_inside_it_charged_another_is_charged(
+    traced,
+) -> None:
+    @step
+    def plan() -> ChatCompletion:
+        return chat_completion(prompt=100, completion=10)
+
+    @step
+    def act() -> ChatCompletion:
+        plan()
+        response = chat_completion(prompt=200, completion=20)
+        return response.model_copy(update={"id": "chatcmpl-2"})  # another call: its own id
+
+    @run(name="main")
+    def main() -> None:
+        act()
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 330
+
+
 def test_budget_stops_the_run_after_a_response_spent_it(traced) -> None:
     calls: list[int] = []
 
@@ -412,6 +452,25 @@ def test_a_generator_step_that_streams_two_model_calls_is_charged_for_both(trace
     assert attrs(step_span(traced, "openai_loop"))["multirun.tokens_used"] == 12 + 23
     assert attrs(step_span(traced, "anthropic_loop"))["multirun.tokens_used"] == 34 + 45
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 35 + 79
+
+
+def test_a_generator_step_passing_on_the_chunks_of_a_step_inside_it_is_not_charged_again(traced) -> None:
+    @step
+    def stream() -> Iterator[ChatCompletionChunk]:
+        yield chunk("a")
+        yield chunk("", usage={"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53})
+
+    @step
+    def relay() -> Iterator[ChatCompletionChunk]:
+        yield from stream()
+
+    @run(name="main")
+    def main() -> int:
+        return len(list(relay()))
+
+    assert main() == 2
+    assert attrs(step_span(traced, "relay"))["multirun.tokens_used"] == 53
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 53
 
 
 def test_a_responses_stream_that_ends_incomplete_is_charged(traced) -> None:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from multirun.checkpoints.store import RestoredCheckpoint
     from multirun.client import MultiRunClient
     from multirun.enforcement.ledger import Ledger
+    from multirun.sdk_usage import ModelCall
 
 _logger = logging.getLogger(__name__)
 
@@ -895,12 +896,15 @@ class AgentContext:
         if unpriced and self.run_context.client.fail_unpriced:
             raise _refuse_unpriced(usage)
 
-    def charge_child_usage(self, usage: TokenUsage, *, metered: bool = True) -> None:
+    def charge_child_usage(
+        self, usage: TokenUsage, *, metered: bool = True, call_id: str | None = None
+    ) -> None:
         """Charge usage that a span of another instrumentation reported under this agent.
 
-        ``metered``: that instrumentation recorded ``gen_ai.client.token.usage`` for it.
+        ``metered``: that instrumentation recorded ``gen_ai.client.token.usage`` for it;
+        ``call_id``: the id of the response, if the span gave it.
         """
-        _charge_usage(self.run_context, None, self, usage, own=False, genai=not metered)
+        _charge_usage(self.run_context, None, self, usage, own=False, genai=not metered, call_id=call_id)
 
     def _enclosing_spans(self) -> list[Span]:
         return _enclosing_spans(self)
@@ -969,6 +973,8 @@ class StepContext:
     child_usage_reported = False
     refused = False  # refused by the budget or policy before it ran: no model call was made
     _own_usage: list[tuple[TokenUsage, int, bool]] | None = None
+    # the response ids of the model calls charged in this step or a step inside it, latest last
+    _calls_below: dict[str, None] | None = None
     policy_decision: str | None = None
     policy_rule: str | None = None
     _done = False
@@ -1119,7 +1125,12 @@ class StepContext:
 
     def report_usage(self, usage: TokenUsage) -> None:
         """Charge one model call to this step, its parents, its agent and its run."""
-        units, unpriced = _charge_usage(self.run_context, self, self.agent_context, usage, own=True)
+        self._report_call(usage, None)
+
+    def _report_call(self, usage: TokenUsage, call_id: str | None) -> None:
+        units, unpriced = _charge_usage(
+            self.run_context, self, self.agent_context, usage, own=True, call_id=call_id
+        )
         report = (usage, units, unpriced)
         if self._own_usage is None:
             self._own_usage = [report]
@@ -1128,25 +1139,33 @@ class StepContext:
         if unpriced and self.run_context.client.fail_unpriced:
             raise _refuse_unpriced(usage)
 
-    def _charge_response_usage(self, *usages: TokenUsage) -> bool:
-        """Charge the usage read from what the step's model call returned, unless the call is
-        charged already: reported by the step itself, or by a span of a GenAI instrumentation
-        inside it (openai-v2, say), so no call is counted twice. False if it was."""
+    def _charge_response_usage(self, *calls: ModelCall) -> bool:
+        """Charge the model calls read from what the step returned, unless they are charged
+        already: reported by the step itself, by a span of a GenAI instrumentation inside it
+        (openai-v2, say), or, by their response id, by a step inside it whose response this
+        one passes on, so no call is counted twice. False if the step's calls were charged."""
         if self._own_usage is not None or self.child_usage_reported:
             return False
-        for usage in usages:
-            self.report_usage(usage)
+        below = self._calls_below
+        for call_id, usage in calls:
+            if below is None or call_id not in below:
+                self._report_call(usage, call_id)
         return True
 
-    def charge_child_usage(self, usage: TokenUsage, *, metered: bool = True) -> None:
+    def charge_child_usage(
+        self, usage: TokenUsage, *, metered: bool = True, call_id: str | None = None
+    ) -> None:
         """Charge usage that a span of another instrumentation reported inside this step.
 
         It counts in the roll-ups (``multirun.tokens_used``) but not as this
         step's own ``gen_ai.usage.*``, so no backend adds it twice; nor in
         ``gen_ai.client.token.usage`` when that instrumentation recorded it (``metered``).
+        ``call_id``: the id of the response, if the span gave it.
         """
         self.child_usage_reported = True
-        _charge_usage(self.run_context, self, self.agent_context, usage, own=False, genai=not metered)
+        _charge_usage(
+            self.run_context, self, self.agent_context, usage, own=False, genai=not metered, call_id=call_id
+        )
 
     def _enclosing_spans(self) -> list[Span]:
         return _enclosing_spans(self)
@@ -1362,16 +1381,18 @@ def _charge_usage(
     *,
     own: bool,
     genai: bool = True,
+    call_id: str | None = None,
 ) -> tuple[int, bool]:
     """Price one usage report, charge it up the chain and count it in the metrics.
 
     ``own`` is False for usage another instrumentation reported on its own span;
     ``genai`` False when that instrumentation recorded ``gen_ai.client.token.usage``.
+    ``call_id``, the response id of the call, is noted on every step it is charged to.
     Returns the cost in integer units and whether it was unpriced.
     """
     client = run.client
     tokens, units, unpriced = client.price(usage)
-    _charge_chain(run, step, agent, tokens, units, unpriced)
+    _charge_chain(run, step, agent, tokens, units, unpriced, call_id)
     if run._finished:
         _warn_usage_after_end(run, step, tokens)
     client.metrics.usage_reported(
@@ -1452,6 +1473,7 @@ def _charge_chain(
     tokens: int,
     cost_units: int,
     unpriced: bool,
+    call_id: str | None = None,
 ) -> None:
     """Add one usage report to the step, every enclosing step and agent, and the run.
 
@@ -1470,6 +1492,8 @@ def _charge_chain(
             while True:
                 while step is not None:
                     step._add(tokens, cost_units, unpriced)
+                    if call_id is not None:
+                        _note_call(step, call_id)
                     if step.agent_context is not seen:
                         seen = step.agent_context
                         seen._add(tokens, cost_units, unpriced)
@@ -1484,6 +1508,19 @@ def _charge_chain(
             current.run.cost_usd = current.ledger.cost_usd
         step, agent = current.parent_step, current.parent_agent
         current = current.parent
+
+
+MAX_CALLS_BELOW = 1024  # response ids a step keeps: a step passes on what a step inside it just returned
+
+
+def _note_call(step: StepContext, call_id: str) -> None:
+    """Note on ``step`` that the call ``call_id`` is charged (under its run's lock)."""
+    calls = step._calls_below
+    if calls is None:
+        calls = step._calls_below = {}
+    calls[call_id] = None
+    if len(calls) > MAX_CALLS_BELOW:
+        del calls[next(iter(calls))]
 
 
 def _run_ids(run: RunContext) -> set[str]:

@@ -40,7 +40,7 @@ from multirun.models.budget import Budget
 from multirun.models.policy import BackoffStrategy, Policy, PolicyDecision
 from multirun.models.run import Run
 from multirun.models.step import StepKind, StepStatus
-from multirun.sdk_usage import NOT_A_RESPONSE, StreamUsage, is_sdk_object, usage_of_result
+from multirun.sdk_usage import NOT_A_RESPONSE, StreamUsage, call_of_result, is_sdk_object
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 
@@ -247,11 +247,11 @@ class _StepCall(StepContext):
         the call is charged already."""
         stream = self._stream
         if stream is not None:
-            self._charge_response_usage(*stream.results())
+            self._charge_response_usage(*stream.calls())
             return
-        usage = usage_of_result(result)
-        if usage is not None:
-            self._charge_response_usage(usage)
+        call = call_of_result(result)
+        if call is not None:
+            self._charge_response_usage(call)
 
     def _failed(self, error: BaseException) -> BaseException:
         run = self.run_context

@@ -81,21 +81,35 @@ def _how(value: Any) -> tuple[str, str, str] | None:
         return how
 
 
-def usage_of_result(value: Any) -> TokenUsage | None:
-    """The usage of a whole SDK response returned by a step, or None for anything else."""
+# one model call: the id of its response (None if it has none) and its usage
+ModelCall = tuple[str | None, TokenUsage]
+
+
+def call_of_result(value: Any) -> ModelCall | None:
+    """The model call of a whole SDK response returned by a step, or None for anything else."""
     how = _how(value)
     if how is None or how[0] != _FULL:
         return None
-    return _extract(how, getattr(value, "model", None), getattr(value, "usage", None))
+    return _call(how, value)
+
+
+def _call(how: tuple[str, str, str], response: Any) -> ModelCall | None:
+    usage = _extract(how, getattr(response, "model", None), getattr(response, "usage", None))
+    return None if usage is None else (_response_id(getattr(response, "id", None)), usage)
+
+
+def _response_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 class _Stream:
     """The running totals of one streamed call (one id), as its latest chunk or event gave them."""
 
-    __slots__ = ("how", "model", "usage")
+    __slots__ = ("how", "ident", "model", "usage")
 
-    def __init__(self, how: tuple[str, str, str]) -> None:
+    def __init__(self, how: tuple[str, str, str], ident: Any) -> None:
         self.how = how
+        self.ident = ident
         self.model: str | None = None
         self.usage: dict[str, Any] = {}
 
@@ -111,7 +125,7 @@ class StreamUsage:
     def __init__(self) -> None:
         self._streams: dict[tuple[str, Any], _Stream] = {}  # by kind and id, in order
         self._message: _Stream | None = None  # the Anthropic message that deltas belong to
-        self._whole: list[TokenUsage] = []
+        self._whole: list[ModelCall] = []
 
     def observe(self, item: Any) -> None:
         how = _how(item)
@@ -138,9 +152,9 @@ class StreamUsage:
                     delta = _as_dict(item.usage)
                     self._message.usage.update({k: v for k, v in delta.items() if v is not None})
             elif kind == _FULL:  # a generator that yields whole responses
-                usage = _extract(how, item.model, item.usage)
-                if usage is not None:
-                    self._whole.append(usage)
+                call = _call(how, item)
+                if call is not None:
+                    self._whole.append(call)
         except Exception:
             _warn_once(type(item).__name__)
 
@@ -148,17 +162,17 @@ class StreamUsage:
         key = (how[0], ident)
         stream = self._streams.get(key)
         if stream is None:
-            stream = self._streams[key] = _Stream(how)
+            stream = self._streams[key] = _Stream(how, ident)
         return stream
 
-    def results(self) -> list[TokenUsage]:
-        """One usage per model call seen: each stream whose chunks carried usage, and each whole one."""
+    def calls(self) -> list[ModelCall]:
+        """Each model call seen: each stream whose chunks carried usage, and each whole response."""
         found = list(self._whole)
         for stream in self._streams.values():
             if stream.usage:
                 streamed = _extract(stream.how, stream.model, stream.usage)
                 if streamed is not None:
-                    found.append(streamed)
+                    found.append((_response_id(stream.ident), streamed))
         return found
 
 

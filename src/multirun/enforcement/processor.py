@@ -126,7 +126,11 @@ class UsageSpanProcessor(SpanProcessor):
             else:  # the parent is one of the package's spans: the foreign spans are further up
                 self.charged_inside(entry[0])
             if usage is not None and not reported_below:
-                entry[0].charge_child_usage(usage, metered=not _GENAI_USAGE_KEYS.isdisjoint(attributes))
+                entry[0].charge_child_usage(
+                    usage,
+                    metered=not _GENAI_USAGE_KEYS.isdisjoint(attributes),
+                    call_id=_response_id(attributes),
+                )
         except Exception:  # never let accounting break the span pipeline
             _logger.warning("multirun: could not charge usage of span %r", span.name, exc_info=True)
 
@@ -190,6 +194,11 @@ def _count(get: Any, keys: tuple[str, ...]) -> int:
     """The first of ``keys`` that is set, as an int (0 if none is)."""
     value = _first(get, keys)
     return 0 if value is None else int(value)
+
+
+def _response_id(attributes: Any) -> str | None:
+    value = attributes.get(a.GEN_AI_RESPONSE_ID)
+    return value if isinstance(value, str) and value else None
 
 
 def usage_from_attributes(attributes: Any) -> TokenUsage | None:

@@ -596,7 +596,7 @@ def _llm_call(
         raise
     finally:
         otel_context.detach(token)
-    _report(call, _usage_of(response, provider.name, call.model or requested))
+    _report(call, _usage_of(response, provider.name, call.model or requested), _get(response, "id"))
     _succeeded(call, result)
     return result
 
@@ -626,11 +626,12 @@ def _by_name(wrapped: Wrapped, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     return arguments
 
 
-def _report(call: _StepCall, usage: TokenUsage | None) -> None:
+def _report(call: _StepCall, usage: TokenUsage | None, response_id: Any) -> None:
     if usage is None:
         return
+    call_id = response_id if isinstance(response_id, str) and response_id else None
     try:
-        if call._charge_response_usage(usage):
+        if call._charge_response_usage((call_id, usage)):
             _mark_usage_below(call)
     except Exception:
         _broken("charging an LLM call")
@@ -680,24 +681,26 @@ def _close(chunks: Iterator[Any]) -> None:
 
 
 def _end_llm_stream(call: _StepCall, seen: _StreamUsage, error: BaseException | None, items: int) -> None:
-    _report(call, seen.usage)  # what arrived before a failure was paid for too
+    _report(call, seen.usage, seen.response_id)  # what arrived before a failure was paid for too
     _end_stream(call, error, items)
 
 
 class _StreamUsage:
     """The usage a stream's chunks carry; a later chunk's totals replace an earlier one's."""
 
-    __slots__ = ("model", "provider", "usage")
+    __slots__ = ("model", "provider", "response_id", "usage")
 
     def __init__(self, provider: str | None, model: str | None) -> None:
         self.provider = provider
         self.model = model
         self.usage: TokenUsage | None = None
+        self.response_id: Any = None
 
     def observe(self, chunk: Any) -> None:
         found = _usage_of(chunk, self.provider, self.model)
         if found is not None:
             self.usage = found
+            self.response_id = _get(chunk, "id")
 
 
 def _get(obj: Any, key: str) -> Any:

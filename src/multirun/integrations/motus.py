@@ -651,7 +651,8 @@ class _TaskTrace:
                 try:
                     usage = _usage_of(result, self.provider)
                     if usage is not None:
-                        step._charge_response_usage(usage)  # charged (and counted) even when refused
+                        # charged (and counted) even when refused
+                        step._charge_response_usage((_response_id(result), usage))
                 except REFUSALS as refused:
                     self._fail(refused)
                     return refused
@@ -875,6 +876,11 @@ def _usage_of(result: Any, provider: str | None) -> TokenUsage | None:
         reasoning_tokens=reasoning,
         cost_usd=None if cost is None else float(cost),
     )
+
+
+def _response_id(result: Any) -> str | None:
+    ident = getattr(result, "id", None)
+    return ident if isinstance(ident, str) and ident else None
 
 
 def _count(value: Any) -> int:
