@@ -367,3 +367,11 @@ TRICKY_ARGUMENTS = {
 @pytest.mark.parametrize("call", TRICKY_ARGUMENTS.values(), ids=TRICKY_ARGUMENTS)
 def test_deep_cyclic_and_refused_arguments_hash_as_their_json_form(call: tuple[tuple, dict]) -> None:
     assert input_hash(*call) == json_form_digest(*call)
+
+
+def test_without_the_json_c_accelerator_digests_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    from multirun.checkpoints import hashing
+
+    monkeypatch.setattr(hashing, "_C_ENCODER", None)  # as on a Python without json's C encoder
+    for args, kwargs, digest in PINNED_DIGESTS:
+        assert input_hash(args, kwargs) == digest
