@@ -867,7 +867,7 @@ class AgentContext:
         digest = input_hash(args, kwargs or {})
         if digest is None:
             return Done((False, None))
-        return Done(self.run_context.replay_log.peek(name, digest))
+        return Done(self.run_context.replay_log.peek(name, digest, args, kwargs))
 
     # -- state, checkpoints --------------------------------------------------
 

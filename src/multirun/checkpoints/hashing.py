@@ -23,6 +23,8 @@ import json
 import json.encoder
 from typing import Any
 
+from pydantic_core import to_jsonable_python
+
 from multirun.checkpoints.serializers import BYTES_TAG, json_form
 
 _NO_ARGUMENTS = hashlib.sha256(b"[[],{}]").hexdigest()
@@ -84,6 +86,30 @@ def _repr_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """The digest of plain scalar arguments, from their repr (marked by a leading "r")."""
     text = repr(args) if not kwargs else repr((args, sorted(kwargs.items())))
     return "r" + _sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[1:]
+
+
+def v1_input_hash(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The input hash multirun-otel 0.1.0 took (checkpoint format 1), by which a version 1
+    checkpoint's cache knows its steps: JSON of the arguments as pydantic converts them, sets
+    sorted by repr, for scalars too. A frozen copy of 0.1.0's: never change it."""
+    try:
+        text = json.dumps(
+            [args, kwargs],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,
+            default=_v1_canonical,
+            allow_nan=True,
+        )
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _v1_canonical(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    return to_jsonable_python(value, fallback=_refuse)
 
 
 def _is_json_data(container: dict[str, Any] | list[Any] | tuple[Any, ...]) -> bool:
