@@ -424,15 +424,23 @@ def _agent_states(agents: Any, state: dict[str, Any]) -> list[dict[str, Any]]:
         raise TypeError(f"agents is a {type(agents).__name__}, not a list")
     checked = []
     for entry in agents:
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("name"), str)
-            or type(entry.get("occurrence")) is not int
-            or not isinstance(entry.get("state"), dict)
-        ):
+        found = agent_state(entry)
+        if found is None:
             raise ValueError(f"malformed agent state {str(entry)[:80]!r}")
-        checked.append({"name": entry["name"], "occurrence": entry["occurrence"], "state": entry["state"]})
+        name, occurrence, state = found
+        checked.append({"name": name, "occurrence": occurrence, "state": state})
     return checked
+
+
+def agent_state(entry: Any) -> tuple[str, int, dict[str, Any]] | None:
+    """The name, occurrence and state of an agent's entry in a checkpoint's agent states
+    (``RunContext.agent_states``), or None if it is not such an entry."""
+    if not isinstance(entry, dict):
+        return None
+    name, occurrence, state = entry.get("name"), entry.get("occurrence"), entry.get("state")
+    if not isinstance(name, str) or type(occurrence) is not int or not isinstance(state, dict):
+        return None
+    return name, occurrence, state
 
 
 class _Write:
