@@ -235,13 +235,8 @@ class ReplayLog:
         with self._lock:
             self._reruns.discard(seq)
             replay = self._replay
-            if replay is None or replay.done:
-                return
-            replay.stop()
-        _logger.info(
-            "multirun: a step that failed in the restored run returned this time; "
-            "the steps after it run again instead of being served from the checkpoint"
-        )
+            if replay is not None and not replay.done:
+                replay.leave("a step that failed in the restored run returned this time")
 
     def peek(
         self, name: str, digest: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -581,12 +576,8 @@ class _Replay:
             # the step failed here in the recorded run, and is called with other inputs now: no
             # result is served in its place, the program leaves the recorded path (as when a
             # failed call now returns), and the rest of the run runs afresh
-            self.stop()
-            _logger.info(
-                "multirun: step %r, which failed in the restored run, is called with other inputs "
-                "this time; it and the steps after it run again instead of being served from the "
-                "checkpoint",
-                name,
+            self.leave(
+                f"step {name!r}, which failed in the restored run, is called with other inputs this time"
             )
             return None
         if entry is None:
@@ -689,9 +680,13 @@ class _Replay:
         if self.position >= len(entries):
             self.done = True
 
-    def stop(self) -> None:
-        """Serve nothing more: the program left the recorded path."""
+    def leave(self, what: str) -> None:
+        """The program left the recorded path (``what`` it did, for the log): serve nothing more,
+        the rest of the run runs afresh."""
         self.done = self.stopped = True
+        _logger.info(
+            "multirun: %s; the steps after it run again instead of being served from the checkpoint", what
+        )
 
     def kept_records(self, rerun: set[int]) -> list[dict[str, Any]]:
         """The records a later checkpoint keeps: all but those of calls that ran again (their
