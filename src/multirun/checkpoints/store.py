@@ -224,19 +224,19 @@ class CheckpointStore:
 
     def _put(self, key: str, blob: bytes) -> str:
         """``exporter.put``, waited for at most ``put_timeout`` seconds (see the module)."""
+        write = _Write(key)
         if self.put_timeout is None:
-            with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace
-                return self.exporter.put(key, blob)
+            write.run(self.exporter, blob)  # as long as it takes, in the caller's thread
+            return write.result()
         with self._writes_lock:
-            self._hung = {write for write in self._hung if not write.done.is_set()}
+            self._hung = {hung for hung in self._hung if not hung.done.is_set()}
             if self._hung:
-                oldest = min(self._hung, key=lambda write: write.started)
+                oldest = min(self._hung, key=lambda hung: hung.started)
                 raise BlobStoreUnavailableError(
                     f"checkpoint {key!r} is not written: the blob store has not finished writing "
                     f"{oldest.key!r} after {time.monotonic() - oldest.started:.0f} s, and no checkpoint "
                     "is written until it does"
                 )
-        write = _Write(key)
         thread = threading.Thread(
             target=write.run, args=(self.exporter, blob), name="multirun-checkpoint-put", daemon=True
         )
@@ -252,10 +252,7 @@ class CheckpointStore:
                 "(checkpoint_timeout): the write goes on in the background, and later checkpoints are "
                 "not written until it ends"
             )
-        if write.error is not None:
-            raise write.error
-        assert write.uri is not None
-        return write.uri
+        return write.result()
 
     def _dump(self, document: dict[str, Any], name: str) -> tuple[bytes, str]:
         try:
@@ -481,6 +478,13 @@ class _Write:
                     took,
                     self.error,
                 )
+
+    def result(self) -> str:
+        """The blob's URI once the put ended; what the put raised, if it raised."""
+        if self.error is not None:
+            raise self.error
+        assert self.uri is not None
+        return self.uri
 
     def abandon(self) -> bool:
         """Stop waiting for it: True if it is still running (it logs when it ends)."""
