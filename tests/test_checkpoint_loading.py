@@ -262,6 +262,28 @@ def test_show_and_verify_say_a_checkpoint_holding_infinity_is_damaged(traced, ca
     assert "cannot be replayed" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("part", ["checkpoint", "state", "ledger", "trace"])
+def test_a_checkpoint_whose_part_is_not_a_json_object_is_a_replay_error_naming_it(
+    traced, capsys, part
+) -> None:
+    put_document(traced, "c-list", **{part: [["tokens", 1]]})
+    store = str(traced.client.checkpoints.exporter.directory)
+
+    @run
+    def job() -> None:
+        pass
+
+    with (
+        pytest.raises(ReplayError, match=f"checkpoint 'c-list' cannot be replayed: its {part} is a list"),
+        multirun.resume(checkpoint_id="c-list"),
+    ):
+        job()
+    assert main(["checkpoints", "verify", "--store", store]) == 1
+    assert "FAILED  c-list: checkpoint 'c-list' cannot be replayed" in capsys.readouterr().out
+    assert main(["checkpoints", "show", "c-list", "--store", store]) == 1
+    assert "cannot be replayed" in capsys.readouterr().err
+
+
 def test_a_damaged_newest_checkpoint_names_itself_and_the_one_to_resume_instead(traced) -> None:
     @step
     def stage(i: int) -> int:

@@ -360,7 +360,7 @@ class CheckpointStore:
         try:
             if not isinstance(document, dict):
                 raise TypeError(f"it holds a {type(document).__name__}, not a JSON object")
-            meta = document["checkpoint"]
+            meta = _json_object(document, "checkpoint", required=True)
             checkpoint = Checkpoint(
                 id=meta["id"],
                 run_id=meta["run_id"],
@@ -381,9 +381,9 @@ class CheckpointStore:
                 recorded = records_from_v1(recorded)
             check_records(recorded)
             replay = [dict(record) for record in recorded]
-            ledger = {k: int(v) for k, v in document.get("ledger", {}).items()}
-            state = dict(document.get("state", {}))
-            trace = {k: str(v) for k, v in document.get("trace", {}).items()}
+            ledger = {k: int(v) for k, v in _json_object(document, "ledger").items()}
+            state = dict(_json_object(document, "state"))
+            trace = {k: str(v) for k, v in _json_object(document, "trace").items()}
             sub_run_id = str(meta.get("sub_run_id", ""))
             seq = meta.get("sub_run_seq")
             sub_run_seq = None if seq is None else int(seq)
@@ -406,6 +406,15 @@ class CheckpointStore:
         prefix = "checkpoints/" if run_id is None else f"checkpoints/{validate_id(run_id, 'run id')}/"
         with suppress_instrumentation():
             return self.exporter.list(prefix)
+
+
+def _json_object(document: dict[str, Any], part: str, *, required: bool = False) -> dict[str, Any]:
+    """``document[part]``, a JSON object (empty when it is left out and not ``required``); a
+    TypeError naming it if it is something else, KeyError if it is required and left out."""
+    value = document[part] if required else document.get(part, {})
+    if not isinstance(value, dict):
+        raise TypeError(f"its {part} is a {type(value).__name__}, not a JSON object")
+    return value
 
 
 def _agent_states(agents: Any, state: dict[str, Any]) -> list[dict[str, Any]]:
