@@ -19,6 +19,8 @@ in parallel: they would disturb each other's timings on a small machine):
   BatchSpanProcessor drops spans when many runs are created;
 - ``bench_ledger.py``   -> ``results/ledger.md``: the budget check and ledger
   update per step, in process and against a real redis-server;
+- ``bench_input_hash.py`` -> ``results/input_hash.md``: the replay key every
+  idempotent step computes, by argument shape, against one ``json.dumps`` + SHA-256;
 - ``bench_metrics.py``  -> printed: the per-step metrics path against a raw SDK
   instrument;
 - ``bench_checkpoint.py`` -> ``results/checkpoint.md``: save and load of a 10 MB
@@ -58,6 +60,7 @@ FULL: list[list[str]] = [
     ["profile_step.py"],
     ["repro_export_starvation.py"],
     ["bench_ledger.py"],
+    ["bench_input_hash.py"],
     ["bench_metrics.py"],
     ["bench_checkpoint.py"],
     ["bench_scaling.py"],
@@ -71,6 +74,7 @@ SCRIPTS = {
     "profile": "profile_step.py",
     "starvation": "repro_export_starvation.py",
     "ledger": "bench_ledger.py",
+    "input_hash": "bench_input_hash.py",
     "metrics": "bench_metrics.py",
     "checkpoint": "bench_checkpoint.py",
     "scaling": "bench_scaling.py",
@@ -84,6 +88,7 @@ QUICK: list[list[str]] = [
     ["profile_step.py", "--calls", "20000", "--rounds", "6"],
     ["repro_export_starvation.py", "--repeats", "1"],
     ["bench_ledger.py", "--rounds", "6", "--batch", "2000"],
+    ["bench_input_hash.py", "--rounds", "6", "--batch", "1000"],
     ["bench_metrics.py", "--rounds", "6"],
     ["bench_checkpoint.py", "--mb", "2", "--rounds", "3"],
     ["bench_scaling.py", "--quick"],

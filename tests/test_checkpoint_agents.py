@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 import multirun
 from multirun import agent, checkpoint, run
-from multirun.checkpoints.serializers import JsonSerializer, dump_blob
+from multirun.checkpoints.serializers import JsonSerializer, dump_blob, load_blob
 from multirun.checkpoints.store import parse_checkpoint_key
 from multirun.context import get_current_agent_context, get_current_run_context
+from multirun.errors import ReplayError
 from multirun.telemetry import attributes as attr
 
 
@@ -158,7 +160,25 @@ def test_an_agent_state_in_a_checkpoint_written_before_agent_states_were_kept_co
         assert job() == ["doc1"]
 
 
-def test_a_sub_runs_agents_get_their_state_back_when_the_top_run_resumes(traced) -> None:
+def rewrite_checkpoint(traced, run_id: str, change: Callable[[dict[str, Any]], None]) -> None:  # type: ignore[no-untyped-def]
+    """Apply ``change`` to the document of ``run_id``'s newest checkpoint, sealed again."""
+    store = traced.client.checkpoints
+    key = store.find(store.latest(run_id))
+    path = store.exporter.directory / key
+    _, document = load_blob(path.read_bytes(), max_bytes=1 << 20)
+    change(document)
+    path.chmod(0o644)  # the store writes blobs read-only
+    path.write_bytes(dump_blob(document, JsonSerializer())[0])
+
+
+# a sub-run's record is not checked when its checkpoint is loaded: malformed entries are left out
+MALFORMED_AGENT_STATES = ["junk", {"name": "helper", "occurrence": 1}, {"name": 2}]
+
+
+@pytest.mark.parametrize(
+    "malformed", [[], MALFORMED_AGENT_STATES], ids=["as written", "malformed ones added"]
+)
+def test_a_sub_runs_agents_get_their_state_back_when_the_top_run_resumes(traced, malformed) -> None:
     seen: list[object] = []
 
     @agent(name="helper")
@@ -178,7 +198,12 @@ def test_a_sub_runs_agents_get_their_state_back_when_the_top_run_resumes(traced)
         if crash:
             raise RuntimeError("crash")
 
+    def add_malformed(document: dict[str, Any]) -> None:
+        (record,) = [r for r in document["replay"] if "run" in r]
+        record["run"]["agents"][:0] = malformed
+
     run_id = crashed_run_id(traced, top, True)
+    rewrite_checkpoint(traced, run_id, add_malformed)
     with multirun.resume(run_id=run_id):
         top(False)
     assert seen == [None, "kept"]
@@ -228,3 +253,20 @@ def test_a_sub_runs_agent_state_that_cannot_be_written_costs_a_warning_not_the_c
     sub_record = next(r for r in traced.client.checkpoints.load(checkpoint_id).replay if "run" in r)
     assert sub_record["run"]["state"] == {"sub": "kept"} and sub_record["run"]["agents"] == []
     assert "state of agent 'holder' is left out" in caplog.text
+
+
+def test_a_checkpoint_with_a_malformed_agent_state_is_refused(traced) -> None:
+    @agent(name="helper")
+    def helper() -> None:
+        get_current_agent_context().set_state("memo", "kept")
+
+    @run(checkpoint_on_error=False)
+    def job() -> None:
+        helper()
+        get_current_run_context().checkpoint(name="after helper")
+        raise RuntimeError("crash")
+
+    run_id = crashed_run_id(traced, job)
+    rewrite_checkpoint(traced, run_id, lambda document: document["agents"].append({"name": "helper"}))
+    with pytest.raises(ReplayError, match="malformed agent state"), multirun.resume(run_id=run_id):
+        pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import enum
 import hashlib
 import json
 import math
@@ -10,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic_core import to_jsonable_python
 
 import multirun
 from multirun import run, step
 from multirun.checkpoints.serializers import JsonSerializer, dump_blob
 from multirun.cli.main import main
-from multirun.context import get_current_run_context
+from multirun.context import get_current_agent_context, get_current_run_context
 from multirun.errors import CheckpointError, ReplayError
 from multirun.telemetry import attributes as attr
 
@@ -34,10 +37,32 @@ def v1_blob(document: dict[str, Any]) -> bytes:
     return b"MRCK1\n" + json.dumps(header, separators=(",", ":"), sort_keys=True).encode() + b"\n" + payload
 
 
-def v1_input_hash(*args: Any) -> str:
-    """A step's input hash as multirun-otel 0.1.0 computed it (JSON only)."""
-    text = json.dumps([args, {}], sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+def v1_input_hash(*args: Any, **kwargs: Any) -> str:
+    """A step's input hash as multirun-otel 0.1.0 computed it (JSON only, sets sorted by repr)."""
+
+    def canonical(value: Any) -> Any:
+        return sorted(value, key=repr) if isinstance(value, (set, frozenset)) else to_jsonable_python(value)
+
+    text = json.dumps(
+        [args, kwargs], sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=canonical
+    )
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def v1_document(checkpoint_id: str, run_name: str, replay: list[list[Any]]) -> dict[str, Any]:
+    """A checkpoint document as multirun-otel 0.1.0's store wrote it, with these cached steps."""
+    return {
+        "checkpoint": {
+            "id": checkpoint_id,
+            "run_id": f"r-{checkpoint_id}",
+            "run_name": run_name,
+            "name": "x",
+            "created_at": "2025-01-02T03:04:05+00:00",
+        },
+        "state": {},
+        "replay": replay,
+        "ledger": {"tokens": 10, "cost_units": 0, "steps": len(replay)},
+    }
 
 
 def test_the_golden_version_1_checkpoint_resumes_with_its_state_and_spend(traced) -> None:
@@ -107,6 +132,59 @@ def test_a_version_1_checkpoint_serves_the_steps_it_cached_in_any_order(traced) 
     with multirun.resume(checkpoint_id="c-v1"):
         assert crew() == ["parsed", "new", {"status": 200}, {"status": 500}]
     assert calls == ["new_step", "fetch"]  # fetch({"url": "b"}) was never cached
+
+
+class Tier(enum.Enum):
+    GOLD = "gold"
+
+
+def test_a_version_1_checkpoint_serves_steps_whose_arguments_are_all_scalars(traced) -> None:
+    # multirun-otel 0.1.0 hashed these as JSON; input hashes of scalars are taken otherwise since
+    day = datetime.date(2025, 1, 2)
+    replay = [
+        ["search", v1_input_hash("open telemetry", 3), ["doc-1", "doc-2"]],
+        ["score", v1_input_hash(0.5, None, strict=True), 42],
+        ["greet", v1_input_hash("héllo \ud800"), "hi"],
+        ["plan", v1_input_hash(Tier.GOLD, day), "planned"],
+    ]
+    blob = v1_blob(v1_document("c-v1-scalars", "crew", replay))
+    traced.client.checkpoints.exporter.put("checkpoints/r-c-v1-scalars/c-v1-scalars.ckpt", blob)
+    calls: list[str] = []
+
+    @step
+    def search(query: str, top_k: int) -> list[str]:
+        calls.append("search")
+        return ["fresh"]
+
+    @step
+    def score(weight: float, prior: float | None, *, strict: bool) -> int:
+        calls.append("score")
+        return 0
+
+    @step
+    def greet(name: str) -> str:
+        calls.append("greet")
+        return "hello again"
+
+    @step
+    def plan(tier: Tier, when: datetime.date) -> str:
+        calls.append("plan")
+        return "planned again"
+
+    @run
+    def crew() -> list[object]:
+        return [
+            get_current_agent_context().get_step_result("greet", ("héllo \ud800",)).value,
+            greet("héllo \ud800"),
+            score(0.5, None, strict=True),
+            plan(Tier.GOLD, day),
+            search("open telemetry", 3),
+            search("other", 3),  # not cached: it runs
+        ]
+
+    with multirun.resume(checkpoint_id="c-v1-scalars"):
+        assert crew() == [(True, "hi"), "hi", 42, "planned", ["doc-1", "doc-2"], ["fresh"]]
+    assert calls == ["search"]
 
 
 def test_checkpoints_show_and_verify_read_a_version_1_checkpoint(tmp_path: Path, capsys) -> None:
@@ -181,6 +259,28 @@ def test_show_and_verify_say_a_checkpoint_holding_infinity_is_damaged(traced, ca
     out = capsys.readouterr().out
     assert "FAILED  c-inf: checkpoint 'c-inf' cannot be replayed" in out
     assert main(["checkpoints", "show", "c-inf", "--store", store]) == 1
+    assert "cannot be replayed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("part", ["checkpoint", "state", "ledger", "trace"])
+def test_a_checkpoint_whose_part_is_not_a_json_object_is_a_replay_error_naming_it(
+    traced, capsys, part
+) -> None:
+    put_document(traced, "c-list", **{part: [["tokens", 1]]})
+    store = str(traced.client.checkpoints.exporter.directory)
+
+    @run
+    def job() -> None:
+        pass
+
+    with (
+        pytest.raises(ReplayError, match=f"checkpoint 'c-list' cannot be replayed: its {part} is a list"),
+        multirun.resume(checkpoint_id="c-list"),
+    ):
+        job()
+    assert main(["checkpoints", "verify", "--store", store]) == 1
+    assert "FAILED  c-list: checkpoint 'c-list' cannot be replayed" in capsys.readouterr().out
+    assert main(["checkpoints", "show", "c-list", "--store", store]) == 1
     assert "cannot be replayed" in capsys.readouterr().err
 
 

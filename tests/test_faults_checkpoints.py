@@ -32,6 +32,7 @@ import multirun
 from multirun import checkpoint, run, step
 from multirun.checkpoints.envelope import MAGIC
 from multirun.checkpoints.exporters import (
+    BlobStoreUnavailableError,
     FileBlobExporter,
     MemoryBlobExporter,
     exporter_from_uri,
@@ -567,6 +568,37 @@ def test_7_an_explicit_checkpoint_to_a_hung_store_raises_instead_of_hanging(trac
     finally:
         exporter.release.set()
         join_checkpoint_writes()
+
+
+class ThreadNotingExporter(MemoryBlobExporter):
+    """A store that notes the thread each put runs in, and fails while ``failure`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__("noting")
+        self.threads: list[threading.Thread] = []
+        self.failure: Exception | None = None
+
+    def put(self, key: str, data: bytes) -> str:
+        self.threads.append(threading.current_thread())
+        if self.failure is not None:
+            raise self.failure
+        return super().put(key, data)
+
+
+def test_7_without_a_timeout_the_checkpoint_is_written_in_the_callers_thread(traced: Any) -> None:
+    exporter = ThreadNotingExporter()
+    traced.client.checkpoints = CheckpointStore(exporter, put_timeout=None)
+
+    @run
+    def job() -> str:
+        return get_current_run_context().checkpoint(name="explicit").value.id
+
+    checkpoint_id = job()
+    assert exporter.threads == [threading.current_thread()]
+    assert traced.client.checkpoints.load(checkpoint_id).checkpoint.id == checkpoint_id
+    exporter.failure = BlobStoreUnavailableError("the disk is full")
+    with pytest.raises(BlobStoreUnavailableError, match="the disk is full"):
+        job()
 
 
 def test_7_the_checkpoint_timeout_comes_from_init_or_its_variable(

@@ -6,18 +6,23 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
 import uuid
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import multirun
 from multirun import run, step
 from multirun.checkpoints.hashing import input_hash
-from multirun.checkpoints.serializers import JsonSerializer
+from multirun.checkpoints.serializers import BYTES_TAG, JsonSerializer, json_form
 from multirun.context import get_current_run_context
 
 PROGRAM = r"""
@@ -181,3 +186,192 @@ def test_step_results_passed_on_as_inputs_are_served_on_resume_whatever_their_ty
     with multirun.resume(run_id=run_id):
         assert offer("acme") == "offer for Tier.GOLD"
     assert calls == ["send"]  # draft's inputs, served in their JSON form, hash as recorded
+
+
+# --- digests never change: a checkpoint written before an upgrade is served after it -----------
+
+
+class Grade(str, enum.Enum):
+    GOLD = "gold"
+
+
+class Name(str):
+    pass
+
+
+class Count(int):
+    pass
+
+
+class Ratio(float):
+    pass
+
+
+PINNED_DIGESTS = [
+    ((["a", "b", "c"],), {}, "dbfd8703b1fbb60f0aeb7d5a3b4a4090fbd0e72f88b276e21d9de5436f1d1efd"),
+    (
+        ({"model": "gpt-4o-mini", "temperature": 0.2, "max_tokens": 256},),
+        {},
+        "147ac242be790fd70020a1ed41eb3731f11cec6162da9bd3541c7c64c0f13aed",
+    ),
+    (
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}],),
+        {"model": "m"},
+        "8901959ed3fc124ab6e9944470889f0c800dfe19f8079e9035b342ee5934fb42",
+    ),
+    (
+        ((1, [2.5, None], {"k": (True, False)}),),
+        {},
+        "13e931dc6ebe0cbe3436a57edb6c200f8781507a46b3136c79c7f73d7698db45",
+    ),
+    (
+        ([math.nan, math.inf, -math.inf, -0.0, 2**70],),
+        {},
+        "37a8ff6ded4a622aa5296e2ae6184c89966bac48643cd0f76f04fb7b6a9f6f2b",
+    ),
+    (
+        (["\ud800 lone", "é😀", "\x00"],),
+        {},
+        "7934be3a2983638362886979aafa3ead8db38129def7801e738aee422b5e747d",
+    ),
+    (
+        ({"a": {"b": {"c": [[[]]]}}, "": {}},),
+        {},
+        "5370b7145e8fee4f91e5e6fbec722d4a81b66eb7598303e2906d9b59b47a55a6",
+    ),
+    (
+        ([Grade.GOLD, Level.HIGH, Name("x")],),
+        {},
+        "d5665dab54c1660a847fb6df0f2f7b2d8a2b0bb46ebbd698120c25ba66518ce3",
+    ),
+    (({1: "a", 2: "b", 10: "c"},), {}, "cd95bb3f227df668a80250ab981093fd5478a16d3d453196b78b05e922d73315"),
+    (({None: 1, True: 2, 1.5: 3},), {}, "e1b0cb69e9fba47ff89b69a517d1a5318da31247f127b9031923a6e1dd3d0f92"),
+    (({Grade.GOLD: 1},), {}, "796747e5cc38f0ea1af29d01d34a80d12109d92f1912d534a40c0db0d7f2277c"),
+    (("x", ["y"]), {"z": {"w": 1}}, "3481812aafe87ce24429ed0f0ecb7c347f037d56ca99576f9d7aee20d052d8c0"),
+]
+
+
+@pytest.mark.parametrize(("args", "kwargs", "digest"), PINNED_DIGESTS, ids=lambda v: repr(v)[:30])
+def test_digests_of_recorded_arguments_stay_as_they_were(args: tuple, kwargs: dict, digest: str) -> None:
+    assert input_hash(args, kwargs) == digest
+
+
+def json_form_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The digest as defined before JSON data had a shortcut: plain scalar arguments by repr,
+    anything else through its JSON form (by repr too when every argument is a scalar in JSON)."""
+    scalars = (str, int, float, bool, type(None))
+    if all(type(v) in scalars for v in [*args, *kwargs.values()]):
+        plain_args, plain_kwargs = list(args), kwargs
+    else:
+        try:
+            plain_args, plain_kwargs = json_form([list(args), kwargs])
+        except (TypeError, ValueError, RecursionError):
+            return None
+    if all(type(v) in scalars for v in [*plain_args, *plain_kwargs.values()]):
+        if not plain_args and not plain_kwargs:
+            return hashlib.sha256(b"[[],{}]").hexdigest()
+        text = (
+            repr(tuple(plain_args))
+            if not plain_kwargs
+            else repr((tuple(plain_args), sorted(plain_kwargs.items())))
+        )
+        return "r" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[1:]
+    try:
+        text = json.dumps(
+            [plain_args, plain_kwargs],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,
+            allow_nan=True,
+        )
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+texts = (
+    st.text(st.characters(exclude_categories=()))  # every code point, lone surrogates included
+    | st.sampled_from(["\ud800", "\udfff", "\x00", "😀", "é", "\u2028", "", BYTES_TAG])
+)
+# values json.dumps would write otherwise than their JSON form: they must hash as that form
+lookalikes = st.sampled_from([Grade.GOLD, Level.HIGH, Tier.GOLD]) | st.builds(Name, texts)
+lookalikes |= st.builds(Count, st.integers()) | st.builds(Ratio, st.floats())
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.sampled_from([2**64, -(2**64), 2**64 - 1, 10**40])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([-0.0, math.nan, math.inf, -math.inf])
+    | texts
+)
+keys = (
+    texts | st.integers() | st.floats() | st.booleans() | st.none() | st.sampled_from([Grade.GOLD, Name("k")])
+)
+json_like = st.recursive(
+    scalars | lookalikes,
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.lists(children, max_size=5).map(tuple)
+        | st.dictionaries(texts, children, max_size=5)
+        | st.dictionaries(keys, children, max_size=4)
+    ),
+    max_leaves=25,
+)
+arguments = st.tuples(
+    st.lists(json_like, max_size=3).map(tuple), st.dictionaries(texts, json_like, max_size=3)
+)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(arguments)
+def test_json_like_arguments_hash_as_their_json_form(call: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
+    args, kwargs = call
+    assert input_hash(args, kwargs) == json_form_digest(args, kwargs)
+
+
+def nested(depth: int, kind: type) -> object:
+    value: object = "leaf"
+    for _ in range(depth):
+        value = [value] if kind is list else {"k": value}
+    return value
+
+
+def cyclic_list() -> list[object]:
+    loop: list[object] = ["a"]
+    loop.append(loop)
+    return loop
+
+
+def cyclic_dict() -> dict[str, object]:
+    loop: dict[str, object] = {"a": 1}
+    loop["self"] = loop
+    return loop
+
+
+shared = ["shared", 1]
+TRICKY_ARGUMENTS = {
+    "nested 50 lists": ((nested(50, list),), {}),
+    "nested 400 dicts": ((nested(400, dict),), {}),
+    "nested 5000 lists": ((nested(5000, list),), {}),
+    "a list inside itself": ((cyclic_list(),), {}),
+    "a dict inside itself": ((cyclic_dict(),), {}),
+    "one list twice": (([shared, shared],), {"again": shared}),
+    "the bytes tag as a key": (({BYTES_TAG: "aGk="},), {}),
+    "the bytes tag as a keyword": (([1],), {BYTES_TAG: "aGk="}),
+    "an int too long for str()": (([10**5000],), {}),
+    "int keys that sort otherwise as text": (({1: "a", 2: "b", 10: "c"},), {}),
+}
+
+
+@pytest.mark.parametrize("call", TRICKY_ARGUMENTS.values(), ids=TRICKY_ARGUMENTS)
+def test_deep_cyclic_and_refused_arguments_hash_as_their_json_form(call: tuple[tuple, dict]) -> None:
+    assert input_hash(*call) == json_form_digest(*call)
+
+
+def test_without_the_json_c_accelerator_digests_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    from multirun.checkpoints import hashing
+
+    monkeypatch.setattr(hashing, "_C_ENCODER", None)  # as on a Python without json's C encoder
+    for args, kwargs, digest in PINNED_DIGESTS:
+        assert input_hash(args, kwargs) == digest

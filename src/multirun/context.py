@@ -32,6 +32,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy, sub_run_part
+from multirun.checkpoints.store import agent_state
 from multirun.enforcement.ledger import SPEND_TOTALS
 from multirun.enforcement.policy import PolicyEngine
 from multirun.errors import BudgetExceededError, CheckpointError, ConfigurationError, PolicyViolation
@@ -606,13 +607,10 @@ class RunContext:
     def _restore_agents(self, agents: Any) -> None:
         """Give the agents of a checkpoint's ``agent_states`` their state back: those started
         already now, the others when they start (by name and occurrence)."""
-        restored: dict[tuple[str, int], dict[str, Any]] = {}
-        for entry in agents if isinstance(agents, list) else ():
-            if not isinstance(entry, dict):
-                continue
-            name, occurrence, state = entry.get("name"), entry.get("occurrence"), entry.get("state")
-            if isinstance(name, str) and type(occurrence) is int and isinstance(state, dict):
-                restored[name, occurrence] = state
+        # a sub-run's record was not checked when the checkpoint was loaded: malformed entries are
+        # left out
+        entries = [agent_state(entry) for entry in agents] if isinstance(agents, list) else []
+        restored = {(name, occurrence): state for name, occurrence, state in filter(None, entries)}
         if not restored:
             return
         with self._lock:
@@ -870,7 +868,7 @@ class AgentContext:
         digest = input_hash(args, kwargs or {})
         if digest is None:
             return Done((False, None))
-        return Done(self.run_context.replay_log.peek(name, digest))
+        return Done(self.run_context.replay_log.peek(name, digest, args, kwargs))
 
     # -- state, checkpoints --------------------------------------------------
 

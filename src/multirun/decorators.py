@@ -330,7 +330,11 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         if digest is not None:
             parent_call = parent.replay_call if parent is not None else None
             began = run.replay_log.begin(
-                spec.name, digest, parent_call[SEQ] if parent_call is not None else run.replay_parent
+                spec.name,
+                digest,
+                parent_call[SEQ] if parent_call is not None else run.replay_parent,
+                args,
+                kwargs,
             )
             if isinstance(began, Served):
                 # a generator step's value: its items and return value (DeterminismError if none)

@@ -70,6 +70,7 @@ from asyncio import _get_running_loop, current_task
 from collections.abc import Callable
 from typing import Any, Final
 
+from multirun.checkpoints.hashing import v1_input_hash
 from multirun.errors import DeterminismError
 
 _logger = logging.getLogger(__name__)
@@ -118,9 +119,17 @@ class ReplayLog:
         """True from ``load`` until every recorded call has been served."""
         return self._replay is not None and not self._replay.done
 
-    def begin(self, name: str, digest: str, parent: int | None) -> Call | Served | None:
+    def begin(
+        self,
+        name: str,
+        digest: str,
+        parent: int | None,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> Call | Served | None:
         """Before a step runs: its call, ``Served(value)`` to serve instead of running it, or
-        None when the log records no more calls (it is full).
+        None when the log records no more calls (it is full). ``args`` and ``kwargs``, the
+        arguments ``digest`` was taken of, let a version 1 checkpoint's cache serve the call.
 
         Raises DeterminismError when a replay does not match the recording.
         """
@@ -135,6 +144,8 @@ class ReplayLog:
             self._running[call[SEQ]] = call
             return call
         with self._lock:
+            if replay.v1_keys and args is not None:
+                digest = replay.recorded_digest(name, digest, args, kwargs or {})
             occurrence = replay.next_occurrence(name, digest)
             found = None if replay.done else replay.serve(name, digest, occurrence)
             if found is None:
@@ -224,20 +235,19 @@ class ReplayLog:
         with self._lock:
             self._reruns.discard(seq)
             replay = self._replay
-            if replay is None or replay.done:
-                return
-            replay.stop()
-        _logger.info(
-            "multirun: a step that failed in the restored run returned this time; "
-            "the steps after it run again instead of being served from the checkpoint"
-        )
+            if replay is not None and not replay.done:
+                replay.leave("a step that failed in the restored run returned this time")
 
-    def peek(self, name: str, digest: str) -> tuple[bool, Any]:
+    def peek(
+        self, name: str, digest: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> tuple[bool, Any]:
         """``(True, result)`` if the next call of ``name`` with these inputs would be served."""
         with self._lock:
             replay = self._replay
             if replay is None or replay.done:
                 return False, None
+            if replay.v1_keys:
+                digest = replay.recorded_digest(name, digest, args, kwargs or {})
             occurrence = replay.counts.get((name, digest), 0) + 1
             entry = replay.find(name, digest, occurrence)
             if entry is None or entry.served:
@@ -469,9 +479,9 @@ def records_from_v1(records: list[Any]) -> list[dict[str, Any]]:
     inputs, the last result, with no order, occurrence or nesting, served to every call with
     those inputs. Each becomes the first call of its step with those inputs, made side by
     side with the others (a lane of its own), marked ``v1``: a replay of them serves the calls
-    it knows in any order, and runs the ones it does not (new calls, or calls whose input hash
-    is computed differently since: those whose arguments are all plain str, int, float, bool
-    or None) instead of raising DeterminismError. ValueError if one is not such a triple.
+    it knows in any order, by their input hash then (``v1_input_hash``) where it differs from
+    today's, and runs the ones it does not instead of raising DeterminismError. ValueError if
+    one is not such a triple.
     """
     converted = []
     for seq, record in enumerate(records):
@@ -518,13 +528,26 @@ class _Replay:
         self.position = 0  # the first entry, in recorded order, not served yet
         self.done = not self.entries
         self.stopped = False
-        # records of a version 1 checkpoint (records_from_v1): a call they do not know runs
-        self.lenient = any(entry.record.get("v1") is True for entry in self.entries)
+        # the (name, input hash) of records of a version 1 checkpoint (records_from_v1): a
+        # replay holding any serves them in any order, and runs a call they do not know
+        self.v1_keys = {(e.name, e.digest) for e in self.entries if e.record.get("v1") is True}
 
     def next_occurrence(self, name: str, digest: str) -> int:
         """Number a call of ``name`` with these inputs (the first is 1)."""
         occurrence = self.counts[name, digest] = self.counts.get((name, digest), 0) + 1
         return occurrence
+
+    def recorded_digest(self, name: str, digest: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """``digest``, or the version 1 input hash of these arguments when a version 1 record
+        waits for the call under that one: 0.1.0 hashed some arguments (all scalars, an Enum)
+        otherwise than today."""
+        if (name, digest) in self.v1_keys:
+            return digest
+        legacy = v1_input_hash(args, kwargs)
+        if legacy is None or (name, legacy) not in self.v1_keys:
+            return digest
+        waiting = self.find(name, legacy, self.counts.get((name, legacy), 0) + 1)
+        return legacy if waiting is not None and not waiting.served else digest
 
     def find(self, name: str, digest: str, occurrence: int) -> _Entry | None:
         return self.by_key.get((name, digest, occurrence))
@@ -547,18 +570,14 @@ class _Replay:
             if self.done:
                 return None
             expected = self.entries[self.position]
-        if entry is None and self.lenient:
-            return None  # version 1 kept no order, and hashed some inputs otherwise: a new call
+        if entry is None and self.v1_keys:
+            return None  # version 1 kept no order: a call it does not know is a new one
         if entry is None and expected.failed and expected.name == name:
             # the step failed here in the recorded run, and is called with other inputs now: no
             # result is served in its place, the program leaves the recorded path (as when a
             # failed call now returns), and the rest of the run runs afresh
-            self.stop()
-            _logger.info(
-                "multirun: step %r, which failed in the restored run, is called with other inputs "
-                "this time; it and the steps after it run again instead of being served from the "
-                "checkpoint",
-                name,
+            self.leave(
+                f"step {name!r}, which failed in the restored run, is called with other inputs this time"
             )
             return None
         if entry is None:
@@ -661,9 +680,13 @@ class _Replay:
         if self.position >= len(entries):
             self.done = True
 
-    def stop(self) -> None:
-        """Serve nothing more: the program left the recorded path."""
+    def leave(self, what: str) -> None:
+        """The program left the recorded path (``what`` it did, for the log): serve nothing more,
+        the rest of the run runs afresh."""
         self.done = self.stopped = True
+        _logger.info(
+            "multirun: %s; the steps after it run again instead of being served from the checkpoint", what
+        )
 
     def kept_records(self, rerun: set[int]) -> list[dict[str, Any]]:
         """The records a later checkpoint keeps: all but those of calls that ran again (their

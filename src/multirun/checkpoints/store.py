@@ -224,19 +224,19 @@ class CheckpointStore:
 
     def _put(self, key: str, blob: bytes) -> str:
         """``exporter.put``, waited for at most ``put_timeout`` seconds (see the module)."""
+        write = _Write(key)
         if self.put_timeout is None:
-            with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace
-                return self.exporter.put(key, blob)
+            write.run(self.exporter, blob)  # as long as it takes, in the caller's thread
+            return write.result()
         with self._writes_lock:
-            self._hung = {write for write in self._hung if not write.done.is_set()}
+            self._hung = {hung for hung in self._hung if not hung.done.is_set()}
             if self._hung:
-                oldest = min(self._hung, key=lambda write: write.started)
+                oldest = min(self._hung, key=lambda hung: hung.started)
                 raise BlobStoreUnavailableError(
                     f"checkpoint {key!r} is not written: the blob store has not finished writing "
                     f"{oldest.key!r} after {time.monotonic() - oldest.started:.0f} s, and no checkpoint "
                     "is written until it does"
                 )
-        write = _Write(key)
         thread = threading.Thread(
             target=write.run, args=(self.exporter, blob), name="multirun-checkpoint-put", daemon=True
         )
@@ -252,10 +252,7 @@ class CheckpointStore:
                 "(checkpoint_timeout): the write goes on in the background, and later checkpoints are "
                 "not written until it ends"
             )
-        if write.error is not None:
-            raise write.error
-        assert write.uri is not None
-        return write.uri
+        return write.result()
 
     def _dump(self, document: dict[str, Any], name: str) -> tuple[bytes, str]:
         try:
@@ -363,7 +360,7 @@ class CheckpointStore:
         try:
             if not isinstance(document, dict):
                 raise TypeError(f"it holds a {type(document).__name__}, not a JSON object")
-            meta = document["checkpoint"]
+            meta = _json_object(document, "checkpoint", required=True)
             checkpoint = Checkpoint(
                 id=meta["id"],
                 run_id=meta["run_id"],
@@ -384,9 +381,9 @@ class CheckpointStore:
                 recorded = records_from_v1(recorded)
             check_records(recorded)
             replay = [dict(record) for record in recorded]
-            ledger = {k: int(v) for k, v in document.get("ledger", {}).items()}
-            state = dict(document.get("state", {}))
-            trace = {k: str(v) for k, v in document.get("trace", {}).items()}
+            ledger = {k: int(v) for k, v in _json_object(document, "ledger").items()}
+            state = dict(_json_object(document, "state"))
+            trace = {k: str(v) for k, v in _json_object(document, "trace").items()}
             sub_run_id = str(meta.get("sub_run_id", ""))
             seq = meta.get("sub_run_seq")
             sub_run_seq = None if seq is None else int(seq)
@@ -411,6 +408,15 @@ class CheckpointStore:
             return self.exporter.list(prefix)
 
 
+def _json_object(document: dict[str, Any], part: str, *, required: bool = False) -> dict[str, Any]:
+    """``document[part]``, a JSON object (empty when it is left out and not ``required``); a
+    TypeError naming it if it is something else, KeyError if it is required and left out."""
+    value = document[part] if required else document.get(part, {})
+    if not isinstance(value, dict):
+        raise TypeError(f"its {part} is a {type(value).__name__}, not a JSON object")
+    return value
+
+
 def _agent_states(agents: Any, state: dict[str, Any]) -> list[dict[str, Any]]:
     """A checkpoint's agent states, checked; a checkpoint written before they were kept has
     only those of ``AgentContext.checkpoint``, in the run's state as ``agent:<name>``."""
@@ -424,15 +430,23 @@ def _agent_states(agents: Any, state: dict[str, Any]) -> list[dict[str, Any]]:
         raise TypeError(f"agents is a {type(agents).__name__}, not a list")
     checked = []
     for entry in agents:
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("name"), str)
-            or type(entry.get("occurrence")) is not int
-            or not isinstance(entry.get("state"), dict)
-        ):
+        found = agent_state(entry)
+        if found is None:
             raise ValueError(f"malformed agent state {str(entry)[:80]!r}")
-        checked.append({"name": entry["name"], "occurrence": entry["occurrence"], "state": entry["state"]})
+        name, occurrence, state = found
+        checked.append({"name": name, "occurrence": occurrence, "state": state})
     return checked
+
+
+def agent_state(entry: Any) -> tuple[str, int, dict[str, Any]] | None:
+    """The name, occurrence and state of an agent's entry in a checkpoint's agent states
+    (``RunContext.agent_states``), or None if it is not such an entry."""
+    if not isinstance(entry, dict):
+        return None
+    name, occurrence, state = entry.get("name"), entry.get("occurrence"), entry.get("state")
+    if not isinstance(name, str) or type(occurrence) is not int or not isinstance(state, dict):
+        return None
+    return name, occurrence, state
 
 
 class _Write:
@@ -473,6 +487,13 @@ class _Write:
                     took,
                     self.error,
                 )
+
+    def result(self) -> str:
+        """The blob's URI once the put ended; what the put raised, if it raised."""
+        if self.error is not None:
+            raise self.error
+        assert self.uri is not None
+        return self.uri
 
     def abandon(self) -> bool:
         """Stop waiting for it: True if it is still running (it logs when it ends)."""
