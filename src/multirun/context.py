@@ -28,10 +28,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
+from pydantic_core import to_json
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy, sub_run_part
+from multirun.checkpoints.serializers import json_form
 from multirun.checkpoints.store import agent_state
 from multirun.enforcement.ledger import SPEND_TOTALS
 from multirun.enforcement.policy import PolicyEngine
@@ -1619,9 +1621,9 @@ def _record_error(span: Span, error: BaseException | str, out: dict[str, Any]) -
 
 
 def _serialize_result(result: Any) -> bytes | None:
-    from pydantic_core import to_json
-
+    """``Run.result``: the return value as JSON, or None if it has none. Through ``json_form``,
+    which leaves an iterator unread (pydantic alone would read it to the end)."""
     try:
-        return to_json(result)
+        return to_json(json_form(result))
     except Exception:
         return None

@@ -24,6 +24,7 @@ from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, run_in, step_in
 from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.replay import SEQ, Served, kept_copy, stream_of, stream_record
 from multirun.checkpoints.resume import take_pending_resume
+from multirun.checkpoints.serializers import is_one_shot
 from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.enforcement.policy import PROCEED
@@ -689,7 +690,15 @@ class _CheckpointCall:
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         state = dict(self.extra_state or {})
         if self.capture_result:
-            state[self.result_key] = result
+            if is_one_shot(result):
+                _logger.warning(
+                    "multirun: checkpoint %r leaves out the function's result: %s is an iterator, which "
+                    "the program reads once (return a list to keep it)",
+                    self.name,
+                    type(result).__name__,
+                )
+            else:
+                state[self.result_key] = result
         self.run._try_checkpoint(self.name, state)
 
     def _failed(self, error: BaseException) -> BaseException:

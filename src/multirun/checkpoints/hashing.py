@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
-from multirun.checkpoints.serializers import BYTES_TAG, json_form
+from multirun.checkpoints.serializers import BYTES_TAG, is_one_shot, json_form
 
 _NO_ARGUMENTS = hashlib.sha256(b"[[],{}]").hexdigest()
 _PLAIN = frozenset({str, int, float, bool, type(None)})
@@ -109,6 +109,8 @@ def v1_input_hash(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
 def _v1_canonical(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=repr)
+    if is_one_shot(value):
+        raise TypeError(f"{type(value).__name__} is an iterator: reading it would consume it")
     return to_jsonable_python(value, fallback=_refuse)
 
 

@@ -64,7 +64,7 @@ import os
 import pickle
 import re
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from datetime import datetime, time, timedelta
 from enum import Enum
 from types import ModuleType
@@ -456,6 +456,8 @@ def _plain(value: Any) -> Any:
         return _plain_dict((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
     if isinstance(value, (datetime, time)) and _offset_has_seconds(value):
         return value.isoformat()
+    if is_one_shot(value):
+        raise _NoJsonForm(f"{type(value).__name__} is an iterator: reading it would consume it")
     try:
         return to_jsonable_python(value, fallback=_refuse)
     except (TypeError, ValueError, PydanticSerializationError):
@@ -508,6 +510,12 @@ def _sort_key(item: Any) -> str:
 def _offset_has_seconds(value: datetime | time) -> bool:
     offset = value.utcoffset()
     return offset is not None and offset % timedelta(minutes=1) != timedelta(0)
+
+
+def is_one_shot(value: Any) -> bool:
+    """True for an iterator (a generator, ``iter(list)``, ``map``, an open file, ...): it can be
+    read once, by the program. pydantic reads such values to the end to convert them."""
+    return isinstance(value, (Iterator, AsyncIterator))
 
 
 def _refuse(value: Any) -> Any:
