@@ -362,3 +362,34 @@ def test_a_wrapper_around_steps_that_charged_nothing_is_charged(traced) -> None:
 
     main()
     assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 120
+
+
+@pytest.mark.parametrize(
+    ("bad_key", "bad_value"),
+    [
+        ("gen_ai.usage.cache_read.input_tokens", float("nan")),
+        ("gen_ai.usage.cache_read.input_tokens", -5),
+        ("gen_ai.usage.reasoning.output_tokens", "many"),
+        ("gen_ai.usage.output_tokens", float("inf")),
+        ("gen_ai.usage.output_tokens", -1),
+    ],
+)
+def test_a_bad_token_count_on_a_foreign_span_costs_only_that_count(traced, bad_key, bad_value) -> None:
+    @step
+    def call_model() -> None:
+        attributes = {
+            "gen_ai.usage.input_tokens": 1_000_000,
+            "gen_ai.usage.output_tokens": 0,
+            "gen_ai.request.model": "gpt-4o-mini",
+            bad_key: bad_value,
+        }
+        foreign_span(traced, "chat", attributes)
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    run_span = traced.span("invoke_workflow main")
+    assert run_span.attributes["multirun.tokens_used"] == 1_000_000  # the input is still charged
+    assert run_span.attributes["multirun.cost_usd"] == pytest.approx(0.15)

@@ -191,9 +191,20 @@ def _first(get: Any, keys: tuple[str, ...]) -> Any:
 
 
 def _count(get: Any, keys: tuple[str, ...]) -> int:
-    """The first of ``keys`` that is set, as an int (0 if none is)."""
-    value = _first(get, keys)
-    return 0 if value is None else int(value)
+    """The first of ``keys`` that is set, as a token count (0 if none is)."""
+    return _token_count(_first(get, keys))
+
+
+def _token_count(value: Any) -> int:
+    """A token count from an attribute value: 0 for one missing or unusable (NaN, infinite,
+    negative, not a number), so one bad count does not lose the call's other counts."""
+    if value is None or isinstance(value, bool):
+        return 0
+    try:
+        count = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return max(count, 0)
 
 
 def _response_id(attributes: Any) -> str | None:
@@ -219,8 +230,8 @@ def usage_from_attributes(attributes: Any) -> TokenUsage | None:
         return TokenUsage(
             model=str(model) if model else None,
             provider=str(provider) if provider else None,
-            input_tokens=int(input_tokens or 0),
-            output_tokens=int(output_tokens or 0),
+            input_tokens=_token_count(input_tokens),
+            output_tokens=_token_count(output_tokens),
             cache_read_tokens=_count(get, _CACHE_READ_KEYS),
             cache_write_tokens=_count(get, _CACHE_WRITE_KEYS),
             reasoning_tokens=_count(get, _REASONING_KEYS),
