@@ -13,6 +13,7 @@ import pytest
 from multirun import checkpoint, run, step
 from multirun.checkpoints.hashing import input_hash
 from multirun.context import get_current_run_context
+from multirun.errors import CheckpointError
 from multirun.telemetry import attributes as attr
 
 ONE_SHOT: dict[str, Callable[[], Iterator[Any]]] = {
@@ -95,3 +96,16 @@ def test_a_step_returning_an_iterator_keeps_it_unread_through_a_checkpoint(
         return [int(n) for n in found]
 
     assert main() == [1, 2, 3]
+
+
+def test_an_iterator_in_the_state_is_named_and_left_unread_by_a_checkpoint(traced) -> None:
+    pages = (n for n in [1, 2, 3])
+
+    @run
+    def main() -> None:
+        get_current_run_context().set_state("pages", pages)
+        get_current_run_context().checkpoint(name="paged")
+
+    with pytest.raises(CheckpointError, match=r"\['pages'\]: generator is an iterator.*keep a list instead"):
+        main()
+    assert list(pages) == [1, 2, 3]

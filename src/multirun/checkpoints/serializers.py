@@ -160,8 +160,7 @@ class JsonSerializer:
         except _NoJsonForm as exc:
             where = "".join(f"[{key}]" for key in reversed(exc.path)) or "the value"
             raise CheckpointError(
-                f"checkpoint state is not JSON-serializable: {where}: {exc.reason}; convert it to plain "
-                "data, or choose the pickle serializer (with an HMAC key)"
+                f"checkpoint state is not JSON-serializable: {where}: {exc.reason}; {exc.hint}"
             ) from None
         except RecursionError:
             raise CheckpointError(
@@ -355,9 +354,14 @@ def load_blob(
 class _NoJsonForm(Exception):
     """Raised inside ``_plain``; ``path`` collects the keys on the way out."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(
+        self,
+        reason: str,
+        hint: str = "convert it to plain data, or choose the pickle serializer (with an HMAC key)",
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.hint = hint
         self.path: list[str] = []
 
 
@@ -457,7 +461,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (datetime, time)) and _offset_has_seconds(value):
         return value.isoformat()
     if is_one_shot(value):
-        raise _NoJsonForm(f"{type(value).__name__} is an iterator: reading it would consume it")
+        raise _NoJsonForm(
+            f"{type(value).__name__} is an iterator: reading it would consume it", "keep a list instead"
+        )
     try:
         return to_jsonable_python(value, fallback=_refuse)
     except (TypeError, ValueError, PydanticSerializationError):
