@@ -977,3 +977,53 @@ def test_a_failed_step_resumed_with_fixed_inputs_runs_and_the_rest_runs_afresh(t
         assert job(50) == "summary of 2 in 50 words"
     assert calls.log == ["summarize"]  # search was served
     assert "which failed in the restored run, is called with other inputs" in caplog.text
+
+
+class _SdkClient:
+    """Stands for an LLM SDK client an agent holds: an object with no JSON form."""
+
+
+def test_steps_that_are_methods_of_an_agent_class_are_served_after_a_restore(traced) -> None:
+    calls = Calls()
+
+    class Researcher:
+        def __init__(self, model: str) -> None:
+            self.client = _SdkClient()  # the instance has no JSON form
+            self.model = model
+
+        @step(kind=StepKind.LLM_CALL)
+        def ask(self, question: str) -> str:
+            calls(f"{self.model}: {question}")
+            multirun.report_usage("gpt-4o-mini", input_tokens=1000, output_tokens=100)
+            return f"{self.model} answers {question}"
+
+        @step
+        @classmethod
+        def plan(cls, topic: str) -> list[str]:
+            calls(f"plan {topic}")
+            return [f"{topic} a", f"{topic} b"]
+
+    def program(crash: bool):  # type: ignore[no-untyped-def]
+        @run(name="research", checkpoint_on_error=True)
+        def research(topic: str) -> list[str]:
+            agent = Researcher("gpt-4o-mini")
+            answers = [agent.ask(question) for question in Researcher.plan(topic)]
+            if crash:
+                raise RuntimeError("crash after the answers")
+            return answers
+
+        return research
+
+    with pytest.raises(RuntimeError):
+        program(crash=True)("otel")
+    run_id = traced.span("invoke_workflow research").attributes[attr.RUN_ID]
+    assert len(calls.log) == 3
+    calls.log.clear()
+    traced.exporter.clear()
+
+    with multirun.resume(run_id=run_id):
+        answers = program(crash=False)("otel")
+
+    assert answers == ["gpt-4o-mini answers otel a", "gpt-4o-mini answers otel b"]
+    assert calls.log == []  # served from the checkpoint: not run, not paid for again
+    assert traced.span("invoke_workflow research").attributes[attr.TOKENS_USED] == 2200  # not 4,400

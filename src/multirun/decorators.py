@@ -21,7 +21,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, run_in, step_in
-from multirun.checkpoints.hashing import input_hash
+from multirun.checkpoints.hashing import input_hash, method_input_hash
 from multirun.checkpoints.replay import SEQ, Served, kept_copy, stream_of, stream_record
 from multirun.checkpoints.resume import take_pending_resume
 from multirun.checkpoints.serializers import is_one_shot
@@ -90,6 +90,7 @@ class StepSpec:
         "checkpoint",
         "idempotent",
         "kind",
+        "method",
         "model",
         "name",
         "replayable",
@@ -137,6 +138,7 @@ class StepSpec:
         # served from the replay cache on restore: idempotent steps (a generator's stream is
         # served as the items it yielded, when it was consumed to the end)
         self.replayable = self.idempotent
+        self.method = _is_method(func)
         shape = _shape(func)
         self.streams = inspect.isgeneratorfunction(shape) or inspect.isasyncgenfunction(shape)
         self.start_attrs = spans.step_start_attributes(self.kind, self.name, model)
@@ -328,7 +330,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     digest = replay_call = None
     if spec.replayable and run.records_replay:
         digest = input_hash(args, kwargs)
-        if digest is not None:
+        if digest is not None or (spec.method and (digest := method_input_hash(args, kwargs)) is not None):
             parent_call = parent.replay_call if parent is not None else None
             began = run.replay_log.begin(
                 spec.name,
@@ -1030,6 +1032,23 @@ def _callable(decorator: str, fn: Any) -> Callable[..., Any]:
             f"@{decorator} decorates a function or method, got {type(fn).__name__} {fn!r}"
         )
     return fn  # type: ignore[no-any-return]
+
+
+def _is_method(func: Any) -> bool:
+    """Whether ``func`` is called with an instance or a class first: a classmethod, or a function
+    defined in a class body whose first parameter is ``self`` or ``cls``."""
+    if isinstance(func, classmethod):
+        return True
+    if not inspect.isfunction(func):
+        return False  # a staticmethod, a callable object, a partial...
+    owner = func.__qualname__.rsplit(".", 2)
+    if len(owner) < 2 or owner[-2] == "<locals>":
+        return False
+    first = next(iter(inspect.signature(func).parameters.values()), None)
+    return first is not None and first.name in ("self", "cls") and first.kind in _POSITIONAL
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _validate_name(decorator: str, name: str | None, fn: Any) -> str:

@@ -9,7 +9,9 @@ datetime, a Decimal or a UUID that one step returns and the next step takes give
 that step the same hash in the first run and after a restore, where the next step
 gets the value's JSON form (its value, an ISO string, a str). Arguments with no
 faithful JSON form give no hash, and such a step is simply never served from the
-cache.
+cache; but a method's instance (or class) with no JSON form, an agent object that
+holds an SDK client say, counts as its class (``method_input_hash``), so steps
+that are methods are served.
 
 Arguments that are JSON data already (dicts with str keys, lists, tuples, and
 str, int, float, bool and None, none of them a subclass) are their own JSON
@@ -57,6 +59,19 @@ def input_hash(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         else:
             return _sha256(text.encode("ascii")).hexdigest()
     return _json_form_digest(args, kwargs)
+
+
+def method_input_hash(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The input hash of a method's call whose instance or class (``args[0]``) has no JSON
+    form: the class's name stands for it. Steps that ran side by side are told apart by the
+    other arguments only."""
+    if not args:
+        return None
+    owner = args[0] if isinstance(args[0], type) else type(args[0])
+    return input_hash(({_INSTANCE_TAG: owner.__qualname__}, *args[1:]), kwargs)
+
+
+_INSTANCE_TAG = "__multirun_instance_of__"
 
 
 def _json_form_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
