@@ -414,3 +414,53 @@ def test_show_says_when_a_checkpoint_keeps_no_agent(store_dir, capsys) -> None:
     assert code == 0
     [line] = [line for line in out.splitlines() if line.startswith("agents")]
     assert line.split(None, 1)[1] == "(none)"
+
+
+# ---------------------------------------------------------------------------
+# a store of signed pickle checkpoints
+
+PICKLE_KEY = "a test key of at least sixteen bytes"
+
+
+@pytest.fixture
+def pickle_dir(traced, tmp_path, monkeypatch) -> Path:
+    """A run's pickle checkpoint in tmp_path/blobs, written with PICKLE_KEY."""
+    monkeypatch.delenv("MULTIRUN_CHECKPOINT_HMAC_KEY", raising=False)
+    monkeypatch.delenv("MULTIRUN_CHECKPOINT_SERIALIZER", raising=False)
+    multirun.init(
+        tracer_provider=traced.provider,
+        checkpoint_uri=str(tmp_path / "blobs"),
+        checkpoint_serializer="pickle",
+        checkpoint_hmac_key=PICKLE_KEY,
+    )
+
+    @run
+    def job() -> None:
+        ctx = get_current_run_context()
+        ctx.set_state("seen", {"a", "b"})  # a set: kept as it is by pickle
+        ctx.checkpoint(name="pickled")
+
+    job()
+    return tmp_path
+
+
+def test_show_verify_and_resume_read_signed_pickle_checkpoints_with_the_key(
+    pickle_dir, capfd, monkeypatch
+) -> None:
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_HMAC_KEY", PICKLE_KEY)
+    run_id = run_ids(pickle_dir)[0]
+    checkpoint_id = checkpoint_ids(pickle_dir, run_id)[-1]
+
+    assert main(["checkpoints", "verify", "--dir", str(pickle_dir)]) == 0
+    assert f"ok      {checkpoint_id}" in capfd.readouterr().out
+    assert main(["checkpoints", "show", checkpoint_id, "--dir", str(pickle_dir)]) == 0
+    assert "seen" in capfd.readouterr().out
+    assert main(["resume", "--dir", str(pickle_dir), run_id, "--", *ENV_PRINTER]) == 0
+    assert child_env(capfd.readouterr().out)["MULTIRUN_RESUME"] == checkpoint_id
+
+
+def test_verify_without_the_key_says_a_pickle_checkpoint_needs_it(pickle_dir, capsys) -> None:
+    code, out, _ = run_cli(capsys, "checkpoints", "verify", "--dir", str(pickle_dir))
+    assert code == 1
+    assert "FAILED" in out and "no HMAC key" in out and "MULTIRUN_CHECKPOINT_HMAC_KEY" in out
+    assert "allowed_serializers" not in out  # no setting the command line has

@@ -26,6 +26,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -132,11 +133,13 @@ class CheckpointStore:
         compression: Literal["none", "zlib"] = "none",
         max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
         put_timeout: float | None = DEFAULT_PUT_TIMEOUT,
+        read_serializers: Collection[str] = (),
     ) -> None:
         """``serializer`` is ``json`` (default), or ``pickle``/``cloudpickle``, which need an
         HMAC key (``hmac_key`` or MULTIRUN_CHECKPOINT_HMAC_KEY): blobs are signed, and a reader
         refuses any pickle it cannot verify. ``put_timeout``: the longest a checkpoint waits for
-        the exporter's ``put`` (seconds; None: as long as it takes, in the caller's thread)."""
+        the exporter's ``put`` (seconds; None: as long as it takes, in the caller's thread).
+        ``load`` reads blobs of ``json``, ``serializer`` and ``read_serializers``."""
         if put_timeout is not None and (
             isinstance(put_timeout, bool)
             or not isinstance(put_timeout, (int, float))
@@ -154,7 +157,7 @@ class CheckpointStore:
         self.compression: Literal["none", "zlib"] = compression
         self._hmac_key = resolve_hmac_key(hmac_key)
         self._serializer = get_serializer(serializer, hmac_key=self._hmac_key)
-        self._allowed = tuple(dict.fromkeys(("json", self._serializer.name)))
+        self._allowed = tuple(dict.fromkeys(("json", self._serializer.name, *read_serializers)))
 
     @staticmethod
     def key(run_id: str, checkpoint_id: str) -> str:

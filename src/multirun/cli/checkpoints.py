@@ -27,6 +27,7 @@ from typing import Any
 
 from multirun.checkpoints.exporters import FileBlobExporter, exporter_from_uri
 from multirun.checkpoints.resume import RESUME_ENV, match_id, resolve_checkpoint
+from multirun.checkpoints.serializers import serializer_names
 from multirun.checkpoints.store import CheckpointStore, StoredCheckpoint, parse_checkpoint_key
 from multirun.cli import render, runs
 from multirun.errors import CheckpointError, MultiRunError, ReplayError
@@ -114,7 +115,9 @@ def open_store(args: argparse.Namespace) -> CheckpointStore:
         raise CommandError(str(exc)) from None
     if given and isinstance(exporter, FileBlobExporter):
         runs.check_directory(exporter.directory)
-    return CheckpointStore(exporter)
+    # whatever serializer the program chose: a pickle is still read only once its HMAC, with the
+    # key from MULTIRUN_CHECKPOINT_HMAC_KEY, verifies (without the key, the error says to set it)
+    return CheckpointStore(exporter, read_serializers=serializer_names())
 
 
 def stored_checkpoints(store: CheckpointStore) -> list[StoredCheckpoint]:
