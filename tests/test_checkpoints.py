@@ -1027,3 +1027,29 @@ def test_steps_that_are_methods_of_an_agent_class_are_served_after_a_restore(tra
     assert answers == ["gpt-4o-mini answers otel a", "gpt-4o-mini answers otel b"]
     assert calls.log == []  # served from the checkpoint: not run, not paid for again
     assert traced.span("invoke_workflow research").attributes[attr.TOKENS_USED] == 2200  # not 4,400
+
+
+def test_a_checkpoint_warns_once_of_each_step_it_cannot_serve_after_a_restore(traced, caplog) -> None:
+    class Client:  # an SDK client: no JSON form, so the call has no input hash
+        pass
+
+    @step
+    def ask(client: Client, prompt: str) -> str:
+        return prompt.upper()
+
+    @step
+    def plain(prompt: str) -> str:
+        return prompt
+
+    @run
+    def main() -> None:
+        client = Client()
+        for prompt in ("a", "b"):
+            ask(client, prompt)
+            plain(prompt)
+            get_current_run_context().checkpoint(name=f"after_{prompt}")
+
+    with caplog.at_level(logging.WARNING):
+        main()
+    warnings = [r.getMessage() for r in caplog.records if "not served" in r.getMessage()]
+    assert len(warnings) == 1 and "'ask'" in warnings[0] and "'plain'" not in warnings[0]

@@ -345,6 +345,8 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
                 _record_step_not_run(spec, agent, current, digest=digest)
                 return _Replayed(value)
             replay_call = began
+        else:
+            run.replay_log.unhashed.add(spec.name)  # a checkpoint warns that it cannot serve it
     engine = run.policy_engine
     decision = None
     try:

@@ -113,6 +113,9 @@ class ReplayLog:
         # sub-runs recorded here, by sequence number: a function giving a running sub-run's
         # state and spend, or what it had when it ended
         self._runs: dict[int, Callable[[], dict[str, Any]] | dict[str, Any]] = {}
+        # names of steps called with arguments that have no input hash: never recorded, so a
+        # restore cannot serve them (checkpoints say so)
+        self.unhashed: set[str] = set()
 
     @property
     def replaying(self) -> bool:

@@ -152,6 +152,7 @@ class CheckpointStore:
         self._writes_lock = threading.Lock()
         self._hung: set[_Write] = set()  # writes that outlived put_timeout and have not ended
         self._unwritable_steps: set[str] = set()  # steps whose result was left out (warned once)
+        self._unhashed_steps: set[str] = set()  # steps with no input hash (warned once)
         self.exporter = exporter
         self.max_blob_bytes = max_blob_bytes
         self.compression: Literal["none", "zlib"] = compression
@@ -212,6 +213,7 @@ class CheckpointStore:
         }
         blob, digest = self._dump(document, name)
         uri = self._put(self.key(run.run.id, checkpoint_id), blob)
+        self._warn_unhashed(run.replay_log.unhashed)
         return CheckpointMeta(
             id=checkpoint_id,
             run_id=run.run.id,
@@ -314,6 +316,19 @@ class CheckpointStore:
                 continue
             kept.append(entry)
         return kept
+
+    def _warn_unhashed(self, step_names: set[str]) -> None:
+        """Once per step name: a step whose calls had no input hash is not served after a restore."""
+        new = sorted(step_names - self._unhashed_steps)  # one C-level operation: threads may add names
+        if not new:
+            return
+        self._unhashed_steps.update(new)
+        _logger.warning(
+            "multirun: steps %s are not served after a restore, so they run (and are paid for) "
+            "again: an argument has no JSON form to hash (an object such as a client; pass plain "
+            "values, or make the step a method, whose self is hashed as its class)",
+            ", ".join(map(repr, new)),
+        )
 
     def _warn_unwritable_result(self, step_name: str, error: CheckpointError) -> None:
         if step_name in self._unwritable_steps:
