@@ -271,6 +271,12 @@ def test_resume_runs_the_command_with_the_checkpoint_to_continue(store_dir, capf
     assert f"resuming run {run_id}" in err
 
 
+@pytest.mark.parametrize(("program", "expected"), [("exit 3", 3), ("kill -9 $$", 128 + 9)])
+def test_resume_exits_as_the_program_did_as_a_shell_reports_it(store_dir, program, expected) -> None:
+    run_id = sorted((store_dir / "blobs" / "checkpoints").iterdir())[0].name
+    assert main(["resume", "--dir", str(store_dir), run_id, "--", "sh", "-c", program]) == expected
+
+
 def test_resume_without_a_command_says_how(store_dir, capsys) -> None:
     run_id = sorted((store_dir / "blobs" / "checkpoints").iterdir())[0].name
     code, _, err = run_cli(capsys, "resume", "--dir", str(store_dir), run_id)

@@ -288,9 +288,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     meta = restored.checkpoint
     print(f"resuming run {meta.run_id} from checkpoint {meta.id} ({meta.name})", file=sys.stderr)
     try:
-        return subprocess.call(command, env=child_environment(args, meta.id))
+        code = subprocess.call(command, env=child_environment(args, meta.id))
     except OSError as exc:
         raise CommandError(f"resume: cannot run {command[0]!r}: {exc}") from None
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
 
 
 def child_environment(args: argparse.Namespace, checkpoint_id: str) -> dict[str, str]:
