@@ -1,0 +1,79 @@
+"""The program's own odd objects pass through multirun as they would without it: an exception
+whose ``__str__`` fails, arguments that fail when read, async generators driven by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from multirun import agent, run, step
+from multirun.context import get_current_run_context
+from multirun.errors import StepError
+from multirun.telemetry import attributes as attr
+
+
+class Unprintable(Exception):
+    """An exception whose ``__str__`` fails: its message attribute is set only sometimes."""
+
+    def __str__(self) -> str:
+        return str(self.message)  # type: ignore[attr-defined]
+
+
+def test_a_step_raising_an_exception_that_cannot_be_printed_raises_it_unchanged(traced) -> None:
+    raised = Unprintable()
+
+    @step
+    def fails() -> None:
+        raise raised
+
+    @run
+    def main() -> str:
+        try:
+            fails()
+        except Unprintable as caught:
+            assert caught is raised
+            return "handled"
+        return "not raised"
+
+    assert main() == "handled"
+    failed = traced.span("step fails")
+    assert failed.attributes[attr.STEP_STATUS] == "failed"  # type: ignore[index]
+    assert failed.attributes[attr.ERROR_TYPE].endswith("Unprintable")  # type: ignore[index]
+    assert traced.span("invoke_workflow main").attributes[attr.RUN_STATUS] == "completed"  # type: ignore[index]
+
+
+def test_a_retried_step_raising_an_exception_that_cannot_be_printed_fails_with_step_error(traced) -> None:
+    @step(retry=2, retry_delay=0)
+    def fails() -> None:
+        raise Unprintable()
+
+    @run
+    def main() -> None:
+        fails()
+
+    with pytest.raises(StepError) as info:
+        main()
+    assert isinstance(info.value.__cause__, Unprintable)
+    assert info.value.attempts == 3
+    assert traced.span("step fails").attributes[attr.STEP_ATTEMPT] == 3  # type: ignore[index]
+
+
+def test_a_run_and_an_agent_failing_with_an_exception_that_cannot_be_printed_raise_it(traced) -> None:
+    runs: list[Any] = []
+
+    @agent
+    def worker() -> None:
+        raise Unprintable()
+
+    @run
+    def main() -> None:
+        runs.append(get_current_run_context().run)
+        worker()
+
+    with pytest.raises(Unprintable):
+        main()
+    assert runs[0].status.value == "failed"
+    assert runs[0].error  # some text, not an error of its own
+    assert traced.span("invoke_agent worker").attributes[attr.AGENT_STATUS] == "failed"  # type: ignore[index]
+    assert traced.span("invoke_workflow main").attributes[attr.RUN_STATUS] == "failed"  # type: ignore[index]
