@@ -3,6 +3,8 @@ whose ``__str__`` fails, arguments that fail when read, async generators driven 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -11,6 +13,59 @@ from multirun import agent, run, step
 from multirun.context import get_current_run_context
 from multirun.errors import StepError
 from multirun.telemetry import attributes as attr
+
+
+@dataclass
+class Session:
+    """A dataclass with a field set later: reading it before raises AttributeError."""
+
+    user: str
+    token: str = field(init=False)
+
+
+class Remote(Mapping[str, str]):
+    """A mapping read from a server that is down: reading its items raises."""
+
+    def __getitem__(self, key: str) -> str:
+        raise ConnectionError("server down")
+
+    def __iter__(self) -> Iterator[str]:
+        raise ConnectionError("server down")
+
+    def __len__(self) -> int:
+        return 1
+
+
+FAIL_WHEN_READ: dict[str, Any] = {"dataclass": Session("ada"), "mapping": Remote()}
+
+
+@pytest.mark.parametrize("argument", FAIL_WHEN_READ.values(), ids=FAIL_WHEN_READ)
+def test_a_step_runs_with_an_argument_that_fails_when_read(traced, argument: Any) -> None:
+    @step
+    def use(value: Any) -> str:
+        return type(value).__name__  # the step never reads what is not there yet
+
+    @run
+    def main() -> str:
+        return use(argument)
+
+    assert main() == type(argument).__name__
+    span = traced.span("step use")
+    assert span.attributes[attr.STEP_STATUS] == "completed"  # type: ignore[index]
+    assert attr.STEP_INPUT_HASH not in span.attributes  # type: ignore[operator]  # never served from a checkpoint
+
+
+@pytest.mark.parametrize("argument", FAIL_WHEN_READ.values(), ids=FAIL_WHEN_READ)
+def test_a_sub_run_runs_with_an_argument_that_fails_when_read(traced, argument: Any) -> None:
+    @run
+    def inner(value: Any) -> str:
+        return type(value).__name__
+
+    @run
+    def main() -> str:
+        return inner(argument)
+
+    assert main() == type(argument).__name__
 
 
 class Unprintable(Exception):
