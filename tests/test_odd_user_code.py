@@ -132,3 +132,38 @@ def test_a_run_and_an_agent_failing_with_an_exception_that_cannot_be_printed_rai
     assert runs[0].error  # some text, not an error of its own
     assert traced.span("invoke_agent worker").attributes[attr.AGENT_STATUS] == "failed"  # type: ignore[index]
     assert traced.span("invoke_workflow main").attributes[attr.RUN_STATUS] == "failed"  # type: ignore[index]
+
+
+def echo_stream(log: list[Any]) -> Any:
+    """An async generator driven by hand: it logs what is sent and thrown into it, and its end."""
+
+    async def echo() -> Any:
+        try:
+            sent = yield "ready"
+            while True:
+                try:
+                    sent = yield f"got {sent}"
+                except ValueError as thrown:
+                    log.append(f"caught {thrown}")
+                    sent = yield "recovered"
+        finally:
+            log.append("closed")
+
+    return echo
+
+
+@pytest.mark.parametrize("in_run", [False, True], ids=["outside a run", "in a run"])
+async def test_an_async_generator_step_gets_what_is_sent_thrown_and_closed(traced, in_run: bool) -> None:
+    log: list[Any] = []
+    stream = step(name="echo")(echo_stream(log))
+
+    async def drive() -> list[Any]:
+        agen = stream()
+        seen = [await agen.asend(None), await agen.asend("a"), await agen.athrow(ValueError("oops"))]
+        seen.append(await agen.asend("b"))
+        await agen.aclose()
+        seen.append(list(log))  # closed at aclose(), not later when the generator is collected
+        return seen
+
+    expected = ["ready", "got a", "recovered", "got b", ["caught oops", "closed"]]
+    assert await (run(drive)() if in_run else drive()) == expected

@@ -964,10 +964,23 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
 
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = open_call(args, kwargs)
-        if call is None:
-            async for item in func(*args, **kwargs):
-                yield item
-            return
+        if call is None:  # as ``yield from`` would (async generators have none): sent, thrown, closed
+            agen = func(*args, **kwargs)
+            how, value = agen.asend, None
+            while True:
+                try:
+                    item = await how(value)
+                except StopAsyncIteration:
+                    return
+                try:
+                    value = yield item
+                except GeneratorExit:
+                    await agen.aclose()
+                    raise
+                except BaseException as thrown:
+                    how, value = agen.athrow, thrown
+                else:
+                    how = agen.asend
         if type(call) is _Replayed:  # served from the replay log: (items, return value)
             for item in call.value[0]:
                 yield item
