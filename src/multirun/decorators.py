@@ -201,6 +201,12 @@ class _StepCall(StepContext):
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         spec = self.spec
         run = self.run_context
+        if self._stream is not None or type(result) not in NOT_A_RESPONSE:
+            try:
+                self._charge_sdk_usage(result)
+            except PolicyViolation as refused:  # init(unpriced="fail"): the step fails, as if it raised
+                self._failed(refused)
+                raise
         if self.replay_call is not None:
             if spec.streams:
                 self._record_stream(result)
@@ -210,8 +216,6 @@ class _StepCall(StepContext):
             run.policy_engine.after_success(spec.name, spec.kind)
         if spec.checkpoint:
             run._try_checkpoint(f"after_{spec.name}", step_id=self.id)
-        if self._stream is not None or type(result) not in NOT_A_RESPONSE:
-            self._charge_sdk_usage(result)
         self._close(StepStatus.COMPLETED, result, extra=extra)
 
     def _observe(self, item: Any) -> None:
