@@ -167,3 +167,48 @@ async def test_an_async_generator_step_gets_what_is_sent_thrown_and_closed(trace
 
     expected = ["ready", "got a", "recovered", "got b", ["caught oops", "closed"]]
     assert await (run(drive)() if in_run else drive()) == expected
+
+
+def test_a_generator_step_whose_cleanup_fails_when_closed_early_fails(traced) -> None:
+    @step
+    def rows() -> Iterator[int]:
+        try:
+            yield from [1, 2]
+        finally:
+            raise ConnectionError("cleanup failed")
+
+    @run
+    def main() -> str:
+        stream = rows()
+        next(stream)
+        with pytest.raises(ConnectionError, match="cleanup failed"):
+            stream.close()
+        return "done"
+
+    assert main() == "done"
+    span = traced.span("step rows")
+    assert span.attributes[attr.STEP_STATUS] == "failed"  # type: ignore[index]
+    assert span.attributes[attr.ERROR_TYPE] == "ConnectionError"  # type: ignore[index]
+
+
+async def test_an_async_generator_step_whose_cleanup_fails_when_closed_early_fails(traced) -> None:
+    @step
+    async def rows() -> Any:
+        try:
+            yield 1
+            yield 2
+        finally:
+            raise ConnectionError("cleanup failed")
+
+    @run
+    async def main() -> str:
+        stream = rows()
+        await anext(stream)
+        with pytest.raises(ConnectionError, match="cleanup failed"):
+            await stream.aclose()
+        return "done"
+
+    assert await main() == "done"
+    span = traced.span("step rows")
+    assert span.attributes[attr.STEP_STATUS] == "failed"  # type: ignore[index]
+    assert span.attributes[attr.ERROR_TYPE] == "ConnectionError"  # type: ignore[index]

@@ -932,6 +932,8 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
                 token = _attach(call)
                 try:
                     gen.close()
+                except BaseException as error:  # its cleanup failed (or it yielded again): the step did
+                    _raise_failed(call, error)
                 finally:
                     _detach(token)
                 call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
@@ -1018,6 +1020,8 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
                 token = _attach(call)
                 try:
                     await agen.aclose()
+                except BaseException as error:  # its cleanup failed (or it yielded again): the step did
+                    _raise_failed(call, error)
                 finally:
                     _detach(token)
                 call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
