@@ -320,6 +320,37 @@ def test_budget_stops_the_run_after_a_response_spent_it(traced) -> None:
     assert calls == [0, 1]  # the second response crossed the limit; the third never started
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["response", "stream"])
+def test_a_response_of_a_model_with_no_price_under_unpriced_fail_fails_its_step(traced, streamed) -> None:
+    multirun.init(tracer_provider=traced.provider, unpriced="fail")
+    private = {"model": "my-private-model"}
+    final_usage = {"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53}
+
+    @step(name="ask", retry=2, retry_delay=0)
+    def ask() -> ChatCompletion:
+        return chat_completion(prompt=600, completion=100).model_copy(update=private)
+
+    @step(name="ask", retry=2, retry_delay=0)
+    def stream() -> Iterator[ChatCompletionChunk]:
+        yield chunk("a").model_copy(update=private)
+        yield chunk("", usage=final_usage).model_copy(update=private)
+
+    @run(name="main")
+    def main() -> str:
+        try:
+            list(stream()) if streamed else ask()
+        except multirun.PolicyViolation as refused:
+            return refused.rule
+        return "not refused"
+
+    assert main() == "unpriced"
+    span = step_span(traced, "ask")  # ended, as failed, with the usage it was charged
+    assert attrs(span)["multirun.step.status"] == "failed"
+    assert attrs(span)["multirun.cost.unpriced"] is True
+    assert attrs(span)["multirun.step.attempt"] == 1  # a refusal is not retried
+    assert attrs(traced.span("invoke_workflow main"))["multirun.run.status"] == "completed"
+
+
 # ---------------------------------------------------------------------------
 # streams
 

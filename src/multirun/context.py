@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Generator
 from datetime import datetime, timezone
@@ -37,7 +38,13 @@ from multirun.checkpoints.serializers import json_form
 from multirun.checkpoints.store import agent_state
 from multirun.enforcement.ledger import SPEND_TOTALS
 from multirun.enforcement.policy import PolicyEngine
-from multirun.errors import BudgetExceededError, CheckpointError, ConfigurationError, PolicyViolation
+from multirun.errors import (
+    BudgetExceededError,
+    CheckpointError,
+    ConfigurationError,
+    PolicyViolation,
+    error_text,
+)
 from multirun.models._base import construct_trusted
 from multirun.models.agent import Agent, AgentStatus
 from multirun.models.budget import Budget, BudgetStatus
@@ -487,7 +494,7 @@ class RunContext:
         if status is RunStatus.COMPLETED and result is not None:
             run.result = _serialize_result(result)
         if error is not None:
-            run.error = str(error) if str(error) else type(error).__name__
+            run.error = error_text(error) or type(error).__name__
         usage_processor = self.client.usage_processor
         if usage_processor is not None:
             usage_processor.forget_run(self)
@@ -933,7 +940,7 @@ class AgentContext:
         agent.status = status
         agent.completed_at = datetime.now(timezone.utc)
         if error is not None:
-            agent.error = str(error) or type(error).__name__
+            agent.error = error_text(error) or type(error).__name__
         if self._span is None:
             return
         end_attrs: dict[str, Any] = {
@@ -1053,7 +1060,7 @@ class StepContext:
         attributes: dict[str, Any] = {attr.STEP_ATTEMPT: self.attempt, attr.ERROR_TYPE: _error_type(exc)}
         if delay is not None:
             attributes[attr.STEP_RETRY_DELAY] = delay
-        self.span.record_exception(exc, attributes=attributes)
+        _record_exception(self.span, exc, attributes)
         if delay is not None:
             self.attempt += 1
 
@@ -1262,7 +1269,7 @@ class StepContext:
             self._cost_units,
             getattr(span, "start_time", None),
             getattr(span, "end_time", None),
-            None if error is None else (str(error) or type(error).__name__),
+            None if error is None else (error_text(error) or type(error).__name__),
             self.attempt,
         )
 
@@ -1613,11 +1620,29 @@ def _error_type(error: BaseException) -> str:
 def _record_error(span: Span, error: BaseException | str, out: dict[str, Any]) -> None:
     if isinstance(error, BaseException):
         out[attr.ERROR_TYPE] = _error_type(error)
-        span.record_exception(error, escaped=True)
-        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        _record_exception(span, error, escaped=True)
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error_text(error)}"))
     else:
         out[attr.ERROR_TYPE] = "_OTHER"
         span.set_status(Status(StatusCode.ERROR, error))
+
+
+def _record_exception(
+    span: Span, error: BaseException, attributes: dict[str, Any] | None = None, *, escaped: bool = False
+) -> None:
+    """``span.record_exception``, which reads ``str(error)``: when the program's ``__str__``
+    fails, the same event with a stand-in message."""
+    try:
+        span.record_exception(error, attributes=attributes, escaped=escaped)
+    except Exception:
+        event: dict[str, Any] = {
+            "exception.type": _error_type(error),
+            "exception.message": error_text(error),
+            "exception.stacktrace": "".join(traceback.format_exception(error)),  # never calls str()
+            "exception.escaped": str(escaped),
+        }
+        event.update(attributes or {})
+        span.add_event("exception", event)
 
 
 def _serialize_result(result: Any) -> bytes | None:

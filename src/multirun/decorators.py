@@ -201,6 +201,12 @@ class _StepCall(StepContext):
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         spec = self.spec
         run = self.run_context
+        if self._stream is not None or type(result) not in NOT_A_RESPONSE:
+            try:
+                self._charge_sdk_usage(result)
+            except PolicyViolation as refused:  # init(unpriced="fail"): the step fails, as if it raised
+                self._failed(refused)
+                raise
         if self.replay_call is not None:
             if spec.streams:
                 self._record_stream(result)
@@ -210,8 +216,6 @@ class _StepCall(StepContext):
             run.policy_engine.after_success(spec.name, spec.kind)
         if spec.checkpoint:
             run._try_checkpoint(f"after_{spec.name}", step_id=self.id)
-        if self._stream is not None or type(result) not in NOT_A_RESPONSE:
-            self._charge_sdk_usage(result)
         self._close(StepStatus.COMPLETED, result, extra=extra)
 
     def _observe(self, item: Any) -> None:
@@ -930,6 +934,8 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
                 token = _attach(call)
                 try:
                     gen.close()
+                except BaseException as error:  # its cleanup failed (or it yielded again): the step did
+                    _raise_failed(call, error)
                 finally:
                     _detach(token)
                 call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
@@ -966,10 +972,23 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
 
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = open_call(args, kwargs)
-        if call is None:
-            async for item in func(*args, **kwargs):
-                yield item
-            return
+        if call is None:  # as ``yield from`` would (async generators have none): sent, thrown, closed
+            agen = func(*args, **kwargs)
+            how, value = agen.asend, None
+            while True:
+                try:
+                    item = await how(value)
+                except StopAsyncIteration:
+                    return
+                try:
+                    value = yield item
+                except GeneratorExit:
+                    await agen.aclose()
+                    raise
+                except BaseException as thrown:
+                    how, value = agen.athrow, thrown
+                else:
+                    how = agen.asend
         if type(call) is _Replayed:  # served from the replay log: (items, return value)
             for item in call.value[0]:
                 yield item
@@ -1003,6 +1022,8 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
                 token = _attach(call)
                 try:
                     await agen.aclose()
+                except BaseException as error:  # its cleanup failed (or it yielded again): the step did
+                    _raise_failed(call, error)
                 finally:
                     _detach(token)
                 call._succeed(None, {attr.STEP_STREAM_ITEMS: count})

@@ -21,6 +21,17 @@ class MultiRunError(Exception):
         return _rebuild, (type(self), self.args, self.__dict__)
 
 
+def error_text(error: BaseException | str) -> str:
+    """``str(error)``, or a stand-in when the program's ``__str__`` fails: recording an error
+    must never raise one of its own in place of the program's."""
+    if isinstance(error, str):
+        return error
+    try:
+        return str(error)
+    except Exception:
+        return f"<str() of {type(error).__name__} failed>"
+
+
 def _rebuild(cls: type[MultiRunError], args: tuple[Any, ...], state: dict[str, Any]) -> MultiRunError:
     error = cls.__new__(cls, *args)
     error.args = args
@@ -63,7 +74,7 @@ class StepError(MultiRunError):
         self.last_error = last_error
         super().__init__(
             f"step {step_name!r} failed after {attempts} attempt{'' if attempts == 1 else 's'}: "
-            f"{type(last_error).__name__}: {last_error}"
+            f"{type(last_error).__name__}: {error_text(last_error)}"
         )
 
 

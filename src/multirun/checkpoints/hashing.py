@@ -49,7 +49,7 @@ def input_hash(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         return _repr_digest(args, kwargs)
     try:
         native = _is_json_data(args) and _is_json_data(kwargs)
-    except RecursionError:  # nested very deeply, or a cycle: the JSON form decides
+    except Exception:  # nested very deeply, a cycle, a dict another thread changes: the JSON form decides
         native = False
     if native:
         try:
@@ -78,7 +78,7 @@ def _json_form_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | No
     """The digest of the arguments' JSON form (the definition; ``input_hash`` has shortcuts)."""
     try:
         plain_args, plain_kwargs = json_form([list(args), kwargs])
-    except (TypeError, ValueError, RecursionError):
+    except Exception:  # also the program's own objects failing when read: no hash, the step runs
         return None
     if _PLAIN.issuperset(map(type, plain_args)) and _PLAIN.issuperset(map(type, plain_kwargs.values())):
         # every argument is a scalar in JSON (an Enum, a datetime, ...): hashed as that scalar
@@ -116,7 +116,7 @@ def v1_input_hash(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
             default=_v1_canonical,
             allow_nan=True,
         )
-    except (TypeError, ValueError, RecursionError):
+    except Exception:  # no hash (an argument failed when read): the same digests as 0.1.0 otherwise
         return None
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
