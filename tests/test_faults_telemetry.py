@@ -429,6 +429,63 @@ def test_5_a_forked_child_traces_and_exports_through_its_own_worker(tmp_path: Pa
     assert names == ["invoke_workflow job", "step double"]  # the child's own run, exported by the child
 
 
+FORK_WHILE_COUNTING = r"""
+import json, os, signal, sys, threading
+import multirun
+from multirun import report_usage, run, step
+
+client = multirun.init_local(sys.argv[1])
+
+@step(kind="llm_call")
+def ask(prompt):
+    report_usage("gpt-4o-mini", input_tokens=10, output_tokens=5)
+    return prompt.upper()
+
+@run(name="job")
+def job(prompt):
+    return ask(prompt)
+
+job("warm up")
+# another thread is counting a step (run, decision, tokens) at the moment of the fork
+metrics = client.metrics
+tallies = [metrics._steps, metrics._decisions, metrics._tokens, metrics._runs, metrics._runs_active]
+held, release = threading.Event(), threading.Event()
+def counting():
+    for tally in tallies:
+        tally.lock.acquire()
+    held.set()
+    release.wait()
+    for tally in tallies:
+        tally.lock.release()
+threading.Thread(target=counting, daemon=True).start()
+held.wait()
+
+pid = os.fork()
+if pid == 0:
+    signal.alarm(60)  # a child that hangs must not outlive the test
+    os._exit(0 if job("hi") == "HI" and client.metrics._steps.total() == 2 else 3)
+release.set()
+_, status = os.waitpid(pid, 0)
+print(json.dumps({"code": os.waitstatus_to_exitcode(status)}))
+"""
+
+
+def test_5_a_child_forked_while_a_thread_counts_a_step_runs_its_own_steps(tmp_path: Path) -> None:
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_WHILE_COUNTING)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "mr")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    # -14: SIGALRM, the child hung on a lock the counting thread held when the process forked
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"code": 0}, done.stderr
+
+
 # ---------------------------------------------------------------------------
 # 6. the exporter's own HTTP calls are not traced
 

@@ -94,6 +94,7 @@ bounded overshoot of steps already in flight, and is recorded as it is.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -169,12 +170,13 @@ class _Tally:
     attribute dict once.
     """
 
-    __slots__ = ("limit", "lock", "names", "overflow", "root", "series")
+    __slots__ = ("__weakref__", "limit", "lock", "names", "overflow", "root", "series")
 
     def __init__(self, names: tuple[str, ...], limit: int) -> None:
         self.names = names
         self.limit = limit
         self.lock = threading.Lock()
+        _live_tallies.add(self)
         self.root: dict[Any, Any] = {}
         # per series: its attributes, the innermost dict holding its count, and the key there
         self.series: list[tuple[_Attributes, dict[Any, int], object]] = []
@@ -290,6 +292,20 @@ class _Tallies:
 
 _tallies_by_meter: weakref.WeakKeyDictionary[Meter, _Tallies] = weakref.WeakKeyDictionary()
 _tallies_lock = threading.Lock()
+_live_tallies: weakref.WeakSet[_Tally] = weakref.WeakSet()  # added to under _tallies_lock
+
+
+def _fresh_locks_after_fork() -> None:
+    """In a forked child: new locks, since a thread the child lost may have held one
+    (its first step would wait for it for ever)."""
+    global _tallies_lock
+    _tallies_lock = threading.Lock()
+    for tally in list(_live_tallies):
+        tally.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks_after_fork)
 
 
 def _tallies_of(meter: Meter, limit: int) -> tuple[_Tallies, bool]:
