@@ -31,6 +31,7 @@ from multirun import client as client_module
 from multirun.context import get_current_run_context
 from multirun.errors import ConfigurationError
 from multirun.models import Budget, Run, RunStatus, StepKind
+from multirun.telemetry.local_files import read_spans
 
 # ---------------------------------------------------------------------------
 # bad input, refused at decoration time
@@ -464,3 +465,36 @@ def test_a_refused_init_creates_no_local_dir(global_otel, tmp_path) -> None:
     with pytest.raises(ConfigurationError, match="content_limit"):
         multirun.init(local_dir=tmp_path / "mr", content_limit=-5)
     assert not (tmp_path / "mr").exists()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "0"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "many"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "-5"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+    ],
+)
+def test_init_refuses_a_batch_variable_it_would_export_with_naming_it(
+    global_otel, tmp_path, monkeypatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError, match=f"^{variable} must be an int") as info:
+        multirun.init(local_dir=tmp_path / "mr")
+    assert value in str(info.value)
+    assert client_module._configured is None
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+    assert not (tmp_path / "mr").exists()
+
+
+def test_a_batch_size_above_the_queue_size_exports_in_batches_of_the_queue(
+    global_otel, tmp_path, monkeypatch
+) -> None:
+    # the SDK's batch processor refuses a batch larger than its queue (2048 by default)
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "5000")
+    client = multirun.init(local_dir=tmp_path / "mr", metrics=False)
+    assert agent_program()("q") == "Qq"
+    assert client.force_flush()
+    assert len(list(read_spans(tmp_path / "mr" / "traces"))) == 4

@@ -39,7 +39,7 @@ from multirun.enforcement.processor import TRACER_NAME, UsageSpanProcessor
 from multirun.errors import ConfigurationError
 from multirun.models.budget import Budget
 from multirun.pricing import COST_UNITS_PER_USD, Price, PriceBook
-from multirun.telemetry.export import ExportProcessor
+from multirun.telemetry.export import ExportProcessor, batch_settings
 from multirun.telemetry.local_files import LocalFileSpanExporter
 from multirun.telemetry.metrics import NO_METRICS, Metrics
 from multirun.usage import TokenUsage
@@ -421,6 +421,9 @@ def _init_locked(
     )
     _validate_options(**client_options)
     _validate_endpoints(endpoint, span_exporter, tracer_provider, client_options)
+    exports = span_exporter is not None or endpoint is not None
+    if exports or (tracer_provider is None and _provider_is_ours(trace.get_tracer_provider())):
+        batch_settings()  # the OTEL_BSP_* variables of the export pipeline init will make
     price_book = PriceBook(client_options.pop("prices", None))
     root = Path(local_dir or os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR)
     checkpoint_store = _checkpoint_store(

@@ -21,6 +21,9 @@ leaves out:
   reaches the application.
 - Text the OTLP encoder would refuse (a lone surrogate from an undecodable file
   name) is escaped before export, instead of costing the whole batch.
+- An ``OTEL_BSP_*`` variable that is not an int >= 1 is a ConfigurationError naming it
+  (the SDK raised a ValueError naming none), and a batch size above the queue size
+  (which the SDK refuses) is cut to it.
 - ``force_flush`` and ``shutdown`` return within their ``timeout_millis``
   even when the exporter hangs (the SDK's ignore the timeout while an export
   is stuck). The hung export goes on in a daemon thread.
@@ -37,7 +40,11 @@ from typing import Final
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.environment_variables import OTEL_BSP_MAX_QUEUE_SIZE
+from opentelemetry.sdk.environment_variables import (
+    OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
+    OTEL_BSP_MAX_QUEUE_SIZE,
+    OTEL_BSP_SCHEDULE_DELAY,
+)
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
@@ -53,7 +60,27 @@ EXPORT_FAILED: Final = "export_failed"
 AFTER_SHUTDOWN: Final = "shutdown"
 _ERROR_TYPE: Final = "error.type"
 DEFAULT_MAX_QUEUE_SIZE: Final = 2048
+DEFAULT_SCHEDULE_DELAY_MILLIS: Final = 5000
+DEFAULT_MAX_EXPORT_BATCH_SIZE: Final = 512
 DEFAULT_TIMEOUT_MILLIS: Final = 30_000
+
+
+def batch_settings() -> tuple[int, int, int]:
+    """``(max_queue_size, schedule_delay_millis, max_export_batch_size)`` from the
+    ``OTEL_BSP_*`` variables; ConfigurationError naming one that is not an int >= 1
+    (the SDK's batch processor would raise a ValueError that names none)."""
+
+    def setting(name: str, default: int) -> int:
+        value = env_int(name, default)
+        if value < 1:
+            raise ConfigurationError(f"{name} must be an int >= 1, got {value}")
+        return value
+
+    return (
+        setting(OTEL_BSP_MAX_QUEUE_SIZE, DEFAULT_MAX_QUEUE_SIZE),
+        setting(OTEL_BSP_SCHEDULE_DELAY, DEFAULT_SCHEDULE_DELAY_MILLIS),
+        setting(OTEL_BSP_MAX_EXPORT_BATCH_SIZE, DEFAULT_MAX_EXPORT_BATCH_SIZE),
+    )
 
 
 class DropCounts:
@@ -96,8 +123,9 @@ class ExportProcessor(SpanProcessor):
         schedule_delay_millis: float | None = None,
         max_export_batch_size: int | None = None,
     ) -> None:
+        env_queue_size, env_delay, env_batch_size = batch_settings()
         if max_queue_size is None:
-            max_queue_size = env_int(OTEL_BSP_MAX_QUEUE_SIZE, DEFAULT_MAX_QUEUE_SIZE)
+            max_queue_size = env_queue_size
         if isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int) or max_queue_size < 1:
             raise ConfigurationError(f"max_queue_size must be an int >= 1, got {max_queue_size!r}")
         self.exporter = exporter
@@ -108,10 +136,12 @@ class ExportProcessor(SpanProcessor):
         self._shutdown = False
         self._warned: set[str] = set()
         self._waiter: tuple[threading.Thread, threading.Event] | None = None
-        if max_export_batch_size is not None:
-            max_export_batch_size = min(max_export_batch_size, max_queue_size)
-        elif max_queue_size < 512:
-            max_export_batch_size = max_queue_size
+        if schedule_delay_millis is None:
+            schedule_delay_millis = env_delay
+        if max_export_batch_size is None:
+            max_export_batch_size = env_batch_size
+        # a batch larger than the queue, which the SDK refuses, is a batch of the whole queue
+        max_export_batch_size = min(max_export_batch_size, max_queue_size)
         self._batch = BatchSpanProcessor(
             _GuardedExporter(exporter, self),
             max_queue_size=max_queue_size,
