@@ -244,6 +244,29 @@ def test_2_flush_returns_true_once_a_slow_exporter_catches_up(pipeline: Callable
         exporter.release.set()
 
 
+def test_2_init_again_does_not_wait_for_the_hung_exporter_it_replaces(
+    pipeline: Callable[..., Pipeline],
+) -> None:
+    hung = HangingExporter()
+    p = pipeline(hung)
+    main = agent_program()
+    main("q")
+    p.client.force_flush(10)  # the export starts, and hangs
+    assert hung.entered.wait(GENEROUS)
+    fresh = InMemorySpanExporter()
+    try:
+        # it waited out the old pipeline's 30 s shutdown timeout
+        client = finishes(lambda: multirun.init(tracer_provider=p.provider, span_exporter=fresh), within=10)
+        main("q")
+        client.force_flush(100)
+        assert len(fresh.get_finished_spans()) == SPANS_PER_RUN
+    finally:
+        hung.release.set()
+    assert client.force_flush(int(GENEROUS * 1000))  # and waits for the old pipeline's last spans
+    assert hung.exported == SPANS_PER_RUN
+    p.provider.shutdown()
+
+
 # ---------------------------------------------------------------------------
 # 3. a stalled exporter while a million spans end
 

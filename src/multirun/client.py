@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,7 @@ from multirun.enforcement.processor import TRACER_NAME, UsageSpanProcessor
 from multirun.errors import ConfigurationError
 from multirun.models.budget import Budget
 from multirun.pricing import COST_UNITS_PER_USD, Price, PriceBook
-from multirun.telemetry.export import ExportProcessor, batch_settings
+from multirun.telemetry.export import DEFAULT_TIMEOUT_MILLIS, ExportProcessor, batch_settings
 from multirun.telemetry.local_files import LocalFileSpanExporter
 from multirun.telemetry.metrics import NO_METRICS, Metrics
 from multirun.usage import TokenUsage
@@ -181,13 +182,23 @@ class _SwappableExportProcessor(SpanProcessor):
 
     def __init__(self) -> None:
         self._current: ExportProcessor | None = None
+        self._retiring: list[threading.Thread] = []  # the shutdowns of replaced pipelines
         self._lock = threading.Lock()
 
     def replace(self, exporter: SpanExporter) -> None:
         with self._lock:
             old, self._current = self._current, ExportProcessor(exporter)
-        if old is not None:
-            old.shutdown()
+            if old is None:
+                return
+            # in a thread of its own: behind a hung exporter it takes its whole timeout (30 s),
+            # and init must not wait for that; flush and shutdown wait for it instead
+            retiring = threading.Thread(target=old.shutdown, name="multirun-span-export", daemon=True)
+            try:
+                retiring.start()
+            except RuntimeError:  # at interpreter exit no thread can start
+                old.shutdown()
+                return
+            self._retiring = [t for t in self._retiring if t.is_alive()] + [retiring]
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         current = self._current
@@ -200,13 +211,25 @@ class _SwappableExportProcessor(SpanProcessor):
             current.on_end(span)
 
     def shutdown(self) -> None:
+        deadline = time.monotonic() + DEFAULT_TIMEOUT_MILLIS / 1000
         current = self._current
         if current is not None:
-            current.shutdown()
+            current.shutdown(DEFAULT_TIMEOUT_MILLIS)
+        self._join_retiring(deadline)
 
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+    def force_flush(self, timeout_millis: int = DEFAULT_TIMEOUT_MILLIS) -> bool:
+        deadline = time.monotonic() + max(timeout_millis, 0) / 1000
         current = self._current
-        return current.force_flush(timeout_millis) if current is not None else True
+        flushed = current.force_flush(timeout_millis) if current is not None else True
+        return self._join_retiring(deadline) and flushed
+
+    def _join_retiring(self, deadline: float) -> bool:
+        """Wait until ``deadline`` for the replaced pipelines to finish; True if they did."""
+        with self._lock:
+            retiring = list(self._retiring)
+        for thread in retiring:
+            thread.join(max(deadline - time.monotonic(), 0))
+        return not any(thread.is_alive() for thread in retiring)
 
 
 def _export_to(provider: Any, exporter: SpanExporter) -> None:
