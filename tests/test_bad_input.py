@@ -498,3 +498,22 @@ def test_a_batch_size_above_the_queue_size_exports_in_batches_of_the_queue(
     assert agent_program()("q") == "Qq"
     assert client.force_flush()
     assert len(list(read_spans(tmp_path / "mr" / "traces"))) == 4
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_METRIC_EXPORT_INTERVAL", "0"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "-1"),
+        ("OTEL_METRICS_EXEMPLAR_FILTER", "sometimes"),
+    ],
+)
+def test_init_refuses_a_metrics_variable_of_the_meter_provider_it_would_make(
+    global_otel, tmp_path, monkeypatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError, match=f"^{variable} must be") as info:
+        multirun.init(endpoint="http://127.0.0.1:9", local_dir=tmp_path / "mr")
+    assert value in str(info.value)
+    assert client_module._configured is None
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)

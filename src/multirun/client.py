@@ -444,6 +444,7 @@ def _init_locked(
     )
     _validate_options(**client_options)
     _validate_endpoints(endpoint, span_exporter, tracer_provider, client_options)
+    _validate_metric_variables(endpoint, client_options)
     exports = span_exporter is not None or endpoint is not None
     if exports or (tracer_provider is None and _provider_is_ours(trace.get_tracer_provider())):
         batch_settings()  # the OTEL_BSP_* variables of the export pipeline init will make
@@ -670,6 +671,29 @@ def _meters_are_ours() -> bool:
     return _owned_meter_provider is None and not isinstance(otel_metrics.get_meter_provider(), MeterProvider)
 
 
+_EXEMPLAR_FILTERS = ("trace_based", "always_on", "always_off")
+
+
+def _validate_metric_variables(endpoint: str | None, options: Mapping[str, Any]) -> None:
+    """Check the variables the MeterProvider ``init`` makes for an OTLP endpoint reads, if it
+    makes one (the SDK refuses them with ValueErrors that name none, after the traces are set up)."""
+    if not options.get("metrics", True) or options.get("meter_provider") is not None:
+        return
+    if (endpoint is None and _env_endpoint("metrics") is None) or not _meters_are_ours():
+        return
+    interval = env_int("OTEL_METRIC_EXPORT_INTERVAL", _METRIC_EXPORT_INTERVAL)
+    if interval < 1:
+        raise ConfigurationError(
+            f"OTEL_METRIC_EXPORT_INTERVAL must be an int >= 1 (milliseconds), got {interval}"
+        )
+    exemplar_filter = os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER", "trace_based")
+    if exemplar_filter not in _EXEMPLAR_FILTERS:
+        raise ConfigurationError(
+            f"OTEL_METRICS_EXEMPLAR_FILTER must be one of {', '.join(_EXEMPLAR_FILTERS)}, "
+            f"got {exemplar_filter!r}"
+        )
+
+
 def _validate_ledger_uri(ledger_uri: Any) -> None:
     """Parse the ledger URI (argument or ``MULTIRUN_LEDGER_URI``) without connecting to it."""
     name = "ledger_uri"
@@ -714,6 +738,7 @@ def _exporter_for(endpoint: str | None, headers: Mapping[str, str] | None, root:
 
 
 _owned_meter_provider: Any = None
+_METRIC_EXPORT_INTERVAL = 10_000  # milliseconds, the SDK's default
 
 
 def _resource(service_name: str | None) -> Resource:
@@ -752,7 +777,7 @@ def _ensure_meter_provider(
         )
     else:
         exporter = OTLPMetricExporter(headers=dict(headers) if headers else None)
-    interval = env_int("OTEL_METRIC_EXPORT_INTERVAL", 10_000)
+    interval = env_int("OTEL_METRIC_EXPORT_INTERVAL", _METRIC_EXPORT_INTERVAL)
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
     _owned_meter_provider = MeterProvider(metric_readers=[reader], resource=_resource(service_name))
     otel_metrics.set_meter_provider(_owned_meter_provider)
