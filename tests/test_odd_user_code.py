@@ -212,3 +212,16 @@ async def test_an_async_generator_step_whose_cleanup_fails_when_closed_early_fai
     span = traced.span("step rows")
     assert span.attributes[attr.STEP_STATUS] == "failed"  # type: ignore[index]
     assert span.attributes[attr.ERROR_TYPE] == "ConnectionError"  # type: ignore[index]
+
+
+def test_a_step_given_an_int_too_long_to_print_runs_unhashed(traced) -> None:
+    @step
+    def digits(n: int, *, base: int = 10) -> int:
+        return n.bit_length()
+
+    @run
+    def main() -> tuple[int, int]:
+        return digits(10**5000), digits(10**5000, base=10)
+
+    assert main() == ((10**5000).bit_length(),) * 2
+    assert all(attr.STEP_INPUT_HASH not in s.attributes for s in traced.named("step digits"))

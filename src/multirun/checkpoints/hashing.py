@@ -97,9 +97,14 @@ def _json_form_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | No
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def _repr_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """The digest of plain scalar arguments, from their repr (marked by a leading "r")."""
-    text = repr(args) if not kwargs else repr((args, sorted(kwargs.items())))
+def _repr_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The digest of plain scalar arguments, from their repr (marked by a leading "r"); None
+    for an int too long for repr (``sys.get_int_max_str_digits()``), which JSON cannot write
+    either."""
+    try:
+        text = repr(args) if not kwargs else repr((args, sorted(kwargs.items())))
+    except ValueError:
+        return None
     return "r" + _sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[1:]
 
 
