@@ -913,9 +913,6 @@ class AgentContext:
         """
         _charge_usage(self.run_context, None, self, usage, own=False, genai=not metered, call_id=call_id)
 
-    def _enclosing_spans(self) -> list[Span]:
-        return _enclosing_spans(self)
-
     def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
         self.agent.tokens_used += tokens
         self._cost_units += cost_units
@@ -1174,9 +1171,6 @@ class StepContext:
             self.run_context, self, self.agent_context, usage, own=False, genai=not metered, call_id=call_id
         )
 
-    def _enclosing_spans(self) -> list[Span]:
-        return _enclosing_spans(self)
-
     def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
         self.tokens_used += tokens
         self._cost_units += cost_units
@@ -1420,7 +1414,7 @@ def _charge_usage(
     return units, unpriced
 
 
-def _enclosing_spans(holder: StepContext | AgentContext) -> list[Span]:
+def enclosing_spans(holder: StepContext | AgentContext) -> list[Span]:
     """The spans of ``holder`` and of every step, agent and run around it (in no order)."""
     found: list[Span] = []
     seen: set[int] = set()

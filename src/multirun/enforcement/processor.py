@@ -85,7 +85,9 @@ class UsageSpanProcessor(SpanProcessor):
         open_spans = self._open
         if not open_spans:  # the common case: no foreign span in flight
             return
-        for span in owner._enclosing_spans():
+        from multirun.context import enclosing_spans  # context imports this package
+
+        for span in enclosing_spans(owner):
             parent = getattr(span, "parent", None)  # a run continued from elsewhere has a remote one
             entry = open_spans.get(parent.span_id) if parent is not None else None
             if entry is not None:
