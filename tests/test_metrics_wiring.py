@@ -179,3 +179,119 @@ def test_usage_on_genai_convention_spans_is_left_to_their_instrumentation_in_the
     assert points(reader, "gen_ai.client.token.usage") == []
     tokens = {a["gen_ai.token.type"]: p.value for a, p in points(reader, "multirun.tokens")}
     assert tokens == {"input": 120, "output": 30}
+
+
+OPENINFERENCE_CALL = {
+    "openinference.span.kind": "LLM",
+    "llm.model_name": "gpt-4o",
+    "llm.token_count.prompt": 120,
+    "llm.token_count.completion": 30,
+}
+
+
+def durations(reader: InMemoryMetricReader) -> list[tuple[dict[str, Any], int]]:
+    """gen_ai.client.operation.duration: (attributes, how many calls) per series."""
+    return [(a, p.count) for a, p in points(reader, "gen_ai.client.operation.duration")]
+
+
+@pytest.mark.parametrize("kind", [StepKind.FUNCTION, StepKind.LLM_CALL])
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        OPENINFERENCE_CALL,
+        {"llm.usage.prompt_tokens": 120, "llm.usage.completion_tokens": 30, "gen_ai.request.model": "gpt-4o"},
+    ],
+    ids=["openinference", "llm-usage-names"],
+)
+def test_calls_on_spans_of_instrumentations_that_record_no_metrics_are_timed_once(
+    reader, traced, attributes, kind
+) -> None:
+    # nobody else records gen_ai.client.operation.duration for these calls; an LLM step around
+    # the call leaves the timing to the call's own span
+    @step(kind=kind)
+    def call_model() -> None:
+        _foreign_llm_span(traced, attributes)
+
+    @run
+    def main() -> None:
+        call_model()
+        call_model()
+
+    main()
+    [(attributes_seen, count)] = durations(reader)
+    assert count == 2
+    assert attributes_seen == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "gpt-4o",
+        "gen_ai.response.model": "gpt-4o",
+    }
+
+
+def test_an_openinference_call_with_a_provider_is_timed_with_it(reader, traced) -> None:
+    @run
+    def main() -> None:  # no step: the call is the run's
+        _foreign_llm_span(traced, {**OPENINFERENCE_CALL, "gen_ai.system": "openai"})
+
+    main()
+    [(attributes, count)] = durations(reader)
+    assert count == 1 and attributes["gen_ai.provider.name"] == "openai"
+
+
+def test_a_failed_openinference_call_is_timed_with_its_error_type(reader, traced) -> None:
+    # a failed call reports no usage, but it was made and took its time
+    @step(kind=StepKind.LLM_CALL)
+    def call_model() -> None:
+        tracer = traced.provider.get_tracer("openinference.instrumentation.openai")
+        attributes = {"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o"}
+        with tracer.start_as_current_span("ChatCompletion", attributes=attributes):
+            raise TimeoutError("the provider did not answer")
+
+    @run
+    def main() -> None:
+        call_model()
+
+    with pytest.raises(TimeoutError):
+        main()
+    [(attributes, count)] = durations(reader)
+    assert count == 1
+    assert attributes == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "gpt-4o",
+        "gen_ai.response.model": "gpt-4o",
+        "error.type": "TimeoutError",
+    }
+
+
+@pytest.mark.parametrize("usage", [True, False], ids=["with-usage", "without-usage"])
+def test_an_openinference_call_wrapped_in_another_is_timed_once(reader, traced, usage) -> None:
+    # LangChain's OpenInference LLM span around the OpenAI SDK's: one call, two spans
+    inner = OPENINFERENCE_CALL if usage else {"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o"}
+    tracer = traced.provider.get_tracer("openinference.instrumentation.langchain")
+
+    @run
+    def main() -> None:
+        with (
+            tracer.start_as_current_span("ChatOpenAI", attributes=dict(inner)),
+            tracer.start_as_current_span("chain step"),
+        ):
+            _foreign_llm_span(traced, inner)
+
+    main()
+    assert [count for _, count in durations(reader)] == [1]
+
+
+def test_a_span_of_both_conventions_is_left_to_the_genai_instrumentation(reader, traced) -> None:
+    # the GenAI instrumentation that wrote gen_ai.usage.* times the call itself
+    @step(kind=StepKind.LLM_CALL)
+    def call_model() -> None:
+        _foreign_llm_span(
+            traced,
+            {**OPENINFERENCE_CALL, "gen_ai.usage.input_tokens": 120, "gen_ai.usage.output_tokens": 30},
+        )
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    assert durations(reader) == []

@@ -975,6 +975,7 @@ class StepContext:
     _cost_units = 0
     unpriced = False
     child_usage_reported = False
+    call_timed_below = False  # a span of another instrumentation inside timed a model call
     refused = False  # refused by the budget or policy before it ran: no model call was made
     _own_usage: list[tuple[TokenUsage, int, bool]] | None = None
     # the response ids of the model calls charged in this step or a step inside it, latest last
@@ -1360,6 +1361,7 @@ def _step_metrics(step: StepContext, span: Span, error_type: str | None) -> None
     if (
         step.kind is StepKind.LLM_CALL
         and not step.child_usage_reported
+        and not step.call_timed_below
         and step.status is not StepStatus.SKIPPED
         and not step.refused
     ):
@@ -1617,7 +1619,7 @@ def _record_error(span: Span, error: BaseException | str, out: dict[str, Any]) -
         _record_exception(span, error, escaped=True)
         span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error_text(error)}"))
     else:
-        out[attr.ERROR_TYPE] = "_OTHER"
+        out[attr.ERROR_TYPE] = attr.ERROR_TYPE_OTHER
         span.set_status(Status(StatusCode.ERROR, error))
 
 

@@ -8,6 +8,10 @@ that usage when it ends. A span with usage charged below it (on a foreign span,
 or reported in a step, however deep) is not charged again, so wrappers that
 copy their children's totals are not counted twice. The package's own spans are
 skipped: their usage is charged when it is reported.
+
+OpenInference, and what writes the ``llm.usage.*`` names, record no metrics: for
+their calls this processor records ``gen_ai.client.operation.duration`` (and the
+token usage), once per call, a failed call included.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.trace import NonRecordingSpan, StatusCode, set_span_in_context
 
 from multirun._keys import agent_in, run_in, step_in
 from multirun.telemetry import attributes as a
@@ -39,7 +44,8 @@ class UsageSpanProcessor(SpanProcessor):
     """Charges usage from spans of other instrumentations to the enclosing run."""
 
     def __init__(self, max_open_spans: int = MAX_OPEN_SPANS) -> None:
-        # span id -> [owner (step or agent), usage-below-is-charged flag]; only spans in flight.
+        # span id -> [owner (step or agent), usage below is charged, a call below is timed];
+        # only spans in flight.
         # Each access is one dict or list operation, atomic without a lock: a span's entry is
         # written at its start, and read at its end, by the thread that ends it.
         self._open: dict[int, list[Any]] = {}
@@ -57,7 +63,7 @@ class UsageSpanProcessor(SpanProcessor):
         owner = step_in(ctx) or agent_in(ctx) or run.default_agent
         if len(self._open) >= self._max_open:
             self._forget_oldest()
-        self._open[span.get_span_context().span_id] = [owner, False]
+        self._open[span.get_span_context().span_id] = [owner, False, False]
 
     def forget_run(self, run: Any) -> None:
         """``run`` ended: its foreign spans still in flight, whose entries would keep it alive,
@@ -113,28 +119,38 @@ class UsageSpanProcessor(SpanProcessor):
         entry = self._open.pop(context.span_id, None)
         if entry is None:
             return
+        owner, reported_below, timed_below = entry
         attributes = span.attributes or {}
         usage = usage_from_attributes(attributes)
-        reported_below = entry[1]
-        if usage is None and not reported_below:
-            return
-        # tell the foreign ancestors that usage below them is charged, even through
-        # spans that carry none of their own, so a wrapper copying totals is not charged again
-        parent = span.parent
-        parent_entry = self._open.get(parent.span_id) if parent is not None else None
         try:
+            if usage is None and not reported_below:
+                if not timed_below and _is_call_without_metrics(attributes):
+                    # a call that reported no usage (it failed, say) still took its time
+                    _time_call(span, owner, None)
+                    timed_below = True
+                parent_entry = self._parent_entry(span) if timed_below else None
+                if parent_entry is not None:
+                    parent_entry[2] = True  # a wrapper of the same call is not timed again
+                return
+            # tell the foreign ancestors that usage below them is charged, even through
+            # spans that carry none of their own, so a wrapper copying totals is not charged again
+            parent_entry = self._parent_entry(span)
             if parent_entry is not None:
                 parent_entry[1] = True  # it passes the word on when it ends
             else:  # the parent is one of the package's spans: the foreign spans are further up
-                self.charged_inside(entry[0])
+                self.charged_inside(owner)
             if usage is not None and not reported_below:
-                entry[0].charge_child_usage(
-                    usage,
-                    metered=not _GENAI_USAGE_KEYS.isdisjoint(attributes),
-                    call_id=_response_id(attributes),
-                )
+                metered = not _GENAI_USAGE_KEYS.isdisjoint(attributes)
+                owner.charge_child_usage(usage, metered=metered, call_id=_response_id(attributes))
+                if not metered:
+                    _time_call(span, owner, usage)
         except Exception:  # never let accounting break the span pipeline
             _logger.warning("multirun: could not charge usage of span %r", span.name, exc_info=True)
+
+    def _parent_entry(self, span: ReadableSpan) -> list[Any] | None:
+        """The entry of the foreign span that is the parent of ``span``, if it is one in flight."""
+        parent = span.parent
+        return self._open.get(parent.span_id) if parent is not None else None
 
     def shutdown(self) -> None:
         self._open.clear()
@@ -183,6 +199,61 @@ _REASONING_KEYS = (
 )
 
 
+def _is_call_without_metrics(attributes: Any) -> bool:
+    """Whether a span with no usage is a model call that no instrumentation records metrics for:
+    an OpenInference LLM span, unless it also follows the GenAI conventions."""
+    return (
+        attributes.get(a.OPENINFERENCE_SPAN_KIND) == a.OPENINFERENCE_KIND_LLM
+        and a.GEN_AI_OPERATION_NAME not in attributes
+    )
+
+
+def _time_call(span: ReadableSpan, owner: Any, usage: TokenUsage | None) -> None:
+    """Record ``gen_ai.client.operation.duration`` for the call of ``span``, with the attributes
+    its token usage is recorded with; the LLM step that owns it does not time it again."""
+    from multirun.context import StepContext  # context imports this package
+
+    step = owner if isinstance(owner, StepContext) else None
+    if step is not None:
+        step.call_timed_below = True
+    if usage is None:
+        model, provider = _model_and_provider((span.attributes or {}).get)
+    else:
+        model, provider = usage.model, usage.provider
+    start, end = span.start_time, span.end_time
+    span_context = span.get_span_context()
+    owner.run_context.client.metrics.llm_call_finished(
+        a.OP_CHAT,
+        provider,
+        (step.model if step is not None else None) or model,
+        model,
+        (end - start) / 1e9 if start is not None and end is not None else 0.0,
+        _span_error_type(span),
+        # the call's span, for the exemplar
+        context=set_span_in_context(NonRecordingSpan(span_context)) if span_context is not None else None,
+    )
+
+
+def _span_error_type(span: ReadableSpan) -> str | None:
+    """The ``error.type`` of a failed span: its own, else its last exception's, else ``_OTHER``."""
+    if span.status.status_code is not StatusCode.ERROR:
+        return None
+    error_type = (span.attributes or {}).get(a.ERROR_TYPE)
+    if error_type:
+        return str(error_type)
+    for event in reversed(span.events):
+        if event.name == "exception" and event.attributes and event.attributes.get(a.EXCEPTION_TYPE):
+            return str(event.attributes[a.EXCEPTION_TYPE])
+    return a.ERROR_TYPE_OTHER
+
+
+def _model_and_provider(get: Any) -> tuple[str | None, str | None]:
+    """The model and the provider named by GenAI (or OpenInference) span attributes."""
+    model = get(a.GEN_AI_RESPONSE_MODEL) or get(a.GEN_AI_REQUEST_MODEL) or get(a.LLM_MODEL_NAME)
+    provider = get(a.GEN_AI_PROVIDER_NAME) or get(a.GEN_AI_SYSTEM)
+    return (str(model) if model else None), (str(provider) if provider else None)
+
+
 def _first(get: Any, keys: tuple[str, ...]) -> Any:
     """The value of the first of ``keys`` that is set, or None."""
     for key in keys:
@@ -223,15 +294,14 @@ def usage_from_attributes(attributes: Any) -> TokenUsage | None:
     output_tokens = _first(get, _OUTPUT_KEYS)
     if input_tokens is None and output_tokens is None:
         return None
-    model = get(a.GEN_AI_RESPONSE_MODEL) or get(a.GEN_AI_REQUEST_MODEL) or get(a.LLM_MODEL_NAME)
-    provider = get(a.GEN_AI_PROVIDER_NAME) or get(a.GEN_AI_SYSTEM)
+    model, provider = _model_and_provider(get)
     cost = get(a.GEN_AI_USAGE_COST_AMOUNT)
     if not is_cost(cost):  # NaN, a string, ...: the tokens are still charged, priced here
         cost = None
     try:
         return TokenUsage(
-            model=str(model) if model else None,
-            provider=str(provider) if provider else None,
+            model=model,
+            provider=provider,
             input_tokens=_token_count(input_tokens),
             output_tokens=_token_count(output_tokens),
             cache_read_tokens=_count(get, _CACHE_READ_KEYS),

@@ -50,9 +50,13 @@ LLM_TOKEN_COUNT_CACHE_READ: Final = "llm.token_count.prompt_details.cache_read"
 LLM_TOKEN_COUNT_CACHE_WRITE: Final = "llm.token_count.prompt_details.cache_write"
 LLM_TOKEN_COUNT_REASONING: Final = "llm.token_count.completion_details.reasoning"
 LLM_MODEL_NAME: Final = "llm.model_name"
+OPENINFERENCE_SPAN_KIND: Final = "openinference.span.kind"
+OPENINFERENCE_KIND_LLM: Final = "LLM"  # the value of openinference.span.kind on a model call
 
 # General semantic conventions
 ERROR_TYPE: Final = "error.type"
+ERROR_TYPE_OTHER: Final = "_OTHER"  # error.type when the error has no better name
+EXCEPTION_TYPE: Final = "exception.type"  # on an exception event
 
 # Operation names
 OP_INVOKE_WORKFLOW: Final = "invoke_workflow"
