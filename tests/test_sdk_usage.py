@@ -19,6 +19,7 @@ from openai.types.responses import Response
 
 import multirun
 from multirun import run, step
+from multirun.context import get_current_step_context
 from multirun.errors import BudgetExceededError
 from multirun.models import Budget
 from test_openai_usage import (  # the local OpenAI-compatible server and its fixtures
@@ -279,6 +280,82 @@ def test_a_step_returning_the_response_of_a_step_inside_it_is_not_charged_again(
     main()
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 220
     assert [attrs(s)["multirun.tokens_used"] for s in traced.named("step answer")] == [110, 110]
+
+
+def report_by_hand(how: str) -> None:
+    """Report the call of ``chat_completion(prompt=100, completion=10)`` by hand."""
+    if how == "report_usage":
+        multirun.report_usage("gpt-4o-2024-08-06", input_tokens=100, output_tokens=10, provider="openai")
+    else:  # the reference's StepContext.complete; the decorator still returns what the step returns
+        get_current_step_context().complete(tokens_used=110)
+
+
+@pytest.mark.parametrize("how", ["report_usage", "complete"])
+def test_a_step_returning_a_response_a_step_inside_it_reported_by_hand_is_not_charged_again(
+    traced, how
+) -> None:
+    # the inner step's report is that call's: a step passing the response on adds nothing
+    @step
+    def ask() -> ChatCompletion:
+        response = chat_completion(prompt=100, completion=10)
+        report_by_hand(how)
+        return response
+
+    @step
+    def answer() -> ChatCompletion:
+        return ask()
+
+    @run(name="main")
+    def main() -> None:
+        answer()
+        answer()
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 220
+    assert [attrs(s)["multirun.tokens_used"] for s in traced.named("step answer")] == [110, 110]
+
+
+def test_a_generator_step_passing_on_chunks_a_step_inside_it_reported_by_hand_is_not_charged_again(
+    traced,
+) -> None:
+    @step
+    def stream() -> Iterator[ChatCompletionChunk]:
+        yield chunk("a")
+        yield chunk("", usage={"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53})
+        multirun.report_usage("gpt-4o", input_tokens=50, output_tokens=3)
+
+    @step
+    def relay() -> Iterator[ChatCompletionChunk]:
+        yield from stream()
+
+    @run(name="main")
+    def main() -> int:
+        return len(list(relay()))
+
+    assert main() == 2
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 53
+
+
+def test_a_step_returning_a_response_a_span_inside_a_step_inside_it_reported_is_not_charged_again(
+    traced,
+) -> None:
+    # an OpenInference span gives no response id: the inner step vouches for the response
+    @step
+    def ask() -> ChatCompletion:
+        attributes = {"llm.token_count.prompt": 100, "llm.token_count.completion": 10}
+        with traced.provider.get_tracer("openinference").start_as_current_span("llm", attributes=attributes):
+            return chat_completion(prompt=100, completion=10)
+
+    @step
+    def answer() -> ChatCompletion:
+        return ask()
+
+    @run(name="main")
+    def main() -> None:
+        answer()
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 110
 
 
 def test_a_step_returning_its_own_response_after_a_step_inside_it_charged_another_is_charged(

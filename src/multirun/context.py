@@ -1148,8 +1148,12 @@ class StepContext:
         """Charge the model calls read from what the step returned, unless they are charged
         already: reported by the step itself, by a span of a GenAI instrumentation inside it
         (openai-v2, say), or, by their response id, by a step inside it whose response this
-        one passes on, so no call is counted twice. False if the step's calls were charged."""
+        one passes on (however that step's call was charged), so no call is counted twice.
+        False if the step's calls were charged."""
         if self._own_usage is not None or self.child_usage_reported:
+            # the step's calls, which it returns, are charged: a step around it that passes
+            # them on must not charge them again
+            _note_calls_around(self, [call_id for call_id, _ in calls if call_id is not None])
             return False
         below = self._calls_below
         for call_id, usage in calls:
@@ -1418,7 +1422,25 @@ def _charge_usage(
 
 def enclosing_spans(holder: StepContext | AgentContext) -> list[Span]:
     """The spans of ``holder`` and of every step, agent and run around it (in no order)."""
-    found: list[Span] = []
+    return [current._span for current in _enclosing(holder) if current._span is not None]
+
+
+def _note_calls_around(step: StepContext, call_ids: list[str]) -> None:
+    """Note on ``step`` and every step around it that the calls ``call_ids`` are charged."""
+    if not call_ids:
+        return
+    for current in _enclosing(step):
+        if isinstance(current, StepContext):
+            with current.run_context._lock:
+                for call_id in call_ids:
+                    _note_call(current, call_id)
+
+
+def _enclosing(
+    holder: StepContext | AgentContext,
+) -> list[StepContext | AgentContext | RunContext]:
+    """``holder`` and every step, agent and run around it, in this run and the runs around it."""
+    found: list[StepContext | AgentContext | RunContext] = []
     seen: set[int] = set()
     todo: list[StepContext | AgentContext | RunContext | None] = [holder]
     while todo:
@@ -1426,8 +1448,7 @@ def enclosing_spans(holder: StepContext | AgentContext) -> list[Span]:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if current._span is not None:
-            found.append(current._span)
+        found.append(current)
         if isinstance(current, StepContext):
             todo += (current.parent, current.agent_context)
         elif isinstance(current, AgentContext):
