@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,3 +270,103 @@ def test_with_the_sdk_disabled_init_says_so_and_budgets_still_hold(
         )
     ]
     assert not (tmp_path / "traces").exists()
+
+
+SPAN_LIMIT_VARIABLES = [
+    "OTEL_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_SPAN_EVENT_COUNT_LIMIT",
+    "OTEL_SPAN_LINK_COUNT_LIMIT",
+    "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT",
+]
+
+
+@pytest.mark.parametrize("value", ["abc", "-1"])
+@pytest.mark.parametrize("variable", SPAN_LIMIT_VARIABLES)
+def test_init_refuses_a_span_limit_variable_of_the_provider_it_would_make_naming_it(
+    global_otel, tmp_path, monkeypatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError, match=f"^{variable} must be an int >= 0") as info:
+        multirun.init(local_dir=tmp_path / "mr")
+    assert value in str(info.value)
+    assert multirun.client._configured is None
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+    assert not (tmp_path / "mr").exists()
+
+
+def test_empty_span_limit_variables_are_no_limit_as_for_the_sdk(global_otel, tmp_path, monkeypatch) -> None:
+    for variable in SPAN_LIMIT_VARIABLES:
+        monkeypatch.setenv(variable, "")
+
+    @run
+    def job() -> int:
+        return 1
+
+    multirun.init_local(tmp_path)
+    assert job() == 1
+
+
+@pytest.mark.parametrize("variable", SPAN_LIMIT_VARIABLES)
+def test_without_init_a_bad_span_limit_variable_is_logged_and_the_run_goes_on_traced(
+    global_otel, tmp_path, monkeypatch, caplog, variable: str
+) -> None:
+    # the first @run sets up the defaults: telemetry must not break the program
+    monkeypatch.setenv(variable, "abc")
+    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
+
+    @run
+    def job() -> int:
+        return 1
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert job() == 1
+    [warning] = [r.getMessage() for r in caplog.records if variable in r.getMessage()]
+    assert "'abc'" in warning
+    assert multirun.get_client().force_flush()
+    assert [s.name for s in read_spans(tmp_path / "mr" / "traces")] == ["invoke_workflow job"]
+
+
+LIMIT_AT_IMPORT = """
+import sys
+import multirun
+from multirun.errors import ConfigurationError
+
+try:
+    multirun.init(local_dir=sys.argv[1])
+except ConfigurationError as error:
+    print("refused:", error)
+
+
+@multirun.run
+def job() -> str:
+    return "ran"
+
+
+print(job())
+"""
+
+
+def test_a_bad_otel_span_attribute_count_limit_does_not_fail_the_import(tmp_path: Path) -> None:
+    # the SDK reads this variable as its trace module is imported, in `import multirun`: init
+    # must still refuse it by name, and a run without init go on
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT"] = "abc"
+    env["MULTIRUN_DIR"] = str(tmp_path / "mr")
+    done = subprocess.run(
+        [sys.executable, "-c", LIMIT_AT_IMPORT, str(tmp_path / "mr")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    refused, ran = done.stdout.splitlines()
+    assert refused == (
+        "refused: OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT must be an int >= 0 (or empty for no limit), got 'abc'"
+    )
+    assert ran == "ran"
+    assert "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT" in done.stderr  # the run's warning

@@ -20,6 +20,14 @@ def env_int(name: str, default: int) -> int:
         raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def is_count(text: str) -> bool:
+    """Whether ``text`` is an int >= 0 as ``int()`` reads it (as the OpenTelemetry SDK does)."""
+    try:
+        return int(text) >= 0
+    except ValueError:
+        return False
+
+
 def reinit_after_fork(method: Callable[[], None]) -> None:
     """Call the bound ``method`` in a forked child, for as long as its object lives.
 

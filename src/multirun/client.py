@@ -25,10 +25,10 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from multirun._process import env_int
+from multirun._process import env_int, is_count
 from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
 from multirun.checkpoints.replay import DEFAULT_LIMIT as DEFAULT_REPLAY_LIMIT
 from multirun.checkpoints.serializers import resolve_hmac_key
@@ -257,7 +257,7 @@ def get_client() -> MultiRunClient:
     if client is None:
         with _configure_lock:
             if _configured is None:
-                _init_locked()
+                _init_locked(implicit=True)
                 _configured_with = None
             client = _configured
     assert client is not None
@@ -424,8 +424,11 @@ def _init_locked(
     checkpoint_serializer: str | None = None,
     checkpoint_hmac_key: bytes | str | None = None,
     checkpoint_timeout: float | None = None,
+    implicit: bool = False,
     **client_options: Any,
 ) -> MultiRunClient:
+    """``init``; ``implicit``: the defaults a first run sets up, which log what ``init`` refuses
+    of the ``OTEL_*_LIMIT`` variables (telemetry must not fail the program)."""
     global _configured, _owned_provider
     for name, value in (
         ("service_name", service_name),
@@ -442,6 +445,15 @@ def _init_locked(
         local_dir=local_dir,
         blob_exporter=blob_exporter,
     )
+    if tracer_provider is None and _is_unset(trace.get_tracer_provider()):
+        read_limits = _SPAN_LIMITS  # the provider init makes reads them all
+    elif client_options.get("content_limit") is None:
+        read_limits = _CONTENT_LIMIT  # the default content limit reads one
+    else:
+        read_limits = {}
+    bad_limits = _bad_span_limits(read_limits, refuse=not implicit)
+    if _VALUE_LENGTH_LIMIT in bad_limits and client_options.get("content_limit") is None:
+        client_options["content_limit"] = DEFAULT_CONTENT_LIMIT
     _validate_options(**client_options)
     _validate_endpoints(endpoint, span_exporter, tracer_provider, client_options)
     _validate_metric_variables(endpoint, client_options)
@@ -471,7 +483,7 @@ def _init_locked(
                 _export_to(current, exporter)
         elif _is_unset(current):
             resource = _resource(service_name)
-            owned = TracerProvider(resource=resource)
+            owned = TracerProvider(resource=resource, span_limits=_span_limits_without(bad_limits))
             _export_to(owned, exporter)
             trace.set_tracer_provider(owned)
             _owned_provider = owned
@@ -669,6 +681,47 @@ def _meters_are_ours() -> bool:
     from opentelemetry.sdk.metrics import MeterProvider
 
     return _owned_meter_provider is None and not isinstance(otel_metrics.get_meter_provider(), MeterProvider)
+
+
+_VALUE_LENGTH_LIMIT = "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"
+# The SDK's span limit variables: the SpanLimits argument each sets, and its value when the
+# variable is unset (the SDK's defaults; UNSET is no limit).
+_SPAN_LIMITS: dict[str, tuple[str, int]] = {
+    "OTEL_ATTRIBUTE_COUNT_LIMIT": ("max_attributes", 128),
+    _VALUE_LENGTH_LIMIT: ("max_attribute_length", SpanLimits.UNSET),
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": ("max_span_attributes", 128),
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": ("max_span_attribute_length", SpanLimits.UNSET),
+    "OTEL_SPAN_EVENT_COUNT_LIMIT": ("max_events", 128),
+    "OTEL_SPAN_LINK_COUNT_LIMIT": ("max_links", 128),
+    "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT": ("max_event_attributes", 128),
+    "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT": ("max_link_attributes", 128),
+}
+_CONTENT_LIMIT = {_VALUE_LENGTH_LIMIT: _SPAN_LIMITS[_VALUE_LENGTH_LIMIT]}
+
+
+def _bad_span_limits(variables: Mapping[str, tuple[str, int]], *, refuse: bool) -> set[str]:
+    """Those of the span limit ``variables`` set to neither an int >= 0 nor empty (no limit).
+
+    The first is a ConfigurationError naming it (the SDK's TracerProvider raises a
+    ValueError, after ``init`` began); with ``refuse=False`` each is logged instead, to
+    be left at its default.
+    """
+    bad = set()
+    for name in variables:
+        raw = os.environ.get(name, "").strip()
+        if not raw or is_count(raw):
+            continue
+        problem = f"{name} must be an int >= 0 (or empty for no limit), got {raw!r}"
+        if refuse:
+            raise ConfigurationError(problem)
+        _logger.warning("multirun: %s; its default is used", problem)
+        bad.add(name)
+    return bad
+
+
+def _span_limits_without(bad: set[str]) -> SpanLimits:
+    """The SDK's limits from the environment, with the ``bad`` variables at their defaults."""
+    return SpanLimits(**dict(_SPAN_LIMITS[name] for name in bad))
 
 
 _EXEMPLAR_FILTERS = ("trace_based", "always_on", "always_off")
