@@ -13,9 +13,11 @@ import http.server
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -242,6 +244,91 @@ def test_2_flush_returns_true_once_a_slow_exporter_catches_up(pipeline: Callable
         assert exporter.exported == SPANS_PER_RUN
     finally:
         exporter.release.set()
+
+
+EXIT_PROGRAM = """
+import logging, sys
+import multirun
+
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+multirun.init(endpoint=sys.argv[1], local_dir=sys.argv[2])
+
+
+@multirun.run
+def job() -> int:
+    return 1
+
+
+job()
+"""
+
+
+@pytest.fixture
+def silent_collector() -> Iterator[str]:
+    """The URL of an OTLP endpoint that accepts connections and never answers (a hung collector)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for connection in [*held, server]:
+        connection.close()
+
+
+def exit_of(
+    endpoint: str, tmp_path: Path, **variables: str
+) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """Run EXIT_PROGRAM against ``endpoint``: (seconds it took, the finished process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))} | variables
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_PROGRAM, endpoint, str(tmp_path / "mr")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    return time.monotonic() - started, done
+
+
+def test_2_exit_behind_a_collector_that_never_answers_is_bounded_and_says_spans_were_lost(
+    silent_collector: str, tmp_path: Path
+) -> None:
+    # the SDK's exit handlers waited for the exporters' 10 s timeouts, one after the other
+    took, done = exit_of(silent_collector, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert took < 8, f"exit took {took:.1f} s: {done.stderr}"
+    [lost] = [line for line in done.stderr.splitlines() if "not delivered" in line]
+    assert "1 span" in lost, done.stderr
+
+
+def test_2_exit_waits_as_long_as_the_otlp_timeout_the_user_set(silent_collector: str, tmp_path: Path) -> None:
+    # one export may take that long: the user said so
+    _, done = exit_of(silent_collector, tmp_path, OTEL_EXPORTER_OTLP_TIMEOUT="1")
+    assert done.returncode == 0, done.stderr
+    [lost] = [line for line in done.stderr.splitlines() if "not delivered" in line]
+    assert "within the 1.0 s shutdown timeout" in lost
+
+
+def test_2_exit_still_delivers_the_last_spans_to_a_collector_that_answers(
+    collector: Collector, tmp_path: Path
+) -> None:
+    _, done = exit_of(collector.url, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert collector.span_names == ["invoke_workflow job"]
+    assert "not delivered" not in done.stderr
 
 
 def test_2_init_again_does_not_wait_for_the_hung_exporter_it_replaces(

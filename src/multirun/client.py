@@ -11,6 +11,7 @@ nobody did.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import logging
 import os
@@ -211,10 +212,12 @@ class _SwappableExportProcessor(SpanProcessor):
             current.on_end(span)
 
     def shutdown(self) -> None:
-        deadline = time.monotonic() + DEFAULT_TIMEOUT_MILLIS / 1000
+        """Deliver the last spans, waiting the shutdown timeout at most (at exit too)."""
+        timeout_millis = _shutdown_timeout_millis()
+        deadline = time.monotonic() + timeout_millis / 1000
         current = self._current
         if current is not None:
-            current.shutdown(DEFAULT_TIMEOUT_MILLIS)
+            current.shutdown(timeout_millis)
         self._join_retiring(deadline)
 
     def force_flush(self, timeout_millis: int = DEFAULT_TIMEOUT_MILLIS) -> bool:
@@ -230,6 +233,49 @@ class _SwappableExportProcessor(SpanProcessor):
         for thread in retiring:
             thread.join(max(deadline - time.monotonic(), 0))
         return not any(thread.is_alive() for thread in retiring)
+
+
+SHUTDOWN_TIMEOUT_SECONDS = 3.0
+
+
+def _shutdown_timeout_millis() -> int:
+    """How long shutting down waits for the last spans and metrics, at process exit too:
+    ``OTEL_EXPORTER_OTLP_TRACES_TIMEOUT``, else ``OTEL_EXPORTER_OTLP_TIMEOUT`` (seconds, as the
+    SDK's OTLP exporters read them: one export may take that long), else 3 s."""
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+        try:
+            seconds = float(os.environ.get(name) or "nan")
+        except ValueError:
+            continue  # the exporter warns about it and uses its default
+        if 0 < seconds < float("inf"):
+            return round(seconds * 1000)
+    return round(SHUTDOWN_TIMEOUT_SECONDS * 1000)
+
+
+def _shutdown_at_exit() -> None:
+    """Shut down the providers ``init`` made within one shutdown timeout, traces first."""
+    deadline = time.monotonic() + _shutdown_timeout_millis() / 1000
+    try:
+        if _owned_provider is not None:
+            _owned_provider.shutdown()  # its export pipeline waits the shutdown timeout at most
+        meters, left = _owned_meter_provider, deadline - time.monotonic()
+        # with no time left the collector is not answering: the last metrics are lost with the spans.
+        # One the program shut down itself is left alone: the SDK would warn about a second shutdown.
+        if meters is not None and left > 0 and not getattr(meters, "_shutdown", False):
+            meters.shutdown(timeout_millis=left * 1000)
+    except Exception:  # telemetry must not fail the program, even at exit
+        _logger.warning("multirun: shutting down telemetry at exit failed", exc_info=True)
+
+
+_exit_handler_registered = False
+
+
+def _register_exit_handler() -> None:
+    """Have ``_shutdown_at_exit`` shut down the providers ``init`` makes (registered once)."""
+    global _exit_handler_registered
+    if not _exit_handler_registered:
+        atexit.register(_shutdown_at_exit)
+        _exit_handler_registered = True
 
 
 def _export_to(provider: Any, exporter: SpanExporter) -> None:
@@ -483,7 +529,11 @@ def _init_locked(
                 _export_to(current, exporter)
         elif _is_unset(current):
             resource = _resource(service_name)
-            owned = TracerProvider(resource=resource, span_limits=_span_limits_without(bad_limits))
+            # shut down at exit by _shutdown_at_exit, within the shutdown timeout
+            owned = TracerProvider(
+                resource=resource, span_limits=_span_limits_without(bad_limits), shutdown_on_exit=False
+            )
+            _register_exit_handler()
             _export_to(owned, exporter)
             trace.set_tracer_provider(owned)
             _owned_provider = owned
@@ -832,7 +882,10 @@ def _ensure_meter_provider(
         exporter = OTLPMetricExporter(headers=dict(headers) if headers else None)
     interval = env_int("OTEL_METRIC_EXPORT_INTERVAL", _METRIC_EXPORT_INTERVAL)
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
-    _owned_meter_provider = MeterProvider(metric_readers=[reader], resource=_resource(service_name))
+    _owned_meter_provider = MeterProvider(
+        metric_readers=[reader], resource=_resource(service_name), shutdown_on_exit=False
+    )
+    _register_exit_handler()
     otel_metrics.set_meter_provider(_owned_meter_provider)
 
 

@@ -26,7 +26,8 @@ leaves out:
   (which the SDK refuses) is cut to it.
 - ``force_flush`` and ``shutdown`` return within their ``timeout_millis``
   even when the exporter hangs (the SDK's ignore the timeout while an export
-  is stuck). The hung export goes on in a daemon thread.
+  is stuck), at interpreter exit too. The hung export goes on in a daemon
+  thread; a shutdown that times out logs how many spans were not delivered.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class ExportProcessor(SpanProcessor):
         self.dropped = DropCounts()
         self._lock = threading.Lock()
         self._queued = 0  # spans handed to the batch processor that its worker has not taken yet
+        self._exporting = 0  # spans the worker took and is exporting
         self._shutdown = False
         self._warned: set[str] = set()
         self._waiter: tuple[threading.Thread, threading.Event] | None = None
@@ -148,7 +150,27 @@ class ExportProcessor(SpanProcessor):
             schedule_delay_millis=schedule_delay_millis,
             max_export_batch_size=max_export_batch_size,
         )
+        self._start_shutdown_thread()
         reinit_after_fork(self._at_fork_reinit)
+
+    def _start_shutdown_thread(self) -> None:
+        """Start the thread that will shut the batch processor down when ``shutdown`` asks.
+
+        Started now, not by ``shutdown``: at interpreter exit Python 3.12.0 and 3.12.1 refuse
+        to start a thread, and ``shutdown`` must still return within its timeout.
+        """
+        self._shutdown_asked = threading.Event()
+        self._shutdown_done = threading.Event()
+        threading.Thread(target=self._shutdown_when_asked, name="multirun-span-shutdown", daemon=True).start()
+
+    def _shutdown_when_asked(self) -> None:
+        self._shutdown_asked.wait()
+        try:
+            self._batch.shutdown()  # type: ignore[no-untyped-call]  # unannotated in the SDK
+        except Exception:
+            _logger.warning("multirun: shutting down the span export failed", exc_info=True)
+        finally:
+            self._shutdown_done.set()
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         return None
@@ -181,15 +203,27 @@ class ExportProcessor(SpanProcessor):
         """Export what is queued; False if that did not finish within ``timeout_millis``."""
         if self._shutdown:
             return False
-        return self._bounded(self._batch.force_flush, timeout_millis, join_stuck=True)
+        return self._bounded(self._batch.force_flush, timeout_millis)
 
     def shutdown(self, timeout_millis: int = DEFAULT_TIMEOUT_MILLIS) -> None:
-        """Export what is queued and shut the exporter down, waiting ``timeout_millis`` at most."""
+        """Export what is queued and shut the exporter down, waiting ``timeout_millis`` at most;
+        past it, log how many spans were not delivered."""
         with self._lock:
             if self._shutdown:
                 return
             self._shutdown = True
-        self._bounded(self._batch.shutdown, timeout_millis, join_stuck=False)
+        self._shutdown_asked.set()
+        if self._shutdown_done.wait(max(timeout_millis, 0) / 1000):
+            return
+        with self._lock:
+            lost = self._queued + self._exporting
+        _logger.warning(
+            "multirun: %d span(s) were not delivered: %s did not finish exporting them within the "
+            "%.1f s shutdown timeout",
+            lost,
+            type(self.exporter).__name__,
+            timeout_millis / 1000,
+        )
 
     # -- for the guarded exporter ------------------------------------------------
 
@@ -197,6 +231,12 @@ class ExportProcessor(SpanProcessor):
         """The worker took ``count`` spans off the queue to export them."""
         with self._lock:
             self._queued = max(self._queued - count, 0)
+            self._exporting += count
+
+    def _exported(self, count: int) -> None:
+        """The export of ``count`` spans the worker took is over, delivered or not."""
+        with self._lock:
+            self._exporting = max(self._exporting - count, 0)
 
     def _export_failed(self, count: int, error: BaseException | None) -> None:
         self._drop(EXPORT_FAILED, count)
@@ -227,16 +267,16 @@ class ExportProcessor(SpanProcessor):
         self._warned.add(kind)
         _logger.warning(message, *args)
 
-    def _bounded(self, action: Callable[[], object], timeout_millis: float, *, join_stuck: bool) -> bool:
+    def _bounded(self, action: Callable[[], object], timeout_millis: float) -> bool:
         """Run ``action`` in a daemon thread and wait for it at most ``timeout_millis``.
 
-        With ``join_stuck``, while an earlier flush is still stuck (a hung exporter)
-        wait for that one instead of starting another: at most one flush thread
-        is ever blocked. True if the action finished in time.
+        While an earlier flush is still stuck (a hung exporter) wait for that one
+        instead of starting another: at most one flush thread is ever blocked.
+        True if the action finished in time.
         """
         run_here = None
         with self._lock:
-            waiter = self._waiter if join_stuck else None
+            waiter = self._waiter
             if waiter is None or waiter[1].is_set():
                 done = threading.Event()
 
@@ -254,9 +294,7 @@ class ExportProcessor(SpanProcessor):
                 except RuntimeError:  # at interpreter exit no thread can start: run it here
                     run_here = target
                 else:
-                    waiter = (thread, done)
-                    if join_stuck:
-                        self._waiter = waiter
+                    waiter = self._waiter = (thread, done)
         if run_here is not None:
             # outside the lock: the export it runs calls back into _taken, which takes the lock
             run_here()
@@ -268,7 +306,10 @@ class ExportProcessor(SpanProcessor):
         # the child's batch processor starts with an empty queue and a worker of its own
         self._lock = threading.Lock()
         self._queued = 0
+        self._exporting = 0
         self._waiter = None
+        if not self._shutdown:
+            self._start_shutdown_thread()
 
 
 class _GuardedExporter(SpanExporter):
@@ -287,6 +328,8 @@ class _GuardedExporter(SpanExporter):
         except Exception as exc:
             processor._export_failed(len(spans), exc)
             return SpanExportResult.FAILURE
+        finally:
+            processor._exported(len(spans))
         if result is SpanExportResult.SUCCESS:
             processor._export_succeeded()
         else:
