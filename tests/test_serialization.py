@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 
 import multirun
 from multirun.checkpoints import envelope
-from multirun.checkpoints.envelope import FORMAT_VERSION, MAGIC, open_blob, seal
+from multirun.checkpoints.envelope import FORMAT_VERSION, MAGIC, open_blob, open_meta, seal
 from multirun.checkpoints.serializers import (
     BYTES_TAG,
     HMAC_KEY_ENV,
@@ -548,13 +548,103 @@ def test_seal_writes_the_documented_header() -> None:
         )
         + payload
     )
-    assert digest == sha(payload) and FORMAT_VERSION == 3
+    assert digest == sha(payload)  # no meta section: version 3, which earlier releases read too
     signed, _ = seal(payload, "pickle", KEY, compression="zlib")
     header = header_of(signed)
     assert list(header) == ["compression", "digest", "hmac", "serializer", "size", "version"]
     stored = payload_of(signed)
     assert zlib.decompress(stored) == payload and header["digest"] == sha(stored)
     assert header["hmac"] == documented_mac(KEY, 3, "pickle", "zlib", stored)
+
+
+# --- the meta section (version 4): what a blob holds, readable without deserializing it ---------------
+
+META: dict[str, Any] = {"state_keys": ["notes", "\ud800 lone", "é"], "replay": {"steps": 3}}
+
+
+def split_body(blob: bytes) -> tuple[bytes, bytes]:
+    """The meta section and the stored payload of a version 4 blob."""
+    body, size = payload_of(blob), header_of(blob)["meta_size"]
+    return body[:size], body[size:]
+
+
+def test_a_meta_section_is_sealed_as_documented() -> None:
+    payload = pickle.dumps({"x": 1}, protocol=5)
+    blob, digest = seal(payload, "pickle", KEY, meta=META)
+    header = header_of(blob)
+    assert list(header) == [
+        "compression", "digest", "hmac", "meta_digest", "meta_size", "serializer", "size", "version"
+    ]  # fmt: skip
+    assert header["version"] == FORMAT_VERSION == 4
+    meta, stored = split_body(blob)
+    assert meta.isascii() and json.loads(meta) == META
+    assert (
+        stored == payload and header["digest"] == digest == sha(stored) and header["meta_digest"] == sha(meta)
+    )
+    label = f"MRCK/v4/pickle/none/{len(stored)}/{sha(stored)}/{len(meta)}/{sha(meta)}\n".encode()
+    assert header["hmac"] == hmac.new(KEY, label, hashlib.sha256).hexdigest()
+    assert open_meta(blob, max_bytes=LIMIT, **PICKLE_READER) == ({**header}, META)
+    assert load_blob(blob, max_bytes=LIMIT, **PICKLE_READER)[1] == {"x": 1}
+
+
+def test_the_meta_section_is_read_without_unpickling_the_payload(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    blob, _ = seal(pickle.dumps(Boom(marker), protocol=5), "pickle", KEY, meta=META)
+    for readable in (blob, io.BytesIO(blob)):
+        assert open_meta(readable, max_bytes=LIMIT, **PICKLE_READER)[1] == META
+    assert not marker.exists()
+    load_blob(blob, max_bytes=LIMIT, **PICKLE_READER)  # the control: loading it unpickles it
+    assert marker.is_dir()
+
+
+@pytest.mark.parametrize("kind", ["json", "json-zlib", "pickle", "v1-json"])
+def test_a_blob_without_a_meta_section_is_version_3_or_older_and_has_none(kind: str) -> None:
+    blob, reader = small_blobs()[kind]
+    header, meta = open_meta(blob, max_bytes=LIMIT, **reader)
+    assert meta is None and header["version"] <= 3 and "meta_size" not in header
+
+
+def test_open_meta_checks_the_whole_blob_as_loading_does() -> None:
+    blob, _ = seal(pickle.dumps({"x": 1}, protocol=5), "pickle", KEY, meta=META)
+    meta, stored = split_body(blob)
+    other_meta = json.dumps({"state_keys": ["forged"]}).encode()
+    refusals = [
+        (tampered(blob, meta + stored[:-1] + b"\x00"), PICKLE_READER, "checkpoint digest does not match"),
+        (tampered(blob, meta[:-2] + b"0}" + stored), PICKLE_READER, "meta section digest does not match"),
+        (
+            tampered(blob, other_meta + stored, meta_size=len(other_meta), meta_digest=sha(other_meta)),
+            PICKLE_READER,
+            "HMAC does not match",
+        ),
+        (blob, {**PICKLE_READER, "hmac_key": OTHER_KEY}, "HMAC does not match"),
+        (blob, {"allowed_serializers": ["pickle"]}, "no HMAC key"),
+        (blob[:-1], PICKLE_READER, "truncated or padded: meta section and payload are"),
+        (tampered(blob, meta_size=-1), PICKLE_READER, "invalid meta_size"),
+        (tampered(blob, meta_digest="md5:0"), PICKLE_READER, "invalid meta_digest"),
+        (tampered(blob, meta_size=None), PICKLE_READER, "missing \\['meta_size'\\]"),
+    ]
+    for damaged, reader, message in refusals:
+        with pytest.raises(CheckpointError, match=message):
+            open_meta(damaged, max_bytes=LIMIT, **reader)
+        with pytest.raises(CheckpointError, match=message):
+            load_blob(damaged, max_bytes=LIMIT, **reader)
+
+
+def test_an_unsigned_json_blob_with_a_meta_section_needs_no_key() -> None:
+    blob, _ = dump_blob({"a": 1}, json_serializer(), compression="zlib", meta={"state_keys": ["a"]})
+    assert open_meta(blob, max_bytes=LIMIT)[1] == {"state_keys": ["a"]}
+    assert load_blob(blob, max_bytes=LIMIT)[1] == {"a": 1}
+    meta, _ = split_body(blob)
+    garbage = b"not a zlib stream"
+    not_zlib = tampered(blob, meta + garbage, size=len(garbage), digest=sha(garbage))
+    with pytest.raises(CheckpointError, match="does not decompress"):  # checked though never decoded
+        open_meta(not_zlib, max_bytes=LIMIT)
+
+
+def test_a_meta_section_must_be_plain_json_data() -> None:
+    for meta in ({"when": datetime(2025, 1, 1)}, {"nan": math.nan}):
+        with pytest.raises(CheckpointError, match="meta section is not plain JSON data"):
+            seal(b"{}", "json", meta=meta)
 
 
 def test_seal_refuses_an_unsigned_pickle_and_bad_arguments() -> None:
@@ -575,6 +665,10 @@ def small_blobs() -> dict[str, tuple[bytes, dict[str, Any]]]:
         "json-zlib": (dump_blob(value, json_serializer(), compression="zlib")[0], {}),
         "pickle": (
             dump_blob(value, get_serializer("pickle", hmac_key=KEY))[0],
+            {"hmac_key": KEY, "allowed_serializers": ["pickle"]},
+        ),
+        "pickle-meta": (
+            dump_blob(value, get_serializer("pickle", hmac_key=KEY), meta=META)[0],
             {"hmac_key": KEY, "allowed_serializers": ["pickle"]},
         ),
         "v1-json": (
@@ -805,8 +899,8 @@ def test_a_tampered_header_is_refused(changes: dict[str, Any], message: str) -> 
 
 
 def test_a_future_version_asks_for_an_upgrade_whatever_else_it_changed() -> None:
-    future = raw_blob({"version": 4, "new_field": [1], "serializer": "zstd-json"}, b"anything")
-    with pytest.raises(CheckpointError, match=r"format version 4 is newer .*upgrade multirun-otel"):
+    future = raw_blob({"version": 5, "new_field": [1], "serializer": "zstd-json"}, b"anything")
+    with pytest.raises(CheckpointError, match=r"format version 5 is newer .*upgrade multirun-otel"):
         load_blob(future, max_bytes=LIMIT)
 
 

@@ -1,30 +1,40 @@
-"""The checkpoint blob format: a small verified header, then the payload.
+"""The checkpoint blob format: a small verified header, an optional meta section, then the payload.
 
     MRCK1\\n
     <header: one line of JSON>\\n
+    <meta: ``meta_size`` bytes of JSON, version 4 only>
     <payload: ``size`` bytes>
 
 for example (the header wrapped here, one line in a blob)::
 
     {"compression":"none","digest":"sha256:<64 hex>","hmac":"<64 hex>",
-     "serializer":"pickle","size":1234,"version":3}
+     "meta_digest":"sha256:<64 hex>","meta_size":321,"serializer":"pickle",
+     "size":1234,"version":4}
 
 The header is one line of ASCII JSON (compact, keys sorted, at most 4096
 bytes). Its fields:
 
-- ``version``: the format version, 3. Versions 1 (multirun-otel 0.1.0) and 2
-  are still read: version 1 has no ``compression`` and no ``hmac``; version
-  2 signs the payload itself (see below).
+- ``version``: the format version, 3 or 4. A blob is written as version 4
+  when it has a meta section, else as version 3, which earlier releases read
+  too. Versions 1 (multirun-otel 0.1.0) and 2 are still read: version 1 has
+  no ``compression`` and no ``hmac``; version 2 signs the payload itself (see
+  below).
 - ``serializer``: the name of the serializer that made the payload
   (``json``, ``pickle``, ``cloudpickle``; see ``serializers``).
 - ``size``: the payload's length in bytes, as stored (after compression).
 - ``digest``: ``sha256:`` and the hex SHA-256 of the stored payload.
 - ``compression``: ``none`` or ``zlib``.
+- ``meta_size`` and ``meta_digest`` (version 4): the length and the
+  ``sha256:`` digest of the meta section, a JSON object in ASCII that says
+  what the payload holds, for readers that must not deserialize it (the
+  command line cannot unpickle classes of the program that wrote it).
 - ``hmac`` (optional): hex HMAC-SHA256, with the checkpoint key, of
-  ``MRCK/v3/<serializer>/<compression>/<size>/<digest>\\n``. The MAC binds
-  how the payload will be decoded (so a signed payload cannot be relabelled
-  as another serializer) and the payload's digest, which binds the payload:
-  one SHA-256 pass over the payload serves both the digest and the MAC.
+  ``MRCK/v3/<serializer>/<compression>/<size>/<digest>\\n``, to which
+  version 4 adds ``/<meta_size>/<meta_digest>`` before the newline. The MAC
+  binds how the payload will be decoded (so a signed payload cannot be
+  relabelled as another serializer) and the payload's digest, which binds
+  the payload (and the meta section's, which binds the meta section): one
+  SHA-256 pass over the payload serves both the digest and the MAC.
   Version 2 signed ``MRCK/v2/<serializer>/<compression>\\n`` followed by the
   stored payload, a second pass.
 
@@ -34,8 +44,10 @@ nothing is ever deserialized unless it passed: the blob's size against
 the reader allows the serializer, that a serializer that can run code
 (anything but ``json``) has an HMAC and the reader a key, the payload's
 size, the HMAC (constant-time; version 3 before the payload is hashed,
-version 2 after the digest), the digest, and, last, a decompression bounded
-by ``max_bytes``. Any failure raises CheckpointError saying what to do.
+version 2 after the digest), the meta section's digest, the digest, and,
+last, a decompression bounded by ``max_bytes``. Any failure raises
+CheckpointError saying what to do. ``open_meta`` checks the same and returns
+the meta section instead of the payload.
 
 A JSON blob that carries an HMAC has it checked whenever the reader has a
 key; a reader without one checks its digest only. Unsigned JSON is accepted
@@ -58,13 +70,16 @@ import json
 import re
 import threading
 import zlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, BinaryIO, Literal, TypeVar
 
 from multirun.errors import CheckpointError, ConfigurationError
 
 MAGIC = b"MRCK1\n"
-FORMAT_VERSION = 3
+#: The newest format version, written for a blob with a meta section; one without is written as
+#: version 3, which earlier releases read too.
+FORMAT_VERSION = 4
+_VERSION_WITHOUT_META = 3
 MAX_HEADER_BYTES = 4096
 HMAC_KEY_ENV = "MULTIRUN_CHECKPOINT_HMAC_KEY"
 #: Where the HMAC key is set, for messages: the environment, ``init``, or the low-level API.
@@ -85,8 +100,9 @@ _REQUIRED = {
     1: frozenset({"version", "serializer", "size", "digest"}),
     2: frozenset({"version", "serializer", "size", "digest", "compression"}),
     3: frozenset({"version", "serializer", "size", "digest", "compression"}),
+    4: frozenset({"version", "serializer", "size", "digest", "compression", "meta_size", "meta_digest"}),
 }
-_OPTIONAL = {1: frozenset[str](), 2: frozenset({"hmac"}), 3: frozenset({"hmac"})}
+_OPTIONAL = {1: frozenset[str](), 2: frozenset({"hmac"}), 3: frozenset({"hmac"}), 4: frozenset({"hmac"})}
 #: From this payload size on, ``decode_blob`` decodes JSON while another thread computes the digest
 #: (below it, starting a thread costs more than it saves).
 PARALLEL_DIGEST_BYTES = 1 << 20
@@ -111,11 +127,13 @@ def seal(
     hmac_key: bytes | None = None,
     *,
     compression: Compression = "none",
+    meta: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, str]:
     """The blob for ``payload`` and its digest (``sha256:<hex>`` of the stored payload).
 
     With ``hmac_key`` the header gets an ``hmac``; a serializer other than
-    ``json`` cannot be sealed without one (ConfigurationError).
+    ``json`` cannot be sealed without one (ConfigurationError). With ``meta``
+    (plain JSON data) the blob has a meta section, and is version 4.
     """
     if not _NAME.match(serializer):
         raise ConfigurationError(f"invalid serializer name {serializer!r}: use lowercase letters and digits")
@@ -132,16 +150,29 @@ def seal(
         raise ConfigurationError(f"invalid compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
     digest = _digest(stored)
     header: dict[str, Any] = {
-        "version": FORMAT_VERSION,
+        "version": _VERSION_WITHOUT_META,
         "serializer": serializer,
         "size": len(stored),
         "digest": digest,
         "compression": compression,
     }
+    meta_section = b""
+    if meta is not None:
+        meta_section = _encode_meta(meta)
+        header.update(version=FORMAT_VERSION, meta_size=len(meta_section), meta_digest=_digest(meta_section))
     if hmac_key:
         header["hmac"] = _header_mac(hmac_key, header)
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("ascii")
-    return MAGIC + head + b"\n" + stored, digest
+    return MAGIC + head + b"\n" + meta_section + stored, digest
+
+
+def _encode_meta(meta: Mapping[str, Any]) -> bytes:
+    try:
+        # ASCII: a lone surrogate in a state key is escaped, and reads back as it was
+        text = json.dumps(dict(meta), separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint meta section is not plain JSON data: {exc}") from None
+    return text.encode("ascii")
 
 
 def open_blob(
@@ -159,9 +190,27 @@ def open_blob(
     ``compression`` filled in for version 1. Anything off raises
     CheckpointError, and then no payload byte was returned.
     """
-    header, stored = _read_checked(blob, max_bytes, hmac_key, allowed_serializers)
+    header, _, stored = _read_checked(blob, max_bytes, hmac_key, allowed_serializers)
     _check_payload(header, stored, hmac_key)
     return header, bytes(_unpacked(header, stored, max_bytes))
+
+
+def open_meta(
+    blob: Blob | BinaryIO,
+    *,
+    max_bytes: int,
+    hmac_key: bytes | None = None,
+    allowed_serializers: Collection[str] = DEFAULT_ALLOWED_SERIALIZERS,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The header and the meta section of ``blob`` (None before version 4).
+
+    The whole blob is checked as ``open_blob`` checks it, the payload's digest and
+    decompression included, and no payload byte is deserialized.
+    """
+    header, meta, stored = _read_checked(blob, max_bytes, hmac_key, allowed_serializers)
+    _check_payload(header, stored, hmac_key)
+    _unpacked(header, stored, max_bytes)  # a payload that does not decompress is refused here too
+    return header, meta
 
 
 def decode_blob(
@@ -180,7 +229,7 @@ def decode_blob(
     CheckpointError even when decoding failed first. ``decode`` may be given a
     view into ``blob`` rather than a copy: it should not keep it.
     """
-    header, stored = _read_checked(blob, max_bytes, hmac_key, allowed_serializers)
+    header, _, stored = _read_checked(blob, max_bytes, hmac_key, allowed_serializers)
     if (
         header["serializer"] in SAFE_SERIALIZERS
         and header["compression"] == "none"
@@ -194,8 +243,9 @@ def decode_blob(
 
 def _read_checked(
     blob: Blob | BinaryIO, max_bytes: int, hmac_key: bytes | None, allowed: Collection[str]
-) -> tuple[dict[str, Any], Payload]:
-    """The header and the stored payload, with everything but the payload's own passes checked."""
+) -> tuple[dict[str, Any], dict[str, Any] | None, Payload]:
+    """The header, the meta section (None before version 4) and the stored payload, with
+    everything but the payload's own passes checked."""
     if isinstance(blob, (bytes, bytearray, memoryview)):
         view = memoryview(blob).cast("B")
         if view.nbytes > max_bytes:
@@ -208,21 +258,42 @@ def _read_checked(
         _check_fits(header, start, max_bytes)
         # a view into bytes, which nobody can change meanwhile; anything else (a subclass can
         # export a writable buffer) is copied
-        stored: Payload = view[start:] if type(blob) is bytes else bytes(view[start:])
+        body: Payload = view[start:] if type(blob) is bytes else bytes(view[start:])
     else:
         head = _read_up_to(blob, len(MAGIC) + MAX_HEADER_BYTES + 1)
         header, start = _read_header(head)
         _check_policy(header, hmac_key, allowed)
         _check_fits(header, start, max_bytes)
         # one byte more than declared, to notice padding
-        stored = head[start:] + _read_up_to(blob, max(0, header["size"] - (len(head) - start)) + 1)
-    if len(stored) != header["size"]:
+        body = head[start:] + _read_up_to(blob, max(0, _body_size(header) - (len(head) - start)) + 1)
+    if len(body) != _body_size(header):
+        what = "meta section and payload are" if "meta_size" in header else "payload is"
         raise CheckpointError(
-            f"checkpoint is truncated or padded: payload is {len(stored)} bytes, header says {header['size']}"
+            f"checkpoint is truncated or padded: {what} {len(body)} bytes, header says {_body_size(header)}"
         )
     if hmac_key is not None and "hmac" in header and not _mac_covers_payload(header, hmac_key):
         _check_mac(_header_mac(hmac_key, header), header)
-    return header, stored
+    meta_size = header.get("meta_size", 0)
+    meta = _read_meta(header, body[:meta_size]) if "meta_size" in header else None
+    return header, meta, body[meta_size:]
+
+
+def _body_size(header: dict[str, Any]) -> int:
+    """How many bytes follow the header: the meta section's and the payload's."""
+    size: int = header.get("meta_size", 0) + header["size"]
+    return size
+
+
+def _read_meta(header: dict[str, Any], section: Payload) -> dict[str, Any]:
+    """The meta section as a JSON object, once its digest matched."""
+    _check_digest(_digest(section), header, "meta_digest")
+    try:
+        meta = json.loads(bytes(section).decode("ascii"))
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise CheckpointError(f"checkpoint meta section is damaged: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError("checkpoint meta section is damaged: not a JSON object")
+    return meta
 
 
 def _check_payload(header: dict[str, Any], stored: Payload, hmac_key: bytes | None) -> None:
@@ -237,9 +308,10 @@ def _mac_covers_payload(header: dict[str, Any], hmac_key: bytes | None) -> bool:
     return hmac_key is not None and "hmac" in header and header["version"] < 3
 
 
-def _check_digest(digest: str, header: dict[str, Any]) -> None:
-    if not hmac.compare_digest(digest, header["digest"]):
-        raise CheckpointError("checkpoint digest does not match: the blob was altered or damaged")
+def _check_digest(digest: str, header: dict[str, Any], field: str = "digest") -> None:
+    if not hmac.compare_digest(digest, header[field]):
+        what = "meta section digest" if field == "meta_digest" else "digest"
+        raise CheckpointError(f"checkpoint {what} does not match: the blob was altered or damaged")
 
 
 def _check_mac(mac: str, header: dict[str, Any]) -> None:
@@ -340,6 +412,15 @@ def _read_header(head: bytes) -> tuple[dict[str, Any], int]:
             ("serializer", isinstance(header["serializer"], str) and _NAME.match(header["serializer"])),
             ("size", type(header["size"]) is int and header["size"] >= 0),
             ("digest", isinstance(header["digest"], str) and _DIGEST.match(header["digest"])),
+            (
+                "meta_size",
+                "meta_size" not in header or (type(header["meta_size"]) is int and header["meta_size"] >= 0),
+            ),
+            (
+                "meta_digest",
+                "meta_digest" not in header
+                or (isinstance(header["meta_digest"], str) and _DIGEST.match(header["meta_digest"])),
+            ),
             ("compression", header["compression"] in COMPRESSIONS),
             (
                 "hmac",
@@ -383,9 +464,9 @@ def _check_policy(header: dict[str, Any], hmac_key: bytes | None, allowed: Colle
 
 
 def _check_fits(header: dict[str, Any], start: int, max_bytes: int) -> None:
-    if start + header["size"] > max_bytes:
+    if start + _body_size(header) > max_bytes:
         raise CheckpointError(
-            f"checkpoint blob declares {start + header['size']} bytes, over the {max_bytes}-byte limit "
+            f"checkpoint blob declares {start + _body_size(header)} bytes, over the {max_bytes}-byte limit "
             "(max_bytes); raise the limit if the checkpoint is trusted"
         )
 
@@ -395,11 +476,15 @@ def _digest(data: Payload) -> str:
 
 
 def _header_mac(key: bytes, header: dict[str, Any]) -> str:
-    """Version 3: HMAC-SHA256 over what decides decoding and the payload's size and digest."""
+    """Versions 3 and 4: HMAC-SHA256 over what decides decoding, the payload's size and digest,
+    and (version 4) the meta section's."""
     label = (
         f"MRCK/v{header['version']}/{header['serializer']}/{header['compression']}"
-        f"/{header['size']}/{header['digest']}\n"
+        f"/{header['size']}/{header['digest']}"
     )
+    if "meta_size" in header:
+        label += f"/{header['meta_size']}/{header['meta_digest']}"
+    label += "\n"
     return hmac.new(key, label.encode("ascii"), hashlib.sha256).hexdigest()
 
 

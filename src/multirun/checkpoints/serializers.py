@@ -316,9 +316,16 @@ def _parse_key(text: str, setting: str) -> bytes:
     return text.encode("utf-8")
 
 
-def dump_blob(obj: Any, serializer: Serializer, *, compression: Compression = "none") -> tuple[bytes, str]:
-    """Serialize ``obj`` and seal it: the blob and its digest."""
-    return seal(serializer.dumps(obj), serializer.name, serializer.hmac_key, compression=compression)
+def dump_blob(
+    obj: Any,
+    serializer: Serializer,
+    *,
+    compression: Compression = "none",
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[bytes, str]:
+    """Serialize ``obj`` and seal it, with ``meta`` as its meta section if given: the blob and its digest."""
+    payload = serializer.dumps(obj)
+    return seal(payload, serializer.name, serializer.hmac_key, compression=compression, meta=meta)
 
 
 def load_blob(
