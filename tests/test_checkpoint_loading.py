@@ -198,6 +198,27 @@ def test_checkpoints_show_and_verify_read_a_version_1_checkpoint(tmp_path: Path,
     assert "1 step, 1 with a result to serve" in capsys.readouterr().out
 
 
+def test_checkpoints_show_and_verify_read_the_golden_version_4_pickle_checkpoint(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv(
+        "MULTIRUN_CHECKPOINT_HMAC_KEY", "raw:multirun golden files: test-only key, not a secret"
+    )
+    folder = tmp_path / "checkpoints" / "run-golden"
+    folder.mkdir(parents=True)
+    shutil.copy(GOLDEN / "checkpoint-v4-pickle.ckpt", folder / "ckpt-golden-v4.ckpt")
+
+    assert main(["checkpoints", "verify", "--store", str(tmp_path)]) == 0
+    assert "1 ok, 0 failed" in capsys.readouterr().out
+    assert main(["checkpoints", "show", "ckpt-golden-v4", "--store", str(tmp_path)]) == 0
+    shown = {line[:11].rstrip(): line[12:] for line in capsys.readouterr().out.splitlines()}
+    assert shown["run"] == "run-golden (golden)" and shown["name"] == "after_fetch"
+    assert shown["state keys"] == "amount, big, nested, raw, tags, text, unique, when"
+    assert shown["agents"] == "planner (plan)"
+    assert shown["replay log"] == "2 steps, 1 with a result to serve"
+    assert shown["trace"] == "0af7651916cd43dd8448eb211c80319c"
+
+
 def put_document(traced, checkpoint_id: str, **parts: Any) -> None:  # type: ignore[no-untyped-def]
     """A checkpoint whose envelope verifies, holding what ``parts`` say."""
     document = {

@@ -15,6 +15,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 import multirun
 from multirun import run
+from multirun.checkpoints.envelope import open_meta
+from multirun.checkpoints.serializers import dump_blob, get_serializer, load_blob, resolve_hmac_key
 from multirun.cli.main import main
 from multirun.context import get_current_run_context
 from multirun.errors import CheckpointError
@@ -470,3 +472,154 @@ def test_verify_without_the_key_says_a_pickle_checkpoint_needs_it(pickle_dir, ca
     assert code == 1
     assert "FAILED" in out and "no HMAC key" in out and "MULTIRUN_CHECKPOINT_HMAC_KEY" in out
     assert "allowed_serializers" not in out  # no setting the command line has
+
+
+def test_a_pickle_checkpoint_written_before_summaries_is_unpickled_and_shown_alike(
+    traced, tmp_path, monkeypatch, capsys
+) -> None:
+    """A pickle checkpoint of format version 3 (before the meta section) has no summary: the
+    commands unpickle it, as they did, and show what a version 4 one's summary shows."""
+    from multirun import agent, step
+    from multirun.context import get_current_agent_context
+
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_HMAC_KEY", PICKLE_KEY)
+    multirun.init(
+        tracer_provider=traced.provider,
+        checkpoint_uri=str(tmp_path / "blobs"),
+        checkpoint_serializer="pickle",
+    )
+
+    @step
+    def fetch(n: int) -> set[int]:
+        return {n}  # a set: kept as it is by pickle
+
+    @agent
+    def planner() -> None:
+        get_current_agent_context().set_state("plan", ("fetch", "write"))
+
+    @run
+    def job() -> None:
+        fetch(1)
+        planner()
+        get_current_run_context().set_state("seen", {"a", "b"})
+        get_current_run_context().checkpoint(name="both")
+
+    job()
+    [run_id] = run_ids(tmp_path)
+    [checkpoint_id] = checkpoint_ids(tmp_path, run_id)
+    path = tmp_path / "blobs" / "checkpoints" / run_id / f"{checkpoint_id}.ckpt"
+    show = ("checkpoints", "show", checkpoint_id, "--dir", str(tmp_path))
+    code, from_summary, _ = run_cli(capsys, *show)
+    assert code == 0
+
+    reader = {
+        "max_bytes": 1 << 20,
+        "hmac_key": resolve_hmac_key(PICKLE_KEY),
+        "allowed_serializers": ["pickle"],
+    }
+    _, document = load_blob(path.read_bytes(), **reader)
+    path.chmod(0o644)
+    path.write_bytes(dump_blob(document, get_serializer("pickle", hmac_key=PICKLE_KEY))[0])  # as 3 wrote it
+    header, meta = open_meta(path.read_bytes(), **reader)
+    assert header["version"] == 3 and meta is None
+
+    code, unpickled, _ = run_cli(capsys, *show)
+    assert code == 0
+
+    def details(out: str) -> dict[str, str]:
+        return {line[:11].rstrip(): line[12:] for line in out.splitlines() if not line.startswith("size")}
+
+    assert details(unpickled) == details(from_summary)
+    assert details(unpickled)["agents"] == "planner (plan)"
+    assert details(unpickled)["replay log"] == "1 step, 1 with a result to serve"
+    assert main(["checkpoints", "verify", "--dir", str(tmp_path)]) == 0
+    assert main(["resume", "--dir", str(tmp_path), run_id, "--", *ENV_PRINTER]) == 0
+
+
+# ---------------------------------------------------------------------------
+# a pickle checkpoint of objects of a class the program defines in __main__
+
+MAIN_PROGRAM = """
+import os, sys
+from dataclasses import dataclass
+
+import multirun
+from multirun import agent, run, step
+from multirun.context import get_current_agent_context, get_current_run_context
+
+multirun.init_local(sys.argv[1], checkpoint_serializer="pickle")  # the key: from the environment
+
+
+@dataclass
+class Notes:  # a class of __main__: only this program can unpickle it
+    topic: str
+
+
+@step
+def research(topic: str) -> Notes:
+    with open(sys.argv[2], "a") as effects:
+        effects.write("research " + topic + "\\n")
+    return Notes(topic)
+
+
+@agent
+def planner(notes: Notes) -> None:
+    get_current_agent_context().set_state("plan", Notes("plan of " + notes.topic))
+
+
+@run(name="pickled-main")
+def job() -> None:
+    ctx = get_current_run_context()
+    print("RUN", ctx.run.id, flush=True)
+    notes = research("otel")
+    planner(notes)
+    ctx.set_state("notes", notes)
+    ctx.checkpoint(name="researched")
+    if os.environ.get("CRASH") == "1":
+        multirun.get_client().force_flush()
+        os._exit(3)
+    print("STATE", type(ctx.get_state("notes")).__module__, ctx.get_state("notes"), flush=True)
+
+
+job()
+multirun.get_client().force_flush()
+"""
+
+
+def test_show_verify_and_resume_of_a_pickle_checkpoint_of_classes_of_the_programs_main(tmp_path) -> None:
+    """The command line is another __main__ than the program that pickled the state: it shows
+    and verifies the checkpoint without unpickling it, and the resumed program unpickles it."""
+    script = tmp_path / "agent.py"
+    script.write_text(MAIN_PROGRAM)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["MULTIRUN_CHECKPOINT_HMAC_KEY"] = PICKLE_KEY
+    folder, effects = tmp_path / "mr", tmp_path / "effects.txt"
+    program = [sys.executable, str(script), str(folder), str(effects)]
+
+    def multirun_cli(*argv: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        command = [str(Path(sys.executable).parent / "multirun"), *argv]
+        return subprocess.run(command, capture_output=True, text=True, env={**env, **extra}, timeout=120)
+
+    crashed = subprocess.run(program, capture_output=True, text=True, env={**env, "CRASH": "1"}, timeout=120)
+    assert crashed.returncode == 3, crashed.stderr
+    run_id = crashed.stdout.split("RUN ", 1)[1].split()[0]
+    [checkpoint_id] = checkpoint_ids(folder, run_id)
+
+    shown = multirun_cli("checkpoints", "show", checkpoint_id, "--dir", str(folder))
+    assert shown.returncode == 0, shown.stderr
+    details = {line[:11].rstrip(): line[12:] for line in shown.stdout.splitlines()}  # "label  value"
+    assert details["name"] == "researched"
+    assert details["run"] == f"{run_id} (pickled-main)"
+    assert details["state keys"] == "notes"
+    assert details["agents"] == "planner (plan)"
+    assert details["replay log"] == "1 step, 1 with a result to serve"
+
+    verified = multirun_cli("checkpoints", "verify", "--dir", str(folder))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.splitlines() == [f"ok      {checkpoint_id}", "1 ok, 0 failed"]
+
+    resumed = multirun_cli("resume", "--dir", str(folder), run_id[:8], "--", *program)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming run {run_id} from checkpoint {checkpoint_id} (researched)" in resumed.stderr
+    assert "STATE __main__ Notes(topic='otel')" in resumed.stdout  # unpickled in the program
+    assert effects.read_text().splitlines() == ["research otel"]  # served from the checkpoint

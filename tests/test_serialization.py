@@ -1299,6 +1299,73 @@ def test_golden_pickle_checkpoints_read_exactly_with_the_test_key(name: str, ver
         load_blob(blob, max_bytes=LIMIT, hmac_key=KEY, allowed_serializers=["pickle"])
 
 
+def test_golden_v4_pickle_checkpoint_reads_exactly_with_the_test_key() -> None:
+    blob = golden("checkpoint-v4-pickle.ckpt")
+    reader: dict[str, Any] = {"hmac_key": GOLDEN_KEY, "allowed_serializers": ["pickle"]}
+    header, meta = open_meta(blob, max_bytes=LIMIT, **reader)
+    meta_section, stored = split_body(blob)
+    label = f"MRCK/v4/pickle/none/{len(stored)}/{sha(stored)}/{len(meta_section)}/{sha(meta_section)}\n"
+    assert header["version"] == 4 and header["serializer"] == "pickle"
+    assert header["hmac"] == hmac.new(GOLDEN_KEY, label.encode(), hashlib.sha256).hexdigest()
+    checkpoint = {
+        "id": "ckpt-golden-v4",
+        "run_id": "run-golden",
+        "run_name": "golden",
+        "sub_run_id": "",
+        "sub_run_seq": None,
+        "agent_id": "",
+        "step_id": "",
+        "name": "after_fetch",
+        "created_at": "2025-01-02T03:04:05.678901+00:00",
+        "environment": {"python": "3.12.1", "platform": "Linux-x86_64", "pid": 4242},
+    }
+    trace = {"trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": "b7ad6b7169203331"}
+    ledger = {"tokens": 1234, "cost_units": 56789, "steps": 3}
+    assert meta == {
+        "checkpoint": checkpoint,
+        "state_keys": ["amount", "big", "nested", "raw", "tags", "text", "unique", "when"],
+        "agents": [{"name": "planner", "occurrence": 1, "state_keys": ["plan"]}],
+        "replay": {"steps": 2, "results": 1},
+        "ledger": ledger,
+        "trace": trace,
+    }
+    _, document = load_blob(blob, max_bytes=LIMIT, **reader)
+    record = {
+        "name": "fetch",
+        "digest": "ab" * 32,
+        "occurrence": 1,
+        "parent": None,
+        "seq": 0,
+        "end": 1,
+        "lane": 0,
+    }
+    assert same(
+        document,
+        {
+            "checkpoint": checkpoint,
+            "state": {
+                "text": "héllo \ud800 😀",
+                "big": 2**100,
+                "raw": b"\x00\xff",
+                "when": datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+                "amount": Decimal("12.50"),
+                "tags": ("b", "a"),
+                "unique": frozenset({1, 2, 3}),
+                "nested": [{"k": (1, 2.5, None, True)}],
+            },
+            "agents": [{"name": "planner", "occurrence": 1, "state": {"plan": ("fetch", "write")}}],
+            "replay": [
+                {**record, "result": {"status": 200, "raw": b"\x00ok"}},
+                {**record, "name": "write", "digest": "cd" * 32, "seq": 2, "end": None},
+            ],
+            "trace": trace,
+            "ledger": ledger,
+        },
+    )
+    with pytest.raises(CheckpointError, match="HMAC does not match"):
+        open_meta(blob, max_bytes=LIMIT, hmac_key=KEY, allowed_serializers=["pickle"])
+
+
 def test_golden_signed_v3_json_checkpoint_reads_exactly() -> None:
     blob = golden("checkpoint-v3-json-signed.ckpt")
     header, value = load_blob(blob, max_bytes=LIMIT, hmac_key=GOLDEN_KEY)
@@ -1320,6 +1387,7 @@ def test_golden_files_are_all_tested() -> None:
         "checkpoint-v3-json-zlib.ckpt",
         "checkpoint-v3-json.ckpt",
         "checkpoint-v3-pickle.ckpt",
+        "checkpoint-v4-pickle.ckpt",
     ]
 
 

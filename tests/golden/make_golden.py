@@ -21,9 +21,14 @@ file beside the old ones.
   the serializers' own, unchanged since).
 - ``checkpoint-v3-*.ckpt``: format version 3 (the HMAC signs the header's
   size and digest), the same documents: JSON plain, zlib-compressed and
-  signed, and pickle signed, with ``TEST_HMAC_KEY``. Version 3 is the
-  current format, written by the live ``dump_blob``: when version 4 comes,
-  freeze its writer here as was done for versions 1 and 2.
+  signed, and pickle signed, with ``TEST_HMAC_KEY``. Version 3 is still
+  written, by the live ``dump_blob``, for a blob without a meta section.
+- ``checkpoint-v4-pickle.ckpt``: format version 4 (a meta section, whose
+  size and digest the HMAC signs too), a checkpoint as ``CheckpointStore``
+  saves one with the pickle serializer: the document pickled, its summary
+  (``summary_of``) in the meta section, signed with ``TEST_HMAC_KEY``. Version
+  4 is the current format, written by the live ``dump_blob``: when version 5
+  comes, freeze its writer here as was done for versions 1 and 2.
 
 Every value is fixed (no clock, no pid, sets sorted), so a run rewrites the
 same bytes.
@@ -48,6 +53,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from multirun.checkpoints.serializers import HMAC_KEY_ENV, dump_blob, get_serializer
+from multirun.checkpoints.store import summary_of
 
 GOLDEN_DIR = Path(__file__).resolve().parent
 
@@ -188,6 +194,50 @@ def v2_pickle_document() -> dict[str, Any]:
     }
 
 
+def v4_pickle_document() -> dict[str, Any]:
+    """What ``checkpoint-v4-pickle.ckpt`` holds: a checkpoint as the store saves one, of
+    standard-library types only, so it loads anywhere."""
+    return {
+        "checkpoint": {
+            "id": "ckpt-golden-v4",
+            "run_id": "run-golden",
+            "run_name": "golden",
+            "sub_run_id": "",
+            "sub_run_seq": None,
+            "agent_id": "",
+            "step_id": "",
+            "name": "after_fetch",
+            "created_at": WHEN.isoformat(),
+            "environment": {"python": "3.12.1", "platform": "Linux-x86_64", "pid": 4242},
+        },
+        "state": v2_pickle_document(),
+        "agents": [{"name": "planner", "occurrence": 1, "state": {"plan": ("fetch", "write")}}],
+        "replay": [
+            {
+                "name": "fetch",
+                "digest": "ab" * 32,
+                "occurrence": 1,
+                "parent": None,
+                "seq": 0,
+                "end": 1,
+                "lane": 0,
+                "result": {"status": 200, "raw": b"\x00ok"},
+            },
+            {
+                "name": "write",
+                "digest": "cd" * 32,
+                "occurrence": 1,
+                "parent": None,
+                "seq": 2,
+                "end": None,
+                "lane": 0,
+            },
+        ],
+        "trace": {"trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": "b7ad6b7169203331"},
+        "ledger": {"tokens": 1234, "cost_units": 56789, "steps": 3},
+    }
+
+
 def golden_files() -> dict[str, bytes]:
     """File name -> the bytes it must hold."""
     json_serializer = get_serializer("json", hmac_key=None)
@@ -206,6 +256,9 @@ def golden_files() -> dict[str, bytes]:
         "checkpoint-v3-json-zlib.ckpt": dump_blob(v2_json_document(), json_serializer, compression="zlib")[0],
         "checkpoint-v3-json-signed.ckpt": dump_blob(v2_json_document(), signed_json_serializer)[0],
         "checkpoint-v3-pickle.ckpt": dump_blob(v2_pickle_document(), pickle_serializer)[0],
+        "checkpoint-v4-pickle.ckpt": dump_blob(
+            v4_pickle_document(), pickle_serializer, meta=summary_of(v4_pickle_document())
+        )[0],
     }
 
 

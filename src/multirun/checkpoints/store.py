@@ -7,6 +7,12 @@ completed idempotent steps, and what the run had spent, serialized as JSON
 (see ``envelope``) and handed to a blob exporter under
 ``checkpoints/<run id>/<checkpoint id>.ckpt``.
 
+A checkpoint of a serializer that can run code (pickle, cloudpickle) also
+carries a summary in the blob's meta section (``summary_of``): its state
+keys, agents, replay log and spend, in JSON. ``describe`` reads that, so
+``multirun checkpoints show`` and ``verify`` never unpickle the state, whose
+classes may live in the ``__main__`` of the program that wrote it.
+
 The exporter's ``put`` runs in a thread of its own, and a checkpoint waits for
 it at most ``put_timeout`` seconds (``init(checkpoint_timeout=...)``, 15 by
 default): a store that hangs or is slow then costs the program that wait and
@@ -33,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
+from multirun.checkpoints.envelope import needs_hmac, open_meta
 from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError, BlobStoreUnavailableError
 from multirun.checkpoints.replay import RUN_PREFIX, check_records, records_from_v1
 from multirun.checkpoints.serializers import dump_blob, get_serializer, load_blob, resolve_hmac_key
@@ -98,6 +105,91 @@ class RestoredCheckpoint:
     sub_run_seq: int | None = None  # that sub-run's call in the replay records
     # the run's agents' states: {"name", "occurrence", "state"} (RunContext.agent_states)
     agents: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointSummary:
+    """What a checkpoint holds, read and verified without deserializing its contents if it can be."""
+
+    checkpoint: Checkpoint  # without its state_data
+    uri: str
+    state_keys: list[str]
+    agents: list[tuple[str, int, list[str]]]  # name, occurrence, state keys
+    replay_steps: int
+    replay_results: int  # the steps with a result to serve
+    ledger: dict[str, int]
+    trace: dict[str, str]
+
+    @classmethod
+    def of(cls, restored: RestoredCheckpoint) -> CheckpointSummary:
+        """The summary of a checkpoint that was loaded whole."""
+        return cls(
+            checkpoint=restored.checkpoint.model_copy(update={"state_data": b""}),
+            uri=restored.uri,
+            state_keys=sorted(restored.state),
+            agents=[(a["name"], a["occurrence"], sorted(a["state"])) for a in restored.agents],
+            replay_steps=len(restored.replay),
+            replay_results=sum(1 for record in restored.replay if "result" in record),
+            ledger=restored.ledger,
+            trace=restored.trace,
+        )
+
+
+def summary_of(document: dict[str, Any]) -> dict[str, Any]:
+    """The meta section of a checkpoint's blob: what ``describe`` shows of ``document``, as JSON."""
+    replay = document["replay"]
+    return {
+        "checkpoint": document["checkpoint"],
+        "state_keys": sorted(map(str, document["state"])),
+        "agents": [
+            {
+                "name": entry["name"],
+                "occurrence": entry["occurrence"],
+                "state_keys": sorted(map(str, entry["state"])),
+            }
+            for entry in document["agents"]
+        ],
+        "replay": {"steps": len(replay), "results": sum(1 for record in replay if "result" in record)},
+        "ledger": document["ledger"],
+        "trace": document["trace"],
+    }
+
+
+def _summary_from_meta(
+    meta: dict[str, Any], header: dict[str, Any], uri: str, size: int
+) -> CheckpointSummary:
+    """A summary read back from a blob's meta section (``summary_of``); KeyError, TypeError or
+    ValueError if it is not one."""
+    about = _json_object(meta, "checkpoint", required=True)
+    checkpoint = Checkpoint(
+        id=about["id"],
+        run_id=about["run_id"],
+        agent_id=about.get("agent_id", ""),
+        step_id=about.get("step_id", ""),
+        name=about.get("name", ""),
+        state_format=header["serializer"],
+        context={"run_name": about.get("run_name", "")},
+        environment=about.get("environment", {}),
+        created_at=about["created_at"],
+        size_bytes=size,
+    )
+    agents = []
+    for entry in _json_list(meta, "agents"):
+        name, occurrence, keys = entry["name"], entry["occurrence"], entry["state_keys"]
+        if not isinstance(name, str) or type(occurrence) is not int or not isinstance(keys, list):
+            raise ValueError(f"malformed agent {str(entry)[:80]!r}")
+        agents.append((name, occurrence, [str(key) for key in keys]))
+    replay = _json_object(meta, "replay")
+    return CheckpointSummary(
+        checkpoint=checkpoint,
+        uri=uri,
+        state_keys=[str(key) for key in _json_list(meta, "state_keys")],
+        agents=agents,
+        replay_steps=int(replay.get("steps", 0)),
+        replay_results=int(replay.get("results", 0)),
+        ledger={k: int(v) for k, v in _json_object(meta, "ledger").items()},
+        trace={k: str(v) for k, v in _json_object(meta, "trace").items()},
+    )
 
 
 class StoredCheckpoint(NamedTuple):
@@ -261,7 +353,7 @@ class CheckpointStore:
 
     def _dump(self, document: dict[str, Any], name: str) -> tuple[bytes, str]:
         try:
-            return dump_blob(document, self._serializer, compression=self.compression)
+            return self._dump_blob(document)
         except CheckpointError:
             pass
         # some step result has no form in this serializer: leave those results out (the steps
@@ -270,9 +362,14 @@ class CheckpointStore:
         document["replay"] = [self._serializable(record) for record in document["replay"]]
         document["agents"] = self._writable_agents(document.get("agents", []))
         try:
-            return dump_blob(document, self._serializer, compression=self.compression)
+            return self._dump_blob(document)
         except CheckpointError as exc:
             raise CheckpointError(f"checkpoint {name!r}: {exc}") from None
+
+    def _dump_blob(self, document: dict[str, Any]) -> tuple[bytes, str]:
+        """The blob of ``document``; with its summary when only the program can deserialize it."""
+        meta = summary_of(document) if needs_hmac(self._serializer.name) else None
+        return dump_blob(document, self._serializer, compression=self.compression, meta=meta)
 
     def _serializable(self, record: dict[str, Any]) -> dict[str, Any]:
         if "result" in record:
@@ -352,6 +449,37 @@ class CheckpointStore:
 
     def load(self, checkpoint_id: str) -> RestoredCheckpoint:
         """Read, verify and deserialize a checkpoint."""
+        key, blob = self._get(checkpoint_id)
+        return self._restored(checkpoint_id, key, blob)
+
+    def describe(self, checkpoint_id: str) -> CheckpointSummary:
+        """Read and verify a checkpoint, and say what it holds.
+
+        A checkpoint whose blob has a summary (``summary_of``) is verified whole (size,
+        HMAC, digests) but not deserialized; any other is loaded as ``load`` does.
+        """
+        key, blob = self._get(checkpoint_id)
+        try:
+            header, meta = open_meta(
+                blob,
+                max_bytes=self.max_blob_bytes,
+                hmac_key=self._hmac_key,
+                allowed_serializers=self._allowed,
+            )
+        except CheckpointError as exc:
+            _say_which(exc, checkpoint_id, key)
+            raise
+        if meta is None:
+            return CheckpointSummary.of(self._restored(checkpoint_id, key, blob))
+        try:
+            return _summary_from_meta(meta, header, key, len(blob))
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+            raise CheckpointError(
+                f"checkpoint {checkpoint_id!r} ({key}) is refused: its summary is damaged: {exc}"
+            ) from None
+
+    def _get(self, checkpoint_id: str) -> tuple[str, bytes]:
+        """The key and the blob of a checkpoint (refused unread if it is over ``max_blob_bytes``)."""
         key = self.find(checkpoint_id)
         size_of = getattr(self.exporter, "size", None)
         try:
@@ -365,6 +493,10 @@ class CheckpointStore:
                 blob = self.exporter.get(key)
         except BlobNotFoundError as exc:
             raise CheckpointError(str(exc)) from None
+        return key, blob
+
+    def _restored(self, checkpoint_id: str, key: str, blob: bytes) -> RestoredCheckpoint:
+        """Verify and deserialize the blob of a checkpoint."""
         try:
             header, document = load_blob(
                 blob,
@@ -372,8 +504,8 @@ class CheckpointStore:
                 hmac_key=self._hmac_key,
                 allowed_serializers=self._allowed,
             )
-        except CheckpointError as exc:  # the same error, saying which checkpoint it is
-            exc.args = (f"checkpoint {checkpoint_id!r} ({key}) is refused: {exc}", *exc.args[1:])
+        except CheckpointError as exc:
+            _say_which(exc, checkpoint_id, key)
             raise
         try:
             if not isinstance(document, dict):
@@ -424,6 +556,19 @@ class CheckpointStore:
         prefix = "checkpoints/" if run_id is None else f"checkpoints/{validate_id(run_id, 'run id')}/"
         with suppress_instrumentation():
             return self.exporter.list(prefix)
+
+
+def _say_which(error: CheckpointError, checkpoint_id: str, key: str) -> None:
+    """Make ``error`` say which checkpoint it is about."""
+    error.args = (f"checkpoint {checkpoint_id!r} ({key}) is refused: {error}", *error.args[1:])
+
+
+def _json_list(document: dict[str, Any], part: str) -> list[Any]:
+    """``document[part]``, a JSON list (empty when it is left out); a TypeError naming it if not."""
+    value = document.get(part, [])
+    if not isinstance(value, list):
+        raise TypeError(f"its {part} is a {type(value).__name__}, not a list")
+    return value
 
 
 def _json_object(document: dict[str, Any], part: str, *, required: bool = False) -> dict[str, Any]:

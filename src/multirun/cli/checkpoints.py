@@ -11,6 +11,12 @@ environment) the checkpoint to resume and the store to read it from.
 
 The store is ``--store URI``, else ``$MULTIRUN_CHECKPOINT_URI``, else DIR/blobs.
 A key of the store that is not a checkpoint (a stray file) is skipped with a warning.
+
+A pickle (or cloudpickle) checkpoint is shown, verified (size, HMAC, digests)
+and checked before a resume from the summary its blob carries, without being
+unpickled: its classes may be defined in the program's ``__main__``, which only
+the program itself can unpickle (when it resumes). Those written before that
+summary existed (format version 3) are unpickled, as before.
 """
 
 from __future__ import annotations
@@ -218,35 +224,37 @@ def _created(checkpoint_id: str) -> str:
 def cmd_show(args: argparse.Namespace) -> int:
     store = open_store(args)
     checkpoint_id = _call(resolve_checkpoint, stored_checkpoints(store), args.checkpoint_id, "checkpoint")
-    restored = _call(store.load, checkpoint_id)
-    meta = restored.checkpoint
-    cached = sum(1 for record in restored.replay if "result" in record)
-    tokens, steps = restored.ledger.get("tokens", 0), restored.ledger.get("steps", 0)
+    summary = _call(store.describe, checkpoint_id)
+    meta = summary.checkpoint
+    tokens, steps = summary.ledger.get("tokens", 0), summary.ledger.get("steps", 0)
+    replay_log = (
+        f"{render.plural(summary.replay_steps, 'step')}, {summary.replay_results} with a result to serve"
+    )
     lines = [
         ("checkpoint", meta.id),
         ("run", f"{meta.run_id} ({meta.context.get('run_name', '')})"),
         ("name", meta.name),
         ("created", meta.created_at.isoformat()),
         ("size", render.plural(meta.size_bytes, "byte")),
-        ("key", restored.uri),
-        ("state keys", ", ".join(sorted(restored.state)) or "(none)"),
-        ("agents", _agents(restored.agents)),
-        ("replay log", f"{render.plural(len(restored.replay), 'step')}, {cached} with a result to serve"),
+        ("key", summary.uri),
+        ("state keys", ", ".join(summary.state_keys) or "(none)"),
+        ("agents", _agents(summary.agents)),
+        ("replay log", replay_log),
         ("spend", f"{render.plural(tokens, 'token')}, {render.plural(steps, 'step')}"),
-        ("trace", restored.trace.get("trace_id", "(unknown)")),
+        ("trace", summary.trace.get("trace_id", "(unknown)")),
     ]
     for label, value in lines:
         print(f"{label:<11} {render.printable(value)}")
     return 0
 
 
-def _agents(agents: list[dict[str, Any]]) -> str:
+def _agents(agents: list[tuple[str, int, list[str]]]) -> str:
     """The agents whose state a checkpoint keeps: ``name (its state keys)``, ``#n`` for the
     n-th agent of that name in the run."""
     shown = []
-    for entry in agents:
-        occurrence = f" #{entry['occurrence']}" if entry["occurrence"] > 1 else ""
-        shown.append(f"{entry['name']}{occurrence} ({', '.join(sorted(entry['state'])) or 'empty'})")
+    for name, occurrence, state_keys in agents:
+        nth = f" #{occurrence}" if occurrence > 1 else ""
+        shown.append(f"{name}{nth} ({', '.join(state_keys) or 'empty'})")
     return ", ".join(shown) or "(none)"
 
 
@@ -258,7 +266,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for given in ids:
         try:
             checkpoint_id = resolve_checkpoint(stored, given, "checkpoint")
-            store.load(checkpoint_id)
+            store.describe(checkpoint_id)
         except (CheckpointError, ReplayError) as exc:
             failed += 1
             print(f"FAILED  {given}: {exc}")
@@ -284,8 +292,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise CommandError(f"resume: give the program to run after --, {RESUME_EXAMPLE}")
     store = open_store(args)
     checkpoint_id = _call(resolve_checkpoint, stored_checkpoints(store), args.identifier, "either")
-    restored = _call(store.load, checkpoint_id)
-    meta = restored.checkpoint
+    meta = _call(store.describe, checkpoint_id).checkpoint  # the program unpickles it, not this one
     print(f"resuming run {meta.run_id} from checkpoint {meta.id} ({meta.name})", file=sys.stderr)
     try:
         code = subprocess.call(command, env=child_environment(args, meta.id))
