@@ -209,32 +209,44 @@ class DamagedLine(ValueError):
     """A line of a span file that is not an OTLP JSON request; the message says why."""
 
 
-def _read_span_file(path: Path) -> list[SpanRecord]:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        _logger.warning("skipping unreadable file %s: %s", path, exc.strerror or exc)
-        return []
-    found: list[SpanRecord] = []
+def _read_span_file(path: Path) -> Iterator[SpanRecord]:
+    """The spans of one file, read a line (one request) at a time, so that a big file costs the
+    memory of its longest line, not its size."""
     damaged: list[tuple[int, str]] = []
     bad_spans: list[tuple[int, str]] = []
-    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is not a line end
-        if line.strip():
-            try:
-                spans, reasons = _parse_line(line)
-            except DamagedLine as exc:
-                after = _request_after_a_fragment(line)
-                if after is None:
-                    damaged.append((number, str(exc)))
-                else:  # an older writer glued its request to what a killed one left
-                    found.extend(after)
-                    damaged.append((number, "cut short; the request written after it was read"))
-            else:
-                found.extend(spans)
-                bad_spans.extend((number, reason) for reason in reasons)
+    number = 0
+    try:
+        # universal newlines: "\r\n" and "\r" end a line too; U+2028 does not
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield from _spans_of_line(line.removesuffix("\n"), number, damaged, bad_spans)
+    except OSError as exc:
+        if number:
+            _logger.warning("stopped reading %s after line %d: %s", path, number, exc.strerror or exc)
+        else:
+            _logger.warning("skipping unreadable file %s: %s", path, exc.strerror or exc)
     if damaged or bad_spans:
         _warn_damaged(path, damaged, bad_spans)
-    return found
+
+
+def _spans_of_line(
+    line: str, number: int, damaged: list[tuple[int, str]], bad_spans: list[tuple[int, str]]
+) -> list[SpanRecord]:
+    """The spans of line ``number``; why it, or a span of it, could not be read goes to
+    ``damaged`` or ``bad_spans``."""
+    try:
+        spans, reasons = _parse_line(line)
+    except DamagedLine as exc:
+        after = _request_after_a_fragment(line)
+        if after is None:
+            damaged.append((number, str(exc)))
+            return []
+        # an older writer glued its request to what a killed one left
+        damaged.append((number, "cut short; the request written after it was read"))
+        return after
+    bad_spans.extend((number, reason) for reason in reasons)
+    return spans
 
 
 _REQUEST_START = re.compile(r'\{\s*"resourceSpans"\s*:')
