@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import tracemalloc
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1141,3 +1142,118 @@ def test_console_script_demo_says_when_the_collector_is_unreachable(tmp_path: Pa
     assert done.returncode == 1
     assert "send the spans to http://127.0.0.1:9: nothing accepts connections" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# big span files: read a line at a time, a summary kept per run
+
+
+def big_span_file(directory: Path, megabytes: int) -> tuple[Path, list[str]]:
+    """``directory/traces`` with one file of about ``megabytes`` MB: runs of 200 steps (a line
+    each, as the exporter writes them) and, every 50th, one whose run span was never written.
+    Returns the file and the run ids (an unfinished run's is its trace id, ``<n>aaa...``)."""
+
+    def build(tracer: Any, finished: bool) -> None:
+        run = tracer.start_span("invoke_workflow big", attributes=run_attrs("f" * 32))
+        with trace.use_span(run, end_on_exit=finished), tracer.start_as_current_span("invoke_agent worker"):
+            for n in range(200):
+                step = {attr.STEP_STATUS: "completed", "multirun.step.name": f"work {n}", attr.TOKENS_USED: 7}
+                with tracer.start_as_current_span("step work", attributes=step):
+                    pass
+
+    templates = []
+    for finished in (True, False):
+        write_spans(directory / str(finished), lambda tracer, finished=finished: build(tracer, finished))
+        [path] = (directory / str(finished) / "traces").iterdir()
+        text = path.read_text()
+        templates.append((text, read_spans(path.parent).__next__().trace_id))
+        shutil.rmtree(directory / str(finished))
+    (directory / "traces").mkdir(parents=True)
+    path = directory / "traces" / "big.jsonl"
+    run_ids = []
+    with path.open("w") as out:
+        n = 0
+        while out.tell() < megabytes << 20:
+            text, trace_id = templates[n % 50 == 49]
+            run_id, trace_id_n = f"{n:08x}" + "b" * 24, f"{n:08x}" + "a" * 24
+            out.write(text.replace(trace_id, trace_id_n).replace("f" * 32, run_id))
+            run_ids.append(run_id if n % 50 != 49 else trace_id_n)
+            n += 1
+    return path, run_ids
+
+
+def peak_memory(call: Callable[[], Any]) -> int:
+    """The most memory Python allocated while ``call`` ran, in bytes."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_runs_and_runs_show_of_a_big_file_keep_far_less_than_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reading a file whole (and every span in it) took about four times its size; read a line
+    at a time, what the commands keep is a summary per run and the spans of the run shown."""
+    path, run_ids = big_span_file(tmp_path, 20)
+    size = path.stat().st_size
+
+    listing = peak_memory(lambda: main(["runs", "--dir", str(tmp_path), "--limit", "3"]))
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + 3 + 1 and out[-1] == f"... and {len(run_ids) - 3} older (use --limit)"
+    assert listing < size // 6, f"{listing / size:.2f} times the file"
+
+    shown = peak_memory(lambda: main(["runs", "show", run_ids[49][:8], "--dir", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert "Unfinished" in out and len(tree_lines(out)) == 2 + 1 + 200  # header, run, agent, steps
+    assert shown < size // 6, f"{shown / size:.2f} times the file"
+
+
+def test_spans_written_twice_are_counted_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two exporters writing one folder, or a file copied: each run once, its spend once."""
+
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("invoke_workflow synthetic", attributes=run_attrs("a" * 32)):
+            tracer.start_span("step one", attributes={attr.STEP_STATUS: "completed"}).end()
+        never_ends = tracer.start_span("invoke_workflow synthetic", attributes=run_attrs("b" * 32))
+        with trace.use_span(never_ends, end_on_exit=False):
+            tracer.start_span(
+                "step two", attributes={attr.STEP_STATUS: "completed", attr.TOKENS_USED: 7}
+            ).end()
+
+    write_spans(tmp_path, build)
+    [path] = (tmp_path / "traces").iterdir()
+    shutil.copy(path, path.with_name("copy.jsonl"))
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", str(tmp_path))
+    assert code == 0
+    assert sorted((run["run_id"] or "", run["status"], run["tokens"]) for run in json.loads(out)) == [
+        ("", "unfinished", 7),  # no checkpoint says its run id
+        ("a" * 32, "", None),
+    ]
+
+
+def test_a_span_that_ends_after_its_run_is_no_unfinished_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A thread the run started and did not wait for writes its span after the run's: its
+    parent was written, in an earlier line (the lister forgets a finished run's spans, and
+    reads the files again to find that parent)."""
+
+    def build(tracer: Any) -> None:
+        with (
+            tracer.start_as_current_span("invoke_workflow synthetic", attributes=run_attrs("a" * 32)),
+            tracer.start_as_current_span("step start_worker", attributes={attr.STEP_STATUS: "completed"}),
+        ):
+            late = tracer.start_span("step background", attributes={attr.STEP_STATUS: "completed"})
+        late.end()
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", str(tmp_path))
+    assert code == 0
+    assert [(run["run_id"], run["status"]) for run in json.loads(out)] == [("a" * 32, "")]
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    assert code == 0
+    worker, background = tree_lines(out)[2:]
+    assert worker.startswith("└─ step start_worker") and background.startswith("   └─ step background")

@@ -141,7 +141,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not named and not runs.exists(directory):
         found: list[runs.RunSummary] = []
     else:
-        found = runs.find_runs(runs.load_spans(directory))
+        found = runs.list_runs(directory)
     shown = found[: args.limit]
     if args.json:
         _print_json(render.runs_json(shown))
@@ -160,9 +160,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     """One run as a tree of its spans."""
     directory, _ = runs.chosen_directory(args)
-    spans = runs.load_spans(directory)
-    run = runs.resolve(runs.find_runs(spans), args.run_id)
-    tree = runs.run_tree(spans, run)
+    run = runs.resolve(runs.list_runs(directory), args.run_id)
+    tree = runs.run_tree(runs.trace_spans(directory, run), run)
     if getattr(args, "json", False):
         _print_json(render.tree_json(tree))
     else:
@@ -296,11 +295,10 @@ def _send_now(client: MultiRunClient, metrics: bool) -> None:
 
 def _show_written(directory: Path, run_id: str) -> int:
     """Read the run back from the files, print it, and say where the files are."""
-    spans = runs.load_spans(directory)
-    found = [r for r in runs.find_runs(spans) if r.run_id == run_id]
+    found = [r for r in runs.list_runs(directory) if r.run_id == run_id]
     if not found:
         raise RunsError(f"run {run_id} was not found in {runs.traces_dir(directory)}")
-    _print_run(found[0], runs.build_tree(spans, found[0].span))
+    _print_run(found[0], runs.build_tree(runs.trace_spans(directory, found[0]), found[0].span))
     print()
     print(f"Traces:      {runs.traces_dir(directory)}/*.jsonl (OTLP JSON, one request per line)")
     for path in sorted((directory / "blobs" / "checkpoints" / run_id).glob("*.ckpt")):

@@ -9,6 +9,10 @@ process died) only the spans that ended inside it are there, children of a
 span that was never written. Those of one trace, if multirun wrote any of
 them, make one *unfinished* run: its id is the run id its checkpoints were
 saved under, if they say so, else the trace id.
+
+Span files can be big (a long run writes hundreds of MB): ``list_runs`` reads
+them a line at a time and keeps a summary per run (see ``RunFinder``), and
+``trace_spans`` only the spans of the one run shown.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import re
 import stat
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,18 +152,40 @@ def traces_dir(directory: str | os.PathLike[str]) -> Path:
 
 
 def load_spans(directory: str | os.PathLike[str]) -> list[SpanRecord]:
-    """Every span under ``directory/traces``, each once.
+    """Every span under ``directory/traces``, each once (all in memory: see ``list_runs``).
 
     Raises RunsError if ``directory`` is missing, or its span folder cannot be read; an
     unreadable file is skipped with a warning, and a file with damaged lines gets one warning
     that sums them up.
     """
+    return dedupe(stream_spans(directory))
+
+
+def stream_spans(directory: str | os.PathLike[str], *, again: bool = False) -> Iterator[SpanRecord]:
+    """Every span under ``directory/traces`` as it is read, a copy written twice included;
+    errors as ``load_spans``, warnings too unless the files are read ``again``."""
     root = Path(directory)
     check_directory(root)
     try:
-        return dedupe(read_spans(traces_dir(root)))
+        yield from read_spans(traces_dir(root), warn=not again)
     except OSError as exc:
         raise RunsError(f"cannot read {traces_dir(root)}: {exc.strerror or exc}") from None
+
+
+def list_runs(directory: str | os.PathLike[str]) -> list[RunSummary]:
+    """The runs under ``directory/traces``, unfinished ones included, newest first, read
+    without keeping the spans (see ``RunFinder``)."""
+    finder = RunFinder()
+    for span in stream_spans(directory):
+        finder.add(span)
+    return finder.runs(lambda: stream_spans(directory, again=True))
+
+
+def trace_spans(directory: str | os.PathLike[str], run: RunSummary) -> list[SpanRecord]:
+    """The spans of ``run``'s trace under ``directory/traces`` (which ``list_runs`` read), each
+    once: only those are kept."""
+    trace_id = run.span.trace_id
+    return dedupe(span for span in stream_spans(directory, again=True) if span.trace_id == trace_id)
 
 
 def dedupe(spans: Iterable[SpanRecord]) -> list[SpanRecord]:
@@ -200,63 +226,191 @@ def record_from_span(span: ReadableSpan) -> SpanRecord:
 def find_runs(spans: Iterable[SpanRecord]) -> list[RunSummary]:
     """The runs among ``spans``, unfinished ones included, newest first."""
     spans = list(spans)
-    runs = [RunSummary(s) for s in spans if s.attributes.get(attr.RUN_ID)]
-    runs += unfinished_runs(spans, {r.run_id for r in runs})
-    runs.sort(key=lambda r: r.span.start_ns, reverse=True)
-    return runs
-
-
-def unfinished_runs(spans: Sequence[SpanRecord], known_ids: Collection[str] = ()) -> list[RunSummary]:
-    """The unfinished runs among ``spans``: per trace, the spans whose parent, a span of the same
-    process, was never written, when multirun wrote at least one of them or of the spans below.
-
-    A span whose parent is in another process (a run continued from a message) is no orphan;
-    neither is a run span whose file does not say where its parent was.
-    """
-    by_trace: dict[str, dict[str, SpanRecord]] = defaultdict(dict)
+    finder = RunFinder()
     for span in spans:
-        by_trace[span.trace_id].setdefault(span.span_id, span)
-    found = []
-    for trace_id, members in by_trace.items():
-        tops = [s for s in members.values() if _parent_never_written(s, members)]
-        if not tops:
-            continue
-        children: dict[str, list[SpanRecord]] = defaultdict(list)
-        for span in members.values():
-            children[span.parent_span_id].append(span)
-        below = [node.span for top in tops for node in _subtree(top, children, set()).walk()]
-        if not any(key.startswith("multirun.") for span in below for key in span.attributes):
-            continue  # another instrumentation's spans
-        found.append(RunSummary(_stand_in(trace_id, tops, below, known_ids), tops))
+        finder.add(span)
+    return finder.runs(lambda: spans)
+
+
+class RunFinder:
+    """Finds the runs among spans given one at a time, keeping a summary per run, not the spans.
+
+    A finished run is its run span, kept. An unfinished run is, per trace, the spans whose
+    parent, a span of the same process, was never written (its *tops*), when multirun wrote at
+    least one of them or of the spans below them. To find those without keeping every span,
+    the spans of a trace are joined into trees through their parent links as they come
+    (``_Tree``: a top, and what the run needs of the spans below it). A tree whose top has no
+    parent is a whole trace, or its finished part, and is forgotten: the spans kept are the
+    tops of the trees still open, those of runs whose process died or had not ended yet.
+
+    A span whose parent is in a forgotten tree (one written by a thread that outlived its run,
+    say) cannot be told from an orphan then: ``runs`` reads the spans again to tell, only when
+    there are such spans, and keeps only their parents' ids from that reading.
+    """
+
+    def __init__(self) -> None:
+        self._finished: list[RunSummary] = []
+        self._run_spans: set[tuple[str, str]] = set()  # (trace id, span id): each run once
+        self._traces: dict[str, _Trace] = {}  # in the order their first span was read
+        self._read = 0
+
+    def add(self, span: SpanRecord) -> None:
+        """Take the next span (a copy of one already taken, as two exporters write, is ignored)."""
+        if span.attributes.get(attr.RUN_ID) and (span.trace_id, span.span_id) not in self._run_spans:
+            self._run_spans.add((span.trace_id, span.span_id))
+            self._finished.append(RunSummary(span))
+        trace = self._traces.get(span.trace_id)
+        if trace is None:
+            trace = self._traces[span.trace_id] = _Trace()
+        trace.add(span, self._read)
+        self._read += 1
+
+    def runs(self, read_again: Callable[[], Iterable[SpanRecord]]) -> list[RunSummary]:
+        """The runs found, unfinished ones included, newest first; ``read_again`` gives the same
+        spans again, should some parents need looking for."""
+        looked_for = {
+            trace_id: trace.orphan_parents() for trace_id, trace in self._traces.items() if trace.forgot_some
+        }
+        looked_for = {trace_id: parents for trace_id, parents in looked_for.items() if parents}
+        written = _written(looked_for, read_again()) if looked_for else {}
+        known_ids = {run.run_id for run in self._finished}
+        found = list(self._finished)
+        for trace_id, trace in self._traces.items():
+            tops = trace.orphans(written.get(trace_id, set()))
+            if any(tree.by_multirun for tree in tops):  # else another instrumentation's spans
+                found.append(RunSummary(_stand_in(trace_id, tops, known_ids), [tree.top for tree in tops]))
+        found.sort(key=lambda run: run.span.start_ns, reverse=True)
+        return found
+
+
+@dataclass(eq=False)
+class _Tree:
+    """Spans of one trace joined through their parent links: ``top``, whose parent was not read
+    (yet), and the ids of the spans in it, with what an unfinished run's stand-in needs of them."""
+
+    top: SpanRecord
+    read: int  # when its top was read: an unfinished run's tops are in that order
+    span_ids: list[str]
+    by_multirun: bool  # whether multirun wrote one of its spans
+    checkpoint_runs: set[str]  # the run ids its spans' checkpoints were saved under
+    start_ns: int
+    end_ns: int
+
+    @classmethod
+    def of(cls, span: SpanRecord, read: int) -> _Tree:
+        by_multirun = any(key.startswith("multirun.") for key in span.attributes)
+        return cls(
+            span, read, [span.span_id], by_multirun, _checkpoint_runs(span), span.start_ns, span.end_ns
+        )
+
+    def take(self, other: _Tree) -> None:
+        """Add the spans of ``other``, a tree whose top is a child of one of these spans."""
+        self.span_ids += other.span_ids
+        self.by_multirun = self.by_multirun or other.by_multirun
+        self.checkpoint_runs |= other.checkpoint_runs
+        self.start_ns = min(self.start_ns, other.start_ns)
+        self.end_ns = max(self.end_ns, other.end_ns)
+
+
+class _Trace:
+    """The open trees of one trace, as ``RunFinder`` reads its spans."""
+
+    def __init__(self) -> None:
+        self.trees: dict[str, _Tree] = {}  # span id -> the tree it is in
+        self.waiting: dict[str, list[_Tree]] = {}  # a parent not read (yet) -> the trees below it
+        self.forgot_some = False
+
+    def add(self, span: SpanRecord, read: int) -> None:
+        if span.span_id in self.trees:
+            return  # a second copy
+        tree = _Tree.of(span, read)
+        self.trees[span.span_id] = tree
+        for child in self.waiting.pop(span.span_id, ()):
+            self._join(tree, child)
+        parent = self.trees.get(span.parent_span_id) if span.parent_span_id else None
+        if parent is not None:
+            self._join(parent, tree)
+        elif span.parent_span_id:
+            self.waiting.setdefault(span.parent_span_id, []).append(tree)
+        else:
+            self._forget(tree)  # nothing above it: no unfinished run in it
+
+    def orphan_parents(self) -> set[str]:
+        """The parents that trees whose top may be an orphan's wait for."""
+        return {
+            parent_id for parent_id, trees in self.waiting.items() if any(_may_be_orphan(t) for t in trees)
+        }
+
+    def orphans(self, written: Collection[str]) -> list[_Tree]:
+        """The trees whose top is an orphan, in the order their tops were read; ``written``: the
+        parents they wait for that were found written after all."""
+        found = [
+            tree
+            for parent_id, trees in self.waiting.items()
+            if parent_id not in written
+            for tree in trees
+            if _may_be_orphan(tree)
+        ]
+        return sorted(found, key=lambda tree: tree.read)
+
+    def _join(self, parent: _Tree, child: _Tree) -> None:
+        if child is parent:  # a cycle, in a damaged file
+            return
+        parent.take(child)
+        for span_id in child.span_ids:
+            self.trees[span_id] = parent
+
+    def _forget(self, tree: _Tree) -> None:
+        for span_id in tree.span_ids:
+            del self.trees[span_id]
+        if not self.trees:  # a dict keeps its size when emptied, and a long trace's was big
+            self.trees = {}
+        if not self.waiting:
+            self.waiting = {}
+        self.forgot_some = True
+
+
+def _may_be_orphan(tree: _Tree) -> bool:
+    """Whether the top of ``tree``, if its parent was never written, makes an unfinished run:
+    a span whose parent is in another process (a run continued from a message) does not;
+    neither does a run span whose file does not say where its parent was."""
+    top = tree.top
+    if top.parent_is_remote is None:
+        return not top.attributes.get(attr.RUN_ID)  # a run's parent may well be in another process
+    return not top.parent_is_remote
+
+
+def _written(parents: dict[str, set[str]], spans: Iterable[SpanRecord]) -> dict[str, set[str]]:
+    """Of ``parents`` (span ids by trace id), those that are among ``spans``."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for span in spans:
+        if span.span_id in parents.get(span.trace_id, ()):
+            found[span.trace_id].add(span.span_id)
     return found
-
-
-def _parent_never_written(span: SpanRecord, members: dict[str, SpanRecord]) -> bool:
-    if not span.parent_span_id or span.parent_span_id in members:
-        return False
-    if span.parent_is_remote is None:  # the file does not say where the parent was
-        return not span.attributes.get(attr.RUN_ID)  # a run's may well be in another process
-    return not span.parent_is_remote
 
 
 _CHECKPOINT_KEY = re.compile(r"checkpoints/([^/]+)/([^/]+)\.ckpt\Z")
 
 
-def _stand_in(
-    trace_id: str, tops: list[SpanRecord], below: list[SpanRecord], known_ids: Collection[str]
-) -> SpanRecord:
-    """A span in place of the run span that was never written."""
+def _checkpoint_runs(span: SpanRecord) -> set[str]:
+    """The run ids the checkpoints of ``span`` were saved under (from their key)."""
     run_ids = set()
-    for span in below:
-        for event in span.events:
-            said = event.get("attributes", {})
-            key = _CHECKPOINT_KEY.search(str(said.get(attr.CHECKPOINT_URI, "")))
-            if (
-                event.get("name") == attr.EVENT_CHECKPOINT
-                and key
-                and key.group(2) == said.get(attr.CHECKPOINT_ID)
-            ):
-                run_ids.add(key.group(1))  # saved under checkpoints/<run id>/<checkpoint id>.ckpt
+    for event in span.events:
+        said = event.get("attributes", {})
+        key = _CHECKPOINT_KEY.search(str(said.get(attr.CHECKPOINT_URI, "")))
+        if (
+            event.get("name") == attr.EVENT_CHECKPOINT
+            and key
+            and key.group(2) == said.get(attr.CHECKPOINT_ID)
+        ):
+            run_ids.add(key.group(1))  # saved under checkpoints/<run id>/<checkpoint id>.ckpt
+    return run_ids
+
+
+def _stand_in(trace_id: str, trees: list[_Tree], known_ids: Collection[str]) -> SpanRecord:
+    """A span in place of the run span that was never written, above the trees of ``trees``."""
+    tops = [tree.top for tree in trees]
+    run_ids = set().union(*(tree.checkpoint_runs for tree in trees))
     attributes: dict[str, Any] = {attr.RUN_STATUS: UNFINISHED}
     if len(run_ids) == 1 and run_ids.isdisjoint(known_ids):
         attributes[attr.RUN_ID] = run_ids.pop()
@@ -273,8 +427,8 @@ def _stand_in(
         trace_id=trace_id,
         span_id="",
         parent_span_id="",
-        start_ns=min(s.start_ns for s in below),
-        end_ns=max(s.end_ns for s in below),
+        start_ns=min(tree.start_ns for tree in trees),
+        end_ns=max(tree.end_ns for tree in trees),
         attributes=attributes,
         service_name=tops[0].service_name,
     )

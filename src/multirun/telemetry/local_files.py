@@ -181,17 +181,17 @@ class SpanRecord:
         return max(self.end_ns - self.start_ns, 0) / 1e9
 
 
-def read_spans(directory: str | os.PathLike[str]) -> Iterator[SpanRecord]:
+def read_spans(directory: str | os.PathLike[str], *, warn: bool = True) -> Iterator[SpanRecord]:
     """Every span in the ``.jsonl`` files of ``directory`` (none if there is no such folder).
 
     OSError if the folder cannot be read (its spans are not "none"). An unreadable file is
     skipped with a warning; a file with damaged lines, or spans (a field of the wrong type, a
     time out of range), gets one warning that sums them up, and the rest is read. A whole
     request glued to the fragment a killed writer left (as writers before this one did) is
-    read too.
+    read too. ``warn=False``: no warnings (the files are read again, and were warned of).
     """
     for path in span_files(directory):
-        yield from _read_span_file(path)
+        yield from _read_span_file(path, warn)
 
 
 def span_files(directory: str | os.PathLike[str]) -> list[Path]:
@@ -209,7 +209,7 @@ class DamagedLine(ValueError):
     """A line of a span file that is not an OTLP JSON request; the message says why."""
 
 
-def _read_span_file(path: Path) -> Iterator[SpanRecord]:
+def _read_span_file(path: Path, warn: bool) -> Iterator[SpanRecord]:
     """The spans of one file, read a line (one request) at a time, so that a big file costs the
     memory of its longest line, not its size."""
     damaged: list[tuple[int, str]] = []
@@ -222,11 +222,11 @@ def _read_span_file(path: Path) -> Iterator[SpanRecord]:
                 if line.strip():
                     yield from _spans_of_line(line.removesuffix("\n"), number, damaged, bad_spans)
     except OSError as exc:
-        if number:
+        if warn and number:
             _logger.warning("stopped reading %s after line %d: %s", path, number, exc.strerror or exc)
-        else:
+        elif warn:
             _logger.warning("skipping unreadable file %s: %s", path, exc.strerror or exc)
-    if damaged or bad_spans:
+    if warn and (damaged or bad_spans):
         _warn_damaged(path, damaged, bad_spans)
 
 
