@@ -1192,7 +1192,7 @@ def peak_memory(call: Callable[[], Any]) -> int:
         tracemalloc.stop()
 
 
-def test_runs_and_runs_show_of_a_big_file_keep_far_less_than_the_file(
+def test_runs_runs_show_and_checkpoints_of_a_big_file_keep_far_less_than_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Reading a file whole (and every span in it) took about four times its size; read a line
@@ -1209,6 +1209,11 @@ def test_runs_and_runs_show_of_a_big_file_keep_far_less_than_the_file(
     out = capsys.readouterr().out
     assert "Unfinished" in out and len(tree_lines(out)) == 2 + 1 + 200  # header, run, agent, steps
     assert shown < size // 6, f"{shown / size:.2f} times the file"
+
+    # the checkpoints' listing reads the traces for the checkpoints' names and the runs' ids
+    listed = peak_memory(lambda: main(["checkpoints", "--dir", str(tmp_path), "--run", run_ids[7][:8]]))
+    assert capsys.readouterr().out == f"No checkpoints of run {run_ids[7]}.\n"
+    assert listed < size // 6, f"{listed / size:.2f} times the file"
 
 
 def test_spans_written_twice_are_counted_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

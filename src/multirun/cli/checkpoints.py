@@ -37,7 +37,6 @@ from multirun.checkpoints.serializers import serializer_names
 from multirun.checkpoints.store import CheckpointStore, StoredCheckpoint, parse_checkpoint_key
 from multirun.cli import render, runs
 from multirun.errors import CheckpointError, MultiRunError, ReplayError
-from multirun.telemetry.local_files import SpanRecord
 
 _logger = logging.getLogger(__name__)
 
@@ -145,16 +144,23 @@ def _where(store: CheckpointStore, key: str) -> str:
     return f"{key} in the store"
 
 
-def _spans(args: argparse.Namespace) -> list[SpanRecord]:
-    """The spans under DIR/traces, if there are any (they name the checkpoints)."""
+def _traced(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The ids of the runs under DIR/traces, and the names their spans give checkpoints, if
+    there are span files (read a line at a time, without keeping the spans: they can be big)."""
     directory, _ = runs.chosen_directory(args)
     if not directory.is_dir():
-        return []
+        return [], {}
+    finder = runs.RunFinder()
+    names: dict[str, str] = {}
     try:
-        return runs.load_spans(directory)
+        for span in runs.stream_spans(directory):
+            finder.add(span)
+            names.update(runs.checkpoint_names([span]))
+        found = finder.runs(lambda: runs.stream_spans(directory, again=True))
     except runs.RunsError as exc:  # the checkpoints are still there to list
         _logger.warning("%s; checkpoints are listed without their names", exc)
-        return []
+        return [], {}
+    return [run.run_id for run in found if run.run_id], names
 
 
 def _call(function: Any, *args: Any) -> Any:
@@ -175,14 +181,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     """One line per checkpoint, newest last: run, checkpoint id, when, and its name."""
     store = open_store(args)
     stored = stored_checkpoints(store)
-    spans = _spans(args)
-    run_id = _match_run(args.run_id, stored, spans) if args.run_id else None
+    traced_run_ids, names = _traced(args)
+    run_id = _match_run(args.run_id, stored, traced_run_ids) if args.run_id else None
     if run_id is not None:
         stored = [found for found in stored if found.run_id == run_id]
     if not stored:
         print("No checkpoints" + (f" of run {run_id}" if run_id else "") + ".")
         return 0
-    names = runs.checkpoint_names(spans)
     rows = [
         (
             found.run_id[:12],
@@ -197,9 +202,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _match_run(prefix: str, stored: list[StoredCheckpoint], spans: list[SpanRecord]) -> str:
+def _match_run(prefix: str, stored: list[StoredCheckpoint], traced_run_ids: list[str]) -> str:
     """The run id ``prefix`` names, among the runs of the store and those of the traces."""
-    ids = [found.run_id for found in stored] + [run.run_id for run in runs.find_runs(spans) if run.run_id]
+    ids = [found.run_id for found in stored] + traced_run_ids
     return str(_call(match_id, prefix, ids, "run", f"no run with id {prefix!r}{runs.RUNS_HINT}"))
 
 
