@@ -370,3 +370,130 @@ def test_a_bad_otel_span_attribute_count_limit_does_not_fail_the_import(tmp_path
     )
     assert ran == "ran"
     assert "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT" in done.stderr  # the run's warning
+
+
+# Telemetry variables a run set up without init falls back on (one warning, the default), and
+# the values that make each one wrong.
+TELEMETRY_VARIABLES = [
+    ("OTEL_BSP_SCHEDULE_DELAY", "soon"),
+    ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+    ("OTEL_BSP_MAX_QUEUE_SIZE", "-1"),
+    ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "many"),
+    ("OTEL_BSP_EXPORT_TIMEOUT", "soon"),
+    ("MULTIRUN_CHECKPOINT_TIMEOUT", "soon"),
+    ("MULTIRUN_CHECKPOINT_TIMEOUT", "-1"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:port"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), TELEMETRY_VARIABLES)
+def test_without_init_a_bad_telemetry_variable_is_logged_and_the_run_goes_on_traced(
+    global_otel, tmp_path, monkeypatch, caplog, variable: str, value: str
+) -> None:
+    # a program that never calls init must not fail at its first @run over a telemetry setting
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
+
+    @run
+    def job() -> int:
+        return 1
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert job() == 1
+    [warning] = [r.getMessage() for r in caplog.records if variable in r.getMessage()]
+    assert repr(value) in warning
+    client = multirun.get_client()
+    assert client.checkpoints.put_timeout == 15
+    # the spans are exported with the default batch settings, to the files of the embedded default
+    assert client.force_flush()
+    assert [s.name for s in read_spans(tmp_path / "mr" / "traces")] == ["invoke_workflow job"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_BSP_EXPORT_TIMEOUT", "soon"),
+        ("OTEL_BSP_EXPORT_TIMEOUT", "-5"),
+        ("MULTIRUN_CHECKPOINT_TIMEOUT", "soon"),
+        ("MULTIRUN_CHECKPOINT_TIMEOUT", "-1"),
+        ("MULTIRUN_CHECKPOINT_TIMEOUT", "nan"),
+    ],
+)
+def test_init_refuses_a_bad_telemetry_variable_naming_it(
+    global_otel, tmp_path, monkeypatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError, match=f"^{variable} must be") as info:
+        multirun.init(local_dir=tmp_path / "mr")
+    assert repr(value) in str(info.value)
+    assert multirun.client._configured is None
+    assert not (tmp_path / "mr").exists()
+
+
+METRICS_WITHOUT_INIT = """
+import logging, sys
+import multirun
+from opentelemetry import metrics
+
+logging.basicConfig(format="%(message)s")
+
+
+@multirun.run
+def job() -> str:
+    return "ran"
+
+
+print(job())
+provider = metrics.get_meter_provider()
+config = getattr(provider, "_sdk_config", None)  # the SDK's MeterProvider, if the run made one
+if config is None:
+    print("no meter provider")
+else:
+    [reader] = provider._metric_readers
+    print(reader._export_interval_millis, type(config.exemplar_filter).__name__)
+"""
+
+
+def run_without_init(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
+    """METRICS_WITHOUT_INIT in a fresh process: its first @run sets up the defaults."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env |= {"MULTIRUN_DIR": str(tmp_path / "mr"), "OTEL_EXPORTER_OTLP_TIMEOUT": "1", **variables}
+    return subprocess.run(
+        [sys.executable, "-c", METRICS_WITHOUT_INIT], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "settings"),
+    [
+        ("OTEL_METRIC_EXPORT_INTERVAL", "soon", "10000 TraceBasedExemplarFilter"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "0", "10000 TraceBasedExemplarFilter"),
+        ("OTEL_METRICS_EXEMPLAR_FILTER", "sometimes", "10000 TraceBasedExemplarFilter"),
+        ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "collector:4318", "no meter provider"),
+    ],
+)
+def test_without_init_a_bad_metrics_variable_is_logged_and_metrics_keep_their_defaults(
+    tmp_path: Path, variable: str, value: str, settings: str
+) -> None:
+    # with an OTLP endpoint for metrics, the first run makes a MeterProvider that reads these
+    done = run_without_init(
+        tmp_path, **{"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:9", variable: value}
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["ran", settings]
+    [warning] = [line for line in done.stderr.splitlines() if variable in line]
+    assert warning.startswith(f"multirun: {variable} must be") and repr(value) in warning
+
+
+def test_without_init_good_metrics_variables_are_used(tmp_path: Path) -> None:
+    done = run_without_init(
+        tmp_path,
+        OTEL_EXPORTER_OTLP_METRICS_ENDPOINT="http://127.0.0.1:9",
+        OTEL_METRIC_EXPORT_INTERVAL="2500",
+        OTEL_METRICS_EXEMPLAR_FILTER="always_off",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["ran", "2500 AlwaysOffExemplarFilter"]
+    assert "multirun:" not in done.stderr
+

@@ -1,23 +1,43 @@
-"""Process-level helpers: integer settings from the environment, and re-arming after ``fork``."""
+"""Process-level helpers: settings from the environment, and re-arming after ``fork``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from collections.abc import Callable
 
 from multirun.errors import ConfigurationError
 
+_logger = logging.getLogger(__name__)
 
-def env_int(name: str, default: int) -> int:
-    """The integer in environment variable ``name``, ``default`` when unset; ConfigurationError if not one."""
+
+def refuse_or_warn(problem: str, *, refuse: bool, instead: str = "its default is used") -> None:
+    """A setting that cannot work: a ConfigurationError saying ``problem``, or, with
+    ``refuse=False``, a warning saying it and what happens ``instead``.
+
+    ``init`` refuses; the defaults a first run sets up without ``init`` warn, and the caller
+    goes on without the setting: telemetry must not fail the program.
+    """
+    if refuse:
+        raise ConfigurationError(problem)
+    _logger.warning("multirun: %s; %s", problem, instead)
+
+
+def env_int(name: str, default: int, *, minimum: int, refuse: bool = True) -> int:
+    """The int >= ``minimum`` in environment variable ``name``, ``default`` when it is unset or
+    empty; any other value is refused, or warned about and ``default`` (``refuse_or_warn``)."""
     raw = os.environ.get(name)
     if not raw:
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
+        value = minimum - 1
+    if value < minimum:
+        refuse_or_warn(f"{name} must be an int >= {minimum}, got {raw!r}", refuse=refuse)
+        return default
+    return value
 
 
 def is_count(text: str) -> bool:

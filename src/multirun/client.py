@@ -14,10 +14,11 @@ from __future__ import annotations
 import atexit
 import inspect
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -29,11 +30,11 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from multirun._process import env_int, is_count
+from multirun._process import env_int, is_count, refuse_or_warn
 from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
 from multirun.checkpoints.replay import DEFAULT_LIMIT as DEFAULT_REPLAY_LIMIT
 from multirun.checkpoints.serializers import resolve_hmac_key
-from multirun.checkpoints.store import DEFAULT_PUT_TIMEOUT, CheckpointStore
+from multirun.checkpoints.store import DEFAULT_PUT_TIMEOUT, MAX_PUT_TIMEOUT, CheckpointStore
 from multirun.clock import Clock
 from multirun.enforcement.ledger import Ledger, RunLedger
 from multirun.enforcement.policy import PolicyState
@@ -41,7 +42,7 @@ from multirun.enforcement.processor import TRACER_NAME, UsageSpanProcessor
 from multirun.errors import ConfigurationError
 from multirun.models.budget import Budget
 from multirun.pricing import COST_UNITS_PER_USD, Price, PriceBook
-from multirun.telemetry.export import DEFAULT_TIMEOUT_MILLIS, ExportProcessor, batch_settings
+from multirun.telemetry.export import DEFAULT_TIMEOUT_MILLIS, BatchSettings, ExportProcessor, batch_settings
 from multirun.telemetry.local_files import LocalFileSpanExporter
 from multirun.telemetry.metrics import NO_METRICS, Metrics
 from multirun.usage import TokenUsage
@@ -186,9 +187,9 @@ class _SwappableExportProcessor(SpanProcessor):
         self._retiring: list[threading.Thread] = []  # the shutdowns of replaced pipelines
         self._lock = threading.Lock()
 
-    def replace(self, exporter: SpanExporter) -> None:
+    def replace(self, exporter: SpanExporter, settings: BatchSettings | None) -> None:
         with self._lock:
-            old, self._current = self._current, ExportProcessor(exporter)
+            old, self._current = self._current, ExportProcessor(exporter, settings=settings)
             if old is None:
                 return
             # in a thread of its own: behind a hung exporter it takes its whole timeout (30 s),
@@ -278,8 +279,9 @@ def _register_exit_handler() -> None:
         _exit_handler_registered = True
 
 
-def _export_to(provider: Any, exporter: SpanExporter) -> None:
-    """Send ``provider``'s spans to ``exporter`` through the one pipeline ``init`` adds to it."""
+def _export_to(provider: Any, exporter: SpanExporter, settings: BatchSettings | None) -> None:
+    """Send ``provider``'s spans to ``exporter`` through the one pipeline ``init`` adds to it,
+    batched with ``settings`` (None: as the ``OTEL_BSP_*`` variables say)."""
     pipeline: _SwappableExportProcessor | None = getattr(provider, "_multirun_export_pipeline", None)
     if pipeline is None:
         add = getattr(provider, "add_span_processor", None)
@@ -288,7 +290,7 @@ def _export_to(provider: Any, exporter: SpanExporter) -> None:
         pipeline = _SwappableExportProcessor()
         add(pipeline)
         provider._multirun_export_pipeline = pipeline
-    pipeline.replace(exporter)
+    pipeline.replace(exporter, settings)
 
 
 def configured_client() -> MultiRunClient | None:
@@ -473,8 +475,10 @@ def _init_locked(
     implicit: bool = False,
     **client_options: Any,
 ) -> MultiRunClient:
-    """``init``; ``implicit``: the defaults a first run sets up, which log what ``init`` refuses
-    of the ``OTEL_*_LIMIT`` variables (telemetry must not fail the program)."""
+    """``init``; ``implicit``: the defaults a first run sets up, which log the telemetry
+    variables ``init`` refuses and use their defaults (telemetry must not fail the program).
+    The settings that govern money (``MULTIRUN_UNPRICED``, ``MULTIRUN_LEDGER_URI``) and where
+    checkpoints go are refused all the same."""
     global _configured, _owned_provider
     for name, value in (
         ("service_name", service_name),
@@ -497,36 +501,38 @@ def _init_locked(
         read_limits = _CONTENT_LIMIT  # the default content limit reads one
     else:
         read_limits = {}
-    bad_limits = _bad_span_limits(read_limits, refuse=not implicit)
+    refuse = not implicit
+    bad_limits = _bad_span_limits(read_limits, refuse=refuse)
     if _VALUE_LENGTH_LIMIT in bad_limits and client_options.get("content_limit") is None:
         client_options["content_limit"] = DEFAULT_CONTENT_LIMIT
     _validate_options(**client_options)
-    _validate_endpoints(endpoint, span_exporter, tracer_provider, client_options)
-    _validate_metric_variables(endpoint, client_options)
+    ignored = _validate_endpoints(endpoint, span_exporter, tracer_provider, client_options, refuse=refuse)
+    meter_settings = _metric_settings(endpoint, client_options, ignored, refuse=refuse)
     exports = span_exporter is not None or endpoint is not None
+    batch = None
     if exports or (tracer_provider is None and _provider_is_ours(trace.get_tracer_provider())):
-        batch_settings()  # the OTEL_BSP_* variables of the export pipeline init will make
+        batch = batch_settings(refuse=refuse)  # those of the export pipeline init will make
     price_book = PriceBook(client_options.pop("prices", None))
     root = Path(local_dir or os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR)
     checkpoint_store = _checkpoint_store(
         blob_exporter or checkpoint_uri or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(root / "blobs"),
         checkpoint_serializer,
         resolve_hmac_key(checkpoint_hmac_key, name="checkpoint_hmac_key"),
-        _checkpoint_timeout(checkpoint_timeout),
+        _checkpoint_timeout(checkpoint_timeout, refuse=refuse),
     )
     _ensure_local_dir(local_dir)  # last: a refused init creates no folder
-    exporter = span_exporter or _exporter_for(endpoint, headers, root)
+    exporter = span_exporter or _exporter_for(endpoint, headers, root, ignored)
     provider = tracer_provider
     if provider is None:
         current = trace.get_tracer_provider()
         if _owned_provider is not None and current is _owned_provider:
             # our own provider from an earlier init(): send from now on where this call says
             provider = current
-            _export_to(current, exporter)
+            _export_to(current, exporter, batch)
         elif isinstance(current, TracerProvider):
             provider = current  # the application's own provider: add to it, never replace it
             if span_exporter is not None or endpoint is not None:
-                _export_to(current, exporter)
+                _export_to(current, exporter, batch)
         elif _is_unset(current):
             resource = _resource(service_name)
             # shut down at exit by _shutdown_at_exit, within the shutdown timeout
@@ -534,7 +540,7 @@ def _init_locked(
                 resource=resource, span_limits=_span_limits_without(bad_limits), shutdown_on_exit=False
             )
             _register_exit_handler()
-            _export_to(owned, exporter)
+            _export_to(owned, exporter, batch)
             trace.set_tracer_provider(owned)
             _owned_provider = owned
             provider = owned
@@ -551,9 +557,9 @@ def _init_locked(
             )
             provider = current
     elif span_exporter is not None or endpoint is not None:
-        _export_to(provider, exporter)
-    if client_options.get("meter_provider") is None and client_options.get("metrics", True):
-        _ensure_meter_provider(endpoint, headers, service_name)
+        _export_to(provider, exporter, batch)
+    if meter_settings is not None:
+        _ensure_meter_provider(endpoint, headers, service_name, meter_settings)
     client = MultiRunClient(
         tracer_provider=provider, checkpoint_store=checkpoint_store, prices=price_book, **client_options
     )
@@ -578,11 +584,7 @@ def _validate_options(
     if not isinstance(capture_content, bool):
         raise ConfigurationError(f"capture_content must be True or False, got {capture_content!r}")
     if content_limit is None:
-        env_limit = env_int("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", DEFAULT_CONTENT_LIMIT)
-        if env_limit < 0:
-            raise ConfigurationError(
-                f"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT must be an int >= 0, got {env_limit}"
-            )
+        env_limit = env_int(_VALUE_LENGTH_LIMIT, DEFAULT_CONTENT_LIMIT, minimum=0)
         # the SDK's limit for every attribute: below 16 it, not multirun, cuts content shorter
         content_limit = max(env_limit, 16)
     if isinstance(content_limit, bool) or not isinstance(content_limit, int) or content_limit < 16:
@@ -671,8 +673,11 @@ _ENDPOINT_ENV = {
 }
 
 
-def _env_endpoint(signal: str) -> tuple[str, str] | None:
-    """``(variable, URL)`` of the OTLP endpoint the environment sets for ``signal``, or None."""
+def _env_endpoint(signal: str, ignored: Collection[str] = ()) -> tuple[str, str] | None:
+    """``(variable, URL)`` of the OTLP endpoint the environment sets for ``signal``, or None
+    (also for a signal whose variable is ``ignored``: it cannot be used)."""
+    if signal in ignored:
+        return None
     for variable in _ENDPOINT_ENV[signal]:
         url = os.environ.get(variable)
         if url:
@@ -680,19 +685,19 @@ def _env_endpoint(signal: str) -> tuple[str, str] | None:
     return None
 
 
-def _check_endpoint(name: str, url: str) -> None:
-    """Refuse an OTLP/HTTP endpoint that is not an http(s) URL with a host."""
+def _endpoint_problem(name: str, url: str) -> str | None:
+    """What is wrong with an OTLP/HTTP endpoint that is not an http(s) URL with a host, or None."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  # raises ValueError for a port that is not a number
     except ValueError as exc:
-        raise ConfigurationError(
-            f"{name} must be an http(s) URL such as http://localhost:4318, got {url!r} ({exc})"
-        ) from None
+        return f"{name} must be an http(s) URL such as http://localhost:4318, got {url!r} ({exc})"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError(
-            f"{name} must be an http(s) URL with a host, such as http://localhost:4318, got {url!r}"
-        )
+        return f"{name} must be an http(s) URL with a host, such as http://localhost:4318, got {url!r}"
+    return None
+
+
+_NOT_EXPORTED = {"traces": "spans go to the local files instead", "metrics": "metrics are not exported"}
 
 
 def _validate_endpoints(
@@ -700,23 +705,35 @@ def _validate_endpoints(
     span_exporter: SpanExporter | None,
     tracer_provider: trace.TracerProvider | None,
     options: Mapping[str, Any],
-) -> None:
+    *,
+    refuse: bool = True,
+) -> set[str]:
     """Check ``endpoint``, or the ``OTEL_EXPORTER_OTLP_*ENDPOINT`` variables ``init`` will export to.
 
     A variable only the application's own pipeline reads (it has a provider) is its business.
+    Returns the signals whose variable, with ``refuse=False``, is logged and ignored instead.
     """
     if endpoint is not None:
-        _check_endpoint("endpoint", endpoint)
-        return
+        problem = _endpoint_problem("endpoint", endpoint)
+        if problem is not None:
+            raise ConfigurationError(problem)
+        return set()
     signals = []
     if span_exporter is None and tracer_provider is None and _provider_is_ours(trace.get_tracer_provider()):
         signals.append("traces")
     if options.get("metrics", True) and options.get("meter_provider") is None and _meters_are_ours():
         signals.append("metrics")
+    bad: dict[str, tuple[str, list[str]]] = {}  # variable -> what is wrong, the signals it is for
     for signal in signals:
         found = _env_endpoint(signal)
-        if found is not None:
-            _check_endpoint(*found)
+        if found is None:
+            continue
+        problem = _endpoint_problem(*found)
+        if problem is not None:
+            bad.setdefault(found[0], (problem, []))[1].append(signal)
+    for problem, ignored in bad.values():  # one warning per variable (OTEL_EXPORTER_OTLP_ENDPOINT: both)
+        refuse_or_warn(problem, refuse=refuse, instead=", ".join(_NOT_EXPORTED[signal] for signal in ignored))
+    return {signal for _, ignored in bad.values() for signal in ignored}
 
 
 def _provider_is_ours(current: trace.TracerProvider) -> bool:
@@ -761,10 +778,7 @@ def _bad_span_limits(variables: Mapping[str, tuple[str, int]], *, refuse: bool) 
         raw = os.environ.get(name, "").strip()
         if not raw or is_count(raw):
             continue
-        problem = f"{name} must be an int >= 0 (or empty for no limit), got {raw!r}"
-        if refuse:
-            raise ConfigurationError(problem)
-        _logger.warning("multirun: %s; its default is used", problem)
+        refuse_or_warn(f"{name} must be an int >= 0 (or empty for no limit), got {raw!r}", refuse=refuse)
         bad.add(name)
     return bad
 
@@ -775,26 +789,32 @@ def _span_limits_without(bad: set[str]) -> SpanLimits:
 
 
 _EXEMPLAR_FILTERS = ("trace_based", "always_on", "always_off")
+_DEFAULT_EXEMPLAR_FILTER = "trace_based"
 
 
-def _validate_metric_variables(endpoint: str | None, options: Mapping[str, Any]) -> None:
-    """Check the variables the MeterProvider ``init`` makes for an OTLP endpoint reads, if it
-    makes one (the SDK refuses them with ValueErrors that name none, after the traces are set up)."""
+def _metric_settings(
+    endpoint: str | None, options: Mapping[str, Any], ignored: Collection[str], *, refuse: bool = True
+) -> tuple[int, str] | None:
+    """``(export interval in ms, exemplar filter)`` of the MeterProvider ``init`` makes for an
+    OTLP endpoint, from their variables; None if it makes none.
+
+    A bad variable is refused by name (the SDK's ValueErrors name none, and come after the
+    traces are set up), or with ``refuse=False`` logged and left at its default.
+    """
     if not options.get("metrics", True) or options.get("meter_provider") is not None:
-        return
-    if (endpoint is None and _env_endpoint("metrics") is None) or not _meters_are_ours():
-        return
-    interval = env_int("OTEL_METRIC_EXPORT_INTERVAL", _METRIC_EXPORT_INTERVAL)
-    if interval < 1:
-        raise ConfigurationError(
-            f"OTEL_METRIC_EXPORT_INTERVAL must be an int >= 1 (milliseconds), got {interval}"
-        )
-    exemplar_filter = os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER", "trace_based")
+        return None
+    if (endpoint is None and _env_endpoint("metrics", ignored) is None) or not _meters_are_ours():
+        return None
+    interval = env_int("OTEL_METRIC_EXPORT_INTERVAL", _METRIC_EXPORT_INTERVAL, minimum=1, refuse=refuse)
+    exemplar_filter = os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER", _DEFAULT_EXEMPLAR_FILTER)
     if exemplar_filter not in _EXEMPLAR_FILTERS:
-        raise ConfigurationError(
+        refuse_or_warn(
             f"OTEL_METRICS_EXEMPLAR_FILTER must be one of {', '.join(_EXEMPLAR_FILTERS)}, "
-            f"got {exemplar_filter!r}"
+            f"got {exemplar_filter!r}",
+            refuse=refuse,
         )
+        exemplar_filter = _DEFAULT_EXEMPLAR_FILTER
+    return interval, exemplar_filter
 
 
 def _validate_ledger_uri(ledger_uri: Any) -> None:
@@ -827,8 +847,10 @@ def _unpriced_mode(value: str | None) -> str:
     return value
 
 
-def _exporter_for(endpoint: str | None, headers: Mapping[str, str] | None, root: Path) -> SpanExporter:
-    if endpoint is None and _env_endpoint("traces") is None:
+def _exporter_for(
+    endpoint: str | None, headers: Mapping[str, str] | None, root: Path, ignored: Collection[str]
+) -> SpanExporter:
+    if endpoint is None and _env_endpoint("traces", ignored) is None:
         return LocalFileSpanExporter(root / "traces")
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -856,21 +878,25 @@ def _resource(service_name: str | None) -> Resource:
 
 
 def _ensure_meter_provider(
-    endpoint: str | None, headers: Mapping[str, str] | None, service_name: str | None
+    endpoint: str | None,
+    headers: Mapping[str, str] | None,
+    service_name: str | None,
+    settings: tuple[int, str],
 ) -> None:
-    """With an OTLP endpoint and no global MeterProvider, create one that exports there.
+    """Create the MeterProvider that exports to the OTLP endpoint, with the ``settings`` of
+    ``_metric_settings`` (which says whether to make one).
 
     Without an endpoint, metrics go wherever the application's MeterProvider
     sends them (nowhere if it has none): the embedded default keeps traces only.
     """
     global _owned_meter_provider
-    if _owned_meter_provider is not None or (endpoint is None and _env_endpoint("metrics") is None):
-        return
-    from opentelemetry.sdk.metrics import MeterProvider
-
-    if isinstance(otel_metrics.get_meter_provider(), MeterProvider):
-        return  # the application has one
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics import (
+        AlwaysOffExemplarFilter,
+        AlwaysOnExemplarFilter,
+        MeterProvider,
+        TraceBasedExemplarFilter,
+    )
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
     if endpoint is not None:
@@ -880,10 +906,18 @@ def _ensure_meter_provider(
         )
     else:
         exporter = OTLPMetricExporter(headers=dict(headers) if headers else None)
-    interval = env_int("OTEL_METRIC_EXPORT_INTERVAL", _METRIC_EXPORT_INTERVAL)
+    interval, exemplar_filter = settings
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
+    filters = {
+        "trace_based": TraceBasedExemplarFilter(),
+        "always_on": AlwaysOnExemplarFilter(),
+        "always_off": AlwaysOffExemplarFilter(),
+    }
     _owned_meter_provider = MeterProvider(
-        metric_readers=[reader], resource=_resource(service_name), shutdown_on_exit=False
+        metric_readers=[reader],
+        resource=_resource(service_name),
+        exemplar_filter=filters[exemplar_filter],  # so the SDK does not read the variable again
+        shutdown_on_exit=False,
     )
     _register_exit_handler()
     otel_metrics.set_meter_provider(_owned_meter_provider)
@@ -899,19 +933,26 @@ def _is_unset(provider: trace.TracerProvider) -> bool:
     return isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
-def _checkpoint_timeout(timeout: float | None) -> float:
-    """``init``'s checkpoint_timeout, else ``MULTIRUN_CHECKPOINT_TIMEOUT``, else the default."""
+def _checkpoint_timeout(timeout: float | None, *, refuse: bool = True) -> float:
+    """``init``'s checkpoint_timeout, else ``MULTIRUN_CHECKPOINT_TIMEOUT``, else the default.
+
+    A bad variable is refused by name, or with ``refuse=False`` logged and left at its default.
+    """
     if timeout is not None:
         return timeout  # checked by the CheckpointStore, which names it
     raw = os.environ.get("MULTIRUN_CHECKPOINT_TIMEOUT", "").strip()
     if not raw:
         return DEFAULT_PUT_TIMEOUT
     try:
-        return float(raw)
+        seconds = float(raw)
     except ValueError:
-        raise ConfigurationError(
-            f"MULTIRUN_CHECKPOINT_TIMEOUT must be a number of seconds, got {raw!r}"
-        ) from None
+        seconds = math.nan
+    if not 0 < seconds < MAX_PUT_TIMEOUT:
+        refuse_or_warn(
+            f"MULTIRUN_CHECKPOINT_TIMEOUT must be a number of seconds > 0, got {raw!r}", refuse=refuse
+        )
+        return DEFAULT_PUT_TIMEOUT
+    return seconds
 
 
 def _checkpoint_store(

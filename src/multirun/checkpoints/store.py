@@ -53,6 +53,7 @@ _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")  # \Z: "$" would let a
 DEFAULT_MAX_BLOB_BYTES = 1 << 30
 # above the S3 exporter's own bound (~12 s), so that its clearer error comes first
 DEFAULT_PUT_TIMEOUT = 15.0
+MAX_PUT_TIMEOUT = 1e9  # the longest put_timeout accepted, in seconds
 
 
 _last_id_ns = 0
@@ -235,7 +236,7 @@ class CheckpointStore:
         if put_timeout is not None and (
             isinstance(put_timeout, bool)
             or not isinstance(put_timeout, (int, float))
-            or not 0 < put_timeout < 1e9
+            or not 0 < put_timeout < MAX_PUT_TIMEOUT
         ):
             raise ConfigurationError(
                 f"checkpoint_timeout must be a number of seconds > 0, got {put_timeout!r}"

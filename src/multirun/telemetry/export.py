@@ -21,9 +21,9 @@ leaves out:
   reaches the application.
 - Text the OTLP encoder would refuse (a lone surrogate from an undecodable file
   name) is escaped before export, instead of costing the whole batch.
-- An ``OTEL_BSP_*`` variable that is not an int >= 1 is a ConfigurationError naming it
-  (the SDK raised a ValueError naming none), and a batch size above the queue size
-  (which the SDK refuses) is cut to it.
+- An ``OTEL_BSP_*`` variable that is not an int >= 1 (the export timeout: >= 0) is a
+  ConfigurationError naming it (the SDK raised a ValueError naming none), and a batch
+  size above the queue size (which the SDK refuses) is cut to it.
 - ``force_flush`` and ``shutdown`` return within their ``timeout_millis``
   even when the exporter hangs (the SDK's ignore the timeout while an export
   is stuck), at interpreter exit too. The hung export goes on in a daemon
@@ -36,12 +36,13 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from typing import Final, NamedTuple
 
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.environment_variables import (
+    OTEL_BSP_EXPORT_TIMEOUT,
     OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
     OTEL_BSP_MAX_QUEUE_SIZE,
     OTEL_BSP_SCHEDULE_DELAY,
@@ -66,21 +67,24 @@ DEFAULT_MAX_EXPORT_BATCH_SIZE: Final = 512
 DEFAULT_TIMEOUT_MILLIS: Final = 30_000
 
 
-def batch_settings() -> tuple[int, int, int]:
-    """``(max_queue_size, schedule_delay_millis, max_export_batch_size)`` from the
-    ``OTEL_BSP_*`` variables; ConfigurationError naming one that is not an int >= 1
-    (the SDK's batch processor would raise a ValueError that names none)."""
+class BatchSettings(NamedTuple):
+    """The settings of the batch processor, as the ``OTEL_BSP_*`` variables give them."""
 
-    def setting(name: str, default: int) -> int:
-        value = env_int(name, default)
-        if value < 1:
-            raise ConfigurationError(f"{name} must be an int >= 1, got {value}")
-        return value
+    max_queue_size: int
+    schedule_delay_millis: int
+    max_export_batch_size: int
+    export_timeout_millis: int
 
-    return (
-        setting(OTEL_BSP_MAX_QUEUE_SIZE, DEFAULT_MAX_QUEUE_SIZE),
-        setting(OTEL_BSP_SCHEDULE_DELAY, DEFAULT_SCHEDULE_DELAY_MILLIS),
-        setting(OTEL_BSP_MAX_EXPORT_BATCH_SIZE, DEFAULT_MAX_EXPORT_BATCH_SIZE),
+
+def batch_settings(*, refuse: bool = True) -> BatchSettings:
+    """The ``OTEL_BSP_*`` variables: one that is not an int >= 1 (the export timeout: >= 0) is a
+    ConfigurationError naming it (the SDK's batch processor would raise a ValueError that names
+    none), or with ``refuse=False`` a warning, and its default."""
+    return BatchSettings(
+        env_int(OTEL_BSP_MAX_QUEUE_SIZE, DEFAULT_MAX_QUEUE_SIZE, minimum=1, refuse=refuse),
+        env_int(OTEL_BSP_SCHEDULE_DELAY, DEFAULT_SCHEDULE_DELAY_MILLIS, minimum=1, refuse=refuse),
+        env_int(OTEL_BSP_MAX_EXPORT_BATCH_SIZE, DEFAULT_MAX_EXPORT_BATCH_SIZE, minimum=1, refuse=refuse),
+        env_int(OTEL_BSP_EXPORT_TIMEOUT, DEFAULT_TIMEOUT_MILLIS, minimum=0, refuse=refuse),
     )
 
 
@@ -123,10 +127,13 @@ class ExportProcessor(SpanProcessor):
         max_queue_size: int | None = None,
         schedule_delay_millis: float | None = None,
         max_export_batch_size: int | None = None,
+        settings: BatchSettings | None = None,
     ) -> None:
-        env_queue_size, env_delay, env_batch_size = batch_settings()
+        """``settings``: the batch settings to use instead of the ``OTEL_BSP_*`` variables (as
+        ``init`` read them); an argument given here wins over both."""
+        env = settings or batch_settings()
         if max_queue_size is None:
-            max_queue_size = env_queue_size
+            max_queue_size = env.max_queue_size
         if isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int) or max_queue_size < 1:
             raise ConfigurationError(f"max_queue_size must be an int >= 1, got {max_queue_size!r}")
         self.exporter = exporter
@@ -139,9 +146,9 @@ class ExportProcessor(SpanProcessor):
         self._warned: set[str] = set()
         self._waiter: tuple[threading.Thread, threading.Event] | None = None
         if schedule_delay_millis is None:
-            schedule_delay_millis = env_delay
+            schedule_delay_millis = env.schedule_delay_millis
         if max_export_batch_size is None:
-            max_export_batch_size = env_batch_size
+            max_export_batch_size = env.max_export_batch_size
         # a batch larger than the queue, which the SDK refuses, is a batch of the whole queue
         max_export_batch_size = min(max_export_batch_size, max_queue_size)
         self._batch = BatchSpanProcessor(
@@ -149,6 +156,7 @@ class ExportProcessor(SpanProcessor):
             max_queue_size=max_queue_size,
             schedule_delay_millis=schedule_delay_millis,
             max_export_batch_size=max_export_batch_size,
+            export_timeout_millis=env.export_timeout_millis,  # so the SDK does not read it again
         )
         self._start_shutdown_thread()
         reinit_after_fork(self._at_fork_reinit)
