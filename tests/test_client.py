@@ -497,3 +497,35 @@ def test_without_init_good_metrics_variables_are_used(tmp_path: Path) -> None:
     assert done.stdout.splitlines() == ["ran", "2500 AlwaysOffExemplarFilter"]
     assert "multirun:" not in done.stderr
 
+
+# Settings that govern money: a bad value left aside would spend without the limit the user set
+# (a shared budget in Redis, refusing unpriced models), so the first run refuses it, by name,
+# before the program's function runs.
+MONEY_VARIABLES = [
+    ("MULTIRUN_UNPRICED", "failed", "^MULTIRUN_UNPRICED must be one of flag, fail, got 'failed'$"),
+    ("MULTIRUN_LEDGER_URI", "http://ledger:6379", "^MULTIRUN_LEDGER_URI: ledger URL must be redis://"),
+    ("MULTIRUN_LEDGER_URI", "redis://ledger:port/0", "^MULTIRUN_LEDGER_URI: .*Port could not be cast"),
+    ("MULTIRUN_LEDGER_URI", "redis://ledger:99999/0", "^MULTIRUN_LEDGER_URI: .*Port out of range"),
+    ("MULTIRUN_LEDGER_URI", "redis://[::1/0", "^MULTIRUN_LEDGER_URI: .*Invalid IPv6 URL"),
+    ("MULTIRUN_LEDGER_URI", "redis://ledger/0?socket_timeout=soon", "^MULTIRUN_LEDGER_URI: .*socket_timeout"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "error"), MONEY_VARIABLES)
+def test_without_init_a_bad_money_setting_is_refused_by_name_before_the_run_starts(
+    global_otel, tmp_path, monkeypatch, variable: str, value: str, error: str
+) -> None:
+    pytest.importorskip("redis")
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
+    ran: list[int] = []
+
+    @run
+    def job() -> None:
+        ran.append(1)
+
+    with pytest.raises(ConfigurationError, match=error):
+        job()
+    assert ran == []
+    with pytest.raises(ConfigurationError, match=error):
+        multirun.init(local_dir=tmp_path / "mr")

@@ -740,7 +740,10 @@ class RedisLedgerFactory:
             raise ConfigurationError(
                 "a redis:// ledger needs the redis package: pip install 'multirun-otel[redis]'"
             ) from None
-        parts = urlsplit(uri)
+        try:
+            parts = urlsplit(uri)
+        except ValueError as exc:  # an unclosed [ of an IPv6 address
+            raise ConfigurationError(f"ledger URL is not a valid redis URL: {exc}") from None
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ConfigurationError(f"ledger URL must be redis://, rediss:// or unix://, got {uri!r}")
         ours = {"timeout": str(DEFAULT_TIMEOUT_SECONDS), "fail_open": "false"}
@@ -752,13 +755,16 @@ class RedisLedgerFactory:
                 theirs.append((name, value))
         timeout = _positive(ours["timeout"], "timeout", uri)
         redis_py: Any = redis  # Any: redis-py 5 leaves from_url and Retry untyped
-        client: redis.Redis = redis_py.Redis.from_url(
-            urlunsplit(parts._replace(query=urlencode(theirs))),
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=redis_py.retry.Retry(redis_py.backoff.NoBackoff(), 0),
-            health_check_interval=30,  # a PING before reusing a connection idle that long
-        )
+        try:
+            client: redis.Redis = redis_py.Redis.from_url(
+                urlunsplit(parts._replace(query=urlencode(theirs))),
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=redis_py.retry.Retry(redis_py.backoff.NoBackoff(), 0),
+                health_check_interval=30,  # a PING before reusing a connection idle that long
+            )
+        except ValueError as exc:  # a port that is no number, a bad parameter: redis-py's own words
+            raise ConfigurationError(f"ledger URL is not a valid redis URL: {exc}") from None
         return cls(
             client,
             key_prefix=ours.get("key_prefix", DEFAULT_KEY_PREFIX),
