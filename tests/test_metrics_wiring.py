@@ -295,3 +295,63 @@ def test_a_span_of_both_conventions_is_left_to_the_genai_instrumentation(reader,
 
     main()
     assert durations(reader) == []
+
+
+@pytest.mark.parametrize("usage", [True, False], ids=["with-usage", "without-usage"])
+def test_an_llm_step_around_a_step_with_an_openinference_call_does_not_time_it_again(
+    reader, traced, usage
+) -> None:
+    call = OPENINFERENCE_CALL if usage else {"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o"}
+
+    @step
+    def call_model() -> None:
+        _foreign_llm_span(traced, call)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer() -> None:
+        call_model()
+
+    @run
+    def main() -> None:
+        answer()
+
+    main()
+    assert [count for _, count in durations(reader)] == [1]
+
+
+def test_an_llm_step_around_an_llm_step_times_the_one_call_once(reader) -> None:
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def ask() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=2, provider="openai")
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer() -> None:
+        ask()
+
+    @run
+    def main() -> None:
+        answer()
+        answer()
+
+    main()
+    [(attributes, count)] = durations(reader)
+    assert count == 2
+    assert attributes["gen_ai.response.model"] == "gpt-4o-mini"  # the inner step's, which made it
+
+
+def test_an_llm_step_around_a_call_reported_in_a_plain_step_times_it(reader) -> None:
+    # nobody below timed the call: the LLM step around it is the one that does
+    @step
+    def ask() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=2, provider="openai")
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer() -> None:
+        ask()
+
+    @run
+    def main() -> None:
+        answer()
+
+    main()
+    assert [count for _, count in durations(reader)] == [1]

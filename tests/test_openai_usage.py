@@ -28,6 +28,8 @@ import genai_prices
 import openai
 import pytest
 from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 from opentelemetry.util.genai.handler import TelemetryHandler
@@ -89,6 +91,7 @@ class CannedOpenAI:
     def __init__(self) -> None:
         self.served: list[Served] = []
         self.received = 0  # every POST, answered or not
+        self.failing = False  # answer every request with a 503, as an overloaded provider does
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -135,6 +138,9 @@ class CannedOpenAI:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 if self.path != "/v1/chat/completions":
                     self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+                    return
+                if canned.failing:
+                    self._send(503, {"error": {"message": "overloaded", "type": "overloaded_error"}})
                     return
                 served = canned._next(body)
                 if served is None:
@@ -794,9 +800,6 @@ def test_agent_span_copying_the_usage_of_openai_spans_inside_steps_is_not_charge
 def test_each_call_is_in_the_genai_token_histogram_once_when_openai_v2_records_it(
     traced, llm, client
 ) -> None:
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
     reader = InMemoryMetricReader()
     meters = MeterProvider(metric_readers=[reader])
     multirun.init(tracer_provider=traced.provider, meter_provider=meters)
@@ -859,3 +862,85 @@ def test_a_step_returning_what_a_step_inside_it_returned_is_charged_once(instrum
     )
     assert attrs(run_span(t))["multirun.tokens_used"] == tokens(usages)
     assert usage_sum_over_all_spans(t) == tokens(usages)
+
+
+# ---------------------------------------------------------------------------
+# gen_ai.client.operation.duration: openai-v2 times each call it makes, failed ones too
+
+
+@pytest.fixture
+def metered(traced) -> Iterator[InMemoryMetricReader]:  # type: ignore[no-untyped-def]
+    """openai-v2 and multirun recording metrics to one in-memory reader."""
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    client = multirun.init(tracer_provider=traced.provider, meter_provider=meters)
+    client.clock = traced.clock
+    instrumentor = OpenAIInstrumentor()
+    instrumentor.instrument(tracer_provider=traced.provider, meter_provider=meters)
+    try:
+        yield reader
+    finally:
+        instrumentor.uninstrument()
+        meters.shutdown()
+
+
+def call_durations(reader: InMemoryMetricReader) -> list[tuple[str, dict[str, Any], int]]:
+    """gen_ai.client.operation.duration: (who recorded it, attributes, how many calls) per series."""
+    data = reader.get_metrics_data()
+    return [
+        (scope.scope.name, dict(p.attributes or {}), p.count)
+        for resource in (data.resource_metrics if data else ())
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "gen_ai.client.operation.duration"
+        for p in metric.data.data_points
+    ]
+
+
+def test_a_failed_openai_call_in_an_llm_step_is_timed_once(metered, llm, client) -> None:
+    # the call reports no usage, but openai-v2 timed it, with its error.type: the step must not
+    llm.failing = True
+
+    @step(kind=StepKind.LLM_CALL)
+    def ask_model() -> Any:
+        return ask(client, "are you there?")
+
+    @run
+    def main() -> None:
+        ask_model()
+
+    with pytest.raises(openai.InternalServerError):
+        main()
+    [(scope, attributes, count)] = call_durations(metered)
+    assert count == 1
+    assert scope != MULTIRUN_SCOPE  # openai-v2's (through opentelemetry-util-genai)
+    assert attributes["error.type"] == "InternalServerError"
+
+
+@pytest.mark.parametrize("inner_kind", [StepKind.FUNCTION, StepKind.LLM_CALL])
+@pytest.mark.parametrize("fails", [False, True], ids=["answered", "failed"])
+def test_an_llm_step_around_a_step_with_an_openai_call_does_not_time_it_again(
+    metered, llm, client, inner_kind: StepKind, fails: bool
+) -> None:
+    llm.failing = fails
+
+    @step(kind=inner_kind)
+    def ask_model(prompt: str) -> Any:
+        return ask(client, prompt)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        try:
+            return ask_model(prompt)
+        except openai.APIError:
+            return None
+
+    @run
+    def main() -> None:
+        answer("one")
+        answer("two")
+
+    main()
+    [(scope, _, count)] = call_durations(metered)
+    assert count == 2
+    assert scope != MULTIRUN_SCOPE

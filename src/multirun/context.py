@@ -975,7 +975,7 @@ class StepContext:
     _cost_units = 0
     unpriced = False
     child_usage_reported = False
-    call_timed_below = False  # a span of another instrumentation inside timed a model call
+    call_timed_below = False  # a model call inside was timed (by its instrumentation, or a step)
     refused = False  # refused by the budget or policy before it ran: no model call was made
     _own_usage: list[tuple[TokenUsage, int, bool]] | None = None
     # the response ids of the model calls charged in this step or a step inside it, latest last
@@ -1378,6 +1378,9 @@ def _step_metrics(step: StepContext, span: Span, error_type: str | None) -> None
             duration,
             error_type,
         )
+        agent = step.agent_context
+        if step.parent or agent.parent_step or agent.parent_agent or run.parent:  # else none is around
+            note_call_timed(step)  # an LLM step around this one is a wrapper of the same call
 
 
 def _charge_usage(
@@ -1418,6 +1421,14 @@ def _charge_usage(
     if own and processor is not None:  # another instrumentation's span tells the processor itself
         processor.charged_inside(step if step is not None else agent)
     return units, unpriced
+
+
+def note_call_timed(holder: StepContext | AgentContext) -> None:
+    """A model call in ``holder`` was timed in ``gen_ai.client.operation.duration``: ``holder``
+    and the steps around it, in this run and the runs around it, do not time it again."""
+    for current in _enclosing(holder):
+        if isinstance(current, StepContext):
+            current.call_timed_below = True
 
 
 def enclosing_spans(holder: StepContext | AgentContext) -> list[Span]:

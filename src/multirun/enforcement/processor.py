@@ -11,7 +11,8 @@ skipped: their usage is charged when it is reported.
 
 OpenInference, and what writes the ``llm.usage.*`` names, record no metrics: for
 their calls this processor records ``gen_ai.client.operation.duration`` (and the
-token usage), once per call, a failed call included.
+token usage), once per call, a failed call included. Whoever timed a model call,
+the LLM steps around it are told so, and do not time it again.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class UsageSpanProcessor(SpanProcessor):
                     # a call that reported no usage (it failed, say) still took its time
                     _time_call(span, owner, None)
                     timed_below = True
+                elif attributes.get(a.GEN_AI_OPERATION_NAME) in a.MODEL_CALL_OPERATIONS:
+                    _note_call_timed(owner)  # its GenAI instrumentation timed it, failed or not
                 parent_entry = self._parent_entry(span) if timed_below else None
                 if parent_entry is not None:
                     parent_entry[2] = True  # a wrapper of the same call is not timed again
@@ -142,7 +145,9 @@ class UsageSpanProcessor(SpanProcessor):
             if usage is not None and not reported_below:
                 metered = not _GENAI_USAGE_KEYS.isdisjoint(attributes)
                 owner.charge_child_usage(usage, metered=metered, call_id=_response_id(attributes))
-                if not metered:
+                if metered:
+                    _note_call_timed(owner)  # by the GenAI instrumentation that metered it
+                else:
                     _time_call(span, owner, usage)
         except Exception:  # never let accounting break the span pipeline
             _logger.warning("multirun: could not charge usage of span %r", span.name, exc_info=True)
@@ -208,14 +213,20 @@ def _is_call_without_metrics(attributes: Any) -> bool:
     )
 
 
+def _note_call_timed(owner: Any) -> None:
+    """A model call in ``owner`` (a step or an agent) is timed: the steps around it do not time it."""
+    from multirun.context import note_call_timed  # context imports this package
+
+    note_call_timed(owner)
+
+
 def _time_call(span: ReadableSpan, owner: Any, usage: TokenUsage | None) -> None:
     """Record ``gen_ai.client.operation.duration`` for the call of ``span``, with the attributes
-    its token usage is recorded with; the LLM step that owns it does not time it again."""
+    its token usage is recorded with; the LLM steps around it do not time it again."""
     from multirun.context import StepContext  # context imports this package
 
     step = owner if isinstance(owner, StepContext) else None
-    if step is not None:
-        step.call_timed_below = True
+    _note_call_timed(owner)
     if usage is None:
         model, provider = _model_and_provider((span.attributes or {}).get)
     else:

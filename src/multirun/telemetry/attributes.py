@@ -63,6 +63,9 @@ OP_INVOKE_WORKFLOW: Final = "invoke_workflow"
 OP_INVOKE_AGENT: Final = "invoke_agent"
 OP_CHAT: Final = "chat"
 OP_EXECUTE_TOOL: Final = "execute_tool"
+# the operations of a model call, which an instrumentation of the GenAI conventions times in
+# gen_ai.client.operation.duration (not an agent's, a tool's or a workflow's)
+MODEL_CALL_OPERATIONS: Final = frozenset({OP_CHAT, "text_completion", "generate_content", "embeddings"})
 
 # multirun: runs
 RUN_ID: Final = "multirun.run.id"
