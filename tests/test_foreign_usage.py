@@ -63,6 +63,25 @@ def test_a_known_model_on_a_foreign_span_is_priced(traced) -> None:
     assert traced.span("invoke_workflow main").attributes["multirun.cost_usd"] == pytest.approx(0.15)
 
 
+def test_an_openinference_call_is_priced_at_its_providers_price(traced) -> None:
+    # gpt-oss-120b costs $0.039 + $0.18 per million tokens at OpenAI, $0.35 + $0.75 at Cerebras
+    def cost_of(attributes: dict) -> float:
+        @step
+        def call_model() -> None:
+            usage = {"llm.token_count.prompt": 1_000_000, "llm.token_count.completion": 1_000_000}
+            foreign_span(traced, "ChatCompletion", {"llm.model_name": "gpt-oss-120b", **usage, **attributes})
+
+        @run
+        def main() -> None:
+            call_model()
+
+        main()
+        return traced.named("invoke_workflow main")[-1].attributes["multirun.cost_usd"]
+
+    assert cost_of({}) == pytest.approx(0.039 + 0.18)  # by the model name alone: OpenAI's
+    assert cost_of({"llm.provider": "cerebras"}) == pytest.approx(0.35 + 0.75)
+
+
 @pytest.mark.parametrize("cost", [float("nan"), float("inf"), -0.5, "free"])
 def test_a_bad_cost_on_a_foreign_span_is_ignored_and_its_tokens_priced_here(traced, cost) -> None:
     @step

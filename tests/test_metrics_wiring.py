@@ -355,3 +355,37 @@ def test_an_llm_step_around_a_call_reported_in_a_plain_step_times_it(reader) -> 
 
     main()
     assert [count for _, count in durations(reader)] == [1]
+
+
+@pytest.mark.parametrize(
+    ("names", "provider"),
+    [
+        ({"llm.provider": "openai", "llm.system": "openai"}, "openai"),
+        ({"llm.provider": "azure", "llm.system": "openai"}, "azure.ai.openai"),  # the host wins
+        ({"llm.provider": "anthropic"}, "anthropic"),
+        ({"llm.provider": "google"}, "gcp.gen_ai"),
+        ({"llm.provider": "aws", "llm.system": "anthropic"}, "aws.bedrock"),
+        ({"llm.provider": "mistralai"}, "mistral_ai"),
+        ({"llm.provider": "xai"}, "x_ai"),
+        ({"llm.provider": "fireworks"}, "fireworks"),  # no GenAI name: kept as it is
+        ({"llm.system": "vertexai"}, "gcp.vertex_ai"),
+        ({"llm.system": "openai", "gen_ai.provider.name": "azure.ai.inference"}, "azure.ai.inference"),
+    ],
+)
+def test_an_openinference_calls_provider_is_in_its_metrics(reader, traced, names, provider) -> None:
+    # OpenInference names the provider llm.provider (the host) and llm.system (the model family)
+    @step
+    def call_model() -> None:
+        _foreign_llm_span(traced, {**OPENINFERENCE_CALL, **names})
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    usage = points(reader, "gen_ai.client.token.usage")
+    assert {a["gen_ai.provider.name"] for a, _ in usage} == {provider}
+    [(attributes, count)] = durations(reader)
+    assert count == 1 and attributes["gen_ai.provider.name"] == provider
+    costs = points(reader, "multirun.cost")
+    assert {a["gen_ai.provider.name"] for a, _ in costs} == {provider}

@@ -127,6 +127,7 @@ _PROVIDER_IDS = {
     "gcp.vertex_ai": "google",
     "gcp.gen_ai": "google",
     "aws.bedrock": "aws",
+    "mistral_ai": "mistral",
     "x_ai": "x-ai",
 }
 

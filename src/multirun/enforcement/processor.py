@@ -258,10 +258,26 @@ def _span_error_type(span: ReadableSpan) -> str | None:
     return a.ERROR_TYPE_OTHER
 
 
+# OpenInference's llm.provider and llm.system values that the GenAI conventions' gen_ai.provider.name
+# spells differently; the others (openai, anthropic, cohere, deepseek, groq...) are the same
+_OPENINFERENCE_PROVIDERS = {
+    "azure": "azure.ai.openai",
+    "google": "gcp.gen_ai",
+    "vertexai": "gcp.vertex_ai",
+    "aws": "aws.bedrock",
+    "mistralai": "mistral_ai",
+    "xai": "x_ai",
+}
+
+
 def _model_and_provider(get: Any) -> tuple[str | None, str | None]:
     """The model and the provider named by GenAI (or OpenInference) span attributes."""
     model = get(a.GEN_AI_RESPONSE_MODEL) or get(a.GEN_AI_REQUEST_MODEL) or get(a.LLM_MODEL_NAME)
     provider = get(a.GEN_AI_PROVIDER_NAME) or get(a.GEN_AI_SYSTEM)
+    if not provider:
+        # the host first: an OpenAI model on Azure is priced, and named, as Azure's
+        named = get(a.LLM_PROVIDER) or get(a.LLM_SYSTEM)
+        provider = _OPENINFERENCE_PROVIDERS.get(str(named), named) if named else None
     return (str(model) if model else None), (str(provider) if provider else None)
 
 

@@ -50,6 +50,8 @@ LLM_TOKEN_COUNT_CACHE_READ: Final = "llm.token_count.prompt_details.cache_read"
 LLM_TOKEN_COUNT_CACHE_WRITE: Final = "llm.token_count.prompt_details.cache_write"
 LLM_TOKEN_COUNT_REASONING: Final = "llm.token_count.completion_details.reasoning"
 LLM_MODEL_NAME: Final = "llm.model_name"
+LLM_PROVIDER: Final = "llm.provider"  # OpenInference: who serves the model (openai, azure, aws...)
+LLM_SYSTEM: Final = "llm.system"  # OpenInference: whose model it is (openai, anthropic, vertexai...)
 OPENINFERENCE_SPAN_KIND: Final = "openinference.span.kind"
 OPENINFERENCE_KIND_LLM: Final = "LLM"  # the value of openinference.span.kind on a model call
 
