@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator
 from datetime import datetime, timezone
@@ -216,6 +217,8 @@ class RunContext:
     """Top-level context of one run: its model, state, agents and ledger."""
 
     _late_usage_warned = False  # usage reported after the run ended was logged
+    # the SDK responses the steps of this run tree returned, by object id (see _returned_before)
+    _responses: weakref.WeakValueDictionary[int, Any] | None = None
 
     def __init__(
         self,
@@ -267,6 +270,31 @@ class RunContext:
         self._run_call: tuple[ReplayLog, Call] | None = None
         self.replay_parent: int | None = None  # its sequence number, the parent of its steps
         self.inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # @run's arguments, until it starts
+
+    def _returned_before(self, response: Any) -> bool:
+        """Whether a step of this run tree (the top run in this process and its sub-runs)
+        returned the SDK ``response`` object before, so that its call is charged; noted if not.
+
+        Known by the object, not by its response id: a response returned twice (passed on by a
+        sibling step, served from a cache) is one call, but some OpenAI-compatible servers give
+        every response the same id. Weak references: no response is kept alive for this.
+        """
+        top = self
+        while top.parent is not None:
+            top = top.parent
+        with top._lock:
+            seen = top._responses
+            if seen is None:
+                seen = top._responses = weakref.WeakValueDictionary()
+            if seen.get(id(response)) is response:
+                return True
+            try:
+                seen[id(response)] = response
+            except TypeError:  # no weak reference to it: each step returning it is charged
+                return False
+            if len(seen) > MAX_RESPONSES_RETURNED:
+                del seen[next(iter(seen))]
+        return False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -1546,6 +1574,7 @@ def _charge_chain(
 
 
 MAX_CALLS_BELOW = 1024  # response ids a step keeps: a step passes on what a step inside it just returned
+MAX_RESPONSES_RETURNED = 1024  # SDK responses a run tree remembers its steps returned, the latest
 
 
 def _note_call(step: StepContext, call_id: str) -> None:
