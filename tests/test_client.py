@@ -82,6 +82,40 @@ def test_init_local_without_a_path_uses_multirun_dir(global_otel, tmp_path, monk
     assert run_ids(tmp_path / "given" / "traces") == {ran}
 
 
+@pytest.mark.parametrize("path", [None, "folder"], ids=["no path", "a path"])
+def test_init_local_keeps_checkpoints_in_multirun_checkpoint_uri(
+    global_otel, tmp_path, monkeypatch, path: str | None
+) -> None:
+    # what `multirun resume --store URI -- program` tells the program it starts: the README says
+    # init_local() (as the default client) finds the store through MULTIRUN_CHECKPOINT_URI
+    store = tmp_path / "store"
+    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "given"))
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_URI", str(store))
+
+    @run
+    def job() -> str:
+        multirun.context.get_current_run_context().checkpoint(name="saved")
+        return multirun.context.get_current_run_context().run.id
+
+    multirun.init_local(None if path is None else tmp_path / path)
+    ran = job()
+    assert [p.parent.name for p in store.glob("checkpoints/*/*.ckpt")] == [ran]
+    assert not list(tmp_path.glob("*/blobs"))
+
+
+def test_init_local_with_a_checkpoint_uri_uses_that_one(global_otel, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_URI", str(tmp_path / "from-env"))
+
+    @run
+    def job() -> None:
+        multirun.context.get_current_run_context().checkpoint(name="saved")
+
+    multirun.init_local(tmp_path / "mr", checkpoint_uri=str(tmp_path / "given"))
+    job()
+    assert len(list((tmp_path / "given").glob("checkpoints/*/*.ckpt"))) == 1
+    assert not (tmp_path / "from-env").exists()
+
+
 def test_run_without_init_writes_otlp_json_files_under_multirun_dir(
     global_otel, tmp_path, monkeypatch
 ) -> None:

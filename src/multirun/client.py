@@ -445,18 +445,17 @@ _INIT_DEFAULTS: dict[str, Any] = {name: p.default for name, p in inspect.signatu
 
 def init_local(path: str | os.PathLike[str] | None = None, **options: Any) -> MultiRunClient:
     """Configure the embedded default: traces and checkpoints as files under ``path``
-    (default: ``MULTIRUN_DIR``, else ``./.multirun``, as ``multirun resume --dir`` expects)."""
+    (default: ``MULTIRUN_DIR``, else ``./.multirun``, as ``multirun resume --dir`` expects).
+
+    Checkpoints go to ``checkpoint_uri`` if given, else to ``MULTIRUN_CHECKPOINT_URI`` (what
+    ``multirun resume --store`` sets), else ``path/blobs``, as with ``init``."""
     if path is None:
         path = os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR
     if not isinstance(path, (str, os.PathLike)):
         raise ConfigurationError(f"init_local: path must be a str or os.PathLike, got {path!r}")
     root = Path(path)
-    return init(
-        local_dir=root,
-        span_exporter=LocalFileSpanExporter(root / "traces"),
-        checkpoint_uri=options.pop("checkpoint_uri", None) or str(root / "blobs"),
-        **options,
-    )
+    # no checkpoint_uri: init takes MULTIRUN_CHECKPOINT_URI, else local_dir/blobs
+    return init(local_dir=root, span_exporter=LocalFileSpanExporter(root / "traces"), **options)
 
 
 def _init_locked(
