@@ -285,6 +285,13 @@ def test_resume_without_a_command_says_how(store_dir, capsys) -> None:
     assert code == 1 and "after --" in err
 
 
+@pytest.mark.parametrize("argv", [["resume"], ["resume", "--", "python", "agent.py"]], ids=["bare", "no id"])
+def test_resume_without_an_id_names_only_the_id(capsys, argv: list[str]) -> None:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.splitlines()[-1] == "multirun resume: error: the following arguments are required: ID"
+
+
 def test_resume_of_a_command_without_the_dashes_says_how(store_dir, capsys) -> None:
     code, _, err = run_cli(capsys, "resume", "--dir", str(store_dir), "abc", "python", "agent.py")
     assert code == 1

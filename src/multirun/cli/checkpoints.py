@@ -73,7 +73,8 @@ def add_commands(commands: Any, add_dir: Any) -> None:
         metavar="ID",
         help="a run id (its newest checkpoint) or a checkpoint id, or a unique prefix of one",
     )
-    resume.add_argument("stray", nargs="*", help=argparse.SUPPRESS)  # a command given without --
+    # a command given without --; with a default, argparse does not name it as a missing argument
+    resume.add_argument("stray", nargs="*", default=[], help=argparse.SUPPRESS)
     resume.set_defaults(handler=cmd_resume, command=None)
 
 
