@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -168,6 +169,23 @@ def test_24_bad_init_arguments_are_refused_before_anything_global_changes(
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
     assert client_module._owned_provider is None
     assert client_module._configured is None
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:6379/0", "localhost:6379"])
+def test_24_a_ledger_uri_that_is_no_redis_url_says_so_without_the_redis_package(
+    global_otel: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uri: str
+) -> None:
+    # the redis package is an extra: a typo in the URI is no reason to install it
+    monkeypatch.setitem(sys.modules, "redis", None)
+    message = refused(lambda: multirun.init(local_dir=tmp_path / "mr", ledger_uri=uri), "ledger_uri")
+    assert "redis://" in message and uri in message
+    assert "pip install" not in message
+
+
+def test_24_a_ledger_uri_of_another_scheme_is_refused_without_its_password(global_otel, tmp_path) -> None:
+    uri = "http://user:s3cret@127.0.0.1:6379/0"
+    message = refused(lambda: multirun.init(local_dir=tmp_path / "mr", ledger_uri=uri), "ledger_uri")
+    assert "s3cret" not in message and "user:***@127.0.0.1" in message
 
 
 def test_24_init_local_refuses_a_path_that_is_not_one(global_otel: None) -> None:

@@ -734,18 +734,20 @@ class RedisLedgerFactory:
         open) within the timeout rather than risk counting a command twice.
         """
         try:
+            parts = urlsplit(uri)
+        except ValueError as exc:  # an unclosed [ of an IPv6 address
+            raise ConfigurationError(f"ledger URL is not a valid redis URL: {exc}") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):  # before the import: a typo needs no redis
+            raise ConfigurationError(
+                f"ledger URL must be redis://, rediss:// or unix://, got {redact(uri)!r}"
+            )
+        try:
             import redis.backoff
             import redis.retry
         except ImportError:
             raise ConfigurationError(
                 "a redis:// ledger needs the redis package: pip install 'multirun-otel[redis]'"
             ) from None
-        try:
-            parts = urlsplit(uri)
-        except ValueError as exc:  # an unclosed [ of an IPv6 address
-            raise ConfigurationError(f"ledger URL is not a valid redis URL: {exc}") from None
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ConfigurationError(f"ledger URL must be redis://, rediss:// or unix://, got {uri!r}")
         ours = {"timeout": str(DEFAULT_TIMEOUT_SECONDS), "fail_open": "false"}
         theirs = []
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
