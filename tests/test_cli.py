@@ -214,6 +214,39 @@ def test_demo_refuses_a_file_as_its_directory(tmp_path: Path, capsys: pytest.Cap
     assert "not a directory" in err
 
 
+@pytest.mark.parametrize("given_as", ["--dir", "MULTIRUN_DIR"])
+def test_demo_that_cannot_create_its_directory_names_the_folder_not_an_init_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, given_as: str
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    folder = tmp_path / "a-file" / "demo"
+    if given_as == "--dir":
+        code, out, err = run_cli(capsys, "demo", "--dir", str(folder))
+    else:
+        monkeypatch.setenv("MULTIRUN_DIR", str(folder))
+        code, out, err = run_cli(capsys, "demo")
+    assert code == 1 and out == ""
+    assert err.splitlines() == [f"multirun: error: cannot create the folder {folder}: Not a directory"]
+
+
+@pytest.mark.parametrize("given_as", ["--endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"])
+def test_demo_refuses_an_endpoint_that_is_no_url_by_its_option_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, given_as: str
+) -> None:
+    folder = tmp_path / "demo"
+    if given_as == "--endpoint":
+        code, out, err = run_cli(capsys, "demo", "--dir", str(folder), "--endpoint", "localhost:4318")
+    else:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318")
+        code, out, err = run_cli(capsys, "demo", "--dir", str(folder))
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        f"multirun: error: {given_as} must be an http(s) URL with a host, such as "
+        "http://localhost:4318, got 'localhost:4318'"
+    ]
+    assert not folder.exists()
+
+
 # ---------------------------------------------------------------------------
 # multirun runs
 

@@ -227,12 +227,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if directory.exists() and not directory.is_dir():
         raise RunsError(f"not a directory: {directory}")
     endpoint: str | None = args.endpoint or demo.endpoint_from_environment()
+    _check_demo_endpoint(args.endpoint)
     if endpoint:
         refused = _nothing_listens_at(endpoint)
         if refused is not None:  # known at once; the exporter would retry for seconds first
             _error(f"cannot send the spans to {endpoint}: {refused}")
             print(_NO_COLLECTOR_HINT, file=sys.stderr)
             return 1
+    try:  # here, so the error names the folder (--dir or MULTIRUN_DIR), not an argument of init
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunsError(f"cannot create the folder {directory}: {exc.strerror or exc}") from None
     client = demo.configure(directory, args.endpoint)
     recorder = _Recorder.attach(client) if endpoint else _Recorder()
     with _ExportErrors().watching() as errors:
@@ -250,6 +255,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 _NO_COLLECTOR_HINT = "Is a collector listening there? Without an endpoint the demo writes files."
+
+
+def _check_demo_endpoint(given: str | None) -> None:
+    """Refuse an endpoint that is no http(s) URL, naming the option or variable that gave it,
+    before the demo creates its folder."""
+    try:
+        if given is not None:
+            client_module._check_endpoint("--endpoint", given)
+        elif (found := client_module._env_endpoint("traces")) is not None:
+            client_module._check_endpoint(*found)
+    except MultiRunError as exc:
+        raise RunsError(str(exc)) from None
 
 
 def _nothing_listens_at(url: str) -> str | None:
