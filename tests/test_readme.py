@@ -72,3 +72,26 @@ def test_each_command_line_the_readme_shows_is_one_the_command_accepts(line: str
     except SystemExit as exc:
         pytest.fail(f"README shows `{line}`, which the command refuses (exit {exc.code}): {argv}")
     assert getattr(args, "handler", None) is not None, f"`{line}` names no command"
+
+
+PYPROJECT = README.parent / "pyproject.toml"
+
+
+def _dependencies() -> list[str]:
+    """The ``[project] dependencies`` of pyproject.toml (read without tomllib, which 3.10 lacks)."""
+    text = PYPROJECT.read_text("utf-8")
+    block = re.search(r"^dependencies = \[\n(.*?)^\]", text, re.DOTALL | re.MULTILINE)
+    assert block is not None, "pyproject.toml has no [project] dependencies"
+    return re.findall(r'^\s*"([^"]+)"', block.group(1), re.MULTILINE)
+
+
+def test_the_package_pins_opentelemetry_instrumentation_only_through_the_threading_instrumentation() -> None:
+    # `pip install .` with the pip of Python 3.10-3.12 (before pip 25.2) failed with
+    # ResolutionImpossible when the OpenTelemetry SDK had a patch release that the threading
+    # instrumentation had not followed yet (SDK 1.45.2 and semantic conventions 0.66b2, threading
+    # still 0.66b1): with opentelemetry-instrumentation required directly as well, those pips took
+    # its newest version and never backtracked it. The threading instrumentation requires the
+    # opentelemetry-instrumentation of its own version, so it alone brings the right one.
+    names = [re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0] for requirement in _dependencies()]
+    assert "opentelemetry-instrumentation-threading" in names
+    assert "opentelemetry-instrumentation" not in names
