@@ -251,6 +251,19 @@ def test_demo_refuses_an_endpoint_that_is_no_url_by_its_option_and_creates_nothi
 # multirun runs
 
 
+def test_runs_in_a_folder_without_runs_says_how_to_make_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the README's quick start: nothing but the decorators is needed, no init or init_local
+    code, out, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0 and err == ""
+    assert out.splitlines() == [
+        f"No runs in {tmp_path / 'traces'}.",
+        "Run `multirun demo` to make one, or a program with a @multirun.run function: without "
+        "multirun.init() its runs go to ./.multirun (or $MULTIRUN_DIR).",
+    ]
+
+
 def test_runs_lists_the_demo_run(demo: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "runs", "--dir", str(demo.directory))
     assert code == 0

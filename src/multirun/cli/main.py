@@ -39,8 +39,8 @@ from multirun.errors import MultiRunError
 
 COLLECTOR_HINT = "OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 multirun demo"
 NO_RUNS_HINT = (
-    "Run `multirun demo` to make one, or decorate your code with @multirun.run "
-    "and call multirun.init_local()."
+    "Run `multirun demo` to make one, or a program with a @multirun.run function: without "
+    "multirun.init() its runs go to ./.multirun (or $MULTIRUN_DIR)."
 )
 
 
