@@ -251,6 +251,26 @@ def test_demo_refuses_an_endpoint_that_is_no_url_by_its_option_and_creates_nothi
 # multirun runs
 
 
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["runs", "--bogus"], "multirun runs"),
+        (["runs", "show", "abc", "--bogus"], "multirun runs show"),
+        (["demo", "extra"], "multirun demo"),
+        (["checkpoints", "verify", "--bogus"], "multirun checkpoints verify"),
+        (["prune", "--older-than", "1", "--bogus"], "multirun prune"),
+    ],
+)
+def test_an_unknown_option_is_refused_with_the_usage_of_its_command(
+    capsys: pytest.CaptureFixture[str], argv: list[str], command: str
+) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    usage, message = err.splitlines()[0], err.splitlines()[-1]
+    assert usage.startswith(f"usage: {command} ")
+    assert message == f"{command}: error: unrecognized arguments: {argv[-1]}"
+
+
 def test_runs_in_a_folder_without_runs_says_how_to_make_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -49,7 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     words, command = checkpoints.split_command(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(words)
+        args, unknown = parser.parse_known_args(words)
+        if unknown:  # refused by the command they were given to, with its usage, not multirun's
+            command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
+            command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
     if command is not None:
@@ -109,7 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=cmd_show)
     checkpoints.add_commands(commands, _add_dir)
     prune.add_command(commands, _add_dir)
+    _name_command_parsers(parser)
     return parser
+
+
+def _name_command_parsers(parser: argparse.ArgumentParser) -> None:
+    """Give each command's parser as the default ``command_parser`` of its arguments (the
+    innermost command's wins), to refuse an unknown option with that command's usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.set_defaults(command_parser=command)
+                _name_command_parsers(command)
 
 
 def _add_dir(parser: argparse.ArgumentParser, default: Any) -> None:
