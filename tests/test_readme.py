@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shlex
@@ -95,3 +96,23 @@ def test_the_package_pins_opentelemetry_instrumentation_only_through_the_threadi
     names = [re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0] for requirement in _dependencies()]
     assert "opentelemetry-instrumentation-threading" in names
     assert "opentelemetry-instrumentation" not in names
+
+
+def _section(heading: str) -> str:
+    text = README.read_text("utf-8")
+    assert f"\n## {heading}\n" in text, f"the README has no section {heading!r}"
+    return text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_configuration_table_lists_every_argument_of_init_and_no_other() -> None:
+    rows = re.findall(r"^\| (`[^|]+`) \|", _section("Configuration"), re.MULTILINE)
+    documented = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    assert documented == set(inspect.signature(multirun.init).parameters)
+
+
+def test_report_usage_is_documented_with_all_its_keywords() -> None:
+    text = README.read_text("utf-8")
+    match = re.search(r"`multirun\.report_usage\(model, ([^)]*)\)`", text)
+    assert match is not None, "the README does not show report_usage's arguments"
+    documented = re.findall(r"(\w+)=", match.group(1))
+    assert documented == [name for name in inspect.signature(multirun.report_usage).parameters][1:]
