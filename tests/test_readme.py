@@ -116,3 +116,43 @@ def test_report_usage_is_documented_with_all_its_keywords() -> None:
     assert match is not None, "the README does not show report_usage's arguments"
     documented = re.findall(r"(\w+)=", match.group(1))
     assert documented == [name for name in inspect.signature(multirun.report_usage).parameters][1:]
+
+
+class _NamingMeter:
+    """A meter that keeps the name of each instrument made on it, and makes them on a real one."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+
+        self._meter = MeterProvider().get_meter("readme")
+        self.names: set[str] = set()
+
+    def __getattr__(self, method: str) -> Any:
+        make = getattr(self._meter, method)
+
+        def named(name: str, *args: Any, **kwargs: Any) -> Any:
+            self.names.add(name)
+            return make(name, *args, **kwargs)
+
+        return named
+
+
+def test_the_metrics_table_lists_every_instrument_and_no_other() -> None:
+    from multirun.telemetry.metrics import Metrics
+
+    meter = _NamingMeter()
+    Metrics(meter)  # type: ignore[arg-type]
+    first_cells = re.findall(r"^\| ([^|]+) \|", _section("Metrics"), re.MULTILINE)[1:]  # past the header
+    # a cell names the metric and, in brackets, its Prometheus name (no dots)
+    documented = {name for cell in first_cells for name in re.findall(r"`([a-z_.]+)`", cell) if "." in name}
+    assert len(documented) > 10 and documented == meter.names
+
+
+def test_each_attribute_named_in_full_on_the_trace_table_is_one_multirun_writes() -> None:
+    from multirun.telemetry import attributes as attr
+
+    known = {value for value in vars(attr).values() if isinstance(value, str)}
+    table = _section("What lands on the trace").split("\n\n", 1)[0]
+    named = set(re.findall(r"`((?:gen_ai|multirun|error)\.[a-z_.]*[a-z_])`", table))
+    assert len(named) > 10
+    assert named - known == set()
