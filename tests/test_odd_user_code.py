@@ -1,17 +1,27 @@
 """The program's own odd objects pass through multirun as they would without it: an exception
-whose ``__str__`` fails, arguments that fail when read, async generators driven by hand."""
+whose ``__str__`` fails, arguments that fail when read, async generators driven by hand, a
+recursion that runs out of stack."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import inspect
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.trace import StatusCode
 
 from multirun import agent, run, step
-from multirun.context import get_current_run_context
+from multirun._stack import HEADROOM, headroom
+from multirun.context import RunContext, get_current_run_context, has_active_run
 from multirun.errors import StepError
+from multirun.models import Run
 from multirun.telemetry import attributes as attr
 
 
@@ -225,3 +235,218 @@ def test_a_step_given_an_int_too_long_to_print_runs_unhashed(traced) -> None:
 
     assert main() == ((10**5000).bit_length(),) * 2
     assert all(attr.STEP_INPUT_HASH not in s.attributes for s in traced.named("step digits"))
+
+
+# ---------------------------------------------------------------------------
+# a recursion that runs out of stack
+
+
+class OpenSpans(SpanProcessor):
+    """The names of the spans started and not ended yet, by span id."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, str] = {}
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self.open[span.context.span_id] = span.name
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.open.pop(span.context.span_id, None)
+
+
+@pytest.fixture
+def open_spans(traced) -> OpenSpans:  # type: ignore[no-untyped-def]
+    spans = OpenSpans()
+    traced.provider.add_span_processor(spans)
+    return spans
+
+
+@contextmanager
+def stack_limit(frames: int) -> Iterator[None]:
+    """The recursion limit ``frames`` above the caller's depth for the block: a runaway recursion
+    reaches it in a few dozen levels, not the hundreds of the default limit."""
+    limit = sys.getrecursionlimit()
+    lowered = len(inspect.stack(0)) + frames
+    sys.setrecursionlimit(lowered)
+    try:
+        yield
+    finally:
+        after = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit)
+    assert after == lowered  # multirun put back the limit it lifted to end the calls
+
+
+def recursive_steps(calls: list[int]) -> dict[str, Callable[..., Any]]:
+    """A step that calls itself without end, in each of the four shapes; ``calls`` gets the
+    depth of each call whose body ran."""
+
+    @step(name="descend")
+    def function(depth: int) -> int:
+        calls.append(depth)
+        return function(depth + 1)  # type: ignore[no-any-return]
+
+    @step(name="descend")
+    def generator(depth: int) -> Iterator[int]:
+        calls.append(depth)
+        yield from generator(depth + 1)
+
+    @step(name="descend")
+    async def coroutine(depth: int) -> int:
+        calls.append(depth)
+        return await coroutine(depth + 1)  # type: ignore[no-any-return]
+
+    @step(name="descend")
+    async def async_generator(depth: int) -> AsyncIterator[int]:
+        calls.append(depth)
+        async for item in async_generator(depth + 1):
+            yield item
+
+    return {
+        "function": function,
+        "generator": generator,
+        "coroutine": coroutine,
+        "async generator": async_generator,
+    }
+
+
+def assert_ended_as_without_multirun(
+    traced: Any, open_spans: OpenSpans, raised: BaseException, runs: list[RunContext], calls: list[int]
+) -> None:
+    """The program got the RecursionError of its recursion, every span was ended, and the run
+    failed."""
+    assert type(raised) is RecursionError
+    assert raised.__context__ is None  # not one raised while multirun handled the program's
+    assert open_spans.open == {}
+    assert len(traced.named("step descend")) == len(calls) > 10  # each step that ran, ended
+    main = traced.span("invoke_workflow main")
+    assert main.attributes[attr.RUN_STATUS] == "failed"  # type: ignore[index]
+    assert main.attributes[attr.ERROR_TYPE] == "RecursionError"  # type: ignore[index]
+    assert not has_active_run()
+
+
+@step
+def double(n: int) -> int:
+    return 2 * n
+
+
+@pytest.mark.parametrize("shape", ["function", "generator"])
+def test_a_recursive_step_that_runs_out_of_stack_raises_recursion_error_and_ends_every_span(
+    traced, open_spans: OpenSpans, shape: str
+) -> None:
+    calls: list[int] = []
+    descend = recursive_steps(calls)[shape]
+    runs: list[RunContext] = []
+
+    @run
+    def main() -> Any:
+        runs.append(get_current_run_context())
+        result = descend(0)
+        return list(result) if shape == "generator" else result
+
+    with stack_limit(200), pytest.raises(RecursionError) as raised:
+        main()
+    assert_ended_as_without_multirun(traced, open_spans, raised.value, runs, calls)
+
+    @run
+    def after() -> int:
+        return double(21)
+
+    assert after() == 42  # the next run works as usual
+    assert traced.parent_of(traced.span("step double")) is traced.span("invoke_workflow after")
+    assert open_spans.open == {}
+
+
+@pytest.mark.parametrize("shape", ["coroutine", "async generator"])
+async def test_a_recursive_async_step_that_runs_out_of_stack_raises_recursion_error_and_ends_every_span(
+    traced, open_spans: OpenSpans, shape: str
+) -> None:
+    calls: list[int] = []
+    descend = recursive_steps(calls)[shape]
+    runs: list[RunContext] = []
+
+    @run
+    async def main() -> Any:
+        runs.append(get_current_run_context())
+        if shape == "async generator":
+            return [item async for item in descend(0)]
+        return await descend(0)
+
+    with stack_limit(200), pytest.raises(RecursionError) as raised:
+        await main()
+    assert_ended_as_without_multirun(traced, open_spans, raised.value, runs, calls)
+
+    @run
+    async def after() -> int:
+        return double(21)
+
+    assert await after() == 42
+    assert traced.parent_of(traced.span("step double")) is traced.span("invoke_workflow after")
+    assert open_spans.open == {}
+
+
+def test_a_recursion_through_agents_started_by_hand_raises_recursion_error_and_ends_every_span(
+    traced, open_spans: OpenSpans
+) -> None:
+    depths: list[int] = []
+
+    def descend(ctx: RunContext, depth: int) -> None:
+        with ctx.start_agent("descend"):
+            depths.append(depth)
+            descend(ctx, depth + 1)
+
+    with (
+        stack_limit(200),
+        pytest.raises(RecursionError) as raised,
+        RunContext(client=traced.client, run=Run(name="main")) as ctx,
+    ):
+        descend(ctx, 0)
+    assert type(raised.value) is RecursionError
+    assert raised.value.__context__ is None
+    assert open_spans.open == {}
+    assert len(traced.named("invoke_agent descend")) == len(depths) > 10
+    assert traced.span("invoke_workflow main").attributes[attr.RUN_STATUS] == "failed"  # type: ignore[index]
+    assert not has_active_run()
+
+
+def test_the_stack_headroom_is_given_back_by_its_last_holder_unless_the_program_changed_the_limit() -> None:
+    limit = sys.getrecursionlimit()
+    try:
+        with headroom:
+            with headroom:  # another thread, say
+                assert sys.getrecursionlimit() == limit + HEADROOM
+            assert sys.getrecursionlimit() == limit + HEADROOM
+        assert sys.getrecursionlimit() == limit
+        with headroom:
+            sys.setrecursionlimit(limit + 1)
+        assert sys.getrecursionlimit() == limit + 1
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+class BreaksOnFailedSpans(SpanProcessor):
+    """The program's own span processor, which raises when a failed span ends."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.status.status_code is StatusCode.ERROR:
+            raise RuntimeError("processor broke")
+
+
+def test_a_failed_step_whose_span_cannot_be_ended_raises_its_own_error(traced, caplog) -> None:
+    traced.provider.add_span_processor(BreaksOnFailedSpans())
+    raised = ValueError("the program's own")
+
+    @step
+    def fails() -> None:
+        raise raised
+
+    @run
+    def main() -> BaseException | None:
+        try:
+            fails()
+        except ValueError as caught:
+            return caught
+        return None
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert main() is raised
+    assert "could not end a call that raised ValueError (RuntimeError: processor broke)" in caplog.text

@@ -33,6 +33,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from pydantic_core import to_json
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
+from multirun._stack import headroom
 from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy, sub_run_part
 from multirun.checkpoints.serializers import json_form
@@ -454,13 +455,14 @@ class RunContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            if exc is not None:
-                self._fail_with_checkpoint(exc)
-            else:
-                self.complete(None)
-        finally:
-            otel_context.detach(self._tokens.pop())  # type: ignore[arg-type]
+        with headroom:  # ``exc`` may be a RecursionError that left no stack to end the run with
+            try:
+                if exc is not None:
+                    self._fail_with_checkpoint(exc)
+                else:
+                    self.complete(None)
+            finally:
+                otel_context.detach(self._tokens.pop())  # type: ignore[arg-type]
 
     async def __aenter__(self) -> RunContext:
         return self.__enter__()
@@ -848,14 +850,15 @@ class AgentContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            if not self.is_default:
-                if exc is not None:
-                    self.fail(exc)
-                else:
-                    self.complete(None)
-        finally:
-            otel_context.detach(self._tokens.pop())  # type: ignore[arg-type]
+        with headroom:  # as in RunContext.__exit__
+            try:
+                if not self.is_default:
+                    if exc is not None:
+                        self.fail(exc)
+                    else:
+                        self.complete(None)
+            finally:
+                otel_context.detach(self._tokens.pop())  # type: ignore[arg-type]
 
     async def __aenter__(self) -> AgentContext:
         return self.__enter__()

@@ -15,12 +15,13 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, run_in, step_in
+from multirun._stack import headroom
 from multirun.checkpoints.hashing import input_hash, method_input_hash
 from multirun.checkpoints.replay import SEQ, Served, kept_copy, stream_of, stream_record
 from multirun.checkpoints.resume import take_pending_resume
@@ -801,11 +802,32 @@ def _detach(token: object | None) -> None:
         otel_context.detach(token)  # type: ignore[arg-type]
 
 
-def _raise_failed(call: _Call, error: BaseException) -> None:
-    final = call._failed(error)
+def _raise_failed(call: _Call, error: BaseException) -> NoReturn:
+    """End ``call`` as failed and raise ``error``, or what ``_failed`` made of it (from it).
+
+    Ending it never raises instead: with stack room, as ``error`` may be a RecursionError that
+    left none, and a failure of multirun's own costs a warning, not the program's error.
+    """
+    with headroom:
+        try:
+            final = call._failed(error)
+        except Exception as broken:
+            _logger.warning(
+                "multirun: could not end a call that raised %s (%s: %s); its error is raised as it was",
+                type(error).__name__,
+                type(broken).__name__,
+                broken,
+            )
+            final = error
     if final is error:
         raise error
     raise final from error
+
+
+def _delay_before_retry(call: _Call, error: BaseException) -> float | None:
+    """``call._retry_delay(error)``, with stack room: ``error`` may be a RecursionError."""
+    with headroom:
+        return call._retry_delay(error)
 
 
 def _pause(call: _Call, seconds: float) -> None:
@@ -840,7 +862,7 @@ def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., 
                 try:
                     result = func(*args, **kwargs)
                 except BaseException as error:
-                    delay = call._retry_delay(error)
+                    delay = _delay_before_retry(call, error)
                     if delay is None:
                         _raise_failed(call, error)
                     if delay:
@@ -869,7 +891,7 @@ def _async_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[...,
                 try:
                     result = await func(*args, **kwargs)
                 except BaseException as error:
-                    delay = call._retry_delay(error)
+                    delay = _delay_before_retry(call, error)
                     if delay is None:
                         _raise_failed(call, error)
                     if delay:
@@ -913,7 +935,7 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
             try:
                 done, item = resume(call, gen.send, None)
             except BaseException as error:
-                delay = call._retry_delay(error)
+                delay = _delay_before_retry(call, error)
                 if delay is None:
                     _raise_failed(call, error)
                 if delay:
@@ -1001,7 +1023,7 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
             try:
                 done, item = await resume(call, agen.asend, None)
             except BaseException as error:
-                delay = call._retry_delay(error)
+                delay = _delay_before_retry(call, error)
                 if delay is None:
                     _raise_failed(call, error)
                 if delay:
