@@ -312,8 +312,8 @@ def recursive_steps(calls: list[int]) -> dict[str, Callable[..., Any]]:
 def assert_ended_as_without_multirun(
     traced: Any, open_spans: OpenSpans, raised: BaseException, runs: list[RunContext], calls: list[int]
 ) -> None:
-    """The program got the RecursionError of its recursion, every span was ended, and the run
-    failed."""
+    """The program got the RecursionError of its recursion, every span was ended, the run
+    failed, and nothing of it is left running."""
     assert type(raised) is RecursionError
     assert raised.__context__ is None  # not one raised while multirun handled the program's
     assert open_spans.open == {}
@@ -321,6 +321,8 @@ def assert_ended_as_without_multirun(
     main = traced.span("invoke_workflow main")
     assert main.attributes[attr.RUN_STATUS] == "failed"  # type: ignore[index]
     assert main.attributes[attr.ERROR_TYPE] == "RecursionError"  # type: ignore[index]
+    # no step is left running in the replay log, for a later checkpoint to record as such
+    assert all(record["end"] is not None for record in runs[0].replay_log.to_records())
     assert not has_active_run()
 
 

@@ -33,7 +33,6 @@ from multirun.errors import (
     REFUSALS,
     BudgetExceededError,
     ConfigurationError,
-    LedgerUnavailableError,
     PolicyViolation,
     StepError,
     leaf_errors,
@@ -359,32 +358,34 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         if engine is not None:
             decision = engine.before_step(spec.name, spec.kind, spec.model, run.ledger)
         run.ledger.begin_step(spec.check_budget)
-    except REFUSALS as refused:  # refused, or the ledger could not decide (fail closed)
+        step = _StepCall(agent, spec.name, spec.kind, parent, managed=True)
+        step.spec = spec
+        if spec.model is not None:
+            step.model = spec.model
+        if digest is not None:
+            step.input_hash = digest
+            step.replay_call = replay_call
+            if replay_call is not None and spec.streams:
+                step._stream_items = []
+        if decision is not None and decision is not PROCEED:
+            # "proceed" is not counted: it is every step that was not waited, switched or refused
+            run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
+            step.policy_decision = decision.decision.value
+            step.policy_rule = decision.rule
+            if decision.model is not None:
+                step.model = decision.model
+            step.wait_before = decision.wait_seconds
+        step._open(current, spec.start_attrs, args, kwargs, spec.span_name)
+    except BaseException as error:
+        # refused, the ledger could not decide (fail closed), or the step could not start (its
+        # span, with the stack full of a recursion, say): it never ran, nor is it a call in flight
         if replay_call is not None:
-            run.replay_log.fail(replay_call)  # it never ran: not a call in flight
+            run.replay_log.fail(replay_call)
         if decision is not None:
-            engine.after_step(spec.name, spec.kind, refused)  # type: ignore[union-attr]  # gives back a probe
-        if not isinstance(refused, LedgerUnavailableError):
-            _record_step_not_run(spec, agent, current, refused=refused)
+            engine.after_step(spec.name, spec.kind, error)  # type: ignore[union-attr]  # gives back a probe
+        if isinstance(error, (BudgetExceededError, PolicyViolation)):
+            _record_step_not_run(spec, agent, current, refused=error)
         raise
-    step = _StepCall(agent, spec.name, spec.kind, parent, managed=True)
-    step.spec = spec
-    if spec.model is not None:
-        step.model = spec.model
-    if digest is not None:
-        step.input_hash = digest
-        step.replay_call = replay_call
-        if replay_call is not None and spec.streams:
-            step._stream_items = []
-    if decision is not None and decision is not PROCEED:
-        # "proceed" is not counted: it is every step that was not waited, switched or refused
-        run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
-        step.policy_decision = decision.decision.value
-        step.policy_rule = decision.rule
-        if decision.model is not None:
-            step.model = decision.model
-        step.wait_before = decision.wait_seconds
-    step._open(current, spec.start_attrs, args, kwargs, spec.span_name)
     return step
 
 
