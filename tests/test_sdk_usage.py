@@ -9,6 +9,7 @@ are genai-prices' own, computed here independently of the package.
 from __future__ import annotations
 
 import gc
+import logging
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -753,6 +754,78 @@ def test_a_stream_that_fails_midway_is_charged_for_what_arrived(traced) -> None:
     with pytest.raises(ConnectionError):
         main()
     assert attrs(step_span(traced, "stream"))["gen_ai.usage.input_tokens"] == 40
+
+
+PRIVATE_MODEL = "my-private-model"  # no known price
+
+
+def private_start(input_tokens: int) -> RawMessageStartEvent:
+    """The first event of an Anthropic stream of a model with no known price: it bills the input."""
+    event = anthropic_start("msg_private", input_tokens)
+    return event.model_copy(update={"message": event.message.model_copy(update={"model": PRIVATE_MODEL})})
+
+
+def assert_refused_and_charged(traced: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The stream's step failed with the refusal on its span, the run counted its usage, and a
+    warning said so."""
+    span = step_span(traced, "stream")
+    assert attrs(span)["multirun.step.status"] == "failed"
+    assert attrs(span)["multirun.cost.unpriced"] is True
+    refusals = [e for e in span.events if e.attributes["exception.type"] == "multirun.errors.PolicyViolation"]
+    assert len(refusals) == 1 and PRIVATE_MODEL in refusals[0].attributes["exception.message"]
+    main = attrs(traced.span("invoke_workflow main"))
+    assert main["multirun.run.status"] == "completed"
+    assert main["multirun.tokens_used"] == 41
+    assert main["multirun.cost.unpriced"] is True
+    assert f"model {PRIVATE_MODEL!r} has no known price" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_a_stream_of_a_model_with_no_price_closed_early_under_unpriced_fail_closes_without_raising(
+    traced, caplog, how: str
+) -> None:
+    multirun.init(tracer_provider=traced.provider, unpriced="fail")
+
+    @step
+    def stream() -> Iterator[Any]:
+        yield private_start(40)
+        yield anthropic_delta(5)
+
+    @run(name="main")
+    def main() -> str:
+        events = stream()
+        next(events)  # the consumer has read what it needs
+        if how == "close":
+            events.close()
+        else:
+            del events  # closed as it is collected: an error there would be "ignored" on stderr
+        return "closed"
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert main() == "closed"
+    assert_refused_and_charged(traced, caplog)
+
+
+async def test_an_async_stream_of_a_model_with_no_price_closed_early_under_unpriced_fail_raises_nothing(
+    traced, caplog
+) -> None:
+    multirun.init(tracer_provider=traced.provider, unpriced="fail")
+
+    @step
+    async def stream() -> AsyncIterator[Any]:
+        yield private_start(40)
+        yield anthropic_delta(5)
+
+    @run(name="main")
+    async def main() -> str:
+        events = stream()
+        await anext(events)
+        await events.aclose()
+        return "closed"
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert await main() == "closed"
+    assert_refused_and_charged(traced, caplog)
 
 
 # ---------------------------------------------------------------------------

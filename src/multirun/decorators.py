@@ -831,6 +831,19 @@ def _delay_before_retry(call: _Call, error: BaseException) -> float | None:
         return call._retry_delay(error)
 
 
+def _end_closed_stream(call: _Call, count: int) -> None:
+    """End the call of a generator closed before its end, after ``count`` items.
+
+    ``close()`` raises only what the generator itself raised: the usage it streamed, refused
+    by ``init(unpriced="fail")``, fails the step with the refusal on its span, and is a warning.
+    """
+    try:
+        call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
+    except PolicyViolation as refused:
+        name = getattr(call, "name", "")  # only a step refuses usage
+        _logger.warning("multirun: step %r, a generator closed before its end, failed: %s", name, refused)
+
+
 def _pause(call: _Call, seconds: float) -> None:
     """Wait before an attempt (rate limit, backoff). Cancelled or interrupted there, the call
     ends as failed: its span is ended and a circuit probe it holds is given back."""
@@ -962,7 +975,7 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
                     _raise_failed(call, error)
                 finally:
                     _detach(token)
-                call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
+                _end_closed_stream(call, count)
                 raise
             except BaseException as thrown:
                 if cut is not None:
@@ -1050,7 +1063,7 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
                     _raise_failed(call, error)
                 finally:
                     _detach(token)
-                call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
+                _end_closed_stream(call, count)
                 raise
             except BaseException as thrown:
                 if cut is not None:
