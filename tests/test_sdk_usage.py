@@ -765,17 +765,23 @@ def private_start(input_tokens: int) -> RawMessageStartEvent:
     return event.model_copy(update={"message": event.message.model_copy(update={"model": PRIVATE_MODEL})})
 
 
-def assert_refused_and_charged(traced: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """The stream's step failed with the refusal on its span, the run counted its usage, and a
-    warning said so."""
+def assert_refused_and_charged(
+    traced: Any,
+    caplog: pytest.LogCaptureFixture,
+    error_type: str = "multirun.errors.PolicyViolation",
+    tokens: int = 41,
+) -> None:
+    """The stream's step failed with ``error_type``, the refusal of its usage on its span, the run
+    counted that usage, and a warning said so."""
     span = step_span(traced, "stream")
     assert attrs(span)["multirun.step.status"] == "failed"
+    assert attrs(span)["error.type"] == error_type
     assert attrs(span)["multirun.cost.unpriced"] is True
     refusals = [e for e in span.events if e.attributes["exception.type"] == "multirun.errors.PolicyViolation"]
     assert len(refusals) == 1 and PRIVATE_MODEL in refusals[0].attributes["exception.message"]
     main = attrs(traced.span("invoke_workflow main"))
     assert main["multirun.run.status"] == "completed"
-    assert main["multirun.tokens_used"] == 41
+    assert main["multirun.tokens_used"] == tokens
     assert main["multirun.cost.unpriced"] is True
     assert f"model {PRIVATE_MODEL!r} has no known price" in caplog.text
 
@@ -826,6 +832,38 @@ async def test_an_async_stream_of_a_model_with_no_price_closed_early_under_unpri
     with caplog.at_level(logging.WARNING, logger="multirun"):
         assert await main() == "closed"
     assert_refused_and_charged(traced, caplog)
+
+
+@pytest.mark.parametrize("read", ["to the end", "closed early"])
+def test_a_stream_of_a_model_with_no_price_failing_under_unpriced_fail_raises_its_own_error(
+    traced, caplog, read: str
+) -> None:
+    multirun.init(tracer_provider=traced.provider, unpriced="fail")
+
+    @step
+    def stream() -> Iterator[Any]:
+        try:
+            yield private_start(40)
+            yield anthropic_delta(5)
+        finally:
+            raise ConnectionError("connection lost")  # at its end, or as it is closed
+
+    @run(name="main")
+    def main() -> str:
+        events = stream()
+        try:
+            if read == "to the end":
+                list(events)
+            else:
+                next(events)
+                events.close()
+        except ConnectionError as lost:
+            return str(lost)
+        return "no error"
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert main() == "connection lost"
+    assert_refused_and_charged(traced, caplog, "ConnectionError", tokens=45 if read == "to the end" else 41)
 
 
 # ---------------------------------------------------------------------------

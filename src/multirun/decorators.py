@@ -266,7 +266,14 @@ class _StepCall(StepContext):
         if self.replay_call is not None:
             run.replay_log.fail(self.replay_call)
         if self._stream is not None:
-            self._charge_sdk_usage(None)  # the chunks that arrived before the failure were paid for
+            try:
+                self._charge_sdk_usage(None)  # the chunks that arrived before the failure were paid for
+            except PolicyViolation as unpriced:
+                # init(unpriced="fail"): noted, not raised in place of the step's own error (nor out
+                # of a generator's close(), which raises only what the generator raised)
+                self.span.record_exception(unpriced)
+                failed_with = type(error).__name__
+                _logger.warning("multirun: step %r failed with %s, and %s", self.name, failed_with, unpriced)
         refused = self._retry_refused
         if refused is not None:  # the policy refused another attempt; the last one was counted then
             self._record_attempt_failure(error, None)
