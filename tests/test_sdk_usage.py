@@ -759,9 +759,9 @@ def test_a_stream_that_fails_midway_is_charged_for_what_arrived(traced) -> None:
 PRIVATE_MODEL = "my-private-model"  # no known price
 
 
-def private_start(input_tokens: int) -> RawMessageStartEvent:
+def private_start(input_tokens: int, ident: str = "msg_private") -> RawMessageStartEvent:
     """The first event of an Anthropic stream of a model with no known price: it bills the input."""
-    event = anthropic_start("msg_private", input_tokens)
+    event = anthropic_start(ident, input_tokens)
     return event.model_copy(update={"message": event.message.model_copy(update={"model": PRIVATE_MODEL})})
 
 
@@ -864,6 +864,35 @@ def test_a_stream_of_a_model_with_no_price_failing_under_unpriced_fail_raises_it
     with caplog.at_level(logging.WARNING, logger="multirun"):
         assert main() == "connection lost"
     assert_refused_and_charged(traced, caplog, "ConnectionError", tokens=45 if read == "to the end" else 41)
+
+
+@pytest.mark.parametrize("read", ["to the end", "closed early"])
+def test_a_stream_of_two_calls_of_a_model_with_no_price_under_unpriced_fail_charges_both(
+    traced, read: str
+) -> None:
+    multirun.init(tracer_provider=traced.provider, unpriced="fail")
+
+    @step
+    def stream() -> Iterator[Any]:  # a tool loop: one streamed answer, a tool call, the next answer
+        yield private_start(40, "msg_1")
+        yield private_start(100, "msg_2")
+
+    @run(name="main")
+    def main() -> str:
+        events = stream()
+        try:
+            if read == "to the end":
+                list(events)
+            else:
+                next(events), next(events)
+                events.close()
+        except multirun.PolicyViolation as refused:
+            return refused.rule
+        return "closed"
+
+    assert main() == ("unpriced" if read == "to the end" else "closed")
+    assert attrs(step_span(traced, "stream"))["multirun.tokens_used"] == 142  # (40 + 1) + (100 + 1)
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 142
 
 
 # ---------------------------------------------------------------------------

@@ -1187,9 +1187,15 @@ class StepContext:
             _note_calls_around(self, [call_id for call_id, _ in calls if call_id is not None])
             return False
         below = self._calls_below
+        refused: PolicyViolation | None = None
         for call_id, usage in calls:
             if below is None or call_id not in below:
-                self._report_call(usage, call_id)
+                try:
+                    self._report_call(usage, call_id)
+                except PolicyViolation as unpriced:  # init(unpriced="fail"): the other calls count too
+                    refused = refused or unpriced
+        if refused is not None:
+            raise refused
         return True
 
     def charge_child_usage(
