@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -423,6 +425,40 @@ def test_the_stack_headroom_is_given_back_by_its_last_holder_unless_the_program_
         assert sys.getrecursionlimit() == limit + 1
     finally:
         sys.setrecursionlimit(limit)
+
+
+FORK_WHILE_HELD = """
+import os, sys, threading
+from multirun._stack import HEADROOM, headroom
+
+limit = sys.getrecursionlimit()
+held, done = threading.Event(), threading.Event()
+
+def end_a_failed_call():
+    with headroom:
+        held.set()
+        done.wait()
+
+threading.Thread(target=end_a_failed_call).start()
+held.wait()
+pid = os.fork()
+if pid == 0:  # the thread that held the headroom is not in the child
+    back = sys.getrecursionlimit() == limit
+    with headroom:
+        lifted = sys.getrecursionlimit() == limit + HEADROOM
+    os._exit(0 if back and lifted and sys.getrecursionlimit() == limit else 1)
+_, status = os.waitpid(pid, 0)
+done.set()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_another_thread_holds_the_stack_headroom_gets_the_limit_back(tmp_path) -> None:
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_WHILE_HELD)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 class BreaksOnFailedSpans(SpanProcessor):

@@ -7,6 +7,8 @@ import sys
 import threading
 from types import TracebackType
 
+from multirun._process import reinit_after_fork
+
 HEADROOM = 250  # frames: ending a span, exporting it, logging and a checkpoint, with room to spare
 
 
@@ -22,10 +24,11 @@ class Headroom:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a signal handler may end a call of its own
         self._holders = 0
         self._limit = 0  # the limit before it was lifted
         self._lifted = 0  # the limit while lifted
+        reinit_after_fork(self._at_fork_reinit)
 
     def __enter__(self) -> None:
         with self._lock:
@@ -46,6 +49,14 @@ class Headroom:
                 # RecursionError: this thread is deeper than the old limit; the next holder puts it back
                 with contextlib.suppress(RecursionError):
                     sys.setrecursionlimit(self._limit)
+
+    def _at_fork_reinit(self) -> None:
+        """In a forked child only the thread that forked lives on: the other holders are gone."""
+        self._lock = threading.RLock()
+        if self._holders:
+            self._holders = 0
+            if sys.getrecursionlimit() == self._lifted:
+                sys.setrecursionlimit(self._limit)
 
 
 headroom = Headroom()
