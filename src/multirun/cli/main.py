@@ -274,13 +274,10 @@ _NO_COLLECTOR_HINT = "Is a collector listening there? Without an endpoint the de
 def _check_demo_endpoint(given: str | None) -> None:
     """Refuse an endpoint that is no http(s) URL, naming the option or variable that gave it,
     before the demo creates its folder."""
-    try:
-        if given is not None:
-            client_module._check_endpoint("--endpoint", given)
-        elif (found := client_module._env_endpoint("traces")) is not None:
-            client_module._check_endpoint(*found)
-    except MultiRunError as exc:
-        raise RunsError(str(exc)) from None
+    found = ("--endpoint", given) if given is not None else client_module._env_endpoint("traces")
+    problem = client_module._endpoint_problem(*found) if found is not None else None
+    if problem is not None:
+        raise RunsError(problem)
 
 
 def _nothing_listens_at(url: str) -> str | None:
