@@ -5,8 +5,10 @@ recursion that runs out of stack."""
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -25,6 +27,7 @@ from multirun.context import RunContext, get_current_run_context, has_active_run
 from multirun.errors import StepError
 from multirun.models import Run
 from multirun.telemetry import attributes as attr
+from multirun.telemetry.exceptions import STACKTRACE_FRAMES
 
 
 @dataclass
@@ -386,6 +389,62 @@ async def test_a_recursive_async_step_that_runs_out_of_stack_raises_recursion_er
     assert await after() == 42
     assert traced.parent_of(traced.span("step double")) is traced.span("invoke_workflow after")
     assert open_spans.open == {}
+
+
+LEFT_OUT = re.compile(r"^  \[(\d+) frames? left out: the (\d+) nearest the raise follow\]$", re.MULTILINE)
+
+
+def exception_event(span: ReadableSpan) -> Mapping[str, Any]:
+    (event,) = [e for e in span.events if e.name == "exception"]
+    return event.attributes or {}
+
+
+def frames_of(stacktrace: str) -> tuple[int, int]:
+    """The frames a stacktrace shows (no line repeats in these: each level has frames of its
+    own and of multirun's), and the number it says it left out."""
+    left_out = LEFT_OUT.search(stacktrace)
+    return stacktrace.count('\n  File "'), int(left_out.group(1)) if left_out else 0
+
+
+@pytest.mark.parametrize("shape", ["function", "generator", "coroutine", "async generator"])
+async def test_a_recursion_that_runs_out_of_stack_records_at_most_a_bounded_stacktrace_on_each_span(
+    traced, shape: str
+) -> None:
+    """Each span the RecursionError unwinds through records it, with its traceback one level
+    longer each time: in full that costs the square of the depth. Each event keeps the frames
+    nearest the raise and says how many it left out."""
+    calls: list[int] = []
+    descend = recursive_steps(calls)[shape]
+
+    @run
+    async def main() -> Any:
+        if shape == "async generator":
+            return [item async for item in descend(0)]
+        if shape == "coroutine":
+            return await descend(0)
+        result = descend(0)
+        return list(result) if shape == "generator" else result
+
+    with stack_limit(3 * STACKTRACE_FRAMES), pytest.raises(RecursionError):
+        await main()
+    steps = traced.named("step descend")  # in the order they ended: the innermost first
+    assert len(steps) == len(calls)
+    events = [exception_event(span) for span in [*steps, traced.span("invoke_workflow main")]]
+    assert all(event["exception.type"] == "RecursionError" for event in events)
+    assert all(event["exception.message"].startswith("maximum recursion depth exceeded") for event in events)
+    assert all(event["exception.escaped"] == "True" for event in events)
+    frames = [frames_of(event["exception.stacktrace"]) for event in events]
+    assert all(shown <= STACKTRACE_FRAMES for shown, _ in frames)
+    assert frames[0][1] == 0  # the innermost step's is whole
+    assert frames[-1] == (STACKTRACE_FRAMES, frames[-1][1]) and frames[-1][1] > STACKTRACE_FRAMES
+    # and every one says how many it left out: each level's traceback is the one of the level
+    # inside it, and the frames of this level
+    totals = [shown + left_out for shown, left_out in frames]
+    assert all(inner < outer for inner, outer in itertools.pairwise(totals))
+    per_level = totals[2] - totals[1]
+    assert all(outer - inner == per_level for inner, outer in itertools.pairwise(totals[1:-1]))
+    for event in events:  # the cut ones too end with the raise
+        assert event["exception.stacktrace"].endswith(f"RecursionError: {event['exception.message']}\n")
 
 
 def test_a_recursion_through_agents_started_by_hand_raises_recursion_error_and_ends_every_span(

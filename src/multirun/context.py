@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator
@@ -57,6 +56,7 @@ from multirun.pricing import COST_UNITS_PER_USD
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 from multirun.telemetry.content import render, render_call
+from multirun.telemetry.exceptions import record_exception
 from multirun.usage import TokenUsage
 
 if TYPE_CHECKING:
@@ -1089,7 +1089,7 @@ class StepContext:
         attributes: dict[str, Any] = {attr.STEP_ATTEMPT: self.attempt, attr.ERROR_TYPE: _error_type(exc)}
         if delay is not None:
             attributes[attr.STEP_RETRY_DELAY] = delay
-        _record_exception(self.span, exc, attributes)
+        record_exception(self.span, exc, attributes)
         if delay is not None:
             self.attempt += 1
 
@@ -1686,29 +1686,11 @@ def _error_type(error: BaseException) -> str:
 def _record_error(span: Span, error: BaseException | str, out: dict[str, Any]) -> None:
     if isinstance(error, BaseException):
         out[attr.ERROR_TYPE] = _error_type(error)
-        _record_exception(span, error, escaped=True)
+        record_exception(span, error, escaped=True)
         span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error_text(error)}"))
     else:
         out[attr.ERROR_TYPE] = attr.ERROR_TYPE_OTHER
         span.set_status(Status(StatusCode.ERROR, error))
-
-
-def _record_exception(
-    span: Span, error: BaseException, attributes: dict[str, Any] | None = None, *, escaped: bool = False
-) -> None:
-    """``span.record_exception``, which reads ``str(error)``: when the program's ``__str__``
-    fails, the same event with a stand-in message."""
-    try:
-        span.record_exception(error, attributes=attributes, escaped=escaped)
-    except Exception:
-        event: dict[str, Any] = {
-            "exception.type": _error_type(error),
-            "exception.message": error_text(error),
-            "exception.stacktrace": "".join(traceback.format_exception(error)),  # never calls str()
-            "exception.escaped": str(escaped),
-        }
-        event.update(attributes or {})
-        span.add_event("exception", event)
 
 
 def _serialize_result(result: Any) -> bytes | None:

@@ -44,6 +44,7 @@ from multirun.models.step import StepKind, StepStatus
 from multirun.sdk_usage import NOT_A_RESPONSE, StreamUsage, call_of_result, is_sdk_object
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
+from multirun.telemetry.exceptions import record_exception
 
 if TYPE_CHECKING:
     from pydantic import BaseModel, ValidationError
@@ -271,7 +272,7 @@ class _StepCall(StepContext):
             except PolicyViolation as unpriced:
                 # init(unpriced="fail"): noted, not raised in place of the step's own error (nor out
                 # of a generator's close(), which raises only what the generator raised)
-                self.span.record_exception(unpriced)
+                record_exception(self.span, unpriced)
                 failed_with = type(error).__name__
                 _logger.warning("multirun: step %r failed with %s, and %s", self.name, failed_with, unpriced)
         refused = self._retry_refused

@@ -81,6 +81,7 @@ from multirun.models.run import Run, RunStatus
 from multirun.models.step import StepKind, StepStatus
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
+from multirun.telemetry.exceptions import record_exception
 from multirun.usage import TokenUsage, is_cost
 
 __all__ = ["MotusInstrumentor"]
@@ -586,7 +587,8 @@ class _TaskTrace:
         if self.step is not None:
             self.step._record_attempt_failure(error, delay)
             return
-        self.span.record_exception(
+        record_exception(
+            self.span,
             error,
             attributes={
                 attr.STEP_ATTEMPT: self.failures,
