@@ -156,3 +156,49 @@ def test_each_attribute_named_in_full_on_the_trace_table_is_one_multirun_writes(
     named = set(re.findall(r"`((?:gen_ai|multirun|error)\.[a-z_.]*[a-z_])`", table))
     assert len(named) > 10
     assert named - known == set()
+
+
+FAULTS = README.parent / "tests" / "FAULTS.md"
+
+
+def _guarantees(text: str) -> list[str]:
+    """The bullets of a ``## Guarantees`` section, each on one line."""
+    section = text.split("\n## Guarantees\n", 1)[1].split("\n## ", 1)[0]
+    bullets = re.findall(r"^- (.*?)(?=\n- |\n\n|\Z)", section, re.MULTILINE | re.DOTALL)
+    return [" ".join(bullet.split()) for bullet in bullets]
+
+
+def test_faults_md_states_the_readmes_guarantees_word_for_word() -> None:
+    readme = _guarantees(README.read_text("utf-8"))
+    assert len(readme) >= 10
+    assert _guarantees(FAULTS.read_text("utf-8")) == readme
+
+
+def _named_tests() -> list[tuple[str, str]]:
+    """Each ``file.py::test`` the table of tests/FAULTS.md names (``::test`` alone is in the
+    file named last), as the file and a pattern of the test's name: one ending in ``...`` or
+    ``*`` stands for the tests it begins."""
+    named: list[tuple[str, str]] = []
+    for row in re.findall(r"^\| \d+ \|.*$", FAULTS.read_text("utf-8"), re.MULTILINE):
+        tests = row.split(" | ")[3]
+        file = ""
+        for match in re.finditer(r"(test_\w+\.py)|::(\w+)(\.\.\.|\*)?", tests):
+            if match.group(1):
+                file = match.group(1)
+                named.append((file, ""))
+            else:
+                named.append((file, match.group(2) + (r"\w*" if match.group(3) else "")))
+    return named
+
+
+def test_each_test_faults_md_names_is_one_that_exists() -> None:
+    named = _named_tests()
+    assert len(named) > 100
+    missing = []
+    for file, test in named:
+        path = FAULTS.parent / file
+        if not path.is_file():
+            missing.append(file)
+        elif test and not re.search(rf"^(?:async )?def {test}\(", path.read_text("utf-8"), re.MULTILINE):
+            missing.append(f"{file}::{test}")
+    assert missing == []
