@@ -542,6 +542,9 @@ MONEY_VARIABLES = [
     ("MULTIRUN_LEDGER_URI", "redis://ledger:99999/0", "^MULTIRUN_LEDGER_URI: .*Port out of range"),
     ("MULTIRUN_LEDGER_URI", "redis://[::1/0", "^MULTIRUN_LEDGER_URI: .*Invalid IPv6 URL"),
     ("MULTIRUN_LEDGER_URI", "redis://ledger/0?socket_timeout=soon", "^MULTIRUN_LEDGER_URI: .*socket_timeout"),
+    # redis-py would quietly use database 0: another program's budgets
+    ("MULTIRUN_LEDGER_URI", "redis://ledger:6379/abc", "^MULTIRUN_LEDGER_URI: .*database number.*'/abc'"),
+    ("MULTIRUN_LEDGER_URI", "redis://ledger/0/extra", "^MULTIRUN_LEDGER_URI: .*database number.*'/0/extra'"),
 ]
 
 

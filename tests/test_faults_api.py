@@ -188,6 +188,21 @@ def test_24_a_ledger_uri_of_another_scheme_is_refused_without_its_password(globa
     assert "s3cret" not in message and "user:***@127.0.0.1" in message
 
 
+@pytest.mark.parametrize("database", ["/abc", "/0/extra", "/1/2", "/-1", "?db=x", "/1?db=2"])
+def test_24_a_ledger_uri_whose_database_is_no_number_is_refused_without_its_password(
+    global_otel: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str
+) -> None:
+    # redis-py would use database 0 for /abc (12 for /1/2): two programs meant to keep their
+    # budgets apart would share one. Refused from the URL alone, before redis is even imported.
+    monkeypatch.setitem(sys.modules, "redis", None)
+    uri = f"redis://user:s3cret@127.0.0.1:6379{database}"
+    message = refused(lambda: multirun.init(local_dir=tmp_path / "mr", ledger_uri=uri), "ledger_uri")
+    assert message.startswith("ledger_uri: ledger URL ")
+    assert "database" in message or "db must be" in message
+    assert "s3cret" not in message and "user:***@127.0.0.1:6379" in message
+    assert client_module._configured is None
+
+
 def test_24_init_local_refuses_a_path_that_is_not_one(global_otel: None) -> None:
     refused(lambda: multirun.init_local(5), "path")  # type: ignore[arg-type]
     assert client_module._configured is None

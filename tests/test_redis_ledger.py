@@ -621,6 +621,55 @@ def test_from_uri_refuses_bad_parameters(uri: str) -> None:
         RedisLedgerFactory.from_uri(uri)
 
 
+@pytest.mark.parametrize(
+    ("database", "error"),
+    [
+        ("/abc", "the path must be the database number, an int >= 0 .*got '/abc'"),  # redis-py: db 0
+        ("/0/extra", "the path must be the database number.*got '/0/extra'"),  # redis-py: db 0
+        ("/1/2", "the path must be the database number.*got '/1/2'"),  # redis-py: db 12
+        ("/-1", "the path must be the database number.*got '/-1'"),
+        ("/ 1", "the path must be the database number"),  # redis-py: db 1
+        ("/%D9%A1", "the path must be the database number"),  # an Arabic-Indic 1: redis-py reads 1
+        ("?db=", "db must be an int >= 0, got ''"),  # redis-py: the path's, else 0
+        ("?db=+1", "db must be an int >= 0, got ' 1'"),  # + is a space in a query: redis-py reads 1
+        ("/x?db=1", "the path must be the database number.*got '/x'"),
+        ("/1?db=2", "the database is given twice, as 1 and 2"),  # redis-py: db 2
+        ("?db=1&db=2", "the database is given twice, as 1 and 2"),  # redis-py: db 1
+    ],
+)
+def test_from_uri_refuses_a_database_that_is_no_number_hiding_the_password(database: str, error: str) -> None:
+    with pytest.raises(ConfigurationError, match=error) as info:
+        RedisLedgerFactory.from_uri(f"redis://user:s3cret@127.0.0.1:6379{database}")
+    assert "s3cret" not in str(info.value) and "user:***@127.0.0.1:6379" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("database", "number"),
+    [("", 0), ("/", 0), ("/3", 3), ("/%33", 3), ("/03", 3), ("?db=3", 3), ("/3?db=3", 3)],
+)
+def test_from_uri_keeps_the_runs_in_the_database_it_names(
+    redis_server: RedisServer, database: str, number: int
+) -> None:
+    factory = RedisLedgerFactory.from_uri(f"redis://127.0.0.1:{redis_server.port}{database}")
+    ledger = factory.ledger(new_id(), Budget(max_steps=5))
+    ledger.begin_step()
+    try:
+        for db in (0, 3):
+            with redis.Redis(host="127.0.0.1", port=redis_server.port, db=db) as client:
+                assert client.exists(ledger.key) == (db == number), db
+    finally:
+        factory.close()
+
+
+def test_a_password_is_hidden_whatever_else_is_wrong_in_the_url() -> None:
+    # a port that is no number is refused later: the message that quotes the URL comes first
+    with pytest.raises(ConfigurationError, match="timeout must be") as info:
+        RedisLedgerFactory.from_uri("redis://:s3cret@127.0.0.1:port/0?timeout=soon")
+    assert "s3cret" not in str(info.value)
+    assert redact("redis://:s3cret@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
+    assert redact("redis://us%40er:p@ss@host/0") == "redis://us%40er:***@host/0"
+
+
 def test_bad_arguments_are_refused(redis_server: RedisServer) -> None:
     client = redis.Redis.from_url(redis_server.url)
     with pytest.raises(ConfigurationError):

@@ -66,7 +66,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from multirun.enforcement.ledger import Ledger, LedgerReadings, RunLedger
 from multirun.errors import BudgetExceededError, ConfigurationError, LedgerUnavailableError
@@ -732,6 +732,8 @@ class RedisLedgerFactory:
         an answer, default 0.5), ``fail_open`` (default false), ``key_prefix``
         and ``ttl_seconds``. The client does not retry: a step fails (or fails
         open) within the timeout rather than risk counting a command twice.
+        The database (the path, or ``db=``) must be an int >= 0: any other
+        is refused, where redis-py would quietly use database 0.
         """
         try:
             parts = urlsplit(uri)
@@ -741,6 +743,8 @@ class RedisLedgerFactory:
             raise ConfigurationError(
                 f"ledger URL must be redis://, rediss:// or unix://, got {redact(uri)!r}"
             )
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        _check_database(parts, query, uri)
         try:
             import redis.backoff
             import redis.retry
@@ -750,7 +754,7 @@ class RedisLedgerFactory:
             ) from None
         ours = {"timeout": str(DEFAULT_TIMEOUT_SECONDS), "fail_open": "false"}
         theirs = []
-        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        for name, value in query:
             if name in ("timeout", "fail_open", "key_prefix", "ttl_seconds"):
                 ours[name] = value
             else:
@@ -835,14 +839,46 @@ class RedisLedgerFactory:
 
 
 def redact(uri: str) -> str:
-    """``uri`` with its password replaced by ``***``."""
+    """``uri`` with its password replaced by ``***``.
+
+    Only the user information is rewritten: the host and port stay as written, so a URL
+    whose port is no number (refused later, with this text in the message) is redacted too.
+    """
     parts = urlsplit(uri)
-    if parts.password is None:
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return uri
-    user = quote(unquote(parts.username or ""), safe="")
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _check_database(parts: SplitResult, query: Sequence[tuple[str, str]], uri: str) -> None:
+    """Refuse a database that is no int >= 0, or that is given twice with two numbers.
+
+    redis-py reads the path's digits as it can and falls back to database 0 quietly
+    (``/abc`` and ``/0/extra`` are database 0, ``/1/2`` is 12), and ``?db=`` wins over the
+    path: two programs meant to keep their budgets apart would share one database.
+    """
+    numbers = set()
+    for name, value in query:
+        if name == "db":
+            if not (value.isascii() and value.isdigit()):
+                raise ConfigurationError(f"ledger URL {redact(uri)!r}: db must be an int >= 0, got {value!r}")
+            numbers.add(int(value))
+    path = unquote(parts.path)
+    if parts.scheme != "unix" and path not in ("", "/"):  # a unix:// path is the socket's
+        number = path[1:]
+        if not (number.isascii() and number.isdigit()):
+            raise ConfigurationError(
+                f"ledger URL {redact(uri)!r}: the path must be the database number, an int >= 0 "
+                f"(redis://host:6379/0), got {path!r}"
+            )
+        numbers.add(int(number))
+    if len(numbers) > 1:
+        raise ConfigurationError(
+            f"ledger URL {redact(uri)!r}: the database is given twice, as "
+            f"{' and '.join(map(str, sorted(numbers)))}: it must be given once"
+        )
 
 
 def _positive(value: str, name: str, uri: str) -> float:
