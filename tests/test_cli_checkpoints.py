@@ -180,12 +180,50 @@ def test_a_missing_store_folder_is_an_error(tmp_path: Path, capsys) -> None:
     assert err.splitlines() == [f"multirun: error: no such directory: {tmp_path / 'missing'}"]
 
 
+@pytest.mark.parametrize("given_as", ["--store", "MULTIRUN_CHECKPOINT_URI"])
+@pytest.mark.parametrize(
+    ("store", "error"),
+    [
+        ("ftp://host/blobs", "no blob exporter for the URI scheme 'ftp'"),
+        ("file://host/blobs", "file URI 'file://host/blobs': its path must be absolute"),
+        ("s3://", "an s3:// URI needs a bucket"),
+    ],
+)
+def test_a_bad_store_is_an_error_naming_where_it_was_given(
+    tmp_path: Path, monkeypatch, capsys, given_as: str, store: str, error: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if given_as == "--store":
+        code, _, err = run_cli(capsys, "checkpoints", "--store", store)
+    else:
+        monkeypatch.setenv("MULTIRUN_CHECKPOINT_URI", store)
+        code, _, err = run_cli(capsys, "checkpoints")
+    assert code == 1
+    [line] = err.splitlines()
+    assert line.startswith(f"multirun: error: {given_as}: {error}"), line
+    assert "checkpoint_uri" not in line  # an argument of init, which nobody called
+
+
 def test_no_folder_yet_is_no_checkpoints(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     for name in ("MULTIRUN_DIR", "MULTIRUN_CHECKPOINT_URI"):
         monkeypatch.delenv(name, raising=False)
     code, out, _ = run_cli(capsys, "checkpoints")
     assert code == 0 and out == "No checkpoints.\n"
+
+
+@pytest.mark.parametrize("given_as", ["--dir", "MULTIRUN_DIR"])
+def test_a_folder_with_a_colon_is_a_folder(tmp_path: Path, monkeypatch, capsys, given_as: str) -> None:
+    # DIR/blobs is a path, not a URI of the scheme "runs"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MULTIRUN_CHECKPOINT_URI", raising=False)
+    (tmp_path / "runs:today").mkdir()
+    if given_as == "--dir":
+        code, out, err = run_cli(capsys, "checkpoints", "--dir", "runs:today")
+    else:
+        monkeypatch.setenv("MULTIRUN_DIR", "runs:today")
+        code, out, err = run_cli(capsys, "checkpoints")
+    assert (code, out, err) == (0, "No checkpoints.\n", "")
 
 
 # ---------------------------------------------------------------------------

@@ -566,3 +566,109 @@ def test_without_init_a_bad_money_setting_is_refused_by_name_before_the_run_star
     assert ran == []
     with pytest.raises(ConfigurationError, match=error):
         multirun.init(local_dir=tmp_path / "mr")
+
+
+# Every setting init takes as an argument, else from its environment variable, with a value that
+# cannot work. However it is given, the error names where it came from: a variable the user never
+# passed to init must not be reported as an argument of init, nor the other way round.
+# (variable, argument, value; {file} is a path under a file, so no folder can be made there)
+SETTINGS_FROM_THE_ENVIRONMENT = [
+    ("MULTIRUN_UNPRICED", "unpriced", "failed"),
+    ("MULTIRUN_DIR", "local_dir", "{file}/mr"),
+    ("MULTIRUN_CHECKPOINT_URI", "checkpoint_uri", "ftp://host/blobs"),
+    ("MULTIRUN_CHECKPOINT_URI", "checkpoint_uri", "file://host/blobs"),
+    ("MULTIRUN_CHECKPOINT_URI", "checkpoint_uri", "s3://bucket/blobs?colour=red"),
+    ("MULTIRUN_CHECKPOINT_URI", "checkpoint_uri", "s3://"),
+    ("MULTIRUN_CHECKPOINT_SERIALIZER", "checkpoint_serializer", "yaml"),
+    ("MULTIRUN_CHECKPOINT_SERIALIZER", "checkpoint_serializer", "pickle"),  # and no HMAC key
+    ("MULTIRUN_CHECKPOINT_HMAC_KEY", "checkpoint_hmac_key", "short"),
+    ("MULTIRUN_CHECKPOINT_HMAC_KEY", "checkpoint_hmac_key", "hex:zz"),
+    ("MULTIRUN_LEDGER_URI", "ledger_uri", "http://ledger:6379"),
+    ("MULTIRUN_LEDGER_URI", "ledger_uri", "redis://ledger:6379/abc"),
+    ("MULTIRUN_CHECKPOINT_TIMEOUT", "checkpoint_timeout", "soon"),
+]
+# the ways a setting reaches the configuration; a first run without init only logs a bad
+# telemetry variable (MULTIRUN_CHECKPOINT_TIMEOUT, tested above), and MultiRunClient reads a few
+_READ_BY_THE_CLIENT = {
+    "MULTIRUN_UNPRICED",
+    "MULTIRUN_CHECKPOINT_SERIALIZER",
+    "MULTIRUN_CHECKPOINT_HMAC_KEY",
+    "MULTIRUN_LEDGER_URI",
+}
+_WAYS = [
+    (variable, argument, value, way)
+    for variable, argument, value in SETTINGS_FROM_THE_ENVIRONMENT
+    for way in ["init argument", "init", "init_local", "first run", "MultiRunClient"]
+    if not (way == "first run" and variable == "MULTIRUN_CHECKPOINT_TIMEOUT")
+    and not (way == "MultiRunClient" and variable not in _READ_BY_THE_CLIENT)
+]
+
+
+@pytest.mark.parametrize(("variable", "argument", "value", "way"), _WAYS)
+def test_a_bad_setting_is_refused_naming_the_variable_or_the_argument_it_came_from(
+    global_otel, tmp_path, monkeypatch, variable: str, argument: str, value: str, way: str
+) -> None:
+    pytest.importorskip("redis")
+    for name, _, _ in SETTINGS_FROM_THE_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "file").write_text("")
+    value = value.format(file=tmp_path / "file")
+    if variable != "MULTIRUN_DIR":
+        monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
+    ran: list[int] = []
+
+    @run
+    def job() -> None:
+        ran.append(1)
+
+    given, other = (argument, variable) if way == "init argument" else (variable, argument)
+    if way != "init argument":
+        monkeypatch.setenv(variable, value)
+    actions = {
+        "init argument": lambda: multirun.init(**{argument: value}),
+        "init": multirun.init,
+        "init_local": multirun.init_local,
+        "first run": job,
+        "MultiRunClient": lambda: multirun.MultiRunClient(tracer_provider=TracerProvider()),
+    }
+    with pytest.raises(ConfigurationError) as info:
+        actions[way]()
+    message = str(info.value)
+    assert message.startswith(given), message
+    assert other not in message, message
+    assert ran == []
+    assert multirun.client._configured is None
+
+
+@pytest.mark.parametrize("value", ["http://ledger:6379", "redis://ledger:6379/abc"])
+def test_a_client_refuses_its_ledger_uri_argument_by_name_whatever_the_variable_says(
+    monkeypatch, value: str
+) -> None:
+    pytest.importorskip("redis")
+    monkeypatch.setenv("MULTIRUN_LEDGER_URI", "redis://ledger:6379/0")  # not used: no word of it
+    with pytest.raises(ConfigurationError, match=r"^ledger_uri: ledger URL ") as info:
+        multirun.MultiRunClient(tracer_provider=TracerProvider(), ledger_uri=value)
+    assert "MULTIRUN_LEDGER_URI" not in str(info.value)
+    monkeypatch.setenv("MULTIRUN_LEDGER_URI", value)  # nor is a bad variable the argument overrides
+    client = multirun.MultiRunClient(tracer_provider=TracerProvider(), ledger_uri="redis://ledger:6379/0")
+    assert client.ledger_uri == "redis://ledger:6379/0"
+
+
+@pytest.mark.parametrize("given_as", ["MULTIRUN_DIR", "local_dir"])
+def test_a_relative_folder_with_a_colon_keeps_the_checkpoints(
+    global_otel, tmp_path, monkeypatch, given_as: str
+) -> None:
+    # its blobs folder is a path, not a URI whose scheme is "runs" (refused, naming a URI nobody gave)
+    monkeypatch.chdir(tmp_path)
+    if given_as == "MULTIRUN_DIR":
+        monkeypatch.setenv("MULTIRUN_DIR", "runs:today")
+        multirun.init()
+    else:
+        multirun.init(local_dir="runs:today")
+
+    @run
+    def job() -> None:
+        multirun.context.get_current_run_context().checkpoint(name="saved")
+
+    job()
+    assert len(list((tmp_path / "runs:today" / "blobs").glob("checkpoints/*/*.ckpt"))) == 1

@@ -31,9 +31,9 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanLimits, SpanProcesso
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from multirun._process import env_int, is_count, refuse_or_warn
-from multirun.checkpoints.exporters import BlobExporter, exporter_from_uri
+from multirun.checkpoints.exporters import BlobExporter, FileBlobExporter, exporter_from_uri
 from multirun.checkpoints.replay import DEFAULT_LIMIT as DEFAULT_REPLAY_LIMIT
-from multirun.checkpoints.serializers import resolve_hmac_key
+from multirun.checkpoints.serializers import get_serializer, resolve_hmac_key
 from multirun.checkpoints.store import DEFAULT_PUT_TIMEOUT, MAX_PUT_TIMEOUT, CheckpointStore
 from multirun.clock import Clock
 from multirun.enforcement.ledger import Ledger, RunLedger
@@ -86,6 +86,7 @@ class MultiRunClient:
             content_limit=content_limit,
             step_history=step_history,
             record_replay=record_replay,
+            ledger_uri=ledger_uri or None,  # refused by name: the argument, else the variable
         )
         self.unpriced = _unpriced_mode(unpriced)
         self.fail_unpriced = self.unpriced == "fail"
@@ -449,13 +450,14 @@ def init_local(path: str | os.PathLike[str] | None = None, **options: Any) -> Mu
 
     Checkpoints go to ``checkpoint_uri`` if given, else to ``MULTIRUN_CHECKPOINT_URI`` (what
     ``multirun resume --store`` sets), else ``path/blobs``, as with ``init``."""
-    if path is None:
-        path = os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR
-    if not isinstance(path, (str, os.PathLike)):
+    if path is not None and not isinstance(path, (str, os.PathLike)):
         raise ConfigurationError(f"init_local: path must be a str or os.PathLike, got {path!r}")
-    root = Path(path)
-    # no checkpoint_uri: init takes MULTIRUN_CHECKPOINT_URI, else local_dir/blobs
-    return init(local_dir=root, span_exporter=LocalFileSpanExporter(root / "traces"), **options)
+    from_env = path is None and bool(os.environ.get("MULTIRUN_DIR"))
+    root = Path(os.environ["MULTIRUN_DIR"] if from_env else path or DEFAULT_DIR)
+    # MULTIRUN_DIR is left to init, which reads the same folder and names the variable if it
+    # cannot be created. No checkpoint_uri: init takes MULTIRUN_CHECKPOINT_URI, else local_dir/blobs
+    local_dir = None if from_env else root
+    return init(local_dir=local_dir, span_exporter=LocalFileSpanExporter(root / "traces"), **options)
 
 
 def _init_locked(
@@ -513,11 +515,16 @@ def _init_locked(
         batch = batch_settings(refuse=refuse)  # those of the export pipeline init will make
     price_book = PriceBook(client_options.pop("prices", None))
     root = Path(local_dir or os.environ.get("MULTIRUN_DIR") or DEFAULT_DIR)
+    store: BlobExporter | str | None = blob_exporter
+    store_setting = "blob_exporter"
+    if store is None:
+        store, store_setting = _setting(checkpoint_uri, "checkpoint_uri", "MULTIRUN_CHECKPOINT_URI")
     checkpoint_store = _checkpoint_store(
-        blob_exporter or checkpoint_uri or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(root / "blobs"),
+        store or FileBlobExporter(root / "blobs"),  # a folder, not a URI: "a:b/blobs" has no scheme
         checkpoint_serializer,
         resolve_hmac_key(checkpoint_hmac_key, name="checkpoint_hmac_key"),
         _checkpoint_timeout(checkpoint_timeout, refuse=refuse),
+        store_setting=store_setting,
     )
     _ensure_local_dir(local_dir)  # last: a refused init creates no folder
     exporter = span_exporter or _exporter_for(endpoint, headers, root, ignored)
@@ -816,13 +823,19 @@ def _metric_settings(
     return interval, exemplar_filter
 
 
+def _setting(value: Any, argument: str, variable: str) -> tuple[Any, str]:
+    """``(value, argument)`` when the argument is given (not None), else the environment
+    variable's value (None if unset or empty) and its name: what an error about it must say."""
+    if value is not None:
+        return value, argument
+    return os.environ.get(variable) or None, variable
+
+
 def _validate_ledger_uri(ledger_uri: Any) -> None:
     """Parse the ledger URI (argument or ``MULTIRUN_LEDGER_URI``) without connecting to it."""
-    name = "ledger_uri"
+    ledger_uri, name = _setting(ledger_uri, "ledger_uri", "MULTIRUN_LEDGER_URI")
     if ledger_uri is None:
-        ledger_uri, name = os.environ.get("MULTIRUN_LEDGER_URI") or None, "MULTIRUN_LEDGER_URI"
-        if ledger_uri is None:
-            return
+        return
     if not isinstance(ledger_uri, str) or not ledger_uri:
         raise ConfigurationError(f"{name} must be a redis:// URL, got {ledger_uri!r}")
     from multirun.enforcement.redis_ledger import RedisLedgerFactory
@@ -959,21 +972,34 @@ def _checkpoint_store(
     serializer: str | None = None,
     hmac_key: bytes | str | None = None,
     timeout: float = DEFAULT_PUT_TIMEOUT,
+    *,
+    store_setting: str = "checkpoint_store",
 ) -> CheckpointStore:
+    """The checkpoint store of ``store``; ``store_setting`` names where a URI came from
+    (``checkpoint_uri``, ``MULTIRUN_CHECKPOINT_URI``), for the error that refuses it."""
     if store is None:
         store = "memory://default"
     if isinstance(store, CheckpointStore):
         return store
-    serializer = serializer or os.environ.get("MULTIRUN_CHECKPOINT_SERIALIZER") or "json"
-    if isinstance(store, str):
-        return CheckpointStore(
-            exporter_from_uri(store), serializer=serializer, hmac_key=hmac_key, put_timeout=timeout
+    if not isinstance(store, (str, BlobExporter)):
+        raise ConfigurationError(
+            f"checkpoint_store must be a CheckpointStore, a BlobExporter or a URI, got {store!r}"
         )
-    if isinstance(store, BlobExporter):
-        return CheckpointStore(store, serializer=serializer, hmac_key=hmac_key, put_timeout=timeout)
-    raise ConfigurationError(
-        f"checkpoint_store must be a CheckpointStore, a BlobExporter or a URI, got {store!r}"
+    serializer, serializer_setting = _setting(
+        serializer or None, "checkpoint_serializer", "MULTIRUN_CHECKPOINT_SERIALIZER"
     )
+    serializer = serializer or "json"
+    hmac_key = resolve_hmac_key(hmac_key)  # names MULTIRUN_CHECKPOINT_HMAC_KEY itself
+    try:
+        get_serializer(serializer, hmac_key=hmac_key)  # refused here, where its source is known
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{serializer_setting}: {exc}") from None
+    if isinstance(store, str):
+        try:
+            store = exporter_from_uri(store)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{store_setting}: {exc}") from None
+    return CheckpointStore(store, serializer=serializer, hmac_key=hmac_key, put_timeout=timeout)
 
 
 def _install_usage_processor(provider: trace.TracerProvider) -> UsageSpanProcessor | None:

@@ -289,7 +289,7 @@ def file_exporter(
             directory = uri
         elif parsed.netloc not in ("", "localhost"):
             raise ConfigurationError(
-                f"checkpoint_uri {uri!r}: a file URI has an absolute path, "
+                f"file URI {uri!r}: its path must be absolute, "
                 f"file:///{parsed.netloc}{parsed.path} (three slashes)"
             )
         else:
@@ -364,14 +364,16 @@ def _create(name: str, factory: BlobExporterFactory, /, *args: Any, **options: A
 def exporter_from_uri(uri: str, **options: Any) -> BlobExporter:
     """The blob exporter for ``uri``, found by its scheme: ``memory://``, ``file://``, ``s3://``, a path...
 
-    ``options`` go to the exporter's factory along with the URI.
+    ``options`` go to the exporter's factory along with the URI. A ConfigurationError says what
+    is wrong with the URI, not where it was set: the caller names that (``checkpoint_uri``,
+    ``MULTIRUN_CHECKPOINT_URI``, ``--store``).
     """
     if not isinstance(uri, str) or not uri:
-        raise ConfigurationError(f"checkpoint_uri must be a non-empty string, got {uri!r}")
+        raise ConfigurationError(f"a blob store URI must be a non-empty string, got {uri!r}")
     scheme = urlparse(uri).scheme.lower()
     if scheme == "" or (len(scheme) == 1 and os.name == "nt"):
         return file_exporter(uri, **options)
-    factory = exporter_factory(scheme, what="blob exporter for the checkpoint_uri scheme")
+    factory = exporter_factory(scheme, what="blob exporter for the URI scheme")
     return _create(scheme, factory, uri, **options)
 
 

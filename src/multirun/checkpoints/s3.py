@@ -503,27 +503,27 @@ def parse_s3_uri(uri: str) -> dict[str, Any]:
         raise ConfigurationError(f"not an s3:// URI: scheme {parts.scheme!r}")
     if "@" in parts.netloc:
         raise ConfigurationError(
-            "checkpoint_uri: credentials never go in an s3:// URI; set AWS_ACCESS_KEY_ID and "
+            "credentials never go in an s3:// URI; set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
         )
     bucket = parts.netloc
     if not bucket:
-        raise ConfigurationError("checkpoint_uri: an s3:// URI needs a bucket: s3://bucket/prefix")
+        raise ConfigurationError("an s3:// URI needs a bucket: s3://bucket/prefix")
     settings: dict[str, Any] = {"bucket": bucket, "prefix": unquote(parts.path).strip("/")}
     for name, values in parse_qs(parts.query, keep_blank_values=True).items():
         if name not in _QUERY:
             # the value is not repeated: it might be a secret put there by mistake
             raise ConfigurationError(
-                f"checkpoint_uri s3://{bucket}: unknown parameter {name!r}; known: {', '.join(_QUERY)}. "
+                f"s3://{bucket}: unknown parameter {name!r}; known: {', '.join(_QUERY)}. "
                 "Credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a profile."
             )
         if len(values) != 1:
-            raise ConfigurationError(f"checkpoint_uri s3://{bucket}: parameter {name!r} given twice")
+            raise ConfigurationError(f"s3://{bucket}: parameter {name!r} given twice")
         try:
             settings[name] = _QUERY[name](values[0])
         except ValueError:
             raise ConfigurationError(
-                f"checkpoint_uri s3://{bucket}: {name}={values[0]!r} is not a {_QUERY[name].__name__}"
+                f"s3://{bucket}: {name}={values[0]!r} is not a {_QUERY[name].__name__}"
             ) from None
     return settings
 

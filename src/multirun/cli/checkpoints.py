@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from multirun.checkpoints.exporters import FileBlobExporter, exporter_from_uri
+from multirun.checkpoints.exporters import BlobExporter, FileBlobExporter, exporter_from_uri
 from multirun.checkpoints.resume import RESUME_ENV, match_id, resolve_checkpoint
 from multirun.checkpoints.serializers import serializer_names
 from multirun.checkpoints.store import CheckpointStore, StoredCheckpoint, parse_checkpoint_key
@@ -114,11 +114,14 @@ def open_store(args: argparse.Namespace) -> CheckpointStore:
     if named:
         runs.check_directory(directory)
     given = getattr(args, "store", None)
-    uri = given or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(directory / "blobs")
-    try:
-        exporter = exporter_from_uri(uri)
-    except MultiRunError as exc:
-        raise CommandError(str(exc)) from None
+    source = "--store" if given else "MULTIRUN_CHECKPOINT_URI"
+    uri = given or os.environ.get(source)
+    exporter: BlobExporter = FileBlobExporter(directory / "blobs")  # a folder: "a:b/blobs" has no scheme
+    if uri:
+        try:
+            exporter = exporter_from_uri(uri)
+        except MultiRunError as exc:  # named by where it was given: the option or the variable
+            raise CommandError(f"{source}: {exc}") from None
     if given and isinstance(exporter, FileBlobExporter):
         runs.check_directory(exporter.directory)
     # whatever serializer the program chose: a pickle is still read only once its HMAC, with the
