@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 import multirun
 from multirun import run, step
@@ -317,6 +320,152 @@ def test_an_llm_step_around_a_step_with_an_openinference_call_does_not_time_it_a
 
     main()
     assert [count for _, count in durations(reader)] == [1]
+
+
+# ---------------------------------------------------------------------------
+# OpenLLMetry (Traceloop) times each call it makes in gen_ai.client.operation.duration, failed
+# ones too; the span of a failed call has no usage, and names the call by llm.request.type alone
+
+OPENLLMETRY_SCOPE = "opentelemetry.instrumentation.openai.v1"  # its tracer's and meter's name
+
+
+@pytest.fixture
+def openllmetry(traced) -> Iterator[tuple[InMemoryMetricReader, MeterProvider]]:
+    """multirun, and the meter provider an OpenLLMetry instrumentation records to, on one reader."""
+    metric_reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[metric_reader])
+    client = multirun.init(tracer_provider=traced.provider, meter_provider=provider)
+    client.clock = traced.clock
+    yield metric_reader, provider
+    provider.shutdown()
+
+
+class APIConnectionError(Exception):
+    pass
+
+
+def _openllmetry_failed_call(traced, meters: MeterProvider, span_name: str, request_type: str) -> None:  # type: ignore[no-untyped-def]
+    """A call that fails, as OpenLLMetry's OpenAI instrumentation records it (chat_wrappers.py,
+    embeddings_wrappers.py of traceloop/openllmetry): a CLIENT span started with llm.request.type
+    only, the request's attributes, no gen_ai.operation.name; on the error, the duration recorded
+    with its error.type, then error.type, the exception and an ERROR status on the span, ended."""
+    tracer = traced.provider.get_tracer(OPENLLMETRY_SCOPE, "0.47.3")
+    duration_histogram = meters.get_meter(OPENLLMETRY_SCOPE, "0.47.3").create_histogram(
+        name="gen_ai.client.operation.duration", unit="s", description="GenAI operation duration"
+    )
+    span = tracer.start_span(span_name, kind=SpanKind.CLIENT, attributes={"llm.request.type": request_type})
+    span.set_attribute("gen_ai.system", "openai")
+    span.set_attribute("gen_ai.request.model", "gpt-4o-mini")
+    span.set_attribute("llm.headers", "None")
+    span.set_attribute("llm.is_streaming", False)
+    span.set_attribute("gen_ai.openai.api_base", "https://api.openai.com/v1/")
+    span.set_attribute("gen_ai.prompt.0.role", "user")
+    span.set_attribute("gen_ai.prompt.0.content", "are you there?")
+    start_time = time.time()
+    try:
+        time.sleep(0.001)  # the request, which gets no answer
+        raise APIConnectionError("Connection error.")
+    except Exception as e:
+        duration_histogram.record(time.time() - start_time, attributes={"error.type": e.__class__.__name__})
+        span.set_attribute("error.type", e.__class__.__name__)
+        span.record_exception(e)
+        span.set_status(Status(StatusCode.ERROR, str(e)))
+        span.end()
+        raise
+
+
+# (span name, llm.request.type) of OpenLLMetry's model calls: those of its OpenAI instrumentation,
+# and "completion", the type its Anthropic, Gemini and Vertex AI instrumentations give their calls
+OPENLLMETRY_CALLS = [
+    ("openai.chat", "chat"),
+    ("openai.embeddings", "embedding"),
+    ("anthropic.chat", "completion"),
+]
+
+
+@pytest.mark.parametrize(("span_name", "request_type"), OPENLLMETRY_CALLS)
+@pytest.mark.parametrize("kind", [StepKind.LLM_CALL, StepKind.FUNCTION])
+def test_a_failed_openllmetry_call_is_timed_once(openllmetry, traced, span_name, request_type, kind) -> None:
+    # OpenLLMetry timed it: the LLM step around it must not time it again
+    metric_reader, meters = openllmetry
+
+    @step(kind=kind)
+    def call_model() -> None:
+        _openllmetry_failed_call(traced, meters, span_name, request_type)
+
+    @run
+    def main() -> None:
+        call_model()
+
+    with pytest.raises(APIConnectionError):
+        main()
+    assert durations(metric_reader) == [({"error.type": "APIConnectionError"}, 1)]  # OpenLLMetry's
+
+
+@pytest.mark.parametrize("inner_kind", [StepKind.FUNCTION, StepKind.LLM_CALL])
+def test_an_llm_step_around_a_step_with_a_failed_openllmetry_call_does_not_time_it_again(
+    openllmetry, traced, inner_kind
+) -> None:
+    metric_reader, meters = openllmetry
+
+    @step(kind=inner_kind)
+    def call_model() -> None:
+        _openllmetry_failed_call(traced, meters, "openai.chat", "chat")
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer() -> None:
+        with contextlib.suppress(APIConnectionError):
+            call_model()
+
+    @run
+    def main() -> None:
+        answer()
+        answer()
+
+    main()
+    assert durations(metric_reader) == [({"error.type": "APIConnectionError"}, 2)]
+
+
+def test_a_failed_openllmetry_call_wrapped_in_an_openinference_llm_span_is_timed_once(
+    openllmetry, traced
+) -> None:
+    # LangChain's OpenInference LLM span around OpenLLMetry's OpenAI one: one call, two spans,
+    # and the outer one, with no usage either, must not time what OpenLLMetry timed
+    metric_reader, meters = openllmetry
+    tracer = traced.provider.get_tracer("openinference.instrumentation.langchain")
+
+    @run
+    def main() -> None:
+        with tracer.start_as_current_span(
+            "ChatOpenAI", attributes={"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-mini"}
+        ):
+            _openllmetry_failed_call(traced, meters, "openai.chat", "chat")
+
+    with pytest.raises(APIConnectionError):
+        main()
+    assert durations(metric_reader) == [({"error.type": "APIConnectionError"}, 1)]
+
+
+@pytest.mark.parametrize("request_type", ["rerank", "unknown"])
+def test_an_openllmetry_span_of_no_model_call_is_left_to_the_llm_step(
+    openllmetry, traced, request_type
+) -> None:
+    # not a model call the conventions time: the LLM step around it times its call
+    metric_reader, _ = openllmetry
+
+    @step(kind=StepKind.LLM_CALL)
+    def call_model() -> None:
+        tracer = traced.provider.get_tracer(OPENLLMETRY_SCOPE)
+        with tracer.start_as_current_span("cohere.rerank", attributes={"llm.request.type": request_type}):
+            pass
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    [(attributes, count)] = durations(metric_reader)
+    assert count == 1 and "error.type" not in attributes
 
 
 def test_an_llm_step_around_an_llm_step_times_the_one_call_once(reader) -> None:

@@ -129,8 +129,9 @@ class UsageSpanProcessor(SpanProcessor):
                     # a call that reported no usage (it failed, say) still took its time
                     _time_call(span, owner, None)
                     timed_below = True
-                elif attributes.get(a.GEN_AI_OPERATION_NAME) in a.MODEL_CALL_OPERATIONS:
-                    _note_call_timed(owner)  # its GenAI instrumentation timed it, failed or not
+                elif _is_call_timed_by_its_instrumentation(attributes):
+                    _note_call_timed(owner)  # failed or not
+                    timed_below = True
                 parent_entry = self._parent_entry(span) if timed_below else None
                 if parent_entry is not None:
                     parent_entry[2] = True  # a wrapper of the same call is not timed again
@@ -211,6 +212,17 @@ def _is_call_without_metrics(attributes: Any) -> bool:
         attributes.get(a.OPENINFERENCE_SPAN_KIND) == a.OPENINFERENCE_KIND_LLM
         and a.GEN_AI_OPERATION_NAME not in attributes
     )
+
+
+def _is_call_timed_by_its_instrumentation(attributes: Any) -> bool:
+    """Whether a span with no usage is a model call that its instrumentation times in
+    ``gen_ai.client.operation.duration``, failed or not: one of the GenAI conventions
+    (openai-v2, OpenLLMetry), or one of OpenLLMetry's that names only its
+    ``llm.request.type`` (a failed call's span may have no ``gen_ai.operation.name``)."""
+    operation = attributes.get(a.GEN_AI_OPERATION_NAME)
+    if operation is not None:
+        return operation in a.MODEL_CALL_OPERATIONS
+    return attributes.get(a.LLM_REQUEST_TYPE) in a.MODEL_CALL_REQUEST_TYPES
 
 
 def _note_call_timed(owner: Any) -> None:

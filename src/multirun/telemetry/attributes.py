@@ -30,6 +30,9 @@ GEN_AI_USAGE_COMPLETION_TOKENS: Final = "gen_ai.usage.completion_tokens"
 # OpenLLMetry's first names (Traceloop SDKs and many hand-made spans still write them)
 LLM_USAGE_PROMPT_TOKENS: Final = "llm.usage.prompt_tokens"
 LLM_USAGE_COMPLETION_TOKENS: Final = "llm.usage.completion_tokens"
+# OpenLLMetry's kind of request (chat, completion, embedding, rerank...): its spans of a model call
+# carry it from their start, and may have no gen_ai.operation.name (a failed call's has no usage)
+LLM_REQUEST_TYPE: Final = "llm.request.type"
 # OpenLLMetry's names of cached input and reasoning tokens
 GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS_OLD: Final = "gen_ai.usage.cache_read_input_tokens"
 GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS_OLD: Final = "gen_ai.usage.cache_creation_input_tokens"
@@ -68,6 +71,8 @@ OP_EXECUTE_TOOL: Final = "execute_tool"
 # the operations of a model call, which an instrumentation of the GenAI conventions times in
 # gen_ai.client.operation.duration (not an agent's, a tool's or a workflow's)
 MODEL_CALL_OPERATIONS: Final = frozenset({OP_CHAT, "text_completion", "generate_content", "embeddings"})
+# the same, as OpenLLMetry's llm.request.type names them (its instrumentations time them too)
+MODEL_CALL_REQUEST_TYPES: Final = frozenset({"chat", "completion", "embedding"})
 
 # multirun: runs
 RUN_ID: Final = "multirun.run.id"
