@@ -62,6 +62,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket_path(self) -> Path:
+        """The server's unix socket (it listens on both)."""
+        return self.workdir / "redis.sock"
+
     @classmethod
     def start(cls, timeout: float = 10.0) -> RedisServer:
         """Start a server on a free port and wait until it answers PING."""
@@ -83,6 +88,10 @@ class RedisServer:
                         str(port),
                         "--bind",
                         "127.0.0.1",
+                        "--unixsocket",
+                        str(workdir / "redis.sock"),
+                        "--unixsocketperm",
+                        "700",
                         "--dir",
                         str(workdir),
                         "--daemonize",

@@ -607,6 +607,22 @@ def test_from_uri_reads_its_parameters(redis_server: RedisServer) -> None:
     default.close()
 
 
+def test_from_uri_connects_through_a_unix_socket_to_the_database_it_names(redis_server: RedisServer) -> None:
+    factory = RedisLedgerFactory.from_uri(f"unix://{redis_server.socket_path}?db=3&timeout=0.25")
+    kwargs = factory.client.connection_pool.connection_kwargs
+    assert (kwargs["path"], kwargs["db"], kwargs["socket_timeout"]) == (
+        str(redis_server.socket_path),
+        3,
+        0.25,
+    )
+    run_id = new_id()
+    factory.ledger(run_id, Budget(max_steps=5)).begin_step()
+    by_port = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/3")
+    assert by_port.exists(factory.ledger(run_id).key)
+    by_port.close()
+    factory.close()
+
+
 @pytest.mark.parametrize(
     "uri",
     [

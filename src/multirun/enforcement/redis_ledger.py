@@ -763,7 +763,7 @@ class RedisLedgerFactory:
         redis_py: Any = redis  # Any: redis-py 5 leaves from_url and Retry untyped
         try:
             client: redis.Redis = redis_py.Redis.from_url(
-                urlunsplit(parts._replace(query=urlencode(theirs))),
+                _with_query(parts, urlencode(theirs)),
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
                 retry=redis_py.retry.Retry(redis_py.backoff.NoBackoff(), 0),
@@ -850,6 +850,13 @@ def redact(uri: str) -> str:
         return uri
     user = userinfo.partition(":")[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _with_query(parts: SplitResult, query: str) -> str:
+    """The URL of ``parts`` with another query. Not ``urlunsplit``: it writes a URL with no
+    host as ``unix:/path``, which redis-py does not take for ``unix://``."""
+    url = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return f"{url}?{query}" if query else url
 
 
 def _check_database(parts: SplitResult, query: Sequence[tuple[str, str]], uri: str) -> None:
