@@ -99,7 +99,7 @@ def test_resume_by_checkpoint_id_restores_state(traced) -> None:
     run_id = traced.span("invoke_workflow crew").attributes[attr.RUN_ID]
     checkpoint_id = traced.client.checkpoints.latest(run_id)
 
-    @run
+    @run(name="crew")  # the program that took the checkpoint
     def inspect_state() -> object:
         return get_current_run_context().get_state("summary")
 
@@ -118,7 +118,7 @@ def test_a_resumed_run_never_gets_its_budget_back(traced) -> None:
     def expensive() -> None:
         multirun.report_usage("gpt-4o-mini", input_tokens=3_000, output_tokens=900)
 
-    @run(budget=Budget(max_tokens=5_000))
+    @run(name="crew", budget=Budget(max_tokens=5_000))  # the program that took the checkpoint
     def more() -> None:
         expensive()  # 1,100 restored + 3,900 = 5,000: the limit is reached
         expensive()
@@ -149,7 +149,7 @@ def test_a_renamed_step_raises_a_determinism_error_instead_of_a_wrong_value(trac
     def fetch_renamed(n: int) -> int:
         return n * 10
 
-    @run
+    @run(name="job")  # the same program, changed
     def job_changed() -> None:
         fetch_renamed(1)
 
@@ -183,7 +183,7 @@ def test_a_step_resumed_with_other_inputs_says_so_naming_the_step(traced) -> Non
     def fetch(n: int) -> int:
         return n * 10
 
-    @run
+    @run(name="job")  # the same program, changed
     def job_other_inputs() -> None:
         fetch(1)
         fetch(3)
@@ -209,7 +209,7 @@ def test_another_step_where_the_recording_has_one_names_both(traced) -> None:
     def gather(n: int) -> int:
         return n
 
-    @run
+    @run(name="job")  # the same program, changed
     def job_other_step() -> None:
         fetch(1)
         gather(2)
@@ -228,7 +228,7 @@ def test_a_step_called_more_often_with_the_same_inputs_says_so(traced) -> None:
     def fetch(n: int) -> int:
         return n * 10
 
-    @run
+    @run(name="job")  # the same program, changed
     def job_repeats() -> None:
         fetch(1)
         fetch(1)
@@ -248,7 +248,7 @@ def test_steps_replayed_out_of_order_raise_a_determinism_error(traced) -> None:
     def fetch(n: int) -> int:
         return n * 10
 
-    @run
+    @run(name="job")  # the same program, changed
     def job_reordered() -> None:
         fetch(2)
         fetch(1)
@@ -273,7 +273,7 @@ def test_repeated_calls_with_the_same_inputs_are_replayed_call_by_call(traced) -
 
     run_id = run_id_after_crash(traced, job)
 
-    @run
+    @run(name="job")  # the same program, changed
     def job_again() -> list[str]:
         return [next_page(), next_page(), next_page()]
 
@@ -303,7 +303,7 @@ def test_steps_past_the_replay_limit_run_again_after_a_restore(traced, tmp_path,
     assert len(full) == 1  # once per run, not once per step past the limit
     run_id = traced.named("invoke_workflow job")[0].attributes[attr.RUN_ID]
 
-    @run
+    @run(name="job")  # the same program, changed
     def job_again() -> list[int]:
         return [fetch(n) for n in range(1, 6)]
 
@@ -343,7 +343,7 @@ def test_a_step_the_policy_refused_is_not_replayed_as_a_call_in_flight(traced) -
 
     run_id = run_id_after_crash(traced, job)
 
-    @run(policy=policy)
+    @run(name="job", policy=policy)
     def job_again() -> int:
         return program()
 
@@ -694,7 +694,7 @@ def test_with_a_signed_pickle_store_replayed_results_keep_their_type(traced, tmp
 
     run_id = run_id_after_crash(traced, job)
 
-    @run
+    @run(name="job")  # the same program, changed
     def job_again() -> Report:
         return draft("otel")
 
@@ -786,7 +786,7 @@ def test_a_step_served_inside_its_parent_still_counts_for_the_same_call_later(tr
     run_id = run_id_after_crash(traced, job)
     executed.clear()
 
-    @run
+    @run(name="job")  # the same program, changed
     def job_again() -> list[int]:
         return [first_page(), next_page(), next_page()]
 
@@ -891,7 +891,7 @@ def test_a_result_the_program_changes_after_the_step_returned_is_replayed_as_ret
 
     run_id = run_id_after_crash(traced, job)
 
-    @run
+    @run(name="job")  # the same program, changed
     def job_again() -> list[str]:
         return search("otel")
 
@@ -1053,3 +1053,121 @@ def test_a_checkpoint_warns_once_of_each_step_it_cannot_serve_after_a_restore(tr
         main()
     warnings = [r.getMessage() for r in caplog.records if "not served" in r.getMessage()]
     assert len(warnings) == 1 and "'ask'" in warnings[0] and "'plain'" not in warnings[0]
+
+
+# ---------------------------------------------------------------------------
+# a checkpoint is continued only by a run of the name that took it
+
+
+def search_program(calls: Calls):  # type: ignore[no-untyped-def]
+    """A step that records its calls, checkpointed after each one."""
+
+    @step(checkpoint=True)
+    def search(topic: str) -> list[str]:
+        calls("search " + topic)
+        return [f"{topic} 1", f"{topic} 2"]
+
+    return search
+
+
+def test_resume_refuses_a_run_of_another_name_and_names_both(traced) -> None:
+    calls = Calls()
+    search = search_program(calls)
+
+    @run(name="crew")
+    def crew(crash: bool) -> list[str]:
+        found = search("otel")
+        if crash:
+            raise RuntimeError("crash")
+        return found
+
+    @run(name="billing")
+    def billing() -> list[str]:
+        calls("billing ran")
+        return search("otel")
+
+    with pytest.raises(RuntimeError):
+        crew(True)
+    run_id = traced.named("invoke_workflow crew")[-1].attributes[attr.RUN_ID]
+    calls.log.clear()
+    with multirun.resume(run_id=run_id):
+        # it used to continue crew's checkpoint: billing got crew's state and its served steps
+        with pytest.raises(CheckpointError) as refused:
+            billing()
+        assert calls.log == []  # refused before its function ran
+        message = str(refused.value)
+        assert "'billing'" in message and "'crew'" in message and run_id in message
+        assert "run_name='billing'" in message  # how to continue it under this name anyway
+        # the resume is still pending: the run that took the checkpoint continues it
+        assert crew(False) == ["otel 1", "otel 2"]
+    assert calls.log == []  # search was served from the checkpoint
+    assert traced.named("invoke_workflow billing") == []  # no span of a run that never began
+    resumed = traced.named("invoke_workflow crew")[-1]
+    assert resumed.attributes[attr.RUN_RESUMED_FROM] == run_id
+
+
+def test_resume_continues_a_renamed_run_when_run_name_says_so(traced) -> None:
+    calls = Calls()
+    search = search_program(calls)
+
+    @run(name="crew")
+    def crew() -> None:
+        search("otel")
+        raise RuntimeError("crash")
+
+    @run(name="crew-v2")
+    def crew_v2() -> list[str]:
+        return search("otel")
+
+    with pytest.raises(RuntimeError):
+        crew()
+    run_id = traced.named("invoke_workflow crew")[-1].attributes[attr.RUN_ID]
+    calls.log.clear()
+    with multirun.resume(run_id=run_id, run_name="crew-v2"):
+        with pytest.raises(CheckpointError, match="'crew' cannot continue"):
+            crew()  # once run_name is given, it is the name that continues it
+        assert crew_v2() == ["otel 1", "otel 2"]
+    assert calls.log == []
+    resumed = traced.named("invoke_workflow crew-v2")[-1]
+    assert resumed.attributes[attr.RUN_RESUMED_FROM] == run_id
+
+
+@pytest.mark.parametrize("run_name", ["", 42])
+def test_resume_refuses_a_run_name_that_is_not_a_name(traced, run_name: object) -> None:
+    with (
+        pytest.raises(multirun.ConfigurationError, match="run_name"),
+        multirun.resume(run_id="anything", run_name=run_name),  # type: ignore[arg-type]
+    ):
+        pass
+
+
+def test_multirun_resume_in_the_environment_refuses_a_run_of_another_name(traced, monkeypatch) -> None:
+    from multirun.checkpoints import resume as resume_module
+
+    calls = Calls()
+    search = search_program(calls)
+
+    @run(name="crew")
+    def crew() -> list[str]:
+        return search("otel")
+
+    @run(name="billing")
+    def billing() -> list[str]:
+        return search("otel")
+
+    crew()
+    run_id = traced.named("invoke_workflow crew")[-1].attributes[attr.RUN_ID]
+    calls.log.clear()
+    monkeypatch.setattr(resume_module, "_environment_read", False)
+    monkeypatch.setattr(resume_module, "_from_environment", None)
+    monkeypatch.setenv("MULTIRUN_RESUME", run_id)
+    with pytest.raises(CheckpointError) as refused:
+        billing()
+    message = str(refused.value)
+    assert "'billing'" in message and "'crew'" in message
+    assert "--run-name billing" in message and "MULTIRUN_RESUME_RUN_NAME" in message
+
+    monkeypatch.setattr(resume_module, "_environment_read", False)
+    monkeypatch.setenv("MULTIRUN_RESUME_RUN_NAME", "billing")
+    assert billing() == ["otel 1", "otel 2"]
+    assert calls.log == []  # served from crew's checkpoint, as asked

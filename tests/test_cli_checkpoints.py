@@ -379,6 +379,19 @@ def test_resume_tells_the_child_the_store(store_dir, capfd, monkeypatch) -> None
     }
 
 
+def test_resume_run_name_tells_the_child_the_name_of_the_run_that_continues_it(store_dir, capfd) -> None:
+    printer = [
+        sys.executable,
+        "-c",
+        "import os; print('NAME=' + os.environ.get('MULTIRUN_RESUME_RUN_NAME', '-'))",
+    ]
+    run_id = run_ids(store_dir)[0]
+    assert main(["resume", "--dir", str(store_dir), run_id, "--run-name", "job-v2", "--", *printer]) == 0
+    assert "NAME=job-v2" in capfd.readouterr().out
+    assert main(["resume", "--dir", str(store_dir), run_id, "--run-name", " ", "--", *printer]) == 1
+    assert "--run-name must name a run" in capfd.readouterr().err
+
+
 def test_resume_command_line_end_to_end(tmp_path) -> None:
     """The console script, as a user types it."""
     result = subprocess.run(

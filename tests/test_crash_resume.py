@@ -42,7 +42,7 @@ def write_report(values) -> str:
         os.kill(os.getpid(), signal.SIGKILL)  # after the side effect, before any checkpoint
     return f"report of {sum(values)}"
 
-@run(name="nightly")
+@run(name=os.environ.get("RUN_NAME", "nightly"))
 def nightly() -> str:
     print("RUN", get_current_run_context().run.id, flush=True)
     values = fetched([fetch(1), fetch(2)])
@@ -57,16 +57,24 @@ MULTIRUN = Path(sys.executable).parent / "multirun"
 
 
 def run_program(
-    tmp_path: Path, *, crash: bool, resume: str | None = None, through_cli: bool = False
+    tmp_path: Path,
+    *,
+    crash: bool,
+    resume: str | None = None,
+    through_cli: bool = False,
+    run_name: str = "nightly",
+    options: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """The program; resuming ``resume`` through MULTIRUN_RESUME, or with ``multirun resume``."""
+    """The program, its run named ``run_name``; resuming ``resume`` through MULTIRUN_RESUME, or
+    with ``multirun resume`` (and its ``options``)."""
     script = tmp_path / "nightly.py"
     script.write_text(PROGRAM)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
     env["CRASH"] = "1" if crash else "0"
+    env["RUN_NAME"] = run_name
     command = [sys.executable, str(script), str(tmp_path / "mr"), str(tmp_path / "effects.txt")]
     if resume is not None and through_cli:
-        command = [str(MULTIRUN), "resume", resume, "--dir", str(tmp_path / "mr"), "--", *command]
+        command = [str(MULTIRUN), "resume", resume, "--dir", str(tmp_path / "mr"), *options, "--", *command]
     elif resume is not None:
         env["MULTIRUN_RESUME"] = resume
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
@@ -88,6 +96,33 @@ def test_resume_after_sigkill_does_not_repeat_completed_steps(tmp_path: Path, th
     # fetch 1 and 2 completed before the checkpoint: once each. write_report was running when
     # the process died: it runs again (at-least-once), as documented.
     assert effects == ["fetch 1", "fetch 2", "write_report", "write_report"]
+
+
+def test_resume_in_a_program_whose_run_has_another_name_is_refused_unless_told(tmp_path: Path) -> None:
+    crashed = run_program(tmp_path, crash=True)
+    run_id = crashed.stdout.split("RUN ", 1)[1].split()[0]
+    effects = tmp_path / "effects.txt"
+    recorded = effects.read_text()
+
+    refused = run_program(tmp_path, crash=False, resume=run_id, through_cli=True, run_name="weekly")
+    assert refused.returncode != 0
+    assert "CheckpointError: run 'weekly' cannot continue checkpoint" in refused.stderr
+    assert f"of run {run_id}: run 'nightly' took it" in refused.stderr
+    assert "multirun resume --run-name weekly" in refused.stderr
+    assert effects.read_text() == recorded  # refused before any step ran
+
+    renamed = run_program(
+        tmp_path,
+        crash=False,
+        resume=run_id,
+        through_cli=True,
+        run_name="weekly",
+        options=("--run-name", "weekly"),
+    )
+    assert renamed.returncode == 0, renamed.stderr
+    assert "RESULT report of 30" in renamed.stdout
+    # fetch 1 and 2 were served from nightly's checkpoint
+    assert effects.read_text().splitlines() == ["fetch 1", "fetch 2", "write_report", "write_report"]
 
 
 def test_resume_of_an_unknown_run_fails_clearly(tmp_path: Path) -> None:

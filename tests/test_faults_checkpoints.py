@@ -458,7 +458,7 @@ def test_22_a_surrogate_in_a_replayed_result_comes_back_as_it_was(traced: Any) -
         job()
     run_id = traced.named("invoke_workflow job")[0].attributes["multirun.run.id"]
 
-    @run
+    @run(name="job")  # the same program
     def again() -> str:
         return echo("\ud800 lone")
 

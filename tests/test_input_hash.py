@@ -90,7 +90,7 @@ def test_a_step_with_unhashable_inputs_simply_runs_again_on_replay(traced) -> No
         job()
     run_id = traced.named("invoke_workflow job")[0].attributes["multirun.run.id"]
 
-    @run
+    @run(name="job")  # the same program
     def job_again() -> str:
         return use(Handle())
 

@@ -587,7 +587,7 @@ def run(
 def _resume_pending(ctx: RunContext) -> None:
     """Continue the checkpoint that ``multirun.resume`` (or ``multirun resume``) named, if
     one is pending; call before anything else starts the run's span."""
-    restored = take_pending_resume(ctx.client)
+    restored = take_pending_resume(ctx.client, ctx.run.name)
     if restored is not None:
         ctx.resumed_from = restored  # the span starts linked to the run it continues
         ctx._start()  # the span, and with it the ledger the restored spend goes to

@@ -10,6 +10,13 @@ or, with no change to the program, from the command line::
 Any unique prefix of a run or checkpoint id will do, as everywhere an id is
 accepted (``match_id``).
 
+Only a run of the name that took the checkpoint continues it: any other
+``@run`` started first is refused with a CheckpointError naming both names,
+before its function runs, and the resume stays pending for the right one
+(a checkpoint's state and served step results belong to the program that
+wrote them). A run renamed since is named with ``run_name="new name"``
+(``multirun resume --run-name NAME``, ``MULTIRUN_RESUME_RUN_NAME``).
+
 The resumed run is a new run (new id, new trace) that links to the one it
 continues (a span link, ``multirun.run.resumed_from``). It starts with the
 checkpoint's state, counts the spend the original run had made (a resumed
@@ -37,20 +44,62 @@ if TYPE_CHECKING:
     from multirun.client import MultiRunClient
 
 RESUME_ENV = "MULTIRUN_RESUME"
+#: The name of the run that continues the checkpoint MULTIRUN_RESUME names, when it is not the
+#: name of the run that took it (``multirun resume --run-name``).
+RESUME_RUN_NAME_ENV = "MULTIRUN_RESUME_RUN_NAME"
 _PENDING_KEY = otel_context.create_key("multirun-resume")
 
 
 class _Pending:
-    """A resume waiting for the next @run; used once."""
+    """A resume waiting for the next @run of its name; used once.
 
-    def __init__(self, restored: RestoredCheckpoint) -> None:
+    ``run_name``: the name of the run that continues it (default: the name of the run that
+    took the checkpoint); ``how``: how the resume was asked for, for the error of a run of
+    another name (``"call"``: ``multirun.resume``, ``"environment"``: MULTIRUN_RESUME).
+    """
+
+    def __init__(self, restored: RestoredCheckpoint, run_name: str | None, how: str) -> None:
         self.restored: RestoredCheckpoint | None = restored
+        self.run_name = run_name
+        self.how = how
         self._lock = threading.Lock()
 
-    def take(self) -> RestoredCheckpoint | None:
+    def take(self, run_name: str) -> RestoredCheckpoint | None:
+        """The checkpoint, for a run named ``run_name``; CheckpointError, and the resume left
+        pending, for a run of another name."""
         with self._lock:
-            restored, self.restored = self.restored, None
+            restored = self.restored
+            if restored is not None:
+                _check_name(restored, self.run_name, run_name, self.how)
+            self.restored = None
             return restored
+
+
+def _check_name(restored: RestoredCheckpoint, expected: str | None, run_name: str, how: str) -> None:
+    """Refuse to continue ``restored`` in a run named ``run_name`` unless it is the expected one:
+    ``expected`` if the resume named one, else the run that took the checkpoint (a checkpoint
+    that does not say which run took it, written before checkpoints did, is not checked)."""
+    taken_by = str(restored.checkpoint.context.get("run_name") or "")
+    wanted = expected if expected is not None else taken_by
+    if not wanted or run_name == wanted:
+        return
+    checkpoint = restored.checkpoint
+    if how == "environment":
+        rename = (
+            f"`multirun resume --run-name {run_name} {checkpoint.id} -- ...` "
+            f"(or set {RESUME_RUN_NAME_ENV}={run_name})"
+        )
+    else:
+        rename = f"multirun.resume(..., run_name={run_name!r})"
+    what = f"checkpoint {checkpoint.id} ({checkpoint.name}) of run {checkpoint.run_id}"
+    if expected is not None and expected != taken_by:
+        why = f"this resume is for a run named {expected!r} (run_name)"
+    else:
+        why = f"run {taken_by!r} took it, and its state and served step results belong to that program"
+    raise CheckpointError(
+        f"run {run_name!r} cannot continue {what}: {why}. Resume it in {wanted!r}; if {run_name!r} "
+        f"is that run renamed, say so with {rename}"
+    )
 
 
 _from_environment: _Pending | None = None
@@ -155,9 +204,17 @@ def _earlier_checkpoint(stored: Sequence[StoredCheckpoint], checkpoint_id: str) 
 
 @contextmanager
 def resume(
-    run_id: str | None = None, *, checkpoint_id: str | None = None, client: MultiRunClient | None = None
+    run_id: str | None = None,
+    *,
+    checkpoint_id: str | None = None,
+    client: MultiRunClient | None = None,
+    run_name: str | None = None,
 ) -> Iterator[RestoredCheckpoint]:
-    """Make the next ``@run`` started inside continue from a checkpoint (see the module doc)."""
+    """Make the next ``@run`` started inside continue from a checkpoint (see the module doc).
+
+    ``run_name``: the name of the run that continues it, when that is not the name of the run
+    that took the checkpoint (the run was renamed); a run of any other name is refused.
+    """
     from multirun.client import get_client
 
     if (run_id is None) == (checkpoint_id is None):
@@ -165,35 +222,44 @@ def resume(
     for name, value in (("run_id", run_id), ("checkpoint_id", checkpoint_id)):
         if value is not None and not isinstance(value, str):
             raise ConfigurationError(f"resume: {name} must be a string, got {value!r}")
+    if run_name is not None and (not isinstance(run_name, str) or not run_name.strip()):
+        raise ConfigurationError(f"resume: run_name must be a non-empty string, got {run_name!r}")
     store = (client or get_client()).checkpoints
     if run_id is not None:
         restored = load_for_resume(store, run_id, "run")
     else:
         restored = load_for_resume(store, checkpoint_id or "", "checkpoint")
-    token = otel_context.attach(otel_context.set_value(_PENDING_KEY, _Pending(restored)))
+    pending = _Pending(restored, run_name, "call")
+    token = otel_context.attach(otel_context.set_value(_PENDING_KEY, pending))
     try:
         yield restored
     finally:
         otel_context.detach(token)
 
 
-def take_pending_resume(client: MultiRunClient) -> RestoredCheckpoint | None:
-    """For ``@run``: the checkpoint to continue from, if a resume is pending (used once)."""
+def take_pending_resume(client: MultiRunClient, run_name: str) -> RestoredCheckpoint | None:
+    """For ``@run``: the checkpoint to continue from, if a resume is pending (used once).
+
+    CheckpointError if the run, named ``run_name``, is not the one to continue it; the resume
+    then stays pending."""
     pending = otel_context.get_current().get(_PENDING_KEY)
     if isinstance(pending, _Pending):
-        return pending.take()
+        return pending.take(run_name)
     if not os.environ.get(RESUME_ENV):
         return None
-    return _take_from_environment(client)
+    return _take_from_environment(client, run_name)
 
 
-def _take_from_environment(client: MultiRunClient) -> RestoredCheckpoint | None:
-    """``MULTIRUN_RESUME=<run or checkpoint id>``: the first @run of the process resumes it."""
+def _take_from_environment(client: MultiRunClient, run_name: str) -> RestoredCheckpoint | None:
+    """``MULTIRUN_RESUME=<run or checkpoint id>``: the first @run of the process resumes it
+    (of the name MULTIRUN_RESUME_RUN_NAME gives, if set)."""
     global _from_environment, _environment_read
     with _environment_lock:
         if not _environment_read:
             _environment_read = True
             identifier = os.environ.get(RESUME_ENV, "")
             if identifier:
-                _from_environment = _Pending(load_for_resume(client.checkpoints, identifier))
-    return _from_environment.take() if _from_environment is not None else None
+                expected = os.environ.get(RESUME_RUN_NAME_ENV, "").strip() or None
+                restored = load_for_resume(client.checkpoints, identifier)
+                _from_environment = _Pending(restored, expected, "environment")
+    return _from_environment.take(run_name) if _from_environment is not None else None

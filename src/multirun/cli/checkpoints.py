@@ -3,11 +3,13 @@
     multirun checkpoints [--run RUN_ID]      list checkpoints, newest last
     multirun checkpoints show ID             one checkpoint: run, name, size, state keys, agents, replay log
     multirun checkpoints verify [ID ...]     read and verify digests (all when no ID is given)
-    multirun resume [--dir DIR] RUN_OR_CHECKPOINT_ID -- python my_agent.py ...
+    multirun resume [--dir DIR] [--run-name NAME] RUN_OR_CHECKPOINT_ID -- python my_agent.py ...
 
 Any unique prefix of an id will do. Options of ``resume`` go anywhere before
 ``--``: everything after it is the command, which is told (through the
-environment) the checkpoint to resume and the store to read it from.
+environment) the checkpoint to resume and the store to read it from. Only a
+run of the name that took the checkpoint continues it; ``--run-name NAME``
+lets a run renamed since continue it under its new name.
 
 The store is ``--store URI``, else ``$MULTIRUN_CHECKPOINT_URI``, else DIR/blobs.
 A key of the store that is not a checkpoint (a stray file) is skipped with a warning.
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from multirun.checkpoints.exporters import BlobExporter, FileBlobExporter, exporter_from_uri
-from multirun.checkpoints.resume import RESUME_ENV, match_id, resolve_checkpoint
+from multirun.checkpoints.resume import RESUME_ENV, RESUME_RUN_NAME_ENV, match_id, resolve_checkpoint
 from multirun.checkpoints.serializers import serializer_names
 from multirun.checkpoints.store import CheckpointStore, StoredCheckpoint, parse_checkpoint_key
 from multirun.cli import render, runs
@@ -61,13 +63,21 @@ def add_commands(commands: Any, add_dir: Any) -> None:
 
     resume = commands.add_parser(
         "resume",
-        usage="multirun resume [--dir DIR] [--store URI] ID -- COMMAND ...",
+        usage="multirun resume [--dir DIR] [--store URI] [--run-name NAME] ID -- COMMAND ...",
         help="run a command whose first @run continues a run from its last checkpoint",
         description="Run COMMAND with MULTIRUN_RESUME set: its first @run continues the run "
-        "(or checkpoint) ID, serving the steps it had completed from the checkpoint. "
-        "COMMAND comes after --; the options may go before or after ID.",
+        "(or checkpoint) ID, serving the steps it had completed from the checkpoint. That @run "
+        "must have the name of the run that took the checkpoint (or the one --run-name gives): "
+        "one of another name is refused. COMMAND comes after --; the options may go before or "
+        "after ID.",
     )
     add_store_options(resume, add_dir)
+    resume.add_argument(
+        "--run-name",
+        metavar="NAME",
+        help="the name of the @run that continues it, when the run was renamed since it took the "
+        "checkpoint (default: the name of that run; a run of another name is refused)",
+    )
     resume.add_argument(
         "identifier",
         metavar="ID",
@@ -299,6 +309,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     command: list[str] = args.command or []
     if not command:
         raise CommandError(f"resume: give the program to run after --, {RESUME_EXAMPLE}")
+    if args.run_name is not None and not args.run_name.strip():
+        raise CommandError("resume: --run-name must name a run")
     store = open_store(args)
     checkpoint_id = _call(resolve_checkpoint, stored_checkpoints(store), args.identifier, "either")
     meta = _call(store.describe, checkpoint_id).checkpoint  # the program unpickles it, not this one
@@ -312,8 +324,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def child_environment(args: argparse.Namespace, checkpoint_id: str) -> dict[str, str]:
     """This environment, plus what makes the child's default client resume ``checkpoint_id``
-    from the store the options named: MULTIRUN_RESUME, MULTIRUN_DIR, MULTIRUN_CHECKPOINT_URI."""
+    from the store the options named: MULTIRUN_RESUME, MULTIRUN_DIR, MULTIRUN_CHECKPOINT_URI,
+    and MULTIRUN_RESUME_RUN_NAME for ``--run-name``."""
     env = dict(os.environ, **{RESUME_ENV: checkpoint_id})
+    if getattr(args, "run_name", None):
+        env[RESUME_RUN_NAME_ENV] = args.run_name
     if getattr(args, "dir", None):
         env["MULTIRUN_DIR"] = str(Path(args.dir).absolute())
     if getattr(args, "store", None):

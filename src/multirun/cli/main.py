@@ -4,7 +4,7 @@
     multirun runs [--dir DIR] [--limit N]         list the runs under DIR/traces
     multirun runs show RUN_ID [--dir DIR]         one run as a tree of its spans
     multirun checkpoints [--run RUN_ID] | show ID | verify [ID ...]
-    multirun resume ID -- COMMAND ...             COMMAND's first @run continues run ID
+    multirun resume ID -- COMMAND ...             COMMAND's first @run continues run ID (of its name)
     multirun prune --older-than DAYS [--dry-run]  remove old trace files and old runs' checkpoints
 
 DIR defaults to ``$MULTIRUN_DIR``, else ``./.multirun`` (where ``multirun.init_local``
