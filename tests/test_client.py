@@ -416,6 +416,8 @@ TELEMETRY_VARIABLES = [
     ("OTEL_BSP_EXPORT_TIMEOUT", "soon"),
     ("MULTIRUN_CHECKPOINT_TIMEOUT", "soon"),
     ("MULTIRUN_CHECKPOINT_TIMEOUT", "-1"),
+    ("MULTIRUN_CHECKPOINT_MAX_BYTES", "1GiB"),
+    ("MULTIRUN_CHECKPOINT_MAX_BYTES", "0"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318"),
     ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:port"),
 ]
@@ -439,6 +441,7 @@ def test_without_init_a_bad_telemetry_variable_is_logged_and_the_run_goes_on_tra
     assert repr(value) in warning
     client = multirun.get_client()
     assert client.checkpoints.put_timeout == 15
+    assert client.checkpoints.max_blob_bytes == 1 << 30
     # the spans are exported with the default batch settings, to the files of the embedded default
     assert client.force_flush()
     assert [s.name for s in read_spans(tmp_path / "mr" / "traces")] == ["invoke_workflow job"]
@@ -452,6 +455,8 @@ def test_without_init_a_bad_telemetry_variable_is_logged_and_the_run_goes_on_tra
         ("MULTIRUN_CHECKPOINT_TIMEOUT", "soon"),
         ("MULTIRUN_CHECKPOINT_TIMEOUT", "-1"),
         ("MULTIRUN_CHECKPOINT_TIMEOUT", "nan"),
+        ("MULTIRUN_CHECKPOINT_MAX_BYTES", "1GiB"),
+        ("MULTIRUN_CHECKPOINT_MAX_BYTES", "-5"),
     ],
 )
 def test_init_refuses_a_bad_telemetry_variable_naming_it(
@@ -586,9 +591,12 @@ SETTINGS_FROM_THE_ENVIRONMENT = [
     ("MULTIRUN_LEDGER_URI", "ledger_uri", "http://ledger:6379"),
     ("MULTIRUN_LEDGER_URI", "ledger_uri", "redis://ledger:6379/abc"),
     ("MULTIRUN_CHECKPOINT_TIMEOUT", "checkpoint_timeout", "soon"),
+    ("MULTIRUN_CHECKPOINT_MAX_BYTES", "checkpoint_max_bytes", "lots"),
 ]
 # the ways a setting reaches the configuration; a first run without init only logs a bad
-# telemetry variable (MULTIRUN_CHECKPOINT_TIMEOUT, tested above), and MultiRunClient reads a few
+# telemetry variable (MULTIRUN_CHECKPOINT_TIMEOUT, _MAX_BYTES, tested above), and MultiRunClient
+# reads a few
+_LOGGED_BY_A_FIRST_RUN = {"MULTIRUN_CHECKPOINT_TIMEOUT", "MULTIRUN_CHECKPOINT_MAX_BYTES"}
 _READ_BY_THE_CLIENT = {
     "MULTIRUN_UNPRICED",
     "MULTIRUN_CHECKPOINT_SERIALIZER",
@@ -599,7 +607,7 @@ _WAYS = [
     (variable, argument, value, way)
     for variable, argument, value in SETTINGS_FROM_THE_ENVIRONMENT
     for way in ["init argument", "init", "init_local", "first run", "MultiRunClient"]
-    if not (way == "first run" and variable == "MULTIRUN_CHECKPOINT_TIMEOUT")
+    if not (way == "first run" and variable in _LOGGED_BY_A_FIRST_RUN)
     and not (way == "MultiRunClient" and variable not in _READ_BY_THE_CLIENT)
 ]
 

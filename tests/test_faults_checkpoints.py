@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -332,6 +333,137 @@ def test_19_a_decompression_bomb_in_the_store_is_refused_in_bounded_memory(tmp_p
             store.load(checkpoint_id)
 
     assert peak_memory(load) < 16 << 20  # the limit and the compressed blob, never the 256 MiB
+
+
+def test_19_the_checkpoint_size_limit_comes_from_init_or_its_variable(
+    traced: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    def client(**options: Any) -> multirun.MultiRunClient:
+        return multirun.init(tracer_provider=traced.provider, checkpoint_uri=str(tmp_path), **options)
+
+    assert client().checkpoints.max_blob_bytes == 1 << 30
+    assert client(checkpoint_max_bytes=3 << 30).checkpoints.max_blob_bytes == 3 << 30  # over 1 GiB
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_MAX_BYTES", "5000")
+    assert client().checkpoints.max_blob_bytes == 5000
+    assert client(checkpoint_max_bytes=7000).checkpoints.max_blob_bytes == 7000  # the argument wins
+    for bad in (0, -1, True, 1.5, "4096"):
+        with pytest.raises(ConfigurationError, match=r"^checkpoint_max_bytes must be an int >= 1"):
+            client(checkpoint_max_bytes=bad)
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_MAX_BYTES", "1GiB")
+    with pytest.raises(
+        ConfigurationError, match=r"^MULTIRUN_CHECKPOINT_MAX_BYTES must be an int >= 1, got '1GiB'"
+    ):
+        client()
+    with pytest.raises(ConfigurationError, match="max_blob_bytes must be an int >= 1"):
+        CheckpointStore(FileBlobExporter(tmp_path), max_blob_bytes=0)
+
+
+def big_job() -> Any:
+    """A run whose state makes a checkpoint of about 10 kB."""
+
+    @run(name="big")
+    def job() -> str:
+        ctx = get_current_run_context()
+        ctx.set_state("notes", "x" * 10_000)
+        ctx.checkpoint(name="notes")
+        return ctx.run.id
+
+    return job
+
+
+def test_19_a_checkpoint_over_the_limit_is_not_written_and_says_how_to_raise_it(
+    traced: Any, tmp_path: Path, caplog: Any
+) -> None:
+    # it used to be written, and every later load refused it: a checkpoint that looked taken
+    client = multirun.init(
+        tracer_provider=traced.provider, checkpoint_uri=str(tmp_path / "small"), checkpoint_max_bytes=4096
+    )
+    with pytest.raises(CheckpointError) as refused:
+        big_job()()
+    message = str(refused.value)
+    assert re.search(
+        r"checkpoint 'notes' of run \w+ is not written: it is 1\d{4} bytes, over the 4096-byte limit", message
+    )
+    assert "MULTIRUN_CHECKPOINT_MAX_BYTES or multirun.init(checkpoint_max_bytes=...)" in message
+    assert client.checkpoints.list() == []
+
+    @step(checkpoint=True)
+    def draft() -> str:
+        return "y" * 10_000
+
+    @run
+    def job() -> int:
+        return len(draft())
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert job() == 10_000  # a checkpoint multirun takes itself: a warning, never the run's error
+    [warning] = [r.getMessage() for r in caplog.records if "after_draft" in r.getMessage()]
+    assert "over the 4096-byte limit" in warning and "MULTIRUN_CHECKPOINT_MAX_BYTES" in warning
+    assert client.checkpoints.list() == []
+
+
+def test_19_a_compressed_checkpoint_is_held_to_the_limit_once_decompressed(
+    traced: Any, tmp_path: Path
+) -> None:
+    store = CheckpointStore(FileBlobExporter(tmp_path / "zlib"), compression="zlib", max_blob_bytes=4096)
+    traced.client.checkpoints = store
+    with pytest.raises(
+        CheckpointError, match=r"it is \d{3} bytes, 1\d{4} once decompressed, over the 4096-byte"
+    ):
+        big_job()()  # it used to be written, and refused when read: it decompresses past the limit
+    assert store.list() == []
+    store.max_blob_bytes = 1 << 20
+    run_id = big_job()()
+    [key] = store.list()
+    restored = store.load(key.split("/")[-1].removesuffix(".ckpt"))
+    assert restored.checkpoint.run_id == run_id
+
+
+def test_19_resume_reads_with_the_configured_limit_and_says_how_to_raise_it(
+    traced: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    run_id = big_job()()
+    size = (tmp_path / "blobs" / traced.client.checkpoints.list()[0]).stat().st_size
+
+    def client(**options: Any) -> None:
+        multirun.init(tracer_provider=traced.provider, checkpoint_uri=str(tmp_path / "blobs"), **options)
+
+    client(checkpoint_max_bytes=size - 1)
+    with pytest.raises(CheckpointError) as refused, multirun.resume(run_id=run_id):
+        pass
+    message = str(refused.value)
+    assert f"is {size} bytes, over the {size - 1}-byte limit" in message
+    assert (
+        "raise the limit (MULTIRUN_CHECKPOINT_MAX_BYTES or multirun.init(checkpoint_max_bytes=...)" in message
+    )
+
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_MAX_BYTES", str(size))  # a checkpoint of the limit exactly
+    client()
+    with multirun.resume(run_id=run_id) as restored:
+        assert restored.state["notes"] == "x" * 10_000
+
+
+def test_19_the_command_line_reads_with_the_limit_of_the_variable(
+    traced: Any, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    from multirun.cli.main import main
+
+    big_job()()
+    [key] = traced.client.checkpoints.list()
+    checkpoint_id, size = key.split("/")[-1].removesuffix(".ckpt"), (tmp_path / "blobs" / key).stat().st_size
+    store = ["--store", str(tmp_path / "blobs")]
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_MAX_BYTES", "4096")
+    assert main(["checkpoints", "show", checkpoint_id, *store]) == 1
+    err = capsys.readouterr().err
+    assert f"is {size} bytes, over the 4096-byte limit" in err and "MULTIRUN_CHECKPOINT_MAX_BYTES" in err
+    assert main(["checkpoints", "verify", *store]) == 1
+    assert f"is {size} bytes, over the 4096-byte limit" in capsys.readouterr().out
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_MAX_BYTES", str(size))
+    assert main(["checkpoints", "verify", *store]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_MAX_BYTES", "lots")
+    assert main(["checkpoints", "verify", *store]) == 1
+    assert "MULTIRUN_CHECKPOINT_MAX_BYTES must be an int >= 1, got 'lots'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------

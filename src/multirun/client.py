@@ -31,10 +31,16 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanLimits, SpanProcesso
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from multirun._process import env_int, is_count, refuse_or_warn
+from multirun.checkpoints.envelope import MAX_BYTES_ENV
 from multirun.checkpoints.exporters import BlobExporter, FileBlobExporter, exporter_from_uri
 from multirun.checkpoints.replay import DEFAULT_LIMIT as DEFAULT_REPLAY_LIMIT
 from multirun.checkpoints.serializers import get_serializer, resolve_hmac_key
-from multirun.checkpoints.store import DEFAULT_PUT_TIMEOUT, MAX_PUT_TIMEOUT, CheckpointStore
+from multirun.checkpoints.store import (
+    DEFAULT_MAX_BLOB_BYTES,
+    DEFAULT_PUT_TIMEOUT,
+    MAX_PUT_TIMEOUT,
+    CheckpointStore,
+)
 from multirun.clock import Clock
 from multirun.enforcement.ledger import Ledger, RunLedger
 from multirun.enforcement.policy import PolicyState
@@ -328,6 +334,7 @@ def init(
     checkpoint_serializer: str | None = None,
     checkpoint_hmac_key: bytes | str | None = None,
     checkpoint_timeout: float | None = None,
+    checkpoint_max_bytes: int | None = None,
     prices: Mapping[str, Price | Mapping[str, float]] | None = None,
     step_history: int = DEFAULT_STEP_HISTORY,
     record_replay: bool = True,
@@ -363,6 +370,10 @@ def init(
         checkpoint_timeout: the longest a checkpoint waits for the blob store to write it, in
             seconds (default ``MULTIRUN_CHECKPOINT_TIMEOUT``, else 15): a store that hangs or is
             slow costs that wait and a warning, and the write goes on in the background.
+        checkpoint_max_bytes: the largest checkpoint read or written, in bytes, stored and
+            decompressed (default ``MULTIRUN_CHECKPOINT_MAX_BYTES``, else 1 GiB): a larger one is
+            refused when read, and so not written (a CheckpointError, a warning for the
+            checkpoints multirun takes itself).
         prices: per-model price overrides, ``{"model": Price(...)}``.
         step_history: how many finished steps a run keeps for ``Run.steps``.
         record_replay: hash the inputs of idempotent steps and keep their results, so
@@ -396,6 +407,7 @@ def init(
         "checkpoint_serializer": checkpoint_serializer,
         "checkpoint_hmac_key": checkpoint_hmac_key,
         "checkpoint_timeout": checkpoint_timeout,
+        "checkpoint_max_bytes": checkpoint_max_bytes,
         "prices": prices,
         "step_history": step_history,
         "record_replay": record_replay,
@@ -473,6 +485,7 @@ def _init_locked(
     checkpoint_serializer: str | None = None,
     checkpoint_hmac_key: bytes | str | None = None,
     checkpoint_timeout: float | None = None,
+    checkpoint_max_bytes: int | None = None,
     implicit: bool = False,
     **client_options: Any,
 ) -> MultiRunClient:
@@ -524,6 +537,7 @@ def _init_locked(
         checkpoint_serializer,
         resolve_hmac_key(checkpoint_hmac_key, name="checkpoint_hmac_key"),
         _checkpoint_timeout(checkpoint_timeout, refuse=refuse),
+        checkpoint_max_bytes_setting(checkpoint_max_bytes, refuse=refuse),
         store_setting=store_setting,
     )
     _ensure_local_dir(local_dir)  # last: a refused init creates no folder
@@ -967,11 +981,25 @@ def _checkpoint_timeout(timeout: float | None, *, refuse: bool = True) -> float:
     return seconds
 
 
+def checkpoint_max_bytes_setting(max_bytes: int | None, *, refuse: bool = True) -> int:
+    """``init``'s checkpoint_max_bytes, else ``MULTIRUN_CHECKPOINT_MAX_BYTES``, else 1 GiB.
+
+    A bad argument is refused; a bad variable is refused by name, or with ``refuse=False``
+    logged and left at its default.
+    """
+    if max_bytes is not None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ConfigurationError(f"checkpoint_max_bytes must be an int >= 1 (bytes), got {max_bytes!r}")
+        return max_bytes
+    return env_int(MAX_BYTES_ENV, DEFAULT_MAX_BLOB_BYTES, minimum=1, refuse=refuse)
+
+
 def _checkpoint_store(
     store: CheckpointStore | BlobExporter | str | None,
     serializer: str | None = None,
     hmac_key: bytes | str | None = None,
     timeout: float = DEFAULT_PUT_TIMEOUT,
+    max_bytes: int = DEFAULT_MAX_BLOB_BYTES,
     *,
     store_setting: str = "checkpoint_store",
 ) -> CheckpointStore:
@@ -999,7 +1027,9 @@ def _checkpoint_store(
             store = exporter_from_uri(store)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{store_setting}: {exc}") from None
-    return CheckpointStore(store, serializer=serializer, hmac_key=hmac_key, put_timeout=timeout)
+    return CheckpointStore(
+        store, serializer=serializer, hmac_key=hmac_key, put_timeout=timeout, max_blob_bytes=max_bytes
+    )
 
 
 def _install_usage_processor(provider: trace.TracerProvider) -> UsageSpanProcessor | None:

@@ -82,6 +82,13 @@ FORMAT_VERSION = 4
 _VERSION_WITHOUT_META = 3
 MAX_HEADER_BYTES = 4096
 HMAC_KEY_ENV = "MULTIRUN_CHECKPOINT_HMAC_KEY"
+MAX_BYTES_ENV = "MULTIRUN_CHECKPOINT_MAX_BYTES"
+#: Where the size limit of a checkpoint is set, for messages: the environment, ``init``, or the
+#: low-level API.
+MAX_BYTES_SETTINGS = (
+    f"{MAX_BYTES_ENV} or multirun.init(checkpoint_max_bytes=...); max_blob_bytes=... for a "
+    "CheckpointStore built directly, max_bytes=... for the envelope functions"
+)
 #: Where the HMAC key is set, for messages: the environment, ``init``, or the low-level API.
 HMAC_KEY_SETTINGS = (
     f"{HMAC_KEY_ENV} or multirun.init(checkpoint_hmac_key=...); "
@@ -250,8 +257,8 @@ def _read_checked(
         view = memoryview(blob).cast("B")
         if view.nbytes > max_bytes:
             raise CheckpointError(
-                f"checkpoint blob is {view.nbytes} bytes, over the {max_bytes}-byte limit (max_bytes); "
-                "raise the limit if the checkpoint is trusted"
+                f"checkpoint blob is {view.nbytes} bytes, over the {max_bytes}-byte limit; "
+                f"raise the limit ({MAX_BYTES_SETTINGS}) if the checkpoint is trusted"
             )
         header, start = _read_header(bytes(view[: len(MAGIC) + MAX_HEADER_BYTES + 1]))
         _check_policy(header, hmac_key, allowed)
@@ -466,8 +473,8 @@ def _check_policy(header: dict[str, Any], hmac_key: bytes | None, allowed: Colle
 def _check_fits(header: dict[str, Any], start: int, max_bytes: int) -> None:
     if start + _body_size(header) > max_bytes:
         raise CheckpointError(
-            f"checkpoint blob declares {start + _body_size(header)} bytes, over the {max_bytes}-byte limit "
-            "(max_bytes); raise the limit if the checkpoint is trusted"
+            f"checkpoint blob declares {start + _body_size(header)} bytes, over the {max_bytes}-byte "
+            f"limit; raise the limit ({MAX_BYTES_SETTINGS}) if the checkpoint is trusted"
         )
 
 
@@ -507,8 +514,8 @@ def _inflate(stored: Payload, max_bytes: int) -> bytes:
     if not inflater.eof:
         if inflater.unconsumed_tail or len(data) >= limit:
             raise CheckpointError(
-                f"checkpoint payload decompresses to more than the {max_bytes}-byte limit (max_bytes); "
-                "raise the limit if the checkpoint is trusted"
+                f"checkpoint payload decompresses to more than the {max_bytes}-byte limit; "
+                f"raise the limit ({MAX_BYTES_SETTINGS}) if the checkpoint is trusted"
             )
         raise CheckpointError("checkpoint payload is a truncated zlib stream")
     if inflater.unused_data:

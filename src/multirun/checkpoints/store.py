@@ -13,6 +13,12 @@ keys, agents, replay log and spend, in JSON. ``describe`` reads that, so
 ``multirun checkpoints show`` and ``verify`` never unpickle the state, whose
 classes may live in the ``__main__`` of the program that wrote it.
 
+A checkpoint is at most ``max_blob_bytes`` (``init(checkpoint_max_bytes=...)`` or
+MULTIRUN_CHECKPOINT_MAX_BYTES, 1 GiB by default), stored and decompressed: a larger
+one is refused when it is read (before it is read, where the store tells a blob's
+size), and so it is not written either, since it could not be read back: the
+CheckpointError says its size, the limit and how to raise it.
+
 The exporter's ``put`` runs in a thread of its own, and a checkpoint waits for
 it at most ``put_timeout`` seconds (``init(checkpoint_timeout=...)``, 15 by
 default): a store that hangs or is slow then costs the program that wait and
@@ -39,10 +45,10 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from multirun.checkpoints.envelope import needs_hmac, open_meta
+from multirun.checkpoints.envelope import MAX_BYTES_SETTINGS, needs_hmac, open_meta, seal
 from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError, BlobStoreUnavailableError
 from multirun.checkpoints.replay import RUN_PREFIX, check_records, records_from_v1
-from multirun.checkpoints.serializers import dump_blob, get_serializer, load_blob, resolve_hmac_key
+from multirun.checkpoints.serializers import get_serializer, load_blob, resolve_hmac_key
 from multirun.errors import CheckpointError, ConfigurationError, ReplayError
 from multirun.models.checkpoint import Checkpoint, CheckpointMeta
 
@@ -232,7 +238,10 @@ class CheckpointStore:
         HMAC key (``hmac_key`` or MULTIRUN_CHECKPOINT_HMAC_KEY): blobs are signed, and a reader
         refuses any pickle it cannot verify. ``put_timeout``: the longest a checkpoint waits for
         the exporter's ``put`` (seconds; None: as long as it takes, in the caller's thread).
-        ``load`` reads blobs of ``json``, ``serializer`` and ``read_serializers``."""
+        ``load`` reads blobs of ``json``, ``serializer`` and ``read_serializers``.
+        ``max_blob_bytes``: the largest checkpoint read or written, stored and decompressed."""
+        if isinstance(max_blob_bytes, bool) or not isinstance(max_blob_bytes, int) or max_blob_bytes < 1:
+            raise ConfigurationError(f"max_blob_bytes must be an int >= 1 (bytes), got {max_blob_bytes!r}")
         if put_timeout is not None and (
             isinstance(put_timeout, bool)
             or not isinstance(put_timeout, (int, float))
@@ -304,7 +313,8 @@ class CheckpointStore:
             "trace": _trace_of(run),
             "ledger": run.ledger.totals(),
         }
-        blob, digest = self._dump(document, name)
+        blob, digest, payload_size = self._dump(document, name)
+        self._check_size(name, run.run.id, len(blob), payload_size)
         uri = self._put(self.key(run.run.id, checkpoint_id), blob)
         self._warn_unhashed(run.replay_log.unhashed)
         return CheckpointMeta(
@@ -352,7 +362,7 @@ class CheckpointStore:
             )
         return write.result()
 
-    def _dump(self, document: dict[str, Any], name: str) -> tuple[bytes, str]:
+    def _dump(self, document: dict[str, Any], name: str) -> tuple[bytes, str, int]:
         try:
             return self._dump_blob(document)
         except CheckpointError:
@@ -367,10 +377,27 @@ class CheckpointStore:
         except CheckpointError as exc:
             raise CheckpointError(f"checkpoint {name!r}: {exc}") from None
 
-    def _dump_blob(self, document: dict[str, Any]) -> tuple[bytes, str]:
-        """The blob of ``document``; with its summary when only the program can deserialize it."""
+    def _dump_blob(self, document: dict[str, Any]) -> tuple[bytes, str, int]:
+        """The blob of ``document``, its digest and the size of its payload before compression;
+        with its summary when only the program can deserialize it."""
         meta = summary_of(document) if needs_hmac(self._serializer.name) else None
-        return dump_blob(document, self._serializer, compression=self.compression, meta=meta)
+        payload = self._serializer.dumps(document)
+        blob, digest = seal(
+            payload, self._serializer.name, self._serializer.hmac_key, compression=self.compression, meta=meta
+        )
+        return blob, digest, len(payload)
+
+    def _check_size(self, name: str, run_id: str, size: int, payload_size: int) -> None:
+        """Refuse to write a checkpoint that ``load`` would refuse as over ``max_blob_bytes``."""
+        limit = self.max_blob_bytes
+        if size <= limit and payload_size <= limit:
+            return
+        what = f"{size} bytes" if size > limit else f"{size} bytes, {payload_size} once decompressed"
+        raise CheckpointError(
+            f"checkpoint {name!r} of run {run_id} is not written: it is {what}, over the {limit}-byte "
+            f"limit, so it could not be read back; raise the limit ({MAX_BYTES_SETTINGS}), or keep "
+            "less in the run's state and step results"
+        )
 
     def _serializable(self, record: dict[str, Any]) -> dict[str, Any]:
         if "result" in record:
@@ -488,8 +515,9 @@ class CheckpointStore:
                 size = size_of(key) if size_of is not None else None
                 if size is not None and size > self.max_blob_bytes:  # refused before it is read
                     raise CheckpointError(
-                        f"checkpoint {checkpoint_id!r} is {size} bytes, over the {self.max_blob_bytes}-byte "
-                        "limit (max_blob_bytes); raise the limit if the checkpoint is trusted"
+                        f"checkpoint {checkpoint_id!r} ({key}) is {size} bytes, over the "
+                        f"{self.max_blob_bytes}-byte limit; raise the limit ({MAX_BYTES_SETTINGS}) "
+                        "if the checkpoint is trusted"
                     )
                 blob = self.exporter.get(key)
         except BlobNotFoundError as exc:

@@ -12,6 +12,8 @@ run of the name that took the checkpoint continues it; ``--run-name NAME``
 lets a run renamed since continue it under its new name.
 
 The store is ``--store URI``, else ``$MULTIRUN_CHECKPOINT_URI``, else DIR/blobs.
+A checkpoint over ``$MULTIRUN_CHECKPOINT_MAX_BYTES`` (1 GiB by default) is refused
+unread, as the program refuses it.
 A key of the store that is not a checkpoint (a stray file) is skipped with a warning.
 
 A pickle (or cloudpickle) checkpoint is shown, verified (size, HMAC, digests)
@@ -38,6 +40,7 @@ from multirun.checkpoints.resume import RESUME_ENV, RESUME_RUN_NAME_ENV, match_i
 from multirun.checkpoints.serializers import serializer_names
 from multirun.checkpoints.store import CheckpointStore, StoredCheckpoint, parse_checkpoint_key
 from multirun.cli import render, runs
+from multirun.client import checkpoint_max_bytes_setting
 from multirun.errors import CheckpointError, MultiRunError, ReplayError
 
 _logger = logging.getLogger(__name__)
@@ -134,9 +137,13 @@ def open_store(args: argparse.Namespace) -> CheckpointStore:
             raise CommandError(f"{source}: {exc}") from None
     if given and isinstance(exporter, FileBlobExporter):
         runs.check_directory(exporter.directory)
+    try:
+        max_bytes = checkpoint_max_bytes_setting(None)  # the limit the program reads with
+    except MultiRunError as exc:
+        raise CommandError(str(exc)) from None
     # whatever serializer the program chose: a pickle is still read only once its HMAC, with the
     # key from MULTIRUN_CHECKPOINT_HMAC_KEY, verifies (without the key, the error says to set it)
-    return CheckpointStore(exporter, read_serializers=serializer_names())
+    return CheckpointStore(exporter, read_serializers=serializer_names(), max_blob_bytes=max_bytes)
 
 
 def stored_checkpoints(store: CheckpointStore) -> list[StoredCheckpoint]:
