@@ -219,6 +219,101 @@ def test_checkpoints_show_and_verify_read_the_golden_version_4_pickle_checkpoint
     assert shown["trace"] == "0af7651916cd43dd8448eb211c80319c"
 
 
+GOLDEN_KEY_TEXT = "raw:multirun golden files: test-only key, not a secret"  # tests/golden/README.md
+
+
+def old_pickle_of_main_store(tmp_path: Path) -> Path:
+    """A store holding the golden version 3 pickle checkpoint of objects of a class of __main__."""
+    folder = tmp_path / "checkpoints" / "run-golden-main"
+    folder.mkdir(parents=True)
+    shutil.copy(GOLDEN / "checkpoint-v3-pickle-main.ckpt", folder / "ckpt-golden-v3-main.ckpt")
+    return folder / "ckpt-golden-v3-main.ckpt"
+
+
+def test_checkpoints_show_and_verify_an_old_pickle_checkpoint_of_classes_of_main_without_its_program(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # format version 3 has no summary: the command line used to unpickle it, and failed with
+    # "Can't get attribute 'Notes' on <module '__main__'>" (show: an error, verify: FAILED)
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_HMAC_KEY", GOLDEN_KEY_TEXT)
+    path = old_pickle_of_main_store(tmp_path)
+    store = ["--store", str(tmp_path)]
+
+    assert main(["checkpoints", "verify", *store]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok      ckpt-golden-v3-main  (HMAC and digests verified; its contents need ")
+    assert out[-1] == "1 ok, 0 failed"
+
+    assert main(["checkpoints", "show", "ckpt-golden-v3", *store]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.err == ""
+    shown = {line[:11].rstrip(): line[12:] for line in captured.out.splitlines()}
+    assert shown["checkpoint"] == "ckpt-golden-v3-main"
+    assert shown["run"] == "run-golden-main"
+    assert shown["size"] == f"{path.stat().st_size} bytes"
+    assert shown["key"] == "checkpoints/run-golden-main/ckpt-golden-v3-main.ckpt"
+    assert shown["format"] == "version 3, pickle, signed: HMAC verified"
+    contents = shown["contents"]
+    assert contents.startswith("not read here: they need the classes of the program that wrote them")
+    assert "Can't get attribute 'Notes'" in contents
+    assert "multirun resume ckpt-golden-v3-main -- python" in contents
+    assert "state keys" not in shown  # nothing is made up for what could not be read
+
+    # the signature is still checked: with another key the checkpoint is refused, as before
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_HMAC_KEY", "raw:another key, at least 16 bytes")
+    assert main(["checkpoints", "verify", *store]) == 1
+    assert "HMAC does not match" in capsys.readouterr().out
+
+
+RESEARCHER = """
+import sys
+from dataclasses import dataclass
+
+import multirun
+from multirun import run
+from multirun.context import get_current_run_context
+
+multirun.init_local(sys.argv[1], checkpoint_serializer="pickle")
+
+
+@dataclass
+class Notes:  # the class of __main__ the checkpoint holds objects of
+    topic: str
+
+
+@run(name="researcher")
+def researcher() -> None:
+    print("STATE", get_current_run_context().get_state("notes"), flush=True)
+
+
+researcher()
+"""
+
+
+def test_an_old_pickle_checkpoint_of_classes_of_main_resumes_in_its_program(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    old_pickle_of_main_store(tmp_path / "mr" / "blobs")
+    script = tmp_path / "researcher.py"
+    script.write_text(RESEARCHER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["MULTIRUN_CHECKPOINT_HMAC_KEY"] = GOLDEN_KEY_TEXT
+    multirun_cli = str(Path(sys.executable).parent / "multirun")
+    command = [multirun_cli, "resume", "--dir", str(tmp_path / "mr"), "ckpt-golden-v3"]
+    resumed = subprocess.run(
+        [*command, "--", sys.executable, str(script), str(tmp_path / "mr")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stderr  # the command line no longer unpickles it first
+    assert "resuming run run-golden-main from checkpoint ckpt-golden-v3-main" in resumed.stderr
+    assert "STATE Notes(topic='otel')" in resumed.stdout  # the program unpickled it
+
+
 def put_document(traced, checkpoint_id: str, **parts: Any) -> None:  # type: ignore[no-untyped-def]
     """A checkpoint whose envelope verifies, holding what ``parts`` say."""
     document = {

@@ -1377,6 +1377,37 @@ def test_golden_signed_v3_json_checkpoint_reads_exactly() -> None:
         load_blob(blob, max_bytes=LIMIT, hmac_key=KEY)
 
 
+@dataclass
+class Notes:  # the class of __main__ that checkpoint-v3-pickle-main.ckpt holds objects of
+    topic: str
+
+
+Notes.__module__ = "__main__"
+
+
+def test_golden_v3_pickle_checkpoint_of_classes_of_main_reads_exactly_in_its_program(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    blob = golden("checkpoint-v3-pickle-main.ckpt")
+    reader: dict[str, Any] = {"max_bytes": LIMIT, "hmac_key": GOLDEN_KEY, "allowed_serializers": ["pickle"]}
+    header, meta = open_meta(blob, **reader)
+    assert header["version"] == 3 and header["serializer"] == "pickle" and meta is None  # no summary
+    assert header["hmac"] == documented_mac(GOLDEN_KEY, 3, "pickle", "none", payload_of(blob))
+    # in another program (here pytest's __main__), the class is not there to unpickle it
+    with pytest.raises(CheckpointError, match="AttributeError: Can't get attribute 'Notes'") as info:
+        load_blob(blob, **reader)
+    assert isinstance(info.value.__cause__, AttributeError)
+
+    monkeypatch.setattr(sys.modules["__main__"], "Notes", Notes, raising=False)  # the program's own
+    _, document = load_blob(blob, **reader)
+    assert document["state"] == {"notes": Notes("otel"), "count": 1}
+    assert document["agents"] == [
+        {"name": "planner", "occurrence": 1, "state": {"plan": Notes("plan of otel")}}
+    ]
+    assert document["replay"][0]["result"] == Notes("otel")
+    assert document["checkpoint"]["run_name"] == "researcher"
+
+
 def test_golden_files_are_all_tested() -> None:
     assert sorted(p.name for p in GOLDEN.glob("*.ckpt")) == [
         "checkpoint-v1-json.ckpt",
@@ -1386,6 +1417,7 @@ def test_golden_files_are_all_tested() -> None:
         "checkpoint-v3-json-signed.ckpt",
         "checkpoint-v3-json-zlib.ckpt",
         "checkpoint-v3-json.ckpt",
+        "checkpoint-v3-pickle-main.ckpt",
         "checkpoint-v3-pickle.ckpt",
         "checkpoint-v4-pickle.ckpt",
     ]

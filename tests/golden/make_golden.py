@@ -23,6 +23,13 @@ file beside the old ones.
   size and digest), the same documents: JSON plain, zlib-compressed and
   signed, and pickle signed, with ``TEST_HMAC_KEY``. Version 3 is still
   written, by the live ``dump_blob``, for a blob without a meta section.
+- ``checkpoint-v3-pickle-main.ckpt``: format version 3, a checkpoint as
+  ``CheckpointStore`` saved one with the pickle serializer before version 4
+  (no meta section, so no summary), whose state, agent state and step
+  result hold objects of a class of the program's ``__main__`` (``Notes``,
+  pickled as ``__main__.Notes``): only that program can unpickle it, and
+  ``multirun checkpoints show``/``verify`` show what they can without it.
+  Signed with ``TEST_HMAC_KEY``.
 - ``checkpoint-v4-pickle.ckpt``: format version 4 (a meta section, whose
   size and digest the HMAC signs too), a checkpoint as ``CheckpointStore``
   saves one with the pickle serializer: the document pickled, its summary
@@ -78,6 +85,33 @@ class Reply(BaseModel):
     text: str
     at: datetime
     raw: bytes
+
+
+@dataclass
+class Notes:
+    """A class of the program that took a checkpoint: pickled as ``__main__.Notes``, as a
+    program's own classes are when it runs as a script."""
+
+    topic: str
+
+
+Notes.__module__ = "__main__"
+Notes.__qualname__ = "Notes"
+
+
+def _pickled_in_main(document: Any, serializer: Any) -> bytes:
+    """``dump_blob`` of ``document`` with ``Notes`` in ``__main__``, where pickle looks it up
+    (it is there already when this file runs as a script)."""
+    main = sys.modules["__main__"]
+    earlier = main.__dict__.get("Notes")
+    main.Notes = Notes  # type: ignore[attr-defined]
+    try:
+        return dump_blob(document, serializer)[0]
+    finally:
+        if earlier is None:
+            del main.Notes  # type: ignore[attr-defined]
+        else:
+            main.Notes = earlier  # type: ignore[attr-defined]
 
 
 def _v1_document() -> dict[str, Any]:
@@ -238,6 +272,41 @@ def v4_pickle_document() -> dict[str, Any]:
     }
 
 
+def v3_pickle_main_document() -> dict[str, Any]:
+    """What ``checkpoint-v3-pickle-main.ckpt`` holds: a checkpoint as the store saved one
+    before format version 4, with objects of a class of the program's ``__main__``."""
+    return {
+        "checkpoint": {
+            "id": "ckpt-golden-v3-main",
+            "run_id": "run-golden-main",
+            "run_name": "researcher",
+            "sub_run_id": "",
+            "sub_run_seq": None,
+            "agent_id": "",
+            "step_id": "",
+            "name": "researched",
+            "created_at": WHEN.isoformat(),
+            "environment": {"python": "3.12.1", "platform": "Linux-x86_64", "pid": 4242},
+        },
+        "state": {"notes": Notes("otel"), "count": 1},
+        "agents": [{"name": "planner", "occurrence": 1, "state": {"plan": Notes("plan of otel")}}],
+        "replay": [
+            {
+                "name": "research",
+                "digest": "ef" * 32,
+                "occurrence": 1,
+                "parent": None,
+                "seq": 0,
+                "end": 1,
+                "lane": 0,
+                "result": Notes("otel"),
+            }
+        ],
+        "trace": {"trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": "b7ad6b7169203331"},
+        "ledger": {"tokens": 321, "cost_units": 4567, "steps": 1},
+    }
+
+
 def golden_files() -> dict[str, bytes]:
     """File name -> the bytes it must hold."""
     json_serializer = get_serializer("json", hmac_key=None)
@@ -256,6 +325,7 @@ def golden_files() -> dict[str, bytes]:
         "checkpoint-v3-json-zlib.ckpt": dump_blob(v2_json_document(), json_serializer, compression="zlib")[0],
         "checkpoint-v3-json-signed.ckpt": dump_blob(v2_json_document(), signed_json_serializer)[0],
         "checkpoint-v3-pickle.ckpt": dump_blob(v2_pickle_document(), pickle_serializer)[0],
+        "checkpoint-v3-pickle-main.ckpt": _pickled_in_main(v3_pickle_main_document(), pickle_serializer),
         "checkpoint-v4-pickle.ckpt": dump_blob(
             v4_pickle_document(), pickle_serializer, meta=summary_of(v4_pickle_document())
         )[0],

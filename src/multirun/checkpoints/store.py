@@ -11,7 +11,11 @@ A checkpoint of a serializer that can run code (pickle, cloudpickle) also
 carries a summary in the blob's meta section (``summary_of``): its state
 keys, agents, replay log and spend, in JSON. ``describe`` reads that, so
 ``multirun checkpoints show`` and ``verify`` never unpickle the state, whose
-classes may live in the ``__main__`` of the program that wrote it.
+classes may live in the ``__main__`` of the program that wrote it. One written
+before that summary existed (format version 3 and before) is unpickled; if its
+classes are not there to unpickle it, ``describe`` says so (``unread``) with
+what the envelope tells: format version, run id, size, and that its HMAC and
+digests verified.
 
 A checkpoint is at most ``max_blob_bytes`` (``init(checkpoint_max_bytes=...)`` or
 MULTIRUN_CHECKPOINT_MAX_BYTES, 1 GiB by default), stored and decompressed: a larger
@@ -64,6 +68,19 @@ MAX_PUT_TIMEOUT = 1e9  # the longest put_timeout accepted, in seconds
 
 _last_id_ns = 0
 _id_lock = threading.Lock()
+
+
+_GENERATED_ID = re.compile(r"[0-9a-f]{32}\Z")
+_PLAUSIBLE_NS = (946_684_800 * 10**9, 7_258_118_400 * 10**9)  # years 2000 to 2200
+
+
+def created_ns(checkpoint_id: str) -> int | None:
+    """When the checkpoint was taken, read from its id (``new_checkpoint_id``: 16 hex digits of
+    time, then 16 random); None for an id multirun did not make."""
+    if not _GENERATED_ID.match(checkpoint_id):
+        return None
+    ns = int(checkpoint_id[:16], 16)
+    return ns if _PLAUSIBLE_NS[0] <= ns < _PLAUSIBLE_NS[1] else None
 
 
 def new_checkpoint_id() -> str:
@@ -126,6 +143,13 @@ class CheckpointSummary:
     replay_results: int  # the steps with a result to serve
     ledger: dict[str, int]
     trace: dict[str, str]
+    version: int = 0  # the blob's format version
+    compression: str = "none"
+    signature: str = ""  # "unsigned", "signed: HMAC verified" or "signed: HMAC not checked (no key set)"
+    # why the contents were not read, if they were not: then the checkpoint has only what the
+    # blob's key and envelope tell (its id, run id, serializer, size; created_at from its id, else
+    # the epoch), and state_keys, agents, replay, ledger and trace are empty
+    unread: str = ""
 
     @classmethod
     def of(cls, restored: RestoredCheckpoint) -> CheckpointSummary:
@@ -197,6 +221,27 @@ def _summary_from_meta(
         ledger={k: int(v) for k, v in _json_object(meta, "ledger").items()},
         trace={k: str(v) for k, v in _json_object(meta, "trace").items()},
     )
+
+
+def _unread_summary(
+    checkpoint_id: str, key: str, size: int, header: dict[str, Any], cause: BaseException
+) -> CheckpointSummary:
+    """What is known of a verified checkpoint whose contents could not be unpickled here: what
+    its key and envelope tell."""
+    found = parse_checkpoint_key(key)
+    ns = created_ns(checkpoint_id) or 0
+    checkpoint = Checkpoint(
+        id=checkpoint_id,
+        run_id=found.run_id if found is not None else "",
+        state_format=header["serializer"],
+        created_at=datetime.fromtimestamp(ns / 1e9, timezone.utc),
+        size_bytes=size,
+    )
+    unread = (
+        f"they need the classes of the program that wrote them ({type(cause).__name__}: {cause}), "
+        f"and format version {header['version']} keeps no summary of them"
+    )
+    return CheckpointSummary(checkpoint, key, [], [], 0, 0, {}, {}, unread=unread)
 
 
 class StoredCheckpoint(NamedTuple):
@@ -484,7 +529,10 @@ class CheckpointStore:
         """Read and verify a checkpoint, and say what it holds.
 
         A checkpoint whose blob has a summary (``summary_of``) is verified whole (size,
-        HMAC, digests) but not deserialized; any other is loaded as ``load`` does.
+        HMAC, digests) but not deserialized; any other is loaded as ``load`` does. A verified
+        pickle without a summary whose classes this process does not have (defined in the
+        ``__main__`` of the program that wrote it) is not an error: its summary says why its
+        contents were not read (``unread``).
         """
         key, blob = self._get(checkpoint_id)
         try:
@@ -498,13 +546,30 @@ class CheckpointStore:
             _say_which(exc, checkpoint_id, key)
             raise
         if meta is None:
-            return CheckpointSummary.of(self._restored(checkpoint_id, key, blob))
-        try:
-            return _summary_from_meta(meta, header, key, len(blob))
-        except (ValueError, KeyError, TypeError, OverflowError) as exc:
-            raise CheckpointError(
-                f"checkpoint {checkpoint_id!r} ({key}) is refused: its summary is damaged: {exc}"
-            ) from None
+            try:
+                summary = CheckpointSummary.of(self._restored(checkpoint_id, key, blob))
+            except CheckpointError as exc:
+                cause = exc.__cause__  # a class or module unpickling looked for and did not find
+                if not needs_hmac(header["serializer"]) or not isinstance(
+                    cause, (AttributeError, ImportError)
+                ):
+                    raise
+                summary = _unread_summary(checkpoint_id, key, len(blob), header, cause)
+        else:
+            try:
+                summary = _summary_from_meta(meta, header, key, len(blob))
+            except (ValueError, KeyError, TypeError, OverflowError) as exc:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint_id!r} ({key}) is refused: its summary is damaged: {exc}"
+                ) from None
+        summary.version, summary.compression = header["version"], header["compression"]
+        if "hmac" not in header:
+            summary.signature = "unsigned"
+        elif self._hmac_key is None:  # a signed JSON blob, read without a key: its digest only
+            summary.signature = "signed: HMAC not checked (no key set)"
+        else:
+            summary.signature = "signed: HMAC verified"
+        return summary
 
     def _get(self, checkpoint_id: str) -> tuple[str, bytes]:
         """The key and the blob of a checkpoint (refused unread if it is over ``max_blob_bytes``)."""

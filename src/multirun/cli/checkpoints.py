@@ -20,7 +20,10 @@ A pickle (or cloudpickle) checkpoint is shown, verified (size, HMAC, digests)
 and checked before a resume from the summary its blob carries, without being
 unpickled: its classes may be defined in the program's ``__main__``, which only
 the program itself can unpickle (when it resumes). Those written before that
-summary existed (format version 3) are unpickled, as before.
+summary existed (format version 3 and before) are unpickled, as before; one
+whose classes this command does not have is still shown and verified as far
+as its key and envelope go (format version, run id, size, HMAC and digests),
+with a word that its contents need the program's classes, and can be resumed.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -38,7 +40,13 @@ from typing import Any
 from multirun.checkpoints.exporters import BlobExporter, FileBlobExporter, exporter_from_uri
 from multirun.checkpoints.resume import RESUME_ENV, RESUME_RUN_NAME_ENV, match_id, resolve_checkpoint
 from multirun.checkpoints.serializers import serializer_names
-from multirun.checkpoints.store import CheckpointStore, StoredCheckpoint, parse_checkpoint_key
+from multirun.checkpoints.store import (
+    CheckpointStore,
+    CheckpointSummary,
+    StoredCheckpoint,
+    created_ns,
+    parse_checkpoint_key,
+)
 from multirun.cli import render, runs
 from multirun.client import checkpoint_max_bytes_setting
 from multirun.errors import CheckpointError, MultiRunError, ReplayError
@@ -229,19 +237,6 @@ def _match_run(prefix: str, stored: list[StoredCheckpoint], traced_run_ids: list
     return str(_call(match_id, prefix, ids, "run", f"no run with id {prefix!r}{runs.RUNS_HINT}"))
 
 
-_GENERATED_ID = re.compile(r"[0-9a-f]{32}\Z")
-_PLAUSIBLE_NS = (946_684_800 * 10**9, 7_258_118_400 * 10**9)  # years 2000 to 2200
-
-
-def created_ns(checkpoint_id: str) -> int | None:
-    """When the checkpoint was taken, read from its id (16 hex digits of time, then 16 random);
-    None for an id multirun did not make."""
-    if not _GENERATED_ID.match(checkpoint_id):
-        return None
-    ns = int(checkpoint_id[:16], 16)
-    return ns if _PLAUSIBLE_NS[0] <= ns < _PLAUSIBLE_NS[1] else None
-
-
 def _created(checkpoint_id: str) -> str:
     ns = created_ns(checkpoint_id)
     return "" if ns is None else render.format_time(ns)
@@ -252,6 +247,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     checkpoint_id = _call(resolve_checkpoint, stored_checkpoints(store), args.checkpoint_id, "checkpoint")
     summary = _call(store.describe, checkpoint_id)
     meta = summary.checkpoint
+    if summary.unread:
+        return _show_unread(summary)
     tokens, steps = summary.ledger.get("tokens", 0), summary.ledger.get("steps", 0)
     replay_log = (
         f"{render.plural(summary.replay_steps, 'step')}, {summary.replay_results} with a result to serve"
@@ -263,11 +260,40 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("created", meta.created_at.isoformat()),
         ("size", render.plural(meta.size_bytes, "byte")),
         ("key", summary.uri),
+        ("format", _format(summary)),
         ("state keys", ", ".join(summary.state_keys) or "(none)"),
         ("agents", _agents(summary.agents)),
         ("replay log", replay_log),
         ("spend", f"{render.plural(tokens, 'token')}, {render.plural(steps, 'step')}"),
         ("trace", summary.trace.get("trace_id", "(unknown)")),
+    ]
+    for label, value in lines:
+        print(f"{label:<11} {render.printable(value)}")
+    return 0
+
+
+def _format(summary: CheckpointSummary) -> str:
+    """The blob's format version, serializer, compression and signature."""
+    zlib = ", zlib" if summary.compression != "none" else ""
+    return f"version {summary.version}, {summary.checkpoint.state_format}{zlib}, {summary.signature}"
+
+
+def _show_unread(summary: CheckpointSummary) -> int:
+    """``show`` of a checkpoint whose contents this command could not read: what its key and
+    envelope tell, and why the rest is not shown."""
+    meta = summary.checkpoint
+    lines = [
+        ("checkpoint", meta.id),
+        ("run", meta.run_id),
+        ("created", _created(meta.id) or "(unknown)"),
+        ("size", render.plural(meta.size_bytes, "byte")),
+        ("key", summary.uri),
+        ("format", _format(summary)),
+        (
+            "contents",
+            f"not read here: {summary.unread}; the program loads them when it resumes: "
+            f"multirun resume {meta.id} -- python your_program.py",
+        ),
     ]
     for label, value in lines:
         print(f"{label:<11} {render.printable(value)}")
@@ -292,10 +318,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for given in ids:
         try:
             checkpoint_id = resolve_checkpoint(stored, given, "checkpoint")
-            store.describe(checkpoint_id)
+            summary = store.describe(checkpoint_id)
         except (CheckpointError, ReplayError) as exc:
             failed += 1
             print(f"FAILED  {given}: {exc}")
+            continue
+        if summary.unread:
+            print(
+                f"ok      {checkpoint_id}  (HMAC and digests verified; its contents need the classes "
+                "of the program that wrote them)"
+            )
         else:
             print(f"ok      {checkpoint_id}")
     print(f"{len(ids) - failed} ok, {failed} failed")
@@ -321,7 +353,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     store = open_store(args)
     checkpoint_id = _call(resolve_checkpoint, stored_checkpoints(store), args.identifier, "either")
     meta = _call(store.describe, checkpoint_id).checkpoint  # the program unpickles it, not this one
-    print(f"resuming run {meta.run_id} from checkpoint {meta.id} ({meta.name})", file=sys.stderr)
+    named = f" ({meta.name})" if meta.name else ""
+    print(f"resuming run {meta.run_id} from checkpoint {meta.id}{named}", file=sys.stderr)
     try:
         code = subprocess.call(command, env=child_environment(args, meta.id))
     except OSError as exc:

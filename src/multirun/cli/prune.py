@@ -25,12 +25,11 @@ from stat import S_ISREG
 from typing import Any
 
 from multirun.checkpoints.exporters import FileBlobExporter
-from multirun.checkpoints.store import CheckpointStore
+from multirun.checkpoints.store import CheckpointStore, created_ns
 from multirun.cli import render, runs
 from multirun.cli.checkpoints import (
     CommandError,
     add_store_options,
-    created_ns,
     open_store,
     stored_checkpoints,
 )
