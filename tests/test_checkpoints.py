@@ -8,10 +8,10 @@ import pydantic
 import pytest
 
 import multirun
-from multirun import checkpoint, run, step
+from multirun import agent, checkpoint, run, step
 from multirun.checkpoints.exporters import FileBlobExporter
 from multirun.checkpoints.store import CheckpointStore
-from multirun.context import RunContext, get_current_run_context
+from multirun.context import RunContext, get_current_agent_context, get_current_run_context
 from multirun.errors import CheckpointError, DeterminismError
 from multirun.models import Budget, Run, StepKind
 from multirun.telemetry import attributes as attr
@@ -620,6 +620,37 @@ def test_step_checkpoint_true_writes_a_checkpoint_after_success(traced) -> None:
     assert checkpoint_id is not None
     meta = get_meta(traced, checkpoint_id)
     assert meta.checkpoint.name == "after_stage"
+
+
+def test_a_checkpoint_after_a_step_or_a_function_names_the_agent_it_ran_in(traced) -> None:
+    """Checkpoint.agent_id is the parent agent (reference 001): that of the step that took it,
+    or of the @checkpoint function, the run's default agent outside any @agent."""
+
+    @step(checkpoint=True)
+    def stage() -> int:
+        return 7
+
+    @checkpoint(name="noted")
+    def note() -> int:
+        return 8
+
+    @agent(name="researcher")
+    def research() -> str:
+        stage()
+        note()
+        return get_current_agent_context().agent.id
+
+    @run
+    def job() -> tuple[str, str, list[str]]:
+        researcher = research()
+        note()
+        ids = [meta.id for meta in get_current_run_context().run.checkpoints]
+        return researcher, get_current_agent_context().agent.id, ids
+
+    researcher, default, ids = job()
+    agents = [get_meta(traced, checkpoint_id).checkpoint.agent_id for checkpoint_id in ids]
+    assert agents == [researcher, researcher, default]
+    assert default and default != researcher
 
 
 def get_meta(traced, checkpoint_id):

@@ -723,11 +723,11 @@ class RunContext:
         return meta
 
     def _try_checkpoint(
-        self, name: str, extra_state: dict[str, Any] | None = None, step_id: str = ""
+        self, name: str, extra_state: dict[str, Any] | None = None, step_id: str = "", agent_id: str = ""
     ) -> CheckpointMeta | None:
         """Checkpoint, turning any failure into a warning: a checkpoint never fails the run."""
         try:
-            return self._checkpoint(name, extra_state, "", step_id)
+            return self._checkpoint(name, extra_state, agent_id, step_id)
         except Exception as exc:
             _logger.warning("multirun: checkpoint %r of run %s failed: %s", name, self.run.id, exc)
             return None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, run_in, step_in
+from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, agent_in, run_in, step_in
 from multirun._stack import headroom
 from multirun.checkpoints.hashing import input_hash, method_input_hash
 from multirun.checkpoints.replay import SEQ, Served, kept_copy, stream_of, stream_record
@@ -216,7 +216,7 @@ class _StepCall(StepContext):
         if run.policy_engine is not None:
             run.policy_engine.after_success(spec.name, spec.kind)
         if spec.checkpoint:
-            run._try_checkpoint(f"after_{spec.name}", step_id=self.id)
+            run._try_checkpoint(f"after_{spec.name}", step_id=self.id, agent_id=self.agent_context.agent.id)
         self._close(StepStatus.COMPLETED, result, extra=extra)
 
     def _observe(self, item: Any) -> None:
@@ -682,18 +682,20 @@ def agent(
 
 
 class _CheckpointCall:
-    __slots__ = ("capture_result", "extra_state", "name", "otel_context", "result_key", "run")
+    __slots__ = ("agent_id", "capture_result", "extra_state", "name", "otel_context", "result_key", "run")
     wait_before = 0.0
 
     def __init__(
         self,
         run: RunContext,
+        agent_id: str,
         name: str,
         capture_result: bool,
         result_key: str,
         extra_state: dict[str, Any] | None,
     ) -> None:
         self.run = run
+        self.agent_id = agent_id  # the agent the function runs in: the checkpoint's parent agent
         self.name = name
         self.capture_result = capture_result
         self.result_key = result_key
@@ -718,7 +720,7 @@ class _CheckpointCall:
                 )
             else:
                 state[self.result_key] = result
-        self.run._try_checkpoint(self.name, state)
+        self.run._try_checkpoint(self.name, state, agent_id=self.agent_id)
 
     def _failed(self, error: BaseException) -> BaseException:
         return error
@@ -761,10 +763,14 @@ def checkpoint(
         checkpoint_name = _validate_name("checkpoint", name, fn) if name is not None else f"after_{func_name}"
 
         def open_checkpoint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _CheckpointCall | None:
-            run_ctx: RunContext | None = run_in(otel_context.get_current())
+            current = otel_context.get_current()
+            run_ctx: RunContext | None = run_in(current)
             if run_ctx is None:
                 return None
-            return _CheckpointCall(run_ctx, checkpoint_name, capture_result, result_key, extra_state)
+            agent_ctx = agent_in(current) or run_ctx.default_agent
+            return _CheckpointCall(
+                run_ctx, agent_ctx.agent.id, checkpoint_name, capture_result, result_key, extra_state
+            )
 
         return _wrap(fn, open_checkpoint)
 
