@@ -401,6 +401,23 @@ async def test_run_fail_fails_active_agents_and_run(traced) -> None:
     assert attrs(traced.span("invoke_agent active"))["multirun.agent.status"] == "failed"
 
 
+@pytest.mark.parametrize("end", ["complete", "fail"])
+async def test_a_run_context_ended_without_being_entered_keeps_its_final_status(traced, end: str) -> None:
+    """A RunContext made by hand and ended at once (never entered, no agent started): its span
+    starts as it ends, and the run model still says how it ended, in order of time."""
+    ctx = RunContext(client=traced.client, run=Run(name="x"))
+    if end == "complete":
+        await ctx.complete("done")
+    else:
+        await ctx.fail(RuntimeError("gave up"))
+
+    status = RunStatus.COMPLETED if end == "complete" else RunStatus.FAILED
+    assert ctx.run.status is status
+    assert ctx.run.started_at is not None and ctx.run.completed_at is not None
+    assert ctx.run.started_at <= ctx.run.completed_at
+    assert attrs(traced.span("invoke_workflow x"))["multirun.run.status"] == status.value
+
+
 async def test_agent_async_with_exits_failed_on_exception(traced) -> None:
     async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
         agent_ctx = await ctx.start_agent(name="a")

@@ -501,6 +501,9 @@ class RunContext:
             if self._finished:
                 return
             self._finished = True
+        # a run ended without being entered starts now: before its end is written, which
+        # starting (status running, started_at) would otherwise overwrite
+        self._start()
         for agent in list(self.agents):
             if agent.agent.status is AgentStatus.RUNNING:
                 if status is RunStatus.COMPLETED:
