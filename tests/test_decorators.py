@@ -13,9 +13,9 @@ from opentelemetry.trace import StatusCode
 
 import multirun
 from multirun import agent, checkpoint, run, step
-from multirun.context import get_current_agent_context, get_current_run_context
+from multirun.context import RunContext, get_current_agent_context, get_current_run_context
 from multirun.errors import StepError
-from multirun.models import Budget, StepKind
+from multirun.models import AgentStatus, Budget, Run, RunStatus, StepKind
 from multirun.models.policy import BackoffStrategy
 
 KINDS = ["function", "coroutine", "generator", "async_generator"]
@@ -334,6 +334,64 @@ async def test_async_agent_outside_run_failure_fails_its_run(traced) -> None:
     assert attrs(run_span)["multirun.run.status"] == "failed"
     assert run_span.status.status_code is StatusCode.ERROR
     assert attrs(traced.span("invoke_agent broken"))["multirun.agent.status"] == "failed"
+
+
+async def test_a_cancelled_run_and_its_agents_end_cancelled_not_failed(traced) -> None:
+    """RunStatus and AgentStatus have CANCELLED (reference 001): a run whose task is
+    cancelled did not fail, and neither did the agents it was running."""
+    models: list[Any] = []
+    started = asyncio.Event()
+
+    @agent
+    async def researcher() -> None:
+        models.append(get_current_agent_context())
+        started.set()
+        await asyncio.Event().wait()
+
+    @run
+    async def crew() -> None:
+        models.append(get_current_run_context())
+        get_current_agent_context()  # the default agent, started
+        await researcher()
+
+    task = asyncio.create_task(crew())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    run_ctx, researcher_ctx = models
+    assert run_ctx.run.status is RunStatus.CANCELLED
+    assert researcher_ctx.agent.status is AgentStatus.CANCELLED
+    assert run_ctx.default_agent.agent.status is AgentStatus.CANCELLED
+    assert attrs(traced.span("invoke_workflow crew"))["multirun.run.status"] == "cancelled"
+    assert attrs(traced.span("invoke_agent researcher"))["multirun.agent.status"] == "cancelled"
+    assert attrs(traced.span("invoke_workflow crew"))["error.type"] == "asyncio.exceptions.CancelledError"
+
+
+async def test_a_run_context_left_by_a_cancellation_ends_cancelled(traced) -> None:
+    ctx = RunContext(traced.client, Run(name="manual"))
+
+    async def body() -> None:
+        async with ctx:
+            agent_ctx = ctx.start_agent("a")
+            async with agent_ctx:
+                await asyncio.Event().wait()
+
+    task = asyncio.create_task(body())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ctx.run.status is RunStatus.CANCELLED
+    assert ctx.agents[0].agent.status is AgentStatus.CANCELLED
+
+
+def test_a_run_failed_by_hand_with_a_cancellation_is_failed(traced) -> None:
+    """``fail`` marks the run failed, whatever the error (reference 002)."""
+    ctx = RunContext(traced.client, Run(name="manual"))
+    ctx.fail(asyncio.CancelledError())
+    assert ctx.run.status is RunStatus.FAILED
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ may be awaited, so the same call works in sync and async code::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -476,9 +477,11 @@ class RunContext:
         self.__exit__(exc_type, exc, tb)
 
     def _fail_with_checkpoint(self, exc: BaseException) -> None:
+        """End the run left by ``exc``: cancelled by a cancellation, failed by anything else
+        (checkpointed first with ``checkpoint_on_error``, unless the budget stopped it)."""
         if self.checkpoint_on_error and not isinstance(exc, BudgetExceededError):
             self._try_checkpoint(f"on_error_{type(exc).__name__}")
-        self.fail(exc)
+        self._finish(RunStatus.CANCELLED if _cancelled(exc) else RunStatus.FAILED, error=exc)
 
     def complete(self, result: Any = None) -> Done[None]:
         """Complete every agent still running and mark the run completed."""
@@ -508,6 +511,8 @@ class RunContext:
             if agent.agent.status is AgentStatus.RUNNING:
                 if status is RunStatus.COMPLETED:
                     agent.complete(None)
+                elif status is RunStatus.CANCELLED:
+                    agent._finish(AgentStatus.CANCELLED, error)
                 else:
                     agent.fail(error if error is not None else "run failed")
         if self._default_agent is not None and self._default_agent not in self.agents:
@@ -517,7 +522,7 @@ class RunContext:
         _refresh(ledger)
         if self._run_call is not None:
             log, call = self._run_call
-            log.end_run(call, self._replay_snapshot(kept_copy), failed=status is RunStatus.FAILED)
+            log.end_run(call, self._replay_snapshot(kept_copy), failed=status is not RunStatus.COMPLETED)
         run.status = status
         run.completed_at = datetime.now(timezone.utc)
         run.tokens_used = ledger.tokens
@@ -857,7 +862,7 @@ class AgentContext:
             try:
                 if not self.is_default:
                     if exc is not None:
-                        self.fail(exc)
+                        self._end_with(exc)
                     else:
                         self.complete(None)
             finally:
@@ -987,8 +992,11 @@ class AgentContext:
         self._span.end()
 
     def _finish_default(self, status: RunStatus) -> None:
-        agent_status = AgentStatus.COMPLETED if status is RunStatus.COMPLETED else AgentStatus.FAILED
-        self._finish(agent_status, None)
+        self._finish(_AGENT_STATUS_OF_RUN.get(status, AgentStatus.FAILED), None)
+
+    def _end_with(self, exc: BaseException) -> None:
+        """End the agent left by ``exc``: cancelled by a cancellation, failed by anything else."""
+        self._finish(AgentStatus.CANCELLED if _cancelled(exc) else AgentStatus.FAILED, exc)
 
 
 # ---------------------------------------------------------------------------
@@ -1365,6 +1373,17 @@ def _step_model(facts: tuple[Any, ...]) -> Step:
 
 # ---------------------------------------------------------------------------
 # helpers
+
+
+_AGENT_STATUS_OF_RUN = {
+    RunStatus.COMPLETED: AgentStatus.COMPLETED,
+    RunStatus.CANCELLED: AgentStatus.CANCELLED,
+}
+
+
+def _cancelled(error: BaseException) -> bool:
+    """Whether ``error`` is a cancellation (of the task running the run or agent), not a failure."""
+    return isinstance(error, asyncio.CancelledError)
 
 
 _STATUS_VALUES = {status: status.value for status in StepStatus}  # Enum.value is a slow property

@@ -619,7 +619,7 @@ class _AgentCall:
             self.owned_run.complete(result)
 
     def _failed(self, error: BaseException) -> BaseException:
-        self.agent.fail(error)
+        self.agent._end_with(error)
         if self.owned_run is not None:
             self.owned_run._fail_with_checkpoint(error)
         return error
