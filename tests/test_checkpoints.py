@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import types
 
 import pydantic
 import pytest
@@ -12,7 +14,7 @@ from multirun import agent, checkpoint, run, step
 from multirun.checkpoints.exporters import FileBlobExporter
 from multirun.checkpoints.store import CheckpointStore
 from multirun.context import RunContext, get_current_agent_context, get_current_run_context
-from multirun.errors import CheckpointError, DeterminismError
+from multirun.errors import CheckpointError, DeterminismError, ReplayError
 from multirun.models import Budget, Run, StepKind
 from multirun.telemetry import attributes as attr
 
@@ -759,6 +761,38 @@ def test_a_pickle_checkpoint_is_refused_by_a_reader_without_the_key(traced, tmp_
     with pytest.raises(CheckpointError, match="HMAC"):
         other_key.load(checkpoint_id)
     assert signed.load(checkpoint_id).state == {"x": {1, 2}}
+
+
+def test_restoring_a_checkpoint_whose_contents_cannot_be_deserialized_raises_replay_error(
+    traced, tmp_path, monkeypatch
+) -> None:
+    # the reference: CheckpointError if loading fails, ReplayError if deserialization fails;
+    # the error is both, so code that catches either (as this package's own did) still does
+    traced.client.checkpoints = CheckpointStore(
+        FileBlobExporter(tmp_path / "signed"),
+        serializer="pickle",
+        hmac_key="a test key of at least sixteen bytes",
+    )
+    module = types.ModuleType("agent_notes")
+    exec("class Notes:\n    topic = 'otel'\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, "agent_notes", module)
+
+    @run
+    def job() -> str:
+        ctx = get_current_run_context()
+        ctx.set_state("notes", module.Notes())
+        return ctx.checkpoint(name="c").value.id
+
+    checkpoint_id = job()
+    monkeypatch.delitem(sys.modules, "agent_notes")  # the program that restores has no such module
+
+    @run
+    def later() -> None:
+        get_current_run_context().restore_from_checkpoint(checkpoint_id)
+
+    with pytest.raises(ReplayError, match="ModuleNotFoundError: No module named 'agent_notes'") as caught:
+        later()
+    assert isinstance(caught.value, CheckpointError)
 
 
 def test_latest_checkpoint_ignores_a_stray_file_in_the_run_folder(tmp_path) -> None:

@@ -49,7 +49,7 @@ from multirun.checkpoints.serializers import (
     resolve_hmac_key,
     serializer_names,
 )
-from multirun.errors import CheckpointError, ConfigurationError
+from multirun.errors import CheckpointError, ConfigurationError, ReplayError
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -349,8 +349,9 @@ def test_json_never_falls_back_to_pickle() -> None:
     ],
 )
 def test_json_refuses_payloads_it_did_not_write(payload: bytes) -> None:
-    with pytest.raises(CheckpointError, match="cannot be decoded"):
+    with pytest.raises(CheckpointError, match="cannot be decoded") as caught:
         json_serializer().loads(payload)
+    assert isinstance(caught.value, ReplayError)  # the reference's error for a deserialization failure
 
 
 # --- registry and HMAC key configuration ---------------------------------------------------------

@@ -104,6 +104,12 @@ class ReplayError(MultiRunError):
     """A checkpoint was read but its contents cannot be replayed."""
 
 
+class CheckpointDecodeError(CheckpointError, ReplayError):
+    """A checkpoint was read and verified, but its contents cannot be deserialized (JSON that
+    does not decode, a class or module unpickling needs that the program lacks). Both a
+    CheckpointError and the ReplayError the API names for a deserialization failure."""
+
+
 class DeterminismError(ReplayError):
     """A replayed run asked for steps in another order or under other names than it recorded."""
 

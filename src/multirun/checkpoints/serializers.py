@@ -83,7 +83,7 @@ from multirun.checkpoints.envelope import (
     decode_blob,
     seal,
 )
-from multirun.errors import CheckpointError, ConfigurationError
+from multirun.errors import CheckpointDecodeError, CheckpointError, ConfigurationError
 
 __all__ = [
     "BYTES_TAG",
@@ -187,7 +187,7 @@ class JsonSerializer:
             hook = self._hook if self._hook is not None and BYTES_TAG in text else None
             return json.loads(text, object_hook=hook)
         except (ValueError, RecursionError) as exc:
-            raise CheckpointError(f"JSON checkpoint payload cannot be decoded: {exc}") from None
+            raise CheckpointDecodeError(f"JSON checkpoint payload cannot be decoded: {exc}") from None
 
 
 class PickleSerializer:
@@ -219,7 +219,7 @@ class PickleSerializer:
         try:
             return pickle.loads(data)
         except Exception as exc:
-            raise CheckpointError(
+            raise CheckpointDecodeError(
                 f"{self.name} checkpoint payload cannot be loaded: {type(exc).__name__}: {exc}"
             ) from exc
 
