@@ -147,8 +147,12 @@ def _old_runs(store: CheckpointStore, cutoff_ns: int, pruned: Pruned) -> None:
 
 def _remove(store: CheckpointStore, pruned: Pruned) -> None:
     for path in pruned.trace_files:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             path.unlink()
+        except FileNotFoundError:
+            pass  # gone meanwhile
+        except OSError as exc:  # a read-only folder: said as the checkpoints' failure is
+            raise CommandError(f"prune: cannot remove {path}: {exc.strerror or exc}") from None
     for run_id, keys in pruned.runs.items():
         try:
             for key in keys:
