@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,4 +133,24 @@ def unreadable(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], Non
     monkeypatch.setattr(os, "scandir", refusing)
     yield make
     for folder in folders:
+        folder.chmod(0o755)
+
+
+@pytest.fixture
+def read_only() -> Iterator[Callable[[Path], None]]:
+    """``read_only(folder)``: nothing in ``folder`` can be created or removed, by the kernel's word. Root
+    ignores a folder's mode, so there the folder is made immutable (``chattr +i``) instead."""
+    folders: list[Path] = []
+
+    def make(folder: Path) -> None:
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+        elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a folder read-only here (no chattr, or a file system without it)")
+        folders.append(folder)
+
+    yield make
+    for folder in folders:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
         folder.chmod(0o755)

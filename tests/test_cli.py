@@ -229,6 +229,19 @@ def test_demo_that_cannot_create_its_directory_names_the_folder_not_an_init_argu
     assert err.splitlines() == [f"multirun: error: cannot create the folder {folder}: Not a directory"]
 
 
+def test_demo_in_a_folder_it_cannot_write_names_the_folder_not_an_init_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], read_only: Callable[[Path], None]
+) -> None:
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    read_only(folder)
+    code, out, err = run_cli(capsys, "demo", "--dir", str(folder))
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        f"multirun: error: cannot write to the folder {folder}: give another with --dir DIR"
+    ]
+
+
 @pytest.mark.parametrize("given_as", ["--endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"])
 def test_demo_refuses_an_endpoint_that_is_no_url_by_its_option_and_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, given_as: str

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -116,26 +115,6 @@ def test_a_folder_named_like_a_trace_file_is_left_alone(folder: Path, capsys) ->
     assert main(["prune", "--older-than", "7", "--dir", str(folder)]) == 0
     assert capsys.readouterr().out.startswith("Removed 1 trace file (21 bytes)")
     assert left(folder)[0] == ["2026-11-22-200.jsonl", "archive.jsonl"]
-
-
-@pytest.fixture
-def read_only() -> Iterator[Callable[[Path], None]]:
-    """``read_only(folder)``: no entry of ``folder`` can be removed, by the kernel's word. Root
-    ignores a folder's mode, so there the folder is made immutable (``chattr +i``) instead."""
-    folders: list[Path] = []
-
-    def make(folder: Path) -> None:
-        if os.geteuid() != 0:
-            folder.chmod(0o555)
-        elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-            pytest.skip("cannot make a folder read-only here (no chattr, or a file system without it)")
-        folders.append(folder)
-
-    yield make
-    for folder in folders:
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-        folder.chmod(0o755)
 
 
 def test_a_trace_file_that_cannot_be_removed_is_an_error_not_a_traceback(

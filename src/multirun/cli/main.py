@@ -252,6 +252,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunsError(f"cannot create the folder {directory}: {exc.strerror or exc}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):  # one that exists read-only: init would name local_dir
+        raise RunsError(f"cannot write to the folder {directory}: give another with --dir DIR")
     client = demo.configure(directory, args.endpoint)
     recorder = _Recorder.attach(client) if endpoint else _Recorder()
     with _ExportErrors().watching() as errors:
