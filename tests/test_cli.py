@@ -1341,3 +1341,24 @@ def test_a_span_that_ends_after_its_run_is_no_unfinished_run(
     assert code == 0
     worker, background = tree_lines(out)[2:]
     assert worker.startswith("└─ step start_worker") and background.startswith("   └─ step background")
+
+
+def test_python_m_multirun_is_the_multirun_command(tmp_path: Path) -> None:
+    """``python -m multirun`` works where the ``multirun`` script is not on PATH (a venv not
+    activated), with the same help, the same name in it, and the same exit status."""
+    src = Path(client_module.__file__).parents[1]
+    env = _clean_env(PYTHONPATH=str(src))
+    helped = subprocess.run(
+        [sys.executable, "-m", "multirun", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: multirun [-h]")
+    listed = subprocess.run(
+        [sys.executable, "-m", "multirun", "runs", "show", "nosuch", "--dir", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert (listed.returncode, listed.stdout) == (1, "")
+    assert listed.stderr == "multirun: error: no run with id 'nosuch' (see `multirun runs`)\n"
