@@ -284,6 +284,43 @@ def test_an_unknown_option_is_refused_with_the_usage_of_its_command(
     assert message == f"{command}: error: unrecognized arguments: {argv[-1]}"
 
 
+@pytest.mark.parametrize(
+    ("argv", "command", "message"),
+    [
+        (["runs", "--limt", "3"], "multirun runs", "--limt (did you mean --limit?)"),
+        (["checkpoints", "--rnu", "abc"], "multirun checkpoints", "--rnu (did you mean --run?)"),
+        (["runs", "--bogus", "show", "abc"], "multirun runs", "--bogus"),
+        (["demo", "--dri", "x"], "multirun demo", "--dri (did you mean --dir?)"),
+    ],
+)
+def test_a_misspelt_option_before_its_value_is_named_not_its_value_taken_for_a_command(
+    capsys: pytest.CaptureFixture[str], argv: list[str], command: str, message: str
+) -> None:
+    # argparse took the value for the name of a sub-command: "invalid choice: '3' (choose from 'show')"
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    usage, last = err.splitlines()[0], err.splitlines()[-1]
+    assert usage.startswith(f"usage: {command} ")
+    assert last == f"{command}: error: unrecognized arguments: {message}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["runs", "--lim", "3", "--js"],  # unique prefixes, as argparse takes them
+        ["runs", "--limit=3"],
+        ["checkpoints", "--run", "-"],
+        ["prune", "--older-than", "1e-3", "--dry-run"],
+    ],
+)
+def test_options_argparse_accepts_are_not_taken_for_misspelt_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    code, _, err = run_cli(capsys, *argv, "--dir", str(tmp_path))
+    assert "unrecognized" not in err
+    assert code == (1 if argv[0] == "checkpoints" else 0), err  # no run '-' has checkpoints
+
+
 def test_runs_in_a_folder_without_runs_says_how_to_make_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import io
 import json
 import logging
@@ -49,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     words, command = checkpoints.split_command(sys.argv[1:] if argv is None else argv)
     try:
+        misspelt = _unknown_option(parser, words)
+        if misspelt is not None:  # before argparse takes the word after it for a command's name
+            misspelt[0].error(f"unrecognized arguments: {misspelt[1]}")
         args, unknown = parser.parse_known_args(words)
         if unknown:  # refused by the command they were given to, with its usage, not multirun's
             command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
@@ -124,6 +128,40 @@ def _name_command_parsers(parser: argparse.ArgumentParser) -> None:
             for command in action.choices.values():
                 command.set_defaults(command_parser=command)
                 _name_command_parsers(command)
+
+
+def _unknown_option(
+    parser: argparse.ArgumentParser, words: Sequence[str]
+) -> tuple[argparse.ArgumentParser, str] | None:
+    """The first word of ``words`` that is an option the command it follows does not know, as
+    ``(that command's parser, "--word (did you mean --this?)")``, or None.
+
+    argparse sets an unknown option aside and goes on, so in ``multirun runs --limt 3`` it took
+    ``3`` for the name of a sub-command of ``runs`` and said only that ``3`` is none.
+    """
+    current, value_next = parser, False
+    for word in words:
+        if value_next:
+            value_next = False
+            continue
+        if word.startswith("--") and word != "--":
+            name = word.split("=", 1)[0]
+            options = {option: action for action in current._actions for option in action.option_strings}
+            matches = [option for option in options if option.startswith(name)]  # argparse's abbreviations
+            if name in options or len(matches) == 1:
+                action = options[name] if name in options else options[matches[0]]
+                value_next = action.nargs != 0 and "=" not in word
+                continue
+            if matches:  # ambiguous: argparse says so itself
+                return None
+            close = difflib.get_close_matches(name, [o for o in options if o.startswith("--")], n=1)
+            return current, word + (f" (did you mean {close[0]}?)" if close else "")
+        if word.startswith("-"):  # a short option, a negative number, or '-': argparse's to judge
+            continue
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction) and word in action.choices:
+                current = action.choices[word]
+    return None
 
 
 def _add_dir(parser: argparse.ArgumentParser, default: Any) -> None:
