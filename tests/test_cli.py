@@ -321,6 +321,19 @@ def test_options_argparse_accepts_are_not_taken_for_misspelt_ones(
     assert code == (1 if argv[0] == "checkpoints" else 0), err  # no run '-' has checkpoints
 
 
+def test_runs_show_where_no_run_was_ever_made_says_how_to_make_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./.multirun: `multirun runs` says how to make a run, and so does show
+    code, out, err = run_cli(capsys, "runs", "show", "abc")
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        f"multirun: error: no run with id 'abc': no runs in {Path('.multirun') / 'traces'}",
+        "Run `multirun demo` to make one, or a program with a @multirun.run function: without "
+        "multirun.init() its runs go to ./.multirun (or $MULTIRUN_DIR).",
+    ]
+
+
 def test_runs_in_a_folder_without_runs_says_how_to_make_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -211,7 +211,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """One run as a tree of its spans."""
-    directory, _ = runs.chosen_directory(args)
+    directory, named = runs.chosen_directory(args)
+    if not named and not runs.exists(directory):  # as `multirun runs` there: say how to make one
+        _error(f"no run with id {args.run_id!r}: no runs in {runs.traces_dir(directory)}")
+        print(NO_RUNS_HINT, file=sys.stderr)
+        return 1
     run = runs.resolve(runs.list_runs(directory), args.run_id)
     tree = runs.run_tree(runs.trace_spans(directory, run), run)
     if getattr(args, "json", False):
