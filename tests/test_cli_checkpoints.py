@@ -240,7 +240,9 @@ def test_checkpoints_of_a_run_by_prefix(store_dir, capsys) -> None:
 def test_checkpoints_of_an_unknown_run_is_an_error(store_dir, capsys) -> None:
     code, out, err = run_cli(capsys, "checkpoints", "--run", "nope", "--dir", str(store_dir))
     assert code == 1 and out == ""
-    assert err.splitlines() == ["multirun: error: no run with id 'nope' (see `multirun runs`)"]
+    assert err.splitlines() == [
+        "multirun: error: no run with id 'nope' (`multirun checkpoints` lists the runs with checkpoints)"
+    ]
 
 
 def test_checkpoints_of_a_run_with_none(store_dir, capsys) -> None:
@@ -336,6 +338,17 @@ def test_resume_of_a_command_without_the_dashes_says_how(store_dir, capsys) -> N
     assert err.splitlines() == [
         "multirun: error: resume: put the program to run after --, e.g. multirun resume ID -- python agent.py"
     ]
+
+
+def test_resume_of_a_command_with_options_without_the_dashes_says_how(store_dir, capsys) -> None:
+    # the program's own --topic was refused as an option of resume, with no word of the dashes
+    code, _, err = run_cli(
+        capsys, "resume", "--dir", str(store_dir), "abc", "python", "crew.py", "--topic", "x"
+    )
+    assert code == 2
+    assert err.splitlines()[-1] == (
+        "multirun resume: error: put the program to run after --, e.g. multirun resume ID -- python agent.py"
+    )
 
 
 ENV_PRINTER = [

@@ -231,10 +231,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+CHECKPOINTED_RUNS_HINT = " (`multirun checkpoints` lists the runs with checkpoints)"
+
+
 def _match_run(prefix: str, stored: list[StoredCheckpoint], traced_run_ids: list[str]) -> str:
     """The run id ``prefix`` names, among the runs of the store and those of the traces."""
     ids = [found.run_id for found in stored] + traced_run_ids
-    return str(_call(match_id, prefix, ids, "run", f"no run with id {prefix!r}{runs.RUNS_HINT}"))
+    return str(_call(match_id, prefix, ids, "run", f"no run with id {prefix!r}{CHECKPOINTED_RUNS_HINT}"))
 
 
 def _created(checkpoint_id: str) -> str:

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         misspelt = _unknown_option(parser, words)
         if misspelt is not None:  # before argparse takes the word after it for a command's name
-            misspelt[0].error(f"unrecognized arguments: {misspelt[1]}")
+            misspelt[0].error(misspelt[1])
         args, unknown = parser.parse_known_args(words)
         if unknown:  # refused by the command they were given to, with its usage, not multirun's
             command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
@@ -134,12 +134,14 @@ def _unknown_option(
     parser: argparse.ArgumentParser, words: Sequence[str]
 ) -> tuple[argparse.ArgumentParser, str] | None:
     """The first word of ``words`` that is an option the command it follows does not know, as
-    ``(that command's parser, "--word (did you mean --this?)")``, or None.
+    ``(that command's parser, "unrecognized arguments: --word (did you mean --this?)")``, or
+    None. After ``resume ID COMMAND`` it is the program's own option: the message says to put
+    the program after ``--``.
 
     argparse sets an unknown option aside and goes on, so in ``multirun runs --limt 3`` it took
     ``3`` for the name of a sub-command of ``runs`` and said only that ``3`` is none.
     """
-    current, value_next = parser, False
+    current, value_next, positionals = parser, False, 0
     for word in words:
         if value_next:
             value_next = False
@@ -154,13 +156,17 @@ def _unknown_option(
                 continue
             if matches:  # ambiguous: argparse says so itself
                 return None
+            if current.prog.endswith(" resume") and positionals > 1:  # resume ID python app.py --x
+                return current, f"put the program to run after --, {checkpoints.RESUME_EXAMPLE}"
             close = difflib.get_close_matches(name, [o for o in options if o.startswith("--")], n=1)
-            return current, word + (f" (did you mean {close[0]}?)" if close else "")
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return current, f"unrecognized arguments: {word}{hint}"
         if word.startswith("-"):  # a short option, a negative number, or '-': argparse's to judge
             continue
+        positionals += 1
         for action in current._actions:
             if isinstance(action, argparse._SubParsersAction) and word in action.choices:
-                current = action.choices[word]
+                current, positionals = action.choices[word], 0
     return None
 
 
