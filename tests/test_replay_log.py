@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from multirun.checkpoints.replay import ReplayLog, Served
+from multirun.errors import DeterminismError
 
 
 def restored(record_calls) -> ReplayLog:  # type: ignore[no-untyped-def]
@@ -130,3 +133,30 @@ def test_a_step_that_records_its_result_while_a_checkpoint_reads_the_log_is_in_i
     log._running = hooked  # type: ignore[assignment]
     records = log.to_records()
     assert [(r["name"], r.get("result")) for r in records] == [("fetch", "page")]
+
+
+def test_take_out_of_the_recorded_order_raises_as_a_served_step_would() -> None:
+    def recorded(rec: ReplayLog) -> None:
+        rec.record(rec.begin("ask", "d1", parent=None), "answer")  # type: ignore[arg-type]
+        rec.record(rec.begin("plan", "d2", parent=None), "plan")  # type: ignore[arg-type]
+
+    log = restored(recorded)
+    with pytest.raises(DeterminismError, match="'plan' came before 'ask'"):
+        log.take("plan", "d2", parent=None)
+
+
+def test_take_a_call_that_is_due_serves_it_and_a_call_that_is_not_is_left_due() -> None:
+    def recorded(rec: ReplayLog) -> None:
+        rec.record(rec.begin("ask", "d1", parent=None), "answer")  # type: ignore[arg-type]
+        rec.record(rec.begin("ask", "d1", parent=None), "second answer")  # type: ignore[arg-type]
+        rec.fail(rec.begin("plan", "d2", parent=None))  # type: ignore[arg-type]
+
+    log = restored(recorded)
+    assert log.take("ask", "d1", parent=None) == (True, "answer")
+    assert log.peek("ask", "d1") == (True, "second answer")  # the next one is due now
+    assert log.take("ask", "d1", parent=None) == (True, "second answer")
+    assert log.take("plan", "d2", parent=None) == (False, None)  # it failed: nothing to serve
+    call = log.begin("plan", "d2", parent=None)  # the program runs it: the recorded call, again
+    assert isinstance(call, tuple)
+    log.record(call, "planned")
+    assert not log.replaying

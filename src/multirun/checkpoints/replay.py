@@ -149,19 +149,23 @@ class ReplayLog:
         with self._lock:
             if replay.v1_keys and args is not None:
                 digest = replay.recorded_digest(name, digest, args, kwargs or {})
-            occurrence = replay.next_occurrence(name, digest)
-            found = None if replay.done else replay.serve(name, digest, occurrence)
-            if found is None:
-                call = (name, digest, occurrence, parent, next(self._seq), _lane())
-            elif found.has_result:
-                return Served(kept_copy(found.result))
-            else:
-                # it runs again, under its recorded sequence number: the steps it had finished
-                # keep it as their parent, and its new record replaces the recorded one
-                call = (name, digest, found.occurrence, parent, found.seq, _lane())
-                if found.failed:
-                    self._reruns.add(found.seq)
-            self._running[call[SEQ]] = call
+            return self._begin_replayed(replay, name, digest, parent)
+
+    def _begin_replayed(self, replay: _Replay, name: str, digest: str, parent: int | None) -> Call | Served:
+        """``begin`` while a restore replays (the lock held, ``digest`` the recorded one)."""
+        occurrence = replay.next_occurrence(name, digest)
+        found = None if replay.done else replay.serve(name, digest, occurrence)
+        if found is None:
+            call = (name, digest, occurrence, parent, next(self._seq), _lane())
+        elif found.has_result:
+            return Served(kept_copy(found.result))
+        else:
+            # it runs again, under its recorded sequence number: the steps it had finished
+            # keep it as their parent, and its new record replaces the recorded one
+            call = (name, digest, found.occurrence, parent, found.seq, _lane())
+            if found.failed:
+                self._reruns.add(found.seq)
+        self._running[call[SEQ]] = call
         return call
 
     def begin_run(
@@ -244,20 +248,63 @@ class ReplayLog:
     def peek(
         self, name: str, digest: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> tuple[bool, Any]:
-        """``(True, result)`` if the next call of ``name`` with these inputs would be served."""
+        """``(True, result)`` if the next call of ``name`` with these inputs would be served.
+
+        Only a look: the call is still due, and is served when the step is called (``begin``).
+        """
         with self._lock:
             replay = self._replay
             if replay is None or replay.done:
                 return False, None
             if replay.v1_keys:
                 digest = replay.recorded_digest(name, digest, args, kwargs or {})
-            occurrence = replay.counts.get((name, digest), 0) + 1
-            entry = replay.find(name, digest, occurrence)
-            if entry is None or entry.served:
+            entry = self._servable(replay, name, digest)
+            return (False, None) if entry is None else (True, kept_copy(entry.result))
+
+    def take(
+        self,
+        name: str,
+        digest: str,
+        parent: int | None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> tuple[bool, Any]:
+        """``(True, result)``, the call served as ``begin`` serves it, if the next call of
+        ``name`` with these inputs would be served; ``(False, None)`` and nothing done if not.
+
+        For a program that serves a step itself (``get_step_result``, then the step only if
+        it was not found): what it takes counts as called, so the replay goes on past it, in
+        order, as after a decorated step that was served. Not found, the call is still due:
+        the step the program then starts (``begin``) runs it again, or records a new one.
+
+        Raises DeterminismError, as ``begin`` does, when the recorded run called it elsewhere.
+        """
+        with self._lock:
+            replay = self._replay
+            if replay is None or replay.done:
                 return False, None
-            if entry.answer is not None:
-                return True, kept_copy(entry.answer.result)
-            return (True, kept_copy(entry.result)) if entry.has_result else (False, None)
+            if replay.v1_keys:
+                digest = replay.recorded_digest(name, digest, args, kwargs or {})
+            if self._servable(replay, name, digest) is None:
+                return False, None
+            began = self._begin_replayed(replay, name, digest, parent)
+            if not isinstance(began, Served):
+                # served meanwhile, inside a recorded sub-run the program did not start again:
+                # not a call the program made, the step it starts now is
+                self._running.pop(began[SEQ], None)
+                return False, None
+        return True, began.value
+
+    @staticmethod
+    def _servable(replay: _Replay, name: str, digest: str) -> _Entry | None:
+        """The recorded call whose result the next call of ``name`` with ``digest`` would be
+        served (itself, or the retry that answers it), if there is one."""
+        entry = replay.find(name, digest, replay.counts.get((name, digest), 0) + 1)
+        if entry is None or entry.served:
+            return None
+        if entry.answer is not None:
+            return entry.answer if entry.answer.has_result else None
+        return entry if entry.has_result else None
 
     # -- checkpoints -------------------------------------------------------------
 
