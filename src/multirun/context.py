@@ -900,23 +900,55 @@ class AgentContext:
             self.is_default and current is None and run_in(parent_ctx) is self.run_context
         ):  # called from outside this agent: the step goes under the agent's span
             parent_ctx = self.otel_context
-        self.run_context.ledger.begin_step()
+        run = self.run_context
+        run.ledger.begin_step()
         step = StepContext(self, name, kind, step_in(parent_ctx), managed=False)
         step.model = model
         kwargs = input_kwargs or {}
-        if self.run_context.records_replay:
-            step.input_hash = input_hash(input_args, kwargs)
-        step._open(parent_ctx, spans.step_start_attributes(kind, name, model), input_args, kwargs)
+        if run.records_replay:
+            step.input_hash = digest = input_hash(input_args, kwargs)
+            if digest is None:
+                run.replay_log.unhashed.add(name)  # a checkpoint warns that it cannot serve it
+            else:
+                # recorded like a decorated step, so that a restored run's get_step_result
+                # serves it. A restored run that starts it instead of asking get_step_result
+                # first runs it again: the recorded call counts as served (the replay goes on
+                # past it, in order), and this one is not recorded
+                began = run.replay_log.begin(
+                    name, digest, self._replay_parent(step.parent), input_args, kwargs
+                )
+                if isinstance(began, tuple):
+                    step.replay_call = began
+        try:
+            step._open(parent_ctx, spans.step_start_attributes(kind, name, model), input_args, kwargs)
+        except BaseException:
+            if step.replay_call is not None:  # it never ran, nor is it a call in flight
+                run.replay_log.fail(step.replay_call)
+            raise
         return step
 
     def get_step_result(
         self, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Done[tuple[bool, Any]]:
-        """``(True, result)`` if the replay cache holds this step with these inputs."""
-        digest = input_hash(args, kwargs or {})
+        """``(True, result)`` if the replay cache holds this step with these inputs.
+
+        A result found is served: the step counts as called, as a decorated step served
+        from the cache does, so the program returns it instead of starting the step (and
+        the next call with the same inputs is the next recorded one). Not found, the
+        program runs the step (``start_step``). Raises DeterminismError where a decorated
+        step would (the recorded run called it elsewhere).
+        """
+        kwargs = kwargs or {}
+        digest = input_hash(args, kwargs)
         if digest is None:
             return Done((False, None))
-        return Done(self.run_context.replay_log.peek(name, digest, args, kwargs))
+        parent = self._replay_parent(step_in(otel_context.get_current()))
+        return Done(self.run_context.replay_log.take(name, digest, parent, args, kwargs))
+
+    def _replay_parent(self, parent: StepContext | None) -> int | None:
+        """The sequence number, in the replay log, of the call a step made inside ``parent`` runs in."""
+        call = parent.replay_call if parent is not None else None
+        return call[SEQ] if call is not None else self.run_context.replay_parent
 
     # -- state, checkpoints --------------------------------------------------
 
@@ -1256,6 +1288,8 @@ class StepContext:
         self.result = result
         self._done = True
         if not self.managed:
+            if self.replay_call is not None:  # a decorated step's is recorded by its decorator
+                self.run_context.replay_log.record(self.replay_call, result)
             self._close(StepStatus.COMPLETED, result)
         return Done(None)
 
@@ -1266,6 +1300,8 @@ class StepContext:
         self.error = exc
         self._done = True
         if not self.managed:
+            if self.replay_call is not None:  # recorded as failed: a restore runs it again
+                self.run_context.replay_log.fail(self.replay_call)
             self._close(StepStatus.FAILED, error=exc)
         return Done(None)
 
