@@ -731,6 +731,49 @@ def test_a_retry_whose_backoff_ends_at_the_deadline_is_not_made(traced) -> None:
     assert calls["n"] == 1  # at 10 of 10 seconds a new step would be refused too
 
 
+def test_a_failure_whose_retry_the_deadline_stops_counts_once_towards_the_circuit(traced) -> None:
+    calls = {"n": 0}
+
+    @step(retry=1, retry_delay=10)
+    def flaky() -> None:
+        calls["n"] += 1
+        raise ConnectionError("blip")
+
+    @run(budget=Budget(max_duration_seconds=10), policy=breaker_policy())
+    def main() -> None:
+        with pytest.raises(StepError):
+            flaky()  # one failure of two: the circuit stays closed
+        with pytest.raises(StepError):
+            flaky()
+
+    main()
+    assert calls["n"] == 2
+
+
+def test_a_failure_whose_retry_the_deadline_stops_counts_once_towards_degradation(traced) -> None:
+    seen_models: list[str | None] = []
+
+    @step(kind=StepKind.LLM_CALL, model="primary", retry=1, retry_delay=10)
+    def ask() -> None:
+        seen_models.append(get_current_step_context().model)
+        raise TimeoutError("model overloaded")
+
+    policy = Policy(
+        graceful_degradation=GracefulDegradationRule(
+            fallback_model="fallback", trigger=DegradationTrigger.CONSECUTIVE_FAILURES, threshold=2
+        )
+    )
+
+    @run(budget=Budget(max_duration_seconds=10), policy=policy)
+    def main() -> None:
+        for _ in range(2):
+            with pytest.raises(StepError):
+                ask()
+
+    main()
+    assert seen_models == ["primary", "primary"]  # two failures in a row: the third call degrades
+
+
 # ---------------------------------------------------------------------------
 # retry attempts ask the policy like any call
 

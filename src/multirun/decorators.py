@@ -176,6 +176,10 @@ class _StepCall(StepContext):
         ledger = run.ledger
         if ledger.used_up():
             return None  # another attempt would spend past this run's budget or an enclosing run's
+        if self._clock().monotonic() + delay >= ledger.deadline:
+            return None  # the attempt would start when the run (or an enclosing run) is out of time
+        # checked before the policy sees the failure: past here every way out retries or is a
+        # refusal (_retry_refused), so _failed never counts the failure a second time
         engine = run.policy_engine
         if engine is not None:
             # another attempt is another call to the dependency: the failed one counts towards the
@@ -193,9 +197,8 @@ class _StepCall(StepContext):
                 self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
                 if decision.model is not None:
                     self.model = decision.model
+                # a rate-limit wait is for a slot that starts before the deadline (or refused)
                 delay = max(delay, decision.wait_seconds)
-        if self._clock().monotonic() + delay >= ledger.deadline:
-            return None  # the attempt would start when the run (or an enclosing run) is out of time
         self._record_attempt_failure(error, delay)
         return delay
 
