@@ -371,6 +371,37 @@ def test_policy_retry_rule_is_the_default_for_steps_without_retry(traced) -> Non
     assert traced.clock.sleeps == [2.0, 4.0]
 
 
+def test_a_step_retried_by_the_policy_retry_rule_fails_with_step_error_as_with_its_own_retry(traced) -> None:
+    calls = {"n": 0}
+
+    @step
+    def flaky() -> None:
+        calls["n"] += 1
+        raise ConnectionError("blip")
+
+    @run(policy=Policy(retry=RetryRule(max_attempts=3, base_delay_seconds=0)))
+    def main() -> None:
+        flaky()
+
+    with pytest.raises(StepError) as raised:
+        main()
+    assert (calls["n"], raised.value.attempts) == (3, 3)
+    assert isinstance(raised.value.__cause__, ConnectionError)
+
+
+def test_a_retry_rule_of_one_attempt_retries_nothing_and_raises_the_error_itself(traced) -> None:
+    @step
+    def flaky() -> None:
+        raise ConnectionError("blip")
+
+    @run(policy=Policy(retry=RetryRule(max_attempts=1)))
+    def main() -> None:
+        flaky()
+
+    with pytest.raises(ConnectionError):
+        main()
+
+
 def test_budget_exceeded_inside_a_step_is_not_retried(traced) -> None:
     calls = {"n": 0}
 

@@ -158,16 +158,20 @@ class _StepCall(StepContext):
     def _clock(self) -> Clock:
         return self.run_context.client.clock
 
+    def _retries(self) -> tuple[int, BackoffStrategy, float, float]:
+        """(retries, strategy, base delay, delay cap): the step's own, or when it sets no retry,
+        those of the run's RetryRule."""
+        spec = self.spec
+        policy = self.run_context.run.policy
+        if spec.retry == 0 and policy is not None and policy.retry is not None:
+            rule = policy.retry  # the run's default for steps that set no retry of their own
+            return rule.max_attempts - 1, rule.backoff, rule.base_delay_seconds, rule.max_delay_seconds
+        return spec.retry, spec.retry_strategy, spec.retry_delay, spec.retry_max_delay
+
     def _retry_delay(self, error: BaseException) -> float | None:
         spec = self.spec
-        retries, strategy = spec.retry, spec.retry_strategy
-        base, cap = spec.retry_delay, spec.retry_max_delay
+        retries, strategy, base, cap = self._retries()
         run = self.run_context
-        policy = run.run.policy
-        if retries == 0 and policy is not None and policy.retry is not None:
-            rule = policy.retry  # the run's default for steps that set no retry of their own
-            retries, strategy = rule.max_attempts - 1, rule.backoff
-            base, cap = rule.base_delay_seconds, rule.max_delay_seconds
         if self.attempt > retries or not isinstance(error, Exception) or _is_permanent(error):
             return None
         if spec.retry_on is not None and not isinstance(error, spec.retry_on):
@@ -286,7 +290,7 @@ class _StepCall(StepContext):
         elif run.policy_engine is not None:
             run.policy_engine.after_step(self.spec.name, self.spec.kind, error)
         self._close(StepStatus.FAILED, error=error)
-        if self.spec.retry > 0 and isinstance(error, Exception) and not _is_permanent(error):
+        if isinstance(error, Exception) and not _is_permanent(error) and self._retries()[0] > 0:
             return StepError(self.spec.name, self.attempt, error)
         return error
 
