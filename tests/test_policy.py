@@ -323,6 +323,34 @@ def test_degradation_switches_llm_steps_to_the_fallback_model_once_over_threshol
     assert spans[2][attr.POLICY_RULE] == "graceful_degradation"
 
 
+def test_usage_a_degraded_step_reports_without_a_model_is_priced_as_the_fallback_model(traced) -> None:
+    from multirun.pricing import PriceBook
+
+    traced.client.prices = PriceBook({"primary": multirun.Price(10, 10), "cheap": multirun.Price(1, 1)})
+    seen_models: list[str | None] = []
+
+    @step(kind=StepKind.LLM_CALL, model="primary")
+    def ask() -> None:
+        seen_models.append(get_current_step_context().model)
+        multirun.report_usage(input_tokens=1_000_000)  # the step's model, whichever the policy chose
+
+    policy = Policy(
+        graceful_degradation=GracefulDegradationRule(
+            fallback_model="cheap", trigger=DegradationTrigger.COST_PERCENTAGE, threshold=50
+        )
+    )
+
+    @run(budget=Budget(max_cost_usd=20.0), policy=policy)
+    def main() -> float:
+        ask()  # $10 of $20: degraded from here on
+        ask()
+        return multirun.context.get_current_run_context().cost_usd
+
+    assert main() == 11.0
+    assert seen_models == ["primary", "cheap"]
+    assert not any(s.attributes.get(attr.UNPRICED) for s in traced.spans())
+
+
 def test_degradation_does_not_flap_when_the_fallback_model_fails_too(traced) -> None:
     seen_models: list[str | None] = []
 

@@ -22,6 +22,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator
+from dataclasses import replace
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -1203,7 +1204,11 @@ class StepContext:
         yield  # pragma: no cover
 
     def report_usage(self, usage: TokenUsage) -> None:
-        """Charge one model call to this step, its parents, its agent and its run."""
+        """Charge one model call to this step, its parents, its agent and its run. Usage that
+        names no model is the step's model's (the fallback model once the run degraded), as in
+        ``complete(tokens_used=...)``."""
+        if usage.model is None and self.model is not None:
+            usage = replace(usage, model=self.model)
         self._report_call(usage, None)
 
     def _report_call(self, usage: TokenUsage, call_id: str | None) -> None:
