@@ -273,6 +273,36 @@ def test_failed_probe_opens_the_circuit_again(traced) -> None:
     assert main() == ["error", "error", "error", "open"]
 
 
+def test_a_call_that_started_before_the_circuit_opened_and_succeeds_after_does_not_close_it(traced) -> None:
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    @step
+    def fetch(how: str) -> None:
+        calls.append(how)
+        if how == "slow":
+            started.set()
+            assert release.wait(10)
+        else:
+            raise ConnectionError("down")
+
+    @run(policy=breaker_policy())
+    def main() -> None:
+        slow = threading.Thread(target=fetch, args=("slow",))
+        slow.start()  # in flight while the circuit opens
+        assert started.wait(10)
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                fetch("fail")  # opens the circuit
+        release.set()
+        slow.join()  # a success from before: not the probe, the circuit stays open
+        with pytest.raises(PolicyViolation, match="circuit"):
+            fetch("fail")
+
+    main()
+    assert calls == ["slow", "fail", "fail"]
+
+
 def test_excluded_errors_do_not_count_towards_the_threshold(traced) -> None:
     @step
     def parse() -> None:

@@ -92,7 +92,8 @@ class RateLimiter:
 class CircuitBreaker:
     """Closed until ``failure_threshold`` failures in a row; then open (fail fast) for
     ``recovery_time_seconds``; then half-open, when exactly one probe goes through.
-    The probe's success closes the circuit, its failure opens it again."""
+    The probe's success closes the circuit, its failure opens it again. A call that started
+    before the circuit opened and succeeds while it is open leaves it open."""
 
     CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
@@ -125,6 +126,8 @@ class CircuitBreaker:
             return  # nothing to change
         with self._lock:
             if ok:
+                if self.state == self.OPEN:
+                    return  # a call let through before the circuit opened: only a probe closes it
                 self.state, self.failures, self.probe_in_flight = self.CLOSED, 0, False
                 return
             self.failures += 1
