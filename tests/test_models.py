@@ -10,7 +10,13 @@ import pytest
 
 from multirun.enforcement.ledger import RunLedger
 from multirun.models import Agent, AgentConfig, Budget, Checkpoint, Policy, Run, Step
-from multirun.models.policy import CircuitBreakerRule, RateLimitRule, RetryRule
+from multirun.models.policy import (
+    BudgetRule,
+    CircuitBreakerRule,
+    GracefulDegradationRule,
+    RateLimitRule,
+    RetryRule,
+)
 
 
 def test_models_import_as_reference_writes_them() -> None:
@@ -459,3 +465,35 @@ def test_a_step_model_built_without_validation_is_the_validated_one() -> None:
     assert built.model_dump_json() == validated.model_dump_json()  # same fields, same order
     assert built.model_fields_set == validated.model_fields_set
     assert Step.model_validate(built.model_dump()) == validated
+
+
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [
+        (Budget, "max_tokens"),
+        (Budget, "max_cost_usd"),
+        (Budget, "max_steps"),
+        (Budget, "max_duration_seconds"),
+        (Budget, "max_sub_agents"),
+        (BudgetRule, "max_tokens"),
+        (BudgetRule, "max_cost_usd"),
+        (RateLimitRule, "requests_per_minute"),
+        (RetryRule, "max_attempts"),
+        (RetryRule, "base_delay_seconds"),
+        (RetryRule, "max_delay_seconds"),
+        (CircuitBreakerRule, "failure_threshold"),
+        (CircuitBreakerRule, "recovery_time_seconds"),
+    ],
+)
+def test_a_limit_given_as_a_bool_is_refused_naming_the_field(
+    model: type[pydantic.BaseModel], field: str
+) -> None:
+    # pydantic takes True for 1: Budget(max_steps=True) was a limit of one step, as the
+    # decorators' own limits (retry=True) are refused
+    with pytest.raises(pydantic.ValidationError, match=rf"{field}\n.*a number, not a bool"):
+        model(**{field: True})
+
+
+def test_a_rule_threshold_given_as_a_bool_is_refused() -> None:
+    with pytest.raises(pydantic.ValidationError, match=r"threshold\n.*a number, not a bool"):
+        GracefulDegradationRule(fallback_model="gpt-4o-mini", threshold=False)

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import random
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 
 def new_id() -> str:
@@ -23,6 +23,19 @@ def new_id() -> str:
 
 _RANDOM_BITS = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
 _UUID4_BITS = (0x4000 << 64) | (0x8000 << 48)
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic takes True for 1: a limit of one, unnoticed
+        raise ValueError(f"must be a number, not a bool ({value!r})")
+    return value
+
+
+NOT_BOOL = BeforeValidator(_not_a_bool)
+"""For a number a user configures (a limit, a delay): ``Annotated[int, NOT_BOOL]``."""
+
+Count = Annotated[int, NOT_BOOL]
+Amount = Annotated[float, NOT_BOOL]
 
 
 def utcnow() -> datetime:

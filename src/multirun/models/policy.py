@@ -6,7 +6,7 @@ from enum import Enum
 
 from pydantic import ConfigDict, Field, model_validator
 
-from multirun.models._base import Model
+from multirun.models._base import Amount, Count, Model
 
 
 class PolicyDecision(str, Enum):
@@ -32,20 +32,20 @@ class DegradationTrigger(str, Enum):
 
 
 class BudgetRule(Model):
-    max_tokens: int | None = Field(default=None, gt=0)
-    max_cost_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_tokens: Count | None = Field(default=None, gt=0)
+    max_cost_usd: Amount | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class RateLimitRule(Model):
-    requests_per_minute: float = Field(gt=0)
+    requests_per_minute: Amount = Field(gt=0)
     model: str | None = Field(default=None, min_length=1)  # "" would match no step: refused
 
 
 class RetryRule(Model):
-    max_attempts: int = Field(default=3, ge=1)
+    max_attempts: Count = Field(default=3, ge=1)
     backoff: BackoffStrategy = BackoffStrategy.EXPONENTIAL
-    base_delay_seconds: float = Field(default=1.0, ge=0)
-    max_delay_seconds: float = Field(default=60.0, ge=0)
+    base_delay_seconds: Amount = Field(default=1.0, ge=0)
+    max_delay_seconds: Amount = Field(default=60.0, ge=0)
 
 
 class CircuitBreakerRule(Model):
@@ -57,15 +57,15 @@ class CircuitBreakerRule(Model):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    failure_threshold: int = Field(default=5, ge=1)
-    recovery_time_seconds: float = Field(default=60.0, ge=0)
+    failure_threshold: Count = Field(default=5, ge=1)
+    recovery_time_seconds: Amount = Field(default=60.0, ge=0)
     excluded_errors: tuple[type[BaseException], ...] = ()
 
 
 class GracefulDegradationRule(Model):
     fallback_model: str = Field(min_length=1)
     trigger: DegradationTrigger = DegradationTrigger.BUDGET_PERCENTAGE
-    threshold: float = Field(default=80.0, ge=0)
+    threshold: Amount = Field(default=80.0, ge=0)
 
     @model_validator(mode="after")
     def _percentage_in_range(self) -> GracefulDegradationRule:
