@@ -42,7 +42,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -535,16 +535,7 @@ class CheckpointStore:
         contents were not read (``unread``).
         """
         key, blob = self._get(checkpoint_id)
-        try:
-            header, meta = open_meta(
-                blob,
-                max_bytes=self.max_blob_bytes,
-                hmac_key=self._hmac_key,
-                allowed_serializers=self._allowed,
-            )
-        except CheckpointError as exc:
-            _say_which(exc, checkpoint_id, key)
-            raise
+        header, meta = self._verified(open_meta, checkpoint_id, key, blob)
         if meta is None:
             try:
                 summary = CheckpointSummary.of(self._restored(checkpoint_id, key, blob))
@@ -589,10 +580,13 @@ class CheckpointStore:
             raise CheckpointError(str(exc)) from None
         return key, blob
 
-    def _restored(self, checkpoint_id: str, key: str, blob: bytes) -> RestoredCheckpoint:
-        """Verify and deserialize the blob of a checkpoint."""
+    def _verified(
+        self, reader: Callable[..., tuple[dict[str, Any], Any]], checkpoint_id: str, key: str, blob: bytes
+    ) -> tuple[dict[str, Any], Any]:
+        """``reader(blob)`` (``open_meta`` or ``load_blob``) with this store's size limit, key
+        and serializers; a refusal names the checkpoint and its key."""
         try:
-            header, document = load_blob(
+            return reader(
                 blob,
                 max_bytes=self.max_blob_bytes,
                 hmac_key=self._hmac_key,
@@ -601,6 +595,10 @@ class CheckpointStore:
         except CheckpointError as exc:
             _say_which(exc, checkpoint_id, key)
             raise
+
+    def _restored(self, checkpoint_id: str, key: str, blob: bytes) -> RestoredCheckpoint:
+        """Verify and deserialize the blob of a checkpoint."""
+        header, document = self._verified(load_blob, checkpoint_id, key, blob)
         try:
             if not isinstance(document, dict):
                 raise TypeError(f"it holds a {type(document).__name__}, not a JSON object")
