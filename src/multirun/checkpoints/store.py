@@ -186,24 +186,32 @@ def summary_of(document: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _summary_from_meta(
-    meta: dict[str, Any], header: dict[str, Any], uri: str, size: int
-) -> CheckpointSummary:
-    """A summary read back from a blob's meta section (``summary_of``); KeyError, TypeError or
-    ValueError if it is not one."""
-    about = _json_object(meta, "checkpoint", required=True)
-    checkpoint = Checkpoint(
+def _checkpoint_of(
+    about: dict[str, Any], header: dict[str, Any], size: int, state_data: bytes = b""
+) -> Checkpoint:
+    """The Checkpoint model of a blob, from its ``checkpoint`` object (in its document, or in
+    its meta section) and its header; KeyError or ValueError if that object is not one."""
+    return Checkpoint(
         id=about["id"],
         run_id=about["run_id"],
         agent_id=about.get("agent_id", ""),
         step_id=about.get("step_id", ""),
         name=about.get("name", ""),
+        state_data=state_data,
         state_format=header["serializer"],
         context={"run_name": about.get("run_name", "")},
         environment=about.get("environment", {}),
         created_at=about["created_at"],
         size_bytes=size,
     )
+
+
+def _summary_from_meta(
+    meta: dict[str, Any], header: dict[str, Any], uri: str, size: int
+) -> CheckpointSummary:
+    """A summary read back from a blob's meta section (``summary_of``); KeyError, TypeError or
+    ValueError if it is not one."""
+    checkpoint = _checkpoint_of(_json_object(meta, "checkpoint", required=True), header, size)
     agents = []
     for entry in _json_list(meta, "agents"):
         name, occurrence, keys = entry["name"], entry["occurrence"], entry["state_keys"]
@@ -603,19 +611,7 @@ class CheckpointStore:
             if not isinstance(document, dict):
                 raise TypeError(f"it holds a {type(document).__name__}, not a JSON object")
             meta = _json_object(document, "checkpoint", required=True)
-            checkpoint = Checkpoint(
-                id=meta["id"],
-                run_id=meta["run_id"],
-                agent_id=meta.get("agent_id", ""),
-                step_id=meta.get("step_id", ""),
-                name=meta.get("name", ""),
-                state_data=blob,
-                state_format=header["serializer"],
-                context={"run_name": meta.get("run_name", "")},
-                environment=meta.get("environment", {}),
-                created_at=meta["created_at"],
-                size_bytes=len(blob),
-            )
+            checkpoint = _checkpoint_of(meta, header, len(blob), state_data=blob)
             recorded = document.get("replay", [])
             if not isinstance(recorded, list):
                 raise TypeError(f"its replay log is a {type(recorded).__name__}, not a list")
