@@ -465,6 +465,72 @@ def test_sibling_steps_with_an_instrumented_call_and_its_response_are_charged_on
     assert attrs(instrumented.span("invoke_workflow main"))["multirun.tokens_used"] == CANNED[0].tokens
 
 
+@pytest.mark.parametrize(
+    "response",
+    [
+        lambda: chat_completion(prompt=100, completion=10),
+        lambda: anthropic_message(input_tokens=100, output_tokens=10, cache_read=0, cache_write=0),
+    ],
+    ids=["openai", "anthropic"],
+)
+def test_a_step_passing_on_a_copy_of_a_siblings_response_is_not_charged_again(traced, response) -> None:
+    # model_copy() (to edit the text, say) is still that one call's response
+    @step
+    def ask() -> Any:
+        return response()
+
+    @step
+    def check(answer: Any) -> Any:
+        return answer.model_copy()
+
+    @run(name="main")
+    def main() -> None:
+        check(ask())
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 110
+    assert attrs(step_span(traced, "check")).get("multirun.tokens_used") is None
+
+
+def test_a_copy_of_a_response_an_instrumented_sibling_step_got_is_not_charged_again(
+    instrumented, llm, client
+) -> None:
+    # openai-v2's span charged the call inside the first step
+    @step
+    def ask() -> Any:
+        return client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+
+    @step
+    def check(response: Any) -> Any:
+        return response.model_copy(update={"choices": []})
+
+    @run(name="main")
+    def main() -> None:
+        check(ask())
+
+    main()
+    assert attrs(instrumented.span("invoke_workflow main"))["multirun.tokens_used"] == CANNED[0].tokens
+
+
+def test_a_copy_of_a_response_with_another_id_is_another_call(traced) -> None:
+    @step
+    def ask() -> ChatCompletion:
+        return chat_completion(prompt=100, completion=10)
+
+    @step
+    def ask_again(response: ChatCompletion) -> ChatCompletion:
+        return response.model_copy(update={"id": "chatcmpl-2"})  # a test double's second answer
+
+    @run(name="main")
+    def main() -> None:
+        ask_again(ask())
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 220
+
+
 def test_steps_returning_different_responses_with_one_id_are_each_charged(traced) -> None:
     # some OpenAI-compatible servers (and test doubles) give every response the same id: another
     # response object is another call, so a repeated id must not leave a call unpaid

@@ -220,8 +220,9 @@ class RunContext:
     """Top-level context of one run: its model, state, agents and ledger."""
 
     _late_usage_warned = False  # usage reported after the run ended was logged
-    # the SDK responses the steps of this run tree returned, by object id (see _returned_before)
-    _responses: weakref.WeakValueDictionary[int, Any] | None = None
+    # the usage objects of the SDK responses the steps of this run tree returned, by object id
+    # and response id (see _returned_before)
+    _responses: weakref.WeakValueDictionary[tuple[int, str | None], Any] | None = None
 
     def __init__(
         self,
@@ -274,14 +275,20 @@ class RunContext:
         self.replay_parent: int | None = None  # its sequence number, the parent of its steps
         self.inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # @run's arguments, until it starts
 
-    def _returned_before(self, response: Any) -> bool:
+    def _returned_before(self, response: Any, call_id: str | None) -> bool:
         """Whether a step of this run tree (the top run in this process and its sub-runs)
-        returned the SDK ``response`` object before, so that its call is charged; noted if not.
+        returned the SDK ``response`` (whose id is ``call_id``), or a copy of it, before, so that
+        its call is charged; noted if not.
 
-        Known by the object, not by its response id: a response returned twice (passed on by a
-        sibling step, served from a cache) is one call, but some OpenAI-compatible servers give
-        every response the same id. Weak references: no response is kept alive for this.
+        Known by the response's usage object, which the response and its copies share
+        (``model_copy()`` is shallow), with its id: not by the id alone, since some
+        OpenAI-compatible servers give every response the same id, nor by the object alone, since
+        a step may pass on an edited copy. A deep copy, or a response rebuilt from its JSON, is
+        another call. Weak references: no response is kept alive for this.
         """
+        usage = getattr(response, "usage", None)
+        held = usage if usage is not None else response
+        key = (id(held), call_id)
         top = self
         while top.parent is not None:
             top = top.parent
@@ -289,10 +296,10 @@ class RunContext:
             seen = top._responses
             if seen is None:
                 seen = top._responses = weakref.WeakValueDictionary()
-            if seen.get(id(response)) is response:
+            if seen.get(key) is held:
                 return True
             try:
-                seen[id(response)] = response
+                seen[key] = held
             except TypeError:  # no weak reference to it: each step returning it is charged
                 return False
             if len(seen) > MAX_RESPONSES_RETURNED:

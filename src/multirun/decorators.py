@@ -260,13 +260,13 @@ class _StepCall(StepContext):
     def _charge_sdk_usage(self, result: Any) -> None:
         """Charge the usage of an LLM SDK response the step returned or streamed, unless
         the call is charged already (by the step, below it, or when a step returned that
-        very response before)."""
+        very response, or a copy of it, before)."""
         stream = self._stream
         if stream is not None:
             self._charge_response_usage(*stream.calls())
             return
         call = call_of_result(result)
-        if call is not None and not self.run_context._returned_before(result):
+        if call is not None and not self.run_context._returned_before(result, call[0]):
             self._charge_response_usage(call)
 
     def _failed(self, error: BaseException) -> BaseException:
