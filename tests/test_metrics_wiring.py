@@ -468,6 +468,62 @@ def test_an_openllmetry_span_of_no_model_call_is_left_to_the_llm_step(
     assert count == 1 and "error.type" not in attributes
 
 
+WATSONX_SCOPE = "opentelemetry.instrumentation.watsonx"  # records llm.watsonx.* metrics, no GenAI ones
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"llm.usage.prompt_tokens": 120, "llm.usage.completion_tokens": 30},
+        {"gen_ai.usage.prompt_tokens": 120, "gen_ai.usage.completion_tokens": 30},
+    ],
+    ids=["llm-usage-names", "genai-usage-names"],
+)
+@pytest.mark.parametrize("kind", [StepKind.FUNCTION, StepKind.LLM_CALL])
+def test_a_watsonx_call_is_metered_by_multirun(reader, traced, usage, kind) -> None:
+    # OpenLLMetry's watsonx instrumentation records llm.watsonx.completions.duration and .tokens,
+    # not the GenAI metrics: multirun records them for its calls, once
+    @step(kind=kind)
+    def call_model() -> None:
+        attributes = {"llm.vendor": "Watsonx", "llm.request.type": "completion"}
+        tracer = traced.provider.get_tracer(WATSONX_SCOPE)
+        with tracer.start_as_current_span("watsonx.generate", attributes=attributes) as span:
+            span.set_attributes({**usage, "gen_ai.response.model": "ibm/granite-13b-chat-v2"})
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    [(attributes, count)] = durations(reader)
+    assert count == 1 and attributes["gen_ai.response.model"] == "ibm/granite-13b-chat-v2"
+    usage_seen = points(reader, "gen_ai.client.token.usage")
+    assert sorted((a["gen_ai.token.type"], p.sum) for a, p in usage_seen) == [("input", 120), ("output", 30)]
+
+
+def test_a_failed_watsonx_call_whose_span_never_ends_is_timed_by_its_llm_step(reader, traced) -> None:
+    # watsonx leaves the span of a failed call open and times it in a metric of its own: the LLM
+    # step is the call's one GenAI duration (its model set-up span is no model call either)
+    tracer = traced.provider.get_tracer(WATSONX_SCOPE)
+    attributes = {"llm.vendor": "Watsonx", "llm.request.type": "completion"}
+
+    @step(kind=StepKind.LLM_CALL)
+    def call_model() -> None:
+        with tracer.start_as_current_span("watsonx.model_init", attributes=attributes):
+            pass
+        tracer.start_span("watsonx.generate", attributes=attributes)
+        raise APIConnectionError("Connection error.")
+
+    @run
+    def main() -> None:
+        call_model()
+
+    with pytest.raises(APIConnectionError):
+        main()
+    [(attributes_seen, count)] = durations(reader)
+    assert count == 1 and attributes_seen["error.type"].endswith("APIConnectionError")
+
+
 def test_an_llm_step_around_an_llm_step_times_the_one_call_once(reader) -> None:
     @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
     def ask() -> None:

@@ -9,10 +9,11 @@ or reported in a step, however deep) is not charged again, so wrappers that
 copy their children's totals are not counted twice. The package's own spans are
 skipped: their usage is charged when it is reported.
 
-OpenInference, and what writes the ``llm.usage.*`` names, record no metrics: for
+OpenInference, what writes the ``llm.usage.*`` names and OpenLLMetry's watsonx
+instrumentation (which records metrics of its own names) record no GenAI metrics: for
 their calls this processor records ``gen_ai.client.operation.duration`` (and the
-token usage), once per call, a failed call included. Whoever timed a model call,
-the LLM steps around it are told so, and do not time it again.
+token usage), once per call, a failed OpenInference call included. Whoever timed a model
+call, the LLM steps around it are told so, and do not time it again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, StatusCode, set_span_in_context
 
 from multirun._keys import agent_in, run_in, step_in
@@ -129,7 +131,7 @@ class UsageSpanProcessor(SpanProcessor):
                     # a call that reported no usage (it failed, say) still took its time
                     _time_call(span, owner, None)
                     timed_below = True
-                elif _is_call_timed_by_its_instrumentation(attributes):
+                elif _is_call_timed_by_its_instrumentation(attributes, scope):
                     _note_call_timed(owner)  # failed or not
                     timed_below = True
                 parent_entry = self._parent_entry(span) if timed_below else None
@@ -144,7 +146,7 @@ class UsageSpanProcessor(SpanProcessor):
             else:  # the parent is one of the package's spans: the foreign spans are further up
                 self.charged_inside(owner)
             if usage is not None and not reported_below:
-                metered = not _GENAI_USAGE_KEYS.isdisjoint(attributes)
+                metered = _is_metered(attributes, scope)
                 owner.charge_child_usage(usage, metered=metered, call_id=_response_id(attributes))
                 if metered:
                     _note_call_timed(owner)  # by the GenAI instrumentation that metered it
@@ -180,10 +182,10 @@ _OUTPUT_KEYS = (
     a.LLM_TOKEN_COUNT_COMPLETION,
 )
 _USAGE_KEYS = frozenset((*_INPUT_KEYS, *_OUTPUT_KEYS))
-# The instrumentations that follow the GenAI conventions (openai-v2, OpenLLMetry) record the
-# gen_ai.client.token.usage metric next to their spans; OpenInference, and what writes the
-# llm.usage.* names, record none: the processor records it for those.
 _GENAI_USAGE_KEYS = frozenset(key for key in _USAGE_KEYS if key.startswith("gen_ai."))
+# OpenLLMetry's instrumentations that record metrics of their own names (llm.watsonx.completions.*),
+# not the GenAI ones, although their spans name the call by llm.request.type
+_SCOPES_WITHOUT_GENAI_METRICS = frozenset({"opentelemetry.instrumentation.watsonx"})
 
 # The details, by the names of the GenAI conventions, OpenLLMetry and OpenInference (in that order).
 # All of them count cached input inside the prompt tokens, as the conventions do; missed, cached
@@ -214,15 +216,30 @@ def _is_call_without_metrics(attributes: Any) -> bool:
     )
 
 
-def _is_call_timed_by_its_instrumentation(attributes: Any) -> bool:
-    """Whether a span with no usage is a model call that its instrumentation times in
+def _records_genai_metrics(scope: InstrumentationScope | None) -> bool:
+    """Whether the instrumentation of ``scope`` may record the GenAI metrics of its calls."""
+    return scope is None or scope.name not in _SCOPES_WITHOUT_GENAI_METRICS
+
+
+def _is_call_timed_by_its_instrumentation(attributes: Any, scope: InstrumentationScope | None) -> bool:
+    """Whether a span is a model call that its instrumentation times in
     ``gen_ai.client.operation.duration``, failed or not: one of the GenAI conventions
     (openai-v2, OpenLLMetry), or one of OpenLLMetry's that names only its
     ``llm.request.type`` (a failed call's span may have no ``gen_ai.operation.name``)."""
+    if not _records_genai_metrics(scope):
+        return False
     operation = attributes.get(a.GEN_AI_OPERATION_NAME)
     if operation is not None:
         return operation in a.MODEL_CALL_OPERATIONS
     return attributes.get(a.LLM_REQUEST_TYPE) in a.MODEL_CALL_REQUEST_TYPES
+
+
+def _is_metered(attributes: Any, scope: InstrumentationScope | None) -> bool:
+    """Whether the instrumentation of a span with usage recorded ``gen_ai.client.token.usage``
+    and ``gen_ai.client.operation.duration`` for its call: one that writes the ``gen_ai.usage.*``
+    names (openai-v2, OpenLLMetry). OpenInference, and what writes the ``llm.usage.*`` names,
+    record none."""
+    return _records_genai_metrics(scope) and not _GENAI_USAGE_KEYS.isdisjoint(attributes)
 
 
 def _note_call_timed(owner: Any) -> None:
