@@ -468,6 +468,44 @@ def test_an_openllmetry_span_of_no_model_call_is_left_to_the_llm_step(
     assert count == 1 and "error.type" not in attributes
 
 
+@pytest.mark.parametrize("kind", [StepKind.FUNCTION, StepKind.LLM_CALL])
+def test_an_openllmetry_call_with_usage_under_the_llm_usage_names_is_metered_once(
+    openllmetry, traced, kind
+) -> None:
+    # older OpenLLMetry versions (semconv_ai's first names) name the usage llm.usage.*, and record
+    # gen_ai.client.token.usage and gen_ai.client.operation.duration themselves
+    metric_reader, meters = openllmetry
+    scope = "opentelemetry.instrumentation.anthropic"
+    meter = meters.get_meter(scope)
+    tokens = meter.create_histogram(name="gen_ai.client.token.usage", unit="token")
+    duration = meter.create_histogram(name="gen_ai.client.operation.duration", unit="s")
+
+    @step(kind=kind)
+    def call_model() -> None:
+        attributes = {"gen_ai.system": "Anthropic", "llm.request.type": "completion"}
+        tracer = traced.provider.get_tracer(scope)
+        with tracer.start_as_current_span("anthropic.chat", attributes=attributes) as span:
+            metric_attributes = {"gen_ai.system": "anthropic", "gen_ai.response.model": "claude-3-5-haiku"}
+            duration.record(0.5, attributes=metric_attributes)
+            tokens.record(120, attributes={**metric_attributes, "gen_ai.token.type": "input"})
+            tokens.record(30, attributes={**metric_attributes, "gen_ai.token.type": "output"})
+            span.set_attributes({"llm.usage.prompt_tokens": 120, "llm.usage.completion_tokens": 30})
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    assert [count for _, count in durations(metric_reader)] == [1]
+    usage = points(metric_reader, "gen_ai.client.token.usage")
+    assert sorted((a["gen_ai.token.type"], p.count, p.sum) for a, p in usage) == [
+        ("input", 1, 120),
+        ("output", 1, 30),
+    ]
+    tokens_charged = {a["gen_ai.token.type"]: p.value for a, p in points(metric_reader, "multirun.tokens")}
+    assert tokens_charged == {"input": 120, "output": 30}
+
+
 WATSONX_SCOPE = "opentelemetry.instrumentation.watsonx"  # records llm.watsonx.* metrics, no GenAI ones
 
 

@@ -9,7 +9,7 @@ or reported in a step, however deep) is not charged again, so wrappers that
 copy their children's totals are not counted twice. The package's own spans are
 skipped: their usage is charged when it is reported.
 
-OpenInference, what writes the ``llm.usage.*`` names and OpenLLMetry's watsonx
+OpenInference, hand-made spans of the ``llm.usage.*`` names and OpenLLMetry's watsonx
 instrumentation (which records metrics of its own names) record no GenAI metrics: for
 their calls this processor records ``gen_ai.client.operation.duration`` (and the
 token usage), once per call, a failed OpenInference call included. Whoever timed a model
@@ -237,9 +237,15 @@ def _is_call_timed_by_its_instrumentation(attributes: Any, scope: Instrumentatio
 def _is_metered(attributes: Any, scope: InstrumentationScope | None) -> bool:
     """Whether the instrumentation of a span with usage recorded ``gen_ai.client.token.usage``
     and ``gen_ai.client.operation.duration`` for its call: one that writes the ``gen_ai.usage.*``
-    names (openai-v2, OpenLLMetry). OpenInference, and what writes the ``llm.usage.*`` names,
-    record none."""
-    return _records_genai_metrics(scope) and not _GENAI_USAGE_KEYS.isdisjoint(attributes)
+    names (openai-v2, OpenLLMetry), or OpenLLMetry's by its ``llm.request.type``, whose older
+    versions write the ``llm.usage.*`` names. OpenInference, and hand-made spans of the
+    ``llm.usage.*`` names, record none."""
+    if not _records_genai_metrics(scope):
+        return False
+    return (
+        not _GENAI_USAGE_KEYS.isdisjoint(attributes)
+        or attributes.get(a.LLM_REQUEST_TYPE) in a.MODEL_CALL_REQUEST_TYPES
+    )
 
 
 def _note_call_timed(owner: Any) -> None:
