@@ -468,6 +468,99 @@ def test_an_openllmetry_span_of_no_model_call_is_left_to_the_llm_step(
     assert count == 1 and "error.type" not in attributes
 
 
+def _openllmetry_failed_call_left_open(traced, meters: MeterProvider, provider: str) -> None:  # type: ignore[no-untyped-def]
+    """A call that fails, as OpenLLMetry's Anthropic and Groq instrumentations record it (_wrap in
+    their __init__.py of traceloop/openllmetry): a CLIENT span started with gen_ai.system and
+    llm.request.type "completion"; on the error, the duration recorded with the error's type,
+    and the error raised again, with the span never ended."""
+    scope = f"opentelemetry.instrumentation.{provider}"
+    tracer = traced.provider.get_tracer(scope, "0.40.0")
+    duration_histogram = meters.get_meter(scope, "0.40.0").create_histogram(
+        name="gen_ai.client.operation.duration", unit="s", description="GenAI operation duration"
+    )
+    span = tracer.start_span(
+        f"{provider}.chat",
+        kind=SpanKind.CLIENT,
+        attributes={"gen_ai.system": provider.capitalize(), "llm.request.type": "completion"},
+    )
+    span.set_attribute("gen_ai.request.model", "some-model")
+    start_time = time.time()
+    try:
+        time.sleep(0.001)  # the request, which gets no answer
+        raise APIConnectionError("Connection error.")
+    except Exception as e:
+        attributes = {"gen_ai.system": provider, "error.type": e.__class__.__name__}
+        duration_histogram.record(time.time() - start_time, attributes=attributes)
+        raise
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "groq"])
+def test_a_failed_openllmetry_call_whose_span_never_ends_is_timed_once(openllmetry, traced, provider) -> None:
+    # OpenLLMetry timed it, and its span never ends: the LLM step around it must not time it again
+    metric_reader, meters = openllmetry
+
+    @step(kind=StepKind.LLM_CALL)
+    def call_model() -> None:
+        _openllmetry_failed_call_left_open(traced, meters, provider)
+
+    @run
+    def main() -> None:
+        call_model()
+
+    with pytest.raises(APIConnectionError):
+        main()
+    assert durations(metric_reader) == [({"gen_ai.system": provider, "error.type": "APIConnectionError"}, 1)]
+
+
+def test_a_failed_openllmetry_call_left_open_in_an_openinference_llm_span_is_timed_once(
+    openllmetry, traced
+) -> None:
+    # LangChain's OpenInference LLM span around it ends, with no usage: it is the same call
+    metric_reader, meters = openllmetry
+    tracer = traced.provider.get_tracer("openinference.instrumentation.langchain")
+
+    @run
+    def main() -> None:
+        with tracer.start_as_current_span(
+            "ChatAnthropic", attributes={"openinference.span.kind": "LLM", "llm.model_name": "some-model"}
+        ):
+            _openllmetry_failed_call_left_open(traced, meters, "anthropic")
+
+    with pytest.raises(APIConnectionError):
+        main()
+    assert durations(metric_reader) == [
+        ({"gen_ai.system": "anthropic", "error.type": "APIConnectionError"}, 1)
+    ]
+
+
+def test_an_openllmetry_stream_read_after_its_step_returned_is_timed_once(openllmetry, traced) -> None:
+    # OpenLLMetry times a streamed call, and ends its span, when the stream is read to its end
+    metric_reader, meters = openllmetry
+    tracer = traced.provider.get_tracer(OPENLLMETRY_SCOPE)
+    duration_histogram = meters.get_meter(OPENLLMETRY_SCOPE).create_histogram(
+        name="gen_ai.client.operation.duration", unit="s"
+    )
+
+    @step(kind=StepKind.LLM_CALL)
+    def call_model() -> Iterator[str]:
+        span = tracer.start_span("openai.chat", kind=SpanKind.CLIENT, attributes={"llm.request.type": "chat"})
+
+        def stream() -> Iterator[str]:
+            yield "a"
+            duration_histogram.record(0.5, attributes={"gen_ai.response.model": "gpt-4o-mini"})
+            span.set_attributes({"gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 2})
+            span.end()
+
+        return stream()
+
+    @run
+    def main() -> list[str]:
+        return list(call_model())
+
+    assert main() == ["a"]
+    assert durations(metric_reader) == [({"gen_ai.response.model": "gpt-4o-mini"}, 1)]
+
+
 @pytest.mark.parametrize("kind", [StepKind.FUNCTION, StepKind.LLM_CALL])
 def test_an_openllmetry_call_with_usage_under_the_llm_usage_names_is_metered_once(
     openllmetry, traced, kind

@@ -12,8 +12,11 @@ skipped: their usage is charged when it is reported.
 OpenInference, hand-made spans of the ``llm.usage.*`` names and OpenLLMetry's watsonx
 instrumentation (which records metrics of its own names) record no GenAI metrics: for
 their calls this processor records ``gen_ai.client.operation.duration`` (and the
-token usage), once per call, a failed OpenInference call included. Whoever timed a model
-call, the LLM steps around it are told so, and do not time it again.
+token usage), once per call, a failed OpenInference call included. Whoever times a model
+call, the LLM steps around it are told so, and do not time it again; a call its
+instrumentation times is told when its span starts, since OpenLLMetry's Anthropic and
+Groq instrumentations time a failed call but never end its span, and a stream's span
+ends when the stream is read, perhaps after its step.
 """
 
 from __future__ import annotations
@@ -67,6 +70,14 @@ class UsageSpanProcessor(SpanProcessor):
         if len(self._open) >= self._max_open:
             self._forget_oldest()
         self._open[span.get_span_context().span_id] = [owner, False, False]
+        try:
+            if _is_call_timed_by_its_instrumentation(span.attributes or {}, scope):
+                _note_call_timed(owner)
+                parent_entry = self._parent_entry(span)
+                if parent_entry is not None:
+                    parent_entry[2] = True  # a wrapper of the same call is not timed again
+        except Exception:  # never let accounting break the user's span
+            _logger.warning("multirun: could not note the call of span %r", span.name, exc_info=True)
 
     def forget_run(self, run: Any) -> None:
         """``run`` ended: its foreign spans still in flight, whose entries would keep it alive,
