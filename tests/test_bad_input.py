@@ -442,8 +442,32 @@ def test_init_refuses_a_local_dir_that_cannot_be_created(global_otel, tmp_path) 
 def test_init_refuses_a_local_dir_under_proc(global_otel) -> None:
     with pytest.raises(ConfigurationError, match=r"^local_dir must be a folder .*'/proc/nope'"):
         multirun.init(local_dir="/proc/nope")
-    with pytest.raises(ConfigurationError, match=r"^local_dir must be a folder .*'/proc/nope'"):
+    with pytest.raises(ConfigurationError, match=r"^init_local: path must be a folder .*'/proc/nope'"):
         multirun.init_local("/proc/nope")
+
+
+def test_init_local_refuses_a_path_that_cannot_be_created_naming_path(
+    global_otel, tmp_path, monkeypatch
+) -> None:
+    # the user passed path, not local_dir: the message names what they can change
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigurationError, match=r"^init_local: path must be a folder") as info:
+        multirun.init_local(blocker / "multirun")
+    assert repr(str(blocker / "multirun")) in str(info.value)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".multirun").write_text("not a folder")  # the default path
+    with pytest.raises(ConfigurationError, match=r"^init_local: path must be a folder .*'\.multirun'"):
+        multirun.init_local()
+    assert client_module._configured is None
+
+
+def test_init_local_takes_only_the_options_of_init(global_otel, tmp_path) -> None:
+    with pytest.raises(TypeError, match="no_such_option"):
+        multirun.init_local(tmp_path, no_such_option=1)
+    with pytest.raises(TypeError, match="local_dir"):
+        multirun.init_local(tmp_path, local_dir=tmp_path)
+    assert client_module._configured is None
 
 
 def test_init_refuses_a_multirun_dir_that_cannot_be_created_naming_the_variable(

@@ -392,7 +392,6 @@ def init(
 
     Calling it again replaces the earlier configuration, with a warning.
     """
-    global _configured_with
     arguments: dict[str, Any] = {
         "service_name": service_name,
         "endpoint": endpoint,
@@ -418,9 +417,16 @@ def init(
         "ledger_uri": ledger_uri,
         "unpriced": unpriced,
     }
+    return _configure(arguments)
+
+
+def _configure(arguments: dict[str, Any], local_dir_setting: str = "local_dir") -> MultiRunClient:
+    """``init`` with ``arguments``; ``local_dir_setting`` names the folder in a refusal (the
+    argument the caller passed it as)."""
+    global _configured_with
     with _configure_lock:
         earlier, earlier_arguments = _configured, _configured_with
-        client = _init_locked(**arguments)
+        client = _init_locked(**arguments, local_dir_setting=local_dir_setting)
         _configured_with = arguments
     if earlier is not None:
         _warn_replaced(earlier_arguments, arguments)
@@ -469,7 +475,16 @@ def init_local(path: str | os.PathLike[str] | None = None, **options: Any) -> Mu
     # MULTIRUN_DIR is left to init, which reads the same folder and names the variable if it
     # cannot be created. No checkpoint_uri: init takes MULTIRUN_CHECKPOINT_URI, else local_dir/blobs
     local_dir = None if from_env else root
-    return init(local_dir=local_dir, span_exporter=LocalFileSpanExporter(root / "traces"), **options)
+    try:
+        given = inspect.signature(init).bind(**options).arguments
+    except TypeError as exc:
+        raise TypeError(f"init_local() {exc}") from None
+    for own in ("local_dir", "span_exporter"):
+        if own in given:
+            raise TypeError(f"init_local() got {own}, which it sets itself from path; use init() to set it")
+    arguments = {**_INIT_DEFAULTS, **given, "local_dir": local_dir}
+    arguments["span_exporter"] = LocalFileSpanExporter(root / "traces")
+    return _configure(arguments, local_dir_setting="init_local: path")
 
 
 def _init_locked(
@@ -487,6 +502,7 @@ def _init_locked(
     checkpoint_timeout: float | None = None,
     checkpoint_max_bytes: int | None = None,
     implicit: bool = False,
+    local_dir_setting: str = "local_dir",
     **client_options: Any,
 ) -> MultiRunClient:
     """``init``; ``implicit``: the defaults a first run sets up, which log the telemetry
@@ -540,7 +556,7 @@ def _init_locked(
         checkpoint_max_bytes_setting(checkpoint_max_bytes, refuse=refuse),
         store_setting=store_setting,
     )
-    _ensure_local_dir(local_dir)  # last: a refused init creates no folder
+    _ensure_local_dir(local_dir, local_dir_setting)  # last: a refused init creates no folder
     exporter = span_exporter or _exporter_for(endpoint, headers, root, ignored)
     provider = tracer_provider
     if provider is None:
@@ -663,13 +679,13 @@ def _validate_objects(
         )
 
 
-def _ensure_local_dir(local_dir: str | os.PathLike[str] | None) -> None:
-    """Create the folder ``local_dir`` (or ``MULTIRUN_DIR``) names; refuse one that cannot be written.
+def _ensure_local_dir(local_dir: str | os.PathLike[str] | None, name: str) -> None:
+    """Create the folder ``local_dir`` (given as ``name``, or else ``MULTIRUN_DIR``) names; refuse
+    one that cannot be written.
 
     The implicit ``./.multirun`` is not checked: nobody chose it, and a run started without
     ``init`` must not fail because the working directory is read-only (writing warns instead).
     """
-    name = "local_dir"
     if local_dir is None:
         local_dir, name = os.environ.get("MULTIRUN_DIR") or None, "MULTIRUN_DIR"
         if local_dir is None:
