@@ -1206,6 +1206,23 @@ def test_resume_refuses_a_run_name_that_is_not_a_name(traced, run_name: object) 
         pass
 
 
+@pytest.mark.parametrize("value", ["../etc", "0000nosuchrun"], ids=["not an id", "no such run"])
+def test_a_bad_multirun_resume_is_refused_naming_the_variable(traced, monkeypatch, value: str) -> None:
+    # the program's code never named the id: the error must say where it came from
+    from multirun.checkpoints import resume as resume_module
+
+    @run(name="crew")
+    def crew() -> None:
+        return None
+
+    monkeypatch.setattr(resume_module, "_environment_read", False)
+    monkeypatch.setattr(resume_module, "_from_environment", None)
+    monkeypatch.setenv("MULTIRUN_RESUME", value)
+    with pytest.raises(CheckpointError) as refused:
+        crew()
+    assert str(refused.value).startswith(f"MULTIRUN_RESUME={value!r}: "), refused.value
+
+
 def test_multirun_resume_in_the_environment_refuses_a_run_of_another_name(traced, monkeypatch) -> None:
     from multirun.checkpoints import resume as resume_module
 

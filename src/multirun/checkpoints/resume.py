@@ -260,6 +260,11 @@ def _take_from_environment(client: MultiRunClient, run_name: str) -> RestoredChe
             identifier = os.environ.get(RESUME_ENV, "")
             if identifier:
                 expected = os.environ.get(RESUME_RUN_NAME_ENV, "").strip() or None
-                restored = load_for_resume(client.checkpoints, identifier)
+                try:
+                    restored = load_for_resume(client.checkpoints, identifier)
+                except (CheckpointError, ReplayError) as exc:
+                    # the program never named this id: say where it came from
+                    exc.args = (f"{RESUME_ENV}={identifier!r}: {exc}", *exc.args[1:])
+                    raise
                 _from_environment = _Pending(restored, expected, "environment")
     return _from_environment.take(run_name) if _from_environment is not None else None
