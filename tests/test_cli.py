@@ -242,6 +242,47 @@ def test_demo_in_a_folder_it_cannot_write_names_the_folder_not_an_init_argument(
     ]
 
 
+# the demo as `multirun` runs it, with Ctrl-C pressed during its first model call
+CTRL_C_IN_THE_DEMO = """
+import signal, sys
+from multirun import demo
+from multirun.cli.main import main
+
+answer = demo.MODEL.complete
+
+async def pressed(*args, **kwargs):
+    signal.raise_signal(signal.SIGINT)
+    return await answer(*args, **kwargs)
+
+demo.MODEL.complete = pressed
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_during_the_demo_says_where_the_partial_run_is_in_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "demo"
+    src = Path(client_module.__file__).parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_IN_THE_DEMO, "demo", "--dir", str(folder)],
+        env=_clean_env(PYTHONPATH=str(src)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 130  # as a shell reports a command Ctrl-C ended
+    assert done.stderr.splitlines() == [
+        f"multirun: interrupted; the partial run is in {folder}: multirun runs --dir {folder}"
+    ]
+    listed = subprocess.run(
+        [sys.executable, "-m", "multirun", "runs", "--dir", str(folder)],
+        env=_clean_env(PYTHONPATH=str(src)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "research_crew  cancelled" in listed.stdout, listed.stdout
+
+
 @pytest.mark.parametrize("given_as", ["--endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"])
 def test_demo_refuses_an_endpoint_that_is_no_url_by_its_option_and_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, given_as: str

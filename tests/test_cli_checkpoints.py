@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -317,6 +319,46 @@ def test_resume_runs_the_command_with_the_checkpoint_to_continue(store_dir, capf
 def test_resume_exits_as_the_program_did_as_a_shell_reports_it(store_dir, program, expected) -> None:
     run_id = sorted((store_dir / "blobs" / "checkpoints").iterdir())[0].name
     assert main(["resume", "--dir", str(store_dir), run_id, "--", "sh", "-c", program]) == expected
+
+
+# a program that, on Ctrl-C, takes a while to finish up (send its spans, save its state)
+FINISHES_UP_ON_CTRL_C = """
+import sys, time
+from pathlib import Path
+Path(sys.argv[1], "started").touch()
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    time.sleep(1)
+    Path(sys.argv[1], "finished up").touch()
+    sys.exit(130)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="a terminal's Ctrl-C: SIGINT to the process group")
+def test_ctrl_c_during_resume_lets_the_program_finish_up(store_dir, tmp_path) -> None:
+    # the terminal sends Ctrl-C to multirun and the program alike; multirun must not kill the
+    # program while it finishes up, and says nothing more than the program does
+    run_id = run_ids(store_dir)[0]
+    src = Path(multirun.__file__).parents[1]
+    program = [sys.executable, "-c", FINISHES_UP_ON_CTRL_C, str(tmp_path)]
+    resuming = subprocess.Popen(
+        [sys.executable, "-m", "multirun", "resume", "--dir", str(store_dir), run_id, "--", *program],
+        env=dict(os.environ, PYTHONPATH=str(src)),
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(resuming.pid, signal.SIGINT)
+    _, err = resuming.communicate(timeout=60)
+    assert (tmp_path / "finished up").exists()
+    assert resuming.returncode == 130
+    assert err.splitlines() == [
+        f"resuming run {run_id} from checkpoint {checkpoint_ids(store_dir, run_id)[-1]} (second)"
+    ]
 
 
 def test_resume_without_a_command_says_how(store_dir, capsys) -> None:

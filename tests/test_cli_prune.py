@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -128,3 +129,22 @@ def test_a_trace_file_that_cannot_be_removed_is_an_error_not_a_traceback(
     assert err.startswith(f"multirun: error: prune: cannot remove {old}: ")
     assert "Traceback" not in err
     assert left(folder)[0] == ["2026-10-23-100.jsonl", "2026-11-22-200.jsonl"]
+
+
+def test_ctrl_c_during_prune_says_to_run_it_again_in_one_line(
+    folder: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delete = FileBlobExporter.delete
+
+    def pressed(self: FileBlobExporter, key: str) -> None:  # Ctrl-C between two removals
+        delete(self, key)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(FileBlobExporter, "delete", pressed)
+    assert main(["prune", "--older-than", "7", "--dir", str(folder)]) == 130
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "multirun: interrupted; some old files were removed, not all: run it again to remove the rest"
+    ]
+    assert left(folder) == (["2026-11-22-200.jsonl"], {"old": 1, "mixed": 2, "recent": 1})

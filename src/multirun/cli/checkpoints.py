@@ -29,11 +29,13 @@ with a word that its contents need the program's classes, and can be resumed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,10 @@ def add_store_options(parser: argparse.ArgumentParser, add_dir: Any, default: An
 
 class CommandError(Exception):
     """A message for the user; the command exits 1."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a word of what the command leaves behind (the command exits 130)."""
 
 
 # ---------------------------------------------------------------------------
@@ -359,10 +365,29 @@ def cmd_resume(args: argparse.Namespace) -> int:
     named = f" ({meta.name})" if meta.name else ""
     print(f"resuming run {meta.run_id} from checkpoint {meta.id}{named}", file=sys.stderr)
     try:
-        code = subprocess.call(command, env=child_environment(args, meta.id))
+        child = subprocess.Popen(command, env=child_environment(args, meta.id))
     except OSError as exc:
         raise CommandError(f"resume: cannot run {command[0]!r}: {exc}") from None
+    with _ctrl_c_left_to_the_child():
+        code = child.wait()
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+
+
+@contextlib.contextmanager
+def _ctrl_c_left_to_the_child() -> Iterator[None]:
+    """Ctrl-C ignored here while the child runs, as a shell ignores it while it waits: the
+    terminal sends it to the child too, which ends as it chooses, and this command then exits
+    as the child did (subprocess.call killed the child a quarter second after Ctrl-C, in the
+    midst of sending its spans or saving its state)."""
+    try:
+        earlier = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not this call's to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if earlier is None else earlier)
 
 
 def child_environment(args: argparse.Namespace, checkpoint_id: str) -> dict[str, str]:

@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (RunsError, checkpoints.CommandError, MultiRunError) as exc:
             _error(str(exc))
             return 1
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C: a line, not a traceback
+            what_is_left = f"; {exc}" if isinstance(exc, checkpoints.Interrupted) else ""
+            print(f"multirun: interrupted{what_is_left}", file=sys.stderr)
             return 130
         except BrokenPipeError:  # another pipe than stdout: what the command would say is lost
             _silence_stdout()
@@ -307,6 +309,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with _ExportErrors().watching() as errors:
         try:
             result = demo.run_demo()
+        except KeyboardInterrupt:
+            again = f"multirun runs --dir {shlex.quote(str(directory))}"
+            where = f"sent to {endpoint}" if endpoint else f"in {directory}: {again}"
+            raise checkpoints.Interrupted(f"the partial run is {where}") from None
         except Exception as exc:
             raise RunsError(f"the demo run failed: {type(exc).__name__}: {exc}") from None
         finally:

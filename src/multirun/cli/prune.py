@@ -29,6 +29,7 @@ from multirun.checkpoints.store import CheckpointStore, created_ns
 from multirun.cli import render, runs
 from multirun.cli.checkpoints import (
     CommandError,
+    Interrupted,
     add_store_options,
     open_store,
     stored_checkpoints,
@@ -101,7 +102,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for run_id, keys in pruned.runs.items():
             print(f"{verb} run {run_id}: {render.plural(len(keys), 'checkpoint')}")
     else:
-        _remove(store, pruned)
+        try:
+            _remove(store, pruned)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                "some old files were removed, not all: run it again to remove the rest"
+            ) from None
     checkpoints = sum(len(keys) for keys in pruned.runs.values())
     age = f"{args.days:g} day{'' if args.days == 1 else 's'}"
     print(
