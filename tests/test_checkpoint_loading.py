@@ -267,6 +267,33 @@ def test_checkpoints_show_and_verify_an_old_pickle_checkpoint_of_classes_of_main
     assert "HMAC does not match" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("key", [None, "raw:another key, at least 16 bytes"], ids=["no key", "another key"])
+def test_show_and_verify_of_an_old_signed_pickle_without_its_key_name_the_variable_only(
+    tmp_path: Path, capsys, monkeypatch, key: str | None
+) -> None:
+    # the command line reads the key from MULTIRUN_CHECKPOINT_HMAC_KEY alone: advice to pass
+    # it to multirun.init() or a CheckpointStore is advice its user cannot follow
+    if key is None:
+        monkeypatch.delenv("MULTIRUN_CHECKPOINT_HMAC_KEY", raising=False)
+    else:
+        monkeypatch.setenv("MULTIRUN_CHECKPOINT_HMAC_KEY", key)
+    old_pickle_of_main_store(tmp_path)
+    store = ["--store", str(tmp_path)]
+    problem = "no HMAC key is configured" if key is None else "HMAC does not match"
+
+    assert main(["checkpoints", "show", "ckpt-golden-v3", *store]) == 1
+    captured = capsys.readouterr()
+    [line] = captured.err.splitlines()
+    assert captured.out == "" and line.startswith("multirun: error: checkpoint 'ckpt-golden-v3-main'")
+    assert problem in line and line.endswith("(MULTIRUN_CHECKPOINT_HMAC_KEY)"), line
+
+    assert main(["checkpoints", "verify", *store]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("FAILED  ckpt-golden-v3-main: ") and problem in out[0]
+    assert out[0].endswith("(MULTIRUN_CHECKPOINT_HMAC_KEY)"), out[0]
+    assert out[1] == "0 ok, 1 failed"
+
+
 RESEARCHER = """
 import sys
 from dataclasses import dataclass

@@ -112,6 +112,17 @@ def test_verify_into_a_pipe_closed_early_still_fails_for_a_damaged_checkpoint(
     assert capsys.readouterr().err == ""
 
 
+def test_a_checkpoint_over_the_size_limit_names_the_variable_only(store_dir, capsys, monkeypatch) -> None:
+    # the command line reads the limit from MULTIRUN_CHECKPOINT_MAX_BYTES alone
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_MAX_BYTES", "100")
+    newest = checkpoint_ids(store_dir, run_ids(store_dir)[0])[-1]
+    code, _, err = run_cli(capsys, "checkpoints", "show", newest, "--dir", str(store_dir))
+    advice = "raise the limit (MULTIRUN_CHECKPOINT_MAX_BYTES) if the checkpoint is trusted"
+    assert code == 1 and "over the 100-byte limit" in err and err.rstrip().endswith(advice)
+    code, out, _ = run_cli(capsys, "checkpoints", "verify", "--dir", str(store_dir))
+    assert code == 1 and out.count(advice) == 2
+
+
 def test_show_of_an_unknown_checkpoint_is_one_line_and_exit_1(store_dir, capsys) -> None:
     code, _, err = run_cli(capsys, "checkpoints", "show", "nope", "--dir", str(store_dir))
     assert code == 1

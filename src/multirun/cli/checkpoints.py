@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from multirun.checkpoints.envelope import HMAC_KEY_ENV, HMAC_KEY_SETTINGS, MAX_BYTES_ENV, MAX_BYTES_SETTINGS
 from multirun.checkpoints.exporters import BlobExporter, FileBlobExporter, exporter_from_uri
 from multirun.checkpoints.resume import RESUME_ENV, RESUME_RUN_NAME_ENV, match_id, resolve_checkpoint
 from multirun.checkpoints.serializers import serializer_names
@@ -202,7 +203,13 @@ def _call(function: Any, *args: Any) -> Any:
     try:
         return function(*args)
     except (CheckpointError, ReplayError) as exc:
-        raise CommandError(str(exc)) from None
+        raise CommandError(_said_here(exc)) from None
+
+
+def _said_here(error: Exception) -> str:
+    """``error``'s message naming only the settings this command reads: the variables, not
+    ``multirun.init`` or a CheckpointStore's arguments, which a command-line user cannot pass."""
+    return str(error).replace(HMAC_KEY_SETTINGS, HMAC_KEY_ENV).replace(MAX_BYTES_SETTINGS, MAX_BYTES_ENV)
 
 
 # ---------------------------------------------------------------------------
@@ -330,7 +337,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             summary = store.describe(checkpoint_id)
         except (CheckpointError, ReplayError) as exc:
             failed += 1
-            print(f"FAILED  {given}: {exc}")
+            print(f"FAILED  {given}: {_said_here(exc)}")
             continue
         if summary.unread:
             print(
