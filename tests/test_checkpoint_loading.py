@@ -429,6 +429,26 @@ def test_a_checkpoint_whose_part_is_not_a_json_object_is_a_replay_error_naming_i
     assert "cannot be replayed" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("about", "problem"),
+    [(None, "it has no 'checkpoint' object"), ({"id": "c-part"}, "its checkpoint has no 'run_id'")],
+    ids=["no checkpoint object", "no run id"],
+)
+def test_a_checkpoint_missing_a_part_says_which_part(traced, capsys, about, problem) -> None:
+    # the message was the bare KeyError: "cannot be replayed: 'checkpoint'"
+    document = {"state": {}, "replay": [], "ledger": {}}
+    if about is not None:
+        document["checkpoint"] = about
+    traced.client.checkpoints.exporter.put(
+        "checkpoints/r-bad/c-part.ckpt", dump_blob(document, JsonSerializer())[0]
+    )
+    store = str(traced.client.checkpoints.exporter.directory)
+    assert main(["checkpoints", "show", "c-part", "--store", store]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"multirun: error: checkpoint 'c-part' cannot be replayed: {problem}"
+    ]
+
+
 def test_a_damaged_newest_checkpoint_names_itself_and_the_one_to_resume_instead(traced) -> None:
     @step
     def stage(i: int) -> int:

@@ -190,7 +190,10 @@ def _checkpoint_of(
     about: dict[str, Any], header: dict[str, Any], size: int, state_data: bytes = b""
 ) -> Checkpoint:
     """The Checkpoint model of a blob, from its ``checkpoint`` object (in its document, or in
-    its meta section) and its header; KeyError or ValueError if that object is not one."""
+    its meta section) and its header; ValueError if that object is not one."""
+    for name in ("id", "run_id", "created_at"):
+        if name not in about:
+            raise ValueError(f"its checkpoint has no {name!r}")
     return Checkpoint(
         id=about["id"],
         run_id=about["run_id"],
@@ -661,8 +664,10 @@ def _json_list(document: dict[str, Any], part: str) -> list[Any]:
 
 def _json_object(document: dict[str, Any], part: str, *, required: bool = False) -> dict[str, Any]:
     """``document[part]``, a JSON object (empty when it is left out and not ``required``); a
-    TypeError naming it if it is something else, KeyError if it is required and left out."""
-    value = document[part] if required else document.get(part, {})
+    TypeError naming it if it is something else, ValueError if it is required and left out."""
+    if required and part not in document:
+        raise ValueError(f"it has no {part!r} object")
+    value = document.get(part, {})
     if not isinstance(value, dict):
         raise TypeError(f"its {part} is a {type(value).__name__}, not a JSON object")
     return value
