@@ -294,6 +294,26 @@ def test_show_and_verify_of_an_old_signed_pickle_without_its_key_name_the_variab
     assert out[1] == "0 ok, 1 failed"
 
 
+def test_a_program_that_reads_json_only_is_told_how_to_resume_a_pickle_checkpoint(
+    traced, tmp_path: Path, monkeypatch
+) -> None:
+    # the refusal said "add 'pickle' to allowed_serializers", an argument init does not have
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_HMAC_KEY", GOLDEN_KEY_TEXT)
+    folder = tmp_path / "blobs" / "checkpoints" / "run-golden"  # the traced fixture's store
+    folder.mkdir(parents=True)
+    shutil.copy(GOLDEN / "checkpoint-v4-pickle.ckpt", folder / "ckpt-golden-v4.ckpt")
+    with pytest.raises(CheckpointError) as refused, multirun.resume(run_id="run-golden"):
+        pass
+    message = str(refused.value)
+    assert "'pickle' serializer, which this reader does not allow" in message
+    assert "MULTIRUN_CHECKPOINT_SERIALIZER or multirun.init(checkpoint_serializer=...)" in message
+
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_SERIALIZER", "pickle")  # the advice, followed
+    multirun.init(tracer_provider=traced.provider, checkpoint_uri=str(tmp_path / "blobs"))
+    with multirun.resume(run_id="run-golden") as restored:
+        assert restored.checkpoint.name == "after_fetch"
+
+
 RESEARCHER = """
 import sys
 from dataclasses import dataclass

@@ -925,7 +925,7 @@ def test_a_blob_that_is_not_a_checkpoint_is_refused(blob: bytes, message: str) -
 def test_a_serializer_the_reader_does_not_allow_is_refused_with_advice() -> None:
     json_blob, _ = small_blobs()["json"]
     with pytest.raises(
-        CheckpointError, match=r"'json' serializer, which this reader does not allow .*add 'json'"
+        CheckpointError, match=r"'json' serializer, which this reader does not allow .*allow 'json'"
     ):
         load_blob(json_blob, max_bytes=LIMIT, allowed_serializers=["pickle"], hmac_key=KEY)
     pickle_blob, _ = small_blobs()["pickle"]

@@ -94,6 +94,11 @@ HMAC_KEY_SETTINGS = (
     f"{HMAC_KEY_ENV} or multirun.init(checkpoint_hmac_key=...); "
     "hmac_key=... for a CheckpointStore or serializer built directly"
 )
+#: Where the serializers a reader accepts are set, for messages: a store reads the one it writes.
+SERIALIZER_SETTINGS = (
+    "MULTIRUN_CHECKPOINT_SERIALIZER or multirun.init(checkpoint_serializer=...); read_serializers=... "
+    "for a CheckpointStore built directly, allowed_serializers=... for the envelope functions"
+)
 
 #: Serializers whose decoding cannot run code. Every other one needs a verified HMAC.
 SAFE_SERIALIZERS = frozenset({"json"})
@@ -447,10 +452,10 @@ def _check_policy(header: dict[str, Any], hmac_key: bytes | None, allowed: Colle
     risky = needs_hmac(name)
     if name not in allowed:
         advice = (
-            f"it can run code when loaded: to read a checkpoint you trust, add {name!r} to "
-            f"allowed_serializers and set the HMAC key it was signed with ({HMAC_KEY_SETTINGS})"
+            f"it can run code when loaded: to read a checkpoint you trust, allow {name!r} "
+            f"({SERIALIZER_SETTINGS}) and set the HMAC key it was signed with ({HMAC_KEY_SETTINGS})"
             if risky
-            else f"add {name!r} to allowed_serializers to read it"
+            else f"allow {name!r} to read it ({SERIALIZER_SETTINGS})"
         )
         raise CheckpointError(
             f"checkpoint was written with the {name!r} serializer, which this reader does not allow "
