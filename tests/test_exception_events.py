@@ -5,8 +5,12 @@ with that traceback cut to the frames nearest the raise."""
 from __future__ import annotations
 
 import builtins
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -176,3 +180,82 @@ def test_a_deep_error_whose_str_fails_is_recorded_with_a_stand_in_message(record
     assert event["exception.message"] == "<str() of Unprintable failed>"
     assert event["exception.escaped"] == "True"
     assert len(FILE_LINE.findall(event["exception.stacktrace"])) <= STACKTRACE_FRAMES
+
+
+# sys.tracebacklimit: honoured as Python honours it when it prints an error
+
+
+@pytest.mark.parametrize("depth", [30, STACKTRACE_FRAMES + 250], ids=["shallow", "deep"])
+def test_sys_tracebacklimit_keeps_that_many_frames_nearest_the_raise(
+    recorded, monkeypatch, depth: int
+) -> None:
+    error = deep_error(depth)
+    whole: str = recorded(error, by_sdk=True)["exception.stacktrace"]  # no limit set yet
+    monkeypatch.setattr(sys, "tracebacklimit", 5, raising=False)
+    stacktrace: str = recorded(error)["exception.stacktrace"]
+    assert LEFT_OUT.findall(stacktrace) == [(str(depth - 5), "5")]
+    assert FILE_LINE.findall(stacktrace) == FILE_LINE.findall(whole)[-5:]
+    assert stacktrace.endswith("ValueError: at the bottom\n")
+
+
+PRINTED_AND_RECORDED = """
+import sys
+from opentelemetry.sdk.trace import TracerProvider
+from multirun.telemetry.exceptions import record_exception
+
+def descend(frames):
+    if frames <= 1:
+        raise ValueError("at the bottom")
+    step_down(frames - 1)
+
+def step_down(frames):
+    if frames <= 1:
+        raise ValueError("at the bottom")
+    descend(frames - 1)
+
+try:
+    descend(int(sys.argv[1]))
+except ValueError as caught:
+    error = caught
+sys.tracebacklimit = 3
+span = TracerProvider().get_tracer("test").start_span("failed")
+record_exception(span, error)
+print(span.events[0].attributes["exception.stacktrace"], end="", flush=True)
+raise error
+"""
+
+
+@pytest.mark.parametrize("depth", [30, STACKTRACE_FRAMES + 250], ids=["shallow", "deep"])
+def test_an_event_keeps_the_frames_python_prints_under_sys_tracebacklimit(depth: int) -> None:
+    src = Path(__file__).parents[1] / "src"
+    done = subprocess.run(
+        [sys.executable, "-c", PRINTED_AND_RECORDED, str(depth)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(src)},
+    )
+    printed = FILE_LINE.findall(done.stderr)
+    assert len(printed) == 3, done.stderr
+    assert FILE_LINE.findall(done.stdout) == printed
+
+
+@pytest.mark.parametrize("depth", [30, STACKTRACE_FRAMES + 250], ids=["shallow", "deep"])
+def test_sys_tracebacklimit_0_records_no_frames(recorded, monkeypatch, depth: int) -> None:
+    monkeypatch.setattr(sys, "tracebacklimit", 0, raising=False)
+    assert recorded(deep_error(depth))["exception.stacktrace"] == "ValueError: at the bottom\n"
+
+
+@pytest.mark.parametrize("limit", [5.0, "5"], ids=["float", "str"])
+def test_a_sys_tracebacklimit_that_is_no_int_is_ignored_as_python_ignores_it(
+    recorded, monkeypatch, limit
+) -> None:
+    # the traceback module raised on it, and the span lost its exception event
+    error = deep_error(30)
+    whole: str = recorded(error, by_sdk=True)["exception.stacktrace"]
+    monkeypatch.setattr(sys, "tracebacklimit", limit, raising=False)
+    try:
+        stacktrace = recorded(error)["exception.stacktrace"]
+    finally:
+        monkeypatch.undo()  # before pytest formats a failure: its traceback module raises too
+    assert stacktrace == whole

@@ -8,11 +8,18 @@ traceback in the error (its own, and those of the errors chained to it or groupe
 keeps its ``STACKTRACE_FRAMES`` frames nearest the raise, after a line that says how many
 were left out: a span formats at most that many frames of each, and only follows the links
 of the others. An error whose tracebacks are all shorter is recorded by the SDK as before.
+
+``sys.tracebacklimit``, when the program sets it, is honoured as Python honours it when it
+prints an error: each traceback keeps at most that many frames nearest the raise (none for 0
+or less), and a value that is no int is ignored. (The traceback module, which the SDK's
+``record_exception`` uses, keeps the frames farthest from the raise instead, and raises on a
+value that is no int.)
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 import traceback
 from collections.abc import Iterable, Iterator
 from types import TracebackType
@@ -31,8 +38,9 @@ def record_exception(
     """``span.record_exception(error)``, unless one of the error's tracebacks is longer than
     ``STACKTRACE_FRAMES``; then the same event with those tracebacks cut. Also when the
     program's ``__str__`` fails, which the SDK's would raise: with a stand-in message."""
-    long = _has_long_traceback(error)
-    if not long:
+    limit = _tracebacklimit()
+    cut = limit is not None or _has_long_traceback(error)
+    if not cut:
         try:
             span.record_exception(error, attributes=attributes, escaped=escaped)
             return
@@ -45,23 +53,37 @@ def record_exception(
     event: dict[str, Any] = {  # the SDK's attributes (opentelemetry.sdk.trace.Span.record_exception)
         "exception.type": _exception_type(error),
         "exception.message": message,
-        "exception.stacktrace": _cut_stacktrace(error) if long else _full_stacktrace(error),
+        "exception.stacktrace": _cut_stacktrace(error, STACKTRACE_FRAMES if limit is None else limit)
+        if cut
+        else _full_stacktrace(error),
         "exception.escaped": str(escaped),
     }
     event.update(attributes or {})
     span.add_event("exception", event)
 
 
+def _tracebacklimit() -> int | None:
+    """How many frames of each traceback ``sys.tracebacklimit`` keeps, at most
+    ``STACKTRACE_FRAMES``; None if it is not set. One that is no int keeps the usual number
+    (Python ignores it; the traceback module would raise on it)."""
+    limit = getattr(sys, "tracebacklimit", None)
+    if limit is None:
+        return None
+    if not isinstance(limit, int):
+        return STACKTRACE_FRAMES
+    return max(0, min(limit, STACKTRACE_FRAMES))
+
+
 def _full_stacktrace(error: BaseException) -> str:
     return "".join(traceback.format_exception(error))
 
 
-def _cut_stacktrace(error: BaseException) -> str:
-    """``format_exception(error)`` with each traceback longer than ``STACKTRACE_FRAMES`` cut."""
+def _cut_stacktrace(error: BaseException, keep: int) -> str:
+    """``format_exception(error)`` with each traceback longer than ``keep`` frames cut."""
     # the exceptions of the chain and group with no frames (cheap), then each one's frames
     summary = traceback.TracebackException(type(error), error, error.__traceback__, limit=0, compact=True)
     for exception_summary, exception in _summaries(summary, error):
-        exception_summary.stack = _stack(exception.__traceback__)
+        exception_summary.stack = _stack(exception.__traceback__, keep)
     return "".join(summary.format())
 
 
@@ -79,16 +101,16 @@ class _LastFrames(traceback.StackSummary):
         return [left_out, *super().format(*args, **kwargs)]
 
 
-def _stack(tb: TracebackType | None) -> traceback.StackSummary:
-    """The frames ``format_exception`` shows of ``tb``; if there are more than
-    ``STACKTRACE_FRAMES``, the last ones, without the column markers that Python 3.11 and
-    later draws under their lines (finding the columns costs five times the rest)."""
+def _stack(tb: TracebackType | None, keep: int) -> traceback.StackSummary:
+    """The frames ``format_exception`` shows of ``tb``; if there are more than ``keep``, the
+    last ones, without the column markers that Python 3.11 and later draws under their lines
+    (finding the columns costs five times the rest)."""
     frames = _frames(tb)
-    if frames <= STACKTRACE_FRAMES:
-        return traceback.extract_tb(tb)  # as format_exception: with the columns, and sys.tracebacklimit
-    left_out = frames - STACKTRACE_FRAMES
+    if frames <= keep:
+        return traceback.extract_tb(tb, limit=frames)  # with the columns; limit: not sys.tracebacklimit
+    left_out = frames - keep
     last = itertools.islice(traceback.walk_tb(tb), left_out, None)
-    return _LastFrames(traceback.StackSummary.extract(last, limit=STACKTRACE_FRAMES), left_out)
+    return _LastFrames(traceback.StackSummary.extract(last, limit=keep), left_out)
 
 
 def _frames(tb: TracebackType | None, at_most: int | None = None) -> int:
