@@ -8,7 +8,7 @@ import pytest
 import multirun
 from multirun import run, step
 from multirun.context import get_current_agent_context, get_current_run_context
-from multirun.models import StepKind
+from multirun.models import StepKind, StepStatus
 from multirun.telemetry import attributes as attr
 
 
@@ -95,7 +95,14 @@ async def test_a_resumed_run_serves_manual_steps_from_the_replay_cache(traced) -
     assert model.prompts == []  # both manual steps were served, the model was not called again
     assert calls == ["publish"]  # the decorated steps around them were served too
     served = [s for s in traced.spans() if s.attributes.get(attr.STEP_STATUS) == "skipped"]
-    assert sorted(s.attributes[attr.STEP_NAME] for s in served) == ["review", "search", "search"]
+    # the manual steps it served are on the trace as the decorated ones are
+    assert sorted(s.attributes[attr.STEP_NAME] for s in served) == [
+        "call_llm",
+        "call_llm",
+        "review",
+        "search",
+        "search",
+    ]
 
 
 async def test_a_manual_step_that_failed_is_not_served(traced) -> None:
@@ -162,3 +169,42 @@ async def test_a_run_restored_in_place_serves_its_manual_steps(traced) -> None:
     assert await writer(None) == "summary of prompt"
     assert await writer(checkpoint_ids[0]) == "summary of prompt"
     assert model.prompts == ["prompt"]
+
+
+async def test_a_manual_step_served_on_resume_is_on_the_trace_as_skipped(traced) -> None:
+    """The trace of a resumed run shows the manual step it served, as it shows a decorated
+    one: a span with status skipped, under the run, with the step's kind and input hash;
+    and the run's steps list it."""
+    model = Model()
+    runs = []
+
+    @run(name="asker")
+    async def asker(crash: bool) -> str:
+        run_ctx = get_current_run_context()
+        runs.append(run_ctx.run)
+        agent_ctx = get_current_agent_context()
+        found, answer = await agent_ctx.get_step_result("call_llm", ("q",), {}, kind=StepKind.LLM_CALL)
+        if not found:
+            step_ctx = await agent_ctx.start_step("call_llm", kind=StepKind.LLM_CALL, input_args=("q",))
+            answer = model("q")
+            await step_ctx.complete(answer)
+        await run_ctx.checkpoint(name="after_llm")
+        if crash:
+            raise RuntimeError("crash")
+        return answer
+
+    with pytest.raises(RuntimeError, match="crash"):
+        await asker(True)
+    recorded = traced.span("chat")
+    first_run_id = traced.span("invoke_workflow asker").attributes[attr.RUN_ID]
+    traced.exporter.clear()
+    with multirun.resume(run_id=first_run_id):
+        assert await asker(False) == "summary of q"
+
+    assert model.prompts == ["q"]
+    served = traced.span("chat")
+    assert served.attributes[attr.STEP_STATUS] == "skipped"
+    assert served.attributes[attr.STEP_KIND] == "llm_call"
+    assert served.attributes[attr.STEP_INPUT_HASH] == recorded.attributes[attr.STEP_INPUT_HASH]
+    assert served.parent.span_id == traced.span("invoke_workflow asker").context.span_id
+    assert [(s.name, s.status) for s in runs[-1].steps] == [("call_llm", StepStatus.SKIPPED)]

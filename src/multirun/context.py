@@ -52,6 +52,7 @@ from multirun.models._base import construct_trusted
 from multirun.models.agent import Agent, AgentStatus
 from multirun.models.budget import Budget, BudgetStatus
 from multirun.models.checkpoint import CheckpointMeta
+from multirun.models.policy import PolicyDecision
 from multirun.models.run import Run, RunStatus
 from multirun.models.step import Step, StepKind, StepStatus
 from multirun.pricing import COST_UNITS_PER_USD
@@ -902,12 +903,7 @@ class AgentContext:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"start_step: name must be a non-empty string, got {name!r}")
         kind = StepKind(kind)
-        parent_ctx = otel_context.get_current()
-        current = agent_in(parent_ctx)
-        if current is not self and not (
-            self.is_default and current is None and run_in(parent_ctx) is self.run_context
-        ):  # called from outside this agent: the step goes under the agent's span
-            parent_ctx = self.otel_context
+        parent_ctx = self._step_parent_context()
         run = self.run_context
         run.ledger.begin_step()
         step = StepContext(self, name, kind, step_in(parent_ctx), managed=False)
@@ -936,22 +932,46 @@ class AgentContext:
         return step
 
     def get_step_result(
-        self, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        self,
+        name: str,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        kind: StepKind = StepKind.FUNCTION,
+        model: str | None = None,
     ) -> Done[tuple[bool, Any]]:
         """``(True, result)`` if the replay cache holds this step with these inputs.
 
         A result found is served: the step counts as called, as a decorated step served
         from the cache does, so the program returns it instead of starting the step (and
-        the next call with the same inputs is the next recorded one). Not found, the
-        program runs the step (``start_step``). Raises DeterminismError where a decorated
-        step would (the recorded run called it elsewhere).
+        the next call with the same inputs is the next recorded one), and the trace shows
+        it as a step span with status ``skipped`` (of ``kind`` and ``model``, as the step
+        would be started with). Not found, the program runs the step (``start_step``).
+        Raises DeterminismError where a decorated step would (the recorded run called it
+        elsewhere).
         """
+        kind = StepKind(kind)
         kwargs = kwargs or {}
         digest = input_hash(args, kwargs)
         if digest is None:
             return Done((False, None))
-        parent = self._replay_parent(step_in(otel_context.get_current()))
-        return Done(self.run_context.replay_log.take(name, digest, parent, args, kwargs))
+        parent_ctx = self._step_parent_context()
+        parent = self._replay_parent(step_in(parent_ctx))
+        found = self.run_context.replay_log.take(name, digest, parent, args, kwargs)
+        if found[0]:
+            record_step_not_run(self, parent_ctx, name, kind, model, args, kwargs, digest=digest)
+        return Done(found)
+
+    def _step_parent_context(self) -> Context:
+        """The context a step made by hand starts in: the current one, or this agent's when
+        called from outside this agent (the step then goes under the agent's span)."""
+        parent_ctx = otel_context.get_current()
+        current = agent_in(parent_ctx)
+        if current is not self and not (
+            self.is_default and current is None and run_in(parent_ctx) is self.run_context
+        ):
+            parent_ctx = self.otel_context
+        return parent_ctx
 
     def _replay_parent(self, parent: StepContext | None) -> int | None:
         """The sequence number, in the replay log, of the call a step made inside ``parent`` runs in."""
@@ -1367,6 +1387,45 @@ class StepContext:
             None if error is None else (error_text(error) or type(error).__name__),
             self.attempt,
         )
+
+
+def record_step_not_run(
+    agent: AgentContext,
+    parent_ctx: Context,
+    name: str,
+    kind: StepKind,
+    model: str | None,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    digest: str | None = None,
+    refused: BudgetExceededError | PolicyViolation | None = None,
+    start_attrs: dict[str, Any] | None = None,
+) -> None:
+    """A short span for a step that did not run: served from the replay cache (status
+    skipped), or refused by the budget or the policy before it started (failed, ``abort``)."""
+    step = StepContext(agent, name, kind, step_in(parent_ctx), managed=True)
+    step.input_hash = digest
+    step.model = model
+    if start_attrs is None:
+        start_attrs = spans.step_start_attributes(kind, name, model)
+    step._open(parent_ctx, start_attrs, args, kwargs or {})
+    if refused is None:
+        step._close(StepStatus.SKIPPED)
+        return
+    step.policy_decision = PolicyDecision.ABORT.value
+    step.refused = True
+    extra: dict[str, Any] = {}
+    metrics = agent.run_context.client.metrics
+    run_name = agent.run_context.run.name
+    if isinstance(refused, BudgetExceededError):
+        step.policy_rule = "budget"
+        extra[attr.BUDGET_EXCEEDED_LIMIT] = refused.limit
+        metrics.budget_exceeded(run_name, refused.limit, step.otel_context)
+    else:
+        step.policy_rule = refused.rule
+    metrics.policy_decision(run_name, PolicyDecision.ABORT.value, step.policy_rule)
+    step._close(StepStatus.FAILED, error=refused, extra=extra)
 
 
 def _step_model(facts: tuple[Any, ...]) -> Step:

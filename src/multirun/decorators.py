@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, agent_in, run_in, step_in
+from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, agent_in, run_in
 from multirun._stack import headroom
 from multirun.checkpoints.hashing import input_hash, method_input_hash
 from multirun.checkpoints.replay import SEQ, Served, kept_copy, stream_of, stream_record
 from multirun.checkpoints.resume import take_pending_resume
 from multirun.checkpoints.serializers import is_one_shot
 from multirun.clock import Clock
-from multirun.context import AgentContext, RunContext, StepContext
+from multirun.context import AgentContext, RunContext, StepContext, record_step_not_run
 from multirun.enforcement.policy import PROCEED
 from multirun.errors import (
     REFUSALS,
@@ -362,7 +362,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             if isinstance(began, Served):
                 # a generator step's value: its items and return value (DeterminismError if none)
                 value = stream_of(spec.name, began.value) if spec.streams else began.value
-                _record_step_not_run(spec, agent, current, digest=digest)
+                _record_step_not_run(spec, agent, current, digest=digest, args=args, kwargs=kwargs)
                 return _Replayed(value)
             replay_call = began
         else:
@@ -399,7 +399,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         if decision is not None:
             engine.after_step(spec.name, spec.kind, error)  # type: ignore[union-attr]  # gives back a probe
         if isinstance(error, (BudgetExceededError, PolicyViolation)):
-            _record_step_not_run(spec, agent, current, refused=error)
+            _record_step_not_run(spec, agent, current, refused=error, args=args, kwargs=kwargs)
         raise
     return step
 
@@ -411,28 +411,22 @@ def _record_step_not_run(
     *,
     digest: str | None = None,
     refused: BudgetExceededError | PolicyViolation | None = None,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
 ) -> None:
-    """A span for a step that did not run: served from the replay cache, or refused."""
-    step = StepContext(agent, spec.name, spec.kind, step_in(current), managed=True)
-    step.input_hash = digest
-    step.model = spec.model
-    step._open(current, spec.start_attrs, (), {})
-    if refused is None:
-        step._close(StepStatus.SKIPPED)
-        return
-    step.policy_decision = PolicyDecision.ABORT.value
-    step.refused = True
-    extra: dict[str, Any] = {}
-    metrics = agent.run_context.client.metrics
-    run_name = agent.run_context.run.name
-    if isinstance(refused, BudgetExceededError):
-        step.policy_rule = "budget"
-        extra[attr.BUDGET_EXCEEDED_LIMIT] = refused.limit
-        metrics.budget_exceeded(run_name, refused.limit, step.otel_context)
-    else:
-        step.policy_rule = refused.rule
-    metrics.policy_decision(run_name, PolicyDecision.ABORT.value, step.policy_rule)
-    step._close(StepStatus.FAILED, error=refused, extra=extra)
+    """A span for a decorated step that did not run: served from the replay cache, or refused."""
+    record_step_not_run(
+        agent,
+        current,
+        spec.name,
+        spec.kind,
+        spec.model,
+        args,
+        kwargs or {},
+        digest=digest,
+        refused=refused,
+        start_attrs=spec.start_attrs,
+    )
 
 
 @overload
