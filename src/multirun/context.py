@@ -40,7 +40,7 @@ from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy, sub_run
 from multirun.checkpoints.serializers import json_form
 from multirun.checkpoints.store import agent_state
 from multirun.enforcement.ledger import SPEND_TOTALS
-from multirun.enforcement.policy import PolicyEngine
+from multirun.enforcement.policy import PROCEED, PolicyEngine
 from multirun.errors import (
     BudgetExceededError,
     CheckpointError,
@@ -899,18 +899,24 @@ class AgentContext:
         *,
         model: str | None = None,
     ) -> StepContext:
-        """Start a step by hand; finish it with ``complete`` or ``fail``."""
+        """Start a step by hand; finish it with ``complete`` or ``fail``.
+
+        The budget and the policy decide first, as for a decorated step: over the budget it
+        raises BudgetExceededError, refused by the policy (an open circuit) PolicyViolation,
+        and leaves a short failed span. An LLM step of a degraded run gets the fallback model
+        (``step_ctx.model``). A rate-limit wait is made here in sync code, and when the step is
+        awaited (``await agent_ctx.start_step(...)``) in async code.
+        """
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"start_step: name must be a non-empty string, got {name!r}")
         kind = StepKind(kind)
         parent_ctx = self._step_parent_context()
+        parent = step_in(parent_ctx)
         run = self.run_context
-        run.ledger.begin_step()
-        step = StepContext(self, name, kind, step_in(parent_ctx), managed=False)
-        step.model = model
         kwargs = input_kwargs or {}
+        digest = replay_call = None
         if run.records_replay:
-            step.input_hash = digest = input_hash(input_args, kwargs)
+            digest = input_hash(input_args, kwargs)
             if digest is None:
                 run.replay_log.unhashed.add(name)  # a checkpoint warns that it cannot serve it
             else:
@@ -918,17 +924,43 @@ class AgentContext:
                 # serves it. A restored run that starts it instead of asking get_step_result
                 # first runs it again: the recorded call counts as served (the replay goes on
                 # past it, in order), and this one is not recorded
-                began = run.replay_log.begin(
-                    name, digest, self._replay_parent(step.parent), input_args, kwargs
-                )
+                began = run.replay_log.begin(name, digest, self._replay_parent(parent), input_args, kwargs)
                 if isinstance(began, tuple):
-                    step.replay_call = began
+                    replay_call = began
+        engine = run.policy_engine
+        decision = None
         try:
+            if engine is not None:
+                decision = engine.before_step(name, kind, model, run.ledger)
+            run.ledger.begin_step()
+            step = StepContext(self, name, kind, parent, managed=False)
+            step.model = model
+            step.input_hash = digest
+            step.replay_call = replay_call
+            if decision is not None and decision is not PROCEED:
+                run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
+                step.policy_decision = decision.decision.value
+                step.policy_rule = decision.rule
+                if decision.model is not None:
+                    step.model = decision.model
+                step.wait_before = decision.wait_seconds
             step._open(parent_ctx, spans.step_start_attributes(kind, name, model), input_args, kwargs)
-        except BaseException:
-            if step.replay_call is not None:  # it never ran, nor is it a call in flight
-                run.replay_log.fail(step.replay_call)
+        except BaseException as error:
+            # refused, or the step could not start: it never ran, nor is it a call in flight
+            if replay_call is not None:
+                run.replay_log.fail(replay_call)
+            if decision is not None:
+                engine.after_step(name, kind, error)  # type: ignore[union-attr]  # gives back a probe
+            if isinstance(error, (BudgetExceededError, PolicyViolation)):
+                record_step_not_run(
+                    self, parent_ctx, name, kind, model, input_args, kwargs, digest=digest, refused=error
+                )
             raise
+        if step.wait_before:
+            if asyncio._get_running_loop() is None:
+                step._wait(step.wait_before)
+            else:  # a sleep here would block the event loop: the step waits when awaited
+                step._wait_due = step.wait_before
         return step
 
     def get_step_result(
@@ -1084,6 +1116,8 @@ class StepContext:
     _calls_below: dict[str, None] | None = None
     policy_decision: str | None = None
     policy_rule: str | None = None
+    wait_before = 0.0  # seconds a rate limit asked the step to wait before it runs
+    _wait_due = 0.0  # that wait, for a step made by hand in async code: made when awaited
     _done = False
 
     def __init__(
@@ -1205,9 +1239,8 @@ class StepContext:
         if self.policy_decision is not None:
             if self.policy_rule is not None:
                 end_attrs[attr.POLICY_RULE] = self.policy_rule
-            wait = getattr(self, "wait_before", 0.0)
-            if wait:
-                end_attrs[attr.POLICY_WAIT_SECONDS] = wait
+            if self.wait_before:
+                end_attrs[attr.POLICY_WAIT_SECONDS] = self.wait_before
         if extra:
             end_attrs.update(extra)
         if client.capture_content and self.status is StepStatus.COMPLETED:
@@ -1227,8 +1260,28 @@ class StepContext:
     # -- the documented API ----------------------------------------------------
 
     def __await__(self) -> Generator[Any, None, StepContext]:
+        wait, self._wait_due = self._wait_due, 0.0
+        if wait:
+            try:
+                yield from self.run_context.client.clock.async_sleep(wait).__await__()
+            except BaseException as error:
+                self._end_waiting(error)
+                raise
         return self
-        yield  # pragma: no cover
+
+    def _wait(self, seconds: float) -> None:
+        """Wait for the rate limit's slot before a step made by hand runs (sync code)."""
+        try:
+            self.run_context.client.clock.sleep(seconds)
+        except BaseException as error:
+            self._end_waiting(error)
+            raise
+
+    def _end_waiting(self, error: BaseException) -> None:
+        """Cancelled or interrupted while it waited for its slot: the step ends failed (its span
+        ended, a circuit probe it holds given back)."""
+        if not (self._done or self.finished):
+            self.fail(error)
 
     def report_usage(self, usage: TokenUsage) -> None:
         """Charge one model call to this step, its parents, its agent and its run. Usage that
@@ -1319,9 +1372,12 @@ class StepContext:
         self.status = StepStatus.COMPLETED
         self.result = result
         self._done = True
-        if not self.managed:
-            if self.replay_call is not None:  # a decorated step's is recorded by its decorator
-                self.run_context.replay_log.record(self.replay_call, result)
+        if not self.managed:  # a decorated step's decorator does the rest
+            run = self.run_context
+            if self.replay_call is not None:
+                run.replay_log.record(self.replay_call, result)
+            if run.policy_engine is not None:
+                run.policy_engine.after_success(self.name, self.kind)
             self._close(StepStatus.COMPLETED, result)
         return Done(None)
 
@@ -1332,8 +1388,11 @@ class StepContext:
         self.error = exc
         self._done = True
         if not self.managed:
+            run = self.run_context
             if self.replay_call is not None:  # recorded as failed: a restore runs it again
-                self.run_context.replay_log.fail(self.replay_call)
+                run.replay_log.fail(self.replay_call)
+            if run.policy_engine is not None:  # towards the circuit and the degradation trigger
+                run.policy_engine.after_step(self.name, self.kind, exc)
             self._close(StepStatus.FAILED, error=exc)
         return Done(None)
 

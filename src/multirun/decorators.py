@@ -150,7 +150,6 @@ class _StepCall(StepContext):
     """A StepContext driven by ``@step``: the decorator owns its span."""
 
     spec: StepSpec
-    wait_before = 0.0  # seconds a rate limit asked the step to wait before its first attempt
     _retry_refused: PolicyViolation | None = None  # the policy's reason not to make another attempt
     _stream: StreamUsage | None = None  # usage of the LLM SDK chunks a generator step yielded
     _stream_items: list[Any] | None = None  # what a generator step yielded, for its replay record

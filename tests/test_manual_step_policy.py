@@ -1,0 +1,164 @@
+"""Steps made by hand (``start_step`` ... ``complete``/``fail``) are governed as decorated
+steps are: the budget and the policy decide before each one starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from multirun import run
+from multirun.context import get_current_agent_context
+from multirun.errors import BudgetExceededError, PolicyViolation
+from multirun.models import Budget, Policy, StepKind
+from multirun.models.policy import (
+    CircuitBreakerRule,
+    DegradationTrigger,
+    GracefulDegradationRule,
+    RateLimitRule,
+)
+from multirun.telemetry import attributes as attr
+
+
+def attrs_of(traced, name: str) -> list[dict]:
+    spans = sorted(traced.named(name), key=lambda s: s.start_time or 0)
+    return [dict(s.attributes or {}) for s in spans]
+
+
+async def test_a_manual_step_over_the_budget_is_refused_at_start_step_with_a_refused_span(traced) -> None:
+    started: list[int] = []
+
+    @run(budget=Budget(max_steps=2))
+    async def main() -> None:
+        agent_ctx = get_current_agent_context()
+        for i in range(3):
+            step_ctx = await agent_ctx.start_step("tally", input_args=(i,))
+            started.append(i)
+            await step_ctx.complete(i)
+
+    with pytest.raises(BudgetExceededError) as info:
+        await main()
+
+    assert info.value.limit == "max_steps"
+    assert started == [0, 1]
+    refused = attrs_of(traced, "step tally")[2]
+    assert refused[attr.STEP_STATUS] == "failed"
+    assert refused[attr.POLICY_DECISION] == "abort"
+    assert refused[attr.POLICY_RULE] == "budget"
+    assert refused[attr.BUDGET_EXCEEDED_LIMIT] == "max_steps"
+
+
+def test_an_open_circuit_refuses_manual_steps_whose_failures_opened_it(traced) -> None:
+    attempts: list[int] = []
+
+    @run(policy=Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=2, recovery_time_seconds=30)))
+    def main() -> list[str]:
+        agent_ctx = get_current_agent_context()
+        outcomes = []
+        for i in range(4):
+            try:
+                step_ctx = agent_ctx.start_step("fetch", kind=StepKind.TOOL_CALL, input_args=(i,))
+            except PolicyViolation as refused:
+                outcomes.append(f"open:{refused.rule}")
+                continue
+            attempts.append(i)
+            step_ctx.fail(ConnectionError("down"))
+            outcomes.append("error")
+        return outcomes
+
+    assert main() == ["error", "error", "open:circuit_breaker", "open:circuit_breaker"]
+    assert attempts == [0, 1]
+    refused = attrs_of(traced, "execute_tool fetch")[2]
+    assert (refused[attr.POLICY_DECISION], refused[attr.POLICY_RULE]) == ("abort", "circuit_breaker")
+
+
+def test_a_half_open_circuit_closes_when_the_manual_probe_completes(traced) -> None:
+    @run(policy=Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30)))
+    def main() -> None:
+        agent_ctx = get_current_agent_context()
+        agent_ctx.start_step("fetch").fail(ConnectionError("down"))
+        traced.clock.now += 31  # half-open: one probe goes through
+        agent_ctx.start_step("fetch").complete("ok")
+        agent_ctx.start_step("fetch").complete("ok")  # closed again by the probe's success
+
+    main()
+    assert [a[attr.STEP_STATUS] for a in attrs_of(traced, "step fetch")] == [
+        "failed",
+        "completed",
+        "completed",
+    ]
+
+
+def test_a_manual_llm_step_gets_the_fallback_model_once_the_run_degraded(traced) -> None:
+    seen: list[str | None] = []
+
+    @run(
+        budget=Budget(max_tokens=1000),
+        policy=Policy(
+            graceful_degradation=GracefulDegradationRule(
+                fallback_model="gpt-4o-mini", trigger=DegradationTrigger.TOKEN_PERCENTAGE, threshold=50
+            )
+        ),
+    )
+    def main() -> None:
+        agent_ctx = get_current_agent_context()
+        for _ in range(3):
+            step_ctx = agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="gpt-4o")
+            seen.append(step_ctx.model)
+            step_ctx.complete("answer", tokens_used=300, cost_usd=0.0)
+
+    main()
+    assert seen == ["gpt-4o", "gpt-4o", "gpt-4o-mini"]
+    degraded = attrs_of(traced, "chat gpt-4o-mini")
+    assert [(a[attr.POLICY_DECISION], a[attr.POLICY_RULE]) for a in degraded] == [
+        ("fallback", "graceful_degradation")
+    ]
+
+
+def test_a_sync_manual_llm_step_waits_for_its_rate_limit_slot(traced) -> None:
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    def main() -> None:
+        agent_ctx = get_current_agent_context()
+        for _ in range(3):
+            agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m").complete("a")
+
+    main()
+    assert traced.clock.sleeps == [1.0, 1.0]
+    found = attrs_of(traced, "chat m")
+    assert [a[attr.POLICY_DECISION] for a in found] == ["proceed", "wait", "wait"]
+    assert [a.get(attr.POLICY_WAIT_SECONDS) for a in found] == [None, 1.0, 1.0]
+
+
+async def test_an_awaited_manual_llm_step_waits_for_its_rate_limit_slot_without_blocking(
+    traced, monkeypatch
+) -> None:
+    def blocking_sleep(seconds: float) -> None:
+        raise AssertionError("an async program's step waited with a blocking sleep")
+
+    monkeypatch.setattr(traced.clock, "sleep", blocking_sleep)
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    async def main() -> None:
+        agent_ctx = get_current_agent_context()
+        for _ in range(3):
+            step_ctx = await agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m")
+            await step_ctx.complete("a")
+
+    await main()
+    assert traced.clock.sleeps == [1.0, 1.0]
+
+
+async def test_a_manual_step_cancelled_while_it_waits_for_its_slot_ends_its_span(traced) -> None:
+    import asyncio
+
+    async def cancelled_sleep(seconds: float) -> None:
+        raise asyncio.CancelledError
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    async def main() -> None:
+        agent_ctx = get_current_agent_context()
+        await (await agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m")).complete("a")
+        traced.clock.async_sleep = cancelled_sleep  # type: ignore[method-assign]
+        await agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m")
+
+    with pytest.raises(asyncio.CancelledError):
+        await main()
+    assert [a[attr.STEP_STATUS] for a in attrs_of(traced, "chat m")] == ["completed", "failed"]
