@@ -738,6 +738,49 @@ def test_run_steps_are_bounded_by_step_history(traced) -> None:
     assert attrs(traced.span("invoke_workflow main"))["multirun.steps_used"] == 5
 
 
+def test_run_current_step_id_is_the_step_running_now(traced) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    def current() -> str | None:
+        return get_current_run_context().run.current_step_id
+
+    @step
+    def inner() -> None:
+        seen.append(("inner", current()))
+        seen.append(("inner is", get_current_step_context().id))
+
+    @step
+    def outer() -> None:
+        seen.append(("outer", current()))
+        seen.append(("outer is", get_current_step_context().id))
+        inner()
+        seen.append(("outer again", current()))
+
+    @run
+    async def main() -> Run:
+        seen.append(("before", current()))
+        outer()
+        seen.append(("between", current()))
+        step_ctx = await get_current_agent_context().start_step("by_hand")
+        seen.append(("by_hand", current()))
+        seen.append(("by_hand is", step_ctx.id))
+        await step_ctx.complete(None)
+        seen.append(("after", current()))
+        return get_current_run_context().run
+
+    import asyncio
+
+    finished = asyncio.run(main())
+    found = dict(seen)
+    assert found["before"] is None
+    assert found["outer"] == found["outer is"] == found["outer again"]
+    assert found["inner"] == found["inner is"] != found["outer"]
+    assert found["between"] is None
+    assert found["by_hand"] == found["by_hand is"]
+    assert found["after"] is None
+    assert finished.current_step_id is None
+
+
 def test_nested_step_model_has_parent_step_id(traced) -> None:
     runs: list[Run] = []
 

@@ -534,6 +534,7 @@ class RunContext:
             log.end_run(call, self._replay_snapshot(kept_copy), failed=status is not RunStatus.COMPLETED)
         run.status = status
         run.completed_at = datetime.now(timezone.utc)
+        run.current_step_id = None
         run.tokens_used = ledger.tokens
         run.cost_usd = ledger.cost_usd
         kept = [step._facts() for step in self._history]  # plain values: nothing kept alive
@@ -1140,6 +1141,7 @@ class StepContext:
         # instances then share one attribute layout; a field first written later, or in another
         # order, makes CPython give that instance a dict of its own (about 2 us per step).
         self._span: Span | None = None
+        self._id = ""  # the hex span id, once the span is started
         self.otel_context: Context | None = None
         self.model: str | None = None
         self.input_hash: str | None = None
@@ -1170,6 +1172,9 @@ class StepContext:
             name = span_name or spans.step_span_name(kind, self.name, None)
         span = client.tracer.start_span(name, context=parent_ctx, attributes=start_attrs or None)
         self._span = span
+        self._id = step_id = f"{span.get_span_context().span_id:016x}"
+        # Run.current_step_id, written past pydantic's __setattr__: this runs for every step
+        self.run_context.run.__dict__["current_step_id"] = step_id
         # one copy of the context instead of two (set_span_in_context, then set_value)
         ctx = Context(parent_ctx)
         dict.__setitem__(ctx, SPAN_KEY, span)
@@ -1184,9 +1189,7 @@ class StepContext:
     @property
     def id(self) -> str:
         """The step id: the hex span id of its span (so a step is found by its span)."""
-        if self._span is None:
-            return ""
-        return format(self._span.get_span_context().span_id, "016x")
+        return self._id
 
     def _record_attempt_failure(self, exc: BaseException, delay: float | None) -> None:
         """A failed attempt: an event with its error, and the delay before the next attempt
@@ -1219,7 +1222,7 @@ class StepContext:
         end_attrs: dict[str, Any] = {
             attr.STEP_NAME: self.name,
             attr.STEP_KIND: _KIND_VALUES[self.kind],
-            attr.STEP_ID: f"{span.get_span_context().span_id:016x}",
+            attr.STEP_ID: self._id,
             attr.STEP_STATUS: _STATUS_VALUES[self.status],
             attr.STEP_ATTEMPT: self.attempt,
             attr.POLICY_DECISION: self.policy_decision or "proceed",
@@ -1255,6 +1258,9 @@ class StepContext:
         self.otel_context = None
         if not client.capture_content:
             self.result = None  # the history must not keep large results alive
+        fields = run.run.__dict__
+        if fields.get("current_step_id") is self._id:  # no step started since: back to the one around
+            fields["current_step_id"] = _running_step_around(self)
         run._history.append(self)
 
     # -- the documented API ----------------------------------------------------
@@ -1446,6 +1452,14 @@ class StepContext:
             None if error is None else (error_text(error) or type(error).__name__),
             self.attempt,
         )
+
+
+def _running_step_around(step: StepContext) -> str | None:
+    """The id of the innermost step of ``step``'s run still running around it, if any."""
+    around = step.parent
+    while around is not None and around.finished:
+        around = around.parent
+    return around._id if around is not None and around.run_context is step.run_context else None
 
 
 def record_step_not_run(
