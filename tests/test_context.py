@@ -781,6 +781,40 @@ def test_run_current_step_id_is_the_step_running_now(traced) -> None:
     assert finished.current_step_id is None
 
 
+def test_step_models_hold_the_input_and_output_the_trace_records_when_content_is_captured(traced) -> None:
+    """Content is opt-in: with capture_content the Step models hold the serialized input and
+    output that the step's span records (cut to content_limit); without it, neither."""
+    runs: list[Run] = []
+
+    @step
+    def shout(text: str, times: int = 1) -> dict[str, Any]:
+        return {"said": text.upper() * times}
+
+    @run
+    async def main() -> None:
+        runs.append(get_current_run_context().run)
+        shout("hi", times=2)
+        step_ctx = await get_current_agent_context().start_step("by_hand", input_args=("q",))
+        await step_ctx.complete(["a", 1])
+
+    import asyncio
+
+    asyncio.run(main())
+    assert [(s.input_data, s.output_data) for s in runs[0].steps] == [(None, None), (None, None)]
+
+    client = multirun.init(tracer_provider=traced.provider, capture_content=True, content_limit=40)
+    client.clock = traced.clock
+    traced.exporter.clear()
+    asyncio.run(main())
+    shouted, by_hand = runs[1].steps
+    assert shouted.input_data == b'{"args": ["hi"], "kwargs": {"times": 2}}'
+    assert shouted.output_data == b'{"said": "HIHI"}'
+    assert (by_hand.input_data, by_hand.output_data) == (b"q", b'["a", 1]')
+    span = attrs(traced.span("step shout"))
+    assert shouted.input_data.decode() == span["multirun.step.input"]
+    assert shouted.output_data.decode() == span["multirun.step.output"]
+
+
 def test_nested_step_model_has_parent_step_id(traced) -> None:
     runs: list[Run] = []
 

@@ -1118,6 +1118,9 @@ class StepContext:
     policy_decision: str | None = None
     policy_rule: str | None = None
     wait_before = 0.0  # seconds a rate limit asked the step to wait before it runs
+    # its input and output as the span records them: only with content capture (opt-in)
+    _input_text: str | None = None
+    _output_text: str | None = None
     _wait_due = 0.0  # that wait, for a step made by hand in async code: made when awaited
     _done = False
 
@@ -1162,7 +1165,8 @@ class StepContext:
     ) -> None:
         client = self.run_context.client
         if client.capture_content:
-            start_attrs = {**start_attrs, attr.STEP_INPUT: render_call(args, kwargs, client.content_limit)}
+            self._input_text = rendered = render_call(args, kwargs, client.content_limit)
+            start_attrs = {**start_attrs, attr.STEP_INPUT: rendered}
         kind = self.kind
         if kind is StepKind.LLM_CALL:
             name = spans.step_span_name(kind, self.name, self.model)
@@ -1247,7 +1251,7 @@ class StepContext:
         if extra:
             end_attrs.update(extra)
         if client.capture_content and self.status is StepStatus.COMPLETED:
-            end_attrs[attr.STEP_OUTPUT] = render(self.result, client.content_limit)
+            end_attrs[attr.STEP_OUTPUT] = self._output_text = render(self.result, client.content_limit)
         if self.error is not None:
             _record_error(span, self.error, end_attrs)
         spans.set_end_attributes(span, end_attrs)
@@ -1451,6 +1455,8 @@ class StepContext:
             getattr(span, "end_time", None),
             None if error is None else (error_text(error) or type(error).__name__),
             self.attempt,
+            self._input_text,
+            self._output_text,
         )
 
 
@@ -1519,6 +1525,8 @@ def _step_model(facts: tuple[Any, ...]) -> Step:
         end,
         error,
         attempt,
+        input_text,
+        output_text,
     ) = facts
     # Only the fields that differ from the model's defaults: each field given is one more to set.
     fields: dict[str, Any] = {
@@ -1546,6 +1554,10 @@ def _step_model(facts: tuple[Any, ...]) -> Step:
             fields["completed_at"] = datetime.fromtimestamp(end / 1e9, timezone.utc)
     if error is not None:
         fields["error"] = error
+    if input_text is not None:
+        fields["input_data"] = input_text.encode("utf-8", "backslashreplace")  # a lone surrogate as \udxxx
+    if output_text is not None:
+        fields["output_data"] = output_text.encode("utf-8", "backslashreplace")
     if attempt != 1:
         fields["attempt"] = attempt
     return construct_trusted(Step, fields)  # every value made here: no validation needed

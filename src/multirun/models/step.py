@@ -36,6 +36,7 @@ class Step(Model):
     status: StepStatus = StepStatus.PENDING
     parent_step_id: str | None = None
     input_hash: str = ""
+    # serialized input and output, as the step's span records them: with content capture only
     input_data: bytes | None = None
     output_data: bytes | None = None
     policy_decision: str | None = None
