@@ -1264,14 +1264,15 @@ class StepContext:
             self.result = None  # the history must not keep large results alive
         fields = run.run.__dict__
         if fields.get("current_step_id") is self._id:  # no step started since: back to the one around
-            fields["current_step_id"] = _running_step_around(self)
+            fields["current_step_id"] = None if self.parent is None else _running_step_around(self)
         run._history.append(self)
 
     # -- the documented API ----------------------------------------------------
 
     def __await__(self) -> Generator[Any, None, StepContext]:
-        wait, self._wait_due = self._wait_due, 0.0
+        wait = self._wait_due
         if wait:
+            self._wait_due = 0.0  # awaited twice, it waits once
             try:
                 yield from self.run_context.client.clock.async_sleep(wait).__await__()
             except BaseException as error:
