@@ -6,6 +6,7 @@ Reference 000 (decorators) and DESIGN.md (span names and attributes).
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from opentelemetry.trace import StatusCode
 import multirun
 from multirun import agent, checkpoint, run, step
 from multirun.context import RunContext, get_current_agent_context, get_current_run_context
-from multirun.errors import StepError
+from multirun.errors import ConfigurationError, StepError
 from multirun.models import AgentStatus, Budget, Run, RunStatus, StepKind
 from multirun.models.policy import BackoffStrategy
 
@@ -1065,6 +1066,35 @@ async def test_async_staticmethod_and_async_callable_object_steps_are_awaited_in
         a = attrs(traced.span(name))
         assert a["multirun.step.status"] == "failed"
         assert a["error.type"] == error
+
+
+def test_checkpoint_of_a_partial_or_a_callable_object_takes_the_name_it_is_given(traced) -> None:
+    """Like the other decorators, @checkpoint decorates any callable; one without a name of
+    its own is named with name=... (it raised AttributeError: no __name__)."""
+
+    class Search:
+        def __call__(self, query: str) -> list[str]:
+            return [query]
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    search = checkpoint(name="searched")(Search())
+    added = checkpoint(name="added", result_key="sum")(functools.partial(add, 1))
+
+    taken: list[Any] = []
+
+    @run
+    def main() -> tuple[list[str], int]:
+        result = search("otel"), added(2)
+        taken.extend(get_current_run_context().run.checkpoints)
+        return result
+
+    assert main() == (["otel"], 3)
+    states = {c.name: traced.client.checkpoints.load(c.id).state for c in taken}
+    assert states == {"searched": {"result": ["otel"]}, "added": {"sum": 3}}
+    with pytest.raises(ConfigurationError, match=r"^@checkpoint: pass name=\.\.\."):
+        checkpoint(Search())
 
 
 class _Unprintable:

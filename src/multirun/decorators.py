@@ -759,7 +759,9 @@ def checkpoint(
         raise ConfigurationError(f"@checkpoint(extra_state=...) must be a dict, got {extra_state!r}")
 
     def decorate(fn: F) -> F:
-        func_name = _callable("checkpoint", fn).__name__
+        func_name = getattr(_callable("checkpoint", fn), "__name__", None)
+        if name is None and not (isinstance(func_name, str) and func_name):
+            raise ConfigurationError("@checkpoint: pass name=... for a callable without a name")
         checkpoint_name = _validate_name("checkpoint", name, fn) if name is not None else f"after_{func_name}"
 
         def open_checkpoint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _CheckpointCall | None:
