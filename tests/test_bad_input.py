@@ -182,6 +182,15 @@ def test_agent_with_non_dict_metadata_is_refused_naming_metadata() -> None:
             return None
 
 
+@pytest.mark.parametrize("decorator", [run, agent])
+def test_metadata_with_a_key_that_is_not_a_string_is_refused_naming_metadata(decorator: Any) -> None:
+    """Refused when decorating, not with pydantic's ValidationError (of Run or Agent, several
+    lines) at every call."""
+    name = decorator.__name__
+    with pytest.raises(ConfigurationError, match=rf"^@{name}\(metadata=\.\.\.\) keys must be strings, got 1"):
+        decorator(metadata={1: "first"})
+
+
 def test_checkpoint_with_empty_result_key_is_refused_naming_result_key() -> None:
     with pytest.raises(ConfigurationError, match="result_key"):
 

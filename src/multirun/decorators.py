@@ -558,8 +558,7 @@ def run(
     budget_model = _model("run", "budget", Budget, budget)
     policy_model = _model("run", "policy", Policy, policy)
     _bool("run", "checkpoint_on_error", checkpoint_on_error)
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ConfigurationError(f"@run(metadata=...) must be a dict, got {metadata!r}")
+    _metadata("run", metadata)
 
     def decorate(fn: F) -> F:
         run_name = _validate_name("run", name, _callable("run", fn))
@@ -648,8 +647,7 @@ def agent(
     """
     if agent_config_id is not None and not isinstance(agent_config_id, str):
         raise ConfigurationError(f"@agent(agent_config_id=...) must be a string, got {agent_config_id!r}")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ConfigurationError(f"@agent(metadata=...) must be a dict, got {metadata!r}")
+    _metadata("agent", metadata)
 
     def decorate(fn: F) -> F:
         agent_name = _validate_name("agent", name, _callable("agent", fn))
@@ -1166,6 +1164,16 @@ def _non_negative_number(decorator: str, param: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ConfigurationError(f"@{decorator}({param}=...) must be a number >= 0, got {value!r}")
     return float(value)
+
+
+def _metadata(decorator: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"@{decorator}(metadata=...) must be a dict, got {value!r}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ConfigurationError(f"@{decorator}(metadata=...) keys must be strings, got {key!r}")
 
 
 def _exception_types(decorator: str, param: str, value: Any) -> tuple[type[BaseException], ...] | None:
