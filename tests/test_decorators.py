@@ -1097,6 +1097,120 @@ def test_checkpoint_of_a_partial_or_a_callable_object_takes_the_name_it_is_given
         checkpoint(Search())
 
 
+def _not_async_aware(func: Any) -> Any:
+    """A decorator written for plain functions: its wrapper is no coroutine function, though
+    calling it returns the coroutine of the ``async def`` it wraps."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+async def test_a_step_whose_callable_returns_a_coroutine_awaits_it_in_the_step_with_its_retries(
+    traced,
+) -> None:
+    """A lambda around an async call (or a decorator that is not async-aware) is no coroutine
+    function, yet what it does happens when its coroutine is awaited: the step spans that, and
+    a failure there is retried and fails the step, as for an ``async def``. (The step ended
+    'completed' when the coroutine was made, and its retries were never made.)"""
+    calls: list[str] = []
+
+    async def fetch(url: str) -> str:
+        calls.append(url)
+        await asyncio.sleep(0)
+        if len(calls) < 3:
+            raise ConnectionError("down")
+        return await parse(url)
+
+    @step
+    async def parse(url: str) -> str:
+        return f"page {url}"
+
+    fetch_step = step(name="fetch", retry=2)(lambda url: fetch(url))
+
+    @step(retry=1)
+    @_not_async_aware
+    async def broken(x: int) -> int:
+        await asyncio.sleep(0)
+        raise TimeoutError(f"slow {x}")
+
+    @run
+    async def main() -> str:
+        with pytest.raises(StepError) as info:
+            await broken(1)
+        assert isinstance(info.value.__cause__, TimeoutError)
+        return await fetch_step("a")
+
+    assert await main() == "page a"
+    assert calls == ["a", "a", "a"]
+    fetched = traced.span("step fetch")
+    assert attrs(fetched)["multirun.step.status"] == "completed"
+    assert attrs(fetched)["multirun.step.attempt"] == 3
+    assert traced.parent_of(traced.span("step parse")) is fetched
+    failed = attrs(traced.span("step broken"))
+    assert (failed["multirun.step.status"], failed["error.type"]) == ("failed", "TimeoutError")
+    assert failed["multirun.step.attempt"] == 2
+
+
+async def test_a_run_and_a_checkpoint_whose_callable_returns_a_coroutine_end_when_it_is_awaited(
+    traced,
+) -> None:
+    """The run is current while the coroutine runs (its steps were outside any run), and the
+    checkpoint keeps the awaited value (it tried to keep the coroutine object)."""
+
+    @step
+    async def search(query: str) -> list[str]:
+        await asyncio.sleep(0)
+        return [query]
+
+    taken: list[Any] = []
+
+    async def research(query: str) -> list[str]:
+        found = await save(query)
+        taken.extend(get_current_run_context().run.checkpoints)
+        return found
+
+    save = checkpoint(name="searched")(lambda query: search(query))
+    main = run(name="main")(lambda query: research(query))
+
+    assert await main("otel") == ["otel"]
+    assert traced.parent_of(traced.span("step search")) is traced.span("invoke_workflow main")
+    assert [(c.name, traced.client.checkpoints.load(c.id).state) for c in taken] == [
+        ("searched", {"result": ["otel"]})
+    ]
+
+
+async def test_a_step_whose_callable_returned_a_coroutine_runs_again_after_a_restore(traced) -> None:
+    """Its recorded value is not served: a value is no coroutine to await."""
+    calls: list[str] = []
+    crash = True
+
+    async def fetch(url: str) -> str:
+        calls.append(url)
+        await asyncio.sleep(0)
+        return f"page {url}"
+
+    fetch_step = step(name="fetch")(lambda url: fetch(url))
+
+    @run(checkpoint_on_error=False)
+    async def job() -> str:
+        page = await fetch_step("a")
+        get_current_run_context().checkpoint(name="fetched")
+        if crash:
+            raise RuntimeError("crash")
+        return page
+
+    with pytest.raises(RuntimeError):
+        await job()
+    crash = False
+    run_id = traced.span("invoke_workflow job").attributes["multirun.run.id"]
+    with multirun.resume(run_id=run_id):
+        assert await job() == "page a"
+    assert calls == ["a", "a"]
+
+
 class _Unprintable:
     """An object of the program whose ``str`` and ``repr`` raise (a proxy, a half-built object)."""
 

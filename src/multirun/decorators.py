@@ -15,6 +15,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
 from opentelemetry import context as otel_context
@@ -153,6 +154,7 @@ class _StepCall(StepContext):
     _retry_refused: PolicyViolation | None = None  # the policy's reason not to make another attempt
     _stream: StreamUsage | None = None  # usage of the LLM SDK chunks a generator step yielded
     _stream_items: list[Any] | None = None  # what a generator step yielded, for its replay record
+    _awaited = False  # its function, no coroutine function, returned a coroutine: awaited in the step
 
     def _clock(self) -> Clock:
         return self.run_context.client.clock
@@ -217,6 +219,8 @@ class _StepCall(StepContext):
         if self.replay_call is not None:
             if spec.streams:
                 self._record_stream(result)
+            elif self._awaited:  # a served value is no coroutine: the step runs again after a restore
+                run.replay_log.abandon(self.replay_call)
             else:
                 run.replay_log.record(self.replay_call, result)
         if run.policy_engine is not None:
@@ -239,6 +243,10 @@ class _StepCall(StepContext):
             if self._stream is None:
                 self._stream = StreamUsage()
             self._stream.observe(item)
+
+    def _awaits(self) -> None:
+        """The step's function returned a coroutine, which the step awaits (``_awaited``)."""
+        self._awaited = True
 
     def _stream_cut(self) -> None:
         """The consumer stopped the stream early, or sent or threw something into it: what
@@ -896,12 +904,44 @@ def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., 
                     if delay:
                         _pause(call, delay)
                     continue
+                if isinstance(result, CoroutineType):  # a lambda around an async call, say
+                    awaits = getattr(call, "_awaits", None)  # only steps care (replay)
+                    if awaits is not None:
+                        awaits()
+                    return _await_returned(call, result, func, args, kwargs)
                 call._succeed(result)
                 return result
         finally:
             _detach(token)
 
     return wrapper
+
+
+async def _await_returned(
+    call: _Call, returned: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """The rest of a call whose function, no coroutine function, returned the coroutine
+    ``returned``: awaited in the call, as its first attempt; a retry calls the function again
+    and awaits what it returns."""
+    token = _attach(call)
+    try:
+        while True:
+            try:
+                if returned is None:
+                    returned = func(*args, **kwargs)
+                result = await returned if isinstance(returned, CoroutineType) else returned
+            except BaseException as error:
+                returned = None
+                delay = _delay_before_retry(call, error)
+                if delay is None:
+                    _raise_failed(call, error)
+                if delay:
+                    await _async_pause(call, delay)
+                continue
+            call._succeed(result)
+            return result
+    finally:
+        _detach(token)
 
 
 def _async_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., Any]:
