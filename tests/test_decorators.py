@@ -709,6 +709,42 @@ def test_generator_step_failing_before_first_item_is_retried(traced) -> None:
     assert attrs(traced.span("step stream"))["multirun.step.attempt"] == 2
 
 
+@pytest.mark.parametrize("kind", ["generator", "async_generator"])
+async def test_generator_step_failing_after_an_item_is_not_retried_and_fails_with_step_error(
+    traced, kind
+) -> None:
+    """Its consumer has the first item already: another attempt would hand it out again."""
+    attempts: list[int] = []
+
+    def sync_stream():  # type: ignore[no-untyped-def]
+        attempts.append(1)
+        yield "first"
+        raise ConnectionError("cut")
+
+    async def async_stream():  # type: ignore[no-untyped-def]
+        attempts.append(1)
+        yield "first"
+        raise ConnectionError("cut")
+
+    stream = step(name="stream", retry=2)(sync_stream if kind == "generator" else async_stream)
+    seen: list[str] = []
+
+    @run
+    async def main() -> None:
+        if kind == "generator":
+            seen.extend(stream())
+        else:
+            async for item in stream():
+                seen.append(item)
+
+    with pytest.raises(StepError) as info:
+        await main()
+    assert isinstance(info.value.__cause__, ConnectionError)
+    assert (seen, attempts, traced.clock.sleeps) == (["first"], [1], [])
+    a = attrs(traced.span("step stream"))
+    assert (a["multirun.step.status"], a["multirun.step.attempt"]) == ("failed", 1)
+
+
 def test_retry_on_retries_listed_exception_types(traced) -> None:
     body = flaky(2, TimeoutError)
 
