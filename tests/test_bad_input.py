@@ -153,6 +153,14 @@ def test_step_applied_to_non_callable_is_refused() -> None:
     assert "42" in str(info.value)
 
 
+@pytest.mark.parametrize("decorator", [run, agent, step, checkpoint])
+def test_a_name_given_positionally_is_refused_saying_to_pass_name(decorator: Any) -> None:
+    """@step("fetch") reads like @think("fetch"), which takes its name positionally."""
+    name = decorator.__name__
+    with pytest.raises(ConfigurationError, match=rf"use @{name}\(name='fetch'\)"):
+        decorator("fetch")
+
+
 def test_run_applied_to_non_callable_is_refused() -> None:
     with pytest.raises(ConfigurationError):
         run("not a function")  # type: ignore[call-overload]

@@ -1142,8 +1142,9 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
 
 def _callable(decorator: str, fn: Any) -> Callable[..., Any]:
     if not callable(fn) and not isinstance(fn, (staticmethod, classmethod)):
+        hint = f" (to name it, use @{decorator}(name={fn!r}))" if isinstance(fn, str) else ""
         raise ConfigurationError(
-            f"@{decorator} decorates a function or method, got {type(fn).__name__} {fn!r}"
+            f"@{decorator} decorates a function or method, got {type(fn).__name__} {fn!r}{hint}"
         )
     return fn  # type: ignore[no-any-return]
 
