@@ -815,11 +815,10 @@ def test_an_instrumentation_failure_costs_a_log_line_not_the_task(
 def test_uninstrument_restores_motus(traced: Any, runtime: None, instrumented: MotusInstrumentor) -> None:
     from motus.runtime import agent_runtime
 
-    agent_task_module = sys.modules["motus.runtime.agent_task"]
     instrumented.uninstrument()
     try:
-        assert not isinstance(agent_task_module.register_agent_task, wrapt.BaseObjectProxy)
-        assert not isinstance(motus.runtime.register_agent_task, wrapt.BaseObjectProxy)
+        submit = agent_runtime.AgentRuntime.__dict__["submit_task_registration"]
+        assert not isinstance(submit, wrapt.BaseObjectProxy)
         assert not isinstance(agent_runtime.GraphScheduler.__dict__["_execute_task"], wrapt.BaseObjectProxy)
         assert resolve(consume("plain")) == "PLAIN"
         assert traced.spans() == []
@@ -828,6 +827,29 @@ def test_uninstrument_restores_motus(traced: Any, runtime: None, instrumented: M
     assert isinstance(agent_runtime.GraphScheduler.__dict__["_execute_task"], wrapt.BaseObjectProxy)
     assert resolve(consume("traced")) == "TRACED"
     assert [s.name for s in traced.spans()] == ["step consume", "invoke_workflow consume"]
+
+
+def test_a_task_registered_through_a_name_bound_before_instrumenting_is_traced(
+    traced: Any, runtime: None, instrumented: MotusInstrumentor
+) -> None:
+    """``from motus.runtime import register_agent_task`` above the ``instrument()`` call binds
+    Motus's own function: its tasks are traced all the same (they ran untraced, with no word)."""
+    instrumented.uninstrument()
+    try:
+        from motus.runtime import register_agent_task  # as a program does before instrumenting
+    finally:
+        instrumented.instrument()
+
+    def shout(value: str) -> str:  # a plain function, registered as a task directly
+        return value.upper()
+
+    @multirun.run
+    def job() -> str:
+        return resolve(register_agent_task(shout, "direct"))
+
+    assert job() == "DIRECT"
+    step = traced.span("step shout")
+    assert traced.parent_of(step) is traced.span("invoke_workflow job")
 
 
 def _python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -851,8 +873,7 @@ MotusInstrumentor().instrument()
 assert not [m for m in sys.modules if m.split(".")[0] == "motus"], "motus imported too early"
 import motus.runtime
 from motus.runtime import agent_runtime
-assert isinstance(sys.modules["motus.runtime.agent_task"].register_agent_task, wrapt.BaseObjectProxy)
-assert isinstance(motus.runtime.register_agent_task, wrapt.BaseObjectProxy)
+assert isinstance(agent_runtime.AgentRuntime.__dict__["submit_task_registration"], wrapt.BaseObjectProxy)
 assert isinstance(agent_runtime.GraphScheduler.__dict__["_resolve_task"], wrapt.BaseObjectProxy)
 print("ok")
 """

@@ -34,7 +34,8 @@ however late and on whichever thread Motus's scheduler runs it:
   raises ``BudgetExceededError``. A retry over budget is not attempted.
 
 How: the caller's OpenTelemetry context is captured in
-``motus.runtime.agent_task.register_agent_task``, on the caller's thread, and
+``AgentRuntime.submit_task_registration`` (which ``register_agent_task`` calls,
+however the program got hold of that function), on the caller's thread, and
 travels with the task on the creation stack Motus keeps for its error messages.
 ``GraphScheduler._execute_task`` opens the step in that context and makes it
 current for the task (asyncio copies it into the task, and into the worker
@@ -114,18 +115,15 @@ _PROVIDERS = {
     "VolcEngineChatClient": "volcengine",
 }
 
-# register_agent_task's own parameters: not task inputs
-_REGISTER_PARAMS = frozenset(
-    ("policy", "num_returns", "creation_stack", "on_start", "on_end", "on_error", "parent_stack", "task_type")
-)
-
 _REGISTRATION = "_multirun_task"  # attribute of the creation stack that carries a _Registration
 _PRODUCERS = "_multirun_producers"  # attribute of an AgentFuture: the spans that produce its value
 
 # (module, attribute path, wrapper); patched by module path string: ``motus.runtime`` re-exports
-# ``agent_task`` and friends under the names of its submodules, so only sys.modules finds these
+# ``agent_task`` and friends under the names of its submodules, so only sys.modules finds these.
+# Methods, not module functions: a program that bound ``register_agent_task`` before instrumenting
+# still calls these
 _PATCHES: tuple[tuple[str, str, str], ...] = (
-    ("motus.runtime.agent_task", "register_agent_task", "_register_agent_task"),
+    ("motus.runtime.agent_runtime", "AgentRuntime.submit_task_registration", "_submit_task_registration"),
     ("motus.runtime.agent_runtime", "GraphScheduler._execute_task", "_execute_task"),
     ("motus.runtime.agent_runtime", "GraphScheduler._resolve_task", "_resolve_task"),
     ("motus.runtime.agent_runtime", "GraphScheduler.shutdown", "_shutdown"),
@@ -191,6 +189,7 @@ class _Motus:
     task_cancelled_error: type[BaseException] = Exception
     compute: Any = None  # TaskKind.COMPUTE
     not_started: tuple[Any, ...] = ()  # TaskStatus.PENDING, READY
+    submit_signature: inspect.Signature | None = None  # of AgentRuntime.submit_task_registration
 
 
 def _on_motus_import(module: Any) -> None:
@@ -213,14 +212,11 @@ def _patch() -> None:
     _Motus.task_cancelled_error = instance.TaskCancelledError
     _Motus.compute = instance.TaskKind.COMPUTE
     _Motus.not_started = (instance.TaskStatus.PENDING, instance.TaskStatus.READY)
-    original = sys.modules[_HOOK_MODULE].register_agent_task
+    runtime = importlib.import_module("motus.runtime.agent_runtime")
+    _Motus.submit_signature = inspect.signature(runtime.AgentRuntime.submit_task_registration)
     wrappers = globals()
     for module, path, wrapper in _PATCHES:
         wrapt.wrap_function_wrapper(module, path, wrappers[wrapper])
-    # the package's re-export, when it was bound before the patch
-    package = sys.modules.get("motus.runtime")
-    if package is not None and getattr(package, "register_agent_task", None) is original:
-        wrapt.wrap_function_wrapper(package, "register_agent_task", _register_agent_task)
     _settings.patched = True
 
 
@@ -233,9 +229,6 @@ def _unpatch() -> None:
         for part in owner_path:
             owner = getattr(owner, part)
         unwrap(owner, name)
-    package = sys.modules.get("motus.runtime")
-    if package is not None:
-        unwrap(package, "register_agent_task")
     _settings.patched = False
     for key in list(_settings.live):  # spans still open: end them rather than lose them
         trace = _settings.live.pop(key, None)
@@ -267,20 +260,20 @@ class _Registration:
         self.recorded = False  # the task has a span already (or must not get one)
 
 
-def _register_agent_task(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+def _submit_task_registration(wrapped: Callable[..., Any], runtime: Any, args: Any, kwargs: Any) -> Any:
     if _settings.active:
         try:
-            stack = kwargs.get("creation_stack")
+            assert _Motus.submit_signature is not None
+            call = _Motus.submit_signature.bind(runtime, *args, **kwargs)
+            stack = call.arguments.get("creation_stack")
             if stack is None:
                 # an empty stack adds nothing to Motus's error messages, as None does
-                stack = kwargs["creation_stack"] = traceback.StackSummary()
+                stack = call.arguments["creation_stack"] = traceback.StackSummary()
+                args, kwargs = call.args[1:], call.kwargs
             upstream: list[Any] = []
             scanned = _Motus.scanned
-            for value in args[1:]:
+            for value in (*call.arguments.get("args", ()), *call.arguments.get("kwargs", {}).values()):
                 if isinstance(value, scanned):
-                    _futures_in(value, scanned[0], upstream)
-            for key, value in kwargs.items():
-                if isinstance(value, scanned) and key not in _REGISTER_PARAMS:
                     _futures_in(value, scanned[0], upstream)
             setattr(stack, _REGISTRATION, _Registration(otel_context.get_current(), upstream))
         except Exception:
