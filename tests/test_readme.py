@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import multirun
 from multirun.cli.main import build_parser, main
@@ -43,6 +47,144 @@ def test_the_quick_start_runs_as_written_and_its_run_is_listed(
     assert runs[0]["status"] == "completed"
     assert runs[0]["tokens"] > 0  # report_usage as the quick start calls it was charged
     assert runs[0]["cost_usd"] > 0  # gpt-4o has a known price
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text("utf-8"), re.DOTALL)
+
+
+def _python_block(marker: str) -> str:
+    """The one python block of the README that holds ``marker``."""
+    found = [block for block in _python_blocks() if marker in block]
+    assert len(found) == 1, f"the README has {len(found)} python blocks with {marker!r}"
+    return found[0]
+
+
+# what tells apart each python block of the README that a test below runs
+_QUICK_START = 'crew("OpenTelemetry for agents")'
+_RESUME = "multirun.resume("
+_MANUAL_STEP = "get_step_result("
+
+
+def test_every_python_block_of_the_readme_is_one_a_test_here_runs() -> None:
+    unrun = [b for b in _python_blocks() if not any(m in b for m in (_QUICK_START, _RESUME, _MANUAL_STEP))]
+    assert unrun == [], "a python block of the README that no test runs: run it in tests/test_readme.py"
+
+
+class AuthenticationError(Exception):
+    """What an LLM client raises for a revoked key: never retried, so the run fails at once."""
+
+
+def test_the_readme_resume_block_continues_a_failed_quick_start_serving_the_steps_it_completed(
+    global_otel: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    calls: list[str] = []
+
+    def my_llm(model: str, prompt: str) -> tuple[str, Any]:
+        calls.append(model)
+        if len(calls) == 1:
+            raise AuthenticationError("invalid API key")
+        return _fake_llm(model, prompt)
+
+    namespace: dict[str, Any] = {"my_llm": my_llm}
+    with pytest.raises(AuthenticationError):  # the run fails, and checkpoints on its error
+        exec(compile(_quick_start(), str(README), "exec"), namespace)
+    [run_id] = [p.name for p in (tmp_path / ".multirun" / "blobs" / "checkpoints").iterdir()]
+    block = _python_block(_RESUME).replace("4f0c...", run_id[:4])  # a prefix will do, as the README says
+    block = block.replace("the same arguments", "OpenTelemetry for agents")
+    exec(compile(block, str(README), "exec"), namespace)
+    multirun.get_client().force_flush()
+
+    assert calls == ["gpt-4o", "gpt-4o"]  # the step that failed runs again
+    assert main(["runs", "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)[0]
+    assert (resumed["name"], resumed["status"]) == ("crew", "completed")
+    assert main(["runs", "show", resumed["run_id"], "--json"]) == 0
+    spans = [json.loads(capsys.readouterr().out)]
+    statuses = {}
+    while spans:
+        span = spans.pop()
+        statuses[span["name"]] = span["status"]
+        spans += span["children"]
+    assert statuses["execute_tool search"] == "skipped"  # served, not run again
+    assert statuses["chat gpt-4o"] == "completed"
+
+
+async def test_the_readme_manual_step_block_serves_the_step_in_a_resumed_run(
+    global_otel: None, tmp_path: Path
+) -> None:
+    from multirun.context import get_current_agent_context, get_current_run_context
+    from multirun.models import StepKind
+
+    body = "\n".join("    " + line for line in _python_block(_MANUAL_STEP).splitlines())
+    source = (
+        "async def call_llm(prompt):\n"
+        "    agent_ctx = get_current_agent_context()\n"
+        f"{body}\n"
+        "    answer = model(prompt)\n"
+        "    await step_ctx.complete(answer)\n"
+        "    return answer\n"
+    )
+    prompts: list[str] = []
+
+    def model(prompt: str) -> str:
+        prompts.append(prompt)
+        return f"summary of {prompt}"
+
+    namespace: dict[str, Any] = {
+        "get_current_agent_context": get_current_agent_context,
+        "StepKind": StepKind,
+        "model": model,
+    }
+    exec(compile(source, str(README), "exec"), namespace)
+    call_llm = namespace["call_llm"]
+    multirun.init(checkpoint_uri=str(tmp_path / "blobs"), span_exporter=InMemorySpanExporter())
+
+    @multirun.run
+    async def crew() -> str:
+        answer = await call_llm("the news")
+        await get_current_run_context().checkpoint(name="after_the_call")
+        return str(answer)
+
+    assert await crew() == "summary of the news"
+    [run_id] = [p.name for p in (tmp_path / "blobs" / "checkpoints").iterdir()]
+    with multirun.resume(run_id=run_id):
+        assert await crew() == "summary of the news"
+    assert prompts == ["the news"]  # served the second time: the model is not called again
+
+
+def _demo_transcript() -> list[str]:
+    """What the README shows ``multirun demo --dir /tmp/x`` print."""
+    block = _section("The `multirun` command").split("```\n", 2)[1]
+    command, *lines = block.splitlines()
+    assert command == "$ .venv/bin/multirun demo --dir /tmp/x"
+    return lines
+
+
+def _masked(line: str) -> str:
+    """``line`` with what changes from one demo to the next (ids, times, durations, where the
+    package is, and costs, which follow genai-prices) masked, in as many characters: the
+    columns still have to line up."""
+    line = re.sub(r"\S*/src/multirun/demo\.py", "DEMO.PY", line)
+    line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "DATE", line)
+    line = re.sub(r"\b[0-9a-f]{12,32}\b", lambda m: "#" * len(m.group()), line)
+    line = re.sub(r" *\$\d+\.\d+", lambda m: "~" * len(m.group()), line)  # prices change, not columns
+    return re.sub(r" +\d+(?:\.\d+)?m?s\b", lambda m: "~" * len(m.group()), line)
+
+
+def test_the_demo_prints_what_the_readme_shows(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_", "NO_COLOR"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "multirun", "demo", "--dir", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.replace(str(tmp_path / "x"), "/tmp/x").splitlines()
+    assert [_masked(line) for line in printed] == [_masked(line) for line in _demo_transcript()]
 
 
 def _documented_command_lines() -> list[str]:
