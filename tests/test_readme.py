@@ -154,6 +154,18 @@ async def test_the_readme_manual_step_block_serves_the_step_in_a_resumed_run(
     assert prompts == ["the news"]  # served the second time: the model is not called again
 
 
+def test_the_example_of_the_packages_docstring_runs_as_written(
+    global_otel: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert multirun.__doc__ is not None
+    namespace: dict[str, Any] = {}
+    exec(compile(multirun.__doc__.split("\n\n", 1)[1], multirun.__file__, "exec"), namespace)
+    assert namespace["main"]() == "..."
+    assert multirun.get_client().force_flush()
+    assert main(["runs", "--json"]) == 0
+
+
 def _demo_transcript() -> list[str]:
     """What the README shows ``multirun demo --dir /tmp/x`` print."""
     block = _section("The `multirun` command").split("```\n", 2)[1]

@@ -1,6 +1,7 @@
 """multirun: observe and govern AI agents with OpenTelemetry.
 
-from multirun import run, agent, step
+import multirun
+from multirun import run, step
 from multirun.models import Budget, StepKind
 
 @step(kind=StepKind.LLM_CALL)
