@@ -199,6 +199,20 @@ def test_the_demo_prints_what_the_readme_shows(tmp_path: Path) -> None:
     assert [_masked(line) for line in printed] == [_masked(line) for line in _demo_transcript()]
 
 
+def _multirun_variables(text: str) -> set[str]:
+    return set(re.findall(r"\bMULTIRUN_[A-Z_]*[A-Z]\b", text))
+
+
+def test_every_multirun_variable_the_package_reads_is_in_the_readme_and_no_other() -> None:
+    package = README.parent / "src" / "multirun"
+    read = set().union(*(_multirun_variables(path.read_text("utf-8")) for path in package.rglob("*.py")))
+    scripts = _multirun_variables((README.parent / "scripts" / "test").read_text("utf-8"))
+    documented = _multirun_variables(README.read_text("utf-8"))
+    assert len(read) > 5
+    assert read - documented == set(), "read by the package, not in the README"
+    assert documented - read - scripts == set(), "in the README, read by nothing"
+
+
 def _documented_command_lines() -> list[str]:
     """Every ``multirun COMMAND ...`` synopsis in the README, options in brackets taken as given
     (a bare ``multirun COMMAND`` in the prose is a mention, not a synopsis)."""
