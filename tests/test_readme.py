@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -211,6 +212,23 @@ def test_every_multirun_variable_the_package_reads_is_in_the_readme_and_no_other
     assert len(read) > 5
     assert read - documented == set(), "read by the package, not in the README"
     assert documented - read - scripts == set(), "in the README, read by nothing"
+
+
+BENCHMARKS = README.parent / "benchmarks"
+
+
+def test_the_benchmarks_readme_names_every_benchmark_run_py_runs() -> None:
+    spec = importlib.util.spec_from_file_location("benchmarks_run", BENCHMARKS / "run.py")
+    assert spec is not None and spec.loader is not None
+    run_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_py)
+    text = (BENCHMARKS / "README.md").read_text("utf-8")
+    table = {row.split(" | ")[0].strip("| `") for row in re.findall(r"^\| `.*", text, re.MULTILINE)}
+    usage = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert sorted(set(run_py.SCRIPTS.values()) - table) == [], "benchmarks missing from the table"
+    assert sorted(name for name in run_py.SCRIPTS if not re.search(rf"\b{name}\b", usage)) == [], (
+        "--only names missing from the usage"
+    )
 
 
 def _documented_command_lines() -> list[str]:
