@@ -355,6 +355,20 @@ async def test_step_complete_updates_agent_and_run_totals(traced) -> None:
     assert [s.name for s in agent_ctx.steps] == ["call_llm", "call_llm"]
 
 
+async def test_step_complete_without_a_cost_prices_the_tokens_as_output_of_the_steps_model(traced) -> None:
+    async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        agent_ctx = ctx.default_agent
+        priced = await agent_ctx.start_step("call_llm", kind=StepKind.LLM_CALL, model="gpt-4o")
+        await priced.complete("r", tokens_used=100)
+        unknown = await agent_ctx.start_step("call_llm", kind=StepKind.LLM_CALL)  # no model to price
+        await unknown.complete("r", tokens_used=100)
+
+    assert priced.cost_usd == pytest.approx(traced.client.prices.cost_usd("gpt-4o", output_tokens=100))
+    assert priced.cost_usd > 0
+    assert not priced.unpriced
+    assert (unknown.cost_usd, unknown.unpriced) == (0.0, True)
+
+
 async def test_step_fail_marks_step_failed_with_error(traced) -> None:
     async with RunContext(client=traced.client, run=Run(name="x")) as ctx:
         agent_ctx = await ctx.start_agent(name="a")

@@ -172,6 +172,8 @@ class MultiRunClient:
         return usage.total_tokens, round(cost * COST_UNITS_PER_USD), False
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Export the spans ended so far, waiting ``timeout_millis`` at most; False if they
+        were not all exported in time."""
         flush = getattr(self.tracer_provider, "force_flush", None)
         return bool(flush(timeout_millis)) if flush is not None else True
 
@@ -349,9 +351,10 @@ def init(
 
     Args:
         service_name: ``service.name`` of a provider created here (default
-            ``OTEL_SERVICE_NAME``, else ``multirun``).
+            ``OTEL_SERVICE_NAME``, else ``service.name`` of ``OTEL_RESOURCE_ATTRIBUTES``,
+            else ``multirun``).
         endpoint: OTLP/HTTP endpoint, e.g. ``http://localhost:4318``. Without
-            it, ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is honoured; with
+            it, ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)ENDPOINT`` is honoured; with
             neither, traces go to files under ``local_dir``.
         headers: HTTP headers sent with every OTLP export (e.g. ``Authorization``).
         tracer_provider: use this provider instead of the global one.
@@ -360,13 +363,16 @@ def init(
             one given here or in ``MULTIRUN_DIR`` is created now, and refused if it cannot be.
         capture_content: record step inputs and outputs (default from
             ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``).
-        content_limit: longest recorded content, in characters.
-        checkpoint_uri: blob store of checkpoints (``file://``, ``memory://``, ``s3://``, a path).
+        content_limit: longest recorded content, in characters (default
+            ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT``, at least 16, else 4096).
+        checkpoint_uri: blob store of checkpoints (``file://``, ``memory://``, ``s3://``, a path;
+            default ``MULTIRUN_CHECKPOINT_URI``, else ``local_dir/blobs``).
         blob_exporter: a BlobExporter object to keep checkpoints in, instead of a URI.
         checkpoint_serializer: ``json`` (default, ``MULTIRUN_CHECKPOINT_SERIALIZER``), or
             ``pickle``/``cloudpickle`` to keep objects as they are; those need an HMAC key.
         checkpoint_hmac_key: the key that signs and verifies checkpoints (default
-            ``MULTIRUN_CHECKPOINT_HMAC_KEY``; hex, or text of at least 16 bytes).
+            ``MULTIRUN_CHECKPOINT_HMAC_KEY``): bytes, or text (hex digits are read as hex),
+            at least 16 bytes.
         checkpoint_timeout: the longest a checkpoint waits for the blob store to write it, in
             seconds (default ``MULTIRUN_CHECKPOINT_TIMEOUT``, else 15): a store that hangs or is
             slow costs that wait and a warning, and the write goes on in the background.

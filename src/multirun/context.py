@@ -169,9 +169,11 @@ def report_usage(
     """Charge one model call to the current step (or agent, or run).
 
     ``input_tokens`` includes ``cached_input_tokens``, as in the GenAI
-    conventions. Without ``cost_usd`` the cost comes from the price book; a
-    model with no known price is flagged unpriced. Outside a run it charges
-    nothing, and the first such call of the process logs a warning.
+    conventions. ``model`` None is the step's model. Without ``cost_usd`` the
+    cost comes from the price book; a model with no known price is flagged
+    unpriced, and with ``init(unpriced="fail")`` also raises PolicyViolation.
+    A count that is not an int >= 0 raises ConfigurationError. Outside a run
+    it charges nothing, and the first such call of the process logs a warning.
     """
     usage = TokenUsage(
         model=model,
@@ -706,7 +708,8 @@ class RunContext:
         agent_id: str = "",
         step_id: str = "",
     ) -> Done[CheckpointMeta]:
-        """Write the run's state and replay cache to the blob store."""
+        """Write the run's state, its agents' states, its replay log and spend to the blob
+        store; CheckpointError if it cannot be written."""
         return Done(self._checkpoint(name or "checkpoint", extra_state, agent_id, step_id))
 
     def _checkpoint(
@@ -1367,7 +1370,9 @@ class StepContext:
         tokens_used: int | None = None,
         cost_usd: float | None = None,
     ) -> Done[None]:
-        """Record the step's result and usage. ``tokens_used`` with no ``cost_usd`` is unpriced."""
+        """Record the step's result and usage: ``tokens_used`` counts as output tokens of the
+        step's model, priced as such unless ``cost_usd`` is given (unpriced if the step names no
+        model)."""
         self._refuse_if_ended()
         if tokens_used is not None or cost_usd is not None:
             if tokens_used is not None and (

@@ -25,7 +25,7 @@ class _PresetStep:
         self._word = word
         self._kind = kind
         self.__name__ = word
-        self.__doc__ = f"``@step(kind={kind.value!r})``: a {word} step of the current run."
+        self.__doc__ = f'``@step(kind={kind.value!r})``; ``@{word}("name")`` names the step.'
 
     @overload
     def __call__(self, func: F, /) -> F: ...
