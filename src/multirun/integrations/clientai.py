@@ -29,6 +29,10 @@ What becomes what:
 - ``ToolSelector.select_tools``: a tool step ``select_tools`` (its LLM call
   inside); ``Tool.__call__``: a tool step ``execute_tool {tool name}``.
 
+Only ``Agent.run`` starts a run when none is active: an LLM call, tool
+selection or tool call made outside any run (a client used without an
+``Agent``) is left alone, untraced.
+
 Every one of these is a step of the run: the budget and the policy decide
 before it starts, and a ClientAI agent over budget stops with
 ``BudgetExceededError`` (unwrapped from the errors ClientAI wraps it in).
