@@ -473,7 +473,9 @@ def init_local(path: str | os.PathLike[str] | None = None, **options: Any) -> Mu
     (default: ``MULTIRUN_DIR``, else ``./.multirun``, as ``multirun resume --dir`` expects).
 
     Checkpoints go to ``checkpoint_uri`` if given, else to ``MULTIRUN_CHECKPOINT_URI`` (what
-    ``multirun resume --store`` sets), else ``path/blobs``, as with ``init``."""
+    ``multirun resume --store`` sets), else ``path/blobs``, as with ``init``. ``options`` are
+    the other arguments of ``init``; ``local_dir`` and ``span_exporter``, which ``path`` sets,
+    are refused with a TypeError."""
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise ConfigurationError(f"init_local: path must be a str or os.PathLike, got {path!r}")
     from_env = path is None and bool(os.environ.get("MULTIRUN_DIR"))
