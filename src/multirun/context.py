@@ -102,7 +102,8 @@ def get_current_run_context() -> RunContext:
 
 
 def get_current_agent_context() -> AgentContext:
-    """The AgentContext of the enclosing agent (the run's default agent if none was started)."""
+    """The AgentContext of the enclosing agent (the run's default agent if none was started);
+    RuntimeError outside a run."""
     current = otel_context.get_current()
     agent = agent_in(current)
     if agent is not None:
@@ -122,7 +123,8 @@ def get_current_step_context() -> StepContext:
 
 
 def get_current_client() -> MultiRunClient:
-    """The client of the current run, else the one ``multirun.init`` configured."""
+    """The client of the current run, else the one ``multirun.init`` configured; RuntimeError
+    if there is neither (``multirun.get_client`` creates the default one instead)."""
     run = run_in(otel_context.get_current())
     if run is not None:
         return run.client
