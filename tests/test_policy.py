@@ -170,6 +170,16 @@ def test_rate_limit_that_would_wait_past_the_deadline_aborts(traced) -> None:
     assert refused[attr.STEP_STATUS] == "failed"
 
 
+def test_a_rate_limit_too_small_to_space_requests_is_refused_naming_the_parameter() -> None:
+    from pydantic import ValidationError
+
+    for tiny in (1e-320, 1e-12):  # one request every inf seconds; every 1.9 million years
+        with pytest.raises(ValidationError, match="requests_per_minute") as info:
+            RateLimitRule(requests_per_minute=tiny)
+        assert "at least" in str(info.value)
+    assert RateLimitRule(requests_per_minute=0.001).requests_per_minute == 0.001  # one every 1000 min
+
+
 # ---------------------------------------------------------------------------
 # circuit breaker
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from multirun.models._base import Amount, Count, Model
 
@@ -36,9 +36,22 @@ class BudgetRule(Model):
     max_cost_usd: Amount | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
+# The longest a rate limit may space two requests: a clock cannot wait much longer (time.sleep
+# refuses ~290 years), and a positive value as tiny as 1e-320 would space them inf seconds apart.
+MAX_REQUEST_INTERVAL_SECONDS = 1e9  # about 31 years
+
+
 class RateLimitRule(Model):
     requests_per_minute: Amount = Field(gt=0)
     model: str | None = Field(default=None, min_length=1)  # "" would match no step: refused
+
+    @field_validator("requests_per_minute")
+    @classmethod
+    def _spaces_requests_a_clock_can_wait(cls, value: float) -> float:
+        least = 60.0 / MAX_REQUEST_INTERVAL_SECONDS
+        if value < least:
+            raise ValueError(f"must be at least {least:g}, one request every 31 years")
+        return value
 
 
 class RetryRule(Model):
