@@ -973,3 +973,52 @@ def test_a_circuit_opened_after_the_shared_table_was_pruned_is_seen_by_other_run
 
     assert long_run() == "refused"
     assert calls == ["A", "A", "A"]
+
+
+def test_retries_of_a_step_with_check_budget_false_go_on_after_the_budget_is_spent(traced) -> None:
+    attempts = {"n": 0}
+
+    @step
+    def ask() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=100)
+
+    @step(check_budget=False, retry=2, retry_delay=0)
+    def save() -> str:  # must run however much was spent: the results are paid for
+        attempts["n"] += 1
+        if attempts["n"] < 3:
+            raise ConnectionError("blip")
+        return "saved"
+
+    @run(budget=Budget(max_tokens=100))
+    def main() -> str:
+        ask()  # spends the whole budget
+        return save()
+
+    assert main() == "saved"
+    assert attempts["n"] == 3
+
+
+def test_a_step_with_check_budget_false_waits_and_retries_past_the_deadline(traced) -> None:
+    attempts: list[float] = []
+
+    @step(kind=StepKind.LLM_CALL, model="m")
+    def ask() -> None:
+        pass
+
+    @step(kind=StepKind.LLM_CALL, model="m", check_budget=False, retry=1, retry_delay=20)
+    def summarize() -> str:
+        attempts.append(traced.clock.now)
+        if len(attempts) == 1:
+            raise ConnectionError("blip")
+        return "summary"
+
+    @run(
+        budget=Budget(max_duration_seconds=10),
+        policy=Policy(rate_limit=RateLimitRule(requests_per_minute=4)),
+    )
+    def main() -> str:
+        ask()
+        return summarize()  # its slot is 15 s away, past the 10 s deadline; its retry 20 s later
+
+    assert main() == "summary"
+    assert [t - 1000 for t in attempts] == [15, 35]

@@ -179,10 +179,11 @@ class _StepCall(StepContext):
             return None
         delay = backoff_delay(strategy, base, cap, self.attempt)
         ledger = run.ledger
-        if ledger.used_up():
-            return None  # another attempt would spend past this run's budget or an enclosing run's
-        if self._clock().monotonic() + delay >= ledger.deadline:
-            return None  # the attempt would start when the run (or an enclosing run) is out of time
+        if spec.check_budget:  # else the step runs whatever the budget says, its retries too
+            if ledger.used_up():
+                return None  # another attempt would spend past this run's budget or an enclosing run's
+            if self._clock().monotonic() + delay >= ledger.deadline:
+                return None  # the attempt would start when the run (or an enclosing run) is out of time
         # checked before the policy sees the failure: past here every way out retries or is a
         # refusal (_retry_refused), so _failed never counts the failure a second time
         engine = run.policy_engine
@@ -191,7 +192,9 @@ class _StepCall(StepContext):
             # circuit, and the next one asks the policy (open circuit, rate limit) like any call
             engine.after_step(spec.name, spec.kind, error)
             try:
-                decision = engine.before_step(spec.name, spec.kind, self.model, ledger, not_before=delay)
+                decision = engine.before_step(
+                    spec.name, spec.kind, self.model, ledger, not_before=delay, within_budget=spec.check_budget
+                )
             except PolicyViolation as refused:
                 self._retry_refused = refused
                 self.policy_decision, self.policy_rule = PolicyDecision.ABORT.value, refused.rule
@@ -378,7 +381,9 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     decision = None
     try:
         if engine is not None:
-            decision = engine.before_step(spec.name, spec.kind, spec.model, run.ledger)
+            decision = engine.before_step(
+                spec.name, spec.kind, spec.model, run.ledger, within_budget=spec.check_budget
+            )
         run.ledger.begin_step(spec.check_budget)
         step = _StepCall(agent, spec.name, spec.kind, parent, managed=True)
         step.spec = spec

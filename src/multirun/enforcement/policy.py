@@ -201,10 +201,17 @@ class PolicyEngine:
         self._generation = state.generation  # of the shared table when the view was taken
 
     def before_step(
-        self, name: str, kind: StepKind, model: str | None, ledger: Ledger, not_before: float = 0.0
+        self,
+        name: str,
+        kind: StepKind,
+        model: str | None,
+        ledger: Ledger,
+        not_before: float = 0.0,
+        within_budget: bool = True,
     ) -> Decision:
         """The decision for a step about to start, at the earliest ``not_before`` seconds from
-        now (a retry's backoff); PolicyViolation when it must not run."""
+        now (a retry's backoff); PolicyViolation when it must not run. A step not held to the
+        budget (``within_budget=False``: ``check_budget=False``) may wait past the deadline."""
         policy = self.policy
         decision = PROCEED
         breaker_rule = policy.circuit_breaker
@@ -226,7 +233,8 @@ class PolicyEngine:
                         decision = Decision(PolicyDecision.FALLBACK, "graceful_degradation", model=fallback)
                 limit = policy.rate_limit
                 if limit is not None and (limit.model is None or limit.model == model):
-                    wait = self._rate_limit_wait(limit, ledger, not_before)
+                    latest_start = ledger.deadline if within_budget else float("inf")
+                    wait = self._rate_limit_wait(limit, latest_start, not_before)
                     if wait > not_before:
                         decision = Decision(
                             PolicyDecision.WAIT,
@@ -287,11 +295,11 @@ class PolicyEngine:
         self._generation = self.state.generation
         self._breakers = {}
 
-    def _rate_limit_wait(self, rule: RateLimitRule, ledger: Ledger, not_before: float) -> float:
+    def _rate_limit_wait(self, rule: RateLimitRule, latest_start: float, not_before: float) -> float:
         """Seconds from now until the step's slot, which starts ``not_before`` seconds from now
-        at the earliest."""
+        at the earliest, and before ``latest_start``."""
         start = self.clock() + not_before
-        wait = self.state.limiter(rule).reserve(start, ledger.deadline)
+        wait = self.state.limiter(rule).reserve(start, latest_start)
         if wait is None:
             raise PolicyViolation(
                 "rate_limit",
