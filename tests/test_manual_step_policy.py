@@ -162,3 +162,23 @@ async def test_a_manual_step_cancelled_while_it_waits_for_its_slot_ends_its_span
     with pytest.raises(asyncio.CancelledError):
         await main()
     assert [a[attr.STEP_STATUS] for a in attrs_of(traced, "chat m")] == ["completed", "failed"]
+
+
+def test_a_manual_step_the_budget_refuses_does_not_use_up_a_rate_limit_slot(traced) -> None:
+    policy = Policy(rate_limit=RateLimitRule(requests_per_minute=60))
+
+    @run(budget=Budget(max_steps=1), policy=policy)
+    def spent() -> None:
+        agent_ctx = get_current_agent_context()
+        agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m").complete("a")  # the slot at 0 s
+        with pytest.raises(BudgetExceededError):
+            agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m")  # takes no slot
+
+    @run(policy=policy)
+    def other() -> None:
+        get_current_agent_context().start_step("ask", kind=StepKind.LLM_CALL, model="m").complete("b")
+
+    spent()
+    started = traced.clock.now
+    other()
+    assert traced.clock.now - started == 1.0  # the slot at 1 s, not the one after the refused step's

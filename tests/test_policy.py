@@ -170,6 +170,29 @@ def test_rate_limit_that_would_wait_past_the_deadline_aborts(traced) -> None:
     assert refused[attr.STEP_STATUS] == "failed"
 
 
+def test_a_step_the_budget_refuses_does_not_use_up_a_rate_limit_slot(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="m")
+    def ask() -> None:
+        pass
+
+    policy = Policy(rate_limit=RateLimitRule(requests_per_minute=60))
+
+    @run(budget=Budget(max_steps=1), policy=policy)
+    def spent() -> None:
+        ask()  # the slot at 0 s
+        with pytest.raises(BudgetExceededError):
+            ask()  # refused: it never calls the model, so it takes no slot
+
+    @run(policy=policy)
+    def other() -> None:
+        ask()
+
+    spent()
+    started = traced.clock.now
+    other()
+    assert traced.clock.now - started == 1.0  # the slot at 1 s, not the one after the refused step's
+
+
 def test_a_rate_limit_too_small_to_space_requests_is_refused_naming_the_parameter() -> None:
     from pydantic import ValidationError
 

@@ -40,7 +40,7 @@ from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy, sub_run
 from multirun.checkpoints.serializers import json_form
 from multirun.checkpoints.store import agent_state
 from multirun.enforcement.ledger import SPEND_TOTALS
-from multirun.enforcement.policy import PROCEED, PolicyEngine
+from multirun.enforcement.policy import PolicyEngine
 from multirun.errors import (
     BudgetExceededError,
     CheckpointError,
@@ -943,7 +943,7 @@ class AgentContext:
             step.model = model
             step.input_hash = digest
             step.replay_call = replay_call
-            if decision is not None and decision is not PROCEED:
+            if decision is not None and decision.decision is not PolicyDecision.PROCEED:
                 run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
                 step.policy_decision = decision.decision.value
                 step.policy_rule = decision.rule
@@ -955,8 +955,8 @@ class AgentContext:
             # refused, or the step could not start: it never ran, nor is it a call in flight
             if replay_call is not None:
                 run.replay_log.fail(replay_call)
-            if decision is not None:
-                engine.after_step(name, kind, error)  # type: ignore[union-attr]  # gives back a probe
+            if decision is not None:  # its probe and its rate-limit slot are free again
+                engine.give_back(name, decision)  # type: ignore[union-attr]
             if isinstance(error, (BudgetExceededError, PolicyViolation)):
                 record_step_not_run(
                     self, parent_ctx, name, kind, model, input_args, kwargs, digest=digest, refused=error

@@ -29,7 +29,6 @@ from multirun.checkpoints.resume import take_pending_resume
 from multirun.checkpoints.serializers import is_one_shot
 from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext, record_step_not_run
-from multirun.enforcement.policy import PROCEED
 from multirun.errors import (
     REFUSALS,
     BudgetExceededError,
@@ -193,14 +192,19 @@ class _StepCall(StepContext):
             engine.after_step(spec.name, spec.kind, error)
             try:
                 decision = engine.before_step(
-                    spec.name, spec.kind, self.model, ledger, not_before=delay, within_budget=spec.check_budget
+                    spec.name,
+                    spec.kind,
+                    self.model,
+                    ledger,
+                    not_before=delay,
+                    within_budget=spec.check_budget,
                 )
             except PolicyViolation as refused:
                 self._retry_refused = refused
                 self.policy_decision, self.policy_rule = PolicyDecision.ABORT.value, refused.rule
                 run.client.metrics.policy_decision(run.run.name, PolicyDecision.ABORT.value, refused.rule)
                 return None
-            if decision is not PROCEED:
+            if decision.decision is not PolicyDecision.PROCEED:
                 run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
                 self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
                 if decision.model is not None:
@@ -394,7 +398,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             step.replay_call = replay_call
             if replay_call is not None and spec.streams:
                 step._stream_items = []
-        if decision is not None and decision is not PROCEED:
+        if decision is not None and decision.decision is not PolicyDecision.PROCEED:
             # "proceed" is not counted: it is every step that was not waited, switched or refused
             run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
             step.policy_decision = decision.decision.value
@@ -408,8 +412,8 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         # span, with the stack full of a recursion, say): it never ran, nor is it a call in flight
         if replay_call is not None:
             run.replay_log.fail(replay_call)
-        if decision is not None:
-            engine.after_step(spec.name, spec.kind, error)  # type: ignore[union-attr]  # gives back a probe
+        if decision is not None:  # its probe and its rate-limit slot are free again
+            engine.give_back(spec.name, decision)  # type: ignore[union-attr]
         if isinstance(error, (BudgetExceededError, PolicyViolation)):
             _record_step_not_run(spec, agent, current, refused=error, args=args, kwargs=kwargs)
         raise

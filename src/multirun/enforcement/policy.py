@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
 from multirun.errors import (
@@ -52,6 +52,7 @@ class Decision:
     wait_seconds: float = 0.0
     model: str | None = None  # the model an LLM step should use (set on fallback)
     reason: str = ""
+    slot: Slot | None = None  # the rate-limit slot reserved for the step
 
 
 PROCEED = Decision(PolicyDecision.PROCEED)
@@ -79,14 +80,34 @@ class RateLimiter:
         self._next_free = float("-inf")
         self._lock = threading.Lock()
 
-    def reserve(self, now: float, latest_start: float) -> float | None:
-        """Seconds to wait for the next slot, or None if that slot starts after ``latest_start``."""
+    def reserve(self, now: float, latest_start: float) -> tuple[float, Slot] | None:
+        """Seconds to wait for the next slot, and the slot; None if it starts after ``latest_start``."""
         with self._lock:
-            slot = max(now, self._next_free)
-            if slot >= latest_start:
+            before = self._next_free
+            start = max(now, before)
+            if start >= latest_start:
                 return None
-            self._next_free = slot + self.interval
-            return slot - now
+            self._next_free = end = start + self.interval
+        return start - now, Slot(self, end, before)
+
+    def give_back(self, slot: Slot) -> None:
+        """``slot`` was not used (its step was refused): the next caller may have it, unless a
+        later slot was reserved meanwhile, whose caller is already waiting for it."""
+        with self._lock:
+            if self._next_free == slot.end:
+                self._next_free = slot.before
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A slot reserved from ``limiter``: what its next free slot was before, and after."""
+
+    limiter: RateLimiter
+    end: float
+    before: float
+
+    def give_back(self) -> None:
+        self.limiter.give_back(self)
 
 
 class CircuitBreaker:
@@ -234,19 +255,31 @@ class PolicyEngine:
                 limit = policy.rate_limit
                 if limit is not None and (limit.model is None or limit.model == model):
                     latest_start = ledger.deadline if within_budget else float("inf")
-                    wait = self._rate_limit_wait(limit, latest_start, not_before)
+                    wait, slot = self._rate_limit_slot(limit, latest_start, not_before)
                     if wait > not_before:
                         decision = Decision(
                             PolicyDecision.WAIT,
                             "rate_limit",
                             wait_seconds=wait,
                             model=decision.model,
+                            slot=slot,
                         )
+                    else:
+                        decision = replace(decision, slot=slot)
         except BaseException:
             if breaker is not None:
                 breaker.release_probe()
             raise
         return decision
+
+    def give_back(self, name: str, decision: Decision) -> None:
+        """The step was refused (by the budget, say), or could not start, after ``decision``:
+        the circuit's probe and the rate-limit slot it holds are free again."""
+        if decision.slot is not None:
+            decision.slot.give_back()
+        rule = self.policy.circuit_breaker
+        if rule is not None:
+            self._breaker(name, rule).release_probe()
 
     def after_success(self, name: str, kind: StepKind) -> None:
         """A step succeeded: the common case, with nothing to change when the circuit is healthy."""
@@ -295,18 +328,21 @@ class PolicyEngine:
         self._generation = self.state.generation
         self._breakers = {}
 
-    def _rate_limit_wait(self, rule: RateLimitRule, latest_start: float, not_before: float) -> float:
-        """Seconds from now until the step's slot, which starts ``not_before`` seconds from now
-        at the earliest, and before ``latest_start``."""
+    def _rate_limit_slot(
+        self, rule: RateLimitRule, latest_start: float, not_before: float
+    ) -> tuple[float, Slot]:
+        """The step's slot, which starts ``not_before`` seconds from now at the earliest, and
+        before ``latest_start``; and the seconds from now until it starts."""
         start = self.clock() + not_before
-        wait = self.state.limiter(rule).reserve(start, latest_start)
-        if wait is None:
+        reserved = self.state.limiter(rule).reserve(start, latest_start)
+        if reserved is None:
             raise PolicyViolation(
                 "rate_limit",
                 f"the next free slot at {rule.requests_per_minute:g} requests per minute "
                 "starts after the run's max_duration_seconds",
             )
-        return not_before + wait
+        wait, slot = reserved
+        return not_before + wait, slot
 
     def _fallback(self, rule: GracefulDegradationRule, ledger: Ledger) -> str | None:
         """The fallback model once the trigger has fired; it stays fired for the run."""
