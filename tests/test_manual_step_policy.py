@@ -182,3 +182,23 @@ def test_a_manual_step_the_budget_refuses_does_not_use_up_a_rate_limit_slot(trac
     started = traced.clock.now
     other()
     assert traced.clock.now - started == 1.0  # the slot at 1 s, not the one after the refused step's
+
+
+def test_a_manual_step_from_before_the_circuit_opened_cannot_decide_it_while_a_probe_is_in_flight(
+    traced,
+) -> None:
+    @run(policy=Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30)))
+    def main() -> None:
+        agent_ctx = get_current_agent_context()
+        slow = agent_ctx.start_step("fetch")  # in flight while the circuit opens
+        agent_ctx.start_step("fetch").fail(ConnectionError("down"))  # opens it
+        traced.clock.now += 31
+        probe = agent_ctx.start_step("fetch")  # half-open: the one probe
+        slow.complete("late")  # a success from before the circuit opened: not the probe's
+        with pytest.raises(PolicyViolation, match="circuit"):
+            agent_ctx.start_step("fetch")  # the probe is still in flight
+        probe.fail(ConnectionError("still down"))  # the probe decides: open again
+        with pytest.raises(PolicyViolation, match="circuit"):
+            agent_ctx.start_step("fetch")
+
+    main()

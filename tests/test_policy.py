@@ -336,6 +336,173 @@ def test_a_call_that_started_before_the_circuit_opened_and_succeeds_after_does_n
     assert calls == ["slow", "fail", "fail"]
 
 
+def in_thread(fn, *args) -> tuple[threading.Thread, list]:
+    """``fn(*args)`` started in a thread; the list gets its result or the error it raised."""
+    outcome: list = []
+
+    def target() -> None:
+        try:
+            outcome.append(fn(*args))
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("late", ["success", "failure"])
+@pytest.mark.parametrize("probe_succeeds", [True, False])
+def test_only_the_probe_decides_a_half_open_circuit_not_a_call_from_before_it_opened(
+    traced, late: str, probe_succeeds: bool
+) -> None:
+    gates = {"slow": (threading.Event(), threading.Event()), "probe": (threading.Event(), threading.Event())}
+    calls: list[str] = []
+
+    @step
+    def fetch(how: str) -> str:
+        calls.append(how)
+        if how in gates:
+            started, release = gates[how]
+            started.set()
+            assert release.wait(10)
+        if how == "fail" or (how == "slow" and late == "failure") or (how == "probe" and not probe_succeeds):
+            raise ConnectionError("down")
+        return how
+
+    @run(policy=breaker_policy())
+    def main() -> None:
+        slow, _ = in_thread(fetch, "slow")  # in flight while the circuit opens
+        assert gates["slow"][0].wait(10)
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                fetch("fail")
+        traced.clock.now += 31  # half-open
+        probe, probed = in_thread(fetch, "probe")
+        assert gates["probe"][0].wait(10)
+        gates["slow"][1].set()
+        slow.join()  # its late outcome neither closes the circuit nor opens it again
+        with pytest.raises(PolicyViolation, match="circuit"):
+            fetch("other")  # the probe is still in flight
+        gates["probe"][1].set()
+        probe.join()
+        assert probed == ["probe"] if probe_succeeds else isinstance(probed[0], ConnectionError)
+        if probe_succeeds:
+            assert fetch("other") == "other"
+        else:
+            with pytest.raises(PolicyViolation, match="circuit"):
+                fetch("other")
+
+    main()
+    assert calls == ["slow", "fail", "fail", "probe"] + (["other"] if probe_succeeds else [])
+
+
+def test_a_late_failure_while_the_circuit_is_open_does_not_restart_its_recovery_time(traced) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    @step
+    def fetch(how: str) -> str:
+        if how == "slow":
+            started.set()
+            assert release.wait(10)
+        if how != "ok":
+            raise ConnectionError("down")
+        return how
+
+    @run(policy=breaker_policy())
+    def main() -> str:
+        slow, _ = in_thread(fetch, "slow")
+        assert started.wait(10)
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                fetch("fail")  # opens the circuit, at 0 s
+        traced.clock.now += 20
+        release.set()
+        slow.join()  # fails at 20 s: a call from before the circuit opened
+        traced.clock.now += 11  # 31 s after the circuit opened: half-open
+        return fetch("ok")
+
+    assert main() == "ok"
+
+
+def test_a_call_that_is_not_the_probe_cannot_give_the_probe_back(traced) -> None:
+    gates = {"slow": (threading.Event(), threading.Event()), "probe": (threading.Event(), threading.Event())}
+    calls: list[str] = []
+
+    @step
+    def fetch(how: str) -> str:
+        calls.append(how)
+        if how in gates:
+            started, release = gates[how]
+            started.set()
+            assert release.wait(10)
+        if how == "slow":
+            raise ValueError("bad input")  # an excluded error: says nothing of the dependency
+        if how == "fail":
+            raise ConnectionError("down")
+        return how
+
+    @run(policy=breaker_policy(excluded_errors=(ValueError,)))
+    def main() -> None:
+        slow, _ = in_thread(fetch, "slow")
+        assert gates["slow"][0].wait(10)
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                fetch("fail")
+        traced.clock.now += 31
+        probe, probed = in_thread(fetch, "probe")
+        assert gates["probe"][0].wait(10)
+        gates["slow"][1].set()
+        slow.join()
+        with pytest.raises(PolicyViolation, match="circuit"):
+            fetch("other")  # a second probe while the first is in flight
+        gates["probe"][1].set()
+        probe.join()
+        assert probed == ["probe"]
+        assert fetch("other") == "other"
+
+    main()
+    assert calls == ["slow", "fail", "fail", "probe", "other"]
+
+
+async def test_a_task_cancelled_while_another_probes_does_not_let_a_second_probe_through(traced) -> None:
+    gates = {"slow": (asyncio.Event(), asyncio.Event()), "probe": (asyncio.Event(), asyncio.Event())}
+    calls: list[str] = []
+
+    @step
+    async def fetch(how: str) -> str:
+        calls.append(how)
+        if how in gates:
+            started, release = gates[how]
+            started.set()
+            await release.wait()
+        if how == "fail":
+            raise ConnectionError("down")
+        return how
+
+    @run(policy=breaker_policy())
+    async def main() -> None:
+        slow = asyncio.create_task(fetch("slow"))
+        await gates["slow"][0].wait()
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                await fetch("fail")
+        traced.clock.now += 31
+        probe = asyncio.create_task(fetch("probe"))
+        await gates["probe"][0].wait()
+        slow.cancel()  # a call from before the circuit opened, cancelled while the probe is in flight
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        with pytest.raises(PolicyViolation, match="circuit"):
+            await fetch("other")
+        gates["probe"][1].set()
+        assert await probe == "probe"
+        assert await fetch("other") == "other"
+
+    await main()
+    assert calls == ["slow", "fail", "fail", "probe", "other"]
+
+
 def test_excluded_errors_do_not_count_towards_the_threshold(traced) -> None:
     @step
     def parse() -> None:

@@ -40,7 +40,7 @@ from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy, sub_run
 from multirun.checkpoints.serializers import json_form
 from multirun.checkpoints.store import agent_state
 from multirun.enforcement.ledger import SPEND_TOTALS
-from multirun.enforcement.policy import PolicyEngine
+from multirun.enforcement.policy import PROCEED, Decision, PolicyEngine
 from multirun.errors import (
     BudgetExceededError,
     CheckpointError,
@@ -943,13 +943,15 @@ class AgentContext:
             step.model = model
             step.input_hash = digest
             step.replay_call = replay_call
-            if decision is not None and decision.decision is not PolicyDecision.PROCEED:
-                run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
-                step.policy_decision = decision.decision.value
-                step.policy_rule = decision.rule
-                if decision.model is not None:
-                    step.model = decision.model
-                step.wait_before = decision.wait_seconds
+            if decision is not None:
+                step._decision = decision
+                if decision.decision is not PolicyDecision.PROCEED:
+                    run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
+                    step.policy_decision = decision.decision.value
+                    step.policy_rule = decision.rule
+                    if decision.model is not None:
+                        step.model = decision.model
+                    step.wait_before = decision.wait_seconds
             step._open(parent_ctx, spans.step_start_attributes(kind, name, model), input_args, kwargs)
         except BaseException as error:
             # refused, or the step could not start: it never ran, nor is it a call in flight
@@ -1123,6 +1125,7 @@ class StepContext:
     policy_decision: str | None = None
     policy_rule: str | None = None
     wait_before = 0.0  # seconds a rate limit asked the step to wait before it runs
+    _decision: Decision = PROCEED  # the policy's, for the attempt in flight (its circuit ticket)
     # its input and output as the span records them: only with content capture (opt-in)
     _input_text: str | None = None
     _output_text: str | None = None
@@ -1395,7 +1398,7 @@ class StepContext:
             if self.replay_call is not None:
                 run.replay_log.record(self.replay_call, result)
             if run.policy_engine is not None:
-                run.policy_engine.after_success(self.name, self.kind)
+                run.policy_engine.after_success(self.name, self.kind, self._decision)
             self._close(StepStatus.COMPLETED, result)
         return Done(None)
 
@@ -1410,7 +1413,7 @@ class StepContext:
             if self.replay_call is not None:  # recorded as failed: a restore runs it again
                 run.replay_log.fail(self.replay_call)
             if run.policy_engine is not None:  # towards the circuit and the degradation trigger
-                run.policy_engine.after_step(self.name, self.kind, exc)
+                run.policy_engine.after_step(self.name, self.kind, exc, self._decision)
             self._close(StepStatus.FAILED, error=exc)
         return Done(None)
 

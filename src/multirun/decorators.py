@@ -189,7 +189,7 @@ class _StepCall(StepContext):
         if engine is not None:
             # another attempt is another call to the dependency: the failed one counts towards the
             # circuit, and the next one asks the policy (open circuit, rate limit) like any call
-            engine.after_step(spec.name, spec.kind, error)
+            engine.after_step(spec.name, spec.kind, error, self._decision)
             try:
                 decision = engine.before_step(
                     spec.name,
@@ -204,6 +204,7 @@ class _StepCall(StepContext):
                 self.policy_decision, self.policy_rule = PolicyDecision.ABORT.value, refused.rule
                 run.client.metrics.policy_decision(run.run.name, PolicyDecision.ABORT.value, refused.rule)
                 return None
+            self._decision = decision
             if decision.decision is not PolicyDecision.PROCEED:
                 run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
                 self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
@@ -231,7 +232,7 @@ class _StepCall(StepContext):
             else:
                 run.replay_log.record(self.replay_call, result)
         if run.policy_engine is not None:
-            run.policy_engine.after_success(spec.name, spec.kind)
+            run.policy_engine.after_success(spec.name, spec.kind, self._decision)
         if spec.checkpoint:
             run._try_checkpoint(f"after_{spec.name}", step_id=self.id, agent_id=self.agent_context.agent.id)
         self._close(StepStatus.COMPLETED, result, extra=extra)
@@ -302,7 +303,7 @@ class _StepCall(StepContext):
             refused.__cause__ = error
             error = refused
         elif run.policy_engine is not None:
-            run.policy_engine.after_step(self.spec.name, self.spec.kind, error)
+            run.policy_engine.after_step(self.spec.name, self.spec.kind, error, self._decision)
         self._close(StepStatus.FAILED, error=error)
         if isinstance(error, Exception) and not _is_permanent(error) and self._retries()[0] > 0:
             return StepError(self.spec.name, self.attempt, error)
@@ -398,14 +399,16 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             step.replay_call = replay_call
             if replay_call is not None and spec.streams:
                 step._stream_items = []
-        if decision is not None and decision.decision is not PolicyDecision.PROCEED:
-            # "proceed" is not counted: it is every step that was not waited, switched or refused
-            run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
-            step.policy_decision = decision.decision.value
-            step.policy_rule = decision.rule
-            if decision.model is not None:
-                step.model = decision.model
-            step.wait_before = decision.wait_seconds
+        if decision is not None:
+            step._decision = decision
+            if decision.decision is not PolicyDecision.PROCEED:
+                # "proceed" is not counted: it is every step that was not waited, switched or refused
+                run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
+                step.policy_decision = decision.decision.value
+                step.policy_rule = decision.rule
+                if decision.model is not None:
+                    step.model = decision.model
+                step.wait_before = decision.wait_seconds
         step._open(current, spec.start_attrs, args, kwargs, spec.span_name)
     except BaseException as error:
         # refused, the ledger could not decide (fail closed), or the step could not start (its

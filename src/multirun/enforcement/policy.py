@@ -3,7 +3,7 @@
     engine = PolicyEngine(policy, shared_state, clock)
     decision = engine.before_step("ask", StepKind.LLM_CALL, "gpt-4o", ledger)
     ...  # run the step, honouring decision.wait_seconds and decision.model
-    engine.after_step("ask", StepKind.LLM_CALL, error=None)
+    engine.after_step("ask", StepKind.LLM_CALL, None, decision)  # or the error it raised
 
 The rules are written here rather than taken from a resilience library
 (tenacity, pybreaker, aiolimiter) because each of those covers one rule, for
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from multirun.errors import (
     REFUSALS,
@@ -43,15 +42,14 @@ if TYPE_CHECKING:
     from multirun.enforcement.ledger import Ledger
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What the engine decided for one step."""
+class Decision(NamedTuple):
+    """What the engine decided for one step (a tuple: one is made for most steps)."""
 
     decision: PolicyDecision
     rule: str | None = None
     wait_seconds: float = 0.0
     model: str | None = None  # the model an LLM step should use (set on fallback)
-    reason: str = ""
+    ticket: int | None = None  # the circuit's epoch the step was let through in (CircuitBreaker)
     slot: Slot | None = None  # the rate-limit slot reserved for the step
 
 
@@ -98,8 +96,7 @@ class RateLimiter:
                 self._next_free = slot.before
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(NamedTuple):
     """A slot reserved from ``limiter``: what its next free slot was before, and after."""
 
     limiter: RateLimiter
@@ -113,52 +110,81 @@ class Slot:
 class CircuitBreaker:
     """Closed until ``failure_threshold`` failures in a row; then open (fail fast) for
     ``recovery_time_seconds``; then half-open, when exactly one probe goes through.
-    The probe's success closes the circuit, its failure opens it again. A call that started
-    before the circuit opened and succeeds while it is open leaves it open."""
+    The probe's success closes the circuit, its failure opens it again.
+
+    A call let through gets a ticket: the circuit's epoch, which moves on each time the
+    circuit opens, lets a probe through or closes. Only the outcome of a call whose ticket is
+    current counts: a call from before the circuit opened, ending late, neither closes it nor
+    opens it again, nor restarts its recovery time, nor gives back a probe it does not hold.
+    """
 
     CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
     def __init__(self, rule: CircuitBreakerRule) -> None:
         self.rule = rule
-        self.state = self.CLOSED
+        self.status = (self.CLOSED, 0)  # (state, epoch): one attribute, read whole without the lock
         self.failures = 0
         self.opened_at = 0.0
         self.probe_in_flight = False
         self._lock = threading.Lock()
 
-    def allow(self, now: float) -> bool:
-        """True if a call may go ahead now (claiming the probe when half-open)."""
-        if self.state == self.CLOSED:  # the common case, without the lock: one attribute read
-            return True
+    @property
+    def state(self) -> str:
+        return self.status[0]
+
+    def allow(self, now: float) -> int | None:
+        """The ticket of a call that may start now (claiming the probe when half-open), or None."""
+        state, epoch = self.status
+        if state == self.CLOSED:  # the common case, without the lock
+            return epoch
         with self._lock:
-            if self.state == self.CLOSED:
-                return True
-            if self.state == self.OPEN:
-                if now - self.opened_at < self.rule.recovery_time_seconds:
-                    return False
-                self.state = self.HALF_OPEN
+            state, epoch = self.status
+            if state == self.CLOSED:
+                return epoch
+            if state == self.OPEN and now - self.opened_at < self.rule.recovery_time_seconds:
+                return None
             if self.probe_in_flight:
-                return False
+                return None
             self.probe_in_flight = True
-            return True
+            return self._move(self.HALF_OPEN)
 
-    def record(self, ok: bool, now: float) -> None:
-        if ok and self.failures == 0 and self.state == self.CLOSED:
-            return  # nothing to change
+    def record(self, ticket: int | None, ok: bool, now: float) -> None:
+        """The outcome of the call let through with ``ticket``, if its ticket is current."""
+        state, epoch = self.status
+        if ticket != epoch or (ok and state == self.CLOSED and not self.failures):
+            return  # a call from before the circuit last changed, or nothing to change
         with self._lock:
-            if ok:
-                if self.state == self.OPEN:
-                    return  # a call let through before the circuit opened: only a probe closes it
-                self.state, self.failures, self.probe_in_flight = self.CLOSED, 0, False
+            state, epoch = self.status
+            if ticket != epoch:
                 return
-            self.failures += 1
-            if self.state == self.HALF_OPEN or self.failures >= self.rule.failure_threshold:
-                self.state, self.opened_at, self.probe_in_flight = self.OPEN, now, False
+            if state == self.HALF_OPEN:  # the probe's outcome
+                self.probe_in_flight = False
+                self.failures = 0 if ok else self.failures + 1
+                if not ok:
+                    self.opened_at = now
+                self._move(self.CLOSED if ok else self.OPEN)
+            elif ok:
+                self.failures = 0
+            else:
+                self.failures += 1
+                if self.failures >= self.rule.failure_threshold:
+                    self.opened_at = now
+                    self._move(self.OPEN)
 
-    def release_probe(self) -> None:
-        """The probe did not run (aborted for another reason): let another caller probe."""
+    def release(self, ticket: int | None) -> None:
+        """The call let through with ``ticket`` did not run, or its outcome says nothing of the
+        dependency: if it holds the probe, another caller may probe."""
+        if self.status != (self.HALF_OPEN, ticket):
+            return
         with self._lock:
-            self.probe_in_flight = False
+            if self.status == (self.HALF_OPEN, ticket):
+                self.probe_in_flight = False
+
+    def _move(self, state: str) -> int:
+        """Go to ``state`` in a new epoch (under the lock): the tickets given out before are stale."""
+        epoch = self.status[1] + 1
+        self.status = (state, epoch)
+        return epoch
 
 
 MAX_BREAKERS = 4096  # circuits kept (per client, and per run) before the healthy ones are dropped
@@ -170,7 +196,8 @@ def _pruned(breakers: dict[_Key, CircuitBreaker]) -> dict[_Key, CircuitBreaker]:
     """``breakers``, or past MAX_BREAKERS only those open or with counted failures.
 
     A closed circuit with no failure equals a new one; steps named per call
-    (``step(name=f"tool:{x}")``) would otherwise keep one breaker each for good.
+    (``step(name=f"tool:{x}")``) would otherwise keep one breaker each for good. (A call in
+    flight when its breaker is dropped holds a ticket of the old one: its outcome is not counted.)
     """
     if len(breakers) < MAX_BREAKERS:
         return breakers
@@ -234,43 +261,43 @@ class PolicyEngine:
         now (a retry's backoff); PolicyViolation when it must not run. A step not held to the
         budget (``within_budget=False``: ``check_budget=False``) may wait past the deadline."""
         policy = self.policy
-        decision = PROCEED
         breaker_rule = policy.circuit_breaker
-        breaker = None
+        breaker, ticket = None, None
         if breaker_rule is not None:
             breaker = self._breaker(name, breaker_rule)
-            if breaker.state != CircuitBreaker.CLOSED and not breaker.allow(self.clock()):
+            state, ticket = breaker.status
+            if state != CircuitBreaker.CLOSED:  # the clock is read only then
+                ticket = breaker.allow(self.clock())
+            if ticket is None:
                 raise PolicyViolation(
                     "circuit_breaker",
                     f"circuit of step {name!r} is open after {breaker.failures} failures; "
                     f"retry after {breaker_rule.recovery_time_seconds:g}s",
                 )
+        if kind is not StepKind.LLM_CALL:
+            return PROCEED if ticket is None else Decision(PolicyDecision.PROCEED, ticket=ticket)
+        verdict, rule, wait, slot, fallback = PolicyDecision.PROCEED, None, 0.0, None, None
         try:
-            if kind is StepKind.LLM_CALL:
-                if policy.graceful_degradation is not None:
-                    fallback = self._fallback(policy.graceful_degradation, ledger)
-                    if fallback is not None:
-                        model = fallback
-                        decision = Decision(PolicyDecision.FALLBACK, "graceful_degradation", model=fallback)
-                limit = policy.rate_limit
-                if limit is not None and (limit.model is None or limit.model == model):
-                    latest_start = ledger.deadline if within_budget else float("inf")
-                    wait, slot = self._rate_limit_slot(limit, latest_start, not_before)
-                    if wait > not_before:
-                        decision = Decision(
-                            PolicyDecision.WAIT,
-                            "rate_limit",
-                            wait_seconds=wait,
-                            model=decision.model,
-                            slot=slot,
-                        )
-                    else:
-                        decision = replace(decision, slot=slot)
+            if policy.graceful_degradation is not None:
+                fallback = self._fallback(policy.graceful_degradation, ledger)
+                if fallback is not None:
+                    model = fallback
+                    verdict, rule = PolicyDecision.FALLBACK, "graceful_degradation"
+            limit = policy.rate_limit
+            if limit is not None and (limit.model is None or limit.model == model):
+                latest_start = ledger.deadline if within_budget else float("inf")
+                wait, slot = self._rate_limit_slot(limit, latest_start, not_before)
+                if wait > not_before:
+                    verdict, rule = PolicyDecision.WAIT, "rate_limit"
+                else:
+                    wait = 0.0
         except BaseException:
             if breaker is not None:
-                breaker.release_probe()
+                breaker.release(ticket)
             raise
-        return decision
+        if verdict is PolicyDecision.PROCEED and ticket is None and slot is None:
+            return PROCEED
+        return Decision(verdict, rule, wait, fallback, ticket, slot)
 
     def give_back(self, name: str, decision: Decision) -> None:
         """The step was refused (by the budget, say), or could not start, after ``decision``:
@@ -279,35 +306,37 @@ class PolicyEngine:
             decision.slot.give_back()
         rule = self.policy.circuit_breaker
         if rule is not None:
-            self._breaker(name, rule).release_probe()
+            self._breaker(name, rule).release(decision.ticket)
 
-    def after_success(self, name: str, kind: StepKind) -> None:
-        """A step succeeded: the common case, with nothing to change when the circuit is healthy."""
+    def after_success(self, name: str, kind: StepKind, decision: Decision) -> None:
+        """A step let through with ``decision`` succeeded: the common case, with nothing to
+        change when the circuit is healthy."""
         if self._generation != self.state.generation:
             self._forget_pruned()
         breaker = self._breakers.get(name)
         if breaker is not None and (breaker.failures or breaker.state != CircuitBreaker.CLOSED):
-            breaker.record(True, 0.0)
+            breaker.record(decision.ticket, True, 0.0)
         if kind is StepKind.LLM_CALL and self._llm_failures_in_a_row:
             with self._lock:
                 self._llm_failures_in_a_row = 0
 
-    def after_step(self, name: str, kind: StepKind, error: BaseException | None) -> None:
-        """Feed the step's outcome to the circuit breaker and the degradation trigger."""
+    def after_step(self, name: str, kind: StepKind, error: BaseException | None, decision: Decision) -> None:
+        """Feed the outcome of a step let through with ``decision`` to the circuit breaker and
+        the degradation trigger."""
         if error is None:
-            self.after_success(name, kind)
+            self.after_success(name, kind, decision)
             return
         rule = self.policy.circuit_breaker
         if _says_nothing_of_the_dependency(error):
             if rule is not None:  # not a failure of the dependency; a probe it claimed is free again
-                self._breaker(name, rule).release_probe()
+                self._breaker(name, rule).release(decision.ticket)
             return
         if rule is not None:
             breaker = self._breaker(name, rule)
             if not isinstance(error, rule.excluded_errors):
-                breaker.record(False, self.clock())
+                breaker.record(decision.ticket, False, self.clock())
             else:
-                breaker.release_probe()
+                breaker.release(decision.ticket)
         if kind is StepKind.LLM_CALL and self.policy.graceful_degradation is not None:
             with self._lock:
                 self._llm_failures_in_a_row += 1
