@@ -202,3 +202,55 @@ def test_a_manual_step_from_before_the_circuit_opened_cannot_decide_it_while_a_p
             agent_ctx.start_step("fetch")
 
     main()
+
+
+def test_a_manual_step_that_waited_for_its_slot_does_not_go_through_a_circuit_that_opened_meanwhile(
+    traced,
+) -> None:
+    policy = Policy(
+        rate_limit=RateLimitRule(requests_per_minute=60),
+        circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30),
+    )
+
+    @run(policy=policy)
+    def main() -> None:
+        agent_ctx = get_current_agent_context()
+        agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m").complete("a")  # the slot at 0 s
+
+        def meanwhile(seconds: float) -> None:
+            traced.clock.now += seconds
+            agent_ctx.start_step("ask").fail(ConnectionError("down"))  # the same dependency: it opens
+
+        traced.clock.sleep = meanwhile  # type: ignore[method-assign]
+        with pytest.raises(PolicyViolation, match="circuit"):
+            agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m")  # waits 1 s for its slot
+
+    main()
+    refused = attrs_of(traced, "chat m")[1]
+    assert (refused[attr.POLICY_DECISION], refused[attr.POLICY_RULE]) == ("abort", "circuit_breaker")
+    assert refused[attr.STEP_STATUS] == "failed"
+
+
+async def test_an_awaited_manual_step_that_waited_for_its_slot_is_refused_by_a_circuit_that_opened(
+    traced,
+) -> None:
+    policy = Policy(
+        rate_limit=RateLimitRule(requests_per_minute=60),
+        circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30),
+    )
+
+    @run(policy=policy)
+    async def main() -> None:
+        agent_ctx = get_current_agent_context()
+        await (await agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m")).complete("a")
+
+        async def meanwhile(seconds: float) -> None:
+            traced.clock.now += seconds
+            await (await agent_ctx.start_step("ask")).fail(ConnectionError("down"))
+
+        traced.clock.async_sleep = meanwhile  # type: ignore[method-assign]
+        with pytest.raises(PolicyViolation, match="circuit"):
+            await agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m")
+
+    await main()
+    assert attrs_of(traced, "chat m")[1][attr.POLICY_RULE] == "circuit_breaker"

@@ -1105,6 +1105,101 @@ def test_a_half_open_probe_with_retries_sends_exactly_one_request(traced) -> Non
     assert calls["n"] == 3
 
 
+def test_a_retry_whose_backoff_ends_after_the_recovery_time_probes_the_circuit(traced) -> None:
+    calls: list[float] = []
+
+    @step(retry=1, retry_delay=40)
+    def fetch() -> str:
+        calls.append(traced.clock.now)
+        if len(calls) == 1:
+            raise ConnectionError("down")  # opens the circuit
+        return "ok"
+
+    @run(policy=Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30)))
+    def main() -> str:
+        return fetch()
+
+    assert main() == "ok"  # the retry starts 40 s later, when the circuit is half-open: it is the probe
+    assert [t - calls[0] for t in calls] == [0, 40]
+
+
+async def test_a_retry_does_not_go_through_a_circuit_that_opened_during_its_backoff(traced) -> None:
+    calls: list[str] = []
+    in_backoff, go_on = asyncio.Event(), asyncio.Event()
+
+    @step(retry=1, retry_delay=10)
+    async def fetch(who: str) -> None:
+        calls.append(who)
+        raise ConnectionError("down")
+
+    async def backoff(seconds: float) -> None:
+        in_backoff.set()
+        await go_on.wait()
+        traced.clock.now += seconds
+
+    @run(policy=breaker_policy())
+    async def main() -> None:
+        traced.clock.async_sleep = backoff  # type: ignore[method-assign]
+        first = asyncio.create_task(fetch("a"))
+        await in_backoff.wait()  # "a" failed once, and waits out its backoff
+        with pytest.raises(PolicyViolation, match="circuit"):
+            await fetch("b")  # the second failure in a row opens the circuit
+        go_on.set()
+        with pytest.raises(PolicyViolation, match="circuit") as info:
+            await first  # its retry, due 10 s later, finds the circuit open
+        assert isinstance(info.value.__cause__, ConnectionError)
+
+    await main()
+    assert calls == ["a", "b"]
+    first_span = attrs_of(traced, "step fetch")[0]
+    assert (first_span[attr.POLICY_DECISION], first_span[attr.POLICY_RULE]) == ("abort", "circuit_breaker")
+
+
+async def test_a_step_that_waited_for_its_slot_does_not_go_through_a_circuit_that_opened_meanwhile(
+    traced,
+) -> None:
+    calls: list[str] = []
+    inside, fail = asyncio.Event(), asyncio.Event()
+    waiting, go_on = asyncio.Event(), asyncio.Event()
+
+    @step(kind=StepKind.LLM_CALL, model="m")
+    async def ask(who: str) -> None:
+        calls.append(who)
+        if who == "a":
+            inside.set()
+            await fail.wait()
+        raise ConnectionError("down")
+
+    async def slot_wait(seconds: float) -> None:
+        waiting.set()
+        await go_on.wait()
+        traced.clock.now += seconds
+
+    policy = Policy(
+        rate_limit=RateLimitRule(requests_per_minute=60),
+        circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30),
+    )
+
+    @run(policy=policy)
+    async def main() -> None:
+        traced.clock.async_sleep = slot_wait  # type: ignore[method-assign]
+        a = asyncio.create_task(ask("a"))  # the slot at 0 s
+        await inside.wait()
+        b = asyncio.create_task(ask("b"))  # the slot at 1 s: waits for it while the circuit is closed
+        await waiting.wait()
+        fail.set()
+        with pytest.raises(ConnectionError):
+            await a  # opens the circuit
+        go_on.set()
+        with pytest.raises(PolicyViolation, match="circuit"):
+            await b
+
+    await main()
+    assert calls == ["a"]
+    refused = attrs_of(traced, "chat m")[1]
+    assert (refused[attr.POLICY_DECISION], refused[attr.POLICY_RULE]) == ("abort", "circuit_breaker")
+
+
 def test_exponential_backoff_over_many_attempts_stays_at_its_cap() -> None:
     from multirun.decorators import backoff_delay
 

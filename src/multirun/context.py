@@ -1283,6 +1283,7 @@ class StepContext:
             self._wait_due = 0.0  # awaited twice, it waits once
             try:
                 yield from self.run_context.client.clock.async_sleep(wait).__await__()
+                self._resume()
             except BaseException as error:
                 self._end_waiting(error)
                 raise
@@ -1292,13 +1293,31 @@ class StepContext:
         """Wait for the rate limit's slot before a step made by hand runs (sync code)."""
         try:
             self.run_context.client.clock.sleep(seconds)
+            self._resume()
         except BaseException as error:
             self._end_waiting(error)
             raise
 
+    def _resume(self, after: BaseException | None = None) -> None:
+        """The step's wait (for its rate-limit slot, a retry's backoff) is over: the circuit, if
+        it changed meanwhile, is asked again. PolicyViolation if it is open, caused by ``after``:
+        the error of the attempt that a retry was to follow."""
+        run = self.run_context
+        if run.policy_engine is None:
+            return
+        try:
+            self._decision = run.policy_engine.resume(self.name, self._decision)
+        except PolicyViolation as refused:
+            self.policy_decision, self.policy_rule = PolicyDecision.ABORT.value, refused.rule
+            run.client.metrics.policy_decision(run.run.name, PolicyDecision.ABORT.value, refused.rule)
+            if after is None:
+                self.refused = True  # the step never ran: no model call was made
+            raise refused from after
+
     def _end_waiting(self, error: BaseException) -> None:
-        """Cancelled or interrupted while it waited for its slot: the step ends failed (its span
-        ended, a circuit probe it holds given back)."""
+        """Cancelled or interrupted while it waited for its slot, or refused by a circuit that
+        opened meanwhile: the step ends failed (its span ended, a circuit probe it holds given
+        back)."""
         if not (self._done or self.finished):
             self.fail(error)
 

@@ -63,6 +63,7 @@ class _Call(Protocol):
 
     def _clock(self) -> Clock: ...
     def _retry_delay(self, error: BaseException) -> float | None: ...
+    def _wait_over(self) -> None: ...
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None: ...
     def _failed(self, error: BaseException) -> BaseException: ...
 
@@ -151,6 +152,7 @@ class _StepCall(StepContext):
 
     spec: StepSpec
     _retry_refused: PolicyViolation | None = None  # the policy's reason not to make another attempt
+    _retrying: BaseException | None = None  # the error of the attempt a retry waits to follow
     _stream: StreamUsage | None = None  # usage of the LLM SDK chunks a generator step yielded
     _stream_items: list[Any] | None = None  # what a generator step yielded, for its replay record
     _awaited = False  # its function, no coroutine function, returned a coroutine: awaited in the step
@@ -213,7 +215,15 @@ class _StepCall(StepContext):
                 # a rate-limit wait is for a slot that starts before the deadline (or refused)
                 delay = max(delay, decision.wait_seconds)
         self._record_attempt_failure(error, delay)
+        if delay:
+            self._retrying = error  # for the refusal after the backoff (dropped then: it holds frames)
         return delay
+
+    def _wait_over(self) -> None:
+        """The wait before an attempt (for its rate-limit slot, a retry's backoff) is over: the
+        circuit, if it changed meanwhile, is asked again; PolicyViolation if it is open."""
+        after, self._retrying = self._retrying, None
+        self._resume(after)
 
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         spec = self.spec
@@ -286,6 +296,7 @@ class _StepCall(StepContext):
 
     def _failed(self, error: BaseException) -> BaseException:
         run = self.run_context
+        self._retrying = None  # interrupted in its backoff: the step keeps only its own error
         if self.replay_call is not None:
             run.replay_log.fail(self.replay_call)
         if self._stream is not None:
@@ -542,6 +553,9 @@ class _RunCall:
     def _retry_delay(self, error: BaseException) -> float | None:
         return None
 
+    def _wait_over(self) -> None:
+        pass
+
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         self.ctx.complete(result)
 
@@ -631,6 +645,9 @@ class _AgentCall:
 
     def _retry_delay(self, error: BaseException) -> float | None:
         return None
+
+    def _wait_over(self) -> None:
+        pass
 
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         self.agent.complete(result)
@@ -725,6 +742,9 @@ class _CheckpointCall:
 
     def _retry_delay(self, error: BaseException) -> float | None:
         return None
+
+    def _wait_over(self) -> None:
+        pass
 
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         state = dict(self.extra_state or {})
@@ -879,10 +899,12 @@ def _end_closed_stream(call: _Call, count: int) -> None:
 
 
 def _pause(call: _Call, seconds: float) -> None:
-    """Wait before an attempt (rate limit, backoff). Cancelled or interrupted there, the call
-    ends as failed: its span is ended and a circuit probe it holds is given back."""
+    """Wait before an attempt (rate limit, backoff), then ask the circuit again. Cancelled or
+    interrupted there, or refused, the call ends as failed: its span is ended and a circuit
+    probe it holds is given back."""
     try:
         call._clock().sleep(seconds)
+        call._wait_over()
     except BaseException as error:
         _raise_failed(call, error)
 
@@ -891,6 +913,7 @@ async def _async_pause(call: _Call, seconds: float) -> None:
     """The async twin of ``_pause``."""
     try:
         await call._clock().async_sleep(seconds)
+        call._wait_over()
     except BaseException as error:
         _raise_failed(call, error)
 

@@ -107,6 +107,9 @@ class Slot(NamedTuple):
         self.limiter.give_back(self)
 
 
+LATER = -1  # the ticket of a call that asks the circuit again when it starts (never current)
+
+
 class CircuitBreaker:
     """Closed until ``failure_threshold`` failures in a row; then open (fail fast) for
     ``recovery_time_seconds``; then half-open, when exactly one probe goes through.
@@ -132,11 +135,19 @@ class CircuitBreaker:
     def state(self) -> str:
         return self.status[0]
 
-    def allow(self, now: float) -> int | None:
-        """The ticket of a call that may start now (claiming the probe when half-open), or None."""
+    def allow(self, now: float, not_before: float = 0.0) -> int | None:
+        """The ticket of a call that may start now (claiming the probe when half-open), or None.
+
+        A call that starts ``not_before`` seconds from now (after a retry's backoff) is refused
+        only if the circuit will still be open then; else it gets ``LATER``, and asks again
+        when its wait is over.
+        """
         state, epoch = self.status
         if state == self.CLOSED:  # the common case, without the lock
             return epoch
+        if not_before > 0:
+            recovered = now + not_before - self.opened_at >= self.rule.recovery_time_seconds
+            return LATER if state != self.OPEN or recovered else None
         with self._lock:
             state, epoch = self.status
             if state == self.CLOSED:
@@ -185,6 +196,14 @@ class CircuitBreaker:
         epoch = self.status[1] + 1
         self.status = (state, epoch)
         return epoch
+
+
+def _circuit_open(name: str, breaker: CircuitBreaker) -> PolicyViolation:
+    return PolicyViolation(
+        "circuit_breaker",
+        f"circuit of step {name!r} is open after {breaker.failures} failures; "
+        f"retry after {breaker.rule.recovery_time_seconds:g}s",
+    )
 
 
 MAX_BREAKERS = 4096  # circuits kept (per client, and per run) before the healthy ones are dropped
@@ -267,13 +286,9 @@ class PolicyEngine:
             breaker = self._breaker(name, breaker_rule)
             state, ticket = breaker.status
             if state != CircuitBreaker.CLOSED:  # the clock is read only then
-                ticket = breaker.allow(self.clock())
+                ticket = breaker.allow(self.clock(), not_before)
             if ticket is None:
-                raise PolicyViolation(
-                    "circuit_breaker",
-                    f"circuit of step {name!r} is open after {breaker.failures} failures; "
-                    f"retry after {breaker_rule.recovery_time_seconds:g}s",
-                )
+                raise _circuit_open(name, breaker)
         if kind is not StepKind.LLM_CALL:
             return PROCEED if ticket is None else Decision(PolicyDecision.PROCEED, ticket=ticket)
         verdict, rule, wait, slot, fallback = PolicyDecision.PROCEED, None, 0.0, None, None
@@ -298,6 +313,23 @@ class PolicyEngine:
         if verdict is PolicyDecision.PROCEED and ticket is None and slot is None:
             return PROCEED
         return Decision(verdict, rule, wait, fallback, ticket, slot)
+
+    def resume(self, name: str, decision: Decision) -> Decision:
+        """``decision`` once the step has waited (for its rate-limit slot, a retry's backoff) and
+        is about to start: the circuit is asked again if it changed meanwhile (it opened, or
+        became half-open). PolicyViolation, its slot given back, when it must not start."""
+        rule = self.policy.circuit_breaker
+        if rule is None:
+            return decision
+        breaker = self._breaker(name, rule)
+        if breaker.status[1] == decision.ticket:
+            return decision
+        ticket = breaker.allow(self.clock())
+        if ticket is None:
+            if decision.slot is not None:
+                decision.slot.give_back()
+            raise _circuit_open(name, breaker)
+        return decision._replace(ticket=ticket)
 
     def give_back(self, name: str, decision: Decision) -> None:
         """The step was refused (by the budget, say), or could not start, after ``decision``:
