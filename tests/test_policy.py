@@ -715,6 +715,27 @@ def test_steps_without_a_policy_record_the_proceed_decision(traced) -> None:
     assert attrs_of(traced, "step work")[0][attr.POLICY_DECISION] == "proceed"
 
 
+def test_the_step_model_says_which_decision_let_the_step_through_as_its_span_does(traced) -> None:
+    decisions: list[str | None] = []
+
+    def note() -> None:
+        decisions.append(get_current_step_context().step.policy_decision)
+
+    @step(kind=StepKind.LLM_CALL, model="m")
+    def ask() -> None:
+        note()
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    def main() -> None:
+        step(name="work")(note)()
+        ask()
+        ask()
+
+    main()
+    assert decisions == ["proceed", "proceed", "wait"]
+    assert [a[attr.POLICY_DECISION] for a in attrs_of(traced, "chat m")] == ["proceed", "wait"]
+
+
 def test_step_error_still_wraps_retryable_failures(traced) -> None:
     @step(retry=1, retry_delay=0)
     def flaky() -> None:

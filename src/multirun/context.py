@@ -1478,7 +1478,8 @@ class StepContext:
             self.status,
             parent_span_id,
             self.input_hash,
-            self.policy_decision,
+            # as on its span: a step that started was let through, by a policy or for want of one
+            self.policy_decision or (None if span is None else "proceed"),
             self.tokens_used,
             self._cost_units,
             getattr(span, "start_time", None),
