@@ -1334,3 +1334,62 @@ def test_a_step_error_after_one_attempt_says_attempt(traced) -> None:
         job()
     assert str(info.value) == "step 'parse' failed after 1 attempt: ValueError: bad input"
     assert isinstance(info.value.__cause__, ValueError)
+
+
+async def test_a_step_cancelled_in_its_backoff_says_it_made_one_attempt(traced) -> None:
+    """Cancelled while it waits to retry, the step made one attempt: its span says 1, not 2."""
+    from multirun.clock import Clock
+
+    traced.client.clock = Clock()  # a real sleep, really cancelled
+    failed = asyncio.Event()
+
+    @step(retry=2, retry_delay=30.0)
+    async def fetch() -> str:
+        failed.set()
+        raise ConnectionError("reset")
+
+    @run
+    async def job() -> str:
+        return await fetch()
+
+    task = asyncio.create_task(job())
+    await failed.wait()
+    await asyncio.sleep(0.01)  # in its backoff now
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    span = traced.span("step fetch")
+    assert attrs(span)["multirun.step.attempt"] == 1
+    retried = [e for e in span.events if "multirun.step.retry_delay_seconds" in (e.attributes or {})]
+    assert [e.attributes["multirun.step.attempt"] for e in retried] == [1]
+
+
+def test_a_step_interrupted_in_its_backoff_says_it_made_one_attempt(traced) -> None:
+    """Ctrl-C while a sync step waits to retry: one attempt was made, and its span says so."""
+    import signal
+
+    from multirun.clock import Clock
+
+    traced.client.clock = Clock()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    @step(retry=2, retry_delay=30.0)
+    def fetch() -> str:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)  # Ctrl-C during the backoff that follows
+        raise ConnectionError("reset")
+
+    @run
+    def job() -> str:
+        return fetch()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            job()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    span = traced.span("step fetch")
+    assert attrs(span)["multirun.step.attempt"] == 1

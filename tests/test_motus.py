@@ -408,6 +408,35 @@ def test_no_retry_once_an_enclosing_runs_budget_is_spent(traced: Any, runtime: N
     assert traced.span("invoke_workflow child").attributes[attr.TOKENS_USED] == 600
 
 
+BACKING_OFF = threading.Event()
+
+
+@agent_task(retries=1, retry_delay=30)
+def failing_then_waiting() -> str:
+    """Fails at once: Motus then waits 30 s before the retry, and the test cancels it then."""
+    BACKING_OFF.set()
+    raise ConnectionError("upstream down")
+
+
+def test_a_task_cancelled_in_its_retry_delay_says_it_made_one_attempt(traced: Any, runtime: None) -> None:
+    BACKING_OFF.clear()
+
+    @multirun.run
+    def job() -> None:
+        future = failing_then_waiting()
+        assert BACKING_OFF.wait(5)
+        time.sleep(0.05)  # Motus records the failure, then sleeps before the retry
+        motus.runtime.cancel(future)
+        time.sleep(0.1)
+
+    job()
+    step = traced.span("step failing_then_waiting")
+    assert step.attributes[attr.STEP_STATUS] == "cancelled"
+    assert step.attributes[attr.STEP_ATTEMPT] == 1  # the retry never started
+    [retried] = _exceptions(record_from_span(step))
+    assert retried[attr.STEP_ATTEMPT] == 1
+
+
 AGENTS_RUN: list[str] = []
 
 

@@ -1205,13 +1205,16 @@ class StepContext:
 
     def _record_attempt_failure(self, exc: BaseException, delay: float | None) -> None:
         """A failed attempt: an event with its error, and the delay before the next attempt
-        (``None``: there is none, the policy refused it)."""
+        (``None``: there is none, the policy refused it). The next attempt is counted when it
+        starts (``_next_attempt``): one cancelled in that delay was never made."""
         attributes: dict[str, Any] = {attr.STEP_ATTEMPT: self.attempt, attr.ERROR_TYPE: _error_type(exc)}
         if delay is not None:
             attributes[attr.STEP_RETRY_DELAY] = delay
         record_exception(self.span, exc, attributes)
-        if delay is not None:
-            self.attempt += 1
+
+    def _next_attempt(self) -> None:
+        """Another attempt starts: ``attempt`` is its number."""
+        self.attempt += 1
 
     def _close(
         self,

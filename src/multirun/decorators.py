@@ -1,12 +1,12 @@
 """The decorators ``@run``, ``@agent``, ``@step`` and ``@checkpoint``.
 
 Each decorator knows how to *open a call* (find the run, check the budget,
-start the span) and gives back an object with three methods: ``_retry_delay``
-(should a failed attempt be retried, after how long), ``_succeed`` and
-``_failed``. One wrapper builder, ``_wrap``, turns that into a wrapper for a
-plain function, a coroutine function, a generator function or an async
-generator function, so retries, context handling and streaming are written
-once for all four decorators.
+start the span) and gives back an object with four methods: ``_retry_delay``
+(should a failed attempt be retried, after how long), ``_next_attempt`` (the
+retry starts), ``_succeed`` and ``_failed``. One wrapper builder, ``_wrap``,
+turns that into a wrapper for a plain function, a coroutine function, a
+generator function or an async generator function, so retries, context
+handling and streaming are written once for all four decorators.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class _Call(Protocol):
     def _clock(self) -> Clock: ...
     def _retry_delay(self, error: BaseException) -> float | None: ...
     def _wait_over(self) -> None: ...
+    def _next_attempt(self) -> None: ...
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None: ...
     def _failed(self, error: BaseException) -> BaseException: ...
 
@@ -536,12 +537,31 @@ def step_as(decorator: str, func: F | None = None, **options: Any) -> F | Callab
 
 
 # ---------------------------------------------------------------------------
+# @run, @agent and @checkpoint: calls made once
+
+
+class _NotRetried:
+    """A call that is never retried and never waits before it runs."""
+
+    __slots__ = ()
+    wait_before = 0.0
+
+    def _retry_delay(self, error: BaseException) -> float | None:
+        return None
+
+    def _wait_over(self) -> None:
+        pass
+
+    def _next_attempt(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------
 # @run
 
 
-class _RunCall:
+class _RunCall(_NotRetried):
     __slots__ = ("ctx", "otel_context")
-    wait_before = 0.0
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -549,12 +569,6 @@ class _RunCall:
 
     def _clock(self) -> Clock:
         return self.ctx.client.clock
-
-    def _retry_delay(self, error: BaseException) -> float | None:
-        return None
-
-    def _wait_over(self) -> None:
-        pass
 
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         self.ctx.complete(result)
@@ -631,9 +645,8 @@ def _resume_pending(ctx: RunContext) -> None:
 # @agent
 
 
-class _AgentCall:
+class _AgentCall(_NotRetried):
     __slots__ = ("agent", "otel_context", "owned_run")
-    wait_before = 0.0
 
     def __init__(self, agent: AgentContext, owned_run: RunContext | None) -> None:
         self.agent = agent
@@ -642,12 +655,6 @@ class _AgentCall:
 
     def _clock(self) -> Clock:
         return self.agent.run_context.client.clock
-
-    def _retry_delay(self, error: BaseException) -> float | None:
-        return None
-
-    def _wait_over(self) -> None:
-        pass
 
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         self.agent.complete(result)
@@ -716,9 +723,8 @@ def agent(
 # @checkpoint
 
 
-class _CheckpointCall:
+class _CheckpointCall(_NotRetried):
     __slots__ = ("agent_id", "capture_result", "extra_state", "name", "otel_context", "result_key", "run")
-    wait_before = 0.0
 
     def __init__(
         self,
@@ -739,12 +745,6 @@ class _CheckpointCall:
 
     def _clock(self) -> Clock:
         return self.run.client.clock
-
-    def _retry_delay(self, error: BaseException) -> float | None:
-        return None
-
-    def _wait_over(self) -> None:
-        pass
 
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
         state = dict(self.extra_state or {})
@@ -918,6 +918,21 @@ async def _async_pause(call: _Call, seconds: float) -> None:
         _raise_failed(call, error)
 
 
+def _retry_after(call: _Call, delay: float) -> None:
+    """Wait ``delay`` before the next attempt, then count it: an attempt cancelled or
+    interrupted in the wait was never made, and the span says so."""
+    if delay:
+        _pause(call, delay)
+    call._next_attempt()
+
+
+async def _async_retry_after(call: _Call, delay: float) -> None:
+    """The async twin of ``_retry_after``."""
+    if delay:
+        await _async_pause(call, delay)
+    call._next_attempt()
+
+
 def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = open_call(args, kwargs)
@@ -936,8 +951,7 @@ def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., 
                     delay = _delay_before_retry(call, error)
                     if delay is None:
                         _raise_failed(call, error)
-                    if delay:
-                        _pause(call, delay)
+                    _retry_after(call, delay)
                     continue
                 if isinstance(result, CoroutineType):  # a lambda around an async call, say
                     awaits = getattr(call, "_awaits", None)  # only steps care (replay)
@@ -970,8 +984,7 @@ async def _await_returned(
                 delay = _delay_before_retry(call, error)
                 if delay is None:
                     _raise_failed(call, error)
-                if delay:
-                    await _async_pause(call, delay)
+                await _async_retry_after(call, delay)
                 continue
             call._succeed(result)
             return result
@@ -997,8 +1010,7 @@ def _async_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[...,
                     delay = _delay_before_retry(call, error)
                     if delay is None:
                         _raise_failed(call, error)
-                    if delay:
-                        await _async_pause(call, delay)
+                    await _async_retry_after(call, delay)
                     continue
                 call._succeed(result)
                 return result
@@ -1041,8 +1053,7 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
                 delay = _delay_before_retry(call, error)
                 if delay is None:
                     _raise_failed(call, error)
-                if delay:
-                    _pause(call, delay)
+                _retry_after(call, delay)
                 continue
             break
         count = 0
@@ -1129,8 +1140,7 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
                 delay = _delay_before_retry(call, error)
                 if delay is None:
                     _raise_failed(call, error)
-                if delay:
-                    await _async_pause(call, delay)
+                await _async_retry_after(call, delay)
                 continue
             break
         count = 0

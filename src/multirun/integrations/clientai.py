@@ -475,6 +475,7 @@ def _note_attempt(step: Any, error: Exception) -> None:
         and call.attempt <= config.retry_count
     ):
         call._record_attempt_failure(error, 0.0)
+        call._next_attempt()  # ClientAI retries at once
 
 
 def _select_tools(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

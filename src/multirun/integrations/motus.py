@@ -553,6 +553,8 @@ class _TaskTrace:
                     self._record_failure(self._unseen_failure(self.started), self.task.policy.retry_delay)
                 if self.started:
                     self._check_retry_budget()
+                    if self.step is not None:
+                        self.step._next_attempt()  # counted as it starts: not if cancelled in its delay
                 self.started += 1
                 return self.started
         except REFUSALS:
