@@ -76,6 +76,8 @@ DECORATOR_CASES: list[tuple[str, Callable[..., Any], dict[str, Any], str]] = [
     ("step", step, {"retry_delay": -1}, "retry_delay"),
     ("step", step, {"retry_delay": "1s"}, "retry_delay"),
     ("step", step, {"retry_max_delay": -1.0}, "retry_max_delay"),
+    ("step", step, {"retry_delay": float("inf")}, "retry_delay"),  # was accepted, then never retried
+    ("step", step, {"retry_max_delay": float("inf")}, "retry_max_delay"),
     ("step", step, {"retry_strategy": "fibonacci"}, "retry_strategy"),
     ("step", step, {"retry_on": (int,)}, "retry_on"),
     ("step", step, {"retry_on": "ConnectionError"}, "retry_on"),
@@ -226,6 +228,8 @@ MODEL_CASES: list[tuple[Callable[[], Any], str]] = [
     (lambda: RetryRule(max_attempts=0), "max_attempts"),
     (lambda: RetryRule(backoff="fibonacci"), "backoff"),
     (lambda: RetryRule(base_delay_seconds=-1), "base_delay_seconds"),
+    (lambda: RetryRule(base_delay_seconds=float("inf")), "base_delay_seconds"),
+    (lambda: RetryRule(max_delay_seconds=float("inf")), "max_delay_seconds"),
     (lambda: RateLimitRule(requests_per_minute=0), "requests_per_minute"),
     (lambda: CircuitBreakerRule(failure_threshold=0), "failure_threshold"),
     (lambda: CircuitBreakerRule(recovery_time_seconds=-1), "recovery_time_seconds"),

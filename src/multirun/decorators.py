@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 from collections.abc import Callable
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
@@ -127,8 +128,8 @@ class StepSpec:
         """Validate the options; errors name ``@{decorator}`` (``@think`` for ``@think``)."""
         self.kind = _enum(decorator, "kind", StepKind, kind)
         self.retry = _non_negative_int(decorator, "retry", retry)
-        self.retry_delay = _non_negative_number(decorator, "retry_delay", retry_delay)
-        self.retry_max_delay = _non_negative_number(decorator, "retry_max_delay", retry_max_delay)
+        self.retry_delay = _delay(decorator, "retry_delay", retry_delay)
+        self.retry_max_delay = _delay(decorator, "retry_max_delay", retry_max_delay)
         self.retry_strategy = _enum(decorator, "retry_strategy", BackoffStrategy, retry_strategy)
         self.retry_on = _exception_types(decorator, "retry_on", retry_on)
         self.checkpoint = _bool(decorator, "checkpoint", checkpoint)
@@ -1246,9 +1247,10 @@ def _non_negative_int(decorator: str, param: str, value: Any) -> int:
     return value
 
 
-def _non_negative_number(decorator: str, param: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigurationError(f"@{decorator}({param}=...) must be a number >= 0, got {value!r}")
+def _delay(decorator: str, param: str, value: Any) -> float:
+    """Seconds to wait: a finite number >= 0 (an infinite wait is no retry at all)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ConfigurationError(f"@{decorator}({param}=...) must be a finite number >= 0, got {value!r}")
     return float(value)
 
 

@@ -57,8 +57,9 @@ class RateLimitRule(Model):
 class RetryRule(Model):
     max_attempts: Count = Field(default=3, ge=1)
     backoff: BackoffStrategy = BackoffStrategy.EXPONENTIAL
-    base_delay_seconds: Amount = Field(default=1.0, ge=0)
-    max_delay_seconds: Amount = Field(default=60.0, ge=0)
+    # finite: an infinite wait is no retry at all
+    base_delay_seconds: Amount = Field(default=1.0, ge=0, allow_inf_nan=False)
+    max_delay_seconds: Amount = Field(default=60.0, ge=0, allow_inf_nan=False)
 
 
 class CircuitBreakerRule(Model):
