@@ -558,3 +558,16 @@ def test_init_refuses_a_metrics_variable_of_the_meter_provider_it_would_make(
     assert value in str(info.value)
     assert client_module._configured is None
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+
+
+def test_retry_on_an_error_that_is_never_retried_says_so() -> None:
+    """A step never retries KeyboardInterrupt, SystemExit or a cancellation (retry_on lists
+    Exception classes, reference 000): asking for it is refused, not silently ignored."""
+    with pytest.raises(ConfigurationError, match="retry_on") as info:
+
+        @step(retry=2, retry_on=KeyboardInterrupt)
+        def work() -> None:
+            return None
+
+    assert "KeyboardInterrupt" in str(info.value)
+    assert "never retried" in str(info.value)

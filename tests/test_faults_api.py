@@ -81,6 +81,8 @@ DECORATOR_CASES: list[tuple[str, Callable[..., Any], dict[str, Any], str]] = [
     ("step", step, {"retry_strategy": "fibonacci"}, "retry_strategy"),
     ("step", step, {"retry_on": (int,)}, "retry_on"),
     ("step", step, {"retry_on": "ConnectionError"}, "retry_on"),
+    ("step", step, {"retry_on": KeyboardInterrupt}, "retry_on"),  # was accepted, never retried
+    ("step", step, {"retry_on": (ConnectionError, SystemExit)}, "retry_on"),
     ("step", step, {"checkpoint": "yes"}, "checkpoint"),
     ("step", step, {"idempotent": "no"}, "idempotent"),
     ("step", step, {"check_budget": 1}, "check_budget"),

@@ -118,7 +118,7 @@ class StepSpec:
         retry_delay: float,
         retry_max_delay: float,
         retry_strategy: BackoffStrategy | str,
-        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None,
+        retry_on: tuple[type[Exception], ...] | type[Exception] | None,
         checkpoint: bool,
         idempotent: bool,
         check_budget: bool,
@@ -473,7 +473,7 @@ def step(
     retry_delay: float = 1.0,
     retry_max_delay: float = 60.0,
     retry_strategy: BackoffStrategy | str = BackoffStrategy.EXPONENTIAL,
-    retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+    retry_on: tuple[type[Exception], ...] | type[Exception] | None = None,
     checkpoint: bool = False,
     idempotent: bool = True,
     check_budget: bool = True,
@@ -488,7 +488,7 @@ def step(
     retry_delay: float = 1.0,
     retry_max_delay: float = 60.0,
     retry_strategy: BackoffStrategy | str = BackoffStrategy.EXPONENTIAL,
-    retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+    retry_on: tuple[type[Exception], ...] | type[Exception] | None = None,
     checkpoint: bool = False,
     idempotent: bool = True,
     check_budget: bool = True,
@@ -1264,7 +1264,7 @@ def _metadata(decorator: str, value: Any) -> None:
             raise ConfigurationError(f"@{decorator}(metadata=...) keys must be strings, got {key!r}")
 
 
-def _exception_types(decorator: str, param: str, value: Any) -> tuple[type[BaseException], ...] | None:
+def _exception_types(decorator: str, param: str, value: Any) -> tuple[type[Exception], ...] | None:
     if value is None:
         return None
     if isinstance(value, type):
@@ -1277,6 +1277,12 @@ def _exception_types(decorator: str, param: str, value: Any) -> tuple[type[BaseE
         raise ConfigurationError(
             f"@{decorator}({param}=...) must be a tuple of exception classes, got {value!r}"
         )
+    for t in value:
+        if not issubclass(t, Exception):
+            raise ConfigurationError(
+                f"@{decorator}({param}=...) must list Exception classes: {t.__name__} is never retried "
+                "(nor is KeyboardInterrupt, SystemExit or a cancellation)"
+            )
     return value
 
 
