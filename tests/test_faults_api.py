@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 import multirun
 from multirun import agent, checkpoint, run, step
 from multirun import client as client_module
+from multirun.context import get_current_agent_context, get_current_run_context
 from multirun.errors import ConfigurationError
 from multirun.models import Budget, Policy, StepKind
 from multirun.models.policy import (
@@ -93,6 +94,7 @@ DECORATOR_CASES: list[tuple[str, Callable[..., Any], dict[str, Any], str]] = [
     ("checkpoint", checkpoint, {"result_key": ""}, "result_key"),
     ("checkpoint", checkpoint, {"result_key": 5}, "result_key"),
     ("checkpoint", checkpoint, {"extra_state": "x"}, "extra_state"),
+    ("checkpoint", checkpoint, {"extra_state": {1: "x"}}, "extra_state"),  # JSON would restore "1"
 ]
 
 
@@ -294,6 +296,22 @@ def test_24_continue_run_refuses_a_carrier_that_is_not_a_mapping(traced: Any, ca
             pass
 
     refused(enter, "carrier")
+
+
+def test_24_a_state_key_that_is_no_string_is_refused_where_it_is_set(traced: Any) -> None:
+    """A JSON checkpoint writes every key as a string: ``get_state(1)`` would find nothing after
+    a restore. The key is refused where the program sets it, naming it."""
+
+    @run
+    def job() -> None:
+        ctx = get_current_run_context()
+        refused(lambda: ctx.set_state(1, "x"), "key")
+        refused(lambda: get_current_agent_context().set_state(("a", 1), "x"), "key")
+        refused(lambda: ctx.checkpoint(extra_state={1: "x"}), "extra_state")
+        refused(lambda: ctx.checkpoint(extra_state="x"), "extra_state")  # type: ignore[arg-type]
+        assert ctx.state == {}
+
+    job()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

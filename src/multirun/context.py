@@ -632,6 +632,7 @@ class RunContext:
 
     def set_state(self, key: str, value: Any) -> None:
         """Keep ``value`` under ``key``; state is included in every checkpoint."""
+        _check_state_key(key)
         self._state[key] = value
 
     def get_state(self, key: str, default: Any = None) -> Any:
@@ -712,6 +713,7 @@ class RunContext:
     ) -> Done[CheckpointMeta]:
         """Write the run's state, its agents' states, its replay log and spend to the blob
         store; CheckpointError if it cannot be written."""
+        check_extra_state("checkpoint", extra_state)
         return Done(self._checkpoint(name or "checkpoint", extra_state, agent_id, step_id))
 
     def _checkpoint(
@@ -1021,6 +1023,7 @@ class AgentContext:
     # -- state, checkpoints --------------------------------------------------
 
     def set_state(self, key: str, value: Any) -> None:
+        _check_state_key(key)
         self._state[key] = value
 
     def get_state(self, key: str, default: Any = None) -> Any:
@@ -1492,6 +1495,27 @@ class StepContext:
             self._input_text,
             self._output_text,
         )
+
+
+def _check_state_key(key: Any) -> None:
+    """Refuse a state key that is no string: a JSON checkpoint writes every key as one, and
+    ``get_state(key)`` would find nothing after a restore."""
+    if not isinstance(key, str):
+        raise ConfigurationError(f"set_state(key=...) must be a string, got {type(key).__name__} {key!r}")
+
+
+def check_extra_state(where: str, extra_state: Any) -> None:
+    """Refuse an ``extra_state`` that is no dict with string keys, as ``set_state`` does a key."""
+    if extra_state is None:
+        return
+    if not isinstance(extra_state, dict):
+        raise ConfigurationError(f"{where}(extra_state=...) must be a dict, got {extra_state!r}")
+    for key in extra_state:
+        if not isinstance(key, str):
+            raise ConfigurationError(
+                f"{where}(extra_state=...) keys must be strings (a checkpoint keeps keys as strings), "
+                f"got {type(key).__name__} {key!r}"
+            )
 
 
 def _running_step_around(step: StepContext) -> str | None:

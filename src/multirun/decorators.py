@@ -29,7 +29,13 @@ from multirun.checkpoints.replay import SEQ, Served, kept_copy, stream_of, strea
 from multirun.checkpoints.resume import take_pending_resume
 from multirun.checkpoints.serializers import is_one_shot
 from multirun.clock import Clock
-from multirun.context import AgentContext, RunContext, StepContext, record_step_not_run
+from multirun.context import (
+    AgentContext,
+    RunContext,
+    StepContext,
+    check_extra_state,
+    record_step_not_run,
+)
 from multirun.errors import (
     REFUSALS,
     BudgetExceededError,
@@ -794,8 +800,7 @@ def checkpoint(
         raise ConfigurationError(
             f"@checkpoint(result_key=...) must be a non-empty string, got {result_key!r}"
         )
-    if extra_state is not None and not isinstance(extra_state, dict):
-        raise ConfigurationError(f"@checkpoint(extra_state=...) must be a dict, got {extra_state!r}")
+    check_extra_state("@checkpoint", extra_state)
 
     def decorate(fn: F) -> F:
         func_name = getattr(_callable("checkpoint", fn), "__name__", None)
