@@ -1253,3 +1253,34 @@ def test_multirun_resume_in_the_environment_refuses_a_run_of_another_name(traced
     monkeypatch.setenv("MULTIRUN_RESUME_RUN_NAME", "billing")
     assert billing() == ["otel 1", "otel 2"]
     assert calls.log == []  # served from crew's checkpoint, as asked
+
+
+@pytest.mark.parametrize("decorate", [checkpoint, step(checkpoint=True)], ids=["checkpoint", "step"])
+@pytest.mark.parametrize("how", ["closed", "read to the end"])
+def test_a_generator_that_ends_after_its_run_takes_no_checkpoint(traced, caplog, decorate, how) -> None:
+    """The run is over: no checkpoint of it is written, and nothing is written to its ended span
+    (the OpenTelemetry SDK would warn about an event added to an ended span)."""
+
+    @decorate
+    def numbers():  # type: ignore[no-untyped-def]
+        yield 1
+        yield 2
+
+    runs: list[RunContext] = []
+
+    @run
+    def job():  # type: ignore[no-untyped-def]
+        runs.append(get_current_run_context())
+        stream = numbers()
+        next(stream)
+        return stream  # handed back to the caller, part-read
+
+    stream = job()
+    with caplog.at_level(logging.DEBUG):
+        if how == "closed":
+            stream.close()
+        else:
+            assert list(stream) == [2]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert runs[0].run.checkpoints == []
+    assert not any(e.name == attr.EVENT_CHECKPOINT for s in traced.spans() for e in s.events)

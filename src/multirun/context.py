@@ -750,7 +750,13 @@ class RunContext:
     def _try_checkpoint(
         self, name: str, extra_state: dict[str, Any] | None = None, step_id: str = "", agent_id: str = ""
     ) -> CheckpointMeta | None:
-        """Checkpoint, turning any failure into a warning: a checkpoint never fails the run."""
+        """Checkpoint, turning any failure into a warning: a checkpoint never fails the run.
+
+        None once the run has ended (a generator under ``@checkpoint`` that ends after it): the
+        run is over, and its span takes no more events."""
+        if self._finished:
+            _logger.debug("multirun: checkpoint %r not taken: run %s has ended", name, self.run.id)
+            return None
         try:
             return self._checkpoint(name, extra_state, agent_id, step_id)
         except Exception as exc:
