@@ -1284,3 +1284,15 @@ def test_a_generator_that_ends_after_its_run_takes_no_checkpoint(traced, caplog,
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert runs[0].run.checkpoints == []
     assert not any(e.name == attr.EVENT_CHECKPOINT for s in traced.spans() for e in s.events)
+
+
+def test_a_checkpoint_the_program_takes_after_its_run_ended_is_written_quietly(traced, caplog) -> None:
+    """``ctx.checkpoint()`` called by the program itself, after its run ended: written as asked,
+    with no event on the run's ended span (the OpenTelemetry SDK would warn about one)."""
+    ctx = RunContext(traced.client, Run(name="late"))
+    with ctx:
+        ctx.set_state("answer", 42)
+    with caplog.at_level(logging.WARNING):
+        meta = ctx.checkpoint(name="after").value
+    assert [r.getMessage() for r in caplog.records] == []
+    assert traced.client.checkpoints.load(meta.id).state == {"answer": 42}

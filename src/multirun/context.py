@@ -734,17 +734,18 @@ class RunContext:
         span = trace.get_current_span()
         if not span.is_recording():
             span = self.span
-        span.add_event(
-            attr.EVENT_CHECKPOINT,
-            {
-                attr.CHECKPOINT_ID: meta.id,
-                attr.CHECKPOINT_NAME: meta.name,
-                attr.CHECKPOINT_URI: meta.uri,
-                attr.CHECKPOINT_SIZE: meta.size_bytes,
-                attr.CHECKPOINT_DIGEST: meta.digest,
-                attr.CHECKPOINT_SERIALIZER: meta.serializer,
-            },
-        )
+        if span.is_recording():  # not once the run's span has ended (a checkpoint taken after it)
+            span.add_event(
+                attr.EVENT_CHECKPOINT,
+                {
+                    attr.CHECKPOINT_ID: meta.id,
+                    attr.CHECKPOINT_NAME: meta.name,
+                    attr.CHECKPOINT_URI: meta.uri,
+                    attr.CHECKPOINT_SIZE: meta.size_bytes,
+                    attr.CHECKPOINT_DIGEST: meta.digest,
+                    attr.CHECKPOINT_SERIALIZER: meta.serializer,
+                },
+            )
         return meta
 
     def _try_checkpoint(
