@@ -102,6 +102,9 @@ def global_otel(monkeypatch) -> Iterator[None]:  # type: ignore[no-untyped-def]
     for name in (
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
         "OTEL_PYTHON_TRACER_PROVIDER",
         "OTEL_SDK_DISABLED",
         "MULTIRUN_DIR",

@@ -4,7 +4,8 @@
 TracerProvider the application already set (its own, Logfire's, Traceloop's):
 it adds its span processor to it. With no provider set, it creates one that
 exports over OTLP when an endpoint is configured (argument or the standard
-``OTEL_EXPORTER_OTLP_*`` variables) and otherwise writes OTLP JSON files under
+``OTEL_EXPORTER_OTLP_*`` variables; over HTTP, or gRPC when ``protocol`` or
+``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)PROTOCOL`` says so) and otherwise writes OTLP JSON files under
 ``./.multirun/`` (the embedded default). ``@run`` calls ``init()`` itself if
 nobody did.
 """
@@ -12,6 +13,7 @@ nobody did.
 from __future__ import annotations
 
 import atexit
+import importlib
 import inspect
 import logging
 import math
@@ -325,6 +327,7 @@ def init(
     *,
     service_name: str | None = None,
     endpoint: str | None = None,
+    protocol: str | None = None,
     headers: Mapping[str, str] | None = None,
     tracer_provider: trace.TracerProvider | None = None,
     span_exporter: SpanExporter | None = None,
@@ -353,10 +356,13 @@ def init(
         service_name: ``service.name`` of a provider created here (default
             ``OTEL_SERVICE_NAME``, else ``service.name`` of ``OTEL_RESOURCE_ATTRIBUTES``,
             else ``multirun``).
-        endpoint: OTLP/HTTP endpoint, e.g. ``http://localhost:4318``. Without
-            it, ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)ENDPOINT`` is honoured; with
-            neither, traces go to files under ``local_dir``.
-        headers: HTTP headers sent with every OTLP export (e.g. ``Authorization``).
+        endpoint: OTLP endpoint, e.g. ``http://localhost:4318`` (``http://localhost:4317``
+            for gRPC). Without it, ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)ENDPOINT`` is
+            honoured; with neither, traces go to files under ``local_dir``.
+        protocol: ``http/protobuf`` or ``grpc`` (which needs ``pip install 'multirun-otel[grpc]'``),
+            for traces and metrics (default ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)PROTOCOL``,
+            else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``http/protobuf``).
+        headers: HTTP headers (gRPC metadata) sent with every OTLP export (e.g. ``Authorization``).
         tracer_provider: use this provider instead of the global one.
         span_exporter: export to this exporter (batched) instead.
         local_dir: folder of the embedded default (``MULTIRUN_DIR``, else ``./.multirun``);
@@ -401,6 +407,7 @@ def init(
     arguments: dict[str, Any] = {
         "service_name": service_name,
         "endpoint": endpoint,
+        "protocol": protocol,
         "headers": headers,
         "tracer_provider": tracer_provider,
         "span_exporter": span_exporter,
@@ -499,6 +506,7 @@ def _init_locked(
     *,
     service_name: str | None = None,
     endpoint: str | None = None,
+    protocol: str | None = None,
     headers: Mapping[str, str] | None = None,
     tracer_provider: trace.TracerProvider | None = None,
     span_exporter: SpanExporter | None = None,
@@ -544,7 +552,19 @@ def _init_locked(
     if _VALUE_LENGTH_LIMIT in bad_limits and client_options.get("content_limit") is None:
         client_options["content_limit"] = DEFAULT_CONTENT_LIMIT
     _validate_options(**client_options)
-    ignored = _validate_endpoints(endpoint, span_exporter, tracer_provider, client_options, refuse=refuse)
+    ignored = _validate_endpoints(
+        endpoint, span_exporter, tracer_provider, client_options, protocol, refuse=refuse
+    )
+    otlp_signals = [
+        signal
+        for signal, exported in (
+            ("traces", _traces_exported(endpoint, span_exporter, tracer_provider, ignored)),
+            ("metrics", _metrics_exported(endpoint, client_options, ignored)),
+        )
+        if exported
+    ]
+    protocols = _validate_protocols(protocol, otlp_signals, refuse=refuse)
+    ignored |= set(otlp_signals) - set(protocols)
     meter_settings = _metric_settings(endpoint, client_options, ignored, refuse=refuse)
     exports = span_exporter is not None or endpoint is not None
     batch = None
@@ -564,8 +584,15 @@ def _init_locked(
         checkpoint_max_bytes_setting(checkpoint_max_bytes, refuse=refuse),
         store_setting=store_setting,
     )
+    otlp_spans = metric_exporter = None  # made here: the gRPC exporters raise for some variables
+    if "traces" in protocols:
+        otlp_spans = _otlp_exporter("traces", protocols["traces"], protocol, endpoint, headers, refuse=refuse)
+    if meter_settings is not None and "metrics" in protocols:
+        metric_exporter = _otlp_exporter(
+            "metrics", protocols["metrics"], protocol, endpoint, headers, refuse=refuse
+        )
     _ensure_local_dir(local_dir, local_dir_setting)  # last: a refused init creates no folder
-    exporter = span_exporter or _exporter_for(endpoint, headers, root, ignored)
+    exporter = span_exporter or otlp_spans or LocalFileSpanExporter(root / "traces")
     provider = tracer_provider
     if provider is None:
         current = trace.get_tracer_provider()
@@ -602,8 +629,8 @@ def _init_locked(
             provider = current
     elif span_exporter is not None or endpoint is not None:
         _export_to(provider, exporter, batch)
-    if meter_settings is not None:
-        _ensure_meter_provider(endpoint, headers, service_name, meter_settings)
+    if meter_settings is not None and metric_exporter is not None:
+        _ensure_meter_provider(metric_exporter, service_name, meter_settings)
     client = MultiRunClient(
         tracer_provider=provider, checkpoint_store=checkpoint_store, prices=price_book, **client_options
     )
@@ -729,15 +756,20 @@ def _env_endpoint(signal: str, ignored: Collection[str] = ()) -> tuple[str, str]
     return None
 
 
-def _endpoint_problem(name: str, url: str) -> str | None:
-    """What is wrong with an OTLP/HTTP endpoint that is not an http(s) URL with a host, or None."""
+def _endpoint_problem(name: str, url: str, protocol: Any = None) -> str | None:
+    """What is wrong with an OTLP endpoint that is not an http(s) URL with a host, or None.
+
+    For gRPC too: its exporter would take ``host:port`` as well, but over TLS unless
+    ``OTEL_EXPORTER_OTLP_INSECURE`` says otherwise; ``http://`` says it plainly.
+    """
+    example = "http://localhost:4317" if protocol == "grpc" else "http://localhost:4318"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  # raises ValueError for a port that is not a number
     except ValueError as exc:
-        return f"{name} must be an http(s) URL such as http://localhost:4318, got {url!r} ({exc})"
+        return f"{name} must be an http(s) URL such as {example}, got {url!r} ({exc})"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"{name} must be an http(s) URL with a host, such as http://localhost:4318, got {url!r}"
+        return f"{name} must be an http(s) URL with a host, such as {example}, got {url!r}"
     return None
 
 
@@ -749,16 +781,18 @@ def _validate_endpoints(
     span_exporter: SpanExporter | None,
     tracer_provider: trace.TracerProvider | None,
     options: Mapping[str, Any],
+    protocol: Any = None,
     *,
     refuse: bool = True,
 ) -> set[str]:
-    """Check ``endpoint``, or the ``OTEL_EXPORTER_OTLP_*ENDPOINT`` variables ``init`` will export to.
+    """Check ``endpoint``, or the ``OTEL_EXPORTER_OTLP_*ENDPOINT`` variables ``init`` will export to
+    (``protocol``, the argument, picks the example a refusal gives).
 
     A variable only the application's own pipeline reads (it has a provider) is its business.
     Returns the signals whose variable, with ``refuse=False``, is logged and ignored instead.
     """
     if endpoint is not None:
-        problem = _endpoint_problem("endpoint", endpoint)
+        problem = _endpoint_problem("endpoint", endpoint, _protocol_setting(protocol, "traces")[0])
         if problem is not None:
             raise ConfigurationError(problem)
         return set()
@@ -772,12 +806,119 @@ def _validate_endpoints(
         found = _env_endpoint(signal)
         if found is None:
             continue
-        problem = _endpoint_problem(*found)
+        problem = _endpoint_problem(*found, _protocol_setting(protocol, signal)[0])
         if problem is not None:
             bad.setdefault(found[0], (problem, []))[1].append(signal)
-    for problem, ignored in bad.values():  # one warning per variable (OTEL_EXPORTER_OTLP_ENDPOINT: both)
+    return _not_exported(bad, refuse=refuse)
+
+
+def _not_exported(bad: Mapping[str, tuple[str, list[str]]], *, refuse: bool) -> set[str]:
+    """Refuse the first of the ``bad`` variables (name -> what is wrong, the signals it is for),
+    or with ``refuse=False`` log each once (OTEL_EXPORTER_OTLP_ENDPOINT: for both signals) and
+    return the signals that are not exported over OTLP because of them."""
+    for problem, ignored in bad.values():
         refuse_or_warn(problem, refuse=refuse, instead=", ".join(_NOT_EXPORTED[signal] for signal in ignored))
     return {signal for _, ignored in bad.values() for signal in ignored}
+
+
+def _traces_exported(
+    endpoint: str | None,
+    span_exporter: SpanExporter | None,
+    tracer_provider: trace.TracerProvider | None,
+    ignored: Collection[str],
+) -> bool:
+    """Whether ``init`` sends spans to an OTLP endpoint (the argument, or a variable its own
+    provider exports to)."""
+    if span_exporter is not None:
+        return False
+    if endpoint is not None:
+        return True
+    ours = tracer_provider is None and _provider_is_ours(trace.get_tracer_provider())
+    return ours and _env_endpoint("traces", ignored) is not None
+
+
+def _metrics_exported(endpoint: str | None, options: Mapping[str, Any], ignored: Collection[str]) -> bool:
+    """Whether ``init`` makes a MeterProvider that exports to an OTLP endpoint."""
+    if not options.get("metrics", True) or options.get("meter_provider") is not None:
+        return False
+    if endpoint is None and _env_endpoint("metrics", ignored) is None:
+        return False
+    return _meters_are_ours()
+
+
+# the environment variables of the OTLP protocol of each signal, the specific one first
+_PROTOCOL_ENV = {
+    "traces": ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    "metrics": ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+}
+OTLP_PROTOCOLS = ("http/protobuf", "grpc")  # http/json: no exporter of OpenTelemetry Python sends it
+DEFAULT_PROTOCOL = "http/protobuf"  # the specification's, as for the SDK's own OTLP exporters
+GRPC_INSTALL_HINT = "pip install 'multirun-otel[grpc]'"
+# (signal, protocol) -> the module and class of the SDK's exporter
+_OTLP_EXPORTERS = {
+    (signal, protocol): (f"opentelemetry.exporter.otlp.proto.{package}.{module}", name)
+    for signal, module, name in (
+        ("traces", "trace_exporter", "OTLPSpanExporter"),
+        ("metrics", "metric_exporter", "OTLPMetricExporter"),
+    )
+    for protocol, package in (("http/protobuf", "http"), ("grpc", "grpc"))
+}
+_PATHS = {"traces": "/v1/traces", "metrics": "/v1/metrics"}
+
+
+def _protocol_setting(protocol: Any, signal: str) -> tuple[Any, str]:
+    """``(protocol, where it came from)`` for ``signal``: the argument, else the signal's
+    variable, else ``OTEL_EXPORTER_OTLP_PROTOCOL`` (unset or empty: the next), else the default."""
+    if protocol is not None:
+        return protocol, "protocol"
+    for variable in _PROTOCOL_ENV[signal]:
+        value = os.environ.get(variable, "").strip()
+        if value:
+            return value, variable
+    return DEFAULT_PROTOCOL, "the default protocol"
+
+
+def _protocol_problem(protocol: Any, name: str) -> str | None:
+    """What stops exporting with ``protocol`` (given as ``name``), or None."""
+    if protocol == "http/json":
+        return (
+            f"{name} is 'http/json', which OpenTelemetry Python's exporters do not send: use "
+            "'http/protobuf' (the same endpoint) or 'grpc'"
+        )
+    if protocol not in OTLP_PROTOCOLS:
+        return f"{name} must be one of {', '.join(OTLP_PROTOCOLS)}, got {protocol!r}"
+    if protocol == "grpc":
+        for signal in _PATHS:
+            try:
+                importlib.import_module(_OTLP_EXPORTERS[signal, "grpc"][0])
+            except ImportError as exc:
+                return f"{name} is 'grpc', which needs the grpc extra ({exc}): {GRPC_INSTALL_HINT}"
+    return None
+
+
+def _validate_protocols(protocol: Any, signals: Collection[str], *, refuse: bool = True) -> dict[str, str]:
+    """The protocol of each of ``signals`` (those ``init`` exports over OTLP): the argument,
+    always checked, or the variables, checked for the signals that use them.
+
+    A bad variable is refused by name, or with ``refuse=False`` logged (once) and its signals
+    left out of the result: they are not exported over OTLP.
+    """
+    if protocol is not None:
+        problem = _protocol_problem(protocol, "protocol")
+        if problem is not None:
+            raise ConfigurationError(problem)
+        return dict.fromkeys(signals, protocol)
+    protocols: dict[str, str] = {}
+    bad: dict[str, tuple[str, list[str]]] = {}  # variable -> what is wrong, the signals it is for
+    for signal in signals:
+        value, name = _protocol_setting(None, signal)
+        problem = _protocol_problem(value, name)
+        if problem is None:
+            protocols[signal] = value
+        else:
+            bad.setdefault(name, (problem, []))[1].append(signal)
+    _not_exported(bad, refuse=refuse)
+    return protocols
 
 
 def _provider_is_ours(current: trace.TracerProvider) -> bool:
@@ -845,9 +986,7 @@ def _metric_settings(
     A bad variable is refused by name (the SDK's ValueErrors name none, and come after the
     traces are set up), or with ``refuse=False`` logged and left at its default.
     """
-    if not options.get("metrics", True) or options.get("meter_provider") is not None:
-        return None
-    if (endpoint is None and _env_endpoint("metrics", ignored) is None) or not _meters_are_ours():
+    if not _metrics_exported(endpoint, options, ignored):
         return None
     interval = env_int("OTEL_METRIC_EXPORT_INTERVAL", _METRIC_EXPORT_INTERVAL, minimum=1, refuse=refuse)
     exemplar_filter = os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER", _DEFAULT_EXEMPLAR_FILTER)
@@ -897,19 +1036,44 @@ def _unpriced_mode(value: str | None) -> str:
     return value
 
 
-def _exporter_for(
-    endpoint: str | None, headers: Mapping[str, str] | None, root: Path, ignored: Collection[str]
-) -> SpanExporter:
-    if endpoint is None and _env_endpoint("traces", ignored) is None:
-        return LocalFileSpanExporter(root / "traces")
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+def _otlp_exporter(
+    signal: str,
+    protocol: str,
+    protocol_argument: str | None,
+    endpoint: str | None,
+    headers: Mapping[str, str] | None,
+    *,
+    refuse: bool = True,
+) -> Any:
+    """The SDK's OTLP exporter of ``signal`` over ``protocol``, to ``endpoint`` (None: the one
+    its variables name).
 
-    if endpoint is not None:
+    The gRPC exporters raise for a timeout or compression variable the HTTP ones log and
+    ignore: that is refused, or with ``refuse=False`` logged, and None returned.
+    """
+    module, name = _OTLP_EXPORTERS[signal, protocol]
+    try:
+        exporter_class = getattr(importlib.import_module(module), name)
+        if protocol == "grpc":  # it takes the host and port of the URL; metadata keys are lower case
+            metadata = {key.lower(): value for key, value in headers.items()} if headers else None
+            return exporter_class(endpoint=endpoint, headers=metadata)
+        if endpoint is None:
+            return exporter_class(headers=dict(headers) if headers else None)
         url = endpoint.rstrip("/")
-        if not url.endswith("/v1/traces"):
-            url += "/v1/traces"
-        return OTLPSpanExporter(endpoint=url, headers=dict(headers or {}))
-    return OTLPSpanExporter(headers=dict(headers) if headers else None)
+        if not url.endswith(_PATHS[signal]):
+            url += _PATHS[signal]
+        return exporter_class(endpoint=url, headers=dict(headers or {}))
+    except Exception as exc:
+        setting = _protocol_setting(protocol_argument, signal)[1]
+        transport = "gRPC" if protocol == "grpc" else "HTTP"
+        kind = "span" if signal == "traces" else "metric"
+        refuse_or_warn(
+            f"{setting} is {protocol!r}, and the {transport} {kind} exporter cannot be set up from the "
+            f"OTEL_EXPORTER_OTLP_* variables: {exc}",
+            refuse=refuse,
+            instead=_NOT_EXPORTED[signal],
+        )
+        return None
 
 
 _owned_meter_provider: Any = None
@@ -927,20 +1091,14 @@ def _resource(service_name: str | None) -> Resource:
     return resource
 
 
-def _ensure_meter_provider(
-    endpoint: str | None,
-    headers: Mapping[str, str] | None,
-    service_name: str | None,
-    settings: tuple[int, str],
-) -> None:
-    """Create the MeterProvider that exports to the OTLP endpoint, with the ``settings`` of
+def _ensure_meter_provider(exporter: Any, service_name: str | None, settings: tuple[int, str]) -> None:
+    """Create the MeterProvider that exports to the OTLP ``exporter``, with the ``settings`` of
     ``_metric_settings`` (which says whether to make one).
 
     Without an endpoint, metrics go wherever the application's MeterProvider
     sends them (nowhere if it has none): the embedded default keeps traces only.
     """
     global _owned_meter_provider
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics import (
         AlwaysOffExemplarFilter,
         AlwaysOnExemplarFilter,
@@ -949,13 +1107,6 @@ def _ensure_meter_provider(
     )
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    if endpoint is not None:
-        url = endpoint.rstrip("/")
-        exporter = OTLPMetricExporter(
-            endpoint=url if url.endswith("/v1/metrics") else url + "/v1/metrics", headers=dict(headers or {})
-        )
-    else:
-        exporter = OTLPMetricExporter(headers=dict(headers) if headers else None)
     interval, exemplar_filter = settings
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
     filters = {

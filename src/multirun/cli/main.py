@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--endpoint",
         metavar="URL",
-        help="send the traces to this OTLP/HTTP collector (e.g. http://localhost:4318) "
-        "instead of files; OTEL_EXPORTER_OTLP_ENDPOINT does the same",
+        help="send the traces to this OTLP collector (e.g. http://localhost:4318; with "
+        "OTEL_EXPORTER_OTLP_PROTOCOL=grpc, http://localhost:4317) instead of files; "
+        "OTEL_EXPORTER_OTLP_ENDPOINT does the same",
     )
     demo.set_defaults(handler=cmd_demo)
 
@@ -331,9 +332,15 @@ def _check_demo_endpoint(given: str | None) -> None:
     """Refuse an endpoint that is no http(s) URL, naming the option or variable that gave it,
     before the demo creates its folder."""
     found = ("--endpoint", given) if given is not None else client_module._env_endpoint("traces")
-    problem = client_module._endpoint_problem(*found) if found is not None else None
+    protocol = _traces_protocol()
+    problem = client_module._endpoint_problem(*found, protocol) if found is not None else None
     if problem is not None:
         raise RunsError(problem)
+
+
+def _traces_protocol() -> object:
+    """The OTLP protocol of the demo's spans (``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL``)."""
+    return client_module._protocol_setting(None, "traces")[0]
 
 
 def _nothing_listens_at(url: str) -> str | None:
@@ -413,7 +420,8 @@ def _show_sent(recorder: _Recorder, run_id: str, endpoint: str, errors: list[str
         _error(f"could not send the spans to {endpoint}: {first}")
         print(_NO_COLLECTOR_HINT, file=sys.stderr)
         return 1
-    print(f"Sent:        run {run_id} to {endpoint} (OTLP/HTTP, service.name multirun-demo)")
+    transport = "OTLP/gRPC" if _traces_protocol() == "grpc" else "OTLP/HTTP"
+    print(f"Sent:        run {run_id} to {endpoint} ({transport}, service.name multirun-demo)")
     print(f"The code:    {_demo_source()}")
     return 0
 
