@@ -10,6 +10,7 @@ redis-server stopped or frozen mid-run, a real S3 server.
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import json
 import logging
 import os
@@ -312,6 +313,21 @@ def test_2_exit_behind_a_collector_that_never_answers_is_bounded_and_says_spans_
     assert took < 8, f"exit took {took:.1f} s: {done.stderr}"
     [lost] = [line for line in done.stderr.splitlines() if "not delivered" in line]
     assert "1 span" in lost, done.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is None,
+    reason="the grpc extra is not installed: pip install -e '.[test]' (scripts/test does it)",
+)
+def test_2_exit_behind_a_grpc_collector_that_never_answers_is_bounded_too(
+    silent_collector: str, tmp_path: Path
+) -> None:
+    # the gRPC exporters wait out their deadline (10 s) and retry: exit keeps the same bound
+    took, done = exit_of(silent_collector, tmp_path, OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
+    assert done.returncode == 0, done.stderr
+    assert took < 8, f"exit took {took:.1f} s: {done.stderr}"
+    [lost] = [line for line in done.stderr.splitlines() if "not delivered" in line]
+    assert "1 span" in lost and "OTLPSpanExporter" in lost, done.stderr
 
 
 def test_2_exit_waits_as_long_as_the_otlp_timeout_the_user_set(silent_collector: str, tmp_path: Path) -> None:
