@@ -374,6 +374,10 @@ class Stack:
     def otlp_http(self) -> str:
         return self.collector.url("otlp_http")
 
+    @property
+    def otlp_grpc(self) -> str:
+        return self.collector.url("otlp_grpc")
+
     def check_running(self) -> None:
         for server in (self.jaeger, self.tempo, self.collector, self.alertmanager, self.prometheus):
             server.check_running()

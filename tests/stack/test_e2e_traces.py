@@ -93,21 +93,13 @@ class DemoRun:
     output: str
 
 
-@pytest.fixture(scope="module")
-def demo_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
-    """`multirun demo --endpoint <the Collector>`, as a user runs it."""
+def run_demo(endpoint: str, folder: Path, **variables: str) -> DemoRun:
+    """`multirun demo --endpoint <endpoint>`, as a user runs it, with the OTEL_* ``variables``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
-    env["NO_COLOR"] = "1"
+    env |= {"NO_COLOR": "1", **variables}
     multirun_cli = Path(sys.executable).with_name("multirun")
     result = subprocess.run(
-        [
-            str(multirun_cli),
-            "demo",
-            "--dir",
-            str(tmp_path_factory.mktemp("demo")),
-            "--endpoint",
-            stack.otlp_http,
-        ],
+        [str(multirun_cli), "demo", "--dir", str(folder), "--endpoint", endpoint],
         capture_output=True,
         text=True,
         env=env,
@@ -120,10 +112,16 @@ def demo_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     )
     total = re.search(r"^total\s+(\d+) tokens\s+\S+\s+\$([\d.]+)", result.stdout, re.M)
     assert heading and total, f"unexpected output of multirun demo:\n{result.stdout}"
-    assert f"Sent:        run {heading.group(1)} to {stack.otlp_http}" in result.stdout, result.stdout
+    assert f"Sent:        run {heading.group(1)} to {endpoint}" in result.stdout, result.stdout
     return DemoRun(
         heading.group(1), heading.group(2), int(total.group(1)), float(total.group(2)), result.stdout
     )
+
+
+@pytest.fixture(scope="module")
+def demo_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """The demo sent to the Collector over OTLP/HTTP (the default)."""
+    return run_demo(stack.otlp_http, tmp_path_factory.mktemp("demo"))
 
 
 def _whole_trace(query_url: str, trace_id: str) -> list[Span]:
@@ -199,3 +197,49 @@ def test_demo_trace_also_goes_down_the_tempo_pipeline(stack: Stack, demo_run: De
     in_jaeger = _whole_trace(stack.jaeger.url("query"), demo_run.trace_id)
     in_tempo = _whole_trace(stack.tempo.url("query"), demo_run.trace_id)
     assert sorted(s.span_id for s in in_tempo) == sorted(s.span_id for s in in_jaeger)
+
+
+def shape(spans: list[Span]) -> list[Any]:
+    """The tree of ``spans`` without ids or times: each span's name, attempt and children, sorted
+    (parallel steps end in any order)."""
+    children: dict[str, list[Span]] = {}
+    for span in spans:
+        children.setdefault(span.parent_id, []).append(span)
+
+    def node(span: Span) -> list[Any]:
+        below = sorted((node(child) for child in children.get(span.span_id, [])), key=repr)
+        return [span.name, span.attributes.get("multirun.step.attempt"), below]
+
+    return sorted((node(root) for root in children.get("", [])), key=repr)
+
+
+def test_demo_sent_over_grpc_reaches_jaeger_with_the_same_tree_as_over_http(
+    stack: Stack, demo_run: DemoRun, tmp_path: Path
+) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc, as for every OpenTelemetry SDK: the Collector's gRPC
+    receiver (4317 in compose) gets the same run, and its metrics."""
+    over_grpc = run_demo(stack.otlp_grpc, tmp_path, OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
+    assert f"to {stack.otlp_grpc} (OTLP/gRPC, service.name multirun-demo)" in over_grpc.output
+    grpc_spans = _whole_trace(stack.jaeger.url("query"), over_grpc.trace_id)
+    http_spans = _whole_trace(stack.jaeger.url("query"), demo_run.trace_id)
+    assert shape(grpc_spans) == shape(http_spans)
+    assert Counter(span.name for span in grpc_spans) == DEMO_SPANS
+    assert (over_grpc.tokens, over_grpc.cost) == (demo_run.tokens, demo_run.cost)
+    (root,) = [span for span in grpc_spans if span.parent_id == ""]
+    assert root.attributes["multirun.run.id"] == over_grpc.run_id
+    assert root.attributes["multirun.tokens_used"] == over_grpc.tokens
+
+    def received_over_grpc() -> dict[str, float] | None:
+        # the Collector's own metrics count what each receiver transport accepted
+        text = httpx.get(stack.collector.url("telemetry") + "/metrics", timeout=5).text
+        counts = {
+            kind: sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(f"otelcol_receiver_accepted_{kind}") and 'transport="grpc"' in line
+            )
+            for kind in ("spans", "metric_points")
+        }
+        return counts if all(counts.values()) else None
+
+    wait_for("the Collector to count spans and metric points received over gRPC", received_over_grpc, 30)
