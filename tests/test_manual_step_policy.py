@@ -3,6 +3,8 @@ steps are: the budget and the policy decide before each one starts."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from multirun import run
@@ -254,3 +256,46 @@ async def test_an_awaited_manual_step_that_waited_for_its_slot_is_refused_by_a_c
 
     await main()
     assert attrs_of(traced, "chat m")[1][attr.POLICY_RULE] == "circuit_breaker"
+
+
+def test_a_manual_step_interrupted_while_it_waits_for_its_slot_gives_the_slot_back(traced) -> None:
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    def main() -> None:
+        agent_ctx = get_current_agent_context()
+        agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m").complete("a")  # the slot at 0 s
+        sleep = traced.clock.sleep
+        traced.clock.sleep = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m")  # interrupted waiting for 1 s
+        traced.clock.sleep = sleep  # type: ignore[method-assign]
+        agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m").complete("c")
+
+    main()
+    steps = attrs_of(traced, "chat m")
+    assert steps[1][attr.STEP_STATUS] == "failed"
+    assert steps[2][attr.POLICY_WAIT_SECONDS] == 1.0  # the slot the interrupted step never used
+
+
+async def test_an_awaited_manual_step_cancelled_while_it_waits_gives_its_slot_back(traced) -> None:
+    async def hang(seconds: float) -> None:
+        await asyncio.sleep(3600)  # a real wait, so that the cancellation lands in it
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    async def main() -> None:
+        agent_ctx = get_current_agent_context()
+        await (await agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m")).complete("a")
+        instant_sleep = traced.clock.async_sleep
+        traced.clock.async_sleep = hang  # type: ignore[method-assign]
+        waiting = agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m")  # the slot at 1 s
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(waiting, timeout=0.05)
+        traced.clock.async_sleep = instant_sleep  # type: ignore[method-assign]
+        await (await agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="m")).complete("c")
+
+    await main()
+    steps = attrs_of(traced, "chat m")
+    assert steps[1][attr.STEP_STATUS] == "failed"
+    assert steps[2][attr.POLICY_WAIT_SECONDS] == 1.0

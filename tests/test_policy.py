@@ -908,6 +908,62 @@ def test_an_interrupt_during_a_rate_limit_wait_ends_the_step_span(traced) -> Non
     assert waited["error.type"] == "KeyboardInterrupt"
 
 
+def test_a_step_interrupted_while_it_waits_for_its_slot_gives_the_slot_back(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="m")
+    def ask() -> None:
+        pass
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    def main() -> None:
+        ask()  # the slot at 0 s
+        sleep = traced.clock.sleep
+        traced.clock.sleep = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            ask()  # reserves the slot at 1 s, and is interrupted while it waits: it never runs
+        traced.clock.sleep = sleep  # type: ignore[method-assign]
+        ask()
+
+    main()
+    # the slot at 1 s was not used: the next call has it, instead of waiting for the one at 2 s
+    assert attrs_of(traced, "chat m")[2][attr.POLICY_WAIT_SECONDS] == 1.0
+
+
+async def test_a_step_cancelled_while_it_waits_gives_its_slot_back_for_a_slot_or_a_retry(traced) -> None:
+    down = {"on": False}
+    hang_longer_than = {"seconds": 0.0}
+
+    @step(kind=StepKind.LLM_CALL, model="m", retry=1, retry_delay=5)
+    async def ask() -> None:
+        if down["on"]:
+            raise ConnectionError("down")
+
+    async def sleep(seconds: float) -> None:
+        if seconds > hang_longer_than["seconds"]:
+            await asyncio.sleep(3600)  # a real wait, so that the cancellation lands in it
+        traced.clock.now += seconds
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    async def main() -> None:
+        traced.clock.async_sleep = sleep  # type: ignore[method-assign]
+        await ask()  # the slot at 0 s
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ask(), timeout=0.05)  # cancelled while it waits for the slot at 1 s
+        down["on"], hang_longer_than["seconds"] = True, 1.0
+        with pytest.raises(asyncio.TimeoutError):
+            # the slot at 1 s again; it fails there, and is cancelled in its backoff (its retry's slot: 6 s)
+            await asyncio.wait_for(ask(), timeout=0.05)
+        down["on"], hang_longer_than["seconds"] = False, float("inf")
+        await ask()
+
+    await main()
+    # neither cancelled wait used its slot: the last call has the one at 2 s, not the one at 7 s
+    waits = [a.get(attr.POLICY_WAIT_SECONDS) for a in attrs_of(traced, "chat m")]
+    assert waits == [None, 1.0, 1.0, 1.0]
+
+
 def test_a_cancelled_call_does_not_count_as_a_failure_of_the_dependency(traced) -> None:
     @step(kind=StepKind.LLM_CALL, model="big")
     async def ask(seconds: float) -> str:

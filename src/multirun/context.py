@@ -1329,10 +1329,21 @@ class StepContext:
 
     def _end_waiting(self, error: BaseException) -> None:
         """Cancelled or interrupted while it waited for its slot, or refused by a circuit that
-        opened meanwhile: the step ends failed (its span ended, a circuit probe it holds given
-        back)."""
+        opened meanwhile: the step ends failed, its span ended, its circuit probe and its unused
+        slot given back."""
         if not (self._done or self.finished):
+            self._give_back()
             self.fail(error)
+
+    def _give_back(self, slot: bool = True) -> None:
+        """The step ends without an answer from its dependency (cancelled, interrupted, or
+        refused while it waited): its circuit probe is free again, and with ``slot`` (its
+        attempt never started) the rate-limit slot reserved for that attempt. Given back once:
+        the step keeps no decision after."""
+        engine = self.run_context.policy_engine
+        decision, self._decision = self._decision, PROCEED
+        if engine is not None:
+            engine.give_back(self.name, decision if slot else decision._replace(slot=None))
 
     def report_usage(self, usage: TokenUsage) -> None:
         """Charge one model call to this step, its parents, its agent and its run. Usage that

@@ -72,6 +72,7 @@ class _Call(Protocol):
     def _retry_delay(self, error: BaseException) -> float | None: ...
     def _wait_over(self) -> None: ...
     def _next_attempt(self) -> None: ...
+    def _give_back(self) -> None: ...
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None: ...
     def _failed(self, error: BaseException) -> BaseException: ...
 
@@ -562,6 +563,9 @@ class _NotRetried:
     def _next_attempt(self) -> None:
         pass
 
+    def _give_back(self) -> None:
+        pass
+
 
 # ---------------------------------------------------------------------------
 # @run
@@ -863,14 +867,18 @@ def _detach(token: object | None) -> None:
         otel_context.detach(token)  # type: ignore[arg-type]
 
 
-def _raise_failed(call: _Call, error: BaseException) -> NoReturn:
+def _raise_failed(call: _Call, error: BaseException, waiting: bool = False) -> NoReturn:
     """End ``call`` as failed and raise ``error``, or what ``_failed`` made of it (from it).
+    ``waiting``: ``error`` cut short the wait before an attempt, which never ran (what the
+    policy held for it is given back).
 
     Ending it never raises instead: with stack room, as ``error`` may be a RecursionError that
     left none, and a failure of multirun's own costs a warning, not the program's error.
     """
     with headroom:
         try:
+            if waiting:
+                call._give_back()
             final = call._failed(error)
         except Exception as broken:
             _logger.warning(
@@ -906,13 +914,13 @@ def _end_closed_stream(call: _Call, count: int) -> None:
 
 def _pause(call: _Call, seconds: float) -> None:
     """Wait before an attempt (rate limit, backoff), then ask the circuit again. Cancelled or
-    interrupted there, or refused, the call ends as failed: its span is ended and a circuit
-    probe it holds is given back."""
+    interrupted there, or refused, the call ends as failed: its span is ended, and the circuit
+    probe and the rate-limit slot it holds for the attempt are given back."""
     try:
         call._clock().sleep(seconds)
         call._wait_over()
     except BaseException as error:
-        _raise_failed(call, error)
+        _raise_failed(call, error, waiting=True)
 
 
 async def _async_pause(call: _Call, seconds: float) -> None:
@@ -921,7 +929,7 @@ async def _async_pause(call: _Call, seconds: float) -> None:
         await call._clock().async_sleep(seconds)
         call._wait_over()
     except BaseException as error:
-        _raise_failed(call, error)
+        _raise_failed(call, error, waiting=True)
 
 
 def _retry_after(call: _Call, delay: float) -> None:

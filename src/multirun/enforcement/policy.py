@@ -317,7 +317,8 @@ class PolicyEngine:
     def resume(self, name: str, decision: Decision) -> Decision:
         """``decision`` once the step has waited (for its rate-limit slot, a retry's backoff) and
         is about to start: the circuit is asked again if it changed meanwhile (it opened, or
-        became half-open). PolicyViolation, its slot given back, when it must not start."""
+        became half-open). PolicyViolation when it must not start: the caller gives its slot
+        back (``give_back``), as for a wait cancelled or interrupted."""
         rule = self.policy.circuit_breaker
         if rule is None:
             return decision
@@ -326,14 +327,14 @@ class PolicyEngine:
             return decision
         ticket = breaker.allow(self.clock())
         if ticket is None:
-            if decision.slot is not None:
-                decision.slot.give_back()
             raise _circuit_open(name, breaker)
         return decision._replace(ticket=ticket)
 
     def give_back(self, name: str, decision: Decision) -> None:
-        """The step was refused (by the budget, say), or could not start, after ``decision``:
-        the circuit's probe and the rate-limit slot it holds are free again."""
+        """The step was refused (by the budget, say), could not start, or its wait was cut short
+        (cancelled, interrupted, refused when it was over), after ``decision``: the circuit's
+        probe and the rate-limit slot it holds are free again. Call it once per decision: a slot
+        given back twice could free a later caller's."""
         if decision.slot is not None:
             decision.slot.give_back()
         rule = self.policy.circuit_breaker
