@@ -34,7 +34,7 @@ from clientai import ClientAI
 from clientai.agent import Agent, StepConfig, think
 from clientai.agent.core.agent import Agent as CoreAgent
 from clientai.agent.exceptions import WorkflowError
-from clientai.exceptions import InvalidRequestError
+from clientai.exceptions import APIError, InvalidRequestError
 from opentelemetry.trace import StatusCode
 
 import multirun
@@ -42,12 +42,18 @@ from clientai_programs import research_agent
 from clientai_programs.fake_openai import APIFailure, Reply, ScriptedModel, offline_client
 from clientai_programs.research_agent import MODEL, TOPIC
 from multirun.cli.runs import SpanRecord, build_tree, find_runs, load_spans, record_from_span
-from multirun.errors import BudgetExceededError, ConfigurationError
+from multirun.context import get_current_agent_context
+from multirun.errors import BudgetExceededError, ConfigurationError, PolicyViolation
 from multirun.integrations import _options as integration_options
 from multirun.integrations import clientai as integration
 from multirun.integrations.clientai import ClientAIInstrumentor
 from multirun.models import Budget, Policy, StepKind
-from multirun.models.policy import DegradationTrigger, GracefulDegradationRule
+from multirun.models.policy import (
+    CircuitBreakerRule,
+    DegradationTrigger,
+    GracefulDegradationRule,
+    RateLimitRule,
+)
 from multirun.telemetry import attributes as attr
 from test_openai_usage import CANNED, llm
 from test_openai_usage import instrumented as openai_traced
@@ -441,6 +447,98 @@ def test_the_policy_fallback_model_is_the_model_the_api_is_asked_for(traced: Any
         "fallback",
         "fallback",
     ]
+
+
+OVERLOADED = APIFailure("Error code: 503 - upstream overloaded")
+PACED = Policy(
+    rate_limit=RateLimitRule(requests_per_minute=60),  # one LLM call a second
+    circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30),
+)
+
+
+def test_a_call_waiting_for_its_slot_is_refused_by_a_circuit_that_opened_meanwhile(traced: Any) -> None:
+    model = ScriptedModel({"FAIL": [OVERLOADED], **research_agent.script()})
+    client = offline_client(model)
+    failing: list[str] = []
+
+    def meanwhile(seconds: float) -> None:
+        traced.clock.now += seconds
+        if not failing:  # while the second call waits, another one fails (after its own wait): it opens
+            failing.append("FAIL now")
+            with pytest.raises(APIError):
+                client.generate_text("FAIL now", model=MODEL)
+
+    @multirun.run(name="paced", policy=PACED)
+    def paced() -> None:
+        client.generate_text("ANALYZE this", model=MODEL)  # the slot at 0 s
+        traced.clock.sleep = meanwhile  # type: ignore[method-assign]
+        client.generate_text("REPORT now", model=MODEL)  # waits for the slot at 1 s
+
+    with pytest.raises(PolicyViolation, match="circuit"):
+        paced()
+    assert model.prompts() == ["ANALYZE this", "FAIL now"]  # the refused call never reached the model
+    calls = sorted(named(records(traced), "generate_text"), key=lambda s: s.start_ns)
+    refused = calls[1].attributes
+    assert (refused[attr.POLICY_DECISION], refused[attr.POLICY_RULE]) == ("abort", "circuit_breaker")
+    assert refused[attr.STEP_STATUS] == "failed"
+
+
+def test_an_agent_step_waiting_for_its_slot_is_refused_by_a_circuit_that_opened_meanwhile(
+    traced: Any,
+) -> None:
+    model = ScriptedModel(research_agent.script())
+    client = offline_client(model)
+    agent = BrokenAgent(client=client, default_model=MODEL)
+
+    @multirun.run(name="paced", policy=PACED)
+    def paced() -> str:
+        agent_ctx = get_current_agent_context()
+
+        def meanwhile(seconds: float) -> None:
+            traced.clock.now += seconds
+            if traced.clock.sleep is meanwhile:  # once, while draft waits: the circuit of draft opens
+                traced.clock.sleep = sleep  # type: ignore[method-assign]
+                agent_ctx.start_step("draft").fail(ConnectionError("down"))
+
+        client.generate_text("ANALYZE this", model=MODEL)  # the slot at 0 s
+        sleep, traced.clock.sleep = traced.clock.sleep, meanwhile  # type: ignore[method-assign]
+        return str(agent.run(TOPIC))  # its step draft waits for the slot at 1 s
+
+    with pytest.raises(PolicyViolation, match="circuit"):
+        paced()
+    assert model.prompts() == ["ANALYZE this"]  # draft never asked the model
+    (draft,) = [s.attributes for s in named(records(traced), "draft") if s.name == "chat gpt-4o-mini"]
+    assert (draft[attr.POLICY_RULE], draft[attr.STEP_STATUS]) == ("circuit_breaker", "failed")
+
+
+def test_a_call_interrupted_while_it_waits_ends_its_span_and_gives_back_its_probe_and_slot(
+    traced: Any,
+) -> None:
+    model = ScriptedModel({"FAIL": [OVERLOADED], **research_agent.script()})
+    client = offline_client(model)
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    @multirun.run(name="paced", policy=PACED)
+    def paced() -> str:
+        with pytest.raises(APIError):
+            client.generate_text("FAIL now", model=MODEL)  # the circuit of generate_text opens
+        traced.clock.now += 31  # half-open: the next generate_text is its probe
+        client.chat([{"role": "user", "content": "REPORT now"}], model=MODEL)  # takes the slot at 31 s
+        sleep, traced.clock.sleep = traced.clock.sleep, interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            client.generate_text("ANALYZE this", model=MODEL)  # the probe, waiting for the slot at 32 s
+        traced.clock.sleep = sleep  # type: ignore[method-assign]
+        return str(client.generate_text("ANALYZE again", model=MODEL))  # the probe and the slot are free
+
+    assert paced() == research_agent.ANALYZE.text
+    assert model.prompts() == ["FAIL now", "REPORT now", "ANALYZE again"]
+    calls = sorted(named(records(traced), "generate_text"), key=lambda s: s.start_ns)
+    interrupted_call, last = calls[1].attributes, calls[2].attributes
+    assert interrupted_call[attr.STEP_STATUS] == "failed"
+    assert interrupted_call[attr.ERROR_TYPE] == "KeyboardInterrupt"
+    assert last[attr.POLICY_WAIT_SECONDS] == 1.0  # the slot at 32 s, which the interrupted call never used
 
 
 # ---------------------------------------------------------------------------

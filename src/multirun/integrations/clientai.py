@@ -59,7 +59,7 @@ from opentelemetry.instrumentation.utils import unwrap
 
 from multirun._keys import RUN_KEY, run_in, step_in
 from multirun.context import AgentContext, RunContext, StepContext
-from multirun.decorators import StepSpec, _open_step, _StepCall
+from multirun.decorators import StepSpec, _open_step, _pause, _StepCall
 from multirun.errors import REFUSALS
 from multirun.integrations._options import (
     configure_tracer_provider,
@@ -195,8 +195,8 @@ def _failed(call: _StepCall, error: BaseException) -> None:
 
 def _run_step(call: _StepCall, wrapped: Wrapped, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Call ``wrapped`` as the body of ``call``; a returned iterator keeps the step open until consumed."""
-    if call.wait_before:  # a rate limit asked to wait
-        call._clock().sleep(call.wait_before)
+    if call.wait_before:  # a rate limit asked to wait (and the circuit is asked again after)
+        _pause(call, call.wait_before)
     ctx = call.otel_context or otel_context.get_current()
     token = otel_context.attach(ctx)
     try:
@@ -586,7 +586,7 @@ def _llm_call(
     except Exception:
         _broken(f"preparing a {method} call")
     if call.wait_before:
-        call._clock().sleep(call.wait_before)
+        _pause(call, call.wait_before)
     ctx = _ctx(call)
     token = otel_context.attach(ctx)
     try:
