@@ -33,16 +33,18 @@ if sys.version_info < (3, 12):
 import motus.runtime  # noqa: E402  (after the version check: Motus does not import before 3.12)
 import wrapt  # noqa: E402
 from motus.models import BaseChatClient, ChatCompletion  # noqa: E402
-from motus.runtime import agent_task, resolve  # noqa: E402
+from motus.runtime import agent_task, cancel, resolve  # noqa: E402
+from motus.runtime.task_instance import TaskCancelledError  # noqa: E402
 from opentelemetry.trace import StatusCode  # noqa: E402
 
 import multirun  # noqa: E402
 from multirun.cli.runs import Node, build_tree, find_runs, load_spans, record_from_span  # noqa: E402
+from multirun.context import get_current_agent_context  # noqa: E402
 from multirun.errors import BudgetExceededError, PolicyViolation  # noqa: E402
 from multirun.integrations import _options as integration_options  # noqa: E402
 from multirun.integrations import motus as integration  # noqa: E402
 from multirun.integrations.motus import MotusInstrumentor  # noqa: E402
-from multirun.models import Budget, Policy  # noqa: E402
+from multirun.models import Budget, Policy, StepKind  # noqa: E402
 from multirun.models.policy import (  # noqa: E402
     CircuitBreakerRule,
     GracefulDegradationRule,
@@ -528,6 +530,152 @@ def test_rate_limit_waits_before_the_model_call(traced: Any, runtime: None) -> N
     assert [c.attributes[attr.POLICY_DECISION] for c in chats] == ["proceed", "wait", "wait"]
     assert [c.attributes[attr.POLICY_WAIT_SECONDS] for c in chats[1:]] == [pytest.approx(1.0)] * 2
     assert traced.clock.sleeps == [pytest.approx(1.0)] * 2  # on the run's clock, inside the step
+
+
+@agent_task(task_type="model_call", retries=2)
+async def ask_once(client: BaseChatClient, model: str, prompt: str) -> ChatCompletion:
+    """A model call that Motus would retry twice."""
+    from motus.models import ChatMessage
+
+    return await client.create(model, [ChatMessage.user_message(prompt)])
+
+
+SYNC_ASKED: list[str] = []
+
+
+@agent_task(task_type="model_call")
+def ask_sync(model: str, prompt: str) -> str:
+    """A blocking model call: it runs, and waits for its slot, in Motus's thread pool."""
+    SYNC_ASKED.append(prompt)
+    return prompt
+
+
+PACED = Policy(
+    rate_limit=RateLimitRule(requests_per_minute=60),  # one model call a second
+    circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30),
+)
+
+
+def _calls_of(traced: Any, task: str) -> list[Any]:
+    """The spans of the model calls of ``task``, in the order they started."""
+    spans = [s for s in traced.named(CHAT) if s.attributes[attr.STEP_NAME] == task]
+    return sorted(spans, key=lambda s: s.start_time)
+
+
+def test_a_model_call_waiting_for_its_slot_is_refused_by_a_circuit_that_opened_meanwhile(
+    traced: Any, runtime: None
+) -> None:
+    client = CountingClient()
+
+    @multirun.run(policy=PACED)
+    def job() -> None:
+        agent_ctx = get_current_agent_context()
+
+        async def meanwhile(seconds: float) -> None:
+            traced.clock.now += seconds
+            agent_ctx.start_step("ask_once").fail(ConnectionError("down"))  # its circuit opens
+
+        resolve(ask_once(client, "gpt-4o-mini", "first"))  # the slot at 0 s
+        traced.clock.async_sleep = meanwhile  # type: ignore[method-assign]
+        resolve(ask_once(client, "gpt-4o-mini", "second"))  # waits for the slot at 1 s
+
+    with pytest.raises(PolicyViolation, match="circuit"):
+        job()
+    assert client.models == ["gpt-4o-mini"]  # the second call never reached the model, nor was retried
+    refused = _calls_of(traced, "ask_once")[1]
+    assert refused.attributes[attr.POLICY_DECISION] == "abort"
+    assert refused.attributes[attr.POLICY_RULE] == "circuit_breaker"
+    assert refused.attributes[attr.STEP_STATUS] == "failed"
+
+
+def test_a_model_call_cancelled_while_it_waits_gives_back_its_probe_and_its_slot(
+    traced: Any, runtime: None
+) -> None:
+    client = CountingClient()
+    waiting = threading.Event()
+
+    async def hang(seconds: float) -> None:
+        waiting.set()
+        await asyncio.sleep(3600)  # a real wait, so that the cancellation lands in it
+
+    @multirun.run(policy=PACED)
+    def job() -> str:
+        agent_ctx = get_current_agent_context()
+        agent_ctx.start_step("ask_once").fail(ConnectionError("down"))  # its circuit opens
+        traced.clock.now += 31  # half-open: the next call is its probe
+        agent_ctx.start_step("warm", kind=StepKind.LLM_CALL, model="gpt-4o-mini").complete()  # slot at 31 s
+        instant, traced.clock.async_sleep = traced.clock.async_sleep, hang  # type: ignore[method-assign]
+        future = ask_once(client, "gpt-4o-mini", "cancelled")  # the probe, waiting for the slot at 32 s
+        assert waiting.wait(5)
+        cancel(future)
+        with pytest.raises(TaskCancelledError):
+            resolve(future)
+        traced.clock.async_sleep = instant  # type: ignore[method-assign]
+        return str(resolve(ask_once(client, "gpt-4o-mini", "after")).content)  # probe and slot are free
+
+    assert job() == "answer 1"
+    assert client.models == ["gpt-4o-mini"]
+    cancelled, after = _calls_of(traced, "ask_once")
+    assert cancelled.attributes[attr.STEP_STATUS] == "cancelled"
+    assert after.attributes[attr.POLICY_WAIT_SECONDS] == 1.0  # the slot the cancelled call never used
+
+
+@agent_task
+async def probe(hang: bool) -> str:
+    if hang:
+        await asyncio.sleep(30)
+    return "ok"
+
+
+def test_a_probe_cancelled_while_it_runs_gives_the_probe_back(traced: Any, runtime: None) -> None:
+    @multirun.run(policy=PACED)
+    def job() -> str:
+        get_current_agent_context().start_step("probe").fail(ConnectionError("down"))  # its circuit opens
+        traced.clock.now += 31  # half-open: the next call is its probe
+        future = probe(True)
+        time.sleep(0.1)  # it runs
+        cancel(future)
+        with pytest.raises(TaskCancelledError):
+            resolve(future)
+        return str(resolve(probe(False)))  # a cancelled call says nothing of the dependency: this one probes
+
+    assert job() == "ok"
+    assert [s.attributes[attr.STEP_STATUS] for s in traced.named("step probe")] == [
+        "failed",
+        "cancelled",
+        "completed",
+    ]
+
+
+def test_a_sync_model_call_cancelled_while_it_waits_does_not_run_and_gives_its_slot_back(
+    traced: Any, runtime: None
+) -> None:
+    SYNC_ASKED.clear()
+    waiting, go_on = threading.Event(), threading.Event()
+
+    def held(seconds: float) -> None:
+        waiting.set()
+        go_on.wait(5)  # a thread's wait cannot be cancelled: it ends after the task was
+
+    @multirun.run(policy=PACED)
+    def job() -> str:
+        resolve(ask_sync("gpt-4o-mini", "first"))  # the slot at 0 s
+        instant, traced.clock.sleep = traced.clock.sleep, held  # type: ignore[method-assign]
+        future = ask_sync("gpt-4o-mini", "cancelled")  # waits in its thread for the slot at 1 s
+        assert waiting.wait(5)
+        cancel(future)
+        with pytest.raises(TaskCancelledError):
+            resolve(future)
+        go_on.set()
+        traced.clock.sleep = instant  # type: ignore[method-assign]
+        return str(resolve(ask_sync("gpt-4o-mini", "after")))
+
+    assert job() == "after"
+    time.sleep(0.2)  # the cancelled task's thread is done waiting by now
+    assert SYNC_ASKED == ["first", "after"]  # the cancelled call did not run once its wait was over
+    cancelled, after = _calls_of(traced, "ask_sync")[1:]
+    assert cancelled.attributes[attr.STEP_STATUS] == "cancelled"
+    assert after.attributes[attr.POLICY_WAIT_SECONDS] == 1.0
 
 
 def test_budget_of_instrument_applies_to_the_runs_it_starts(

@@ -31,7 +31,10 @@ however late and on whichever thread Motus's scheduler runs it:
   that never ran because an input failed has a short failed span.
 - the run's budget and policy decide before each task starts: a task over
   budget does not run, and its future (and those of the tasks waiting for it)
-  raises ``BudgetExceededError``. A retry over budget is not attempted.
+  raises ``BudgetExceededError``. A retry over budget is not attempted. A task
+  that waited for its rate-limit slot asks the circuit again (refused, it is
+  not retried); one cancelled gives back its circuit probe, and its slot if
+  it was still waiting for it.
 
 How: the caller's OpenTelemetry context is captured in
 ``AgentRuntime.submit_task_registration`` (which ``register_agent_task`` calls,
@@ -407,6 +410,7 @@ class _TaskTrace:
         "started",
         "step",
         "task",
+        "waiting",
     )
 
     def __init__(self, scheduler: Any, task: Any, name: str, kind: StepKind | str) -> None:
@@ -423,6 +427,7 @@ class _TaskTrace:
         self.lock: threading.Lock | None = None  # only when attempts are followed (see attempts)
         self.started = 0  # attempts started
         self.failures = 0  # failed attempts recorded as retried
+        self.waiting = False  # the first attempt is to wait, or waits, for its rate-limit slot
 
     @classmethod
     def open(cls, scheduler: Any, task: Any, reg: _Registration) -> _TaskTrace:
@@ -511,7 +516,8 @@ class _TaskTrace:
             async def attempt_async(*args: Any, **kwargs: Any) -> Any:
                 number = trace.begin_attempt()
                 if number == 1 and wait:
-                    await clock.async_sleep(wait)  # a rate limit asked to wait
+                    await clock.async_sleep(wait)  # a rate limit asked to wait (cancelled: see finish)
+                    trace.wait_over()
                 try:
                     return await func(*args, **kwargs)
                 except BaseException as error:
@@ -525,6 +531,7 @@ class _TaskTrace:
                 number = trace.begin_attempt()
                 if number == 1 and wait:
                     clock.sleep(wait)
+                    trace.wait_over()
                 try:
                     return func(*args, **kwargs)
                 except BaseException as error:
@@ -536,7 +543,24 @@ class _TaskTrace:
         wrapper.__name__ = getattr(func, "__name__", wrapper.__name__)
         wrapper.__qualname__ = getattr(func, "__qualname__", wrapper.__qualname__)
         wrapper.__wrapped__ = func  # type: ignore[attr-defined]
+        self.waiting = bool(wait)
         return wrapper
+
+    def wait_over(self) -> None:
+        """The first attempt waited for its rate-limit slot: the circuit is asked again, as for
+        a decorated step. Refused (it opened meanwhile), the task fails with PolicyViolation,
+        which Motus does not retry; settled meanwhile (a sync task cancelled), it does not run.
+        """
+        assert self.step is not None and self.lock is not None
+        with self.lock:  # finish() sees the wait over, or gives back what the step holds
+            if self.started < 0:
+                raise _Motus.task_cancelled_error(self.task.name, self.task.id.id)
+            try:
+                self.step._wait_over()
+            except REFUSALS:
+                self.task.retry_count = self.task.policy.retries  # no retry of a refusal
+                raise
+            self.waiting = False
 
     def begin_attempt(self) -> int:
         """Number the attempt that starts; an earlier one that ended unseen timed out.
@@ -552,6 +576,7 @@ class _TaskTrace:
                     # the last attempt ended without an outcome seen here: Motus's timeout stopped it
                     self._record_failure(self._unseen_failure(self.started), self.task.policy.retry_delay)
                 if self.started:
+                    self.waiting = False  # a timeout cut the first wait short: this attempt has the slot
                     self._check_retry_budget()
                     if self.step is not None:
                         self.step._next_attempt()  # counted as it starts: not if cancelled in its delay
@@ -622,18 +647,25 @@ class _TaskTrace:
         ``init(unpriced="fail")`` is set): the task's error instead.
         """
         lock = self.lock
+        waiting = False
         if lock is None:
             self.started = -1
         else:
             with lock:
                 self.started = -1  # late attempts of a sync task that timed out are ignored from now
+                waiting, self.waiting = self.waiting, False
         try:
             if error is None:
                 result = None
                 if results:
                     result = results[0] if len(results) == 1 else tuple(results)
                 return self._complete(result)
-            if isinstance(error, _Motus.task_cancelled_error):
+            cancelled = isinstance(error, _Motus.task_cancelled_error)
+            if self.step is not None and (waiting or cancelled):
+                # it never ran (ended while it waited for its slot), or was cancelled: its circuit
+                # probe, and the slot it did not use, are free again
+                self.step._give_back(slot=waiting)
+            if cancelled:
                 self._cancel()
             else:
                 self._fail(error)
