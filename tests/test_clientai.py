@@ -3,15 +3,16 @@
 No mock of ClientAI: the real package runs, with its real OpenAI provider,
 whose SDK client is a scripted fake of the OpenAI API (tests/clientai_programs/
 fake_openai.py) answering with real ``openai`` ChatCompletion objects and
-stream chunks with usage. The research agent of tests/clientai_programs/
-research_agent.py is plain ClientAI code (think -> act with a tool selection
+stream chunks with usage (tests/clientai_programs/fake_providers.py does the
+same for its Groq and Ollama providers). The research agent of
+tests/clientai_programs/research_agent.py is plain ClientAI code (think -> act with a tool selection
 and a tool call -> observe -> synthesize); every token count is fixed by the
 script, so every total below is known.
 
 What is proved: the exact span trees (names, kinds, parents, statuses, token
 roll-ups) for a multi-step agent, a streamed answer, a retry that succeeds on
 the second attempt and a failing step; tokens read from the provider's full
-response and charged exactly once; a budget stops the agent before its next
+response of every provider and charged exactly once; a budget stops the agent before its next
 step with BudgetExceededError; the policy's fallback model reaches the API;
 a failure of the instrumentation costs a log line, not the agent; the same
 unchanged program run under ``opentelemetry-instrument`` gives the same tree.
@@ -40,6 +41,7 @@ from opentelemetry.trace import StatusCode
 import multirun
 from clientai_programs import research_agent
 from clientai_programs.fake_openai import APIFailure, Reply, ScriptedModel, offline_client
+from clientai_programs.fake_providers import offline_groq_client, offline_ollama_client
 from clientai_programs.research_agent import MODEL, TOPIC
 from multirun.cli.runs import SpanRecord, build_tree, find_runs, load_spans, record_from_span
 from multirun.context import get_current_agent_context
@@ -77,6 +79,9 @@ RESEARCH_TREE = [
     "    chat gpt-4o-mini [report llm_call] completed tokens=42",
     "      chat gpt-4o-mini [generate_text llm_call] completed tokens=42 in=30 out=12",
 ]
+
+# ClientAI's providers, each offline: their full responses carry the tokens in different shapes
+PROVIDERS = {"openai": offline_client, "groq": offline_groq_client, "ollama": offline_ollama_client}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -250,6 +255,41 @@ def test_stream_dropped_unread_still_ends_its_agent_and_run(traced: Any) -> None
     assert len(model.calls) == 4  # the request was sent: the run shows the call, with no tokens
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_every_provider_s_tokens_are_read_from_its_full_response(
+    traced: Any, provider: str, stream: bool
+) -> None:
+    agent, _ = research_agent.build(stream=stream, client=PROVIDERS[provider])
+
+    answer = agent.run(TOPIC, stream=stream)
+
+    assert "".join(answer) == research_agent.REPORT.text  # text, as the provider gives it
+    spans = records(traced)
+    assert tree(spans) == RESEARCH_TREE  # the same tokens, whatever shape the provider reports them in
+    assert {c.attributes[attr.GEN_AI_PROVIDER_NAME] for c in named(spans, "generate_text")} == {provider}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_every_provider_s_chat_is_charged_and_gives_the_caller_its_text(
+    traced: Any, provider: str, stream: bool
+) -> None:
+    model = ScriptedModel(research_agent.script())
+    client = PROVIDERS[provider](model)
+
+    @multirun.run(name="direct")
+    def direct() -> Any:
+        return client.chat([{"role": "user", "content": "REPORT now"}], model=MODEL, stream=stream)
+
+    answer = direct()
+
+    assert "".join(answer) == research_agent.REPORT.text
+    (call,) = named(records(traced), "chat")
+    assert call.attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] == research_agent.REPORT.prompt_tokens
+    assert call.attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == research_agent.REPORT.completion_tokens
+
+
 # ---------------------------------------------------------------------------
 # retries and errors
 
@@ -369,8 +409,9 @@ def test_a_failing_tool_is_a_failed_tool_span_and_the_agent_goes_on(traced: Any)
 # budgets and policy
 
 
-def test_a_budget_stops_the_agent_before_its_next_step(traced: Any) -> None:
-    agent, model = research_agent.build()
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_budget_stops_the_agent_before_its_next_step(traced: Any, provider: str) -> None:
+    agent, model = research_agent.build(client=PROVIDERS[provider])
 
     @multirun.run(name="capped", budget=Budget(max_tokens=250))
     def capped() -> str:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from clientai import ClientAI
 from clientai.agent import Agent, ToolConfig, act, observe, synthesize, think
 
 from clientai_programs.fake_openai import Reply, ScriptedModel, offline_client
@@ -83,10 +84,12 @@ def build(
     stream: bool = False,
     default_model: str = MODEL,
     tool: Callable[..., Any] = search,
+    client: Callable[[ScriptedModel], ClientAI] = offline_client,
 ) -> tuple[Agent, ScriptedModel]:
+    """The agent and its scripted model; ``client`` makes the ClientAI (its provider) for the model."""
     model = model or ScriptedModel(script())
     agent = agent_class(stream)(
-        client=offline_client(model),
+        client=client(model),
         default_model=default_model,
         tools=[ToolConfig(tool=tool, scopes=["act"], name="search")],
     )

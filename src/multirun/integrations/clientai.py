@@ -21,11 +21,13 @@ What becomes what:
   observe a function. ClientAI's own retries (``_execute_single_call`` again)
   are the step's attempts.
 - ``ClientAI.generate_text`` / ``ClientAI.chat``: an LLM call ``chat {model}``
-  with the tokens of the provider's full response. For OpenAI-shaped providers
-  (ClientAI's ``openai`` and ``groq``) the full response is asked for and the
-  text the caller expects is taken from it, as the provider itself does, and an
-  OpenAI stream is asked for its final usage chunk; for other providers tokens
-  are read when the caller asks for the full response.
+  with the tokens of the provider's full response. For ClientAI's ``openai``,
+  ``groq`` and ``ollama`` providers the full response is asked for and the text
+  the caller expects is taken from it, as the provider itself does: the usage
+  of a chat completion (Groq's stream sends it in ``x_groq.usage``, an OpenAI
+  stream is asked for its final usage chunk), Ollama's ``prompt_eval_count``
+  and ``eval_count`` (on a stream's last chunk). Replicate's responses carry no
+  tokens: its calls are traced without them.
 - ``ToolSelector.select_tools``: a tool step ``select_tools`` (its LLM call
   inside); ``Tool.__call__``: a tool step ``execute_tool {tool name}``.
 
@@ -505,10 +507,41 @@ def _tool_call(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: d
 # LLM calls: ClientAI.generate_text and ClientAI.chat
 
 
+_SKIP = object()  # a chunk the provider hands out no text for
+
+
+def _completion_text(response: Any, method: str) -> Any:
+    """The text of a chat completion (OpenAI, Groq)."""
+    return response.choices[0].message.content
+
+
+def _completion_chunk_text(chunk: Any, method: str) -> Any:
+    choices = chunk.choices
+    if not choices:  # the usage chunk of include_usage
+        return _SKIP
+    content = choices[0].delta.content
+    return content if content else _SKIP  # the providers hand out no empty text
+
+
+def _ollama_text(response: Any, method: str) -> Any:
+    """The text of an Ollama response; of every chunk too, empty or not, as ClientAI streams it."""
+    return response["response"] if method == "generate_text" else response["message"]["content"]
+
+
+_TextOf = Callable[[Any, str], Any]  # (full response or chunk, method) -> the text the caller expects
+
+# provider name -> how it takes the text the caller expects from a full response, and from a chunk
+_TEXT_OF: dict[str, tuple[_TextOf, _TextOf]] = {
+    "openai": (_completion_text, _completion_chunk_text),
+    "groq": (_completion_text, _completion_chunk_text),
+    "ollama": (_ollama_text, _ollama_text),
+}
+
+
 class _Provider:
     """What the instrumentation knows of a ClientAI provider class."""
 
-    __slots__ = ("include_usage", "name", "openai_shaped")
+    __slots__ = ("include_usage", "name", "text_of")
 
     def __init__(self, cls: type) -> None:
         name = None
@@ -518,8 +551,8 @@ class _Provider:
                 name = parts[1]
                 break
         self.name = name  # gen_ai.provider.name
-        # full responses are chat completions: the text is choices[0].message.content
-        self.openai_shaped = name in ("openai", "groq")
+        # None for a provider whose full response the instrumentation cannot reduce (Replicate)
+        self.text_of = _TEXT_OF.get(name or "")
         # the OpenAI API sends a stream's usage in a last chunk, when asked to
         self.include_usage = name == "openai"
 
@@ -572,14 +605,15 @@ def _llm_call(
     if call is None:
         return wrapped(*args, **kwargs)
     stream = bool(call_kwargs.get("stream", False))
-    reduce = False
+    reduce: tuple[_TextOf, _TextOf] | None = None  # set when the full response was asked for here
     try:
         if adjustable:
             if call.model and call.model != requested:  # the policy fell back to a cheaper model
                 call_kwargs["model"] = call.model
-            # ask an OpenAI-shaped provider for the full response, and give back what was asked for
-            reduce = provider.openai_shaped and not call_kwargs.get("return_full_response", False)
-            if reduce:
+            # ask the provider for the full response, and give back what was asked for
+            if not call_kwargs.get("return_full_response", False):
+                reduce = provider.text_of
+            if reduce is not None:
                 call_kwargs["return_full_response"] = True
                 if stream and provider.include_usage and "stream_options" not in call_kwargs:
                     call_kwargs["stream_options"] = {"include_usage": True}
@@ -593,9 +627,13 @@ def _llm_call(
         response = wrapped(*call_args, **call_kwargs)
         if stream and isinstance(response, Iterator):
             seen = _StreamUsage(provider.name, call.model or requested)
-            chunks = _text_chunks(response, seen) if reduce else _watch_chunks(response, seen)
+            chunks = (
+                _text_chunks(response, seen, reduce[1], method)
+                if reduce is not None
+                else _watch_chunks(response, seen)
+            )
             return _Follow(chunks, ctx, lambda error, items: _end_llm_stream(call, seen, error, items))
-        result = _text_of(instance, response) if reduce else response
+        result = _text_of(instance, response, reduce[0], method) if reduce is not None else response
     except BaseException as error:
         _failed(call, error)
         raise
@@ -642,10 +680,10 @@ def _report(call: _StepCall, usage: TokenUsage | None, response_id: Any) -> None
         _broken("charging an LLM call")
 
 
-def _text_of(client: Any, response: Any) -> Any:
-    """The text of a chat completion, as ClientAI's OpenAI and Groq providers take it."""
+def _text_of(client: Any, response: Any, text: _TextOf, method: str) -> Any:
+    """The text of a full response, as the provider takes it (and maps its failure)."""
     try:
-        return response.choices[0].message.content
+        return text(response, method)
     except Exception as error:
         mapper = getattr(client.provider, "_map_exception_to_clientai_error", None)
         if mapper is None:
@@ -653,17 +691,16 @@ def _text_of(client: Any, response: Any) -> Any:
         raise mapper(error) from error
 
 
-def _text_chunks(chunks: Iterator[Any], seen: _StreamUsage) -> Iterator[Any]:
-    """The text of each chunk, as the providers stream it; usage is read on the way."""
+def _text_chunks(
+    chunks: Iterator[Any], seen: _StreamUsage, chunk_text: _TextOf, method: str
+) -> Iterator[Any]:
+    """The text of each chunk, as the provider streams it; usage is read on the way."""
     try:
         for chunk in chunks:
             seen.observe(chunk)
-            choices = chunk.choices
-            if not choices:  # the usage chunk of include_usage
-                continue
-            content = choices[0].delta.content
-            if content:
-                yield content
+            text = chunk_text(chunk, method)
+            if text is not _SKIP:
+                yield text
     finally:
         _close(chunks)
 
