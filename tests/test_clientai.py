@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import wrapt
 from clientai import ClientAI
-from clientai.agent import Agent, StepConfig, think
+from clientai.agent import Agent, StepConfig, synthesize, think
 from clientai.agent.core.agent import Agent as CoreAgent
 from clientai.agent.exceptions import WorkflowError
 from clientai.exceptions import APIError, InvalidRequestError
@@ -288,6 +288,31 @@ def test_every_provider_s_chat_is_charged_and_gives_the_caller_its_text(
     (call,) = named(records(traced), "chat")
     assert call.attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] == research_agent.REPORT.prompt_tokens
     assert call.attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == research_agent.REPORT.completion_tokens
+
+
+class ChunkAgent(Agent):
+    @synthesize("report", stream=True, return_full_response=True)
+    def report(self, topic: str) -> str:
+        return f"REPORT on {topic}"
+
+
+def test_a_step_streaming_full_chunks_is_charged_and_hands_out_only_the_chunks_asked_for(traced: Any) -> None:
+    model = ScriptedModel(research_agent.script())
+    agent = ChunkAgent(client=offline_client(model), default_model=MODEL)
+
+    chunks = list(agent.run(TOPIC))
+
+    # the API's own chunks (role, 8 words, finish), without the usage chunk asked for on their behalf
+    assert len(chunks) == 10
+    assert all(chunk.choices for chunk in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == research_agent.REPORT.text
+    assert model.calls[-1]["stream_options"] == {"include_usage": True}
+    assert tree(records(traced)) == [
+        "invoke_workflow ChunkAgent completed tokens=42",
+        "  invoke_agent ChunkAgent completed tokens=42",
+        "    chat gpt-4o-mini [report llm_call] completed tokens=42",
+        "      chat gpt-4o-mini [generate_text llm_call] completed tokens=42 in=30 out=12",
+    ]
 
 
 # ---------------------------------------------------------------------------

@@ -24,9 +24,10 @@ What becomes what:
   with the tokens of the provider's full response. For ClientAI's ``openai``,
   ``groq`` and ``ollama`` providers the full response is asked for and the text
   the caller expects is taken from it, as the provider itself does: the usage
-  of a chat completion (Groq's stream sends it in ``x_groq.usage``, an OpenAI
-  stream is asked for its final usage chunk), Ollama's ``prompt_eval_count``
-  and ``eval_count`` (on a stream's last chunk). Replicate's responses carry no
+  of a chat completion (Groq's stream sends it in ``x_groq.usage``), Ollama's
+  ``prompt_eval_count`` and ``eval_count`` (on a stream's last chunk). An
+  OpenAI stream, of text or of full chunks, is asked for its final usage
+  chunk, which the caller does not get. Replicate's responses carry no
   tokens: its calls are traced without them.
 - ``ToolSelector.select_tools``: a tool step ``select_tools`` (its LLM call
   inside); ``Tool.__call__``: a tool step ``execute_tool {tool name}``.
@@ -606,6 +607,7 @@ def _llm_call(
         return wrapped(*args, **kwargs)
     stream = bool(call_kwargs.get("stream", False))
     reduce: tuple[_TextOf, _TextOf] | None = None  # set when the full response was asked for here
+    usage_chunk = False  # set when a stream's usage chunk was asked for here
     try:
         if adjustable:
             if call.model and call.model != requested:  # the policy fell back to a cheaper model
@@ -615,8 +617,9 @@ def _llm_call(
                 reduce = provider.text_of
             if reduce is not None:
                 call_kwargs["return_full_response"] = True
-                if stream and provider.include_usage and "stream_options" not in call_kwargs:
-                    call_kwargs["stream_options"] = {"include_usage": True}
+            usage_chunk = stream and provider.include_usage and "stream_options" not in call_kwargs
+            if usage_chunk:
+                call_kwargs["stream_options"] = {"include_usage": True}
     except Exception:
         _broken(f"preparing a {method} call")
     if call.wait_before:
@@ -630,7 +633,7 @@ def _llm_call(
             chunks = (
                 _text_chunks(response, seen, reduce[1], method)
                 if reduce is not None
-                else _watch_chunks(response, seen)
+                else _watch_chunks(response, seen, usage_chunk)
             )
             return _Follow(chunks, ctx, lambda error, items: _end_llm_stream(call, seen, error, items))
         result = _text_of(instance, response, reduce[0], method) if reduce is not None else response
@@ -705,11 +708,17 @@ def _text_chunks(
         _close(chunks)
 
 
-def _watch_chunks(chunks: Iterator[Any], seen: _StreamUsage) -> Iterator[Any]:
-    """The chunks as they are; usage is read on the way."""
+def _watch_chunks(chunks: Iterator[Any], seen: _StreamUsage, usage_chunk: bool) -> Iterator[Any]:
+    """The chunks as they are; usage is read on the way.
+
+    With ``usage_chunk``, the chunk that carries only the usage (no choices),
+    which the caller did not ask for, is not handed out.
+    """
     try:
         for chunk in chunks:
             seen.observe(chunk)
+            if usage_chunk and not _get(chunk, "choices"):
+                continue
             yield chunk
     finally:
         _close(chunks)
