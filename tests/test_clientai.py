@@ -26,13 +26,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import wrapt
 from clientai import ClientAI
-from clientai.agent import Agent, StepConfig, synthesize, think
+from clientai.agent import Agent, StepConfig, ToolConfig, act, create_agent, synthesize, think
 from clientai.agent.core.agent import Agent as CoreAgent
 from clientai.agent.exceptions import WorkflowError
 from clientai.exceptions import APIError, InvalidRequestError
@@ -428,6 +429,97 @@ def test_a_failing_tool_is_a_failed_tool_span_and_the_agent_goes_on(traced: Any)
     assert tool.status_code == StatusCode.ERROR.value
     assert one(spans, "gather").attributes[attr.STEP_STATUS] == "completed"
     assert "index offline" in model.prompts()[2]
+
+
+# ---------------------------------------------------------------------------
+# ClientAI's step and agent options
+
+
+class OptionsAgent(Agent):
+    @think("skipped", step_config=StepConfig(enabled=False))
+    def skipped(self, topic: str) -> str:
+        return f"ANALYZE {topic}"
+
+    @think("optional", step_config=StepConfig(required=False))
+    def optional(self, topic: str) -> str:
+        return f"DRAFT {topic}"
+
+    @think("plan", send_to_llm=False)
+    def plan(self, topic: str) -> str:
+        return f"plan for {topic}"
+
+    @act("fetch", send_to_llm=False)
+    def fetch(self, plan: str) -> str:
+        return f"fetched {plan}"
+
+    @act("gather", tool_confidence=0.95, step_config=StepConfig(retry_count=2, use_internal_retry=False))
+    def gather(self, fetched: str) -> str:
+        return f"GATHER facts for {fetched}"
+
+
+def test_step_options_disabled_optional_local_no_retry_and_tool_confidence(traced: Any) -> None:
+    script = {**research_agent.script(), "DRAFT": [APIFailure("Error code: 400 - invalid draft")]}
+    model = ScriptedModel(script)
+    agent = OptionsAgent(
+        client=offline_client(model),
+        default_model=MODEL,
+        tools=[ToolConfig(tool=research_agent.search, scopes=["act"], name="search")],
+    )
+
+    assert agent.run(TOPIC) == research_agent.GATHER.text
+
+    spans = records(traced)
+    assert tree(spans) == [
+        "invoke_workflow OptionsAgent completed tokens=226",
+        "  invoke_agent OptionsAgent completed tokens=226",
+        # the disabled step is not run: no span; the optional one fails and the agent goes on
+        "    chat gpt-4o-mini [optional llm_call] failed",
+        "      chat gpt-4o-mini [generate_text llm_call] failed",
+        # steps that do not send to the LLM: a think is a function, an act a tool call
+        "    step plan [plan function] completed",
+        "    execute_tool fetch [fetch tool_call] completed",
+        # the model chose search with confidence 0.9, under the step's 0.95: no tool call
+        "    chat gpt-4o-mini [gather llm_call] completed tokens=226",
+        "      execute_tool select_tools [select_tools tool_call] completed tokens=180",
+        "        chat gpt-4o-mini [generate_text llm_call] completed tokens=180 in=150 out=30",
+        "      chat gpt-4o-mini [generate_text llm_call] completed tokens=46 in=40 out=6",
+    ]
+    assert one(spans, "optional").attributes[attr.STEP_ATTEMPT] == 1  # use_internal_retry=False: no retry
+    assert len(model.calls) == 3
+
+
+def test_create_agent_is_an_agent_with_its_one_step(traced: Any) -> None:
+    model = ScriptedModel(research_agent.script())
+    agent = create_agent(
+        offline_client(model), role="analyst", system_prompt="You analyze.", model=MODEL, step="think"
+    )
+
+    assert agent.run("ANALYZE the adoption of OpenTelemetry") == research_agent.ANALYZE.text
+
+    assert tree(records(traced)) == [
+        "invoke_workflow SingleStepAgent completed tokens=28",
+        "  invoke_agent SingleStepAgent completed tokens=28",
+        "    chat gpt-4o-mini [analyst_step llm_call] completed tokens=28",
+        "      chat gpt-4o-mini [generate_text llm_call] completed tokens=28 in=20 out=8",
+    ]
+    assert model.calls[0]["messages"][0] == {"role": "system", "content": "You analyze."}
+
+
+def test_agents_run_in_threads_are_agents_of_the_run_that_started_them(traced: Any) -> None:
+    agents = [research_agent.build()[0] for _ in range(3)]
+
+    @multirun.run(name="crew")
+    def crew() -> list[str]:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            return list(pool.map(lambda agent: str(agent.run(TOPIC)), agents))
+
+    assert crew() == [research_agent.REPORT.text] * 3
+
+    spans = records(traced)
+    lines = tree(spans)
+    assert lines[0] == f"invoke_workflow crew completed tokens={3 * research_agent.TOTAL_TOKENS}"
+    assert sorted(lines[1:]) == sorted(RESEARCH_TREE[1:] * 3)  # each agent with its own steps
+    assert len(run_roots(spans)) == 1
 
 
 # ---------------------------------------------------------------------------
