@@ -34,6 +34,7 @@ import pytest
 import wrapt
 from clientai import ClientAI
 from clientai.agent import Agent, StepConfig, ToolConfig, act, create_agent, synthesize, think
+from clientai.agent import run as custom_run
 from clientai.agent.core.agent import Agent as CoreAgent
 from clientai.agent.exceptions import WorkflowError
 from clientai.exceptions import APIError, InvalidRequestError
@@ -486,6 +487,35 @@ def test_step_options_disabled_optional_local_no_retry_and_tool_confidence(trace
     ]
     assert one(spans, "optional").attributes[attr.STEP_ATTEMPT] == 1  # use_internal_retry=False: no retry
     assert len(model.calls) == 3
+
+
+class CustomRunAgent(Agent):
+    @think("analyze")
+    def analyze(self, topic: str) -> str:
+        return f"ANALYZE the research question: {topic}"
+
+    @synthesize("report")
+    def report(self, notes: str) -> str:
+        return f"REPORT from these notes: {notes}"
+
+    @custom_run(description="analyze, then report")
+    def analyze_and_report(self, topic: str) -> str:
+        return str(self.report(self.analyze(topic)))
+
+
+def test_a_custom_run_method_is_the_agent_and_the_steps_it_calls_its_steps(traced: Any) -> None:
+    agent = CustomRunAgent(client=offline_client(ScriptedModel(research_agent.script())), default_model=MODEL)
+
+    assert agent.run(TOPIC) == research_agent.REPORT.text
+
+    assert tree(records(traced)) == [
+        "invoke_workflow CustomRunAgent completed tokens=70",
+        "  invoke_agent CustomRunAgent completed tokens=70",
+        "    chat gpt-4o-mini [analyze llm_call] completed tokens=28",
+        "      chat gpt-4o-mini [generate_text llm_call] completed tokens=28 in=20 out=8",
+        "    chat gpt-4o-mini [report llm_call] completed tokens=42",
+        "      chat gpt-4o-mini [generate_text llm_call] completed tokens=42 in=30 out=12",
+    ]
 
 
 def test_create_agent_is_an_agent_with_its_one_step(traced: Any) -> None:
