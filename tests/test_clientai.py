@@ -1,13 +1,14 @@
 """ClientAI agents traced and governed by ClientAIInstrumentor, without a change to their code.
 
 No mock of ClientAI: the real package runs, with its real OpenAI provider,
-whose SDK client is a scripted fake of the OpenAI API (tests/clientai_programs/
-fake_openai.py) answering with real ``openai`` ChatCompletion objects and
-stream chunks with usage (tests/clientai_programs/fake_providers.py does the
-same for its Groq and Ollama providers). The research agent of
-tests/clientai_programs/research_agent.py is plain ClientAI code (think -> act with a tool selection
-and a tool call -> observe -> synthesize); every token count is fixed by the
-script, so every total below is known.
+whose SDK client is a scripted fake of the OpenAI API
+(tests/clientai_programs/fake_openai.py) answering with real ``openai``
+ChatCompletion objects and stream chunks with usage
+(tests/clientai_programs/fake_providers.py does the same for its Groq, Ollama
+and Replicate providers). The research agent of
+tests/clientai_programs/research_agent.py is plain ClientAI code (think -> act
+with a tool selection and a tool call -> observe -> synthesize); every token
+count is fixed by the script, so every total below is known.
 
 What is proved: the exact span trees (names, kinds, parents, statuses, token
 roll-ups) for a multi-step agent, a streamed answer, a retry that succeeds on
@@ -43,7 +44,11 @@ from opentelemetry.trace import StatusCode
 import multirun
 from clientai_programs import research_agent
 from clientai_programs.fake_openai import APIFailure, Reply, ScriptedModel, offline_client
-from clientai_programs.fake_providers import offline_groq_client, offline_ollama_client
+from clientai_programs.fake_providers import (
+    offline_groq_client,
+    offline_ollama_client,
+    offline_replicate_client,
+)
 from clientai_programs.research_agent import MODEL, TOPIC
 from multirun.cli.runs import SpanRecord, build_tree, find_runs, load_spans, record_from_span
 from multirun.context import get_current_agent_context
@@ -83,7 +88,19 @@ RESEARCH_TREE = [
 ]
 
 # ClientAI's providers, each offline: their full responses carry the tokens in different shapes
-PROVIDERS = {"openai": offline_client, "groq": offline_groq_client, "ollama": offline_ollama_client}
+PROVIDERS = {
+    "openai": offline_client,
+    "groq": offline_groq_client,
+    "ollama": offline_ollama_client,
+    "replicate": offline_replicate_client,
+}
+# (provider, stream): a Replicate stream sends text only, no tokens
+PROVIDER_CASES = [
+    pytest.param(name, stream, id=f"{name}-{'streamed' if stream else 'plain'}")
+    for stream in (False, True)
+    for name in PROVIDERS
+    if not (stream and name == "replicate")
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -257,8 +274,7 @@ def test_stream_dropped_unread_still_ends_its_agent_and_run(traced: Any) -> None
     assert len(model.calls) == 4  # the request was sent: the run shows the call, with no tokens
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize(("provider", "stream"), PROVIDER_CASES)
 def test_every_provider_s_tokens_are_read_from_its_full_response(
     traced: Any, provider: str, stream: bool
 ) -> None:
@@ -288,6 +304,9 @@ def test_every_provider_s_chat_is_charged_and_gives_the_caller_its_text(
 
     assert "".join(answer) == research_agent.REPORT.text
     (call,) = named(records(traced), "chat")
+    if provider == "replicate" and stream:  # its events are text only
+        assert attr.GEN_AI_USAGE_INPUT_TOKENS not in call.attributes
+        return
     assert call.attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] == research_agent.REPORT.prompt_tokens
     assert call.attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == research_agent.REPORT.completion_tokens
 
@@ -891,15 +910,27 @@ def test_usage_is_read_from_the_shapes_of_every_clientai_provider() -> None:
         },
     }
 
+    replicate = {
+        "model": "meta/llama-3",
+        "output": "hi",
+        "metrics": {"input_token_count": 6, "output_token_count": 2},
+    }
+
     got = [
         integration._usage_of(r, p, None)
-        for r, p in ((ollama, "ollama"), (groq_last_chunk, "groq"), (openai_dict, "openai"))
+        for r, p in (
+            (ollama, "ollama"),
+            (groq_last_chunk, "groq"),
+            (openai_dict, "openai"),
+            (replicate, "replicate"),
+        )
     ]
 
     assert [(u.model, u.provider, u.input_tokens, u.output_tokens) for u in got if u] == [
         ("llama3", "ollama", 7, 3),
         ("llama-3.1-8b", "groq", 5, 2),
         ("gpt-4o", "openai", 9, 4),
+        ("meta/llama-3", "replicate", 6, 2),
     ]
     assert (got[2].cache_read_tokens, got[2].reasoning_tokens) == (8, 3)  # type: ignore[union-attr]
     assert integration._usage_of({"model": "x", "response": "no usage"}, "ollama", None) is None

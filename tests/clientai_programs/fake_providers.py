@@ -1,9 +1,9 @@
-"""Offline models for ClientAI's Ollama and Groq providers, as fake_openai.py is for its OpenAI one.
+"""Offline models for ClientAI's other providers, as fake_openai.py is for its OpenAI one.
 
 Each is ClientAI's own provider class with one change: its SDK client is a
-scripted fake (neither the ``ollama`` nor the ``groq`` package is needed), so
-the provider's request building, text extraction and streaming all run. The
-fakes answer in the shapes of those APIs:
+scripted fake (none of the ``ollama``, ``groq`` or ``replicate`` packages is
+needed), so the provider's request building, text extraction and streaming
+all run. The fakes answer in the shapes of those APIs:
 
 - Ollama: dicts (``clientai.ollama._typing``): ``response`` (``generate``) or
   ``message.content`` (``chat``), with ``prompt_eval_count`` and
@@ -11,6 +11,9 @@ fakes answer in the shapes of those APIs:
   stream, which Ollama always sends.
 - Groq: chat completions with ``usage``; a stream's last chunk carries its
   usage in ``x_groq.usage``, unasked, as Groq sends it.
+- Replicate: predictions, whose ``metrics`` hold ``input_token_count`` and
+  ``output_token_count`` once they succeeded; a streamed prediction's events
+  are text only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 from clientai import ClientAI
 from clientai.groq.provider import Provider as GroqProvider
 from clientai.ollama.provider import Provider as OllamaProvider
+from clientai.replicate.provider import Provider as ReplicateProvider
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from clientai_programs.fake_openai import ScriptedModel
@@ -128,6 +132,56 @@ class OfflineGroq(GroqProvider):
         self.client = SimpleNamespace(chat=SimpleNamespace(completions=FakeGroqCompletions(model)))
 
 
+class FakePrediction:
+    """A Replicate prediction: its fields are what ClientAI copies as the full response."""
+
+    def __init__(self, ident: str, model: str, request: Any, text: str, metrics: Any) -> None:
+        self.id = ident
+        self.model = model
+        self.version = "v1"
+        self.status = "starting" if metrics is None else "succeeded"
+        self.input = request
+        self.output = [word if i == 0 else " " + word for i, word in enumerate(text.split(" "))]
+        self.logs = ""
+        self.error = None
+        self.metrics = metrics
+
+    def stream(self) -> Iterator[str]:
+        yield from self.output
+
+
+class FakePredictions:
+    """``client.predictions`` of the Replicate client; a prediction has succeeded when it is got."""
+
+    def __init__(self, model: ScriptedModel) -> None:
+        self.model = model
+        self.succeeded: dict[str, FakePrediction] = {}
+
+    def create(
+        self, model: str, input: dict[str, Any], stream: bool = False, **options: Any
+    ) -> FakePrediction:
+        messages = [{"role": "user", "content": input["prompt"]}]
+        reply = self.model.answer({"model": model, "messages": messages, "stream": stream, **options})
+        ident = f"pred-{next(_ids)}"
+        metrics = {
+            "input_token_count": reply.prompt_tokens,
+            "output_token_count": reply.completion_tokens,
+            "predict_time": 0.5,
+        }
+        self.succeeded[ident] = FakePrediction(ident, model, input, reply.text, metrics)
+        return FakePrediction(ident, model, input, reply.text, None)
+
+    def get(self, ident: str) -> FakePrediction:
+        return self.succeeded[ident]
+
+
+class OfflineReplicate(ReplicateProvider):
+    """ClientAI's Replicate provider, with the fake API instead of ``replicate.Client``."""
+
+    def __init__(self, model: ScriptedModel) -> None:
+        self.client = SimpleNamespace(predictions=FakePredictions(model))
+
+
 def offline_ollama_client(model: ScriptedModel) -> ClientAI:
     """A real ClientAI whose provider is ClientAI's Ollama provider, offline."""
     client: ClientAI = ClientAI("openai", api_key="sk-offline")  # "ollama" would need the ollama package
@@ -139,4 +193,11 @@ def offline_groq_client(model: ScriptedModel) -> ClientAI:
     """A real ClientAI whose provider is ClientAI's Groq provider, offline."""
     client: ClientAI = ClientAI("openai", api_key="sk-offline")  # "groq" would need the groq package
     client.provider = OfflineGroq(model)
+    return client
+
+
+def offline_replicate_client(model: ScriptedModel) -> ClientAI:
+    """A real ClientAI whose provider is ClientAI's Replicate provider, offline."""
+    client: ClientAI = ClientAI("openai", api_key="sk-offline")  # "replicate" would need its package
+    client.provider = OfflineReplicate(model)
     return client

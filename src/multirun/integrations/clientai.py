@@ -21,14 +21,14 @@ What becomes what:
   observe a function. ClientAI's own retries (``_execute_single_call`` again)
   are the step's attempts.
 - ``ClientAI.generate_text`` / ``ClientAI.chat``: an LLM call ``chat {model}``
-  with the tokens of the provider's full response. For ClientAI's ``openai``,
-  ``groq`` and ``ollama`` providers the full response is asked for and the text
-  the caller expects is taken from it, as the provider itself does: the usage
-  of a chat completion (Groq's stream sends it in ``x_groq.usage``), Ollama's
-  ``prompt_eval_count`` and ``eval_count`` (on a stream's last chunk). An
-  OpenAI stream, of text or of full chunks, is asked for its final usage
-  chunk, which the caller does not get. Replicate's responses carry no
-  tokens: its calls are traced without them.
+  with the tokens of the provider's full response. Every ClientAI provider
+  (``openai``, ``groq``, ``ollama``, ``replicate``) is asked for the full
+  response and the text the caller expects is taken from it, as the provider
+  itself does: the usage of a chat completion (Groq's stream sends it in
+  ``x_groq.usage``), Ollama's ``prompt_eval_count`` and ``eval_count`` (on a
+  stream's last chunk), Replicate's ``metrics`` (a Replicate stream has
+  none). An OpenAI stream, of text or of full chunks, is asked for its final
+  usage chunk, which the caller does not get.
 - ``ToolSelector.select_tools``: a tool step ``select_tools`` (its LLM call
   inside); ``Tool.__call__``: a tool step ``execute_tool {tool name}``.
 
@@ -529,6 +529,11 @@ def _ollama_text(response: Any, method: str) -> Any:
     return response["response"] if method == "generate_text" else response["message"]["content"]
 
 
+def _replicate_text(response: Any, method: str) -> Any:
+    """The text of a Replicate prediction, and of each streamed event (ClientAI puts it in output)."""
+    return response["output"]
+
+
 _TextOf = Callable[[Any, str], Any]  # (full response or chunk, method) -> the text the caller expects
 
 # provider name -> how it takes the text the caller expects from a full response, and from a chunk
@@ -536,6 +541,7 @@ _TEXT_OF: dict[str, tuple[_TextOf, _TextOf]] = {
     "openai": (_completion_text, _completion_chunk_text),
     "groq": (_completion_text, _completion_chunk_text),
     "ollama": (_ollama_text, _ollama_text),
+    "replicate": (_replicate_text, _replicate_text),
 }
 
 
@@ -552,7 +558,7 @@ class _Provider:
                 name = parts[1]
                 break
         self.name = name  # gen_ai.provider.name
-        # None for a provider whose full response the instrumentation cannot reduce (Replicate)
+        # None for a provider whose full response the instrumentation cannot reduce
         self.text_of = _TEXT_OF.get(name or "")
         # the OpenAI API sends a stream's usage in a last chunk, when asked to
         self.include_usage = name == "openai"
@@ -764,8 +770,9 @@ def _get(obj: Any, key: str) -> Any:
 def _usage_of(response: Any, provider: str | None, requested: str | None) -> TokenUsage | None:
     """Model and tokens of a full response or chunk of any ClientAI provider, None if it has none.
 
-    OpenAI and Groq (``usage``, or ``x_groq.usage`` on Groq's last chunk) and
-    Ollama (``prompt_eval_count``, ``eval_count``), as objects or dicts.
+    OpenAI and Groq (``usage``, or ``x_groq.usage`` on Groq's last chunk),
+    Ollama (``prompt_eval_count``, ``eval_count``) and Replicate
+    (``input_token_count``, ``output_token_count`` in ``metrics``), as objects or dicts.
     """
     try:
         usage = _get(response, "usage")
@@ -776,6 +783,10 @@ def _usage_of(response: Any, provider: str | None, requested: str | None) -> Tok
             output_tokens = _get(usage, "completion_tokens")
             cached = _get(_get(usage, "prompt_tokens_details"), "cached_tokens")
             reasoning = _get(_get(usage, "completion_tokens_details"), "reasoning_tokens")
+        elif (metrics := _get(response, "metrics")) is not None:
+            input_tokens = _get(metrics, "input_token_count")
+            output_tokens = _get(metrics, "output_token_count")
+            cached = reasoning = None
         else:
             input_tokens = _get(response, "prompt_eval_count")
             output_tokens = _get(response, "eval_count")
