@@ -1,0 +1,162 @@
+"""The package as a user installs it: the wheel and the sdist.
+
+The wheel and the sdist are built with hatchling, the build backend (in the test extra), in
+well under a second; the sdist is built into a wheel again on its own, as pip does.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tarfile
+import zipfile
+from email import message_from_string
+from email.message import Message
+from importlib.metadata import Distribution
+from pathlib import Path
+
+import pytest
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from packaging.specifiers import SpecifierSet
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "src" / "multirun"
+
+BUILD = """
+import sys
+from hatchling.build import build_sdist, build_wheel
+print(build_wheel(sys.argv[1]), build_sdist(sys.argv[1]) if sys.argv[2] == "both" else "")
+"""
+
+
+def _build(project: Path, out: Path, *, sdist: bool = True) -> tuple[Path, Path | None]:
+    """The wheel (and sdist) hatchling builds from ``project``."""
+    try:
+        import hatchling  # noqa: F401
+    except ImportError:
+        pytest.fail(
+            "these tests build the wheel with hatchling, the build backend, which is in the test "
+            "extra: `.venv/bin/pip install -e '.[test]'` (scripts/test does it)",
+            pytrace=False,
+        )
+    done = subprocess.run(
+        [sys.executable, "-c", BUILD, str(out), "both" if sdist else "wheel"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    wheel, *rest = done.stdout.split()
+    return out / wheel, (out / rest[0] if rest else None)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    wheel, sdist = _build(ROOT, tmp_path_factory.mktemp("dist"))
+    assert sdist is not None
+    return wheel, sdist
+
+
+def _dist(built: Path) -> str:
+    """``multirun_otel-<version>``: the wheel's .dist-info and the sdist's folder are named so."""
+    return "-".join(built.name.split("-")[:2]).removesuffix(".tar.gz")
+
+
+def _metadata(wheel: Path) -> Message:
+    with zipfile.ZipFile(wheel) as archive:
+        return message_from_string(archive.read(f"{_dist(wheel)}.dist-info/METADATA").decode())
+
+
+def _source_files() -> set[str]:
+    """What the wheel must hold of the package: every module and py.typed, by wheel path."""
+    return {
+        f"multirun/{path.relative_to(SOURCE).as_posix()}"
+        for path in SOURCE.rglob("*")
+        if path.suffix in {".py", ".typed"} and "__pycache__" not in path.parts
+    }
+
+
+def test_the_wheel_holds_every_module_py_typed_and_the_license_and_nothing_else(
+    built: tuple[Path, Path],
+) -> None:
+    wheel, _ = built
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    package = {name for name in names if not name.startswith(f"{_dist(wheel)}.dist-info/")}
+    assert package == _source_files()
+    assert "multirun/py.typed" in package
+    assert f"{_dist(wheel)}.dist-info/licenses/LICENSE" in names
+
+
+def test_the_wheel_metadata_names_license_readme_and_every_supported_python(
+    built: tuple[Path, Path],
+) -> None:
+    metadata = _metadata(built[0])
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert metadata.get_all("License-File") == ["LICENSE"]
+    assert metadata["Description-Content-Type"] == "text/markdown"
+    assert metadata.get_payload().startswith("# multirun-otel\n")
+    supported = SpecifierSet(metadata["Requires-Python"])
+    classified = {
+        c.rsplit(" ", 1)[1]
+        for c in metadata.get_all("Classifier")
+        if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
+    }
+    assert classified == {f"3.{minor}" for minor in range(8, 20) if f"3.{minor}" in supported}
+    assert classified == {"3.10", "3.11", "3.12", "3.13"}
+    assert "Typing :: Typed" in metadata.get_all("Classifier")
+
+
+def test_every_entry_point_of_the_wheel_loads(built: tuple[Path, Path], tmp_path: Path) -> None:
+    with zipfile.ZipFile(built[0]) as archive:
+        archive.extractall(tmp_path)
+    entry_points = Distribution.at(tmp_path / f"{_dist(built[0])}.dist-info").entry_points
+    assert {(e.group, e.name, e.value) for e in entry_points} == {
+        ("console_scripts", "multirun", "multirun.cli.main:main"),
+        ("multirun.blob_exporters", "memory", "multirun.checkpoints.exporters:memory_exporter"),
+        ("multirun.blob_exporters", "file", "multirun.checkpoints.exporters:file_exporter"),
+        ("multirun.blob_exporters", "s3", "multirun.checkpoints.s3:s3_exporter"),
+        ("opentelemetry_instrumentor", "clientai", "multirun.integrations.clientai:ClientAIInstrumentor"),
+        ("opentelemetry_instrumentor", "motus", "multirun.integrations.motus:MotusInstrumentor"),
+    }
+    loaded = {e.name: e.load() for e in entry_points}  # what they name exists (in the source here)
+    assert all(callable(target) for target in loaded.values())
+    assert issubclass(loaded["clientai"], BaseInstrumentor)
+    assert issubclass(loaded["motus"], BaseInstrumentor)
+
+
+def test_the_sdist_holds_the_project_and_no_local_files(built: tuple[Path, Path]) -> None:
+    _, sdist = built
+    with tarfile.open(sdist) as archive:
+        names = [name.removeprefix(f"{_dist(sdist)}/") for name in archive.getnames()]
+    top = {name.split("/")[0] for name in names}
+    assert top == {
+        ".gitignore",
+        "LICENSE",
+        "PKG-INFO",
+        "README.md",
+        "benchmarks",  # tests/test_readme.py reads benchmarks/run.py
+        "collector-config",
+        "grafana",
+        "pyproject.toml",
+        "scripts",
+        "src",
+        "tests",
+    }
+    assert {f"src/{name}" for name in _source_files()} <= set(names)
+    assert "tests/conftest.py" in names
+    assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+
+
+def test_the_sdist_builds_the_same_wheel_on_its_own(built: tuple[Path, Path], tmp_path: Path) -> None:
+    wheel, sdist = built
+    with tarfile.open(sdist) as archive:
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.10.12 and later
+        archive.extractall(tmp_path, **safe)
+    again, _ = _build(tmp_path / _dist(sdist), tmp_path / "dist", sdist=False)
+    with zipfile.ZipFile(wheel) as first, zipfile.ZipFile(again) as second:
+        assert sorted(second.namelist()) == sorted(first.namelist())
+        metadata = f"{_dist(wheel)}.dist-info/METADATA"
+        assert second.read(metadata) == first.read(metadata)
