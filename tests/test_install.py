@@ -1,4 +1,4 @@
-"""The package as a user installs it: the wheel and the sdist.
+"""The package as a user installs it: the wheel and sdist, and an environment without the extras.
 
 The wheel and the sdist are built with hatchling, the build backend (in the test extra), in
 well under a second; the sdist is built into a wheel again on its own, as pip does.
@@ -6,7 +6,9 @@ well under a second; the sdist is built into a wheel again on its own, as pip do
 
 from __future__ import annotations
 
+import os
 import re
+import site
 import subprocess
 import sys
 import tarfile
@@ -19,6 +21,8 @@ from pathlib import Path
 import pytest
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from packaging.specifiers import SpecifierSet
+
+import multirun
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src" / "multirun"
@@ -160,3 +164,78 @@ def test_the_sdist_builds_the_same_wheel_on_its_own(built: tuple[Path, Path], tm
         assert sorted(second.namelist()) == sorted(first.namelist())
         metadata = f"{_dist(wheel)}.dist-info/METADATA"
         assert second.read(metadata) == first.read(metadata)
+
+
+# ---------------------------------------------------------------------------
+# an environment without the optional frameworks
+
+
+def _python_without(tmp_path: Path, *hidden: str) -> tuple[list[str], dict[str, str]]:
+    """A python command and environment seeing this one's packages but those ``hidden`` (globs of
+    site-packages entries: the module and its .dist-info), as where they were never installed."""
+    folder = tmp_path / "site-packages"
+    folder.mkdir()
+    sites = [Path(p) for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
+    for where in sites:
+        for entry in where.iterdir():
+            if not any(entry.match(pattern) for pattern in hidden) and not (folder / entry.name).exists():
+                (folder / entry.name).symlink_to(entry)
+    path = [str(folder)]
+    package_parent = Path(multirun.__file__).resolve().parents[1]
+    if package_parent not in [s.resolve() for s in sites]:
+        path.insert(0, str(package_parent))  # the source tree (an editable install's .pth is not read)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    return [sys.executable, "-S"], env  # -S: no site-packages but the folder made here
+
+
+INSTRUMENT = """
+import logging, sys
+logging.basicConfig(format="%(levelname)s %(message)s")
+from importlib.metadata import PackageNotFoundError, version
+from multirun.integrations.{module} import {instrumentor}
+try:
+    version(sys.argv[1])
+    sys.exit("{module} is still installed")
+except PackageNotFoundError:
+    pass
+assert {instrumentor}().instrument() is None
+print({instrumentor}().is_instrumented_by_opentelemetry)
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "instrumentor", "hidden", "said"),
+    [
+        (
+            "clientai",
+            "ClientAIInstrumentor",
+            ("clientai", "clientai-*"),
+            "ClientAI is not installed: pip install 'multirun-otel[clientai]'",
+        ),
+        (
+            "motus",
+            "MotusInstrumentor",
+            ("motus", "lithosai_motus-*"),
+            "Motus is not installed: pip install 'multirun-otel[motus]'"
+            if sys.version_info >= (3, 12)
+            else "Motus (lithosai-motus) needs Python 3.12 or newer, and this is Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}",
+        ),
+    ],
+)
+def test_instrumenting_a_framework_that_is_not_installed_says_what_to_install(
+    tmp_path: Path, module: str, instrumentor: str, hidden: tuple[str, ...], said: str
+) -> None:
+    python, env = _python_without(tmp_path, *hidden)
+    distribution = "clientai" if module == "clientai" else "lithosai-motus"
+    done = subprocess.run(
+        [*python, "-c", INSTRUMENT.format(module=module, instrumentor=instrumentor), distribution],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"]
+    assert done.stderr.splitlines() == [f"ERROR multirun: {instrumentor} instruments nothing: {said}"]

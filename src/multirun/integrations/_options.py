@@ -38,6 +38,24 @@ def framework_installed(instruments: Collection[str], framework: str) -> bool:
     return False
 
 
+def missing_framework(instruments: Collection[str], instrumentor: str, why: str, **kwargs: Any) -> bool:
+    """Whether ``instrument(**kwargs)``, called by the program, finds its framework not installed.
+
+    Then an error says ``why`` (what to install), in place of OpenTelemetry's, which names
+    the framework's package but not this package's extra. A framework installed in a version
+    out of range keeps OpenTelemetry's message (it names both versions);
+    ``opentelemetry-instrument`` (``skip_dep_check`` or ``raise_exception_on_conflict``) is
+    left to the loader, which skips an absent framework quietly.
+    """
+    if kwargs.get("skip_dep_check") or kwargs.get("raise_exception_on_conflict"):
+        return False
+    conflict = get_dependency_conflicts(instruments)
+    if conflict is None or getattr(conflict, "found", None) is not None:
+        return False
+    _logger.error("multirun: %s instruments nothing: %s", instrumentor, why)
+    return True
+
+
 def model_option(instrumentor: str, name: str, value: Any, model: type[M]) -> M | None:
     """``value`` of ``instrument(name=...)`` as a ``model`` (or a dict of its fields); None if unset."""
     if value is None or isinstance(value, model):

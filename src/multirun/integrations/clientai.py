@@ -68,6 +68,7 @@ from multirun.integrations._options import (
     configure_tracer_provider,
     framework_installed,
     instrumentation_failed,
+    missing_framework,
     model_option,
 )
 from multirun.integrations._specs import framework_step_spec
@@ -83,6 +84,7 @@ __all__ = ["ClientAIInstrumentor"]
 _logger = logging.getLogger(__name__)
 
 _INSTRUMENTS = ("clientai >= 0.5",)
+_INSTALL = "ClientAI is not installed: pip install 'multirun-otel[clientai]'"
 
 
 # (module, attribute path, wrapper factory name); patched by module path string
@@ -109,6 +111,12 @@ class ClientAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _INSTRUMENTS
+
+    def instrument(self, **kwargs: Any) -> Any:
+        """Instrument ClientAI; without it, an error says how to install it, and nothing is patched."""
+        if missing_framework(_INSTRUMENTS, "ClientAIInstrumentor", _INSTALL, **kwargs):
+            return None
+        return super().instrument(**kwargs)
 
     def _instrument(self, **kwargs: Any) -> None:
         if not framework_installed(_INSTRUMENTS, "ClientAI"):

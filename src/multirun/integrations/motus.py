@@ -75,6 +75,7 @@ from multirun.integrations._options import (
     configure_tracer_provider,
     framework_installed,
     instrumentation_failed,
+    missing_framework,
     model_option,
 )
 from multirun.integrations._specs import framework_step_spec
@@ -93,6 +94,14 @@ __all__ = ["MotusInstrumentor"]
 _logger = logging.getLogger(__name__)
 
 _INSTRUMENTS = ("lithosai-motus >= 0.4",)
+
+
+def _install_hint() -> str:
+    """How to get Motus here: the ``motus`` extra installs nothing before Python 3.12."""
+    if sys.version_info < (3, 12):
+        python = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return f"Motus (lithosai-motus) needs Python 3.12 or newer, and this is Python {python}"
+    return "Motus is not installed: pip install 'multirun-otel[motus]'"
 
 
 # StepStatus keeps the reference's values, which have no "cancelled": a cancelled task closes as
@@ -145,6 +154,12 @@ class MotusInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _INSTRUMENTS
+
+    def instrument(self, **kwargs: Any) -> Any:
+        """Instrument Motus; without it, an error says how to install it, and nothing is patched."""
+        if missing_framework(_INSTRUMENTS, "MotusInstrumentor", _install_hint(), **kwargs):
+            return None
+        return super().instrument(**kwargs)
 
     def _instrument(self, **kwargs: Any) -> None:
         if not framework_installed(_INSTRUMENTS, "Motus"):  # always so before Python 3.12
