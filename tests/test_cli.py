@@ -280,7 +280,10 @@ def test_ctrl_c_during_the_demo_says_where_the_partial_run_is_in_one_line(tmp_pa
         text=True,
         timeout=60,
     )
-    assert "research_crew  cancelled" in listed.stdout, listed.stdout
+    # asyncio.run turns Ctrl-C into a cancellation of the demo's task from Python 3.11; on 3.10
+    # KeyboardInterrupt is raised in it, and a run interrupted so ends failed (as sync code does)
+    status = "cancelled" if sys.version_info >= (3, 11) else "failed"
+    assert f"research_crew  {status}" in listed.stdout, listed.stdout
 
 
 @pytest.mark.parametrize("given_as", ["--endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"])
