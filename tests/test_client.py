@@ -489,7 +489,7 @@ config = getattr(provider, "_sdk_config", None)  # the SDK's MeterProvider, if t
 if config is None:
     print("no meter provider")
 else:
-    [reader] = provider._metric_readers
+    [reader] = provider._all_metric_readers  # the one MeterProvider of this process: its reader
     print(reader._export_interval_millis, type(config.exemplar_filter).__name__)
 """
 

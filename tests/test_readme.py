@@ -179,7 +179,7 @@ def _masked(line: str) -> str:
     """``line`` with what changes from one demo to the next (ids, times, durations, where the
     package is, and costs, which follow genai-prices) masked, in as many characters: the
     columns still have to line up."""
-    line = re.sub(r"\S*/src/multirun/demo\.py", "DEMO.PY", line)
+    line = re.sub(r"\S*/multirun/demo\.py", "DEMO.PY", line)  # src/ or site-packages/
     line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "DATE", line)
     line = re.sub(r"\b[0-9a-f]{12,32}\b", lambda m: "#" * len(m.group()), line)
     line = re.sub(r" *\$\d+\.\d+", lambda m: "~" * len(m.group()), line)  # prices change, not columns
