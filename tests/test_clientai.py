@@ -274,6 +274,80 @@ def test_stream_dropped_unread_still_ends_its_agent_and_run(traced: Any) -> None
     assert len(model.calls) == 4  # the request was sent: the run shows the call, with no tokens
 
 
+class UnreadStreamAgent(Agent):
+    """A streamed step whose stream no step reads: the next step takes no input."""
+
+    @think("draft", stream=True)
+    def draft(self, topic: str) -> str:
+        return f"REPORT on {topic}"
+
+    @synthesize("wrap_up")
+    def wrap_up(self) -> str:
+        return "ANALYZE nothing in particular"
+
+
+class UnpassedStreamAgent(Agent):
+    """A streamed step that passes on no result: the next step reads the original input."""
+
+    @think("draft", stream=True, step_config=StepConfig(pass_result=False))
+    def draft(self, topic: str) -> str:
+        return f"REPORT on {topic}"
+
+    @synthesize("wrap_up")
+    def wrap_up(self, topic: str) -> str:
+        return f"ANALYZE {topic}"
+
+
+@pytest.mark.parametrize("agent_class", [UnreadStreamAgent, UnpassedStreamAgent])
+def test_a_streamed_step_no_one_reads_is_in_the_trace_when_its_agent_ends(
+    traced: Any, agent_class: type[Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    model = ScriptedModel(research_agent.script())
+    agent = agent_class(client=offline_client(model), default_model=MODEL)
+
+    assert agent.run(TOPIC) == research_agent.ANALYZE.text
+    assert len(model.calls) == 2  # the draft's request was sent, its stream kept unread by ClientAI
+
+    spans = records(traced)
+    assert tree(spans) == [
+        f"invoke_workflow {agent_class.__name__} completed tokens=28",
+        f"  invoke_agent {agent_class.__name__} completed tokens=28",
+        "    chat gpt-4o-mini [draft llm_call] completed",
+        "      chat gpt-4o-mini [generate_text llm_call] completed",
+        "    chat gpt-4o-mini [wrap_up llm_call] completed tokens=28",
+        "      chat gpt-4o-mini [generate_text llm_call] completed tokens=28 in=20 out=8",
+    ]
+    draft = one(spans, "draft")
+    (draft_call,) = [s for s in named(spans, "generate_text") if s.parent_span_id == draft.span_id]
+    for ended in (draft, draft_call):  # ended as a stream closed before its end, and marked
+        assert ended.attributes[attr.STEP_STREAM_ITEMS] == 0
+        assert ended.attributes[attr.STEP_STREAM_UNFINISHED] is True
+    # the stream ClientAI kept reads as it would have, after the run: its late usage is only warned of
+    with caplog.at_level(logging.WARNING):
+        assert "".join(agent.context.last_results["draft"]) == research_agent.REPORT.text
+    assert len(traced.spans()) == len(spans)
+    (late,) = caplog.records  # nothing tried to write to the ended spans (the SDK would warn)
+    assert "42 tokens were reported by step 'generate_text' after run" in late.getMessage()
+
+
+def test_a_stream_left_unread_by_its_agent_and_read_later_in_the_run_is_charged_to_the_run(
+    traced: Any,
+) -> None:
+    model = ScriptedModel(research_agent.script())
+    agent = UnreadStreamAgent(client=offline_client(model), default_model=MODEL)
+
+    @multirun.run(name="crew")
+    def crew() -> str:
+        agent.run(TOPIC)
+        return "".join(agent.context.last_results["draft"])
+
+    assert crew() == research_agent.REPORT.text
+    spans = records(traced)
+    (run_span,) = run_roots(spans)
+    assert run_span.attributes[attr.TOKENS_USED] == 28 + 42  # the draft's tokens came after its agent ended
+    assert one(spans, "draft").attributes[attr.STEP_STREAM_UNFINISHED] is True
+
+
 @pytest.mark.parametrize(("provider", "stream"), PROVIDER_CASES)
 def test_every_provider_s_tokens_are_read_from_its_full_response(
     traced: Any, provider: str, stream: bool

@@ -39,8 +39,9 @@ selection or tool call made outside any run (a client used without an
 Every one of these is a step of the run: the budget and the policy decide
 before it starts, and a ClientAI agent over budget stops with
 ``BudgetExceededError`` (unwrapped from the errors ClientAI wraps it in).
-Streams keep their spans open until they are consumed. Telemetry never breaks
-the agent: an instrumentation error costs a log line, and the call goes on
+Streams keep their spans open until they are consumed, or until their
+``Agent.run`` ends for a stream ClientAI keeps unread (see ``_ended_with_agent``).
+Telemetry never breaks the agent: an instrumentation error costs a log line, and the call goes on
 untraced.
 """
 
@@ -50,6 +51,7 @@ import importlib
 import inspect
 import logging
 import sys
+import weakref
 from collections.abc import Callable, Collection, Iterator
 from functools import lru_cache
 from typing import Any
@@ -218,7 +220,9 @@ def _run_step(call: _StepCall, wrapped: Wrapped, args: tuple[Any, ...], kwargs: 
     finally:
         otel_context.detach(token)
     if type(result) is not str and isinstance(result, Iterator):  # str first: the ABC check is slow
-        return _Follow(result, ctx, lambda error, items: _end_stream(call, error, items))
+        return _ended_with_agent(
+            _Follow(result, ctx, lambda error, items, cut: _end_stream(call, error, items, cut))
+        )
     try:
         call._succeed(result)
     except Exception:
@@ -232,11 +236,16 @@ def _ctx(call: StepContext) -> Context:
     return ctx if ctx is not None else otel_context.get_current()
 
 
-def _end_stream(call: _StepCall, error: BaseException | None, items: int) -> None:
-    if error is None:
-        _succeeded(call, None, {attr.STEP_STREAM_ITEMS: items})
-    else:
+def _end_stream(call: _StepCall, error: BaseException | None, items: int, cut: bool) -> None:
+    """End a streaming step; ``cut``: its agent ended before its stream (see ``_Follow.cut``)."""
+    if call.finished:  # cut before: the rest of its stream was read after its span ended
+        return
+    if error is not None:
         _failed(call, error)
+    elif cut:
+        _succeeded(call, None, {attr.STEP_STREAM_ITEMS: items, attr.STEP_STREAM_UNFINISHED: True})
+    else:
+        _succeeded(call, None, {attr.STEP_STREAM_ITEMS: items})
 
 
 class _Follow(Iterator[Any]):
@@ -247,18 +256,21 @@ class _Follow(Iterator[Any]):
     Stopping early ends it as completed with the items handed out so far, as
     ``@step`` generators do. (A class, not a generator: a generator dropped
     before it started would never run its ``finally``, and its spans never end.)
+    ``finish(error, items, cut)`` is called once more, with ``cut`` True, if
+    ``cut()`` came first.
     """
 
-    __slots__ = ("_ctx", "_done", "_finish", "_inner", "_items")
+    __slots__ = ("__weakref__", "_ctx", "_cut", "_done", "_finish", "_inner", "_items")
 
     def __init__(
-        self, inner: Iterator[Any], ctx: Context, finish: Callable[[BaseException | None, int], None]
+        self, inner: Iterator[Any], ctx: Context, finish: Callable[[BaseException | None, int, bool], None]
     ) -> None:
         self._inner = inner
         self._ctx = ctx
         self._finish = finish
         self._items = 0
         self._done = False
+        self._cut = False
 
     def __next__(self) -> Any:
         if self._done:
@@ -293,6 +305,15 @@ class _Follow(Iterator[Any]):
             otel_context.detach(token)
         self._end(None)
 
+    def cut(self) -> None:
+        """End it now, before its stream's end, with the items handed out so far.
+
+        Its stream can still be read: ``finish`` is called again at its end.
+        """
+        if not self._done and not self._cut:
+            self._cut = True
+            self._finish(None, self._items, True)
+
     def __del__(self) -> None:
         if not getattr(self, "_done", True):
             try:
@@ -303,7 +324,23 @@ class _Follow(Iterator[Any]):
     def _end(self, error: BaseException | None) -> None:
         if not self._done:
             self._done = True
-            self._finish(error, self._items)
+            self._finish(error, self._items, False)
+
+
+_SCOPE_KEY = otel_context.create_key("multirun.clientai.agent_scope")
+
+
+def _ended_with_agent(stream: _Follow) -> _Follow:
+    """Have ``stream`` cut when the ``Agent.run`` it was made in ends, if it is still open then.
+
+    ClientAI keeps a step's stream that no step reads (the next step takes no
+    input, or the step passes on no result) in the agent's context: cut, its
+    step is in the trace when its run is, and the stream can still be read.
+    """
+    scope = otel_context.get_current().get(_SCOPE_KEY)
+    if isinstance(scope, _AgentScope):
+        scope.streams.append(weakref.ref(stream))
+    return stream
 
 
 def _mark_usage_below(call: StepContext) -> None:
@@ -325,7 +362,7 @@ def _mark_usage_below(call: StepContext) -> None:
 class _AgentScope:
     """One ``Agent.run``: its agent, and the run started for it when none was active."""
 
-    __slots__ = ("agent", "owned")
+    __slots__ = ("agent", "owned", "streams")
 
     def __init__(self, name: str) -> None:
         current = otel_context.get_current()
@@ -350,8 +387,17 @@ class _AgentScope:
         finally:
             otel_context.detach(token)
         self.owned = owned
+        self.streams: list[weakref.ref[_Follow]] = []  # of its steps and LLM calls, oldest first
 
     def finish(self, error: BaseException | None, result: Any = None) -> None:
+        for ref in self.streams:  # oldest first: an LLM call ends before the step around it
+            stream = ref()
+            if stream is not None:
+                try:
+                    stream.cut()
+                except Exception:
+                    _broken("ending a stream left unread")
+        self.streams.clear()
         try:
             if error is None:
                 self.agent.complete(result)
@@ -373,7 +419,7 @@ def _agent_run(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: d
     except Exception:
         _broken("starting an agent")
         return wrapped(*args, **kwargs)
-    token = otel_context.attach(scope.agent.otel_context)
+    token = otel_context.attach(otel_context.set_value(_SCOPE_KEY, scope, scope.agent.otel_context))
     try:
         result = wrapped(*args, **kwargs)
     except BaseException as error:
@@ -385,7 +431,7 @@ def _agent_run(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: d
     finally:
         otel_context.detach(token)
     if type(result) is not str and isinstance(result, Iterator):
-        return _Follow(result, scope.agent.otel_context, lambda error, _: scope.finish(error))
+        return _Follow(result, scope.agent.otel_context, lambda error, *_: scope.finish(error))
     scope.finish(None, result)
     return result
 
@@ -649,7 +695,10 @@ def _llm_call(
                 if reduce is not None
                 else _watch_chunks(response, seen, usage_chunk)
             )
-            return _Follow(chunks, ctx, lambda error, items: _end_llm_stream(call, seen, error, items))
+            follow = _Follow(
+                chunks, ctx, lambda error, items, cut: _end_llm_stream(call, seen, error, items, cut)
+            )
+            return _ended_with_agent(follow)
         result = _text_of(instance, response, reduce[0], method) if reduce is not None else response
     except BaseException as error:
         _failed(call, error)
@@ -745,9 +794,12 @@ def _close(chunks: Iterator[Any]) -> None:
         close()
 
 
-def _end_llm_stream(call: _StepCall, seen: _StreamUsage, error: BaseException | None, items: int) -> None:
-    _report(call, seen.usage, seen.response_id)  # what arrived before a failure was paid for too
-    _end_stream(call, error, items)
+def _end_llm_stream(
+    call: _StepCall, seen: _StreamUsage, error: BaseException | None, items: int, cut: bool
+) -> None:
+    # what arrived before a failure was paid for too; what arrived after a cut, charged late
+    _report(call, seen.usage, seen.response_id)
+    _end_stream(call, error, items, cut)
 
 
 class _StreamUsage:

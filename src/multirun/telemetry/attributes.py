@@ -101,6 +101,7 @@ STEP_INPUT: Final = "multirun.step.input"
 STEP_OUTPUT: Final = "multirun.step.output"
 STEP_RETRY_DELAY: Final = "multirun.step.retry_delay_seconds"
 STEP_STREAM_ITEMS: Final = "multirun.step.stream_items"
+STEP_STREAM_UNFINISHED: Final = "multirun.step.stream_unfinished"  # its agent ended before its stream did
 POLICY_DECISION: Final = "multirun.policy.decision"
 POLICY_RULE: Final = "multirun.policy.rule"
 POLICY_WAIT_SECONDS: Final = "multirun.policy.wait_seconds"
