@@ -50,6 +50,7 @@ from clientai_programs.fake_providers import (
     offline_replicate_client,
 )
 from clientai_programs.research_agent import MODEL, TOPIC
+from multirun.cli import render
 from multirun.cli.runs import SpanRecord, build_tree, find_runs, load_spans, record_from_span
 from multirun.context import get_current_agent_context
 from multirun.errors import BudgetExceededError, ConfigurationError, PolicyViolation
@@ -322,6 +323,7 @@ def test_a_streamed_step_no_one_reads_is_in_the_trace_when_its_agent_ends(
     for ended in (draft, draft_call):  # ended as a stream closed before its end, and marked
         assert ended.attributes[attr.STEP_STREAM_ITEMS] == 0
         assert ended.attributes[attr.STEP_STREAM_UNFINISHED] is True
+    assert render.notes(draft) == "streamed 0 chunks, not read to its end"  # as `multirun runs show` says
     # the stream ClientAI kept reads as it would have, after the run: its late usage is only warned of
     with caplog.at_level(logging.WARNING):
         assert "".join(agent.context.last_results["draft"]) == research_agent.REPORT.text

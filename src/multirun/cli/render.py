@@ -346,7 +346,8 @@ def notes(span: SpanRecord) -> str:
         parts.append(f"error: {failure}: {message}" if message else f"error: {failure}")
     streamed = span.attributes.get(attr.STEP_STREAM_ITEMS)
     if isinstance(streamed, int):
-        parts.append(f"streamed {plural(streamed, 'chunk')}")
+        unread = span.attributes.get(attr.STEP_STREAM_UNFINISHED) is True
+        parts.append(f"streamed {plural(streamed, 'chunk')}" + (", not read to its end" if unread else ""))
     for event in span.events:
         if event.get("name") == attr.EVENT_CHECKPOINT:
             name = event.get("attributes", {}).get(attr.CHECKPOINT_NAME)
