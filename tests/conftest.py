@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import multirun
 from multirun import client as client_module
 from multirun.clock import Clock
+
+# A test run started in the background (nohup, a CI runner without a terminal) inherits SIGINT
+# ignored, and so would every program it starts: the tests of Ctrl-C need Python's usual
+# handler, here and (a handled signal is reset to the default across exec) in the children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class FakeClock(Clock):
