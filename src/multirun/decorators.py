@@ -196,36 +196,52 @@ class _StepCall(StepContext):
                 return None  # the attempt would start when the run (or an enclosing run) is out of time
         # checked before the policy sees the failure: past here every way out retries or is a
         # refusal (_retry_refused), so _failed never counts the failure a second time
-        engine = run.policy_engine
-        if engine is not None:
-            # another attempt is another call to the dependency: the failed one counts towards the
-            # circuit, and the next one asks the policy (open circuit, rate limit) like any call
-            engine.after_step(spec.name, spec.kind, error, self._decision)
-            try:
-                decision = engine.before_step(
-                    spec.name,
-                    spec.kind,
-                    self.model,
-                    ledger,
-                    not_before=delay,
-                    within_budget=spec.check_budget,
-                )
-            except PolicyViolation as refused:
-                self._retry_refused = refused
-                self.policy_decision, self.policy_rule = PolicyDecision.ABORT.value, refused.rule
-                run.client.metrics.policy_decision(run.run.name, PolicyDecision.ABORT.value, refused.rule)
-                return None
-            self._decision = decision
-            if decision.decision is not PolicyDecision.PROCEED:
-                run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
-                self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
-                if decision.model is not None:
-                    self.model = decision.model
-                # a rate-limit wait is for a slot that starts before the deadline (or refused)
-                delay = max(delay, decision.wait_seconds)
+        try:
+            delay = self._retry_decision(error, delay)
+        except PolicyViolation as refused:
+            self._retry_refused = refused
+            return None
         self._record_attempt_failure(error, delay)
         if delay:
             self._retrying = error  # for the refusal after the backoff (dropped then: it holds frames)
+        return delay
+
+    def _retry_decision(self, error: BaseException, delay: float) -> float:
+        """The policy's word on another attempt, ``delay`` seconds from now (its backoff), after
+        one that failed with ``error``: the seconds to wait before it, longer when its rate-limit
+        slot starts later; PolicyViolation (its decision on the step) when it must not be made.
+
+        Another attempt is another call to the dependency: the failed one counts towards the
+        circuit, and the next one asks the policy (open circuit, rate limit, fallback model) as
+        any call does.
+        """
+        run = self.run_context
+        engine = run.policy_engine
+        if engine is None:
+            return delay
+        spec = self.spec
+        engine.after_step(spec.name, spec.kind, error, self._decision)
+        try:
+            decision = engine.before_step(
+                spec.name,
+                spec.kind,
+                self.model,
+                run.ledger,
+                not_before=delay,
+                within_budget=spec.check_budget,
+            )
+        except PolicyViolation as refused:
+            self.policy_decision, self.policy_rule = PolicyDecision.ABORT.value, refused.rule
+            run.client.metrics.policy_decision(run.run.name, PolicyDecision.ABORT.value, refused.rule)
+            raise
+        self._decision = decision
+        if decision.decision is not PolicyDecision.PROCEED:
+            run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
+            self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
+            if decision.model is not None:
+                self.model = decision.model
+            # a rate-limit wait is for a slot that starts before the deadline (or refused)
+            delay = max(delay, decision.wait_seconds)
         return delay
 
     def _wait_over(self) -> None:
