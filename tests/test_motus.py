@@ -39,6 +39,7 @@ from opentelemetry.trace import StatusCode  # noqa: E402
 
 import multirun  # noqa: E402
 from multirun.cli.runs import Node, build_tree, find_runs, load_spans, record_from_span  # noqa: E402
+from multirun.client import get_client  # noqa: E402
 from multirun.context import get_current_agent_context  # noqa: E402
 from multirun.errors import BudgetExceededError, PolicyViolation  # noqa: E402
 from multirun.integrations import _options as integration_options  # noqa: E402
@@ -47,6 +48,7 @@ from multirun.integrations.motus import MotusInstrumentor  # noqa: E402
 from multirun.models import Budget, Policy, StepKind  # noqa: E402
 from multirun.models.policy import (  # noqa: E402
     CircuitBreakerRule,
+    DegradationTrigger,
     GracefulDegradationRule,
     RateLimitRule,
 )
@@ -676,6 +678,217 @@ def test_a_sync_model_call_cancelled_while_it_waits_does_not_run_and_gives_its_s
     cancelled, after = _calls_of(traced, "ask_sync")[1:]
     assert cancelled.attributes[attr.STEP_STATUS] == "cancelled"
     assert after.attributes[attr.POLICY_WAIT_SECONDS] == 1.0
+
+
+# ---------------------------------------------------------------------------
+# Motus's retries ask the policy, as a decorated step's retries do
+
+
+class FlakyClient(CountingClient):
+    """Fails its first ``failures`` calls; remembers when, on the run's clock, each call reached it."""
+
+    def __init__(self, clock: Any, failures: int = 1) -> None:
+        super().__init__()
+        self.clock, self.failures = clock, failures
+        self.times: list[float] = []
+
+    async def create(self, model, messages, tools=None, reasoning=None, **kwargs) -> ChatCompletion:  # type: ignore[no-untyped-def]
+        self.times.append(self.clock.monotonic())
+        if len(self.times) <= self.failures:
+            self.models.append(model)
+            raise ConnectionError("overloaded")
+        return await super().create(model, messages, tools, reasoning, **kwargs)
+
+
+DOWN_CALLS: list[str] = []
+
+
+@agent_task(retries=5)
+def always_down() -> str:
+    DOWN_CALLS.append("called")
+    raise ConnectionError("upstream down")
+
+
+def test_failed_attempts_open_the_circuit_and_the_next_retry_is_refused(traced: Any, runtime: None) -> None:
+    DOWN_CALLS.clear()
+
+    @multirun.run(policy=Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=2)))
+    def job() -> str:
+        return str(resolve(always_down()))
+
+    with pytest.raises(PolicyViolation, match="circuit") as raised:
+        job()
+    assert isinstance(raised.value.__cause__, ConnectionError)  # the failure the retry was to follow
+    assert DOWN_CALLS == ["called", "called"]  # Motus would have made six attempts
+    step = record_from_span(traced.span("step always_down"))
+    assert step.attributes[attr.STEP_ATTEMPT] == 2
+    assert step.attributes[attr.STEP_STATUS] == "failed"
+    assert step.attributes[attr.POLICY_DECISION] == "abort"
+    assert step.attributes[attr.POLICY_RULE] == "circuit_breaker"
+    assert step.attributes[attr.ERROR_TYPE].endswith("PolicyViolation")
+    first, second = _exceptions(step)[:2]
+    assert (first[attr.STEP_ATTEMPT], first["exception.type"], first[attr.STEP_RETRY_DELAY]) == (
+        1,
+        "ConnectionError",
+        0.0,
+    )
+    assert (second[attr.STEP_ATTEMPT], second["exception.type"]) == (2, "ConnectionError")
+    assert attr.STEP_RETRY_DELAY not in second  # refused: no retry followed it
+
+
+PACED_ONLY = Policy(rate_limit=RateLimitRule(requests_per_minute=60))  # one model call a second
+
+
+def test_a_retry_waits_for_its_rate_limit_slot(traced: Any, runtime: None) -> None:
+    client = FlakyClient(traced.clock)
+    start = traced.clock.now
+
+    @multirun.run(policy=PACED_ONLY)
+    def job() -> str:
+        return str(resolve(ask_once(client, "gpt-4o-mini", "hello")).content)
+
+    assert job() == "answer 2"
+    assert client.times == [start, start + 1.0]  # the retry reached the model at its slot, a second later
+    assert traced.clock.sleeps == [1.0]
+    [call] = _calls_of(traced, "ask_once")
+    assert call.attributes[attr.STEP_STATUS] == "completed"
+    assert call.attributes[attr.STEP_ATTEMPT] == 2
+    assert call.attributes[attr.POLICY_DECISION] == "wait"
+    assert call.attributes[attr.POLICY_RULE] == "rate_limit"
+    [retried] = _exceptions(record_from_span(call))
+    assert retried["exception.type"] == "ConnectionError"
+    assert retried[attr.STEP_RETRY_DELAY] == 1.0
+
+
+def test_a_retry_of_a_degraded_run_asks_for_the_fallback_model(traced: Any, runtime: None) -> None:
+    client = FlakyClient(traced.clock)
+    degrade = GracefulDegradationRule(
+        fallback_model="gpt-4o-mini", trigger=DegradationTrigger.CONSECUTIVE_FAILURES, threshold=1
+    )
+
+    @multirun.run(policy=Policy(graceful_degradation=degrade))
+    def job() -> str:
+        return str(resolve(ask_once(client, "gpt-4o", "hello")).model)
+
+    assert job() == "gpt-4o-mini"
+    assert client.models == ["gpt-4o", "gpt-4o-mini"]  # the failed call counted: the retry falls back
+    [call] = traced.named("chat gpt-4o")
+    assert call.attributes[attr.POLICY_DECISION] == "fallback"
+
+
+@agent_task(task_type="model_call", timeout=0.2, retries=1)
+async def ask_in_time(client: BaseChatClient, model: str, prompt: str) -> ChatCompletion:
+    """A model call that Motus gives 0.2 s, and retries once."""
+    from motus.models import ChatMessage
+
+    return await client.create(model, [ChatMessage.user_message(prompt)])
+
+
+def _first_wait_outlasts_the_timeout(clock: Any) -> None:
+    """Make the first async wait on ``clock`` a real one, that Motus's timeout cuts short."""
+    instant = clock.async_sleep
+
+    async def sleep(seconds: float) -> None:
+        if not clock.sleeps:
+            clock.sleeps.append(seconds)
+            await asyncio.sleep(5)
+        await instant(seconds)
+
+    clock.async_sleep = sleep
+
+
+def test_an_attempt_whose_timeout_ends_its_wait_never_ran_and_the_retry_waits_for_its_slot(
+    traced: Any, runtime: None
+) -> None:
+    client = FlakyClient(traced.clock, failures=0)
+    start = traced.clock.now
+    # one failure opens the circuit: the attempt that timed out while it waited is no failed call
+    paced = Policy(
+        rate_limit=RateLimitRule(requests_per_minute=60),
+        circuit_breaker=CircuitBreakerRule(failure_threshold=1),
+    )
+
+    @multirun.run(policy=paced)
+    def job() -> str:
+        get_current_agent_context().start_step("warm", kind=StepKind.LLM_CALL, model="gpt-4o-mini").complete()
+        _first_wait_outlasts_the_timeout(traced.clock)
+        return str(resolve(ask_in_time(client, "gpt-4o-mini", "hello")).content)
+
+    assert job() == "answer 1"
+    # the retry waited for the slot the first attempt gave back, a second after the warm call
+    assert client.times == [start + 1.0]
+    assert traced.clock.sleeps == [1.0, 1.0]
+    [call] = _calls_of(traced, "ask_in_time")
+    assert call.attributes[attr.STEP_STATUS] == "completed"
+    assert call.attributes[attr.STEP_ATTEMPT] == 2
+    [timed_out] = _exceptions(record_from_span(call))
+    assert timed_out["exception.type"] == "TimeoutError"
+    assert timed_out[attr.STEP_ATTEMPT] == 1
+    assert timed_out[attr.STEP_RETRY_DELAY] == 1.0
+
+
+def test_a_model_call_whose_timeout_ends_its_wait_is_no_failed_call_of_the_model(
+    traced: Any, runtime: None
+) -> None:
+    client = FlakyClient(traced.clock, failures=0)
+    policy = Policy(
+        rate_limit=RateLimitRule(requests_per_minute=60),
+        circuit_breaker=CircuitBreakerRule(failure_threshold=1),
+        graceful_degradation=GracefulDegradationRule(
+            fallback_model="gpt-4o-mini", trigger=DegradationTrigger.CONSECUTIVE_FAILURES, threshold=1
+        ),
+    )
+
+    @multirun.run(policy=policy)
+    def job() -> str:
+        get_current_agent_context().start_step("warm", kind=StepKind.LLM_CALL, model="gpt-4o").complete()
+        _first_wait_outlasts_the_timeout(traced.clock)
+        with pytest.raises(TimeoutError):
+            resolve(ask_in_time.policy(retries=0)(client, "gpt-4o", "cut short"))
+        return str(resolve(ask_once(client, "gpt-4o", "next")).model)
+
+    # neither the circuit nor the degradation trigger (one failure each) counted the call that never ran
+    assert job() == "gpt-4o"
+    assert client.models == ["gpt-4o"]
+    assert traced.clock.sleeps == [1.0, 1.0]  # and the next call had its slot
+
+
+SYNC_IN_TIME: list[float] = []
+
+
+@agent_task(task_type="model_call", timeout=0.2, retries=1, retry_delay=0.5)
+def ask_sync_in_time(model: str, prompt: str) -> str:
+    """A blocking model call that Motus gives 0.2 s, and retries once after 0.5 s; it notes when,
+    on the run's clock, it ran."""
+    SYNC_IN_TIME.append(get_client().clock.monotonic())
+    return prompt
+
+
+def test_a_sync_attempt_whose_timeout_ends_its_wait_does_not_run_when_its_thread_wakes(
+    traced: Any, runtime: None
+) -> None:
+    SYNC_IN_TIME.clear()
+    start = traced.clock.now
+    woke = threading.Event()
+    instant = traced.clock.sleep
+
+    def sleep(seconds: float) -> None:
+        if not traced.clock.sleeps:
+            traced.clock.sleeps.append(seconds)
+            time.sleep(0.4)  # a thread's wait is not cut short: it wakes in Motus's retry delay
+            woke.set()
+            return
+        instant(seconds)
+
+    @multirun.run(policy=PACED_ONLY)
+    def job() -> str:
+        get_current_agent_context().start_step("warm", kind=StepKind.LLM_CALL, model="gpt-4o-mini").complete()
+        traced.clock.sleep = sleep  # type: ignore[method-assign]
+        return str(resolve(ask_sync_in_time("gpt-4o-mini", "hello")))
+
+    assert job() == "hello"
+    assert woke.is_set()
+    assert [start + 1.0] == SYNC_IN_TIME  # once, the retry at its slot; not when the first attempt woke
 
 
 def test_budget_of_instrument_applies_to_the_runs_it_starts(

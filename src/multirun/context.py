@@ -40,7 +40,7 @@ from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy, sub_run
 from multirun.checkpoints.serializers import json_form
 from multirun.checkpoints.store import agent_state
 from multirun.enforcement.ledger import SPEND_TOTALS
-from multirun.enforcement.policy import PROCEED, Decision, PolicyEngine
+from multirun.enforcement.policy import GIVEN_BACK, PROCEED, Decision, PolicyEngine
 from multirun.errors import (
     BudgetExceededError,
     CheckpointError,
@@ -1336,12 +1336,13 @@ class StepContext:
             self.fail(error)
 
     def _give_back(self, slot: bool = True) -> None:
-        """The step ends without an answer from its dependency (cancelled, interrupted, or
-        refused while it waited): its circuit probe is free again, and with ``slot`` (its
-        attempt never started) the rate-limit slot reserved for that attempt. Given back once:
-        the step keeps no decision after."""
+        """The step (or its attempt) ends without an answer from its dependency (cancelled,
+        interrupted, or refused or timed out while it waited): its circuit probe is free again,
+        and with ``slot`` (its attempt never started) the rate-limit slot reserved for that
+        attempt. Given back once: the step keeps no decision after, and its outcome counts for
+        nothing (``GIVEN_BACK``) until it asks the policy again."""
         engine = self.run_context.policy_engine
-        decision, self._decision = self._decision, PROCEED
+        decision, self._decision = self._decision, GIVEN_BACK
         if engine is not None:
             engine.give_back(self.name, decision if slot else decision._replace(slot=None))
 

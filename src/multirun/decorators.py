@@ -206,21 +206,25 @@ class _StepCall(StepContext):
             self._retrying = error  # for the refusal after the backoff (dropped then: it holds frames)
         return delay
 
-    def _retry_decision(self, error: BaseException, delay: float) -> float:
+    def _retry_decision(self, error: BaseException, delay: float, ran: bool = True) -> float:
         """The policy's word on another attempt, ``delay`` seconds from now (its backoff), after
         one that failed with ``error``: the seconds to wait before it, longer when its rate-limit
         slot starts later; PolicyViolation (its decision on the step) when it must not be made.
 
         Another attempt is another call to the dependency: the failed one counts towards the
         circuit, and the next one asks the policy (open circuit, rate limit, fallback model) as
-        any call does.
+        any call does. One that never ran (``ran=False``: a framework's timeout ended its wait for
+        its slot) counts for nothing, and gives back what it held.
         """
         run = self.run_context
         engine = run.policy_engine
         if engine is None:
             return delay
         spec = self.spec
-        engine.after_step(spec.name, spec.kind, error, self._decision)
+        if ran:
+            engine.after_step(spec.name, spec.kind, error, self._decision)
+        else:
+            self._give_back()
         try:
             decision = engine.before_step(
                 spec.name,

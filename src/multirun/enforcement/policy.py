@@ -54,6 +54,9 @@ class Decision(NamedTuple):
 
 
 PROCEED = Decision(PolicyDecision.PROCEED)
+# what a step holds once it gave its decision back (``give_back``): it never ran, or ended with no
+# answer from its dependency, so its outcome counts for nothing. Told apart by identity: it equals PROCEED
+GIVEN_BACK = Decision(PolicyDecision.PROCEED)
 
 
 def _says_nothing_of_the_dependency(error: BaseException) -> bool:
@@ -358,6 +361,8 @@ class PolicyEngine:
         the degradation trigger."""
         if error is None:
             self.after_success(name, kind, decision)
+            return
+        if decision is GIVEN_BACK:  # a timeout that cut its wait for its slot short, say
             return
         rule = self.policy.circuit_breaker
         if _says_nothing_of_the_dependency(error):

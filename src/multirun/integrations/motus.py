@@ -31,10 +31,17 @@ however late and on whichever thread Motus's scheduler runs it:
   that never ran because an input failed has a short failed span.
 - the run's budget and policy decide before each task starts: a task over
   budget does not run, and its future (and those of the tasks waiting for it)
-  raises ``BudgetExceededError``. A retry over budget is not attempted. A task
-  that waited for its rate-limit slot asks the circuit again (refused, it is
-  not retried); one cancelled gives back its circuit probe, and its slot if
-  it was still waiting for it.
+  raises ``BudgetExceededError``. A retry over budget is not attempted. Each
+  retry is another call, as a decorated step's: the failed attempt counts
+  towards the circuit, and the retry asks the policy (an open circuit refuses
+  it with ``PolicyViolation``, the task's error then, with no further retry;
+  a rate limit makes it wait for its slot; a degraded run gives it the
+  fallback model). A task that waited for its rate-limit slot asks the circuit
+  again (refused, it is not retried); one cancelled gives back its circuit
+  probe, and its slot if it was still waiting for it. Motus's timeout covers
+  that wait: an attempt whose timeout ends it never ran, gives its slot back
+  and counts for nothing towards the circuit, and Motus retries its
+  ``TimeoutError`` as any other (the retry asks for a slot of its own).
 
 How: the caller's OpenTelemetry context is captured in
 ``AgentRuntime.submit_task_registration`` (which ``register_agent_task`` calls,
@@ -55,6 +62,7 @@ import inspect
 import logging
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Collection
 from functools import lru_cache
@@ -68,9 +76,10 @@ from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import Span, SpanContext
 
 from multirun._keys import agent_in, run_in, step_in
+from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _record_step_not_run, _StepCall
-from multirun.errors import REFUSALS
+from multirun.errors import REFUSALS, PolicyViolation
 from multirun.integrations._options import (
     configure_tracer_provider,
     framework_installed,
@@ -126,6 +135,8 @@ _PROVIDERS = {
     "GeminiChatClient": "gcp.gemini",
     "VolcEngineChatClient": "volcengine",
 }
+
+_REAL_TIME = Clock()
 
 _REGISTRATION = "_multirun_task"  # attribute of the creation stack that carries a _Registration
 _PRODUCERS = "_multirun_producers"  # attribute of an AgentFuture: the spans that produce its value
@@ -413,6 +424,9 @@ class _TaskTrace:
 
     __slots__ = (
         "agent",
+        "asked",
+        "began",
+        "clock",
         "extra",
         "failures",
         "futures",
@@ -421,6 +435,7 @@ class _TaskTrace:
         "name",
         "owned_run",
         "provider",
+        "resume_at",
         "scheduler",
         "started",
         "step",
@@ -440,9 +455,15 @@ class _TaskTrace:
         self.provider: str | None = None
         self.extra: dict[str, Any] = {attr.MOTUS_TASK_ID: task.id.id, attr.MOTUS_TASK_TYPE: task.task_type}
         self.lock: threading.Lock | None = None  # only when attempts are followed (see attempts)
+        self.asked: str | None = None  # the model Motus's arguments ask for (a model call's)
         self.started = 0  # attempts started
+        self.began = 0.0  # when the last one started (time.monotonic: Motus's timeouts are on it)
         self.failures = 0  # failed attempts recorded as retried
-        self.waiting = False  # the first attempt is to wait, or waits, for its rate-limit slot
+        # the next attempt, or the one that waits, holds a decision of the policy it has not used
+        # yet (its rate-limit slot, a circuit ticket), and waits until resume_at (the run's clock)
+        self.waiting = False
+        self.resume_at: float | None = None
+        self.clock = _REAL_TIME  # the run's, once attempts are followed
 
     @classmethod
     def open(cls, scheduler: Any, task: Any, reg: _Registration) -> _TaskTrace:
@@ -471,6 +492,7 @@ class _TaskTrace:
                     trace.step = step
                     if model is not None and step.model and step.model != model:
                         _switch_model(task, step.model)  # the policy fell back to a cheaper model
+                    trace.asked = step.model
             finally:
                 otel_context.detach(token)
         except BaseException as error:
@@ -525,112 +547,188 @@ class _TaskTrace:
             return None
         trace = self
         self.lock = threading.Lock()
-        clock = self._run().client.clock
+        self.clock = clock = self._run().client.clock
+        if wait:
+            self._hold(wait)  # the first attempt waits for its rate-limit slot
         if inspect.iscoroutinefunction(func):
 
             async def attempt_async(*args: Any, **kwargs: Any) -> Any:
-                number = trace.begin_attempt()
-                if number == 1 and wait:
-                    await clock.async_sleep(wait)  # a rate limit asked to wait (cancelled: see finish)
-                    trace.wait_over()
+                number, wait = trace.begin_attempt()
+                if wait is not None:
+                    if wait:
+                        # cut short by a cancellation or Motus's timeout: see begin_attempt, finish
+                        await clock.async_sleep(wait)
+                    trace.wait_over(number)
+                args, kwargs = trace.arguments(func, args, kwargs)
                 try:
                     return await func(*args, **kwargs)
                 except BaseException as error:
-                    trace.attempt_failed(number, error)
-                    raise
+                    refused = trace.attempt_failed(number, error)
+                    if refused is None:
+                        raise
+                    raise refused from error
 
             wrapper: Callable[..., Any] = attempt_async
         else:
 
             def attempt(*args: Any, **kwargs: Any) -> Any:
-                number = trace.begin_attempt()
-                if number == 1 and wait:
-                    clock.sleep(wait)
-                    trace.wait_over()
+                number, wait = trace.begin_attempt()
+                if wait is not None:
+                    if wait:
+                        clock.sleep(wait)
+                    trace.wait_over(number)
+                args, kwargs = trace.arguments(func, args, kwargs)
                 try:
                     return func(*args, **kwargs)
                 except BaseException as error:
-                    trace.attempt_failed(number, error)
-                    raise
+                    refused = trace.attempt_failed(number, error)
+                    if refused is None:
+                        raise
+                    raise refused from error
 
             wrapper = attempt
         # Motus names hooks and log lines after the function
         wrapper.__name__ = getattr(func, "__name__", wrapper.__name__)
         wrapper.__qualname__ = getattr(func, "__qualname__", wrapper.__qualname__)
         wrapper.__wrapped__ = func  # type: ignore[attr-defined]
-        self.waiting = bool(wait)
         return wrapper
 
-    def wait_over(self) -> None:
-        """The first attempt waited for its rate-limit slot: the circuit is asked again, as for
-        a decorated step. Refused (it opened meanwhile), the task fails with PolicyViolation,
-        which Motus does not retry; settled meanwhile (a sync task cancelled), it does not run.
+    def begin_attempt(self) -> tuple[int, float | None]:
+        """Number the attempt that starts, and the seconds it waits for its rate-limit slot
+        (None: it holds no decision of the policy to wait for, or ask the circuit again about).
+
+        A retry is not attempted once the run is over budget, nor when the policy refuses it
+        (``_timed_out``): Motus's retries are used up and the refusal is the task's error.
+        """
+        try:
+            with self.lock:  # type: ignore[union-attr]  # set with the wrapper that calls this
+                if self.started < 0:
+                    return 0, None  # the task was settled already (cancelled)
+                if self.started:
+                    if self.started > self.failures:
+                        self._timed_out()  # the last attempt ended without an outcome seen here
+                    self._check_retry_budget()
+                    if self.step is not None:
+                        self.step._next_attempt()  # counted as it starts: not if cancelled in its delay
+                self.started += 1
+                self.began = time.monotonic()  # Motus times an attempt on its loop's clock
+                if not self.waiting:
+                    return self.started, None
+                left = 0.0 if self.resume_at is None else self.resume_at - self.clock.monotonic()
+                return self.started, max(left, 0.0)
+        except REFUSALS:
+            raise
+        except Exception:
+            _broken("starting an attempt")
+            return 0, None
+
+    def wait_over(self, number: int) -> None:
+        """Attempt ``number`` waited (for its rate-limit slot, Motus's retry delay): the circuit
+        is asked again, as for a decorated step. Refused (it opened meanwhile), the task fails
+        with PolicyViolation, which Motus does not retry.
+
+        The attempt does not run if the task was settled meanwhile (a sync task cancelled), or
+        if Motus's timeout ended it while it waited (the wait of a sync task, in its thread, is
+        not cut short): the next attempt, or settling the task, gives its slot back.
         """
         assert self.step is not None and self.lock is not None
         with self.lock:  # finish() sees the wait over, or gives back what the step holds
             if self.started < 0:
                 raise _Motus.task_cancelled_error(self.task.name, self.task.id.id)
+            if number != self.started or self._out_of_time():
+                raise self._unseen_failure(number)  # Motus gave up on it: a timeout, as Motus sees it
             try:
                 self.step._wait_over()
             except REFUSALS:
                 self.task.retry_count = self.task.policy.retries  # no retry of a refusal
                 raise
-            self.waiting = False
+            self.waiting, self.resume_at = False, None
 
-    def begin_attempt(self) -> int:
-        """Number the attempt that starts; an earlier one that ended unseen timed out.
+    def arguments(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The attempt's arguments, asking for the step's model: the policy may have given a
+        retry the fallback model (its run degraded after the failures before it)."""
+        model = self.step.model if self.step is not None else None
+        if model is None or model == self.asked:
+            return args, kwargs
+        return _with_model(func, args, kwargs, model)
 
-        A retry is not attempted once the run is over budget: Motus's retries
-        are used up and the refusal is the task's error.
-        """
-        try:
-            with self.lock:  # type: ignore[union-attr]  # set with the wrapper that calls this
-                if self.started < 0:
-                    return 0  # the task was settled already (cancelled)
-                if self.started and self.started > self.failures:
-                    # the last attempt ended without an outcome seen here: Motus's timeout stopped it
-                    self._record_failure(self._unseen_failure(self.started), self.task.policy.retry_delay)
-                if self.started:
-                    self.waiting = False  # a timeout cut the first wait short: this attempt has the slot
-                    self._check_retry_budget()
-                    if self.step is not None:
-                        self.step._next_attempt()  # counted as it starts: not if cancelled in its delay
-                self.started += 1
-                return self.started
-        except REFUSALS:
-            raise
-        except Exception:
-            _broken("starting an attempt")
-            return 0
-
-    def attempt_failed(self, number: int, error: BaseException) -> None:
-        """An attempt raised: recorded now if Motus will retry it, else when the task settles."""
+    def attempt_failed(self, number: int, error: BaseException) -> BaseException | None:
+        """An attempt raised: recorded now if Motus will retry it, else when the task settles.
+        Returns the policy's refusal of the retry, to raise instead (Motus does not retry it)."""
         try:
             if not isinstance(error, Exception) or isinstance(error, _Motus.task_cancelled_error):
-                return  # cancelled: by a timeout (seen at the next attempt) or by the user
+                return None  # cancelled: by a timeout (seen at the next attempt) or by the user
             task = self.task
             with self.lock:  # type: ignore[union-attr]
-                if number != self.started or self.failures >= number:
-                    return  # an attempt that timed out long ago, finishing late in its thread
-                if task.retry_count < task.policy.retries:  # what Motus decides next
-                    self._record_failure(error, task.policy.retry_delay)
+                if number != self.started or self.failures >= number or self._out_of_time():
+                    return None  # Motus's timeout ended it (seen at the next attempt); it ends late
+                if task.retry_count >= task.policy.retries:
+                    return None  # what Motus decides next: no retry; the task's error, when it settles
+                self.failures = number
+                return self._retry(error, task.policy.retry_delay, task.policy.retry_delay)
         except Exception:
             _broken("recording a failed attempt")
+            return None
 
-    def _record_failure(self, error: BaseException, delay: float) -> None:
-        self.failures += 1
-        if self.step is not None:
-            self.step._record_attempt_failure(error, delay)
-            return
-        record_exception(
-            self.span,
-            error,
-            attributes={
-                attr.STEP_ATTEMPT: self.failures,
-                attr.STEP_RETRY_DELAY: delay,
-                attr.ERROR_TYPE: _error_type(error),
-            },
-        )
+    def _timed_out(self) -> None:
+        """Motus's timeout ended the last attempt, and Motus retries it now.
+
+        Ended while it waited for its rate-limit slot, the attempt never ran: it gives back its
+        slot and its circuit probe and counts for nothing, but is the attempt's failure on the
+        span; ended while it ran, it is a failed call. The refusal of the retry is raised.
+        """
+        number = self.started
+        error = self._unseen_failure(number)
+        self.failures = number
+        ran, self.waiting, self.resume_at = not self.waiting, False, None
+        refused = self._retry(error, self.task.policy.retry_delay, 0.0, ran=ran)
+        if refused is not None:
+            raise refused from error
+
+    def _retry(
+        self, error: BaseException, delay: float, not_before: float, ran: bool = True
+    ) -> BaseException | None:
+        """Record a failed attempt, that Motus retries ``delay`` seconds after it failed, and
+        ``not_before`` seconds from now; and ask the policy for that retry, as a decorated
+        step's retry does (``_StepCall._retry_decision``). Returns its refusal: then Motus's
+        retries are used up, and the refusal is the task's error."""
+        step = self.step
+        if step is None:  # an agent: the policy governs its steps, not it
+            record_exception(
+                self.span,
+                error,
+                attributes={
+                    attr.STEP_ATTEMPT: self.failures,
+                    attr.STEP_RETRY_DELAY: delay,
+                    attr.ERROR_TYPE: _error_type(error),
+                },
+            )
+            return None
+        try:
+            wait = step._retry_decision(error, not_before, ran)
+        except PolicyViolation as refused:
+            step._record_attempt_failure(error, None)
+            self.task.retry_count = self.task.policy.retries
+            return refused
+        # the retry holds its slot (and circuit ticket) from now: given back if it never runs
+        self._hold(wait if wait > not_before else 0.0)
+        step._retrying = error  # what a refusal when its wait is over follows
+        step._record_attempt_failure(error, delay - not_before + wait)
+        return None
+
+    def _hold(self, wait: float) -> None:
+        """The next attempt (or the first, before it starts) holds a decision of the policy it
+        has not used yet, and starts no sooner than ``wait`` seconds from now on the run's
+        clock, when its rate-limit slot starts (Motus's retry delay is part of that wait)."""
+        self.waiting = True
+        self.resume_at = self.clock.monotonic() + wait if wait else None
+
+    def _out_of_time(self) -> bool:
+        """Whether Motus's timeout has ended the attempt in flight (it times it on real time)."""
+        timeout = self.task.policy.timeout
+        return timeout is not None and time.monotonic() - self.began >= timeout
 
     def _unseen_failure(self, number: int) -> Exception:
         timeout = self.task.policy.timeout
@@ -860,14 +958,19 @@ def _model_call_inputs(task: Any) -> tuple[str | None, str | None]:
 
 def _switch_model(task: Any, model: str) -> None:
     """Make a model_call task ask for ``model`` (its arguments are read after this, at dispatch)."""
-    if "model" in task.kwargs:
-        task.kwargs["model"] = model
-        return
-    position = _model_position(task.func)
-    if position is not None and position < len(task.args):
-        args = list(task.args)
-        args[position] = model
-        task.args = tuple(args)
+    task.args, task.kwargs = _with_model(task.func, task.args, task.kwargs, model)
+
+
+def _with_model(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], model: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments of a call of the model_call function ``func`` that asks for ``model``."""
+    if "model" in kwargs:
+        return args, {**kwargs, "model": model}
+    position = _model_position(func)
+    if position is not None and position < len(args):
+        return (*args[:position], model, *args[position + 1 :]), kwargs
+    return args, kwargs
 
 
 @lru_cache(maxsize=256)
