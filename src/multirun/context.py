@@ -953,13 +953,8 @@ class AgentContext:
             step.input_hash = digest
             step.replay_call = replay_call
             if decision is not None:
-                step._decision = decision
-                if decision.decision is not PolicyDecision.PROCEED:
-                    run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
-                    step.policy_decision = decision.decision.value
-                    step.policy_rule = decision.rule
-                    if decision.model is not None:
-                        step.model = decision.model
+                step._follow(decision)
+                if decision.wait_seconds:
                     step.wait_before = decision.wait_seconds
             step._open(parent_ctx, spans.step_start_attributes(kind, name, model), input_args, kwargs)
         except BaseException as error:
@@ -1311,6 +1306,25 @@ class StepContext:
             self._end_waiting(error)
             raise
 
+    def _follow(self, decision: Decision) -> None:
+        """Take the policy's ``decision`` on this step (or on its next attempt): kept for its
+        outcome and its give-back; unless it is proceed, counted and applied (the fallback
+        model). A rate-limit wait is the caller's to make."""
+        self._decision = decision
+        if decision.decision is PolicyDecision.PROCEED:
+            return
+        run = self.run_context
+        run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
+        self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
+        if decision.model is not None:
+            self.model = decision.model
+
+    def _note_refusal(self, refused: PolicyViolation) -> None:
+        """The policy refused this step (or its next attempt): on its span, and counted."""
+        self.policy_decision, self.policy_rule = PolicyDecision.ABORT.value, refused.rule
+        run = self.run_context
+        run.client.metrics.policy_decision(run.run.name, PolicyDecision.ABORT.value, refused.rule)
+
     def _resume(self, after: BaseException | None = None) -> None:
         """The step's wait (for its rate-limit slot, a retry's backoff) is over: the circuit, if
         it changed meanwhile, is asked again. PolicyViolation if it is open, caused by ``after``:
@@ -1321,8 +1335,7 @@ class StepContext:
         try:
             self._decision = run.policy_engine.resume(self.name, self._decision)
         except PolicyViolation as refused:
-            self.policy_decision, self.policy_rule = PolicyDecision.ABORT.value, refused.rule
-            run.client.metrics.policy_decision(run.run.name, PolicyDecision.ABORT.value, refused.rule)
+            self._note_refusal(refused)
             if after is None:
                 self.refused = True  # the step never ran: no model call was made
             raise refused from after

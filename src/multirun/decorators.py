@@ -45,7 +45,7 @@ from multirun.errors import (
     leaf_errors,
 )
 from multirun.models.budget import Budget
-from multirun.models.policy import BackoffStrategy, Policy, PolicyDecision
+from multirun.models.policy import BackoffStrategy, Policy
 from multirun.models.run import Run
 from multirun.models.step import StepKind, StepStatus
 from multirun.sdk_usage import NOT_A_RESPONSE, StreamUsage, call_of_result, is_sdk_object
@@ -235,18 +235,11 @@ class _StepCall(StepContext):
                 within_budget=spec.check_budget,
             )
         except PolicyViolation as refused:
-            self.policy_decision, self.policy_rule = PolicyDecision.ABORT.value, refused.rule
-            run.client.metrics.policy_decision(run.run.name, PolicyDecision.ABORT.value, refused.rule)
+            self._note_refusal(refused)
             raise
-        self._decision = decision
-        if decision.decision is not PolicyDecision.PROCEED:
-            run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
-            self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
-            if decision.model is not None:
-                self.model = decision.model
-            # a rate-limit wait is for a slot that starts before the deadline (or refused)
-            delay = max(delay, decision.wait_seconds)
-        return delay
+        self._follow(decision)
+        # a rate-limit wait is for a slot that starts before the deadline (or refused)
+        return max(delay, decision.wait_seconds)
 
     def _wait_over(self) -> None:
         """The wait before an attempt (for its rate-limit slot, a retry's backoff) is over: the
@@ -440,14 +433,8 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             if replay_call is not None and spec.streams:
                 step._stream_items = []
         if decision is not None:
-            step._decision = decision
-            if decision.decision is not PolicyDecision.PROCEED:
-                # "proceed" is not counted: it is every step that was not waited, switched or refused
-                run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
-                step.policy_decision = decision.decision.value
-                step.policy_rule = decision.rule
-                if decision.model is not None:
-                    step.model = decision.model
+            step._follow(decision)  # "proceed" is not counted: every step not waited, switched or refused
+            if decision.wait_seconds:
                 step.wait_before = decision.wait_seconds
         step._open(current, spec.start_attrs, args, kwargs, spec.span_name)
     except BaseException as error:
