@@ -284,10 +284,6 @@ class _StepCall(StepContext):
                 self._stream = StreamUsage()
             self._stream.observe(item)
 
-    def _awaits(self) -> None:
-        """The step's function returned a coroutine, which the step awaits (``_awaited``)."""
-        self._awaited = True
-
     def _stream_cut(self) -> None:
         """The consumer stopped the stream early, or sent or threw something into it: what
         it yielded is not all the step yields, or depends on more than its inputs, so it is
@@ -975,9 +971,8 @@ def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., 
                     _retry_after(call, delay)
                     continue
                 if isinstance(result, CoroutineType):  # a lambda around an async call, say
-                    awaits = getattr(call, "_awaits", None)  # only steps care (replay)
-                    if awaits is not None:
-                        awaits()
+                    if isinstance(call, _StepCall):  # only steps care (replay)
+                        call._awaited = True
                     return _await_returned(call, result, func, args, kwargs)
                 call._succeed(result)
                 return result
