@@ -106,9 +106,6 @@ class Slot(NamedTuple):
     end: float
     before: float
 
-    def give_back(self) -> None:
-        self.limiter.give_back(self)
-
 
 LATER = -1  # the ticket of a call that asks the circuit again when it starts (never current)
 
@@ -338,8 +335,9 @@ class PolicyEngine:
         (cancelled, interrupted, refused when it was over), after ``decision``: the circuit's
         probe and the rate-limit slot it holds are free again. Call it once per decision: a slot
         given back twice could free a later caller's."""
-        if decision.slot is not None:
-            decision.slot.give_back()
+        slot = decision.slot
+        if slot is not None:
+            slot.limiter.give_back(slot)
         rule = self.policy.circuit_breaker
         if rule is not None:
             self._breaker(name, rule).release(decision.ticket)
