@@ -73,9 +73,7 @@ class UsageSpanProcessor(SpanProcessor):
         try:
             if _is_call_timed_by_its_instrumentation(span.attributes or {}, scope):
                 _note_call_timed(owner)
-                parent_entry = self._parent_entry(span)
-                if parent_entry is not None:
-                    parent_entry[2] = True  # a wrapper of the same call is not timed again
+                self._parent_not_timed_again(span)
         except Exception:  # never let accounting break the user's span
             _logger.warning("multirun: could not note the call of span %r", span.name, exc_info=True)
 
@@ -145,9 +143,8 @@ class UsageSpanProcessor(SpanProcessor):
                 elif _is_call_timed_by_its_instrumentation(attributes, scope):
                     _note_call_timed(owner)  # failed or not
                     timed_below = True
-                parent_entry = self._parent_entry(span) if timed_below else None
-                if parent_entry is not None:
-                    parent_entry[2] = True  # a wrapper of the same call is not timed again
+                if timed_below:
+                    self._parent_not_timed_again(span)
                 return
             # tell the foreign ancestors that usage below them is charged, even through
             # spans that carry none of their own, so a wrapper copying totals is not charged again
@@ -170,6 +167,12 @@ class UsageSpanProcessor(SpanProcessor):
         """The entry of the foreign span that is the parent of ``span``, if it is one in flight."""
         parent = span.parent
         return self._open.get(parent.span_id) if parent is not None else None
+
+    def _parent_not_timed_again(self, span: ReadableSpan) -> None:
+        """The call of ``span`` is timed: a foreign wrapper of the same call (its parent) is not."""
+        parent_entry = self._parent_entry(span)
+        if parent_entry is not None:
+            parent_entry[2] = True
 
     def shutdown(self) -> None:
         self._open.clear()
