@@ -563,10 +563,8 @@ class _TaskTrace:
                 try:
                     return await func(*args, **kwargs)
                 except BaseException as error:
-                    refused = trace.attempt_failed(number, error)
-                    if refused is None:
-                        raise
-                    raise refused from error
+                    trace.attempt_failed(number, error)  # raises the policy's refusal of a retry
+                    raise
 
             wrapper: Callable[..., Any] = attempt_async
         else:
@@ -581,10 +579,8 @@ class _TaskTrace:
                 try:
                     return func(*args, **kwargs)
                 except BaseException as error:
-                    refused = trace.attempt_failed(number, error)
-                    if refused is None:
-                        raise
-                    raise refused from error
+                    trace.attempt_failed(number, error)  # raises the policy's refusal of a retry
+                    raise
 
             wrapper = attempt
         # Motus names hooks and log lines after the function
@@ -654,23 +650,25 @@ class _TaskTrace:
             return args, kwargs
         return _with_model(func, args, kwargs, model)
 
-    def attempt_failed(self, number: int, error: BaseException) -> BaseException | None:
+    def attempt_failed(self, number: int, error: BaseException) -> None:
         """An attempt raised: recorded now if Motus will retry it, else when the task settles.
-        Returns the policy's refusal of the retry, to raise instead (Motus does not retry it)."""
+        The policy's refusal of the retry is raised in place of ``error`` (Motus does not retry it)."""
+        refused = None
         try:
             if not isinstance(error, Exception) or isinstance(error, _Motus.task_cancelled_error):
-                return None  # cancelled: by a timeout (seen at the next attempt) or by the user
+                return  # cancelled: by a timeout (seen at the next attempt) or by the user
             task = self.task
             with self.lock:  # type: ignore[union-attr]
                 if number != self.started or self.failures >= number or self._out_of_time():
-                    return None  # Motus's timeout ended it (seen at the next attempt); it ends late
+                    return  # Motus's timeout ended it (seen at the next attempt); it ends late
                 if task.retry_count >= task.policy.retries:
-                    return None  # what Motus decides next: no retry; the task's error, when it settles
+                    return  # what Motus decides next: no retry; the task's error, when it settles
                 self.failures = number
-                return self._retry(error, task.policy.retry_delay, task.policy.retry_delay)
+                refused = self._retry(error, task.policy.retry_delay, task.policy.retry_delay)
         except Exception:
             _broken("recording a failed attempt")
-            return None
+        if refused is not None:
+            raise refused from error
 
     def _timed_out(self) -> None:
         """Motus's timeout ended the last attempt, and Motus retries it now.
