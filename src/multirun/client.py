@@ -564,8 +564,7 @@ def _init_locked(
         if exported
     ]
     protocols = _validate_protocols(protocol, otlp_signals, refuse=refuse)
-    ignored |= set(otlp_signals) - set(protocols)
-    meter_settings = _metric_settings(endpoint, client_options, ignored, refuse=refuse)
+    meter_settings = _metric_settings(refuse=refuse) if "metrics" in protocols else None
     exports = span_exporter is not None or endpoint is not None
     batch = None
     if exports or (tracer_provider is None and _provider_is_ours(trace.get_tracer_provider())):
@@ -587,7 +586,7 @@ def _init_locked(
     otlp_spans = metric_exporter = None  # made here: the gRPC exporters raise for some variables
     if "traces" in protocols:
         otlp_spans = _otlp_exporter("traces", protocols["traces"], protocol, endpoint, headers, refuse=refuse)
-    if meter_settings is not None and "metrics" in protocols:
+    if meter_settings is not None:
         metric_exporter = _otlp_exporter(
             "metrics", protocols["metrics"], protocol, endpoint, headers, refuse=refuse
         )
@@ -977,17 +976,13 @@ _EXEMPLAR_FILTERS = ("trace_based", "always_on", "always_off")
 _DEFAULT_EXEMPLAR_FILTER = "trace_based"
 
 
-def _metric_settings(
-    endpoint: str | None, options: Mapping[str, Any], ignored: Collection[str], *, refuse: bool = True
-) -> tuple[int, str] | None:
+def _metric_settings(*, refuse: bool = True) -> tuple[int, str]:
     """``(export interval in ms, exemplar filter)`` of the MeterProvider ``init`` makes for an
-    OTLP endpoint, from their variables; None if it makes none.
+    OTLP endpoint, from their variables.
 
     A bad variable is refused by name (the SDK's ValueErrors name none, and come after the
     traces are set up), or with ``refuse=False`` logged and left at its default.
     """
-    if not _metrics_exported(endpoint, options, ignored):
-        return None
     interval = env_int("OTEL_METRIC_EXPORT_INTERVAL", _METRIC_EXPORT_INTERVAL, minimum=1, refuse=refuse)
     exemplar_filter = os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER", _DEFAULT_EXEMPLAR_FILTER)
     if exemplar_filter not in _EXEMPLAR_FILTERS:
@@ -1093,7 +1088,7 @@ def _resource(service_name: str | None) -> Resource:
 
 def _ensure_meter_provider(exporter: Any, service_name: str | None, settings: tuple[int, str]) -> None:
     """Create the MeterProvider that exports to the OTLP ``exporter``, with the ``settings`` of
-    ``_metric_settings`` (which says whether to make one).
+    ``_metric_settings``.
 
     Without an endpoint, metrics go wherever the application's MeterProvider
     sends them (nowhere if it has none): the embedded default keeps traces only.
