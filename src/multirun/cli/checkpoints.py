@@ -262,14 +262,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     store = open_store(args)
     checkpoint_id = _call(resolve_checkpoint, stored_checkpoints(store), args.checkpoint_id, "checkpoint")
     summary = _call(store.describe, checkpoint_id)
+    for label, value in _unread_lines(summary) if summary.unread else _lines(summary):
+        print(f"{label:<11} {render.printable(value)}")
+    return 0
+
+
+def _lines(summary: CheckpointSummary) -> list[tuple[str, str]]:
+    """``show``'s lines of a checkpoint: label, value."""
     meta = summary.checkpoint
-    if summary.unread:
-        return _show_unread(summary)
     tokens, steps = summary.ledger.get("tokens", 0), summary.ledger.get("steps", 0)
     replay_log = (
         f"{render.plural(summary.replay_steps, 'step')}, {summary.replay_results} with a result to serve"
     )
-    lines = [
+    return [
         ("checkpoint", meta.id),
         ("run", f"{meta.run_id} ({meta.context.get('run_name', '')})"),
         ("name", meta.name),
@@ -283,9 +288,6 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("spend", f"{render.plural(tokens, 'token')}, {render.plural(steps, 'step')}"),
         ("trace", summary.trace.get("trace_id", "(unknown)")),
     ]
-    for label, value in lines:
-        print(f"{label:<11} {render.printable(value)}")
-    return 0
 
 
 def _format(summary: CheckpointSummary) -> str:
@@ -294,11 +296,11 @@ def _format(summary: CheckpointSummary) -> str:
     return f"version {summary.version}, {summary.checkpoint.state_format}{zlib}, {summary.signature}"
 
 
-def _show_unread(summary: CheckpointSummary) -> int:
-    """``show`` of a checkpoint whose contents this command could not read: what its key and
-    envelope tell, and why the rest is not shown."""
+def _unread_lines(summary: CheckpointSummary) -> list[tuple[str, str]]:
+    """``show``'s lines of a checkpoint whose contents this command could not read: what its
+    key and envelope tell, and why the rest is not shown."""
     meta = summary.checkpoint
-    lines = [
+    return [
         ("checkpoint", meta.id),
         ("run", meta.run_id),
         ("created", _created(meta.id) or "(unknown)"),
@@ -311,9 +313,6 @@ def _show_unread(summary: CheckpointSummary) -> int:
             f"multirun resume {meta.id} -- python your_program.py",
         ),
     ]
-    for label, value in lines:
-        print(f"{label:<11} {render.printable(value)}")
-    return 0
 
 
 def _agents(agents: list[tuple[str, int, list[str]]]) -> str:
