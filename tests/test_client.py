@@ -344,12 +344,16 @@ def test_empty_span_limit_variables_are_no_limit_as_for_the_sdk(global_otel, tmp
     assert job() == 1
 
 
-@pytest.mark.parametrize("variable", SPAN_LIMIT_VARIABLES)
-def test_without_init_a_bad_span_limit_variable_is_logged_and_the_run_goes_on_traced(
-    global_otel, tmp_path, monkeypatch, caplog, variable: str
-) -> None:
-    # the first @run sets up the defaults: telemetry must not break the program
-    monkeypatch.setenv(variable, "abc")
+def warning_of_a_run_without_init(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    variable: str,
+    value: str,
+) -> str:
+    """Run a @run, with no init, under ``MULTIRUN_DIR=tmp_path/mr`` and ``variable=value``:
+    the one warning that names ``variable``."""
+    monkeypatch.setenv(variable, value)
     monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
 
     @run
@@ -359,6 +363,15 @@ def test_without_init_a_bad_span_limit_variable_is_logged_and_the_run_goes_on_tr
     with caplog.at_level(logging.WARNING, logger="multirun"):
         assert job() == 1
     [warning] = [r.getMessage() for r in caplog.records if variable in r.getMessage()]
+    return warning
+
+
+@pytest.mark.parametrize("variable", SPAN_LIMIT_VARIABLES)
+def test_without_init_a_bad_span_limit_variable_is_logged_and_the_run_goes_on_traced(
+    global_otel, tmp_path, monkeypatch, caplog, variable: str
+) -> None:
+    # the first @run sets up the defaults: telemetry must not break the program
+    warning = warning_of_a_run_without_init(tmp_path, monkeypatch, caplog, variable, "abc")
     assert "'abc'" in warning
     assert multirun.get_client().force_flush()
     assert [s.name for s in read_spans(tmp_path / "mr" / "traces")] == ["invoke_workflow job"]
@@ -428,16 +441,7 @@ def test_without_init_a_bad_telemetry_variable_is_logged_and_the_run_goes_on_tra
     global_otel, tmp_path, monkeypatch, caplog, variable: str, value: str
 ) -> None:
     # a program that never calls init must not fail at its first @run over a telemetry setting
-    monkeypatch.setenv(variable, value)
-    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
-
-    @run
-    def job() -> int:
-        return 1
-
-    with caplog.at_level(logging.WARNING, logger="multirun"):
-        assert job() == 1
-    [warning] = [r.getMessage() for r in caplog.records if variable in r.getMessage()]
+    warning = warning_of_a_run_without_init(tmp_path, monkeypatch, caplog, variable, value)
     assert repr(value) in warning
     client = multirun.get_client()
     assert client.checkpoints.put_timeout == 15
