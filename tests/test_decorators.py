@@ -1318,6 +1318,53 @@ def test_finished_steps_leave_no_reference_cycles_for_the_garbage_collector(trac
     assert cyclic == []
 
 
+def test_an_ended_run_and_its_steps_are_freed_without_the_garbage_collector(traced) -> None:
+    """Short runs must not leave their steps (and spans) for the cyclic GC to find; what a
+    run kept of them is in ``Run.steps``, and each agent still lists its own."""
+    import gc
+
+    @step
+    def work() -> int:
+        return 1
+
+    @agent(name="helper")
+    def helper() -> None:
+        work()
+
+    @run(name="short")
+    def short() -> None:
+        work()
+        helper()
+
+    short()  # warm up: first calls build caches
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            short()
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, multirun.context.StepContext)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
+
+    kept: dict[str, Any] = {}
+
+    @run(name="kept")
+    def kept_run() -> None:
+        kept["run"] = multirun.context.get_current_run_context()
+        kept["agent"] = multirun.context.get_current_run_context().default_agent
+        work()
+        work()
+
+    kept_run()
+    assert [s.name for s in kept["run"].run.steps] == ["work", "work"]
+    assert [s.name for s in kept["agent"].steps] == ["work", "work"]
+
+
 def test_a_step_error_after_one_attempt_says_attempt(traced) -> None:
     """retry_on that does not match: no retry, and the message counts one attempt."""
     from multirun.errors import StepError
