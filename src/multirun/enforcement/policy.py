@@ -126,6 +126,8 @@ class CircuitBreaker:
     def __init__(self, rule: CircuitBreakerRule) -> None:
         self.rule = rule
         self.status = (self.CLOSED, 0)  # (state, epoch): one attribute, read whole without the lock
+        # the decision of a step let through in the current epoch: shared, as most steps get it
+        self.proceed = Decision(PolicyDecision.PROCEED, ticket=0)
         self.failures = 0
         self.opened_at = 0.0
         self.probe_in_flight = False
@@ -194,6 +196,7 @@ class CircuitBreaker:
     def _move(self, state: str) -> int:
         """Go to ``state`` in a new epoch (under the lock): the tickets given out before are stale."""
         epoch = self.status[1] + 1
+        self.proceed = Decision(PolicyDecision.PROCEED, ticket=epoch)
         self.status = (state, epoch)
         return epoch
 
@@ -290,7 +293,10 @@ class PolicyEngine:
             if ticket is None:
                 raise _circuit_open(name, breaker)
         if kind is not StepKind.LLM_CALL:
-            return PROCEED if ticket is None else Decision(PolicyDecision.PROCEED, ticket=ticket)
+            if breaker is None:
+                return PROCEED
+            proceed = breaker.proceed
+            return proceed if proceed.ticket == ticket else Decision(PolicyDecision.PROCEED, ticket=ticket)
         verdict, rule, wait, slot, fallback = PolicyDecision.PROCEED, None, 0.0, None, None
         try:
             if policy.graceful_degradation is not None:
