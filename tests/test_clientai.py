@@ -622,12 +622,34 @@ def test_create_agent_is_an_agent_with_its_one_step(traced: Any) -> None:
     assert agent.run("ANALYZE the adoption of OpenTelemetry") == research_agent.ANALYZE.text
 
     assert tree(records(traced)) == [
-        "invoke_workflow SingleStepAgent completed tokens=28",
-        "  invoke_agent SingleStepAgent completed tokens=28",
+        "invoke_workflow analyst completed tokens=28",
+        "  invoke_agent analyst completed tokens=28",
         "    chat gpt-4o-mini [analyst_step llm_call] completed tokens=28",
         "      chat gpt-4o-mini [generate_text llm_call] completed tokens=28 in=20 out=8",
     ]
     assert model.calls[0]["messages"][0] == {"role": "system", "content": "You analyze."}
+
+
+def test_agents_made_by_create_agent_are_told_apart_by_the_role_they_were_given(traced: Any) -> None:
+    model = ScriptedModel(research_agent.script())
+    client = offline_client(model)
+    analyst = create_agent(
+        client, role="market analyst", system_prompt="You analyze.", model=MODEL, step="think"
+    )
+    writer = create_agent(client, role="writer", system_prompt="You write.", model=MODEL, step="synthesize")
+
+    @multirun.run(name="crew")
+    def crew() -> str:
+        analyst.run("ANALYZE the adoption of OpenTelemetry")
+        return str(writer.run("REPORT on it"))
+
+    assert crew() == research_agent.REPORT.text
+
+    agents = [s for s in traced.spans() if attr.AGENT_STATUS in (s.attributes or {})]
+    assert [(s.name, s.attributes[attr.GEN_AI_AGENT_NAME]) for s in agents] == [
+        ("invoke_agent market analyst", "market analyst"),
+        ("invoke_agent writer", "writer"),
+    ]
 
 
 def test_agents_run_in_threads_are_agents_of_the_run_that_started_them(traced: Any) -> None:

@@ -12,7 +12,8 @@ or, with no code change at all, ``opentelemetry-instrument python app.py`` (the
 
 What becomes what:
 
-- ``Agent.run``: an agent span ``invoke_agent {class name}``, inside the current
+- ``Agent.run``: an agent span ``invoke_agent {name}`` (the ``role`` given to
+  ``create_agent``, else the agent's class name), inside the current
   multirun run, or inside a new run of the same name when none is active (with
   the ``budget`` and ``policy`` given to ``instrument``, if any).
 - each ``@think``/``@act``/``@observe``/``@synthesize`` step
@@ -413,7 +414,7 @@ class _AgentScope:
 
 def _agent_run(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     try:
-        scope = _AgentScope(type(instance).__name__)
+        scope = _AgentScope(_agent_name(instance))
     except REFUSALS:
         raise
     except Exception:
@@ -434,6 +435,32 @@ def _agent_run(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: d
         return _Follow(result, scope.agent.otel_context, lambda error, *_: scope.finish(error))
     scope.finish(None, result)
     return result
+
+
+# create_agent(role=...) builds its agent from a class of this name, with one step described so
+_SINGLE_STEP_AGENT = "create_agent.<locals>.SingleStepAgent"
+_ROLE_PREFIX, _ROLE_SUFFIX = "Execute ", " functionality"
+
+
+def _agent_name(agent: Any) -> str:
+    """The ``role`` an agent was given by ``create_agent``, else its class name.
+
+    ``create_agent`` keeps the role only in the description of the agent's one
+    step (``Execute {role} functionality``); its class is ``SingleStepAgent``
+    whatever the role.
+    """
+    cls = type(agent)
+    if cls.__qualname__ == _SINGLE_STEP_AGENT:
+        step = getattr(cls.__dict__.get("process"), "_step_info", None)
+        description = getattr(step, "description", None)
+        if (
+            isinstance(description, str)
+            and description.startswith(_ROLE_PREFIX)
+            and description.endswith(_ROLE_SUFFIX)
+            and len(description) > len(_ROLE_PREFIX) + len(_ROLE_SUFFIX)
+        ):
+            return description[len(_ROLE_PREFIX) : -len(_ROLE_SUFFIX)]
+    return cls.__name__
 
 
 def _refusal_in(error: BaseException) -> BaseException | None:
