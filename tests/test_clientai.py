@@ -256,6 +256,7 @@ def test_stream_closed_early_ends_its_spans_with_what_was_handed_out(traced: Any
     assert report_call.attributes[attr.STEP_STATUS] == "completed"
     assert report_call.attributes[attr.STEP_STREAM_ITEMS] == 2
     assert attr.GEN_AI_USAGE_INPUT_TOKENS not in report_call.attributes  # the usage chunk never came
+    assert report_call.attributes[attr.USAGE_UNKNOWN] is True
     (run_span,) = run_roots(spans)
     assert run_span.attributes[attr.RUN_STATUS] == "completed"
     assert run_span.attributes[attr.TOKENS_USED] == 296 - 42
@@ -364,6 +365,23 @@ def test_every_provider_s_tokens_are_read_from_its_full_response(
     assert {c.attributes[attr.GEN_AI_PROVIDER_NAME] for c in named(spans, "generate_text")} == {provider}
 
 
+def test_a_replicate_stream_says_on_its_span_that_its_tokens_are_unknown(traced: Any) -> None:
+    # ClientAI streams a copy of the prediction as created, before Replicate counted any token
+    agent, _ = research_agent.build(stream=True, client=offline_replicate_client)
+
+    answer = agent.run(TOPIC, stream=True)
+
+    assert "".join(answer) == research_agent.REPORT.text
+    spans = records(traced)
+    *plain_calls, streamed_call = named(spans, "generate_text")
+    assert attr.GEN_AI_USAGE_INPUT_TOKENS not in streamed_call.attributes
+    assert streamed_call.attributes[attr.USAGE_UNKNOWN] is True
+    assert render.notes(streamed_call) == "streamed 8 chunks; tokens unknown"  # in `multirun runs show`
+    assert [attr.USAGE_UNKNOWN in call.attributes for call in plain_calls] == [False, False, False]
+    (run_span,) = run_roots(spans)
+    assert run_span.attributes[attr.TOKENS_USED] == research_agent.TOTAL_TOKENS - 42
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_every_provider_s_chat_is_charged_and_gives_the_caller_its_text(
@@ -382,7 +400,9 @@ def test_every_provider_s_chat_is_charged_and_gives_the_caller_its_text(
     (call,) = named(records(traced), "chat")
     if provider == "replicate" and stream:  # its events are text only
         assert attr.GEN_AI_USAGE_INPUT_TOKENS not in call.attributes
+        assert call.attributes[attr.USAGE_UNKNOWN] is True
         return
+    assert attr.USAGE_UNKNOWN not in call.attributes
     assert call.attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] == research_agent.REPORT.prompt_tokens
     assert call.attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == research_agent.REPORT.completion_tokens
 

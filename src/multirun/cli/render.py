@@ -334,7 +334,7 @@ def label(span: SpanRecord) -> str:
 
 
 def notes(span: SpanRecord) -> str:
-    """Attempts, retried errors, the error of a failure, streamed chunks, checkpoints."""
+    """Attempts, retried errors, the error of a failure, streamed chunks, unknown tokens, checkpoints."""
     parts = []
     count = runs.attempts(span)
     if count > 1:
@@ -348,6 +348,8 @@ def notes(span: SpanRecord) -> str:
     if isinstance(streamed, int):
         unread = span.attributes.get(attr.STEP_STREAM_UNFINISHED) is True
         parts.append(f"streamed {plural(streamed, 'chunk')}" + (", not read to its end" if unread else ""))
+    if span.attributes.get(attr.USAGE_UNKNOWN) is True:
+        parts.append("tokens unknown")
     for event in span.events:
         if event.get("name") == attr.EVENT_CHECKPOINT:
             name = event.get("attributes", {}).get(attr.CHECKPOINT_NAME)

@@ -27,9 +27,11 @@ What becomes what:
   response and the text the caller expects is taken from it, as the provider
   itself does: the usage of a chat completion (Groq's stream sends it in
   ``x_groq.usage``), Ollama's ``prompt_eval_count`` and ``eval_count`` (on a
-  stream's last chunk), Replicate's ``metrics`` (a Replicate stream has
-  none). An OpenAI stream, of text or of full chunks, is asked for its final
-  usage chunk, which the caller does not get.
+  stream's last chunk), Replicate's ``metrics``. An OpenAI stream, of text or
+  of full chunks, is asked for its final usage chunk, which the caller does
+  not get. A call that ends with no token counts (a Replicate stream, whose
+  events are a copy of the prediction before it ran; a stream closed before
+  its usage came) is marked ``multirun.usage.unknown``.
 - ``ToolSelector.select_tools``: a tool step ``select_tools`` (its LLM call
   inside); ``Tool.__call__``: a tool step ``execute_tool {tool name}``.
 
@@ -237,8 +239,13 @@ def _ctx(call: StepContext) -> Context:
     return ctx if ctx is not None else otel_context.get_current()
 
 
-def _end_stream(call: _StepCall, error: BaseException | None, items: int, cut: bool) -> None:
-    """End a streaming step; ``cut``: its agent ended before its stream (see ``_Follow.cut``)."""
+def _end_stream(
+    call: _StepCall, error: BaseException | None, items: int, cut: bool, extra: dict[str, Any] | None = None
+) -> None:
+    """End a streaming step; ``cut``: its agent ended before its stream (see ``_Follow.cut``).
+
+    ``extra``: more attributes for the span of a completed step.
+    """
     if call.finished:  # cut before: the rest of its stream was read after its span ended
         return
     if error is not None:
@@ -246,7 +253,7 @@ def _end_stream(call: _StepCall, error: BaseException | None, items: int, cut: b
     elif cut:
         _succeeded(call, None, {attr.STEP_STREAM_ITEMS: items, attr.STEP_STREAM_UNFINISHED: True})
     else:
-        _succeeded(call, None, {attr.STEP_STREAM_ITEMS: items})
+        _succeeded(call, None, {attr.STEP_STREAM_ITEMS: items, **(extra or {})})
 
 
 class _Follow(Iterator[Any]):
@@ -732,8 +739,9 @@ def _llm_call(
         raise
     finally:
         otel_context.detach(token)
-    _report(call, _usage_of(response, provider.name, call.model or requested), _get(response, "id"))
-    _succeeded(call, result)
+    usage = _usage_of(response, provider.name, call.model or requested)
+    _report(call, usage, _get(response, "id"))
+    _succeeded(call, result, _unknown_usage(call, usage))
     return result
 
 
@@ -760,6 +768,17 @@ def _by_name(wrapped: Wrapped, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         else:
             arguments[name] = value
     return arguments
+
+
+def _unknown_usage(call: _StepCall, usage: TokenUsage | None) -> dict[str, Any] | None:
+    """The mark of a call that ended with no token counts from its provider, nor from a span inside.
+
+    Its tokens were spent all the same (a Replicate stream, which carries none;
+    a stream closed before its usage chunk): its span says so, rather than a silent 0.
+    """
+    if usage is not None or call.child_usage_reported:
+        return None
+    return {attr.USAGE_UNKNOWN: True}
 
 
 def _report(call: _StepCall, usage: TokenUsage | None, response_id: Any) -> None:
@@ -826,7 +845,8 @@ def _end_llm_stream(
 ) -> None:
     # what arrived before a failure was paid for too; what arrived after a cut, charged late
     _report(call, seen.usage, seen.response_id)
-    _end_stream(call, error, items, cut)
+    # a cut stream's usage may still come: only one read to its end (or closed) is known to have none
+    _end_stream(call, error, items, cut, None if cut else _unknown_usage(call, seen.usage))
 
 
 class _StreamUsage:

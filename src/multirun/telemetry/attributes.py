@@ -111,6 +111,7 @@ TOKENS_USED: Final = "multirun.tokens_used"
 COST_USD: Final = "multirun.cost_usd"
 STEPS_USED: Final = "multirun.steps_used"
 UNPRICED: Final = "multirun.cost.unpriced"  # some usage had no known price
+USAGE_UNKNOWN: Final = "multirun.usage.unknown"  # a model call whose provider gave no token counts
 
 # multirun: checkpoints
 CHECKPOINT_ID: Final = "multirun.checkpoint.id"
