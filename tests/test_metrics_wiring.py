@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -558,6 +559,53 @@ def test_an_openllmetry_stream_read_after_its_step_returned_is_timed_once(openll
         return list(call_model())
 
     assert main() == ["a"]
+    assert durations(metric_reader) == [({"gen_ai.response.model": "gpt-4o-mini"}, 1)]
+
+
+def test_an_openllmetry_stream_abandoned_half_read_is_timed_once_by_openllmetry_not_at_its_run_s_end(
+    openllmetry, traced
+) -> None:
+    # OpenLLMetry's ChatStream times a stream it cleans up unfinished (its __del__: _ensure_cleanup,
+    # _record_partial_metrics) and ends its span; at the run's end the call has not ended, and may
+    # still be read: multirun times it neither then nor again
+    metric_reader, meters = openllmetry
+    tracer = traced.provider.get_tracer(OPENLLMETRY_SCOPE)
+    duration_histogram = meters.get_meter(OPENLLMETRY_SCOPE).create_histogram(
+        name="gen_ai.client.operation.duration", unit="s"
+    )
+
+    class ChatStream:
+        def __init__(self) -> None:
+            attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini"}
+            self.span = tracer.start_span("openai.chat", kind=SpanKind.CLIENT, attributes=attributes)
+            self.words = iter(["a", "b", "c"])
+
+        def __iter__(self) -> ChatStream:
+            return self
+
+        def __next__(self) -> str:
+            return next(self.words)
+
+        def __del__(self) -> None:
+            duration_histogram.record(0.5, attributes={"gen_ai.response.model": "gpt-4o-mini"})
+            self.span.end()
+
+    kept: list[ChatStream] = []
+
+    @step(kind=StepKind.LLM_CALL)
+    def call_model() -> str:
+        stream = ChatStream()
+        kept.append(stream)  # the program holds it past its run
+        return next(stream)
+
+    @run
+    def main() -> str:
+        return call_model()
+
+    assert main() == "a"
+    assert durations(metric_reader) == []  # the call has not ended
+    kept.clear()
+    gc.collect()
     assert durations(metric_reader) == [({"gen_ai.response.model": "gpt-4o-mini"}, 1)]
 
 

@@ -16,7 +16,11 @@ token usage), once per call, a failed OpenInference call included. Whoever times
 call, the LLM steps around it are told so, and do not time it again; a call its
 instrumentation times is told when its span starts, since OpenLLMetry's Anthropic and
 Groq instrumentations time a failed call but never end its span, and a stream's span
-ends when the stream is read, perhaps after its step.
+ends when the stream is read, perhaps after its step. A stream abandoned half-read is
+timed by its instrumentation when it cleans the stream up (OpenLLMetry's, when the
+stream is collected), if ever; never by ``forget_run`` at its run's end: the call has
+not ended then (it may still be read, after the run or by the caller of a sub-run), and
+a duration up to the run's end would time the program, not the call.
 """
 
 from __future__ import annotations
