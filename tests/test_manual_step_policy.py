@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from multirun import run
+from multirun import run, step
+from multirun.checkpoints.hashing import input_hash
 from multirun.context import get_current_agent_context
 from multirun.errors import BudgetExceededError, PolicyViolation
 from multirun.models import Budget, Policy, StepKind
@@ -299,3 +300,24 @@ async def test_an_awaited_manual_step_cancelled_while_it_waits_gives_its_slot_ba
     steps = attrs_of(traced, "chat m")
     assert steps[1][attr.STEP_STATUS] == "failed"
     assert steps[2][attr.POLICY_WAIT_SECONDS] == 1.0
+
+
+def test_a_refused_decorated_step_and_a_refused_manual_step_carry_the_same_input_hash(traced) -> None:
+    @step(name="tally")
+    def tally(i: int) -> int:
+        return i
+
+    @run(budget=Budget(max_steps=1))
+    def main() -> None:
+        tally(0)
+        with pytest.raises(BudgetExceededError):
+            tally(1)
+        with pytest.raises(BudgetExceededError):
+            get_current_agent_context().start_step("tally", input_args=(1,))
+
+    main()
+
+    ran, decorated, manual = attrs_of(traced, "step tally")
+    assert ran[attr.STEP_INPUT_HASH] == input_hash((0,), {})
+    assert decorated[attr.STEP_STATUS] == manual[attr.STEP_STATUS] == "failed"
+    assert decorated[attr.STEP_INPUT_HASH] == manual[attr.STEP_INPUT_HASH] == input_hash((1,), {})

@@ -441,7 +441,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         if decision is not None:  # its probe and its rate-limit slot are free again
             engine.give_back(spec.name, decision)  # type: ignore[union-attr]
         if isinstance(error, (BudgetExceededError, PolicyViolation)):
-            _record_step_not_run(spec, agent, current, refused=error, args=args, kwargs=kwargs)
+            _record_step_not_run(spec, agent, current, digest=digest, refused=error, args=args, kwargs=kwargs)
         raise
     return step
 
