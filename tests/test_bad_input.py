@@ -182,21 +182,25 @@ def test_step_with_empty_model_is_refused_naming_model() -> None:
             return None
 
 
-def test_agent_with_non_dict_metadata_is_refused_naming_metadata() -> None:
-    with pytest.raises(ConfigurationError, match="metadata"):
-
-        @agent(metadata=["a"])  # type: ignore[arg-type]
-        def worker() -> None:
-            return None
-
-
-@pytest.mark.parametrize("decorator", [run, agent])
-def test_metadata_with_a_key_that_is_not_a_string_is_refused_naming_metadata(decorator: Any) -> None:
+@pytest.mark.parametrize(
+    ("decorator", "param"), [(run, "metadata"), (agent, "metadata"), (checkpoint, "extra_state")]
+)
+def test_a_dict_option_with_a_key_that_is_not_a_string_is_refused_naming_the_option(
+    decorator: Any, param: str
+) -> None:
     """Refused when decorating, not with pydantic's ValidationError (of Run or Agent, several
-    lines) at every call."""
+    lines) at every call, nor a key a checkpoint would turn into a string; one message for all."""
     name = decorator.__name__
-    with pytest.raises(ConfigurationError, match=rf"^@{name}\(metadata=\.\.\.\) keys must be strings, got 1"):
-        decorator(metadata={1: "first"})
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"^@{name}\({param}=\.\.\.\) must be a dict with string keys, got key 1 \(int\)$",
+    ):
+        decorator(**{param: {1: "first"}})
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"^@{name}\({param}=\.\.\.\) must be a dict with string keys, got list \['a'\]$",
+    ):
+        decorator(**{param: ["a"]})
 
 
 def test_checkpoint_with_empty_result_key_is_refused_naming_result_key() -> None:

@@ -719,7 +719,7 @@ class RunContext:
     ) -> Done[CheckpointMeta]:
         """Write the run's state, its agents' states, its replay log and spend to the blob
         store; CheckpointError if it cannot be written."""
-        check_extra_state("checkpoint", extra_state)
+        check_string_keys("checkpoint", "extra_state", extra_state)
         return Done(self._checkpoint(name or "checkpoint", extra_state, agent_id, step_id))
 
     def _checkpoint(
@@ -1546,17 +1546,20 @@ def _check_state_key(key: Any) -> None:
         raise ConfigurationError(f"set_state(key=...) must be a string, got {type(key).__name__} {key!r}")
 
 
-def check_extra_state(where: str, extra_state: Any) -> None:
-    """Refuse an ``extra_state`` that is no dict with string keys, as ``set_state`` does a key."""
-    if extra_state is None:
+def check_string_keys(where: str, param: str, value: Any) -> None:
+    """Refuse a ``value`` of ``where(param=...)`` that is neither None nor a dict with string
+    keys: JSON (a checkpoint, a run record) keeps every key as a string, as ``set_state`` does."""
+    if value is None:
         return
-    if not isinstance(extra_state, dict):
-        raise ConfigurationError(f"{where}(extra_state=...) must be a dict, got {extra_state!r}")
-    for key in extra_state:
+    if not isinstance(value, dict):
+        raise ConfigurationError(
+            f"{where}({param}=...) must be a dict with string keys, got {type(value).__name__} {value!r}"
+        )
+    for key in value:
         if not isinstance(key, str):
             raise ConfigurationError(
-                f"{where}(extra_state=...) keys must be strings (a checkpoint keeps keys as strings), "
-                f"got {type(key).__name__} {key!r}"
+                f"{where}({param}=...) must be a dict with string keys, "
+                f"got key {key!r} ({type(key).__name__})"
             )
 
 

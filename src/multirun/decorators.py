@@ -33,7 +33,7 @@ from multirun.context import (
     AgentContext,
     RunContext,
     StepContext,
-    check_extra_state,
+    check_string_keys,
     record_step_not_run,
 )
 from multirun.errors import (
@@ -620,7 +620,7 @@ def run(
     budget_model = _model("run", "budget", Budget, budget)
     policy_model = _model("run", "policy", Policy, policy)
     _bool("run", "checkpoint_on_error", checkpoint_on_error)
-    _metadata("run", metadata)
+    check_string_keys("@run", "metadata", metadata)
 
     def decorate(fn: F) -> F:
         run_name = _validate_name("run", name, _callable("run", fn))
@@ -705,7 +705,7 @@ def agent(
     """
     if agent_config_id is not None and not isinstance(agent_config_id, str):
         raise ConfigurationError(f"@agent(agent_config_id=...) must be a string, got {agent_config_id!r}")
-    _metadata("agent", metadata)
+    check_string_keys("@agent", "metadata", metadata)
 
     def decorate(fn: F) -> F:
         agent_name = _validate_name("agent", name, _callable("agent", fn))
@@ -807,7 +807,7 @@ def checkpoint(
         raise ConfigurationError(
             f"@checkpoint(result_key=...) must be a non-empty string, got {result_key!r}"
         )
-    check_extra_state("@checkpoint", extra_state)
+    check_string_keys("@checkpoint", "extra_state", extra_state)
 
     def decorate(fn: F) -> F:
         func_name = getattr(_callable("checkpoint", fn), "__name__", None)
@@ -1267,16 +1267,6 @@ def _delay(decorator: str, param: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         raise ConfigurationError(f"@{decorator}({param}=...) must be a finite number >= 0, got {value!r}")
     return float(value)
-
-
-def _metadata(decorator: str, value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, dict):
-        raise ConfigurationError(f"@{decorator}(metadata=...) must be a dict, got {value!r}")
-    for key in value:
-        if not isinstance(key, str):
-            raise ConfigurationError(f"@{decorator}(metadata=...) keys must be strings, got {key!r}")
 
 
 def _exception_types(decorator: str, param: str, value: Any) -> tuple[type[Exception], ...] | None:
