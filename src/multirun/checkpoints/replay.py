@@ -245,22 +245,6 @@ class ReplayLog:
             if replay is not None and not replay.done:
                 replay.leave("a step that failed in the restored run returned this time")
 
-    def peek(
-        self, name: str, digest: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> tuple[bool, Any]:
-        """``(True, result)`` if the next call of ``name`` with these inputs would be served.
-
-        Only a look: the call is still due, and is served when the step is called (``begin``).
-        """
-        with self._lock:
-            replay = self._replay
-            if replay is None or replay.done:
-                return False, None
-            if replay.v1_keys:
-                digest = replay.recorded_digest(name, digest, args, kwargs or {})
-            entry = self._servable(replay, name, digest)
-            return (False, None) if entry is None else (True, kept_copy(entry.result))
-
     def take(
         self,
         name: str,
