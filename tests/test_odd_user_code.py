@@ -486,6 +486,43 @@ def test_the_stack_headroom_is_given_back_by_its_last_holder_unless_the_program_
         sys.setrecursionlimit(limit)
 
 
+def test_the_stack_headroom_keeps_a_limit_the_program_set_to_what_the_lifted_one_was() -> None:
+    """A program that raises the limit by exactly ``HEADROOM`` after a call was ended keeps it:
+    the next call ended lifts it from there, and puts that back."""
+    limit = sys.getrecursionlimit()
+    try:
+        with headroom:
+            pass
+        sys.setrecursionlimit(limit + HEADROOM)
+        with headroom:
+            assert sys.getrecursionlimit() == limit + 2 * HEADROOM
+        assert sys.getrecursionlimit() == limit + HEADROOM
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_the_stack_headroom_let_go_deeper_than_the_old_limit_is_given_back_by_the_next_holder() -> None:
+    limit = sys.getrecursionlimit()
+    lowered = len(inspect.stack(0)) + 50
+    sys.setrecursionlimit(lowered)
+
+    def let_go_at(depth: int) -> None:  # deeper than ``lowered``, where no limit below it can be set
+        if depth:
+            let_go_at(depth - 1)
+        else:
+            headroom.__exit__(None, None, None)
+
+    try:
+        headroom.__enter__()
+        let_go_at(100)
+        assert sys.getrecursionlimit() == lowered + HEADROOM  # it could not be put back there
+        with headroom:
+            assert sys.getrecursionlimit() == lowered + HEADROOM  # lifted from the program's limit
+        assert sys.getrecursionlimit() == lowered
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 FORK_WHILE_HELD = """
 import os, sys, threading
 from multirun._stack import HEADROOM, headroom

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 from types import TracebackType
@@ -28,14 +27,16 @@ class Headroom:
         self._holders = 0
         self._limit = 0  # the limit before it was lifted
         self._lifted = 0  # the limit while lifted
+        self._stuck = False  # the last holder could not put the limit back
         reinit_after_fork(self._at_fork_reinit)
 
     def __enter__(self) -> None:
         with self._lock:
             if self._holders == 0:
                 limit = sys.getrecursionlimit()
-                if limit != self._lifted:  # else it is still lifted: see __exit__
+                if not (self._stuck and limit == self._lifted):  # else it is still lifted: see __exit__
                     self._limit = limit
+                self._stuck = False
                 self._lifted = self._limit + HEADROOM
                 sys.setrecursionlimit(self._lifted)
             self._holders += 1
@@ -46,9 +47,10 @@ class Headroom:
         with self._lock:
             self._holders -= 1
             if self._holders == 0 and sys.getrecursionlimit() == self._lifted:
-                # RecursionError: this thread is deeper than the old limit; the next holder puts it back
-                with contextlib.suppress(RecursionError):
+                try:
                     sys.setrecursionlimit(self._limit)
+                except RecursionError:  # this thread is deeper than the old limit
+                    self._stuck = True  # the next holder puts it back
 
     def _at_fork_reinit(self) -> None:
         """In a forked child only the thread that forked lives on: the other holders are gone."""
