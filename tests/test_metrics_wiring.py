@@ -284,18 +284,24 @@ def test_an_openinference_call_wrapped_in_another_is_timed_once(reader, traced, 
     assert [count for _, count in durations(reader)] == [1]
 
 
-def test_a_span_of_both_conventions_is_left_to_the_genai_instrumentation(reader, traced) -> None:
-    # the GenAI instrumentation that wrote gen_ai.usage.* times the call itself
-    @step(kind=StepKind.LLM_CALL)
+@pytest.mark.parametrize("nested", [False, True], ids=["in-the-llm-step", "in-a-step-inside-it"])
+def test_a_span_of_both_conventions_is_left_to_the_genai_instrumentation(reader, traced, nested) -> None:
+    # the GenAI instrumentation that wrote gen_ai.usage.* times the call itself; its span names a
+    # model call only by that usage, at its end: an LLM step around its step must hear so then
+    @step(kind=StepKind.FUNCTION if nested else StepKind.LLM_CALL)
     def call_model() -> None:
         _foreign_llm_span(
             traced,
             {**OPENINFERENCE_CALL, "gen_ai.usage.input_tokens": 120, "gen_ai.usage.output_tokens": 30},
         )
 
+    @step(kind=StepKind.LLM_CALL)
+    def answer() -> None:
+        call_model()
+
     @run
     def main() -> None:
-        call_model()
+        answer() if nested else call_model()
 
     main()
     assert durations(reader) == []

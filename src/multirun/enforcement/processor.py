@@ -13,10 +13,11 @@ OpenInference, hand-made spans of the ``llm.usage.*`` names and OpenLLMetry's wa
 instrumentation (which records metrics of its own names) record no GenAI metrics: for
 their calls this processor records ``gen_ai.client.operation.duration`` (and the
 token usage), once per call, a failed OpenInference call included. Whoever times a model
-call, the LLM steps around it are told so, and do not time it again; a call its
+call, the LLM steps around it are told so, once, and do not time it again; a call its
 instrumentation times is told when its span starts, since OpenLLMetry's Anthropic and
 Groq instrumentations time a failed call but never end its span, and a stream's span
-ends when the stream is read, perhaps after its step. A stream abandoned half-read is
+ends when the stream is read, perhaps after its step (one whose span names it a model
+call only when it ends, by its usage, is told then). A stream abandoned half-read is
 timed by its instrumentation when it cleans the stream up (OpenLLMetry's, when the
 stream is collected), if ever; never by ``forget_run`` at its run's end: the call has
 not ended then (it may still be read, after the run or by the caller of a sub-run), and
@@ -54,8 +55,8 @@ class UsageSpanProcessor(SpanProcessor):
     """Charges usage from spans of other instrumentations to the enclosing run."""
 
     def __init__(self, max_open_spans: int = MAX_OPEN_SPANS) -> None:
-        # span id -> [owner (step or agent), usage below is charged, a call below is timed];
-        # only spans in flight.
+        # span id -> [owner (step or agent), usage below is charged, its call (or one below) is
+        # timed and the steps around it told so]; only spans in flight.
         # Each access is one dict or list operation, atomic without a lock: a span's entry is
         # written at its start, and read at its end, by the thread that ends it.
         self._open: dict[int, list[Any]] = {}
@@ -73,10 +74,12 @@ class UsageSpanProcessor(SpanProcessor):
         owner = step_in(ctx) or agent_in(ctx) or run.default_agent
         if len(self._open) >= self._max_open:
             self._forget_oldest()
-        self._open[span.get_span_context().span_id] = [owner, False, False]
+        entry = [owner, False, False]
+        self._open[span.get_span_context().span_id] = entry
         try:
             if _is_call_timed_by_its_instrumentation(span.attributes or {}, scope):
                 _note_call_timed(owner)
+                entry[2] = True  # its end need not say it again
                 self._parent_not_timed_again(span)
         except Exception:  # never let accounting break the user's span
             _logger.warning("multirun: could not note the call of span %r", span.name, exc_info=True)
@@ -135,19 +138,21 @@ class UsageSpanProcessor(SpanProcessor):
         entry = self._open.pop(context.span_id, None)
         if entry is None:
             return
-        owner, reported_below, timed_below = entry
+        owner, reported_below, timed = entry
         attributes = span.attributes or {}
         usage = usage_from_attributes(attributes)
         try:
             if usage is None and not reported_below:
-                if not timed_below and _is_call_without_metrics(attributes):
+                if timed:
+                    pass  # told when it started, or by the call below it
+                elif _is_call_without_metrics(attributes):
                     # a call that reported no usage (it failed, say) still took its time
                     _time_call(span, owner, None)
-                    timed_below = True
+                    timed = True
                 elif _is_call_timed_by_its_instrumentation(attributes, scope):
-                    _note_call_timed(owner)  # failed or not
-                    timed_below = True
-                if timed_below:
+                    _note_call_timed(owner)  # failed or not; named a model call only after it started
+                    timed = True
+                if timed:
                     self._parent_not_timed_again(span)
                 return
             # tell the foreign ancestors that usage below them is charged, even through
@@ -160,10 +165,10 @@ class UsageSpanProcessor(SpanProcessor):
             if usage is not None and not reported_below:
                 metered = _is_metered(attributes, scope)
                 owner.charge_child_usage(usage, metered=metered, call_id=_response_id(attributes))
-                if metered:
-                    _note_call_timed(owner)  # by the GenAI instrumentation that metered it
-                else:
+                if not metered:
                     _time_call(span, owner, usage)
+                elif not timed:  # by the GenAI instrumentation that metered it: unless told at its start
+                    _note_call_timed(owner)
         except Exception:  # never let accounting break the span pipeline
             _logger.warning("multirun: could not charge usage of span %r", span.name, exc_info=True)
 
