@@ -578,7 +578,7 @@ def _init_locked(
     checkpoint_store = _checkpoint_store(
         store or FileBlobExporter(root / "blobs"),  # a folder, not a URI: "a:b/blobs" has no scheme
         checkpoint_serializer,
-        resolve_hmac_key(checkpoint_hmac_key, name="checkpoint_hmac_key"),
+        checkpoint_hmac_key,
         _checkpoint_timeout(checkpoint_timeout, refuse=refuse),
         checkpoint_max_bytes_setting(checkpoint_max_bytes, refuse=refuse),
         store_setting=store_setting,
@@ -1187,7 +1187,8 @@ def _checkpoint_store(
         serializer or None, "checkpoint_serializer", "MULTIRUN_CHECKPOINT_SERIALIZER"
     )
     serializer = serializer or "json"
-    hmac_key = resolve_hmac_key(hmac_key)  # names MULTIRUN_CHECKPOINT_HMAC_KEY itself
+    # resolved once, here: the serializer and the store are given the key itself
+    hmac_key = resolve_hmac_key(hmac_key, name="checkpoint_hmac_key")
     try:
         get_serializer(serializer, hmac_key=hmac_key)  # refused here, where its source is known
     except ConfigurationError as exc:
