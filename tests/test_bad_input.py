@@ -203,6 +203,28 @@ def test_a_dict_option_with_a_key_that_is_not_a_string_is_refused_naming_the_opt
         decorator(**{param: ["a"]})
 
 
+def test_start_agent_refuses_bad_metadata_and_config_id_by_name_before_starting_it(traced) -> None:
+    """As the decorators do: one line naming the argument, not pydantic's ValidationError of
+    Agent, and no agent half started (counted as a sub-agent, listed in the run)."""
+
+    @run(name="main")
+    def main() -> None:
+        ctx = get_current_run_context()
+        with pytest.raises(
+            ConfigurationError,
+            match=r"^start_agent\(metadata=\.\.\.\) must be a dict with string keys, got key 1 \(int\)$",
+        ):
+            ctx.start_agent("helper", metadata={1: "first"})
+        with pytest.raises(
+            ConfigurationError, match=r"^start_agent: agent_config_id must be a string or None, got 7$"
+        ):
+            ctx.start_agent("helper", agent_config_id=7)  # type: ignore[arg-type]
+        assert ctx.agents == []
+        assert ctx.ledger.sub_agents == 0
+
+    main()
+
+
 def test_checkpoint_with_empty_result_key_is_refused_naming_result_key() -> None:
     with pytest.raises(ConfigurationError, match="result_key"):
 

@@ -589,6 +589,11 @@ class RunContext:
         """Start a named agent; use it as ``with``/``async with`` to scope steps to it."""
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"start_agent: name must be a non-empty string, got {name!r}")
+        if agent_config_id is not None and not isinstance(agent_config_id, str):
+            raise ConfigurationError(
+                f"start_agent: agent_config_id must be a string or None, got {agent_config_id!r}"
+            )
+        check_string_keys("start_agent", "metadata", metadata)
         agent = Agent(
             run_id=self.run.id,
             name=name,
