@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext, Status, StatusCode
 
+import multirun
 from multirun.telemetry import attributes as attr
 from multirun.telemetry.local_files import LocalFileSpanExporter, read_spans
 
@@ -178,3 +182,39 @@ def test_damaged_lines_and_spans_of_a_file_are_one_warning(
         f"skipped 2 damaged lines and 2 damaged spans in {path} "
         "(first at line 1: startTimeUnixNano 'yesterday' is not a whole number)"
     ]
+
+
+# ---------------------------------------------------------------------------
+# the end of the process
+
+CTRL_C_AFTER_A_RUN = """
+import multirun
+
+@multirun.run(name="interrupted")
+def crew() -> int:
+    return 1
+
+crew()
+raise KeyboardInterrupt  # Ctrl-C after the run, before the spans were written
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a POSIX exit by signal")
+def test_ctrl_c_after_a_run_still_ends_the_program_by_sigint(tmp_path: Path) -> None:
+    # Python ends a program Ctrl-C interrupted by SIGINT, so that the shell running it stops a
+    # loop or a script too; the spans written at exit made that a plain exit status 1, which a
+    # loop such as `while true; do python agent.py; done` took for a failure and went on
+    src = Path(multirun.__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    ended = subprocess.run(
+        [sys.executable, "-c", CTRL_C_AFTER_A_RUN],
+        cwd=tmp_path,
+        env=dict(env, PYTHONPATH=str(src)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ended.returncode == -signal.SIGINT, ended.stderr
+    assert ended.stderr.rstrip().endswith("KeyboardInterrupt")
+    names = {span.name for span in read_spans(tmp_path / ".multirun" / "traces")}
+    assert "invoke_workflow interrupted" in names  # and the spans are written all the same

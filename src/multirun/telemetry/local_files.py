@@ -20,7 +20,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,11 @@ class LocalFileSpanExporter(SpanExporter):
         self._shutdown = False
         # a forked child writes its own file; the lock may have been held by a thread it lost
         reinit_after_fork(self._at_fork_reinit)
+        # Imported now, not by the last export at exit: importing protobuf runs exec() of source
+        # text, which makes CPython forget that a KeyboardInterrupt ended the program, so that a
+        # program stopped by Ctrl-C exited with status 1 instead of by SIGINT (a shell loop
+        # running it took that for a failure and went on).
+        _encoder()
 
     def _at_fork_reinit(self) -> None:
         self._lock = threading.Lock()
@@ -135,10 +140,8 @@ def encode_spans_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
     Text that UTF-8 cannot hold (a lone surrogate, as ``os.fsdecode`` makes of a byte that is
     not UTF-8) is escaped first: ``\\xff`` for such a byte, ``\\udXXX`` for another surrogate.
     """
-    from google.protobuf.json_format import MessageToDict
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-    message = MessageToDict(encode_spans([utf8_safe_span(s) for s in spans]), use_integers_for_enums=True)
+    message_to_dict, encode_spans = _encoder()
+    message = message_to_dict(encode_spans([utf8_safe_span(s) for s in spans]), use_integers_for_enums=True)
     for resource_spans in message.get("resourceSpans", ()):
         for scope_spans in resource_spans.get("scopeSpans", ()):
             for span in scope_spans.get("spans", ()):
@@ -146,6 +149,15 @@ def encode_spans_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
                 for link in span.get("links", ()):
                     _ids_to_hex(link)
     return message
+
+
+def _encoder() -> tuple[Callable[..., dict[str, Any]], Callable[[Sequence[ReadableSpan]], Any]]:
+    """protobuf's JSON mapping and the OTLP trace encoder, imported when first needed (the
+    command that reads the files back needs neither)."""
+    from google.protobuf.json_format import MessageToDict
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    return MessageToDict, encode_spans
 
 
 def _ids_to_hex(obj: dict[str, Any]) -> None:
