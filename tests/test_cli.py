@@ -242,6 +242,24 @@ def test_demo_in_a_folder_it_cannot_write_names_the_folder_not_an_init_argument(
     ]
 
 
+@pytest.mark.parametrize("to_a_collector", [False, True], ids=["files", "collector"])
+def test_demo_with_the_sdk_disabled_says_so_instead_of_losing_its_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, to_a_collector: bool
+) -> None:
+    # it ran the crew, then said that its run "was not found" in the files, or that it was sent
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    folder = tmp_path / "demo"
+    with _RefusingCollector() as url:  # something listens: the demo would run its crew
+        endpoint = ["--endpoint", url] if to_a_collector else []
+        code, out, err = run_cli(capsys, "demo", "--dir", str(folder), *endpoint)
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        "multirun: error: OTEL_SDK_DISABLED=true turns OpenTelemetry off, so the demo would record "
+        "no spans to show: run it without that variable"
+    ]
+    assert not folder.exists()
+
+
 # the demo as `multirun` runs it, with Ctrl-C pressed during its first model call
 CTRL_C_IN_THE_DEMO = """
 import signal, sys

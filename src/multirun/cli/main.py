@@ -288,6 +288,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the example crew, then show its run and where it went."""
     from multirun import demo
 
+    if client_module._sdk_disabled():  # the run would be neither in the files nor sent
+        raise RunsError(
+            "OTEL_SDK_DISABLED=true turns OpenTelemetry off, so the demo would record no spans to "
+            "show: run it without that variable"
+        )
     directory, _ = runs.chosen_directory(args)
     if directory.exists() and not directory.is_dir():
         raise RunsError(f"not a directory: {directory}")
