@@ -184,6 +184,35 @@ def test_damaged_lines_and_spans_of_a_file_are_one_warning(
     ]
 
 
+def test_a_folder_that_cannot_be_written_is_one_warning_that_says_what_to_do(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    exporter = LocalFileSpanExporter(blocked / "traces")
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        for _ in range(2):
+            assert exporter.export(_finished_spans()) is SpanExportResult.FAILURE
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("multirun")]
+    assert len(warnings) == 1
+    assert str(blocked / "traces") in warnings[0]
+    # it named the folder and the OS error only: nothing of how to send the spans elsewhere
+    assert "MULTIRUN_DIR" in warnings[0] and "local_dir" in warnings[0]
+
+
+def _finished_spans() -> list[ReadableSpan]:
+    finished: list[ReadableSpan] = []
+
+    class Keep(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            finished.append(span)
+
+    provider = TracerProvider()
+    provider.add_span_processor(Keep())
+    provider.get_tracer("test").start_span("work").end()
+    return finished
+
+
 # ---------------------------------------------------------------------------
 # the end of the process
 

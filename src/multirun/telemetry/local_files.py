@@ -69,7 +69,12 @@ class LocalFileSpanExporter(SpanExporter):
         except Exception as exc:
             if not self._warned:  # one warning, not one per batch
                 self._warned = True
-                _logger.warning("multirun: cannot write traces to %s: %s", self.directory, exc)
+                _logger.warning(
+                    "multirun: cannot write traces to %s: %s (spans are lost until it can be written; "
+                    "MULTIRUN_DIR or multirun.init(local_dir=...) names another folder)",
+                    self.directory,
+                    exc,
+                )
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
