@@ -124,9 +124,53 @@ def test_a_checkpoint_over_the_size_limit_names_the_variable_only(store_dir, cap
 
 
 def test_show_of_an_unknown_checkpoint_is_one_line_and_exit_1(store_dir, capsys) -> None:
+    # it said "in the store" and no more: not which store was read, nor what lists it
     code, _, err = run_cli(capsys, "checkpoints", "show", "nope", "--dir", str(store_dir))
     assert code == 1
-    assert err.strip() == "multirun: error: no checkpoint 'nope' in the store"
+    assert err.splitlines() == [
+        f"multirun: error: no checkpoint 'nope' in the store {store_dir / 'blobs'}: "
+        "`multirun checkpoints` lists the checkpoints it holds"
+    ]
+
+
+def test_show_of_a_run_id_says_what_lists_the_runs_checkpoints(store_dir, capsys) -> None:
+    run_id = run_ids(store_dir)[0]
+    code, _, err = run_cli(capsys, "checkpoints", "show", run_id[:8], "--dir", str(store_dir))
+    assert code == 1
+    assert err.splitlines() == [
+        f"multirun: error: no checkpoint '{run_id[:8]}' in the store {store_dir / 'blobs'}: "
+        f"it is a run id, whose checkpoints `multirun checkpoints --run {run_id[:8]}` lists"
+    ]
+
+
+def test_verify_of_an_unknown_checkpoint_names_the_store(store_dir, capsys) -> None:
+    code, out, _ = run_cli(capsys, "checkpoints", "verify", "nope", "--dir", str(store_dir))
+    assert code == 1
+    assert out.splitlines() == [
+        f"FAILED  nope: no checkpoint 'nope' in the store {store_dir / 'blobs'}: "
+        "`multirun checkpoints` lists the checkpoints it holds",
+        "0 ok, 1 failed",
+    ]
+
+
+def test_resume_of_an_unknown_id_names_the_store(store_dir, capsys) -> None:
+    code, _, err = run_cli(capsys, "resume", "--dir", str(store_dir), "nope", "--", "true")
+    assert code == 1
+    assert err.splitlines() == [
+        f"multirun: error: no run or checkpoint with id 'nope' in the store {store_dir / 'blobs'}: "
+        "`multirun checkpoints` lists the checkpoints it holds"
+    ]
+
+
+def test_resume_of_a_run_that_took_no_checkpoint_says_so(store_dir, capsys) -> None:
+    other = "0123456789abcdef" * 2
+    write_run_span(store_dir, other)  # known to the traces, never checkpointed
+    code, _, err = run_cli(capsys, "resume", "--dir", str(store_dir), other[:6], "--", "true")
+    assert code == 1
+    assert err.splitlines() == [
+        f"multirun: error: no run or checkpoint with id '{other[:6]}' in the store {store_dir / 'blobs'}: "
+        f"run {other} took no checkpoint there, so there is nothing to resume it from"
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -474,7 +518,10 @@ def test_resume_command_line_end_to_end(tmp_path) -> None:
         text=True,
     )
     assert result.returncode == 1
-    assert result.stderr.splitlines() == ["multirun: error: no run or checkpoint with id 'nope' in the store"]
+    assert result.stderr.splitlines() == [
+        f"multirun: error: no run or checkpoint with id 'nope' in the store {tmp_path / 'blobs'}: "
+        "`multirun checkpoints` lists the checkpoints it holds"
+    ]
 
 
 # ---------------------------------------------------------------------------

@@ -41,7 +41,13 @@ from typing import Any
 
 from multirun.checkpoints.envelope import HMAC_KEY_ENV, HMAC_KEY_SETTINGS, MAX_BYTES_ENV, MAX_BYTES_SETTINGS
 from multirun.checkpoints.exporters import BlobExporter, FileBlobExporter, exporter_from_uri
-from multirun.checkpoints.resume import RESUME_ENV, RESUME_RUN_NAME_ENV, match_id, resolve_checkpoint
+from multirun.checkpoints.resume import (
+    RESUME_ENV,
+    RESUME_RUN_NAME_ENV,
+    IdKind,
+    match_id,
+    resolve_checkpoint,
+)
 from multirun.checkpoints.serializers import serializer_names
 from multirun.checkpoints.store import (
     CheckpointStore,
@@ -49,6 +55,7 @@ from multirun.checkpoints.store import (
     StoredCheckpoint,
     created_ns,
     parse_checkpoint_key,
+    validate_id,
 )
 from multirun.cli import render, runs
 from multirun.client import checkpoint_max_bytes_setting
@@ -161,6 +168,15 @@ def open_store(args: argparse.Namespace) -> CheckpointStore:
     return CheckpointStore(exporter, read_serializers=serializer_names(), max_blob_bytes=max_bytes)
 
 
+def store_location(args: argparse.Namespace) -> str:
+    """The store the options name, as the user would give it: ``--store``, else
+    ``$MULTIRUN_CHECKPOINT_URI``, else the folder DIR/blobs."""
+    directory, _ = runs.chosen_directory(args)
+    return (
+        getattr(args, "store", None) or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(directory / "blobs")
+    )
+
+
 def stored_checkpoints(store: CheckpointStore) -> list[StoredCheckpoint]:
     """The checkpoints in ``store``; any other key is skipped with a warning naming it."""
     found = []
@@ -253,6 +269,49 @@ def _match_run(prefix: str, stored: list[StoredCheckpoint], traced_run_ids: list
     return str(_call(match_id, prefix, ids, "run", f"no run with id {prefix!r}{CHECKPOINTED_RUNS_HINT}"))
 
 
+def _resolve(args: argparse.Namespace, stored: list[StoredCheckpoint], identifier: str, kind: IdKind) -> str:
+    """The checkpoint id ``identifier`` names among ``stored`` (see ``resolve_checkpoint``); when it
+    names none, the error says which store was read, and what to try instead."""
+    try:
+        return resolve_checkpoint(stored, identifier, kind)
+    except CheckpointError as exc:
+        advice = _not_found_advice(args, stored, identifier, kind)
+        if advice is None:  # ambiguous, or no id at all: the error says so
+            raise CommandError(_said_here(exc)) from None
+    what = _NOT_FOUND[kind].format(identifier=identifier)
+    raise CommandError(f"{what} in the store {store_location(args)}: {advice}")
+
+
+_NOT_FOUND = {
+    "run": "no checkpoint of run {identifier!r}",
+    "checkpoint": "no checkpoint {identifier!r}",
+    "either": "no run or checkpoint with id {identifier!r}",
+}
+
+
+def _not_found_advice(
+    args: argparse.Namespace, stored: list[StoredCheckpoint], identifier: str, kind: IdKind
+) -> str | None:
+    """What to do about ``identifier``, which names no checkpoint of ``stored``; None if it
+    names one or several after all, or is no id."""
+    wanted = identifier.strip().lower()
+    try:
+        validate_id(identifier, "id")
+    except CheckpointError:
+        return None
+    ids = [found.checkpoint_id for found in stored if kind != "run"]
+    ids += [found.run_id for found in stored if kind != "checkpoint"]
+    if not wanted or any(found.lower().startswith(wanted) for found in ids):
+        return None
+    runs_named = {found.run_id for found in stored} | set(_traced(args)[0])
+    runs_named = {run_id for run_id in runs_named if run_id.lower().startswith(wanted)}
+    if kind == "checkpoint" and runs_named:
+        return f"it is a run id, whose checkpoints `multirun checkpoints --run {identifier}` lists"
+    if len(runs_named) == 1:
+        return f"run {runs_named.pop()} took no checkpoint there, so there is nothing to resume it from"
+    return "`multirun checkpoints` lists the checkpoints it holds"
+
+
 def _created(checkpoint_id: str) -> str:
     ns = created_ns(checkpoint_id)
     return "" if ns is None else render.format_time(ns)
@@ -260,7 +319,7 @@ def _created(checkpoint_id: str) -> str:
 
 def cmd_show(args: argparse.Namespace) -> int:
     store = open_store(args)
-    checkpoint_id = _call(resolve_checkpoint, stored_checkpoints(store), args.checkpoint_id, "checkpoint")
+    checkpoint_id = _resolve(args, stored_checkpoints(store), args.checkpoint_id, "checkpoint")
     summary = _call(store.describe, checkpoint_id)
     for label, value in _unread_lines(summary) if summary.unread else _lines(summary):
         print(f"{label:<11} {render.printable(value)}")
@@ -332,9 +391,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     failed = 0
     for given in ids:
         try:
-            checkpoint_id = resolve_checkpoint(stored, given, "checkpoint")
+            checkpoint_id = _resolve(args, stored, given, "checkpoint")
             summary = store.describe(checkpoint_id)
-        except (CheckpointError, ReplayError) as exc:
+        except (CommandError, CheckpointError, ReplayError) as exc:
             failed += 1
             print(f"FAILED  {given}: {_said_here(exc)}")
             continue
@@ -366,7 +425,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.run_name is not None and not args.run_name.strip():
         raise CommandError("resume: --run-name must name a run")
     store = open_store(args)
-    checkpoint_id = _call(resolve_checkpoint, stored_checkpoints(store), args.identifier, "either")
+    checkpoint_id = _resolve(args, stored_checkpoints(store), args.identifier, "either")
     meta = _call(store.describe, checkpoint_id).checkpoint  # the program unpickles it, not this one
     named = f" ({meta.name})" if meta.name else ""
     print(f"resuming run {meta.run_id} from checkpoint {meta.id}{named}", file=sys.stderr)
