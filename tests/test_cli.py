@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import io
 import json
@@ -1193,6 +1194,45 @@ def test_console_script_demo_uses_the_default_folder(tmp_path: Path) -> None:
         [MULTIRUN, "runs"], cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60
     )
     assert listed.returncode == 0 and "research_crew" in listed.stdout
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _installed_venv(folder: Path) -> Path:
+    """A folder that ``scripts/demo`` takes for its virtual environment with the package already
+    installed (its stamp says so): this interpreter, and a ``multirun`` of the package under test."""
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "python").symlink_to(sys.executable)
+    multirun_command = folder / "bin" / "multirun"
+    multirun_command.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m multirun "$@"\n')
+    multirun_command.chmod(0o755)
+    project = hashlib.sha1((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    spec = hashlib.sha1(b".").hexdigest()[:12]  # scripts/demo installs "."
+    (folder / f".installed-{project}-{spec}").touch()
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("sha1sum") is None, reason="bash, coreutils")
+def test_scripts_demo_run_from_another_folder_writes_there_so_that_its_hints_work(tmp_path: Path) -> None:
+    # it ran the demo in the checkout, so that `multirun runs show ID`, as printed, found no run
+    venv = _installed_venv(tmp_path / "venv")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = _clean_env(MULTIRUN_VENV=str(venv), PYTHONPATH=str(ROOT / "src"))
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "demo")], cwd=work, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert list((work / ".multirun" / "traces").glob("*.jsonl"))
+    again = next(line for line in done.stdout.splitlines() if line.startswith("Again:"))
+    command = shlex.split(again.split(":", 1)[1])
+    assert command[:3] == ["multirun", "runs", "show"]
+    shown = subprocess.run(
+        [str(venv / "bin" / "multirun"), *command[1:]], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "invoke_workflow research_crew" in shown.stdout
 
 
 class _Collector(BaseHTTPRequestHandler):
