@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -336,6 +337,31 @@ def test_2_exit_waits_as_long_as_the_otlp_timeout_the_user_set(silent_collector:
     assert done.returncode == 0, done.stderr
     [lost] = [line for line in done.stderr.splitlines() if "not delivered" in line]
     assert "within the 1.0 s shutdown timeout" in lost
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Ctrl-C as SIGINT")
+def test_2_ctrl_c_while_exit_waits_for_a_collector_that_never_answers_is_one_line(
+    silent_collector: str, tmp_path: Path
+) -> None:
+    # the user stops the wait: multirun's exit handler printed a KeyboardInterrupt traceback
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    program = EXIT_PROGRAM + 'print("ended", flush=True)\n'
+    exiting = subprocess.Popen(
+        [sys.executable, "-c", program, silent_collector, str(tmp_path / "mr")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert exiting.stdout is not None
+    assert exiting.stdout.readline() == "ended\n"
+    time.sleep(0.5)  # waiting for the collector, at exit
+    exiting.send_signal(signal.SIGINT)
+    _, err = exiting.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
+        "multirun.client: multirun: interrupted at exit: the spans and metrics not sent yet are lost"
+    ]
 
 
 def test_2_exit_still_delivers_the_last_spans_to_a_collector_that_answers(

@@ -275,6 +275,8 @@ def _shutdown_at_exit() -> None:
         # One the program shut down itself is left alone: the SDK would warn about a second shutdown.
         if meters is not None and left > 0 and not getattr(meters, "_shutdown", False):
             meters.shutdown(timeout_millis=left * 1000)
+    except KeyboardInterrupt:  # Ctrl-C to stop waiting for a collector: no traceback for that
+        _logger.warning("multirun: interrupted at exit: the spans and metrics not sent yet are lost")
     except Exception:  # telemetry must not fail the program, even at exit
         _logger.warning("multirun: shutting down telemetry at exit failed", exc_info=True)
 
