@@ -305,6 +305,23 @@ def test_ctrl_c_during_the_demo_says_where_the_partial_run_is_in_one_line(tmp_pa
     assert f"research_crew  {status}" in listed.stdout, listed.stdout
 
 
+def test_ctrl_c_during_the_demo_does_not_say_the_run_was_sent_when_the_collector_refused_it(
+    tmp_path: Path,
+) -> None:
+    # it said "the partial run is sent to URL" whatever the collector answered
+    src = Path(client_module.__file__).parents[1]
+    with _RefusingCollector() as url:
+        done = subprocess.run(
+            [sys.executable, "-c", CTRL_C_IN_THE_DEMO, "demo", "--dir", str(tmp_path), "--endpoint", url],
+            env=_clean_env(PYTHONPATH=str(src)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 130
+    assert done.stderr.splitlines() == [f"multirun: interrupted; the partial run could not be sent to {url}"]
+
+
 @pytest.mark.parametrize("given_as", ["--endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"])
 def test_demo_refuses_an_endpoint_that_is_no_url_by_its_option_and_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, given_as: str

@@ -312,18 +312,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise RunsError(f"cannot write to the folder {directory}: give another with --dir DIR")
     client = demo.configure(directory, args.endpoint)
     recorder = _Recorder.attach(client) if endpoint else _Recorder()
+    interrupted = False
     with _ExportErrors().watching() as errors:
         try:
             result = demo.run_demo()
         except KeyboardInterrupt:
-            again = f"multirun runs --dir {shlex.quote(str(directory))}"
-            where = f"sent to {endpoint}" if endpoint else f"in {directory}: {again}"
-            raise checkpoints.Interrupted(f"the partial run is {where}") from None
+            interrupted = True  # said below, once the flush tells whether the partial run was sent
         except Exception as exc:
             raise RunsError(f"the demo run failed: {type(exc).__name__}: {exc}") from None
         finally:
-            _send_now(client, metrics=endpoint is not None)
+            sent = _send_now(client, metrics=endpoint is not None) and not errors.messages
             recorder.active = False
+    if interrupted:
+        raise checkpoints.Interrupted(_partial_run(directory, endpoint, sent))
     print("Ran the demo crew offline: a fake model, real model names and prices.")
     if endpoint:
         return _show_sent(recorder, result.run_id, endpoint, errors.messages)
@@ -331,6 +332,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 _NO_COLLECTOR_HINT = "Is a collector listening there? Without an endpoint the demo writes files."
+
+
+def _partial_run(directory: Path, endpoint: str | None, sent: bool) -> str:
+    """Where the run Ctrl-C cut short is: in the folder, or at the collector if it took it."""
+    if not endpoint:
+        return f"the partial run is in {directory}: multirun runs --dir {shlex.quote(str(directory))}"
+    return (
+        f"the partial run is sent to {endpoint}"
+        if sent
+        else f"the partial run could not be sent to {endpoint}"
+    )
 
 
 def _check_demo_endpoint(given: str | None) -> None:
@@ -370,8 +382,9 @@ def _nothing_listens_at(url: str) -> str | None:
     return None
 
 
-def _send_now(client: MultiRunClient, metrics: bool) -> None:
-    """Export the spans, and with an endpoint the metrics, while export errors are watched.
+def _send_now(client: MultiRunClient, metrics: bool) -> bool:
+    """Export the spans, and with an endpoint the metrics, while export errors are watched;
+    True if the spans' exporter finished in time.
 
     The metrics would otherwise go at exit, their exporter's retry warnings after the
     command's one-line summary. The two exports retry side by side, so an unreachable
@@ -384,9 +397,10 @@ def _send_now(client: MultiRunClient, metrics: bool) -> None:
     )
     if sending is not None:
         sending.start()  # a final export, and no second one at exit
-    client.force_flush()
+    flushed = client.force_flush()
     if sending is not None:
         sending.join()
+    return flushed
 
 
 def _show_written(directory: Path, run_id: str) -> int:
