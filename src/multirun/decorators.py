@@ -1285,8 +1285,8 @@ def _exception_types(decorator: str, param: str, value: Any) -> tuple[type[Excep
     for t in value:
         if not issubclass(t, Exception):
             raise ConfigurationError(
-                f"@{decorator}({param}=...) must list Exception classes: {t.__name__} is never retried "
-                "(nor is KeyboardInterrupt, SystemExit or a cancellation)"
+                f"@{decorator}({param}=...) must list Exception classes: {t.__name__} is not one, "
+                "and is never retried"
             )
     return value
 
