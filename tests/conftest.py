@@ -27,6 +27,16 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _in_a_scratch_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The tests run in a scratch folder: a test that leaves the package its defaults (traces
+    and checkpoints under ``./.multirun``) writes there, not into the checkout."""
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
+
+
 class FakeClock(Clock):
     """A clock that only moves when told to; sleeps advance it instantly."""
 
