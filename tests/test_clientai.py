@@ -52,7 +52,6 @@ from clientai_programs.fake_providers import (
 from clientai_programs.research_agent import MODEL, TOPIC
 from multirun.cli import render
 from multirun.cli.runs import SpanRecord, build_tree, find_runs, load_spans, record_from_span
-from multirun.context import get_current_agent_context
 from multirun.errors import BudgetExceededError, ConfigurationError, PolicyViolation
 from multirun.integrations import _options as integration_options
 from multirun.integrations import clientai as integration
@@ -774,6 +773,72 @@ def test_the_policy_fallback_model_is_the_model_the_api_is_asked_for(traced: Any
     ]
 
 
+class TimedModel(ScriptedModel):
+    """A scripted model that notes the (fake) time of every request."""
+
+    def __init__(self, script: dict[str, list[Reply | Exception]], clock: Any) -> None:
+        super().__init__(script)
+        self.clock = clock
+        self.times: list[float] = []
+
+    def answer(self, request: dict[str, Any]) -> Reply:
+        self.times.append(self.clock.now)
+        return super().answer(request)
+
+
+def test_one_request_of_an_agent_step_takes_one_rate_limit_slot(traced: Any) -> None:
+    model = TimedModel(research_agent.script(), traced.clock)
+    agent, _ = research_agent.build(model)
+    start = traced.clock.now
+
+    @multirun.run(name="paced", policy=Policy(rate_limit=RateLimitRule(requests_per_minute=120)))
+    def paced() -> str:
+        return str(agent.run(TOPIC))
+
+    assert paced() == research_agent.REPORT.text
+    # analyze, the tool selection, gather, report: four requests, one slot of 0.5 s each
+    assert [t - start for t in model.times] == [0.0, 0.5, 1.0, 1.5]
+    assert traced.clock.sleeps == [0.5, 0.5, 0.5]
+    spans = records(traced)
+    waits = [c.attributes.get(attr.POLICY_WAIT_SECONDS) for c in named(spans, "generate_text")]
+    assert waits == [None, 0.5, 0.5, 0.5]
+    for step_name in ("analyze", "gather", "report"):  # the steps around the requests: LLM calls, not paced
+        span = one(spans, step_name)
+        assert span.name == f"chat {MODEL}"
+        assert span.attributes[attr.STEP_KIND] == "llm_call"
+        assert span.attributes[attr.GEN_AI_REQUEST_MODEL] == MODEL
+        assert span.attributes[attr.POLICY_DECISION] == "proceed"
+
+
+def test_one_failed_request_of_an_agent_step_is_one_failure_towards_degradation(traced: Any) -> None:
+    overloaded = APIFailure("Error code: 503 - upstream overloaded")
+    polished = Reply("A polished draft.", 12, 5)
+    model = ScriptedModel({"DRAFT": [overloaded, overloaded, Reply("A draft.", 10, 4)], "POLISH": [polished]})
+    agent = BrokenAgent(client=offline_client(model), default_model="gpt-4o")
+    degrade = GracefulDegradationRule(
+        fallback_model="gpt-4o-mini", trigger=DegradationTrigger.CONSECUTIVE_FAILURES, threshold=2
+    )
+
+    @multirun.run(name="degrading", policy=Policy(graceful_degradation=degrade))
+    def degrading() -> str:
+        for _ in range(2):  # a failed request each
+            with pytest.raises(WorkflowError):
+                agent.run(TOPIC)
+        return str(agent.run(TOPIC))
+
+    assert degrading() == polished.text
+    # one failure does not switch the run; the second does, and the fallback model reaches the API
+    assert [call["model"] for call in model.calls] == ["gpt-4o", "gpt-4o", "gpt-4o-mini", "gpt-4o-mini"]
+    spans = records(traced)
+    calls = named(spans, "generate_text")
+    decisions = [c.attributes[attr.POLICY_DECISION] for c in calls]
+    assert decisions == ["proceed", "proceed", "fallback", "fallback"]
+    assert [c.name for c in calls] == ["chat gpt-4o", "chat gpt-4o", "chat gpt-4o-mini", "chat gpt-4o-mini"]
+    drafts = named(spans, "draft")
+    assert [d.attributes[attr.STEP_STATUS] for d in drafts] == ["failed", "failed", "completed"]
+    assert {d.attributes[attr.STEP_KIND] for d in drafts} == {"llm_call"}
+
+
 OVERLOADED = APIFailure("Error code: 503 - upstream overloaded")
 PACED = Policy(
     rate_limit=RateLimitRule(requests_per_minute=60),  # one LLM call a second
@@ -808,32 +873,42 @@ def test_a_call_waiting_for_its_slot_is_refused_by_a_circuit_that_opened_meanwhi
     assert refused[attr.STEP_STATUS] == "failed"
 
 
-def test_an_agent_step_waiting_for_its_slot_is_refused_by_a_circuit_that_opened_meanwhile(
+def test_an_agent_step_whose_request_waits_for_its_slot_is_refused_by_a_circuit_that_opened_meanwhile(
     traced: Any,
 ) -> None:
-    model = ScriptedModel(research_agent.script())
+    model = ScriptedModel({"FAIL": [OVERLOADED], **research_agent.script()})
     client = offline_client(model)
     agent = BrokenAgent(client=client, default_model=MODEL)
+    failing: list[str] = []
+
+    def meanwhile(seconds: float) -> None:
+        traced.clock.now += seconds
+        if not failing:  # while draft's request waits, another call fails: the circuit of generate_text opens
+            failing.append("FAIL now")
+            with pytest.raises(APIError):
+                client.generate_text("FAIL now", model=MODEL)
 
     @multirun.run(name="paced", policy=PACED)
     def paced() -> str:
-        agent_ctx = get_current_agent_context()
-
-        def meanwhile(seconds: float) -> None:
-            traced.clock.now += seconds
-            if traced.clock.sleep is meanwhile:  # once, while draft waits: the circuit of draft opens
-                traced.clock.sleep = sleep  # type: ignore[method-assign]
-                agent_ctx.start_step("draft").fail(ConnectionError("down"))
-
         client.generate_text("ANALYZE this", model=MODEL)  # the slot at 0 s
-        sleep, traced.clock.sleep = traced.clock.sleep, meanwhile  # type: ignore[method-assign]
-        return str(agent.run(TOPIC))  # its step draft waits for the slot at 1 s
+        traced.clock.sleep = meanwhile  # type: ignore[method-assign]
+        return str(agent.run(TOPIC))  # the request of its step draft waits for the slot at 1 s
 
     with pytest.raises(PolicyViolation, match="circuit"):
         paced()
-    assert model.prompts() == ["ANALYZE this"]  # draft never asked the model
-    (draft,) = [s.attributes for s in named(records(traced), "draft") if s.name == "chat gpt-4o-mini"]
-    assert (draft[attr.POLICY_RULE], draft[attr.STEP_STATUS]) == ("circuit_breaker", "failed")
+    assert model.prompts() == ["ANALYZE this", "FAIL now"]  # draft never asked the model
+    spans = records(traced)
+    (draft,) = named(spans, "draft")
+    # draft's request, then the call made while it waited (in its context, so inside draft too)
+    inside = [s for s in named(spans, "generate_text") if s.parent_span_id == draft.span_id]
+    request, failed = sorted(inside, key=lambda s: s.start_ns)
+    assert (request.attributes[attr.POLICY_RULE], request.attributes[attr.STEP_STATUS]) == (
+        "circuit_breaker",
+        "failed",
+    )
+    assert request.attributes[attr.POLICY_WAIT_SECONDS] == 1.0  # refused once its wait was over
+    assert failed.attributes[attr.ERROR_TYPE] == "clientai.exceptions.APIError"
+    assert draft.attributes[attr.STEP_STATUS] == "failed"
 
 
 def test_a_call_interrupted_while_it_waits_ends_its_span_and_gives_back_its_probe_and_slot(

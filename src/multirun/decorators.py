@@ -104,6 +104,7 @@ class StepSpec:
         "method",
         "model",
         "name",
+        "policy_kind",
         "replayable",
         "retry",
         "retry_delay",
@@ -134,6 +135,8 @@ class StepSpec:
     ) -> None:
         """Validate the options; errors name ``@{decorator}`` (``@think`` for ``@think``)."""
         self.kind = _enum(decorator, "kind", StepKind, kind)
+        # the kind the policy governs it as; an instrumentation may set another (see framework_step_spec)
+        self.policy_kind = self.kind
         self.retry = _non_negative_int(decorator, "retry", retry)
         self.retry_delay = _delay(decorator, "retry_delay", retry_delay)
         self.retry_max_delay = _delay(decorator, "retry_max_delay", retry_max_delay)
@@ -222,13 +225,13 @@ class _StepCall(StepContext):
             return delay
         spec = self.spec
         if ran:
-            engine.after_step(spec.name, spec.kind, error, self._decision)
+            engine.after_step(spec.name, spec.policy_kind, error, self._decision)
         else:
             self._give_back()
         try:
             decision = engine.before_step(
                 spec.name,
-                spec.kind,
+                spec.policy_kind,
                 self.model,
                 run.ledger,
                 not_before=delay,
@@ -264,7 +267,7 @@ class _StepCall(StepContext):
             else:
                 run.replay_log.record(self.replay_call, result)
         if run.policy_engine is not None:
-            run.policy_engine.after_success(spec.name, spec.kind, self._decision)
+            run.policy_engine.after_success(spec.name, spec.policy_kind, self._decision)
         if spec.checkpoint:
             run._try_checkpoint(f"after_{spec.name}", step_id=self.id, agent_id=self.agent_context.agent.id)
         self._close(StepStatus.COMPLETED, result, extra=extra)
@@ -332,7 +335,7 @@ class _StepCall(StepContext):
             refused.__cause__ = error
             error = refused
         elif run.policy_engine is not None:
-            run.policy_engine.after_step(self.spec.name, self.spec.kind, error, self._decision)
+            run.policy_engine.after_step(self.spec.name, self.spec.policy_kind, error, self._decision)
         self._close(StepStatus.FAILED, error=error)
         if isinstance(error, Exception) and not _is_permanent(error) and self._retries()[0] > 0:
             return StepError(self.spec.name, self.attempt, error)
@@ -416,7 +419,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     try:
         if engine is not None:
             decision = engine.before_step(
-                spec.name, spec.kind, spec.model, run.ledger, within_budget=spec.check_budget
+                spec.name, spec.policy_kind, spec.model, run.ledger, within_budget=spec.check_budget
             )
         run.ledger.begin_step(spec.check_budget)
         step = _StepCall(agent, spec.name, spec.kind, parent, managed=True)

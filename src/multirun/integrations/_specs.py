@@ -21,12 +21,19 @@ def _body() -> None:
     """Stands for the framework's callable a StepSpec describes (only its name is read)."""
 
 
-_specs: dict[tuple[str, StepKind, str | None], StepSpec] = {}
+_specs: dict[tuple[str, StepKind, str | None, StepKind | None], StepSpec] = {}
 
 
-def framework_step_spec(name: str, kind: StepKind, model: str | None) -> StepSpec:
-    """The spec of a framework step ``name`` of ``kind`` asking for ``model``."""
-    key = (name, kind, model)
+def framework_step_spec(
+    name: str, kind: StepKind, model: str | None, policy_kind: StepKind | None = None
+) -> StepSpec:
+    """The spec of a framework step ``name`` of ``kind`` asking for ``model``.
+
+    ``policy_kind``: the kind the policy governs it as, when not its own: a step whose model
+    requests are steps of their own (ClientAI's think around ``generate_text``) is governed as a
+    function, so that one request takes one rate-limit slot and counts as one failure.
+    """
+    key = (name, kind, model, policy_kind)
     spec = _specs.get(key)
     if spec is None:
         if len(_specs) >= _MAX_CACHED:
@@ -45,4 +52,6 @@ def framework_step_spec(name: str, kind: StepKind, model: str | None) -> StepSpe
             check_budget=True,
             model=model,
         )
+        if policy_kind is not None:
+            spec.policy_kind = policy_kind
     return spec

@@ -42,6 +42,9 @@ selection or tool call made outside any run (a client used without an
 Every one of these is a step of the run: the budget and the policy decide
 before it starts, and a ClientAI agent over budget stops with
 ``BudgetExceededError`` (unwrapped from the errors ClientAI wraps it in).
+The rate limit and the degradation rule govern the requests
+(``generate_text`` / ``chat``), once each: an LLM step around a request is
+asked only its circuit, as its requests are paced and counted themselves.
 Streams keep their spans open until they are consumed, or until their
 ``Agent.run`` ends for a stream ClientAI keeps unread (see ``_ended_with_agent``).
 Telemetry never breaks the agent: an instrumentation error costs a log line, and the call goes on
@@ -210,9 +213,10 @@ def _failed(call: _StepCall, error: BaseException) -> None:
 
 
 def _run_step(call: _StepCall, wrapped: Wrapped, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Call ``wrapped`` as the body of ``call``; a returned iterator keeps the step open until consumed."""
-    if call.wait_before:  # a rate limit asked to wait (and the circuit is asked again after)
-        _pause(call, call.wait_before)
+    """Call ``wrapped`` as the body of ``call``; a returned iterator keeps the step open until consumed.
+
+    No step run so waits for a rate-limit slot: the requests inside it (``_llm_call``) do.
+    """
     ctx = call.otel_context or otel_context.get_current()
     token = otel_context.attach(ctx)
     try:
@@ -518,8 +522,12 @@ def _step_spec(step: Any, default_model: Any) -> StepSpec:
     if entry is not None and entry[0] is step and entry[1] is default_model:
         return entry[2]
     kind = _step_kind(step)
-    model = _model_name(step.llm_config or default_model) if kind is StepKind.LLM_CALL else None
-    spec = _spec(step.name, kind, model)
+    if kind is StepKind.LLM_CALL:
+        # its requests are generate_text calls, each paced and counted by the policy: the step
+        # is asked its circuit only, or one request would take two slots and fail twice
+        spec = _spec(step.name, kind, _model_name(step.llm_config or default_model), StepKind.FUNCTION)
+    else:
+        spec = _spec(step.name, kind, None)
     if len(_step_specs) >= 4096:
         _step_specs.clear()
     _step_specs[id(step)] = (step, default_model, spec)
