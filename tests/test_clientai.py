@@ -911,6 +911,32 @@ def test_an_agent_step_whose_request_waits_for_its_slot_is_refused_by_a_circuit_
     assert draft.attributes[attr.STEP_STATUS] == "failed"
 
 
+def test_an_agent_step_whose_request_is_refused_fails_with_the_refusal_not_against_its_circuit(
+    traced: Any,
+) -> None:
+    polished = Reply("A polished draft.", 12, 5)
+    model = ScriptedModel({"FAIL": [OVERLOADED], "DRAFT": [Reply("A draft.", 10, 4)], "POLISH": [polished]})
+    client = offline_client(model)
+    agent = BrokenAgent(client=client, default_model=MODEL)
+    breaker = Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30))
+
+    @multirun.run(name="guarded", policy=breaker)
+    def guarded() -> str:
+        with pytest.raises(APIError):
+            client.generate_text("FAIL now", model=MODEL)  # the circuit of generate_text opens at 0 s
+        traced.clock.now += 20
+        with pytest.raises(PolicyViolation, match="generate_text"):
+            agent.run(TOPIC)  # draft's request is refused: no failure of draft's own dependency
+        traced.clock.now += 11  # generate_text is half-open; draft's circuit never opened
+        return str(agent.run(TOPIC))
+
+    assert guarded() == polished.text
+    refused, done = named(records(traced), "draft")
+    assert refused.attributes[attr.STEP_STATUS] == "failed"
+    assert refused.attributes[attr.ERROR_TYPE] == "multirun.errors.PolicyViolation"
+    assert done.attributes[attr.STEP_STATUS] == "completed"
+
+
 def test_a_call_interrupted_while_it_waits_ends_its_span_and_gives_back_its_probe_and_slot(
     traced: Any,
 ) -> None:

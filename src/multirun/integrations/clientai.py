@@ -215,14 +215,16 @@ def _failed(call: _StepCall, error: BaseException) -> None:
 def _run_step(call: _StepCall, wrapped: Wrapped, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Call ``wrapped`` as the body of ``call``; a returned iterator keeps the step open until consumed.
 
-    No step run so waits for a rate-limit slot: the requests inside it (``_llm_call``) do.
+    No step run so waits for a rate-limit slot: the requests inside it (``_llm_call``) do. A step
+    that fails because the budget or the policy refused a request inside it fails with that
+    refusal (ClientAI wraps it): no failure of its dependency, so not one of its circuit.
     """
     ctx = call.otel_context or otel_context.get_current()
     token = otel_context.attach(ctx)
     try:
         result = wrapped(*args, **kwargs)
     except BaseException as error:
-        _failed(call, error)
+        _failed(call, _refusal_in(error) or error)
         raise
     finally:
         otel_context.detach(token)
