@@ -407,3 +407,59 @@ def test_a_sub_runs_steps_re_create_the_top_runs_lost_hash_with_its_limits(trace
     crew()
     # after the loss the top run's limit holds again: 2 steps before it, then what 1000 allows
     assert len(done) <= 2 + 1000 // TOKENS_PER_CALL + 1
+
+
+def spend_until_refused(carrier: dict[str, str], ledger_uri: str) -> int:
+    """A worker process: continues the run of ``carrier`` and spends until its budget says no."""
+    multirun.init(tracer_provider=TracerProvider(), ledger_uri=ledger_uri, metrics=False)
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def summarize(i: int) -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=50)
+
+    done = 0
+    with multirun.continue_run(carrier):
+        for i in range(CALLS_PER_WORKER):
+            try:
+                summarize(i)
+            except BudgetExceededError:
+                break
+            done += 1
+    return done
+
+
+@pytest.mark.parametrize("where", ["in the run", "in the step that spent", "in a sub-run"])
+def test_a_worker_sees_what_the_run_spent_before_it_handed_work_over(traced, redis_server, where) -> None:
+    # The run spends 900 of its 1000 tokens, then hands the rest of the work to a worker
+    # without another step of its own: the worker must not start from zero.
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
+    done: list[int] = []
+
+    def dispatch() -> None:
+        carrier = dict(multirun.inject())
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            done.extend(pool.starmap(spend_until_refused, [(carrier, redis_server.url)]))
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def plan() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=600, output_tokens=300)
+        if where == "in the step that spent":
+            dispatch()
+
+    @run
+    def research() -> None:
+        plan()
+        dispatch()
+
+    @run(budget=Budget(max_tokens=1000))
+    def crew() -> None:
+        if where == "in a sub-run":
+            research()
+            return
+        plan()
+        if where == "in the run":
+            dispatch()
+
+    crew()
+    # 900 spent: the worker's first step (to 1050) runs, its second is refused
+    assert done == [1]

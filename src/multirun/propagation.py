@@ -44,6 +44,7 @@ def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[st
     ctx = otel_context.get_current()
     run = run_in(ctx)
     if run is not None:
+        _send_pending(run)
         ctx = baggage.set_baggage(RUN_ID_BAGGAGE, run.run.id, ctx)
         ctx = baggage.set_baggage(RUN_NAME_BAGGAGE, run.run.name, ctx)
         ancestors = run.ancestor_ids
@@ -53,6 +54,25 @@ def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[st
             ctx = baggage.remove_baggage(RUN_ANCESTORS_BAGGAGE, ctx)
     propagate.inject(carrier, context=ctx)
     return carrier
+
+
+def _send_pending(run: RunContext) -> None:
+    """Send what the run and the runs enclosing it charged here but a shared ledger has not yet
+    seen (it rides on the next step): the worker the carrier goes to starts from the run's real
+    totals, not from before the spend that came just ahead of the hand-over."""
+    for ledger in run.ledger.chain():
+        flush = getattr(ledger, "flush", None)  # a RedisLedger's: nothing to send in process
+        if flush is None:
+            continue
+        try:
+            flush()
+        except Exception as exc:  # the worker's first step fails closed on its own
+            _logger.warning(
+                "multirun: the usage run %s charged could not be sent to the shared ledger before "
+                "inject(); it is sent with the run's next step: %s",
+                ledger.run_id,
+                exc,
+            )
 
 
 @contextmanager
