@@ -463,3 +463,54 @@ def test_a_worker_sees_what_the_run_spent_before_it_handed_work_over(traced, red
     crew()
     # 900 spent: the worker's first step (to 1050) runs, its second is refused
     assert done == [1]
+
+
+RETRY_DELAY = 6.0
+
+
+def retry_in_worker(carrier: dict[str, str], ledger_uri: str) -> tuple[int, float]:
+    """A worker process: continues the run of ``carrier`` with a step that spends, then fails
+    once and would retry after RETRY_DELAY seconds; (attempts, seconds it took)."""
+    import time
+
+    multirun.init(tracer_provider=TracerProvider(), ledger_uri=ledger_uri, metrics=False)
+    attempts = []
+
+    @step(retry=1, retry_delay=RETRY_DELAY)
+    def flaky() -> None:
+        attempts.append(1)
+        multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=50)
+        raise ConnectionError("blip")
+
+    started = time.monotonic()
+    with multirun.continue_run(carrier), pytest.raises(multirun.StepError):
+        flaky()
+    return len(attempts), time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    "budget", [Budget(max_duration_seconds=2), Budget(max_tokens=100)], ids=["deadline", "tokens"]
+)
+def test_a_worker_of_a_sub_run_does_not_wait_to_retry_past_the_top_runs_budget(
+    traced, redis_server, budget
+) -> None:
+    # The retry would start after the top run's deadline, or the failed attempt used up its
+    # tokens: the worker gives up at once, as a retry in the top run's own process does,
+    # instead of sleeping out the backoff to be refused then.
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
+    results = []
+
+    @run  # no budget of its own
+    def research() -> None:
+        carrier = dict(multirun.inject())
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            results.extend(pool.starmap(retry_in_worker, [(carrier, redis_server.url)]))
+
+    @run(budget=budget)
+    def crew() -> None:
+        research()
+
+    crew()
+    attempts, seconds = results[0]
+    assert attempts == 1
+    assert seconds < RETRY_DELAY / 2

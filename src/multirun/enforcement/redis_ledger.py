@@ -374,7 +374,8 @@ class RedisLedger(LedgerReadings):
     Redis as of this process's last round trip; :meth:`status` fetches fresh
     ones. With ``fail_open=True``, a Redis failure logs one warning and every
     fail-open ledger on the same client goes on counting in this process only,
-    checking its own budget and those of its ancestors' ledgers in this process.
+    checking its own budget and its ancestors' (for an ancestor whose ledger is in
+    another process, the limits read when this ledger was made).
     """
 
     def __init__(
@@ -428,6 +429,8 @@ class RedisLedger(LedgerReadings):
         self._started_us = 0
         self._server_now_us = 0
         self._at = clock()
+        # the ancestors, as this ledger sees them when theirs does not live in this process
+        self._enclosing = [_Enclosing(ancestor, self) for ancestor in ancestors]
         self._shared.live[self.key] = self
         mode = "2" if adopt else "0"
         reply = self._run("init", self._keys, [self._ttl_ms, mode, *limits], "be created")
@@ -435,6 +438,8 @@ class RedisLedger(LedgerReadings):
             stored = _stored_limits(reply, len(self._keys))
             self._limits, self._ancestor_limits = stored[0], stored[1:]
             self.budget = _budget_from_args(self._limits)
+            for enclosing, ancestor_limits in zip(self._enclosing, self._ancestor_limits, strict=True):
+                enclosing.budget = _budget_from_args(ancestor_limits)
         elif adopt:
             self._limits = None  # failing open: nothing adopted
 
@@ -456,23 +461,21 @@ class RedisLedger(LedgerReadings):
     def started(self) -> float:
         """When the run started (first created in Redis), on this process's clock."""
         with self._lock:
-            return self._at - (self._server_now_us - self._started_us) / _US_PER_SECOND
+            return self._local_time(self._started_us)
+
+    def _local_time(self, server_us: int) -> float:
+        """A time on the Redis server's clock, on this process's clock (call with the lock held)."""
+        return self._at - (self._server_now_us - server_us) / _US_PER_SECOND
 
     @property
     def deadline(self) -> float:
-        """When the max_duration_seconds of this run or of an enclosing run that lives in this
-        process runs out, whichever comes first, on this process's clock (infinity without one)."""
-        return min(ledger._own_deadline() for ledger in self._local_chain())
+        """When the max_duration_seconds of this run or of an enclosing run runs out, whichever
+        comes first, on this process's clock (infinity without one)."""
+        return min(_own_deadline(ledger) for ledger in self.chain())
 
     def _now_and_start(self) -> tuple[float, float]:
         """The time now and when the run started on the Redis server, on this process's clock."""
         return self._clock(), self.started
-
-    def _own_deadline(self) -> float:
-        budget = self.budget
-        if budget is None or budget.max_duration_seconds is None:
-            return float("inf")
-        return self.started + budget.max_duration_seconds
 
     def set_budget(self, budget: Budget | None) -> None:
         """Enforce ``budget`` from now on, in every process (it replaces the stored limits)."""
@@ -519,7 +522,7 @@ class RedisLedger(LedgerReadings):
         Counted in this process at once; sent to Redis with the next
         ``begin_step``, ``count_sub_agent`` or ``refresh`` (no round trip of its own).
         """
-        for ledger in self._local_chain():
+        for ledger in self.chain():
             with ledger._lock:
                 ledger.tokens += tokens
                 ledger.cost_units += cost_units
@@ -533,7 +536,7 @@ class RedisLedger(LedgerReadings):
     def count_sub_agent(self) -> None:
         """Count one more sub-agent, here and in every ancestor run (and send the pending usage)."""
         if self._add_pending("1", "count a sub-agent") is None:
-            for ledger in self._local_chain():
+            for ledger in self.chain():
                 with ledger._lock:
                     ledger.sub_agents += 1
 
@@ -650,10 +653,11 @@ class RedisLedger(LedgerReadings):
         at = self._clock()
         now_us = int(reply[1])
         for i, key in enumerate(keys):
-            ledger = self if i == 0 else self._shared.live.get(key)
-            if ledger is not None:
-                start = 3 + i * _FIELDS_PER_KEY
-                ledger._update([int(v) for v in reply[start : start + _FIELDS_PER_KEY]], now_us, at)
+            ledger: RedisLedger | _Enclosing | None = self if i == 0 else self._shared.live.get(key)
+            if ledger is None:
+                ledger = self._enclosing[i - 1]
+            start = 3 + i * _FIELDS_PER_KEY
+            ledger._update([int(v) for v in reply[start : start + _FIELDS_PER_KEY]], now_us, at)
 
     def _update(self, values: list[int], now_us: int, at: float) -> None:
         tokens, cost_units, steps, sub_agents, unpriced, started_us, _deadline_us = values
@@ -669,26 +673,78 @@ class RedisLedger(LedgerReadings):
 
     # -- failing open -----------------------------------------------------------
 
-    def chain(self) -> list[RedisLedger]:
-        """This ledger, then the ledgers of its enclosing runs that live in this process."""
-        return self._local_chain()
-
-    def _local_chain(self) -> list[RedisLedger]:
-        """This ledger and its ancestors' ledgers that live in this process."""
-        chain: list[RedisLedger] = [self]
-        for key in self._keys[1:]:
+    def chain(self) -> list[RedisLedger | _Enclosing]:
+        """This ledger, then its enclosing runs': their ledgers in this process, or for those
+        that live in another one what this ledger knows of them (budget, totals, start)."""
+        chain: list[RedisLedger | _Enclosing] = [self]
+        for key, enclosing in zip(self._keys[1:], self._enclosing, strict=True):
             ledger = self._shared.live.get(key)
-            if ledger is not None:
-                chain.append(ledger)
+            chain.append(enclosing if ledger is None else ledger)
         return chain
 
     def _begin_step_locally(self, check: bool) -> None:
         refused = self.over_budget(next_step=True) if check else None
         if refused is not None:
             raise refused
-        for ledger in self._local_chain():
+        for ledger in self.chain():
             with ledger._lock:
                 ledger.steps += 1
+
+
+class _Enclosing(LedgerReadings):
+    """An enclosing run whose ledger lives in another process, as a RedisLedger of its sub-run
+    sees it: the budget stored when that ledger was made, the totals of its last round trip plus
+    what it charged since. A retry's checks (``used_up``, ``deadline``), made without a round
+    trip, hold the sub-run to that run's limits too."""
+
+    __slots__ = (
+        "_lock",
+        "_owner",
+        "_started_us",
+        "budget",
+        "cost_units",
+        "run_id",
+        "steps",
+        "sub_agents",
+        "tokens",
+        "unpriced_reports",
+    )
+
+    def __init__(self, run_id: str, owner: RedisLedger) -> None:
+        self.run_id = run_id
+        self.budget: Budget | None = None
+        self._owner = owner
+        self._lock = threading.Lock()
+        self._started_us: int | None = None
+        self.tokens = self.cost_units = self.steps = self.sub_agents = self.unpriced_reports = 0
+
+    def _now_and_start(self) -> tuple[float, float]:
+        owner = self._owner
+        with owner._lock:
+            started_us = owner._started_us if self._started_us is None else self._started_us
+            return owner._clock(), owner._local_time(started_us)
+
+    def chain(self) -> Sequence[LedgerReadings]:
+        return (self,)
+
+    def _update(self, values: list[int], now_us: int, at: float) -> None:
+        tokens, cost_units, steps, sub_agents, unpriced, started_us, _deadline_us = values
+        with self._lock:
+            self.tokens = max(self.tokens, tokens)
+            self.cost_units = max(self.cost_units, cost_units)
+            self.steps = max(self.steps, steps)
+            self.sub_agents = max(self.sub_agents, sub_agents)
+            self.unpriced_reports = max(self.unpriced_reports, unpriced)
+            if started_us >= 0:
+                self._started_us = started_us
+
+
+def _own_deadline(ledger: LedgerReadings) -> float:
+    """When the max_duration_seconds of ``ledger``'s own budget runs out, on this process's clock."""
+    budget = ledger.budget
+    if budget is None or budget.max_duration_seconds is None:
+        return float("inf")
+    return ledger._now_and_start()[1] + budget.max_duration_seconds
 
 
 def _refusal(limit: str, used: int, maximum: str, run_id: str) -> BudgetExceededError:
