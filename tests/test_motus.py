@@ -1077,6 +1077,131 @@ def test_a_model_call_ending_after_every_run_around_it_ended_is_reported_in_a_wa
     assert len(late) == 1 and "'job'" in late[0] and "240 tokens" in late[0]
 
 
+class OutlivesItsFuture:
+    """Gates of a blocking task that the test cancels or lets time out while its thread runs on."""
+
+    started = threading.Event()  # the task's thread is in its body
+    release = threading.Event()  # the test lets it go on: it spends tokens and calls a task
+
+
+@pytest.fixture
+def outliving() -> Iterator[type[OutlivesItsFuture]]:
+    OutlivesItsFuture.started.clear()
+    OutlivesItsFuture.release.clear()
+    yield OutlivesItsFuture
+    OutlivesItsFuture.release.set()  # a test that failed half-way leaves no thread waiting
+
+
+@agent_task
+def double(value: int) -> int:
+    return value * 2
+
+
+@agent_task(timeout=10)  # the test shortens it with .policy(timeout=...)
+def outlives_its_future(value: int) -> int:
+    """A blocking task: Motus stops waiting for it (cancelled, timed out), its thread cannot be
+    stopped and goes on: it spends 240 tokens and calls another task after its future settled."""
+    OutlivesItsFuture.started.set()
+    assert OutlivesItsFuture.release.wait(10)
+    multirun.report_usage("gpt-4o-mini", input_tokens=200, output_tokens=40)
+    return int(resolve(double(value)))
+
+
+def _when_ended(traced: Any, name: str, times: int = 1) -> threading.Event:
+    """An event set when ``times`` spans ``name`` have ended."""
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    ended = threading.Event()
+    seen: list[str] = []
+
+    class Watch(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            if span.name == name:
+                seen.append(name)
+                if len(seen) == times:
+                    ended.set()
+
+    traced.provider.add_span_processor(Watch())
+    return ended
+
+
+def _late_thread_spans(traced: Any) -> tuple[Any, Any]:
+    """The step of ``outlives_its_future`` and of the task its thread called after it settled."""
+    step, called = traced.span("step outlives_its_future"), traced.span("step double")
+    assert traced.parent_of(called) is step
+    assert step.start_time < called.start_time and called.end_time <= step.end_time
+    return step, called
+
+
+def test_a_cancelled_sync_task_whose_thread_outlives_its_run_keeps_its_step_until_the_thread_returns(
+    traced: Any, runtime: None, outliving: type[OutlivesItsFuture], caplog: pytest.LogCaptureFixture
+) -> None:
+    step_ended = _when_ended(traced, "step outlives_its_future")
+
+    @multirun.run
+    def job() -> str:
+        future = outlives_its_future(21)
+        assert outliving.started.wait(5)
+        cancel(future)
+        with pytest.raises(TaskCancelledError):
+            resolve(future)
+        return "moved on"
+
+    assert job() == "moved on"  # the run ended; the cancelled task's thread still runs
+    assert not step_ended.is_set()  # what the thread still does is the step's
+    outliving.release.set()
+    assert step_ended.wait(5)
+    step, _ = _late_thread_spans(traced)
+    assert step.attributes[attr.STEP_STATUS] == "cancelled"
+    assert step.attributes[attr.TOKENS_USED] == 240  # on its span, as the warning says
+    assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == 0
+    late = [r.getMessage() for r in caplog.records if "after run" in r.getMessage()]
+    assert len(late) == 1 and "240 tokens" in late[0] and "'outlives_its_future'" in late[0]
+
+
+def test_a_timed_out_sync_task_whose_thread_runs_on_charges_its_step_and_the_run_that_moved_on(
+    traced: Any, runtime: None, outliving: type[OutlivesItsFuture]
+) -> None:
+    step_ended = _when_ended(traced, "step outlives_its_future")
+
+    @multirun.run
+    def job() -> str:
+        with pytest.raises(TimeoutError):
+            resolve(outlives_its_future.policy(timeout=0.1)(21))
+        assert not step_ended.is_set()  # its thread still runs
+        outliving.release.set()
+        assert step_ended.wait(5)
+        return "moved on"
+
+    assert job() == "moved on"
+    step, called = _late_thread_spans(traced)
+    assert step.attributes[attr.STEP_STATUS] == "failed"
+    assert step.attributes[attr.ERROR_TYPE] == "TimeoutError"
+    assert step.attributes[attr.TOKENS_USED] == 240
+    assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == 240  # no token on no span
+    assert called.attributes[attr.STEP_STATUS] == "completed"
+
+
+def test_a_timed_out_sync_task_counts_towards_the_circuit_at_once_though_its_thread_runs_on(
+    traced: Any, runtime: None, outliving: type[OutlivesItsFuture]
+) -> None:
+    both_ended = _when_ended(traced, "step outlives_its_future", times=2)
+
+    @multirun.run(policy=Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=1)))
+    def job() -> None:
+        with pytest.raises(TimeoutError):
+            resolve(outlives_its_future.policy(timeout=0.1)(21))
+        with pytest.raises(PolicyViolation, match="circuit"):  # while the first one's thread runs
+            resolve(outlives_its_future(21))
+        outliving.release.set()
+        assert both_ended.wait(5)
+
+    job()
+    timed_out, refused = sorted(traced.named("step outlives_its_future"), key=lambda s: s.start_time)
+    assert timed_out.attributes[attr.ERROR_TYPE] == "TimeoutError"
+    assert refused.attributes[attr.POLICY_DECISION] == "abort"
+
+
 # ---------------------------------------------------------------------------
 # failures
 
@@ -1125,13 +1250,14 @@ def test_a_sync_attempt_that_timed_out_is_retried_and_its_late_end_ignored(
     traced: Any, runtime: None
 ) -> None:
     SLOW_SYNC.clear()
+    step_ended = _when_ended(traced, "step slow_sync")
 
     @multirun.run
     def job() -> str:
         return resolve(slow_sync())
 
     assert job() == "in time"
-    time.sleep(0.6)  # the first attempt's thread ends now, after the step
+    assert step_ended.wait(5)  # when the first attempt's thread returned, after the task's result
     step = traced.span("step slow_sync")
     assert step.attributes[attr.STEP_STATUS] == "completed"
     assert step.attributes[attr.STEP_ATTEMPT] == 2

@@ -386,8 +386,11 @@ def _cannot_be_fixed_by_retrying(error: BaseException) -> bool:
     return status in (401, 403)
 
 
-def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _open_step(
+    spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any], step_class: type[_StepCall] | None = None
+) -> Any:
     # Runs before every decorated call: plain dict look-ups rather than the typed helpers.
+    # ``step_class``: an instrumentation's own kind of _StepCall (Motus's)
     current = otel_context.get_current()
     run: RunContext | None = current.get(RUN_KEY)  # type: ignore[assignment]
     if run is None:
@@ -422,7 +425,7 @@ def _open_step(spec: StepSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
                 spec.name, spec.policy_kind, spec.model, run.ledger, within_budget=spec.check_budget
             )
         run.ledger.begin_step(spec.check_budget)
-        step = _StepCall(agent, spec.name, spec.kind, parent, managed=True)
+        step = (step_class or _StepCall)(agent, spec.name, spec.kind, parent, managed=True)
         step.spec = spec
         if spec.model is not None:
             step.model = spec.model

@@ -22,7 +22,9 @@ however late and on whichever thread Motus's scheduler runs it:
   ``agent_call`` tasks (``ReActAgent`` runs) are agents ``invoke_agent {name}``
   whose tasks are their steps; other tasks are steps ``step {name}``.
 - the span starts when Motus dispatches the task (its inputs are ready) and
-  ends when its result is settled, so parallel tasks are overlapping siblings;
+  ends when its result is settled, so parallel tasks are overlapping siblings
+  (a sync task's thread that Motus stopped waiting for, cancelled or timed
+  out, runs on: its step, and the run started for it, end when it returns);
   the tasks whose results a task was given are span links (and
   ``multirun.motus.task.depends_on`` names them).
 - each failed attempt that Motus retries, a timeout included, is an
@@ -50,13 +52,15 @@ travels with the task on the creation stack Motus keeps for its error messages.
 ``GraphScheduler._execute_task`` opens the step in that context and makes it
 current for the task (asyncio copies it into the task, and into the worker
 thread of a sync task); ``GraphScheduler._resolve_task``, the one place where
-results and errors are settled, ends it before the futures are resolved.
+results and errors are settled, settles and ends it before the futures are
+resolved (see ``_TaskTrace.finish`` for a sync task's thread that runs on).
 Telemetry never breaks the program: an instrumentation error costs a log line
 and the task runs untraced.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -427,6 +431,7 @@ class _TaskTrace:
         "asked",
         "began",
         "clock",
+        "ends",
         "extra",
         "failures",
         "futures",
@@ -440,6 +445,7 @@ class _TaskTrace:
         "started",
         "step",
         "task",
+        "threads",
         "waiting",
     )
 
@@ -449,7 +455,7 @@ class _TaskTrace:
         self.futures = task.result_futures  # keeps the key of _settings.live alive
         self.name = name
         self.kind = kind
-        self.step: _StepCall | None = None
+        self.step: _MotusStep | None = None
         self.agent: AgentContext | None = None
         self.owned_run: RunContext | None = None
         self.provider: str | None = None
@@ -464,6 +470,10 @@ class _TaskTrace:
         self.waiting = False
         self.resume_at: float | None = None
         self.clock = _REAL_TIME  # the run's, once attempts are followed
+        # a sync task's attempts running in Motus's worker threads; settled while one still runs
+        # (Motus stopped waiting for it: cancelled, timed out), the task's ends wait for it (finish)
+        self.threads = 0
+        self.ends: list[Callable[[], Any]] | None = None
 
     @classmethod
     def open(cls, scheduler: Any, task: Any, reg: _Registration) -> _TaskTrace:
@@ -487,8 +497,8 @@ class _TaskTrace:
                         model, trace.provider = _model_call_inputs(task)
                     client = run_in(ctx).client  # type: ignore[union-attr]
                     args, kwargs = task.unwrap_args() if client.capture_content else ((), {})
-                    step = _open_step(_spec(name, kind, model), args, kwargs)
-                    assert isinstance(step, _StepCall)
+                    step = _open_step(_spec(name, kind, model), args, kwargs, _MotusStep)
+                    assert isinstance(step, _MotusStep)
                     trace.step = step
                     if model is not None and step.model and step.model != model:
                         _switch_model(task, step.model)  # the policy fell back to a cheaper model
@@ -537,19 +547,24 @@ class _TaskTrace:
     # -- attempts: the task's function, called by Motus once per attempt --------
 
     def attempts(self, func: Callable[..., Any]) -> Callable[..., Any] | None:
-        """``func`` wrapped to report each attempt; a coroutine function if ``func`` is one.
+        """``func`` wrapped to report each attempt, and each thread that runs one of a sync task;
+        a coroutine function if ``func`` is one.
 
-        None when there is nothing to follow (no retries, no wait): the task's
-        one attempt ends with the task, and its error is the task's error.
+        None when there is nothing to follow (an async task with no retries and
+        no wait): the task's one attempt ends with the task, and its error is the
+        task's error.
         """
         wait = self.step.wait_before if self.step is not None else 0.0
-        if not wait and not self.task.policy.retries:
+        follow = bool(wait or self.task.policy.retries)
+        if not follow and inspect.iscoroutinefunction(func):
             return None
         trace = self
         self.lock = threading.Lock()
-        self.clock = clock = self._run().client.clock
-        if wait:
-            self._hold(wait)  # the first attempt waits for its rate-limit slot
+        if follow:
+            self.clock = self._run().client.clock
+            if wait:
+                self._hold(wait)  # the first attempt waits for its rate-limit slot
+        clock = self.clock
         if inspect.iscoroutinefunction(func):
 
             async def attempt_async(*args: Any, **kwargs: Any) -> Any:
@@ -570,17 +585,23 @@ class _TaskTrace:
         else:
 
             def attempt(*args: Any, **kwargs: Any) -> Any:
-                number, wait = trace.begin_attempt()
-                if wait is not None:
-                    if wait:
-                        clock.sleep(wait)
-                    trace.wait_over(number)
-                args, kwargs = trace.arguments(func, args, kwargs)
+                trace.thread_began()
                 try:
-                    return func(*args, **kwargs)
-                except BaseException as error:
-                    trace.attempt_failed(number, error)  # raises the policy's refusal of a retry
-                    raise
+                    if not follow:
+                        return func(*args, **kwargs)
+                    number, wait = trace.begin_attempt()
+                    if wait is not None:
+                        if wait:
+                            clock.sleep(wait)
+                        trace.wait_over(number)
+                    args, kwargs = trace.arguments(func, args, kwargs)
+                    try:
+                        return func(*args, **kwargs)
+                    except BaseException as error:
+                        trace.attempt_failed(number, error)  # raises the policy's refusal of a retry
+                        raise
+                finally:
+                    trace.thread_returned()
 
             wrapper = attempt
         # Motus names hooks and log lines after the function
@@ -588,6 +609,23 @@ class _TaskTrace:
         wrapper.__qualname__ = getattr(func, "__qualname__", wrapper.__qualname__)
         wrapper.__wrapped__ = func  # type: ignore[attr-defined]
         return wrapper
+
+    def thread_began(self) -> None:
+        with self.lock:  # type: ignore[union-attr]  # set with the wrapper that calls this
+            self.threads += 1
+
+    def thread_returned(self) -> None:
+        """A thread of the task returned: the last one makes the ends that waited for it."""
+        try:
+            ends = None
+            with self.lock:  # type: ignore[union-attr]
+                self.threads -= 1
+                if not self.threads:
+                    ends, self.ends = self.ends, None
+            if ends is not None:
+                self._make(ends)
+        except Exception:
+            _broken(f"ending task {self.name!r}")
 
     def begin_attempt(self) -> tuple[int, float | None]:
         """Number the attempt that starts, and the seconds it waits for its rate-limit slot
@@ -751,40 +789,64 @@ class _TaskTrace:
     # -- settlement ----------------------------------------------------------------
 
     def finish(self, results: list[Any] | None, error: BaseException | None) -> BaseException | None:
-        """End the span (and the run started for the task) with the task's outcome.
+        """Settle the step (and the run started for the task) with the task's outcome, and end them.
 
         Called once: by whoever took the trace out of ``_settings.live``.
         Returns the policy's refusal of a result (its usage has no price and
         ``init(unpriced="fail")`` is set): the task's error instead.
+
+        A thread of a sync task that Motus stopped waiting for (it was cancelled,
+        or timed out) runs on, and what it still does, its usage, the tasks it
+        calls, is the step's: the outcome counts now (towards the circuit too),
+        and the step's span, its agent's and its run's end when that thread returns.
         """
         lock = self.lock
-        waiting = False
+        waiting = hold = False
         if lock is None:
             self.started = -1
         else:
             with lock:
                 self.started = -1  # late attempts of a sync task that timed out are ignored from now
                 waiting, self.waiting = self.waiting, False
+                hold = self.threads > 0
+        ends: list[Callable[[], Any]] = []
+        refused = None
         try:
+            if hold and self.step is not None:
+                self.step.hold_end()
+                ends.append(self.step.end_held)
             if error is None:
                 result = None
                 if results:
                     result = results[0] if len(results) == 1 else tuple(results)
-                return self._complete(result)
-            cancelled = isinstance(error, _Motus.task_cancelled_error)
-            if self.step is not None and (waiting or cancelled):
-                # it never ran (ended while it waited for its slot), or was cancelled: its circuit
-                # probe, and the slot it did not use, are free again
-                self.step._give_back(slot=waiting)
-            if cancelled:
-                self._cancel()
+                refused = self._complete(result, ends)
             else:
-                self._fail(error)
+                cancelled = isinstance(error, _Motus.task_cancelled_error)
+                if self.step is not None and (waiting or cancelled):
+                    # it never ran (ended while it waited for its slot), or was cancelled: its circuit
+                    # probe, and the slot it did not use, are free again
+                    self.step._give_back(slot=waiting)
+                if cancelled:
+                    self._cancel(ends)
+                else:
+                    self._fail(error, ends)
         except Exception:
             _broken(f"ending task {self.name!r}")
-        return None
+        if hold:
+            with lock:  # type: ignore[union-attr]
+                if self.threads:  # else it returned meanwhile: the ends are made now
+                    self.ends, ends = ends, []
+        self._make(ends)
+        return refused
 
-    def _complete(self, result: Any) -> BaseException | None:
+    def _make(self, ends: list[Callable[[], Any]]) -> None:
+        try:
+            for end in ends:
+                end()
+        except Exception:
+            _broken(f"ending task {self.name!r}")
+
+    def _complete(self, result: Any, ends: list[Callable[[], Any]]) -> BaseException | None:
         step, agent, run = self.step, self.agent, self.owned_run
         if step is not None:
             if self.kind is StepKind.LLM_CALL:
@@ -794,35 +856,67 @@ class _TaskTrace:
                         # charged (and counted) even when refused
                         step._charge_response_usage((_response_id(result), usage))
                 except REFUSALS as refused:
-                    self._fail(refused)
+                    self._fail(refused, ends)
                     return refused
                 except Exception:  # the step still ends, with the task's result
                     _broken(f"charging task {self.name!r}")
             step._succeed(result, self.extra)
         elif agent is not None:
             self.span.set_attributes(self.extra)
-            agent.complete(result)
+            ends.append(functools.partial(agent.complete, result))
         if run is not None:
-            run.complete(result)
+            ends.append(functools.partial(run.complete, result))
         return None
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: BaseException, ends: list[Callable[[], Any]]) -> None:
         self.span.set_attributes(self.extra)
         if self.step is not None:
             self.step._failed(error)
         elif self.agent is not None:
-            self.agent.fail(error)
+            ends.append(functools.partial(self.agent.fail, error))
         if self.owned_run is not None:
-            self.owned_run.fail(error)
+            ends.append(functools.partial(self.owned_run.fail, error))
 
-    def _cancel(self) -> None:
+    def _cancel(self, ends: list[Callable[[], Any]]) -> None:
         if self.step is not None:
             self.step._close(_CANCELLED_STATUS, extra={**self.extra, attr.STEP_STATUS: _CANCELLED})
         elif self.agent is not None:
             self.span.set_attributes(self.extra)
-            self.agent._finish(AgentStatus.CANCELLED, None)
+            ends.append(functools.partial(self.agent._finish, AgentStatus.CANCELLED, None))
         if self.owned_run is not None:
-            self.owned_run._finish(RunStatus.CANCELLED)
+            ends.append(functools.partial(self.owned_run._finish, RunStatus.CANCELLED))
+
+
+class _MotusStep(_StepCall):
+    """The step of a Motus task, whose span can end after its outcome is settled (``hold_end``)."""
+
+    _held: list[tuple[Any, ...]] | None = None  # while held: the _close it makes at end_held
+
+    def hold_end(self) -> None:
+        """Settling the step records its outcome; its span ends at ``end_held``, and what is
+        charged to it meanwhile is on it."""
+        self._held = []
+
+    def end_held(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            super()._close(*held[0])
+
+    def _close(
+        self,
+        status: StepStatus,
+        result: Any = None,
+        error: BaseException | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        held = self._held
+        if held is None:
+            super()._close(status, result, error, extra)
+        elif not held and not self.finished:
+            held.append((status, result, error, extra))
+            if not self._done:  # the outcome, as _close would record it
+                self.status, self.result, self.error = status, result, error
+                self._done = True
 
 
 # ---------------------------------------------------------------------------
