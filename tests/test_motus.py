@@ -412,6 +412,39 @@ def test_no_retry_once_an_enclosing_runs_budget_is_spent(traced: Any, runtime: N
     assert traced.span("invoke_workflow child").attributes[attr.TOKENS_USED] == 600
 
 
+NEAR_THE_DEADLINE: list[str] = []
+
+
+@agent_task(retries=1, retry_delay=2)
+def slow_then_flaky() -> str:
+    """Fails its first call after 4 s on the run's clock; Motus would retry it 2 s later."""
+    NEAR_THE_DEADLINE.append("called")
+    if len(NEAR_THE_DEADLINE) == 1:
+        get_client().clock.now += 4  # type: ignore[attr-defined]  # the tests' FakeClock
+        raise ConnectionError("upstream down")
+    return "retried"
+
+
+def test_no_retry_whose_delay_ends_past_the_deadline(traced: Any, runtime: None) -> None:
+    """As a decorated step's backoff (test_retry_backoff_never_sleeps_past_the_run_deadline),
+    on the run's clock: Motus sleeps its retry_delay in real time, which a fake clock never sees."""
+    NEAR_THE_DEADLINE.clear()
+
+    @multirun.run(budget=Budget(max_duration_seconds=5))
+    def job() -> str:
+        return str(resolve(slow_then_flaky()))
+
+    began = time.monotonic()
+    with pytest.raises(ConnectionError):
+        job()
+    assert time.monotonic() - began < 2  # Motus did not wait for a retry that would not be made
+    assert NEAR_THE_DEADLINE == ["called"]
+    step = record_from_span(traced.span("step slow_then_flaky"))
+    assert step.attributes[attr.ERROR_TYPE] == "ConnectionError"
+    assert step.attributes[attr.STEP_ATTEMPT] == 1
+    assert [e for e in _exceptions(step) if attr.STEP_RETRY_DELAY in e] == []  # no retry announced
+
+
 BACKING_OFF = threading.Event()
 
 

@@ -33,7 +33,9 @@ however late and on whichever thread Motus's scheduler runs it:
   that never ran because an input failed has a short failed span.
 - the run's budget and policy decide before each task starts: a task over
   budget does not run, and its future (and those of the tasks waiting for it)
-  raises ``BudgetExceededError``. A retry over budget is not attempted. Each
+  raises ``BudgetExceededError``. A retry over budget is not attempted, nor,
+  as a decorated step's backoff, one that would start past the run's deadline
+  on its clock (Motus sleeps its ``retry_delay`` on real time). Each
   retry is another call, as a decorated step's: the failed attempt counts
   towards the circuit, and the retry asks the policy (an open circuit refuses
   it with ``PolicyViolation``, the task's error then, with no further retry;
@@ -690,7 +692,9 @@ class _TaskTrace:
 
     def attempt_failed(self, number: int, error: BaseException) -> None:
         """An attempt raised: recorded now if Motus will retry it, else when the task settles.
-        The policy's refusal of the retry is raised in place of ``error`` (Motus does not retry it)."""
+        The policy's refusal of the retry is raised in place of ``error`` (Motus does not retry it).
+        No retry that would start past the run's deadline, on the run's clock (Motus sleeps its
+        ``retry_delay`` on real time)."""
         refused = None
         try:
             if not isinstance(error, Exception) or isinstance(error, _Motus.task_cancelled_error):
@@ -701,8 +705,14 @@ class _TaskTrace:
                     return  # Motus's timeout ended it (seen at the next attempt); it ends late
                 if task.retry_count >= task.policy.retries:
                     return  # what Motus decides next: no retry; the task's error, when it settles
+                delay = task.policy.retry_delay
+                if self.clock.monotonic() + delay >= self._run().ledger.deadline:
+                    # as a decorated step's backoff: the retry would start when the run (or one
+                    # enclosing it) is out of time. None, so Motus does not sleep its delay for it
+                    task.retry_count = task.policy.retries
+                    return
                 self.failures = number
-                refused = self._retry(error, task.policy.retry_delay, task.policy.retry_delay)
+                refused = self._retry(error, delay, delay)
         except Exception:
             _broken("recording a failed attempt")
         if refused is not None:
