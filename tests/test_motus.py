@@ -1299,6 +1299,63 @@ def test_a_sync_attempt_that_timed_out_is_retried_and_its_late_end_ignored(
     assert len(traced.spans()) == 2
 
 
+class WorkersBusy:
+    """Motus's worker threads, all held by the test, and the attempts Motus begins meanwhile."""
+
+    held = threading.Semaphore(0)  # released once by each holder in a worker thread
+    free = threading.Event()  # the test lets the holders return
+    retried = threading.Event()  # Motus began the second attempt of queued_past_its_timeout
+    attempts = 0
+
+
+@agent_task
+def hold_a_worker() -> None:
+    WorkersBusy.held.release()
+    assert WorkersBusy.free.wait(10)
+
+
+def _motus_begins_an_attempt(event: Any) -> None:
+    WorkersBusy.attempts += 1
+    if WorkersBusy.attempts == 2:
+        WorkersBusy.retried.set()
+
+
+@agent_task(timeout=0.5, retries=1, on_start=_motus_begins_an_attempt)
+def queued_past_its_timeout() -> str:
+    return "ran"
+
+
+def test_a_sync_attempt_whose_timeout_ends_while_it_waits_for_a_worker_thread_is_a_failed_attempt(
+    traced: Any, runtime: None
+) -> None:
+    """Motus's timeout counts from when it hands the attempt to its thread pool: with every
+    worker busy, the first attempt never runs, and Motus retries its TimeoutError."""
+    WorkersBusy.attempts = 0
+    WorkersBusy.free.clear()
+    WorkersBusy.retried.clear()
+    workers = motus.runtime.get_runtime().scheduler._executor._max_workers
+
+    # one failure would open the circuit: the attempt that never ran is no failed call
+    @multirun.run(policy=Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=1)))
+    def job() -> str:
+        holders = [hold_a_worker() for _ in range(workers)]
+        try:
+            for _ in holders:
+                assert WorkersBusy.held.acquire(timeout=5)
+            future = queued_past_its_timeout()
+            assert WorkersBusy.retried.wait(5)  # the first attempt timed out in the queue
+        finally:
+            WorkersBusy.free.set()
+        return str(resolve(future))
+
+    assert job() == "ran"
+    step = record_from_span(traced.span("step queued_past_its_timeout"))
+    assert step.attributes[attr.STEP_STATUS] == "completed"
+    assert step.attributes[attr.STEP_ATTEMPT] == 2
+    [timed_out] = _exceptions(step)
+    assert (timed_out["exception.type"], timed_out[attr.STEP_ATTEMPT]) == ("TimeoutError", 1)
+
+
 @agent_task
 async def endless() -> str:
     await asyncio.sleep(30)

@@ -43,9 +43,10 @@ however late and on whichever thread Motus's scheduler runs it:
   fallback model). A task that waited for its rate-limit slot asks the circuit
   again (refused, it is not retried); one cancelled gives back its circuit
   probe, and its slot if it was still waiting for it. Motus's timeout covers
-  that wait: an attempt whose timeout ends it never ran, gives its slot back
-  and counts for nothing towards the circuit, and Motus retries its
-  ``TimeoutError`` as any other (the retry asks for a slot of its own).
+  that wait, and a sync task's wait for a worker thread: an attempt whose
+  timeout ends either never ran, gives its slot back and counts for nothing
+  towards the circuit, and Motus retries its ``TimeoutError`` as any other
+  (the retry asks for a slot of its own).
 
 How: the caller's OpenTelemetry context is captured in
 ``AgentRuntime.submit_task_registration`` (which ``register_agent_task`` calls,
@@ -640,13 +641,12 @@ class _TaskTrace:
             with self.lock:  # type: ignore[union-attr]  # set with the wrapper that calls this
                 if self.started < 0:
                     return 0, None  # the task was settled already (cancelled)
-                if self.started:
-                    if self.started > self.failures:
-                        self._timed_out()  # the last attempt ended without an outcome seen here
-                    self._check_retry_budget()
-                    if self.step is not None:
-                        self.step._next_attempt()  # counted as it starts: not if cancelled in its delay
-                self.started += 1
+                # Motus counts a retry before it makes it: the attempts it made that never began
+                # here waited for a worker thread (a sync task) until its timeout ended them
+                while self.started < self.task.retry_count:
+                    self._count_attempt()
+                    self._timed_out(began=False)
+                self._count_attempt()
                 self.began = time.monotonic()  # Motus times an attempt on its loop's clock
                 if not self.waiting:
                     return self.started, None
@@ -657,6 +657,16 @@ class _TaskTrace:
         except Exception:
             _broken("starting an attempt")
             return 0, None
+
+    def _count_attempt(self) -> None:
+        """One more attempt; the last one's failure first, if it ended with none seen here."""
+        if self.started:
+            if self.started > self.failures:
+                self._timed_out()  # the last attempt ended without an outcome seen here
+            self._check_retry_budget()
+            if self.step is not None:
+                self.step._next_attempt()  # counted as it starts: not if cancelled in its delay
+        self.started += 1
 
     def wait_over(self, number: int) -> None:
         """Attempt ``number`` waited (for its rate-limit slot, Motus's retry delay): the circuit
@@ -718,17 +728,18 @@ class _TaskTrace:
         if refused is not None:
             raise refused from error
 
-    def _timed_out(self) -> None:
+    def _timed_out(self, began: bool = True) -> None:
         """Motus's timeout ended the last attempt, and Motus retries it now.
 
-        Ended while it waited for its rate-limit slot, the attempt never ran: it gives back its
-        slot and its circuit probe and counts for nothing, but is the attempt's failure on the
-        span; ended while it ran, it is a failed call. The refusal of the retry is raised.
+        Ended before it began (waiting for a worker thread) or while it waited for its
+        rate-limit slot, the attempt never ran: it gives back its slot and its circuit probe and
+        counts for nothing, but is the attempt's failure on the span; ended while it ran, it is
+        a failed call. The refusal of the retry is raised.
         """
         number = self.started
         error = self._unseen_failure(number)
         self.failures = number
-        ran, self.waiting, self.resume_at = not self.waiting, False, None
+        ran, self.waiting, self.resume_at = began and not self.waiting, False, None
         refused = self._retry(error, self.task.policy.retry_delay, 0.0, ran=ran)
         if refused is not None:
             raise refused from error
