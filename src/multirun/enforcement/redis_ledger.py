@@ -660,14 +660,9 @@ class RedisLedger(LedgerReadings):
             ledger._update([int(v) for v in reply[start : start + _FIELDS_PER_KEY]], now_us, at)
 
     def _update(self, values: list[int], now_us: int, at: float) -> None:
-        tokens, cost_units, steps, sub_agents, unpriced, started_us, _deadline_us = values
+        started_us = values[_STARTED]
         with self._lock:
-            # replies of concurrent calls may arrive out of order; totals only grow
-            self.tokens = max(self.tokens, tokens)
-            self.cost_units = max(self.cost_units, cost_units)
-            self.steps = max(self.steps, steps)
-            self.sub_agents = max(self.sub_agents, sub_agents)
-            self.unpriced_reports = max(self.unpriced_reports, unpriced)
+            _take_higher_totals(self, values)
             if started_us >= 0 and now_us >= self._server_now_us:
                 self._started_us, self._server_now_us, self._at = started_us, now_us, at
 
@@ -689,6 +684,21 @@ class RedisLedger(LedgerReadings):
         for ledger in self.chain():
             with ledger._lock:
                 ledger.steps += 1
+
+
+_STARTED = 5  # in a run's fields as a reply gives them: its start, in server microseconds
+
+
+def _take_higher_totals(ledger: RedisLedger | _Enclosing, values: list[int]) -> None:
+    """Take a reply's totals (``values``: a run's fields, as the script returns them) where they
+    are higher: replies of concurrent calls may arrive out of order, and totals only grow. Call
+    with ``ledger``'s lock held."""
+    tokens, cost_units, steps, sub_agents, unpriced = values[:_STARTED]
+    ledger.tokens = max(ledger.tokens, tokens)
+    ledger.cost_units = max(ledger.cost_units, cost_units)
+    ledger.steps = max(ledger.steps, steps)
+    ledger.sub_agents = max(ledger.sub_agents, sub_agents)
+    ledger.unpriced_reports = max(ledger.unpriced_reports, unpriced)
 
 
 class _Enclosing(LedgerReadings):
@@ -728,13 +738,9 @@ class _Enclosing(LedgerReadings):
         return (self,)
 
     def _update(self, values: list[int], now_us: int, at: float) -> None:
-        tokens, cost_units, steps, sub_agents, unpriced, started_us, _deadline_us = values
+        started_us = values[_STARTED]
         with self._lock:
-            self.tokens = max(self.tokens, tokens)
-            self.cost_units = max(self.cost_units, cost_units)
-            self.steps = max(self.steps, steps)
-            self.sub_agents = max(self.sub_agents, sub_agents)
-            self.unpriced_reports = max(self.unpriced_reports, unpriced)
+            _take_higher_totals(self, values)
             if started_us >= 0:
                 self._started_us = started_us
 
