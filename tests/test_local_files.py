@@ -214,6 +214,73 @@ def _finished_spans() -> list[ReadableSpan]:
 
 
 # ---------------------------------------------------------------------------
+# the file stays open between batches
+
+
+def _spans_named(name: str) -> list[ReadableSpan]:
+    finished: list[ReadableSpan] = []
+
+    class Keep(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            finished.append(span)
+
+    provider = TracerProvider()
+    provider.add_span_processor(Keep())
+    provider.get_tracer("test").start_span(name).end()
+    return finished
+
+
+def test_a_trace_file_removed_while_the_program_runs_is_written_again(tmp_path: Path) -> None:
+    # `multirun prune`, or a person clearing the folder: the next batches are not lost in a
+    # file that no longer has a name
+    exporter = LocalFileSpanExporter(tmp_path / "traces")
+    assert exporter.export(_spans_named("before")) is SpanExportResult.SUCCESS
+    [path] = (tmp_path / "traces").glob("*.jsonl")
+    path.unlink()
+    assert exporter.export(_spans_named("after the file")) is SpanExportResult.SUCCESS
+    (tmp_path / "traces" / path.name).unlink()
+    (tmp_path / "traces").rmdir()
+    assert exporter.export(_spans_named("after the folder")) is SpanExportResult.SUCCESS
+    assert [s.name for s in read_spans(tmp_path / "traces")] == ["after the folder"]
+
+
+def test_a_fragment_another_writer_leaves_between_two_batches_does_not_take_the_next_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # two containers, both PID 1, write the same file on a shared volume; one was killed mid-line
+    exporter = LocalFileSpanExporter(tmp_path)
+    assert exporter.export(_spans_named("first")) is SpanExportResult.SUCCESS
+    [path] = tmp_path.glob("*.jsonl")
+    with path.open("ab") as other:
+        other.write(b'{"resourceSpans":[{"reso')
+    assert exporter.export(_spans_named("second")) is SpanExportResult.SUCCESS
+    assert exporter.export(_spans_named("third")) is SpanExportResult.SUCCESS
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert [s.name for s in read_spans(tmp_path)] == ["first", "second", "third"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 1 damaged line in {path} (line 2: not JSON)"
+    ]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_writes_its_own_file(tmp_path: Path) -> None:
+    exporter = LocalFileSpanExporter(tmp_path)
+    assert exporter.export(_spans_named("parent")) is SpanExportResult.SUCCESS
+    pid = os.fork()
+    if pid == 0:  # the child: exit without running the test process's clean-up
+        code = 0 if exporter.export(_spans_named("child")) is SpanExportResult.SUCCESS else 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert exporter.export(_spans_named("parent again")) is SpanExportResult.SUCCESS
+    files = {path.name.rsplit("-", 1)[1]: path for path in tmp_path.glob("*.jsonl")}
+    assert set(files) == {f"{os.getpid()}.jsonl", f"{pid}.jsonl"}
+    assert [s.name for s in read_spans(files[f"{pid}.jsonl"].parent) if s.name == "child"] == ["child"]
+    parent_file = json.loads(files[f"{os.getpid()}.jsonl"].read_text().splitlines()[-1])
+    assert parent_file["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["name"] == "parent again"
+
+
+# ---------------------------------------------------------------------------
 # the end of the process
 
 CTRL_C_AFTER_A_RUN = """

@@ -4,23 +4,23 @@ Each line of ``traces/<date>-<pid>.jsonl`` is one ExportTraceServiceRequest in
 the OTLP JSON encoding (the same files the Collector's ``file`` exporter and
 ``otlpjsonfile`` receiver use), so they can be replayed into any OTLP backend.
 
-The encoder is the protobuf one of opentelemetry-exporter-otlp-proto-common
-plus protobuf's JSON mapping; only trace and span ids need converting, from
-base64 to the hex that OTLP JSON specifies. (The separate
-opentelemetry-exporter-otlp-json-file package is still a beta whose pins
-conflict with the released OTLP exporters.)
+The encoder is ``otlp_json``'s, which writes the dicts of protobuf's JSON
+mapping directly, thirty times faster than opentelemetry-exporter-otlp-proto-common's
+encoder plus ``MessageToDict``. (The separate opentelemetry-exporter-otlp-json-file
+package is still a beta whose pins conflict with the released OTLP exporters.)
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from multirun._process import reinit_after_fork
+from multirun.telemetry.otlp_json import encode_spans_json
 from multirun.telemetry.utf8_spans import utf8_safe_span
 
 _logger = logging.getLogger(__name__)
@@ -42,16 +43,15 @@ class LocalFileSpanExporter(SpanExporter):
         self._lock = threading.Lock()
         self._warned = False
         self._shutdown = False
+        self._file: _AppendFile | None = None
         # a forked child writes its own file; the lock may have been held by a thread it lost
         reinit_after_fork(self._at_fork_reinit)
-        # Imported now, not by the last export at exit: importing protobuf runs exec() of source
-        # text, which makes CPython forget that a KeyboardInterrupt ended the program, so that a
-        # program stopped by Ctrl-C exited with status 1 instead of by SIGINT (a shell loop
-        # running it took that for a failure and went on).
-        _encoder()
 
     def _at_fork_reinit(self) -> None:
         self._lock = threading.Lock()
+        if self._file is not None:
+            self._file.close()  # the child's copy of the parent's descriptor
+            self._file = None
 
     @property
     def path(self) -> Path:
@@ -62,10 +62,9 @@ class LocalFileSpanExporter(SpanExporter):
         if self._shutdown:
             return SpanExportResult.FAILURE
         try:
-            line = json.dumps(_encode_what_can_be(spans), separators=(",", ":")) + "\n"
+            line = _encode_line(spans)
             with self._lock:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                _append_line(self.path, line.encode("utf-8"))
+                self._append(line)
         except Exception as exc:
             if not self._warned:  # one warning, not one per batch
                 self._warned = True
@@ -78,37 +77,97 @@ class LocalFileSpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
+    def _append(self, line: bytes) -> None:
+        path = self.path
+        file = self._file
+        if file is not None and (file.path != path or file.removed()):
+            file.close()  # a new day, or the file was removed (pruned): a new file
+            file = self._file = None
+        if file is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            file = _AppendFile(path)
+            self._file = file
+        try:
+            file.append(line)
+        except OSError:
+            file.close()  # opened afresh for the next batch
+            self._file = None
+            raise
+
     def shutdown(self) -> None:
         self._shutdown = True
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
 
 
-def _append_line(path: Path, line: bytes) -> None:
-    """Append ``line`` to ``path``, starting it on a line of its own.
+class _AppendFile:
+    """A trace file kept open between batches.
 
-    Another process of the same pid (PID 1 in a container, run after run) writes the same
-    file, and one that died mid-write left a last line without its end: without a newline
-    first, this line would be glued to that fragment and lost with it.
+    Opening the file, checking its end and closing it again for every batch cost eight
+    system calls, each of which lets the application's thread take the GIL for a switch
+    interval (5 ms) before the export thread gets it back: a fast agent loop filled the
+    export queue meanwhile and spans were dropped. Kept open, a batch costs an ``fstat``
+    (was the file removed? did another writer add to it?) and the ``write``.
     """
-    flags = os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags | os.O_RDWR, 0o666)
-    except PermissionError:  # a file this process may write but not read: append as it is
-        fd = os.open(path, flags | os.O_WRONLY, 0o666)
-    else:
-        size = os.fstat(fd).st_size
-        if size:
-            os.lseek(fd, size - 1, os.SEEK_SET)
-            if os.read(fd, 1) != b"\n":
-                line = b"\n" + line
-    try:
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        flags = os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+        self._readable = True
+        try:
+            self._fd = os.open(path, flags | os.O_RDWR, 0o666)
+        except PermissionError:  # a file this process may write but not read: append as it is
+            self._fd = os.open(path, flags | os.O_WRONLY, 0o666)
+            self._readable = False
+        self._end = -1  # where this writer's last line ended; -1: not written yet
+        self._size = 0
+
+    def removed(self) -> bool:
+        status = os.fstat(self._fd)
+        self._size = status.st_size
+        return status.st_nlink == 0
+
+    def append(self, line: bytes) -> None:
+        """Append ``line``, starting it on a line of its own.
+
+        Another process of the same pid (PID 1 in a container, run after run) writes the
+        same file, and one that died mid-write left a last line without its end: without a
+        newline first, this line would be glued to that fragment and lost with it.
+        """
+        size = self._size if self._end >= 0 else os.fstat(self._fd).st_size
+        if size and size != self._end and self._readable and self._byte_at(size - 1) != b"\n":
+            line = b"\n" + line
         view = memoryview(line)
         while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
+            view = view[os.write(self._fd, view) :]
+        self._end = size + len(line)
+
+    def _byte_at(self, offset: int) -> bytes:
+        if hasattr(os, "pread"):
+            return os.pread(self._fd, 1, offset)
+        os.lseek(self._fd, offset, os.SEEK_SET)  # Windows; appends go to the end all the same
+        return os.read(self._fd, 1)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def _encode_line(spans: Sequence[ReadableSpan]) -> bytes:
+    """The batch as one line of OTLP JSON in UTF-8. Text UTF-8 cannot hold (a lone surrogate,
+    as ``os.fsdecode`` makes of a byte that is not UTF-8) is escaped: ``\\xff`` for such a
+    byte, ``\\udXXX`` for another surrogate."""
+    request = _encode_what_can_be(spans)
+    try:
+        return json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        request = _encode_what_can_be([utf8_safe_span(span) for span in spans])
+        return json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
 
 
 def _encode_what_can_be(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
@@ -128,48 +187,14 @@ def _encode_what_can_be(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
             first_error = first_error or exc
         else:
             good.append(span)
-    left_out = len(spans) - len(good)
     _logger.warning(
         "multirun: could not write %d of %d spans (%s: %s)",
-        left_out,
+        len(spans) - len(good),
         len(spans),
         type(first_error).__name__,
         first_error,
     )
     return encode_spans_json(good)
-
-
-def encode_spans_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
-    """The OTLP JSON form of ``spans`` (one ExportTraceServiceRequest).
-
-    Text that UTF-8 cannot hold (a lone surrogate, as ``os.fsdecode`` makes of a byte that is
-    not UTF-8) is escaped first: ``\\xff`` for such a byte, ``\\udXXX`` for another surrogate.
-    """
-    message_to_dict, encode_spans = _encoder()
-    message = message_to_dict(encode_spans([utf8_safe_span(s) for s in spans]), use_integers_for_enums=True)
-    for resource_spans in message.get("resourceSpans", ()):
-        for scope_spans in resource_spans.get("scopeSpans", ()):
-            for span in scope_spans.get("spans", ()):
-                _ids_to_hex(span)
-                for link in span.get("links", ()):
-                    _ids_to_hex(link)
-    return message
-
-
-def _encoder() -> tuple[Callable[..., dict[str, Any]], Callable[[Sequence[ReadableSpan]], Any]]:
-    """protobuf's JSON mapping and the OTLP trace encoder, imported when first needed (the
-    command that reads the files back needs neither)."""
-    from google.protobuf.json_format import MessageToDict
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-    return MessageToDict, encode_spans
-
-
-def _ids_to_hex(obj: dict[str, Any]) -> None:
-    for key in ("traceId", "spanId", "parentSpanId"):
-        value = obj.get(key)
-        if value:
-            obj[key] = base64.b64decode(value).hex()
 
 
 # -- reading back ------------------------------------------------------------------
