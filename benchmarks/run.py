@@ -17,6 +17,9 @@ in parallel: they would disturb each other's timings on a small machine):
   ``@step`` goes (cProfile, own time, multirun and OpenTelemetry functions);
 - ``repro_export_starvation.py`` -> ``results/export_starvation.md``: why the
   BatchSpanProcessor drops spans when many runs are created;
+- ``bench_local_files.py`` -> ``results/local_files.md``: the embedded default's
+  exporter: OTLP JSON encoding per span against the library route, and spans lost by
+  a fast agent loop;
 - ``bench_ledger.py``   -> ``results/ledger.md``: the budget check and ledger
   update per step, in process and against a real redis-server;
 - ``bench_input_hash.py`` -> ``results/input_hash.md``: the replay key every
@@ -59,6 +62,7 @@ FULL: list[list[str]] = [
     ["bench_memory.py"],
     ["profile_step.py"],
     ["repro_export_starvation.py"],
+    ["bench_local_files.py"],
     ["bench_ledger.py"],
     ["bench_input_hash.py"],
     ["bench_metrics.py"],
@@ -73,6 +77,7 @@ SCRIPTS = {
     "memory": "bench_memory.py",
     "profile": "profile_step.py",
     "starvation": "repro_export_starvation.py",
+    "local_files": "bench_local_files.py",
     "ledger": "bench_ledger.py",
     "input_hash": "bench_input_hash.py",
     "metrics": "bench_metrics.py",
@@ -87,6 +92,7 @@ QUICK: list[list[str]] = [
     ["bench_memory.py", "--steps", "100000", "--runs", "1000"],
     ["profile_step.py", "--calls", "20000", "--rounds", "6"],
     ["repro_export_starvation.py", "--repeats", "1"],
+    ["bench_local_files.py", "--rounds", "5", "--runs", "500", "--repeats", "1"],
     ["bench_ledger.py", "--rounds", "6", "--batch", "2000"],
     ["bench_input_hash.py", "--rounds", "6", "--batch", "1000"],
     ["bench_metrics.py", "--rounds", "6"],
