@@ -243,6 +243,45 @@ def test_demo_in_a_folder_it_cannot_write_names_the_folder_not_an_init_argument(
     ]
 
 
+@pytest.mark.parametrize("sub", ["traces", "blobs"])
+@pytest.mark.parametrize("how", ["read-only", "a file"])
+def test_demo_that_cannot_write_a_subfolder_says_so_before_running_naming_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], read_only: Callable[[Path], None], sub: str, how: str
+) -> None:
+    # it ran the crew, then warned that MULTIRUN_DIR names another folder (the user gave --dir)
+    # and that the run "was not found", or lost the checkpoint with a warning and exit status 0
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    if how == "a file":
+        (folder / sub).write_text("")
+    else:
+        (folder / sub).mkdir()
+        read_only(folder / sub)
+    code, out, err = run_cli(capsys, "demo", "--dir", str(folder))
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        f"multirun: error: cannot write to the folder {folder / sub}: give another with --dir DIR"
+    ]
+
+
+def test_demo_whose_span_file_cannot_be_written_names_dir_not_the_library_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a folder that passes the checks, and a write that fails all the same (a full disk, say)
+    folder = tmp_path / "demo"
+    span_file = LocalFileSpanExporter(folder / "traces").path
+    span_file.mkdir(parents=True)  # a folder where this process's span file goes
+    code, _, err = run_cli(capsys, "demo", "--dir", str(folder))
+    assert code == 1
+    warning = err.splitlines()[0]
+    assert warning.startswith(f"multirun: warning: cannot write traces to {folder / 'traces'}: ")
+    assert warning.endswith("(spans are lost until it can be written; --dir DIR names another folder)")
+    assert "MULTIRUN_DIR" not in err and "init(" not in err
+    error = err.splitlines()[-1]
+    assert error.startswith("multirun: error: run ")
+    assert error.endswith(f" was not found in {folder / 'traces'}: its spans could not be written there")
+
+
 @pytest.mark.parametrize("to_a_collector", [False, True], ids=["files", "collector"])
 def test_demo_with_the_sdk_disabled_says_so_instead_of_losing_its_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, to_a_collector: bool

@@ -37,6 +37,7 @@ from multirun.cli import checkpoints, prune, render, runs
 from multirun.cli.runs import RunsError
 from multirun.client import DEFAULT_DIR, MultiRunClient
 from multirun.errors import MultiRunError
+from multirun.telemetry.local_files import FOLDER_SETTINGS
 
 COLLECTOR_HINT = "OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 multirun demo"
 NO_RUNS_HINT = (
@@ -304,12 +305,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _error(f"cannot send the spans to {endpoint}: {refused}")
             print(_NO_COLLECTOR_HINT, file=sys.stderr)
             return 1
-    try:  # here, so the error names the folder (--dir or MULTIRUN_DIR), not an argument of init
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunsError(f"cannot create the folder {directory}: {exc.strerror or exc}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):  # one that exists read-only: init would name local_dir
-        raise RunsError(f"cannot write to the folder {directory}: give another with --dir DIR")
+    _check_demo_folders(directory, endpoint)
     client = demo.configure(directory, args.endpoint)
     recorder = _Recorder.attach(client) if endpoint else _Recorder()
     interrupted = False
@@ -332,6 +328,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 _NO_COLLECTOR_HINT = "Is a collector listening there? Without an endpoint the demo writes files."
+
+
+def _check_demo_folders(directory: Path, endpoint: str | None) -> None:
+    """Create the demo's folder, and refuse it, or a folder in it the demo writes to, that cannot
+    be written: before the crew runs, naming --dir (init would name its own argument, and the
+    span files' warning MULTIRUN_DIR)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunsError(f"cannot create the folder {directory}: {exc.strerror or exc}") from None
+    folders = [directory]
+    if not endpoint:
+        folders.append(runs.traces_dir(directory))
+    if not os.environ.get("MULTIRUN_CHECKPOINT_URI"):
+        folders.append(directory / "blobs")
+    for folder in folders:  # the ones in it are created when written, if they do not exist yet
+        if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            raise RunsError(f"cannot write to the folder {folder}: give another with --dir DIR")
 
 
 def _partial_run(directory: Path, endpoint: str | None, sent: bool) -> str:
@@ -407,7 +421,8 @@ def _show_written(directory: Path, run_id: str) -> int:
     """Read the run back from the files, print it, and say where the files are."""
     found = [r for r in runs.list_runs(directory) if r.run_id == run_id]
     if not found:
-        raise RunsError(f"run {run_id} was not found in {runs.traces_dir(directory)}")
+        where = runs.traces_dir(directory)
+        raise RunsError(f"run {run_id} was not found in {where}: its spans could not be written there")
     _print_run(found[0], runs.build_tree(runs.trace_spans(directory, found[0]), found[0].span))
     print()
     print(f"Traces:      {runs.traces_dir(directory)}/*.jsonl (OTLP JSON, one request per line)")
@@ -481,10 +496,11 @@ def _error(message: str) -> None:
 
 
 class _StderrHandler(logging.Handler):
-    """``multirun: warning: ...`` on whatever ``sys.stderr`` is now."""
+    """``multirun: warning: ...`` on whatever ``sys.stderr`` is now; a folder for the span files
+    is named as the command takes it, with --dir."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage().removeprefix("multirun: ")
+        message = record.getMessage().removeprefix("multirun: ").replace(FOLDER_SETTINGS, "--dir DIR")
         print(f"multirun: {record.levelname.lower()}: {message}", file=sys.stderr)
 
 

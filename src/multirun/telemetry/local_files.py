@@ -34,6 +34,10 @@ from multirun.telemetry.utf8_spans import utf8_safe_span
 
 _logger = logging.getLogger(__name__)
 
+#: How a program names another folder for its span files, for messages (the ``multirun``
+#: command says its own option instead).
+FOLDER_SETTINGS = "MULTIRUN_DIR or multirun.init(local_dir=...)"
+
 
 class LocalFileSpanExporter(SpanExporter):
     """Appends spans to ``<directory>/<date>-<pid>.jsonl`` as OTLP JSON; never raises."""
@@ -70,9 +74,10 @@ class LocalFileSpanExporter(SpanExporter):
                 self._warned = True
                 _logger.warning(
                     "multirun: cannot write traces to %s: %s (spans are lost until it can be written; "
-                    "MULTIRUN_DIR or multirun.init(local_dir=...) names another folder)",
+                    "%s names another folder)",
                     self.directory,
                     exc,
+                    FOLDER_SETTINGS,
                 )
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
