@@ -244,6 +244,9 @@ def test_a_missing_store_folder_is_an_error(tmp_path: Path, capsys) -> None:
         ("ftp://host/blobs", "no blob exporter for the URI scheme 'ftp'"),
         ("file://host/blobs", "file URI 'file://host/blobs': its path must be absolute"),
         ("s3://", "an s3:// URI needs a bucket"),
+        ("file://", "file URI 'file://' has no path: file:///path"),
+        ("file:", "file URI 'file:' has no path: file:///path"),
+        ("file:///tmp/a%00b", "blob store 'file:///tmp/a%00b': its path has a NUL character"),
     ],
 )
 def test_a_bad_store_is_an_error_naming_where_it_was_given(
@@ -258,7 +261,29 @@ def test_a_bad_store_is_an_error_naming_where_it_was_given(
     assert code == 1
     [line] = err.splitlines()
     assert line.startswith(f"multirun: error: {given_as}: {error}"), line
-    assert "checkpoint_uri" not in line  # an argument of init, which nobody called
+    # arguments of Python calls (init, an exporter's factory), which nobody made
+    assert "checkpoint_uri" not in line and "directory=" not in line
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["checkpoints", "--store", "file://"],
+        ["checkpoints", "show", "abc", "--store", "file://"],
+        ["checkpoints", "verify", "--store", "file://"],
+        ["prune", "--older-than", "1", "--store", "file://"],
+        ["resume", "abc", "--store", "file://", "--", "true"],
+    ],
+    ids=["checkpoints", "show", "verify", "prune", "resume"],
+)
+def test_every_command_refuses_a_store_uri_without_a_path_in_its_own_terms(
+    tmp_path: Path, monkeypatch, capsys, command: list[str]
+) -> None:
+    # the error ended with "file:///path or directory=", an argument of the Python factory
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *command)
+    assert (code, out) == (1, "")
+    assert err.splitlines() == ["multirun: error: --store: file URI 'file://' has no path: file:///path"]
 
 
 def test_no_folder_yet_is_no_checkpoints(tmp_path: Path, monkeypatch, capsys) -> None:

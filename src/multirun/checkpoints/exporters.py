@@ -294,8 +294,12 @@ def file_exporter(
             )
         else:
             directory = unquote(parsed.path)
+            if not directory:  # the URI's own fix, not a factory argument (a command has none)
+                raise ConfigurationError(f"file URI {uri!r} has no path: file:///path")
     if not directory:
         raise ConfigurationError("the file blob exporter needs a directory: file:///path or directory=")
+    if "\0" in os.fspath(directory):  # "%00": no file name holds one, and os.stat raises a bare ValueError
+        raise ConfigurationError(f"blob store {uri or os.fspath(directory)!r}: its path has a NUL character")
     return FileBlobExporter(directory)
 
 
