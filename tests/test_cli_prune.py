@@ -148,3 +148,19 @@ def test_ctrl_c_during_prune_says_to_run_it_again_in_one_line(
         "multirun: interrupted; some old files were removed, not all: run it again to remove the rest"
     ]
     assert left(folder) == (["2026-11-22-200.jsonl"], {"old": 1, "mixed": 2, "recent": 1})
+
+
+@pytest.mark.parametrize("option", ["--dir", "--store"])
+def test_an_empty_dir_or_store_is_refused_not_taken_for_the_default_folder(
+    folder: Path, monkeypatch, capsys, option: str
+) -> None:
+    # `--dir "$UNSET"` in a cron line pruned ./.multirun (or $MULTIRUN_DIR): '' was no option
+    monkeypatch.delenv("MULTIRUN_CHECKPOINT_URI", raising=False)
+    monkeypatch.setenv("MULTIRUN_DIR", str(folder))
+    before = left(folder)
+    assert main(["prune", "--older-than", "0", option, ""]) == 2
+    assert left(folder) == before
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"multirun prune: error: argument {option}: must name a "
+        f"{'folder' if option == '--dir' else 'store'}, got ''"
+    )

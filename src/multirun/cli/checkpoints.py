@@ -35,7 +35,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,9 +126,22 @@ def add_store_options(parser: argparse.ArgumentParser, add_dir: Any, default: An
     parser.add_argument(
         "--store",
         default=default,
+        type=naming("store"),
         metavar="URI",
         help="the checkpoint store (default: $MULTIRUN_CHECKPOINT_URI, else DIR/blobs)",
     )
+
+
+def naming(what: str) -> Callable[[str], str]:
+    """An argparse type that refuses an empty value, which the commands would otherwise take for
+    no option at all: ``--dir "$UNSET"`` would prune the default folder."""
+
+    def check(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"must name a {what}, got ''")
+        return text
+
+    return check
 
 
 class CommandError(Exception):

@@ -178,6 +178,7 @@ def _add_dir(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--dir",
         default=default,
+        type=checkpoints.naming("folder"),
         metavar="DIR",
         help=f"the multirun folder (default: $MULTIRUN_DIR or ./{DEFAULT_DIR})",
     )
