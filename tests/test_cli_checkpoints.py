@@ -514,6 +514,18 @@ def test_resume_tells_the_child_the_store(store_dir, capfd, monkeypatch) -> None
     }
 
 
+@pytest.mark.parametrize("relative", ["blobs", "file:blobs"])
+def test_resume_tells_the_child_a_store_folder_given_relative_as_an_absolute_one(
+    store_dir, capfd, monkeypatch, relative: str
+) -> None:
+    # it was passed on as given, as a folder of wherever the program runs (--dir is made absolute)
+    monkeypatch.chdir(store_dir)
+    monkeypatch.delenv("MULTIRUN_CHECKPOINT_URI", raising=False)
+    run_id = run_ids(store_dir)[0]
+    assert main(["resume", run_id, "--store", relative, "--", *ENV_PRINTER]) == 0
+    assert child_env(capfd.readouterr().out)["MULTIRUN_CHECKPOINT_URI"] == str(store_dir / "blobs")
+
+
 def test_resume_run_name_tells_the_child_the_name_of_the_run_that_continues_it(store_dir, capfd) -> None:
     printer = [
         sys.executable,

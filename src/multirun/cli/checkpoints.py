@@ -443,7 +443,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     named = f" ({meta.name})" if meta.name else ""
     print(f"resuming run {meta.run_id} from checkpoint {meta.id}{named}", file=sys.stderr)
     try:
-        child = subprocess.Popen(command, env=child_environment(args, meta.id))
+        child = subprocess.Popen(command, env=child_environment(args, meta.id, store.exporter))
     except OSError as exc:
         raise CommandError(f"resume: cannot run {command[0]!r}: {exc}") from None
     with _ctrl_c_left_to_the_child():
@@ -468,15 +468,17 @@ def _ctrl_c_left_to_the_child() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.SIG_DFL if earlier is None else earlier)
 
 
-def child_environment(args: argparse.Namespace, checkpoint_id: str) -> dict[str, str]:
+def child_environment(args: argparse.Namespace, checkpoint_id: str, exporter: BlobExporter) -> dict[str, str]:
     """This environment, plus what makes the child's default client resume ``checkpoint_id``
-    from the store the options named: MULTIRUN_RESUME, MULTIRUN_DIR, MULTIRUN_CHECKPOINT_URI,
-    and MULTIRUN_RESUME_RUN_NAME for ``--run-name``."""
+    from the store the options named (``exporter``): MULTIRUN_RESUME, MULTIRUN_DIR,
+    MULTIRUN_CHECKPOINT_URI, and MULTIRUN_RESUME_RUN_NAME for ``--run-name``. Folders are
+    passed on absolute: the child may change folder."""
     env = dict(os.environ, **{RESUME_ENV: checkpoint_id})
     if getattr(args, "run_name", None):
         env[RESUME_RUN_NAME_ENV] = args.run_name
     if getattr(args, "dir", None):
         env["MULTIRUN_DIR"] = str(Path(args.dir).absolute())
     if getattr(args, "store", None):
-        env["MULTIRUN_CHECKPOINT_URI"] = args.store
+        folder = exporter.directory if isinstance(exporter, FileBlobExporter) else None  # absolute
+        env["MULTIRUN_CHECKPOINT_URI"] = str(folder) if folder else args.store
     return env
