@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -825,7 +826,21 @@ def test_show_unknown_id(demo: DemoRun, capsys: pytest.CaptureFixture[str]) -> N
     code, out, err = run_cli(capsys, "runs", "show", "nope", "--dir", str(demo.directory))
     assert code == 1
     assert out == ""
-    assert err.splitlines() == ["multirun: error: no run with id 'nope' (see `multirun runs`)"]
+    assert err.splitlines() == [
+        f"multirun: error: no run with id 'nope' (see `multirun runs --dir {demo.directory}`)"
+    ]
+
+
+def test_the_listing_an_unknown_run_id_error_suggests_is_of_the_same_folder(
+    demo: DemoRun, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # it said "see `multirun runs`", which, pasted, listed the runs of ./.multirun instead
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MULTIRUN_DIR", raising=False)
+    _, _, err = run_cli(capsys, "runs", "show", "nope", "--dir", str(demo.directory))
+    [suggested] = re.findall(r"`(multirun [^`]*)`", err)
+    code, out, _ = run_cli(capsys, *shlex.split(suggested)[1:])
+    assert code == 0 and demo.run_id[:12] in out
 
 
 def test_show_ambiguous_prefix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1569,4 +1584,6 @@ def test_python_m_multirun_is_the_multirun_command(tmp_path: Path) -> None:
         text=True,
     )
     assert (listed.returncode, listed.stdout) == (1, "")
-    assert listed.stderr == "multirun: error: no run with id 'nosuch' (see `multirun runs`)\n"
+    assert listed.stderr == (
+        f"multirun: error: no run with id 'nosuch' (see `multirun runs --dir {tmp_path}`)\n"
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -129,7 +131,7 @@ def test_show_of_an_unknown_checkpoint_is_one_line_and_exit_1(store_dir, capsys)
     assert code == 1
     assert err.splitlines() == [
         f"multirun: error: no checkpoint 'nope' in the store {store_dir / 'blobs'}: "
-        "`multirun checkpoints` lists the checkpoints it holds"
+        f"`multirun checkpoints --dir {store_dir}` lists the checkpoints it holds"
     ]
 
 
@@ -139,8 +141,35 @@ def test_show_of_a_run_id_says_what_lists_the_runs_checkpoints(store_dir, capsys
     assert code == 1
     assert err.splitlines() == [
         f"multirun: error: no checkpoint '{run_id[:8]}' in the store {store_dir / 'blobs'}: "
-        f"it is a run id, whose checkpoints `multirun checkpoints --run {run_id[:8]}` lists"
+        f"it is a run id, whose checkpoints `multirun checkpoints --run {run_id[:8]} --dir {store_dir}` lists"
     ]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["checkpoints", "show", "nope"],
+        ["checkpoints", "--run", "nope"],
+        ["resume", "nope", "--", "true"],
+        ["checkpoints", "show", "RUN"],
+    ],
+    ids=["show", "--run", "resume", "show of a run id"],
+)
+@pytest.mark.parametrize("option", ["--dir", "--store"])
+def test_the_command_an_unknown_id_error_suggests_reads_the_same_store(
+    store_dir, tmp_path, monkeypatch, capsys, command: list[str], option: str
+) -> None:
+    # it suggested `multirun checkpoints` without the --dir or --store it was given: pasted, that
+    # listed the checkpoints of ./.multirun, or said there were none
+    monkeypatch.chdir(tmp_path.parent)  # a folder with no .multirun
+    given = str(store_dir) if option == "--dir" else str(store_dir / "blobs")
+    command = [run_ids(store_dir)[0][:8] if word == "RUN" else word for word in command]
+    at = command.index("--") if "--" in command else len(command)
+    code, _, err = run_cli(capsys, *command[:at], option, given, *command[at:])
+    assert code == 1
+    [suggested] = re.findall(r"`(multirun [^`]*)`", err)
+    code, out, _ = run_cli(capsys, *shlex.split(suggested)[1:])
+    assert code == 0 and checkpoint_ids(store_dir, run_ids(store_dir)[0])[-1] in out
 
 
 def test_verify_of_an_unknown_checkpoint_names_the_store(store_dir, capsys) -> None:
@@ -148,7 +177,7 @@ def test_verify_of_an_unknown_checkpoint_names_the_store(store_dir, capsys) -> N
     assert code == 1
     assert out.splitlines() == [
         f"FAILED  nope: no checkpoint 'nope' in the store {store_dir / 'blobs'}: "
-        "`multirun checkpoints` lists the checkpoints it holds",
+        f"`multirun checkpoints --dir {store_dir}` lists the checkpoints it holds",
         "0 ok, 1 failed",
     ]
 
@@ -158,7 +187,7 @@ def test_resume_of_an_unknown_id_names_the_store(store_dir, capsys) -> None:
     assert code == 1
     assert err.splitlines() == [
         f"multirun: error: no run or checkpoint with id 'nope' in the store {store_dir / 'blobs'}: "
-        "`multirun checkpoints` lists the checkpoints it holds"
+        f"`multirun checkpoints --dir {store_dir}` lists the checkpoints it holds"
     ]
 
 
@@ -323,7 +352,8 @@ def test_checkpoints_of_an_unknown_run_is_an_error(store_dir, capsys) -> None:
     code, out, err = run_cli(capsys, "checkpoints", "--run", "nope", "--dir", str(store_dir))
     assert code == 1 and out == ""
     assert err.splitlines() == [
-        "multirun: error: no run with id 'nope' (`multirun checkpoints` lists the runs with checkpoints)"
+        f"multirun: error: no run with id 'nope' "
+        f"(`multirun checkpoints --dir {store_dir}` lists the runs with checkpoints)"
     ]
 
 
@@ -557,7 +587,7 @@ def test_resume_command_line_end_to_end(tmp_path) -> None:
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"multirun: error: no run or checkpoint with id 'nope' in the store {tmp_path / 'blobs'}: "
-        "`multirun checkpoints` lists the checkpoints it holds"
+        f"`multirun checkpoints --dir {tmp_path}` lists the checkpoints it holds"
     ]
 
 

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -144,6 +145,13 @@ def naming(what: str) -> Callable[[str], str]:
     return check
 
 
+def same_place(args: argparse.Namespace, command: str) -> str:
+    """``command``, a command line a message suggests, with the --dir and --store options this
+    command was given: pasted, it reads the same folder and store."""
+    given = [(option, getattr(args, option[2:], None)) for option in ("--dir", "--store")]
+    return command + "".join(f" {option} {shlex.quote(value)}" for option, value in given if value)
+
+
 class CommandError(Exception):
     """A message for the user; the command exits 1."""
 
@@ -253,7 +261,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     store = open_store(args)
     stored = stored_checkpoints(store)
     traced_run_ids, names = _traced(args)
-    run_id = _match_run(args.run_id, stored, traced_run_ids) if args.run_id else None
+    run_id = _match_run(args, stored, traced_run_ids) if args.run_id else None
     if run_id is not None:
         stored = [found for found in stored if found.run_id == run_id]
     if not stored:
@@ -273,13 +281,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-CHECKPOINTED_RUNS_HINT = " (`multirun checkpoints` lists the runs with checkpoints)"
-
-
-def _match_run(prefix: str, stored: list[StoredCheckpoint], traced_run_ids: list[str]) -> str:
-    """The run id ``prefix`` names, among the runs of the store and those of the traces."""
+def _match_run(args: argparse.Namespace, stored: list[StoredCheckpoint], traced_run_ids: list[str]) -> str:
+    """The run id ``--run`` names, among the runs of the store and those of the traces."""
     ids = [found.run_id for found in stored] + traced_run_ids
-    return str(_call(match_id, prefix, ids, "run", f"no run with id {prefix!r}{CHECKPOINTED_RUNS_HINT}"))
+    listing = same_place(args, "multirun checkpoints")
+    missing = f"no run with id {args.run_id!r} (`{listing}` lists the runs with checkpoints)"
+    return str(_call(match_id, args.run_id, ids, "run", missing))
 
 
 def _resolve(args: argparse.Namespace, stored: list[StoredCheckpoint], identifier: str, kind: IdKind) -> str:
@@ -319,10 +326,11 @@ def _not_found_advice(
     runs_named = {found.run_id for found in stored} | set(_traced(args)[0])
     runs_named = {run_id for run_id in runs_named if run_id.lower().startswith(wanted)}
     if kind == "checkpoint" and runs_named:
-        return f"it is a run id, whose checkpoints `multirun checkpoints --run {identifier}` lists"
+        listing = same_place(args, f"multirun checkpoints --run {shlex.quote(identifier)}")
+        return f"it is a run id, whose checkpoints `{listing}` lists"
     if len(runs_named) == 1:
         return f"run {runs_named.pop()} took no checkpoint there, so there is nothing to resume it from"
-    return "`multirun checkpoints` lists the checkpoints it holds"
+    return f"`{same_place(args, 'multirun checkpoints')}` lists the checkpoints it holds"
 
 
 def _created(checkpoint_id: str) -> str:

@@ -227,7 +227,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         _error(f"no run with id {args.run_id!r}: no runs in {runs.traces_dir(directory)}")
         print(NO_RUNS_HINT, file=sys.stderr)
         return 1
-    run = runs.resolve(runs.list_runs(directory), args.run_id)
+    run = runs.resolve(runs.list_runs(directory), args.run_id, checkpoints.same_place(args, "multirun runs"))
     tree = runs.run_tree(runs.trace_spans(directory, run), run)
     if getattr(args, "json", False):
         _print_json(render.tree_json(tree))

@@ -434,14 +434,11 @@ def _stand_in(trace_id: str, trees: list[_Tree], known_ids: Collection[str]) -> 
     )
 
 
-RUNS_HINT = " (see `multirun runs`)"
-
-
-def resolve(runs: Sequence[RunSummary], prefix: str) -> RunSummary:
+def resolve(runs: Sequence[RunSummary], prefix: str, listing: str = "multirun runs") -> RunSummary:
     """The one run whose id (or, for an unfinished run of unknown id, trace id) is ``prefix``,
-    or starts with it; RunsError if none or several."""
+    or starts with it; RunsError if none or several, which suggests the command ``listing``."""
     try:
-        ref = match_id(prefix, (r.ref for r in runs), "run", f"no run with id {prefix!r}{RUNS_HINT}")
+        ref = match_id(prefix, (r.ref for r in runs), "run", f"no run with id {prefix!r} (see `{listing}`)")
     except CheckpointError as exc:
         raise RunsError(str(exc)) from None
     return next(r for r in runs if r.ref == ref)
