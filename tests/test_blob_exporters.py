@@ -526,6 +526,21 @@ def test_s3_bad_uris_are_configuration_errors(uri: str, message: str) -> None:
         exporter_from_uri(uri)
 
 
+@pytest.mark.parametrize("endpoint", ["localhost:8333", "notaurl"])
+def test_an_s3_endpoint_without_a_scheme_is_named_as_given(endpoint: str) -> None:
+    # the message said "got 'localhost://'" and "got '://'": what is left once user info, path
+    # and query are cut, which is not what was written
+    with pytest.raises(ConfigurationError) as info:
+        exporter_from_uri(f"s3://bucket/p?endpoint_url={endpoint}")
+    assert str(info.value) == f"S3 endpoint_url must be http(s)://host[:port], got {endpoint!r}"
+
+
+def test_an_s3_endpoint_with_user_info_is_refused_without_repeating_it() -> None:
+    with pytest.raises(ConfigurationError, match="endpoint_url must be http") as info:
+        exporter_from_uri("s3://bucket/p?endpoint_url=AKID:TOPSECRET@host")
+    assert "TOPSECRET" not in str(info.value)
+
+
 def test_s3_secrets_in_a_uri_are_refused_without_being_repeated() -> None:
     for uri in ["s3://bucket/p?aws_secret_access_key=TOPSECRET", "s3://AKID:TOPSECRET@bucket/p"]:
         with pytest.raises(ConfigurationError, match="AWS_SECRET_ACCESS_KEY") as info:

@@ -242,9 +242,9 @@ class S3BlobExporter:
         if endpoint_url is not None:
             parts = urlsplit(endpoint_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigurationError(
-                    f"S3 endpoint_url must be http(s)://host[:port], got {_safe_endpoint(endpoint_url)!r}"
-                )
+                # as written, unless it may hold credentials (user:secret@host)
+                shown = _safe_endpoint(endpoint_url) if "@" in endpoint_url else endpoint_url
+                raise ConfigurationError(f"S3 endpoint_url must be http(s)://host[:port], got {shown!r}")
         options: dict[str, Any] = {}
         if endpoint_url is not None:
             # other S3 stores: path-style URLs, and checksums only where the API requires them
