@@ -294,6 +294,25 @@ def test_a_bad_store_is_an_error_naming_where_it_was_given(
     assert "checkpoint_uri" not in line and "directory=" not in line
 
 
+@pytest.mark.parametrize("given_as", ["--store", "MULTIRUN_CHECKPOINT_URI"])
+@pytest.mark.parametrize("command", [["checkpoints"], ["resume", "abc"]], ids=["checkpoints", "resume"])
+def test_a_memory_store_is_refused_as_one_no_command_can_read(
+    monkeypatch, capsys, given_as: str, command: list[str]
+) -> None:
+    # `multirun checkpoints --store memory://x` said "No checkpoints.": a store of its own, made
+    # empty in the command's process, not the program's
+    if given_as == "--store":
+        command = [*command, "--store", "memory://x"]
+    else:
+        monkeypatch.setenv("MULTIRUN_CHECKPOINT_URI", "memory://x")
+    code, out, err = run_cli(capsys, *command, *(["--", "true"] if command[0] == "resume" else []))
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"multirun: error: {given_as}: 'memory://x' is a store in the memory of the process that uses it: "
+        "no other process can read it (a program's checkpoints are read from a folder or s3:// store)"
+    ]
+
+
 @pytest.mark.parametrize(
     "command",
     [

@@ -41,7 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from multirun.checkpoints.envelope import HMAC_KEY_ENV, HMAC_KEY_SETTINGS, MAX_BYTES_ENV, MAX_BYTES_SETTINGS
-from multirun.checkpoints.exporters import BlobExporter, FileBlobExporter, exporter_from_uri
+from multirun.checkpoints.exporters import (
+    BlobExporter,
+    FileBlobExporter,
+    MemoryBlobExporter,
+    exporter_from_uri,
+)
 from multirun.checkpoints.resume import (
     RESUME_ENV,
     RESUME_RUN_NAME_ENV,
@@ -178,6 +183,11 @@ def open_store(args: argparse.Namespace) -> CheckpointStore:
             exporter = exporter_from_uri(uri)
         except MultiRunError as exc:  # named by where it was given: the option or the variable
             raise CommandError(f"{source}: {exc}") from None
+    if isinstance(exporter, MemoryBlobExporter):  # this process's own, empty: "No checkpoints." would mislead
+        raise CommandError(
+            f"{source}: {uri!r} is a store in the memory of the process that uses it: no other process "
+            "can read it (a program's checkpoints are read from a folder or s3:// store)"
+        )
     if given and isinstance(exporter, FileBlobExporter):
         runs.check_directory(exporter.directory)
     try:
