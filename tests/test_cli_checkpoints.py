@@ -91,6 +91,26 @@ def test_verify_reports_a_damaged_checkpoint(store_dir, capsys) -> None:
     assert "FAILED" in out and out.splitlines()[-1] == "1 ok, 1 failed"
 
 
+def test_resume_of_a_run_whose_newest_checkpoint_is_damaged_says_how_to_resume_the_one_before(
+    store_dir, capfd
+) -> None:
+    # it said the checkpoint was refused and no more, where multirun.resume names the one before
+    run_id = run_ids(store_dir)[0]
+    first, second = checkpoint_ids(store_dir, run_id)
+    blob = store_dir / "blobs" / "checkpoints" / run_id / f"{second}.ckpt"
+    blob.write_bytes(blob.read_bytes()[:-5])
+    assert main(["resume", run_id, "--dir", str(store_dir), "--", "true"]) == 1
+    err = capfd.readouterr().err
+    assert err.startswith(f"multirun: error: checkpoint '{second}' ")
+    assert err.endswith(
+        f"The checkpoint of run {run_id} before it can be resumed instead: "
+        f"`multirun resume {first} --dir {store_dir} -- ...`\n"
+    )
+    [suggested] = re.findall(r"`(multirun [^`]*)`", err)
+    assert main(shlex.split(suggested.replace("...", "true"))[1:]) == 0
+    assert f"from checkpoint {first}" in capfd.readouterr().err
+
+
 class ReaderLeaves(io.StringIO):
     """stdout piped to a reader that leaves after the first line (``| head -1``)."""
 

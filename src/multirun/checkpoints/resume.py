@@ -181,7 +181,7 @@ def load_for_resume(store: CheckpointStore, identifier: str, kind: IdKind = "eit
     try:
         return store.load(checkpoint_id)
     except (CheckpointError, ReplayError) as exc:
-        earlier = _earlier_checkpoint(stored, checkpoint_id)
+        earlier = earlier_checkpoint(stored, checkpoint_id)
         if earlier is not None:
             exc.args = (
                 f"{exc}. The checkpoint of run {earlier.run_id} before it can be resumed instead: "
@@ -192,7 +192,7 @@ def load_for_resume(store: CheckpointStore, identifier: str, kind: IdKind = "eit
         raise
 
 
-def _earlier_checkpoint(stored: Sequence[StoredCheckpoint], checkpoint_id: str) -> StoredCheckpoint | None:
+def earlier_checkpoint(stored: Sequence[StoredCheckpoint], checkpoint_id: str) -> StoredCheckpoint | None:
     """The checkpoint taken before ``checkpoint_id`` in the same run, if any (``stored`` is sorted)."""
     previous = None
     for found in stored:

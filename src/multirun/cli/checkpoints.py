@@ -51,6 +51,7 @@ from multirun.checkpoints.resume import (
     RESUME_ENV,
     RESUME_RUN_NAME_ENV,
     IdKind,
+    earlier_checkpoint,
     match_id,
     resolve_checkpoint,
 )
@@ -456,8 +457,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.run_name is not None and not args.run_name.strip():
         raise CommandError("resume: --run-name must name a run")
     store = open_store(args)
-    checkpoint_id = _resolve(args, stored_checkpoints(store), args.identifier, "either")
-    meta = _call(store.describe, checkpoint_id).checkpoint  # the program unpickles it, not this one
+    stored = stored_checkpoints(store)
+    checkpoint_id = _resolve(args, stored, args.identifier, "either")
+    try:
+        meta = store.describe(checkpoint_id).checkpoint  # the program unpickles it, not this one
+    except (CheckpointError, ReplayError) as exc:
+        raise CommandError(_said_here(exc) + _resume_instead(args, stored, checkpoint_id)) from None
     named = f" ({meta.name})" if meta.name else ""
     print(f"resuming run {meta.run_id} from checkpoint {meta.id}{named}", file=sys.stderr)
     try:
@@ -467,6 +472,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     with _ctrl_c_left_to_the_child():
         code = child.wait()
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+
+
+def _resume_instead(args: argparse.Namespace, stored: list[StoredCheckpoint], checkpoint_id: str) -> str:
+    """For a checkpoint that cannot be read: how to resume the one its run took before, if any
+    (as ``multirun.resume`` says)."""
+    earlier = earlier_checkpoint(stored, checkpoint_id)
+    if earlier is None:
+        return ""
+    command = same_place(args, f"multirun resume {earlier.checkpoint_id}")
+    return f". The checkpoint of run {earlier.run_id} before it can be resumed instead: `{command} -- ...`"
 
 
 @contextlib.contextmanager
