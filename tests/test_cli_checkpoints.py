@@ -354,6 +354,23 @@ def test_every_command_refuses_a_store_uri_without_a_path_in_its_own_terms(
     assert err.splitlines() == ["multirun: error: --store: file URI 'file://' has no path: file:///path"]
 
 
+@pytest.mark.parametrize(
+    "command", [["checkpoints"], ["prune", "--older-than", "1"]], ids=["checkpoints", "prune"]
+)
+def test_a_multirun_dir_that_is_a_file_is_an_error_as_for_runs(
+    tmp_path: Path, monkeypatch, capsys, command: list[str]
+) -> None:
+    # `multirun runs` said "not a directory"; `checkpoints` said "No checkpoints." and `prune`
+    # "Removed 0 trace files", as if the folder were there and empty
+    monkeypatch.delenv("MULTIRUN_CHECKPOINT_URI", raising=False)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "a-file"))
+    for argv in (["runs"], command):
+        code, out, err = run_cli(capsys, *argv)
+        assert (code, out) == (1, "")
+        assert err.splitlines() == [f"multirun: error: not a directory: {tmp_path / 'a-file'}"]
+
+
 def test_no_folder_yet_is_no_checkpoints(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     for name in ("MULTIRUN_DIR", "MULTIRUN_CHECKPOINT_URI"):

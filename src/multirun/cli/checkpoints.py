@@ -173,11 +173,11 @@ class Interrupted(KeyboardInterrupt):
 def open_store(args: argparse.Namespace) -> CheckpointStore:
     """The store the options name; RunsError/CommandError for a folder named that does not exist."""
     directory, named = runs.chosen_directory(args)
-    if named:
-        runs.check_directory(directory)
     given = getattr(args, "store", None)
     source = "--store" if given else "MULTIRUN_CHECKPOINT_URI"
     uri = given or os.environ.get(source)
+    if named or (not uri and runs.exists(directory)):  # none yet is no checkpoints; a file is an error
+        runs.check_directory(directory)
     exporter: BlobExporter = FileBlobExporter(directory / "blobs")  # a folder: "a:b/blobs" has no scheme
     if uri:
         try:
