@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
@@ -209,6 +210,37 @@ def test_resume_of_an_unknown_id_names_the_store(store_dir, capsys) -> None:
         f"multirun: error: no run or checkpoint with id 'nope' in the store {store_dir / 'blobs'}: "
         f"`multirun checkpoints --dir {store_dir}` lists the checkpoints it holds"
     ]
+
+
+def test_an_unfinished_run_listed_by_its_trace_id_is_a_run_to_the_checkpoint_commands(
+    tmp_path: Path, capsys
+) -> None:
+    # `multirun runs` lists it with its trace id for its RUN ID; `multirun checkpoints --run` with
+    # that id said there was no such run, and `resume` that there was no such run or checkpoint
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(LocalFileSpanExporter(tmp_path / "traces")))
+    tracer = provider.get_tracer("test")
+    never_ends = tracer.start_span("invoke_workflow job", attributes={attr.RUN_ID: "c" * 32})
+    with (
+        trace.use_span(never_ends, end_on_exit=False),
+        tracer.start_as_current_span("step one", attributes={attr.STEP_STATUS: "completed"}),
+    ):
+        pass
+    provider.shutdown()
+    trace_id = f"{never_ends.get_span_context().trace_id:032x}"
+    _, listed, _ = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    ref = listed.splitlines()[1].split()[0]
+    assert trace_id.startswith(ref)
+    assert run_cli(capsys, "checkpoints", "--run", ref, "--dir", str(tmp_path)) == (
+        0,
+        f"No checkpoints of run {trace_id}.\n",
+        "",
+    )
+    code, _, err = run_cli(capsys, "resume", ref, "--dir", str(tmp_path), "--", "true")
+    assert code == 1 and err == (
+        f"multirun: error: no run or checkpoint with id '{ref}' in the store {tmp_path / 'blobs'}: "
+        f"run {trace_id} took no checkpoint there, so there is nothing to resume it from\n"
+    )
 
 
 def test_resume_of_a_run_that_took_no_checkpoint_says_so(store_dir, capsys) -> None:

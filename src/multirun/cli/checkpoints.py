@@ -229,8 +229,9 @@ def _where(store: CheckpointStore, key: str) -> str:
 
 
 def _traced(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    """The ids of the runs under DIR/traces, and the names their spans give checkpoints, if
-    there are span files (read a line at a time, without keeping the spans: they can be big)."""
+    """The ids of the runs under DIR/traces (an unfinished run's trace id if its id is unknown,
+    as ``multirun runs`` lists it), and the names their spans give checkpoints, if there are
+    span files (read a line at a time, without keeping the spans: they can be big)."""
     directory, _ = runs.chosen_directory(args)
     if not directory.is_dir():
         return [], {}
@@ -244,7 +245,7 @@ def _traced(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     except runs.RunsError as exc:  # the checkpoints are still there to list
         _logger.warning("%s; checkpoints are listed without their names", exc)
         return [], {}
-    return [run.run_id for run in found if run.run_id], names
+    return [run.ref for run in found], names
 
 
 def _call(function: Any, *args: Any) -> Any:
