@@ -1110,6 +1110,46 @@ def test_a_model_call_ending_after_every_run_around_it_ended_is_reported_in_a_wa
     assert len(late) == 1 and "'job'" in late[0] and "240 tokens" in late[0]
 
 
+@agent_task(task_type="agent_call")
+async def gated_agent(client: BaseChatClient, fail: bool) -> str:
+    """An agent whose one model call answers when the test opens the gate; fails after it if told."""
+    answer = await ask(client, "gpt-4o-mini", "start")
+    if fail:
+        raise ValueError("the agent rejects the answer")
+    return str(answer.content)
+
+
+@pytest.mark.parametrize(("fail", "status"), [(False, "completed"), (True, "failed")])
+def test_an_agent_task_still_running_when_its_run_ends_ends_with_its_task(
+    traced: Any, runtime: None, fail: bool, status: str
+) -> None:
+    """The run's end does not end the agent of a task Motus still runs: it ends when its task
+    settles, with that outcome and the tokens of its steps."""
+    client = GatedClient()
+    futures: list[Any] = []
+    agent_ended = _when_ended(traced, "invoke_agent gated_agent")
+
+    @multirun.run
+    def job() -> None:
+        futures.append(gated_agent(client, fail))  # not resolved here
+
+    job()
+    assert traced.span("invoke_workflow job").attributes[attr.RUN_STATUS] == "completed"
+    assert not agent_ended.is_set()  # its task runs on
+    client.gate.set()
+    if fail:
+        with pytest.raises(ValueError, match="rejects"):
+            resolve(futures[0])
+    else:
+        assert resolve(futures[0]) == "late answer"
+    assert agent_ended.wait(5)
+    agent = traced.span("invoke_agent gated_agent")
+    assert agent.attributes[attr.AGENT_STATUS] == status
+    assert agent.attributes[attr.TOKENS_USED] == 240
+    assert agent.attributes[attr.MOTUS_TASK_TYPE] == "agent_call"
+    assert agent.end_time >= traced.span("chat gpt-4o-mini").end_time
+
+
 class OutlivesItsFuture:
     """Gates of a blocking task that the test cancels or lets time out while its thread runs on."""
 

@@ -522,7 +522,7 @@ class RunContext:
         # starting (status running, started_at) would otherwise overwrite
         self._start()
         for agent in list(self.agents):
-            if agent.agent.status is AgentStatus.RUNNING:
+            if agent.agent.status is AgentStatus.RUNNING and agent._ends_with_run:
                 if status is RunStatus.COMPLETED:
                     agent.complete(None)
                 elif status is RunStatus.CANCELLED:
@@ -845,6 +845,9 @@ class AgentContext:
         self.parent_agent: AgentContext | None = None  # the agent it was started in, if any
         self._finished = False
         self.occurrence = 0  # n for the n-th agent of its name the run started; 0 for the default
+        # False for an agent whose work can outlive its run (a Motus agent_call task): the run's
+        # end leaves it running, and whatever runs it ends it with its own outcome
+        self._ends_with_run = True
 
     def _start(self, parent_ctx: Context) -> None:
         self.parent_step = step_in(parent_ctx)
