@@ -1414,6 +1414,30 @@ def test_shutting_motus_down_ends_the_spans_of_running_tasks(traced: Any, runtim
     assert traced.span("invoke_workflow endless").attributes[attr.RUN_STATUS] == "failed"
 
 
+def test_a_task_waiting_for_its_input_when_motus_shuts_down_fails_with_the_shutdown(
+    traced: Any, runtime: None
+) -> None:
+    """Its future raises the shutdown's RuntimeError: its step says so, under its run, at the
+    shutdown; nobody cancelled it, and Motus's own clean-up after the shutdown adds no span."""
+
+    @multirun.run
+    def job() -> None:
+        waiting = consume(endless())
+        time.sleep(0.1)
+        motus.runtime.shutdown()
+        with pytest.raises(RuntimeError, match="shutting down"):
+            resolve(waiting)
+
+    job()
+    time.sleep(0.3)  # what Motus's loop still does after the shutdown
+    run = traced.span("invoke_workflow job")
+    step = traced.span("step consume")
+    assert step.attributes[attr.STEP_STATUS] == "failed"
+    assert step.attributes[attr.ERROR_TYPE] == "RuntimeError"
+    assert traced.parent_of(step) is run
+    assert step.end_time <= run.end_time
+
+
 async def test_on_the_callers_event_loop_too(traced: Any, runtime: None) -> None:
     """Inside a running event loop Motus runs its tasks on that loop (its single-loop mode)."""
 

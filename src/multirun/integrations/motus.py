@@ -22,7 +22,8 @@ however late and on whichever thread Motus's scheduler runs it:
   ``agent_call`` tasks (``ReActAgent`` runs) are agents ``invoke_agent {name}``
   whose tasks are their steps; other tasks are steps ``step {name}``.
 - the span starts when Motus dispatches the task (its inputs are ready) and
-  ends when its result is settled, so parallel tasks are overlapping siblings
+  ends when its result is settled, an agent's too when its run ended before
+  (the run's end does not end it), so parallel tasks are overlapping siblings
   (a sync task's thread that Motus stopped waiting for, cancelled or timed
   out, runs on: its step, and the run started for it, end when it returns);
   the tasks whose results a task was given are span links (and
@@ -30,7 +31,8 @@ however late and on whichever thread Motus's scheduler runs it:
 - each failed attempt that Motus retries, a timeout included, is an
   ``exception`` event with its attempt number and retry delay; a cancelled
   task (or one cancelled because an input was) is marked ``cancelled``; a task
-  that never ran because an input failed has a short failed span.
+  that never ran because an input failed has a short failed span, as have, at
+  once, those not started when Motus shuts down (running ones end failed then).
 - the run's budget and policy decide before each task starts: a task over
   budget does not run, and its future (and those of the tasks waiting for it)
   raises ``BudgetExceededError``. A retry over budget is not attempted, nor,
@@ -285,6 +287,9 @@ def _broken(where: str) -> None:
 # registration: on the caller's thread
 
 
+_CLAIMS = threading.Lock()  # the loop thread and a thread shutting Motus down both claim tasks
+
+
 class _Registration:
     """What the caller's thread knew when it registered a task: its context and the task's inputs."""
 
@@ -294,6 +299,14 @@ class _Registration:
         self.context = context
         self.upstream = upstream  # the AgentFutures among the inputs, resolved or not
         self.recorded = False  # the task has a span already (or must not get one)
+
+    def claim(self) -> bool:
+        """Whether the caller gives the task its span: the first to ask does, on any thread."""
+        with _CLAIMS:
+            if self.recorded:
+                return False
+            self.recorded = True
+            return True
 
 
 def _submit_task_registration(wrapped: Callable[..., Any], runtime: Any, args: Any, kwargs: Any) -> Any:
@@ -344,12 +357,13 @@ def _execute_task(wrapped: Callable[..., Any], scheduler: Any, args: Any, kwargs
     task = args[0] if args else kwargs.get("task")
     try:
         reg = _registration(task) if task.kind is _Motus.compute else None
-        if reg is None or reg.recorded:
+        if reg is None:
             return wrapped(*args, **kwargs)
         if task.task_type == _MAGIC:
             _set_producers(task, _producers(reg.upstream))
             return wrapped(*args, **kwargs)
-        reg.recorded = True
+        if not reg.claim():
+            return wrapped(*args, **kwargs)
         trace = _TaskTrace.open(scheduler, task, reg)
     except REFUSALS as refused:
         # not run: its future (and those of the tasks waiting for it) raise the refusal
@@ -402,21 +416,30 @@ def _on_resolve(
         return trace.finish(results, error)
     if error is None or task.kind is not _Motus.compute or task.status not in _Motus.not_started:
         return None
-    reg = _registration(task)
-    if reg is None or reg.recorded or task.task_type == _MAGIC:
-        return None
-    reg.recorded = True
-    _record_not_started(task, reg, error)
+    _record_unless_recorded(task, error)
     return None
 
 
+def _record_unless_recorded(task: Any, error: BaseException) -> None:
+    """The short span of a task that never ran, unless it has a span (or must not get one)."""
+    reg = _registration(task)
+    if reg is not None and task.task_type != _MAGIC and reg.claim():
+        _record_not_started(task, reg, error)
+
+
 def _shutdown(wrapped: Callable[..., Any], scheduler: Any, args: Any, kwargs: Any) -> Any:
+    """End the spans of the scheduler's tasks with the error Motus poisons their futures with:
+    those running, and, at once, those not started (which Motus settles, if ever, with a
+    cancellation of its own after the shutdown: no span of theirs says that)."""
     try:
         error = RuntimeError("Motus runtime is shutting down")
         for key, trace in list(_settings.live.items()):
             if trace.scheduler is scheduler:
                 _settings.live.pop(key, None)
                 trace.finish(None, error)
+        for task in list(scheduler.tasks.values()):
+            if task.kind is _Motus.compute and task.status in _Motus.not_started:
+                _record_unless_recorded(task, error)
     except Exception:
         _broken("shutting Motus down")
     return wrapped(*args, **kwargs)
