@@ -3,7 +3,7 @@
 Load this module as a plugin (``pytest_plugins = ["redis_server"]`` in a test
 module or the root conftest) for two fixtures: ``redis_server``, one server for
 the whole session, and ``fresh_redis_server``, a server of the test's own that
-it may freeze or stop. The binary comes from
+it may freeze, stop, or stop and start again (``down``, ``up``). The binary comes from
 Debian's ``redis-server`` package (``scripts/services.sh``: ensure_redis_server);
 when it is missing the fixture fails, never skips, so CI cannot pass without it.
 """
@@ -70,53 +70,42 @@ class RedisServer:
     @classmethod
     def start(cls, timeout: float = 10.0) -> RedisServer:
         """Start a server on a free port and wait until it answers PING."""
-        binary = redis_server_binary()
         last_error = ""
         for _ in range(3):  # the free port may be taken between choosing it and binding it
-            port = free_port()
-            workdir = Path(tempfile.mkdtemp(prefix="multirun-redis-"))
-            log = workdir / "redis.log"
-            with log.open("wb") as out:
-                process = subprocess.Popen(
-                    [
-                        binary,
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--unixsocket",
-                        str(workdir / "redis.sock"),
-                        "--unixsocketperm",
-                        "700",
-                        "--dir",
-                        str(workdir),
-                        "--daemonize",
-                        "no",
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    preexec_fn=die_with_parent,
-                )
-            server = cls(process, port, workdir)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and process.poll() is None:
-                if ping(port):
-                    return server
-                time.sleep(0.02)
+            port, workdir = free_port(), Path(tempfile.mkdtemp(prefix="multirun-redis-"))
+            server = cls(_spawn(port, workdir), port, workdir)
+            if server._answers(timeout):
+                return server
+            last_error = server._log()
             server.stop()
-            last_error = log.read_text(errors="replace")[-2000:]
         pytest.fail(f"redis-server did not start and answer PING:\n{last_error}", pytrace=False)
 
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL) and remove its folder."""
+    def down(self) -> None:
+        """Stop the server, keeping its port and folder for ``up``: connections are refused."""
         if self.process.poll() is None:
             self.thaw()  # a stopped process would not act on SIGTERM
         stop_process(self.process, grace=5)
+
+    def up(self, timeout: float = 10.0) -> None:
+        """Start a server again on the port of one that is ``down``: it has lost every key."""
+        self.process = _spawn(self.port, self.workdir)
+        if not self._answers(timeout):
+            pytest.fail(f"redis-server did not start again and answer PING:\n{self._log()}", pytrace=False)
+
+    def _answers(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if ping(self.port):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def _log(self) -> str:
+        return (self.workdir / "redis.log").read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and remove its folder."""
+        self.down()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def freeze(self) -> None:
@@ -125,6 +114,36 @@ class RedisServer:
 
     def thaw(self) -> None:
         self.process.send_signal(signal.SIGCONT)
+
+
+def _spawn(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    """A redis-server without persistence on 127.0.0.1:port, logging to workdir/redis.log."""
+    with (workdir / "redis.log").open("ab") as out:
+        return subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--unixsocket",
+                str(workdir / "redis.sock"),
+                "--unixsocketperm",
+                "700",
+                "--dir",
+                str(workdir),
+                "--daemonize",
+                "no",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
 
 
 @pytest.fixture(scope="session")
