@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,6 +20,7 @@ from redis.connection import Connection
 
 from multirun.enforcement.ledger import RunLedger
 from multirun.enforcement.redis_ledger import (
+    RETRY_SECONDS,
     LedgerUnavailableError,
     RedisLedger,
     RedisLedgerFactory,
@@ -189,10 +193,11 @@ def test_duration_uses_the_stored_deadline(factory: RedisLedgerFactory, raw: red
     assert got.value.run_id == ledger.run_id
 
 
-def test_status_and_elapsed(factory: RedisLedgerFactory) -> None:
+def test_status_and_elapsed(factory: RedisLedgerFactory, redis_server: RedisServer) -> None:
     budget = Budget(max_tokens=1000, max_cost_usd=2.0, max_steps=10)
     ledger = factory.ledger(new_id(), budget)
-    other = factory.ledger(ledger.run_id)  # another process's view of the same run
+    elsewhere = RedisLedgerFactory.from_uri(redis_server.url)  # another process's client
+    other = elsewhere.ledger(ledger.run_id)  # and its view of the same run
     other.begin_step()
     other.charge(250, COST_UNITS_PER_USD // 2)
     assert ledger.status(budget).tokens_used == 0  # the charge travels with other's next round trip
@@ -208,6 +213,7 @@ def test_status_and_elapsed(factory: RedisLedgerFactory) -> None:
     assert ledger.shares(budget) == {"max_tokens": 0.25, "max_cost_usd": 0.25, "max_steps": 0.1}
     assert 0 <= ledger.elapsed() < 5
     assert ledger.deadline == float("inf")
+    elsewhere.close()
 
 
 # -- exact totals ------------------------------------------------------------------
@@ -419,14 +425,49 @@ def test_hashes_written_by_a_refused_step_expire(redis_server: RedisServer, raw:
     client.close()
 
 
-def test_a_lost_hash_is_created_again_with_its_limits(factory: RedisLedgerFactory, raw: redis.Redis) -> None:
-    ledger = factory.ledger(new_id(), Budget(max_steps=2))
-    ledger.begin_step()
-    raw.delete(ledger.key)  # expired, or the server restarted without persistence
-    ledger.begin_step()
-    ledger.begin_step()
-    with pytest.raises(BudgetExceededError):
-        ledger.begin_step()
+def test_a_lost_hash_is_created_again_with_its_limits_and_totals(
+    factory: RedisLedgerFactory, raw: redis.Redis
+) -> None:
+    parent = factory.ledger(new_id(), Budget(max_tokens=1000, max_duration_seconds=3600))
+    child = factory.ledger(new_id(), Budget(max_steps=4), ancestor_ids=[parent.run_id])
+    child.begin_step()
+    child.charge(900, 0)
+    child.begin_step()  # the run is at 900 of its 1000 tokens
+    started = raw.hget(parent.key, "started_us")
+    raw.delete(parent.key, child.key)  # a restart without persistence, FLUSHALL, eviction, expiry
+    child.charge(50, 0)
+    child.begin_step()  # re-creates both hashes from what this process knew of them
+    kept = raw.hmget(parent.key, "tokens", "steps", "max_tokens", "started_us")
+    assert kept == ["950", "3", "1000", started]
+    assert raw.hmget(child.key, "tokens", "steps", "max_steps") == ["950", "3", "4"]
+    child.charge(50, 0)
+    with pytest.raises(BudgetExceededError) as got:  # not another 1000 tokens
+        child.begin_step()
+    assert (got.value.limit, got.value.used, got.value.maximum) == ("max_tokens", 1000, 1000)
+    assert got.value.run_id == parent.run_id
+
+
+def test_processes_that_lost_a_runs_hash_start_it_again_from_what_they_saw_counting_nothing_twice(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    here, there = (RedisLedgerFactory.from_uri(redis_server.url) for _ in range(2))  # two processes
+    mine = here.ledger(new_id(), Budget(max_tokens=10_000))
+    theirs = there.ledger(mine.run_id)
+    mine.begin_step()
+    mine.charge(300, 0)
+    mine.begin_step()
+    theirs.begin_step()
+    theirs.charge(200, 0)
+    theirs.begin_step()
+    mine.refresh()  # both have seen 500 tokens and 4 steps; 300 of them are mine, 200 theirs
+    raw.delete(mine.key)
+    theirs.charge(20, 0)
+    theirs.begin_step()  # re-creates the hash from the 500 it saw, then adds its 20
+    mine.charge(10, 0)
+    mine.begin_step()  # not its 300 again: only the 10 it charged since
+    assert raw.hmget(mine.key, "tokens", "steps", "max_tokens") == ["530", "6", "10000"]
+    here.close()
+    there.close()
 
 
 def test_restore_counts_an_earlier_attempt_once(factory: RedisLedgerFactory, raw: redis.Redis) -> None:
@@ -438,6 +479,25 @@ def test_restore_counts_an_earlier_attempt_once(factory: RedisLedgerFactory, raw
     second.begin_step()
     first.restore(100, 2_000, 3, 1)  # the hash already holds more: nothing changes
     assert raw.hmget(first.key, "tokens", "cost_units", "steps", "unpriced") == ["100", "2000", "4", "1"]
+
+
+def test_ledgers_that_come_and_go_in_a_process_count_all_it_spends_in_the_run_above(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    owner, worker = (RedisLedgerFactory.from_uri(redis_server.url) for _ in range(2))  # two processes
+    root = owner.ledger(new_id())
+    for n in range(3):  # the worker runs the root's sub-runs one after another
+        sub = worker.ledger(new_id(), ancestor_ids=[root.run_id])
+        sub.begin_step()
+        sub.charge(100, 0)
+        if n < 2:
+            sub.flush()
+        del sub  # the last one's charge was never sent (its flush failed, say)
+        gc.collect()
+    worker.ledger(new_id(), ancestor_ids=[root.run_id]).begin_step()  # and goes with this step
+    assert raw.hmget(root.key, "tokens", "steps") == ["300", "4"]
+    owner.close()
+    worker.close()
 
 
 def test_a_client_that_decodes_responses_works(redis_server: RedisServer) -> None:
@@ -514,7 +574,7 @@ def test_fails_closed_when_the_server_stops_mid_run(fresh_redis_server: RedisSer
     factory = RedisLedgerFactory.from_uri(fresh_redis_server.url)
     ledger = factory.ledger(new_id(), Budget(max_steps=100))
     ledger.begin_step()
-    fresh_redis_server.stop()
+    fresh_redis_server.down()
     started = time.monotonic()
     with pytest.raises(LedgerUnavailableError) as got:
         ledger.begin_step()
@@ -527,9 +587,66 @@ def test_fails_closed_when_the_server_stops_mid_run(fresh_redis_server: RedisSer
     with pytest.raises(LedgerUnavailableError):  # and the next attempt, on a fresh connection
         ledger.begin_step()
     assert ledger.steps == 1
-    assert ledger._pending == [1, 1, 0]  # kept for when the ledger answers again
     with pytest.raises(LedgerUnavailableError):
         ledger.refresh()
+    fresh_redis_server.up()  # a server that lost every key
+    ledger.begin_step()
+    ledger.refresh()
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    assert raw.hmget(ledger.key, "steps", "tokens", "cost_units", "max_steps") == ["2", "1", "1", "100"]
+    raw.close()
+    factory.close()
+
+
+def test_usage_sent_by_a_command_that_timed_out_and_ran_later_is_counted_once(
+    fresh_redis_server: RedisServer,
+) -> None:
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?timeout=0.3")
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    ledger = factory.ledger(new_id())
+    ledger.begin_step()
+    ledger.charge(100, 1_000)
+    fresh_redis_server.freeze()
+    try:
+        with pytest.raises(LedgerUnavailableError):
+            ledger.begin_step()  # sent, then timed out: the server runs it once it wakes
+    finally:
+        fresh_redis_server.thaw()
+    deadline = time.monotonic() + 10
+    while raw.hget(ledger.key, "tokens") != "100" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert raw.hget(ledger.key, "tokens") == "100"  # the late command carried the charge
+    ledger.begin_step()  # carries it again: the hash already holds it
+    ledger.refresh()
+    assert raw.hmget(ledger.key, "tokens", "cost_units") == ["100", "1000"]
+    # its step was counted too, though it never ran (a step counted, never one lost)
+    assert raw.hget(ledger.key, "steps") == "3"
+    raw.close()
+    factory.close()
+
+
+FORK_PROGRAM = """
+import os, sys
+from multirun.enforcement.redis_ledger import RedisLedgerFactory
+
+ledger = RedisLedgerFactory.from_uri(sys.argv[1]).ledger(sys.argv[2])
+ledger.begin_step()
+ledger.charge(10, 0)  # not sent yet when the process forks
+pid = os.fork()
+if pid == 0:
+    ledger.charge(5, 0)
+    ledger.begin_step()
+    os._exit(0)
+os.waitpid(pid, 0)
+ledger.flush()
+"""
+
+
+def test_a_forked_child_sends_only_what_it_charged(redis_server: RedisServer, raw: redis.Redis) -> None:
+    run_id = new_id()
+    subprocess.run([sys.executable, "-c", FORK_PROGRAM, redis_server.url, run_id], check=True, timeout=60)
+    key = RedisLedgerFactory.from_uri(redis_server.url).key_prefix + run_id
+    assert raw.hmget(key, "tokens", "steps") == ["15", "2"]
 
 
 def test_fails_closed_within_the_timeout_when_the_server_hangs(fresh_redis_server: RedisServer) -> None:
@@ -587,6 +704,97 @@ def test_fail_open_warns_once_and_counts_locally(
     assert warnings[0].levelno == logging.WARNING
     assert fresh_redis_server.url in warnings[0].getMessage()
     assert "failing open" in warnings[0].getMessage()
+
+
+class Clock:
+    """A clock that moves only when told to: the fail-open back-off runs on it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_fail_open_shares_again_once_redis_answers(
+    fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true&timeout=0.3", clock=clock)
+    elsewhere = RedisLedgerFactory.from_uri(fresh_redis_server.url)  # another process
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    ledger = factory.ledger(new_id(), Budget(max_steps=100))
+    for _ in range(2):
+        ledger.begin_step()
+        ledger.charge(10, 10)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    fresh_redis_server.freeze()
+    try:
+        ledger.refresh()  # times out: fails open (the server runs the command once it wakes)
+        started = time.monotonic()
+        for _ in range(3):
+            ledger.begin_step()  # counted here, without waiting for Redis
+            ledger.charge(10, 10)
+        waited = time.monotonic() - started
+    finally:
+        fresh_redis_server.thaw()
+    assert waited < 0.2
+    deadline = time.monotonic() + 10
+    while raw.hget(ledger.key, "tokens") != "20" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert raw.hmget(ledger.key, "steps", "tokens") == ["2", "20"]  # the late refresh ran
+    clock.now += RETRY_SECONDS - 0.1
+    ledger.begin_step()  # Redis is back, but the ledger does not try it before its back-off is over
+    assert raw.hget(ledger.key, "steps") == "2"
+    clock.now += 0.1
+    ledger.begin_step()  # tries Redis: it answers, and gets what was counted here meanwhile
+    assert raw.hmget(ledger.key, "steps", "tokens", "cost_units") == ["7", "50", "50"]
+    other = elsewhere.ledger(ledger.run_id, adopt=True)
+    other.begin_step()  # the processes share the run again
+    ledger.begin_step()
+    assert (ledger.steps, other.steps) == (9, 8)
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(messages) == 2
+    assert "failing open" in messages[0]
+    assert "answers again" in messages[1]
+    raw.close()
+    elsewhere.close()
+    factory.close()
+
+
+def test_fail_open_creates_the_runs_made_during_an_outage_once_redis_answers(
+    fresh_redis_server: RedisServer,
+) -> None:
+    clock = Clock()
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true", clock=clock)
+    parent = factory.ledger(new_id(), Budget(max_tokens=1000))
+    parent.begin_step()
+    parent.charge(100, 0)
+    fresh_redis_server.down()
+    child = factory.ledger(new_id(), Budget(max_steps=5), ancestor_ids=[parent.run_id])
+    worker = factory.ledger(new_id(), adopt=True)  # continues a run started in another process
+    for _ in range(2):
+        child.begin_step()
+        child.charge(50, 0)
+    worker.begin_step()
+    fresh_redis_server.up()  # a server that lost every key
+    owner = RedisLedgerFactory.from_uri(fresh_redis_server.url)  # the process that started it
+    owner.ledger(worker.run_id, Budget(max_steps=3)).begin_step()
+    clock.now += RETRY_SECONDS
+    child.begin_step()  # Redis answers: every ledger of this client sends what it counted
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    assert raw.hmget(child.key, "steps", "tokens", "max_steps") == ["3", "100", "5"]
+    assert raw.hmget(parent.key, "steps", "tokens", "max_tokens") == ["4", "200", "1000"]
+    assert raw.hget(worker.key, "steps") == "2"
+    assert worker.budget == Budget(max_steps=3)  # read once it could join the run
+    child.begin_step()
+    child.begin_step()
+    with pytest.raises(BudgetExceededError) as got:
+        child.begin_step()
+    assert (got.value.limit, got.value.used, got.value.maximum) == ("max_steps", 5, 5)
+    raw.close()
+    owner.close()
+    factory.close()
 
 
 # -- configuration ------------------------------------------------------------------------

@@ -19,36 +19,66 @@ How it keeps the totals right:
 * Each run is a hash at ``key_prefix + run_id``: the counters ``tokens``,
   ``cost_units`` (integer units of 1/COST_UNITS_PER_USD dollar), ``steps``,
   ``sub_agents`` and ``unpriced``; the limits; ``started_us`` and
-  ``deadline_us`` on the Redis server's clock. The first process to create the
-  hash sets its limits and start time; later ones adopt them, so every process
-  enforces the same budget and measures duration on the same clock. A process
-  that continues a run started elsewhere (``adopt``) joins the hash its owner
-  created and does not create it when it joins. If the server loses a hash (a
-  restart without persistence), each step re-creates the run's and its
-  ancestors' hashes with the limits this process knows (its own runs', and
-  those it read when it joined), and starts their clock again.
+  ``deadline_us`` on the Redis server's clock; and for each process (each
+  redis client of a process) that counted into it, a field ``w:<id>``: how
+  much of what that process counted the hash holds. The first process to
+  create the hash sets its limits and start time; later ones adopt them, so
+  every process enforces the same budget and measures duration on the same
+  clock. A process that continues a run started elsewhere (``adopt``) joins
+  the hash its owner created and does not create it when it joins.
 * :meth:`RedisLedger.begin_step` is one EVALSHA of a Lua script. Redis runs a
   script atomically, so the check of every limit (the run's and each
   ancestor's) and the increment of ``steps`` on all of them cannot interleave
   with another process's: ``max_steps=1000`` lets exactly 1000 steps run
   however many processes race. The script returns the totals, so the local
   properties are refreshed without another round trip.
-* :meth:`RedisLedger.charge` counts in this process at once and leaves the
-  usage pending; the next :meth:`~RedisLedger.begin_step` adds it (to the run
-  and every ancestor, with HINCRBY) in the same script, *before* it checks the
-  limits, so a step that spends costs one round trip, not two, and this
-  process's own next step always sees it. :meth:`~RedisLedger.refresh` (run
-  end, ``status``) and :meth:`~RedisLedger.count_sub_agent` send what is
-  pending too. Other processes see a charge once it is sent: at most one step
-  later, which the bounded overshoot already allows for.
+* :meth:`RedisLedger.charge` counts in this process at once and adds the usage
+  to what the process counted into the run and each ancestor (a running total
+  per hash); the next :meth:`~RedisLedger.begin_step` sends those totals in
+  the same script, which adds, *before* it checks the limits, the part the
+  hash does not hold yet (above its ``w:<id>`` field), so a step that spends
+  costs one round trip, not two, and this process's own next step always sees
+  it. :meth:`~RedisLedger.refresh` (run end, ``status``) and
+  :meth:`~RedisLedger.count_sub_agent` send them too. Other processes see a
+  charge once it is sent: at most one step later, which the bounded overshoot
+  already allows for. Since a command sends totals, not increments, usage is
+  added exactly once: a command that timed out and runs once the server
+  answers again, and the next one that sends the same usage again, add it
+  once between them. The step (or sub-agent) a command counts is not part of
+  those totals: it is checked and counted by that command alone, so when the
+  command times out the step does not run, yet it is counted if the command
+  runs late (counted without running, never run without being counted).
+* If the server loses a hash (a restart without persistence, FLUSHALL,
+  eviction, expiry), the next command of each process that counts into it
+  finds no ``w:<id>`` field, and makes each total at least the highest one
+  that process saw in a reply (which holds what the process had counted into
+  it) before it adds the rest; a command that counts (a step, a sub-agent,
+  usage sent) also re-creates the run's and its ancestors' hashes with the
+  limits and start this process knows (its own runs', and those it read when
+  it joined), so the limits, duration included, still hold. Spend that no
+  process still counting into the run had seen is lost with the hash.
+* A new ledger's first command (the one that creates or joins the hash)
+  reads what the hash holds of this process's counts, so a process whose
+  ledgers of a run come and go goes on from there; usage a dropped ledger
+  had not sent goes with the process's next command for that run. The hash
+  keeps one ``w:<id>`` field per process that counted into it, until it
+  expires.
 * Every write refreshes the keys' expiry (``ttl_seconds``, a week by default).
 
 When Redis cannot be reached, or does not answer within the socket timeout,
 the ledger fails closed: :class:`LedgerUnavailableError` is raised and the
-step does not start. With ``fail_open=True`` it logs one warning and goes on
-counting in this process alone (see :class:`RedisLedger`). A command that timed
-out may still run when the server answers again: a step can then be counted
-that never ran, but one that ran is never left uncounted.
+step does not start. With ``fail_open=True`` it logs one warning and counts in
+this process alone: steps, sub-agents and usage go into what the process
+counted into each run. One command tries Redis again every
+:data:`RETRY_SECONDS` (the others do not wait for it); once Redis answers, it
+and every ledger of the client send what they counted meanwhile (a run made
+during the outage is created then), sharing resumes, and one more line is
+logged. A step whose command timed out while failing open ran in this
+process, so it is counted there too: if the command runs late, that step is
+counted twice.
+
+A forked child is a process of its own: it sends what it counts, never what
+its parent had not sent yet.
 
 Needs the ``redis`` package (redis-py) and Redis 5 or newer. The keys of a
 run and its ancestors are used by one script, so on Redis Cluster they must
@@ -60,6 +90,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -88,7 +119,9 @@ _US_PER_SECOND = 1_000_000
 #
 # Every script replies [status, now_us, n, then for each of its n keys: tokens,
 # cost_units, steps, sub_agents, unpriced, started_us, deadline_us (-1 if
-# unset)]; a refused begin_step appends [key index, limit, used, maximum].
+# unset)]; init, begin_step and add then give, for each key, what the hash
+# holds of this process's counts (see add_counts); a refused begin_step
+# appends [key index, limit, used, maximum].
 # Limits come as 7 ARGV values from position p ("" = no limit): max_tokens,
 # max_cost_units, max_cost_usd, max_steps, max_sub_agents, max_duration_us,
 # max_duration_seconds. The *_usd and *_seconds values are the budget's own
@@ -102,6 +135,7 @@ end
 
 local LIMITS = {'max_tokens', 'max_cost_units', 'max_cost_usd', 'max_steps',
                 'max_sub_agents', 'max_duration_us', 'max_duration_seconds'}
+local COUNTS = {'tokens', 'cost_units', 'steps', 'sub_agents', 'unpriced'}
 
 -- store the limits given from ARGV[p], replacing any earlier ones
 local function set_limits(key, p, started)
@@ -117,12 +151,68 @@ local function set_limits(key, p, started)
   end
 end
 
--- the first creation of a run's hash sets its start time and limits; later ones change nothing
+-- the first creation of a run's hash sets its start time (ARGV[p + 7] when given: the start of a
+-- run whose hash the server lost) and limits; later ones change nothing
 local function create(key, p, now)
-  if redis.call('HSETNX', key, 'started_us', now) == 1 then set_limits(key, p, now) end
+  local started = ARGV[p + 7]
+  if started == nil or started == '' then started = now end
+  if redis.call('HSETNX', key, 'started_us', started) == 1 then set_limits(key, p, tonumber(started)) end
 end
 
-local function totals(status, now)
+local function ints(text)
+  local found = {}
+  for n in string.gmatch(text, '%d+') do found[#found + 1] = tonumber(n) end
+  return found
+end
+
+-- Add to key what this process counted into it and the hash does not hold yet. ARGV[u]: all it
+-- counted ("tokens cost_units steps sub_agents unpriced": its charges, and the steps and
+-- sub-agents it counted while failing open), ARGV[u + 1]: what a reply said the hash held of it,
+-- ARGV[u + 2]: the highest totals it saw. The field 'w:' .. ARGV[3] records what the hash holds:
+-- a command that runs late after a time-out, or counts sent again, add nothing twice. No field:
+-- this process's first command for the run, or the hash was lost (expired, flushed, a restart
+-- without persistence): its totals become at least those this process saw, which hold what it
+-- had counted into the hash. Returns the field.
+local function add_counts(key, u)
+  local field = 'w:' .. ARGV[3]
+  local held = redis.call('HGET', key, field)
+  if not held then
+    local seen, stored = ints(ARGV[u + 2]), redis.call('HMGET', key, unpack(COUNTS))
+    for i, name in ipairs(COUNTS) do
+      if seen[i] > tonumber(stored[i] or 0) then
+        redis.call('HSET', key, name, string.format('%d', seen[i]))
+      end
+    end
+    held = ARGV[u + 1]
+  elseif held == ARGV[u] then
+    return held
+  end
+  local have, want = ints(held), ints(ARGV[u])
+  for i, name in ipairs(COUNTS) do
+    if want[i] > have[i] then
+      redis.call('HINCRBY', key, name, string.format('%d', want[i] - have[i]))
+      have[i] = want[i]
+    end
+  end
+  held = string.format('%d %d %d %d %d', have[1], have[2], have[3], have[4], have[5])
+  redis.call('HSET', key, field, held)
+  return held
+end
+
+-- ARGV from 4, for each key: 1 and its limits and start (9 values) when this process knows them,
+-- to re-create its hash if it expired or the server lost it (0 and 8 blanks when it does not: the
+-- process that does re-creates it); then for each key its counts (3 values, see add_counts).
+local function take_counts(now)
+  local n, held = #KEYS, {}
+  for k, key in ipairs(KEYS) do
+    local p = 4 + 9 * (k - 1)
+    if ARGV[p] == '1' then create(key, p + 1, now) end
+  end
+  for k, key in ipairs(KEYS) do held[k] = add_counts(key, 4 + 9 * n + 3 * (k - 1)) end
+  return held
+end
+
+local function totals(status, now, held)
   local reply = {status, now, #KEYS}
   for _, key in ipairs(KEYS) do
     local v = redis.call('HMGET', key, 'tokens', 'cost_units', 'steps', 'sub_agents', 'unpriced',
@@ -131,24 +221,28 @@ local function totals(status, now)
     reply[#reply + 1] = tonumber(v[6] or -1)
     reply[#reply + 1] = tonumber(v[7] or -1)
   end
+  for _, h in ipairs(held or {}) do reply[#reply + 1] = h end
   return reply
 end
 """
 
 # KEYS: the run, then its ancestors. ARGV: ttl_ms, mode (1 = set_budget, 0 = create, 2 = adopt:
-# create nothing, for a run continued from another process), limits from 3. After the totals, for
-# each key: 1 if its hash exists (0 if not), and its stored max_tokens, max_cost_usd, max_steps,
+# create nothing, for a run continued from another process), this process's writer id, limits from
+# 4. After the totals, for each key: what it holds of this process's counts ('' for nothing); then
+# for each key: 1 if its hash exists (0 if not), and its stored max_tokens, max_cost_usd, max_steps,
 # max_sub_agents and max_duration_seconds.
 _INIT = """
 local key, now = KEYS[1], now_us()
 if ARGV[2] == '1' then
   redis.call('HSETNX', key, 'started_us', now)
-  set_limits(key, 3, tonumber(redis.call('HGET', key, 'started_us')))
+  set_limits(key, 4, tonumber(redis.call('HGET', key, 'started_us')))
 elseif ARGV[2] == '0' then
-  create(key, 3, now)
+  create(key, 4, now)
 end
 redis.call('PEXPIRE', key, ARGV[1])
-local reply = totals(1, now)
+local held = {}
+for k, name in ipairs(KEYS) do held[k] = redis.call('HGET', name, 'w:' .. ARGV[3]) or '' end
+local reply = totals(1, now, held)
 for _, k in ipairs(KEYS) do
   local stored = redis.call('HMGET', k, 'started_us', 'max_tokens', 'max_cost_usd', 'max_steps',
                             'max_sub_agents', 'max_duration_seconds')
@@ -158,24 +252,11 @@ end
 return reply
 """
 
-# KEYS: the run, then its ancestors, nearest first. ARGV: check (1/0), ttl_ms, then for each key
-# the pending usage to add to it first (tokens, cost_units, unpriced), then for each key 1 and its
-# limits when this process knows them, to re-create its hash if it expired or the server lost it
-# (0 and 7 blanks when it does not: the process that does re-creates it).
+# KEYS: the run, then its ancestors, nearest first. ARGV: check (1/0), ttl_ms, this process's
+# writer id, then as take_counts reads them.
 _BEGIN_STEP = """
 local now = now_us()
-local limits_at = 3 + 3 * #KEYS
-for k, key in ipairs(KEYS) do
-  local p = limits_at + 8 * (k - 1)
-  if ARGV[p] == '1' then create(key, p + 1, now) end
-end
-local pending = {'tokens', 'cost_units', 'unpriced'}
-for k, key in ipairs(KEYS) do
-  for i, name in ipairs(pending) do
-    local amount = ARGV[2 + 3 * (k - 1) + i]
-    if amount ~= '0' then redis.call('HINCRBY', key, name, amount) end
-  end
-end
+local held = take_counts(now)
 if ARGV[1] == '1' then
   for i, key in ipairs(KEYS) do
     local v = redis.call('HMGET', key, 'tokens', 'cost_units', 'steps', 'sub_agents', 'started_us',
@@ -193,9 +274,9 @@ if ARGV[1] == '1' then
     elseif v[10] and subs > tonumber(v[10]) then hit, used, maximum = 'max_sub_agents', subs, v[10]
     end
     if hit then
-      -- every key: the pending usage, or a lost hash re-created above, may have written any
+      -- every key: the counts, or a lost hash re-created above, may have written any
       for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ARGV[2]) end
-      local reply = totals(0, now)
+      local reply = totals(0, now, held)
       reply[#reply + 1] = i
       reply[#reply + 1] = hit
       reply[#reply + 1] = used
@@ -208,19 +289,19 @@ for _, key in ipairs(KEYS) do
   redis.call('HINCRBY', key, 'steps', 1)
   redis.call('PEXPIRE', key, ARGV[2])
 end
-return totals(1, now)
+return totals(1, now, held)
 """
 
-# KEYS: the run, then its ancestors. ARGV: ttl_ms, tokens, cost_units, unpriced, sub_agents.
+# KEYS: the run, then its ancestors. ARGV: sub-agents to count (1/0), ttl_ms, this process's
+# writer id, then as take_counts reads them.
 _ADD = """
-local fields = {'tokens', 'cost_units', 'unpriced', 'sub_agents'}
+local now = now_us()
+local held = take_counts(now)
 for _, key in ipairs(KEYS) do
-  for i, name in ipairs(fields) do
-    if ARGV[i + 1] ~= '0' then redis.call('HINCRBY', key, name, ARGV[i + 1]) end
-  end
-  redis.call('PEXPIRE', key, ARGV[1])
+  if ARGV[1] == '1' then redis.call('HINCRBY', key, 'sub_agents', 1) end
+  redis.call('PEXPIRE', key, ARGV[2])
 end
-return totals(1, now_us())
+return totals(1, now, held)
 """
 
 # KEYS[1]: the run. ARGV: ttl_ms, tokens, cost_units, steps: each total becomes at least that.
@@ -263,7 +344,52 @@ _SCRIPTS = {
     )
 }
 _FIELDS_PER_KEY = 7
-_NOTHING_PENDING = ("0", "0", "0")
+_COUNTS = 5  # a run's counters, in the scripts' order: tokens, cost_units, steps, sub_agents, unpriced
+_TOKENS, _COST, _STEPS, _SUB_AGENTS, _UNPRICED = range(_COUNTS)
+RETRY_SECONDS = 5.0
+"""How long a fail-open ledger counts in process after Redis failed before it tries Redis again."""
+
+
+class _Tally:
+    """What this process counted into one run's hash, so that the scripts add it exactly once."""
+
+    __slots__ = ("__weakref__", "counted", "held", "key", "known", "seen")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        # All this process counted into the run: its charges, and the steps and sub-agents it
+        # counted while failing open (a step that Redis counted is not in it).
+        self.counted = [0] * _COUNTS
+        self.held = [0] * _COUNTS  # how much of ``counted`` the hash held at the last reply
+        self.seen = [0] * _COUNTS  # the highest totals a reply gave: a lost hash starts from them
+        # False until an init reply said what the hash holds of this process's counts: an earlier
+        # tally of the key (its ledgers gone) may have counted into it, and this one goes on from there
+        self.known = False
+
+    def take(self, held: list[int]) -> None:
+        """Take in what a reply says the hash holds of this process's counts."""
+        if self.known:
+            _higher(self.held, held)
+        else:
+            self.counted = [mine + theirs for mine, theirs in zip(self.counted, held, strict=True)]
+            self.held, self.known = held, True
+
+    def args(self) -> tuple[str, str, str]:
+        return _counts_text(self.counted), _counts_text(self.held), _counts_text(self.seen)
+
+
+def _counts_text(counts: list[int]) -> str:
+    return " ".join(map(str, counts))
+
+
+def _higher(mine: list[int], theirs: Iterable[int]) -> None:
+    for i, value in enumerate(theirs):
+        if value > mine[i]:
+            mine[i] = value
+
+
+def _new_writer() -> str:
+    return os.urandom(8).hex()
 
 
 @dataclass
@@ -276,11 +402,57 @@ class _ClientState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     loaded: bool = False
     local: bool = False  # fail-open mode after Redis failed: count in this process only
+    retry_at: float = 0.0  # when a fail-open ledger tries Redis again (its clock)
+    # names this process's counts in each run's hash: see add_counts in the scripts
+    writer: str = field(default_factory=_new_writer)
+    tallies: weakref.WeakValueDictionary[str, _Tally] = field(default_factory=weakref.WeakValueDictionary)
+    # the tallies of counts Redis does not hold yet, kept when their ledgers are gone: the next
+    # command for the key sends them
+    unsettled: dict[str, _Tally] = field(default_factory=dict)
     live: weakref.WeakValueDictionary[str, RedisLedger] = field(default_factory=weakref.WeakValueDictionary)
+
+    def tally(self, key: str) -> _Tally:
+        """The tally of ``key``, which every ledger of this client that counts into it shares."""
+        with self.lock:
+            tally = self.tallies.get(key)
+            if tally is None:
+                tally = self.tallies[key] = _Tally(key)
+            return tally
+
+    def may_try(self, now: float) -> bool:
+        """Whether a fail-open ledger should send a command (False: count in process). After a
+        failure, one command tries Redis again every RETRY_SECONDS; the others do not wait for it."""
+        if not self.local:
+            return True
+        with self.lock:
+            if self.local and now < self.retry_at:
+                return False
+            self.retry_at = now + RETRY_SECONDS
+            return True
+
+    def after_fork(self) -> None:
+        """In a forked child: a writer of its own, which has counted nothing yet. What the parent
+        counted and had not sent is the parent's to send."""
+        self.lock = threading.Lock()
+        self.writer = _new_writer()
+        self.unsettled.clear()
+        for tally in list(self.tallies.values()):
+            tally.counted, tally.held, tally.known = [0] * _COUNTS, [0] * _COUNTS, True
 
 
 _client_states: weakref.WeakKeyDictionary[Any, _ClientState] = weakref.WeakKeyDictionary()
 _client_states_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _client_states_lock
+    _client_states_lock = threading.Lock()
+    for state in list(_client_states.values()):
+        state.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _state_of(client: redis.Redis) -> _ClientState:
@@ -327,7 +499,7 @@ def _limit_args(budget: Budget | None) -> list[str]:
     ]
 
 
-_UNKNOWN_LIMITS = ("0", *[""] * 7)
+_UNKNOWN_LIMITS = ("0", *[""] * 8)  # and no start
 
 
 def _stored_limits(reply: list[Any], keys: int) -> list[list[str] | None]:
@@ -373,9 +545,10 @@ class RedisLedger(LedgerReadings):
     The counters (:attr:`tokens`, :attr:`steps`, ...) are the run's totals in
     Redis as of this process's last round trip; :meth:`status` fetches fresh
     ones. With ``fail_open=True``, a Redis failure logs one warning and every
-    fail-open ledger on the same client goes on counting in this process only,
-    checking its own budget and its ancestors' (for an ancestor whose ledger is in
-    another process, the limits read when this ledger was made).
+    fail-open ledger on the same client counts in this process only, checking
+    its own budget and its ancestors' (for an ancestor whose ledger is in
+    another process, the limits read when this ledger was made), until Redis
+    answers one of the tries made every :data:`RETRY_SECONDS`.
     """
 
     def __init__(
@@ -416,13 +589,10 @@ class RedisLedger(LedgerReadings):
         self.steps = 0
         self.sub_agents = 0
         self.unpriced_reports = 0
-        # tokens, cost units and unpriced reports charged here and not yet sent to Redis
-        self._pending = [0, 0, 0]
         self.budget = budget
         # The limits of this run and of each ancestor, to re-create a hash the server lost: this
         # run's own, or those stored when this ledger was made (None: not known here).
-        limits = _limit_args(budget)
-        self._limits: list[str] | None = limits
+        self._limits: list[str] | None = _limit_args(budget)
         self._ancestor_limits: list[list[str] | None] = [None] * len(ancestors)
         # The server clock at the last reply, and this process's clock when it came:
         # elapsed() measures from the run's start on the server without a round trip.
@@ -431,17 +601,31 @@ class RedisLedger(LedgerReadings):
         self._at = clock()
         # the ancestors, as this ledger sees them when theirs does not live in this process
         self._enclosing = [_Enclosing(ancestor, self) for ancestor in ancestors]
+        self._tallies = [self._shared.tally(key) for key in self._keys]
         self._shared.live[self.key] = self
-        mode = "2" if adopt else "0"
-        reply = self._run("init", self._keys, [self._ttl_ms, mode, *limits], "be created")
+        # the init script's mode until it has run: made while failing open, it runs once Redis answers
+        self._unjoined: str | None = "2" if adopt else "0"
+        self._budget_unsent = False  # set_budget while failing open: sent once Redis answers
+        self._join()
+
+    def _join(self) -> bool:
+        """Create the run's hash (or join it) and read the limits stored for it and its ancestors,
+        and what the hashes hold of this process's counts. False while failing open."""
+        mode = self._unjoined
+        if mode is None:
+            return True
+        args = [self._ttl_ms, mode, self._shared.writer, *_limit_args(self.budget)]
+        reply = self._run("init", self._keys, args, "be created", counts=True)
         if reply is not None:
+            self._unjoined = None
             stored = _stored_limits(reply, len(self._keys))
             self._limits, self._ancestor_limits = stored[0], stored[1:]
             self.budget = _budget_from_args(self._limits)
             for enclosing, ancestor_limits in zip(self._enclosing, self._ancestor_limits, strict=True):
                 enclosing.budget = _budget_from_args(ancestor_limits)
-        elif adopt:
+        elif mode == "2":
             self._limits = None  # failing open: nothing adopted
+        return reply is not None
 
     # -- the interface of RunLedger ---------------------------------------------
 
@@ -481,36 +665,23 @@ class RedisLedger(LedgerReadings):
         """Enforce ``budget`` from now on, in every process (it replaces the stored limits)."""
         self.budget = budget
         self._limits = _limit_args(budget)
-        self._run("init", [self.key], [self._ttl_ms, "1", *self._limits], "set its budget")
+        args = [self._ttl_ms, "1", self._shared.writer, *self._limits]
+        reply = self._run("init", [self.key], args, "set its budget", counts=True)
+        self._budget_unsent = reply is None
 
     def begin_step(self, check: bool = True) -> None:
-        """Send the pending usage, then count one more step in this run and its ancestors.
+        """Send what this process counted and Redis does not have, then count one more step in
+        this run and its ancestors.
 
         One round trip to Redis. With ``check``, raise BudgetExceededError
         instead of counting the step if any of them has reached a limit (the
         step about to start counts towards max_steps).
         """
-        # this run's pending usage goes to every key; an ancestor's (in this process) to it and above
-        chain = [self if i == 0 else self._shared.live.get(key) for i, key in enumerate(self._keys)]
-        taken = [_NOTHING_PENDING if ledger is None else ledger._take_pending() for ledger in chain]
-        per_key: list[str] = []
-        totals = [0, 0, 0]
-        for pending in taken:
-            for i in range(3):
-                totals[i] += int(pending[i])
-            per_key.extend(str(total) for total in totals)
-        args = ["1" if check else "0", self._ttl_ms, *per_key]
-        for i, ledger in enumerate(chain):  # chain[0] is this ledger
-            limits = ledger._limits if ledger is not None else self._ancestor_limits[i - 1]
-            args.extend(_UNKNOWN_LIMITS if limits is None else ("1", *limits))
-        try:
-            reply = self._run("begin_step", self._keys, args, "start a step")
-        except BaseException:
-            for ledger, pending in zip(chain, taken, strict=True):
-                if ledger is not None:
-                    ledger._give_back(pending)
-            raise
-        if reply is None:  # failing open: the pending usage was counted here already
+        reply = None
+        if self._join():  # made while failing open, it first joins the run once Redis answers
+            args = ["1" if check else "0", self._ttl_ms, self._shared.writer, *self._key_args()]
+            reply = self._run("begin_step", self._keys, args, "start a step", counts=True)
+        if reply is None:  # failing open
             self._begin_step_locally(check)
         elif reply[0] == 0:
             index, limit, used, maximum = reply[-4:]
@@ -527,49 +698,70 @@ class RedisLedger(LedgerReadings):
                 ledger.tokens += tokens
                 ledger.cost_units += cost_units
                 ledger.unpriced_reports += 1 if unpriced else 0
-        with self._lock:
-            pending = self._pending
-            pending[0] += int(tokens)
-            pending[1] += int(cost_units)
-            pending[2] += 1 if unpriced else 0
+        shared = self._shared
+        with shared.lock:
+            for tally in self._tallies:
+                counted = tally.counted
+                counted[_TOKENS] += int(tokens)
+                counted[_COST] += int(cost_units)
+                counted[_UNPRICED] += 1 if unpriced else 0
+                shared.unsettled[tally.key] = tally
 
     def count_sub_agent(self) -> None:
-        """Count one more sub-agent, here and in every ancestor run (and send the pending usage)."""
-        if self._add_pending("1", "count a sub-agent") is None:
+        """Count one more sub-agent, here and in every ancestor run (and send what is pending)."""
+        if self._add("1", "count a sub-agent") is None:
             for ledger in self.chain():
                 with ledger._lock:
                     ledger.sub_agents += 1
+            self._count_here(_SUB_AGENTS)
 
     def flush(self) -> None:
-        """Send the usage charged since the last round trip (nothing to do if there is none)."""
-        if any(self._pending):
-            self._add_pending("0", "record its usage")
+        """Send what this process counted and Redis does not have (nothing to do if there is none),
+        and what it could not send while failing open: the run's creation and its budget."""
+        self._join()
+        if self._budget_unsent:
+            self.set_budget(self.budget)
+        if self._pending():
+            self._add("0", "record its usage")
 
-    def _add_pending(self, sub_agents: str, action: str) -> list[Any] | None:
-        """One "add" round trip with the pending usage and ``sub_agents``; still pending if it fails."""
-        pending = self._take_pending()
-        try:
-            return self._run("add", self._keys, [self._ttl_ms, *pending, sub_agents], action)
-        except BaseException:
-            self._give_back(pending)
-            raise
+    def _pending(self) -> bool:
+        """Whether this process counted into this run or its ancestors what Redis does not hold."""
+        with self._shared.lock:
+            return any(tally.counted != tally.held for tally in self._tallies)
 
-    def _take_pending(self) -> tuple[str, str, str]:
-        """The usage not yet sent, as script arguments; it is no longer pending."""
-        with self._lock:
-            pending = self._pending
-            if not (pending[0] or pending[1] or pending[2]):
-                return _NOTHING_PENDING
-            self._pending = [0, 0, 0]
-        return str(pending[0]), str(pending[1]), str(pending[2])
+    def _add(self, sub_agents: str, action: str) -> list[Any] | None:
+        """One "add" round trip: what is pending, and ``sub_agents``."""
+        if not self._join():
+            return None
+        args = [sub_agents, self._ttl_ms, self._shared.writer, *self._key_args()]
+        return self._run("add", self._keys, args, action, counts=True)
 
-    def _give_back(self, pending: tuple[str, str, str]) -> None:
-        """A round trip that carried ``pending`` failed: keep it for the next one."""
-        if pending == _NOTHING_PENDING:
-            return
-        with self._lock:
-            for i, value in enumerate(pending):
-                self._pending[i] += int(value)
+    def _key_args(self) -> list[str]:
+        """For each key, what the scripts need to re-create its hash (limits and start, when known)
+        and to add this process's counts to it exactly once (see ``take_counts``)."""
+        args: list[str] = []
+        for i, key in enumerate(self._keys):
+            ledger = self if i == 0 else self._shared.live.get(key)
+            if ledger is None:
+                limits, started = self._ancestor_limits[i - 1], self._enclosing[i - 1]._started_us
+            else:
+                limits, started = ledger._limits, ledger._started_us
+            if limits is None:
+                args.extend(_UNKNOWN_LIMITS)
+            else:
+                args.extend(("1", *limits, str(started) if started else ""))
+        with self._shared.lock:
+            for tally in self._tallies:
+                args.extend(tally.args())
+        return args
+
+    def _count_here(self, counter: int) -> None:
+        """Count one step or sub-agent that Redis did not (failing open), to send it later."""
+        shared = self._shared
+        with shared.lock:
+            for tally in self._tallies:
+                tally.counted[counter] += 1
+                shared.unsettled[tally.key] = tally
 
     def restore(self, tokens: int, cost_units: int, steps: int, unpriced_reports: int = 0) -> None:
         """Start from what an earlier attempt of this run already spent.
@@ -586,11 +778,13 @@ class RedisLedger(LedgerReadings):
                 self.cost_units = max(self.cost_units, cost_units)
                 self.steps = max(self.steps, steps)
                 self.unpriced_reports = max(self.unpriced_reports, unpriced_reports)
+            with self._shared.lock:  # a hash Redis does not have yet starts from them
+                _higher(self._tallies[0].seen, (tokens, cost_units, steps, 0, unpriced_reports))
 
     def refresh(self) -> None:
-        """Send the pending usage and fetch the run's current totals from Redis (one round trip)."""
-        if any(self._pending):
-            self._add_pending("0", "record its usage")
+        """Send what is pending and fetch the run's current totals from Redis (one round trip)."""
+        if self._pending():
+            self._add("0", "record its usage")
         else:
             self._run("read", self._keys, [], "read its totals")
 
@@ -604,10 +798,13 @@ class RedisLedger(LedgerReadings):
     def _ids(self) -> tuple[str, ...]:
         return (self.run_id, *self.ancestor_ids)
 
-    def _run(self, name: str, keys: list[str], args: list[str], action: str) -> list[Any] | None:
-        """Run a script and take in its totals; None when failing open (count locally instead)."""
+    def _run(
+        self, name: str, keys: list[str], args: list[str], action: str, counts: bool = False
+    ) -> list[Any] | None:
+        """Run a script and take in its totals (and with ``counts``, what the hash holds of this
+        process's counts); None when failing open (count locally instead)."""
         shared = self._shared
-        if shared.local and self._fail_open:
+        if self._fail_open and not shared.may_try(self._clock()):
             return None
         script = _SCRIPTS[name]
         try:
@@ -624,19 +821,42 @@ class RedisLedger(LedgerReadings):
             with shared.lock:
                 first = not shared.local
                 shared.local = True
+                shared.retry_at = self._clock() + RETRY_SECONDS
             if first:
                 _logger.warning(
                     "multirun: the shared budget ledger at %s is unavailable (%s: %s); failing open: "
                     "each process now counts its own steps and spend, so the budget is no longer "
-                    "enforced across processes",
+                    "enforced across processes (Redis is tried again every %g s)",
                     shared.url,
                     type(exc).__name__,
                     exc,
+                    RETRY_SECONDS,
                 )
             return None
         reply = list(reply)
-        self._take_totals(reply, keys)
+        self._take_totals(reply, keys, counts)
+        if shared.local:
+            self._resume()
         return reply
+
+    def _resume(self) -> None:
+        """Redis answers again: share again, and send what every ledger of this client counted
+        meanwhile (this one's went with the command that found Redis back)."""
+        shared = self._shared
+        with shared.lock:
+            resumed, shared.local = shared.local, False
+        if not resumed:
+            return
+        _logger.warning(
+            "multirun: the shared budget ledger at %s answers again; what this process counted "
+            "meanwhile is sent, and the budget is enforced across processes again",
+            shared.url,
+        )
+        for ledger in list(shared.live.values()):
+            try:
+                ledger.flush()
+            except LedgerUnavailableError as exc:  # a fail-closed ledger: it sends it with its next step
+                _logger.warning("multirun: usage of run %s not sent to the ledger: %s", ledger.run_id, exc)
 
     def _load_scripts(self) -> None:
         """SCRIPT LOAD every script, in one round trip."""
@@ -648,16 +868,30 @@ class RedisLedger(LedgerReadings):
             raise RuntimeError(f"Redis returned unexpected script hashes {shas}")
         self._shared.loaded = True
 
-    def _take_totals(self, reply: list[Any], keys: list[str]) -> None:
-        """Update this ledger, and the ancestors' ledgers in this process, from a script's reply."""
+    def _take_totals(self, reply: list[Any], keys: list[str], counts: bool) -> None:
+        """Update this ledger, the ancestors' ledgers in this process and the tallies of ``keys``
+        from a script's reply."""
         at = self._clock()
         now_us = int(reply[1])
-        for i, key in enumerate(keys):
+        fields = [
+            [int(v) for v in reply[start : start + _FIELDS_PER_KEY]]
+            for start in range(3, 3 + len(keys) * _FIELDS_PER_KEY, _FIELDS_PER_KEY)
+        ]
+        shared = self._shared
+        with shared.lock:
+            for i, values in enumerate(fields):
+                tally = self._tallies[i]
+                _higher(tally.seen, values[:_COUNTS])
+                if counts:
+                    held = _text(reply[3 + len(fields) * _FIELDS_PER_KEY + i]).split()
+                    tally.take([int(v) for v in held] if held else [0] * _COUNTS)
+                    if tally.counted == tally.held:
+                        shared.unsettled.pop(tally.key, None)
+        for i, (key, values) in enumerate(zip(keys, fields, strict=True)):
             ledger: RedisLedger | _Enclosing | None = self if i == 0 else self._shared.live.get(key)
             if ledger is None:
                 ledger = self._enclosing[i - 1]
-            start = 3 + i * _FIELDS_PER_KEY
-            ledger._update([int(v) for v in reply[start : start + _FIELDS_PER_KEY]], now_us, at)
+            ledger._update(values, now_us, at)
 
     def _update(self, values: list[int], now_us: int, at: float) -> None:
         started_us = values[_STARTED]
@@ -684,6 +918,7 @@ class RedisLedger(LedgerReadings):
         for ledger in self.chain():
             with ledger._lock:
                 ledger.steps += 1
+        self._count_here(_STEPS)
 
 
 _STARTED = 5  # in a run's fields as a reply gives them: its start, in server microseconds
