@@ -181,6 +181,25 @@ def overhead_section(targets: list[list[str]]) -> list[str]:
     ]
 
 
+def local_files_section() -> list[str]:
+    """The embedded default's exporter: encoding cost, and spans a fast loop lost."""
+    found = tables(RESULTS / "local_files.md")
+    if len(found) < 2:
+        return []
+    encoders = {row.get("encoder"): row for row in found[0]}
+    ours, library = encoders.get("otlp_json"), encoders.get("library route")
+    if ours is None or library is None:
+        return []
+    lost = ", ".join(f"{row.get('lost', '?')} of {row.get('spans made', '?')}" for row in found[1])
+    return [
+        "Embedded default (`benchmarks/results/local_files.md`): encoding a batch as OTLP JSON costs "
+        f"{ours.get('median µs/span', '?')} µs per span ({ours.get('ratio to the library route', '?')} "
+        f"the OTLP exporter's protobuf encoder plus `MessageToDict`, {library.get('median µs/span', '?')} "
+        f"µs); a tight loop of runs with `init_local()` lost {lost} spans to the export queue.",
+        "",
+    ]
+
+
 def scaling_targets(scaling: dict[str, Any] | None, targets: list[list[str]]) -> None:
     sections = (scaling or {}).get("sections", {})
     length = sections.get("length")
@@ -423,6 +442,7 @@ def build() -> str:
     memory_targets(targets)
     checkpoint_targets(scaling, targets)
     lines += scaling_section(scaling)
+    lines += local_files_section()
     lines += [
         "Targets of the performance issue:",
         "",
