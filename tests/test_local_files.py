@@ -68,6 +68,26 @@ def test_one_undecodable_file_name_loses_no_span(tmp_path: Path, caplog: pytest.
     assert bad.events[0]["attributes"]["exception.message"] == "no such file: report-\\xff.txt"
 
 
+def test_an_undecodable_step_name_of_an_embedded_default_run_is_written_escaped(
+    tmp_path: Path, global_otel: None
+) -> None:
+    # through init_local's export pipeline, which leaves the escaping to the local exporter
+    client = multirun.init_local(tmp_path)
+
+    @multirun.step(name=f"open {UNDECODABLE}")
+    def open_file() -> None:
+        pass
+
+    @multirun.run(name="files")
+    def files() -> None:
+        open_file()
+
+    files()
+    assert client.force_flush()
+    names = {s.name for s in read_spans(tmp_path / "traces")}
+    assert names == {"invoke_workflow files", "step open report-\\xff.txt"}
+
+
 def test_other_lone_surrogates_and_the_resource_are_escaped_too(tmp_path: Path) -> None:
     def build(tracer: Any) -> None:
         with tracer.start_as_current_span("half an emoji \ud83d"):
