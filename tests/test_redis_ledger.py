@@ -797,6 +797,34 @@ def test_fail_open_creates_the_runs_made_during_an_outage_once_redis_answers(
     factory.close()
 
 
+def test_a_run_made_during_an_outage_is_held_to_its_duration_from_when_it_was_made(
+    fresh_redis_server: RedisServer,
+) -> None:
+    clock = Clock()
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true", clock=clock)
+    parent_budget, child_budget = Budget(max_duration_seconds=60), Budget(max_duration_seconds=30)
+    factory.ledger(new_id()).begin_step()
+    fresh_redis_server.down()
+    parent = factory.ledger(new_id(), parent_budget)  # both made while Redis cannot be reached
+    child = factory.ledger(new_id(), child_budget, ancestor_ids=[parent.run_id])
+    child.begin_step()
+    clock.now += 40  # 40 s of the outage later, Redis answers again
+    fresh_redis_server.up()
+    with pytest.raises(BudgetExceededError) as got:  # not 30 s more from when Redis answered
+        child.begin_step()
+    assert (got.value.limit, got.value.maximum) == ("max_duration_seconds", 30)
+    assert (got.value.run_id, 40 <= got.value.used < 45) == (child.run_id, True)
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    started = {ledger.run_id: int(raw.hget(ledger.key, "started_us") or 0) for ledger in (parent, child)}
+    seconds, micros = raw.time()
+    now_us = int(seconds) * 1_000_000 + int(micros)
+    for ledger in (parent, child):  # the parent made during the outage too
+        assert 40 <= (now_us - started[ledger.run_id]) / 1_000_000 < 45, ledger.run_id
+        assert 40 <= ledger.elapsed() < 45
+    raw.close()
+    factory.close()
+
+
 # -- configuration ------------------------------------------------------------------------
 
 

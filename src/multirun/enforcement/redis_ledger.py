@@ -72,7 +72,8 @@ this process alone: steps, sub-agents and usage go into what the process
 counted into each run. One command tries Redis again every
 :data:`RETRY_SECONDS` (the others do not wait for it); once Redis answers, it
 and every ledger of the client send what they counted meanwhile (a run made
-during the outage is created then), sharing resumes, and one more line is
+during the outage is created then, started when its ledger was made, so its
+duration limit counts the outage), sharing resumes, and one more line is
 logged. A step whose command timed out while failing open ran in this
 process, so it is counted there too: if the command runs late, that step is
 counted twice.
@@ -151,12 +152,21 @@ local function set_limits(key, p, started)
   end
 end
 
--- the first creation of a run's hash sets its start time (ARGV[p + 7] when given: the start of a
--- run whose hash the server lost) and limits; later ones change nothing
+-- a run's start from an argument: '' for now, else a time on this server's clock, or when below
+-- zero, that many microseconds before now (a run made while Redis could not be reached)
+local function start_of(arg, now)
+  local started = tonumber(arg or '')
+  if not started then return now end
+  if started < 0 then return now + started end
+  return started
+end
+
+-- the first creation of a run's hash sets its start time (ARGV[p + 7], see start_of: the start
+-- of a run whose hash the server lost, or that was made during an outage) and limits; later ones
+-- change nothing
 local function create(key, p, now)
-  local started = ARGV[p + 7]
-  if started == nil or started == '' then started = now end
-  if redis.call('HSETNX', key, 'started_us', started) == 1 then set_limits(key, p, tonumber(started)) end
+  local started = start_of(ARGV[p + 7], now)
+  if redis.call('HSETNX', key, 'started_us', started) == 1 then set_limits(key, p, started) end
 end
 
 local function ints(text)
@@ -228,13 +238,13 @@ end
 
 # KEYS: the run, then its ancestors. ARGV: ttl_ms, mode (1 = set_budget, 0 = create, 2 = adopt:
 # create nothing, for a run continued from another process), this process's writer id, limits from
-# 4. After the totals, for each key: what it holds of this process's counts ('' for nothing); then
-# for each key: 1 if its hash exists (0 if not), and its stored max_tokens, max_cost_usd, max_steps,
-# max_sub_agents and max_duration_seconds.
+# 4, the run's start (11, see start_of). After the totals, for each key: what it holds of this
+# process's counts ('' for nothing); then for each key: 1 if its hash exists (0 if not), and its
+# stored max_tokens, max_cost_usd, max_steps, max_sub_agents and max_duration_seconds.
 _INIT = """
 local key, now = KEYS[1], now_us()
 if ARGV[2] == '1' then
-  redis.call('HSETNX', key, 'started_us', now)
+  redis.call('HSETNX', key, 'started_us', start_of(ARGV[11], now))
   set_limits(key, 4, tonumber(redis.call('HGET', key, 'started_us')))
 elseif ARGV[2] == '0' then
   create(key, 4, now)
@@ -614,7 +624,7 @@ class RedisLedger(LedgerReadings):
         mode = self._unjoined
         if mode is None:
             return True
-        args = [self._ttl_ms, mode, self._shared.writer, *_limit_args(self.budget)]
+        args = [self._ttl_ms, mode, self._shared.writer, *_limit_args(self.budget), self._start_arg()]
         reply = self._run("init", self._keys, args, "be created", counts=True)
         if reply is not None:
             self._unjoined = None
@@ -665,7 +675,7 @@ class RedisLedger(LedgerReadings):
         """Enforce ``budget`` from now on, in every process (it replaces the stored limits)."""
         self.budget = budget
         self._limits = _limit_args(budget)
-        args = [self._ttl_ms, "1", self._shared.writer, *self._limits]
+        args = [self._ttl_ms, "1", self._shared.writer, *self._limits, self._start_arg()]
         reply = self._run("init", [self.key], args, "set its budget", counts=True)
         self._budget_unsent = reply is None
 
@@ -744,16 +754,28 @@ class RedisLedger(LedgerReadings):
             ledger = self if i == 0 else self._shared.live.get(key)
             if ledger is None:
                 limits, started = self._ancestor_limits[i - 1], self._enclosing[i - 1]._started_us
+                start = "" if started is None else str(started)
             else:
-                limits, started = ledger._limits, ledger._started_us
+                limits, start = ledger._limits, ledger._start_arg()
             if limits is None:
                 args.extend(_UNKNOWN_LIMITS)
             else:
-                args.extend(("1", *limits, str(started) if started else ""))
+                args.extend(("1", *limits, start))
         with self._shared.lock:
             for tally in self._tallies:
                 args.extend(tally.args())
         return args
+
+    def _start_arg(self) -> str:
+        """The run's start for a script that may create its hash (see start_of in the scripts): on
+        the server's clock once a reply gave it, else how long ago this ledger was made, for a run
+        made while Redis could not be reached (its duration runs from then, not from when it
+        answered again)."""
+        started = self._started_us
+        if started:
+            return str(started)
+        age_us = int((self._clock() - self._at) * _US_PER_SECOND)
+        return f"-{age_us}" if age_us > 0 else ""
 
     def _count_here(self, counter: int) -> None:
         """Count one step or sub-agent that Redis did not (failing open), to send it later."""
