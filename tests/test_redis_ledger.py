@@ -500,6 +500,23 @@ def test_ledgers_that_come_and_go_in_a_process_count_all_it_spends_in_the_run_ab
     worker.close()
 
 
+def test_close_sends_what_the_ledger_of_a_run_that_ended_had_not_sent(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    owner, worker = (RedisLedgerFactory.from_uri(redis_server.url) for _ in range(2))  # two processes
+    root = owner.ledger(new_id())
+    sub = worker.ledger(new_id(), ancestor_ids=[root.run_id])
+    sub.begin_step()
+    sub.charge(100, 0)  # its run ends without sending it (its last refresh failed, say)
+    sub_key = sub.key
+    del sub
+    gc.collect()
+    worker.close()  # the worker shuts down
+    assert raw.hmget(root.key, "tokens", "steps") == ["100", "1"]
+    assert raw.hget(sub_key, "tokens") == "100"
+    owner.close()
+
+
 def test_a_client_that_decodes_responses_works(redis_server: RedisServer) -> None:
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     ledger = RedisLedger(client, new_id(), Budget(max_cost_usd=0.5))
@@ -823,6 +840,37 @@ def test_a_run_made_during_an_outage_is_held_to_its_duration_from_when_it_was_ma
         assert 40 <= ledger.elapsed() < 45
     raw.close()
     factory.close()
+
+
+def test_fail_open_sends_what_a_run_ended_during_the_outage_counted_once_redis_answers(
+    fresh_redis_server: RedisServer,
+) -> None:
+    clock = Clock()
+    owner = RedisLedgerFactory.from_uri(fresh_redis_server.url)  # the process of the top run
+    worker = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true&timeout=0.3", clock=clock)
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    root = owner.ledger(new_id(), Budget(max_tokens=1000))
+    other = worker.ledger(new_id())  # another run of the worker, still going
+    fresh_redis_server.freeze()
+    try:
+        other.refresh()  # times out: the worker fails open
+        sub = worker.ledger(new_id(), Budget(max_steps=5), ancestor_ids=[root.run_id])
+        for _ in range(2):  # a sub-run of the top run, made and ended during the outage
+            sub.begin_step()
+            sub.charge(100, 0)
+        sub.refresh()
+        sub_key = sub.key
+        del sub
+        gc.collect()
+    finally:
+        fresh_redis_server.thaw()
+    clock.now += RETRY_SECONDS
+    other.begin_step()  # Redis answers again
+    assert raw.hmget(root.key, "tokens", "steps") == ["200", "2"]
+    assert raw.hmget(sub_key, "tokens", "steps", "max_steps") == ["200", "2", "5"]
+    raw.close()
+    owner.close()
+    worker.close()
 
 
 # -- configuration ------------------------------------------------------------------------

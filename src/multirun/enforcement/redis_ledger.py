@@ -59,8 +59,10 @@ How it keeps the totals right:
   process still counting into the run had seen is lost with the hash.
 * A new ledger's first command (the one that creates or joins the hash)
   reads what the hash holds of this process's counts, so a process whose
-  ledgers of a run come and go goes on from there; usage a dropped ledger
-  had not sent goes with the process's next command for that run. The hash
+  ledgers of a run come and go goes on from there. A ledger with usage not
+  sent yet is kept until it is: it goes with the process's next command for
+  that run, or once Redis answers again (failing open), or at
+  :meth:`RedisLedgerFactory.close`, even when the run is over. The hash
   keeps one ``w:<id>`` field per process that counted into it, until it
   expires.
 * Every write refreshes the keys' expiry (``ttl_seconds``, a week by default).
@@ -416,9 +418,10 @@ class _ClientState:
     # names this process's counts in each run's hash: see add_counts in the scripts
     writer: str = field(default_factory=_new_writer)
     tallies: weakref.WeakValueDictionary[str, _Tally] = field(default_factory=weakref.WeakValueDictionary)
-    # the tallies of counts Redis does not hold yet, kept when their ledgers are gone: the next
-    # command for the key sends them
-    unsettled: dict[str, _Tally] = field(default_factory=dict)
+    # for each key whose counts Redis does not hold all of yet, the last ledger that counted into
+    # it, kept when its run is over: the next command for the key sends them, and so do Redis
+    # answering again (a fail-open client) and close
+    unsettled: dict[str, RedisLedger] = field(default_factory=dict)
     live: weakref.WeakValueDictionary[str, RedisLedger] = field(default_factory=weakref.WeakValueDictionary)
 
     def tally(self, key: str) -> _Tally:
@@ -428,6 +431,12 @@ class _ClientState:
             if tally is None:
                 tally = self.tallies[key] = _Tally(key)
             return tally
+
+    def ledgers(self) -> list[RedisLedger]:
+        """The ledgers that may have counts to send: those in use, and those kept for them."""
+        with self.lock:
+            found = {id(ledger): ledger for ledger in (*self.live.values(), *self.unsettled.values())}
+        return list(found.values())
 
     def may_try(self, now: float) -> bool:
         """Whether a fail-open ledger should send a command (False: count in process). After a
@@ -715,7 +724,7 @@ class RedisLedger(LedgerReadings):
                 counted[_TOKENS] += int(tokens)
                 counted[_COST] += int(cost_units)
                 counted[_UNPRICED] += 1 if unpriced else 0
-                shared.unsettled[tally.key] = tally
+                shared.unsettled[tally.key] = self
 
     def count_sub_agent(self) -> None:
         """Count one more sub-agent, here and in every ancestor run (and send what is pending)."""
@@ -783,7 +792,7 @@ class RedisLedger(LedgerReadings):
         with shared.lock:
             for tally in self._tallies:
                 tally.counted[counter] += 1
-                shared.unsettled[tally.key] = tally
+                shared.unsettled[tally.key] = self
 
     def restore(self, tokens: int, cost_units: int, steps: int, unpriced_reports: int = 0) -> None:
         """Start from what an earlier attempt of this run already spent.
@@ -874,7 +883,7 @@ class RedisLedger(LedgerReadings):
             "meanwhile is sent, and the budget is enforced across processes again",
             shared.url,
         )
-        for ledger in list(shared.live.values()):
+        for ledger in shared.ledgers():
             try:
                 ledger.flush()
             except LedgerUnavailableError as exc:  # a fail-closed ledger: it sends it with its next step
@@ -1148,7 +1157,7 @@ class RedisLedgerFactory:
 
     def close(self) -> None:
         """Send what the ledgers of this client still have pending, then close its connections."""
-        for ledger in list(_state_of(self.client).live.values()):
+        for ledger in _state_of(self.client).ledgers():
             try:
                 ledger.flush()
             except LedgerUnavailableError as exc:
