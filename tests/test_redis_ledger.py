@@ -666,6 +666,57 @@ def test_a_forked_child_sends_only_what_it_charged(redis_server: RedisServer, ra
     assert raw.hmget(key, "tokens", "steps") == ["15", "2"]
 
 
+FORK_WHILE_CHARGING = """
+import os, signal, sys, threading
+from multirun.enforcement.redis_ledger import RedisLedgerFactory
+
+factory = RedisLedgerFactory.from_uri(sys.argv[1])
+parent = factory.ledger(sys.argv[2], ancestor_ids=[sys.argv[3]])  # sys.argv[3]: another process's run
+ledger = factory.ledger(sys.argv[4], ancestor_ids=[sys.argv[2], sys.argv[3]])
+ledger.begin_step()
+# another thread is charging the run at the moment of the fork: it holds the ledgers' locks
+locks = [ledger._lock, parent._lock, *(enclosing._lock for enclosing in ledger._enclosing)]
+held, release = threading.Event(), threading.Event()
+
+def charging():
+    for lock in locks:
+        lock.acquire()
+    held.set()
+    release.wait()
+    for lock in locks:
+        lock.release()
+
+threading.Thread(target=charging, daemon=True).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)  # a child that hangs must not outlive the test
+    ledger.charge(5, 0)
+    ledger.begin_step()
+    os._exit(0)
+release.set()
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
+def test_a_child_forked_while_a_thread_charges_the_run_goes_on_counting(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    ids = [new_id() for _ in range(3)]
+    program = [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK_WHILE_CHARGING]
+    done = subprocess.run(
+        [*program, redis_server.url, *ids],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"{done.returncode} (242: the child hung, SIGALRM) {done.stderr}"
+    prefix = RedisLedgerFactory.from_uri(redis_server.url).key_prefix
+    for run_id in ids:
+        assert raw.hmget(prefix + run_id, "tokens", "steps") == ["5", "2"], run_id
+
+
 def test_fails_closed_within_the_timeout_when_the_server_hangs(fresh_redis_server: RedisServer) -> None:
     factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?timeout=0.3")
     ledger = factory.ledger(new_id())

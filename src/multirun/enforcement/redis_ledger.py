@@ -423,6 +423,7 @@ class _ClientState:
     # answering again (a fail-open client) and close
     unsettled: dict[str, RedisLedger] = field(default_factory=dict)
     live: weakref.WeakValueDictionary[str, RedisLedger] = field(default_factory=weakref.WeakValueDictionary)
+    made: weakref.WeakSet[RedisLedger] = field(default_factory=weakref.WeakSet)  # every ledger, for fork
 
     def tally(self, key: str) -> _Tally:
         """The tally of ``key``, which every ledger of this client that counts into it shares."""
@@ -451,8 +452,13 @@ class _ClientState:
 
     def after_fork(self) -> None:
         """In a forked child: a writer of its own, which has counted nothing yet. What the parent
-        counted and had not sent is the parent's to send."""
+        counted and had not sent is the parent's to send. New locks: a thread the child lost may
+        have held one (the child's next charge would wait for it for ever)."""
         self.lock = threading.Lock()
+        for ledger in list(self.made):
+            ledger._lock = threading.Lock()
+            for enclosing in ledger._enclosing:
+                enclosing._lock = threading.Lock()
         self.writer = _new_writer()
         self.unsettled.clear()
         for tally in list(self.tallies.values()):
@@ -622,6 +628,7 @@ class RedisLedger(LedgerReadings):
         self._enclosing = [_Enclosing(ancestor, self) for ancestor in ancestors]
         self._tallies = [self._shared.tally(key) for key in self._keys]
         self._shared.live[self.key] = self
+        self._shared.made.add(self)
         # the init script's mode until it has run: made while failing open, it runs once Redis answers
         self._unjoined: str | None = "2" if adopt else "0"
         self._budget_unsent = False  # set_budget while failing open: sent once Redis answers
