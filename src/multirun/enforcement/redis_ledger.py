@@ -56,7 +56,9 @@ How it keeps the totals right:
   usage sent) also re-creates the run's and its ancestors' hashes with the
   limits and start this process knows (its own runs', and those it read when
   it joined), so the limits, duration included, still hold. Spend that no
-  process still counting into the run had seen is lost with the hash.
+  process still counting into the run had seen is lost with the hash; usage
+  sent by a command whose reply did not come back before the loss is counted
+  twice if another process saw it and re-created the hash first.
 * A new ledger's first command (the one that creates or joins the hash)
   reads what the hash holds of this process's counts, so a process whose
   ledgers of a run come and go goes on from there. A ledger with usage not
