@@ -470,6 +470,31 @@ def test_processes_that_lost_a_runs_hash_start_it_again_from_what_they_saw_count
     there.close()
 
 
+def test_what_processes_count_after_a_runs_hash_is_lost_is_kept_when_another_re_creates_it(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    owner, worker = (RedisLedgerFactory.from_uri(redis_server.url) for _ in range(2))  # two processes
+    root = owner.ledger(new_id(), Budget(max_tokens=10_000))
+    root.begin_step()
+    root.charge(900, 0)
+    root.begin_step()  # the owner has seen 900 tokens and 2 steps, then waits for its workers
+    raw.delete(root.key)  # a restart without persistence
+    task = worker.ledger(root.run_id, adopt=True)  # a worker takes a task of the run after the loss
+    for _ in range(3):
+        task.begin_step()
+        task.charge(200, 0)
+    task.refresh()
+    root.refresh()  # the owner reads the new totals (600 tokens, 3 steps) before it counts again
+    root.charge(10, 0)
+    root.begin_step()  # re-creates what the owner saw before the loss, under the worker's counts
+    assert raw.hmget(root.key, "tokens", "steps") == ["1510", "6"]
+    task.charge(1, 0)
+    task.begin_step()  # the worker had counted only into the new hash: it adds its token, no more
+    assert raw.hmget(root.key, "tokens", "steps") == ["1511", "7"]
+    owner.close()
+    worker.close()
+
+
 def test_restore_counts_an_earlier_attempt_once(factory: RedisLedgerFactory, raw: redis.Redis) -> None:
     run_id = new_id()
     first, second = factory.ledger(run_id), factory.ledger(run_id)

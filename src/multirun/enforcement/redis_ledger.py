@@ -49,16 +49,20 @@ How it keeps the totals right:
   command times out the step does not run, yet it is counted if the command
   runs late (counted without running, never run without being counted).
 * If the server loses a hash (a restart without persistence, FLUSHALL,
-  eviction, expiry), the next command of each process that counts into it
-  finds no ``w:<id>`` field, and makes each total at least the highest one
-  that process saw in a reply (which holds what the process had counted into
-  it) before it adds the rest; a command that counts (a step, a sub-agent,
-  usage sent) also re-creates the run's and its ancestors' hashes with the
-  limits and start this process knows (its own runs', and those it read when
-  it joined), so the limits, duration included, still hold. Spend that no
+  eviction, expiry), the next command of each process that had counted into
+  it finds no ``w:<id>`` field, and brings back the highest totals that
+  process saw in a reply before the loss (which hold what it had counted
+  into it) under what was counted into the new hash meanwhile: the field
+  ``base`` is the part of the totals brought back, and each process raises
+  it to what it saw, so the highest is brought back once, and what a process
+  that had not counted into the lost hash counts is kept. Then it adds the
+  rest of its own counts. A command that counts (a step, a sub-agent, usage
+  sent) also re-creates the run's and its ancestors' hashes with the limits
+  and start this process knows (its own runs', and those it read when it
+  joined), so the limits, duration included, still hold. Spend that no
   process still counting into the run had seen is lost with the hash; usage
   sent by a command whose reply did not come back before the loss is counted
-  twice if another process saw it and re-created the hash first.
+  twice if another process saw it in a reply.
 * A new ledger's first command (the one that creates or joins the hash)
   reads what the hash holds of this process's counts, so a process whose
   ledgers of a run come and go goes on from there. A ledger with usage not
@@ -124,7 +128,7 @@ _US_PER_SECOND = 1_000_000
 #
 # Every script replies [status, now_us, n, then for each of its n keys: tokens,
 # cost_units, steps, sub_agents, unpriced, started_us, deadline_us (-1 if
-# unset)]; init, begin_step and add then give, for each key, what the hash
+# unset)]; init, begin_step, add and read then give, for each key, what the hash
 # holds of this process's counts (see add_counts); a refused begin_step
 # appends [key index, limit, used, maximum].
 # Limits come as 7 ARGV values from position p ("" = no limit): max_tokens,
@@ -179,25 +183,44 @@ local function ints(text)
   return found
 end
 
+local function counts_text(c)
+  return string.format('%d %d %d %d %d', c[1], c[2], c[3], c[4], c[5])
+end
+
+-- Raise key's totals to at least `floor` (lost: false), or so that the part of them that came back
+-- rather than being counted into this hash is at least `floor` (lost: true, `floor` being the
+-- totals a process saw before the server lost the hash: what was counted into it since it was
+-- created again stays on top). That part is the field 'base'.
+local function raise_totals(key, floor, lost)
+  local base = ints(redis.call('HGET', key, 'base') or '0 0 0 0 0')
+  local stored, raised = redis.call('HMGET', key, unpack(COUNTS)), false
+  for i, name in ipairs(COUNTS) do
+    local add = floor[i] - (lost and base[i] or tonumber(stored[i] or 0))
+    if add > 0 then
+      redis.call('HINCRBY', key, name, string.format('%d', add))
+      base[i], raised = base[i] + add, true
+    end
+  end
+  if raised then redis.call('HSET', key, 'base', counts_text(base)) end
+end
+
 -- Add to key what this process counted into it and the hash does not hold yet. ARGV[u]: all it
 -- counted ("tokens cost_units steps sub_agents unpriced": its charges, and the steps and
--- sub-agents it counted while failing open), ARGV[u + 1]: what a reply said the hash held of it,
--- ARGV[u + 2]: the highest totals it saw. The field 'w:' .. ARGV[3] records what the hash holds:
--- a command that runs late after a time-out, or counts sent again, add nothing twice. No field:
--- this process's first command for the run, or the hash was lost (expired, flushed, a restart
--- without persistence): its totals become at least those this process saw, which hold what it
--- had counted into the hash. Returns the field.
+-- sub-agents it counted while failing open), ARGV[u + 1]: what a reply said the hash held of it
+-- ('' if no reply ever showed its field), ARGV[u + 2]: the highest totals it saw (while the hash
+-- held its field). The field 'w:' .. ARGV[3] records what the hash holds: a command that runs
+-- late after a time-out, or counts sent again, add nothing twice. No field: this process's first
+-- count into the hash (its totals are at least those it saw: a restore while failing open), or,
+-- when a reply showed the field, the hash was lost (expired, flushed, a restart without
+-- persistence): the totals this process saw come back, under what others counted since.
+-- Returns the field.
 local function add_counts(key, u)
   local field = 'w:' .. ARGV[3]
   local held = redis.call('HGET', key, field)
   if not held then
-    local seen, stored = ints(ARGV[u + 2]), redis.call('HMGET', key, unpack(COUNTS))
-    for i, name in ipairs(COUNTS) do
-      if seen[i] > tonumber(stored[i] or 0) then
-        redis.call('HSET', key, name, string.format('%d', seen[i]))
-      end
-    end
-    held = ARGV[u + 1]
+    local lost = ARGV[u + 1] ~= ''
+    raise_totals(key, ints(ARGV[u + 2]), lost)
+    held = lost and ARGV[u + 1] or '0 0 0 0 0'
   elseif held == ARGV[u] then
     return held
   end
@@ -208,8 +231,15 @@ local function add_counts(key, u)
       have[i] = want[i]
     end
   end
-  held = string.format('%d %d %d %d %d', have[1], have[2], have[3], have[4], have[5])
+  held = counts_text(have)
   redis.call('HSET', key, field, held)
+  return held
+end
+
+-- what each key's hash holds of the counts of the process ARGV[w] ('' for nothing)
+local function held_of(w)
+  local held = {}
+  for k, key in ipairs(KEYS) do held[k] = redis.call('HGET', key, 'w:' .. ARGV[w]) or '' end
   return held
 end
 
@@ -254,9 +284,7 @@ elseif ARGV[2] == '0' then
   create(key, 4, now)
 end
 redis.call('PEXPIRE', key, ARGV[1])
-local held = {}
-for k, name in ipairs(KEYS) do held[k] = redis.call('HGET', name, 'w:' .. ARGV[3]) or '' end
-local reply = totals(1, now, held)
+local reply = totals(1, now, held_of(3))
 for _, k in ipairs(KEYS) do
   local stored = redis.call('HMGET', k, 'started_us', 'max_tokens', 'max_cost_usd', 'max_steps',
                             'max_sub_agents', 'max_duration_seconds')
@@ -318,20 +346,18 @@ end
 return totals(1, now, held)
 """
 
-# KEYS[1]: the run. ARGV: ttl_ms, tokens, cost_units, steps: each total becomes at least that.
+# KEYS[1]: the run. ARGV: ttl_ms, tokens, cost_units, steps, unpriced: each total becomes at least
+# that (see raise_totals).
 _RESTORE = """
-for i, name in ipairs({'tokens', 'cost_units', 'steps', 'unpriced'}) do
-  if tonumber(redis.call('HGET', KEYS[1], name) or 0) < tonumber(ARGV[i + 1]) then
-    redis.call('HSET', KEYS[1], name, ARGV[i + 1])
-  end
-end
+local a = ARGV
+raise_totals(KEYS[1], {tonumber(a[2]), tonumber(a[3]), tonumber(a[4]), 0, tonumber(a[5])}, false)
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return totals(1, now_us())
 """
 
-# KEYS: the run, then its ancestors. Reads only.
+# KEYS: the run, then its ancestors. ARGV: this process's writer id. Reads only; replies as init.
 _READ = """
-return totals(1, now_us())
+return totals(1, now_us(), held_of(1))
 """
 
 
@@ -367,7 +393,7 @@ RETRY_SECONDS = 5.0
 class _Tally:
     """What this process counted into one run's hash, so that the scripts add it exactly once."""
 
-    __slots__ = ("__weakref__", "counted", "held", "key", "known", "seen")
+    __slots__ = ("__weakref__", "counted", "held", "key", "known", "seen", "wrote")
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -375,7 +401,12 @@ class _Tally:
         # counted while failing open (a step that Redis counted is not in it).
         self.counted = [0] * _COUNTS
         self.held = [0] * _COUNTS  # how much of ``counted`` the hash held at the last reply
-        self.seen = [0] * _COUNTS  # the highest totals a reply gave: a lost hash starts from them
+        # True once a reply showed the hash's field of this process's counts: if a later one does
+        # not, the server lost the hash (see add_counts)
+        self.wrote = False
+        # the highest totals a reply gave while the hash held that field (or before it first did):
+        # a lost hash gets them back
+        self.seen = [0] * _COUNTS
         # False until an init reply said what the hash holds of this process's counts: an earlier
         # tally of the key (its ledgers gone) may have counted into it, and this one goes on from there
         self.known = False
@@ -389,7 +420,8 @@ class _Tally:
             self.held, self.known = held, True
 
     def args(self) -> tuple[str, str, str]:
-        return _counts_text(self.counted), _counts_text(self.held), _counts_text(self.seen)
+        held = _counts_text(self.held) if self.wrote else ""
+        return _counts_text(self.counted), held, _counts_text(self.seen)
 
 
 def _counts_text(counts: list[int]) -> str:
@@ -464,7 +496,7 @@ class _ClientState:
         self.writer = _new_writer()
         self.unsettled.clear()
         for tally in list(self.tallies.values()):
-            tally.counted, tally.held, tally.known = [0] * _COUNTS, [0] * _COUNTS, True
+            tally.counted, tally.held, tally.known, tally.wrote = [0] * _COUNTS, [0] * _COUNTS, True, False
 
 
 _client_states: weakref.WeakKeyDictionary[Any, _ClientState] = weakref.WeakKeyDictionary()
@@ -826,7 +858,7 @@ class RedisLedger(LedgerReadings):
         if self._pending():
             self._add("0", "record its usage")
         else:
-            self._run("read", self._keys, [], "read its totals")
+            self._run("read", self._keys, [self._shared.writer], "read its totals", counts=True)
 
     def status(self, budget: Budget | None) -> BudgetStatus:
         """A snapshot of spend against ``budget``, with totals fetched from Redis."""
@@ -921,9 +953,11 @@ class RedisLedger(LedgerReadings):
         with shared.lock:
             for i, values in enumerate(fields):
                 tally = self._tallies[i]
-                _higher(tally.seen, values[:_COUNTS])
+                held = _text(reply[3 + len(fields) * _FIELDS_PER_KEY + i]).split() if counts else []
+                if held or not tally.wrote:  # else a hash created again, not by this process yet:
+                    _higher(tally.seen, values[:_COUNTS])  # what it saw before is what comes back
                 if counts:
-                    held = _text(reply[3 + len(fields) * _FIELDS_PER_KEY + i]).split()
+                    tally.wrote = tally.wrote or bool(held)
                     tally.take([int(v) for v in held] if held else [0] * _COUNTS)
                     if tally.counted == tally.held:
                         shared.unsettled.pop(tally.key, None)
