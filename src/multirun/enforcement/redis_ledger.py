@@ -661,11 +661,12 @@ class RedisLedger(LedgerReadings):
         # the ancestors, as this ledger sees them when theirs does not live in this process
         self._enclosing = [_Enclosing(ancestor, self) for ancestor in ancestors]
         self._tallies = [self._shared.tally(key) for key in self._keys]
-        self._shared.live[self.key] = self
-        self._shared.made.add(self)
         # the init script's mode until it has run: made while failing open, it runs once Redis answers
         self._unjoined: str | None = "2" if adopt else "0"
         self._budget_unsent = False  # set_budget while failing open: sent once Redis answers
+        # last: from here another thread may flush it (Redis answering again, close)
+        self._shared.live[self.key] = self
+        self._shared.made.add(self)
         self._join()
 
     def _join(self) -> bool:
