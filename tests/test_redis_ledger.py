@@ -949,6 +949,45 @@ def test_fail_open_sends_what_a_run_ended_during_the_outage_counted_once_redis_a
     worker.close()
 
 
+def test_close_of_a_fail_open_client_tries_redis_once_whatever_its_back_off(
+    fresh_redis_server: RedisServer,
+) -> None:
+    clock = Clock()
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true", clock=clock)
+    ledger = factory.ledger(new_id())
+    ledger.begin_step()
+    fresh_redis_server.down()
+    ledger.begin_step()  # fails open: Redis is tried again in RETRY_SECONDS
+    ledger.charge(100, 0)
+    ledger.refresh()
+    fresh_redis_server.up()  # back before the next try
+    key = ledger.key
+    del ledger
+    factory.close()  # the process shuts down: what it counted is sent now or never
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    assert raw.hmget(key, "tokens", "steps") == ["100", "2"]
+    raw.close()
+
+
+def test_close_of_a_fail_open_client_waits_one_timeout_at_most_while_redis_hangs(
+    fresh_redis_server: RedisServer,
+) -> None:
+    clock = Clock()
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true&timeout=0.3", clock=clock)
+    ledgers = [factory.ledger(new_id()) for _ in range(5)]
+    fresh_redis_server.freeze()
+    try:
+        for ledger in ledgers:
+            ledger.begin_step()  # the first times out, the others count in process at once
+            ledger.charge(1, 0)
+        started = time.monotonic()
+        factory.close()
+        waited = time.monotonic() - started
+    finally:
+        fresh_redis_server.thaw()
+    assert waited < 0.6
+
+
 # -- configuration ------------------------------------------------------------------------
 
 

@@ -1200,8 +1200,14 @@ class RedisLedgerFactory:
         return self.ledger(run_id, budget, ancestors, adopt=adopt)
 
     def close(self) -> None:
-        """Send what the ledgers of this client still have pending, then close its connections."""
-        for ledger in _state_of(self.client).ledgers():
+        """Send what the ledgers of this client still have pending, then close its connections.
+
+        A fail-open client tries Redis once more, whatever its back-off: it is now or never.
+        """
+        state = _state_of(self.client)
+        with state.lock:
+            state.retry_at = -math.inf
+        for ledger in state.ledgers():
             try:
                 ledger.flush()
             except LedgerUnavailableError as exc:
