@@ -123,6 +123,38 @@ def test_a_span_that_cannot_be_encoded_costs_only_itself(
     ]
 
 
+AN_INT_ENUM_ATTRIBUTE = """
+import http
+import multirun
+from opentelemetry import trace
+
+@multirun.run(name="fetch")
+def fetch() -> int:
+    trace.get_current_span().set_attribute("http.response.status_code", http.HTTPStatus.OK)
+    return 1
+
+fetch()
+"""
+
+
+def test_an_int_enum_attribute_is_written_as_its_number_and_the_program_ends(tmp_path: Path) -> None:
+    # http.HTTPStatus and other IntEnums are ints to the SDK; checking one against the int64
+    # range took 2**63 comparisons while holding the GIL, and froze the whole program
+    src = Path(multirun.__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    ended = subprocess.run(
+        [sys.executable, "-c", AN_INT_ENUM_ATTRIBUTE],
+        cwd=tmp_path,
+        env=dict(env, PYTHONPATH=str(src)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ended.returncode == 0, ended.stderr
+    [run] = [s for s in read_spans(tmp_path / ".multirun" / "traces") if s.name == "invoke_workflow fetch"]
+    assert run.attributes["http.response.status_code"] == 200
+
+
 # ---------------------------------------------------------------------------
 # a process that died mid-write
 

@@ -44,8 +44,8 @@ _KIND = {
 # SpanFlags: the parent's is_remote is known (always), and whether it is remote
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
-_INT64 = range(-(2**63), 2**63)
-_UINT64 = range(2**64)
+# bounds, not range objects: `in range` walks the whole range for an int subclass (IntEnum)
+_INT64_MIN, _INT64_END, _UINT64_END = -(2**63), 2**63, 2**64
 
 JsonObject = dict[str, Any]
 
@@ -203,15 +203,17 @@ def _any_value(value: Any) -> JsonObject:
 
 
 def _int64(value: int) -> str:
-    if value not in _INT64:
+    if not _INT64_MIN <= value < _INT64_END:
         raise ValueError(f"Value out of range: {value}")
     return str(int(value))
 
 
 def _uint64(value: int) -> str:
-    if value not in _UINT64:
+    if not isinstance(value, int):  # a time of a span made by hand: protobuf refuses a float too
+        raise TypeError(f"{type(value).__name__} is not an integer")
+    if not 0 <= value < _UINT64_END:
         raise ValueError(f"Value out of range: {value}")
-    return str(value)
+    return str(int(value))
 
 
 def _double(value: float) -> float | str:
