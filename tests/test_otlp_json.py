@@ -9,6 +9,9 @@ against it.
 from __future__ import annotations
 
 import base64
+import enum
+import http
+import json
 import logging
 from typing import Any
 
@@ -110,6 +113,36 @@ def test_spans_with_every_field_encode_as_the_library_encodes_them() -> None:
     resource = Resource({"service.name": "svc", "n": 3}, schema_url="https://example.com/schema")
     spans = traced(build, resource)
     assert encode_spans_json(spans) == library_route(spans)
+
+
+class Role(str, enum.Enum):  # as pydantic models and multirun.models declare theirs
+    PLANNER = "planner"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Ratio(float):
+    pass
+
+
+def test_attribute_values_of_subclasses_encode_as_the_library_encodes_them() -> None:
+    # the SDK keeps them as they are: a str enum is its value, not "Role.PLANNER"
+    values = {
+        "role": Role.PLANNER,
+        "roles": (Role.PLANNER, "writer"),
+        "status": http.HTTPStatus.NOT_FOUND,
+        "level": Level.HIGH,
+        "levels": (Level.HIGH, 1),
+        "ratio": Ratio(0.25),
+    }
+    spans = traced(lambda p: p.get_tracer("t").start_span("enums", attributes=values).end())
+    encoded = encode_spans_json(spans)
+    assert encoded == library_route(spans)
+    [span] = encoded["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    written = json.loads(json.dumps(span["attributes"]))
+    assert written[0] == {"key": "role", "value": {"stringValue": "planner"}}
 
 
 def test_dropped_attributes_events_and_links_are_counted_as_the_library_counts_them() -> None:

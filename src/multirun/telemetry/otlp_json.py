@@ -185,8 +185,8 @@ def _any_value(value: Any) -> JsonObject:
         return {}
     if isinstance(value, bool):
         return {"boolValue": bool(value)}
-    if isinstance(value, str):
-        return {"stringValue": str(value)}
+    if isinstance(value, str):  # its text: str() of a (str, Enum) member is "Role.PLANNER"
+        return {"stringValue": str.__str__(value)}
     if isinstance(value, int):
         return {"intValue": _int64(value)}
     if isinstance(value, float):
