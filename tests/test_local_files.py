@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from opentelemetry.trace import SpanContext, Status, StatusCode
 
 import multirun
 from multirun.telemetry import attributes as attr
+from multirun.telemetry.export import ExportProcessor
 from multirun.telemetry.local_files import LocalFileSpanExporter, read_spans
 
 # a file name with a byte that is not UTF-8, as os.listdir and os.fsdecode give it back
@@ -97,6 +99,41 @@ def test_other_lone_surrogates_and_the_resource_are_escaped_too(tmp_path: Path) 
     [span] = read_spans(tmp_path)
     assert span.name == "half an emoji \\ud83d"
     assert span.service_name == "svc-report-\\xff.txt"
+
+
+def test_lone_surrogates_in_a_scope_or_a_schema_url_cost_no_span(tmp_path: Path) -> None:
+    # a plugin's tracer named after the file it was loaded from: its spans, and the others of
+    # the batch, were all lost, batch after batch
+    url = f"https://example.com/schemas/{UNDECODABLE}"
+    provider = TracerProvider(resource=Resource({"service.name": "svc"}, schema_url=url))
+    provider.add_span_processor(ExportProcessor(LocalFileSpanExporter(tmp_path)))
+    provider.get_tracer("app").start_span("from the app").end()
+    plugin = provider.get_tracer(f"plugin {UNDECODABLE}", attributes={"plugin.path": UNDECODABLE})
+    plugin.start_span("from the plugin").end()
+    provider.get_tracer("other", schema_url=url).start_span("from the other").end()
+    provider.shutdown()
+    for thread in threading.enumerate():  # the pipeline's, ending: a later test forks
+        if thread.name.startswith("multirun-span"):
+            thread.join(5)
+    names = sorted(s.name for s in read_spans(tmp_path))
+    assert names == ["from the app", "from the other", "from the plugin"]
+    [path] = tmp_path.glob("*.jsonl")
+    [request] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    [resource_spans] = request["resourceSpans"]
+    assert resource_spans["schemaUrl"] == "https://example.com/schemas/report-\\xff.txt"
+    scope = resource_spans["scopeSpans"][1]["scope"]
+    assert scope["name"] == "plugin report-\\xff.txt"
+    assert scope["attributes"] == [{"key": "plugin.path", "value": {"stringValue": "report-\\xff.txt"}}]
+
+
+def test_lone_surrogates_in_a_mapping_of_a_span_made_by_hand_cost_no_span(tmp_path: Path) -> None:
+    # OTLP's AnyValue holds maps; the OpenTelemetry SDK does not make them, another writer may
+    made = ReadableSpan(
+        "by hand", SpanContext(1, 2, False), attributes={"args": {UNDECODABLE: [UNDECODABLE]}}
+    )
+    assert LocalFileSpanExporter(tmp_path).export([made]) is SpanExportResult.SUCCESS
+    [span] = read_spans(tmp_path)
+    assert span.attributes == {"args": {"report-\\xff.txt": ["report-\\xff.txt"]}}
 
 
 def test_text_that_is_fine_is_written_as_it_is(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from multirun._process import reinit_after_fork
 from multirun.telemetry.otlp_json import encode_spans_json
-from multirun.telemetry.utf8_spans import utf8_safe_span
+from multirun.telemetry.utf8_spans import utf8_json
 
 _logger = logging.getLogger(__name__)
 
@@ -165,14 +165,13 @@ class _AppendFile:
 
 def _encode_line(spans: Sequence[ReadableSpan]) -> bytes:
     """The batch as one line of OTLP JSON in UTF-8. Text UTF-8 cannot hold (a lone surrogate,
-    as ``os.fsdecode`` makes of a byte that is not UTF-8) is escaped: ``\\xff`` for such a
-    byte, ``\\udXXX`` for another surrogate."""
-    request = _encode_what_can_be(spans)
+    as ``os.fsdecode`` makes of a byte that is not UTF-8), wherever it is, is escaped: ``\\xff``
+    for such a byte, ``\\udXXX`` for another surrogate."""
+    text = json.dumps(_encode_what_can_be(spans), separators=(",", ":"), ensure_ascii=False)
     try:
-        return json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+        return text.encode("utf-8") + b"\n"
     except UnicodeEncodeError:
-        request = _encode_what_can_be([utf8_safe_span(span) for span in spans])
-        return json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+        return utf8_json(text).encode("utf-8") + b"\n"
 
 
 def _encode_what_can_be(spans: Sequence[ReadableSpan]) -> dict[str, Any]:

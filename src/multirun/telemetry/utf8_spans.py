@@ -29,6 +29,12 @@ def utf8_text(text: str) -> str:
     return text if _is_utf8(text) else _SURROGATE.sub(_escape_surrogate, text)
 
 
+def utf8_json(text: str) -> str:
+    """JSON ``text`` whose strings are escaped as ``utf8_text`` escapes them (the escape's
+    backslash escaped in turn). A lone surrogate can only be inside a string of it."""
+    return _SURROGATE.sub(_escape_surrogate_in_json, text)
+
+
 def _is_utf8(text: str | None) -> bool:
     if text is None or text.isascii():
         return True
@@ -44,6 +50,14 @@ def _escape_surrogate(match: re.Match[str]) -> str:
     if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the byte code - 0xDC00
         return f"\\x{code - 0xDC00:02x}"
     return f"\\u{code:04x}"
+
+
+def _utf8_or_none(text: str | None) -> str | None:
+    return text and utf8_text(text)
+
+
+def _escape_surrogate_in_json(match: re.Match[str]) -> str:
+    return "\\" + _escape_surrogate(match)
 
 
 def _value_is_utf8(value: Any) -> bool:
@@ -101,7 +115,17 @@ def _span_is_utf8(span: ReadableSpan) -> bool:
         and all(_is_utf8(e.name) and _attributes_are_utf8(e.attributes) for e in span.events)
         and all(_attributes_are_utf8(link.attributes) for link in span.links)
         and _attributes_are_utf8(span.resource.attributes)
-        and (scope is None or (_is_utf8(scope.name) and _is_utf8(scope.version)))
+        and _is_utf8(span.resource.schema_url)
+        and (scope is None or _scope_is_utf8(scope))
+    )
+
+
+def _scope_is_utf8(scope: InstrumentationScope) -> bool:
+    return (
+        _is_utf8(scope.name)
+        and _is_utf8(scope.version)
+        and _is_utf8(scope.schema_url)
+        and _attributes_are_utf8(scope.attributes)
     )
 
 
@@ -117,12 +141,16 @@ def utf8_safe_span(span: ReadableSpan) -> ReadableSpan:
     if not _is_utf8(status.description):
         status = Status(status.status_code, utf8_text(status.description or ""))
     resource = span.resource
-    if not _attributes_are_utf8(resource.attributes):
-        resource = Resource(_clean_attributes(resource.attributes), resource.schema_url)
+    if not (_attributes_are_utf8(resource.attributes) and _is_utf8(resource.schema_url)):
+        resource = Resource(_clean_attributes(resource.attributes), _utf8_or_none(resource.schema_url))
     scope = span.instrumentation_scope
-    if scope is not None and not (_is_utf8(scope.name) and _is_utf8(scope.version)):
-        version = scope.version and utf8_text(scope.version)
-        scope = InstrumentationScope(utf8_text(scope.name), version, scope.schema_url)
+    if scope is not None and not _scope_is_utf8(scope):
+        scope = InstrumentationScope(
+            utf8_text(scope.name),
+            _utf8_or_none(scope.version),
+            _utf8_or_none(scope.schema_url),
+            _clean_attributes(scope.attributes),
+        )
     return _CleanedSpan(
         span,
         name=utf8_text(span.name),
