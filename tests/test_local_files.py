@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -349,6 +351,37 @@ def test_a_fragment_another_writer_leaves_between_two_batches_does_not_take_the_
     assert [r.getMessage() for r in caplog.records] == [
         f"skipped 1 damaged line in {path} (line 2: not JSON)"
     ]
+
+
+def _open_files_under(folder: Path) -> list[str]:
+    """The files under ``folder`` this process holds open (Linux: /proc/self/fd)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(folder)):
+                found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files with /proc")
+def test_an_exporter_dropped_without_shutdown_closes_its_file(tmp_path: Path) -> None:
+    # a provider and exporter per job, never shut down, in a long-running program: each kept
+    # its trace file open until the program ran out of file descriptors
+    for n in range(20):
+        LocalFileSpanExporter(tmp_path).export(_spans_named(f"job {n}"))
+    gc.collect()
+    assert _open_files_under(tmp_path) == []
+    assert len(list(read_spans(tmp_path))) == 20
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files with /proc")
+def test_an_exporter_shut_down_closes_its_file(tmp_path: Path) -> None:
+    exporter = LocalFileSpanExporter(tmp_path)
+    exporter.export(_spans_named("job"))
+    assert len(_open_files_under(tmp_path)) == 1
+    exporter.shutdown()
+    assert _open_files_under(tmp_path) == []
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -20,6 +20,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,10 @@ class _AppendFile:
         except PermissionError:  # a file this process may write but not read: append as it is
             self._fd = os.open(path, flags | os.O_WRONLY, 0o666)
             self._readable = False
+        # closed when the exporter is dropped without shutdown too, but not at exit, before
+        # the last batch is written
+        self._closer = weakref.finalize(self, _close_quietly, self._fd)
+        self._closer.atexit = False
         self._end = -1  # where this writer's last line ended; -1: not written yet
         self._size = 0
 
@@ -159,8 +164,12 @@ class _AppendFile:
         return os.read(self._fd, 1)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        self._closer()  # once: a second os.close could close a descriptor opened since
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _encode_line(spans: Sequence[ReadableSpan]) -> bytes:
