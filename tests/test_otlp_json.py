@@ -34,6 +34,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.span import TraceState
 
+from multirun.telemetry.local_files import parse_span_line
 from multirun.telemetry.otlp_json import encode_spans_json
 
 
@@ -188,3 +189,26 @@ def test_an_attribute_otlp_cannot_hold_is_left_out_with_a_warning(caplog: pytest
     [span] = expected["resourceSpans"][0]["scopeSpans"][0]["spans"]
     assert [a["key"] for a in span["attributes"]] == ["kept"]
     assert "attribute 'huge' left out of the exported span" in caplog.text
+
+
+def test_spans_made_by_hand_encode_as_the_library_encodes_them(caplog: pytest.LogCaptureFixture) -> None:
+    # spans converted from another system: the SDK's checks of keys and values never ran on them
+    itself: list[Any] = []
+    itself.append(itself)
+    spans = [
+        ReadableSpan("int key", SpanContext(1, 2, False), attributes={404: "not found", "kept": 1}),
+        ReadableSpan("nothing OTLP can hold", SpanContext(1, 3, False), attributes={"huge": (2**64,)}),
+        ReadableSpan("no status", SpanContext(1, 4, False), status=None),  # type: ignore[arg-type]
+        ReadableSpan("holds itself", SpanContext(1, 5, False), attributes={"me": itself, "kept": 1}),
+    ]
+    with caplog.at_level(logging.CRITICAL, logger="opentelemetry"):
+        expected = library_route(spans)
+    assert encode_spans_json(spans) == expected
+    # an attribute key that is no text made `multirun runs` leave the whole span out
+    written = json.dumps(encode_spans_json(spans))
+    assert [s.name for s in parse_span_line(written)] == [
+        "int key",
+        "nothing OTLP can hold",
+        "no status",
+        "holds itself",
+    ]

@@ -100,8 +100,9 @@ def _span(span: ReadableSpan) -> JsonObject:
         out["startTimeUnixNano"] = _uint64(span.start_time)
     if span.end_time:
         out["endTimeUnixNano"] = _uint64(span.end_time)
-    if span.attributes:
-        out["attributes"] = _attributes(span.attributes)
+    attributes = _attributes(span.attributes)
+    if attributes:
+        out["attributes"] = attributes
     if span.dropped_attributes:
         out["droppedAttributesCount"] = span.dropped_attributes
     if span.events:
@@ -130,7 +131,8 @@ def _span(span: ReadableSpan) -> JsonObject:
     if span.dropped_links:
         out["droppedLinksCount"] = span.dropped_links
     status = span.status
-    out["status"] = _optional(code=status.status_code.value, message=status.description)
+    if status is not None:  # a span made by hand may have none
+        out["status"] = _optional(code=status.status_code.value, message=status.description)
     out["flags"] = _flags(parent is not None and parent.is_remote)
     return out
 
@@ -164,8 +166,10 @@ def _attributes(attributes: Mapping[str, Any] | None) -> list[JsonObject]:
     out = []
     for key, value in attributes.items():
         try:
+            if not isinstance(key, str):  # a span made by hand: the SDK drops such keys
+                raise TypeError(f"key {key!r} is not text")
             out.append({"key": key, "value": _any_value(value)})
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: a list holding itself
             _logger.warning("multirun: attribute %r left out of the exported span: %s", key, exc)
     return out
 
