@@ -335,6 +335,22 @@ def test_a_trace_file_removed_while_the_program_runs_is_written_again(tmp_path: 
     assert [s.name for s in read_spans(tmp_path / "traces")] == ["after the folder"]
 
 
+def test_an_export_after_shutdown_is_one_warning_that_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # multirun.init(span_exporter=exporter) again with the same exporter shuts the earlier
+    # pipeline, and so the exporter, down: every span after it was lost without a word
+    exporter = LocalFileSpanExporter(tmp_path)
+    exporter.shutdown()
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        for _ in range(2):
+            assert exporter.export(_spans_named("late")) is SpanExportResult.FAILURE
+    assert [r.getMessage() for r in caplog.records] == [
+        f"multirun: the span exporter of {tmp_path} was shut down: spans that end after it are not written"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_fragment_another_writer_leaves_between_two_batches_does_not_take_the_next_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -48,6 +48,7 @@ class LocalFileSpanExporter(SpanExporter):
         self._lock = threading.Lock()
         self._warned = False
         self._shutdown = False
+        self._warned_shutdown = False
         self._file: _AppendFile | None = None
         # a forked child writes its own file; the lock may have been held by a thread it lost
         reinit_after_fork(self._at_fork_reinit)
@@ -65,6 +66,13 @@ class LocalFileSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._shutdown:
+            if not self._warned_shutdown:  # the processor counts the spans; this says why
+                self._warned_shutdown = True
+                _logger.warning(
+                    "multirun: the span exporter of %s was shut down: spans that end after it are "
+                    "not written",
+                    self.directory,
+                )
             return SpanExportResult.FAILURE
         try:
             line = _encode_line(spans)
