@@ -782,6 +782,26 @@ def test_runs_into_a_pipe_closed_early_is_no_error(
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("command", [["runs"], ["runs", "show", "7" * 32]])
+def test_a_name_the_output_encoding_cannot_hold_is_escaped_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # Windows writes a redirected stdout in its code page (cp1252): `multirun runs > runs.txt`
+    # of a run named in Japanese ended in a UnicodeEncodeError traceback
+    def build(tracer: Any) -> None:
+        named = run_attrs("7" * 32, **{attr.GEN_AI_WORKFLOW_NAME: "日本語"})
+        with tracer.start_as_current_span("invoke_workflow 日本語", attributes=named):
+            pass
+
+    write_spans(tmp_path, build)
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="cp1252", newline="")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main([*command, "--dir", str(tmp_path)]) == 0
+    out.flush()
+    assert "\\u65e5\\u672c\\u8a9e" in raw.getvalue().decode("cp1252")
+
+
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(capsys, "runs", "--limit", "0")
     assert code == 2

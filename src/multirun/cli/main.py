@@ -514,7 +514,8 @@ def _log_warnings_to_stderr() -> None:
 class _ReaderMayLeave(io.TextIOBase):
     """The command's stdout: once its reader is gone (``multirun checkpoints verify | head -1``),
     the rest of the output goes nowhere and the command carries on, so that its exit status
-    is still its own (a corrupt checkpoint past the first line still fails the command)."""
+    is still its own (a corrupt checkpoint past the first line still fails the command). Text
+    the output's encoding cannot hold is written with backslash escapes, as on stderr."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
@@ -541,7 +542,11 @@ class _ReaderMayLeave(io.TextIOBase):
     def write(self, text: str) -> int:
         if not self.gone:
             try:
-                return self.stream.write(text)
+                try:
+                    return self.stream.write(text)
+                except UnicodeEncodeError:  # a name its encoding (Windows' code page) cannot hold
+                    encoding = getattr(self.stream, "encoding", None) or "ascii"
+                    self.stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
             except BrokenPipeError:
                 self._reader_left()
         return len(text)
