@@ -335,6 +335,48 @@ def test_a_trace_file_removed_while_the_program_runs_is_written_again(tmp_path: 
     assert [s.name for s in read_spans(tmp_path / "traces")] == ["after the folder"]
 
 
+def _descriptor_of(path: Path) -> int:
+    """The descriptor this process holds ``path`` open with (Linux: /proc/self/fd)."""
+    [fd] = [int(fd) for fd in os.listdir("/proc/self/fd") if _target(fd) == str(path)]
+    return fd
+
+
+def _target(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds descriptors with /proc")
+def test_a_trace_file_whose_descriptor_was_closed_by_someone_else_is_opened_again(tmp_path: Path) -> None:
+    # a library that closes the descriptors it does not know (os.closerange), or a file on NFS
+    # that fstat can no longer see: every batch after it was lost, for the life of the program
+    exporter = LocalFileSpanExporter(tmp_path)
+    assert exporter.export(_spans_named("before")) is SpanExportResult.SUCCESS
+    [path] = tmp_path.glob("*.jsonl")
+    os.close(_descriptor_of(path))
+    assert exporter.export(_spans_named("after")) is SpanExportResult.SUCCESS
+    assert [s.name for s in read_spans(tmp_path)] == ["before", "after"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds descriptors with /proc")
+def test_a_descriptor_now_of_another_file_gets_no_spans(tmp_path: Path) -> None:
+    exporter = LocalFileSpanExporter(tmp_path / "traces")
+    assert exporter.export(_spans_named("before")) is SpanExportResult.SUCCESS
+    [path] = (tmp_path / "traces").glob("*.jsonl")
+    other = tmp_path / "the program's own file"
+    fd = os.open(other, os.O_RDWR | os.O_CREAT)
+    taken = os.dup2(fd, _descriptor_of(path))  # its number now names the program's file
+    assert exporter.export(_spans_named("after")) is SpanExportResult.SUCCESS
+    assert other.read_bytes() == b""
+    assert [s.name for s in read_spans(tmp_path / "traces")] == ["before", "after"]
+    exporter.shutdown()
+    assert os.readlink(f"/proc/self/fd/{taken}") == str(other)  # not the exporter's to close
+    os.close(taken)
+    os.close(fd)
+
+
 def test_an_export_after_shutdown_is_one_warning_that_says_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

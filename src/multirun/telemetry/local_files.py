@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -94,7 +95,7 @@ class LocalFileSpanExporter(SpanExporter):
     def _append(self, line: bytes) -> None:
         path = self.path
         file = self._file
-        if file is not None and (file.path != path or file.removed()):
+        if file is not None and (file.path != path or file.stale()):
             file.close()  # a new day, or the file was removed (pruned): a new file
             file = self._file = None
         if file is None:
@@ -126,7 +127,8 @@ class _AppendFile:
     system calls, each of which lets the application's thread take the GIL for a switch
     interval (5 ms) before the export thread gets it back: a fast agent loop filled the
     export queue meanwhile and spans were dropped. Kept open, a batch costs an ``fstat``
-    (was the file removed? did another writer add to it?) and the ``write``.
+    (was the file removed? is the descriptor still its? did another writer add to it?) and
+    the ``write``.
     """
 
     def __init__(self, path: Path) -> None:
@@ -142,11 +144,24 @@ class _AppendFile:
         # the last batch is written
         self._closer = weakref.finalize(self, _close_quietly, self._fd)
         self._closer.atexit = False
-        self._end = -1  # where this writer's last line ended; -1: not written yet
-        self._size = 0
-
-    def removed(self) -> bool:
         status = os.fstat(self._fd)
+        self._identity = (status.st_dev, status.st_ino)
+        self._size = status.st_size
+        self._end = -1  # where this writer's last line ended; -1: not written yet
+
+    def stale(self) -> bool:
+        """Whether a new file must be opened: this one was removed (pruned), or its descriptor
+        was closed by someone else (``os.closerange``), or cannot be read (NFS), or names
+        another file now, which is left open: it is not this writer's to close."""
+        try:
+            status = os.fstat(self._fd)
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                self._closer.detach()
+            return True
+        if (status.st_dev, status.st_ino) != self._identity:
+            self._closer.detach()
+            return True
         self._size = status.st_size
         return status.st_nlink == 0
 
@@ -157,7 +172,7 @@ class _AppendFile:
         same file, and one that died mid-write left a last line without its end: without a
         newline first, this line would be glued to that fragment and lost with it.
         """
-        size = self._size if self._end >= 0 else os.fstat(self._fd).st_size
+        size = self._size
         if size and size != self._end and self._readable and self._byte_at(size - 1) != b"\n":
             line = b"\n" + line
         view = memoryview(line)
