@@ -393,6 +393,30 @@ def test_an_export_after_shutdown_is_one_warning_that_says_so(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_batch_being_encoded_when_shutdown_returns_is_not_written(tmp_path: Path) -> None:
+    # spans exported in the application's threads (SimpleSpanProcessor) while the program shuts
+    # down: a batch still being encoded opened the file after shutdown had closed it, and kept it
+    encoding, shut_down = threading.Event(), threading.Event()
+
+    class SlowToRead(tuple[str, ...]):
+        def __iter__(self) -> Any:
+            encoding.set()
+            shut_down.wait(10)
+            return super().__iter__()
+
+    span = ReadableSpan("late", SpanContext(1, 2, False), attributes={"items": SlowToRead(("a",))})
+    exporter = LocalFileSpanExporter(tmp_path)
+    results: list[SpanExportResult] = []
+    exporting = threading.Thread(target=lambda: results.append(exporter.export([span])))
+    exporting.start()
+    assert encoding.wait(10)
+    exporter.shutdown()
+    shut_down.set()
+    exporting.join(10)
+    assert results == [SpanExportResult.FAILURE]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_fragment_another_writer_leaves_between_two_batches_does_not_take_the_next_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -67,17 +67,12 @@ class LocalFileSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._shutdown:
-            if not self._warned_shutdown:  # the processor counts the spans; this says why
-                self._warned_shutdown = True
-                _logger.warning(
-                    "multirun: the span exporter of %s was shut down: spans that end after it are "
-                    "not written",
-                    self.directory,
-                )
-            return SpanExportResult.FAILURE
+            return self._refused_after_shutdown()
         try:
             line = _encode_line(spans)
             with self._lock:
+                if self._shutdown:  # while the batch was encoded: the file is closed for good
+                    return self._refused_after_shutdown()
                 self._append(line)
         except Exception as exc:
             if not self._warned:  # one warning, not one per batch
@@ -91,6 +86,15 @@ class LocalFileSpanExporter(SpanExporter):
                 )
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
+
+    def _refused_after_shutdown(self) -> SpanExportResult:
+        if not self._warned_shutdown:  # the processor counts the spans; this says why
+            self._warned_shutdown = True
+            _logger.warning(
+                "multirun: the span exporter of %s was shut down: spans that end after it are not written",
+                self.directory,
+            )
+        return SpanExportResult.FAILURE
 
     def _append(self, line: bytes) -> None:
         path = self.path
