@@ -291,24 +291,7 @@ def test_a_folder_that_cannot_be_written_is_one_warning_that_says_what_to_do(
     assert "MULTIRUN_DIR" in warnings[0] and "local_dir" in warnings[0]
 
 
-def _finished_spans() -> list[ReadableSpan]:
-    finished: list[ReadableSpan] = []
-
-    class Keep(SpanProcessor):
-        def on_end(self, span: ReadableSpan) -> None:
-            finished.append(span)
-
-    provider = TracerProvider()
-    provider.add_span_processor(Keep())
-    provider.get_tracer("test").start_span("work").end()
-    return finished
-
-
-# ---------------------------------------------------------------------------
-# the file stays open between batches
-
-
-def _spans_named(name: str) -> list[ReadableSpan]:
+def _finished_spans(name: str = "work") -> list[ReadableSpan]:
     finished: list[ReadableSpan] = []
 
     class Keep(SpanProcessor):
@@ -321,17 +304,21 @@ def _spans_named(name: str) -> list[ReadableSpan]:
     return finished
 
 
+# ---------------------------------------------------------------------------
+# the file stays open between batches
+
+
 def test_a_trace_file_removed_while_the_program_runs_is_written_again(tmp_path: Path) -> None:
     # `multirun prune`, or a person clearing the folder: the next batches are not lost in a
     # file that no longer has a name
     exporter = LocalFileSpanExporter(tmp_path / "traces")
-    assert exporter.export(_spans_named("before")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("before")) is SpanExportResult.SUCCESS
     [path] = (tmp_path / "traces").glob("*.jsonl")
     path.unlink()
-    assert exporter.export(_spans_named("after the file")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("after the file")) is SpanExportResult.SUCCESS
     (tmp_path / "traces" / path.name).unlink()
     (tmp_path / "traces").rmdir()
-    assert exporter.export(_spans_named("after the folder")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("after the folder")) is SpanExportResult.SUCCESS
     assert [s.name for s in read_spans(tmp_path / "traces")] == ["after the folder"]
 
 
@@ -353,22 +340,22 @@ def test_a_trace_file_whose_descriptor_was_closed_by_someone_else_is_opened_agai
     # a library that closes the descriptors it does not know (os.closerange), or a file on NFS
     # that fstat can no longer see: every batch after it was lost, for the life of the program
     exporter = LocalFileSpanExporter(tmp_path)
-    assert exporter.export(_spans_named("before")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("before")) is SpanExportResult.SUCCESS
     [path] = tmp_path.glob("*.jsonl")
     os.close(_descriptor_of(path))
-    assert exporter.export(_spans_named("after")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("after")) is SpanExportResult.SUCCESS
     assert [s.name for s in read_spans(tmp_path)] == ["before", "after"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds descriptors with /proc")
 def test_a_descriptor_now_of_another_file_gets_no_spans(tmp_path: Path) -> None:
     exporter = LocalFileSpanExporter(tmp_path / "traces")
-    assert exporter.export(_spans_named("before")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("before")) is SpanExportResult.SUCCESS
     [path] = (tmp_path / "traces").glob("*.jsonl")
     other = tmp_path / "the program's own file"
     fd = os.open(other, os.O_RDWR | os.O_CREAT)
     taken = os.dup2(fd, _descriptor_of(path))  # its number now names the program's file
-    assert exporter.export(_spans_named("after")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("after")) is SpanExportResult.SUCCESS
     assert other.read_bytes() == b""
     assert [s.name for s in read_spans(tmp_path / "traces")] == ["before", "after"]
     exporter.shutdown()
@@ -386,7 +373,7 @@ def test_an_export_after_shutdown_is_one_warning_that_says_so(
     exporter.shutdown()
     with caplog.at_level(logging.WARNING, logger="multirun"):
         for _ in range(2):
-            assert exporter.export(_spans_named("late")) is SpanExportResult.FAILURE
+            assert exporter.export(_finished_spans("late")) is SpanExportResult.FAILURE
     assert [r.getMessage() for r in caplog.records] == [
         f"multirun: the span exporter of {tmp_path} was shut down: spans that end after it are not written"
     ]
@@ -422,12 +409,12 @@ def test_a_fragment_another_writer_leaves_between_two_batches_does_not_take_the_
 ) -> None:
     # two containers, both PID 1, write the same file on a shared volume; one was killed mid-line
     exporter = LocalFileSpanExporter(tmp_path)
-    assert exporter.export(_spans_named("first")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("first")) is SpanExportResult.SUCCESS
     [path] = tmp_path.glob("*.jsonl")
     with path.open("ab") as other:
         other.write(b'{"resourceSpans":[{"reso')
-    assert exporter.export(_spans_named("second")) is SpanExportResult.SUCCESS
-    assert exporter.export(_spans_named("third")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("second")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("third")) is SpanExportResult.SUCCESS
     with caplog.at_level(logging.WARNING, logger="multirun"):
         assert [s.name for s in read_spans(tmp_path)] == ["first", "second", "third"]
     assert [r.getMessage() for r in caplog.records] == [
@@ -451,7 +438,7 @@ def test_an_exporter_dropped_without_shutdown_closes_its_file(tmp_path: Path) ->
     # a provider and exporter per job, never shut down, in a long-running program: each kept
     # its trace file open until the program ran out of file descriptors
     for n in range(20):
-        LocalFileSpanExporter(tmp_path).export(_spans_named(f"job {n}"))
+        LocalFileSpanExporter(tmp_path).export(_finished_spans(f"job {n}"))
     gc.collect()
     assert _open_files_under(tmp_path) == []
     assert len(list(read_spans(tmp_path))) == 20
@@ -460,7 +447,7 @@ def test_an_exporter_dropped_without_shutdown_closes_its_file(tmp_path: Path) ->
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files with /proc")
 def test_an_exporter_shut_down_closes_its_file(tmp_path: Path) -> None:
     exporter = LocalFileSpanExporter(tmp_path)
-    exporter.export(_spans_named("job"))
+    exporter.export(_finished_spans("job"))
     assert len(_open_files_under(tmp_path)) == 1
     exporter.shutdown()
     assert _open_files_under(tmp_path) == []
@@ -469,14 +456,14 @@ def test_an_exporter_shut_down_closes_its_file(tmp_path: Path) -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_writes_its_own_file(tmp_path: Path) -> None:
     exporter = LocalFileSpanExporter(tmp_path)
-    assert exporter.export(_spans_named("parent")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("parent")) is SpanExportResult.SUCCESS
     pid = os.fork()
     if pid == 0:  # the child: exit without running the test process's clean-up
-        code = 0 if exporter.export(_spans_named("child")) is SpanExportResult.SUCCESS else 1
+        code = 0 if exporter.export(_finished_spans("child")) is SpanExportResult.SUCCESS else 1
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert exporter.export(_spans_named("parent again")) is SpanExportResult.SUCCESS
+    assert exporter.export(_finished_spans("parent again")) is SpanExportResult.SUCCESS
     files = {path.name.rsplit("-", 1)[1]: path for path in tmp_path.glob("*.jsonl")}
     assert set(files) == {f"{os.getpid()}.jsonl", f"{pid}.jsonl"}
     assert [s.name for s in read_spans(files[f"{pid}.jsonl"].parent) if s.name == "child"] == ["child"]
