@@ -129,6 +129,8 @@ class UsageSpanProcessor(SpanProcessor):
                 self._open.pop(span_id, None)
 
     def on_end(self, span: ReadableSpan) -> None:
+        if not self._open:
+            return  # no span of another instrumentation in flight: the common case, and ours
         scope = span.instrumentation_scope
         if scope is not None and scope.name == TRACER_NAME:
             return  # our own spans were never recorded in on_start
