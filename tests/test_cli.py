@@ -689,6 +689,25 @@ def test_read_spans_reads_like_the_command(tmp_path: Path, caplog: pytest.LogCap
     ]
 
 
+def test_a_run_the_collector_wrote_with_an_empty_attribute_key_is_listed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the Collector's file exporter leaves out a key that is "" (a default); the line is the run
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("invoke_workflow synthetic", attributes=run_attrs("e" * 32)):
+            pass
+
+    write_spans(tmp_path, build)
+    [path] = (tmp_path / "traces").glob("*.jsonl")
+    request = json.loads(path.read_text())
+    request["resourceSpans"][0]["resource"]["attributes"].append({"value": {"stringValue": "x"}})
+    request["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"].append({"value": {}})
+    path.write_text(json.dumps(request) + "\n")
+    code, out, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert (code, err) == (0, "")
+    assert "e" * 12 in out and "synthetic" in out
+
+
 def test_attribute_values_nested_deeper_than_python_recurses_are_a_damaged_line() -> None:
     nested = '{"arrayValue":{"values":[' * 300 + '{"stringValue":"x"}' + "]}}" * 300
     line = (

@@ -261,6 +261,61 @@ def test_null_is_a_fields_default_as_in_protobufs_json(tmp_path: Path) -> None:
     )
 
 
+def read_line(directory: Path, line: str) -> list[Any]:
+    (directory / "spans.jsonl").write_text(line + "\n")
+    return list(read_spans(directory))
+
+
+def test_a_span_as_the_collector_writes_it_is_read_with_its_defaults(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the Collector's file exporter leaves out every field that holds its default: the empty
+    # key of an attribute, a status with no code, the kind, the times of an event; it writes
+    # an unset value as {} and an int64 as text
+    span = {
+        "traceId": "ab" * 16,
+        "spanId": "1" * 16,
+        "parentSpanId": "2" * 16,
+        "flags": 256,
+        "name": "work",
+        "startTimeUnixNano": "1700000000000000000",
+        "endTimeUnixNano": "1700000001000000000",
+        "attributes": [
+            {"value": {"stringValue": "no key"}},
+            {"key": "unset", "value": {}},
+            {"key": "count", "value": {"intValue": "42"}},
+            {"key": "map", "value": {"kvlistValue": {"values": [{"value": {"boolValue": True}}]}}},
+        ],
+        "events": [{"attributes": [{"value": {"doubleValue": 0.5}}]}],
+        "status": {},
+    }
+    line = json.dumps({"resourceSpans": [{"resource": {}, "scopeSpans": [{"scope": {}, "spans": [span]}]}]})
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        [read] = read_line(tmp_path, line)
+    assert caplog.records == []
+    assert (read.name, read.parent_span_id, read.start_ns, read.end_ns) == (
+        "work",
+        "2" * 16,
+        1_700_000_000_000_000_000,
+        1_700_000_001_000_000_000,
+    )
+    assert read.attributes == {"": "no key", "unset": None, "count": 42, "map": {"": True}}
+    assert read.events == [{"name": "", "attributes": {"": 0.5}}]
+    assert (read.status_code, read.status_message, read.parent_is_remote) == (0, "", False)
+
+
+def test_a_resource_attribute_with_the_empty_key_costs_no_span(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    resource = {"attributes": [{"key": "service.name", "value": {"stringValue": "crew"}}, {"value": {}}]}
+    scope_spans = [{"spans": [span_json("1" * 16)]}]
+    line = json.dumps({"resourceSpans": [{"resource": resource, "scopeSpans": scope_spans}]})
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        [read] = read_line(tmp_path, line)
+    assert caplog.records == []
+    assert (read.name, read.service_name) == ("span 1111111111111111", "crew")
+
+
 def test_damaged_lines_and_spans_of_a_file_are_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -271,6 +271,9 @@ def read_spans(directory: str | os.PathLike[str], *, warn: bool = True) -> Itera
     time out of range), gets one warning that sums them up, and the rest is read. A whole
     request glued to the fragment a killed writer left (as writers before this one did) is
     read too. ``warn=False``: no warnings (the files are read again, and were warned of).
+
+    Lines are read by OTLP JSON's rules, as other writers (the Collector's file exporter) write
+    them: a field left out or null holds its default (an attribute's key ``""``, a value unset).
     """
     for path in span_files(directory):
         yield from _read_span_file(path, warn)
@@ -529,7 +532,9 @@ def _attributes(items: list[Any]) -> dict[str, Any]:
         if not isinstance(item, dict):
             raise DamagedSpan(f"an attribute is {_json_type(item)}, not an object")
         key = item.get("key")
-        if not isinstance(key, str):
+        if key is None:  # the empty key: protobuf's JSON leaves out a field that holds its default
+            key = ""
+        elif not isinstance(key, str):
             raise DamagedSpan(f"an attribute key is {_json_type(key)}, not text")
         attributes[key] = _value(_field(item, "value", dict), key)
     return attributes
