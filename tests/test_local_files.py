@@ -316,6 +316,49 @@ def test_a_resource_attribute_with_the_empty_key_costs_no_span(
     assert (read.name, read.service_name) == ("span 1111111111111111", "crew")
 
 
+def test_ids_in_upper_case_hex_are_the_same_ids(tmp_path: Path) -> None:
+    # OTLP JSON: ids are "case-insensitive hex-encoded strings"; a span is joined to its parent,
+    # and told from a copy another exporter wrote, by them
+    child = span_json("C" * 16, traceId="AB" * 16, parentSpanId="B" * 16)
+    [read] = read_line(tmp_path, request_line(child))
+    assert (read.trace_id, read.span_id, read.parent_span_id) == ("ab" * 16, "c" * 16, "b" * 16)
+
+
+def test_flags_given_as_text_say_where_the_parent_is(tmp_path: Path) -> None:
+    # a fixed32 of protobuf's JSON: a number, or text of one
+    spans = [span_json("1" * 16, flags="768"), span_json("2" * 16, flags="256")]
+    assert [s.parent_is_remote for s in read_line(tmp_path, request_line(*spans))] == [True, False]
+
+
+def test_a_value_whose_member_is_null_is_unset(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # protobuf's JSON: null stands for a field's default; of a oneof, for no member set
+    members = ("stringValue", "intValue", "doubleValue", "boolValue", "bytesValue", "arrayValue")
+    attributes = [{"key": name, "value": {name: None}} for name in members]
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        [read] = read_line(tmp_path, request_line(span_json("1" * 16, attributes=attributes)))
+    assert caplog.records == []
+    assert read.attributes == dict.fromkeys(members)
+
+
+def test_bytes_in_url_safe_or_unpadded_base64_are_read(tmp_path: Path) -> None:
+    # protobuf's JSON: "either standard or URL-safe base64 encoding with/without paddings"
+    encodings = {"standard": "+/8=", "unpadded": "+/8", "url-safe": "-_8="}
+    attributes = [{"key": key, "value": {"bytesValue": text}} for key, text in encodings.items()]
+    [read] = read_line(tmp_path, request_line(span_json("1" * 16, attributes=attributes)))
+    assert read.attributes == dict.fromkeys(encodings, b"\xfb\xff")
+
+
+def test_a_value_that_is_not_base64_is_a_damaged_span(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = span_json("2" * 16, attributes=[{"key": "b", "value": {"bytesValue": "a!b"}}])
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert [s.span_id for s in read_line(tmp_path, request_line(span_json("1" * 16), bad))] == ["1" * 16]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 1 damaged span in {tmp_path / 'spans.jsonl'} (line 1: attribute b is not base64)"
+    ]
+
+
 def test_damaged_lines_and_spans_of_a_file_are_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -22,7 +22,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,7 +273,8 @@ def read_spans(directory: str | os.PathLike[str], *, warn: bool = True) -> Itera
     read too. ``warn=False``: no warnings (the files are read again, and were warned of).
 
     Lines are read by OTLP JSON's rules, as other writers (the Collector's file exporter) write
-    them: a field left out or null holds its default (an attribute's key ``""``, a value unset).
+    them: a field left out or null holds its default (an attribute's key ``""``, a value unset),
+    64-bit integers may be text, ids are hex in either case.
     """
     for path in span_files(directory):
         yield from _read_span_file(path, warn)
@@ -424,7 +425,7 @@ def _record(span: dict[str, Any], service: str) -> SpanRecord:
         name=_field(span, "name", str),
         trace_id=_id(span, "traceId"),
         span_id=_id(span, "spanId"),
-        parent_span_id=_field(span, "parentSpanId", str),
+        parent_span_id=_field(span, "parentSpanId", str).lower(),
         start_ns=_nanoseconds(span, "startTimeUnixNano"),
         end_ns=_nanoseconds(span, "endTimeUnixNano"),
         attributes=_attributes(_field(span, "attributes", list)),
@@ -468,10 +469,11 @@ def _json_type(value: Any) -> str:
 
 
 def _id(span: dict[str, Any], key: str) -> str:
+    """A trace or span id: hex, in either case (OTLP JSON's rule), given in lower case."""
     value = _field(span, key, str)
     if not value:
         raise DamagedSpan(f"missing field {key}")
-    return str(value)
+    return str(value).lower()
 
 
 _UINT64 = 2**64
@@ -520,7 +522,10 @@ _IS_REMOTE = 0x200
 
 
 def _parent_is_remote(flags: Any) -> bool | None:
-    """What the span's flags say of its parent (None: nothing; they are only a hint)."""
+    """What the span's flags (a number, or text of one) say of its parent (None: nothing;
+    they are only a hint)."""
+    if isinstance(flags, str) and flags.isdigit():
+        flags = int(flags)
     if isinstance(flags, bool) or not isinstance(flags, int) or not flags & _HAS_IS_REMOTE:
         return None
     return bool(flags & _IS_REMOTE)
@@ -542,27 +547,55 @@ def _attributes(items: list[Any]) -> dict[str, Any]:
 
 def _value(value: dict[str, Any], key: str) -> Any:
     """An AnyValue: text, a whole number, a number (NaN and infinities included, as OTLP has
-    them), true or false, bytes, or a list or map of those."""
-    if "stringValue" in value:
-        return _field(value, "stringValue", str)
-    if "intValue" in value:
-        return _whole_number(value["intValue"], f"attribute {key}")
-    if "doubleValue" in value:
-        return _double(value["doubleValue"], key)
-    if "boolValue" in value:
-        if not isinstance(value["boolValue"], bool):
-            raise DamagedSpan(f"attribute {key} is {_json_type(value['boolValue'])}, not true or false")
-        return value["boolValue"]
-    if "arrayValue" in value:
-        return [_value(v, key) for v in _objects(_field(value, "arrayValue", dict), "values")]
-    if "kvlistValue" in value:
-        return _attributes(_field(_field(value, "kvlistValue", dict), "values", list))
-    if "bytesValue" in value:
-        try:
-            return base64.b64decode(_field(value, "bytesValue", str), validate=True)
-        except ValueError:
-            raise DamagedSpan(f"attribute {key} is not base64") from None
+    them), true or false, bytes, or a list or map of those; None if it holds none (``{}``, or
+    its one member null, as protobuf's JSON has an unset value)."""
+    for name, member in value.items():
+        if member is not None:
+            read = _VALUE_READERS.get(name)
+            if read is not None:  # an unknown field is ignored, as OTLP JSON says
+                return read(member, key)
     return None
+
+
+def _string(member: Any, key: str) -> str:
+    if not isinstance(member, str):
+        raise DamagedSpan(f"stringValue is {_json_type(member)}, not text")
+    return member
+
+
+def _int(member: Any, key: str) -> int:
+    return _whole_number(member, f"attribute {key}")
+
+
+def _bool(member: Any, key: str) -> bool:
+    if not isinstance(member, bool):
+        raise DamagedSpan(f"attribute {key} is {_json_type(member)}, not true or false")
+    return member
+
+
+def _bytes(member: Any, key: str) -> bytes:
+    """Base64, standard or URL-safe, padded or not: protobuf's JSON takes all four."""
+    if not isinstance(member, str):
+        raise DamagedSpan(f"bytesValue is {_json_type(member)}, not text")
+    standard = member.replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
+    except ValueError:
+        raise DamagedSpan(f"attribute {key} is not base64") from None
+
+
+def _array(member: Any, key: str) -> list[Any]:
+    return [_value(v, key) for v in _objects(_object(member, "arrayValue"), "values")]
+
+
+def _kvlist(member: Any, key: str) -> dict[str, Any]:
+    return _attributes(_field(_object(member, "kvlistValue"), "values", list))
+
+
+def _object(member: Any, name: str) -> dict[str, Any]:
+    if not isinstance(member, dict):
+        raise DamagedSpan(f"{name} is {_json_type(member)}, not an object")
+    return member
 
 
 def _double(value: Any, key: str) -> float:
@@ -572,3 +605,14 @@ def _double(value: Any, key: str) -> float:
         return float(value)  # "NaN", "Infinity", "-Infinity" too
     except ValueError:
         raise DamagedSpan(f"attribute {key} {value!r} is not a number") from None
+
+
+_VALUE_READERS: dict[str, Callable[[Any, str], Any]] = {
+    "stringValue": _string,
+    "intValue": _int,
+    "doubleValue": _double,
+    "boolValue": _bool,
+    "arrayValue": _array,
+    "kvlistValue": _kvlist,
+    "bytesValue": _bytes,
+}
