@@ -1255,6 +1255,30 @@ def test_multirun_resume_in_the_environment_refuses_a_run_of_another_name(traced
     assert calls.log == []  # served from crew's checkpoint, as asked
 
 
+def test_a_resume_taken_file_that_cannot_be_written_costs_the_program_nothing(
+    traced, monkeypatch, tmp_path
+) -> None:
+    # `multirun resume` names the file; a program run with a stale or odd one still resumes
+    from multirun.checkpoints import resume as resume_module
+
+    calls = Calls()
+    search = search_program(calls)
+
+    @run(name="crew")
+    def crew() -> list[str]:
+        return search("otel")
+
+    crew()
+    run_id = traced.named("invoke_workflow crew")[-1].attributes[attr.RUN_ID]
+    calls.log.clear()
+    monkeypatch.setattr(resume_module, "_environment_read", False)
+    monkeypatch.setattr(resume_module, "_from_environment", None)
+    monkeypatch.setenv("MULTIRUN_RESUME", run_id)
+    monkeypatch.setenv("MULTIRUN_RESUME_TAKEN_FILE", str(tmp_path))  # a folder: cannot be opened
+    assert crew() == ["otel 1", "otel 2"]
+    assert calls.log == []  # served from the checkpoint
+
+
 @pytest.mark.parametrize("decorate", [checkpoint, step(checkpoint=True)], ids=["checkpoint", "step"])
 @pytest.mark.parametrize("how", ["closed", "read to the end"])
 def test_a_generator_that_ends_after_its_run_takes_no_checkpoint(traced, caplog, decorate, how) -> None:

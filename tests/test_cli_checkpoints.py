@@ -42,6 +42,11 @@ def store_dir(traced, tmp_path) -> Path:
     return tmp_path  # the traced fixture's checkpoint store is tmp_path / "blobs"
 
 
+# the exit status of ``multirun resume`` when the program it runs starts no @run (as the
+# programs here that only print what they were told): nothing was resumed
+NOT_RESUMED = 1
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -108,7 +113,7 @@ def test_resume_of_a_run_whose_newest_checkpoint_is_damaged_says_how_to_resume_t
         f"`multirun resume {first} --dir {store_dir} -- ...`\n"
     )
     [suggested] = re.findall(r"`(multirun [^`]*)`", err)
-    assert main(shlex.split(suggested.replace("...", "true"))[1:]) == 0
+    assert main(shlex.split(suggested.replace("...", "true"))[1:]) == NOT_RESUMED
     assert f"from checkpoint {first}" in capfd.readouterr().err
 
 
@@ -287,7 +292,7 @@ def test_a_stray_file_in_the_store_is_not_verified(store_dir, strays, capsys) ->
 def test_a_stray_file_in_a_run_folder_is_not_its_newest_checkpoint(store_dir, strays, capfd) -> None:
     run_id = run_ids(store_dir)[0]
     printer = [sys.executable, "-c", "import os; print('RESUME=' + os.environ['MULTIRUN_RESUME'])"]
-    assert main(["resume", "--dir", str(store_dir), run_id, "--", *printer]) == 0
+    assert main(["resume", "--dir", str(store_dir), run_id, "--", *printer]) == NOT_RESUMED
     assert f"RESUME={checkpoint_ids(store_dir, run_id)[-1]}" in capfd.readouterr().out
 
 
@@ -507,7 +512,7 @@ def test_resume_runs_the_command_with_the_checkpoint_to_continue(store_dir, capf
     printer = [sys.executable, "-c", "import os; print('RESUME=' + os.environ['MULTIRUN_RESUME'])"]
     code = main(["resume", "--dir", str(store_dir), run_id, "--", *printer])
     out, err = capfd.readouterr()
-    assert code == 0
+    assert code == NOT_RESUMED
     newest = sorted((store_dir / "blobs" / "checkpoints" / run_id).iterdir())[-1].stem
     assert f"RESUME={newest}" in out
     assert f"resuming run {run_id}" in err
@@ -611,7 +616,7 @@ def test_resume_tells_the_child_the_folder(store_dir, capfd, monkeypatch, order:
     run_id = run_ids(store_dir)[0]
     options = ["--dir", store_dir.name]  # relative to the working folder
     words = [*options, run_id] if order == "options first" else [run_id, *options]
-    assert main(["resume", *words, "--", *ENV_PRINTER]) == 0
+    assert main(["resume", *words, "--", *ENV_PRINTER]) == NOT_RESUMED
     assert child_env(capfd.readouterr().out) == {
         "MULTIRUN_RESUME": checkpoint_ids(store_dir, run_id)[-1],
         "MULTIRUN_DIR": str(store_dir),  # absolute: the child may change folder
@@ -624,7 +629,7 @@ def test_resume_tells_the_child_the_store(store_dir, capfd, monkeypatch) -> None
         monkeypatch.delenv(name, raising=False)
     run_id = run_ids(store_dir)[0]
     store = str(store_dir / "blobs")
-    assert main(["resume", run_id, "--store", store, "--", *ENV_PRINTER]) == 0
+    assert main(["resume", run_id, "--store", store, "--", *ENV_PRINTER]) == NOT_RESUMED
     assert child_env(capfd.readouterr().out) == {
         "MULTIRUN_RESUME": checkpoint_ids(store_dir, run_id)[-1],
         "MULTIRUN_DIR": "-",
@@ -640,7 +645,7 @@ def test_resume_tells_the_child_a_store_folder_given_relative_as_an_absolute_one
     monkeypatch.chdir(store_dir)
     monkeypatch.delenv("MULTIRUN_CHECKPOINT_URI", raising=False)
     run_id = run_ids(store_dir)[0]
-    assert main(["resume", run_id, "--store", relative, "--", *ENV_PRINTER]) == 0
+    assert main(["resume", run_id, "--store", relative, "--", *ENV_PRINTER]) == NOT_RESUMED
     assert child_env(capfd.readouterr().out)["MULTIRUN_CHECKPOINT_URI"] == str(store_dir / "blobs")
 
 
@@ -651,7 +656,10 @@ def test_resume_run_name_tells_the_child_the_name_of_the_run_that_continues_it(s
         "import os; print('NAME=' + os.environ.get('MULTIRUN_RESUME_RUN_NAME', '-'))",
     ]
     run_id = run_ids(store_dir)[0]
-    assert main(["resume", "--dir", str(store_dir), run_id, "--run-name", "job-v2", "--", *printer]) == 0
+    assert (
+        main(["resume", "--dir", str(store_dir), run_id, "--run-name", "job-v2", "--", *printer])
+        == NOT_RESUMED
+    )
     assert "NAME=job-v2" in capfd.readouterr().out
     assert main(["resume", "--dir", str(store_dir), run_id, "--run-name", " ", "--", *printer]) == 1
     assert "--run-name must name a run" in capfd.readouterr().err
@@ -789,7 +797,7 @@ def test_show_verify_and_resume_read_signed_pickle_checkpoints_with_the_key(
     assert f"ok      {checkpoint_id}" in capfd.readouterr().out
     assert main(["checkpoints", "show", checkpoint_id, "--dir", str(pickle_dir)]) == 0
     assert "seen" in capfd.readouterr().out
-    assert main(["resume", "--dir", str(pickle_dir), run_id, "--", *ENV_PRINTER]) == 0
+    assert main(["resume", "--dir", str(pickle_dir), run_id, "--", *ENV_PRINTER]) == NOT_RESUMED
     assert child_env(capfd.readouterr().out)["MULTIRUN_RESUME"] == checkpoint_id
 
 
@@ -864,7 +872,7 @@ def test_a_pickle_checkpoint_written_before_summaries_is_unpickled_and_shown_ali
     assert details(unpickled)["agents"] == "planner (plan)"
     assert details(unpickled)["replay log"] == "1 step, 1 with a result to serve"
     assert main(["checkpoints", "verify", "--dir", str(tmp_path)]) == 0
-    assert main(["resume", "--dir", str(tmp_path), run_id, "--", *ENV_PRINTER]) == 0
+    assert main(["resume", "--dir", str(tmp_path), run_id, "--", *ENV_PRINTER]) == NOT_RESUMED
 
 
 # ---------------------------------------------------------------------------

@@ -48,7 +48,13 @@ def nightly() -> str:
     values = fetched([fetch(1), fetch(2)])
     return write_report(values)
 
-print("RESULT", nightly(), flush=True)
+if os.environ.get("CARRY_ON") == "1":  # a program that goes on when its run fails
+    try:
+        print("RESULT", nightly(), flush=True)
+    except Exception as exc:
+        print("FAILED", type(exc).__name__, flush=True)
+else:
+    print("RESULT", nightly(), flush=True)
 multirun.get_client().force_flush()
 """
 
@@ -64,15 +70,20 @@ def run_program(
     through_cli: bool = False,
     run_name: str = "nightly",
     options: tuple[str, ...] = (),
+    carry_on: bool = False,
+    command: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """The program, its run named ``run_name``; resuming ``resume`` through MULTIRUN_RESUME, or
-    with ``multirun resume`` (and its ``options``)."""
+    with ``multirun resume`` (and its ``options``). ``carry_on``: the program catches its run's
+    failure and ends well; ``command``: another program than this one, resumed the same way."""
     script = tmp_path / "nightly.py"
     script.write_text(PROGRAM)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
     env["CRASH"] = "1" if crash else "0"
     env["RUN_NAME"] = run_name
-    command = [sys.executable, str(script), str(tmp_path / "mr"), str(tmp_path / "effects.txt")]
+    env["CARRY_ON"] = "1" if carry_on else "0"
+    if command is None:
+        command = [sys.executable, str(script), str(tmp_path / "mr"), str(tmp_path / "effects.txt")]
     if resume is not None and through_cli:
         command = [str(MULTIRUN), "resume", resume, "--dir", str(tmp_path / "mr"), *options, "--", *command]
     elif resume is not None:
@@ -91,6 +102,7 @@ def test_resume_after_sigkill_does_not_repeat_completed_steps(tmp_path: Path, th
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "RESULT report of 30" in resumed.stdout
+    assert "not resumed" not in resumed.stderr
 
     effects = (tmp_path / "effects.txt").read_text().splitlines()
     # fetch 1 and 2 completed before the checkpoint: once each. write_report was running when
@@ -123,6 +135,52 @@ def test_resume_in_a_program_whose_run_has_another_name_is_refused_unless_told(t
     assert "RESULT report of 30" in renamed.stdout
     # fetch 1 and 2 were served from nightly's checkpoint
     assert effects.read_text().splitlines() == ["fetch 1", "fetch 2", "write_report", "write_report"]
+
+
+def not_resumed(run_id: str, checkpoint_id: str, ended: str = "ended") -> str:
+    return (
+        f"run {run_id} was not resumed: the program {ended} before a @run named 'nightly' "
+        f"continued it from checkpoint {checkpoint_id}. Check that the command runs the program "
+        "of that run, and that it starts that run; if the run was renamed since, give its new "
+        "name with --run-name"
+    )
+
+
+def test_resume_of_a_program_that_starts_no_run_says_the_run_was_not_resumed(tmp_path: Path) -> None:
+    # it exited 0 and said nothing more than "resuming run ...": the user took the run as resumed
+    crashed = run_program(tmp_path, crash=True)
+    run_id = crashed.stdout.split("RUN ", 1)[1].split()[0]
+    other = [sys.executable, "-c", "print('another program')"]
+    result = run_program(tmp_path, crash=False, resume=run_id, through_cli=True, command=other)
+    assert (result.returncode, result.stdout) == (1, "another program\n")
+    resuming, error = result.stderr.splitlines()
+    checkpoint_id = resuming.split(" from checkpoint ")[1].split()[0]
+    assert error == f"multirun: error: {not_resumed(run_id, checkpoint_id)}"
+
+    # a program that ended badly keeps its exit status, and is told the same
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    result = run_program(tmp_path, crash=False, resume=run_id, through_cli=True, command=failing)
+    assert result.returncode == 3
+    warning = not_resumed(run_id, checkpoint_id, "ended with exit status 3")
+    assert result.stderr.splitlines()[1:] == [f"multirun: warning: {warning}"]
+
+
+def test_resume_in_a_program_that_goes_on_when_its_run_is_refused_says_the_run_was_not_resumed(
+    tmp_path: Path,
+) -> None:
+    # its run, of another name, was refused; the program carried on and exited 0, silently
+    crashed = run_program(tmp_path, crash=True)
+    run_id = crashed.stdout.split("RUN ", 1)[1].split()[0]
+    recorded = (tmp_path / "effects.txt").read_text()
+    result = run_program(
+        tmp_path, crash=False, resume=run_id, through_cli=True, run_name="weekly", carry_on=True
+    )
+    assert result.returncode == 1
+    assert result.stdout == "FAILED CheckpointError\n"
+    resuming, error = result.stderr.splitlines()
+    checkpoint_id = resuming.split(" from checkpoint ")[1].split()[0]
+    assert error == f"multirun: error: {not_resumed(run_id, checkpoint_id)}"
+    assert (tmp_path / "effects.txt").read_text() == recorded
 
 
 def test_resume_of_an_unknown_run_fails_clearly(tmp_path: Path) -> None:

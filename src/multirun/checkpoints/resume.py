@@ -15,7 +15,9 @@ Only a run of the name that took the checkpoint continues it: any other
 before its function runs, and the resume stays pending for the right one
 (a checkpoint's state and served step results belong to the program that
 wrote them). A run renamed since is named with ``run_name="new name"``
-(``multirun resume --run-name NAME``, ``MULTIRUN_RESUME_RUN_NAME``).
+(``multirun resume --run-name NAME``, ``MULTIRUN_RESUME_RUN_NAME``). The process whose run
+takes a MULTIRUN_RESUME checkpoint creates the file MULTIRUN_RESUME_TAKEN_FILE names, if set:
+``multirun resume`` says so when its program ends without any run having taken it.
 
 The resumed run is a new run (new id, new trace) that links to the one it
 continues (a span link, ``multirun.run.resumed_from``). It starts with the
@@ -28,6 +30,7 @@ at-least-once, their charges exactly-once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,6 +50,9 @@ RESUME_ENV = "MULTIRUN_RESUME"
 #: The name of the run that continues the checkpoint MULTIRUN_RESUME names, when it is not the
 #: name of the run that took it (``multirun resume --run-name``).
 RESUME_RUN_NAME_ENV = "MULTIRUN_RESUME_RUN_NAME"
+#: A file the process whose @run takes the MULTIRUN_RESUME checkpoint creates: ``multirun
+#: resume`` tells a program that never took it from one that did.
+RESUME_TAKEN_ENV = "MULTIRUN_RESUME_TAKEN_FILE"
 _PENDING_KEY = otel_context.create_key("multirun-resume")
 
 
@@ -267,4 +273,18 @@ def _take_from_environment(client: MultiRunClient, run_name: str) -> RestoredChe
                     exc.args = (f"{RESUME_ENV}={identifier!r}: {exc}", *exc.args[1:])
                     raise
                 _from_environment = _Pending(restored, expected, "environment")
-    return _from_environment.take(run_name) if _from_environment is not None else None
+    if _from_environment is None:
+        return None
+    taken = _from_environment.take(run_name)
+    if taken is not None:
+        _say_taken(taken)
+    return taken
+
+
+def _say_taken(restored: RestoredCheckpoint) -> None:
+    """Create the file MULTIRUN_RESUME_TAKEN_FILE names, if set, for ``multirun resume``; a file
+    that cannot be written costs the program nothing (the command then says it was not taken)."""
+    path = os.environ.get(RESUME_TAKEN_ENV)
+    if path:
+        with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as taken:
+            taken.write(f"{restored.checkpoint.id} {os.getpid()}\n")

@@ -9,7 +9,9 @@ Any unique prefix of an id will do. Options of ``resume`` go anywhere before
 ``--``: everything after it is the command, which is told (through the
 environment) the checkpoint to resume and the store to read it from. Only a
 run of the name that took the checkpoint continues it; ``--run-name NAME``
-lets a run renamed since continue it under its new name.
+lets a run renamed since continue it under its new name. A command that ends
+without such a run having continued it is told of: ``run ... was not resumed``,
+exit status 1 (or the command's own, if it failed).
 
 The store is ``--store URI``, else ``$MULTIRUN_CHECKPOINT_URI``, else DIR/blobs.
 A checkpoint over ``$MULTIRUN_CHECKPOINT_MAX_BYTES`` (1 GiB by default) is refused
@@ -36,6 +38,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,7 @@ from multirun.checkpoints.exporters import (
 from multirun.checkpoints.resume import (
     RESUME_ENV,
     RESUME_RUN_NAME_ENV,
+    RESUME_TAKEN_ENV,
     IdKind,
     earlier_checkpoint,
     match_id,
@@ -67,6 +71,7 @@ from multirun.checkpoints.store import (
 from multirun.cli import render, runs
 from multirun.client import checkpoint_max_bytes_setting
 from multirun.errors import CheckpointError, MultiRunError, ReplayError
+from multirun.models.checkpoint import Checkpoint
 
 _logger = logging.getLogger(__name__)
 
@@ -96,8 +101,9 @@ def add_commands(commands: Any, add_dir: Any) -> None:
         description="Run COMMAND with MULTIRUN_RESUME set: its first @run continues the run "
         "(or checkpoint) ID, serving the steps it had completed from the checkpoint. That @run "
         "must have the name of the run that took the checkpoint (or the one --run-name gives): "
-        "one of another name is refused. COMMAND comes after --; the options may go before or "
-        "after ID.",
+        "one of another name is refused. If COMMAND ends without that run having continued it, "
+        "resume says so and exits 1 (or as COMMAND did, if it failed). COMMAND comes after --; "
+        "the options may go before or after ID.",
     )
     add_store_options(resume, add_dir)
     resume.add_argument(
@@ -466,13 +472,46 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise CommandError(_said_here(exc) + _resume_instead(args, stored, checkpoint_id)) from None
     named = f" ({meta.name})" if meta.name else ""
     print(f"resuming run {meta.run_id} from checkpoint {meta.id}{named}", file=sys.stderr)
-    try:
-        child = subprocess.Popen(command, env=child_environment(args, meta.id, store.exporter))
-    except OSError as exc:
-        raise CommandError(f"resume: cannot run {command[0]!r}: {exc}") from None
-    with _ctrl_c_left_to_the_child():
-        code = child.wait()
-    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+    env = child_environment(args, meta.id, store.exporter)
+    with tempfile.TemporaryDirectory(prefix="multirun-resume-") as folder:
+        taken_file = Path(folder, "taken")
+        env[RESUME_TAKEN_ENV] = str(taken_file)
+        try:
+            child = subprocess.Popen(command, env=env)
+        except OSError as exc:
+            raise CommandError(f"resume: cannot run {command[0]!r}: {exc}") from None
+        with _ctrl_c_left_to_the_child():
+            code = child.wait()
+        taken = taken_file.exists()
+    code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+    if taken or code == _CTRL_C:  # stopped with Ctrl-C, the user knows why it was not resumed
+        return code
+    # the program never started the run that continues it: the checkpoint is still to resume
+    not_resumed = _not_resumed(meta, env.get(RESUME_RUN_NAME_ENV, "").strip(), code)
+    if code:
+        _logger.warning("%s", not_resumed)  # the program's own failure is the error
+        return code
+    raise CommandError(not_resumed)
+
+
+_CTRL_C = 128 + signal.SIGINT  # as a shell reports a program that SIGINT ended, or exit(130)
+
+
+def _not_resumed(checkpoint: Checkpoint, run_name: str, code: int) -> str:
+    """Why ``multirun resume`` did nothing: the program ended (with status ``code``) before a
+    @run named ``run_name`` (default: the run that took ``checkpoint``) took the checkpoint."""
+    taken_by = str(checkpoint.context.get("run_name") or "")
+    name = run_name or taken_by
+    run = f"a @run named {name!r}" if name else "a @run"
+    ended = f"ended with exit status {code}" if code else "ended"
+    message = (
+        f"run {checkpoint.run_id} was not resumed: the program {ended} before {run} continued it "
+        f"from checkpoint {checkpoint.id}. Check that the command runs the program of that run, "
+        "and that it starts that run"
+    )
+    if name and not run_name:
+        message += "; if the run was renamed since, give its new name with --run-name"
+    return message
 
 
 def _resume_instead(args: argparse.Namespace, stored: list[StoredCheckpoint], checkpoint_id: str) -> str:
