@@ -988,6 +988,28 @@ def test_close_of_a_fail_open_client_waits_one_timeout_at_most_while_redis_hangs
     assert waited < 0.6
 
 
+def test_close_of_a_fail_closed_client_waits_one_timeout_at_most_while_redis_hangs_and_warns_once(
+    fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # each ledger waited out the timeout in turn, and logged a warning of its own
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?timeout=0.3")
+    ledgers = [factory.ledger(new_id()) for _ in range(5)]
+    for ledger in ledgers:
+        ledger.charge(1, 0)  # sent with the next command: there is none before close
+    fresh_redis_server.freeze()
+    try:
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            started = time.monotonic()
+            factory.close()
+            waited = time.monotonic() - started
+    finally:
+        fresh_redis_server.thaw()
+    assert waited < 0.6
+    [warning] = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert "5 run(s)" in warning
+    assert all(ledger.run_id in warning for ledger in ledgers)
+
+
 # -- configuration ------------------------------------------------------------------------
 
 

@@ -68,7 +68,8 @@ How it keeps the totals right:
   ledgers of a run come and go goes on from there. A ledger with usage not
   sent yet is kept until it is: it goes with the process's next command for
   that run, or once Redis answers again (failing open), or at
-  :meth:`RedisLedgerFactory.close`, even when the run is over. The hash
+  :meth:`RedisLedgerFactory.close` (which the client of ``multirun.init``
+  calls at exit), even when the run is over. The hash
   keeps one ``w:<id>`` field per process that counted into it, until it
   expires.
 * Every write refreshes the keys' expiry (``ttl_seconds``, a week by default).
@@ -446,6 +447,7 @@ class _ClientState:
     errors: tuple[type[BaseException], ...]
     no_script: type[BaseException]
     lock: threading.Lock = field(default_factory=threading.Lock)
+    sending: threading.Lock = field(default_factory=threading.Lock)  # one send_pending at a time
     loaded: bool = False
     local: bool = False  # fail-open mode after Redis failed: count in this process only
     retry_at: float = 0.0  # when a fail-open ledger tries Redis again (its clock)
@@ -488,7 +490,7 @@ class _ClientState:
         """In a forked child: a writer of its own, which has counted nothing yet. What the parent
         counted and had not sent is the parent's to send. New locks: a thread the child lost may
         have held one (the child's next charge would wait for it for ever)."""
-        self.lock = threading.Lock()
+        self.lock, self.sending = threading.Lock(), threading.Lock()
         for ledger in list(self.made):
             ledger._lock = threading.Lock()
             for enclosing in ledger._enclosing:
@@ -784,6 +786,10 @@ class RedisLedger(LedgerReadings):
             self.set_budget(self.budget)
         if self._pending():
             self._add("0", "record its usage")
+
+    def unsent(self) -> bool:
+        """Whether this process counted into this run (or set its budget) what Redis does not hold."""
+        return self._budget_unsent or self._pending()
 
     def _pending(self) -> bool:
         """Whether this process counted into this run or its ancestors what Redis does not hold."""
@@ -1095,6 +1101,11 @@ class RedisLedgerFactory:
         self.fail_open = fail_open
         self.clock = clock
 
+    @property
+    def url(self) -> str:
+        """The Redis server, as a URL without password."""
+        return _state_of(self.client).url
+
     @classmethod
     def from_uri(cls, uri: str, *, clock: Callable[[], float] = time.monotonic) -> RedisLedgerFactory:
         """A factory for ``redis://[user:password@]host:port/db?timeout=0.5&fail_open=false``.
@@ -1199,19 +1210,43 @@ class RedisLedgerFactory:
                 parent = parent.parent
         return self.ledger(run_id, budget, ancestors, adopt=adopt)
 
-    def close(self) -> None:
-        """Send what the ledgers of this client still have pending, then close its connections.
+    def send_pending(self) -> bool:
+        """Send what the ledgers of this client still have pending; False if Redis did not take
+        it all (one warning names the runs).
 
-        A fail-open client tries Redis once more, whatever its back-off: it is now or never.
+        A fail-open client tries Redis once more, whatever its back-off: it may be now or never.
+        Once Redis has failed to answer, the other ledgers do not try: each would wait out the
+        timeout in turn.
         """
         state = _state_of(self.client)
-        with state.lock:
-            state.retry_at = -math.inf
-        for ledger in state.ledgers():
-            try:
-                ledger.flush()
-            except LedgerUnavailableError as exc:
-                _logger.warning("multirun: usage of run %s not sent to the ledger: %s", ledger.run_id, exc)
+        failure: BaseException | None = None
+        unsent = []
+        with state.sending:
+            with state.lock:
+                state.retry_at = -math.inf
+            for ledger in state.ledgers():
+                if failure is None:
+                    try:
+                        ledger.flush()  # failing open, it gives up at once after one that failed
+                    except LedgerUnavailableError as exc:
+                        failure = exc.__cause__ or exc
+                if ledger.unsent():
+                    unsent.append(ledger.run_id)
+        if unsent:
+            _logger.warning(
+                "multirun: the shared budget ledger at %s did not answer: what this process counted "
+                "into %d run(s) is not in it (%s)%s",
+                state.url,
+                len(unsent),
+                ", ".join(unsent),
+                "" if failure is None else f": {type(failure).__name__}: {failure}",
+            )
+        return not unsent
+
+    def close(self) -> None:
+        """``send_pending``, then close the client's connections (a ledger used after that opens
+        new ones)."""
+        self.send_pending()
         client: Any = self.client  # Any: redis-py 5 leaves close untyped
         client.close()
 
