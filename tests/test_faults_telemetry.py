@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
+import redis
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -41,7 +42,7 @@ from multirun import run, step
 from multirun.checkpoints.exporters import BlobExporter, MemoryBlobExporter
 from multirun.checkpoints.store import CheckpointStore
 from multirun.context import get_current_run_context
-from multirun.enforcement.redis_ledger import LedgerUnavailableError
+from multirun.enforcement.redis_ledger import RETRY_SECONDS, LedgerUnavailableError
 from multirun.models import Budget, StepKind
 from multirun.telemetry.export import DROPPED_SPANS, ExportProcessor
 from multirun.telemetry.local_files import read_spans
@@ -985,3 +986,164 @@ def test_8_fail_open_goes_on_counting_in_process(
 
     assert finishes(job) == 3
     assert ran == [1, 2, 3]
+
+
+LEDGER_EXIT_PROGRAM = """
+import logging, sys
+from opentelemetry.sdk.trace import TracerProvider
+import multirun
+
+logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+multirun.init(tracer_provider=TracerProvider(), ledger_uri=sys.argv[1], metrics=False)
+
+
+@multirun.step
+def ask() -> None:
+    multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=20)
+
+
+@multirun.run
+def job() -> str:
+    ask()
+    return multirun.context.get_current_run_context().run.id
+
+
+print(job(), flush=True)
+sys.stdin.readline()  # Redis is started again, or frozen, meanwhile
+"""
+
+
+def exit_after_an_outage(
+    server: RedisServer, ledger_uri: str, between: Callable[[], None], **variables: str
+) -> tuple[str, float, subprocess.CompletedProcess[str]]:
+    """Run LEDGER_EXIT_PROGRAM while ``server`` is down, call ``between`` once its run is over,
+    then let it exit: (its run's id, seconds its exit took, the finished process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))} | variables
+    server.down()
+    child = subprocess.Popen(
+        [sys.executable, "-c", LEDGER_EXIT_PROGRAM, ledger_uri],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert child.stdout is not None
+        run_id = child.stdout.readline().strip()
+        between()
+        started = time.monotonic()
+        out, err = child.communicate("\n", timeout=60)
+        took = time.monotonic() - started
+    finally:
+        child.kill()
+    assert run_id, err
+    return run_id, took, subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
+def test_8_usage_counted_during_an_outage_reaches_redis_when_the_process_exits(
+    fresh_redis_server: RedisServer,
+) -> None:
+    # Redis came back less than RETRY_SECONDS before exit: nothing tried it again, and the next
+    # process sharing the ledger saw the run spend nothing
+    url = fresh_redis_server.url
+    run_id, took, done = exit_after_an_outage(
+        fresh_redis_server, url + "?fail_open=true", fresh_redis_server.up
+    )
+    assert done.returncode == 0, done.stderr
+    assert took < RETRY_SECONDS, f"exit took {took:.1f} s: {done.stderr}"
+    raw = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        assert raw.hmget(f"multirun:ledger:{run_id}", "tokens", "steps") == ["120", "1"], done.stderr
+    finally:
+        raw.close()
+
+
+def test_8_exit_behind_a_frozen_ledger_waits_the_shutdown_timeout_at_most_and_says_so(
+    fresh_redis_server: RedisServer,
+) -> None:
+    # its socket timeout (4 s) is longer than the shutdown timeout (1 s here): exit does not wait it out
+    uri = fresh_redis_server.url + "?fail_open=true&timeout=4"
+
+    def freeze() -> None:
+        fresh_redis_server.up()
+        fresh_redis_server.freeze()
+
+    try:
+        _, took, done = exit_after_an_outage(fresh_redis_server, uri, freeze, OTEL_EXPORTER_OTLP_TIMEOUT="1")
+    finally:
+        fresh_redis_server.thaw()
+    assert done.returncode == 0, done.stderr
+    assert took < 3, f"exit took {took:.1f} s: {done.stderr}"
+    [lost] = [line for line in done.stderr.splitlines() if "did not answer" in line]
+    assert fresh_redis_server.url in lost, done.stderr
+
+
+def test_8_usage_counted_during_an_outage_reaches_redis_when_init_replaces_the_client(
+    fresh_redis_server: RedisServer, traced: Any
+) -> None:
+    # a notebook's setup cell run again: the first client's unsent usage was dropped with it
+    multirun.init(tracer_provider=traced.provider, ledger_uri=fresh_redis_server.url + "?fail_open=true")
+
+    @step
+    def ask() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=20)
+
+    @run
+    def job() -> str:
+        ask()
+        return get_current_run_context().run.id
+
+    fresh_redis_server.down()
+    run_id = finishes(job)
+    fresh_redis_server.up()
+    multirun.init(tracer_provider=traced.provider)
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    key = f"multirun:ledger:{run_id}"
+    deadline = time.monotonic() + GENEROUS  # sent in the background: init does not wait for Redis
+    try:
+        while raw.hget(key, "tokens") is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert raw.hmget(key, "tokens", "steps") == ["120", "1"]
+    finally:
+        raw.close()
+
+
+def test_8_close_sends_what_the_ledger_counted_during_an_outage_and_is_bounded_while_redis_hangs(
+    fresh_redis_server: RedisServer, traced: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = fresh_redis_server.url + "?fail_open=true&timeout=2"
+    client = multirun.init(tracer_provider=traced.provider, ledger_uri=uri)
+
+    @step
+    def ask() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=20)
+
+    @run
+    def job() -> str:
+        ask()
+        return get_current_run_context().run.id
+
+    fresh_redis_server.down()
+    run_id = finishes(job)
+    fresh_redis_server.up()
+    assert client.close() is True  # a worker about to leave with os._exit: no exit handler runs
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    try:
+        assert raw.hmget(f"multirun:ledger:{run_id}", "tokens", "steps") == ["120", "1"]
+    finally:
+        raw.close()
+
+    fresh_redis_server.freeze()
+    try:
+        later = finishes(job)  # the client goes on after close: it fails open after one timeout
+        with caplog.at_level(logging.WARNING, logger="multirun"):
+            started = time.monotonic()
+            closed = client.close(timeout_millis=300)
+            took = time.monotonic() - started
+    finally:
+        fresh_redis_server.thaw()
+    assert later != run_id
+    assert closed is False
+    assert took < 1.5
+    assert "did not answer within 0.3 s" in caplog.text

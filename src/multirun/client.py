@@ -20,7 +20,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -116,6 +117,7 @@ class MultiRunClient:
             from multirun.enforcement.redis_ledger import RedisLedgerFactory
 
             self._ledgers = RedisLedgerFactory.from_uri(self.ledger_uri, clock=self._monotonic)
+            _close_at_exit(self._ledgers)
         if not isinstance(metrics, bool):
             raise ConfigurationError(f"metrics must be True or False, got {metrics!r}")
         self.metrics: Metrics = NO_METRICS
@@ -178,6 +180,27 @@ class MultiRunClient:
         were not all exported in time."""
         flush = getattr(self.tracer_provider, "force_flush", None)
         return bool(flush(timeout_millis)) if flush is not None else True
+
+    def close(self, timeout_millis: int | None = None) -> bool:
+        """Send the shared ledger (``ledger_uri``) what this process counted and has not sent
+        yet, then close its connections, waiting ``timeout_millis`` at most (default: the
+        shutdown timeout, 3 s). False, with a warning, if Redis did not answer in time.
+
+        Done at exit, and in the background for a client a later ``init`` replaces: call it
+        before a process ends without exit handlers (``os._exit``, a multiprocessing worker).
+        The client goes on working after it (the ledger connects again).
+        """
+        if timeout_millis is None:
+            timeout_millis = _shutdown_timeout_millis()
+        if isinstance(timeout_millis, bool) or not isinstance(timeout_millis, int) or timeout_millis < 0:
+            raise ConfigurationError(f"timeout_millis must be an int >= 0, got {timeout_millis!r}")
+        ledgers = self._ledgers
+        if ledgers is None:
+            return True
+        if _in_background(ledgers.close).wait(timeout_millis / 1000):
+            return True
+        _warn_ledger_late([ledgers], timeout_millis)
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -265,9 +288,14 @@ def _shutdown_timeout_millis() -> int:
 
 
 def _shutdown_at_exit() -> None:
-    """Shut down the providers ``init`` made within one shutdown timeout, traces first."""
-    deadline = time.monotonic() + _shutdown_timeout_millis() / 1000
+    """Close the shared ledgers and shut down the providers ``init`` made, within one shutdown
+    timeout; the ledgers' usage is sent while the spans are."""
+    timeout_millis = _shutdown_timeout_millis()
+    deadline = time.monotonic() + timeout_millis / 1000
+    closer = _ledger_closer
     try:
+        if closer is not None:
+            closer.start(list(_open_ledgers))
         if _owned_provider is not None:
             _owned_provider.shutdown()  # its export pipeline waits the shutdown timeout at most
         meters, left = _owned_meter_provider, deadline - time.monotonic()
@@ -275,10 +303,116 @@ def _shutdown_at_exit() -> None:
         # One the program shut down itself is left alone: the SDK would warn about a second shutdown.
         if meters is not None and left > 0 and not getattr(meters, "_shutdown", False):
             meters.shutdown(timeout_millis=left * 1000)
+        if closer is not None:
+            late = closer.wait(deadline - time.monotonic())
+            if late:
+                _warn_ledger_late(late, timeout_millis, at_exit=True)
     except KeyboardInterrupt:  # Ctrl-C to stop waiting for a collector: no traceback for that
-        _logger.warning("multirun: interrupted at exit: the spans and metrics not sent yet are lost")
+        lost = "spans and metrics" if closer is None else "spans, metrics and shared-ledger usage"
+        _logger.warning("multirun: interrupted at exit: the %s not sent yet are lost", lost)
     except Exception:  # telemetry must not fail the program, even at exit
         _logger.warning("multirun: shutting down telemetry at exit failed", exc_info=True)
+
+
+# The shared ledgers of every client, closed at exit (each sends what its ledgers have pending).
+_open_ledgers: weakref.WeakSet[RedisLedgerFactory] = weakref.WeakSet()
+
+
+class _LedgerCloser:
+    """Closes shared ledgers at exit from a thread started beforehand: at interpreter exit Python
+    3.12.0 and 3.12.1 refuse to start one, and exit must not wait past the shutdown timeout for a
+    Redis that hangs."""
+
+    def __init__(self) -> None:
+        self._asked = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._unclosed: list[RedisLedgerFactory] = []
+        threading.Thread(target=self._close_when_asked, name="multirun-ledger-close", daemon=True).start()
+
+    def start(self, factories: list[RedisLedgerFactory]) -> None:
+        """Begin closing ``factories``, one after the other."""
+        with self._lock:
+            self._unclosed = factories
+        self._asked.set()
+
+    def wait(self, seconds: float) -> list[RedisLedgerFactory]:
+        """Wait ``seconds`` at most for the closing to end; the factories not closed by then."""
+        self._done.wait(max(seconds, 0))
+        with self._lock:
+            return list(self._unclosed)
+
+    def _close_when_asked(self) -> None:
+        self._asked.wait()
+        with self._lock:
+            factories = list(self._unclosed)
+        for factory in factories:
+            try:
+                factory.close()
+            except Exception:  # telemetry must not fail the program, even at exit
+                _logger.warning("multirun: closing the shared budget ledger at exit failed", exc_info=True)
+            with self._lock:
+                self._unclosed.remove(factory)
+        self._done.set()
+
+
+_ledger_closer: _LedgerCloser | None = None
+_ledger_closer_lock = threading.Lock()
+
+
+def _close_at_exit(factory: RedisLedgerFactory) -> None:
+    """Have ``factory`` closed by ``_shutdown_at_exit``, sending what its ledgers have pending."""
+    global _ledger_closer
+    _open_ledgers.add(factory)
+    with _ledger_closer_lock:
+        if _ledger_closer is None:
+            _ledger_closer = _LedgerCloser()
+    _register_exit_handler()
+
+
+def _new_ledger_closer_after_fork() -> None:
+    """In a forked child: the parent's closing thread is gone; the child has its own ledgers to close."""
+    global _ledger_closer, _ledger_closer_lock
+    _ledger_closer_lock = threading.Lock()
+    if _ledger_closer is not None:
+        _ledger_closer = _LedgerCloser()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_ledger_closer_after_fork)
+
+
+def _in_background(action: Callable[[], object]) -> threading.Event:
+    """Run ``action`` in a daemon thread (here when none can start, at interpreter exit); the
+    event is set once it is over."""
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            action()
+        except Exception:  # telemetry must not fail the program
+            _logger.warning("multirun: sending to the shared budget ledger failed", exc_info=True)
+        finally:
+            done.set()
+
+    try:
+        threading.Thread(target=target, name="multirun-ledger-send", daemon=True).start()
+    except RuntimeError:
+        target()
+    return done
+
+
+def _warn_ledger_late(
+    factories: Sequence[RedisLedgerFactory], timeout_millis: int, *, at_exit: bool = False
+) -> None:
+    """One warning that the shared ledgers ``factories`` did not take this process's last usage in time."""
+    _logger.warning(
+        "multirun: the shared budget ledger at %s did not answer within %.1f s: what this process "
+        "counted and had not sent to it %s",
+        ", ".join(sorted({factory.url for factory in factories})),
+        timeout_millis / 1000,
+        "is lost" if at_exit else "is still being sent, in the background",
+    )
 
 
 _exit_handler_registered = False
@@ -635,7 +769,11 @@ def _init_locked(
     client = MultiRunClient(
         tracer_provider=provider, checkpoint_store=checkpoint_store, prices=price_book, **client_options
     )
-    _configured = client
+    earlier, _configured = _configured, client
+    if earlier is not None and earlier._ledgers is not None:
+        # what it counted and has not sent goes now, not at exit; its connections stay open for
+        # the runs still going on with it
+        _in_background(earlier._ledgers.send_pending)
     return client
 
 
