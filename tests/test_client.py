@@ -6,6 +6,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,99 @@ def test_init_again_on_the_applications_provider_sends_each_span_once_to_the_new
     assert len(first.get_finished_spans()) == 1
     assert len(second.get_finished_spans()) == 1
     assert "replaces the earlier configuration" in caplog.text
+
+
+@pytest.mark.parametrize("provider_is", ["made by init", "given"])
+def test_init_run_again_with_the_same_exporter_goes_on_exporting_to_it(global_otel, provider_is: str) -> None:
+    # a notebook's setup cell run twice: the second init shut the exporter down, as the one of
+    # the pipeline it replaced, and every later span was dropped
+    given = {"tracer_provider": TracerProvider()} if provider_is == "given" else {}
+    exporter = InMemorySpanExporter()
+
+    @step
+    def hello() -> None:
+        pass
+
+    @run
+    def job() -> None:
+        hello()
+
+    multirun.init(span_exporter=exporter, **given)
+    job()
+    client = multirun.init(span_exporter=exporter, **given)
+    job()
+    assert client.force_flush()
+    assert [s.name for s in exporter.get_finished_spans()] == ["step hello", "invoke_workflow job"] * 2
+
+
+def test_init_again_with_the_same_exporter_and_new_batch_settings_uses_them_and_loses_no_span(
+    global_otel, monkeypatch
+) -> None:
+    exporter = InMemorySpanExporter()
+
+    @run
+    def job() -> None:
+        pass
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # ten minutes between exports
+    multirun.init(span_exporter=exporter)
+    job()  # queued in the first pipeline
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
+    multirun.init(span_exporter=exporter)
+    job()
+    # no flush: the first pipeline gives what it holds to the exporter, which it leaves open, and
+    # the second exports within its 10 ms
+    deadline = time.monotonic() + 30
+    while len(exporter.get_finished_spans()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [s.name for s in exporter.get_finished_spans()] == ["invoke_workflow job"] * 2
+
+
+class OneAtATimeExporter(InMemorySpanExporter):
+    """Holds each export until ``release`` is set; counts the exports that overlapped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.exporting = self.overlapped = 0
+        self.started = threading.Event()
+        self._count = threading.Lock()
+
+    def export(self, spans):  # type: ignore[no-untyped-def]
+        with self._count:
+            self.exporting += 1
+            self.overlapped += self.exporting > 1
+        self.started.set()
+        self.release.wait(30)
+        try:
+            return super().export(spans)
+        finally:
+            with self._count:
+                self.exporting -= 1
+
+
+def test_the_pipeline_init_replaces_and_the_new_one_never_call_their_shared_exporter_at_once(
+    global_otel, monkeypatch
+) -> None:
+    # an exporter is never called concurrently (the SDK's contract, which exporters rely on)
+    exporter = OneAtATimeExporter()
+
+    @run
+    def job() -> None:
+        pass
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
+    multirun.init(span_exporter=exporter)
+    job()
+    assert exporter.started.wait(30)  # the first pipeline is exporting, held
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
+    client = multirun.init(span_exporter=exporter)
+    job()
+    time.sleep(0.3)  # the second pipeline's turn to export came long ago
+    exporter.release.set()
+    assert client.force_flush()
+    assert exporter.overlapped == 0
+    assert len(exporter.get_finished_spans()) == 2
 
 
 def test_init_local_without_a_path_uses_multirun_dir(global_otel, tmp_path, monkeypatch) -> None:

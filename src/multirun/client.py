@@ -218,12 +218,21 @@ class _SwappableExportProcessor(SpanProcessor):
 
     def __init__(self) -> None:
         self._current: ExportProcessor | None = None
+        self._settings: BatchSettings | None = None
         self._retiring: list[threading.Thread] = []  # the shutdowns of replaced pipelines
         self._lock = threading.Lock()
 
     def replace(self, exporter: SpanExporter, settings: BatchSettings | None) -> None:
+        """Export to ``exporter`` from now on. The pipeline replaced exports what it holds and
+        shuts its exporter down, unless ``exporter`` is that one (``init`` run again with it)."""
         with self._lock:
-            old, self._current = self._current, ExportProcessor(exporter, settings=settings)
+            old = self._current
+            if old is not None and old.exporter is exporter and settings == self._settings:
+                return  # nothing changes: the pipeline goes on
+            new = ExportProcessor(exporter, settings=settings)
+            if old is not None and old.exporter is exporter:
+                new.take_over_from(old)  # new batch settings: the exporter goes on in the new pipeline
+            self._current, self._settings = new, settings
             if old is None:
                 return
             # in a thread of its own: behind a hung exporter it takes its whole timeout (30 s),
@@ -538,7 +547,8 @@ def init(
             ``fail`` also counts and marks it, then raises PolicyViolation (rule ``unpriced``) from
             ``report_usage``, so that no run spends money its budget cannot see.
 
-    Calling it again replaces the earlier configuration, with a warning.
+    Calling it again replaces the earlier configuration, with a warning; the same
+    ``span_exporter`` given again goes on receiving the spans.
     """
     arguments: dict[str, Any] = {
         "service_name": service_name,

@@ -152,8 +152,9 @@ class ExportProcessor(SpanProcessor):
             max_export_batch_size = env.max_export_batch_size
         # a batch larger than the queue, which the SDK refuses, is a batch of the whole queue
         max_export_batch_size = min(max_export_batch_size, max_queue_size)
+        self._guard = _GuardedExporter(exporter, self)
         self._batch = BatchSpanProcessor(
-            _GuardedExporter(exporter, self),
+            self._guard,
             max_queue_size=max_queue_size,
             schedule_delay_millis=schedule_delay_millis,
             max_export_batch_size=max_export_batch_size,
@@ -233,6 +234,15 @@ class ExportProcessor(SpanProcessor):
             type(self.exporter).__name__,
             timeout_millis / 1000,
         )
+
+    def take_over_from(self, old: ExportProcessor) -> None:
+        """Go on with the exporter of ``old``, a pipeline being replaced by this one: the two
+        take turns to export (an exporter is never called concurrently), and shutting ``old``
+        down leaves the exporter open. Call before this pipeline is given a span."""
+        if old.exporter is not self.exporter:
+            raise ValueError("take_over_from: the two pipelines have different exporters")
+        old._guard.keep_open = True
+        self._guard.export_lock = old._guard.export_lock
 
     # -- for the guarded exporter ------------------------------------------------
 
@@ -314,6 +324,7 @@ class ExportProcessor(SpanProcessor):
     def _at_fork_reinit(self) -> None:
         # the child's batch processor starts with an empty queue and a worker of its own
         self._lock = threading.Lock()
+        self._guard.export_lock = threading.Lock()
         self._queued = 0
         self._exporting = 0
         self._waiter = None
@@ -327,6 +338,8 @@ class _GuardedExporter(SpanExporter):
     def __init__(self, exporter: SpanExporter, processor: ExportProcessor) -> None:
         self._exporter = exporter
         self._processor = processor
+        self.export_lock = threading.Lock()  # shared with the pipeline that takes this one's exporter over
+        self.keep_open = False  # True: another pipeline goes on with the exporter, shutdown leaves it open
         # the local files' exporter escapes what UTF-8 cannot hold itself, only in the rare
         # batch that has some: checking every span first cost it a fifth of its time
         self._utf8_first = not isinstance(exporter, LocalFileSpanExporter)
@@ -337,7 +350,7 @@ class _GuardedExporter(SpanExporter):
         try:
             if self._utf8_first:
                 spans = [utf8_safe_span(span) for span in spans]
-            with suppress_instrumentation():  # the exporter's own HTTP calls are not traced
+            with self.export_lock, suppress_instrumentation():  # the exporter's own HTTP calls are not traced
                 result = self._exporter.export(spans)
         except Exception as exc:
             processor._export_failed(len(spans), exc)
@@ -351,6 +364,8 @@ class _GuardedExporter(SpanExporter):
         return result
 
     def shutdown(self) -> None:
+        if self.keep_open:
+            return
         try:
             self._exporter.shutdown()
         except Exception:
