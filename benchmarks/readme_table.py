@@ -190,12 +190,16 @@ def local_files_section() -> list[str]:
     ours, library = encoders.get("otlp_json"), encoders.get("library route")
     if ours is None or library is None:
         return []
-    lost = ", ".join(f"{row.get('lost', '?')} of {row.get('spans made', '?')}" for row in found[1])
+    outcomes = [f"{row.get('lost', '?')} of {row.get('spans made', '?')} spans" for row in found[1]]
+    if len(set(outcomes)) == 1 and len(outcomes) > 1:
+        lost = f"{outcomes[0]}, in each of {len(outcomes)} repeats,"
+    else:
+        lost = ", ".join(outcomes)
     return [
         "Embedded default (`benchmarks/results/local_files.md`): encoding a batch as OTLP JSON costs "
         f"{ours.get('median µs/span', '?')} µs per span ({ours.get('ratio to the library route', '?')} "
         f"the OTLP exporter's protobuf encoder plus `MessageToDict`, {library.get('median µs/span', '?')} "
-        f"µs); a tight loop of runs with `init_local()` lost {lost} spans to the export queue.",
+        f"µs); a tight loop of runs with `init_local()` lost {lost} to the export queue.",
         "",
     ]
 
