@@ -1079,11 +1079,8 @@ def test_8_exit_behind_a_frozen_ledger_waits_the_shutdown_timeout_at_most_and_sa
     assert fresh_redis_server.url in lost, done.stderr
 
 
-def test_8_usage_counted_during_an_outage_reaches_redis_when_init_replaces_the_client(
-    fresh_redis_server: RedisServer, traced: Any
-) -> None:
-    # a notebook's setup cell run again: the first client's unsent usage was dropped with it
-    multirun.init(tracer_provider=traced.provider, ledger_uri=fresh_redis_server.url + "?fail_open=true")
+def _spending_run() -> Callable[[], str]:
+    """A @run of one step that reports 120 tokens; it returns its run id."""
 
     @step
     def ask() -> None:
@@ -1094,6 +1091,16 @@ def test_8_usage_counted_during_an_outage_reaches_redis_when_init_replaces_the_c
         ask()
         return get_current_run_context().run.id
 
+    return job
+
+
+def test_8_usage_counted_during_an_outage_reaches_redis_when_init_replaces_the_client(
+    fresh_redis_server: RedisServer, traced: Any
+) -> None:
+    # a notebook's setup cell run again: the first client's unsent usage was dropped with it
+    multirun.init(tracer_provider=traced.provider, ledger_uri=fresh_redis_server.url + "?fail_open=true")
+
+    job = _spending_run()
     fresh_redis_server.down()
     run_id = finishes(job)
     fresh_redis_server.up()
@@ -1115,15 +1122,7 @@ def test_8_close_sends_what_the_ledger_counted_during_an_outage_and_is_bounded_w
     uri = fresh_redis_server.url + "?fail_open=true&timeout=2"
     client = multirun.init(tracer_provider=traced.provider, ledger_uri=uri)
 
-    @step
-    def ask() -> None:
-        multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=20)
-
-    @run
-    def job() -> str:
-        ask()
-        return get_current_run_context().run.id
-
+    job = _spending_run()
     fresh_redis_server.down()
     run_id = finishes(job)
     fresh_redis_server.up()
