@@ -50,6 +50,15 @@ def factory(redis_server: RedisServer) -> Iterator[RedisLedgerFactory]:
 
 
 @pytest.fixture
+def two_processes(redis_server: RedisServer) -> Iterator[tuple[RedisLedgerFactory, RedisLedgerFactory]]:
+    """The ledger factories of two processes sharing one Redis; closed at the end."""
+    made = (RedisLedgerFactory.from_uri(redis_server.url), RedisLedgerFactory.from_uri(redis_server.url))
+    yield made
+    for factory in made:
+        factory.close()
+
+
+@pytest.fixture
 def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """A plain client, to look at and change the hashes behind the ledgers' backs."""
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
@@ -448,9 +457,9 @@ def test_a_lost_hash_is_created_again_with_its_limits_and_totals(
 
 
 def test_processes_that_lost_a_runs_hash_start_it_again_from_what_they_saw_counting_nothing_twice(
-    redis_server: RedisServer, raw: redis.Redis
+    two_processes: tuple[RedisLedgerFactory, RedisLedgerFactory], raw: redis.Redis
 ) -> None:
-    here, there = (RedisLedgerFactory.from_uri(redis_server.url) for _ in range(2))  # two processes
+    here, there = two_processes
     mine = here.ledger(new_id(), Budget(max_tokens=10_000))
     theirs = there.ledger(mine.run_id)
     mine.begin_step()
@@ -466,14 +475,12 @@ def test_processes_that_lost_a_runs_hash_start_it_again_from_what_they_saw_count
     mine.charge(10, 0)
     mine.begin_step()  # not its 300 again: only the 10 it charged since
     assert raw.hmget(mine.key, "tokens", "steps", "max_tokens") == ["530", "6", "10000"]
-    here.close()
-    there.close()
 
 
 def test_what_processes_count_after_a_runs_hash_is_lost_is_kept_when_another_re_creates_it(
-    redis_server: RedisServer, raw: redis.Redis
+    two_processes: tuple[RedisLedgerFactory, RedisLedgerFactory], raw: redis.Redis
 ) -> None:
-    owner, worker = (RedisLedgerFactory.from_uri(redis_server.url) for _ in range(2))  # two processes
+    owner, worker = two_processes
     root = owner.ledger(new_id(), Budget(max_tokens=10_000))
     root.begin_step()
     root.charge(900, 0)
@@ -491,8 +498,6 @@ def test_what_processes_count_after_a_runs_hash_is_lost_is_kept_when_another_re_
     task.charge(1, 0)
     task.begin_step()  # the worker had counted only into the new hash: it adds its token, no more
     assert raw.hmget(root.key, "tokens", "steps") == ["1511", "7"]
-    owner.close()
-    worker.close()
 
 
 def test_restore_counts_an_earlier_attempt_once(factory: RedisLedgerFactory, raw: redis.Redis) -> None:
@@ -507,9 +512,9 @@ def test_restore_counts_an_earlier_attempt_once(factory: RedisLedgerFactory, raw
 
 
 def test_ledgers_that_come_and_go_in_a_process_count_all_it_spends_in_the_run_above(
-    redis_server: RedisServer, raw: redis.Redis
+    two_processes: tuple[RedisLedgerFactory, RedisLedgerFactory], raw: redis.Redis
 ) -> None:
-    owner, worker = (RedisLedgerFactory.from_uri(redis_server.url) for _ in range(2))  # two processes
+    owner, worker = two_processes
     root = owner.ledger(new_id())
     for n in range(3):  # the worker runs the root's sub-runs one after another
         sub = worker.ledger(new_id(), ancestor_ids=[root.run_id])
@@ -521,14 +526,12 @@ def test_ledgers_that_come_and_go_in_a_process_count_all_it_spends_in_the_run_ab
         gc.collect()
     worker.ledger(new_id(), ancestor_ids=[root.run_id]).begin_step()  # and goes with this step
     assert raw.hmget(root.key, "tokens", "steps") == ["300", "4"]
-    owner.close()
-    worker.close()
 
 
 def test_close_sends_what_the_ledger_of_a_run_that_ended_had_not_sent(
-    redis_server: RedisServer, raw: redis.Redis
+    two_processes: tuple[RedisLedgerFactory, RedisLedgerFactory], raw: redis.Redis
 ) -> None:
-    owner, worker = (RedisLedgerFactory.from_uri(redis_server.url) for _ in range(2))  # two processes
+    owner, worker = two_processes
     root = owner.ledger(new_id())
     sub = worker.ledger(new_id(), ancestor_ids=[root.run_id])
     sub.begin_step()
@@ -539,7 +542,6 @@ def test_close_sends_what_the_ledger_of_a_run_that_ended_had_not_sent(
     worker.close()  # the worker shuts down
     assert raw.hmget(root.key, "tokens", "steps") == ["100", "1"]
     assert raw.hget(sub_key, "tokens") == "100"
-    owner.close()
 
 
 def test_a_client_that_decodes_responses_works(redis_server: RedisServer) -> None:
