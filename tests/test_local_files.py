@@ -176,19 +176,24 @@ fetch()
 """
 
 
-def test_an_int_enum_attribute_is_written_as_its_number_and_the_program_ends(tmp_path: Path) -> None:
-    # http.HTTPStatus and other IntEnums are ints to the SDK; checking one against the int64
-    # range took 2**63 comparisons while holding the GIL, and froze the whole program
+def run_program(code: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """``python -c code`` in ``folder``, with this package and no OTEL_/MULTIRUN_ settings."""
     src = Path(multirun.__file__).parents[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
-    ended = subprocess.run(
-        [sys.executable, "-c", AN_INT_ENUM_ATTRIBUTE],
-        cwd=tmp_path,
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=folder,
         env=dict(env, PYTHONPATH=str(src)),
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_an_int_enum_attribute_is_written_as_its_number_and_the_program_ends(tmp_path: Path) -> None:
+    # http.HTTPStatus and other IntEnums are ints to the SDK; checking one against the int64
+    # range took 2**63 comparisons while holding the GIL, and froze the whole program
+    ended = run_program(AN_INT_ENUM_ATTRIBUTE, tmp_path)
     assert ended.returncode == 0, ended.stderr
     [run] = [s for s in read_spans(tmp_path / ".multirun" / "traces") if s.name == "invoke_workflow fetch"]
     assert run.attributes["http.response.status_code"] == 200
@@ -589,16 +594,7 @@ def test_ctrl_c_after_a_run_still_ends_the_program_by_sigint(tmp_path: Path) -> 
     # Python ends a program Ctrl-C interrupted by SIGINT, so that the shell running it stops a
     # loop or a script too; the spans written at exit made that a plain exit status 1, which a
     # loop such as `while true; do python agent.py; done` took for a failure and went on
-    src = Path(multirun.__file__).parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
-    ended = subprocess.run(
-        [sys.executable, "-c", CTRL_C_AFTER_A_RUN],
-        cwd=tmp_path,
-        env=dict(env, PYTHONPATH=str(src)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    ended = run_program(CTRL_C_AFTER_A_RUN, tmp_path)
     assert ended.returncode == -signal.SIGINT, ended.stderr
     assert ended.stderr.rstrip().endswith("KeyboardInterrupt")
     names = {span.name for span in read_spans(tmp_path / ".multirun" / "traces")}
