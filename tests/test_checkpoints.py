@@ -1197,6 +1197,115 @@ def test_resume_continues_a_renamed_run_when_run_name_says_so(traced) -> None:
     assert resumed.attributes[attr.RUN_RESUMED_FROM] == run_id
 
 
+def crashed_crew(traced, calls: Calls):  # type: ignore[no-untyped-def]
+    """A run named crew, checkpointed after its step, that crashed once; it and its run id."""
+    search = search_program(calls)
+
+    @run(name="crew")
+    def crew(crash: bool = False) -> list[str]:
+        found = search("otel")
+        if crash:
+            raise RuntimeError("crash")
+        return found
+
+    with pytest.raises(RuntimeError):
+        crew(True)
+    calls.log.clear()
+    return crew, traced.named("invoke_workflow crew")[-1].attributes[attr.RUN_ID]
+
+
+def not_resumed_warnings(caplog) -> list[str]:  # type: ignore[no-untyped-def]
+    return [r.getMessage() for r in caplog.records if "was not resumed" in r.getMessage()]
+
+
+def test_a_resume_block_that_no_run_took_says_the_run_was_not_resumed(traced, caplog) -> None:
+    # the block ended quietly: the user took the run as resumed, and its checkpoint lay unused
+    caplog.set_level(logging.WARNING, logger="multirun")
+    calls = Calls()
+    crew, run_id = crashed_crew(traced, calls)
+
+    @run(name="crew-v2")
+    def crew_v2() -> list[str]:
+        return ["renamed"]
+
+    with multirun.resume(run_id=run_id) as restored, pytest.raises(CheckpointError):
+        crew_v2()  # the run renamed since, refused; the program carried on
+    checkpoint = restored.checkpoint
+    assert not_resumed_warnings(caplog) == [
+        f"multirun: run {run_id} was not resumed: the multirun.resume block ended before a @run "
+        f"named 'crew' continued it from checkpoint {checkpoint.id} ({checkpoint.name}). Check that "
+        "the block calls the function of that run; run 'crew-v2' was refused: if it is that run "
+        "renamed, say so with multirun.resume(..., run_name='crew-v2')"
+    ]
+    assert traced.named("invoke_workflow crew-v2") == []
+
+    caplog.clear()
+    with multirun.resume(run_id=run_id):
+        pass  # no run at all
+    [warning] = not_resumed_warnings(caplog)
+    assert warning.endswith(
+        "Check that the block calls the function of that run; if the run was renamed since, give "
+        'its new name with multirun.resume(..., run_name="NEW NAME")'
+    )
+
+    caplog.clear()
+    with multirun.resume(run_id=run_id, run_name="crew-v2"), pytest.raises(CheckpointError):
+        crew()  # refused, as run_name names another run; the program carried on
+    [warning] = not_resumed_warnings(caplog)
+    assert "before a @run named 'crew-v2' continued it" in warning
+    assert "run_name" not in warning.split("continued it", 1)[1]  # the user already named it
+
+
+def test_a_resume_block_whose_run_took_it_or_that_raised_adds_no_warning(traced, caplog) -> None:
+    calls = Calls()
+    crew, run_id = crashed_crew(traced, calls)
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        with multirun.resume(run_id=run_id):
+            assert crew() == ["otel 1", "otel 2"]
+        assert calls.log == []  # served: it was resumed
+        # the refusal, or whatever else ended the block, is the program's error already
+        with pytest.raises(CheckpointError), multirun.resume(run_id=run_id):
+
+            @run(name="billing")
+            def billing() -> None:
+                return None
+
+            billing()
+        with pytest.raises(KeyError), multirun.resume(run_id=run_id):
+            raise KeyError("before the run")
+    assert not_resumed_warnings(caplog) == []
+
+
+async def test_a_resume_block_in_async_code_knows_a_task_started_in_it_took_it(traced, caplog) -> None:
+    import asyncio
+
+    calls = Calls()
+    search = search_program(calls)
+
+    @run(name="crew")
+    async def crew(crash: bool = False) -> list[str]:
+        found = search("otel")
+        if crash:
+            raise RuntimeError("crash")
+        return found
+
+    with pytest.raises(RuntimeError):
+        await crew(True)
+    run_id = traced.named("invoke_workflow crew")[-1].attributes[attr.RUN_ID]
+    calls.log.clear()
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        with multirun.resume(run_id=run_id):  # the task runs in a copy of this context
+            assert await asyncio.gather(crew(), asyncio.sleep(0)) == [["otel 1", "otel 2"], None]
+        assert calls.log == [] and not_resumed_warnings(caplog) == []
+
+        async def elsewhere() -> None:  # a block of its own in each task: each says of its own
+            with multirun.resume(run_id=run_id):
+                await asyncio.sleep(0)
+
+        await asyncio.gather(elsewhere(), crew())
+    assert len(not_resumed_warnings(caplog)) == 1
+
+
 @pytest.mark.parametrize("run_name", ["", 42])
 def test_resume_refuses_a_run_name_that_is_not_a_name(traced, run_name: object) -> None:
     with (

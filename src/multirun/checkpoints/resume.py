@@ -15,9 +15,11 @@ Only a run of the name that took the checkpoint continues it: any other
 before its function runs, and the resume stays pending for the right one
 (a checkpoint's state and served step results belong to the program that
 wrote them). A run renamed since is named with ``run_name="new name"``
-(``multirun resume --run-name NAME``, ``MULTIRUN_RESUME_RUN_NAME``). The process whose run
-takes a MULTIRUN_RESUME checkpoint creates the file MULTIRUN_RESUME_TAKEN_FILE names, if set:
-``multirun resume`` says so when its program ends without any run having taken it.
+(``multirun resume --run-name NAME``, ``MULTIRUN_RESUME_RUN_NAME``). A ``resume`` block that
+ends well without a run having taken its checkpoint logs a warning that the run was not
+resumed. The process whose run takes a MULTIRUN_RESUME checkpoint creates the file
+MULTIRUN_RESUME_TAKEN_FILE names, if set: ``multirun resume`` says so when its program ends
+without any run having taken it.
 
 The resumed run is a new run (new id, new trace) that links to the one it
 continues (a span link, ``multirun.run.resumed_from``). It starts with the
@@ -31,6 +33,7 @@ at-least-once, their charges exactly-once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -54,6 +57,7 @@ RESUME_RUN_NAME_ENV = "MULTIRUN_RESUME_RUN_NAME"
 #: resume`` tells a program that never took it from one that did.
 RESUME_TAKEN_ENV = "MULTIRUN_RESUME_TAKEN_FILE"
 _PENDING_KEY = otel_context.create_key("multirun-resume")
+_logger = logging.getLogger(__name__)
 
 
 class _Pending:
@@ -68,6 +72,7 @@ class _Pending:
         self.restored: RestoredCheckpoint | None = restored
         self.run_name = run_name
         self.how = how
+        self.refused: str | None = None  # the name of the last run refused, for the warning
         self._lock = threading.Lock()
 
     def take(self, run_name: str) -> RestoredCheckpoint | None:
@@ -76,9 +81,41 @@ class _Pending:
         with self._lock:
             restored = self.restored
             if restored is not None:
-                _check_name(restored, self.run_name, run_name, self.how)
+                try:
+                    _check_name(restored, self.run_name, run_name, self.how)
+                except CheckpointError:
+                    self.refused = run_name
+                    raise
             self.restored = None
             return restored
+
+    def warn_if_untaken(self) -> None:
+        """Say so if no run took the checkpoint: the block of ``multirun.resume`` ended, and the
+        user would otherwise take the run as resumed (as ``multirun resume`` says of a program)."""
+        with self._lock:
+            restored, refused = self.restored, self.refused
+        if restored is None:
+            return
+        checkpoint = restored.checkpoint
+        wanted = self.run_name or str(checkpoint.context.get("run_name") or "")
+        run = f"a @run named {wanted!r}" if wanted else "a @run"
+        named = f" ({checkpoint.name})" if checkpoint.name else ""
+        message = (
+            f"multirun: run {checkpoint.run_id} was not resumed: the multirun.resume block ended "
+            f"before {run} continued it from checkpoint {checkpoint.id}{named}. Check that the block "
+            "calls the function of that run"
+        )
+        if self.run_name is None and refused is not None:
+            message += (
+                f"; run {refused!r} was refused: if it is that run renamed, say so with "
+                f"multirun.resume(..., run_name={refused!r})"
+            )
+        elif self.run_name is None and wanted:
+            message += (
+                "; if the run was renamed since, give its new name with "
+                'multirun.resume(..., run_name="NEW NAME")'
+            )
+        _logger.warning("%s", message)
 
 
 def _check_name(restored: RestoredCheckpoint, expected: str | None, run_name: str, how: str) -> None:
@@ -241,6 +278,8 @@ def resume(
         yield restored
     finally:
         otel_context.detach(token)
+    # only a block that ended well: one that raised (a run refused, or any other error) says why
+    pending.warn_if_untaken()
 
 
 def take_pending_resume(client: MultiRunClient, run_name: str) -> RestoredCheckpoint | None:
