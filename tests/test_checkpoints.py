@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 import sys
 import types
 
@@ -12,6 +14,7 @@ import pytest
 import multirun
 from multirun import agent, checkpoint, run, step
 from multirun.checkpoints.exporters import FileBlobExporter
+from multirun.checkpoints.resume import stored_checkpoints
 from multirun.checkpoints.store import CheckpointStore
 from multirun.context import RunContext, get_current_agent_context, get_current_run_context
 from multirun.errors import CheckpointError, DeterminismError, ReplayError
@@ -1332,7 +1335,51 @@ def test_a_bad_multirun_resume_is_refused_naming_the_variable(traced, monkeypatc
     assert str(refused.value).startswith(f"MULTIRUN_RESUME={value!r}: "), refused.value
 
 
-def test_multirun_resume_in_the_environment_refuses_a_run_of_another_name(traced, monkeypatch) -> None:
+def assert_the_suggested_command_resumes(message: str, checkpoint_id: str, store, monkeypatch, capfd) -> None:  # type: ignore[no-untyped-def]
+    """The `multirun resume ...` that ``message`` suggests, pasted in another folder with none
+    of this process's MULTIRUN_ variables, resumes ``checkpoint_id`` of ``store`` (a store the
+    program chose in code, not ./.multirun)."""
+    from multirun.cli.main import main
+
+    [suggested] = re.findall(r"`(multirun resume [^`]*)`", message)
+    words = shlex.split(suggested)
+    assert words[-2:] == ["--", "..."], suggested
+    monkeypatch.chdir(store.exporter.directory.parent.parent)  # no ./.multirun here
+    for variable in (
+        "MULTIRUN_RESUME",
+        "MULTIRUN_RESUME_RUN_NAME",
+        "MULTIRUN_DIR",
+        "MULTIRUN_CHECKPOINT_URI",
+    ):
+        monkeypatch.delenv(variable, raising=False)
+    capfd.readouterr()
+    assert main([*words[1:-1], sys.executable, "-c", "pass"]) == 1  # this program starts no run
+    assert f"from checkpoint {checkpoint_id}" in capfd.readouterr().err.splitlines()[0]
+
+
+def test_a_resume_whose_newest_checkpoint_is_damaged_suggests_a_command_that_reads_its_store(
+    traced, monkeypatch, capfd
+) -> None:
+    # the suggested `multirun resume ID -- ...` left out the store: pasted, it read ./.multirun
+    @run
+    def job() -> None:
+        ctx = get_current_run_context()
+        ctx.checkpoint(name="one")
+        ctx.checkpoint(name="two")
+
+    job()
+    run_id = traced.named("invoke_workflow job")[-1].attributes[attr.RUN_ID]
+    store = traced.client.checkpoints
+    first, second = (found.checkpoint_id for found in stored_checkpoints(store.list(run_id)))
+    path = store.exporter.directory / store.find(second)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(CheckpointError) as refused, multirun.resume(run_id=run_id):
+        pass
+    assert f"multirun.resume(checkpoint_id={first!r})" in str(refused.value)
+    assert_the_suggested_command_resumes(str(refused.value), first, store, monkeypatch, capfd)
+
+
+def test_multirun_resume_in_the_environment_refuses_a_run_of_another_name(traced, monkeypatch, capfd) -> None:
     from multirun.checkpoints import resume as resume_module
 
     calls = Calls()
@@ -1362,6 +1409,11 @@ def test_multirun_resume_in_the_environment_refuses_a_run_of_another_name(traced
     monkeypatch.setenv("MULTIRUN_RESUME_RUN_NAME", "billing")
     assert billing() == ["otel 1", "otel 2"]
     assert calls.log == []  # served from crew's checkpoint, as asked
+    # what the refusal suggested, pasted in a shell: it reads the store the program chose
+    [checkpoint_id] = [found.checkpoint_id for found in stored_checkpoints(traced.client.checkpoints.list())]
+    assert_the_suggested_command_resumes(
+        message, checkpoint_id, traced.client.checkpoints, monkeypatch, capfd
+    )
 
 
 def test_a_resume_taken_file_that_cannot_be_written_costs_the_program_nothing(

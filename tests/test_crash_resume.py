@@ -4,6 +4,7 @@ for the steps completed before the checkpoint; the step that was running runs ag
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -135,6 +136,38 @@ def test_resume_in_a_program_whose_run_has_another_name_is_refused_unless_told(t
     assert "RESULT report of 30" in renamed.stdout
     # fetch 1 and 2 were served from nightly's checkpoint
     assert effects.read_text().splitlines() == ["fetch 1", "fetch 2", "write_report", "write_report"]
+
+
+def test_the_command_a_refused_resume_suggests_reads_the_store_it_was_given(tmp_path: Path) -> None:
+    # it left out --dir: pasted, it looked in ./.multirun and found no such run
+    store = tmp_path / "my runs"
+    program = [sys.executable, str(tmp_path / "nightly.py"), str(store), str(tmp_path / "effects.txt")]
+    crashed = run_program(tmp_path, crash=True, command=program)
+    run_id = crashed.stdout.split("RUN ", 1)[1].split()[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env.update(CRASH="0", RUN_NAME="weekly report", CARRY_ON="0")
+
+    def multirun_resume(*words: str) -> subprocess.CompletedProcess[str]:
+        command = [str(MULTIRUN), "resume", *words, "--", *program]
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+    refused = multirun_resume(run_id, "--dir", str(store))
+    assert refused.returncode != 0
+    suggested = refused.stderr.split("say so with `", 1)[1].split("`", 1)[0]
+    words = shlex.split(suggested)
+    assert words[:2] == ["multirun", "resume"] and words[-2:] == ["--", "..."], suggested
+    assert "MULTIRUN_RESUME_RUN_NAME='weekly report'" in refused.stderr
+
+    resumed = multirun_resume(*words[2:-2])  # pasted, with the program in place of "..."
+    assert resumed.returncode == 0, resumed.stderr
+    assert "RESULT report of 30" in resumed.stdout
+    # fetch 1 and 2 were served from nightly's checkpoint
+    assert (tmp_path / "effects.txt").read_text().splitlines() == [
+        "fetch 1",
+        "fetch 2",
+        "write_report",
+        "write_report",
+    ]
 
 
 def not_resumed(run_id: str, checkpoint_id: str, ended: str = "ended") -> str:

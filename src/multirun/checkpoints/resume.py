@@ -35,13 +35,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from opentelemetry import context as otel_context
 
+from multirun.checkpoints.exporters import FileBlobExporter
 from multirun.checkpoints.store import StoredCheckpoint, parse_checkpoint_key, validate_id
 from multirun.errors import CheckpointError, ConfigurationError, ReplayError
 
@@ -65,13 +68,17 @@ class _Pending:
 
     ``run_name``: the name of the run that continues it (default: the name of the run that
     took the checkpoint); ``how``: how the resume was asked for, for the error of a run of
-    another name (``"call"``: ``multirun.resume``, ``"environment"``: MULTIRUN_RESUME).
+    another name (``"call"``: ``multirun.resume``, ``"environment"``: MULTIRUN_RESUME);
+    ``store``: the store it was read from.
     """
 
-    def __init__(self, restored: RestoredCheckpoint, run_name: str | None, how: str) -> None:
+    def __init__(
+        self, restored: RestoredCheckpoint, run_name: str | None, how: str, store: CheckpointStore
+    ) -> None:
         self.restored: RestoredCheckpoint | None = restored
         self.run_name = run_name
         self.how = how
+        self.store = store
         self.refused: str | None = None  # the name of the last run refused, for the warning
         self._lock = threading.Lock()
 
@@ -82,7 +89,7 @@ class _Pending:
             restored = self.restored
             if restored is not None:
                 try:
-                    _check_name(restored, self.run_name, run_name, self.how)
+                    _check_name(restored, self.run_name, run_name, self.how, self.store)
                 except CheckpointError:
                     self.refused = run_name
                     raise
@@ -118,7 +125,9 @@ class _Pending:
         _logger.warning("%s", message)
 
 
-def _check_name(restored: RestoredCheckpoint, expected: str | None, run_name: str, how: str) -> None:
+def _check_name(
+    restored: RestoredCheckpoint, expected: str | None, run_name: str, how: str, store: CheckpointStore
+) -> None:
     """Refuse to continue ``restored`` in a run named ``run_name`` unless it is the expected one:
     ``expected`` if the resume named one, else the run that took the checkpoint (a checkpoint
     that does not say which run took it, written before checkpoints did, is not checked)."""
@@ -129,8 +138,8 @@ def _check_name(restored: RestoredCheckpoint, expected: str | None, run_name: st
     checkpoint = restored.checkpoint
     if how == "environment":
         rename = (
-            f"`multirun resume --run-name {run_name} {checkpoint.id} -- ...` "
-            f"(or set {RESUME_RUN_NAME_ENV}={run_name})"
+            f"`{_resume_command(store, '--run-name', run_name, checkpoint.id)}` "
+            f"(or set {RESUME_RUN_NAME_ENV}={shlex.quote(run_name)})"
         )
     else:
         rename = f"multirun.resume(..., run_name={run_name!r})"
@@ -229,10 +238,29 @@ def load_for_resume(store: CheckpointStore, identifier: str, kind: IdKind = "eit
             exc.args = (
                 f"{exc}. The checkpoint of run {earlier.run_id} before it can be resumed instead: "
                 f"multirun.resume(checkpoint_id={earlier.checkpoint_id!r}), or "
-                f"`multirun resume {earlier.checkpoint_id} -- ...`",
+                f"`{_resume_command(store, earlier.checkpoint_id)}`",
                 *exc.args[1:],
             )
         raise
+
+
+def _resume_command(store: CheckpointStore, *words: str) -> str:
+    """``multirun resume WORDS -- ...`` for a message, with the --dir and --store that make it
+    read ``store``, pasted in a shell that lacks this process's MULTIRUN_DIR and
+    MULTIRUN_CHECKPOINT_URI (``multirun resume --dir/--store`` set them): those variables, and
+    a folder the program chose in code. An S3 store chosen in code has no URI here to give."""
+    from multirun.client import DEFAULT_DIR
+
+    folder = os.environ.get("MULTIRUN_DIR")
+    uri = os.environ.get("MULTIRUN_CHECKPOINT_URI")
+    options = ["--dir", folder] if folder else []
+    exporter = store.exporter
+    if isinstance(exporter, FileBlobExporter):
+        if exporter.directory != Path(folder or DEFAULT_DIR, "blobs").absolute():
+            options += ["--store", str(exporter.directory)]
+    elif uri:
+        options += ["--store", uri]
+    return shlex.join(["multirun", "resume", *words, *options]) + " -- ..."
 
 
 def earlier_checkpoint(stored: Sequence[StoredCheckpoint], checkpoint_id: str) -> StoredCheckpoint | None:
@@ -272,7 +300,7 @@ def resume(
         restored = load_for_resume(store, run_id, "run")
     else:
         restored = load_for_resume(store, checkpoint_id or "", "checkpoint")
-    pending = _Pending(restored, run_name, "call")
+    pending = _Pending(restored, run_name, "call", store)
     token = otel_context.attach(otel_context.set_value(_PENDING_KEY, pending))
     try:
         yield restored
@@ -311,7 +339,7 @@ def _take_from_environment(client: MultiRunClient, run_name: str) -> RestoredChe
                     # the program never named this id: say where it came from
                     exc.args = (f"{RESUME_ENV}={identifier!r}: {exc}", *exc.args[1:])
                     raise
-                _from_environment = _Pending(restored, expected, "environment")
+                _from_environment = _Pending(restored, expected, "environment", client.checkpoints)
     if _from_environment is None:
         return None
     taken = _from_environment.take(run_name)
