@@ -1012,16 +1012,45 @@ print(job(), flush=True)
 sys.stdin.readline()  # Redis is started again, or frozen, meanwhile
 """
 
+# Two clients dropped without close() while Redis is still down, and collected: one init replaced
+# (a notebook's setup cell run again; its send in the background fails), one the program built
+# itself for a run of its own. What each counted is sent at exit all the same.
+LEDGER_DROPPED_PROGRAM = LEDGER_EXIT_PROGRAM.replace(
+    "print(job(), flush=True)",
+    """
+
+def spend_with_a_client_of_its_own() -> str:
+    own = multirun.MultiRunClient(tracer_provider=TracerProvider(), ledger_uri=sys.argv[1], metrics=False)
+    ledger = own.new_ledger(None, None, uuid.uuid4().hex)
+    ledger.begin_step()
+    ledger.charge(120, 0)
+    return ledger.run_id
+
+
+replaced = job()
+multirun.init(tracer_provider=TracerProvider(), metrics=False)
+for thread in threading.enumerate():
+    if thread.name == "multirun-ledger-send":
+        thread.join()
+own = spend_with_a_client_of_its_own()
+gc.collect()
+print(replaced, own, flush=True)""",
+).replace("import logging, sys", "import gc, logging, sys, threading, uuid")
+
 
 def exit_after_an_outage(
-    server: RedisServer, ledger_uri: str, between: Callable[[], None], **variables: str
+    server: RedisServer,
+    ledger_uri: str,
+    between: Callable[[], None],
+    program: str = LEDGER_EXIT_PROGRAM,
+    **variables: str,
 ) -> tuple[str, float, subprocess.CompletedProcess[str]]:
-    """Run LEDGER_EXIT_PROGRAM while ``server`` is down, call ``between`` once its run is over,
-    then let it exit: (its run's id, seconds its exit took, the finished process)."""
+    """Run ``program`` while ``server`` is down, call ``between`` once its run is over, then let
+    it exit: (its run's id, seconds its exit took, the finished process)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))} | variables
     server.down()
     child = subprocess.Popen(
-        [sys.executable, "-c", LEDGER_EXIT_PROGRAM, ledger_uri],
+        [sys.executable, "-c", program, ledger_uri],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1055,6 +1084,24 @@ def test_8_usage_counted_during_an_outage_reaches_redis_when_the_process_exits(
     raw = redis.Redis.from_url(url, decode_responses=True)
     try:
         assert raw.hmget(f"multirun:ledger:{run_id}", "tokens", "steps") == ["120", "1"], done.stderr
+    finally:
+        raw.close()
+
+
+def test_8_usage_of_clients_dropped_during_an_outage_reaches_redis_when_the_process_exits(
+    fresh_redis_server: RedisServer,
+) -> None:
+    # the exit handler holds the clients' ledgers weakly: a ledger with unsent usage keeps its
+    # client, and so the client's ledgers, alive until exit (see MultiRunClient.__init__)
+    url = fresh_redis_server.url
+    run_ids, _, done = exit_after_an_outage(
+        fresh_redis_server, url + "?fail_open=true", fresh_redis_server.up, LEDGER_DROPPED_PROGRAM
+    )
+    assert done.returncode == 0, done.stderr
+    raw = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        for run_id in run_ids.split():
+            assert raw.hmget(f"multirun:ledger:{run_id}", "tokens", "steps") == ["120", "1"], done.stderr
     finally:
         raw.close()
 

@@ -116,6 +116,9 @@ class MultiRunClient:
         if self.ledger_uri is not None:
             from multirun.enforcement.redis_ledger import RedisLedgerFactory
 
+            # The ledgers' clock is this bound method: a ledger with unsent usage (which the
+            # factory's client state keeps) keeps this client, and so the factory, alive until
+            # the usage is sent, at exit at the latest (_open_ledgers holds factories weakly).
             self._ledgers = RedisLedgerFactory.from_uri(self.ledger_uri, clock=self._monotonic)
             _close_at_exit(self._ledgers)
         if not isinstance(metrics, bool):
