@@ -1193,3 +1193,26 @@ def test_8_close_sends_what_the_ledger_counted_during_an_outage_and_is_bounded_w
     assert closed is False
     assert took < 1.5
     assert "did not answer within 0.3 s" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["", "?fail_open=true"])
+def test_8_close_says_false_while_redis_is_down_and_true_once_it_took_the_usage(
+    fresh_redis_server: RedisServer, mode: str
+) -> None:
+    # a worker about to leave with os._exit checks close(): it said True while Redis refused
+    # connections, though the usage was not in it (only a Redis that hung made it False)
+    client = multirun.MultiRunClient(
+        tracer_provider=TracerProvider(), ledger_uri=fresh_redis_server.url + mode, metrics=False
+    )
+    ledger = client.new_ledger(None, None, uuid.uuid4().hex)
+    ledger.begin_step()
+    ledger.charge(120, 0)  # sent with the next command for the run: there is none before close
+    fresh_redis_server.down()
+    assert client.close() is False
+    fresh_redis_server.up()
+    assert client.close() is True
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    try:
+        assert raw.hget(ledger.key, "tokens") == "120"
+    finally:
+        raw.close()

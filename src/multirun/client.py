@@ -187,11 +187,14 @@ class MultiRunClient:
     def close(self, timeout_millis: int | None = None) -> bool:
         """Send the shared ledger (``ledger_uri``) what this process counted and has not sent
         yet, then close its connections, waiting ``timeout_millis`` at most (default: the
-        shutdown timeout, 3 s). False, with a warning, if Redis did not answer in time.
+        shutdown timeout, 3 s). False, with a warning, if Redis did not take it all in time
+        (it could not be reached, or did not answer within the timeout): what is left goes
+        with the next command for its run, a later ``close``, or at exit.
 
-        Done at exit, and in the background for a client a later ``init`` replaces: call it
-        before a process ends without exit handlers (``os._exit``, a multiprocessing worker).
-        The client goes on working after it (the ledger connects again).
+        Exit sends it for every client, one dropped without ``close`` too, and a later
+        ``init`` sends it in the background for the client it replaces: call it before a
+        process ends without exit handlers (``os._exit``, a multiprocessing worker). The
+        client goes on working after it (the ledger connects again).
         """
         if timeout_millis is None:
             timeout_millis = _shutdown_timeout_millis()
@@ -200,8 +203,9 @@ class MultiRunClient:
         ledgers = self._ledgers
         if ledgers is None:
             return True
-        if _in_background(ledgers.close).wait(timeout_millis / 1000):
-            return True
+        closed: list[bool] = []  # what the factory's close returned; nothing if it raised
+        if _in_background(lambda: closed.append(ledgers.close())).wait(timeout_millis / 1000):
+            return closed == [True]  # else send_pending or _in_background logged why
         _warn_ledger_late([ledgers], timeout_millis)
         return False
 

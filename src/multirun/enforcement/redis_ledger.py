@@ -68,7 +68,7 @@ How it keeps the totals right:
   ledgers of a run come and go goes on from there. A ledger with usage not
   sent yet is kept until it is: it goes with the process's next command for
   that run, or once Redis answers again (failing open), or at
-  :meth:`RedisLedgerFactory.close` (which the client of ``multirun.init``
+  :meth:`RedisLedgerFactory.close` (which every ``MultiRunClient`` with a ``ledger_uri``
   calls at exit), even when the run is over. The hash
   keeps one ``w:<id>`` field per process that counted into it, until it
   expires.
@@ -1243,12 +1243,13 @@ class RedisLedgerFactory:
             )
         return not unsent
 
-    def close(self) -> None:
+    def close(self) -> bool:
         """``send_pending``, then close the client's connections (a ledger used after that opens
-        new ones)."""
-        self.send_pending()
+        new ones); what ``send_pending`` returned."""
+        sent = self.send_pending()
         client: Any = self.client  # Any: redis-py 5 leaves close untyped
         client.close()
+        return sent
 
 
 def redact(uri: str) -> str:
