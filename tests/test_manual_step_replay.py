@@ -208,3 +208,32 @@ async def test_a_manual_step_served_on_resume_is_on_the_trace_as_skipped(traced)
     assert served.attributes[attr.STEP_INPUT_HASH] == recorded.attributes[attr.STEP_INPUT_HASH]
     assert served.parent.span_id == traced.span("invoke_workflow asker").context.span_id
     assert [(s.name, s.status) for s in runs[-1].steps] == [("call_llm", StepStatus.SKIPPED)]
+
+
+def test_sync_code_reads_the_checkpoint_and_the_cached_result_as_async_code_awaits_them(traced) -> None:
+    """The same calls work in a sync program: ``get_step_result`` unpacks into found and result,
+    and ``checkpoint`` gives the checkpoint's metadata (its id to restore from)."""
+    model = Model()
+    checkpoint_ids: list[str] = []
+
+    @run(name="writer")
+    def writer(restore_from: str | None) -> str:
+        ctx = get_current_run_context()
+        if restore_from is not None:
+            ctx.restore_from_checkpoint(restore_from)
+        agent_ctx = get_current_agent_context()
+        found, result = agent_ctx.get_step_result("call_llm", ("prompt",), {})
+        if found:
+            return str(result)
+        step_ctx = agent_ctx.start_step("call_llm", kind=StepKind.LLM_CALL, input_args=("prompt",))
+        answer = model("prompt")
+        step_ctx.complete(answer)
+        meta = ctx.checkpoint(name="after_llm")
+        checkpoint_ids.append(meta.id)
+        assert (meta.name, meta.run_id) == ("after_llm", ctx.run.id)
+        assert agent_ctx.checkpoint(name="agent's").name == "agent's"
+        return answer
+
+    assert writer(None) == "summary of prompt"
+    assert writer(checkpoint_ids[0]) == "summary of prompt"
+    assert model.prompts == ["prompt"]  # served after the restore

@@ -11,6 +11,9 @@ may be awaited, so the same call works in sync and async code::
 
     step_ctx.complete(result, tokens_used=500)          # sync step
     await step_ctx.complete(result, tokens_used=500)    # async step
+
+Sync code reads what they give as it is: ``ctx.checkpoint(name="x").id``,
+``found, result = agent_ctx.get_step_result(...)``.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -74,7 +77,11 @@ T = TypeVar("T")
 
 
 class Done(Generic[T]):
-    """The result of a lifecycle call that already happened; awaiting it returns ``value``."""
+    """The result of a lifecycle call that already happened; awaiting it returns ``value``.
+
+    Sync code uses it as that value: its attributes are the value's (``ctx.checkpoint().id``)
+    and it unpacks as the value does (``found, result = agent_ctx.get_step_result(...)``).
+    """
 
     __slots__ = ("value",)
 
@@ -84,6 +91,14 @@ class Done(Generic[T]):
     def __await__(self) -> Generator[Any, None, T]:
         return self.value
         yield  # pragma: no cover - makes this a generator
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "value":  # not set yet (a copy being built): no recursion into it
+            raise AttributeError(name)
+        return getattr(self.value, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(cast(Any, self.value))
 
     def __repr__(self) -> str:
         return f"Done({self.value!r})"
