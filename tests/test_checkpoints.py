@@ -627,6 +627,34 @@ def test_step_checkpoint_true_writes_a_checkpoint_after_success(traced) -> None:
     assert meta.checkpoint.name == "after_stage"
 
 
+def test_a_failed_run_checkpoints_on_its_error_but_not_when_its_budget_stopped_it(traced) -> None:
+    """checkpoint_on_error as reference 000 has it: other exceptions checkpoint, a
+    BudgetExceededError only fails the run."""
+
+    runs: list[Run] = []
+
+    @step
+    def stage() -> int:
+        return 7
+
+    @run(budget=Budget(max_steps=1))
+    def job(fail: bool) -> None:
+        runs.append(get_current_run_context().run)
+        stage()
+        if fail:
+            raise RuntimeError("crash")
+        stage()
+
+    with pytest.raises(RuntimeError):
+        job(True)
+    with pytest.raises(multirun.BudgetExceededError):
+        job(False)
+    crashed, stopped = runs
+    assert [c.name for c in crashed.checkpoints] == ["on_error_RuntimeError"]
+    assert len(traced.client.checkpoints.list(crashed.id)) == 1
+    assert stopped.checkpoints == [] and traced.client.checkpoints.list(stopped.id) == []
+
+
 def test_a_checkpoint_after_a_step_or_a_function_names_the_agent_it_ran_in(traced) -> None:
     """Checkpoint.agent_id is the parent agent (reference 001): that of the step that took it,
     or of the @checkpoint function, the run's default agent outside any @agent."""
