@@ -39,6 +39,26 @@ def test_a_step_given_an_iterator_reads_all_of_it(traced, make: Callable[[], Ite
     assert attr.STEP_INPUT_HASH not in traced.span("step total").attributes
 
 
+def test_the_warning_of_a_step_given_an_iterator_says_to_pass_a_list(traced, caplog) -> None:
+    """The step is not served after a restore: the checkpoint's warning says why, in terms of
+    what the program passed (an iterator, not an object such as a client)."""
+
+    @step
+    def total(numbers: Iterator[int]) -> int:
+        return sum(numbers)
+
+    @run
+    def main() -> int:
+        found = total(iter([1, 2, 3]))
+        get_current_run_context().checkpoint(name="after")
+        return found
+
+    with caplog.at_level(logging.WARNING):
+        assert main() == 6
+    [warning] = [r.getMessage() for r in caplog.records if "'total'" in r.getMessage()]
+    assert "iterator" in warning and "list" in warning
+
+
 @pytest.mark.parametrize("make", ONE_SHOT.values(), ids=ONE_SHOT.keys())
 def test_an_iterator_argument_has_no_input_hash_and_is_left_unread(make: Callable[[], Iterator[Any]]) -> None:
     numbers = make()

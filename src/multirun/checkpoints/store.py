@@ -506,8 +506,9 @@ class CheckpointStore:
         self._unhashed_steps.update(new)
         _logger.warning(
             "multirun: steps %s are not served after a restore, so they run (and are paid for) "
-            "again: an argument has no JSON form to hash (an object such as a client; pass plain "
-            "values, or make the step a method, whose self is hashed as its class)",
+            "again: an argument has no JSON form to hash (an object such as a client, or an "
+            "iterator, which multirun never reads; pass plain values, a list rather than an "
+            "iterator, or make the step a method, whose self is hashed as its class)",
             ", ".join(map(repr, new)),
         )
 
