@@ -1106,6 +1106,65 @@ def test_8_usage_of_clients_dropped_during_an_outage_reaches_redis_when_the_proc
         raw.close()
 
 
+# A run with a sub-run, both with budgets, made and ended during an outage; the sub-run is the last
+# to count into the top run (its step, charged by hand)
+LEDGER_RUNS_MADE_IN_OUTAGE_PROGRAM = """
+import gc, logging, sys
+from opentelemetry.sdk.trace import TracerProvider
+import multirun
+from multirun.context import get_current_run_context
+from multirun.models import Budget, StepKind
+
+logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+multirun.init(tracer_provider=TracerProvider(), ledger_uri=sys.argv[1], metrics=False)
+
+
+@multirun.step
+def ask() -> None:
+    multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=20)
+
+
+@multirun.run(budget=Budget(max_tokens=5_000, max_steps=50))
+def inner() -> str:
+    with get_current_run_context().start_agent("researcher") as agent:
+        agent.start_step("call_llm", kind=StepKind.LLM_CALL).complete("ok", tokens_used=30, cost_usd=0.5)
+    return get_current_run_context().run.id
+
+
+@multirun.run(budget=Budget(max_tokens=9_000, max_cost_usd=3.0))
+def outer() -> str:
+    ask()
+    return get_current_run_context().run.id + " " + inner()
+
+
+print(outer(), flush=True)
+gc.collect()  # as a program that goes on working does: the runs' contexts and ledgers are gone
+sys.stdin.readline()  # Redis is started again meanwhile
+"""
+
+
+def test_8_runs_made_and_ended_during_an_outage_reach_redis_with_their_limits_when_the_process_exits(
+    fresh_redis_server: RedisServer,
+) -> None:
+    # the top run's ledger was dropped when it ended, and the sub-run's, the last to count into
+    # it, sent its usage without its limits: the run's record in Redis had no budget nor start
+    url = fresh_redis_server.url
+    run_ids, _, done = exit_after_an_outage(
+        fresh_redis_server, url + "?fail_open=true", fresh_redis_server.up, LEDGER_RUNS_MADE_IN_OUTAGE_PROGRAM
+    )
+    assert done.returncode == 0, done.stderr
+    outer_id, inner_id = run_ids.split()
+    raw = redis.Redis.from_url(url, decode_responses=True)
+    fields = ("tokens", "cost_units", "steps", "sub_agents", "max_tokens", "max_cost_usd", "max_steps")
+    try:
+        outer, inner = (raw.hgetall(f"multirun:ledger:{run_id}") for run_id in (outer_id, inner_id))
+    finally:
+        raw.close()
+    assert [outer.get(name) for name in fields] == ["150", "500027000", "2", "1", "9000", "3.0", None]
+    assert [inner.get(name) for name in fields] == ["30", "500000000", "1", "1", "5000", None, "50"]
+    assert "started_us" in outer and "started_us" in inner, done.stderr
+
+
 def test_8_exit_behind_a_frozen_ledger_waits_the_shutdown_timeout_at_most_and_says_so(
     fresh_redis_server: RedisServer,
 ) -> None:

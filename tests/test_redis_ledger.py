@@ -951,6 +951,34 @@ def test_fail_open_sends_what_a_run_ended_during_the_outage_counted_once_redis_a
     worker.close()
 
 
+@pytest.mark.parametrize("during_the_outage", ["made", "budget changed"])
+def test_a_runs_limits_set_during_an_outage_reach_redis_though_its_ledger_was_dropped(
+    fresh_redis_server: RedisServer, during_the_outage: str
+) -> None:
+    # neither is usage to send: a ledger was kept for its usage only, and these were lost with it
+    clock = Clock()
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true&timeout=0.3", clock=clock)
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    other = factory.ledger(new_id())
+    ledger = factory.ledger(new_id(), Budget(max_tokens=1000))
+    fresh_redis_server.freeze()
+    try:
+        other.refresh()  # times out: the process fails open (Redis is tried again in RETRY_SECONDS)
+    finally:
+        fresh_redis_server.thaw()
+    if during_the_outage == "made":
+        ledger = factory.ledger(new_id(), Budget(max_tokens=50))  # counted in process, made in Redis later
+    else:
+        ledger.set_budget(Budget(max_tokens=50))
+    key = ledger.key
+    del ledger
+    gc.collect()
+    assert factory.close() is True
+    assert raw.hget(key, "max_tokens") == "50"
+    assert raw.hget(key, "started_us") is not None
+    raw.close()
+
+
 def test_close_of_a_fail_open_client_tries_redis_once_whatever_its_back_off(
     fresh_redis_server: RedisServer,
 ) -> None:

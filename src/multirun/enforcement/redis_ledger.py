@@ -69,23 +69,25 @@ How it keeps the totals right:
   sent yet is kept until it is: it goes with the process's next command for
   that run, or once Redis answers again (failing open), or at
   :meth:`RedisLedgerFactory.close` (which every ``MultiRunClient`` with a ``ledger_uri``
-  calls at exit), even when the run is over. The hash
-  keeps one ``w:<id>`` field per process that counted into it, until it
-  expires.
+  calls at exit), even when the run is over. So is a ledger whose run's
+  creation or new budget Redis does not have (made, or ``set_budget``, while
+  failing open): a sub-run's usage sent into the run's hash does not carry
+  them. The hash keeps one ``w:<id>`` field per process that counted into
+  it, until it expires.
 * Every write refreshes the keys' expiry (``ttl_seconds``, a week by default).
 
 When Redis cannot be reached, or does not answer within the socket timeout,
 the ledger fails closed: :class:`LedgerUnavailableError` is raised and the
-step does not start. With ``fail_open=True`` it logs one warning and counts in
-this process alone: steps, sub-agents and usage go into what the process
-counted into each run. One command tries Redis again every
-:data:`RETRY_SECONDS` (the others do not wait for it); once Redis answers, it
-and every ledger of the client send what they counted meanwhile (a run made
-during the outage is created then, started when its ledger was made, so its
-duration limit counts the outage), sharing resumes, and one more line is
-logged. A step whose command timed out while failing open ran in this
-process, so it is counted there too: if the command runs late, that step is
-counted twice.
+step does not start. With ``fail_open=True`` it
+logs one warning and counts in this process alone: steps, sub-agents and
+usage go into what the process counted into each run. One command tries
+Redis again every :data:`RETRY_SECONDS` (the others do not wait for it); once
+Redis answers, it and every ledger of the client send what they counted
+meanwhile (a run made during the outage is created then with its limits,
+even if it has ended, started when its ledger was made, so its duration
+limit counts the outage), sharing resumes, and one more line is logged. A
+step whose command timed out while failing open ran in this process, so it
+is counted there too: if the command runs late, that step is counted twice.
 
 A forked child is a process of its own: it sends what it counts, never what
 its parent had not sent yet.
@@ -458,6 +460,10 @@ class _ClientState:
     # it, kept when its run is over: the next command for the key sends them, and so do Redis
     # answering again (a fail-open client) and close
     unsettled: dict[str, RedisLedger] = field(default_factory=dict)
+    # the ledgers whose run's creation or new budget Redis does not have yet (made, or their
+    # budget set, while failing open), kept until it has them: a sub-run's usage sent into the
+    # run's hash does not carry them
+    unmade: set[RedisLedger] = field(default_factory=set)
     live: weakref.WeakValueDictionary[str, RedisLedger] = field(default_factory=weakref.WeakValueDictionary)
     made: weakref.WeakSet[RedisLedger] = field(default_factory=weakref.WeakSet)  # every ledger, for fork
 
@@ -472,7 +478,8 @@ class _ClientState:
     def ledgers(self) -> list[RedisLedger]:
         """The ledgers that may have counts to send: those in use, and those kept for them."""
         with self.lock:
-            found = {id(ledger): ledger for ledger in (*self.live.values(), *self.unsettled.values())}
+            kept = (*self.live.values(), *self.unsettled.values(), *self.unmade)
+            found = {id(ledger): ledger for ledger in kept}
         return list(found.values())
 
     def may_try(self, now: float) -> bool:
@@ -497,6 +504,7 @@ class _ClientState:
                 enclosing._lock = threading.Lock()
         self.writer = _new_writer()
         self.unsettled.clear()
+        self.unmade.clear()
         for tally in list(self.tallies.values()):
             tally.counted, tally.held, tally.known, tally.wrote = [0] * _COUNTS, [0] * _COUNTS, True, False
 
@@ -688,7 +696,17 @@ class RedisLedger(LedgerReadings):
                 enclosing.budget = _budget_from_args(ancestor_limits)
         elif mode == "2":
             self._limits = None  # failing open: nothing adopted
+        self._keep_until_made()
         return reply is not None
+
+    def _keep_until_made(self) -> None:
+        """Keep this ledger while Redis does not have its run's creation or budget (see unmade)."""
+        shared = self._shared
+        with shared.lock:
+            if self._unjoined == "0" or self._budget_unsent:
+                shared.unmade.add(self)
+            else:
+                shared.unmade.discard(self)
 
     # -- the interface of RunLedger ---------------------------------------------
 
@@ -731,6 +749,7 @@ class RedisLedger(LedgerReadings):
         args = [self._ttl_ms, "1", self._shared.writer, *self._limits, self._start_arg()]
         reply = self._run("init", [self.key], args, "set its budget", counts=True)
         self._budget_unsent = reply is None
+        self._keep_until_made()
 
     def begin_step(self, check: bool = True) -> None:
         """Send what this process counted and Redis does not have, then count one more step in
@@ -788,8 +807,9 @@ class RedisLedger(LedgerReadings):
             self._add("0", "record its usage")
 
     def unsent(self) -> bool:
-        """Whether this process counted into this run (or set its budget) what Redis does not hold."""
-        return self._budget_unsent or self._pending()
+        """Whether this process counted into this run (or made it, or set its budget) what Redis
+        does not hold."""
+        return self._unjoined == "0" or self._budget_unsent or self._pending()
 
     def _pending(self) -> bool:
         """Whether this process counted into this run or its ancestors what Redis does not hold."""
