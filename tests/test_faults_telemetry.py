@@ -965,6 +965,38 @@ def test_8_usage_charged_while_the_ledger_is_down_never_lets_another_step_run(
     assert calls == ["model called"]
 
 
+def test_8_a_sub_run_started_while_redis_is_down_fails_closed_naming_it_and_is_not_made_later(
+    fresh_redis_server: RedisServer, ledger_client: Callable[[str], Any]
+) -> None:
+    # the ledger that could not be made stayed among the client's (the error held it): close()
+    # made the run in Redis once it answered, a run the program was told could not be made
+    client = ledger_client(fresh_redis_server.url)
+    ran: list[str] = []
+
+    @run(budget=Budget(max_steps=5))
+    def inner() -> None:
+        ran.append("inner")
+
+    @run(budget=Budget(max_tokens=1_000))
+    def outer() -> None:
+        _spending_run()()
+        fresh_redis_server.down()
+        inner()
+
+    with pytest.raises(LedgerUnavailableError) as info:
+        finishes(outer)
+    assert ran == []
+    assert f"run {info.value.run_id!r} could not be created" in str(info.value)
+    assert info.value.__traceback__ is not None  # the program keeps the error
+    fresh_redis_server.up()
+    assert client.close() is True
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    try:
+        assert raw.exists(f"multirun:ledger:{info.value.run_id}") == 0
+    finally:
+        raw.close()
+
+
 def test_8_fail_open_goes_on_counting_in_process(
     fresh_redis_server: RedisServer, ledger_client: Callable[[str], Any]
 ) -> None:

@@ -642,6 +642,26 @@ def test_fails_closed_when_the_server_stops_mid_run(fresh_redis_server: RedisSer
     factory.close()
 
 
+def test_a_budget_that_could_not_be_set_failing_closed_is_left_as_it_was(
+    fresh_redis_server: RedisServer,
+) -> None:
+    # the error said the budget was not set, yet the ledger held the run to the new one where it
+    # checked alone (status, retries' deadline) and re-created the run's hash with it
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url)
+    ledger = factory.ledger(new_id(), Budget(max_steps=2))
+    ledger.begin_step()
+    fresh_redis_server.down()
+    with pytest.raises(LedgerUnavailableError) as got:
+        ledger.set_budget(Budget(max_steps=100))
+    assert f"run {ledger.run_id!r} could not set its budget" in str(got.value)
+    assert ledger.budget == Budget(max_steps=2)
+    fresh_redis_server.up()  # a server that lost every key: the run is made again as it was
+    ledger.begin_step()
+    with pytest.raises(BudgetExceededError):
+        ledger.begin_step()
+    factory.close()
+
+
 def test_usage_sent_by_a_command_that_timed_out_and_ran_later_is_counted_once(
     fresh_redis_server: RedisServer,
 ) -> None:

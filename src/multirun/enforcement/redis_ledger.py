@@ -78,7 +78,8 @@ How it keeps the totals right:
 
 When Redis cannot be reached, or does not answer within the socket timeout,
 the ledger fails closed: :class:`LedgerUnavailableError` is raised and the
-step does not start. With ``fail_open=True`` it
+step does not start (a run whose ledger could not be made is not made later,
+a budget that could not be set is left as it was). With ``fail_open=True`` it
 logs one warning and counts in this process alone: steps, sub-agents and
 usage go into what the process counted into each run. One command tries
 Redis again every :data:`RETRY_SECONDS` (the others do not wait for it); once
@@ -677,7 +678,19 @@ class RedisLedger(LedgerReadings):
         # last: from here another thread may flush it (Redis answering again, close)
         self._shared.live[self.key] = self
         self._shared.made.add(self)
-        self._join()
+        try:
+            self._join()
+        except LedgerUnavailableError:  # failing closed: the run was not made, nothing of it to send
+            self._forget()
+            raise
+
+    def _forget(self) -> None:
+        """Remove this ledger from its client's: a ledger that could not be made."""
+        shared = self._shared
+        with shared.lock:
+            if shared.live.get(self.key) is self:
+                del shared.live[self.key]
+            shared.made.discard(self)
 
     def _join(self) -> bool:
         """Create the run's hash (or join it) and read the limits stored for it and its ancestors,
@@ -743,11 +756,19 @@ class RedisLedger(LedgerReadings):
         return self._clock(), self.started
 
     def set_budget(self, budget: Budget | None) -> None:
-        """Enforce ``budget`` from now on, in every process (it replaces the stored limits)."""
+        """Enforce ``budget`` from now on, in every process (it replaces the stored limits).
+
+        Failing closed, the LedgerUnavailableError leaves the budget as it was (a command that
+        timed out may still set it, if Redis runs it late)."""
+        before = self.budget, self._limits
         self.budget = budget
         self._limits = _limit_args(budget)
         args = [self._ttl_ms, "1", self._shared.writer, *self._limits, self._start_arg()]
-        reply = self._run("init", [self.key], args, "set its budget", counts=True)
+        try:
+            reply = self._run("init", [self.key], args, "set its budget", counts=True)
+        except LedgerUnavailableError:
+            self.budget, self._limits = before
+            raise
         self._budget_unsent = reply is None
         self._keep_until_made()
 
