@@ -35,6 +35,7 @@ import wrapt  # noqa: E402
 from motus.models import BaseChatClient, ChatCompletion  # noqa: E402
 from motus.runtime import agent_task, cancel, resolve  # noqa: E402
 from motus.runtime.task_instance import TaskCancelledError  # noqa: E402
+from opentelemetry.sdk.trace import SpanProcessor  # noqa: E402
 from opentelemetry.trace import StatusCode  # noqa: E402
 
 import multirun  # noqa: E402
@@ -1590,3 +1591,68 @@ def test_zero_code_run_gives_the_same_tree(tmp_path: Path, crew_spans: list[Span
             assert sorted(theirs[0].attributes) == ours
     run = _one(spans, "invoke_workflow research_crew")
     assert run.attributes[attr.TOKENS_USED] == 618
+
+
+# ---------------------------------------------------------------------------
+# a run's end racing the tasks it registered: each interleaving made certain by gates
+
+
+class HoldSpanStart(SpanProcessor):
+    """A span processor of the program's that holds the start of the spans named ``name`` on
+    Motus's loop thread until ``release`` is set; ``starting`` is set as one starts."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.starting = threading.Event()
+        self.release = threading.Event()
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if span.name == self.name:
+            self.starting.set()
+            assert self.release.wait(10)
+
+
+@agent_task
+async def when_set(event: threading.Event, value: Any) -> Any:
+    """``value``, once the test sets ``event``."""
+    assert await asyncio.to_thread(event.wait, 10)
+    return value
+
+
+@pytest.mark.parametrize(("fail", "status"), [(False, "completed"), (True, "failed")])
+def test_an_agent_task_starting_as_its_run_returns_ends_with_its_task(
+    traced: Any, runtime: None, fail: bool, status: str
+) -> None:
+    """The run returns while Motus starts the agent of its agent_call task: the agent is the
+    task's to end, with its outcome, not the run's (which would leave a span never ended)."""
+    client = GatedClient()
+    client.gate.set()
+    hold = HoldSpanStart("invoke_agent gated_agent")
+    traced.provider.add_span_processor(hold)
+    agent_ended = _when_ended(traced, "invoke_agent gated_agent")
+    futures: list[Any] = []
+
+    ready = threading.Event()
+
+    @multirun.run
+    def job() -> str:
+        futures.append(gated_agent(client, when_set(ready, fail)))  # dispatched once its input is
+        ready.set()
+        assert hold.starting.wait(5)  # its agent is starting on Motus's loop thread
+        return "returned"
+
+    try:
+        assert job() == "returned"
+    finally:
+        hold.release.set()
+    if fail:
+        with pytest.raises(ValueError, match="rejects"):
+            resolve(futures[0])
+    else:
+        assert resolve(futures[0]) == "late answer"
+    assert agent_ended.wait(5), "the agent's span never ended"
+    agent = traced.span("invoke_agent gated_agent")
+    assert agent.attributes[attr.AGENT_STATUS] == status
+    assert agent.attributes[attr.TOKENS_USED] == 240
+    assert agent.end_time >= traced.span("chat gpt-4o-mini").end_time
+    assert traced.span("invoke_workflow job").attributes[attr.RUN_STATUS] == "completed"

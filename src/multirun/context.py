@@ -602,6 +602,18 @@ class RunContext:
         metadata: dict[str, Any] | None = None,
     ) -> AgentContext:
         """Start a named agent; use it as ``with``/``async with`` to scope steps to it."""
+        return self._start_agent(name, agent_config_id, metadata)
+
+    def _start_agent(
+        self,
+        name: str,
+        agent_config_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        ends_with_run: bool = True,
+    ) -> AgentContext:
+        """``start_agent``; ``ends_with_run`` False for an agent whose work can outlive the run
+        (``AgentContext._ends_with_run``), so set before the run's end can see the agent."""
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"start_agent: name must be a non-empty string, got {name!r}")
         if agent_config_id is not None and not isinstance(agent_config_id, str):
@@ -618,6 +630,7 @@ class RunContext:
             started_at=datetime.now(timezone.utc),
         )
         ctx = AgentContext(self, agent, is_default=False)
+        ctx._ends_with_run = ends_with_run
         with self._lock:
             self.agents.append(ctx)
             ctx.occurrence = self._agent_starts[name] = self._agent_starts.get(name, 0) + 1

@@ -993,9 +993,9 @@ def _start_agent(name: str, ctx: Context) -> AgentContext:
             _spec(name, StepKind.SUB_AGENT, None), agent_in(ctx) or run.default_agent, ctx, refused=refused
         )
         raise refused
-    agent = run.start_agent(name)
-    agent._ends_with_run = False  # its task, which can outlive the run, ends it (_TaskTrace.finish)
-    return agent
+    # its task, which can outlive the run, ends it (_TaskTrace.finish); so said before the agent
+    # is among the run's, where a run ending meanwhile would end it first
+    return run._start_agent(name, ends_with_run=False)
 
 
 def _record_not_started(task: Any, reg: _Registration, error: BaseException) -> None:
