@@ -1656,3 +1656,42 @@ def test_an_agent_task_starting_as_its_run_returns_ends_with_its_task(
     assert agent.attributes[attr.TOKENS_USED] == 240
     assert agent.end_time >= traced.span("chat gpt-4o-mini").end_time
     assert traced.span("invoke_workflow job").attributes[attr.RUN_STATUS] == "completed"
+
+
+class SaidLate(ValueError):
+    """An error of the program's whose text, when ``then`` is set, is given after ``then`` ran."""
+
+    then: Any = None
+
+    def __str__(self) -> str:
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+        return "said late"
+
+
+@agent_task
+def refuses() -> str:
+    raise SaidLate()
+
+
+def test_a_task_ending_while_its_run_ends_leaves_the_run_to_return(traced: Any, runtime: None) -> None:
+    """A task the run left running ends on Motus's loop thread while the run, returning on the
+    program's, records its steps (here, as it reads the text of a step's error): the run returns."""
+    ready = threading.Event()
+    futures: list[Any] = []
+
+    def task_ends_now() -> None:
+        ready.set()
+        assert resolve(futures[0]) == "late"  # its step has ended
+
+    @multirun.run
+    def job() -> str:
+        futures.append(when_set(ready, "late"))  # not resolved here
+        with pytest.raises(SaidLate) as refused:
+            resolve(refuses())
+        refused.value.then = task_ends_now
+        return "returned"
+
+    assert job() == "returned"
+    assert traced.span("invoke_workflow job").attributes[attr.RUN_STATUS] == "completed"

@@ -557,12 +557,16 @@ class RunContext:
         run.current_step_id = None
         run.tokens_used = ledger.tokens
         run.cost_usd = ledger.cost_usd
-        kept = [step._facts() for step in self._history]  # plain values: nothing kept alive
-        run._fill_steps_later(lambda: [_step_model(facts) for facts in kept])
         # Each kept step points back at this run: left here, the run and its steps form cycles
         # that only the cyclic garbage collector frees (some 17 objects per step, spans
         # included), which made short runs pay ~3 us more per step. Run.steps has them now.
-        self._history.clear()
+        # Taken under the lock: a step of this run can end on another thread meanwhile (a Motus
+        # task's), and _facts(), which can call the program's __str__, runs outside it
+        with self._lock:
+            history = list(self._history)
+            self._history.clear()
+        kept = [step._facts() for step in history]  # plain values: nothing kept alive
+        run._fill_steps_later(lambda: [_step_model(facts) for facts in kept])
         self._history_in_run_steps = True
         if status is RunStatus.COMPLETED and result is not None:
             run.result = _serialize_result(result)
@@ -1327,7 +1331,9 @@ class StepContext:
         fields = run.run.__dict__
         if fields.get("current_step_id") is self._id:  # no step started since: back to the one around
             fields["current_step_id"] = None if self.parent is None else _running_step_around(self)
-        run._history.append(self)
+        if not run._history_in_run_steps:  # else the run has ended, and Run.steps is made
+            with run._lock:  # see RunContext._finish
+                run._history.append(self)
 
     # -- the documented API ----------------------------------------------------
 
