@@ -1695,3 +1695,46 @@ def test_a_task_ending_while_its_run_ends_leaves_the_run_to_return(traced: Any, 
 
     assert job() == "returned"
     assert traced.span("invoke_workflow job").attributes[attr.RUN_STATUS] == "completed"
+
+
+class SlowToSay(ValueError):
+    """An error whose first text is given when the test says so (or after 5 s: ``waited_out``)."""
+
+    asked = threading.Event()
+    go = threading.Event()
+    waited_out = False
+
+    def __str__(self) -> str:
+        cls = type(self)
+        if not cls.asked.is_set():
+            cls.asked.set()
+            cls.waited_out = not cls.go.wait(5)
+        return "slow to say"
+
+
+@agent_task(retries=1)
+def fails_slowly() -> str:
+    raise SlowToSay()
+
+
+def test_motus_goes_on_while_the_program_says_what_a_retried_attempt_raised(
+    traced: Any, runtime: None
+) -> None:
+    """The instrumentation records the error of an attempt Motus retries in the task's thread, and
+    the program's ``__str__`` runs there: Motus's loop, settling the task meanwhile (cancelled),
+    does not wait for it, nor do the program's other tasks."""
+    SlowToSay.asked.clear()
+    SlowToSay.go.clear()
+    step_ended = _when_ended(traced, "step fails_slowly")
+    future = fails_slowly()
+    try:
+        assert SlowToSay.asked.wait(5)  # the failed attempt is being recorded
+        cancel(future)
+        assert resolve(consume("x")) == "X"
+    finally:
+        SlowToSay.go.set()
+    assert not SlowToSay.waited_out, "Motus's loop waited for the program's __str__"
+    with pytest.raises(TaskCancelledError):
+        resolve(future)
+    assert step_ended.wait(5)  # when its thread returned
+    assert traced.span("step fails_slowly").attributes[attr.STEP_STATUS] == "cancelled"

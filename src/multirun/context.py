@@ -1258,14 +1258,17 @@ class StepContext:
         """The step id: the hex span id of its span (so a step is found by its span)."""
         return self._id
 
-    def _record_attempt_failure(self, exc: BaseException, delay: float | None) -> None:
+    def _record_attempt_failure(
+        self, exc: BaseException, delay: float | None, event: dict[str, Any] | None = None
+    ) -> None:
         """A failed attempt: an event with its error, and the delay before the next attempt
         (``None``: there is none, the policy refused it). The next attempt is counted when it
-        starts (``_next_attempt``): one cancelled in that delay was never made."""
+        starts (``_next_attempt``): one cancelled in that delay was never made. ``event``: the
+        error's ``exception_event``, made before."""
         attributes: dict[str, Any] = {attr.STEP_ATTEMPT: self.attempt, attr.ERROR_TYPE: _error_type(exc)}
         if delay is not None:
             attributes[attr.STEP_RETRY_DELAY] = delay
-        record_exception(self.span, exc, attributes)
+        record_exception(self.span, exc, attributes, event=event)
 
     def _next_attempt(self) -> None:
         """Another attempt starts: ``attempt`` is its number."""

@@ -104,7 +104,7 @@ from multirun.models.run import Run, RunStatus
 from multirun.models.step import StepKind, StepStatus
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
-from multirun.telemetry.exceptions import record_exception
+from multirun.telemetry.exceptions import exception_event, record_exception
 from multirun.usage import TokenUsage, is_cost
 
 __all__ = ["MotusInstrumentor"]
@@ -733,6 +733,11 @@ class _TaskTrace:
             if not isinstance(error, Exception) or isinstance(error, _Motus.task_cancelled_error):
                 return  # cancelled: by a timeout (seen at the next attempt) or by the user
             task = self.task
+            if task.retry_count >= task.policy.retries:
+                return  # no retry: nothing to record now (asked again below, under the lock)
+            # its text and traceback are made before the lock is taken: the error's __str__ is the
+            # program's code, and Motus's loop thread waits for this lock to settle the task
+            said = exception_event(error)
             with self.lock:  # type: ignore[union-attr]
                 if number != self.started or self.failures >= number or self._out_of_time():
                     return  # Motus's timeout ended it (seen at the next attempt); it ends late
@@ -745,7 +750,7 @@ class _TaskTrace:
                     task.retry_count = task.policy.retries
                     return
                 self.failures = number
-                refused = self._retry(error, delay, delay)
+                refused = self._retry(error, delay, delay, said=said)
         except Exception:
             _broken("recording a failed attempt")
         if refused is not None:
@@ -768,12 +773,18 @@ class _TaskTrace:
             raise refused from error
 
     def _retry(
-        self, error: BaseException, delay: float, not_before: float, ran: bool = True
+        self,
+        error: BaseException,
+        delay: float,
+        not_before: float,
+        ran: bool = True,
+        said: dict[str, Any] | None = None,
     ) -> BaseException | None:
         """Record a failed attempt, that Motus retries ``delay`` seconds after it failed, and
         ``not_before`` seconds from now; and ask the policy for that retry, as a decorated
         step's retry does (``_StepCall._retry_decision``). Returns its refusal: then Motus's
-        retries are used up, and the refusal is the task's error."""
+        retries are used up, and the refusal is the task's error. ``said``: the error's
+        ``exception_event``, made before."""
         step = self.step
         if step is None:  # an agent: the policy governs its steps, not it
             record_exception(
@@ -784,18 +795,19 @@ class _TaskTrace:
                     attr.STEP_RETRY_DELAY: delay,
                     attr.ERROR_TYPE: _error_type(error),
                 },
+                event=said,
             )
             return None
         try:
             wait = step._retry_decision(error, not_before, ran)
         except PolicyViolation as refused:
-            step._record_attempt_failure(error, None)
+            step._record_attempt_failure(error, None, said)
             self.task.retry_count = self.task.policy.retries
             return refused
         # the retry holds its slot (and circuit ticket) from now: given back if it never runs
         self._hold(wait if wait > not_before else 0.0)
         step._retrying = error  # what a refusal when its wait is over follows
-        step._record_attempt_failure(error, delay - not_before + wait)
+        step._record_attempt_failure(error, delay - not_before + wait, said)
         return None
 
     def _hold(self, wait: float) -> None:

@@ -33,33 +33,46 @@ STACKTRACE_FRAMES = 100  # of each traceback in an exception event: those neares
 
 
 def record_exception(
-    span: Span, error: BaseException, attributes: dict[str, Any] | None = None, *, escaped: bool = False
+    span: Span,
+    error: BaseException,
+    attributes: dict[str, Any] | None = None,
+    *,
+    escaped: bool = False,
+    event: dict[str, Any] | None = None,
 ) -> None:
     """``span.record_exception(error)``, unless one of the error's tracebacks is longer than
     ``STACKTRACE_FRAMES``; then the same event with those tracebacks cut. Also when the
-    program's ``__str__`` fails, which the SDK's would raise: with a stand-in message."""
+    program's ``__str__`` fails, which the SDK's would raise: with a stand-in message.
+
+    ``event``: the error's ``exception_event``, made before (where the program's code may run).
+    """
+    if event is None:
+        if _tracebacklimit() is None and not _has_long_traceback(error):
+            try:
+                span.record_exception(error, attributes=attributes, escaped=escaped)
+                return
+            except Exception:
+                pass  # str(error) failed
+        event = exception_event(error, escaped=escaped)
+    span.add_event("exception", {**event, **attributes} if attributes else event)
+
+
+def exception_event(error: BaseException, *, escaped: bool = False) -> dict[str, Any]:
+    """The attributes of the ``exception`` event ``record_exception`` records for ``error``.
+
+    Made ahead by a caller that is to record it while holding a lock: the error's ``__str__``
+    and its traceback's formatting are the program's code, which must not run under it.
+    """
     limit = _tracebacklimit()
     cut = limit is not None or _has_long_traceback(error)
-    if not cut:
-        try:
-            span.record_exception(error, attributes=attributes, escaped=escaped)
-            return
-        except Exception:
-            pass  # str(error) failed
-    try:
-        message = str(error)
-    except Exception:
-        message = error_text(error)
-    event: dict[str, Any] = {  # the SDK's attributes (opentelemetry.sdk.trace.Span.record_exception)
+    return {  # the SDK's attributes (opentelemetry.sdk.trace.Span.record_exception)
         "exception.type": _exception_type(error),
-        "exception.message": message,
+        "exception.message": error_text(error),
         "exception.stacktrace": _cut_stacktrace(error, STACKTRACE_FRAMES if limit is None else limit)
         if cut
         else _full_stacktrace(error),
         "exception.escaped": str(escaped),
     }
-    event.update(attributes or {})
-    span.add_event("exception", event)
 
 
 def _tracebacklimit() -> int | None:
