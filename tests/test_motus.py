@@ -1697,6 +1697,27 @@ def test_a_task_ending_while_its_run_ends_leaves_the_run_to_return(traced: Any, 
     assert traced.span("invoke_workflow job").attributes[attr.RUN_STATUS] == "completed"
 
 
+def test_an_agents_steps_can_be_read_while_a_task_of_its_run_ends(traced: Any, runtime: None) -> None:
+    """The program reads its agent's steps while a task of the run ends on Motus's loop thread
+    (here, as the text of a step's error is read): it gets them."""
+    ready = threading.Event()
+
+    @multirun.run
+    def job() -> list[str]:
+        late = when_set(ready, "late")
+
+        def task_ends_now() -> None:
+            ready.set()
+            assert resolve(late) == "late"  # its step has ended
+
+        with pytest.raises(SaidLate) as refused:
+            resolve(refuses())
+        refused.value.then = task_ends_now
+        return [step.name for step in get_current_agent_context().steps]
+
+    assert job() == ["refuses"]
+
+
 class SlowToSay(ValueError):
     """An error whose first text is given when the test says so (or after 5 s: ``waited_out``)."""
 

@@ -853,7 +853,8 @@ class RunContext:
     def history(self) -> list[StepContext]:
         """The most recent finished steps (``step_history`` of them at most), while the run
         runs; once it has ended, ``run.steps`` has them."""
-        return list(self._history)
+        with self._lock:  # see AgentContext.steps
+            return list(self._history)
 
 
 # ---------------------------------------------------------------------------
@@ -916,7 +917,9 @@ class AgentContext:
         run = self.run_context
         if run._history_in_run_steps:
             return [step for step in run.run.steps if step.agent_id == self.agent.id]
-        return [s.step for s in run._history if s.agent_context is self]
+        with run._lock:  # a step of the run can end on another thread meanwhile (a Motus task's)
+            history = list(run._history)
+        return [s.step for s in history if s.agent_context is self]
 
     def __await__(self) -> Generator[Any, None, AgentContext]:
         return self
