@@ -1619,12 +1619,13 @@ async def when_set(event: threading.Event, value: Any) -> Any:
     return value
 
 
+@pytest.mark.parametrize("run_status", ["completed", "failed"])
 @pytest.mark.parametrize(("fail", "status"), [(False, "completed"), (True, "failed")])
-def test_an_agent_task_starting_as_its_run_returns_ends_with_its_task(
-    traced: Any, runtime: None, fail: bool, status: str
+def test_an_agent_task_starting_as_its_run_ends_ends_with_its_task(
+    traced: Any, runtime: None, fail: bool, status: str, run_status: str
 ) -> None:
-    """The run returns while Motus starts the agent of its agent_call task: the agent is the
-    task's to end, with its outcome, not the run's (which would leave a span never ended)."""
+    """The run returns (or raises) while Motus starts the agent of its agent_call task: the agent
+    is the task's to end, with its outcome, not the run's (which would leave a span never ended)."""
     client = GatedClient()
     client.gate.set()
     hold = HoldSpanStart("invoke_agent gated_agent")
@@ -1639,10 +1640,16 @@ def test_an_agent_task_starting_as_its_run_returns_ends_with_its_task(
         futures.append(gated_agent(client, when_set(ready, fail)))  # dispatched once its input is
         ready.set()
         assert hold.starting.wait(5)  # its agent is starting on Motus's loop thread
+        if run_status == "failed":
+            raise KeyError("the run gives up")
         return "returned"
 
     try:
-        assert job() == "returned"
+        if run_status == "failed":
+            with pytest.raises(KeyError):
+                job()
+        else:
+            assert job() == "returned"
     finally:
         hold.release.set()
     if fail:
@@ -1655,7 +1662,36 @@ def test_an_agent_task_starting_as_its_run_returns_ends_with_its_task(
     assert agent.attributes[attr.AGENT_STATUS] == status
     assert agent.attributes[attr.TOKENS_USED] == 240
     assert agent.end_time >= traced.span("chat gpt-4o-mini").end_time
-    assert traced.span("invoke_workflow job").attributes[attr.RUN_STATUS] == "completed"
+    assert traced.span("invoke_workflow job").attributes[attr.RUN_STATUS] == run_status
+
+
+def test_an_agent_task_starting_after_its_run_returned_ends_with_its_task(
+    traced: Any, runtime: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent_call task whose input is ready only after its run returned: its agent starts under
+    the ended run and ends with its task; its tokens are on its spans, and a warning says so."""
+    client = GatedClient()
+    client.gate.set()
+    agent_ended = _when_ended(traced, "invoke_agent gated_agent")
+    ready = threading.Event()
+    futures: list[Any] = []
+
+    @multirun.run
+    def job() -> str:
+        futures.append(gated_agent(client, when_set(ready, False)))  # not resolved here
+        return "returned"
+
+    assert job() == "returned"
+    ready.set()
+    assert resolve(futures[0]) == "late answer"
+    assert agent_ended.wait(5)
+    run, agent = traced.span("invoke_workflow job"), traced.span("invoke_agent gated_agent")
+    assert traced.parent_of(agent) is run and agent.start_time >= run.end_time
+    assert agent.attributes[attr.AGENT_STATUS] == "completed"
+    assert agent.attributes[attr.TOKENS_USED] == 240
+    assert run.attributes[attr.TOKENS_USED] == 0
+    late = [r.getMessage() for r in caplog.records if "after run" in r.getMessage()]
+    assert len(late) == 1 and "240 tokens" in late[0] and "'job'" in late[0]
 
 
 class SaidLate(ValueError):
