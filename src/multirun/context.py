@@ -560,11 +560,12 @@ class RunContext:
         # Each kept step points back at this run: left here, the run and its steps form cycles
         # that only the cyclic garbage collector frees (some 17 objects per step, spans
         # included), which made short runs pay ~3 us more per step. Run.steps has them now.
-        # Taken under the lock: a step of this run can end on another thread meanwhile (a Motus
-        # task's), and _facts(), which can call the program's __str__, runs outside it
-        with self._lock:
-            history = list(self._history)
-            self._history.clear()
+        # A step of this run can end on another thread meanwhile (a Motus task's) and append to
+        # the history: it is swapped for an empty one and copied by list() in one C call (no
+        # thread runs in between), never iterated in Python while it may grow (_facts() can
+        # call the program's __str__). A step's end appends without a lock: it is per step.
+        ended, self._history = self._history, deque(maxlen=self._history.maxlen)
+        history = list(ended)
         kept = [step._facts() for step in history]  # plain values: nothing kept alive
         run._fill_steps_later(lambda: [_step_model(facts) for facts in kept])
         self._history_in_run_steps = True
@@ -853,8 +854,7 @@ class RunContext:
     def history(self) -> list[StepContext]:
         """The most recent finished steps (``step_history`` of them at most), while the run
         runs; once it has ended, ``run.steps`` has them."""
-        with self._lock:  # see AgentContext.steps
-            return list(self._history)
+        return list(self._history)  # one C call: a step ending meanwhile cannot break it
 
 
 # ---------------------------------------------------------------------------
@@ -917,8 +917,7 @@ class AgentContext:
         run = self.run_context
         if run._history_in_run_steps:
             return [step for step in run.run.steps if step.agent_id == self.agent.id]
-        with run._lock:  # a step of the run can end on another thread meanwhile (a Motus task's)
-            history = list(run._history)
+        history = list(run._history)  # one C call: a step of the run may end on another thread
         return [s.step for s in history if s.agent_context is self]
 
     def __await__(self) -> Generator[Any, None, AgentContext]:
@@ -1338,8 +1337,7 @@ class StepContext:
         if fields.get("current_step_id") is self._id:  # no step started since: back to the one around
             fields["current_step_id"] = None if self.parent is None else _running_step_around(self)
         if not run._history_in_run_steps:  # else the run has ended, and Run.steps is made
-            with run._lock:  # see RunContext._finish
-                run._history.append(self)
+            run._history.append(self)  # atomic: see RunContext._finish
 
     # -- the documented API ----------------------------------------------------
 
