@@ -431,6 +431,27 @@ def test_a_step_streaming_full_chunks_is_charged_and_hands_out_only_the_chunks_a
     ]
 
 
+def test_a_tool_s_result_reaches_the_caller_as_it_is_an_open_file_too(traced: Any, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("adoption doubled\n")
+
+    def search(query: str) -> Any:
+        """Open the notes kept on the query."""
+        return notes.open()
+
+    agent, _ = research_agent.build(tool=search)
+
+    @multirun.run(name="direct")
+    def direct() -> str:
+        with agent.use_tool("search", query=TOPIC) as found:  # the file, not a wrapper of it
+            return str(found.read())
+
+    assert direct() == "adoption doubled\n"
+    tool = one(records(traced), "search")  # its span covers the call, ended when the tool returned
+    assert tool.attributes[attr.STEP_STATUS] == "completed"
+    assert attr.STEP_STREAM_ITEMS not in tool.attributes
+
+
 # ---------------------------------------------------------------------------
 # retries and errors
 

@@ -33,7 +33,8 @@ What becomes what:
   events are a copy of the prediction before it ran; a stream closed before
   its usage came) is marked ``multirun.usage.unknown``.
 - ``ToolSelector.select_tools``: a tool step ``select_tools`` (its LLM call
-  inside); ``Tool.__call__``: a tool step ``execute_tool {tool name}``.
+  inside); ``Tool.__call__``: a tool step ``execute_tool {tool name}``, over
+  the call only: what the tool returns, an iterator too, is handed back as it is.
 
 Only ``Agent.run`` starts a run when none is active: an LLM call, tool
 selection or tool call made outside any run (a client used without an
@@ -212,8 +213,11 @@ def _failed(call: _StepCall, error: BaseException) -> None:
         _broken(f"ending step {call.name!r}")
 
 
-def _run_step(call: _StepCall, wrapped: Wrapped, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Call ``wrapped`` as the body of ``call``; a returned iterator keeps the step open until consumed.
+def _run_step(
+    call: _StepCall, wrapped: Wrapped, args: tuple[Any, ...], kwargs: dict[str, Any], follow: bool = True
+) -> Any:
+    """Call ``wrapped`` as the body of ``call``; with ``follow``, a returned iterator (a step's
+    stream) keeps the step open until consumed, else the result is returned as it is.
 
     No step run so waits for a rate-limit slot: the requests inside it (``_llm_call``) do. A step
     that fails because the budget or the policy refused a request inside it fails with that
@@ -228,14 +232,11 @@ def _run_step(call: _StepCall, wrapped: Wrapped, args: tuple[Any, ...], kwargs: 
         raise
     finally:
         otel_context.detach(token)
-    if type(result) is not str and isinstance(result, Iterator):  # str first: the ABC check is slow
+    if follow and type(result) is not str and isinstance(result, Iterator):  # str first: ABC checks are slow
         return _ended_with_agent(
             _Follow(result, ctx, lambda error, items, cut: _end_stream(call, error, items, cut))
         )
-    try:
-        call._succeed(result)
-    except Exception:
-        _broken(f"ending step {call.name!r}")
+    _succeeded(call, result)
     return result
 
 
@@ -599,7 +600,8 @@ def _tool_call(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: d
     call = _open(spec, args, kwargs)
     if call is None:
         return wrapped(*args, **kwargs)
-    return _run_step(call, wrapped, args, kwargs)
+    # what a tool returns is the caller's, an iterator too (an open file, say): handed back as it is
+    return _run_step(call, wrapped, args, kwargs, follow=False)
 
 
 # ---------------------------------------------------------------------------
