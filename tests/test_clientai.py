@@ -1049,6 +1049,67 @@ def test_a_full_response_returned_by_a_step_is_charged_once(traced: Any) -> None
     ]
 
 
+class HouseModelAgent(Agent):
+    @think("draft")
+    def draft(self, topic: str) -> str:
+        return f"REPORT on {topic}"
+
+
+@pytest.mark.parametrize("how", ["plain", "streamed", "agent"])
+def test_a_call_of_a_model_with_no_price_under_unpriced_fail_is_refused(
+    traced: Any, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``init(unpriced="fail")`` refuses a request of a model with no known price, once counted."""
+    traced.client.fail_unpriced = True
+    model = ScriptedModel(research_agent.script())
+    client = offline_client(model)
+    agent = HouseModelAgent(client=client, default_model="house-model")
+
+    @multirun.run(name="direct")
+    def direct() -> str:
+        if how == "agent":
+            return str(agent.run(TOPIC))
+        return "".join(client.generate_text("REPORT now", model="house-model", stream=how == "streamed"))
+
+    with caplog.at_level(logging.WARNING), pytest.raises(PolicyViolation, match="no known price"):
+        direct()
+
+    assert len(model.calls) == 1
+    spans = records(traced)
+    (call,) = named(spans, "generate_text")
+    assert call.attributes[attr.STEP_STATUS] == "failed"
+    assert call.attributes[attr.ERROR_TYPE] == "multirun.errors.PolicyViolation"
+    assert call.attributes[attr.UNPRICED] is True
+    assert call.attributes[attr.TOKENS_USED] == 42  # counted all the same
+    assert "instrumentation failed" not in caplog.text  # a refusal, not a telemetry bug
+    if how == "agent":
+        assert one(spans, "draft").attributes[attr.ERROR_TYPE] == "multirun.errors.PolicyViolation"
+
+
+def test_a_stream_of_a_model_with_no_price_closed_early_is_charged_and_its_refusal_only_noted(
+    traced: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As a decorated generator step's: close() does not raise the refusal of unpriced="fail"."""
+    traced.client.fail_unpriced = True
+    client = offline_ollama_client(ScriptedModel(research_agent.script()))
+
+    @multirun.run(name="direct")
+    def direct() -> str:
+        stream = client.generate_text("REPORT now", model="house-model", stream=True)
+        text = "".join(next(stream) for _ in range(9))  # 8 words, then Ollama's last chunk, with the usage
+        stream.close()  # type: ignore[attr-defined]
+        return text
+
+    with caplog.at_level(logging.WARNING):
+        assert direct() == research_agent.REPORT.text
+
+    (call,) = named(records(traced), "generate_text")
+    assert call.attributes[attr.STEP_STATUS] == "completed"
+    assert call.attributes[attr.TOKENS_USED] == 42
+    assert [e["attributes"]["exception.type"] for e in call.events] == ["multirun.errors.PolicyViolation"]
+    assert "no known price" in caplog.text
+
+
 def test_a_call_the_openai_instrumentation_traced_too_is_charged_once(openai_traced: Any, llm: Any) -> None:
     """With opentelemetry-instrumentation-openai-v2 on as well, its chat span charges the call: the
     ClientAI step above it counts the call in its roll-up, not a second time as its own usage."""

@@ -31,7 +31,9 @@ What becomes what:
   of full chunks, is asked for its final usage chunk, which the caller does
   not get. A call that ends with no token counts (a Replicate stream, whose
   events are a copy of the prediction before it ran; a stream closed before
-  its usage came) is marked ``multirun.usage.unknown``.
+  its usage came) is marked ``multirun.usage.unknown``. With
+  ``init(unpriced="fail")`` a call of a model with no known price is charged,
+  then fails with ``PolicyViolation`` (a stream when read to its end).
 - ``ToolSelector.select_tools``: a tool step ``select_tools`` (its LLM call
   inside); ``Tool.__call__``: a tool step ``execute_tool {tool name}``, over
   the call only: what the tool returns, an iterator too, is handed back as it is.
@@ -86,6 +88,7 @@ from multirun.models.policy import Policy
 from multirun.models.run import Run
 from multirun.models.step import StepKind
 from multirun.telemetry import attributes as attr
+from multirun.telemetry.exceptions import record_exception
 from multirun.usage import TokenUsage
 
 __all__ = ["ClientAIInstrumentor"]
@@ -234,7 +237,7 @@ def _run_step(
         otel_context.detach(token)
     if follow and type(result) is not str and isinstance(result, Iterator):  # str first: ABC checks are slow
         return _ended_with_agent(
-            _Follow(result, ctx, lambda error, items, cut: _end_stream(call, error, items, cut))
+            _Follow(result, ctx, lambda error, items, cut, _: _end_stream(call, error, items, cut))
         )
     _succeeded(call, result)
     return result
@@ -263,6 +266,10 @@ def _end_stream(
         _succeeded(call, None, {attr.STEP_STREAM_ITEMS: items, **(extra or {})})
 
 
+# how a stream ended: (its error, the items handed out, cut by its agent's end, closed early)
+_Finish = Callable[[BaseException | None, int, bool, bool], None]
+
+
 class _Follow(Iterator[Any]):
     """Hands out ``inner``'s items, with ``ctx`` current while it makes each; ``finish`` once at the end.
 
@@ -271,15 +278,14 @@ class _Follow(Iterator[Any]):
     Stopping early ends it as completed with the items handed out so far, as
     ``@step`` generators do. (A class, not a generator: a generator dropped
     before it started would never run its ``finally``, and its spans never end.)
-    ``finish(error, items, cut)`` is called once more, with ``cut`` True, if
-    ``cut()`` came first.
+    ``finish(error, items, cut, closed)``: ``closed`` when the consumer
+    stopped early; it is called once more, with ``cut`` True, if ``cut()``
+    came first.
     """
 
     __slots__ = ("__weakref__", "_ctx", "_cut", "_done", "_finish", "_inner", "_items")
 
-    def __init__(
-        self, inner: Iterator[Any], ctx: Context, finish: Callable[[BaseException | None, int, bool], None]
-    ) -> None:
+    def __init__(self, inner: Iterator[Any], ctx: Context, finish: _Finish) -> None:
         self._inner = inner
         self._ctx = ctx
         self._finish = finish
@@ -318,7 +324,7 @@ class _Follow(Iterator[Any]):
             raise
         finally:
             otel_context.detach(token)
-        self._end(None)
+        self._end(None, closed=True)
 
     def cut(self) -> None:
         """End it now, before its stream's end, with the items handed out so far.
@@ -327,7 +333,7 @@ class _Follow(Iterator[Any]):
         """
         if not self._done and not self._cut:
             self._cut = True
-            self._finish(None, self._items, True)
+            self._finish(None, self._items, True, False)
 
     def __del__(self) -> None:
         if not getattr(self, "_done", True):
@@ -336,10 +342,10 @@ class _Follow(Iterator[Any]):
             except Exception:
                 _broken("closing a dropped stream")
 
-    def _end(self, error: BaseException | None) -> None:
+    def _end(self, error: BaseException | None, closed: bool = False) -> None:
         if not self._done:
             self._done = True
-            self._finish(error, self._items, False)
+            self._finish(error, self._items, False, closed)
 
 
 _SCOPE_KEY = otel_context.create_key("multirun.clientai.agent_scope")
@@ -742,7 +748,9 @@ def _llm_call(
                 else _watch_chunks(response, seen, usage_chunk)
             )
             follow = _Follow(
-                chunks, ctx, lambda error, items, cut: _end_llm_stream(call, seen, error, items, cut)
+                chunks,
+                ctx,
+                lambda error, items, cut, closed: _end_llm_stream(call, seen, error, items, cut, closed),
             )
             return _ended_with_agent(follow)
         result = _text_of(instance, response, reduce[0], method) if reduce is not None else response
@@ -752,7 +760,10 @@ def _llm_call(
     finally:
         otel_context.detach(token)
     usage = _usage_of(response, provider.name, call.model or requested)
-    _report(call, usage, _get(response, "id"))
+    refused = _report(call, usage, _get(response, "id"))
+    if refused is not None:  # init(unpriced="fail"): the call fails, as a decorated step's does
+        _failed(call, refused)
+        raise refused
     _succeeded(call, result, _unknown_usage(call, usage))
     return result
 
@@ -793,15 +804,20 @@ def _unknown_usage(call: _StepCall, usage: TokenUsage | None) -> dict[str, Any] 
     return {attr.USAGE_UNKNOWN: True}
 
 
-def _report(call: _StepCall, usage: TokenUsage | None, response_id: Any) -> None:
+def _report(call: _StepCall, usage: TokenUsage | None, response_id: Any) -> BaseException | None:
+    """Charge ``call`` its usage; the refusal of ``init(unpriced="fail")``, if any (charged all the same)."""
     if usage is None:
-        return
+        return None
     call_id = response_id if isinstance(response_id, str) and response_id else None
     try:
         if call._charge_response_usage((call_id, usage)):
             _mark_usage_below(call)
+    except REFUSALS as refused:
+        _mark_usage_below(call)
+        return refused
     except Exception:
         _broken("charging an LLM call")
+    return None
 
 
 def _text_of(client: Any, response: Any, text: _TextOf, method: str) -> Any:
@@ -853,12 +869,35 @@ def _close(chunks: Iterator[Any]) -> None:
 
 
 def _end_llm_stream(
-    call: _StepCall, seen: _StreamUsage, error: BaseException | None, items: int, cut: bool
+    call: _StepCall, seen: _StreamUsage, error: BaseException | None, items: int, cut: bool, closed: bool
 ) -> None:
+    """End a streamed LLM call, charged what its chunks reported.
+
+    The refusal of ``init(unpriced="fail")`` is raised at the end of a stream read
+    to its end, as a decorated generator step's is; not out of ``close()``, nor
+    in place of the stream's own error, nor at its agent's end: it is then on
+    its span and in a warning.
+    """
     # what arrived before a failure was paid for too; what arrived after a cut, charged late
-    _report(call, seen.usage, seen.response_id)
+    refused = _report(call, seen.usage, seen.response_id)
+    if refused is not None:
+        if error is None and not cut and not closed:
+            if not call.finished:
+                _failed(call, refused)
+            raise refused
+        _note_refusal(call, refused)
     # a cut stream's usage may still come: only one read to its end (or closed) is known to have none
     _end_stream(call, error, items, cut, None if cut else _unknown_usage(call, seen.usage))
+
+
+def _note_refusal(call: _StepCall, refused: BaseException) -> None:
+    """Put a refusal that is not raised on the span of ``call``, if still open, and in a warning."""
+    try:
+        if not call.finished:
+            record_exception(call.span, refused)
+    except Exception:
+        _broken(f"ending step {call.name!r}")
+    _logger.warning("multirun: LLM call %r of a stream that did not end on its own: %s", call.name, refused)
 
 
 class _StreamUsage:
