@@ -39,11 +39,12 @@ from clientai.agent import run as custom_run
 from clientai.agent.core.agent import Agent as CoreAgent
 from clientai.agent.exceptions import WorkflowError
 from clientai.exceptions import APIError, InvalidRequestError
+from openai.types.chat import ChatCompletionChunk
 from opentelemetry.trace import StatusCode
 
 import multirun
 from clientai_programs import research_agent
-from clientai_programs.fake_openai import APIFailure, Reply, ScriptedModel, offline_client
+from clientai_programs.fake_openai import APIFailure, FakeCompletions, Reply, ScriptedModel, offline_client
 from clientai_programs.fake_providers import (
     offline_groq_client,
     offline_ollama_client,
@@ -450,6 +451,47 @@ def test_a_tool_s_result_reaches_the_caller_as_it_is_an_open_file_too(traced: An
     tool = one(records(traced), "search")  # its span covers the call, ended when the tool returned
     assert tool.attributes[attr.STEP_STATUS] == "completed"
     assert attr.STEP_STREAM_ITEMS not in tool.attributes
+
+
+class FilteringCompletions(FakeCompletions):
+    """Azure OpenAI's API: a stream opens with a chunk of content-filter results, with no choices."""
+
+    def create(self, **request: Any) -> Any:
+        answer = super().create(**request)
+        if not request.get("stream"):
+            return answer
+        opening = {"id": "", "object": "chat.completion.chunk", "created": 0, "model": "", "choices": []}
+        filtered = [{"prompt_index": 0, "content_filter_results": {}}]
+
+        def chunks() -> Iterator[ChatCompletionChunk]:
+            yield ChatCompletionChunk.model_validate({**opening, "prompt_filter_results": filtered})
+            yield from answer
+
+        return chunks()
+
+
+def test_full_chunks_without_choices_reach_the_caller_only_the_usage_chunk_asked_for_does_not(
+    traced: Any,
+) -> None:
+    model = ScriptedModel(research_agent.script())
+    client = offline_client(model)
+    client.provider.client.chat.completions = FilteringCompletions(model)  # type: ignore[attr-defined]
+    messages = [{"role": "user", "content": "REPORT now"}]
+
+    def chunks() -> list[Any]:
+        return list(client.chat(messages, model=MODEL, stream=True, return_full_response=True))
+
+    untraced = chunks()  # outside any run: ClientAI as it is
+    traced_chunks = multirun.run(name="direct")(chunks)()
+
+    # the same chunks as without instrumentation (but for their ids): the filter results too
+    def dumped(chunks: list[Any]) -> list[dict[str, Any]]:
+        return [c.model_dump(exclude={"id"}) for c in chunks]
+
+    assert dumped(traced_chunks) == dumped(untraced)
+    assert traced_chunks[0].prompt_filter_results  # type: ignore[attr-defined]
+    assert model.calls[-1]["stream_options"] == {"include_usage": True}
+    assert named(records(traced), "chat")[0].attributes[attr.TOKENS_USED] == 42
 
 
 # ---------------------------------------------------------------------------

@@ -849,12 +849,13 @@ def _watch_chunks(chunks: Iterator[Any], seen: _StreamUsage, usage_chunk: bool) 
     """The chunks as they are; usage is read on the way.
 
     With ``usage_chunk``, the chunk that carries only the usage (no choices),
-    which the caller did not ask for, is not handed out.
+    which the caller did not ask for, is not handed out; other chunks without
+    choices (Azure's content-filter results) are.
     """
     try:
         for chunk in chunks:
             seen.observe(chunk)
-            if usage_chunk and not _get(chunk, "choices"):
+            if usage_chunk and not _get(chunk, "choices") and _get(chunk, "usage") is not None:
                 continue
             yield chunk
     finally:
