@@ -1346,18 +1346,24 @@ def test_resume_refuses_a_run_name_that_is_not_a_name(traced, run_name: object) 
         pass
 
 
+def resume_from_the_environment(monkeypatch, value: str) -> None:  # type: ignore[no-untyped-def]
+    """``MULTIRUN_RESUME=value``, read afresh by the next run (as in a new process)."""
+    from multirun.checkpoints import resume as resume_module
+
+    monkeypatch.setattr(resume_module, "_environment_read", False)
+    monkeypatch.setattr(resume_module, "_from_environment", None)
+    monkeypatch.setenv("MULTIRUN_RESUME", value)
+
+
 @pytest.mark.parametrize("value", ["../etc", "0000nosuchrun"], ids=["not an id", "no such run"])
 def test_a_bad_multirun_resume_is_refused_naming_the_variable(traced, monkeypatch, value: str) -> None:
     # the program's code never named the id: the error must say where it came from
-    from multirun.checkpoints import resume as resume_module
 
     @run(name="crew")
     def crew() -> None:
         return None
 
-    monkeypatch.setattr(resume_module, "_environment_read", False)
-    monkeypatch.setattr(resume_module, "_from_environment", None)
-    monkeypatch.setenv("MULTIRUN_RESUME", value)
+    resume_from_the_environment(monkeypatch, value)
     with pytest.raises(CheckpointError) as refused:
         crew()
     assert str(refused.value).startswith(f"MULTIRUN_RESUME={value!r}: "), refused.value
@@ -1424,9 +1430,7 @@ def test_multirun_resume_in_the_environment_refuses_a_run_of_another_name(traced
     crew()
     run_id = traced.named("invoke_workflow crew")[-1].attributes[attr.RUN_ID]
     calls.log.clear()
-    monkeypatch.setattr(resume_module, "_environment_read", False)
-    monkeypatch.setattr(resume_module, "_from_environment", None)
-    monkeypatch.setenv("MULTIRUN_RESUME", run_id)
+    resume_from_the_environment(monkeypatch, run_id)
     with pytest.raises(CheckpointError) as refused:
         billing()
     message = str(refused.value)
@@ -1448,7 +1452,6 @@ def test_a_resume_taken_file_that_cannot_be_written_costs_the_program_nothing(
     traced, monkeypatch, tmp_path
 ) -> None:
     # `multirun resume` names the file; a program run with a stale or odd one still resumes
-    from multirun.checkpoints import resume as resume_module
 
     calls = Calls()
     search = search_program(calls)
@@ -1460,9 +1463,7 @@ def test_a_resume_taken_file_that_cannot_be_written_costs_the_program_nothing(
     crew()
     run_id = traced.named("invoke_workflow crew")[-1].attributes[attr.RUN_ID]
     calls.log.clear()
-    monkeypatch.setattr(resume_module, "_environment_read", False)
-    monkeypatch.setattr(resume_module, "_from_environment", None)
-    monkeypatch.setenv("MULTIRUN_RESUME", run_id)
+    resume_from_the_environment(monkeypatch, run_id)
     monkeypatch.setenv("MULTIRUN_RESUME_TAKEN_FILE", str(tmp_path))  # a folder: cannot be opened
     assert crew() == ["otel 1", "otel 2"]
     assert calls.log == []  # served from the checkpoint
