@@ -61,6 +61,7 @@ from _common import (
     write_result,
 )
 from multirun import client as client_module
+from multirun.checkpoints.replay import DEFAULT_LIMIT as REPLAY_LOG_LIMIT
 from multirun.context import RunContext
 from multirun.models import Budget, Policy, StepKind
 from multirun.models.policy import CircuitBreakerRule, RateLimitRule, RetryRule
@@ -497,6 +498,13 @@ def section_threads(counts: list[int], total: int, rounds: int) -> dict[str, Any
         del client
 
 
+def steps_per_run(total: int, n: int) -> int:
+    """Steps each of ``n`` concurrent runs makes: ``total`` shared out, at least 10, and no more
+    than a replay log records: past it a step records nothing and costs less, which would flatter
+    the runs of few tasks against the others."""
+    return min(max(total // n, 10), REPLAY_LOG_LIMIT)
+
+
 def _concurrency(
     counts: list[int],
     total: int,
@@ -516,7 +524,7 @@ def _concurrency(
     before = dict(exporter.by_name)
     for round_no in range(rounds):
         for i, n in enumerate(counts):
-            steps = max(total // n, 10)
+            steps = steps_per_run(total, n)
             order = list(kinds[(round_no + i) % 3 :] + kinds[: (round_no + i) % 3])
             for kind in order:
                 with_steps = timed(kind, n, steps)
@@ -528,7 +536,7 @@ def _concurrency(
     after = dict(exporter.by_name)
     rows = []
     for n in counts:
-        steps = max(total // n, 10)
+        steps = steps_per_run(total, n)
         step = per_step[(n, "step")]
         bare = per_step[(n, "bare")]
         plain = per_step[(n, "plain")]
@@ -548,7 +556,7 @@ def _concurrency(
             }
         )
     exported = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    expected_steps = rounds * sum(max(total // n, 10) * n for n in counts)
+    expected_steps = rounds * sum(steps_per_run(total, n) * n for n in counts)
     return {
         "rows": rows,
         "total": total,
@@ -1077,10 +1085,10 @@ def main(argv: list[str] | None = None) -> int:
             results["asyncio"],
             "## 2. Per-step cost as a function of concurrent runs (asyncio tasks)",
             f"N tasks on one event loop, each one `@run` (Budget + Policy) of {args.total:,} / N "
-            "async steps, all awaited with `asyncio.gather`; each step's body is "
-            "`await asyncio.sleep(0)`, so the N runs interleave step by step. *bare*: the same "
-            "tasks with a bare root span per task and a bare span per step; *no span*: the same "
-            f"loop without any. {args.rounds} rounds.",
+            f"async steps (at most {REPLAY_LOG_LIMIT:,}, what a replay log records), all awaited "
+            "with `asyncio.gather`; each step's body is `await asyncio.sleep(0)`, so the N runs "
+            "interleave step by step. *bare*: the same tasks with a bare root span per task and a "
+            f"bare span per step; *no span*: the same loop without any. {args.rounds} rounds.",
         )
     if "threads" in sections:
         print(f"bench_scaling: {args.threads} threads", file=sys.stderr)
@@ -1089,9 +1097,10 @@ def main(argv: list[str] | None = None) -> int:
             results["threads"],
             "## 3. Per-step cost as a function of concurrent runs (threads)",
             f"N threads started together (a barrier), each one `@run` (Budget + Policy) of "
-            f"{args.total:,} / N sync no-op steps; the time is the wall time until every thread "
-            "is done, so per step it is the machine's throughput (2 cores, one GIL): contention "
-            f"in the wrapper would show as a ratio growing with N. {args.rounds} rounds.",
+            f"{args.total:,} / N sync no-op steps (at most {REPLAY_LOG_LIMIT:,}); the time is the "
+            "wall time until every thread is done, so per step it is the machine's throughput "
+            "(2 cores, one GIL): contention in the wrapper would show as a ratio growing with N. "
+            f"{args.rounds} rounds.",
         )
     if "checkpoint" in sections:
         print(f"bench_scaling: checkpoints of {args.sizes} MB", file=sys.stderr)
