@@ -261,6 +261,24 @@ def test_report_usage_with_negative_tokens_is_refused_naming_field(traced) -> No
         multirun.report_usage("gpt-4o-mini", input_tokens=-3)
 
 
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"output_tokens": -1}, "output_tokens"),
+        ({"cached_input_tokens": -1}, r"cache_read_tokens \(cached_input_tokens\)"),
+        ({"cache_write_tokens": 2.0}, "cache_write_tokens"),
+        ({"reasoning_tokens": True}, "reasoning_tokens"),
+        ({"input_tokens": "12"}, "input_tokens"),
+        ({"provider": 7}, "provider"),
+    ],
+)
+def test_report_usage_refuses_each_bad_count_or_name_naming_it(traced, given: dict, named: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{named} must be"):
+        multirun.report_usage("gpt-4o-mini", **given)
+    with pytest.raises(ConfigurationError, match=r"^model must be a string"):
+        multirun.report_usage(3, input_tokens=1)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("cost", [float("nan"), float("inf")])
 def test_report_usage_with_a_cost_that_is_not_finite_is_refused_naming_cost(traced, cost: float) -> None:
     @multirun.run

@@ -557,6 +557,34 @@ def test_budget_status_reports_used_remaining_and_percentage(traced) -> None:
     assert status.is_exceeded is False
 
 
+def test_usage_totals_of_the_run_and_agent_models_are_set_fields(traced) -> None:
+    """The totals a run and its agents are charged are set as pydantic sets a field: they are
+    in ``model_fields_set`` and in ``model_dump(exclude_unset=True)``."""
+    seen: dict[str, Any] = {}
+
+    @step(kind=StepKind.LLM_CALL)
+    def ask() -> None:
+        multirun.report_usage("no-such-model-x", input_tokens=250, output_tokens=50, cost_usd=0.1)
+
+    @agent(name="asker")
+    def asker() -> None:
+        ask()
+        seen["agent"] = get_current_agent_context().agent
+
+    @run
+    def main() -> None:
+        asker()
+        seen["run"] = get_current_run_context().run
+
+    main()
+
+    for model in (seen["run"], seen["agent"]):
+        assert {"tokens_used", "cost_usd"} <= model.model_fields_set
+        dumped = model.model_dump(exclude_unset=True)
+        assert dumped["tokens_used"] == 300
+        assert dumped["cost_usd"] == pytest.approx(0.1)
+
+
 def test_budget_status_without_budget_has_no_remaining(traced) -> None:
     seen: list[Any] = []
 

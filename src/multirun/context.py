@@ -1110,9 +1110,8 @@ class AgentContext:
         _charge_usage(self.run_context, None, self, usage, own=False, genai=not metered, call_id=call_id)
 
     def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
-        self.agent.tokens_used += tokens
         self._cost_units += cost_units
-        self.agent.cost_usd = self._cost_units / COST_UNITS_PER_USD
+        _write_totals(self.agent, self.agent.tokens_used + tokens, self._cost_units / COST_UNITS_PER_USD)
         self._unpriced = self._unpriced or unpriced
 
     def complete(self, result: Any = None) -> Done[None]:
@@ -1939,10 +1938,21 @@ def _charge_chain(
                     break
                 outer._add(tokens, cost_units, unpriced)
                 seen, step = outer, outer.parent_step
-            current.run.tokens_used = current.ledger.tokens
-            current.run.cost_usd = current.ledger.cost_usd
+            _write_totals(current.run, current.ledger.tokens, current.ledger.cost_usd)
         step, agent = current.parent_step, current.parent_agent
         current = current.parent
+
+
+_TOTALS = ("tokens_used", "cost_usd")
+
+
+def _write_totals(model: Run | Agent, tokens: int, cost_usd: float) -> None:
+    """Set a Run's or an Agent's totals as pydantic's ``__setattr__`` would (they are not
+    validated on assignment), at a fifth of its cost: this runs for each usage report."""
+    values = model.__dict__
+    values["tokens_used"] = tokens
+    values["cost_usd"] = cost_usd
+    model.__pydantic_fields_set__.update(_TOTALS)
 
 
 MAX_CALLS_BELOW = 1024  # response ids a step keeps: a step passes on what a step inside it just returned

@@ -21,7 +21,10 @@ def is_cost(value: object) -> bool:
 _REPORT_USAGE_NAMES = {"cache_read_tokens": "cache_read_tokens (cached_input_tokens)"}
 
 
-@dataclass(frozen=True)
+_COUNTS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
+@dataclass(frozen=True, init=False)
 class TokenUsage:
     """Tokens of one model call. ``input_tokens`` includes cached input, as in the GenAI conventions."""
 
@@ -34,31 +37,68 @@ class TokenUsage:
     reasoning_tokens: int = 0
     cost_usd: float | None = None
 
-    def __post_init__(self) -> None:
-        for field in (
-            "input_tokens",
-            "output_tokens",
-            "cache_read_tokens",
-            "cache_write_tokens",
-            "reasoning_tokens",
+    def __init__(
+        self,
+        model: str | None = None,
+        provider: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        cost_usd: float | None = None,
+    ) -> None:
+        # One is made per model call. Written by hand for speed: the common case (plain ints
+        # >= 0, string names) is checked in one expression, and the fields are stored straight
+        # into the instance dict, which the frozen dataclass's own __init__ does one by one.
+        if not (
+            type(input_tokens) is int
+            and type(output_tokens) is int
+            and type(cache_read_tokens) is int
+            and type(cache_write_tokens) is int
+            and type(reasoning_tokens) is int
+            and input_tokens | output_tokens | cache_read_tokens | cache_write_tokens | reasoning_tokens >= 0
         ):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                shown = _REPORT_USAGE_NAMES.get(field, field)
-                raise ConfigurationError(f"{shown} must be an int >= 0, got {value!r}")
-        if self.cost_usd is not None and not is_cost(self.cost_usd):
-            raise ConfigurationError(f"cost_usd must be a finite number >= 0, got {self.cost_usd!r}")
-        cached = self.cache_read_tokens + self.cache_write_tokens
-        if cached > self.input_tokens:
+            _check_counts(
+                input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens
+            )
+        if cost_usd is not None and not is_cost(cost_usd):
+            raise ConfigurationError(f"cost_usd must be a finite number >= 0, got {cost_usd!r}")
+        if (model is not None and type(model) is not str) or (
+            provider is not None and type(provider) is not str
+        ):
+            _check_names(model, provider)
+        cached = cache_read_tokens + cache_write_tokens
+        if cached > input_tokens:
             # cannot be a part of the input: the input was given without it, as Anthropic's API
             # does. Counted in, so the tokens are all charged and the price lookup (which refuses
             # cached > input, leaving the call unpriced) works.
-            object.__setattr__(self, "input_tokens", self.input_tokens + cached)
-        for field in ("model", "provider"):
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, str):
-                raise ConfigurationError(f"{field} must be a string, got {value!r}")
+            input_tokens += cached
+        fields = self.__dict__
+        fields["model"] = model
+        fields["provider"] = provider
+        fields["input_tokens"] = input_tokens
+        fields["output_tokens"] = output_tokens
+        fields["cache_read_tokens"] = cache_read_tokens
+        fields["cache_write_tokens"] = cache_write_tokens
+        fields["reasoning_tokens"] = reasoning_tokens
+        fields["cost_usd"] = cost_usd
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+def _check_counts(*counts: object) -> None:
+    """Raise for the first token count that is not an int >= 0 (a bool is not one)."""
+    for field, value in zip(_COUNTS, counts, strict=True):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            shown = _REPORT_USAGE_NAMES.get(field, field)
+            raise ConfigurationError(f"{shown} must be an int >= 0, got {value!r}")
+
+
+def _check_names(model: object, provider: object) -> None:
+    """Raise if the model or the provider is given and is not a string."""
+    for field, value in (("model", model), ("provider", provider)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigurationError(f"{field} must be a string, got {value!r}")
