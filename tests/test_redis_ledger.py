@@ -1182,3 +1182,14 @@ def test_a_huge_cost_limit_is_a_limit_never_reached(factory: RedisLedgerFactory)
         shared.begin_step()
         shared.charge(1, 1000 * COST_UNITS_PER_USD)
     assert shared.exceeded(budget) is None
+
+
+@pytest.mark.parametrize("limit", [1e303, sys.float_info.max])
+def test_a_huge_duration_limit_is_a_limit_never_reached(factory: RedisLedgerFactory, limit: float) -> None:
+    # in microseconds the limit overflows a float: it is a whole number of seconds already
+    budget = Budget(max_duration_seconds=limit)
+    shared = factory.ledger(new_id(), budget)
+    shared.begin_step()
+    shared.begin_step()
+    assert shared.exceeded(budget) is None
+    assert shared.status(budget).percentage_used == 0.0

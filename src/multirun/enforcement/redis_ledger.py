@@ -564,9 +564,19 @@ def _limit_args(budget: Budget | None) -> list[str]:
         "" if cost is None else repr(float(cost)),
         "" if budget.max_steps is None else str(budget.max_steps),
         "" if budget.max_sub_agents is None else str(budget.max_sub_agents),
-        "" if duration is None else str(math.ceil(duration * _US_PER_SECOND)),
+        "" if duration is None else str(_duration_us(duration)),
         "" if duration is None else repr(float(duration)),
     ]
+
+
+def _duration_us(seconds: float) -> int:
+    """A duration limit in whole microseconds, rounded up as the scripts compare it. A limit so
+    large that its microseconds overflow a float (over ~1.8e302 seconds) is a whole number of
+    seconds already, converted exactly."""
+    micros = seconds * _US_PER_SECOND
+    if math.isinf(micros):
+        return int(seconds) * _US_PER_SECOND
+    return math.ceil(micros)
 
 
 _UNKNOWN_LIMITS = ("0", *[""] * 8)  # and no start
