@@ -494,6 +494,26 @@ def test_a_limit_given_as_a_bool_is_refused_naming_the_field(
         model(**{field: True})
 
 
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [
+        (Budget, "max_tokens"),
+        (Budget, "max_steps"),
+        (Budget, "max_sub_agents"),
+        (BudgetRule, "max_tokens"),
+    ],
+)
+def test_a_count_limit_beyond_64_bits_is_refused_naming_the_field(
+    model: type[pydantic.BaseModel], field: str
+) -> None:
+    # the run span carries the limits as OTLP 64-bit integers (an exporter drops a larger one and
+    # logs an error at every export) and the shared ledger counts in them: "no limit" is None
+    refused = rf"{field}\n.*less than or equal to 9223372036854775807"
+    with pytest.raises(pydantic.ValidationError, match=refused):
+        model(**{field: 10**30})
+    assert getattr(model(**{field: 2**63 - 1}), field) == 2**63 - 1
+
+
 def test_a_rule_threshold_given_as_a_bool_is_refused() -> None:
     with pytest.raises(pydantic.ValidationError, match=r"threshold\n.*a number, not a bool"):
         GracefulDegradationRule(fallback_model="gpt-4o-mini", threshold=False)

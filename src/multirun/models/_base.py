@@ -35,6 +35,11 @@ NOT_BOOL = BeforeValidator(_not_a_bool)
 """For a number a user configures (a limit, a delay): ``Annotated[int, NOT_BOOL]``."""
 
 Count = Annotated[int, NOT_BOOL]
+
+MAX_COUNT_LIMIT = 2**63 - 1
+"""The largest count limit (tokens, steps, sub-agents): spans carry limits as OTLP 64-bit
+integers (an exporter drops a larger one, logging an error at every export), and the shared
+ledger counts in them. No limit is None."""
 Amount = Annotated[float, NOT_BOOL]
 
 

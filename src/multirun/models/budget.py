@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from multirun.errors import spent_text
-from multirun.models._base import Amount, Count, Model, utcnow
+from multirun.models._base import MAX_COUNT_LIMIT, Amount, Count, Model, utcnow
 from multirun.pricing import COST_UNITS_PER_USD, cost_limit_units
 
 if TYPE_CHECKING:
@@ -18,11 +18,11 @@ class Budget(Model):
     """Limits of a run. Only the limits that are set are enforced; ``max_sub_agents=0`` is set
     (no sub-agent may start)."""
 
-    max_tokens: Count | None = Field(default=None, gt=0)
+    max_tokens: Count | None = Field(default=None, gt=0, le=MAX_COUNT_LIMIT)
     max_cost_usd: Amount | None = Field(default=None, gt=0, allow_inf_nan=False)
-    max_steps: Count | None = Field(default=None, gt=0)
+    max_steps: Count | None = Field(default=None, gt=0, le=MAX_COUNT_LIMIT)
     max_duration_seconds: Amount | None = Field(default=None, gt=0, allow_inf_nan=False)
-    max_sub_agents: Count | None = Field(default=None, ge=0)
+    max_sub_agents: Count | None = Field(default=None, ge=0, le=MAX_COUNT_LIMIT)
 
     def is_exceeded(self, run: Run) -> bool:
         """True if ``run`` has reached any limit that is set."""

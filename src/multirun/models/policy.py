@@ -6,7 +6,7 @@ from enum import Enum
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from multirun.models._base import Amount, Count, Model
+from multirun.models._base import MAX_COUNT_LIMIT, Amount, Count, Model
 
 
 class PolicyDecision(str, Enum):
@@ -32,7 +32,7 @@ class DegradationTrigger(str, Enum):
 
 
 class BudgetRule(Model):
-    max_tokens: Count | None = Field(default=None, gt=0)
+    max_tokens: Count | None = Field(default=None, gt=0, le=MAX_COUNT_LIMIT)
     max_cost_usd: Amount | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
