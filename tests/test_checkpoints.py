@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import shlex
@@ -653,6 +654,37 @@ def test_a_failed_run_checkpoints_on_its_error_but_not_when_its_budget_stopped_i
     assert [c.name for c in crashed.checkpoints] == ["on_error_RuntimeError"]
     assert len(traced.client.checkpoints.list(crashed.id)) == 1
     assert stopped.checkpoints == [] and traced.client.checkpoints.list(stopped.id) == []
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "TaskGroup"), reason="asyncio.TaskGroup is Python 3.11+")
+async def test_a_run_whose_task_group_the_budget_stopped_fails_as_the_budget_stopped_it(traced) -> None:
+    """The refusals of tasks of an asyncio.TaskGroup reach the run in an ExceptionGroup: the run
+    is still one the budget stopped (no checkpoint, the limit on its span)."""
+    runs: list[Run] = []
+
+    @step
+    async def stage() -> None:
+        await asyncio.sleep(0)
+
+    async def worker() -> None:
+        for _ in range(5):
+            await stage()
+
+    @run(budget=Budget(max_steps=3))
+    async def crew() -> None:
+        runs.append(get_current_run_context().run)
+        async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined]
+            for _ in range(3):
+                group.create_task(worker())
+
+    with pytest.raises(BaseException) as raised:  # an ExceptionGroup (a builtin of 3.11+)
+        await crew()
+    assert {type(e) for e in raised.value.exceptions} == {multirun.BudgetExceededError}  # type: ignore[attr-defined]
+    (stopped,) = runs
+    assert stopped.checkpoints == [] and traced.client.checkpoints.list(stopped.id) == []
+    span = traced.span("invoke_workflow crew")
+    assert span.attributes[attr.RUN_STATUS] == "failed"
+    assert span.attributes[attr.BUDGET_EXCEEDED_LIMIT] == "max_steps"
 
 
 def test_a_checkpoint_after_a_step_or_a_function_names_the_agent_it_ran_in(traced) -> None:

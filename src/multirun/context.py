@@ -49,6 +49,7 @@ from multirun.errors import (
     CheckpointError,
     ConfigurationError,
     PolicyViolation,
+    budget_refusal,
     error_text,
 )
 from multirun.models._base import construct_trusted
@@ -508,7 +509,7 @@ class RunContext:
     def _fail_with_checkpoint(self, exc: BaseException) -> None:
         """End the run left by ``exc``: cancelled by a cancellation, failed by anything else
         (checkpointed first with ``checkpoint_on_error``, unless the budget stopped it)."""
-        if self.checkpoint_on_error and not isinstance(exc, BudgetExceededError):
+        if self.checkpoint_on_error and budget_refusal(exc) is None:
             self._try_checkpoint(f"on_error_{type(exc).__name__}")
         self._finish(RunStatus.CANCELLED if _cancelled(exc) else RunStatus.FAILED, error=exc)
 
@@ -587,8 +588,9 @@ class RunContext:
         }
         if ledger.unpriced_reports:
             end_attrs[attr.UNPRICED] = True
-        if isinstance(error, BudgetExceededError):
-            end_attrs[attr.BUDGET_EXCEEDED_LIMIT] = error.limit
+        refusal = budget_refusal(error)
+        if refusal is not None:
+            end_attrs[attr.BUDGET_EXCEEDED_LIMIT] = refusal.limit
         if error is not None:
             _record_error(span, error, end_attrs)
         spans.set_end_attributes(span, end_attrs)

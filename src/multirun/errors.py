@@ -138,6 +138,14 @@ def leaf_errors(error: BaseException) -> Iterator[BaseException]:
         yield error
 
 
+def budget_refusal(error: BaseException | str | None) -> BudgetExceededError | None:
+    """The BudgetExceededError that ``error`` is, or that is inside it when it is an exception
+    group (the refusals of the tasks of an ``asyncio.TaskGroup`` reach the run in one)."""
+    if error is None or isinstance(error, str):
+        return None
+    return next((leaf for leaf in leaf_errors(error) if isinstance(leaf, BudgetExceededError)), None)
+
+
 # what the amount of each limit counts (cost is written in dollars)
 _COUNTED = {
     "max_tokens": "tokens used",
