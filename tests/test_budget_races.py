@@ -151,3 +151,83 @@ def test_duration_limit_uses_the_monotonic_clock_not_the_wall_clock(traced, monk
         main()
     statuses = [s.attributes["multirun.step.status"] for s in traced.named("step work")]
     assert sorted(statuses) == ["completed", "completed", "failed"]
+
+
+def test_threads_starting_agents_at_once_count_each_and_no_agent_past_the_limit_runs_a_step(traced) -> None:
+    ran: list[int] = []
+
+    @step
+    def work(i: int) -> None:
+        ran.append(i)
+
+    @agent(name="helper")
+    def helper(i: int) -> None:
+        work(i)
+
+    @run(budget=Budget(max_sub_agents=3))
+    def main() -> tuple[list[BaseException | None], int]:
+        barrier = threading.Barrier(THREADS)
+
+        def start(i: int) -> BaseException | None:
+            barrier.wait()
+            try:
+                helper(i)
+            except BudgetExceededError as exc:
+                return exc
+            return None
+
+        with ThreadPoolExecutor(THREADS) as pool:
+            outcomes = list(pool.map(start, range(THREADS)))
+        return outcomes, get_current_run_context().budget_status().sub_agents_used
+
+    outcomes, started = main()
+    refused = [o for o in outcomes if o is not None]
+    assert started == THREADS  # every agent that started is counted once
+    assert {getattr(o, "limit", None) for o in refused} <= {"max_sub_agents"}
+    # an agent counts itself before its first step asks the budget: no fourth agent gets a step
+    assert len(ran) <= 3
+    assert len(ran) + len(refused) == THREADS
+
+
+async def test_asyncio_tasks_starting_agents_at_once_leave_no_agent_past_the_limit_a_step(traced) -> None:
+    ran: list[int] = []
+
+    @step
+    async def work(i: int) -> None:
+        ran.append(i)
+
+    @agent(name="helper")
+    async def helper(i: int) -> None:
+        await asyncio.sleep(0)  # every task starts its agent before any asks for a step
+        await work(i)
+
+    @run(budget=Budget(max_sub_agents=3))
+    async def main() -> tuple[list[BaseException | None], int]:
+        outcomes = await asyncio.gather(*(helper(i) for i in range(10)), return_exceptions=True)
+        return outcomes, get_current_run_context().budget_status().sub_agents_used
+
+    outcomes, started = await main()
+    assert started == 10
+    assert all(isinstance(o, BudgetExceededError) and o.limit == "max_sub_agents" for o in outcomes)
+    assert ran == []  # ten agents were counted before the first step asked
+
+
+def test_threads_racing_the_deadline_start_no_more_steps_than_were_in_flight(traced) -> None:
+    traced.clock.advance_on_sleep = False
+    lock = threading.Lock()
+
+    @step
+    def tick() -> None:
+        with lock:
+            traced.clock.now += 1  # each step takes one second of the run's fifty
+
+    @run(budget=Budget(max_duration_seconds=50))
+    def main() -> tuple[list[int], int]:
+        done = race_threads(lambda: spend_until_refused(tick))
+        return done, get_current_run_context().ledger.steps
+
+    done, steps = main()
+    total = sum(done)
+    assert steps == total
+    # no step starts once 50 seconds have passed: past them, only those already in flight end
+    assert 50 <= total <= 50 + THREADS - 1
