@@ -14,7 +14,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import multirun
 from multirun import agent, run, step
 from multirun.errors import BudgetExceededError
-from multirun.models import Budget, StepKind
+from multirun.models import Budget, Policy, StepKind
+from multirun.models.policy import CircuitBreakerRule, GracefulDegradationRule, RateLimitRule, RetryRule
 
 pytest_plugins = ["redis_server"]
 
@@ -82,9 +83,10 @@ def test_workers_in_other_processes_spend_one_shared_ledger(traced, redis_server
     if max_tokens is None:
         assert done == 3 * CALLS_PER_WORKER
     else:
-        # the limit is reached at the step that takes the total to 4000 or more: at most the steps in
-        # flight when it was crossed (one per worker) go past it
-        assert 4000 // TOKENS_PER_CALL <= done <= 4000 // TOKENS_PER_CALL + 3
+        # the limit is reached at the step that takes the total to 4000 or more (the 27th): a worker
+        # is refused only then, and at most the steps in flight then (one per other worker) go past it
+        crossed_at = -(-4000 // TOKENS_PER_CALL)
+        assert crossed_at <= done <= crossed_at + 2
     assert run_span.attributes["multirun.tokens_used"] == done * TOKENS_PER_CALL
     assert {r["trace_id"] for r in results} == {run_span.context.trace_id}
     assert {r["agent_parent"] for r in results} == {dispatch_span.context.span_id}
@@ -514,3 +516,55 @@ def test_a_worker_of_a_sub_run_does_not_wait_to_retry_past_the_top_runs_budget(
     attempts, seconds = results[0]
     assert attempts == 1
     assert seconds < RETRY_DELAY / 2
+
+
+def test_a_step_under_every_limit_and_rule_is_one_round_trip_to_redis(
+    traced, redis_server, monkeypatch
+) -> None:
+    from redis.connection import Connection
+
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url, metrics=False)
+    sent: list[str] = []
+    send_command, send_packed_command = Connection.send_command, Connection.send_packed_command
+
+    def counting_send_command(self: Connection, *args: Any, **kwargs: Any) -> None:
+        sent.append(str(args[0]))
+        send_command(self, *args, **kwargs)
+
+    def counting_send_packed_command(self: Connection, command: Any, check_health: bool = True) -> None:
+        sent.append("write")
+        send_packed_command(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_command", counting_send_command)
+    monkeypatch.setattr(Connection, "send_packed_command", counting_send_packed_command)
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def ask() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=50)
+
+    @step
+    def tidy() -> None:
+        pass
+
+    budget = Budget(
+        max_tokens=10**6, max_cost_usd=100, max_steps=1000, max_duration_seconds=3600, max_sub_agents=5
+    )
+    policy = Policy(
+        retry=RetryRule(),
+        rate_limit=RateLimitRule(requests_per_minute=10**6),
+        circuit_breaker=CircuitBreakerRule(),
+        graceful_degradation=GracefulDegradationRule(fallback_model="gpt-4o-mini"),
+    )
+
+    @run(budget=budget, policy=policy)
+    def crew() -> list[str]:
+        ask()  # the run's hash is made and the scripts are loaded by now
+        tidy()
+        sent.clear()
+        for _ in range(10):
+            ask()  # its usage goes with the next step's check
+            tidy()
+        return list(sent)
+
+    during = crew()
+    assert during == ["EVALSHA", "write"] * 20  # one command, one write, per step

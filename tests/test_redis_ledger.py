@@ -337,6 +337,31 @@ def test_racing_processes_never_overshoot_max_steps(
     assert (got.value.limit, got.value.used, got.value.maximum) == ("max_steps", 1000, 1000)
 
 
+@pytest.mark.parametrize(
+    "budget",
+    [Budget(max_tokens=3 * 1000), Budget(max_cost_usd=7 * 1000 / COST_UNITS_PER_USD)],
+    ids=["max_tokens", "max_cost_usd"],
+)
+def test_processes_spending_against_one_limit_leave_exact_totals_and_bounded_overshoot(
+    factory: RedisLedgerFactory,
+    raw: redis.Redis,
+    processes: Any,
+    redis_server: RedisServer,
+    budget: Budget,
+) -> None:
+    ledger = factory.ledger(new_id(), budget)
+    found = race(processes, redis_server.url, ledger.run_id, STEPS_EACH)  # 3 tokens, 7 units a step
+    done = sum(done for done, _ in found)
+    # the 1000th step's charge reaches the limit; past it only the steps in flight then ran, at
+    # most one in each other process (its charge goes with its next step)
+    assert 1000 <= done <= 1000 + PROCESSES - 1
+    assert sum(refused for _, refused in found) == PROCESSES * STEPS_EACH - done
+    assert raw.hmget(ledger.key, "steps", "tokens", "cost_units") == [str(done), str(3 * done), str(7 * done)]
+    with pytest.raises(BudgetExceededError) as got:
+        ledger.begin_step()
+    assert got.value.limit == next(iter(budget.limits()))
+
+
 # -- one budget for every process, ancestors ------------------------------------------
 
 
