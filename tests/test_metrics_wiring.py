@@ -779,3 +779,116 @@ def test_an_openinference_calls_provider_is_in_its_metrics(reader, traced, names
     assert count == 1 and attributes["gen_ai.provider.name"] == provider
     costs = points(reader, "multirun.cost")
     assert {a["gen_ai.provider.name"] for a, _ in costs} == {provider}
+
+
+def _refused_by(limit: str, traced) -> None:  # type: ignore[no-untyped-def]
+    """A run stopped by ``limit`` at its third step (its first two spend 60 tokens, $0.3, 3 s)."""
+    from multirun import agent
+    from multirun.context import get_current_run_context
+
+    @step(kind=StepKind.LLM_CALL, model="m")
+    def ask() -> None:
+        multirun.report_usage("m", input_tokens=60, cost_usd=0.3)
+        traced.clock.now += 3
+
+    @agent(name="helper")
+    def helper() -> None:
+        ask()
+
+    budget = {
+        "max_tokens": Budget(max_tokens=120),
+        "max_cost_usd": Budget(max_cost_usd=0.6),
+        "max_duration_seconds": Budget(max_duration_seconds=6),
+        "max_sub_agents": Budget(max_sub_agents=1),
+    }[limit]
+
+    @run(name="stopped", budget=budget)
+    def main() -> None:
+        if limit == "max_sub_agents":
+            helper()
+            helper()
+        else:
+            ask()
+            ask()
+            ask()
+        raise AssertionError(f"not stopped: {get_current_run_context().budget_status()}")
+
+    with pytest.raises(BudgetExceededError) as raised:
+        main()
+    assert raised.value.limit == limit
+
+
+@pytest.mark.parametrize("limit", ["max_tokens", "max_cost_usd", "max_duration_seconds", "max_sub_agents"])
+def test_each_limit_is_counted_by_name_with_the_refused_step_as_exemplar(reader, traced, limit) -> None:
+    _refused_by(limit, traced)
+    [(attributes, point)] = points(reader, "multirun.budget.exceeded")
+    assert (attributes, point.value) == (
+        {"gen_ai.workflow.name": "stopped", "multirun.budget.limit": limit},
+        1,
+    )
+    refused = [s for s in traced.spans() if s.attributes.get("multirun.policy.decision") == "abort"]
+    assert [s.attributes["multirun.budget.exceeded_limit"] for s in refused] == [limit]
+    [exemplar] = point.exemplars
+    assert (exemplar.trace_id, exemplar.span_id) == (refused[0].context.trace_id, refused[0].context.span_id)
+    decisions = {
+        (a["multirun.policy.decision"], a.get("multirun.policy.rule")): p.value
+        for a, p in points(reader, "multirun.policy.decisions")
+    }
+    assert decisions == {("abort", "budget"): 1}
+
+
+def test_fallback_and_circuit_breaker_decisions_are_counted_by_decision_and_rule(reader, traced) -> None:
+    from multirun.errors import PolicyViolation
+    from multirun.models.policy import CircuitBreakerRule, DegradationTrigger, GracefulDegradationRule
+
+    @step(kind=StepKind.LLM_CALL, model="big")
+    def ask() -> None:
+        multirun.report_usage("big", input_tokens=300, cost_usd=0.0)
+
+    @step(kind=StepKind.TOOL_CALL)
+    def fetch() -> None:
+        raise ConnectionError("down")
+
+    @run(
+        name="degraded",
+        budget=Budget(max_tokens=1000),
+        policy=Policy(
+            graceful_degradation=GracefulDegradationRule(
+                fallback_model="small", trigger=DegradationTrigger.TOKEN_PERCENTAGE, threshold=50
+            ),
+            circuit_breaker=CircuitBreakerRule(failure_threshold=2, recovery_time_seconds=60),
+        ),
+    )
+    def main() -> None:
+        for _ in range(3):
+            ask()  # the third, at 60% of the tokens, falls back
+        for _ in range(3):
+            with pytest.raises((ConnectionError, PolicyViolation)):
+                fetch()  # the third finds the circuit open
+
+    main()
+    decisions = {
+        (a["multirun.policy.decision"], a.get("multirun.policy.rule")): p.value
+        for a, p in points(reader, "multirun.policy.decisions")
+    }
+    assert decisions == {("fallback", "graceful_degradation"): 1, ("abort", "circuit_breaker"): 1}
+    usage = {a["gen_ai.request.model"]: p.count for a, p in points(reader, "gen_ai.client.token.usage")}
+    assert usage == {"big": 2, "small": 1}  # the input of each call (no output reported)
+
+
+def test_usage_and_cost_exemplars_lead_to_the_llm_step_that_reported_them(reader, traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def ask() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=5, provider="openai")
+
+    @run
+    def main() -> None:
+        ask()
+
+    main()
+    llm = traced.span("chat gpt-4o-mini").context
+    data = reader.get_metrics_data()  # one collection: each one takes the exemplars it exports
+    exported = {m.name: m for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics}
+    for name in ("gen_ai.client.token.usage", "multirun.cost", "gen_ai.client.operation.duration"):
+        for point in exported[name].data.data_points:
+            assert [(e.trace_id, e.span_id) for e in point.exemplars] == [(llm.trace_id, llm.span_id)], name
