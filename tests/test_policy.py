@@ -9,7 +9,7 @@ import pytest
 
 import multirun
 from multirun import run, step
-from multirun.context import get_current_step_context
+from multirun.context import get_current_run_context, get_current_step_context
 from multirun.errors import BudgetExceededError, PolicyViolation, StepError
 from multirun.models import Budget, Policy, StepKind
 from multirun.models.policy import (
@@ -551,6 +551,33 @@ def test_degradation_switches_llm_steps_to_the_fallback_model_once_over_threshol
     assert [a[attr.GEN_AI_REQUEST_MODEL] for a in spans] == ["gpt-4o", "gpt-4o", "gpt-4o-mini"]
     assert spans[2][attr.POLICY_DECISION] == "fallback"
     assert spans[2][attr.POLICY_RULE] == "graceful_degradation"
+
+
+def test_degradation_by_default_follows_the_most_used_limit_of_the_budget(traced) -> None:
+    seen: list[str | None] = []
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def ask() -> None:
+        seen.append(get_current_step_context().model)
+        traced.clock.now += 1
+
+    # the default trigger: 80% of the limit most used. After 8 steps that is the duration
+    # (8 of 10 seconds), not the steps (8 of 20)
+    @run(
+        budget=Budget(max_steps=20, max_duration_seconds=10),
+        policy=Policy(graceful_degradation=GracefulDegradationRule(fallback_model="gpt-4o-mini")),
+    )
+    def main() -> float:
+        for _ in range(9):
+            ask()
+        return get_current_run_context().budget_status().percentage_used
+
+    assert main() == 90.0
+    assert seen == ["gpt-4o"] * 8 + ["gpt-4o-mini"]
+    chats = attrs_of(traced, "chat gpt-4o-mini")
+    assert [(a[attr.GEN_AI_REQUEST_MODEL], a[attr.POLICY_DECISION]) for a in chats] == [
+        ("gpt-4o-mini", "fallback")
+    ]
 
 
 def test_usage_a_degraded_step_reports_without_a_model_is_priced_as_the_fallback_model(traced) -> None:
