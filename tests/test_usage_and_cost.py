@@ -928,6 +928,27 @@ def test_a_huge_cost_limit_is_a_limit_never_reached(traced, limit: float) -> Non
     assert main() == 0.0
 
 
+def test_a_huge_reported_cost_is_charged_and_stops_the_run(traced) -> None:
+    # its nano-dollars overflow a float: a whole number of dollars, charged as such
+    calls = []
+
+    @step(kind=StepKind.LLM_CALL)
+    def ask() -> None:
+        calls.append(1)
+        multirun.report_usage(UNKNOWN_MODEL, input_tokens=1, cost_usd=1e300)
+
+    @run(budget=Budget(max_cost_usd=1.0))
+    def main() -> None:
+        ask()
+        ask()
+
+    with pytest.raises(BudgetExceededError) as info:
+        main()
+    assert (info.value.limit, info.value.used, info.value.maximum) == ("max_cost_usd", 1e300, 1.0)
+    assert str(info.value) == "budget exceeded: max_cost_usd ($1e+300 of $1 spent)"
+    assert len(calls) == 1
+
+
 def test_budget_status_is_one_moment_even_when_a_charge_lands_while_it_is_taken() -> None:
     from multirun.enforcement.ledger import RunLedger
 

@@ -50,7 +50,7 @@ from multirun.enforcement.policy import PolicyState
 from multirun.enforcement.processor import TRACER_NAME, UsageSpanProcessor
 from multirun.errors import ConfigurationError
 from multirun.models.budget import Budget
-from multirun.pricing import COST_UNITS_PER_USD, Price, PriceBook
+from multirun.pricing import Price, PriceBook, cost_units_of
 from multirun.telemetry.export import DEFAULT_TIMEOUT_MILLIS, BatchSettings, ExportProcessor, batch_settings
 from multirun.telemetry.local_files import LocalFileSpanExporter
 from multirun.telemetry.metrics import NO_METRICS, Metrics
@@ -176,7 +176,7 @@ class MultiRunClient:
             )
         if cost is None:
             return usage.total_tokens, 0, usage.total_tokens > 0
-        return usage.total_tokens, round(cost * COST_UNITS_PER_USD), False
+        return usage.total_tokens, cost_units_of(cost), False
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Export the spans ended so far, waiting ``timeout_millis`` at most; False if they

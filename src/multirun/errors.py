@@ -163,6 +163,7 @@ def spent_text(limit: str, used: float, maximum: float) -> str:
 
 
 def _fmt(value: float) -> str:
-    if isinstance(value, float) and not value.is_integer():
+    # a float past 2**53 is a whole number too, but its hundreds of digits say nothing more
+    if isinstance(value, float) and (not value.is_integer() or abs(value) >= 2**53):
         return f"{value:.6g}"
     return str(int(value))

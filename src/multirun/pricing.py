@@ -24,6 +24,15 @@ _logger = logging.getLogger(__name__)
 COST_UNITS_PER_USD = 1_000_000_000
 
 
+def cost_units_of(cost_usd: float) -> int:
+    """A cost in integer units, to the nearest one. A cost so large that its units overflow a
+    float (over ~1.8e299 dollars) is a whole number of dollars already, converted exactly."""
+    units = cost_usd * COST_UNITS_PER_USD
+    if units == math.inf:
+        return int(cost_usd) * COST_UNITS_PER_USD
+    return round(units)
+
+
 @lru_cache(maxsize=256)  # round(x, 3) takes ~0.5 us; shares() asks before each step under a policy
 def cost_limit_units(max_cost_usd: float) -> int:
     """A cost limit in integer units: ``cost_units >= cost_limit_units(x)`` exactly when the

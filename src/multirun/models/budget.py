@@ -8,7 +8,7 @@ from pydantic import Field
 
 from multirun.errors import spent_text
 from multirun.models._base import MAX_COUNT_LIMIT, Amount, Count, Model, utcnow
-from multirun.pricing import COST_UNITS_PER_USD, cost_limit_units
+from multirun.pricing import COST_UNITS_PER_USD, cost_limit_units, cost_units_of
 
 if TYPE_CHECKING:
     from multirun.models.run import Run
@@ -37,7 +37,7 @@ class Budget(Model):
         found = first_exceeded(
             self,
             tokens=run.tokens_used,
-            cost_units=round(run.cost_usd * COST_UNITS_PER_USD),
+            cost_units=cost_units_of(run.cost_usd),
             steps=len(run.steps),
             duration_seconds=duration,
             sub_agents=None,
