@@ -31,6 +31,7 @@ from multirun import client as client_module
 from multirun.context import get_current_run_context
 from multirun.errors import ConfigurationError
 from multirun.models import Budget, Run, RunStatus, StepKind
+from multirun.models.policy import RetryRule
 from multirun.telemetry.local_files import read_spans
 
 # ---------------------------------------------------------------------------
@@ -107,6 +108,27 @@ def test_step_with_negative_retry_delay_is_refused() -> None:
         @step(retry=1, retry_delay=-0.5)
         def work() -> None:
             return None
+
+
+@pytest.mark.parametrize("param", ["retry_delay", "retry_max_delay"])
+def test_a_retry_delay_longer_than_a_clock_can_sleep_is_refused_naming_it(param: str) -> None:
+    # time.sleep refuses ~292 years: the step failed "after 1 attempt" with that OverflowError
+    # in place of its own error
+    with pytest.raises(ConfigurationError, match=rf"^@step\({param}=\.\.\.\) must be .*at most 1e\+09"):
+
+        @step(retry=1, **{param: 1e10})
+        def work() -> None:
+            return None
+
+    @step(retry=1, retry_delay=1e9, retry_max_delay=1e9)  # about 31 years: as a rate limit allows
+    def waits_long() -> None:
+        return None
+
+
+@pytest.mark.parametrize("field", ["base_delay_seconds", "max_delay_seconds"])
+def test_a_retry_rule_delay_longer_than_a_clock_can_sleep_is_refused_naming_it(field: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=rf"{field}\n.*less than or equal to 1000000000"):
+        RetryRule(**{field: 1e10})
 
 
 def test_step_with_unknown_retry_strategy_lists_allowed_values() -> None:

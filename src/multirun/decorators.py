@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 from collections.abc import Callable
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
@@ -45,7 +44,7 @@ from multirun.errors import (
     leaf_errors,
 )
 from multirun.models.budget import Budget
-from multirun.models.policy import BackoffStrategy, Policy
+from multirun.models.policy import MAX_WAIT_SECONDS, BackoffStrategy, Policy
 from multirun.models.run import Run
 from multirun.models.step import StepKind, StepStatus
 from multirun.sdk_usage import NOT_A_RESPONSE, StreamUsage, call_of_result, is_sdk_object
@@ -1269,9 +1268,13 @@ def _non_negative_int(decorator: str, param: str, value: Any) -> int:
 
 
 def _delay(decorator: str, param: str, value: Any) -> float:
-    """Seconds to wait: a finite number >= 0 (an infinite wait is no retry at all)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ConfigurationError(f"@{decorator}({param}=...) must be a finite number >= 0, got {value!r}")
+    """Seconds to wait: a finite number >= 0 (an infinite wait is no retry at all), and no longer
+    than a clock can sleep."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_WAIT_SECONDS:
+        raise ConfigurationError(
+            f"@{decorator}({param}=...) must be a number of seconds >= 0 and at most "
+            f"{MAX_WAIT_SECONDS:g} (about 31 years), got {value!r}"
+        )
     return float(value)
 
 

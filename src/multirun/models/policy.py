@@ -36,9 +36,11 @@ class BudgetRule(Model):
     max_cost_usd: Amount | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
-# The longest a rate limit may space two requests: a clock cannot wait much longer (time.sleep
-# refuses ~290 years), and a positive value as tiny as 1e-320 would space them inf seconds apart.
-MAX_REQUEST_INTERVAL_SECONDS = 1e9  # about 31 years
+# The longest wait a rule or a step may ask for: a clock cannot wait much longer (time.sleep
+# refuses ~290 years). Also the longest a rate limit may space two requests: a positive value as
+# tiny as 1e-320 would space them inf seconds apart.
+MAX_WAIT_SECONDS = 1e9  # about 31 years
+MAX_REQUEST_INTERVAL_SECONDS = MAX_WAIT_SECONDS
 
 
 class RateLimitRule(Model):
@@ -58,8 +60,8 @@ class RetryRule(Model):
     max_attempts: Count = Field(default=3, ge=1)
     backoff: BackoffStrategy = BackoffStrategy.EXPONENTIAL
     # finite: an infinite wait is no retry at all
-    base_delay_seconds: Amount = Field(default=1.0, ge=0, allow_inf_nan=False)
-    max_delay_seconds: Amount = Field(default=60.0, ge=0, allow_inf_nan=False)
+    base_delay_seconds: Amount = Field(default=1.0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
+    max_delay_seconds: Amount = Field(default=60.0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
 
 
 class CircuitBreakerRule(Model):
