@@ -292,6 +292,7 @@ def test_report_usage_with_negative_tokens_is_refused_naming_field(traced) -> No
         ({"reasoning_tokens": True}, "reasoning_tokens"),
         ({"input_tokens": "12"}, "input_tokens"),
         ({"provider": 7}, "provider"),
+        ({"output_tokens": 2**63}, "output_tokens"),  # past what OTLP and the shared ledger count
     ],
 )
 def test_report_usage_refuses_each_bad_count_or_name_naming_it(traced, given: dict, named: str) -> None:

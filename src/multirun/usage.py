@@ -21,6 +21,10 @@ def is_cost(value: object) -> bool:
 _REPORT_USAGE_NAMES = {"cache_read_tokens": "cache_read_tokens (cached_input_tokens)"}
 
 
+# The most tokens one report may count: spans carry counts as OTLP 64-bit integers, and the
+# shared ledger (Redis) counts in them.
+MAX_TOKENS = 2**63 - 1
+
 _COUNTS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
@@ -57,7 +61,9 @@ class TokenUsage:
             and type(cache_read_tokens) is int
             and type(cache_write_tokens) is int
             and type(reasoning_tokens) is int
-            and input_tokens | output_tokens | cache_read_tokens | cache_write_tokens | reasoning_tokens >= 0
+            and 0
+            <= input_tokens | output_tokens | cache_read_tokens | cache_write_tokens | reasoning_tokens
+            <= MAX_TOKENS
         ):
             _check_counts(
                 input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens
@@ -92,9 +98,9 @@ class TokenUsage:
 def _check_counts(*counts: object) -> None:
     """Raise for the first token count that is not an int >= 0 (a bool is not one)."""
     for field, value in zip(_COUNTS, counts, strict=True):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
             shown = _REPORT_USAGE_NAMES.get(field, field)
-            raise ConfigurationError(f"{shown} must be an int >= 0, got {value!r}")
+            raise ConfigurationError(f"{shown} must be an int from 0 to 2**63-1, got {value!r}")
 
 
 def _check_names(model: object, provider: object) -> None:
