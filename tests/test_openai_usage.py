@@ -3,7 +3,10 @@
 No mock of openai: a real ``openai.OpenAI`` / ``openai.AsyncOpenAI`` talks HTTP to
 a server of this test on 127.0.0.1 that answers ``POST /v1/chat/completions``
 with canned chat completions, each with its own ``usage`` (a fixed sequence,
-so every total is known). ``OpenAIInstrumentor`` writes its ``chat`` spans to
+so every total is known); a request with ``"stream": true`` is answered with
+Server-Sent Events as the OpenAI API sends them (the chunks, a last chunk with
+the usage when ``stream_options={"include_usage": True}`` asks for it, then
+``data: [DONE]``). ``OpenAIInstrumentor`` writes its ``chat`` spans to
 the provider of the ``traced`` fixture, where multirun's UsageSpanProcessor
 charges their usage to the enclosing step, agent and run.
 
@@ -92,6 +95,9 @@ class CannedOpenAI:
         self.served: list[Served] = []
         self.received = 0  # every POST, answered or not
         self.failing = False  # answer every request with a 503, as an overloaded provider does
+        # a stream fails after this many chunks: "error" sends an error event, as the OpenAI API
+        # does when it fails mid-stream; "disconnect" drops the connection mid-body
+        self.stream_failure: tuple[int, str] | None = None
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -146,7 +152,36 @@ class CannedOpenAI:
                 if served is None:
                     self._send(500, {"error": {"message": "canned responses exhausted", "type": "test"}})
                     return
-                self._send(200, completion(served))
+                if body.get("stream"):
+                    self._stream(served)
+                else:
+                    self._send(200, completion(served))
+
+            def _stream(self, served: Served) -> None:
+                # HTTP/1.1 chunked, so a connection dropped mid-body is an error, not the body's end
+                self.protocol_version = "HTTP/1.1"
+                self.close_connection = True
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.send_header("connection", "close")
+                self.end_headers()
+                failure = canned.stream_failure
+                for i, event in enumerate(stream_events(served)):
+                    if failure is not None and i == failure[0]:
+                        if failure[1] == "error":
+                            error = {"error": {"message": "the server had an error", "type": "server_error"}}
+                            self._chunk(f"data: {json.dumps(error)}\n\n")
+                            break
+                        self.wfile.flush()
+                        return  # no last chunk: the client reads a body cut short
+                    self._chunk(event)
+                self.wfile.write(b"0\r\n\r\n")
+
+            def _chunk(self, text: str) -> None:
+                data = text.encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -195,6 +230,31 @@ def completion(served: Served) -> dict[str, Any]:
             },
         },
     }
+
+
+def stream_events(served: Served) -> Iterator[str]:
+    """The Server-Sent Events of a streamed chat completion, as the OpenAI API sends them: the
+    answer a word a chunk, the finish reason, the usage in a chunk of its own (only when
+    ``stream_options.include_usage`` asked for it), then ``[DONE]``."""
+    include_usage = bool((served.body.get("stream_options") or {}).get("include_usage"))
+    whole = completion(served)
+    base = {k: whole[k] for k in ("id", "created", "model", "system_fingerprint", "service_tier")}
+    base["object"] = "chat.completion.chunk"
+    if include_usage:
+        base["usage"] = None  # on every chunk but the last
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        return f"data: {json.dumps({**base, 'choices': choices})}\n\n"
+
+    words = whole["choices"][0]["message"]["content"].split(" ")
+    yield chunk({"role": "assistant", "content": "", "refusal": None})
+    for i, word in enumerate(words):
+        yield chunk({"content": word if i == 0 else f" {word}"})
+    yield chunk({}, "stop")
+    if include_usage:
+        yield f"data: {json.dumps({**base, 'choices': [], 'usage': whole['usage']})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 # ---------------------------------------------------------------------------

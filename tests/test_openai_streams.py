@@ -1,0 +1,506 @@
+"""Streamed OpenAI chat completions, from the real ``openai`` SDK, charged exactly once.
+
+No mock of openai: a real ``openai.OpenAI`` reads Server-Sent Events from the
+local server of tests/test_openai_usage.py (the chunks, the usage chunk that
+``stream_options={"include_usage": True}`` asks for, then ``[DONE]``), with and
+without opentelemetry-instrumentation-openai-v2, whose chat span of a stream
+ends when the stream is read to its end. Whoever reads the usage (the step, from
+the chunks it yields; ClientAI's instrumentation, from the chunks of its
+request; or openai-v2's span), the call is charged once: in the spans, the run's
+total and its budget.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import genai_prices
+import openai
+import pytest
+from clientai import ClientAI
+from clientai.agent import Agent, synthesize, think
+from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import multirun
+from multirun import run, step
+from multirun.errors import BudgetExceededError
+from multirun.integrations.clientai import ClientAIInstrumentor
+from multirun.models import Budget, StepKind
+from multirun.telemetry import attributes as attr
+from test_openai_usage import CANNED, REQUEST_MODEL, RESPONSE_MODEL, CannedOpenAI, client, llm
+
+__all__ = ["client", "llm"]  # fixtures, imported for pytest
+
+MODES = ["plain", "openai-v2"]
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    """With openai-v2 ("openai-v2") or without ("plain")."""
+    return str(request.param)
+
+
+@pytest.fixture
+def tracing(mode: str, traced: Any) -> Iterator[Any]:
+    """The traced fixture, with openai-v2 writing its chat spans to the same provider, or without."""
+    if mode == "plain":
+        yield traced
+        return
+    instrumentor = OpenAIInstrumentor()
+    instrumentor.instrument(tracer_provider=traced.provider)
+    try:
+        yield traced
+    finally:
+        instrumentor.uninstrument()
+
+
+@pytest.fixture(scope="module")
+def clientai_instrumented() -> Iterator[None]:
+    instrumentor = ClientAIInstrumentor()
+    instrumentor.instrument()
+    yield
+    instrumentor.uninstrument()
+
+
+def attrs(span: Any) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+def is_multirun(span: Any) -> bool:
+    return span.instrumentation_scope is not None and span.instrumentation_scope.name == "multirun"
+
+
+def step_spans(traced: Any, name: str) -> list[Any]:
+    return [s for s in traced.spans() if is_multirun(s) and attrs(s).get(attr.STEP_NAME) == name]
+
+
+def step_span(traced: Any, name: str) -> Any:
+    (found,) = step_spans(traced, name)
+    return found
+
+
+def chat_spans(traced: Any) -> list[Any]:
+    """openai-v2's chat spans."""
+    return [
+        s for s in traced.spans() if not is_multirun(s) and attrs(s).get("gen_ai.operation.name") == "chat"
+    ]
+
+
+def run_attrs(traced: Any, name: str = "main") -> dict[str, Any]:
+    return attrs(traced.span(f"invoke_workflow {name}"))
+
+
+def usage_sum_over_all_spans(traced: Any) -> int:
+    """What a backend gets by summing gen_ai.usage.{input,output}_tokens over every span."""
+    return sum(
+        int(attrs(s).get(attr.GEN_AI_USAGE_INPUT_TOKENS, 0))
+        + int(attrs(s).get(attr.GEN_AI_USAGE_OUTPUT_TOKENS, 0))
+        for s in traced.spans()
+    )
+
+
+def cost(mode: str, *calls: int) -> float:
+    """genai-prices' price of the canned calls: with the cached-input discount when the package read
+    the chunks; openai-v2's span carries no cached tokens (see test_openai_usage.py)."""
+    total = 0.0
+    for i in calls:
+        c = CANNED[i]
+        cached = c.cached if mode == "plain" else 0
+        usage = genai_prices.Usage(
+            input_tokens=c.prompt, output_tokens=c.completion, cache_read_tokens=cached or None
+        )
+        total += float(genai_prices.calc_price(usage, RESPONSE_MODEL, provider_id="openai").total_price)
+    return total
+
+
+def open_stream(client: openai.OpenAI, prompt: str) -> Any:
+    """A real streamed chat completion that asks for its usage, not read yet."""
+    return client.chat.completions.create(
+        model=REQUEST_MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+
+
+def text_of(chunks: Any) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def assert_charged_once(traced: Any, mode: str, step_name: str, *calls: int) -> None:
+    """The step and the run are charged the canned calls ``calls``, each once, at genai-prices'
+    price; the usage is on the step's span (read from the chunks), or on openai-v2's chat span."""
+    tokens = sum(CANNED[i].tokens for i in calls)
+    (span,) = step_spans(traced, step_name)
+    a = attrs(span)
+    assert a[attr.TOKENS_USED] == tokens
+    if mode == "plain":
+        assert a[attr.GEN_AI_USAGE_INPUT_TOKENS] == sum(CANNED[i].prompt for i in calls)
+        assert a[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == sum(CANNED[i].completion for i in calls)
+        assert a[attr.GEN_AI_RESPONSE_MODEL] == RESPONSE_MODEL
+    else:
+        assert attr.GEN_AI_USAGE_INPUT_TOKENS not in a  # the chat span's, counted in the roll-up only
+        assert len(chat_spans(traced)) == len(calls)
+        assert all(c.parent.span_id == span.context.span_id for c in chat_spans(traced))
+    main = run_attrs(traced)
+    assert main[attr.TOKENS_USED] == tokens
+    assert main[attr.COST_USD] == pytest.approx(cost(mode, *calls), rel=1e-9)
+    assert usage_sum_over_all_spans(traced) == tokens
+
+
+# ---------------------------------------------------------------------------
+# a generator step that yields the SDK's chunks
+
+
+def test_a_step_yielding_a_real_sdk_stream_is_charged_once_when_read(tracing, mode, llm, client) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Iterator[Any]:
+        yield from open_stream(client, prompt)
+
+    @run
+    def main() -> str:
+        return text_of(answer("hello there"))
+
+    assert main() == "re: hello there"
+    assert llm.served[0].body["stream_options"] == {"include_usage": True}
+    assert_charged_once(tracing, mode, "answer", 0)
+    assert attrs(step_span(tracing, "answer"))[attr.STEP_STREAM_ITEMS] == 6  # role, 3 words, stop, usage
+
+
+def test_a_budget_counts_a_streamed_call_once(tracing, llm, client) -> None:
+    # once counted, the first call leaves room for a second; counted twice it would not
+    limit = CANNED[0].tokens + 1
+    entered: list[int] = []
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(i: int) -> Iterator[Any]:
+        entered.append(i)
+        yield from open_stream(client, f"call {i}")
+
+    @run(budget=Budget(max_tokens=limit))
+    def main() -> None:
+        for i in range(3):
+            text_of(answer(i))
+
+    with pytest.raises(BudgetExceededError) as info:
+        main()
+    assert entered == [0, 1]
+    assert info.value.used == CANNED[0].tokens + CANNED[1].tokens
+    assert run_attrs(tracing)[attr.TOKENS_USED] == CANNED[0].tokens + CANNED[1].tokens
+
+
+async def test_an_async_step_yielding_a_real_sdk_stream_is_charged_once_when_read(tracing, mode, llm) -> None:
+    aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    async def answer(prompt: str) -> Any:
+        stream = await aclient.chat.completions.create(
+            model=REQUEST_MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for chunk in stream:
+            yield chunk
+
+    @run
+    async def main() -> str:
+        return text_of([chunk async for chunk in answer("hello there")])
+
+    try:
+        assert await main() == "re: hello there"
+    finally:
+        await aclient.close()
+    assert_charged_once(tracing, mode, "answer", 0)
+
+
+def test_a_stream_closed_right_after_its_usage_chunk_is_charged_once(tracing, mode, llm, client) -> None:
+    """Its consumer stops at the usage chunk, before the stream's end: the step read the usage
+    (and openai-v2's span, closed by ``yield from``, reported it too), charged once all the same."""
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Iterator[Any]:
+        yield from open_stream(client, prompt)
+
+    @run
+    def main() -> None:
+        stream = answer("hello there")
+        for chunk in stream:
+            if chunk.usage is not None:
+                stream.close()
+
+    main()
+    assert_charged_once(tracing, mode, "answer", 0)
+
+
+# ---------------------------------------------------------------------------
+# ClientAI, its OpenAI provider talking to the server
+
+
+class TwoStepAgent(Agent):
+    """A plain step, then one that streams its answer to the caller."""
+
+    @think("analyze")
+    def analyze(self, topic: str) -> str:
+        return f"analyze {topic}"
+
+    @synthesize("report", stream=True)
+    def report(self, analysis: str) -> str:
+        return f"report on {analysis}"
+
+
+def real_clientai(llm: CannedOpenAI) -> ClientAI:
+    """ClientAI's OpenAI provider, with the real SDK client pointed at the local server."""
+    client = ClientAI("openai", api_key="sk-test")
+    client.provider.client = openai.OpenAI(base_url=llm.url, api_key="sk-test", max_retries=0)
+    return client
+
+
+def test_a_clientai_agent_streaming_from_the_real_sdk_is_charged_once(
+    clientai_instrumented, tracing, mode, llm
+) -> None:
+    agent = TwoStepAgent(client=real_clientai(llm), default_model=REQUEST_MODEL)
+
+    @run
+    def main() -> str:
+        return "".join(agent.run("otel", stream=True))
+
+    assert main() == "re: report on re: analyze otel"
+    assert llm.served[1].body["stream"] is True
+    assert llm.served[1].body["stream_options"] == {"include_usage": True}
+    calls = step_spans(tracing, "generate_text")
+    assert [attrs(s)[attr.TOKENS_USED] for s in calls] == [CANNED[0].tokens, CANNED[1].tokens]
+    for i, call in enumerate(calls):
+        a = attrs(call)
+        assert attr.USAGE_UNKNOWN not in a
+        if mode == "plain":
+            assert a[attr.GEN_AI_USAGE_INPUT_TOKENS] == CANNED[i].prompt
+            assert a[attr.GEN_AI_RESPONSE_MODEL] == RESPONSE_MODEL
+        else:
+            assert attr.GEN_AI_USAGE_INPUT_TOKENS not in a  # the chat span's, counted in the roll-up only
+    if mode == "openai-v2":  # openai-v2's chat span of each request is inside the request's span
+        by_id = {c.context.span_id for c in calls}
+        assert sorted(c.parent.span_id for c in chat_spans(tracing)) == sorted(by_id)
+    assert attrs(step_span(tracing, "report"))[attr.TOKENS_USED] == CANNED[1].tokens
+    main_attrs = run_attrs(tracing)
+    assert main_attrs[attr.TOKENS_USED] == CANNED[0].tokens + CANNED[1].tokens
+    assert main_attrs[attr.COST_USD] == pytest.approx(cost(mode, 0, 1), rel=1e-9)
+    assert usage_sum_over_all_spans(tracing) == CANNED[0].tokens + CANNED[1].tokens
+
+
+class UnreadStreamAgent(Agent):
+    """A streamed step whose stream no step reads (the next step takes no input): ClientAI keeps it."""
+
+    @think("draft", stream=True)
+    def draft(self, topic: str) -> str:
+        return f"draft {topic}"
+
+    @synthesize("wrap_up")
+    def wrap_up(self) -> str:
+        return "wrap up"
+
+
+def test_a_clientai_stream_read_after_its_agent_ended_is_charged_once(
+    clientai_instrumented, tracing, mode, llm
+) -> None:
+    """Its call was ended with its agent, unfinished; its usage, read later in the run (by the
+    package from the chunks, or by openai-v2's span), is charged to the run then, once."""
+    agent = UnreadStreamAgent(client=real_clientai(llm), default_model=REQUEST_MODEL)
+
+    @run
+    def main() -> str:
+        agent.run("otel")
+        return "".join(agent.context.last_results["draft"])
+
+    assert main() == "re: draft otel"
+    (draft_call,) = [s for s in step_spans(tracing, "generate_text") if attr.STEP_STREAM_ITEMS in attrs(s)]
+    assert attrs(draft_call)[attr.STEP_STREAM_UNFINISHED] is True
+    main_attrs = run_attrs(tracing)
+    assert main_attrs[attr.TOKENS_USED] == CANNED[0].tokens + CANNED[1].tokens
+    assert main_attrs[attr.COST_USD] == pytest.approx(cost(mode, 0, 1), rel=1e-9)
+
+
+def test_a_budget_counts_a_clientai_streamed_call_once(clientai_instrumented, tracing, llm) -> None:
+    # once counted, the first agent's calls leave room for the second agent; counted twice they would not
+    agent = TwoStepAgent(client=real_clientai(llm), default_model=REQUEST_MODEL)
+    first = CANNED[0].tokens + CANNED[1].tokens
+
+    @run(budget=Budget(max_tokens=first + 1))
+    def main() -> None:
+        for _ in range(2):
+            "".join(agent.run("otel", stream=True))
+
+    with pytest.raises(BudgetExceededError) as info:
+        main()
+    assert llm.requests == 3  # the second agent's report was refused before its request
+    assert info.value.used == first + CANNED[2].tokens
+    assert run_attrs(tracing)[attr.TOKENS_USED] == first + CANNED[2].tokens
+
+
+# ---------------------------------------------------------------------------
+# the GenAI metrics: each streamed call once
+
+
+@pytest.fixture
+def metered(mode: str, traced: Any) -> Iterator[InMemoryMetricReader]:
+    """multirun, and openai-v2 or not, recording metrics to one in-memory reader."""
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    multirun.init(tracer_provider=traced.provider, meter_provider=meters).clock = traced.clock
+    instrumentor = OpenAIInstrumentor()
+    if mode == "openai-v2":
+        instrumentor.instrument(tracer_provider=traced.provider, meter_provider=meters)
+    try:
+        yield reader
+    finally:
+        if mode == "openai-v2":
+            instrumentor.uninstrument()
+        meters.shutdown()
+
+
+def points(reader: InMemoryMetricReader, name: str) -> list[Any]:
+    data = reader.get_metrics_data()
+    return [
+        p
+        for resource in (data.resource_metrics if data else ())
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+        for p in metric.data.data_points
+    ]
+
+
+@pytest.mark.parametrize("caller", ["generator step", "clientai"])
+def test_each_streamed_call_is_in_the_genai_metrics_once(
+    clientai_instrumented, metered, llm, client, caller: str
+) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Iterator[Any]:
+        yield from open_stream(client, prompt)
+
+    agent = TwoStepAgent(client=real_clientai(llm), default_model=REQUEST_MODEL)
+
+    @run
+    def main() -> str:
+        if caller == "clientai":
+            return "".join(agent.run("otel", stream=True))
+        return text_of(answer("one")) + text_of(answer("two"))
+
+    main()
+    assert llm.requests == 2
+    inputs = [
+        p
+        for p in points(metered, "gen_ai.client.token.usage")
+        if p.attributes["gen_ai.token.type"] == "input"
+    ]
+    assert sum(p.count for p in inputs) == 2
+    assert sum(p.sum for p in inputs) == CANNED[0].prompt + CANNED[1].prompt
+    assert sum(p.count for p in points(metered, "gen_ai.client.operation.duration")) == 2
+
+
+# ---------------------------------------------------------------------------
+# streams abandoned half-read, and streams that fail mid-way
+
+
+def test_a_generator_step_abandoned_half_read_is_completed_with_nothing_charged(tracing, llm, client) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Iterator[Any]:
+        yield from open_stream(client, prompt)
+
+    @step(kind=StepKind.LLM_CALL)
+    def again(prompt: str) -> Iterator[Any]:
+        yield from open_stream(client, prompt)
+
+    @run
+    def main() -> str:
+        for _ in answer("hello there"):
+            break  # abandoned: the usage chunk never read
+        gc.collect()
+        return text_of(again("and again"))
+
+    assert main() == "re: and again"
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STATUS] == "completed"
+    assert a[attr.STEP_STREAM_ITEMS] == 1
+    assert a.get(attr.TOKENS_USED, 0) == 0
+    assert run_attrs(tracing)[attr.TOKENS_USED] == CANNED[1].tokens
+
+
+@pytest.mark.parametrize("failure", ["error", "disconnect"])
+def test_a_generator_step_whose_stream_fails_midway_fails_with_the_sdk_error(
+    tracing, llm, client, failure: str
+) -> None:
+    llm.stream_failure = (3, failure)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Iterator[Any]:
+        yield from open_stream(client, prompt)
+
+    @run
+    def main() -> None:
+        with pytest.raises(openai.APIError):
+            text_of(answer("hello there"))
+
+    main()
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STATUS] == "failed"
+    assert a["error.type"].startswith("openai.")
+    assert a.get(attr.TOKENS_USED, 0) == 0
+    main_attrs = run_attrs(tracing)
+    assert main_attrs[attr.RUN_STATUS] == "completed"
+    assert main_attrs[attr.TOKENS_USED] == 0
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_a_clientai_stream_abandoned_half_read_says_its_tokens_are_unknown(
+    clientai_instrumented, tracing, llm, how: str
+) -> None:
+    agent = TwoStepAgent(client=real_clientai(llm), default_model=REQUEST_MODEL)
+
+    @run
+    def main() -> str:
+        stream = agent.run("otel", stream=True)
+        first = next(stream)
+        if how == "close":
+            stream.close()
+        del stream
+        gc.collect()
+        return str(first)
+
+    assert main() == "re:"
+    report_call = step_spans(tracing, "generate_text")[1]
+    a = attrs(report_call)
+    assert a[attr.STEP_STATUS] == "completed"
+    assert a[attr.STEP_STREAM_ITEMS] == 1
+    assert a[attr.USAGE_UNKNOWN] is True  # the usage chunk never came: not a silent 0
+    assert attr.TOKENS_USED not in a
+    main_attrs = run_attrs(tracing)
+    assert main_attrs[attr.RUN_STATUS] == "completed"
+    assert main_attrs[attr.TOKENS_USED] == CANNED[0].tokens
+
+
+@pytest.mark.parametrize("failure", ["error", "disconnect"])
+def test_a_clientai_stream_that_fails_midway_fails_its_call_step_and_agent(
+    clientai_instrumented, tracing, llm, failure: str
+) -> None:
+    agent = TwoStepAgent(client=real_clientai(llm), default_model=REQUEST_MODEL)
+
+    @run
+    def main() -> None:
+        llm.stream_failure = (3, failure)  # the analyze step is not streamed: only the report fails
+        with pytest.raises(openai.APIError):
+            "".join(agent.run("otel", stream=True))
+
+    main()
+    report_call = step_spans(tracing, "generate_text")[1]
+    for span in (report_call, step_span(tracing, "report"), tracing.span("invoke_agent TwoStepAgent")):
+        assert attrs(span)["error.type"].startswith("openai."), span.name
+    assert attrs(report_call)[attr.STEP_STATUS] == "failed"
+    assert attrs(report_call).get(attr.TOKENS_USED, 0) == 0
+    main_attrs = run_attrs(tracing)
+    assert main_attrs[attr.RUN_STATUS] == "completed"
+    assert main_attrs[attr.TOKENS_USED] == CANNED[0].tokens
