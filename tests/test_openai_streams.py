@@ -13,6 +13,7 @@ total and its budget.
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -235,6 +236,65 @@ def test_a_stream_closed_right_after_its_usage_chunk_is_charged_once(tracing, mo
 
     main()
     assert_charged_once(tracing, mode, "answer", 0)
+
+
+# ---------------------------------------------------------------------------
+# a step that returns the SDK's stream, read by its caller
+
+
+def test_a_step_returning_a_stream_under_openai_v2_is_charged_once_when_its_caller_reads_it(
+    traced, llm, client
+) -> None:
+    """The step ends when it returns the stream: openai-v2's chat span, inside it, ends when the
+    caller reads the stream to its end, and charges the run then, once. (Without an instrumentation
+    there is nothing to charge it by: README, "A step that hands an unconsumed stream back to its
+    caller has nothing to read: yield the chunks from the step instead".)"""
+    instrumentor = OpenAIInstrumentor()
+    instrumentor.instrument(tracer_provider=traced.provider)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_stream(client, prompt)
+
+    @run
+    def main() -> str:
+        return text_of(answer("hello there"))
+
+    try:
+        assert main() == "re: hello there"
+    finally:
+        instrumentor.uninstrument()
+    (chat,) = chat_spans(traced)
+    assert chat.parent.span_id == step_span(traced, "answer").context.span_id
+    assert attrs(chat)[attr.GEN_AI_USAGE_INPUT_TOKENS] == CANNED[0].prompt
+    main_attrs = run_attrs(traced)
+    assert main_attrs[attr.TOKENS_USED] == CANNED[0].tokens
+    assert main_attrs[attr.COST_USD] == pytest.approx(cost("openai-v2", 0), rel=1e-9)
+    assert usage_sum_over_all_spans(traced) == CANNED[0].tokens
+
+
+def test_a_step_returning_a_real_sdk_stream_leaves_the_sdk_s_client_alone(
+    tracing, llm, client, monkeypatch
+) -> None:
+    """The replay log keeps what a step returns, a copy where one can be made: trying to copy a
+    stream copied part of the SDK's HTTP client, and the half-made copy, collected, printed
+    "Exception ignored in: SyncHttpxClientWrapper.__del__" into the program's output."""
+    ignored: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_stream(client, prompt)
+
+    @run
+    def main() -> str:
+        stream = answer("hello there")
+        gc.collect()
+        return text_of(stream)
+
+    assert main() == "re: hello there"
+    gc.collect()
+    assert [f"{u.exc_type.__name__} in {u.object!r}" for u in ignored] == []
 
 
 # ---------------------------------------------------------------------------

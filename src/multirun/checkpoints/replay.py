@@ -71,6 +71,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from multirun.checkpoints.hashing import v1_input_hash
+from multirun.checkpoints.serializers import is_one_shot
 from multirun.errors import DeterminismError
 
 _logger = logging.getLogger(__name__)
@@ -206,13 +207,21 @@ class ReplayLog:
             )
 
     def record(self, call: Call, result: Any, *, copied: bool = False) -> None:
-        """The step of ``call`` returned ``result`` (``copied``: a copy the program cannot change)."""
+        """The step of ``call`` returned ``result`` (``copied``: a copy the program cannot change).
+
+        An iterator is the program's to read once (an LLM SDK stream, a file): it is not kept, as
+        ``abandon`` does. Trying to copy an SDK stream half-copied its HTTP client, whose copy
+        then complained on stderr when it was collected.
+        """
+        if not copied and type(result) not in _KEPT_AS_IS:
+            if is_one_shot(result):
+                self.abandon(call)
+                return
+            result = kept_copy(result)
         seq = call[SEQ]
         if self._reruns and seq in self._reruns:
             self._rerun_returned(seq)
         # begin() let it in while the log had room: past the limit by the calls in flight at most
-        if not copied and type(result) not in _KEPT_AS_IS:
-            result = kept_copy(result)
         self._recorded.append((call, next(self._seq), result))  # one atomic append
         # only then is it no longer running: a checkpoint taken meanwhile finds it in one of the
         # two, or both (to_records keeps the ended one), never in neither
