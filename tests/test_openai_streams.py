@@ -352,6 +352,30 @@ def test_a_clientai_agent_streaming_from_the_real_sdk_is_charged_once(
     assert usage_sum_over_all_spans(tracing) == CANNED[0].tokens + CANNED[1].tokens
 
 
+def test_a_clientai_stream_of_full_chunks_is_charged_once_without_handing_out_the_usage_chunk(
+    clientai_instrumented, tracing, mode, llm
+) -> None:
+    """The caller asked for the SDK's chunks, not for their usage: the usage chunk asked for on its
+    behalf is read, not handed out."""
+    client = real_clientai(llm)
+    messages = [{"role": "user", "content": "hello there"}]
+
+    @run
+    def main() -> list[Any]:
+        return list(client.chat(messages, model=REQUEST_MODEL, stream=True, return_full_response=True))
+
+    chunks = main()
+    assert llm.served[0].body["stream_options"] == {"include_usage": True}
+    assert len(chunks) == 5  # role, 3 words, stop
+    assert all(c.choices and c.usage is None for c in chunks)
+    assert text_of(chunks) == "re: hello there"
+    (call,) = step_spans(tracing, "chat")
+    assert attrs(call)[attr.TOKENS_USED] == CANNED[0].tokens
+    main_attrs = run_attrs(tracing)
+    assert main_attrs[attr.TOKENS_USED] == CANNED[0].tokens
+    assert main_attrs[attr.COST_USD] == pytest.approx(cost(mode, 0), rel=1e-9)
+
+
 class UnreadStreamAgent(Agent):
     """A streamed step whose stream no step reads (the next step takes no input): ClientAI keeps it."""
 
@@ -460,6 +484,33 @@ def test_each_streamed_call_is_in_the_genai_metrics_once(
     assert sum(p.count for p in inputs) == 2
     assert sum(p.sum for p in inputs) == CANNED[0].prompt + CANNED[1].prompt
     assert sum(p.count for p in points(metered, "gen_ai.client.operation.duration")) == 2
+
+
+@pytest.mark.parametrize("caller", ["generator step", "clientai"])
+def test_a_streamed_call_failing_midway_is_timed_once_as_failed(
+    clientai_instrumented, metered, llm, client, caller: str
+) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Iterator[Any]:
+        yield from open_stream(client, prompt)
+
+    agent = TwoStepAgent(client=real_clientai(llm), default_model=REQUEST_MODEL)
+
+    @run
+    def main() -> None:
+        llm.stream_failure = (3, "error")  # the streamed request only: ClientAI's first is not
+        with pytest.raises(openai.APIError):
+            if caller == "clientai":
+                "".join(agent.run("otel", stream=True))
+            else:
+                text_of(answer("one"))
+
+    main()
+    durations = points(metered, "gen_ai.client.operation.duration")
+    failed = [p for p in durations if "error.type" in p.attributes]
+    assert [p.count for p in failed] == [1]
+    assert "APIError" in str(failed[0].attributes["error.type"])
+    assert sum(p.count for p in durations) == llm.requests
 
 
 # ---------------------------------------------------------------------------
