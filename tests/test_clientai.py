@@ -1298,6 +1298,28 @@ def test_uninstrument_restores_clientai_and_instrument_patches_it_again(
     assert isinstance(CoreAgent.__dict__["run"], wrapt.FunctionWrapper)
 
 
+def test_a_budget_given_to_instrument_once_instrumented_applies_and_a_bad_one_is_refused(
+    traced: Any, instrumented: ClientAIInstrumentor
+) -> None:
+    """Under ``opentelemetry-instrument`` ClientAI is instrumented before the program starts: the
+    budget the program then gives ``instrument()`` must still cap the runs it starts."""
+    assert instrumented.is_instrumented_by_opentelemetry
+    try:
+        with pytest.raises(ConfigurationError, match=r"instrument\(budget=\.\.\.\)"):
+            instrumented.instrument(budget={"max_tokens": -1})
+        instrumented.instrument(budget=Budget(max_tokens=100))
+        instrumented.instrument()  # a call without options changes nothing
+        agent, model = research_agent.build()
+        with pytest.raises(BudgetExceededError):
+            agent.run(TOPIC)
+    finally:
+        instrumented.uninstrument()
+        instrumented.instrument()
+    (run_span,) = run_roots(records(traced))
+    assert run_span.attributes["multirun.budget.max_tokens"] == 100
+    assert len(model.calls) == 2
+
+
 def test_a_bad_budget_is_refused_before_anything_is_patched(instrumented: ClientAIInstrumentor) -> None:
     instrumented.uninstrument()
     try:
@@ -1371,3 +1393,30 @@ def test_opentelemetry_instrument_gives_the_same_tree_without_a_code_change(
 
     there = tree(load_spans(tmp_path / "multirun"))
     assert there == here == RESEARCH_TREE
+
+
+def _run_module(
+    module: str, tmp_path: Path, *, instrumented: bool, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m module`` from tests/, under ``opentelemetry-instrument`` if ``instrumented``."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    environment.update(MULTIRUN_DIR=str(tmp_path / "multirun"), **env)
+    command = [sys.executable, "-m", module]
+    if instrumented:
+        command.insert(0, str(Path(sys.executable).parent / "opentelemetry-instrument"))
+    return subprocess.run(
+        command, cwd=TESTS, env=environment, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.parametrize("instrumented", [False, True], ids=["python", "opentelemetry-instrument"])
+def test_the_budget_a_program_gives_instrument_stops_it_under_opentelemetry_instrument_too(
+    tmp_path: Path, instrumented: bool
+) -> None:
+    """opentelemetry-instrument instruments ClientAI first; the program's own ``instrument(budget=)``
+    came second and was dropped (OpenTelemetry's 'already instrumented' warning), so the agent ran
+    past its budget."""
+    done = _run_module("clientai_programs.capped_agent", tmp_path, instrumented=instrumented)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "stopped: max_tokens after 2 requests"
+    assert "already instrumented" not in done.stderr

@@ -951,6 +951,29 @@ def test_budget_of_instrument_applies_to_the_runs_it_starts(
     assert tool.attributes[attr.BUDGET_EXCEEDED_LIMIT] == "max_tokens"
 
 
+def test_a_budget_given_to_instrument_once_instrumented_applies(
+    traced: Any, runtime: None, instrumented: MotusInstrumentor, crew: ModuleType
+) -> None:
+    """Under ``opentelemetry-instrument`` Motus is instrumented before the program starts: the
+    budget the program then gives ``instrument()`` must still cap the runs it starts (it was
+    dropped, with only OpenTelemetry's "already instrumented" warning)."""
+    from motus.agent import ReActAgent
+
+    assert instrumented.is_instrumented_by_opentelemetry
+    try:
+        instrumented.instrument(budget=Budget(max_tokens=100))
+        solo = ReActAgent(
+            client=crew.FakeChatClient(), model_name="gpt-4o-mini", name="solo", tools=[crew.web_search]
+        )
+        with pytest.raises(BudgetExceededError):
+            resolve(solo("What is OpenTelemetry?"))
+    finally:
+        instrumented.uninstrument()
+        instrumented.instrument()
+    assert traced.span("invoke_workflow solo").attributes["multirun.budget.max_tokens"] == 100
+    assert traced.span("execute_tool web_search").attributes[attr.BUDGET_EXCEEDED_LIMIT] == "max_tokens"
+
+
 def test_a_refused_usage_report_fails_the_task_through_its_future(traced: Any, runtime: None) -> None:
     """With ``init(unpriced="fail")`` a model call of a model with no known price is refused."""
     traced.client.fail_unpriced = True

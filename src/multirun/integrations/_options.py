@@ -5,13 +5,13 @@ patches, and report its own failures.
 ``instrument()`` checks for its framework itself; ``budget`` and ``policy``
 (for the runs an instrumentation starts) are validated the way ``@run``
 validates them; a ``tracer_provider`` configures multirun unless the
-application already did.
+application already did. Given again once instrumented, they apply from then on.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
@@ -54,6 +54,21 @@ def missing_framework(instruments: Collection[str], instrumentor: str, why: str,
         return False
     _logger.error("multirun: %s instruments nothing: %s", instrumentor, why)
     return True
+
+
+_OPTIONS = ("budget", "policy", "tracer_provider")
+
+
+def reconfigures(instrumentor: Any, kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``instrument(**kwargs)`` gives options to an instrumentor instrumented already.
+
+    ``opentelemetry-instrument`` instruments before the program runs, so the program's own
+    ``instrument(budget=...)`` comes second: its options must apply (OpenTelemetry's
+    ``instrument`` drops a second call with an "already instrumented" warning).
+    """
+    return bool(instrumentor.is_instrumented_by_opentelemetry) and any(
+        kwargs.get(option) is not None for option in _OPTIONS
+    )
 
 
 def model_option(instrumentor: str, name: str, value: Any, model: type[M]) -> M | None:

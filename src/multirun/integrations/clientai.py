@@ -81,6 +81,7 @@ from multirun.integrations._options import (
     instrumentation_failed,
     missing_framework,
     model_option,
+    reconfigures,
 )
 from multirun.integrations._specs import framework_step_spec
 from multirun.models.budget import Budget
@@ -119,6 +120,9 @@ class ClientAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     ``instrument()`` takes, besides the usual ``tracer_provider`` (used when
     multirun is not configured yet), ``budget`` and ``policy``: the limits and
     rules of the runs the instrumentation starts for agents run outside any run.
+
+    Called again once instrumented (as by a program run under
+    ``opentelemetry-instrument``), the options it is given apply from then on.
     """
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -128,15 +132,15 @@ class ClientAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         """Instrument ClientAI; without it, an error says how to install it, and nothing is patched."""
         if missing_framework(_INSTRUMENTS, "ClientAIInstrumentor", _INSTALL, **kwargs):
             return None
+        if reconfigures(self, kwargs):  # instrumented already (opentelemetry-instrument): options apply
+            _configure(kwargs, keep=True)
+            return None
         return super().instrument(**kwargs)
 
     def _instrument(self, **kwargs: Any) -> None:
         if not framework_installed(_INSTRUMENTS, "ClientAI"):
             return
-        budget = model_option("ClientAIInstrumentor", "budget", kwargs.get("budget"), Budget)
-        policy = model_option("ClientAIInstrumentor", "policy", kwargs.get("policy"), Policy)
-        configure_tracer_provider(kwargs.get("tracer_provider"), "ClientAI")
-        _settings.budget, _settings.policy = budget, policy
+        _configure(kwargs)
         wrappers = globals()
         try:
             _settings.client_ai_error = importlib.import_module("clientai.exceptions").ClientAIError
@@ -156,6 +160,17 @@ class ClientAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 unwrap(getattr(module, owner_path), name)
         _settings.patched.clear()
         _settings.budget = _settings.policy = None
+
+
+def _configure(kwargs: dict[str, Any], keep: bool = False) -> None:
+    """Take the options of ``instrument``; with ``keep``, an option not given keeps its value."""
+    budget = model_option("ClientAIInstrumentor", "budget", kwargs.get("budget"), Budget)
+    policy = model_option("ClientAIInstrumentor", "policy", kwargs.get("policy"), Policy)
+    configure_tracer_provider(kwargs.get("tracer_provider"), "ClientAI")
+    if budget is not None or not keep:
+        _settings.budget = budget
+    if policy is not None or not keep:
+        _settings.policy = policy
 
 
 class _Settings:

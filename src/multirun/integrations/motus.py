@@ -95,6 +95,7 @@ from multirun.integrations._options import (
     instrumentation_failed,
     missing_framework,
     model_option,
+    reconfigures,
 )
 from multirun.integrations._specs import framework_step_spec
 from multirun.models.agent import AgentStatus
@@ -170,6 +171,9 @@ class MotusInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     multirun is not configured yet), ``budget`` and ``policy``: the limits and
     rules of the runs the instrumentation starts for tasks registered outside
     any run.
+
+    Called again once instrumented (as by a program run under
+    ``opentelemetry-instrument``), the options it is given apply from then on.
     """
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -179,14 +183,15 @@ class MotusInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         """Instrument Motus; without it, an error says how to install it, and nothing is patched."""
         if missing_framework(_INSTRUMENTS, "MotusInstrumentor", _install_hint(), **kwargs):
             return None
+        if reconfigures(self, kwargs):  # instrumented already (opentelemetry-instrument): options apply
+            _configure(kwargs, keep=True)
+            return None
         return super().instrument(**kwargs)
 
     def _instrument(self, **kwargs: Any) -> None:
         if not framework_installed(_INSTRUMENTS, "Motus"):  # always so before Python 3.12
             return
-        _settings.budget = model_option("MotusInstrumentor", "budget", kwargs.get("budget"), Budget)
-        _settings.policy = model_option("MotusInstrumentor", "policy", kwargs.get("policy"), Policy)
-        configure_tracer_provider(kwargs.get("tracer_provider"), "Motus")
+        _configure(kwargs)
         _settings.active = True
         if _HOOK_MODULE in sys.modules:
             _patch()
@@ -198,6 +203,17 @@ class MotusInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         _settings.active = False
         _settings.budget = _settings.policy = None
         _unpatch()
+
+
+def _configure(kwargs: dict[str, Any], keep: bool = False) -> None:
+    """Take the options of ``instrument``; with ``keep``, an option not given keeps its value."""
+    budget = model_option("MotusInstrumentor", "budget", kwargs.get("budget"), Budget)
+    policy = model_option("MotusInstrumentor", "policy", kwargs.get("policy"), Policy)
+    configure_tracer_provider(kwargs.get("tracer_provider"), "Motus")
+    if budget is not None or not keep:
+        _settings.budget = budget
+    if policy is not None or not keep:
+        _settings.policy = policy
 
 
 class _Settings:
