@@ -6,8 +6,8 @@ it adds its span processor to it. With no provider set, it creates one that
 exports over OTLP when an endpoint is configured (argument or the standard
 ``OTEL_EXPORTER_OTLP_*`` variables; over HTTP, or gRPC when ``protocol`` or
 ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)PROTOCOL`` says so) and otherwise writes OTLP JSON files under
-``./.multirun/`` (the embedded default). ``@run`` calls ``init()`` itself if
-nobody did.
+``./.multirun/`` (the embedded default), unless ``OTEL_TRACES_EXPORTER`` names its span
+exporters. ``@run`` calls ``init()`` itself if nobody did.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -51,7 +52,13 @@ from multirun.enforcement.processor import TRACER_NAME, UsageSpanProcessor
 from multirun.errors import ConfigurationError
 from multirun.models.budget import Budget
 from multirun.pricing import Price, PriceBook, cost_units_of
-from multirun.telemetry.export import DEFAULT_TIMEOUT_MILLIS, BatchSettings, ExportProcessor, batch_settings
+from multirun.telemetry.export import (
+    DEFAULT_TIMEOUT_MILLIS,
+    BatchSettings,
+    ExportProcessor,
+    SpanExporters,
+    batch_settings,
+)
 from multirun.telemetry.local_files import LocalFileSpanExporter
 from multirun.telemetry.metrics import NO_METRICS, Metrics
 from multirun.usage import TokenUsage
@@ -229,15 +236,16 @@ class _SwappableExportProcessor(SpanProcessor):
         self._retiring: list[threading.Thread] = []  # the shutdowns of replaced pipelines
         self._lock = threading.Lock()
 
-    def replace(self, exporter: SpanExporter, settings: BatchSettings | None) -> None:
-        """Export to ``exporter`` from now on. The pipeline replaced exports what it holds and
-        shuts its exporter down, unless ``exporter`` is that one (``init`` run again with it)."""
+    def replace(self, exporter: SpanExporter | None, settings: BatchSettings | None) -> None:
+        """Export to ``exporter`` from now on (None: nowhere). The pipeline replaced exports what
+        it holds and shuts its exporter down, unless ``exporter`` is that one (``init`` run again
+        with it)."""
         with self._lock:
             old = self._current
             if old is not None and old.exporter is exporter and settings == self._settings:
                 return  # nothing changes: the pipeline goes on
-            new = ExportProcessor(exporter, settings=settings)
-            if old is not None and old.exporter is exporter:
+            new = None if exporter is None else ExportProcessor(exporter, settings=settings)
+            if old is not None and new is not None and old.exporter is exporter:
                 new.take_over_from(old)  # new batch settings: the exporter goes on in the new pipeline
             self._current, self._settings = new, settings
             if old is None:
@@ -442,11 +450,13 @@ def _register_exit_handler() -> None:
         _exit_handler_registered = True
 
 
-def _export_to(provider: Any, exporter: SpanExporter, settings: BatchSettings | None) -> None:
-    """Send ``provider``'s spans to ``exporter`` through the one pipeline ``init`` adds to it,
-    batched with ``settings`` (None: as the ``OTEL_BSP_*`` variables say)."""
+def _export_to(provider: Any, exporter: SpanExporter | None, settings: BatchSettings | None) -> None:
+    """Send ``provider``'s spans to ``exporter`` (None: nowhere) through the one pipeline ``init``
+    adds to it, batched with ``settings`` (None: as the ``OTEL_BSP_*`` variables say)."""
     pipeline: _SwappableExportProcessor | None = getattr(provider, "_multirun_export_pipeline", None)
     if pipeline is None:
+        if exporter is None:
+            return
         add = getattr(provider, "add_span_processor", None)
         if add is None:
             return  # not an SDK provider: it exports as it was set up to
@@ -510,7 +520,10 @@ def init(
             else ``multirun``).
         endpoint: OTLP endpoint, e.g. ``http://localhost:4318`` (``http://localhost:4317``
             for gRPC). Without it, ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)ENDPOINT`` is
-            honoured; with neither, traces go to files under ``local_dir``.
+            honoured; with neither, traces go to files under ``local_dir``. For the provider
+            ``init`` makes, ``OTEL_TRACES_EXPORTER`` (``otlp``, ``console``, ``none``, any
+            installed ``opentelemetry_traces_exporter``, or several, comma-separated) says
+            where its spans go instead.
         protocol: ``http/protobuf`` or ``grpc`` (which needs ``pip install 'multirun-otel[grpc]'``),
             for traces and metrics (default ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)PROTOCOL``,
             else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``http/protobuf``).
@@ -705,13 +718,23 @@ def _init_locked(
     if _VALUE_LENGTH_LIMIT in bad_limits and client_options.get("content_limit") is None:
         client_options["content_limit"] = DEFAULT_CONTENT_LIMIT
     _validate_options(**client_options)
+    named = None  # the span exporters OTEL_TRACES_EXPORTER names, for the provider init makes only
+    told = span_exporter is not None or endpoint is not None or tracer_provider is not None
+    if not told and _provider_is_ours(trace.get_tracer_provider()):
+        named = _named_span_exporters(refuse=refuse)
     ignored = _validate_endpoints(
-        endpoint, span_exporter, tracer_provider, client_options, protocol, refuse=refuse
+        endpoint,
+        span_exporter,
+        tracer_provider,
+        client_options,
+        protocol,
+        refuse=refuse,
+        traces=named is None or "otlp" in named,
     )
     otlp_signals = [
         signal
         for signal, exported in (
-            ("traces", _traces_exported(endpoint, span_exporter, tracer_provider, ignored)),
+            ("traces", _traces_exported(endpoint, span_exporter, tracer_provider, ignored, named)),
             ("metrics", _metrics_exported(endpoint, client_options, ignored)),
         )
         if exported
@@ -743,8 +766,13 @@ def _init_locked(
         metric_exporter = _otlp_exporter(
             "metrics", protocols["metrics"], protocol, endpoint, headers, refuse=refuse
         )
+    made = _made_span_exporters(named or (), refuse=refuse)
     _ensure_local_dir(local_dir, local_dir_setting)  # last: a refused init creates no folder
-    exporter = span_exporter or otlp_spans or LocalFileSpanExporter(root / "traces")
+    exporter: SpanExporter | None
+    if span_exporter is not None or named is None:
+        exporter = span_exporter or otlp_spans or LocalFileSpanExporter(root / "traces")
+    else:
+        exporter = _span_exporter_of(named, made, otlp_spans, lambda: LocalFileSpanExporter(root / "traces"))
     provider = tracer_provider
     if provider is None:
         current = trace.get_tracer_provider()
@@ -940,9 +968,11 @@ def _validate_endpoints(
     protocol: Any = None,
     *,
     refuse: bool = True,
+    traces: bool = True,
 ) -> set[str]:
     """Check ``endpoint``, or the ``OTEL_EXPORTER_OTLP_*ENDPOINT`` variables ``init`` will export to
-    (``protocol``, the argument, picks the example a refusal gives).
+    (``protocol``, the argument, picks the example a refusal gives; ``traces``: False when the
+    spans go elsewhere than OTLP, as ``OTEL_TRACES_EXPORTER`` says).
 
     A variable only the application's own pipeline reads (it has a provider) is its business.
     Returns the signals whose variable, with ``refuse=False``, is logged and ignored instead.
@@ -953,7 +983,10 @@ def _validate_endpoints(
             raise ConfigurationError(problem)
         return set()
     signals = []
-    if span_exporter is None and tracer_provider is None and _provider_is_ours(trace.get_tracer_provider()):
+    ours = (
+        span_exporter is None and tracer_provider is None and _provider_is_ours(trace.get_tracer_provider())
+    )
+    if traces and ours:
         signals.append("traces")
     if options.get("metrics", True) and options.get("meter_provider") is None and _meters_are_ours():
         signals.append("metrics")
@@ -982,15 +1015,86 @@ def _traces_exported(
     span_exporter: SpanExporter | None,
     tracer_provider: trace.TracerProvider | None,
     ignored: Collection[str],
+    named: Collection[str] | None = None,
 ) -> bool:
     """Whether ``init`` sends spans to an OTLP endpoint (the argument, or a variable its own
-    provider exports to)."""
+    provider exports to, or ``otlp`` among the ``named`` exporters of ``OTEL_TRACES_EXPORTER``)."""
     if span_exporter is not None:
         return False
     if endpoint is not None:
         return True
-    ours = tracer_provider is None and _provider_is_ours(trace.get_tracer_provider())
-    return ours and _env_endpoint("traces", ignored) is not None
+    if not (tracer_provider is None and _provider_is_ours(trace.get_tracer_provider())):
+        return False
+    if named is not None:
+        return "otlp" in named and "traces" not in ignored
+    return _env_endpoint("traces", ignored) is not None
+
+
+_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+_SPAN_EXPORTERS = "opentelemetry_traces_exporter"  # the entry points the SDK's set-up loads them from
+
+
+def _named_span_exporters(*, refuse: bool) -> list[str] | None:
+    """The span exporters ``OTEL_TRACES_EXPORTER`` names, once each and in order (``none``: no
+    exporter); None when it is unset, or names one that is not installed: refused, or with
+    ``refuse=False`` logged, and the default applies."""
+    raw = os.environ.get(_TRACES_EXPORTER, "").strip()
+    if not raw:
+        return None
+    names = list(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
+    installed = {"otlp", "none", *(point.name for point in entry_points(group=_SPAN_EXPORTERS))}
+    unknown = [name for name in names if name not in installed]
+    if unknown:
+        where = _env_endpoint("traces")
+        refuse_or_warn(
+            f"{_TRACES_EXPORTER} names {', '.join(map(repr, unknown))}, which is no installed span "
+            f"exporter (installed: {', '.join(sorted(installed))}), got {raw!r}",
+            refuse=refuse,
+            instead=f"spans go to {where[0]} instead" if where else _NOT_EXPORTED["traces"],
+        )
+        return None
+    return [name for name in names if name != "none"]
+
+
+def _made_span_exporters(names: Collection[str], *, refuse: bool) -> dict[str, SpanExporter]:
+    """The exporters installed as ``names`` (``otlp`` aside), made as the SDK's set-up makes
+    them, with no arguments. One that cannot be made is refused, or logged and left out."""
+    made: dict[str, SpanExporter] = {}
+    for name in names:
+        if name == "otlp":
+            continue
+        try:
+            point = next(iter(entry_points(group=_SPAN_EXPORTERS, name=name)))
+            made[name] = point.load()()
+        except Exception as exc:
+            refuse_or_warn(
+                f"{_TRACES_EXPORTER} names {name!r}, which cannot be set up: {exc}",
+                refuse=refuse,
+                instead=_NOT_EXPORTED["traces"],
+            )
+    return made
+
+
+def _span_exporter_of(
+    names: Sequence[str],
+    made: Mapping[str, SpanExporter],
+    otlp: SpanExporter | None,
+    local_files: Callable[[], SpanExporter],
+) -> SpanExporter | None:
+    """The exporter of the ``names`` of ``OTEL_TRACES_EXPORTER`` (None for none); one that could
+    not be set up (logged) is replaced by the ``local_files``, as its warning said."""
+    exporters: list[SpanExporter] = []
+    files = None
+    for name in names:
+        exporter = otlp if name == "otlp" else made.get(name)
+        if exporter is None:
+            if files is not None:
+                continue
+            exporter = files = local_files()
+        exporters.append(exporter)
+    if len(exporters) > 1:
+        return SpanExporters(exporters)
+    return exporters[0] if exporters else None
 
 
 def _metrics_exported(endpoint: str | None, options: Mapping[str, Any], ignored: Collection[str]) -> bool:

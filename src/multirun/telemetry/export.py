@@ -380,3 +380,39 @@ class _GuardedExporter(SpanExporter):
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=DROPPED._at_fork_reinit)
+
+
+class SpanExporters(SpanExporter):
+    """Several exporters as one (``OTEL_TRACES_EXPORTER=otlp,console``): each gets every batch.
+
+    One that raises costs the others nothing; its error is raised after they ran, for the
+    export pipeline to report.
+    """
+
+    def __init__(self, exporters: Sequence[SpanExporter]) -> None:
+        self.exporters = tuple(exporters)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._each(lambda exporter: exporter.export(spans) is SpanExportResult.SUCCESS)
+
+    def shutdown(self) -> None:
+        self._each(_shut_down)
+
+    def force_flush(self, timeout_millis: int = DEFAULT_TIMEOUT_MILLIS) -> bool:
+        return self._each(lambda exporter: exporter.force_flush(timeout_millis)) is SpanExportResult.SUCCESS
+
+    def _each(self, call: Callable[[SpanExporter], bool]) -> SpanExportResult:
+        done, error = True, None
+        for exporter in self.exporters:
+            try:
+                done = bool(call(exporter)) and done
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return SpanExportResult.SUCCESS if done else SpanExportResult.FAILURE
+
+
+def _shut_down(exporter: SpanExporter) -> bool:
+    exporter.shutdown()
+    return True
