@@ -1320,6 +1320,18 @@ def test_a_budget_given_to_instrument_once_instrumented_applies_and_a_bad_one_is
     assert len(model.calls) == 2
 
 
+def test_an_agent_made_before_instrument_is_traced_when_it_runs_after(
+    traced: Any, instrumented: ClientAIInstrumentor
+) -> None:
+    instrumented.uninstrument()
+    try:
+        agent, _ = research_agent.build()  # its client, engine and tools made while uninstrumented
+    finally:
+        instrumented.instrument()
+    assert agent.run(TOPIC) == research_agent.REPORT.text
+    assert tree(records(traced)) == RESEARCH_TREE
+
+
 def test_a_bad_budget_is_refused_before_anything_is_patched(instrumented: ClientAIInstrumentor) -> None:
     instrumented.uninstrument()
     try:

@@ -170,9 +170,10 @@ def test_the_sdist_builds_the_same_wheel_on_its_own(built: tuple[Path, Path], tm
 # an environment without the optional frameworks
 
 
-def _python_without(tmp_path: Path, *hidden: str) -> tuple[list[str], dict[str, str]]:
-    """A python command and environment seeing this one's packages but those ``hidden`` (globs of
-    site-packages entries: the module and its .dist-info), as where they were never installed."""
+def _packages_without(tmp_path: Path, *hidden: str) -> tuple[Path, list[str]]:
+    """A folder of links to this environment's packages but those ``hidden`` (globs of
+    site-packages entries: the module and its .dist-info), and the source tree to put on
+    PYTHONPATH if the package is not installed from there (an editable install's .pth)."""
     folder = tmp_path / "site-packages"
     folder.mkdir()
     sites = [Path(p) for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
@@ -180,13 +181,33 @@ def _python_without(tmp_path: Path, *hidden: str) -> tuple[list[str], dict[str, 
         for entry in where.iterdir():
             if not any(entry.match(pattern) for pattern in hidden) and not (folder / entry.name).exists():
                 (folder / entry.name).symlink_to(entry)
-    path = [str(folder)]
     package_parent = Path(multirun.__file__).resolve().parents[1]
-    if package_parent not in [s.resolve() for s in sites]:
-        path.insert(0, str(package_parent))  # the source tree (an editable install's .pth is not read)
+    source = [] if package_parent in [s.resolve() for s in sites] else [str(package_parent)]
+    return folder, source
+
+
+def _clean_env(path: list[str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
     env["PYTHONPATH"] = os.pathsep.join(path)
-    return [sys.executable, "-S"], env  # -S: no site-packages but the folder made here
+    return env
+
+
+def _python_without(tmp_path: Path, *hidden: str) -> tuple[list[str], dict[str, str]]:
+    """A python command and environment seeing this one's packages but those ``hidden``, as
+    where they were never installed."""
+    folder, source = _packages_without(tmp_path, *hidden)
+    return [sys.executable, "-S"], _clean_env([*source, str(folder)])  # -S: no site-packages but folder
+
+
+def _venv_without(tmp_path: Path, *hidden: str) -> tuple[Path, dict[str, str]]:
+    """The python of a virtual environment seeing this one's packages but those ``hidden``, and
+    its environment: one with ``site`` (``opentelemetry-instrument`` works through sitecustomize)."""
+    folder, source = _packages_without(tmp_path, *hidden)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    [packages] = venv.glob("lib/python*/site-packages")
+    (packages / "without.pth").write_text(f"import site; site.addsitedir({str(folder)!r})\n")
+    return venv / "bin" / "python", _clean_env(source)
 
 
 INSTRUMENT = """
@@ -239,3 +260,53 @@ def test_instrumenting_a_framework_that_is_not_installed_says_what_to_install(
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False"]
     assert done.stderr.splitlines() == [f"ERROR multirun: {instrumentor} instruments nothing: {said}"]
+
+
+APP = """
+import sys
+from importlib import util
+import multirun
+
+@multirun.step
+def double(x: int) -> int:
+    return 2 * x
+
+@multirun.run
+def job() -> int:
+    return double(21)
+
+print(job(), sorted({name.split(".")[0] for name in sys.modules} & {"clientai", "motus"}))
+# opentelemetry-instrument loaded both instrumentors, and neither framework can be found
+print(sorted(name for name in sys.modules if name.startswith("multirun.integrations.")))
+print([util.find_spec(name) for name in ("clientai", "motus")])
+"""
+
+# opentelemetry-instrument as its console script runs it (the venv made here has no scripts)
+AUTO_INSTRUMENT = "from opentelemetry.instrumentation.auto_instrumentation import run; run()"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the venv's python is under bin/")
+def test_opentelemetry_instrument_without_either_framework_says_nothing_and_traces_the_program(
+    tmp_path: Path,
+) -> None:
+    """Both entry points load, find no framework, and stay silent: no error, no warning."""
+    python, env = _venv_without(tmp_path, "motus", "lithosai_motus-*", "clientai", "clientai-*")
+    env["MULTIRUN_DIR"] = str(tmp_path / "mr")
+    (tmp_path / "app.py").write_text(APP)
+    done = subprocess.run(
+        [str(python), "-c", AUTO_INSTRUMENT, str(python), "app.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "42 []",
+        "['multirun.integrations._options', 'multirun.integrations._specs', "
+        "'multirun.integrations.clientai', 'multirun.integrations.motus']",
+        "[None, None]",
+    ]
+    assert done.stderr == ""
+    assert list((tmp_path / "mr" / "traces").glob("*.jsonl"))

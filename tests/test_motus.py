@@ -1546,6 +1546,34 @@ def test_a_task_registered_through_a_name_bound_before_instrumenting_is_traced(
     assert traced.parent_of(step) is traced.span("invoke_workflow job")
 
 
+GATE = threading.Event()
+
+
+@agent_task
+def gated(value: str) -> str:
+    assert GATE.wait(30)
+    return value
+
+
+def test_instrumenting_while_a_task_registered_before_runs_traces_only_the_tasks_registered_after(
+    traced: Any, runtime: None, instrumented: MotusInstrumentor
+) -> None:
+    """A program instrumented late: the task it registered before goes on untraced, the task
+    waiting for it is a step (with no link: its input has no span), and nothing breaks."""
+    GATE.clear()
+    instrumented.uninstrument()
+    try:
+        early = gated("early")  # running on Motus's loop thread, registered before instrumenting
+    finally:
+        instrumented.instrument()
+    late = consume(early)
+    GATE.set()
+    assert resolve(late) == "EARLY"
+    assert [s.name for s in traced.spans()] == ["step consume", "invoke_workflow consume"]
+    step = traced.span("step consume")
+    assert not step.links and attr.MOTUS_DEPENDS_ON not in step.attributes
+
+
 def _python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", code],
