@@ -18,6 +18,8 @@ from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
 from pydantic import BaseModel, ValidationError
 
 from multirun.errors import ConfigurationError
+from multirun.models.budget import Budget
+from multirun.models.policy import Policy
 
 _logger = logging.getLogger(__name__)
 
@@ -69,6 +71,20 @@ def reconfigures(instrumentor: Any, kwargs: Mapping[str, Any]) -> bool:
     return bool(instrumentor.is_instrumented_by_opentelemetry) and any(
         kwargs.get(option) is not None for option in _OPTIONS
     )
+
+
+def take_options(
+    settings: Any, kwargs: Mapping[str, Any], instrumentor: str, framework: str, *, keep: bool = False
+) -> None:
+    """Validate the ``budget``, ``policy`` and ``tracer_provider`` given to ``instrument`` and keep
+    the first two on ``settings``; with ``keep`` (a second call), an option not given keeps its value."""
+    budget = model_option(instrumentor, "budget", kwargs.get("budget"), Budget)
+    policy = model_option(instrumentor, "policy", kwargs.get("policy"), Policy)
+    configure_tracer_provider(kwargs.get("tracer_provider"), framework)
+    if budget is not None or not keep:
+        settings.budget = budget
+    if policy is not None or not keep:
+        settings.policy = policy
 
 
 def model_option(instrumentor: str, name: str, value: Any, model: type[M]) -> M | None:

@@ -76,12 +76,11 @@ from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _pause, _StepCall
 from multirun.errors import REFUSALS
 from multirun.integrations._options import (
-    configure_tracer_provider,
     framework_installed,
     instrumentation_failed,
     missing_framework,
-    model_option,
     reconfigures,
+    take_options,
 )
 from multirun.integrations._specs import framework_step_spec
 from multirun.models.budget import Budget
@@ -133,14 +132,14 @@ class ClientAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if missing_framework(_INSTRUMENTS, "ClientAIInstrumentor", _INSTALL, **kwargs):
             return None
         if reconfigures(self, kwargs):  # instrumented already (opentelemetry-instrument): options apply
-            _configure(kwargs, keep=True)
+            take_options(_settings, kwargs, "ClientAIInstrumentor", "ClientAI", keep=True)
             return None
         return super().instrument(**kwargs)
 
     def _instrument(self, **kwargs: Any) -> None:
         if not framework_installed(_INSTRUMENTS, "ClientAI"):
             return
-        _configure(kwargs)
+        take_options(_settings, kwargs, "ClientAIInstrumentor", "ClientAI")
         wrappers = globals()
         try:
             _settings.client_ai_error = importlib.import_module("clientai.exceptions").ClientAIError
@@ -160,17 +159,6 @@ class ClientAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 unwrap(getattr(module, owner_path), name)
         _settings.patched.clear()
         _settings.budget = _settings.policy = None
-
-
-def _configure(kwargs: dict[str, Any], keep: bool = False) -> None:
-    """Take the options of ``instrument``; with ``keep``, an option not given keeps its value."""
-    budget = model_option("ClientAIInstrumentor", "budget", kwargs.get("budget"), Budget)
-    policy = model_option("ClientAIInstrumentor", "policy", kwargs.get("policy"), Policy)
-    configure_tracer_provider(kwargs.get("tracer_provider"), "ClientAI")
-    if budget is not None or not keep:
-        _settings.budget = budget
-    if policy is not None or not keep:
-        _settings.policy = policy
 
 
 class _Settings:

@@ -90,12 +90,11 @@ from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _record_step_not_run, _StepCall
 from multirun.errors import REFUSALS, PolicyViolation
 from multirun.integrations._options import (
-    configure_tracer_provider,
     framework_installed,
     instrumentation_failed,
     missing_framework,
-    model_option,
     reconfigures,
+    take_options,
 )
 from multirun.integrations._specs import framework_step_spec
 from multirun.models.agent import AgentStatus
@@ -184,14 +183,14 @@ class MotusInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if missing_framework(_INSTRUMENTS, "MotusInstrumentor", _install_hint(), **kwargs):
             return None
         if reconfigures(self, kwargs):  # instrumented already (opentelemetry-instrument): options apply
-            _configure(kwargs, keep=True)
+            take_options(_settings, kwargs, "MotusInstrumentor", "Motus", keep=True)
             return None
         return super().instrument(**kwargs)
 
     def _instrument(self, **kwargs: Any) -> None:
         if not framework_installed(_INSTRUMENTS, "Motus"):  # always so before Python 3.12
             return
-        _configure(kwargs)
+        take_options(_settings, kwargs, "MotusInstrumentor", "Motus")
         _settings.active = True
         if _HOOK_MODULE in sys.modules:
             _patch()
@@ -203,17 +202,6 @@ class MotusInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         _settings.active = False
         _settings.budget = _settings.policy = None
         _unpatch()
-
-
-def _configure(kwargs: dict[str, Any], keep: bool = False) -> None:
-    """Take the options of ``instrument``; with ``keep``, an option not given keeps its value."""
-    budget = model_option("MotusInstrumentor", "budget", kwargs.get("budget"), Budget)
-    policy = model_option("MotusInstrumentor", "policy", kwargs.get("policy"), Policy)
-    configure_tracer_provider(kwargs.get("tracer_provider"), "Motus")
-    if budget is not None or not keep:
-        _settings.budget = budget
-    if policy is not None or not keep:
-        _settings.policy = policy
 
 
 class _Settings:
