@@ -721,7 +721,7 @@ def _init_locked(
     named = None  # the span exporters OTEL_TRACES_EXPORTER names, for the provider init makes only
     told = span_exporter is not None or endpoint is not None or tracer_provider is not None
     if not told and _provider_is_ours(trace.get_tracer_provider()):
-        named = _named_span_exporters(refuse=refuse)
+        named = _named_exporters("traces", refuse=refuse)
     ignored = _validate_endpoints(
         endpoint,
         span_exporter,
@@ -766,13 +766,14 @@ def _init_locked(
         metric_exporter = _otlp_exporter(
             "metrics", protocols["metrics"], protocol, endpoint, headers, refuse=refuse
         )
-    made = _made_span_exporters(named or (), refuse=refuse)
+    made = _made_exporters("traces", named or (), refuse=refuse)
     _ensure_local_dir(local_dir, local_dir_setting)  # last: a refused init creates no folder
     exporter: SpanExporter | None
     if span_exporter is not None or named is None:
         exporter = span_exporter or otlp_spans or LocalFileSpanExporter(root / "traces")
     else:
-        exporter = _span_exporter_of(named, made, otlp_spans, lambda: LocalFileSpanExporter(root / "traces"))
+        exporters = _exporters_of(named, made, otlp_spans, lambda: LocalFileSpanExporter(root / "traces"))
+        exporter = SpanExporters(exporters) if len(exporters) > 1 else next(iter(exporters), None)
     provider = tracer_provider
     if provider is None:
         current = trace.get_tracer_provider()
@@ -1030,71 +1031,73 @@ def _traces_exported(
     return _env_endpoint("traces", ignored) is not None
 
 
-_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
-_SPAN_EXPORTERS = "opentelemetry_traces_exporter"  # the entry points the SDK's set-up loads them from
+# the variable naming the exporters of each signal, and the entry points the SDK's set-up loads them from
+_EXPORTER_ENV = {
+    "traces": ("OTEL_TRACES_EXPORTER", "opentelemetry_traces_exporter"),
+    "metrics": ("OTEL_METRICS_EXPORTER", "opentelemetry_metrics_exporter"),
+}
+_ITEMS = {"traces": "spans", "metrics": "metrics"}
 
 
-def _named_span_exporters(*, refuse: bool) -> list[str] | None:
-    """The span exporters ``OTEL_TRACES_EXPORTER`` names, once each and in order (``none``: no
-    exporter); None when it is unset, or names one that is not installed: refused, or with
-    ``refuse=False`` logged, and the default applies."""
-    raw = os.environ.get(_TRACES_EXPORTER, "").strip()
+def _named_exporters(signal: str, *, refuse: bool) -> list[str] | None:
+    """The exporters the variable of ``signal`` (``OTEL_TRACES_EXPORTER``, ...) names, once each
+    and in order (``none``: no exporter); None when it is unset, or names one that is not
+    installed: refused, or with ``refuse=False`` logged, and the default applies."""
+    variable, group = _EXPORTER_ENV[signal]
+    raw = os.environ.get(variable, "").strip()
     if not raw:
         return None
     names = list(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
-    installed = {"otlp", "none", *(point.name for point in entry_points(group=_SPAN_EXPORTERS))}
+    installed = {"otlp", "none", *(point.name for point in entry_points(group=group))}
     unknown = [name for name in names if name not in installed]
     if unknown:
-        where = _env_endpoint("traces")
+        where = _env_endpoint(signal)
         refuse_or_warn(
-            f"{_TRACES_EXPORTER} names {', '.join(map(repr, unknown))}, which is no installed span "
-            f"exporter (installed: {', '.join(sorted(installed))}), got {raw!r}",
+            f"{variable} names {', '.join(map(repr, unknown))}, which is no installed "
+            f"{_ITEMS[signal][:-1]} exporter (installed: {', '.join(sorted(installed))}), got {raw!r}",
             refuse=refuse,
-            instead=f"spans go to {where[0]} instead" if where else _NOT_EXPORTED["traces"],
+            instead=f"{_ITEMS[signal]} go to {where[0]} instead" if where else _NOT_EXPORTED[signal],
         )
         return None
     return [name for name in names if name != "none"]
 
 
-def _made_span_exporters(names: Collection[str], *, refuse: bool) -> dict[str, SpanExporter]:
-    """The exporters installed as ``names`` (``otlp`` aside), made as the SDK's set-up makes
-    them, with no arguments. One that cannot be made is refused, or logged and left out."""
-    made: dict[str, SpanExporter] = {}
+def _made_exporters(signal: str, names: Collection[str], *, refuse: bool) -> dict[str, Any]:
+    """The exporters (for metrics, or readers) installed as ``names`` (``otlp`` aside), made as
+    the SDK's set-up makes them, with no arguments. One that cannot be made is refused, or
+    logged and left out."""
+    variable, group = _EXPORTER_ENV[signal]
+    made: dict[str, Any] = {}
     for name in names:
         if name == "otlp":
             continue
         try:
-            point = next(iter(entry_points(group=_SPAN_EXPORTERS, name=name)))
+            point = next(iter(entry_points(group=group, name=name)))
             made[name] = point.load()()
         except Exception as exc:
             refuse_or_warn(
-                f"{_TRACES_EXPORTER} names {name!r}, which cannot be set up: {exc}",
+                f"{variable} names {name!r}, which cannot be set up: {exc}",
                 refuse=refuse,
-                instead=_NOT_EXPORTED["traces"],
+                instead=_NOT_EXPORTED[signal],
             )
     return made
 
 
-def _span_exporter_of(
-    names: Sequence[str],
-    made: Mapping[str, SpanExporter],
-    otlp: SpanExporter | None,
-    local_files: Callable[[], SpanExporter],
-) -> SpanExporter | None:
-    """The exporter of the ``names`` of ``OTEL_TRACES_EXPORTER`` (None for none); one that could
-    not be set up (logged) is replaced by the ``local_files``, as its warning said."""
-    exporters: list[SpanExporter] = []
-    files = None
+def _exporters_of(
+    names: Sequence[str], made: Mapping[str, Any], otlp: Any, instead: Callable[[], Any] | None = None
+) -> list[Any]:
+    """The exporters of the ``names`` of a signal's variable, in order; one that could not be
+    set up (logged) is replaced by one ``instead()``, as its warning said, or left out."""
+    exporters: list[Any] = []
+    replaced = False
     for name in names:
         exporter = otlp if name == "otlp" else made.get(name)
         if exporter is None:
-            if files is not None:
+            if instead is None or replaced:
                 continue
-            exporter = files = local_files()
+            exporter, replaced = instead(), True
         exporters.append(exporter)
-    if len(exporters) > 1:
-        return SpanExporters(exporters)
-    return exporters[0] if exporters else None
+    return exporters
 
 
 def _metrics_exported(endpoint: str | None, options: Mapping[str, Any], ignored: Collection[str]) -> bool:
