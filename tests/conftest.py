@@ -124,6 +124,7 @@ def global_otel(monkeypatch) -> Iterator[None]:  # type: ignore[no-untyped-def]
         "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
         "OTEL_PYTHON_TRACER_PROVIDER",
         "OTEL_TRACES_EXPORTER",
+        "OTEL_METRICS_EXPORTER",
         "OTEL_SDK_DISABLED",
         "MULTIRUN_DIR",
         "MULTIRUN_CHECKPOINT_URI",

@@ -7,7 +7,8 @@ exports over OTLP when an endpoint is configured (argument or the standard
 ``OTEL_EXPORTER_OTLP_*`` variables; over HTTP, or gRPC when ``protocol`` or
 ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)PROTOCOL`` says so) and otherwise writes OTLP JSON files under
 ``./.multirun/`` (the embedded default), unless ``OTEL_TRACES_EXPORTER`` names its span
-exporters. ``@run`` calls ``init()`` itself if nobody did.
+exporters. It creates a MeterProvider, with none set, for an endpoint or the metric exporters
+``OTEL_METRICS_EXPORTER`` names. ``@run`` calls ``init()`` itself if nobody did.
 """
 
 from __future__ import annotations
@@ -523,7 +524,9 @@ def init(
             honoured; with neither, traces go to files under ``local_dir``. For the provider
             ``init`` makes, ``OTEL_TRACES_EXPORTER`` (``otlp``, ``console``, ``none``, any
             installed ``opentelemetry_traces_exporter``, or several, comma-separated) says
-            where its spans go instead.
+            where its spans go instead, and ``OTEL_METRICS_EXPORTER`` (the same, with
+            ``opentelemetry_metrics_exporter``, e.g. ``prometheus``) where the metrics of the
+            MeterProvider it makes go (``otlp`` without an endpoint: none is made).
         protocol: ``http/protobuf`` or ``grpc`` (which needs ``pip install 'multirun-otel[grpc]'``),
             for traces and metrics (default ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)PROTOCOL``,
             else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``http/protobuf``).
@@ -558,7 +561,8 @@ def init(
         replay_limit: the most steps a run keeps for replay (their results stay in memory).
         propagate_threads: carry the current run into threads and thread pools (default True).
         meter_provider: record metrics with this provider (default: the global one;
-            with an OTLP endpoint and no global provider, one exporting there is created).
+            with an OTLP endpoint or ``OTEL_METRICS_EXPORTER`` and no global provider, one
+            exporting there is created).
         metrics: False to record no metrics at all.
         ledger_uri: ``redis://host:port/db`` to keep every run's spend in Redis, shared by
             all processes that run its steps (default ``MULTIRUN_LEDGER_URI``; none: in process).
@@ -722,6 +726,10 @@ def _init_locked(
     told = span_exporter is not None or endpoint is not None or tracer_provider is not None
     if not told and _provider_is_ours(trace.get_tracer_provider()):
         named = _named_exporters("traces", refuse=refuse)
+    # the metric exporters OTEL_METRICS_EXPORTER names, for the MeterProvider init makes only
+    metric_names = None
+    if endpoint is None and _makes_meters(client_options):
+        metric_names = _named_exporters("metrics", refuse=refuse)
     ignored = _validate_endpoints(
         endpoint,
         span_exporter,
@@ -730,17 +738,20 @@ def _init_locked(
         protocol,
         refuse=refuse,
         traces=named is None or "otlp" in named,
+        metrics=metric_names is None or "otlp" in metric_names,
     )
     otlp_signals = [
         signal
         for signal, exported in (
             ("traces", _traces_exported(endpoint, span_exporter, tracer_provider, ignored, named)),
-            ("metrics", _metrics_exported(endpoint, client_options, ignored)),
+            ("metrics", _metrics_exported(endpoint, client_options, ignored, metric_names)),
         )
         if exported
     ]
     protocols = _validate_protocols(protocol, otlp_signals, refuse=refuse)
-    meter_settings = _metric_settings(refuse=refuse) if "metrics" in protocols else None
+    meter_settings = None  # set when init makes a MeterProvider: it exports somewhere
+    if "metrics" in protocols or any(name != "otlp" for name in metric_names or ()):
+        meter_settings = _metric_settings(refuse=refuse)
     exports = span_exporter is not None or endpoint is not None
     batch = None
     if exports or (tracer_provider is None and _provider_is_ours(trace.get_tracer_provider())):
@@ -762,11 +773,12 @@ def _init_locked(
     otlp_spans = metric_exporter = None  # made here: the gRPC exporters raise for some variables
     if "traces" in protocols:
         otlp_spans = _otlp_exporter("traces", protocols["traces"], protocol, endpoint, headers, refuse=refuse)
-    if meter_settings is not None:
+    if "metrics" in protocols:
         metric_exporter = _otlp_exporter(
             "metrics", protocols["metrics"], protocol, endpoint, headers, refuse=refuse
         )
     made = _made_exporters("traces", named or (), refuse=refuse)
+    made_metrics = _made_exporters("metrics", metric_names or (), refuse=refuse)
     _ensure_local_dir(local_dir, local_dir_setting)  # last: a refused init creates no folder
     exporter: SpanExporter | None
     if span_exporter is not None or named is None:
@@ -810,8 +822,13 @@ def _init_locked(
             provider = current
     elif span_exporter is not None or endpoint is not None:
         _export_to(provider, exporter, batch)
-    if meter_settings is not None and metric_exporter is not None:
-        _ensure_meter_provider(metric_exporter, service_name, meter_settings)
+    if meter_settings is not None:
+        # unset is otlp, as for the SDK's set-up: to the endpoint (without one, metric_exporter is None)
+        metric_exporters = _exporters_of(
+            ["otlp"] if metric_names is None else metric_names, made_metrics, metric_exporter
+        )
+        if metric_exporters:
+            _ensure_meter_provider(metric_exporters, service_name, meter_settings)
     client = MultiRunClient(
         tracer_provider=provider, checkpoint_store=checkpoint_store, prices=price_book, **client_options
     )
@@ -970,10 +987,11 @@ def _validate_endpoints(
     *,
     refuse: bool = True,
     traces: bool = True,
+    metrics: bool = True,
 ) -> set[str]:
     """Check ``endpoint``, or the ``OTEL_EXPORTER_OTLP_*ENDPOINT`` variables ``init`` will export to
-    (``protocol``, the argument, picks the example a refusal gives; ``traces``: False when the
-    spans go elsewhere than OTLP, as ``OTEL_TRACES_EXPORTER`` says).
+    (``protocol``, the argument, picks the example a refusal gives; ``traces``, ``metrics``: False
+    when they go elsewhere than OTLP, as ``OTEL_TRACES_EXPORTER``, ``OTEL_METRICS_EXPORTER`` say).
 
     A variable only the application's own pipeline reads (it has a provider) is its business.
     Returns the signals whose variable, with ``refuse=False``, is logged and ignored instead.
@@ -989,7 +1007,7 @@ def _validate_endpoints(
     )
     if traces and ours:
         signals.append("traces")
-    if options.get("metrics", True) and options.get("meter_provider") is None and _meters_are_ours():
+    if metrics and _makes_meters(options):
         signals.append("metrics")
     bad: dict[str, tuple[str, list[str]]] = {}  # variable -> what is wrong, the signals it is for
     for signal in signals:
@@ -1100,13 +1118,21 @@ def _exporters_of(
     return exporters
 
 
-def _metrics_exported(endpoint: str | None, options: Mapping[str, Any], ignored: Collection[str]) -> bool:
-    """Whether ``init`` makes a MeterProvider that exports to an OTLP endpoint."""
-    if not options.get("metrics", True) or options.get("meter_provider") is not None:
+def _metrics_exported(
+    endpoint: str | None,
+    options: Mapping[str, Any],
+    ignored: Collection[str],
+    named: Collection[str] | None = None,
+) -> bool:
+    """Whether ``init`` makes a MeterProvider that exports to an OTLP endpoint (the argument, or
+    a variable, when ``otlp`` is among the ``named`` exporters of ``OTEL_METRICS_EXPORTER``)."""
+    if not _makes_meters(options):
         return False
-    if endpoint is None and _env_endpoint("metrics", ignored) is None:
+    if endpoint is not None:
+        return True
+    if named is not None and "otlp" not in named:
         return False
-    return _meters_are_ours()
+    return _env_endpoint("metrics", ignored) is not None
 
 
 # the environment variables of the OTLP protocol of each signal, the specific one first
@@ -1189,6 +1215,11 @@ def _provider_is_ours(current: trace.TracerProvider) -> bool:
     if _owned_provider is not None and current is _owned_provider:
         return True
     return not isinstance(current, TracerProvider) and _is_unset(current)
+
+
+def _makes_meters(options: Mapping[str, Any]) -> bool:
+    """Whether ``init`` with these ``options`` may create the MeterProvider."""
+    return bool(options.get("metrics", True)) and options.get("meter_provider") is None and _meters_are_ours()
 
 
 def _meters_are_ours() -> bool:
@@ -1350,12 +1381,15 @@ def _resource(service_name: str | None) -> Resource:
     return resource
 
 
-def _ensure_meter_provider(exporter: Any, service_name: str | None, settings: tuple[int, str]) -> None:
-    """Create the MeterProvider that exports to the OTLP ``exporter``, with the ``settings`` of
-    ``_metric_settings``.
+def _ensure_meter_provider(
+    exporters: Sequence[Any], service_name: str | None, settings: tuple[int, str]
+) -> None:
+    """Create the MeterProvider that exports to the ``exporters`` (metric exporters, read every
+    export interval, or MetricReaders such as prometheus's, taken as they are, as the SDK's
+    set-up does), with the ``settings`` of ``_metric_settings``.
 
-    Without an endpoint, metrics go wherever the application's MeterProvider
-    sends them (nowhere if it has none): the embedded default keeps traces only.
+    Without an endpoint or ``OTEL_METRICS_EXPORTER``, metrics go wherever the application's
+    MeterProvider sends them (nowhere if it has none): the embedded default keeps traces only.
     """
     global _owned_meter_provider
     from opentelemetry.sdk.metrics import (
@@ -1364,17 +1398,22 @@ def _ensure_meter_provider(exporter: Any, service_name: str | None, settings: tu
         MeterProvider,
         TraceBasedExemplarFilter,
     )
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 
     interval, exemplar_filter = settings
-    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
+    readers = [
+        exporter
+        if isinstance(exporter, MetricReader)
+        else PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
+        for exporter in exporters
+    ]
     filters = {
         "trace_based": TraceBasedExemplarFilter(),
         "always_on": AlwaysOnExemplarFilter(),
         "always_off": AlwaysOffExemplarFilter(),
     }
     _owned_meter_provider = MeterProvider(
-        metric_readers=[reader],
+        metric_readers=readers,
         resource=_resource(service_name),
         exemplar_filter=filters[exemplar_filter],  # so the SDK does not read the variable again
         shutdown_on_exit=False,
