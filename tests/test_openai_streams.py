@@ -13,6 +13,7 @@ total and its budget.
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +28,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import multirun
-from multirun import run, step
+from multirun import agent, run, step
+from multirun.context import get_current_run_context
 from multirun.errors import BudgetExceededError
 from multirun.integrations.clientai import ClientAIInstrumentor
 from multirun.models import Budget, StepKind
@@ -242,35 +244,287 @@ def test_a_stream_closed_right_after_its_usage_chunk_is_charged_once(tracing, mo
 # a step that returns the SDK's stream, read by its caller
 
 
-def test_a_step_returning_a_stream_under_openai_v2_is_charged_once_when_its_caller_reads_it(
-    traced, llm, client
+def test_a_step_returning_a_real_sdk_stream_is_charged_once_when_its_caller_reads_it(
+    tracing, mode, llm, client
 ) -> None:
-    """The step ends when it returns the stream: openai-v2's chat span, inside it, ends when the
-    caller reads the stream to its end, and charges the run then, once. (Without an instrumentation
-    there is nothing to charge it by: README, "A step that hands an unconsumed stream back to its
-    caller has nothing to read: yield the chunks from the step instead".)"""
-    instrumentor = OpenAIInstrumentor()
-    instrumentor.instrument(tracer_provider=traced.provider)
+    """The step ends when its caller has read the stream to its end, as openai-v2's chat span
+    does: its span covers the stream, and carries its tokens."""
+    returned: list[Any] = []
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        returned.append(open_stream(client, prompt))
+        return returned[-1]
+
+    @step
+    def after() -> None:
+        pass
+
+    @run
+    def main() -> str:
+        stream = answer("hello there")
+        assert isinstance(stream, type(returned[0]))  # the SDK's stream (or openai-v2's wrapper of it)
+        assert stream.response.status_code == 200
+        text = text_of(stream)
+        after()  # in the run, not in the step that returned the stream
+        return text
+
+    assert main() == "re: hello there"
+    assert step_span(tracing, "after").parent.span_id == tracing.span("invoke_workflow main").context.span_id
+    assert_charged_once(tracing, mode, "answer", 0)
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STATUS] == "completed"
+    assert a[attr.STEP_STREAM_ITEMS] == 6  # role, 3 words, stop, usage
+    assert attr.USAGE_UNKNOWN not in a
+    if mode == "openai-v2":
+        (chat,) = chat_spans(tracing)
+        assert chat.end_time <= step_span(tracing, "answer").end_time
+
+
+async def test_an_async_step_returning_a_real_sdk_stream_is_charged_once_when_its_caller_reads_it(
+    tracing, mode, llm
+) -> None:
+    aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    async def answer(prompt: str) -> Any:
+        return await aclient.chat.completions.create(
+            model=REQUEST_MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+
+    @run
+    async def main() -> str:
+        async with await answer("hello there") as stream:
+            return text_of([chunk async for chunk in stream])
+
+    try:
+        assert await main() == "re: hello there"
+    finally:
+        await aclient.close()
+    assert_charged_once(tracing, mode, "answer", 0)
+    assert attrs(step_span(tracing, "answer"))[attr.STEP_STREAM_ITEMS] == 6
+
+
+def test_a_returned_stream_closed_right_after_its_usage_chunk_is_charged_once(
+    tracing, mode, llm, client
+) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_stream(client, prompt)
+
+    @run
+    def main() -> None:
+        with answer("hello there") as stream:
+            for chunk in stream:
+                if chunk.usage is not None:
+                    break
+
+    main()
+    assert_charged_once(tracing, mode, "answer", 0)
+    assert attrs(step_span(tracing, "answer"))[attr.STEP_STREAM_ITEMS] == 6
+
+
+def test_a_budget_counts_a_returned_stream_once_when_read(tracing, llm, client) -> None:
+    # once counted, the first call leaves room for a second; counted twice it would not
+    limit = CANNED[0].tokens + 1
+    entered: list[int] = []
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(i: int) -> Any:
+        entered.append(i)
+        return open_stream(client, f"call {i}")
+
+    @run(budget=Budget(max_tokens=limit))
+    def main() -> None:
+        for i in range(3):
+            text_of(answer(i))
+
+    with pytest.raises(BudgetExceededError) as info:
+        main()
+    assert entered == [0, 1]
+    assert info.value.used == CANNED[0].tokens + CANNED[1].tokens
+    assert run_attrs(tracing)[attr.TOKENS_USED] == CANNED[0].tokens + CANNED[1].tokens
+
+
+def test_a_step_passing_on_the_stream_a_step_inside_it_returned_is_charged_once(
+    tracing, mode, llm, client
+) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_stream(client, prompt)
+
+    @step
+    def respond(prompt: str) -> Any:
+        return answer(prompt)
+
+    @run
+    def main() -> str:
+        return text_of(respond("hello there"))
+
+    assert main() == "re: hello there"
+    assert_charged_once(tracing, mode, "answer", 0)
+    outer, inner = step_span(tracing, "respond"), step_span(tracing, "answer")
+    assert attrs(outer)[attr.TOKENS_USED] == CANNED[0].tokens
+    assert attrs(outer)[attr.STEP_STREAM_ITEMS] == 6
+    assert inner.end_time <= outer.end_time
+
+
+@pytest.mark.parametrize("failure", ["error", "disconnect"])
+def test_a_step_whose_returned_stream_fails_midway_fails_with_the_sdk_error(
+    tracing, llm, client, failure: str
+) -> None:
+    llm.stream_failure = (3, failure)
 
     @step(kind=StepKind.LLM_CALL)
     def answer(prompt: str) -> Any:
         return open_stream(client, prompt)
 
     @run
-    def main() -> str:
-        return text_of(answer("hello there"))
+    def main() -> None:
+        stream = answer("hello there")
+        with pytest.raises(openai.APIError):
+            text_of(stream)
 
-    try:
-        assert main() == "re: hello there"
-    finally:
-        instrumentor.uninstrument()
-    (chat,) = chat_spans(traced)
-    assert chat.parent.span_id == step_span(traced, "answer").context.span_id
-    assert attrs(chat)[attr.GEN_AI_USAGE_INPUT_TOKENS] == CANNED[0].prompt
-    main_attrs = run_attrs(traced)
+    main()
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STATUS] == "failed"
+    assert a["error.type"].startswith("openai.")
+    assert a.get(attr.TOKENS_USED, 0) == 0
+    main_attrs = run_attrs(tracing)
+    assert main_attrs[attr.RUN_STATUS] == "completed"
+    assert main_attrs[attr.TOKENS_USED] == 0
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_a_returned_stream_abandoned_half_read_ends_its_step_with_its_tokens_unknown(
+    tracing, llm, client, monkeypatch, how: str
+) -> None:
+    ignored: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_stream(client, prompt)
+
+    @run
+    def main() -> None:
+        stream = answer("hello there")
+        next(stream)
+        if how == "close":
+            stream.close()
+        del stream
+        gc.collect()
+
+    main()
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STATUS] == "completed"
+    assert a[attr.STEP_STREAM_ITEMS] == 1
+    assert a[attr.USAGE_UNKNOWN] is True  # the usage chunk never came: not a silent 0
+    assert attr.TOKENS_USED not in a
+    assert run_attrs(tracing)[attr.RUN_STATUS] == "completed"
+    assert [f"{u.exc_type.__name__} in {u.object!r}" for u in ignored] == []
+
+
+def test_a_returned_stream_read_after_its_agent_ended_is_charged_once(tracing, mode, llm, client) -> None:
+    """As a ClientAI stream read after its agent ended: the step ends with its agent, unfinished,
+    and the stream's usage, read later in the run, is charged to the run then, once."""
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_stream(client, prompt)
+
+    @agent
+    def drafter() -> Any:
+        return answer("draft")
+
+    @run
+    def main() -> str:
+        return text_of(drafter())
+
+    assert main() == "re: draft"
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STATUS] == "completed"
+    assert a[attr.STEP_STREAM_UNFINISHED] is True
+    assert a[attr.STEP_STREAM_ITEMS] == 0
+    assert step_span(tracing, "answer").end_time <= tracing.span("invoke_agent drafter").end_time
+    main_attrs = run_attrs(tracing)
     assert main_attrs[attr.TOKENS_USED] == CANNED[0].tokens
-    assert main_attrs[attr.COST_USD] == pytest.approx(cost("openai-v2", 0), rel=1e-9)
-    assert usage_sum_over_all_spans(traced) == CANNED[0].tokens
+    assert main_attrs[attr.COST_USD] == pytest.approx(cost(mode, 0), rel=1e-9)
+    assert usage_sum_over_all_spans(tracing) == (CANNED[0].tokens if mode == "openai-v2" else 0)
+
+
+def test_a_returned_stream_read_after_its_run_ended_is_in_no_run_s_total(
+    tracing, mode, llm, client, caplog
+) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_stream(client, prompt)
+
+    @run
+    def main() -> Any:
+        return answer("hello there")
+
+    stream = main()
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STREAM_UNFINISHED] is True
+    assert step_span(tracing, "answer").end_time <= tracing.span("invoke_workflow main").end_time
+    with caplog.at_level(logging.WARNING):
+        assert text_of(stream) == "re: hello there"
+    assert run_attrs(tracing)[attr.TOKENS_USED] == 0
+    # charged late by the step, which says so; openai-v2's span, the source, is its run's no more
+    late = [r for r in caplog.records if "after run 'main'" in r.getMessage()]
+    assert len(late) == (1 if mode == "plain" else 0)
+
+
+def test_a_returned_stream_a_sub_run_hands_its_caller_is_charged_once_to_the_run_around_it(
+    tracing, mode, llm, client
+) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_stream(client, prompt)
+
+    @run
+    def draft() -> Any:
+        return answer("draft")
+
+    @run
+    def main() -> str:
+        return text_of(draft())
+
+    assert main() == "re: draft"
+    assert attrs(step_span(tracing, "answer"))[attr.STEP_STREAM_UNFINISHED] is True
+    assert run_attrs(tracing, "draft")[attr.TOKENS_USED] == 0  # ended before the stream was read
+    main_attrs = run_attrs(tracing)
+    assert main_attrs[attr.TOKENS_USED] == CANNED[0].tokens
+    assert main_attrs[attr.COST_USD] == pytest.approx(cost(mode, 0), rel=1e-9)
+
+
+def test_a_step_returning_a_stream_runs_again_after_a_restore(tracing, llm, client) -> None:
+    """The stream is the caller's to read once: the replay log keeps no copy of it to serve."""
+    failed = []
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_stream(client, prompt)
+
+    @run(name="job")
+    def job() -> str:
+        text = text_of(answer("hello there"))
+        get_current_run_context().checkpoint(name="after answer")
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("crash")
+        return text
+
+    with pytest.raises(RuntimeError):
+        job()
+    run_id = str(run_attrs(tracing, "job")[attr.RUN_ID])
+    with multirun.resume(run_id=run_id):
+        assert job() == "re: hello there"
+    assert llm.requests == 2
 
 
 def test_a_step_returning_a_real_sdk_stream_leaves_the_sdk_s_client_alone(
@@ -458,13 +712,29 @@ def points(reader: InMemoryMetricReader, name: str) -> list[Any]:
     ]
 
 
-@pytest.mark.parametrize("caller", ["generator step", "clientai"])
+def streaming_step(client: openai.OpenAI, caller: str) -> Any:
+    """An LLM step that streams its call: a generator step yielding the chunks, or (for "returned
+    stream") a step returning the SDK's stream to its caller."""
+    if caller == "returned stream":
+
+        @step(kind=StepKind.LLM_CALL)
+        def answer(prompt: str) -> Any:
+            return open_stream(client, prompt)
+
+        return answer
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer_chunks(prompt: str) -> Iterator[Any]:
+        yield from open_stream(client, prompt)
+
+    return answer_chunks
+
+
+@pytest.mark.parametrize("caller", ["generator step", "returned stream", "clientai"])
 def test_each_streamed_call_is_in_the_genai_metrics_once(
     clientai_instrumented, metered, llm, client, caller: str
 ) -> None:
-    @step(kind=StepKind.LLM_CALL)
-    def answer(prompt: str) -> Iterator[Any]:
-        yield from open_stream(client, prompt)
+    answer = streaming_step(client, caller)
 
     agent = TwoStepAgent(client=real_clientai(llm), default_model=REQUEST_MODEL)
 
@@ -486,13 +756,11 @@ def test_each_streamed_call_is_in_the_genai_metrics_once(
     assert sum(p.count for p in points(metered, "gen_ai.client.operation.duration")) == 2
 
 
-@pytest.mark.parametrize("caller", ["generator step", "clientai"])
+@pytest.mark.parametrize("caller", ["generator step", "returned stream", "clientai"])
 def test_a_streamed_call_failing_midway_is_timed_once_as_failed(
     clientai_instrumented, metered, llm, client, caller: str
 ) -> None:
-    @step(kind=StepKind.LLM_CALL)
-    def answer(prompt: str) -> Iterator[Any]:
-        yield from open_stream(client, prompt)
+    answer = streaming_step(client, caller)
 
     agent = TwoStepAgent(client=real_clientai(llm), default_model=REQUEST_MODEL)
 

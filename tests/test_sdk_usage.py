@@ -16,6 +16,7 @@ from typing import Any
 
 import genai_prices
 import pytest
+import wrapt
 from anthropic.types import Message, RawMessageDeltaEvent, RawMessageStartEvent
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response
@@ -985,6 +986,23 @@ def test_results_that_are_not_sdk_responses_are_not_read(traced) -> None:
 
     main()
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 0
+
+
+def test_a_proxy_of_anything_but_an_sdk_stream_is_handed_back_as_it_is(traced) -> None:
+    """A wrapt proxy is what it wraps (an instrumentation's proxy of a stream is a stream):
+    of a stream only is it watched, as the stream is."""
+    proxy = wrapt.ObjectProxy({"not": "a stream"})
+
+    @step
+    def give() -> Any:
+        return proxy
+
+    @run(name="main")
+    def main() -> None:
+        assert give() is proxy
+
+    main()
+    assert "multirun.step.stream_items" not in attrs(step_span(traced, "give"))
 
 
 def test_a_response_without_usage_is_no_error(traced) -> None:

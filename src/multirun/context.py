@@ -866,6 +866,10 @@ class RunContext:
 class AgentContext:
     """A running agent within a run, and the steps scoped to it."""
 
+    # its steps that returned an LLM SDK stream their caller has not read yet, and how each
+    # ends if the agent ends first (a dict made for the first one)
+    _unread: dict[StepContext, Callable[[], None]] | None = None
+
     def __init__(self, run_context: RunContext, agent: Agent, *, is_default: bool) -> None:
         self.run_context = run_context
         self.agent = agent
@@ -1130,6 +1134,8 @@ class AgentContext:
             if self._finished:
                 return
             self._finished = True
+        if self._unread:
+            self._end_unread()
         agent = self.agent
         agent.status = status
         agent.completed_at = datetime.now(timezone.utc)
@@ -1148,6 +1154,34 @@ class AgentContext:
             _record_error(self._span, error, end_attrs)
         self._span.set_attributes(end_attrs)
         self._span.end()
+
+    def _keep_unread(self, step: StepContext, cut: Callable[[], None]) -> None:
+        """``step`` returned an SDK stream its caller has not read yet: ``cut`` ends the step if
+        the agent ends first (the stream can still be read after). ``_unread_done`` forgets it."""
+        with self.run_context._lock:
+            ended = self._finished
+            if not ended:
+                if self._unread is None:
+                    self._unread = {}
+                self._unread[step] = cut
+        if ended:
+            cut()
+
+    def _unread_done(self, step: StepContext) -> None:
+        """The stream ``step`` returned ended: it no longer ends with the agent."""
+        unread = self._unread
+        if unread:
+            unread.pop(step, None)
+
+    def _end_unread(self) -> None:
+        """End the steps whose stream is unread, first the one that returned it first (a step
+        before the step around it that passes its stream on)."""
+        unread, self._unread = self._unread, None
+        for cut in list((unread or {}).values()):
+            try:
+                cut()
+            except Exception:  # the agent ends all the same
+                _logger.warning("multirun: could not end a step whose stream is unread", exc_info=True)
 
     def _finish_default(self, status: RunStatus) -> None:
         self._finish(_AGENT_STATUS_OF_RUN.get(status, AgentStatus.FAILED), None)

@@ -47,7 +47,8 @@ from multirun.models.budget import Budget
 from multirun.models.policy import MAX_WAIT_SECONDS, BackoffStrategy, Policy
 from multirun.models.run import Run
 from multirun.models.step import StepKind, StepStatus
-from multirun.sdk_usage import NOT_A_RESPONSE, StreamUsage, call_of_result, is_sdk_object
+from multirun.sdk_streams import watched
+from multirun.sdk_usage import NOT_A_RESPONSE, StreamUsage, call_of_result, is_sdk_object, returned_stream
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 from multirun.telemetry.exceptions import record_exception
@@ -72,7 +73,7 @@ class _Call(Protocol):
     def _wait_over(self) -> None: ...
     def _next_attempt(self) -> None: ...
     def _give_back(self) -> None: ...
-    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None: ...
+    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> Any: ...
     def _failed(self, error: BaseException) -> BaseException: ...
 
 
@@ -98,6 +99,7 @@ class StepSpec:
     __slots__ = (
         "check_budget",
         "checkpoint",
+        "follows_stream",
         "idempotent",
         "kind",
         "method",
@@ -154,6 +156,9 @@ class StepSpec:
         self.method = _is_method(func)
         shape = _shape(func)
         self.streams = inspect.isgeneratorfunction(shape) or inspect.isasyncgenfunction(shape)
+        # an SDK stream it returns keeps it open until its caller has read it (see _hand_over);
+        # a framework's step is not: the framework, not the caller, takes what it returns
+        self.follows_stream = not self.streams
         self.start_attrs = spans.step_start_attributes(self.kind, self.name, model)
         self.span_name = spans.step_span_name(self.kind, self.name, model)
 
@@ -164,7 +169,9 @@ class _StepCall(StepContext):
     spec: StepSpec
     _retry_refused: PolicyViolation | None = None  # the policy's reason not to make another attempt
     _retrying: BaseException | None = None  # the error of the attempt a retry waits to follow
-    _stream: StreamUsage | None = None  # usage of the LLM SDK chunks a generator step yielded
+    _stream: StreamUsage | None = None  # usage of the LLM SDK chunks a generator step yielded, or
+    # its caller read of the SDK stream it returned
+    _items_read = 0  # of the SDK stream it returned
     _stream_items: list[Any] | None = None  # what a generator step yielded, for its replay record
     _awaited = False  # its function, no coroutine function, returned a coroutine: awaited in the step
 
@@ -249,10 +256,16 @@ class _StepCall(StepContext):
         after, self._retrying = self._retrying, None
         self._resume(after)
 
-    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
+    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> Any:
+        """End the step as completed; returns what its caller gets: ``result``, or an SDK stream
+        it returned watched, the step ending when its caller has read it (``_hand_over``)."""
         spec = self.spec
         run = self.run_context
         if self._stream is not None or type(result) not in NOT_A_RESPONSE:
+            if self._stream is None and spec.follows_stream:
+                side = returned_stream(result)
+                if side is not None:
+                    return self._hand_over(result, side == "async")
             try:
                 self._charge_sdk_usage(result)
             except PolicyViolation as refused:  # init(unpriced="fail"): the step fails, as if it raised
@@ -270,6 +283,52 @@ class _StepCall(StepContext):
         if spec.checkpoint:
             run._try_checkpoint(f"after_{spec.name}", step_id=self.id, agent_id=self.agent_context.agent.id)
         self._close(StepStatus.COMPLETED, result, extra=extra)
+        return result
+
+    def _hand_over(self, stream: Any, is_async: bool) -> Any:
+        """The step returned an SDK stream: it stays open, and ends when its caller has read the
+        stream (``_stream_ended``), or when its agent ends first (``_cut_stream``)."""
+        if self.replay_call is not None:  # the caller's to read once: run again after a restore
+            self.run_context.replay_log.abandon(self.replay_call)
+            self.replay_call = None
+        self._stream = StreamUsage()
+        self.agent_context._keep_unread(self, self._cut_stream)
+        return watched(stream, is_async, self, self.otel_context or otel_context.get_current())
+
+    def _stream_item(self, item: Any) -> None:
+        """Its caller read ``item`` of the stream the step returned."""
+        self._items_read += 1
+        if self._stream is not None:  # made by _hand_over
+            self._stream.observe(item)
+
+    def _stream_ended(self, error: BaseException | None, closed: bool) -> None:
+        """The stream the step returned ended: read to its end (the refusal of
+        ``init(unpriced="fail")`` is raised then, as a generator step's is), failed with
+        ``error`` (the step fails with it, raised), or closed or dropped before its end."""
+        self.agent_context._unread_done(self)
+        if self.finished:  # ended with its agent: what was read since is charged now, as late usage
+            try:
+                self._charge_sdk_usage(None)
+            except PolicyViolation as refused:
+                _logger.warning("multirun: step %r, read after its agent ended: %s", self.name, refused)
+            return
+        if error is not None:
+            _raise_failed(self, error)
+        extra: dict[str, Any] = {attr.STEP_STREAM_ITEMS: self._items_read}
+        read = self._stream is not None and self._stream.has_usage()
+        if not (read or self._own_usage or self.child_usage_reported):
+            extra[attr.USAGE_UNKNOWN] = True  # its tokens were spent all the same: not a silent 0
+        if closed:
+            _end_closed_stream(self, extra)
+        else:
+            self._succeed(None, extra)
+
+    def _cut_stream(self) -> None:
+        """Its agent ends before its caller has read the stream it returned: it ends now,
+        completed with what was read; the rest can still be read, and is charged then."""
+        _end_closed_stream(
+            self, {attr.STEP_STREAM_ITEMS: self._items_read, attr.STEP_STREAM_UNFINISHED: True}
+        )
 
     def _observe(self, item: Any) -> None:
         """Look at one item a generator step yielded: kept for the replay log, and read for
@@ -589,8 +648,9 @@ class _RunCall(_NotRetried):
     def _clock(self) -> Clock:
         return self.ctx.client.clock
 
-    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
+    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> Any:
         self.ctx.complete(result)
+        return result
 
     def _failed(self, error: BaseException) -> BaseException:
         self.ctx._fail_with_checkpoint(error)
@@ -675,10 +735,11 @@ class _AgentCall(_NotRetried):
     def _clock(self) -> Clock:
         return self.agent.run_context.client.clock
 
-    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
+    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> Any:
         self.agent.complete(result)
         if self.owned_run is not None:
             self.owned_run.complete(result)
+        return result
 
     def _failed(self, error: BaseException) -> BaseException:
         self.agent._end_with(error)
@@ -765,7 +826,7 @@ class _CheckpointCall(_NotRetried):
     def _clock(self) -> Clock:
         return self.run.client.clock
 
-    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> None:
+    def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> Any:
         state = dict(self.extra_state or {})
         if self.capture_result:
             if is_one_shot(result):
@@ -778,6 +839,7 @@ class _CheckpointCall(_NotRetried):
             else:
                 state[self.result_key] = result
         self.run._try_checkpoint(self.name, state, agent_id=self.agent_id)
+        return result
 
     def _failed(self, error: BaseException) -> BaseException:
         return error
@@ -907,17 +969,18 @@ def _delay_before_retry(call: _Call, error: BaseException) -> float | None:
         return call._retry_delay(error)
 
 
-def _end_closed_stream(call: _Call, count: int) -> None:
-    """End the call of a generator closed before its end, after ``count`` items.
+def _end_closed_stream(call: _Call, extra: dict[str, Any]) -> None:
+    """End the call of a stream closed before its end (a generator's, or an SDK stream a step
+    returned), with ``extra`` on its span.
 
-    ``close()`` raises only what the generator itself raised: the usage it streamed, refused
+    ``close()`` raises only what the stream itself raised: the usage it streamed, refused
     by ``init(unpriced="fail")``, fails the step with the refusal on its span, and is a warning.
     """
     try:
-        call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
+        call._succeed(None, extra)
     except PolicyViolation as refused:
         name = getattr(call, "name", "")  # only a step refuses usage
-        _logger.warning("multirun: step %r, a generator closed before its end, failed: %s", name, refused)
+        _logger.warning("multirun: step %r, a stream closed before its end, failed: %s", name, refused)
 
 
 def _pause(call: _Call, seconds: float) -> None:
@@ -979,8 +1042,7 @@ def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., 
                     if isinstance(call, _StepCall):  # only steps care (replay)
                         call._awaited = True
                     return _await_returned(call, result, func, args, kwargs)
-                call._succeed(result)
-                return result
+                return call._succeed(result)
         finally:
             _detach(token)
 
@@ -1007,8 +1069,7 @@ async def _await_returned(
                     _raise_failed(call, error)
                 await _async_retry_after(call, delay)
                 continue
-            call._succeed(result)
-            return result
+            return call._succeed(result)
     finally:
         _detach(token)
 
@@ -1033,8 +1094,7 @@ def _async_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[...,
                         _raise_failed(call, error)
                     await _async_retry_after(call, delay)
                     continue
-                call._succeed(result)
-                return result
+                return call._succeed(result)
         finally:
             _detach(token)
 
@@ -1096,7 +1156,7 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
                     _raise_failed(call, error)
                 finally:
                     _detach(token)
-                _end_closed_stream(call, count)
+                _end_closed_stream(call, {attr.STEP_STREAM_ITEMS: count})
                 raise
             except BaseException as thrown:
                 if cut is not None:
@@ -1183,7 +1243,7 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
                     _raise_failed(call, error)
                 finally:
                     _detach(token)
-                _end_closed_stream(call, count)
+                _end_closed_stream(call, {attr.STEP_STREAM_ITEMS: count})
                 raise
             except BaseException as thrown:
                 if cut is not None:

@@ -3,10 +3,13 @@
 A ``@step`` that returns an OpenAI chat completion or Responses API response,
 or an Anthropic message, has its model and tokens charged without the user
 reporting anything; a generator step that yields the SDK's stream chunks or
-events has them charged when the stream ends. The SDKs are never imported:
+events has them charged when the stream ends, and so has a step that returns
+the SDK's stream for its caller to read (``returned_stream`` knows one,
+``multirun.sdk_streams`` watches it). The SDKs are never imported:
 objects are recognised by the module and name of their class (or of a base
 class, so ``ParsedChatCompletion`` counts), and the verdict is cached per
-class, so a step that returns anything else pays one dict lookup.
+class, so a step that returns anything else pays two dict lookups (a response?
+a stream?).
 
 Mapping the usage fields to token kinds is genai-prices' job (its
 per-provider extractors know, for instance, that Anthropic's
@@ -17,13 +20,17 @@ and the model on the object.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
 
 from genai_prices import data_snapshot
+from wrapt import ObjectProxy
 
 from multirun.usage import TokenUsage
 
 _logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # how each known class carries its usage
 _FULL = "full"  # .model and .usage: one whole response
@@ -52,19 +59,33 @@ _KNOWN: dict[tuple[str, str], tuple[str, str, str]] = {
     ("anthropic.types", "BetaRawMessageDeltaEvent"): (_MESSAGE_DELTA, "anthropic", "default"),
 }
 
+# the SDKs' streams, which a step may return unread for its caller to read: read with ``for``
+# ("sync") or ``async for`` ("async"); or a wrapper of one, which holds it in ``.stream``
+_StreamKind = Literal["sync", "async", "wrapper"]
+_STREAMS: dict[tuple[str, str], _StreamKind] = {
+    ("openai", "Stream"): "sync",  # of chat completion chunks, or of Responses API events
+    ("openai", "AsyncStream"): "async",
+    ("anthropic", "Stream"): "sync",  # of raw message events (messages.create(stream=True))
+    ("anthropic", "AsyncStream"): "async",
+    # openai-v2's wrappers of a chat stream, sync or async as the stream they wrap
+    ("opentelemetry.instrumentation.openai_v2", "ChatStreamWrapper"): "wrapper",
+    ("opentelemetry.instrumentation.openai_v2", "LegacyChatStreamWrapper"): "wrapper",
+}
+
 # what most steps return: never an SDK object, known without a function call
 NOT_A_RESPONSE = frozenset({type(None), str, int, float, bool, bytes, list, dict, tuple})
 
 _recognised: dict[type, tuple[str, str, str] | None] = {}
+_streams: dict[type, _StreamKind | Literal["proxy"] | None] = {}
 # classes made at run time (a pydantic model per request, say) would pile up, each held alive
 _MAX_RECOGNISED = 1024
 _warned: set[str] = set()
 
 
-def _recognise(cls: type) -> tuple[str, str, str] | None:
+def _recognise(cls: type, known: Mapping[tuple[str, str], T]) -> T | None:
     for klass in cls.__mro__:
         module = klass.__module__
-        for (prefix, name), how in _KNOWN.items():
+        for (prefix, name), how in known.items():
             if klass.__name__ == name and module.startswith(prefix):
                 return how
     return None
@@ -77,8 +98,31 @@ def _how(value: Any) -> tuple[str, str, str] | None:
     except KeyError:
         if len(_recognised) >= _MAX_RECOGNISED:
             _recognised.clear()
-        how = _recognised[cls] = _recognise(cls)
+        how = _recognised[cls] = _recognise(cls, _KNOWN)
         return how
+
+
+def returned_stream(value: Any) -> Literal["sync", "async"] | None:
+    """Whether ``value`` is an SDK stream, read with ``for`` ("sync") or ``async for`` ("async");
+    None for anything else.
+
+    A wrapt proxy (an instrumentation's, or this package's, of a stream a step inside returned)
+    is what it wraps. Never ``value.__class__``, which a lazy object computes itself for.
+    """
+    cls = type(value)
+    try:
+        kind = _streams[cls]
+    except KeyError:
+        if len(_streams) >= _MAX_RECOGNISED:
+            _streams.clear()
+        kind = _streams[cls] = "proxy" if issubclass(cls, ObjectProxy) else _recognise(cls, _STREAMS)
+    if kind == "proxy" or kind == "wrapper":
+        try:
+            inner = value.__wrapped__ if kind == "proxy" else value.stream
+        except Exception:  # a proxy not initialised (wrapt raises ValueError), say: no stream
+            return None
+        return returned_stream(inner)
+    return kind
 
 
 # one model call: the id of its response (None if it has none) and its usage
@@ -164,6 +208,10 @@ class StreamUsage:
         if stream is None:
             stream = self._streams[key] = _Stream(how, ident)
         return stream
+
+    def has_usage(self) -> bool:
+        """Whether any chunk, event or response seen carried usage."""
+        return bool(self._whole) or any(stream.usage for stream in self._streams.values())
 
     def calls(self) -> list[ModelCall]:
         """Each model call seen: each stream whose chunks carried usage, and each whole response."""

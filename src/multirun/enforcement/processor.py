@@ -90,7 +90,8 @@ class UsageSpanProcessor(SpanProcessor):
 
         Such a span never ends (an instrumented stream abandoned half-read), or ends later
         (a stream the sub-run returned, read by its caller): a parent still running pays for
-        it. Usually there is none, and this is one test of an empty dict.
+        it, and the step it started in charges none of it from what the stream shows the step.
+        Usually there is none, and this is one test of an empty dict.
         """
         open_spans = self._open
         if not open_spans:
@@ -99,6 +100,7 @@ class UsageSpanProcessor(SpanProcessor):
         heir = parent is not None and not parent._finished and (run.parent_step or run.parent_agent)
         for span_id, entry in open_spans.copy().items():  # copy(): other threads add spans
             if entry[0].run_context is run:
+                _usage_is_the_span_s(entry[0])
                 if not heir:
                     open_spans.pop(span_id, None)
                 else:
@@ -271,6 +273,16 @@ def _is_metered(attributes: Any, scope: InstrumentationScope | None) -> bool:
         not _GENAI_USAGE_KEYS.isdisjoint(attributes)
         or attributes.get(a.LLM_REQUEST_TYPE) in a.MODEL_CALL_REQUEST_TYPES
     )
+
+
+def _usage_is_the_span_s(owner: Any) -> None:
+    """A foreign span in ``owner`` (a step or an agent) outlives its run: its usage is charged
+    (or not) by the span when it ends, so a step that read it from the SDK's response or stream
+    (one it returned, read by its caller later) charges none of it."""
+    from multirun.context import StepContext  # context imports this package
+
+    if isinstance(owner, StepContext):
+        owner.child_usage_reported = True
 
 
 def _note_call_timed(owner: Any) -> None:

@@ -52,6 +52,7 @@ def framework_step_spec(
             check_budget=True,
             model=model,
         )
+        spec.follows_stream = False  # what it returns goes to the framework
         if policy_kind is not None:
             spec.policy_kind = policy_kind
     return spec

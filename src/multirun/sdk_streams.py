@@ -1,0 +1,183 @@
+"""An LLM SDK stream that a step returns, watched as its caller reads it.
+
+As opentelemetry-instrumentation-openai-v2 ends the span of a streamed chat
+call when the stream ends, a step that returns an SDK stream unread ends when
+its caller has read the stream to its end, when reading it fails, or when the
+caller closes it or drops it half-read; meanwhile the step is shown each chunk
+or event read, and reads the usage from them. The caller gets the stream in a
+proxy (wrapt's) that still is the SDK's stream: ``isinstance``, ``with`` and
+``async with``, iteration, ``close()`` and every attribute are the stream's own.
+
+The stream is read in the step's context, as a generator step's body runs in
+it, and the caller's context is current again after each read: openai-v2's chat
+span, made current when the stream was opened in the step, is detached when the
+stream ends, which would otherwise make the step's context the caller's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+import wrapt
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+
+_logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    _Proxy = wrapt.ObjectProxy[Any]
+else:  # wrapt before 2.0 has no ObjectProxy[...]
+    _Proxy = wrapt.ObjectProxy
+
+
+class Reader(Protocol):
+    """The step that returned a stream, told how its caller reads it."""
+
+    def _stream_item(self, item: Any) -> None:
+        """The caller read ``item``."""
+
+    def _stream_ended(self, error: BaseException | None, closed: bool) -> None:
+        """The stream ended: read to its end, failed with ``error`` (raised again, or what
+        the step makes of it), or closed or dropped before its end (``closed``)."""
+
+
+def watched(stream: Any, is_async: bool, reader: Reader, ctx: Context) -> Any:
+    """``stream`` as its caller reads it, in ``ctx``; ``reader`` told each item and the end."""
+    return _AsyncWatched(stream, reader, ctx) if is_async else _Watched(stream, reader, ctx)
+
+
+# The proxy's own attributes are named _self_*: wrapt keeps them on the proxy, and a method of
+# another name would hide the stream's attribute of that name.
+class _Watching(_Proxy):
+    """What the sync and the async proxies share: the reader, told the end once."""
+
+    def __init__(self, stream: Any, reader: Reader, ctx: Context) -> None:
+        super().__init__(stream)
+        self._self_reader: Reader | None = reader  # None once told the end
+        self._self_ctx = ctx
+
+    def _self_item(self, item: Any) -> Any:
+        reader = self._self_reader
+        if reader is not None:
+            reader._stream_item(item)
+        return item
+
+    def _self_end(self, error: BaseException | None = None, closed: bool = False) -> None:
+        reader, self._self_reader = self._self_reader, None
+        if reader is not None:
+            reader._stream_ended(error, closed)
+
+    def _self_dropped(self) -> None:
+        """Collected half-read: its step ends, as if the caller had closed it."""
+        try:
+            self._self_end(closed=True)
+        except Exception:  # never out of __del__, where it would be printed as 'Exception ignored'
+            _logger.warning("multirun: could not end the step of a stream dropped half-read", exc_info=True)
+
+
+class _Watched(_Watching):
+    """A sync SDK stream."""
+
+    def __iter__(self) -> _Watched:
+        return self
+
+    def __next__(self) -> Any:
+        token = otel_context.attach(self._self_ctx)
+        try:
+            item = next(self.__wrapped__)
+        except StopIteration:
+            self._self_end()
+            raise
+        except BaseException as error:
+            self._self_end(error)
+            raise
+        finally:
+            otel_context.detach(token)
+        return self._self_item(item)
+
+    def close(self) -> None:
+        token = otel_context.attach(self._self_ctx)
+        try:
+            self.__wrapped__.close()
+        except BaseException as error:
+            self._self_end(error)
+            raise
+        finally:
+            otel_context.detach(token)
+        self._self_end(closed=True)
+
+    def __enter__(self) -> _Watched:
+        self.__wrapped__.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        token = otel_context.attach(self._self_ctx)
+        try:
+            return self.__wrapped__.__exit__(*exc_info)
+        finally:
+            otel_context.detach(token)
+            self._self_end(closed=True)
+
+    def __del__(self) -> None:
+        if getattr(self, "_self_reader", None) is not None:
+            token = otel_context.attach(self._self_ctx)
+            try:
+                self.__wrapped__.close()  # its connection, as a generator step's ``yield from`` would
+            except Exception:
+                _logger.debug("multirun: closing a stream dropped half-read failed", exc_info=True)
+            finally:
+                otel_context.detach(token)
+            self._self_dropped()
+
+
+class _AsyncWatched(_Watching):
+    """An async SDK stream."""
+
+    def __aiter__(self) -> _AsyncWatched:
+        return self
+
+    async def __anext__(self) -> Any:
+        token = otel_context.attach(self._self_ctx)
+        try:
+            item = await self.__wrapped__.__anext__()
+        except StopAsyncIteration:
+            self._self_end()
+            raise
+        except BaseException as error:
+            self._self_end(error)
+            raise
+        finally:
+            otel_context.detach(token)
+        return self._self_item(item)
+
+    async def close(self) -> None:
+        token = otel_context.attach(self._self_ctx)
+        try:
+            closing = self.__wrapped__.close()
+            if inspect.isawaitable(closing):  # the SDK's; openai-v2's wrapper closes without awaiting
+                await closing
+        except BaseException as error:
+            self._self_end(error)
+            raise
+        finally:
+            otel_context.detach(token)
+        self._self_end(closed=True)
+
+    async def __aenter__(self) -> _AsyncWatched:
+        await self.__wrapped__.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        token = otel_context.attach(self._self_ctx)
+        try:
+            return await self.__wrapped__.__aexit__(*exc_info)
+        finally:
+            otel_context.detach(token)
+            self._self_end(closed=True)
+
+    def __del__(self) -> None:
+        # its async close() cannot be awaited here: the SDK's response is collected with it
+        if getattr(self, "_self_reader", None) is not None:
+            self._self_dropped()
