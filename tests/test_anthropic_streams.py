@@ -1,0 +1,175 @@
+"""A step that returns the real ``anthropic`` SDK's stream, read by its caller, is charged its usage.
+
+No mock of anthropic: a real ``anthropic.Anthropic`` / ``anthropic.AsyncAnthropic``
+reads Server-Sent Events from a server of this test on 127.0.0.1 that answers
+``POST /v1/messages`` with ``"stream": true`` as the Messages API does: a
+``message_start`` with the input tokens (cached input apart), the text, then
+``message_delta`` events with the running total of the output tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import anthropic
+import genai_prices
+import pytest
+
+import multirun
+from multirun import run, step
+from multirun.models import StepKind
+from multirun.telemetry import attributes as attr
+
+MODEL = "claude-3-5-sonnet-20241022"
+INPUT, CACHE_READ, OUTPUT = 25, 100, 15
+
+
+def sse_events(model: str, prompt: str) -> Iterator[str]:
+    """The events of a streamed message, as the Messages API sends them."""
+
+    def event(kind: str, data: dict[str, Any]) -> str:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+    usage = {"input_tokens": INPUT, "output_tokens": 1, "cache_read_input_tokens": CACHE_READ}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": []}
+    yield event("message_start", {"message": {**message, "stop_reason": None, "usage": usage}})
+    yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+    for word in f"re: {prompt}".split(" "):
+        yield event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word}})
+    yield event("content_block_stop", {"index": 0})
+    for output in (7, OUTPUT):  # running totals, not increments
+        delta = {"delta": {"stop_reason": None, "stop_sequence": None}, "usage": {"output_tokens": output}}
+        yield event("message_delta", delta)
+    yield event("message_stop", {})
+
+
+class MessagesServer:
+    """``POST /v1/messages`` on 127.0.0.1, streamed."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                server.requests += 1
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.end_headers()
+                for text in sse_events(body["model"], body["messages"][-1]["content"]):
+                    self.wfile.write(text.encode())
+                    self.wfile.flush()
+                self.close_connection = True
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+
+
+@pytest.fixture
+def messages() -> Iterator[MessagesServer]:
+    server = MessagesServer()
+    server._thread.start()
+    yield server
+    server._server.shutdown()
+    server._server.server_close()
+
+
+def attrs(span: Any) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+def text_of(events: Any) -> str:
+    return " ".join(e.delta.text for e in events if e.type == "content_block_delta")
+
+
+def open_stream(client: Any, model: str = MODEL) -> Any:
+    return client.messages.create(
+        model=model, max_tokens=64, messages=[{"role": "user", "content": "hello"}], stream=True
+    )
+
+
+def assert_charged(traced: Any) -> None:
+    a = attrs(traced.span(f"chat {MODEL}"))  # an LLM step is named after the model it used
+    assert a[attr.GEN_AI_USAGE_INPUT_TOKENS] == INPUT + CACHE_READ  # cached input counts as input
+    assert a[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == OUTPUT
+    assert a[attr.GEN_AI_PROVIDER_NAME] == "anthropic"
+    assert a[attr.STEP_STREAM_ITEMS] == 8
+    usage = genai_prices.Usage(
+        input_tokens=INPUT + CACHE_READ, output_tokens=OUTPUT, cache_read_tokens=CACHE_READ
+    )
+    price = float(genai_prices.calc_price(usage, MODEL, provider_id="anthropic").total_price)
+    main = attrs(traced.span("invoke_workflow main"))
+    assert main[attr.TOKENS_USED] == INPUT + CACHE_READ + OUTPUT
+    assert main[attr.COST_USD] == pytest.approx(price, rel=1e-9)
+
+
+def test_a_step_returning_an_anthropic_stream_is_charged_when_its_caller_reads_it(traced, messages) -> None:
+    client = anthropic.Anthropic(base_url=messages.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer() -> Any:
+        return open_stream(client)
+
+    @run
+    def main() -> str:
+        stream = answer()
+        assert isinstance(stream, anthropic.Stream)
+        return text_of(stream)
+
+    assert main() == "re: hello"
+    assert_charged(traced)
+
+
+async def test_an_async_step_returning_an_anthropic_stream_is_charged_when_its_caller_reads_it(
+    traced, messages
+) -> None:
+    client = anthropic.AsyncAnthropic(base_url=messages.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    async def answer() -> Any:
+        return await open_stream(client)
+
+    @run
+    async def main() -> str:
+        stream = await answer()
+        assert isinstance(stream, anthropic.AsyncStream)
+        return text_of([event async for event in stream])
+
+    assert await main() == "re: hello"
+    assert_charged(traced)
+
+
+def test_a_returned_stream_of_a_model_with_no_price_under_unpriced_fail_fails_at_its_end(
+    traced, messages
+) -> None:
+    """As a generator step's stream: the refusal is raised when the stream has been read to its end."""
+    multirun.init(tracer_provider=traced.provider, unpriced="fail")
+    client = anthropic.Anthropic(base_url=messages.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer() -> Any:
+        return open_stream(client, "my-private-model")
+
+    @run
+    def main() -> list[Any]:
+        read: list[Any] = []
+        with pytest.raises(multirun.PolicyViolation) as refused:
+            read.extend(answer())
+        assert refused.value.rule == "unpriced"
+        return read
+
+    assert len(main()) == 8  # every event, then the refusal
+    a = attrs(traced.span("chat my-private-model"))
+    assert a[attr.STEP_STATUS] == "failed"
+    assert a[attr.UNPRICED] is True
+    assert a[attr.TOKENS_USED] == INPUT + CACHE_READ + OUTPUT
