@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import multirun
 from multirun import client as client_module
 from multirun.clock import Clock
+from otlp_collectors import Collector, never_answering_collector, serving_collector
 
 # A test run started in the background (nohup, a CI runner without a terminal) inherits SIGINT
 # ignored, and so would every program it starts: the tests of Ctrl-C need Python's usual
@@ -176,3 +177,17 @@ def read_only() -> Iterator[Callable[[Path], None]]:
         if os.geteuid() == 0:
             subprocess.run(["chattr", "-i", str(folder)], check=True)
         folder.chmod(0o755)
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    """A local OTLP/HTTP endpoint that keeps the names of the spans it receives."""
+    with serving_collector() as server:
+        yield server
+
+
+@pytest.fixture
+def silent_collector() -> Iterator[str]:
+    """The URL of an OTLP endpoint that accepts connections and never answers (a hung collector)."""
+    with never_answering_collector() as url:
+        yield url

@@ -9,7 +9,6 @@ redis-server stopped or frozen mid-run, a real S3 server.
 
 from __future__ import annotations
 
-import http.server
 import importlib.util
 import json
 import logging
@@ -46,6 +45,7 @@ from multirun.enforcement.redis_ledger import RETRY_SECONDS, LedgerUnavailableEr
 from multirun.models import Budget, StepKind
 from multirun.telemetry.export import DROPPED_SPANS, ExportProcessor
 from multirun.telemetry.local_files import read_spans
+from otlp_collectors import Collector  # the OTLP/HTTP collector (fixture: collector)
 from test_bad_input import agent_program  # the same four-span agent run
 
 if TYPE_CHECKING:
@@ -264,30 +264,6 @@ def job() -> int:
 
 job()
 """
-
-
-@pytest.fixture
-def silent_collector() -> Iterator[str]:
-    """The URL of an OTLP endpoint that accepts connections and never answers (a hung collector)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for connection in [*held, server]:
-        connection.close()
 
 
 def exit_of(
@@ -643,51 +619,6 @@ def test_5_a_child_forked_while_a_thread_counts_a_step_runs_its_own_steps(tmp_pa
 # 6. the exporter's own HTTP calls are not traced
 
 
-class Collector(http.server.ThreadingHTTPServer):
-    """A local OTLP/HTTP endpoint that keeps the names of the spans it receives."""
-
-    def __init__(self) -> None:
-        self.span_names: list[str] = []
-        self.requests = 0
-        super().__init__(("127.0.0.1", 0), _CollectorHandler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _CollectorHandler(http.server.BaseHTTPRequestHandler):
-    server: Collector
-
-    def do_POST(self) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.server.requests += 1
-        if self.path == "/v1/traces":
-            request = ExportTraceServiceRequest.FromString(body)
-            for resource_spans in request.resource_spans:
-                for scope_spans in resource_spans.scope_spans:
-                    self.server.span_names.extend(s.name for s in scope_spans.spans)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
-
-
-@pytest.fixture
-def collector() -> Iterator[Collector]:
-    server = Collector()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture
 def http_instrumented() -> Iterator[Callable[[TracerProvider | None], None]]:
     """Turns on the real requests and urllib3 instrumentations, for the whole process."""
@@ -856,7 +787,6 @@ def test_7_a_full_store_is_a_warning_the_run_goes_on_and_the_next_checkpoint_is_
 def test_7_an_unreachable_s3_store_is_a_warning_within_its_timeouts(
     traced: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

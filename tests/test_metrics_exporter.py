@@ -12,13 +12,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from test_faults_telemetry import Collector  # the OTLP/HTTP collector
+from otlp_collectors import Collector  # the OTLP/HTTP collector (fixture: collector)
 
 PROGRAM = """
 import sys
@@ -46,16 +42,6 @@ print(main("q"))
 readers = getattr(metrics.get_meter_provider(), "_all_metric_readers", ())  # none: no SDK provider
 print("readers:", sorted(type(reader).__name__ for reader in readers))
 """
-
-
-@pytest.fixture
-def collector() -> Iterator[Collector]:
-    server = Collector()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def program(tmp_path: Path, *, init: bool = True, **variables: str) -> subprocess.CompletedProcess[str]:

@@ -30,8 +30,8 @@ from multirun import run
 from multirun.errors import ConfigurationError
 from multirun.telemetry.export import DROPPED, EXPORT_FAILED
 from multirun.telemetry.local_files import read_spans
+from otlp_collectors import Collector  # the OTLP/HTTP collector (fixture: collector)
 from test_bad_input import agent_program  # the same four-span agent run
-from test_faults_telemetry import Collector  # the OTLP/HTTP collector
 
 HAS_GRPC = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None
 needs_grpc = pytest.mark.skipif(
@@ -98,16 +98,6 @@ def grpc_collector() -> Iterator[GrpcCollector]:
     server = GrpcCollector()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def collector() -> Iterator[Collector]:
-    server = Collector()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture(autouse=True)

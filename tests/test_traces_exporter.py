@@ -15,8 +15,7 @@ import logging
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -31,21 +30,11 @@ from multirun import run
 from multirun.errors import ConfigurationError
 from multirun.telemetry.export import SpanExporters
 from multirun.telemetry.local_files import read_spans
+from otlp_collectors import Collector  # the OTLP/HTTP collector (fixture: collector)
 from test_bad_input import agent_program  # the same four-span agent run
-from test_faults_telemetry import Collector  # the OTLP/HTTP collector
 
 SPANS = ["chat gpt-4o-mini", "invoke_agent worker", "invoke_workflow main", "step tool"]
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture
-def collector() -> Iterator[Collector]:
-    server = Collector()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def _sent(client: multirun.MultiRunClient) -> None:

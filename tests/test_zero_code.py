@@ -17,10 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from test_faults_telemetry import silent_collector
-
-__all__ = ["silent_collector"]  # a fixture, imported for pytest
-
 TESTS = Path(__file__).resolve().parent
 INSTRUMENT = Path(sys.executable).parent / "opentelemetry-instrument"
 ANSWER = "OpenTelemetry adoption doubled this year, driven by tooling."
