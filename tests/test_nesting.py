@@ -614,3 +614,38 @@ def test_sub_run_spend_rolls_up_into_step_that_called_it(traced) -> None:
 
     assert attrs(traced.span("step delegate")).get("multirun.tokens_used") == 70
     assert attrs(traced.span("invoke_workflow parent"))["multirun.tokens_used"] == 70
+
+
+def test_sub_run_of_a_run_context_made_with_its_own_client_uses_that_client(traced, tmp_path) -> None:
+    """Reference 000: @run gets its client "from the current context". A run made by hand with a
+    client of its own (RunContext(client=...)) gives that client to the @run called inside it, so
+    the sub-run's span joins the parent's trace in the parent's provider, and its checkpoints go
+    to the parent's store, not to those of the process's default client."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from multirun.context import RunContext, get_current_client
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    own = multirun.MultiRunClient(
+        tracer_provider=provider, checkpoint_store=str(tmp_path / "own"), metrics=False
+    )
+    seen: dict[str, Any] = {}
+
+    @run(name="child")
+    def child() -> None:
+        seen["client"] = get_current_client()
+        seen["checkpoint"] = get_current_run_context().checkpoint(name="in_child").id
+
+    with RunContext(client=own, run=Run(name="outer")):
+        child()
+    provider.shutdown()
+
+    assert seen["client"] is own
+    names = [span.name for span in exporter.get_finished_spans()]
+    assert names == ["invoke_workflow child", "invoke_workflow outer"]
+    assert traced.spans() == []
+    own.checkpoints.load(seen["checkpoint"])  # in the parent's store

@@ -152,6 +152,17 @@ def get_current_client() -> MultiRunClient:
     return client
 
 
+def _client_here() -> MultiRunClient:
+    """The current run's client (a run made by hand may have its own), else the process's,
+    created on first use: the client a run started here gets."""
+    run = run_in(otel_context.get_current())
+    if run is not None:
+        return run.client
+    from multirun.client import get_client
+
+    return get_client()
+
+
 def has_active_run() -> bool:
     return run_in(otel_context.get_current()) is not None
 
@@ -255,9 +266,7 @@ class RunContext:
         remote: bool = False,
     ) -> None:
         if client is None:
-            from multirun.client import get_client
-
-            client = get_client()
+            client = _client_here()
         self.client = client
         self.run = run if run is not None else Run()
         self.is_replaying = is_replaying

@@ -691,16 +691,14 @@ def run(
         run_name = _validate_name("run", name, _callable("run", fn))
 
         def open_run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _RunCall:
-            from multirun.client import get_client
-
             model = Run(
                 name=run_name,
                 budget=budget_model,
                 policy=policy_model,
                 metadata=dict(metadata or {}),
             )
-            client = get_client()
-            ctx = RunContext(client, model, checkpoint_on_error=checkpoint_on_error)
+            # the client of the run around it (one made by hand may have its own), else the default
+            ctx = RunContext(None, model, checkpoint_on_error=checkpoint_on_error)
             ctx.inputs = (args, kwargs)  # a sub-run's, told apart by them in its parent's replay log
             _resume_pending(ctx)
             return _RunCall(ctx)
