@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import pickle
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -428,6 +431,16 @@ def test_run_round_trips_through_json() -> None:
     run = Run(name="r", budget=Budget(max_tokens=5), metadata={"k": "v"}, tokens_used=3)
     again = Run.model_validate_json(run.model_dump_json())
     assert again == run
+
+
+def test_a_checkpoint_with_a_binary_state_round_trips_through_json() -> None:
+    """A pickle checkpoint's state_data (what ``client.checkpoints.load(id).checkpoint`` holds)
+    is not UTF-8: its JSON carries it as base64, and reads back to the same bytes."""
+    blob = pickle.dumps({"state": object.__name__}) + bytes(range(256))
+    ckpt = Checkpoint(run_id="r1", name="n", state_data=blob, state_format="pickle", size_bytes=len(blob))
+    text = ckpt.model_dump_json()
+    assert base64.urlsafe_b64decode(json.loads(text)["state_data"]) == blob  # pydantic's alphabet
+    assert Checkpoint.model_validate_json(text) == ckpt
 
 
 def test_ids_are_drawn_without_os_urandom(monkeypatch) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from multirun.models._base import Model, new_id, utcnow
 
@@ -24,6 +24,9 @@ class CheckpointMeta(Model):
 
 
 class Checkpoint(Model):
+    # state_data is a blob (a pickle's, a compressed one's), not UTF-8 text: base64 in JSON
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
     id: str = Field(default_factory=new_id)
     run_id: str
     agent_id: str = ""
