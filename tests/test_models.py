@@ -339,6 +339,34 @@ def test_policy_accepts_reference_example() -> None:
     assert policy.graceful_degradation is None
 
 
+class _QuotaError(Exception):
+    """An exception class of the program's own, for a circuit breaker to leave out."""
+
+
+def test_a_policy_with_excluded_errors_round_trips_through_json() -> None:
+    """``CircuitBreakerRule.excluded_errors`` holds classes: in JSON (a policy's, or a run's that
+    has it) they are written by their import path, and read back as the same classes."""
+    policy = Policy(circuit_breaker=CircuitBreakerRule(excluded_errors=(ValueError, _QuotaError)))
+    run = Run(name="r", policy=policy)
+    dumped = json.loads(run.model_dump_json())
+    assert dumped["policy"]["circuit_breaker"]["excluded_errors"] == [
+        "builtins.ValueError",
+        f"{__name__}._QuotaError",
+    ]
+    assert Run.model_validate_json(run.model_dump_json()) == run
+    assert Policy.model_validate(policy.model_dump(mode="json")) == policy
+    assert policy.model_dump()["circuit_breaker"]["excluded_errors"] == (ValueError, _QuotaError)
+
+
+def test_an_excluded_error_named_by_a_path_that_is_no_exception_class_is_refused_naming_it() -> None:
+    assert CircuitBreakerRule.model_validate({"excluded_errors": ["TimeoutError"]}).excluded_errors == (
+        TimeoutError,
+    )  # a builtin by its bare name, as a config written by hand may give it
+    for path in ("builtins.len", "no_such_module_x.Error", "NoSuchError"):
+        with pytest.raises(pydantic.ValidationError, match=rf"(?s)excluded_errors.*{path}"):
+            CircuitBreakerRule.model_validate_json(json.dumps({"excluded_errors": [path]}))
+
+
 def test_policy_fields_are_all_optional() -> None:
     policy = Policy()
     assert (

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
+import sys
 from enum import Enum
+from typing import Any
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from multirun.models._base import MAX_COUNT_LIMIT, Amount, Count, Model
 
@@ -76,6 +79,37 @@ class CircuitBreakerRule(Model):
     failure_threshold: Count = Field(default=5, ge=1)
     recovery_time_seconds: Amount = Field(default=60.0, ge=0)
     excluded_errors: tuple[type[BaseException], ...] = ()
+
+    @field_validator("excluded_errors", mode="before")
+    @classmethod
+    def _classes_or_their_paths(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return tuple(_exception_class(item) for item in value)
+        return value
+
+    @field_serializer("excluded_errors", when_used="json")
+    def _paths(self, value: tuple[type[BaseException], ...]) -> list[str]:
+        return [f"{error.__module__}.{error.__qualname__}" for error in value]
+
+
+def _exception_class(value: Any) -> Any:
+    """An exception class, from itself or from its import path as JSON gives it
+    (``"builtins.TimeoutError"``, or a builtin's bare name). The module must be imported
+    already: reading a policy never imports code."""
+    if not isinstance(value, str):
+        return value
+    parts = value.split(".")
+    found: Any = getattr(builtins, value, None) if len(parts) == 1 else None
+    for split in range(len(parts) - 1, 0, -1):  # the longest module name that is imported
+        module = sys.modules.get(".".join(parts[:split]))
+        if module is not None:
+            found = module
+            for name in parts[split:]:
+                found = getattr(found, name, None)
+            break
+    if not (isinstance(found, type) and issubclass(found, BaseException)):
+        raise ValueError(f"{value!r} names no exception class of an imported module")
+    return found
 
 
 class GracefulDegradationRule(Model):
