@@ -5,9 +5,17 @@ from __future__ import annotations
 import builtins
 import sys
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from multirun.models._base import MAX_COUNT_LIMIT, Amount, Count, Model
 
@@ -67,29 +75,10 @@ class RetryRule(Model):
     max_delay_seconds: Amount = Field(default=60.0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
 
 
-class CircuitBreakerRule(Model):
-    """Open the circuit of a step after ``failure_threshold`` failures in a row.
-
-    ``excluded_errors`` are exception classes that do not count as failures
-    (budget and policy aborts never count).
-    """
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    failure_threshold: Count = Field(default=5, ge=1)
-    recovery_time_seconds: Amount = Field(default=60.0, ge=0)
-    excluded_errors: tuple[type[BaseException], ...] = ()
-
-    @field_validator("excluded_errors", mode="before")
-    @classmethod
-    def _classes_or_their_paths(cls, value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return tuple(_exception_class(item) for item in value)
-        return value
-
-    @field_serializer("excluded_errors", when_used="json")
-    def _paths(self, value: tuple[type[BaseException], ...]) -> list[str]:
-        return [f"{error.__module__}.{error.__qualname__}" for error in value]
+def _exception_classes(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_exception_class(item) for item in value)
+    return value
 
 
 def _exception_class(value: Any) -> Any:
@@ -110,6 +99,33 @@ def _exception_class(value: Any) -> Any:
     if not (isinstance(found, type) and issubclass(found, BaseException)):
         raise ValueError(f"{value!r} names no exception class of an imported module")
     return found
+
+
+def _import_paths(classes: tuple[type[BaseException], ...]) -> list[str]:
+    return [f"{error.__module__}.{error.__qualname__}" for error in classes]
+
+
+# Exception classes; in JSON, their import paths (both schemas say so: they are read back too)
+ExceptionClasses = Annotated[
+    tuple[type[BaseException], ...],
+    BeforeValidator(_exception_classes),
+    PlainSerializer(_import_paths, return_type=list[str], when_used="json"),
+    WithJsonSchema({"type": "array", "items": {"type": "string"}}),
+]
+
+
+class CircuitBreakerRule(Model):
+    """Open the circuit of a step after ``failure_threshold`` failures in a row.
+
+    ``excluded_errors`` are exception classes that do not count as failures
+    (budget and policy aborts never count).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    failure_threshold: Count = Field(default=5, ge=1)
+    recovery_time_seconds: Amount = Field(default=60.0, ge=0)
+    excluded_errors: ExceptionClasses = ()
 
 
 class GracefulDegradationRule(Model):
