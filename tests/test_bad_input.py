@@ -247,6 +247,39 @@ def test_start_agent_refuses_bad_metadata_and_config_id_by_name_before_starting_
     main()
 
 
+def test_a_run_context_given_the_wrong_client_or_run_is_refused_naming_it(traced) -> None:
+    """``RunContext(client=client, run=run)``, as reference 002 writes it: a run given as the
+    first argument, or a dict for the run, is refused naming the argument, not an
+    AttributeError from deep inside the first step."""
+    from multirun.context import RunContext
+
+    with pytest.raises(ConfigurationError, match=r"^RunContext\(client=\.\.\.\) must be a MultiRunClient"):
+        RunContext(Run(name="x"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"^RunContext\(run=\.\.\.\) must be a Run, got dict"):
+        RunContext(client=traced.client, run={"name": "x"})  # type: ignore[arg-type]
+
+
+def test_a_step_started_by_hand_with_bad_arguments_is_refused_naming_them(traced) -> None:
+    """``start_step`` and ``get_step_result`` name the argument they cannot take, as the
+    decorators do, and start nothing."""
+    from multirun.context import RunContext
+
+    with RunContext(client=traced.client, run=Run(name="x")) as ctx:
+        agent_ctx = ctx.default_agent
+        with pytest.raises(ConfigurationError, match=r"^start_step\(kind=\.\.\.\) must be one of 'function'"):
+            agent_ctx.start_step("s", kind="bogus")  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match=r"^get_step_result\(kind=\.\.\.\) must be one of "):
+            agent_ctx.get_step_result("s", (), {}, kind="bogus")  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match=r"^start_step\(input_kwargs=\.\.\.\) must be a dict"):
+            agent_ctx.start_step("s", input_args=(1,), input_kwargs=[1])  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match=r"^start_step\(input_args=\.\.\.\) must be a tuple"):
+            agent_ctx.start_step("s", input_args="abc")  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match=r"^get_step_result\(kwargs=\.\.\.\) must be a dict"):
+            agent_ctx.get_step_result("s", (), [1])  # type: ignore[arg-type]
+        assert ctx.ledger.steps == 0
+    assert [span.name for span in traced.spans()] == ["invoke_workflow x"]
+
+
 def test_checkpoint_with_empty_result_key_is_refused_naming_result_key() -> None:
     with pytest.raises(ConfigurationError, match="result_key"):
 

@@ -265,8 +265,19 @@ class RunContext:
         checkpoint_on_error: bool = False,
         remote: bool = False,
     ) -> None:
+        from multirun.client import MultiRunClient
+
         if client is None:
             client = _client_here()
+        elif not isinstance(client, MultiRunClient):
+            raise ConfigurationError(
+                f"RunContext(client=...) must be a MultiRunClient, got {type(client).__name__} "
+                "(multirun.get_client() gives the configured one; pass run= by keyword)"
+            )
+        if run is not None and not isinstance(run, Run):
+            raise ConfigurationError(
+                f"RunContext(run=...) must be a Run, got {type(run).__name__} {run!r:.80}"
+            )
         self.client = client
         self.run = run if run is not None else Run()
         self.is_replaying = is_replaying
@@ -991,11 +1002,13 @@ class AgentContext:
         """
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"start_step: name must be a non-empty string, got {name!r}")
-        kind = StepKind(kind)
+        kind = _step_kind("start_step", kind)
+        input_args, kwargs = _step_inputs(
+            "start_step", "input_args", "input_kwargs", input_args, input_kwargs
+        )
         parent_ctx = self._step_parent_context()
         parent = step_in(parent_ctx)
         run = self.run_context
-        kwargs = input_kwargs or {}
         digest = replay_call = None
         if run.records_replay:
             digest = input_hash(input_args, kwargs)
@@ -1061,8 +1074,8 @@ class AgentContext:
         Raises DeterminismError where a decorated step would (the recorded run called it
         elsewhere).
         """
-        kind = StepKind(kind)
-        kwargs = kwargs or {}
+        kind = _step_kind("get_step_result", kind)
+        args, kwargs = _step_inputs("get_step_result", "args", "kwargs", args, kwargs)
         digest = input_hash(args, kwargs)
         if digest is None:
             return Done((False, None))
@@ -1634,6 +1647,36 @@ def _check_state_key(key: Any) -> None:
     ``get_state(key)`` would find nothing after a restore."""
     if not isinstance(key, str):
         raise ConfigurationError(f"set_state(key=...) must be a string, got {type(key).__name__} {key!r}")
+
+
+def _step_kind(where: str, kind: Any) -> StepKind:
+    try:
+        return StepKind(kind)
+    except ValueError:
+        allowed = ", ".join(repr(member.value) for member in StepKind)
+        raise ConfigurationError(f"{where}(kind=...) must be one of {allowed}, got {kind!r}") from None
+
+
+def _step_inputs(
+    where: str, args_param: str, kwargs_param: str, args: Any, kwargs: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments of a step made by hand, as a tuple and a dict (a list of arguments is
+    taken as a tuple); a str, the classic ``(prompt)`` for ``(prompt,)``, is refused."""
+    if isinstance(args, list):
+        args = tuple(args)
+    elif not isinstance(args, tuple):
+        raise ConfigurationError(
+            f"{where}({args_param}=...) must be a tuple of the step's arguments, got "
+            f"{type(args).__name__} {args!r:.80} (one argument is written (x,))"
+        )
+    if kwargs is None:
+        kwargs = {}
+    elif not isinstance(kwargs, dict):
+        raise ConfigurationError(
+            f"{where}({kwargs_param}=...) must be a dict of the step's keyword arguments, got "
+            f"{type(kwargs).__name__} {kwargs!r:.80}"
+        )
+    return args, kwargs
 
 
 def check_string_keys(where: str, param: str, value: Any) -> None:
