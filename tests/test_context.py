@@ -926,3 +926,69 @@ def test_budget_on_run_model_is_checked_with_is_exceeded(traced) -> None:
     assert "max_tokens" in reason
     assert "150" in reason
     assert "100" in reason
+
+
+@pytest.mark.parametrize("sampled_out", ["sampler ALWAYS_OFF", "OTEL_SDK_DISABLED (a no-op tracer)"])
+def test_steps_whose_spans_are_not_recorded_keep_their_ids_times_and_durations(
+    tmp_path, sampled_out: str
+) -> None:
+    """A run sampled out, or with the SDK disabled, still has Step models as reference 001 gives
+    them: an id of their own (a no-op tracer's spans all have span id 0), their start and end
+    time and latency_ms, and multirun.step.duration records how long they took, not 0."""
+    import time
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+    from opentelemetry.trace import NoOpTracerProvider
+
+    from multirun.context import RunContext
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    tracers = TracerProvider(sampler=ALWAYS_OFF) if "ALWAYS_OFF" in sampled_out else NoOpTracerProvider()
+    own = multirun.MultiRunClient(
+        tracer_provider=tracers, meter_provider=meters, checkpoint_store=str(tmp_path / "blobs")
+    )
+    seen: dict[str, Any] = {}
+
+    @step(kind=StepKind.TOOL_CALL)
+    def inner() -> None:
+        time.sleep(0.005)
+
+    @step
+    def outer() -> None:
+        seen["current"] = get_current_run_context().run.current_step_id
+        inner()
+
+    with RunContext(client=own, run=Run(name="quiet")) as ctx:
+        outer()
+        outer()
+        manual = ctx.default_agent.start_step("by_hand")
+        time.sleep(0.005)
+        manual.complete(None)
+        assert manual.step.latency_ms >= 5
+    steps = ctx.run.steps
+
+    assert [s.name for s in steps] == ["inner", "outer", "inner", "outer", "by_hand"]
+    ids = [s.id for s in steps]
+    assert len(set(ids)) == 5 and all(len(i) == 16 and int(i, 16) for i in ids)
+    assert [s.parent_step_id for s in steps] == [ids[1], None, ids[3], None, None]
+    assert seen["current"] == ids[3]
+    for s in steps:
+        assert s.started_at is not None and s.completed_at is not None
+        assert s.completed_at >= s.started_at
+    assert all(s.latency_ms >= 5 for s in steps)
+    data = reader.get_metrics_data()
+    assert data is not None
+    (tool_steps,) = [
+        point
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "multirun.step.duration"
+        for point in metric.data.data_points
+    ]
+    assert tool_steps.count == 2 and tool_steps.min >= 0.005
+    meters.shutdown()

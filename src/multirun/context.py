@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
 import weakref
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, Status, StatusCode
 from pydantic_core import to_json
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
@@ -1245,6 +1246,9 @@ class StepContext:
     _output_text: str | None = None
     _wait_due = 0.0  # that wait, for a step made by hand in async code: made when awaited
     _done = False
+    # start and end (ns) of a step whose span keeps no times: not recorded (sampled out, the SDK
+    # disabled); the times of every other step are its span's
+    _unrecorded_times: list[int] | None = None
 
     def __init__(
         self,
@@ -1298,7 +1302,11 @@ class StepContext:
             name = span_name or spans.step_span_name(kind, self.name, None)
         span = client.tracer.start_span(name, context=parent_ctx, attributes=start_attrs or None)
         self._span = span
-        self._id = step_id = f"{span.get_span_context().span_id:016x}"
+        span_id = span.get_span_context().span_id
+        # a no-op tracer's spans (the SDK disabled) all have span id 0: the step gets one of its own
+        self._id = step_id = f"{span_id:016x}" if span_id else f"{random.getrandbits(64) or 1:016x}"
+        if type(span) is NonRecordingSpan:  # it keeps no times: the step keeps them
+            self._unrecorded_times = [time.time_ns()]
         # Run.current_step_id, written past pydantic's __setattr__: this runs for every step
         self.run_context.run.__dict__["current_step_id"] = step_id
         # one copy of the context instead of two (set_span_in_context, then set_value)
@@ -1384,7 +1392,10 @@ class StepContext:
             _record_error(span, self.error, end_attrs)
         spans.set_end_attributes(span, end_attrs)
         span.end()
-        _step_metrics(self, span, end_attrs.get(attr.ERROR_TYPE))
+        times = self._unrecorded_times
+        if times is not None:
+            times.append(time.time_ns())
+        _step_metrics(self, end_attrs.get(attr.ERROR_TYPE))
         # The step's context holds the step: dropping it breaks that cycle, so a finished step
         # is freed by reference counting instead of waiting for (and feeding) the cyclic GC.
         self.otel_context = None
@@ -1595,6 +1606,10 @@ class StepContext:
             )
 
     def _times(self) -> tuple[int | None, int | None]:
+        """Its start and end (ns since the epoch), None while not started or not ended."""
+        times = self._unrecorded_times
+        if times is not None:
+            return times[0], times[1] if len(times) > 1 else None
         span = self._span
         return getattr(span, "start_time", None), getattr(span, "end_time", None)
 
@@ -1614,27 +1629,22 @@ class StepContext:
         """What the ``Step`` model of this step is made of: plain values only, so keeping them
         (a run's kept steps, until ``Run.steps`` is read) keeps no context, span or traceback."""
         span = self._span
-        span_id = span.get_span_context().span_id if span is not None else None
-        parent_span_id: int | str | None = None  # no parent; "" for a parent without a span
-        if self.parent is not None:
-            parent_span = self.parent._span
-            parent_span_id = parent_span.get_span_context().span_id if parent_span is not None else ""
+        parent = self.parent
         error = self.error
         return (
-            span_id,
+            self._id,  # "" for a step without a span
             self.run_context.run.id,
             self.agent_context.agent.id,
             self.name,
             self.kind,
             self.status,
-            parent_span_id,
+            None if parent is None else parent._id,  # no parent; "" for a parent without a span
             self.input_hash,
             # as on its span: a step that started was let through, by a policy or for want of one
             self.policy_decision or (None if span is None else "proceed"),
             self.tokens_used,
             self._cost_units,
-            getattr(span, "start_time", None),
-            getattr(span, "end_time", None),
+            *self._times(),
             None if error is None else (error_text(error) or type(error).__name__),
             self.attempt,
             self._input_text,
@@ -1746,13 +1756,13 @@ def record_step_not_run(
 def _step_model(facts: tuple[Any, ...]) -> Step:
     """A ``Step`` model from ``StepContext._facts()``."""
     (
-        span_id,
+        step_id,
         run_id,
         agent_id,
         name,
         kind,
         status,
-        parent_span_id,
+        parent_step_id,
         input_hash,
         policy_decision,
         tokens_used,
@@ -1766,15 +1776,15 @@ def _step_model(facts: tuple[Any, ...]) -> Step:
     ) = facts
     # Only the fields that differ from the model's defaults: each field given is one more to set.
     fields: dict[str, Any] = {
-        "id": "" if span_id is None else format(span_id, "016x"),
+        "id": step_id,
         "run_id": run_id,
         "agent_id": agent_id,
         "name": name,
         "kind": kind,
         "status": status,
     }
-    if parent_span_id is not None:
-        fields["parent_step_id"] = format(parent_span_id, "016x") if parent_span_id != "" else ""
+    if parent_step_id is not None:
+        fields["parent_step_id"] = parent_step_id
     if input_hash:
         fields["input_hash"] = input_hash
     if policy_decision is not None:
@@ -1840,9 +1850,14 @@ def _refresh(ledger: Ledger) -> None:
         _logger.warning("multirun: could not read the shared totals of run %s: %s", ledger.run_id, exc)
 
 
-def _step_metrics(step: StepContext, span: Span, error_type: str | None) -> None:
+def _step_metrics(step: StepContext, error_type: str | None) -> None:
     """Count the finished step; an LLM step that made the call itself also times the call."""
-    start, end = getattr(span, "start_time", None), getattr(span, "end_time", None)
+    times = step._unrecorded_times
+    if times is None:  # inline: it runs for every step
+        span = step._span
+        start, end = getattr(span, "start_time", None), getattr(span, "end_time", None)
+    else:
+        start, end = times[0], times[-1]
     duration = (end - start) / 1e9 if start is not None and end is not None else 0.0
     run = step.run_context
     metrics = run.client.metrics
