@@ -9,6 +9,7 @@ reads Server-Sent Events from a server of this test on 127.0.0.1 that answers
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 from collections.abc import Iterator
@@ -173,3 +174,159 @@ def test_a_returned_stream_of_a_model_with_no_price_under_unpriced_fail_fails_at
     assert a[attr.STEP_STATUS] == "failed"
     assert a[attr.UNPRICED] is True
     assert a[attr.TOKENS_USED] == INPUT + CACHE_READ + OUTPUT
+
+
+# ---------------------------------------------------------------------------
+# messages.stream(): a MessageStreamManager, entered to a MessageStream
+
+
+def open_manager(client: Any, model: str = MODEL) -> Any:
+    return client.messages.stream(model=model, max_tokens=64, messages=[{"role": "user", "content": "hello"}])
+
+
+def joined(events: Any) -> str:
+    return "".join(e.delta.text for e in events if e.type == "content_block_delta")
+
+
+# each way the SDK's MessageStream is read: its events, its text, or its helpers reading it whole
+READS = {
+    "events": joined,
+    "text_stream": lambda stream: "".join(stream.text_stream),
+    "get_final_text": lambda stream: stream.get_final_text(),
+    "until_done": lambda stream: (stream.until_done(), stream.current_message_snapshot.content[0].text)[1],
+}
+
+
+async def _joined_async(stream: Any) -> str:
+    return joined([event async for event in stream])
+
+
+async def _text_async(stream: Any) -> str:
+    return "".join([text async for text in stream.text_stream])
+
+
+async def _until_done_async(stream: Any) -> str:
+    await stream.until_done()
+    return str(stream.current_message_snapshot.content[0].text)
+
+
+ASYNC_READS = {
+    "events": _joined_async,
+    "text_stream": _text_async,
+    "get_final_text": lambda stream: stream.get_final_text(),
+    "until_done": _until_done_async,
+}
+
+
+def step_ended(traced: Any) -> bool:
+    return any(attrs(s).get(attr.STEP_NAME) == "answer" for s in traced.spans())
+
+
+def answer_span(traced: Any) -> Any:
+    (span,) = [s for s in traced.spans() if attrs(s).get(attr.STEP_NAME) == "answer"]
+    return span
+
+
+@pytest.mark.parametrize("read", list(READS))
+def test_a_step_returning_an_anthropic_stream_manager_is_charged_when_its_caller_reads_it(
+    traced, messages, read: str
+) -> None:
+    """The step stays open from the manager's return until its stream has been read, whichever
+    way the caller reads it, and is charged the message's usage once."""
+    client = anthropic.Anthropic(base_url=messages.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer() -> Any:
+        return open_manager(client)
+
+    @run
+    def main() -> str:
+        manager = answer()
+        assert isinstance(manager, anthropic.lib.streaming.MessageStreamManager)
+        with manager as stream:
+            assert isinstance(stream, anthropic.lib.streaming.MessageStream)
+            assert not step_ended(traced)
+            text = READS[read](stream)
+            assert step_ended(traced)  # at the stream's end, not at the block's
+        return text
+
+    assert main() == "re:hello"
+    assert messages.requests == 1
+    assert_charged(traced)
+    assert attrs(traced.span(f"chat {MODEL}"))[attr.STEP_STATUS] == "completed"
+
+
+@pytest.mark.parametrize("read", list(ASYNC_READS))
+async def test_an_async_step_returning_an_anthropic_stream_manager_is_charged_when_its_caller_reads_it(
+    traced, messages, read: str
+) -> None:
+    client = anthropic.AsyncAnthropic(base_url=messages.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    async def answer() -> Any:
+        return open_manager(client)
+
+    @run
+    async def main() -> str:
+        manager = await answer()
+        assert isinstance(manager, anthropic.lib.streaming.AsyncMessageStreamManager)
+        async with manager as stream:
+            assert not step_ended(traced)
+            text = await ASYNC_READS[read](stream)
+            assert step_ended(traced)
+        return str(text)
+
+    assert await main() == "re:hello"
+    assert_charged(traced)
+
+
+@pytest.mark.parametrize("how", ["with", "never entered"])
+def test_a_returned_anthropic_stream_manager_left_half_read_ends_its_step(traced, messages, how: str) -> None:
+    """Left after one event (the message's start, with its input tokens), or never entered (no
+    request sent): the step ends then, completed, with what was read."""
+    client = anthropic.Anthropic(base_url=messages.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer() -> Any:
+        return open_manager(client)
+
+    @run
+    def main() -> None:
+        manager = answer()
+        if how == "with":
+            with manager as stream:
+                next(iter(stream))
+            assert step_ended(traced)  # when the block was left
+        del manager
+        gc.collect()
+
+    main()
+    a = attrs(answer_span(traced))
+    assert a[attr.STEP_STATUS] == "completed"
+    if how == "with":
+        assert a[attr.STEP_STREAM_ITEMS] == 1
+        assert a[attr.GEN_AI_USAGE_INPUT_TOKENS] == INPUT + CACHE_READ
+    else:
+        assert messages.requests == 0
+        assert a[attr.STEP_STREAM_ITEMS] == 0
+        assert a[attr.USAGE_UNKNOWN] is True
+
+
+def test_a_generator_step_yielding_an_anthropic_message_stream_is_charged(traced, messages) -> None:
+    """The common shape: the step enters the manager itself and yields the MessageStream's events."""
+    client = anthropic.Anthropic(base_url=messages.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer() -> Iterator[Any]:
+        with open_manager(client) as stream:
+            yield from stream
+
+    @run
+    def main() -> str:
+        return joined(answer())
+
+    assert main() == "re:hello"
+    a = attrs(traced.span(f"chat {MODEL}"))
+    assert a[attr.GEN_AI_USAGE_INPUT_TOKENS] == INPUT + CACHE_READ
+    assert a[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == OUTPUT
+    assert attrs(traced.span("invoke_workflow main"))[attr.TOKENS_USED] == INPUT + CACHE_READ + OUTPUT

@@ -883,3 +883,276 @@ def test_a_clientai_stream_that_fails_midway_fails_its_call_step_and_agent(
     main_attrs = run_attrs(tracing)
     assert main_attrs[attr.RUN_STATUS] == "completed"
     assert main_attrs[attr.TOKENS_USED] == CANNED[0].tokens
+
+
+# ---------------------------------------------------------------------------
+# chat.completions.stream(): a ChatCompletionStreamManager, entered to a ChatCompletionStream
+
+
+def open_manager(client: Any, prompt: str) -> Any:
+    """The SDK's stream helper of a chat completion that asks for its usage, not entered yet."""
+    return client.chat.completions.stream(
+        model=REQUEST_MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        stream_options={"include_usage": True},
+    )
+
+
+def event_text(events: Any) -> str:
+    return "".join(e.delta for e in events if e.type == "content.delta")
+
+
+# each way the SDK's ChatCompletionStream is read: its events, or its helpers reading it whole
+CHAT_READS = {
+    "events": event_text,
+    "get_final_completion": lambda stream: stream.get_final_completion().choices[0].message.content,
+    "until_done": lambda stream: stream.until_done().current_completion_snapshot.choices[0].message.content,
+}
+
+
+def answer_ended(traced: Any) -> bool:
+    return bool(step_spans(traced, "answer"))
+
+
+@pytest.mark.parametrize("read", list(CHAT_READS))
+def test_a_step_returning_a_chat_stream_manager_is_charged_once_when_its_caller_reads_it(
+    tracing, mode, llm, client, read: str
+) -> None:
+    """The step stays open from the manager's return until its stream has been read, however the
+    caller reads it; the request is made in the step (openai-v2's chat span is inside it)."""
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_manager(client, prompt)
+
+    @run
+    def main() -> str:
+        manager = answer("hello there")
+        assert isinstance(manager, openai.lib.streaming.chat.ChatCompletionStreamManager)
+        with manager as stream:
+            assert isinstance(stream, openai.lib.streaming.chat.ChatCompletionStream)
+            assert not answer_ended(tracing)
+            text = CHAT_READS[read](stream)
+            assert answer_ended(tracing)  # at the stream's end, not at the block's
+        return str(text)
+
+    assert main() == "re: hello there"
+    assert llm.served[0].body["stream_options"] == {"include_usage": True}
+    assert_charged_once(tracing, mode, "answer", 0)
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STATUS] == "completed"
+    assert a[attr.STEP_STREAM_ITEMS] == 6  # the chunks the helper read: role, 3 words, stop, usage
+
+
+async def test_an_async_step_returning_a_chat_stream_manager_is_charged_once_when_its_caller_reads_it(
+    tracing, mode, llm
+) -> None:
+    aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    async def answer(prompt: str) -> Any:
+        return open_manager(aclient, prompt)
+
+    @run
+    async def main() -> str:
+        async with await answer("hello there") as stream:
+            assert not answer_ended(tracing)
+            completion = await stream.get_final_completion()
+            assert answer_ended(tracing)
+        return str(completion.choices[0].message.content)
+
+    try:
+        assert await main() == "re: hello there"
+    finally:
+        await aclient.close()
+    assert_charged_once(tracing, mode, "answer", 0)
+
+
+def test_a_returned_chat_stream_manager_left_right_after_its_usage_chunk_is_charged_once(
+    tracing, mode, llm, client
+) -> None:
+    """Left before the stream's end: the step read the usage, and (with openai-v2) the chat span,
+    whose stream is closed as the block is left, reported it too: charged once all the same."""
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_manager(client, prompt)
+
+    @run
+    def main() -> None:
+        with answer("hello there") as stream:
+            for event in stream:
+                if event.type == "chunk" and event.chunk.usage is not None:
+                    break
+            assert not answer_ended(tracing)
+        assert answer_ended(tracing)
+
+    main()
+    assert_charged_once(tracing, mode, "answer", 0)
+    if mode == "openai-v2":
+        (chat,) = chat_spans(tracing)
+        assert chat.end_time <= step_span(tracing, "answer").end_time
+
+
+@pytest.mark.parametrize("failure", ["error", "disconnect", "refused"])
+def test_a_step_whose_returned_chat_stream_manager_fails_fails_with_the_sdk_error(
+    tracing, llm, client, failure: str
+) -> None:
+    """Mid-way through the stream, or at the request itself (made when the manager is entered)."""
+    if failure == "refused":
+        llm.failing = True
+    else:
+        llm.stream_failure = (3, failure)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_manager(client, prompt)
+
+    @run
+    def main() -> None:
+        manager = answer("hello there")
+        with pytest.raises(openai.APIError), manager as stream:
+            stream.get_final_completion()
+
+    main()
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STATUS] == "failed"
+    assert a["error.type"].startswith("openai.")
+    assert a.get(attr.TOKENS_USED, 0) == 0
+    assert run_attrs(tracing)[attr.RUN_STATUS] == "completed"
+
+
+def test_a_returned_chat_stream_manager_read_after_its_agent_ended_is_charged_once(
+    tracing, mode, llm, client
+) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_manager(client, prompt)
+
+    @agent
+    def drafter() -> Any:
+        return answer("draft")
+
+    @run
+    def main() -> str:
+        with drafter() as stream:
+            return str(stream.get_final_completion().choices[0].message.content)
+
+    assert main() == "re: draft"
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STATUS] == "completed"
+    assert a[attr.STEP_STREAM_UNFINISHED] is True
+    assert step_span(tracing, "answer").end_time <= tracing.span("invoke_agent drafter").end_time
+    main_attrs = run_attrs(tracing)
+    assert main_attrs[attr.TOKENS_USED] == CANNED[0].tokens
+    assert main_attrs[attr.COST_USD] == pytest.approx(cost(mode, 0), rel=1e-9)
+
+
+def test_a_step_passing_on_the_chat_stream_manager_a_step_inside_it_returned_is_charged_once(
+    tracing, mode, llm, client
+) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_manager(client, prompt)
+
+    @step
+    def respond(prompt: str) -> Any:
+        return answer(prompt)
+
+    @run
+    def main() -> str:
+        with respond("hello there") as stream:
+            return event_text(stream)
+
+    assert main() == "re: hello there"
+    assert_charged_once(tracing, mode, "answer", 0)
+    outer, inner = step_span(tracing, "respond"), step_span(tracing, "answer")
+    assert attrs(outer)[attr.TOKENS_USED] == CANNED[0].tokens
+    assert inner.end_time <= outer.end_time
+
+
+# ---------------------------------------------------------------------------
+# responses.stream(): a ResponseStreamManager, entered to a ResponseStream (openai-v2 follows no
+# Responses API call: the step reads the usage from the events)
+
+
+def open_response_manager(client: Any, prompt: str) -> Any:
+    return client.responses.stream(model=REQUEST_MODEL, input=prompt)
+
+
+def response_text(events: Any) -> str:
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+RESPONSE_READS = {
+    "events": response_text,
+    "get_final_response": lambda stream: stream.get_final_response().output_text,
+}
+
+
+def assert_response_charged(traced: Any, step_name: str = "answer") -> None:
+    a = attrs(step_span(traced, step_name))
+    assert a[attr.GEN_AI_USAGE_INPUT_TOKENS] == CANNED[0].prompt
+    assert a[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == CANNED[0].completion
+    assert a[attr.GEN_AI_RESPONSE_MODEL] == RESPONSE_MODEL
+    main = run_attrs(traced)
+    assert main[attr.TOKENS_USED] == CANNED[0].tokens
+    assert main[attr.COST_USD] == pytest.approx(cost("plain", 0), rel=1e-9)
+
+
+@pytest.mark.parametrize("read", list(RESPONSE_READS))
+def test_a_step_returning_a_response_stream_manager_is_charged_when_its_caller_reads_it(
+    traced, llm, client, read: str
+) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_response_manager(client, prompt)
+
+    @run
+    def main() -> str:
+        manager = answer("hello there")
+        assert isinstance(manager, openai.lib.streaming.responses.ResponseStreamManager)
+        with manager as stream:
+            assert not answer_ended(traced)
+            text = RESPONSE_READS[read](stream)
+            assert answer_ended(traced)
+        return str(text)
+
+    assert main() == "re: hello there"
+    assert_response_charged(traced)
+    assert attrs(step_span(traced, "answer"))[attr.STEP_STREAM_ITEMS] == 10  # the events the helper read
+
+
+async def test_an_async_step_returning_a_response_stream_manager_is_charged_when_its_caller_reads_it(
+    traced, llm
+) -> None:
+    aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    async def answer(prompt: str) -> Any:
+        return open_response_manager(aclient, prompt)
+
+    @run
+    async def main() -> str:
+        async with await answer("hello there") as stream:
+            return response_text([event async for event in stream])
+
+    try:
+        assert await main() == "re: hello there"
+    finally:
+        await aclient.close()
+    assert_response_charged(traced)
+
+
+def test_a_generator_step_yielding_a_response_stream_s_events_is_charged(traced, llm, client) -> None:
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Iterator[Any]:
+        with open_response_manager(client, prompt) as stream:
+            yield from stream
+
+    @run
+    def main() -> str:
+        return response_text(answer("hello there"))
+
+    assert main() == "re: hello there"
+    assert_response_charged(traced)

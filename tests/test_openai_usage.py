@@ -142,7 +142,7 @@ class CannedOpenAI:
                     canned.received += 1
                 length = int(self.headers.get("content-length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
-                if self.path != "/v1/chat/completions":
+                if self.path not in ("/v1/chat/completions", "/v1/responses"):
                     self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
                     return
                 if canned.failing:
@@ -152,12 +152,17 @@ class CannedOpenAI:
                 if served is None:
                     self._send(500, {"error": {"message": "canned responses exhausted", "type": "test"}})
                     return
-                if body.get("stream"):
-                    self._stream(served)
+                if self.path == "/v1/responses":
+                    if body.get("stream"):
+                        self._stream(response_stream_events(served))
+                    else:
+                        self._send(200, response(served))
+                elif body.get("stream"):
+                    self._stream(stream_events(served))
                 else:
                     self._send(200, completion(served))
 
-            def _stream(self, served: Served) -> None:
+            def _stream(self, events: Iterator[str]) -> None:
                 # HTTP/1.1 chunked, so a connection dropped mid-body is an error, not the body's end
                 self.protocol_version = "HTTP/1.1"
                 self.close_connection = True
@@ -167,7 +172,7 @@ class CannedOpenAI:
                 self.send_header("connection", "close")
                 self.end_headers()
                 failure = canned.stream_failure
-                for i, event in enumerate(stream_events(served)):
+                for i, event in enumerate(events):
                     if failure is not None and i == failure[0]:
                         if failure[1] == "error":
                             error = {"error": {"message": "the server had an error", "type": "server_error"}}
@@ -255,6 +260,78 @@ def stream_events(served: Served) -> Iterator[str]:
     if include_usage:
         yield f"data: {json.dumps({**base, 'choices': [], 'usage': whole['usage']})}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def response(served: Served, status: str = "completed") -> dict[str, Any]:
+    """A Responses API response body, echoing the input (a string); the output and the usage
+    only once ``completed``."""
+    usage = served.usage
+    answer = f"re: {served.body.get('input', '')}"
+    done = status == "completed"
+    return {
+        "id": f"resp-{served.index}",
+        "object": "response",
+        "created_at": 1_730_000_000 + served.index,
+        "model": RESPONSE_MODEL,
+        "status": status,
+        "output": [message_item(served, answer)] if done else [],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": usage.prompt,
+            "input_tokens_details": {"cached_tokens": usage.cached},
+            "output_tokens": usage.completion,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning},
+            "total_tokens": usage.prompt + usage.completion,
+        }
+        if done
+        else None,
+    }
+
+
+def message_item(served: Served, text: str | None) -> dict[str, Any]:
+    """The output message of a response: ``text`` when done, None while it streams."""
+    content = [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]
+    status = "in_progress" if text is None else "completed"
+    return {
+        "id": f"msg-{served.index}",
+        "type": "message",
+        "role": "assistant",
+        "status": status,
+        "content": content,
+    }
+
+
+def response_stream_events(served: Served) -> Iterator[str]:
+    """The Server-Sent Events of a streamed Responses API response, as the OpenAI API sends them:
+    the response created, its message the answer a word an event, then the response completed,
+    with the usage."""
+    whole = response(served)
+    answer = whole["output"][0]["content"][0]["text"]
+    at = {"output_index": 0, "item_id": f"msg-{served.index}"}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": response(served, "in_progress")},
+        {"type": "response.output_item.added", "output_index": 0, "item": message_item(served, None)},
+        {**at, "type": "response.content_part.added", "content_index": 0, "part": _text_part("")},
+    ]
+    for i, word in enumerate(answer.split(" ")):
+        delta = word if i == 0 else f" {word}"
+        events.append(
+            {**at, "type": "response.output_text.delta", "content_index": 0, "delta": delta, "logprobs": []}
+        )
+    events += [
+        {**at, "type": "response.output_text.done", "content_index": 0, "text": answer, "logprobs": []},
+        {**at, "type": "response.content_part.done", "content_index": 0, "part": _text_part(answer)},
+        {"type": "response.output_item.done", "output_index": 0, "item": message_item(served, answer)},
+        {"type": "response.completed", "response": whole},
+    ]
+    for number, event in enumerate(events):
+        yield f"event: {event['type']}\ndata: {json.dumps({**event, 'sequence_number': number})}\n\n"
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
 
 
 # ---------------------------------------------------------------------------

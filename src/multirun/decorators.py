@@ -48,7 +48,14 @@ from multirun.models.policy import MAX_WAIT_SECONDS, BackoffStrategy, Policy
 from multirun.models.run import Run
 from multirun.models.step import StepKind, StepStatus
 from multirun.sdk_streams import watched
-from multirun.sdk_usage import NOT_A_RESPONSE, StreamUsage, call_of_result, is_sdk_object, returned_stream
+from multirun.sdk_usage import (
+    NOT_A_RESPONSE,
+    StreamKind,
+    StreamUsage,
+    call_of_result,
+    is_sdk_object,
+    returned_stream,
+)
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 from multirun.telemetry.exceptions import record_exception
@@ -263,9 +270,9 @@ class _StepCall(StepContext):
         run = self.run_context
         if self._stream is not None or type(result) not in NOT_A_RESPONSE:
             if self._stream is None and spec.follows_stream:
-                side = returned_stream(result)
-                if side is not None:
-                    return self._hand_over(result, side == "async")
+                kind = returned_stream(result)
+                if kind is not None:
+                    return self._hand_over(result, kind)
             try:
                 self._charge_sdk_usage(result)
             except PolicyViolation as refused:  # init(unpriced="fail"): the step fails, as if it raised
@@ -285,7 +292,7 @@ class _StepCall(StepContext):
         self._close(StepStatus.COMPLETED, result, extra=extra)
         return result
 
-    def _hand_over(self, stream: Any, is_async: bool) -> Any:
+    def _hand_over(self, stream: Any, kind: StreamKind) -> Any:
         """The step returned an SDK stream: it stays open, and ends when its caller has read the
         stream (``_stream_ended``), or when its agent ends first (``_cut_stream``)."""
         if self.replay_call is not None:  # the caller's to read once: run again after a restore
@@ -293,7 +300,7 @@ class _StepCall(StepContext):
             self.replay_call = None
         self._stream = StreamUsage()
         self.agent_context._keep_unread(self, self._cut_stream)
-        return watched(stream, is_async, self, self.otel_context or otel_context.get_current())
+        return watched(stream, kind, self, self.otel_context or otel_context.get_current())
 
     def _stream_item(self, item: Any) -> None:
         """Its caller read ``item`` of the stream the step returned."""

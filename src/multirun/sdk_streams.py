@@ -8,6 +8,10 @@ or event read, and reads the usage from them. The caller gets the stream in a
 proxy (wrapt's) that still is the SDK's stream: ``isinstance``, ``with`` and
 ``async with``, iteration, ``close()`` and every attribute are the stream's own.
 
+A stream manager (``messages.stream()``, ``chat.completions.stream()``...) is
+entered in the step's context, where the request is sent, and the SDK's stream
+that its helper reads is watched the same way (see ``_Managing``).
+
 The stream is read in the step's context, as a generator step's body runs in
 it, and the caller's context is current again after each read: openai-v2's chat
 span, made current when the stream was opened in the step, is detached when the
@@ -23,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
+
+from multirun.sdk_usage import StreamKind, returned_stream
 
 _logger = logging.getLogger(__name__)
 
@@ -43,9 +49,10 @@ class Reader(Protocol):
         the step makes of it), or closed or dropped before its end (``closed``)."""
 
 
-def watched(stream: Any, is_async: bool, reader: Reader, ctx: Context) -> Any:
-    """``stream`` as its caller reads it, in ``ctx``; ``reader`` told each item and the end."""
-    return _AsyncWatched(stream, reader, ctx) if is_async else _Watched(stream, reader, ctx)
+def watched(stream: Any, kind: StreamKind, reader: Reader, ctx: Context) -> Any:
+    """``stream`` (of ``kind``, as ``returned_stream`` says) as its caller reads it, in ``ctx``;
+    ``reader`` told each item and the end."""
+    return _WATCHERS[kind](stream, reader, ctx)
 
 
 # The proxy's own attributes are named _self_*: wrapt keeps them on the proxy, and a method of
@@ -181,3 +188,115 @@ class _AsyncWatched(_Watching):
         # its async close() cannot be awaited here: the SDK's response is collected with it
         if getattr(self, "_self_reader", None) is not None:
             self._self_dropped()
+
+
+class _Managing(_Watching):
+    """What the sync and the async proxies of a stream manager share.
+
+    Entering the manager sends the request and gives a helper (Anthropic's ``MessageStream``,
+    OpenAI's ``ChatCompletionStream``...) that reads the SDK's own stream, in its
+    ``_raw_stream``: that stream is watched in its place, so the step sees every event read,
+    however the helper is read (iterated, ``text_stream``, ``until_done()``,
+    ``get_final_message()``...). The caller gets the SDK's helper itself. Leaving the manager
+    ends the step, if the stream did not end it first. Should the helper keep its stream
+    elsewhere (another SDK version), the step ends when the manager is left, its usage unknown.
+    """
+
+    def __init__(self, manager: Any, reader: Reader, ctx: Context) -> None:
+        super().__init__(manager, reader, ctx)
+        self._self_stream: _Watching | None = None  # the helper's stream, watched once entered
+
+    def _self_entered(self, helper: Any, kind: StreamKind) -> Any:
+        """Watch the stream ``helper`` reads: the step's reader goes with it."""
+        reader = self._self_reader
+        if reader is None:
+            return helper
+        try:
+            stream = helper._raw_stream
+            if returned_stream(stream) != kind:
+                return helper
+            watching = helper._raw_stream = watched(stream, kind, reader, self._self_ctx)
+        except Exception:  # an SDK of another shape: the step ends with the manager instead
+            _logger.debug("multirun: could not watch the stream of %r", type(helper), exc_info=True)
+            return helper
+        self._self_stream, self._self_reader = watching, None
+        return helper
+
+    def _self_left(self) -> Any:
+        """The stream to close as the manager is left, if the step still waits for its end
+        (its connection, and openai-v2's span of it, ending too); else the step ends now."""
+        stream = self._self_stream
+        if stream is not None and stream._self_reader is not None:
+            return stream
+        self._self_end(closed=True)
+        return None
+
+    def _self_failed(self, error: BaseException) -> None:
+        """Entering failed (the request did): the step fails with ``error``."""
+        self._self_end(error)
+
+
+class _WatchedManager(_Managing):
+    """A sync stream manager (``messages.stream()``, ``chat.completions.stream()``...)."""
+
+    def __enter__(self) -> Any:
+        token = otel_context.attach(self._self_ctx)
+        try:
+            helper = self.__wrapped__.__enter__()  # the request, made in the step
+        except BaseException as error:
+            self._self_failed(error)
+            raise
+        finally:
+            otel_context.detach(token)
+        return self._self_entered(helper, "sync")
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        token = otel_context.attach(self._self_ctx)
+        try:
+            return self.__wrapped__.__exit__(*exc_info)
+        finally:
+            otel_context.detach(token)
+            stream = self._self_left()
+            if stream is not None:
+                stream.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_self_reader", None) is not None:  # never entered
+            self._self_dropped()
+
+
+class _AsyncWatchedManager(_Managing):
+    """An async stream manager (``AsyncAnthropic().messages.stream()``...)."""
+
+    async def __aenter__(self) -> Any:
+        token = otel_context.attach(self._self_ctx)
+        try:
+            helper = await self.__wrapped__.__aenter__()
+        except BaseException as error:
+            self._self_failed(error)
+            raise
+        finally:
+            otel_context.detach(token)
+        return self._self_entered(helper, "async")
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        token = otel_context.attach(self._self_ctx)
+        try:
+            return await self.__wrapped__.__aexit__(*exc_info)
+        finally:
+            otel_context.detach(token)
+            stream = self._self_left()
+            if stream is not None:
+                await stream.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_self_reader", None) is not None:
+            self._self_dropped()
+
+
+_WATCHERS: dict[StreamKind, type[_Watching]] = {
+    "sync": _Watched,
+    "async": _AsyncWatched,
+    "sync manager": _WatchedManager,
+    "async manager": _AsyncWatchedManager,
+}

@@ -4,8 +4,9 @@ A ``@step`` that returns an OpenAI chat completion or Responses API response,
 or an Anthropic message, has its model and tokens charged without the user
 reporting anything; a generator step that yields the SDK's stream chunks or
 events has them charged when the stream ends, and so has a step that returns
-the SDK's stream for its caller to read (``returned_stream`` knows one,
-``multirun.sdk_streams`` watches it). The SDKs are never imported:
+the SDK's stream, or its stream manager (``messages.stream()``, say), for its
+caller to read (``returned_stream`` knows one, ``multirun.sdk_streams`` watches
+it). The SDKs are never imported:
 objects are recognised by the module and name of their class (or of a base
 class, so ``ParsedChatCompletion`` counts), and the verdict is cached per
 class, so a step that returns anything else pays two dict lookups (a response?
@@ -59,14 +60,27 @@ _KNOWN: dict[tuple[str, str], tuple[str, str, str]] = {
     ("anthropic.types", "BetaRawMessageDeltaEvent"): (_MESSAGE_DELTA, "anthropic", "default"),
 }
 
-# the SDKs' streams, which a step may return unread for its caller to read: read with ``for``
-# ("sync") or ``async for`` ("async"); or a wrapper of one, which holds it in ``.stream``
-_StreamKind = Literal["sync", "async", "wrapper"]
+# how a step may hand its caller an SDK stream unread: the stream, read with ``for`` ("sync") or
+# ``async for`` ("async"); the manager of one, entered with ``with`` ("sync manager") or ``async
+# with`` ("async manager") to a helper that reads the SDK's stream; or a wrapper of a stream,
+# which holds it in ``.stream``
+StreamKind = Literal["sync", "async", "sync manager", "async manager"]
+_StreamKind = Literal[StreamKind, "wrapper"]
 _STREAMS: dict[tuple[str, str], _StreamKind] = {
     ("openai", "Stream"): "sync",  # of chat completion chunks, or of Responses API events
     ("openai", "AsyncStream"): "async",
     ("anthropic", "Stream"): "sync",  # of raw message events (messages.create(stream=True))
     ("anthropic", "AsyncStream"): "async",
+    # chat.completions.stream() and responses.stream()
+    ("openai.lib.streaming", "ChatCompletionStreamManager"): "sync manager",
+    ("openai.lib.streaming", "AsyncChatCompletionStreamManager"): "async manager",
+    ("openai.lib.streaming", "ResponseStreamManager"): "sync manager",
+    ("openai.lib.streaming", "AsyncResponseStreamManager"): "async manager",
+    # messages.stream(), and beta.messages.stream()
+    ("anthropic.lib.streaming", "MessageStreamManager"): "sync manager",
+    ("anthropic.lib.streaming", "AsyncMessageStreamManager"): "async manager",
+    ("anthropic.lib.streaming", "BetaMessageStreamManager"): "sync manager",
+    ("anthropic.lib.streaming", "BetaAsyncMessageStreamManager"): "async manager",
     # openai-v2's wrappers of a chat stream, sync or async as the stream they wrap
     ("opentelemetry.instrumentation.openai_v2", "ChatStreamWrapper"): "wrapper",
     ("opentelemetry.instrumentation.openai_v2", "LegacyChatStreamWrapper"): "wrapper",
@@ -102,9 +116,10 @@ def _how(value: Any) -> tuple[str, str, str] | None:
         return how
 
 
-def returned_stream(value: Any) -> Literal["sync", "async"] | None:
-    """Whether ``value`` is an SDK stream, read with ``for`` ("sync") or ``async for`` ("async");
-    None for anything else.
+def returned_stream(value: Any) -> StreamKind | None:
+    """Whether ``value`` is an SDK stream, read with ``for`` ("sync") or ``async for`` ("async"),
+    or the manager of one (``messages.stream()``, say), entered with ``with`` ("sync manager") or
+    ``async with`` ("async manager"); None for anything else.
 
     A wrapt proxy (an instrumentation's, or this package's, of a stream a step inside returned)
     is what it wraps. Never ``value.__class__``, which a lazy object computes itself for.
