@@ -1071,6 +1071,25 @@ def test_a_step_passing_on_the_chat_stream_manager_a_step_inside_it_returned_is_
     assert inner.end_time <= outer.end_time
 
 
+def test_a_generator_step_yielding_a_chat_completion_stream_s_events_is_charged_once(
+    tracing, mode, llm, client
+) -> None:
+    """The common shape: the step enters the manager itself and yields the helper's events, whose
+    chunk events carry the chunks (the usage one too)."""
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Iterator[Any]:
+        with open_manager(client, prompt) as stream:
+            yield from stream
+
+    @run
+    def main() -> str:
+        return event_text(answer("hello there"))
+
+    assert main() == "re: hello there"
+    assert_charged_once(tracing, mode, "answer", 0)
+
+
 # ---------------------------------------------------------------------------
 # responses.stream(): a ResponseStreamManager, entered to a ResponseStream (openai-v2 follows no
 # Responses API call: the step reads the usage from the events)

@@ -36,6 +36,7 @@ T = TypeVar("T")
 # how each known class carries its usage
 _FULL = "full"  # .model and .usage: one whole response
 _CHAT_CHUNK = "chat_chunk"  # OpenAI stream chunk: .usage only on the last one (with include_usage)
+_CHUNK_EVENT = "chunk_event"  # OpenAI chat.completions.stream() event: the chunk in .chunk
 _RESPONSE_EVENT = "response_event"  # OpenAI Responses stream event: .response on "completed"
 _HAS_MESSAGE = "has_message"  # Anthropic stream: .message carries the model and the usage so far
 _MESSAGE_DELTA = "message_delta"  # Anthropic stream: .usage carries the running output tokens
@@ -44,6 +45,7 @@ _MESSAGE_DELTA = "message_delta"  # Anthropic stream: .usage carries the running
 _KNOWN: dict[tuple[str, str], tuple[str, str, str]] = {
     ("openai.types", "ChatCompletion"): (_FULL, "openai", "chat"),
     ("openai.types", "ChatCompletionChunk"): (_CHAT_CHUNK, "openai", "chat"),
+    ("openai.lib.streaming", "ChunkEvent"): (_CHUNK_EVENT, "openai", "chat"),
     ("openai.types", "Response"): (_FULL, "openai", "responses"),
     ("openai.types", "ResponseCompletedEvent"): (_RESPONSE_EVENT, "openai", "responses"),
     # a stream cut by max_output_tokens, or failed, ends with these instead: billed all the same
@@ -197,6 +199,8 @@ class StreamUsage:
                 stream.model = item.model or stream.model
                 if item.usage is not None:
                     stream.usage = _as_dict(item.usage)
+            elif kind == _CHUNK_EVENT:
+                self.observe(item.chunk)
             elif kind == _RESPONSE_EVENT:
                 stream = self._stream(how, item.response.id)
                 stream.model = item.response.model
