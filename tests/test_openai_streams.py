@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -1175,3 +1176,70 @@ def test_a_generator_step_yielding_a_response_stream_s_events_is_charged(traced,
 
     assert main() == "re: hello there"
     assert_response_charged(traced)
+
+
+async def test_an_async_chat_stream_manager_left_right_after_its_usage_chunk_is_charged_once(
+    tracing, mode, llm
+) -> None:
+    aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    async def answer(prompt: str) -> Any:
+        return open_manager(aclient, prompt)
+
+    @run
+    async def main() -> None:
+        async with await answer("hello there") as stream:
+            async for event in stream:
+                if event.type == "chunk" and event.chunk.usage is not None:
+                    break
+            assert not answer_ended(tracing)
+        assert answer_ended(tracing)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            await main()
+        finally:
+            await aclient.close()
+    assert_charged_once(tracing, mode, "answer", 0)
+    # openai-v2's wrapper closes its stream without awaiting the close: not called so
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+
+
+async def test_an_async_stream_a_step_returned_closed_half_read_has_its_connection_closed(
+    tracing, mode, llm
+) -> None:
+    """``await stream.close()`` on the proxy, openai-v2's wrapper of the stream inside it or not."""
+    aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
+    responses: list[Any] = []
+
+    @step(kind=StepKind.LLM_CALL)
+    async def answer(prompt: str) -> Any:
+        stream = await aclient.chat.completions.create(
+            model=REQUEST_MODEL, messages=[{"role": "user", "content": prompt}], stream=True
+        )
+        responses.append(getattr(stream, "stream", stream).response)  # openai-v2's wrapper's, or its own
+        return stream
+
+    @run
+    async def main() -> None:
+        stream = await answer("hello there")
+        await stream.__anext__()
+        await stream.close()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            await main()
+        finally:
+            await aclient.close()
+    assert responses[0].is_closed
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STATUS] == "completed"
+    assert a[attr.STEP_STREAM_ITEMS] == 1
+    if mode == "openai-v2":
+        (chat,) = chat_spans(tracing)  # ended by the close
+        assert chat.end_time <= step_span(tracing, "answer").end_time
+

@@ -20,7 +20,6 @@ stream ends, which would otherwise make the step's context the caller's.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,7 +27,7 @@ import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from multirun.sdk_usage import StreamKind, returned_stream
+from multirun.sdk_usage import StreamKind, instrumentation_wrapper, returned_stream
 
 _logger = logging.getLogger(__name__)
 
@@ -162,9 +161,16 @@ class _AsyncWatched(_Watching):
     async def close(self) -> None:
         token = otel_context.attach(self._self_ctx)
         try:
-            closing = self.__wrapped__.close()
-            if inspect.isawaitable(closing):  # the SDK's; openai-v2's wrapper closes without awaiting
-                await closing
+            stream = self.__wrapped__
+            inner = instrumentation_wrapper(stream)
+            if inner is not None:
+                # openai-v2's wrapper calls its stream's async close() without awaiting it (the
+                # connection stays open, and Python warns): closed here, then the wrapper is left,
+                # which ends its span as its close() does
+                await inner.close()
+                await stream.__aexit__(None, None, None)
+            else:
+                await stream.close()
         except BaseException as error:
             self._self_end(error)
             raise

@@ -126,13 +126,10 @@ def returned_stream(value: Any) -> StreamKind | None:
     A wrapt proxy (an instrumentation's, or this package's, of a stream a step inside returned)
     is what it wraps. Never ``value.__class__``, which a lazy object computes itself for.
     """
-    cls = type(value)
     try:
-        kind = _streams[cls]
+        kind = _streams[type(value)]
     except KeyError:
-        if len(_streams) >= _MAX_RECOGNISED:
-            _streams.clear()
-        kind = _streams[cls] = "proxy" if issubclass(cls, ObjectProxy) else _recognise(cls, _STREAMS)
+        kind = _stream_kind(type(value))
     if kind == "proxy" or kind == "wrapper":
         try:
             inner = value.__wrapped__ if kind == "proxy" else value.stream
@@ -140,6 +137,22 @@ def returned_stream(value: Any) -> StreamKind | None:
             return None
         return returned_stream(inner)
     return kind
+
+
+def _stream_kind(cls: type) -> _StreamKind | Literal["proxy"] | None:
+    """What ``returned_stream`` makes of a value of class ``cls``, cached."""
+    if cls in _streams:
+        return _streams[cls]
+    if len(_streams) >= _MAX_RECOGNISED:
+        _streams.clear()
+    kind = _streams[cls] = "proxy" if issubclass(cls, ObjectProxy) else _recognise(cls, _STREAMS)
+    return kind
+
+
+def instrumentation_wrapper(value: Any) -> Any:
+    """The SDK stream that ``value``, an instrumentation's wrapper of one (openai-v2's), holds;
+    None if ``value`` is no such wrapper."""
+    return value.stream if _stream_kind(type(value)) == "wrapper" else None
 
 
 # one model call: the id of its response (None if it has none) and its usage
