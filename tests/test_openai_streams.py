@@ -12,6 +12,7 @@ total and its budget.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import sys
@@ -1243,3 +1244,42 @@ async def test_an_async_stream_a_step_returned_closed_half_read_has_its_connecti
         (chat,) = chat_spans(tracing)  # ended by the close
         assert chat.end_time <= step_span(tracing, "answer").end_time
 
+
+async def test_an_async_stream_a_step_returned_dropped_half_read_has_its_connection_closed(
+    traced, llm, monkeypatch
+) -> None:
+    """No await is possible when the proxy is collected, nor needed: the SDK's stream, once read
+    from, closes its response when collected, as it does without multirun."""
+    ignored: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
+    responses: list[Any] = []
+
+    @step(kind=StepKind.LLM_CALL)
+    async def answer(prompt: str) -> Any:
+        stream = await aclient.chat.completions.create(
+            model=REQUEST_MODEL, messages=[{"role": "user", "content": prompt}], stream=True
+        )
+        responses.append(stream.response)
+        return stream
+
+    @run
+    async def main() -> None:
+        stream = await answer("hello there")
+        await stream.__anext__()
+        del stream
+        gc.collect()
+        for _ in range(10):  # the loop runs the SDK's close
+            if responses[0].is_closed:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        await main()
+    finally:
+        await aclient.close()
+    assert responses[0].is_closed
+    a = attrs(step_span(traced, "answer"))
+    assert a[attr.STEP_STATUS] == "completed"
+    assert a[attr.STEP_STREAM_ITEMS] == 1
+    assert [f"{u.exc_type.__name__} in {u.object!r}" for u in ignored] == []

@@ -191,7 +191,9 @@ class _AsyncWatched(_Watching):
             self._self_end(closed=True)
 
     def __del__(self) -> None:
-        # its async close() cannot be awaited here: the SDK's response is collected with it
+        # its async close() cannot be awaited here, nor need it be: once read from, the SDK's
+        # stream is an async generator that closes its response when collected (asyncio's
+        # finaliser schedules it on the loop), as it does without multirun
         if getattr(self, "_self_reader", None) is not None:
             self._self_dropped()
 
