@@ -1050,6 +1050,30 @@ def test_a_returned_chat_stream_manager_read_after_its_agent_ended_is_charged_on
     assert main_attrs[attr.COST_USD] == pytest.approx(cost(mode, 0), rel=1e-9)
 
 
+def test_a_chat_stream_manager_its_run_returned_is_entered_and_read_after_the_run(
+    tracing, mode, llm, client
+) -> None:
+    """The request is sent when the manager is entered, after the run: its step ended with the
+    run, unfinished, and the call is in no run's total."""
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> Any:
+        return open_manager(client, prompt)
+
+    @run
+    def main() -> Any:
+        return answer("hello there")
+
+    manager = main()
+    assert llm.requests == 0
+    a = attrs(step_span(tracing, "answer"))
+    assert a[attr.STEP_STREAM_UNFINISHED] is True
+    with manager as stream:
+        assert stream.get_final_completion().choices[0].message.content == "re: hello there"
+    assert llm.requests == 1
+    assert run_attrs(tracing)[attr.TOKENS_USED] == 0
+
+
 def test_a_step_passing_on_the_chat_stream_manager_a_step_inside_it_returned_is_charged_once(
     tracing, mode, llm, client
 ) -> None:
