@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import site
 import subprocess
 import sys
@@ -74,12 +75,13 @@ def _metadata(wheel: Path) -> Message:
 
 
 def _source_files() -> set[str]:
-    """What the wheel must hold of the package: every module and py.typed, by wheel path."""
+    """What the wheel must hold of the package: every module and py.typed, by wheel path, and
+    the console script's module beside it."""
     return {
         f"multirun/{path.relative_to(SOURCE).as_posix()}"
         for path in SOURCE.rglob("*")
         if path.suffix in {".py", ".typed"} and "__pycache__" not in path.parts
-    }
+    } | {"_multirun_cli.py"}
 
 
 def test_the_wheel_holds_every_module_py_typed_and_the_license_and_nothing_else(
@@ -118,7 +120,7 @@ def test_every_entry_point_of_the_wheel_loads(built: tuple[Path, Path], tmp_path
         archive.extractall(tmp_path)
     entry_points = Distribution.at(tmp_path / f"{_dist(built[0])}.dist-info").entry_points
     assert {(e.group, e.name, e.value) for e in entry_points} == {
-        ("console_scripts", "multirun", "multirun.cli.main:main"),
+        ("console_scripts", "multirun", "_multirun_cli:main"),
         ("multirun.blob_exporters", "memory", "multirun.checkpoints.exporters:memory_exporter"),
         ("multirun.blob_exporters", "file", "multirun.checkpoints.exporters:file_exporter"),
         ("multirun.blob_exporters", "s3", "multirun.checkpoints.s3:s3_exporter"),
@@ -129,6 +131,49 @@ def test_every_entry_point_of_the_wheel_loads(built: tuple[Path, Path], tmp_path
     assert all(callable(target) for target in loaded.values())
     assert issubclass(loaded["clientai"], BaseInstrumentor)
     assert issubclass(loaded["motus"], BaseInstrumentor)
+
+
+CONSOLE_SCRIPT = """
+import importlib.abc, sys, time
+
+class SlowImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "multirun.client":  # halfway through importing the package
+            print("importing", flush=True)
+            time.sleep(60)  # until Ctrl-C
+        return None
+
+sys.meta_path.insert(0, SlowImport())
+from {module} import {function}  # what the console script pip writes runs
+sys.exit({function}())
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGINT is sent to a process group on Windows")
+def test_ctrl_c_while_the_console_script_starts_is_one_line_not_a_traceback(
+    built: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Importing the package takes a third of a second, which Ctrl-C often falls in: it ended
+    the command with a traceback of the import, not the line Ctrl-C gives at any other time."""
+    with zipfile.ZipFile(built[0]) as archive:
+        archive.extractall(tmp_path / "wheel")
+    [script] = Distribution.at(tmp_path / "wheel" / f"{_dist(built[0])}.dist-info").entry_points.select(
+        group="console_scripts", name="multirun"
+    )
+    module, function = script.value.split(":")
+    started = subprocess.Popen(
+        [sys.executable, "-c", CONSOLE_SCRIPT.format(module=module, function=function), "runs"],
+        cwd=tmp_path,
+        env=_clean_env([str(tmp_path / "wheel")]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert started.stdout is not None
+    assert started.stdout.readline() == "importing\n"
+    started.send_signal(signal.SIGINT)
+    out, err = started.communicate(timeout=60)
+    assert (started.returncode, out, err) == (130, "", "multirun: interrupted\n")
 
 
 def test_the_sdist_holds_the_project_and_no_local_files(built: tuple[Path, Path]) -> None:
