@@ -959,6 +959,55 @@ def test_children_are_ordered_by_start_time() -> None:
     assert [n.span.name for n in tree.walk()] == ["root", "early", "deep", "late"]
 
 
+def write_a_run_handed_on(directory: Path, hops: int) -> None:
+    """A run (id ``a...``) that hands itself on ``hops`` times, each hop a child of the last
+    (a thread, or a queue's next worker, continuing it)."""
+
+    def build(tracer: Any) -> None:
+        attributes = run_attrs("a" * 32, **{attr.RUN_STATUS: "completed"})
+        spans = [tracer.start_span("invoke_workflow synthetic", attributes=attributes)]
+        for hop in range(1, hops + 1):
+            spans.append(tracer.start_span(f"step hop{hop}", context=trace.set_span_in_context(spans[-1])))
+        for span in reversed(spans):
+            span.end()
+
+    write_spans(directory, build)
+
+
+def test_a_run_nested_deeper_than_python_recurses_is_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it ended in a RecursionError traceback
+    hops = sys.getrecursionlimit() + 200
+    write_a_run_handed_on(tmp_path, hops)
+    code, out, err = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    assert (code, err) == (0, "")
+    rows = tree_lines(out)[1:]
+    assert len(rows) == hops + 1
+    assert rows[1].startswith("└─ step hop1 ") and rows[2].startswith("   └─ step hop2 ")
+
+
+def test_a_run_nested_deeper_than_json_dumps_recurses_is_printed_as_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # json.dumps takes two calls a hop: it ended in a RecursionError traceback from 500 hops
+    limit = sys.getrecursionlimit()
+    hops = limit * 3 // 5
+    write_a_run_handed_on(tmp_path, hops)
+    code, out, err = run_cli(capsys, "runs", "show", "aaaa", "--json", "--dir", str(tmp_path))
+    assert (code, err) == (0, "")
+    sys.setrecursionlimit(4 * hops)  # for json.loads, which recurses too
+    try:
+        node = json.loads(out)
+    finally:
+        sys.setrecursionlimit(limit)
+    names = []
+    while node["children"]:
+        [node] = node["children"]
+        names.append(node["name"])
+    assert names == [f"step hop{hop}" for hop in range(1, hops + 1)]
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"), [(0.0123, "12ms"), (1.5, "1.50s"), (125, "2m05s"), (7300, "2h01m")]
 )

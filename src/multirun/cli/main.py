@@ -477,19 +477,40 @@ def _print_lines(lines: Sequence[str]) -> None:
 
 
 def _print_json(data: object) -> None:
-    print(json.dumps(_json_safe(data), indent=2, default=str, allow_nan=False))
+    print(_json_text(data))
 
 
-def _json_safe(data: Any) -> Any:
-    """``data`` with NaN and the infinities as OTLP JSON writes them ("NaN", "Infinity",
-    "-Infinity"): JSON has no such numbers, and strict parsers refuse Python's."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return "NaN" if math.isnan(data) else ("Infinity" if data > 0 else "-Infinity")
-    if isinstance(data, dict):
-        return {key: _json_safe(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_json_safe(value) for value in data]
-    return data
+def _json_text(data: object) -> str:
+    """``data`` as ``json.dumps(data, indent=2, default=str)`` writes it, but for NaN and the
+    infinities, written as OTLP JSON writes them ("NaN", "Infinity", "-Infinity": JSON has no
+    such numbers, and strict parsers refuse Python's), and without recursion: the tree of a
+    run handed on hop after hop nests deeper than Python recurses (json.dumps: 500 hops)."""
+    out: list[str] = []
+    todo: list[str | tuple[str, Any, int]] = [("", data, 0)]  # text, or a value: its lead-in, depth
+    while todo:
+        entry = todo.pop()
+        if isinstance(entry, str):
+            out.append(entry)
+            continue
+        lead_in, value, depth = entry
+        if not isinstance(value, (dict, list, tuple)) or not value:
+            out.append(lead_in + _json_scalar(value))
+            continue
+        is_dict = isinstance(value, dict)
+        out.append(lead_in + ("{" if is_dict else "["))
+        todo.append("\n" + "  " * depth + ("}" if is_dict else "]"))
+        items = list(value.items() if isinstance(value, dict) else enumerate(value))
+        for i in range(len(items) - 1, -1, -1):  # the first item on top
+            key, item = items[i]
+            named = json.dumps(str(key)) + ": " if is_dict else ""
+            todo.append((("," if i else "") + "\n" + "  " * (depth + 1) + named, item, depth + 1))
+    return "".join(out)
+
+
+def _json_scalar(value: object) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        value = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return json.dumps(value, default=str)
 
 
 def _error(message: str) -> None:

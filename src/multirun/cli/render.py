@@ -293,16 +293,17 @@ def render_tree(root: Node, style: Style) -> list[str]:
 
 
 def _with_prefixes(root: Node) -> list[tuple[Node, str]]:
-    """Each node with its glyphs: ``├─ `` and ``└─ `` before it, ``│  `` for open branches."""
-    out: list[tuple[Node, str]] = [(root, "")]
-
-    def visit(node: Node, indent: str) -> None:
-        for i, child in enumerate(node.children):
-            last = i == len(node.children) - 1
-            out.append((child, indent + ("└─ " if last else "├─ ")))
-            visit(child, indent + ("   " if last else "│  "))
-
-    visit(root, "")
+    """Each node with its glyphs: ``├─ `` and ``└─ `` before it, ``│  `` for open branches
+    (depth first, without recursion: see ``Node.walk``)."""
+    out: list[tuple[Node, str]] = []
+    stack = [(root, "", "")]  # a node, its glyphs, and the indent of its children's
+    while stack:
+        node, prefix, indent = stack.pop()
+        out.append((node, prefix))
+        last = len(node.children) - 1
+        for i in range(last, -1, -1):  # the first child on top
+            glyphs, below = ("└─ ", "   ") if i == last else ("├─ ", "│  ")
+            stack.append((node.children[i], indent + glyphs, indent + below))
     return out
 
 
@@ -380,9 +381,21 @@ def totals_line(root: Node, style: Style) -> str:
     return line
 
 
-def tree_json(node: Node) -> dict[str, Any]:
-    """The tree as plain data: every span with its attributes and children."""
-    span = node.span
+def tree_json(root: Node) -> dict[str, Any]:
+    """The tree as plain data: every span with its attributes and children (built without
+    recursion: see ``Node.walk``)."""
+    top = _span_json(root.span)
+    stack = [(root, top)]
+    while stack:
+        node, data = stack.pop()
+        for child in node.children:
+            data["children"].append(child_data := _span_json(child.span))
+            stack.append((child, child_data))
+    return top
+
+
+def _span_json(span: SpanRecord) -> dict[str, Any]:
+    """One span of ``tree_json``, its children still to add."""
     return {
         "name": span.name,
         "trace_id": span.trace_id,
@@ -399,5 +412,5 @@ def tree_json(node: Node) -> dict[str, Any]:
         "error_message": (runs.error_message(span) or None) if runs.error_type(span) else None,
         "attributes": span.attributes,
         "events": span.events,
-        "children": [tree_json(child) for child in node.children],
+        "children": [],
     }

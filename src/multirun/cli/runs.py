@@ -107,10 +107,14 @@ class Node:
     children: list[Node] = field(default_factory=list)
 
     def walk(self) -> Iterable[Node]:
-        """This node and every node below it, depth first."""
-        yield self
-        for child in self.children:
-            yield from child.walk()
+        """This node and every node below it, depth first (without recursion, as everything
+        that goes down a tree here: a run handed on hop after hop, each hop a child of the
+        last, nests deeper than Python recurses)."""
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(reversed(node.children))
 
 
 # ---------------------------------------------------------------------------
@@ -469,9 +473,18 @@ def _children(spans: Iterable[SpanRecord], trace_id: str, root_id: str) -> dict[
 
 
 def _subtree(span: SpanRecord, children: dict[str, list[SpanRecord]], seen: set[str]) -> Node:
+    """``span`` and the spans below it (see ``Node.walk``: without recursion)."""
+    top = Node(span)
     seen.add(span.span_id)  # guards against a cycle in damaged files
-    kids = sorted(children.get(span.span_id, ()), key=lambda s: (s.start_ns, s.end_ns))
-    return Node(span, [_subtree(k, children, seen) for k in kids if k.span_id not in seen])
+    stack = [top]
+    while stack:
+        node = stack.pop()
+        for kid in sorted(children.get(node.span.span_id, ()), key=lambda s: (s.start_ns, s.end_ns)):
+            if kid.span_id not in seen:
+                seen.add(kid.span_id)
+                node.children.append(Node(kid))
+        stack.extend(node.children)
+    return top
 
 
 # ---------------------------------------------------------------------------
