@@ -39,6 +39,7 @@ from multirun.telemetry.local_files import (
     parse_span_line,
     read_spans,
 )
+from otlp_collectors import Collector
 
 MULTIRUN = shutil.which("multirun", path=str(Path(sys.executable).parent))
 
@@ -281,6 +282,35 @@ def test_demo_whose_span_file_cannot_be_written_names_dir_not_the_library_settin
     error = err.splitlines()[-1]
     assert error.startswith("multirun: error: run ")
     assert error.endswith(f" was not found in {folder / 'traces'}: its spans could not be written there")
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        {"OTEL_TRACES_SAMPLER": "always_off"},
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+    ],
+)
+@pytest.mark.parametrize("to_a_collector", [False, True], ids=["files", "collector"])
+def test_demo_whose_spans_the_sampler_drops_names_the_sampler(
+    tmp_path: Path, collector: Collector, sampler: dict[str, str], to_a_collector: bool
+) -> None:
+    # it said the run's spans "could not be written" to the folder, or that it sent the run
+    src = Path(client_module.__file__).parents[1]
+    endpoint = ["--endpoint", collector.url] if to_a_collector else []
+    done = subprocess.run(  # a process of its own: the sampler is the provider's, made once
+        [sys.executable, "-m", "multirun", "demo", "--dir", str(tmp_path / "demo"), *endpoint],
+        env=_clean_env(PYTHONPATH=str(src), **sampler),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (1, "")
+    setting = " with ".join(f"{name}={value}" for name, value in sampler.items())
+    assert done.stderr.splitlines() == [
+        f"multirun: error: the sampler {setting} recorded none of the demo's spans: "
+        "run it without OTEL_TRACES_SAMPLER"
+    ]
 
 
 @pytest.mark.parametrize("to_a_collector", [False, True], ids=["files", "collector"])

@@ -23,6 +23,8 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
 import multirun
 from multirun import agent, checkpoint, run, step
 from multirun.context import get_current_run_context, get_current_step_context
@@ -218,6 +220,7 @@ async def writer(topic: str, notes: list[str]) -> str:
 class DemoResult:
     run_id: str
     report: str
+    recorded: bool = True  # whether the run's span was recorded (the sampler's call)
 
 
 @run(name="research_crew", budget=Budget(max_cost_usd=0.50, max_steps=100))
@@ -228,7 +231,8 @@ async def research_crew(topic: str) -> DemoResult:
     run_ctx.set_state("questions", questions)  # state goes into every checkpoint
     notes = await researcher(questions)
     report = await writer(topic, notes)
-    return DemoResult(run_id=run_ctx.run.id, report=report)
+    recorded = trace.get_current_span().is_recording()
+    return DemoResult(run_id=run_ctx.run.id, report=report, recorded=recorded)
 
 
 def run_demo(topic: str = DEFAULT_TOPIC) -> DemoResult:

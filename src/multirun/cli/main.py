@@ -322,6 +322,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             recorder.active = False
     if interrupted:
         raise checkpoints.Interrupted(_partial_run(directory, endpoint, sent))
+    if not result.recorded:  # neither in the files nor sent: not that they could not be
+        raise RunsError(_unsampled())
     print("Ran the demo crew offline: a fake model, real model names and prices.")
     if endpoint:
         return _show_sent(recorder, result.run_id, endpoint, errors.messages)
@@ -347,6 +349,18 @@ def _check_demo_folders(directory: Path, endpoint: str | None) -> None:
     for folder in folders:  # the ones in it are created when written, if they do not exist yet
         if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
             raise RunsError(f"cannot write to the folder {folder}: give another with --dir DIR")
+
+
+def _unsampled() -> str:
+    """Why the demo's run is neither in the files nor sent: the sampler left it out."""
+    chosen = os.environ.get("OTEL_TRACES_SAMPLER")
+    if not chosen:
+        return "the tracer provider's sampler recorded none of the demo's spans"
+    setting = f"OTEL_TRACES_SAMPLER={chosen}"
+    argument = os.environ.get("OTEL_TRACES_SAMPLER_ARG")
+    if argument:
+        setting += f" with OTEL_TRACES_SAMPLER_ARG={argument}"
+    return f"the sampler {setting} recorded none of the demo's spans: run it without OTEL_TRACES_SAMPLER"
 
 
 def _partial_run(directory: Path, endpoint: str | None, sent: bool) -> str:
