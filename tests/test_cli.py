@@ -831,6 +831,53 @@ def test_runs_into_a_pipe_closed_early_is_no_error(
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full, a device always full")
+@pytest.mark.parametrize("json_out", [False, True], ids=["a few lines", "more than a buffer"])
+def test_output_to_a_full_disk_is_one_error_line_not_a_traceback(demo: DemoRun, json_out: bool) -> None:
+    # `multirun runs show ID --json > run.json` on a full disk ended in an OSError traceback
+    src = Path(client_module.__file__).parents[1]
+    command = ["runs", "show", demo.run_id, "--json"] if json_out else ["runs"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "multirun", *command, "--dir", str(demo.directory)],
+            env=_clean_env(PYTHONPATH=str(src)),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert (done.returncode, done.stderr) == (
+        1,
+        "multirun: error: cannot write the output: No space left on device\n",
+    )
+
+
+def test_a_warning_its_reader_left_before_does_not_change_the_commands_result(
+    demo: DemoRun, tmp_path: Path
+) -> None:
+    # `multirun runs 2>&1 | head -1`, its first line a warning: the next warning failed the
+    # command, which said it could not read the traces folder ("Broken pipe")
+    shutil.copytree(demo.directory, tmp_path, dirs_exist_ok=True)
+    for number in (1, 2):
+        (tmp_path / "traces" / f"damaged-{number}.jsonl").write_text("{cut short\n")
+    src = Path(client_module.__file__).parents[1]
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the first warning
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "multirun", "runs", "--dir", str(tmp_path)],
+            env=_clean_env(PYTHONPATH=str(src)),
+            stdout=subprocess.PIPE,
+            stderr=writer,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(writer)
+    assert done.returncode == 0
+    assert demo.run_id[:12] in done.stdout
+
+
 @pytest.mark.parametrize("command", [["runs"], ["runs", "show", "7" * 32]])
 def test_a_name_the_output_encoding_cannot_hold_is_escaped_not_a_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]

@@ -69,13 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log_warnings_to_stderr()
     with _ReaderMayLeave.on_stdout():
         try:
-            return handler(args)
+            code = handler(args)
+            sys.stdout.flush()  # here, where an output that cannot be written fails the command
+            return code
         except (RunsError, checkpoints.CommandError, MultiRunError) as exc:
             _error(str(exc))
             return 1
         except KeyboardInterrupt as exc:  # Ctrl-C: a line, not a traceback
             what_is_left = f"; {exc}" if isinstance(exc, checkpoints.Interrupted) else ""
-            print(f"multirun: interrupted{what_is_left}", file=sys.stderr)
+            _to_stderr(f"multirun: interrupted{what_is_left}")
             return 130
         except BrokenPipeError:  # another pipe than stdout: what the command would say is lost
             _silence_stdout()
@@ -528,7 +530,14 @@ def _json_scalar(value: object) -> str:
 
 
 def _error(message: str) -> None:
-    print(f"multirun: error: {message}", file=sys.stderr)
+    _to_stderr(f"multirun: error: {message}")
+
+
+def _to_stderr(line: str) -> None:
+    """``line`` on stderr, if it can be written: a warning or an error its reader left before
+    (``multirun runs 2>&1 | head -1``) changes nothing of what the command does."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: stderr was closed
+        print(line, file=sys.stderr)
 
 
 class _StderrHandler(logging.Handler):
@@ -537,7 +546,7 @@ class _StderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage().removeprefix("multirun: ").replace(FOLDER_SETTINGS, "--dir DIR")
-        print(f"multirun: {record.levelname.lower()}: {message}", file=sys.stderr)
+        _to_stderr(f"multirun: {record.levelname.lower()}: {message}")
 
 
 def _log_warnings_to_stderr() -> None:
@@ -549,8 +558,9 @@ def _log_warnings_to_stderr() -> None:
 class _ReaderMayLeave(io.TextIOBase):
     """The command's stdout: once its reader is gone (``multirun checkpoints verify | head -1``),
     the rest of the output goes nowhere and the command carries on, so that its exit status
-    is still its own (a corrupt checkpoint past the first line still fails the command). Text
-    the output's encoding cannot hold is written with backslash escapes, as on stderr."""
+    is still its own (a corrupt checkpoint past the first line still fails the command). An
+    output that cannot be written (a full disk) is a RunsError, once. Text the output's
+    encoding cannot hold is written with backslash escapes, as on stderr."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
@@ -570,7 +580,8 @@ class _ReaderMayLeave(io.TextIOBase):
         try:
             yield
         finally:
-            guard.flush()  # now, not at exit, where Python would complain of the closed pipe
+            with contextlib.suppress(RunsError):  # the command's own error is the one to say
+                guard.flush()  # now, not at exit, where Python would complain of the closed pipe
             if sys.stdout is guarded:
                 sys.stdout = original
 
@@ -582,16 +593,16 @@ class _ReaderMayLeave(io.TextIOBase):
                 except UnicodeEncodeError:  # a name its encoding (Windows' code page) cannot hold
                     encoding = getattr(self.stream, "encoding", None) or "ascii"
                     self.stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
-            except BrokenPipeError:
-                self._reader_left()
+            except OSError as exc:
+                self._failed(exc)
         return len(text)
 
     def flush(self) -> None:
         if not self.gone:
             try:
                 self.stream.flush()
-            except BrokenPipeError:
-                self._reader_left()
+            except OSError as exc:
+                self._failed(exc)
 
     def isatty(self) -> bool:
         return not self.gone and self.stream.isatty()
@@ -603,9 +614,12 @@ class _ReaderMayLeave(io.TextIOBase):
     def encoding(self) -> str:  # type: ignore[override]
         return self.stream.encoding
 
-    def _reader_left(self) -> None:
+    def _failed(self, exc: OSError) -> None:
+        """Write nothing more; unless its reader just left, say why the output failed."""
         self.gone = True
         _silence_stdout()  # what is left in the buffer goes to /dev/null at exit
+        if not isinstance(exc, BrokenPipeError):
+            raise RunsError(f"cannot write the output: {exc.strerror or exc}") from None
 
 
 def _silence_stdout() -> None:
