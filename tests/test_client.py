@@ -514,6 +514,44 @@ def test_a_bad_otel_span_attribute_count_limit_does_not_fail_the_import(tmp_path
     assert "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT" in done.stderr  # the run's warning
 
 
+PROPAGATED = """
+import multirun
+
+carrier = {}
+
+@multirun.run
+def job() -> None:
+    multirun.inject(carrier)
+
+job()
+print(sorted(carrier))
+"""
+
+
+@pytest.mark.parametrize(
+    ("configured", "headers", "dropped"),
+    [
+        ("bogus", ["baggage", "traceparent"], "'bogus'"),  # none loads: the SDK's default
+        ("tracecontext, bogus", ["traceparent"], "'bogus'"),  # the ones that load are kept
+    ],
+)
+def test_an_unknown_propagator_in_otel_propagators_is_a_warning_not_a_failed_import(
+    tmp_path: Path, configured: str, headers: list[str], dropped: str
+) -> None:
+    # OpenTelemetry loads the propagators as opentelemetry.propagate is imported, in
+    # `import multirun`, and failed that import with a ValueError on a name it cannot load
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["OTEL_PROPAGATORS"] = configured
+    env["MULTIRUN_DIR"] = str(tmp_path / "mr")
+    done = subprocess.run(
+        [sys.executable, "-c", PROPAGATED], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [repr(headers)]
+    assert "OTEL_PROPAGATORS" in done.stderr and dropped in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 # Telemetry variables a run set up without init falls back on (one warning, the default), and
 # the values that make each one wrong.
 TELEMETRY_VARIABLES = [

@@ -14,7 +14,7 @@ def main() -> str:
     return ask("hello")
 """
 
-from multirun import _sdk_trace  # noqa: F401  (first: it imports the SDK despite a bad variable)
+from multirun import _otel_imports  # noqa: F401  (first: OpenTelemetry imported despite a bad variable)
 from multirun.checkpoints.resume import resume
 from multirun.client import MultiRunClient, get_client, init, init_local
 from multirun.context import report_usage
