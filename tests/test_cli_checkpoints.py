@@ -408,6 +408,20 @@ def test_a_multirun_dir_that_is_a_file_is_an_error_as_for_runs(
         assert err.splitlines() == [f"multirun: error: not a directory: {tmp_path / 'a-file'}"]
 
 
+@pytest.mark.parametrize(("command", "inside"), [(["runs"], "traces"), (["checkpoints"], "blobs")])
+def test_a_traces_or_blobs_folder_that_is_a_file_is_an_error_not_nothing_found(
+    tmp_path: Path, monkeypatch, capsys, command: list[str], inside: str
+) -> None:
+    # `runs` said "No runs." and `checkpoints` "No checkpoints.": the runs were there, unreadable
+    monkeypatch.delenv("MULTIRUN_CHECKPOINT_URI", raising=False)
+    (tmp_path / inside).write_text("")
+    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path))
+    code, out, err = run_cli(capsys, *command)
+    assert (code, out) == (1, "")
+    assert f"{tmp_path / inside}" in err and "not a directory" in err.lower()
+    assert len(err.splitlines()) == 1
+
+
 def test_no_folder_yet_is_no_checkpoints(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     for name in ("MULTIRUN_DIR", "MULTIRUN_CHECKPOINT_URI"):

@@ -557,6 +557,8 @@ def test_an_exporter_shut_down_closes_its_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+# the export threads run as the program forks, as in a forking server: that is the case tested
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_writes_its_own_file(tmp_path: Path) -> None:
     exporter = LocalFileSpanExporter(tmp_path)
     assert exporter.export(_finished_spans("parent")) is SpanExportResult.SUCCESS

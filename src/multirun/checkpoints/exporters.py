@@ -37,6 +37,7 @@ distribution registering a built-in's name replaces it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import os
 import re
@@ -240,6 +241,8 @@ class FileBlobExporter:
         keys = []
         try:
             if not self.directory.is_dir():
+                if self.directory.exists():  # a file where the folder should be
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.directory))
                 return []
             for root, _dirs, files in os.walk(self.directory, onerror=refuse):
                 for name in files:
@@ -250,9 +253,13 @@ class FileBlobExporter:
                         keys.append(key)
         except OSError as exc:
             where = exc.filename or self.directory
+            hint = (
+                "it is a file: move it, or give the store another folder"
+                if isinstance(exc, NotADirectoryError)
+                else "check that it is readable (and searchable) by this user"
+            )
             raise CheckpointError(
-                f"cannot list the blob store's folder {where}: {exc.strerror or exc}; "
-                "check that it is readable (and searchable) by this user"
+                f"cannot list the blob store's folder {where}: {exc.strerror or exc}; {hint}"
             ) from None
         return sorted(keys)
 

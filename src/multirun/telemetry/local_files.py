@@ -282,13 +282,17 @@ def read_spans(directory: str | os.PathLike[str], *, warn: bool = True) -> Itera
 
 def span_files(directory: str | os.PathLike[str]) -> list[Path]:
     """The ``.jsonl`` files of ``directory``, sorted; none if there is no such folder,
-    OSError if it cannot be read."""
+    OSError if it cannot be read (NotADirectoryError if it is a file)."""
     folder = Path(directory)
     try:
         with os.scandir(folder) as entries:
             return sorted(folder / entry.name for entry in entries if entry.name.endswith(".jsonl"))
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
         return []
+    except NotADirectoryError:
+        if folder.exists():  # a file where the folder should be: its runs cannot be read
+            raise
+        return []  # a folder above it is a file: no such folder
 
 
 class DamagedLine(ValueError):
