@@ -266,6 +266,16 @@ def test_null_is_a_fields_default_as_in_protobufs_json(tmp_path: Path) -> None:
     )
 
 
+def test_spans_in_the_otlp_layout_before_scopes_are_read(tmp_path: Path) -> None:
+    # OTLP before 0.19 (Collectors of 2021) said instrumentationLibrarySpans: those spans were
+    # read as none, without a word
+    line = json.dumps(
+        {"resourceSpans": [{"instrumentationLibrarySpans": [{"spans": [span_json("1" * 16)]}]}]}
+    )
+    (tmp_path / "spans.jsonl").write_text(line + "\n")
+    assert [span.name for span in read_spans(tmp_path)] == ["span " + "1" * 16]
+
+
 def read_line(directory: Path, line: str) -> list[Any]:
     (directory / "spans.jsonl").write_text(line + "\n")
     return list(read_spans(directory))

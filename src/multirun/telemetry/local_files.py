@@ -412,7 +412,10 @@ def _records(request: dict[str, Any]) -> tuple[list[SpanRecord], list[str]]:
     for resource_spans in _objects(request, "resourceSpans"):
         resource = _attributes(_field(_field(resource_spans, "resource", dict), "attributes", list))
         service = resource.get("service.name", "")
-        for scope_spans in _objects(resource_spans, "scopeSpans"):
+        # OTLP before 0.19 (Collectors of 2021) named the scopes' lists instrumentationLibrarySpans
+        old = "scopeSpans" not in resource_spans and "instrumentationLibrarySpans" in resource_spans
+        scopes = "instrumentationLibrarySpans" if old else "scopeSpans"
+        for scope_spans in _objects(resource_spans, scopes):
             for span in _objects(scope_spans, "spans", damaged):
                 try:
                     found.append(_record(span, str(service)))
