@@ -1062,6 +1062,30 @@ def test_a_cost_the_provider_could_not_compute_is_priced_here(traced: Any, runti
     assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == 240
 
 
+class NoUsageClient(BaseChatClient):
+    """A model (a local server, say) whose answers carry no token counts: Motus's usage is {}."""
+
+    async def create(self, model, messages, tools=None, reasoning=None, **kwargs) -> ChatCompletion:  # type: ignore[no-untyped-def]
+        return ChatCompletion(id="chatcmpl-quiet", model=model, content="quiet answer")
+
+    async def parse(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def test_a_model_call_whose_client_gives_no_usage_is_marked_unknown_not_a_silent_zero(
+    traced: Any, runtime: None
+) -> None:
+    @multirun.run
+    def job() -> str:
+        return resolve(_chain(NoUsageClient(), "gpt-4o-mini", 1))
+
+    assert job() == "quiet answer"
+    chat = traced.span("chat gpt-4o-mini")
+    assert chat.attributes[attr.STEP_STATUS] == "completed"
+    assert chat.attributes[attr.USAGE_UNKNOWN] is True
+    assert attr.USAGE_UNKNOWN not in traced.span("step publish").attributes  # no model call
+
+
 def test_a_failure_reading_the_usage_still_ends_the_model_call(
     traced: Any, runtime: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,7 +17,8 @@ where the task was *registered* (a new run named after the task when none is),
 however late and on whichever thread Motus's scheduler runs it:
 
 - ``model_call`` tasks are LLM steps ``chat {model}``, with the model, tokens
-  and cost of the ``ChatCompletion`` they return (charged once, to the step);
+  and cost of the ``ChatCompletion`` they return (charged once, to the step;
+  marked ``multirun.usage.unknown`` when it carries none, never a silent 0);
   ``tool_call`` tasks are tool steps ``execute_tool {tool name}``;
   ``agent_call`` tasks (``ReActAgent`` runs) are agents ``invoke_agent {name}``
   whose tasks are their steps; other tasks are steps ``step {name}``.
@@ -909,18 +910,22 @@ class _TaskTrace:
     def _complete(self, result: Any, ends: list[Callable[[], Any]]) -> BaseException | None:
         step, agent, run = self.step, self.agent, self.owned_run
         if step is not None:
+            extra = self.extra
             if self.kind is StepKind.LLM_CALL:
                 try:
                     usage = _usage_of(result, self.provider)
                     if usage is not None:
                         # charged (and counted) even when refused
                         step._charge_response_usage((_response_id(result), usage))
+                    elif step._own_usage is None and not step.child_usage_reported:
+                        # its tokens were spent all the same: not a silent 0
+                        extra = {**extra, attr.USAGE_UNKNOWN: True}
                 except REFUSALS as refused:
                     self._fail(refused, ends)
                     return refused
                 except Exception:  # the step still ends, with the task's result
                     _broken(f"charging task {self.name!r}")
-            step._succeed(result, self.extra)
+            step._succeed(result, extra)
         elif agent is not None:
             self.span.set_attributes(self.extra)
             ends.append(functools.partial(agent.complete, result))
