@@ -1462,6 +1462,38 @@ def test_shutting_motus_down_ends_the_spans_of_running_tasks(traced: Any, runtim
     assert traced.span("invoke_workflow endless").attributes[attr.RUN_STATUS] == "failed"
 
 
+def test_a_task_completing_as_motus_shuts_down_is_no_failure_of_its_step(traced: Any, runtime: None) -> None:
+    """shutdown() on the program's thread ends the steps of the running tasks while one of them
+    completes on Motus's loop thread: that step completed, and no failure of it counts towards
+    the circuit (a later call is not refused)."""
+    go, completed = threading.Event(), threading.Event()
+
+    class Interleave(SpanProcessor):
+        """Holds the shutdown, as it ends the first task's step, until the second has completed."""
+
+        def on_end(self, span: Any) -> None:
+            if span.name == "step endless":
+                go.set()
+                assert completed.wait(5)
+            elif span.name == "step when_set":
+                completed.set()
+
+    traced.provider.add_span_processor(Interleave())
+    breaker = Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30))
+
+    @multirun.run(policy=breaker)
+    def job() -> list[str]:
+        first, second = endless(), when_set(go, "done")
+        time.sleep(0.1)  # both running
+        motus.runtime.shutdown()
+        with pytest.raises(RuntimeError, match="shutting down"):
+            resolve(first)
+        return [resolve(second), resolve(when_set(go, "again"))]
+
+    assert job() == ["done", "again"]
+    assert [s.attributes[attr.STEP_STATUS] for s in traced.named("step when_set")] == ["completed"] * 2
+
+
 def test_a_task_waiting_for_its_input_when_motus_shuts_down_fails_with_the_shutdown(
     traced: Any, runtime: None
 ) -> None:

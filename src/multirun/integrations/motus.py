@@ -439,8 +439,8 @@ def _shutdown(wrapped: Callable[..., Any], scheduler: Any, args: Any, kwargs: An
     try:
         error = RuntimeError("Motus runtime is shutting down")
         for key, trace in list(_settings.live.items()):
-            if trace.scheduler is scheduler:
-                _settings.live.pop(key, None)
+            # Motus's loop thread may have settled it since: then it is ended, with its outcome
+            if trace.scheduler is scheduler and _settings.live.pop(key, None) is trace:
                 trace.finish(None, error)
         for task in list(scheduler.tasks.values()):
             if task.kind is _Motus.compute and task.status in _Motus.not_started:
