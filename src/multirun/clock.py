@@ -6,12 +6,14 @@ without waiting.
 
 from __future__ import annotations
 
-import asyncio
 import time
+
+from multirun import _runtimes
 
 
 class Clock:
-    """Real time: ``time.monotonic``, ``time.sleep`` and ``asyncio.sleep``."""
+    """Real time: ``time.monotonic``, ``time.sleep``, and ``asyncio.sleep`` (``trio.sleep`` in a
+    trio task: anyio's trio backend)."""
 
     def monotonic(self) -> float:
         return time.monotonic()
@@ -20,4 +22,4 @@ class Clock:
         time.sleep(seconds)
 
     async def async_sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+        await _runtimes.sleep(seconds)

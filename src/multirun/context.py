@@ -38,6 +38,7 @@ from opentelemetry.trace import NonRecordingSpan, Span, Status, StatusCode
 from pydantic_core import to_json
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
+from multirun._runtimes import in_async_code
 from multirun._stack import headroom
 from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy, sub_run_part
@@ -1050,7 +1051,7 @@ class AgentContext:
                 )
             raise
         if step.wait_before:
-            if asyncio._get_running_loop() is None:
+            if not in_async_code():
                 step._wait(step.wait_before)
             else:  # a sleep here would block the event loop: the step waits when awaited
                 step._wait_due = step.wait_before

@@ -1,0 +1,163 @@
+"""Steps under the async runtimes production agents run on: asyncio with eager tasks, uvloop,
+anyio on its asyncio and trio backends, plain trio; and async generator steps closed by the
+event loop rather than by the program.
+
+Waits here are real (the clock is the real one), and short: what is checked is that the
+library running the step does the waiting (trio has no asyncio loop to sleep on).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from multirun import run, step
+from multirun.clock import Clock
+from multirun.context import get_current_agent_context
+from multirun.errors import BudgetExceededError, StepError
+from multirun.models import StepKind
+from multirun.telemetry import attributes as attr
+
+BACKENDS = ["asyncio", "trio"]
+
+
+@pytest.fixture
+def real_clock(traced: Any) -> Any:
+    """``traced``, waiting in real time (its fake clock never sleeps, so never asks the runtime)."""
+    traced.client.clock = Clock()
+    return traced
+
+
+def attrs_of(traced: Any, name: str) -> list[dict[str, Any]]:
+    spans = sorted(traced.named(name), key=lambda s: s.start_time or 0)
+    return [dict(s.attributes or {}) for s in spans]
+
+
+def is_child(child: Any, parent: Any) -> bool:
+    return child.parent is not None and child.parent.span_id == parent.context.span_id
+
+
+# ---------------------------------------------------------------------------
+# anyio on asyncio and trio: waits, budgets, cancellation
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_retried_async_step_waits_out_its_backoff_under_anyio(real_clock: Any, backend: str) -> None:
+    attempts: list[float] = []
+
+    @step(retry=2, retry_delay=0.02, retry_strategy="constant")
+    async def fetch() -> str:
+        attempts.append(time.monotonic())
+        await anyio.sleep(0)
+        if len(attempts) < 3:
+            raise ConnectionError("flaky")
+        return "ok"
+
+    @run
+    async def main() -> str:
+        return await fetch()
+
+    assert anyio.run(main, backend=backend) == "ok"
+    assert len(attempts) == 3
+    assert attempts[1] - attempts[0] >= 0.019 and attempts[2] - attempts[1] >= 0.019
+    (fetched,) = attrs_of(real_clock, "step fetch")
+    assert fetched[attr.STEP_STATUS] == "completed"
+    assert fetched[attr.STEP_ATTEMPT] == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_llm_steps_wait_for_their_rate_limit_slots_under_anyio(real_clock: Any, backend: str) -> None:
+    @step(kind="llm_call", model="gpt-4o")
+    async def ask(i: int) -> int:
+        return i
+
+    @run(policy={"rate_limit": {"requests_per_minute": 3000}})  # a slot every 0.02 s
+    async def main() -> list[int]:
+        answers: list[int] = []
+
+        async def one(i: int) -> None:
+            answers.append(await ask(i))
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(3):
+                tasks.start_soon(one, i)
+        return sorted(answers)
+
+    began = time.monotonic()
+    assert anyio.run(main, backend=backend) == [0, 1, 2]
+    assert time.monotonic() - began >= 0.039
+    asks = attrs_of(real_clock, "chat gpt-4o")
+    assert [a[attr.STEP_STATUS] for a in asks] == ["completed"] * 3
+    assert sorted(a[attr.POLICY_DECISION] for a in asks) == ["proceed", "wait", "wait"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_manual_step_waits_for_its_slot_when_awaited_without_blocking_the_loop(
+    real_clock: Any, backend: str
+) -> None:
+    @run(policy={"rate_limit": {"requests_per_minute": 600}})  # a slot every 0.1 s
+    async def main() -> tuple[float, float]:
+        agent_ctx = get_current_agent_context()
+        (await agent_ctx.start_step("first", kind=StepKind.LLM_CALL)).complete()
+        began = time.monotonic()
+        second = agent_ctx.start_step("second", kind=StepKind.LLM_CALL)
+        started = time.monotonic() - began  # a sleep here would stop every other task
+        await second
+        second.complete()
+        return started, time.monotonic() - began
+
+    started, waited = anyio.run(main, backend=backend)
+    assert started < 0.05
+    assert waited >= 0.09
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_async_steps_under_anyio_task_groups_nest_and_stop_at_the_budget(traced: Any, backend: str) -> None:
+    @step
+    async def leaf(i: int) -> int:
+        await anyio.sleep(0.01)
+        return i
+
+    @step
+    async def fan_out() -> list[int]:
+        found: list[int] = []
+
+        async def one(i: int) -> None:
+            found.append(await leaf(i))
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(3):
+                tasks.start_soon(one, i)
+        found.append(await anyio.to_thread.run_sync(lambda: 10))
+        return sorted(found)
+
+    @run(budget={"max_steps": 4})
+    async def main() -> None:
+        assert await fan_out() == [0, 1, 2, 10]
+        await leaf(99)  # the fifth step
+
+    with pytest.raises(BudgetExceededError):
+        anyio.run(main, backend=backend)
+    outer = traced.span("step fan_out")
+    leaves = traced.named("step leaf")
+    assert sum(is_child(s, outer) for s in leaves) == 3
+    assert attrs_of(traced, "invoke_workflow main")[0][attr.RUN_STATUS] == "failed"
+
+
+def test_a_wait_in_async_code_run_by_neither_asyncio_nor_trio_fails_the_step_saying_so(
+    real_clock: Any,
+) -> None:
+    @step(retry=1, retry_delay=0.01)
+    async def fetch() -> None:
+        raise ConnectionError("down")
+
+    @run
+    async def main() -> None:
+        await fetch()
+
+    coroutine = main()
+    with pytest.raises(StepError, match="neither asyncio nor trio"):
+        coroutine.send(None)  # a runner of its own: no event loop that multirun knows
