@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from multirun import run, step
+from multirun import agent, run, step
 from multirun.clock import Clock
 from multirun.context import get_current_agent_context
 from multirun.errors import BudgetExceededError, StepError
@@ -145,6 +145,30 @@ def test_async_steps_under_anyio_task_groups_nest_and_stop_at_the_budget(traced:
     leaves = traced.named("step leaf")
     assert sum(is_child(s, outer) for s in leaves) == 3
     assert attrs_of(traced, "invoke_workflow main")[0][attr.RUN_STATUS] == "failed"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_run_and_an_agent_cancelled_under_anyio_end_cancelled(traced: Any, backend: str) -> None:
+    @step
+    async def slow() -> None:
+        await anyio.sleep(10)
+
+    @agent
+    async def worker() -> None:
+        await slow()
+
+    @run
+    async def job() -> None:
+        await worker()
+
+    async def main() -> None:
+        with anyio.move_on_after(0.02):
+            await job()
+
+    anyio.run(main, backend=backend)
+    assert attrs_of(traced, "invoke_workflow job")[0][attr.RUN_STATUS] == "cancelled"
+    assert attrs_of(traced, "invoke_agent worker")[0][attr.AGENT_STATUS] == "cancelled"
+    assert attrs_of(traced, "step slow")[0][attr.STEP_STATUS] == "failed"  # a step has no such status
 
 
 def test_a_wait_in_async_code_run_by_neither_asyncio_nor_trio_fails_the_step_saying_so(

@@ -18,7 +18,6 @@ Sync code reads what they give as it is: ``ctx.checkpoint(name="x").id``,
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import threading
@@ -38,7 +37,7 @@ from opentelemetry.trace import NonRecordingSpan, Span, Status, StatusCode
 from pydantic_core import to_json
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
-from multirun._runtimes import in_async_code
+from multirun._runtimes import in_async_code, is_cancellation
 from multirun._stack import headroom
 from multirun.checkpoints.hashing import input_hash
 from multirun.checkpoints.replay import SEQ, Call, ReplayLog, kept_copy, sub_run_part
@@ -533,7 +532,7 @@ class RunContext:
         (checkpointed first with ``checkpoint_on_error``, unless the budget stopped it)."""
         if self.checkpoint_on_error and budget_refusal(exc) is None:
             self._try_checkpoint(f"on_error_{type(exc).__name__}")
-        self._finish(RunStatus.CANCELLED if _cancelled(exc) else RunStatus.FAILED, error=exc)
+        self._finish(RunStatus.CANCELLED if is_cancellation(exc) else RunStatus.FAILED, error=exc)
 
     def complete(self, result: Any = None) -> Done[None]:
         """Complete every agent still running and mark the run completed."""
@@ -1212,7 +1211,7 @@ class AgentContext:
 
     def _end_with(self, exc: BaseException) -> None:
         """End the agent left by ``exc``: cancelled by a cancellation, failed by anything else."""
-        self._finish(AgentStatus.CANCELLED if _cancelled(exc) else AgentStatus.FAILED, exc)
+        self._finish(AgentStatus.CANCELLED if is_cancellation(exc) else AgentStatus.FAILED, exc)
 
 
 # ---------------------------------------------------------------------------
@@ -1818,11 +1817,6 @@ _AGENT_STATUS_OF_RUN = {
     RunStatus.COMPLETED: AgentStatus.COMPLETED,
     RunStatus.CANCELLED: AgentStatus.CANCELLED,
 }
-
-
-def _cancelled(error: BaseException) -> bool:
-    """Whether ``error`` is a cancellation (of the task running the run or agent), not a failure."""
-    return isinstance(error, asyncio.CancelledError)
 
 
 _STATUS_VALUES = {status: status.value for status in StepStatus}  # Enum.value is a slow property
