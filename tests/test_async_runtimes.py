@@ -13,13 +13,16 @@ from typing import Any
 
 import anyio
 import pytest
+import trio
 
+import multirun
 from multirun import agent, run, step
 from multirun.clock import Clock
-from multirun.context import get_current_agent_context
+from multirun.context import get_current_agent_context, get_current_run_context
 from multirun.errors import BudgetExceededError, StepError
 from multirun.models import StepKind
 from multirun.telemetry import attributes as attr
+from test_checkpoints import Calls, Flaky
 
 BACKENDS = ["asyncio", "trio"]
 
@@ -185,3 +188,61 @@ def test_a_wait_in_async_code_run_by_neither_asyncio_nor_trio_fails_the_step_say
     coroutine = main()
     with pytest.raises(StepError, match="neither asyncio nor trio"):
         coroutine.send(None)  # a runner of its own: no event loop that multirun knows
+
+
+def test_retry_loops_in_trio_tasks_side_by_side_are_served_on_resume(traced: Any) -> None:
+    calls = Calls()
+
+    def program(flaky: Flaky, crash: bool) -> Any:
+        @step
+        async def ask(query: str) -> str:
+            calls(f"ask {query}")
+            await trio.sleep(0)
+            return flaky(query)
+
+        @step
+        async def note(text: str) -> str:
+            calls(f"note {text}")
+            return text
+
+        async def with_retries(query: str, out: dict[str, Any]) -> None:
+            for _ in range(3):  # the program's own retry loop around the step
+                try:
+                    out["answer"] = await ask(query)
+                    return
+                except ConnectionError:
+                    await trio.sleep(0.01)  # the other task's steps run meanwhile
+            raise RuntimeError("gave up")
+
+        async def notes(out: dict[str, Any]) -> None:
+            await trio.sleep(0.005)  # once the first call failed, before its retry
+            out["notes"] = [await note("a"), await note("b"), await note("c")]
+
+        @run(checkpoint_on_error=False)
+        async def job() -> str:
+            out: dict[str, Any] = {}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(with_retries, "q", out)
+                nursery.start_soon(notes, out)
+            get_current_run_context().checkpoint(name="both done")
+            if crash:
+                raise RuntimeError("crash")
+            return f"{out['answer']} {out['notes']}"
+
+        return job
+
+    recorded = Flaky(failures=1)
+    with pytest.raises(RuntimeError):
+        trio.run(program(recorded, crash=True))
+    assert recorded.calls == 2
+    assert calls.log.index("note a") < calls.log.index("ask q", 1)  # the retry came after a note
+    run_id = traced.named("invoke_workflow job")[-1].attributes[attr.RUN_ID]
+
+    # trio's tasks are told apart as asyncio's are: the notes of the other task, between the
+    # failed call and its retry, do not hide the retry (the failed call is not made again)
+    calls.log.clear()
+    resumed = Flaky(failures=0)
+    with multirun.resume(run_id=run_id):
+        assert trio.run(program(resumed, crash=False)) == "answer to q ['a', 'b', 'c']"
+    assert calls.log == []
+    assert resumed.calls == 0

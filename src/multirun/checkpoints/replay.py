@@ -11,12 +11,12 @@ A call is keyed by (step name, input hash, occurrence): the third call of
 returns something new each time (``next_page()``) is replayed call by call.
 Each call also gets a sequence number when it starts and when it ends, so a
 restore knows which steps ran inside which (``parent``) and which ran side by
-side (siblings that overlapped, or ran in different asyncio tasks or threads:
+side (siblings that overlapped, or ran in different asyncio or trio tasks, or threads:
 each call notes its "lane").
 
 A call that raised is kept too, without a result. After a restore it runs
 again, unless the program called the step again with the same inputs right
-after it failed, in the same asyncio task or thread (a retry loop), and that
+after it failed, in the same task (asyncio or trio) or thread (a retry loop), and that
 call returned: then the failed call is
 answered with that result, and the retry is not made. A failed call that runs
 again and now returns takes the program down another path than the recorded
@@ -64,12 +64,14 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import sys
 import threading
 from _thread import get_ident
 from asyncio import _get_running_loop, current_task
 from collections.abc import Callable
 from typing import Any, Final
 
+from multirun._runtimes import trio_task
 from multirun.checkpoints.hashing import v1_input_hash
 from multirun.checkpoints.serializers import is_one_shot
 from multirun.errors import DeterminismError
@@ -83,8 +85,8 @@ DEFAULT_LIMIT = 10_000
 # tuple: one is made for every step, and a tuple costs a tenth of a NamedTuple or a slotted
 # object. While recording, the occurrence is 0: it is counted when a checkpoint is written, as
 # the number of calls before it (by sequence number) with the same name and digest, plus one.
-# The lane is the asyncio task or thread that made the call: calls in one lane ran one after
-# another, calls in different lanes side by side.
+# The lane is the asyncio or trio task, or else the thread, that made the call: calls in one lane
+# ran one after another, calls in different lanes side by side.
 Call = tuple[str, str, int, "int | None", int, int]
 SEQ: Final = 4  # the position of a call's sequence number
 RUN_PREFIX: Final = "@run "  # a sub-run's call is named after the run, with this prefix
@@ -382,9 +384,15 @@ def sub_run_part(records: list[dict[str, Any]], seq: int) -> tuple[dict[str, Any
 
 
 def _lane() -> int:
-    """The asyncio task, or else the thread, making a call (ids: distinct while both live)."""
+    """The asyncio or trio task, or else the thread, making a call (ids: distinct while both live)."""
     loop = _get_running_loop()
-    task = current_task(loop) if loop is not None else None
+    task: object | None
+    if loop is not None:
+        task = current_task(loop)
+    elif "trio" in sys.modules:
+        task = trio_task()
+    else:
+        return get_ident()
     return get_ident() if task is None else id(task)
 
 
