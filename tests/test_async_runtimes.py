@@ -8,6 +8,8 @@ library running the step does the waiting (trio has no asyncio loop to sleep on)
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
 
@@ -246,3 +248,44 @@ def test_retry_loops_in_trio_tasks_side_by_side_are_served_on_resume(traced: Any
         assert trio.run(program(resumed, crash=False)) == "answer to q ['a', 'b', 'c']"
     assert calls.log == []
     assert resumed.calls == 0
+
+
+# ---------------------------------------------------------------------------
+# async generator steps closed by the event loop
+
+
+@pytest.mark.parametrize("in_run", [True, False])
+def test_an_async_generator_step_left_open_is_closed_once_when_asyncio_run_ends(
+    traced: Any, caplog: pytest.LogCaptureFixture, in_run: bool
+) -> None:
+    cleaned: list[str] = []
+    left_open: list[Any] = []
+
+    @step
+    async def stream() -> Any:
+        try:
+            for i in range(10):
+                yield i
+        finally:
+            await asyncio.sleep(0)  # a cleanup that awaits: closing its connection
+            cleaned.append("closed")
+
+    async def read_one() -> int:
+        chunks = stream()
+        left_open.append(chunks)  # neither read to its end nor closed: asyncio.run closes it
+        return int(await chunks.__anext__())
+
+    @run
+    async def job() -> int:
+        return await read_one()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        assert asyncio.run(job() if in_run else read_one()) == 0
+    # the loop closed the user's generator as the step's wrapper closed it: "aclose(): asynchronous
+    # generator is already running", logged at exit, or raised by the step
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    assert cleaned == ["closed"]
+    if in_run:
+        (streamed,) = attrs_of(traced, "step stream")
+        assert streamed[attr.STEP_STATUS] == "completed"
+        assert streamed[attr.STEP_STREAM_ITEMS] == 1

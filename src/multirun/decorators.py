@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import Callable
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
@@ -1197,7 +1198,7 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
         call = open_call(args, kwargs)
         if call is None:  # as ``yield from`` would (async generators have none): sent, thrown, closed
             agen = func(*args, **kwargs)
-            how, value = agen.asend, None
+            how, value = _first_send, agen
             while True:
                 try:
                     item = await how(value)
@@ -1221,7 +1222,7 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
         while True:
             agen = func(*args, **kwargs)
             try:
-                done, item = await resume(call, agen.asend, None)
+                done, item = await resume(call, _first_send, agen)
             except BaseException as error:
                 delay = _delay_before_retry(call, error)
                 if delay is None:
@@ -1265,6 +1266,23 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
         call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
 
     return wrapper
+
+
+def _first_send(agen: Any) -> Any:
+    """``agen.asend(None)``, the first of the program's async generator that a wrapper drives,
+    made with the event loop's first-iteration hook off: the loop does not track it, so it does
+    not close it at shutdown. ``asyncio.run`` closes every generator it tracks at once, the
+    program's while its wrapper (tracked) was closing it: "aclose(): asynchronous generator is
+    already running", logged at exit, or failing the step. The wrapper closes it; its
+    finalizer stays, so one dropped unclosed is still closed on the loop."""
+    firstiter, finalizer = sys.get_asyncgen_hooks()
+    if firstiter is None:
+        return agen.asend(None)
+    sys.set_asyncgen_hooks(firstiter=None, finalizer=finalizer)
+    try:
+        return agen.asend(None)  # the hooks run here, before any of the generator's code
+    finally:
+        sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=finalizer)
 
 
 # ---------------------------------------------------------------------------
