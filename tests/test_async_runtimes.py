@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from typing import Any
 
@@ -43,6 +44,77 @@ def attrs_of(traced: Any, name: str) -> list[dict[str, Any]]:
 
 def is_child(child: Any, parent: Any) -> bool:
     return child.parent is not None and child.parent.span_id == parent.context.span_id
+
+
+# ---------------------------------------------------------------------------
+# asyncio with eager tasks, and uvloop
+
+
+def with_eager_tasks(main: Any) -> Any:
+    async def eager() -> Any:
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        return await main()
+
+    return asyncio.run(eager())
+
+
+def on_uvloop(main: Any) -> Any:
+    uvloop = pytest.importorskip("uvloop")
+    return uvloop.run(main())
+
+
+LOOPS = [
+    pytest.param(
+        with_eager_tasks,
+        id="eager_tasks",
+        marks=pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory: 3.12+"),
+    ),
+    pytest.param(on_uvloop, id="uvloop"),
+]
+
+
+@pytest.mark.parametrize("run_loop", LOOPS)
+def test_steps_as_eager_or_uvloop_tasks_nest_time_and_obey_budget_and_rate_limit(
+    real_clock: Any, run_loop: Any
+) -> None:
+    @step
+    async def at_once(i: int) -> int:  # an eager task runs it to its end inside create_task
+        return i
+
+    @step
+    async def slow(i: int) -> int:
+        await asyncio.sleep(0.02)
+        return i
+
+    @step(kind="llm_call", model="gpt-4o")
+    async def ask(i: int) -> int:
+        return i
+
+    @step
+    async def fan_out() -> list[int]:
+        tasks = [asyncio.create_task(at_once(1)), asyncio.create_task(slow(2))]
+        return [*await asyncio.gather(at_once(3), slow(4)), *[await task for task in tasks]]
+
+    @run(budget={"max_steps": 8}, policy={"rate_limit": {"requests_per_minute": 3000}})
+    async def main() -> list[int]:
+        found = await fan_out()
+        found += await asyncio.gather(ask(5), ask(6), ask(7))  # a slot every 0.02 s
+        await at_once(99)  # the ninth step
+        return found
+
+    began = time.monotonic()
+    with pytest.raises(BudgetExceededError):
+        run_loop(main)
+    assert time.monotonic() - began >= 0.039
+    outer = real_clock.span("step fan_out")
+    inner = real_clock.named("step at_once")[:2] + real_clock.named("step slow")
+    assert all(is_child(s, outer) for s in inner)
+    assert all(outer.start_time <= s.start_time and s.end_time <= outer.end_time for s in inner)
+    assert all(s.end_time - s.start_time >= 19_000_000 for s in real_clock.named("step slow"))
+    asks = attrs_of(real_clock, "chat gpt-4o")
+    assert sorted(a[attr.POLICY_DECISION] for a in asks) == ["proceed", "wait", "wait"]
+    refused = attrs_of(real_clock, "step at_once")[-1]
+    assert refused[attr.STEP_STATUS] == "failed" and refused[attr.POLICY_RULE] == "budget"
 
 
 # ---------------------------------------------------------------------------
