@@ -361,3 +361,38 @@ def test_an_async_generator_step_left_open_is_closed_once_when_asyncio_run_ends(
         (streamed,) = attrs_of(traced, "step stream")
         assert streamed[attr.STEP_STATUS] == "completed"
         assert streamed[attr.STEP_STREAM_ITEMS] == 1
+
+
+# ---------------------------------------------------------------------------
+# process pools (README: "Process pools")
+
+
+@step
+def in_worker(i: int) -> tuple[int, bool]:
+    from multirun.context import has_active_run
+
+    return i, has_active_run()
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_process_pool_worker_runs_steps_in_a_copy_of_the_run_when_forked_and_outside_it_when_spawned(
+    traced: Any, method: str
+) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} here")
+
+    @step
+    def fan_out() -> list[tuple[int, bool]]:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method)) as pool:
+            return list(pool.map(in_worker, range(2)))
+
+    @run
+    def main() -> list[tuple[int, bool]]:
+        return fan_out()
+
+    assert main() == [(0, method == "fork"), (1, method == "fork")]
+    assert traced.named("step in_worker") == []  # the worker's spans are its own process's
