@@ -695,6 +695,50 @@ def test_a_custom_run_method_is_the_agent_and_the_steps_it_calls_its_steps(trace
     ]
 
 
+class FallbackRunAgent(Agent):
+    """A custom run that settles for its analysis when the budget stops the research."""
+
+    @think("analyze")
+    def analyze(self, topic: str) -> str:
+        return f"ANALYZE the research question: {topic}"
+
+    @act("gather")
+    def gather(self, plan: str) -> str:
+        return f"GATHER facts for this plan: {plan}"
+
+    @custom_run(description="analyze, then gather if the budget allows")
+    def analyze_then_gather(self, topic: str) -> str:
+        plan = str(self.analyze(topic))
+        try:
+            return str(self.gather(plan))
+        except BudgetExceededError as stopped:
+            return f"plan only ({stopped.limit}): {plan}"
+
+
+def test_a_step_whose_request_the_budget_refuses_raises_the_refusal_to_the_custom_run(traced: Any) -> None:
+    """The tool selection inside gather crosses the budget: gather's own request is refused. The
+    custom run sees BudgetExceededError, as when a step is refused before it starts, not the
+    StepError ClientAI wraps the refusal in."""
+    model = ScriptedModel(research_agent.script())
+    agent = FallbackRunAgent(
+        client=offline_client(model),
+        default_model=MODEL,
+        tools=[ToolConfig(tool=research_agent.search, scopes=["act"], name="search")],
+    )
+
+    @multirun.run(name="capped", budget=Budget(max_tokens=100))
+    def capped() -> str:
+        return str(agent.run(TOPIC))
+
+    assert capped() == f"plan only (max_tokens): {research_agent.ANALYZE.text}"
+    assert len(model.calls) == 2  # analyze and the tool selection: gather's request was never sent
+    spans = records(traced)
+    gather = one(spans, "gather")
+    assert gather.attributes[attr.ERROR_TYPE] == "multirun.errors.BudgetExceededError"
+    (run_span,) = run_roots(spans)
+    assert run_span.attributes[attr.RUN_STATUS] == "completed"  # the program handled it
+
+
 def test_create_agent_is_an_agent_with_its_one_step(traced: Any) -> None:
     model = ScriptedModel(research_agent.script())
     agent = create_agent(

@@ -44,7 +44,8 @@ selection or tool call made outside any run (a client used without an
 
 Every one of these is a step of the run: the budget and the policy decide
 before it starts, and a ClientAI agent over budget stops with
-``BudgetExceededError`` (unwrapped from the errors ClientAI wraps it in).
+``BudgetExceededError`` (unwrapped from the errors ClientAI wraps it in), as
+does a step, to the custom run method that called it.
 The rate limit and the degradation rule govern the requests
 (``generate_text`` / ``chat``), once each: an LLM step around a request is
 asked only its circuit, as its requests are paced and counted themselves.
@@ -220,21 +221,30 @@ def _failed(call: _StepCall, error: BaseException) -> None:
 
 
 def _run_step(
-    call: _StepCall, wrapped: Wrapped, args: tuple[Any, ...], kwargs: dict[str, Any], follow: bool = True
+    call: _StepCall,
+    wrapped: Wrapped,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    follow: bool = True,
+    unwrap: bool = False,
 ) -> Any:
     """Call ``wrapped`` as the body of ``call``; with ``follow``, a returned iterator (a step's
     stream) keeps the step open until consumed, else the result is returned as it is.
 
     No step run so waits for a rate-limit slot: the requests inside it (``_llm_call``) do. A step
     that fails because the budget or the policy refused a request inside it fails with that
-    refusal (ClientAI wraps it): no failure of its dependency, so not one of its circuit.
+    refusal (ClientAI wraps it): no failure of its dependency, so not one of its circuit. With
+    ``unwrap`` the refusal is also what it raises, as a step refused before it starts does.
     """
     ctx = call.otel_context or otel_context.get_current()
     token = otel_context.attach(ctx)
     try:
         result = wrapped(*args, **kwargs)
     except BaseException as error:
-        _failed(call, _refusal_in(error) or error)
+        refused = _refusal_in(error)
+        _failed(call, refused or error)
+        if unwrap and refused is not None and refused is not error:
+            raise refused from None  # ClientAI wrapped it in StepError
         raise
     finally:
         otel_context.detach(token)
@@ -559,7 +569,8 @@ def _execute_step(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs
     call = _open(spec, args[1:], {})
     if call is None:
         return wrapped(*args, **kwargs)
-    return _run_step(call, wrapped, args, kwargs)
+    # a custom run catching BudgetExceededError from a step gets it, wherever the step was refused
+    return _run_step(call, wrapped, args, kwargs, unwrap=True)
 
 
 def _single_call(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
