@@ -1421,6 +1421,34 @@ def test_importing_multirun_imports_no_clientai() -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
+def test_instrument_imports_no_clientai_and_patches_it_when_the_program_imports_it(tmp_path: Path) -> None:
+    """As ``opentelemetry-instrument`` does at the start of every program, ClientAI or not: a
+    program that never imports ClientAI must not pay for its import."""
+    code = (
+        "import sys\n"
+        "from multirun.integrations.clientai import ClientAIInstrumentor\n"
+        "ClientAIInstrumentor().instrument()\n"
+        "if any(m == 'clientai' or m.startswith('clientai.') for m in sys.modules):\n"
+        "    sys.exit('instrument() imported ClientAI')\n"
+        "from clientai_programs import research_agent\n"
+        "research_agent.main([])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["MULTIRUN_DIR"] = str(tmp_path / "multirun")
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=TESTS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == research_agent.REPORT.text
+    assert tree(load_spans(tmp_path / "multirun")) == RESEARCH_TREE
+
+
 # ---------------------------------------------------------------------------
 # zero code: the same program under opentelemetry-instrument
 

@@ -141,24 +141,18 @@ class ClientAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if not framework_installed(_INSTRUMENTS, "ClientAI"):
             return
         take_options(_settings, kwargs, "ClientAIInstrumentor", "ClientAI")
-        wrappers = globals()
-        try:
-            _settings.client_ai_error = importlib.import_module("clientai.exceptions").ClientAIError
-            for module, path, wrapper in _PATCHES:
-                wrapt.wrap_function_wrapper(module, path, wrappers[wrapper])
-                _settings.patched.append((module, path))
-        except Exception:
-            # a ClientAI whose insides moved: never fail the application's start for it
-            _logger.warning("multirun: cannot instrument this version of ClientAI", exc_info=True)
-            self._uninstrument()
+        _settings.active = True
+        # not imported here: a program that never uses ClientAI (opentelemetry-instrument
+        # instruments every program) does not pay for its import
+        if _HOOK_MODULE in sys.modules:
+            _patch()
+        elif not _settings.hook_registered:
+            _settings.hook_registered = True  # wrapt keeps hooks for good: register one, once
+            wrapt.register_post_import_hook(_on_clientai_import, _HOOK_MODULE)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        for module_name, path in reversed(_settings.patched):
-            owner_path, name = path.rsplit(".", 1)
-            module = sys.modules.get(module_name)
-            if module is not None:
-                unwrap(getattr(module, owner_path), name)
-        _settings.patched.clear()
+        _settings.active = False
+        _unpatch()
         _settings.budget = _settings.policy = None
 
 
@@ -166,6 +160,8 @@ class _Settings:
     """What ``instrument`` was given; one set per process, as the instrumentor is a singleton."""
 
     def __init__(self) -> None:
+        self.active = False  # instrumented: ClientAI is patched, or will be when it is imported
+        self.hook_registered = False
         self.patched: list[tuple[str, str]] = []  # (module, attribute path) wrapped, in order
         self.budget: Budget | None = None
         self.policy: Policy | None = None
@@ -173,6 +169,39 @@ class _Settings:
 
 
 _settings = _Settings()
+
+# its __init__ imports the client, the agents and the tools: all that is patched
+_HOOK_MODULE = "clientai"
+
+
+def _on_clientai_import(module: Any) -> None:
+    """Post-import hook: ClientAI was just imported."""
+    if _settings.active:
+        _patch()
+
+
+def _patch() -> None:
+    if _settings.patched:
+        return
+    wrappers = globals()
+    try:
+        _settings.client_ai_error = importlib.import_module("clientai.exceptions").ClientAIError
+        for module, path, wrapper in _PATCHES:
+            wrapt.wrap_function_wrapper(module, path, wrappers[wrapper])
+            _settings.patched.append((module, path))
+    except Exception:
+        # a ClientAI whose insides moved: never fail the application's start (or import) for it
+        _logger.warning("multirun: cannot instrument this version of ClientAI", exc_info=True)
+        _unpatch()
+
+
+def _unpatch() -> None:
+    for module_name, path in reversed(_settings.patched):
+        owner_path, name = path.rsplit(".", 1)
+        module = sys.modules.get(module_name)
+        if module is not None:
+            unwrap(getattr(module, owner_path), name)
+    _settings.patched.clear()
 
 
 # ---------------------------------------------------------------------------
