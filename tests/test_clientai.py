@@ -739,6 +739,27 @@ def test_a_step_whose_request_the_budget_refuses_raises_the_refusal_to_the_custo
     assert run_span.attributes[attr.RUN_STATUS] == "completed"  # the program handled it
 
 
+def test_a_tool_the_budget_refuses_raises_the_refusal_from_use_tool(traced: Any) -> None:
+    """``Agent.use_tool`` wraps whatever the tool raised in ToolError: a refusal comes out as itself."""
+    model = ScriptedModel(research_agent.script())
+    agent = CustomRunAgent(
+        client=offline_client(model),
+        default_model=MODEL,
+        tools=[ToolConfig(tool=research_agent.search, scopes=["act"], name="search")],
+    )
+
+    @multirun.run(name="capped", budget=Budget(max_tokens=60))
+    def capped() -> str:
+        plan = str(agent.run(TOPIC))  # 70 tokens: the budget is spent
+        try:
+            return str(agent.use_tool("search", plan))
+        except BudgetExceededError as stopped:
+            return f"no search ({stopped.limit})"
+
+    assert capped() == "no search (max_tokens)"
+    assert one(records(traced), "search").attributes[attr.ERROR_TYPE] == "multirun.errors.BudgetExceededError"
+
+
 def test_create_agent_is_an_agent_with_its_one_step(traced: Any) -> None:
     model = ScriptedModel(research_agent.script())
     agent = create_agent(

@@ -37,6 +37,7 @@ What becomes what:
 - ``ToolSelector.select_tools``: a tool step ``select_tools`` (its LLM call
   inside); ``Tool.__call__``: a tool step ``execute_tool {tool name}``, over
   the call only: what the tool returns, an iterator too, is handed back as it is.
+  ``Agent.use_tool`` raises a refusal of its tool call as itself, not in a ``ToolError``.
 
 Only ``Agent.run`` starts a run when none is active: an LLM call, tool
 selection or tool call made outside any run (a client used without an
@@ -103,6 +104,7 @@ _INSTALL = "ClientAI is not installed: pip install 'multirun-otel[clientai]'"
 # (module, attribute path, wrapper factory name); patched by module path string
 _PATCHES: tuple[tuple[str, str, str], ...] = (
     ("clientai.agent.core.agent", "Agent.run", "_agent_run"),
+    ("clientai.agent.core.agent", "Agent.use_tool", "_use_tool"),
     ("clientai.agent.core.execution", "StepExecutionEngine.execute_step", "_execute_step"),
     ("clientai.agent.core.execution", "StepExecutionEngine._execute_single_call", "_single_call"),
     ("clientai.client_ai", "ClientAI.generate_text", "_generate_text"),
@@ -651,6 +653,17 @@ def _tool_call(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: d
         return wrapped(*args, **kwargs)
     # what a tool returns is the caller's, an iterator too (an open file, say): handed back as it is
     return _run_step(call, wrapped, args, kwargs, follow=False)
+
+
+def _use_tool(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``Agent.use_tool``: a refusal of the tool call is raised as itself, not in ClientAI's ToolError."""
+    try:
+        return wrapped(*args, **kwargs)
+    except Exception as error:
+        refused = _refusal_in(error)
+        if refused is not None and refused is not error:
+            raise refused from None
+        raise
 
 
 # ---------------------------------------------------------------------------
