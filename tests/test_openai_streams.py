@@ -13,11 +13,14 @@ total and its budget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import inspect
 import logging
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import genai_prices
@@ -122,8 +125,9 @@ def cost(mode: str, *calls: int) -> float:
     return total
 
 
-def open_stream(client: openai.OpenAI, prompt: str) -> Any:
-    """A real streamed chat completion that asks for its usage, not read yet."""
+def open_stream(client: Any, prompt: str) -> Any:
+    """A real streamed chat completion that asks for its usage, not read yet (with an AsyncOpenAI,
+    to be awaited)."""
     return client.chat.completions.create(
         model=REQUEST_MODEL,
         messages=[{"role": "user", "content": prompt}],
@@ -132,8 +136,88 @@ def open_stream(client: openai.OpenAI, prompt: str) -> Any:
     )
 
 
+def open_manager(client: Any, prompt: str) -> Any:
+    """The SDK's stream helper of a chat completion that asks for its usage, not entered yet."""
+    return client.chat.completions.stream(
+        model=REQUEST_MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        stream_options={"include_usage": True},
+    )
+
+
 def text_of(chunks: Any) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def event_text(events: Any) -> str:
+    return "".join(e.delta for e in events if e.type == "content.delta")
+
+
+async def final_completion_text(stream: Any) -> str:
+    return str((await stream.get_final_completion()).choices[0].message.content)
+
+
+async def chunks_text(stream: Any) -> str:
+    return text_of([chunk async for chunk in stream])
+
+
+@dataclass(frozen=True)
+class Opener:
+    """How a step's caller gets a chat completion's stream: ``create(stream=True)``'s stream, read
+    as it is, or ``chat.completions.stream()``'s manager, whose ``with`` sends the request and gives
+    the SDK's ChatCompletionStream, a helper reading the stream."""
+
+    open: Callable[[Any, str], Any]  # (client, prompt): what the step returns
+    enter: Callable[[Any], Any]  # what the step returned: a context manager giving what to read
+    text: Callable[[Any], str]  # the text of what it gives, iterated: chunks, or the helper's events
+    chunk: Callable[[Any], Any]  # the chunk an item iterated is or carries, else None
+    reads: dict[str, Callable[[Any], str]]  # each way of reading it whole, to its text (first: the usual)
+    aread: Callable[[Any], Awaitable[str]]  # the usual way, from an AsyncOpenAI
+
+    def read(self, stream: Any) -> str:
+        """Read it the usual way, the first of ``reads``."""
+        return next(iter(self.reads.values()))(stream)
+
+
+STREAM = Opener(
+    open=open_stream,
+    enter=contextlib.nullcontext,
+    text=text_of,
+    chunk=lambda chunk: chunk,
+    reads={"chunks": text_of},
+    aread=chunks_text,
+)
+MANAGER = Opener(
+    open=open_manager,
+    enter=lambda manager: manager,
+    text=event_text,
+    chunk=lambda event: event.chunk if event.type == "chunk" else None,
+    reads={
+        "get_final_completion": lambda stream: stream.get_final_completion().choices[0].message.content,
+        "events": event_text,
+        "until_done": lambda stream: (
+            stream.until_done().current_completion_snapshot.choices[0].message.content
+        ),
+    },
+    aread=final_completion_text,
+)
+OPENERS = {"stream": STREAM, "manager": MANAGER}
+
+
+@pytest.fixture(params=list(OPENERS))
+def opener(request: pytest.FixtureRequest) -> Opener:
+    """A stream ("stream"), or a stream manager ("manager")."""
+    return OPENERS[request.param]
+
+
+async def aopen(opener: Opener, aclient: openai.AsyncOpenAI, prompt: str) -> Any:
+    """``opener.open`` from an AsyncOpenAI: ``create()`` is awaited, ``stream()`` is not."""
+    opened = opener.open(aclient, prompt)
+    return await opened if inspect.isawaitable(opened) else opened
+
+
+def answer_ended(traced: Any) -> bool:
+    return bool(step_spans(traced, "answer"))
 
 
 def assert_charged_once(traced: Any, mode: str, step_name: str, *calls: int) -> None:
@@ -161,19 +245,27 @@ def assert_charged_once(traced: Any, mode: str, step_name: str, *calls: int) -> 
 # a generator step that yields the SDK's chunks
 
 
-def test_a_step_yielding_a_real_sdk_stream_is_charged_once_when_read(tracing, mode, llm, client) -> None:
+def test_a_generator_step_yielding_a_real_sdk_stream_is_charged_once_when_read(
+    tracing, mode, llm, client, opener
+) -> None:
+    """The step yields the stream's chunks, or enters the manager itself and yields the helper's
+    events, whose chunk events carry the chunks (the usage one too)."""
+
     @step(kind=StepKind.LLM_CALL)
     def answer(prompt: str) -> Iterator[Any]:
-        yield from open_stream(client, prompt)
+        with opener.enter(opener.open(client, prompt)) as stream:
+            yield from stream
 
     @run
-    def main() -> str:
-        return text_of(answer("hello there"))
+    def main() -> list[Any]:
+        return list(answer("hello there"))
 
-    assert main() == "re: hello there"
+    items = main()
+    assert opener.text(items) == "re: hello there"
     assert llm.served[0].body["stream_options"] == {"include_usage": True}
     assert_charged_once(tracing, mode, "answer", 0)
-    assert attrs(step_span(tracing, "answer"))[attr.STEP_STREAM_ITEMS] == 6  # role, 3 words, stop, usage
+    assert attrs(step_span(tracing, "answer"))[attr.STEP_STREAM_ITEMS] == len(items)
+    assert len([i for i in items if opener.chunk(i) is not None]) == 6  # role, 3 words, stop, usage
 
 
 def test_a_budget_counts_a_streamed_call_once(tracing, llm, client) -> None:
@@ -246,16 +338,21 @@ def test_a_stream_closed_right_after_its_usage_chunk_is_charged_once(tracing, mo
 # a step that returns the SDK's stream, read by its caller
 
 
+@pytest.mark.parametrize(
+    ("opener", "read"),
+    [pytest.param(OPENERS[o], read, id=f"{o}-{read}") for o in OPENERS for read in OPENERS[o].reads],
+)
 def test_a_step_returning_a_real_sdk_stream_is_charged_once_when_its_caller_reads_it(
-    tracing, mode, llm, client
+    tracing, mode, llm, client, opener, read: str
 ) -> None:
-    """The step ends when its caller has read the stream to its end, as openai-v2's chat span
-    does: its span covers the stream, and carries its tokens."""
+    """The step ends when its caller has read the stream to its end, however it reads it, as
+    openai-v2's chat span does: its span covers the stream, and carries its tokens. A manager's
+    request is made in the step too (openai-v2's chat span is inside it)."""
     returned: list[Any] = []
 
     @step(kind=StepKind.LLM_CALL)
     def answer(prompt: str) -> Any:
-        returned.append(open_stream(client, prompt))
+        returned.append(opener.open(client, prompt))
         return returned[-1]
 
     @step
@@ -264,19 +361,26 @@ def test_a_step_returning_a_real_sdk_stream_is_charged_once_when_its_caller_read
 
     @run
     def main() -> str:
-        stream = answer("hello there")
-        assert isinstance(stream, type(returned[0]))  # the SDK's stream (or openai-v2's wrapper of it)
-        assert stream.response.status_code == 200
-        text = text_of(stream)
+        got = answer("hello there")
+        assert isinstance(got, type(returned[0]))  # the SDK's stream or manager (or openai-v2's wrapper)
+        with opener.enter(got) as stream:
+            if opener is STREAM:
+                assert stream.response.status_code == 200  # the stream's own attributes
+            else:
+                assert isinstance(stream, openai.lib.streaming.chat.ChatCompletionStream)
+            assert not answer_ended(tracing)
+            text = opener.reads[read](stream)
+            assert answer_ended(tracing)  # at the stream's end, not at the manager's block's
         after()  # in the run, not in the step that returned the stream
-        return text
+        return str(text)
 
     assert main() == "re: hello there"
+    assert llm.served[0].body["stream_options"] == {"include_usage": True}
     assert step_span(tracing, "after").parent.span_id == tracing.span("invoke_workflow main").context.span_id
     assert_charged_once(tracing, mode, "answer", 0)
     a = attrs(step_span(tracing, "answer"))
     assert a[attr.STEP_STATUS] == "completed"
-    assert a[attr.STEP_STREAM_ITEMS] == 6  # role, 3 words, stop, usage
+    assert a[attr.STEP_STREAM_ITEMS] == 6  # the chunks read (by the helper): role, 3 words, stop, usage
     assert attr.USAGE_UNKNOWN not in a
     if mode == "openai-v2":
         (chat,) = chat_spans(tracing)
@@ -284,23 +388,21 @@ def test_a_step_returning_a_real_sdk_stream_is_charged_once_when_its_caller_read
 
 
 async def test_an_async_step_returning_a_real_sdk_stream_is_charged_once_when_its_caller_reads_it(
-    tracing, mode, llm
+    tracing, mode, llm, opener
 ) -> None:
     aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
 
     @step(kind=StepKind.LLM_CALL)
     async def answer(prompt: str) -> Any:
-        return await aclient.chat.completions.create(
-            model=REQUEST_MODEL,
-            messages=[{"role": "user", "content": prompt}],
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+        return await aopen(opener, aclient, prompt)
 
     @run
     async def main() -> str:
         async with await answer("hello there") as stream:
-            return text_of([chunk async for chunk in stream])
+            assert not answer_ended(tracing)
+            text = await opener.aread(stream)
+            assert answer_ended(tracing)
+        return text
 
     try:
         assert await main() == "re: hello there"
@@ -310,23 +412,62 @@ async def test_an_async_step_returning_a_real_sdk_stream_is_charged_once_when_it
     assert attrs(step_span(tracing, "answer"))[attr.STEP_STREAM_ITEMS] == 6
 
 
-def test_a_returned_stream_closed_right_after_its_usage_chunk_is_charged_once(
-    tracing, mode, llm, client
+def test_a_returned_stream_left_right_after_its_usage_chunk_is_charged_once(
+    tracing, mode, llm, client, opener
 ) -> None:
+    """Left before the stream's end: the step read the usage, and (with openai-v2) the chat span,
+    whose stream is closed as the block is left, reported it too: charged once all the same."""
+
     @step(kind=StepKind.LLM_CALL)
     def answer(prompt: str) -> Any:
-        return open_stream(client, prompt)
+        return opener.open(client, prompt)
 
     @run
     def main() -> None:
         with answer("hello there") as stream:
-            for chunk in stream:
-                if chunk.usage is not None:
+            for item in stream:
+                chunk = opener.chunk(item)
+                if chunk is not None and chunk.usage is not None:
                     break
+            assert not answer_ended(tracing)
+        assert answer_ended(tracing)
 
     main()
     assert_charged_once(tracing, mode, "answer", 0)
     assert attrs(step_span(tracing, "answer"))[attr.STEP_STREAM_ITEMS] == 6
+    if mode == "openai-v2":
+        (chat,) = chat_spans(tracing)
+        assert chat.end_time <= step_span(tracing, "answer").end_time
+
+
+async def test_an_async_returned_stream_left_right_after_its_usage_chunk_is_charged_once(
+    tracing, mode, llm, opener
+) -> None:
+    aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    async def answer(prompt: str) -> Any:
+        return await aopen(opener, aclient, prompt)
+
+    @run
+    async def main() -> None:
+        async with await answer("hello there") as stream:
+            async for item in stream:
+                chunk = opener.chunk(item)
+                if chunk is not None and chunk.usage is not None:
+                    break
+            assert not answer_ended(tracing)
+        assert answer_ended(tracing)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            await main()
+        finally:
+            await aclient.close()
+    assert_charged_once(tracing, mode, "answer", 0)
+    # openai-v2's wrapper closes its stream without awaiting the close: not called so
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
 
 
 def test_a_budget_counts_a_returned_stream_once_when_read(tracing, llm, client) -> None:
@@ -352,11 +493,11 @@ def test_a_budget_counts_a_returned_stream_once_when_read(tracing, llm, client) 
 
 
 def test_a_step_passing_on_the_stream_a_step_inside_it_returned_is_charged_once(
-    tracing, mode, llm, client
+    tracing, mode, llm, client, opener
 ) -> None:
     @step(kind=StepKind.LLM_CALL)
     def answer(prompt: str) -> Any:
-        return open_stream(client, prompt)
+        return opener.open(client, prompt)
 
     @step
     def respond(prompt: str) -> Any:
@@ -364,7 +505,8 @@ def test_a_step_passing_on_the_stream_a_step_inside_it_returned_is_charged_once(
 
     @run
     def main() -> str:
-        return text_of(respond("hello there"))
+        with opener.enter(respond("hello there")) as stream:
+            return opener.text(stream)
 
     assert main() == "re: hello there"
     assert_charged_once(tracing, mode, "answer", 0)
@@ -374,21 +516,25 @@ def test_a_step_passing_on_the_stream_a_step_inside_it_returned_is_charged_once(
     assert inner.end_time <= outer.end_time
 
 
-@pytest.mark.parametrize("failure", ["error", "disconnect"])
-def test_a_step_whose_returned_stream_fails_midway_fails_with_the_sdk_error(
-    tracing, llm, client, failure: str
+@pytest.mark.parametrize("failure", ["error", "disconnect", "refused"])
+def test_a_step_whose_returned_stream_fails_fails_with_the_sdk_error(
+    tracing, llm, client, opener, failure: str
 ) -> None:
-    llm.stream_failure = (3, failure)
+    """Mid-way through the stream, or at the request itself (made in the step, or as the manager is
+    entered)."""
+    if failure == "refused":
+        llm.failing = True
+    else:
+        llm.stream_failure = (3, failure)
 
     @step(kind=StepKind.LLM_CALL)
     def answer(prompt: str) -> Any:
-        return open_stream(client, prompt)
+        return opener.open(client, prompt)
 
     @run
     def main() -> None:
-        stream = answer("hello there")
-        with pytest.raises(openai.APIError):
-            text_of(stream)
+        with pytest.raises(openai.APIError), opener.enter(answer("hello there")) as stream:
+            opener.read(stream)
 
     main()
     a = attrs(step_span(tracing, "answer"))
@@ -430,13 +576,15 @@ def test_a_returned_stream_abandoned_half_read_ends_its_step_with_its_tokens_unk
     assert [f"{u.exc_type.__name__} in {u.object!r}" for u in ignored] == []
 
 
-def test_a_returned_stream_read_after_its_agent_ended_is_charged_once(tracing, mode, llm, client) -> None:
+def test_a_returned_stream_read_after_its_agent_ended_is_charged_once(
+    tracing, mode, llm, client, opener
+) -> None:
     """As a ClientAI stream read after its agent ended: the step ends with its agent, unfinished,
     and the stream's usage, read later in the run, is charged to the run then, once."""
 
     @step(kind=StepKind.LLM_CALL)
     def answer(prompt: str) -> Any:
-        return open_stream(client, prompt)
+        return opener.open(client, prompt)
 
     @agent
     def drafter() -> Any:
@@ -444,7 +592,8 @@ def test_a_returned_stream_read_after_its_agent_ended_is_charged_once(tracing, m
 
     @run
     def main() -> str:
-        return text_of(drafter())
+        with opener.enter(drafter()) as stream:
+            return opener.read(stream)
 
     assert main() == "re: draft"
     a = attrs(step_span(tracing, "answer"))
@@ -459,26 +608,32 @@ def test_a_returned_stream_read_after_its_agent_ended_is_charged_once(tracing, m
 
 
 def test_a_returned_stream_read_after_its_run_ended_is_in_no_run_s_total(
-    tracing, mode, llm, client, caplog
+    tracing, mode, llm, client, caplog, opener
 ) -> None:
+    """A manager sends its request when it is entered, here after the run: its step ended with the
+    run, unfinished, and the call is in no run's total either."""
+
     @step(kind=StepKind.LLM_CALL)
     def answer(prompt: str) -> Any:
-        return open_stream(client, prompt)
+        return opener.open(client, prompt)
 
     @run
     def main() -> Any:
         return answer("hello there")
 
-    stream = main()
+    returned = main()
+    assert llm.requests == (1 if opener is STREAM else 0)
     a = attrs(step_span(tracing, "answer"))
     assert a[attr.STEP_STREAM_UNFINISHED] is True
     assert step_span(tracing, "answer").end_time <= tracing.span("invoke_workflow main").end_time
-    with caplog.at_level(logging.WARNING):
-        assert text_of(stream) == "re: hello there"
+    with caplog.at_level(logging.WARNING), opener.enter(returned) as stream:
+        assert opener.read(stream) == "re: hello there"
+    assert llm.requests == 1
     assert run_attrs(tracing)[attr.TOKENS_USED] == 0
-    # charged late by the step, which says so; openai-v2's span, the source, is its run's no more
+    # charged late by the step, which says so; but for openai-v2's span of a request made in the
+    # run (a stream's, not a manager's), the source, its run's no more
     late = [r for r in caplog.records if "after run 'main'" in r.getMessage()]
-    assert len(late) == (1 if mode == "plain" else 0)
+    assert len(late) == (0 if mode == "openai-v2" and opener is STREAM else 1)
 
 
 def test_a_returned_stream_a_sub_run_hands_its_caller_is_charged_once_to_the_run_around_it(
@@ -888,235 +1043,6 @@ def test_a_clientai_stream_that_fails_midway_fails_its_call_step_and_agent(
 
 
 # ---------------------------------------------------------------------------
-# chat.completions.stream(): a ChatCompletionStreamManager, entered to a ChatCompletionStream
-
-
-def open_manager(client: Any, prompt: str) -> Any:
-    """The SDK's stream helper of a chat completion that asks for its usage, not entered yet."""
-    return client.chat.completions.stream(
-        model=REQUEST_MODEL,
-        messages=[{"role": "user", "content": prompt}],
-        stream_options={"include_usage": True},
-    )
-
-
-def event_text(events: Any) -> str:
-    return "".join(e.delta for e in events if e.type == "content.delta")
-
-
-# each way the SDK's ChatCompletionStream is read: its events, or its helpers reading it whole
-CHAT_READS = {
-    "events": event_text,
-    "get_final_completion": lambda stream: stream.get_final_completion().choices[0].message.content,
-    "until_done": lambda stream: stream.until_done().current_completion_snapshot.choices[0].message.content,
-}
-
-
-def answer_ended(traced: Any) -> bool:
-    return bool(step_spans(traced, "answer"))
-
-
-@pytest.mark.parametrize("read", list(CHAT_READS))
-def test_a_step_returning_a_chat_stream_manager_is_charged_once_when_its_caller_reads_it(
-    tracing, mode, llm, client, read: str
-) -> None:
-    """The step stays open from the manager's return until its stream has been read, however the
-    caller reads it; the request is made in the step (openai-v2's chat span is inside it)."""
-
-    @step(kind=StepKind.LLM_CALL)
-    def answer(prompt: str) -> Any:
-        return open_manager(client, prompt)
-
-    @run
-    def main() -> str:
-        manager = answer("hello there")
-        assert isinstance(manager, openai.lib.streaming.chat.ChatCompletionStreamManager)
-        with manager as stream:
-            assert isinstance(stream, openai.lib.streaming.chat.ChatCompletionStream)
-            assert not answer_ended(tracing)
-            text = CHAT_READS[read](stream)
-            assert answer_ended(tracing)  # at the stream's end, not at the block's
-        return str(text)
-
-    assert main() == "re: hello there"
-    assert llm.served[0].body["stream_options"] == {"include_usage": True}
-    assert_charged_once(tracing, mode, "answer", 0)
-    a = attrs(step_span(tracing, "answer"))
-    assert a[attr.STEP_STATUS] == "completed"
-    assert a[attr.STEP_STREAM_ITEMS] == 6  # the chunks the helper read: role, 3 words, stop, usage
-
-
-async def test_an_async_step_returning_a_chat_stream_manager_is_charged_once_when_its_caller_reads_it(
-    tracing, mode, llm
-) -> None:
-    aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
-
-    @step(kind=StepKind.LLM_CALL)
-    async def answer(prompt: str) -> Any:
-        return open_manager(aclient, prompt)
-
-    @run
-    async def main() -> str:
-        async with await answer("hello there") as stream:
-            assert not answer_ended(tracing)
-            completion = await stream.get_final_completion()
-            assert answer_ended(tracing)
-        return str(completion.choices[0].message.content)
-
-    try:
-        assert await main() == "re: hello there"
-    finally:
-        await aclient.close()
-    assert_charged_once(tracing, mode, "answer", 0)
-
-
-def test_a_returned_chat_stream_manager_left_right_after_its_usage_chunk_is_charged_once(
-    tracing, mode, llm, client
-) -> None:
-    """Left before the stream's end: the step read the usage, and (with openai-v2) the chat span,
-    whose stream is closed as the block is left, reported it too: charged once all the same."""
-
-    @step(kind=StepKind.LLM_CALL)
-    def answer(prompt: str) -> Any:
-        return open_manager(client, prompt)
-
-    @run
-    def main() -> None:
-        with answer("hello there") as stream:
-            for event in stream:
-                if event.type == "chunk" and event.chunk.usage is not None:
-                    break
-            assert not answer_ended(tracing)
-        assert answer_ended(tracing)
-
-    main()
-    assert_charged_once(tracing, mode, "answer", 0)
-    if mode == "openai-v2":
-        (chat,) = chat_spans(tracing)
-        assert chat.end_time <= step_span(tracing, "answer").end_time
-
-
-@pytest.mark.parametrize("failure", ["error", "disconnect", "refused"])
-def test_a_step_whose_returned_chat_stream_manager_fails_fails_with_the_sdk_error(
-    tracing, llm, client, failure: str
-) -> None:
-    """Mid-way through the stream, or at the request itself (made when the manager is entered)."""
-    if failure == "refused":
-        llm.failing = True
-    else:
-        llm.stream_failure = (3, failure)
-
-    @step(kind=StepKind.LLM_CALL)
-    def answer(prompt: str) -> Any:
-        return open_manager(client, prompt)
-
-    @run
-    def main() -> None:
-        manager = answer("hello there")
-        with pytest.raises(openai.APIError), manager as stream:
-            stream.get_final_completion()
-
-    main()
-    a = attrs(step_span(tracing, "answer"))
-    assert a[attr.STEP_STATUS] == "failed"
-    assert a["error.type"].startswith("openai.")
-    assert a.get(attr.TOKENS_USED, 0) == 0
-    assert run_attrs(tracing)[attr.RUN_STATUS] == "completed"
-
-
-def test_a_returned_chat_stream_manager_read_after_its_agent_ended_is_charged_once(
-    tracing, mode, llm, client
-) -> None:
-    @step(kind=StepKind.LLM_CALL)
-    def answer(prompt: str) -> Any:
-        return open_manager(client, prompt)
-
-    @agent
-    def drafter() -> Any:
-        return answer("draft")
-
-    @run
-    def main() -> str:
-        with drafter() as stream:
-            return str(stream.get_final_completion().choices[0].message.content)
-
-    assert main() == "re: draft"
-    a = attrs(step_span(tracing, "answer"))
-    assert a[attr.STEP_STATUS] == "completed"
-    assert a[attr.STEP_STREAM_UNFINISHED] is True
-    assert step_span(tracing, "answer").end_time <= tracing.span("invoke_agent drafter").end_time
-    main_attrs = run_attrs(tracing)
-    assert main_attrs[attr.TOKENS_USED] == CANNED[0].tokens
-    assert main_attrs[attr.COST_USD] == pytest.approx(cost(mode, 0), rel=1e-9)
-
-
-def test_a_chat_stream_manager_its_run_returned_is_entered_and_read_after_the_run(
-    tracing, mode, llm, client
-) -> None:
-    """The request is sent when the manager is entered, after the run: its step ended with the
-    run, unfinished, and the call is in no run's total."""
-
-    @step(kind=StepKind.LLM_CALL)
-    def answer(prompt: str) -> Any:
-        return open_manager(client, prompt)
-
-    @run
-    def main() -> Any:
-        return answer("hello there")
-
-    manager = main()
-    assert llm.requests == 0
-    a = attrs(step_span(tracing, "answer"))
-    assert a[attr.STEP_STREAM_UNFINISHED] is True
-    with manager as stream:
-        assert stream.get_final_completion().choices[0].message.content == "re: hello there"
-    assert llm.requests == 1
-    assert run_attrs(tracing)[attr.TOKENS_USED] == 0
-
-
-def test_a_step_passing_on_the_chat_stream_manager_a_step_inside_it_returned_is_charged_once(
-    tracing, mode, llm, client
-) -> None:
-    @step(kind=StepKind.LLM_CALL)
-    def answer(prompt: str) -> Any:
-        return open_manager(client, prompt)
-
-    @step
-    def respond(prompt: str) -> Any:
-        return answer(prompt)
-
-    @run
-    def main() -> str:
-        with respond("hello there") as stream:
-            return event_text(stream)
-
-    assert main() == "re: hello there"
-    assert_charged_once(tracing, mode, "answer", 0)
-    outer, inner = step_span(tracing, "respond"), step_span(tracing, "answer")
-    assert attrs(outer)[attr.TOKENS_USED] == CANNED[0].tokens
-    assert inner.end_time <= outer.end_time
-
-
-def test_a_generator_step_yielding_a_chat_completion_stream_s_events_is_charged_once(
-    tracing, mode, llm, client
-) -> None:
-    """The common shape: the step enters the manager itself and yields the helper's events, whose
-    chunk events carry the chunks (the usage one too)."""
-
-    @step(kind=StepKind.LLM_CALL)
-    def answer(prompt: str) -> Iterator[Any]:
-        with open_manager(client, prompt) as stream:
-            yield from stream
-
-    @run
-    def main() -> str:
-        return event_text(answer("hello there"))
-
-    assert main() == "re: hello there"
-    assert_charged_once(tracing, mode, "answer", 0)
-
-
-# ---------------------------------------------------------------------------
 # responses.stream(): a ResponseStreamManager, entered to a ResponseStream (openai-v2 follows no
 # Responses API call: the step reads the usage from the events)
 
@@ -1201,35 +1127,6 @@ def test_a_generator_step_yielding_a_response_stream_s_events_is_charged(traced,
 
     assert main() == "re: hello there"
     assert_response_charged(traced)
-
-
-async def test_an_async_chat_stream_manager_left_right_after_its_usage_chunk_is_charged_once(
-    tracing, mode, llm
-) -> None:
-    aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
-
-    @step(kind=StepKind.LLM_CALL)
-    async def answer(prompt: str) -> Any:
-        return open_manager(aclient, prompt)
-
-    @run
-    async def main() -> None:
-        async with await answer("hello there") as stream:
-            async for event in stream:
-                if event.type == "chunk" and event.chunk.usage is not None:
-                    break
-            assert not answer_ended(tracing)
-        assert answer_ended(tracing)
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            await main()
-        finally:
-            await aclient.close()
-    assert_charged_once(tracing, mode, "answer", 0)
-    # openai-v2's wrapper closes its stream without awaiting the close: not called so
-    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
 
 
 async def test_an_async_stream_a_step_returned_closed_half_read_has_its_connection_closed(
