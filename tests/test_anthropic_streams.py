@@ -9,10 +9,13 @@ reads Server-Sent Events from a server of this test on 127.0.0.1 that answers
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import inspect
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -89,14 +92,90 @@ def attrs(span: Any) -> dict[str, Any]:
     return dict(span.attributes or {})
 
 
-def text_of(events: Any) -> str:
-    return " ".join(e.delta.text for e in events if e.type == "content_block_delta")
-
-
 def open_stream(client: Any, model: str = MODEL) -> Any:
+    """``messages.create(stream=True)``: the SDK's stream (from an AsyncAnthropic, to be awaited)."""
     return client.messages.create(
         model=model, max_tokens=64, messages=[{"role": "user", "content": "hello"}], stream=True
     )
+
+
+def open_manager(client: Any, model: str = MODEL) -> Any:
+    """``messages.stream()``: a MessageStreamManager, entered to a MessageStream."""
+    return client.messages.stream(model=model, max_tokens=64, messages=[{"role": "user", "content": "hello"}])
+
+
+def joined(events: Any) -> str:
+    return "".join(e.delta.text for e in events if e.type == "content_block_delta")
+
+
+def _until_done(stream: Any) -> str:
+    stream.until_done()
+    return str(stream.current_message_snapshot.content[0].text)
+
+
+async def _joined_async(stream: Any) -> str:
+    return joined([event async for event in stream])
+
+
+async def _text_async(stream: Any) -> str:
+    return "".join([text async for text in stream.text_stream])
+
+
+async def _until_done_async(stream: Any) -> str:
+    await stream.until_done()
+    return str(stream.current_message_snapshot.content[0].text)
+
+
+@dataclass(frozen=True)
+class Opener:
+    """How a step's caller gets the message's stream: ``create(stream=True)``'s stream, read as it
+    is, or ``stream()``'s manager, whose ``with`` sends the request and gives the SDK's
+    MessageStream, a helper reading the stream."""
+
+    open: Callable[[Any, str], Any]  # (client, model): what the step returns
+    enter: Callable[[Any], Any]  # what the step returned: a (sync or async) `with` giving what to read
+    reads: dict[str, Callable[[Any], str]]  # each way of reading it, to its text
+    areads: dict[str, Callable[[Any], Awaitable[str]]]  # the same, from an AsyncAnthropic
+
+
+STREAM = Opener(
+    open=open_stream,
+    enter=contextlib.nullcontext,
+    reads={"events": joined},
+    areads={"events": _joined_async},
+)
+MANAGER = Opener(
+    open=open_manager,
+    enter=lambda manager: manager,
+    reads={
+        "events": joined,
+        "text_stream": lambda stream: "".join(stream.text_stream),
+        "get_final_text": lambda stream: stream.get_final_text(),
+        "until_done": _until_done,
+    },
+    areads={
+        "events": _joined_async,
+        "text_stream": _text_async,
+        "get_final_text": lambda stream: stream.get_final_text(),
+        "until_done": _until_done_async,
+    },
+)
+OPENERS = {"stream": STREAM, "manager": MANAGER}
+
+
+async def aopen(opener: Opener, client: anthropic.AsyncAnthropic) -> Any:
+    """``opener.open`` from an AsyncAnthropic: ``create()`` is awaited, ``stream()`` is not."""
+    opened = opener.open(client, MODEL)
+    return await opened if inspect.isawaitable(opened) else opened
+
+
+def step_ended(traced: Any) -> bool:
+    return any(attrs(s).get(attr.STEP_NAME) == "answer" for s in traced.spans())
+
+
+def answer_span(traced: Any) -> Any:
+    (span,) = [s for s in traced.spans() if attrs(s).get(attr.STEP_NAME) == "answer"]
+    return span
 
 
 def assert_charged(traced: Any) -> None:
@@ -114,39 +193,67 @@ def assert_charged(traced: Any) -> None:
     assert main[attr.COST_USD] == pytest.approx(price, rel=1e-9)
 
 
-def test_a_step_returning_an_anthropic_stream_is_charged_when_its_caller_reads_it(traced, messages) -> None:
+@pytest.mark.parametrize(
+    ("opener", "read"),
+    [pytest.param(OPENERS[o], read, id=f"{o}-{read}") for o in OPENERS for read in OPENERS[o].reads],
+)
+def test_a_step_returning_an_anthropic_stream_is_charged_when_its_caller_reads_it(
+    traced, messages, opener: Opener, read: str
+) -> None:
+    """The step stays open from the stream's (or manager's) return until the stream has been read,
+    whichever way the caller reads it, and is charged the message's usage once."""
     client = anthropic.Anthropic(base_url=messages.url, api_key="test", max_retries=0)
+    returned: list[Any] = []
 
     @step(kind=StepKind.LLM_CALL)
     def answer() -> Any:
-        return open_stream(client)
+        returned.append(opener.open(client, MODEL))
+        return returned[-1]
 
     @run
     def main() -> str:
-        stream = answer()
-        assert isinstance(stream, anthropic.Stream)
-        return text_of(stream)
+        got = answer()
+        assert isinstance(got, type(returned[0]))  # the SDK's Stream, or MessageStreamManager
+        with opener.enter(got) as stream:
+            if opener is MANAGER:
+                assert isinstance(stream, anthropic.lib.streaming.MessageStream)
+            assert not step_ended(traced)
+            text = opener.reads[read](stream)
+            assert step_ended(traced)  # at the stream's end, not at the manager's block's
+        return text
 
-    assert main() == "re: hello"
+    assert main() == "re:hello"
+    assert messages.requests == 1
     assert_charged(traced)
+    assert attrs(traced.span(f"chat {MODEL}"))[attr.STEP_STATUS] == "completed"
 
 
+@pytest.mark.parametrize(
+    ("opener", "read"),
+    [pytest.param(OPENERS[o], read, id=f"{o}-{read}") for o in OPENERS for read in OPENERS[o].areads],
+)
 async def test_an_async_step_returning_an_anthropic_stream_is_charged_when_its_caller_reads_it(
-    traced, messages
+    traced, messages, opener: Opener, read: str
 ) -> None:
     client = anthropic.AsyncAnthropic(base_url=messages.url, api_key="test", max_retries=0)
+    returned: list[Any] = []
 
     @step(kind=StepKind.LLM_CALL)
     async def answer() -> Any:
-        return await open_stream(client)
+        returned.append(await aopen(opener, client))
+        return returned[-1]
 
     @run
     async def main() -> str:
-        stream = await answer()
-        assert isinstance(stream, anthropic.AsyncStream)
-        return text_of([event async for event in stream])
+        got = await answer()
+        assert isinstance(got, type(returned[0]))  # the SDK's AsyncStream, or AsyncMessageStreamManager
+        async with opener.enter(got) as stream:
+            assert not step_ended(traced)
+            text = await opener.areads[read](stream)
+            assert step_ended(traced)
+        return str(text)
 
-    assert await main() == "re: hello"
+    assert await main() == "re:hello"
     assert_charged(traced)
 
 
@@ -177,107 +284,7 @@ def test_a_returned_stream_of_a_model_with_no_price_under_unpriced_fail_fails_at
 
 
 # ---------------------------------------------------------------------------
-# messages.stream(): a MessageStreamManager, entered to a MessageStream
-
-
-def open_manager(client: Any, model: str = MODEL) -> Any:
-    return client.messages.stream(model=model, max_tokens=64, messages=[{"role": "user", "content": "hello"}])
-
-
-def joined(events: Any) -> str:
-    return "".join(e.delta.text for e in events if e.type == "content_block_delta")
-
-
-# each way the SDK's MessageStream is read: its events, its text, or its helpers reading it whole
-READS = {
-    "events": joined,
-    "text_stream": lambda stream: "".join(stream.text_stream),
-    "get_final_text": lambda stream: stream.get_final_text(),
-    "until_done": lambda stream: (stream.until_done(), stream.current_message_snapshot.content[0].text)[1],
-}
-
-
-async def _joined_async(stream: Any) -> str:
-    return joined([event async for event in stream])
-
-
-async def _text_async(stream: Any) -> str:
-    return "".join([text async for text in stream.text_stream])
-
-
-async def _until_done_async(stream: Any) -> str:
-    await stream.until_done()
-    return str(stream.current_message_snapshot.content[0].text)
-
-
-ASYNC_READS = {
-    "events": _joined_async,
-    "text_stream": _text_async,
-    "get_final_text": lambda stream: stream.get_final_text(),
-    "until_done": _until_done_async,
-}
-
-
-def step_ended(traced: Any) -> bool:
-    return any(attrs(s).get(attr.STEP_NAME) == "answer" for s in traced.spans())
-
-
-def answer_span(traced: Any) -> Any:
-    (span,) = [s for s in traced.spans() if attrs(s).get(attr.STEP_NAME) == "answer"]
-    return span
-
-
-@pytest.mark.parametrize("read", list(READS))
-def test_a_step_returning_an_anthropic_stream_manager_is_charged_when_its_caller_reads_it(
-    traced, messages, read: str
-) -> None:
-    """The step stays open from the manager's return until its stream has been read, whichever
-    way the caller reads it, and is charged the message's usage once."""
-    client = anthropic.Anthropic(base_url=messages.url, api_key="test", max_retries=0)
-
-    @step(kind=StepKind.LLM_CALL)
-    def answer() -> Any:
-        return open_manager(client)
-
-    @run
-    def main() -> str:
-        manager = answer()
-        assert isinstance(manager, anthropic.lib.streaming.MessageStreamManager)
-        with manager as stream:
-            assert isinstance(stream, anthropic.lib.streaming.MessageStream)
-            assert not step_ended(traced)
-            text = READS[read](stream)
-            assert step_ended(traced)  # at the stream's end, not at the block's
-        return text
-
-    assert main() == "re:hello"
-    assert messages.requests == 1
-    assert_charged(traced)
-    assert attrs(traced.span(f"chat {MODEL}"))[attr.STEP_STATUS] == "completed"
-
-
-@pytest.mark.parametrize("read", list(ASYNC_READS))
-async def test_an_async_step_returning_an_anthropic_stream_manager_is_charged_when_its_caller_reads_it(
-    traced, messages, read: str
-) -> None:
-    client = anthropic.AsyncAnthropic(base_url=messages.url, api_key="test", max_retries=0)
-
-    @step(kind=StepKind.LLM_CALL)
-    async def answer() -> Any:
-        return open_manager(client)
-
-    @run
-    async def main() -> str:
-        manager = await answer()
-        assert isinstance(manager, anthropic.lib.streaming.AsyncMessageStreamManager)
-        async with manager as stream:
-            assert not step_ended(traced)
-            text = await ASYNC_READS[read](stream)
-            assert step_ended(traced)
-        return str(text)
-
-    assert await main() == "re:hello"
-    assert_charged(traced)
+# a stream manager only: left half-read, never entered, or entered by the step itself
 
 
 @pytest.mark.parametrize("how", ["with", "never entered"])
