@@ -11,9 +11,11 @@ application already did. Given again once instrumented, they apply from then on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+import sys
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
+import wrapt
 from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
 from pydantic import BaseModel, ValidationError
 
@@ -59,6 +61,21 @@ def missing_framework(instruments: Collection[str], instrumentor: str, why: str,
 
 
 _OPTIONS = ("budget", "policy", "tracer_provider")
+
+
+def patch_when_imported(
+    settings: Any, module: str, on_import: Callable[[Any], None], patch: Callable[[], None]
+) -> None:
+    """Patch the framework now if ``module`` is imported, else when the program imports it
+    (``on_import``, a post-import hook that patches while ``settings.active``). Not imported
+    here: a program that never uses the framework (``opentelemetry-instrument`` instruments
+    every program) does not pay for its import."""
+    settings.active = True
+    if module in sys.modules:
+        patch()
+    elif not settings.hook_registered:
+        settings.hook_registered = True  # wrapt keeps hooks for good: register one, once
+        wrapt.register_post_import_hook(on_import, module)
 
 
 def reconfigures(instrumentor: Any, kwargs: Mapping[str, Any]) -> bool:

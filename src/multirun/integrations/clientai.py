@@ -81,6 +81,7 @@ from multirun.integrations._options import (
     framework_installed,
     instrumentation_failed,
     missing_framework,
+    patch_when_imported,
     reconfigures,
     take_options,
 )
@@ -143,14 +144,7 @@ class ClientAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if not framework_installed(_INSTRUMENTS, "ClientAI"):
             return
         take_options(_settings, kwargs, "ClientAIInstrumentor", "ClientAI")
-        _settings.active = True
-        # not imported here: a program that never uses ClientAI (opentelemetry-instrument
-        # instruments every program) does not pay for its import
-        if _HOOK_MODULE in sys.modules:
-            _patch()
-        elif not _settings.hook_registered:
-            _settings.hook_registered = True  # wrapt keeps hooks for good: register one, once
-            wrapt.register_post_import_hook(_on_clientai_import, _HOOK_MODULE)
+        patch_when_imported(_settings, _HOOK_MODULE, _on_clientai_import, _patch)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         _settings.active = False

@@ -94,6 +94,7 @@ from multirun.integrations._options import (
     framework_installed,
     instrumentation_failed,
     missing_framework,
+    patch_when_imported,
     reconfigures,
     take_options,
 )
@@ -192,12 +193,7 @@ class MotusInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if not framework_installed(_INSTRUMENTS, "Motus"):  # always so before Python 3.12
             return
         take_options(_settings, kwargs, "MotusInstrumentor", "Motus")
-        _settings.active = True
-        if _HOOK_MODULE in sys.modules:
-            _patch()
-        elif not _settings.hook_registered:
-            _settings.hook_registered = True  # wrapt keeps hooks for good: register one, once
-            wrapt.register_post_import_hook(_on_motus_import, _HOOK_MODULE)
+        patch_when_imported(_settings, _HOOK_MODULE, _on_motus_import, _patch)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         _settings.active = False
