@@ -580,6 +580,36 @@ def test_degradation_by_default_follows_the_most_used_limit_of_the_budget(traced
     ]
 
 
+def test_a_sub_run_degrades_with_its_parent_once_the_parents_budget_passes_the_threshold(traced) -> None:
+    # a sub-run spends its parent's budget too: once the parent uses the fallback model, the
+    # sub-runs it calls do as well, rather than switching back to the primary model
+    seen: list[tuple[str, str | None]] = []
+    policy = Policy(
+        graceful_degradation=GracefulDegradationRule(
+            fallback_model="gpt-4o-mini", trigger=DegradationTrigger.TOKEN_PERCENTAGE, threshold=50
+        )
+    )
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def ask(who: str, tokens: int) -> None:
+        model = get_current_step_context().model
+        seen.append((who, model))
+        multirun.report_usage(model, input_tokens=tokens, cost_usd=0.0)
+
+    @run(policy=policy)
+    def researcher(tokens: int) -> None:
+        ask("researcher", tokens)
+
+    @run(budget=Budget(max_tokens=1000), policy=policy)
+    def main() -> None:
+        researcher(600)  # 60% of the parent's tokens
+        ask("main", 10)
+        researcher(10)
+
+    main()
+    assert seen == [("researcher", "gpt-4o"), ("main", "gpt-4o-mini"), ("researcher", "gpt-4o-mini")]
+
+
 def test_usage_a_degraded_step_reports_without_a_model_is_priced_as_the_fallback_model(traced) -> None:
     from multirun.pricing import PriceBook
 

@@ -423,17 +423,23 @@ class PolicyEngine:
         return rule.fallback_model if self.degraded else None
 
     def _triggered(self, rule: GracefulDegradationRule, ledger: Ledger) -> bool:
+        """Whether the trigger has passed the threshold. A budget share is that of this run or
+        of a run enclosing it, whichever is the most used: a sub-run spends its parents' budgets
+        too, and must not call the primary model while they already use the fallback."""
         trigger = rule.trigger
         if trigger is DegradationTrigger.CONSECUTIVE_FAILURES:
             return self._llm_failures_in_a_row >= rule.threshold
-        budget = ledger.budget
-        if budget is None:
-            return False
-        shares = ledger.shares(budget)
-        if trigger is DegradationTrigger.COST_PERCENTAGE:
-            share = shares.get("max_cost_usd")
-        elif trigger is DegradationTrigger.TOKEN_PERCENTAGE:
-            share = shares.get("max_tokens")
-        else:
-            share = max(shares.values(), default=None)
-        return share is not None and 100.0 * share >= rule.threshold
+        for readings in ledger.chain():
+            budget = readings.budget
+            if budget is None:
+                continue
+            shares = readings.shares(budget)
+            if trigger is DegradationTrigger.COST_PERCENTAGE:
+                share = shares.get("max_cost_usd")
+            elif trigger is DegradationTrigger.TOKEN_PERCENTAGE:
+                share = shares.get("max_tokens")
+            else:
+                share = max(shares.values(), default=None)
+            if share is not None and 100.0 * share >= rule.threshold:
+                return True
+        return False
