@@ -892,3 +892,34 @@ def test_usage_and_cost_exemplars_lead_to_the_llm_step_that_reported_them(reader
     for name in ("gen_ai.client.token.usage", "multirun.cost", "gen_ai.client.operation.duration"):
         for point in exported[name].data.data_points:
             assert [(e.trace_id, e.span_id) for e in point.exemplars] == [(llm.trace_id, llm.span_id)], name
+
+
+def test_exemplars_of_a_step_made_by_hand_lead_to_its_span(reader, traced) -> None:
+    # a step made by hand is never the current span: its measurements must still point at it,
+    # not at the run around it, so a slow bucket or a failure leads to the step itself
+    from multirun.context import get_current_agent_context
+
+    @run
+    def main() -> None:
+        agent_ctx = get_current_agent_context()
+        asked = agent_ctx.start_step("ask", kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+        asked.complete(None, tokens_used=10, cost_usd=0.01)
+        agent_ctx.start_step("fetch", kind=StepKind.TOOL_CALL).fail(ConnectionError("down"))
+
+    main()
+    ask, fetch = traced.span("chat gpt-4o-mini").context, traced.span("execute_tool fetch").context
+    data = reader.get_metrics_data()  # one collection: each one takes the exemplars it exports
+    exported = {m.name: m for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics}
+    led_to = {
+        (name, dict(point.attributes).get("multirun.step.kind")): [
+            (e.trace_id, e.span_id) for e in point.exemplars
+        ]
+        for name in ("gen_ai.client.operation.duration", "multirun.cost", "multirun.step.duration")
+        for point in exported[name].data.data_points
+    }
+    assert led_to == {
+        ("gen_ai.client.operation.duration", None): [(ask.trace_id, ask.span_id)],
+        ("multirun.cost", None): [(ask.trace_id, ask.span_id)],
+        ("multirun.step.duration", "llm_call"): [(ask.trace_id, ask.span_id)],
+        ("multirun.step.duration", "tool_call"): [(fetch.trace_id, fetch.span_id)],
+    }

@@ -1856,8 +1856,10 @@ def _step_metrics(step: StepContext, error_type: str | None) -> None:
     duration = (end - start) / 1e9 if start is not None and end is not None else 0.0
     run = step.run_context
     metrics = run.client.metrics
+    # the step's own context for the exemplars: a step made by hand is not the current span
+    context = step.otel_context
     metrics.step_finished(
-        run.run.name, step.agent_context.agent.name, step.kind, step.status, duration, error_type
+        run.run.name, step.agent_context.agent.name, step.kind, step.status, duration, error_type, context
     )
     if (
         step.kind is StepKind.LLM_CALL
@@ -1874,6 +1876,7 @@ def _step_metrics(step: StepContext, error_type: str | None) -> None:
             usage.model if usage is not None else None,
             duration,
             error_type,
+            context,
         )
         agent = step.agent_context
         if step.parent or agent.parent_step or agent.parent_agent or run.parent:  # else none is around
@@ -1913,6 +1916,7 @@ def _charge_usage(
         output_tokens=usage.output_tokens,
         cost_usd=None if unpriced else units / COST_UNITS_PER_USD,
         genai=genai,
+        context=step.otel_context if step is not None else None,  # a step made by hand is not current
     )
     processor = client.usage_processor
     if own and processor is not None:  # another instrumentation's span tells the processor itself
