@@ -90,6 +90,31 @@ def test_a_half_open_circuit_closes_when_the_manual_probe_completes(traced) -> N
     ]
 
 
+def test_a_manual_probe_left_unfinished_by_an_error_does_not_keep_the_circuit_half_open(traced) -> None:
+    # the usual slip: code between start_step and complete raises, and the step is never ended.
+    # The circuit is shared by every run of the process: its probe must not be held for good
+    policy = Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=30))
+
+    @run(policy=policy)
+    def main(outcome: str) -> str:
+        agent_ctx = get_current_agent_context()
+        step_ctx = agent_ctx.start_step("fetch", kind=StepKind.TOOL_CALL)
+        if outcome == "down":
+            step_ctx.fail(ConnectionError("down"))
+        elif outcome == "slip":
+            raise KeyError("parsing the answer")  # before complete(): the step is left open
+        else:
+            step_ctx.complete(outcome)
+        return outcome
+
+    assert main("down") == "down"
+    traced.clock.now += 31  # half-open: the next call is the probe
+    with pytest.raises(KeyError):
+        main("slip")
+    assert main("up") == "up"  # another run probes, and closes the circuit
+    assert main("up") == "up"
+
+
 def test_a_manual_llm_step_gets_the_fallback_model_once_the_run_degraded(traced) -> None:
     seen: list[str | None] = []
 

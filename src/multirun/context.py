@@ -890,6 +890,9 @@ class AgentContext:
     # its steps that returned an LLM SDK stream their caller has not read yet, and how each
     # ends if the agent ends first (a dict made for the first one)
     _unread: dict[StepContext, Callable[[], None]] | None = None
+    # its steps made by hand under a circuit breaker that are not ended yet (a set made for the
+    # first one): one left open when the agent ends gives back the circuit's probe it may hold
+    _manual_in_flight: set[StepContext] | None = None
 
     def __init__(self, run_context: RunContext, agent: Agent, *, is_default: bool) -> None:
         self.run_context = run_context
@@ -1038,6 +1041,11 @@ class AgentContext:
                 if decision.wait_seconds:
                     step.wait_before = decision.wait_seconds
             step._open(parent_ctx, spans.step_start_attributes(kind, name, model), input_args, kwargs)
+            if decision is not None and decision.ticket is not None:  # let through by a circuit
+                with run._lock:
+                    if self._manual_in_flight is None:
+                        self._manual_in_flight = set()
+                    self._manual_in_flight.add(step)
         except BaseException as error:
             # refused, or the step could not start: it never ran, nor is it a call in flight
             if replay_call is not None:
@@ -1159,6 +1167,8 @@ class AgentContext:
             self._finished = True
         if self._unread:
             self._end_unread()
+        if self._manual_in_flight:
+            self._give_back_probes()
         agent = self.agent
         agent.status = status
         agent.completed_at = datetime.now(timezone.utc)
@@ -1205,6 +1215,17 @@ class AgentContext:
                 cut()
             except Exception:  # the agent ends all the same
                 _logger.warning("multirun: could not end a step whose stream is unread", exc_info=True)
+
+    def _give_back_probes(self) -> None:
+        """The agent ends with steps made by hand neither completed nor failed (an error left
+        the code between ``start_step`` and ``complete``): the probe of a half-open circuit one of
+        them holds is free again, or the circuit, shared by every run, would stay half-open."""
+        with self.run_context._lock:
+            left, self._manual_in_flight = self._manual_in_flight or set(), None
+        engine = self.run_context.policy_engine
+        if engine is not None:
+            for step in left:
+                engine.abandoned(step.name, step._decision)
 
     def _finish_default(self, status: RunStatus) -> None:
         self._finish(_AGENT_STATUS_OF_RUN.get(status, AgentStatus.FAILED), None)
@@ -1575,6 +1596,7 @@ class StepContext:
         self.result = result
         self._done = True
         if not self.managed:  # a decorated step's decorator does the rest
+            self._ended_by_hand()
             run = self.run_context
             if self.replay_call is not None:
                 run.replay_log.record(self.replay_call, result)
@@ -1590,6 +1612,7 @@ class StepContext:
         self.error = exc
         self._done = True
         if not self.managed:
+            self._ended_by_hand()
             run = self.run_context
             if self.replay_call is not None:  # recorded as failed: a restore runs it again
                 run.replay_log.fail(self.replay_call)
@@ -1597,6 +1620,12 @@ class StepContext:
                 run.policy_engine.after_step(self.name, self.kind, exc, self._decision)
             self._close(StepStatus.FAILED, error=exc)
         return Done(None)
+
+    def _ended_by_hand(self) -> None:
+        """A step made by hand was completed or failed: its agent no longer gives back its probe."""
+        in_flight = self.agent_context._manual_in_flight
+        if in_flight:
+            in_flight.discard(self)
 
     def _refuse_if_ended(self) -> None:
         """A step is completed or failed once: a second call would charge its usage again."""

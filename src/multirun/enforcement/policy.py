@@ -348,6 +348,14 @@ class PolicyEngine:
         if rule is not None:
             self._breaker(name, rule).release(decision.ticket)
 
+    def abandoned(self, name: str, decision: Decision) -> None:
+        """A step let through with ``decision`` was left unfinished (a step made by hand that its
+        agent outlived): its outcome will not be told, so a probe it holds is free again. Its
+        rate-limit slot was used: it is kept."""
+        rule = self.policy.circuit_breaker
+        if rule is not None:
+            self._breaker(name, rule).release(decision.ticket)
+
     def after_success(self, name: str, kind: StepKind, decision: Decision) -> None:
         """A step let through with ``decision`` succeeded: the common case, with nothing to
         change when the circuit is healthy."""
