@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from multirun import run, step
+from multirun.enforcement import processor
 from multirun.errors import BudgetExceededError
 from multirun.models import Budget
 
@@ -391,9 +394,13 @@ def test_a_wrapper_around_steps_that_charged_nothing_is_charged(traced) -> None:
         ("gen_ai.usage.reasoning.output_tokens", "many"),
         ("gen_ai.usage.output_tokens", float("inf")),
         ("gen_ai.usage.output_tokens", -1),
+        ("gen_ai.usage.output_tokens", 2**64),  # past what a span's 64-bit integer holds
+        ("gen_ai.usage.cache_read.input_tokens", 2**63),
     ],
 )
-def test_a_bad_token_count_on_a_foreign_span_costs_only_that_count(traced, bad_key, bad_value) -> None:
+def test_a_bad_token_count_on_a_foreign_span_costs_only_that_count(
+    traced, caplog, bad_key, bad_value
+) -> None:
     @step
     def call_model() -> None:
         attributes = {
@@ -408,7 +415,10 @@ def test_a_bad_token_count_on_a_foreign_span_costs_only_that_count(traced, bad_k
     def main() -> None:
         call_model()
 
-    main()
+    processor._warned_counts.clear()
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        main()
     run_span = traced.span("invoke_workflow main")
     assert run_span.attributes["multirun.tokens_used"] == 1_000_000  # the input is still charged
     assert run_span.attributes["multirun.cost_usd"] == pytest.approx(0.15)
+    assert f"{bad_key}=" in caplog.text  # the bad count is named

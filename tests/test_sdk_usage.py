@@ -9,12 +9,16 @@ are genai-prices' own, computed here independently of the package.
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import genai_prices
+import openai
 import pytest
 import wrapt
 from anthropic.types import Message, RawMessageDeltaEvent, RawMessageStartEvent
@@ -1062,3 +1066,92 @@ def test_classes_made_at_run_time_that_steps_return_are_not_kept_alive(traced) -
     gc.collect()
     alive = sum(ref() is not None for ref in classes)
     assert alive <= 1_100, f"{alive} of 3,000 classes still alive"
+
+
+class Answering:
+    """An HTTP server on 127.0.0.1 that answers every POST with ``self.body``, bytes as they are
+    (JSON a misbehaving server sends, ``NaN`` say, which Python's JSON reader takes)."""
+
+    def __init__(self) -> None:
+        self.body = b"{}"
+        answering = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(answering.body)))
+                self.end_headers()
+                self.wfile.write(answering.body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def answering() -> Iterator[Answering]:
+    server = Answering()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def raw_client(answering: Answering) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=answering.url, api_key="test", max_retries=0) as sync_client:
+        yield sync_client
+
+
+def chat_body(usage: str, model: str = "gpt-4o-2024-08-06") -> bytes:
+    """A chat completion's JSON with ``usage``, JSON text as given (NaN, say)."""
+    whole = {
+        "id": "chatcmpl-raw",
+        "object": "chat.completion",
+        "created": 1_730_000_000,
+        "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
+        "usage": "USAGE",
+    }
+    return json.dumps(whole).replace('"USAGE"', usage).encode()
+
+
+@pytest.mark.parametrize("bad", ["-5", "NaN", "Infinity", "1e30", str(2**64)])
+def test_a_response_with_a_count_that_is_no_token_count_is_charged_its_other_counts(
+    traced, answering, raw_client, caplog, bad
+) -> None:
+    """A misbehaving OpenAI-compatible server's bad count is 0, with a warning naming it: its
+    call is still charged the tokens it did count, not nothing."""
+    answering.body = chat_body(
+        '{"prompt_tokens": 1000, "completion_tokens": 40, "total_tokens": 1040, '
+        f'"prompt_tokens_details": {{"cached_tokens": {bad}}}}}'
+    )
+
+    @step
+    def ask() -> Any:
+        return raw_client.chat.completions.create(model="gpt-4o", messages=[])
+
+    @run(name="main")
+    def main() -> None:
+        ask()
+
+    from multirun import sdk_usage
+
+    sdk_usage._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        main()
+    assert attrs(step_span(traced, "ask"))["gen_ai.usage.input_tokens"] == 1000
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 1040
+    assert attrs(traced.span("invoke_workflow main"))["multirun.cost_usd"] == pytest.approx(
+        price("gpt-4o-2024-08-06", "openai", input_tokens=1000, output_tokens=40)
+    )
+    assert "usage.prompt_tokens_details.cached_tokens" in caplog.text

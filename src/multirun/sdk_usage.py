@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 from genai_prices import data_snapshot
 from wrapt import ObjectProxy
 
-from multirun.usage import TokenUsage
+from multirun.usage import MAX_TOKENS, TokenUsage
 
 _logger = logging.getLogger(__name__)
 
@@ -277,6 +277,36 @@ def _without_nulls(usage: dict[str, Any]) -> dict[str, Any]:
     return {k: _without_nulls(v) if isinstance(v, dict) else v for k, v in usage.items() if v is not None}
 
 
+def _usable(usage: dict[str, Any], provider_id: str, path: str = "usage") -> dict[str, Any]:
+    """``usage`` with each count that is no token count (negative, NaN, infinite, a bool, past
+    ``MAX_TOKENS``) as 0, with a warning: genai-prices refuses the whole usage for one such
+    count, and a misbehaving server's call would be charged nothing."""
+    usable: dict[str, Any] = {}
+    for key, value in usage.items():
+        if isinstance(value, dict):
+            value = _usable(value, provider_id, f"{path}.{key}")
+        elif isinstance(value, (int, float)) and not (
+            not isinstance(value, bool) and 0 <= value <= MAX_TOKENS  # NaN fails both comparisons
+        ):
+            _warn_bad_count(provider_id, f"{path}.{key}", value)
+            value = 0
+        usable[key] = value
+    return usable
+
+
+def _warn_bad_count(provider_id: str, field: str, value: object) -> None:
+    what = f"{provider_id} {field}"
+    if what not in _warned:
+        _warned.add(what)
+        _logger.warning(
+            "multirun: an %s response gave %s=%r, which is no token count: counted as 0 "
+            "(its other counts are charged). Logged once per field.",
+            provider_id,
+            field,
+            value,
+        )
+
+
 def _extract(how: tuple[str, str, str], model: Any, usage: Any) -> TokenUsage | None:
     if usage is None:
         return None
@@ -284,7 +314,7 @@ def _extract(how: tuple[str, str, str], model: Any, usage: Any) -> TokenUsage | 
     try:
         # the SDKs do not validate responses: a count an OpenAI-compatible server sent as null (or
         # left out) is 0, and the counts it did send are still charged
-        counts = _without_nulls(_as_dict(usage))
+        counts = _usable(_without_nulls(_as_dict(usage)), provider_id)
         required = _REQUIRED.get(flavor, ())
         if not any(name in counts for name in required):
             return None

@@ -39,7 +39,7 @@ from opentelemetry.trace import NonRecordingSpan, StatusCode, set_span_in_contex
 
 from multirun._keys import agent_in, run_in, step_in
 from multirun.telemetry import attributes as a
-from multirun.usage import TokenUsage, is_cost
+from multirun.usage import MAX_TOKENS, TokenUsage, is_cost
 
 _logger = logging.getLogger(__name__)
 
@@ -353,30 +353,46 @@ def _model_and_provider(get: Any) -> tuple[str | None, str | None]:
     return (str(model) if model else None), (str(provider) if provider else None)
 
 
-def _first(get: Any, keys: tuple[str, ...]) -> Any:
-    """The value of the first of ``keys`` that is set, or None."""
+def _first_key(get: Any, keys: tuple[str, ...]) -> tuple[str, Any]:
+    """The first of ``keys`` that is set and its value, or the first key and None."""
     for key in keys:
         value = get(key)
         if value is not None:
-            return value
-    return None
+            return key, value
+    return keys[0], None
 
 
 def _count(get: Any, keys: tuple[str, ...]) -> int:
     """The first of ``keys`` that is set, as a token count (0 if none is)."""
-    return _token_count(_first(get, keys))
+    return _token_count(*_first_key(get, keys))
 
 
-def _token_count(value: Any) -> int:
-    """A token count from an attribute value: 0 for one missing or unusable (NaN, infinite,
-    negative, not a number), so one bad count does not lose the call's other counts."""
-    if value is None or isinstance(value, bool):
+# the attributes whose unusable count was logged: once each, a misbehaving instrumentation's
+# every span would say it again
+_warned_counts: set[str] = set()
+
+
+def _token_count(key: str, value: Any) -> int:
+    """A token count from the value of attribute ``key``: 0 for one missing, or unusable (NaN,
+    infinite, negative, past ``MAX_TOKENS``, not a number) with a warning, so one bad count does
+    not lose the call's other counts."""
+    if value is None:
         return 0
     try:
-        count = int(value)
+        count = None if isinstance(value, bool) else int(value)
     except (TypeError, ValueError, OverflowError):
+        count = None
+    if count is None or not 0 <= count <= MAX_TOKENS:
+        if key not in _warned_counts:
+            _warned_counts.add(key)
+            _logger.warning(
+                "multirun: a span gave %s=%r, which is no token count: counted as 0 (its other "
+                "counts are charged). Logged once per attribute.",
+                key,
+                value,
+            )
         return 0
-    return max(count, 0)
+    return count
 
 
 def _response_id(attributes: Any) -> str | None:
@@ -389,8 +405,8 @@ def usage_from_attributes(attributes: Any) -> TokenUsage | None:
     if _USAGE_KEYS.isdisjoint(attributes):  # most spans: one cheap test, no lookups
         return None
     get = attributes.get
-    input_tokens = _first(get, _INPUT_KEYS)
-    output_tokens = _first(get, _OUTPUT_KEYS)
+    input_key, input_tokens = _first_key(get, _INPUT_KEYS)
+    output_key, output_tokens = _first_key(get, _OUTPUT_KEYS)
     if input_tokens is None and output_tokens is None:
         return None
     model, provider = _model_and_provider(get)
@@ -401,8 +417,8 @@ def usage_from_attributes(attributes: Any) -> TokenUsage | None:
         return TokenUsage(
             model=model,
             provider=provider,
-            input_tokens=_token_count(input_tokens),
-            output_tokens=_token_count(output_tokens),
+            input_tokens=_token_count(input_key, input_tokens),
+            output_tokens=_token_count(output_key, output_tokens),
             cache_read_tokens=_count(get, _CACHE_READ_KEYS),
             cache_write_tokens=_count(get, _CACHE_WRITE_KEYS),
             reasoning_tokens=_count(get, _REASONING_KEYS),
