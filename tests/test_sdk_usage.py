@@ -1155,3 +1155,34 @@ def test_a_response_with_a_count_that_is_no_token_count_is_charged_its_other_cou
         price("gpt-4o-2024-08-06", "openai", input_tokens=1000, output_tokens=40)
     )
     assert "usage.prompt_tokens_details.cached_tokens" in caplog.text
+
+
+@pytest.mark.parametrize("api", ["completions", "embeddings"])
+def test_a_legacy_completion_or_an_embedding_response_is_charged(traced, answering, raw_client, api) -> None:
+    model = "gpt-3.5-turbo-instruct" if api == "completions" else "text-embedding-3-small"
+    body: dict[str, Any] = {"id": "cmpl-1", "object": "text_completion", "created": 1_730_000_000}
+    if api == "completions":
+        body["choices"] = [{"index": 0, "text": "ok", "finish_reason": "stop", "logprobs": None}]
+        body["usage"] = {"prompt_tokens": 3000, "completion_tokens": 200, "total_tokens": 3200}
+    else:
+        body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}]}
+        body["usage"] = {"prompt_tokens": 3000, "total_tokens": 3000}
+    answering.body = json.dumps({**body, "model": model}).encode()
+
+    @step
+    def ask() -> Any:
+        if api == "completions":
+            return raw_client.completions.create(model=model, prompt="x")
+        return raw_client.embeddings.create(model=model, input="x")
+
+    @run(name="main")
+    def main() -> None:
+        ask()
+
+    main()
+    output = 200 if api == "completions" else 0
+    assert attrs(step_span(traced, "ask"))["gen_ai.usage.input_tokens"] == 3000
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 3000 + output
+    assert attrs(traced.span("invoke_workflow main"))["multirun.cost_usd"] == pytest.approx(
+        price(model, "openai", input_tokens=3000, output_tokens=output)
+    )

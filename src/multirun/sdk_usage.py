@@ -1,16 +1,16 @@
 """Usage read from the response objects of LLM SDKs that a step returns or streams.
 
-A ``@step`` that returns an OpenAI chat completion or Responses API response,
-or an Anthropic message, has its model and tokens charged without the user
-reporting anything; a generator step that yields the SDK's stream chunks or
-events has them charged when the stream ends, and so has a step that returns
-the SDK's stream, or its stream manager (``messages.stream()``, say), for its
-caller to read (``returned_stream`` knows one, ``multirun.sdk_streams`` watches
-it). The SDKs are never imported:
-objects are recognised by the module and name of their class (or of a base
-class, so ``ParsedChatCompletion`` counts), and the verdict is cached per
-class, so a step that returns anything else pays two dict lookups (a response?
-a stream?).
+A ``@step`` that returns an OpenAI chat completion, Responses API response,
+legacy completion or embeddings response, or an Anthropic message, has its
+model and tokens charged without the user reporting anything; a generator
+step that yields the SDK's stream chunks or events has them charged when the
+stream ends, and so has a step that returns the SDK's stream, or its stream
+manager (``messages.stream()``, say), for its caller to read
+(``returned_stream`` knows one, ``multirun.sdk_streams`` watches it). The SDKs
+are never imported: objects are recognised by the module and name of their
+class (or of a base class, so ``ParsedChatCompletion`` counts), and the verdict
+is cached per class, so a step that returns anything else pays two dict lookups
+(a response? a stream?).
 
 Mapping the usage fields to token kinds is genai-prices' job (its
 per-provider extractors know, for instance, that Anthropic's
@@ -44,6 +44,9 @@ _MESSAGE_DELTA = "message_delta"  # Anthropic stream: .usage carries the running
 # (class module prefix, class name) -> (kind, provider id, genai-prices api flavor)
 _KNOWN: dict[tuple[str, str], tuple[str, str, str]] = {
     ("openai.types", "ChatCompletion"): (_FULL, "openai", "chat"),
+    # completions.create() (the legacy API, which vLLM and others still serve) and embeddings.create()
+    ("openai.types", "Completion"): (_FULL, "openai", "chat"),
+    ("openai.types", "CreateEmbeddingResponse"): (_FULL, "openai", "chat"),
     ("openai.types", "ChatCompletionChunk"): (_CHAT_CHUNK, "openai", "chat"),
     ("openai.lib.streaming", "ChunkEvent"): (_CHUNK_EVENT, "openai", "chat"),
     ("openai.types", "Response"): (_FULL, "openai", "responses"),
