@@ -1186,3 +1186,44 @@ def test_a_legacy_completion_or_an_embedding_response_is_charged(traced, answeri
     assert attrs(traced.span("invoke_workflow main"))["multirun.cost_usd"] == pytest.approx(
         price(model, "openai", input_tokens=3000, output_tokens=output)
     )
+
+
+async def test_the_responses_in_a_list_or_tuple_a_step_returns_are_each_charged_once(
+    traced, llm, client
+) -> None:
+    """``asyncio.gather`` of model calls in one step, or ``(answer, response)``: every response
+    is charged; a step passing one of them on charges it no second time."""
+    import asyncio
+
+    async_client = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
+
+    @step
+    async def fan_out() -> list[Any]:
+        return await asyncio.gather(
+            *(async_client.chat.completions.create(model="gpt-4o-mini", messages=[]) for _ in range(3))
+        )
+
+    @step
+    def answer() -> tuple[str, Any]:
+        response = client.chat.completions.create(model="gpt-4o-mini", messages=[])
+        return "the answer", response
+
+    @step
+    def check(responses: list[Any]) -> tuple[Any, ...]:
+        return tuple(responses)
+
+    @run(name="main")
+    async def main() -> None:
+        check(await fan_out())
+        answer()
+
+    await main()
+    await async_client.close()
+    assert attrs(step_span(traced, "fan_out"))["multirun.tokens_used"] == tokens_of(CANNED[:3])
+    assert attrs(step_span(traced, "answer"))["multirun.tokens_used"] == CANNED[3].tokens
+    assert "multirun.tokens_used" not in attrs(step_span(traced, "check"))
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == tokens_of(CANNED[:4])
+
+
+def tokens_of(canned: list[Any]) -> int:
+    return sum(usage.tokens for usage in canned)

@@ -279,6 +279,12 @@ class _StepCall(StepContext):
             except PolicyViolation as refused:  # init(unpriced="fail"): the step fails, as if it raised
                 self._failed(refused)
                 raise
+        elif (type(result) is list or type(result) is tuple) and result:
+            try:  # asyncio.gather's responses, or (answer, response), say
+                self._charge_sdk_usage_in(result)
+            except PolicyViolation as refused:
+                self._failed(refused)
+                raise
         if self.replay_call is not None:
             if spec.streams:
                 self._record_stream(result)
@@ -380,6 +386,18 @@ class _StepCall(StepContext):
         call = call_of_result(result)
         if call is not None and not self.run_context._returned_before(result, call[0]):
             self._charge_response_usage(call)
+
+    def _charge_sdk_usage_in(self, items: list[Any] | tuple[Any, ...]) -> None:
+        """Charge the LLM SDK responses in a list or tuple the step returned (one level deep),
+        each unless its call is charged already, as ``_charge_sdk_usage`` does."""
+        calls = []
+        for item in items:
+            if type(item) not in NOT_A_RESPONSE:
+                call = call_of_result(item)
+                if call is not None and not self.run_context._returned_before(item, call[0]):
+                    calls.append(call)
+        if calls:
+            self._charge_response_usage(*calls)
 
     def _failed(self, error: BaseException) -> BaseException:
         run = self.run_context
