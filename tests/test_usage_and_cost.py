@@ -304,6 +304,20 @@ def test_step_context_complete_records_tokens_and_cost_on_step_span(traced) -> N
     assert a["multirun.step.status"] == "completed"
 
 
+@pytest.mark.parametrize("tokens_used", [-1, 2**64, True, 1.5])
+def test_step_context_complete_refuses_a_bad_tokens_used_naming_it(traced, tokens_used) -> None:
+    @step
+    def work() -> None:
+        multirun.context.get_current_step_context().complete("done", tokens_used=tokens_used)
+
+    @run
+    def main() -> None:
+        work()
+
+    with pytest.raises(multirun.errors.ConfigurationError, match=r"^tokens_used must be"):
+        main()
+
+
 async def test_awaited_step_context_complete_rolls_up_into_run(traced) -> None:
     runs: list[Run] = []
 

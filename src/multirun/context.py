@@ -65,7 +65,7 @@ from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 from multirun.telemetry.content import render, render_call
 from multirun.telemetry.exceptions import record_exception
-from multirun.usage import TokenUsage
+from multirun.usage import MAX_TOKENS, TokenUsage
 
 if TYPE_CHECKING:
     from multirun.checkpoints.store import RestoredCheckpoint
@@ -1583,9 +1583,11 @@ class StepContext:
         self._refuse_if_ended()
         if tokens_used is not None or cost_usd is not None:
             if tokens_used is not None and (
-                isinstance(tokens_used, bool) or not isinstance(tokens_used, int) or tokens_used < 0
+                isinstance(tokens_used, bool)
+                or not isinstance(tokens_used, int)
+                or not 0 <= tokens_used <= MAX_TOKENS
             ):
-                raise ConfigurationError(f"tokens_used must be an int >= 0, got {tokens_used!r}")
+                raise ConfigurationError(f"tokens_used must be an int from 0 to 2**63-1, got {tokens_used!r}")
             usage = TokenUsage(
                 model=self.model,
                 output_tokens=tokens_used or 0,
