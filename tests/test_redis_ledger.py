@@ -1134,6 +1134,17 @@ def test_from_uri_refuses_bad_parameters(uri: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("query", "name"),
+    [("timout=2", "timout"), ("fail_opne=true&timeout=1", "fail_opne"), ("ssl_cert_reqs=none", "ssl_cert_reqs")],
+)
+def test_from_uri_refuses_a_parameter_it_does_not_know_naming_it(query: str, name: str) -> None:
+    # redis-py takes any name and fails at the first step with a TypeError (failing open too)
+    with pytest.raises(ConfigurationError, match=f"unknown parameter {name!r}") as info:
+        RedisLedgerFactory.from_uri(f"redis://:s3cret@127.0.0.1:6379/0?{query}")
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("database", "error"),
     [
         ("/abc", "the path must be the database number, an int >= 0 .*got '/abc'"),  # redis-py: db 0

@@ -101,6 +101,7 @@ hash to one slot (put a hash tag such as ``{tenant}`` in ``key_prefix``).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -1205,6 +1206,7 @@ class RedisLedgerFactory:
             )
         except ValueError as exc:  # a port that is no number, a bad parameter: redis-py's own words
             raise ConfigurationError(f"ledger URL is not a valid redis URL: {exc}") from None
+        _check_parameters(client, uri)
         return cls(
             client,
             key_prefix=ours.get("key_prefix", DEFAULT_KEY_PREFIX),
@@ -1350,6 +1352,24 @@ def _check_database(parts: SplitResult, query: Sequence[tuple[str, str]], uri: s
         raise ConfigurationError(
             f"ledger URL {redact(uri)!r}: the database is given twice, as "
             f"{' and '.join(map(str, sorted(numbers)))}: it must be given once"
+        )
+
+
+def _check_parameters(client: redis.Redis, uri: str) -> None:
+    """Refuse a URL parameter that neither multirun nor the connection takes: redis-py passes any
+    name on, and the first step would fail with a TypeError (failing open too) on a typo."""
+    pool = client.connection_pool
+    accepted = set()
+    for klass in pool.connection_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            accepted.update(inspect.signature(init).parameters)
+    unknown = sorted(set(pool.connection_kwargs) - accepted)
+    if unknown:
+        raise ConfigurationError(
+            f"ledger URL {redact(uri)!r}: unknown parameter {unknown[0]!r} (multirun takes timeout, "
+            "fail_open, key_prefix and ttl_seconds; the others go to the redis connection, "
+            f"{pool.connection_class.__name__}, which does not take it)"
         )
 
 
