@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import random
 from typing import Any
 
 import pytest
@@ -343,6 +344,26 @@ def test_budget_status_in_a_worker_knows_the_runs_budget(traced, redis_server) -
 
     crew()
     assert seen[0].tokens_remaining == 850
+
+
+def test_runs_of_a_program_that_seeds_random_never_share_a_ledger(traced, redis_server) -> None:
+    multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
+
+    @step
+    def work() -> None:
+        pass
+
+    @run(budget=Budget(max_steps=2))
+    def job() -> str:
+        work()
+        work()
+        return multirun.context.get_current_run_context().run.id
+
+    ids = []
+    for _ in range(2):  # two runs of a program, or two programs, that seed for reproducibility
+        random.seed(1234)
+        ids.append(job())  # the second was refused: it counted into the first one's record
+    assert ids[0] != ids[1]
 
 
 def lose_every_hash(redis_url: str) -> None:

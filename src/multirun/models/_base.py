@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import random
 from datetime import datetime, timezone
 from typing import Annotated, Any, TypeVar
@@ -14,11 +15,19 @@ def new_id() -> str:
     (``uuid.uuid4``): that system call drops and retakes the GIL so quickly
     that the span export thread starves and its queue overflows when many
     runs start (benchmarks/results/export_starvation.md). Ids need to be
-    unique, not secret; ``random`` is reseeded in a forked child.
+    unique, not secret. Drawn from a generator of multirun's own: a program that calls
+    ``random.seed(42)`` for reproducibility would otherwise give every run the same ids each
+    time it starts (joining an earlier run's shared ledger and checkpoints).
     """
     # the version (4) and variant (RFC 4122) bits set as uuid.UUID(version=4) sets them,
     # without building the UUID object (a sixth of the time)
-    return f"{random.getrandbits(128) & _RANDOM_BITS | _UUID4_BITS:032x}"
+    return f"{_random_bits(128) & _RANDOM_BITS | _UUID4_BITS:032x}"
+
+
+_ids = random.Random()  # seeded from os.urandom
+_random_bits = _ids.getrandbits
+if hasattr(os, "register_at_fork"):  # a forked child draws ids of its own, as ``random`` does
+    os.register_at_fork(after_in_child=_ids.seed)
 
 
 _RANDOM_BITS = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
