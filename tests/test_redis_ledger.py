@@ -714,6 +714,34 @@ def test_usage_sent_by_a_command_that_timed_out_and_ran_later_is_counted_once(
     factory.close()
 
 
+EXACT = 2**53 - 1  # the largest total the ledger's scripts (Lua numbers: doubles) count exactly
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+@pytest.mark.parametrize(("tokens", "cost_units"), [(EXACT - 5, 0), (0, EXACT - 5), (2**64, 0)])
+def test_totals_past_what_the_ledger_counts_exactly_refuse_the_next_step_and_no_total_is_rounded(
+    redis_server: RedisServer,
+    raw: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    fail_open: bool,
+    tokens: int,
+    cost_units: int,
+) -> None:
+    factory = RedisLedgerFactory.from_uri(f"{redis_server.url}?fail_open={fail_open}")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    ledger = factory.ledger(new_id())  # no budget at all
+    ledger.begin_step()
+    ledger.charge(tokens, cost_units)  # 2**64: Redis refused the script (overflow), "unavailable"
+    ledger.charge(11, 11)  # past 2**53: a sum the scripts rounded
+    with pytest.raises(BudgetExceededError) as refused:
+        ledger.begin_step()
+    assert refused.value.limit == ("max_cost_usd" if cost_units else "max_tokens")
+    stored = raw.hmget(ledger.key, "tokens", "cost_units")
+    assert [int(v) for v in stored] == [min(tokens + 11, EXACT), min(cost_units + 11, EXACT)]
+    assert not caplog.records  # Redis was never taken for unavailable
+    factory.close()
+
+
 FORK_PROGRAM = """
 import os, sys
 from multirun.enforcement.redis_ledger import RedisLedgerFactory
@@ -1135,7 +1163,11 @@ def test_from_uri_refuses_bad_parameters(uri: str) -> None:
 
 @pytest.mark.parametrize(
     ("query", "name"),
-    [("timout=2", "timout"), ("fail_opne=true&timeout=1", "fail_opne"), ("ssl_cert_reqs=none", "ssl_cert_reqs")],
+    [
+        ("timout=2", "timout"),
+        ("fail_opne=true&timeout=1", "fail_opne"),
+        ("ssl_cert_reqs=none", "ssl_cert_reqs"),
+    ],
 )
 def test_from_uri_refuses_a_parameter_it_does_not_know_naming_it(query: str, name: str) -> None:
     # redis-py takes any name and fails at the first step with a TypeError (failing open too)

@@ -142,6 +142,8 @@ _US_PER_SECOND = 1_000_000
 # numbers, kept only to report them; the integer ones are what is checked.
 
 _PRELUDE = """
+local EXACT, EXACT_TEXT, EXACT_USD = 9007199254740991, '9007199254740991', '9007199.254740991'
+
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -319,6 +321,9 @@ if ARGV[1] == '1' then
     elseif v[11] and now >= tonumber(v[11]) then
       hit, used, maximum = 'max_duration_seconds', now - tonumber(v[5] or now), v[12]
     elseif v[10] and subs > tonumber(v[10]) then hit, used, maximum = 'max_sub_agents', subs, v[10]
+    -- past EXACT, Lua's numbers (doubles) would round the totals: the ledger stops there
+    elseif tokens >= EXACT then hit, used, maximum = 'max_tokens', tokens, EXACT_TEXT
+    elseif cost >= EXACT then hit, used, maximum = 'max_cost_usd', cost, EXACT_USD
     end
     if hit then
       -- every key: the counts, or a lost hash re-created above, may have written any
@@ -388,6 +393,10 @@ _SCRIPTS = {
         ("read", _READ),
     )
 }
+MAX_TOTAL = 2**53 - 1
+"""The largest total of tokens or of cost units (nano-dollars: about $9 million) the shared ledger
+counts exactly (its scripts count in Lua numbers, doubles). A process's counts stop there, and a
+run that reaches it is refused its next step, as if it had that limit."""
 _FIELDS_PER_KEY = 7
 _COUNTS = 5  # a run's counters, in the scripts' order: tokens, cost_units, steps, sub_agents, unpriced
 _TOKENS, _COST, _STEPS, _SUB_AGENTS, _UNPRICED = range(_COUNTS)
@@ -816,8 +825,8 @@ class RedisLedger(LedgerReadings):
         with shared.lock:
             for tally in self._tallies:
                 counted = tally.counted
-                counted[_TOKENS] += int(tokens)
-                counted[_COST] += int(cost_units)
+                counted[_TOKENS] = min(counted[_TOKENS] + int(tokens), MAX_TOTAL)
+                counted[_COST] = min(counted[_COST] + int(cost_units), MAX_TOTAL)
                 counted[_UNPRICED] += 1 if unpriced else 0
                 shared.unsettled[tally.key] = self
 
@@ -902,7 +911,7 @@ class RedisLedger(LedgerReadings):
         attempt's totals, nothing is counted twice.
         """
         totals = (tokens, cost_units, steps, unpriced_reports)
-        args = [self._ttl_ms, *(str(int(total)) for total in totals)]
+        args = [self._ttl_ms, *(str(min(int(total), MAX_TOTAL)) for total in totals)]
         if self._run("restore", [self.key], args, "restore its spend") is None:
             with self._lock:
                 self.tokens = max(self.tokens, tokens)
