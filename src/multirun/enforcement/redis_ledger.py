@@ -1368,7 +1368,7 @@ def _check_parameters(client: redis.Redis, uri: str) -> None:
     """Refuse a URL parameter that neither multirun nor the connection takes: redis-py passes any
     name on, and the first step would fail with a TypeError (failing open too) on a typo."""
     pool = client.connection_pool
-    accepted = set()
+    accepted: set[str] = set()
     for klass in pool.connection_class.__mro__:
         init = klass.__dict__.get("__init__")
         if init is not None:
