@@ -687,6 +687,34 @@ def test_a_budget_that_could_not_be_set_failing_closed_is_left_as_it_was(
     factory.close()
 
 
+def test_a_budget_whose_command_timed_out_and_ran_later_is_taken_back(
+    fresh_redis_server: RedisServer,
+) -> None:
+    # the caller was told the budget was not set, yet Redis set it once it answered again:
+    # every process went on enforcing a budget nobody had set
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?timeout=0.3")
+    raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
+    ledger = factory.ledger(new_id(), Budget(max_steps=2))
+    ledger.begin_step()
+    fresh_redis_server.freeze()
+    try:
+        with pytest.raises(LedgerUnavailableError):
+            ledger.set_budget(Budget(max_steps=100))  # sent, then timed out
+    finally:
+        fresh_redis_server.thaw()
+    deadline = time.monotonic() + 10
+    while raw.hget(ledger.key, "max_steps") != "100" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert raw.hget(ledger.key, "max_steps") == "100"  # the late command ran
+    ledger.begin_step()
+    with pytest.raises(BudgetExceededError):
+        ledger.begin_step()
+    assert raw.hget(ledger.key, "max_steps") == "2"
+    assert ledger.budget == Budget(max_steps=2)
+    raw.close()
+    factory.close()
+
+
 def test_usage_sent_by_a_command_that_timed_out_and_ran_later_is_counted_once(
     fresh_redis_server: RedisServer,
 ) -> None:

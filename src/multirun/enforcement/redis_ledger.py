@@ -279,14 +279,19 @@ end
 
 # KEYS: the run, then its ancestors. ARGV: ttl_ms, mode (1 = set_budget, 0 = create, 2 = adopt:
 # create nothing, for a run continued from another process), this process's writer id, limits from
-# 4, the run's start (11, see start_of). After the totals, for each key: what it holds of this
-# process's counts ('' for nothing); then for each key: 1 if its hash exists (0 if not), and its
-# stored max_tokens, max_cost_usd, max_steps, max_sub_agents and max_duration_seconds.
+# 4, the run's start (11, see start_of), and for set_budget its id (12: once taken back, see
+# _REVOKE, it sets nothing: a command that timed out and runs late). After the totals, for each
+# key: what it holds of this process's counts ('' for nothing); then for each key: 1 if its hash
+# exists (0 if not), and its stored max_tokens, max_cost_usd, max_steps, max_sub_agents and
+# max_duration_seconds.
 _INIT = """
 local key, now = KEYS[1], now_us()
 if ARGV[2] == '1' then
-  redis.call('HSETNX', key, 'started_us', start_of(ARGV[11], now))
-  set_limits(key, 4, tonumber(redis.call('HGET', key, 'started_us')))
+  if redis.call('HEXISTS', key, 'revoked:' .. ARGV[12]) == 0 then
+    redis.call('HSETNX', key, 'started_us', start_of(ARGV[11], now))
+    set_limits(key, 4, tonumber(redis.call('HGET', key, 'started_us')))
+    redis.call('HSET', key, 'budget_by', ARGV[12])
+  end
 elseif ARGV[2] == '0' then
   create(key, 4, now)
 end
@@ -365,6 +370,20 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return totals(1, now_us())
 """
 
+# KEYS[1]: the run. ARGV: ttl_ms, the id of a set_budget that failed (timed out), 1 and the limits
+# before it from 4 (or 0: not known here). Takes it back: if it ran late, and no budget was set
+# since, the limits before it come back; if it has not run yet, it will set nothing.
+_REVOKE = """
+local key = KEYS[1]
+redis.call('HSET', key, 'revoked:' .. ARGV[2], 1)
+if ARGV[3] == '1' and redis.call('HGET', key, 'budget_by') == ARGV[2] then
+  set_limits(key, 4, tonumber(redis.call('HGET', key, 'started_us')))
+  redis.call('HDEL', key, 'budget_by')
+end
+redis.call('PEXPIRE', key, ARGV[1])
+return totals(1, now_us())
+"""
+
 # KEYS: the run, then its ancestors. ARGV: this process's writer id. Reads only; replies as init.
 _READ = """
 return totals(1, now_us(), held_of(1))
@@ -390,6 +409,7 @@ _SCRIPTS = {
         ("begin_step", _BEGIN_STEP),
         ("add", _ADD),
         ("restore", _RESTORE),
+        ("revoke", _REVOKE),
         ("read", _READ),
     )
 }
@@ -695,6 +715,9 @@ class RedisLedger(LedgerReadings):
         # the init script's mode until it has run: made while failing open, it runs once Redis answers
         self._unjoined: str | None = "2" if adopt else "0"
         self._budget_unsent = False  # set_budget while failing open: sent once Redis answers
+        # the set_budget commands that timed out failing closed, with the limits before each:
+        # taken back before this ledger's next command, in case Redis runs them late
+        self._revokes: list[tuple[str, list[str] | None]] = []
         # last: from here another thread may flush it (Redis answering again, close)
         self._shared.live[self.key] = self
         self._shared.made.add(self)
@@ -778,16 +801,19 @@ class RedisLedger(LedgerReadings):
     def set_budget(self, budget: Budget | None) -> None:
         """Enforce ``budget`` from now on, in every process (it replaces the stored limits).
 
-        Failing closed, the LedgerUnavailableError leaves the budget as it was (a command that
-        timed out may still set it, if Redis runs it late)."""
+        Failing closed, the LedgerUnavailableError leaves the budget as it was: a command that
+        timed out is taken back by this ledger's next command (if Redis ran it late meanwhile,
+        and no budget was set since, the budget before it comes back)."""
         before = self.budget, self._limits
         self.budget = budget
         self._limits = _limit_args(budget)
-        args = [self._ttl_ms, "1", self._shared.writer, *self._limits, self._start_arg()]
+        command = _new_writer()
+        args = [self._ttl_ms, "1", self._shared.writer, *self._limits, self._start_arg(), command]
         try:
             reply = self._run("init", [self.key], args, "set its budget", counts=True)
         except LedgerUnavailableError:
             self.budget, self._limits = before
+            self._revokes.append((command, before[1]))
             raise
         self._budget_unsent = reply is None
         self._keep_until_made()
@@ -946,6 +972,8 @@ class RedisLedger(LedgerReadings):
         shared = self._shared
         if self._fail_open and not shared.may_try(self._clock()):
             return None
+        if self._revokes and name != "revoke":
+            self._take_back_budgets(action)
         script = _SCRIPTS[name]
         try:
             if not shared.loaded:
@@ -978,6 +1006,19 @@ class RedisLedger(LedgerReadings):
         if shared.local:
             self._resume()
         return reply
+
+    def _take_back_budgets(self, action: str) -> None:
+        """Take back the budgets whose set_budget timed out (see _REVOKE): the caller was told
+        they were not set. Raises LedgerUnavailableError (naming ``action``) if Redis does not
+        answer: this ledger's command would not run either."""
+        while self._revokes:
+            command, limits = self._revokes[0]
+            known = ("0",) if limits is None else ("1", *limits)
+            if self._run("revoke", [self.key], [self._ttl_ms, command, *known], action) is None:
+                return  # failing open: tried again with a later command
+            with self._lock:  # another thread may have taken it back too
+                if self._revokes and self._revokes[0][0] == command:
+                    self._revokes.pop(0)
 
     def _resume(self) -> None:
         """Redis answers again: share again, and send what every ledger of this client counted
