@@ -29,6 +29,7 @@ from multirun.errors import (
     PolicyViolation,
     ReplayError,
     StepError,
+    StepNotEndedError,
 )
 from multirun.pricing import Price
 from multirun.propagation import continue_run, inject
@@ -49,6 +50,7 @@ __all__ = [
     "Price",
     "ReplayError",
     "StepError",
+    "StepNotEndedError",
     "TokenUsage",
     "__version__",
     "act",

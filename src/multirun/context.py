@@ -50,6 +50,7 @@ from multirun.errors import (
     CheckpointError,
     ConfigurationError,
     PolicyViolation,
+    StepNotEndedError,
     budget_refusal,
     error_text,
 )
@@ -890,9 +891,9 @@ class AgentContext:
     # its steps that returned an LLM SDK stream their caller has not read yet, and how each
     # ends if the agent ends first (a dict made for the first one)
     _unread: dict[StepContext, Callable[[], None]] | None = None
-    # its steps made by hand under a circuit breaker that are not ended yet (a set made for the
-    # first one): one left open when the agent ends gives back the circuit's probe it may hold
-    _manual_in_flight: set[StepContext] | None = None
+    # its steps made by hand that are not ended yet, in the order they started (a dict made for
+    # the first one): the agent's end fails those left open (see _end_open_steps)
+    _manual_in_flight: dict[StepContext, None] | None = None
 
     def __init__(self, run_context: RunContext, agent: Agent, *, is_default: bool) -> None:
         self.run_context = run_context
@@ -1041,11 +1042,10 @@ class AgentContext:
                 if decision.wait_seconds:
                     step.wait_before = decision.wait_seconds
             step._open(parent_ctx, spans.step_start_attributes(kind, name, model), input_args, kwargs)
-            if decision is not None and decision.ticket is not None:  # let through by a circuit
-                with run._lock:
-                    if self._manual_in_flight is None:
-                        self._manual_in_flight = set()
-                    self._manual_in_flight.add(step)
+            with run._lock:
+                if self._manual_in_flight is None:
+                    self._manual_in_flight = {}
+                self._manual_in_flight[step] = None
         except BaseException as error:
             # refused, or the step could not start: it never ran, nor is it a call in flight
             if replay_call is not None:
@@ -1168,7 +1168,7 @@ class AgentContext:
         if self._unread:
             self._end_unread()
         if self._manual_in_flight:
-            self._give_back_probes()
+            self._end_open_steps(status, error)
         agent = self.agent
         agent.status = status
         agent.completed_at = datetime.now(timezone.utc)
@@ -1216,16 +1216,32 @@ class AgentContext:
             except Exception:  # the agent ends all the same
                 _logger.warning("multirun: could not end a step whose stream is unread", exc_info=True)
 
-    def _give_back_probes(self) -> None:
+    def _end_open_steps(self, status: AgentStatus, error: BaseException | str | None) -> None:
         """The agent ends with steps made by hand neither completed nor failed (an error left
-        the code between ``start_step`` and ``complete``): the probe of a half-open circuit one of
-        them holds is free again, or the circuit, shared by every run, would stay half-open."""
-        with self.run_context._lock:
-            left, self._manual_in_flight = self._manual_in_flight or set(), None
-        engine = self.run_context.policy_engine
-        if engine is not None:
-            for step in left:
-                engine.abandoned(step.name, step._decision)
+        the code between ``start_step`` and ``complete``): each fails with StepNotEndedError,
+        the latest started first (a step before the one around it), so that its span is
+        exported; its replay entry fails (a restore runs it again), and the probe of a half-open
+        circuit it holds is free again, or the circuit, shared by every run, would stay
+        half-open. Its outcome is unknown: it counts towards no circuit nor degradation."""
+        run = self.run_context
+        with run._lock:
+            left, self._manual_in_flight = self._manual_in_flight or {}, None
+        engine = run.policy_engine
+        for step in reversed(list(left)):
+            if step._done or step.finished:  # ended meanwhile, on another thread
+                continue
+            try:
+                exc = StepNotEndedError(step.name, status.value)
+                if isinstance(error, BaseException):
+                    exc.__cause__ = error
+                step.status, step.error, step._done = StepStatus.FAILED, exc, True
+                if step.replay_call is not None:
+                    run.replay_log.fail(step.replay_call)
+                if engine is not None:
+                    engine.abandoned(step.name, step._decision)
+                step._close(StepStatus.FAILED, error=exc)
+            except Exception:  # the agent ends all the same
+                _logger.warning("multirun: could not end step %r left open", step.name, exc_info=True)
 
     def _finish_default(self, status: RunStatus) -> None:
         self._finish(_AGENT_STATUS_OF_RUN.get(status, AgentStatus.FAILED), None)
@@ -1624,10 +1640,10 @@ class StepContext:
         return Done(None)
 
     def _ended_by_hand(self) -> None:
-        """A step made by hand was completed or failed: its agent no longer gives back its probe."""
+        """A step made by hand was completed or failed: its agent's end no longer ends it."""
         in_flight = self.agent_context._manual_in_flight
         if in_flight:
-            in_flight.discard(self)
+            in_flight.pop(self, None)
 
     def _refuse_if_ended(self) -> None:
         """A step is completed or failed once: a second call would charge its usage again."""

@@ -78,6 +78,16 @@ class StepError(MultiRunError):
         )
 
 
+class StepNotEndedError(MultiRunError):
+    """A step made by hand (``start_step``) was neither completed nor failed when its agent
+    ended: the agent's end fails it with this error, so that its span is exported."""
+
+    def __init__(self, step_name: str, agent_status: str) -> None:
+        self.step_name = step_name
+        self.agent_status = agent_status
+        super().__init__(f"step {step_name!r} was never completed or failed (its agent ended {agent_status})")
+
+
 class LedgerUnavailableError(MultiRunError):
     """The shared ledger in Redis could not be reached or did not answer in time.
 
