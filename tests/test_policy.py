@@ -1441,3 +1441,102 @@ def test_a_step_with_check_budget_false_waits_and_retries_past_the_deadline(trac
 
     assert main() == "summary"
     assert [t - 1000 for t in attempts] == [15, 35]
+
+
+# ---------------------------------------------------------------------------
+# sub-runs without a policy of their own
+
+
+def test_a_rate_limit_set_on_the_top_run_paces_the_llm_calls_of_its_sub_runs(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def ask() -> None:
+        pass
+
+    @run
+    def researcher() -> None:
+        ask()
+        ask()
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    def main() -> None:
+        ask()
+        researcher()  # no policy of its own: the parent's window paces it
+
+    main()
+    assert traced.clock.sleeps == [1.0, 1.0]
+    assert [a[attr.POLICY_DECISION] for a in attrs_of(traced, "chat gpt-4o")] == ["proceed", "wait", "wait"]
+
+
+def test_a_sub_run_without_a_policy_shares_its_parents_circuit_retry_rule_and_degradation(traced) -> None:
+    seen: list[str | None] = []
+    calls = {"fetch": 0}
+
+    @step
+    def fetch() -> None:
+        calls["fetch"] += 1
+        raise ConnectionError("down")
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def ask(fail: bool) -> None:
+        seen.append(get_current_step_context().model)
+        if fail:
+            raise TimeoutError("slow")
+
+    @run
+    def inner(fail: bool) -> None:
+        ask(fail)
+
+    @run  # no policy either: the nearest run with one governs it
+    def worker() -> list[str]:
+        outcomes = []
+        for _ in range(2):
+            try:
+                fetch()
+            except PolicyViolation as refused:  # the circuit the first attempt opened
+                outcomes.append(refused.rule)
+        return outcomes
+
+    policy = Policy(
+        circuit_breaker=CircuitBreakerRule(
+            failure_threshold=1, recovery_time_seconds=30, excluded_errors=(TimeoutError,)
+        ),
+        retry=RetryRule(max_attempts=2, backoff=BackoffStrategy.CONSTANT, base_delay_seconds=1),
+        graceful_degradation=GracefulDegradationRule(
+            fallback_model="gpt-4o-mini", trigger=DegradationTrigger.CONSECUTIVE_FAILURES, threshold=1
+        ),
+    )
+
+    @run(policy=policy)
+    def main() -> list[str]:
+        @run
+        def middle() -> list[str]:
+            return worker()
+
+        outcome = middle()
+        with pytest.raises((TimeoutError, StepError)):
+            inner(True)  # switches the run tree to the fallback model
+        inner(False)
+        return outcome
+
+    # the RetryRule's retry, and the next call, refused by the circuit the first attempt opened
+    assert main() == ["circuit_breaker", "circuit_breaker"]
+    assert calls["fetch"] == 1
+    assert seen[-1] == "gpt-4o-mini"  # the parent's degradation switch, flipped in a sub-run
+
+
+def test_a_sub_run_with_a_policy_of_its_own_keeps_it(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def ask() -> None:
+        pass
+
+    @run(policy=Policy(retry=RetryRule(max_attempts=2)))  # no rate limit in its own policy
+    def researcher() -> None:
+        ask()
+        ask()
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    def main() -> None:
+        researcher()
+
+    main()
+    assert traced.clock.sleeps == []

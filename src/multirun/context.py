@@ -378,6 +378,10 @@ class RunContext:
             self.policy_engine = PolicyEngine(
                 run.policy, self.client.policy_state, self.client.clock.monotonic
             )
+        elif self.parent is not None:
+            # a sub-run without a policy of its own is governed by its parent's: the same engine,
+            # so one rate-limit window, circuit and degradation switch for the whole run tree
+            self.policy_engine = self.parent.policy_engine
         run.status = RunStatus.RUNNING
         run.started_at = datetime.now(timezone.utc)
         attrs: dict[str, Any] = {

@@ -188,9 +188,10 @@ class _StepCall(StepContext):
 
     def _retries(self) -> tuple[int, BackoffStrategy, float, float]:
         """(retries, strategy, base delay, delay cap): the step's own, or when it sets no retry,
-        those of the run's RetryRule."""
+        those of the RetryRule of the policy that governs the run (its own, or a parent's)."""
         spec = self.spec
-        policy = self.run_context.run.policy
+        engine = self.run_context.policy_engine
+        policy = engine.policy if engine is not None else None
         if spec.retry == 0 and policy is not None and policy.retry is not None:
             rule = policy.retry  # the run's default for steps that set no retry of their own
             return rule.max_attempts - 1, rule.backoff, rule.base_delay_seconds, rule.max_delay_seconds
