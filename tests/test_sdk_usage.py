@@ -24,12 +24,14 @@ import wrapt
 from anthropic.types import Message, RawMessageDeltaEvent, RawMessageStartEvent
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import multirun
 from multirun import run, step
 from multirun.context import get_current_step_context
 from multirun.errors import BudgetExceededError
-from multirun.models import Budget
+from multirun.models import Budget, StepKind
 from test_openai_usage import (  # the local OpenAI-compatible server and its fixtures
     CANNED,
     RESPONSE_MODEL,
@@ -1186,6 +1188,65 @@ def test_a_legacy_completion_or_an_embedding_response_is_charged(traced, answeri
     assert attrs(traced.span("invoke_workflow main"))["multirun.cost_usd"] == pytest.approx(
         price(model, "openai", input_tokens=3000, output_tokens=output)
     )
+
+
+@pytest.fixture
+def metric_reader(traced) -> Iterator[InMemoryMetricReader]:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    multirun.init(tracer_provider=traced.provider, meter_provider=provider).clock = traced.clock
+    yield reader
+    provider.shutdown()
+
+
+def operations(reader: InMemoryMetricReader, name: str) -> set[str]:
+    data = reader.get_metrics_data()
+    return {
+        point.attributes["gen_ai.operation.name"]
+        for resource in (data.resource_metrics if data else ())
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+    }
+
+
+@pytest.mark.parametrize(
+    ("api", "operation"), [("completions", "text_completion"), ("embeddings", "embeddings"), ("chat", "chat")]
+)
+def test_the_operation_name_of_an_llm_step_is_that_of_the_response_it_returns(
+    traced, metric_reader, answering, raw_client, api, operation
+) -> None:
+    model = {"completions": "gpt-3.5-turbo-instruct", "embeddings": "text-embedding-3-small"}.get(
+        api, "gpt-4o-2024-08-06"
+    )
+    body: dict[str, Any] = {"id": "cmpl-1", "object": "text_completion", "created": 1_730_000_000}
+    body["choices"] = [{"index": 0, "text": "ok", "finish_reason": "stop", "logprobs": None}]
+    body["usage"] = {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32}
+    if api == "embeddings":
+        body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}]}
+        body["usage"] = {"prompt_tokens": 30, "total_tokens": 30}
+    whole = json.dumps({**body, "model": model}).encode()
+    answering.body = whole if api != "chat" else chat_body(json.dumps(body["usage"]))
+
+    @step(kind=StepKind.LLM_CALL)
+    def ask() -> Any:
+        if api == "completions":
+            return raw_client.completions.create(model=model, prompt="x")
+        if api == "embeddings":
+            return raw_client.embeddings.create(model=model, input="x")
+        return raw_client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+
+    @run(name="main")
+    def main() -> None:
+        ask()
+
+    main()
+    span = step_span(traced, "ask")
+    assert span.name == f"{operation} {model}"
+    assert attrs(span)["gen_ai.operation.name"] == operation
+    assert operations(metric_reader, "gen_ai.client.token.usage") == {operation}
+    assert operations(metric_reader, "gen_ai.client.operation.duration") == {operation}
 
 
 async def test_the_responses_in_a_list_or_tuple_a_step_returns_are_each_charged_once(

@@ -1276,6 +1276,9 @@ class StepContext:
     call_timed_below = False  # a model call inside was timed (by its instrumentation, or a step)
     refused = False  # refused by the budget or policy before it ran: no model call was made
     _own_usage: list[tuple[TokenUsage, int, bool]] | None = None
+    # the gen_ai.operation.name of the model call it returned when that is no chat (embeddings,
+    # text_completion): read from the SDK response; None for a chat and every other step
+    _operation: str | None = None
     # the response ids of the model calls charged in this step or a step inside it, latest last
     _calls_below: dict[str, None] | None = None
     policy_decision: str | None = None
@@ -1418,7 +1421,11 @@ class StepContext:
         if self._own_usage:
             _usage_attributes(self._own_usage, end_attrs)
             model = self._own_usage[-1][0].model
-            if model and self.kind is StepKind.LLM_CALL and not self.model:
+            operation = self._operation
+            if self.kind is StepKind.LLM_CALL and operation is not None:  # embeddings, say: no chat
+                end_attrs[attr.GEN_AI_OPERATION_NAME] = operation
+                span.update_name(f"{operation} {self.model or model}" if self.model or model else operation)
+            elif model and self.kind is StepKind.LLM_CALL and not self.model:
                 span.update_name(spans.step_span_name(self.kind, self.name, model))
         if self.policy_decision is not None:
             if self.policy_rule is not None:
@@ -1532,9 +1539,9 @@ class StepContext:
             usage = replace(usage, model=self.model)
         self._report_call(usage, None)
 
-    def _report_call(self, usage: TokenUsage, call_id: str | None) -> None:
+    def _report_call(self, usage: TokenUsage, call_id: str | None, operation: str = attr.OP_CHAT) -> None:
         units, unpriced = _charge_usage(
-            self.run_context, self, self.agent_context, usage, own=True, call_id=call_id
+            self.run_context, self, self.agent_context, usage, own=True, call_id=call_id, operation=operation
         )
         report = (usage, units, unpriced)
         if self._own_usage is None:
@@ -1553,14 +1560,16 @@ class StepContext:
         if self._own_usage is not None or self.child_usage_reported:
             # the step's calls, which it returns, are charged: a step around it that passes
             # them on must not charge them again
-            _note_calls_around(self, [call_id for call_id, _ in calls if call_id is not None])
+            _note_calls_around(self, [call_id for call_id, _, _ in calls if call_id is not None])
             return False
         below = self._calls_below
         refused: PolicyViolation | None = None
-        for call_id, usage in calls:
+        for call_id, usage, operation in calls:
             if below is None or call_id not in below:
+                if operation != attr.OP_CHAT:
+                    self._operation = operation
                 try:
-                    self._report_call(usage, call_id)
+                    self._report_call(usage, call_id, operation)
                 except PolicyViolation as unpriced:  # init(unpriced="fail"): the other calls count too
                     refused = refused or unpriced
         if refused is not None:
@@ -1921,7 +1930,7 @@ def _step_metrics(step: StepContext, error_type: str | None) -> None:
     ):
         usage = step._own_usage[-1][0] if step._own_usage else None
         metrics.llm_call_finished(
-            attr.OP_CHAT,
+            step._operation or attr.OP_CHAT,
             usage.provider if usage is not None else None,
             step.model or (usage.model if usage is not None else None),
             usage.model if usage is not None else None,
@@ -1943,12 +1952,14 @@ def _charge_usage(
     own: bool,
     genai: bool = True,
     call_id: str | None = None,
+    operation: str = attr.OP_CHAT,
 ) -> tuple[int, bool]:
     """Price one usage report, charge it up the chain and count it in the metrics.
 
     ``own`` is False for usage another instrumentation reported on its own span;
     ``genai`` False when that instrumentation recorded ``gen_ai.client.token.usage``.
-    ``call_id``, the response id of the call, is noted on every step it is charged to.
+    ``call_id``, the response id of the call, is noted on every step it is charged to;
+    ``operation``: its ``gen_ai.operation.name``.
     Returns the cost in integer units and whether it was unpriced.
     """
     client = run.client
@@ -1959,7 +1970,7 @@ def _charge_usage(
     client.metrics.usage_reported(
         run_name=run.run.name,
         agent_name=agent.agent.name,
-        operation=attr.OP_CHAT,
+        operation=operation,
         provider=usage.provider,
         request_model=(step.model if step is not None else None) or usage.model,
         response_model=usage.model,

@@ -41,28 +41,34 @@ _RESPONSE_EVENT = "response_event"  # OpenAI Responses stream event: .response o
 _HAS_MESSAGE = "has_message"  # Anthropic stream: .message carries the model and the usage so far
 _MESSAGE_DELTA = "message_delta"  # Anthropic stream: .usage carries the running output tokens
 
-# (class module prefix, class name) -> (kind, provider id, genai-prices api flavor)
-_KNOWN: dict[tuple[str, str], tuple[str, str, str]] = {
-    ("openai.types", "ChatCompletion"): (_FULL, "openai", "chat"),
+# the GenAI conventions' gen_ai.operation.name of a model call
+CHAT, TEXT_COMPLETION, EMBEDDINGS = "chat", "text_completion", "embeddings"
+
+# (kind, provider id, genai-prices api flavor, operation)
+_How = tuple[str, str, str, str]
+
+# (class module prefix, class name) -> how
+_KNOWN: dict[tuple[str, str], _How] = {
+    ("openai.types", "ChatCompletion"): (_FULL, "openai", "chat", CHAT),
     # completions.create() (the legacy API, which vLLM and others still serve) and embeddings.create()
-    ("openai.types", "Completion"): (_FULL, "openai", "chat"),
-    ("openai.types", "CreateEmbeddingResponse"): (_FULL, "openai", "chat"),
-    ("openai.types", "ChatCompletionChunk"): (_CHAT_CHUNK, "openai", "chat"),
-    ("openai.lib.streaming", "ChunkEvent"): (_CHUNK_EVENT, "openai", "chat"),
-    ("openai.types", "Response"): (_FULL, "openai", "responses"),
-    ("openai.types", "ResponseCompletedEvent"): (_RESPONSE_EVENT, "openai", "responses"),
+    ("openai.types", "Completion"): (_FULL, "openai", "chat", TEXT_COMPLETION),
+    ("openai.types", "CreateEmbeddingResponse"): (_FULL, "openai", "chat", EMBEDDINGS),
+    ("openai.types", "ChatCompletionChunk"): (_CHAT_CHUNK, "openai", "chat", CHAT),
+    ("openai.lib.streaming", "ChunkEvent"): (_CHUNK_EVENT, "openai", "chat", CHAT),
+    ("openai.types", "Response"): (_FULL, "openai", "responses", CHAT),
+    ("openai.types", "ResponseCompletedEvent"): (_RESPONSE_EVENT, "openai", "responses", CHAT),
     # a stream cut by max_output_tokens, or failed, ends with these instead: billed all the same
-    ("openai.types", "ResponseIncompleteEvent"): (_RESPONSE_EVENT, "openai", "responses"),
-    ("openai.types", "ResponseFailedEvent"): (_RESPONSE_EVENT, "openai", "responses"),
-    ("anthropic.types", "Message"): (_FULL, "anthropic", "default"),
-    ("anthropic.types", "BetaMessage"): (_FULL, "anthropic", "default"),
-    ("anthropic.types", "RawMessageStartEvent"): (_HAS_MESSAGE, "anthropic", "default"),
-    ("anthropic.types", "BetaRawMessageStartEvent"): (_HAS_MESSAGE, "anthropic", "default"),
+    ("openai.types", "ResponseIncompleteEvent"): (_RESPONSE_EVENT, "openai", "responses", CHAT),
+    ("openai.types", "ResponseFailedEvent"): (_RESPONSE_EVENT, "openai", "responses", CHAT),
+    ("anthropic.types", "Message"): (_FULL, "anthropic", "default", CHAT),
+    ("anthropic.types", "BetaMessage"): (_FULL, "anthropic", "default", CHAT),
+    ("anthropic.types", "RawMessageStartEvent"): (_HAS_MESSAGE, "anthropic", "default", CHAT),
+    ("anthropic.types", "BetaRawMessageStartEvent"): (_HAS_MESSAGE, "anthropic", "default", CHAT),
     # the SDK's MessageStream helper ends with this event, holding the whole message
-    ("anthropic.lib.streaming", "MessageStopEvent"): (_HAS_MESSAGE, "anthropic", "default"),
-    ("anthropic.lib.streaming", "BetaMessageStopEvent"): (_HAS_MESSAGE, "anthropic", "default"),
-    ("anthropic.types", "RawMessageDeltaEvent"): (_MESSAGE_DELTA, "anthropic", "default"),
-    ("anthropic.types", "BetaRawMessageDeltaEvent"): (_MESSAGE_DELTA, "anthropic", "default"),
+    ("anthropic.lib.streaming", "MessageStopEvent"): (_HAS_MESSAGE, "anthropic", "default", CHAT),
+    ("anthropic.lib.streaming", "BetaMessageStopEvent"): (_HAS_MESSAGE, "anthropic", "default", CHAT),
+    ("anthropic.types", "RawMessageDeltaEvent"): (_MESSAGE_DELTA, "anthropic", "default", CHAT),
+    ("anthropic.types", "BetaRawMessageDeltaEvent"): (_MESSAGE_DELTA, "anthropic", "default", CHAT),
 }
 
 # how a step may hand its caller an SDK stream unread: the stream, read with ``for`` ("sync") or
@@ -94,7 +100,7 @@ _STREAMS: dict[tuple[str, str], _StreamKind] = {
 # what most steps return: never an SDK object, known without a function call
 NOT_A_RESPONSE = frozenset({type(None), str, int, float, bool, bytes, list, dict, tuple})
 
-_recognised: dict[type, tuple[str, str, str] | None] = {}
+_recognised: dict[type, _How | None] = {}
 _streams: dict[type, _StreamKind | Literal["proxy"] | None] = {}
 # classes made at run time (a pydantic model per request, say) would pile up, each held alive
 _MAX_RECOGNISED = 1024
@@ -110,7 +116,7 @@ def _recognise(cls: type, known: Mapping[tuple[str, str], T]) -> T | None:
     return None
 
 
-def _how(value: Any) -> tuple[str, str, str] | None:
+def _how(value: Any) -> _How | None:
     cls = type(value)
     try:
         return _recognised[cls]
@@ -158,8 +164,8 @@ def instrumentation_wrapper(value: Any) -> Any:
     return value.stream if _stream_kind(type(value)) == "wrapper" else None
 
 
-# one model call: the id of its response (None if it has none) and its usage
-ModelCall = tuple[str | None, TokenUsage]
+# one model call: the id of its response (None if it has none), its usage and its operation
+ModelCall = tuple[str | None, TokenUsage, str]
 
 
 def call_of_result(value: Any) -> ModelCall | None:
@@ -170,9 +176,9 @@ def call_of_result(value: Any) -> ModelCall | None:
     return _call(how, value)
 
 
-def _call(how: tuple[str, str, str], response: Any) -> ModelCall | None:
+def _call(how: _How, response: Any) -> ModelCall | None:
     usage = _extract(how, getattr(response, "model", None), getattr(response, "usage", None))
-    return None if usage is None else (_response_id(getattr(response, "id", None)), usage)
+    return None if usage is None else (_response_id(getattr(response, "id", None)), usage, how[3])
 
 
 def _response_id(value: Any) -> str | None:
@@ -184,7 +190,7 @@ class _Stream:
 
     __slots__ = ("how", "ident", "model", "usage")
 
-    def __init__(self, how: tuple[str, str, str], ident: Any) -> None:
+    def __init__(self, how: _How, ident: Any) -> None:
         self.how = how
         self.ident = ident
         self.model: str | None = None
@@ -237,7 +243,7 @@ class StreamUsage:
         except Exception:
             _warn_once(type(item).__name__)
 
-    def _stream(self, how: tuple[str, str, str], ident: Any) -> _Stream:
+    def _stream(self, how: _How, ident: Any) -> _Stream:
         key = (how[0], ident)
         stream = self._streams.get(key)
         if stream is None:
@@ -255,7 +261,7 @@ class StreamUsage:
             if stream.usage:
                 streamed = _extract(stream.how, stream.model, stream.usage)
                 if streamed is not None:
-                    found.append((_response_id(stream.ident), streamed))
+                    found.append((_response_id(stream.ident), streamed, stream.how[3]))
         return found
 
 
@@ -310,10 +316,10 @@ def _warn_bad_count(provider_id: str, field: str, value: object) -> None:
         )
 
 
-def _extract(how: tuple[str, str, str], model: Any, usage: Any) -> TokenUsage | None:
+def _extract(how: _How, model: Any, usage: Any) -> TokenUsage | None:
     if usage is None:
         return None
-    _, provider_id, flavor = how
+    provider_id, flavor = how[1], how[2]
     try:
         # the SDKs do not validate responses: a count an OpenAI-compatible server sent as null (or
         # left out) is 0, and the counts it did send are still charged
