@@ -9,6 +9,7 @@ are genai-prices' own, computed here independently of the package.
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import logging
 import threading
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import anthropic
 import genai_prices
 import openai
 import pytest
@@ -1188,6 +1190,68 @@ def test_a_legacy_completion_or_an_embedding_response_is_charged(traced, answeri
     assert attrs(traced.span("invoke_workflow main"))["multirun.cost_usd"] == pytest.approx(
         price(model, "openai", input_tokens=3000, output_tokens=output)
     )
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+async def test_a_raw_response_a_step_returns_is_charged_once_and_still_parses(traced, answering, sdk) -> None:
+    """``with_raw_response``: the SDK read the body, and caches what ``parse()`` gives, so
+    reading it costs the program nothing; a step around that returns ``parse()``'s response is
+    the same call."""
+    if sdk == "openai":
+        answering.body = chat_body('{"prompt_tokens": 1000, "completion_tokens": 40, "total_tokens": 1040}')
+        model, expected = (
+            "gpt-4o-2024-08-06",
+            price("gpt-4o-2024-08-06", "openai", input_tokens=1000, output_tokens=40),
+        )
+        sync_client: Any = openai.OpenAI(base_url=answering.url, api_key="test", max_retries=0)
+        async_client: Any = openai.AsyncOpenAI(base_url=answering.url, api_key="test", max_retries=0)
+        create = lambda c: c.chat.completions.with_raw_response.create(  # noqa: E731
+            model=model, messages=[{"role": "user", "content": "x"}]
+        )
+    else:
+        answering.body = anthropic_message(1000, 40, 0, 0).model_dump_json().encode()
+        model = ANTHROPIC_MODEL
+        expected = price(model, "anthropic", input_tokens=1000, output_tokens=40)
+        base = answering.url.removesuffix("/v1")
+        sync_client = anthropic.Anthropic(base_url=base, api_key="test", max_retries=0)
+        async_client = anthropic.AsyncAnthropic(base_url=base, api_key="test", max_retries=0)
+        create = lambda c: c.messages.with_raw_response.create(  # noqa: E731
+            model=model, max_tokens=10, messages=[{"role": "user", "content": "x"}]
+        )
+
+    @step
+    def ask() -> Any:
+        return create(sync_client)
+
+    @step
+    async def ask_async() -> Any:
+        return await create(async_client)
+
+    @step
+    def answer() -> Any:
+        return ask().parse()  # the same response: charged once
+
+    @run(name="main")
+    async def main() -> list[Any]:
+        return [answer(), await ask_async()]
+
+    try:
+        parsed, raw = await main()
+    finally:
+        sync_client.close()
+        await async_client.close()
+    assert parsed.model == model and parsed.usage is not None
+    again = raw.parse()
+    if inspect.isawaitable(again):
+        again = await again
+    assert again.model == model  # the program still reads what it got
+    run_span = attrs(traced.span("invoke_workflow main"))
+    assert run_span["multirun.tokens_used"] == 2 * 1040
+    assert run_span["multirun.cost_usd"] == pytest.approx(2 * expected)
+    # charged in "ask" (by multirun, or by an SDK instrumentation's span inside it), and once:
+    # "answer", which holds it, rolls up the same call
+    assert attrs(step_span(traced, "ask"))["multirun.tokens_used"] == 1040
+    assert attrs(step_span(traced, "answer"))["multirun.tokens_used"] == 1040
 
 
 @pytest.fixture

@@ -55,6 +55,7 @@ from multirun.sdk_usage import (
     StreamUsage,
     call_of_result,
     is_sdk_object,
+    response_of,
     returned_stream,
 )
 from multirun.telemetry import attributes as attr
@@ -385,7 +386,7 @@ class _StepCall(StepContext):
             self._charge_response_usage(*stream.calls())
             return
         call = call_of_result(result)
-        if call is not None and not self.run_context._returned_before(result, call[0]):
+        if call is not None and not self.run_context._returned_before(response_of(result), call[0]):
             self._charge_response_usage(call)
 
     def _charge_sdk_usage_in(self, items: list[Any] | tuple[Any, ...]) -> None:
@@ -395,7 +396,7 @@ class _StepCall(StepContext):
         for item in items:
             if type(item) not in NOT_A_RESPONSE:
                 call = call_of_result(item)
-                if call is not None and not self.run_context._returned_before(item, call[0]):
+                if call is not None and not self.run_context._returned_before(response_of(item), call[0]):
                     calls.append(call)
         if calls:
             self._charge_response_usage(*calls)

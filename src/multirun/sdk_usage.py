@@ -20,6 +20,7 @@ and the model on the object.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
@@ -40,6 +41,7 @@ _CHUNK_EVENT = "chunk_event"  # OpenAI chat.completions.stream() event: the chun
 _RESPONSE_EVENT = "response_event"  # OpenAI Responses stream event: .response on "completed"
 _HAS_MESSAGE = "has_message"  # Anthropic stream: .message carries the model and the usage so far
 _MESSAGE_DELTA = "message_delta"  # Anthropic stream: .usage carries the running output tokens
+_RAW = "raw"  # the SDK's raw HTTP response (with_raw_response): its parse() is the response
 
 # the GenAI conventions' gen_ai.operation.name of a model call
 CHAT, TEXT_COMPLETION, EMBEDDINGS = "chat", "text_completion", "embeddings"
@@ -69,6 +71,13 @@ _KNOWN: dict[tuple[str, str], _How] = {
     ("anthropic.lib.streaming", "BetaMessageStopEvent"): (_HAS_MESSAGE, "anthropic", "default", CHAT),
     ("anthropic.types", "RawMessageDeltaEvent"): (_MESSAGE_DELTA, "anthropic", "default", CHAT),
     ("anthropic.types", "BetaRawMessageDeltaEvent"): (_MESSAGE_DELTA, "anthropic", "default", CHAT),
+    # with_raw_response (and with_streaming_response) results: OpenAI's LegacyAPIResponse,
+    # both SDKs' APIResponse and AsyncAPIResponse
+    ("openai._legacy_response", "LegacyAPIResponse"): (_RAW, "openai", "", CHAT),
+    ("openai._response", "APIResponse"): (_RAW, "openai", "", CHAT),
+    ("openai._response", "AsyncAPIResponse"): (_RAW, "openai", "", CHAT),
+    ("anthropic._response", "APIResponse"): (_RAW, "anthropic", "", CHAT),
+    ("anthropic._response", "AsyncAPIResponse"): (_RAW, "anthropic", "", CHAT),
 }
 
 # how a step may hand its caller an SDK stream unread: the stream, read with ``for`` ("sync") or
@@ -169,11 +178,54 @@ ModelCall = tuple[str | None, TokenUsage, str]
 
 
 def call_of_result(value: Any) -> ModelCall | None:
-    """The model call of a whole SDK response returned by a step, or None for anything else."""
+    """The model call of a whole SDK response returned by a step (or of the raw HTTP response
+    of one, ``with_raw_response``), or None for anything else."""
     how = _how(value)
-    if how is None or how[0] != _FULL:
+    if how is None:
+        return None
+    if how[0] == _RAW:
+        value = _parsed(value)
+        how = _how(value)
+        if how is None:
+            return None
+    if how[0] != _FULL:
         return None
     return _call(how, value)
+
+
+def response_of(value: Any) -> Any:
+    """``value``, or the response its raw HTTP response holds (the one its ``parse()`` gives)."""
+    how = _how(value)
+    return _parsed(value) if how is not None and how[0] == _RAW else value
+
+
+def is_raw_response(value: Any) -> bool:
+    """Whether ``value`` is an SDK's raw HTTP response (``with_raw_response``)."""
+    how = _how(value)
+    return how is not None and how[0] == _RAW
+
+
+def _parsed(raw: Any) -> Any:
+    """The response an SDK's raw HTTP response holds, as its ``parse()`` gives it; None while its
+    body is not read (``with_streaming_response`` before it is read, a stream), which is left
+    for the program to read. The SDKs cache what ``parse()`` gives, so the program's own call
+    gets this very object; and with the body read, ``parse()`` makes no I/O: the async SDKs'
+    coroutine is run here to its end, which it reaches without suspending."""
+    try:
+        if not raw.http_response.is_closed:  # not read to its end yet
+            return None
+        parsed = raw.parse()
+        if inspect.iscoroutine(parsed):
+            try:
+                parsed.send(None)
+            except StopIteration as done:
+                return done.value
+            parsed.close()  # it would have waited: never here, with the body read
+            return None
+        return parsed
+    except Exception:  # an SDK version that parses otherwise: no usage, never a failed step
+        _warn_once(f"raw {type(raw).__name__}")
+        return None
 
 
 def _call(how: _How, response: Any) -> ModelCall | None:

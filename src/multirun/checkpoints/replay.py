@@ -75,6 +75,7 @@ from multirun._runtimes import trio_task
 from multirun.checkpoints.hashing import v1_input_hash
 from multirun.checkpoints.serializers import is_one_shot
 from multirun.errors import DeterminismError
+from multirun.sdk_usage import is_raw_response
 
 _logger = logging.getLogger(__name__)
 
@@ -423,6 +424,10 @@ def kept_copy(value: Any) -> Any:
     """A copy of a step's result that the program cannot change afterwards (it appends to the
     list the step returned, say), so the log serves what the step returned."""
     if type(value) in _KEPT_AS_IS:  # immutable: the object itself
+        return value
+    if is_raw_response(value):
+        # it holds the SDK's client (its HTTP pool, locks): a deep copy fails half-way and
+        # leaves half-made clients that complain when collected. Its body is read: kept as is
         return value
     try:
         return copy.deepcopy(value)
