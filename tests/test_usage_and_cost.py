@@ -277,6 +277,43 @@ def test_user_price_override_takes_precedence_over_genai_prices(traced) -> None:
     assert attrs(traced.span("chat gpt-4o-mini"))["gen_ai.usage.cost.amount"] == pytest.approx(1.0)
 
 
+def test_a_price_override_applies_to_the_dated_name_a_response_reports(traced) -> None:
+    # prices={"gpt-4o": ...}, and the API answers "gpt-4o-2024-08-06": the user's price, not
+    # genai-prices'. An exact override wins over the undated one; another model is not matched
+    reinit(
+        traced,
+        prices={
+            "gpt-4o": multirun.Price(input_per_mtok=10, output_per_mtok=0),
+            "gpt-4o-2024-05-13": multirun.Price(input_per_mtok=20, output_per_mtok=0),
+            "claude-3-5-sonnet": multirun.Price(input_per_mtok=30, output_per_mtok=0),
+        },
+    )
+    reported = [
+        "gpt-4o-2024-08-06",
+        "gpt-4o-2024-05-13",
+        "claude-3-5-sonnet-20241022",
+        "claude-3-5-sonnet-latest",
+        "gpt-4o-mini-2024-07-18",
+    ]
+
+    @step
+    def ask(model: str) -> None:
+        multirun.report_usage(model, input_tokens=100_000, output_tokens=0)
+
+    @run
+    def main() -> None:
+        for model in reported:
+            ask(model)
+
+    main()
+    costs = [
+        attrs(s)["multirun.cost_usd"] for s in sorted(traced.named("step ask"), key=lambda s: s.start_time)
+    ]
+    published = published_price("gpt-4o-mini-2024-07-18", input_tokens=100_000)
+    assert costs == pytest.approx([1.0, 2.0, 3.0, 3.0, published])
+    assert published != pytest.approx(1.0)
+
+
 def test_report_usage_outside_run_does_nothing(traced) -> None:
     multirun.report_usage("gpt-4o-mini", input_tokens=10, output_tokens=10)
     assert traced.spans() == []

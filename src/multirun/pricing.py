@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,7 +93,9 @@ class PriceBook:
             self.set_price(model, price)
 
     def set_price(self, model: str, price: Price | Mapping[str, float]) -> None:
-        """Use ``price`` for ``model`` (exact name), ahead of genai-prices."""
+        """Use ``price`` for ``model``, ahead of genai-prices: for that exact name, and for that
+        name followed by a date or version suffix (``gpt-4o-2024-08-06`` for ``gpt-4o``) unless
+        that full name has an override of its own."""
         if not isinstance(model, str) or not model:
             raise ConfigurationError(f"prices: a model name must be a non-empty string, got {model!r}")
         if isinstance(price, Mapping):
@@ -121,12 +124,29 @@ class PriceBook:
         """The cost in USD, or None when the model has no known price."""
         if not model:
             return None
-        override = self._overrides.get(model)
-        if override is not None:
-            return override.cost(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+        overrides = self._overrides
+        if overrides:
+            override = overrides.get(model)
+            if override is None:  # "gpt-4o-2024-08-06" reported, "gpt-4o" given
+                base = _without_version(model)
+                override = overrides.get(base) if base is not None else None
+            if override is not None:
+                return override.cost(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
         return _published_cost(
             model, provider, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens
         )
+
+
+# a date or version suffix that a provider appends to a model's name in its responses:
+# -2024-08-06, -20241022, -0613, -002, -latest, -v1, -v2:0 (Bedrock), @20241022 (Vertex)
+_VERSION_SUFFIX = re.compile(r"[-@](?:\d{4}-\d{2}-\d{2}|\d{8}|\d{3,4}|latest|v\d+(?::\d+)?)$")
+
+
+@lru_cache(maxsize=1024)
+def _without_version(model: str) -> str | None:
+    """``model`` without its date or version suffix; None if it has none."""
+    match = _VERSION_SUFFIX.search(model)
+    return model[: match.start()] if match is not None and match.start() > 0 else None
 
 
 # genai-prices names providers by id; map the GenAI semantic convention names that differ.
