@@ -1542,3 +1542,56 @@ def test_a_checkpoint_the_program_takes_after_its_run_ended_is_written_quietly(t
         meta = ctx.checkpoint(name="after").value
     assert [r.getMessage() for r in caplog.records] == []
     assert traced.client.checkpoints.load(meta.id).state == {"answer": 42}
+
+
+@pytest.mark.parametrize("how", ["ThreadPoolExecutor", "asyncio.to_thread"])
+def test_tasks_a_thread_pool_ran_one_after_another_in_a_worker_replay_in_any_order(traced, how) -> None:
+    """A pool worker runs task after task: they ran side by side all the same, so a resumed run
+    whose pool schedules them otherwise is served, with no DeterminismError."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    executed: list[int] = []
+    first_done = threading.Event()
+
+    @step
+    def fetch(n: int) -> str:
+        executed.append(n)
+        return f"page {n}"
+
+    def task(n: int, overtaken: bool) -> str:
+        if overtaken and n == 0:
+            first_done.wait(5)  # the pool's other worker fetches page 1 first
+        page = fetch(n)
+        first_done.set()
+        return page
+
+    def program(workers: int, overtaken: bool):  # type: ignore[no-untyped-def]
+        @run(name="pages")
+        def pages() -> list[str]:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                if how == "ThreadPoolExecutor":
+                    found = list(pool.map(task, [0, 1], [overtaken] * 2))
+                else:
+
+                    async def both() -> list[str]:
+                        asyncio.get_running_loop().set_default_executor(pool)
+                        return list(
+                            await asyncio.gather(*(asyncio.to_thread(task, n, overtaken) for n in (0, 1)))
+                        )
+
+                    found = asyncio.run(both())
+            get_current_run_context().checkpoint(name="fetched")
+            if not overtaken:
+                raise RuntimeError("crash")
+            return found
+
+        return pages
+
+    run_id = run_id_after_crash(traced, program(workers=1, overtaken=False))  # one worker: 0 then 1
+    assert executed == [0, 1]
+    executed.clear()
+    first_done.clear()
+    with multirun.resume(run_id=run_id):
+        assert program(workers=2, overtaken=True)() == ["page 0", "page 1"]
+    assert executed == []

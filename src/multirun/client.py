@@ -23,11 +23,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import wrapt
+from opentelemetry import context as otel_context
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -35,6 +38,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from multirun._keys import RUN_KEY
 from multirun._process import env_int, is_count, refuse_or_warn
 from multirun.checkpoints.envelope import MAX_BYTES_ENV
 from multirun.checkpoints.exporters import BlobExporter, FileBlobExporter, exporter_from_uri
@@ -1536,5 +1540,25 @@ def _propagate_context_to_threads() -> None:
         instrumentor = ThreadingInstrumentor()
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument()
+        wrapt.wrap_function_wrapper(ThreadPoolExecutor, "submit", _submit_as_a_lane)
     except Exception:  # pragma: no cover - a broken optional dependency must not break runs
         _logger.warning("multirun: cannot propagate context into threads", exc_info=True)
+
+
+def _submit_as_a_lane(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    """``ThreadPoolExecutor.submit`` in a run: the task's steps are a replay lane of their own
+    (``ReplayLog.task_started``), not one with the tasks its worker ran before it."""
+    run = otel_context.get_current().get(RUN_KEY)
+    if run is None or not run.records_replay or not args or not callable(args[0]):  # type: ignore[attr-defined]
+        return wrapped(*args, **kwargs)
+    fn = args[0]
+
+    def task(*task_args: Any, **task_kwargs: Any) -> Any:
+        log = run.replay_log  # type: ignore[attr-defined]
+        mark = log.task_started()
+        try:
+            return fn(*task_args, **task_kwargs)
+        finally:
+            log.task_ended(mark)
+
+    return wrapped(task, *args[1:], **kwargs)

@@ -68,6 +68,7 @@ import sys
 import threading
 from _thread import get_ident
 from asyncio import _get_running_loop, current_task
+from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -120,6 +121,9 @@ class ReplayLog:
         # names of steps called with arguments that have no input hash: never recorded, so a
         # restore cannot serve them (checkpoints say so)
         self.unhashed: set[str] = set()
+        # thread pool tasks: the sequence numbers at which one started, by thread (see task_started)
+        self._tasks: dict[int, list[int]] = {}
+        self._task_marks = 0
 
     @property
     def replaying(self) -> bool:
@@ -199,6 +203,27 @@ class ReplayLog:
             self.fail(call)
         else:
             self.abandon(call)  # recorded with no result: a sub-run is never served, it runs again
+
+    def task_started(self) -> int | None:
+        """A thread pool task of this log's run starts in this thread: its mark, for
+        ``task_ended``. A pool worker runs task after task, which ran side by side all the
+        same: the calls of each are a lane of their own (told apart when a checkpoint is
+        written), so a restore whose pool schedules them otherwise still serves them."""
+        if self._task_marks >= self.limit or len(self._recorded) >= self.limit:
+            return None  # the log records no more calls, or holds as many marks as calls
+        mark = next(self._seq)
+        self._tasks.setdefault(get_ident(), []).append(mark)
+        self._task_marks += 1
+        return mark
+
+    def task_ended(self, mark: int | None) -> None:
+        """The pool task ``task_started`` marked ended: its mark goes if no call was made
+        meanwhile, so tasks that make no steps keep no memory."""
+        if mark is not None and next(self._seq) == mark + 1:
+            marks = self._tasks.get(get_ident())
+            if marks and marks[-1] == mark:
+                marks.pop()
+                self._task_marks -= 1
 
     def _warn_full(self) -> None:
         if not self._full_warned:
@@ -322,10 +347,16 @@ class ReplayLog:
             counted = dict(replay.counts) if replay is not None else {}
             restored = replay.kept_records({c[SEQ] for c, _, _ in calls}) if replay is not None else []
             reruns = set(self._reruns)
+            tasks = {ident: list(marks) for ident, marks in self._tasks.items() if marks}
         calls.sort(key=lambda c: c[0][SEQ])
         records = []
         for call, end, result in calls:
             name, digest, occurrence, parent, seq, lane = call
+            marks = tasks.get(lane) if tasks else None
+            if marks:
+                # the n-th pool task of that thread: a lane of its own (a thread id or a task's
+                # id is below 2**64, so no other lane is numbered so)
+                lane += bisect_right(marks, seq) << 64
             if not occurrence:
                 occurrence = counted[name, digest] = counted.get((name, digest), 0) + 1
             record = {
@@ -358,6 +389,7 @@ class ReplayLog:
             self._replay = replay
             self._reruns = set()
             self._runs = {}
+            self._tasks, self._task_marks = {}, 0
             self._seq = itertools.count(replay.next_seq)
 
 
