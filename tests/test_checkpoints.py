@@ -1595,3 +1595,30 @@ def test_tasks_a_thread_pool_ran_one_after_another_in_a_worker_replay_in_any_ord
     with multirun.resume(run_id=run_id):
         assert program(workers=2, overtaken=True)() == ["page 0", "page 1"]
     assert executed == []
+
+
+def test_a_resumed_runs_model_carries_the_restored_spend_from_its_start(traced) -> None:
+    """``ctx.run.tokens_used`` and ``cost_usd`` say what ``ctx.tokens_used`` says, before any step."""
+    calls = Calls()
+    with pytest.raises(ConnectionError):
+        crew_program(calls, fail_at_end=True)("otel")
+    run_id = traced.span("invoke_workflow crew").attributes[attr.RUN_ID]
+    seen: list[tuple[int, float, int, float]] = []
+
+    @run(name="crew")
+    def crew() -> None:
+        ctx = get_current_run_context()
+        seen.append((ctx.run.tokens_used, ctx.run.cost_usd, ctx.tokens_used, ctx.cost_usd))
+
+    @run(name="other")
+    def other() -> None:
+        ctx = get_current_run_context()
+        ctx.restore_from_checkpoint(traced.client.checkpoints.latest(run_id))
+        seen.append((ctx.run.tokens_used, ctx.run.cost_usd, ctx.tokens_used, ctx.cost_usd))
+
+    with multirun.resume(run_id=run_id):
+        crew()
+    other()
+    for tokens, cost, ledger_tokens, ledger_cost in seen:
+        assert (tokens, cost) == (ledger_tokens, ledger_cost)
+        assert tokens == 1100 and cost > 0

@@ -443,7 +443,7 @@ class RunContext:
             state = recorded.get("state")
             if isinstance(state, dict):
                 self._state.update(state)
-            _restore_spend(self.ledger, recorded.get("ledger"))
+            _restore_spend(self, recorded.get("ledger"))
             self._restore_agents(recorded.get("agents"))
 
     def _replay_snapshot(
@@ -873,7 +873,7 @@ class RunContext:
         self._restore_agents(agents)
         self.replay_log.load(replay)
         self.records_replay = True
-        _restore_spend(self.ledger, ledger)
+        _restore_spend(self, ledger)
         self.is_replaying = True
         if self._span is not None:
             self._span.set_attribute(attr.RUN_REPLAYING, True)
@@ -2157,12 +2157,15 @@ def _sub_run_part(restored: RestoredCheckpoint) -> tuple[dict[str, Any], list[di
     return (state if isinstance(state, dict) else {}), records, kept.get("ledger"), kept.get("agents")
 
 
-def _restore_spend(ledger: Ledger, spend: Any) -> None:
-    """Count at least the spend a checkpoint kept (older checkpoints lack some totals)."""
+def _restore_spend(run: RunContext, spend: Any) -> None:
+    """Count at least the spend a checkpoint kept (older checkpoints lack some totals), in the
+    run's ledger and its Run model."""
     if isinstance(spend, dict):
         totals = [spend.get(name, 0) for name in SPEND_TOTALS]
         if all(type(total) is int for total in totals):
+            ledger = run.ledger
             ledger.restore(*totals)
+            _write_totals(run.run, ledger.tokens, ledger.cost_usd)
 
 
 def _effective_budget(run: Run) -> Budget | None:
