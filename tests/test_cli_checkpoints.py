@@ -464,6 +464,13 @@ def test_checkpoints_of_an_unknown_run_is_an_error(store_dir, capsys) -> None:
     ]
 
 
+def test_checkpoints_of_an_empty_run_id_is_an_error_not_every_run(store_dir, capsys) -> None:
+    """``--run "$RUN_ID"`` with the variable unset lists nothing rather than every checkpoint."""
+    code, out, err = run_cli(capsys, "checkpoints", "--run", "", "--dir", str(store_dir))
+    assert code == 2 and out == ""
+    assert "argument --run: must name a run id, got ''" in err
+
+
 def test_checkpoints_of_a_run_with_none(store_dir, capsys) -> None:
     other = "0123456789abcdef" * 2
     write_run_span(store_dir, other)  # known to the traces, never checkpointed

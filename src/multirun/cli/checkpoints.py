@@ -81,7 +81,11 @@ def add_commands(commands: Any, add_dir: Any) -> None:
     listing = commands.add_parser("checkpoints", help="list, show or verify checkpoints")
     add_store_options(listing, add_dir)
     listing.add_argument(
-        "--run", dest="run_id", metavar="RUN_ID", help="only this run's checkpoints (a unique prefix will do)"
+        "--run",
+        dest="run_id",
+        type=naming("run id"),
+        metavar="RUN_ID",
+        help="only this run's checkpoints (a unique prefix will do)",
     )
     listing.set_defaults(handler=cmd_list)
     sub = listing.add_subparsers(title="commands", metavar="COMMAND")
