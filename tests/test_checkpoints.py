@@ -1622,3 +1622,78 @@ def test_a_resumed_runs_model_carries_the_restored_spend_from_its_start(traced) 
     for tokens, cost, ledger_tokens, ledger_cost in seen:
         assert (tokens, cost) == (ledger_tokens, ledger_cost)
         assert tokens == 1100 and cost > 0
+
+
+def test_a_step_around_served_llm_calls_that_returns_their_responses_is_not_charged_again(
+    traced, tmp_path
+) -> None:
+    """With the pickle serializer a served step gives back the SDK response itself: a step
+    around it that runs again (idempotent=False, or running at the checkpoint) and returns it,
+    alone or in a list, must not charge its usage a second time."""
+    from openai.types.chat import ChatCompletion
+
+    multirun.init(
+        tracer_provider=traced.provider,
+        checkpoint_uri=str(tmp_path / "pickled"),
+        checkpoint_serializer="pickle",
+        checkpoint_hmac_key="a test key of at least sixteen bytes",
+    )
+    calls = Calls()
+
+    def response(n: int) -> ChatCompletion:
+        return ChatCompletion.model_validate(
+            {
+                "id": f"chatcmpl-{n}",
+                "object": "chat.completion",
+                "created": 1_730_000_000,
+                "model": "gpt-4o-mini",
+                "choices": [
+                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+                ],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
+            }
+        )
+
+    @step(kind=StepKind.LLM_CALL)
+    def chat(n: int) -> ChatCompletion:
+        calls(f"chat {n}")
+        return response(n)
+
+    @step(idempotent=False)
+    def turn(n: int) -> ChatCompletion:
+        return chat(n)
+
+    @step(idempotent=False)
+    def turn_by_hand(n: int) -> ChatCompletion:  # its LLM call a step made by hand
+        agent = get_current_agent_context()
+        found, result = agent.get_step_result("chat", (n,), {})
+        if not found:
+            made = agent.start_step("chat", kind=StepKind.LLM_CALL, input_args=(n,), input_kwargs={})
+            calls(f"chat {n}")
+            result = response(n)
+            made.complete(result)
+        return result
+
+    @step(idempotent=False)
+    def both_turns() -> list[ChatCompletion]:
+        return [chat(2), chat(3)]
+
+    spent: list[int] = []
+
+    @run(name="agent")
+    def agent_loop(crash: bool) -> None:
+        turn(1)
+        both_turns()
+        turn_by_hand(4)
+        spent.append(get_current_run_context().tokens_used)
+        if crash:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        agent_loop(True)
+    run_id = traced.named("invoke_workflow agent")[-1].attributes[attr.RUN_ID]
+    assert spent == [440] and calls.log == ["chat 1", "chat 2", "chat 3", "chat 4"]
+    with multirun.resume(run_id=run_id):
+        agent_loop(False)
+    assert spent == [440, 440]  # nothing paid again
+    assert calls.log == ["chat 1", "chat 2", "chat 3", "chat 4"]

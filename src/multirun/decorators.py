@@ -34,6 +34,7 @@ from multirun.context import (
     RunContext,
     StepContext,
     check_string_keys,
+    note_served,
     record_step_not_run,
 )
 from multirun.errors import (
@@ -497,7 +498,11 @@ def _open_step(
             )
             if isinstance(began, Served):
                 # a generator step's value: its items and return value (DeterminismError if none)
-                value = stream_of(spec.name, began.value) if spec.streams else began.value
+                if spec.streams:
+                    value = stream_of(spec.name, began.value)
+                else:
+                    value = began.value
+                    note_served(run, parent, value)  # its SDK responses were paid for already
                 _record_step_not_run(spec, agent, current, digest=digest, args=args, kwargs=kwargs)
                 return _Replayed(value)
             replay_call = began
