@@ -327,6 +327,28 @@ def test_a_step_returning_a_response_a_step_inside_it_reported_by_hand_is_not_ch
     assert [attrs(s)["multirun.tokens_used"] for s in traced.named("step answer")] == [110, 110]
 
 
+def test_a_step_returning_a_response_a_manual_step_completed_with_its_tokens_is_not_charged_again(
+    traced,
+) -> None:
+    # complete(response, tokens_used=...) is that call's report: the step around it that
+    # returns the response adds nothing
+    @step
+    def answer() -> ChatCompletion:
+        agent = multirun.context.get_current_agent_context()
+        by_hand = agent.start_step("ask", kind=StepKind.LLM_CALL, input_args=("q",))
+        response = chat_completion(prompt=100, completion=10)
+        by_hand.complete(response, tokens_used=110)
+        return response
+
+    @run(name="main")
+    def main() -> None:
+        answer()
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 110
+    assert attrs(step_span(traced, "answer"))["multirun.tokens_used"] == 110
+
+
 def test_a_generator_step_passing_on_chunks_a_step_inside_it_reported_by_hand_is_not_charged_again(
     traced,
 ) -> None:

@@ -62,7 +62,7 @@ from multirun.models.policy import PolicyDecision
 from multirun.models.run import Run, RunStatus
 from multirun.models.step import Step, StepKind, StepStatus
 from multirun.pricing import COST_UNITS_PER_USD
-from multirun.sdk_usage import NOT_A_RESPONSE, call_of_result
+from multirun.sdk_usage import NOT_A_RESPONSE, call_of_result, response_of
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 from multirun.telemetry.content import render, render_call
@@ -1097,7 +1097,7 @@ class AgentContext:
         parent = self._replay_parent(step_in(parent_ctx))
         found = self.run_context.replay_log.take(name, digest, parent, args, kwargs)
         if found[0]:
-            note_served(self.run_context, step_in(parent_ctx), found[1])
+            note_paid_for(self.run_context, step_in(parent_ctx), found[1])
             record_step_not_run(self, parent_ctx, name, kind, model, args, kwargs, digest=digest)
         return Done(found)
 
@@ -1625,6 +1625,8 @@ class StepContext:
                 cost_usd=cost_usd,
             )
             self.report_usage(usage)
+            if type(result) not in NOT_A_RESPONSE or type(result) is list or type(result) is tuple:
+                note_paid_for(self.run_context, self, result)  # the report is its call's
         self.status = StepStatus.COMPLETED
         self.result = result
         self._done = True
@@ -2001,21 +2003,23 @@ def enclosing_spans(holder: StepContext | AgentContext) -> list[Span]:
     return [current._span for current in _enclosing(holder) if current._span is not None]
 
 
-def note_served(run: RunContext, parent: StepContext | None, value: Any) -> None:
-    """A step served from a checkpoint gives ``value``: the LLM SDK responses in it (one
-    level deep in a list or tuple, as a step's are charged) were paid for by the recorded run,
-    so a step around it, or a later step, that returns them is not charged for them again."""
+def note_paid_for(run: RunContext, step: StepContext | None, value: Any) -> None:
+    """The LLM SDK responses in ``value`` (one level deep in a list or tuple, as a step's are
+    charged) were paid for already: served from a checkpoint (the recorded run paid), or
+    reported by hand (``complete(response, tokens_used=...)``). A step around ``step``, or a
+    later step, that returns them is not charged for them again."""
     items = value if type(value) is list or type(value) is tuple else (value,)
     call_ids = []
     for item in items:
         if type(item) not in NOT_A_RESPONSE:
             call = call_of_result(item)
             if call is not None:
-                run._returned_before(item, call[0])  # noted as returned: not charged when returned again
+                # noted as returned: not charged when returned again
+                run._returned_before(response_of(item), call[0])
                 if call[0] is not None:
                     call_ids.append(call[0])
-    if parent is not None:
-        _note_calls_around(parent, call_ids)  # a copy of it returned around it is not charged either
+    if step is not None:
+        _note_calls_around(step, call_ids)  # a copy of it returned around it is not charged either
 
 
 def _note_calls_around(step: StepContext, call_ids: list[str]) -> None:

@@ -34,7 +34,7 @@ from multirun.context import (
     RunContext,
     StepContext,
     check_string_keys,
-    note_served,
+    note_paid_for,
     record_step_not_run,
 )
 from multirun.errors import (
@@ -502,7 +502,7 @@ def _open_step(
                     value = stream_of(spec.name, began.value)
                 else:
                     value = began.value
-                    note_served(run, parent, value)  # its SDK responses were paid for already
+                    note_paid_for(run, parent, value)  # its SDK responses were paid for already
                 _record_step_not_run(spec, agent, current, digest=digest, args=args, kwargs=kwargs)
                 return _Replayed(value)
             replay_call = began
