@@ -390,3 +390,102 @@ def test_each_test_faults_md_names_is_one_that_exists() -> None:
         elif test and not re.search(rf"^(?:async )?def {test}\(", path.read_text("utf-8"), re.MULTILINE):
             missing.append(f"{file}::{test}")
     assert missing == []
+
+
+def _readme_code(pattern: str) -> str:
+    """The one inline code span of the README that matches ``pattern`` (a regex of its text)."""
+    found = re.findall(rf"`({pattern})`", README.read_text("utf-8"))
+    assert len(found) == 1, f"the README has {len(found)} code spans matching {pattern!r}"
+    return str(found[0])
+
+
+def test_the_quick_starts_stand_in_for_my_llm_runs_as_the_readme_writes_it(
+    global_otel: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    stand_in = _readme_code(r"my_llm = lambda [^`]*")
+    namespace: dict[str, Any] = {}
+    exec("import types\n" + stand_in + "\n" + _quick_start(), namespace)  # "after `import types`"
+    multirun.get_client().force_flush()
+
+    assert main(["runs", "--json"]) == 0
+    [listed] = json.loads(capsys.readouterr().out)
+    assert (listed["name"], listed["status"], listed["tokens"]) == ("crew", "completed", 12 + 40)
+    assert list((tmp_path / ".multirun" / "traces").glob("*.jsonl"))  # where the text says they go
+
+
+def test_the_budget_refusal_reads_as_the_readme_quotes_it(traced: Any) -> None:
+    from multirun.models import Budget
+
+    quoted = _readme_code(r"budget exceeded: max_steps [^`]*")
+
+    @multirun.step
+    def work() -> None:
+        pass
+
+    @multirun.run(budget=Budget(max_steps=2))
+    def crew() -> None:
+        for _ in range(3):
+            work()
+
+    with pytest.raises(multirun.BudgetExceededError) as refused:
+        crew()
+    assert str(refused.value) == " ".join(quoted.split())
+
+
+def test_the_decorations_the_readme_says_are_refused_are_refused_and_the_ones_it_shows_work(
+    traced: Any,
+) -> None:
+    import pydantic
+
+    from multirun import ConfigurationError, run, step, think  # noqa: F401  (the snippets' names)
+    from multirun.context import get_current_step_context
+    from multirun.models import Budget  # noqa: F401
+
+    def body() -> str:
+        return get_current_step_context().step.name
+
+    scope = dict(locals(), **globals())
+    for refused in ("@step(retry_on=KeyboardInterrupt)", '@run(budget={"max_tokens": -1})'):
+        _readme_code(re.escape(refused))
+        with pytest.raises(ConfigurationError):
+            eval(refused[1:], scope)(body)
+    with pytest.raises(pydantic.ValidationError) as invalid:
+        eval(_readme_code(re.escape("Budget(max_tokens=-1)")), scope)
+    assert isinstance(invalid.value, ValueError) and "max_tokens" in str(invalid.value)
+    named = eval(_readme_code(re.escape('@think("analyze")'))[1:], scope)(body)
+    assert multirun.run(named)() == "analyze"  # the name given positionally
+
+
+def test_the_price_overrides_apply_to_the_names_the_readme_says_they_do(traced: Any) -> None:
+    from multirun.models import StepKind
+
+    example = _readme_code(r'\{"my-model": multirun\.Price\([^`]*\)\}')
+    prices = eval(example, {"multirun": multirun})
+    prices["gpt-4o"] = multirun.Price(input_per_mtok=1000, output_per_mtok=0)
+    text = " ".join(README.read_text("utf-8").split())
+    assert '`prices={"gpt-4o": ...}` prices `gpt-4o-2024-08-06` too' in text
+    assert "`gpt-4o` does not price `gpt-4o-mini` (nor `gpt-4o-mini-2024-07-18`" in text
+    multirun.init(span_exporter=InMemorySpanExporter(), prices=prices)
+
+    @multirun.step(kind=StepKind.LLM_CALL)
+    def call(model: str) -> float:
+        multirun.report_usage(model, input_tokens=1_000_000)
+        return multirun.context.get_current_step_context().step.cost_usd or 0.0
+
+    @multirun.run
+    def crew() -> list[float]:
+        return [call(m) for m in ("my-model", "gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini-2024-07-18")]
+
+    mine, plain, dated, mini = crew()
+    assert (mine, plain, dated) == (1.0, 1000.0, 1000.0)
+    assert mini < 1000.0  # genai-prices' own price of gpt-4o-mini
+
+
+def test_the_readme_counts_the_cases_of_the_fault_suite_as_faults_md_lists_them() -> None:
+    counted = re.search(
+        r"the (\d+) cases and their tests are listed", " ".join(README.read_text("utf-8").split())
+    )
+    assert counted is not None
+    rows = re.findall(r"^\| \d+ \|", FAULTS.read_text("utf-8"), re.MULTILINE)
+    assert int(counted.group(1)) == len(rows)
