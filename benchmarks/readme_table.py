@@ -434,7 +434,8 @@ def build() -> str:
     targets: list[list[str]] = []
     lines = [
         "Measured by `benchmarks/` (`benchmarks/README.md`). One command regenerates every figure "
-        "and this table: `.venv/bin/python benchmarks/run.py` (`--quick` for a smoke run).",
+        "and this table: `.venv/bin/python benchmarks/run.py --update-readme` (`--quick` for a "
+        "smoke run).",
         "",
         *machine,
         "",
