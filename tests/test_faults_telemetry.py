@@ -206,6 +206,67 @@ def test_1_a_new_outage_after_a_recovery_is_warned_about_again(
     assert [r.levelno for r in caplog.records if r.name.startswith("multirun")] == [logging.WARNING] * 2
 
 
+OUTAGE_PROGRAM = """
+import logging, sys, time
+import multirun
+
+logging.basicConfig(format="%(name)s: %(message)s")
+multirun.init(endpoint=sys.argv[1], local_dir=sys.argv[2])
+
+
+@multirun.run
+def job() -> int:
+    return 1
+
+
+for line in sys.stdin:  # run jobs for that many seconds, then say so on both streams
+    end = time.monotonic() + float(line)
+    while time.monotonic() < end:
+        job()
+        time.sleep(0.02)
+    multirun.get_client().force_flush(5000)
+    print("-- phase --", file=sys.stderr, flush=True)
+    print("phase", flush=True)
+"""
+
+
+def test_1_a_collector_refusing_every_export_costs_a_few_lines_per_outage_not_one_per_batch(
+    collector: Collector, tmp_path: Path
+) -> None:
+    # the SDK's OTLP exporters log each failed batch and each retry: a collector down for an
+    # hour filled the service's log with thousands of lines
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env |= {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_METRIC_EXPORT_INTERVAL": "100"}
+    env["OTEL_EXPORTER_OTLP_TIMEOUT"] = "1"  # each export gives up within a second
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: a flood of lines must not block the program
+    with log.open("w") as stderr:
+        program = subprocess.Popen(
+            [sys.executable, "-c", OUTAGE_PROGRAM, collector.url, str(tmp_path / "mr")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+        )
+        assert program.stdin is not None and program.stdout is not None
+        for status, seconds in ((503, 3), (200, 1), (500, 2)):  # an outage, a recovery, another outage
+            collector.status = status
+            program.stdin.write(f"{seconds}\n")
+            program.stdin.flush()
+            assert program.stdout.readline() == "phase\n"
+        program.communicate(timeout=60)
+    err = log.read_text()
+    assert program.returncode == 0, err
+    first, recovery, second = (phase.strip().splitlines() for phase in err.split("-- phase --")[:3])
+    # per signal (spans, metrics): the exporter's first reason, and multirun's line saying so
+    assert 2 <= len(first) <= 4, first
+    assert any("span exporter OTLPSpanExporter" in line for line in first), first
+    assert any("metric exporter OTLPMetricExporter" in line for line in first), first
+    assert len(recovery) <= 4, recovery  # exports that ran into the end of the outage
+    assert 2 <= len(second) <= 4, second  # a new outage is logged again
+    assert any("span exporter OTLPSpanExporter" in line for line in second), second
+
+
 # ---------------------------------------------------------------------------
 # 2. an exporter that hangs for a minute
 

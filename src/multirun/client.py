@@ -61,6 +61,7 @@ from multirun.telemetry.export import (
     DEFAULT_TIMEOUT_MILLIS,
     BatchSettings,
     ExportProcessor,
+    GuardedMetricExporter,
     SpanExporters,
     batch_settings,
 )
@@ -1408,7 +1409,7 @@ def _ensure_meter_provider(
     readers = [
         exporter
         if isinstance(exporter, MetricReader)
-        else PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
+        else PeriodicExportingMetricReader(GuardedMetricExporter(exporter), export_interval_millis=interval)
         for exporter in exporters
     ]
     filters = {

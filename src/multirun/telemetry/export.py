@@ -15,10 +15,12 @@ leaves out:
   is stalled or slow), ``export_failed`` (it raised or reported a failure) or
   ``shutdown`` (the span ended after shutdown). ``dropped`` holds the same
   counts per processor.
-- An exporter that raises costs one warning per outage (logged again only
-  after an export succeeded), and a full queue one warning for the life of
-  the processor, never a log line per batch or per span; the exception never
-  reaches the application.
+- An exporter that raises or fails costs one warning per outage (logged again
+  only after an export succeeded), and a full queue one warning for the life
+  of the processor, never a log line per batch or per span; the exception
+  never reaches the application. The SDK's OTLP exporters log each failed
+  batch and each retry: during an outage only their first line is let
+  through (``OutageLog``), the same for ``GuardedMetricExporter``.
 - Text the OTLP encoder would refuse (a lone surrogate from an undecodable file
   name) is escaped before export, instead of costing the whole batch.
 - An ``OTEL_BSP_*`` variable that is not an int >= 1 (the export timeout: >= 0) is a
@@ -47,6 +49,7 @@ from opentelemetry.sdk.environment_variables import (
     OTEL_BSP_MAX_QUEUE_SIZE,
     OTEL_BSP_SCHEDULE_DELAY,
 )
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
@@ -87,6 +90,63 @@ def batch_settings(*, refuse: bool = True) -> BatchSettings:
         env_int(OTEL_BSP_MAX_EXPORT_BATCH_SIZE, DEFAULT_MAX_EXPORT_BATCH_SIZE, minimum=1, refuse=refuse),
         env_int(OTEL_BSP_EXPORT_TIMEOUT, DEFAULT_TIMEOUT_MILLIS, minimum=0, refuse=refuse),
     )
+
+
+# The loggers the SDK's OTLP exporters log each failed export and each retry to.
+_OTLP_EXPORT_LOGGERS: Final = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+)
+_exporting = threading.local()  # .outage: the OutageLog of the export this thread runs, if any
+
+
+class OutageLog:
+    """The log of one pipeline's exporter outages: one line from the exporter per outage.
+
+    While ``exporting()``, the first warning the SDK's OTLP exporters log is let through and
+    the next are dropped until ``succeeded()``: a collector that is down cost a line for each
+    batch and each retry, thousands an hour.
+    """
+
+    def __init__(self) -> None:
+        self.quiet = False  # the exporter logged its line of this outage
+
+    def exporting(self) -> _Exporting:
+        return _Exporting(self)
+
+    def succeeded(self) -> None:
+        self.quiet = False
+
+
+class _Exporting:
+    """``with outage.exporting():`` the exporter's log lines in this thread go through ``outage``."""
+
+    def __init__(self, outage: OutageLog) -> None:
+        self._outage = outage
+
+    def __enter__(self) -> None:
+        self._previous = getattr(_exporting, "outage", None)
+        _exporting.outage = self._outage
+
+    def __exit__(self, *_exc: object) -> None:
+        _exporting.outage = self._previous
+
+
+class _OncePerOutage(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        outage: OutageLog | None = getattr(_exporting, "outage", None)
+        if outage is None or record.levelno < logging.WARNING:
+            return True  # not in one of multirun's exports
+        if outage.quiet:
+            return False
+        outage.quiet = True
+        return True
+
+
+_ONCE_PER_OUTAGE: Final = _OncePerOutage()
+for _name in _OTLP_EXPORT_LOGGERS:
+    logging.getLogger(_name).addFilter(_ONCE_PER_OUTAGE)
 
 
 class DropCounts:
@@ -152,6 +212,7 @@ class ExportProcessor(SpanProcessor):
             max_export_batch_size = env.max_export_batch_size
         # a batch larger than the queue, which the SDK refuses, is a batch of the whole queue
         max_export_batch_size = min(max_export_batch_size, max_queue_size)
+        self.outage = OutageLog()
         self._guard = _GuardedExporter(exporter, self)
         self._batch = BatchSpanProcessor(
             self._guard,
@@ -259,18 +320,17 @@ class ExportProcessor(SpanProcessor):
 
     def _export_failed(self, count: int, error: BaseException | None) -> None:
         self._drop(EXPORT_FAILED, count)
-        if error is not None:
-            self._warn_once(
-                EXPORT_FAILED,
-                "multirun: the span exporter %s failed (%s: %s); its spans are dropped and counted "
-                "in %s. Not logged again until an export succeeds.",
-                type(self.exporter).__name__,
-                type(error).__name__,
-                error,
-                DROPPED_SPANS,
-            )
+        self._warn_once(
+            EXPORT_FAILED,
+            "multirun: the span exporter %s failed (%s); its spans are dropped and counted in %s. "
+            "Not logged again until an export succeeds.",
+            type(self.exporter).__name__,
+            "see its log line" if error is None else f"{type(error).__name__}: {error}",
+            DROPPED_SPANS,
+        )
 
     def _export_succeeded(self) -> None:
+        self.outage.succeeded()
         if EXPORT_FAILED in self._warned:  # the outage is over: warn about the next one
             self._warned.discard(EXPORT_FAILED)
 
@@ -350,7 +410,8 @@ class _GuardedExporter(SpanExporter):
         try:
             if self._utf8_first:
                 spans = [utf8_safe_span(span) for span in spans]
-            with self.export_lock, suppress_instrumentation():  # the exporter's own HTTP calls are not traced
+            # the exporter's own HTTP calls are not traced, its log lines are one per outage
+            with self.export_lock, suppress_instrumentation(), processor.outage.exporting():
                 result = self._exporter.export(spans)
         except Exception as exc:
             processor._export_failed(len(spans), exc)
@@ -360,7 +421,7 @@ class _GuardedExporter(SpanExporter):
         if result is SpanExportResult.SUCCESS:
             processor._export_succeeded()
         else:
-            processor._export_failed(len(spans), None)  # the exporter logs its own reason
+            processor._export_failed(len(spans), None)  # the exporter logged its reason
         return result
 
     def shutdown(self) -> None:
@@ -380,6 +441,56 @@ class _GuardedExporter(SpanExporter):
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=DROPPED._at_fork_reinit)
+
+
+class GuardedMetricExporter(MetricExporter):
+    """A metric exporter as multirun's periodic reader sees it: an export that raises or fails
+    costs one warning per outage, and the SDK's OTLP exporters one line of their own (the
+    reader logged a traceback, the OTLP exporters a line per export and per retry)."""
+
+    def __init__(self, exporter: MetricExporter) -> None:
+        super().__init__(
+            preferred_temporality=exporter._preferred_temporality,
+            preferred_aggregation=exporter._preferred_aggregation,
+        )
+        self.exporter = exporter
+        self.outage = OutageLog()
+        self._warned = False
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: object
+    ) -> MetricExportResult:
+        reason = "see its log line"
+        try:
+            with self.outage.exporting():
+                result = self.exporter.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        except Exception as exc:
+            result, reason = MetricExportResult.FAILURE, f"{type(exc).__name__}: {exc}"
+        if result is MetricExportResult.SUCCESS:
+            self.outage.succeeded()
+            self._warned = False
+        elif not self._warned:
+            self._warned = True
+            _logger.warning(
+                "multirun: the metric exporter %s failed (%s); metrics are not delivered until it "
+                "recovers. Not logged again until an export succeeds.",
+                type(self.exporter).__name__,
+                reason,
+            )
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        try:
+            return self.exporter.force_flush(timeout_millis=timeout_millis)
+        except Exception:
+            return False
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: object) -> None:
+        try:
+            with self.outage.exporting():
+                self.exporter.shutdown(timeout_millis=timeout_millis, **kwargs)
+        except Exception:
+            _logger.warning("multirun: shutting down %s failed", type(self.exporter).__name__, exc_info=True)
 
 
 class SpanExporters(SpanExporter):
