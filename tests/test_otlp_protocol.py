@@ -394,6 +394,59 @@ def test_without_init_grpc_without_the_extra_is_one_warning_and_the_spans_go_to_
 
 
 # ---------------------------------------------------------------------------
+# an export timeout the exporters take but that fails every export
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", pytest.param("grpc", marks=needs_grpc)])
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "0"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "-5"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "inf"),
+    ],
+)
+def test_an_otlp_timeout_that_is_no_positive_number_is_refused_by_init_and_logged_without_it(
+    global_otel: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    collector: Collector,
+    grpc_collector: GrpcCollector,
+    protocol: str,
+    variable: str,
+    value: str,
+) -> None:
+    # the SDK's exporters took it, and every export then failed at once ("cannot set connect
+    # timeout to 0.0", "Deadline Exceeded"), with a line per batch that named no variable
+    url = grpc_collector.url if protocol == "grpc" else f"{collector.url}/v1/traces"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(
+        ConfigurationError, match=rf"^{variable} must be a number of seconds > 0, got '{value}'$"
+    ):
+        multirun.init(local_dir=tmp_path / "mr")
+    assert client_module._configured is None
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+
+    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
+
+    @run
+    def job() -> int:
+        return 1
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert job() == 1
+    [warning] = [r.getMessage() for r in caplog.records if variable in r.getMessage()]
+    assert warning.endswith("; the exporter's default of 10 s is used")
+    assert multirun.get_client().force_flush(10_000)
+    names = grpc_collector.span_names if protocol == "grpc" else collector.span_names
+    assert list(names) == ["invoke_workflow job"]
+
+
+# ---------------------------------------------------------------------------
 # the gRPC exporters refuse some variables the HTTP ones only log
 
 

@@ -1347,17 +1347,18 @@ def _otlp_exporter(
     ignore: that is refused, or with ``refuse=False`` logged, and None returned.
     """
     module, name = _OTLP_EXPORTERS[signal, protocol]
+    timeout = _otlp_timeout_instead(signal, refuse=refuse)
     try:
         exporter_class = getattr(importlib.import_module(module), name)
         if protocol == "grpc":  # it takes the host and port of the URL; metadata keys are lower case
             metadata = {key.lower(): value for key, value in headers.items()} if headers else None
-            return exporter_class(endpoint=endpoint, headers=metadata)
+            return exporter_class(endpoint=endpoint, headers=metadata, timeout=timeout)
         if endpoint is None:
-            return exporter_class(headers=dict(headers) if headers else None)
+            return exporter_class(headers=dict(headers) if headers else None, timeout=timeout)
         url = endpoint.rstrip("/")
         if not url.endswith(_PATHS[signal]):
             url += _PATHS[signal]
-        return exporter_class(endpoint=url, headers=dict(headers or {}))
+        return exporter_class(endpoint=url, headers=dict(headers or {}), timeout=timeout)
     except Exception as exc:
         setting = _protocol_setting(protocol_argument, signal)[1]
         transport = "gRPC" if protocol == "grpc" else "HTTP"
@@ -1369,6 +1370,36 @@ def _otlp_exporter(
             instead=_NOT_EXPORTED[signal],
         )
         return None
+
+
+_OTLP_DEFAULT_TIMEOUT = 10.0  # seconds, the SDK's OTLP exporters' default
+
+
+def _otlp_timeout_instead(signal: str, *, refuse: bool) -> float | None:
+    """The timeout to give the OTLP exporter of ``signal`` instead of its variable's, None to let
+    it read ``OTEL_EXPORTER_OTLP_<SIGNAL>_TIMEOUT``, else ``OTEL_EXPORTER_OTLP_TIMEOUT``.
+
+    The exporters take any number there, and one that is not > 0 and finite failed every export
+    with a line per batch that named no variable: refused, or logged and the default used. A value
+    that is no number is left to them (the HTTP ones log it, the gRPC ones raise as they are made).
+    """
+    for variable in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+        raw = os.environ.get(variable, "").strip()
+        if not raw:
+            continue
+        try:
+            seconds = float(raw)
+        except ValueError:
+            return None
+        if 0 < seconds < float("inf"):
+            return None
+        refuse_or_warn(
+            f"{variable} must be a number of seconds > 0, got {raw!r}",
+            refuse=refuse,
+            instead=f"the exporter's default of {_OTLP_DEFAULT_TIMEOUT:g} s is used",
+        )
+        return _OTLP_DEFAULT_TIMEOUT
+    return None
 
 
 _owned_meter_provider: Any = None
