@@ -37,6 +37,7 @@ from multirun.cli import checkpoints, prune, render, runs
 from multirun.cli.runs import RunsError
 from multirun.client import DEFAULT_DIR, MultiRunClient
 from multirun.errors import MultiRunError
+from multirun.telemetry import export
 from multirun.telemetry.local_files import FOLDER_SETTINGS
 
 COLLECTOR_HINT = "OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 multirun demo"
@@ -282,10 +283,17 @@ class _ExportErrors(logging.Handler):
         """Attached to the ``opentelemetry`` logger for the duration of the block."""
         logger = logging.getLogger("opentelemetry")
         logger.addHandler(self)
+        exports = logging.getLogger(export.__name__)
+        exports.addFilter(_not_an_export_failure)  # said in the command's line too
         try:
             yield self
         finally:
             logger.removeHandler(self)
+            exports.removeFilter(_not_an_export_failure)
+
+
+def _not_an_export_failure(record: logging.LogRecord) -> bool:
+    return not any(getattr(record, key, False) for key in export.EXPORT_FAILURE)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -99,6 +99,9 @@ _OTLP_EXPORT_LOGGERS: Final = (
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
 )
 _exporting = threading.local()  # .outage: the OutageLog of the export this thread runs, if any
+EXPORT_FAILURE: Final = {"multirun_export_failure": True}
+"""The ``extra`` of multirun's warning that an exporter failed (a command that sums the failure
+up in a line of its own filters on it)."""
 
 
 class OutageLog:
@@ -344,7 +347,7 @@ class ExportProcessor(SpanProcessor):
         if kind in self._warned:
             return
         self._warned.add(kind)
-        _logger.warning(message, *args)
+        _logger.warning(message, *args, extra=EXPORT_FAILURE if kind == EXPORT_FAILED else None)
 
     def _bounded(self, action: Callable[[], object], timeout_millis: float) -> bool:
         """Run ``action`` in a daemon thread and wait for it at most ``timeout_millis``.
@@ -476,6 +479,7 @@ class GuardedMetricExporter(MetricExporter):
                 "recovers. Not logged again until an export succeeds.",
                 type(self.exporter).__name__,
                 reason,
+                extra=EXPORT_FAILURE,
             )
         return result
 
