@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -71,6 +72,7 @@ from test_openai_usage import instrumented as openai_traced
 __all__ = ["llm", "openai_traced"]  # fixtures, imported for pytest
 
 TESTS = Path(__file__).resolve().parent
+CLIENTAI_PACKAGE = Path(sys.modules["clientai"].__file__ or "").parent
 
 # The tree of one research agent run outside any run: the instrumentation starts a run for it.
 RESEARCH_TREE = [
@@ -1414,10 +1416,11 @@ def test_a_clientai_whose_insides_moved_is_left_alone_with_a_warning(
     moved = (*integration._PATCHES, ("clientai.client_ai", "ClientAI.generate_stream", "_chat"))
     instrumented.uninstrument()
     monkeypatch.setattr(integration, "_PATCHES", moved)
+    monkeypatch.setattr(integration_options, "_warned", set())
     try:
         with caplog.at_level(logging.WARNING, logger="multirun.integrations.clientai"):
             instrumented.instrument()  # never raises into the application's start
-        assert "cannot instrument this version of ClientAI" in caplog.text
+        assert "not instrumented: clientai.client_ai has no ClientAI.generate_stream" in caplog.text
         assert not isinstance(CoreAgent.__dict__["run"], wrapt.FunctionWrapper)  # rolled back
     finally:
         instrumented.uninstrument()
@@ -1468,6 +1471,47 @@ def test_instrument_imports_no_clientai_and_patches_it_when_the_program_imports_
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == research_agent.REPORT.text
     assert tree(load_spans(tmp_path / "multirun")) == RESEARCH_TREE
+
+
+FUTURE_CLIENTAI = """
+import logging, sys
+import wrapt
+logging.basicConfig(format="%(levelname)s %(message)s")
+if sys.argv[1] == "imported":
+    import clientai
+    from multirun.integrations.clientai import ClientAIInstrumentor
+    ClientAIInstrumentor().instrument()
+from clientai.agent.core.agent import Agent
+from clientai_programs import research_agent
+research_agent.main([])
+print(isinstance(Agent.__dict__["run"], wrapt.BaseObjectProxy))
+"""
+
+
+@pytest.mark.parametrize("how", ["imported", "opentelemetry-instrument"])
+def test_a_clientai_whose_patched_method_was_renamed_runs_untraced_with_one_warning_naming_it(
+    tmp_path: Path, how: str
+) -> None:
+    """A future ClientAI renames ``StepExecutionEngine._execute_single_call``: instrumenting it
+    (in the program, or under ``opentelemetry-instrument`` before ClientAI is imported) patches
+    nothing, and one line says what is missing (it was a warning with a traceback)."""
+    future = tmp_path / "clientai"
+    shutil.copytree(CLIENTAI_PACKAGE, future, ignore=shutil.ignore_patterns("__pycache__"))
+    execution = future / "agent" / "core" / "execution.py"
+    execution.write_text(execution.read_text().replace("_execute_single_call", "_single_call"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), str(TESTS.parent / "src")]))
+    env.update(MULTIRUN_DIR=str(tmp_path / "mr"))
+    command = [sys.executable, "-c", FUTURE_CLIENTAI, how]
+    if how == "opentelemetry-instrument":
+        command[:0] = [str(Path(sys.executable).parent / "opentelemetry-instrument")]
+    done = subprocess.run(command, cwd=TESTS, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [research_agent.REPORT.text, "False"]
+    [warning] = done.stderr.splitlines()
+    assert warning.startswith("WARNING multirun: ClientAI (clientai ")
+    assert "StepExecutionEngine._execute_single_call" in warning
+    assert not (tmp_path / "mr" / "traces").exists()
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -1658,6 +1659,53 @@ print("ok")
     done = _python(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+FUTURE_MOTUS = """
+import logging, sys
+import wrapt
+logging.basicConfig(format="%(levelname)s %(message)s")
+from multirun.integrations.motus import MotusInstrumentor
+if sys.argv[1] == "imported":
+    import motus.runtime
+MotusInstrumentor().instrument()
+from motus.runtime import agent_runtime, agent_task, resolve
+
+@agent_task
+def shout(text: str) -> str:
+    return text.upper()
+
+print(resolve(shout("hello")))
+print(isinstance(agent_runtime.AgentRuntime.__dict__["submit_task_registration"], wrapt.BaseObjectProxy))
+MotusInstrumentor().uninstrument()
+MotusInstrumentor().instrument()
+"""
+
+
+@pytest.mark.parametrize("when", ["imported", "not imported"])
+def test_a_motus_whose_patched_method_was_renamed_runs_untraced_with_one_warning_naming_it(
+    tmp_path: Path, when: str
+) -> None:
+    """A future Motus renames ``GraphScheduler._execute_task``: instrumenting it (Motus imported
+    already or not yet) patches nothing, half a patch being worse than none, and one warning says
+    what is missing; the program runs as it would uninstrumented (it failed with an error raised
+    from ``instrument()``, or ran half patched)."""
+    future = tmp_path / "motus"
+    shutil.copytree(Path(motus.__file__).parent, future, ignore=shutil.ignore_patterns("__pycache__"))
+    runtime = future / "runtime" / "agent_runtime.py"
+    runtime.write_text(runtime.read_text().replace("_execute_task", "_run_task"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT / "src")]), MULTIRUN_DIR=str(tmp_path / "mr")
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", FUTURE_MOTUS, when], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["HELLO", "False"]
+    [warning] = done.stderr.splitlines()
+    assert warning.startswith("WARNING multirun: Motus") and "GraphScheduler._execute_task" in warning
+    assert not (tmp_path / "mr" / "traces").exists()
 
 
 # ---------------------------------------------------------------------------

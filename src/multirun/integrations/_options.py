@@ -10,13 +10,17 @@ application already did. Given again once instrumented, they apply from then on.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import wrapt
 from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
+from opentelemetry.instrumentation.utils import unwrap
 from pydantic import BaseModel, ValidationError
 
 from multirun.errors import ConfigurationError
@@ -76,6 +80,77 @@ def patch_when_imported(
     elif not settings.hook_registered:
         settings.hook_registered = True  # wrapt keeps hooks for good: register one, once
         wrapt.register_post_import_hook(on_import, module)
+
+
+Patches = Sequence[tuple[str, str, str]]  # (module, attribute path, name of the wrapper)
+
+
+def patch_all(
+    logger: logging.Logger,
+    framework: str,
+    distribution: str,
+    patches: Patches,
+    wrappers: Mapping[str, Any],
+    look_up: Callable[[], None] | None = None,
+) -> list[tuple[str, str]]:
+    """Wrap every ``(module, path)`` of ``patches`` with its wrapper, or none; the ones wrapped.
+
+    A framework whose insides moved (a version that renamed a module, class or method the
+    instrumentation patches or ``look_up`` reads) is left as it is, with one warning naming
+    what is missing: the program runs untraced, never half patched, and is not failed for it.
+    """
+    done: list[tuple[str, str]] = []
+    try:
+        if look_up is not None:
+            look_up()
+        for module, path, _ in patches:  # all there before any is patched
+            if not _has(importlib.import_module(module), path):
+                raise AttributeError(f"{module} has no {path}")
+        for module, path, wrapper in patches:
+            wrapt.wrap_function_wrapper(module, path, wrappers[wrapper])
+            done.append((module, path))
+    except (ImportError, AttributeError) as exc:
+        unpatch_all(done)
+        named = _named(framework, distribution)
+        _once(logger, framework, "%s not instrumented: %s; it runs untraced", named, exc)
+    except Exception:
+        unpatch_all(done)
+        _once(logger, framework, "cannot instrument %s", _named(framework, distribution), exc_info=True)
+    return done
+
+
+def _once(logger: logging.Logger, framework: str, message: str, *args: Any, exc_info: bool = False) -> None:
+    """A warning the first time the framework cannot be patched (instrumented again, a debug line)."""
+    key = (framework, "patching")
+    log = logger.debug if key in _warned else logger.warning
+    _warned.add(key)
+    log("multirun: " + message, *args, exc_info=exc_info)
+
+
+def unpatch_all(patched: list[tuple[str, str]]) -> None:
+    """Restore what :func:`patch_all` wrapped, and forget it."""
+    for module_name, path in reversed(patched):
+        module = sys.modules.get(module_name)
+        if module is not None:
+            owner, _, name = path.rpartition(".")
+            unwrap(attrgetter(owner)(module) if owner else module, name)
+    patched.clear()
+
+
+def _has(owner: Any, path: str) -> bool:
+    for name in path.split("."):
+        if not hasattr(owner, name):
+            return False
+        owner = getattr(owner, name)
+    return True
+
+
+def _named(framework: str, distribution: str) -> str:
+    """The framework with its installed version, as in "Motus (lithosai-motus 0.4.3)"."""
+    try:
+        return f"{framework} ({distribution} {version(distribution)})"
+    except PackageNotFoundError:
+        return framework
 
 
 def reconfigures(instrumentor: Any, kwargs: Mapping[str, Any]) -> bool:

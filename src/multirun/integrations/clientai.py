@@ -61,17 +61,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import sys
 import weakref
 from collections.abc import Callable, Collection, Iterator
 from functools import lru_cache
 from typing import Any
 
-import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
 
 from multirun._keys import RUN_KEY, run_in, step_in
 from multirun.context import AgentContext, RunContext, StepContext
@@ -81,9 +78,11 @@ from multirun.integrations._options import (
     framework_installed,
     instrumentation_failed,
     missing_framework,
+    patch_all,
     patch_when_imported,
     reconfigures,
     take_options,
+    unpatch_all,
 )
 from multirun.integrations._specs import framework_step_spec
 from multirun.models.budget import Budget
@@ -177,27 +176,16 @@ def _on_clientai_import(module: Any) -> None:
 
 
 def _patch() -> None:
-    if _settings.patched:
-        return
-    wrappers = globals()
-    try:
-        _settings.client_ai_error = importlib.import_module("clientai.exceptions").ClientAIError
-        for module, path, wrapper in _PATCHES:
-            wrapt.wrap_function_wrapper(module, path, wrappers[wrapper])
-            _settings.patched.append((module, path))
-    except Exception:
-        # a ClientAI whose insides moved: never fail the application's start (or import) for it
-        _logger.warning("multirun: cannot instrument this version of ClientAI", exc_info=True)
-        _unpatch()
+    if not _settings.patched:
+        _settings.patched = patch_all(_logger, "ClientAI", "clientai", _PATCHES, globals(), _look_up)
+
+
+def _look_up() -> None:
+    _settings.client_ai_error = importlib.import_module("clientai.exceptions").ClientAIError
 
 
 def _unpatch() -> None:
-    for module_name, path in reversed(_settings.patched):
-        owner_path, name = path.rsplit(".", 1)
-        module = sys.modules.get(module_name)
-        if module is not None:
-            unwrap(getattr(module, owner_path), name)
-    _settings.patched.clear()
+    unpatch_all(_settings.patched)
 
 
 # ---------------------------------------------------------------------------

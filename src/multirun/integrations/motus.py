@@ -78,11 +78,9 @@ from collections.abc import Callable, Collection
 from functools import lru_cache
 from typing import Any
 
-import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import Span, SpanContext
 
 from multirun._keys import agent_in, run_in, step_in
@@ -94,9 +92,11 @@ from multirun.integrations._options import (
     framework_installed,
     instrumentation_failed,
     missing_framework,
+    patch_all,
     patch_when_imported,
     reconfigures,
     take_options,
+    unpatch_all,
 )
 from multirun.integrations._specs import framework_step_spec
 from multirun.models.agent import AgentStatus
@@ -206,7 +206,7 @@ class _Settings:
 
     def __init__(self) -> None:
         self.active = False
-        self.patched = False
+        self.patched: list[tuple[str, str]] = []  # (module, attribute path) wrapped, in order
         self.hook_registered = False
         self.budget: Budget | None = None
         self.policy: Policy | None = None
@@ -234,15 +234,16 @@ class _Motus:
 def _on_motus_import(module: Any) -> None:
     """Post-import hook: Motus's runtime was just imported."""
     if _settings.active:
-        try:
-            _patch()
-        except Exception:
-            _broken("patching Motus")
+        _patch()
 
 
 def _patch() -> None:
-    if _settings.patched:
-        return
+    if not _settings.patched:
+        _settings.patched = patch_all(_logger, "Motus", "lithosai-motus", _PATCHES, globals(), _look_up)
+
+
+def _look_up() -> None:
+    """Find the Motus names the wrappers read (an error if this Motus has not got them)."""
     instance = importlib.import_module("motus.runtime.task_instance")
     _Motus.agent_future = importlib.import_module("motus.runtime.agent_future").AgentFuture
     _Motus.scanned = (_Motus.agent_future, list, tuple, dict)
@@ -253,22 +254,12 @@ def _patch() -> None:
     _Motus.not_started = (instance.TaskStatus.PENDING, instance.TaskStatus.READY)
     runtime = importlib.import_module("motus.runtime.agent_runtime")
     _Motus.submit_signature = inspect.signature(runtime.AgentRuntime.submit_task_registration)
-    wrappers = globals()
-    for module, path, wrapper in _PATCHES:
-        wrapt.wrap_function_wrapper(module, path, wrappers[wrapper])
-    _settings.patched = True
 
 
 def _unpatch() -> None:
     if not _settings.patched:
         return
-    for module_name, path, _ in _PATCHES:
-        owner: Any = sys.modules.get(module_name)
-        *owner_path, name = path.split(".")
-        for part in owner_path:
-            owner = getattr(owner, part)
-        unwrap(owner, name)
-    _settings.patched = False
+    unpatch_all(_settings.patched)
     for key in list(_settings.live):  # spans still open: end them rather than lose them
         trace = _settings.live.pop(key, None)
         if trace is not None:
