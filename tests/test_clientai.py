@@ -1282,6 +1282,23 @@ def test_instrument_with_a_tracer_provider_configures_multirun_when_nothing_else
     assert tree(spans) == RESEARCH_TREE
 
 
+def test_a_tracer_provider_given_to_instrument_once_multirun_is_configured_is_not_ignored_silently(
+    traced: Any, instrumented: ClientAIInstrumentor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """multirun configured already (by ``init``, or by a first traced call): the spans keep going
+    to its provider, and a warning says the one given to ``instrument`` is not used (a debug line)."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider()
+    with caplog.at_level(logging.WARNING, logger="multirun.integrations._options"):
+        instrumented.instrument(tracer_provider=provider)
+    assert "not to the one given to instrument(tracer_provider=...)" in caplog.text
+    agent, _ = research_agent.build()
+    agent.run(TOPIC)
+    assert tree(records(traced)) == RESEARCH_TREE
+    provider.shutdown()
+
+
 # ---------------------------------------------------------------------------
 # telemetry never breaks the agent
 

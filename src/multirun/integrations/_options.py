@@ -193,15 +193,21 @@ def model_option(instrumentor: str, name: str, value: Any, model: type[M]) -> M 
 
 
 def configure_tracer_provider(tracer_provider: Any, framework: str) -> None:
-    """``multirun.init(tracer_provider=...)`` unless multirun is configured already."""
+    """``multirun.init(tracer_provider=...)`` unless multirun is configured already (then a warning)."""
     if tracer_provider is None:
         return
     from multirun.client import configured_client, init
 
-    if configured_client() is None:
+    client = configured_client()
+    if client is None:
         init(tracer_provider=tracer_provider)
-    else:
-        _logger.debug("multirun: already configured; %s spans go to its tracer provider", framework)
+    elif client.tracer_provider is not tracer_provider:
+        _logger.warning(
+            "multirun: %s spans go to the tracer provider multirun is configured with (by "
+            "multirun.init() or a first traced call), not to the one given to "
+            "instrument(tracer_provider=...); give that one to multirun.init(tracer_provider=...)",
+            framework,
+        )
 
 
 _warned: set[tuple[str, str]] = set()
