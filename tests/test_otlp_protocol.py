@@ -32,6 +32,7 @@ from multirun.telemetry.export import DROPPED, EXPORT_FAILED
 from multirun.telemetry.local_files import read_spans
 from otlp_collectors import Collector  # the OTLP/HTTP collector (fixture: collector)
 from test_bad_input import agent_program  # the same four-span agent run
+from test_client import warning_of_a_run_without_init
 
 HAS_GRPC = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None
 needs_grpc = pytest.mark.skipif(
@@ -431,15 +432,7 @@ def test_an_otlp_timeout_that_is_no_positive_number_is_refused_by_init_and_logge
     assert client_module._configured is None
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
 
-    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
-
-    @run
-    def job() -> int:
-        return 1
-
-    with caplog.at_level(logging.WARNING, logger="multirun"):
-        assert job() == 1
-    [warning] = [r.getMessage() for r in caplog.records if variable in r.getMessage()]
+    warning = warning_of_a_run_without_init(tmp_path, monkeypatch, caplog, variable, value)
     assert warning.endswith("; the exporter's default of 10 s is used")
     assert multirun.get_client().force_flush(10_000)
     names = grpc_collector.span_names if protocol == "grpc" else collector.span_names
