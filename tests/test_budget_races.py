@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -231,3 +232,45 @@ def test_threads_racing_the_deadline_start_no_more_steps_than_were_in_flight(tra
     assert steps == total
     # no step starts once 50 seconds have passed: past them, only those already in flight end
     assert 50 <= total <= 50 + THREADS - 1
+
+
+def test_a_run_ended_while_its_threads_still_spend_keeps_the_totals_its_span_was_given(traced) -> None:
+    """README: usage reported after the run ended is in no run's total. The Run model and the
+    agent's model say what their spans say, however much a thread the run left spends after."""
+    spending = threading.Event()
+    stop = threading.Event()
+
+    @step
+    def spend() -> None:
+        multirun.report_usage("m", output_tokens=10, cost_usd=0.001)
+
+    def keep_spending() -> None:
+        while not stop.is_set():
+            spend()
+            spending.set()
+
+    @agent(name="helper")
+    def helper() -> threading.Thread:
+        worker = threading.Thread(target=keep_spending)
+        worker.start()
+        spending.wait()
+        return worker
+
+    @run(name="main")
+    def main() -> tuple[Any, threading.Thread]:
+        return get_current_run_context(), helper()
+
+    ctx, worker = main()
+    for _ in range(50):  # and still after the run ended
+        spend()
+    stop.set()
+    worker.join()
+    run_span = traced.span("invoke_workflow main").attributes
+    assert (ctx.run.tokens_used, ctx.run.cost_usd) == (
+        run_span["multirun.tokens_used"],
+        run_span["multirun.cost_usd"],
+    )
+    (agent_model,) = [a.agent for a in ctx.agents if a.agent.name == "helper"]
+    agent_span = traced.span("invoke_agent helper").attributes
+    assert agent_model.tokens_used == agent_span["multirun.tokens_used"]
+    assert agent_model.cost_usd == agent_span["multirun.cost_usd"]

@@ -583,8 +583,11 @@ class RunContext:
         run.status = status
         run.completed_at = datetime.now(timezone.utc)
         run.current_step_id = None
-        run.tokens_used = ledger.tokens
-        run.cost_usd = ledger.cost_usd
+        # read once: a step of another thread can still charge meanwhile, and the Run model and
+        # the span must say the same (no later charge writes a finished run's totals)
+        tokens, cost_usd, steps_used = ledger.tokens, ledger.cost_usd, ledger.steps
+        run.tokens_used = tokens
+        run.cost_usd = cost_usd
         # Each kept step points back at this run: left here, the run and its steps form cycles
         # that only the cyclic garbage collector frees (some 17 objects per step, spans
         # included), which made short runs pay ~3 us more per step. Run.steps has them now.
@@ -609,9 +612,9 @@ class RunContext:
         span = self.span
         end_attrs: dict[str, Any] = {
             attr.RUN_STATUS: status.value,
-            attr.TOKENS_USED: ledger.tokens,
-            attr.COST_USD: ledger.cost_usd,
-            attr.STEPS_USED: ledger.steps,
+            attr.TOKENS_USED: tokens,
+            attr.COST_USD: cost_usd,
+            attr.STEPS_USED: steps_used,
         }
         if ledger.unpriced_reports:
             end_attrs[attr.UNPRICED] = True
@@ -1153,6 +1156,8 @@ class AgentContext:
         _charge_usage(self.run_context, None, self, usage, own=False, genai=not metered, call_id=call_id)
 
     def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
+        if self._finished:  # an ended agent keeps the totals its span was given
+            return
         self._cost_units += cost_units
         _write_totals(self.agent, self.agent.tokens_used + tokens, self._cost_units / COST_UNITS_PER_USD)
         self._unpriced = self._unpriced or unpriced
@@ -2125,7 +2130,8 @@ def _charge_chain(
                     break
                 outer._add(tokens, cost_units, unpriced)
                 seen, step = outer, outer.parent_step
-            _write_totals(current.run, current.ledger.tokens, current.ledger.cost_usd)
+            if not current._finished:  # an ended run keeps the totals its span was given
+                _write_totals(current.run, current.ledger.tokens, current.ledger.cost_usd)
         step, agent = current.parent_step, current.parent_agent
         current = current.parent
 
