@@ -274,3 +274,46 @@ def test_a_run_ended_while_its_threads_still_spend_keeps_the_totals_its_span_was
     agent_span = traced.span("invoke_agent helper").attributes
     assert agent_model.tokens_used == agent_span["multirun.tokens_used"]
     assert agent_model.cost_usd == agent_span["multirun.cost_usd"]
+
+
+def test_a_retry_whose_backoff_saw_other_threads_spend_the_budget_is_not_made(traced) -> None:
+    """A retry is not made once the budget is spent; that holds when the budget was spent by
+    another thread while the step waited out its backoff, not only before."""
+    attempts: list[int] = []
+    backing_off, spent = threading.Event(), threading.Event()
+
+    def sleep(seconds: float) -> None:
+        backing_off.set()
+        spent.wait(5)
+
+    traced.clock.sleep = sleep  # type: ignore[method-assign]
+
+    @step(retry=2, retry_delay=1.0)
+    def flaky() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("reset by peer")
+        multirun.report_usage("m", output_tokens=100)
+
+    @step
+    def big() -> None:
+        multirun.report_usage("m", output_tokens=1_000)
+
+    @run(name="main", budget=Budget(max_tokens=500))
+    def main() -> int:
+        def other() -> None:
+            backing_off.wait(5)
+            big()
+            spent.set()
+
+        worker = threading.Thread(target=other)
+        worker.start()
+        with pytest.raises(BudgetExceededError, match="max_tokens"):
+            flaky()
+        worker.join()
+        return get_current_run_context().tokens_used
+
+    assert main() == 1_000
+    assert len(attempts) == 1
+    (flaky_span,) = traced.named("step flaky")
+    assert flaky_span.attributes["multirun.step.status"] == "failed"

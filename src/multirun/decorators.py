@@ -263,8 +263,14 @@ class _StepCall(StepContext):
 
     def _wait_over(self) -> None:
         """The wait before an attempt (for its rate-limit slot, a retry's backoff) is over: the
-        circuit, if it changed meanwhile, is asked again; PolicyViolation if it is open."""
+        circuit, if it changed meanwhile, is asked again; PolicyViolation if it is open.
+        After a backoff the budget is asked again too: other steps may have spent it meanwhile,
+        and another attempt would spend past it (BudgetExceededError)."""
         after, self._retrying = self._retrying, None
+        if after is not None and self.spec.check_budget:
+            refused = self.run_context.ledger.over_budget()
+            if refused is not None:
+                raise refused from after
         self._resume(after)
 
     def _succeed(self, result: Any, extra: dict[str, Any] | None = None) -> Any:
