@@ -317,3 +317,7 @@ def test_a_retry_whose_backoff_saw_other_threads_spend_the_budget_is_not_made(tr
     assert len(attempts) == 1
     (flaky_span,) = traced.named("step flaky")
     assert flaky_span.attributes["multirun.step.status"] == "failed"
+    # recorded as a refusal before a step is: the decision, the rule and the limit
+    assert flaky_span.attributes["multirun.policy.decision"] == "abort"
+    assert flaky_span.attributes["multirun.policy.rule"] == "budget"
+    assert flaky_span.attributes["multirun.budget.exceeded_limit"] == "max_tokens"

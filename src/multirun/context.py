@@ -1504,6 +1504,16 @@ class StepContext:
         run = self.run_context
         run.client.metrics.policy_decision(run.run.name, PolicyDecision.ABORT.value, refused.rule)
 
+    def _note_budget_refusal(self, refused: BudgetExceededError) -> None:
+        """The budget refused this step's next attempt: on its span, and counted, as a step
+        refused before it ran is."""
+        self.policy_decision, self.policy_rule = PolicyDecision.ABORT.value, "budget"
+        self.span.set_attribute(attr.BUDGET_EXCEEDED_LIMIT, refused.limit)
+        run = self.run_context
+        metrics = run.client.metrics
+        metrics.budget_exceeded(run.run.name, refused.limit, self.otel_context)
+        metrics.policy_decision(run.run.name, PolicyDecision.ABORT.value, "budget")
+
     def _resume(self, after: BaseException | None = None) -> None:
         """The step's wait (for its rate-limit slot, a retry's backoff) is over: the circuit, if
         it changed meanwhile, is asked again. PolicyViolation if it is open, caused by ``after``:

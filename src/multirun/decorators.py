@@ -270,6 +270,7 @@ class _StepCall(StepContext):
         if after is not None and self.spec.check_budget:
             refused = self.run_context.ledger.over_budget()
             if refused is not None:
+                self._note_budget_refusal(refused)
                 raise refused from after
         self._resume(after)
 

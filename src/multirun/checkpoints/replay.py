@@ -212,18 +212,20 @@ class ReplayLog:
         if self._task_marks >= self.limit or len(self._recorded) >= self.limit:
             return None  # the log records no more calls, or holds as many marks as calls
         mark = next(self._seq)
-        self._tasks.setdefault(get_ident(), []).append(mark)
-        self._task_marks += 1
+        with self._lock:  # a checkpoint copies the marks meanwhile
+            self._tasks.setdefault(get_ident(), []).append(mark)
+            self._task_marks += 1
         return mark
 
     def task_ended(self, mark: int | None) -> None:
         """The pool task ``task_started`` marked ended: its mark goes if no call was made
         meanwhile, so tasks that make no steps keep no memory."""
         if mark is not None and next(self._seq) == mark + 1:
-            marks = self._tasks.get(get_ident())
-            if marks and marks[-1] == mark:
-                marks.pop()
-                self._task_marks -= 1
+            with self._lock:
+                marks = self._tasks.get(get_ident())
+                if marks and marks[-1] == mark:
+                    marks.pop()
+                    self._task_marks -= 1
 
     def _warn_full(self) -> None:
         if not self._full_warned:

@@ -813,7 +813,8 @@ class RedisLedger(LedgerReadings):
             reply = self._run("init", [self.key], args, "set its budget", counts=True)
         except LedgerUnavailableError:
             self.budget, self._limits = before
-            self._revokes.append((command, before[1]))
+            with self._lock:
+                self._revokes.append((command, before[1]))
             raise
         self._budget_unsent = reply is None
         self._keep_until_made()
@@ -1011,8 +1012,11 @@ class RedisLedger(LedgerReadings):
         """Take back the budgets whose set_budget timed out (see _REVOKE): the caller was told
         they were not set. Raises LedgerUnavailableError (naming ``action``) if Redis does not
         answer: this ledger's command would not run either."""
-        while self._revokes:
-            command, limits = self._revokes[0]
+        while True:
+            with self._lock:  # another thread may take the last one back meanwhile
+                if not self._revokes:
+                    return
+                command, limits = self._revokes[0]
             known = ("0",) if limits is None else ("1", *limits)
             if self._run("revoke", [self.key], [self._ttl_ms, command, *known], action) is None:
                 return  # failing open: tried again with a later command
