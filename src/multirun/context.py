@@ -62,7 +62,7 @@ from multirun.models.policy import PolicyDecision
 from multirun.models.run import Run, RunStatus
 from multirun.models.step import Step, StepKind, StepStatus
 from multirun.pricing import COST_UNITS_PER_USD
-from multirun.sdk_usage import NOT_A_RESPONSE, call_of_result, response_of
+from multirun.sdk_usage import NOT_A_RESPONSE, calls_in
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 from multirun.telemetry.content import render, render_call
@@ -2023,16 +2023,11 @@ def note_paid_for(run: RunContext, step: StepContext | None, value: Any) -> None
     charged) were paid for already: served from a checkpoint (the recorded run paid), or
     reported by hand (``complete(response, tokens_used=...)``). A step around ``step``, or a
     later step, that returns them is not charged for them again."""
-    items = value if type(value) is list or type(value) is tuple else (value,)
     call_ids = []
-    for item in items:
-        if type(item) not in NOT_A_RESPONSE:
-            call = call_of_result(item)
-            if call is not None:
-                # noted as returned: not charged when returned again
-                run._returned_before(response_of(item), call[0])
-                if call[0] is not None:
-                    call_ids.append(call[0])
+    for response, (call_id, _, _) in calls_in(value):
+        run._returned_before(response, call_id)  # noted as returned: not charged when returned again
+        if call_id is not None:
+            call_ids.append(call_id)
     if step is not None:
         _note_calls_around(step, call_ids)  # a copy of it returned around it is not charged either
 

@@ -55,6 +55,7 @@ from multirun.sdk_usage import (
     StreamKind,
     StreamUsage,
     call_of_result,
+    calls_in,
     is_sdk_object,
     response_of,
     returned_stream,
@@ -400,12 +401,8 @@ class _StepCall(StepContext):
     def _charge_sdk_usage_in(self, items: list[Any] | tuple[Any, ...]) -> None:
         """Charge the LLM SDK responses in a list or tuple the step returned (one level deep),
         each unless its call is charged already, as ``_charge_sdk_usage`` does."""
-        calls = []
-        for item in items:
-            if type(item) not in NOT_A_RESPONSE:
-                call = call_of_result(item)
-                if call is not None and not self.run_context._returned_before(response_of(item), call[0]):
-                    calls.append(call)
+        returned_before = self.run_context._returned_before
+        calls = [call for response, call in calls_in(items) if not returned_before(response, call[0])]
         if calls:
             self._charge_response_usage(*calls)
 

@@ -193,6 +193,19 @@ def call_of_result(value: Any) -> ModelCall | None:
     return _call(how, value)
 
 
+def calls_in(value: Any) -> list[tuple[Any, ModelCall]]:
+    """The SDK responses in ``value`` (itself, or one level deep in a list or tuple, as a
+    step's result is charged), each with its model call."""
+    items = value if type(value) is list or type(value) is tuple else (value,)
+    found = []
+    for item in items:
+        if type(item) not in NOT_A_RESPONSE:
+            call = call_of_result(item)
+            if call is not None:
+                found.append((response_of(item), call))
+    return found
+
+
 def response_of(value: Any) -> Any:
     """``value``, or the response its raw HTTP response holds (the one its ``parse()`` gives)."""
     how = _how(value)
