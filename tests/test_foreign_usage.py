@@ -422,3 +422,41 @@ def test_a_bad_token_count_on_a_foreign_span_costs_only_that_count(
     assert run_span.attributes["multirun.tokens_used"] == 1_000_000  # the input is still charged
     assert run_span.attributes["multirun.cost_usd"] == pytest.approx(0.15)
     assert f"{bad_key}=" in caplog.text  # the bad count is named
+
+
+def test_a_bad_token_count_on_foreign_spans_is_logged_once_per_attribute(traced, caplog) -> None:
+    """A misbehaving instrumentation's every span would repeat it: one warning per attribute."""
+
+    @step
+    def call_model(bad_key: str) -> None:
+        foreign_span(traced, "chat", {"gen_ai.usage.input_tokens": 10, bad_key: -1})
+
+    @run
+    def main() -> None:
+        call_model("gen_ai.usage.output_tokens")
+        call_model("gen_ai.usage.output_tokens")
+        call_model("gen_ai.usage.cache_read.input_tokens")
+
+    processor._warned_counts.clear()
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        main()
+    warned = [r.getMessage() for r in caplog.records if "no token count" in r.getMessage()]
+    assert len(warned) == 2
+    assert "gen_ai.usage.output_tokens=-1" in warned[0]
+    assert "gen_ai.usage.cache_read.input_tokens=-1" in warned[1]
+    assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 30
+
+
+def test_a_token_count_a_foreign_span_gives_as_a_numeric_string_is_charged(traced, caplog) -> None:
+    @step
+    def call_model() -> None:
+        foreign_span(traced, "chat", {"gen_ai.usage.input_tokens": "120", "gen_ai.usage.output_tokens": 30})
+
+    @run
+    def main() -> None:
+        call_model()
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        main()
+    assert traced.span("invoke_workflow main").attributes["multirun.tokens_used"] == 150
+    assert "no token count" not in caplog.text

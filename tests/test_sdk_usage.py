@@ -1183,6 +1183,31 @@ def test_a_response_with_a_count_that_is_no_token_count_is_charged_its_other_cou
     assert "usage.prompt_tokens_details.cached_tokens" in caplog.text
 
 
+def test_a_bad_token_count_is_logged_once_per_field(traced, caplog) -> None:
+    """A misbehaving server's every response would repeat it: one warning per field."""
+
+    @step
+    def ask(cached: int, reasoning: int) -> Any:
+        return chat_completion(1000, 40, cached=cached, reasoning=reasoning)
+
+    @run(name="main")
+    def main() -> None:
+        ask(-5, 0)
+        ask(-6, 0)
+        ask(0, -7)
+
+    from multirun import sdk_usage
+
+    sdk_usage._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        main()
+    warned = [r.getMessage() for r in caplog.records if "no token count" in r.getMessage()]
+    assert len(warned) == 2
+    assert "usage.prompt_tokens_details.cached_tokens=-5" in warned[0]
+    assert "usage.completion_tokens_details.reasoning_tokens=-7" in warned[1]
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 3 * 1040
+
+
 @pytest.mark.parametrize("api", ["completions", "embeddings"])
 def test_a_legacy_completion_or_an_embedding_response_is_charged(traced, answering, raw_client, api) -> None:
     model = "gpt-3.5-turbo-instruct" if api == "completions" else "text-embedding-3-small"
