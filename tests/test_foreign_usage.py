@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
+import multirun.usage
 from multirun import run, step
-from multirun.enforcement import processor
 from multirun.errors import BudgetExceededError
 from multirun.models import Budget
 
@@ -415,7 +415,7 @@ def test_a_bad_token_count_on_a_foreign_span_costs_only_that_count(
     def main() -> None:
         call_model()
 
-    processor._warned_counts.clear()
+    multirun.usage._warned_counts.clear()
     with caplog.at_level(logging.WARNING, logger="multirun"):
         main()
     run_span = traced.span("invoke_workflow main")
@@ -437,7 +437,7 @@ def test_a_bad_token_count_on_foreign_spans_is_logged_once_per_attribute(traced,
         call_model("gen_ai.usage.output_tokens")
         call_model("gen_ai.usage.cache_read.input_tokens")
 
-    processor._warned_counts.clear()
+    multirun.usage._warned_counts.clear()
     with caplog.at_level(logging.WARNING, logger="multirun"):
         main()
     warned = [r.getMessage() for r in caplog.records if "no token count" in r.getMessage()]

@@ -30,6 +30,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import multirun
+import multirun.usage
 from multirun import run, step
 from multirun.context import get_current_step_context
 from multirun.errors import BudgetExceededError
@@ -1170,9 +1171,7 @@ def test_a_response_with_a_count_that_is_no_token_count_is_charged_its_other_cou
     def main() -> None:
         ask()
 
-    from multirun import sdk_usage
-
-    sdk_usage._warned.clear()
+    multirun.usage._warned_counts.clear()
     with caplog.at_level(logging.WARNING, logger="multirun"):
         main()
     assert attrs(step_span(traced, "ask"))["gen_ai.usage.input_tokens"] == 1000
@@ -1196,9 +1195,7 @@ def test_a_bad_token_count_is_logged_once_per_field(traced, caplog) -> None:
         ask(-6, 0)
         ask(0, -7)
 
-    from multirun import sdk_usage
-
-    sdk_usage._warned.clear()
+    multirun.usage._warned_counts.clear()
     with caplog.at_level(logging.WARNING, logger="multirun"):
         main()
     warned = [r.getMessage() for r in caplog.records if "no token count" in r.getMessage()]

@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 from genai_prices import data_snapshot
 from wrapt import ObjectProxy
 
-from multirun.usage import MAX_TOKENS, TokenUsage
+from multirun.usage import TokenUsage, usable_count
 
 _logger = logging.getLogger(__name__)
 
@@ -352,33 +352,17 @@ def _without_nulls(usage: dict[str, Any]) -> dict[str, Any]:
 
 
 def _usable(usage: dict[str, Any], provider_id: str, path: str = "usage") -> dict[str, Any]:
-    """``usage`` with each count that is no token count (negative, NaN, infinite, a bool, past
-    ``MAX_TOKENS``) as 0, with a warning: genai-prices refuses the whole usage for one such
-    count, and a misbehaving server's call would be charged nothing."""
+    """``usage`` with each count that is no token count as 0 (``usable_count``): genai-prices
+    refuses the whole usage for one such count, and a misbehaving server's call would be charged
+    nothing."""
     usable: dict[str, Any] = {}
     for key, value in usage.items():
         if isinstance(value, dict):
             value = _usable(value, provider_id, f"{path}.{key}")
-        elif isinstance(value, (int, float)) and not (
-            not isinstance(value, bool) and 0 <= value <= MAX_TOKENS  # NaN fails both comparisons
-        ):
-            _warn_bad_count(provider_id, f"{path}.{key}", value)
-            value = 0
+        elif isinstance(value, (int, float)):  # not the strings (service_tier...) beside the counts
+            value = usable_count(value, f"an {provider_id} response", f"{path}.{key}")
         usable[key] = value
     return usable
-
-
-def _warn_bad_count(provider_id: str, field: str, value: object) -> None:
-    what = f"{provider_id} {field}"
-    if what not in _warned:
-        _warned.add(what)
-        _logger.warning(
-            "multirun: an %s response gave %s=%r, which is no token count: counted as 0 "
-            "(its other counts are charged). Logged once per field.",
-            provider_id,
-            field,
-            value,
-        )
 
 
 def _extract(how: _How, model: Any, usage: Any) -> TokenUsage | None:

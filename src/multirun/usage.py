@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from multirun.errors import ConfigurationError
+
+_logger = logging.getLogger(__name__)
 
 
 def is_cost(value: object) -> bool:
@@ -24,6 +27,30 @@ _REPORT_USAGE_NAMES = {"cache_read_tokens": "cache_read_tokens (cached_input_tok
 # The most tokens one report may count: spans carry counts as OTLP 64-bit integers, and the
 # shared ledger (Redis) counts in them.
 MAX_TOKENS = 2**63 - 1
+
+# the token counts whose unusable value was logged, by source and field: once each, as a
+# misbehaving server's (or instrumentation's) every call would say it again
+_warned_counts: set[tuple[str, str]] = set()
+
+
+def usable_count(value: object, source: str, field: str) -> int | float:
+    """``value`` if it is a token count (a number from 0 to ``MAX_TOKENS``, not a bool); else 0,
+    with a warning naming ``field`` of ``source`` ("a span", "an openai response"), logged once
+    per field: one bad count (negative, NaN, infinite, past a 64-bit integer) must not lose, or
+    fail, the call's other counts."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
+        return value  # NaN fails both comparisons
+    if (source, field) not in _warned_counts:
+        _warned_counts.add((source, field))
+        _logger.warning(
+            "multirun: %s gave %s=%r, which is no token count: counted as 0 (its other counts are "
+            "charged). Logged once per field.",
+            source,
+            field,
+            value,
+        )
+    return 0
+
 
 _COUNTS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 

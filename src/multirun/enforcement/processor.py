@@ -26,6 +26,7 @@ a duration up to the run's end would time the program, not the call.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -39,7 +40,7 @@ from opentelemetry.trace import NonRecordingSpan, StatusCode, set_span_in_contex
 
 from multirun._keys import agent_in, run_in, step_in
 from multirun.telemetry import attributes as a
-from multirun.usage import MAX_TOKENS, TokenUsage, is_cost
+from multirun.usage import TokenUsage, is_cost, usable_count
 
 _logger = logging.getLogger(__name__)
 
@@ -367,32 +368,15 @@ def _count(get: Any, keys: tuple[str, ...]) -> int:
     return _token_count(*_first_key(get, keys))
 
 
-# the attributes whose unusable count was logged: once each, a misbehaving instrumentation's
-# every span would say it again
-_warned_counts: set[str] = set()
-
-
 def _token_count(key: str, value: Any) -> int:
-    """A token count from the value of attribute ``key``: 0 for one missing, or unusable (NaN,
-    infinite, negative, past ``MAX_TOKENS``, not a number) with a warning, so one bad count does
-    not lose the call's other counts."""
+    """A token count from the value of attribute ``key``: 0 for one missing, or unusable
+    (``usable_count``: logged), so one bad count does not lose the call's other counts."""
     if value is None:
         return 0
-    try:
-        count = None if isinstance(value, bool) else int(value)
-    except (TypeError, ValueError, OverflowError):
-        count = None
-    if count is None or not 0 <= count <= MAX_TOKENS:
-        if key not in _warned_counts:
-            _warned_counts.add(key)
-            _logger.warning(
-                "multirun: a span gave %s=%r, which is no token count: counted as 0 (its other "
-                "counts are charged). Logged once per attribute.",
-                key,
-                value,
-            )
-        return 0
-    return count
+    if isinstance(value, (str, bytes)):  # "120": an instrumentation that sets its counts as text
+        with contextlib.suppress(ValueError):  # else no count: usable_count says so
+            value = int(value)
+    return int(usable_count(value, "a span", key))
 
 
 def _response_id(attributes: Any) -> str | None:
