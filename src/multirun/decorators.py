@@ -54,10 +54,9 @@ from multirun.sdk_usage import (
     NOT_A_RESPONSE,
     StreamKind,
     StreamUsage,
-    call_of_result,
     calls_in,
     is_sdk_object,
-    response_of,
+    response_call,
     returned_stream,
 )
 from multirun.telemetry import attributes as attr
@@ -394,9 +393,11 @@ class _StepCall(StepContext):
         if stream is not None:
             self._charge_response_usage(*stream.calls())
             return
-        call = call_of_result(result)
-        if call is not None and not self.run_context._returned_before(response_of(result), call[0]):
-            self._charge_response_usage(call)
+        found = response_call(result)
+        if found is not None:
+            response, call = found
+            if not self.run_context._returned_before(response, call[0]):
+                self._charge_response_usage(call)
 
     def _charge_sdk_usage_in(self, items: list[Any] | tuple[Any, ...]) -> None:
         """Charge the LLM SDK responses in a list or tuple the step returned (one level deep),

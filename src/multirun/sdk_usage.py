@@ -177,9 +177,10 @@ def instrumentation_wrapper(value: Any) -> Any:
 ModelCall = tuple[str | None, TokenUsage, str]
 
 
-def call_of_result(value: Any) -> ModelCall | None:
-    """The model call of a whole SDK response returned by a step (or of the raw HTTP response
-    of one, ``with_raw_response``), or None for anything else."""
+def response_call(value: Any) -> tuple[Any, ModelCall] | None:
+    """The whole SDK response returned by a step (``value``, or the one its raw HTTP response
+    holds, ``with_raw_response``: parsed here once) with its model call, or None for anything
+    else."""
     how = _how(value)
     if how is None:
         return None
@@ -190,7 +191,8 @@ def call_of_result(value: Any) -> ModelCall | None:
             return None
     if how[0] != _FULL:
         return None
-    return _call(how, value)
+    call = _call(how, value)
+    return None if call is None else (value, call)
 
 
 def calls_in(value: Any) -> list[tuple[Any, ModelCall]]:
@@ -200,16 +202,10 @@ def calls_in(value: Any) -> list[tuple[Any, ModelCall]]:
     found = []
     for item in items:
         if type(item) not in NOT_A_RESPONSE:
-            call = call_of_result(item)
-            if call is not None:
-                found.append((response_of(item), call))
+            response = response_call(item)
+            if response is not None:
+                found.append(response)
     return found
-
-
-def response_of(value: Any) -> Any:
-    """``value``, or the response its raw HTTP response holds (the one its ``parse()`` gives)."""
-    how = _how(value)
-    return _parsed(value) if how is not None and how[0] == _RAW else value
 
 
 def is_raw_response(value: Any) -> bool:
