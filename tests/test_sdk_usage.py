@@ -1394,5 +1394,23 @@ async def test_the_responses_in_a_list_or_tuple_a_step_returns_are_each_charged_
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == tokens_of(CANNED[:4])
 
 
+@pytest.mark.parametrize("at", [0, 40, -1])
+def test_a_response_in_a_long_list_a_step_returns_is_charged(traced, at) -> None:
+    """Wherever it stands among many plain values (the rows a step read, say)."""
+
+    @step
+    def ask() -> list[Any]:
+        rows: list[Any] = [f"row {i}" for i in range(80)]
+        rows.insert(at if at >= 0 else len(rows), chat_completion(1000, 40))
+        return rows
+
+    @run(name="main")
+    def main() -> None:
+        ask()
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 1040
+
+
 def tokens_of(canned: list[Any]) -> int:
     return sum(usage.tokens for usage in canned)

@@ -198,7 +198,13 @@ def response_call(value: Any) -> tuple[Any, ModelCall] | None:
 def calls_in(value: Any) -> list[tuple[Any, ModelCall]]:
     """The SDK responses in ``value`` (itself, or one level deep in a list or tuple, as a
     step's result is charged), each with its model call."""
-    items = value if type(value) is list or type(value) is tuple else (value,)
+    if type(value) is list or type(value) is tuple:
+        # a long list of plain values (most are): told in C, a fifth faster than the loop below
+        if len(value) > 16 and NOT_A_RESPONSE.issuperset(map(type, value)):
+            return []
+        items = value
+    else:
+        items = (value,)
     found = []
     for item in items:
         if type(item) not in NOT_A_RESPONSE:
