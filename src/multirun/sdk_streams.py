@@ -21,6 +21,8 @@ stream ends, which would otherwise make the step's context the caller's.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import wrapt
@@ -57,7 +59,9 @@ def watched(stream: Any, kind: StreamKind, reader: Reader, ctx: Context) -> Any:
 # The proxy's own attributes are named _self_*: wrapt keeps them on the proxy, and a method of
 # another name would hide the stream's attribute of that name.
 class _Watching(_Proxy):
-    """What the sync and the async proxies share: the reader, told the end once."""
+    """What the sync and the async proxies share: the reader, told the end once, and the calls
+    made in the step's context. A read (``__next__``, ``__anext__``) runs once a chunk: it is
+    written out in each proxy, not put in a context manager, to cost no more than the read."""
 
     def __init__(self, stream: Any, reader: Reader, ctx: Context) -> None:
         super().__init__(stream)
@@ -75,12 +79,41 @@ class _Watching(_Proxy):
         if reader is not None:
             reader._stream_ended(error, closed)
 
+    def _self_stopped(self, error: BaseException) -> None:
+        """A read raised ``error``: the stream's end (StopIteration), or its failure."""
+        self._self_end(None if isinstance(error, (StopIteration, StopAsyncIteration)) else error)
+
+    @contextmanager
+    def _self_in_step(self) -> Iterator[None]:
+        """The block runs in the step's context."""
+        token = otel_context.attach(self._self_ctx)
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    @contextmanager
+    def _self_calling(self) -> Iterator[None]:
+        """The block runs in the step's context; the step fails with what it raises."""
+        token = otel_context.attach(self._self_ctx)
+        try:
+            yield
+        except BaseException as error:
+            self._self_end(error)
+            raise
+        finally:
+            otel_context.detach(token)
+
     def _self_dropped(self) -> None:
-        """Collected half-read: its step ends, as if the caller had closed it."""
+        """Collected half-read (or never entered): its step ends, as if the caller had closed it."""
         try:
             self._self_end(closed=True)
         except Exception:  # never out of __del__, where it would be printed as 'Exception ignored'
             _logger.warning("multirun: could not end the step of a stream dropped half-read", exc_info=True)
+
+    def __del__(self) -> None:
+        if getattr(self, "_self_reader", None) is not None:
+            self._self_dropped()
 
 
 class _Watched(_Watching):
@@ -93,25 +126,16 @@ class _Watched(_Watching):
         token = otel_context.attach(self._self_ctx)
         try:
             item = next(self.__wrapped__)
-        except StopIteration:
-            self._self_end()
-            raise
         except BaseException as error:
-            self._self_end(error)
+            self._self_stopped(error)
             raise
         finally:
             otel_context.detach(token)
         return self._self_item(item)
 
     def close(self) -> None:
-        token = otel_context.attach(self._self_ctx)
-        try:
+        with self._self_calling():
             self.__wrapped__.close()
-        except BaseException as error:
-            self._self_end(error)
-            raise
-        finally:
-            otel_context.detach(token)
         self._self_end(closed=True)
 
     def __enter__(self) -> _Watched:
@@ -119,27 +143,25 @@ class _Watched(_Watching):
         return self
 
     def __exit__(self, *exc_info: Any) -> Any:
-        token = otel_context.attach(self._self_ctx)
         try:
-            return self.__wrapped__.__exit__(*exc_info)
+            with self._self_in_step():
+                return self.__wrapped__.__exit__(*exc_info)
         finally:
-            otel_context.detach(token)
             self._self_end(closed=True)
 
-    def __del__(self) -> None:
-        if getattr(self, "_self_reader", None) is not None:
-            token = otel_context.attach(self._self_ctx)
-            try:
+    def _self_dropped(self) -> None:
+        try:
+            with self._self_in_step():
                 self.__wrapped__.close()  # its connection, as a generator step's ``yield from`` would
-            except Exception:
-                _logger.debug("multirun: closing a stream dropped half-read failed", exc_info=True)
-            finally:
-                otel_context.detach(token)
-            self._self_dropped()
+        except Exception:
+            _logger.debug("multirun: closing a stream dropped half-read failed", exc_info=True)
+        super()._self_dropped()
 
 
 class _AsyncWatched(_Watching):
-    """An async SDK stream."""
+    """An async SDK stream. Collected half-read, its async close() cannot be awaited, nor need
+    it be: once read from, the SDK's stream is an async generator that closes its response when
+    collected (asyncio's finaliser schedules it on the loop), as it does without multirun."""
 
     def __aiter__(self) -> _AsyncWatched:
         return self
@@ -148,19 +170,15 @@ class _AsyncWatched(_Watching):
         token = otel_context.attach(self._self_ctx)
         try:
             item = await self.__wrapped__.__anext__()
-        except StopAsyncIteration:
-            self._self_end()
-            raise
         except BaseException as error:
-            self._self_end(error)
+            self._self_stopped(error)
             raise
         finally:
             otel_context.detach(token)
         return self._self_item(item)
 
     async def close(self) -> None:
-        token = otel_context.attach(self._self_ctx)
-        try:
+        with self._self_calling():
             stream = self.__wrapped__
             inner = instrumentation_wrapper(stream)
             if inner is not None:
@@ -171,11 +189,6 @@ class _AsyncWatched(_Watching):
                 await stream.__aexit__(None, None, None)
             else:
                 await stream.close()
-        except BaseException as error:
-            self._self_end(error)
-            raise
-        finally:
-            otel_context.detach(token)
         self._self_end(closed=True)
 
     async def __aenter__(self) -> _AsyncWatched:
@@ -183,19 +196,11 @@ class _AsyncWatched(_Watching):
         return self
 
     async def __aexit__(self, *exc_info: Any) -> Any:
-        token = otel_context.attach(self._self_ctx)
         try:
-            return await self.__wrapped__.__aexit__(*exc_info)
+            with self._self_in_step():
+                return await self.__wrapped__.__aexit__(*exc_info)
         finally:
-            otel_context.detach(token)
             self._self_end(closed=True)
-
-    def __del__(self) -> None:
-        # its async close() cannot be awaited here, nor need it be: once read from, the SDK's
-        # stream is an async generator that closes its response when collected (asyncio's
-        # finaliser schedules it on the loop), as it does without multirun
-        if getattr(self, "_self_reader", None) is not None:
-            self._self_dropped()
 
 
 class _Managing(_Watching):
@@ -239,67 +244,41 @@ class _Managing(_Watching):
         self._self_end(closed=True)
         return None
 
-    def _self_failed(self, error: BaseException) -> None:
-        """Entering failed (the request did): the step fails with ``error``."""
-        self._self_end(error)
-
 
 class _WatchedManager(_Managing):
     """A sync stream manager (``messages.stream()``, ``chat.completions.stream()``...)."""
 
     def __enter__(self) -> Any:
-        token = otel_context.attach(self._self_ctx)
-        try:
+        with self._self_calling():
             helper = self.__wrapped__.__enter__()  # the request, made in the step
-        except BaseException as error:
-            self._self_failed(error)
-            raise
-        finally:
-            otel_context.detach(token)
         return self._self_entered(helper, "sync")
 
     def __exit__(self, *exc_info: Any) -> Any:
-        token = otel_context.attach(self._self_ctx)
         try:
-            return self.__wrapped__.__exit__(*exc_info)
+            with self._self_in_step():
+                return self.__wrapped__.__exit__(*exc_info)
         finally:
-            otel_context.detach(token)
             stream = self._self_left()
             if stream is not None:
                 stream.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_self_reader", None) is not None:  # never entered
-            self._self_dropped()
 
 
 class _AsyncWatchedManager(_Managing):
     """An async stream manager (``AsyncAnthropic().messages.stream()``...)."""
 
     async def __aenter__(self) -> Any:
-        token = otel_context.attach(self._self_ctx)
-        try:
+        with self._self_calling():
             helper = await self.__wrapped__.__aenter__()
-        except BaseException as error:
-            self._self_failed(error)
-            raise
-        finally:
-            otel_context.detach(token)
         return self._self_entered(helper, "async")
 
     async def __aexit__(self, *exc_info: Any) -> Any:
-        token = otel_context.attach(self._self_ctx)
         try:
-            return await self.__wrapped__.__aexit__(*exc_info)
+            with self._self_in_step():
+                return await self.__wrapped__.__aexit__(*exc_info)
         finally:
-            otel_context.detach(token)
             stream = self._self_left()
             if stream is not None:
                 await stream.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_self_reader", None) is not None:
-            self._self_dropped()
 
 
 _WATCHERS: dict[StreamKind, type[_Watching]] = {
