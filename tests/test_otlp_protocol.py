@@ -473,15 +473,9 @@ def test_a_variable_the_grpc_exporter_refuses_is_refused_by_init_and_logged_with
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
     assert not (tmp_path / "mr").exists()
 
-    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
-
-    @run
-    def job() -> int:
-        return 1
-
-    with caplog.at_level(logging.WARNING, logger="multirun"):
-        assert job() == 1
-    [warning] = [r.getMessage() for r in caplog.records if "gRPC" in r.getMessage()]
+    warning = warning_of_a_run_without_init(
+        tmp_path, monkeypatch, caplog, "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
+    )
     assert warning.endswith("; spans go to the local files instead")
     assert multirun.get_client().force_flush()
     assert [s.name for s in read_spans(tmp_path / "mr" / "traces")] == ["invoke_workflow job"]

@@ -11,7 +11,6 @@ local files. The application's own provider, ``init(span_exporter=...)`` and
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -26,12 +25,12 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import multirun
-from multirun import run
 from multirun.errors import ConfigurationError
 from multirun.telemetry.export import SpanExporters
 from multirun.telemetry.local_files import read_spans
 from otlp_collectors import Collector  # the OTLP/HTTP collector (fixture: collector)
 from test_bad_input import agent_program  # the same four-span agent run
+from test_client import warning_of_a_run_without_init
 
 SPANS = ["chat gpt-4o-mini", "invoke_agent worker", "invoke_workflow main", "step tool"]
 TESTS = Path(__file__).resolve().parent
@@ -108,16 +107,7 @@ def test_init_refuses_an_exporter_that_is_not_installed_naming_the_variable(
 def test_without_init_an_exporter_that_is_not_installed_is_a_warning_and_the_spans_go_to_the_files(
     global_otel: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "jaeger")
-    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
-
-    @run
-    def job() -> int:
-        return 1
-
-    with caplog.at_level(logging.WARNING, logger="multirun"):
-        assert job() == 1
-    [warning] = [r.getMessage() for r in caplog.records if "OTEL_TRACES_EXPORTER" in r.getMessage()]
+    warning = warning_of_a_run_without_init(tmp_path, monkeypatch, caplog, "OTEL_TRACES_EXPORTER", "jaeger")
     assert "'jaeger'" in warning and warning.endswith("spans go to the local files instead")
     assert multirun.get_client().force_flush()
     assert _files(tmp_path / "mr") == ["invoke_workflow job"]
