@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -406,6 +407,7 @@ def test_without_init_grpc_without_the_extra_is_one_warning_and_the_spans_go_to_
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "-5"),
         ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1"),
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "inf"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
     ],
 )
 def test_an_otlp_timeout_that_is_no_positive_number_is_refused_by_init_and_logged_without_it(
@@ -433,10 +435,43 @@ def test_an_otlp_timeout_that_is_no_positive_number_is_refused_by_init_and_logge
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
 
     warning = warning_of_a_run_without_init(tmp_path, monkeypatch, caplog, variable, value)
-    assert warning.endswith("; the exporter's default of 10 s is used")
+    if variable == "OTEL_EXPORTER_OTLP_TIMEOUT":
+        assert warning.endswith("; the exporter's default of 10 s is used")
+    else:  # treated as not set: the general variable applies (the autouse fixture's 1 s)
+        assert warning.endswith("; OTEL_EXPORTER_OTLP_TIMEOUT's 1 s is used")
     assert multirun.get_client().force_flush(10_000)
     names = grpc_collector.span_names if protocol == "grpc" else collector.span_names
     assert list(names) == ["invoke_workflow job"]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "value"),
+    [("http/protobuf", "abc"), ("http/protobuf", "0"), pytest.param("grpc", "0", marks=needs_grpc)],
+)
+def test_a_bad_per_signal_otlp_timeout_is_logged_and_the_general_one_is_used(
+    global_otel: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    silent_collector: str,
+    protocol: str,
+    value: str,
+) -> None:
+    # the spec treats a value that cannot be used as not set, so OTEL_EXPORTER_OTLP_TIMEOUT
+    # applies: it was ignored too, and each export to a hung collector waited the 10 s default
+    url = silent_collector if protocol == "grpc" else f"{silent_collector}/v1/traces"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    assert os.environ["OTEL_EXPORTER_OTLP_TIMEOUT"] == "1"
+    variable = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
+    warning = warning_of_a_run_without_init(tmp_path, monkeypatch, caplog, variable, value)
+    assert warning == (
+        f"multirun: {variable} must be a number of seconds > 0, got {value!r}; "
+        "OTEL_EXPORTER_OTLP_TIMEOUT's 1 s is used"
+    )
+    started = time.monotonic()
+    multirun.get_client().force_flush(30_000)
+    assert time.monotonic() - started < 6  # the export gave up after 1 s, not 10
 
 
 # ---------------------------------------------------------------------------
@@ -447,7 +482,6 @@ def test_an_otlp_timeout_that_is_no_positive_number_is_refused_by_init_and_logge
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
-        ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
         ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "soon"),
         ("OTEL_EXPORTER_OTLP_COMPRESSION", "zip"),
     ],
@@ -460,7 +494,8 @@ def test_a_variable_the_grpc_exporter_refuses_is_refused_by_init_and_logged_with
     variable: str,
     value: str,
 ) -> None:
-    # the SDK's gRPC exporters raise a ValueError as they are made (the HTTP ones log and go on)
+    # the SDK's gRPC exporters raise a ValueError as they are made (the HTTP ones log and go on),
+    # for a per-signal timeout whatever timeout they are given
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     monkeypatch.setenv(variable, value)

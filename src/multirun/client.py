@@ -1347,7 +1347,7 @@ def _otlp_exporter(
     ignore: that is refused, or with ``refuse=False`` logged, and None returned.
     """
     module, name = _OTLP_EXPORTERS[signal, protocol]
-    timeout = _otlp_timeout_instead(signal, refuse=refuse)
+    timeout = _otlp_timeout_instead(signal, protocol, refuse=refuse)
     try:
         exporter_class = getattr(importlib.import_module(module), name)
         if protocol == "grpc":  # it takes the host and port of the URL; metadata keys are lower case
@@ -1375,31 +1375,45 @@ def _otlp_exporter(
 _OTLP_DEFAULT_TIMEOUT = 10.0  # seconds, the SDK's OTLP exporters' default
 
 
-def _otlp_timeout_instead(signal: str, *, refuse: bool) -> float | None:
+def _otlp_timeout_instead(signal: str, protocol: str, *, refuse: bool) -> float | None:
     """The timeout to give the OTLP exporter of ``signal`` instead of its variable's, None to let
     it read ``OTEL_EXPORTER_OTLP_<SIGNAL>_TIMEOUT``, else ``OTEL_EXPORTER_OTLP_TIMEOUT``.
 
-    The exporters take any number there, and one that is not > 0 and finite failed every export
-    with a line per batch that named no variable: refused, or logged and the default used. A value
-    that is no number is left to them (the HTTP ones log it, the gRPC ones raise as they are made).
+    A value that is no number > 0 and finite is refused, or logged and treated as not set, as
+    the spec says: the next variable applies, else the default. The exporters took it, and
+    either failed every export with a line per batch that named no variable, or used their
+    default over a valid ``OTEL_EXPORTER_OTLP_TIMEOUT``. The gRPC ones raise for a per-signal
+    value that is no number whatever they are given: left to them (``_otlp_exporter`` says so).
     """
-    for variable in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+    per_signal = f"OTEL_EXPORTER_OTLP_{signal.upper()}_TIMEOUT"
+    bad: list[tuple[str, str]] = []
+    instead = None
+    for variable in (per_signal, "OTEL_EXPORTER_OTLP_TIMEOUT"):
         raw = os.environ.get(variable, "").strip()
         if not raw:
             continue
-        try:
-            seconds = float(raw)
-        except ValueError:
+        seconds = _seconds(raw)
+        if seconds is not None and 0 < seconds < math.inf:
+            instead = (variable, seconds)
+            break
+        if protocol == "grpc" and variable == per_signal and seconds is None:
             return None
-        if 0 < seconds < float("inf"):
-            return None
-        refuse_or_warn(
-            f"{variable} must be a number of seconds > 0, got {raw!r}",
-            refuse=refuse,
-            instead=f"the exporter's default of {_OTLP_DEFAULT_TIMEOUT:g} s is used",
-        )
-        return _OTLP_DEFAULT_TIMEOUT
-    return None
+        bad.append((variable, raw))
+    if not bad:
+        return None
+    default = f"the exporter's default of {_OTLP_DEFAULT_TIMEOUT:g} s"
+    used = f"{instead[0]}'s {instead[1]:g} s" if instead else default
+    for variable, raw in bad:
+        problem = f"{variable} must be a number of seconds > 0, got {raw!r}"
+        refuse_or_warn(problem, refuse=refuse, instead=f"{used} is used")
+    return instead[1] if instead else _OTLP_DEFAULT_TIMEOUT
+
+
+def _seconds(raw: str) -> float | None:
+    try:
+        return float(raw)
+    except ValueError:
+        return None
 
 
 _owned_meter_provider: Any = None
