@@ -206,6 +206,33 @@ def test_1_a_new_outage_after_a_recovery_is_warned_about_again(
     assert [r.levelno for r in caplog.records if r.name.startswith("multirun")] == [logging.WARNING] * 2
 
 
+def test_1_a_different_failure_during_an_outage_gets_a_line_of_its_own_once(
+    pipeline: Callable[..., Pipeline], collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the exporter's first line of an outage hid every other: a collector busy (503), then
+    # refusing the credentials (401) or the batch size (413), showed only the 503
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    p = pipeline(OTLPSpanExporter(endpoint=f"{collector.url}/v1/traces", timeout=1))
+    main = agent_program()
+    logger = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+    with caplog.at_level(logging.WARNING):
+        for status in (503, 503, 401, 401, 413, 503, 401):
+            collector.status = status
+            assert main("x") == "Xx"
+            p.client.force_flush(10_000)
+    lines = [r.getMessage() for r in caplog.records if r.name == logger]
+    assert len(lines) == 3, lines
+    assert "code: 401" in lines[1] and "code: 413" in lines[2], lines
+    collector.status = 200  # the outage is over: the next one is logged again
+    main("x")
+    p.client.force_flush(10_000)
+    collector.status = 401
+    main("x")
+    p.client.force_flush(10_000)
+    assert sum(r.name == logger for r in caplog.records) == 4
+
+
 OUTAGE_PROGRAM = """
 import logging, sys, time
 import multirun

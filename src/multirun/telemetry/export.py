@@ -19,8 +19,8 @@ leaves out:
   only after an export succeeded), and a full queue one warning for the life
   of the processor, never a log line per batch or per span; the exception
   never reaches the application. The SDK's OTLP exporters log each failed
-  batch and each retry: during an outage only their first line is let
-  through (``OutageLog``), the same for ``GuardedMetricExporter``.
+  batch and each retry: during an outage only their first line of each kind
+  of failure is let through (``OutageLog``), the same for ``GuardedMetricExporter``.
 - Text the OTLP encoder would refuse (a lone surrogate from an undecodable file
   name) is escaped before export, instead of costing the whole batch.
 - An ``OTEL_BSP_*`` variable that is not an int >= 1 (the export timeout: >= 0) is a
@@ -105,21 +105,23 @@ up in a line of its own filters on it)."""
 
 
 class OutageLog:
-    """The log of one pipeline's exporter outages: one line from the exporter per outage.
+    """The log of one pipeline's exporter outages: one line from the exporter per kind of
+    failure per outage.
 
-    While ``exporting()``, the first warning the SDK's OTLP exporters log is let through and
-    the next are dropped until ``succeeded()``: a collector that is down cost a line for each
-    batch and each retry, thousands an hour.
+    While ``exporting()``, the first warning the SDK's OTLP exporters log of each kind of failure
+    (``_failure_kind``) is let through and the next of that kind are dropped until
+    ``succeeded()``: a collector that is down cost a line for each batch and each retry,
+    thousands an hour, and one that then refuses the credentials or the batch size says so.
     """
 
     def __init__(self) -> None:
-        self.quiet = False  # the exporter logged its line of this outage
+        self.logged: set[object] = set()  # the kinds of failure of this outage the exporter logged
 
     def exporting(self) -> _Exporting:
         return _Exporting(self)
 
     def succeeded(self) -> None:
-        self.quiet = False
+        self.logged = set()
 
 
 class _Exporting:
@@ -136,14 +138,39 @@ class _Exporting:
         _exporting.outage = self._previous
 
 
+_RETRIED: Final = "retried"  # the HTTP exporters retried (unreachable or busy), then gave up
+_FOLLOW_UP: Final = "Shutdown in progress"  # the end of a retried failure, logged already
+
+
+def _failure_kind(record: logging.LogRecord) -> object:
+    """What failed, as an OTLP exporter's log line says it: the HTTP status or gRPC code it was
+    refused with (a retried gRPC code and its giving up are one kind); the HTTP exporters'
+    retries and their giving up, one kind whatever the reason; else the message's template."""
+    template = record.msg if isinstance(record.msg, str) else repr(record.msg)
+    args = record.args if isinstance(record.args, tuple) else ()
+    grpc = record.name.endswith(".grpc.exporter")
+    if template.startswith("Transient error"):
+        return ("code", args[0]) if grpc and args else _RETRIED
+    if template.startswith("Failed to export %s batch code: %s") and len(args) > 1:
+        return ("code", args[1])
+    if template.startswith("Failed to export %s to %s, error code: %s") and len(args) > 2:
+        return ("code", args[2])
+    if template.startswith("Failed to export %s batch due to timeout"):
+        return _RETRIED
+    return template
+
+
 class _OncePerOutage(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         outage: OutageLog | None = getattr(_exporting, "outage", None)
         if outage is None or record.levelno < logging.WARNING:
             return True  # not in one of multirun's exports
-        if outage.quiet:
+        if isinstance(record.msg, str) and record.msg.startswith(_FOLLOW_UP) and outage.logged:
             return False
-        outage.quiet = True
+        kind = _failure_kind(record)
+        if kind in outage.logged:
+            return False
+        outage.logged.add(kind)
         return True
 
 
