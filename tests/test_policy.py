@@ -1524,6 +1524,32 @@ def test_a_sub_run_without_a_policy_shares_its_parents_circuit_retry_rule_and_de
     assert seen[-1] == "gpt-4o-mini"  # the parent's degradation switch, flipped in a sub-run
 
 
+def test_a_sub_run_without_a_policy_shows_the_policy_that_governs_it(traced) -> None:
+    # its Run model said policy=None while its parent's rate limit paced it
+    policy = Policy(rate_limit=RateLimitRule(requests_per_minute=60))
+    own = Policy(retry=RetryRule(max_attempts=2))
+
+    @run
+    def researcher() -> Policy | None:
+        return get_current_run_context().run.policy
+
+    @run(policy=own)
+    def reviewer() -> Policy | None:
+        return get_current_run_context().run.policy
+
+    @run(policy=policy)
+    def main() -> list[Policy | None]:
+        @run
+        def middle() -> Policy | None:
+            return researcher()  # two levels down: still the top run's
+
+        return [researcher(), middle(), reviewer()]
+
+    assert main() == [policy, policy, own]
+    assert main()[0] is policy  # the same rules, not a copy that could differ
+    assert researcher() is None  # a top run without a policy has none
+
+
 def test_a_sub_run_with_a_policy_of_its_own_keeps_it(traced) -> None:
     @step(kind=StepKind.LLM_CALL, model="gpt-4o")
     def ask() -> None:

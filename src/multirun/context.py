@@ -383,6 +383,8 @@ class RunContext:
             # a sub-run without a policy of its own is governed by its parent's: the same engine,
             # so one rate-limit window, circuit and degradation switch for the whole run tree
             self.policy_engine = self.parent.policy_engine
+            if self.policy_engine is not None:
+                run.policy = self.policy_engine.policy  # what governs it, for whoever reads the model
         run.status = RunStatus.RUNNING
         run.started_at = datetime.now(timezone.utc)
         attrs: dict[str, Any] = {
