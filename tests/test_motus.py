@@ -1950,3 +1950,45 @@ def test_motus_goes_on_while_the_program_says_what_a_retried_attempt_raised(
         resolve(future)
     assert step_ended.wait(5)  # when its thread returned
     assert traced.span("step fails_slowly").attributes[attr.STEP_STATUS] == "cancelled"
+
+
+SPENT_DURING_THE_BACKOFF: list[str] = []
+
+
+@agent_task(retries=1, retry_delay=0.5)
+def flaky_once() -> str:
+    """Fails its first call at once; Motus retries it half a second later."""
+    SPENT_DURING_THE_BACKOFF.append("flaky")
+    if SPENT_DURING_THE_BACKOFF.count("flaky") == 1:
+        raise ConnectionError("upstream down")
+    return "retried"
+
+
+@agent_task
+def spend_it_all() -> str:
+    """Spends the whole budget while flaky_once waits for its retry."""
+    time.sleep(0.2)
+    multirun.report_usage("gpt-4o-mini", input_tokens=500, output_tokens=100)
+    SPENT_DURING_THE_BACKOFF.append("spent")
+    return "spent"
+
+
+def test_a_retry_is_refused_when_the_budget_was_spent_during_its_backoff(traced: Any, runtime: None) -> None:
+    # another task spent the budget while Motus waited to retry: the retry must not run, and
+    # its step says the budget refused it, as a decorated step's retry after a backoff does
+    SPENT_DURING_THE_BACKOFF.clear()
+
+    @multirun.run(budget=Budget(max_tokens=500))
+    def job() -> tuple[str, str]:
+        flaky, spender = flaky_once(), spend_it_all()
+        return resolve(spender), resolve(flaky)
+
+    with pytest.raises(BudgetExceededError) as raised:
+        job()
+    assert raised.value.limit == "max_tokens"
+    assert SPENT_DURING_THE_BACKOFF == ["flaky", "spent"]  # the retry never ran
+    step = traced.span("step flaky_once")
+    assert step.attributes[attr.POLICY_DECISION] == "abort"
+    assert step.attributes[attr.POLICY_RULE] == "budget"
+    assert step.attributes[attr.BUDGET_EXCEEDED_LIMIT] == "max_tokens"
+    assert step.attributes[attr.ERROR_TYPE].endswith("BudgetExceededError")

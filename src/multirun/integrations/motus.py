@@ -823,10 +823,14 @@ class _TaskTrace:
         return RuntimeError(f"attempt {number} of task {self.name!r} ended without a result")
 
     def _check_retry_budget(self) -> None:
-        """Refuse the retry if the task's run or a run enclosing it has spent its budget."""
+        """Refuse the retry if the task's run or a run enclosing it has spent its budget (other
+        tasks may have spent it during Motus's retry delay): on the step's span and in the
+        metrics as a budget refusal, as a decorated step's retry after its backoff is."""
         refused = self._run().ledger.over_budget()
         if refused is not None:
             self.task.retry_count = self.task.policy.retries  # no further retry either
+            if self.step is not None:
+                self.step._note_budget_refusal(refused)
             raise refused
 
     def _run(self) -> RunContext:
