@@ -1427,6 +1427,27 @@ def test_a_bad_budget_is_refused_before_anything_is_patched(instrumented: Client
         instrumented.instrument()
 
 
+@pytest.mark.parametrize("instrumented_first", [False, True])
+def test_a_misspelt_option_to_instrument_is_a_type_error_naming_it(
+    instrumented: ClientAIInstrumentor, instrumented_first: bool
+) -> None:
+    # instrument(budgt=...) was accepted without a word: the runs had no budget at all
+    if not instrumented_first:
+        instrumented.uninstrument()
+    try:
+        with pytest.raises(TypeError) as raised:
+            instrumented.instrument(budgt=Budget(max_tokens=100))
+        message = str(raised.value)
+        assert message.startswith("ClientAIInstrumentor().instrument() got an unknown option 'budgt'")
+        assert "budget" in message and "policy" in message and "tracer_provider" in message
+        assert not instrumented_first or isinstance(CoreAgent.__dict__["run"], wrapt.FunctionWrapper)
+        assert instrumented_first or not isinstance(CoreAgent.__dict__["run"], wrapt.FunctionWrapper)
+        instrumented.instrument(budget=Budget(max_tokens=100), meter_provider=None)  # OTel's own: taken
+    finally:
+        instrumented.uninstrument()
+        instrumented.instrument()
+
+
 def test_a_clientai_whose_insides_moved_is_left_alone_with_a_warning(
     instrumented: ClientAIInstrumentor, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

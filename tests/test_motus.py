@@ -1992,3 +1992,13 @@ def test_a_retry_is_refused_when_the_budget_was_spent_during_its_backoff(traced:
     assert step.attributes[attr.POLICY_RULE] == "budget"
     assert step.attributes[attr.BUDGET_EXCEEDED_LIMIT] == "max_tokens"
     assert step.attributes[attr.ERROR_TYPE].endswith("BudgetExceededError")
+
+
+def test_a_misspelt_option_to_instrument_is_a_type_error_naming_it(instrumented: MotusInstrumentor) -> None:
+    # instrument(polcy=...) was accepted without a word: the runs had no policy at all
+    with pytest.raises(
+        TypeError, match=r"^MotusInstrumentor\(\)\.instrument\(\) got an unknown option 'polcy'"
+    ):
+        instrumented.instrument(polcy=Policy())
+    with pytest.raises(TypeError, match=r"'tracer_provder'.*tracer_provider"):
+        instrumented.instrument(tracer_provder=None)

@@ -65,6 +65,31 @@ def missing_framework(instruments: Collection[str], instrumentor: str, why: str,
 
 
 _OPTIONS = ("budget", "policy", "tracer_provider")
+# what OpenTelemetry's BaseInstrumentor and its loaders pass any instrumentor: taken, unused here
+_OTEL_OPTIONS = (
+    "meter_provider",
+    "logger_provider",
+    "event_logger_provider",
+    "skip_dep_check",
+    "raise_exception_on_conflict",
+)
+
+
+def check_options(instrumentor: str, kwargs: Mapping[str, Any]) -> None:
+    """TypeError naming an option of ``instrument(**kwargs)`` that no one reads (a misspelt
+    ``budget`` left the runs without one, silently), and the valid ones.
+
+    Not when a loader calls it (``opentelemetry-instrument`` passes ``skip_dep_check`` or
+    ``raise_exception_on_conflict``): a distro's extra option must not fail the program.
+    """
+    if kwargs.get("skip_dep_check") or kwargs.get("raise_exception_on_conflict"):
+        return
+    unknown = [name for name in kwargs if name not in _OPTIONS and name not in _OTEL_OPTIONS]
+    if unknown:
+        raise TypeError(
+            f"{instrumentor}().instrument() got an unknown option {unknown[0]!r}; "
+            f"the options are {', '.join(_OPTIONS + _OTEL_OPTIONS)}"
+        )
 
 
 def patch_when_imported(

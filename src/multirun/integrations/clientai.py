@@ -75,6 +75,7 @@ from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _pause, _StepCall
 from multirun.errors import REFUSALS
 from multirun.integrations._options import (
+    check_options,
     framework_installed,
     instrumentation_failed,
     missing_framework,
@@ -132,6 +133,7 @@ class ClientAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def instrument(self, **kwargs: Any) -> Any:
         """Instrument ClientAI; without it, an error says how to install it, and nothing is patched."""
+        check_options("ClientAIInstrumentor", kwargs)
         if missing_framework(_INSTRUMENTS, "ClientAIInstrumentor", _INSTALL, **kwargs):
             return None
         if reconfigures(self, kwargs):  # instrumented already (opentelemetry-instrument): options apply

@@ -89,6 +89,7 @@ from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _record_step_not_run, _StepCall
 from multirun.errors import REFUSALS, PolicyViolation
 from multirun.integrations._options import (
+    check_options,
     framework_installed,
     instrumentation_failed,
     missing_framework,
@@ -182,6 +183,7 @@ class MotusInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def instrument(self, **kwargs: Any) -> Any:
         """Instrument Motus; without it, an error says how to install it, and nothing is patched."""
+        check_options("MotusInstrumentor", kwargs)
         if missing_framework(_INSTRUMENTS, "MotusInstrumentor", _install_hint(), **kwargs):
             return None
         if reconfigures(self, kwargs):  # instrumented already (opentelemetry-instrument): options apply
