@@ -30,7 +30,7 @@ import redis
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, TraceFlags
@@ -1325,3 +1325,85 @@ def test_8_close_says_false_while_redis_is_down_and_true_once_it_took_the_usage(
         assert raw.hget(ledger.key, "tokens") == "120"
     finally:
         raw.close()
+
+
+# ---------------------------------------------------------------------------
+# 28. a span processor of the application that raises
+
+
+class RaisingProcessor(SpanProcessor):
+    """The application's own span processor, broken in one of its hooks."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+        self.calls = 0
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.calls += 1
+        if self.hook == "on_start":
+            raise ValueError("the application's processor failed")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.hook == "on_end":
+            raise ValueError("the application's processor failed")
+
+
+@pytest.mark.parametrize("hook", ["on_start", "on_end"])
+@pytest.mark.parametrize("where", ["before the exporter", "added after init"])
+def test_28_a_span_processor_that_raises_costs_one_warning_never_the_step_nor_its_spans(
+    hook: str, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    broken = RaisingProcessor(hook)
+    if where == "before the exporter":
+        provider.add_span_processor(broken)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    client_module._configured = None  # no warning of init replacing another test's
+    multirun.init(tracer_provider=provider, metrics=False)
+    if where == "added after init":
+        provider.add_span_processor(broken)
+
+    @step
+    def double(x: int) -> int:
+        return 2 * x
+
+    @multirun.agent(name="helper")
+    def helper(x: int) -> int:
+        return double(x) + 1
+
+    @run(name="job", budget=Budget(max_steps=3))
+    def job(x: int) -> int:
+        agent_ctx = get_current_run_context().default_agent  # type: ignore[union-attr]
+        manual = agent_ctx.start_step("by_hand")
+        manual.complete(x)
+        return helper(x) + double(x)
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert job(3) == 13
+            assert job(4) == 17
+            # the budget still holds: the fourth step of a run is refused
+            with pytest.raises(multirun.BudgetExceededError):
+                run(name="over", budget=Budget(max_steps=1))(lambda: double(1) + double(2))()
+    finally:
+        client_module._configured = None
+        provider.shutdown()
+
+    assert broken.calls > 0  # it was called, and raised
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(noisy) == 1, [r.getMessage() for r in noisy]
+    assert "RaisingProcessor" in noisy[0].getMessage() and hook in noisy[0].getMessage()
+    spans = {s.context.span_id: s for s in exporter.get_finished_spans()}
+    by_name: dict[str, list[ReadableSpan]] = {}
+    for span in spans.values():
+        by_name.setdefault(span.name, []).append(span)
+    assert len(by_name["invoke_workflow job"]) == 2
+    assert len(by_name["invoke_agent helper"]) == 2
+    for agent_span in by_name["invoke_agent helper"]:  # nested as the calls were
+        assert spans[agent_span.parent.span_id].name == "invoke_workflow job"  # type: ignore[union-attr]
+    doubles = by_name["step double"]
+    assert len(doubles) == 2 * 2 + 2  # the refused one has a short span too
+    parents = sorted(spans[s.parent.span_id].name for s in doubles)  # type: ignore[union-attr]
+    assert parents == ["invoke_agent helper"] * 2 + ["invoke_workflow job"] * 2 + ["invoke_workflow over"] * 2
+    assert len(by_name["step by_hand"]) == 2

@@ -583,4 +583,7 @@ def test_a_failed_step_whose_span_cannot_be_ended_raises_its_own_error(traced, c
 
     with caplog.at_level(logging.WARNING, logger="multirun"):
         assert main() is raised
-    assert "could not end a call that raised ValueError (RuntimeError: processor broke)" in caplog.text
+    # one warning naming the processor (it was the decorator's), and the span exported all the same
+    assert "span processor <test_odd_user_code.BreaksOnFailedSpans" in caplog.text
+    assert "raised in on_end" in caplog.text
+    assert traced.span("step fails").attributes["multirun.step.status"] == "failed"

@@ -65,6 +65,7 @@ from multirun.telemetry.export import (
     SpanExporters,
     batch_settings,
 )
+from multirun.telemetry.guard import guard_span_processors
 from multirun.telemetry.local_files import LocalFileSpanExporter
 from multirun.telemetry.metrics import NO_METRICS, Metrics
 from multirun.usage import TokenUsage
@@ -114,6 +115,7 @@ class MultiRunClient:
         self.fail_unpriced = self.unpriced == "fail"
         self.tracer_provider = tracer_provider or trace.get_tracer_provider()
         self.tracer = self.tracer_provider.get_tracer(TRACER_NAME, _VERSION)
+        guard_span_processors(self.tracer)
         self.capture_content = capture_content
         self.content_limit = content_limit
         self.step_history = step_history

@@ -1,0 +1,92 @@
+"""Span processors of the application that raise cannot break a run.
+
+The SDK calls a provider's span processors one after the other, unguarded, as a span of
+multirun's starts and ends: a processor of the application (``provider.add_span_processor``)
+that raised in ``on_start`` or ``on_end`` raised into the decorated function's call, and the
+processors after it (the exporter, say) never saw the span. ``guard_span_processors`` has the
+multirun tracer call each processor on its own: one that raises costs one warning, the span
+goes on to the others and the step goes on. Only multirun's spans: the application's own
+spans and those of other instrumentations are its business.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, SynchronousMultiSpanProcessor
+from opentelemetry.sdk.trace import Tracer as SdkTracer
+
+_logger = logging.getLogger(__name__)
+
+
+class GuardedSpanProcessor(SpanProcessor):
+    """The provider's span processors, each called on its own: an exception is caught and
+    warned about once per processor, the others are called all the same."""
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self.inner = inner
+        self._warned: set[int] = set()  # id() of the processors warned about
+        self._lock = threading.Lock()
+        # the provider's processors are read at each span (the tuple is replaced as processors
+        # are added); one running them concurrently (ConcurrentMultiSpanProcessor) is kept whole
+        self._multi = type(inner) is SynchronousMultiSpanProcessor
+        self._whole = (inner,)
+
+    def _processors(self) -> tuple[SpanProcessor, ...]:
+        return self.inner._span_processors if self._multi else self._whole  # type: ignore[attr-defined]
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        for processor in self._processors():
+            try:
+                processor.on_start(span, parent_context=parent_context)
+            except Exception as error:
+                self._failed(processor, "on_start", error)
+
+    def _on_ending(self, span: Span) -> None:
+        for processor in self._processors():
+            try:
+                processor._on_ending(span)
+            except Exception as error:
+                self._failed(processor, "_on_ending", error)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        for processor in self._processors():
+            try:
+                processor.on_end(span)
+            except Exception as error:
+                self._failed(processor, "on_end", error)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+    def _failed(self, processor: SpanProcessor, hook: str, error: Exception) -> None:
+        with self._lock:
+            if id(processor) in self._warned:
+                return
+            self._warned.add(id(processor))
+        _logger.warning(
+            "multirun: span processor %r raised in %s; multirun's spans go on without it "
+            "(warned once per processor)",
+            processor,
+            hook,
+            exc_info=error,
+        )
+
+
+def guard_span_processors(tracer: Any) -> None:
+    """Have ``tracer`` (multirun's) call its provider's span processors each on its own.
+
+    Only an SDK tracer has them; its span processor is replaced once (a provider hands
+    out one tracer per name, which several clients may share).
+    """
+    if not isinstance(tracer, SdkTracer):
+        return
+    current = getattr(tracer, "span_processor", None)
+    if isinstance(current, SpanProcessor) and not isinstance(current, GuardedSpanProcessor):
+        tracer.span_processor = GuardedSpanProcessor(current)  # type: ignore[assignment]
