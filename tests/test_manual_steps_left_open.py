@@ -5,12 +5,14 @@ span is exported and no model says it is still running."""
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 
 import pytest
 
 import multirun
 from multirun import run, step
-from multirun.context import RunContext, get_current_agent_context, get_current_run_context
+from multirun.context import RunContext, StepContext, get_current_agent_context, get_current_run_context
 from multirun.models import Run, StepKind, StepStatus
 from multirun.telemetry import attributes as attr
 
@@ -106,3 +108,84 @@ def test_a_manual_step_left_open_runs_again_when_the_run_is_resumed(traced) -> N
     with multirun.resume(run_id=run_id):
         assert main(False) == 10
     assert fetched == [1, 1]  # not served: it never completed
+
+
+@pytest.mark.parametrize("end", ["complete", "fail"])
+def test_a_step_ended_by_hand_while_its_agent_ends_on_another_thread_ends_once(traced, end: str) -> None:
+    # the agent's end (failing the steps left open) and the program's complete() or fail() of
+    # such a step, on two threads at once: exactly one of them ends it, and the program is told
+    # which. Both did: the step was kept twice, its span and its model could disagree, and
+    # complete() returned for a step that ended failed
+    rounds = 300
+    traced.client.step_history = 2 * rounds  # the run keeps every step (a step kept twice too)
+    outcomes: dict[str, str] = {}
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns often
+    try:
+        with RunContext(run=Run(name="racing")) as run_ctx:
+            for round_ in range(rounds):
+                agent_ctx = run_ctx.start_agent("worker")
+                step_ctx = agent_ctx.start_step("call_llm", kind=StepKind.LLM_CALL, model="gpt-4o")
+                barrier = threading.Barrier(2)
+
+                def by_the_program(
+                    step_ctx: StepContext = step_ctx, barrier: threading.Barrier = barrier
+                ) -> None:
+                    barrier.wait()
+                    try:
+                        if end == "complete":
+                            step_ctx.complete("answer", tokens_used=10, cost_usd=0.5)
+                        else:
+                            step_ctx.fail("no answer")
+                        outcomes[step_ctx.id] = "ended by the program"
+                    except RuntimeError as refused:
+                        assert "already failed" in str(refused)
+                        outcomes[step_ctx.id] = "ended by its agent"
+
+                thread = threading.Thread(target=by_the_program)
+                thread.start()
+                barrier.wait()
+                for _ in range(round_ % 100 * 60):  # the other thread wakes up meanwhile, or not
+                    pass
+                agent_ctx.complete(None)
+                thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+
+    steps = run_ctx.run.steps
+    assert sorted(model.id for model in steps) == sorted(outcomes)  # each step kept once
+    exported = {s.attributes[attr.STEP_ID]: s for s in traced.named("chat gpt-4o")}
+    assert len(exported) == rounds
+    program_won = 0
+    for model in steps:
+        span = exported[model.id]
+        assert span.attributes[attr.STEP_STATUS] == model.status.value  # the span and the model agree
+        assert span.attributes.get(attr.TOKENS_USED, 0) == model.tokens_used
+        if outcomes[model.id] == "ended by its agent":
+            assert model.status is StepStatus.FAILED and "never completed" in (model.error or "")
+        elif end == "complete":
+            program_won += 1
+            assert (model.status, model.tokens_used) == (StepStatus.COMPLETED, 10)
+        else:
+            program_won += 1
+            assert (model.status, model.error) == (StepStatus.FAILED, "no answer")
+    assert 0 < program_won < rounds  # both sides won some rounds: the race was run
+    assert run_ctx.run.tokens_used == (10 * program_won if end == "complete" else 0)
+
+
+def test_a_step_whose_usage_is_refused_by_unpriced_fail_ends_failed_with_the_refusal(traced) -> None:
+    # complete() claims the step before its usage is charged (so that its agent's end on
+    # another thread cannot end it meanwhile): a refused report must not leave it claimed and open
+    multirun.init(tracer_provider=traced.provider, unpriced="fail")
+    with RunContext(run=Run(name="job")) as run_ctx:
+        step_ctx = run_ctx.default_agent.start_step("ask", kind=StepKind.LLM_CALL, model="my-private-model")
+        with pytest.raises(multirun.PolicyViolation, match="unpriced"):
+            step_ctx.complete("answer", tokens_used=30)
+        with pytest.raises(RuntimeError, match="already failed"):
+            step_ctx.fail("too late")
+
+    assert run_ctx.run.tokens_used == 30  # counted, as a decorated step's refused call is
+    span = traced.span("chat my-private-model")
+    assert span.attributes[attr.STEP_STATUS] == "failed"
+    assert exception_types(span) == ["multirun.errors.PolicyViolation"]
+    assert [s.status for s in run_ctx.run.steps] == [StepStatus.FAILED]

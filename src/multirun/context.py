@@ -1241,13 +1241,14 @@ class AgentContext:
             left, self._manual_in_flight = self._manual_in_flight or {}, None
         engine = run.policy_engine
         for step in reversed(list(left)):
-            if step._done or step.finished:  # ended meanwhile, on another thread
-                continue
-            try:
-                exc = StepNotEndedError(step.name, status.value)
-                if isinstance(error, BaseException):
-                    exc.__cause__ = error
+            exc = StepNotEndedError(step.name, status.value)
+            if isinstance(error, BaseException):
+                exc.__cause__ = error
+            with run._lock:  # claimed as complete() and fail() claim it: one of them ends it
+                if step._done or step.finished:  # ended meanwhile, on another thread
+                    continue
                 step.status, step.error, step._done = StepStatus.FAILED, exc, True
+            try:
                 if step.replay_call is not None:
                     run.replay_log.fail(step.replay_call)
                 if engine is not None:
@@ -1627,8 +1628,10 @@ class StepContext:
     ) -> Done[None]:
         """Record the step's result and usage: ``tokens_used`` counts as output tokens of the
         step's model, priced as such unless ``cost_usd`` is given (unpriced if the step names no
-        model)."""
+        model). A step made by hand whose usage report is refused (``init(unpriced="fail")``)
+        ends failed with the refusal."""
         self._refuse_if_ended()
+        usage = None
         if tokens_used is not None or cost_usd is not None:
             if tokens_used is not None and (
                 isinstance(tokens_used, bool)
@@ -1641,7 +1644,15 @@ class StepContext:
                 output_tokens=tokens_used or 0,
                 cost_usd=cost_usd,
             )
-            self.report_usage(usage)
+        if not self.managed:
+            self._claim(StepStatus.COMPLETED)  # before its usage: charged only by the call that ends it
+        if usage is not None:
+            try:
+                self.report_usage(usage)
+            except BaseException as refused:
+                if not self.managed:  # claimed: it must not stay open
+                    self._end_failed(refused)
+                raise
             if type(result) not in NOT_A_RESPONSE or type(result) is list or type(result) is tuple:
                 note_paid_for(self.run_context, self, result)  # the report is its call's
         self.status = StepStatus.COMPLETED
@@ -1660,18 +1671,34 @@ class StepContext:
     def fail(self, error: BaseException | str) -> Done[None]:
         self._refuse_if_ended()
         exc = error if isinstance(error, BaseException) else RuntimeError(str(error))
-        self.status = StepStatus.FAILED
+        if not self.managed:
+            self._claim(StepStatus.FAILED)
+            self._end_failed(exc)
+            return Done(None)
+        self.status = StepStatus.FAILED  # a decorated step's decorator does the rest
         self.error = exc
         self._done = True
-        if not self.managed:
-            self._ended_by_hand()
-            run = self.run_context
-            if self.replay_call is not None:  # recorded as failed: a restore runs it again
-                run.replay_log.fail(self.replay_call)
-            if run.policy_engine is not None:  # towards the circuit and the degradation trigger
-                run.policy_engine.after_step(self.name, self.kind, exc, self._decision)
-            self._close(StepStatus.FAILED, error=exc)
         return Done(None)
+
+    def _claim(self, status: StepStatus) -> None:
+        """``complete`` or ``fail`` of a step made by hand ends it, not its agent's end on
+        another thread (``_end_open_steps``): whichever claims it first under the run's lock.
+        RuntimeError if it is ended already."""
+        with self.run_context._lock:
+            self._refuse_if_ended()
+            self.status, self._done = status, True
+
+    def _end_failed(self, exc: BaseException) -> None:
+        """End a step made by hand, claimed, failed with ``exc``."""
+        self.status = StepStatus.FAILED
+        self.error = exc
+        self._ended_by_hand()
+        run = self.run_context
+        if self.replay_call is not None:  # recorded as failed: a restore runs it again
+            run.replay_log.fail(self.replay_call)
+        if run.policy_engine is not None:  # towards the circuit and the degradation trigger
+            run.policy_engine.after_step(self.name, self.kind, exc, self._decision)
+        self._close(StepStatus.FAILED, error=exc)
 
     def _ended_by_hand(self) -> None:
         """A step made by hand was completed or failed: its agent's end no longer ends it."""
