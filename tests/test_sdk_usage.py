@@ -497,6 +497,37 @@ def test_sibling_steps_with_an_instrumented_call_and_its_response_are_charged_on
     assert attrs(instrumented.span("invoke_workflow main"))["multirun.tokens_used"] == CANNED[0].tokens
 
 
+@pytest.mark.parametrize("where", ["run", "agent"])
+def test_a_step_returning_the_response_of_an_instrumented_call_made_outside_any_step_is_not_charged_again(
+    instrumented, llm, client, where: str
+) -> None:
+    # openai-v2's span charged the call in the run's (or an agent's) body, outside any step;
+    # a step then returns its response (to record it, say): it was charged a second time
+    @step
+    def keep(response: Any) -> Any:
+        return response
+
+    def ask_and_keep() -> Any:
+        response = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+        return keep(response)
+
+    @multirun.agent(name="asker")
+    def asker() -> Any:
+        return ask_and_keep()
+
+    @run(name="main")
+    def main() -> None:
+        ask_and_keep() if where == "run" else asker()
+
+    main()
+    assert attrs(instrumented.span("invoke_workflow main"))["multirun.tokens_used"] == CANNED[0].tokens
+    assert attrs(step_span(instrumented, "keep")).get("multirun.tokens_used") is None
+    if where == "agent":
+        assert attrs(instrumented.span("invoke_agent asker"))["multirun.tokens_used"] == CANNED[0].tokens
+
+
 @pytest.mark.parametrize(
     "response",
     [

@@ -258,6 +258,9 @@ class RunContext:
     # the usage objects of the SDK responses the steps of this run tree returned, by object id
     # and response id (see _returned_before)
     _responses: weakref.WeakValueDictionary[tuple[int, str | None], Any] | None = None
+    # the response ids of the model calls that spans of other instrumentations (openai-v2, say)
+    # charged in this run tree, the latest last (see _note_span_call)
+    _span_calls: dict[str, None] | None = None
 
     def __init__(
         self,
@@ -334,9 +337,7 @@ class RunContext:
         usage = getattr(response, "usage", None)
         held = usage if usage is not None else response
         key = (id(held), call_id)
-        top = self
-        while top.parent is not None:
-            top = top.parent
+        top = self._top
         with top._lock:
             seen = top._responses
             if seen is None:
@@ -350,6 +351,27 @@ class RunContext:
             if len(seen) > MAX_RESPONSES_RETURNED:
                 del seen[next(iter(seen))]
         return False
+
+    def _note_span_call(self, call_id: str) -> None:
+        """A span of another instrumentation charged the call ``call_id``, in a step or outside
+        any (in a run's or an agent's body): a step of this run tree that returns its response
+        later, not being around that span, is not charged for it again."""
+        top = self._top
+        with top._lock:
+            calls = top._span_calls
+            if calls is None:
+                calls = top._span_calls = {}
+            calls[call_id] = None
+            if len(calls) > MAX_RESPONSES_RETURNED:
+                del calls[next(iter(calls))]
+
+    @property
+    def _top(self) -> RunContext:
+        """The top run of this run tree in this process."""
+        top = self
+        while top.parent is not None:
+            top = top.parent
+        return top
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -1575,7 +1597,8 @@ class StepContext:
         """Charge the model calls read from what the step returned, unless they are charged
         already: reported by the step itself, by a span of a GenAI instrumentation inside it
         (openai-v2, say), or, by their response id, by a step inside it whose response this
-        one passes on (however that step's call was charged), so no call is counted twice.
+        one passes on (however that step's call was charged) or by such a span anywhere in the
+        run tree (a call made in a run's or an agent's body), so no call is counted twice.
         False if the step's calls were charged."""
         if self._own_usage is not None or self.child_usage_reported:
             # the step's calls, which it returns, are charged: a step around it that passes
@@ -1583,9 +1606,10 @@ class StepContext:
             _note_calls_around(self, [call_id for call_id, _, _ in calls if call_id is not None])
             return False
         below = self._calls_below
+        by_spans = self.run_context._top._span_calls  # charged where no step saw it
         refused: PolicyViolation | None = None
         for call_id, usage, operation in calls:
-            if below is None or call_id not in below:
+            if (below is None or call_id not in below) and (by_spans is None or call_id not in by_spans):
                 if operation != attr.OP_CHAT:
                     self._operation = operation
                 try:
@@ -2013,6 +2037,8 @@ def _charge_usage(
     client = run.client
     tokens, units, unpriced = client.price(usage)
     _charge_chain(run, step, agent, tokens, units, unpriced, call_id)
+    if call_id is not None and not own:
+        run._note_span_call(call_id)
     if run._finished:
         _warn_usage_after_end(run, step, tokens)
     client.metrics.usage_reported(
