@@ -703,6 +703,57 @@ def test_5_a_child_forked_while_a_thread_counts_a_step_runs_its_own_steps(tmp_pa
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"code": 0}, done.stderr
 
 
+WORKERS_PROGRAM = r"""
+import multiprocessing, os, sys
+import multirun
+from multirun import run, step
+
+@step
+def double(x):
+    return 2 * x
+
+@run(name="job")
+def job(x):
+    return double(x)
+
+if __name__ == "__main__":
+    folder, method = sys.argv[1], sys.argv[2]
+    multirun.init_local(folder)
+    os.environ["MULTIRUN_DIR"] = folder  # a forkserver worker sets up its own defaults
+    workers = multiprocessing.get_context(method)
+    worker = workers.Process(target=job, args=(1,))
+    worker.start()
+    worker.join()
+    with workers.Pool(2) as pool:
+        assert pool.map(job, range(4)) == [0, 2, 4, 6]
+        pool.close()
+        pool.join()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_5_the_runs_of_multiprocessing_workers_are_exported_when_they_exit(
+    tmp_path: Path, method: str
+) -> None:
+    # fork and forkserver workers end with os._exit, which runs no atexit handler; the
+    # spans of their runs, still in the batch queue (5 s), were all lost
+    script = tmp_path / "workers.py"
+    script.write_text(WORKERS_PROGRAM)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "mr"), method],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    names = [s.name for s in read_spans(tmp_path / "mr" / "traces")]
+    assert names.count("invoke_workflow job") == 5  # one run by the Process, four by the Pool
+    assert names.count("step double") == 5
+
+
 # ---------------------------------------------------------------------------
 # 6. the exporter's own HTTP calls are not traced
 

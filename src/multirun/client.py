@@ -208,7 +208,7 @@ class MultiRunClient:
 
         Exit sends it for every client, one dropped without ``close`` too, and a later
         ``init`` sends it in the background for the client it replaces: call it before a
-        process ends without exit handlers (``os._exit``, a multiprocessing worker). The
+        process ends without exit handlers (``os._exit``, a killed multiprocessing worker). The
         client goes on working after it (the ledger connects again).
         """
         if timeout_millis is None:
@@ -319,9 +319,17 @@ def _shutdown_timeout_millis() -> int:
     return round(SHUTDOWN_TIMEOUT_SECONDS * 1000)
 
 
+_shut_down_at_exit = False
+
+
 def _shutdown_at_exit() -> None:
     """Close the shared ledgers and shut down the providers ``init`` made, within one shutdown
-    timeout; the ledgers' usage is sent while the spans are."""
+    timeout; the ledgers' usage is sent while the spans are. Once: a multiprocessing worker
+    started by ``spawn`` calls it from its exit handlers and from multiprocessing's."""
+    global _shut_down_at_exit
+    if _shut_down_at_exit:
+        return
+    _shut_down_at_exit = True
     timeout_millis = _shutdown_timeout_millis()
     deadline = time.monotonic() + timeout_millis / 1000
     closer = _ledger_closer
@@ -451,11 +459,36 @@ _exit_handler_registered = False
 
 
 def _register_exit_handler() -> None:
-    """Have ``_shutdown_at_exit`` shut down the providers ``init`` makes (registered once)."""
+    """Have ``_shutdown_at_exit`` shut down the providers ``init`` makes (registered once), at
+    the exit of this process and of the multiprocessing workers it starts."""
     global _exit_handler_registered
     if not _exit_handler_registered:
         atexit.register(_shutdown_at_exit)
+        _shutdown_at_worker_exit()
         _exit_handler_registered = True
+
+
+def _shutdown_at_worker_exit() -> None:
+    """Have multiprocessing run ``_shutdown_at_exit`` as this process ends, if it is one of its
+    workers, and as the workers it forks end.
+
+    Workers started by ``fork`` and ``forkserver`` (the default on Linux from Python 3.14) end
+    with ``os._exit``, which runs no ``atexit`` handler: the spans of their runs were lost.
+    """
+    import multiprocessing
+    import multiprocessing.util
+
+    if multiprocessing.parent_process() is not None:
+        _finalize_at_worker_exit(_shutdown_at_exit)
+    # a forked worker starts with no finalizers: it registers its own once forked
+    multiprocessing.util.register_after_fork(_shutdown_at_exit, _finalize_at_worker_exit)
+
+
+def _finalize_at_worker_exit(shutdown: Callable[[], None]) -> None:
+    import multiprocessing.util
+
+    # a negative priority: after the worker's own finalizers and children
+    multiprocessing.util.Finalize(None, shutdown, exitpriority=-1)
 
 
 def _export_to(provider: Any, exporter: SpanExporter | None, settings: BatchSettings | None) -> None:
