@@ -818,3 +818,33 @@ def test_a_relative_folder_with_a_colon_keeps_the_checkpoints(
 
     job()
     assert len(list((tmp_path / "runs:today" / "blobs").glob("checkpoints/*/*.ckpt"))) == 1
+
+
+@pytest.mark.parametrize("given_as", ["MULTIRUN_DIR", "init_local", "default"])
+def test_a_relative_folder_keeps_the_spans_where_it_was_when_the_program_changes_directory(
+    global_otel, tmp_path, monkeypatch, given_as: str
+) -> None:
+    # spans are written by a batch after they end: after an os.chdir they went to a folder
+    # of the same name under the new working directory, where `multirun runs` never looks
+    started, moved = tmp_path / "started", tmp_path / "moved"
+    started.mkdir()
+    moved.mkdir()
+    monkeypatch.chdir(started)
+    folder = {"MULTIRUN_DIR": "runs", "init_local": "runs", "default": ".multirun"}[given_as]
+    if given_as == "MULTIRUN_DIR":
+        monkeypatch.setenv("MULTIRUN_DIR", "runs")
+        multirun.init()
+    elif given_as == "init_local":
+        multirun.init_local("runs")
+
+    @run
+    def job() -> str:
+        return multirun.context.get_current_run_context().run.id
+
+    first = job()
+    os.chdir(moved)
+    second = job()
+    assert multirun.get_client().force_flush()
+
+    assert run_ids(started / folder / "traces") == {first, second}
+    assert not (moved / folder).exists()

@@ -45,7 +45,8 @@ class LocalFileSpanExporter(SpanExporter):
     """Appends spans to ``<directory>/<date>-<pid>.jsonl`` as OTLP JSON; never raises."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory)
+        # absolute now: spans are written later, by a batch, maybe after the program's os.chdir
+        self.directory = Path(directory).absolute()
         self._lock = threading.Lock()
         self._warned = False
         self._shutdown = False
