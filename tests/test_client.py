@@ -848,3 +848,51 @@ def test_a_relative_folder_keeps_the_spans_where_it_was_when_the_program_changes
 
     assert run_ids(started / folder / "traces") == {first, second}
     assert not (moved / folder).exists()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "kept"),
+    [
+        ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "8", "attributes"),
+        ("OTEL_ATTRIBUTE_COUNT_LIMIT", "5", "attributes"),
+        ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "20", "characters"),
+    ],
+)
+def test_a_span_limit_too_small_for_multiruns_spans_is_one_warning_naming_it(
+    global_otel, tmp_path, monkeypatch, caplog, variable: str, value: str, kept: str
+) -> None:
+    # the SDK drops the oldest attributes past the count limit, the run id among the first,
+    # and cuts values past the length limit, the run id too: runs vanished from
+    # `multirun runs`, or were listed under a cut id, without a word from multirun
+    monkeypatch.setenv(variable, value)
+
+    @run
+    def job() -> None:
+        pass
+
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        multirun.init_local(tmp_path / "a")
+        job()
+        multirun.init_local(tmp_path / "b")  # the same provider: not said again
+        job()
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("multirun")]
+    said = [message for message in messages if variable in message]
+    assert len(said) == 1, said
+    assert f"{variable} is {value}" in said[0] and kept in said[0]
+
+
+def test_an_applications_provider_with_small_span_limits_is_one_warning(global_otel, caplog) -> None:
+    from opentelemetry.sdk.trace import SpanLimits
+
+    trace.set_tracer_provider(TracerProvider(span_limits=SpanLimits(max_span_attributes=6)))
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        multirun.init(metrics=False)
+    said = [r.getMessage() for r in caplog.records if "span attribute count limit" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    assert "is 6" in said[0]
+
+
+def test_the_default_span_limits_are_not_warned_about(global_otel, tmp_path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        multirun.init_local(tmp_path)
+    assert not [r for r in caplog.records if "limit" in r.getMessage()]

@@ -144,6 +144,7 @@ class MultiRunClient:
             self.metrics = Metrics(provider.get_meter(TRACER_NAME, _VERSION))
         self.checkpoints = _checkpoint_store(checkpoint_store)
         self.usage_processor = _install_usage_processor(self.tracer_provider)
+        _warn_small_span_limits(self.tracer_provider)
         if propagate_threads:
             _propagate_context_to_threads()
 
@@ -1604,6 +1605,51 @@ def _install_usage_processor(provider: trace.TracerProvider) -> UsageSpanProcess
     add(processor)
     provider._multirun_usage_processor = processor  # type: ignore[attr-defined]
     return processor
+
+
+# The most attributes multirun sets on one span (a step with every usage field and an error),
+# and the length of a run id: past the limits, the SDK drops the oldest attributes (the run's id
+# and name first) and cuts longer values (the run id too).
+FEWEST_SPAN_ATTRIBUTES = 32
+SHORTEST_SPAN_VALUES = 32
+
+
+def _warn_small_span_limits(provider: trace.TracerProvider) -> None:
+    """One warning, per provider, for span limits too small for multirun's spans."""
+    limits = getattr(provider, "_span_limits", None)
+    if limits is None or getattr(provider, "_multirun_limits_checked", False):
+        return
+    provider._multirun_limits_checked = True  # type: ignore[attr-defined]
+    count, length = limits.max_span_attributes, limits.max_span_attribute_length
+    if isinstance(count, int) and count < FEWEST_SPAN_ATTRIBUTES:
+        _logger.warning(
+            "multirun: the span attribute count limit is %d%s: multirun's spans carry up to %d attributes, "
+            "and past the limit the SDK drops the oldest, the run's id and name first (runs go missing "
+            "from `multirun runs` and from backends); raise it to %d at least",
+            count,
+            _limit_variable(count, "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_COUNT_LIMIT"),
+            FEWEST_SPAN_ATTRIBUTES,
+            FEWEST_SPAN_ATTRIBUTES,
+        )
+    if isinstance(length, int) and length < SHORTEST_SPAN_VALUES:
+        _logger.warning(
+            "multirun: the span attribute value length limit is %d%s: the SDK cuts longer values, run ids "
+            "(%d characters) and statuses among them; raise it to %d at least, or leave it unset",
+            length,
+            _limit_variable(length, "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", _VALUE_LENGTH_LIMIT),
+            SHORTEST_SPAN_VALUES,
+            SHORTEST_SPAN_VALUES,
+        )
+
+
+def _limit_variable(limit: int, *variables: str) -> str:
+    """`` (NAME is N)`` for the first of ``variables`` that is set to ``limit``, or nothing (the
+    application's provider was given its limits in code)."""
+    for name in variables:
+        raw = os.environ.get(name, "").strip()
+        if raw:
+            return f" ({name} is {raw})" if raw == str(limit) else ""
+    return ""
 
 
 _threads_instrumented = False
