@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from typing import Any
 
 import pytest
@@ -1003,6 +1004,44 @@ def test_content_is_captured_with_genai_capture_environment_variable(traced, mon
     a = attrs(traced.span("step shout"))
     assert a["multirun.step.input"] == "hello"
     assert a["multirun.step.output"] == "HELLO"
+
+
+@pytest.mark.parametrize(
+    ("value", "captured"),
+    [("SPAN_ONLY", True), ("span_and_event", True), ("EVENT_ONLY", False), ("NO_CONTENT", False)],
+)
+def test_the_genai_capture_variable_s_content_modes_are_honoured(
+    traced, monkeypatch, caplog, value: str, captured: bool
+) -> None:
+    # the modes of opentelemetry-util-genai, which the GenAI instrumentations read: content was
+    # recorded only for "true", so SPAN_ONLY silently recorded nothing
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", value)
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        reinit(traced)
+
+    @step
+    def shout(text: str) -> str:
+        return text.upper()
+
+    @run
+    def main() -> str:
+        return shout("hello")
+
+    main()
+    assert ("multirun.step.input" in attrs(traced.span("step shout"))) is captured
+    assert not [r for r in caplog.records if "CAPTURE_MESSAGE_CONTENT" in r.getMessage()]
+
+
+def test_a_genai_capture_variable_that_is_no_setting_is_one_warning_naming_it(
+    traced, monkeypatch, caplog
+) -> None:
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "enabled")
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        reinit(traced)
+        reinit(traced)  # the same value again: said once
+    said = [r.getMessage() for r in caplog.records if "OTEL_INSTRUMENTATION_GENAI_CAPTURE" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "'enabled'" in said[0] and "not recorded" in said[0]
 
 
 def test_captured_ten_megabyte_argument_is_truncated_to_content_limit(traced) -> None:

@@ -80,6 +80,11 @@ DEFAULT_CONTENT_LIMIT = 4096
 DEFAULT_STEP_HISTORY = 100
 _CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+# the content modes of opentelemetry-util-genai, which the GenAI instrumentations read from the
+# same variable: multirun records content on spans
+_CAPTURE_MODES = {"no_content": False, "span_only": True, "event_only": False, "span_and_event": True}
+_capture_values_warned: set[str] = set()
 _VERSION = "0.1.0"
 
 
@@ -577,7 +582,8 @@ def init(
         local_dir: folder of the embedded default (``MULTIRUN_DIR``, else ``./.multirun``);
             one given here or in ``MULTIRUN_DIR`` is created now, and refused if it cannot be.
         capture_content: record step inputs and outputs (default from
-            ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``).
+            ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``: ``true``, ``SPAN_ONLY`` or
+            ``SPAN_AND_EVENT``).
         content_limit: longest recorded content, in characters (default
             ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT``, at least 16, else 4096).
         checkpoint_uri: blob store of checkpoints (``file://``, ``memory://``, ``s3://``, a path;
@@ -894,7 +900,7 @@ def _validate_options(
     Returns the resolved ``capture_content`` and ``content_limit``.
     """
     if capture_content is None:
-        capture_content = os.environ.get(_CAPTURE_ENV, "").strip().lower() in _TRUE
+        capture_content = _capture_from_env()
     if not isinstance(capture_content, bool):
         raise ConfigurationError(f"capture_content must be True or False, got {capture_content!r}")
     if content_limit is None:
@@ -921,6 +927,27 @@ def _validate_options(
         )
     _validate_ledger_uri(_others.get("ledger_uri"))
     return capture_content, content_limit
+
+
+def _capture_from_env() -> bool:
+    """Whether ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` asks for content on spans:
+    a boolean, or a content mode of opentelemetry-util-genai. Any other value is False and one
+    warning naming it (the GenAI instrumentations log it and capture nothing either)."""
+    raw = os.environ.get(_CAPTURE_ENV, "").strip()
+    value = raw.lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    if value in _CAPTURE_MODES:
+        return _CAPTURE_MODES[value]
+    if raw not in _capture_values_warned:  # init validates its options twice
+        _capture_values_warned.add(raw)
+        _logger.warning(
+            "multirun: %s must be true or false, or one of %s, got %r; step content is not recorded",
+            _CAPTURE_ENV,
+            ", ".join(mode.upper() for mode in _CAPTURE_MODES),
+            raw,
+        )
+    return False
 
 
 def _validate_objects(
