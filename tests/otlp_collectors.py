@@ -13,11 +13,13 @@ from typing import Any
 
 
 class Collector(http.server.ThreadingHTTPServer):
-    """A local OTLP/HTTP endpoint that keeps the names of the spans it receives; set ``status``
-    to another HTTP status to make it refuse every export (as a collector in trouble does)."""
+    """A local OTLP/HTTP endpoint that keeps the names of the spans it receives (and the headers
+    of each request, path: headers); set ``status`` to another HTTP status to make it refuse
+    every export (as a collector in trouble does)."""
 
     def __init__(self) -> None:
         self.span_names: list[str] = []
+        self.headers: list[tuple[str, dict[str, str]]] = []
         self.requests = 0
         self.status = 200
         super().__init__(("127.0.0.1", 0), _CollectorHandler)
@@ -35,6 +37,7 @@ class _CollectorHandler(http.server.BaseHTTPRequestHandler):
 
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.server.requests += 1
+        self.server.headers.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
         if self.server.status != 200:
             self.send_response(self.server.status)
             self.send_header("Content-Length", "0")

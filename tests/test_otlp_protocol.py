@@ -536,3 +536,93 @@ def test_the_demo_sends_over_grpc_when_the_variable_says_so_and_says_it_did(
     assert f"to {grpc_collector.url} (OTLP/gRPC, service.name multirun-demo)" in done.stdout
     assert "invoke_workflow research_crew" in grpc_collector.span_names
     assert "multirun.runs" in grpc_collector.metric_names
+
+
+# ---------------------------------------------------------------------------
+# a headers variable with a part the SDK's parser drops
+
+BAD_HEADERS = "x-tenant=acme,Authorization: Bearer sk-secret,api-key=s\u00e9cret"
+
+
+def test_a_malformed_headers_variable_is_one_warning_naming_it_and_the_other_headers_are_sent(
+    tmp_path: Path, collector: Collector
+) -> None:
+    # the SDK logged "Header format invalid! ..." once per part and exporter, naming neither the
+    # variable nor what is wrong, with the part's value (a token) in it; the export went on
+    # without the part, and a collector that wants it refuses every export
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env |= {
+        "MULTIRUN_DIR": str(tmp_path / "mr"),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,  # spans and metrics: two exporters read it
+        "OTEL_EXPORTER_OTLP_HEADERS": BAD_HEADERS,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", METRICS_PROGRAM], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "multirun: OTEL_EXPORTER_OTLP_HEADERS must be comma-separated name=value headers with "
+        "URL-encoded values (no space in a name, no '\"', ';', '\\' or non-ASCII character); "
+        "part 2 of 3 ('Authorization:...'), part 3 of 3 ('api-key=...') are not; "
+        "it is not sent, the other headers are"
+    ]
+    assert collector.span_names == ["invoke_workflow job"]
+    paths = {path for path, _ in collector.headers}
+    assert paths == {"/v1/traces", "/v1/metrics"}
+    assert all(headers.get("x-tenant") == "acme" for _, headers in collector.headers)
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", pytest.param("grpc", marks=needs_grpc)])
+def test_init_goes_on_with_a_malformed_per_signal_headers_variable_and_says_which(
+    global_otel: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    collector: Collector,
+    grpc_collector: GrpcCollector,
+    protocol: str,
+) -> None:
+    url = grpc_collector.url if protocol == "grpc" else f"{collector.url}/v1/traces"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-ignored=1")  # the per-signal one wins
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=acme, sk-secret-token")
+    with caplog.at_level(logging.WARNING):
+        client = multirun.init(local_dir=tmp_path / "mr", metrics=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "multirun: OTEL_EXPORTER_OTLP_TRACES_HEADERS must be comma-separated name=value headers "
+        "with URL-encoded values (no space in a name, no '\"', ';', '\\' or non-ASCII character); "
+        "part 2 of 2 ('sk-s...') is not one; it is not sent, the other headers are"
+    ]
+    sent(client)
+    if protocol == "grpc":
+        assert sorted(grpc_collector.span_names) == SPANS
+        assert {m.get("x-tenant") for m in grpc_collector.metadata} == {"acme"}
+    else:
+        assert sorted(collector.span_names) == SPANS
+        assert {h.get("x-tenant") for _, h in collector.headers} == {"acme"}
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", pytest.param("grpc", marks=needs_grpc)])
+def test_well_formed_headers_variables_are_sent_without_a_word(
+    global_otel: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    collector: Collector,
+    grpc_collector: GrpcCollector,
+    protocol: str,
+) -> None:
+    url = grpc_collector.url if protocol == "grpc" else f"{collector.url}/v1/traces"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    # a liberal value (a space, not URL-encoded) is taken as the other SDKs take it
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", " authorization=Bearer abc , x-tenant=a%2Cb,")
+    with caplog.at_level(logging.WARNING):
+        sent(multirun.init(local_dir=tmp_path / "mr", metrics=False))
+    assert caplog.records == []
+    if protocol == "grpc":
+        received = grpc_collector.metadata
+    else:
+        received = [headers for _, headers in collector.headers]
+    assert {(h.get("authorization"), h.get("x-tenant")) for h in received} == {("Bearer abc", "a,b")}

@@ -19,11 +19,13 @@ import inspect
 import logging
 import math
 import os
+import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.util.re import parse_env_headers
 
 from multirun._keys import RUN_KEY
 from multirun._process import env_int, is_count, refuse_or_warn
@@ -818,12 +821,15 @@ def _init_locked(
         store_setting=store_setting,
     )
     otlp_spans = metric_exporter = None  # made here: the gRPC exporters raise for some variables
-    if "traces" in protocols:
-        otlp_spans = _otlp_exporter("traces", protocols["traces"], protocol, endpoint, headers, refuse=refuse)
-    if "metrics" in protocols:
-        metric_exporter = _otlp_exporter(
-            "metrics", protocols["metrics"], protocol, endpoint, headers, refuse=refuse
-        )
+    with _header_variables_checked(protocols, headers):
+        if "traces" in protocols:
+            otlp_spans = _otlp_exporter(
+                "traces", protocols["traces"], protocol, endpoint, headers, refuse=refuse
+            )
+        if "metrics" in protocols:
+            metric_exporter = _otlp_exporter(
+                "metrics", protocols["metrics"], protocol, endpoint, headers, refuse=refuse
+            )
     made = _made_exporters("traces", named or (), refuse=refuse)
     made_metrics = _made_exporters("metrics", metric_names or (), refuse=refuse)
     _ensure_local_dir(local_dir, local_dir_setting)  # last: a refused init creates no folder
@@ -1433,6 +1439,71 @@ def _otlp_exporter(
             instead=_NOT_EXPORTED[signal],
         )
         return None
+
+
+_SDK_HEADERS_LOGGER = logging.getLogger("opentelemetry.util.re")  # where parse_env_headers logs
+_HEADER_SEPARATOR = re.compile(r"[ \t]*,[ \t]*")  # the one parse_env_headers splits at
+
+
+@contextmanager
+def _header_variables_checked(
+    protocols: Mapping[str, str], headers: Mapping[str, str] | None
+) -> Iterator[None]:
+    """Around making the OTLP exporters of ``protocols`` (signal: protocol): one warning for each
+    headers variable they read that has a part the SDK's parser drops, naming the variable and
+    the part (but its value: it may be a token), in place of the SDK's own line per part and
+    exporter that names neither the variable nor what is wrong. The exporters go on without it.
+    """
+    variables = {_header_variable(signal, proto, headers) for signal, proto in protocols.items()}
+    warned = False
+    for variable in sorted(v for v in variables if v is not None):
+        parts = [part for part in _HEADER_SEPARATOR.split(os.environ[variable].strip()) if part]
+        with _sdk_header_lines_dropped():
+            bad = [i for i, part in enumerate(parts, 1) if not parse_env_headers(part, liberal=True)]
+        if bad:
+            warned = True
+            which = ", ".join(f"part {i} of {len(parts)} ({_without_value(parts[i - 1])!r})" for i in bad)
+            refuse_or_warn(
+                f"{variable} must be comma-separated name=value headers with URL-encoded values "
+                f"(no space in a name, no '\"', ';', '\\' or non-ASCII character); "
+                f"{which} {'is not one' if len(bad) == 1 else 'are not'}",
+                refuse=False,
+                instead="it is not sent, the other headers are",
+            )
+    with _sdk_header_lines_dropped() if warned else nullcontext():
+        yield
+
+
+def _header_variable(signal: str, protocol: str, headers: Mapping[str, str] | None) -> str | None:
+    """The headers variable the SDK's OTLP exporter of ``signal`` reads, None if it reads none."""
+    if protocol == "grpc" and headers:
+        return None  # the metadata given replaces the variables' (the HTTP exporters merge them)
+    for variable in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"):
+        if os.environ.get(variable):  # as the SDK reads them: a blank per-signal one hides the other
+            return variable
+    return None
+
+
+def _without_value(part: str) -> str:
+    """``part`` up to the first ``=``, ``:`` or space: a header's name, not its value."""
+    cut = re.search(r"[=:\s]", part)
+    if cut is not None:
+        return part[: cut.start() + 1] + "..."
+    return part if len(part) <= 4 else part[:4] + "..."  # a bare value: a token, maybe
+
+
+@contextmanager
+def _sdk_header_lines_dropped() -> Iterator[None]:
+    """No line from the SDK's header parser while in the block (warned about already)."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return False
+
+    _SDK_HEADERS_LOGGER.addFilter(drop)
+    try:
+        yield
+    finally:
+        _SDK_HEADERS_LOGGER.removeFilter(drop)
 
 
 _OTLP_DEFAULT_TIMEOUT = 10.0  # seconds, the SDK's OTLP exporters' default
