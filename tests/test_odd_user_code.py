@@ -28,6 +28,7 @@ from multirun.errors import StepError
 from multirun.models import Run
 from multirun.telemetry import attributes as attr
 from multirun.telemetry.exceptions import STACKTRACE_FRAMES
+from multirun.telemetry.local_files import read_spans
 
 
 @dataclass
@@ -587,3 +588,38 @@ def test_a_failed_step_whose_span_cannot_be_ended_raises_its_own_error(traced, c
     assert "span processor <test_odd_user_code.BreaksOnFailedSpans" in caplog.text
     assert "raised in on_end" in caplog.text
     assert traced.span("step fails").attributes["multirun.step.status"] == "failed"
+
+
+RUN_IN_AN_EXIT_HANDLER = """
+import atexit
+import multirun
+
+@multirun.step
+def tidy(n):
+    return n + 1
+
+@multirun.run
+def flush_work():
+    return tidy(1)
+
+@multirun.run
+def main():
+    return tidy(0)
+
+atexit.register(flush_work)  # after the import, before the first run: as a program does
+main()
+"""
+
+
+def test_a_run_in_an_exit_handler_registered_after_import_is_traced(tmp_path) -> None:
+    # multirun shut its pipeline down at exit before the program's own exit handler ran (its
+    # handler was registered by the first run, after the program's): that run's spans were lost
+    script = tmp_path / "exit_handler.py"
+    script.write_text(RUN_IN_AN_EXIT_HANDLER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["MULTIRUN_DIR"] = str(tmp_path / "mr")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    names = sorted(s.name for s in read_spans(tmp_path / "mr" / "traces"))
+    assert names == ["invoke_workflow flush_work", "invoke_workflow main", "step tidy", "step tidy"]

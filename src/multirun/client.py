@@ -464,15 +464,17 @@ def _warn_ledger_late(
     )
 
 
+# Registered at import, not by the first run: exit handlers run last registered first, and the
+# program's own, registered after its imports, may still run a step (traced only if this runs after)
+atexit.register(_shutdown_at_exit)
 _exit_handler_registered = False
 
 
 def _register_exit_handler() -> None:
-    """Have ``_shutdown_at_exit`` shut down the providers ``init`` makes (registered once), at
-    the exit of this process and of the multiprocessing workers it starts."""
+    """Have ``_shutdown_at_exit`` shut down the providers ``init`` makes at the exit of the
+    multiprocessing workers this process starts too (registered once)."""
     global _exit_handler_registered
     if not _exit_handler_registered:
-        atexit.register(_shutdown_at_exit)
         _shutdown_at_worker_exit()
         _exit_handler_registered = True
 
