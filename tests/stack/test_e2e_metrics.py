@@ -206,3 +206,35 @@ def query_problems(
         last = expr
     problems = list(names_problems(prom, last)) or ["no data"]
     return [f"{query.describe()}\n  -> {p}" for p in problems]
+
+
+@pytest.mark.parametrize("path", DASHBOARDS or [None], ids=[p.name for p in DASHBOARDS] or ["none"])
+def test_every_query_that_shows_exemplars_gets_some(
+    stack: Stack, workload: Workload, path: Path | None
+) -> None:
+    """A query with the Exemplars toggle on shows dots that lead to traces: Prometheus has exemplars
+    for it (the collector's exporter puts them on synchronous counters and on histogram buckets,
+    not on a histogram's _count or _sum, nor on what the package counts locally)."""
+    assert path is not None, "no dashboards in grafana/dashboards/"
+    dashboard = json.loads(path.read_text())
+    asking = {
+        (str(panel.get("title")), str(target.get("refId"))): target["expr"]
+        for panel in _all_panels(dashboard.get("panels") or [])
+        for target in panel.get("targets") or []
+        if target.get("exemplar")
+    }
+    assert asking, f"{path.name}: no query asks for exemplars"
+    all_values = {name: ".*" for name in ("service", "run_name")}
+    problems = []
+    for (title, ref), expr in asking.items():
+        query = substitute(expr, {**BUILTINS, **all_values})
+        found = stack.prom.exemplars(query, workload.started - 60, time.time())
+        if not any(series.get("exemplars") for series in found):
+            problems.append(f"panel {title!r}, query {ref}: no exemplars for {query}")
+    assert not problems, f"{path.name}: the Exemplars toggle shows nothing:\n" + "\n".join(problems)
+
+
+def _all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _all_panels(panel.get("panels") or [])
