@@ -57,6 +57,7 @@ from multirun.clock import Clock
 from multirun.enforcement.ledger import Ledger, RunLedger
 from multirun.enforcement.policy import PolicyState
 from multirun.enforcement.processor import TRACER_NAME, UsageSpanProcessor
+from multirun.enforcement.sampling import keep_own_spans_as_sampled, record_model_calls_in_runs
 from multirun.errors import ConfigurationError
 from multirun.models.budget import Budget
 from multirun.pricing import Price, PriceBook, cost_units_of
@@ -152,6 +153,7 @@ class MultiRunClient:
             self.metrics = Metrics(provider.get_meter(TRACER_NAME, _VERSION))
         self.checkpoints = _checkpoint_store(checkpoint_store)
         self.usage_processor = _install_usage_processor(self.tracer_provider)
+        keep_own_spans_as_sampled(self.tracer)
         _warn_small_span_limits(self.tracer_provider)
         if propagate_threads:
             _propagate_context_to_threads()
@@ -1693,7 +1695,8 @@ def _checkpoint_store(
 
 
 def _install_usage_processor(provider: trace.TracerProvider) -> UsageSpanProcessor | None:
-    """The usage processor of ``provider``, added once, whoever created the provider.
+    """The usage processor of ``provider``, added once, whoever created the provider; its
+    sampler then records the model calls it leaves out inside runs, for the processor to charge.
 
     None if the provider takes no span processors (not an SDK provider).
     """
@@ -1704,6 +1707,7 @@ def _install_usage_processor(provider: trace.TracerProvider) -> UsageSpanProcess
     processor = UsageSpanProcessor()
     add(processor)
     provider._multirun_usage_processor = processor  # type: ignore[attr-defined]
+    record_model_calls_in_runs(provider)
     return processor
 
 
