@@ -11,14 +11,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+_INSTANCE = "service.instance.id"
+
 
 class Collector(http.server.ThreadingHTTPServer):
-    """A local OTLP/HTTP endpoint that keeps the names of the spans it receives (and the headers
-    of each request, path: headers); set ``status`` to another HTTP status to make it refuse
-    every export (as a collector in trouble does)."""
+    """A local OTLP/HTTP endpoint that keeps the names of the spans it receives (and each with
+    its ``service.instance.id``), the metrics export requests (``metrics``, in order) and the
+    headers of each request (path: headers);
+    set ``status`` to another HTTP status to make it refuse every export (as a collector in
+    trouble does)."""
 
     def __init__(self) -> None:
         self.span_names: list[str] = []
+        self.span_instances: list[tuple[str, str]] = []  # (name, service.instance.id)
+        self.metrics: list[Any] = []  # ExportMetricsServiceRequest
         self.headers: list[tuple[str, dict[str, str]]] = []
         self.requests = 0
         self.status = 200
@@ -46,8 +52,19 @@ class _CollectorHandler(http.server.BaseHTTPRequestHandler):
         if self.path == "/v1/traces":
             request = ExportTraceServiceRequest.FromString(body)
             for resource_spans in request.resource_spans:
+                instance = next(
+                    (a.value.string_value for a in resource_spans.resource.attributes if a.key == _INSTANCE),
+                    "",
+                )
                 for scope_spans in resource_spans.scope_spans:
                     self.server.span_names.extend(s.name for s in scope_spans.spans)
+                    self.server.span_instances.extend((s.name, instance) for s in scope_spans.spans)
+        elif self.path == "/v1/metrics":
+            from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+                ExportMetricsServiceRequest,
+            )
+
+            self.server.metrics.append(ExportMetricsServiceRequest.FromString(body))
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", "0")

@@ -22,6 +22,7 @@ import os
 import re
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.util.re import parse_env_headers
@@ -63,6 +64,7 @@ from multirun.models.budget import Budget
 from multirun.pricing import Price, PriceBook, cost_units_of
 from multirun.telemetry.export import (
     DEFAULT_TIMEOUT_MILLIS,
+    DROPPED,
     BatchSettings,
     ExportProcessor,
     GuardedMetricExporter,
@@ -71,7 +73,7 @@ from multirun.telemetry.export import (
 )
 from multirun.telemetry.guard import guard_span_processors
 from multirun.telemetry.local_files import LocalFileSpanExporter
-from multirun.telemetry.metrics import NO_METRICS, Metrics
+from multirun.telemetry.metrics import NO_METRICS, Metrics, forget_counts
 from multirun.usage import TokenUsage
 
 if TYPE_CHECKING:
@@ -1555,18 +1557,101 @@ def _seconds(raw: str) -> float | None:
 
 
 _owned_meter_provider: Any = None
+_owned_meter: Any = None  # multirun's meter of _owned_meter_provider
 _METRIC_EXPORT_INTERVAL = 10_000  # milliseconds, the SDK's default
 
 
 def _resource(service_name: str | None) -> Resource:
     """The resource of providers created here: ``service.name`` from the argument, else
-    ``OTEL_SERVICE_NAME``, else ``OTEL_RESOURCE_ATTRIBUTES``, else ``multirun``."""
+    ``OTEL_SERVICE_NAME``, else ``OTEL_RESOURCE_ATTRIBUTES``, else ``multirun``; and always a
+    ``service.instance.id`` (``OTEL_RESOURCE_ATTRIBUTES``'s, else this process's)."""
     if service_name:
-        return Resource.create({SERVICE_NAME: service_name})
-    resource = Resource.create({})  # OTEL_SERVICE_NAME, else service.name of OTEL_RESOURCE_ATTRIBUTES
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: "multirun"}))
-    return resource
+        resource = Resource.create({SERVICE_NAME: service_name})
+    else:
+        resource = Resource.create({})  # OTEL_SERVICE_NAME, else service.name of OTEL_RESOURCE_ATTRIBUTES
+        if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({SERVICE_NAME: "multirun"}))
+    if resource.attributes.get(SERVICE_INSTANCE_ID):
+        return resource  # the user's, or the SDK's (1.45 sets one)
+    # older SDKs set none: the processes of a service were one Prometheus series, each one's
+    # counts taken for a reset of the others'
+    return resource.merge(Resource({SERVICE_INSTANCE_ID: _instance_id()}))
+
+
+_own_instance: tuple[int, str] | None = None  # (pid, id) of this process, for SDKs with no detector
+
+
+def _instance_id() -> str:
+    """This process's ``service.instance.id``: that of the SDK's ServiceInstanceIdResourceDetector
+    (opentelemetry-python PR #5259: a UUID per process, a new one in a forked child), else a
+    random UUID made here the same way (SDKs before it)."""
+    global _own_instance
+    try:
+        from opentelemetry.sdk.resources import (  # type: ignore[attr-defined,unused-ignore]
+            ServiceInstanceIdResourceDetector,
+        )
+    except ImportError:
+        if _own_instance is None or _own_instance[0] != os.getpid():
+            _own_instance = (os.getpid(), str(uuid.uuid4()))
+        return _own_instance[1]
+    return str(ServiceInstanceIdResourceDetector().detect().attributes[SERVICE_INSTANCE_ID])
+
+
+def _new_instance_after_fork() -> None:
+    """In a forked child: the providers ``init`` made send the child's telemetry as that of a
+    new instance (``service.instance.id``), and its metrics count from zero.
+
+    The child has a copy of the parent's MeterProvider: with the parent's instance id, the two
+    processes wrote the same series in turn (each switch a counter reset to ``rate()``); with a
+    new one (SDK 1.45 gives one) the child's counters still started from the parent's counts,
+    which a sum over instances then counted twice. The application's own providers are left
+    as they are. This runs before the SDK's own hooks for these providers (registered later):
+    it takes none of their locks.
+    """
+    meters, tracers = _owned_meter_provider, _owned_provider
+    if meters is None and tracers is None:
+        return  # every fork runs this, a subprocess's with a preexec_fn too
+    try:
+        instance = Resource({SERVICE_INSTANCE_ID: _instance_id()})
+        if meters is not None and not getattr(meters, "_shutdown", False):
+            _start_metrics_afresh(meters, instance)
+            if _owned_meter is not None:
+                forget_counts(_owned_meter)
+            DROPPED.clear()
+        if tracers is not None and not hasattr(tracers, "_handle_fork"):
+            # older SDKs (1.45 does it itself): the spans a worker starts carry its instance id,
+            # as its metrics do
+            tracers._resource = tracers._resource.merge(instance)
+            client = _configured
+            if client is not None and client.tracer_provider is tracers:
+                client.tracer.resource = tracers._resource  # type: ignore[attr-defined]
+    except Exception:  # telemetry must not fail the program
+        _logger.warning(
+            "multirun: the metrics of this forked process could not be made those of a new "
+            "instance: they may count the parent's again",
+            exc_info=True,
+        )
+
+
+def _start_metrics_afresh(provider: Any, instance: Resource) -> None:
+    """Give ``provider`` (an SDK MeterProvider, in a forked child) the resource ``instance``
+    updates and empty storage: what it had aggregated was the parent's."""
+    from opentelemetry.sdk.metrics._internal.metric_reader_storage import MetricReaderStorage
+
+    config = provider._sdk_config  # the storages read its resource at every collection
+    config.resource = config.resource.merge(instance)
+    consumer = provider._measurement_consumer
+    consumer._lock = threading.Lock()  # a thread the child lost may have held it (a collection)
+    consumer._reader_storages = {
+        reader: MetricReaderStorage(
+            config, reader._instrument_class_temporality, reader._instrument_class_aggregation
+        )
+        for reader in consumer._reader_storages
+    }
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_instance_after_fork)
 
 
 def _ensure_meter_provider(
@@ -1579,7 +1664,7 @@ def _ensure_meter_provider(
     Without an endpoint or ``OTEL_METRICS_EXPORTER``, metrics go wherever the application's
     MeterProvider sends them (nowhere if it has none): the embedded default keeps traces only.
     """
-    global _owned_meter_provider
+    global _owned_meter_provider, _owned_meter
     from opentelemetry.sdk.metrics import (
         AlwaysOffExemplarFilter,
         AlwaysOnExemplarFilter,
@@ -1606,6 +1691,7 @@ def _ensure_meter_provider(
         exemplar_filter=filters[exemplar_filter],  # so the SDK does not read the variable again
         shutdown_on_exit=False,
     )
+    _owned_meter = _owned_meter_provider.get_meter(TRACER_NAME, _VERSION)  # the one the client gets
     _register_exit_handler()
     otel_metrics.set_meter_provider(_owned_meter_provider)
 

@@ -200,6 +200,10 @@ class DropCounts:
         counts = dict.fromkeys((QUEUE_FULL, EXPORT_FAILED, AFTER_SHUTDOWN), 0) | self.snapshot()
         return [Observation(n, {_ERROR_TYPE: reason}) for reason, n in counts.items()]
 
+    def clear(self) -> None:
+        with self._lock:
+            self._counts = {}
+
     def _at_fork_reinit(self) -> None:
         self._lock = threading.Lock()  # another thread may have held it when the process forked
 

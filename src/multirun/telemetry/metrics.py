@@ -219,6 +219,11 @@ class _Tally:
         with self.lock:
             return sum(node[last] for _, node, last in self.series) + self.overflow
 
+    def clear(self) -> None:
+        """Count every series from zero again."""
+        with self.lock:
+            self.root, self.series, self.overflow = {}, [], 0
+
 
 class _Capped:
     """A synchronous instrument whose attribute sets are capped at ``limit``.
@@ -327,6 +332,16 @@ def _fresh_locks_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_fresh_locks_after_fork)
+
+
+def forget_counts(meter: Meter) -> None:
+    """Count what the ``Metrics`` on ``meter`` count locally from zero again: in a forked child
+    whose metrics are those of a new instance, the counts copied from the parent are not its own."""
+    with _tallies_lock:
+        tallies = _tallies_by_meter.get(meter)
+    if tallies is not None:
+        for tally in (tallies.steps, tallies.decisions, tallies.runs, tallies.runs_active, tallies.tokens):
+            tally.clear()
 
 
 def _tallies_of(meter: Meter, limit: int) -> tuple[_Tallies, bool]:
