@@ -98,6 +98,8 @@ class CannedOpenAI:
         # a stream fails after this many chunks: "error" sends an error event, as the OpenAI API
         # does when it fails mid-stream; "disconnect" drops the connection mid-body
         self.stream_failure: tuple[int, str] | None = None
+        self.same_id: str | None = None  # every chat completion's id, as some compatible servers do
+        self.answers = CANNED  # the usage of each answer, in arrival order
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -127,9 +129,9 @@ class CannedOpenAI:
     def _next(self, body: dict[str, Any]) -> Served | None:
         with self._lock:
             index = len(self.served)
-            if index >= len(CANNED):
+            if index >= len(self.answers):
                 return None
-            served = Served(index, body, CANNED[index])
+            served = Served(index, body, self.answers[index])
             self.served.append(served)
             return served
 
@@ -160,7 +162,10 @@ class CannedOpenAI:
                 elif body.get("stream"):
                     self._stream(stream_events(served))
                 else:
-                    self._send(200, completion(served))
+                    answer = completion(served)
+                    if canned.same_id is not None:
+                        answer["id"] = canned.same_id
+                    self._send(200, answer)
 
             def _stream(self, events: Iterator[str]) -> None:
                 # HTTP/1.1 chunked, so a connection dropped mid-body is an error, not the body's end

@@ -8,13 +8,16 @@ are genai-prices' own, computed here independently of the package.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import json
 import logging
+import queue
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -526,6 +529,102 @@ def test_a_step_returning_the_response_of_an_instrumented_call_made_outside_any_
     assert attrs(step_span(instrumented, "keep")).get("multirun.tokens_used") is None
     if where == "agent":
         assert attrs(instrumented.span("invoke_agent asker"))["multirun.tokens_used"] == CANNED[0].tokens
+
+
+@contextlib.contextmanager
+def worker_outside_the_run(client: openai.OpenAI) -> Iterator[Callable[[], Any]]:
+    """A thread started before the run that makes the real calls it is asked for: it has the
+    context it started in, so no span of the run charges them."""
+    asked: queue.Queue[Future[Any] | None] = queue.Queue()
+
+    def serve() -> None:
+        while (answer := asked.get()) is not None:
+            prompt = [{"role": "user", "content": "y"}]
+            answer.set_result(client.chat.completions.create(model="gpt-4o-mini", messages=prompt))
+
+    worker = threading.Thread(target=serve, daemon=True)
+    worker.start()
+
+    def ask() -> Any:
+        answer: Future[Any] = Future()
+        asked.put(answer)
+        return answer.result(timeout=30)
+
+    try:
+        yield ask
+    finally:
+        asked.put(None)
+        worker.join(timeout=30)
+
+
+@pytest.mark.parametrize("kept_first", [True, False], ids=["kept-first", "unseen-first"])
+def test_with_one_id_for_every_response_a_step_returning_another_call_is_still_charged(
+    instrumented, llm, client, kept_first: bool
+) -> None:
+    # the server gives every response the same id: a call charged by openai-v2's span in the
+    # run's body must spare only the step that returns its response, not a step that returns
+    # another call's (one no span charged), which was left unpaid
+    llm.same_id = "chatcmpl-same"
+
+    @step
+    def keep(response: Any) -> Any:
+        return response
+
+    @step
+    def ask_unseen() -> Any:
+        return ask_elsewhere()
+
+    @run(name="main")
+    def main() -> None:
+        response = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+        if kept_first:
+            keep(response)
+            ask_unseen()
+        else:
+            ask_unseen()
+            keep(response)
+
+    with worker_outside_the_run(client) as ask_elsewhere:
+        main()
+    assert [served.usage for served in llm.served] == CANNED[:2]
+    assert (
+        attrs(instrumented.span("invoke_workflow main"))["multirun.tokens_used"]
+        == CANNED[0].tokens + CANNED[1].tokens
+    )
+    assert attrs(step_span(instrumented, "keep")).get("multirun.tokens_used") is None
+    assert attrs(step_span(instrumented, "ask_unseen"))["multirun.tokens_used"] == CANNED[1].tokens
+
+
+def test_with_one_id_for_every_response_a_call_charged_in_a_step_spares_no_other_step(
+    instrumented, llm, client
+) -> None:
+    # the same prompt twice, answered alike with the same id: the first call is charged by
+    # openai-v2's span inside the step that returns it; the second, which no span charged, is
+    # another call all the same
+    llm.same_id = "chatcmpl-same"
+    llm.answers = [CANNED[0], CANNED[0]]
+
+    @step
+    def ask() -> Any:
+        return client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "y"}]
+        )
+
+    @step
+    def ask_unseen() -> Any:
+        return ask_elsewhere()
+
+    @run(name="main")
+    def main() -> None:
+        ask()
+        ask_unseen()
+
+    with worker_outside_the_run(client) as ask_elsewhere:
+        main()
+    assert attrs(instrumented.span("invoke_workflow main"))["multirun.tokens_used"] == 2 * CANNED[0].tokens
+    assert attrs(step_span(instrumented, "ask_unseen"))["multirun.tokens_used"] == CANNED[0].tokens
 
 
 @pytest.mark.parametrize(

@@ -258,9 +258,10 @@ class RunContext:
     # the usage objects of the SDK responses the steps of this run tree returned, by object id
     # and response id (see _returned_before)
     _responses: weakref.WeakValueDictionary[tuple[int, str | None], Any] | None = None
-    # the response ids of the model calls that spans of other instrumentations (openai-v2, say)
-    # charged in this run tree, the latest last (see _note_span_call)
-    _span_calls: dict[str, None] | None = None
+    # the model calls that spans of other instrumentations (openai-v2, say) charged in this run
+    # tree, by response id and input and output tokens, with how many such calls are not yet
+    # matched by a step returning their response; the latest last (see _note_span_call)
+    _span_calls: dict[tuple[str, int, int], int] | None = None
 
     def __init__(
         self,
@@ -352,18 +353,38 @@ class RunContext:
                 del seen[next(iter(seen))]
         return False
 
-    def _note_span_call(self, call_id: str) -> None:
+    def _note_span_call(self, call_id: str, usage: TokenUsage) -> None:
         """A span of another instrumentation charged the call ``call_id``, in a step or outside
         any (in a run's or an agent's body): a step of this run tree that returns its response
-        later, not being around that span, is not charged for it again."""
+        later, not being around that span, is not charged for it again (see _charged_by_span)."""
+        key = (call_id, usage.input_tokens, usage.output_tokens)
         top = self._top
         with top._lock:
             calls = top._span_calls
             if calls is None:
                 calls = top._span_calls = {}
-            calls[call_id] = None
+            calls[key] = calls.get(key, 0) + 1
             if len(calls) > MAX_RESPONSES_RETURNED:
                 del calls[next(iter(calls))]
+
+    def _charged_by_span(self, call_id: str, usage: TokenUsage) -> bool:
+        """Whether a span of another instrumentation in this run tree charged the call that a
+        step returns the response of, ``call_id`` with ``usage``; taken if so, so each such call
+        spares one step. Not by the id alone, since some OpenAI-compatible servers give every
+        response the same id: another response with that id, and other token counts, or one more
+        than the spans charged, is another call."""
+        key = (call_id, usage.input_tokens, usage.output_tokens)
+        top = self._top
+        with top._lock:
+            calls = top._span_calls
+            if calls is None or key not in calls:
+                return False
+            left = calls[key]
+            if left > 1:
+                calls[key] = left - 1
+            else:
+                del calls[key]
+        return True
 
     @property
     def _top(self) -> RunContext:
@@ -1604,12 +1625,20 @@ class StepContext:
             # the step's calls, which it returns, are charged: a step around it that passes
             # them on must not charge them again
             _note_calls_around(self, [call_id for call_id, _, _ in calls if call_id is not None])
+            run = self.run_context
+            if run._top._span_calls is not None:  # matched here, a span's call spares no later step
+                for call_id, usage, _ in calls:
+                    if call_id is not None:
+                        run._charged_by_span(call_id, usage)
             return False
         below = self._calls_below
-        by_spans = self.run_context._top._span_calls  # charged where no step saw it
+        run = self.run_context
+        by_spans = run._top._span_calls is not None  # charged where no step saw it
         refused: PolicyViolation | None = None
         for call_id, usage, operation in calls:
-            if (below is None or call_id not in below) and (by_spans is None or call_id not in by_spans):
+            if (below is None or call_id not in below) and not (
+                by_spans and call_id is not None and run._charged_by_span(call_id, usage)
+            ):
                 if operation != attr.OP_CHAT:
                     self._operation = operation
                 try:
@@ -2038,7 +2067,7 @@ def _charge_usage(
     tokens, units, unpriced = client.price(usage)
     _charge_chain(run, step, agent, tokens, units, unpriced, call_id)
     if call_id is not None and not own:
-        run._note_span_call(call_id)
+        run._note_span_call(call_id, usage)
     if run._finished:
         _warn_usage_after_end(run, step, tokens)
     client.metrics.usage_reported(
