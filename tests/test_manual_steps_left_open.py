@@ -169,7 +169,8 @@ def test_a_step_ended_by_hand_while_its_agent_ends_on_another_thread_ends_once(t
         else:
             program_won += 1
             assert (model.status, model.error) == (StepStatus.FAILED, "no answer")
-    assert 0 < program_won < rounds  # both sides won some rounds: the race was run
+    # which side wins a round is up to the scheduler (on a busy machine one side may win them
+    # all): the invariants above hold whichever it is
     assert run_ctx.run.tokens_used == (10 * program_won if end == "complete" else 0)
 
 
