@@ -199,6 +199,44 @@ def test_an_int_enum_attribute_is_written_as_its_number_and_the_program_ends(tmp
     assert run.attributes["http.response.status_code"] == 200
 
 
+IN_A_DELETED_WORKING_DIRECTORY = """
+import os, sys, tempfile
+import multirun
+
+gone = tempfile.mkdtemp()
+os.chdir(gone)
+os.rmdir(gone)
+client = multirun.init()  # the span files' folder, ./.multirun/traces, has no absolute name
+
+@multirun.run(name="job")
+def job() -> int:
+    return 1
+
+os.chdir(sys.argv[1])
+assert job() == 1
+assert client.force_flush(10_000)
+"""
+
+
+def test_init_in_a_deleted_working_directory_does_not_fail_the_program(tmp_path: Path) -> None:
+    # the folder of the span files is made absolute when init makes the exporter: os.getcwd()
+    # raised FileNotFoundError, out of init
+    src = Path(multirun.__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    ended = subprocess.run(
+        [sys.executable, "-c", IN_A_DELETED_WORKING_DIRECTORY, str(tmp_path)],
+        env=dict(env, PYTHONPATH=str(src)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ended.returncode == 0, ended.stderr
+    assert "the working directory was deleted" in ended.stderr
+    assert "span files go to .multirun/traces under the working directory of each write" in ended.stderr
+    # taken as given, the folder is where the program went since
+    assert [s.name for s in read_spans(tmp_path / ".multirun" / "traces")] == ["invoke_workflow job"]
+
+
 # ---------------------------------------------------------------------------
 # a process that died mid-write
 

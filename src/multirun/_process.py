@@ -6,6 +6,7 @@ import logging
 import os
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 from multirun.errors import ConfigurationError
 
@@ -22,6 +23,24 @@ def refuse_or_warn(problem: str, *, refuse: bool, instead: str = "its default is
     if refuse:
         raise ConfigurationError(problem)
     _logger.warning("multirun: %s; %s", problem, instead)
+
+
+def absolute_folder(directory: str | os.PathLike[str], what: str) -> Path:
+    """``directory`` made absolute now, so that a later ``os.chdir`` does not move ``what`` (the
+    span files, say). As given, with a warning, when the working directory was deleted: it has
+    no name to join it to, and telemetry must not fail the program."""
+    folder = Path(directory)
+    try:
+        return folder.absolute()
+    except OSError as exc:  # os.getcwd(): FileNotFoundError
+        _logger.warning(
+            "multirun: the working directory was deleted (%s): %s go to %s under the working "
+            "directory of each write",
+            exc,
+            what,
+            folder,
+        )
+        return folder
 
 
 def env_int(name: str, default: int, *, minimum: int, refuse: bool = True) -> int:

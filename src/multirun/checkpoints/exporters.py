@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
+from multirun._process import absolute_folder
 from multirun.errors import CheckpointError, ConfigurationError
 
 ENTRY_POINT_GROUP = "multirun.blob_exporters"
@@ -174,7 +175,7 @@ class FileBlobExporter:
     """Keeps blobs as files under a folder: temp file, fsync, then an atomic no-replace link."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory).absolute()
+        self.directory = absolute_folder(directory, "checkpoint blobs")
 
     def _path(self, key: str) -> Path:
         return self.directory.joinpath(*validate_key(key).split("/"))

@@ -30,7 +30,7 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from multirun._process import reinit_after_fork
+from multirun._process import absolute_folder, reinit_after_fork
 from multirun.telemetry.otlp_json import encode_spans_json
 from multirun.telemetry.utf8_spans import utf8_json
 
@@ -46,7 +46,7 @@ class LocalFileSpanExporter(SpanExporter):
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         # absolute now: spans are written later, by a batch, maybe after the program's os.chdir
-        self.directory = Path(directory).absolute()
+        self.directory = absolute_folder(directory, "span files")
         self._lock = threading.Lock()
         self._warned = False
         self._shutdown = False
