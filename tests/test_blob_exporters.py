@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from multirun.checkpoints import exporters
+from multirun.checkpoints.envelope import PendingBlob, open_blob, seal
 from multirun.checkpoints.exporters import (
     BUILTIN_EXPORTERS,
     ENTRY_POINT_GROUP,
@@ -314,6 +315,50 @@ def test_a_reader_never_sees_a_partial_blob(subject: Subject) -> None:
         stop.set()
     assert set(seen) <= {"missing", "full"}, seen
     assert seen["full"] >= 1 and seen["missing"] >= 1, seen
+
+
+# The file store writes a blob's body while its digest is computed (PendingBlob)
+
+SIGNING_KEY = b"sixteen byte key, or more"
+
+
+@pytest.mark.parametrize(
+    ("serializer", "key", "compression", "meta"),
+    [
+        ("json", None, "none", None),
+        ("json", SIGNING_KEY, "zlib", None),
+        ("pickle", SIGNING_KEY, "none", {"state_keys": ["a", "b"]}),
+    ],
+)
+def test_a_blob_written_while_its_digest_is_computed_is_the_sealed_blob(
+    tmp_path: Path, serializer: str, key: bytes | None, compression: Any, meta: Any
+) -> None:
+    exporter = FileBlobExporter(tmp_path)
+    payload = os.urandom(3 * 1024 * 1024)
+    blob = PendingBlob(payload, serializer, key, compression=compression, meta=meta)
+    with ThreadPoolExecutor(1) as pool:
+        put = pool.submit(exporter.put_pending, "c/pending.ckpt", blob)
+        time.sleep(0.05)  # the body is written, and the put waits for the header
+        assert not put.done()
+        digest = blob.finish()
+        put.result(timeout=30)
+    written = exporter.get("c/pending.ckpt")
+    assert (written, digest) == seal(payload, serializer, key, compression=compression, meta=meta)
+    header, read = open_blob(written, max_bytes=1 << 30, hmac_key=key, allowed_serializers=[serializer])
+    assert read == payload and header["digest"] == digest
+
+
+def test_a_pending_blob_given_up_on_leaves_no_file(tmp_path: Path) -> None:
+    exporter = FileBlobExporter(tmp_path)
+    blob = PendingBlob(os.urandom(1024 * 1024), "pickle", SIGNING_KEY)
+    with ThreadPoolExecutor(1) as pool:
+        put = pool.submit(exporter.put_pending, "c/abandoned.ckpt", blob)
+        time.sleep(0.05)
+        blob.abandon()  # what the checkpoint store does when computing the digest failed
+        with pytest.raises(CheckpointError, match="digest was not computed"):
+            put.result(timeout=30)
+    assert exporter.list() == []
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []  # no temp file either
 
 
 # S3: configuration, credentials, failures

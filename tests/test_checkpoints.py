@@ -7,6 +7,7 @@ import logging
 import re
 import shlex
 import sys
+import threading
 import types
 
 import pydantic
@@ -14,6 +15,7 @@ import pytest
 
 import multirun
 from multirun import agent, checkpoint, run, step
+from multirun.checkpoints.envelope import PendingBlob
 from multirun.checkpoints.exporters import FileBlobExporter
 from multirun.checkpoints.resume import stored_checkpoints
 from multirun.checkpoints.store import CheckpointStore
@@ -738,6 +740,25 @@ def test_a_failing_checkpoint_is_a_warning_and_the_function_still_returns(traced
     with caplog.at_level(logging.WARNING):
         assert job() == 3
     assert any("checkpoint 'x'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_checkpoint_interrupted_while_its_digest_is_computed_leaves_no_blob(
+    traced, monkeypatch, tmp_path
+) -> None:
+    # the file store writes the body meanwhile: it must give up, and name no half-made blob
+    def interrupted(self: PendingBlob) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PendingBlob, "finish", interrupted)
+    with RunContext(traced.client, Run(name="job")) as ctx:
+        ctx.set_state("big", "x" * 1_000_000)
+        with pytest.raises(KeyboardInterrupt):
+            ctx.checkpoint(name="interrupted")
+    for thread in threading.enumerate():
+        if thread.name == "multirun-checkpoint-put":
+            thread.join(timeout=30)
+    assert traced.client.checkpoints.list() == []
+    assert [p.name for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []
 
 
 def test_a_damaged_checkpoint_is_refused_and_the_previous_one_still_loads(traced) -> None:

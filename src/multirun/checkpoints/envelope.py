@@ -147,35 +147,104 @@ def seal(
     ``json`` cannot be sealed without one (ConfigurationError). With ``meta``
     (plain JSON data) the blob has a meta section, and is version 4.
     """
-    if not _NAME.match(serializer):
-        raise ConfigurationError(f"invalid serializer name {serializer!r}: use lowercase letters and digits")
-    if needs_hmac(serializer) and not hmac_key:
-        raise ConfigurationError(
-            f"serializer {serializer!r} can run code when a checkpoint is loaded, so its checkpoints "
-            f"must be signed: set an HMAC key ({HMAC_KEY_SETTINGS})"
-        )
-    if compression == "zlib":
-        stored = zlib.compress(payload, 6)
-    elif compression == "none":
-        stored = bytes(payload)
-    else:
-        raise ConfigurationError(f"invalid compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
-    digest = _digest(stored)
-    header: dict[str, Any] = {
-        "version": _VERSION_WITHOUT_META,
-        "serializer": serializer,
-        "size": len(stored),
-        "digest": digest,
-        "compression": compression,
-    }
-    meta_section = b""
-    if meta is not None:
-        meta_section = _encode_meta(meta)
-        header.update(version=FORMAT_VERSION, meta_size=len(meta_section), meta_digest=_digest(meta_section))
-    if hmac_key:
-        header["hmac"] = _header_mac(hmac_key, header)
-    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("ascii")
-    return MAGIC + head + b"\n" + meta_section + stored, digest
+    blob = PendingBlob(payload, serializer, hmac_key, compression=compression, meta=meta)
+    digest = blob.finish()
+    return bytes(blob), digest
+
+
+class PendingBlob:
+    """A blob whose body (meta section, then payload) is known before its header is.
+
+    The header's length does not depend on the digest and HMAC it holds (both are
+    fixed-width hex), so ``head_size`` is known at once: a store can write the body
+    at that offset while ``finish`` computes the digest in another thread, and then
+    the header (``head`` waits for it). ``seal`` is ``finish`` then ``bytes()``.
+    """
+
+    def __init__(
+        self,
+        payload: bytes,
+        serializer: str,
+        hmac_key: bytes | None = None,
+        *,
+        compression: Compression = "none",
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not _NAME.match(serializer):
+            raise ConfigurationError(
+                f"invalid serializer name {serializer!r}: use lowercase letters and digits"
+            )
+        if needs_hmac(serializer) and not hmac_key:
+            raise ConfigurationError(
+                f"serializer {serializer!r} can run code when a checkpoint is loaded, so its checkpoints "
+                f"must be signed: set an HMAC key ({HMAC_KEY_SETTINGS})"
+            )
+        if compression == "zlib":
+            stored = zlib.compress(payload, 6)
+        elif compression == "none":
+            stored = bytes(payload)  # no copy of bytes; a bytearray could change meanwhile
+        else:
+            raise ConfigurationError(
+                f"invalid compression {compression!r}: use one of {', '.join(COMPRESSIONS)}"
+            )
+        self._header: dict[str, Any] = {
+            "version": _VERSION_WITHOUT_META,
+            "serializer": serializer,
+            "size": len(stored),
+            "digest": _PLACEHOLDER_DIGEST,
+            "compression": compression,
+        }
+        meta_section = b""
+        if meta is not None:
+            meta_section = _encode_meta(meta)
+            self._header.update(
+                version=FORMAT_VERSION, meta_size=len(meta_section), meta_digest=_digest(meta_section)
+            )
+        self._hmac_key = hmac_key
+        if hmac_key:
+            self._header["hmac"] = _PLACEHOLDER_MAC
+        self.body = (meta_section, stored)
+        self.head_size = len(_encode_head(self._header))
+        self.size = self.head_size + len(meta_section) + len(stored)
+        self._head = b""
+        self._ready = threading.Event()
+        self.digest = ""  # the payload's, once finished
+
+    def finish(self) -> str:
+        """Compute the payload's digest and the header (once); the digest."""
+        if self._head:
+            return self.digest
+        header = self._header
+        header["digest"] = self.digest = _digest(self.body[1])
+        if self._hmac_key:
+            header["hmac"] = _header_mac(self._hmac_key, header)
+        head = _encode_head(header)
+        assert len(head) == self.head_size, "the header's length changed with its digest"
+        self._head = head
+        self._ready.set()
+        return self.digest
+
+    def abandon(self) -> None:
+        """Give up before ``finish``: ``head`` then raises (a no-op once finished)."""
+        self._ready.set()
+
+    def head(self) -> bytes:
+        """The magic bytes and the header line, once ``finish`` made them (it waits till then)."""
+        self._ready.wait()
+        if not self._head:
+            raise CheckpointError("checkpoint not written: its digest was not computed")
+        return self._head
+
+    def __bytes__(self) -> bytes:
+        return b"".join((self.head(), *self.body))
+
+
+_PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
+_PLACEHOLDER_MAC = "0" * 64
+
+
+def _encode_head(header: dict[str, Any]) -> bytes:
+    return MAGIC + json.dumps(header, separators=(",", ":"), sort_keys=True).encode("ascii") + b"\n"
 
 
 def _encode_meta(meta: Mapping[str, Any]) -> bytes:

@@ -19,7 +19,9 @@ as an entry point in the ``multirun.blob_exporters`` group::
 
 An exporter may also offer ``size(uri) -> int``, the blob's length read without
 fetching it (the built-ins do): a checkpoint over the reader's limit is then
-refused before a byte of it is read.
+refused before a byte of it is read. It may offer ``put_pending(key, blob)``
+too, which ``put``s an ``envelope.PendingBlob`` (``FileBlobExporter`` does):
+the body is written while the checkpoint store computes the header's digest.
 
 A third-party exporter is a factory ``factory(uri: str | None = None, **options)``
 returning a BlobExporter, registered under its URI scheme in the package's
@@ -46,11 +48,14 @@ import threading
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 from multirun._process import absolute_folder
 from multirun.errors import CheckpointError, ConfigurationError
+
+if TYPE_CHECKING:
+    from multirun.checkpoints.envelope import PendingBlob
 
 ENTRY_POINT_GROUP = "multirun.blob_exporters"
 _DISTRIBUTION = "multirun-otel"
@@ -190,6 +195,25 @@ class FileBlobExporter:
         return uri
 
     def put(self, key: str, data: bytes) -> str:
+        return self._write_once(key, lambda fd: _write_at(fd, data, 0))
+
+    def put_pending(self, key: str, blob: PendingBlob) -> str:
+        """``put`` of a blob whose header is still being computed: its body is written
+        meanwhile, then its header (``blob.head()`` waits for it), and only then is the
+        file made durable and given its name."""
+
+        def fill(fd: int) -> None:
+            offset = blob.head_size
+            for part in blob.body:
+                _write_at(fd, part, offset)
+                offset += len(part)
+            os.fsync(fd)  # the digest is still being computed: the disk is not waited for twice
+            _write_at(fd, blob.head(), 0)
+
+        return self._write_once(key, fill)
+
+    def _write_once(self, key: str, fill: Callable[[int], None]) -> str:
+        """A temp file written by ``fill(fd)`` and fsynced, then linked under ``key`` (write-once)."""
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,10 +221,11 @@ class FileBlobExporter:
         except OSError as exc:
             raise CheckpointError(f"cannot write blob {key!r} under {self.directory}: {exc}") from exc
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
+            try:
+                fill(fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             try:
                 # link() fails if the target exists: write-once even between processes
                 os.link(tmp, path)
@@ -267,6 +292,14 @@ class FileBlobExporter:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self._path(self._key(key)).unlink()
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    """All of ``data`` at ``offset`` in the file ``fd`` (a short write is written on)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -30,10 +30,16 @@ a CheckpointError (a warning, for the checkpoints multirun takes itself), never
 more. The write goes on in the background, and until it ends later checkpoints
 are refused at once, so a hung store holds one thread and one blob at most
 (per checkpoint taken side by side when it hung).
+
+While that thread writes, the checkpoint's own thread computes the payload's
+digest (and the HMAC) for the header: an exporter with ``put_pending`` (the file
+store) writes and syncs the body meanwhile, and the header last, before the blob
+gets its name; any other is given the whole blob once the digest is known.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -49,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from multirun.checkpoints.envelope import MAX_BYTES_SETTINGS, needs_hmac, open_meta, seal
+from multirun.checkpoints.envelope import MAX_BYTES_SETTINGS, PendingBlob, needs_hmac, open_meta
 from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError, BlobStoreUnavailableError
 from multirun.checkpoints.replay import RUN_PREFIX, check_records, records_from_v1
 from multirun.checkpoints.serializers import get_serializer, load_blob, resolve_hmac_key
@@ -369,8 +375,8 @@ class CheckpointStore:
             "trace": _trace_of(run),
             "ledger": run.ledger.totals(),
         }
-        blob, digest, payload_size = self._dump(document, name)
-        self._check_size(name, run.run.id, len(blob), payload_size)
+        blob, payload_size = self._dump(document, name)
+        self._check_size(name, run.run.id, blob.size, payload_size)
         uri = self._put(self.key(run.run.id, checkpoint_id), blob)
         self._warn_unhashed(run.replay_log.unhashed)
         return CheckpointMeta(
@@ -380,17 +386,28 @@ class CheckpointStore:
             step_id=step_id,
             name=name,
             created_at=created,
-            size_bytes=len(blob),
+            size_bytes=blob.size,
             uri=uri,
-            digest=digest,
+            digest=blob.digest,
             serializer=self._serializer.name,
         )
 
-    def _put(self, key: str, blob: bytes) -> str:
-        """``exporter.put``, waited for at most ``put_timeout`` seconds (see the module)."""
+    def _put(self, key: str, blob: PendingBlob) -> str:
+        """``exporter.put``, waited for at most ``put_timeout`` seconds (see the module).
+
+        An exporter with ``put_pending`` writes the blob's body while this thread computes
+        its digest (SHA-256 and file writes release the GIL); any other gets the whole blob.
+        """
         write = _Write(key)
+        put_pending = getattr(self.exporter, "put_pending", None)
+        if self.put_timeout is None or put_pending is None:
+            blob.finish()
+            data = bytes(blob)
+            put: Callable[[], str] = functools.partial(self.exporter.put, key, data)
+        else:
+            put = functools.partial(put_pending, key, blob)
         if self.put_timeout is None:
-            write.run(self.exporter, blob)  # as long as it takes, in the caller's thread
+            write.run(put)  # as long as it takes, in the caller's thread
             return write.result()
         with self._writes_lock:
             self._hung = {hung for hung in self._hung if not hung.done.is_set()}
@@ -401,13 +418,16 @@ class CheckpointStore:
                     f"{oldest.key!r} after {time.monotonic() - oldest.started:.0f} s, and no checkpoint "
                     "is written until it does"
                 )
-        thread = threading.Thread(
-            target=write.run, args=(self.exporter, blob), name="multirun-checkpoint-put", daemon=True
-        )
+        thread = threading.Thread(target=write.run, args=(put,), name="multirun-checkpoint-put", daemon=True)
         try:
             thread.start()
         except RuntimeError:  # at interpreter exit no thread can start: write it here
-            write.run(self.exporter, blob)
+            blob.finish()
+            write.run(put)
+        try:
+            blob.finish()
+        finally:
+            blob.abandon()  # if finish failed (an interrupt): the put gives up rather than wait
         if not write.done.wait(self.put_timeout) and write.abandon():
             with self._writes_lock:
                 self._hung.add(write)
@@ -418,7 +438,7 @@ class CheckpointStore:
             )
         return write.result()
 
-    def _dump(self, document: dict[str, Any], name: str) -> tuple[bytes, str, int]:
+    def _dump(self, document: dict[str, Any], name: str) -> tuple[PendingBlob, int]:
         try:
             return self._dump_blob(document)
         except CheckpointError:
@@ -433,15 +453,15 @@ class CheckpointStore:
         except CheckpointError as exc:
             raise CheckpointError(f"checkpoint {name!r}: {exc}") from None
 
-    def _dump_blob(self, document: dict[str, Any]) -> tuple[bytes, str, int]:
-        """The blob of ``document``, its digest and the size of its payload before compression;
-        with its summary when only the program can deserialize it."""
+    def _dump_blob(self, document: dict[str, Any]) -> tuple[PendingBlob, int]:
+        """The blob of ``document``, its digest still to compute (``_put`` does), and the size of
+        its payload before compression; with its summary when only the program can deserialize it."""
         meta = summary_of(document) if needs_hmac(self._serializer.name) else None
         payload = self._serializer.dumps(document)
-        blob, digest = seal(
+        blob = PendingBlob(
             payload, self._serializer.name, self._serializer.hmac_key, compression=self.compression, meta=meta
         )
-        return blob, digest, len(payload)
+        return blob, len(payload)
 
     def _check_size(self, name: str, run_id: str, size: int, payload_size: int) -> None:
         """Refuse to write a checkpoint that ``load`` would refuse as over ``max_blob_bytes``."""
@@ -718,10 +738,10 @@ class _Write:
         self._abandoned = False
         self._lock = threading.Lock()
 
-    def run(self, exporter: BlobExporter, blob: bytes) -> None:
+    def run(self, put: Callable[[], str]) -> None:
         try:
             with suppress_instrumentation():  # the store's own HTTP calls are not part of the trace
-                self.uri = exporter.put(self.key, blob)
+                self.uri = put()
         except BaseException as exc:
             self.error = exc
         finally:
