@@ -751,7 +751,7 @@ def test_a_checkpoint_interrupted_while_its_digest_is_computed_leaves_no_blob(
 
     monkeypatch.setattr(PendingBlob, "finish", interrupted)
     with RunContext(traced.client, Run(name="job")) as ctx:
-        ctx.set_state("big", "x" * 1_000_000)
+        ctx.set_state("big", "x" * 2_000_000)  # large enough to be written while hashed
         with pytest.raises(KeyboardInterrupt):
             ctx.checkpoint(name="interrupted")
     for thread in threading.enumerate():

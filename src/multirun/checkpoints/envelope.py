@@ -115,8 +115,9 @@ _REQUIRED = {
     4: frozenset({"version", "serializer", "size", "digest", "compression", "meta_size", "meta_digest"}),
 }
 _OPTIONAL = {1: frozenset[str](), 2: frozenset({"hmac"}), 3: frozenset({"hmac"}), 4: frozenset({"hmac"})}
-#: From this payload size on, ``decode_blob`` decodes JSON while another thread computes the digest
-#: (below it, starting a thread costs more than it saves).
+#: From this payload size on, ``decode_blob`` decodes JSON while another thread computes the digest,
+#: and a checkpoint store writes a blob while it computes the digest (below it, the thread or the
+#: second fsync costs more than it saves).
 PARALLEL_DIGEST_BYTES = 1 << 20
 _NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")

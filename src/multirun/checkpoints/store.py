@@ -55,7 +55,13 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from multirun.checkpoints.envelope import MAX_BYTES_SETTINGS, PendingBlob, needs_hmac, open_meta
+from multirun.checkpoints.envelope import (
+    MAX_BYTES_SETTINGS,
+    PARALLEL_DIGEST_BYTES,
+    PendingBlob,
+    needs_hmac,
+    open_meta,
+)
 from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError, BlobStoreUnavailableError
 from multirun.checkpoints.replay import RUN_PREFIX, check_records, records_from_v1
 from multirun.checkpoints.serializers import get_serializer, load_blob, resolve_hmac_key
@@ -395,12 +401,13 @@ class CheckpointStore:
     def _put(self, key: str, blob: PendingBlob) -> str:
         """``exporter.put``, waited for at most ``put_timeout`` seconds (see the module).
 
-        An exporter with ``put_pending`` writes the blob's body while this thread computes
-        its digest (SHA-256 and file writes release the GIL); any other gets the whole blob.
+        An exporter with ``put_pending`` writes a large blob's body while this thread
+        computes its digest (SHA-256 and file writes release the GIL); any other, or a small
+        blob (whose digest takes microseconds: not worth a second fsync), gets the whole blob.
         """
         write = _Write(key)
         put_pending = getattr(self.exporter, "put_pending", None)
-        if self.put_timeout is None or put_pending is None:
+        if self.put_timeout is None or put_pending is None or blob.size < PARALLEL_DIGEST_BYTES:
             blob.finish()
             data = bytes(blob)
             put: Callable[[], str] = functools.partial(self.exporter.put, key, data)
