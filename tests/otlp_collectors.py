@@ -16,8 +16,9 @@ _INSTANCE = "service.instance.id"
 
 class Collector(http.server.ThreadingHTTPServer):
     """A local OTLP/HTTP endpoint that keeps the names of the spans it receives (and each with
-    its ``service.instance.id``), the metrics export requests (``metrics``, in order) and the
-    headers of each request (path: headers);
+    its ``service.instance.id``), the metrics export requests (``metrics``, in order), the
+    headers of each request (path: headers) and where each resource an export carried came from
+    (``clients``: path, client port, ``service.instance.id``; one port, one connection);
     set ``status`` to another HTTP status to make it refuse every export (as a collector in
     trouble does)."""
 
@@ -26,6 +27,7 @@ class Collector(http.server.ThreadingHTTPServer):
         self.span_instances: list[tuple[str, str]] = []  # (name, service.instance.id)
         self.metrics: list[Any] = []  # ExportMetricsServiceRequest
         self.headers: list[tuple[str, dict[str, str]]] = []
+        self.clients: list[tuple[str, int, str]] = []
         self.requests = 0
         self.status = 200
         super().__init__(("127.0.0.1", 0), _CollectorHandler)
@@ -37,6 +39,7 @@ class Collector(http.server.ThreadingHTTPServer):
 
 class _CollectorHandler(http.server.BaseHTTPRequestHandler):
     server: Collector
+    protocol_version = "HTTP/1.1"  # keep-alive, as a real collector: exporters reuse connections
 
     def do_POST(self) -> None:
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -49,13 +52,12 @@ class _CollectorHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        port = self.client_address[1]
         if self.path == "/v1/traces":
             request = ExportTraceServiceRequest.FromString(body)
             for resource_spans in request.resource_spans:
-                instance = next(
-                    (a.value.string_value for a in resource_spans.resource.attributes if a.key == _INSTANCE),
-                    "",
-                )
+                instance = _instance(resource_spans.resource)
+                self.server.clients.append((self.path, port, instance))
                 for scope_spans in resource_spans.scope_spans:
                     self.server.span_names.extend(s.name for s in scope_spans.spans)
                     self.server.span_instances.extend((s.name, instance) for s in scope_spans.spans)
@@ -64,7 +66,10 @@ class _CollectorHandler(http.server.BaseHTTPRequestHandler):
                 ExportMetricsServiceRequest,
             )
 
-            self.server.metrics.append(ExportMetricsServiceRequest.FromString(body))
+            metrics = ExportMetricsServiceRequest.FromString(body)
+            self.server.metrics.append(metrics)
+            for resource_metrics in metrics.resource_metrics:
+                self.server.clients.append((self.path, port, _instance(resource_metrics.resource)))
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", "0")
@@ -72,6 +77,10 @@ class _CollectorHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         return None
+
+
+def _instance(resource: Any) -> str:
+    return next((a.value.string_value for a in resource.attributes if a.key == _INSTANCE), "")
 
 
 @contextmanager

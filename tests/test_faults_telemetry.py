@@ -754,6 +754,55 @@ def test_5_the_runs_of_multiprocessing_workers_are_exported_when_they_exit(
     assert names.count("step double") == 5
 
 
+CONNECTION_PROGRAM = r"""
+import multiprocessing, sys
+from opentelemetry import metrics
+import multirun
+from multirun import run, step
+
+@step
+def double(x):
+    return 2 * x
+
+@run(name="job")
+def job(x):
+    return double(x)
+
+if __name__ == "__main__":
+    client = multirun.init(endpoint=sys.argv[1], checkpoint_uri="memory://fork")
+    job(1)  # the parent's exporters now hold a keep-alive connection each
+    assert client.force_flush(10_000) and metrics.get_meter_provider().force_flush(10_000)
+    worker = multiprocessing.get_context("fork").Process(target=job, args=(2,))
+    worker.start()
+    worker.join()
+    assert worker.exitcode == 0, worker.exitcode
+    job(3)
+    assert client.force_flush(10_000) and metrics.get_meter_provider().force_flush(10_000)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_5_a_forked_worker_exports_over_connections_of_its_own(collector: Collector, tmp_path: Path) -> None:
+    # the worker inherited the parent's pooled keep-alive connections and exported over them:
+    # two processes writing to one TCP stream can interleave requests and read each other's answers
+    script = tmp_path / "connections.py"
+    script.write_text(CONNECTION_PROGRAM)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    done = subprocess.run(
+        [sys.executable, str(script), collector.url], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    parent = collector.clients[0][2]
+    for path in ("/v1/traces", "/v1/metrics"):
+        ports = [(port, instance == parent) for p, port, instance in collector.clients if p == path]
+        parents = [port for port, of_parent in ports if of_parent]
+        workers = {port for port, of_parent in ports if not of_parent}
+        assert workers, (path, ports)  # the worker exported at its exit
+        assert parents[0] == parents[1], (path, ports)  # after the fork, over the parent's connection
+        assert not set(parents) & workers, (path, ports)
+
+
 # ---------------------------------------------------------------------------
 # 6. the exporter's own HTTP calls are not traced
 

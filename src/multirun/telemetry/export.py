@@ -5,9 +5,10 @@
     provider.add_span_processor(ExportProcessor(OTLPSpanExporter(endpoint=...)))
 
 It is the SDK's BatchSpanProcessor (one worker thread, batches, exports with
-instrumentation suppressed, a fresh worker in the child after ``os.fork``)
-plus what the OpenTelemetry specification asks of a processor and the SDK
-leaves out:
+instrumentation suppressed, a fresh worker in the child after ``os.fork``),
+with connections of its own in that child (an OTLP/HTTP exporter's keep-alive
+connections are the parent's: two processes wrote to one stream), plus what
+the OpenTelemetry specification asks of a processor and the SDK leaves out:
 
 - The queue is bounded (``max_queue_size``, ``OTEL_BSP_MAX_QUEUE_SIZE``,
   2048) and every span it cannot take is counted, never dropped silently:
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final, NamedTuple
@@ -418,6 +420,8 @@ class ExportProcessor(SpanProcessor):
     def _at_fork_reinit(self) -> None:
         # the child's batch processor starts with an empty queue and a worker of its own
         self._lock = threading.Lock()
+        if not self._guard.export_lock.locked():  # else an export was running: leave its session
+            drop_inherited_connections(self.exporter)
         self._guard.export_lock = threading.Lock()
         self._queued = 0
         self._exporting = 0
@@ -477,6 +481,29 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=DROPPED._at_fork_reinit)
 
 
+def drop_inherited_connections(exporter: object) -> None:
+    """In a forked child: close the child's copies of the keep-alive connections of the OTLP/HTTP
+    ``exporter``'s requests session, so that the child connects anew instead of writing to the
+    parent's TCP stream. Closing a copy closes the child's file descriptor only: the parent's
+    connection stays open. Never raises.
+
+    Call it only if no export was running at the fork: that one's connection was out of the pool
+    (the child cannot reuse it), and the thread the child lost may hold the pool's locks.
+    """
+    requests = sys.modules.get("requests")
+    if requests is None:
+        return  # no session was made
+    try:
+        for each in getattr(exporter, "exporters", (exporter,)):  # SpanExporters: each of them
+            # the session: on the exporter up to 1.44, on its client's transport from 1.45
+            transport = getattr(getattr(each, "_client", None), "_transport", None)
+            for session in (getattr(each, "_session", None), getattr(transport, "_session", None)):
+                if isinstance(session, requests.Session):
+                    session.close()
+    except Exception:
+        _logger.warning("multirun: closing the connections a forked process inherited failed", exc_info=True)
+
+
 class GuardedMetricExporter(MetricExporter):
     """A metric exporter as multirun's periodic reader sees it: an export that raises or fails
     costs one warning per outage, and the SDK's OTLP exporters one line of their own (the
@@ -490,13 +517,15 @@ class GuardedMetricExporter(MetricExporter):
         self.exporter = exporter
         self.outage = OutageLog()
         self._warned = False
+        self._export_lock = threading.Lock()  # held while exporting: tells a forked child
+        reinit_after_fork(self._at_fork_reinit)
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: object
     ) -> MetricExportResult:
         reason = "see its log line"
         try:
-            with self.outage.exporting():
+            with self._export_lock, self.outage.exporting():
                 result = self.exporter.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         except Exception as exc:
             result, reason = MetricExportResult.FAILURE, f"{type(exc).__name__}: {exc}"
@@ -526,6 +555,11 @@ class GuardedMetricExporter(MetricExporter):
                 self.exporter.shutdown(timeout_millis=timeout_millis, **kwargs)
         except Exception:
             _logger.warning("multirun: shutting down %s failed", type(self.exporter).__name__, exc_info=True)
+
+    def _at_fork_reinit(self) -> None:
+        if not self._export_lock.locked():  # else an export was running: leave its session
+            drop_inherited_connections(self.exporter)
+        self._export_lock = threading.Lock()
 
 
 class SpanExporters(SpanExporter):
