@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
 from genai_prices import data_snapshot
+from pydantic import BaseModel
 from wrapt import ObjectProxy
 
 from multirun.usage import TokenUsage, usable_count
@@ -337,6 +338,10 @@ def _as_dict(usage: Any) -> dict[str, Any]:
         return {}
     if isinstance(usage, dict):
         return usage
+    if isinstance(usage, BaseModel):
+        # a count the server sent as NaN, say, is no int: pydantic's serializer would warn the
+        # program about a value multirun only reads
+        return dict(usage.model_dump(warnings=False))
     dump = getattr(usage, "model_dump", None)
     return dict(dump()) if dump is not None else dict(vars(usage))
 

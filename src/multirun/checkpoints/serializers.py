@@ -459,7 +459,9 @@ def _plain(value: Any) -> Any:
         return sorted(_plain_items(value), key=_sort_key)
     if isinstance(value, BaseModel):
         try:
-            dumped = value.model_dump(mode="python", by_alias=True)
+            # an SDK's unvalidated response may hold a NaN in an int field: written as it is,
+            # without pydantic warning the program about it
+            dumped = value.model_dump(mode="python", by_alias=True, warnings=False)
         except PydanticSerializationError as exc:
             raise _NoJsonForm(f"{type(value).__name__} cannot be dumped: {exc}") from None
         return _plain(dumped)
