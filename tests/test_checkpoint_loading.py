@@ -7,6 +7,7 @@ import enum
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -497,3 +498,34 @@ def test_a_damaged_newest_checkpoint_names_itself_and_the_one_to_resume_instead(
     assert f"multirun.resume(checkpoint_id={first!r})" in message
     with multirun.resume(checkpoint_id=first) as restored:  # and that one loads
         assert restored.checkpoint.id == first
+
+
+def test_a_damaged_checkpoint_resumed_from_a_deleted_working_directory_is_refused_as_it_is(
+    traced, tmp_path, monkeypatch
+) -> None:
+    # the message's `multirun resume` command compared the store with ./.multirun/blobs made
+    # absolute: os.getcwd() raised FileNotFoundError in place of the CheckpointError
+    monkeypatch.delenv("MULTIRUN_DIR", raising=False)
+
+    @run
+    def job() -> tuple[str, str]:
+        ctx = get_current_run_context()
+        return ctx.checkpoint(name="first").value.id, ctx.checkpoint(name="second").value.id
+
+    first, second = job()
+    store = traced.client.checkpoints
+    path = store.exporter.directory / store.find(second)
+    path.write_bytes(path.read_bytes()[:-5])
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    before = os.getcwd()
+    os.chdir(gone)
+    try:
+        gone.rmdir()
+        with pytest.raises(CheckpointError) as refused, multirun.resume(checkpoint_id=second):
+            pass
+    finally:
+        os.chdir(before)
+    message = str(refused.value)
+    assert f"multirun.resume(checkpoint_id={first!r})" in message
+    assert f"`multirun resume {first} --store {store.exporter.directory} -- ...`" in message

@@ -256,7 +256,10 @@ def _resume_command(store: CheckpointStore, *words: str) -> str:
     options = ["--dir", folder] if folder else []
     exporter = store.exporter
     if isinstance(exporter, FileBlobExporter):
-        if exporter.directory != Path(folder or DEFAULT_DIR, "blobs").absolute():
+        default = Path(folder or DEFAULT_DIR, "blobs")
+        with contextlib.suppress(OSError):  # os.getcwd(): the working directory was deleted
+            default = default.absolute()
+        if exporter.directory != default:
             options += ["--store", str(exporter.directory)]
     elif uri:
         options += ["--store", uri]
