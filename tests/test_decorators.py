@@ -1286,6 +1286,130 @@ async def test_a_step_whose_callable_returned_a_coroutine_runs_again_after_a_res
     assert calls == ["a", "a"]
 
 
+def duration(span: Any) -> float:
+    """The span's seconds, and 5 ms: a timer of the event loop may fire that early by the wall clock."""
+    return (span.end_time - span.start_time) / 1e9 + 0.005
+
+
+async def test_a_step_that_returns_a_task_or_gather_times_the_work_and_records_its_failure(traced) -> None:
+    """A plain function that starts work and returns its future: the caller gets that very
+    object (to cancel it, wait on it), and the step ends when it is done, failed with its error.
+    (It ended as it returned: its span did not time the work, and a failure was not the step's.)"""
+
+    async def work(seconds: float, fail: bool = False) -> str:
+        await asyncio.sleep(seconds)
+        if fail:
+            raise ConnectionError("down")
+        return f"slept {seconds}"
+
+    started: list[Any] = []
+
+    @step
+    def start(seconds: float) -> asyncio.Task[str]:
+        started.append(asyncio.ensure_future(work(seconds)))
+        return started[-1]
+
+    @step(retry=2)
+    def both() -> asyncio.Future[list[str]]:
+        return asyncio.gather(work(0.01), work(0.05, fail=True))
+
+    @run
+    async def main() -> str:
+        task = start(0.1)
+        assert task is started[0] and not task.done()
+        with pytest.raises(ConnectionError, match="down"):
+            await both()
+        return await task
+
+    assert await main() == "slept 0.1"
+    await asyncio.sleep(0)  # the done callbacks of the last future ran
+    started_span = traced.span("step start")
+    assert attrs(started_span)["multirun.step.status"] == "completed"
+    assert duration(started_span) >= 0.1
+    failed = traced.span("step both")
+    assert attrs(failed)["multirun.step.status"] == "failed"
+    assert attrs(failed)["error.type"] == "ConnectionError"
+    assert attrs(failed)["multirun.step.attempt"] == 1  # the work was under way: no retry
+    assert duration(failed) >= 0.05
+    assert [e.name for e in failed.events] == ["exception"]
+
+
+async def test_a_step_whose_returned_task_is_cancelled_ends_failed_with_the_cancellation(traced) -> None:
+    @step
+    def start() -> asyncio.Task[None]:
+        return asyncio.ensure_future(asyncio.sleep(10))
+
+    @run
+    async def main() -> None:
+        task = start()
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    await main()
+    started = attrs(traced.span("step start"))
+    assert started["multirun.step.status"] == "failed"
+    assert started["error.type"] == "asyncio.exceptions.CancelledError"
+
+
+def test_a_step_that_returns_an_executor_future_times_the_work_and_records_its_failure(traced) -> None:
+    import concurrent.futures
+    import time
+
+    def work(seconds: float) -> float:
+        time.sleep(seconds)
+        if seconds > 0.1:
+            raise TimeoutError(f"slow {seconds}")
+        return seconds
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+
+        @step
+        def submit(seconds: float) -> concurrent.futures.Future[float]:
+            return pool.submit(work, seconds)
+
+        @run
+        def main() -> float:
+            quick, slow = submit(0.1), submit(0.15)
+            with pytest.raises(TimeoutError):
+                slow.result()
+            return quick.result()
+
+        assert main() == 0.1
+    quick, slow = sorted(traced.named("step submit"), key=lambda s: s.end_time)
+    assert attrs(quick)["multirun.step.status"] == "completed" and duration(quick) >= 0.1
+    assert attrs(slow)["multirun.step.status"] == "failed" and duration(slow) >= 0.15
+    assert attrs(slow)["error.type"] == "TimeoutError"
+
+
+def test_a_step_whose_future_outlives_its_run_ends_with_it_marked_unfinished(traced) -> None:
+    """As a stream returned and not read: the step ends with its agent (here the run's), not
+    when the work is done, long after, or never."""
+    import concurrent.futures
+    import threading
+
+    go = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+
+        @step
+        def submit() -> concurrent.futures.Future[bool]:
+            return pool.submit(go.wait, 10)
+
+        @run
+        def main() -> concurrent.futures.Future[bool]:
+            return submit()
+
+        future = main()
+        submitted = traced.span("step submit")  # ended already
+        go.set()
+        assert future.result() is True
+    assert attrs(submitted)["multirun.step.status"] == "completed"
+    assert attrs(submitted)["multirun.step.unfinished"] is True
+    assert submitted.end_time <= traced.span("invoke_workflow main").end_time
+    assert len(traced.named("step submit")) == 1  # ended once
+
+
 class _Unprintable:
     """An object of the program whose ``str`` and ``repr`` raise (a proxy, a half-built object)."""
 

@@ -17,7 +17,7 @@ import queue
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -189,6 +189,24 @@ def test_reasoning_tokens_of_a_chat_completion_are_recorded(traced) -> None:
     span = step_span(traced, "think")
     assert attrs(span)["gen_ai.usage.reasoning.output_tokens"] == 300
     assert attrs(span)["multirun.tokens_used"] == 1400
+
+
+def test_the_response_a_step_s_returned_future_gives_is_charged_to_the_step(traced) -> None:
+    """``executor.submit(client.chat.completions.create, ...)``: the step ends, charged, when
+    the call has answered."""
+    with ThreadPoolExecutor(1) as pool:
+
+        @step
+        def ask() -> Future[ChatCompletion]:
+            return pool.submit(chat_completion, 1000, 40)
+
+        @run(name="main")
+        def main() -> ChatCompletion:
+            return ask().result()
+
+        main()
+    assert attrs(step_span(traced, "ask"))["multirun.tokens_used"] == 1040
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 1040
 
 
 def test_responses_api_response_is_charged(traced) -> None:

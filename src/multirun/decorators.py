@@ -11,6 +11,8 @@ handling and streaming are written once for all four decorators.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import inspect
 import logging
@@ -97,6 +99,9 @@ class _Replayed:
 
 
 Opener = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+# what a step may return for its caller to wait on, and the step follows (``_follow_future``)
+Future = asyncio.Future[Any] | concurrent.futures.Future[Any]
+_FUTURES = (asyncio.Future, concurrent.futures.Future)
 
 
 # ---------------------------------------------------------------------------
@@ -184,6 +189,8 @@ class _StepCall(StepContext):
     _items_read = 0  # of the SDK stream it returned
     _stream_items: list[Any] | None = None  # what a generator step yielded, for its replay record
     _awaited = False  # its function, no coroutine function, returned a coroutine: awaited in the step
+    _following: Future | None = None  # the future it returned, until it is done or the step ended
+    _cut_unfinished = False  # it ended with its agent before that future was done
 
     def _clock(self) -> Clock:
         return self.run_context.client.clock
@@ -284,6 +291,8 @@ class _StepCall(StepContext):
                 kind = returned_stream(result)
                 if kind is not None:
                     return self._hand_over(result, kind)
+                if isinstance(result, _FUTURES):
+                    return self._follow_future(result)
             try:
                 self._charge_sdk_usage(result)
             except PolicyViolation as refused:  # init(unpriced="fail"): the step fails, as if it raised
@@ -318,6 +327,76 @@ class _StepCall(StepContext):
         self._stream = StreamUsage()
         self.agent_context._keep_unread(self, self._cut_stream)
         return watched(stream, kind, self, self.otel_context or otel_context.get_current())
+
+    def _follow_future(self, future: Future) -> Future:
+        """The step returned a future (a task, ``asyncio.gather(...)``, ``executor.submit(...)``):
+        returned as it is, the step stays open and ends when it is done (``_future_done``), or
+        when its agent ends first (``_cut_future``). The work is under way: it cannot be retried,
+        and is not served after a restore (the step runs again)."""
+        if self.replay_call is not None:
+            self.run_context.replay_log.abandon(self.replay_call)
+            self.replay_call = None
+        self._following = future
+        self.agent_context._keep_unread(self, self._cut_future)
+        try:
+            future.add_done_callback(self._future_done)
+        except Exception:  # a done asyncio future whose loop is closed: nothing would call it
+            self._future_done(future)
+        return future
+
+    def _settle(self, future: Future, cut: bool = False) -> bool:
+        """Whether this caller ends the step that follows ``future`` (the future's callback, or
+        its agent ending, maybe on another thread): the first to ask. ``cut``: it ends the
+        step before the future is done."""
+        with self.run_context._lock:
+            if self._following is not future:
+                return False
+            self._following = None
+            self._cut_unfinished = cut
+            return True
+
+    def _future_done(self, future: Future) -> None:
+        """The future the step returned is done: the step ends completed with its result,
+        failed with its exception, or failed with its cancellation (no failure of the
+        dependency: it counts towards no circuit). After the step ended with its agent, the
+        usage of an SDK response it gives is charged, as late usage."""
+        try:
+            self.agent_context._unread_done(self)
+            ours = self._settle(future)
+            if future.cancelled():
+                if ours:
+                    self._give_back(slot=False)
+                    async_ = isinstance(future, asyncio.Future)
+                    self._failed(asyncio.CancelledError() if async_ else concurrent.futures.CancelledError())
+                return
+            # asyncio's own field: exception() would mark it retrieved, and asyncio would no
+            # longer log an error the program never reads
+            if isinstance(future, asyncio.Future):
+                error = getattr(future, "_exception", None)
+            else:
+                error = future.exception()
+            if error is not None:
+                if ours:
+                    self._failed(error)
+            elif ours:
+                self._succeed(future.result())
+            elif self._cut_unfinished:
+                self._charge_sdk_usage(future.result())
+        except Exception as broken:  # a callback's error would only be logged by the loop or executor
+            _logger.warning("multirun: step %r, the future it returned is done: %s", self.name, broken)
+
+    def _cut_future(self) -> None:
+        """Its agent ends before the future it returned is done: the step ends now, completed
+        and marked ``multirun.step.unfinished``; its outcome is unknown, and counts towards no
+        circuit."""
+        future = self._following
+        if future is None:
+            return
+        if future.done():  # its callbacks have yet to run: a concurrent future wakes its waiters first
+            self._future_done(future)
+        elif self._settle(future, cut=True):
+            self._give_back(slot=False)
+            self._close(StepStatus.COMPLETED, extra={attr.STEP_UNFINISHED: True})
 
     def _stream_item(self, item: Any) -> None:
         """Its caller read ``item`` of the stream the step returned."""

@@ -102,6 +102,7 @@ STEP_OUTPUT: Final = "multirun.step.output"
 STEP_RETRY_DELAY: Final = "multirun.step.retry_delay_seconds"
 STEP_STREAM_ITEMS: Final = "multirun.step.stream_items"
 STEP_STREAM_UNFINISHED: Final = "multirun.step.stream_unfinished"  # its agent ended before its stream did
+STEP_UNFINISHED: Final = "multirun.step.unfinished"  # its agent ended before the future it returned did
 POLICY_DECISION: Final = "multirun.policy.decision"
 POLICY_RULE: Final = "multirun.policy.rule"
 POLICY_WAIT_SECONDS: Final = "multirun.policy.wait_seconds"
