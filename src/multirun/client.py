@@ -420,7 +420,7 @@ def _close_at_exit(factory: RedisLedgerFactory) -> None:
     with _ledger_closer_lock:
         if _ledger_closer is None:
             _ledger_closer = _LedgerCloser()
-    _register_exit_handler()
+    _register_worker_exit_hook()
 
 
 def _new_ledger_closer_after_fork() -> None:
@@ -471,16 +471,16 @@ def _warn_ledger_late(
 # Registered at import, not by the first run: exit handlers run last registered first, and the
 # program's own, registered after its imports, may still run a step (traced only if this runs after)
 atexit.register(_shutdown_at_exit)
-_exit_handler_registered = False
+_worker_exit_hook_registered = False
 
 
-def _register_exit_handler() -> None:
+def _register_worker_exit_hook() -> None:
     """Have ``_shutdown_at_exit`` shut down the providers ``init`` makes at the exit of the
     multiprocessing workers this process starts too (registered once)."""
-    global _exit_handler_registered
-    if not _exit_handler_registered:
+    global _worker_exit_hook_registered
+    if not _worker_exit_hook_registered:
         _shutdown_at_worker_exit()
-        _exit_handler_registered = True
+        _worker_exit_hook_registered = True
 
 
 def _shutdown_at_worker_exit() -> None:
@@ -862,7 +862,7 @@ def _init_locked(
             owned = TracerProvider(
                 resource=resource, span_limits=_span_limits_without(bad_limits), shutdown_on_exit=False
             )
-            _register_exit_handler()
+            _register_worker_exit_hook()
             _export_to(owned, exporter, batch)
             trace.set_tracer_provider(owned)
             _owned_provider = owned
@@ -1692,7 +1692,7 @@ def _ensure_meter_provider(
         shutdown_on_exit=False,
     )
     _owned_meter = _owned_meter_provider.get_meter(TRACER_NAME, _VERSION)  # the one the client gets
-    _register_exit_handler()
+    _register_worker_exit_hook()
     otel_metrics.set_meter_provider(_owned_meter_provider)
 
 
