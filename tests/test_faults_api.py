@@ -212,6 +212,37 @@ def test_24_a_ledger_uri_whose_database_is_no_number_is_refused_without_its_pass
     assert client_module._configured is None
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": "Bearer s3cret\r\nX-Injected: 1"},  # requests refuses it at every export
+        {"Authorization": " Bearer s3cret"},  # leading whitespace: refused by requests too
+        {"Authorization": "Bearer s3cret\u20ac"},  # not latin-1: http.client cannot encode it
+        {"Auth orization": "Bearer s3cret"},  # no header name has a space
+        {"": "s3cret"},
+    ],
+    ids=["line-break", "leading-space", "not-latin-1", "space-in-name", "empty-name"],
+)
+def test_24_a_header_no_export_could_send_is_refused_by_name_without_its_value(
+    global_otel: None, tmp_path: Path, headers: dict[str, str]
+) -> None:
+    # accepted, every export of the run's spans and metrics would fail, with a log line each
+    message = refused(
+        lambda: multirun.init(local_dir=tmp_path / "mr", endpoint="http://127.0.0.1:4318", headers=headers),
+        "headers",
+    )
+    assert repr(next(iter(headers))) in message
+    assert "s3cret" not in message  # a header is often a token
+    assert client_module._configured is None
+
+
+def test_24_a_header_of_a_bad_type_is_refused_without_the_other_values(global_otel: None, tmp_path: Path) -> None:
+    headers = {"Authorization": "Bearer s3cret", "X-Retries": 3}
+    message = refused(lambda: multirun.init(local_dir=tmp_path / "mr", headers=headers), "headers")
+    assert "'X-Retries'" in message and "int" in message
+    assert "s3cret" not in message
+
+
 def test_24_init_local_refuses_a_path_that_is_not_one(global_otel: None) -> None:
     refused(lambda: multirun.init_local(5), "path")  # type: ignore[arg-type]
     assert client_module._configured is None

@@ -971,11 +971,8 @@ def _validate_objects(
     blob_exporter: Any,
 ) -> None:
     """Refuse arguments of ``init`` that are not what they claim to be, naming them."""
-    if headers is not None and (
-        not isinstance(headers, Mapping)
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
-    ):
-        raise ConfigurationError(f"headers must be a mapping of str to str, got {headers!r}")
+    if headers is not None:
+        _check_headers(headers)
     if tracer_provider is not None and not callable(getattr(tracer_provider, "get_tracer", None)):
         raise ConfigurationError(
             "tracer_provider must be an OpenTelemetry TracerProvider (with get_tracer), "
@@ -994,6 +991,38 @@ def _validate_objects(
             "blob_exporter must be a BlobExporter (put, get, list, delete); for a URI use checkpoint_uri, "
             f"got {blob_exporter!r}"
         )
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name: an RFC 9110 token
+
+
+def _sendable_header_value(value: str) -> bool:
+    """Whether requests and http.client send ``value``: latin-1, no control character but tab,
+    no leading whitespace."""
+    return not value[:1].isspace() and all(
+        char == "\t" or (" " <= char <= "\xff" and not "\x7f" <= char <= "\x9f") for char in value
+    )
+
+
+def _check_headers(headers: Any) -> None:
+    """Refuse ``headers`` an OTLP export could not send (each export would fail, its spans
+    lost), naming the header but never showing a value: it is often a token."""
+    if not isinstance(headers, Mapping):
+        raise ConfigurationError(f"headers must be a mapping of str to str, got {type(headers).__name__}")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigurationError(
+                f"headers must be a mapping of str to str, got {name!r}: {type(value).__name__}"
+            )
+        if not _HEADER_NAME.fullmatch(name):
+            raise ConfigurationError(
+                f"headers: a header name must be letters, digits or !#$%&'*+-.^_`|~, got {name!r}"
+            )
+        if not _sendable_header_value(value):
+            raise ConfigurationError(
+                f"headers[{name!r}] must be latin-1 text without line breaks, control characters "
+                "or leading whitespace"
+            )
 
 
 def _ensure_local_dir(local_dir: str | os.PathLike[str] | None, name: str) -> None:
