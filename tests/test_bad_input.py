@@ -597,6 +597,28 @@ def test_init_refuses_a_multirun_dir_that_cannot_be_created_naming_the_variable(
         multirun.init()
 
 
+@pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
+def test_init_refuses_a_checkpoint_uri_that_is_a_file_naming_it(global_otel, tmp_path, as_uri: bool) -> None:
+    # accepted, every checkpoint of every run would fail (a warning each): nothing to resume from
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    uri = blocker.as_uri() if as_uri else str(blocker)
+    with pytest.raises(ConfigurationError, match=r"^checkpoint_uri: .*a file") as info:
+        multirun.init(local_dir=tmp_path / "mr", checkpoint_uri=uri)
+    assert str(blocker) in str(info.value)
+    assert client_module._configured is None
+
+
+def test_init_refuses_a_checkpoint_uri_variable_that_is_a_file_naming_it(
+    global_otel, tmp_path, monkeypatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_URI", str(blocker))
+    with pytest.raises(ConfigurationError, match=r"^MULTIRUN_CHECKPOINT_URI: .*a file"):
+        multirun.init(local_dir=tmp_path / "mr")
+
+
 def test_init_creates_the_local_dir_it_is_given(global_otel, tmp_path) -> None:
     multirun.init(local_dir=tmp_path / "new" / "mr")
     assert (tmp_path / "new" / "mr").is_dir()

@@ -341,6 +341,10 @@ def file_exporter(
         raise ConfigurationError("the file blob exporter needs a directory: file:///path or directory=")
     if "\0" in os.fspath(directory):  # "%00": no file name holds one, and os.stat raises a bare ValueError
         raise ConfigurationError(f"blob store {uri or os.fspath(directory)!r}: its path has a NUL character")
+    if os.path.exists(directory) and not os.path.isdir(directory):  # every put would fail
+        raise ConfigurationError(
+            f"a file blob store must be a folder, got {os.fspath(directory)!r} (a file of that name exists)"
+        )
     return FileBlobExporter(directory)
 
 
