@@ -558,3 +558,26 @@ def test_a_count_limit_beyond_64_bits_is_refused_naming_the_field(
 def test_a_rule_threshold_given_as_a_bool_is_refused() -> None:
     with pytest.raises(pydantic.ValidationError, match=r"threshold\n.*a number, not a bool"):
         GracefulDegradationRule(fallback_model="gpt-4o-mini", threshold=False)
+
+
+def test_a_budget_changed_after_it_is_given_to_a_run_is_checked_like_a_new_one() -> None:
+    # @run reads its budget at each run: a nonsense value set later failed deep in the ledger
+    budget = Budget(max_steps=2)
+    for bad in (-1, "abc", True):
+        with pytest.raises(pydantic.ValidationError, match="max_steps"):
+            budget.max_steps = bad  # type: ignore[assignment]
+    assert budget.max_steps == 2
+    budget.max_steps = 10
+    assert budget.max_steps == 10
+
+
+def test_policy_rules_changed_after_construction_are_checked_like_new_ones() -> None:
+    policy = Policy(retry=RetryRule(), circuit_breaker=CircuitBreakerRule())
+    with pytest.raises(pydantic.ValidationError, match="max_attempts"):
+        policy.retry.max_attempts = 0  # type: ignore[union-attr]
+    with pytest.raises(pydantic.ValidationError, match="failure_threshold"):
+        policy.circuit_breaker.failure_threshold = -1  # type: ignore[union-attr]
+    with pytest.raises(pydantic.ValidationError, match="max_attempts"):
+        policy.retry = {"max_attempts": -3}  # type: ignore[assignment]
+    policy.rate_limit = {"requests_per_minute": 30}  # type: ignore[assignment]
+    assert policy.rate_limit == RateLimitRule(requests_per_minute=30)

@@ -62,6 +62,13 @@ class Model(BaseModel):
     model_config = ConfigDict(use_enum_values=False, extra="forbid", validate_assignment=False)
 
 
+class Settings(Model):
+    """A model the user configures (a budget, a policy rule): a field set after construction is
+    validated too, since runs read it when they start, not when they are decorated."""
+
+    model_config = ConfigDict(validate_assignment=True)
+
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
 _DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {}
 

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from multirun.errors import spent_text
-from multirun.models._base import MAX_COUNT_LIMIT, Amount, Count, Model, utcnow
+from multirun.models._base import MAX_COUNT_LIMIT, Amount, Count, Model, Settings, utcnow
 from multirun.pricing import COST_UNITS_PER_USD, cost_limit_units, cost_units_of
 
 if TYPE_CHECKING:
     from multirun.models.run import Run
 
 
-class Budget(Model):
+class Budget(Settings):
     """Limits of a run. Only the limits that are set are enforced; ``max_sub_agents=0`` is set
     (no sub-agent may start)."""
 

@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from multirun.models._base import MAX_COUNT_LIMIT, Amount, Count, Model
+from multirun.models._base import MAX_COUNT_LIMIT, Amount, Count, Settings
 
 
 class PolicyDecision(str, Enum):
@@ -42,7 +42,7 @@ class DegradationTrigger(str, Enum):
     CONSECUTIVE_FAILURES = "consecutive_failures"  # failed LLM steps in a row
 
 
-class BudgetRule(Model):
+class BudgetRule(Settings):
     max_tokens: Count | None = Field(default=None, gt=0, le=MAX_COUNT_LIMIT)
     max_cost_usd: Amount | None = Field(default=None, gt=0, allow_inf_nan=False)
 
@@ -54,7 +54,7 @@ MAX_WAIT_SECONDS = 1e9  # about 31 years
 MAX_REQUEST_INTERVAL_SECONDS = MAX_WAIT_SECONDS
 
 
-class RateLimitRule(Model):
+class RateLimitRule(Settings):
     requests_per_minute: Amount = Field(gt=0)
     model: str | None = Field(default=None, min_length=1)  # "" would match no step: refused
 
@@ -67,7 +67,7 @@ class RateLimitRule(Model):
         return value
 
 
-class RetryRule(Model):
+class RetryRule(Settings):
     max_attempts: Count = Field(default=3, ge=1)
     backoff: BackoffStrategy = BackoffStrategy.EXPONENTIAL
     # finite: an infinite wait is no retry at all
@@ -114,7 +114,7 @@ ExceptionClasses = Annotated[
 ]
 
 
-class CircuitBreakerRule(Model):
+class CircuitBreakerRule(Settings):
     """Open the circuit of a step after ``failure_threshold`` failures in a row.
 
     ``excluded_errors`` are exception classes that do not count as failures
@@ -128,7 +128,7 @@ class CircuitBreakerRule(Model):
     excluded_errors: ExceptionClasses = ()
 
 
-class GracefulDegradationRule(Model):
+class GracefulDegradationRule(Settings):
     fallback_model: str = Field(min_length=1)
     trigger: DegradationTrigger = DegradationTrigger.BUDGET_PERCENTAGE
     threshold: Amount = Field(default=80.0, ge=0)
@@ -144,7 +144,7 @@ class GracefulDegradationRule(Model):
         return self
 
 
-class Policy(Model):
+class Policy(Settings):
     """A collection of rules; every field is optional."""
 
     budget: BudgetRule | None = None
