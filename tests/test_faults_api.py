@@ -332,6 +332,21 @@ def test_24_continue_run_refuses_a_carrier_that_is_not_a_mapping(traced: Any, ca
     refused(enter, "carrier")
 
 
+@pytest.mark.parametrize("carrier", ["traceparent=00-...", ("headers",), 5])
+@pytest.mark.parametrize("in_run", [True, False], ids=["in-run", "outside"])
+def test_24_inject_refuses_a_carrier_it_cannot_write_into(traced: Any, carrier: Any, in_run: bool) -> None:
+    # in a run, OpenTelemetry's setter failed with "'str' object does not support item
+    # assignment"; outside one, the string came back as if the context were in it
+    @run
+    def job() -> None:
+        refused(lambda: multirun.inject(carrier), "carrier")
+
+    if in_run:
+        job()
+    else:
+        refused(lambda: multirun.inject(carrier), "carrier")
+
+
 def test_24_a_state_key_that_is_no_string_is_refused_where_it_is_set(traced: Any) -> None:
     """A JSON checkpoint writes every key as a string: ``get_state(1)`` would find nothing after
     a restore. The key is refused where the program sets it, naming it."""

@@ -40,7 +40,12 @@ RUN_ANCESTORS_BAGGAGE = "multirun.run.ancestors"
 
 def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
     """Write the current trace context and run into ``carrier`` (a new dict by default)."""
-    carrier = {} if carrier is None else carrier
+    if carrier is None:
+        carrier = {}
+    elif not callable(getattr(type(carrier), "__setitem__", None)):  # what OpenTelemetry's setter calls
+        raise ConfigurationError(
+            f"inject: carrier must be a mutable mapping such as a dict of headers, got {type(carrier).__name__}"
+        )
     ctx = otel_context.get_current()
     run = run_in(ctx)
     if run is not None:
