@@ -236,7 +236,9 @@ def test_24_a_header_no_export_could_send_is_refused_by_name_without_its_value(
     assert client_module._configured is None
 
 
-def test_24_a_header_of_a_bad_type_is_refused_without_the_other_values(global_otel: None, tmp_path: Path) -> None:
+def test_24_a_header_of_a_bad_type_is_refused_without_the_other_values(
+    global_otel: None, tmp_path: Path
+) -> None:
     headers = {"Authorization": "Bearer s3cret", "X-Retries": 3}
     message = refused(lambda: multirun.init(local_dir=tmp_path / "mr", headers=headers), "headers")
     assert "'X-Retries'" in message and "int" in message

@@ -44,7 +44,7 @@ def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[st
         carrier = {}
     elif not callable(getattr(type(carrier), "__setitem__", None)):  # what OpenTelemetry's setter calls
         raise ConfigurationError(
-            f"inject: carrier must be a mutable mapping such as a dict of headers, got {type(carrier).__name__}"
+            f"inject: carrier must be a mutable mapping (a dict of headers), got {type(carrier).__name__}"
         )
     ctx = otel_context.get_current()
     run = run_in(ctx)
