@@ -131,6 +131,25 @@ def test_a_retry_rule_delay_longer_than_a_clock_can_sleep_is_refused_naming_it(f
         RetryRule(**{field: 1e10})
 
 
+def test_a_retry_delay_above_its_cap_is_refused_naming_both() -> None:
+    # the cap wins: a step asking for 120 s between attempts waited 60 s, without a word
+    with pytest.raises(ConfigurationError, match=r"^@step\(retry_delay=\.\.\.\) .*120.*retry_max_delay.*60"):
+
+        @step(retry=2, retry_delay=120)
+        def work() -> None:
+            return None
+
+    @step(retry=2, retry_delay=120, retry_max_delay=120)
+    def waits_as_asked() -> None:
+        return None
+
+
+def test_a_retry_rule_base_delay_above_its_cap_is_refused_naming_both() -> None:
+    with pytest.raises(pydantic.ValidationError, match=r"base_delay_seconds .*120.*max_delay_seconds.*60"):
+        RetryRule(base_delay_seconds=120)
+    assert RetryRule(base_delay_seconds=120, max_delay_seconds=120).base_delay_seconds == 120
+
+
 def test_step_with_unknown_retry_strategy_lists_allowed_values() -> None:
     with pytest.raises(ConfigurationError, match="retry_strategy") as info:
 

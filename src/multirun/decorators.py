@@ -156,6 +156,11 @@ class StepSpec:
         self.retry = _non_negative_int(decorator, "retry", retry)
         self.retry_delay = _delay(decorator, "retry_delay", retry_delay)
         self.retry_max_delay = _delay(decorator, "retry_max_delay", retry_max_delay)
+        if self.retry_delay > self.retry_max_delay:  # the cap would win, silently
+            raise ConfigurationError(
+                f"@{decorator}(retry_delay=...) must be at most retry_max_delay, which caps every "
+                f"delay: got {retry_delay!r} with retry_max_delay={retry_max_delay!r}"
+            )
         self.retry_strategy = _enum(decorator, "retry_strategy", BackoffStrategy, retry_strategy)
         self.retry_on = _exception_types(decorator, "retry_on", retry_on)
         self.checkpoint = _bool(decorator, "checkpoint", checkpoint)

@@ -74,6 +74,15 @@ class RetryRule(Settings):
     base_delay_seconds: Amount = Field(default=1.0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
     max_delay_seconds: Amount = Field(default=60.0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
 
+    @model_validator(mode="after")
+    def _base_delay_within_its_cap(self) -> RetryRule:
+        if self.base_delay_seconds > self.max_delay_seconds:  # the cap would win, silently
+            raise ValueError(
+                f"base_delay_seconds must be at most max_delay_seconds, which caps every delay: "
+                f"got {self.base_delay_seconds:g} with max_delay_seconds={self.max_delay_seconds:g}"
+            )
+        return self
+
 
 def _exception_classes(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
