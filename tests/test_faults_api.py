@@ -218,10 +218,11 @@ def test_24_a_ledger_uri_whose_database_is_no_number_is_refused_without_its_pass
         {"Authorization": "Bearer s3cret\r\nX-Injected: 1"},  # requests refuses it at every export
         {"Authorization": " Bearer s3cret"},  # leading whitespace: refused by requests too
         {"Authorization": "Bearer s3cret\u20ac"},  # not latin-1: http.client cannot encode it
+        {"Authorization": "Bearer s3cr\xe9t"},  # latin-1, but no gRPC metadata value
         {"Auth orization": "Bearer s3cret"},  # no header name has a space
         {"": "s3cret"},
     ],
-    ids=["line-break", "leading-space", "not-latin-1", "space-in-name", "empty-name"],
+    ids=["line-break", "leading-space", "not-latin-1", "not-ascii", "space-in-name", "empty-name"],
 )
 def test_24_a_header_no_export_could_send_is_refused_by_name_without_its_value(
     global_otel: None, tmp_path: Path, headers: dict[str, str]

@@ -997,11 +997,9 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name
 
 
 def _sendable_header_value(value: str) -> bool:
-    """Whether requests and http.client send ``value``: latin-1, no control character but tab,
-    no leading whitespace."""
-    return not value[:1].isspace() and all(
-        char == "\t" or (" " <= char <= "\xff" and not "\x7f" <= char <= "\x9f") for char in value
-    )
+    """Whether both requests (HTTP) and gRPC send ``value``: printable ASCII (http.client takes
+    latin-1, gRPC metadata ASCII only), tabs, no leading whitespace."""
+    return not value[:1].isspace() and all(char == "\t" or " " <= char <= "~" for char in value)
 
 
 def _check_headers(headers: Any) -> None:
@@ -1020,8 +1018,8 @@ def _check_headers(headers: Any) -> None:
             )
         if not _sendable_header_value(value):
             raise ConfigurationError(
-                f"headers[{name!r}] must be latin-1 text without line breaks, control characters "
-                "or leading whitespace"
+                f"headers[{name!r}] must be printable ASCII (URL-encode other characters), without "
+                "line breaks or leading whitespace"
             )
 
 
