@@ -354,6 +354,20 @@ def test_report_usage_refuses_each_bad_count_or_name_naming_it(traced, given: di
         multirun.report_usage(3, input_tokens=1)  # type: ignore[arg-type]
 
 
+def test_report_usage_with_an_empty_model_is_refused_naming_model(traced) -> None:
+    # charged as model '', unpriced, and init(unpriced="fail") said to price '', which prices refuses
+    @multirun.step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def ask() -> None:
+        multirun.report_usage("", input_tokens=3)
+
+    @multirun.run
+    def main() -> None:
+        ask()
+
+    with pytest.raises(ConfigurationError, match=r"^model must be a non-empty string, or None .*got ''"):
+        main()
+
+
 @pytest.mark.parametrize("cost", [float("nan"), float("inf")])
 def test_report_usage_with_a_cost_that_is_not_finite_is_refused_naming_cost(traced, cost: float) -> None:
     @multirun.run

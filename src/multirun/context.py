@@ -207,6 +207,8 @@ def report_usage(
     A count that is not an int >= 0 raises ConfigurationError. Outside a run
     it charges nothing, and the first such call of the process logs a warning.
     """
+    if model == "":  # priced as no model, and prices cannot name it
+        raise ConfigurationError("model must be a non-empty string, or None for the step's model, got ''")
     usage = TokenUsage(
         model=model,
         provider=provider,
