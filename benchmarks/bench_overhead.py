@@ -30,7 +30,7 @@ import gc
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +92,20 @@ def bare_span_async(
     return decorate
 
 
+def bare_span_gen(tracer: Tracer, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The generator twin of :func:`bare_span`: the span current across ``yield from``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with tracer.start_as_current_span(name):
+                return (yield from fn(*args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
 def bare_llm_span(tracer: Tracer, name: str) -> Callable[[int], int]:
     """A hand-written LLM span: the attributes a GenAI instrumentation sets on a chat call."""
 
@@ -146,6 +160,11 @@ async def noop_async(x: int) -> int:
     return x
 
 
+def noop_gen(x: int) -> Iterator[int]:
+    """The body of every generator variant: one item."""
+    yield x
+
+
 @multirun.step
 def step_sync(x: int) -> int:
     """A sync ``@step`` no-op."""
@@ -176,6 +195,12 @@ async def step_async(x: int) -> int:
     return x
 
 
+@multirun.step
+def step_gen_governed(x: int) -> Iterator[int]:
+    """A generator ``@step`` of one item (streamed output), in the run with a Budget and a Policy."""
+    yield x
+
+
 @multirun.step(kind=StepKind.LLM_CALL)
 def step_llm(x: int) -> int:
     """An LLM step that reports usage, priced from the price book."""
@@ -197,6 +222,24 @@ def sync_batch(fn: Callable[[int], Any], ctx: Context) -> BatchRunner:
             start = clock()
             for i in range(n):
                 fn(i)
+            return clock() - start
+        finally:
+            otel_context.detach(token)
+
+    return run
+
+
+def gen_batch(fn: Callable[[int], Iterator[Any]], ctx: Context) -> BatchRunner:
+    """Reads ``fn(i)`` to its end n times with ``ctx`` attached; only the loop is timed."""
+
+    def run(n: int) -> int:
+        token = otel_context.attach(ctx)
+        try:
+            clock = time.perf_counter_ns
+            start = clock()
+            for i in range(n):
+                for _ in fn(i):
+                    pass
             return clock() - start
         finally:
             otel_context.detach(token)
@@ -300,6 +343,8 @@ def build(batch: int) -> Setup:
     bare_in_run = bare_span(provider.get_tracer("bench.bare"), "bare.sync.in_run")(noop)
     bare_async = bare_span_async(tracer, "bare.async")(noop_async)
     bare_child_async = bare_span_async(tracer, "bare.async.child")(noop_async)
+    bare_gen = bare_span_gen(tracer, "bare.gen")(noop_gen)
+    bare_child_gen = bare_span_gen(tracer, "bare.gen.child")(noop_gen)
     bare_llm = bare_llm_span(tracer, "bare.llm")
     bare_step_attributes = bare_step_attributes_span(tracer, "bare.sync.step_attributes")
 
@@ -374,6 +419,23 @@ def build(batch: int) -> Setup:
             async_batch(loop, step_async, in_run),
             "step step_async",
             "bare_child_async",
+        ),
+        Variant("plain_gen", "plain generator (no tracing)", "bare_gen", gen_batch(noop_gen, empty), None),
+        Variant("bare_gen", "bare span, generator", "bare_gen", gen_batch(bare_gen, empty), "bare.gen"),
+        Variant(
+            "bare_child_gen",
+            "bare span, generator, inside a parent span",
+            "bare_gen",
+            gen_batch(bare_child_gen, in_parent),
+            "bare.gen.child",
+        ),
+        Variant(
+            "step_gen_governed",
+            "@step generator, Budget + Policy",
+            "bare_gen",
+            gen_batch(step_gen_governed, governed),
+            "step step_gen_governed",
+            "bare_child_gen",
         ),
         Variant(
             "bare_llm",
@@ -525,6 +587,9 @@ def report(setup: Setup, rounds: int, warmup: int, batch: int) -> str:
         "set one by one. The LLM step prices the usage (`gpt-4o-mini`), writes its "
         "roll-ups (hence more attributes, see below) and records the GenAI metrics on the "
         "process's MeterProvider (the API's no-op one here).",
+        "- generator rows: the function yields its argument once; each batch reads n of "
+        "its generators to their end (`for _ in fn(i): pass`). The bare span is current across "
+        "`yield from`; a step's context is current only while its body runs.",
         "- async rows: each batch is one task on one event loop (`loop.run_until_complete`), "
         "awaiting the function n times.",
         "",
