@@ -27,7 +27,7 @@ from opentelemetry.context import Context
 from multirun._keys import AGENT_KEY, RUN_KEY, STEP_KEY, agent_in, run_in
 from multirun._stack import headroom
 from multirun.checkpoints.hashing import input_hash, method_input_hash
-from multirun.checkpoints.replay import SEQ, Served, kept_copy, stream_of, stream_record
+from multirun.checkpoints.replay import KEPT_AS_IS, SEQ, Served, kept_copy, stream_of, stream_record
 from multirun.checkpoints.resume import take_pending_resume
 from multirun.checkpoints.serializers import is_one_shot
 from multirun.clock import Clock
@@ -444,11 +444,12 @@ class _StepCall(StepContext):
         items = self._stream_items
         if items is not None:
             if len(items) < STREAM_RECORD_LIMIT:
-                items.append(kept_copy(item))  # as yielded, whatever the consumer does with it
+                # as yielded, whatever the consumer does with it (text and numbers are kept as is)
+                items.append(item if type(item) in KEPT_AS_IS else kept_copy(item))
             else:
                 self._stream_items = None
                 _warn_stream_not_recorded(self.spec.name)
-        if is_sdk_object(item):
+        if type(item) not in NOT_A_RESPONSE and is_sdk_object(item):
             if self._stream is None:
                 self._stream = StreamUsage()
             self._stream.observe(item)
@@ -1222,20 +1223,11 @@ def _async_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[...,
 
 
 def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., Any]:
-    """Streams the generator; the step's context is current only while its body runs.
+    """Streams the generator; the call's context is current only while its body runs.
 
     A generator that fails before its first item is retried like a function;
     once items were handed out, a failure ends the step.
     """
-
-    def resume(call: _Call, how: Callable[[Any], Any], value: Any) -> tuple[bool, Any]:
-        token = _attach(call)
-        try:
-            return False, how(value)
-        except StopIteration as stop:
-            return True, stop.value
-        finally:
-            _detach(token)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = open_call(args, kwargs)
@@ -1246,67 +1238,66 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
             return call.value[1]
         if call.wait_before:
             _pause(call, call.wait_before)
+        step = call if isinstance(call, _StepCall) else None  # only steps look at what they stream
+        gen = func(*args, **kwargs)
+        how, value = gen.send, None
+        count = 0
         while True:
-            gen = func(*args, **kwargs)
             try:
-                done, item = resume(call, gen.send, None)
+                # _attach and _detach inlined: this runs for every item
+                ctx = call.otel_context
+                token = None if ctx is None else otel_context.attach(ctx)
+                try:
+                    item = how(value)
+                finally:
+                    if token is not None:
+                        otel_context.detach(token)
+            except StopIteration as stop:
+                returned = stop.value
+                break
             except BaseException as error:
-                delay = _delay_before_retry(call, error)
+                if count:
+                    _raise_failed(call, error)
+                delay = _delay_before_retry(call, error)  # nothing handed out yet: retried
                 if delay is None:
                     _raise_failed(call, error)
                 _retry_after(call, delay)
+                gen = func(*args, **kwargs)
+                how, value = gen.send, None
                 continue
-            break
-        count = 0
-        observe = getattr(call, "_observe", None)  # only steps look at what they stream
-        cut = getattr(call, "_stream_cut", None)
-        while not done:
             count += 1
-            if observe is not None:
-                observe(item)
+            if step is not None:
+                step._observe(item)
             try:
                 sent = yield item
             except GeneratorExit:
-                if cut is not None:
-                    cut()
-                token = _attach(call)
+                if step is not None:
+                    step._stream_cut()
+                closing = _attach(call)
                 try:
                     gen.close()
                 except BaseException as error:  # its cleanup failed (or it yielded again): the step did
                     _raise_failed(call, error)
                 finally:
-                    _detach(token)
+                    _detach(closing)
                 _end_closed_stream(call, {attr.STEP_STREAM_ITEMS: count})
                 raise
             except BaseException as thrown:
-                if cut is not None:
-                    cut()
+                if step is not None:
+                    step._stream_cut()
                 how, value = gen.throw, thrown
             else:
-                if sent is not None and cut is not None:
-                    cut()
+                if sent is not None and step is not None:
+                    step._stream_cut()
                 how, value = gen.send, sent
-            try:
-                done, item = resume(call, how, value)
-            except BaseException as error:
-                _raise_failed(call, error)
-        call._succeed(item, {attr.STEP_STREAM_ITEMS: count})
-        return item
+        call._succeed(returned, {attr.STEP_STREAM_ITEMS: count})
+        return returned
 
     return wrapper
 
 
 def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., Any]:
     """The async twin of ``_gen_wrapper``."""
-
-    async def resume(call: _Call, how: Callable[[Any], Any], value: Any) -> tuple[bool, Any]:
-        token = _attach(call)
-        try:
-            return False, await how(value)
-        except StopAsyncIteration:
-            return True, None
-        finally:
-            _detach(token)
 
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = open_call(args, kwargs)
@@ -1333,50 +1324,57 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
             return
         if call.wait_before:
             await _async_pause(call, call.wait_before)
+        step = call if isinstance(call, _StepCall) else None  # only steps look at what they stream
+        agen = func(*args, **kwargs)
+        how, value = _first_send, agen
+        count = 0
         while True:
-            agen = func(*args, **kwargs)
             try:
-                done, item = await resume(call, _first_send, agen)
+                # _attach and _detach inlined: this runs for every item
+                ctx = call.otel_context
+                token = None if ctx is None else otel_context.attach(ctx)
+                try:
+                    item = await how(value)
+                finally:
+                    if token is not None:
+                        otel_context.detach(token)
+            except StopAsyncIteration:
+                break
             except BaseException as error:
-                delay = _delay_before_retry(call, error)
+                if count:
+                    _raise_failed(call, error)
+                delay = _delay_before_retry(call, error)  # nothing handed out yet: retried
                 if delay is None:
                     _raise_failed(call, error)
                 await _async_retry_after(call, delay)
+                agen = func(*args, **kwargs)
+                how, value = _first_send, agen
                 continue
-            break
-        count = 0
-        observe = getattr(call, "_observe", None)  # only steps look at what they stream
-        cut = getattr(call, "_stream_cut", None)
-        while not done:
             count += 1
-            if observe is not None:
-                observe(item)
+            if step is not None:
+                step._observe(item)
             try:
                 sent = yield item
             except GeneratorExit:
-                if cut is not None:
-                    cut()
-                token = _attach(call)
+                if step is not None:
+                    step._stream_cut()
+                closing = _attach(call)
                 try:
                     await agen.aclose()
                 except BaseException as error:  # its cleanup failed (or it yielded again): the step did
                     _raise_failed(call, error)
                 finally:
-                    _detach(token)
+                    _detach(closing)
                 _end_closed_stream(call, {attr.STEP_STREAM_ITEMS: count})
                 raise
             except BaseException as thrown:
-                if cut is not None:
-                    cut()
+                if step is not None:
+                    step._stream_cut()
                 how, value = agen.athrow, thrown
             else:
-                if sent is not None and cut is not None:
-                    cut()
+                if sent is not None and step is not None:
+                    step._stream_cut()
                 how, value = agen.asend, sent
-            try:
-                done, item = await resume(call, how, value)
-            except BaseException as error:
-                _raise_failed(call, error)
         call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
 
     return wrapper

@@ -243,7 +243,7 @@ class ReplayLog:
         ``abandon`` does. Trying to copy an SDK stream half-copied its HTTP client, whose copy
         then complained on stderr when it was collected.
         """
-        if not copied and type(result) not in _KEPT_AS_IS:
+        if not copied and type(result) not in KEPT_AS_IS:
             if is_one_shot(result):
                 self.abandon(call)
                 return
@@ -431,7 +431,8 @@ def _lane() -> int:
     return get_ident() if task is None else id(task)
 
 
-_KEPT_AS_IS = frozenset({str, int, float, bool, type(None), bytes})
+# immutable: a result or stream item of these types is kept as it is, never copied
+KEPT_AS_IS = frozenset({str, int, float, bool, type(None), bytes})
 
 STREAM_KEY: Final = "__multirun_stream__"
 
@@ -457,7 +458,7 @@ def stream_of(name: str, result: Any) -> tuple[list[Any], Any]:
 def kept_copy(value: Any) -> Any:
     """A copy of a step's result that the program cannot change afterwards (it appends to the
     list the step returned, say), so the log serves what the step returned."""
-    if type(value) in _KEPT_AS_IS:  # immutable: the object itself
+    if type(value) in KEPT_AS_IS:  # immutable: the object itself
         return value
     if is_raw_response(value):
         # it holds the SDK's client (its HTTP pool, locks): a deep copy fails half-way and
