@@ -846,7 +846,7 @@ def test_a_child_forked_while_a_thread_charges_the_run_goes_on_counting(
 
 
 def test_fails_closed_within_the_timeout_when_the_server_hangs(fresh_redis_server: RedisServer) -> None:
-    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?timeout=0.3")
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?timeout=1")
     ledger = factory.ledger(new_id())
     ledger.begin_step()
     fresh_redis_server.freeze()
@@ -857,7 +857,9 @@ def test_fails_closed_within_the_timeout_when_the_server_hangs(fresh_redis_serve
         waited = time.monotonic() - started
     finally:
         fresh_redis_server.thaw()
-    assert 0.25 < waited < 1.0
+    # the given timeout (not the default 0.5 s), and not a hang; the upper bound leaves a loaded
+    # machine room: it is no speed check
+    assert 0.9 < waited < 5
     assert isinstance(got.value.__cause__, redis.TimeoutError)
     ledger.begin_step()  # the server answers again: so does the ledger, on a new connection
     # the step that timed out may still have run once the server woke (never lost, at worst counted)
@@ -916,7 +918,7 @@ def test_fail_open_shares_again_once_redis_answers(
     fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = Clock()
-    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true&timeout=0.3", clock=clock)
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true&timeout=1", clock=clock)
     elsewhere = RedisLedgerFactory.from_uri(fresh_redis_server.url)  # another process
     raw = redis.Redis.from_url(fresh_redis_server.url, decode_responses=True)
     ledger = factory.ledger(new_id(), Budget(max_steps=100))
@@ -934,7 +936,7 @@ def test_fail_open_shares_again_once_redis_answers(
         waited = time.monotonic() - started
     finally:
         fresh_redis_server.thaw()
-    assert waited < 0.2
+    assert waited < 1  # waiting for the frozen server even once would take the whole 1 s timeout
     deadline = time.monotonic() + 10
     while raw.hget(ledger.key, "tokens") != "20" and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -1104,7 +1106,7 @@ def test_close_of_a_fail_open_client_waits_one_timeout_at_most_while_redis_hangs
     fresh_redis_server: RedisServer,
 ) -> None:
     clock = Clock()
-    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true&timeout=0.3", clock=clock)
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?fail_open=true&timeout=1", clock=clock)
     ledgers = [factory.ledger(new_id()) for _ in range(5)]
     fresh_redis_server.freeze()
     try:
@@ -1116,14 +1118,14 @@ def test_close_of_a_fail_open_client_waits_one_timeout_at_most_while_redis_hangs
         waited = time.monotonic() - started
     finally:
         fresh_redis_server.thaw()
-    assert waited < 0.6
+    assert waited < 3  # one 1 s timeout; a wait for each ledger in turn would take 5 s
 
 
 def test_close_of_a_fail_closed_client_waits_one_timeout_at_most_while_redis_hangs_and_warns_once(
     fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     # each ledger waited out the timeout in turn, and logged a warning of its own
-    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?timeout=0.3")
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url + "?timeout=1")
     ledgers = [factory.ledger(new_id()) for _ in range(5)]
     for ledger in ledgers:
         ledger.charge(1, 0)  # sent with the next command: there is none before close
@@ -1135,7 +1137,7 @@ def test_close_of_a_fail_closed_client_waits_one_timeout_at_most_while_redis_han
             waited = time.monotonic() - started
     finally:
         fresh_redis_server.thaw()
-    assert waited < 0.6
+    assert waited < 3  # one 1 s timeout; a wait for each ledger in turn would take 5 s
     [warning] = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert "5 run(s)" in warning
     assert all(ledger.run_id in warning for ledger in ledgers)
