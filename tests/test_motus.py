@@ -262,7 +262,7 @@ def test_cancelled_task_is_marked_cancelled(crew_spans: list[SpanRecord]) -> Non
     extra = _one(crew_spans, "step slow_extra")
     assert extra.attributes[attr.STEP_STATUS] == "cancelled"
     assert extra.status_code != StatusCode.ERROR.value  # cancelling is not a failure
-    assert extra.duration_s < 1  # ended when cancelled, not when its 30 s sleep would have
+    assert extra.duration_s < 15  # ended when cancelled, not when its 30 s sleep would have
 
 
 def test_tokens_and_cost_of_model_calls_roll_up(crew_spans: list[SpanRecord], crew: ModuleType) -> None:
@@ -417,9 +417,9 @@ def test_no_retry_once_an_enclosing_runs_budget_is_spent(traced: Any, runtime: N
 NEAR_THE_DEADLINE: list[str] = []
 
 
-@agent_task(retries=1, retry_delay=2)
+@agent_task(retries=1, retry_delay=30)
 def slow_then_flaky() -> str:
-    """Fails its first call after 4 s on the run's clock; Motus would retry it 2 s later."""
+    """Fails its first call after 4 s on the run's clock; Motus would retry it 30 s later."""
     NEAR_THE_DEADLINE.append("called")
     if len(NEAR_THE_DEADLINE) == 1:
         get_client().clock.now += 4  # type: ignore[attr-defined]  # the tests' FakeClock
@@ -439,7 +439,7 @@ def test_no_retry_whose_delay_ends_past_the_deadline(traced: Any, runtime: None)
     began = time.monotonic()
     with pytest.raises(ConnectionError):
         job()
-    assert time.monotonic() - began < 2  # Motus did not wait for a retry that would not be made
+    assert time.monotonic() - began < 15  # Motus did not wait 30 s for a retry that would not be made
     assert NEAR_THE_DEADLINE == ["called"]
     step = record_from_span(traced.span("step slow_then_flaky"))
     assert step.attributes[attr.ERROR_TYPE] == "ConnectionError"
