@@ -25,6 +25,7 @@ from multirun.context import get_current_agent_context, get_current_run_context
 from multirun.errors import BudgetExceededError, StepError
 from multirun.models import StepKind
 from multirun.telemetry import attributes as attr
+from needed import required
 from test_checkpoints import Calls, Flaky
 
 BACKENDS = ["asyncio", "trio"]
@@ -59,7 +60,7 @@ def with_eager_tasks(main: Any) -> Any:
 
 
 def on_uvloop(main: Any) -> Any:
-    uvloop = pytest.importorskip("uvloop")
+    uvloop = required("uvloop")
     return uvloop.run(main())
 
 

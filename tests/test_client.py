@@ -21,6 +21,7 @@ from multirun import checkpoint, run, step
 from multirun.errors import ConfigurationError
 from multirun.telemetry import attributes as attr
 from multirun.telemetry.local_files import read_spans
+from needed import required
 
 
 def run_ids(folder: Path) -> set[str]:
@@ -695,7 +696,7 @@ MONEY_VARIABLES = [
 def test_without_init_a_bad_money_setting_is_refused_by_name_before_the_run_starts(
     global_otel, tmp_path, monkeypatch, variable: str, value: str, error: str
 ) -> None:
-    pytest.importorskip("redis")
+    required("redis")
     monkeypatch.setenv(variable, value)
     monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "mr"))
     ran: list[int] = []
@@ -754,7 +755,7 @@ _WAYS = [
 def test_a_bad_setting_is_refused_naming_the_variable_or_the_argument_it_came_from(
     global_otel, tmp_path, monkeypatch, variable: str, argument: str, value: str, way: str
 ) -> None:
-    pytest.importorskip("redis")
+    required("redis")
     for name, _, _ in SETTINGS_FROM_THE_ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
     (tmp_path / "file").write_text("")
@@ -790,7 +791,7 @@ def test_a_bad_setting_is_refused_naming_the_variable_or_the_argument_it_came_fr
 def test_a_client_refuses_its_ledger_uri_argument_by_name_whatever_the_variable_says(
     monkeypatch, value: str
 ) -> None:
-    pytest.importorskip("redis")
+    required("redis")
     monkeypatch.setenv("MULTIRUN_LEDGER_URI", "redis://ledger:6379/0")  # not used: no word of it
     with pytest.raises(ConfigurationError, match=r"^ledger_uri: ledger URL ") as info:
         multirun.MultiRunClient(tracer_provider=TracerProvider(), ledger_uri=value)

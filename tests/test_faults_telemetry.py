@@ -9,7 +9,6 @@ redis-server stopped or frozen mid-run, a real S3 server.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from multirun.enforcement.redis_ledger import RETRY_SECONDS, LedgerUnavailableEr
 from multirun.models import Budget, StepKind
 from multirun.telemetry.export import DROPPED_SPANS, ExportProcessor
 from multirun.telemetry.local_files import read_spans
+from needed import required
 from otlp_collectors import Collector  # the OTLP/HTTP collector (fixture: collector)
 from test_bad_input import agent_program  # the same four-span agent run
 
@@ -381,14 +381,11 @@ def test_2_exit_behind_a_collector_that_never_answers_is_bounded_and_says_spans_
     assert "1 span" in lost, done.stderr
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is None,
-    reason="the grpc extra is not installed: pip install -e '.[test]' (scripts/test does it)",
-)
 def test_2_exit_behind_a_grpc_collector_that_never_answers_is_bounded_too(
     silent_collector: str, tmp_path: Path
 ) -> None:
     # the gRPC exporters wait out their deadline (10 s) and retry: exit keeps the same bound
+    required("opentelemetry.exporter.otlp.proto.grpc")
     took, done = exit_of(silent_collector, tmp_path, OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
     assert done.returncode == 0, done.stderr
     assert took < 8, f"exit took {took:.1f} s: {done.stderr}"

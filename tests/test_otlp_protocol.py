@@ -9,7 +9,6 @@ OTLP/HTTP one of test_faults_telemetry (tests/stack sends to the real Collector 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
@@ -31,15 +30,12 @@ from multirun import run
 from multirun.errors import ConfigurationError
 from multirun.telemetry.export import DROPPED, EXPORT_FAILED
 from multirun.telemetry.local_files import read_spans
+from needed import required
 from otlp_collectors import Collector  # the OTLP/HTTP collector (fixture: collector)
 from test_bad_input import agent_program  # the same four-span agent run
 from test_client import warning_of_a_run_without_init
 
-HAS_GRPC = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None
-needs_grpc = pytest.mark.skipif(
-    not HAS_GRPC,
-    reason="the grpc extra is not installed: pip install -e '.[test]' (scripts/test does it)",
-)
+needs_grpc = pytest.mark.usefixtures("grpc_installed")
 SPANS = ["chat gpt-4o-mini", "invoke_agent worker", "invoke_workflow main", "step tool"]
 PROTOCOL_VARIABLES = (
     "OTEL_EXPORTER_OTLP_PROTOCOL",
@@ -94,9 +90,13 @@ class GrpcCollector:
 
 
 @pytest.fixture
+def grpc_installed() -> None:
+    required("opentelemetry.exporter.otlp.proto.grpc")
+
+
+@pytest.fixture
 def grpc_collector() -> Iterator[GrpcCollector]:
-    if not HAS_GRPC:
-        pytest.skip("the grpc extra is not installed: pip install -e '.[test]' (scripts/test does it)")
+    required("opentelemetry.exporter.otlp.proto.grpc")
     server = GrpcCollector()
     yield server
     server.stop()
@@ -399,7 +399,7 @@ def test_without_init_grpc_without_the_extra_is_one_warning_and_the_spans_go_to_
 # an export timeout the exporters take but that fails every export
 
 
-@pytest.mark.parametrize("protocol", ["http/protobuf", pytest.param("grpc", marks=needs_grpc)])
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
@@ -446,7 +446,7 @@ def test_an_otlp_timeout_that_is_no_positive_number_is_refused_by_init_and_logge
 
 @pytest.mark.parametrize(
     ("protocol", "value"),
-    [("http/protobuf", "abc"), ("http/protobuf", "0"), pytest.param("grpc", "0", marks=needs_grpc)],
+    [("http/protobuf", "abc"), ("http/protobuf", "0"), ("grpc", "0")],
 )
 def test_a_bad_per_signal_otlp_timeout_is_logged_and_the_general_one_is_used(
     global_otel: None,
@@ -572,7 +572,7 @@ def test_a_malformed_headers_variable_is_one_warning_naming_it_and_the_other_hea
     assert all(headers.get("x-tenant") == "acme" for _, headers in collector.headers)
 
 
-@pytest.mark.parametrize("protocol", ["http/protobuf", pytest.param("grpc", marks=needs_grpc)])
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
 def test_init_goes_on_with_a_malformed_per_signal_headers_variable_and_says_which(
     global_otel: None,
     tmp_path: Path,
@@ -603,7 +603,7 @@ def test_init_goes_on_with_a_malformed_per_signal_headers_variable_and_says_whic
         assert {h.get("x-tenant") for _, h in collector.headers} == {"acme"}
 
 
-@pytest.mark.parametrize("protocol", ["http/protobuf", pytest.param("grpc", marks=needs_grpc)])
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
 def test_well_formed_headers_variables_are_sent_without_a_word(
     global_otel: None,
     tmp_path: Path,
