@@ -657,9 +657,13 @@ def test_a_model_call_cancelled_while_it_waits_gives_back_its_probe_and_its_slot
     assert after.attributes[attr.POLICY_WAIT_SECONDS] == 1.0  # the slot the cancelled call never used
 
 
+PROBE_RUNS = threading.Event()
+
+
 @agent_task
 async def probe(hang: bool) -> str:
     if hang:
+        PROBE_RUNS.set()
         await asyncio.sleep(30)
     return "ok"
 
@@ -669,8 +673,9 @@ def test_a_probe_cancelled_while_it_runs_gives_the_probe_back(traced: Any, runti
     def job() -> str:
         get_current_agent_context().start_step("probe").fail(ConnectionError("down"))  # its circuit opens
         traced.clock.now += 31  # half-open: the next call is its probe
+        PROBE_RUNS.clear()
         future = probe(True)
-        time.sleep(0.1)  # it runs
+        assert PROBE_RUNS.wait(10)  # cancelled while it runs, not before it starts
         cancel(future)
         with pytest.raises(TaskCancelledError):
             resolve(future)
