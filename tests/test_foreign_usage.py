@@ -85,6 +85,63 @@ def test_an_openinference_call_is_priced_at_its_providers_price(traced) -> None:
     assert cost_of({"llm.provider": "cerebras"}) == pytest.approx(0.35 + 0.75)
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        {"server.address": "api.groq.com"},  # the GenAI conventions' (openai-v2's)
+        {"gen_ai.openai.api_base": "https://api.groq.com/openai/v1"},  # OpenLLMetry's
+    ],
+    ids=["server.address", "openllmetry api_base"],
+)
+def test_a_call_through_the_openai_sdk_to_another_server_is_priced_at_that_servers_price(
+    traced, host
+) -> None:
+    # The OpenAI SDK talking to Groq: its instrumentation names the provider "openai" (the SDK's)
+    # and gives the host. By its name alone, Groq's DeepSeek distill of Llama was priced as
+    # DeepSeek's own reasoner ($0.55 + $2.19 per million tokens, not Groq's $0.75 + $0.99).
+    @step
+    def call_model() -> None:
+        foreign_span(
+            traced,
+            "chat deepseek-r1-distill-llama-70b",
+            {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "openai",
+                "gen_ai.response.model": "deepseek-r1-distill-llama-70b",
+                "gen_ai.usage.input_tokens": 1_000_000,
+                "gen_ai.usage.output_tokens": 1_000_000,
+                **host,
+            },
+        )
+
+    @run
+    def main() -> None:
+        call_model()
+
+    main()
+    assert traced.span("invoke_workflow main").attributes["multirun.cost_usd"] == pytest.approx(0.75 + 0.99)
+
+
+def test_a_call_to_openai_or_to_an_unknown_host_is_priced_by_its_provider_name(traced) -> None:
+    def cost_of(address: str) -> float:
+        @step
+        def call_model() -> None:
+            usage = {"gen_ai.usage.input_tokens": 1_000_000, "gen_ai.usage.output_tokens": 1_000_000}
+            attributes = {"gen_ai.provider.name": "openai", "gen_ai.response.model": "gpt-4o-mini"}
+            foreign_span(traced, "chat", {**attributes, **usage, "server.address": address})
+
+        @run
+        def main() -> None:
+            call_model()
+
+        main()
+        return traced.named("invoke_workflow main")[-1].attributes["multirun.cost_usd"]
+
+    assert cost_of("api.openai.com") == pytest.approx(0.15 + 0.60)
+    assert cost_of("127.0.0.1") == pytest.approx(0.15 + 0.60)  # a proxy, say: OpenAI's price
+    assert cost_of("myresource.openai.azure.com") == pytest.approx(0.15 + 0.60)  # Azure's, the same
+
+
 @pytest.mark.parametrize("cost", [float("nan"), float("inf"), -0.5, "free"])
 def test_a_bad_cost_on_a_foreign_span_is_ignored_and_its_tokens_priced_here(traced, cost) -> None:
     @step

@@ -161,6 +161,35 @@ _PROVIDER_IDS = {
 }
 
 
+# genai-prices' ids that the GenAI conventions name otherwise, the other way round
+_PROVIDER_NAMES = {
+    "azure": "azure.ai.openai",
+    "google": "gcp.gen_ai",
+    "aws": "aws.bedrock",
+    "mistral": "mistral_ai",
+    "x-ai": "x_ai",
+}
+
+
+@lru_cache(maxsize=256)
+def provider_at(url: str) -> str | None:
+    """The provider (its GenAI conventions name) whose API is at ``url`` (``https://api.groq.com``),
+    as genai-prices knows their URLs; None for a URL it does not know.
+
+    An OpenAI-compatible server reached through the OpenAI SDK is named "openai" by its
+    instrumentation, and only its URL tells which provider bills the call."""
+    from genai_prices import data_snapshot
+
+    try:
+        provider = data_snapshot.get_snapshot().find_provider(None, None, url)
+    except LookupError:
+        return None
+    except Exception:  # a price table problem must not break the agent
+        _logger.warning("genai-prices could not look up the provider at %r", url, exc_info=True)
+        return None
+    return _PROVIDER_NAMES.get(provider.id, provider.id)
+
+
 @lru_cache(maxsize=8192)
 def _published_cost(
     model: str,

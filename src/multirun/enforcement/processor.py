@@ -39,6 +39,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, StatusCode, set_span_in_context
 
 from multirun._keys import agent_in, run_in, step_in
+from multirun.pricing import provider_at
 from multirun.telemetry import attributes as a
 from multirun.usage import TokenUsage, is_cost, usable_count
 
@@ -351,6 +352,12 @@ def _model_and_provider(get: Any) -> tuple[str | None, str | None]:
         # the host first: an OpenAI model on Azure is priced, and named, as Azure's
         named = get(a.LLM_PROVIDER) or get(a.LLM_SYSTEM)
         provider = _OPENINFERENCE_PROVIDERS.get(str(named), named) if named else None
+    if provider is None or provider == "openai":  # the OpenAI SDK's name, for any server it calls
+        address, api_base = get(a.SERVER_ADDRESS), get(a.GEN_AI_OPENAI_API_BASE)
+        if address and isinstance(address, str):
+            provider = provider_at(f"https://{address}") or provider
+        elif api_base and isinstance(api_base, str):
+            provider = provider_at(api_base) or provider
     return (str(model) if model else None), (str(provider) if provider else None)
 
 

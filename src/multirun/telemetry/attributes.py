@@ -59,6 +59,8 @@ OPENINFERENCE_SPAN_KIND: Final = "openinference.span.kind"
 OPENINFERENCE_KIND_LLM: Final = "LLM"  # the value of openinference.span.kind on a model call
 
 # General semantic conventions
+SERVER_ADDRESS: Final = "server.address"  # the host of the model's API, read from other instrumentations
+GEN_AI_OPENAI_API_BASE: Final = "gen_ai.openai.api_base"  # OpenLLMetry: the OpenAI client's base URL
 ERROR_TYPE: Final = "error.type"
 ERROR_TYPE_OTHER: Final = "_OTHER"  # error.type when the error has no better name
 EXCEPTION_TYPE: Final = "exception.type"  # on an exception event
