@@ -2,8 +2,10 @@
 
 genai-prices knows the published prices of most providers' models. Looking a
 model up there takes about 100 microseconds, so each (provider, model, usage)
-is computed once and remembered; a model it does not know is *unpriced*
-(``None``), never a silent $0.
+is computed once and remembered, unless the model's price depends on the time
+(DeepSeek's off-peak hours, a price change on a date): that one is the price at
+the time of the call. A model it does not know is *unpriced* (``None``), never
+a silent $0.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import lru_cache
+from typing import Any
 
 from multirun.errors import ConfigurationError
 from multirun.usage import is_cost
@@ -120,8 +124,10 @@ class PriceBook:
         output_tokens: int = 0,
         cache_read_tokens: int = 0,
         cache_write_tokens: int = 0,
+        at: datetime | None = None,
     ) -> float | None:
-        """The cost in USD, or None when the model has no known price."""
+        """The cost in USD, or None when the model has no known price. ``at``: the time of the
+        call (default now), for the prices that depend on it (DeepSeek's off-peak hours)."""
         if not model:
             return None
         overrides = self._overrides
@@ -133,7 +139,7 @@ class PriceBook:
             if override is not None:
                 return override.cost(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
         return _published_cost(
-            model, provider, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens
+            model, provider, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, at
         )
 
 
@@ -190,7 +196,6 @@ def provider_at(url: str) -> str | None:
     return _PROVIDER_NAMES.get(provider.id, provider.id)
 
 
-@lru_cache(maxsize=8192)
 def _published_cost(
     model: str,
     provider: str | None,
@@ -198,8 +203,70 @@ def _published_cost(
     output_tokens: int,
     cache_read_tokens: int,
     cache_write_tokens: int,
+    at: datetime | None = None,
 ) -> float | None:
-    import genai_prices  # imported on first use: it loads a large price table
+    """genai-prices' cost of the usage, at time ``at`` (default now); None if it has no price."""
+    found = _published_model(model, provider)
+    if found is None:
+        return None
+    if found[2]:  # DeepSeek's off-peak hours, a price that changes on a date: never cached
+        return _calc(found, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, at)
+    return _cached_cost(model, provider, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+
+
+# (genai-prices' provider, its model, whether the model's price depends on the time)
+_Found = tuple[Any, Any, bool]
+
+
+@lru_cache(maxsize=1024)
+def _published_model(model: str, provider: str | None) -> _Found | None:
+    """genai-prices' entry of ``model`` at ``provider``, or by the model name alone if that
+    provider is not one it knows, or does not list it; None if it has no price."""
+    from genai_prices import data_snapshot  # imported on first use: it loads a large price table
+
+    snapshot = data_snapshot.get_snapshot()
+    provider_id = _PROVIDER_IDS.get(provider, provider) if provider else None
+    try:
+        try:
+            found = snapshot.find_provider_model(model, None, provider_id, None)
+        except LookupError:
+            if provider_id is None:
+                return None
+            try:  # the provider name may be one genai-prices does not use; try by model alone
+                found = snapshot.find_provider_model(model, None, None, None)
+            except LookupError:
+                return None
+    except Exception:  # a price table problem must not break the agent
+        _logger.warning("genai-prices could not price model %r", model, exc_info=True)
+        return None
+    prices = found[1].prices
+    timed = isinstance(prices, list) and any(price.constraint is not None for price in prices)
+    return found[0], found[1], timed
+
+
+@lru_cache(maxsize=8192)  # a lookup takes about 100 microseconds
+def _cached_cost(
+    model: str,
+    provider: str | None,
+    input_tokens: int,
+    output_tokens: int,
+    cache_read_tokens: int,
+    cache_write_tokens: int,
+) -> float | None:
+    found = _published_model(model, provider)
+    assert found is not None  # only asked for a model found
+    return _calc(found, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, None)
+
+
+def _calc(
+    found: _Found,
+    input_tokens: int,
+    output_tokens: int,
+    cache_read_tokens: int,
+    cache_write_tokens: int,
+    at: datetime | None,
+) -> float | None:
+    import genai_prices
 
     usage = genai_prices.Usage(
         input_tokens=input_tokens,
@@ -207,17 +274,11 @@ def _published_cost(
         cache_read_tokens=cache_read_tokens or None,
         cache_write_tokens=cache_write_tokens or None,
     )
-    provider_id = _PROVIDER_IDS.get(provider, provider) if provider else None
+    provider, model_info, _ = found
     try:
-        result = genai_prices.calc_price(usage, model, provider_id=provider_id)
-    except LookupError:
-        if provider_id is None:
-            return None
-        try:  # the provider name may be one genai-prices does not use; try by model alone
-            result = genai_prices.calc_price(usage, model)
-        except LookupError:
-            return None
+        when = at or datetime.now(timezone.utc)
+        result = model_info.calc_price(usage, provider, genai_request_timestamp=when)
     except Exception:  # a price table problem must not break the agent
-        _logger.warning("genai-prices could not price model %r", model, exc_info=True)
+        _logger.warning("genai-prices could not price model %r", model_info.id, exc_info=True)
         return None
     return float(result.total_price)
