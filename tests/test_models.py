@@ -7,6 +7,7 @@ import json
 import pickle
 import uuid
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pydantic
 import pytest
@@ -581,3 +582,23 @@ def test_policy_rules_changed_after_construction_are_checked_like_new_ones() -> 
         policy.retry = {"max_attempts": -3}  # type: ignore[assignment]
     policy.rate_limit = {"requests_per_minute": 30}  # type: ignore[assignment]
     assert policy.rate_limit == RateLimitRule(requests_per_minute=30)
+
+
+@pytest.mark.parametrize(
+    ("rule", "field", "bad"),
+    [
+        (RetryRule(), "base_delay_seconds", 120),  # above its cap
+        (GracefulDegradationRule(fallback_model="gpt-4o-mini"), "threshold", 150),  # a percentage
+    ],
+    ids=["retry-base-delay", "degradation-threshold"],
+)
+def test_a_rule_whose_refused_assignment_was_caught_is_still_the_valid_rule_it_was(
+    rule: Any, field: str, bad: float
+) -> None:
+    # pydantic (#7105) sets the field before a rule's own check refuses it: a program that caught
+    # the error ran with the refused value, which no constructor accepts
+    before = rule.model_dump()
+    with pytest.raises(pydantic.ValidationError, match=field):
+        setattr(rule, field, bad)
+    assert rule.model_dump() == before
+    assert type(rule).model_validate(rule.model_dump()) == rule

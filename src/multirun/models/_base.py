@@ -5,7 +5,7 @@ import random
 from datetime import datetime, timezone
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 
 def new_id() -> str:
@@ -67,6 +67,17 @@ class Settings(Model):
     validated too, since runs read it when they start, not when they are decorated."""
 
     model_config = ConfigDict(validate_assignment=True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        fields, fields_set = self.__dict__.copy(), self.__pydantic_fields_set__.copy()
+        try:
+            super().__setattr__(name, value)
+        except ValidationError:
+            # pydantic sets the field before a model validator refuses it (pydantic#7105):
+            # the rule stays the valid one it was
+            object.__setattr__(self, "__dict__", fields)
+            object.__setattr__(self, "__pydantic_fields_set__", fields_set)
+            raise
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
