@@ -221,8 +221,19 @@ def test_24_a_ledger_uri_whose_database_is_no_number_is_refused_without_its_pass
         {"Authorization": "Bearer s3cr\xe9t"},  # latin-1, but no gRPC metadata value
         {"Auth orization": "Bearer s3cret"},  # no header name has a space
         {"": "s3cret"},
+        {"Authorization": "Bearer\ts3cret"},  # HTTP sends a tab, gRPC metadata refuses it
+        {"X-Api-Key!": "s3cret"},  # an HTTP token, but no gRPC metadata key
     ],
-    ids=["line-break", "leading-space", "not-latin-1", "not-ascii", "space-in-name", "empty-name"],
+    ids=[
+        "line-break",
+        "leading-space",
+        "not-latin-1",
+        "not-ascii",
+        "space-in-name",
+        "empty-name",
+        "tab",
+        "not-a-grpc-key",
+    ],
 )
 def test_24_a_header_no_export_could_send_is_refused_by_name_without_its_value(
     global_otel: None, tmp_path: Path, headers: dict[str, str]
@@ -335,7 +346,7 @@ def test_24_continue_run_refuses_a_carrier_that_is_not_a_mapping(traced: Any, ca
     refused(enter, "carrier")
 
 
-@pytest.mark.parametrize("carrier", ["traceparent=00-...", ("headers",), 5])
+@pytest.mark.parametrize("carrier", ["traceparent=00-...", ("headers",), 5, [], bytearray()])
 @pytest.mark.parametrize("in_run", [True, False], ids=["in-run", "outside"])
 def test_24_inject_refuses_a_carrier_it_cannot_write_into(traced: Any, carrier: Any, in_run: bool) -> None:
     # in a run, OpenTelemetry's setter failed with "'str' object does not support item

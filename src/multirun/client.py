@@ -993,13 +993,14 @@ def _validate_objects(
         )
 
 
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name: an RFC 9110 token
+# both an HTTP header name (an RFC 9110 token) and, lowercased, a gRPC metadata key
+_HEADER_NAME = re.compile(r"[0-9A-Za-z_.-]+")
 
 
 def _sendable_header_value(value: str) -> bool:
     """Whether both requests (HTTP) and gRPC send ``value``: printable ASCII (http.client takes
-    latin-1, gRPC metadata ASCII only), tabs, no leading whitespace."""
-    return not value[:1].isspace() and all(char == "\t" or " " <= char <= "~" for char in value)
+    latin-1 and tabs, gRPC metadata neither), no leading whitespace."""
+    return not value[:1].isspace() and all(" " <= char <= "~" for char in value)
 
 
 def _check_headers(headers: Any) -> None:
@@ -1014,12 +1015,12 @@ def _check_headers(headers: Any) -> None:
             )
         if not _HEADER_NAME.fullmatch(name):
             raise ConfigurationError(
-                f"headers: a header name must be letters, digits or !#$%&'*+-.^_`|~, got {name!r}"
+                f"headers: a header name must be letters, digits, '-', '_' or '.', got {name!r}"
             )
         if not _sendable_header_value(value):
             raise ConfigurationError(
                 f"headers[{name!r}] must be printable ASCII (URL-encode other characters), without "
-                "line breaks or leading whitespace"
+                "tabs, line breaks or leading whitespace"
             )
 
 

@@ -204,7 +204,7 @@ def report_usage(
     conventions. ``model`` None is the step's model. Without ``cost_usd`` the
     cost comes from the price book; a model with no known price is flagged
     unpriced, and with ``init(unpriced="fail")`` also raises PolicyViolation.
-    A count that is not an int >= 0 raises ConfigurationError. Outside a run
+    A count that is not an int >= 0, or ``model=""``, raises ConfigurationError. Outside a run
     it charges nothing, and the first such call of the process logs a warning.
     """
     if model == "":  # priced as no model, and prices cannot name it

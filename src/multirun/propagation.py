@@ -18,7 +18,7 @@ spend is counted in the worker only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,7 +42,8 @@ def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[st
     """Write the current trace context and run into ``carrier`` (a new dict by default)."""
     if carrier is None:
         carrier = {}
-    elif not callable(getattr(type(carrier), "__setitem__", None)):  # what OpenTelemetry's setter calls
+    elif isinstance(carrier, Sequence) or not callable(getattr(type(carrier), "__setitem__", None)):
+        # OpenTelemetry's setter writes carrier[name] = value: a list or text takes no such key
         raise ConfigurationError(
             f"inject: carrier must be a mutable mapping (a dict of headers), got {type(carrier).__name__}"
         )
