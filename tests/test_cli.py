@@ -1596,6 +1596,45 @@ def test_demo_whose_collector_refuses_the_spans_says_so_in_one_line_and_no_more(
     assert lines[1] == "Is a collector listening there? Without an endpoint the demo writes files."
 
 
+class _TracesOnly(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver that takes traces only, as Jaeger does: 404 for /v1/metrics."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200 if self.path == "/v1/traces" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_demo_sent_to_a_backend_that_takes_no_metrics_says_the_run_was_sent(tmp_path: Path) -> None:
+    """Sent straight to Jaeger, the spans arrive and only the metrics are refused: the demo says
+    the run was sent, exits 0, and warns about the metrics in one line (it said the spans failed)."""
+    src = Path(client_module.__file__).parents[1]
+    command = "import sys; from multirun.cli import main; sys.exit(main())"
+    server = HTTPServer(("127.0.0.1", 0), _TracesOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", command, "demo", "--dir", str(tmp_path), "--endpoint", url],
+            env=_clean_env(PYTHONPATH=str(src), OTEL_EXPORTER_OTLP_TIMEOUT="2"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    assert "\nSent:        run " in done.stdout
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"multirun: warning: the run's spans were sent to {url}, but not its metrics: ")
+    assert "404" in line and "Jaeger" in line
+
+
 @pytest.mark.skipif(MULTIRUN is None, reason="the multirun console script is not installed")
 def test_console_script_demo_says_when_the_collector_is_unreachable(tmp_path: Path) -> None:
     assert MULTIRUN is not None

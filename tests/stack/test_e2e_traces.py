@@ -243,3 +243,14 @@ def test_demo_sent_over_grpc_reaches_jaeger_with_the_same_tree_as_over_http(
         return counts if all(counts.values()) else None
 
     wait_for("the Collector to count spans and metric points received over gRPC", received_over_grpc, 30)
+
+
+def test_demo_sent_straight_to_jaeger_says_the_run_was_sent(stack: Stack, tmp_path: Path) -> None:
+    """Jaeger takes OTLP traces but no metrics: the demo sent to it without a Collector exits 0
+    with the run in Jaeger, and only warns that the metrics were refused."""
+    jaeger = stack.jaeger.url("otlp")  # OTLP over gRPC only in this Jaeger
+    straight = run_demo(jaeger, tmp_path, OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
+    assert (
+        Counter(span.name for span in _whole_trace(stack.jaeger.url("query"), straight.trace_id))
+        == DEMO_SPANS
+    )

@@ -328,7 +328,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise RunsError(f"the demo run failed: {type(exc).__name__}: {exc}") from None
         finally:
-            sent = _send_now(client, metrics=endpoint is not None) and not errors.messages
+            sent = _send_now(client, metrics=endpoint is not None) and not _span_failures(errors.messages)
             recorder.active = False
     if interrupted:
         raise checkpoints.Interrupted(_partial_run(directory, endpoint, sent))
@@ -474,15 +474,29 @@ def _show_sent(recorder: _Recorder, run_id: str, endpoint: str, errors: list[str
     if found:
         _print_run(found[0], runs.build_tree(records, found[0].span))
         print()
-    if errors:
-        first = next((e for e in errors if "span" in e), errors[0])  # the metrics may fail as well
-        _error(f"could not send the spans to {endpoint}: {first}")
+    failed = _span_failures(errors)
+    if failed:
+        _error(f"could not send the spans to {endpoint}: {failed[0]}")
         print(_NO_COLLECTOR_HINT, file=sys.stderr)
         return 1
     transport = "OTLP/gRPC" if _traces_protocol() == "grpc" else "OTLP/HTTP"
     print(f"Sent:        run {run_id} to {endpoint} ({transport}, service.name multirun-demo)")
     print(f"The code:    {_demo_source()}")
+    if errors:  # the run arrived; a backend of traces only (Jaeger) refuses the metrics
+        hint = " (a traces-only backend such as Jaeger refuses metrics)" if _not_found(errors[0]) else ""
+        sent_only = f"the run's spans were sent to {endpoint}, but not its metrics"
+        _to_stderr(f"multirun: warning: {sent_only}: {errors[0]}{hint}")
     return 0
+
+
+def _span_failures(errors: list[str]) -> list[str]:
+    """The export errors that are not the metrics' (the SDK's exporters name the signal)."""
+    return [e for e in errors if "metric" not in e.lower()]
+
+
+def _not_found(error: str) -> bool:
+    """An export refused as a path or service the server does not have (HTTP 404, gRPC UNIMPLEMENTED)."""
+    return "code: 404" in error or "UNIMPLEMENTED" in error
 
 
 def _demo_source() -> str:
