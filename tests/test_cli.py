@@ -1274,6 +1274,65 @@ def test_shorten_counts_columns() -> None:
 
 
 # ---------------------------------------------------------------------------
+# policy decisions
+
+GOVERNED_PROGRAM = """
+import multirun
+from multirun import run, step
+from multirun.models import Budget, Policy, StepKind
+from multirun.models.policy import GracefulDegradationRule, RateLimitRule
+multirun.init_local()
+
+@step(kind=StepKind.LLM_CALL, model="gpt-4o")
+def ask():
+    multirun.report_usage(input_tokens=1000, output_tokens=1000)
+
+@run(name="paced", policy=Policy(rate_limit=RateLimitRule(requests_per_minute=600)))
+def paced():
+    ask()
+    ask()
+
+degrade = GracefulDegradationRule(fallback_model="gpt-4o-mini", threshold=40)
+
+@run(name="degraded", budget=Budget(max_cost_usd=0.05), policy=Policy(graceful_degradation=degrade))
+def degraded():
+    for _ in range(3):
+        ask()
+
+paced()
+degraded()
+"""
+
+
+def test_runs_show_notes_the_policy_decisions_of_each_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A step the policy made wait for its rate-limit slot, or gave the fallback model, says so
+    in the tree: the governing is visible without --json."""
+    src = Path(client_module.__file__).parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", GOVERNED_PROGRAM],
+        cwd=tmp_path,
+        env=_clean_env(PYTHONPATH=str(src)),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / ".multirun"
+    shown = {}
+    for listed in runs.list_runs(folder):
+        code, out, err = run_cli(capsys, "runs", "show", "--dir", str(folder), listed.run_id)
+        assert code == 0 and err == ""
+        shown[listed.name] = [line for line in tree_lines(out) if "(ask)" in line]
+    first, second = shown["paced"]
+    assert first.endswith("$0.012500")  # the first call had its slot at once
+    assert re.search(r"\$0\.012500  waited 0\.\d\ds \(rate_limit\)$", second), second
+    *spent, fell_back = shown["degraded"]
+    assert all(line.endswith("$0.012500") for line in spent)
+    assert re.search(r"chat gpt-4o-mini \(ask\) .* fallback model \(graceful_degradation\)$", fell_back)
+
+
+# ---------------------------------------------------------------------------
 # unfinished runs: the run span was never written
 
 CRASHING_PROGRAM = """

@@ -335,12 +335,14 @@ def label(span: SpanRecord) -> str:
 
 
 def notes(span: SpanRecord) -> str:
-    """Attempts, retried errors, the error of a failure, streamed chunks, unknown tokens, checkpoints."""
+    """Attempts, policy waits and fallbacks, the error of a failure, streamed chunks, unknown
+    tokens, checkpoints."""
     parts = []
     count = runs.attempts(span)
     if count > 1:
         retried = ", ".join(dict.fromkeys(runs.retried_errors(span)))
         parts.append(f"attempt {count}" + (f" (retried after {retried})" if retried else ""))
+    parts.extend(_policy_notes(span))
     failure = runs.error_type(span)
     if failure and runs.span_status(span) in ("failed", "error"):
         message = _one_line(runs.error_message(span))
@@ -356,6 +358,21 @@ def notes(span: SpanRecord) -> str:
             name = event.get("attributes", {}).get(attr.CHECKPOINT_NAME)
             parts.append(f"checkpoint {name}" if name else "checkpoint")
     return "; ".join(parts)
+
+
+def _policy_notes(span: SpanRecord) -> list[str]:
+    """What the policy did to a step that ran: made it wait (for how long, by which rule) or
+    gave it the fallback model. An abort is the step's error, noted as such."""
+    decision = span.attributes.get(attr.POLICY_DECISION)
+    rule = span.attributes.get(attr.POLICY_RULE)
+    by = f" ({rule})" if rule else ""
+    if decision == "wait":
+        wait = span.attributes.get(attr.POLICY_WAIT_SECONDS)
+        seconds = f" {wait:.2f}s" if isinstance(wait, (int, float)) else ""
+        return [f"waited{seconds}{by}"]
+    if decision == "fallback":
+        return [f"fallback model{by}"]
+    return []
 
 
 def _one_line(text: str, limit: int = 80) -> str:
