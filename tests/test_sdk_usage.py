@@ -23,6 +23,7 @@ from typing import Any
 
 import anthropic
 import genai_prices
+import httpx
 import openai
 import pytest
 import wrapt
@@ -1447,6 +1448,55 @@ async def test_a_raw_response_a_step_returns_is_charged_once_and_still_parses(tr
     # "answer", which holds it, rolls up the same call
     assert attrs(step_span(traced, "ask"))["multirun.tokens_used"] == 1040
     assert attrs(step_span(traced, "answer"))["multirun.tokens_used"] == 1040
+
+
+class ToLocal(httpx.BaseTransport):
+    """Sends every request to the local server, as a hosts-file entry would: the SDK and httpx
+    see the provider's own URL (the response's ``url``), only the connection is local."""
+
+    def __init__(self, local_url: str) -> None:
+        self._local = httpx.URL(local_url)
+        self._inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url.copy_with(scheme="http", host=self._local.host, port=self._local.port)
+        return self._inner.handle_request(
+            httpx.Request(request.method, url, headers=request.headers, content=request.read())
+        )
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def test_a_raw_response_is_priced_at_the_provider_its_url_names(traced, answering) -> None:
+    """A Groq model called through the OpenAI SDK: its raw response's URL
+    (``https://api.groq.com/openai/v1/...``) says who bills it, so it is priced at Groq's price,
+    where its model name alone is no model genai-prices knows (unpriced)."""
+    model = "llama-3.3-70b-versatile"
+    usage = '{"prompt_tokens": 1000, "completion_tokens": 40, "total_tokens": 1040}'
+    answering.body = chat_body(usage, model)
+    http_client = httpx.Client(transport=ToLocal(answering.url))
+    groq = openai.OpenAI(
+        base_url="https://api.groq.com/openai/v1", api_key="test", max_retries=0, http_client=http_client
+    )
+
+    @step
+    def ask() -> Any:
+        return groq.chat.completions.with_raw_response.create(model=model, messages=[])
+
+    @run(name="main")
+    def main() -> Any:
+        return ask()
+
+    with groq:
+        raw = main()
+    assert str(raw.http_response.url) == "https://api.groq.com/openai/v1/chat/completions"
+    run_span = attrs(traced.span("invoke_workflow main"))
+    assert "multirun.cost.unpriced" not in run_span
+    assert run_span["multirun.cost_usd"] == pytest.approx(
+        price(model, "groq", input_tokens=1000, output_tokens=40)
+    )
+    assert attrs(step_span(traced, "ask"))["gen_ai.provider.name"] == "groq"
 
 
 @pytest.fixture

@@ -12,6 +12,10 @@ class (or of a base class, so ``ParsedChatCompletion`` counts), and the verdict
 is cached per class, so a step that returns anything else pays two dict lookups
 (a response? a stream?).
 
+A raw HTTP response (``with_raw_response``) is charged the response its
+``parse()`` gives, at the provider its URL names (Groq's API reached through
+the OpenAI SDK is Groq's).
+
 Mapping the usage fields to token kinds is genai-prices' job (its
 per-provider extractors know, for instance, that Anthropic's
 ``input_tokens`` leaves out cached input); this module only finds the usage
@@ -23,12 +27,14 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
 from genai_prices import data_snapshot
 from pydantic import BaseModel
 from wrapt import ObjectProxy
 
+from multirun.pricing import provider_at
 from multirun.usage import TokenUsage, usable_count
 
 _logger = logging.getLogger(__name__)
@@ -114,7 +120,7 @@ _recognised: dict[type, _How | None] = {}
 _streams: dict[type, _StreamKind | Literal["proxy"] | None] = {}
 # classes made at run time (a pydantic model per request, say) would pile up, each held alive
 _MAX_RECOGNISED = 1024
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()
 
 
 def _recognise(cls: type, known: Mapping[tuple[str, str], T]) -> T | None:
@@ -185,15 +191,34 @@ def response_call(value: Any) -> tuple[Any, ModelCall] | None:
     how = _how(value)
     if how is None:
         return None
+    raw = None
     if how[0] == _RAW:
-        value = _parsed(value)
+        raw, value = value, _parsed(value)
         how = _how(value)
         if how is None:
             return None
     if how[0] != _FULL:
         return None
     call = _call(how, value)
-    return None if call is None else (value, call)
+    if call is None:
+        return None
+    return value, (call if raw is None else _billed_at(call, raw))
+
+
+def _billed_at(call: ModelCall, raw: Any) -> ModelCall:
+    """``call``, read from raw HTTP response ``raw``, with the provider at the URL it came from
+    (``api.groq.com``: Groq, called through the OpenAI SDK); as it was for a URL that
+    genai-prices does not know (a vLLM server's)."""
+    call_id, usage, operation = call
+    try:
+        url = raw.http_response.url
+        provider = provider_at(str(url.copy_with(query=None)))  # not the query: one cache entry per endpoint
+    except Exception:  # an SDK version without the URL there: the SDK's provider
+        _warn_once(f"raw {type(raw).__name__}", "the URL")
+        return call
+    if provider is None or provider == usage.provider:
+        return call
+    return call_id, replace(usage, provider=provider), operation
 
 
 def calls_in(value: Any) -> list[tuple[Any, ModelCall]]:
@@ -400,10 +425,10 @@ def _extract(how: _How, model: Any, usage: Any) -> TokenUsage | None:
         return None
 
 
-def _warn_once(what: str) -> None:
-    if what not in _warned:
-        _warned.add(what)
-        _logger.warning("multirun: could not read the token usage of a %s response", what, exc_info=True)
+def _warn_once(what: str, part: str = "the token usage") -> None:
+    if (what, part) not in _warned:
+        _warned.add((what, part))
+        _logger.warning("multirun: could not read %s of a %s response", part, what, exc_info=True)
 
 
 def is_sdk_object(value: Any) -> bool:
