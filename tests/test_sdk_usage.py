@@ -1499,6 +1499,76 @@ def test_a_raw_response_is_priced_at_the_provider_its_url_names(traced, answerin
     assert attrs(step_span(traced, "ask"))["gen_ai.provider.name"] == "groq"
 
 
+def tier_price(model: str, tier: str) -> float:
+    usage = genai_prices.Usage(input_tokens=1000, output_tokens=40)
+    context = {"service_tier": tier}
+    return float(
+        genai_prices.calc_price(usage, model, provider_id="openai", price_context=context).total_price
+    )
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+@pytest.mark.parametrize("tier", ["flex", "priority"])
+def test_a_response_served_at_a_service_tier_is_charged_that_tiers_price(
+    traced, answering, raw_client, api, tier
+) -> None:
+    """OpenAI bills a flex call half, a priority one more: the tier the response says it was
+    served at (``service_tier``) prices it."""
+    model = "gpt-5-2025-08-07"
+    assert tier_price(model, tier) != price(model, "openai", input_tokens=1000, output_tokens=40)
+    if api == "chat":
+        usage = '{"prompt_tokens": 1000, "completion_tokens": 40, "total_tokens": 1040}'
+        body = json.loads(chat_body(usage, model))
+    else:
+        body = {
+            "id": "resp_1",
+            "object": "response",
+            "created_at": 1_730_000_000,
+            "model": model,
+            "output": [],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": {"input_tokens": 1000, "output_tokens": 40, "total_tokens": 1040},
+        }
+    answering.body = json.dumps({**body, "service_tier": tier}).encode()
+
+    @step
+    def ask() -> Any:
+        if api == "chat":
+            return raw_client.chat.completions.create(model=model, messages=[], service_tier=tier)
+        return raw_client.responses.create(model=model, input="x", service_tier=tier)
+
+    @run(name="main")
+    def main() -> None:
+        ask()
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.cost_usd"] == pytest.approx(
+        tier_price(model, tier)
+    )
+
+
+def test_a_stream_served_at_a_service_tier_is_charged_that_tiers_price(traced) -> None:
+    model = "gpt-5-2025-08-07"
+    usage = {"prompt_tokens": 1000, "completion_tokens": 40, "total_tokens": 1040}
+    chunks = [chunk("o"), chunk("k"), chunk("", usage)]
+    chunks = [c.model_copy(update={"model": model, "service_tier": "flex"}) for c in chunks]
+
+    @step
+    def ask() -> Iterator[ChatCompletionChunk]:
+        yield from chunks
+
+    @run(name="main")
+    def main() -> None:
+        list(ask())
+
+    main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.cost_usd"] == pytest.approx(
+        tier_price(model, "flex")
+    )
+
+
 @pytest.fixture
 def metric_reader(traced) -> Iterator[InMemoryMetricReader]:
     reader = InMemoryMetricReader()

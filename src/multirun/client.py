@@ -201,6 +201,7 @@ class MultiRunClient:
                 output_tokens=usage.output_tokens,
                 cache_read_tokens=usage.cache_read_tokens,
                 cache_write_tokens=usage.cache_write_tokens,
+                service_tier=usage.service_tier,
             )
         if cost is None:
             return usage.total_tokens, 0, usage.total_tokens > 0

@@ -10,6 +10,7 @@ a silent $0.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -125,9 +126,12 @@ class PriceBook:
         cache_read_tokens: int = 0,
         cache_write_tokens: int = 0,
         at: datetime | None = None,
+        service_tier: str | None = None,
     ) -> float | None:
         """The cost in USD, or None when the model has no known price. ``at``: the time of the
-        call (default now), for the prices that depend on it (DeepSeek's off-peak hours)."""
+        call (default now), for the prices that depend on it (DeepSeek's off-peak hours);
+        ``service_tier``: the tier the call was served at (OpenAI's ``flex``, ``priority``),
+        for the prices that depend on it (a price of one's own does not)."""
         if not model:
             return None
         overrides = self._overrides
@@ -139,7 +143,14 @@ class PriceBook:
             if override is not None:
                 return override.cost(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
         return _published_cost(
-            model, provider, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, at
+            model,
+            provider,
+            input_tokens,
+            output_tokens,
+            cache_read_tokens,
+            cache_write_tokens,
+            at,
+            service_tier,
         )
 
 
@@ -204,14 +215,17 @@ def _published_cost(
     cache_read_tokens: int,
     cache_write_tokens: int,
     at: datetime | None = None,
+    service_tier: str | None = None,
 ) -> float | None:
-    """genai-prices' cost of the usage, at time ``at`` (default now); None if it has no price."""
+    """genai-prices' cost of the usage, at time ``at`` (default now) and ``service_tier``; None
+    if it has no price."""
     found = _published_model(model, provider)
     if found is None:
         return None
+    tokens = (input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
     if found[2]:  # DeepSeek's off-peak hours, a price that changes on a date: never cached
-        return _calc(found, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, at)
-    return _cached_cost(model, provider, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+        return _calc(found, *tokens, at, service_tier)
+    return _cached_cost(model, provider, *tokens, service_tier)
 
 
 # (genai-prices' provider, its model, whether the model's price depends on the time)
@@ -252,10 +266,13 @@ def _cached_cost(
     output_tokens: int,
     cache_read_tokens: int,
     cache_write_tokens: int,
+    service_tier: str | None,
 ) -> float | None:
     found = _published_model(model, provider)
     assert found is not None  # only asked for a model found
-    return _calc(found, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, None)
+    return _calc(
+        found, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, None, service_tier
+    )
 
 
 def _calc(
@@ -265,6 +282,7 @@ def _calc(
     cache_read_tokens: int,
     cache_write_tokens: int,
     at: datetime | None,
+    service_tier: str | None = None,
 ) -> float | None:
     import genai_prices
 
@@ -277,8 +295,23 @@ def _calc(
     provider, model_info, _ = found
     try:
         when = at or datetime.now(timezone.utc)
-        result = model_info.calc_price(usage, provider, genai_request_timestamp=when)
+        if service_tier is not None and _prices_tiers():
+            context = {"service_tier": service_tier}
+            result = model_info.calc_price(
+                usage, provider, genai_request_timestamp=when, price_context=context
+            )
+        else:
+            result = model_info.calc_price(usage, provider, genai_request_timestamp=when)
     except Exception:  # a price table problem must not break the agent
         _logger.warning("genai-prices could not price model %r", model_info.id, exc_info=True)
         return None
     return float(result.total_price)
+
+
+@lru_cache(maxsize=1)
+def _prices_tiers() -> bool:
+    """Whether the installed genai-prices prices a service tier (``price_context``, 0.2 on);
+    an older one prices every tier at the standard price."""
+    from genai_prices.types import ModelInfo
+
+    return "price_context" in inspect.signature(ModelInfo.calc_price).parameters

@@ -270,8 +270,15 @@ def _parsed(raw: Any) -> Any:
 
 
 def _call(how: _How, response: Any) -> ModelCall | None:
-    usage = _extract(how, getattr(response, "model", None), getattr(response, "usage", None))
+    usage = _extract(how, getattr(response, "model", None), getattr(response, "usage", None), _tier(response))
     return None if usage is None else (_response_id(getattr(response, "id", None)), usage, how[3])
+
+
+def _tier(response: Any) -> str | None:
+    """The service tier an OpenAI response (or chunk) says it was served at, which prices it
+    (``flex``, ``priority``...); None if it says none."""
+    tier = getattr(response, "service_tier", None)
+    return tier if isinstance(tier, str) and tier else None
 
 
 def _response_id(value: Any) -> str | None:
@@ -281,12 +288,13 @@ def _response_id(value: Any) -> str | None:
 class _Stream:
     """The running totals of one streamed call (one id), as its latest chunk or event gave them."""
 
-    __slots__ = ("how", "ident", "model", "usage")
+    __slots__ = ("how", "ident", "model", "tier", "usage")
 
     def __init__(self, how: _How, ident: Any) -> None:
         self.how = how
         self.ident = ident
         self.model: str | None = None
+        self.tier: str | None = None
         self.usage: dict[str, Any] = {}
 
 
@@ -312,6 +320,7 @@ class StreamUsage:
             if kind == _CHAT_CHUNK:
                 stream = self._stream(how, item.id)
                 stream.model = item.model or stream.model
+                stream.tier = _tier(item) or stream.tier
                 if item.usage is not None:
                     stream.usage = _as_dict(item.usage)
             elif kind == _CHUNK_EVENT:
@@ -319,6 +328,7 @@ class StreamUsage:
             elif kind == _RESPONSE_EVENT:
                 stream = self._stream(how, item.response.id)
                 stream.model = item.response.model
+                stream.tier = _tier(item.response)
                 stream.usage = _as_dict(item.response.usage)
             elif kind == _HAS_MESSAGE:
                 stream = self._message = self._stream(how, item.message.id)
@@ -352,7 +362,7 @@ class StreamUsage:
         found = list(self._whole)
         for stream in self._streams.values():
             if stream.usage:
-                streamed = _extract(stream.how, stream.model, stream.usage)
+                streamed = _extract(stream.how, stream.model, stream.usage, stream.tier)
                 if streamed is not None:
                     found.append((_response_id(stream.ident), streamed, stream.how[3]))
         return found
@@ -397,7 +407,7 @@ def _usable(usage: dict[str, Any], provider_id: str, path: str = "usage") -> dic
     return usable
 
 
-def _extract(how: _How, model: Any, usage: Any) -> TokenUsage | None:
+def _extract(how: _How, model: Any, usage: Any, tier: str | None = None) -> TokenUsage | None:
     if usage is None:
         return None
     provider_id, flavor = how[1], how[2]
@@ -419,6 +429,7 @@ def _extract(how: _How, model: Any, usage: Any) -> TokenUsage | None:
             cache_read_tokens=int(found.cache_read_tokens or 0),
             cache_write_tokens=int(found.cache_write_tokens or 0),
             reasoning_tokens=int(found.output_reasoning_tokens or 0),
+            service_tier=tier if provider_id == "openai" else None,  # the tiers genai-prices prices
         )
     except Exception:  # an SDK shape genai-prices does not know: say so once, never fail the step
         _warn_once(f"{provider_id}/{flavor}")

@@ -57,7 +57,9 @@ _COUNTS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_to
 
 @dataclass(frozen=True, init=False)
 class TokenUsage:
-    """Tokens of one model call. ``input_tokens`` includes cached input, as in the GenAI conventions."""
+    """Tokens of one model call. ``input_tokens`` includes cached input, as in the GenAI conventions.
+    ``service_tier``: the tier the provider served it at (OpenAI's ``flex``, ``priority``...),
+    which its price depends on."""
 
     model: str | None = None
     provider: str | None = None
@@ -67,6 +69,7 @@ class TokenUsage:
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float | None = None
+    service_tier: str | None = None
 
     def __init__(
         self,
@@ -78,6 +81,7 @@ class TokenUsage:
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
         cost_usd: float | None = None,
+        service_tier: str | None = None,
     ) -> None:
         # One is made per model call. Written by hand for speed: the common case (plain ints
         # >= 0, string names) is checked in one expression, and the fields are stored straight
@@ -97,10 +101,12 @@ class TokenUsage:
             )
         if cost_usd is not None and not is_cost(cost_usd):
             raise ConfigurationError(f"cost_usd must be a finite number >= 0, got {cost_usd!r}")
-        if (model is not None and type(model) is not str) or (
-            provider is not None and type(provider) is not str
+        if (
+            (model is not None and type(model) is not str)
+            or (provider is not None and type(provider) is not str)
+            or (service_tier is not None and type(service_tier) is not str)
         ):
-            _check_names(model, provider)
+            _check_names(model, provider, service_tier)
         cached = cache_read_tokens + cache_write_tokens
         if cached > input_tokens:
             # cannot be a part of the input: the input was given without it, as Anthropic's API
@@ -116,6 +122,7 @@ class TokenUsage:
         fields["cache_write_tokens"] = cache_write_tokens
         fields["reasoning_tokens"] = reasoning_tokens
         fields["cost_usd"] = cost_usd
+        fields["service_tier"] = service_tier
 
     @property
     def total_tokens(self) -> int:
@@ -130,8 +137,8 @@ def _check_counts(*counts: object) -> None:
             raise ConfigurationError(f"{shown} must be an int from 0 to 2**63-1, got {value!r}")
 
 
-def _check_names(model: object, provider: object) -> None:
-    """Raise if the model or the provider is given and is not a string."""
-    for field, value in (("model", model), ("provider", provider)):
+def _check_names(model: object, provider: object, service_tier: object) -> None:
+    """Raise if the model, the provider or the service tier is given and is not a string."""
+    for field, value in (("model", model), ("provider", provider), ("service_tier", service_tier)):
         if value is not None and not isinstance(value, str):
             raise ConfigurationError(f"{field} must be a string, got {value!r}")
