@@ -338,6 +338,8 @@ class RunContext:
         another call. Weak references: no response is kept alive for this.
         """
         usage = getattr(response, "usage", None)
+        if usage is None:
+            usage = getattr(response, "usage_metadata", None)  # google-genai's
         held = usage if usage is not None else response
         key = (id(held), call_id)
         top = self._top

@@ -1,7 +1,8 @@
 """Usage read from the response objects of LLM SDKs that a step returns or streams.
 
 A ``@step`` that returns an OpenAI chat completion, Responses API response,
-legacy completion or embeddings response, or an Anthropic message, has its
+legacy completion or embeddings response, an Anthropic message, or a
+google-genai ``GenerateContentResponse``, has its
 model and tokens charged without the user reporting anything; a generator
 step that yields the SDK's stream chunks or events has them charged when the
 stream ends, and so has a step that returns the SDK's stream, or its stream
@@ -49,6 +50,9 @@ _RESPONSE_EVENT = "response_event"  # OpenAI Responses stream event: .response o
 _HAS_MESSAGE = "has_message"  # Anthropic stream: .message carries the model and the usage so far
 _MESSAGE_DELTA = "message_delta"  # Anthropic stream: .usage carries the running output tokens
 _RAW = "raw"  # the SDK's raw HTTP response (with_raw_response): its parse() is the response
+# google-genai's GenerateContentResponse: a whole response, or a stream's chunk, carrying the
+# running totals of its response (its response_id)
+_GEMINI = "gemini"
 
 # the GenAI conventions' gen_ai.operation.name of a model call
 CHAT, TEXT_COMPLETION, EMBEDDINGS = "chat", "text_completion", "embeddings"
@@ -85,7 +89,15 @@ _KNOWN: dict[tuple[str, str], _How] = {
     ("openai._response", "AsyncAPIResponse"): (_RAW, "openai", "", CHAT),
     ("anthropic._response", "APIResponse"): (_RAW, "anthropic", "", CHAT),
     ("anthropic._response", "AsyncAPIResponse"): (_RAW, "anthropic", "", CHAT),
+    # generate_content(), and each chunk of generate_content_stream()
+    ("google.genai.types", "GenerateContentResponse"): (_GEMINI, "google", "default", CHAT),
 }
+
+# the attributes (id, model, usage) of a provider's response that are not id, model and usage
+_FIELDS = {"google": ("response_id", "model_version", "usage_metadata")}
+_DEFAULT_FIELDS = ("id", "model", "usage")
+# genai-prices' provider ids that the GenAI conventions (gen_ai.provider.name) name otherwise
+_GENAI_NAMES = {"google": "gcp.gen_ai"}
 
 # how a step may hand its caller an SDK stream unread: the stream, read with ``for`` ("sync") or
 # ``async for`` ("async"); the manager of one, entered with ``with`` ("sync manager") or ``async
@@ -197,7 +209,7 @@ def response_call(value: Any) -> tuple[Any, ModelCall] | None:
         how = _how(value)
         if how is None:
             return None
-    if how[0] != _FULL:
+    if how[0] != _FULL and how[0] != _GEMINI:
         return None
     call = _call(how, value)
     if call is None:
@@ -270,8 +282,9 @@ def _parsed(raw: Any) -> Any:
 
 
 def _call(how: _How, response: Any) -> ModelCall | None:
-    usage = _extract(how, getattr(response, "model", None), getattr(response, "usage", None), _tier(response))
-    return None if usage is None else (_response_id(getattr(response, "id", None)), usage, how[3])
+    ident, model, usage = (getattr(response, name, None) for name in _FIELDS.get(how[1], _DEFAULT_FIELDS))
+    found = _extract(how, model, usage, _tier(response))
+    return None if found is None else (_response_id(ident), found, how[3])
 
 
 def _tier(response: Any) -> str | None:
@@ -339,6 +352,12 @@ class StreamUsage:
                     # running totals: later deltas replace earlier ones, field by field
                     delta = _as_dict(item.usage)
                     self._message.usage.update({k: v for k, v in delta.items() if v is not None})
+            elif kind == _GEMINI:
+                if item.usage_metadata is not None:
+                    stream = self._stream(how, item.response_id)
+                    stream.model = item.model_version or stream.model
+                    # running totals: a later chunk's count replaces an earlier one's
+                    stream.usage.update(_as_dict(item.usage_metadata, how))
             elif kind == _FULL:  # a generator that yields whole responses
                 call = _call(how, item)
                 if call is not None:
@@ -368,12 +387,14 @@ class StreamUsage:
         return found
 
 
-def _as_dict(usage: Any) -> dict[str, Any]:
+def _as_dict(usage: Any, how: _How | None = None) -> dict[str, Any]:
     if usage is None:
         return {}
     if isinstance(usage, dict):
         return usage
     if isinstance(usage, BaseModel):
+        if how is not None and how[0] == _GEMINI:  # genai-prices reads the REST API's JSON names
+            return dict(usage.model_dump(by_alias=True, exclude_none=True, mode="json", warnings=False))
         # a count the server sent as NaN, say, is no int: pydantic's serializer would warn the
         # program about a value multirun only reads
         return dict(usage.model_dump(warnings=False))
@@ -381,12 +402,16 @@ def _as_dict(usage: Any) -> dict[str, Any]:
     return dict(dump()) if dump is not None else dict(vars(usage))
 
 
-# the counts genai-prices requires of each api flavor's usage (it refuses the whole usage without one)
+# the counts genai-prices requires of each provider's api flavor's usage (it refuses the whole usage
+# without one); Google's usage, which needs none, has at least one of these
 _REQUIRED = {
-    "chat": ("prompt_tokens", "completion_tokens"),
-    "responses": ("input_tokens", "output_tokens"),
-    "default": ("input_tokens", "output_tokens"),
+    ("openai", "chat"): ("prompt_tokens", "completion_tokens"),
+    ("openai", "responses"): ("input_tokens", "output_tokens"),
+    ("anthropic", "default"): ("input_tokens", "output_tokens"),
+    ("google", "default"): ("promptTokenCount", "candidatesTokenCount"),
 }
+# where genai-prices' extractor looks for a provider's usage
+_ROOTS = {"google": "usageMetadata"}
 
 
 def _without_nulls(usage: dict[str, Any]) -> dict[str, Any]:
@@ -402,7 +427,7 @@ def _usable(usage: dict[str, Any], provider_id: str, path: str = "usage") -> dic
         if isinstance(value, dict):
             value = _usable(value, provider_id, f"{path}.{key}")
         elif isinstance(value, (int, float)):  # not the strings (service_tier...) beside the counts
-            value = usable_count(value, f"an {provider_id} response", f"{path}.{key}")
+            value = usable_count(value, f"a response of {provider_id}", f"{path}.{key}")
         usable[key] = value
     return usable
 
@@ -414,16 +439,16 @@ def _extract(how: _How, model: Any, usage: Any, tier: str | None = None) -> Toke
     try:
         # the SDKs do not validate responses: a count an OpenAI-compatible server sent as null (or
         # left out) is 0, and the counts it did send are still charged
-        counts = _usable(_without_nulls(_as_dict(usage)), provider_id)
-        required = _REQUIRED.get(flavor, ())
+        counts = _usable(_without_nulls(_as_dict(usage, how)), provider_id)
+        required = _REQUIRED.get((provider_id, flavor), ())
         if not any(name in counts for name in required):
             return None
         counts = {name: 0 for name in required} | counts
         provider = data_snapshot.get_snapshot().find_provider(None, provider_id, None)
-        _, found = provider.extract_usage({"usage": counts}, api_flavor=flavor)
+        _, found = provider.extract_usage({_ROOTS.get(provider_id, "usage"): counts}, api_flavor=flavor)
         return TokenUsage(
             model=model if isinstance(model, str) and model else None,
-            provider=provider_id,
+            provider=_GENAI_NAMES.get(provider_id, provider_id),
             input_tokens=int(found.input_tokens or 0),
             output_tokens=int(found.output_tokens or 0),
             cache_read_tokens=int(found.cache_read_tokens or 0),

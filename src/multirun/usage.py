@@ -35,7 +35,7 @@ _warned_counts: set[tuple[str, str]] = set()
 
 def usable_count(value: object, source: str, field: str) -> int | float:
     """``value`` if it is a token count (a number from 0 to ``MAX_TOKENS``, not a bool); else 0,
-    with a warning naming ``field`` of ``source`` ("a span", "an openai response"), logged once
+    with a warning naming ``field`` of ``source`` ("a span", "a response of openai"), logged once
     per field: one bad count (negative, NaN, infinite, past a 64-bit integer) must not lose, or
     fail, the call's other counts."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
