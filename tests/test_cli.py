@@ -1299,8 +1299,16 @@ def degraded():
     for _ in range(3):
         ask()
 
+both_rules = Policy(rate_limit=RateLimitRule(requests_per_minute=600), graceful_degradation=degrade)
+
+@run(name="both", budget=Budget(max_cost_usd=0.05), policy=both_rules)
+def both():
+    for _ in range(3):
+        ask()
+
 paced()
 degraded()
+both()
 """
 
 
@@ -1330,6 +1338,13 @@ def test_runs_show_notes_the_policy_decisions_of_each_step(
     *spent, fell_back = shown["degraded"]
     assert all(line.endswith("$0.012500") for line in spent)
     assert re.search(r"chat gpt-4o-mini \(ask\) .* fallback model \(graceful_degradation\)$", fell_back)
+    assert "waited" not in fell_back
+    *_, waited_and_fell_back = shown["both"]  # it waited for its slot, and got the fallback model
+    assert re.search(
+        r"chat gpt-4o-mini \(ask\) .* waited 0\.\d\ds \(rate_limit\); "
+        r"fallback model \(graceful_degradation\)$",
+        waited_and_fell_back,
+    ), waited_and_fell_back
 
 
 # ---------------------------------------------------------------------------

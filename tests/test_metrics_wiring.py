@@ -17,7 +17,7 @@ import multirun
 from multirun import run, step
 from multirun.errors import BudgetExceededError
 from multirun.models import Budget, Policy, StepKind
-from multirun.models.policy import RateLimitRule
+from multirun.models.policy import DegradationTrigger, GracefulDegradationRule, RateLimitRule
 
 
 @pytest.fixture
@@ -97,6 +97,32 @@ def test_budget_exceeded_and_policy_decisions_are_counted(reader, traced) -> Non
     # the third step was refused by the budget: it counts as an abort, not as the wait it was given;
     # "proceed" is not counted (it is every other step)
     assert decisions == {"wait": 1, "abort": 1}
+
+
+def test_a_step_that_waits_and_gets_the_fallback_model_counts_both_decisions(reader, traced) -> None:
+    traced.clock.advance_on_sleep = True
+
+    @step(kind=StepKind.LLM_CALL, model="big")
+    def ask() -> None:
+        pass
+
+    degrade = GracefulDegradationRule(
+        fallback_model="small", trigger=DegradationTrigger.BUDGET_PERCENTAGE, threshold=40
+    )
+
+    @run(
+        budget=Budget(max_steps=4),
+        policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60), graceful_degradation=degrade),
+    )
+    def main() -> None:
+        for _ in range(3):
+            ask()
+
+    main()
+    found = points(reader, "multirun.policy.decisions")
+    decisions = {(a["multirun.policy.decision"], a["multirun.policy.rule"]): p.value for a, p in found}
+    # steps 2 and 3 waited for their slot; step 3 got the fallback model as well
+    assert decisions == {("wait", "rate_limit"): 2, ("fallback", "graceful_degradation"): 1}
 
 
 def test_a_refused_llm_step_is_no_genai_operation(reader) -> None:

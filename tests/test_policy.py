@@ -553,6 +553,58 @@ def test_degradation_switches_llm_steps_to_the_fallback_model_once_over_threshol
     assert spans[2][attr.POLICY_RULE] == "graceful_degradation"
 
 
+def test_a_step_that_waits_for_its_slot_and_gets_the_fallback_model_shows_both(traced) -> None:
+    # the wait is the step's decision, but the switch of model must not vanish behind it
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def ask() -> None:
+        multirun.report_usage(get_current_step_context().model, input_tokens=300, cost_usd=0.0)
+
+    @run(
+        budget=Budget(max_tokens=1000),
+        policy=Policy(
+            rate_limit=RateLimitRule(requests_per_minute=60),
+            graceful_degradation=GracefulDegradationRule(
+                fallback_model="gpt-4o-mini", trigger=DegradationTrigger.TOKEN_PERCENTAGE, threshold=50
+            ),
+        ),
+    )
+    def main() -> None:
+        for _ in range(3):
+            ask()
+
+    main()
+    [both] = attrs_of(traced, "chat gpt-4o-mini")
+    assert (both[attr.POLICY_DECISION], both[attr.POLICY_RULE]) == ("wait", "rate_limit")
+    assert both[attr.POLICY_WAIT_SECONDS] == 1.0
+    assert both[attr.GEN_AI_REQUEST_MODEL] == both[attr.POLICY_FALLBACK_MODEL] == "gpt-4o-mini"
+    waited = attrs_of(traced, "chat gpt-4o")
+    assert [attr.POLICY_FALLBACK_MODEL in a for a in waited] == [False, False]
+
+
+def test_a_fallback_alone_is_its_steps_decision_and_names_the_fallback_model(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def ask() -> None:
+        multirun.report_usage(get_current_step_context().model, input_tokens=600, cost_usd=0.0)
+
+    rule = GracefulDegradationRule(
+        fallback_model="gpt-4o-mini", trigger=DegradationTrigger.TOKEN_PERCENTAGE, threshold=50
+    )
+
+    @run(budget=Budget(max_tokens=10_000), policy=Policy(graceful_degradation=rule))
+    def main() -> None:
+        for _ in range(10):
+            ask()
+
+    main()
+    found = attrs_of(traced, "chat gpt-4o-mini")
+    assert len(found) == 1
+    assert [(a[attr.POLICY_DECISION], a[attr.POLICY_RULE]) for a in found] == [
+        ("fallback", "graceful_degradation")
+    ]
+    assert found[0][attr.POLICY_FALLBACK_MODEL] == "gpt-4o-mini"
+    assert attr.POLICY_WAIT_SECONDS not in found[0]
+
+
 def test_degradation_by_default_follows_the_most_used_limit_of_the_budget(traced) -> None:
     seen: list[str | None] = []
 

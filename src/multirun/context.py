@@ -1341,6 +1341,7 @@ class StepContext:
     policy_decision: str | None = None
     policy_rule: str | None = None
     wait_before = 0.0  # seconds a rate limit asked the step to wait before it runs
+    fallback_model: str | None = None  # the model the policy's degradation rule switched it to
     _decision: Decision = PROCEED  # the policy's, for the attempt in flight (its circuit ticket)
     # its input and output as the span records them: only with content capture (opt-in)
     _input_text: str | None = None
@@ -1489,6 +1490,8 @@ class StepContext:
                 end_attrs[attr.POLICY_RULE] = self.policy_rule
             if self.wait_before:
                 end_attrs[attr.POLICY_WAIT_SECONDS] = self.wait_before
+            if self.fallback_model is not None:
+                end_attrs[attr.POLICY_FALLBACK_MODEL] = self.fallback_model
         if extra:
             end_attrs.update(extra)
         if client.capture_content and self.status is StepStatus.COMPLETED:
@@ -1546,7 +1549,10 @@ class StepContext:
         run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
         self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
         if decision.model is not None:
-            self.model = decision.model
+            self.model = self.fallback_model = decision.model
+            if decision.decision is not PolicyDecision.FALLBACK:  # it waited too: both are counted
+                fallback = PolicyDecision.FALLBACK
+                run.client.metrics.policy_decision(run.run.name, fallback, "graceful_degradation")
 
     def _note_refusal(self, refused: PolicyViolation) -> None:
         """The policy refused this step (or its next attempt): on its span, and counted."""

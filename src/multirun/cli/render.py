@@ -361,15 +361,18 @@ def notes(span: SpanRecord) -> str:
 
 
 def _policy_notes(span: SpanRecord) -> list[str]:
-    """What the policy did to a step that ran: made it wait (for how long, by which rule) or
-    gave it the fallback model. An abort is the step's error, noted as such."""
+    """What the policy did to a step that ran: made it wait (for how long, by which rule),
+    gave it the fallback model, or both. An abort is the step's error, noted as such."""
     decision = span.attributes.get(attr.POLICY_DECISION)
     rule = span.attributes.get(attr.POLICY_RULE)
     by = f" ({rule})" if rule else ""
     if decision == "wait":
         wait = span.attributes.get(attr.POLICY_WAIT_SECONDS)
         seconds = f" {wait:.2f}s" if isinstance(wait, (int, float)) else ""
-        return [f"waited{seconds}{by}"]
+        notes = [f"waited{seconds}{by}"]
+        if attr.POLICY_FALLBACK_MODEL in span.attributes:  # its decision is the wait; the switch is noted too
+            notes.append("fallback model (graceful_degradation)")
+        return notes
     if decision == "fallback":
         return [f"fallback model{by}"]
     return []

@@ -108,6 +108,8 @@ STEP_UNFINISHED: Final = "multirun.step.unfinished"  # its agent ended before th
 POLICY_DECISION: Final = "multirun.policy.decision"
 POLICY_RULE: Final = "multirun.policy.rule"
 POLICY_WAIT_SECONDS: Final = "multirun.policy.wait_seconds"
+# the model a GracefulDegradationRule gave the step, whatever its decision (also "wait")
+POLICY_FALLBACK_MODEL: Final = "multirun.policy.fallback_model"
 
 # multirun: roll-ups (the sum over everything below, so backends never add twice)
 TOKENS_USED: Final = "multirun.tokens_used"
