@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCod
 
 from multirun import client as client_module
 from multirun.cli import main, render, runs
+from multirun.cli.main import NO_RUNS_HINT
 from multirun.telemetry import attributes as attr
 from multirun.telemetry.local_files import (
     DamagedLine,
@@ -1408,6 +1410,55 @@ def test_a_run_whose_process_died_is_listed_as_unfinished(
     code, out, _ = run_cli(capsys, "runs", "--json", "--dir", folder)
     [listed] = json.loads(out)
     assert listed["run_id"] == run_id and listed["status"] == "unfinished" and listed["name"] is None
+
+
+KILLED_PROGRAM = """
+import os, signal, multirun
+from multirun import run, step
+multirun.init_local()
+
+@step(checkpoint=True)
+def save():
+    pass
+
+@run(name="killed")
+def killed():
+    save()
+    os.kill(os.getpid(), signal.SIGKILL)  # before the batch of its spans is written
+
+killed()
+"""
+
+
+def test_runs_of_a_folder_whose_run_was_killed_points_to_its_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the run's spans never reached the traces, but its checkpoint is there to resume from:
+    # "No runs" alone would tell the user there is nothing left of it
+    src = Path(client_module.__file__).parents[1]
+    env = _clean_env(PYTHONPATH=str(src))
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_PROGRAM], cwd=tmp_path, env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    folder = str(tmp_path / ".multirun")
+    code, out, err = run_cli(capsys, "runs", "--dir", folder)
+    assert code == 0 and err == ""
+    no_runs, hint = out.splitlines()
+    assert no_runs == f"No runs in {tmp_path / '.multirun' / 'traces'}."
+    assert f"`multirun checkpoints --dir {folder}`" in hint and "multirun resume" in hint
+
+    code, out, err = run_cli(capsys, "checkpoints", "--dir", folder)
+    assert code == 0 and "killed" not in err and len(out.splitlines()) == 2  # a header and the checkpoint
+
+
+def test_runs_of_an_empty_folder_says_how_to_make_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "blobs" / "checkpoints").mkdir(parents=True)  # a store, with no checkpoint in it
+    code, out, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0 and err == ""
+    assert out.splitlines() == [f"No runs in {tmp_path / 'traces'}.", NO_RUNS_HINT]
 
 
 def test_an_unfinished_run_that_saved_no_checkpoint_goes_by_its_trace_id(

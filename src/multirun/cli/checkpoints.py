@@ -42,6 +42,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from multirun.checkpoints.envelope import HMAC_KEY_ENV, HMAC_KEY_SETTINGS, MAX_BYTES_ENV, MAX_BYTES_SETTINGS
 from multirun.checkpoints.exporters import (
@@ -49,6 +50,7 @@ from multirun.checkpoints.exporters import (
     FileBlobExporter,
     MemoryBlobExporter,
     exporter_from_uri,
+    file_exporter,
 )
 from multirun.checkpoints.resume import (
     RESUME_ENV,
@@ -217,6 +219,34 @@ def store_location(args: argparse.Namespace) -> str:
     return (
         getattr(args, "store", None) or os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(directory / "blobs")
     )
+
+
+def has_checkpoints_in_folder(args: argparse.Namespace) -> bool:
+    """Whether the store ``multirun checkpoints`` reads holds a checkpoint, when that store is a
+    folder (DIR/blobs, or a path $MULTIRUN_CHECKPOINT_URI names): it looks for the first one and
+    reads none. A remote store is not asked (a hint must not wait on the network)."""
+    directory, _ = runs.chosen_directory(args)
+    folder = directory / "blobs"
+    uri = os.environ.get("MULTIRUN_CHECKPOINT_URI")
+    if uri:
+        scheme = urlparse(uri).scheme.lower()
+        if scheme not in ("", "file") and not (len(scheme) == 1 and os.name == "nt"):
+            return False
+        try:
+            folder = file_exporter(uri).directory
+        except MultiRunError:
+            return False
+    try:
+        with os.scandir(folder / "checkpoints") as run_folders:
+            for run_folder in run_folders:
+                if run_folder.is_dir() and any(
+                    name.endswith(".ckpt") and not name.startswith(".")
+                    for name in os.listdir(run_folder.path)
+                ):
+                    return True
+    except OSError:  # no store yet, or one that cannot be read: `multirun checkpoints` says which
+        return False
+    return False
 
 
 def stored_checkpoints(store: CheckpointStore) -> list[StoredCheckpoint]:

@@ -214,7 +214,16 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     if not found:
         print(f"No runs in {runs.traces_dir(directory)}.")
-        print(NO_RUNS_HINT)
+        if checkpoints.has_checkpoints_in_folder(args):  # a run killed before its spans were written
+            listing, resume = (
+                checkpoints.same_place(args, f"multirun {what}") for what in ("checkpoints", "resume")
+            )
+            print(
+                "The checkpoint store has checkpoints, though (of a run killed before its spans were "
+                f"written?): `{listing}` lists them, `{resume} ID -- COMMAND` continues a run."
+            )
+        else:
+            print(NO_RUNS_HINT)
         return 0
     lines = render.render_runs(shown, render.terminal_style())
     if len(found) > len(shown):
