@@ -337,3 +337,41 @@ def test_a_generator_step_yielding_an_anthropic_message_stream_is_charged(traced
     assert a[attr.GEN_AI_USAGE_INPUT_TOKENS] == INPUT + CACHE_READ
     assert a[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == OUTPUT
     assert attrs(traced.span("invoke_workflow main"))[attr.TOKENS_USED] == INPUT + CACHE_READ + OUTPUT
+
+
+def test_a_stream_is_charged_to_its_step_after_init_moved_to_a_provider_of_its_own(
+    global_otel, messages, tmp_path
+) -> None:
+    """``init()`` (or a first run) makes the global provider; a later ``init(tracer_provider=...)``
+    replaces that configuration. The SDK's own span of the call (anthropic traces through the
+    global provider) is no span of the new provider, so it does not charge the step: the step
+    is charged from the stream it returned, named after the model, with its ``gen_ai.usage.*``."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    multirun.init(span_exporter=InMemorySpanExporter(), local_dir=str(tmp_path))
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    multirun.init(tracer_provider=provider, local_dir=str(tmp_path))
+    client = anthropic.Anthropic(base_url=messages.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer() -> Any:
+        return open_stream(client)
+
+    @run
+    def main() -> str:
+        return joined(answer())
+
+    try:
+        assert main() == "re:hello"
+        spans = {s.name: attrs(s) for s in exporter.get_finished_spans()}
+        assert f"chat {MODEL}" in spans, list(spans)
+        a = spans[f"chat {MODEL}"]
+        assert a[attr.GEN_AI_USAGE_INPUT_TOKENS] == INPUT + CACHE_READ
+        assert a[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == OUTPUT
+        assert spans["invoke_workflow main"][attr.TOKENS_USED] == INPUT + CACHE_READ + OUTPUT  # once
+    finally:
+        provider.shutdown()

@@ -71,7 +71,10 @@ class UsageSpanProcessor(SpanProcessor):
             return
         ctx = parent_context if parent_context is not None else otel_context.get_current()
         run = run_in(ctx)
-        if run is None:
+        if run is None or run.client.usage_processor is not self:
+            # a provider an earlier init() set up (the global one, still used by the SDKs that
+            # trace through it) is not where this run's spans go: the run's own provider, or its
+            # step reading the SDK's response, charges the call
             return
         owner = step_in(ctx) or agent_in(ctx) or run.default_agent
         if len(self._open) >= self._max_open:
