@@ -38,6 +38,19 @@ def _in_a_scratch_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     os.chdir(before)
 
 
+@pytest.fixture(autouse=True)
+def _global_provider_left_as_found() -> Iterator[None]:
+    """A test that lets ``init`` install the global TracerProvider puts the old one back (the
+    ``global_otel`` fixture): left behind, it records the spans of the SDKs that trace through
+    the global provider (anthropic's own) in every later test, and its processors act on them."""
+    from opentelemetry import trace
+
+    before = trace._TRACER_PROVIDER, client_module._owned_provider
+    yield
+    after = trace._TRACER_PROVIDER, client_module._owned_provider
+    assert after == before, "the test left a global TracerProvider behind: use the global_otel fixture"
+
+
 class FakeClock(Clock):
     """A clock that only moves when told to; sleeps advance it instantly."""
 

@@ -457,7 +457,9 @@ def test_the_decorations_the_readme_says_are_refused_are_refused_and_the_ones_it
     assert multirun.run(named)() == "analyze"  # the name given positionally
 
 
-def test_the_price_overrides_apply_to_the_names_the_readme_says_they_do(traced: Any) -> None:
+def test_the_price_overrides_apply_to_the_names_the_readme_says_they_do(
+    global_otel: None, tmp_path: Path
+) -> None:
     from multirun.models import StepKind
 
     example = _readme_code(r'\{"my-model": multirun\.Price\([^`]*\)\}')
@@ -466,7 +468,7 @@ def test_the_price_overrides_apply_to_the_names_the_readme_says_they_do(traced: 
     text = " ".join(README.read_text("utf-8").split())
     assert '`prices={"gpt-4o": ...}` prices `gpt-4o-2024-08-06` too' in text
     assert "`gpt-4o` does not price `gpt-4o-mini` (nor `gpt-4o-mini-2024-07-18`" in text
-    multirun.init(span_exporter=InMemorySpanExporter(), prices=prices)
+    multirun.init(span_exporter=InMemorySpanExporter(), prices=prices, local_dir=str(tmp_path))
 
     @multirun.step(kind=StepKind.LLM_CALL)
     def call(model: str) -> float:
