@@ -18,8 +18,10 @@ import gc
 import inspect
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -1204,3 +1206,65 @@ async def test_an_async_stream_a_step_returned_dropped_half_read_has_its_connect
     assert a[attr.STEP_STATUS] == "completed"
     assert a[attr.STEP_STREAM_ITEMS] == 1
     assert [f"{u.exc_type.__name__} in {u.object!r}" for u in ignored] == []
+
+
+# ---------------------------------------------------------------------------
+# a step returning a future that gives an SDK stream
+
+
+def wait_for_step(traced: Any, name: str) -> None:
+    """Until the step ``name`` has ended (its future's callback, on another thread, ends it)."""
+    for _ in range(500):
+        if step_spans(traced, name):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"step {name!r} never ended")
+
+
+def test_a_stream_a_step_s_returned_future_gives_can_be_read_by_its_caller(traced, llm, client) -> None:
+    """``executor.submit(create, stream=True)``: the caller reads the stream from the future,
+    not the step: the step ends when the future is done, its tokens unknown, and leaves the
+    stream alone (it was closed under the caller, who got httpx's StreamClosed)."""
+    with ThreadPoolExecutor(1) as pool:
+
+        @step(kind=StepKind.LLM_CALL)
+        def answer(prompt: str) -> Future[Any]:
+            return pool.submit(open_stream, client, prompt)
+
+        @run
+        def main() -> str:
+            stream = answer("hello there").result()
+            wait_for_step(traced, "answer")
+            gc.collect()
+            return text_of(stream)
+
+        assert main() == "re: hello there"
+    a = attrs(step_span(traced, "answer"))
+    assert a[attr.STEP_STATUS] == "completed"
+    assert a[attr.USAGE_UNKNOWN] is True  # spent all the same: not a silent 0
+    assert attr.STEP_STREAM_ITEMS not in a  # the step never saw what was read
+    assert attr.TOKENS_USED not in a
+
+
+async def test_an_async_stream_a_step_s_returned_task_gives_can_be_read_by_its_caller(traced, llm) -> None:
+    aclient = openai.AsyncOpenAI(base_url=llm.url, api_key="test", max_retries=0)
+
+    @step(kind=StepKind.LLM_CALL)
+    def answer(prompt: str) -> asyncio.Task[Any]:
+        return asyncio.ensure_future(open_stream(aclient, prompt))
+
+    @run
+    async def main() -> str:
+        stream = await answer("hello there")
+        gc.collect()
+        await asyncio.sleep(0.01)  # the loop would run a close scheduled on it
+        return await chunks_text(stream)
+
+    try:
+        assert await main() == "re: hello there"
+    finally:
+        await aclient.close()
+    a = attrs(step_span(traced, "answer"))
+    assert a[attr.STEP_STATUS] == "completed"
+    assert a[attr.USAGE_UNKNOWN] is True
+    assert attr.STEP_STREAM_ITEMS not in a

@@ -384,11 +384,22 @@ class _StepCall(StepContext):
                 if ours:
                     self._failed(error)
             elif ours:
-                self._succeed(future.result())
+                self._end_with(future.result())
             elif self._cut_unfinished:
                 self._charge_sdk_usage(future.result())
         except Exception as broken:  # a callback's error would only be logged by the loop or executor
             _logger.warning("multirun: step %r, the future it returned is done: %s", self.name, broken)
+
+    def _end_with(self, result: Any) -> None:
+        """End the step with ``result``, what the future it returned gives. An SDK stream is its
+        caller's already, read from the future: not handed over to a watching proxy (which no
+        one would hold, and whose collection would close the stream), so its usage is unknown."""
+        if returned_stream(result) is None:
+            self._succeed(result)
+        elif self._own_usage or self.child_usage_reported:
+            self._succeed(None)
+        else:
+            self._succeed(None, {attr.USAGE_UNKNOWN: True})  # its tokens were spent: not a silent 0
 
     def _cut_future(self) -> None:
         """Its agent ends before the future it returned is done: the step ends now, completed
