@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import queue
+import sys
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -35,7 +36,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import multirun
 import multirun.usage
-from multirun import run, step
+from multirun import agent, run, step
 from multirun.context import get_current_step_context
 from multirun.errors import BudgetExceededError
 from multirun.models import Budget, StepKind
@@ -208,6 +209,118 @@ def test_the_response_a_step_s_returned_future_gives_is_charged_to_the_step(trac
         main()
     assert attrs(step_span(traced, "ask"))["multirun.tokens_used"] == 1040
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 1040
+
+
+@contextlib.contextmanager
+def switching_threads_often() -> Iterator[None]:
+    """Threads switch every microsecond: a race between two of them shows in a few rounds."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_a_run_ending_as_its_step_s_returned_future_is_done_is_charged_for_it(traced, caplog) -> None:
+    """A concurrent future wakes ``.result()`` before it calls the step's callback: the agent
+    and the run, ending right after, wait for the step's end and its charge (their spans said
+    0 tokens, and a warning said the tokens were in no run's total)."""
+    with ThreadPoolExecutor(1) as pool, switching_threads_often():
+
+        @step
+        def ask() -> Future[ChatCompletion]:
+            return pool.submit(chat_completion, 1000, 40)
+
+        @agent
+        def asker() -> ChatCompletion:
+            return ask().result()
+
+        @run(name="main")
+        def main() -> ChatCompletion:
+            return ask().result()
+
+        @run(name="main")
+        def main_with_agent() -> ChatCompletion:
+            return asker()
+
+        for _ in range(100):  # failed in the first few rounds before
+            for body in (main, main_with_agent):
+                traced.exporter.clear()
+                body()
+                assert attrs(step_span(traced, "ask"))["multirun.tokens_used"] == 1040
+                assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 1040
+            assert attrs(traced.span("invoke_agent asker"))["multirun.tokens_used"] == 1040
+    assert "after run" not in caplog.text
+
+
+def test_a_step_returning_the_response_its_inner_step_s_future_gave_leaves_it_to_that_step(traced) -> None:
+    """The step around returns the response before the inner step's callback has charged it:
+    the inner step, whose call it is, is charged, not the step around alone."""
+    with ThreadPoolExecutor(1) as pool, switching_threads_often():
+
+        @step
+        def ask() -> Future[ChatCompletion]:
+            return pool.submit(chat_completion, 1000, 40)
+
+        @step
+        def outer() -> ChatCompletion:
+            return ask().result()
+
+        @run(name="main")
+        def main() -> None:
+            outer()
+
+        for _ in range(200):  # failed about once in 10 rounds before
+            traced.exporter.clear()
+            main()
+            tokens = [attrs(step_span(traced, name)).get("multirun.tokens_used") for name in ("ask", "outer")]
+            assert tokens == [1040, 1040]
+            assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 1040
+
+
+def test_steps_whose_returned_futures_are_done_at_once_all_end(traced) -> None:
+    """Steps of one agent whose futures are done together, their callbacks on as many
+    threads, end each with its charge: none waits for another's end (each holds its own lock
+    while it ends, and two waiting for each other's would hang the program)."""
+
+    def answered_on_a_thread(completion: int) -> Future[ChatCompletion]:
+        """``executor.submit``'s future, on a daemon thread: one left waiting cannot stop pytest."""
+        future: Future[ChatCompletion] = Future()
+        answer = threading.Thread(target=lambda: future.set_result(chat_completion(1000, completion)))
+        answer.daemon = True
+        answer.start()
+        return future
+
+    @step
+    def ask(completion: int) -> Future[ChatCompletion]:
+        return answered_on_a_thread(completion)
+
+    @run(name="main")
+    def main() -> list[ChatCompletion]:
+        futures = [ask(n) for n in range(4)]
+        return [future.result() for future in futures]
+
+    def rounds() -> None:
+        for _ in range(100):  # a wait for a sibling's lock hung here within a few rounds
+            traced.exporter.clear()
+            main()
+            assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 4006
+
+    failed: list[BaseException] = []
+    runner = threading.Thread(target=lambda: _collect(rounds, failed), daemon=True)
+    with switching_threads_often():
+        runner.start()
+        runner.join(60)
+    assert not runner.is_alive(), "deadlocked"
+    assert failed == []
+
+
+def _collect(func: Callable[[], None], failed: list[BaseException]) -> None:
+    try:
+        func()
+    except BaseException as error:
+        failed.append(error)
 
 
 def test_responses_api_response_is_charged(traced) -> None:

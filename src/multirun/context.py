@@ -257,6 +257,9 @@ class RunContext:
     """Top-level context of one run: its model, state, agents and ledger."""
 
     _late_usage_warned = False  # usage reported after the run ended was logged
+    # its totals are read for its span: later usage is in none of its totals (its agents, and
+    # the steps they end, end after _finished is set, and are counted)
+    _totals_read = False
     # the usage objects of the SDK responses the steps of this run tree returned, by object id
     # and response id (see _returned_before)
     _responses: weakref.WeakValueDictionary[tuple[int, str | None], Any] | None = None
@@ -634,6 +637,7 @@ class RunContext:
         run.current_step_id = None
         # read once: a step of another thread can still charge meanwhile, and the Run model and
         # the span must say the same (no later charge writes a finished run's totals)
+        self._totals_read = True
         tokens, cost_usd, steps_used = ledger.tokens, ledger.cost_usd, ledger.steps
         run.tokens_used = tokens
         run.cost_usd = cost_usd
@@ -948,6 +952,8 @@ class AgentContext:
     # its steps that returned an LLM SDK stream their caller has not read yet, and how each
     # ends if the agent ends first (a dict made for the first one)
     _unread: dict[StepContext, Callable[[], None]] | None = None
+    # its totals are read for its span: the steps it ends (_end_unread) are counted before
+    _totals_read = False
     # its steps made by hand that are not ended yet, in the order they started (a dict made for
     # the first one): the agent's end fails those left open (see _end_open_steps)
     _manual_in_flight: dict[StepContext, None] | None = None
@@ -1205,7 +1211,7 @@ class AgentContext:
         _charge_usage(self.run_context, None, self, usage, own=False, genai=not metered, call_id=call_id)
 
     def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
-        if self._finished:  # an ended agent keeps the totals its span was given
+        if self._totals_read:  # an ended agent keeps the totals its span was given
             return
         self._cost_units += cost_units
         _write_totals(self.agent, self.agent.tokens_used + tokens, self._cost_units / COST_UNITS_PER_USD)
@@ -1229,6 +1235,8 @@ class AgentContext:
             self._end_unread()
         if self._manual_in_flight:
             self._end_open_steps(status, error)
+        with self.run_context._lock:  # as _add is called
+            self._totals_read = True
         agent = self.agent
         agent.status = status
         agent.completed_at = datetime.now(timezone.utc)
@@ -2078,7 +2086,7 @@ def _charge_usage(
     _charge_chain(run, step, agent, tokens, units, unpriced, call_id)
     if call_id is not None and not own:
         run._note_span_call(call_id, usage)
-    if run._finished:
+    if run._totals_read:
         _warn_usage_after_end(run, step, tokens)
     client.metrics.usage_reported(
         run_name=run.run.name,
@@ -2164,7 +2172,7 @@ def _warn_usage_after_end(run: RunContext, step: StepContext | None, tokens: int
     is in no run's total; a parent still running counts it, and nothing is said."""
     outer = run.parent
     while outer is not None:
-        if not outer._finished:
+        if not outer._totals_read:
             return
         outer = outer.parent
     with run._lock:

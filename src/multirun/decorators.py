@@ -17,6 +17,7 @@ import functools
 import inspect
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
@@ -196,6 +197,8 @@ class _StepCall(StepContext):
     _awaited = False  # its function, no coroutine function, returned a coroutine: awaited in the step
     _following: Future | None = None  # the future it returned, until it is done or the step ended
     _cut_unfinished = False  # it ended with its agent before that future was done
+    # held while that future's outcome ends the step: its agent's end waits for it (_cut_future)
+    _follow_lock: threading.RLock | None = None
 
     def _clock(self) -> Clock:
         return self.run_context.client.clock
@@ -342,6 +345,8 @@ class _StepCall(StepContext):
             self.run_context.replay_log.abandon(self.replay_call)
             self.replay_call = None
         self._following = future
+        # reentrant: a done future calls _future_done in add_done_callback, and _cut_future does
+        self._follow_lock = threading.RLock()
         self.agent_context._keep_unread(self, self._cut_future)
         try:
             future.add_done_callback(self._future_done)
@@ -364,9 +369,21 @@ class _StepCall(StepContext):
         """The future the step returned is done: the step ends completed with its result,
         failed with its exception, or failed with its cancellation (no failure of the
         dependency: it counts towards no circuit). After the step ended with its agent, the
-        usage of an SDK response it gives is charged, as late usage."""
+        usage of an SDK response it gives is charged, as late usage.
+
+        A concurrent future wakes its waiters before it calls this: its caller may end the
+        agent meanwhile, which waits for the lock (``_cut_future``) and so for the step's end
+        and its charge; the step is forgotten by the agent only once it has ended."""
+        assert self._follow_lock is not None
         try:
+            with self._follow_lock:
+                self._end_from(future)
+        finally:
             self.agent_context._unread_done(self)
+
+    def _end_from(self, future: Future) -> None:
+        """The body of ``_future_done``, with its lock held."""
+        try:
             ours = self._settle(future)
             if future.cancelled():
                 if ours:
@@ -401,18 +418,43 @@ class _StepCall(StepContext):
         else:
             self._succeed(None, {attr.USAGE_UNKNOWN: True})  # its tokens were spent: not a silent 0
 
+    def _end_followed(self) -> None:
+        """The step returns a response: first the steps of its agent whose future is done end,
+        if their callback has not ended them yet. A concurrent future wakes its waiters first:
+        the response read from it is the step's below, charged to it, not to this step.
+        Never from a step that follows a future itself: it holds its own lock, and two such
+        steps ending at once would each wait for the other's."""
+        for step in list(self.agent_context._unread or ()):
+            if isinstance(step, _StepCall) and step is not self:
+                step._end_if_done()
+
+    def _end_if_done(self) -> None:
+        """End the step now if the future it returned is done (see ``_end_followed``)."""
+        lock = self._follow_lock
+        if lock is None:  # its stream is unread
+            return
+        with lock:  # after its callback, if that is ending it now
+            future = self._following
+            if future is not None:
+                if not future.done():
+                    return
+                self._end_from(future)
+        self.agent_context._unread_done(self)
+
     def _cut_future(self) -> None:
         """Its agent ends before the future it returned is done: the step ends now, completed
         and marked ``multirun.step.unfinished``; its outcome is unknown, and counts towards no
         circuit."""
-        future = self._following
-        if future is None:
-            return
-        if future.done():  # its callbacks have yet to run: a concurrent future wakes its waiters first
-            self._future_done(future)
-        elif self._settle(future, cut=True):
-            self._give_back(slot=False)
-            self._close(StepStatus.COMPLETED, extra={attr.STEP_UNFINISHED: True})
+        assert self._follow_lock is not None
+        with self._follow_lock:  # after the future's callback, if it is ending the step now
+            future = self._following
+            if future is None:
+                return
+            if future.done():  # its callbacks have yet to run: a concurrent future wakes its waiters first
+                self._end_from(future)
+            elif self._settle(future, cut=True):
+                self._give_back(slot=False)
+                self._close(StepStatus.COMPLETED, extra={attr.STEP_UNFINISHED: True})
 
     def _stream_item(self, item: Any) -> None:
         """Its caller read ``item`` of the stream the step returned."""
@@ -491,6 +533,8 @@ class _StepCall(StepContext):
             return
         found = response_call(result)
         if found is not None:
+            if self.agent_context._unread and self._follow_lock is None:
+                self._end_followed()
             response, call = found
             if not self.run_context._returned_before(response, call[0]):
                 self._charge_response_usage(call)
@@ -498,8 +542,11 @@ class _StepCall(StepContext):
     def _charge_sdk_usage_in(self, items: list[Any] | tuple[Any, ...]) -> None:
         """Charge the LLM SDK responses in a list or tuple the step returned (one level deep),
         each unless its call is charged already, as ``_charge_sdk_usage`` does."""
+        found = calls_in(items)
+        if found and self.agent_context._unread and self._follow_lock is None:
+            self._end_followed()
         returned_before = self.run_context._returned_before
-        calls = [call for response, call in calls_in(items) if not returned_before(response, call[0])]
+        calls = [call for response, call in found if not returned_before(response, call[0])]
         if calls:
             self._charge_response_usage(*calls)
 
