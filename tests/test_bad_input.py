@@ -150,6 +150,41 @@ def test_a_retry_rule_base_delay_above_its_cap_is_refused_naming_both() -> None:
     assert RetryRule(base_delay_seconds=120, max_delay_seconds=120).base_delay_seconds == 120
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"retry": 3, "retry_max_delay": 0.5}, {"retry_max_delay": 0}, {"retry_delay": 5, "retry_max_delay": 1}],
+)
+def test_a_retry_delay_cap_below_a_delay_no_one_gave_is_accepted(options: dict[str, Any]) -> None:
+    """A cap under the default delay (1 s) lowers it, as the reference has it: it was refused,
+    blaming a retry_delay the user never gave. Without retries (retry=0), no delay is used."""
+
+    @step(**options)
+    def work() -> None:
+        return None
+
+
+def test_a_retry_rule_cap_below_the_default_base_delay_is_accepted() -> None:
+    assert RetryRule(max_delay_seconds=0.5).max_delay_seconds == 0.5
+    assert RetryRule(max_delay_seconds=0).max_delay_seconds == 0
+
+
+def test_a_retry_rule_s_delays_assigned_one_by_one_are_each_checked() -> None:
+    """Each assignment is checked on its own: to raise both delays, the cap first (a base above
+    the cap it has is refused, and the rule stays as it was); to lower both, the base first."""
+    rule = RetryRule()
+    rule.max_delay_seconds = 0.5  # below the default base: lowers it
+    rule.max_delay_seconds = 120
+    rule.base_delay_seconds = 90
+    with pytest.raises(pydantic.ValidationError, match=r"base_delay_seconds .*150.*max_delay_seconds.*120"):
+        rule.base_delay_seconds = 150
+    assert (rule.base_delay_seconds, rule.max_delay_seconds) == (90, 120)
+    with pytest.raises(pydantic.ValidationError, match=r"base_delay_seconds .*90.*max_delay_seconds.*30"):
+        rule.max_delay_seconds = 30  # below the base it was given
+    rule.base_delay_seconds = 10
+    rule.max_delay_seconds = 30
+    assert (rule.base_delay_seconds, rule.max_delay_seconds) == (10, 30)
+
+
 def test_step_with_unknown_retry_strategy_lists_allowed_values() -> None:
     with pytest.raises(ConfigurationError, match="retry_strategy") as info:
 

@@ -109,6 +109,16 @@ _FUTURES = (asyncio.Future, concurrent.futures.Future)
 # @step
 
 
+class _DefaultDelay(float):
+    """``retry_delay``'s default, told from a delay the user gave (``repr`` 1.0, as a float's):
+    a ``retry_max_delay`` below it lowers it, where one the user gave above it is refused."""
+
+    __slots__ = ()
+
+
+RETRY_DELAY = _DefaultDelay(1.0)
+
+
 class StepSpec:
     """What ``@step(...)`` was given, validated once at decoration time."""
 
@@ -157,7 +167,9 @@ class StepSpec:
         self.retry = _non_negative_int(decorator, "retry", retry)
         self.retry_delay = _delay(decorator, "retry_delay", retry_delay)
         self.retry_max_delay = _delay(decorator, "retry_max_delay", retry_max_delay)
-        if self.retry_delay > self.retry_max_delay:  # the cap would win, silently
+        # the cap would win, silently; not over the default delay a cap below it lowers
+        given = type(retry_delay) is not _DefaultDelay
+        if given and self.retry and self.retry_delay > self.retry_max_delay:
             raise ConfigurationError(
                 f"@{decorator}(retry_delay=...) must be at most retry_max_delay, which caps every "
                 f"delay: got {retry_delay!r} with retry_max_delay={retry_max_delay!r}"
@@ -725,7 +737,7 @@ def step(
     name: str | None = None,
     kind: StepKind | str = StepKind.FUNCTION,
     retry: int = 0,
-    retry_delay: float = 1.0,
+    retry_delay: float = RETRY_DELAY,
     retry_max_delay: float = 60.0,
     retry_strategy: BackoffStrategy | str = BackoffStrategy.EXPONENTIAL,
     retry_on: tuple[type[Exception], ...] | type[Exception] | None = None,
@@ -740,7 +752,7 @@ def step(
     name: str | None = None,
     kind: StepKind | str = StepKind.FUNCTION,
     retry: int = 0,
-    retry_delay: float = 1.0,
+    retry_delay: float = RETRY_DELAY,
     retry_max_delay: float = 60.0,
     retry_strategy: BackoffStrategy | str = BackoffStrategy.EXPONENTIAL,
     retry_on: tuple[type[Exception], ...] | type[Exception] | None = None,

@@ -76,7 +76,10 @@ class RetryRule(Settings):
 
     @model_validator(mode="after")
     def _base_delay_within_its_cap(self) -> RetryRule:
-        if self.base_delay_seconds > self.max_delay_seconds:  # the cap would win, silently
+        """A base delay given (or assigned) above its cap is refused: the cap would win,
+        silently. A cap below the default base delay lowers it."""
+        base, cap = self.base_delay_seconds, self.max_delay_seconds
+        if base > cap and "base_delay_seconds" in self.model_fields_set:
             raise ValueError(
                 f"base_delay_seconds must be at most max_delay_seconds, which caps every delay: "
                 f"got {self.base_delay_seconds:g} with max_delay_seconds={self.max_delay_seconds:g}"
