@@ -296,6 +296,41 @@ async def test_async_generator_step_closed_early_records_items_handed_out(traced
     assert a["multirun.step.stream_items"] == 2
 
 
+@pytest.mark.parametrize("retry", [0, 1])
+@pytest.mark.parametrize("kind", ["generator", "async_generator"])
+async def test_generator_step_called_with_wrong_arguments_fails_with_the_type_error(
+    traced, kind, retry
+) -> None:
+    """The call that makes the generator raises: the step fails with it (retried first, if it
+    has retries), as a function step whose call raises does (its span was never ended, and no
+    backend ever saw it)."""
+
+    def sync_stream(n: int):  # type: ignore[no-untyped-def]
+        yield from range(n)
+
+    async def async_stream(n: int):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            yield i
+
+    stream = step(name="stream", retry=retry)(sync_stream if kind == "generator" else async_stream)
+
+    @run
+    async def main() -> None:
+        with pytest.raises(StepError if retry else TypeError) as raised:
+            if kind == "generator":
+                list(stream(1, 2))
+            else:
+                [item async for item in stream(1, 2)]
+        error = raised.value.__cause__ if retry else raised.value
+        assert isinstance(error, TypeError) and "positional argument" in str(error)
+
+    await main()
+    a = attrs(traced.span("step stream"))
+    assert a["multirun.step.status"] == "failed"
+    assert a["multirun.step.attempt"] == 1 + retry
+    assert traced.span("invoke_workflow main").attributes["multirun.run.status"] == "completed"
+
+
 def test_checkpoint_outside_run_just_runs(traced) -> None:
     @checkpoint(name="alone")
     def work() -> int:

@@ -18,7 +18,7 @@ import inspect
 import logging
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Generator
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
@@ -1309,7 +1309,10 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
         if call.wait_before:
             _pause(call, call.wait_before)
         step = call if isinstance(call, _StepCall) else None  # only steps look at what they stream
-        gen = func(*args, **kwargs)
+        try:
+            gen = func(*args, **kwargs)
+        except BaseException as error:  # wrong arguments, say: fails as its body would
+            gen = _raising(error)
         how, value = gen.send, None
         count = 0
         while True:
@@ -1332,7 +1335,10 @@ def _gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., A
                 if delay is None:
                     _raise_failed(call, error)
                 _retry_after(call, delay)
-                gen = func(*args, **kwargs)
+                try:
+                    gen = func(*args, **kwargs)
+                except BaseException as error:
+                    gen = _raising(error)
                 how, value = gen.send, None
                 continue
             count += 1
@@ -1395,7 +1401,10 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
         if call.wait_before:
             await _async_pause(call, call.wait_before)
         step = call if isinstance(call, _StepCall) else None  # only steps look at what they stream
-        agen = func(*args, **kwargs)
+        try:
+            agen = func(*args, **kwargs)
+        except BaseException as error:  # wrong arguments, say: fails as its body would
+            agen = _async_raising(error)
         how, value = _first_send, agen
         count = 0
         while True:
@@ -1417,7 +1426,10 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
                 if delay is None:
                     _raise_failed(call, error)
                 await _async_retry_after(call, delay)
-                agen = func(*args, **kwargs)
+                try:
+                    agen = func(*args, **kwargs)
+                except BaseException as error:
+                    agen = _async_raising(error)
                 how, value = _first_send, agen
                 continue
             count += 1
@@ -1448,6 +1460,19 @@ def _async_gen_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[
         call._succeed(None, {attr.STEP_STREAM_ITEMS: count})
 
     return wrapper
+
+
+def _raising(error: BaseException) -> Generator[Any, Any, Any]:
+    """A generator that raises ``error`` when started: a generator step whose call raised
+    (its arguments did not fit) is retried or fails as one whose body raised at once."""
+    raise error
+    yield  # a generator, never reached
+
+
+async def _async_raising(error: BaseException) -> AsyncGenerator[Any, Any]:
+    """The async twin of ``_raising``."""
+    raise error
+    yield  # an async generator, never reached
 
 
 def _first_send(agen: Any) -> Any:
