@@ -13,10 +13,8 @@ import contextlib
 import gc
 import inspect
 import json
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anthropic
@@ -24,6 +22,7 @@ import genai_prices
 import pytest
 
 import multirun
+from local_http import LocalHTTPServer, QuietHandler
 from multirun import run, step
 from multirun.models import StepKind
 from multirun.telemetry import attributes as attr
@@ -51,14 +50,14 @@ def sse_events(model: str, prompt: str) -> Iterator[str]:
     yield event("message_stop", {})
 
 
-class MessagesServer:
+class MessagesServer(LocalHTTPServer):
     """``POST /v1/messages`` on 127.0.0.1, streamed."""
 
     def __init__(self) -> None:
         self.requests = 0
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 server.requests += 1
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
@@ -70,22 +69,15 @@ class MessagesServer:
                     self.wfile.flush()
                 self.close_connection = True
 
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+        super().__init__(Handler)
 
 
 @pytest.fixture
 def messages() -> Iterator[MessagesServer]:
     server = MessagesServer()
-    server._thread.start()
+    server.start()
     yield server
-    server._server.shutdown()
-    server._server.server_close()
+    server.stop()
 
 
 def attrs(span: Any) -> dict[str, Any]:

@@ -8,9 +8,7 @@ server-sent events). Prices are genai-prices' own, computed here.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import genai_prices
@@ -18,6 +16,7 @@ import pytest
 from google import genai
 from google.genai import types
 
+from local_http import LocalHTTPServer, QuietHandler
 from multirun import run, step
 
 MODEL = "gemini-2.5-flash"
@@ -51,12 +50,12 @@ STREAM = [
 ]
 
 
-class Gemini:
+class Gemini(LocalHTTPServer):
     """An HTTP server on 127.0.0.1 answering ``generateContent`` with one response and
     ``streamGenerateContent`` with ``STREAM`` as server-sent events."""
 
     def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 if ":streamGenerateContent" in self.path:
@@ -70,18 +69,8 @@ class Gemini:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(Handler)
+        self.start()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
 
 import genai_prices
@@ -38,6 +38,7 @@ from opentelemetry.trace import StatusCode
 from opentelemetry.util.genai.handler import TelemetryHandler
 
 import multirun
+from local_http import LocalHTTPServer, QuietHandler
 from multirun import run, step
 from multirun.errors import BudgetExceededError
 from multirun.models import Budget, StepKind
@@ -88,7 +89,7 @@ class Served:
     usage: Canned
 
 
-class CannedOpenAI:
+class CannedOpenAI(LocalHTTPServer):
     """``POST /v1/chat/completions`` on 127.0.0.1, answered from CANNED in arrival order."""
 
     def __init__(self) -> None:
@@ -101,21 +102,7 @@ class CannedOpenAI:
         self.same_id: str | None = None  # every chat completion's id, as some compatible servers do
         self.answers = CANNED  # the usage of each answer, in arrival order
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.02,), name="canned-openai", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        super().__init__(self._handler_class(), "/v1")
 
     @property
     def requests(self) -> int:
@@ -138,7 +125,7 @@ class CannedOpenAI:
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         canned = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 with canned._lock:
                     canned.received += 1
@@ -200,9 +187,6 @@ class CannedOpenAI:
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
 
         return Handler
 

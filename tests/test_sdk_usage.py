@@ -19,7 +19,6 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anthropic
@@ -36,6 +35,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import multirun
 import multirun.usage
+from local_http import LocalHTTPServer, QuietHandler
 from multirun import agent, run, step
 from multirun.context import get_current_step_context
 from multirun.errors import BudgetExceededError
@@ -1357,7 +1357,7 @@ def test_classes_made_at_run_time_that_steps_return_are_not_kept_alive(traced) -
     assert alive <= 1_100, f"{alive} of 3,000 classes still alive"
 
 
-class Answering:
+class Answering(LocalHTTPServer):
     """An HTTP server on 127.0.0.1 that answers every POST with ``self.body``, bytes as they are
     (JSON a misbehaving server sends, ``NaN`` say, which Python's JSON reader takes)."""
 
@@ -1365,7 +1365,7 @@ class Answering:
         self.body = b"{}"
         answering = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 self.send_response(200)
@@ -1374,18 +1374,8 @@ class Answering:
                 self.end_headers()
                 self.wfile.write(answering.body)
 
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(Handler, "/v1")
+        self.start()
 
 
 @pytest.fixture
