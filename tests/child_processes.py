@@ -1,12 +1,20 @@
-"""What the test servers (Redis, SeaweedFS, the tracing stack) share about their processes."""
+"""What the test servers (Redis, SeaweedFS, the tracing stack) and the child programs of the
+tests share about their processes."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import subprocess
 import sys
+
+
+def environment_without_settings() -> dict[str, str]:
+    """This process's environment without the OTEL_* and MULTIRUN_* variables: a child program
+    configured only by what its test gives it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
 
 
 def free_port() -> int:

@@ -16,6 +16,7 @@ import pytest
 from pydantic_core import to_jsonable_python
 
 import multirun
+from child_processes import environment_without_settings
 from multirun import run, step
 from multirun.checkpoints.serializers import JsonSerializer, dump_blob
 from multirun.cli.main import main
@@ -341,14 +342,13 @@ researcher()
 
 
 def test_an_old_pickle_checkpoint_of_classes_of_main_resumes_in_its_program(tmp_path: Path) -> None:
-    import os
     import subprocess
     import sys
 
     old_pickle_of_main_store(tmp_path / "mr" / "blobs")
     script = tmp_path / "researcher.py"
     script.write_text(RESEARCHER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["MULTIRUN_CHECKPOINT_HMAC_KEY"] = GOLDEN_KEY_TEXT
     multirun_cli = str(Path(sys.executable).parent / "multirun")
     command = [multirun_cli, "resume", "--dir", str(tmp_path / "mr"), "ckpt-golden-v3"]

@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
+from child_processes import environment_without_settings
 from multirun import client as client_module
 from multirun.cli import main, render, runs
 from multirun.cli.main import NO_RUNS_HINT
@@ -1534,7 +1535,7 @@ def test_colours_on_a_terminal_unless_no_color(demo: DemoRun, monkeypatch: pytes
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env.update(extra)
     return env
 

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 import multirun
+from child_processes import environment_without_settings
 from multirun import run
 from multirun.checkpoints.envelope import open_meta
 from multirun.checkpoints.serializers import dump_blob, get_serializer, load_blob, resolve_hmac_key
@@ -951,7 +952,7 @@ def test_show_verify_and_resume_of_a_pickle_checkpoint_of_classes_of_the_program
     and verifies the checkpoint without unpickling it, and the resumed program unpickles it."""
     script = tmp_path / "agent.py"
     script.write_text(MAIN_PROGRAM)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["MULTIRUN_CHECKPOINT_HMAC_KEY"] = PICKLE_KEY
     folder, effects = tmp_path / "mr", tmp_path / "effects.txt"
     program = [sys.executable, str(script), str(folder), str(effects)]

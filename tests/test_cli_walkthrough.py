@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from child_processes import environment_without_settings
 from multirun import client as client_module
 from multirun.cli.main import main
 
@@ -72,7 +72,7 @@ class Walkthrough:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     return {**env, **extra}
 
 

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import multirun
+from child_processes import environment_without_settings
 from multirun import checkpoint, run, step
 from multirun.errors import ConfigurationError
 from multirun.telemetry import attributes as attr
@@ -496,7 +497,7 @@ print(job())
 def test_a_bad_otel_span_attribute_count_limit_does_not_fail_the_import(tmp_path: Path) -> None:
     # the SDK reads this variable as its trace module is imported, in `import multirun`: init
     # must still refuse it by name, and a run without init go on
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT"] = "abc"
     env["MULTIRUN_DIR"] = str(tmp_path / "mr")
     done = subprocess.run(
@@ -541,7 +542,7 @@ def test_an_unknown_propagator_in_otel_propagators_is_a_warning_not_a_failed_imp
 ) -> None:
     # OpenTelemetry loads the propagators as opentelemetry.propagate is imported, in
     # `import multirun`, and failed that import with a ValueError on a name it cannot load
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["OTEL_PROPAGATORS"] = configured
     env["MULTIRUN_DIR"] = str(tmp_path / "mr")
     done = subprocess.run(
@@ -634,7 +635,7 @@ else:
 
 def run_without_init(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
     """METRICS_WITHOUT_INIT in a fresh process: its first @run sets up the defaults."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env |= {"MULTIRUN_DIR": str(tmp_path / "mr"), "OTEL_EXPORTER_OTLP_TIMEOUT": "1", **variables}
     return subprocess.run(
         [sys.executable, "-c", METRICS_WITHOUT_INIT], capture_output=True, text=True, env=env, timeout=120

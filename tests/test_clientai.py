@@ -44,6 +44,7 @@ from openai.types.chat import ChatCompletionChunk
 from opentelemetry.trace import StatusCode
 
 import multirun
+from child_processes import environment_without_settings
 from clientai_programs import research_agent
 from clientai_programs.fake_openai import APIFailure, FakeCompletions, Reply, ScriptedModel, offline_client
 from clientai_programs.fake_providers import (
@@ -1495,7 +1496,7 @@ def test_instrument_imports_no_clientai_and_patches_it_when_the_program_imports_
         "from clientai_programs import research_agent\n"
         "research_agent.main([])\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["MULTIRUN_DIR"] = str(tmp_path / "multirun")
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -1537,7 +1538,7 @@ def test_a_clientai_whose_patched_method_was_renamed_runs_untraced_with_one_warn
     shutil.copytree(CLIENTAI_PACKAGE, future, ignore=shutil.ignore_patterns("__pycache__"))
     execution = future / "agent" / "core" / "execution.py"
     execution.write_text(execution.read_text().replace("_execute_single_call", "_single_call"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), str(TESTS.parent / "src")]))
     env.update(MULTIRUN_DIR=str(tmp_path / "mr"))
     command = [sys.executable, "-c", FUTURE_CLIENTAI, how]
@@ -1563,7 +1564,7 @@ def test_opentelemetry_instrument_gives_the_same_tree_without_a_code_change(
     research_agent.main(args)  # in this process, instrumented by the fixture
     here = tree(records(traced))
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["MULTIRUN_DIR"] = str(tmp_path / "multirun")
     instrument = Path(sys.executable).parent / "opentelemetry-instrument"
     done = subprocess.run(
@@ -1586,7 +1587,7 @@ def _run_module(
     module: str, tmp_path: Path, *, instrumented: bool, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """``python -m module`` from tests/, under ``opentelemetry-instrument`` if ``instrumented``."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    environment = environment_without_settings()
     environment.update(MULTIRUN_DIR=str(tmp_path / "multirun"), **env)
     command = [sys.executable, "-m", module]
     if instrumented:

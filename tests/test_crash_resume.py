@@ -3,7 +3,6 @@ for the steps completed before the checkpoint; the step that was running runs ag
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import subprocess
@@ -11,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from child_processes import environment_without_settings
 
 PROGRAM = """
 import os, signal, sys
@@ -79,7 +80,7 @@ def run_program(
     failure and ends well; ``command``: another program than this one, resumed the same way."""
     script = tmp_path / "nightly.py"
     script.write_text(PROGRAM)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["CRASH"] = "1" if crash else "0"
     env["RUN_NAME"] = run_name
     env["CARRY_ON"] = "1" if carry_on else "0"
@@ -144,7 +145,7 @@ def test_the_command_a_refused_resume_suggests_reads_the_store_it_was_given(tmp_
     program = [sys.executable, str(tmp_path / "nightly.py"), str(store), str(tmp_path / "effects.txt")]
     crashed = run_program(tmp_path, crash=True, command=program)
     run_id = crashed.stdout.split("RUN ", 1)[1].split()[0]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env.update(CRASH="0", RUN_NAME="weekly report", CARRY_ON="0")
 
     def multirun_resume(*words: str) -> subprocess.CompletedProcess[str]:

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import multirun
+from child_processes import environment_without_settings
 from multirun import checkpoint, run, step
 from multirun.checkpoints.envelope import MAGIC
 from multirun.checkpoints.exporters import (
@@ -114,7 +115,7 @@ def order_process(
 ) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "order.py"
     script.write_text(ORDER_PROGRAM)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["CRASH"] = crash
     if resume is not None:
         env["MULTIRUN_RESUME"] = resume

@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, TraceFlags
 
 import multirun
+from child_processes import environment_without_settings
 from multirun import client as client_module
 from multirun import run, step
 from multirun.checkpoints.exporters import BlobExporter, MemoryBlobExporter
@@ -262,7 +263,7 @@ def test_1_a_collector_refusing_every_export_costs_a_few_lines_per_outage_not_on
 ) -> None:
     # the SDK's OTLP exporters log each failed batch and each retry: a collector down for an
     # hour filled the service's log with thousands of lines
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env |= {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_METRIC_EXPORT_INTERVAL": "100"}
     env["OTEL_EXPORTER_OTLP_TIMEOUT"] = "1"  # each export gives up within a second
     log = tmp_path / "stderr.txt"  # a file, not a pipe: a flood of lines must not block the program
@@ -358,7 +359,7 @@ def exit_of(
     endpoint: str, tmp_path: Path, **variables: str
 ) -> tuple[float, subprocess.CompletedProcess[str]]:
     """Run EXIT_PROGRAM against ``endpoint``: (seconds it took, the finished process)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))} | variables
+    env = environment_without_settings() | variables
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-c", EXIT_PROGRAM, endpoint, str(tmp_path / "mr")],
@@ -406,7 +407,7 @@ def test_2_ctrl_c_while_exit_waits_for_a_collector_that_never_answers_is_one_lin
     silent_collector: str, tmp_path: Path
 ) -> None:
     # the user stops the wait: multirun's exit handler printed a KeyboardInterrupt traceback
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     program = EXIT_PROGRAM + 'print("ended", flush=True)\n'
     exiting = subprocess.Popen(
         [sys.executable, "-c", program, silent_collector, str(tmp_path / "mr")],
@@ -621,7 +622,7 @@ os._exit(0)  # the parent's exporter is still stuck: do not wait for it at exit
 def test_5_a_forked_child_traces_and_exports_through_its_own_worker(tmp_path: Path) -> None:
     script = tmp_path / "fork.py"
     script.write_text(FORK_PROGRAM)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["OTEL_BSP_MAX_QUEUE_SIZE"] = "8"
     env["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"] = "8"
     env["OTEL_BSP_SCHEDULE_DELAY"] = "10"
@@ -687,7 +688,7 @@ print(json.dumps({"code": os.waitstatus_to_exitcode(status)}))
 def test_5_a_child_forked_while_a_thread_counts_a_step_runs_its_own_steps(tmp_path: Path) -> None:
     script = tmp_path / "fork.py"
     script.write_text(FORK_WHILE_COUNTING)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     done = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "mr")],
         capture_output=True,
@@ -737,7 +738,7 @@ def test_5_the_runs_of_multiprocessing_workers_are_exported_when_they_exit(
     # spans of their runs, still in the batch queue (5 s), were all lost
     script = tmp_path / "workers.py"
     script.write_text(WORKERS_PROGRAM)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     done = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "mr"), method],
         capture_output=True,
@@ -784,7 +785,7 @@ def test_5_a_forked_worker_exports_over_connections_of_its_own(collector: Collec
     # two processes writing to one TCP stream can interleave requests and read each other's answers
     script = tmp_path / "connections.py"
     script.write_text(CONNECTION_PROGRAM)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     done = subprocess.run(
         [sys.executable, str(script), collector.url], capture_output=True, text=True, env=env, timeout=120
@@ -1194,7 +1195,7 @@ def exit_after_an_outage(
 ) -> tuple[str, float, subprocess.CompletedProcess[str]]:
     """Run ``program`` while ``server`` is down, call ``between`` once its run is over, then let
     it exit: (its run's id, seconds its exit took, the finished process)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))} | variables
+    env = environment_without_settings() | variables
     server.down()
     child = subprocess.Popen(
         [sys.executable, "-c", program, ledger_uri],

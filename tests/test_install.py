@@ -24,6 +24,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from packaging.specifiers import SpecifierSet
 
 import multirun
+from child_processes import environment_without_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src" / "multirun"
@@ -232,7 +233,7 @@ def _packages_without(tmp_path: Path, *hidden: str) -> tuple[Path, list[str]]:
 
 
 def _clean_env(path: list[str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["PYTHONPATH"] = os.pathsep.join(path)
     return env
 

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext, Status, StatusCode
 
 import multirun
+from child_processes import environment_without_settings
 from multirun.telemetry import attributes as attr
 from multirun.telemetry.export import ExportProcessor
 from multirun.telemetry.local_files import LocalFileSpanExporter, read_spans
@@ -179,7 +180,7 @@ fetch()
 def run_program(code: str, folder: Path) -> subprocess.CompletedProcess[str]:
     """``python -c code`` in ``folder``, with this package and no OTEL_/MULTIRUN_ settings."""
     src = Path(multirun.__file__).parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     return subprocess.run(
         [sys.executable, "-c", code],
         cwd=folder,
@@ -222,7 +223,7 @@ def test_init_in_a_deleted_working_directory_does_not_fail_the_program(tmp_path:
     # the folder of the span files is made absolute when init makes the exporter: os.getcwd()
     # raised FileNotFoundError, out of init
     src = Path(multirun.__file__).parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     ended = subprocess.run(
         [sys.executable, "-c", IN_A_DELETED_WORKING_DIRECTORY, str(tmp_path)],
         env=dict(env, PYTHONPATH=str(src)),

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from child_processes import environment_without_settings
 from otlp_collectors import Collector  # the OTLP/HTTP collector (fixture: collector)
 
 PROGRAM = """
@@ -47,7 +48,7 @@ print("readers:", sorted(type(reader).__name__ for reader in readers))
 def program(tmp_path: Path, *, init: bool = True, **variables: str) -> subprocess.CompletedProcess[str]:
     """PROGRAM in a fresh process with only these OTEL_ variables; ``init``: it calls init(),
     else its first run sets up the defaults."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env |= {"MULTIRUN_DIR": str(tmp_path / "mr"), "OTEL_EXPORTER_OTLP_TIMEOUT": "2", **variables}
     return subprocess.run(
         [sys.executable, "-c", PROGRAM, "init" if init else "run"],
@@ -155,7 +156,7 @@ def test_the_variable_is_not_read_when_the_application_says_where_metrics_go(tmp
             "import multirun\nfrom opentelemetry.sdk.metrics import MeterProvider\n"
             f"multirun.init({options})\nprint('configured')\n"
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+        env = environment_without_settings()
         env |= {"MULTIRUN_DIR": str(tmp_path / "mr"), "OTEL_METRICS_EXPORTER": "no-such-exporter"}
         done = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, check=False

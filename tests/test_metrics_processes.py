@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from child_processes import environment_without_settings
 from otlp_collectors import Collector  # the OTLP/HTTP collector (fixture: collector)
 
 INSTANCE = "service.instance.id"
@@ -58,7 +59,7 @@ if __name__ == "__main__":
 
 
 def _program_env(collector: Collector) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     return {**env, "COLLECTOR": collector.url, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 

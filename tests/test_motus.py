@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from child_processes import environment_without_settings
+
 pytestmark = pytest.mark.needs_py312
 if sys.version_info < (3, 12):
     pytest.skip("Motus needs Python 3.12 or newer", allow_module_level=True)
@@ -1699,7 +1701,7 @@ def test_a_motus_whose_patched_method_was_renamed_runs_untraced_with_one_warning
     shutil.copytree(Path(motus.__file__).parent, future, ignore=shutil.ignore_patterns("__pycache__"))
     runtime = future / "runtime" / "agent_runtime.py"
     runtime.write_text(runtime.read_text().replace("_execute_task", "_run_task"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env.update(
         PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT / "src")]), MULTIRUN_DIR=str(tmp_path / "mr")
     )
@@ -1721,7 +1723,7 @@ def test_zero_code_run_gives_the_same_tree(tmp_path: Path, crew_spans: list[Span
     in_process = _tree(crew_spans)
     assert in_process == CREW_TREE
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))},
+        **environment_without_settings(),
         "MULTIRUN_DIR": str(tmp_path / ".multirun"),
         "MOTUS_LOG_LEVEL": "WARNING",
         # Motus's token estimate tries to download tiktoken's tables: offline, that makes HTTP

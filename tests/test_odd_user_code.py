@@ -21,6 +21,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import StatusCode
 
+from child_processes import environment_without_settings
 from multirun import agent, run, step
 from multirun._stack import HEADROOM, headroom
 from multirun.context import RunContext, get_current_run_context, has_active_run
@@ -616,7 +617,7 @@ def test_a_run_in_an_exit_handler_registered_after_import_is_traced(tmp_path) ->
     # handler was registered by the first run, after the program's): that run's spans were lost
     script = tmp_path / "exit_handler.py"
     script.write_text(RUN_IN_AN_EXIT_HANDLER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env["MULTIRUN_DIR"] = str(tmp_path / "mr")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -25,6 +25,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 import multirun
+from child_processes import environment_without_settings
 from multirun import client as client_module
 from multirun import run
 from multirun.errors import ConfigurationError
@@ -209,7 +210,7 @@ def test_the_metrics_protocol_variable_sends_the_metrics_over_grpc(
     tmp_path: Path, grpc_collector: GrpcCollector, collector: Collector
 ) -> None:
     # in a process of its own: the MeterProvider init makes is global; exit exports the metrics
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env |= {
         "MULTIRUN_DIR": str(tmp_path / "mr"),
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -521,7 +522,7 @@ def test_the_demo_sends_over_grpc_when_the_variable_says_so_and_says_it_did(
     tmp_path: Path, grpc_collector: GrpcCollector
 ) -> None:
     src = Path(client_module.__file__).parents[1]  # the package under test, in a fresh process
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     path = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
     env |= {"PYTHONPATH": path, "NO_COLOR": "1", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
     command = "import sys; from multirun.cli import main; sys.exit(main())"
@@ -550,7 +551,7 @@ def test_a_malformed_headers_variable_is_one_warning_naming_it_and_the_other_hea
     # the SDK logged "Header format invalid! ..." once per part and exporter, naming neither the
     # variable nor what is wrong, with the part's value (a token) in it; the export went on
     # without the part, and a collector that wants it refuses every export
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env |= {
         "MULTIRUN_DIR": str(tmp_path / "mr"),
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,  # spans and metrics: two exporters read it

@@ -11,7 +11,6 @@ local files. The application's own provider, ``init(span_exporter=...)`` and
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import multirun
+from child_processes import environment_without_settings
 from multirun.errors import ConfigurationError
 from multirun.telemetry.export import SpanExporters
 from multirun.telemetry.local_files import read_spans
@@ -126,7 +126,7 @@ def test_the_variable_is_not_read_when_the_application_says_where_spans_go(
 
 def test_a_program_under_opentelemetry_instrument_prints_its_spans_with_console(tmp_path: Path) -> None:
     """The zero-code path, configured by the variables alone."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env.update(MULTIRUN_DIR=str(tmp_path / "mr"), OTEL_TRACES_EXPORTER="console")
     done = subprocess.run(
         [

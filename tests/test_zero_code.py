@@ -9,13 +9,14 @@ tests/test_traces_exporter.py with ``OTEL_TRACES_EXPORTER``.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from child_processes import environment_without_settings
 
 TESTS = Path(__file__).resolve().parent
 INSTRUMENT = Path(sys.executable).parent / "opentelemetry-instrument"
@@ -31,7 +32,7 @@ print(sorted({name.split(".")[0] for name in sys.modules} & {"multirun", "client
 
 
 def _instrumented(tmp_path: Path, code: str = PROGRAM, **variables: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MULTIRUN_"))}
+    env = environment_without_settings()
     env.update(MULTIRUN_DIR=str(tmp_path / "mr"), **variables)
     return subprocess.run(
         [str(INSTRUMENT), sys.executable, "-c", code],
