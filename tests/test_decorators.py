@@ -985,9 +985,8 @@ def test_step_outside_run_is_not_retried(traced) -> None:
 # content capture
 
 
-def test_content_is_not_captured_by_default(traced, monkeypatch) -> None:
-    monkeypatch.delenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", raising=False)
-    reinit(traced)
+def shouted() -> str:
+    """A run of one step, ``shout("hello")``, which returns ``"HELLO"``: its span is ``step shout``."""
 
     @step
     def shout(text: str) -> str:
@@ -997,7 +996,14 @@ def test_content_is_not_captured_by_default(traced, monkeypatch) -> None:
     def main() -> str:
         return shout("hello")
 
-    assert main() == "HELLO"
+    return main()
+
+
+def test_content_is_not_captured_by_default(traced, monkeypatch) -> None:
+    monkeypatch.delenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", raising=False)
+    reinit(traced)
+
+    assert shouted() == "HELLO"
 
     a = attrs(traced.span("step shout"))
     assert "multirun.step.input" not in a
@@ -1007,15 +1013,7 @@ def test_content_is_not_captured_by_default(traced, monkeypatch) -> None:
 def test_content_is_captured_with_init_capture_content(traced) -> None:
     reinit(traced, capture_content=True)
 
-    @step
-    def shout(text: str) -> str:
-        return text.upper()
-
-    @run
-    def main() -> str:
-        return shout("hello")
-
-    main()
+    shouted()
 
     a = attrs(traced.span("step shout"))
     assert a["multirun.step.input"] == "hello"
@@ -1026,15 +1024,7 @@ def test_content_is_captured_with_genai_capture_environment_variable(traced, mon
     monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
     reinit(traced)
 
-    @step
-    def shout(text: str) -> str:
-        return text.upper()
-
-    @run
-    def main() -> str:
-        return shout("hello")
-
-    main()
+    shouted()
 
     a = attrs(traced.span("step shout"))
     assert a["multirun.step.input"] == "hello"
@@ -1054,15 +1044,7 @@ def test_the_genai_capture_variable_s_content_modes_are_honoured(
     with caplog.at_level(logging.WARNING, logger="multirun"):
         reinit(traced)
 
-    @step
-    def shout(text: str) -> str:
-        return text.upper()
-
-    @run
-    def main() -> str:
-        return shout("hello")
-
-    main()
+    shouted()
     assert ("multirun.step.input" in attrs(traced.span("step shout"))) is captured
     assert not [r for r in caplog.records if "CAPTURE_MESSAGE_CONTENT" in r.getMessage()]
 

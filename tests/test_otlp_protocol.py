@@ -111,6 +111,15 @@ def no_protocol_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
 
 
+def traces_to(
+    monkeypatch: pytest.MonkeyPatch, protocol: str, collector: Collector, grpc_collector: GrpcCollector
+) -> None:
+    """Point the traces, over ``protocol``, at the collector that speaks it."""
+    url = grpc_collector.url if protocol == "grpc" else f"{collector.url}/v1/traces"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+
+
 def sent(client: multirun.MultiRunClient) -> None:
     """Run the four-span agent program and export its spans."""
     assert agent_program()("q") == "Qq"
@@ -424,9 +433,7 @@ def test_an_otlp_timeout_that_is_no_positive_number_is_refused_by_init_and_logge
 ) -> None:
     # the SDK's exporters took it, and every export then failed at once ("cannot set connect
     # timeout to 0.0", "Deadline Exceeded"), with a line per batch that named no variable
-    url = grpc_collector.url if protocol == "grpc" else f"{collector.url}/v1/traces"
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    traces_to(monkeypatch, protocol, collector, grpc_collector)
     monkeypatch.setenv(variable, value)
     with pytest.raises(
         ConfigurationError, match=rf"^{variable} must be a number of seconds > 0, got '{value}'$"
@@ -583,9 +590,7 @@ def test_init_goes_on_with_a_malformed_per_signal_headers_variable_and_says_whic
     grpc_collector: GrpcCollector,
     protocol: str,
 ) -> None:
-    url = grpc_collector.url if protocol == "grpc" else f"{collector.url}/v1/traces"
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    traces_to(monkeypatch, protocol, collector, grpc_collector)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-ignored=1")  # the per-signal one wins
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=acme, sk-secret-token")
     with caplog.at_level(logging.WARNING):
@@ -614,9 +619,7 @@ def test_well_formed_headers_variables_are_sent_without_a_word(
     grpc_collector: GrpcCollector,
     protocol: str,
 ) -> None:
-    url = grpc_collector.url if protocol == "grpc" else f"{collector.url}/v1/traces"
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    traces_to(monkeypatch, protocol, collector, grpc_collector)
     # a liberal value (a space, not URL-encoded) is taken as the other SDKs take it
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", " authorization=Bearer abc , x-tenant=a%2Cb,")
     with caplog.at_level(logging.WARNING):
