@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 import pytest
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import SpanKind, StatusCode
 
 import multirun
 from multirun import agent, checkpoint, run, step
@@ -571,6 +571,59 @@ def test_other_step_span_is_step_name_with_kind(traced) -> None:
     a = attrs(traced.span("step choose"))
     assert a["multirun.step.kind"] == "decision"
     assert a["multirun.step.name"] == "choose"
+
+
+def test_an_llm_step_is_a_client_span_and_runs_agents_tools_and_other_steps_are_internal(traced) -> None:
+    """The GenAI conventions' span kinds: an inference span is CLIENT (the model is served
+    elsewhere); invoke_workflow, an in-process invoke_agent and execute_tool are INTERNAL.
+    Backends that derive service graphs and span metrics from the kind (Tempo, Datadog) see the
+    model call as the outbound request it is."""
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def ask() -> str:
+        return "answer"
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o")
+    def fail() -> str:
+        raise TimeoutError("slow")
+
+    @step(kind=StepKind.TOOL_CALL)
+    def web_search() -> str:
+        return "found"
+
+    @step(kind=StepKind.SUB_AGENT)
+    def helper() -> None:
+        return None
+
+    @step
+    def parse() -> int:
+        return 1
+
+    @agent(name="planner")
+    def plan() -> None:
+        ask()
+        with pytest.raises(TimeoutError):
+            fail()
+        web_search()
+        helper()
+        parse()
+
+    @run(name="wf")
+    def main() -> None:
+        plan()
+
+    main()
+
+    kinds = {span.name: span.kind for span in traced.spans()}
+    assert kinds == {
+        "chat gpt-4o": SpanKind.CLIENT,
+        "execute_tool web_search": SpanKind.INTERNAL,
+        "invoke_agent helper": SpanKind.INTERNAL,
+        "step parse": SpanKind.INTERNAL,
+        "invoke_agent planner": SpanKind.INTERNAL,
+        "invoke_workflow wf": SpanKind.INTERNAL,
+    }
+    assert [span.kind for span in traced.named("chat gpt-4o")] == [SpanKind.CLIENT, SpanKind.CLIENT]
 
 
 def test_every_step_span_has_id_name_kind_status_and_attempt(traced) -> None:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Span, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from pydantic_core import to_json
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
@@ -1408,9 +1408,13 @@ class StepContext:
             name = spans.step_span_name(kind, self.name, self.model)
             if self.model and start_attrs.get(attr.GEN_AI_REQUEST_MODEL) != self.model:
                 start_attrs = {**start_attrs, attr.GEN_AI_REQUEST_MODEL: self.model}
+            span_kind = _CLIENT  # the conventions' inference span: a request to a model's server
         else:
             name = span_name or spans.step_span_name(kind, self.name, None)
-        span = client.tracer.start_span(name, context=parent_ctx, attributes=start_attrs or None)
+            span_kind = _INTERNAL
+        span = client.tracer.start_span(
+            name, context=parent_ctx, kind=span_kind, attributes=start_attrs or None
+        )
         self._span = span
         span_id = span.get_span_context().span_id
         # a no-op tracer's spans (the SDK disabled) all have span id 0: the step gets one of its own
@@ -2000,6 +2004,7 @@ _AGENT_STATUS_OF_RUN = {
 
 _STATUS_VALUES = {status: status.value for status in StepStatus}  # Enum.value is a slow property
 _KIND_VALUES = {kind: kind.value for kind in StepKind}
+_CLIENT, _INTERNAL = SpanKind.CLIENT, SpanKind.INTERNAL  # a step span's kind: no enum lookup per step
 
 
 def _span_context(ids: dict[str, str]) -> trace.SpanContext | None:
