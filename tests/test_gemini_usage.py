@@ -15,9 +15,13 @@ import genai_prices
 import pytest
 from google import genai
 from google.genai import types
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+import multirun
 from local_http import LocalHTTPServer, QuietHandler
 from multirun import run, step
+from multirun.models import StepKind
 
 MODEL = "gemini-2.5-flash"
 # Gemini counts thinking apart from the answer (candidatesTokenCount) and bills both as output;
@@ -190,3 +194,54 @@ def test_a_copy_of_a_gemini_response_another_step_returned_is_not_charged_again(
     main()
     check_charged(traced, "ask")
     assert "multirun.tokens_used" not in attrs(step_span(traced, "edited"))
+
+
+@pytest.fixture
+def metric_reader(traced) -> Iterator[InMemoryMetricReader]:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    multirun.init(tracer_provider=traced.provider, meter_provider=provider)
+    yield reader
+    provider.shutdown()
+
+
+def operations_of(reader: InMemoryMetricReader, name: str) -> set[str]:
+    data = reader.get_metrics_data()
+    return {
+        point.attributes["gen_ai.operation.name"]
+        for resource in (data.resource_metrics if data else ())
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+    }
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_gemini_call_is_a_generate_content_operation(traced, metric_reader, gemini, streamed) -> None:
+    """The GenAI conventions name Gemini's call ``generate_content`` (as the reference
+    google-genai instrumentation does), not ``chat``: on the LLM step's span and its name, and
+    in the GenAI metrics."""
+
+    @step(kind=StepKind.LLM_CALL, model=MODEL)
+    def ask() -> Any:
+        return gemini.models.generate_content(model=MODEL, contents="hi")
+
+    @step(kind=StepKind.LLM_CALL, model=MODEL, name="ask")
+    def ask_streamed() -> Iterator[Any]:
+        yield from gemini.models.generate_content_stream(model=MODEL, contents="hi")
+
+    @run(name="main")
+    def main() -> None:
+        if streamed:
+            for _ in ask_streamed():
+                pass
+        else:
+            ask()
+
+    main()
+    span = step_span(traced, "ask")
+    assert span.name == f"generate_content {MODEL}"
+    assert attrs(span)["gen_ai.operation.name"] == "generate_content"
+    assert operations_of(metric_reader, "gen_ai.client.token.usage") == {"generate_content"}
+    assert operations_of(metric_reader, "gen_ai.client.operation.duration") == {"generate_content"}

@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from wrapt import ObjectProxy
 
 from multirun.pricing import provider_at
+from multirun.telemetry import attributes as attr
 from multirun.usage import TokenUsage, usable_count
 
 _logger = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ _RAW = "raw"  # the SDK's raw HTTP response (with_raw_response): its parse() is 
 _GEMINI = "gemini"
 
 # the GenAI conventions' gen_ai.operation.name of a model call
-CHAT, TEXT_COMPLETION, EMBEDDINGS = "chat", "text_completion", "embeddings"
+CHAT, TEXT_COMPLETION, EMBEDDINGS = attr.OP_CHAT, attr.OP_TEXT_COMPLETION, attr.OP_EMBEDDINGS
+GENERATE_CONTENT = attr.OP_GENERATE_CONTENT  # Gemini's, as Google's own instrumentation names it too
 
 # (kind, provider id, genai-prices api flavor, operation)
 _How = tuple[str, str, str, str]
@@ -90,7 +92,7 @@ _KNOWN: dict[tuple[str, str], _How] = {
     ("anthropic._response", "APIResponse"): (_RAW, "anthropic", "", CHAT),
     ("anthropic._response", "AsyncAPIResponse"): (_RAW, "anthropic", "", CHAT),
     # generate_content(), and each chunk of generate_content_stream()
-    ("google.genai.types", "GenerateContentResponse"): (_GEMINI, "google", "default", CHAT),
+    ("google.genai.types", "GenerateContentResponse"): (_GEMINI, "google", "default", GENERATE_CONTENT),
 }
 
 # the attributes (id, model, usage) of a provider's response that are not id, model and usage

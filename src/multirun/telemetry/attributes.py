@@ -69,10 +69,13 @@ EXCEPTION_TYPE: Final = "exception.type"  # on an exception event
 OP_INVOKE_WORKFLOW: Final = "invoke_workflow"
 OP_INVOKE_AGENT: Final = "invoke_agent"
 OP_CHAT: Final = "chat"
+OP_TEXT_COMPLETION: Final = "text_completion"
+OP_GENERATE_CONTENT: Final = "generate_content"
+OP_EMBEDDINGS: Final = "embeddings"
 OP_EXECUTE_TOOL: Final = "execute_tool"
 # the operations of a model call, which an instrumentation of the GenAI conventions times in
 # gen_ai.client.operation.duration (not an agent's, a tool's or a workflow's)
-MODEL_CALL_OPERATIONS: Final = frozenset({OP_CHAT, "text_completion", "generate_content", "embeddings"})
+MODEL_CALL_OPERATIONS: Final = frozenset({OP_CHAT, OP_TEXT_COMPLETION, OP_GENERATE_CONTENT, OP_EMBEDDINGS})
 # the same, as OpenLLMetry's llm.request.type names them (its instrumentations time them too)
 MODEL_CALL_REQUEST_TYPES: Final = frozenset({"chat", "completion", "embedding"})
 
