@@ -1731,6 +1731,41 @@ def test_the_operation_name_of_an_llm_step_is_that_of_the_response_it_returns(
     assert operations(metric_reader, "gen_ai.client.operation.duration") == {operation}
 
 
+def test_an_embeddings_call_has_input_tokens_only(traced, metric_reader, answering, raw_client) -> None:
+    """An embeddings call produces no output tokens: its span carries ``gen_ai.usage.input_tokens``
+    alone and ``gen_ai.client.token.usage`` gets no ``output`` measurement (a 0 there would sit in
+    the output distribution of every dashboard that groups by model), as the conventions'
+    embeddings span and the reference instrumentations have it."""
+    model = "text-embedding-3-small"
+    body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}]}
+    answering.body = json.dumps(
+        {**body, "model": model, "usage": {"prompt_tokens": 30, "total_tokens": 30}}
+    ).encode()
+
+    @step(kind=StepKind.LLM_CALL)
+    def embed() -> Any:
+        return raw_client.embeddings.create(model=model, input="x")
+
+    @run(name="main")
+    def main() -> None:
+        embed()
+
+    main()
+    span = attrs(step_span(traced, "embed"))
+    assert span["gen_ai.usage.input_tokens"] == 30
+    assert "gen_ai.usage.output_tokens" not in span
+    data = metric_reader.get_metrics_data()
+    token_types = [
+        (point.attributes["gen_ai.token.type"], point.sum)
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "gen_ai.client.token.usage"
+        for point in metric.data.data_points
+    ]
+    assert token_types == [("input", 30)]
+
+
 async def test_the_responses_in_a_list_or_tuple_a_step_returns_are_each_charged_once(
     traced, llm, client
 ) -> None:

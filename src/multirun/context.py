@@ -1489,9 +1489,9 @@ class StepContext:
             if self.unpriced:
                 end_attrs[attr.UNPRICED] = True
         if self._own_usage:
-            _usage_attributes(self._own_usage, end_attrs)
-            model = self._own_usage[-1][0].model
             operation = self._operation
+            _usage_attributes(self._own_usage, end_attrs, operation)
+            model = self._own_usage[-1][0].model
             if self.kind is StepKind.LLM_CALL and operation is not None:  # embeddings, say: no chat
                 end_attrs[attr.GEN_AI_OPERATION_NAME] = operation
                 span.update_name(f"{operation} {self.model or model}" if self.model or model else operation)
@@ -2093,6 +2093,9 @@ def _charge_usage(
         run._note_span_call(call_id, usage)
     if run._totals_read:
         _warn_usage_after_end(run, step, tokens)
+    output_tokens: int | None = usage.output_tokens
+    if operation == attr.OP_EMBEDDINGS and not output_tokens:
+        output_tokens = None  # it has no output: no 0 in the distribution of output tokens
     client.metrics.usage_reported(
         run_name=run.run.name,
         agent_name=agent.agent.name,
@@ -2101,7 +2104,7 @@ def _charge_usage(
         request_model=(step.model if step is not None else None) or usage.model,
         response_model=usage.model,
         input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
+        output_tokens=output_tokens,
         cost_usd=None if unpriced else units / COST_UNITS_PER_USD,
         genai=genai,
         context=step.otel_context if step is not None else None,  # a step made by hand is not current
@@ -2322,8 +2325,11 @@ def _effective_budget(run: Run) -> Budget | None:
     return Budget(**limits)
 
 
-def _usage_attributes(reports: list[tuple[TokenUsage, int, bool]], out: dict[str, Any]) -> None:
-    """GenAI usage attributes of the step's own model calls (summed when it made several)."""
+def _usage_attributes(
+    reports: list[tuple[TokenUsage, int, bool]], out: dict[str, Any], operation: str | None
+) -> None:
+    """GenAI usage attributes of the step's own model calls (summed when it made several);
+    ``operation``: theirs, if not ``chat``."""
     last = reports[-1][0]
     input_tokens = output_tokens = cache_read = cache_write = reasoning = cost_units = 0
     unpriced = False
@@ -2343,7 +2349,8 @@ def _usage_attributes(reports: list[tuple[TokenUsage, int, bool]], out: dict[str
         out[attr.GEN_AI_PROVIDER_NAME] = last.provider
     if input_tokens or output_tokens:
         out[attr.GEN_AI_USAGE_INPUT_TOKENS] = input_tokens
-        out[attr.GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
+        if output_tokens or operation != attr.OP_EMBEDDINGS:  # an embeddings call has no output
+            out[attr.GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
     if cache_read:
         out[attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = cache_read
     if cache_write:
