@@ -1290,7 +1290,7 @@ multirun.init_local()
 def ask():
     multirun.report_usage(input_tokens=1000, output_tokens=1000)
 
-@run(name="paced", policy=Policy(rate_limit=RateLimitRule(requests_per_minute=600)))
+@run(name="paced", policy=Policy(rate_limit=RateLimitRule(requests_per_minute=120)))
 def paced():
     ask()
     ask()
@@ -1302,7 +1302,7 @@ def degraded():
     for _ in range(3):
         ask()
 
-both_rules = Policy(rate_limit=RateLimitRule(requests_per_minute=600), graceful_degradation=degrade)
+both_rules = Policy(rate_limit=RateLimitRule(requests_per_minute=120), graceful_degradation=degrade)
 
 @run(name="both", budget=Budget(max_cost_usd=0.05), policy=both_rules)
 def both():
