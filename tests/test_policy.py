@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pydantic
 import pytest
 
 import multirun
@@ -767,6 +768,28 @@ def test_a_retry_rule_of_one_attempt_retries_nothing_and_raises_the_error_itself
 
     with pytest.raises(ConnectionError):
         main()
+
+
+def test_a_retry_rule_of_one_attempt_takes_a_base_delay_above_its_cap_it_never_waits(traced) -> None:
+    """No retry, no delay to cap (as @step(retry=0) takes any retry_delay): it was refused. The
+    rule made to retry is refused then."""
+    rule = RetryRule(max_attempts=1, base_delay_seconds=120, max_delay_seconds=60)
+    assert RetryRule(**rule.model_dump()) == rule
+
+    @step
+    def flaky() -> None:
+        raise ConnectionError("blip")
+
+    @run(policy=Policy(retry=rule))
+    def main() -> None:
+        flaky()
+
+    with pytest.raises(ConnectionError):
+        main()
+    assert traced.clock.sleeps == []
+    with pytest.raises(pydantic.ValidationError, match=r"base_delay_seconds .*120.*max_delay_seconds.*60"):
+        rule.max_attempts = 2
+    assert rule.max_attempts == 1
 
 
 def test_budget_exceeded_inside_a_step_is_not_retried(traced) -> None:

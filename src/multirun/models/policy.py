@@ -76,10 +76,11 @@ class RetryRule(Settings):
 
     @model_validator(mode="after")
     def _base_delay_within_its_cap(self) -> RetryRule:
-        """A base delay given (or assigned) above its cap is refused: the cap would win,
-        silently. A cap below the default base delay lowers it."""
+        """A base delay given (or assigned) above its cap is refused when the rule retries: the
+        cap would win, silently. A cap below the default base delay lowers it."""
         base, cap = self.base_delay_seconds, self.max_delay_seconds
-        if base > cap and "base_delay_seconds" in self.model_fields_set:
+        # a rule that never retries never waits
+        if base > cap and self.max_attempts > 1 and "base_delay_seconds" in self.model_fields_set:
             raise ValueError(
                 f"base_delay_seconds must be at most max_delay_seconds, which caps every delay: "
                 f"got {self.base_delay_seconds:g} with max_delay_seconds={self.max_delay_seconds:g}"
