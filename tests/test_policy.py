@@ -12,7 +12,7 @@ import multirun
 from multirun import run, step
 from multirun.context import get_current_run_context, get_current_step_context
 from multirun.errors import BudgetExceededError, PolicyViolation, StepError
-from multirun.models import Budget, Policy, StepKind
+from multirun.models import Budget, Policy, Run, StepKind
 from multirun.models.policy import (
     BackoffStrategy,
     BudgetRule,
@@ -768,6 +768,65 @@ def test_a_retry_rule_of_one_attempt_retries_nothing_and_raises_the_error_itself
 
     with pytest.raises(ConnectionError):
         main()
+
+
+_RELOADS = {
+    "keywords": lambda model: type(model)(**model.model_dump()),
+    "model_validate": lambda model: type(model).model_validate(model.model_dump()),
+    "json": lambda model: type(model).model_validate_json(model.model_dump_json()),
+    "json-mode dict": lambda model: type(model).model_validate(model.model_dump(mode="json")),
+}
+
+
+@pytest.mark.parametrize("reload", _RELOADS.values(), ids=_RELOADS.keys())
+@pytest.mark.parametrize("cap", [0.5, 0.0])
+def test_a_retry_rule_whose_cap_lowers_the_default_delay_is_read_back_from_its_dump(
+    traced, reload, cap: float
+) -> None:
+    """A cap below the default base delay (1 s) lowers it; the rule's dump, read back, was
+    refused as a base delay of 1 s given above its cap. Read back, it waits as it did."""
+    rule = RetryRule(max_attempts=3, max_delay_seconds=cap)
+    assert reload(rule) == rule
+    assert reload(Policy(retry=rule)) == Policy(retry=rule)
+    run_model = Run(name="r", policy=Policy(retry=rule))
+    assert reload(run_model).policy == run_model.policy
+    calls = {"n": 0}
+
+    @step
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise ConnectionError("blip")
+        return "ok"
+
+    @run(policy=reload(Policy(retry=rule)))
+    def main() -> str:
+        return flaky()
+
+    assert main() == "ok"
+    assert traced.clock.sleeps == ([cap, cap] if cap else [])  # no wait is no sleep
+
+
+def test_a_retry_rule_whose_cap_is_raised_again_has_the_default_delay_back(traced) -> None:
+    """The default base delay lowered by a cap comes back when the cap is raised: the rule
+    keeps no delay of its own that nobody gave."""
+    rule = RetryRule(max_attempts=2, backoff=BackoffStrategy.CONSTANT, max_delay_seconds=0.5)
+    rule.max_delay_seconds = 60
+    assert RetryRule(**rule.model_dump()) == RetryRule(max_attempts=2, backoff=BackoffStrategy.CONSTANT)
+    calls = {"n": 0}
+
+    @step
+    def flaky() -> None:
+        calls["n"] += 1
+        if calls["n"] < 2:
+            raise ConnectionError("blip")
+
+    @run(policy=Policy(retry=rule))
+    def main() -> None:
+        flaky()
+
+    main()
+    assert traced.clock.sleeps == [1.0]
 
 
 def test_a_retry_rule_of_one_attempt_takes_a_base_delay_above_its_cap_it_never_waits(traced) -> None:

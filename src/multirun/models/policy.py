@@ -67,11 +67,16 @@ class RateLimitRule(Settings):
         return value
 
 
+DEFAULT_BASE_DELAY_SECONDS = 1.0
+
+
 class RetryRule(Settings):
     max_attempts: Count = Field(default=3, ge=1)
     backoff: BackoffStrategy = BackoffStrategy.EXPONENTIAL
     # finite: an infinite wait is no retry at all
-    base_delay_seconds: Amount = Field(default=1.0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
+    base_delay_seconds: Amount = Field(
+        default=DEFAULT_BASE_DELAY_SECONDS, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False
+    )
     max_delay_seconds: Amount = Field(default=60.0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
 
     @model_validator(mode="after")
@@ -79,8 +84,12 @@ class RetryRule(Settings):
         """A base delay given (or assigned) above its cap is refused when the rule retries: the
         cap would win, silently. A cap below the default base delay lowers it."""
         base, cap = self.base_delay_seconds, self.max_delay_seconds
-        # a rule that never retries never waits
-        if base > cap and self.max_attempts > 1 and "base_delay_seconds" in self.model_fields_set:
+        if "base_delay_seconds" not in self.model_fields_set:
+            # the default, as the cap lowers it: what every delay is, and what model_dump then
+            # writes, so that the rule dumped is read back (a base of 1 s over a cap of 0.5 s,
+            # given, would be refused); the cap raised again gives the default back
+            self.__dict__["base_delay_seconds"] = min(DEFAULT_BASE_DELAY_SECONDS, cap)
+        elif base > cap and self.max_attempts > 1:  # a rule that never retries never waits
             raise ValueError(
                 f"base_delay_seconds must be at most max_delay_seconds, which caps every delay: "
                 f"got {self.base_delay_seconds:g} with max_delay_seconds={self.max_delay_seconds:g}"
