@@ -252,6 +252,19 @@ def test_delete_then_get_is_not_found(subject: Subject) -> None:
     assert subject.exporter.get("gone/soon") == b"again"
 
 
+def test_read_start_gives_the_first_bytes_of_a_blob(subject: Subject) -> None:
+    data = bytes(range(256)) * 40
+    uri = subject.exporter.put("start/of", data)
+    read_start = subject.exporter.read_start  # type: ignore[attr-defined]
+    assert read_start("start/of", 100) == data[:100]
+    assert read_start(uri, 0) == b""
+    assert read_start("start/of", len(data) + 10) == data  # fewer, for a shorter blob
+    subject.exporter.put("start/empty", b"")
+    assert read_start("start/empty", 10) == b""
+    with pytest.raises(BlobNotFoundError):
+        read_start("never/written", 10)
+
+
 def test_get_of_a_missing_key_is_not_found(subject: Subject) -> None:
     with pytest.raises(BlobNotFoundError, match="never/written"):
         subject.exporter.get("never/written")

@@ -16,7 +16,7 @@ import pytest
 import multirun
 from multirun import agent, checkpoint, run, step
 from multirun.checkpoints.envelope import PendingBlob
-from multirun.checkpoints.exporters import FileBlobExporter
+from multirun.checkpoints.exporters import FileBlobExporter, MemoryBlobExporter
 from multirun.checkpoints.resume import stored_checkpoints
 from multirun.checkpoints.store import CheckpointStore
 from multirun.context import RunContext, get_current_agent_context, get_current_run_context
@@ -1718,3 +1718,46 @@ def test_a_step_around_served_llm_calls_that_returns_their_responses_is_not_char
         agent_loop(False)
     assert spent == [440, 440]  # nothing paid again
     assert calls.log == ["chat 1", "chat 2", "chat 3", "chat 4"]
+
+
+class _GetOnlyExporter:
+    """A third-party exporter with the four operations alone: no ``read_start``."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryBlobExporter("get-only")
+        self.gets = 0
+
+    def put(self, key: str, data: bytes) -> str:
+        return self.inner.put(key, data)
+
+    def get(self, uri: str) -> bytes:
+        self.gets += 1
+        return self.inner.get(uri)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+
+@pytest.mark.parametrize(
+    "exporter", [MemoryBlobExporter("named"), _GetOnlyExporter()], ids=["read_start", "get"]
+)
+def test_a_checkpoint_is_named_by_the_start_of_its_blob(traced, exporter) -> None:
+    store = CheckpointStore(exporter)
+    traced.client.checkpoints = store
+
+    @checkpoint(name="fetched")
+    def fetched(values: list[int]) -> list[int]:
+        return values
+
+    @run
+    def job() -> None:
+        fetched([1, 2])
+
+    job()
+    [key] = store.list()
+    assert store.name_of(key) == "fetched"
+    if isinstance(exporter, _GetOnlyExporter):
+        assert exporter.gets == 1  # the blob fetched once, however many reads its start takes

@@ -687,6 +687,75 @@ def test_resume_run_name_tells_the_child_the_name_of_the_run_that_continues_it(s
     assert "--run-name must name a run" in capfd.readouterr().err
 
 
+KILLED_AFTER_A_CHECKPOINT = """
+import os, sys
+import multirun
+from multirun import run, checkpoint
+
+multirun.init_local(sys.argv[1])
+
+@checkpoint(name="fetched")
+def fetched(values):
+    return values
+
+@run(name="nightly")
+def nightly():
+    fetched([1, 2])
+    os._exit(1)  # before the spans are exported: the NAME column had nothing to show
+
+nightly()
+"""
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_the_checkpoints_of_a_run_killed_before_its_spans_were_written_are_listed_by_name(
+    tmp_path: Path, capsys, monkeypatch, serializer: str
+) -> None:
+    env = environment_without_settings()
+    if serializer == "pickle":
+        env.update(MULTIRUN_CHECKPOINT_SERIALIZER="pickle", MULTIRUN_CHECKPOINT_HMAC_KEY=PICKLE_KEY)
+        monkeypatch.setenv("MULTIRUN_CHECKPOINT_HMAC_KEY", PICKLE_KEY)
+    script = tmp_path / "nightly.py"
+    script.write_text(KILLED_AFTER_A_CHECKPOINT)
+    killed = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert killed.returncode == 1, killed.stderr
+    assert not (tmp_path / "traces").exists()  # no span was written
+    [run_id] = run_ids(tmp_path)
+    [checkpoint_id] = checkpoint_ids(tmp_path, run_id)
+    code, out, _ = run_cli(capsys, "checkpoints", "--dir", str(tmp_path))
+    assert code == 0
+    header, row = out.splitlines()
+    assert row.split()[1] == checkpoint_id and row[header.index("NAME") :] == "fetched"
+
+
+def test_a_json_checkpoint_written_before_its_blob_named_it_is_listed_without_a_name(
+    store_dir: Path, capsys
+) -> None:
+    """A version 3 blob keeps its name only in its payload, which the listing does not read:
+    listed, unnamed, when no span names it, and shown as before. A blob that cannot be read is
+    listed too (verify says why)."""
+    [run_id] = run_ids(store_dir)
+    first, second = checkpoint_ids(store_dir, run_id)
+    path = store_dir / "blobs" / "checkpoints" / run_id / f"{first}.ckpt"
+    _, document = load_blob(path.read_bytes(), max_bytes=1 << 20)
+    path.chmod(0o644)
+    path.write_bytes(dump_blob(document, get_serializer("json", hmac_key=None))[0])  # as version 3 wrote it
+    code, out, _ = run_cli(capsys, "checkpoints", "--dir", str(store_dir))
+    assert code == 0
+    assert [line.split()[1:2] + line.split()[4:] for line in out.splitlines()[1:]] == [
+        [first],
+        [second, "second"],
+    ]
+    code, out, _ = run_cli(capsys, "checkpoints", "show", first, "--dir", str(store_dir))
+    assert code == 0 and "version 3, json" in out and "first" in out
+
+    path.write_bytes(b"MRCK1\n{damaged")
+    code, out, _ = run_cli(capsys, "checkpoints", "--dir", str(store_dir))
+    assert code == 0 and [line.split()[1] for line in out.splitlines()[1:]] == [first, second]
+
+
 def test_resume_command_line_end_to_end(tmp_path) -> None:
     """The console script, as a user types it."""
     result = subprocess.run(

@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 
 import multirun
 from multirun.checkpoints import envelope
-from multirun.checkpoints.envelope import FORMAT_VERSION, MAGIC, open_blob, open_meta, seal
+from multirun.checkpoints.envelope import FORMAT_VERSION, MAGIC, open_blob, open_meta, peek_meta, seal
 from multirun.checkpoints.serializers import (
     BYTES_TAG,
     HMAC_KEY_ENV,
@@ -642,6 +642,45 @@ def test_open_meta_checks_the_whole_blob_as_loading_does() -> None:
             open_meta(damaged, max_bytes=LIMIT, **reader)
         with pytest.raises(CheckpointError, match=message):
             load_blob(damaged, max_bytes=LIMIT, **reader)
+
+
+def test_peek_meta_reads_the_meta_section_from_the_start_of_the_blob_alone() -> None:
+    """For a listing: the header and the meta section are read and checked (the HMAC too, with a
+    key), the payload is not read at all."""
+    payload = pickle.dumps(b"x" * 100_000, protocol=5)
+    blob, _ = seal(payload, "pickle", KEY, meta=META)
+    meta, stored = split_body(blob)
+    asked: list[int] = []
+
+    def start_of(data: bytes) -> Callable[[int], bytes]:
+        def read_start(size: int) -> bytes:
+            asked.append(size)
+            return data[:size]
+
+        return read_start
+
+    assert peek_meta(start_of(blob), max_bytes=LIMIT, hmac_key=KEY) == META
+    assert asked == [len(MAGIC) + 4096 + 1]  # the longest header, and what follows: not 100 kB
+    big = {"state_keys": [f"key {n}" for n in range(2000)]}  # past the first read: a second one
+    blob_big, _ = seal(payload, "pickle", KEY, meta=big)
+    asked.clear()
+    assert peek_meta(start_of(blob_big), max_bytes=LIMIT) == big
+    assert asked[1] == len(blob_big) - len(payload)
+    assert peek_meta(start_of(seal(b"{}", "json")[0]), max_bytes=LIMIT) is None  # version 3: none
+    other_meta = json.dumps({"state_keys": ["forged"]}).encode()
+    refusals = [
+        (tampered(blob, meta[:-2] + b"0}" + stored), KEY, "meta section digest does not match"),
+        (tampered(blob, other_meta + stored, meta_size=len(other_meta), meta_digest=sha(other_meta)), KEY,
+         "HMAC does not match"),
+        (blob, OTHER_KEY, "HMAC does not match"),
+        (blob[: len(blob) - len(stored) - 1], None, "ends inside its meta section"),
+        (b"not a checkpoint", None, "bad magic bytes"),
+    ]  # fmt: skip
+    for damaged, key, message in refusals:
+        with pytest.raises(CheckpointError, match=message):
+            peek_meta(start_of(damaged), max_bytes=LIMIT, hmac_key=key)
+    with pytest.raises(CheckpointError, match="over the 4096-byte limit"):
+        peek_meta(start_of(blob), max_bytes=4096)
 
 
 def test_an_unsigned_json_blob_with_a_meta_section_needs_no_key() -> None:

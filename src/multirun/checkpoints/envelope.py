@@ -47,7 +47,9 @@ size, the HMAC (constant-time; version 3 before the payload is hashed,
 version 2 after the digest), the meta section's digest, the digest, and,
 last, a decompression bounded by ``max_bytes``. Any failure raises
 CheckpointError saying what to do. ``open_meta`` checks the same and returns
-the meta section instead of the payload.
+the meta section instead of the payload. ``peek_meta`` reads the meta section
+from the start of a blob alone, for a listing: it checks the header, the meta
+section's digest and, with a key, the header's HMAC, never the payload.
 
 A JSON blob that carries an HMAC has it checked whenever the reader has a
 key; a reader without one checks its digest only. Unsigned JSON is accepted
@@ -293,6 +295,30 @@ def open_meta(
     _check_payload(header, stored, hmac_key)
     _unpacked(header, stored, max_bytes)  # a payload that does not decompress is refused here too
     return header, meta
+
+
+def peek_meta(
+    read_start: Callable[[int], bytes], *, max_bytes: int, hmac_key: bytes | None = None
+) -> dict[str, Any] | None:
+    """The meta section of a blob (None before version 4), read from its start alone:
+    ``read_start(n)`` gives the blob's first ``n`` bytes (fewer if it is shorter).
+
+    The header and the meta section's digest are checked, and with ``hmac_key`` the HMAC of a
+    signed header (which covers the meta section's digest); the payload is neither read nor
+    checked. For a listing, which must not read every blob whole: ``open_meta`` checks the blob.
+    """
+    first = read_start(len(MAGIC) + MAX_HEADER_BYTES + 1)
+    header, start = _read_header(first)
+    if "meta_size" not in header:
+        return None
+    end = start + header["meta_size"]
+    _check_fits(header, start, max_bytes)
+    if hmac_key is not None and "hmac" in header:
+        _check_mac(_header_mac(hmac_key, header), header)  # version 4: no payload pass needed
+    head = first if len(first) >= end else read_start(end)
+    if len(head) < end:
+        raise CheckpointError(f"checkpoint is truncated: it ends inside its meta section ({len(head)} bytes)")
+    return _read_meta(header, memoryview(head)[start:end])
 
 
 def decode_blob(

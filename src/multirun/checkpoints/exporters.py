@@ -19,7 +19,10 @@ as an entry point in the ``multirun.blob_exporters`` group::
 
 An exporter may also offer ``size(uri) -> int``, the blob's length read without
 fetching it (the built-ins do): a checkpoint over the reader's limit is then
-refused before a byte of it is read. It may offer ``put_pending(key, blob)``
+refused before a byte of it is read; and ``read_start(uri, size) -> bytes``, the
+blob's first ``size`` bytes (fewer if it is shorter), which ``multirun checkpoints``
+reads a checkpoint's name from without fetching the whole blob (the built-ins do;
+without it, the whole blob is fetched). It may offer ``put_pending(key, blob)``
 too, which ``put``s an ``envelope.PendingBlob`` (``FileBlobExporter`` does):
 the body is written while the checkpoint store computes the header's digest.
 
@@ -165,6 +168,9 @@ class MemoryBlobExporter:
     def size(self, uri: str) -> int:
         return len(self.get(uri))
 
+    def read_start(self, uri: str, size: int) -> bytes:
+        return self.get(uri)[:size]
+
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
         with self._lock:
@@ -242,6 +248,17 @@ class FileBlobExporter:
         path = self._path(self._key(uri))
         try:
             return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise BlobNotFoundError(f"no blob at {uri}") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot read blob {uri}: {exc}") from exc
+
+    def read_start(self, uri: str, size: int) -> bytes:
+        """The blob's first ``size`` bytes (fewer if it is shorter)."""
+        path = self._path(self._key(uri))
+        try:
+            with path.open("rb") as file:
+                return file.read(size)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise BlobNotFoundError(f"no blob at {uri}") from None
         except OSError as exc:

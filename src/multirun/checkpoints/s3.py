@@ -329,6 +329,22 @@ class S3BlobExporter:
                 raise BlobNotFoundError(f"no blob at {self._where(full)}") from None
             raise self._error(exc, "read", full) from exc
 
+    def read_start(self, uri: str, size: int) -> bytes:
+        """The first ``size`` bytes of the object at ``uri`` (or key), fewer if it is shorter."""
+        full = self._full(self._key(uri))
+        try:
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=full, Range=f"bytes=0-{max(size, 1) - 1}"
+            )
+            return bytes(response["Body"].read())[:size]
+        except self._errors as exc:
+            code = _status(exc)[0]
+            if code in _NOT_FOUND:
+                raise BlobNotFoundError(f"no blob at {self._where(full)}") from None
+            if code == "InvalidRange":  # an empty object has no first byte
+                return b""
+            raise self._error(exc, "read", full) from exc
+
     def size(self, uri: str) -> int:
         """The length in bytes of the object at ``uri`` (or key), read without fetching it."""
         full = self._full(self._key(uri))

@@ -17,6 +17,13 @@ classes are not there to unpickle it, ``describe`` says so (``unread``) with
 what the envelope tells: format version, run id, size, and that its HMAC and
 digests verified.
 
+The store writes every blob with a meta section (format version 4): a JSON
+checkpoint's is a short one naming it (id, run, run name, name, time). ``name_of``
+reads a checkpoint's name from the start of its blob, so ``multirun
+checkpoints`` names the checkpoints of a run killed before its spans were
+written without reading whole blobs. A JSON checkpoint written before (version
+3 and before) has no name to read there.
+
 A checkpoint is at most ``max_blob_bytes`` (``init(checkpoint_max_bytes=...)`` or
 MULTIRUN_CHECKPOINT_MAX_BYTES, 1 GiB by default), stored and decompressed: a larger
 one is refused when it is read (before it is read, where the store tells a blob's
@@ -61,6 +68,7 @@ from multirun.checkpoints.envelope import (
     PendingBlob,
     needs_hmac,
     open_meta,
+    peek_meta,
 )
 from multirun.checkpoints.exporters import BlobExporter, BlobNotFoundError, BlobStoreUnavailableError
 from multirun.checkpoints.replay import RUN_PREFIX, check_records, records_from_v1
@@ -196,6 +204,13 @@ def summary_of(document: dict[str, Any]) -> dict[str, Any]:
         "ledger": document["ledger"],
         "trace": document["trace"],
     }
+
+
+def _named(document: dict[str, Any]) -> dict[str, Any]:
+    """The meta section of a JSON checkpoint's blob: what names it, for a listing that reads
+    the start of each blob (``name_of``). Not a summary: ``describe`` reads a JSON payload."""
+    about = document["checkpoint"]
+    return {"checkpoint": {name: about[name] for name in ("id", "run_id", "run_name", "name", "created_at")}}
 
 
 def _checkpoint_of(
@@ -462,8 +477,9 @@ class CheckpointStore:
 
     def _dump_blob(self, document: dict[str, Any]) -> tuple[PendingBlob, int]:
         """The blob of ``document``, its digest still to compute (``_put`` does), and the size of
-        its payload before compression; with its summary when only the program can deserialize it."""
-        meta = summary_of(document) if needs_hmac(self._serializer.name) else None
+        its payload before compression; with a meta section that ``name_of`` reads without the
+        payload, and that is a summary when only the program can deserialize the payload."""
+        meta = summary_of(document) if needs_hmac(self._serializer.name) else _named(document)
         payload = self._serializer.dumps(document)
         blob = PendingBlob(
             payload, self._serializer.name, self._serializer.hmac_key, compression=self.compression, meta=meta
@@ -575,7 +591,7 @@ class CheckpointStore:
         """
         key, blob = self._get(checkpoint_id)
         header, meta = self._verified(open_meta, checkpoint_id, key, blob)
-        if meta is None:
+        if meta is None or not needs_hmac(header["serializer"]):  # JSON is read, and checked, whole
             try:
                 summary = CheckpointSummary.of(self._restored(checkpoint_id, key, blob))
             except CheckpointError as exc:
@@ -600,6 +616,31 @@ class CheckpointStore:
         else:
             summary.signature = "signed: HMAC verified"
         return summary
+
+    def name_of(self, key: str) -> str | None:
+        """The name of the checkpoint stored under ``key``, from its blob's meta section, read
+        from the start of the blob (the whole blob if the exporter has no ``read_start``): its
+        payload is neither read nor checked. None for a blob without a meta section (format
+        version 3 and before); CheckpointError if it cannot be read."""
+        read_start = getattr(self.exporter, "read_start", None)
+        whole: list[bytes] = []
+
+        def start(size: int) -> bytes:
+            with suppress_instrumentation():
+                if read_start is not None:
+                    return bytes(read_start(key, size))
+                if not whole:
+                    whole.append(self.exporter.get(key))
+                return whole[0][:size]
+
+        try:
+            meta = peek_meta(start, max_bytes=self.max_blob_bytes, hmac_key=self._hmac_key)
+            if meta is None:
+                return None
+            name = _json_object(meta, "checkpoint", required=True).get("name", "")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {key} has a damaged meta section: {exc}") from None
+        return name if isinstance(name, str) else None
 
     def _get(self, checkpoint_id: str) -> tuple[str, bytes]:
         """The key and the blob of a checkpoint (refused unread if it is over ``max_blob_bytes``)."""

@@ -324,13 +324,24 @@ def cmd_list(args: argparse.Namespace) -> int:
             found.run_id[:12],
             found.checkpoint_id,
             _created(found.checkpoint_id),
-            names.get(found.checkpoint_id, ""),
+            names[found.checkpoint_id] if found.checkpoint_id in names else _name_in_store(store, found),
         )
         for found in sorted(stored, key=lambda found: found.checkpoint_id)
     ]
     for line in render.table(LIST_HEADER, rows, set(), render.terminal_style()):
         print(line)
     return 0
+
+
+def _name_in_store(store: CheckpointStore, found: StoredCheckpoint) -> str:
+    """The name of a checkpoint no span names (its run was killed before its spans were
+    written, or they went elsewhere), from the start of its blob: blank for a blob of format
+    version 3 and before, which names it only in its payload, or one that cannot be read
+    (``verify`` says why)."""
+    try:
+        return store.name_of(store.key(found.run_id, found.checkpoint_id)) or ""
+    except CheckpointError:
+        return ""
 
 
 def _match_run(args: argparse.Namespace, stored: list[StoredCheckpoint], traced_run_ids: list[str]) -> str:
