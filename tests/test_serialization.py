@@ -1419,6 +1419,37 @@ def test_golden_v4_pickle_checkpoint_reads_exactly_with_the_test_key() -> None:
         open_meta(blob, max_bytes=LIMIT, hmac_key=KEY, allowed_serializers=["pickle"])
 
 
+def test_golden_v4_json_checkpoint_reads_exactly_and_names_itself_from_its_start() -> None:
+    blob = golden("checkpoint-v4-json.ckpt")
+    header, meta = open_meta(blob, max_bytes=LIMIT)
+    assert header["version"] == 4 and header["serializer"] == "json" and "hmac" not in header
+    checkpoint = {
+        "id": "ckpt-golden-v4-json",
+        "run_id": "run-golden",
+        "run_name": "golden",
+        "name": "after_fetch",
+        "created_at": "2025-01-02T03:04:05.678901+00:00",
+    }
+    assert meta == {"checkpoint": checkpoint}
+    # a listing reads the name from the blob's first bytes: the payload is never read
+    head = blob[: len(blob) - len(split_body(blob)[1])]
+    assert peek_meta(lambda size: head[:size], max_bytes=LIMIT) == meta
+    _, document = load_blob(blob, max_bytes=LIMIT)
+    assert document["checkpoint"] == {
+        **checkpoint,
+        "sub_run_id": "",
+        "sub_run_seq": None,
+        "agent_id": "",
+        "step_id": "",
+        "environment": {"python": "3.12.1", "platform": "Linux-x86_64", "pid": 4242},
+    }
+    assert same(document["state"], GOLDEN_V2_JSON)
+    assert document["agents"] == [{"name": "planner", "occurrence": 1, "state": {"plan": ["fetch", "write"]}}]
+    assert [record["name"] for record in document["replay"]] == ["fetch", "write"]
+    assert document["replay"][0]["result"] == {"status": 200}
+    assert document["ledger"] == {"tokens": 1234, "cost_units": 56789, "steps": 3}
+
+
 def test_golden_signed_v3_json_checkpoint_reads_exactly() -> None:
     blob = golden("checkpoint-v3-json-signed.ckpt")
     header, value = load_blob(blob, max_bytes=LIMIT, hmac_key=GOLDEN_KEY)
@@ -1472,6 +1503,7 @@ def test_golden_files_are_all_tested() -> None:
         "checkpoint-v3-json.ckpt",
         "checkpoint-v3-pickle-main.ckpt",
         "checkpoint-v3-pickle.ckpt",
+        "checkpoint-v4-json.ckpt",
         "checkpoint-v4-pickle.ckpt",
     ]
 

@@ -36,6 +36,9 @@ file beside the old ones.
   (``summary_of``) in the meta section, signed with ``TEST_HMAC_KEY``. Version
   4 is the current format, written by the live ``dump_blob``: when version 5
   comes, freeze its writer here as was done for versions 1 and 2.
+- ``checkpoint-v4-json.ckpt``: format version 4, a JSON checkpoint as
+  ``CheckpointStore`` saves one: its meta section names it (``V4_JSON_META``),
+  so ``multirun checkpoints`` lists it by name from the start of the blob.
 
 Every value is fixed (no clock, no pid, sets sorted), so a run rewrites the
 same bytes.
@@ -272,6 +275,33 @@ def v4_pickle_document() -> dict[str, Any]:
     }
 
 
+def v4_json_document() -> dict[str, Any]:
+    """What ``checkpoint-v4-json.ckpt`` holds: a JSON checkpoint as the store saves one."""
+    document = v4_pickle_document()
+    return {
+        **document,
+        "checkpoint": {**document["checkpoint"], "id": "ckpt-golden-v4-json"},
+        "state": v2_json_document(),
+        "agents": [{"name": "planner", "occurrence": 1, "state": {"plan": ["fetch", "write"]}}],
+        "replay": [
+            {**document["replay"][0], "result": {"status": 200}},
+            document["replay"][1],
+        ],
+    }
+
+
+# the meta section of a JSON checkpoint of format version 4: what names it, for a listing
+V4_JSON_META = {
+    "checkpoint": {
+        "id": "ckpt-golden-v4-json",
+        "run_id": "run-golden",
+        "run_name": "golden",
+        "name": "after_fetch",
+        "created_at": WHEN.isoformat(),
+    }
+}
+
+
 def v3_pickle_main_document() -> dict[str, Any]:
     """What ``checkpoint-v3-pickle-main.ckpt`` holds: a checkpoint as the store saved one
     before format version 4, with objects of a class of the program's ``__main__``."""
@@ -329,6 +359,7 @@ def golden_files() -> dict[str, bytes]:
         "checkpoint-v4-pickle.ckpt": dump_blob(
             v4_pickle_document(), pickle_serializer, meta=summary_of(v4_pickle_document())
         )[0],
+        "checkpoint-v4-json.ckpt": dump_blob(v4_json_document(), json_serializer, meta=V4_JSON_META)[0],
     }
 
 
