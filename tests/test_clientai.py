@@ -196,6 +196,9 @@ def test_llm_calls_carry_model_provider_and_usage_and_the_run_their_cost(traced:
         assert a[attr.GEN_AI_PROVIDER_NAME] == "openai"
         assert a[attr.GEN_AI_USAGE_COST_CURRENCY] == "USD"
         assert attr.UNPRICED not in a
+    # each call's own response id, as the provider gave it
+    ids = [call.attributes[attr.GEN_AI_RESPONSE_ID] for call in calls]
+    assert len(set(ids)) == 4 and all(ident.startswith("chatcmpl-") for ident in ids)
     gather_call = [c for c in calls if c.attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] == 40]
     assert gather_call[0].attributes[attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == 10
     # gen_ai.usage.* only on the calls themselves: a backend summing them counts each call once

@@ -341,7 +341,7 @@ def test_each_attribute_named_in_full_on_the_trace_table_is_one_multirun_writes(
 
     known = {value for value in vars(attr).values() if isinstance(value, str)}
     table = _section("What lands on the trace").split("\n\n", 1)[0]
-    named = set(re.findall(r"`((?:gen_ai|multirun|error)\.[a-z_.]*[a-z_])`", table))
+    named = set(re.findall(r"`((?:gen_ai|multirun|error|server)\.[a-z_.]*[a-z_])`", table))
     assert len(named) > 10
     assert named - known == set()
 

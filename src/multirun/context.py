@@ -73,7 +73,7 @@ if TYPE_CHECKING:
     from multirun.checkpoints.store import RestoredCheckpoint
     from multirun.client import MultiRunClient
     from multirun.enforcement.ledger import Ledger
-    from multirun.sdk_usage import ModelCall
+    from multirun.sdk_usage import ModelCall, Reply
 
 _logger = logging.getLogger(__name__)
 
@@ -1340,7 +1340,8 @@ class StepContext:
     child_usage_reported = False
     call_timed_below = False  # a model call inside was timed (by its instrumentation, or a step)
     refused = False  # refused by the budget or policy before it ran: no model call was made
-    _own_usage: list[tuple[TokenUsage, int, bool]] | None = None
+    # (usage, cost units, unpriced, reply: its response id, finish reasons, server) of each call
+    _own_usage: list[tuple[TokenUsage, int, bool, Reply]] | None = None
     # the gen_ai.operation.name of the model call it returned when that is no chat (embeddings,
     # text_completion): read from the SDK response; None for a chat and every other step
     _operation: str | None = None
@@ -1624,11 +1625,15 @@ class StepContext:
             usage = replace(usage, model=self.model)
         self._report_call(usage, None)
 
-    def _report_call(self, usage: TokenUsage, call_id: str | None, operation: str = attr.OP_CHAT) -> None:
+    def _report_call(
+        self, usage: TokenUsage, call_id: str | None, operation: str = attr.OP_CHAT, reply: Reply = None
+    ) -> None:
         units, unpriced = _charge_usage(
             self.run_context, self, self.agent_context, usage, own=True, call_id=call_id, operation=operation
         )
-        report = (usage, units, unpriced)
+        if call_id is not None:
+            reply = {attr.GEN_AI_RESPONSE_ID: call_id, **(reply or {})}
+        report = (usage, units, unpriced, reply)
         if self._own_usage is None:
             self._own_usage = [report]
         else:
@@ -1646,10 +1651,10 @@ class StepContext:
         if self._own_usage is not None or self.child_usage_reported:
             # the step's calls, which it returns, are charged: a step around it that passes
             # them on must not charge them again
-            _note_calls_around(self, [call_id for call_id, _, _ in calls if call_id is not None])
+            _note_calls_around(self, [call[0] for call in calls if call[0] is not None])
             run = self.run_context
             if run._top._span_calls is not None:  # matched here, a span's call spares no later step
-                for call_id, usage, _ in calls:
+                for call_id, usage, _, _ in calls:
                     if call_id is not None:
                         run._charged_by_span(call_id, usage)
             return False
@@ -1657,14 +1662,14 @@ class StepContext:
         run = self.run_context
         by_spans = run._top._span_calls is not None  # charged where no step saw it
         refused: PolicyViolation | None = None
-        for call_id, usage, operation in calls:
+        for call_id, usage, operation, reply in calls:
             if (below is None or call_id not in below) and not (
                 by_spans and call_id is not None and run._charged_by_span(call_id, usage)
             ):
                 if operation != attr.OP_CHAT:
                     self._operation = operation
                 try:
-                    self._report_call(usage, call_id, operation)
+                    self._report_call(usage, call_id, operation, reply)
                 except PolicyViolation as unpriced:  # init(unpriced="fail"): the other calls count too
                     refused = refused or unpriced
         if refused is not None:
@@ -2134,7 +2139,7 @@ def note_paid_for(run: RunContext, step: StepContext | None, value: Any) -> None
     reported by hand (``complete(response, tokens_used=...)``). A step around ``step``, or a
     later step, that returns them is not charged for them again."""
     call_ids = []
-    for response, (call_id, _, _) in calls_in(value):
+    for response, (call_id, *_) in calls_in(value):
         run._returned_before(response, call_id)  # noted as returned: not charged when returned again
         if call_id is not None:
             call_ids.append(call_id)
@@ -2326,15 +2331,19 @@ def _effective_budget(run: Run) -> Budget | None:
 
 
 def _usage_attributes(
-    reports: list[tuple[TokenUsage, int, bool]], out: dict[str, Any], operation: str | None
+    reports: list[tuple[TokenUsage, int, bool, Reply]], out: dict[str, Any], operation: str | None
 ) -> None:
     """GenAI usage attributes of the step's own model calls (summed when it made several);
-    ``operation``: theirs, if not ``chat``."""
-    last = reports[-1][0]
+    ``operation``: theirs, if not ``chat``. The response's model, id, finish reasons and server
+    are the last call's (the last report: none if it gave none, a ``report_usage`` without
+    them, say)."""
+    last, _, _, reply = reports[-1]
+    if reply is not None:
+        out.update(reply)
     input_tokens = output_tokens = cache_read = cache_write = reasoning = cost_units = 0
     unpriced = False
     from_provider = False
-    for usage, units, no_price in reports:
+    for usage, units, no_price, _ in reports:
         input_tokens += usage.input_tokens
         output_tokens += usage.output_tokens
         cache_read += usage.cache_read_tokens

@@ -61,6 +61,7 @@ from multirun.sdk_usage import (
     is_sdk_object,
     response_call,
     returned_stream,
+    stream_server,
 )
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
@@ -467,6 +468,11 @@ class _StepCall(StepContext):
             elif self._settle(future, cut=True):
                 self._give_back(slot=False)
                 self._close(StepStatus.COMPLETED, extra={attr.STEP_UNFINISHED: True})
+
+    def _stream_opened(self, stream: Any) -> None:
+        """Its caller reads SDK stream ``stream``: the server its URL names is the call's."""
+        if self._stream is not None:  # made by _hand_over
+            self._stream.server = stream_server(stream)
 
     def _stream_item(self, item: Any) -> None:
         """Its caller read ``item`` of the stream the step returned."""

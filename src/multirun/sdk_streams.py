@@ -42,6 +42,9 @@ else:  # wrapt before 2.0 has no ObjectProxy[...]
 class Reader(Protocol):
     """The step that returned a stream, told how its caller reads it."""
 
+    def _stream_opened(self, stream: Any) -> None:
+        """The SDK's stream ``stream`` is what the caller reads (its URL is the call's server)."""
+
     def _stream_item(self, item: Any) -> None:
         """The caller read ``item``."""
 
@@ -53,6 +56,8 @@ class Reader(Protocol):
 def watched(stream: Any, kind: StreamKind, reader: Reader, ctx: Context) -> Any:
     """``stream`` (of ``kind``, as ``returned_stream`` says) as its caller reads it, in ``ctx``;
     ``reader`` told each item and the end."""
+    if kind == "sync" or kind == "async":  # a manager's stream is told once it is entered
+        reader._stream_opened(stream)
     return _WATCHERS[kind](stream, reader, ctx)
 
 

@@ -17,6 +17,11 @@ A raw HTTP response (``with_raw_response``) is charged the response its
 ``parse()`` gives, at the provider its URL names (Groq's API reached through
 the OpenAI SDK is Groq's).
 
+Each call also gives its step's span the response's id and finish reasons
+(``gen_ai.response.id``, ``gen_ai.response.finish_reasons``), and the server
+(``server.address``, ``server.port``) that a raw response's or a returned
+stream's URL names: a parsed response does not say where it came from.
+
 Mapping the usage fields to token kinds is genai-prices' job (its
 per-provider extractors know, for instance, that Anthropic's
 ``input_tokens`` leaves out cached input); this module only finds the usage
@@ -194,8 +199,13 @@ def instrumentation_wrapper(value: Any) -> Any:
     return value.stream if _stream_kind(type(value)) == "wrapper" else None
 
 
-# one model call: the id of its response (None if it has none), its usage and its operation
-ModelCall = tuple[str | None, TokenUsage, str]
+# what a response says of its call besides its id and usage, as span attributes: why it stopped
+# (gen_ai.response.finish_reasons) and the server that answered (server.address, server.port,
+# from a raw response's or a stream's URL); None if it says neither
+Reply = dict[str, Any] | None
+
+# one model call: the id of its response (None if it has none), its usage, its operation and reply
+ModelCall = tuple[str | None, TokenUsage, str, Reply]
 
 
 def response_call(value: Any) -> tuple[Any, ModelCall] | None:
@@ -220,19 +230,48 @@ def response_call(value: Any) -> tuple[Any, ModelCall] | None:
 
 
 def _billed_at(call: ModelCall, raw: Any) -> ModelCall:
-    """``call``, read from raw HTTP response ``raw``, with the provider at the URL it came from
-    (``api.groq.com``: Groq, called through the OpenAI SDK); as it was for a URL that
-    genai-prices does not know (a vLLM server's)."""
-    call_id, usage, operation = call
+    """``call``, read from raw HTTP response ``raw``, with the server at the URL it came from
+    and the provider there (``api.groq.com``: Groq, called through the OpenAI SDK); the SDK's
+    provider for a URL that genai-prices does not know (a vLLM server's)."""
+    call_id, usage, operation, reply = call
     try:
         url = raw.http_response.url
+        server = _server(url)
         provider = provider_at(str(url.copy_with(query=None)))  # not the query: one cache entry per endpoint
     except Exception:  # an SDK version without the URL there: the SDK's provider
         _warn_once(f"raw {type(raw).__name__}", "the URL")
         return call
-    if provider is None or provider == usage.provider:
-        return call
-    return call_id, replace(usage, provider=provider), operation
+    reply = _with_server(reply, server)
+    if provider is not None and provider != usage.provider:
+        usage = replace(usage, provider=provider)
+    return call_id, usage, operation, reply
+
+
+def _server(url: Any) -> dict[str, Any]:
+    """The ``server.address`` and ``server.port`` of an httpx URL, as openai-v2 writes them: no
+    port when it is the scheme's default (httpx gives none then)."""
+    found: dict[str, Any] = {}
+    host, port = url.host, url.port
+    if isinstance(host, str) and host:
+        found[attr.SERVER_ADDRESS] = host
+        if isinstance(port, int) and port > 0:
+            found[attr.SERVER_PORT] = port
+    return found
+
+
+def _with_server(reply: Reply, server: dict[str, Any] | None) -> Reply:
+    if not server:
+        return reply
+    return server if reply is None else {**reply, **server}
+
+
+def stream_server(stream: Any) -> dict[str, Any] | None:
+    """The server that SDK stream ``stream`` (or an instrumentation's wrapper, or a proxy, of
+    one) reads from, as ``server.*`` attributes; None if it does not say."""
+    try:
+        return _server(stream.response.url) or None
+    except Exception:  # another SDK version: the call has no server.address
+        return None
 
 
 def calls_in(value: Any) -> list[tuple[Any, ModelCall]]:
@@ -286,7 +325,76 @@ def _parsed(raw: Any) -> Any:
 def _call(how: _How, response: Any) -> ModelCall | None:
     ident, model, usage = (getattr(response, name, None) for name in _FIELDS.get(how[1], _DEFAULT_FIELDS))
     found = _extract(how, model, usage, _tier(response))
-    return None if found is None else (_response_id(ident), found, how[3])
+    if found is None:
+        return None
+    return _response_id(ident), found, how[3], _reply(_finish_reasons(how, response))
+
+
+def _reply(reasons: list[str] | None) -> Reply:
+    # a tuple: span attributes are written as they are (spans.set_end_attributes), not copied
+    return {attr.GEN_AI_RESPONSE_FINISH_REASONS: tuple(reasons)} if reasons else None
+
+
+# Finish reasons, as each provider's OpenTelemetry instrumentation writes them, so that a
+# backend sees one vocabulary whichever wrote the span: OpenAI's verbatim, "error" for a choice
+# that has none (openai-v2); Anthropic's mapped to OpenAI's where they mean the same
+# (opentelemetry-instrumentation-anthropic); Gemini's lowercased (Google's instrumentation).
+_ANTHROPIC_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+}
+
+
+def _finish_reasons(how: _How, response: Any) -> list[str] | None:
+    """Why the call of whole response ``response`` stopped, one reason a choice (candidate,
+    output message); None if it does not say."""
+    try:
+        provider = how[1]
+        if provider == "openai":
+            if how[2] == "responses":
+                return _responses_reasons(response)
+            choices = getattr(response, "choices", None)  # an embeddings response has none
+            return [_openai_reason(choice.finish_reason) for choice in choices] if choices else None
+        if provider == "anthropic":
+            reason = _anthropic_reason(response.stop_reason)
+            return None if reason is None else [reason]
+        if provider == "google":
+            reasons = [_gemini_reason(c.finish_reason) for c in response.candidates or ()]
+            return [reason for reason in reasons if reason is not None]
+    except Exception:  # an SDK shape not known: no finish reasons, never a failed step
+        _warn_once(type(response).__name__, "the finish reasons")
+    return None
+
+
+def _responses_reasons(response: Any) -> list[str]:
+    """A Responses API response's finish reasons, as openai-v2 reads them: of each output
+    message, its status ("completed" is "stop"; "failed", "cancelled" and "incomplete" as they
+    are; one still in progress has none)."""
+    reasons = []
+    for item in response.output or ():
+        if item.type == "message":
+            status = item.status
+            if status == "completed":
+                reasons.append("stop")
+            elif status in ("failed", "cancelled", "incomplete"):
+                reasons.append(status)
+    return reasons
+
+
+def _openai_reason(reason: Any) -> str:
+    return reason if isinstance(reason, str) and reason else "error"
+
+
+def _anthropic_reason(reason: Any) -> str | None:
+    return _ANTHROPIC_REASONS.get(reason, reason) if isinstance(reason, str) and reason else None
+
+
+def _gemini_reason(reason: Any) -> str | None:
+    """``STOP`` (a FinishReason, or the string of one the SDK does not know) as ``stop``."""
+    name = getattr(reason, "name", reason)
+    return name.lower().removeprefix("finish_reason_") if isinstance(name, str) and name else None
 
 
 def _tier(response: Any) -> str | None:
@@ -303,7 +411,7 @@ def _response_id(value: Any) -> str | None:
 class _Stream:
     """The running totals of one streamed call (one id), as its latest chunk or event gave them."""
 
-    __slots__ = ("how", "ident", "model", "tier", "usage")
+    __slots__ = ("how", "ident", "model", "reasons", "tier", "usage")
 
     def __init__(self, how: _How, ident: Any) -> None:
         self.how = how
@@ -311,6 +419,29 @@ class _Stream:
         self.model: str | None = None
         self.tier: str | None = None
         self.usage: dict[str, Any] = {}
+        # its finish reasons by choice (candidate) index, as the chunks gave them (None: a choice
+        # seen with none yet); or all of them, as the last event of a whole response gave them
+        self.reasons: dict[int, str | None] | list[str] | None = None
+
+    def reason(self, index: Any, reason: Any) -> None:
+        """The choice at ``index`` has finish reason ``reason`` (None: it has none yet)."""
+        reasons = self.reasons
+        if not isinstance(reasons, dict):
+            reasons = self.reasons = {}
+        if type(index) is not int:  # a server that numbers no choices: it has one
+            index = 0
+        if not isinstance(reason, str) or not reason:
+            reason = None
+        if reason is not None or index not in reasons:
+            reasons[index] = reason
+
+    def finish_reasons(self) -> list[str] | None:
+        reasons = self.reasons
+        if not isinstance(reasons, dict):
+            return reasons
+        # a choice the stream never gave a reason (cut short) is "error", as openai-v2 says;
+        # only OpenAI's chunks note a choice without one
+        return [reasons[index] or "error" for index in sorted(reasons)]
 
 
 class StreamUsage:
@@ -319,12 +450,16 @@ class StreamUsage:
     Chunks and events of one stream (one call: one chunk, response or message
     id) carry running totals, so a later one replaces what an earlier one said;
     another id is another call, counted too. Whole responses are one call each.
+    The finish reasons come with the last chunks or events, and ``server`` (a
+    stream that a step returned, whose URL says it: see ``stream_server``) is
+    every streamed call's.
     """
 
     def __init__(self) -> None:
         self._streams: dict[tuple[str, Any], _Stream] = {}  # by kind and id, in order
         self._message: _Stream | None = None  # the Anthropic message that deltas belong to
         self._whole: list[ModelCall] = []
+        self.server: dict[str, Any] | None = None
 
     def observe(self, item: Any) -> None:
         how = _how(item)
@@ -338,6 +473,11 @@ class StreamUsage:
                 stream.tier = _tier(item) or stream.tier
                 if item.usage is not None:
                     stream.usage = _as_dict(item.usage)
+                reasons = stream.reasons
+                for choice in item.choices or ():  # the usage chunk has none
+                    reason = choice.finish_reason
+                    if reason is not None or reasons is None or choice.index not in reasons:
+                        stream.reason(choice.index, reason)
             elif kind == _CHUNK_EVENT:
                 self.observe(item.chunk)
             elif kind == _RESPONSE_EVENT:
@@ -345,21 +485,33 @@ class StreamUsage:
                 stream.model = item.response.model
                 stream.tier = _tier(item.response)
                 stream.usage = _as_dict(item.response.usage)
+                stream.reasons = _finish_reasons(how, item.response)
             elif kind == _HAS_MESSAGE:
                 stream = self._message = self._stream(how, item.message.id)
                 stream.model = item.message.model
                 stream.usage = _as_dict(item.message.usage)
+                reason = _anthropic_reason(item.message.stop_reason)  # the helper's last event has it
+                if reason is not None:
+                    stream.reasons = [reason]
             elif kind == _MESSAGE_DELTA:
-                if self._message is not None:
+                message = self._message
+                if message is not None:
                     # running totals: later deltas replace earlier ones, field by field
                     delta = _as_dict(item.usage)
-                    self._message.usage.update({k: v for k, v in delta.items() if v is not None})
+                    message.usage.update({k: v for k, v in delta.items() if v is not None})
+                    reason = _anthropic_reason(item.delta.stop_reason)
+                    if reason is not None:
+                        message.reasons = [reason]
             elif kind == _GEMINI:
+                stream = self._stream(how, item.response_id)
                 if item.usage_metadata is not None:
-                    stream = self._stream(how, item.response_id)
                     stream.model = item.model_version or stream.model
                     # running totals: a later chunk's count replaces an earlier one's
                     stream.usage.update(_as_dict(item.usage_metadata, how))
+                for position, candidate in enumerate(item.candidates or ()):
+                    reason = _gemini_reason(candidate.finish_reason)
+                    if reason is not None:  # only the last chunk of a candidate has one
+                        stream.reason(position if candidate.index is None else candidate.index, reason)
             elif kind == _FULL:  # a generator that yields whole responses
                 call = _call(how, item)
                 if call is not None:
@@ -385,7 +537,8 @@ class StreamUsage:
             if stream.usage:
                 streamed = _extract(stream.how, stream.model, stream.usage, stream.tier)
                 if streamed is not None:
-                    found.append((_response_id(stream.ident), streamed, stream.how[3]))
+                    reply = _with_server(_reply(stream.finish_reasons()), self.server)
+                    found.append((_response_id(stream.ident), streamed, stream.how[3], reply))
         return found
 
 

@@ -850,7 +850,7 @@ def _report(call: _StepCall, usage: TokenUsage | None, response_id: Any) -> Base
         return None
     call_id = response_id if isinstance(response_id, str) and response_id else None
     try:
-        if call._charge_response_usage((call_id, usage, attr.OP_CHAT)):
+        if call._charge_response_usage((call_id, usage, attr.OP_CHAT, None)):
             _mark_usage_below(call)
     except REFUSALS as refused:
         _mark_usage_below(call)

@@ -909,7 +909,7 @@ class _TaskTrace:
                     usage = _usage_of(result, self.provider)
                     if usage is not None:
                         # charged (and counted) even when refused
-                        step._charge_response_usage((_response_id(result), usage, attr.OP_CHAT))
+                        step._charge_response_usage((_response_id(result), usage, attr.OP_CHAT, None))
                     elif step._own_usage is None and not step.child_usage_reported:
                         # its tokens were spent all the same: not a silent 0
                         extra = {**extra, attr.USAGE_UNKNOWN: True}

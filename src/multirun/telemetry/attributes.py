@@ -14,7 +14,8 @@ GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
 GEN_AI_SYSTEM: Final = "gen_ai.system"  # older name of provider, read from other instrumentations
 GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
 GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
-GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"  # read from other instrumentations' spans
+GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
+GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
 GEN_AI_WORKFLOW_NAME: Final = "gen_ai.workflow.name"
 GEN_AI_AGENT_NAME: Final = "gen_ai.agent.name"
 GEN_AI_AGENT_ID: Final = "gen_ai.agent.id"
@@ -59,7 +60,8 @@ OPENINFERENCE_SPAN_KIND: Final = "openinference.span.kind"
 OPENINFERENCE_KIND_LLM: Final = "LLM"  # the value of openinference.span.kind on a model call
 
 # General semantic conventions
-SERVER_ADDRESS: Final = "server.address"  # the host of the model's API, read from other instrumentations
+SERVER_ADDRESS: Final = "server.address"  # the host of the model's API
+SERVER_PORT: Final = "server.port"  # its port, when not the scheme's default
 GEN_AI_OPENAI_API_BASE: Final = "gen_ai.openai.api_base"  # OpenLLMetry: the OpenAI client's base URL
 ERROR_TYPE: Final = "error.type"
 ERROR_TYPE_OTHER: Final = "_OTHER"  # error.type when the error has no better name
