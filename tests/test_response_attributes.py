@@ -21,8 +21,10 @@ from google.genai import types
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
+import multirun
 from local_http import LocalHTTPServer, QuietHandler
 from multirun import run, step
+from multirun.errors import ConfigurationError
 from multirun.models import StepKind
 from multirun.telemetry import attributes as attr
 from test_gemini_usage import gemini
@@ -349,3 +351,63 @@ def test_gemini_finish_reasons_are_one_a_candidate(traced) -> None:
     )
     in_run(step(name="ask")(lambda: response))
     assert step_attrs(traced)[REASONS] == ("max_tokens", "safety")
+
+
+# ---------------------------------------------------------------------------
+# report_usage
+
+
+def test_report_usage_writes_the_response_id_and_finish_reasons_it_is_given(traced) -> None:
+    @step(name="ask", kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def ask() -> None:
+        multirun.report_usage(input_tokens=3, output_tokens=4, response_id="r-9", finish_reasons=["length"])
+
+    in_run(ask)
+    span = step_attrs(traced)
+    assert (span[ID], span[REASONS]) == ("r-9", ("length",))
+
+
+def test_a_response_reported_by_hand_with_its_id_is_not_charged_again_around(traced) -> None:
+    """The step inside reports the call with the response's id; the step around returns that
+    response: one call, charged once."""
+    completion = ChatCompletion.model_validate(
+        {
+            "id": "chatcmpl-hand",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o-mini",
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "a"}}
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+        }
+    )
+
+    @step(name="inner")
+    def inner() -> ChatCompletion:
+        multirun.report_usage("gpt-4o-mini", input_tokens=5, output_tokens=7, response_id="chatcmpl-hand")
+        return completion.model_copy(deep=True)  # another object: only the id tells they are one call
+
+    outer = step(name="outer")(inner)
+    in_run(outer)
+    assert step_attrs(traced, "outer")[attr.TOKENS_USED] == 12
+    assert ID not in step_attrs(traced, "outer")  # it charged no call of its own
+    assert dict(traced.span("invoke_workflow main").attributes)[attr.TOKENS_USED] == 12
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"response_id": ""}, "response_id"),
+        ({"response_id": 7}, "response_id"),
+        ({"finish_reasons": "stop"}, "finish_reasons"),
+        ({"finish_reasons": ["stop", None]}, "finish_reasons"),
+    ],
+)
+def test_report_usage_refuses_a_bad_response_id_or_finish_reasons_naming_it(traced, given, named) -> None:
+    @step(name="ask")
+    def ask() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=1, **given)
+
+    with pytest.raises(ConfigurationError, match=f"^{named} must be"):
+        in_run(ask)

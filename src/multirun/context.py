@@ -197,6 +197,8 @@ def report_usage(
     reasoning_tokens: int = 0,
     provider: str | None = None,
     cost_usd: float | None = None,
+    response_id: str | None = None,
+    finish_reasons: list[str] | tuple[str, ...] | None = None,
 ) -> None:
     """Charge one model call to the current step (or agent, or run).
 
@@ -204,11 +206,20 @@ def report_usage(
     conventions. ``model`` None is the step's model. Without ``cost_usd`` the
     cost comes from the price book; a model with no known price is flagged
     unpriced, and with ``init(unpriced="fail")`` also raises PolicyViolation.
+    ``response_id`` (the provider's id of the response) and ``finish_reasons`` (why it
+    stopped, one reason a choice) go on the step's span as ``gen_ai.response.id`` and
+    ``gen_ai.response.finish_reasons``; a step around it that returns the response of that id
+    is not charged for it again.
     A count that is not an int >= 0, or ``model=""``, raises ConfigurationError. Outside a run
     it charges nothing, and the first such call of the process logs a warning.
     """
     if model == "":  # priced as no model, and prices cannot name it
         raise ConfigurationError("model must be a non-empty string, or None for the step's model, got ''")
+    reply = None
+    if finish_reasons is not None:
+        reply = _finish_reasons_reply(finish_reasons)
+    if response_id is not None and (not isinstance(response_id, str) or not response_id):
+        raise ConfigurationError(f"response_id must be a non-empty string, got {response_id!r}")
     usage = TokenUsage(
         model=model,
         provider=provider,
@@ -222,13 +233,25 @@ def report_usage(
     current = otel_context.get_current()
     step: StepContext | None = step_in(current)
     if step is not None:
-        step.report_usage(usage)
+        step.report_usage(usage, response_id, reply)
         return
     run: RunContext | None = run_in(current)
     if run is not None:
-        get_current_agent_context().report_usage(usage)
+        get_current_agent_context().report_usage(usage, response_id)
         return
     _warn_usage_outside_run(model)
+
+
+def _finish_reasons_reply(finish_reasons: object) -> Reply:
+    """``report_usage``'s ``finish_reasons`` as span attributes; ConfigurationError if they are
+    not a list (or tuple) of strings."""
+    if not isinstance(finish_reasons, (list, tuple)) or not all(
+        isinstance(reason, str) and reason for reason in finish_reasons
+    ):
+        raise ConfigurationError(
+            f"finish_reasons must be a list of non-empty strings, got {finish_reasons!r}"
+        )
+    return {attr.GEN_AI_RESPONSE_FINISH_REASONS: tuple(finish_reasons)} if finish_reasons else None
 
 
 _outside_run_warned = False
@@ -1194,9 +1217,10 @@ class AgentContext:
 
     # -- usage, lifecycle ----------------------------------------------------
 
-    def report_usage(self, usage: TokenUsage) -> None:
-        """Charge a usage report made at agent level (outside any step)."""
-        _units, unpriced = _charge_usage(self.run_context, None, self, usage, own=True)
+    def report_usage(self, usage: TokenUsage, call_id: str | None = None) -> None:
+        """Charge a usage report made at agent level (outside any step); ``call_id``: the id of
+        its response, if given."""
+        _units, unpriced = _charge_usage(self.run_context, None, self, usage, own=True, call_id=call_id)
         if unpriced and self.run_context.client.fail_unpriced:
             raise _refuse_unpriced(usage)
 
@@ -1617,13 +1641,14 @@ class StepContext:
         if engine is not None:
             engine.give_back(self.name, decision if slot else decision._replace(slot=None))
 
-    def report_usage(self, usage: TokenUsage) -> None:
+    def report_usage(self, usage: TokenUsage, call_id: str | None = None, reply: Reply = None) -> None:
         """Charge one model call to this step, its parents, its agent and its run. Usage that
         names no model is the step's model's (the fallback model once the run degraded), as in
-        ``complete(tokens_used=...)``."""
+        ``complete(tokens_used=...)``. ``call_id``: the id of its response; ``reply``: its
+        finish reasons, as span attributes (``report_usage``'s)."""
         if usage.model is None and self.model is not None:
             usage = replace(usage, model=self.model)
-        self._report_call(usage, None)
+        self._report_call(usage, call_id, attr.OP_CHAT, reply)
 
     def _report_call(
         self, usage: TokenUsage, call_id: str | None, operation: str = attr.OP_CHAT, reply: Reply = None
