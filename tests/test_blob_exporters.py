@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from local_http import LocalHTTPServer, QuietHandler
 from multirun.checkpoints import exporters
 from multirun.checkpoints.envelope import PendingBlob, open_blob, seal
 from multirun.checkpoints.exporters import (
@@ -263,6 +264,38 @@ def test_read_start_gives_the_first_bytes_of_a_blob(subject: Subject) -> None:
     assert read_start("start/empty", 10) == b""
     with pytest.raises(BlobNotFoundError):
         read_start("never/written", 10)
+
+
+def test_s3_read_start_reads_only_the_start_from_a_server_that_ignores_range(fake_credentials: None) -> None:
+    """A server that ignores the Range header answers with the whole object: ``read_start``
+    (what ``multirun checkpoints`` names a checkpoint by) reads its first bytes and closes the
+    response, instead of downloading a blob of up to a gigabyte for each checkpoint listed."""
+    whole = b"MRCK1\n" + bytes(50 << 20)
+    sent: list[int] = []
+
+    class WholeObject(QuietHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)  # not 206: the Range header is ignored
+            self.send_header("Content-Length", str(len(whole)))
+            self.end_headers()
+            try:
+                for at in range(0, len(whole), 1 << 16):
+                    self.wfile.write(whole[at : at + (1 << 16)])
+                    sent.append(1 << 16)
+            except OSError:  # the reader closed the connection
+                pass
+
+    server = LocalHTTPServer(WholeObject)
+    server.start()
+    try:
+        exporter = S3BlobExporter("bucket", endpoint_url=server.url, addressing_style="path")
+        assert exporter.read_start("checkpoints/a/b.ckpt", 4103) == whole[:4103]
+        time.sleep(0.5)  # the server's writes fail once the socket buffers are full
+        assert sum(sent) < len(whole) // 4, f"{sum(sent)} bytes sent for 4103 asked"
+    finally:
+        server.stop()
 
 
 def test_get_of_a_missing_key_is_not_found(subject: Subject) -> None:

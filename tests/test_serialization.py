@@ -1419,6 +1419,26 @@ def test_golden_v4_pickle_checkpoint_reads_exactly_with_the_test_key() -> None:
         open_meta(blob, max_bytes=LIMIT, hmac_key=KEY, allowed_serializers=["pickle"])
 
 
+@pytest.mark.parametrize("where", ["header", "meta section"])
+def test_a_blob_nested_too_deeply_is_refused_as_damaged(where: str) -> None:
+    """A crafted blob whose header or meta section nests JSON arrays thousands deep is a
+    CheckpointError, not a RecursionError out of the listing, ``show`` or ``verify``."""
+    deep = b"[" * 2000 + b"]" * 2000  # within the 4096 bytes a header may have
+    if where == "header":
+        blob = MAGIC + deep + b"\n{}"
+    else:
+        meta = b'{"checkpoint":' + deep + b"}"
+        blob, _ = seal(b"{}", "json", None, meta=META)
+        header = header_of(blob)
+        header.update(meta_size=len(meta), meta_digest="sha256:" + hashlib.sha256(meta).hexdigest())
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        blob = MAGIC + text + b"\n" + meta + b"{}"
+    with pytest.raises(CheckpointError, match=f"checkpoint {where} is damaged"):
+        peek_meta(lambda size: blob[:size], max_bytes=LIMIT)
+    with pytest.raises(CheckpointError, match=f"checkpoint {where} is damaged"):
+        open_meta(blob, max_bytes=LIMIT)
+
+
 def test_golden_v4_json_checkpoint_reads_exactly_and_names_itself_from_its_start() -> None:
     blob = golden("checkpoint-v4-json.ckpt")
     header, meta = open_meta(blob, max_bytes=LIMIT)

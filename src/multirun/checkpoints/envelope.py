@@ -397,7 +397,7 @@ def _read_meta(header: dict[str, Any], section: Payload) -> dict[str, Any]:
     _check_digest(_digest(section), header, "meta_digest")
     try:
         meta = json.loads(bytes(section).decode("ascii"))
-    except ValueError as exc:  # UnicodeDecodeError too
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError too; nested too deeply
         raise CheckpointError(f"checkpoint meta section is damaged: {exc}") from None
     if not isinstance(meta, dict):
         raise CheckpointError("checkpoint meta section is damaged: not a JSON object")
@@ -492,7 +492,7 @@ def _read_header(head: bytes) -> tuple[dict[str, Any], int]:
         )
     try:
         header = json.loads(head[len(MAGIC) : end].decode("ascii"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nested too deeply: a crafted header
         raise CheckpointError(f"checkpoint header is damaged: {exc}") from None
     if not isinstance(header, dict):
         raise CheckpointError("checkpoint header is damaged: not a JSON object")

@@ -22,7 +22,7 @@ fetching it (the built-ins do): a checkpoint over the reader's limit is then
 refused before a byte of it is read; and ``read_start(uri, size) -> bytes``, the
 blob's first ``size`` bytes (fewer if it is shorter), which ``multirun checkpoints``
 reads a checkpoint's name from without fetching the whole blob (the built-ins do;
-without it, the whole blob is fetched). It may offer ``put_pending(key, blob)``
+without it, a checkpoint no span names is listed without a name). It may offer ``put_pending(key, blob)``
 too, which ``put``s an ``envelope.PendingBlob`` (``FileBlobExporter`` does):
 the body is written while the checkpoint store computes the header's digest.
 

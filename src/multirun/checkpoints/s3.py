@@ -336,7 +336,11 @@ class S3BlobExporter:
             response = self.client.get_object(
                 Bucket=self.bucket, Key=full, Range=f"bytes=0-{max(size, 1) - 1}"
             )
-            return bytes(response["Body"].read())[:size]
+            body = response["Body"]
+            try:  # a server that ignores Range sends the whole object: only its start is read
+                return bytes(body.read(size))
+            finally:
+                body.close()
         except self._errors as exc:
             code = _status(exc)[0]
             if code in _NOT_FOUND:

@@ -619,19 +619,17 @@ class CheckpointStore:
 
     def name_of(self, key: str) -> str | None:
         """The name of the checkpoint stored under ``key``, from its blob's meta section, read
-        from the start of the blob (the whole blob if the exporter has no ``read_start``): its
-        payload is neither read nor checked. None for a blob without a meta section (format
-        version 3 and before); CheckpointError if it cannot be read."""
+        from the start of the blob: its payload is neither read nor checked. None for a blob
+        without a meta section (format version 3 and before), or when the exporter cannot read
+        a blob's start (no ``read_start``: a listing does not fetch whole blobs);
+        CheckpointError if it cannot be read."""
         read_start = getattr(self.exporter, "read_start", None)
-        whole: list[bytes] = []
+        if read_start is None:
+            return None
 
         def start(size: int) -> bytes:
             with suppress_instrumentation():
-                if read_start is not None:
-                    return bytes(read_start(key, size))
-                if not whole:
-                    whole.append(self.exporter.get(key))
-                return whole[0][:size]
+                return bytes(read_start(key, size))
 
         try:
             meta = peek_meta(start, max_bytes=self.max_blob_bytes, hmac_key=self._hmac_key)

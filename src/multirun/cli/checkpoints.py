@@ -340,7 +340,7 @@ def _name_in_store(store: CheckpointStore, found: StoredCheckpoint) -> str:
     (``verify`` says why)."""
     try:
         return store.name_of(store.key(found.run_id, found.checkpoint_id)) or ""
-    except CheckpointError:
+    except Exception:  # one odd blob (or a plugin's error) leaves one name blank
         return ""
 
 
