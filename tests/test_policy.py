@@ -829,6 +829,23 @@ def test_a_retry_rule_whose_cap_is_raised_again_has_the_default_delay_back(trace
     assert traced.clock.sleeps == [1.0]
 
 
+def test_a_copy_with_an_update_is_validated_as_a_new_rule_would_be() -> None:
+    """pydantic's model_copy(update=...) does not validate: a copy could hold a budget the
+    constructor refuses, or keep a delay derived from the cap it changes (its dump then read
+    back refused)."""
+    lowered = RetryRule().model_copy(update={"max_delay_seconds": 0.5})
+    assert lowered.base_delay_seconds == 0.5 and RetryRule(**lowered.model_dump()) == lowered
+    raised = RetryRule(max_delay_seconds=0.5).model_copy(update={"max_delay_seconds": 60})
+    assert raised == RetryRule()  # the default base delay back, as for an assignment
+    with pytest.raises(pydantic.ValidationError, match="max_tokens"):
+        Budget(max_tokens=10).model_copy(update={"max_tokens": -1})
+    with pytest.raises(pydantic.ValidationError, match="base_delay_seconds"):
+        RetryRule(max_delay_seconds=5).model_copy(update={"base_delay_seconds": 10})
+    policy = Policy(retry=RetryRule(max_attempts=2))
+    assert policy.model_copy(update={"retry": RetryRule(max_attempts=5)}).retry.max_attempts == 5  # type: ignore[union-attr]
+    assert policy.model_copy() == policy and policy.model_copy(deep=True) == policy
+
+
 def test_a_retry_rule_of_one_attempt_takes_a_base_delay_above_its_cap_it_never_waits(traced) -> None:
     """No retry, no delay to cap (as @step(retry=0) takes any retry_delay): it was refused. The
     rule made to retry is refused then."""

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import copy
 import os
 import random
+from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 
 def new_id() -> str:
@@ -78,6 +83,16 @@ class Settings(Model):
             object.__setattr__(self, "__dict__", fields)
             object.__setattr__(self, "__pydantic_fields_set__", fields_set)
             raise
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy; with ``update``, validated as the constructor validates (pydantic's copy is
+        not), from the fields that were given and the update: never a rule the constructor
+        would refuse, nor one keeping a value a validator derived from a field it changes."""
+        if not update:
+            return super().model_copy(deep=deep)
+        values = {name: self.__dict__[name] for name in self.model_fields_set if name in self.__dict__}
+        values.update(update)
+        return self.model_validate(copy.deepcopy(values) if deep else values)
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
