@@ -4,7 +4,10 @@ Each environment lives under ``${MULTIRUN_CACHE_DIR:-$HOME/.cache/multirun-otel}
 and is installed from ``requirements/<peer>.txt``, a lock file (every package pinned) made by
 ``pip freeze`` from ``requirements/<peer>.in`` (the peer's own pin) the first time, or again with
 ``--relock``. multirun-otel is installed from this checkout, editable, so the current ``src/`` is
-what is measured. A stamp file in the environment records what it was built from (the lock's
+what is measured. The ``with-<peer>`` environments are for the tests of multirun-otel running beside a
+peer (tests/test_peer_sdks.py): the peer's lock plus multirun-otel's dependencies, without multirun-otel
+itself, which the tests import from their own checkout's ``src/`` (``PYTHONPATH``), so one environment
+serves every checkout. A stamp file in the environment records what it was built from (the lock's
 digest and the interpreter); when either changes, the environment is built anew.
 
 Usage (the benchmark calls it; by hand only to prepare or inspect)::
@@ -27,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 REQUIREMENTS = HERE / "requirements"
 PEERS = ("otel", "multirun", "traceloop", "langfuse", "logfire", "openlit", "agentops")
+WITH_PEERS = ("with-logfire", "with-traceloop", "with-langfuse")
 STAMP = ".multirun-bench-stamp"
 
 
@@ -85,8 +89,8 @@ def _lock_header(peer: str) -> str:
 
 def ensure(peer: str, *, relock: bool = False, python: str | None = None, quiet: bool = False) -> Env:
     """The environment of ``peer``, built first if it is missing or out of date."""
-    if peer not in PEERS:
-        raise ValueError(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
+    if peer not in PEERS + WITH_PEERS:
+        raise ValueError(f"unknown peer {peer!r}; known: {', '.join(PEERS + WITH_PEERS)}")
     python = python or base_python()
     env = Env(peer, cache_dir() / peer)
     lock = REQUIREMENTS / f"{peer}.txt"
@@ -139,7 +143,12 @@ def versions(env: Env, names: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("peers", nargs="*", default=list(PEERS), help=f"default: all ({', '.join(PEERS)})")
+    parser.add_argument(
+        "peers",
+        nargs="*",
+        default=list(PEERS),
+        help=f"default: all ({', '.join(PEERS)}); the tests' are {', '.join(WITH_PEERS)}",
+    )
     parser.add_argument("--relock", action="store_true", help="install from <peer>.in and rewrite the lock")
     args = parser.parse_args(argv)
     failed = 0
