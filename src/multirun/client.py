@@ -74,6 +74,7 @@ from multirun.telemetry.export import (
 from multirun.telemetry.guard import guard_span_processors
 from multirun.telemetry.local_files import LocalFileSpanExporter
 from multirun.telemetry.metrics import NO_METRICS, Metrics, forget_counts
+from multirun.telemetry.proxies import sdk_provider
 from multirun.usage import TokenUsage
 
 if TYPE_CHECKING:
@@ -510,6 +511,7 @@ def _finalize_at_worker_exit(shutdown: Callable[[], None]) -> None:
 def _export_to(provider: Any, exporter: SpanExporter | None, settings: BatchSettings | None) -> None:
     """Send ``provider``'s spans to ``exporter`` (None: nowhere) through the one pipeline ``init``
     adds to it, batched with ``settings`` (None: as the ``OTEL_BSP_*`` variables say)."""
+    provider = sdk_provider(provider) or provider
     pipeline: _SwappableExportProcessor | None = getattr(provider, "_multirun_export_pipeline", None)
     if pipeline is None:
         if exporter is None:
@@ -853,8 +855,9 @@ def _init_locked(
             # our own provider from an earlier init(): send from now on where this call says
             provider = current
             _export_to(current, exporter, batch)
-        elif isinstance(current, TracerProvider):
-            provider = current  # the application's own provider: add to it, never replace it
+        elif sdk_provider(current) is not None:
+            # the application's own provider (or Logfire's proxy of one): add to it, never replace it
+            provider = current
             if span_exporter is not None or endpoint is not None:
                 _export_to(current, exporter, batch)
         elif _is_unset(current):
@@ -1815,6 +1818,7 @@ def _install_usage_processor(provider: trace.TracerProvider) -> UsageSpanProcess
 
     None if the provider takes no span processors (not an SDK provider).
     """
+    provider = sdk_provider(provider) or provider
     installed: UsageSpanProcessor | None = getattr(provider, "_multirun_usage_processor", None)
     add = getattr(provider, "add_span_processor", None)
     if installed is not None or add is None:
@@ -1835,6 +1839,7 @@ SHORTEST_SPAN_VALUES = 32
 
 def _warn_small_span_limits(provider: trace.TracerProvider) -> None:
     """One warning, per provider, for span limits too small for multirun's spans."""
+    provider = sdk_provider(provider) or provider
     limits = getattr(provider, "_span_limits", None)
     if limits is None or getattr(provider, "_multirun_limits_checked", False):
         return

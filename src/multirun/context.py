@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace import _Span as _SdkSpan
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from pydantic_core import to_json
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
@@ -1444,7 +1445,9 @@ class StepContext:
         span_id = span.get_span_context().span_id
         # a no-op tracer's spans (the SDK disabled) all have span id 0: the step gets one of its own
         self._id = step_id = f"{span_id:016x}" if span_id else f"{random.getrandbits(64) or 1:016x}"
-        if type(span) is NonRecordingSpan:  # it keeps no times: the step keeps them
+        # a span not recorded (sampled out, the SDK disabled; Logfire's wrapper of one) keeps no
+        # times: the step keeps them. The SDK's spans, nearly all of them, are told by one test.
+        if type(span) is not _SdkSpan and not span.is_recording():
             self._unrecorded_times = [time.time_ns()]
         # Run.current_step_id, written past pydantic's __setattr__: this runs for every step
         self.run_context.run.__dict__["current_step_id"] = step_id

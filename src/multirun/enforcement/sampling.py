@@ -24,7 +24,6 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -39,6 +38,7 @@ from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
 from multirun._keys import run_in
+from multirun.telemetry.proxies import sdk_tracer
 
 _logger = logging.getLogger(__name__)
 
@@ -162,7 +162,8 @@ class _AsMade(Sampler):
 def keep_own_spans_as_sampled(tracer: Any) -> None:
     """multirun's ``tracer`` samples as the application's sampler did before multirun changed it:
     a run the sampler leaves out shows so, its steps included (whatever GenAI names they carry)."""
-    if not isinstance(tracer, SdkTracer):
+    tracer = sdk_tracer(tracer)
+    if tracer is None:
         return
     sampler = tracer.sampler
     original = getattr(sampler, _ORIGINAL, None)

@@ -17,7 +17,8 @@ from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, SynchronousMultiSpanProcessor
-from opentelemetry.sdk.trace import Tracer as SdkTracer
+
+from multirun.telemetry.proxies import sdk_tracer
 
 _logger = logging.getLogger(__name__)
 
@@ -80,11 +81,13 @@ class GuardedSpanProcessor(SpanProcessor):
 def guard_span_processors(tracer: Any) -> None:
     """Have ``tracer`` (multirun's) call its provider's span processors each on its own.
 
-    Only an SDK tracer has them; its span processor is replaced once (a provider hands
-    out one tracer per name, which several clients may share).
+    Only an SDK tracer has them (behind Logfire's proxy tracer: the SDK tracer it wraps); its
+    span processor is replaced once (a provider hands out one tracer per name, which several
+    clients may share).
     """
-    if not isinstance(tracer, SdkTracer):
+    tracer = sdk_tracer(tracer)
+    if tracer is None:
         return
     current = getattr(tracer, "span_processor", None)
     if isinstance(current, SpanProcessor) and not isinstance(current, GuardedSpanProcessor):
-        tracer.span_processor = GuardedSpanProcessor(current)  # type: ignore[assignment]
+        tracer.span_processor = GuardedSpanProcessor(current)
