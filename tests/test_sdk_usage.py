@@ -841,6 +841,40 @@ def test_steps_returning_different_responses_with_one_id_are_each_charged(traced
     assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 220
 
 
+@pytest.mark.parametrize("inner_call", ["returned", "reported"])
+def test_a_step_returning_another_call_with_the_id_of_one_charged_inside_it_is_charged(
+    traced, inner_call: str
+) -> None:
+    # the server gives every response the same id: the call the step inside charged (returned,
+    # or reported by hand with its id) spares only that call, not the step's own later one
+    @step
+    def summarise() -> Any:
+        if inner_call == "reported":
+            multirun.report_usage("gpt-4o", input_tokens=10, output_tokens=5, response_id="chatcmpl-1")
+            return "summary"
+        return chat_completion(prompt=10, completion=5)
+
+    @step
+    def answer() -> ChatCompletion:
+        summarise()
+        return chat_completion(prompt=1000, completion=500)  # also "chatcmpl-1"
+
+    @step
+    def then() -> None:
+        pass
+
+    @run(name="main", budget=Budget(max_tokens=1000))
+    def main() -> None:
+        answer()
+        then()  # refused: answer spent the budget
+
+    with pytest.raises(BudgetExceededError, match="max_tokens"):
+        main()
+    assert attrs(traced.span("invoke_workflow main"))["multirun.tokens_used"] == 1515
+    span = attrs(step_span(traced, "answer"))
+    assert (span["gen_ai.usage.input_tokens"], span["gen_ai.usage.output_tokens"]) == (1000, 500)
+
+
 def test_remembering_the_responses_steps_returned_keeps_none_alive(traced) -> None:
     @step
     def ask() -> ChatCompletion:

@@ -210,7 +210,7 @@ def report_usage(
     ``response_id`` (the provider's id of the response) and ``finish_reasons`` (why it
     stopped, one reason a choice) go on the step's span as ``gen_ai.response.id`` and
     ``gen_ai.response.finish_reasons``; a step around it that returns the response of that id
-    is not charged for it again.
+    and those token counts is not charged for it again.
     A count that is not an int >= 0, or ``model=""``, raises ConfigurationError. Outside a run
     it charges nothing, and the first such call of the process logs a warning.
     """
@@ -290,7 +290,7 @@ class RunContext:
     # the model calls that spans of other instrumentations (openai-v2, say) charged in this run
     # tree, by response id and input and output tokens, with how many such calls are not yet
     # matched by a step returning their response; the latest last (see _note_span_call)
-    _span_calls: dict[tuple[str, int, int], int] | None = None
+    _span_calls: dict[CallKey, int] | None = None
 
     def __init__(
         self,
@@ -388,7 +388,7 @@ class RunContext:
         """A span of another instrumentation charged the call ``call_id``, in a step or outside
         any (in a run's or an agent's body): a step of this run tree that returns its response
         later, not being around that span, is not charged for it again (see _charged_by_span)."""
-        key = (call_id, usage.input_tokens, usage.output_tokens)
+        key = _call_key(call_id, usage)
         top = self._top
         with top._lock:
             calls = top._span_calls
@@ -404,7 +404,7 @@ class RunContext:
         spares one step. Not by the id alone, since some OpenAI-compatible servers give every
         response the same id: another response with that id, and other token counts, or one more
         than the spans charged, is another call."""
-        key = (call_id, usage.input_tokens, usage.output_tokens)
+        key = _call_key(call_id, usage)
         top = self._top
         with top._lock:
             calls = top._span_calls
@@ -1370,8 +1370,9 @@ class StepContext:
     # the gen_ai.operation.name of the model call it returned when that is no chat (embeddings,
     # text_completion): read from the SDK response; None for a chat and every other step
     _operation: str | None = None
-    # the response ids of the model calls charged in this step or a step inside it, latest last
-    _calls_below: dict[str, None] | None = None
+    # the model calls charged in this step or a step inside it, by response id and input and
+    # output tokens (see _call_key), latest last
+    _calls_below: dict[CallKey, None] | None = None
     policy_decision: str | None = None
     policy_rule: str | None = None
     wait_before = 0.0  # seconds a rate limit asked the step to wait before it runs
@@ -1679,7 +1680,7 @@ class StepContext:
         if self._own_usage is not None or self.child_usage_reported:
             # the step's calls, which it returns, are charged: a step around it that passes
             # them on must not charge them again
-            _note_calls_around(self, [call[0] for call in calls if call[0] is not None])
+            _note_calls_around(self, [_call_key(call[0], call[1]) for call in calls if call[0] is not None])
             run = self.run_context
             if run._top._span_calls is not None:  # matched here, a span's call spares no later step
                 for call_id, usage, _, _ in calls:
@@ -1691,7 +1692,7 @@ class StepContext:
         by_spans = run._top._span_calls is not None  # charged where no step saw it
         refused: PolicyViolation | None = None
         for call_id, usage, operation, reply in calls:
-            if (below is None or call_id not in below) and not (
+            if (below is None or call_id is None or _call_key(call_id, usage) not in below) and not (
                 by_spans and call_id is not None and run._charged_by_span(call_id, usage)
             ):
                 if operation != attr.OP_CHAT:
@@ -2121,7 +2122,8 @@ def _charge_usage(
     """
     client = run.client
     tokens, units, unpriced = client.price(usage)
-    _charge_chain(run, step, agent, tokens, units, unpriced, call_id)
+    call = _call_key(call_id, usage) if call_id is not None else None
+    _charge_chain(run, step, agent, tokens, units, unpriced, call)
     if call_id is not None and not own:
         run._note_span_call(call_id, usage)
     if run._totals_read:
@@ -2166,24 +2168,24 @@ def note_paid_for(run: RunContext, step: StepContext | None, value: Any) -> None
     charged) were paid for already: served from a checkpoint (the recorded run paid), or
     reported by hand (``complete(response, tokens_used=...)``). A step around ``step``, or a
     later step, that returns them is not charged for them again."""
-    call_ids = []
-    for response, (call_id, *_) in calls_in(value):
+    keys = []
+    for response, (call_id, usage, *_) in calls_in(value):
         run._returned_before(response, call_id)  # noted as returned: not charged when returned again
         if call_id is not None:
-            call_ids.append(call_id)
+            keys.append(_call_key(call_id, usage))
     if step is not None:
-        _note_calls_around(step, call_ids)  # a copy of it returned around it is not charged either
+        _note_calls_around(step, keys)  # a copy of it returned around it is not charged either
 
 
-def _note_calls_around(step: StepContext, call_ids: list[str]) -> None:
-    """Note on ``step`` and every step around it that the calls ``call_ids`` are charged."""
-    if not call_ids:
+def _note_calls_around(step: StepContext, keys: list[CallKey]) -> None:
+    """Note on ``step`` and every step around it that the calls ``keys`` are charged."""
+    if not keys:
         return
     for current in _enclosing(step):
         if isinstance(current, StepContext):
             with current.run_context._lock:
-                for call_id in call_ids:
-                    _note_call(current, call_id)
+                for key in keys:
+                    _note_call(current, key)
 
 
 def _enclosing(
@@ -2247,9 +2249,10 @@ def _charge_chain(
     tokens: int,
     cost_units: int,
     unpriced: bool,
-    call_id: str | None = None,
+    call: CallKey | None = None,
 ) -> None:
-    """Add one usage report to the step, every enclosing step and agent, and the run.
+    """Add one usage report to the step, every enclosing step and agent, and the run;
+    ``call``, the key of its response, is noted on each of those steps.
 
     For a sub-run the walk goes on in the parent run, from the step (or
     agent) that called it, so every span above the spend rolls it up.
@@ -2266,8 +2269,8 @@ def _charge_chain(
             while True:
                 while step is not None:
                     step._add(tokens, cost_units, unpriced)
-                    if call_id is not None:
-                        _note_call(step, call_id)
+                    if call is not None:
+                        _note_call(step, call)
                     if step.agent_context is not seen:
                         seen = step.agent_context
                         seen._add(tokens, cost_units, unpriced)
@@ -2296,16 +2299,26 @@ def _write_totals(model: Run | Agent, tokens: int, cost_usd: float) -> None:
     model.__pydantic_fields_set__.update(_TOTALS)
 
 
-MAX_CALLS_BELOW = 1024  # response ids a step keeps: a step passes on what a step inside it just returned
+MAX_CALLS_BELOW = 1024  # calls a step keeps: a step passes on what a step inside it just returned
 MAX_RESPONSES_RETURNED = 1024  # SDK responses a run tree remembers its steps returned, the latest
 
 
-def _note_call(step: StepContext, call_id: str) -> None:
-    """Note on ``step`` that the call ``call_id`` is charged (under its run's lock)."""
+# A model call as the steps that charged it remember it: its response id with its input and
+# output tokens. Not the id alone: some OpenAI-compatible servers give every response the same
+# id (or draw it from a few hundred), and another call of that id must still be charged.
+CallKey = tuple[str, int, int]
+
+
+def _call_key(call_id: str, usage: TokenUsage) -> CallKey:
+    return (call_id, usage.input_tokens, usage.output_tokens)
+
+
+def _note_call(step: StepContext, key: CallKey) -> None:
+    """Note on ``step`` that the call ``key`` is charged (under its run's lock)."""
     calls = step._calls_below
     if calls is None:
         calls = step._calls_below = {}
-    calls[call_id] = None
+    calls[key] = None
     if len(calls) > MAX_CALLS_BELOW:
         del calls[next(iter(calls))]
 
