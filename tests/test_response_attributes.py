@@ -122,6 +122,51 @@ def test_a_generator_step_yielding_chat_chunks_gives_id_and_finish_reason(traced
     assert ADDRESS not in span  # the chunks do not say where they came from
 
 
+def test_a_generator_step_yielding_a_stream_and_a_whole_response_gives_the_later_one_s(
+    traced, client
+) -> None:
+    """The last call is the one yielded last, streamed or whole, as in a step of several calls."""
+    whole = ChatCompletion.model_validate(
+        {
+            "id": "chatcmpl-whole",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o",
+            "choices": [
+                {"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "a"}}
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+        }
+    )
+
+    def streamed() -> Iterator[Any]:
+        return chat(client, stream=True, stream_options={"include_usage": True})
+
+    @step(name="ask")
+    def stream_then_whole() -> Iterator[Any]:
+        yield from streamed()
+        yield whole
+
+    @step(name="ask_again")
+    def whole_then_stream() -> Iterator[Any]:
+        yield whole
+        yield from streamed()
+
+    in_run(lambda: (list(stream_then_whole()), list(whole_then_stream())))
+    span = step_attrs(traced)
+    assert (span[ID], span[REASONS], span[attr.GEN_AI_RESPONSE_MODEL]) == (
+        "chatcmpl-whole",
+        ("length",),
+        "gpt-4o",
+    )
+    span = step_attrs(traced, "ask_again")
+    assert (span[ID], span[REASONS], span[attr.GEN_AI_RESPONSE_MODEL]) == (
+        "chatcmpl-1",
+        ("stop",),
+        RESPONSE_MODEL,
+    )
+
+
 def test_a_responses_api_response_plain_and_streamed(traced, llm, client) -> None:
     ask = step(name="ask")(lambda: client.responses.create(model="gpt-4o-mini", input="hi"))
     streamed = step(name="streamed")(

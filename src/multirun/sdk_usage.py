@@ -456,9 +456,11 @@ class StreamUsage:
     """
 
     def __init__(self) -> None:
-        self._streams: dict[tuple[str, Any], _Stream] = {}  # by kind and id, in order
+        self._streams: dict[tuple[str, Any], _Stream] = {}  # by kind and id
         self._message: _Stream | None = None  # the Anthropic message that deltas belong to
-        self._whole: list[ModelCall] = []
+        self._whole = False  # a whole response was seen
+        # the streams and whole responses, as first seen: the span shows the last call's reply
+        self._seen: list[_Stream | ModelCall] = []
         self.server: dict[str, Any] | None = None
 
     def observe(self, item: Any) -> None:
@@ -515,7 +517,8 @@ class StreamUsage:
             elif kind == _FULL:  # a generator that yields whole responses
                 call = _call(how, item)
                 if call is not None:
-                    self._whole.append(call)
+                    self._whole = True
+                    self._seen.append(call)
         except Exception:
             _warn_once(type(item).__name__)
 
@@ -524,21 +527,25 @@ class StreamUsage:
         stream = self._streams.get(key)
         if stream is None:
             stream = self._streams[key] = _Stream(how, ident)
+            self._seen.append(stream)
         return stream
 
     def has_usage(self) -> bool:
         """Whether any chunk, event or response seen carried usage."""
-        return bool(self._whole) or any(stream.usage for stream in self._streams.values())
+        return self._whole or any(stream.usage for stream in self._streams.values())
 
     def calls(self) -> list[ModelCall]:
-        """Each model call seen: each stream whose chunks carried usage, and each whole response."""
-        found = list(self._whole)
-        for stream in self._streams.values():
-            if stream.usage:
-                streamed = _extract(stream.how, stream.model, stream.usage, stream.tier)
+        """Each model call seen, in the order first seen: each stream whose chunks carried
+        usage, and each whole response."""
+        found = []
+        for seen in self._seen:
+            if not isinstance(seen, _Stream):
+                found.append(seen)
+            elif seen.usage:
+                streamed = _extract(seen.how, seen.model, seen.usage, seen.tier)
                 if streamed is not None:
-                    reply = _with_server(_reply(stream.finish_reasons()), self.server)
-                    found.append((_response_id(stream.ident), streamed, stream.how[3], reply))
+                    reply = _with_server(_reply(seen.finish_reasons()), self.server)
+                    found.append((_response_id(seen.ident), streamed, seen.how[3], reply))
         return found
 
 
