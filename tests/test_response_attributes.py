@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 from anthropic.types import Message
@@ -81,6 +82,49 @@ def test_a_raw_chat_response_gives_the_server_too(traced, llm, client) -> None:
     assert span[REASONS] == ("stop",)
     assert span[ADDRESS] == "127.0.0.1"
     assert span[PORT] == llm.port
+
+
+class _At(httpx.BaseTransport):
+    """Sends each request to the local server while the client, and so the response, keep the
+    URL asked for: as DNS would answer for the provider's host."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        there = request.url.copy_with(scheme="http", host="127.0.0.1", port=self._port)
+        return self._inner.handle_request(
+            httpx.Request(request.method, there, headers=request.headers, content=request.content)
+        )
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@pytest.mark.parametrize(
+    ("base_url", "port"),
+    [("https://api.example.test/v1", None), ("https://api.example.test:8443/v1", 8443)],
+    ids=["default-port", "other-port"],
+)
+def test_the_server_port_is_left_out_when_it_is_the_scheme_s_default_as_openai_v2_does(
+    traced, llm, base_url: str, port: int | None
+) -> None:
+    """A departure from the conventions, which require server.port with server.address: the
+    official instrumentations (openai-v2, anthropic) leave out 443, and the spans agree."""
+    with (
+        httpx.Client(transport=_At(llm.port)) as http,
+        openai.OpenAI(base_url=base_url, api_key="test", max_retries=0, http_client=http) as provider,
+    ):
+        in_run(
+            step(name="ask")(
+                lambda: provider.chat.completions.with_raw_response.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+                )
+            )
+        )
+    span = step_attrs(traced)
+    assert (span[ADDRESS], span.get(PORT)) == ("api.example.test", port)
 
 
 def test_a_returned_chat_stream_gives_id_finish_reason_and_server_once_read(traced, llm, client) -> None:
