@@ -845,6 +845,14 @@ def test_a_copy_with_an_update_is_validated_as_a_new_rule_would_be() -> None:
     assert policy.model_copy(update={"retry": RetryRule(max_attempts=5)}).retry.max_attempts == 5  # type: ignore[union-attr]
     assert policy.model_copy() == policy and policy.model_copy(deep=True) == policy
 
+    class OwnedBudget(Budget):
+        _owner: str = pydantic.PrivateAttr("nobody")
+
+    owned = OwnedBudget(max_tokens=10)
+    owned._owner = "alice"
+    for deep in (False, True):  # a subclass's private attributes are copied, as pydantic's copy does
+        assert owned.model_copy(update={"max_tokens": 20}, deep=deep)._owner == "alice"
+
 
 def test_a_retry_rule_of_one_attempt_takes_a_base_delay_above_its_cap_it_never_waits(traced) -> None:
     """No retry, no delay to cap (as @step(retry=0) takes any retry_delay): it was refused. The

@@ -92,7 +92,11 @@ class Settings(Model):
             return super().model_copy(deep=deep)
         values = {name: self.__dict__[name] for name in self.model_fields_set if name in self.__dict__}
         values.update(update)
-        return self.model_validate(copy.deepcopy(values) if deep else values)
+        copied = self.model_validate(copy.deepcopy(values) if deep else values)
+        private = self.__pydantic_private__
+        if private:  # a subclass's private attributes, copied as pydantic's copy does
+            object.__setattr__(copied, "__pydantic_private__", copy.deepcopy(private) if deep else dict(private))
+        return copied
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
