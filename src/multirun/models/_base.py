@@ -95,7 +95,8 @@ class Settings(Model):
         copied = self.model_validate(copy.deepcopy(values) if deep else values)
         private = self.__pydantic_private__
         if private:  # a subclass's private attributes, copied as pydantic's copy does
-            object.__setattr__(copied, "__pydantic_private__", copy.deepcopy(private) if deep else dict(private))
+            private = copy.deepcopy(private) if deep else dict(private)
+            object.__setattr__(copied, "__pydantic_private__", private)
         return copied
 
 
