@@ -251,7 +251,9 @@ class RunLedger(LedgerReadings):
         reached a limit (the step about to start counts towards max_steps).
         """
         if self.parent is None:  # the common case: one lock, one pass, the limits inline
-            with self._lock:
+            lock = self._lock
+            lock.acquire()  # acquire/release: cheaper than ``with`` on CPython 3.12
+            try:
                 if (
                     check
                     and self.budget is not None
@@ -265,6 +267,8 @@ class RunLedger(LedgerReadings):
                 ):
                     self._raise_exceeded()
                 self.steps += 1
+            finally:
+                lock.release()
             return
         # a sub-run: every ledger up to the root is checked and counted under its lock at once,
         # so that max_steps is exact there too. Every caller takes the locks child first, root
