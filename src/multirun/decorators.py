@@ -682,7 +682,7 @@ def _open_step(
                 spec.name, spec.policy_kind, spec.model, run.ledger, within_budget=spec.check_budget
             )
         run.ledger.begin_step(spec.check_budget)
-        step = (step_class or _StepCall)(agent, spec.name, spec.kind, parent, managed=True)
+        step = (step_class or _StepCall)(agent, spec.name, spec.kind, parent, True)  # managed
         step.spec = spec
         if spec.model is not None:
             step.model = spec.model
