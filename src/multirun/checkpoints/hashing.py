@@ -43,8 +43,15 @@ def input_hash(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     if not kwargs:
         if not args:
             return _NO_ARGUMENTS
-        if _PLAIN.issuperset(map(type, args)):
-            return _repr_digest(args, kwargs)
+        # one argument, the most common call, checked without making a map; and the digest
+        # taken here, as _repr_digest does: this runs for every step
+        plain = type(args[0]) in _PLAIN if len(args) == 1 else _PLAIN.issuperset(map(type, args))
+        if plain:
+            try:
+                text = repr(args)
+            except ValueError:  # an int too long for repr
+                return None
+            return "r" + _sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[1:]
     elif _PLAIN.issuperset(map(type, args)) and _PLAIN.issuperset(map(type, kwargs.values())):
         return _repr_digest(args, kwargs)
     try:
