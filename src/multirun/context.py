@@ -68,6 +68,7 @@ from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 from multirun.telemetry.content import render, render_call
 from multirun.telemetry.exceptions import record_exception
+from multirun.telemetry.metrics import TIMED_STEP_KINDS
 from multirun.usage import MAX_TOKENS, TokenUsage
 
 if TYPE_CHECKING:
@@ -2065,13 +2066,18 @@ def _refresh(ledger: Ledger) -> None:
 
 def _step_metrics(step: StepContext, error_type: str | None) -> None:
     """Count the finished step; an LLM step that made the call itself also times the call."""
-    times = step._unrecorded_times
-    if times is None:  # inline: it runs for every step
-        span = step._span
-        start, end = getattr(span, "start_time", None), getattr(span, "end_time", None)
+    # the duration is read only for the steps it is recorded for (see Metrics.step_finished,
+    # and llm_call_finished below): not for a plain function step that completed
+    if step.kind in TIMED_STEP_KINDS or step.status is StepStatus.FAILED:
+        times = step._unrecorded_times
+        if times is None:  # inline: it runs for every step
+            span = step._span
+            start, end = getattr(span, "start_time", None), getattr(span, "end_time", None)
+        else:
+            start, end = times[0], times[-1]
+        duration = (end - start) / 1e9 if start is not None and end is not None else 0.0
     else:
-        start, end = times[0], times[-1]
-    duration = (end - start) / 1e9 if start is not None and end is not None else 0.0
+        duration = 0.0
     run = step.run_context
     metrics = run.client.metrics
     # the step's own context for the exemplars: a step made by hand is not the current span
