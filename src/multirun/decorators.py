@@ -1222,7 +1222,8 @@ def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., 
             return func(*args, **kwargs)
         if type(call) is _Replayed:
             return call.value
-        token = _attach(call)
+        ctx = call.otel_context  # _attach and _detach inlined: this runs for every call
+        token = None if ctx is None else otel_context.attach(ctx)
         try:
             if call.wait_before:
                 _pause(call, call.wait_before)
@@ -1241,7 +1242,8 @@ def _sync_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[..., 
                     return _await_returned(call, result, func, args, kwargs)
                 return call._succeed(result)
         finally:
-            _detach(token)
+            if token is not None:
+                otel_context.detach(token)
 
     return wrapper
 
@@ -1278,7 +1280,8 @@ def _async_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[...,
             return await func(*args, **kwargs)
         if type(call) is _Replayed:
             return call.value
-        token = _attach(call)
+        ctx = call.otel_context  # _attach and _detach inlined: this runs for every call
+        token = None if ctx is None else otel_context.attach(ctx)
         try:
             if call.wait_before:
                 await _async_pause(call, call.wait_before)
@@ -1293,7 +1296,8 @@ def _async_wrapper(func: Callable[..., Any], open_call: Opener) -> Callable[...,
                     continue
                 return call._succeed(result)
         finally:
-            _detach(token)
+            if token is not None:
+                otel_context.detach(token)
 
     return wrapper
 
