@@ -35,24 +35,46 @@ class GuardedSpanProcessor(SpanProcessor):
         # are added); one running them concurrently (ConcurrentMultiSpanProcessor) is kept whole
         self._multi = type(inner) is SynchronousMultiSpanProcessor
         self._whole = (inner,)
+        # (the processors last read, those of them called): a processor that ignores multirun's
+        # spans (``ignores_multirun_spans``, the UsageSpanProcessor) is not called for them
+        self._called: tuple[tuple[SpanProcessor, ...], tuple[SpanProcessor, ...]] = ((), ())
+
+    def _calls(self, processors: tuple[SpanProcessor, ...]) -> tuple[SpanProcessor, ...]:
+        """The processors of ``processors`` to call, remembered until they change."""
+        calls = tuple(p for p in processors if not getattr(p, "ignores_multirun_spans", False))
+        self._called = (processors, calls)  # one assignment: read whole without a lock
+        return calls
+
+    # each hook reads the processors inline, not through a method: they run three times per span
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        # read inline, not through a method: this runs three times per span
-        for processor in self.inner._span_processors if self._multi else self._whole:  # type: ignore[attr-defined]
+        processors = self.inner._span_processors if self._multi else self._whole  # type: ignore[attr-defined]
+        read, calls = self._called
+        if processors is not read:
+            calls = self._calls(processors)
+        for processor in calls:
             try:
                 processor.on_start(span, parent_context=parent_context)
             except Exception as error:
                 self._failed(processor, "on_start", error)
 
     def _on_ending(self, span: Span) -> None:
-        for processor in self.inner._span_processors if self._multi else self._whole:  # type: ignore[attr-defined]
+        processors = self.inner._span_processors if self._multi else self._whole  # type: ignore[attr-defined]
+        read, calls = self._called
+        if processors is not read:
+            calls = self._calls(processors)
+        for processor in calls:
             try:
                 processor._on_ending(span)
             except Exception as error:
                 self._failed(processor, "_on_ending", error)
 
     def on_end(self, span: ReadableSpan) -> None:
-        for processor in self.inner._span_processors if self._multi else self._whole:  # type: ignore[attr-defined]
+        processors = self.inner._span_processors if self._multi else self._whole  # type: ignore[attr-defined]
+        read, calls = self._called
+        if processors is not read:
+            calls = self._calls(processors)
+        for processor in calls:
             try:
                 processor.on_end(span)
             except Exception as error:
