@@ -149,6 +149,23 @@ def test_init_with_a_span_exporter_under_logfire_exports_to_it(tmp_path: Path) -
     assert "invoke_workflow main" in out["own"] and out["same_global"] and out["client_uses_it"]
 
 
+def test_logfire_configured_again_keeps_budgets_export_and_guard(tmp_path: Path) -> None:
+    """A second logfire.configure puts a new SDK provider behind Logfire's proxies: multirun's
+    usage processor, init's exporter and the guard of the span processors move to it."""
+    out = run_program("logfire", "logfire_program.py", "reconfigure", tmp_path=tmp_path)
+    refused = "budget exceeded: max_tokens (2200 of 1500 tokens used)"
+    assert out["first_refusal"] == refused
+    assert out["refusal"] == refused  # the usage of the second run is charged too
+    # the processor that raises, added by the second configure, no longer breaks the steps
+    assert [(s["name"], s["status"]) for s in out["steps"]] == [("plain", "completed"), ("ask", "completed")]
+    assert out["steps"][1]["tokens_used"] == 1100
+    (warning,) = out["warnings"]
+    assert "raised in on_start; multirun's spans go on without it" in warning
+    # init(span_exporter=...) gets the spans of the runs after the second configure
+    assert "invoke_workflow capped" in out["own_after"] and "invoke_workflow main" in out["own_after"]
+    assert sorted(out["own_after"]) == names(out["spans"]) and out["same_global"]
+
+
 def test_under_logfire_sampling_out_keeps_step_times_and_charges_usage(tmp_path: Path) -> None:
     """Logfire's head sampling at 0: nothing is exported, yet the steps keep their times (their
     spans are Logfire's wrappers of unrecorded spans) and the model call is charged (its span

@@ -127,6 +127,9 @@ class MultiRunClient:
         self.fail_unpriced = self.unpriced == "fail"
         self.tracer_provider = tracer_provider or trace.get_tracer_provider()
         self.tracer = self.tracer_provider.get_tracer(TRACER_NAME, _VERSION)
+        # the SDK provider multirun's processors, sampler wrapper and guard are on (behind a proxy,
+        # Logfire's, the one it holds now): see ensure_installed
+        self._installed_on = sdk_provider(self.tracer_provider)
         guard_span_processors(self.tracer)
         self.capture_content = capture_content
         self.content_limit = content_limit
@@ -163,6 +166,31 @@ class MultiRunClient:
 
     def _monotonic(self) -> float:
         return self.clock.monotonic()
+
+    def ensure_installed(self) -> None:
+        """Install again on the SDK provider behind the proxy (Logfire's) if it was swapped for a
+        new one (``logfire.configure`` called again) since: else budgets stopped seeing other
+        instrumentations' usage, ``init``'s exporter its spans, and the guard its processors.
+        Called as each run starts: one look at the proxy."""
+        current = sdk_provider(self.tracer_provider)
+        if current is self._installed_on:
+            return
+        old, self._installed_on = self._installed_on, current
+        if current is None:
+            return
+        _logger.info(
+            "multirun: the SDK TracerProvider behind %s was replaced (configured again); "
+            "multirun's span processors move to the new one",
+            type(self.tracer_provider).__name__,
+        )
+        pipeline = getattr(old, "_multirun_export_pipeline", None)
+        moved = hasattr(current, "_multirun_export_pipeline")  # by another client on the same proxy
+        if isinstance(pipeline, _SwappableExportProcessor) and not moved:
+            current.add_span_processor(pipeline)
+            current._multirun_export_pipeline = pipeline  # type: ignore[attr-defined]
+        guard_span_processors(self.tracer)
+        self.usage_processor = _install_usage_processor(current, self.usage_processor)
+        keep_own_spans_as_sampled(self.tracer)
 
     def new_ledger(
         self,
@@ -258,6 +286,10 @@ class _SwappableExportProcessor(SpanProcessor):
         self._settings: BatchSettings | None = None
         self._retiring: list[threading.Thread] = []  # the shutdowns of replaced pipelines
         self._lock = threading.Lock()
+        # on the SDK provider behind a proxy (Logfire's), which a reconfigure shuts down and
+        # replaces: its shutdown only flushes, the pipeline moves to the new provider
+        # (MultiRunClient.ensure_installed) and is shut down at exit
+        self.behind_proxy = False
 
     def replace(self, exporter: SpanExporter | None, settings: BatchSettings | None) -> None:
         """Export to ``exporter`` from now on (None: nowhere). The pipeline replaced exports what
@@ -295,6 +327,13 @@ class _SwappableExportProcessor(SpanProcessor):
 
     def shutdown(self) -> None:
         """Deliver the last spans, waiting the shutdown timeout at most (at exit too)."""
+        if self.behind_proxy:
+            self.force_flush(_shutdown_timeout_millis())
+            return
+        self.close()
+
+    def close(self) -> None:
+        """Deliver the last spans and shut the exporter down, waiting the shutdown timeout at most."""
         timeout_millis = _shutdown_timeout_millis()
         deadline = time.monotonic() + timeout_millis / 1000
         current = self._current
@@ -353,6 +392,8 @@ def _shutdown_at_exit() -> None:
             closer.start(list(_open_ledgers))
         if _owned_provider is not None:
             _owned_provider.shutdown()  # its export pipeline waits the shutdown timeout at most
+        for pipeline in list(_proxied_pipelines):
+            pipeline.close()
         meters, left = _owned_meter_provider, deadline - time.monotonic()
         # with no time left the collector is not answering: the last metrics are lost with the spans.
         # One the program shut down itself is left alone: the SDK would warn about a second shutdown.
@@ -368,6 +409,9 @@ def _shutdown_at_exit() -> None:
     except Exception:  # telemetry must not fail the program, even at exit
         _logger.warning("multirun: shutting down telemetry at exit failed", exc_info=True)
 
+
+# The export pipelines init added behind a proxy's provider, shut down at exit.
+_proxied_pipelines: weakref.WeakSet[_SwappableExportProcessor] = weakref.WeakSet()
 
 # The shared ledgers of every client, closed at exit (each sends what its ledgers have pending).
 _open_ledgers: weakref.WeakSet[RedisLedgerFactory] = weakref.WeakSet()
@@ -511,17 +555,20 @@ def _finalize_at_worker_exit(shutdown: Callable[[], None]) -> None:
 def _export_to(provider: Any, exporter: SpanExporter | None, settings: BatchSettings | None) -> None:
     """Send ``provider``'s spans to ``exporter`` (None: nowhere) through the one pipeline ``init``
     adds to it, batched with ``settings`` (None: as the ``OTEL_BSP_*`` variables say)."""
-    provider = sdk_provider(provider) or provider
-    pipeline: _SwappableExportProcessor | None = getattr(provider, "_multirun_export_pipeline", None)
+    sdk = sdk_provider(provider) or provider
+    pipeline: _SwappableExportProcessor | None = getattr(sdk, "_multirun_export_pipeline", None)
     if pipeline is None:
         if exporter is None:
             return
-        add = getattr(provider, "add_span_processor", None)
+        add = getattr(sdk, "add_span_processor", None)
         if add is None:
             return  # not an SDK provider: it exports as it was set up to
         pipeline = _SwappableExportProcessor()
+        if sdk is not provider:
+            pipeline.behind_proxy = True
+            _proxied_pipelines.add(pipeline)
         add(pipeline)
-        provider._multirun_export_pipeline = pipeline
+        sdk._multirun_export_pipeline = pipeline  # type: ignore[union-attr]
     pipeline.replace(exporter, settings)
 
 
@@ -1812,9 +1859,12 @@ def _checkpoint_store(
     )
 
 
-def _install_usage_processor(provider: trace.TracerProvider) -> UsageSpanProcessor | None:
-    """The usage processor of ``provider``, added once, whoever created the provider; its
-    sampler then records the model calls it leaves out inside runs, for the processor to charge.
+def _install_usage_processor(
+    provider: trace.TracerProvider, processor: UsageSpanProcessor | None = None
+) -> UsageSpanProcessor | None:
+    """The usage processor of ``provider`` (``processor``, else a new one), added once, whoever
+    created the provider; its sampler then records the model calls it leaves out inside runs, for
+    the processor to charge.
 
     None if the provider takes no span processors (not an SDK provider).
     """
@@ -1823,7 +1873,7 @@ def _install_usage_processor(provider: trace.TracerProvider) -> UsageSpanProcess
     add = getattr(provider, "add_span_processor", None)
     if installed is not None or add is None:
         return installed
-    processor = UsageSpanProcessor()
+    processor = processor or UsageSpanProcessor()
     add(processor)
     provider._multirun_usage_processor = processor  # type: ignore[attr-defined]
     record_model_calls_in_runs(provider)

@@ -433,6 +433,7 @@ class RunContext:
             return
         if parent_ctx is None:
             parent_ctx = otel_context.get_current()
+        self.client.ensure_installed()
         if self.remote:
             self._start_remote(parent_ctx)
             return

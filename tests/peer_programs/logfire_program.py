@@ -3,7 +3,8 @@
 ``python logfire_program.py MODE``: ``traced`` (Logfire's provider, nesting both ways, budgets),
 ``raising`` (the same with a span processor that raises for multirun's spans), ``sampled``
 (Logfire's head sampling leaves every trace out), ``exporter`` (``multirun.init(span_exporter=...)``
-next to Logfire).
+next to Logfire), ``reconfigure`` (the same, then ``logfire.configure`` again, with a span processor
+that raises, between two runs).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from multirun.errors import BudgetExceededError  # noqa: E402
 from multirun.models import Budget, StepKind  # noqa: E402
 
 own = InMemorySpanExporter()
-if mode == "exporter":
+if mode in ("exporter", "reconfigure"):
     multirun.init(span_exporter=own)
 
 other_instrumentation = trace.get_tracer("some.llm.instrumentation")
@@ -103,6 +104,37 @@ def capped() -> None:
     for _ in range(3):
         ask()
 
+
+if mode == "reconfigure":
+    # the first run, under the first configuration
+    try:
+        capped()
+    except BudgetExceededError as error:
+        first_refusal = str(error)
+    logfires.force_flush()
+    before = len(own.get_finished_spans())
+    # a second configure, as a notebook cell run again or a test fixture does: Logfire puts a new
+    # SDK provider behind its proxies
+    exported = InMemorySpanExporter()
+    processors = [SimpleSpanProcessor(exported), Raising()]
+    logfire.configure(send_to_logfire=False, console=False, additional_span_processors=processors)
+    refusal = None
+    try:
+        capped()
+    except BudgetExceededError as error:
+        refusal = str(error)
+    steps = [s.model_dump(mode="json") for s in main().steps]
+    logfires.force_flush()
+    report(
+        exported.get_finished_spans(),
+        first_refusal=first_refusal,
+        refusal=refusal,
+        steps=steps,
+        own_after=[s.name for s in own.get_finished_spans()[before:]],
+        same_global=trace.get_tracer_provider() is logfires,
+        warnings=warnings,
+    )
+    sys.exit()
 
 with logfire.span("logfire span around a run"):
     steps = [s.model_dump(mode="json") for s in main().steps]
