@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -204,3 +206,13 @@ def silent_collector() -> Iterator[str]:
     """The URL of an OTLP endpoint that accepts connections and never answers (a hung collector)."""
     with never_answering_collector() as url:
         yield url
+
+
+@pytest.fixture
+def metric_reader(traced: Traced) -> Iterator[InMemoryMetricReader]:
+    """multirun initialized on the test's tracer provider and clock, its metrics read in memory."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    multirun.init(tracer_provider=traced.provider, meter_provider=provider).clock = traced.clock
+    yield reader
+    provider.shutdown()

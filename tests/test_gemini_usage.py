@@ -15,10 +15,8 @@ import genai_prices
 import pytest
 from google import genai
 from google.genai import types
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-import multirun
+from genai_metrics import operations
 from local_http import LocalHTTPServer, QuietHandler
 from multirun import run, step
 from multirun.models import StepKind
@@ -196,27 +194,6 @@ def test_a_copy_of_a_gemini_response_another_step_returned_is_not_charged_again(
     assert "multirun.tokens_used" not in attrs(step_span(traced, "edited"))
 
 
-@pytest.fixture
-def metric_reader(traced) -> Iterator[InMemoryMetricReader]:
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    multirun.init(tracer_provider=traced.provider, meter_provider=provider)
-    yield reader
-    provider.shutdown()
-
-
-def operations_of(reader: InMemoryMetricReader, name: str) -> set[str]:
-    data = reader.get_metrics_data()
-    return {
-        point.attributes["gen_ai.operation.name"]
-        for resource in (data.resource_metrics if data else ())
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == name
-        for point in metric.data.data_points
-    }
-
-
 @pytest.mark.parametrize("streamed", [False, True])
 def test_a_gemini_call_is_a_generate_content_operation(traced, metric_reader, gemini, streamed) -> None:
     """The GenAI conventions name Gemini's call ``generate_content`` (as the reference
@@ -243,5 +220,5 @@ def test_a_gemini_call_is_a_generate_content_operation(traced, metric_reader, ge
     span = step_span(traced, "ask")
     assert span.name == f"generate_content {MODEL}"
     assert attrs(span)["gen_ai.operation.name"] == "generate_content"
-    assert operations_of(metric_reader, "gen_ai.client.token.usage") == {"generate_content"}
-    assert operations_of(metric_reader, "gen_ai.client.operation.duration") == {"generate_content"}
+    assert operations(metric_reader, "gen_ai.client.token.usage") == {"generate_content"}
+    assert operations(metric_reader, "gen_ai.client.operation.duration") == {"generate_content"}

@@ -30,11 +30,10 @@ import wrapt
 from anthropic.types import Message, RawMessageDeltaEvent, RawMessageStartEvent
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import multirun
 import multirun.usage
+from genai_metrics import operations
 from local_http import LocalHTTPServer, QuietHandler
 from multirun import agent, run, step
 from multirun.context import get_current_step_context
@@ -1704,27 +1703,6 @@ def test_a_stream_served_at_a_service_tier_is_charged_that_tiers_price(traced) -
     assert attrs(traced.span("invoke_workflow main"))["multirun.cost_usd"] == pytest.approx(
         tier_price(model, "flex")
     )
-
-
-@pytest.fixture
-def metric_reader(traced) -> Iterator[InMemoryMetricReader]:
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    multirun.init(tracer_provider=traced.provider, meter_provider=provider).clock = traced.clock
-    yield reader
-    provider.shutdown()
-
-
-def operations(reader: InMemoryMetricReader, name: str) -> set[str]:
-    data = reader.get_metrics_data()
-    return {
-        point.attributes["gen_ai.operation.name"]
-        for resource in (data.resource_metrics if data else ())
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == name
-        for point in metric.data.data_points
-    }
 
 
 @pytest.mark.parametrize(

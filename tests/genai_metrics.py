@@ -1,0 +1,18 @@
+"""What an in-memory reader of the GenAI metrics read (its fixture, ``metric_reader``, is in conftest)."""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+
+def operations(reader: InMemoryMetricReader, name: str) -> set[str]:
+    """The ``gen_ai.operation.name`` values of metric ``name``'s points."""
+    data = reader.get_metrics_data()
+    return {
+        point.attributes["gen_ai.operation.name"]
+        for resource in (data.resource_metrics if data else ())
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+    }
