@@ -1,10 +1,20 @@
-"""What the peer programs print: their exported spans and facts, one JSON document on stdout."""
+"""What the peer programs share: the model call another instrumentation traces in their steps,
+and what they print (their exported spans and facts, one JSON document on stdout)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from typing import Any
+
+# the span another instrumentation makes of a model call: its name, and its usage as attributes
+FOREIGN_CALL = "chat gpt-4o-mini"
+FOREIGN_CALL_ATTRIBUTES = {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.request.model": "gpt-4o-mini",
+    "gen_ai.usage.input_tokens": 1000,
+    "gen_ai.usage.output_tokens": 100,
+}
 
 
 def span_json(span: Any) -> dict[str, Any]:

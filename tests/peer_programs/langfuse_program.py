@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from _report import report
+from _report import FOREIGN_CALL, FOREIGN_CALL_ATTRIBUTES, report
 from langfuse import Langfuse, observe
 from langfuse.span_filter import is_default_export_span
 from opentelemetry import trace
@@ -52,13 +52,7 @@ def plain() -> None:
 @step(kind=StepKind.LLM_CALL)
 def ask() -> None:
     observed()
-    attributes = {
-        "gen_ai.operation.name": "chat",
-        "gen_ai.request.model": "gpt-4o-mini",
-        "gen_ai.usage.input_tokens": 1000,
-        "gen_ai.usage.output_tokens": 100,
-    }
-    with other_instrumentation.start_as_current_span("chat gpt-4o-mini", attributes=attributes):
+    with other_instrumentation.start_as_current_span(FOREIGN_CALL, attributes=FOREIGN_CALL_ATTRIBUTES):
         pass
 
 

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import logfire
-from _report import report
+from _report import FOREIGN_CALL, FOREIGN_CALL_ATTRIBUTES, report
 from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -82,13 +82,7 @@ def plain() -> None:
 @step(kind=StepKind.LLM_CALL)
 def ask() -> None:
     # a model call another instrumentation traced, its usage on its span
-    attributes = {
-        "gen_ai.operation.name": "chat",
-        "gen_ai.request.model": "gpt-4o-mini",
-        "gen_ai.usage.input_tokens": 1000,
-        "gen_ai.usage.output_tokens": 100,
-    }
-    with other_instrumentation.start_as_current_span("chat gpt-4o-mini", attributes=attributes):
+    with other_instrumentation.start_as_current_span(FOREIGN_CALL, attributes=FOREIGN_CALL_ATTRIBUTES):
         time.sleep(0.02)
 
 
