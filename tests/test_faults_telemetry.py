@@ -234,6 +234,39 @@ def test_1_a_different_failure_during_an_outage_gets_a_line_of_its_own_once(
     assert sum(r.name == logger for r in caplog.records) == 4
 
 
+def test_1_an_export_whose_deadline_passed_while_waiting_to_retry_costs_no_line_of_its_own() -> None:
+    # a loaded machine wakes the exporter after its deadline: the SDK then sends with a timeout
+    # of 0, requests refuses it with a ValueError, and that gave the outage a fifth line (CI, 3
+    # suites on 2 cores). These are the SDK's own lines, in its words (common/http.py).
+    from multirun.telemetry.export import OutageLog
+
+    exporter_log = logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    outage = OutageLog()
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    exporter_log.addHandler(handler)
+    try:
+        with outage.exporting():
+            retried = "Transient error %s encountered while exporting %s batch, retrying in %.2fs."
+            exporter_log.warning(retried, "Service Unavailable", "span", 1.0)
+            timeout_zero = ValueError(
+                "Attempted to set connect timeout to 0.0, but the timeout cannot be set to a value less "
+                "than or equal to 0."
+            )
+            exporter_log.error("Failed to export %s batch code: %s, reason: %s", "span", None, timeout_zero)
+            refused = ValueError("Invalid header value b'secret\\n'")  # a failure of its own: logged
+            exporter_log.error("Failed to export %s batch code: %s, reason: %s", "span", None, refused)
+    finally:
+        exporter_log.removeHandler(handler)
+    assert len(seen) == 2, seen
+    assert seen[0].startswith("Transient error") and "Invalid header" in seen[1], seen
+
+
 OUTAGE_PROGRAM = """
 import logging, sys, time
 import multirun

@@ -146,15 +146,21 @@ _FOLLOW_UP: Final = "Shutdown in progress"  # the end of a retried failure, logg
 
 def _failure_kind(record: logging.LogRecord) -> object:
     """What failed, as an OTLP exporter's log line says it: the HTTP status or gRPC code it was
-    refused with (a retried gRPC code and its giving up are one kind); the HTTP exporters'
-    retries and their giving up, one kind whatever the reason; else the message's template."""
+    refused with (a retried gRPC code and its giving up are one kind), or the error that kept an
+    HTTP export from getting an answer; the HTTP exporters' retries and their giving up, one kind
+    whatever the reason; else the message's template."""
     template = record.msg if isinstance(record.msg, str) else repr(record.msg)
     args = record.args if isinstance(record.args, tuple) else ()
     grpc = record.name.endswith(".grpc.exporter")
     if template.startswith("Transient error"):
         return ("code", args[0]) if grpc and args else _RETRIED
-    if template.startswith("Failed to export %s batch code: %s") and len(args) > 1:
-        return ("code", args[1])
+    if template.startswith("Failed to export %s batch code: %s") and len(args) > 2:
+        if args[1] is not None:
+            return ("code", args[1])
+        if isinstance(args[2], ValueError) and "timeout" in str(args[2]):
+            # woken after its deadline (a loaded machine), the exporter sent with a timeout of 0
+            return _RETRIED
+        return ("error", type(args[2]).__name__)  # no answer: what kept it from sending
     if template.startswith("Failed to export %s to %s, error code: %s") and len(args) > 2:
         return ("code", args[2])
     if template.startswith("Failed to export %s batch due to timeout"):
