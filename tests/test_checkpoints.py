@@ -1764,3 +1764,43 @@ def test_a_checkpoint_is_named_by_the_start_of_its_blob(traced, exporter) -> Non
         assert store.name_of(key) is None and exporter.gets == 0
     else:
         assert store.name_of(key) == "fetched"
+
+
+class _ReadStartLog(MemoryBlobExporter):
+    """The in-memory exporter, noting how many bytes each ``read_start`` asked for."""
+
+    def __init__(self) -> None:
+        super().__init__("read-start-log")
+        self.asked: list[int] = []
+
+    def read_start(self, uri: str, size: int) -> bytes:
+        self.asked.append(size)
+        return super().read_start(uri, size)
+
+
+def test_a_listing_does_not_read_a_meta_section_a_header_says_is_huge(traced) -> None:
+    # a blob's header may declare a meta section of up to max_blob_bytes (1 GiB): naming it
+    # in a listing read that much, for every such blob
+    exporter = _ReadStartLog()
+    store = CheckpointStore(exporter)
+    traced.client.checkpoints = store
+
+    @checkpoint(name="fetched")
+    def fetched(values: list[int]) -> list[int]:
+        return values
+
+    @run
+    def job() -> None:
+        fetched([1, 2])
+
+    job()
+    [key] = store.list()
+    assert store.name_of(key) == "fetched"
+    blob = exporter.get(key)
+    declared = re.search(rb'"meta_size":(\d+)', blob)
+    assert declared is not None
+    exporter.delete(key)
+    exporter.put(key, blob.replace(declared.group(0), b'"meta_size":%d' % (512 << 20), 1))
+    exporter.asked.clear()
+    assert store.name_of(key) is None  # not named, as a blob without a meta section is not
+    assert max(exporter.asked) < 1 << 20, exporter.asked

@@ -297,11 +297,21 @@ def open_meta(
     return header, meta
 
 
+MAX_PEEKED_META_BYTES = 8 << 20
+"""The largest meta section ``peek_meta`` reads (a listing reads one per checkpoint): a header
+can declare one of up to ``max_bytes``, and a listing of such blobs read them whole."""
+
+
 def peek_meta(
-    read_start: Callable[[int], bytes], *, max_bytes: int, hmac_key: bytes | None = None
+    read_start: Callable[[int], bytes],
+    *,
+    max_bytes: int,
+    hmac_key: bytes | None = None,
+    max_meta_bytes: int = MAX_PEEKED_META_BYTES,
 ) -> dict[str, Any] | None:
-    """The meta section of a blob (None before version 4), read from its start alone:
-    ``read_start(n)`` gives the blob's first ``n`` bytes (fewer if it is shorter).
+    """The meta section of a blob, read from its start alone: ``read_start(n)`` gives the
+    blob's first ``n`` bytes (fewer if it is shorter). None before version 4, and for a meta
+    section over ``max_meta_bytes``, which is not read.
 
     The header and the meta section's digest are checked, and with ``hmac_key`` the HMAC of a
     signed header (which covers the meta section's digest); the payload is neither read nor
@@ -309,7 +319,7 @@ def peek_meta(
     """
     first = read_start(len(MAGIC) + MAX_HEADER_BYTES + 1)
     header, start = _read_header(first)
-    if "meta_size" not in header:
+    if "meta_size" not in header or header["meta_size"] > max_meta_bytes:
         return None
     end = start + header["meta_size"]
     _check_fits(header, start, max_bytes)

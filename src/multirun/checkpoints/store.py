@@ -620,8 +620,9 @@ class CheckpointStore:
     def name_of(self, key: str) -> str | None:
         """The name of the checkpoint stored under ``key``, from its blob's meta section, read
         from the start of the blob: its payload is neither read nor checked. None for a blob
-        without a meta section (format version 3 and before), or when the exporter cannot read
-        a blob's start (no ``read_start``: a listing does not fetch whole blobs);
+        without a meta section (format version 3 and before) or with one over
+        ``MAX_PEEKED_META_BYTES``, or when the exporter cannot read a blob's start (no
+        ``read_start``: a listing does not fetch whole blobs);
         CheckpointError if it cannot be read."""
         read_start = getattr(self.exporter, "read_start", None)
         if read_start is None:
