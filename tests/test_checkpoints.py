@@ -1741,10 +1741,8 @@ class _GetOnlyExporter:
         self.inner.delete(key)
 
 
-@pytest.mark.parametrize(
-    "exporter", [MemoryBlobExporter("named"), _GetOnlyExporter()], ids=["read_start", "get"]
-)
-def test_a_checkpoint_is_named_by_the_start_of_its_blob(traced, exporter) -> None:
+def _one_checkpoint_named_fetched(traced, exporter) -> tuple[CheckpointStore, str]:
+    """A store on ``exporter`` holding the one checkpoint of a run, named "fetched"; its key."""
     store = CheckpointStore(exporter)
     traced.client.checkpoints = store
 
@@ -1758,6 +1756,14 @@ def test_a_checkpoint_is_named_by_the_start_of_its_blob(traced, exporter) -> Non
 
     job()
     [key] = store.list()
+    return store, key
+
+
+@pytest.mark.parametrize(
+    "exporter", [MemoryBlobExporter("named"), _GetOnlyExporter()], ids=["read_start", "get"]
+)
+def test_a_checkpoint_is_named_by_the_start_of_its_blob(traced, exporter) -> None:
+    store, key = _one_checkpoint_named_fetched(traced, exporter)
     if isinstance(exporter, _GetOnlyExporter):
         # it cannot read a blob's start: a listing leaves the name blank rather than fetch
         # every blob whole (a checkpoint may be up to max_blob_bytes)
@@ -1782,19 +1788,7 @@ def test_a_listing_does_not_read_a_meta_section_a_header_says_is_huge(traced) ->
     # a blob's header may declare a meta section of up to max_blob_bytes (1 GiB): naming it
     # in a listing read that much, for every such blob
     exporter = _ReadStartLog()
-    store = CheckpointStore(exporter)
-    traced.client.checkpoints = store
-
-    @checkpoint(name="fetched")
-    def fetched(values: list[int]) -> list[int]:
-        return values
-
-    @run
-    def job() -> None:
-        fetched([1, 2])
-
-    job()
-    [key] = store.list()
+    store, key = _one_checkpoint_named_fetched(traced, exporter)
     assert store.name_of(key) == "fetched"
     blob = exporter.get(key)
     declared = re.search(rb'"meta_size":(\d+)', blob)
