@@ -54,6 +54,24 @@ def in_run(body: Any) -> Any:
 # OpenAI
 
 
+def chat_completion(ident: str, model: str, *finish_reasons: str) -> ChatCompletion:
+    """A chat completion of 5 + 7 tokens, one choice per finish reason (contents "a", "b", ...)."""
+    choices = [
+        {"index": i, "finish_reason": reason, "message": {"role": "assistant", "content": "ab"[i]}}
+        for i, reason in enumerate(finish_reasons)
+    ]
+    return ChatCompletion.model_validate(
+        {
+            "id": ident,
+            "object": "chat.completion",
+            "created": 1,
+            "model": model,
+            "choices": choices,
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+        }
+    )
+
+
 def chat(client: openai.OpenAI, **kwargs: Any) -> Any:
     return client.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], **kwargs
@@ -170,18 +188,7 @@ def test_a_generator_step_yielding_a_stream_and_a_whole_response_gives_the_later
     traced, client
 ) -> None:
     """The last call is the one yielded last, streamed or whole, as in a step of several calls."""
-    whole = ChatCompletion.model_validate(
-        {
-            "id": "chatcmpl-whole",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "gpt-4o",
-            "choices": [
-                {"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "a"}}
-            ],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-        }
-    )
+    whole = chat_completion("chatcmpl-whole", "gpt-4o", "length")
 
     def streamed() -> Iterator[Any]:
         return chat(client, stream=True, stream_options={"include_usage": True})
@@ -225,19 +232,7 @@ def test_a_responses_api_response_plain_and_streamed(traced, llm, client) -> Non
 
 
 def test_openai_finish_reasons_are_one_a_choice_as_openai_v2_writes_them(traced) -> None:
-    completion = ChatCompletion.model_validate(
-        {
-            "id": "chatcmpl-n",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "gpt-4o-mini",
-            "choices": [
-                {"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "a"}},
-                {"index": 1, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": "b"}},
-            ],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-        }
-    )
+    completion = chat_completion("chatcmpl-n", "gpt-4o-mini", "length", "tool_calls")
     cut = Response.model_validate(
         {
             "id": "resp-cut",
@@ -459,18 +454,7 @@ def test_report_usage_writes_the_response_id_and_finish_reasons_it_is_given(trac
 def test_a_response_reported_by_hand_with_its_id_is_not_charged_again_around(traced) -> None:
     """The step inside reports the call with the response's id; the step around returns that
     response: one call, charged once."""
-    completion = ChatCompletion.model_validate(
-        {
-            "id": "chatcmpl-hand",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "gpt-4o-mini",
-            "choices": [
-                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "a"}}
-            ],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-        }
-    )
+    completion = chat_completion("chatcmpl-hand", "gpt-4o-mini", "stop")
 
     @step(name="inner")
     def inner() -> ChatCompletion:
