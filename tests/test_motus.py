@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -64,6 +65,7 @@ from test_openai_usage import instrumented as openai_traced  # noqa: E402
 __all__ = ["llm", "openai_traced"]  # fixtures, imported for pytest
 
 PROGRAMS = Path(__file__).parent / "motus_programs"
+GENEROUS = 30.0  # seconds: a wait far above any normal duration, that fails the test, not hangs it
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -449,28 +451,46 @@ def test_no_retry_whose_delay_ends_past_the_deadline(traced: Any, runtime: None)
     assert [e for e in _exceptions(step) if attr.STEP_RETRY_DELAY in e] == []  # no retry announced
 
 
-BACKING_OFF = threading.Event()
-
-
 @agent_task(retries=1, retry_delay=30)
 def failing_then_waiting() -> str:
     """Fails at once: Motus then waits 30 s before the retry, and the test cancels it then."""
-    BACKING_OFF.set()
     raise ConnectionError("upstream down")
 
 
+class _RetryAnnounced(logging.Handler):
+    """Set when Motus says it retries ``task``: it then sleeps its retry delay at once, on its
+    loop thread, where a cancel from another thread lands after it (agent_runtime.py)."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__(logging.WARNING)
+        self.said = f"Task {task} failed (attempt 1/"
+        self.announced = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.said in record.getMessage() and "retrying in" in record.getMessage():
+            self.announced.set()
+
+
 def test_a_task_cancelled_in_its_retry_delay_says_it_made_one_attempt(traced: Any, runtime: None) -> None:
-    BACKING_OFF.clear()
+    # waits for Motus, not a time: a sleep of 0.05 s let a loaded machine cancel the task before
+    # Motus had its failure (no exception event), and one of 0.1 s read the spans before the
+    # cancelled step had ended
+    retrying = _RetryAnnounced("failing_then_waiting")
+    step_ended = _when_ended(traced, "step failing_then_waiting")
 
     @multirun.run
     def job() -> None:
         future = failing_then_waiting()
-        assert BACKING_OFF.wait(5)
-        time.sleep(0.05)  # Motus records the failure, then sleeps before the retry
+        assert retrying.announced.wait(GENEROUS)
         motus.runtime.cancel(future)
-        time.sleep(0.1)
+        assert step_ended.wait(GENEROUS)
 
-    job()
+    motus_log = logging.getLogger("AgentRuntime")
+    motus_log.addHandler(retrying)
+    try:
+        job()
+    finally:
+        motus_log.removeHandler(retrying)
     step = traced.span("step failing_then_waiting")
     assert step.attributes[attr.STEP_STATUS] == "cancelled"
     assert step.attributes[attr.STEP_ATTEMPT] == 1  # the retry never started
