@@ -838,9 +838,10 @@ def test_a_retry_of_a_degraded_run_asks_for_the_fallback_model(traced: Any, runt
     assert call.attributes[attr.POLICY_DECISION] == "fallback"
 
 
-@agent_task(task_type="model_call", timeout=0.2, retries=1)
+@agent_task(task_type="model_call", timeout=1.0, retries=1)
 async def ask_in_time(client: BaseChatClient, model: str, prompt: str) -> ChatCompletion:
-    """A model call that Motus gives 0.2 s, and retries once."""
+    """A model call that Motus gives 1 s, and retries once (the retry, 0.05 s of the client's,
+    has the rest: 0.2 s left a loaded machine too little)."""
     from motus.models import ChatMessage
 
     return await client.create(model, [ChatMessage.user_message(prompt)])
@@ -918,10 +919,10 @@ def test_a_model_call_whose_timeout_ends_its_wait_is_no_failed_call_of_the_model
 SYNC_IN_TIME: list[float] = []
 
 
-@agent_task(task_type="model_call", timeout=0.2, retries=1, retry_delay=0.5)
+@agent_task(task_type="model_call", timeout=1.0, retries=1, retry_delay=1.0)
 def ask_sync_in_time(model: str, prompt: str) -> str:
-    """A blocking model call that Motus gives 0.2 s, and retries once after 0.5 s; it notes when,
-    on the run's clock, it ran."""
+    """A blocking model call that Motus gives 1 s, and retries once 1 s later; it notes when, on
+    the run's clock, it ran. (0.2 s and 0.5 s left a loaded machine too little of either.)"""
     SYNC_IN_TIME.append(get_client().clock.monotonic())
     return prompt
 
@@ -937,7 +938,7 @@ def test_a_sync_attempt_whose_timeout_ends_its_wait_does_not_run_when_its_thread
     def sleep(seconds: float) -> None:
         if not traced.clock.sleeps:
             traced.clock.sleeps.append(seconds)
-            time.sleep(0.4)  # a thread's wait is not cut short: it wakes in Motus's retry delay
+            time.sleep(1.5)  # a thread's wait is not cut short: it wakes in Motus's retry delay
             woke.set()
             return
         instant(seconds)
@@ -1385,12 +1386,13 @@ def test_a_task_whose_input_failed_has_a_short_failed_span(traced: Any, runtime:
 SLOW_SYNC: list[float] = []
 
 
-@agent_task(timeout=0.2, retries=1)
+@agent_task(timeout=1.0, retries=1)
 def slow_sync() -> str:
-    """A blocking task: its first attempt outlives Motus's timeout (its thread cannot be stopped)."""
+    """A blocking task: its first attempt outlives Motus's timeout (its thread cannot be stopped)
+    by a second, and the retry has a second (0.2 s and 0.4 s left a loaded machine too little)."""
     SLOW_SYNC.append(time.monotonic())
     if len(SLOW_SYNC) == 1:
-        time.sleep(0.6)
+        time.sleep(2.0)
         return "late"
     return "in time"
 
@@ -1406,7 +1408,7 @@ def test_a_sync_attempt_that_timed_out_is_retried_and_its_late_end_ignored(
         return resolve(slow_sync())
 
     assert job() == "in time"
-    assert step_ended.wait(5)  # when the first attempt's thread returned, after the task's result
+    assert step_ended.wait(GENEROUS)  # when the first attempt's thread returned, after the task's result
     step = traced.span("step slow_sync")
     assert step.attributes[attr.STEP_STATUS] == "completed"
     assert step.attributes[attr.STEP_ATTEMPT] == 2
