@@ -402,6 +402,8 @@ def exit_of(
         text=True,
         env=env,
     )
+    watchdog = threading.Timer(120, exiting.kill)  # a child hung before its line ends the read
+    watchdog.start()
     try:
         assert exiting.stdout is not None
         ended = exiting.stdout.readline()
@@ -409,6 +411,7 @@ def exit_of(
         out, err = exiting.communicate(timeout=120)
         took = time.monotonic() - started
     finally:
+        watchdog.cancel()
         exiting.kill()
     assert ended == "ended\n", err
     return took, subprocess.CompletedProcess(exiting.args, exiting.returncode, ended + out, err)
@@ -458,11 +461,17 @@ def test_2_ctrl_c_while_exit_waits_for_a_collector_that_never_answers_is_one_lin
         text=True,
         env=env,
     )
-    assert exiting.stdout is not None
-    assert exiting.stdout.readline() == "ended\n"
-    time.sleep(0.5)  # waiting for the collector, at exit
-    exiting.send_signal(signal.SIGINT)
-    _, err = exiting.communicate(timeout=60)
+    watchdog = threading.Timer(120, exiting.kill)  # a child hung before its line ends the read
+    watchdog.start()
+    try:
+        assert exiting.stdout is not None
+        assert exiting.stdout.readline() == "ended\n"
+        time.sleep(0.5)  # waiting for the collector, at exit
+        exiting.send_signal(signal.SIGINT)
+        _, err = exiting.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        exiting.kill()
     assert "Traceback" not in err, err
     assert [line for line in err.splitlines() if "interrupted" in line] == [
         "multirun.client: multirun: interrupted at exit: the spans and metrics not sent yet are lost"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def test_a_collector_that_never_answers_changes_nothing_but_a_bounded_exit(
         stderr=subprocess.PIPE,
         text=True,
     )
+    watchdog = threading.Timer(120, program.kill)  # a child hung before its lines ends the read
+    watchdog.start()
     try:
         assert program.stdout is not None
         printed = [program.stdout.readline(), program.stdout.readline()]  # its last line: it exits
@@ -116,6 +119,7 @@ def test_a_collector_that_never_answers_changes_nothing_but_a_bounded_exit(
         out, err = program.communicate(timeout=120)
         took = time.monotonic() - started
     finally:
+        watchdog.cancel()
         program.kill()
     done = subprocess.CompletedProcess(program.args, program.returncode, "".join(printed) + out, err)
     assert done.returncode == 0, done.stderr
