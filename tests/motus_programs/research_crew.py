@@ -93,9 +93,10 @@ def flaky_fetch(topic: str) -> str:
 LOOKUPS: list[str] = []
 
 
-@agent_task(timeout=0.3, retries=1)
+@agent_task(timeout=1.0, retries=1)
 async def slow_lookup(topic: str) -> str:
-    """Hangs on its first attempt (Motus's timeout stops it), answers on the second."""
+    """Hangs on its first attempt (Motus's timeout stops it), answers on the second (1 s, as
+    0.3 s could pass on a loaded machine before the answering attempt was scheduled)."""
     LOOKUPS.append(topic)
     if len(LOOKUPS) == 1:
         await asyncio.sleep(30)
