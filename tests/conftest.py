@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import multirun
 from multirun import client as client_module
 from multirun.clock import Clock
-from otlp_collectors import Collector, never_answering_collector, serving_collector
+from otlp_collectors import Collector, HungCollector, never_answering_collector, serving_collector
 
 # A test run started in the background (nohup, a CI runner without a terminal) inherits SIGINT
 # ignored, and so would every program it starts: the tests of Ctrl-C need Python's usual
@@ -202,10 +202,16 @@ def collector() -> Iterator[Collector]:
 
 
 @pytest.fixture
-def silent_collector() -> Iterator[str]:
+def hung_collector() -> Iterator[HungCollector]:
+    """An OTLP endpoint that accepts connections and never answers, and says when one came."""
+    with never_answering_collector() as collector:
+        yield collector
+
+
+@pytest.fixture
+def silent_collector(hung_collector: HungCollector) -> str:
     """The URL of an OTLP endpoint that accepts connections and never answers (a hung collector)."""
-    with never_answering_collector() as url:
-        yield url
+    return hung_collector.url
 
 
 @pytest.fixture

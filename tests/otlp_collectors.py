@@ -96,10 +96,20 @@ def serving_collector() -> Iterator[Collector]:
         server.server_close()
 
 
+class HungCollector:
+    """An OTLP endpoint that accepts connections and never answers: its ``url``, and
+    ``connected``, set when a client first connected (an exporter is then waiting for it)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.connected = threading.Event()
+
+
 @contextmanager
-def never_answering_collector() -> Iterator[str]:
-    """The URL of an OTLP endpoint that accepts connections and never answers (a hung collector)."""
+def never_answering_collector() -> Iterator[HungCollector]:
+    """An OTLP endpoint that accepts connections and never answers (a hung collector)."""
     server = socket.create_server(("127.0.0.1", 0))
+    collector = HungCollector(f"http://127.0.0.1:{server.getsockname()[1]}")
     held: list[socket.socket] = []
     stop = threading.Event()
 
@@ -110,11 +120,12 @@ def never_answering_collector() -> Iterator[str]:
                 held.append(server.accept()[0])
             except TimeoutError:
                 continue
+            collector.connected.set()
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+        yield collector
     finally:
         stop.set()
         thread.join()

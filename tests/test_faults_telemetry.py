@@ -46,7 +46,7 @@ from multirun.models import Budget, StepKind
 from multirun.telemetry.export import DROPPED_SPANS, ExportProcessor
 from multirun.telemetry.local_files import read_spans
 from needed import required
-from otlp_collectors import Collector  # the OTLP/HTTP collector (fixture: collector)
+from otlp_collectors import Collector, HungCollector  # OTLP endpoints (fixtures of conftest)
 from test_bad_input import agent_program  # the same four-span agent run
 
 if TYPE_CHECKING:
@@ -450,12 +450,12 @@ def test_2_exit_waits_as_long_as_the_otlp_timeout_the_user_set(silent_collector:
 
 @pytest.mark.skipif(os.name == "nt", reason="Ctrl-C as SIGINT")
 def test_2_ctrl_c_while_exit_waits_for_a_collector_that_never_answers_is_one_line(
-    silent_collector: str, tmp_path: Path
+    hung_collector: HungCollector, tmp_path: Path
 ) -> None:
     # the user stops the wait: multirun's exit handler printed a KeyboardInterrupt traceback
     env = environment_without_settings()
     exiting = subprocess.Popen(
-        [sys.executable, "-c", EXIT_PROGRAM, silent_collector, str(tmp_path / "mr")],
+        [sys.executable, "-c", EXIT_PROGRAM, hung_collector.url, str(tmp_path / "mr")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -466,7 +466,9 @@ def test_2_ctrl_c_while_exit_waits_for_a_collector_that_never_answers_is_one_lin
     try:
         assert exiting.stdout is not None
         assert exiting.stdout.readline() == "ended\n"
-        time.sleep(0.5)  # waiting for the collector, at exit
+        # its exit is waiting for the collector once it connected (a fixed 0.5 s could pass on a
+        # loaded machine before the exit began)
+        assert hung_collector.connected.wait(GENEROUS)
         exiting.send_signal(signal.SIGINT)
         _, err = exiting.communicate(timeout=60)
     finally:
