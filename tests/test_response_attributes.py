@@ -28,10 +28,10 @@ from multirun import run, step
 from multirun.errors import ConfigurationError
 from multirun.models import StepKind
 from multirun.telemetry import attributes as attr
-from test_gemini_usage import gemini
+from test_gemini_usage import gemini, gemini_server
 from test_openai_usage import RESPONSE_MODEL, client, llm
 
-__all__ = ["client", "gemini", "llm"]  # fixtures, imported for pytest
+__all__ = ["client", "gemini", "gemini_server", "llm"]  # fixtures, imported for pytest
 
 ID, REASONS = attr.GEN_AI_RESPONSE_ID, attr.GEN_AI_RESPONSE_FINISH_REASONS
 ADDRESS, PORT = attr.SERVER_ADDRESS, attr.SERVER_PORT

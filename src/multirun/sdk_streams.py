@@ -7,6 +7,10 @@ caller closes it or drops it half-read; meanwhile the step is shown each chunk
 or event read, and reads the usage from them. The caller gets the stream in a
 proxy (wrapt's) that still is the SDK's stream: ``isinstance``, ``with`` and
 ``async with``, iteration, ``close()`` and every attribute are the stream's own.
+google-genai's stream is a generator (an async generator, of ``client.aio``):
+its proxy is one too, ``close()`` (``aclose()``) watched as the stream's is;
+``send()`` and ``throw()`` (``asend()``, ``athrow()``) go to the generator
+unwatched, its step ending when the proxy is closed or dropped.
 
 A stream manager (``messages.stream()``, ``chat.completions.stream()``...) is
 entered in the step's context, where the request is sent, and the SDK's stream
@@ -56,7 +60,8 @@ class Reader(Protocol):
 def watched(stream: Any, kind: StreamKind, reader: Reader, ctx: Context) -> Any:
     """``stream`` (of ``kind``, as ``returned_stream`` says) as its caller reads it, in ``ctx``;
     ``reader`` told each item and the end."""
-    if kind == "sync" or kind == "async":  # a manager's stream is told once it is entered
+    # a manager's stream is told once it is entered; a generator has no URL to tell
+    if kind == "sync" or kind == "async":
         reader._stream_opened(stream)
     return _WATCHERS[kind](stream, reader, ctx)
 
@@ -121,10 +126,10 @@ class _Watching(_Proxy):
             self._self_dropped()
 
 
-class _Watched(_Watching):
-    """A sync SDK stream."""
+class _WatchedIterator(_Watching):
+    """A sync SDK stream that is an iterator only: google-genai's, a generator."""
 
-    def __iter__(self) -> _Watched:
+    def __iter__(self) -> _WatchedIterator:
         return self
 
     def __next__(self) -> Any:
@@ -143,6 +148,18 @@ class _Watched(_Watching):
             self.__wrapped__.close()
         self._self_end(closed=True)
 
+    def _self_dropped(self) -> None:
+        try:
+            with self._self_in_step():
+                self.__wrapped__.close()  # its connection, as a generator step's ``yield from`` would
+        except Exception:
+            _logger.debug("multirun: closing a stream dropped half-read failed", exc_info=True)
+        super()._self_dropped()
+
+
+class _Watched(_WatchedIterator):
+    """A sync SDK stream."""
+
     def __enter__(self) -> _Watched:
         self.__wrapped__.__enter__()
         return self
@@ -154,21 +171,14 @@ class _Watched(_Watching):
         finally:
             self._self_end(closed=True)
 
-    def _self_dropped(self) -> None:
-        try:
-            with self._self_in_step():
-                self.__wrapped__.close()  # its connection, as a generator step's ``yield from`` would
-        except Exception:
-            _logger.debug("multirun: closing a stream dropped half-read failed", exc_info=True)
-        super()._self_dropped()
 
+class _AsyncWatchedIterator(_Watching):
+    """An async SDK stream, as an async iterator. Collected half-read, its async close cannot be
+    awaited, nor need it be: once read from, the SDK's stream is (or reads) an async generator
+    that closes its response when collected (asyncio's finaliser schedules it on the loop), as
+    it does without multirun."""
 
-class _AsyncWatched(_Watching):
-    """An async SDK stream. Collected half-read, its async close() cannot be awaited, nor need
-    it be: once read from, the SDK's stream is an async generator that closes its response when
-    collected (asyncio's finaliser schedules it on the loop), as it does without multirun."""
-
-    def __aiter__(self) -> _AsyncWatched:
+    def __aiter__(self) -> _AsyncWatchedIterator:
         return self
 
     async def __anext__(self) -> Any:
@@ -181,6 +191,19 @@ class _AsyncWatched(_Watching):
         finally:
             otel_context.detach(token)
         return self._self_item(item)
+
+
+class _AsyncWatchedGenerator(_AsyncWatchedIterator):
+    """google-genai's async stream: an async generator."""
+
+    async def aclose(self) -> None:
+        with self._self_calling():
+            await self.__wrapped__.aclose()
+        self._self_end(closed=True)
+
+
+class _AsyncWatched(_AsyncWatchedIterator):
+    """An async SDK stream."""
 
     async def close(self) -> None:
         with self._self_calling():
@@ -291,4 +314,6 @@ _WATCHERS: dict[StreamKind, type[_Watching]] = {
     "async": _AsyncWatched,
     "sync manager": _WatchedManager,
     "async manager": _AsyncWatchedManager,
+    "generator": _WatchedIterator,
+    "async generator": _AsyncWatchedGenerator,
 }

@@ -11,7 +11,8 @@ manager (``messages.stream()``, say), for its caller to read
 are never imported: objects are recognised by the module and name of their
 class (or of a base class, so ``ParsedChatCompletion`` counts), and the verdict
 is cached per class, so a step that returns anything else pays two dict lookups
-(a response? a stream?).
+(a response? a stream?); google-genai's streams, plain generators, by the name
+and file of the function they run.
 
 A raw HTTP response (``with_raw_response``) is charged the response its
 ``parse()`` gives, at the provider its URL names (Groq's API reached through
@@ -34,6 +35,7 @@ import inspect
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
+from types import AsyncGeneratorType, GeneratorType
 from typing import Any, Literal, TypeVar
 
 from genai_prices import data_snapshot
@@ -108,9 +110,10 @@ _GENAI_NAMES = {"google": "gcp.gen_ai"}
 
 # how a step may hand its caller an SDK stream unread: the stream, read with ``for`` ("sync") or
 # ``async for`` ("async"); the manager of one, entered with ``with`` ("sync manager") or ``async
-# with`` ("async manager") to a helper that reads the SDK's stream; or a wrapper of a stream,
-# which holds it in ``.stream``
-StreamKind = Literal["sync", "async", "sync manager", "async manager"]
+# with`` ("async manager") to a helper that reads the SDK's stream; a generator ("generator") or
+# an async generator ("async generator") of the SDK's (google-genai's streams); or a wrapper of a
+# stream, which holds it in ``.stream``
+StreamKind = Literal["sync", "async", "sync manager", "async manager", "generator", "async generator"]
 _StreamKind = Literal[StreamKind, "wrapper"]
 _STREAMS: dict[tuple[str, str], _StreamKind] = {
     ("openai", "Stream"): "sync",  # of chat completion chunks, or of Responses API events
@@ -132,11 +135,21 @@ _STREAMS: dict[tuple[str, str], _StreamKind] = {
     ("opentelemetry.instrumentation.openai_v2", "LegacyChatStreamWrapper"): "wrapper",
 }
 
+# google-genai's streams are plain generators (generate_content_stream(), and a chat's
+# send_message_stream()), and async generators defined inside the async methods (their
+# stream_generator or async_generator): known by the name and the file of the function whose
+# code they run (co_name: Python 3.10 has no co_qualname)
+_GEMINI_STREAMS = {
+    GeneratorType: frozenset({"generate_content_stream", "send_message_stream"}),
+    AsyncGeneratorType: frozenset({"stream_generator", "async_generator"}),
+}
+_GEMINI_FILES = tuple(f"google{sep}genai{sep}{file}.py" for sep in "/\\" for file in ("models", "chats"))
+
 # what most steps return: never an SDK object, known without a function call
 NOT_A_RESPONSE = frozenset({type(None), str, int, float, bool, bytes, list, dict, tuple})
 
 _recognised: dict[type, _How | None] = {}
-_streams: dict[type, _StreamKind | Literal["proxy"] | None] = {}
+_streams: dict[type, _StreamKind | Literal["proxy", "code"] | None] = {}
 # classes made at run time (a pydantic model per request, say) would pile up, each held alive
 _MAX_RECOGNISED = 1024
 _warned: set[tuple[str, str]] = set()
@@ -167,8 +180,10 @@ def returned_stream(value: Any) -> StreamKind | None:
     or the manager of one (``messages.stream()``, say), entered with ``with`` ("sync manager") or
     ``async with`` ("async manager"); None for anything else.
 
-    A wrapt proxy (an instrumentation's, or this package's, of a stream a step inside returned)
-    is what it wraps. Never ``value.__class__``, which a lazy object computes itself for.
+    A generator or an async generator is one if it runs google-genai's stream ("generator",
+    "async generator"). A wrapt proxy (an instrumentation's, or this package's, of a stream a
+    step inside returned) is what it wraps. Never ``value.__class__``, which a lazy object
+    computes itself for.
     """
     try:
         kind = _streams[type(value)]
@@ -180,17 +195,38 @@ def returned_stream(value: Any) -> StreamKind | None:
         except Exception:  # a proxy not initialised (wrapt raises ValueError), say: no stream
             return None
         return returned_stream(inner)
+    if kind == "code":
+        return _gemini_stream(value)
     return kind
 
 
-def _stream_kind(cls: type) -> _StreamKind | Literal["proxy"] | None:
+def _stream_kind(cls: type) -> _StreamKind | Literal["proxy", "code"] | None:
     """What ``returned_stream`` makes of a value of class ``cls``, cached."""
     if cls in _streams:
         return _streams[cls]
     if len(_streams) >= _MAX_RECOGNISED:
         _streams.clear()
-    kind = _streams[cls] = "proxy" if issubclass(cls, ObjectProxy) else _recognise(cls, _STREAMS)
+    kind: _StreamKind | Literal["proxy", "code"] | None
+    if cls in _GEMINI_STREAMS:  # a generator: its code says whose it is
+        kind = "code"
+    elif issubclass(cls, ObjectProxy):
+        kind = "proxy"
+    else:
+        kind = _recognise(cls, _STREAMS)
+    _streams[cls] = kind
     return kind
+
+
+def _gemini_stream(generator: Any) -> StreamKind | None:
+    """Whether ``generator`` (a generator or an async generator) is google-genai's stream."""
+    kind: StreamKind
+    if type(generator) is GeneratorType:
+        code, kind = generator.gi_code, "generator"
+    else:
+        code, kind = generator.ag_code, "async generator"
+    if code.co_name in _GEMINI_STREAMS[type(generator)] and code.co_filename.endswith(_GEMINI_FILES):
+        return kind
+    return None
 
 
 def instrumentation_wrapper(value: Any) -> Any:
