@@ -2,8 +2,9 @@
 anyio on its asyncio and trio backends, plain trio; and async generator steps closed by the
 event loop rather than by the program.
 
-Waits here are real (the clock is the real one), and short: what is checked is that the
-library running the step does the waiting (trio has no asyncio loop to sleep on).
+Waits here are real, and short: what is checked is that the library running the step does
+the waiting (trio has no asyncio loop to sleep on). Rate-limit slots are reserved on a clock
+that stands still: a loaded machine running the tasks far apart would free their slots.
 """
 
 from __future__ import annotations
@@ -35,6 +36,24 @@ BACKENDS = ["asyncio", "trio"]
 def real_clock(traced: Any) -> Any:
     """``traced``, waiting in real time (its fake clock never sleeps, so never asks the runtime)."""
     traced.client.clock = Clock()
+    return traced
+
+
+class StoppedClock(Clock):
+    """Real sleeps on a clock that stands still: tasks reserve their rate-limit slots at one
+    instant, however far apart a loaded machine runs them, and each waits out its slot for real."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def stopped_clock(traced: Any) -> Any:
+    """``traced``, waiting in real time for slots reserved at one instant (see StoppedClock)."""
+    traced.client.clock = StoppedClock()
     return traced
 
 
@@ -76,7 +95,7 @@ LOOPS = [
 
 @pytest.mark.parametrize("run_loop", LOOPS)
 def test_steps_as_eager_or_uvloop_tasks_nest_time_and_obey_budget_and_rate_limit(
-    real_clock: Any, run_loop: Any
+    stopped_clock: Any, run_loop: Any
 ) -> None:
     @step
     async def at_once(i: int) -> int:  # an eager task runs it to its end inside create_task
@@ -107,14 +126,14 @@ def test_steps_as_eager_or_uvloop_tasks_nest_time_and_obey_budget_and_rate_limit
     with pytest.raises(BudgetExceededError):
         run_loop(main)
     assert time.monotonic() - began >= 0.039
-    outer = real_clock.span("step fan_out")
-    inner = real_clock.named("step at_once")[:2] + real_clock.named("step slow")
+    outer = stopped_clock.span("step fan_out")
+    inner = stopped_clock.named("step at_once")[:2] + stopped_clock.named("step slow")
     assert all(is_child(s, outer) for s in inner)
     assert all(outer.start_time <= s.start_time and s.end_time <= outer.end_time for s in inner)
-    assert all(s.end_time - s.start_time >= 19_000_000 for s in real_clock.named("step slow"))
-    asks = attrs_of(real_clock, "chat gpt-4o")
+    assert all(s.end_time - s.start_time >= 19_000_000 for s in stopped_clock.named("step slow"))
+    asks = attrs_of(stopped_clock, "chat gpt-4o")
     assert sorted(a[attr.POLICY_DECISION] for a in asks) == ["proceed", "wait", "wait"]
-    refused = attrs_of(real_clock, "step at_once")[-1]
+    refused = attrs_of(stopped_clock, "step at_once")[-1]
     assert refused[attr.STEP_STATUS] == "failed" and refused[attr.POLICY_RULE] == "budget"
 
 
@@ -147,7 +166,7 @@ def test_a_retried_async_step_waits_out_its_backoff_under_anyio(real_clock: Any,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_llm_steps_wait_for_their_rate_limit_slots_under_anyio(real_clock: Any, backend: str) -> None:
+def test_llm_steps_wait_for_their_rate_limit_slots_under_anyio(stopped_clock: Any, backend: str) -> None:
     @step(kind="llm_call", model="gpt-4o")
     async def ask(i: int) -> int:
         return i
@@ -167,14 +186,14 @@ def test_llm_steps_wait_for_their_rate_limit_slots_under_anyio(real_clock: Any, 
     began = time.monotonic()
     assert anyio.run(main, backend=backend) == [0, 1, 2]
     assert time.monotonic() - began >= 0.039
-    asks = attrs_of(real_clock, "chat gpt-4o")
+    asks = attrs_of(stopped_clock, "chat gpt-4o")
     assert [a[attr.STEP_STATUS] for a in asks] == ["completed"] * 3
     assert sorted(a[attr.POLICY_DECISION] for a in asks) == ["proceed", "wait", "wait"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_manual_step_waits_for_its_slot_when_awaited_without_blocking_the_loop(
-    real_clock: Any, backend: str
+    stopped_clock: Any, backend: str
 ) -> None:
     # a slot every second: a start that blocked would take it all, well apart from one that does not
     @run(policy={"rate_limit": {"requests_per_minute": 60}})
