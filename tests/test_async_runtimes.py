@@ -289,6 +289,8 @@ def test_retry_loops_in_trio_tasks_side_by_side_are_served_on_resume(traced: Any
     calls = Calls()
 
     def program(flaky: Flaky, crash: bool) -> Any:
+        asked, noted = trio.Event(), trio.Event()
+
         @step
         async def ask(query: str) -> str:
             calls(f"ask {query}")
@@ -306,14 +308,18 @@ def test_retry_loops_in_trio_tasks_side_by_side_are_served_on_resume(traced: Any
                     out["answer"] = await ask(query)
                     return
                 except ConnectionError:
-                    # the other task's steps run meanwhile: by far, as trio runs the tasks
-                    # whose times are up in random order (a loaded machine wakes both at once)
-                    await trio.sleep(0.2)
+                    pass
+                finally:
+                    asked.set()
+                # the other task's steps run meanwhile: waited for, not slept on, as trio runs
+                # the tasks whose times are up in random order (a loaded machine wakes both at once)
+                await noted.wait()
             raise RuntimeError("gave up")
 
         async def notes(out: dict[str, Any]) -> None:
-            await trio.sleep(0.005)  # once the first call failed, before its retry
+            await asked.wait()  # once the first call is over (failed, or served on resume)
             out["notes"] = [await note("a"), await note("b"), await note("c")]
+            noted.set()
 
         @run(checkpoint_on_error=False)
         async def job() -> str:
