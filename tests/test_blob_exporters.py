@@ -336,23 +336,25 @@ def test_a_reader_never_sees_a_partial_blob(subject: Subject) -> None:
     seen: collections.Counter[str] = collections.Counter()
     written = threading.Event()
     stop = threading.Event()
+    looked = [threading.Event() for _ in range(2)]  # a reader found no blob yet: it is reading
 
-    def read() -> None:
+    def read(looked: threading.Event) -> None:
         while not stop.is_set():
             try:
                 got = subject.exporter.get("big/blob")
             except BlobNotFoundError:
                 seen["missing"] += 1
+                looked.set()
                 continue
             seen["full" if got == data else f"partial {len(got)} bytes"] += 1
             if written.is_set():
                 return
 
-    readers = [threading.Thread(target=read) for _ in range(2)]
+    readers = [threading.Thread(target=read, args=(event,)) for event in looked]
     for reader in readers:
         reader.start()
     try:
-        time.sleep(0.02)
+        assert all(event.wait(30) for event in looked)
         subject.exporter.put("big/blob", data)
         written.set()
         for reader in readers:
