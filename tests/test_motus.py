@@ -1982,13 +1982,16 @@ def test_motus_goes_on_while_the_program_says_what_a_retried_attempt_raised(
 
 
 SPENT_DURING_THE_BACKOFF: list[str] = []
+FLAKY_FAILED = threading.Event()
 
 
-@agent_task(retries=1, retry_delay=0.5)
+@agent_task(retries=1, retry_delay=1.0)
 def flaky_once() -> str:
-    """Fails its first call at once; Motus retries it half a second later."""
+    """Fails its first call at once; Motus retries it a second later (half a second left a
+    loaded machine too little to spend the budget in)."""
     SPENT_DURING_THE_BACKOFF.append("flaky")
     if SPENT_DURING_THE_BACKOFF.count("flaky") == 1:
+        FLAKY_FAILED.set()
         raise ConnectionError("upstream down")
     return "retried"
 
@@ -1996,7 +1999,7 @@ def flaky_once() -> str:
 @agent_task
 def spend_it_all() -> str:
     """Spends the whole budget while flaky_once waits for its retry."""
-    time.sleep(0.2)
+    assert FLAKY_FAILED.wait(GENEROUS)
     multirun.report_usage("gpt-4o-mini", input_tokens=500, output_tokens=100)
     SPENT_DURING_THE_BACKOFF.append("spent")
     return "spent"
@@ -2006,6 +2009,7 @@ def test_a_retry_is_refused_when_the_budget_was_spent_during_its_backoff(traced:
     # another task spent the budget while Motus waited to retry: the retry must not run, and
     # its step says the budget refused it, as a decorated step's retry after a backoff does
     SPENT_DURING_THE_BACKOFF.clear()
+    FLAKY_FAILED.clear()
 
     @multirun.run(budget=Budget(max_tokens=500))
     def job() -> tuple[str, str]:
