@@ -8,6 +8,7 @@ import it and call :func:`main`.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 from motus.agent import ReActAgent
@@ -71,9 +72,14 @@ async def web_search(query: str) -> str:
     return f"3 results for {query!r}"
 
 
+BOTH_FETCHING = threading.Barrier(2)
+
+
 @agent_task
 def fetch_source(source: str, topic: str) -> str:
-    """A slow blocking fetch (runs in Motus's thread pool, in parallel with its siblings)."""
+    """A slow blocking fetch (runs in Motus's thread pool, in parallel with its sibling: each
+    waits for the other, as a loaded machine could start one after the other had ended)."""
+    BOTH_FETCHING.wait(30)
     time.sleep(0.15)
     return f"{source}: 12 documents about {topic}"
 
@@ -146,6 +152,7 @@ async def research_crew(topic: str):  # type: ignore[no-untyped-def]
 def main() -> str:
     FLAKY_CALLS.clear()
     LOOKUPS.clear()
+    BOTH_FETCHING.reset()
     report = resolve(research_crew("OpenTelemetry for agents"))
     print(report)
     return str(report)
