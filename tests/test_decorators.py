@@ -1674,3 +1674,40 @@ def test_a_step_interrupted_in_its_backoff_says_it_made_one_attempt(traced) -> N
         signal.signal(signal.SIGALRM, previous)
     span = traced.span("step fetch")
     assert attrs(span)["multirun.step.attempt"] == 1
+
+
+def test_ctrl_c_while_a_failed_attempt_is_recorded_ends_the_step_failed(traced) -> None:
+    """Ctrl-C while multirun records the failed attempt before its retry (here: while it reads
+    the error's message) ends the step as failed with the interrupt; it left the span open,
+    never exported, and the step missing from the trace."""
+    import signal
+    import time
+
+    class SlowToSay(ConnectionError):
+        def __str__(self) -> str:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            time.sleep(5)  # Ctrl-C comes meanwhile
+            return "reset"
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    @step(retry=2, retry_delay=30.0)
+    def fetch() -> str:
+        raise SlowToSay()
+
+    @run
+    def job() -> str:
+        return fetch()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            job()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    fetched = attrs(traced.span("step fetch"))
+    assert fetched["multirun.step.status"] == "failed"
+    assert fetched["error.type"] == "KeyboardInterrupt"
+    assert fetched["multirun.step.attempt"] == 1

@@ -1161,9 +1161,14 @@ def _raise_failed(call: _Call, error: BaseException, waiting: bool = False) -> N
 
 
 def _delay_before_retry(call: _Call, error: BaseException) -> float | None:
-    """``call._retry_delay(error)``, with stack room: ``error`` may be a RecursionError."""
+    """``call._retry_delay(error)``, with stack room: ``error`` may be a RecursionError.
+    Interrupted meanwhile (Ctrl-C while the failed attempt is recorded), the call ends as
+    failed with the interrupt, which is raised."""
     with headroom:
-        return call._retry_delay(error)
+        try:
+            return call._retry_delay(error)
+        except BaseException as interrupted:
+            _raise_failed(call, interrupted)
 
 
 def _end_closed_stream(call: _Call, extra: dict[str, Any]) -> None:
