@@ -1651,14 +1651,21 @@ def test_a_step_interrupted_in_its_backoff_says_it_made_one_attempt(traced) -> N
 
     from multirun.clock import Clock
 
-    traced.client.clock = Clock()
+    class CtrlCInTheBackoff(Clock):
+        """Real time; Ctrl-C comes 0.05 s into a sleep (set from the step, it could come
+        before the backoff began on a loaded machine)."""
+
+        def sleep(self, seconds: float) -> None:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            super().sleep(seconds)
+
+    traced.client.clock = CtrlCInTheBackoff()
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     @step(retry=2, retry_delay=30.0)
     def fetch() -> str:
-        signal.setitimer(signal.ITIMER_REAL, 0.05)  # Ctrl-C during the backoff that follows
         raise ConnectionError("reset")
 
     @run
