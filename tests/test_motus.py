@@ -950,7 +950,7 @@ def test_a_sync_attempt_whose_timeout_ends_its_wait_does_not_run_when_its_thread
         return str(resolve(ask_sync_in_time("gpt-4o-mini", "hello")))
 
     assert job() == "hello"
-    assert woke.is_set()
+    assert woke.wait(GENEROUS)  # the first attempt's thread woke (late, on a loaded machine)
     assert [start + 1.0] == SYNC_IN_TIME  # once, the retry at its slot; not when the first attempt woke
 
 
