@@ -62,13 +62,24 @@ _DROP = Decision.DROP
 ShouldSample = Callable[..., SamplingResult]
 
 
-class RecordingInRuns(Sampler):
-    """The decisions of ``should_sample``, except that a GenAI span it drops inside a run is
-    recorded (not sampled: it is not exported)."""
+class _Delegating(Sampler):
+    """A sampler of multirun's standing for one of the program's: its decisions come from
+    ``should_sample`` (the program's sampler's), and it describes itself as that one does."""
 
     def __init__(self, should_sample: ShouldSample, description: str) -> None:
         self._should_sample = should_sample
         self._description = description
+
+    def get_description(self) -> str:
+        return self._description
+
+
+class RecordingInRuns(_Delegating):
+    """The decisions of ``should_sample``, except that a GenAI span it drops inside a run is
+    recorded (not sampled: it is not exported)."""
+
+    def __init__(self, should_sample: ShouldSample, description: str) -> None:
+        super().__init__(should_sample, description)
         setattr(self, _ORIGINAL, should_sample)
 
     def should_sample(
@@ -88,9 +99,6 @@ class RecordingInRuns(Sampler):
         if result.decision is not _DROP or not attributes:
             return result  # the common case: one test
         return _recorded_if_a_model_call_in_a_run(result, parent_context, attributes)
-
-    def get_description(self) -> str:
-        return self._description
 
 
 def _recorded_if_a_model_call_in_a_run(
@@ -137,12 +145,12 @@ def _record_model_calls_in_runs(provider: Any) -> None:
                 tracer.sampler = recording
 
 
-class _AsMade(Sampler):
+class _AsMade(_Delegating):
     """A sampler's own decisions, as it made them before multirun changed it."""
 
     def __init__(self, should_sample: ShouldSample, description: str) -> None:
+        super().__init__(should_sample, description)
         self.should_sample = should_sample  # type: ignore[method-assign]  # called directly: no extra call
-        self._description = description
 
     def should_sample(  # never called: each instance has the sampler's own
         self,
@@ -156,11 +164,8 @@ class _AsMade(Sampler):
     ) -> SamplingResult:
         raise NotImplementedError
 
-    def get_description(self) -> str:
-        return self._description
 
-
-class _ChildrenOfSampledParentsSampled(Sampler):
+class _ChildrenOfSampledParentsSampled(_Delegating):
     """A ParentBased sampler that samples every child of a sampled local parent (the SDK's
     default), deciding for such a child without calling it.
 
@@ -170,10 +175,6 @@ class _ChildrenOfSampledParentsSampled(Sampler):
     one ParentBased would give (record and sample, the parent's trace state). Any other
     span goes to the sampler itself.
     """
-
-    def __init__(self, should_sample: ShouldSample, description: str) -> None:
-        self._should_sample = should_sample
-        self._description = description
 
     def should_sample(
         self,
@@ -191,9 +192,6 @@ class _ChildrenOfSampledParentsSampled(Sampler):
             if span_context.trace_flags & _SAMPLED and not span_context.is_remote and span_context.is_valid:
                 return SamplingResult(_RECORD_AND_SAMPLE, attributes, span_context.trace_state)
         return self._should_sample(parent_context, trace_id, name, kind, attributes, links)
-
-    def get_description(self) -> str:
-        return self._description
 
 
 _SAMPLED = TraceFlags.SAMPLED
