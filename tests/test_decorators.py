@@ -1645,6 +1645,23 @@ async def test_a_step_cancelled_in_its_backoff_says_it_made_one_attempt(traced) 
     assert [e.attributes["multirun.step.attempt"] for e in retried] == [1]
 
 
+def interrupted_by_alarm(job: Any) -> None:
+    """Call ``job``, which sets an ``ITIMER_REAL`` alarm: the alarm is a Ctrl-C
+    (KeyboardInterrupt), which must end the call. The timer and handler are put back after."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            job()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_a_step_interrupted_in_its_backoff_says_it_made_one_attempt(traced) -> None:
     """Ctrl-C while a sync step waits to retry: one attempt was made, and its span says so."""
     import signal
@@ -1661,9 +1678,6 @@ def test_a_step_interrupted_in_its_backoff_says_it_made_one_attempt(traced) -> N
 
     traced.client.clock = CtrlCInTheBackoff()
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
     @step(retry=2, retry_delay=30.0)
     def fetch() -> str:
         raise ConnectionError("reset")
@@ -1672,13 +1686,7 @@ def test_a_step_interrupted_in_its_backoff_says_it_made_one_attempt(traced) -> N
     def job() -> str:
         return fetch()
 
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            job()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    interrupted_by_alarm(job)
     span = traced.span("step fetch")
     assert attrs(span)["multirun.step.attempt"] == 1
 
@@ -1696,9 +1704,6 @@ def test_ctrl_c_while_a_failed_attempt_is_recorded_ends_the_step_failed(traced) 
             time.sleep(5)  # Ctrl-C comes meanwhile
             return "reset"
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
     @step(retry=2, retry_delay=30.0)
     def fetch() -> str:
         raise SlowToSay()
@@ -1707,13 +1712,7 @@ def test_ctrl_c_while_a_failed_attempt_is_recorded_ends_the_step_failed(traced) 
     def job() -> str:
         return fetch()
 
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            job()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    interrupted_by_alarm(job)
     fetched = attrs(traced.span("step fetch"))
     assert fetched["multirun.step.status"] == "failed"
     assert fetched["error.type"] == "KeyboardInterrupt"
