@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import weakref
 from typing import Any
 
 import pytest
@@ -778,6 +780,36 @@ def test_run_steps_are_bounded_by_step_history(traced) -> None:
 
     assert [s.name for s in runs[0].steps] == ["s2", "s3", "s4"]
     assert attrs(traced.span("invoke_workflow main"))["multirun.steps_used"] == 5
+
+
+def test_the_steps_a_run_keeps_do_not_keep_their_spans_alive(traced) -> None:
+    # a run keeps its last step_history steps (100 by default): were their SDK spans kept too,
+    # 1,000 concurrent runs would hold 100,000 spans (about 280 MiB) and walk them at every GC
+    spans: list[weakref.ref[Any]] = []
+    ended: list[Any] = []
+    times: list[tuple[int | None, int | None]] = []
+
+    @step
+    def work() -> None:
+        spans.append(weakref.ref(get_current_step_context().span))
+
+    @run
+    def main() -> None:
+        work()
+        kept = get_current_run_context().history
+        assert [s.name for s in kept] == ["work"]
+        gc.collect()
+        ended.append(kept[0].span)  # a stand-in now: the step's span context, recording nothing
+        times.append(kept[0]._times())
+
+    main()
+
+    assert spans[0]() is None
+    exported = traced.span("step work")
+    context = ended[0].get_span_context()
+    assert (context.trace_id, context.span_id) == (exported.context.trace_id, exported.context.span_id)
+    assert not ended[0].is_recording()
+    assert times[0] == (exported.start_time, exported.end_time)
 
 
 def test_run_current_step_id_is_the_step_running_now(traced) -> None:

@@ -34,7 +34,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import _Span as _SdkSpan
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 from pydantic_core import to_json
 
 from multirun._keys import AGENT_KEY, RUN_KEY, SPAN_KEY, STEP_KEY, agent_in, run_in, step_in
@@ -1385,9 +1385,6 @@ class StepContext:
     _output_text: str | None = None
     _wait_due = 0.0  # that wait, for a step made by hand in async code: made when awaited
     _done = False
-    # start and end (ns) of a step whose span keeps no times: not recorded (sampled out, the SDK
-    # disabled); the times of every other step are its span's
-    _unrecorded_times: list[int] | None = None
 
     def __init__(
         self,
@@ -1409,6 +1406,9 @@ class StepContext:
         # order, makes CPython give that instance a dict of its own (about 2 us per step).
         self._span: Span | None = None
         self._id = ""  # the hex span id, once the span is started
+        # start and end (ns) kept by the step itself: from its start when its span keeps no
+        # times (not recorded: sampled out, the SDK disabled), else from its span as it ends
+        self._own_times: tuple[int | None, ...] | None = None
         self.otel_context: Context | None = None
         self.model: str | None = None
         self.input_hash: str | None = None
@@ -1451,7 +1451,7 @@ class StepContext:
         # a span not recorded (sampled out, the SDK disabled; Logfire's wrapper of one) keeps no
         # times: the step keeps them. The SDK's spans, nearly all of them, are told by one test.
         if type(span) is not _SdkSpan and not span.is_recording():
-            self._unrecorded_times = [time.time_ns()]
+            self._own_times = (time.time_ns(),)
         # Run.current_step_id, written past pydantic's __setattr__: this runs for every step
         self.run_context.run.__dict__["current_step_id"] = step_id
         # one copy of the context instead of two (set_span_in_context, then set_value)
@@ -1462,8 +1462,14 @@ class StepContext:
 
     @property
     def span(self) -> Span:
-        assert self._span is not None
-        return self._span
+        """The step's span; once the step ended, a non-recording stand-in with its span context."""
+        span = self._span
+        if span is None:  # ended: its span's context is the run's, with the step's span id
+            assert self.finished, "the step's span is not started yet"
+            run = self.run_context.span.get_span_context()
+            ended = SpanContext(run.trace_id, int(self._id, 16), False, run.trace_flags, run.trace_state)
+            return NonRecordingSpan(ended)
+        return span
 
     @property
     def id(self) -> str:
@@ -1543,9 +1549,17 @@ class StepContext:
             _record_error(span, self.error, end_attrs)
         spans.set_end_attributes(span, end_attrs)
         span.end()
-        times = self._unrecorded_times
+        # The run keeps its last ``step_history`` steps: they keep their times (a tuple of ints,
+        # which the cyclic GC stops tracking), not their span, about 2.8 KiB and a dozen objects
+        # for the GC to walk (1,000 concurrent runs of 100 steps held 280 MiB of spans).
+        times = self._own_times
         if times is not None:
-            times.append(time.time_ns())
+            self._own_times = (times[0], time.time_ns())
+        elif type(span) is _SdkSpan:
+            self._own_times = (span.start_time, span.end_time)
+        else:
+            self._own_times = (getattr(span, "start_time", None), getattr(span, "end_time", None))
+        self._span = None
         _step_metrics(self, end_attrs.get(attr.ERROR_TYPE))
         # The step's context holds the step: dropping it breaks that cycle, so a finished step
         # is freed by reference counting instead of waiting for (and feeding) the cyclic GC.
@@ -1826,7 +1840,7 @@ class StepContext:
 
     def _times(self) -> tuple[int | None, int | None]:
         """Its start and end (ns since the epoch), None while not started or not ended."""
-        times = self._unrecorded_times
+        times = self._own_times
         if times is not None:
             return times[0], times[1] if len(times) > 1 else None
         span = self._span
@@ -1847,7 +1861,7 @@ class StepContext:
     def _facts(self) -> tuple[Any, ...]:
         """What the ``Step`` model of this step is made of: plain values only, so keeping them
         (a run's kept steps, until ``Run.steps`` is read) keeps no context, span or traceback."""
-        span = self._span
+        had_span = self._id != ""
         parent = self.parent
         error = self.error
         return (
@@ -1860,7 +1874,7 @@ class StepContext:
             None if parent is None else parent._id,  # no parent; "" for a parent without a span
             self.input_hash,
             # as on its span: a step that started was let through, by a policy or for want of one
-            self.policy_decision or (None if span is None else "proceed"),
+            self.policy_decision or ("proceed" if had_span else None),
             self.tokens_used,
             self._cost_units,
             *self._times(),
@@ -2070,12 +2084,8 @@ def _step_metrics(step: StepContext, error_type: str | None) -> None:
     # the duration is read only for the steps it is recorded for (see Metrics.step_finished,
     # and llm_call_finished below): not for a plain function step that completed
     if step.kind in TIMED_STEP_KINDS or step.status is StepStatus.FAILED:
-        times = step._unrecorded_times
-        if times is None:  # inline: it runs for every step
-            span = step._span
-            start, end = getattr(span, "start_time", None), getattr(span, "end_time", None)
-        else:
-            start, end = times[0], times[-1]
+        times = step._own_times  # kept as the step ended
+        start, end = (times[0], times[-1]) if times else (None, None)
         duration = (end - start) / 1e9 if start is not None and end is not None else 0.0
     else:
         duration = 0.0
