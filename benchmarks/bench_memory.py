@@ -6,11 +6,14 @@ Two scenarios, each in this one process:
    (default N = 1,000,000): RSS after a
    warm-up of 10,000 steps, then at N/10, N/2 and N;
 2. R runs of 10 steps each (default R = 10,000), each run a ``@multirun.run``
-   call: RSS after a warm-up, then at R/10, R/2 and R.
+   call: RSS after a warm-up, then at R/10, R/2 and R;
+3. C runs alive at once (default C = 1,000 asyncio tasks), each of 100 steps,
+   the number of finished steps a run keeps for ``Run.steps``
+   (``step_history``): memory while all of them are alive, per run.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_memory.py [--steps 1000000] [--runs 10000]
+    .venv/bin/python benchmarks/bench_memory.py [--steps 1000000] [--runs 10000] [--concurrent 1000]
 
 Spans go through an SDK BatchSpanProcessor with its default sizes
 (max_queue_size=2048) to a counting no-op exporter. That queue drops spans when
@@ -21,6 +24,7 @@ no memory, and the report counts them (exported vs. ended).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import sys
 import time
@@ -44,6 +48,7 @@ from multirun.context import RunContext
 from multirun.models.run import Run
 
 STEPS_PER_RUN = 10
+HELD_STEPS = 100  # the steps a run keeps for Run.steps (step_history's default)
 MIB = 1024 * 1024
 
 
@@ -100,6 +105,82 @@ def mem_run() -> None:
     """A run of STEPS_PER_RUN no-op steps."""
     for n in range(STEPS_PER_RUN):
         mem_step(n)
+
+
+@multirun.step
+async def mem_step_async(n: int) -> None:
+    """The no-op async step of scenario 3."""
+
+
+@multirun.run(name="mem-held-run")
+async def held_run(arrived: Callable[[], None], release: asyncio.Event) -> None:
+    """HELD_STEPS steps, then wait, alive, until every run of scenario 3 got that far."""
+    for n in range(HELD_STEPS):
+        await mem_step_async(n)
+    arrived()
+    await release.wait()
+
+
+@dataclass
+class Held:
+    """Memory before scenario 3, with every run alive, and after they ended."""
+
+    runs: int
+    rss: tuple[int, int, int]
+    blocks: tuple[int, int, int]
+
+
+def concurrent_runs(count: int, provider: Any) -> Held:
+    """Scenario 3: ``count`` runs of HELD_STEPS steps alive at once, on one event loop."""
+
+    def read() -> tuple[int, int]:
+        provider.force_flush()
+        gc.collect()
+        return rss_bytes(), sys.getallocatedblocks()
+
+    async def all_alive() -> tuple[int, int]:
+        release = asyncio.Event()
+        waiting = 0
+
+        def arrived() -> None:
+            nonlocal waiting
+            waiting += 1
+
+        tasks = [asyncio.create_task(held_run(arrived, release)) for _ in range(count)]
+        while waiting < count:
+            await asyncio.sleep(0.01)
+        alive = read()
+        release.set()
+        await asyncio.gather(*tasks)
+        return alive
+
+    before = read()
+    alive = asyncio.run(all_alive())
+    after = read()
+    return Held(count, (before[0], alive[0], after[0]), (before[1], alive[1], after[1]))
+
+
+def held_table(held: Held) -> str:
+    """Scenario 3's memory: before, with every run alive, after; and per live run."""
+    rows = []
+    for label, i in (("before", 0), (f"{held.runs:,} runs alive", 1), ("after they ended", 2)):
+        rss = held.rss[i] - held.rss[0]
+        blocks = held.blocks[i] - held.blocks[0]
+        rows.append(
+            [
+                label,
+                f"{held.rss[i] / MIB:.1f}",
+                f"{rss / MIB:+.1f}",
+                f"{rss / held.runs / 1024:+.1f}" if i else "—",
+                f"{blocks:+,}",
+                f"{blocks / held.runs:+.0f}" if i else "—",
+            ]
+        )
+    return markdown_table(
+        ["when", "RSS MiB", "Δ RSS MiB", "Δ KiB per run", "Δ Python blocks", "Δ blocks per run"],
+        rows,
+        "lrrrrr",
+    )
 
 
 def run_until(target: int, done: int, unit: Callable[[int], None]) -> tuple[int, float]:
@@ -194,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1_000_000, help="steps of the long run")
     parser.add_argument("--runs", type=int, default=10_000, help="runs of 10 steps")
+    parser.add_argument("--concurrent", type=int, default=1_000, help="runs alive at once")
     parser.add_argument("--no-write", action="store_true", help="print only, do not write results")
     args = parser.parse_args(argv)
-    if args.steps < 10 or args.runs < 10:
-        parser.error("--steps and --runs must be >= 10")
+    if args.steps < 10 or args.runs < 10 or args.concurrent < 1:
+        parser.error("--steps and --runs must be >= 10, --concurrent >= 1")
 
     provider, exporter = make_provider()  # SDK defaults: max_queue_size=2048, batch 512
     client = init_multirun(provider)
@@ -213,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = many_runs(args.runs, exporter, provider)
         provider.force_flush()
         final_total = exporter.total
+        print(f"bench_memory: {args.concurrent:,} runs of {HELD_STEPS} steps alive at once", file=sys.stderr)
+        held = concurrent_runs(args.concurrent, provider)
         by_name = dict(exporter.by_name)
     finally:
         provider.shutdown()
@@ -241,6 +325,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Spans ended: {runs_ended:,} ({STEPS_PER_RUN} steps + 1 run span per run); exported "
         f"after the final flush: {final_total - after_long:,}; dropped: {runs_dropped:,}.",
+        "",
+        f"## 3. {args.concurrent:,} runs alive at once, {HELD_STEPS} steps each",
+        "",
+        f"{args.concurrent:,} asyncio tasks on one event loop, each a `@multirun.run` of "
+        f"{HELD_STEPS} async no-op steps that then waits until every run got that far: a run "
+        f"keeps its last {HELD_STEPS} finished steps for `Run.steps` (`step_history`), so this "
+        "is the most a live run holds. Read with every run alive, and after they all ended.",
+        "",
+        held_table(held),
         "",
         "## Notes",
         "",

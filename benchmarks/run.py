@@ -12,7 +12,7 @@ in parallel: they would disturb each other's timings on a small machine):
 - ``bench_overhead.py`` -> ``results/overhead.md``: per-call cost of ``@step``
   against a plain call and a bare OpenTelemetry span, interleaved rounds;
 - ``bench_memory.py``   -> ``results/memory.md``: RSS over 1,000,000 steps in
-  one run, and over 10,000 runs of 10 steps;
+  one run, over 10,000 runs of 10 steps, and with 1,000 runs alive at once;
 - ``profile_step.py``   -> ``results/profile.md``: where the time of a sync
   ``@step`` goes (cProfile, own time, multirun and OpenTelemetry functions);
 - ``repro_export_starvation.py`` -> ``results/export_starvation.md``: why the
@@ -89,7 +89,7 @@ SCRIPTS = {
 }
 QUICK: list[list[str]] = [
     ["bench_overhead.py", "--rounds", "8", "--batch", "500"],
-    ["bench_memory.py", "--steps", "100000", "--runs", "1000"],
+    ["bench_memory.py", "--steps", "100000", "--runs", "1000", "--concurrent", "100"],
     ["profile_step.py", "--calls", "20000", "--rounds", "6"],
     ["repro_export_starvation.py", "--repeats", "1"],
     ["bench_local_files.py", "--rounds", "5", "--runs", "500", "--repeats", "1"],
