@@ -1717,3 +1717,32 @@ def test_ctrl_c_while_a_failed_attempt_is_recorded_ends_the_step_failed(traced) 
     assert fetched["multirun.step.status"] == "failed"
     assert fetched["error.type"] == "KeyboardInterrupt"
     assert fetched["multirun.step.attempt"] == 1
+
+
+def test_ctrl_c_while_a_step_ends_failed_still_ends_its_span(traced) -> None:
+    """Ctrl-C while multirun records a step's final failure (here: while it reads the error's
+    message, with no retry left) ends the step as failed with the interrupt, and the run too;
+    it left the step's span open, and the step missing from the trace."""
+    import signal
+    import time
+
+    class SlowToSay(ConnectionError):
+        def __str__(self) -> str:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            time.sleep(5)  # Ctrl-C comes meanwhile
+            return "reset"
+
+    @step
+    def fetch() -> str:
+        raise SlowToSay()
+
+    @run
+    def job() -> str:
+        return fetch()
+
+    interrupted_by_alarm(job)
+    fetched = attrs(traced.span("step fetch"))
+    assert fetched["multirun.step.status"] == "failed"
+    assert fetched["error.type"] == "KeyboardInterrupt"
+    assert traced.span("step fetch").status.status_code is StatusCode.ERROR
+    assert attrs(traced.span("invoke_workflow job"))["multirun.run.status"] == "failed"

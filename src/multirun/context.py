@@ -1545,8 +1545,15 @@ class StepContext:
             end_attrs.update(extra)
         if client.capture_content and self.status is StepStatus.COMPLETED:
             end_attrs[attr.STEP_OUTPUT] = self._output_text = render(self.result, client.content_limit)
+        interrupted = None
         if self.error is not None:
-            _record_error(span, self.error, end_attrs)
+            try:
+                _record_error(span, self.error, end_attrs)
+            except BaseException as interrupt:
+                # Ctrl-C while the program's code told the error (its message): the step still
+                # ends, failed with the interrupt, which goes on once the step has ended
+                self.error = interrupted = interrupt
+                _record_error(span, interrupt, end_attrs)
         spans.set_end_attributes(span, end_attrs)
         span.end()
         # The run keeps its last ``step_history`` steps: they keep their times (a tuple of ints,
@@ -1571,6 +1578,8 @@ class StepContext:
             fields["current_step_id"] = None if self.parent is None else _running_step_around(self)
         if not run._history_in_run_steps:  # else the run has ended, and Run.steps is made
             run._history.append(self)  # atomic: see RunContext._finish
+        if interrupted is not None:
+            raise interrupted
 
     # -- the documented API ----------------------------------------------------
 
