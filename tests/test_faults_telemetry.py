@@ -1503,6 +1503,48 @@ class RaisingProcessor(SpanProcessor):
             raise ValueError("the application's processor failed")
 
 
+class WatchingProcessor(SimpleSpanProcessor):
+    """The application's export processor that also watches spans start and end."""
+
+    def __init__(self, exporter: InMemorySpanExporter) -> None:
+        super().__init__(exporter)
+        self.seen: list[tuple[str, str]] = []
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.seen.append(("on_start", span.name))
+
+    def _on_ending(self, span: Any) -> None:
+        self.seen.append(("_on_ending", span.name))
+
+
+def test_a_span_processor_with_hooks_of_its_own_gets_every_one_of_them() -> None:
+    # multirun does not call the hooks the SDK's export processors leave empty: a subclass
+    # that fills them in is called all the same
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    watching = WatchingProcessor(exporter)
+    provider.add_span_processor(watching)
+    client_module._configured = None
+    multirun.init(tracer_provider=provider, metrics=False)
+
+    @step
+    def double(x: int) -> int:
+        return 2 * x
+
+    try:
+        assert run(name="job")(double)(3) == 6
+    finally:
+        client_module._configured = None
+        provider.shutdown()
+    assert watching.seen == [
+        ("on_start", "invoke_workflow job"),
+        ("on_start", "step double"),
+        ("_on_ending", "step double"),
+        ("_on_ending", "invoke_workflow job"),
+    ]
+    assert sorted(s.name for s in exporter.get_finished_spans()) == ["invoke_workflow job", "step double"]
+
+
 @pytest.mark.parametrize("hook", ["on_start", "on_end"])
 @pytest.mark.parametrize("where", ["before the exporter", "added after init"])
 def test_28_a_span_processor_that_raises_costs_one_warning_never_the_step_nor_its_spans(

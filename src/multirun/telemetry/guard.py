@@ -17,10 +17,26 @@ from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, SynchronousMultiSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
 from multirun.telemetry.proxies import sdk_tracer
 
 _logger = logging.getLogger(__name__)
+
+# hooks that do nothing (the SDK's export processors start and end-ing spans with ``pass``): not
+# called, as a call is about a tenth of a microsecond and every step of multirun's makes two
+_DOING_NOTHING = {
+    hook: {getattr(cls, hook) for cls in (SpanProcessor, BatchSpanProcessor, SimpleSpanProcessor)}
+    for hook in ("on_start", "_on_ending")
+}
+
+
+def _does_something(processor: SpanProcessor, hook: str) -> bool:
+    method = getattr(processor, hook, None)
+    return getattr(method, "__func__", None) not in _DOING_NOTHING[hook]
+
+
+_Calls = tuple[tuple[SpanProcessor, ...], tuple[SpanProcessor, ...], tuple[SpanProcessor, ...]]
 
 
 class GuardedSpanProcessor(SpanProcessor):
@@ -35,13 +51,19 @@ class GuardedSpanProcessor(SpanProcessor):
         # are added); one running them concurrently (ConcurrentMultiSpanProcessor) is kept whole
         self._multi = type(inner) is SynchronousMultiSpanProcessor
         self._whole = (inner,)
-        # (the processors last read, those of them called): a processor that ignores multirun's
-        # spans (``ignores_multirun_spans``, the UsageSpanProcessor) is not called for them
-        self._called: tuple[tuple[SpanProcessor, ...], tuple[SpanProcessor, ...]] = ((), ())
+        # (the processors last read, those of them called at start, as the span ends, at its end):
+        # a processor that ignores multirun's spans (``ignores_multirun_spans``, the
+        # UsageSpanProcessor) is not called for them, nor a hook that does nothing
+        self._called: tuple[tuple[SpanProcessor, ...], _Calls] = ((), ((), (), ()))
 
-    def _calls(self, processors: tuple[SpanProcessor, ...]) -> tuple[SpanProcessor, ...]:
-        """The processors of ``processors`` to call, remembered until they change."""
-        calls = tuple(p for p in processors if not getattr(p, "ignores_multirun_spans", False))
+    def _calls(self, processors: tuple[SpanProcessor, ...]) -> _Calls:
+        """The processors of ``processors`` to call at each hook, remembered until they change."""
+        called = [p for p in processors if not getattr(p, "ignores_multirun_spans", False)]
+        calls = (
+            tuple(p for p in called if _does_something(p, "on_start")),
+            tuple(p for p in called if _does_something(p, "_on_ending")),
+            tuple(called),
+        )
         self._called = (processors, calls)  # one assignment: read whole without a lock
         return calls
 
@@ -52,7 +74,7 @@ class GuardedSpanProcessor(SpanProcessor):
         read, calls = self._called
         if processors is not read:
             calls = self._calls(processors)
-        for processor in calls:
+        for processor in calls[0]:
             try:
                 processor.on_start(span, parent_context=parent_context)
             except Exception as error:
@@ -63,7 +85,7 @@ class GuardedSpanProcessor(SpanProcessor):
         read, calls = self._called
         if processors is not read:
             calls = self._calls(processors)
-        for processor in calls:
+        for processor in calls[1]:
             try:
                 processor._on_ending(span)
             except Exception as error:
@@ -74,7 +96,7 @@ class GuardedSpanProcessor(SpanProcessor):
         read, calls = self._called
         if processors is not read:
             calls = self._calls(processors)
-        for processor in calls:
+        for processor in calls[2]:
             try:
                 processor.on_end(span)
             except Exception as error:
