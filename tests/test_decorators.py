@@ -1691,20 +1691,26 @@ def test_a_step_interrupted_in_its_backoff_says_it_made_one_attempt(traced) -> N
     assert attrs(span)["multirun.step.attempt"] == 1
 
 
-def test_ctrl_c_while_a_failed_attempt_is_recorded_ends_the_step_failed(traced) -> None:
-    """Ctrl-C while multirun records the failed attempt before its retry (here: while it reads
-    the error's message) ends the step as failed with the interrupt; it left the span open,
-    never exported, and the step missing from the trace."""
-    import signal
-    import time
+class SlowToSay(ConnectionError):
+    """An error whose message takes long enough to tell for a Ctrl-C (the alarm) to come."""
 
-    class SlowToSay(ConnectionError):
-        def __str__(self) -> str:
-            signal.setitimer(signal.ITIMER_REAL, 0.05)
-            time.sleep(5)  # Ctrl-C comes meanwhile
-            return "reset"
+    def __str__(self) -> str:
+        import signal
+        import time
 
-    @step(retry=2, retry_delay=30.0)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        time.sleep(5)  # Ctrl-C comes meanwhile
+        return "reset"
+
+
+@pytest.mark.parametrize("retries", [2, 0], ids=["before a retry", "with no retry left"])
+def test_ctrl_c_while_a_failure_is_recorded_ends_the_step_failed(traced, retries: int) -> None:
+    """Ctrl-C while multirun records a failed attempt (here: while it reads the error's
+    message), before its retry or as the step's final failure, ends the step as failed with
+    the interrupt, and the run too; either left the span open, never exported, and the step
+    missing from the trace."""
+
+    @step(retry=retries, retry_delay=30.0)
     def fetch() -> str:
         raise SlowToSay()
 
@@ -1717,32 +1723,5 @@ def test_ctrl_c_while_a_failed_attempt_is_recorded_ends_the_step_failed(traced) 
     assert fetched["multirun.step.status"] == "failed"
     assert fetched["error.type"] == "KeyboardInterrupt"
     assert fetched["multirun.step.attempt"] == 1
-
-
-def test_ctrl_c_while_a_step_ends_failed_still_ends_its_span(traced) -> None:
-    """Ctrl-C while multirun records a step's final failure (here: while it reads the error's
-    message, with no retry left) ends the step as failed with the interrupt, and the run too;
-    it left the step's span open, and the step missing from the trace."""
-    import signal
-    import time
-
-    class SlowToSay(ConnectionError):
-        def __str__(self) -> str:
-            signal.setitimer(signal.ITIMER_REAL, 0.05)
-            time.sleep(5)  # Ctrl-C comes meanwhile
-            return "reset"
-
-    @step
-    def fetch() -> str:
-        raise SlowToSay()
-
-    @run
-    def job() -> str:
-        return fetch()
-
-    interrupted_by_alarm(job)
-    fetched = attrs(traced.span("step fetch"))
-    assert fetched["multirun.step.status"] == "failed"
-    assert fetched["error.type"] == "KeyboardInterrupt"
     assert traced.span("step fetch").status.status_code is StatusCode.ERROR
     assert attrs(traced.span("invoke_workflow job"))["multirun.run.status"] == "failed"
