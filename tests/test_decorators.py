@@ -1725,3 +1725,24 @@ def test_ctrl_c_while_a_failure_is_recorded_ends_the_step_failed(traced, retries
     assert fetched["multirun.step.attempt"] == 1
     assert traced.span("step fetch").status.status_code is StatusCode.ERROR
     assert attrs(traced.span("invoke_workflow job"))["multirun.run.status"] == "failed"
+
+
+def test_ctrl_c_while_a_run_records_its_failure_still_ends_its_span(traced) -> None:
+    """Ctrl-C while a failed run records its error (here: while it reads the error's message)
+    ends the run as failed with the interrupt; it left the run's span, the trace's root, open."""
+
+    @multirun.agent(name="helper")
+    def helper() -> None:
+        raise SlowToSay()
+
+    @run
+    def job() -> None:
+        helper()
+
+    interrupted_by_alarm(job)
+    for name in ("invoke_workflow job", "invoke_agent helper"):
+        ended = traced.span(name)
+        assert ended.status.status_code is StatusCode.ERROR
+        assert attrs(ended)["error.type"] == "KeyboardInterrupt"
+    assert attrs(traced.span("invoke_workflow job"))["multirun.run.status"] == "failed"
+    assert attrs(traced.span("invoke_agent helper"))["multirun.agent.status"] == "failed"

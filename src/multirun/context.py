@@ -639,6 +639,15 @@ class RunContext:
             if self._finished:
                 return
             self._finished = True
+        try:
+            self._end(status, result, error)
+        except BaseException as interrupt:  # a Ctrl-C meanwhile, say: the trace keeps its root
+            if not self.remote:
+                _end_interrupted(self._span, interrupt, attr.RUN_STATUS)
+            raise
+
+    def _end(self, status: RunStatus, result: Any, error: BaseException | str | None) -> None:
+        """What ``_finish`` does, once: end the agents, write the Run model and end the span."""
         # a run ended without being entered starts now: before its end is written, which
         # starting (status running, started_at) would otherwise overwrite
         self._start()
@@ -1258,6 +1267,14 @@ class AgentContext:
             if self._finished:
                 return
             self._finished = True
+        try:
+            self._end(status, error)
+        except BaseException as interrupt:  # a Ctrl-C meanwhile, say: the agent's span still ends
+            _end_interrupted(self._span, interrupt, attr.AGENT_STATUS)
+            raise
+
+    def _end(self, status: AgentStatus, error: BaseException | str | None) -> None:
+        """What ``_finish`` does, once: end the agent's steps, write its model, end its span."""
         if self._unread:
             self._end_unread()
         if self._manual_in_flight:
@@ -2445,6 +2462,20 @@ def _error_type(error: BaseException) -> str:
     if cls.__module__ in ("builtins", "__main__"):
         return cls.__qualname__
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _end_interrupted(span: Span | None, interrupt: BaseException, status_key: str) -> None:
+    """End the span of a run or agent whose end ``interrupt`` cut short (a Ctrl-C while the
+    program's ``__str__`` told its error, say), if still open: failed (or cancelled) with it."""
+    if span is None or not span.is_recording():
+        return
+    status = "cancelled" if is_cancellation(interrupt) else "failed"
+    end_attrs: dict[str, Any] = {status_key: status}
+    try:
+        _record_error(span, interrupt, end_attrs)
+        span.set_attributes(end_attrs)
+    finally:
+        span.end()
 
 
 def _record_error(span: Span, error: BaseException | str, out: dict[str, Any]) -> None:
