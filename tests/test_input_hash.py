@@ -248,6 +248,15 @@ PINNED_DIGESTS = [
     (({None: 1, True: 2, 1.5: 3},), {}, "e1b0cb69e9fba47ff89b69a517d1a5318da31247f127b9031923a6e1dd3d0f92"),
     (({Grade.GOLD: 1},), {}, "796747e5cc38f0ea1af29d01d34a80d12109d92f1912d534a40c0db0d7f2277c"),
     (("x", ["y"]), {"z": {"w": 1}}, "3481812aafe87ce24429ed0f0ecb7c347f037d56ca99576f9d7aee20d052d8c0"),
+    # plain scalars (hashed from their repr, marked "r"), and long arguments
+    ((12345,), {}, "r24961de9d75d8560f7db2f8a68890c6b2daf39758fe0bbf7ab5d6cf73893fd4"),
+    ((1, "a"), {"k": 2.5}, "r323c7d3a818fee6d8293dee12e2bfe156dd51b34d10c422f9b1b9dbc35d1dc6"),
+    (("x" * 600,), {}, "r068ced94a288b2c775e47fa0ae914ce4d63f09a8fd7f18524bae027c125c7a7"),
+    (
+        ([{"role": "user", "content": "y" * 700}],),
+        {},
+        "44e9db10e301f37c59ba9f2b2b180ee2c68a6c31dc15f6f53b754c89abe32df9",
+    ),
 ]
 
 
