@@ -1553,6 +1553,37 @@ def test_a_circuit_opened_after_the_shared_table_was_pruned_is_seen_by_other_run
     assert calls == ["A", "A", "A"]
 
 
+def test_a_probe_that_succeeds_after_the_shared_table_was_pruned_closes_the_circuit(
+    traced, monkeypatch
+) -> None:
+    from multirun.enforcement import policy as policy_module
+
+    monkeypatch.setattr(policy_module, "MAX_BREAKERS", 50)
+    down = {"on": True}
+
+    def lookup(i: int) -> int:
+        return i
+
+    @step
+    def fetch() -> str:
+        if down["on"]:
+            raise ConnectionError("down")
+        for i in range(60):  # tool steps named per call: the shared table is pruned meanwhile
+            step(name=f"lookup:{i}")(lookup)(i)
+        return "ok"
+
+    @run(policy=breaker_policy())
+    def main() -> list[str]:
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                fetch()
+        traced.clock.now += 31
+        down["on"] = False
+        return [fetch(), fetch()]  # the probe closes the circuit: the next call goes through
+
+    assert main() == ["ok", "ok"]
+
+
 def test_retries_of_a_step_with_check_budget_false_go_on_after_the_budget_is_spent(traced) -> None:
     attempts = {"n": 0}
 

@@ -362,6 +362,11 @@ class PolicyEngine:
         if self._generation != self.state.generation:
             self._forget_pruned()
         breaker = self._breakers.get(name)
+        if breaker is None and decision.ticket is not None:
+            # this run's view was dropped while the step ran (a pruning): its probe must still close
+            rule = self.policy.circuit_breaker
+            if rule is not None:
+                breaker = self._breaker(name, rule)
         if breaker is not None and (breaker.failures or breaker.state != CircuitBreaker.CLOSED):
             breaker.record(decision.ticket, True, 0.0)
         if kind is StepKind.LLM_CALL and self._llm_failures_in_a_row:
