@@ -834,8 +834,9 @@ def test_a_retry_of_a_degraded_run_asks_for_the_fallback_model(traced: Any, runt
 
     assert job() == "gpt-4o-mini"
     assert client.models == ["gpt-4o", "gpt-4o-mini"]  # the failed call counted: the retry falls back
-    [call] = traced.named("chat gpt-4o")
+    [call] = traced.named("chat gpt-4o-mini")  # the model its last attempt asked for
     assert call.attributes[attr.POLICY_DECISION] == "fallback"
+    assert call.attributes[attr.GEN_AI_REQUEST_MODEL] == "gpt-4o-mini"
 
 
 @agent_task(task_type="model_call", timeout=1.0, retries=1)

@@ -691,6 +691,31 @@ def test_usage_a_degraded_step_reports_without_a_model_is_priced_as_the_fallback
     assert not any(s.attributes.get(attr.UNPRICED) for s in traced.spans())
 
 
+def test_a_retry_that_gets_the_fallback_model_names_it_on_its_span(traced) -> None:
+    seen: list[str | None] = []
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o", retry=1, retry_delay=0)
+    def ask() -> str:
+        seen.append(get_current_step_context().model)
+        if len(seen) == 1:
+            raise ConnectionError("blip")  # the run degrades: the retry asks for the fallback model
+        return "ok"
+
+    rule = GracefulDegradationRule(
+        fallback_model="gpt-4o-mini", trigger=DegradationTrigger.CONSECUTIVE_FAILURES, threshold=1
+    )
+
+    @run(policy=Policy(graceful_degradation=rule))
+    def main() -> str:
+        return ask()
+
+    assert main() == "ok"
+    assert seen == ["gpt-4o", "gpt-4o-mini"]
+    [span] = attrs_of(traced, "chat gpt-4o-mini")
+    assert span[attr.GEN_AI_REQUEST_MODEL] == span[attr.POLICY_FALLBACK_MODEL] == "gpt-4o-mini"
+    assert span[attr.POLICY_DECISION] == "fallback"
+
+
 def test_degradation_does_not_flap_when_the_fallback_model_fails_too(traced) -> None:
     seen_models: list[str | None] = []
 

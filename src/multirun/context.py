@@ -1632,6 +1632,10 @@ class StepContext:
         run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
         self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
         if decision.model is not None:
+            span = self._span
+            if span is not None and decision.model != self.model:  # a retry switched: its span says so
+                span.set_attribute(attr.GEN_AI_REQUEST_MODEL, decision.model)
+                span.update_name(spans.step_span_name(self.kind, self.name, decision.model))
             self.model = self.fallback_model = decision.model
             if decision.decision is not PolicyDecision.FALLBACK:  # it waited too: both are counted
                 fallback = PolicyDecision.FALLBACK
