@@ -1402,6 +1402,26 @@ def test_retry_attempts_of_an_llm_step_are_paced_by_the_rate_limit(traced) -> No
     assert [t - calls[0] for t in calls] == [0, 1, 2]  # one request a second, retries included
 
 
+def test_a_retry_that_waits_for_its_slot_shows_the_wait_on_its_span(traced) -> None:
+    calls: list[float] = []
+
+    @step(kind=StepKind.LLM_CALL, model="m", retry=1, retry_delay=2)
+    def ask() -> None:
+        calls.append(traced.clock.now)
+        if len(calls) == 1:
+            raise ConnectionError("blip")
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=6)))
+    def main() -> None:
+        ask()
+
+    main()
+    assert calls[1] - calls[0] == 10  # its slot starts 10 s after the first: 8 s past its backoff
+    [span] = attrs_of(traced, "chat m")
+    assert (span[attr.POLICY_DECISION], span[attr.POLICY_RULE]) == ("wait", "rate_limit")
+    assert span[attr.POLICY_WAIT_SECONDS] == 8.0
+
+
 def test_a_half_open_probe_with_retries_sends_exactly_one_request(traced) -> None:
     calls = {"n": 0}
 

@@ -286,6 +286,8 @@ class _StepCall(StepContext):
             self._note_refusal(refused)
             raise
         self._follow(decision)
+        if decision.wait_seconds:  # its wait for its slot past the backoff is on the span too
+            self.wait_before += decision.wait_seconds - delay
         # a rate-limit wait is for a slot that starts before the deadline (or refused)
         return max(delay, decision.wait_seconds)
 
