@@ -194,6 +194,55 @@ def test_a_step_the_budget_refuses_does_not_use_up_a_rate_limit_slot(traced) -> 
     assert traced.clock.now - started == 1.0  # the slot at 1 s, not the one after the refused step's
 
 
+def test_a_retry_in_its_backoff_leaves_the_free_slots_before_its_own_to_other_calls(
+    traced, monkeypatch
+) -> None:
+    clock = traced.clock
+    clock.advance_on_sleep = False
+    in_backoff, other_done = threading.Event(), threading.Event()
+    sleep = clock.sleep
+
+    def sleeping(seconds: float) -> None:
+        sleep(seconds)
+        if seconds == 30:  # the retry waits out its backoff while another run calls the model
+            in_backoff.set()
+            assert other_done.wait(30)
+
+    monkeypatch.setattr(clock, "sleep", sleeping)
+    policy = Policy(rate_limit=RateLimitRule(requests_per_minute=60))
+    attempts: list[int] = []
+
+    @step(kind=StepKind.LLM_CALL, model="m", retry=1, retry_delay=30)
+    def flaky() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("blip")
+
+    @step(kind=StepKind.LLM_CALL, model="m")
+    def ask() -> str:
+        return "ok"
+
+    @run(policy=policy)
+    def retrying() -> None:
+        flaky()
+
+    @run(budget=Budget(max_duration_seconds=10), policy=policy)
+    def other() -> str:
+        return ask()
+
+    thread = threading.Thread(target=retrying)
+    thread.start()
+    try:
+        assert in_backoff.wait(30)
+        assert other() == "ok"  # the slot 1 s away, not the one after the retry's, 31 s away
+    finally:
+        other_done.set()
+        thread.join(30)
+    [asked] = [a for a in attrs_of(traced, "chat m") if a[attr.STEP_NAME] == "ask"]
+    assert (asked[attr.POLICY_DECISION], asked[attr.POLICY_WAIT_SECONDS]) == ("wait", 1.0)
+    assert len(attempts) == 2
+
+
 def test_a_rate_limit_too_small_to_space_requests_is_refused_naming_the_parameter() -> None:
     from pydantic import ValidationError
 

@@ -19,6 +19,7 @@ has degraded to its fallback model) lives in that run's engine.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
@@ -74,37 +75,67 @@ class RateLimiter:
     A caller reserves the next free slot under the lock and is told how long
     to wait for it; the wait itself happens outside the lock (``time.sleep``
     or ``asyncio.sleep``, by the caller), so threads and tasks share one pace.
+    A slot reserved for later (a retry's, after its backoff) leaves the slots
+    before it free for the callers that come meanwhile.
     """
 
     def __init__(self, requests_per_minute: float) -> None:
         self.interval = 60.0 / requests_per_minute
-        self._next_free = float("-inf")
+        self._next_free = float("-inf")  # the end of the slots reserved one after the other
+        self._ahead: list[float] = []  # the starts of slots reserved later than those, in order
         self._lock = threading.Lock()
 
-    def reserve(self, now: float, latest_start: float) -> tuple[float, Slot] | None:
-        """Seconds to wait for the next slot, and the slot; None if it starts after ``latest_start``."""
+    def reserve(self, now: float, earliest: float, latest_start: float) -> tuple[float, Slot] | None:
+        """Seconds from ``earliest`` until the first free slot that starts then or later, and
+        the slot; None if it starts after ``latest_start``."""
+        interval = self.interval
         with self._lock:
+            ahead = self._ahead
+            if ahead:
+                self._next_in_line(now)
             before = self._next_free
-            start = max(now, before)
+            start = max(earliest, before)
+            for taken in ahead:
+                if start + interval <= taken:
+                    break
+                start = max(start, taken + interval)
             if start >= latest_start:
                 return None
-            self._next_free = end = start + self.interval
-        return start - now, Slot(self, end, before)
+            if start - max(now, before) >= interval:  # free slots are left before it: they stay free
+                bisect.insort(ahead, start)
+                return start - earliest, Slot(self, start + interval, start, True)
+            end = self._next_free = start + interval
+            if ahead:
+                self._next_in_line(now)
+        return start - earliest, Slot(self, end, before)
+
+    def _next_in_line(self, now: float) -> None:
+        """The slots reserved later that no slot fits before any more join those reserved one
+        after the other (under the lock)."""
+        ahead, interval = self._ahead, self.interval
+        while ahead and ahead[0] < max(now, self._next_free) + interval:
+            self._next_free = max(self._next_free, ahead.pop(0) + interval)
 
     def give_back(self, slot: Slot) -> None:
         """``slot`` was not used (its step was refused): the next caller may have it, unless a
-        later slot was reserved meanwhile, whose caller is already waiting for it."""
+        later slot was reserved after it, whose caller is already waiting for it (a slot
+        reserved ahead is always free again)."""
         with self._lock:
-            if self._next_free == slot.end:
+            if slot.ahead:
+                if slot.before in self._ahead:
+                    self._ahead.remove(slot.before)
+            elif self._next_free == slot.end:
                 self._next_free = slot.before
 
 
 class Slot(NamedTuple):
-    """A slot reserved from ``limiter``: what its next free slot was before, and after."""
+    """A slot reserved from ``limiter``: what its next free slot was before, and after (a slot
+    reserved ``ahead``, past the free ones: its own start, and end)."""
 
     limiter: RateLimiter
     end: float
     before: float
+    ahead: bool = False
 
 
 LATER = -1  # the ticket of a call that asks the circuit again when it starts (never current)
@@ -417,8 +448,8 @@ class PolicyEngine:
     ) -> tuple[float, Slot]:
         """The step's slot, which starts ``not_before`` seconds from now at the earliest, and
         before ``latest_start``; and the seconds from now until it starts."""
-        start = self.clock() + not_before
-        reserved = self.state.limiter(rule).reserve(start, latest_start)
+        now = self.clock()
+        reserved = self.state.limiter(rule).reserve(now, now + not_before, latest_start)
         if reserved is None:
             raise PolicyViolation(
                 "rate_limit",
