@@ -570,6 +570,31 @@ def test_excluded_errors_do_not_count_towards_the_threshold(traced) -> None:
     assert main() == 5
 
 
+@pytest.mark.skipif(not hasattr(asyncio, "TaskGroup"), reason="asyncio.TaskGroup is Python 3.11+")
+def test_excluded_errors_raised_together_by_a_task_group_do_not_count_either(traced) -> None:
+    calls = {"n": 0}
+
+    async def check(item: str) -> None:
+        raise ValueError(f"bad input {item!r}, not an outage")
+
+    @step
+    async def parse_all() -> None:
+        calls["n"] += 1
+        async with asyncio.TaskGroup() as group:
+            for item in ("a", "b"):
+                group.create_task(check(item))
+
+    @run(policy=breaker_policy(excluded_errors=(ValueError,)))
+    async def main() -> None:
+        for _ in range(5):
+            with pytest.raises(Exception) as raised:
+                await parse_all()
+            assert type(raised.value).__name__ == "ExceptionGroup"
+
+    asyncio.run(main())
+    assert calls["n"] == 5  # the circuit never opened
+
+
 # ---------------------------------------------------------------------------
 # graceful degradation
 
@@ -1288,7 +1313,7 @@ def test_a_budget_refusal_inside_an_exception_group_is_not_retried(traced) -> No
     @step(retry=3, retry_delay=1)
     async def fan_out() -> None:
         calls["n"] += 1
-        async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined]
+        async with asyncio.TaskGroup() as group:
             group.create_task(leaf())
             group.create_task(leaf())
 

@@ -419,7 +419,13 @@ class PolicyEngine:
             return
         if rule is not None:
             breaker = self._breaker(name, rule)
-            if not isinstance(error, rule.excluded_errors):
+            excluded = rule.excluded_errors
+            # a group (asyncio.TaskGroup's) counts unless each of its errors is excluded, or is
+            # multirun's own refusal or a cancellation
+            if not all(
+                isinstance(leaf, excluded) or _says_nothing_of_the_dependency(leaf)
+                for leaf in leaf_errors(error)
+            ):
                 breaker.record(decision.ticket, False, self.clock())
             else:
                 breaker.release(decision.ticket)
