@@ -1896,6 +1896,47 @@ def test_a_span_that_ends_after_its_run_is_no_unfinished_run(
     assert worker.startswith("└─ step start_worker") and background.startswith("   └─ step background")
 
 
+def test_runs_inside_a_span_of_the_program_still_open_are_no_unfinished_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server's request span, still open, around runs that ended: its children are those runs,
+    not the spans of a run that never ended (which would count their tokens a second time)."""
+
+    def build(tracer: Any) -> None:
+        request = tracer.start_span("GET /jobs")  # still serving: never ended, never written
+        with trace.use_span(request, end_on_exit=False):
+            for run_id in ("a" * 32, "b" * 32):
+                done = run_attrs(run_id, **{attr.RUN_STATUS: "completed", attr.TOKENS_USED: 15})
+                with (
+                    tracer.start_as_current_span("invoke_workflow synthetic", attributes=done),
+                    tracer.start_as_current_span("step ask", attributes={attr.STEP_STATUS: "completed"}),
+                ):
+                    pass
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", str(tmp_path))
+    assert code == 0
+    listed = [(run["run_id"], run["status"], run["tokens"]) for run in json.loads(out)]
+    assert sorted(listed, key=str) == [("a" * 32, "completed", 15), ("b" * 32, "completed", 15)]
+
+
+def test_a_sub_run_that_ended_inside_a_run_still_going_is_listed_with_that_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def build(tracer: Any) -> None:
+        outer = tracer.start_span("invoke_workflow outer", attributes=run_attrs("a" * 32))  # still going
+        with trace.use_span(outer, end_on_exit=False):
+            inner = run_attrs("b" * 32, **{attr.RUN_STATUS: "completed", attr.RUN_PARENT_ID: "a" * 32})
+            with tracer.start_as_current_span("invoke_workflow inner", attributes=inner):
+                pass
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "--json", "--dir", str(tmp_path))
+    assert code == 0
+    listed = {run["status"]: run["run_id"] for run in json.loads(out)}
+    assert listed == {"completed": "b" * 32, "unfinished": None}  # the outer run, by its trace id
+
+
 def test_python_m_multirun_is_the_multirun_command(tmp_path: Path) -> None:
     """``python -m multirun`` works where the ``multirun`` script is not on PATH (a venv not
     activated), with the same help, the same name in it, and the same exit status."""

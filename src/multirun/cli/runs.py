@@ -377,10 +377,11 @@ class _Trace:
 def _may_be_orphan(tree: _Tree) -> bool:
     """Whether the top of ``tree``, if its parent was never written, makes an unfinished run:
     a span whose parent is in another process (a run continued from a message) does not;
-    neither does a run span whose file does not say where its parent was."""
+    neither does a run span whose file does not say where its parent was, nor a run span
+    that is no sub-run: its parent is the program's own span (a server's request, still open)."""
     top = tree.top
-    if top.parent_is_remote is None:
-        return not top.attributes.get(attr.RUN_ID)  # a run's parent may well be in another process
+    if top.attributes.get(attr.RUN_ID):  # only a sub-run's parent is a run's span
+        return top.parent_is_remote is False and bool(top.attributes.get(attr.RUN_PARENT_ID))
     return not top.parent_is_remote
 
 
