@@ -1848,6 +1848,25 @@ def test_runs_runs_show_and_checkpoints_of_a_big_file_keep_far_less_than_the_fil
     assert listed < size // 6, f"{listed / size:.2f} times the file"
 
 
+def test_runs_of_a_file_of_many_small_traces_keeps_far_less_than_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A web server's requests, each its own trace of one span (another instrumentation's, in
+    the same files): a trace that ended is forgotten, not kept for each of them."""
+    (tmp_path / "traces").mkdir()
+    requests = [
+        otlp_span(f"{n:016x}", traceId=f"{n:032x}", name="GET /health", flags=256) for n in range(1, 30_001)
+    ]
+    lines = [otlp_line(*requests[at : at + 512]) for at in range(0, len(requests), 512)]
+    path = tmp_path / "traces" / "web.jsonl"
+    path.write_text("\n".join([*lines, otlp_line(otlp_span("f" * 16, "a" * 32, flags=256))]) + "\n")
+
+    listing = peak_memory(lambda: main(["runs", "--json", "--dir", str(tmp_path)]))
+    assert [run["run_id"] for run in json.loads(capsys.readouterr().out)] == ["a" * 32]
+    size = path.stat().st_size
+    assert listing < size // 6, f"{listing / size:.2f} times the file"
+
+
 def test_spans_written_twice_are_counted_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Two exporters writing one folder, or a file copied: each run once, its spend once."""
 

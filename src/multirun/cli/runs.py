@@ -236,6 +236,9 @@ def find_runs(spans: Iterable[SpanRecord]) -> list[RunSummary]:
     return finder.runs(lambda: spans)
 
 
+_CLOSED_BITS = 1 << 20
+
+
 class RunFinder:
     """Finds the runs among spans given one at a time, keeping a summary per run, not the spans.
 
@@ -255,7 +258,11 @@ class RunFinder:
     def __init__(self) -> None:
         self._finished: list[RunSummary] = []
         self._run_spans: set[tuple[str, str]] = set()  # (trace id, span id): each run once
-        self._traces: dict[str, _Trace] = {}  # in the order their first span was read
+        self._traces: dict[str, _Trace] = {}  # the traces with open trees
+        # A bit per hash of the id of a trace with none left (a web server's requests, a trace
+        # each, made a _Trace kept each): one bit tells that a later span's parent may be
+        # there, as forgot_some; another id of the same bit costs at most a reading again.
+        self._closed = bytearray(_CLOSED_BITS // 8)
         self._read = 0
 
     def add(self, span: SpanRecord) -> None:
@@ -266,8 +273,14 @@ class RunFinder:
         trace = self._traces.get(span.trace_id)
         if trace is None:
             trace = self._traces[span.trace_id] = _Trace()
+            bit = hash(span.trace_id) % _CLOSED_BITS
+            trace.forgot_some = bool(self._closed[bit >> 3] & (1 << (bit & 7)))
         trace.add(span, self._read)
         self._read += 1
+        if not trace.trees and not trace.waiting:
+            del self._traces[span.trace_id]
+            bit = hash(span.trace_id) % _CLOSED_BITS
+            self._closed[bit >> 3] |= 1 << (bit & 7)
 
     def runs(self, read_again: Callable[[], Iterable[SpanRecord]]) -> list[RunSummary]:
         """The runs found, unfinished ones included, newest first; ``read_again`` gives the same
