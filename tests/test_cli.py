@@ -212,6 +212,18 @@ def test_the_again_hint_works_when_pasted_into_a_shell(
     assert code == 0 and out.startswith(f"Run {words[3]}")
 
 
+def test_the_again_hint_names_the_default_folder_when_multirun_dir_names_another(
+    global_otel: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MULTIRUN_DIR", str(tmp_path / "elsewhere"))
+    code, out, _ = run_cli(capsys, "demo", "--dir", ".multirun")
+    assert code == 0
+    [hint] = [line.removeprefix("Again:").strip() for line in out.splitlines() if line.startswith("Again:")]
+    code, out, err = run_cli(capsys, *shlex.split(hint)[1:])
+    assert code == 0 and out.startswith("Run "), err
+
+
 def test_demo_refuses_a_file_as_its_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "a-file"
     path.write_text("")

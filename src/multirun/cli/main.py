@@ -462,7 +462,8 @@ def _show_written(directory: Path, run_id: str) -> int:
     print(f"Traces:      {runs.traces_dir(directory)}/*.jsonl (OTLP JSON, one request per line)")
     for path in sorted((directory / "blobs" / "checkpoints" / run_id).glob("*.ckpt")):
         print(f"Checkpoint:  {path}")
-    dir_option = "" if str(directory) == DEFAULT_DIR else f" --dir {shlex.quote(str(directory))}"
+    default, _ = runs.chosen_directory(argparse.Namespace())  # where `runs show` reads without --dir
+    dir_option = "" if directory == default else f" --dir {shlex.quote(str(directory))}"
     print(f"Again:       multirun runs show {run_id[:12]}{dir_option}")
     print(f"Collector:   {COLLECTOR_HINT}")
     print(f"The code:    {_demo_source()}")
