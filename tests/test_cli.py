@@ -512,6 +512,21 @@ def test_runs_in_a_folder_without_runs_says_how_to_make_one(
     ]
 
 
+def test_runs_given_the_traces_folder_itself_names_the_folder_above_it(
+    demo: DemoRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the README names the files ./.multirun/traces/*.jsonl: "No runs ... Run `multirun demo`"
+    # told the user there were none
+    code, out, err = run_cli(capsys, "runs", "--dir", str(demo.directory / "traces"))
+    assert code == 0 and err == ""
+    no_runs, hint = out.splitlines()
+    assert no_runs == f"No runs in {demo.directory / 'traces' / 'traces'}."
+    command = shlex.split(hint.split("`")[1])
+    assert command == ["multirun", "runs", "--dir", str(demo.directory)]
+    code, out, _ = run_cli(capsys, *command[1:])
+    assert code == 0 and demo.run_id[:12] in out
+
+
 def test_runs_lists_the_demo_run(demo: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "runs", "--dir", str(demo.directory))
     assert code == 0

@@ -38,7 +38,7 @@ from multirun.cli.runs import RunsError
 from multirun.client import DEFAULT_DIR, MultiRunClient
 from multirun.errors import MultiRunError
 from multirun.telemetry import export
-from multirun.telemetry.local_files import FOLDER_SETTINGS
+from multirun.telemetry.local_files import FOLDER_SETTINGS, span_files
 
 COLLECTOR_HINT = "OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 multirun demo"
 NO_RUNS_HINT = (
@@ -222,6 +222,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
                 "The checkpoint store has checkpoints, though (of a run killed before its spans were "
                 f"written?): `{listing}` lists them, `{resume} ID -- COMMAND` continues a run."
             )
+        elif _holds_span_files(directory):  # --dir DIR/traces, as the README names the files
+            above = f"multirun runs --dir {shlex.quote(str(directory.parent))}"
+            print(f"{directory} holds span files itself: give the folder above it, `{above}`.")
         else:
             print(NO_RUNS_HINT)
         return 0
@@ -230,6 +233,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
         lines.append(f"... and {len(found) - len(shown)} older (use --limit)")
     _print_lines(lines)
     return 0
+
+
+def _holds_span_files(directory: Path) -> bool:
+    try:
+        return bool(span_files(directory))
+    except OSError:
+        return False
 
 
 def cmd_show(args: argparse.Namespace) -> int:
