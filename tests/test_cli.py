@@ -1066,6 +1066,34 @@ def test_children_are_ordered_by_start_time() -> None:
     assert [n.span.name for n in tree.walk()] == ["root", "early", "deep", "late"]
 
 
+def test_a_step_whose_name_is_part_of_its_model_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "chat gpt-4o" holds "chat" and "gpt": those steps went by their model alone
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("invoke_workflow synthetic", attributes=run_attrs("a" * 32)):
+            for span_name, step_name in [
+                ("chat gpt-4o", "chat"),
+                ("chat gpt-4o", "gpt"),
+                ("chat gpt-4o", "gpt-4o"),
+                ("execute_tool search", "search"),
+                ("step add_sources", "add_sources"),
+            ]:
+                with tracer.start_as_current_span(span_name, attributes={attr.STEP_NAME: step_name}):
+                    pass
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    assert code == 0
+    assert [line.split("  ")[0] for line in tree_lines(out)[2:]] == [
+        "├─ chat gpt-4o (chat)",
+        "├─ chat gpt-4o (gpt)",
+        "├─ chat gpt-4o",
+        "├─ execute_tool search",
+        "└─ step add_sources",
+    ]
+
+
 def write_a_run_handed_on(directory: Path, hops: int) -> None:
     """A run (id ``a...``) that hands itself on ``hops`` times, each hop a child of the last
     (a thread, or a queue's next worker, continuing it)."""

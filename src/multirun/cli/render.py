@@ -327,9 +327,10 @@ def _tree_row(node: Node, prefix: str) -> tuple[str, ...]:
 
 
 def label(span: SpanRecord) -> str:
-    """The span name, with the step's own name when the span name does not show it."""
+    """The span name, with the step's own name when the span name does not show it (as
+    ``execute_tool NAME`` and ``step NAME`` do; ``chat MODEL`` does not)."""
     step_name = span.attributes.get(attr.STEP_NAME)
-    if step_name and str(step_name) not in span.name:
+    if step_name and str(step_name) != span.name.partition(" ")[2]:
         return f"{span.name} ({step_name})"
     return span.name
 
