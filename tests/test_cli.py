@@ -200,7 +200,7 @@ def test_demo_writes_a_checkpoint_and_records_its_budget(demo: DemoRun) -> None:
 
 
 def test_the_again_hint_works_when_pasted_into_a_shell(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    global_otel: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     directory = tmp_path / "my runs; $(rm -rf ~)"
     code, out, _ = run_cli(capsys, "demo", "--dir", str(directory))
@@ -282,7 +282,7 @@ def test_demo_that_cannot_write_a_subfolder_says_so_before_running_naming_dir(
 
 
 def test_demo_whose_span_file_cannot_be_written_names_dir_not_the_library_settings(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    global_otel: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # a folder that passes the checks, and a write that fails all the same (a full disk, say)
     folder = tmp_path / "demo"
