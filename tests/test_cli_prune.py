@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -164,3 +166,44 @@ def test_an_empty_dir_or_store_is_refused_not_taken_for_the_default_folder(
         f"multirun prune: error: argument {option}: must name a "
         f"{'folder' if option == '--dir' else 'store'}, got ''"
     )
+
+
+def killed_while_writing(blobs: Path, key: str, days_ago: float) -> Path:
+    """The temp file a process killed (SIGKILL) while writing checkpoint ``key`` left, as old
+    as ``days_ago``."""
+    writer = (
+        "import os, signal, sys\n"
+        "from multirun.checkpoints.exporters import FileBlobExporter\n"
+        "def fill(fd):\n"
+        "    os.write(fd, b'half a checkpoint ' * 100)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "FileBlobExporter(sys.argv[1])._write_once(sys.argv[2], fill)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", writer, str(blobs), key], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    (part,) = (blobs / key).parent.glob(".tmp-*")
+    written = time.time() - days_ago * 86_400
+    os.utime(part, (written, written))
+    return part
+
+
+def test_checkpoint_writes_killed_processes_left_unfinished_go_once_old(folder: Path, capsys) -> None:
+    blobs = folder / "blobs"
+    # killed while writing a run's next checkpoint, and while writing a run's first one
+    in_old_run = killed_while_writing(blobs, f"checkpoints/old/{checkpoint_id(20)}.ckpt", 20)
+    alone = killed_while_writing(blobs, f"checkpoints/killed/{checkpoint_id(30)}.ckpt", 30)
+    recent = killed_while_writing(blobs, f"checkpoints/recent/{checkpoint_id(0)}.ckpt", 0)
+    assert main(["prune", "--older-than", "7", "--dir", str(folder), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"Would remove {alone} (a checkpoint write left unfinished)" in out
+    assert f"Would remove {in_old_run} (a checkpoint write left unfinished)" in out
+    assert out[-1] == "Would remove 2 checkpoint writes left unfinished (3.5 KB)."
+    assert in_old_run.exists() and alone.exists()
+    assert main(["prune", "--older-than", "7", "--dir", str(folder)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "Removed 1 trace file (21 bytes) and 2 checkpoints of 1 run, older than 7 days.",
+        "Removed 2 checkpoint writes left unfinished (3.5 KB).",
+    ]
+    assert recent.exists()  # a write that may still be going on stays
+    # the old runs' folders go with them, as for a run whose checkpoints all went
+    assert left(folder)[1] == {"mixed": 2, "recent": 2}

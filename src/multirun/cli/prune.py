@@ -9,7 +9,9 @@ runs for months with the embedded default fills it. This command removes:
 - every checkpoint of each run whose newest checkpoint is older than DAYS. A
   run keeps all its checkpoints or loses all of them, so a run that could
   still be resumed is never left with only some. A checkpoint whose id does not
-  say when it was taken (an id multirun did not make) is kept.
+  say when it was taken (an id multirun did not make) is kept;
+- in a folder store, the temp files of checkpoint writes that a killed process
+  left unfinished, last written more than DAYS ago (no checkpoint lists them).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -84,6 +87,8 @@ class Pruned:
     trace_bytes: int = 0
     runs: dict[str, list[str]] = field(default_factory=dict)  # run id -> checkpoint keys
     undated: int = 0  # checkpoints kept because their id does not say when they were taken
+    unfinished: list[Path] = field(default_factory=list)  # temp files of writes a killed process left
+    unfinished_bytes: int = 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -95,12 +100,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pruned = Pruned()
     _old_trace_files(runs.traces_dir(directory), cutoff, pruned)
     _old_runs(store, int(cutoff * 1e9), pruned)
+    if isinstance(store.exporter, FileBlobExporter):
+        _unfinished_writes(store.exporter.directory, cutoff, pruned)
     verb = "Would remove" if args.dry_run else "Removed"
     if args.dry_run:
         for path in pruned.trace_files:
             print(f"{verb} {path}")
         for run_id, keys in pruned.runs.items():
             print(f"{verb} run {run_id}: {render.plural(len(keys), 'checkpoint')}")
+        for path in pruned.unfinished:
+            print(f"{verb} {path} (a checkpoint write left unfinished)")
     else:
         try:
             _remove(store, pruned)
@@ -115,6 +124,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"({_size(pruned.trace_bytes)}) and {render.plural(checkpoints, 'checkpoint')} "
         f"of {render.plural(len(pruned.runs), 'run')}, older than {age}."
     )
+    if pruned.unfinished:
+        writes = render.plural(len(pruned.unfinished), "checkpoint write")
+        print(f"{verb} {writes} left unfinished ({_size(pruned.unfinished_bytes)}).")
     if pruned.undated:
         print(f"Kept {render.plural(pruned.undated, 'checkpoint')} whose id does not say when it was taken.")
     return 0
@@ -137,6 +149,23 @@ def _old_trace_files(folder: Path, cutoff: float, pruned: Pruned) -> None:
             pruned.trace_bytes += stat.st_size
 
 
+def _unfinished_writes(directory: Path, cutoff: float, pruned: Pruned) -> None:
+    """The temp files (``.tmp-*.part``) of the folder store's writes that a killed process left,
+    last written before ``cutoff``: one still being written is newer."""
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            if name.startswith(".tmp-") and name.endswith(".part"):
+                path = Path(root, name)
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue  # gone meanwhile: its write ended
+                if S_ISREG(stat.st_mode) and stat.st_mtime < cutoff:
+                    pruned.unfinished.append(path)
+                    pruned.unfinished_bytes += stat.st_size
+    pruned.unfinished.sort()
+
+
 def _old_runs(store: CheckpointStore, cutoff_ns: int, pruned: Pruned) -> None:
     newest: dict[str, int] = {}
     keys: defaultdict[str, list[str]] = defaultdict(list)
@@ -152,13 +181,17 @@ def _old_runs(store: CheckpointStore, cutoff_ns: int, pruned: Pruned) -> None:
 
 
 def _remove(store: CheckpointStore, pruned: Pruned) -> None:
-    for path in pruned.trace_files:
+    for path in [*pruned.trace_files, *pruned.unfinished]:  # before the checkpoints: their folder goes last
         try:
             path.unlink()
         except FileNotFoundError:
             pass  # gone meanwhile
         except OSError as exc:  # a read-only folder: said as the checkpoints' failure is
             raise CommandError(f"prune: cannot remove {path}: {exc.strerror or exc}") from None
+    for path in pruned.unfinished:
+        if path.parent.parent.name == "checkpoints":
+            with contextlib.suppress(OSError):  # a run's folder that held nothing else
+                path.parent.rmdir()
     for run_id, keys in pruned.runs.items():
         try:
             for key in keys:
