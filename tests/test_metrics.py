@@ -544,6 +544,25 @@ def test_too_many_series_of_a_histogram_fold_into_the_overflow_series(env: Env) 
     assert dict(overflow.attributes) == {m.OTEL_METRIC_OVERFLOW: True}
 
 
+def test_runs_in_progress_past_the_limit_go_back_to_zero_when_they_end(env: Env) -> None:
+    # an observable up-down counter's series left out of a collection is not exported at 0: a
+    # backend keeps its last value (1 run in progress) until it goes stale
+    reader = InMemoryMetricReader()
+    metrics = Metrics(MeterProvider(metric_readers=[reader]).get_meter("x"), series_limit=1)
+    metrics.run_started("a")
+    metrics.run_started("b")  # past the limit
+    reader.get_metrics_data()
+    metrics.run_finished("b", "completed")
+    metrics.run_finished("a", "completed")
+    data = reader.get_metrics_data()
+    assert data is not None
+    (active,) = [
+        metric for metric in data.resource_metrics[0].scope_metrics[0].metrics if metric.name == m.RUNS_ACTIVE
+    ]
+    values = {tuple(sorted(p.attributes.items())): p.value for p in active.data.data_points}
+    assert values == {((attr.GEN_AI_WORKFLOW_NAME, "a"),): 0, ((m.OTEL_METRIC_OVERFLOW, True),): 0}
+
+
 @pytest.mark.parametrize("limit", [0, -1, True, 1.5, "10"])
 def test_series_limit_must_be_a_positive_int(env: Env, limit: Any) -> None:
     with pytest.raises(ValueError, match="series_limit"):

@@ -170,7 +170,7 @@ class _Tally:
     attribute dict once.
     """
 
-    __slots__ = ("__weakref__", "limit", "lock", "names", "overflow", "root", "series")
+    __slots__ = ("__weakref__", "limit", "lock", "names", "overflow", "overflowed", "root", "series")
 
     def __init__(self, names: tuple[str, ...], limit: int) -> None:
         self.names = names
@@ -181,11 +181,15 @@ class _Tally:
         # per series: its attributes, the innermost dict holding its count, and the key there
         self.series: list[tuple[_Attributes, dict[Any, int], object]] = []
         self.overflow = 0  # counts of combinations beyond the limit
+        # once used, the overflow series is exported at 0 too (runs in progress that ended):
+        # a series left out of a collection keeps its last value in the backend
+        self.overflowed = False
 
     def first(self, values: tuple[object, ...], amount: int = 1) -> None:
         """Count a combination not seen before. Call with ``lock`` held."""
         if len(self.series) >= self.limit:
             self.overflow += amount
+            self.overflowed = True
             return
         node = self.root
         for value in values[:-1]:
@@ -211,7 +215,7 @@ class _Tally:
         """The cumulative count of every series (the callback of the observable counter)."""
         with self.lock:
             snapshot = [(attributes, node[last]) for attributes, node, last in self.series]
-            if self.overflow:
+            if self.overflowed:
                 snapshot.append(({OTEL_METRIC_OVERFLOW: True}, self.overflow))
         return [Observation(value, attributes) for attributes, value in snapshot]
 
@@ -222,7 +226,7 @@ class _Tally:
     def clear(self) -> None:
         """Count every series from zero again."""
         with self.lock:
-            self.root, self.series, self.overflow = {}, [], 0
+            self.root, self.series, self.overflow, self.overflowed = {}, [], 0, False
 
 
 class _Capped:
