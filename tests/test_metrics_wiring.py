@@ -292,6 +292,49 @@ def test_a_failed_openinference_call_is_timed_with_its_error_type(reader, traced
     }
 
 
+OPENINFERENCE_EMBEDDINGS = {  # as its spec shows one: no completion count, the model in embedding.*
+    "openinference.span.kind": "EMBEDDING",
+    "embedding.model_name": "text-embedding-3-small",
+    "llm.token_count.prompt": 8,
+    "llm.token_count.total": 8,
+}
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["answered", "failed"])
+def test_an_openinference_embeddings_call_is_an_embeddings_operation_of_its_model(
+    reader, traced, fails
+) -> None:
+    # not a chat call of no model with 0 output tokens
+    @step(kind=StepKind.LLM_CALL)
+    def embed() -> None:
+        tracer = traced.provider.get_tracer("openinference.instrumentation.openai")
+        attributes = {k: v for k, v in OPENINFERENCE_EMBEDDINGS.items() if not (fails and "count" in k)}
+        with tracer.start_as_current_span("CreateEmbeddings", attributes=attributes):
+            if fails:
+                raise TimeoutError("the provider did not answer")
+
+    @run
+    def main() -> None:
+        embed()
+
+    if fails:
+        with pytest.raises(TimeoutError):
+            main()
+    else:
+        main()
+    model = "text-embedding-3-small"
+    operation = {"gen_ai.operation.name": "embeddings"}
+    models = {"gen_ai.request.model": model, "gen_ai.response.model": model}
+    [(attributes, count)] = durations(reader)
+    assert count == 1
+    assert attributes == {**operation, **models, **({"error.type": "TimeoutError"} if fails else {})}
+    usage = [(a, p.sum) for a, p in points(reader, "gen_ai.client.token.usage")]
+    if fails:
+        assert usage == []
+        return
+    assert usage == [({**models, **operation, "gen_ai.token.type": "input"}, 8)]
+
+
 @pytest.mark.parametrize("usage", [True, False], ids=["with-usage", "without-usage"])
 def test_an_openinference_call_wrapped_in_another_is_timed_once(reader, traced, usage) -> None:
     # LangChain's OpenInference LLM span around the OpenAI SDK's: one call, two spans

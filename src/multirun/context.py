@@ -1237,14 +1237,29 @@ class AgentContext:
             raise _refuse_unpriced(usage)
 
     def charge_child_usage(
-        self, usage: TokenUsage, *, metered: bool = True, call_id: str | None = None
+        self,
+        usage: TokenUsage,
+        *,
+        metered: bool = True,
+        call_id: str | None = None,
+        operation: str = attr.OP_CHAT,
     ) -> None:
         """Charge usage that a span of another instrumentation reported under this agent.
 
         ``metered``: that instrumentation recorded ``gen_ai.client.token.usage`` for it;
-        ``call_id``: the id of the response, if the span gave it.
+        ``call_id``: the id of the response, if the span gave it; ``operation``: its
+        ``gen_ai.operation.name``.
         """
-        _charge_usage(self.run_context, None, self, usage, own=False, genai=not metered, call_id=call_id)
+        _charge_usage(
+            self.run_context,
+            None,
+            self,
+            usage,
+            own=False,
+            genai=not metered,
+            call_id=call_id,
+            operation=operation,
+        )
 
     def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:
         if self._totals_read:  # an ended agent keeps the totals its span was given
@@ -1752,18 +1767,31 @@ class StepContext:
         return True
 
     def charge_child_usage(
-        self, usage: TokenUsage, *, metered: bool = True, call_id: str | None = None
+        self,
+        usage: TokenUsage,
+        *,
+        metered: bool = True,
+        call_id: str | None = None,
+        operation: str = attr.OP_CHAT,
     ) -> None:
         """Charge usage that a span of another instrumentation reported inside this step.
 
         It counts in the roll-ups (``multirun.tokens_used``) but not as this
         step's own ``gen_ai.usage.*``, so no backend adds it twice; nor in
         ``gen_ai.client.token.usage`` when that instrumentation recorded it (``metered``).
-        ``call_id``: the id of the response, if the span gave it.
+        ``call_id``: the id of the response, if the span gave it; ``operation``: its
+        ``gen_ai.operation.name``.
         """
         self.child_usage_reported = True
         _charge_usage(
-            self.run_context, self, self.agent_context, usage, own=False, genai=not metered, call_id=call_id
+            self.run_context,
+            self,
+            self.agent_context,
+            usage,
+            own=False,
+            genai=not metered,
+            call_id=call_id,
+            operation=operation,
         )
 
     def _add(self, tokens: int, cost_units: int, unpriced: bool) -> None:

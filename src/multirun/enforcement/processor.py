@@ -160,7 +160,7 @@ class UsageSpanProcessor(SpanProcessor):
                     pass  # told when it started, or by the call below it
                 elif _is_call_without_metrics(attributes):
                     # a call that reported no usage (it failed, say) still took its time
-                    _time_call(span, owner, None)
+                    _time_call(span, owner, None, _operation(attributes))
                     timed = True
                 elif _is_call_timed_by_its_instrumentation(attributes, scope):
                     _note_call_timed(owner)  # failed or not; named a model call only after it started
@@ -177,9 +177,12 @@ class UsageSpanProcessor(SpanProcessor):
                 self.charged_inside(owner)
             if usage is not None and not reported_below:
                 metered = _is_metered(attributes, scope)
-                owner.charge_child_usage(usage, metered=metered, call_id=_response_id(attributes))
+                operation = _operation(attributes)
+                owner.charge_child_usage(
+                    usage, metered=metered, call_id=_response_id(attributes), operation=operation
+                )
                 if not metered:
-                    _time_call(span, owner, usage)
+                    _time_call(span, owner, usage, operation)
                 elif not timed:  # by the GenAI instrumentation that metered it: unless told at its start
                     _note_call_timed(owner)
         except Exception:  # never let accounting break the span pipeline
@@ -245,11 +248,22 @@ _REASONING_KEYS = (
 
 def _is_call_without_metrics(attributes: Any) -> bool:
     """Whether a span with no usage is a model call that no instrumentation records metrics for:
-    an OpenInference LLM span, unless it also follows the GenAI conventions."""
+    an OpenInference LLM or embeddings span, unless it also follows the GenAI conventions."""
     return (
-        attributes.get(a.OPENINFERENCE_SPAN_KIND) == a.OPENINFERENCE_KIND_LLM
+        attributes.get(a.OPENINFERENCE_SPAN_KIND) in _OPENINFERENCE_CALLS
         and a.GEN_AI_OPERATION_NAME not in attributes
     )
+
+
+_OPENINFERENCE_CALLS = frozenset({a.OPENINFERENCE_KIND_LLM, a.OPENINFERENCE_KIND_EMBEDDING})
+
+
+def _operation(attributes: Any) -> str:
+    """The ``gen_ai.operation.name`` of a call whose instrumentation records no GenAI metrics:
+    ``embeddings`` for an OpenInference embeddings span, else ``chat``."""
+    if attributes.get(a.OPENINFERENCE_SPAN_KIND) == a.OPENINFERENCE_KIND_EMBEDDING:
+        return a.OP_EMBEDDINGS
+    return a.OP_CHAT
 
 
 def _records_genai_metrics(scope: InstrumentationScope | None) -> bool:
@@ -301,9 +315,10 @@ def _note_call_timed(owner: Any) -> None:
     note_call_timed(owner)
 
 
-def _time_call(span: ReadableSpan, owner: Any, usage: TokenUsage | None) -> None:
-    """Record ``gen_ai.client.operation.duration`` for the call of ``span``, with the attributes
-    its token usage is recorded with; the LLM steps around it do not time it again."""
+def _time_call(span: ReadableSpan, owner: Any, usage: TokenUsage | None, operation: str) -> None:
+    """Record ``gen_ai.client.operation.duration`` for the call of ``span`` (an ``operation``),
+    with the attributes its token usage is recorded with; the LLM steps around it do not time
+    it again."""
     from multirun.context import StepContext  # context imports this package
 
     step = owner if isinstance(owner, StepContext) else None
@@ -315,7 +330,7 @@ def _time_call(span: ReadableSpan, owner: Any, usage: TokenUsage | None) -> None
     start, end = span.start_time, span.end_time
     span_context = span.get_span_context()
     owner.run_context.client.metrics.llm_call_finished(
-        a.OP_CHAT,
+        operation,
         provider,
         (step.model if step is not None else None) or model,
         model,
@@ -353,7 +368,12 @@ _OPENINFERENCE_PROVIDERS = {
 
 def _model_and_provider(get: Any) -> tuple[str | None, str | None]:
     """The model and the provider named by GenAI (or OpenInference) span attributes."""
-    model = get(a.GEN_AI_RESPONSE_MODEL) or get(a.GEN_AI_REQUEST_MODEL) or get(a.LLM_MODEL_NAME)
+    model = (
+        get(a.GEN_AI_RESPONSE_MODEL)
+        or get(a.GEN_AI_REQUEST_MODEL)
+        or get(a.LLM_MODEL_NAME)
+        or get(a.EMBEDDING_MODEL_NAME)
+    )
     provider = get(a.GEN_AI_PROVIDER_NAME) or get(a.GEN_AI_SYSTEM)
     if not provider:
         # the host first: an OpenAI model on Azure is priced, and named, as Azure's

@@ -58,6 +58,8 @@ LLM_PROVIDER: Final = "llm.provider"  # OpenInference: who serves the model (ope
 LLM_SYSTEM: Final = "llm.system"  # OpenInference: whose model it is (openai, anthropic, vertexai...)
 OPENINFERENCE_SPAN_KIND: Final = "openinference.span.kind"
 OPENINFERENCE_KIND_LLM: Final = "LLM"  # the value of openinference.span.kind on a model call
+OPENINFERENCE_KIND_EMBEDDING: Final = "EMBEDDING"  # ... on an embeddings call
+EMBEDDING_MODEL_NAME: Final = "embedding.model_name"  # OpenInference: an embeddings call's model
 
 # General semantic conventions
 SERVER_ADDRESS: Final = "server.address"  # the host of the model's API
