@@ -1743,6 +1743,71 @@ def test_the_operation_name_of_an_llm_step_is_that_of_the_response_it_returns(
     assert operations(metric_reader, "gen_ai.client.operation.duration") == {operation}
 
 
+def _operation_durations(reader: Any) -> list[tuple[dict[str, Any], int]]:
+    """The attributes and count of each point of ``gen_ai.client.operation.duration``."""
+    data = reader.get_metrics_data()
+    return [
+        (dict(point.attributes), point.count)
+        for resource in (data.resource_metrics if data else ())
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "gen_ai.client.operation.duration"
+        for point in metric.data.data_points
+    ]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["response", "stream"])
+def test_a_plain_step_returning_a_model_call_s_response_times_the_call(
+    traced, metric_reader, answering, raw_client, streamed
+) -> None:
+    """A ``@step`` of no kind that returns the SDK's response (or yields its stream) is the model
+    call: its tokens are in ``gen_ai.client.token.usage``, so its duration is in
+    ``gen_ai.client.operation.duration`` too (a dashboard dividing one by the other saw calls
+    with tokens and no time)."""
+    model = "gpt-4o-2024-08-06"
+    answering.body = chat_body(json.dumps({"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32}))
+    usage = {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32}
+    chunks = [c.model_copy(update={"model": model}) for c in (chunk("o"), chunk("k", usage))]
+
+    @step
+    def ask() -> Any:
+        return raw_client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+
+    @step
+    def ask_streaming() -> Iterator[ChatCompletionChunk]:
+        yield from chunks
+
+    @run(name="main")
+    def main() -> None:
+        if streamed:
+            list(ask_streaming())
+        else:
+            ask()
+
+    main()
+    assert operations(metric_reader, "gen_ai.client.token.usage") == {"chat"}
+    [(point, count)] = _operation_durations(metric_reader)
+    assert count == 1
+    assert point["gen_ai.operation.name"] == "chat"
+    assert point["gen_ai.response.model"] == model
+    assert point["gen_ai.provider.name"] == "openai"
+
+
+def test_a_plain_step_that_reports_no_model_call_is_not_timed_as_one(traced, metric_reader) -> None:
+    """A function step that returns no SDK response adds nothing to the operation durations."""
+
+    @step
+    def tally() -> int:
+        return 3
+
+    @run(name="main")
+    def main() -> None:
+        tally()
+
+    main()
+    assert _operation_durations(metric_reader) == []
+
+
 def test_an_embeddings_call_has_input_tokens_only(traced, metric_reader, answering, raw_client) -> None:
     """An embeddings call produces no output tokens: its span carries ``gen_ai.usage.input_tokens``
     alone and ``gen_ai.client.token.usage`` gets no ``output`` measurement (a 0 there would sit in

@@ -1404,6 +1404,9 @@ class StepContext:
     # the gen_ai.operation.name of the model call it returned when that is no chat (embeddings,
     # text_completion): read from the SDK response; None for a chat and every other step
     _operation: str | None = None
+    # it charged a model call read from an LLM SDK response it returned or streamed: whatever
+    # its kind, the step is that call, and times it in gen_ai.client.operation.duration
+    _returned_call = False
     # the model calls charged in this step or a step inside it, by response id and input and
     # output tokens (see _call_key), latest last
     _calls_below: dict[CallKey, None] | None = None
@@ -1758,6 +1761,7 @@ class StepContext:
             ):
                 if operation != attr.OP_CHAT:
                     self._operation = operation
+                self._returned_call = True
                 try:
                     self._report_call(usage, call_id, operation, reply)
                 except PolicyViolation as unpriced:  # init(unpriced="fail"): the other calls count too
@@ -2138,10 +2142,11 @@ def _refresh(ledger: Ledger) -> None:
 
 
 def _step_metrics(step: StepContext, error_type: str | None) -> None:
-    """Count the finished step; an LLM step that made the call itself also times the call."""
+    """Count the finished step; an LLM step that made the call itself, or a step that returned
+    the call's SDK response, also times the call."""
     # the duration is read only for the steps it is recorded for (see Metrics.step_finished,
     # and llm_call_finished below): not for a plain function step that completed
-    if step.kind in TIMED_STEP_KINDS or step.status is StepStatus.FAILED:
+    if step.kind in TIMED_STEP_KINDS or step.status is StepStatus.FAILED or step._returned_call:
         times = step._own_times  # kept as the step ended
         start, end = (times[0], times[-1]) if times else (None, None)
         duration = (end - start) / 1e9 if start is not None and end is not None else 0.0
@@ -2155,7 +2160,7 @@ def _step_metrics(step: StepContext, error_type: str | None) -> None:
         run.run.name, step.agent_context.agent.name, step.kind, step.status, duration, error_type, context
     )
     if (
-        step.kind is StepKind.LLM_CALL
+        (step.kind is StepKind.LLM_CALL or step._returned_call)
         and not step.child_usage_reported
         and not step.call_timed_below
         and step.status is not StepStatus.SKIPPED
