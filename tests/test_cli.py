@@ -199,6 +199,20 @@ def test_demo_writes_a_checkpoint_and_records_its_budget(demo: DemoRun) -> None:
     assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 multirun demo" in demo.output
 
 
+def test_demo_names_its_checkpoint_in_the_store_multirun_checkpoint_uri_names(
+    global_otel: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint went to the store of ``MULTIRUN_CHECKPOINT_URI``: the demo says where (it
+    looked only in DIR/blobs, and printed no Checkpoint line at all)."""
+    store = tmp_path / "checkpoint store"
+    monkeypatch.setenv("MULTIRUN_CHECKPOINT_URI", store.as_uri())
+    code, out, _ = run_cli(capsys, "demo", "--dir", str(tmp_path / "runs"))
+    assert code == 0
+    [written] = store.glob("checkpoints/*/*.ckpt")
+    assert f"Checkpoint:  {written}\n" in out
+    assert not (tmp_path / "runs" / "blobs").exists()
+
+
 def test_the_again_hint_works_when_pasted_into_a_shell(
     global_otel: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1811,6 +1825,8 @@ def test_demo_sent_to_a_backend_that_takes_no_metrics_says_the_run_was_sent(tmp_
         server.server_close()
     assert done.returncode == 0, done.stderr
     assert "\nSent:        run " in done.stdout
+    [written] = tmp_path.glob("blobs/checkpoints/*/*.ckpt")
+    assert f"\nCheckpoint:  {written}\n" in done.stdout  # sent or not, the checkpoint is in a file
     [line] = done.stderr.splitlines()
     assert line.startswith(f"multirun: warning: the run's spans were sent to {url}, but not its metrics: ")
     assert "404" in line and "Jaeger" in line

@@ -261,6 +261,19 @@ def stored_checkpoints(store: CheckpointStore) -> list[StoredCheckpoint]:
     return sorted(found)
 
 
+def run_checkpoint_locations(store: CheckpointStore, run_id: str, store_name: str) -> list[str]:
+    """Where the checkpoints of ``run_id`` are, as the user finds them: their files' paths in
+    a folder, else their keys in ``store_name``; none, and a warning, if the store cannot be listed."""
+    try:
+        keys = sorted(key for key in store.list(run_id) if parse_checkpoint_key(key) is not None)
+    except (MultiRunError, OSError) as exc:
+        _logger.warning("cannot list the checkpoints of run %s in %s: %s", run_id, store_name, exc)
+        return []
+    if isinstance(store.exporter, FileBlobExporter):
+        return [_where(store, key) for key in keys]
+    return [f"{key} in {store_name}" for key in keys]
+
+
 def _where(store: CheckpointStore, key: str) -> str:
     """A key as the user finds it: a file's path in a file store, else the key."""
     if isinstance(store.exporter, FileBlobExporter):

@@ -355,8 +355,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise RunsError(_unsampled())
     print("Ran the demo crew offline: a fake model, real model names and prices.")
     if endpoint:
-        return _show_sent(recorder, result.run_id, endpoint, errors.messages)
-    return _show_written(directory, result.run_id)
+        return _show_sent(recorder, result.run_id, endpoint, errors.messages, client, directory)
+    return _show_written(directory, result.run_id, client)
 
 
 _NO_COLLECTOR_HINT = "Is a collector listening there? Without an endpoint the demo writes files."
@@ -461,7 +461,7 @@ def _send_now(client: MultiRunClient, metrics: bool) -> bool:
     return flushed
 
 
-def _show_written(directory: Path, run_id: str) -> int:
+def _show_written(directory: Path, run_id: str, client: MultiRunClient) -> int:
     """Read the run back from the files, print it, and say where the files are."""
     found = [r for r in runs.list_runs(directory) if r.run_id == run_id]
     if not found:
@@ -470,8 +470,7 @@ def _show_written(directory: Path, run_id: str) -> int:
     _print_run(found[0], runs.build_tree(runs.trace_spans(directory, found[0]), found[0].span))
     print()
     print(f"Traces:      {runs.traces_dir(directory)}/*.jsonl (OTLP JSON, one request per line)")
-    for path in sorted((directory / "blobs" / "checkpoints" / run_id).glob("*.ckpt")):
-        print(f"Checkpoint:  {path}")
+    _print_checkpoints(client, run_id, directory)
     default, _ = runs.chosen_directory(argparse.Namespace())  # where `runs show` reads without --dir
     dir_option = "" if directory == default else f" --dir {shlex.quote(str(directory))}"
     print(f"Again:       multirun runs show {run_id[:12]}{dir_option}")
@@ -487,7 +486,14 @@ def _print_run(run: runs.RunSummary, tree: runs.Node) -> None:
     _print_lines(render.render_tree(tree, style))
 
 
-def _show_sent(recorder: _Recorder, run_id: str, endpoint: str, errors: list[str]) -> int:
+def _show_sent(
+    recorder: _Recorder,
+    run_id: str,
+    endpoint: str,
+    errors: list[str],
+    client: MultiRunClient,
+    directory: Path,
+) -> int:
     """Print the run as recorded in process, and whether the collector took it."""
     records = [runs.record_from_span(span) for span in recorder.spans]
     found = [r for r in runs.find_runs(records) if r.run_id == run_id]
@@ -501,12 +507,24 @@ def _show_sent(recorder: _Recorder, run_id: str, endpoint: str, errors: list[str
         return 1
     transport = "OTLP/gRPC" if _traces_protocol() == "grpc" else "OTLP/HTTP"
     print(f"Sent:        run {run_id} to {endpoint} ({transport}, service.name multirun-demo)")
+    _print_checkpoints(client, run_id, directory)
     print(f"The code:    {_demo_source()}")
     if errors:  # the run arrived; a backend of traces only (Jaeger) refuses the metrics
         hint = " (a traces-only backend such as Jaeger refuses metrics)" if _not_found(errors[0]) else ""
         sent_only = f"the run's spans were sent to {endpoint}, but not its metrics"
         _to_stderr(f"multirun: warning: {sent_only}: {errors[0]}{hint}")
     return 0
+
+
+def _print_checkpoints(client: MultiRunClient, run_id: str, directory: Path) -> None:
+    """A line for each checkpoint of the demo's run, wherever the store is (DIR/blobs, or
+    the one ``MULTIRUN_CHECKPOINT_URI`` names)."""
+    store = client.checkpoints
+    if store is None:
+        return
+    name = os.environ.get("MULTIRUN_CHECKPOINT_URI") or str(directory / "blobs")
+    for location in checkpoints.run_checkpoint_locations(store, run_id, name):
+        print(f"Checkpoint:  {location}")
 
 
 def _span_failures(errors: list[str]) -> list[str]:
