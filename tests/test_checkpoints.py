@@ -159,10 +159,75 @@ def test_a_renamed_step_raises_a_determinism_error_instead_of_a_wrong_value(trac
 
     @run(name="job")  # the same program, changed
     def job_changed() -> None:
-        fetch_renamed(1)
+        fetch(1)
+        fetch_renamed(2)
 
     with multirun.resume(run_id=run_id), pytest.raises(DeterminismError, match="fetch_renamed"):
         job_changed()
+
+
+def test_a_restored_run_that_goes_on_from_its_state_runs_its_steps_and_is_served_none(traced, caplog) -> None:
+    """The reference's pattern: restore, read where the run was from its state, carry on. Its
+    first step is none the recording has: nothing is served (no recorded value can be another
+    call's), the steps run, and a warning says so (it raised DeterminismError)."""
+    executed: list[int] = []
+    saved: list[str] = []
+
+    @step
+    def work(i: int) -> int:
+        executed.append(i)
+        return i * i
+
+    @run(name="loop")
+    def loop(restore_from: str | None = None) -> list[int]:
+        ctx = get_current_run_context()
+        if restore_from is not None:
+            ctx.restore_from_checkpoint(restore_from)
+        results: list[int] = ctx.get_state("results", default=[])
+        for i in range(ctx.get_state("iteration", default=0), 6):
+            results.append(work(i))
+            ctx.set_state("results", results)
+            ctx.set_state("iteration", i + 1)
+            if i == 2 and restore_from is None:
+                saved.append(ctx.checkpoint(name="mid").value.id)
+            if i == 3 and restore_from is None:
+                raise RuntimeError("crash")
+        return results
+
+    with pytest.raises(RuntimeError):
+        loop()
+    executed.clear()
+    with caplog.at_level(logging.WARNING, logger="multirun"):
+        assert loop(saved[0]) == [0, 1, 4, 9, 16, 25]
+    assert executed == [3, 4, 5]
+    [warning] = [r.getMessage() for r in caplog.records if "first step after the restore" in r.getMessage()]
+    assert "'work'" in warning and "3 recorded calls are not served" in warning
+    # the steps it ran are recorded: a checkpoint taken now and restored serves them
+    assert [s.attributes[attr.STEP_STATUS] for s in traced.named("step work")][-3:] == ["completed"] * 3
+
+
+def test_a_resumed_run_whose_first_step_was_renamed_is_served_nothing_and_says_so(traced, caplog) -> None:
+    """The first call is none the recording has: no recorded value is served in its place, and
+    a warning names the step the recording expected, as it costs the recorded calls again."""
+    run_id = crashed_run_of_fetches(traced)
+    executed: list[int] = []
+
+    @step
+    def fetch_renamed(n: int) -> int:
+        executed.append(n)
+        return n * 10
+
+    @run(name="job")  # the same program, changed
+    def job_changed() -> int:
+        return fetch_renamed(1) + fetch_renamed(2)
+
+    with caplog.at_level(logging.WARNING, logger="multirun"), multirun.resume(run_id=run_id):
+        assert job_changed() == 30
+    assert executed == [1, 2]
+    assert any(
+        "'fetch_renamed', is not the recorded run's next call (#1, 'fetch')" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def crashed_run_of_fetches(traced) -> str:

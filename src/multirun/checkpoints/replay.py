@@ -42,7 +42,10 @@ number, and its new record replaces the old one in the next checkpoint, so a
 resumed run that dies can be resumed again.
 
 After a restore (``load``), calls are served from the log in the order they
-were recorded. A call the log does not know, while recorded calls remain
+were recorded. A first call the log does not know means the program goes on
+from its restored state (it read where it was, and carried on) rather than
+calling its recorded steps again: nothing is served, with a warning. A call
+the log does not know once the replay has begun, while recorded calls remain
 unserved, means the code or its inputs changed since the checkpoint: that
 raises DeterminismError instead of serving a value that belongs to another
 call. Steps that ran side by side (threads, ``asyncio.gather``) may come back
@@ -619,6 +622,7 @@ class _Replay:
         self.position = 0  # the first entry, in recorded order, not served yet
         self.done = not self.entries
         self.stopped = False
+        self.answered = False  # a call of the program was served, or ran again, from the recording
         # the (name, input hash) of records of a version 1 checkpoint (records_from_v1): a
         # replay holding any serves them in any order, and runs a call they do not know
         self.v1_keys = {(e.name, e.digest) for e in self.entries if e.record.get("v1") is True}
@@ -649,6 +653,7 @@ class _Replay:
         entry = self.by_key.get((name, digest, occurrence))
         if entry is not None and entry.served:
             return None  # served already, inside a replayed parent: this is a new execution
+        first_call = not self.answered
         expected = self.entries[self.position]
         while (
             expected is not entry
@@ -671,6 +676,9 @@ class _Replay:
                 f"step {name!r}, which failed in the restored run, is called with other inputs this time"
             )
             return None
+        if entry is None and first_call:
+            self._went_on_from_state(name, expected)
+            return None
         if entry is None:
             raise DeterminismError(
                 f"replay: {self._mismatch(name, digest, occurrence, expected)}. The code or the inputs "
@@ -685,6 +693,7 @@ class _Replay:
                 f"them the other way round (recorded calls #{expected.index + 1} and #{entry.index + 1}). "
                 "Steps that ran one after another must be replayed in the same order."
             )
+        self.answered = True
         if entry.answer is not None:
             # it failed, and was called again right away with the same inputs: the retry's result
             # answers it, and the retries (the failed ones and the one that returned) are not made
@@ -770,6 +779,24 @@ class _Replay:
             self.position += 1
         if self.position >= len(entries):
             self.done = True
+
+    def _went_on_from_state(self, name: str, expected: _Entry) -> None:
+        """The program's first call after the restore is none the recording has: it goes on
+        from its restored state (it restored, read where it was, and carried on, as in the
+        reference's ``restore_from_checkpoint`` example) instead of calling its recorded steps
+        again. Nothing is served, which is also what a change of the first step's inputs since
+        the checkpoint needs; a warning says which, as it costs those calls again if unmeant."""
+        unserved = sum(not e.served for e in self.entries)
+        self.done = self.stopped = True
+        _logger.warning(
+            "multirun: the first step after the restore, %r, is not the recorded run's next call "
+            "(#%d, %r): the run goes on from its restored state, and its %d recorded calls are not "
+            "served (steps the program calls again run again)",
+            name,
+            expected.index + 1,
+            expected.name,
+            unserved,
+        )
 
     def leave(self, what: str) -> None:
         """The program left the recorded path (``what`` it did, for the log): serve nothing more,
