@@ -229,3 +229,95 @@ def test_the_program_runs_normally_without_resume(tmp_path: Path, crash: bool) -
     result = run_program(tmp_path, crash=crash)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "effects.txt").read_text().splitlines() == ["fetch 1", "fetch 2", "write_report"]
+
+
+PER_ITEM_PROGRAM = """
+import os, signal, sys
+import multirun
+from multirun import run, step
+from multirun.context import get_current_run_context
+
+multirun.init_local(sys.argv[1])
+effects = open(sys.argv[2], "a")
+
+@step
+def fetch(item: str) -> str:
+    effects.write(f"fetch {item}\\n")
+    effects.flush()
+    return item.upper()
+
+@run(name="per_item")
+def per_item(item: str) -> str:
+    print("RUN", item, get_current_run_context().run.id, get_current_run_context().is_replaying, flush=True)
+    text = fetch(item)
+    get_current_run_context().checkpoint(name="fetched")
+    if item == os.environ.get("CRASH_AT"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return text
+
+for item in sys.argv[3:]:
+    print("RESULT", per_item(item), flush=True)
+multirun.get_client().force_flush()
+"""
+
+
+def run_per_item(
+    tmp_path: Path, items: list[str], *, crash_at: str = "", resume: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """The program that calls its run once per item, resumed with ``multirun resume`` if asked."""
+    script = tmp_path / "per_item.py"
+    script.write_text(PER_ITEM_PROGRAM)
+    env = environment_without_settings()
+    env["CRASH_AT"] = crash_at
+    command = [sys.executable, str(script), str(tmp_path / "mr"), str(tmp_path / "effects.txt"), *items]
+    if resume:
+        command = [str(MULTIRUN), "resume", resume, "--dir", str(tmp_path / "mr"), "--", *command]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_resume_of_a_program_calling_its_run_per_item_continues_the_item_s_call(tmp_path: Path) -> None:
+    """The run of item "b" was killed: ``multirun resume`` continues it in the call for "b" (the
+    first call, for "a", took it: "a"'s steps ran against "b"'s recording)."""
+    crashed = run_per_item(tmp_path, ["a", "b", "c"], crash_at="b")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    run_id = next(line.split()[2] for line in crashed.stdout.splitlines() if line.startswith("RUN b "))
+    (tmp_path / "effects.txt").write_text("")
+
+    resumed = run_per_item(tmp_path, ["a", "b", "c"], resume=run_id)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [line for line in resumed.stdout.splitlines() if line.startswith("RESULT")] == [
+        "RESULT A",
+        "RESULT B",
+        "RESULT C",
+    ]
+    assert (tmp_path / "effects.txt").read_text().splitlines() == ["fetch a", "fetch c"]  # b's was served
+    runs = [line.split() for line in resumed.stdout.splitlines() if line.startswith("RUN ")]
+    assert [(run[1], run[3]) for run in runs] == [("a", "False"), ("b", "True"), ("c", "False")]
+
+
+def test_resume_of_a_program_whose_run_s_arguments_changed_continues_its_run_of_that_place(
+    tmp_path: Path,
+) -> None:
+    """Arguments that changed since (a date, say) do not stop a run from resuming: the run
+    started as many runs of its name in continues it."""
+    crashed = run_per_item(tmp_path, ["a", "b"], crash_at="b")
+    run_id = crashed.stdout.splitlines()[-1].split()[2]
+    (tmp_path / "effects.txt").write_text("")
+    resumed = run_per_item(tmp_path, ["a2", "b2"], resume=run_id)
+    assert resumed.returncode == 0, resumed.stderr
+    runs = [line.split() for line in resumed.stdout.splitlines() if line.startswith("RUN ")]
+    assert [(run[1], run[3]) for run in runs] == [("a2", "False"), ("b2", "True")]
+    assert "not resumed" not in resumed.stderr
+
+
+def test_resume_that_no_call_of_the_run_took_says_so(tmp_path: Path) -> None:
+    crashed = run_per_item(tmp_path, ["a", "b"], crash_at="b")
+    run_id = crashed.stdout.splitlines()[-1].split()[2]
+    resumed = run_per_item(tmp_path, ["x"], resume=run_id)
+    assert resumed.returncode == 1
+    assert resumed.stderr.splitlines()[-1].endswith(
+        "Check that the command runs the program of that run, and that it starts that run; 1 run "
+        "named 'per_item' started with other arguments than the run that took it, and not as the "
+        "program's run of that name that took it (the first, second...): it continues only in a "
+        "call with the same arguments, or in that run"
+    )

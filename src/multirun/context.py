@@ -78,6 +78,8 @@ if TYPE_CHECKING:
     from multirun.sdk_usage import ModelCall, Reply
 
 _logger = logging.getLogger(__name__)
+# the runs with checkpoints of their own (top runs) started in this process, by name
+top_runs_started: dict[str, int] = {}
 
 T = TypeVar("T")
 
@@ -353,6 +355,11 @@ class RunContext:
         self._run_call: tuple[ReplayLog, Call] | None = None
         self.replay_parent: int | None = None  # its sequence number, the parent of its steps
         self.inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # @run's arguments, until it starts
+        # the input hash of a top @run's arguments, and how many runs of its name the process
+        # started with it, kept in its checkpoints: a program that calls the run once per item
+        # resumes the checkpoint in the item's call (see multirun.checkpoints.resume)
+        self.input_digest: str | None = None
+        self.occurrence = 0
 
     def _returned_before(self, response: Any, call_id: str | None) -> bool:
         """Whether a step of this run tree (the top run in this process and its sub-runs)
@@ -451,6 +458,10 @@ class RunContext:
         inputs, self.inputs = self.inputs, None  # not kept past the start
         if self.parent is not None and self.parent.records_replay and not self.parent.remote:
             self._join_replay_log(self.parent, inputs)
+        else:
+            self.occurrence = top_runs_started[run.name] = top_runs_started.get(run.name, 0) + 1
+            if inputs is not None and self.records_replay and self.input_digest is None:
+                self.input_digest = input_hash(*inputs)
         if run.policy is not None:
             self.policy_engine = PolicyEngine(
                 run.policy, self.client.policy_state, self.client.clock.monotonic

@@ -39,6 +39,7 @@ from multirun.context import (
     check_string_keys,
     note_paid_for,
     record_step_not_run,
+    top_runs_started,
 )
 from multirun.errors import (
     REFUSALS,
@@ -912,11 +913,21 @@ def run(
 def _resume_pending(ctx: RunContext) -> None:
     """Continue the checkpoint that ``multirun.resume`` (or ``multirun resume``) named, if
     one is pending; call before anything else starts the run's span."""
-    restored = take_pending_resume(ctx.client, ctx.run.name)
+    name = ctx.run.name
+    restored = take_pending_resume(
+        ctx.client, name, lambda: _run_input_digest(ctx), lambda: top_runs_started.get(name, 0) + 1
+    )
     if restored is not None:
         ctx.resumed_from = restored  # the span starts linked to the run it continues
         ctx._start()  # the span, and with it the ledger the restored spend goes to
         ctx._restore(restored.state, restored.replay, restored.ledger, restored.agents)
+
+
+def _run_input_digest(ctx: RunContext) -> str | None:
+    """The input hash of a run's arguments (kept for its start, which then hashes them no more)."""
+    if ctx.input_digest is None and ctx.inputs is not None:
+        ctx.input_digest = input_hash(*ctx.inputs)
+    return ctx.input_digest
 
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,11 @@ Only a run of the name that took the checkpoint continues it: any other
 before its function runs, and the resume stays pending for the right one
 (a checkpoint's state and served step results belong to the program that
 wrote them). A run renamed since is named with ``run_name="new name"``
-(``multirun resume --run-name NAME``, ``MULTIRUN_RESUME_RUN_NAME``). A ``resume`` block that
+(``multirun resume --run-name NAME``, ``MULTIRUN_RESUME_RUN_NAME``). In a program run again
+from the top (MULTIRUN_RESUME), of the runs of that name the call that took the checkpoint
+continues it: the one with its arguments, or else the one started as many runs in (see
+``_is_the_call``), so a program calling its run once per item resumes in the item's call and
+the others run as new runs; in a ``multirun.resume`` block, the first. A ``resume`` block that
 ends well without a run having taken its checkpoint logs a warning that the run was not
 resumed. The process whose run takes a MULTIRUN_RESUME checkpoint creates the file
 MULTIRUN_RESUME_TAKEN_FILE names, if set: ``multirun resume`` says so when its program ends
@@ -37,10 +41,10 @@ import logging
 import os
 import shlex
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from opentelemetry import context as otel_context
 
@@ -80,11 +84,13 @@ class _Pending:
         self.how = how
         self.store = store
         self.refused: str | None = None  # the name of the last run refused, for the warning
+        self.passed_by = 0  # runs of its name that were not the call that took it
         self._lock = threading.Lock()
 
-    def take(self, run_name: str) -> RestoredCheckpoint | None:
-        """The checkpoint, for a run named ``run_name``; CheckpointError, and the resume left
-        pending, for a run of another name."""
+    def take(self, run_name: str, call: _RunCall) -> RestoredCheckpoint | None:
+        """The checkpoint, for a run named ``run_name`` that is ``call`` of the run that took it
+        (MULTIRUN_RESUME only: see ``_is_the_call``); None, and the resume left pending, for
+        another call; CheckpointError, and the resume left pending, for a run of another name."""
         with self._lock:
             restored = self.restored
             if restored is not None:
@@ -93,6 +99,9 @@ class _Pending:
                 except CheckpointError:
                     self.refused = run_name
                     raise
+                if self.how == "environment" and not _is_the_call(restored, call):
+                    self.passed_by += 1
+                    return None
             self.restored = None
             return restored
 
@@ -123,6 +132,44 @@ class _Pending:
                 'multirun.resume(..., run_name="NEW NAME")'
             )
         _logger.warning("%s", message)
+
+
+class _RunCall(NamedTuple):
+    """Which call of its function a @run is, asked only when a checkpoint's run must be told
+    from the other runs of its name: the input hash of its arguments (None if they have
+    none), and its number among the runs of its name the process started."""
+
+    inputs_digest: Callable[[], str | None]
+    occurrence: Callable[[], int]
+
+
+def _is_the_call(restored: RestoredCheckpoint, call: _RunCall) -> bool:
+    """Whether a run of the checkpoint's name, in a program run again from the top, is the
+    call that took it: one with its arguments, or else the one started as many runs of the
+    name in (a program calling its run once per item, in the same order; a single run whose
+    arguments changed since, a date, say, still continues it). A checkpoint that kept no
+    input hash (its arguments had none, or it was written before it kept one) is continued by
+    the first run of its name."""
+    context = restored.checkpoint.context
+    recorded = context.get("run_input_hash")
+    if recorded is None:
+        return True
+    digest = call.inputs_digest()
+    if digest is not None and digest == recorded:
+        return True
+    taken_at = context.get("run_occurrence")
+    return taken_at is None or call.occurrence() == taken_at
+
+
+def passed_by_said(count: int, run_name: str) -> str:
+    """That ``count`` runs of the name were not the call that took the checkpoint."""
+    runs = "1 run" if count == 1 else f"{count} runs"
+    named = f" named {run_name!r}" if run_name else ""
+    return (
+        f"{runs}{named} started with other arguments than the run that took it, and not as the "
+        "program's run of that name that took it (the first, second...): it continues only in "
+        "a call with the same arguments, or in that run"
+    )
 
 
 def _check_name(
@@ -313,22 +360,32 @@ def resume(
     pending.warn_if_untaken()
 
 
-def take_pending_resume(client: MultiRunClient, run_name: str) -> RestoredCheckpoint | None:
-    """For ``@run``: the checkpoint to continue from, if a resume is pending (used once).
+def take_pending_resume(
+    client: MultiRunClient,
+    run_name: str,
+    inputs_digest: Callable[[], str | None],
+    occurrence: Callable[[], int],
+) -> RestoredCheckpoint | None:
+    """For ``@run``: the checkpoint to continue from, if a resume is pending (used once) and
+    the run, named ``run_name``, is the call that took it: for MULTIRUN_RESUME, the one called
+    with arguments of the same input hash (``inputs_digest()``), or else the run of that name
+    started as many runs in (``occurrence()``); in a ``multirun.resume`` block, the first.
 
-    CheckpointError if the run, named ``run_name``, is not the one to continue it; the resume
-    then stays pending."""
+    CheckpointError if the run is not of the name to continue it; the resume then stays pending."""
+    call = _RunCall(inputs_digest, occurrence)
     pending = otel_context.get_current().get(_PENDING_KEY)
     if isinstance(pending, _Pending):
-        return pending.take(run_name)
+        return pending.take(run_name, call)
     if not os.environ.get(RESUME_ENV):
         return None
-    return _take_from_environment(client, run_name)
+    return _take_from_environment(client, run_name, call)
 
 
-def _take_from_environment(client: MultiRunClient, run_name: str) -> RestoredCheckpoint | None:
-    """``MULTIRUN_RESUME=<run or checkpoint id>``: the first @run of the process resumes it
-    (of the name MULTIRUN_RESUME_RUN_NAME gives, if set)."""
+def _take_from_environment(
+    client: MultiRunClient, run_name: str, call: _RunCall
+) -> RestoredCheckpoint | None:
+    """``MULTIRUN_RESUME=<run or checkpoint id>``: the @run of the process that is the call
+    that took it resumes it (of the name MULTIRUN_RESUME_RUN_NAME gives, if set)."""
     global _from_environment, _environment_read
     with _environment_lock:
         if not _environment_read:
@@ -345,10 +402,21 @@ def _take_from_environment(client: MultiRunClient, run_name: str) -> RestoredChe
                 _from_environment = _Pending(restored, expected, "environment", client.checkpoints)
     if _from_environment is None:
         return None
-    taken = _from_environment.take(run_name)
+    taken = _from_environment.take(run_name, call)
     if taken is not None:
         _say_taken(taken)
+    elif _from_environment.passed_by:
+        _say_passed_by(_from_environment)
     return taken
+
+
+def _say_passed_by(pending: _Pending) -> None:
+    """Note in MULTIRUN_RESUME_TAKEN_FILE, if set, how many runs passed the checkpoint by
+    for their arguments, for ``multirun resume`` to say if none took it."""
+    path = os.environ.get(RESUME_TAKEN_ENV)
+    if path:
+        with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as taken:
+            taken.write(f"passed-by {pending.passed_by}\n")
 
 
 def _say_taken(restored: RestoredCheckpoint) -> None:

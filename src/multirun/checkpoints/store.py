@@ -229,11 +229,24 @@ def _checkpoint_of(
         name=about.get("name", ""),
         state_data=state_data,
         state_format=header["serializer"],
-        context={"run_name": about.get("run_name", "")},
+        context=_context(about),
         environment=about.get("environment", {}),
         created_at=about["created_at"],
         size_bytes=size,
     )
+
+
+def _context(about: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``context``: the name of the run that took it and, when its arguments
+    had an input hash, that hash (``run_input_hash``) and the run's number among the runs of
+    its name its process started (``run_occurrence``)."""
+    context: dict[str, Any] = {"run_name": about.get("run_name", "")}
+    digest, occurrence = about.get("run_input_hash"), about.get("run_occurrence")
+    if isinstance(digest, str):
+        context["run_input_hash"] = digest
+        if isinstance(occurrence, int) and not isinstance(occurrence, bool):
+            context["run_occurrence"] = occurrence
+    return context
 
 
 def _summary_from_meta(
@@ -382,6 +395,8 @@ class CheckpointStore:
                 "id": checkpoint_id,
                 "run_id": run.run.id,
                 "run_name": run.run.name,
+                "run_input_hash": run.input_digest,
+                "run_occurrence": run.occurrence,
                 "sub_run_id": sub_run.run.id if sub_run is not run else "",
                 "sub_run_seq": sub_run.replay_parent if sub_run is not run else None,
                 "agent_id": agent_id,

@@ -59,6 +59,7 @@ from multirun.checkpoints.resume import (
     IdKind,
     earlier_checkpoint,
     match_id,
+    passed_by_said,
     resolve_checkpoint,
 )
 from multirun.checkpoints.serializers import serializer_names
@@ -103,12 +104,14 @@ def add_commands(commands: Any, add_dir: Any) -> None:
     resume = commands.add_parser(
         "resume",
         usage="multirun resume [--dir DIR] [--store URI] [--run-name NAME] ID -- COMMAND ...",
-        help="run a command whose first @run continues a run from its last checkpoint",
-        description="Run COMMAND with MULTIRUN_RESUME set: its first @run continues the run "
+        help="run a command whose @run continues a run from its last checkpoint",
+        description="Run COMMAND with MULTIRUN_RESUME set: its @run continues the run "
         "(or checkpoint) ID, serving the steps it had completed from the checkpoint. That @run "
         "must have the name of the run that took the checkpoint (or the one --run-name gives): "
-        "one of another name is refused. If COMMAND ends without that run having continued it, "
-        "resume says so and exits 1 (or as COMMAND did, if it failed). COMMAND comes after --; "
+        "one of another name is refused; a run of that name called with other arguments runs as "
+        "a new run, and the call with the arguments of the run that took it continues it. If "
+        "COMMAND ends without that run having continued it, resume says so and exits 1 (or as "
+        "COMMAND did, if it failed). COMMAND comes after --; "
         "the options may go before or after ID.",
     )
     add_store_options(resume, add_dir)
@@ -540,12 +543,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
             raise CommandError(f"resume: cannot run {command[0]!r}: {exc}") from None
         with _ctrl_c_left_to_the_child():
             code = child.wait()
-        taken = taken_file.exists()
+        taken, passed_by = _read_taken(taken_file)
     code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
     if taken or code == _CTRL_C:  # stopped with Ctrl-C, the user knows why it was not resumed
         return code
     # the program never started the run that continues it: the checkpoint is still to resume
-    not_resumed = _not_resumed(meta, env.get(RESUME_RUN_NAME_ENV, "").strip(), code)
+    not_resumed = _not_resumed(meta, env.get(RESUME_RUN_NAME_ENV, "").strip(), code, passed_by)
     if code:
         _logger.warning("%s", not_resumed)  # the program's own failure is the error
         return code
@@ -555,9 +558,22 @@ def cmd_resume(args: argparse.Namespace) -> int:
 _CTRL_C = 128 + signal.SIGINT  # as a shell reports a program that SIGINT ended, or exit(130)
 
 
-def _not_resumed(checkpoint: Checkpoint, run_name: str, code: int) -> str:
+def _read_taken(path: Path) -> tuple[bool, int]:
+    """What the program wrote in MULTIRUN_RESUME_TAKEN_FILE: whether a run took the checkpoint,
+    and how many runs of its name passed it by (not the call that took it)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:  # not written: no run took it
+        return False, 0
+    passed_by = [line.split()[-1] for line in lines if line.startswith("passed-by ")]
+    taken = any(line and not line.startswith("passed-by ") for line in lines)
+    return taken, int(passed_by[-1]) if passed_by and passed_by[-1].isdigit() else 0
+
+
+def _not_resumed(checkpoint: Checkpoint, run_name: str, code: int, passed_by: int = 0) -> str:
     """Why ``multirun resume`` did nothing: the program ended (with status ``code``) before a
-    @run named ``run_name`` (default: the run that took ``checkpoint``) took the checkpoint."""
+    @run named ``run_name`` (default: the run that took ``checkpoint``), the call that took
+    it, continued it (``passed_by`` runs of that name were other calls)."""
     taken_by = str(checkpoint.context.get("run_name") or "")
     name = run_name or taken_by
     run = f"a @run named {name!r}" if name else "a @run"
@@ -567,7 +583,9 @@ def _not_resumed(checkpoint: Checkpoint, run_name: str, code: int) -> str:
         f"from checkpoint {checkpoint.id}. Check that the command runs the program of that run, "
         "and that it starts that run"
     )
-    if name and not run_name:
+    if passed_by:
+        message += f"; {passed_by_said(passed_by, name)}"
+    elif name and not run_name:
         message += "; if the run was renamed since, give its new name with --run-name"
     return message
 
