@@ -1116,6 +1116,32 @@ def test_a_model_call_whose_client_gives_no_usage_is_marked_unknown_not_a_silent
     assert attr.USAGE_UNKNOWN not in traced.span("step publish").attributes  # no model call
 
 
+@agent_task(task_type="model_call")
+async def ask_the_sdk(base_url: str, model: str, prompt: str) -> Any:
+    """A model call of the program's own that returns the ``openai`` SDK's response as it is."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="test", max_retries=0) as sdk:
+        return await sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}])
+
+
+def test_a_model_call_returning_an_sdk_response_is_charged_its_usage_not_marked_unknown(
+    traced: Any, llm: Any, runtime: None
+) -> None:
+    """Its usage is the SDK response's (charged as a step's returned response is): the span and
+    the run tree said "tokens unknown" beside the very tokens it was charged."""
+
+    @multirun.run
+    def job() -> str:
+        return str(resolve(ask_the_sdk(llm.url, "gpt-4o-mini", "hello")).choices[0].message.content)
+
+    assert job() == "re: hello"
+    chat = traced.span("chat gpt-4o-mini")
+    assert chat.attributes[attr.TOKENS_USED] == CANNED[0].prompt + CANNED[0].completion
+    assert attr.USAGE_UNKNOWN not in chat.attributes
+    assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == CANNED[0].tokens
+
+
 def test_a_failure_reading_the_usage_still_ends_the_model_call(
     traced: Any, runtime: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

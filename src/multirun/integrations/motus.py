@@ -105,6 +105,7 @@ from multirun.models.budget import Budget
 from multirun.models.policy import Policy
 from multirun.models.run import Run, RunStatus
 from multirun.models.step import StepKind, StepStatus
+from multirun.sdk_usage import calls_in
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 from multirun.telemetry.exceptions import exception_event, record_exception
@@ -910,7 +911,7 @@ class _TaskTrace:
                     if usage is not None:
                         # charged (and counted) even when refused
                         step._charge_response_usage((_response_id(result), usage, attr.OP_CHAT, None))
-                    elif step._own_usage is None and not step.child_usage_reported:
+                    elif step._own_usage is None and not step.child_usage_reported and not _has_usage(result):
                         # its tokens were spent all the same: not a silent 0
                         extra = {**extra, attr.USAGE_UNKNOWN: True}
                 except REFUSALS as refused:
@@ -1175,6 +1176,12 @@ def _usage_of(result: Any, provider: str | None) -> TokenUsage | None:
         reasoning_tokens=reasoning,
         cost_usd=None if cost is None else float(cost),
     )
+
+
+def _has_usage(result: Any) -> bool:
+    """Whether ``result`` is (or holds) an LLM SDK response with usage: one the program's own
+    model call returned, which the step charges as it charges any step's returned response."""
+    return bool(calls_in(result))
 
 
 def _response_id(result: Any) -> str | None:
