@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import genai_prices
 import pytest
 
 from child_processes import environment_without_settings
@@ -59,10 +60,12 @@ from multirun.models.policy import (  # noqa: E402
 )
 from multirun.telemetry import attributes as attr  # noqa: E402
 from multirun.telemetry.local_files import SpanRecord  # noqa: E402
+from test_gemini_usage import MODEL as GEMINI  # noqa: E402
+from test_gemini_usage import gemini_server  # noqa: E402
 from test_openai_usage import CANNED, llm  # noqa: E402
 from test_openai_usage import instrumented as openai_traced  # noqa: E402
 
-__all__ = ["llm", "openai_traced"]  # fixtures, imported for pytest
+__all__ = ["gemini_server", "llm", "openai_traced"]  # fixtures, imported for pytest
 
 PROGRAMS = Path(__file__).parent / "motus_programs"
 GENEROUS = 30.0  # seconds: a wait far above any normal duration, that fails the test, not hangs it
@@ -1140,6 +1143,32 @@ def test_a_model_call_returning_an_sdk_response_is_charged_its_usage_not_marked_
     assert chat.attributes[attr.TOKENS_USED] == CANNED[0].prompt + CANNED[0].completion
     assert attr.USAGE_UNKNOWN not in chat.attributes
     assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == CANNED[0].tokens
+
+
+def test_a_gemini_model_calls_thinking_is_counted_as_output(
+    traced: Any, gemini_server: Any, runtime: None
+) -> None:
+    """Motus's Gemini client keeps the prompt and answer counts of a response and drops its
+    thinking (``thoughtsTokenCount``), which Gemini bills as output; its ``total_tokens`` keeps
+    it. The call was counted 1040 tokens of the 1100 the response says, as the same response a
+    step returns is not (tests/test_gemini_usage.py)."""
+    from motus.models import GeminiChatClient
+
+    client = GeminiChatClient(api_key="test", http_options={"base_url": gemini_server.url})
+
+    @multirun.run
+    def job() -> str:
+        return resolve(_chain(client, GEMINI, 1))
+
+    assert job() == "ok"
+    chat = traced.span(f"chat {GEMINI}")
+    assert chat.attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] == 1000
+    assert chat.attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == 100  # the answer's 40, the thinking's 60
+    assert chat.attributes[attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] == 60
+    thinking_billed = genai_prices.Usage(input_tokens=1000, output_tokens=100)  # Motus drops the cached count
+    price = genai_prices.calc_price(thinking_billed, GEMINI, provider_id="google").total_price
+    assert chat.attributes[attr.GEN_AI_USAGE_COST_AMOUNT] == pytest.approx(float(price))
+    assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == 1100
 
 
 def test_a_failure_reading_the_usage_still_ends_the_model_call(

@@ -1162,6 +1162,12 @@ def _usage_of(result: Any, provider: str | None) -> TokenUsage | None:
     cache_write = _count(usage.get("cache_creation_input_tokens"))
     details = usage.get("completion_tokens_details")
     reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+    output = _count(usage.get("completion_tokens"))
+    if provider == "gcp.gemini" and not reasoning:
+        # Motus's Gemini client drops the thinking count, which Gemini bills as output (and
+        # leaves out of the answer's count); the total it keeps has it
+        reasoning = max(_count(usage.get("total_tokens")) - prompt - cache_read - cache_write - output, 0)
+        output += reasoning
     cost = usage.get("cost")  # a gateway's own price (OpenRouter); else genai-prices prices it
     if not is_cost(cost):
         cost = None
@@ -1170,7 +1176,7 @@ def _usage_of(result: Any, provider: str | None) -> TokenUsage | None:
         model=model if isinstance(model, str) and model else None,
         provider=provider,
         input_tokens=prompt + cache_read + cache_write,
-        output_tokens=_count(usage.get("completion_tokens")),
+        output_tokens=output,
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
         reasoning_tokens=reasoning,
