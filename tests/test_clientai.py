@@ -1386,6 +1386,30 @@ def test_uninstrument_restores_clientai_and_instrument_patches_it_again(
     assert isinstance(CoreAgent.__dict__["run"], wrapt.FunctionWrapper)
 
 
+def test_a_method_bound_while_instrumented_traces_nothing_once_uninstrumented(
+    traced: Any, instrumented: ClientAIInstrumentor
+) -> None:
+    """``agent.run`` (or ``client.generate_text``) kept by the program, a route handler say, holds
+    the wrapper it was bound through: after ``uninstrument()`` it still made an agent span and a
+    run of 0 tokens, its steps and calls untraced."""
+    model = ScriptedModel({"HELLO": [Reply("hi", 5, 3)]})
+    client = offline_client(model)
+    agent, _ = research_agent.build()
+    run_agent, generate = agent.run, client.generate_text
+    instrumented.uninstrument()
+    try:
+        assert run_agent(TOPIC) == research_agent.REPORT.text
+
+        @multirun.run
+        def job() -> str:
+            return str(generate("HELLO", model=MODEL))
+
+        assert job() == "hi"
+        assert [s.name for s in traced.spans()] == ["invoke_workflow job"]
+    finally:
+        instrumented.instrument()
+
+
 def test_a_budget_given_to_instrument_once_instrumented_applies_and_a_bad_one_is_refused(
     traced: Any, instrumented: ClientAIInstrumentor
 ) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import genai_prices
 import pytest
 
 from child_processes import environment_without_settings
@@ -59,10 +60,12 @@ from multirun.models.policy import (  # noqa: E402
 )
 from multirun.telemetry import attributes as attr  # noqa: E402
 from multirun.telemetry.local_files import SpanRecord  # noqa: E402
+from test_gemini_usage import MODEL as GEMINI  # noqa: E402
+from test_gemini_usage import gemini_server  # noqa: E402
 from test_openai_usage import CANNED, llm  # noqa: E402
 from test_openai_usage import instrumented as openai_traced  # noqa: E402
 
-__all__ = ["llm", "openai_traced"]  # fixtures, imported for pytest
+__all__ = ["gemini_server", "llm", "openai_traced"]  # fixtures, imported for pytest
 
 PROGRAMS = Path(__file__).parent / "motus_programs"
 GENEROUS = 30.0  # seconds: a wait far above any normal duration, that fails the test, not hangs it
@@ -1114,6 +1117,58 @@ def test_a_model_call_whose_client_gives_no_usage_is_marked_unknown_not_a_silent
     assert chat.attributes[attr.STEP_STATUS] == "completed"
     assert chat.attributes[attr.USAGE_UNKNOWN] is True
     assert attr.USAGE_UNKNOWN not in traced.span("step publish").attributes  # no model call
+
+
+@agent_task(task_type="model_call")
+async def ask_the_sdk(base_url: str, model: str, prompt: str) -> Any:
+    """A model call of the program's own that returns the ``openai`` SDK's response as it is."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="test", max_retries=0) as sdk:
+        return await sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}])
+
+
+def test_a_model_call_returning_an_sdk_response_is_charged_its_usage_not_marked_unknown(
+    traced: Any, llm: Any, runtime: None
+) -> None:
+    """Its usage is the SDK response's (charged as a step's returned response is): the span and
+    the run tree said "tokens unknown" beside the very tokens it was charged."""
+
+    @multirun.run
+    def job() -> str:
+        return str(resolve(ask_the_sdk(llm.url, "gpt-4o-mini", "hello")).choices[0].message.content)
+
+    assert job() == "re: hello"
+    chat = traced.span("chat gpt-4o-mini")
+    assert chat.attributes[attr.TOKENS_USED] == CANNED[0].prompt + CANNED[0].completion
+    assert attr.USAGE_UNKNOWN not in chat.attributes
+    assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == CANNED[0].tokens
+
+
+def test_a_gemini_model_calls_thinking_is_counted_as_output(
+    traced: Any, gemini_server: Any, runtime: None
+) -> None:
+    """Motus's Gemini client keeps the prompt and answer counts of a response and drops its
+    thinking (``thoughtsTokenCount``), which Gemini bills as output; its ``total_tokens`` keeps
+    it. The call was counted 1040 tokens of the 1100 the response says, as the same response a
+    step returns is not (tests/test_gemini_usage.py)."""
+    from motus.models import GeminiChatClient
+
+    client = GeminiChatClient(api_key="test", http_options={"base_url": gemini_server.url})
+
+    @multirun.run
+    def job() -> str:
+        return resolve(_chain(client, GEMINI, 1))
+
+    assert job() == "ok"
+    chat = traced.span(f"chat {GEMINI}")
+    assert chat.attributes[attr.GEN_AI_USAGE_INPUT_TOKENS] == 1000
+    assert chat.attributes[attr.GEN_AI_USAGE_OUTPUT_TOKENS] == 100  # the answer's 40, the thinking's 60
+    assert chat.attributes[attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] == 60
+    thinking_billed = genai_prices.Usage(input_tokens=1000, output_tokens=100)  # Motus drops the cached count
+    price = genai_prices.calc_price(thinking_billed, GEMINI, provider_id="google").total_price
+    assert chat.attributes[attr.GEN_AI_USAGE_COST_AMOUNT] == pytest.approx(float(price))
+    assert traced.span("invoke_workflow job").attributes[attr.TOKENS_USED] == 1100
 
 
 def test_a_failure_reading_the_usage_still_ends_the_model_call(

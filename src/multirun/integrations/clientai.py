@@ -461,6 +461,8 @@ class _AgentScope:
 
 
 def _agent_run(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if not _settings.active:  # uninstrumented: called through a method bound before
+        return wrapped(*args, **kwargs)
     try:
         scope = _AgentScope(_agent_name(instance))
     except REFUSALS:
@@ -573,6 +575,8 @@ def _step_spec(step: Any, default_model: Any) -> StepSpec:
 
 def _execute_step(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # outside any run _open gives None: the step runs untouched
+    if not _settings.active:
+        return wrapped(*args, **kwargs)
     try:
         step = args[0] if args else kwargs["step"]
         if not step.config.enabled:
@@ -616,7 +620,7 @@ def _note_attempt(step: Any, error: Exception) -> None:
 
 
 def _select_tools(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if otel_context.get_current().get(RUN_KEY) is None:  # outside any run: untouched
+    if not _settings.active or otel_context.get_current().get(RUN_KEY) is None:  # outside any run: untouched
         return wrapped(*args, **kwargs)
     call = _open(_spec("select_tools", StepKind.TOOL_CALL, None), args[:1], {})
     if call is None:
@@ -625,7 +629,7 @@ def _select_tools(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs
 
 
 def _tool_call(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if otel_context.get_current().get(RUN_KEY) is None:  # outside any run: untouched
+    if not _settings.active or otel_context.get_current().get(RUN_KEY) is None:  # outside any run: untouched
         return wrapped(*args, **kwargs)
     try:
         spec = _spec(str(instance.name), StepKind.TOOL_CALL, None)
@@ -732,7 +736,7 @@ def _chat(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[s
 def _llm_call(
     method: str, wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    if otel_context.get_current().get(RUN_KEY) is None:  # outside any run: untouched
+    if not _settings.active or otel_context.get_current().get(RUN_KEY) is None:  # outside any run: untouched
         return wrapped(*args, **kwargs)
     try:
         by_name = _by_name(wrapped, args, kwargs) if len(args) > 2 else None

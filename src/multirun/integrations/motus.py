@@ -105,6 +105,7 @@ from multirun.models.budget import Budget
 from multirun.models.policy import Policy
 from multirun.models.run import Run, RunStatus
 from multirun.models.step import StepKind, StepStatus
+from multirun.sdk_usage import calls_in
 from multirun.telemetry import attributes as attr
 from multirun.telemetry import spans
 from multirun.telemetry.exceptions import exception_event, record_exception
@@ -910,7 +911,7 @@ class _TaskTrace:
                     if usage is not None:
                         # charged (and counted) even when refused
                         step._charge_response_usage((_response_id(result), usage, attr.OP_CHAT, None))
-                    elif step._own_usage is None and not step.child_usage_reported:
+                    elif step._own_usage is None and not step.child_usage_reported and not _has_usage(result):
                         # its tokens were spent all the same: not a silent 0
                         extra = {**extra, attr.USAGE_UNKNOWN: True}
                 except REFUSALS as refused:
@@ -1161,6 +1162,12 @@ def _usage_of(result: Any, provider: str | None) -> TokenUsage | None:
     cache_write = _count(usage.get("cache_creation_input_tokens"))
     details = usage.get("completion_tokens_details")
     reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+    output = _count(usage.get("completion_tokens"))
+    if provider == "gcp.gemini" and not reasoning:
+        # Motus's Gemini client drops the thinking count, which Gemini bills as output (and
+        # leaves out of the answer's count); the total it keeps has it
+        reasoning = max(_count(usage.get("total_tokens")) - prompt - cache_read - cache_write - output, 0)
+        output += reasoning
     cost = usage.get("cost")  # a gateway's own price (OpenRouter); else genai-prices prices it
     if not is_cost(cost):
         cost = None
@@ -1169,12 +1176,18 @@ def _usage_of(result: Any, provider: str | None) -> TokenUsage | None:
         model=model if isinstance(model, str) and model else None,
         provider=provider,
         input_tokens=prompt + cache_read + cache_write,
-        output_tokens=_count(usage.get("completion_tokens")),
+        output_tokens=output,
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
         reasoning_tokens=reasoning,
         cost_usd=None if cost is None else float(cost),
     )
+
+
+def _has_usage(result: Any) -> bool:
+    """Whether ``result`` is (or holds) an LLM SDK response with usage: one the program's own
+    model call returned, which the step charges as it charges any step's returned response."""
+    return bool(calls_in(result))
 
 
 def _response_id(result: Any) -> str | None:
