@@ -679,6 +679,12 @@ def test_s3_uris_of_another_store_are_not_found(s3_server: S3Server, monkeypatch
         ("s3://bucket/p?conditional_put=maybe", "conditional_put must be auto, on or off"),
         ("s3://bucket/p?endpoint_url=ftp://host", "endpoint_url must be http"),
         ("s3://bucket/p?region=a&region=b", "given twice"),
+        # accepted, then every request failed with "the S3 endpoint did not answer", unsent
+        ("s3://bucket/p?read_timeout=inf", "read_timeout must be positive seconds, at most"),
+        (
+            "s3://bucket/p?connect_timeout=1e300",
+            "connect_timeout and read_timeout must be positive seconds, at most",
+        ),
     ],
 )
 def test_s3_bad_uris_are_configuration_errors(uri: str, message: str) -> None:
