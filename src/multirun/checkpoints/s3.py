@@ -81,6 +81,7 @@ INSTALL_HINT = "pip install 'multirun-otel[s3]'"
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_READ_TIMEOUT = 5.0
 DEFAULT_MAX_ATTEMPTS = 2
+MAX_TIMEOUT = 1e9  # seconds: longer overflows the socket's timeout
 
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{1,253}[A-Za-z0-9]$")
 _AWS_HOST = re.compile(r"(^|\.)amazonaws\.com(\.cn)?$")
@@ -192,8 +193,10 @@ class S3BlobExporter:
             raise ConfigurationError(
                 f"addressing_style must be auto, path or virtual, got {addressing_style!r}"
             )
-        if not connect_timeout > 0 or not read_timeout > 0:
-            raise ConfigurationError("S3 connect_timeout and read_timeout must be positive seconds")
+        if not 0 < connect_timeout <= MAX_TIMEOUT or not 0 < read_timeout <= MAX_TIMEOUT:
+            raise ConfigurationError(
+                f"S3 connect_timeout and read_timeout must be positive seconds, at most {MAX_TIMEOUT:g}"
+            )
         if not 1 <= max_attempts <= 10:
             raise ConfigurationError(f"S3 max_attempts must be 1 to 10, got {max_attempts}")
         if page_size is not None and not 1 <= page_size <= 1000:
