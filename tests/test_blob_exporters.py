@@ -10,6 +10,7 @@ registry, tested with a real distribution put on sys.path.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import socket
 import subprocess
@@ -598,6 +599,67 @@ def test_s3_a_retried_put_that_had_landed_is_not_a_conflict(
     assert exporter.get("k") == b"mine"
 
 
+FORKED_READERS = textwrap.dedent(
+    """
+    import json, os, sys
+    from multirun.checkpoints.exporters import exporter_from_uri
+
+    blobs = {"parent": b"p" * 100, "child": b"c" * 3000}
+    wrong = {"parent": [], "child": []}
+    for round in range(4):  # the first read both make on the shared connection may go right
+        exporter = exporter_from_uri(f"{sys.argv[1]}{round}?{sys.argv[2]}")
+        for key, blob in blobs.items():
+            exporter.put(key, blob)  # the client's pool keeps the connection: the child inherits it
+        ready, report = os.pipe(), os.pipe()
+        pid = os.fork()
+        me = "child" if pid == 0 else "parent"
+        if pid == 0:
+            os.write(ready[1], b"x")
+        else:
+            os.read(ready[0], 1)
+        for _ in range(50):
+            try:
+                got = exporter.get(me)
+                if got != blobs[me]:
+                    wrong[me].append(f"{len(got)} bytes {got[:8]!r}")
+            except Exception as exc:
+                wrong[me].append(f"{type(exc).__name__}: {exc}"[:200])
+        if pid == 0:
+            os.write(report[1], json.dumps(wrong["child"]).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        os.close(report[1])
+        wrong["child"] = json.loads(os.read(report[0], 1 << 20))
+        if wrong["parent"] or wrong["child"]:
+            break
+    print(json.dumps(wrong))
+    """
+)
+
+
+def test_s3_a_forked_child_and_its_parent_never_read_each_others_answers(s3_server: S3Server) -> None:
+    # a child forked after the exporter's first request used the parent's pooled connection: each
+    # read answers meant for the other (a get gave the other's blob, or the empty body of the
+    # other's put, a put failed with a 405 meant for a get, or one waited out its read timeout)
+    uri = s3_server.uri(f"fork-{uuid.uuid4().hex[:8]}/", read_timeout=1)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "ignore::DeprecationWarning",
+            "-c",
+            FORKED_READERS,
+            *uri.split("?"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **s3_server.env()},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"parent": [], "child": []}, done.stderr
+
+
 def test_s3_uris_of_another_store_are_not_found(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     use_env(monkeypatch, s3_server.env())
     exporter = exporter_from_uri(f"s3://{s3_server.BUCKET}/mine")
@@ -617,6 +679,12 @@ def test_s3_uris_of_another_store_are_not_found(s3_server: S3Server, monkeypatch
         ("s3://bucket/p?conditional_put=maybe", "conditional_put must be auto, on or off"),
         ("s3://bucket/p?endpoint_url=ftp://host", "endpoint_url must be http"),
         ("s3://bucket/p?region=a&region=b", "given twice"),
+        # accepted, then every request failed with "the S3 endpoint did not answer", unsent
+        ("s3://bucket/p?read_timeout=inf", "read_timeout must be positive seconds, at most"),
+        (
+            "s3://bucket/p?connect_timeout=1e300",
+            "connect_timeout and read_timeout must be positive seconds, at most",
+        ),
     ],
 )
 def test_s3_bad_uris_are_configuration_errors(uri: str, message: str) -> None:

@@ -747,3 +747,82 @@ def test_7_the_checkpoint_timeout_comes_from_init_or_its_variable(
     monkeypatch.setenv("MULTIRUN_CHECKPOINT_TIMEOUT", "soon")
     with pytest.raises(ConfigurationError, match="MULTIRUN_CHECKPOINT_TIMEOUT"):
         multirun.init(tracer_provider=traced.provider, checkpoint_uri=str(tmp_path))
+
+
+FORK_DURING_A_HUNG_WRITE = """
+import os, signal, socket, sys, threading, time
+import multirun
+from opentelemetry.sdk.trace import TracerProvider
+from multirun import run
+from multirun.context import get_current_run_context
+from multirun.errors import CheckpointError
+
+# the S3 server behind a proxy that holds what is sent to it while `stalled` is set
+stalled = threading.Event()
+stalled.set()
+listener = socket.create_server(("127.0.0.1", 0))
+
+def pipe(source, sink, upload):
+    while data := source.recv(65536):
+        while upload and stalled.is_set():
+            time.sleep(0.01)
+        sink.sendall(data)
+
+def serve():
+    while True:
+        client, _ = listener.accept()
+        server = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+        threading.Thread(target=pipe, args=(client, server, True), daemon=True).start()
+        threading.Thread(target=pipe, args=(server, client, False), daemon=True).start()
+
+threading.Thread(target=serve, daemon=True).start()
+endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+multirun.init(
+    tracer_provider=TracerProvider(),
+    checkpoint_uri=f"{sys.argv[1]}?endpoint_url={endpoint}&conditional_put=on",
+    checkpoint_timeout=1,
+)
+
+@run
+def job():
+    get_current_run_context().checkpoint(name="c")
+
+try:
+    job()
+except CheckpointError as exc:
+    print("parent:", exc, flush=True)
+pid = os.fork()  # while the parent's write hangs: a worker of a pool, say
+if pid == 0:
+    signal.alarm(30)  # a child that hangs must not outlive the test
+    try:
+        job()
+        print("child: written", flush=True)
+    except CheckpointError as exc:
+        print("child:", exc, flush=True)
+    os._exit(0)
+stalled.clear()  # the store answers again
+os.waitpid(pid, 0)
+"""
+
+
+def test_7_a_child_forked_while_a_write_hangs_writes_its_own_checkpoints(s3_server: S3Server) -> None:
+    # the child inherited the parent's hung write, which no thread of the child would ever end:
+    # each of its checkpoints was refused, for good, "until it ends"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "ignore::DeprecationWarning",
+            "-c",
+            FORK_DURING_A_HUNG_WRITE,
+            f"s3://{s3_server.BUCKET}/fork-{uuid.uuid4().hex[:8]}",
+            str(s3_server.ports["s3"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environment_without_settings(), **s3_server.env()},
+    )
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and "within 1 s (checkpoint_timeout)" in lines[0], (lines, done.stderr)
+    assert lines[1] == "child: written", (lines, done.stderr)

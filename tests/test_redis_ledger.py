@@ -6,6 +6,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -1189,6 +1190,27 @@ def test_from_uri_connects_through_a_unix_socket_to_the_database_it_names(redis_
 def test_from_uri_refuses_bad_parameters(uri: str) -> None:
     with pytest.raises(ConfigurationError):
         RedisLedgerFactory.from_uri(uri)
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("timeout=1e12", "timeout must be a number > 0 and at most 1e+09, got '1e12'"),
+        ("ttl_seconds=1e300", "ttl_seconds must be a number > 0 and at most 1e+15, got '1e300'"),
+    ],
+)
+def test_from_uri_refuses_a_timeout_or_ttl_too_large_to_use(
+    redis_server: RedisServer, query: str, error: str
+) -> None:
+    # accepted, then every step failed, failing open too: an OverflowError out of the socket for
+    # the timeout, and for the ttl "the ledger is unavailable" (Redis refused the expiry), which a
+    # fail-open process took for an outage, sharing nothing for the rest of its life
+    with pytest.raises(ConfigurationError, match=re.escape(error)):
+        RedisLedgerFactory.from_uri(f"{redis_server.url}?fail_open=true&{query}")
+    client = redis.Redis.from_url(redis_server.url)
+    with pytest.raises(ConfigurationError, match="ttl_seconds must be > 0 and at most 1e"):
+        RedisLedger(client, new_id(), ttl_seconds=1e300)
+    client.close()
 
 
 @pytest.mark.parametrize(

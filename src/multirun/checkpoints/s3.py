@@ -42,12 +42,16 @@ BlobStoreUnavailableError within about 12 s (2 x 5 s and a backoff of at most
 2 s); a refused connection fails at once. Errors from botocore become
 CheckpointError subclasses naming the bucket and key, never the credentials.
 
+Fork-safe: a forked child (a multiprocessing worker) makes its own client on its
+first request instead of sharing the parent's pooled connections.
+
 Needs boto3: ``pip install 'multirun-otel[s3]'``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -55,6 +59,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -76,6 +81,7 @@ INSTALL_HINT = "pip install 'multirun-otel[s3]'"
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_READ_TIMEOUT = 5.0
 DEFAULT_MAX_ATTEMPTS = 2
+MAX_TIMEOUT = 1e9  # seconds: longer overflows the socket's timeout
 
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{1,253}[A-Za-z0-9]$")
 _AWS_HOST = re.compile(r"(^|\.)amazonaws\.com(\.cn)?$")
@@ -187,8 +193,10 @@ class S3BlobExporter:
             raise ConfigurationError(
                 f"addressing_style must be auto, path or virtual, got {addressing_style!r}"
             )
-        if not connect_timeout > 0 or not read_timeout > 0:
-            raise ConfigurationError("S3 connect_timeout and read_timeout must be positive seconds")
+        if not 0 < connect_timeout <= MAX_TIMEOUT or not 0 < read_timeout <= MAX_TIMEOUT:
+            raise ConfigurationError(
+                f"S3 connect_timeout and read_timeout must be positive seconds, at most {MAX_TIMEOUT:g}"
+            )
         if not 1 <= max_attempts <= 10:
             raise ConfigurationError(f"S3 max_attempts must be 1 to 10, got {max_attempts}")
         if page_size is not None and not 1 <= page_size <= 1000:
@@ -206,8 +214,10 @@ class S3BlobExporter:
         self._errors = (ClientError, BotoCoreError)
         self._client_error = ClientError
         self._unreachable = (EndpointError, HTTPClientError)  # refused, timed out, cut off
+        self._remake: Callable[[], Any] | None = None  # a client of the same settings (see client)
         if client is None:
-            client = self._make_client(
+            self._remake = functools.partial(
+                self._make_client,
                 boto3,
                 endpoint_url=endpoint_url
                 or os.environ.get("AWS_ENDPOINT_URL_S3")
@@ -219,7 +229,9 @@ class S3BlobExporter:
                 addressing_style=addressing_style,
                 timeouts=(connect_timeout, read_timeout),
             )
-        self.client = client
+            client = self._remake()
+        self._client = client
+        self._pid = os.getpid()
         endpoint = getattr(client.meta, "endpoint_url", None) or ""
         self.endpoint = _safe_endpoint(endpoint)
         if self._supported is None and _AWS_HOST.search(urlsplit(endpoint).hostname or ""):
@@ -278,6 +290,24 @@ class S3BlobExporter:
 
     def __repr__(self) -> str:
         return f"S3BlobExporter({self._where(self.prefix)!r}, endpoint={self.endpoint!r})"
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client. A forked child gets one of its own: boto3 clients are not
+        fork-safe, and on the pooled connections it inherits each process would read answers
+        meant for the other (another blob, another request's error)."""
+        self._check_fork()
+        return self._client
+
+    def _check_fork(self) -> None:
+        if self._pid == os.getpid():
+            return
+        self._probe_lock = threading.Lock()  # a thread of the parent may have held it
+        if self._remake is not None:
+            self._client = self._remake()
+        else:  # a client given: its pool drops the parent's connections and opens its own
+            self._client.close()
+        self._pid = os.getpid()
 
     @property
     def conditional_put_supported(self) -> bool | None:
@@ -438,6 +468,7 @@ class S3BlobExporter:
     def _conditional_writes(self, full: str) -> bool:
         """Whether to use If-None-Match: known from the setting, the endpoint, or one probe."""
         if self._supported is None:
+            self._check_fork()  # before the lock, which the parent may have held
             with self._probe_lock:
                 if self._supported is None:
                     supported = self._probe(full)

@@ -447,7 +447,9 @@ class CheckpointStore:
             write.run(put)  # as long as it takes, in the caller's thread
             return write.result()
         with self._writes_lock:
-            self._hung = {hung for hung in self._hung if not hung.done.is_set()}
+            # a forked child holds none of its parent's writes: no thread of its own would end them
+            pid = os.getpid()
+            self._hung = {hung for hung in self._hung if not hung.done.is_set() and hung.pid == pid}
             if self._hung:
                 oldest = min(self._hung, key=lambda hung: hung.started)
                 raise BlobStoreUnavailableError(
@@ -794,6 +796,7 @@ class _Write:
     def __init__(self, key: str) -> None:
         self.key = key
         self.started = time.monotonic()
+        self.pid = os.getpid()  # the process whose thread writes it
         self.done = threading.Event()
         self.uri: str | None = None
         self.error: BaseException | None = None

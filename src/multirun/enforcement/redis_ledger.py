@@ -126,6 +126,8 @@ _logger = logging.getLogger(__name__)
 DEFAULT_KEY_PREFIX = "multirun:ledger:"
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
 DEFAULT_TIMEOUT_SECONDS = 0.5
+MAX_TIMEOUT_SECONDS = 1e9  # longer overflows the socket's timeout
+MAX_TTL_SECONDS = 1e15  # longer overflows Redis's expiry time (milliseconds in 64 bits)
 _US_PER_SECOND = 1_000_000
 
 
@@ -682,8 +684,10 @@ class RedisLedger(LedgerReadings):
             )
         if len(set(ids)) != len(ids):
             raise ConfigurationError(f"RedisLedger: a run id appears twice in run and ancestor ids {ids!r}")
-        if not ttl_seconds > 0:
-            raise ConfigurationError(f"RedisLedger: ttl_seconds must be > 0, got {ttl_seconds!r}")
+        if not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+            raise ConfigurationError(
+                f"RedisLedger: ttl_seconds must be > 0 and at most {MAX_TTL_SECONDS:g}, got {ttl_seconds!r}"
+            )
         self.run_id = run_id
         self.ancestor_ids = ancestors
         self.key = key_prefix + run_id
@@ -1248,7 +1252,7 @@ class RedisLedgerFactory:
                 ours[name] = value
             else:
                 theirs.append((name, value))
-        timeout = _positive(ours["timeout"], "timeout", uri)
+        timeout = _positive(ours["timeout"], "timeout", uri, MAX_TIMEOUT_SECONDS)
         redis_py: Any = redis  # Any: redis-py 5 leaves from_url and Retry untyped
         try:
             client: redis.Redis = redis_py.Redis.from_url(
@@ -1264,7 +1268,9 @@ class RedisLedgerFactory:
         return cls(
             client,
             key_prefix=ours.get("key_prefix", DEFAULT_KEY_PREFIX),
-            ttl_seconds=_positive(ours.get("ttl_seconds", str(DEFAULT_TTL_SECONDS)), "ttl_seconds", uri),
+            ttl_seconds=_positive(
+                ours.get("ttl_seconds", str(DEFAULT_TTL_SECONDS)), "ttl_seconds", uri, MAX_TTL_SECONDS
+            ),
             fail_open=_boolean(ours["fail_open"], uri),
             clock=clock,
         )
@@ -1427,13 +1433,15 @@ def _check_parameters(client: redis.Redis, uri: str) -> None:
         )
 
 
-def _positive(value: str, name: str, uri: str) -> float:
+def _positive(value: str, name: str, uri: str, maximum: float) -> float:
     try:
         number = float(value)
     except ValueError:
         number = -1.0
-    if not number > 0 or math.isinf(number):
-        raise ConfigurationError(f"ledger URL {redact(uri)!r}: {name} must be a number > 0, got {value!r}")
+    if not 0 < number <= maximum:
+        raise ConfigurationError(
+            f"ledger URL {redact(uri)!r}: {name} must be a number > 0 and at most {maximum:g}, got {value!r}"
+        )
     return number
 
 
