@@ -1863,3 +1863,17 @@ def test_a_listing_does_not_read_a_meta_section_a_header_says_is_huge(traced) ->
     exporter.asked.clear()
     assert store.name_of(key) is None  # not named, as a blob without a meta section is not
     assert max(exporter.asked) < 1 << 20, exporter.asked
+
+
+def test_runs_named_per_request_do_not_grow_the_count_of_runs_by_name_for_good(traced) -> None:
+    """Top runs are counted by name for ``multirun resume``; names made per request stop being
+    counted past a limit, rather than holding memory for the life of the process."""
+    import multirun.context as context_module
+
+    context_module.top_runs_started.clear()
+    limit = context_module._MAX_COUNTED_RUN_NAMES
+    for index in range(limit + 50):
+        with RunContext(traced.client, Run(name=f"request-{index}")):
+            pass
+    assert len(context_module.top_runs_started) == limit
+    context_module.top_runs_started.clear()

@@ -78,8 +78,22 @@ if TYPE_CHECKING:
     from multirun.sdk_usage import ModelCall, Reply
 
 _logger = logging.getLogger(__name__)
-# the runs with checkpoints of their own (top runs) started in this process, by name
+# the runs with checkpoints of their own (top runs) started in this process, by name, for
+# at most _MAX_COUNTED_RUN_NAMES names (run names made per request must not grow it for good)
 top_runs_started: dict[str, int] = {}
+_MAX_COUNTED_RUN_NAMES = 10_000
+
+
+def _count_top_run(name: str) -> int:
+    """One more top run named ``name`` started: its number among them, 0 for a name past the limit."""
+    started = top_runs_started.get(name)
+    if started is None:
+        if len(top_runs_started) >= _MAX_COUNTED_RUN_NAMES:
+            return 0
+        started = 0
+    top_runs_started[name] = started + 1
+    return started + 1
+
 
 T = TypeVar("T")
 
@@ -459,7 +473,7 @@ class RunContext:
         if self.parent is not None and self.parent.records_replay and not self.parent.remote:
             self._join_replay_log(self.parent, inputs)
         else:
-            self.occurrence = top_runs_started[run.name] = top_runs_started.get(run.name, 0) + 1
+            self.occurrence = _count_top_run(run.name)
             if inputs is not None and self.records_replay and self.input_digest is None:
                 self.input_digest = input_hash(*inputs)
         if run.policy is not None:
