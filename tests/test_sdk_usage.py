@@ -33,7 +33,7 @@ from openai.types.responses import Response
 
 import multirun
 import multirun.usage
-from genai_metrics import operations
+from genai_metrics import operations, points
 from local_http import LocalHTTPServer, QuietHandler
 from multirun import agent, run, step
 from multirun.context import get_current_step_context
@@ -1745,15 +1745,7 @@ def test_the_operation_name_of_an_llm_step_is_that_of_the_response_it_returns(
 
 def _operation_durations(reader: Any) -> list[tuple[dict[str, Any], int]]:
     """The attributes and count of each point of ``gen_ai.client.operation.duration``."""
-    data = reader.get_metrics_data()
-    return [
-        (dict(point.attributes), point.count)
-        for resource in (data.resource_metrics if data else ())
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == "gen_ai.client.operation.duration"
-        for point in metric.data.data_points
-    ]
+    return [(dict(p.attributes), p.count) for p in points(reader, "gen_ai.client.operation.duration")]
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["response", "stream"])
@@ -1831,14 +1823,9 @@ def test_an_embeddings_call_has_input_tokens_only(traced, metric_reader, answeri
     span = attrs(step_span(traced, "embed"))
     assert span["gen_ai.usage.input_tokens"] == 30
     assert "gen_ai.usage.output_tokens" not in span
-    data = metric_reader.get_metrics_data()
     token_types = [
         (point.attributes["gen_ai.token.type"], point.sum)
-        for resource in data.resource_metrics
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == "gen_ai.client.token.usage"
-        for point in metric.data.data_points
+        for point in points(metric_reader, "gen_ai.client.token.usage")
     ]
     assert token_types == [("input", 30)]
 

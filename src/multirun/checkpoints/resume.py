@@ -372,13 +372,12 @@ def take_pending_resume(
     started as many runs in (``occurrence()``); in a ``multirun.resume`` block, the first.
 
     CheckpointError if the run is not of the name to continue it; the resume then stays pending."""
-    call = _RunCall(inputs_digest, occurrence)
     pending = otel_context.get_current().get(_PENDING_KEY)
     if isinstance(pending, _Pending):
-        return pending.take(run_name, call)
+        return pending.take(run_name, _RunCall(inputs_digest, occurrence))
     if not os.environ.get(RESUME_ENV):
         return None
-    return _take_from_environment(client, run_name, call)
+    return _take_from_environment(client, run_name, _RunCall(inputs_digest, occurrence))
 
 
 def _take_from_environment(
