@@ -905,6 +905,57 @@ def test_fail_open_warns_once_and_counts_locally(
     assert "failing open" in warnings[0].getMessage()
 
 
+@pytest.mark.parametrize("credentials", [":wrong@", ""], ids=["wrong-password", "no-password"])
+def test_a_server_that_refuses_the_credentials_is_named_so_not_an_outage(
+    fresh_redis_server: RedisServer, credentials: str
+) -> None:
+    raw = redis.Redis.from_url(fresh_redis_server.url)
+    raw.config_set("requirepass", "right")
+    url = fresh_redis_server.url.replace("redis://", f"redis://{credentials}")
+    factory = RedisLedgerFactory.from_uri(url)
+    with pytest.raises(LedgerUnavailableError) as got:
+        factory.ledger(new_id(), Budget(max_steps=3))
+    message = str(got.value)
+    assert "refused the credentials" in message
+    assert "Check the user name and password in the ledger URL" in message
+    assert "fail_open" not in message  # failing open would hide a wrong password, not mend it
+    assert "wrong" not in message
+    assert isinstance(got.value.__cause__, redis.AuthenticationError)
+    factory.close()
+    raw.close()
+
+
+def test_a_user_without_the_ledger_s_commands_is_named_so(fresh_redis_server: RedisServer) -> None:
+    raw = redis.Redis.from_url(fresh_redis_server.url)
+    raw.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@read")
+    factory = RedisLedgerFactory.from_uri(fresh_redis_server.url.replace("redis://", "redis://reader:pw@"))
+    with pytest.raises(LedgerUnavailableError) as got:
+        factory.ledger(new_id(), Budget(max_steps=3))
+    assert "refused the credentials or lacks a permission" in str(got.value)
+    assert "EVALSHA" in str(got.value)
+    factory.close()
+    raw.close()
+
+
+def test_fail_open_with_a_refused_password_warns_that_it_was_refused(
+    fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = redis.Redis.from_url(fresh_redis_server.url)
+    raw.config_set("requirepass", "right")
+    url = fresh_redis_server.url.replace("redis://", "redis://:wrong@") + "?fail_open=true"
+    factory = RedisLedgerFactory.from_uri(url)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    ledger = factory.ledger(new_id(), Budget(max_steps=3))
+    ledger.begin_step()
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(warnings) == 1
+    assert "refused the credentials" in warnings[0]
+    assert "Check the user name and password in the ledger URL" in warnings[0]
+    assert "failing open" in warnings[0]
+    factory.close()
+    raw.close()
+
+
 class Clock:
     """A clock that moves only when told to: the fail-open back-off runs on it."""
 

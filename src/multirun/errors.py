@@ -95,15 +95,31 @@ class LedgerUnavailableError(MultiRunError):
     overspent while the ledger cannot be read; ``__cause__`` is redis-py's error.
     """
 
-    def __init__(self, url: str, run_id: str, action: str, error: BaseException) -> None:
+    def __init__(
+        self, url: str, run_id: str, action: str, error: BaseException, access_refused: bool = False
+    ) -> None:
         self.url = url
         self.run_id = run_id
+        if access_refused:  # no outage: failing open would hide it, not mend it
+            super().__init__(
+                f"the shared budget ledger at {url} {ACCESS_REFUSED} ({type(error).__name__}: {error}); "
+                f"run {run_id!r} could not {action}. {ACCESS_HINT}"
+            )
+            return
         super().__init__(
             f"the shared budget ledger at {url} is unavailable ({type(error).__name__}: {error}); "
             f"run {run_id!r} could not {action}. The ledger fails closed so that no budget is "
             "overspent; to go on counting in this process while Redis is down, pass fail_open=True "
             "to RedisLedger, or add fail_open=true to the ledger URL."
         )
+
+
+ACCESS_REFUSED = "refused the credentials or lacks a permission"
+ACCESS_HINT = (
+    "Check the user name and password in the ledger URL (redis://USER:PASSWORD@host:port/db); "
+    "with Redis ACLs the user needs EVALSHA, SCRIPT LOAD and read and write access to the "
+    "ledger's keys."
+)
 
 
 class CheckpointError(MultiRunError):

@@ -114,7 +114,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from multirun.enforcement.ledger import Ledger, LedgerReadings, RunLedger
-from multirun.errors import BudgetExceededError, ConfigurationError, LedgerUnavailableError
+from multirun.errors import (
+    ACCESS_HINT,
+    ACCESS_REFUSED,
+    BudgetExceededError,
+    ConfigurationError,
+    LedgerUnavailableError,
+)
 from multirun.models.budget import Budget, BudgetStatus
 from multirun.pricing import COST_UNITS_PER_USD, cost_limit_units
 
@@ -481,6 +487,7 @@ class _ClientState:
     url: str
     errors: tuple[type[BaseException], ...]
     no_script: type[BaseException]
+    refused: tuple[type[BaseException], ...]  # wrong credentials or ACL: no outage
     lock: threading.Lock = field(default_factory=threading.Lock)
     sending: threading.Lock = field(default_factory=threading.Lock)  # one send_pending at a time
     loaded: bool = False
@@ -567,6 +574,11 @@ def _state_of(client: redis.Redis) -> _ClientState:
                 url=_client_url(client),
                 errors=(redis.exceptions.RedisError, OSError),
                 no_script=redis.exceptions.NoScriptError,
+                refused=(
+                    redis.exceptions.AuthenticationError,
+                    redis.exceptions.AuthorizationError,
+                    redis.exceptions.NoPermissionError,
+                ),
             )
             _client_states[client] = state
         return state
@@ -989,21 +1001,24 @@ class RedisLedger(LedgerReadings):
                 self._load_scripts()
                 reply = self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except shared.errors as exc:
+            refused = isinstance(exc, shared.refused)
             if not self._fail_open:
-                raise LedgerUnavailableError(shared.url, self.run_id, action, exc) from exc
+                raise LedgerUnavailableError(shared.url, self.run_id, action, exc, refused) from exc
             with shared.lock:
                 first = not shared.local
                 shared.local = True
                 shared.retry_at = self._clock() + RETRY_SECONDS
             if first:
                 _logger.warning(
-                    "multirun: the shared budget ledger at %s is unavailable (%s: %s); failing open: "
+                    "multirun: the shared budget ledger at %s %s (%s: %s); failing open: "
                     "each process now counts its own steps and spend, so the budget is no longer "
-                    "enforced across processes (Redis is tried again every %g s)",
+                    "enforced across processes (Redis is tried again every %g s)%s",
                     shared.url,
+                    ACCESS_REFUSED if refused else "is unavailable",
                     type(exc).__name__,
                     exc,
                     RETRY_SECONDS,
+                    f". {ACCESS_HINT}" if refused else "",
                 )
             return None
         reply = list(reply)
