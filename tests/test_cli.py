@@ -833,6 +833,25 @@ def test_an_unreadable_file_is_skipped_with_a_warning(
     ]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_a_named_pipe_among_the_span_files_is_skipped_not_waited_on(demo: DemoRun, tmp_path: Path) -> None:
+    # opening it waited for a writer that never came: the command hung
+    shutil.copytree(demo.directory / "traces", tmp_path / "traces")
+    pipe = tmp_path / "traces" / "collector.jsonl"
+    os.mkfifo(pipe)
+    env = _clean_env(PYTHONPATH=str(Path(client_module.__file__).parents[1]))
+    for argv in (["runs"], ["runs", "show", demo.run_id[:8]]):
+        done = subprocess.run(
+            [sys.executable, "-m", "multirun", *argv, "--dir", str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0 and demo.run_id[:12] in done.stdout
+        assert done.stderr == f"multirun: warning: skipping {pipe}: not a regular file\n"
+
+
 def test_an_unreadable_traces_folder_is_an_error_not_no_runs(
     demo: DemoRun, tmp_path: Path, capsys: pytest.CaptureFixture[str], unreadable: Callable[[Path], None]
 ) -> None:

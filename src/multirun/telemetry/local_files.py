@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 import weakref
@@ -307,6 +308,12 @@ def _read_span_file(path: Path, warn: bool) -> Iterator[SpanRecord]:
     bad_spans: list[tuple[int, str]] = []
     number = 0
     try:
+        mode = path.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder: open() says so itself
+            # a named pipe would be waited on until something writes it: for ever
+            if warn:
+                _logger.warning("skipping %s: not a regular file", path)
+            return
         # universal newlines: "\r\n" and "\r" end a line too; U+2028 does not
         with path.open(encoding="utf-8", errors="replace") as lines:
             for number, line in enumerate(lines, 1):
