@@ -1618,6 +1618,16 @@ def test_colours_on_a_terminal_unless_no_color(demo: DemoRun, monkeypatch: pytes
         assert ("\x1b[32mcompleted\x1b[0m" in terminal.getvalue()) is coloured
 
 
+def test_no_colours_on_a_dumb_terminal(demo: DemoRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    # TERM=dumb (Emacs' shell, some CI logs) shows escape codes as text: they were written
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "dumb")
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert main(["runs", "show", demo.run_id, "--dir", str(demo.directory)]) == 0
+    assert "completed" in terminal.getvalue() and "\x1b" not in terminal.getvalue()
+
+
 # ---------------------------------------------------------------------------
 # the installed console script, in a fresh process
 

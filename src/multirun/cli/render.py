@@ -45,10 +45,11 @@ class Style:
 
 
 def terminal_style() -> Style:
-    """Colours only on a terminal, and never when NO_COLOR is set."""
+    """Colours only on a terminal, and never when NO_COLOR is set or the terminal is dumb
+    (``TERM=dumb``: Emacs' shell, some CI logs, which show escape codes as text)."""
     isatty = getattr(sys.stdout, "isatty", None)
     tty = bool(isatty and isatty())
-    return Style(color=tty and not os.environ.get("NO_COLOR"))
+    return Style(color=tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb")
 
 
 # ---------------------------------------------------------------------------
