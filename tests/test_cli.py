@@ -1155,6 +1155,24 @@ def test_a_run_nested_deeper_than_python_recurses_is_shown(
     assert rows[1].startswith("└─ step hop1 ") and rows[2].startswith("   └─ step hop2 ")
 
 
+def test_every_span_of_a_deep_tree_is_named_and_its_lines_stay_short(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # from 16 levels down the 48-column cell held glyphs only: every deeper row was "   …"
+    hops = 40
+    write_a_run_handed_on(tmp_path, hops)
+    code, out, err = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    assert (code, err) == (0, "")
+    _header, _root, *rows = tree_lines(out)
+    assert len(rows) == hops
+    for hop, row in enumerate(rows, 1):
+        if hop <= render.MAX_TREE_LEVELS:  # drawn as a tree
+            assert row.startswith("   " * (hop - 1) + f"└─ step hop{hop} "), row
+        else:  # deeper: the level said instead of drawn
+            assert row.startswith(f"…({hop}) └─ step hop{hop} "), row
+    assert max(map(render.display_width, tree_lines(out))) < 150
+
+
 def test_a_run_nested_deeper_than_json_dumps_recurses_is_printed_as_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -168,18 +168,25 @@ def _pad(text: str, width: int, right: bool = False) -> str:
 MAX_CELL_WIDTH = 48
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int], style: Style) -> list[str]:
+def table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    right: set[int],
+    style: Style,
+    fitted: Collection[int] = (),
+) -> list[str]:
     """Aligned columns (two spaces apart); ``right`` holds the indexes of right-aligned ones.
 
     Control characters in cells are escaped, and cells are padded by the columns they take
     on a terminal (a CJK character takes two). A cell of a padded column (all but the last)
     longer than ``MAX_CELL_WIDTH`` is cut short with an ellipsis: one long name would widen
-    every line. Colour is applied after padding, so escape codes never break the alignment.
+    every line; the cells of the ``fitted`` columns are left as they are (their caller cut
+    them). Colour is applied after padding, so escape codes never break the alignment.
     """
     last = len(header) - 1
     rows = [
         [
-            printable(cell) if i == last else shorten(printable(cell), MAX_CELL_WIDTH)
+            printable(cell) if i == last or i in fitted else shorten(printable(cell), MAX_CELL_WIDTH)
             for i, cell in enumerate(row)
         ]
         for row in rows
@@ -285,10 +292,16 @@ def run_heading(run: RunSummary, style: Style) -> list[str]:
 TREE_HEADER = ("SPAN", "STATUS", "DURATION", "TOKENS", "COST", "NOTES")
 
 
+#: Spans deeper than this are not indented further: their level is written instead.
+MAX_TREE_LEVELS = 24
+#: The columns a span's name keeps, however deep it is (a longer one is cut short).
+MIN_NAME_WIDTH = 20
+
+
 def render_tree(root: Node, style: Style) -> list[str]:
     """The run's spans as a tree, one aligned line each, then a totals line."""
     rows = [_tree_row(node, prefix) for node, prefix in _with_prefixes(root)]
-    lines = table(TREE_HEADER, rows, {2, 3, 4}, style)
+    lines = table(TREE_HEADER, rows, {2, 3, 4}, style, fitted={0})
     lines = [_dim_glyphs(line, style) for line in lines]
     return [*lines, "", totals_line(root, style)]
 
@@ -318,13 +331,24 @@ def _dim_glyphs(line: str, style: Style) -> str:
 def _tree_row(node: Node, prefix: str) -> tuple[str, ...]:
     span = node.span
     return (
-        prefix + label(span),
+        _tree_label(prefix, span),
         runs.span_status(span),
         _duration(span),
         format_tokens(runs.tokens(span)),
         format_cost(runs.cost_usd(span), runs.unpriced(span)),
         notes(span),
     )
+
+
+def _tree_label(prefix: str, span: SpanRecord) -> str:
+    """The span's glyphs and its name, cut short to ``MAX_CELL_WIDTH`` as far as the name
+    keeps ``MIN_NAME_WIDTH`` columns: the glyphs are never cut (cut, a deep span's cell held
+    only them). Below ``MAX_TREE_LEVELS`` the level is written, ``…(30) └─ ``, not drawn."""
+    levels = len(prefix) // 3  # each level's glyphs take three columns
+    if levels > MAX_TREE_LEVELS:
+        prefix = f"…({levels}) {prefix[-3:]}"
+    room = max(MAX_CELL_WIDTH - display_width(prefix), MIN_NAME_WIDTH)
+    return prefix + shorten(printable(label(span)), room)
 
 
 def label(span: SpanRecord) -> str:
