@@ -1233,6 +1233,20 @@ def test_plural() -> None:
     assert render.plural(1200, "token", "1,200") == "1,200 tokens"
 
 
+def test_the_totals_line_groups_the_digits_of_every_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it said "12,500 tokens" but "10000 steps"
+    def build(tracer: Any) -> None:
+        spend = {attr.TOKENS_USED: 12_500, attr.STEPS_USED: 10_000, attr.RUN_STATUS: "completed"}
+        tracer.start_span("invoke_workflow synthetic", attributes=run_attrs("a" * 32, **spend)).end()
+
+    write_spans(tmp_path, build)
+    code, out, _ = run_cli(capsys, "runs", "show", "aaaa", "--dir", str(tmp_path))
+    assert code == 0
+    assert out.splitlines()[-1].startswith("total  12,500 tokens  ·  $0.000000  ·  10,000 steps  ·  ")
+
+
 def test_show_of_a_failed_run_has_its_error_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

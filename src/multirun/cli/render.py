@@ -79,8 +79,8 @@ def format_cost(cost: float | None, unpriced: bool = False) -> str:
 
 
 def plural(count: int, noun: str, shown: str | None = None) -> str:
-    """``1 step``, ``2 steps``; ``shown`` is how to print the count (e.g. ``1,200``)."""
-    return f"{count if shown is None else shown} {noun}{'' if count == 1 else 's'}"
+    """``1 step``, ``10,000 steps``; ``shown`` is how to print the count, if not so."""
+    return f"{f'{count:,}' if shown is None else shown} {noun}{'' if count == 1 else 's'}"
 
 
 def format_tokens(count: int | None) -> str:
