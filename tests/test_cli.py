@@ -622,6 +622,7 @@ def test_damaged_lines_are_skipped(demo: DemoRun, tmp_path: Path, capsys: pytest
         ),
         ("[1, 2]", "not a JSON object"),
         ("{not json", "not JSON"),
+        ('{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "ab"', "cut short"),
     ],
 )
 def test_a_damaged_line_is_explained_in_words(
@@ -633,6 +634,23 @@ def test_a_damaged_line_is_explained_in_words(
     code, _, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
     assert code == 0
     assert err.splitlines() == [f"multirun: warning: skipped 1 damaged line in {damaged} (line 2: {reason})"]
+
+
+def test_a_last_line_being_written_is_said_to_be_cut_short_not_no_json(
+    demo: DemoRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a writer killed mid-line, or one still writing it, left "not JSON": a file that looked corrupt
+    shutil.copytree(demo.directory / "traces", tmp_path / "traces")
+    [written] = (tmp_path / "traces").glob("*.jsonl")
+    data = written.read_bytes()
+    written.write_bytes(data + data[:300])  # the next line, a third of it written so far
+    code, out, err = run_cli(capsys, "runs", "--dir", str(tmp_path))
+    assert code == 0 and demo.run_id[:12] in out
+    last = data.count(b"\n") + 1
+    assert err.splitlines() == [
+        f"multirun: warning: skipped 1 damaged line in {written} "
+        f"(line {last}: cut short: still being written, or its writer was killed)"
+    ]
 
 
 def otlp_span(span_id: str, run_id: str | None = None, **fields: Any) -> dict[str, Any]:

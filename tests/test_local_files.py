@@ -264,7 +264,7 @@ def test_a_line_cut_short_by_a_killed_process_does_not_take_the_next_one_with_it
     with caplog.at_level(logging.WARNING, logger="multirun"):
         assert [s.name for s in read_spans(tmp_path)] == ["first", "second"]
     assert [r.getMessage() for r in caplog.records] == [
-        f"skipped 1 damaged line in {path} (line 2: not JSON)"
+        f"skipped 1 damaged line in {path} (line 2: cut short)"
     ]
 
 
@@ -573,7 +573,7 @@ def test_a_fragment_another_writer_leaves_between_two_batches_does_not_take_the_
     with caplog.at_level(logging.WARNING, logger="multirun"):
         assert [s.name for s in read_spans(tmp_path)] == ["first", "second", "third"]
     assert [r.getMessage() for r in caplog.records] == [
-        f"skipped 1 damaged line in {path} (line 2: not JSON)"
+        f"skipped 1 damaged line in {path} (line 2: cut short)"
     ]
 
 

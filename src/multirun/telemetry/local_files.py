@@ -301,6 +301,9 @@ class DamagedLine(ValueError):
     """A line of a span file that is not an OTLP JSON request; the message says why."""
 
 
+CUT_SHORT = "cut short"
+
+
 def _read_span_file(path: Path, warn: bool) -> Iterator[SpanRecord]:
     """The spans of one file, read a line (one request) at a time, so that a big file costs the
     memory of its longest line, not its size."""
@@ -319,6 +322,8 @@ def _read_span_file(path: Path, warn: bool) -> Iterator[SpanRecord]:
             for number, line in enumerate(lines, 1):
                 if line.strip():
                     yield from _spans_of_line(line.removesuffix("\n"), number, damaged, bad_spans)
+                    if damaged and damaged[-1] == (number, CUT_SHORT) and not line.endswith("\n"):
+                        damaged[-1] = (number, f"{CUT_SHORT}: still being written, or its writer was killed")
     except OSError as exc:
         if warn and number:
             _logger.warning("stopped reading %s after line %d: %s", path, number, exc.strerror or exc)
@@ -379,6 +384,10 @@ def _parse_line(line: str) -> tuple[list[SpanRecord], list[str]]:
         request = json.loads(line)
     except RecursionError:
         raise DamagedLine("JSON nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        # the text ended before the JSON did (in a string: the error is where the string began)
+        ended = exc.pos >= len(line.rstrip()) or exc.msg.startswith("Unterminated string")
+        raise DamagedLine(CUT_SHORT if ended else "not JSON") from None
     except ValueError:
         raise DamagedLine("not JSON") from None
     if not isinstance(request, dict):
