@@ -125,6 +125,35 @@ def test_a_step_that_waits_and_gets_the_fallback_model_counts_both_decisions(rea
     assert decisions == {("wait", "rate_limit"): 2, ("fallback", "graceful_degradation"): 1}
 
 
+def test_a_step_retried_counts_each_decision_it_got_once_not_once_per_attempt(reader, traced) -> None:
+    traced.clock.advance_on_sleep = True
+    attempts: list[int] = []
+
+    @step(kind=StepKind.LLM_CALL, model="big", retry=3, retry_delay=0.1)
+    def ask() -> None:
+        attempts.append(1)
+        if len(attempts) < 4:
+            raise TimeoutError("slow")
+
+    degrade = GracefulDegradationRule(fallback_model="small", threshold=0)  # degraded from the start
+
+    @run(
+        budget=Budget(max_tokens=1000),
+        policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60), graceful_degradation=degrade),
+    )
+    def main() -> None:
+        ask()  # its first slot is free; each retry waits for the next one
+
+    main()
+    assert len(attempts) == 4  # each on the fallback model
+    found = points(reader, "multirun.policy.decisions")
+    decisions = {(a["multirun.policy.decision"], a["multirun.policy.rule"]): p.value for a, p in found}
+    # one step: it waited and fell back, as its span says, once each ("every other step proceeded")
+    assert decisions == {("wait", "rate_limit"): 1, ("fallback", "graceful_degradation"): 1}
+    steps = {a["multirun.step.status"]: p.value for a, p in points(reader, "multirun.steps")}
+    assert steps == {"completed": 1}
+
+
 def test_a_refused_llm_step_is_no_genai_operation(reader) -> None:
     # the model was never called: gen_ai.client.operation.duration times calls made, and a
     # BudgetExceededError there would read as a failing provider on dashboards

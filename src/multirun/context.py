@@ -1440,6 +1440,8 @@ class StepContext:
     wait_before = 0.0  # seconds a rate limit asked the step to wait before it runs
     fallback_model: str | None = None  # the model the policy's degradation rule switched it to
     _decision: Decision = PROCEED  # the policy's, for the attempt in flight (its circuit ticket)
+    # the decisions counted for it (decision, rule): once each per step, however many attempts
+    _counted: tuple[tuple[str, str | None], ...] = ()
     # its input and output as the span records them: only with content capture (opt-in)
     _input_text: str | None = None
     _output_text: str | None = None
@@ -1671,8 +1673,7 @@ class StepContext:
         self._decision = decision
         if decision.decision is PolicyDecision.PROCEED:
             return
-        run = self.run_context
-        run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
+        self._count_decision(decision.decision.value, decision.rule)
         self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
         if decision.model is not None:
             span = self._span
@@ -1681,8 +1682,15 @@ class StepContext:
                 span.update_name(spans.step_span_name(self.kind, self.name, decision.model))
             self.model = self.fallback_model = decision.model
             if decision.decision is not PolicyDecision.FALLBACK:  # it waited too: both are counted
-                fallback = PolicyDecision.FALLBACK
-                run.client.metrics.policy_decision(run.run.name, fallback, "graceful_degradation")
+                self._count_decision(PolicyDecision.FALLBACK.value, "graceful_degradation")
+
+    def _count_decision(self, decision: str, rule: str | None) -> None:
+        """Count ``decision`` in the metrics, unless this step (an earlier attempt) got it already."""
+        counted = self._counted
+        if (decision, rule) not in counted:
+            self._counted = (*counted, (decision, rule))
+            run = self.run_context
+            run.client.metrics.policy_decision(run.run.name, decision, rule)
 
     def _note_refusal(self, refused: PolicyViolation) -> None:
         """The policy refused this step (or its next attempt): on its span, and counted."""
