@@ -1442,6 +1442,9 @@ class StepContext:
     _decision: Decision = PROCEED  # the policy's, for the attempt in flight (its circuit ticket)
     # the decisions counted for it (decision, rule): once each per step, however many attempts
     _counted: tuple[tuple[str, str | None], ...] = ()
+    # the error of its last attempt, when a refusal of the next one is the step's error: the
+    # error its model call is timed with (the call failed so; the refusal is multirun's)
+    _call_error: BaseException | None = None
     # its input and output as the span records them: only with content capture (opt-in)
     _input_text: str | None = None
     _output_text: str | None = None
@@ -1721,6 +1724,8 @@ class StepContext:
             self._note_refusal(refused)
             if after is None:
                 self.refused = True  # the step never ran: no model call was made
+            else:
+                self._call_error = after
             raise refused from after
 
     def _end_waiting(self, error: BaseException) -> None:
@@ -2200,13 +2205,14 @@ def _step_metrics(step: StepContext, error_type: str | None) -> None:
         and not step.refused
     ):
         usage = step._own_usage[-1][0] if step._own_usage else None
+        call_error = step._call_error
         metrics.llm_call_finished(
             step._operation or attr.OP_CHAT,
             usage.provider if usage is not None else None,
             step.model or (usage.model if usage is not None else None),
             usage.model if usage is not None else None,
             duration,
-            error_type,
+            error_type if call_error is None else _error_type(call_error),
             context,
         )
         agent = step.agent_context
