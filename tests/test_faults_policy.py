@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from multirun.checkpoints.store import CheckpointStore
 from multirun.clock import Clock
 from multirun.context import get_current_run_context, get_current_step_context
 from multirun.enforcement.ledger import RunLedger
+from multirun.enforcement.policy import RateLimiter
 from multirun.enforcement.redis_ledger import LedgerUnavailableError
 from multirun.errors import BudgetExceededError, PolicyViolation
 from multirun.models import Budget, Policy, StepKind
@@ -315,6 +317,40 @@ def test_12_a_probe_the_ledger_could_not_count_is_given_back(
 
     assert second() == "ok"
     assert second() == "ok"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(  # (its backoff, whether it runs, the time that passes before the next call)
+            st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.5, 4.0]), st.booleans(), st.sampled_from([0.0, 0.3, 1.0])
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    order=st.randoms(use_true_random=False),
+)
+def test_12_slots_given_back_in_any_order_are_free_again_and_never_handed_out_twice(
+    calls: list[tuple[float, bool, float]], order: Any
+) -> None:
+    """Calls reserve slots (some after a backoff), some are refused or cancelled while they wait,
+    in any order, as time goes by: no two calls ever hold overlapping slots, and once the unused
+    slots are given back the next call starts no later than the first of them still ahead."""
+    limiter = RateLimiter(60.0)  # a slot a second
+    now, held, unused = 0.0, [], []
+    for backoff, used, later in calls:
+        _, slot = limiter.reserve(now, now + backoff, float("inf"))  # type: ignore[misc]
+        (held if used else unused).append(slot)
+        now += later
+    order.shuffle(unused)
+    for slot in unused:
+        limiter.give_back(slot)
+    _, slot = limiter.reserve(now, now, float("inf"))  # type: ignore[misc]
+    starts = sorted([s.start for s in held] + [slot.start])
+    assert all(b - a > 1.0 - 1e-9 for a, b in itertools.pairwise(starts))  # 2.3 - 1.3 < 1.0
+    free_again = [s.start for s in unused if s.start >= now]
+    if free_again:
+        assert slot.start <= min(free_again)
 
 
 # ---------------------------------------------------------------------------

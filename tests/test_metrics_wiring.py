@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -123,6 +124,97 @@ def test_a_step_that_waits_and_gets_the_fallback_model_counts_both_decisions(rea
     decisions = {(a["multirun.policy.decision"], a["multirun.policy.rule"]): p.value for a, p in found}
     # steps 2 and 3 waited for their slot; step 3 got the fallback model as well
     assert decisions == {("wait", "rate_limit"): 2, ("fallback", "graceful_degradation"): 1}
+
+
+def test_a_step_retried_counts_each_decision_it_got_once_not_once_per_attempt(reader, traced) -> None:
+    traced.clock.advance_on_sleep = True
+    attempts: list[int] = []
+
+    @step(kind=StepKind.LLM_CALL, model="big", retry=3, retry_delay=0.1)
+    def ask() -> None:
+        attempts.append(1)
+        if len(attempts) < 4:
+            raise TimeoutError("slow")
+
+    degrade = GracefulDegradationRule(fallback_model="small", threshold=0)  # degraded from the start
+
+    @run(
+        budget=Budget(max_tokens=1000),
+        policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60), graceful_degradation=degrade),
+    )
+    def main() -> None:
+        ask()  # its first slot is free; each retry waits for the next one
+
+    main()
+    assert len(attempts) == 4  # each on the fallback model
+    found = points(reader, "multirun.policy.decisions")
+    decisions = {(a["multirun.policy.decision"], a["multirun.policy.rule"]): p.value for a, p in found}
+    # one step: it waited and fell back, as its span says, once each ("every other step proceeded")
+    assert decisions == {("wait", "rate_limit"): 1, ("fallback", "graceful_degradation"): 1}
+    steps = {a["multirun.step.status"]: p.value for a, p in points(reader, "multirun.steps")}
+    assert steps == {"completed": 1}
+
+
+def test_an_llm_step_whose_retry_the_circuit_refuses_times_its_call_with_the_calls_error(
+    reader, traced
+) -> None:
+    from multirun.errors import PolicyViolation
+    from multirun.models.policy import CircuitBreakerRule
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini", retry=3, retry_delay=0.1)
+    def ask() -> None:
+        raise TimeoutError("slow")
+
+    @run(policy=Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=2)))
+    def main() -> None:
+        ask()
+
+    with pytest.raises(PolicyViolation):
+        main()  # two attempts time out; the circuit opens and refuses the third
+    [(attributes, duration)] = points(reader, "gen_ai.client.operation.duration")
+    assert duration.count == 1
+    # the model's call failed with its timeout; the refusal is multirun's, not the provider's
+    assert attributes["error.type"] == "TimeoutError"
+    [(step_attributes, _)] = points(reader, "multirun.step.duration")
+    assert step_attributes["error.type"] == "multirun.errors.PolicyViolation"  # the step's own error
+
+
+def test_an_llm_step_whose_retry_the_budget_refuses_after_its_backoff_times_its_call_with_the_calls_error(
+    reader, traced
+) -> None:
+    import threading
+
+    spent = threading.Event()
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini", retry=1, retry_delay=5)
+    def ask() -> None:
+        raise TimeoutError("slow")
+
+    @step(kind=StepKind.LLM_CALL, model="gpt-4o-mini")
+    def spend() -> None:
+        multirun.report_usage("gpt-4o-mini", input_tokens=100, output_tokens=0)
+
+    sleep = traced.clock.sleep
+
+    def sleeping(seconds: float) -> None:  # during the backoff, a step beside it spends the budget
+        sleep(seconds)
+        if not spent.is_set():
+            spent.set()
+            beside = otel_context.attach(multirun.context.get_current_run_context().otel_context)
+            try:
+                spend()
+            finally:
+                otel_context.detach(beside)
+
+    @run(budget=Budget(max_tokens=100))
+    def main() -> None:
+        traced.clock.sleep = sleeping  # type: ignore[method-assign]
+        ask()
+
+    with pytest.raises(BudgetExceededError):
+        main()
+    timed = {a.get("error.type") for a, _ in points(reader, "gen_ai.client.operation.duration")}
+    assert timed == {None, "TimeoutError"}  # spend's call, and ask's, which timed out
 
 
 def test_a_refused_llm_step_is_no_genai_operation(reader) -> None:

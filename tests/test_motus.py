@@ -2091,3 +2091,23 @@ def test_a_misspelt_option_to_instrument_is_a_type_error_naming_it(instrumented:
         instrumented.instrument(polcy=Policy())
     with pytest.raises(TypeError, match=r"'tracer_provder'.*tracer_provider"):
         instrumented.instrument(tracer_provder=None)
+
+
+def test_a_model_call_whose_retry_the_circuit_refuses_is_timed_with_the_calls_error(
+    traced: Any, runtime: None, metric_reader: Any
+) -> None:
+    from genai_metrics import points
+
+    client = FlakyClient(traced.clock, failures=5)
+
+    @multirun.run(policy=Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=2)))
+    def job() -> str:
+        return str(resolve(ask_once(client, "gpt-4o-mini", "hello")).content)
+
+    with pytest.raises(PolicyViolation, match="circuit"):
+        job()  # two calls fail; the circuit opens and refuses Motus's second retry
+    assert len(client.times) == 2
+    timed = [
+        p.attributes.get(attr.ERROR_TYPE) for p in points(metric_reader, "gen_ai.client.operation.duration")
+    ]
+    assert timed == ["ConnectionError"]  # the model's error, not multirun's refusal

@@ -1279,6 +1279,30 @@ async def test_a_step_cancelled_while_it_waits_gives_its_slot_back_for_a_slot_or
     assert waits == [None, 1.0, 1.0, 1.0]
 
 
+async def test_calls_cancelled_together_while_they_wait_give_every_slot_back(traced) -> None:
+    @step(kind=StepKind.LLM_CALL, model="m")
+    async def ask() -> None:
+        pass
+
+    async def sleep(seconds: float) -> None:
+        traced.clock.sleeps.append(seconds)
+        await asyncio.sleep(3600)  # a real wait, so that the cancellation lands in it
+
+    @run(policy=Policy(rate_limit=RateLimitRule(requests_per_minute=60)))
+    async def main() -> None:
+        await ask()  # the slot at 0 s
+        traced.clock.async_sleep = sleep  # type: ignore[method-assign]
+        with pytest.raises(asyncio.TimeoutError):
+            # the slots at 1, 2, 3, 4 and 5 s; the batch times out, cancelled in the order it began
+            await asyncio.wait_for(asyncio.gather(*(ask() for _ in range(5))), timeout=0.05)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ask(), timeout=0.05)
+
+    await main()
+    # none of the five used its slot: the next call waits for the one at 1 s, not the one at 5 s
+    assert traced.clock.sleeps == [1.0, 2.0, 3.0, 4.0, 5.0, 1.0]
+
+
 def test_a_cancelled_call_does_not_count_as_a_failure_of_the_dependency(traced) -> None:
     @step(kind=StepKind.LLM_CALL, model="big")
     async def ask(seconds: float) -> str:

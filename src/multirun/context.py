@@ -1440,6 +1440,11 @@ class StepContext:
     wait_before = 0.0  # seconds a rate limit asked the step to wait before it runs
     fallback_model: str | None = None  # the model the policy's degradation rule switched it to
     _decision: Decision = PROCEED  # the policy's, for the attempt in flight (its circuit ticket)
+    # the decisions counted for it (decision, rule): once each per step, however many attempts
+    _counted: tuple[tuple[str, str | None], ...] = ()
+    # the error of its last attempt, when a refusal of the next one is the step's error: the
+    # error its model call is timed with (the call failed so; the refusal is multirun's)
+    _call_error: BaseException | None = None
     # its input and output as the span records them: only with content capture (opt-in)
     _input_text: str | None = None
     _output_text: str | None = None
@@ -1671,8 +1676,7 @@ class StepContext:
         self._decision = decision
         if decision.decision is PolicyDecision.PROCEED:
             return
-        run = self.run_context
-        run.client.metrics.policy_decision(run.run.name, decision.decision, decision.rule)
+        self._count_decision(decision.decision.value, decision.rule)
         self.policy_decision, self.policy_rule = decision.decision.value, decision.rule
         if decision.model is not None:
             span = self._span
@@ -1681,8 +1685,15 @@ class StepContext:
                 span.update_name(spans.step_span_name(self.kind, self.name, decision.model))
             self.model = self.fallback_model = decision.model
             if decision.decision is not PolicyDecision.FALLBACK:  # it waited too: both are counted
-                fallback = PolicyDecision.FALLBACK
-                run.client.metrics.policy_decision(run.run.name, fallback, "graceful_degradation")
+                self._count_decision(PolicyDecision.FALLBACK.value, "graceful_degradation")
+
+    def _count_decision(self, decision: str, rule: str | None) -> None:
+        """Count ``decision`` in the metrics, unless this step (an earlier attempt) got it already."""
+        counted = self._counted
+        if (decision, rule) not in counted:
+            self._counted = (*counted, (decision, rule))
+            run = self.run_context
+            run.client.metrics.policy_decision(run.run.name, decision, rule)
 
     def _note_refusal(self, refused: PolicyViolation) -> None:
         """The policy refused this step (or its next attempt): on its span, and counted."""
@@ -1713,6 +1724,8 @@ class StepContext:
             self._note_refusal(refused)
             if after is None:
                 self.refused = True  # the step never ran: no model call was made
+            else:
+                self._call_error = after
             raise refused from after
 
     def _end_waiting(self, error: BaseException) -> None:
@@ -2192,13 +2205,14 @@ def _step_metrics(step: StepContext, error_type: str | None) -> None:
         and not step.refused
     ):
         usage = step._own_usage[-1][0] if step._own_usage else None
+        call_error = step._call_error
         metrics.llm_call_finished(
             step._operation or attr.OP_CHAT,
             usage.provider if usage is not None else None,
             step.model or (usage.model if usage is not None else None),
             usage.model if usage is not None else None,
             duration,
-            error_type,
+            error_type if call_error is None else _error_type(call_error),
             context,
         )
         agent = step.agent_context

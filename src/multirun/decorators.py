@@ -302,6 +302,7 @@ class _StepCall(StepContext):
             refused = self.run_context.ledger.over_budget()
             if refused is not None:
                 self._note_budget_refusal(refused)
+                self._call_error = after
                 raise refused from after
         self._resume(after)
 
@@ -589,7 +590,7 @@ class _StepCall(StepContext):
         if refused is not None:  # the policy refused another attempt; the last one was counted then
             self._record_attempt_failure(error, None)
             refused.__cause__ = error
-            error = refused
+            self._call_error, error = error, refused
         elif run.policy_engine is not None:
             run.policy_engine.after_step(self.spec.name, self.spec.policy_kind, error, self._decision)
         self._close(StepStatus.FAILED, error=error)

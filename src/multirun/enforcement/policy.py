@@ -76,13 +76,16 @@ class RateLimiter:
     to wait for it; the wait itself happens outside the lock (``time.sleep``
     or ``asyncio.sleep``, by the caller), so threads and tasks share one pace.
     A slot reserved for later (a retry's, after its backoff) leaves the slots
-    before it free for the callers that come meanwhile.
+    before it free for the callers that come meanwhile. A slot given back
+    before the last one reserved (calls cancelled together, the first first)
+    is free again: the next caller that may start then has it.
     """
 
     def __init__(self, requests_per_minute: float) -> None:
         self.interval = 60.0 / requests_per_minute
         self._next_free = float("-inf")  # the end of the slots reserved one after the other
         self._ahead: list[float] = []  # the starts of slots reserved later than those, in order
+        self._holes: list[float] = []  # the starts of slots given back before _next_free, in order
         self._lock = threading.Lock()
 
     def reserve(self, now: float, earliest: float, latest_start: float) -> tuple[float, Slot] | None:
@@ -90,6 +93,10 @@ class RateLimiter:
         the slot; None if it starts after ``latest_start``."""
         interval = self.interval
         with self._lock:
+            if self._holes:
+                hole = self._hole(now, earliest, latest_start)
+                if hole is not None:
+                    return hole - earliest, Slot(self, hole + interval, hole, hole)
             ahead = self._ahead
             if ahead:
                 self._next_in_line(now)
@@ -103,11 +110,21 @@ class RateLimiter:
                 return None
             if start - max(now, before) >= interval:  # free slots are left before it: they stay free
                 bisect.insort(ahead, start)
-                return start - earliest, Slot(self, start + interval, start, True)
+                return start - earliest, Slot(self, start + interval, start, start, True)
             end = self._next_free = start + interval
             if ahead:
                 self._next_in_line(now)
-        return start - earliest, Slot(self, end, before)
+        return start - earliest, Slot(self, end, before, start)
+
+    def _hole(self, now: float, earliest: float, latest_start: float) -> float | None:
+        """The start of the first slot given back that starts at ``earliest`` or later, and
+        before ``latest_start``, taken (under the lock); those started already are dropped."""
+        holes = self._holes
+        del holes[: bisect.bisect_left(holes, now)]
+        found = bisect.bisect_left(holes, earliest)
+        if found < len(holes) and holes[found] < latest_start:
+            return holes.pop(found)
+        return None
 
     def _next_in_line(self, now: float) -> None:
         """The slots reserved later that no slot fits before any more join those reserved one
@@ -117,24 +134,30 @@ class RateLimiter:
             self._next_free = max(self._next_free, ahead.pop(0) + interval)
 
     def give_back(self, slot: Slot) -> None:
-        """``slot`` was not used (its step was refused): the next caller may have it, unless a
-        later slot was reserved after it, whose caller is already waiting for it (a slot
-        reserved ahead is always free again)."""
+        """``slot`` was not used (its step was refused, or cancelled while it waited): the next
+        caller that may start then has it."""
         with self._lock:
-            if slot.ahead:
-                if slot.before in self._ahead:
-                    self._ahead.remove(slot.before)
-            elif self._next_free == slot.end:
-                self._next_free = slot.before
+            if slot.ahead and slot.start in self._ahead:  # else it joined those reserved in a row
+                self._ahead.remove(slot.start)
+                return
+            holes = self._holes
+            if self._next_free != slot.end:  # slots reserved after it are in use: a hole
+                bisect.insort(holes, slot.start)
+                return
+            self._next_free = slot.before
+            # the holes it ends the reserved slots with are free up to their start
+            while holes and holes[-1] + self.interval == self._next_free:
+                self._next_free = holes.pop()
 
 
 class Slot(NamedTuple):
-    """A slot reserved from ``limiter``: what its next free slot was before, and after (a slot
-    reserved ``ahead``, past the free ones: its own start, and end)."""
+    """A slot reserved from ``limiter``: its end, and what its next free slot was before
+    (a slot reserved ``ahead``, past the free ones, or taken from a hole: its own start)."""
 
     limiter: RateLimiter
     end: float
     before: float
+    start: float
     ahead: bool = False
 
 

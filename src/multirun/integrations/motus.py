@@ -797,6 +797,7 @@ class _TaskTrace:
             wait = step._retry_decision(error, not_before, ran)
         except PolicyViolation as refused:
             step._record_attempt_failure(error, None, said)
+            step._call_error = error  # what its model call is timed with, not the refusal
             self.task.retry_count = self.task.policy.retries
             return refused
         # the retry holds its slot (and circuit ticket) from now: given back if it never runs
