@@ -2083,6 +2083,42 @@ def test_a_retry_is_refused_when_the_budget_was_spent_during_its_backoff(traced:
     assert step.attributes[attr.ERROR_TYPE].endswith("BudgetExceededError")
 
 
+@agent_task(task_type="model_call", retries=1, retry_delay=1.0)
+def flaky_model_once(model: str) -> str:
+    """A model call that fails its first attempt at once; Motus retries it a second later."""
+    SPENT_DURING_THE_BACKOFF.append("flaky")
+    if SPENT_DURING_THE_BACKOFF.count("flaky") == 1:
+        FLAKY_FAILED.set()
+        raise ConnectionError("upstream down")
+    return "retried"
+
+
+def test_a_model_call_whose_retry_the_budget_refuses_is_timed_with_the_calls_error(
+    traced: Any, runtime: None, metric_reader: Any
+) -> None:
+    # gen_ai.client.operation.duration is about the provider: the call failed with its own
+    # error; the budget's refusal of the retry is multirun's, on the step's span
+    from genai_metrics import points
+
+    SPENT_DURING_THE_BACKOFF.clear()
+    FLAKY_FAILED.clear()
+
+    @multirun.run(budget=Budget(max_tokens=500))
+    def job() -> tuple[str, str]:
+        flaky, spender = flaky_model_once("gpt-4o-mini"), spend_it_all()
+        return resolve(spender), resolve(flaky)
+
+    with pytest.raises(BudgetExceededError):
+        job()
+    assert SPENT_DURING_THE_BACKOFF == ["flaky", "spent"]  # the retry never ran
+    timed = [
+        p.attributes.get(attr.ERROR_TYPE) for p in points(metric_reader, "gen_ai.client.operation.duration")
+    ]
+    assert timed == ["ConnectionError"]
+    (step,) = [s for s in traced.named(CHAT) if s.attributes[attr.STEP_NAME] == "flaky_model_once"]
+    assert step.attributes[attr.ERROR_TYPE].endswith("BudgetExceededError")
+
+
 def test_a_misspelt_option_to_instrument_is_a_type_error_naming_it(instrumented: MotusInstrumentor) -> None:
     # instrument(polcy=...) was accepted without a word: the runs had no policy at all
     with pytest.raises(

@@ -833,8 +833,10 @@ class _TaskTrace:
         refused = self._run().ledger.over_budget()
         if refused is not None:
             self.task.retry_count = self.task.policy.retries  # no further retry either
-            if self.step is not None:
-                self.step._note_budget_refusal(refused)
+            step = self.step
+            if step is not None:
+                step._note_budget_refusal(refused)
+                step._call_error = step._retrying  # its model call is timed with the call's error
             raise refused
 
     def _run(self) -> RunContext:
