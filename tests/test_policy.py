@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 
 import pydantic
@@ -286,6 +287,31 @@ def test_circuit_opens_after_threshold_and_fails_fast(traced) -> None:
     refused = attrs_of(traced, "step fetch")[2]
     assert refused[attr.POLICY_DECISION] == "abort"
     assert refused[attr.POLICY_RULE] == "circuit_breaker"
+
+
+@pytest.mark.parametrize(
+    ("recovery", "said"),
+    [
+        (30.0, "it is tried again 30s after it opened"),
+        (math.inf, "it stays open: recovery_time_seconds is inf"),
+    ],
+)
+def test_an_open_circuit_says_when_it_is_tried_again(traced, recovery: float, said: str) -> None:
+    @step
+    def fetch() -> None:
+        raise ConnectionError("down")
+
+    policy = Policy(circuit_breaker=CircuitBreakerRule(failure_threshold=1, recovery_time_seconds=recovery))
+
+    @run(policy=policy)
+    def main() -> str:
+        with pytest.raises(ConnectionError):
+            fetch()
+        with pytest.raises(PolicyViolation) as refused:
+            fetch()
+        return str(refused.value)
+
+    assert said in main()
 
 
 def test_half_open_circuit_lets_exactly_one_probe_through(traced) -> None:

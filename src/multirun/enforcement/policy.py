@@ -20,6 +20,7 @@ has degraded to its fallback model) lives in that run's engine.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
@@ -259,8 +260,14 @@ def _circuit_open(name: str, breaker: CircuitBreaker) -> PolicyViolation:
     return PolicyViolation(
         "circuit_breaker",
         f"circuit of step {name!r} is open after {breaker.failures} failures; "
-        f"retry after {breaker.rule.recovery_time_seconds:g}s",
+        + _when_tried_again(breaker.rule.recovery_time_seconds),
     )
+
+
+def _when_tried_again(recovery: float) -> str:
+    if math.isinf(recovery):
+        return "it stays open: recovery_time_seconds is inf"
+    return f"it is tried again {recovery:g}s after it opened"
 
 
 MAX_BREAKERS = 4096  # circuits kept (per client, and per run) before the healthy ones are dropped
