@@ -1040,6 +1040,30 @@ def test_the_listing_an_unknown_run_id_error_suggests_is_of_the_same_folder(
     assert code == 0 and demo.run_id[:12] in out
 
 
+def test_show_takes_the_trace_id_of_the_heading(demo: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
+    # a trace id copied from Jaeger or Tempo (or from the heading) said "no run with id"
+    trace_id = demo.run_span.trace_id
+    assert f"trace {trace_id}" in demo.output
+    code, out, _ = run_cli(capsys, "runs", "show", trace_id.upper(), "--dir", str(demo.directory))
+    assert code == 0
+    assert tree_lines(out) == tree_lines(demo.output)
+
+
+def test_a_trace_of_two_runs_names_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def build(tracer: Any) -> None:
+        with tracer.start_as_current_span("request"):
+            for run_id in ("abc1" + "0" * 28, "def2" + "0" * 28):
+                with tracer.start_as_current_span("run", attributes=run_attrs(run_id)):
+                    pass
+
+    write_spans(tmp_path, build)
+    [trace_id] = {s.trace_id for s in read_spans(tmp_path / "traces")}
+    code, _, err = run_cli(capsys, "runs", "show", trace_id, "--dir", str(tmp_path))
+    assert code == 1
+    assert f"trace {trace_id} holds 2 runs" in err
+    assert "abc10000" in err and "def20000" in err
+
+
 def test_show_ambiguous_prefix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def build(tracer: Any) -> None:
         for run_id in ("abc1" + "0" * 28, "abc2" + "0" * 28):

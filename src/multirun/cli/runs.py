@@ -454,7 +454,17 @@ def _stand_in(trace_id: str, trees: list[_Tree], known_ids: Collection[str]) -> 
 
 def resolve(runs: Sequence[RunSummary], prefix: str, listing: str = "multirun runs") -> RunSummary:
     """The one run whose id (or, for an unfinished run of unknown id, trace id) is ``prefix``,
-    or starts with it; RunsError if none or several, which suggests the command ``listing``."""
+    or starts with it, or whose whole trace id it is (as Jaeger shows it); RunsError if none
+    or several, which suggests the command ``listing``."""
+    in_trace = [r for r in runs if r.span.trace_id == prefix.strip().lower()]
+    if len(in_trace) == 1:
+        return in_trace[0]
+    if in_trace:
+        raise RunsError(
+            f"trace {prefix.strip().lower()} holds {len(in_trace)} runs: "
+            + ", ".join(f"{r.ref[:12]} ({r.name or 'unfinished'})" for r in in_trace)
+            + "; give one's id"
+        )
     try:
         ref = match_id(prefix, (r.ref for r in runs), "run", f"no run with id {prefix!r} (see `{listing}`)")
     except CheckpointError as exc:
