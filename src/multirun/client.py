@@ -918,6 +918,16 @@ def _init_locked(
             trace.set_tracer_provider(owned)
             _owned_provider = owned
             provider = owned
+        elif isinstance(current, trace.NoOpTracerProvider):
+            # set by the application (unset is a proxy): tracing is off, as it chose
+            asked = span_exporter is not None or endpoint is not None
+            _logger.log(
+                logging.WARNING if asked else logging.INFO,
+                "multirun: the global TracerProvider is a NoOpTracerProvider: no spans are recorded%s; "
+                "budgets and policy still apply",
+                " (none reach the exporter init was given)" if asked else "",
+            )
+            provider = current
         elif _sdk_disabled():
             _logger.info(
                 "multirun: OTEL_SDK_DISABLED is true: no spans are recorded; budgets and policy still apply"
@@ -1780,9 +1790,11 @@ def _sdk_disabled() -> bool:
 
 
 def _is_unset(provider: trace.TracerProvider) -> bool:
+    """Whether no TracerProvider was set (the API's proxy): a NoOpTracerProvider is one the
+    application set, to turn tracing off."""
     if _sdk_disabled():
         return False
-    return isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+    return isinstance(provider, trace.ProxyTracerProvider)
 
 
 def _checkpoint_timeout(timeout: float | None, *, refuse: bool = True) -> float:
