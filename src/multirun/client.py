@@ -1392,10 +1392,12 @@ def _makes_meters(options: Mapping[str, Any]) -> bool:
 
 
 def _meters_are_ours() -> bool:
-    """Whether ``init`` may create the MeterProvider (the application set none)."""
-    from opentelemetry.sdk.metrics import MeterProvider
+    """Whether ``init`` may create the MeterProvider: the application set none (the global one is
+    the API's proxy), neither the SDK's nor another (Logfire's proxy, a NoOpMeterProvider)."""
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
 
-    return _owned_meter_provider is None and not isinstance(otel_metrics.get_meter_provider(), MeterProvider)
+    unset = isinstance(otel_metrics.get_meter_provider(), _ProxyMeterProvider)
+    return _owned_meter_provider is None and unset
 
 
 _VALUE_LENGTH_LIMIT = "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"
