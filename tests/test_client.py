@@ -72,6 +72,33 @@ def test_init_again_on_the_applications_provider_sends_each_span_once_to_the_new
     assert "replaces the earlier configuration" in caplog.text
 
 
+@pytest.mark.parametrize("provider_is", ["global", "given"])
+def test_init_again_without_an_exporter_on_the_applications_provider_stops_exporting_to_the_earlier(
+    global_otel, provider_is: str
+) -> None:
+    # the export pipeline the first init added stayed: the second configuration still sent its
+    # spans to the first's exporter (as the provider init makes did not)
+    app_exporter = InMemorySpanExporter()
+    app_provider = TracerProvider()
+    app_provider.add_span_processor(SimpleSpanProcessor(app_exporter))
+    if provider_is == "global":
+        trace.set_tracer_provider(app_provider)
+    given = {"tracer_provider": app_provider} if provider_is == "given" else {}
+
+    @run
+    def job() -> None:
+        pass
+
+    first = InMemorySpanExporter()
+    multirun.init(span_exporter=first, **given)
+    job()
+    client = multirun.init(**given)
+    job()
+    assert client.force_flush()
+    assert len(first.get_finished_spans()) == 1
+    assert len(app_exporter.get_finished_spans()) == 2  # the application's own export goes on
+
+
 @pytest.mark.parametrize("provider_is", ["made by init", "given"])
 def test_init_run_again_with_the_same_exporter_goes_on_exporting_to_it(global_otel, provider_is: str) -> None:
     # a notebook's setup cell run twice: the second init shut the exporter down, as the one of

@@ -905,8 +905,8 @@ def _init_locked(
         elif sdk_provider(current) is not None:
             # the application's own provider (or Logfire's proxy of one): add to it, never replace it
             provider = current
-            if span_exporter is not None or endpoint is not None:
-                _export_to(current, exporter, batch)
+            # none asked for: the one an earlier init added is let go
+            _export_to(current, exporter if exports else None, batch)
         elif _is_unset(current):
             resource = _resource(service_name)
             # shut down at exit by _shutdown_at_exit, within the shutdown timeout
@@ -940,8 +940,8 @@ def _init_locked(
                 type(current).__name__,
             )
             provider = current
-    elif span_exporter is not None or endpoint is not None:
-        _export_to(provider, exporter, batch)
+    elif exports or provider is not _owned_provider:
+        _export_to(provider, exporter if exports else None, batch)
     if meter_settings is not None:
         # unset is otlp, as for the SDK's set-up: to the endpoint (without one, metric_exporter is None)
         metric_exporters = _exporters_of(
