@@ -72,6 +72,33 @@ def test_init_again_on_the_applications_provider_sends_each_span_once_to_the_new
     assert "replaces the earlier configuration" in caplog.text
 
 
+@pytest.mark.parametrize("provider_is", ["global", "given"])
+def test_init_again_without_an_exporter_on_the_applications_provider_stops_exporting_to_the_earlier(
+    global_otel, provider_is: str
+) -> None:
+    # the export pipeline the first init added stayed: the second configuration still sent its
+    # spans to the first's exporter (as the provider init makes did not)
+    app_exporter = InMemorySpanExporter()
+    app_provider = TracerProvider()
+    app_provider.add_span_processor(SimpleSpanProcessor(app_exporter))
+    if provider_is == "global":
+        trace.set_tracer_provider(app_provider)
+    given = {"tracer_provider": app_provider} if provider_is == "given" else {}
+
+    @run
+    def job() -> None:
+        pass
+
+    first = InMemorySpanExporter()
+    multirun.init(span_exporter=first, **given)
+    job()
+    client = multirun.init(**given)
+    job()
+    assert client.force_flush()
+    assert len(first.get_finished_spans()) == 1
+    assert len(app_exporter.get_finished_spans()) == 2  # the application's own export goes on
+
+
 @pytest.mark.parametrize("provider_is", ["made by init", "given"])
 def test_init_run_again_with_the_same_exporter_goes_on_exporting_to_it(global_otel, provider_is: str) -> None:
     # a notebook's setup cell run twice: the second init shut the exporter down, as the one of
@@ -247,6 +274,43 @@ def test_an_application_provider_is_kept_and_receives_the_spans(global_otel) -> 
     job()
     assert trace.get_tracer_provider() is app_provider
     assert [s.name for s in exporter.get_finished_spans()] == ["invoke_workflow job"]
+
+
+def test_an_application_that_set_the_no_op_provider_keeps_tracing_off(global_otel, tmp_path, caplog) -> None:
+    # init took the NoOpTracerProvider for none set: it made a provider of its own (the API
+    # refused it as the global one, with a warning) and wrote multirun's spans to files; each
+    # init made another, and the earlier one was never shut down (what it held at exit was lost)
+    from multirun.errors import BudgetExceededError
+    from multirun.models import Budget
+
+    no_op = trace.NoOpTracerProvider()
+    trace.set_tracer_provider(no_op)
+
+    @step
+    def work() -> None:
+        pass
+
+    @run(budget=Budget(max_steps=1))
+    def job() -> None:
+        work()
+        work()
+
+    with caplog.at_level(logging.INFO):
+        for folder in ("a", "b"):
+            client = multirun.init(local_dir=tmp_path / folder)
+            with pytest.raises(BudgetExceededError):
+                job()
+            assert client.force_flush()
+    assert trace.get_tracer_provider() is no_op
+    assert not (tmp_path / "a" / "traces").exists() and not (tmp_path / "b" / "traces").exists()
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith(("opentelemetry", "multirun"))]
+    assert logged == [
+        "multirun: the global TracerProvider is a NoOpTracerProvider: no spans are recorded; "
+        "budgets and policy still apply",
+        "multirun: the global TracerProvider is a NoOpTracerProvider: no spans are recorded; "
+        "budgets and policy still apply",
+        "multirun: init() was called again and replaces the earlier configuration (changed: local_dir)",
+    ]
 
 
 def test_checkpoint_is_visible_on_the_trace_with_uri_size_and_digest(traced) -> None:

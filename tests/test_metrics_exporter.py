@@ -162,3 +162,45 @@ def test_the_variable_is_not_read_when_the_application_says_where_metrics_go(tmp
             [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, check=False
         )
         assert (done.returncode, done.stdout, done.stderr) == (0, "configured\n", "")
+
+
+def test_a_meter_provider_the_application_set_that_is_no_sdk_one_is_kept(tmp_path: Path) -> None:
+    # Logfire's global MeterProvider is a proxy of the SDK's: init took it for none set, made a
+    # second one (console metrics printed at exit) that the API refused as the global one, with a
+    # warning
+    script = """
+import multirun
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+
+class Proxy(metrics.MeterProvider):
+    def __init__(self, provider):
+        self.provider = provider
+
+    def get_meter(self, *args, **kwargs):
+        return self.provider.get_meter(*args, **kwargs)
+
+
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(Proxy(MeterProvider(metric_readers=[reader])))
+multirun.init()
+
+
+@multirun.run
+def job() -> None:
+    pass
+
+
+job()
+data = reader.get_metrics_data()
+names = [m.name for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics]
+print("multirun.runs" in names)
+"""
+    env = environment_without_settings()
+    env |= {"MULTIRUN_DIR": str(tmp_path / "mr"), "OTEL_METRICS_EXPORTER": "console"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "True\n", "")

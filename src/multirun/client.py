@@ -905,8 +905,8 @@ def _init_locked(
         elif sdk_provider(current) is not None:
             # the application's own provider (or Logfire's proxy of one): add to it, never replace it
             provider = current
-            if span_exporter is not None or endpoint is not None:
-                _export_to(current, exporter, batch)
+            # none asked for: the one an earlier init added is let go
+            _export_to(current, exporter if exports else None, batch)
         elif _is_unset(current):
             resource = _resource(service_name)
             # shut down at exit by _shutdown_at_exit, within the shutdown timeout
@@ -918,6 +918,16 @@ def _init_locked(
             trace.set_tracer_provider(owned)
             _owned_provider = owned
             provider = owned
+        elif isinstance(current, trace.NoOpTracerProvider):
+            # set by the application (unset is a proxy): tracing is off, as it chose
+            asked = span_exporter is not None or endpoint is not None
+            _logger.log(
+                logging.WARNING if asked else logging.INFO,
+                "multirun: the global TracerProvider is a NoOpTracerProvider: no spans are recorded%s; "
+                "budgets and policy still apply",
+                " (none reach the exporter init was given)" if asked else "",
+            )
+            provider = current
         elif _sdk_disabled():
             _logger.info(
                 "multirun: OTEL_SDK_DISABLED is true: no spans are recorded; budgets and policy still apply"
@@ -930,8 +940,8 @@ def _init_locked(
                 type(current).__name__,
             )
             provider = current
-    elif span_exporter is not None or endpoint is not None:
-        _export_to(provider, exporter, batch)
+    elif exports or provider is not _owned_provider:
+        _export_to(provider, exporter if exports else None, batch)
     if meter_settings is not None:
         # unset is otlp, as for the SDK's set-up: to the endpoint (without one, metric_exporter is None)
         metric_exporters = _exporters_of(
@@ -1382,10 +1392,12 @@ def _makes_meters(options: Mapping[str, Any]) -> bool:
 
 
 def _meters_are_ours() -> bool:
-    """Whether ``init`` may create the MeterProvider (the application set none)."""
-    from opentelemetry.sdk.metrics import MeterProvider
+    """Whether ``init`` may create the MeterProvider: the application set none (the global one is
+    the API's proxy), neither the SDK's nor another (Logfire's proxy, a NoOpMeterProvider)."""
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
 
-    return _owned_meter_provider is None and not isinstance(otel_metrics.get_meter_provider(), MeterProvider)
+    unset = isinstance(otel_metrics.get_meter_provider(), _ProxyMeterProvider)
+    return _owned_meter_provider is None and unset
 
 
 _VALUE_LENGTH_LIMIT = "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"
@@ -1780,9 +1792,11 @@ def _sdk_disabled() -> bool:
 
 
 def _is_unset(provider: trace.TracerProvider) -> bool:
+    """Whether no TracerProvider was set (the API's proxy): a NoOpTracerProvider is one the
+    application set, to turn tracing off."""
     if _sdk_disabled():
         return False
-    return isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+    return isinstance(provider, trace.ProxyTracerProvider)
 
 
 def _checkpoint_timeout(timeout: float | None, *, refuse: bool = True) -> float:
