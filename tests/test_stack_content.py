@@ -829,3 +829,16 @@ def test_a_panel_that_names_an_alert_shows_what_it_alerts_on() -> None:
                     if missing:
                         problems.append(f"{path.name}: {panel['title']!r} {target['refId']}: by {missing}")
     assert not problems, "panels that name an alert but not split as it is:\n" + "\n".join(problems)
+
+
+def test_every_metric_the_package_emits_is_on_a_dashboard() -> None:
+    # multirun.spans.dropped ("never silent") was emitted and shown nowhere
+    shown = {
+        metric
+        for query in dashboard_queries()
+        for metric, _ in parse(query.expr).selectors
+        if metric is not None
+    }
+    shown |= {re.sub(r"_(bucket|sum|count)$", "", metric) for metric in shown}
+    emitted = {re.sub(r"_(bucket|sum|count)$", "", metric) for metric in emitted_series()}
+    assert not emitted - shown, f"on no dashboard: {sorted(emitted - shown)}"
