@@ -803,3 +803,42 @@ def test_wrong_names_are_caught(expr: str, complaint: str) -> None:
 def test_a_wrong_legend_label_is_caught() -> None:
     query = Query("example", "sum by (gen_ai_workflow_name) (multirun_cost_usd_total)", {"gen_ai_agent_name"})
     assert check_query(query, emitted_series())
+
+
+def alert_grouping() -> dict[str, set[str]]:
+    """Each alert's labels: those its expression groups by (the outermost ``by``)."""
+    found: dict[str, set[str]] = {}
+    for group in load_yaml(RULES)["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                by = re.search(r"\bby\s*\(([^)]*)\)", rule["expr"])
+                found[rule["alert"]] = set(re.findall(r"\w+", by.group(1))) if by else set()
+    return found
+
+
+def test_a_panel_that_names_an_alert_shows_what_it_alerts_on() -> None:
+    # the failure-ratio panel summed the services of a run name together: with the same run
+    # name in two services it showed a share the alert (per service) never saw
+    alerts = alert_grouping()
+    problems = []
+    for path in DASHBOARDS:
+        for panel in panels(json.loads(path.read_text())):
+            for name in set(re.findall(r"\bMultiRun\w+", panel.get("description", ""))) & set(alerts):
+                for target in panel.get("targets", []):
+                    missing = sorted(alerts[name] - parse(target["expr"]).grouping)
+                    if missing:
+                        problems.append(f"{path.name}: {panel['title']!r} {target['refId']}: by {missing}")
+    assert not problems, "panels that name an alert but not split as it is:\n" + "\n".join(problems)
+
+
+def test_every_metric_the_package_emits_is_on_a_dashboard() -> None:
+    # multirun.spans.dropped ("never silent") was emitted and shown nowhere
+    shown = {
+        metric
+        for query in dashboard_queries()
+        for metric, _ in parse(query.expr).selectors
+        if metric is not None
+    }
+    shown |= {re.sub(r"_(bucket|sum|count)$", "", metric) for metric in shown}
+    emitted = {re.sub(r"_(bucket|sum|count)$", "", metric) for metric in emitted_series()}
+    assert not emitted - shown, f"on no dashboard: {sorted(emitted - shown)}"

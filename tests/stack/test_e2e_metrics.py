@@ -50,6 +50,7 @@ PACKAGE_METRICS = {
     "multirun.policy.decisions": "multirun_policy_decisions_total",
     "multirun.checkpoint.size": "multirun_checkpoint_size_bytes_bucket",
     "multirun.checkpoint.duration": "multirun_checkpoint_duration_seconds_bucket",
+    "multirun.spans.dropped": "multirun_spans_dropped_total",
 }
 
 

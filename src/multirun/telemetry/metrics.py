@@ -82,9 +82,10 @@ counted locally too: each synchronous measurement costs ~30 us in the SDK (an
 LLM step made seven, a run three); the token counts' exemplars would repeat
 those of ``multirun.cost``, which stays synchronous and carries them.
 
-Policy decisions are all counted locally, non-proceed ones included: one
-metric must hold every decision (so ``abort / all`` is a PromQL ratio), and the
-SDK cannot export a synchronous and an observable instrument under one name.
+Policy decisions (``wait``, ``fallback``, ``abort``; a step that proceeds is
+not counted, ``multirun.steps`` counts it) are all counted locally, aborts
+included: one metric holds every decision, and the SDK cannot export a
+synchronous and an observable instrument under one name.
 The trace of an abort is reachable through the exemplar of
 ``multirun.budget.exceeded`` and the span attribute ``multirun.policy.decision``.
 
