@@ -45,14 +45,20 @@ def test_init_local_twice_sends_later_runs_to_the_new_folder_only(global_otel, t
     assert run_ids(tmp_path / "b" / "traces") == {second}
 
 
+def _applications_provider(provider: TracerProvider, provider_is: str) -> dict[str, TracerProvider]:
+    """The application's own provider, multirun exporting beside it: set as the global one
+    ("global"), or the init keywords that pass it ("given")."""
+    if provider_is == "global":
+        trace.set_tracer_provider(provider)
+        return {}
+    return {"tracer_provider": provider}
+
+
 @pytest.mark.parametrize("provider_is", ["global", "given"])
 def test_init_again_on_the_applications_provider_sends_each_span_once_to_the_new_exporter(
     global_otel, caplog, provider_is: str
 ) -> None:
-    app_provider = TracerProvider()  # the application's own provider, multirun exports beside it
-    if provider_is == "global":
-        trace.set_tracer_provider(app_provider)
-    given = {"tracer_provider": app_provider} if provider_is == "given" else {}
+    given = _applications_provider(TracerProvider(), provider_is)
 
     @run
     def job() -> None:
@@ -81,9 +87,7 @@ def test_init_again_without_an_exporter_on_the_applications_provider_stops_expor
     app_exporter = InMemorySpanExporter()
     app_provider = TracerProvider()
     app_provider.add_span_processor(SimpleSpanProcessor(app_exporter))
-    if provider_is == "global":
-        trace.set_tracer_provider(app_provider)
-    given = {"tracer_provider": app_provider} if provider_is == "given" else {}
+    given = _applications_provider(app_provider, provider_is)
 
     @run
     def job() -> None:
