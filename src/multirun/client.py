@@ -661,7 +661,8 @@ def init(
             for traces and metrics (default ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)PROTOCOL``,
             else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``http/protobuf``).
         headers: HTTP headers (gRPC metadata) sent with every OTLP export (e.g. ``Authorization``).
-        tracer_provider: use this provider instead of the global one.
+        tracer_provider: use this provider instead of the global one (the API's proxy, what
+            ``trace.get_tracer_provider()`` returns before one is set, stands for the global one).
         span_exporter: export to this exporter (batched) instead.
         local_dir: folder of the embedded default (``MULTIRUN_DIR``, else ``./.multirun``);
             one given here or in ``MULTIRUN_DIR`` is created now, and refused if it cannot be.
@@ -842,6 +843,10 @@ def _init_locked(
         local_dir=local_dir,
         blob_exporter=blob_exporter,
     )
+    if tracer_provider is not None and _is_unset(tracer_provider):
+        # the API's proxy (``trace.get_tracer_provider()`` before one was set) records nothing
+        # of its own and takes no processor: it stands for the global provider, as if none was given
+        tracer_provider = None
     if tracer_provider is None and _is_unset(trace.get_tracer_provider()):
         read_limits = _SPAN_LIMITS  # the provider init makes reads them all
     elif client_options.get("content_limit") is None:
