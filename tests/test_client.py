@@ -280,6 +280,30 @@ def test_an_application_provider_is_kept_and_receives_the_spans(global_otel) -> 
     assert [s.name for s in exporter.get_finished_spans()] == ["invoke_workflow job"]
 
 
+@pytest.mark.parametrize("set_later", [False, True], ids=["none-set", "set-since"])
+def test_init_given_the_apis_global_provider_uses_the_global_one(global_otel, tmp_path, set_later) -> None:
+    # init(tracer_provider=trace.get_tracer_provider()) before any provider was set gave it the
+    # API's proxy, on which multirun added nothing: every span was lost, and nothing said so
+    proxy = trace.get_tracer_provider()
+    app_exporter = InMemorySpanExporter()
+    if set_later:  # the proxy was taken before the application set its provider
+        app_provider = TracerProvider()
+        app_provider.add_span_processor(SimpleSpanProcessor(app_exporter))
+        trace.set_tracer_provider(app_provider)
+
+    @run
+    def job() -> str:
+        return multirun.context.get_current_run_context().run.id
+
+    client = multirun.init(tracer_provider=proxy, local_dir=tmp_path)
+    run_id = job()
+    assert client.force_flush()
+    if set_later:
+        assert [s.name for s in app_exporter.get_finished_spans()] == ["invoke_workflow job"]
+    else:
+        assert run_ids(tmp_path / "traces") == {run_id}
+
+
 def test_an_application_that_set_the_no_op_provider_keeps_tracing_off(global_otel, tmp_path, caplog) -> None:
     # init took the NoOpTracerProvider for none set: it made a provider of its own (the API
     # refused it as the global one, with a warning) and wrote multirun's spans to files; each

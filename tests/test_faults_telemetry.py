@@ -389,14 +389,25 @@ print("ended", flush=True)
 """
 
 
+# the application set its own provider after importing multirun: the provider's exit handler,
+# registered after multirun's, runs first and shuts multirun's span pipeline down
+EXIT_PROGRAM_ON_APPLICATIONS_PROVIDER = EXIT_PROGRAM.replace(
+    "multirun.init(",
+    "from opentelemetry import trace\n"
+    "from opentelemetry.sdk.trace import TracerProvider\n"
+    "trace.set_tracer_provider(TracerProvider())\n"
+    "multirun.init(",
+)
+
+
 def exit_of(
-    endpoint: str, tmp_path: Path, **variables: str
+    endpoint: str, tmp_path: Path, program: str = EXIT_PROGRAM, **variables: str
 ) -> tuple[float, subprocess.CompletedProcess[str]]:
-    """Run EXIT_PROGRAM against ``endpoint``: (seconds its exit took, the finished process).
+    """Run ``program`` against ``endpoint``: (seconds its exit took, the finished process).
     The exit only: on a loaded machine starting the interpreter and importing took seconds."""
     env = environment_without_settings() | variables
     exiting = subprocess.Popen(
-        [sys.executable, "-c", EXIT_PROGRAM, endpoint, str(tmp_path / "mr")],
+        [sys.executable, "-c", program, endpoint, str(tmp_path / "mr")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -438,6 +449,19 @@ def test_2_exit_behind_a_grpc_collector_that_never_answers_is_bounded_too(
     assert took < 8, f"exit took {took:.1f} s: {done.stderr}"
     [lost] = [line for line in done.stderr.splitlines() if "not delivered" in line]
     assert "1 span" in lost and "OTLPSpanExporter" in lost, done.stderr
+
+
+def test_2_exit_on_the_applications_provider_waits_one_timeout_for_spans_and_metrics(
+    silent_collector: str, tmp_path: Path
+) -> None:
+    # the provider's exit handler waited 4 s for the spans, then multirun's 4 s more for the metrics
+    took, done = exit_of(
+        silent_collector, tmp_path, EXIT_PROGRAM_ON_APPLICATIONS_PROVIDER, OTEL_EXPORTER_OTLP_TIMEOUT="4"
+    )
+    assert done.returncode == 0, done.stderr
+    [lost] = [line for line in done.stderr.splitlines() if "not delivered" in line]
+    assert "1 span" in lost, done.stderr
+    assert took < 6.5, f"exit took {took:.1f} s: {done.stderr}"
 
 
 def test_2_exit_waits_as_long_as_the_otlp_timeout_the_user_set(silent_collector: str, tmp_path: Path) -> None:

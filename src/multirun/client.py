@@ -328,17 +328,16 @@ class _SwappableExportProcessor(SpanProcessor):
     def shutdown(self) -> None:
         """Deliver the last spans, waiting the shutdown timeout at most (at exit too)."""
         if self.behind_proxy:
-            self.force_flush(_shutdown_timeout_millis())
+            self.force_flush(_millis_until(_shutdown_deadline()))
             return
         self.close()
 
     def close(self) -> None:
         """Deliver the last spans and shut the exporter down, waiting the shutdown timeout at most."""
-        timeout_millis = _shutdown_timeout_millis()
-        deadline = time.monotonic() + timeout_millis / 1000
+        deadline = _shutdown_deadline()
         current = self._current
         if current is not None:
-            current.shutdown(timeout_millis)
+            current.shutdown(_millis_until(deadline))
         self._join_retiring(deadline)
 
     def force_flush(self, timeout_millis: int = DEFAULT_TIMEOUT_MILLIS) -> bool:
@@ -373,6 +372,30 @@ def _shutdown_timeout_millis() -> int:
     return round(SHUTDOWN_TIMEOUT_SECONDS * 1000)
 
 
+_exit_deadline: float | None = None
+
+
+def _shutdown_deadline() -> float:
+    """When a shutdown must be over: one shutdown timeout from now, or, at interpreter exit, from
+    the first shutdown of the exit. An application's provider shuts multirun's span pipeline down
+    in its own exit handler, which runs before multirun's: exit still waits one timeout in all,
+    and the shared ledgers send their usage meanwhile."""
+    global _exit_deadline
+    deadline = time.monotonic() + _shutdown_timeout_millis() / 1000
+    if not getattr(threading, "_SHUTTING_DOWN", False):  # set while the exit handlers run
+        return deadline
+    if _exit_deadline is None:
+        _exit_deadline = deadline
+        closer = _ledger_closer
+        if closer is not None:
+            closer.start(list(_open_ledgers))
+    return _exit_deadline
+
+
+def _millis_until(deadline: float) -> int:
+    return max(round((deadline - time.monotonic()) * 1000), 0)
+
+
 _shut_down_at_exit = False
 
 
@@ -385,11 +408,11 @@ def _shutdown_at_exit() -> None:
         return
     _shut_down_at_exit = True
     timeout_millis = _shutdown_timeout_millis()
-    deadline = time.monotonic() + timeout_millis / 1000
+    deadline = _shutdown_deadline()
     closer = _ledger_closer
     try:
         if closer is not None:
-            closer.start(list(_open_ledgers))
+            closer.start(list(_open_ledgers))  # begun already if the exit began elsewhere
         if _owned_provider is not None:
             _owned_provider.shutdown()  # its export pipeline waits the shutdown timeout at most
         for pipeline in list(_proxied_pipelines):
@@ -430,7 +453,9 @@ class _LedgerCloser:
         threading.Thread(target=self._close_when_asked, name="multirun-ledger-close", daemon=True).start()
 
     def start(self, factories: list[RedisLedgerFactory]) -> None:
-        """Begin closing ``factories``, one after the other."""
+        """Begin closing ``factories``, one after the other; once."""
+        if self._asked.is_set():
+            return
         with self._lock:
             self._unclosed = factories
         self._asked.set()
@@ -636,7 +661,8 @@ def init(
             for traces and metrics (default ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)PROTOCOL``,
             else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``http/protobuf``).
         headers: HTTP headers (gRPC metadata) sent with every OTLP export (e.g. ``Authorization``).
-        tracer_provider: use this provider instead of the global one.
+        tracer_provider: use this provider instead of the global one (the API's proxy, what
+            ``trace.get_tracer_provider()`` returns before one is set, stands for the global one).
         span_exporter: export to this exporter (batched) instead.
         local_dir: folder of the embedded default (``MULTIRUN_DIR``, else ``./.multirun``);
             one given here or in ``MULTIRUN_DIR`` is created now, and refused if it cannot be.
@@ -817,6 +843,10 @@ def _init_locked(
         local_dir=local_dir,
         blob_exporter=blob_exporter,
     )
+    if tracer_provider is not None and _is_unset(tracer_provider):
+        # the API's proxy (``trace.get_tracer_provider()`` before one was set) records nothing
+        # of its own and takes no processor: it stands for the global provider, as if none was given
+        tracer_provider = None
     if tracer_provider is None and _is_unset(trace.get_tracer_provider()):
         read_limits = _SPAN_LIMITS  # the provider init makes reads them all
     elif client_options.get("content_limit") is None:

@@ -11,6 +11,21 @@ import builtins
 from collections.abc import Iterator
 from typing import Any
 
+# the exceptions; the rest (message helpers, shared texts) is for the package's own modules
+__all__ = [
+    "BudgetExceededError",
+    "CheckpointDecodeError",
+    "CheckpointError",
+    "ConfigurationError",
+    "DeterminismError",
+    "LedgerUnavailableError",
+    "MultiRunError",
+    "PolicyViolation",
+    "ReplayError",
+    "StepError",
+    "StepNotEndedError",
+]
+
 
 class MultiRunError(Exception):
     """Base class of every multirun error."""

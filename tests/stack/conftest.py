@@ -118,14 +118,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
 
 
-@pytest.fixture(scope="session")
-def workload(stack: Stack) -> Workload:
-    """stack_workload.py run once through the Collector, and its last metrics scraped by Prometheus."""
-    started = time.time()
+def run_workload(stack: Stack, *arguments: str) -> dict[str, int | str]:
+    """Run stack_workload.py through the Collector with ``arguments``: the JSON line it printed."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
     env["OTEL_METRIC_EXPORT_INTERVAL"] = "500"  # several exports per round: Prometheus sees counters grow
     result = subprocess.run(
-        [sys.executable, str(WORKLOAD), "--endpoint", stack.otlp_http, "--rounds", "3"],
+        [sys.executable, str(WORKLOAD), "--endpoint", stack.otlp_http, *arguments],
         capture_output=True,
         text=True,
         env=env,
@@ -136,8 +134,18 @@ def workload(stack: Stack) -> Workload:
         pytest.fail(
             f"the workload failed ({result.returncode}):\n{result.stdout}\n{result.stderr}", pytrace=False
         )
-    sent = json.loads(result.stdout.strip().splitlines()[-1])
-    done = Workload(service=sent["service"], started=started, finished=time.time(), rounds=sent["rounds"])
+    sent: dict[str, int | str] = json.loads(result.stdout.strip().splitlines()[-1])
+    return sent
+
+
+@pytest.fixture(scope="session")
+def workload(stack: Stack) -> Workload:
+    """stack_workload.py run once through the Collector, and its last metrics scraped by Prometheus."""
+    started = time.time()
+    sent = run_workload(stack, "--rounds", "3")
+    done = Workload(
+        service=str(sent["service"]), started=started, finished=time.time(), rounds=int(sent["rounds"])
+    )
     expected_runs = len(done.run_names) * done.rounds
 
     def all_runs_scraped() -> bool:
@@ -147,3 +155,18 @@ def workload(stack: Stack) -> Workload:
     wait_for(f"Prometheus to scrape the {expected_runs} runs of the workload", all_runs_scraped, timeout=60)
     stack.check_running()
     return done
+
+
+@pytest.fixture(scope="session")
+def lossy_workload(stack: Stack) -> str:
+    """stack_workload.py --lose-spans: a service whose spans are all dropped and whose metrics
+    reach Prometheus; its service name."""
+    service = str(run_workload(stack, "--lose-spans")["service"])
+
+    def dropped_scraped() -> bool:
+        found = stack.prom.query(f'sum(multirun_spans_dropped_total{{job="{service}"}})')
+        return bool(found) and float(found[0]["value"][1]) > 0
+
+    wait_for(f"Prometheus to scrape the spans {service} dropped", dropped_scraped, timeout=60)
+    stack.check_running()
+    return service

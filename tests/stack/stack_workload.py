@@ -17,6 +17,10 @@ in its own process so that its OpenTelemetry providers are its own. It runs
   rate limit that makes steps wait (policy decisions ``fallback`` and ``wait``).
 
 It prints one JSON line: the service name and the number of rounds.
+
+With ``--lose-spans`` it is another service, ``multirun-e2e-lossy``: one round of the
+demo whose spans go to a port where nothing listens while its metrics reach the
+Collector, so every span is dropped (MultiRunSpansDropped).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from multirun.models.policy import (
 )
 
 SERVICE_NAME = "multirun-e2e"
+LOSSY_SERVICE_NAME = "multirun-e2e-lossy"
 EXPENSIVE_MODEL = "gpt-4o"  # 2.50 USD per million input tokens, 10 USD per million output tokens
 CHEAP_MODEL = "gpt-4o-mini"
 
@@ -123,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", required=True, help="the Collector's OTLP/HTTP address")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between rounds")
+    parser.add_argument("--lose-spans", action="store_true", help="send the spans where nothing listens")
     args = parser.parse_args(argv)
+    if args.lose_spans:
+        return lose_spans(args.endpoint)
 
     client = multirun.init(
         endpoint=args.endpoint, service_name=SERVICE_NAME, local_dir=tempfile.mkdtemp(prefix="multirun-e2e-")
@@ -139,6 +147,26 @@ def main(argv: list[str] | None = None) -> int:
         frugal_crew(4)
     client.force_flush()
     json.dump({"service": SERVICE_NAME, "rounds": args.rounds}, sys.stdout)
+    print()
+    return 0
+
+
+def lose_spans(endpoint: str) -> int:
+    """The demo once, its spans to a closed port (each export fails), its metrics to ``endpoint``."""
+    from opentelemetry import metrics
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    nowhere = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=1)
+    client = multirun.init(
+        endpoint=endpoint,
+        span_exporter=nowhere,
+        service_name=LOSSY_SERVICE_NAME,
+        local_dir=tempfile.mkdtemp(prefix="multirun-e2e-"),
+    )
+    demo.run_demo()
+    client.force_flush(timeout_millis=10_000)  # fails: the spans are counted dropped
+    metrics.get_meter_provider().force_flush()  # type: ignore[attr-defined]  # the SDK's, made by init
+    json.dump({"service": LOSSY_SERVICE_NAME, "rounds": 1}, sys.stdout)
     print()
     return 0
 

@@ -456,12 +456,13 @@ def resolve(runs: Sequence[RunSummary], prefix: str, listing: str = "multirun ru
     """The one run whose id (or, for an unfinished run of unknown id, trace id) is ``prefix``,
     or starts with it, or whose whole trace id it is (as Jaeger shows it); RunsError if none
     or several, which suggests the command ``listing``."""
-    in_trace = [r for r in runs if r.span.trace_id == prefix.strip().lower()]
+    trace_id = prefix.strip().lower()
+    in_trace = [r for r in runs if r.span.trace_id == trace_id]
     if len(in_trace) == 1:
         return in_trace[0]
     if in_trace:
         raise RunsError(
-            f"trace {prefix.strip().lower()} holds {len(in_trace)} runs: "
+            f"trace {trace_id} holds {len(in_trace)} runs: "
             + ", ".join(f"{r.ref[:12]} ({r.name or 'unfinished'})" for r in in_trace)
             + "; give one's id"
         )
