@@ -328,6 +328,40 @@ def test_continue_run_takes_the_carrier_shapes_http_and_queue_libraries_hand_bac
             assert f"{trace_id:032x}" == carrier["traceparent"].split("-")[1], shape
 
 
+@pytest.mark.parametrize(
+    "incoming",
+    [
+        {f"k{i}": "v" for i in range(180)},  # W3C's most entries
+        {f"big{i}": "x" * 2720 for i in range(3)},  # near W3C's 8192 bytes
+    ],
+    ids=["180 entries", "8160 bytes"],
+)
+def test_a_run_under_a_callers_full_baggage_still_reaches_its_worker(traced, incoming) -> None:
+    # the propagator drops the entries past the W3C limits: the run's came last, so the worker
+    # was told the carrier holds no run
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    @run
+    def research() -> tuple[str, dict[str, str]]:
+        return multirun.context.get_current_run_context().run.id, dict(multirun.inject())
+
+    @run
+    def crew() -> tuple[str, str, dict[str, str]]:
+        return multirun.context.get_current_run_context().run.id, *research()
+
+    ctx = otel_context.get_current()
+    for name, value in incoming.items():  # what an upstream service sent this one
+        ctx = baggage.set_baggage(name, value, ctx)
+    token = otel_context.attach(ctx)
+    try:
+        crew_id, research_id, carrier = crew()
+    finally:
+        otel_context.detach(token)
+    with multirun.continue_run(carrier) as worker:
+        assert (worker.run.id, worker.run.name, worker.ancestor_ids) == (research_id, "research", (crew_id,))
+
+
 def test_budget_status_in_a_worker_knows_the_runs_budget(traced, redis_server) -> None:
     multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
     seen = []

@@ -24,6 +24,7 @@ from typing import Any
 
 from opentelemetry import baggage, propagate
 from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
 from multirun._keys import run_in
 from multirun.context import RunContext
@@ -36,6 +37,7 @@ RUN_ID_BAGGAGE = "multirun.run.id"
 RUN_NAME_BAGGAGE = "multirun.run.name"
 # the enclosing runs of a sub-run, nearest first, comma-separated: a shared ledger charges them too
 RUN_ANCESTORS_BAGGAGE = "multirun.run.ancestors"
+_RUN_BAGGAGE = frozenset((RUN_ID_BAGGAGE, RUN_NAME_BAGGAGE, RUN_ANCESTORS_BAGGAGE))
 
 
 def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
@@ -51,15 +53,25 @@ def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[st
     run = run_in(ctx)
     if run is not None:
         _send_pending(run)
-        ctx = baggage.set_baggage(RUN_ID_BAGGAGE, run.run.id, ctx)
-        ctx = baggage.set_baggage(RUN_NAME_BAGGAGE, run.run.name, ctx)
+        ours = {RUN_ID_BAGGAGE: run.run.id}
         ancestors = run.ancestor_ids
-        if ancestors:
-            ctx = baggage.set_baggage(RUN_ANCESTORS_BAGGAGE, ",".join(ancestors), ctx)
-        else:  # not the ancestors of a run whose baggage came in with the current context
-            ctx = baggage.remove_baggage(RUN_ANCESTORS_BAGGAGE, ctx)
+        if ancestors:  # else not those of a run whose baggage came in with the current context
+            ours[RUN_ANCESTORS_BAGGAGE] = ",".join(ancestors)
+        ours[RUN_NAME_BAGGAGE] = run.run.name
+        ctx = _baggage_first(ours, ctx)
     propagate.inject(carrier, context=ctx)
     return carrier
+
+
+def _baggage_first(ours: dict[str, str], ctx: Context) -> Context:
+    """``ctx`` with the run's entries at the head of its baggage: the propagator keeps entries in
+    order up to the W3C limits (180 entries, 8192 bytes), so an application's baggage that fills
+    them loses its last entries, not the run."""
+    theirs = {name: value for name, value in baggage.get_all(ctx).items() if name not in _RUN_BAGGAGE}
+    ctx = baggage.clear(ctx)
+    for name, value in {**ours, **theirs}.items():
+        ctx = baggage.set_baggage(name, value, ctx)
+    return ctx
 
 
 def _send_pending(run: RunContext) -> None:
