@@ -362,6 +362,25 @@ def test_a_run_under_a_callers_full_baggage_still_reaches_its_worker(traced, inc
         assert (worker.run.id, worker.run.name, worker.ancestor_ids) == (research_id, "research", (crew_id,))
 
 
+def test_continue_run_reads_a_run_sent_in_any_of_several_baggage_headers(traced) -> None:
+    # HTTP allows the baggage header more than once (a proxy adds its own): only the first was read
+    @run
+    def crew() -> tuple[str, dict[str, str]]:
+        return multirun.context.get_current_run_context().run.id, dict(multirun.inject())
+
+    run_id, carrier = crew()
+    headers = {"traceparent": carrier["traceparent"], "baggage": ["tenant=acme", carrier["baggage"]]}
+    with multirun.continue_run(headers) as worker:
+        assert worker.run.id == run_id
+        assert baggage_of("tenant") == "acme"
+
+
+def baggage_of(name: str) -> object:
+    from opentelemetry import baggage
+
+    return baggage.get_baggage(name)
+
+
 def test_budget_status_in_a_worker_knows_the_runs_budget(traced, redis_server) -> None:
     multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
     seen = []

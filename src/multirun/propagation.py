@@ -37,6 +37,7 @@ RUN_ID_BAGGAGE = "multirun.run.id"
 RUN_NAME_BAGGAGE = "multirun.run.name"
 # the enclosing runs of a sub-run, nearest first, comma-separated: a shared ledger charges them too
 RUN_ANCESTORS_BAGGAGE = "multirun.run.ancestors"
+_BAGGAGE_HEADER = "baggage"  # W3C's; OpenTelemetry's propagator reads only the first of several
 _RUN_BAGGAGE = frozenset((RUN_ID_BAGGAGE, RUN_NAME_BAGGAGE, RUN_ANCESTORS_BAGGAGE))
 
 
@@ -160,7 +161,9 @@ def _text_values(carrier: Mapping[object, object]) -> dict[str, str | list[str]]
                 f"got {value!r:.80}"
             )
         text_items = [text for text in texts if text is not None]
-        if ours:
+        if ours and key.lower() == _BAGGAGE_HEADER:  # several headers are one list (RFC 9110), read whole
+            values[_BAGGAGE_HEADER] = ",".join(text_items)
+        elif ours:
             values[key.lower()] = text_items if isinstance(value, (list, tuple)) else text_items[0]
         elif not isinstance(value, (list, tuple)):
             values[key] = text_items[0]
