@@ -381,6 +381,29 @@ def baggage_of(name: str) -> object:
     return baggage.get_baggage(name)
 
 
+def test_a_garbled_traceparent_continues_the_run_in_a_trace_of_its_own_with_a_warning(traced, caplog) -> None:
+    @run
+    def crew() -> tuple[str, dict[str, str]]:
+        return multirun.context.get_current_run_context().run.id, dict(multirun.inject())
+
+    @step
+    def summarize() -> None:
+        pass
+
+    run_id, carrier = crew()
+    with (
+        caplog.at_level("WARNING", logger="multirun"),
+        multirun.continue_run({**carrier, "traceparent": "00-not-a-trace-01"}) as worker,
+    ):
+        summarize()
+    assert worker.run.id == run_id
+    step_span = traced.span("step summarize")
+    assert step_span.parent is None  # its parent is lost: said so, not silently
+    assert step_span.context.trace_id != traced.span("invoke_workflow crew").context.trace_id
+    (warning,) = [r.getMessage() for r in caplog.records if "traceparent" in r.getMessage()]
+    assert "'00-not-a-trace-01'" in warning and run_id in warning
+
+
 def test_budget_status_in_a_worker_knows_the_runs_budget(traced, redis_server) -> None:
     multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
     seen = []

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from opentelemetry import baggage, propagate
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
@@ -38,6 +38,7 @@ RUN_NAME_BAGGAGE = "multirun.run.name"
 # the enclosing runs of a sub-run, nearest first, comma-separated: a shared ledger charges them too
 RUN_ANCESTORS_BAGGAGE = "multirun.run.ancestors"
 _BAGGAGE_HEADER = "baggage"  # W3C's; OpenTelemetry's propagator reads only the first of several
+_TRACEPARENT_HEADER = "traceparent"
 _RUN_BAGGAGE = frozenset((RUN_ID_BAGGAGE, RUN_NAME_BAGGAGE, RUN_ANCESTORS_BAGGAGE))
 
 
@@ -107,12 +108,22 @@ def continue_run(carrier: Mapping[Any, Any]) -> Iterator[RunContext]:
         raise ConfigurationError(
             f"continue_run: carrier must be the mapping multirun.inject() returned, got {carrier!r}"
         )
-    ctx = propagate.extract(_text_values(carrier))
+    values = _text_values(carrier)
+    ctx = propagate.extract(values)
     run_id = baggage.get_baggage(RUN_ID_BAGGAGE, ctx)
     if not run_id:
         raise ConfigurationError(
             "continue_run: the carrier holds no multirun run id; call multirun.inject() inside the run "
             "and pass what it returns (check that OTEL_PROPAGATORS includes baggage)"
+        )
+    sent = values.get(_TRACEPARENT_HEADER)
+    traceparent = sent[0] if isinstance(sent, list) and sent else sent
+    if traceparent and not trace.get_current_span(ctx).get_span_context().is_valid and _reads_traceparent():
+        _logger.warning(
+            "multirun: the carrier's traceparent %.80r is not W3C trace context: the spans of run %s "
+            "here start a trace of their own, not under the step that sent it",
+            traceparent,
+            run_id,
         )
     client = get_client()
     if client.ledger_uri is None:
@@ -131,6 +142,11 @@ def continue_run(carrier: Mapping[Any, Any]) -> Iterator[RunContext]:
             yield run_ctx
     finally:
         otel_context.detach(token)
+
+
+def _reads_traceparent() -> bool:
+    """Whether the configured propagators read a ``traceparent`` (OTEL_PROPAGATORS may leave it out)."""
+    return _TRACEPARENT_HEADER in {field.lower() for field in propagate.get_global_textmap().fields}
 
 
 def _text_values(carrier: Mapping[object, object]) -> dict[str, str | list[str]]:
