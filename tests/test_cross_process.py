@@ -328,6 +328,82 @@ def test_continue_run_takes_the_carrier_shapes_http_and_queue_libraries_hand_bac
             assert f"{trace_id:032x}" == carrier["traceparent"].split("-")[1], shape
 
 
+@pytest.mark.parametrize(
+    "incoming",
+    [
+        {f"k{i}": "v" for i in range(180)},  # W3C's most entries
+        {f"big{i}": "x" * 2720 for i in range(3)},  # near W3C's 8192 bytes
+    ],
+    ids=["180 entries", "8160 bytes"],
+)
+def test_a_run_under_a_callers_full_baggage_still_reaches_its_worker(traced, incoming) -> None:
+    # the propagator drops the entries past the W3C limits: the run's came last, so the worker
+    # was told the carrier holds no run
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    @run
+    def research() -> tuple[str, dict[str, str]]:
+        return multirun.context.get_current_run_context().run.id, dict(multirun.inject())
+
+    @run
+    def crew() -> tuple[str, str, dict[str, str]]:
+        return multirun.context.get_current_run_context().run.id, *research()
+
+    ctx = otel_context.get_current()
+    for name, value in incoming.items():  # what an upstream service sent this one
+        ctx = baggage.set_baggage(name, value, ctx)
+    token = otel_context.attach(ctx)
+    try:
+        crew_id, research_id, carrier = crew()
+    finally:
+        otel_context.detach(token)
+    with multirun.continue_run(carrier) as worker:
+        assert (worker.run.id, worker.run.name, worker.ancestor_ids) == (research_id, "research", (crew_id,))
+
+
+def test_continue_run_reads_a_run_sent_in_any_of_several_baggage_headers(traced) -> None:
+    # HTTP allows the baggage header more than once (a proxy adds its own): only the first was read
+    @run
+    def crew() -> tuple[str, dict[str, str]]:
+        return multirun.context.get_current_run_context().run.id, dict(multirun.inject())
+
+    run_id, carrier = crew()
+    headers = {"traceparent": carrier["traceparent"], "baggage": ["tenant=acme", carrier["baggage"]]}
+    with multirun.continue_run(headers) as worker:
+        assert worker.run.id == run_id
+        assert baggage_of("tenant") == "acme"
+
+
+def baggage_of(name: str) -> object:
+    from opentelemetry import baggage
+
+    return baggage.get_baggage(name)
+
+
+def test_a_garbled_traceparent_continues_the_run_in_a_trace_of_its_own_with_a_warning(traced, caplog) -> None:
+    @run
+    def crew() -> tuple[str, dict[str, str]]:
+        return multirun.context.get_current_run_context().run.id, dict(multirun.inject())
+
+    @step
+    def summarize() -> None:
+        pass
+
+    run_id, carrier = crew()
+    with (
+        caplog.at_level("WARNING", logger="multirun"),
+        multirun.continue_run({**carrier, "traceparent": "00-not-a-trace-01"}) as worker,
+    ):
+        summarize()
+    assert worker.run.id == run_id
+    step_span = traced.span("step summarize")
+    assert step_span.parent is None  # its parent is lost: said so, not silently
+    assert step_span.context.trace_id != traced.span("invoke_workflow crew").context.trace_id
+    (warning,) = [r.getMessage() for r in caplog.records if "traceparent" in r.getMessage()]
+    assert "'00-not-a-trace-01'" in warning and run_id in warning
+
+
 def test_budget_status_in_a_worker_knows_the_runs_budget(traced, redis_server) -> None:
     multirun.init(tracer_provider=traced.provider, ledger_uri=redis_server.url)
     seen = []

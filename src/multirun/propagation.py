@@ -22,8 +22,9 @@ from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from opentelemetry import baggage, propagate
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
 from multirun._keys import run_in
 from multirun.context import RunContext
@@ -36,6 +37,9 @@ RUN_ID_BAGGAGE = "multirun.run.id"
 RUN_NAME_BAGGAGE = "multirun.run.name"
 # the enclosing runs of a sub-run, nearest first, comma-separated: a shared ledger charges them too
 RUN_ANCESTORS_BAGGAGE = "multirun.run.ancestors"
+_BAGGAGE_HEADER = "baggage"  # W3C's; OpenTelemetry's propagator reads only the first of several
+_TRACEPARENT_HEADER = "traceparent"
+_RUN_BAGGAGE = frozenset((RUN_ID_BAGGAGE, RUN_NAME_BAGGAGE, RUN_ANCESTORS_BAGGAGE))
 
 
 def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
@@ -51,15 +55,25 @@ def inject(carrier: MutableMapping[str, str] | None = None) -> MutableMapping[st
     run = run_in(ctx)
     if run is not None:
         _send_pending(run)
-        ctx = baggage.set_baggage(RUN_ID_BAGGAGE, run.run.id, ctx)
-        ctx = baggage.set_baggage(RUN_NAME_BAGGAGE, run.run.name, ctx)
+        ours = {RUN_ID_BAGGAGE: run.run.id}
         ancestors = run.ancestor_ids
-        if ancestors:
-            ctx = baggage.set_baggage(RUN_ANCESTORS_BAGGAGE, ",".join(ancestors), ctx)
-        else:  # not the ancestors of a run whose baggage came in with the current context
-            ctx = baggage.remove_baggage(RUN_ANCESTORS_BAGGAGE, ctx)
+        if ancestors:  # else not those of a run whose baggage came in with the current context
+            ours[RUN_ANCESTORS_BAGGAGE] = ",".join(ancestors)
+        ours[RUN_NAME_BAGGAGE] = run.run.name
+        ctx = _baggage_first(ours, ctx)
     propagate.inject(carrier, context=ctx)
     return carrier
+
+
+def _baggage_first(ours: dict[str, str], ctx: Context) -> Context:
+    """``ctx`` with the run's entries at the head of its baggage: the propagator keeps entries in
+    order up to the W3C limits (180 entries, 8192 bytes), so an application's baggage that fills
+    them loses its last entries, not the run."""
+    theirs = {name: value for name, value in baggage.get_all(ctx).items() if name not in _RUN_BAGGAGE}
+    ctx = baggage.clear(ctx)
+    for name, value in {**ours, **theirs}.items():
+        ctx = baggage.set_baggage(name, value, ctx)
+    return ctx
 
 
 def _send_pending(run: RunContext) -> None:
@@ -94,12 +108,22 @@ def continue_run(carrier: Mapping[Any, Any]) -> Iterator[RunContext]:
         raise ConfigurationError(
             f"continue_run: carrier must be the mapping multirun.inject() returned, got {carrier!r}"
         )
-    ctx = propagate.extract(_text_values(carrier))
+    values = _text_values(carrier)
+    ctx = propagate.extract(values)
     run_id = baggage.get_baggage(RUN_ID_BAGGAGE, ctx)
     if not run_id:
         raise ConfigurationError(
             "continue_run: the carrier holds no multirun run id; call multirun.inject() inside the run "
             "and pass what it returns (check that OTEL_PROPAGATORS includes baggage)"
+        )
+    sent = values.get(_TRACEPARENT_HEADER)
+    traceparent = sent[0] if isinstance(sent, list) and sent else sent
+    if traceparent and not trace.get_current_span(ctx).get_span_context().is_valid and _reads_traceparent():
+        _logger.warning(
+            "multirun: the carrier's traceparent %.80r is not W3C trace context: the spans of run %s "
+            "here start a trace of their own, not under the step that sent it",
+            traceparent,
+            run_id,
         )
     client = get_client()
     if client.ledger_uri is None:
@@ -118,6 +142,11 @@ def continue_run(carrier: Mapping[Any, Any]) -> Iterator[RunContext]:
             yield run_ctx
     finally:
         otel_context.detach(token)
+
+
+def _reads_traceparent() -> bool:
+    """Whether the configured propagators read a ``traceparent`` (OTEL_PROPAGATORS may leave it out)."""
+    return _TRACEPARENT_HEADER in {field.lower() for field in propagate.get_global_textmap().fields}
 
 
 def _text_values(carrier: Mapping[object, object]) -> dict[str, str | list[str]]:
@@ -148,7 +177,9 @@ def _text_values(carrier: Mapping[object, object]) -> dict[str, str | list[str]]
                 f"got {value!r:.80}"
             )
         text_items = [text for text in texts if text is not None]
-        if ours:
+        if ours and key.lower() == _BAGGAGE_HEADER:  # several headers are one list (RFC 9110), read whole
+            values[_BAGGAGE_HEADER] = ",".join(text_items)
+        elif ours:
             values[key.lower()] = text_items if isinstance(value, (list, tuple)) else text_items[0]
         elif not isinstance(value, (list, tuple)):
             values[key] = text_items[0]
