@@ -133,6 +133,19 @@ def test_a_trace_file_that_cannot_be_removed_is_an_error_not_a_traceback(
     assert left(folder)[0] == ["2026-10-23-100.jsonl", "2026-11-22-200.jsonl"]
 
 
+def test_a_checkpoint_that_cannot_be_removed_is_an_error_not_a_traceback(
+    folder: Path, capsys, read_only: Callable[[Path], None]
+) -> None:
+    read_only(folder / "blobs" / "checkpoints" / "old")  # a store on a read-only mount, say
+    assert main(["prune", "--older-than", "7", "--dir", str(folder)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("multirun: error: prune: cannot remove the checkpoints of run old: ")
+    assert str(folder / "blobs" / "checkpoints" / "old") in line
+    assert left(folder)[1] == {"old": 2, "mixed": 2, "recent": 1}
+
+
 def test_ctrl_c_during_prune_says_to_run_it_again_in_one_line(
     folder: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

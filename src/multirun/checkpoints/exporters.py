@@ -41,7 +41,6 @@ distribution registering a built-in's name replaces it.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import inspect
 import os
@@ -307,8 +306,13 @@ class FileBlobExporter:
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            self._path(self._key(key)).unlink()
+        path = self._path(self._key(key))
+        try:
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:  # a read-only folder: a CheckpointError, as a failed put or get is
+            raise CheckpointError(f"cannot remove blob {path}: {exc.strerror or exc}") from exc
 
 
 def _write_at(fd: int, data: bytes, offset: int) -> None:
