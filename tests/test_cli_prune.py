@@ -8,12 +8,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from multirun.checkpoints.envelope import PendingBlob
 from multirun.checkpoints.exporters import FileBlobExporter
 from multirun.cli.main import main
+from multirun.errors import CheckpointError
 
 DAY_NS = 86_400 * 10**9
 
@@ -220,3 +223,26 @@ def test_checkpoint_writes_killed_processes_left_unfinished_go_once_old(folder: 
     assert recent.exists()  # a write that may still be going on stays
     # the old runs' folders go with them, as for a run whose checkpoints all went
     assert left(folder)[1] == {"mixed": 2, "recent": 2}
+
+
+def test_a_checkpoint_write_whose_temp_file_a_prune_removed_fails_with_a_checkpoint_error(
+    folder: Path, capsys
+) -> None:
+    # `--older-than 0` takes a write still going on for one a killed process left: the writer
+    # raised a bare FileNotFoundError (not the CheckpointError ctx.checkpoint() promises)
+    exporter = FileBlobExporter(folder / "blobs")
+    key = f"checkpoints/recent/{checkpoint_id(0)}.ckpt"
+    blob = PendingBlob(b"state" * 1000, "json")  # its body is written, its header waits for finish
+    with ThreadPoolExecutor(1) as pool:
+        put = pool.submit(exporter.put_pending, key, blob)
+        deadline = time.monotonic() + 30
+        while not list((folder / "blobs" / "checkpoints" / "recent").glob(".tmp-*.part")):
+            assert time.monotonic() < deadline and not put.done()
+            time.sleep(0.01)
+        time.sleep(0.05)  # last written before the prune begins
+        assert main(["prune", "--older-than", "0", "--dir", str(folder)]) == 0
+        assert "1 checkpoint write left unfinished" in capsys.readouterr().out
+        blob.finish()
+        with pytest.raises(CheckpointError, match="cannot write blob"):
+            put.result(timeout=30)
+    assert not (folder / "blobs" / key).exists()

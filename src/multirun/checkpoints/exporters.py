@@ -41,6 +41,7 @@ distribution registering a built-in's name replaces it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import os
@@ -239,7 +240,8 @@ class FileBlobExporter:
         except OSError as exc:
             raise CheckpointError(f"cannot write blob {key!r} under {self.directory}: {exc}") from exc
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile (a prune): link() said so
+                os.unlink(tmp)
         _fsync_dir(path.parent)
         return path.as_uri()
 
