@@ -218,6 +218,31 @@ def test_resume_of_an_unknown_id_names_the_store(store_dir, capsys) -> None:
     ]
 
 
+@pytest.mark.parametrize("given", ["the multirun folder", "its checkpoints folder", "a run's folder"])
+def test_a_store_given_as_a_folder_around_or_inside_one_says_where_its_checkpoints_are(
+    store_dir, capsys, monkeypatch, given: str
+) -> None:
+    # `--store .multirun` read an empty store: "No checkpoints.", and resume found none
+    monkeypatch.chdir(store_dir)
+    (run_id,) = run_ids(store_dir)
+    store = store_dir / "blobs"
+    folder = {
+        "the multirun folder": store_dir,
+        "its checkpoints folder": store / "checkpoints",
+        "a run's folder": store / "checkpoints" / run_id,
+    }[given]
+    hint = f"it holds none, but {store} does: `multirun checkpoints --store {store}`"
+    code, out, _ = run_cli(capsys, "checkpoints", "--store", str(folder))
+    assert (code, out) == (0, f"No checkpoints in the store {folder}: {hint}\n")
+    code, out, _ = run_cli(capsys, "checkpoints", "verify", "--store", str(folder))
+    assert (code, out) == (0, f"No checkpoints in the store {folder}: {hint}\n0 ok, 0 failed\n")
+    code, _, err = run_cli(capsys, "resume", "--store", str(folder), run_id[:8], "--", "true")
+    assert (code, err) == (
+        1,
+        f"multirun: error: no run or checkpoint with id {run_id[:8]!r} in the store {folder}: {hint}\n",
+    )
+
+
 def test_an_unfinished_run_listed_by_its_trace_id_is_a_run_to_the_checkpoint_commands(
     tmp_path: Path, capsys
 ) -> None:

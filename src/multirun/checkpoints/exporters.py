@@ -240,7 +240,8 @@ class FileBlobExporter:
         except OSError as exc:
             raise CheckpointError(f"cannot write blob {key!r} under {self.directory}: {exc}") from exc
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile (a prune): link() said so
+                os.unlink(tmp)
         _fsync_dir(path.parent)
         return path.as_uri()
 
@@ -307,8 +308,13 @@ class FileBlobExporter:
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            self._path(self._key(key)).unlink()
+        path = self._path(self._key(key))
+        try:
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:  # a read-only folder: a CheckpointError, as a failed put or get is
+            raise CheckpointError(f"cannot remove blob {path}: {exc.strerror or exc}") from exc
 
 
 def _write_at(fd: int, data: bytes, offset: int) -> None:

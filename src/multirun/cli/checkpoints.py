@@ -239,6 +239,11 @@ def has_checkpoints_in_folder(args: argparse.Namespace) -> bool:
             folder = file_exporter(uri).directory
         except MultiRunError:
             return False
+    return _folder_holds_checkpoints(folder)
+
+
+def _folder_holds_checkpoints(folder: Path) -> bool:
+    """Whether the folder store ``folder`` holds a checkpoint (the first one found; none is read)."""
     try:
         with os.scandir(folder / "checkpoints") as run_folders:
             for run_folder in run_folders:
@@ -250,6 +255,26 @@ def has_checkpoints_in_folder(args: argparse.Namespace) -> bool:
     except OSError:  # no store yet, or one that cannot be read: `multirun checkpoints` says which
         return False
     return False
+
+
+def store_elsewhere(args: argparse.Namespace, store: CheckpointStore) -> str | None:
+    """For a folder store that holds no checkpoint: where they are, when the folder given is
+    around the store (the multirun folder, whose store is its ``blobs``) or inside it (its
+    ``checkpoints`` folder, or a run's), as a command line that lists them; else None."""
+    if not isinstance(store.exporter, FileBlobExporter):
+        return None
+    folder = store.exporter.directory
+    candidates = [folder / "blobs"]
+    if folder.name == "checkpoints":
+        candidates.append(folder.parent)
+    if folder.parent.name == "checkpoints":
+        candidates.append(folder.parent.parent)
+    for candidate in candidates:
+        if _folder_holds_checkpoints(candidate):
+            place = argparse.Namespace(dir=getattr(args, "dir", None), store=str(candidate))
+            listing = same_place(place, "multirun checkpoints")
+            return f"it holds none, but {candidate} does: `{listing}`"
+    return None
 
 
 def stored_checkpoints(store: CheckpointStore) -> list[StoredCheckpoint]:
@@ -333,7 +358,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     if run_id is not None:
         stored = [found for found in stored if found.run_id == run_id]
     if not stored:
-        print("No checkpoints" + (f" of run {run_id}" if run_id else "") + ".")
+        elsewhere = None if run_id else store_elsewhere(args, store)
+        if elsewhere:
+            print(f"No checkpoints in the store {store_location(args)}: {elsewhere}")
+        else:
+            print("No checkpoints" + (f" of run {run_id}" if run_id else "") + ".")
         return 0
     rows = [
         (
@@ -368,13 +397,19 @@ def _match_run(args: argparse.Namespace, stored: list[StoredCheckpoint], traced_
     return str(_call(match_id, args.run_id, ids, "run", missing))
 
 
-def _resolve(args: argparse.Namespace, stored: list[StoredCheckpoint], identifier: str, kind: IdKind) -> str:
+def _resolve(
+    args: argparse.Namespace,
+    store: CheckpointStore,
+    stored: list[StoredCheckpoint],
+    identifier: str,
+    kind: IdKind,
+) -> str:
     """The checkpoint id ``identifier`` names among ``stored`` (see ``resolve_checkpoint``); when it
     names none, the error says which store was read, and what to try instead."""
     try:
         return resolve_checkpoint(stored, identifier, kind)
     except CheckpointError as exc:
-        advice = _not_found_advice(args, stored, identifier, kind)
+        advice = _not_found_advice(args, store, stored, identifier, kind)
         if advice is None:  # ambiguous, or no id at all: the error says so
             raise CommandError(_said_here(exc)) from None
     what = _NOT_FOUND[kind].format(identifier=identifier)
@@ -389,7 +424,11 @@ _NOT_FOUND = {
 
 
 def _not_found_advice(
-    args: argparse.Namespace, stored: list[StoredCheckpoint], identifier: str, kind: IdKind
+    args: argparse.Namespace,
+    store: CheckpointStore,
+    stored: list[StoredCheckpoint],
+    identifier: str,
+    kind: IdKind,
 ) -> str | None:
     """What to do about ``identifier``, which names no checkpoint of ``stored``; None if it
     names one or several after all, or is no id."""
@@ -402,6 +441,9 @@ def _not_found_advice(
     ids += [found.run_id for found in stored if kind != "checkpoint"]
     if not wanted or any(found.lower().startswith(wanted) for found in ids):
         return None
+    elsewhere = None if stored else store_elsewhere(args, store)
+    if elsewhere:  # the store given is a folder around or inside the one meant
+        return elsewhere
     runs_named = {found.run_id for found in stored} | set(_traced(args)[0])
     runs_named = {run_id for run_id in runs_named if run_id.lower().startswith(wanted)}
     if kind == "checkpoint" and runs_named:
@@ -419,7 +461,7 @@ def _created(checkpoint_id: str) -> str:
 
 def cmd_show(args: argparse.Namespace) -> int:
     store = open_store(args)
-    checkpoint_id = _resolve(args, stored_checkpoints(store), args.checkpoint_id, "checkpoint")
+    checkpoint_id = _resolve(args, store, stored_checkpoints(store), args.checkpoint_id, "checkpoint")
     summary = _call(store.describe, checkpoint_id)
     for label, value in _unread_lines(summary) if summary.unread else _lines(summary):
         print(f"{label:<11} {render.printable(value)}")
@@ -487,11 +529,14 @@ def _agents(agents: list[tuple[str, int, list[str]]]) -> str:
 def cmd_verify(args: argparse.Namespace) -> int:
     store = open_store(args)
     stored = stored_checkpoints(store)
+    elsewhere = None if stored or args.checkpoint_ids else store_elsewhere(args, store)
+    if elsewhere:  # else "0 ok" would pass for a store verified
+        print(f"No checkpoints in the store {store_location(args)}: {elsewhere}")
     ids = args.checkpoint_ids or [found.checkpoint_id for found in stored]
     failed = 0
     for given in ids:
         try:
-            checkpoint_id = _resolve(args, stored, given, "checkpoint")
+            checkpoint_id = _resolve(args, store, stored, given, "checkpoint")
             summary = store.describe(checkpoint_id)
         except (CommandError, CheckpointError, ReplayError) as exc:
             failed += 1
@@ -526,7 +571,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise CommandError("resume: --run-name must name a run")
     store = open_store(args)
     stored = stored_checkpoints(store)
-    checkpoint_id = _resolve(args, stored, args.identifier, "either")
+    checkpoint_id = _resolve(args, store, stored, args.identifier, "either")
     try:
         meta = store.describe(checkpoint_id).checkpoint  # the program unpickles it, not this one
     except (CheckpointError, ReplayError) as exc:
