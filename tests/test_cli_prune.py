@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -225,24 +225,53 @@ def test_checkpoint_writes_killed_processes_left_unfinished_go_once_old(folder: 
     assert left(folder)[1] == {"mixed": 2, "recent": 2}
 
 
+def writing(
+    exporter: FileBlobExporter, pool: ThreadPoolExecutor, key: str
+) -> tuple[PendingBlob, Future[str]]:
+    """A checkpoint write of ``key`` under way: its body is written, its header waits for
+    ``finish()`` on the blob returned (with the write's future)."""
+    blob = PendingBlob(b"state" * 1000, "json")
+    put = pool.submit(exporter.put_pending, key, blob)
+    deadline = time.monotonic() + 30
+    while not list((exporter.directory / key).parent.glob(".tmp-*.part")):
+        assert time.monotonic() < deadline and not put.done()
+        time.sleep(0.01)
+    return blob, put
+
+
+def test_prune_leaves_a_checkpoint_write_still_going_on(folder: Path, capsys) -> None:
+    # `--older-than 0` took a write still going on for one a killed process left: the
+    # program's checkpoint failed
+    exporter = FileBlobExporter(folder / "blobs")
+    key = f"checkpoints/recent/{checkpoint_id(0)}.ckpt"
+    with ThreadPoolExecutor(1) as pool:
+        blob, put = writing(exporter, pool, key)
+        try:
+            assert main(["prune", "--older-than", "0", "--dir", str(folder)]) == 0
+            assert "left unfinished" not in capsys.readouterr().out
+        finally:
+            blob.finish()
+        put.result(timeout=30)
+    assert (folder / "blobs" / key).exists()
+
+
 def test_a_checkpoint_write_whose_temp_file_a_prune_removed_fails_with_a_checkpoint_error(
     folder: Path, capsys
 ) -> None:
-    # `--older-than 0` takes a write still going on for one a killed process left: the writer
-    # raised a bare FileNotFoundError (not the CheckpointError ctx.checkpoint() promises)
+    # a write stalled for hours looks like one a killed process left: the writer raised a bare
+    # FileNotFoundError (not the CheckpointError ctx.checkpoint() promises)
     exporter = FileBlobExporter(folder / "blobs")
     key = f"checkpoints/recent/{checkpoint_id(0)}.ckpt"
-    blob = PendingBlob(b"state" * 1000, "json")  # its body is written, its header waits for finish
     with ThreadPoolExecutor(1) as pool:
-        put = pool.submit(exporter.put_pending, key, blob)
-        deadline = time.monotonic() + 30
-        while not list((folder / "blobs" / "checkpoints" / "recent").glob(".tmp-*.part")):
-            assert time.monotonic() < deadline and not put.done()
-            time.sleep(0.01)
-        time.sleep(0.05)  # last written before the prune begins
-        assert main(["prune", "--older-than", "0", "--dir", str(folder)]) == 0
-        assert "1 checkpoint write left unfinished" in capsys.readouterr().out
-        blob.finish()
+        blob, put = writing(exporter, pool, key)
+        (part,) = (folder / "blobs" / key).parent.glob(".tmp-*.part")
+        stalled = time.time() - 2 * 3600
+        os.utime(part, (stalled, stalled))
+        try:
+            assert main(["prune", "--older-than", "0", "--dir", str(folder)]) == 0
+            assert "1 checkpoint write left unfinished" in capsys.readouterr().out
+        finally:
+            blob.finish()
         with pytest.raises(CheckpointError, match="cannot write blob"):
             put.result(timeout=30)
     assert not (folder / "blobs" / key).exists()

@@ -11,7 +11,8 @@ runs for months with the embedded default fills it. This command removes:
   still be resumed is never left with only some. A checkpoint whose id does not
   say when it was taken (an id multirun did not make) is kept;
 - in a folder store, the temp files of checkpoint writes that a killed process
-  left unfinished, last written more than DAYS ago (no checkpoint lists them).
+  left unfinished, last written more than DAYS ago (no checkpoint lists them),
+  and never in the last hour: a write may still be going on (``--older-than 0``).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _old_trace_files(runs.traces_dir(directory), cutoff, pruned)
     _old_runs(store, int(cutoff * 1e9), pruned)
     if isinstance(store.exporter, FileBlobExporter):
-        _unfinished_writes(store.exporter.directory, cutoff, pruned)
+        _unfinished_writes(store.exporter.directory, min(cutoff, time.time() - WRITE_GRACE_SECONDS), pruned)
     verb = "Would remove" if args.dry_run else "Removed"
     if args.dry_run:
         for path in pruned.trace_files:
@@ -147,6 +148,11 @@ def _old_trace_files(folder: Path, cutoff: float, pruned: Pruned) -> None:
         if stat.st_mtime < cutoff:
             pruned.trace_files.append(path)
             pruned.trace_bytes += stat.st_size
+
+
+# A temp file written this recently may belong to a write still going on (a large checkpoint,
+# one past its timeout that goes on in the background): removing it fails the program's checkpoint.
+WRITE_GRACE_SECONDS = 3600
 
 
 def _unfinished_writes(directory: Path, cutoff: float, pruned: Pruned) -> None:
