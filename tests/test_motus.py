@@ -2147,3 +2147,74 @@ def test_a_model_call_whose_retry_the_circuit_refuses_is_timed_with_the_calls_er
         p.attributes.get(attr.ERROR_TYPE) for p in points(metric_reader, "gen_ai.client.operation.duration")
     ]
     assert timed == ["ConnectionError"]  # the model's error, not multirun's refusal
+
+
+# ---------------------------------------------------------------------------
+# tools that raise: Motus hands the model the error, the span still shows it
+
+
+def _failing_tools() -> tuple[Any, Any]:
+    from motus.tools import FunctionTool
+
+    async def failing_search(query: str) -> str:
+        """Search the web for ``query``."""
+        raise ConnectionError(f"search backend down for {query!r}")
+
+    def failing_sync_search(query: str) -> str:
+        """Search the web for ``query``."""
+        raise ValueError("no index")
+
+    return (
+        FunctionTool(failing_search, name="web_search"),
+        FunctionTool(failing_sync_search, name="web_search"),
+    )
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["async", "sync"])
+def test_a_tool_that_raises_inside_an_agent_shows_its_error(
+    traced: Any, runtime: None, crew: ModuleType, which: int
+) -> None:
+    """Motus's ``Tool._execute`` turns a tool's error into ``{"error": ...}`` for the model and
+    the task completes: the tool's span must still show the error, the agent goes on."""
+    from motus.agent import ReActAgent
+
+    failing = _failing_tools()[which]
+    solo = ReActAgent(client=crew.FakeChatClient(), model_name="gpt-4o-mini", name="solo", tools=[failing])
+    answer = resolve(solo("What is OpenTelemetry?"))
+    assert "error" in answer  # the model was told, and answered: Motus's decision stands
+    expected = ConnectionError if which == 0 else ValueError
+    tool = traced.span("execute_tool web_search")
+    assert tool.attributes[attr.ERROR_TYPE] == expected.__qualname__
+    assert tool.status.status_code is StatusCode.ERROR
+    (event,) = [e for e in tool.events if e.name == "exception"]
+    assert event.attributes["exception.type"] == expected.__qualname__
+    assert event.attributes["exception.escaped"] == "False"
+    assert tool.attributes[attr.STEP_STATUS] == "completed"  # the task's outcome: its result went on
+    assert traced.span("invoke_agent solo").attributes[attr.AGENT_STATUS] == "completed"
+    assert traced.span("invoke_workflow solo").attributes[attr.RUN_STATUS] == "completed"
+
+
+def test_a_tool_called_as_a_task_that_raises_shows_its_error(traced: Any, runtime: None) -> None:
+    failing, _ = _failing_tools()
+    result = resolve(failing('{"query": "otel"}'))
+    assert "search backend down" in result
+    tool = traced.span("execute_tool web_search")
+    assert tool.attributes[attr.ERROR_TYPE] == "ConnectionError"
+    assert tool.status.status_code is StatusCode.ERROR
+    assert [e.attributes["exception.message"] for e in tool.events if e.name == "exception"] == [
+        "search backend down for 'otel'"
+    ]
+
+
+def test_a_tool_that_returns_an_error_payload_is_no_failure(traced: Any, runtime: None) -> None:
+    from motus.tools import FunctionTool
+
+    async def find(key: str) -> dict[str, str]:
+        return {"error": "not found"}  # the tool's own answer, not a raise
+
+    lookup = FunctionTool(find, name="lookup")
+    assert resolve(lookup('{"key": "k"}')) == '{"error": "not found"}'
+    span = traced.span("execute_tool lookup")
+    assert attr.ERROR_TYPE not in span.attributes
+    assert span.status.status_code is not StatusCode.ERROR
+    assert not [e for e in span.events if e.name == "exception"]

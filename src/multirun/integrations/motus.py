@@ -19,7 +19,9 @@ however late and on whichever thread Motus's scheduler runs it:
 - ``model_call`` tasks are LLM steps ``chat {model}``, with the model, tokens
   and cost of the ``ChatCompletion`` they return (charged once, to the step;
   marked ``multirun.usage.unknown`` when it carries none, never a silent 0);
-  ``tool_call`` tasks are tool steps ``execute_tool {tool name}``;
+  ``tool_call`` tasks are tool steps ``execute_tool {tool name}`` (a tool's
+  error, which Motus hands the model as its result, is on the completed
+  step's span: ``error.type``, an exception event, an error status);
   ``agent_call`` tasks (``ReActAgent`` runs) are agents ``invoke_agent {name}``
   whose tasks are their steps; other tasks are steps ``step {name}``.
 - the span starts when Motus dispatches the task (its inputs are ready) and
@@ -78,16 +80,17 @@ from collections.abc import Callable, Collection
 from functools import lru_cache
 from typing import Any
 
+import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.trace import Span, SpanContext
+from opentelemetry.trace import Span, SpanContext, Status, StatusCode
 
 from multirun._keys import agent_in, run_in, step_in
 from multirun.clock import Clock
 from multirun.context import AgentContext, RunContext, StepContext
 from multirun.decorators import StepSpec, _open_step, _record_step_not_run, _StepCall
-from multirun.errors import REFUSALS, PolicyViolation
+from multirun.errors import REFUSALS, PolicyViolation, error_text
 from multirun.integrations._options import (
     check_options,
     framework_installed,
@@ -370,9 +373,12 @@ def _execute_task(wrapped: Callable[..., Any], scheduler: Any, args: Any, kwargs
     original = task.func
     token = None
     try:
-        attempts = trace.attempts(original)
+        func = _watch_tool(trace, original)
+        attempts = trace.attempts(func)
         if attempts is not None:
             task.func = attempts
+        elif func is not original:
+            task.func = func
         token = otel_context.attach(trace.otel_context)  # asyncio copies it into the task
     except Exception:
         _broken("starting a task")
@@ -467,6 +473,7 @@ class _TaskTrace:
         "step",
         "task",
         "threads",
+        "tool_error",
         "waiting",
     )
 
@@ -495,6 +502,7 @@ class _TaskTrace:
         # (Motus stopped waiting for it: cancelled, timed out), the task's ends wait for it (finish)
         self.threads = 0
         self.ends: list[Callable[[], Any]] | None = None
+        self.tool_error: Exception | None = None  # a Motus tool's, handed to the model as a message
 
     @classmethod
     def open(cls, scheduler: Any, task: Any, reg: _Registration) -> _TaskTrace:
@@ -922,6 +930,14 @@ class _TaskTrace:
                     return refused
                 except Exception:  # the step still ends, with the task's result
                     _broken(f"charging task {self.name!r}")
+            error = self.tool_error
+            if error is not None:
+                # Motus made the tool's error the task's result: the step completes with it, and
+                # its span shows the error (not escaped: the agent goes on)
+                extra = {**extra, attr.ERROR_TYPE: _error_type(error)}
+                span = step.span
+                record_exception(span, error)
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error_text(error)}"))
             step._succeed(result, extra)
         elif agent is not None:
             self.span.set_attributes(self.extra)
@@ -947,6 +963,48 @@ class _TaskTrace:
             ends.append(functools.partial(self.agent._finish, AgentStatus.CANCELLED, None))
         if self.owned_run is not None:
             ends.append(functools.partial(self.owned_run._finish, RunStatus.CANCELLED))
+
+
+def _watch_tool(trace: _TaskTrace, func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func``, or, when it is ``Tool._execute`` of a Motus tool, a coroutine function that
+    tells ``trace`` the error of the tool's call, which ``Tool._execute`` turns into the message
+    ``{"error": ...}`` for the model (no hook of Motus's sees it)."""
+    if trace.kind is not StepKind.TOOL_CALL or not trace.task.args:
+        return func
+    module = sys.modules.get("motus.tools.core.tool")  # no tool task before Motus's tools are imported
+    tool_class: Any = getattr(module, "Tool", None)
+    execute = getattr(tool_class, "__dict__", {}).get("_execute")
+    watched = (
+        isinstance(execute, _Motus.agent_task_definition)
+        and execute.unwrap_task() is func
+        and isinstance(trace.task.args[0], tool_class)
+    )
+    if not watched:
+        return func
+
+    async def tool_call(tool: Any, *args: Any, **kwargs: Any) -> Any:
+        return await func(_WatchedTool(tool, trace), *args, **kwargs)
+
+    tool_call.__name__ = func.__name__  # Motus names hooks and log lines after the function
+    tool_call.__qualname__ = func.__qualname__
+    tool_call.__wrapped__ = func  # type: ignore[attr-defined]
+    return tool_call
+
+
+class _WatchedTool(wrapt.ObjectProxy):  # type: ignore[type-arg]
+    """A Motus tool for one call of ``Tool._execute``, whose ``_invoke`` tells the task's trace
+    its error before ``Tool._execute`` catches it."""
+
+    def __init__(self, tool: Any, trace: _TaskTrace) -> None:
+        super().__init__(tool)
+        self._self_trace = trace
+
+    async def _invoke(self, **kwargs: Any) -> Any:
+        try:
+            return await self.__wrapped__._invoke(**kwargs)
+        except Exception as error:  # what Tool._execute catches
+            self._self_trace.tool_error = error
+            raise
 
 
 class _MotusStep(_StepCall):
