@@ -60,20 +60,27 @@ def firing(stack: Stack) -> dict[str, list[tuple[str, str]]]:
     }
 
 
+def alert_in_alertmanager(stack: Stack, name: str, service: str) -> dict[str, Any]:
+    """The alert ``name`` of ``service`` once it is in Alertmanager (60 s at most)."""
+
+    def found() -> dict[str, Any] | None:
+        for alert in alerts(stack):
+            labels = alert["labels"]
+            if labels["alertname"] == name and labels.get("job") == service:
+                return alert
+        return None
+
+    alert: dict[str, Any] = wait_for(
+        f"{name} in Alertmanager", found, timeout=60, found=lambda: firing(stack)
+    )
+    return alert
+
+
 def test_cost_overrun_fires_and_reaches_alertmanager(stack: Stack, workload: Workload) -> None:
     """runaway_crew spends dollars a second: MultiRunCostOverrun (``for:`` shortened to 1s) reaches
     Alertmanager with its labels and annotations, and the on-call webhook of the shipped route gets it."""
 
-    def cost_alert() -> dict[str, Any] | None:
-        for alert in alerts(stack):
-            labels = alert["labels"]
-            if labels["alertname"] == "MultiRunCostOverrun" and labels.get("job") == workload.service:
-                return alert
-        return None
-
-    alert = wait_for(
-        "MultiRunCostOverrun in Alertmanager", cost_alert, timeout=60, found=lambda: firing(stack)
-    )
+    alert = alert_in_alertmanager(stack, "MultiRunCostOverrun", workload.service)
     assert alert["labels"]["gen_ai_workflow_name"] == "runaway_crew"
     assert alert["labels"]["severity"] == "critical"
     assert "runaway_crew" in alert["annotations"]["summary"]
@@ -119,16 +126,7 @@ def test_spans_dropped_fires_for_the_service_that_lost_them(stack: Stack, lossy_
     """Spans sent where nothing listens are counted dropped: MultiRunSpansDropped reaches
     Alertmanager for that service, with the reason, and goes to the team's webhook."""
 
-    def dropped_alert() -> dict[str, Any] | None:
-        for alert in alerts(stack):
-            labels = alert["labels"]
-            if labels["alertname"] == "MultiRunSpansDropped" and labels.get("job") == lossy_workload:
-                return alert
-        return None
-
-    alert = wait_for(
-        "MultiRunSpansDropped in Alertmanager", dropped_alert, timeout=60, found=lambda: firing(stack)
-    )
+    alert = alert_in_alertmanager(stack, "MultiRunSpansDropped", lossy_workload)
     assert alert["labels"]["error_type"] == "export_failed"
     assert alert["labels"]["category"] == "telemetry"
     assert lossy_workload in alert["annotations"]["summary"]
