@@ -232,8 +232,12 @@ def writing(
     ``finish()`` on the blob returned (with the write's future)."""
     blob = PendingBlob(b"state" * 1000, "json")
     put = pool.submit(exporter.put_pending, key, blob)
+    # the body is written once the temp file has its whole size: its mtime changes no more
+    size = blob.head_size + sum(len(part) for part in blob.body)
     deadline = time.monotonic() + 30
-    while not list((exporter.directory / key).parent.glob(".tmp-*.part")):
+    while not any(
+        part.stat().st_size == size for part in (exporter.directory / key).parent.glob(".tmp-*.part")
+    ):
         assert time.monotonic() < deadline and not put.done()
         time.sleep(0.01)
     return blob, put
